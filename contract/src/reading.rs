@@ -1,0 +1,289 @@
+//! The body of `POST /v1/telemetry`: its shape, its validation rules and its fingerprint.
+//!
+//! Decoding is split in two steps so that each failure gets the status API.md gives it:
+//! a body that is not JSON of the right shape (wrong types, missing or unknown fields)
+//! fails in `serde` and is a `400 invalid-json`; a well-formed body that breaks a rule
+//! (device id pattern, metric names, timestamps out of bounds) fails in
+//! [`ReadingBody::validate`] and is a `422 invalid-reading` listing every broken rule.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::{Duration, OffsetDateTime};
+
+use crate::timestamp;
+
+/// Longest device id; the id becomes one NATS subject token and part of Redis keys.
+pub const DEVICE_ID_MAX_LEN: usize = 64;
+/// Most metrics in one reading.
+pub const METRICS_MAX: usize = 32;
+/// Longest metric name.
+pub const METRIC_NAME_MAX_LEN: usize = 64;
+/// Longest idempotency key.
+pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 128;
+
+/// A reading as it arrives, before any rule is checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadingBody {
+    pub device_id: String,
+    #[serde(default)]
+    pub recorded_at: Option<String>,
+    pub metrics: BTreeMap<String, serde_json::Value>,
+}
+
+/// One broken rule, named by the field it concerns (`metrics.temp`, `recorded_at`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// How far from the server's clock a `recorded_at` may be.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeBounds {
+    pub max_future: Duration,
+    pub max_age: Duration,
+}
+
+/// A reading that passed every rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    pub device_id: String,
+    /// `None` when the device did not say; the server's receive time is used then.
+    pub recorded_at: Option<OffsetDateTime>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl ReadingBody {
+    /// Checks every rule of API.md §1 and reports all broken ones at once.
+    pub fn validate(self, now: OffsetDateTime, bounds: TimeBounds) -> Result<Reading, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        if let Err(message) = check_device_id(&self.device_id) {
+            errors.push(FieldError::new("device_id", message));
+        }
+        let recorded_at = match self.recorded_at.as_deref() {
+            None => None,
+            Some(text) => match timestamp::parse(text) {
+                None => {
+                    errors.push(FieldError::new(
+                        "recorded_at",
+                        "must be an RFC 3339 timestamp with an offset, e.g. 2026-11-22T10:15:30.250Z",
+                    ));
+                    None
+                }
+                Some(instant) if instant > now + bounds.max_future => {
+                    errors.push(FieldError::new(
+                        "recorded_at",
+                        format!(
+                            "is more than {} s in the future",
+                            bounds.max_future.whole_seconds()
+                        ),
+                    ));
+                    None
+                }
+                Some(instant) if instant < now - bounds.max_age => {
+                    errors.push(FieldError::new(
+                        "recorded_at",
+                        format!("is older than {} s", bounds.max_age.whole_seconds()),
+                    ));
+                    None
+                }
+                Some(instant) => Some(instant),
+            },
+        };
+        if self.metrics.is_empty() || self.metrics.len() > METRICS_MAX {
+            errors.push(FieldError::new(
+                "metrics",
+                format!("must hold 1 to {METRICS_MAX} metrics"),
+            ));
+        }
+        let mut metrics = BTreeMap::new();
+        for (name, value) in self.metrics {
+            if let Err(message) = check_metric_name(&name) {
+                errors.push(FieldError::new(format!("metrics.{}", printable(&name)), message));
+                continue;
+            }
+            match value.as_f64().filter(|number| number.is_finite()) {
+                Some(number) => {
+                    metrics.insert(name, number);
+                }
+                None => errors.push(FieldError::new(
+                    format!("metrics.{name}"),
+                    "must be a finite number",
+                )),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Reading {
+            device_id: self.device_id,
+            recorded_at,
+            metrics,
+        })
+    }
+}
+
+impl Reading {
+    /// SHA-256 of the canonical form of the reading, as the idempotency record keeps it.
+    ///
+    /// Two requests are "the same request" when they parse to the same reading: key order,
+    /// white space, number spelling (`21.5` or `2.15e1`) and the offset a timestamp is
+    /// written in do not matter. An absent `recorded_at` is part of the form, so a retry
+    /// without one is the same request even though the server stamps each arrival anew.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(b"reading/v1\n");
+        hasher.update(self.device_id.as_bytes());
+        hasher.update(b"\n");
+        match self.recorded_at {
+            Some(instant) => hasher.update(instant.unix_timestamp_nanos().to_be_bytes()),
+            None => hasher.update(b"-"),
+        }
+        hasher.update(b"\n");
+        for (name, value) in &self.metrics {
+            hasher.update(name.as_bytes());
+            hasher.update(b"=");
+            hasher.update(value.to_bits().to_be_bytes());
+            hasher.update(b"\n");
+        }
+        hasher.finalize().into()
+    }
+}
+
+/// `^[A-Za-z0-9_-]{1,64}$`: one NATS subject token and a safe part of Redis keys.
+pub fn check_device_id(device_id: &str) -> Result<(), String> {
+    let allowed = |byte: u8| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-';
+    if device_id.is_empty() || device_id.len() > DEVICE_ID_MAX_LEN {
+        return Err(format!("must be 1 to {DEVICE_ID_MAX_LEN} characters long"));
+    }
+    if !device_id.bytes().all(allowed) {
+        return Err("may hold only letters A-Z and a-z, digits, '_' and '-'".to_owned());
+    }
+    Ok(())
+}
+
+/// `^[a-z][a-z0-9_]{0,63}$`.
+pub fn check_metric_name(name: &str) -> Result<(), String> {
+    let mut bytes = name.bytes();
+    let starts_with_letter = bytes.next().is_some_and(|byte| byte.is_ascii_lowercase());
+    let rest_allowed = bytes.all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_');
+    if !starts_with_letter || !rest_allowed || name.len() > METRIC_NAME_MAX_LEN {
+        return Err(format!(
+            "metric names start with a-z and hold only a-z, 0-9 and '_', at most {METRIC_NAME_MAX_LEN} characters"
+        ));
+    }
+    Ok(())
+}
+
+/// 1 to 128 visible ASCII characters (0x21 to 0x7E).
+pub fn check_idempotency_key(key: &[u8]) -> Result<(), String> {
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX_LEN {
+        return Err(format!("must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} characters long"));
+    }
+    if !key.iter().all(|byte| (0x21..=0x7e).contains(byte)) {
+        return Err("may hold only visible ASCII characters (0x21 to 0x7E)".to_owned());
+    }
+    Ok(())
+}
+
+/// A field name safe to echo back: at most 64 visible ASCII characters.
+fn printable(name: &str) -> String {
+    name.chars()
+        .take(METRIC_NAME_MAX_LEN)
+        .map(|character| if character.is_ascii_graphic() { character } else { '?' })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds() -> TimeBounds {
+        TimeBounds {
+            max_future: Duration::minutes(5),
+            max_age: Duration::days(7),
+        }
+    }
+
+    fn body(json: &str) -> ReadingBody {
+        serde_json::from_str(json).expect("test body is well-formed")
+    }
+
+    fn now() -> OffsetDateTime {
+        timestamp::parse("2026-11-22T10:20:00Z").expect("valid timestamp")
+    }
+
+    #[test]
+    fn valid_reading_passes_every_rule() {
+        let reading = body(r#"{"device_id":"sensor-0042","recorded_at":"2026-11-22T10:15:30.250Z","metrics":{"temperature":21.5,"humidity":40}}"#)
+            .validate(now(), bounds())
+            .expect("valid");
+        assert_eq!(reading.device_id, "sensor-0042");
+        assert_eq!(reading.metrics.get("humidity"), Some(&40.0));
+    }
+
+    #[test]
+    fn every_broken_rule_is_reported_with_its_field() {
+        let errors = body(r#"{"device_id":"bad id","recorded_at":"2026-11-22T11:00:00Z","metrics":{"Temp":1,"ok":"x"}}"#)
+            .validate(now(), bounds())
+            .expect_err("invalid");
+        let fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
+        assert_eq!(fields, ["device_id", "recorded_at", "metrics.Temp", "metrics.ok"]);
+    }
+
+    #[test]
+    fn recorded_at_bounds_are_enforced() {
+        let too_old = body(r#"{"device_id":"d","recorded_at":"2026-11-14T10:00:00Z","metrics":{"t":1}}"#);
+        assert!(too_old.validate(now(), bounds()).is_err());
+        let no_offset = body(r#"{"device_id":"d","recorded_at":"2026-11-22T10:00:00","metrics":{"t":1}}"#);
+        assert!(no_offset.validate(now(), bounds()).is_err());
+    }
+
+    #[test]
+    fn metric_count_is_bounded() {
+        let empty = body(r#"{"device_id":"d","metrics":{}}"#);
+        assert!(empty.validate(now(), bounds()).is_err());
+        let names: Vec<String> = (0..33).map(|index| format!("\"m{index}\":1")).collect();
+        let too_many = body(&format!(r#"{{"device_id":"d","metrics":{{{}}}}}"#, names.join(",")));
+        assert!(too_many.validate(now(), bounds()).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_fail_decoding() {
+        let decoded: Result<ReadingBody, _> =
+            serde_json::from_str(r#"{"device_id":"d","metrics":{"t":1},"extra":true}"#);
+        assert!(decoded.is_err());
+    }
+
+    #[test]
+    fn fingerprint_ignores_spelling_but_not_content() {
+        let one = body(r#"{"device_id":"d","recorded_at":"2026-11-22T11:15:30+01:00","metrics":{"a":21.5,"b":1}}"#);
+        let same = body(r#"{"metrics":{"b":1.0,"a":2.15e1},"recorded_at":"2026-11-22T10:15:30Z","device_id":"d"}"#);
+        let other = body(r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30Z","metrics":{"a":21.6,"b":1}}"#);
+        let fingerprint = |body: ReadingBody| body.validate(now(), bounds()).expect("valid").fingerprint();
+        let first = fingerprint(one);
+        assert_eq!(first, fingerprint(same));
+        assert_ne!(first, fingerprint(other));
+    }
+
+    #[test]
+    fn idempotency_keys_are_visible_ascii() {
+        assert!(check_idempotency_key(b"k-1").is_ok());
+        assert!(check_idempotency_key(b"").is_err());
+        assert!(check_idempotency_key(b"has space").is_err());
+        assert!(check_idempotency_key(&[b'a'; 129]).is_err());
+        assert!(check_idempotency_key(&[b'a'; 128]).is_ok());
+    }
+}

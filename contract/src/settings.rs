@@ -1,0 +1,247 @@
+//! Layered configuration shared by every process (API.md §8).
+//!
+//! Layers, later wins: `config/default.toml`, `config/<APP_ENV>.toml` (`APP_ENV`
+//! defaults to `dev`), then environment variables `PIPELINE__<SECTION>__<KEY>`. The
+//! `config` directory is `APP_CONFIG_DIR` when set, else the first `config/` holding a
+//! `default.toml` in the working directory or one of its parents.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub nats: NatsSettings,
+    pub redis: RedisSettings,
+    pub ingest: IngestSettings,
+    pub relay: RelaySettings,
+    pub projector: ProjectorSettings,
+    pub query: QuerySettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    /// Connections each process keeps open at most.
+    pub pool_size: usize,
+    /// How long a request waits for a connection before answering 503.
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSettings {
+    pub url: String,
+    pub stream: String,
+    pub consumer: String,
+    /// How long the stream keeps events.
+    pub max_age_secs: u64,
+    /// JetStream's window for dropping a republished `Nats-Msg-Id`.
+    pub duplicate_window_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    /// How far in the future `recorded_at` may be.
+    pub max_future_secs: u64,
+    /// How far in the past `recorded_at` may be.
+    pub max_age_secs: u64,
+    /// How long an idempotency key is remembered.
+    pub idempotency_retention_secs: u64,
+    /// Most readings committed in one group-commit transaction.
+    pub commit_batch_max: usize,
+    /// Group-commit transactions in flight at once.
+    pub commit_concurrency: usize,
+    /// Requests waiting for a commit before new ones are turned away with 503.
+    pub queue_capacity: usize,
+    /// Longest time a request may take end to end.
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    pub admin_listen: SocketAddr,
+    /// Outbox rows claimed, published and marked in one transaction.
+    pub batch_size: i64,
+    /// How often the relay looks for work when no NOTIFY arrived.
+    pub poll_interval_ms: u64,
+    /// How long published outbox rows are kept (for republishing after a NATS host crash).
+    pub published_retention_secs: u64,
+    /// Rows deleted per pruning statement.
+    pub prune_batch: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorSettings {
+    pub admin_listen: SocketAddr,
+    /// Messages applied in one Redis pipeline.
+    pub batch_size: usize,
+    /// How long JetStream waits for an ack before redelivering.
+    pub ack_wait_secs: u64,
+    /// How long an applied event id is remembered to skip redeliveries.
+    pub dedup_horizon_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` for people, `json` for log shippers.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `ingest=debug,info`.
+    pub level: String,
+    /// How long a process may take to drain after SIGTERM before it gives up.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct SettingsError(String);
+
+impl Settings {
+    /// Loads the layers for `APP_ENV` from the process environment.
+    pub fn load() -> Result<Self, SettingsError> {
+        let directory = match std::env::var_os("APP_CONFIG_DIR") {
+            Some(directory) => PathBuf::from(directory),
+            None => find_config_dir().ok_or_else(|| {
+                SettingsError("no config/default.toml in the working directory or its parents (set APP_CONFIG_DIR)".to_owned())
+            })?,
+        };
+        let environment = std::env::var("APP_ENV").unwrap_or_else(|_| "dev".to_owned());
+        Self::load_from(&directory, &environment)
+    }
+
+    /// Loads `default.toml` and `<environment>.toml` from `directory`, then the environment.
+    pub fn load_from(directory: &Path, environment: &str) -> Result<Self, SettingsError> {
+        let settings: Settings = config::Config::builder()
+            .add_source(config::File::from(directory.join("default.toml")))
+            .add_source(config::File::from(directory.join(format!("{environment}.toml"))).required(false))
+            .add_source(
+                config::Environment::with_prefix("PIPELINE")
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .and_then(|layers| layers.try_deserialize())
+            .map_err(|error| SettingsError(error.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &str, rule: &str| Err(SettingsError(format!("{key} {rule}")));
+        let token = |text: &str| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+        if !token(&self.nats.stream) {
+            return invalid("nats.stream (PIPELINE__NATS__STREAM)", "must be letters, digits, '_' or '-'");
+        }
+        if !token(&self.nats.consumer) {
+            return invalid("nats.consumer (PIPELINE__NATS__CONSUMER)", "must be letters, digits, '_' or '-'");
+        }
+        if self.redis.prefix.contains(['{', '}']) {
+            return invalid("redis.prefix (PIPELINE__REDIS__PREFIX)", "may not contain '{' or '}' (they mark hash tags)");
+        }
+        for (key, url, schemes) in [
+            ("database.url (PIPELINE__DATABASE__URL)", &self.database.url, &["postgres://", "postgresql://"][..]),
+            ("nats.url (PIPELINE__NATS__URL)", &self.nats.url, &["nats://", "tls://"][..]),
+            ("redis.url (PIPELINE__REDIS__URL)", &self.redis.url, &["redis://", "rediss://", "unix://"][..]),
+        ] {
+            if !schemes.iter().any(|scheme| url.starts_with(scheme)) {
+                return invalid(key, &format!("must start with {}", schemes.join(" or ")));
+            }
+        }
+        for (key, value) in [
+            ("database.pool_size", self.database.pool_size),
+            ("ingest.commit_batch_max", self.ingest.commit_batch_max),
+            ("ingest.commit_concurrency", self.ingest.commit_concurrency),
+            ("ingest.queue_capacity", self.ingest.queue_capacity),
+            ("projector.batch_size", self.projector.batch_size),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1");
+            }
+        }
+        if self.relay.batch_size < 1 || self.relay.prune_batch < 1 {
+            return invalid("relay.batch_size and relay.prune_batch", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The request deadline of the ingest service.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest.request_timeout_ms)
+    }
+
+    /// How long a process may take to drain after SIGTERM.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.log.shutdown_grace_secs)
+    }
+}
+
+fn find_config_dir() -> Option<PathBuf> {
+    let start = std::env::current_dir().ok()?;
+    start
+        .ancestors()
+        .map(|directory| directory.join("config"))
+        .find(|directory| directory.join("default.toml").is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config")
+    }
+
+    #[test]
+    fn shipped_defaults_load_and_match_the_api_table() {
+        let settings = Settings::load_from(&config_dir(), "dev").expect("defaults load");
+        assert_eq!(settings.database.url, "postgres://postgres@127.0.0.1:5432/telemetry");
+        assert_eq!(settings.nats.url, "nats://127.0.0.1:4222");
+        assert_eq!(settings.nats.stream, "TELEMETRY");
+        assert_eq!(settings.nats.consumer, "projector");
+        assert_eq!(settings.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(settings.redis.prefix, "");
+        assert_eq!(settings.ingest.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(settings.query.listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(settings.relay.admin_listen.to_string(), "127.0.0.1:9091");
+        assert_eq!(settings.projector.admin_listen.to_string(), "127.0.0.1:9092");
+    }
+
+    #[test]
+    fn prod_config_loads_and_logs_json() {
+        let settings = Settings::load_from(&config_dir(), "prod").expect("prod loads");
+        assert_eq!(settings.log.format, LogFormat::Json);
+    }
+}

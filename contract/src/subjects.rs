@@ -1,0 +1,67 @@
+//! Stream and subject names, all derived from the one configured stream name.
+//!
+//! The stream `TELEMETRY` captures `telemetry.recorded.>` and its dead-letter stream
+//! `TELEMETRY_DLQ` captures `telemetry.dlq.>`. Subjects are rooted at the lower-cased
+//! stream name, so a test that configures its own stream also gets its own subjects:
+//! two streams may not capture overlapping subjects in JetStream.
+
+/// The names one pipeline uses on NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    stream: String,
+    root: String,
+}
+
+impl Subjects {
+    /// Names for the stream called `stream` (e.g. `TELEMETRY`).
+    pub fn for_stream(stream: &str) -> Self {
+        Self {
+            stream: stream.to_owned(),
+            root: stream.to_ascii_lowercase(),
+        }
+    }
+
+    /// The event stream, e.g. `TELEMETRY`.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The dead-letter stream, e.g. `TELEMETRY_DLQ`.
+    pub fn dlq_stream(&self) -> String {
+        format!("{}_DLQ", self.stream)
+    }
+
+    /// What the event stream captures, e.g. `telemetry.recorded.>`.
+    pub fn recorded_filter(&self) -> String {
+        format!("{}.recorded.>", self.root)
+    }
+
+    /// What the dead-letter stream captures, e.g. `telemetry.dlq.>`.
+    pub fn dlq_filter(&self) -> String {
+        format!("{}.dlq.>", self.root)
+    }
+
+    /// Where one device's events go, e.g. `telemetry.recorded.sensor-0042`.
+    pub fn recorded(&self, device_id: &str) -> String {
+        format!("{}.recorded.{device_id}", self.root)
+    }
+
+    /// Where a dead-lettered message goes; `unknown` when its device is not known.
+    pub fn dlq(&self, device_id: Option<&str>) -> String {
+        format!("{}.dlq.{}", self.root, device_id.unwrap_or("unknown"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_stream_gives_the_documented_subjects() {
+        let subjects = Subjects::for_stream("TELEMETRY");
+        assert_eq!(subjects.recorded("sensor-0042"), "telemetry.recorded.sensor-0042");
+        assert_eq!(subjects.dlq(None), "telemetry.dlq.unknown");
+        assert_eq!(subjects.dlq_stream(), "TELEMETRY_DLQ");
+        assert_eq!(subjects.recorded_filter(), "telemetry.recorded.>");
+    }
+}

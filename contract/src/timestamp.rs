@@ -1,0 +1,62 @@
+//! The one timestamp format used in responses and events: RFC 3339 in UTC.
+
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Formats an instant as RFC 3339 in UTC, e.g. `2026-11-22T10:15:30.25Z`.
+///
+/// Sub-second digits are written only as far as they are not zero, which is what
+/// RFC 3339 allows and what the `time` crate does.
+pub fn format(instant: OffsetDateTime) -> String {
+    instant
+        .to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| instant.unix_timestamp().to_string())
+}
+
+/// Parses an RFC 3339 timestamp with an offset.
+pub fn parse(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &Rfc3339).ok()
+}
+
+/// Milliseconds since the Unix epoch, the unit of every instant in the read model.
+pub fn unix_millis(instant: OffsetDateTime) -> i64 {
+    // The reading rules bound instants to a few days around now, far inside i64 millis.
+    (instant.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// The inverse of [`unix_millis`]; `None` outside the range `time` can represent.
+pub fn from_unix_millis(millis: i64) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok()
+}
+
+/// Formats milliseconds since the epoch as RFC 3339, or `None` when out of range.
+pub fn format_millis(millis: i64) -> Option<String> {
+    from_unix_millis(millis).map(format)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_round_trips_through_parse_in_utc() {
+        let parsed = parse("2026-11-22T11:15:30.250+01:00").expect("valid timestamp");
+        assert_eq!(format(parsed), "2026-11-22T10:15:30.25Z");
+        assert_eq!(parse(&format(parsed)), Some(parsed));
+    }
+
+    #[test]
+    fn millis_round_trip() {
+        let parsed = parse("2026-11-22T10:15:30.250Z").expect("valid timestamp");
+        let millis = unix_millis(parsed);
+        assert_eq!(millis % 1000, 250);
+        assert_eq!(format_millis(millis).as_deref(), Some("2026-11-22T10:15:30.25Z"));
+    }
+
+    #[test]
+    fn parse_rejects_timestamps_without_offset() {
+        assert_eq!(parse("2026-11-22T10:15:30"), None);
+        assert_eq!(parse("yesterday"), None);
+    }
+}
