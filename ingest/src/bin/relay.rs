@@ -1,0 +1,83 @@
+//! `relay`: publishes the outbox to JetStream; health and metrics on its admin port.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use contract::problem::{Problem, ProblemKind};
+use contract::settings::Settings;
+use ingest::http::error::problem_response;
+use ingest::http::{healthz, postgres_ready};
+use ingest::relay::{connect_nats, Relay};
+use ingest::{bootstrap, db};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+#[derive(Clone)]
+struct Admin {
+    pool: deadpool_postgres::Pool,
+    nats: async_nats::Client,
+    metrics: PrometheusHandle,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::load().unwrap_or_else(|error| {
+        eprintln!("relay: {error}");
+        std::process::exit(2);
+    });
+    bootstrap::init_tracing(&settings.log);
+    let shutdown = bootstrap::shutdown_on_signal();
+    let metrics = bootstrap::install_metrics();
+    let pool = db::pool(&settings.database)?;
+    let nats = connect_nats(&settings.nats.url, "relay").await?;
+    let admin = Admin {
+        pool: pool.clone(),
+        nats: nats.clone(),
+        metrics,
+    };
+    let listener = tokio::net::TcpListener::bind(settings.relay.admin_listen).await?;
+    tracing::info!(address = %listener.local_addr()?, "relay admin listening");
+    let admin_router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|State(admin): State<Admin>| async move { admin.metrics.render() }),
+        )
+        .with_state(admin);
+    let admin_shutdown = shutdown.clone();
+    let admin_server = tokio::spawn(async move {
+        axum::serve(listener, admin_router)
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
+            .await
+    });
+    Relay::new(&settings, pool, nats)
+        .run(&settings, shutdown)
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+async fn readyz(State(admin): State<Admin>) -> Response {
+    let postgres = postgres_ready(&admin.pool).await.is_ok();
+    let nats = admin.nats.connection_state() == async_nats::connection::State::Connected;
+    let checks = serde_json::json!({
+        "postgres": if postgres { "ok" } else { "down" },
+        "nats": if nats { "ok" } else { "down" },
+    });
+    if postgres && nats {
+        return Json(serde_json::json!({"status": "ready", "checks": checks})).into_response();
+    }
+    let down: Vec<&str> = [("postgres", postgres), ("nats", nats)]
+        .into_iter()
+        .filter(|(_, up)| !up)
+        .map(|(name, _)| name)
+        .collect();
+    problem_response(&Problem::new(
+        ProblemKind::Unavailable,
+        format!("not answering: {}", down.join(", ")),
+    ))
+}

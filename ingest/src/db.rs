@@ -1,0 +1,149 @@
+//! PostgreSQL: the connection pool and the schema migrations.
+//!
+//! Migrations are the versioned SQL files under `ingest/migrations/`, compiled into the
+//! binary and applied in order, each in its own transaction, under an advisory lock so
+//! that any number of processes may start at once. Applying them twice is a no-op.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use contract::settings::DatabaseSettings;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+/// The migrations in the order they apply; a version is never edited once released.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+
+/// Any constant works as long as every process uses the same one.
+const MIGRATION_LOCK: i64 = 0x7e1e_0001;
+
+/// Parses the configured URL, with the configured connect timeout.
+pub fn pg_config(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config = tokio_postgres::Config::from_str(&settings.url)
+        .context("database.url (PIPELINE__DATABASE__URL) is not a PostgreSQL URL")?;
+    config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+    if config.get_application_name().is_none() {
+        config.application_name("telemetry-pipeline");
+    }
+    Ok(config)
+}
+
+/// A pool whose `get` fails after the connect timeout instead of waiting forever.
+pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        pg_config(settings)?,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let timeout = Duration::from_millis(settings.connect_timeout_ms);
+    Pool::builder(manager)
+        .max_size(settings.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()
+        .context("building the PostgreSQL pool")
+}
+
+/// Opens one connection outside the pool, driving it on its own task.
+pub async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the database if it does not exist, then applies the pending migrations.
+pub async fn migrate(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    let config = pg_config(settings)?;
+    create_database_if_missing(&config).await?;
+    let mut client = connect(&config).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("taking the migration lock")?;
+    let applied = apply_pending(&mut client).await;
+    // The lock is released with the session too; unlocking early lets others go on.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    applied
+}
+
+async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    integer     PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )",
+        )
+        .await
+        .context("creating schema_migrations")?;
+    for (version, sql) in MIGRATIONS {
+        let done = client
+            .query_opt(
+                "SELECT 1 FROM schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if done {
+            continue;
+        }
+        let transaction = client.transaction().await?;
+        transaction
+            .batch_execute(sql)
+            .await
+            .with_context(|| format!("applying migration {version}"))?;
+        transaction
+            .execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+        transaction.commit().await?;
+        tracing::info!(version, "migration applied");
+    }
+    Ok(())
+}
+
+async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::Result<()> {
+    let name = config.get_dbname().unwrap_or("postgres").to_owned();
+    let mut maintenance = config.clone();
+    maintenance.dbname("postgres");
+    let client = connect(&maintenance).await?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if exists {
+        return Ok(());
+    }
+    let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match client.batch_execute(&statement).await {
+        Ok(()) => {
+            tracing::info!(database = %name, "database created");
+            Ok(())
+        }
+        // Another process created it between our check and our statement.
+        Err(error)
+            if error.code() == Some(&SqlState::DUPLICATE_DATABASE)
+                || error.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error).context("creating the database"),
+    }
+}

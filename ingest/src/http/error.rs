@@ -1,0 +1,86 @@
+//! The ingest service's one HTTP error type, rendered as `application/problem+json`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
+use contract::reading::FieldError;
+
+/// Every way a request can fail; each maps to one problem type and status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("content type must be application/json")]
+    UnsupportedMediaType,
+    #[error("idempotency key: {0}")]
+    MissingIdempotencyKey(String),
+    #[error("body larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("invalid json: {0}")]
+    InvalidJson(String),
+    #[error("invalid reading")]
+    InvalidReading(Vec<FieldError>),
+    #[error("idempotency key reused with a different request")]
+    IdempotencyKeyReused,
+    #[error("idempotency key in use by a concurrent request")]
+    IdempotencyKeyInUse,
+    #[error("service unavailable: {0}")]
+    Unavailable(&'static str),
+    #[error("not found")]
+    NotFound,
+}
+
+impl ApiError {
+    fn problem(&self) -> Problem {
+        match self {
+            Self::UnsupportedMediaType => Problem::new(
+                ProblemKind::UnsupportedMediaType,
+                "send the reading as JSON with Content-Type: application/json",
+            ),
+            Self::MissingIdempotencyKey(rule) => Problem::new(
+                ProblemKind::MissingIdempotencyKey,
+                format!("the Idempotency-Key header is required and {rule}"),
+            ),
+            Self::PayloadTooLarge(limit) => Problem::new(
+                ProblemKind::PayloadTooLarge,
+                format!("the body may be at most {limit} bytes"),
+            ),
+            Self::InvalidJson(detail) => Problem::new(ProblemKind::InvalidJson, detail.clone()),
+            Self::InvalidReading(errors) => Problem::new(
+                ProblemKind::InvalidReading,
+                format!("{} rule(s) broken, see errors", errors.len()),
+            )
+            .with_errors(errors.clone()),
+            Self::IdempotencyKeyReused => Problem::new(
+                ProblemKind::IdempotencyKeyReused,
+                "this Idempotency-Key was already used for a different reading of this device; use a new key for a new reading",
+            ),
+            Self::IdempotencyKeyInUse => Problem::new(
+                ProblemKind::IdempotencyKeyInUse,
+                "a request with this Idempotency-Key is being processed; retry after a moment",
+            ),
+            Self::Unavailable(detail) => Problem::new(ProblemKind::Unavailable, *detail),
+            Self::NotFound => Problem::new(ProblemKind::NotFound, "no such resource"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        problem_response(&self.problem())
+    }
+}
+
+/// Renders a problem with its status, media type and, where retrying helps, `Retry-After`.
+pub fn problem_response(problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    if matches!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS
+    ) {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}

@@ -1,0 +1,95 @@
+//! The ingest HTTP API: routes, shared state, health and metrics endpoints.
+
+pub mod error;
+pub mod telemetry;
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use contract::problem::{Problem, ProblemKind};
+use contract::reading::TimeBounds;
+use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::store::Store;
+use error::{problem_response, ApiError};
+
+/// What every request handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub pool: Pool,
+    pub metrics: PrometheusHandle,
+    pub time_bounds: TimeBounds,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+/// The whole ingest API; tests drive it over a real listener.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/telemetry", post(telemetry::post_telemetry))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// Counts every request by route and status and times it.
+pub async fn track(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match postgres_ready(&state.pool).await {
+        Ok(()) => Json(serde_json::json!({"status": "ready", "checks": {"postgres": "ok"}}))
+            .into_response(),
+        Err(()) => problem_response(&Problem::new(
+            ProblemKind::Unavailable,
+            "postgres is not answering",
+        )),
+    }
+}
+
+/// `SELECT 1` through the pool within a second.
+pub async fn postgres_ready(pool: &Pool) -> Result<(), ()> {
+    let check = async {
+        let client = pool.get().await.map_err(|_| ())?;
+        client.simple_query("SELECT 1").await.map_err(|_| ())?;
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(1), check)
+        .await
+        .map_err(|_| ())?
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

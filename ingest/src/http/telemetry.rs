@@ -1,0 +1,125 @@
+//! `POST /v1/telemetry` (API.md §1).
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use contract::reading::{check_idempotency_key, ReadingBody};
+use futures::StreamExt;
+use time::OffsetDateTime;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::store::{NewReading, Outcome, StoreError};
+
+/// Tells a client that it got the stored answer of an earlier request.
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pub async fn post_telemetry(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    require_json(&headers)?;
+    let idempotency_key = idempotency_key(&headers)?;
+    let deadline = state.request_timeout;
+    let outcome = tokio::time::timeout(deadline, async {
+        let bytes = read_body(body, &headers, state.max_body_bytes).await?;
+        let body: ReadingBody = serde_json::from_slice(&bytes)
+            .map_err(|error| ApiError::InvalidJson(error.to_string()))?;
+        let received_at = OffsetDateTime::now_utc();
+        let reading = body
+            .validate(received_at, state.time_bounds)
+            .map_err(ApiError::InvalidReading)?;
+        let outcome = state
+            .store
+            .submit(NewReading::new(reading, idempotency_key, received_at))
+            .await
+            .map_err(|error| match error {
+                StoreError::Overloaded => {
+                    ApiError::Unavailable("too many requests in flight; retry shortly")
+                }
+                StoreError::Unavailable(_) => {
+                    ApiError::Unavailable("the database is unavailable; retry shortly")
+                }
+            })?;
+        Ok::<_, ApiError>(outcome)
+    })
+    .await
+    .map_err(|_| {
+        ApiError::Unavailable("the request took too long; retry with the same Idempotency-Key")
+    })??;
+    Ok(answer(outcome))
+}
+
+fn answer(outcome: Outcome) -> Response {
+    let json = HeaderValue::from_static("application/json");
+    match outcome {
+        Outcome::Accepted { body } => {
+            metrics::counter!("ingest_readings_total", "outcome" => "accepted").increment(1);
+            (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, json)], body).into_response()
+        }
+        Outcome::Replayed { status, body } => {
+            metrics::counter!("ingest_readings_total", "outcome" => "replayed").increment(1);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
+            let replayed = (
+                IDEMPOTENT_REPLAYED.clone(),
+                HeaderValue::from_static("true"),
+            );
+            (status, [(header::CONTENT_TYPE, json), replayed], body).into_response()
+        }
+        Outcome::KeyReused => {
+            metrics::counter!("ingest_readings_total", "outcome" => "conflict").increment(1);
+            ApiError::IdempotencyKeyReused.into_response()
+        }
+        Outcome::KeyInFlux => ApiError::IdempotencyKeyInUse.into_response(),
+    }
+}
+
+/// `application/json`, with or without parameters such as `charset=utf-8`.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|essence| essence.trim().to_ascii_lowercase());
+    match essence.as_deref() {
+        Some("application/json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let mut values = headers.get_all("idempotency-key").iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(ApiError::MissingIdempotencyKey(
+            "must be sent exactly once".to_owned(),
+        ));
+    };
+    check_idempotency_key(value.as_bytes()).map_err(ApiError::MissingIdempotencyKey)?;
+    // Checked above: visible ASCII only, so this is valid UTF-8.
+    Ok(String::from_utf8_lossy(value.as_bytes()).into_owned())
+}
+
+/// Reads at most `limit` bytes; a declared or actual larger body is a 413.
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut chunks = body.into_data_stream();
+    let mut collected = bytes::BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk
+            .map_err(|_| ApiError::InvalidJson("the request body could not be read".to_owned()))?;
+        if collected.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        collected.extend_from_slice(&chunk);
+    }
+    Ok(collected.freeze())
+}

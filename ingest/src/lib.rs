@@ -1,0 +1,90 @@
+//! The write side of the pipeline: HTTP ingest into PostgreSQL and the outbox relay.
+//!
+//! Two binaries share this library: `ingest` (the HTTP API, and `ingest migrate`) and
+//! `relay` (publishes outbox rows to JetStream). Both are stateless; any number of
+//! copies may run against the same database.
+//!
+//! # Layout
+//! - [`db`]: connection pool and schema migrations (`migrations/*.sql`).
+//! - [`store`]: the group-committed write of reading, idempotency key and outbox row.
+//! - [`http`]: routes, the telemetry handler, problem+json errors, health and metrics.
+//! - [`relay`]: claims outbox rows, publishes them with pipelined acks, marks them.
+//! - [`bootstrap`]: logs, metrics recorder and signal handling of both binaries.
+
+pub mod bootstrap;
+pub mod db;
+pub mod http;
+pub mod relay;
+pub mod store;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use contract::reading::TimeBounds;
+use contract::settings::Settings;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{GroupCommit, Store};
+
+/// Runs the ingest API on `listener` until `shutdown` is cancelled, then answers the
+/// requests in flight (their commits included) and returns.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = bootstrap::install_metrics();
+    migrate_with_retry(&settings, &shutdown).await?;
+    let pool = db::pool(&settings.database)?;
+    let (store, dispatcher) = Store::start(
+        pool.clone(),
+        GroupCommit {
+            batch_max: settings.ingest.commit_batch_max,
+            concurrency: settings.ingest.commit_concurrency,
+            queue_capacity: settings.ingest.queue_capacity,
+        },
+    );
+    let state = http::AppState {
+        store,
+        pool,
+        metrics,
+        time_bounds: TimeBounds {
+            max_future: time::Duration::seconds(settings.ingest.max_future_secs as i64),
+            max_age: time::Duration::seconds(settings.ingest.max_age_secs as i64),
+        },
+        max_body_bytes: settings.ingest.max_body_bytes,
+        request_timeout: settings.request_timeout(),
+    };
+    tracing::info!(address = %listener.local_addr()?, "ingest listening");
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving http")?;
+    // Every request has been answered and every Store handle dropped: the dispatcher
+    // finishes its last commits and ends.
+    let _ = tokio::time::timeout(settings.shutdown_grace(), dispatcher).await;
+    tracing::info!("ingest stopped");
+    Ok(())
+}
+
+/// Applies migrations, retrying while PostgreSQL is not reachable yet.
+async fn migrate_with_retry(
+    settings: &Settings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match db::migrate(&settings.database).await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                tracing::warn!(error = format!("{error:#}"), "migrations failed, retrying")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => anyhow::bail!("shut down before the database was reachable"),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,347 @@
+//! The outbox relay: PostgreSQL outbox rows become JetStream messages, at least once.
+//!
+//! One round: in a transaction, claim up to `batch_size` unpublished rows with
+//! `FOR UPDATE SKIP LOCKED` (so any number of relays share the work), publish each with
+//! `Nats-Msg-Id = event_id` without waiting, await all the PubAcks, and mark the acked
+//! rows published with the stream sequence each ack returned, then commit. A crash
+//! anywhere before the commit leaves the rows unpublished; the next round publishes
+//! them again and JetStream drops the copies inside its duplicate window (a PubAck
+//! with `duplicate: true` counts as success). Published rows are kept for
+//! `published_retention_secs` (DESIGN.md §4) and then pruned in small batches.
+//!
+//! The relay wakes on `NOTIFY outbox` (sent by a trigger when rows are inserted) and
+//! polls every `poll_interval_ms` as a fallback. It never exits because PostgreSQL or
+//! NATS is down: it backs off and tries again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, stream};
+use contract::event::{headers, EVENT_TYPE, VERSION};
+use contract::settings::{NatsSettings, Settings};
+use contract::subjects::Subjects;
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db;
+
+/// Connects to NATS in the background: the client exists even while NATS is down.
+pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url)
+        .await
+        .with_context(|| format!("nats.url (PIPELINE__NATS__URL) {url} is not usable"))
+}
+
+/// Creates the event stream and its dead-letter stream, or brings their settings up to
+/// date. Debian's nats-server 2.9 treats create and update loosely, so this looks first.
+pub async fn ensure_streams(
+    jetstream: &jetstream::Context,
+    settings: &NatsSettings,
+) -> anyhow::Result<()> {
+    let subjects = Subjects::for_stream(&settings.stream);
+    let max_age = Duration::from_secs(settings.max_age_secs);
+    let streams = [
+        stream::Config {
+            name: subjects.stream().to_owned(),
+            subjects: vec![subjects.recorded_filter()],
+            storage: stream::StorageType::File,
+            max_age,
+            duplicate_window: Duration::from_secs(settings.duplicate_window_secs),
+            description: Some("telemetry.recorded events, one per accepted reading".to_owned()),
+            ..Default::default()
+        },
+        stream::Config {
+            name: subjects.dlq_stream(),
+            subjects: vec![subjects.dlq_filter()],
+            storage: stream::StorageType::File,
+            max_age,
+            description: Some(
+                "events the projector could not decode, with the reason in Dlq-Reason".to_owned(),
+            ),
+            ..Default::default()
+        },
+    ];
+    for config in streams {
+        let name = config.name.clone();
+        match jetstream.get_stream(&name).await {
+            Ok(_) => {
+                jetstream
+                    .update_stream(config)
+                    .await
+                    .with_context(|| format!("updating stream {name}"))?;
+            }
+            Err(_) => {
+                jetstream
+                    .create_stream(config)
+                    .await
+                    .with_context(|| format!("creating stream {name}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Everything one relay needs; built once at start.
+pub struct Relay {
+    pool: Pool,
+    jetstream: jetstream::Context,
+    subjects: Subjects,
+    batch_size: i64,
+    poll_interval: Duration,
+    published_retention: Duration,
+    prune_batch: i64,
+}
+
+impl Relay {
+    pub fn new(settings: &Settings, pool: Pool, client: async_nats::Client) -> Self {
+        Self {
+            pool,
+            jetstream: jetstream::new(client),
+            subjects: Subjects::for_stream(&settings.nats.stream),
+            batch_size: settings.relay.batch_size,
+            poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
+            published_retention: Duration::from_secs(settings.relay.published_retention_secs),
+            prune_batch: settings.relay.prune_batch,
+        }
+    }
+
+    /// Relays until `shutdown`; a round in progress finishes first.
+    pub async fn run(&self, settings: &Settings, shutdown: CancellationToken) {
+        let wake = Arc::new(Notify::new());
+        let listener = tokio::spawn(listen_for_inserts(
+            db::pg_config(&settings.database).ok(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
+        let mut backoff = Backoff::default();
+        while !shutdown.is_cancelled() {
+            match ensure_streams(&self.jetstream, &settings.nats).await {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "streams not ready, retrying");
+                    backoff.sleep(&shutdown).await;
+                }
+            }
+        }
+        let mut last_prune = Instant::now();
+        while !shutdown.is_cancelled() {
+            match self.relay_once().await {
+                Ok(relayed) => {
+                    backoff.reset();
+                    if relayed as i64 == self.batch_size {
+                        continue;
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!("relay_errors_total").increment(1);
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "relay round failed, backing off"
+                    );
+                    backoff.sleep(&shutdown).await;
+                    continue;
+                }
+            }
+            if last_prune.elapsed() > Duration::from_secs(10) {
+                last_prune = Instant::now();
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "pruning published outbox rows failed"
+                    );
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+        listener.abort();
+    }
+
+    /// One claim-publish-mark round; returns how many rows it relayed.
+    pub async fn relay_once(&self) -> anyhow::Result<usize> {
+        let mut client = self.pool.get().await.context("getting a connection")?;
+        let transaction = client.transaction().await?;
+        let rows = transaction
+            .query(
+                "SELECT id, event_id, device_id, payload FROM outbox
+                 WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&self.batch_size],
+            )
+            .await
+            .context("claiming outbox rows")?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let mut acks = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let event_id: Uuid = row.get(1);
+            let device_id: &str = row.get(2);
+            let payload: Vec<u8> = row.get(3);
+            let mut message_headers = async_nats::HeaderMap::new();
+            message_headers.insert(headers::MSG_ID, event_id.to_string().as_str());
+            message_headers.insert(headers::CONTENT_TYPE, "application/json");
+            message_headers.insert(headers::EVENT_TYPE, EVENT_TYPE);
+            message_headers.insert(headers::EVENT_VERSION, VERSION.to_string().as_str());
+            let ack = self
+                .jetstream
+                .publish_with_headers(
+                    self.subjects.recorded(device_id),
+                    message_headers,
+                    payload.into(),
+                )
+                .await;
+            acks.push(ack);
+        }
+        let mut published_ids = Vec::with_capacity(rows.len());
+        let mut sequences = Vec::with_capacity(rows.len());
+        let mut failures = 0usize;
+        for (row, ack) in rows.iter().zip(acks) {
+            let acked = match ack {
+                Ok(future) => future.await.map_err(anyhow::Error::from),
+                Err(error) => Err(anyhow::Error::from(error)),
+            };
+            match acked {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        metrics::counter!("relay_duplicate_acks_total").increment(1);
+                    }
+                    published_ids.push(row.get::<_, i64>(0));
+                    sequences.push(ack.sequence as i64);
+                }
+                Err(error) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(event_id = %row.get::<_, Uuid>(1), error = %error, "publish not acknowledged");
+                    }
+                }
+            }
+        }
+        transaction
+            .execute(
+                "UPDATE outbox SET published_at = now(), stream_seq = marked.seq
+                 FROM unnest($1::bigint[], $2::bigint[]) AS marked(id, seq)
+                 WHERE outbox.id = marked.id",
+                &[&published_ids, &sequences],
+            )
+            .await
+            .context("marking rows published")?;
+        transaction
+            .commit()
+            .await
+            .context("committing the relay round")?;
+        metrics::counter!("relay_published_total").increment(published_ids.len() as u64);
+        metrics::histogram!("relay_round_seconds").record(started.elapsed().as_secs_f64());
+        if failures > 0 {
+            anyhow::bail!(
+                "{failures} of {} publishes were not acknowledged",
+                rows.len()
+            );
+        }
+        Ok(rows.len())
+    }
+
+    /// Deletes published rows older than the retention, one small batch at a time.
+    async fn prune(&self) -> anyhow::Result<()> {
+        let client = self.pool.get().await?;
+        let retention_secs = self.published_retention.as_secs_f64();
+        loop {
+            let deleted = client
+                .execute(
+                    "DELETE FROM outbox WHERE id IN (
+                         SELECT id FROM outbox
+                         WHERE published_at < now() - make_interval(secs => $1)
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    &[&retention_secs, &self.prune_batch],
+                )
+                .await?;
+            metrics::counter!("relay_pruned_total").increment(deleted);
+            if (deleted as i64) < self.prune_batch {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Holds a `LISTEN outbox` connection open and wakes the relay on each notification;
+/// reconnects with backoff when the connection drops, and wakes the relay then too.
+async fn listen_for_inserts(
+    config: Option<tokio_postgres::Config>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let Some(config) = config else {
+        return;
+    };
+    let mut backoff = Backoff::default();
+    while !shutdown.is_cancelled() {
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, mut connection)) => {
+                let wake_on_message = wake.clone();
+                let mut messages =
+                    futures::stream::poll_fn(move |context| connection.poll_message(context));
+                let driver = tokio::spawn(async move {
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => wake_on_message.notify_one(),
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+                if client.batch_execute("LISTEN outbox").await.is_ok() {
+                    backoff.reset();
+                    wake.notify_one();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = driver => {}
+                    }
+                } else {
+                    driver.abort();
+                }
+            }
+            Err(error) => tracing::debug!(%error, "listen connection failed"),
+        }
+        backoff.sleep(&shutdown).await;
+    }
+}
+
+/// Exponential backoff from 100 ms to 5 s that a shutdown interrupts.
+#[derive(Debug)]
+pub struct Backoff {
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    pub async fn sleep(&mut self, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(self.delay) => {}
+        }
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+    }
+}
