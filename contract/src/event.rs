@@ -96,7 +96,9 @@ impl TelemetryRecorded {
     pub fn decode(payload: &[u8], version_header: Option<&str>) -> Result<Self, DecodeError> {
         if let Some(version) = version_header {
             if version.trim() != VERSION.to_string() {
-                return Err(DecodeError::UnknownVersion(format!("Event-Version {version}")));
+                return Err(DecodeError::UnknownVersion(format!(
+                    "Event-Version {version}"
+                )));
             }
         }
         let event: Self = serde_json::from_slice(payload).map_err(|error| {
@@ -112,17 +114,25 @@ impl TelemetryRecorded {
             }
         })?;
         if event.version != VERSION {
-            return Err(DecodeError::UnknownVersion(format!("version {}", event.version)));
+            return Err(DecodeError::UnknownVersion(format!(
+                "version {}",
+                event.version
+            )));
         }
         if event.event_type != EVENT_TYPE {
-            return Err(DecodeError::Invalid(format!("event_type {}", event.event_type)));
+            return Err(DecodeError::Invalid(format!(
+                "event_type {}",
+                event.event_type
+            )));
         }
-        check_device_id(&event.device_id).map_err(|message| DecodeError::Invalid(format!("device_id {message}")))?;
+        check_device_id(&event.device_id)
+            .map_err(|message| DecodeError::Invalid(format!("device_id {message}")))?;
         if event.metrics.is_empty() {
             return Err(DecodeError::Invalid("no metrics".to_owned()));
         }
         for (name, value) in &event.metrics {
-            check_metric_name(name).map_err(|message| DecodeError::Invalid(format!("metric {message}")))?;
+            check_metric_name(name)
+                .map_err(|message| DecodeError::Invalid(format!("metric {message}")))?;
             if !value.is_finite() {
                 return Err(DecodeError::Invalid(format!("metric {name} is not finite")));
             }
@@ -177,7 +187,8 @@ mod tests {
             Err("undecodable")
         );
         assert_eq!(
-            TelemetryRecorded::decode(&event().to_json(), Some("7")).map_err(|error| error.reason()),
+            TelemetryRecorded::decode(&event().to_json(), Some("7"))
+                .map_err(|error| error.reason()),
             Err("unknown-version")
         );
     }

@@ -13,6 +13,7 @@ pub const CONTENT_TYPE: &str = "application/problem+json";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProblemKind {
     InvalidJson,
+    InvalidRequest,
     InvalidReading,
     MissingIdempotencyKey,
     IdempotencyKeyReused,
@@ -31,6 +32,7 @@ impl ProblemKind {
     pub fn slug(self) -> &'static str {
         match self {
             Self::InvalidJson => "invalid-json",
+            Self::InvalidRequest => "invalid-request",
             Self::InvalidReading => "invalid-reading",
             Self::MissingIdempotencyKey => "missing-idempotency-key",
             Self::IdempotencyKeyReused => "idempotency-key-reused",
@@ -48,7 +50,7 @@ impl ProblemKind {
 
     pub fn status(self) -> u16 {
         match self {
-            Self::InvalidJson | Self::MissingIdempotencyKey => 400,
+            Self::InvalidJson | Self::InvalidRequest | Self::MissingIdempotencyKey => 400,
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
@@ -65,9 +67,12 @@ impl ProblemKind {
     pub fn title(self) -> &'static str {
         match self {
             Self::InvalidJson => "Request body is not valid JSON of the expected shape",
+            Self::InvalidRequest => "Request path or query is malformed",
             Self::InvalidReading => "Reading breaks a validation rule",
             Self::MissingIdempotencyKey => "Idempotency-Key header is missing or malformed",
-            Self::IdempotencyKeyReused => "Idempotency key was already used for a different request",
+            Self::IdempotencyKeyReused => {
+                "Idempotency key was already used for a different request"
+            }
             Self::IdempotencyKeyInUse => "A request with this idempotency key is in progress",
             Self::PayloadTooLarge => "Request body is too large",
             Self::UnsupportedMediaType => "Content-Type must be application/json",
@@ -116,10 +121,14 @@ mod tests {
 
     #[test]
     fn problem_serializes_as_rfc_9457() {
-        let problem = Problem::new(ProblemKind::InvalidReading, "1 rule broken")
-            .with_errors(vec![FieldError::new("metrics.t", "must be a finite number")]);
+        let problem = Problem::new(ProblemKind::InvalidReading, "1 rule broken").with_errors(vec![
+            FieldError::new("metrics.t", "must be a finite number"),
+        ]);
         let json = serde_json::to_value(&problem).expect("serializable");
-        assert_eq!(json["type"], "https://telemetry-pipeline.dev/problems/invalid-reading");
+        assert_eq!(
+            json["type"],
+            "https://telemetry-pipeline.dev/problems/invalid-reading"
+        );
         assert_eq!(json["status"], 422);
         assert_eq!(json["errors"][0]["field"], "metrics.t");
     }

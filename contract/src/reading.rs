@@ -67,7 +67,11 @@ pub struct Reading {
 
 impl ReadingBody {
     /// Checks every rule of API.md §1 and reports all broken ones at once.
-    pub fn validate(self, now: OffsetDateTime, bounds: TimeBounds) -> Result<Reading, Vec<FieldError>> {
+    pub fn validate(
+        self,
+        now: OffsetDateTime,
+        bounds: TimeBounds,
+    ) -> Result<Reading, Vec<FieldError>> {
         let mut errors = Vec::new();
         if let Err(message) = check_device_id(&self.device_id) {
             errors.push(FieldError::new("device_id", message));
@@ -111,7 +115,10 @@ impl ReadingBody {
         let mut metrics = BTreeMap::new();
         for (name, value) in self.metrics {
             if let Err(message) = check_metric_name(&name) {
-                errors.push(FieldError::new(format!("metrics.{}", printable(&name)), message));
+                errors.push(FieldError::new(
+                    format!("metrics.{}", printable(&name)),
+                    message,
+                ));
                 continue;
             }
             match value.as_f64().filter(|number| number.is_finite()) {
@@ -178,7 +185,8 @@ pub fn check_device_id(device_id: &str) -> Result<(), String> {
 pub fn check_metric_name(name: &str) -> Result<(), String> {
     let mut bytes = name.bytes();
     let starts_with_letter = bytes.next().is_some_and(|byte| byte.is_ascii_lowercase());
-    let rest_allowed = bytes.all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_');
+    let rest_allowed =
+        bytes.all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'_');
     if !starts_with_letter || !rest_allowed || name.len() > METRIC_NAME_MAX_LEN {
         return Err(format!(
             "metric names start with a-z and hold only a-z, 0-9 and '_', at most {METRIC_NAME_MAX_LEN} characters"
@@ -190,7 +198,9 @@ pub fn check_metric_name(name: &str) -> Result<(), String> {
 /// 1 to 128 visible ASCII characters (0x21 to 0x7E).
 pub fn check_idempotency_key(key: &[u8]) -> Result<(), String> {
     if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX_LEN {
-        return Err(format!("must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} characters long"));
+        return Err(format!(
+            "must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} characters long"
+        ));
     }
     if !key.iter().all(|byte| (0x21..=0x7e).contains(byte)) {
         return Err("may hold only visible ASCII characters (0x21 to 0x7E)".to_owned());
@@ -202,7 +212,13 @@ pub fn check_idempotency_key(key: &[u8]) -> Result<(), String> {
 fn printable(name: &str) -> String {
     name.chars()
         .take(METRIC_NAME_MAX_LEN)
-        .map(|character| if character.is_ascii_graphic() { character } else { '?' })
+        .map(|character| {
+            if character.is_ascii_graphic() {
+                character
+            } else {
+                '?'
+            }
+        })
         .collect()
 }
 
@@ -240,14 +256,19 @@ mod tests {
             .validate(now(), bounds())
             .expect_err("invalid");
         let fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
-        assert_eq!(fields, ["device_id", "recorded_at", "metrics.Temp", "metrics.ok"]);
+        assert_eq!(
+            fields,
+            ["device_id", "recorded_at", "metrics.Temp", "metrics.ok"]
+        );
     }
 
     #[test]
     fn recorded_at_bounds_are_enforced() {
-        let too_old = body(r#"{"device_id":"d","recorded_at":"2026-11-14T10:00:00Z","metrics":{"t":1}}"#);
+        let too_old =
+            body(r#"{"device_id":"d","recorded_at":"2026-11-14T10:00:00Z","metrics":{"t":1}}"#);
         assert!(too_old.validate(now(), bounds()).is_err());
-        let no_offset = body(r#"{"device_id":"d","recorded_at":"2026-11-22T10:00:00","metrics":{"t":1}}"#);
+        let no_offset =
+            body(r#"{"device_id":"d","recorded_at":"2026-11-22T10:00:00","metrics":{"t":1}}"#);
         assert!(no_offset.validate(now(), bounds()).is_err());
     }
 
@@ -256,7 +277,10 @@ mod tests {
         let empty = body(r#"{"device_id":"d","metrics":{}}"#);
         assert!(empty.validate(now(), bounds()).is_err());
         let names: Vec<String> = (0..33).map(|index| format!("\"m{index}\":1")).collect();
-        let too_many = body(&format!(r#"{{"device_id":"d","metrics":{{{}}}}}"#, names.join(",")));
+        let too_many = body(&format!(
+            r#"{{"device_id":"d","metrics":{{{}}}}}"#,
+            names.join(",")
+        ));
         assert!(too_many.validate(now(), bounds()).is_err());
     }
 
@@ -269,10 +293,17 @@ mod tests {
 
     #[test]
     fn fingerprint_ignores_spelling_but_not_content() {
-        let one = body(r#"{"device_id":"d","recorded_at":"2026-11-22T11:15:30+01:00","metrics":{"a":21.5,"b":1}}"#);
-        let same = body(r#"{"metrics":{"b":1.0,"a":2.15e1},"recorded_at":"2026-11-22T10:15:30Z","device_id":"d"}"#);
-        let other = body(r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30Z","metrics":{"a":21.6,"b":1}}"#);
-        let fingerprint = |body: ReadingBody| body.validate(now(), bounds()).expect("valid").fingerprint();
+        let one = body(
+            r#"{"device_id":"d","recorded_at":"2026-11-22T11:15:30+01:00","metrics":{"a":21.5,"b":1}}"#,
+        );
+        let same = body(
+            r#"{"metrics":{"b":1.0,"a":2.15e1},"recorded_at":"2026-11-22T10:15:30Z","device_id":"d"}"#,
+        );
+        let other = body(
+            r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30Z","metrics":{"a":21.6,"b":1}}"#,
+        );
+        let fingerprint =
+            |body: ReadingBody| body.validate(now(), bounds()).expect("valid").fingerprint();
         let first = fingerprint(one);
         assert_eq!(first, fingerprint(same));
         assert_ne!(first, fingerprint(other));

@@ -146,7 +146,9 @@ impl Settings {
     pub fn load_from(directory: &Path, environment: &str) -> Result<Self, SettingsError> {
         let settings: Settings = config::Config::builder()
             .add_source(config::File::from(directory.join("default.toml")))
-            .add_source(config::File::from(directory.join(format!("{environment}.toml"))).required(false))
+            .add_source(
+                config::File::from(directory.join(format!("{environment}.toml"))).required(false),
+            )
             .add_source(
                 config::Environment::with_prefix("PIPELINE")
                     .prefix_separator("__")
@@ -161,20 +163,46 @@ impl Settings {
 
     fn validate(&self) -> Result<(), SettingsError> {
         let invalid = |key: &str, rule: &str| Err(SettingsError(format!("{key} {rule}")));
-        let token = |text: &str| !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+        let token = |text: &str| {
+            !text.is_empty()
+                && text
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+        };
         if !token(&self.nats.stream) {
-            return invalid("nats.stream (PIPELINE__NATS__STREAM)", "must be letters, digits, '_' or '-'");
+            return invalid(
+                "nats.stream (PIPELINE__NATS__STREAM)",
+                "must be letters, digits, '_' or '-'",
+            );
         }
         if !token(&self.nats.consumer) {
-            return invalid("nats.consumer (PIPELINE__NATS__CONSUMER)", "must be letters, digits, '_' or '-'");
+            return invalid(
+                "nats.consumer (PIPELINE__NATS__CONSUMER)",
+                "must be letters, digits, '_' or '-'",
+            );
         }
         if self.redis.prefix.contains(['{', '}']) {
-            return invalid("redis.prefix (PIPELINE__REDIS__PREFIX)", "may not contain '{' or '}' (they mark hash tags)");
+            return invalid(
+                "redis.prefix (PIPELINE__REDIS__PREFIX)",
+                "may not contain '{' or '}' (they mark hash tags)",
+            );
         }
         for (key, url, schemes) in [
-            ("database.url (PIPELINE__DATABASE__URL)", &self.database.url, &["postgres://", "postgresql://"][..]),
-            ("nats.url (PIPELINE__NATS__URL)", &self.nats.url, &["nats://", "tls://"][..]),
-            ("redis.url (PIPELINE__REDIS__URL)", &self.redis.url, &["redis://", "rediss://", "unix://"][..]),
+            (
+                "database.url (PIPELINE__DATABASE__URL)",
+                &self.database.url,
+                &["postgres://", "postgresql://"][..],
+            ),
+            (
+                "nats.url (PIPELINE__NATS__URL)",
+                &self.nats.url,
+                &["nats://", "tls://"][..],
+            ),
+            (
+                "redis.url (PIPELINE__REDIS__URL)",
+                &self.redis.url,
+                &["redis://", "rediss://", "unix://"][..],
+            ),
         ] {
             if !schemes.iter().any(|scheme| url.starts_with(scheme)) {
                 return invalid(key, &format!("must start with {}", schemes.join(" or ")));
@@ -192,7 +220,10 @@ impl Settings {
             }
         }
         if self.relay.batch_size < 1 || self.relay.prune_batch < 1 {
-            return invalid("relay.batch_size and relay.prune_batch", "must be at least 1");
+            return invalid(
+                "relay.batch_size and relay.prune_batch",
+                "must be at least 1",
+            );
         }
         Ok(())
     }
@@ -227,7 +258,10 @@ mod tests {
     #[test]
     fn shipped_defaults_load_and_match_the_api_table() {
         let settings = Settings::load_from(&config_dir(), "dev").expect("defaults load");
-        assert_eq!(settings.database.url, "postgres://postgres@127.0.0.1:5432/telemetry");
+        assert_eq!(
+            settings.database.url,
+            "postgres://postgres@127.0.0.1:5432/telemetry"
+        );
         assert_eq!(settings.nats.url, "nats://127.0.0.1:4222");
         assert_eq!(settings.nats.stream, "TELEMETRY");
         assert_eq!(settings.nats.consumer, "projector");
@@ -236,7 +270,10 @@ mod tests {
         assert_eq!(settings.ingest.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(settings.query.listen.to_string(), "127.0.0.1:8081");
         assert_eq!(settings.relay.admin_listen.to_string(), "127.0.0.1:9091");
-        assert_eq!(settings.projector.admin_listen.to_string(), "127.0.0.1:9092");
+        assert_eq!(
+            settings.projector.admin_listen.to_string(),
+            "127.0.0.1:9092"
+        );
     }
 
     #[test]

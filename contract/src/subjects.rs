@@ -59,7 +59,10 @@ mod tests {
     #[test]
     fn default_stream_gives_the_documented_subjects() {
         let subjects = Subjects::for_stream("TELEMETRY");
-        assert_eq!(subjects.recorded("sensor-0042"), "telemetry.recorded.sensor-0042");
+        assert_eq!(
+            subjects.recorded("sensor-0042"),
+            "telemetry.recorded.sensor-0042"
+        );
         assert_eq!(subjects.dlq(None), "telemetry.dlq.unknown");
         assert_eq!(subjects.dlq_stream(), "TELEMETRY_DLQ");
         assert_eq!(subjects.recorded_filter(), "telemetry.recorded.>");

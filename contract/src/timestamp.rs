@@ -51,7 +51,10 @@ mod tests {
         let parsed = parse("2026-11-22T10:15:30.250Z").expect("valid timestamp");
         let millis = unix_millis(parsed);
         assert_eq!(millis % 1000, 250);
-        assert_eq!(format_millis(millis).as_deref(), Some("2026-11-22T10:15:30.25Z"));
+        assert_eq!(
+            format_millis(millis).as_deref(),
+            Some("2026-11-22T10:15:30.25Z")
+        );
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! Applying events to the Redis read model: one script call per device per batch.
+
+use std::collections::BTreeMap;
+
+use contract::event::TelemetryRecorded;
+use contract::read_model::{applied_key, device_key};
+use contract::timestamp::unix_millis;
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Script};
+
+/// The Lua script that applies one device's events atomically and idempotently.
+pub fn script() -> Script {
+    Script::new(include_str!("apply.lua"))
+}
+
+/// An event together with the stream sequence it was delivered at.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    pub event: TelemetryRecorded,
+    pub stream_sequence: u64,
+}
+
+/// Where the read model lives and how long applied event ids are remembered.
+#[derive(Debug, Clone)]
+pub struct ReadModel {
+    pub prefix: String,
+    pub dedup_horizon_ms: i64,
+}
+
+/// What one `apply` call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u64,
+    pub duplicates: u64,
+}
+
+impl ReadModel {
+    /// Applies `events` (any devices, any order, duplicates allowed) in one pipeline
+    /// with one script call per device. On `NOSCRIPT` (Redis restarted) the script is
+    /// loaded again and the pipeline retried; the script skips what already applied.
+    pub async fn apply(
+        &self,
+        connection: &mut ConnectionManager,
+        script: &Script,
+        events: &[Delivered],
+        now_ms: i64,
+    ) -> RedisResult<Applied> {
+        if events.is_empty() {
+            return Ok(Applied::default());
+        }
+        let mut by_device: BTreeMap<&str, Vec<&Delivered>> = BTreeMap::new();
+        for delivered in events {
+            by_device
+                .entry(delivered.event.device_id.as_str())
+                .or_default()
+                .push(delivered);
+        }
+        let mut pipeline = redis::pipe();
+        for (device_id, device_events) in &by_device {
+            let command = pipeline
+                .cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(2)
+                .arg(device_key(&self.prefix, device_id))
+                .arg(applied_key(&self.prefix, device_id))
+                .arg(now_ms)
+                .arg(self.dedup_horizon_ms);
+            for delivered in device_events {
+                let event = &delivered.event;
+                command
+                    .arg(event.event_id.to_string())
+                    .arg(unix_millis(event.recorded_at))
+                    .arg(delivered.stream_sequence)
+                    .arg(event.metrics.len());
+                for (name, value) in &event.metrics {
+                    command.arg(name).arg(value.to_string());
+                }
+            }
+        }
+        let counts: Vec<u64> = match pipeline.query_async(connection).await {
+            Ok(counts) => counts,
+            Err(error)
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                script.prepare_invoke().load_async(connection).await?;
+                pipeline.query_async(connection).await?
+            }
+            Err(error) => return Err(error),
+        };
+        let applied: u64 = counts.iter().sum();
+        Ok(Applied {
+            applied,
+            duplicates: events.len() as u64 - applied,
+        })
+    }
+}

@@ -1,0 +1,271 @@
+//! The durable pull consumer: JetStream batches in, Redis pipelines out, acks after.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, AckKind};
+use contract::event::{headers, DecodeError, TelemetryRecorded};
+use contract::reading::check_device_id;
+use contract::settings::Settings;
+use contract::subjects::Subjects;
+use contract::timestamp::unix_millis;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{script, Delivered, ReadModel};
+
+/// Exponential backoff from 100 ms to 5 s that a shutdown interrupts.
+#[derive(Debug)]
+pub struct Backoff {
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    pub async fn sleep(&mut self, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(self.delay) => {}
+        }
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One projector: consumes the durable consumer and keeps the read model.
+pub struct Projector {
+    jetstream: jetstream::Context,
+    redis: ConnectionManager,
+    read_model: ReadModel,
+    subjects: Subjects,
+    consumer_name: String,
+    batch_size: usize,
+    ack_wait: Duration,
+}
+
+impl Projector {
+    pub fn new(settings: &Settings, nats: async_nats::Client, redis: ConnectionManager) -> Self {
+        Self {
+            jetstream: jetstream::new(nats),
+            redis,
+            read_model: ReadModel {
+                prefix: settings.redis.prefix.clone(),
+                dedup_horizon_ms: settings.projector.dedup_horizon_secs.saturating_mul(1000) as i64,
+            },
+            subjects: Subjects::for_stream(&settings.nats.stream),
+            consumer_name: settings.nats.consumer.clone(),
+            batch_size: settings.projector.batch_size,
+            ack_wait: Duration::from_secs(settings.projector.ack_wait_secs),
+        }
+    }
+
+    /// Consumes until `shutdown`; the batch in hand is applied and acked first.
+    pub async fn run(&mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        while !shutdown.is_cancelled() {
+            match self.consume(&shutdown).await {
+                Ok(()) => backoff.reset(),
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "consumer interrupted, reconnecting"
+                    );
+                    backoff.sleep(&shutdown).await;
+                }
+            }
+        }
+        // Acks are plain publishes: make sure they left before the process goes.
+        let _ = self.jetstream.client().flush().await;
+    }
+
+    async fn consume(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let stream = self
+            .jetstream
+            .get_stream(self.subjects.stream())
+            .await
+            .with_context(|| {
+                format!(
+                    "stream {} not found yet (the relay creates it)",
+                    self.subjects.stream()
+                )
+            })?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &self.consumer_name,
+                pull::Config {
+                    durable_name: Some(self.consumer_name.clone()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.ack_wait,
+                    deliver_policy: DeliverPolicy::All,
+                    max_ack_pending: 20_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .context("creating the durable consumer")?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.batch_size)
+            .messages()
+            .await
+            .context("starting the message stream")?;
+        let mut batches = messages.ready_chunks(self.batch_size);
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                batch = batches.next() => batch,
+            };
+            let Some(batch) = batch else {
+                anyhow::bail!("message stream ended");
+            };
+            let mut messages = Vec::with_capacity(batch.len());
+            for item in batch {
+                match item {
+                    Ok(message) => messages.push(message),
+                    Err(error) => tracing::debug!(%error, "message stream hiccup"),
+                }
+            }
+            self.handle(messages, shutdown).await;
+        }
+    }
+
+    /// Applies a batch; acks it only after Redis confirmed. Poison goes to the DLQ.
+    async fn handle(&mut self, messages: Vec<jetstream::Message>, shutdown: &CancellationToken) {
+        let mut delivered = Vec::with_capacity(messages.len());
+        let mut to_ack = Vec::with_capacity(messages.len());
+        for message in messages {
+            let Ok(stream_sequence) = message.info().map(|info| info.stream_sequence) else {
+                continue;
+            };
+            let version = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(headers::EVENT_VERSION))
+                .map(|value| value.as_str().to_owned());
+            match TelemetryRecorded::decode(&message.payload, version.as_deref()) {
+                Ok(event) => {
+                    delivered.push(Delivered {
+                        event,
+                        stream_sequence,
+                    });
+                    to_ack.push(message);
+                }
+                Err(reason) => self.dead_letter(message, stream_sequence, reason).await,
+            }
+        }
+        if delivered.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut backoff = Backoff::default();
+        let script = script();
+        let applied = loop {
+            let now_ms = unix_millis(OffsetDateTime::now_utc());
+            match self
+                .read_model
+                .apply(&mut self.redis, &script, &delivered, now_ms)
+                .await
+            {
+                Ok(applied) => break applied,
+                Err(error) => {
+                    metrics::counter!("projector_errors_total").increment(1);
+                    tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
+                    if shutdown.is_cancelled() {
+                        // Not acked: JetStream redelivers after ack_wait, the script skips
+                        // whatever did get applied.
+                        return;
+                    }
+                    backoff.sleep(shutdown).await;
+                }
+            }
+        };
+        for message in &to_ack {
+            if let Err(error) = message.ack().await {
+                tracing::debug!(%error, "ack not sent; the event will be redelivered and skipped");
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        for item in &delivered {
+            let lag = (now - item.event.received_at).as_seconds_f64().max(0.0);
+            metrics::histogram!("projector_end_to_end_seconds").record(lag);
+        }
+        metrics::counter!("projector_events_applied_total").increment(applied.applied);
+        metrics::counter!("projector_duplicates_skipped_total").increment(applied.duplicates);
+        metrics::histogram!("projector_batch_size").record(delivered.len() as f64);
+        metrics::histogram!("projector_apply_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    /// Publishes the message to the DLQ stream with the reason, then terminates it.
+    /// If the DLQ publish fails the message stays unacked and comes back to try again.
+    async fn dead_letter(
+        &self,
+        message: jetstream::Message,
+        stream_sequence: u64,
+        reason: DecodeError,
+    ) {
+        let device_id = device_hint(&message.payload, &message.subject);
+        tracing::warn!(stream_sequence, device_id = device_id.as_deref().unwrap_or("unknown"), %reason, "dead-lettering message");
+        let mut dlq_headers = message.headers.clone().unwrap_or_default();
+        // The original id must not make JetStream drop this copy as a duplicate.
+        dlq_headers.insert(
+            headers::MSG_ID,
+            format!("dlq-{}-{stream_sequence}", self.subjects.stream()).as_str(),
+        );
+        dlq_headers.insert(headers::DLQ_REASON, reason.to_string().as_str());
+        dlq_headers.insert(headers::DLQ_STREAM, self.subjects.stream());
+        dlq_headers.insert(
+            headers::DLQ_STREAM_SEQUENCE,
+            stream_sequence.to_string().as_str(),
+        );
+        let published = async {
+            self.jetstream
+                .publish_with_headers(
+                    self.subjects.dlq(device_id.as_deref()),
+                    dlq_headers,
+                    message.payload.clone(),
+                )
+                .await?
+                .await?;
+            Ok::<_, async_nats::Error>(())
+        }
+        .await;
+        match published {
+            Ok(()) => {
+                metrics::counter!("projector_dlq_total", "reason" => reason.reason()).increment(1);
+                if let Err(error) = message.ack_with(AckKind::Term).await {
+                    tracing::warn!(%error, stream_sequence, "terminating a dead-lettered message failed");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, stream_sequence, "dead-lettering failed, will retry on redelivery")
+            }
+        }
+    }
+}
+
+/// The device a poison message most likely belongs to, if it can be told safely.
+fn device_hint(payload: &[u8], subject: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct WithDevice {
+        device_id: String,
+    }
+    serde_json::from_slice::<WithDevice>(payload)
+        .ok()
+        .map(|with_device| with_device.device_id)
+        .or_else(|| subject.rsplit('.').next().map(str::to_owned))
+        .filter(|device_id| check_device_id(device_id).is_ok())
+}

@@ -1,0 +1,78 @@
+//! The projector: keeps the per-device read model in Redis from the JetStream stream.
+//!
+//! It reads the durable pull consumer in batches, applies each batch to Redis with one
+//! Lua script call per device (in one pipeline), and acks only after Redis confirmed.
+//! The script remembers applied event ids for a bounded horizon and skips them, so a
+//! redelivery, a relay republish or a second projector never counts an event twice.
+//! Messages that cannot be decoded, or carry an unknown version, go to the DLQ stream
+//! and are terminated.
+//!
+//! # Layout
+//! - [`consumer`]: the consume loop, acking and dead-lettering.
+//! - [`apply`]: grouping a batch by device and calling `apply.lua`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.
+
+pub mod admin;
+pub mod apply;
+pub mod consumer;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use contract::settings::Settings;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::Projector;
+
+/// Runs a projector and its admin server until `shutdown`.
+pub async fn run(
+    settings: Settings,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = admin::install_metrics();
+    let nats = async_nats::ConnectOptions::new()
+        .name("projector")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&settings.nats.url)
+        .await
+        .with_context(|| {
+            format!(
+                "nats.url (PIPELINE__NATS__URL) {} is not usable",
+                settings.nats.url
+            )
+        })?;
+    let redis_client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
+        format!(
+            "redis.url (PIPELINE__REDIS__URL) {} is not usable",
+            settings.redis.url
+        )
+    })?;
+    let admin_state = admin::Admin {
+        nats: nats.clone(),
+        redis: redis_client.clone(),
+        metrics,
+    };
+    tracing::info!(address = %admin_listener.local_addr()?, "projector admin listening");
+    let admin_shutdown = shutdown.clone();
+    let admin_server = tokio::spawn(async move {
+        axum::serve(admin_listener, admin::router(admin_state))
+            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
+            .await
+    });
+    // Connects lazily and reconnects by itself; a failed apply is retried with backoff.
+    let redis = ConnectionManager::new_lazy_with_config(
+        redis_client,
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5))),
+    )
+    .context("creating the redis connection manager")?;
+    Projector::new(&settings, nats, redis).run(shutdown).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
+    tracing::info!("projector stopped");
+    Ok(())
+}

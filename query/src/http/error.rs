@@ -1,0 +1,55 @@
+//! The query service's one HTTP error type, rendered as `application/problem+json`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
+use contract::reading::FieldError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid request")]
+    InvalidRequest(Vec<FieldError>),
+    #[error("device not found")]
+    DeviceNotFound,
+    #[error("no such route")]
+    NoSuchRoute,
+    #[error("read model unavailable")]
+    Unavailable,
+}
+
+impl ApiError {
+    fn problem(&self) -> Problem {
+        match self {
+            Self::InvalidRequest(errors) => Problem::new(
+                ProblemKind::InvalidRequest,
+                "the request is malformed, see errors",
+            )
+            .with_errors(errors.clone()),
+            Self::DeviceNotFound => Problem::new(
+                ProblemKind::NotFound,
+                "no readings are known for this device",
+            ),
+            Self::NoSuchRoute => Problem::new(ProblemKind::NotFound, "no such resource"),
+            Self::Unavailable => Problem::new(
+                ProblemKind::Unavailable,
+                "the read model is not reachable; retry shortly",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = self.problem();
+        let status =
+            StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response =
+            (status, serde_json::to_vec(&problem).unwrap_or_default()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,75 @@
+//! The query HTTP API: routes, state, health and metrics endpoints.
+
+pub mod devices;
+pub mod error;
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use redis::aio::ConnectionManager;
+
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub redis: ConnectionManager,
+    pub prefix: String,
+    pub metrics: PrometheusHandle,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/devices/{device_id}/stats", get(devices::stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { ApiError::NoSuchRoute })
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// Counts every request by route and status and times it.
+async fn track(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let mut redis = state.redis.clone();
+    let ping = tokio::time::timeout(
+        Duration::from_secs(1),
+        redis::cmd("PING").query_async::<String>(&mut redis),
+    )
+    .await;
+    match ping {
+        Ok(Ok(_)) => {
+            Json(serde_json::json!({"status": "ready", "checks": {"redis": "ok"}})).into_response()
+        }
+        _ => ApiError::Unavailable.into_response(),
+    }
+}
+
+async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

