@@ -1,1 +1,237 @@
+//! Test support: every test gets its own PostgreSQL database, JetStream stream and
+//! Redis key prefix, so tests run in parallel against the real services and leave
+//! nothing behind. Not a dependency of any service.
+//!
+//! # Layout
+//! - [`TestEnv`]: the isolated names, the settings pointing at them, and the cleanup.
+//! - [`eventually`]: polls an asynchronous outcome until a deadline, instead of sleeping.
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use contract::read_model::{device_key, DeviceStats};
+use contract::settings::Settings;
+use contract::subjects::Subjects;
+use rand::Rng;
+
+/// The workspace's `config/` directory.
+pub fn config_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config")
+}
+
+/// One test's private corner of PostgreSQL, NATS and Redis.
+pub struct TestEnv {
+    pub settings: Settings,
+    pub database: String,
+    pub subjects: Subjects,
+}
+
+impl TestEnv {
+    /// Settings from the shipped config with this test's own database, stream, consumer,
+    /// Redis prefix, and port 0 for every listener. Nothing is created yet: the services
+    /// under test create what they need, and [`TestEnv`] removes it when dropped.
+    pub fn new() -> Self {
+        let suffix: String = (0..10)
+            .map(|_| {
+                char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::rng().random_range(0..36)])
+            })
+            .collect();
+        let mut settings =
+            Settings::load_from(&config_dir(), "dev").expect("the shipped config loads");
+        let database = format!("t_{suffix}");
+        let base = settings
+            .database
+            .url
+            .rsplit_once('/')
+            .map(|(base, _)| base.to_owned())
+            .expect("database url has a path");
+        settings.database.url = format!("{base}/{database}");
+        settings.database.pool_size = 8;
+        settings.nats.stream = format!("T_{}", suffix.to_ascii_uppercase());
+        settings.redis.prefix = format!("t_{suffix}:");
+        let any_port = "127.0.0.1:0".parse().expect("valid address");
+        settings.ingest.listen = any_port;
+        settings.query.listen = any_port;
+        settings.relay.admin_listen = any_port;
+        settings.projector.admin_listen = any_port;
+        settings.relay.poll_interval_ms = 200;
+        settings.log.shutdown_grace_secs = 5;
+        let subjects = Subjects::for_stream(&settings.nats.stream);
+        Self {
+            settings,
+            database,
+            subjects,
+        }
+    }
+
+    /// Environment variables that point a service binary at this test's resources.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "APP_CONFIG_DIR".to_owned(),
+                config_dir().display().to_string(),
+            ),
+            (
+                "PIPELINE__DATABASE__URL".to_owned(),
+                self.settings.database.url.clone(),
+            ),
+            (
+                "PIPELINE__NATS__URL".to_owned(),
+                self.settings.nats.url.clone(),
+            ),
+            (
+                "PIPELINE__NATS__STREAM".to_owned(),
+                self.settings.nats.stream.clone(),
+            ),
+            (
+                "PIPELINE__REDIS__URL".to_owned(),
+                self.settings.redis.url.clone(),
+            ),
+            (
+                "PIPELINE__REDIS__PREFIX".to_owned(),
+                self.settings.redis.prefix.clone(),
+            ),
+            (
+                "PIPELINE__INGEST__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            (
+                "PIPELINE__QUERY__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            (
+                "PIPELINE__RELAY__ADMIN_LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            (
+                "PIPELINE__RELAY__POLL_INTERVAL_MS".to_owned(),
+                "200".to_owned(),
+            ),
+            (
+                "PIPELINE__PROJECTOR__ADMIN_LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+        ]
+    }
+
+    /// A client of this test's database (which must exist by then).
+    pub async fn postgres(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.settings.database.url, tokio_postgres::NoTls)
+                .await
+                .expect("test database reachable");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// A JetStream context on the configured NATS.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(&self.settings.nats.url)
+            .await
+            .expect("nats reachable");
+        async_nats::jetstream::new(client)
+    }
+
+    /// The read model of one device as the projector left it, if any.
+    pub async fn device_stats(&self, device_id: &str) -> Option<DeviceStats> {
+        let mut redis = self.redis().await;
+        let hash: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(device_key(&self.settings.redis.prefix, device_id))
+            .query_async(&mut redis)
+            .await
+            .ok()?;
+        DeviceStats::from_hash(hash)
+    }
+
+    /// A Redis connection.
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.settings.redis.url.as_str())
+            .expect("redis url valid")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis reachable")
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestEnv {
+    /// Removes the database, streams and keys, also when the test failed.
+    fn drop(&mut self) {
+        let settings = self.settings.clone();
+        let database = self.database.clone();
+        let subjects = self.subjects.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                let _ = runtime.block_on(remove_resources(&settings, &database, &subjects));
+            }
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn remove_resources(
+    settings: &Settings,
+    database: &str,
+    subjects: &Subjects,
+) -> anyhow::Result<()> {
+    if let Some((base, _)) = settings.database.url.rsplit_once('/') {
+        if let Ok((client, connection)) =
+            tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(connection);
+            let _ = client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+                ))
+                .await;
+        }
+    }
+    if let Ok(client) = async_nats::connect(&settings.nats.url).await {
+        let jetstream = async_nats::jetstream::new(client);
+        let _ = jetstream.delete_stream(subjects.stream()).await;
+        let _ = jetstream.delete_stream(subjects.dlq_stream()).await;
+    }
+    if settings.redis.prefix.is_empty() {
+        return Ok(());
+    }
+    let mut redis = redis::Client::open(settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", settings.redis.prefix))
+        .query_async(&mut redis)
+        .await?;
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
+    }
+    Ok(())
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `deadline` with
+/// `what` in the message.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,6 +1,6 @@
 //! `GET /v1/devices/{device_id}/stats` (API.md §4).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
@@ -28,7 +28,7 @@ pub struct StatsResponse {
     updated_at: Option<String>,
     /// The highest stream sequence reflected in these figures, for lag displays.
     as_of_seq: u64,
-    metrics: serde_json::Map<String, serde_json::Value>,
+    metrics: BTreeMap<String, MetricView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,10 +80,7 @@ pub async fn stats(
                 .as_ref()
                 .is_none_or(|wanted| wanted.contains(name.as_str()))
         })
-        .map(|(name, metric)| {
-            let view = serde_json::to_value(MetricView::from(metric)).unwrap_or_default();
-            (name.clone(), view)
-        })
+        .map(|(name, metric)| (name.clone(), MetricView::from(metric)))
         .collect();
     Ok(Json(StatsResponse {
         device_id,

@@ -1,0 +1,246 @@
+//! The outbox relay: what it publishes, and that a crash between publish and mark
+//! neither loses nor duplicates an event.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use contract::settings::Settings;
+use serde_json::Value;
+use testkit::{eventually, TestEnv};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{reading, Ingest};
+
+/// Starts a relay in this process.
+fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
+    let settings = settings.clone();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let pool = ingest::db::pool(&settings.database).expect("pool");
+        let nats = ingest::relay::connect_nats(&settings.nats.url, "relay-test")
+            .await
+            .expect("nats");
+        ingest::relay::Relay::new(&settings, pool, nats)
+            .run(&settings, token)
+            .await;
+    });
+    (shutdown, task)
+}
+
+/// Starts the relay binary, pointed at this test's database and stream.
+fn spawn_relay_process(env: &TestEnv) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_relay"))
+        .envs(env.process_env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay binary starts")
+}
+
+async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> Option<u64> {
+    let mut stream = jetstream.get_stream(stream).await.ok()?;
+    Some(stream.info().await.ok()?.state.messages)
+}
+
+#[tokio::test]
+async fn relay_publishes_each_row_with_the_documented_subject_headers_and_payload() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    for (index, device) in ["sensor-1", "sensor-2", "sensor-1"].iter().enumerate() {
+        let response = ingest
+            .post(&format!("k-{index}"), &reading(device, index as f64))
+            .await;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    let jetstream = env.jetstream().await;
+    eventually(
+        Duration::from_secs(20),
+        "3 events in the stream",
+        || async { (stream_messages(&jetstream, env.subjects.stream()).await? == 3).then_some(()) },
+    )
+    .await;
+
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream");
+    let db = env.postgres().await;
+    for sequence in 1..=3u64 {
+        let message = stream.get_raw_message(sequence).await.expect("message");
+        let payload: Value = serde_json::from_slice(&message.payload).expect("json payload");
+        let device = payload["device_id"].as_str().expect("device id");
+        assert_eq!(message.subject.as_str(), env.subjects.recorded(device));
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|value| value.as_str().to_owned())
+        };
+        assert_eq!(
+            header("Nats-Msg-Id").as_deref(),
+            payload["event_id"].as_str()
+        );
+        assert_eq!(header("Content-Type").as_deref(), Some("application/json"));
+        assert_eq!(header("Event-Type").as_deref(), Some("telemetry.recorded"));
+        assert_eq!(header("Event-Version").as_deref(), Some("1"));
+        assert_eq!(payload["event_type"], "telemetry.recorded");
+        assert_eq!(payload["version"], 1);
+        for field in ["recorded_at", "received_at"] {
+            let text = payload[field].as_str().expect("timestamp");
+            assert!(
+                contract::timestamp::parse(text).is_some(),
+                "{field} is RFC 3339"
+            );
+        }
+        let event_id: uuid::Uuid = payload["event_id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("uuid");
+        let marked: Option<i64> = eventually(Duration::from_secs(10), "row marked", || async {
+            let row = db
+                .query_one(
+                    "SELECT stream_seq FROM outbox WHERE event_id = $1",
+                    &[&event_id],
+                )
+                .await
+                .ok()?;
+            row.get::<_, Option<i64>>(0).map(Some)
+        })
+        .await;
+        assert_eq!(
+            marked,
+            Some(sequence as i64),
+            "the row remembers its stream sequence"
+        );
+    }
+    shutdown.cancel();
+    relay.await.expect("relay stops cleanly");
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() {
+    const READINGS: usize = 20;
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    for index in 0..READINGS {
+        let response = ingest
+            .post(&format!("k-{index}"), &reading("sensor-1", index as f64))
+            .await;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    // Stall the relay's "mark published" statement, so it dies after publishing.
+    let db = env.postgres().await;
+    db.batch_execute(
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
+         CREATE TRIGGER stall BEFORE UPDATE ON outbox FOR EACH STATEMENT EXECUTE FUNCTION stall();",
+    )
+    .await
+    .expect("stall trigger");
+
+    let mut relay = spawn_relay_process(&env);
+    let jetstream = env.jetstream().await;
+    eventually(
+        Duration::from_secs(30),
+        "events published before the mark",
+        || async {
+            (stream_messages(&jetstream, env.subjects.stream()).await? == READINGS as u64)
+                .then_some(())
+        },
+    )
+    .await;
+    let unpublished: i64 = db
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        unpublished, READINGS as i64,
+        "the relay has not marked anything yet"
+    );
+    relay.kill().expect("SIGKILL relay");
+    relay.wait().expect("relay reaped");
+
+    // The killed relay's stalled statement would hold its row locks for a minute.
+    db.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%UPDATE outbox%';
+         DROP TRIGGER stall ON outbox;",
+    )
+    .await
+    .expect("stall removed");
+
+    let mut restarted = spawn_relay_process(&env);
+    eventually(
+        Duration::from_secs(30),
+        "every row marked published",
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        Some(READINGS as u64),
+        "JetStream dropped every republished copy"
+    );
+    let sequences: Vec<i64> = db
+        .query("SELECT stream_seq FROM outbox ORDER BY stream_seq", &[])
+        .await
+        .expect("sequences")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        sequences,
+        (1..=READINGS as i64).collect::<Vec<_>>(),
+        "each row marked with its original sequence"
+    );
+
+    // And the read model counts each reading once.
+    let shutdown = CancellationToken::new();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let projector = tokio::spawn(projector::run(
+        env.settings.clone(),
+        admin,
+        shutdown.clone(),
+    ));
+    let stats = eventually(
+        Duration::from_secs(20),
+        "all readings projected",
+        || async {
+            env.device_stats("sensor-1")
+                .await
+                .filter(|stats| stats.sample_count >= READINGS as u64)
+        },
+    )
+    .await;
+    assert_eq!(stats.sample_count, READINGS as u64);
+    assert_eq!(
+        stats.metrics["temperature"].sum,
+        (0..READINGS).sum::<usize>() as f64
+    );
+
+    shutdown.cancel();
+    let _ = projector.await;
+    restarted.kill().expect("stop relay");
+    let _ = restarted.wait();
+    ingest.stop().await;
+}

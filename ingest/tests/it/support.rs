@@ -1,0 +1,122 @@
+//! Starting ingest in-process on port 0 and talking to it.
+
+use std::time::Duration;
+
+use contract::settings::Settings;
+use reqwest::{Client, Response};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running ingest service.
+pub struct Ingest {
+    pub base_url: String,
+    pub http: Client,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Ingest {
+    /// Starts ingest with `settings` and waits until it is ready.
+    pub async fn spawn(settings: &Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ingest::serve(settings.clone(), listener, shutdown.clone()));
+        let http = Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("http client");
+        let ingest = Self {
+            base_url,
+            http,
+            shutdown,
+            task,
+        };
+        testkit::eventually(Duration::from_secs(20), "ingest ready", || async {
+            let response = ingest
+                .http
+                .get(format!("{}/readyz", ingest.base_url))
+                .send()
+                .await
+                .ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await;
+        ingest
+    }
+
+    /// `POST /v1/telemetry` with a JSON body and an idempotency key.
+    pub async fn post(&self, key: &str, body: &Value) -> Response {
+        self.http
+            .post(format!("{}/v1/telemetry", self.base_url))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A reading body for `device` with one temperature value.
+pub fn reading(device: &str, temperature: f64) -> Value {
+    serde_json::json!({"device_id": device, "metrics": {"temperature": temperature}})
+}
+
+/// Asserts a problem+json response with `status` and problem `slug`, and no internals.
+pub async fn assert_problem(response: Response, status: u16, slug: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let text = response.text().await.expect("body");
+    for internal in [
+        "SQL",
+        "sql",
+        "postgres",
+        "panicked",
+        "127.0.0.1",
+        "src/",
+        "tokio",
+        "deadpool",
+    ] {
+        assert!(
+            !text.contains(internal),
+            "error body leaks {internal:?}: {text}"
+        );
+    }
+    let problem: Value = serde_json::from_str(&text).expect("problem is json");
+    assert_eq!(problem["status"], status);
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(&format!("/problems/{slug}")),
+        "type {} is not {slug}",
+        problem["type"]
+    );
+    assert!(problem["title"].is_string() && problem["detail"].is_string());
+    problem
+}
+
+/// Rows in a table of the test database.
+pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count query")
+        .get(0)
+}

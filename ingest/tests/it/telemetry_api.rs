@@ -1,0 +1,478 @@
+//! `POST /v1/telemetry`: every rule of API.md §1 and §3.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use testkit::TestEnv;
+use uuid::Uuid;
+
+use crate::support::{assert_problem, count, reading, Ingest};
+
+#[tokio::test]
+async fn accepted_reading_writes_reading_key_and_outbox_row_together() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let response = ingest.post("k-1", &reading("sensor-1", 21.5)).await;
+    assert_eq!(response.status().as_u16(), 202);
+    assert!(response.headers().get("idempotent-replayed").is_none());
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["device_id"], "sensor-1");
+    assert_eq!(body["status"], "accepted");
+    let event_id: Uuid = body["event_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("uuid");
+    assert_eq!(event_id.get_version_num(), 7, "event ids are UUID v7");
+
+    let db = env.postgres().await;
+    let row = db
+        .query_one(
+            "SELECT r.device_id, k.idempotency_key, o.event_id, convert_from(o.payload, 'UTF8')::jsonb
+             FROM readings r
+             JOIN idempotency_keys k ON k.event_id = r.event_id
+             JOIN outbox o ON o.event_id = r.event_id
+             WHERE r.event_id = $1",
+            &[&event_id],
+        )
+        .await
+        .expect("reading, key and outbox row exist");
+    assert_eq!(row.get::<_, String>(0), "sensor-1");
+    assert_eq!(row.get::<_, String>(1), "k-1");
+    let payload: Value = row.get(3);
+    assert_eq!(payload["event_id"], event_id.to_string());
+    assert_eq!(payload["metrics"]["temperature"], 21.5);
+    assert_eq!(count(&db, "readings").await, 1);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn replay_returns_stored_answer_when_key_and_reading_match() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let an_hour_ago = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("valid")
+        - time::Duration::hours(1);
+    let in_utc = contract::timestamp::format(an_hour_ago);
+    let in_cet = an_hour_ago
+        .to_offset(time::UtcOffset::from_hms(1, 0, 0).expect("valid offset"))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("formats");
+    assert_ne!(in_utc, in_cet);
+    let first = json!({"device_id": "sensor-1", "recorded_at": in_utc, "metrics": {"temperature": 21.5, "humidity": 40}});
+    let first_response = ingest.post("k-1", &first).await;
+    assert_eq!(first_response.status().as_u16(), 202);
+    let first_body = first_response.text().await.expect("body");
+
+    // The same reading spelled differently: other key order, number spelling and offset.
+    let same = json!({"metrics": {"humidity": 40.0, "temperature": 2.15e1}, "recorded_at": in_cet, "device_id": "sensor-1"});
+    let replay = ingest.post("k-1", &same).await;
+    assert_eq!(replay.status().as_u16(), 202);
+    assert_eq!(
+        replay
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|value| value.to_str().ok()),
+        Some("true")
+    );
+    assert_eq!(replay.text().await.expect("body"), first_body);
+    let db = env.postgres().await;
+    assert_eq!(count(&db, "readings").await, 1);
+    assert_eq!(count(&db, "outbox").await, 1);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn retry_without_recorded_at_is_a_replay_not_a_conflict() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let body = reading("sensor-1", 1.0);
+    assert_eq!(ingest.post("k-1", &body).await.status().as_u16(), 202);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let retry = ingest.post("k-1", &body).await;
+    assert_eq!(retry.status().as_u16(), 202);
+    assert!(retry.headers().get("idempotent-replayed").is_some());
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn reused_key_with_a_different_reading_is_rejected_with_422() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    assert_eq!(
+        ingest
+            .post("k-1", &reading("sensor-1", 21.5))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let conflict = ingest.post("k-1", &reading("sensor-1", 22.0)).await;
+    assert_problem(conflict, 422, "idempotency-key-reused").await;
+    assert_eq!(count(&env.postgres().await, "readings").await, 1);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn keys_are_scoped_per_device() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    assert_eq!(
+        ingest
+            .post("k-1", &reading("sensor-1", 1.0))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let other_device = ingest.post("k-1", &reading("sensor-2", 2.0)).await;
+    assert_eq!(other_device.status().as_u16(), 202);
+    assert!(other_device.headers().get("idempotent-replayed").is_none());
+    assert_eq!(count(&env.postgres().await, "readings").await, 2);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_store_exactly_one_reading() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let body = json!({"device_id": "sensor-1", "recorded_at": contract::timestamp::format(time::OffsetDateTime::now_utc()), "metrics": {"temperature": 20.0}});
+    let requests = (0..64).map(|_| ingest.post("same-key", &body));
+    let responses = futures::future::join_all(requests).await;
+    let mut event_ids = std::collections::BTreeSet::new();
+    let mut fresh = 0;
+    for response in responses {
+        let status = response.status().as_u16();
+        assert!(
+            status == 202 || status == 409,
+            "unexpected status {status}: {:?}",
+            response.text().await
+        );
+        if status == 409 {
+            assert!(response.headers().get("retry-after").is_some());
+            continue;
+        }
+        if response.headers().get("idempotent-replayed").is_none() {
+            fresh += 1;
+        }
+        let answer: Value = response.json().await.expect("json");
+        event_ids.insert(answer["event_id"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(fresh, 1, "exactly one request was answered as the original");
+    assert_eq!(event_ids.len(), 1, "every answer names the same event");
+    let db = env.postgres().await;
+    assert_eq!(count(&db, "readings").await, 1);
+    assert_eq!(count(&db, "idempotency_keys").await, 1);
+    assert_eq!(count(&db, "outbox").await, 1);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn missing_or_malformed_idempotency_key_is_400() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let without_key = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(reading("sensor-1", 1.0).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(without_key, 400, "missing-idempotency-key").await;
+    let too_long = "k".repeat(129);
+    for key in ["has space", too_long.as_str(), "tab\there"] {
+        let response = ingest.post(key, &reading("sensor-1", 1.0)).await;
+        assert_problem(response, 400, "missing-idempotency-key").await;
+    }
+    let longest = "k".repeat(128);
+    assert_eq!(
+        ingest
+            .post(&longest, &reading("sensor-1", 1.0))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    assert_eq!(count(&env.postgres().await, "readings").await, 1);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn non_json_content_type_is_415() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut request = ingest
+            .http
+            .post(format!("{}/v1/telemetry", ingest.base_url))
+            .header("idempotency-key", "k-1")
+            .body(reading("sensor-1", 1.0).to_string());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        assert_problem(
+            request.send().await.expect("sent"),
+            415,
+            "unsupported-media-type",
+        )
+        .await;
+    }
+    let with_charset = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("idempotency-key", "k-1")
+        .header("content-type", "application/json; charset=utf-8")
+        .body(reading("sensor-1", 1.0).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(with_charset.status().as_u16(), 202);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn body_over_64_kib_is_413_and_nothing_is_written() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let padding = " ".repeat(64 * 1024);
+    let body = format!("{{\"device_id\":\"sensor-1\",{padding}\"metrics\":{{\"t\":1}}}}");
+    let response = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-1")
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(response, 413, "payload-too-large").await;
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_json_and_unknown_fields_are_400() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    for (index, body) in [
+        "not json",
+        "{\"device_id\":\"sensor-1\",\"metrics\":{\"t\":1}",
+        "{\"device_id\":\"sensor-1\",\"metrics\":{\"t\":1},\"firmware\":\"1.0\"}",
+        "{\"device_id\":42,\"metrics\":{\"t\":1}}",
+        "{\"metrics\":{\"t\":1}}",
+        "[]",
+        "",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let response = ingest
+            .http
+            .post(format!("{}/v1/telemetry", ingest.base_url))
+            .header("content-type", "application/json")
+            .header("idempotency-key", format!("k-{index}"))
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("sent");
+        assert_problem(response, 400, "invalid-json").await;
+    }
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn readings_that_break_a_rule_are_422_naming_the_field() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let now = time::OffsetDateTime::now_utc();
+    let format = |instant: time::OffsetDateTime| contract::timestamp::format(instant);
+    let too_many: serde_json::Map<String, Value> = (0..33)
+        .map(|index| (format!("m{index}"), json!(1)))
+        .collect();
+    let cases = [
+        (
+            json!({"device_id": "sensor 1", "metrics": {"t": 1}}),
+            "device_id",
+        ),
+        (json!({"device_id": "", "metrics": {"t": 1}}), "device_id"),
+        (
+            json!({"device_id": "x".repeat(65), "metrics": {"t": 1}}),
+            "device_id",
+        ),
+        (
+            json!({"device_id": "sensor.1", "metrics": {"t": 1}}),
+            "device_id",
+        ),
+        (json!({"device_id": "sensor-1", "metrics": {}}), "metrics"),
+        (
+            json!({"device_id": "sensor-1", "metrics": too_many}),
+            "metrics",
+        ),
+        (
+            json!({"device_id": "sensor-1", "metrics": {"Temp": 1}}),
+            "metrics.Temp",
+        ),
+        (
+            json!({"device_id": "sensor-1", "metrics": {"1t": 1}}),
+            "metrics.1t",
+        ),
+        (
+            json!({"device_id": "sensor-1", "metrics": {"t": "21.5"}}),
+            "metrics.t",
+        ),
+        (
+            json!({"device_id": "sensor-1", "metrics": {"t": null}}),
+            "metrics.t",
+        ),
+        (
+            json!({"device_id": "sensor-1", "recorded_at": "2026-11-22 10:00", "metrics": {"t": 1}}),
+            "recorded_at",
+        ),
+        (
+            json!({"device_id": "sensor-1", "recorded_at": format(now + time::Duration::minutes(6)), "metrics": {"t": 1}}),
+            "recorded_at",
+        ),
+        (
+            json!({"device_id": "sensor-1", "recorded_at": format(now - time::Duration::days(8)), "metrics": {"t": 1}}),
+            "recorded_at",
+        ),
+    ];
+    for (index, (body, field)) in cases.iter().enumerate() {
+        let response = ingest.post(&format!("k-{index}"), body).await;
+        let problem = assert_problem(response, 422, "invalid-reading").await;
+        let fields: Vec<&str> = problem["errors"]
+            .as_array()
+            .map(|errors| {
+                errors
+                    .iter()
+                    .filter_map(|error| error["field"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            fields.contains(field),
+            "case {index}: {fields:?} should name {field}"
+        );
+    }
+    let inside_bounds = json!({"device_id": "sensor-1", "recorded_at": format(now - time::Duration::days(6)), "metrics": {"t": 1}});
+    assert_eq!(
+        ingest.post("k-ok", &inside_bounds).await.status().as_u16(),
+        202
+    );
+    assert_eq!(count(&env.postgres().await, "readings").await, 1);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn recorded_at_defaults_to_the_receive_time() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let before = time::OffsetDateTime::now_utc();
+    assert_eq!(
+        ingest
+            .post("k-1", &reading("sensor-1", 1.0))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let after = time::OffsetDateTime::now_utc();
+    let row = env
+        .postgres()
+        .await
+        .query_one("SELECT recorded_at, received_at FROM readings", &[])
+        .await
+        .expect("one reading");
+    let recorded: time::OffsetDateTime = row.get(0);
+    let received: time::OffsetDateTime = row.get(1);
+    assert_eq!(recorded, received);
+    assert!(recorded >= before - time::Duration::milliseconds(1) && recorded <= after);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    assert_eq!(
+        ingest
+            .post("k-1", &reading("sensor-1", 1.0))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+
+    let admin = admin_connection(&env).await;
+    let database = &env.database;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}';"
+        ))
+        .await
+        .expect("database closed");
+    for attempt in 0..3 {
+        let response = ingest
+            .post(&format!("k-down-{attempt}"), &reading("sensor-1", 2.0))
+            .await;
+        assert!(response.headers().get("retry-after").is_some());
+        assert_problem(response, 503, "unavailable").await;
+    }
+    let ready = ingest
+        .http
+        .get(format!("{}/readyz", ingest.base_url))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ready.status().as_u16(), 503);
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .expect("database reopened");
+    let retried = ingest.post("k-down-0", &reading("sensor-1", 2.0)).await;
+    assert_eq!(retried.status().as_u16(), 202);
+    let db = env.postgres().await;
+    assert_eq!(count(&db, "readings").await, 2);
+    assert_eq!(count(&db, "idempotency_keys").await, 2);
+    assert_eq!(count(&db, "outbox").await, 2);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_problems() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let response = ingest
+        .http
+        .get(format!("{}/v1/nothing", ingest.base_url))
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(response, 404, "not-found").await;
+    ingest.stop().await;
+}
+
+async fn admin_connection(env: &TestEnv) -> tokio_postgres::Client {
+    let (base, _) = env
+        .settings
+        .database
+        .url
+        .rsplit_once('/')
+        .expect("url has a path");
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("maintenance connection");
+    tokio::spawn(connection);
+    client
+}
