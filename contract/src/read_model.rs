@@ -1,30 +1,85 @@
-//! The Redis read model: key layout and hash fields.
+//! The Redis read model: key layout, generations, buckets and windows.
 //!
 //! The projector writes these keys (from its Lua script) and the query service reads
 //! them; this module is where the two agree. Every key of one device carries the
 //! device id as a hash tag (`{sensor-1}`), so a device's keys live in one Redis Cluster
-//! slot and one script call can touch all of them.
+//! slot and one script call can touch all of them; no script touches two devices.
+//!
+//! The read model lives in a *generation*: a rebuild writes a new one beside the live
+//! one and then switches the `generation` field of the meta hash over in one `HSET`.
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `<prefix>device:{<id>}` | hash | the device's figures, fields below |
-//! | `<prefix>device:{<id>}:applied` | sorted set | event ids applied, scored by apply time; trimmed to the dedup horizon |
+//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) |
+//! | `<p>rebuild-lock` | string | who is rebuilding, with an expiry |
+//! | `<p>g<G>:devices` | sorted set | device ids scored by `last_seen` (ms) |
+//! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
+//! | `<p>g<G>:device:{<id>}:applied` | sorted set | event ids applied, scored by apply time, trimmed to the dedup horizon |
+//! | `<p>g<G>:device:{<id>}:b10s` | hash | 10 s buckets: field `<bucket>:<metric>` = `count sum min max` |
+//! | `<p>g<G>:device:{<id>}:b5m` | hash | 5 min buckets, same fields |
 //!
 //! Device fields: `first_seen`, `last_seen`, `updated_at` (ms since the epoch),
 //! `sample_count`, `as_of_seq` (highest stream sequence applied). Per metric `<m>`:
 //! `m:<m>:count`, `m:<m>:sum`, `m:<m>:min`, `m:<m>:max`, `m:<m>:last`, `m:<m>:last_at`.
 //! Metric names cannot hold `:`, so the field names parse back without ambiguity.
+//! A bucket's number is `floor(recorded_at_ms / width_ms)`.
 
 use std::collections::BTreeMap;
 
-/// The hash holding one device's figures.
-pub fn device_key(prefix: &str, device_id: &str) -> String {
-    format!("{prefix}device:{{{device_id}}}")
+/// The hash naming the current generation (and the one being built, if any).
+pub fn meta_key(prefix: &str) -> String {
+    format!("{prefix}meta")
 }
 
-/// The sorted set of event ids already applied to one device.
-pub fn applied_key(prefix: &str, device_id: &str) -> String {
-    format!("{prefix}device:{{{device_id}}}:applied")
+/// Fields of the meta hash.
+pub mod meta {
+    pub const GENERATION: &str = "generation";
+    pub const BUILDING: &str = "building";
+}
+
+/// Held (with an expiry) by whoever is rebuilding.
+pub fn rebuild_lock_key(prefix: &str) -> String {
+    format!("{prefix}rebuild-lock")
+}
+
+/// Matches every key of one generation, for deleting it.
+pub fn generation_pattern(prefix: &str, generation: u64) -> String {
+    format!("{prefix}g{generation}:*")
+}
+
+/// The index of devices by `last_seen` in one generation.
+pub fn devices_key(prefix: &str, generation: u64) -> String {
+    format!("{prefix}g{generation}:devices")
+}
+
+/// The keys of one device in one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceKeys {
+    pub stats: String,
+    pub applied: String,
+    pub fine: String,
+    pub coarse: String,
+}
+
+impl DeviceKeys {
+    pub fn new(prefix: &str, generation: u64, device_id: &str) -> Self {
+        let base = format!("{prefix}g{generation}:device:{{{device_id}}}");
+        Self {
+            applied: format!("{base}:applied"),
+            fine: format!("{base}:{}", FINE.key_suffix),
+            coarse: format!("{base}:{}", COARSE.key_suffix),
+            stats: base,
+        }
+    }
+
+    /// The bucket hash of a resolution.
+    pub fn buckets(&self, resolution: &Resolution) -> &str {
+        if resolution.key_suffix == FINE.key_suffix {
+            &self.fine
+        } else {
+            &self.coarse
+        }
+    }
 }
 
 /// Device-level hash fields.
@@ -36,6 +91,164 @@ pub mod fields {
     pub const AS_OF_SEQ: &str = "as_of_seq";
     /// Prefix of the per-metric fields.
     pub const METRIC_PREFIX: &str = "m:";
+}
+
+/// A bucket size and how long its buckets are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolution {
+    /// As written in `?resolution=`: `10s` or `5m`.
+    pub name: &'static str,
+    pub width_ms: i64,
+    /// Buckets whose end is older than this are deleted (a little over the longest
+    /// window that uses them).
+    pub retention_ms: i64,
+    pub key_suffix: &'static str,
+}
+
+/// 10 s buckets for the windows up to 1 h, kept 1 h 5 min.
+pub const FINE: Resolution = Resolution {
+    name: "10s",
+    width_ms: 10_000,
+    retention_ms: 65 * 60_000,
+    key_suffix: "b10s",
+};
+
+/// 5 min buckets for the 24 h window, kept 24 h 15 min.
+pub const COARSE: Resolution = Resolution {
+    name: "5m",
+    width_ms: 300_000,
+    retention_ms: 24 * 3_600_000 + 15 * 60_000,
+    key_suffix: "b5m",
+};
+
+pub const RESOLUTIONS: [Resolution; 2] = [FINE, COARSE];
+
+impl Resolution {
+    /// The bucket an instant falls in.
+    pub fn bucket(&self, at_ms: i64) -> i64 {
+        at_ms.div_euclid(self.width_ms)
+    }
+
+    /// The oldest bucket still kept at `now_ms`.
+    pub fn oldest_kept(&self, now_ms: i64) -> i64 {
+        self.bucket(now_ms - self.retention_ms) + 1
+    }
+
+    pub fn by_name(name: &str) -> Option<Resolution> {
+        RESOLUTIONS
+            .into_iter()
+            .find(|resolution| resolution.name == name)
+    }
+}
+
+/// A rolling window: the `bucket_count` most recent buckets of a resolution, the
+/// current (partial) bucket included. Its edge is exact to one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub name: &'static str,
+    pub length_ms: i64,
+    pub resolution: Resolution,
+}
+
+pub const WINDOWS: [Window; 5] = [
+    Window {
+        name: "1m",
+        length_ms: 60_000,
+        resolution: FINE,
+    },
+    Window {
+        name: "5m",
+        length_ms: 300_000,
+        resolution: FINE,
+    },
+    Window {
+        name: "15m",
+        length_ms: 900_000,
+        resolution: FINE,
+    },
+    Window {
+        name: "1h",
+        length_ms: 3_600_000,
+        resolution: FINE,
+    },
+    Window {
+        name: "24h",
+        length_ms: 86_400_000,
+        resolution: COARSE,
+    },
+];
+
+impl Window {
+    pub fn bucket_count(&self) -> i64 {
+        self.length_ms / self.resolution.width_ms
+    }
+
+    /// The buckets in the window at `now_ms`, oldest first.
+    pub fn buckets(&self, now_ms: i64) -> std::ops::RangeInclusive<i64> {
+        let current = self.resolution.bucket(now_ms);
+        (current - self.bucket_count() + 1)..=current
+    }
+
+    /// Whether a reading recorded at `at_ms` counts in the window at `now_ms`.
+    pub fn contains(&self, at_ms: i64, now_ms: i64) -> bool {
+        self.buckets(now_ms)
+            .contains(&self.resolution.bucket(at_ms))
+    }
+}
+
+/// The field of one metric in one bucket.
+pub fn bucket_field(bucket: i64, metric: &str) -> String {
+    format!("{bucket}:{metric}")
+}
+
+/// count, sum, min and max of the readings in a bucket or a window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Aggregate {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Aggregate {
+    pub fn of(value: f64) -> Self {
+        Self {
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+        }
+    }
+
+    /// Parses a bucket value `count sum min max`; `None` if malformed.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(' ');
+        let aggregate = Self {
+            count: parts.next()?.parse().ok()?,
+            sum: parts.next()?.parse().ok()?,
+            min: parts.next()?.parse().ok()?,
+            max: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(aggregate)
+    }
+
+    pub fn merge(self, other: Self) -> Self {
+        Self {
+            count: self.count + other.count,
+            sum: self.sum + other.sum,
+            min: self.min.min(other.min),
+            max: self.max.max(other.max),
+        }
+    }
+
+    pub fn avg(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// Merges whatever buckets there are; `None` when there are none.
+    pub fn merge_all(buckets: impl IntoIterator<Item = Aggregate>) -> Option<Self> {
+        buckets.into_iter().reduce(Self::merge)
+    }
 }
 
 /// All-time figures of one metric of one device.
@@ -110,8 +323,52 @@ mod tests {
 
     #[test]
     fn keys_of_one_device_share_a_hash_tag() {
-        assert_eq!(device_key("t1:", "sensor-1"), "t1:device:{sensor-1}");
-        assert_eq!(applied_key("", "sensor-1"), "device:{sensor-1}:applied");
+        let keys = DeviceKeys::new("t1:", 7, "sensor-1");
+        assert_eq!(keys.stats, "t1:g7:device:{sensor-1}");
+        assert_eq!(keys.applied, "t1:g7:device:{sensor-1}:applied");
+        assert_eq!(keys.buckets(&FINE), "t1:g7:device:{sensor-1}:b10s");
+        assert_eq!(keys.buckets(&COARSE), "t1:g7:device:{sensor-1}:b5m");
+    }
+
+    #[test]
+    fn windows_hold_their_most_recent_buckets() {
+        let now = 1_000_000_005_000; // 5 s into a 10 s bucket
+        let one_minute = WINDOWS[0];
+        assert_eq!(one_minute.bucket_count(), 6);
+        assert!(one_minute.contains(now, now));
+        assert!(
+            one_minute.contains(now - 55_000, now),
+            "first bucket of the window"
+        );
+        assert!(
+            !one_minute.contains(now - 65_000, now),
+            "one bucket too old"
+        );
+        assert!(
+            !one_minute.contains(now + 10_000, now),
+            "the future is in no window yet"
+        );
+        let day = WINDOWS[4];
+        assert_eq!(day.bucket_count(), 288);
+        assert!(day.contains(now - 23 * 3_600_000, now));
+        assert!(!day.contains(now - 25 * 3_600_000, now));
+    }
+
+    #[test]
+    fn bucket_values_parse_and_merge() {
+        let bucket = Aggregate::parse("2 43 21.5 21.5").expect("valid");
+        let merged = bucket.merge(Aggregate::of(-1.0));
+        assert_eq!(
+            merged,
+            Aggregate {
+                count: 3,
+                sum: 42.0,
+                min: -1.0,
+                max: 21.5
+            }
+        );
+        assert_eq!(Aggregate::parse("2 43 21.5"), None);
+        assert_eq!(Aggregate::merge_all([]), None);
     }
 
     #[test]

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use contract::event::TelemetryRecorded;
-use contract::read_model::{applied_key, device_key};
+use contract::read_model::{devices_key, DeviceKeys, COARSE, FINE};
 use contract::timestamp::unix_millis;
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
 
 /// The Lua script that applies one device's events atomically and idempotently.
@@ -35,17 +35,20 @@ pub struct Applied {
 }
 
 impl ReadModel {
-    /// Applies `events` (any devices, any order, duplicates allowed) in one pipeline
-    /// with one script call per device. On `NOSCRIPT` (Redis restarted) the script is
-    /// loaded again and the pipeline retried; the script skips what already applied.
-    pub async fn apply(
+    /// Applies `events` (any devices, any order, duplicates allowed) to each of
+    /// `generations` (the first one counts for [`Applied`]) in one pipeline: one script
+    /// call per device, and the devices index raised to each device's latest reading.
+    /// On `NOSCRIPT` (Redis restarted) the script is loaded again and the pipeline
+    /// retried; the script skips whatever did apply.
+    pub async fn apply<C: ConnectionLike>(
         &self,
-        connection: &mut ConnectionManager,
+        connection: &mut C,
         script: &Script,
+        generations: &[u64],
         events: &[Delivered],
         now_ms: i64,
     ) -> RedisResult<Applied> {
-        if events.is_empty() {
+        if events.is_empty() || generations.is_empty() {
             return Ok(Applied::default());
         }
         let mut by_device: BTreeMap<&str, Vec<&Delivered>> = BTreeMap::new();
@@ -60,11 +63,22 @@ impl ReadModel {
             let command = pipeline
                 .cmd("EVALSHA")
                 .arg(script.get_hash())
-                .arg(2)
-                .arg(device_key(&self.prefix, device_id))
-                .arg(applied_key(&self.prefix, device_id))
+                .arg(4 * generations.len());
+            for generation in generations {
+                let keys = DeviceKeys::new(&self.prefix, *generation, device_id);
+                command
+                    .arg(keys.stats)
+                    .arg(keys.applied)
+                    .arg(keys.fine)
+                    .arg(keys.coarse);
+            }
+            command
                 .arg(now_ms)
-                .arg(self.dedup_horizon_ms);
+                .arg(self.dedup_horizon_ms)
+                .arg(FINE.width_ms)
+                .arg(FINE.retention_ms)
+                .arg(COARSE.width_ms)
+                .arg(COARSE.retention_ms);
             for delivered in device_events {
                 let event = &delivered.event;
                 command
@@ -75,6 +89,20 @@ impl ReadModel {
                 for (name, value) in &event.metrics {
                     command.arg(name).arg(value.to_string());
                 }
+            }
+            let latest = device_events
+                .iter()
+                .map(|delivered| unix_millis(delivered.event.recorded_at))
+                .max()
+                .unwrap_or_default();
+            for generation in generations {
+                pipeline
+                    .cmd("ZADD")
+                    .arg(devices_key(&self.prefix, *generation))
+                    .arg("GT")
+                    .arg(latest)
+                    .arg(*device_id)
+                    .ignore();
             }
         }
         let counts: Vec<u64> = match pipeline.query_async(connection).await {

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{script, Delivered, ReadModel};
+use crate::rebuild::{Generations, Rebuild, RebuildError};
 
 /// Exponential backoff from 100 ms to 5 s that a shutdown interrupts.
 #[derive(Debug)]
@@ -69,6 +70,17 @@ impl Projector {
             consumer_name: settings.nats.consumer.clone(),
             batch_size: settings.projector.batch_size,
             ack_wait: Duration::from_secs(settings.projector.ack_wait_secs),
+        }
+    }
+
+    /// A rebuild over the same stream and read model.
+    pub fn rebuild(&self) -> Rebuild {
+        Rebuild {
+            jetstream: self.jetstream.clone(),
+            redis: self.redis.clone(),
+            read_model: self.read_model.clone(),
+            subjects: self.subjects.clone(),
+            batch_size: self.batch_size,
         }
     }
 
@@ -174,10 +186,25 @@ impl Projector {
         let mut backoff = Backoff::default();
         let script = script();
         let applied = loop {
+            // Read after the fetch: see the rebuild module for why the order matters.
+            let targets = match Generations::read(&mut self.redis, &self.read_model.prefix).await {
+                Ok(generations) => generations.targets(),
+                Err(_) => Vec::new(),
+            };
+            if targets.is_empty() {
+                // The read model is gone (Redis restarted, flushed) or not built yet: the
+                // supervisor starts a rebuild; these events wait for its generation.
+                tracing::debug!("no read model generation yet, waiting for the rebuild to start");
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                backoff.sleep(shutdown).await;
+                continue;
+            }
             let now_ms = unix_millis(OffsetDateTime::now_utc());
             match self
                 .read_model
-                .apply(&mut self.redis, &script, &delivered, now_ms)
+                .apply(&mut self.redis, &script, &targets, &delivered, now_ms)
                 .await
             {
                 Ok(applied) => break applied,
@@ -268,4 +295,43 @@ fn device_hint(payload: &[u8], subject: &str) -> Option<String> {
         .map(|with_device| with_device.device_id)
         .or_else(|| subject.rsplit('.').next().map(str::to_owned))
         .filter(|device_id| check_device_id(device_id).is_ok())
+}
+
+/// Watches the read model and rebuilds it when it is missing (never built, or lost with
+/// a Redis restart) or when a rebuild was abandoned by a process that died. Several
+/// projectors may run this; the rebuild lock lets one of them do the work.
+pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
+    let mut redis = rebuild.redis.clone();
+    let prefix = rebuild.read_model.prefix.clone();
+    while !shutdown.is_cancelled() {
+        let needed = match Generations::read(&mut redis, &prefix).await {
+            Ok(Generations {
+                current: None,
+                building: None,
+            }) => true,
+            Ok(Generations {
+                building: Some(_), ..
+            }) => {
+                let holder: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                    .arg(contract::read_model::rebuild_lock_key(&prefix))
+                    .query_async(&mut redis)
+                    .await;
+                matches!(holder, Ok(None))
+            }
+            _ => false,
+        };
+        if needed {
+            match rebuild.run(&shutdown).await {
+                Ok(generation) => tracing::info!(generation, "read model rebuilt"),
+                Err(RebuildError::AlreadyRunning) => {}
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "rebuild failed, will retry")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }

@@ -10,11 +10,13 @@
 //! # Layout
 //! - [`consumer`]: the consume loop, acking and dead-lettering.
 //! - [`apply`]: grouping a batch by device and calling `apply.lua`.
+//! - [`rebuild`]: generations, `projector rebuild`, and healing a lost read model.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.
 
 pub mod admin;
 pub mod apply;
 pub mod consumer;
+pub mod rebuild;
 
 use std::time::Duration;
 
@@ -25,6 +27,26 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::Projector;
+
+/// A rebuild of the configured read model, for `projector rebuild`.
+pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Rebuild> {
+    let nats = async_nats::ConnectOptions::new()
+        .name("projector-rebuild")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(&settings.nats.url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", settings.nats.url))?;
+    let redis_client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
+        format!(
+            "redis.url (PIPELINE__REDIS__URL) {} is not usable",
+            settings.redis.url
+        )
+    })?;
+    let redis = ConnectionManager::new(redis_client)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", settings.redis.url))?;
+    Ok(Projector::new(settings, nats, redis).rebuild())
+}
 
 /// Runs a projector and its admin server until `shutdown`.
 pub async fn run(
@@ -71,7 +93,10 @@ pub async fn run(
             .set_response_timeout(Some(Duration::from_secs(5))),
     )
     .context("creating the redis connection manager")?;
-    Projector::new(&settings, nats, redis).run(shutdown).await;
+    let mut projector = Projector::new(&settings, nats, redis);
+    let supervisor = tokio::spawn(consumer::supervise(projector.rebuild(), shutdown.clone()));
+    projector.run(shutdown).await;
+    let _ = supervisor.await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     tracing::info!("projector stopped");
     Ok(())

@@ -5,10 +5,12 @@
 //!
 //! # Layout
 //! - [`http`]: routes, the device endpoints, problem+json errors, health and metrics.
+//! - [`read_model`]: reading the live generation, a device, its buckets, the index.
 //! - [`bootstrap`]: logs, metrics recorder and signal handling of the binary.
 
 pub mod bootstrap;
 pub mod http;
+pub mod read_model;
 
 use anyhow::Context;
 use contract::settings::Settings;
@@ -37,8 +39,7 @@ pub async fn serve(
     let redis = ConnectionManager::new_lazy_with_config(client, config)
         .context("creating the redis connection manager")?;
     let state = http::AppState {
-        redis,
-        prefix: settings.redis.prefix.clone(),
+        read_model: read_model::ReadModel::new(redis, settings.redis.prefix.clone()),
         metrics,
     };
     tracing::info!(address = %listener.local_addr()?, "query listening");

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use contract::read_model::{device_key, DeviceStats};
+use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
 use contract::settings::Settings;
 use contract::subjects::Subjects;
 use rand::Rng;
@@ -133,11 +133,23 @@ impl TestEnv {
         async_nats::jetstream::new(client)
     }
 
-    /// The read model of one device as the projector left it, if any.
+    /// The live generation of the read model, if there is one.
+    pub async fn generation(&self) -> Option<u64> {
+        let mut redis = self.redis().await;
+        redis::cmd("HGET")
+            .arg(meta_key(&self.settings.redis.prefix))
+            .arg(meta::GENERATION)
+            .query_async(&mut redis)
+            .await
+            .ok()?
+    }
+
+    /// The read model of one device in the live generation, if any.
     pub async fn device_stats(&self, device_id: &str) -> Option<DeviceStats> {
+        let generation = self.generation().await?;
         let mut redis = self.redis().await;
         let hash: Vec<(String, String)> = redis::cmd("HGETALL")
-            .arg(device_key(&self.settings.redis.prefix, device_id))
+            .arg(DeviceKeys::new(&self.settings.redis.prefix, generation, device_id).stats)
             .query_async(&mut redis)
             .await
             .ok()?;

@@ -1,13 +1,14 @@
-//! `GET /v1/devices/{device_id}/stats` (API.md §4).
+//! The device endpoints of API.md §4: stats, the devices list, series.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
-use contract::read_model::{device_key, DeviceStats, MetricStats};
+use contract::read_model::{Aggregate, MetricStats, Resolution, FINE};
 use contract::reading::{check_device_id, check_metric_name, FieldError};
-use contract::timestamp::format_millis;
+use contract::timestamp::{format_millis, parse, unix_millis};
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::AppState;
@@ -25,6 +26,7 @@ pub struct StatsResponse {
     first_seen: Option<String>,
     last_seen: Option<String>,
     sample_count: u64,
+    /// When the projector last applied an event to this device.
     updated_at: Option<String>,
     /// The highest stream sequence reflected in these figures, for lag displays.
     as_of_seq: u64,
@@ -39,10 +41,49 @@ struct MetricView {
     avg: Option<f64>,
     min: f64,
     max: f64,
+    windows: Windows,
 }
 
-impl From<&MetricStats> for MetricView {
-    fn from(metric: &MetricStats) -> Self {
+/// The windows of a metric, serialised in their definition order (1m first).
+#[derive(Debug)]
+struct Windows(Vec<(&'static str, WindowView)>);
+
+impl Serialize for Windows {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, view) in &self.0 {
+            map.serialize_entry(name, view)?;
+        }
+        map.end()
+    }
+}
+
+/// A window or a bucket: count, avg, min, max; nulls when empty.
+#[derive(Debug, Serialize)]
+pub struct WindowView {
+    count: u64,
+    avg: Option<f64>,
+    min: Option<f64>,
+    max: Option<f64>,
+}
+
+impl From<Option<Aggregate>> for WindowView {
+    fn from(aggregate: Option<Aggregate>) -> Self {
+        Self {
+            count: aggregate.map_or(0, |aggregate| aggregate.count),
+            avg: aggregate.and_then(|aggregate| aggregate.avg()),
+            min: aggregate.map(|aggregate| aggregate.min),
+            max: aggregate.map(|aggregate| aggregate.max),
+        }
+    }
+}
+
+impl MetricView {
+    fn new(
+        metric: &MetricStats,
+        windows: Option<&BTreeMap<&'static str, Option<Aggregate>>>,
+    ) -> Self {
         Self {
             last: metric.last,
             last_at: format_millis(metric.last_at_ms),
@@ -50,64 +91,260 @@ impl From<&MetricStats> for MetricView {
             avg: metric.avg(),
             min: metric.min,
             max: metric.max,
+            windows: Windows(
+                contract::read_model::WINDOWS
+                    .iter()
+                    .map(|window| {
+                        let aggregate =
+                            windows.and_then(|windows| windows.get(window.name).copied().flatten());
+                        (window.name, WindowView::from(aggregate))
+                    })
+                    .collect(),
+            ),
         }
     }
 }
 
+/// `GET /v1/devices/{device_id}/stats`
 pub async fn stats(
     State(state): State<AppState>,
     Path(device_id): Path<String>,
     Query(query): Query<StatsQuery>,
 ) -> Result<Json<StatsResponse>, ApiError> {
-    check_device_id(&device_id)
-        .map_err(|message| ApiError::InvalidRequest(vec![FieldError::new("device_id", message)]))?;
+    valid_device_id(&device_id)?;
     let wanted = metric_filter(query.metrics.as_deref())?;
-    let mut redis = state.redis.clone();
-    let hash: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(device_key(&state.prefix, &device_id))
-        .query_async(&mut redis)
-        .await
-        .map_err(|error| {
-            tracing::warn!(%error, "reading the device hash failed");
-            ApiError::Unavailable
-        })?;
-    let stats = DeviceStats::from_hash(hash).ok_or(ApiError::DeviceNotFound)?;
-    let metrics = stats
+    let now_ms = unix_millis(OffsetDateTime::now_utc());
+    let view = state
+        .read_model
+        .device(&device_id, wanted.as_deref(), now_ms)
+        .await?
+        .ok_or(ApiError::DeviceNotFound)?;
+    let metrics = view
+        .stats
         .metrics
         .iter()
-        .filter(|(name, _)| {
-            wanted
-                .as_ref()
-                .is_none_or(|wanted| wanted.contains(name.as_str()))
+        .map(|(name, metric)| {
+            (
+                name.clone(),
+                MetricView::new(metric, view.windows.get(name)),
+            )
         })
-        .map(|(name, metric)| (name.clone(), MetricView::from(metric)))
         .collect();
     Ok(Json(StatsResponse {
         device_id,
-        first_seen: format_millis(stats.first_seen_ms),
-        last_seen: format_millis(stats.last_seen_ms),
-        sample_count: stats.sample_count,
-        updated_at: format_millis(stats.updated_at_ms),
-        as_of_seq: stats.as_of_seq,
+        first_seen: format_millis(view.stats.first_seen_ms),
+        last_seen: format_millis(view.stats.last_seen_ms),
+        sample_count: view.stats.sample_count,
+        updated_at: format_millis(view.stats.updated_at_ms),
+        as_of_seq: view.stats.as_of_seq,
         metrics,
     }))
 }
 
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceSummary {
+    device_id: String,
+    last_seen: Option<String>,
+    sample_count: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListResponse {
+    devices: Vec<DeviceSummary>,
+    next_cursor: Option<String>,
+}
+
+/// Largest page of `GET /v1/devices`.
+pub const LIST_LIMIT_MAX: usize = 1000;
+
+/// `GET /v1/devices?limit=&cursor=`: most recently seen first, keyset-paginated.
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let limit = match query.limit.as_deref() {
+        None => 100,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=LIST_LIMIT_MAX).contains(limit))
+            .ok_or_else(|| {
+                invalid(
+                    "limit",
+                    format!("must be a whole number from 1 to {LIST_LIMIT_MAX}"),
+                )
+            })?,
+    };
+    let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let page = state
+        .read_model
+        .devices(
+            limit,
+            after.as_ref().map(|(score, id)| (*score, id.as_str())),
+        )
+        .await?;
+    let next_cursor = (page.len() == limit)
+        .then(|| {
+            page.last()
+                .map(|(device_id, last_seen, _)| encode_cursor(*last_seen, device_id))
+        })
+        .flatten();
+    let devices = page
+        .into_iter()
+        .map(|(device_id, last_seen, sample_count)| DeviceSummary {
+            device_id,
+            last_seen: format_millis(last_seen),
+            sample_count,
+        })
+        .collect();
+    Ok(Json(ListResponse {
+        devices,
+        next_cursor,
+    }))
+}
+
+/// A cursor is the keyset position `<last_seen ms>.<device id>`: both parts are safe
+/// in a URL (device ids are `[A-Za-z0-9_-]`).
+fn encode_cursor(last_seen: i64, device_id: &str) -> String {
+    format!("{last_seen}.{device_id}")
+}
+
+fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
+    cursor
+        .split_once('.')
+        .and_then(|(score, device_id)| Some((score.parse().ok()?, device_id)))
+        .filter(|(_, device_id)| check_device_id(device_id).is_ok())
+        .map(|(score, device_id)| (score, device_id.to_owned()))
+        .ok_or_else(|| invalid("cursor", "is not a cursor this API returned"))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SeriesQuery {
+    metric: Option<String>,
+    resolution: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SeriesPoint {
+    t: Option<String>,
+    #[serde(flatten)]
+    aggregate: WindowView,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SeriesResponse {
+    device_id: String,
+    metric: String,
+    resolution: &'static str,
+    from: Option<String>,
+    to: Option<String>,
+    points: Vec<SeriesPoint>,
+}
+
+/// `GET /v1/devices/{device_id}/series?metric=&resolution=10s|5m&from=&to=`
+///
+/// Points are the buckets of `resolution` that hold readings, oldest first, each
+/// stamped with its start; empty buckets are omitted. `to` defaults to now, `from` to
+/// `to` minus 1 h (10 s) or 24 h (5 min); `from` is raised to the oldest bucket kept.
+pub async fn series(
+    State(state): State<AppState>,
+    Path(device_id): Path<String>,
+    Query(query): Query<SeriesQuery>,
+) -> Result<Json<SeriesResponse>, ApiError> {
+    valid_device_id(&device_id)?;
+    let metric = query
+        .metric
+        .ok_or_else(|| invalid("metric", "is required"))?;
+    check_metric_name(&metric).map_err(|message| invalid("metric", message))?;
+    let resolution = match query.resolution.as_deref() {
+        None => FINE,
+        Some(name) => {
+            Resolution::by_name(name).ok_or_else(|| invalid("resolution", "must be 10s or 5m"))?
+        }
+    };
+    let instant = |field: &'static str, text: Option<&str>| -> Result<Option<i64>, ApiError> {
+        text.map(|text| {
+            parse(text)
+                .map(unix_millis)
+                .ok_or_else(|| invalid(field, "must be an RFC 3339 timestamp"))
+        })
+        .transpose()
+    };
+    let now_ms = unix_millis(OffsetDateTime::now_utc());
+    let to = instant("to", query.to.as_deref())?.unwrap_or(now_ms);
+    let default_span = if resolution == FINE {
+        3_600_000
+    } else {
+        86_400_000
+    };
+    let from = instant("from", query.from.as_deref())?.unwrap_or(to - default_span);
+    if from > to {
+        return Err(invalid("from", "must not be after to"));
+    }
+    let first = resolution.bucket(from).max(resolution.oldest_kept(now_ms));
+    let last = resolution.bucket(to).min(resolution.bucket(now_ms) + 1);
+    let points = if first > last {
+        if state
+            .read_model
+            .device(&device_id, Some(&[]), now_ms)
+            .await?
+            .is_none()
+        {
+            return Err(ApiError::DeviceNotFound);
+        }
+        Vec::new()
+    } else {
+        state
+            .read_model
+            .series(&device_id, &metric, resolution, first..=last)
+            .await?
+            .ok_or(ApiError::DeviceNotFound)?
+    };
+    Ok(Json(SeriesResponse {
+        device_id,
+        metric,
+        resolution: resolution.name,
+        from: format_millis(from),
+        to: format_millis(to),
+        points: points
+            .into_iter()
+            .map(|(bucket, aggregate)| SeriesPoint {
+                t: format_millis(bucket * resolution.width_ms),
+                aggregate: WindowView::from(Some(aggregate)),
+            })
+            .collect(),
+    }))
+}
+
+fn valid_device_id(device_id: &str) -> Result<(), ApiError> {
+    check_device_id(device_id).map_err(|message| invalid("device_id", message))
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::InvalidRequest(vec![FieldError::new(field, message)])
+}
+
 /// Parses `?metrics=a,b`; every name must follow the metric-name rule.
-fn metric_filter(metrics: Option<&str>) -> Result<Option<BTreeSet<String>>, ApiError> {
+fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
     let Some(list) = metrics else {
         return Ok(None);
     };
-    let mut wanted = BTreeSet::new();
+    let mut wanted = Vec::new();
     for name in list
         .split(',')
         .map(str::trim)
         .filter(|name| !name.is_empty())
     {
-        check_metric_name(name).map_err(|message| {
-            ApiError::InvalidRequest(vec![FieldError::new("metrics", message)])
-        })?;
-        wanted.insert(name.to_owned());
+        check_metric_name(name).map_err(|message| invalid("metrics", message))?;
+        wanted.push(name.to_owned());
     }
     Ok(Some(wanted))
 }

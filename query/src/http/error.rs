@@ -5,6 +5,8 @@ use axum::response::{IntoResponse, Response};
 use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
 use contract::reading::FieldError;
 
+use crate::read_model::ReadError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("invalid request")]
@@ -15,6 +17,20 @@ pub enum ApiError {
     NoSuchRoute,
     #[error("read model unavailable")]
     Unavailable,
+    #[error("read model rebuilding")]
+    Rebuilding,
+}
+
+impl From<ReadError> for ApiError {
+    fn from(error: ReadError) -> Self {
+        match &error {
+            ReadError::Rebuilding => Self::Rebuilding,
+            ReadError::Redis(_) | ReadError::Reply(_) => {
+                tracing::warn!(%error, "reading the read model failed");
+                Self::Unavailable
+            }
+        }
+    }
 }
 
 impl ApiError {
@@ -33,6 +49,10 @@ impl ApiError {
             Self::Unavailable => Problem::new(
                 ProblemKind::Unavailable,
                 "the read model is not reachable; retry shortly",
+            ),
+            Self::Rebuilding => Problem::new(
+                ProblemKind::Unavailable,
+                "the read model is being rebuilt from the event stream; retry shortly",
             ),
         }
     }

@@ -12,20 +12,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis::aio::ConnectionManager;
 
+use crate::read_model::ReadModel;
 use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub redis: ConnectionManager,
-    pub prefix: String,
+    pub read_model: ReadModel,
     pub metrics: PrometheusHandle,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/v1/devices", get(devices::list))
         .route("/v1/devices/{device_id}/stats", get(devices::stats))
+        .route("/v1/devices/{device_id}/series", get(devices::series))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -52,14 +53,9 @@ async fn track(request: Request, next: Next) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let mut redis = state.redis.clone();
-    let ping = tokio::time::timeout(
-        Duration::from_secs(1),
-        redis::cmd("PING").query_async::<String>(&mut redis),
-    )
-    .await;
+    let ping = tokio::time::timeout(Duration::from_secs(1), state.read_model.ping()).await;
     match ping {
-        Ok(Ok(_)) => {
+        Ok(Ok(())) => {
             Json(serde_json::json!({"status": "ready", "checks": {"redis": "ok"}})).into_response()
         }
         _ => ApiError::Unavailable.into_response(),

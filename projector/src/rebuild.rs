@@ -1,0 +1,317 @@
+//! Generations of the read model: which one is live, rebuilding a new one from the
+//! stream while the live projector keeps going, switching over, and self-healing.
+//!
+//! A rebuild (the `projector rebuild` command, or a projector that finds the read model
+//! gone, e.g. after a Redis restart without persistence):
+//! 1. takes the rebuild lock (one rebuild at a time, refreshed while it runs);
+//! 2. names a new generation and sets it as `building` in the meta hash — from then on
+//!    every live projector applies each batch to the live generation *and* to the one
+//!    being built (it reads the meta hash after fetching a batch, so any event it
+//!    applies to the live generation only was in the stream before `building` was set);
+//! 3. notes the stream's last sequence and replays the stream up to it into the new
+//!    generation (the per-generation dedup set skips what the live projectors applied
+//!    there already);
+//! 4. switches `generation` to the new one and clears `building`, in one script that
+//!    checks it still owns the lock and the build;
+//! 5. deletes the old generation's keys after a short grace period.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_nats::jetstream::{self, consumer};
+use contract::event::{headers, TelemetryRecorded};
+use contract::read_model::{generation_pattern, meta, meta_key, rebuild_lock_key};
+use contract::subjects::Subjects;
+use contract::timestamp::unix_millis;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{script, Delivered, ReadModel};
+
+/// How long the rebuild lock lives unless refreshed.
+const LOCK_TTL: Duration = Duration::from_secs(15);
+/// How long the old generation stays after the switch, for reads already under way.
+const SWITCH_GRACE: Duration = Duration::from_secs(2);
+
+/// The live and the building generation, as the meta hash names them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Generations {
+    pub current: Option<u64>,
+    pub building: Option<u64>,
+}
+
+impl Generations {
+    pub async fn read(
+        connection: &mut ConnectionManager,
+        prefix: &str,
+    ) -> redis::RedisResult<Self> {
+        let (current, building): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(meta_key(prefix))
+            .arg(meta::GENERATION)
+            .arg(meta::BUILDING)
+            .query_async(connection)
+            .await?;
+        Ok(Self { current, building })
+    }
+
+    /// Where live events go: the live generation first, then the one being built.
+    pub fn targets(&self) -> Vec<u64> {
+        let mut targets: Vec<u64> = self.current.into_iter().collect();
+        targets.extend(
+            self.building
+                .filter(|building| Some(*building) != self.current),
+        );
+        targets
+    }
+}
+
+/// Everything a rebuild needs.
+pub struct Rebuild {
+    pub jetstream: jetstream::Context,
+    pub redis: ConnectionManager,
+    pub read_model: ReadModel,
+    pub subjects: Subjects,
+    pub batch_size: usize,
+}
+
+/// Why no rebuild was done.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("another rebuild is running")]
+    AlreadyRunning,
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl Rebuild {
+    /// Builds a new generation from the stream and switches to it; returns its number.
+    pub async fn run(&self, shutdown: &CancellationToken) -> Result<u64, RebuildError> {
+        let mut redis = self.redis.clone();
+        let owner = uuid::Uuid::now_v7().to_string();
+        let prefix = &self.read_model.prefix;
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(rebuild_lock_key(prefix))
+            .arg(&owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(LOCK_TTL.as_millis() as u64)
+            .query_async(&mut redis)
+            .await
+            .context("taking the rebuild lock")?;
+        if locked.is_none() {
+            return Err(RebuildError::AlreadyRunning);
+        }
+        let lost_lock = CancellationToken::new();
+        let refresher = tokio::spawn(keep_lock(
+            redis.clone(),
+            prefix.clone(),
+            owner.clone(),
+            lost_lock.clone(),
+        ));
+        let result = self.build_and_switch(&owner, shutdown, &lost_lock).await;
+        refresher.abort();
+        let _: redis::RedisResult<i64> = release_script()
+            .key(rebuild_lock_key(prefix))
+            .arg(&owner)
+            .invoke_async(&mut redis)
+            .await;
+        result.map_err(RebuildError::Failed)
+    }
+
+    async fn build_and_switch(
+        &self,
+        owner: &str,
+        shutdown: &CancellationToken,
+        lost_lock: &CancellationToken,
+    ) -> anyhow::Result<u64> {
+        let mut redis = self.redis.clone();
+        let prefix = &self.read_model.prefix;
+        let before = Generations::read(&mut redis, prefix).await?;
+        if let Some(abandoned) = before.building {
+            // A rebuild that lost its lock (its process died) left this half-built.
+            delete_generation(&mut redis, prefix, abandoned).await?;
+        }
+        let now_ms = unix_millis(OffsetDateTime::now_utc()).max(0) as u64;
+        let generation = now_ms.max(before.current.map_or(0, |current| current + 1));
+        let _: () = redis::cmd("HSET")
+            .arg(meta_key(prefix))
+            .arg(meta::BUILDING)
+            .arg(generation)
+            .query_async(&mut redis)
+            .await?;
+        tracing::info!(generation, "rebuilding the read model from the stream");
+        let replayed = self.replay_into(generation, shutdown, lost_lock).await?;
+        let switched: i64 = switch_script()
+            .key(meta_key(prefix))
+            .key(rebuild_lock_key(prefix))
+            .arg(generation)
+            .arg(owner)
+            .invoke_async(&mut redis)
+            .await?;
+        if switched != 1 {
+            bail!("the build of generation {generation} was taken over or the read model was reset meanwhile");
+        }
+        tracing::info!(
+            generation,
+            replayed,
+            "read model switched to the new generation"
+        );
+        if let Some(old) = before.current.filter(|old| *old != generation) {
+            tokio::time::sleep(SWITCH_GRACE).await;
+            delete_generation(&mut redis, prefix, old).await?;
+        }
+        Ok(generation)
+    }
+
+    /// Replays the stream from its first message up to its last sequence right now.
+    async fn replay_into(
+        &self,
+        generation: u64,
+        shutdown: &CancellationToken,
+        lost_lock: &CancellationToken,
+    ) -> anyhow::Result<u64> {
+        let mut stream = self
+            .jetstream
+            .get_stream(self.subjects.stream())
+            .await
+            .context("opening the stream")?;
+        let last_sequence = stream
+            .info()
+            .await
+            .context("reading stream info")?
+            .state
+            .last_sequence;
+        if last_sequence == 0 {
+            return Ok(0);
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .context("creating the replay consumer")?;
+        let mut batches = consumer
+            .messages()
+            .await
+            .context("starting the replay")?
+            .ready_chunks(self.batch_size);
+        let mut redis = self.redis.clone();
+        let apply = script();
+        let mut replayed = 0u64;
+        loop {
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => bail!("shut down during the rebuild"),
+                _ = lost_lock.cancelled() => bail!("lost the rebuild lock"),
+                batch = tokio::time::timeout(Duration::from_secs(30), batches.next()) => batch,
+            };
+            let batch = batch
+                .context("the replay stalled")?
+                .context("the replay stream ended early")?;
+            let mut events = Vec::with_capacity(batch.len());
+            let mut reached_end = false;
+            for message in batch {
+                let message = message.context("replay message")?;
+                let Ok(stream_sequence) = message.info().map(|info| info.stream_sequence) else {
+                    continue;
+                };
+                reached_end |= stream_sequence >= last_sequence;
+                if stream_sequence > last_sequence {
+                    continue;
+                }
+                let version = message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(headers::EVENT_VERSION))
+                    .map(|value| value.as_str().to_owned());
+                // Poison was dead-lettered by the live projector; it counts nowhere.
+                if let Ok(event) = TelemetryRecorded::decode(&message.payload, version.as_deref()) {
+                    events.push(Delivered {
+                        event,
+                        stream_sequence,
+                    });
+                }
+            }
+            let now_ms = unix_millis(OffsetDateTime::now_utc());
+            self.read_model
+                .apply(&mut redis, &apply, &[generation], &events, now_ms)
+                .await
+                .context("applying replayed events")?;
+            replayed += events.len() as u64;
+            if reached_end {
+                return Ok(replayed);
+            }
+        }
+    }
+}
+
+/// Refreshes the lock while the rebuild runs; cancels `lost` if someone else has it.
+async fn keep_lock(
+    mut redis: ConnectionManager,
+    prefix: String,
+    owner: String,
+    lost: CancellationToken,
+) {
+    let refresh = Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+    );
+    loop {
+        tokio::time::sleep(LOCK_TTL / 3).await;
+        let kept: redis::RedisResult<i64> = refresh
+            .key(rebuild_lock_key(&prefix))
+            .arg(&owner)
+            .arg(LOCK_TTL.as_millis() as u64)
+            .invoke_async(&mut redis)
+            .await;
+        if matches!(kept, Ok(0)) {
+            lost.cancel();
+            return;
+        }
+    }
+}
+
+fn release_script() -> Script {
+    Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+}
+
+/// Makes `generation` live, but only if this rebuild still owns the lock and the build.
+fn switch_script() -> Script {
+    Script::new(
+        "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+         if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+         redis.call('HSET', KEYS[1], 'generation', ARGV[1])
+         redis.call('HDEL', KEYS[1], 'building')
+         return 1",
+    )
+}
+
+/// Unlinks every key of a generation, a thousand at a time.
+pub async fn delete_generation(
+    redis: &mut ConnectionManager,
+    prefix: &str,
+    generation: u64,
+) -> anyhow::Result<u64> {
+    let mut cursor: u64 = 0;
+    let mut deleted = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(generation_pattern(prefix, generation))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            let _: u64 = redis::cmd("UNLINK").arg(&keys).query_async(redis).await?;
+            deleted += keys.len() as u64;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
