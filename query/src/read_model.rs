@@ -31,6 +31,9 @@ pub struct DeviceView {
     pub windows: BTreeMap<String, BTreeMap<&'static str, Option<Aggregate>>>,
 }
 
+/// Members of the devices index with their scores (last_seen ms).
+type Scored = Vec<(String, i64)>;
+
 /// A page of the devices index: (device id, last_seen ms, sample count).
 pub type DevicesPage = Vec<(String, i64, u64)>;
 
@@ -174,10 +177,10 @@ impl ReadModel {
         let generation = self.generation().await?;
         let index = devices_key(&self.prefix, generation);
         let mut redis = self.redis.clone();
-        let mut page: Vec<(String, i64)> = Vec::with_capacity(limit);
+        let mut page: Scored = Vec::with_capacity(limit);
         match after {
             None => {
-                let first: Vec<(String, i64)> = redis::cmd("ZRANGE")
+                let first: Scored = redis::cmd("ZRANGE")
                     .arg(&index)
                     .arg("+inf")
                     .arg("-inf")
@@ -193,7 +196,7 @@ impl ReadModel {
             }
             Some((score, device_id)) => {
                 // Same score, lower id (the index orders ties by id), then lower scores.
-                let (ties, lower): (Vec<(String, i64)>, Vec<(String, i64)>) = redis::pipe()
+                let (ties, lower): (Scored, Scored) = redis::pipe()
                     .cmd("ZRANGE")
                     .arg(&index)
                     .arg(score)
