@@ -1,0 +1,484 @@
+//! The read model against the reference model: random readings — shuffled, duplicated,
+//! republished, spread over 30 h, several metrics — go through JetStream and two real
+//! projectors into Redis, and every figure of every device and window must match the
+//! fold in `contract::reference`. Also: window edges, losing the read model, rebuilds.
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use contract::event::{headers, TelemetryRecorded};
+use contract::read_model::{meta, meta_key, WINDOWS};
+use contract::reference::{sums_agree, ModelReading, ReferenceModel};
+use contract::subjects::Subjects;
+use contract::timestamp::{from_unix_millis, unix_millis};
+use proptest::prelude::*;
+use query::read_model::ReadModel;
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+use testkit::{eventually, TestEnv};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::support::{ensure_streams, spawn_projector, Query, DEADLINE};
+
+const HOUR_MS: i64 = 3_600_000;
+
+fn now_ms() -> i64 {
+    unix_millis(OffsetDateTime::now_utc())
+}
+
+/// Publishes an event as the relay does, with `msg_id` as its `Nats-Msg-Id`.
+async fn publish(
+    subjects: &Subjects,
+    jetstream: &jetstream::Context,
+    event: &TelemetryRecorded,
+    msg_id: &str,
+) {
+    let mut message_headers = HeaderMap::new();
+    message_headers.insert(headers::MSG_ID, msg_id);
+    message_headers.insert(headers::CONTENT_TYPE, "application/json");
+    message_headers.insert(headers::EVENT_TYPE, "telemetry.recorded");
+    message_headers.insert(headers::EVENT_VERSION, "1");
+    jetstream
+        .publish_with_headers(
+            subjects.recorded(&event.device_id),
+            message_headers,
+            event.to_json().into(),
+        )
+        .await
+        .expect("publish sent")
+        .await
+        .expect("publish acknowledged");
+}
+
+fn event_of(reading: &ModelReading) -> TelemetryRecorded {
+    TelemetryRecorded::new(
+        reading.event_id,
+        reading.device_id.clone(),
+        from_unix_millis(reading.recorded_at_ms).expect("in range"),
+        OffsetDateTime::now_utc(),
+        reading.metrics.clone(),
+    )
+}
+
+async fn read_model(env: &TestEnv) -> ReadModel {
+    let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
+    let connection = ConnectionManager::new(client)
+        .await
+        .expect("redis reachable");
+    ReadModel::new(connection, env.settings.redis.prefix.clone())
+}
+
+/// Waits until every device of the model has all its readings in the read model.
+async fn wait_until_projected(env: &TestEnv, model: &ReferenceModel) {
+    for device in model.devices() {
+        let expected = model.device(&device).expect("device in model").sample_count;
+        eventually(
+            DEADLINE,
+            &format!("{device} to reach {expected} readings"),
+            || async {
+                let stats = env.device_stats(&device).await?;
+                (stats.sample_count >= expected).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// Compares every figure of every device and window, read at one instant, with the model.
+async fn assert_matches_model(read_model: &ReadModel, model: &ReferenceModel) {
+    let now = now_ms();
+    for device in model.devices() {
+        let expected = model.device(&device).expect("device in model");
+        let view = read_model
+            .device(&device, None, now)
+            .await
+            .expect("read model answers")
+            .expect("device known");
+        let actual = &view.stats;
+        assert_eq!(
+            actual.sample_count, expected.sample_count,
+            "{device} sample_count"
+        );
+        assert_eq!(
+            actual.first_seen_ms, expected.first_seen_ms,
+            "{device} first_seen"
+        );
+        assert_eq!(
+            actual.last_seen_ms, expected.last_seen_ms,
+            "{device} last_seen"
+        );
+        assert_eq!(
+            actual.metrics.keys().collect::<Vec<_>>(),
+            expected.metrics.keys().collect::<Vec<_>>(),
+            "{device} metrics"
+        );
+        for (name, want) in &expected.metrics {
+            let got = &actual.metrics[name];
+            let what = format!("{device}.{name}");
+            assert_eq!(got.count, want.count, "{what} count");
+            assert!(
+                sums_agree(got.sum, want.sum),
+                "{what} sum {} != {}",
+                got.sum,
+                want.sum
+            );
+            assert_eq!((got.min, got.max), (want.min, want.max), "{what} min/max");
+            assert_eq!(
+                (got.last, got.last_at_ms),
+                (want.last, want.last_at_ms),
+                "{what} last"
+            );
+            for window in WINDOWS {
+                let want = model.window(&device, name, &window, now);
+                let got = view.windows[name][window.name];
+                let what = format!("{what} window {}", window.name);
+                match (got, want) {
+                    (None, None) => {}
+                    (Some(got), Some(want)) => {
+                        assert_eq!(got.count, want.count, "{what} count");
+                        assert!(
+                            sums_agree(got.sum, want.sum),
+                            "{what} sum {} != {}",
+                            got.sum,
+                            want.sum
+                        );
+                        assert_eq!((got.min, got.max), (want.min, want.max), "{what} min/max");
+                    }
+                    (got, want) => panic!("{what}: read model {got:?}, model {want:?}"),
+                }
+            }
+        }
+    }
+}
+
+prop_compose! {
+    fn reading(started_ms: i64)(
+        device in 0..4usize,
+        age_ms in 0..30 * HOUR_MS,
+        metrics in prop::collection::btree_map(
+            prop::sample::select(vec!["temperature", "humidity", "co2"]),
+            prop_oneof![(-1000i32..1000).prop_map(f64::from), -1.0e6..1.0e6f64],
+            1..=3,
+        ),
+    ) -> ModelReading {
+        ModelReading {
+            event_id: Uuid::now_v7(),
+            device_id: format!("dev-{device}"),
+            recorded_at_ms: started_ms - age_ms,
+            metrics: metrics.into_iter().map(|(name, value)| (name.to_owned(), value)).collect(),
+        }
+    }
+}
+
+/// Readings, which of them are published twice (a relay republish past the duplicate
+/// window), and the order everything is published in.
+fn scenario() -> impl Strategy<
+    Value = (
+        Vec<ModelReading>,
+        Vec<prop::sample::Index>,
+        Vec<prop::sample::Index>,
+    ),
+> {
+    let started = now_ms();
+    (
+        prop::collection::vec(reading(started), 1..80),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..30),
+        prop::collection::vec(any::<prop::sample::Index>(), 0..120),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, max_shrink_iters: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn read_model_matches_the_reference_model_whatever_the_order_and_duplicates(
+        (readings, republished, swaps) in scenario()
+    ) {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async move {
+            let env = TestEnv::new();
+            ensure_streams(&env).await;
+            let jetstream = env.jetstream().await;
+            let first = spawn_projector(&env.settings).await;
+            let second = spawn_projector(&env.settings).await;
+
+            let mut model = ReferenceModel::new();
+            let mut messages: Vec<(ModelReading, String)> = Vec::new();
+            for reading in &readings {
+                model.apply(reading.clone());
+                messages.push((reading.clone(), reading.event_id.to_string()));
+            }
+            for index in &republished {
+                let reading = index.get(&readings).clone();
+                // Another Nats-Msg-Id: JetStream keeps both copies, as after a republish.
+                messages.push((reading, Uuid::now_v7().to_string()));
+            }
+            for (position, index) in swaps.iter().enumerate() {
+                let length = messages.len();
+                messages.swap(position % length, index.index(length));
+            }
+            for (reading, msg_id) in &messages {
+                publish(&env.subjects, &jetstream, &event_of(reading), msg_id).await;
+            }
+            wait_until_projected(&env, &model).await;
+            assert_matches_model(&read_model(&env).await, &model).await;
+            first.stop().await.expect("first projector stops cleanly");
+            second.stop().await.expect("second projector stops cleanly");
+        });
+    }
+}
+
+/// One reading of `value` at `age_ms` before now for `device`.
+fn aged(device: &str, age_ms: i64, value: f64) -> ModelReading {
+    ModelReading {
+        event_id: Uuid::now_v7(),
+        device_id: device.to_owned(),
+        recorded_at_ms: now_ms() - age_ms,
+        metrics: BTreeMap::from([("temperature".to_owned(), value)]),
+    }
+}
+
+#[tokio::test]
+async fn readings_at_known_ages_fall_in_exactly_their_windows() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let jetstream = env.jetstream().await;
+    let projector = spawn_projector(&env.settings).await;
+    let query = Query::spawn(&env.settings).await;
+    // Ages 20 s, 3 min, 10 min, 40 min, 3 h, 30 h with values 1 to 6.
+    let ages = [
+        20_000,
+        180_000,
+        600_000,
+        2_400_000,
+        3 * HOUR_MS,
+        30 * HOUR_MS,
+    ];
+    for (index, age) in ages.iter().enumerate() {
+        let reading = aged("edges", *age, index as f64 + 1.0);
+        publish(
+            &env.subjects,
+            &jetstream,
+            &event_of(&reading),
+            &reading.event_id.to_string(),
+        )
+        .await;
+    }
+    let stats: Value = eventually(DEADLINE, "all six readings projected", || async {
+        let (status, stats) = query.stats("edges", "").await;
+        (status == 200 && stats["sample_count"] == 6).then_some(stats)
+    })
+    .await;
+    let windows = &stats["metrics"]["temperature"]["windows"];
+    // (window, count, max): each window holds the readings younger than it.
+    for (window, count, max) in [
+        ("1m", 1, 1.0),
+        ("5m", 2, 2.0),
+        ("15m", 3, 3.0),
+        ("1h", 4, 4.0),
+        ("24h", 5, 5.0),
+    ] {
+        assert_eq!(windows[window]["count"], count, "{window} count");
+        assert_eq!(windows[window]["min"], 1.0, "{window} min");
+        assert_eq!(windows[window]["max"], max, "{window} max");
+    }
+    let metric = &stats["metrics"]["temperature"];
+    assert_eq!(
+        metric["count"], 6,
+        "the all-time figures keep the 30 h old reading"
+    );
+    assert_eq!(metric["max"], 6.0);
+    assert_eq!(metric["last"], 1.0, "last goes by recorded_at");
+
+    let series: Value = query
+        .get("/v1/devices/edges/series?metric=temperature&resolution=10s")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let counts: Vec<&Value> = series["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|point| &point["count"])
+        .collect();
+    assert_eq!(counts.len(), 4, "the last hour in 10 s buckets: {series}");
+    let coarse: Value = query
+        .get("/v1/devices/edges/series?metric=temperature&resolution=5m")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let total: u64 = coarse["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter_map(|point| point["count"].as_u64())
+        .sum();
+    assert_eq!(total, 5, "the last 24 h in 5 min buckets: {coarse}");
+    query.stop().await;
+    projector.stop().await.expect("projector stops cleanly");
+}
+
+#[tokio::test]
+async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_meanwhile() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let jetstream = env.jetstream().await;
+    let projector = spawn_projector(&env.settings).await;
+    let query = Query::spawn(&env.settings).await;
+    let mut model = ReferenceModel::new();
+    for index in 0..40 {
+        let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
+        publish(
+            &env.subjects,
+            &jetstream,
+            &event_of(&reading),
+            &reading.event_id.to_string(),
+        )
+        .await;
+        model.apply(reading);
+    }
+    wait_until_projected(&env, &model).await;
+
+    // What FLUSHALL does to this pipeline's keys (other tests share the server): the
+    // meta hash first, so no reader ever sees a generation without its devices.
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("DEL")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("meta deleted");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", env.settings.redis.prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("keys listed");
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .expect("keys deleted");
+    }
+    // Readings keep arriving during the outage.
+    for index in 40..50 {
+        let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
+        publish(
+            &env.subjects,
+            &jetstream,
+            &event_of(&reading),
+            &reading.event_id.to_string(),
+        )
+        .await;
+        model.apply(reading);
+    }
+    let expected = model.device("heal-1").expect("known").sample_count;
+    eventually(DEADLINE, "the read model healed", || async {
+        let response = query.get("/v1/devices/heal-1/stats").await;
+        match response.status().as_u16() {
+            503 => {
+                assert!(response.headers().get("retry-after").is_some());
+                None
+            }
+            200 => {
+                let stats: Value = response.json().await.expect("json");
+                let count = stats["sample_count"].as_u64().expect("count");
+                assert!(
+                    count <= expected,
+                    "never more than the truth: {count} > {expected}"
+                );
+                (count == expected).then_some(())
+            }
+            status => panic!("only 503 or 200 while healing, got {status}"),
+        }
+    })
+    .await;
+    assert_matches_model(&read_model(&env).await, &model).await;
+    query.stop().await;
+    projector.stop().await.expect("projector stops cleanly");
+}
+
+#[tokio::test]
+async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let jetstream = env.jetstream().await;
+    let projector = spawn_projector(&env.settings).await;
+    let mut model = ReferenceModel::new();
+    for index in 0..100 {
+        let reading = aged(&format!("rb-{}", index % 5), index * 10_000, index as f64);
+        publish(
+            &env.subjects,
+            &jetstream,
+            &event_of(&reading),
+            &reading.event_id.to_string(),
+        )
+        .await;
+        model.apply(reading);
+    }
+    wait_until_projected(&env, &model).await;
+    let before = env.generation().await.expect("a live generation");
+
+    let rebuild = projector::connect_rebuild(&env.settings)
+        .await
+        .expect("rebuild connects");
+    let publisher = {
+        let subjects = env.subjects.clone();
+        let jetstream = jetstream.clone();
+        let readings: Vec<ModelReading> = (100..160)
+            .map(|index| aged(&format!("rb-{}", index % 5), index * 10_000, index as f64))
+            .collect();
+        for reading in &readings {
+            model.apply(reading.clone());
+        }
+        tokio::spawn(async move {
+            for reading in readings {
+                publish(
+                    &subjects,
+                    &jetstream,
+                    &event_of(&reading),
+                    &reading.event_id.to_string(),
+                )
+                .await;
+            }
+        })
+    };
+    let after = rebuild
+        .run(&tokio_util::sync::CancellationToken::new())
+        .await
+        .expect("rebuild succeeds");
+    publisher.await.expect("publisher done");
+    assert!(after > before, "a new generation");
+    assert_eq!(
+        env.generation().await,
+        Some(after),
+        "the query side reads the new generation"
+    );
+    wait_until_projected(&env, &model).await;
+    assert_matches_model(&read_model(&env).await, &model).await;
+
+    let mut redis = env.redis().await;
+    let leftovers: Vec<String> = redis::cmd("KEYS")
+        .arg(contract::read_model::generation_pattern(
+            &env.settings.redis.prefix,
+            before,
+        ))
+        .query_async(&mut redis)
+        .await
+        .expect("keys listed");
+    assert!(
+        leftovers.is_empty(),
+        "the old generation is deleted: {leftovers:?}"
+    );
+    let building: Option<String> = redis::cmd("HGET")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::BUILDING)
+        .query_async(&mut redis)
+        .await
+        .expect("meta read");
+    assert_eq!(building, None);
+    projector.stop().await.expect("projector stops cleanly");
+}
