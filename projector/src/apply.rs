@@ -82,7 +82,7 @@ impl ReadModel {
             for delivered in device_events {
                 let event = &delivered.event;
                 command
-                    .arg(event.event_id.to_string())
+                    .arg(event.event_id.as_bytes().as_slice())
                     .arg(unix_millis(event.recorded_at))
                     .arg(delivered.stream_sequence)
                     .arg(event.metrics.len());
