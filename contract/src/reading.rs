@@ -33,6 +33,40 @@ pub struct ReadingBody {
     pub metrics: BTreeMap<String, serde_json::Value>,
 }
 
+/// Most readings in one `POST /v1/telemetry/batch`.
+pub const BATCH_MAX: usize = 1000;
+
+/// The body of `POST /v1/telemetry/batch`; its items are decoded one by one, so that a
+/// malformed item fails alone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    pub readings: Vec<serde_json::Value>,
+}
+
+/// One item of a batch: a reading with its own idempotency key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    pub idempotency_key: String,
+    pub device_id: String,
+    #[serde(default)]
+    pub recorded_at: Option<String>,
+    pub metrics: BTreeMap<String, serde_json::Value>,
+}
+
+impl BatchItem {
+    /// The key, and the reading as a single POST would carry it.
+    pub fn into_parts(self) -> (String, ReadingBody) {
+        let reading = ReadingBody {
+            device_id: self.device_id,
+            recorded_at: self.recorded_at,
+            metrics: self.metrics,
+        };
+        (self.idempotency_key, reading)
+    }
+}
+
 /// One broken rule, named by the field it concerns (`metrics.temp`, `recorded_at`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldError {

@@ -58,6 +58,8 @@ pub struct RedisSettings {
 pub struct IngestSettings {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Largest body of `POST /v1/telemetry/batch`.
+    pub max_batch_body_bytes: usize,
     /// How far in the future `recorded_at` may be.
     pub max_future_secs: u64,
     /// How far in the past `recorded_at` may be.

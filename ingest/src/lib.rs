@@ -54,6 +54,7 @@ pub async fn serve(
             max_age: time::Duration::seconds(settings.ingest.max_age_secs as i64),
         },
         max_body_bytes: settings.ingest.max_body_bytes,
+        max_batch_body_bytes: settings.ingest.max_batch_body_bytes,
         request_timeout: settings.request_timeout(),
     };
     tracing::info!(address = %listener.local_addr()?, "ingest listening");

@@ -78,7 +78,11 @@ pub enum Outcome {
     /// Stored now; the body is the `202` answer.
     Accepted { body: String },
     /// The same key with the same request was stored before: its stored answer.
-    Replayed { status: u16, body: String },
+    Replayed {
+        status: u16,
+        body: String,
+        event_id: Uuid,
+    },
     /// The same key was stored before with a different request.
     KeyReused,
     /// The key vanished between insert and look-up (expired meanwhile); try again.
@@ -94,9 +98,10 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// One submission: a single reading, or a gateway batch that commits as one.
 struct Pending {
-    reading: NewReading,
-    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+    readings: Vec<NewReading>,
+    reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
 }
 
 /// The handle requests submit readings through; cheap to clone.
@@ -124,9 +129,22 @@ impl Store {
 
     /// Writes one reading (or finds its earlier answer); waits for the commit.
     pub async fn submit(&self, reading: NewReading) -> Result<Outcome, StoreError> {
+        self.submit_all(vec![reading])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Unavailable("no outcome".to_owned()))
+    }
+
+    /// Writes several readings in one transaction: every new one is committed, or none.
+    /// The outcomes are in the order of `readings`; of two readings with the same device
+    /// and key, the first is the one stored.
+    pub async fn submit_all(&self, readings: Vec<NewReading>) -> Result<Vec<Outcome>, StoreError> {
+        if readings.is_empty() {
+            return Ok(Vec::new());
+        }
         let (reply, answer) = oneshot::channel();
         self.queue
-            .try_send(Pending { reading, reply })
+            .try_send(Pending { readings, reply })
             .map_err(|_| StoreError::Overloaded)?;
         answer
             .await
@@ -134,20 +152,34 @@ impl Store {
     }
 }
 
+/// Gathers submissions into commits of at most `batch_max` readings (a submission is
+/// never split), with at most `concurrency` commits in flight.
 async fn dispatch(pool: Pool, mut receiver: mpsc::Receiver<Pending>, limits: GroupCommit) {
     let in_flight = Arc::new(Semaphore::new(limits.concurrency));
+    let mut carried: Option<Pending> = None;
     loop {
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let Some(first) = receiver.recv().await else {
-            break;
+        let first = match carried.take() {
+            Some(pending) => pending,
+            None => match receiver.recv().await {
+                Some(pending) => pending,
+                None => break,
+            },
         };
-        let mut batch = Vec::with_capacity(limits.batch_max.min(64));
-        batch.push(first);
-        while batch.len() < limits.batch_max {
+        let mut size = first.readings.len();
+        let mut batch = vec![first];
+        while size < limits.batch_max {
             match receiver.try_recv() {
-                Ok(pending) => batch.push(pending),
+                Ok(pending) if size + pending.readings.len() > limits.batch_max => {
+                    carried = Some(pending);
+                    break;
+                }
+                Ok(pending) => {
+                    size += pending.readings.len();
+                    batch.push(pending);
+                }
                 Err(_) => break,
             }
         }
@@ -161,25 +193,41 @@ async fn dispatch(pool: Pool, mut receiver: mpsc::Receiver<Pending>, limits: Gro
     let _ = in_flight.acquire_many(limits.concurrency as u32).await;
 }
 
-async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>) {
-    batch.sort_by(|left, right| {
-        (&left.reading.device_id, &left.reading.idempotency_key)
-            .cmp(&(&right.reading.device_id, &right.reading.idempotency_key))
+async fn commit_batch(pool: &Pool, batch: Vec<Pending>) {
+    // Sorted by (device, key) so concurrent commits lock keys in the same order; the
+    // sort is stable, so of two equal keys the one submitted first is stored.
+    let readings: Vec<&NewReading> = batch.iter().flat_map(|pending| &pending.readings).collect();
+    let mut order: Vec<usize> = (0..readings.len()).collect();
+    order.sort_by(|&left, &right| {
+        (&readings[left].device_id, &readings[left].idempotency_key)
+            .cmp(&(&readings[right].device_id, &readings[right].idempotency_key))
     });
+    let sorted: Vec<&NewReading> = order.iter().map(|&index| readings[index]).collect();
     let started = Instant::now();
-    let size = batch.len();
-    let readings: Vec<&NewReading> = batch.iter().map(|pending| &pending.reading).collect();
-    let result = write(pool, &readings).await;
-    metrics::histogram!("ingest_commit_batch_size").record(size as f64);
+    let result = write(pool, &sorted).await;
+    metrics::histogram!("ingest_commit_batch_size").record(sorted.len() as f64);
     metrics::histogram!("ingest_commit_seconds").record(started.elapsed().as_secs_f64());
     match result {
-        Ok(outcomes) => {
-            for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                let _ = pending.reply.send(Ok(outcome));
+        Ok(sorted_outcomes) => {
+            let mut outcomes: Vec<Option<Outcome>> = vec![None; readings.len()];
+            for (index, outcome) in order.into_iter().zip(sorted_outcomes) {
+                outcomes[index] = Some(outcome);
+            }
+            let mut outcomes = outcomes.into_iter();
+            for pending in batch {
+                let mine: Option<Vec<Outcome>> =
+                    outcomes.by_ref().take(pending.readings.len()).collect();
+                let answer =
+                    mine.ok_or_else(|| StoreError::Unavailable("incomplete commit".to_owned()));
+                let _ = pending.reply.send(answer);
             }
         }
         Err(error) => {
-            tracing::warn!(%error, size, "group commit failed");
+            tracing::warn!(
+                error = format!("{error:#}"),
+                size = readings.len(),
+                "group commit failed"
+            );
             let error = StoreError::Unavailable(error.to_string());
             for pending in batch {
                 let _ = pending.reply.send(Err(error.clone()));
@@ -211,9 +259,17 @@ WITH input AS (
 SELECT event_id FROM keys";
 
 const LOOKUP: &str = "
-SELECT k.device_id, k.idempotency_key, k.fingerprint, k.status_code, k.response_body
+SELECT k.device_id, k.idempotency_key, k.fingerprint, k.status_code, k.response_body, k.event_id
 FROM idempotency_keys k
 JOIN unnest($1::text[], $2::text[]) AS t(device_id, idempotency_key) USING (device_id, idempotency_key)";
+
+/// An idempotency record as stored.
+struct StoredKey {
+    fingerprint: Vec<u8>,
+    status: i16,
+    body: String,
+    event_id: Uuid,
+}
 
 /// One statement for the batch, and one look-up when some keys were already there.
 async fn write(pool: &Pool, readings: &[&NewReading]) -> Result<Vec<Outcome>, anyhow::Error> {
@@ -267,15 +323,18 @@ async fn write(pool: &Pool, readings: &[&NewReading]) -> Result<Vec<Outcome>, an
         .map(|r| (r.device_id.as_str(), r.idempotency_key.as_str()))
         .unzip();
     let lookup = client.prepare_cached(LOOKUP).await?;
-    let mut stored: HashMap<(String, String), (Vec<u8>, i16, String)> = HashMap::new();
+    let mut stored: HashMap<(String, String), StoredKey> = HashMap::new();
     for row in client
         .query(&lookup, &[&lookup_devices, &lookup_keys])
         .await?
     {
-        stored.insert(
-            (row.get(0), row.get(1)),
-            (row.get(2), row.get(3), row.get(4)),
-        );
+        let key = StoredKey {
+            fingerprint: row.get(2),
+            status: row.get(3),
+            body: row.get(4),
+            event_id: row.get(5),
+        };
+        stored.insert((row.get(0), row.get(1)), key);
     }
     Ok(readings
         .iter()
@@ -286,12 +345,11 @@ async fn write(pool: &Pool, readings: &[&NewReading]) -> Result<Vec<Outcome>, an
                 };
             }
             match stored.get(&(r.device_id.clone(), r.idempotency_key.clone())) {
-                Some((fingerprint, status, body)) if fingerprint[..] == r.fingerprint[..] => {
-                    Outcome::Replayed {
-                        status: u16::try_from(*status).unwrap_or(202),
-                        body: body.clone(),
-                    }
-                }
+                Some(key) if key.fingerprint[..] == r.fingerprint[..] => Outcome::Replayed {
+                    status: u16::try_from(key.status).unwrap_or(202),
+                    body: key.body.clone(),
+                    event_id: key.event_id,
+                },
                 Some(_) => Outcome::KeyReused,
                 None => Outcome::KeyInFlux,
             }

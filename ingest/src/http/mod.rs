@@ -1,5 +1,6 @@
 //! The ingest HTTP API: routes, shared state, health and metrics endpoints.
 
+pub mod batch;
 pub mod error;
 pub mod telemetry;
 
@@ -27,6 +28,7 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub time_bounds: TimeBounds,
     pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
     pub request_timeout: Duration,
 }
 
@@ -34,6 +36,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/telemetry", post(telemetry::post_telemetry))
+        .route("/v1/telemetry/batch", post(batch::post_batch))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))

@@ -53,6 +53,18 @@ pub async fn post_telemetry(
     Ok(answer(outcome))
 }
 
+/// A write that did not happen: the client should retry with the same key(s).
+pub fn store_error(error: StoreError) -> ApiError {
+    match error {
+        StoreError::Overloaded => {
+            ApiError::Unavailable("too many requests in flight; retry shortly")
+        }
+        StoreError::Unavailable(_) => {
+            ApiError::Unavailable("the database is unavailable; retry shortly")
+        }
+    }
+}
+
 fn answer(outcome: Outcome) -> Response {
     let json = HeaderValue::from_static("application/json");
     match outcome {
@@ -60,7 +72,7 @@ fn answer(outcome: Outcome) -> Response {
             metrics::counter!("ingest_readings_total", "outcome" => "accepted").increment(1);
             (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, json)], body).into_response()
         }
-        Outcome::Replayed { status, body } => {
+        Outcome::Replayed { status, body, .. } => {
             metrics::counter!("ingest_readings_total", "outcome" => "replayed").increment(1);
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
             let replayed = (

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::{reading, Ingest};
 
 /// Starts a relay in this process.
-fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
+pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
     let settings = settings.clone();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();

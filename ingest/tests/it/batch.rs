@@ -1,0 +1,253 @@
+//! `POST /v1/telemetry/batch` (API.md §2): per-item results, one bad item never fails
+//! the others, the accepted ones commit together, a whole retry changes nothing.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use testkit::{eventually, TestEnv};
+use tokio_util::sync::CancellationToken;
+
+use crate::relay::spawn_relay;
+use crate::support::{assert_problem, count, reading, Ingest};
+
+async fn post_batch(ingest: &Ingest, body: &Value) -> reqwest::Response {
+    ingest
+        .http
+        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request sent")
+}
+
+fn item(key: &str, device: &str, temperature: f64) -> Value {
+    json!({"idempotency_key": key, "device_id": device, "metrics": {"temperature": temperature}})
+}
+
+#[tokio::test]
+async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readings() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let earlier = ingest.post("old", &reading("gw-1", 5.0)).await;
+    let earlier: Value = earlier.json().await.expect("json");
+
+    let batch = json!({"readings": [
+        item("a", "gw-1", 1.0),                                            // 0 accepted
+        item("b", "gw-2", 2.0),                                            // 1 accepted
+        {"idempotency_key": "c", "device_id": "bad id", "metrics": {"t": 1}}, // 2 rejected: rule
+        {"idempotency_key": "d", "device_id": "gw-1", "metrics": {"t": 1}, "extra": 1}, // 3 rejected: shape
+        "not an object",                                                   // 4 rejected: shape
+        {"device_id": "gw-1", "metrics": {"t": 1}},                        // 5 rejected: no key
+        item("a", "gw-1", 1.0),                                            // 6 duplicate of 0
+        item("b", "gw-2", 9.0),                                            // 7 conflict with 1
+        item("old", "gw-1", 5.0),                                          // 8 duplicate of the earlier POST
+        item("old", "gw-1", 6.0),                                          // 9 conflict with the earlier POST
+        item("a", "gw-3", 3.0),                                            // 10 accepted: keys are per device
+    ]});
+    let response = post_batch(&ingest, &batch).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.expect("json");
+    let statuses: Vec<&str> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|result| result["status"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "accepted",
+            "accepted",
+            "rejected",
+            "rejected",
+            "rejected",
+            "rejected",
+            "duplicate",
+            "conflict",
+            "duplicate",
+            "conflict",
+            "accepted"
+        ]
+    );
+    let results = answer["results"].as_array().expect("results");
+    for (index, result) in results.iter().enumerate() {
+        assert_eq!(result["index"], index);
+    }
+    assert_eq!(
+        results[6]["event_id"], results[0]["event_id"],
+        "a duplicate names the earlier event"
+    );
+    assert_eq!(results[8]["event_id"], earlier["event_id"]);
+    assert!(results[2]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/invalid-reading"));
+    assert_eq!(results[2]["error"]["field"], "device_id");
+    assert!(results[3]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/invalid-json"));
+    assert!(results[5]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/invalid-json"));
+    assert!(results[7]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/idempotency-key-reused"));
+    assert_eq!(
+        (
+            &answer["accepted"],
+            &answer["duplicates"],
+            &answer["conflicts"],
+            &answer["rejected"]
+        ),
+        (&json!(3), &json!(2), &json!(2), &json!(4))
+    );
+
+    let db = env.postgres().await;
+    assert_eq!(
+        count(&db, "readings").await,
+        4,
+        "the earlier reading and the 3 accepted"
+    );
+    assert_eq!(count(&db, "outbox").await, 4);
+
+    // And exactly those reach the read model.
+    let relay = spawn_relay(&env.settings);
+    let shutdown = CancellationToken::new();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let projector = tokio::spawn(projector::run(
+        env.settings.clone(),
+        admin,
+        shutdown.clone(),
+    ));
+    for (device, expected_count, expected_sum) in
+        [("gw-1", 2, 6.0), ("gw-2", 1, 2.0), ("gw-3", 1, 3.0)]
+    {
+        let stats = eventually(Duration::from_secs(20), "batch projected", || async {
+            env.device_stats(device)
+                .await
+                .filter(|stats| stats.sample_count >= expected_count)
+        })
+        .await;
+        assert_eq!(stats.sample_count, expected_count, "{device}");
+        assert_eq!(stats.metrics["temperature"].sum, expected_sum, "{device}");
+    }
+    shutdown.cancel();
+    let _ = projector.await;
+    relay.0.cancel();
+    let _ = relay.1.await;
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn batch_retried_whole_is_all_duplicates_and_changes_nothing() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let items: Vec<Value> = (0..50)
+        .map(|index| {
+            item(
+                &format!("k-{index}"),
+                &format!("gw-{}", index % 7),
+                index as f64,
+            )
+        })
+        .collect();
+    let batch = json!({ "readings": items });
+    let first: Value = post_batch(&ingest, &batch)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(first["accepted"], 50);
+    let retry: Value = post_batch(&ingest, &batch)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (&retry["accepted"], &retry["duplicates"]),
+        (&json!(0), &json!(50))
+    );
+    for (before, after) in first["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .zip(retry["results"].as_array().expect("results"))
+    {
+        assert_eq!(after["status"], "duplicate");
+        assert_eq!(after["event_id"], before["event_id"]);
+    }
+    let db = env.postgres().await;
+    assert_eq!(count(&db, "readings").await, 50);
+    assert_eq!(count(&db, "outbox").await, 50);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn batch_limits_are_enforced_as_problems() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    assert_problem(
+        post_batch(&ingest, &json!({"readings": []})).await,
+        422,
+        "invalid-reading",
+    )
+    .await;
+    let too_many: Vec<Value> = (0..1001)
+        .map(|index| item(&format!("k-{index}"), "gw-1", 1.0))
+        .collect();
+    assert_problem(
+        post_batch(&ingest, &json!({ "readings": too_many })).await,
+        422,
+        "invalid-reading",
+    )
+    .await;
+    assert_problem(
+        post_batch(&ingest, &json!({"readings": [], "extra": 1})).await,
+        400,
+        "invalid-json",
+    )
+    .await;
+    assert_problem(
+        post_batch(&ingest, &json!([1, 2])).await,
+        400,
+        "invalid-json",
+    )
+    .await;
+    let padding = " ".repeat(1024 * 1024);
+    let oversized = ingest
+        .http
+        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(format!("{{\"readings\":[{padding}]}}"))
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(oversized, 413, "payload-too-large").await;
+    let form = ingest
+        .http
+        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(form, 415, "unsupported-media-type").await;
+    // A full batch of 1000 under 1 MiB is fine.
+    let full: Vec<Value> = (0..1000)
+        .map(|index| item(&format!("k-{index}"), "gw-1", 1.0))
+        .collect();
+    let answer: Value = post_batch(&ingest, &json!({ "readings": full }))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["accepted"], 1000);
+    assert_eq!(count(&env.postgres().await, "readings").await, 1000);
+    ingest.stop().await;
+}
