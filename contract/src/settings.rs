@@ -74,6 +74,10 @@ pub struct IngestSettings {
     pub queue_capacity: usize,
     /// Longest time a request may take end to end.
     pub request_timeout_ms: u64,
+    /// Readings per second each device may send (0: no limit).
+    pub rate_limit_per_second: u32,
+    /// Readings a device may send at once before the rate applies.
+    pub rate_limit_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,16 +7,19 @@
 //! # Layout
 //! - [`db`]: connection pool and schema migrations (`migrations/*.sql`).
 //! - [`store`]: the group-committed write of reading, idempotency key and outbox row.
-//! - [`http`]: routes, the telemetry handler, problem+json errors, health and metrics.
+//! - [`http`]: routes, the telemetry and batch handlers, problem+json errors, health, metrics.
+//! - [`limits`]: the per-device rate limit.
 //! - [`relay`]: claims outbox rows, publishes them with pipelined acks, marks them.
 //! - [`bootstrap`]: logs, metrics recorder and signal handling of both binaries.
 
 pub mod bootstrap;
 pub mod db;
 pub mod http;
+pub mod limits;
 pub mod relay;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -56,7 +59,18 @@ pub async fn serve(
         max_body_bytes: settings.ingest.max_body_bytes,
         max_batch_body_bytes: settings.ingest.max_batch_body_bytes,
         request_timeout: settings.request_timeout(),
+        limiter: Arc::new(limits::DeviceLimiter::new(
+            settings.ingest.rate_limit_per_second,
+            settings.ingest.rate_limit_burst,
+        )),
     };
+    let limiter = state.limiter.clone();
+    let pruner = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            limiter.forget_idle();
+        }
+    });
     tracing::info!(address = %listener.local_addr()?, "ingest listening");
     axum::serve(listener, http::router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -64,6 +78,7 @@ pub async fn serve(
         .context("serving http")?;
     // Every request has been answered and every Store handle dropped: the dispatcher
     // finishes its last commits and ends.
+    pruner.abort();
     let _ = tokio::time::timeout(settings.shutdown_grace(), dispatcher).await;
     tracing::info!("ingest stopped");
     Ok(())

@@ -57,6 +57,8 @@ impl TestEnv {
         settings.projector.admin_listen = any_port;
         settings.relay.poll_interval_ms = 200;
         settings.log.shutdown_grace_secs = 5;
+        // Tests of the rate limit set their own; the others send in bursts.
+        settings.ingest.rate_limit_per_second = 0;
         let subjects = Subjects::for_stream(&settings.nats.stream);
         Self {
             settings,

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::telemetry::{read_body, require_json, store_error};
 use super::AppState;
+use crate::limits::retry_after_secs;
 use crate::store::{NewReading, Outcome};
 
 /// The per-item answer.
@@ -174,5 +175,15 @@ fn prepare(
                 errors,
             )
         })?;
+    state.limiter.check(&reading.device_id).map_err(|wait| {
+        ItemError::new(
+            ProblemKind::RateLimited,
+            format!(
+                "this device sends faster than its limit; retry after {} s",
+                retry_after_secs(wait)
+            ),
+            Vec::new(),
+        )
+    })?;
     Ok(NewReading::new(reading, key, received_at))
 }

@@ -26,6 +26,8 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("not found")]
     NotFound,
+    #[error("rate limited, retry after {0} s")]
+    RateLimited(u64),
 }
 
 impl ApiError {
@@ -59,13 +61,23 @@ impl ApiError {
             ),
             Self::Unavailable(detail) => Problem::new(ProblemKind::Unavailable, *detail),
             Self::NotFound => Problem::new(ProblemKind::NotFound, "no such resource"),
+            Self::RateLimited(seconds) => Problem::new(
+                ProblemKind::RateLimited,
+                format!("this device sends faster than its limit; retry after {seconds} s"),
+            ),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        problem_response(&self.problem())
+        let mut response = problem_response(&self.problem());
+        if let Self::RateLimited(seconds) = self {
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
     }
 }
 

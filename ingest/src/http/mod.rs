@@ -4,6 +4,7 @@ pub mod batch;
 pub mod error;
 pub mod telemetry;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -17,6 +18,7 @@ use contract::reading::TimeBounds;
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::limits::DeviceLimiter;
 use crate::store::Store;
 use error::{problem_response, ApiError};
 
@@ -30,6 +32,7 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub request_timeout: Duration,
+    pub limiter: Arc<DeviceLimiter>,
 }
 
 /// The whole ingest API; tests drive it over a real listener.

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::limits::retry_after_secs;
 use crate::store::{NewReading, Outcome, StoreError};
 
 /// Tells a client that it got the stored answer of an earlier request.
@@ -32,6 +33,10 @@ pub async fn post_telemetry(
         let reading = body
             .validate(received_at, state.time_bounds)
             .map_err(ApiError::InvalidReading)?;
+        state
+            .limiter
+            .check(&reading.device_id)
+            .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))?;
         let outcome = state
             .store
             .submit(NewReading::new(reading, idempotency_key, received_at))

@@ -476,3 +476,63 @@ async fn admin_connection(env: &TestEnv) -> tokio_postgres::Client {
     tokio::spawn(connection);
     client
 }
+
+#[tokio::test]
+async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.rate_limit_per_second = 1;
+    env.settings.ingest.rate_limit_burst = 3;
+    let ingest = Ingest::spawn(&env.settings).await;
+    for index in 0..3 {
+        let response = ingest
+            .post(&format!("k-{index}"), &reading("chatty", 1.0))
+            .await;
+        assert_eq!(response.status().as_u16(), 202, "within the burst");
+    }
+    let limited = ingest.post("k-3", &reading("chatty", 1.0)).await;
+    let retry_after: u64 = limited
+        .headers()
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .expect("Retry-After in whole seconds");
+    assert!(
+        (1..=2).contains(&retry_after),
+        "retry after {retry_after} s"
+    );
+    assert_problem(limited, 429, "rate-limited").await;
+    assert_eq!(
+        ingest
+            .post("k-0", &reading("quiet", 1.0))
+            .await
+            .status()
+            .as_u16(),
+        202,
+        "another device is unaffected"
+    );
+
+    // In a batch, the over-limit device's items are rejected, the others accepted.
+    let batch = json!({"readings": [
+        {"idempotency_key": "b-1", "device_id": "chatty", "metrics": {"t": 1}},
+        {"idempotency_key": "b-2", "device_id": "quiet", "metrics": {"t": 1}},
+    ]});
+    let answer: Value = ingest
+        .http
+        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["results"][0]["status"], "rejected");
+    assert!(answer["results"][0]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/rate-limited"));
+    assert_eq!(answer["results"][1]["status"], "accepted");
+    assert_eq!(count(&env.postgres().await, "readings").await, 5);
+    ingest.stop().await;
+}
