@@ -21,6 +21,7 @@ pub struct Settings {
     pub relay: RelaySettings,
     pub projector: ProjectorSettings,
     pub query: QuerySettings,
+    pub auth: AuthSettings,
     pub log: LogSettings,
 }
 
@@ -110,6 +111,17 @@ pub struct ProjectorSettings {
 #[serde(deny_unknown_fields)]
 pub struct QuerySettings {
     pub listen: SocketAddr,
+}
+
+/// Who may do what (API.md §5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Require bearer tokens on ingest and query (on in `prod`, off in `dev`).
+    pub enabled: bool,
+    /// How long a verified (or unknown) token is remembered; revocation takes effect
+    /// within this time.
+    pub cache_ttl_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -286,5 +298,8 @@ mod tests {
     fn prod_config_loads_and_logs_json() {
         let settings = Settings::load_from(&config_dir(), "prod").expect("prod loads");
         assert_eq!(settings.log.format, LogFormat::Json);
+        assert!(settings.auth.enabled, "production requires tokens");
+        let dev = Settings::load_from(&config_dir(), "dev").expect("dev loads");
+        assert!(!dev.auth.enabled, "the local demo needs none");
     }
 }

@@ -14,7 +14,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
 /// The migrations in the order they apply; a version is never edited once released.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_api_tokens.sql")),
+];
 
 /// Any constant works as long as every process uses the same one.
 const MIGRATION_LOCK: i64 = 0x7e1e_0001;

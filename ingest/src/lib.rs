@@ -9,9 +9,11 @@
 //! - [`store`]: the group-committed write of reading, idempotency key and outbox row.
 //! - [`http`]: routes, the telemetry and batch handlers, problem+json errors, health, metrics.
 //! - [`limits`]: the per-device rate limit.
+//! - [`auth`]: bearer tokens (device, gateway, read), issued and verified.
 //! - [`relay`]: claims outbox rows, publishes them with pipelined acks, marks them.
 //! - [`bootstrap`]: logs, metrics recorder and signal handling of both binaries.
 
+pub mod auth;
 pub mod bootstrap;
 pub mod db;
 pub mod http;
@@ -50,7 +52,7 @@ pub async fn serve(
     );
     let state = http::AppState {
         store,
-        pool,
+        pool: pool.clone(),
         metrics,
         time_bounds: TimeBounds {
             max_future: time::Duration::seconds(settings.ingest.max_future_secs as i64),
@@ -59,6 +61,12 @@ pub async fn serve(
         max_body_bytes: settings.ingest.max_body_bytes,
         max_batch_body_bytes: settings.ingest.max_batch_body_bytes,
         request_timeout: settings.request_timeout(),
+        tokens: settings.auth.enabled.then(|| {
+            Arc::new(auth::Tokens::new(
+                pool.clone(),
+                Duration::from_secs(settings.auth.cache_ttl_secs),
+            ))
+        }),
         limiter: Arc::new(limits::DeviceLimiter::new(
             settings.ingest.rate_limit_per_second,
             settings.ingest.rate_limit_burst,

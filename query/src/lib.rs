@@ -38,9 +38,18 @@ pub async fn serve(
         .set_response_timeout(Some(std::time::Duration::from_secs(1)));
     let redis = ConnectionManager::new_lazy_with_config(client, config)
         .context("creating the redis connection manager")?;
+    // Read tokens live in PostgreSQL, in the table the ingest migrations create.
+    let tokens = if settings.auth.enabled {
+        let pool = ingest::db::pool(&settings.database)?;
+        let ttl = std::time::Duration::from_secs(settings.auth.cache_ttl_secs);
+        Some(std::sync::Arc::new(ingest::auth::Tokens::new(pool, ttl)))
+    } else {
+        None
+    };
     let state = http::AppState {
         read_model: read_model::ReadModel::new(redis, settings.redis.prefix.clone()),
         metrics,
+        tokens,
     };
     tracing::info!(address = %listener.local_addr()?, "query listening");
     axum::serve(listener, http::router(state))

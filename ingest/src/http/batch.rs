@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::telemetry::{read_body, require_json, store_error};
 use super::AppState;
+use crate::auth::Grant;
 use crate::limits::retry_after_secs;
 use crate::store::{NewReading, Outcome};
 
@@ -65,9 +66,10 @@ pub async fn post_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchResponse>, ApiError> {
+    let grant = state.authenticate(&headers).await?;
     require_json(&headers)?;
     let deadline = state.request_timeout;
-    tokio::time::timeout(deadline, handle(&state, &headers, body))
+    tokio::time::timeout(deadline, handle(&state, grant.as_ref(), &headers, body))
         .await
         .map_err(|_| {
             ApiError::Unavailable("the request took too long; retry it, the keys make that safe")
@@ -76,6 +78,7 @@ pub async fn post_batch(
 
 async fn handle(
     state: &AppState,
+    grant: Option<&Grant>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Json<BatchResponse>, ApiError> {
@@ -92,7 +95,7 @@ async fn handle(
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(batch.readings.len());
     let mut to_store: Vec<(usize, NewReading)> = Vec::new();
     for (index, item) in batch.readings.into_iter().enumerate() {
-        match prepare(state, item, received_at) {
+        match prepare(state, grant, item, received_at) {
             Ok(reading) => {
                 results.push(None);
                 to_store.push((index, reading));
@@ -153,6 +156,7 @@ async fn handle(
 /// Decodes and checks one item the way `POST /v1/telemetry` checks a request.
 fn prepare(
     state: &AppState,
+    grant: Option<&Grant>,
     item: serde_json::Value,
     received_at: OffsetDateTime,
 ) -> Result<NewReading, ItemError> {
@@ -175,6 +179,13 @@ fn prepare(
                 errors,
             )
         })?;
+    if grant.is_some_and(|grant| !grant.may_ingest(&reading.device_id)) {
+        return Err(ItemError::new(
+            ProblemKind::Forbidden,
+            "this token may not post readings for this device",
+            Vec::new(),
+        ));
+    }
     state.limiter.check(&reading.device_id).map_err(|wait| {
         ItemError::new(
             ProblemKind::RateLimited,

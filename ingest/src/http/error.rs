@@ -5,6 +5,8 @@ use axum::response::{IntoResponse, Response};
 use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
 use contract::reading::FieldError;
 
+use crate::auth::AuthError;
+
 /// Every way a request can fail; each maps to one problem type and status.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -28,6 +30,21 @@ pub enum ApiError {
     NotFound,
     #[error("rate limited, retry after {0} s")]
     RateLimited(u64),
+    #[error("unauthorized: {0}")]
+    Unauthorized(AuthError),
+    #[error("forbidden")]
+    Forbidden,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Unavailable => {
+                Self::Unavailable("credentials cannot be checked right now; retry shortly")
+            }
+            error => Self::Unauthorized(error),
+        }
+    }
 }
 
 impl ApiError {
@@ -61,6 +78,14 @@ impl ApiError {
             ),
             Self::Unavailable(detail) => Problem::new(ProblemKind::Unavailable, *detail),
             Self::NotFound => Problem::new(ProblemKind::NotFound, "no such resource"),
+            Self::Unauthorized(error) => Problem::new(
+                ProblemKind::Unauthorized,
+                format!("{error}; send Authorization: Bearer <token>"),
+            ),
+            Self::Forbidden => Problem::new(
+                ProblemKind::Forbidden,
+                "this token may not post readings for this device",
+            ),
             Self::RateLimited(seconds) => Problem::new(
                 ProblemKind::RateLimited,
                 format!("this device sends faster than its limit; retry after {seconds} s"),
@@ -72,6 +97,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = problem_response(&self.problem());
+        if let Self::Unauthorized(_) = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Self::RateLimited(seconds) = self {
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);

@@ -18,6 +18,7 @@ use contract::reading::TimeBounds;
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::auth::{Grant, Tokens};
 use crate::limits::DeviceLimiter;
 use crate::store::Store;
 use error::{problem_response, ApiError};
@@ -33,6 +34,21 @@ pub struct AppState {
     pub max_batch_body_bytes: usize,
     pub request_timeout: Duration,
     pub limiter: Arc<DeviceLimiter>,
+    /// `None` when authentication is off.
+    pub tokens: Option<Arc<Tokens>>,
+}
+
+impl AppState {
+    /// The request's grant; `None` when authentication is off.
+    pub async fn authenticate(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Option<Grant>, ApiError> {
+        match &self.tokens {
+            None => Ok(None),
+            Some(tokens) => Ok(Some(tokens.verify(headers).await?)),
+        }
+    }
 }
 
 /// The whole ingest API; tests drive it over a real listener.

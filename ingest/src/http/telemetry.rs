@@ -22,6 +22,7 @@ pub async fn post_telemetry(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let grant = state.authenticate(&headers).await?;
     require_json(&headers)?;
     let idempotency_key = idempotency_key(&headers)?;
     let deadline = state.request_timeout;
@@ -33,6 +34,12 @@ pub async fn post_telemetry(
         let reading = body
             .validate(received_at, state.time_bounds)
             .map_err(ApiError::InvalidReading)?;
+        if grant
+            .as_ref()
+            .is_some_and(|grant| !grant.may_ingest(&reading.device_id))
+        {
+            return Err(ApiError::Forbidden);
+        }
         state
             .limiter
             .check(&reading.device_id)

@@ -1,6 +1,7 @@
 //! Integration tests of the ingest service and the relay, against the real PostgreSQL
 //! and NATS; each test has its own database and stream (see `testkit`).
 
+mod auth;
 mod batch;
 mod relay;
 mod support;

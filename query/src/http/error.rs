@@ -6,6 +6,7 @@ use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
 use contract::reading::FieldError;
 
 use crate::read_model::ReadError;
+use ingest::auth::AuthError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -19,6 +20,21 @@ pub enum ApiError {
     Unavailable,
     #[error("read model rebuilding")]
     Rebuilding,
+    #[error("unauthorized: {0}")]
+    Unauthorized(AuthError),
+    #[error("forbidden")]
+    Forbidden,
+    #[error("credentials cannot be checked")]
+    AuthUnavailable,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Unavailable => Self::AuthUnavailable,
+            error => Self::Unauthorized(error),
+        }
+    }
 }
 
 impl From<ReadError> for ApiError {
@@ -50,6 +66,18 @@ impl ApiError {
                 ProblemKind::Unavailable,
                 "the read model is not reachable; retry shortly",
             ),
+            Self::Unauthorized(error) => Problem::new(
+                ProblemKind::Unauthorized,
+                format!("{error}; send Authorization: Bearer <read token>"),
+            ),
+            Self::Forbidden => Problem::new(
+                ProblemKind::Forbidden,
+                "this token may not read; use a read token",
+            ),
+            Self::AuthUnavailable => Problem::new(
+                ProblemKind::Unavailable,
+                "credentials cannot be checked right now; retry shortly",
+            ),
             Self::Rebuilding => Problem::new(
                 ProblemKind::Unavailable,
                 "the read model is being rebuilt from the event stream; retry shortly",
@@ -67,6 +95,9 @@ impl IntoResponse for ApiError {
             (status, serde_json::to_vec(&problem).unwrap_or_default()).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -3,6 +3,7 @@
 pub mod devices;
 pub mod error;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -15,24 +16,50 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::read_model::ReadModel;
 use error::ApiError;
+use ingest::auth::{Grant, Tokens};
 
 #[derive(Clone)]
 pub struct AppState {
     pub read_model: ReadModel,
     pub metrics: PrometheusHandle,
+    /// `None` when authentication is off.
+    pub tokens: Option<Arc<Tokens>>,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/devices", get(devices::list))
         .route("/v1/devices/{device_id}/stats", get(devices::stats))
         .route("/v1/devices/{device_id}/series", get(devices::series))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_read_token,
+        ));
+    Router::new()
+        .merge(api)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::NoSuchRoute })
         .layer(middleware::from_fn(track))
         .with_state(state)
+}
+
+/// With authentication on, the API needs a read token (device and gateway tokens may
+/// only post).
+async fn require_read_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(tokens) = &state.tokens {
+        match tokens.verify(request.headers()).await {
+            Ok(Grant::Read) => {}
+            Ok(_) => return ApiError::Forbidden.into_response(),
+            Err(error) => return ApiError::from(error).into_response(),
+        }
+    }
+    next.run(request).await
 }
 
 /// Counts every request by route and status and times it.

@@ -1,0 +1,214 @@
+//! Who may post (API.md §5): every row — missing, malformed, unknown, revoked, another
+//! device's token, a gateway token, a read token used for ingest.
+
+use std::time::Duration;
+
+use ingest::auth::{issue, revoke, Kind};
+use serde_json::{json, Value};
+use testkit::{eventually, TestEnv};
+
+use crate::support::{assert_problem, count, reading, Ingest};
+
+fn with_auth(cache_ttl_secs: u64) -> TestEnv {
+    let mut env = TestEnv::new();
+    env.settings.auth.enabled = true;
+    env.settings.auth.cache_ttl_secs = cache_ttl_secs;
+    env
+}
+
+async fn post_as(
+    ingest: &Ingest,
+    authorization: Option<&str>,
+    key: &str,
+    body: &Value,
+) -> reqwest::Response {
+    let mut request = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(body.to_string());
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    request.send().await.expect("request sent")
+}
+
+async fn assert_unauthorized(response: reqwest::Response) {
+    assert_eq!(
+        response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|value| value.to_str().ok()),
+        Some("Bearer")
+    );
+    assert_problem(response, 401, "unauthorized").await;
+}
+
+#[tokio::test]
+async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
+    let env = with_auth(0);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let pool = ingest::db::pool(&env.settings.database).expect("pool");
+    let (_, device_token) = issue(&pool, Kind::Device, Some("sensor-1"), "test")
+        .await
+        .expect("issued");
+    let (_, gateway_token) = issue(&pool, Kind::Gateway, None, "test")
+        .await
+        .expect("issued");
+    let (_, read_token) = issue(&pool, Kind::Read, None, "test")
+        .await
+        .expect("issued");
+    let (revoked_id, revoked_token) = issue(&pool, Kind::Device, Some("sensor-1"), "test")
+        .await
+        .expect("issued");
+    assert!(revoke(&pool, revoked_id).await.expect("revoked"));
+    assert!(device_token.starts_with("tp_") && device_token.len() == 67);
+
+    assert_unauthorized(post_as(&ingest, None, "k-0", &reading("sensor-1", 1.0)).await).await;
+    let unknown = format!("Bearer tp_{}", "0".repeat(64));
+    let basic = "Basic dXNlcjpwYXNz".to_owned();
+    let bare = "Bearer".to_owned();
+    let short = "Bearer tp_123".to_owned();
+    let revoked = format!("Bearer {revoked_token}");
+    for authorization in [&unknown, &basic, &bare, &short, &revoked] {
+        assert_unauthorized(
+            post_as(
+                &ingest,
+                Some(authorization),
+                "k-0",
+                &reading("sensor-1", 1.0),
+            )
+            .await,
+        )
+        .await;
+    }
+
+    let device = format!("Bearer {device_token}");
+    let own = post_as(&ingest, Some(&device), "k-1", &reading("sensor-1", 1.0)).await;
+    assert_eq!(
+        own.status().as_u16(),
+        202,
+        "a device token posts its own device"
+    );
+    // Another device: the same 403 whether that device exists (sensor-2 gets a reading
+    // below) or not, so the answer reveals nothing about other devices.
+    let gateway = format!("Bearer {gateway_token}");
+    assert_eq!(
+        post_as(&ingest, Some(&gateway), "k-2", &reading("sensor-2", 2.0))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    let existing = post_as(&ingest, Some(&device), "k-3", &reading("sensor-2", 1.0)).await;
+    let missing = post_as(&ingest, Some(&device), "k-3", &reading("sensor-9", 1.0)).await;
+    let existing = assert_problem(existing, 403, "forbidden").await;
+    let missing = assert_problem(missing, 403, "forbidden").await;
+    assert_eq!(existing, missing);
+
+    let read = format!("Bearer {read_token}");
+    assert_problem(
+        post_as(&ingest, Some(&read), "k-4", &reading("sensor-1", 1.0)).await,
+        403,
+        "forbidden",
+    )
+    .await;
+
+    // A batch with a device token: the other device's item alone is rejected.
+    let batch = json!({"readings": [
+        {"idempotency_key": "b-1", "device_id": "sensor-1", "metrics": {"t": 1}},
+        {"idempotency_key": "b-2", "device_id": "sensor-2", "metrics": {"t": 1}},
+    ]});
+    let answer: Value = ingest
+        .http
+        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+        .header("content-type", "application/json")
+        .header("authorization", &device)
+        .body(batch.to_string())
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["results"][0]["status"], "accepted");
+    assert_eq!(answer["results"][1]["status"], "rejected");
+    assert!(answer["results"][1]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/forbidden"));
+    let unauthenticated_batch = ingest
+        .http
+        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(batch.to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_unauthorized(unauthenticated_batch).await;
+
+    let stored: i64 = count(&env.postgres().await, "readings").await;
+    assert_eq!(
+        stored, 3,
+        "own reading, the gateway's, and the batch's own item"
+    );
+    let row = env
+        .postgres()
+        .await
+        .query_one(
+            "SELECT count(*) FILTER (WHERE token_hash = sha256($1::bytea)),
+                    count(*) FILTER (WHERE token_hash = $1::bytea OR label = $2)
+             FROM api_tokens",
+            &[&device_token.as_bytes(), &device_token],
+        )
+        .await
+        .expect("query");
+    let (hashed, in_clear): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        (hashed, in_clear),
+        (1, 0),
+        "tokens are stored only as SHA-256 hashes"
+    );
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn revocation_takes_effect_within_the_cache_ttl() {
+    let env = with_auth(1);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let pool = ingest::db::pool(&env.settings.database).expect("pool");
+    let (id, token) = issue(&pool, Kind::Gateway, None, "test")
+        .await
+        .expect("issued");
+    let authorization = format!("Bearer {token}");
+    assert_eq!(
+        post_as(&ingest, Some(&authorization), "k-1", &reading("d", 1.0))
+            .await
+            .status()
+            .as_u16(),
+        202
+    );
+    assert!(revoke(&pool, id).await.expect("revoked"));
+    let started = std::time::Instant::now();
+    let mut attempt = 0;
+    eventually(Duration::from_secs(3), "revocation to take effect", || {
+        attempt += 1;
+        let key = format!("k-retry-{attempt}");
+        let authorization = authorization.clone();
+        let ingest = &ingest;
+        async move {
+            let status = post_as(ingest, Some(&authorization), &key, &reading("d", 1.0))
+                .await
+                .status()
+                .as_u16();
+            (status == 401).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "within the 1 s cache ttl (and a poll)"
+    );
+    ingest.stop().await;
+}
