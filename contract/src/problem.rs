@@ -25,6 +25,7 @@ pub enum ProblemKind {
     RateLimited,
     Unavailable,
     NotFound,
+    MethodNotAllowed,
     Internal,
 }
 
@@ -44,6 +45,7 @@ impl ProblemKind {
             Self::RateLimited => "rate-limited",
             Self::Unavailable => "unavailable",
             Self::NotFound => "not-found",
+            Self::MethodNotAllowed => "method-not-allowed",
             Self::Internal => "internal",
         }
     }
@@ -54,6 +56,7 @@ impl ProblemKind {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::IdempotencyKeyInUse => 409,
             Self::PayloadTooLarge => 413,
             Self::UnsupportedMediaType => 415,
@@ -81,6 +84,7 @@ impl ProblemKind {
             Self::RateLimited => "Too many requests",
             Self::Unavailable => "Service temporarily unavailable",
             Self::NotFound => "Not found",
+            Self::MethodNotAllowed => "Method not allowed on this resource",
             Self::Internal => "Internal error",
         }
     }

@@ -22,6 +22,7 @@ pub struct Settings {
     pub projector: ProjectorSettings,
     pub query: QuerySettings,
     pub auth: AuthSettings,
+    pub http: HttpSettings,
     pub log: LogSettings,
 }
 
@@ -111,6 +112,17 @@ pub struct ProjectorSettings {
 #[serde(deny_unknown_fields)]
 pub struct QuerySettings {
     pub listen: SocketAddr,
+}
+
+/// Limits of every HTTP connection of ingest and query.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// A request's head — and, on a kept-alive connection, the next request — must
+    /// arrive within this; slow or idle clients are disconnected after it.
+    pub header_read_timeout_ms: u64,
+    /// Largest request line plus headers (at least 8192).
+    pub max_header_bytes: usize,
 }
 
 /// Who may do what (API.md §5).
@@ -236,6 +248,12 @@ impl Settings {
             if value == 0 {
                 return invalid(key, "must be at least 1");
             }
+        }
+        if self.http.max_header_bytes < 8192 {
+            return invalid(
+                "http.max_header_bytes (PIPELINE__HTTP__MAX_HEADER_BYTES)",
+                "must be at least 8192",
+            );
         }
         if self.relay.batch_size < 1 || self.relay.prune_batch < 1 {
             return invalid(

@@ -24,7 +24,6 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use contract::reading::TimeBounds;
 use contract::settings::Settings;
 use tokio::net::TcpListener;
@@ -80,16 +79,27 @@ pub async fn serve(
         }
     });
     tracing::info!(address = %listener.local_addr()?, "ingest listening");
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("serving http")?;
+    http::server::serve(
+        listener,
+        http::router(state),
+        connection_limits(&settings),
+        shutdown,
+    )
+    .await;
     // Every request has been answered and every Store handle dropped: the dispatcher
     // finishes its last commits and ends.
     pruner.abort();
     let _ = tokio::time::timeout(settings.shutdown_grace(), dispatcher).await;
     tracing::info!("ingest stopped");
     Ok(())
+}
+
+/// The connection limits of the `[http]` settings.
+pub fn connection_limits(settings: &Settings) -> http::server::ConnectionLimits {
+    http::server::ConnectionLimits {
+        header_read_timeout: Duration::from_millis(settings.http.header_read_timeout_ms),
+        max_header_bytes: settings.http.max_header_bytes,
+    }
 }
 
 /// Applies migrations, retrying while PostgreSQL is not reachable yet.

@@ -304,7 +304,11 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
     let mut redis = rebuild.redis.clone();
     let prefix = rebuild.read_model.prefix.clone();
     while !shutdown.is_cancelled() {
-        let needed = match Generations::read(&mut redis, &prefix).await {
+        let generations = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            generations = Generations::read(&mut redis, &prefix) => generations,
+        };
+        let needed = match generations {
             Ok(Generations {
                 current: None,
                 building: None,

@@ -90,13 +90,21 @@ pub async fn run(
         redis_client,
         ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5))),
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500)),
     )
     .context("creating the redis connection manager")?;
     let mut projector = Projector::new(&settings, nats, redis);
-    let supervisor = tokio::spawn(consumer::supervise(projector.rebuild(), shutdown.clone()));
+    let mut supervisor = tokio::spawn(consumer::supervise(projector.rebuild(), shutdown.clone()));
     projector.run(shutdown).await;
-    let _ = supervisor.await;
+    // The supervisor may be inside a Redis call that waits for a dead server.
+    if tokio::time::timeout(Duration::from_secs(1), &mut supervisor)
+        .await
+        .is_err()
+    {
+        supervisor.abort();
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     tracing::info!("projector stopped");
     Ok(())

@@ -28,6 +28,8 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("not found")]
     NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("rate limited, retry after {0} s")]
     RateLimited(u64),
     #[error("unauthorized: {0}")]
@@ -78,6 +80,10 @@ impl ApiError {
             ),
             Self::Unavailable(detail) => Problem::new(ProblemKind::Unavailable, *detail),
             Self::NotFound => Problem::new(ProblemKind::NotFound, "no such resource"),
+            Self::MethodNotAllowed => Problem::new(
+                ProblemKind::MethodNotAllowed,
+                "readings are sent with POST",
+            ),
             Self::Unauthorized(error) => Problem::new(
                 ProblemKind::Unauthorized,
                 format!("{error}; send Authorization: Bearer <token>"),

@@ -536,3 +536,56 @@ async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
     assert_eq!(count(&env.postgres().await, "readings").await, 5);
     ingest.stop().await;
 }
+
+#[tokio::test]
+async fn slow_or_idle_clients_are_disconnected_and_huge_headers_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = TestEnv::new();
+    env.settings.http.header_read_timeout_ms = 300;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let address = ingest.base_url.trim_start_matches("http://").to_owned();
+
+    // Headers trickling in never finish: the server hangs up after the deadline.
+    let mut slow = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    slow.write_all(b"POST /v1/telemetry HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buffer)).await;
+    assert!(read.is_ok(), "the server closed the connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "after about the 300 ms deadline"
+    );
+
+    // An idle kept-alive connection is closed too.
+    let mut idle = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buffer)).await;
+    assert!(read.is_ok(), "the idle connection was closed");
+
+    // A request head over the limit is refused.
+    let huge = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-1")
+        .header("x-padding", "p".repeat(64 * 1024))
+        .body(reading("sensor-1", 1.0).to_string())
+        .send()
+        .await;
+    match huge {
+        Ok(response) => assert_eq!(response.status().as_u16(), 431),
+        Err(error) => assert!(
+            error.is_request() || error.is_connect() || error.to_string().contains("closed"),
+            "{error}"
+        ),
+    }
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    ingest.stop().await;
+}

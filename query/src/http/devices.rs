@@ -2,11 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::Json;
 use contract::read_model::{Aggregate, MetricStats, Resolution, FINE};
 use contract::reading::{check_device_id, check_metric_name, FieldError};
 use contract::timestamp::{format_millis, parse, unix_millis};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -108,10 +110,9 @@ impl MetricView {
 /// `GET /v1/devices/{device_id}/stats`
 pub async fn stats(
     State(state): State<AppState>,
-    Path(device_id): Path<String>,
-    Query(query): Query<StatsQuery>,
+    DevicePath(device_id): DevicePath,
+    QueryParams(query): QueryParams<StatsQuery>,
 ) -> Result<Json<StatsResponse>, ApiError> {
-    valid_device_id(&device_id)?;
     let wanted = metric_filter(query.metrics.as_deref())?;
     let now_ms = unix_millis(OffsetDateTime::now_utc());
     let view = state
@@ -166,7 +167,7 @@ pub const LIST_LIMIT_MAX: usize = 1000;
 /// `GET /v1/devices?limit=&cursor=`: most recently seen first, keyset-paginated.
 pub async fn list(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<ListResponse>, ApiError> {
     let limit = match query.limit.as_deref() {
         None => 100,
@@ -256,10 +257,9 @@ pub struct SeriesResponse {
 /// `to` minus 1 h (10 s) or 24 h (5 min); `from` is raised to the oldest bucket kept.
 pub async fn series(
     State(state): State<AppState>,
-    Path(device_id): Path<String>,
-    Query(query): Query<SeriesQuery>,
+    DevicePath(device_id): DevicePath,
+    QueryParams(query): QueryParams<SeriesQuery>,
 ) -> Result<Json<SeriesResponse>, ApiError> {
-    valid_device_id(&device_id)?;
     let metric = query
         .metric
         .ok_or_else(|| invalid("metric", "is required"))?;
@@ -322,6 +322,45 @@ pub async fn series(
             })
             .collect(),
     }))
+}
+
+/// The `{device_id}` of the path; a path that is not UTF-8 is a problem document too.
+pub struct DevicePath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(device_id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| {
+                invalid(
+                    "device_id",
+                    "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'",
+                )
+            })?;
+        valid_device_id(&device_id)?;
+        Ok(Self(device_id))
+    }
+}
+
+/// The query string; one that does not parse is a problem document too.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(query) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| {
+                invalid(
+                "query",
+                "the query string is malformed; give each parameter at most once, as documented",
+            )
+            })?;
+        Ok(Self(query))
+    }
 }
 
 fn valid_device_id(device_id: &str) -> Result<(), ApiError> {

@@ -16,6 +16,8 @@ pub enum ApiError {
     DeviceNotFound,
     #[error("no such route")]
     NoSuchRoute,
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("read model unavailable")]
     Unavailable,
     #[error("read model rebuilding")]
@@ -62,9 +64,13 @@ impl ApiError {
                 "no readings are known for this device",
             ),
             Self::NoSuchRoute => Problem::new(ProblemKind::NotFound, "no such resource"),
+            Self::MethodNotAllowed => Problem::new(
+                ProblemKind::MethodNotAllowed,
+                "this resource is read with GET",
+            ),
             Self::Unavailable => Problem::new(
                 ProblemKind::Unavailable,
-                "the read model is not reachable; retry shortly",
+                "the read model (redis) is not answering; retry shortly",
             ),
             Self::Unauthorized(error) => Problem::new(
                 ProblemKind::Unauthorized,

@@ -1,0 +1,85 @@
+//! Serving a router with limits on what a client may hold: `axum::serve` sets no
+//! header-read deadline, so a client sending headers slowly (or idling on a keep-alive
+//! connection) could hold a connection forever. This loop is `axum::serve` with hyper's
+//! `header_read_timeout` (which also bounds the wait for the next request on a kept-alive
+//! connection) and a cap on the request head's size. HTTP/1.1 only: devices and
+//! dashboards speak it, and a connection that sends nothing at all is then also timed
+//! out (protocol detection for HTTP/2 would wait for the first bytes forever). The query
+//! service uses it too.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// What one connection may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// A request head (or, between requests, the next one) must arrive within this.
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers); at least 8 KiB.
+    pub max_header_bytes: usize,
+}
+
+/// Serves `router` until `shutdown`, then lets the requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: pause rather than spin.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .map_request(|request: Request<Incoming>| request.map(Body::new)),
+        );
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192));
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}

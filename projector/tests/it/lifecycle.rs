@@ -1,0 +1,161 @@
+//! Starting, stopping and restarting a projector; its admin port (API.md §7).
+
+use std::time::{Duration, Instant};
+
+use testkit::{eventually, TestEnv};
+
+use crate::support::{
+    assert_figures, consumer_info, drained, event, now_ms, projected, publish, reference, streams,
+    Projector, CATCH_UP,
+};
+
+#[tokio::test]
+async fn cancellation_stops_the_projector_and_a_restart_resumes_where_the_durable_consumer_left_off(
+) {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let base = now_ms() - 60_000;
+    let first_events: Vec<_> = (0..10)
+        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
+        .collect();
+    let projector = Projector::spawn(&env.settings).await;
+    for event in &first_events {
+        publish(&env, &jetstream, event).await;
+    }
+    let expected = reference(&first_events);
+    projected(&env, &expected).await;
+    drained(&env, &jetstream, 10).await;
+    projector.stop().await;
+
+    let stopped = consumer_info(&env, &jetstream).await;
+    assert_eq!(stopped.delivered.stream_sequence, 10);
+    assert_eq!(stopped.delivered.consumer_sequence, 10);
+    assert_eq!(stopped.ack_floor.stream_sequence, 10);
+    assert_eq!(stopped.num_ack_pending, 0);
+    let before_restart = env.device_stats("sensor-1").await.expect("projected");
+    assert_figures("sensor-1", &before_restart, &expected["sensor-1"]);
+
+    // Events that arrive while no projector runs wait in the durable consumer.
+    let later_events: Vec<_> = (10..15)
+        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
+        .collect();
+    for event in &later_events {
+        publish(&env, &jetstream, event).await;
+    }
+    let waiting = consumer_info(&env, &jetstream).await;
+    assert_eq!(waiting.num_pending, 5);
+    assert_eq!(
+        env.device_stats("sensor-1").await,
+        Some(before_restart),
+        "nothing applied while stopped"
+    );
+
+    let restarted = Projector::spawn(&env.settings).await;
+    let all_events: Vec<_> = first_events.iter().chain(&later_events).collect();
+    let expected = reference(all_events.iter().copied());
+    let actual = projected(&env, &expected).await;
+    let resumed = drained(&env, &jetstream, 15).await;
+    assert_figures("sensor-1", &actual["sensor-1"], &expected["sensor-1"]);
+    assert_eq!(actual["sensor-1"].as_of_seq, 15);
+    // The same consumer, continued: 15 deliveries in all, none of them a repeat.
+    assert_eq!(
+        resumed.created, stopped.created,
+        "the durable consumer was kept"
+    );
+    assert_eq!(resumed.delivered.consumer_sequence, 15);
+    assert_eq!(resumed.delivered.stream_sequence, 15);
+    assert_eq!(resumed.ack_floor.stream_sequence, 15);
+    assert_eq!(resumed.num_redelivered, 0);
+    restarted.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_port_answers_health_readiness_and_metrics() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = Projector::spawn(&env.settings).await;
+    publish(
+        &env,
+        &jetstream,
+        &event("sensor-1", now_ms(), &[("temperature", 1.0)]),
+    )
+    .await;
+    drained(&env, &jetstream, 1).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    let get = |path: &str| http.get(format!("{}{path}", projector.admin_url)).send();
+    assert_eq!(
+        get("/healthz").await.expect("healthz").status().as_u16(),
+        200
+    );
+    let ready = eventually(CATCH_UP, "projector ready", || async {
+        let response = get("/readyz").await.ok()?;
+        (response.status().as_u16() == 200).then_some(response)
+    })
+    .await;
+    let body: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!(body["status"], "ready");
+    let metrics = get("/metrics")
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("projector_events_applied_total"),
+        "metrics name the applied events: {metrics}"
+    );
+    projector.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_is_503_naming_redis_while_redis_is_unreachable() {
+    let env = TestEnv::new();
+    streams(&env).await;
+    let mut settings = env.settings.clone();
+    settings.redis.url = "redis://127.0.0.1:1".to_owned();
+    let projector = Projector::spawn(&settings).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    let response = eventually(CATCH_UP, "admin port up", || async {
+        http.get(format!("{}/readyz", projector.admin_url))
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok()),
+        Some("application/problem+json")
+    );
+    let problem: serde_json::Value = response.json().await.expect("problem json");
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/problems/unavailable"),
+        "{problem}"
+    );
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("redis"), "the detail names redis: {detail}");
+    assert!(
+        !detail.contains("127.0.0.1"),
+        "no internal address: {detail}"
+    );
+    // Nothing is in flight, so cancellation (SIGTERM) ends it promptly (API.md §7).
+    let stopping = Instant::now();
+    projector.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "stopping took {:?} while Redis is unreachable",
+        stopping.elapsed()
+    );
+}

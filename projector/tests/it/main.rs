@@ -1,0 +1,9 @@
+//! Integration tests of the projector against the real NATS JetStream and Redis; each
+//! test has its own stream, durable consumer and Redis key prefix (see `testkit`), and
+//! runs the projector in this process.
+
+mod dead_letters;
+mod lifecycle;
+mod projection;
+mod redelivery;
+mod support;

@@ -1,0 +1,344 @@
+//! Every event counts once: stream-level copies, redeliveries of applied events, and
+//! any shuffling, duplication and batching of deliveries (API.md §4, "exactly once").
+
+use std::collections::BTreeMap;
+
+use contract::event::TelemetryRecorded;
+use contract::read_model::DeviceStats;
+use projector::apply::{script, Applied, Delivered, ReadModel};
+use proptest::prelude::*;
+use redis::aio::ConnectionManager;
+use testkit::{eventually, TestEnv};
+
+use crate::support::{
+    assert_figures, drained, event, figures, now_ms, projected, publish, publish_with_id,
+    reference, set_live_generation, stream_messages, streams, Projector, CATCH_UP,
+};
+
+/// The generation the tests that apply directly write to (and make live).
+const GENERATION: u64 = 1;
+
+/// The read model as the projector uses it, under `prefix`.
+fn read_model(prefix: &str) -> ReadModel {
+    ReadModel {
+        prefix: prefix.to_owned(),
+        dedup_horizon_ms: 86_400_000,
+    }
+}
+
+async fn connection(env: &TestEnv) -> ConnectionManager {
+    let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
+    ConnectionManager::new(client)
+        .await
+        .expect("redis reachable")
+}
+
+#[tokio::test]
+async fn an_event_stored_twice_in_the_stream_is_counted_once_and_as_of_seq_advances() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = Projector::spawn(&env.settings).await;
+    let base = now_ms() - 60_000;
+    let events = [
+        event(
+            "sensor-1",
+            base,
+            &[("temperature", 20.0), ("humidity", 50.0)],
+        ),
+        event("sensor-1", base + 1_000, &[("temperature", 21.0)]),
+        event("sensor-1", base + 2_000, &[("temperature", 19.0)]),
+        event("sensor-2", base, &[("temperature", 5.0)]),
+    ];
+    for event in &events {
+        publish(&env, &jetstream, event).await;
+    }
+    let expected = reference(&events);
+    projected(&env, &expected).await;
+    drained(&env, &jetstream, 4).await;
+    let before = figures(&env, "sensor-1").await;
+
+    // The relay republishing inside the duplicate window: JetStream drops the copy.
+    let same_id = publish_with_id(
+        &env,
+        &jetstream,
+        &events[1],
+        &events[1].event_id.to_string(),
+    )
+    .await;
+    assert!(same_id.duplicate, "JetStream recognises the message id");
+    assert_eq!(stream_messages(&jetstream, env.subjects.stream()).await, 4);
+
+    // A copy JetStream cannot recognise (e.g. republished after the window): stored
+    // again, delivered again, and skipped by the projector.
+    let copy = publish_with_id(&env, &jetstream, &events[1], "another-message-id").await;
+    assert!(!copy.duplicate);
+    assert_eq!(copy.sequence, 5);
+    let info = drained(&env, &jetstream, 5).await;
+    assert_eq!(info.delivered.stream_sequence, 5);
+    let stats = eventually(CATCH_UP, "as_of_seq to reach the copy", || async {
+        env.device_stats("sensor-1")
+            .await
+            .filter(|stats| stats.as_of_seq == 5)
+    })
+    .await;
+    assert_figures("sensor-1", &stats, &expected["sensor-1"]);
+    assert_eq!(
+        figures(&env, "sensor-1").await,
+        before,
+        "the copy changed no figure"
+    );
+    let other = env
+        .device_stats("sensor-2")
+        .await
+        .expect("sensor-2 projected");
+    assert_figures("sensor-2", &other, &expected["sensor-2"]);
+    projector.stop().await;
+}
+
+#[tokio::test]
+async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
+    let env = TestEnv::new();
+    let prefix = &env.settings.redis.prefix;
+    let mut redis = connection(&env).await;
+    set_live_generation(&env, GENERATION).await;
+    let base = now_ms() - 60_000;
+    let events = [
+        event("sensor-1", base, &[("temperature", 20.5)]),
+        event(
+            "sensor-1",
+            base + 10,
+            &[("temperature", 22.25), ("humidity", 41.0)],
+        ),
+        event("sensor-2", base + 20, &[("humidity", 60.0)]),
+        event("sensor-1", base - 10, &[("temperature", 18.0)]),
+    ];
+    let mut batch: Vec<Delivered> = events
+        .iter()
+        .zip(1..)
+        .map(|(event, stream_sequence)| Delivered {
+            event: event.clone(),
+            stream_sequence,
+        })
+        .collect();
+    // The same event twice in one batch, as a redelivery racing its original.
+    batch.push(batch[1].clone());
+
+    let model = read_model(prefix);
+    let first = model
+        .apply(&mut redis, &script(), &[GENERATION], &batch, now_ms())
+        .await
+        .expect("first apply");
+    assert_eq!(
+        first,
+        Applied {
+            applied: 4,
+            duplicates: 1
+        }
+    );
+    let after_first = (
+        figures(&env, "sensor-1").await,
+        figures(&env, "sensor-2").await,
+    );
+    let stats_after_first = (
+        env.device_stats("sensor-1").await.expect("sensor-1"),
+        env.device_stats("sensor-2").await.expect("sensor-2"),
+    );
+
+    let second = model
+        .apply(
+            &mut redis,
+            &script(),
+            &[GENERATION],
+            &batch,
+            now_ms() + 1_000,
+        )
+        .await
+        .expect("second apply");
+    assert_eq!(
+        second,
+        Applied {
+            applied: 0,
+            duplicates: 5
+        }
+    );
+    assert_eq!(
+        (
+            figures(&env, "sensor-1").await,
+            figures(&env, "sensor-2").await
+        ),
+        after_first,
+        "the second apply changed no figure"
+    );
+    let expected = reference(&events);
+    for (device, stats) in [
+        ("sensor-1", stats_after_first.0),
+        ("sensor-2", stats_after_first.1),
+    ] {
+        assert_figures(device, &stats, &expected[device]);
+        let again = env.device_stats(device).await.expect("still there");
+        assert_eq!(again.as_of_seq, stats.as_of_seq, "{device}: as_of_seq");
+        assert!(
+            again.updated_at_ms > stats.updated_at_ms,
+            "{device}: updated_at"
+        );
+    }
+}
+
+#[tokio::test]
+async fn events_applied_before_a_crash_are_skipped_when_the_projector_receives_them_again() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let base = now_ms() - 60_000;
+    let events = [
+        event("sensor-1", base, &[("temperature", 20.0)]),
+        event("sensor-1", base + 1, &[("temperature", 21.0)]),
+        event("sensor-2", base + 2, &[("temperature", 22.0)]),
+        event("sensor-1", base + 3, &[("temperature", 23.0)]),
+    ];
+    let mut delivered = Vec::new();
+    for event in &events {
+        let stream_sequence = publish(&env, &jetstream, event).await;
+        delivered.push(Delivered {
+            event: event.clone(),
+            stream_sequence,
+        });
+    }
+    // A projector applied the first three to the live generation and died before
+    // acking them: JetStream still holds them as undelivered for the durable consumer.
+    set_live_generation(&env, GENERATION).await;
+    let mut redis = connection(&env).await;
+    read_model(&env.settings.redis.prefix)
+        .apply(
+            &mut redis,
+            &script(),
+            &[GENERATION],
+            &delivered[..3],
+            now_ms(),
+        )
+        .await
+        .expect("applied before the crash");
+
+    let projector = Projector::spawn(&env.settings).await;
+    let info = drained(&env, &jetstream, 4).await;
+    assert_eq!(info.delivered.stream_sequence, 4);
+    let expected = reference(&events);
+    let actual = projected(&env, &expected).await;
+    for (device, want) in &expected {
+        assert_figures(device, &actual[device], want);
+    }
+    assert_eq!(
+        env.generation().await,
+        Some(GENERATION),
+        "the live generation was kept, not rebuilt"
+    );
+    projector.stop().await;
+}
+
+/// One event of a generated scenario: device, time slot and metric values.
+#[derive(Debug, Clone)]
+struct Spec {
+    device: usize,
+    slot: i64,
+    metrics: BTreeMap<&'static str, i32>,
+}
+
+fn spec() -> impl Strategy<Value = Spec> {
+    (
+        0..3usize,
+        0..5i64,
+        prop::collection::btree_map(
+            prop::sample::select(vec!["temperature", "humidity", "pressure"]),
+            -200..200i32,
+            1..=3,
+        ),
+    )
+        .prop_map(|(device, slot, metrics)| Spec {
+            device,
+            slot,
+            metrics,
+        })
+}
+
+/// Events, the order they are delivered in (indices into the events, with repeats for
+/// redeliveries), and the sizes of the batches the deliveries are cut into.
+fn scenario() -> impl Strategy<Value = (Vec<Spec>, Vec<usize>, Vec<usize>)> {
+    prop::collection::vec(spec(), 1..25)
+        .prop_flat_map(|specs| {
+            let count = specs.len();
+            (Just(specs), prop::collection::vec(0..count, 0..=count))
+        })
+        .prop_flat_map(|(specs, redeliveries)| {
+            let order: Vec<usize> = (0..specs.len()).chain(redeliveries).collect();
+            (
+                Just(specs),
+                Just(order).prop_shuffle(),
+                prop::collection::vec(1..8usize, 1..6),
+            )
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_shuffling_duplication_and_batching_of_deliveries_gives_the_figures_of_the_fold(
+        (specs, order, batch_sizes) in scenario()
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let env = TestEnv::new();
+            let mut redis = connection(&env).await;
+            set_live_generation(&env, GENERATION).await;
+            let base = now_ms() - 60_000;
+            let events: Vec<TelemetryRecorded> = specs
+                .iter()
+                .map(|spec| {
+                    let metrics: Vec<(&str, f64)> = spec
+                        .metrics
+                        .iter()
+                        .map(|(name, quarters)| (*name, f64::from(*quarters) / 4.0))
+                        .collect();
+                    event(&format!("sensor-{}", spec.device), base + spec.slot, &metrics)
+                })
+                .collect();
+            // A redelivery keeps the stream sequence of the original message.
+            let deliveries: Vec<Delivered> = order
+                .iter()
+                .map(|index| Delivered {
+                    event: events[*index].clone(),
+                    stream_sequence: *index as u64 + 1,
+                })
+                .collect();
+            let model = read_model(&env.settings.redis.prefix);
+            let mut rest = deliveries.as_slice();
+            let mut sizes = batch_sizes.iter().cycle();
+            let mut applied = 0;
+            while !rest.is_empty() {
+                let size = (*sizes.next().expect("cycle")).min(rest.len());
+                let (batch, later) = rest.split_at(size);
+                applied += model
+                    .apply(&mut redis, &script(), &[GENERATION], batch, now_ms())
+                    .await
+                    .expect("apply")
+                    .applied;
+                rest = later;
+            }
+            assert_eq!(applied, events.len() as u64, "each event applied once");
+            for (device, want) in reference(&events) {
+                let actual: DeviceStats = env.device_stats(&device).await.expect("projected");
+                assert_figures(&device, &actual, &want);
+                let last_sequence = events
+                    .iter()
+                    .zip(1..)
+                    .filter(|(event, _)| event.device_id == device)
+                    .map(|(_, sequence)| sequence)
+                    .max()
+                    .expect("device has events");
+                assert_eq!(actual.as_of_seq, last_sequence, "{device}: as_of_seq");
+            }
+        });
+    }
+}

@@ -1,0 +1,416 @@
+//! Streams, a projector running in this process, publishing as the relay does, and the
+//! reference model the read model is checked against.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, publish::PublishAck};
+use async_nats::HeaderMap;
+use contract::event::{headers, TelemetryRecorded};
+use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
+use contract::settings::Settings;
+use contract::timestamp::{from_unix_millis, unix_millis};
+use testkit::{eventually, TestEnv};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How long a test waits for the projector to catch up.
+pub const CATCH_UP: Duration = Duration::from_secs(15);
+
+/// Creates this test's event stream and DLQ stream with the relay's own code, and
+/// returns a JetStream context to publish with.
+pub async fn streams(env: &TestEnv) -> jetstream::Context {
+    let jetstream = env.jetstream().await;
+    ingest::relay::ensure_streams(&jetstream, &env.settings.nats)
+        .await
+        .expect("streams created");
+    jetstream
+}
+
+/// A projector running in this process.
+pub struct Projector {
+    pub admin_url: String,
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Projector {
+    /// Starts `projector::run` with its admin server on port 0.
+    pub async fn spawn(settings: &Settings) -> Self {
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let admin_url = format!("http://{}", admin.local_addr().expect("local addr"));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(projector::run(settings.clone(), admin, shutdown.clone()));
+        Self {
+            admin_url,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Cancels the projector and waits for it; it must stop promptly and cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let finished = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the projector stops within 10 s of cancellation");
+        finished
+            .expect("the projector task did not panic")
+            .expect("the projector returns Ok after cancellation");
+    }
+}
+
+/// An event for `device` recorded at `recorded_at_ms`, received now.
+pub fn event(device: &str, recorded_at_ms: i64, metrics: &[(&str, f64)]) -> TelemetryRecorded {
+    TelemetryRecorded::new(
+        Uuid::now_v7(),
+        device.to_owned(),
+        from_unix_millis(recorded_at_ms).expect("instant in range"),
+        OffsetDateTime::now_utc(),
+        metrics
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), *value))
+            .collect(),
+    )
+}
+
+/// Now, in milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    unix_millis(OffsetDateTime::now_utc())
+}
+
+/// The headers the relay sets, with `msg_id` as `Nats-Msg-Id`.
+pub fn relay_headers(msg_id: &str) -> HeaderMap {
+    let mut message_headers = HeaderMap::new();
+    message_headers.insert(headers::MSG_ID, msg_id);
+    message_headers.insert(headers::CONTENT_TYPE, "application/json");
+    message_headers.insert(headers::EVENT_TYPE, "telemetry.recorded");
+    message_headers.insert(headers::EVENT_VERSION, "1");
+    message_headers
+}
+
+/// Publishes `payload` on `subject` and waits for JetStream's ack.
+pub async fn publish_raw(
+    jetstream: &jetstream::Context,
+    subject: String,
+    message_headers: HeaderMap,
+    payload: Vec<u8>,
+) -> PublishAck {
+    jetstream
+        .publish_with_headers(subject, message_headers, payload.into())
+        .await
+        .expect("publish sent")
+        .await
+        .expect("publish acknowledged")
+}
+
+/// Publishes `event` as the relay would, but with `msg_id` as its `Nats-Msg-Id`.
+pub async fn publish_with_id(
+    env: &TestEnv,
+    jetstream: &jetstream::Context,
+    event: &TelemetryRecorded,
+    msg_id: &str,
+) -> PublishAck {
+    publish_raw(
+        jetstream,
+        env.subjects.recorded(&event.device_id),
+        relay_headers(msg_id),
+        event.to_json(),
+    )
+    .await
+}
+
+/// Publishes `event` exactly as the relay does; returns its stream sequence.
+pub async fn publish(
+    env: &TestEnv,
+    jetstream: &jetstream::Context,
+    event: &TelemetryRecorded,
+) -> u64 {
+    let ack = publish_with_id(env, jetstream, event, &event.event_id.to_string()).await;
+    assert!(!ack.duplicate, "a new event id is not a duplicate");
+    ack.sequence
+}
+
+/// Publishes many `(event, msg_id)` pairs without waiting in between, as the relay
+/// pipelines its publishes; returns the stream sequences in the same order.
+pub async fn publish_many(
+    env: &TestEnv,
+    jetstream: &jetstream::Context,
+    messages: &[(TelemetryRecorded, String)],
+) -> Vec<u64> {
+    let mut acks = Vec::with_capacity(messages.len());
+    for (event, msg_id) in messages {
+        acks.push(
+            jetstream
+                .publish_with_headers(
+                    env.subjects.recorded(&event.device_id),
+                    relay_headers(msg_id),
+                    event.to_json().into(),
+                )
+                .await
+                .expect("publish sent"),
+        );
+    }
+    let mut sequences = Vec::with_capacity(acks.len());
+    for ack in acks {
+        let ack = ack.await.expect("publish acknowledged");
+        assert!(!ack.duplicate, "every message id is new");
+        sequences.push(ack.sequence);
+    }
+    sequences
+}
+
+/// The durable consumer's state as JetStream reports it.
+pub async fn consumer_info(env: &TestEnv, jetstream: &jetstream::Context) -> consumer::Info {
+    jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists")
+        .consumer_info(&env.settings.nats.consumer)
+        .await
+        .expect("durable consumer exists")
+}
+
+/// Waits until the durable consumer has handled (acked or terminated) every message up
+/// to `last_sequence` and has nothing in flight; returns its state then.
+pub async fn drained(
+    env: &TestEnv,
+    jetstream: &jetstream::Context,
+    last_sequence: u64,
+) -> consumer::Info {
+    eventually(CATCH_UP, "the consumer to ack everything", || async {
+        let stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
+        let info = stream
+            .consumer_info(&env.settings.nats.consumer)
+            .await
+            .ok()?;
+        (info.ack_floor.stream_sequence >= last_sequence
+            && info.num_ack_pending == 0
+            && info.num_pending == 0)
+            .then_some(info)
+    })
+    .await
+}
+
+/// Messages held by a stream.
+pub async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> u64 {
+    jetstream
+        .get_stream(stream)
+        .await
+        .expect("stream exists")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
+}
+
+/// Waits until every device in `expected` has at least its expected sample count, then
+/// returns what the read model holds for each.
+pub async fn projected(
+    env: &TestEnv,
+    expected: &BTreeMap<String, Expected>,
+) -> BTreeMap<String, DeviceStats> {
+    eventually(CATCH_UP, "every event projected", || async {
+        let mut actual = BTreeMap::new();
+        for (device, expected) in expected {
+            let stats = env.device_stats(device).await?;
+            if stats.sample_count < expected.sample_count {
+                return None;
+            }
+            actual.insert(device.clone(), stats);
+        }
+        Some(actual)
+    })
+    .await
+}
+
+/// The live generation of the read model, once there is one.
+pub async fn live_generation(env: &TestEnv) -> u64 {
+    eventually(CATCH_UP, "a live read model generation", || {
+        env.generation()
+    })
+    .await
+}
+
+/// Makes `generation` the live one, as a finished build would have.
+pub async fn set_live_generation(env: &TestEnv, generation: u64) {
+    let mut redis = env.redis().await;
+    let () = redis::cmd("HSET")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::GENERATION)
+        .arg(generation)
+        .query_async(&mut redis)
+        .await
+        .expect("hset");
+}
+
+/// The raw device hash in the live generation, without the fields that change on
+/// every apply (`updated_at`) or with every delivered message (`as_of_seq`): what
+/// "the figures" are.
+pub async fn figures(env: &TestEnv, device: &str) -> BTreeMap<String, String> {
+    let generation = live_generation(env).await;
+    let mut redis = env.redis().await;
+    let hash: BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(DeviceKeys::new(&env.settings.redis.prefix, generation, device).stats)
+        .query_async(&mut redis)
+        .await
+        .expect("hgetall");
+    hash.into_iter()
+        .filter(|(field, _)| field != "updated_at" && field != "as_of_seq")
+        .collect()
+}
+
+/// One device as the reference model sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expected {
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub sample_count: u64,
+    pub metrics: BTreeMap<String, ExpectedMetric>,
+}
+
+/// One metric of one device as the reference model sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpectedMetric {
+    pub count: u64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub last: f64,
+    pub last_at_ms: i64,
+}
+
+/// The reference model: a plain fold over the distinct events (by event id), whatever
+/// order they come in and however many copies there are. "Last" is the reading with
+/// the greatest `(recorded_at, value)`: the latest one, and on a tie the larger value
+/// (the rule `contract::read_model::MetricStats` documents).
+pub fn reference<'a>(
+    events: impl IntoIterator<Item = &'a TelemetryRecorded>,
+) -> BTreeMap<String, Expected> {
+    let mut seen = BTreeSet::new();
+    let mut by_device: BTreeMap<String, Vec<&TelemetryRecorded>> = BTreeMap::new();
+    for event in events {
+        if seen.insert(event.event_id) {
+            by_device
+                .entry(event.device_id.clone())
+                .or_default()
+                .push(event);
+        }
+    }
+    by_device
+        .into_iter()
+        .map(|(device, events)| {
+            let times: Vec<i64> = events
+                .iter()
+                .map(|event| unix_millis(event.recorded_at))
+                .collect();
+            let mut readings: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+            for event in &events {
+                for (name, value) in &event.metrics {
+                    readings
+                        .entry(name.clone())
+                        .or_default()
+                        .push((unix_millis(event.recorded_at), *value));
+                }
+            }
+            let metrics = readings
+                .into_iter()
+                .map(|(name, readings)| {
+                    let values = readings.iter().map(|(_, value)| *value);
+                    let (last_at_ms, last) = readings
+                        .iter()
+                        .copied()
+                        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+                        .expect("a metric has readings");
+                    let metric = ExpectedMetric {
+                        count: readings.len() as u64,
+                        sum: values.clone().sum(),
+                        min: values.clone().fold(f64::INFINITY, f64::min),
+                        max: values.fold(f64::NEG_INFINITY, f64::max),
+                        last,
+                        last_at_ms,
+                    };
+                    (name, metric)
+                })
+                .collect();
+            let expected = Expected {
+                first_seen_ms: times.iter().copied().min().expect("a device has events"),
+                last_seen_ms: times.iter().copied().max().expect("a device has events"),
+                sample_count: events.len() as u64,
+                metrics,
+            };
+            (device, expected)
+        })
+        .collect()
+}
+
+/// Asserts that the read model of `device` holds exactly the reference figures.
+///
+/// Sums are compared exactly: the tests use values that are multiples of 1/4 and small
+/// enough that every partial sum is exact in binary, so the order of addition (which
+/// differs between the projector and the fold) cannot matter.
+pub fn assert_figures(device: &str, actual: &DeviceStats, expected: &Expected) {
+    assert_eq!(
+        actual.sample_count, expected.sample_count,
+        "{device}: sample_count"
+    );
+    assert_eq!(
+        actual.first_seen_ms, expected.first_seen_ms,
+        "{device}: first_seen"
+    );
+    assert_eq!(
+        actual.last_seen_ms, expected.last_seen_ms,
+        "{device}: last_seen"
+    );
+    assert_eq!(
+        actual.metrics.keys().collect::<Vec<_>>(),
+        expected.metrics.keys().collect::<Vec<_>>(),
+        "{device}: metric names"
+    );
+    for (name, want) in &expected.metrics {
+        let got = &actual.metrics[name];
+        assert_eq!(got.count, want.count, "{device} {name}: count");
+        assert_eq!(got.sum, want.sum, "{device} {name}: sum");
+        assert_eq!(got.min, want.min, "{device} {name}: min");
+        assert_eq!(got.max, want.max, "{device} {name}: max");
+        assert_eq!(got.last, want.last, "{device} {name}: last");
+        assert_eq!(got.last_at_ms, want.last_at_ms, "{device} {name}: last_at");
+    }
+}
+
+/// A small deterministic generator, so a failing run can be repeated exactly.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+
+    /// A multiple of 1/4 in [-50, 50): exact in binary, and so are sums of a few
+    /// thousand of them.
+    pub fn quarter(&mut self) -> f64 {
+        (self.below(400) as f64 - 200.0) / 4.0
+    }
+
+    /// Shuffles `items` in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for index in (1..items.len()).rev() {
+            let other = self.below(index as u64 + 1) as usize;
+            items.swap(index, other);
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! What the query API answers when it cannot answer with figures: every error is a
+//! problem document without internals (API.md §3, §4, §7).
+
+use std::time::{Duration, Instant};
+
+use testkit::{eventually, TestEnv};
+
+use crate::support::{assert_problem, ensure_streams, spawn_projector, Query, DEADLINE};
+
+#[tokio::test]
+async fn unknown_devices_malformed_requests_and_unknown_routes_are_problems() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let projector = spawn_projector(&env.settings).await;
+    let query = Query::spawn(&env.settings).await;
+
+    // Once the (empty) read model exists, an unknown device is 404.
+    let response = eventually(DEADLINE, "the read model to exist", || async {
+        let response = query.get("/v1/devices/never-seen/stats").await;
+        (response.status().as_u16() != 503).then_some(response)
+    })
+    .await;
+    assert_problem(response, 404, "not-found").await;
+    let longest_valid = "d".repeat(64);
+    assert_problem(
+        query
+            .get(&format!("/v1/devices/{longest_valid}/stats"))
+            .await,
+        404,
+        "not-found",
+    )
+    .await;
+
+    let too_long = "d".repeat(65);
+    for path in [
+        "/v1/devices/bad%20id/stats".to_owned(),
+        format!("/v1/devices/{too_long}/stats"),
+        "/v1/devices/a.b/stats".to_owned(),
+        "/v1/devices/caf%C3%A9/stats".to_owned(),
+        "/v1/devices/sensor-1/stats?metrics=Temperature".to_owned(),
+        "/v1/devices/sensor-1/stats?metrics=temperature,2nd".to_owned(),
+        "/v1/devices/sensor-1/stats?metrics=a.b".to_owned(),
+    ] {
+        let problem = assert_problem(query.get(&path).await, 400, "invalid-request").await;
+        assert!(
+            problem["errors"][0]["field"].is_string(),
+            "{path}: the problem names the field: {problem}"
+        );
+    }
+
+    for path in [
+        "/v1/nothing",
+        "/v1/devices/sensor-1",
+        "/v1/devices/sensor-1/stats/more",
+    ] {
+        assert_problem(query.get(path).await, 404, "not-found").await;
+    }
+
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(query.get(path).await.status().as_u16(), 200, "{path}");
+    }
+    query.stop().await;
+    projector
+        .stop()
+        .await
+        .expect("projector returns Ok after cancellation");
+}
+
+#[tokio::test]
+async fn requests_axum_rejects_before_a_handler_runs_are_problems_too() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let projector = spawn_projector(&env.settings).await;
+    let query = Query::spawn(&env.settings).await;
+    eventually(DEADLINE, "the read model to exist", || async {
+        let response = query.get("/v1/devices/never-seen/stats").await;
+        (response.status().as_u16() == 404).then_some(())
+    })
+    .await;
+
+    // A path segment that is not UTF-8, and a query string that does not deserialize.
+    assert_problem(
+        query.get("/v1/devices/%FF/stats").await,
+        400,
+        "invalid-request",
+    )
+    .await;
+    assert_problem(
+        query
+            .get("/v1/devices/sensor-1/stats?metrics=a&metrics=b")
+            .await,
+        400,
+        "invalid-request",
+    )
+    .await;
+    // A method the route does not have.
+    let response = query
+        .http
+        .post(format!("{}/v1/devices/sensor-1/stats", query.base_url))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status().as_u16(), 405);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok()),
+        Some("application/problem+json"),
+        "405 is a problem document"
+    );
+    query.stop().await;
+    projector
+        .stop()
+        .await
+        .expect("projector returns Ok after cancellation");
+}
+
+#[tokio::test]
+async fn with_redis_unreachable_readiness_and_stats_are_503_with_retry_after() {
+    let env = TestEnv::new();
+    let mut settings = env.settings.clone();
+    settings.redis.url = "redis://127.0.0.1:1".to_owned();
+    let query = Query::spawn(&settings).await;
+
+    assert_eq!(query.get("/healthz").await.status().as_u16(), 200, "alive");
+    for path in ["/readyz", "/v1/devices/sensor-1/stats", "/v1/devices"] {
+        let started = Instant::now();
+        let response = query.get(path).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path} answers promptly while Redis is down"
+        );
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        assert!(retry_after.is_some(), "{path}: Retry-After in seconds");
+        assert_problem(response, 503, "unavailable").await;
+    }
+    // Malformed requests are still told apart from an outage.
+    assert_problem(
+        query.get("/v1/devices/bad%20id/stats").await,
+        400,
+        "invalid-request",
+    )
+    .await;
+    query.stop().await;
+}

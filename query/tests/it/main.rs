@@ -1,0 +1,9 @@
+//! Integration tests of the query API against the real Redis, and of the whole pipeline
+//! (ingest, relay, projector, query in this process) against the real PostgreSQL, NATS
+//! and Redis; each test has its own database, stream and key prefix (see `testkit`).
+
+mod auth;
+mod end_to_end;
+mod errors;
+mod read_model;
+mod support;

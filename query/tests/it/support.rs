@@ -1,0 +1,242 @@
+//! Starting the services in this process on port 0, and talking to them over HTTP.
+
+use std::time::Duration;
+
+use contract::settings::Settings;
+use reqwest::{Client, Response};
+use serde_json::Value;
+use testkit::{eventually, TestEnv};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long a test waits for a service to come up or catch up.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// An HTTP client with a timeout, so a hung service fails the test instead of hanging it.
+pub fn http_client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// One service task and the token that stops it.
+pub struct Running<T> {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<T>,
+}
+
+impl<T> Running<T> {
+    /// Cancels the service and waits for it, at most 10 s.
+    pub async fn stop(self) -> T {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the service stops within 10 s of cancellation")
+            .expect("the service task did not panic")
+    }
+}
+
+/// Binds port 0 and returns the listener and its base URL.
+async fn listener() -> (tokio::net::TcpListener, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
+    (listener, base_url)
+}
+
+/// Waits until `GET <base_url><path>` answers 200.
+async fn wait_for(http: &Client, base_url: &str, path: &str) {
+    eventually(
+        DEADLINE,
+        &format!("{base_url}{path} to answer 200"),
+        || async {
+            let response = http.get(format!("{base_url}{path}")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        },
+    )
+    .await;
+}
+
+/// The query service, serving; `base_url` is where.
+pub struct Query {
+    pub base_url: String,
+    pub http: Client,
+    pub running: Running<anyhow::Result<()>>,
+}
+
+impl Query {
+    /// Starts `query::serve` on port 0 and waits until `/healthz` answers (not
+    /// `/readyz`: some tests start it with Redis unreachable on purpose).
+    pub async fn spawn(settings: &Settings) -> Self {
+        let (listener, base_url) = listener().await;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(query::serve(settings.clone(), listener, shutdown.clone()));
+        let http = http_client();
+        wait_for(&http, &base_url, "/healthz").await;
+        Self {
+            base_url,
+            http,
+            running: Running { shutdown, task },
+        }
+    }
+
+    pub async fn get(&self, path_and_query: &str) -> Response {
+        self.http
+            .get(format!("{}{path_and_query}", self.base_url))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// `GET /v1/devices/{device}/stats` with an optional query string, as JSON.
+    pub async fn stats(&self, device: &str, query: &str) -> (u16, Value) {
+        let response = self
+            .get(&format!("/v1/devices/{device}/stats{query}"))
+            .await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn stop(self) {
+        self.running
+            .stop()
+            .await
+            .expect("query returns Ok after cancellation");
+    }
+}
+
+/// The ingest service, serving; `base_url` is where.
+pub struct Ingest {
+    pub base_url: String,
+    pub running: Running<anyhow::Result<()>>,
+}
+
+impl Ingest {
+    pub async fn spawn(settings: &Settings) -> Self {
+        let (listener, base_url) = listener().await;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(ingest::serve(settings.clone(), listener, shutdown.clone()));
+        wait_for(&http_client(), &base_url, "/readyz").await;
+        Self {
+            base_url,
+            running: Running { shutdown, task },
+        }
+    }
+
+    pub async fn stop(self) {
+        self.running
+            .stop()
+            .await
+            .expect("ingest returns Ok after cancellation");
+    }
+}
+
+/// Starts a relay in this process (as `ingest/tests/it/relay.rs` does).
+pub fn spawn_relay(settings: &Settings) -> Running<()> {
+    let settings = settings.clone();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let pool = ingest::db::pool(&settings.database).expect("pool");
+        let nats = ingest::relay::connect_nats(&settings.nats.url, "relay-test")
+            .await
+            .expect("nats");
+        ingest::relay::Relay::new(&settings, pool, nats)
+            .run(&settings, token)
+            .await;
+    });
+    Running { shutdown, task }
+}
+
+/// Starts a projector in this process, its admin port on port 0.
+pub async fn spawn_projector(settings: &Settings) -> Running<anyhow::Result<()>> {
+    let (admin, _) = listener().await;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(projector::run(settings.clone(), admin, shutdown.clone()));
+    Running { shutdown, task }
+}
+
+/// Creates this test's streams with the relay's own code.
+pub async fn ensure_streams(env: &TestEnv) {
+    ingest::relay::ensure_streams(&env.jetstream().await, &env.settings.nats)
+        .await
+        .expect("streams created");
+}
+
+/// Asserts a problem+json response with `status` and problem `slug`, and no internals;
+/// returns the problem.
+pub async fn assert_problem(response: Response, status: u16, slug: &str) -> Value {
+    let url = response.url().to_string();
+    assert_eq!(response.status().as_u16(), status, "status of {url}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        content_type, "application/problem+json",
+        "content type of {url}"
+    );
+    let text = response.text().await.expect("body");
+    for internal in [
+        "redis://",
+        ":6379",
+        "127.0.0.1",
+        "os error",
+        "refused",
+        "panicked",
+        "src/",
+        "tokio",
+        "axum",
+        "serde",
+    ] {
+        assert!(
+            !text.contains(internal),
+            "error body of {url} leaks {internal:?}: {text}"
+        );
+    }
+    let problem: Value = serde_json::from_str(&text).expect("problem is json");
+    assert_eq!(problem["status"], status, "problem status of {url}");
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(&format!("/problems/{slug}")),
+        "type {} of {url} is not {slug}",
+        problem["type"]
+    );
+    assert!(
+        problem["title"].is_string() && problem["detail"].is_string(),
+        "title and detail of {url}"
+    );
+    problem
+}
+
+/// A small deterministic generator, so a failing run can be repeated exactly.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `low..high`.
+    pub fn between(&mut self, low: i64, high: i64) -> i64 {
+        low + (self.next() % (high - low) as u64) as i64
+    }
+
+    /// Shuffles `items` in place (Fisher-Yates).
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for index in (1..items.len()).rev() {
+            let other = (self.next() % (index as u64 + 1)) as usize;
+            items.swap(index, other);
+        }
+    }
+}
