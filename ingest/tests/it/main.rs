@@ -3,6 +3,7 @@
 
 mod auth;
 mod batch;
+mod fuzz;
 mod relay;
 mod support;
 mod telemetry_api;
