@@ -94,6 +94,8 @@ pub struct RelaySettings {
     pub published_retention_secs: u64,
     /// Rows deleted per pruning statement.
     pub prune_batch: i64,
+    /// How often published outbox rows and expired idempotency keys are pruned.
+    pub prune_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

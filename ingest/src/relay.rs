@@ -7,7 +7,8 @@
 //! anywhere before the commit leaves the rows unpublished; the next round publishes
 //! them again and JetStream drops the copies inside its duplicate window (a PubAck
 //! with `duplicate: true` counts as success). Published rows are kept for
-//! `published_retention_secs` (DESIGN.md §4) and then pruned in small batches.
+//! `published_retention_secs` (DESIGN.md §4) and then pruned in small batches; the relay
+//! also deletes idempotency keys older than `ingest.idempotency_retention_secs`.
 //!
 //! The relay wakes on `NOTIFY outbox` (sent by a trigger when rows are inserted) and
 //! polls every `poll_interval_ms` as a fallback. It never exits because PostgreSQL or
@@ -98,7 +99,9 @@ pub struct Relay {
     batch_size: i64,
     poll_interval: Duration,
     published_retention: Duration,
+    key_retention: Duration,
     prune_batch: i64,
+    prune_interval: Duration,
 }
 
 impl Relay {
@@ -111,6 +114,8 @@ impl Relay {
             poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
             published_retention: Duration::from_secs(settings.relay.published_retention_secs),
             prune_batch: settings.relay.prune_batch,
+            key_retention: Duration::from_secs(settings.ingest.idempotency_retention_secs),
+            prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
         }
     }
 
@@ -151,7 +156,7 @@ impl Relay {
                     continue;
                 }
             }
-            if last_prune.elapsed() > Duration::from_secs(10) {
+            if last_prune.elapsed() > self.prune_interval {
                 last_prune = Instant::now();
                 if let Err(error) = self.prune().await {
                     tracing::warn!(
@@ -254,26 +259,40 @@ impl Relay {
     }
 
     /// Deletes published rows older than the retention, one small batch at a time.
+    /// Deletes published outbox rows and idempotency keys past their retention, a small
+    /// batch per statement so that ingest never waits on a long delete.
     async fn prune(&self) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
-        let retention_secs = self.published_retention.as_secs_f64();
-        loop {
-            let deleted = client
-                .execute(
-                    "DELETE FROM outbox WHERE id IN (
-                         SELECT id FROM outbox
-                         WHERE published_at < now() - make_interval(secs => $1)
-                         LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                    &[&retention_secs, &self.prune_batch],
-                )
-                .await?;
-            metrics::counter!("relay_pruned_total").increment(deleted);
-            if (deleted as i64) < self.prune_batch {
-                return Ok(());
+        for (table, statement, retention) in [
+            ("outbox", PRUNE_PUBLISHED, self.published_retention),
+            ("idempotency_keys", PRUNE_KEYS, self.key_retention),
+        ] {
+            loop {
+                let deleted = client
+                    .execute(statement, &[&retention.as_secs_f64(), &self.prune_batch])
+                    .await
+                    .with_context(|| format!("pruning {table}"))?;
+                metrics::counter!("relay_pruned_total", "table" => table).increment(deleted);
+                if (deleted as i64) < self.prune_batch {
+                    break;
+                }
             }
         }
+        Ok(())
     }
 }
+
+const PRUNE_PUBLISHED: &str = "
+DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox
+    WHERE published_at < now() - make_interval(secs => $1)
+    LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
+const PRUNE_KEYS: &str = "
+DELETE FROM idempotency_keys WHERE (device_id, idempotency_key) IN (
+    SELECT device_id, idempotency_key FROM idempotency_keys
+    WHERE created_at < now() - make_interval(secs => $1)
+    LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
 /// Holds a `LISTEN outbox` connection open and wakes the relay on each notification;
 /// reconnects with backoff when the connection drops, and wakes the relay then too.

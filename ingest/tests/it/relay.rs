@@ -244,3 +244,50 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     let _ = restarted.wait();
     ingest.stop().await;
 }
+
+#[tokio::test]
+async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.idempotency_retention_secs = 1;
+    env.settings.relay.published_retention_secs = 1;
+    env.settings.relay.prune_interval_ms = 200;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let first: Value = ingest
+        .post("k-1", &reading("sensor-1", 1.0))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    let db = env.postgres().await;
+    eventually(
+        Duration::from_secs(20),
+        "key and published row pruned",
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM outbox)",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 0 && row.get::<_, i64>(1) == 0).then_some(())
+        },
+    )
+    .await;
+    // After its retention the key is free: another reading under it is a new reading.
+    let again = ingest.post("k-1", &reading("sensor-1", 2.0)).await;
+    assert_eq!(again.status().as_u16(), 202);
+    assert!(again.headers().get("idempotent-replayed").is_none());
+    let again: Value = again.json().await.expect("json");
+    assert_ne!(again["event_id"], first["event_id"]);
+    let readings: i64 = db
+        .query_one("SELECT count(*) FROM readings", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(readings, 2, "readings are kept; only the key expired");
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    ingest.stop().await;
+}
