@@ -5,5 +5,6 @@ mod auth;
 mod batch;
 mod fuzz;
 mod relay;
+mod shutdown;
 mod support;
 mod telemetry_api;

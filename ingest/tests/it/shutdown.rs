@@ -1,0 +1,114 @@
+//! SIGTERM under load: ingest stops taking connections, answers what it accepted,
+//! commits what it answered, and exits 0.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use testkit::{eventually, TestEnv};
+
+use crate::support::reading;
+
+#[tokio::test]
+async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
+    let env = TestEnv::new();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        probe.local_addr().expect("address").port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
+        .envs(env.process_env())
+        .env("PIPELINE__INGEST__LISTEN", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ingest starts");
+    let base_url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    eventually(Duration::from_secs(20), "ingest ready", || async {
+        let response = http.get(format!("{base_url}/readyz")).send().await.ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
+
+    let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut clients = Vec::new();
+    for client in 0..16 {
+        let http = http.clone();
+        let base_url = base_url.clone();
+        let accepted = accepted.clone();
+        clients.push(tokio::spawn(async move {
+            for sequence in 0..2_000 {
+                let key = format!("c{client}-{sequence}");
+                let sent = http
+                    .post(format!("{base_url}/v1/telemetry"))
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", &key)
+                    .body(reading(&format!("dev-{client}"), sequence as f64).to_string())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status().as_u16() == 202 => {
+                        if let Ok(mut accepted) = accepted.lock() {
+                            accepted.insert(key);
+                        }
+                    }
+                    Ok(response) => assert!(
+                        response.status().as_u16() == 503,
+                        "only 202, or 503 while draining: {}",
+                        response.status()
+                    ),
+                    Err(_) => return, // the listener is gone
+                }
+            }
+        }));
+    }
+    eventually(Duration::from_secs(20), "load under way", || async {
+        (accepted.lock().ok()?.len() > 300).then_some(())
+    })
+    .await;
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(terminated.success());
+    for client in clients {
+        client.await.expect("client task");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("waited")
+        .expect("exit status");
+    assert_eq!(status.code(), Some(0), "ingest exits 0 after SIGTERM");
+
+    let accepted = accepted.lock().expect("accepted keys").clone();
+    let db = env.postgres().await;
+    let stored: BTreeSet<String> = db
+        .query("SELECT idempotency_key FROM idempotency_keys", &[])
+        .await
+        .expect("keys")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let missing: Vec<&String> = accepted.difference(&stored).collect();
+    assert!(
+        missing.is_empty(),
+        "every 202 is stored: {} missing",
+        missing.len()
+    );
+    let row = db
+        .query_one("SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)", &[])
+        .await
+        .expect("counts");
+    let (readings, outbox, keys): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (readings, outbox),
+        (keys, keys),
+        "one reading and one event per key"
+    );
+    assert!(readings as usize >= accepted.len());
+}
