@@ -12,7 +12,7 @@
 //! | --- | --- | --- |
 //! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) |
 //! | `<p>rebuild-lock` | string | who is rebuilding, with an expiry |
-//! | `<p>g<G>:devices` | sorted set | device ids scored by `last_seen` (ms) |
+//! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
 //! | `<p>g<G>:device:{<id>}:applied` | sorted set | event ids applied, scored by apply time, trimmed to the dedup horizon |
 //! | `<p>g<G>:device:{<id>}:b10s` | hash | 10 s buckets: field `<bucket>:<metric>` = `count sum min max` |
@@ -47,9 +47,55 @@ pub fn generation_pattern(prefix: &str, generation: u64) -> String {
     format!("{prefix}g{generation}:*")
 }
 
-/// The index of devices by `last_seen` in one generation.
-pub fn devices_key(prefix: &str, generation: u64) -> String {
-    format!("{prefix}g{generation}:devices")
+/// The devices index of one generation: a small multi-version index, so that a walk
+/// through `GET /v1/devices` sees the order as it was when the walk began.
+///
+/// Each time a device's `last_seen` moves to a later 10 s granule, a new *entry*
+/// `<granule ms>:<device>` (scored by the granule) is added to `log` with its creation
+/// time in `created`, and the device's previous entry is *retired* (scored by the time
+/// it was superseded). A walk that began at `t0` sees the entries created by `t0` and
+/// not retired by `t0`: every device exactly once. Retired entries are deleted after
+/// [`LISTING_TTL_MS`]; a cursor older than that is refused. All four keys share the
+/// hash tag `{devices}`, so the index script runs on one Redis Cluster slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicesIndex {
+    pub log: String,
+    pub created: String,
+    pub retired: String,
+    pub current: String,
+}
+
+impl DevicesIndex {
+    pub fn new(prefix: &str, generation: u64) -> Self {
+        let base = format!("{prefix}g{generation}:{{devices}}");
+        Self {
+            log: format!("{base}:log"),
+            created: format!("{base}:created"),
+            retired: format!("{base}:retired"),
+            current: format!("{base}:current"),
+        }
+    }
+
+    /// The entry of a device at a granule.
+    pub fn entry(granule_ms: i64, device_id: &str) -> String {
+        format!("{granule_ms}:{device_id}")
+    }
+
+    /// The device of an entry.
+    pub fn device_of(entry: &str) -> Option<&str> {
+        entry.split_once(':').map(|(_, device_id)| device_id)
+    }
+}
+
+/// The index orders devices by `last_seen` to this granularity (then by id).
+pub const LISTING_GRANULE_MS: i64 = 10_000;
+
+/// How long a walk through the devices list may take; retired entries live this long.
+pub const LISTING_TTL_MS: i64 = 600_000;
+
+/// The granule of a `last_seen`.
+pub fn listing_granule(last_seen_ms: i64) -> i64 {
+    last_seen_ms.div_euclid(LISTING_GRANULE_MS) * LISTING_GRANULE_MS
 }
 
 /// The keys of one device in one generation.

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use contract::event::TelemetryRecorded;
-use contract::read_model::{devices_key, DeviceKeys, COARSE, FINE};
+use contract::read_model::{
+    listing_granule, DeviceKeys, DevicesIndex, COARSE, FINE, LISTING_TTL_MS,
+};
 use contract::timestamp::unix_millis;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
@@ -11,6 +13,11 @@ use redis::{RedisResult, Script};
 /// The Lua script that applies one device's events atomically and idempotently.
 pub fn script() -> Script {
     Script::new(include_str!("apply.lua"))
+}
+
+/// The Lua script that keeps the devices index (one call per generation per batch).
+pub fn index_script() -> Script {
+    Script::new(include_str!("index.lua"))
 }
 
 /// An event together with the stream sequence it was delivered at.
@@ -37,7 +44,7 @@ pub struct Applied {
 impl ReadModel {
     /// Applies `events` (any devices, any order, duplicates allowed) to each of
     /// `generations` (the first one counts for [`Applied`]) in one pipeline: one script
-    /// call per device, and the devices index raised to each device's latest reading.
+    /// call per device, then one call moving each device in the devices index.
     /// On `NOSCRIPT` (Redis restarted) the script is loaded again and the pipeline
     /// retried; the script skips whatever did apply.
     pub async fn apply<C: ConnectionLike>(
@@ -90,20 +97,29 @@ impl ReadModel {
                     command.arg(name).arg(value.to_string());
                 }
             }
-            let latest = device_events
-                .iter()
-                .map(|delivered| unix_millis(delivered.event.recorded_at))
-                .max()
-                .unwrap_or_default();
-            for generation in generations {
-                pipeline
-                    .cmd("ZADD")
-                    .arg(devices_key(&self.prefix, *generation))
-                    .arg("GT")
-                    .arg(latest)
-                    .arg(*device_id)
-                    .ignore();
+        }
+        // One index call per generation for the whole batch, after the device calls.
+        for generation in generations {
+            let index = DevicesIndex::new(&self.prefix, *generation);
+            let command = pipeline
+                .cmd("EVALSHA")
+                .arg(index_script().get_hash())
+                .arg(4)
+                .arg(&index.log)
+                .arg(&index.created)
+                .arg(&index.retired)
+                .arg(&index.current)
+                .arg(now_ms)
+                .arg(LISTING_TTL_MS);
+            for (device_id, device_events) in &by_device {
+                let latest = device_events
+                    .iter()
+                    .map(|delivered| unix_millis(delivered.event.recorded_at))
+                    .max()
+                    .unwrap_or_default();
+                command.arg(*device_id).arg(listing_granule(latest));
             }
+            command.ignore();
         }
         let counts: Vec<u64> = match pipeline.query_async(connection).await {
             Ok(counts) => counts,
@@ -111,6 +127,10 @@ impl ReadModel {
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 script.prepare_invoke().load_async(connection).await?;
+                index_script()
+                    .prepare_invoke()
+                    .load_async(connection)
+                    .await?;
                 pipeline.query_async(connection).await?
             }
             Err(error) => return Err(error),

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use contract::read_model::{
-    devices_key, fields, meta, meta_key, Aggregate, DeviceKeys, DeviceStats, Resolution, Window,
+    fields, meta, meta_key, Aggregate, DeviceKeys, DeviceStats, DevicesIndex, Resolution, Window,
     COARSE, FINE, WINDOWS,
 };
 use redis::aio::ConnectionManager;
@@ -18,6 +18,9 @@ pub enum ReadError {
     Redis(#[from] redis::RedisError),
     #[error("unexpected reply: {0}")]
     Reply(#[from] redis::ParsingError),
+    /// The cursor's position is gone (the read model was rebuilt meanwhile).
+    #[error("the listing's position is gone")]
+    CursorLost,
     /// No live generation: the read model is being (re)built.
     #[error("the read model is being rebuilt")]
     Rebuilding,
@@ -31,11 +34,18 @@ pub struct DeviceView {
     pub windows: BTreeMap<String, BTreeMap<&'static str, Option<Aggregate>>>,
 }
 
-/// Members of the devices index with their scores (last_seen ms).
-type Scored = Vec<(String, i64)>;
+/// One device of a devices page.
+#[derive(Debug, Clone)]
+pub struct DeviceEntry {
+    pub device_id: String,
+    pub last_seen_ms: i64,
+    pub sample_count: u64,
+    /// Its index entry, the position a cursor continues after.
+    pub entry: String,
+}
 
-/// A page of the devices index: (device id, last_seen ms, sample count).
-pub type DevicesPage = Vec<(String, i64, u64)>;
+/// A page of the devices list.
+pub type DevicesPage = Vec<DeviceEntry>;
 
 #[derive(Clone)]
 pub struct ReadModel {
@@ -167,75 +177,85 @@ impl ReadModel {
         ))
     }
 
-    /// Up to `limit` devices seen most recently first, after the keyset position `after`
-    /// (last_seen ms, device id) if given.
+    /// Up to `limit` devices as the index stood at `snapshot_ms`, most recently seen
+    /// first, after `after` (an entry returned earlier in the same walk) if given.
     pub async fn devices(
         &self,
         limit: usize,
-        after: Option<(i64, &str)>,
+        snapshot_ms: i64,
+        after: Option<&str>,
     ) -> Result<DevicesPage, ReadError> {
         let generation = self.generation().await?;
-        let index = devices_key(&self.prefix, generation);
+        let index = DevicesIndex::new(&self.prefix, generation);
         let mut redis = self.redis.clone();
-        let mut page: Scored = Vec::with_capacity(limit);
-        match after {
-            None => {
-                let first: Scored = redis::cmd("ZRANGE")
-                    .arg(&index)
-                    .arg("+inf")
-                    .arg("-inf")
-                    .arg("BYSCORE")
-                    .arg("REV")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit)
-                    .arg("WITHSCORES")
+        let mut start = match after {
+            None => 0,
+            Some(entry) => {
+                let rank: Option<i64> = redis::cmd("ZREVRANK")
+                    .arg(&index.log)
+                    .arg(entry)
                     .query_async(&mut redis)
                     .await?;
-                page.extend(first);
+                // A walk's entries stay in the log for the listing TTL, which the cursor
+                // is checked against; a missing one means the index was rebuilt.
+                rank.ok_or(ReadError::CursorLost)? + 1
             }
-            Some((score, device_id)) => {
-                // Same score, lower id (the index orders ties by id), then lower scores.
-                let (ties, lower): (Scored, Scored) = redis::pipe()
-                    .cmd("ZRANGE")
-                    .arg(&index)
-                    .arg(score)
-                    .arg(score)
-                    .arg("BYSCORE")
-                    .arg("REV")
-                    .arg("WITHSCORES")
-                    .cmd("ZRANGE")
-                    .arg(&index)
-                    .arg(format!("({score}"))
-                    .arg("-inf")
-                    .arg("BYSCORE")
-                    .arg("REV")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(limit)
-                    .arg("WITHSCORES")
-                    .query_async(&mut redis)
-                    .await?;
-                page.extend(ties.into_iter().filter(|(id, _)| id.as_str() < device_id));
-                page.extend(lower);
-                page.truncate(limit);
+        };
+        let chunk = (limit * 2).max(64) as i64;
+        let mut visible: Vec<String> = Vec::with_capacity(limit);
+        while visible.len() < limit {
+            let entries: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&index.log)
+                .arg(start)
+                .arg(start + chunk - 1)
+                .arg("REV")
+                .query_async(&mut redis)
+                .await?;
+            if entries.is_empty() {
+                break;
+            }
+            start += entries.len() as i64;
+            let mut pipeline = redis::pipe();
+            for entry in &entries {
+                pipeline
+                    .hget(&index.created, entry)
+                    .zscore(&index.retired, entry);
+            }
+            let times: Vec<Option<i64>> = pipeline.query_async(&mut redis).await?;
+            for (entry, times) in entries.into_iter().zip(times.chunks(2)) {
+                let created = times.first().copied().flatten();
+                let retired = times.get(1).copied().flatten();
+                let was_live = created.is_some_and(|created| created <= snapshot_ms)
+                    && retired.is_none_or(|retired| retired > snapshot_ms);
+                if was_live && visible.len() < limit {
+                    visible.push(entry);
+                }
             }
         }
-        if page.is_empty() {
+        if visible.is_empty() {
             return Ok(Vec::new());
         }
         let mut pipeline = redis::pipe();
-        for (device_id, _) in &page {
+        for entry in &visible {
+            let device_id = DevicesIndex::device_of(entry).unwrap_or_default();
             pipeline
-                .cmd("HGET")
+                .cmd("HMGET")
                 .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
+                .arg(fields::LAST_SEEN)
                 .arg(fields::SAMPLE_COUNT);
         }
-        let counts: Vec<Option<u64>> = pipeline.query_async(&mut redis).await?;
-        Ok(page
+        let figures: Vec<(Option<i64>, Option<u64>)> = pipeline.query_async(&mut redis).await?;
+        Ok(visible
             .into_iter()
-            .zip(counts)
-            .map(|((device_id, last_seen), count)| (device_id, last_seen, count.unwrap_or(0)))
+            .zip(figures)
+            .map(|(entry, (last_seen, count))| DeviceEntry {
+                device_id: DevicesIndex::device_of(&entry)
+                    .unwrap_or_default()
+                    .to_owned(),
+                last_seen_ms: last_seen.unwrap_or_default(),
+                sample_count: count.unwrap_or(0),
+                entry,
+            })
             .collect())
     }
 }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::Json;
-use contract::read_model::{Aggregate, MetricStats, Resolution, FINE};
+use contract::read_model::{
+    Aggregate, DevicesIndex, MetricStats, Resolution, FINE, LISTING_TTL_MS,
+};
 use contract::reading::{check_device_id, check_metric_name, FieldError};
 use contract::timestamp::{format_millis, parse, unix_millis};
 use serde::de::DeserializeOwned;
@@ -182,26 +184,36 @@ pub async fn list(
                 )
             })?,
     };
-    let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let now_ms = unix_millis(OffsetDateTime::now_utc());
+    let (snapshot_ms, after) = match query.cursor.as_deref() {
+        None => (now_ms, None),
+        Some(cursor) => decode_cursor(cursor)?,
+    };
+    if now_ms - snapshot_ms > LISTING_TTL_MS {
+        return Err(invalid(
+            "cursor",
+            format!(
+                "has expired: a listing must be walked within {} minutes; start again without a cursor",
+                LISTING_TTL_MS / 60_000
+            ),
+        ));
+    }
     let page = state
         .read_model
-        .devices(
-            limit,
-            after.as_ref().map(|(score, id)| (*score, id.as_str())),
-        )
+        .devices(limit, snapshot_ms, after.as_deref())
         .await?;
     let next_cursor = (page.len() == limit)
         .then(|| {
             page.last()
-                .map(|(device_id, last_seen, _)| encode_cursor(*last_seen, device_id))
+                .map(|device| encode_cursor(snapshot_ms, &device.entry))
         })
         .flatten();
     let devices = page
         .into_iter()
-        .map(|(device_id, last_seen, sample_count)| DeviceSummary {
-            device_id,
-            last_seen: format_millis(last_seen),
-            sample_count,
+        .map(|device| DeviceSummary {
+            device_id: device.device_id,
+            last_seen: format_millis(device.last_seen_ms),
+            sample_count: device.sample_count,
         })
         .collect();
     Ok(Json(ListResponse {
@@ -210,19 +222,24 @@ pub async fn list(
     }))
 }
 
-/// A cursor is the keyset position `<last_seen ms>.<device id>`: both parts are safe
-/// in a URL (device ids are `[A-Za-z0-9_-]`).
-fn encode_cursor(last_seen: i64, device_id: &str) -> String {
-    format!("{last_seen}.{device_id}")
+/// A cursor is `<snapshot ms>.<granule ms>.<device id>`: when the walk began, and the
+/// index entry it continues after. Every part is safe in a URL.
+fn encode_cursor(snapshot_ms: i64, entry: &str) -> String {
+    format!("{snapshot_ms}.{}", entry.replacen(':', ".", 1))
 }
 
-fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
-    cursor
-        .split_once('.')
-        .and_then(|(score, device_id)| Some((score.parse().ok()?, device_id)))
-        .filter(|(_, device_id)| check_device_id(device_id).is_ok())
-        .map(|(score, device_id)| (score, device_id.to_owned()))
-        .ok_or_else(|| invalid("cursor", "is not a cursor this API returned"))
+fn decode_cursor(cursor: &str) -> Result<(i64, Option<String>), ApiError> {
+    let mut parts = cursor.splitn(3, '.');
+    let decoded = match (parts.next(), parts.next(), parts.next()) {
+        (Some(snapshot), Some(granule), Some(device_id)) => snapshot
+            .parse::<i64>()
+            .ok()
+            .zip(granule.parse::<i64>().ok())
+            .filter(|_| check_device_id(device_id).is_ok())
+            .map(|(snapshot, granule)| (snapshot, Some(DevicesIndex::entry(granule, device_id)))),
+        _ => None,
+    };
+    decoded.ok_or_else(|| invalid("cursor", "is not a cursor this API returned"))
 }
 
 #[derive(Debug, Deserialize)]

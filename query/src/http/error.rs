@@ -43,6 +43,10 @@ impl From<ReadError> for ApiError {
     fn from(error: ReadError) -> Self {
         match &error {
             ReadError::Rebuilding => Self::Rebuilding,
+            ReadError::CursorLost => Self::InvalidRequest(vec![FieldError::new(
+                "cursor",
+                "the listing's position is gone (the read model was rebuilt); start again without a cursor",
+            )]),
             ReadError::Redis(_) | ReadError::Reply(_) => {
                 tracing::warn!(%error, "reading the read model failed");
                 Self::Unavailable

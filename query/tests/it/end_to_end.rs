@@ -481,7 +481,14 @@ async fn readings_posted_with_retries_come_out_of_the_query_api_counted_once() {
             (*device, last_seen, readings.len())
         })
         .collect();
-    expected.sort_by_key(|(_, last_seen, _)| std::cmp::Reverse(*last_seen));
+    // Most recently seen first to the listing's 10 s granule, then by device id, both
+    // descending (README: the devices list).
+    expected.sort_by_key(|(device, last_seen, _)| {
+        std::cmp::Reverse((
+            contract::read_model::listing_granule(*last_seen),
+            device.to_string(),
+        ))
+    });
     let got: Vec<(&str, i64, usize)> = listed
         .iter()
         .map(|device| {

@@ -482,3 +482,91 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
     assert_eq!(building, None);
     projector.stop().await.expect("projector stops cleanly");
 }
+
+#[tokio::test]
+async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_reporting() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let jetstream = env.jetstream().await;
+    let projector = spawn_projector(&env.settings).await;
+    let query = Query::spawn(&env.settings).await;
+    // Device i last reported i × 20 s ago: 30 devices in a known order.
+    let mut model = ReferenceModel::new();
+    for index in 0..30 {
+        let reading = aged(&format!("walk-{index:02}"), 30_000 + index * 20_000, 1.0);
+        publish(
+            &env.subjects,
+            &jetstream,
+            &event_of(&reading),
+            &reading.event_id.to_string(),
+        )
+        .await;
+        model.apply(reading);
+    }
+    wait_until_projected(&env, &model).await;
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut path = "/v1/devices?limit=4".to_owned();
+    let mut page_number = 0;
+    loop {
+        let page: Value = query.get(&path).await.json().await.expect("json");
+        let devices = page["devices"].as_array().expect("devices");
+        seen.extend(
+            devices
+                .iter()
+                .map(|device| device["device_id"].as_str().expect("id").to_owned()),
+        );
+        // Between pages, one device already listed and one not yet listed report anew,
+        // which moves both to the front of the list.
+        page_number += 1;
+        for index in [page_number * 4 - 2, page_number * 4 + 3] {
+            if index < 30 {
+                let reading = aged(&format!("walk-{index:02}"), 0, 2.0);
+                publish(
+                    &env.subjects,
+                    &jetstream,
+                    &event_of(&reading),
+                    &reading.event_id.to_string(),
+                )
+                .await;
+                model.apply(reading);
+            }
+        }
+        wait_until_projected(&env, &model).await;
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/devices?limit=4&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..30).map(|index| format!("walk-{index:02}")).collect();
+    assert_eq!(
+        seen, expected,
+        "every device once, in the order the walk began with"
+    );
+
+    // A new walk starts from the devices that reported last.
+    let fresh: Value = query
+        .get("/v1/devices?limit=3")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let first = fresh["devices"][0]["device_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let moved: Vec<String> = (1..=8)
+        .flat_map(|page| [page * 4 - 2, page * 4 + 3])
+        .filter(|index| *index < 30)
+        .map(|index| format!("walk-{index:02}"))
+        .collect();
+    assert!(moved.contains(&first), "{first} reported last");
+    let stale = query.get("/v1/devices?limit=4&cursor=1.2.walk-00").await;
+    assert_eq!(
+        stale.status().as_u16(),
+        400,
+        "a cursor older than the listing TTL is refused"
+    );
+    query.stop().await;
+    projector.stop().await.expect("projector stops cleanly");
+}
