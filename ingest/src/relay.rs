@@ -138,7 +138,19 @@ impl Relay {
             }
         }
         let mut last_prune = Instant::now();
+        let mut last_report = Instant::now();
         while !shutdown.is_cancelled() {
+            // Maintenance runs on its own clock, also while a backlog keeps rounds full.
+            if last_report.elapsed() > Duration::from_secs(2) {
+                last_report = Instant::now();
+                self.report_backlog().await;
+            }
+            if last_prune.elapsed() > self.prune_interval {
+                last_prune = Instant::now();
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(error = format!("{error:#}"), "pruning failed");
+                }
+            }
             match self.relay_once().await {
                 Ok(relayed) => {
                     backoff.reset();
@@ -154,15 +166,6 @@ impl Relay {
                     );
                     backoff.sleep(&shutdown).await;
                     continue;
-                }
-            }
-            if last_prune.elapsed() > self.prune_interval {
-                last_prune = Instant::now();
-                if let Err(error) = self.prune().await {
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "pruning published outbox rows failed"
-                    );
                 }
             }
             tokio::select! {
@@ -259,6 +262,46 @@ impl Relay {
     }
 
     /// Deletes published rows older than the retention, one small batch at a time.
+    /// Publishes the outbox backlog (rows and age of the oldest) and the stream's last
+    /// sequence as gauges.
+    async fn report_backlog(&self) {
+        let backlog = async {
+            let client = self.pool.get().await.ok()?;
+            let row = client
+                .query_one(
+                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
+                     FROM outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await
+                .ok()?;
+            Some((row.get::<_, i64>(0), row.get::<_, f64>(1)))
+        };
+        if let Ok(Some((rows, oldest))) =
+            tokio::time::timeout(Duration::from_secs(1), backlog).await
+        {
+            metrics::gauge!("relay_outbox_backlog_rows").set(rows as f64);
+            metrics::gauge!("relay_outbox_oldest_age_seconds").set(oldest);
+        }
+        let last_sequence = async {
+            let mut stream = self
+                .jetstream
+                .get_stream(self.subjects.stream())
+                .await
+                .ok()?;
+            stream
+                .info()
+                .await
+                .ok()
+                .map(|info| info.state.last_sequence)
+        };
+        if let Ok(Some(sequence)) =
+            tokio::time::timeout(Duration::from_secs(1), last_sequence).await
+        {
+            metrics::gauge!("relay_stream_last_sequence").set(sequence as f64);
+        }
+    }
+
     /// Deletes published outbox rows and idempotency keys past their retention, a small
     /// batch per statement so that ingest never waits on a long delete.
     async fn prune(&self) -> anyhow::Result<()> {

@@ -80,6 +80,7 @@ impl Projector {
             redis: self.redis.clone(),
             read_model: self.read_model.clone(),
             subjects: self.subjects.clone(),
+            consumer: self.consumer_name.clone(),
             batch_size: self.batch_size,
         }
     }
@@ -297,6 +298,24 @@ fn device_hint(payload: &[u8], subject: &str) -> Option<String> {
         .filter(|device_id| check_device_id(device_id).is_ok())
 }
 
+/// Publishes the durable consumer's backlog as gauges: messages not yet delivered
+/// (`num_pending`) and delivered but not acked (`num_ack_pending`).
+async fn report_consumer(rebuild: &Rebuild) {
+    let info = async {
+        let stream = rebuild
+            .jetstream
+            .get_stream(rebuild.subjects.stream())
+            .await
+            .ok()?;
+        stream.consumer_info(&rebuild.consumer).await.ok()
+    };
+    if let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(1), info).await {
+        metrics::gauge!("projector_consumer_pending").set(info.num_pending as f64);
+        metrics::gauge!("projector_consumer_ack_pending").set(info.num_ack_pending as f64);
+        metrics::gauge!("projector_consumer_redelivered").set(info.num_redelivered as f64);
+    }
+}
+
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
 /// a Redis restart) or when a rebuild was abandoned by a process that died. Several
 /// projectors may run this; the rebuild lock lets one of them do the work.
@@ -324,6 +343,7 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             }
             _ => false,
         };
+        report_consumer(&rebuild).await;
         if needed {
             match rebuild.run(&shutdown).await {
                 Ok(generation) => tracing::info!(generation, "read model rebuilt"),

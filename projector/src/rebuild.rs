@@ -74,6 +74,8 @@ pub struct Rebuild {
     pub redis: ConnectionManager,
     pub read_model: ReadModel,
     pub subjects: Subjects,
+    /// The live projectors' durable consumer (its backlog is reported as metrics).
+    pub consumer: String,
     pub batch_size: usize,
 }
 
