@@ -10,12 +10,14 @@
 //! # Layout
 //! - [`consumer`]: the consume loop, acking and dead-lettering.
 //! - [`apply`]: grouping a batch by device and calling `apply.lua`.
+//! - [`dlq`]: listing and re-driving dead letters (`projector dlq`).
 //! - [`rebuild`]: generations, `projector rebuild`, and healing a lost read model.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.
 
 pub mod admin;
 pub mod apply;
 pub mod consumer;
+pub mod dlq;
 pub mod rebuild;
 
 use std::time::Duration;

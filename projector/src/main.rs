@@ -8,6 +8,62 @@ use contract::settings::Settings;
 use projector::admin;
 use projector::rebuild::RebuildError;
 
+const USAGE: &str =
+    "usage: projector [run | rebuild | dlq list [--limit N] | dlq redrive <dlq sequence>...]";
+
+/// `projector dlq list` and `projector dlq redrive <sequence>...`.
+async fn dead_letters(settings: &Settings) -> anyhow::Result<()> {
+    let client = async_nats::connect(&settings.nats.url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", settings.nats.url))?;
+    let jetstream = async_nats::jetstream::new(client);
+    let subjects = contract::subjects::Subjects::for_stream(&settings.nats.stream);
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["list"] | ["list", "--limit", _] => {
+            let limit = args
+                .get(2)
+                .and_then(|limit| limit.parse().ok())
+                .unwrap_or(100);
+            println!(
+                "{:>8}  {:>10}  {:<32}  {:<40}  payload",
+                "dlq seq", "orig seq", "subject", "reason"
+            );
+            for letter in projector::dlq::list(&jetstream, &subjects, limit).await? {
+                let original = letter
+                    .original_sequence
+                    .map(|sequence| sequence.to_string())
+                    .unwrap_or_default();
+                println!(
+                    "{:>8}  {original:>10}  {:<32}  {:<40}  {}",
+                    letter.sequence, letter.subject, letter.reason, letter.payload_preview
+                );
+            }
+            Ok(())
+        }
+        ["redrive", sequences @ ..] if !sequences.is_empty() => {
+            for sequence in sequences.iter() {
+                let Ok(sequence) = sequence.parse::<u64>() else {
+                    eprintln!("projector: {sequence:?} is not a sequence number");
+                    std::process::exit(2);
+                };
+                let live = projector::dlq::redrive(&jetstream, &subjects, sequence).await?;
+                println!("re-drove dead letter {sequence} as event stream sequence {live}");
+            }
+            Ok(())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().unwrap_or_else(|error| {
@@ -41,10 +97,9 @@ async fn main() -> anyhow::Result<()> {
                 Err(RebuildError::Failed(error)) => Err(error),
             }
         }
+        Some("dlq") => dead_letters(&settings).await,
         Some(other) => {
-            eprintln!(
-                "projector: unknown command {other:?}; use `projector` or `projector rebuild`"
-            );
+            eprintln!("projector: unknown command {other:?}; {USAGE}");
             std::process::exit(2);
         }
     }

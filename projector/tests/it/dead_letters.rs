@@ -157,3 +157,101 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
     );
     projector.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_is_listed_with_its_reason_and_redriven_to_its_live_subject() {
+    let env = TestEnv::new();
+    let jetstream = crate::support::streams(&env).await;
+    let projector = crate::support::Projector::spawn(&env.settings).await;
+    let poisoned = crate::support::event(
+        "sensor-7",
+        crate::support::now_ms(),
+        &[("temperature", 1.0)],
+    );
+    let mut poison_headers = crate::support::relay_headers(&poisoned.event_id.to_string());
+    poison_headers.insert("Event-Version", "9");
+    let original = crate::support::publish_raw(
+        &jetstream,
+        env.subjects.recorded("sensor-7"),
+        poison_headers,
+        poisoned.to_json(),
+    )
+    .await;
+
+    let letters = testkit::eventually(
+        crate::support::CATCH_UP,
+        "the poison in the DLQ",
+        || async {
+            let letters = projector::dlq::list(&jetstream, &env.subjects, 10)
+                .await
+                .ok()?;
+            (!letters.is_empty()).then_some(letters)
+        },
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.subject, env.subjects.dlq(Some("sensor-7")));
+    assert!(
+        letter.reason.starts_with("unknown-version"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.original_sequence, Some(original.sequence));
+
+    let live_sequence = projector::dlq::redrive(&jetstream, &env.subjects, letter.sequence)
+        .await
+        .expect("re-driven");
+    assert!(live_sequence > original.sequence);
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream");
+    let redriven = stream
+        .get_raw_message(live_sequence)
+        .await
+        .expect("re-driven message");
+    assert_eq!(redriven.subject.as_str(), env.subjects.recorded("sensor-7"));
+    assert_eq!(redriven.payload, poisoned.to_json());
+    assert!(
+        redriven.headers.get("Dlq-Reason").is_none(),
+        "the DLQ headers are stripped"
+    );
+    assert_eq!(
+        redriven
+            .headers
+            .get("Event-Version")
+            .map(|value| value.as_str().to_owned())
+            .as_deref(),
+        Some("9"),
+        "the original headers travel on"
+    );
+    // Gone from the DLQ until the projector (still unable to read version 9) puts it back.
+    let after = projector::dlq::list(&jetstream, &env.subjects, 10)
+        .await
+        .expect("list");
+    assert!(after
+        .iter()
+        .all(|letter| letter.original_sequence != Some(original.sequence)));
+    let again = testkit::eventually(
+        crate::support::CATCH_UP,
+        "the still-poisoned copy back in the DLQ",
+        || async {
+            let letters = projector::dlq::list(&jetstream, &env.subjects, 10)
+                .await
+                .ok()?;
+            letters
+                .into_iter()
+                .find(|letter| letter.original_sequence == Some(live_sequence))
+        },
+    )
+    .await;
+    assert!(again.reason.starts_with("unknown-version"));
+    assert!(
+        projector::dlq::redrive(&jetstream, &env.subjects, letter.sequence)
+            .await
+            .is_err(),
+        "a dead letter is re-driven once"
+    );
+    projector.stop().await;
+}
