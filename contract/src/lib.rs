@@ -16,6 +16,10 @@
 //! - [`problem`]: RFC 9457 problem documents every HTTP error is rendered as.
 //! - [`timestamp`]: the one RFC 3339 format used in responses and events.
 //! - [`settings`]: the layered configuration of every process.
+//! - [`OPENAPI`]: the OpenAPI document of both HTTP APIs (`openapi/openapi.json`).
+
+/// The OpenAPI 3.1 document of the ingest and query APIs, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi/openapi.json");
 
 pub mod event;
 pub mod problem;

@@ -5,5 +5,6 @@
 mod auth;
 mod end_to_end;
 mod errors;
+mod openapi;
 mod read_model;
 mod support;
