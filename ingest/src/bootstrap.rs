@@ -1,4 +1,7 @@
-//! Start-up plumbing of the `ingest` and `relay` binaries: logs, metrics, signals.
+//! Process plumbing of every binary (`ingest`, `relay`, `projector`, `query`): logs,
+//! the metrics recorder, signals, and the backoff of loops that wait for a dependency.
+
+use std::time::Duration;
 
 use contract::settings::{LogFormat, LogSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -69,5 +72,33 @@ async fn wait_for_signal() {
         _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Exponential backoff from 100 ms to 5 s that a shutdown interrupts.
+#[derive(Debug)]
+pub struct Backoff {
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    pub async fn sleep(&mut self, shutdown: &CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(self.delay) => {}
+        }
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
     }
 }

@@ -29,6 +29,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::bootstrap::Backoff;
 use crate::db;
 
 /// Connects to NATS in the background: the client exists even while NATS is down.
@@ -377,33 +378,5 @@ async fn listen_for_inserts(
             Err(error) => tracing::debug!(%error, "listen connection failed"),
         }
         backoff.sleep(&shutdown).await;
-    }
-}
-
-/// Exponential backoff from 100 ms to 5 s that a shutdown interrupts.
-#[derive(Debug)]
-pub struct Backoff {
-    delay: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            delay: Duration::from_millis(100),
-        }
-    }
-}
-
-impl Backoff {
-    pub fn reset(&mut self) {
-        *self = Self::default();
-    }
-
-    pub async fn sleep(&mut self, shutdown: &CancellationToken) {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(self.delay) => {}
-        }
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
     }
 }

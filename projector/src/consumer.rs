@@ -15,36 +15,10 @@ use redis::aio::ConnectionManager;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
+use ingest::bootstrap::Backoff;
+
 use crate::apply::{script, Delivered, ReadModel};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
-
-/// Exponential backoff from 100 ms to 5 s that a shutdown interrupts.
-#[derive(Debug)]
-pub struct Backoff {
-    delay: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            delay: Duration::from_millis(100),
-        }
-    }
-}
-
-impl Backoff {
-    pub fn reset(&mut self) {
-        *self = Self::default();
-    }
-
-    pub async fn sleep(&mut self, shutdown: &CancellationToken) {
-        tokio::select! {
-            _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(self.delay) => {}
-        }
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
-    }
-}
 
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {

@@ -56,7 +56,7 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = admin::install_metrics();
+    let metrics = ingest::bootstrap::install_metrics();
     let nats = async_nats::ConnectOptions::new()
         .name("projector")
         .retry_on_initial_connect()

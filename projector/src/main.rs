@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use contract::settings::Settings;
-use projector::admin;
+use ingest::bootstrap;
 use projector::rebuild::RebuildError;
 
 const USAGE: &str =
@@ -70,11 +70,11 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("projector: {error}");
         std::process::exit(2);
     });
-    admin::init_tracing(&settings.log);
+    bootstrap::init_tracing(&settings.log);
     match std::env::args().nth(1).as_deref() {
         None | Some("run") => {
             let listener = tokio::net::TcpListener::bind(settings.projector.admin_listen).await?;
-            projector::run(settings, listener, admin::shutdown_on_signal()).await
+            projector::run(settings, listener, bootstrap::shutdown_on_signal()).await
         }
         Some("rebuild") => {
             let rebuild = projector::connect_rebuild(&settings).await?;
@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::timeout(deadline, nats.flush())
                 .await
                 .context("NATS did not answer within 30 s")??;
-            match rebuild.run(&admin::shutdown_on_signal()).await {
+            match rebuild.run(&bootstrap::shutdown_on_signal()).await {
                 Ok(generation) => {
                     println!(
                         "rebuilt the read model as generation {generation} and switched to it"

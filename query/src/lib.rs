@@ -6,9 +6,7 @@
 //! # Layout
 //! - [`http`]: routes, the device endpoints, problem+json errors, health and metrics.
 //! - [`read_model`]: reading the live generation, a device, its buckets, the index.
-//! - [`bootstrap`]: logs, metrics recorder and signal handling of the binary.
 
-pub mod bootstrap;
 pub mod http;
 pub mod read_model;
 
@@ -24,7 +22,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = bootstrap::install_metrics();
+    let metrics = ingest::bootstrap::install_metrics();
     let client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
         format!(
             "redis.url (PIPELINE__REDIS__URL) {} is not usable",

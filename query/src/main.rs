@@ -1,7 +1,7 @@
 //! `query`: the read API over the Redis read model.
 
 use contract::settings::Settings;
-use query::bootstrap;
+use ingest::bootstrap;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -4,9 +4,9 @@ pub mod devices;
 pub mod error;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -43,7 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(ingest::http::openapi))
         .fallback(|| async { ApiError::NoSuchRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(track))
+        .layer(middleware::from_fn(ingest::http::track))
         .with_state(state)
 }
 
@@ -62,23 +62,6 @@ async fn require_read_token(
         }
     }
     next.run(request).await
-}
-
-/// Counts every request by route and status and times it.
-async fn track(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|path| path.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("http_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    response
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
