@@ -3,11 +3,10 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
-use axum::{Json, Router};
-use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
+use axum::Router;
+use ingest::http::readiness;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 #[derive(Clone)]
@@ -31,31 +30,7 @@ pub fn router(admin: Admin) -> Router {
 async fn readyz(State(admin): State<Admin>) -> Response {
     let nats = admin.nats.connection_state() == async_nats::connection::State::Connected;
     let redis = redis_answers(&admin.redis).await;
-    let checks = serde_json::json!({
-        "nats": if nats { "ok" } else { "down" },
-        "redis": if redis { "ok" } else { "down" },
-    });
-    if nats && redis {
-        return Json(serde_json::json!({"status": "ready", "checks": checks})).into_response();
-    }
-    let down: Vec<&str> = [("nats", nats), ("redis", redis)]
-        .into_iter()
-        .filter(|(_, up)| !up)
-        .map(|(name, _)| name)
-        .collect();
-    let problem = Problem::new(
-        ProblemKind::Unavailable,
-        format!("not answering: {}", down.join(", ")),
-    );
-    let mut response = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        serde_json::to_vec(&problem).unwrap_or_default(),
-    )
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
-    response
+    readiness(&[("nats", nats), ("redis", redis)])
 }
 
 async fn redis_answers(client: &redis::Client) -> bool {

@@ -138,12 +138,7 @@ impl Projector {
             let Ok(stream_sequence) = message.info().map(|info| info.stream_sequence) else {
                 continue;
             };
-            let version = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(headers::EVENT_VERSION))
-                .map(|value| value.as_str().to_owned());
-            match TelemetryRecorded::decode(&message.payload, version.as_deref()) {
+            match decode(&message) {
                 Ok(event) => {
                     delivered.push(Delivered {
                         event,
@@ -257,6 +252,16 @@ impl Projector {
             }
         }
     }
+}
+
+/// Decodes a delivered event, with its `Event-Version` header.
+pub fn decode(message: &async_nats::Message) -> Result<TelemetryRecorded, DecodeError> {
+    let version = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(headers::EVENT_VERSION))
+        .map(|value| value.as_str());
+    TelemetryRecorded::decode(&message.payload, version)
 }
 
 /// The device a poison message most likely belongs to, if it can be told safely.

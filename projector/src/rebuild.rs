@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_nats::jetstream::{self, consumer};
-use contract::event::{headers, TelemetryRecorded};
 use contract::read_model::{generation_pattern, meta, meta_key, rebuild_lock_key};
 use contract::subjects::Subjects;
 use contract::timestamp::unix_millis;
@@ -224,13 +223,8 @@ impl Rebuild {
                 if stream_sequence > last_sequence {
                     continue;
                 }
-                let version = message
-                    .headers
-                    .as_ref()
-                    .and_then(|headers| headers.get(headers::EVENT_VERSION))
-                    .map(|value| value.as_str().to_owned());
                 // Poison was dead-lettered by the live projector; it counts nowhere.
-                if let Ok(event) = TelemetryRecorded::decode(&message.payload, version.as_deref()) {
+                if let Ok(event) = crate::consumer::decode(&message) {
                     events.push(Delivered {
                         event,
                         stream_sequence,

@@ -3,13 +3,11 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
-use axum::{Json, Router};
-use contract::problem::{Problem, ProblemKind};
+use axum::Router;
 use contract::settings::Settings;
-use ingest::http::error::problem_response;
-use ingest::http::{healthz, postgres_ready};
+use ingest::http::{healthz, postgres_ready, readiness};
 use ingest::relay::{connect_nats, Relay};
 use ingest::{bootstrap, db};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -64,20 +62,5 @@ async fn main() -> anyhow::Result<()> {
 async fn readyz(State(admin): State<Admin>) -> Response {
     let postgres = postgres_ready(&admin.pool).await.is_ok();
     let nats = admin.nats.connection_state() == async_nats::connection::State::Connected;
-    let checks = serde_json::json!({
-        "postgres": if postgres { "ok" } else { "down" },
-        "nats": if nats { "ok" } else { "down" },
-    });
-    if postgres && nats {
-        return Json(serde_json::json!({"status": "ready", "checks": checks})).into_response();
-    }
-    let down: Vec<&str> = [("postgres", postgres), ("nats", nats)]
-        .into_iter()
-        .filter(|(_, up)| !up)
-        .map(|(name, _)| name)
-        .collect();
-    problem_response(&Problem::new(
-        ProblemKind::Unavailable,
-        format!("not answering: {}", down.join(", ")),
-    ))
+    readiness(&[("postgres", postgres), ("nats", nats)])
 }

@@ -93,15 +93,29 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    match postgres_ready(&state.pool).await {
-        Ok(()) => Json(serde_json::json!({"status": "ready", "checks": {"postgres": "ok"}}))
-            .into_response(),
-        Err(()) => problem_response(&Problem::new(
-            ProblemKind::Unavailable,
-            "postgres is not answering",
-        )),
+/// The `/readyz` answer for named dependency checks: 200 with every check, or a 503
+/// problem naming the ones that do not answer (API.md §7).
+pub fn readiness(checks: &[(&str, bool)]) -> Response {
+    let down: Vec<&str> = checks
+        .iter()
+        .filter(|(_, up)| !up)
+        .map(|(name, _)| *name)
+        .collect();
+    if down.is_empty() {
+        let checks: serde_json::Map<String, serde_json::Value> = checks
+            .iter()
+            .map(|(name, _)| ((*name).to_owned(), "ok".into()))
+            .collect();
+        return Json(serde_json::json!({"status": "ready", "checks": checks})).into_response();
     }
+    problem_response(&Problem::new(
+        ProblemKind::Unavailable,
+        format!("not answering: {}", down.join(", ")),
+    ))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    readiness(&[("postgres", postgres_ready(&state.pool).await.is_ok())])
 }
 
 /// `SELECT 1` through the pool within a second.
