@@ -1,15 +1,16 @@
 //! Reading the Redis read model: the live generation, one device's figures and
-//! buckets, the devices index. Read-only by construction: plain reads and a script
-//! flagged `no-writes`.
+//! buckets, the devices index. Read-only by construction: plain reads, no scripts. A
+//! device view is cached while nothing it depends on changed (see `Validity`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
     fields, meta, meta_key, Aggregate, DeviceKeys, DeviceStats, DevicesIndex, Resolution, Window,
     COARSE, FINE, WINDOWS,
 };
 use redis::aio::ConnectionManager;
-use redis::{RedisResult, Script, Value};
+use redis::RedisResult;
 
 /// Why the read model could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -51,16 +52,80 @@ pub type DevicesPage = Vec<DeviceEntry>;
 pub struct ReadModel {
     redis: ConnectionManager,
     prefix: String,
-    stats_script: Script,
+    views: Arc<Mutex<HashMap<ViewKey, (Validity, DeviceView)>>>,
 }
+
+/// A cached device view: one device, one `?metrics=` selection.
+type ViewKey = (String, Option<Vec<String>>);
+
+/// What a cached view depends on. Every event applied to a device raises its
+/// `sample_count`, a rebuild changes the generation, and the windows move with the
+/// current 10 s bucket (a 5 min boundary is also a 10 s one); pruning only drops
+/// buckets already outside every window. So a view with the same validity is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Validity {
+    generation: u64,
+    sample_count: u64,
+    fine_bucket: i64,
+}
+
+/// Views kept at most; past it the cache starts over.
+const VIEWS_MAX: usize = 10_000;
 
 impl ReadModel {
     pub fn new(redis: ConnectionManager, prefix: String) -> Self {
         Self {
             redis,
             prefix,
-            stats_script: Script::new(include_str!("stats.lua")),
+            views: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// A device's figures and windows at `now_ms`, from the cache when nothing it
+    /// depends on changed (one small read checks that), else read in full.
+    pub async fn device_cached(
+        &self,
+        device_id: &str,
+        metrics: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<Option<DeviceView>, ReadError> {
+        let generation = self.generation().await?;
+        let mut redis = self.redis.clone();
+        let sample_count: Option<u64> = redis::cmd("HGET")
+            .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
+            .arg(fields::SAMPLE_COUNT)
+            .query_async(&mut redis)
+            .await?;
+        let Some(sample_count) = sample_count else {
+            return Ok(None);
+        };
+        let validity = Validity {
+            generation,
+            sample_count,
+            fine_bucket: FINE.bucket(now_ms),
+        };
+        let key: ViewKey = (device_id.to_owned(), metrics.map(<[String]>::to_vec));
+        if let Some((cached, view)) = self
+            .views
+            .lock()
+            .ok()
+            .and_then(|views| views.get(&key).cloned())
+        {
+            if cached == validity {
+                return Ok(Some(view));
+            }
+        }
+        let view = self.device(device_id, metrics, now_ms).await?;
+        if let (Some(view), Ok(mut views)) = (&view, self.views.lock()) {
+            // Stored only if it is the state the validity describes.
+            if view.stats.sample_count == sample_count {
+                if views.len() >= VIEWS_MAX {
+                    views.clear();
+                }
+                views.insert(key, (validity, view.clone()));
+            }
+        }
+        Ok(view)
     }
 
     pub async fn ping(&self) -> RedisResult<()> {
@@ -83,7 +148,9 @@ impl ReadModel {
     }
 
     /// A device's figures and windows at `now_ms`, limited to `metrics` if given;
-    /// `None` for an unknown device.
+    /// `None` for an unknown device. One round trip: the device hash and both bucket
+    /// hashes (a device keeps at most 1 h 5 min of 10 s buckets and 24 h 15 min of
+    /// 5 min buckets per metric); the windows are summed here.
     pub async fn device(
         &self,
         device_id: &str,
@@ -92,54 +159,41 @@ impl ReadModel {
     ) -> Result<Option<DeviceView>, ReadError> {
         let generation = self.generation().await?;
         let keys = DeviceKeys::new(&self.prefix, generation, device_id);
-        let fine = span(&FINE, now_ms);
-        let coarse = span(&COARSE, now_ms);
-        let mut invocation = self.stats_script.key(&keys.stats);
-        invocation
-            .key(&keys.fine)
-            .key(&keys.coarse)
-            .arg(*fine.start())
-            .arg(*fine.end())
-            .arg(*coarse.start())
-            .arg(*coarse.end());
-        for metric in metrics.unwrap_or_default() {
-            invocation.arg(metric);
-        }
         let mut redis = self.redis.clone();
-        let reply: Vec<Value> = invocation.invoke_async(&mut redis).await?;
-        let mut parts = reply.into_iter();
-        let (Some(hash), Some(names)) = (parts.next(), parts.next()) else {
-            return Ok(None);
-        };
-        let hash: Vec<(String, String)> = redis::from_redis_value(hash)?;
-        let names: Vec<String> = redis::from_redis_value(names)?;
+        let (hash, fine, coarse): (Fields, Fields, Fields) = redis::pipe()
+            .hgetall(&keys.stats)
+            .hgetall(&keys.fine)
+            .hgetall(&keys.coarse)
+            .query_async(&mut redis)
+            .await?;
         let Some(mut stats) = DeviceStats::from_hash(hash) else {
             return Ok(None);
         };
-        let mut windows = BTreeMap::new();
-        for name in names {
-            let (Some(fine_values), Some(coarse_values)) = (parts.next(), parts.next()) else {
-                break;
-            };
-            let fine_buckets = bucket_map(*fine.start(), redis::from_redis_value(fine_values)?);
-            let coarse_buckets =
-                bucket_map(*coarse.start(), redis::from_redis_value(coarse_values)?);
-            let per_window = WINDOWS
-                .iter()
-                .map(|window| {
-                    let buckets = if window.resolution == FINE {
-                        &fine_buckets
-                    } else {
-                        &coarse_buckets
-                    };
-                    (window.name, window_aggregate(window, buckets, now_ms))
-                })
-                .collect();
-            windows.insert(name, per_window);
-        }
         if let Some(wanted) = metrics {
             stats.metrics.retain(|name, _| wanted.contains(name));
         }
+        let fine = buckets_by_metric(fine, &stats, span(&FINE, now_ms));
+        let coarse = buckets_by_metric(coarse, &stats, span(&COARSE, now_ms));
+        let none = BTreeMap::new();
+        let windows = stats
+            .metrics
+            .keys()
+            .map(|name| {
+                let per_window = WINDOWS
+                    .iter()
+                    .map(|window| {
+                        let by_metric = if window.resolution == FINE {
+                            &fine
+                        } else {
+                            &coarse
+                        };
+                        let buckets = by_metric.get(name).unwrap_or(&none);
+                        (window.name, window_aggregate(window, buckets, now_ms))
+                    })
+                    .collect();
+                (name.clone(), per_window)
+            })
+            .collect();
         Ok(Some(DeviceView { stats, windows }))
     }
 
@@ -272,11 +326,33 @@ fn span(resolution: &Resolution, now_ms: i64) -> std::ops::RangeInclusive<i64> {
     (current - longest + 1)..=current
 }
 
-fn bucket_map(first: i64, values: Vec<Option<String>>) -> BTreeMap<i64, Aggregate> {
-    (first..)
-        .zip(values)
-        .filter_map(|(bucket, value)| Some((bucket, Aggregate::parse(value.as_deref()?)?)))
-        .collect()
+/// A hash as `HGETALL` returns it.
+type Fields = Vec<(String, String)>;
+
+/// The buckets of a bucket hash (`<bucket>:<metric>` fields) in `span`, per metric of
+/// `stats`.
+fn buckets_by_metric(
+    fields: Fields,
+    stats: &DeviceStats,
+    span: std::ops::RangeInclusive<i64>,
+) -> BTreeMap<String, BTreeMap<i64, Aggregate>> {
+    let mut by_metric: BTreeMap<String, BTreeMap<i64, Aggregate>> = BTreeMap::new();
+    for (field, value) in fields {
+        let Some((bucket, metric)) = field.split_once(':') else {
+            continue;
+        };
+        let (Ok(bucket), Some(aggregate)) = (bucket.parse::<i64>(), Aggregate::parse(&value))
+        else {
+            continue;
+        };
+        if span.contains(&bucket) && stats.metrics.contains_key(metric) {
+            by_metric
+                .entry(metric.to_owned())
+                .or_default()
+                .insert(bucket, aggregate);
+        }
+    }
+    by_metric
 }
 
 fn window_aggregate(

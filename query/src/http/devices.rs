@@ -119,7 +119,7 @@ pub async fn stats(
     let now_ms = unix_millis(OffsetDateTime::now_utc());
     let view = state
         .read_model
-        .device(&device_id, wanted.as_deref(), now_ms)
+        .device_cached(&device_id, wanted.as_deref(), now_ms)
         .await?
         .ok_or(ApiError::DeviceNotFound)?;
     let metrics = view

@@ -1,0 +1,281 @@
+//! End-to-end latency: readings posted at a fixed rate (open loop); a sample of them go
+//! to fresh devices whose `/stats` is polled every millisecond until it answers `200`
+//! with `sample_count ≥ 1`. The figure is the time from the `202` to that answer.
+//!
+//! Only the sample is polled (about `track_per_s` readings a second, at most
+//! `max_probes` at once), every 1 ms at first and less often once a reading is late
+//! (see [`poll_interval`]), so the probe itself adds little load; the other readings go
+//! to the normal device pool.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::header::HeaderValue;
+use hyper::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::bodies::{device_id, idempotency_key, now_rfc3339, reading_json, Rng};
+use crate::http::Pool;
+use crate::stats::{per_second, Latency, Statuses};
+
+/// The knobs of one e2e run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub rate: f64,
+    pub duration: Duration,
+    pub track_per_s: f64,
+    pub deadline: Duration,
+    pub max_in_flight: usize,
+    /// Most readings followed at once; beyond it a due sample is posted untracked.
+    pub max_probes: usize,
+    pub device_prefix: String,
+    pub devices: u64,
+}
+
+/// Every how many readings one is tracked, for about `track_per_s` a second.
+pub fn track_every(rate: f64, track_per_s: f64) -> u64 {
+    if track_per_s <= 0.0 || rate <= track_per_s {
+        1
+    } else {
+        (rate / track_per_s).round().max(1.0) as u64
+    }
+}
+
+/// Every 1 ms for the first 20 ms, then every 2 ms up to 100 ms, then every 5 ms: fine
+/// resolution where the targets are, and a slow pipeline is not polled into the ground.
+pub fn poll_interval(waited: Duration) -> Duration {
+    match waited.as_millis() {
+        0..20 => Duration::from_millis(1),
+        20..100 => Duration::from_millis(2),
+        _ => Duration::from_millis(5),
+    }
+}
+
+/// How many readings are due `elapsed` into a run at `rate`/s, capped at `total`.
+pub fn due(rate: f64, elapsed: Duration, total: u64) -> u64 {
+    ((rate * elapsed.as_secs_f64()) as u64).min(total)
+}
+
+#[derive(Debug)]
+enum Visible {
+    NotTracked,
+    After(Duration),
+    TimedOut,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    status: String,
+    accepted: bool,
+    post_latency: Option<Duration>,
+    visible: Visible,
+}
+
+#[derive(Deserialize)]
+struct StatsAnswer {
+    #[serde(default)]
+    sample_count: u64,
+}
+
+pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
+    let run = crate::bodies::run_id();
+    let total = (plan.rate * plan.duration.as_secs_f64()).round() as u64;
+    let every = track_every(plan.rate, plan.track_per_s);
+    let in_flight = Arc::new(Semaphore::new(plan.max_in_flight.max(1)));
+    let probes = Arc::new(Semaphore::new(plan.max_probes.max(1)));
+    let mut tasks = JoinSet::new();
+    let mut statuses = Statuses::default();
+    let mut post_latency = Latency::new();
+    let mut visible = Latency::new();
+    let (mut tracked, mut timed_out, mut accepted, mut skipped) = (0u64, 0u64, 0u64, 0u64);
+    let mut probe_cap_hits = 0u64;
+    let mut absorb = |outcome: Outcome| {
+        statuses.add(&outcome.status);
+        if outcome.accepted {
+            accepted += 1;
+        }
+        if let Some(latency) = outcome.post_latency {
+            post_latency.record(latency);
+        }
+        match outcome.visible {
+            Visible::NotTracked => {}
+            Visible::After(latency) => visible.record(latency),
+            Visible::TimedOut => timed_out += 1,
+        }
+    };
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sent = 0u64;
+    let mut rng = Rng::new(0xE2E);
+    while sent < total {
+        tick.tick().await;
+        let due_now = due(plan.rate, started.elapsed(), total);
+        while sent < due_now {
+            let seq = sent;
+            sent += 1;
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                // Open loop: a reading that cannot be sent now is counted, not queued.
+                skipped += 1;
+                continue;
+            };
+            let mut probe = None;
+            if seq % every == 0 {
+                match probes.clone().try_acquire_owned() {
+                    Ok(permit) => probe = Some(permit),
+                    Err(_) => probe_cap_hits += 1,
+                }
+            }
+            let track = probe.is_some();
+            if track {
+                tracked += 1;
+            }
+            let device = if track {
+                format!("e2e-{run}-{seq}")
+            } else {
+                device_id(&plan.device_prefix, rng.below(plan.devices))
+            };
+            let body = reading_json(&device, &now_rfc3339(), &mut rng);
+            let key = idempotency_key(&run, 0, seq);
+            let ingest = ingest.clone();
+            let query = query.clone();
+            let deadline = plan.deadline;
+            tasks.spawn(async move {
+                let outcome =
+                    post_and_probe(&ingest, &query, &device, body, &key, track, deadline).await;
+                drop((permit, probe));
+                outcome
+            });
+        }
+        while let Some(done) = tasks.try_join_next() {
+            if let Ok(outcome) = done {
+                absorb(outcome);
+            }
+        }
+    }
+    let posting = started.elapsed();
+    // Every task ends by its own deadline; this bound is only a safety net.
+    let _ = tokio::time::timeout(plan.deadline + Duration::from_secs(15), async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(outcome) = done {
+                absorb(outcome);
+            }
+        }
+    })
+    .await;
+    tasks.abort_all();
+    json!({
+        "target_rate": plan.rate,
+        "seconds": (posting.as_secs_f64() * 1000.0).round() / 1000.0,
+        "posted": sent - skipped,
+        "accepted": accepted,
+        "accepted_per_s": per_second(accepted, posting),
+        "skipped_in_flight_cap": skipped,
+        "errors": statuses.errors_json("202"),
+        "post_latency": post_latency.summary(),
+        "tracked": tracked,
+        "untracked_probe_cap": probe_cap_hits,
+        "visible": visible.count(),
+        "timed_out": timed_out,
+        "deadline_ms": plan.deadline.as_millis() as u64,
+        "visible_latency": visible.summary(),
+    })
+}
+
+async fn post_and_probe(
+    ingest: &Pool,
+    query: &Pool,
+    device: &str,
+    body: String,
+    key: &str,
+    track: bool,
+    deadline: Duration,
+) -> Outcome {
+    let mut request = ingest
+        .target()
+        .request(Method::POST, "/v1/telemetry", Some(body.into()));
+    if let Ok(value) = HeaderValue::from_str(key) {
+        request.headers_mut().insert("idempotency-key", value);
+    }
+    let sent = Instant::now();
+    let answer = tokio::time::timeout(deadline, ingest.send(request)).await;
+    let (status, accepted_at) = match answer {
+        Ok(Ok((status, _))) => (status, Instant::now()),
+        Ok(Err(_)) => return failed("io_error"),
+        Err(_) => return failed("timeout"),
+    };
+    let accepted = status == StatusCode::ACCEPTED;
+    let mut outcome = Outcome {
+        status: status.as_str().to_owned(),
+        accepted,
+        post_latency: Some(accepted_at - sent),
+        visible: Visible::NotTracked,
+    };
+    if !(track && accepted) {
+        return outcome;
+    }
+    let path = format!("/v1/devices/{device}/stats");
+    outcome.visible = loop {
+        let request = query.target().request(Method::GET, &path, None);
+        if let Ok((StatusCode::OK, body)) = query.send(request).await {
+            let seen = serde_json::from_slice::<StatsAnswer>(&body)
+                .map(|stats| stats.sample_count >= 1)
+                .unwrap_or(false);
+            if seen {
+                break Visible::After(accepted_at.elapsed());
+            }
+        }
+        let waited = accepted_at.elapsed();
+        if waited >= deadline {
+            break Visible::TimedOut;
+        }
+        tokio::time::sleep(poll_interval(waited)).await;
+    };
+    outcome
+}
+
+fn failed(status: &str) -> Outcome {
+    Outcome {
+        status: status.to_owned(),
+        accepted: false,
+        post_latency: None,
+        visible: Visible::NotTracked,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracking_thins_out_with_the_rate() {
+        assert_eq!(track_every(50.0, 100.0), 1);
+        assert_eq!(track_every(5_000.0, 100.0), 50);
+        assert_eq!(track_every(5_000.0, 0.0), 1);
+    }
+
+    #[test]
+    fn polling_slows_down_after_the_targets() {
+        assert_eq!(
+            poll_interval(Duration::from_millis(3)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            poll_interval(Duration::from_millis(50)),
+            Duration::from_millis(2)
+        );
+        assert_eq!(
+            poll_interval(Duration::from_secs(2)),
+            Duration::from_millis(5)
+        );
+    }
+
+    #[test]
+    fn due_follows_the_clock_and_stops_at_the_total() {
+        assert_eq!(due(1000.0, Duration::from_millis(250), 10_000), 250);
+        assert_eq!(due(1000.0, Duration::from_secs(60), 10_000), 10_000);
+    }
+}

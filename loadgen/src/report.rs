@@ -1,0 +1,591 @@
+//! The closing table of `scripts/bench`: every figure beside the limit measured in the
+//! same run, the ratio, the target of issue 5 and whether it was met.
+//!
+//! Input: a directory of JSON files, one per measurement, named by what they measured
+//! (`pg_1_c64.json`, `ingest_c64.json`, `relay_drain.json`, …; see `scripts/bench`).
+//! A missing file shows as `n/a` and its target as not met.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::Value;
+
+/// Measurements by file stem.
+pub type Results = BTreeMap<String, Value>;
+
+/// Loads every `*.json` in `dir`.
+pub fn load(dir: &Path) -> anyhow::Result<Results> {
+    let mut results = Results::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path)?;
+        match serde_json::from_str(&text) {
+            Ok(value) => {
+                results.insert(stem.to_owned(), value);
+            }
+            Err(error) => eprintln!("loadgen: skipping {}: {error}", path.display()),
+        }
+    }
+    Ok(results)
+}
+
+/// Was a target met?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Met {
+    Yes,
+    No,
+    /// A limit or an informational figure: no target.
+    None,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub figure: String,
+    pub value: String,
+    pub limit: String,
+    pub ratio: String,
+    pub target: String,
+    pub met: Met,
+}
+
+fn num(results: &Results, file: &str, pointer: &str) -> Option<f64> {
+    results.get(file)?.pointer(pointer)?.as_f64()
+}
+
+/// `14,876`.
+pub fn thousands(value: f64) -> String {
+    let rounded = value.round() as i64;
+    let digits = rounded.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if rounded < 0 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+fn rate(value: Option<f64>, unit: &str) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| format!("{} {unit}", thousands(v)))
+}
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} ms"))
+}
+
+/// `value / limit`, shown as `4.21x` or `37%`.
+#[derive(Debug, Clone, Copy)]
+enum Style {
+    Times,
+    Percent,
+}
+
+fn ratio(value: Option<f64>, limit: Option<f64>, style: Style) -> (Option<f64>, String) {
+    match (value, limit) {
+        (Some(v), Some(l)) if l > 0.0 => {
+            let r = v / l;
+            let text = match style {
+                Style::Times => format!("{r:.2}x"),
+                Style::Percent => format!("{:.0}%", r * 100.0),
+            };
+            (Some(r), text)
+        }
+        _ => (None, "n/a".to_owned()),
+    }
+}
+
+fn met(ok: Option<bool>) -> Met {
+    if ok == Some(true) {
+        Met::Yes
+    } else {
+        Met::No
+    }
+}
+
+struct Table {
+    rows: Vec<Row>,
+}
+
+impl Table {
+    fn push(
+        &mut self,
+        figure: &str,
+        value: String,
+        limit: String,
+        ratio: String,
+        target: &str,
+        met: Met,
+    ) {
+        self.rows.push(Row {
+            figure: figure.to_owned(),
+            value,
+            limit,
+            ratio,
+            target: target.to_owned(),
+            met,
+        });
+    }
+
+    fn info(&mut self, figure: &str, value: String, reference: &str) {
+        self.push(figure, value, "-".into(), "-".into(), reference, Met::None);
+    }
+
+    /// A figure against a limit, with a minimum ratio as its target (if any).
+    #[allow(clippy::too_many_arguments)]
+    fn against(
+        &mut self,
+        figure: &str,
+        value: Option<f64>,
+        unit: &str,
+        limit_name: &str,
+        limit: Option<f64>,
+        style: Style,
+        minimum: Option<(f64, &str)>,
+    ) {
+        let (r, text) = ratio(value, limit, style);
+        let limit_unit = if limit_name.starts_with("pgbench@") {
+            "txn/s"
+        } else {
+            unit
+        };
+        let limit_text = format!("{limit_name} {}", rate(limit, limit_unit));
+        let (target, verdict) = match minimum {
+            Some((min, label)) => (label, met(r.map(|r| r >= min))),
+            None => ("-", Met::None),
+        };
+        self.push(figure, rate(value, unit), limit_text, text, target, verdict);
+    }
+
+    fn latency(&mut self, figure: &str, results: &Results, file: &str) {
+        let p = |q: &str| num(results, file, &format!("/latency/{q}"));
+        let value = match (p("p50_ms"), p("p99_ms"), p("p999_ms")) {
+            (Some(a), Some(b), Some(c)) => format!("{a:.2} / {b:.2} / {c:.2} ms"),
+            _ => "n/a".to_owned(),
+        };
+        self.info(figure, value, "-");
+    }
+
+    fn errors(&mut self, results: &Results, file: &str) {
+        let errors = results
+            .get(file)
+            .and_then(|v| v.get("errors"))
+            .and_then(Value::as_object)
+            .filter(|errors| !errors.is_empty());
+        if let Some(errors) = errors {
+            let text: Vec<String> = errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            self.info("    non-2xx answers", text.join(", "), "-");
+        }
+    }
+}
+
+/// The table's rows from the results of one run.
+pub fn rows(results: &Results) -> Vec<Row> {
+    let mut t = Table { rows: Vec::new() };
+    let pg1 = |clients: u32| num(results, &format!("pg_1_c{clients}"), "/tps");
+    let pg500 = num(results, "pg_500", "/readings_per_s");
+    let pg500_clients = num(results, "pg_500", "/clients").unwrap_or(0.0);
+    let static_rps = num(results, "static", "/ok_per_s");
+    let static_clients = num(results, "static", "/concurrency").unwrap_or(0.0);
+    let publish = num(results, "publish", "/msgs_per_s");
+    let redis = num(results, "redis", "/calls_per_s");
+    let redis_pipeline = num(results, "redis", "/pipeline").unwrap_or(0.0);
+
+    // The limits.
+    for clients in [1, 16, 64] {
+        t.info(
+            &format!("LIMIT pgbench 1 reading/txn, {clients} clients"),
+            rate(pg1(clients), "txn/s"),
+            if clients == 64 { "ref ~6,000/s" } else { "-" },
+        );
+    }
+    t.info(
+        &format!("LIMIT pgbench 500 readings/txn, {pg500_clients} clients"),
+        rate(pg500, "readings/s"),
+        "ref ~59,000/s",
+    );
+    for (file, unit, label) in [
+        ("pg_notify_1_c64", "/tps", "txn/s"),
+        ("pg_notify_500", "/readings_per_s", "readings/s"),
+    ] {
+        if let Some(value) = num(results, file, unit) {
+            let clients = num(results, file, "/clients").unwrap_or(0.0);
+            let per_txn = num(results, file, "/readings_per_tx").unwrap_or(0.0);
+            t.info(
+                &format!("  same with the outbox NOTIFY trigger, {per_txn}/txn, {clients} clients"),
+                rate(Some(value), label),
+                "-",
+            );
+        }
+    }
+    t.info(
+        &format!("LIMIT static HTTP 202, {static_clients} clients"),
+        rate(static_rps, "req/s"),
+        "ref ~80,000/s",
+    );
+    t.info(
+        "LIMIT JetStream publish, pipelined acks",
+        rate(publish, "msgs/s"),
+        "ref 80-130k/s",
+    );
+    t.info(
+        &format!("LIMIT Redis EVALSHA, pipeline {redis_pipeline}"),
+        rate(redis, "calls/s"),
+        "ref ~65,000/s",
+    );
+
+    // Ingest burst.
+    for clients in [1u32, 16, 64, 256] {
+        let file = format!("ingest_c{clients}");
+        let value = num(results, &file, "/ok_per_s");
+        let pg_clients = clients.min(64);
+        let minimum = (clients == 64).then_some((4.0, ">= 4x"));
+        t.against(
+            &format!("ingest POST, {clients} clients (burst)"),
+            value,
+            "req/s",
+            &format!("pgbench@{pg_clients}"),
+            pg1(pg_clients),
+            Style::Times,
+            minimum,
+        );
+        if clients == 64 {
+            t.against(
+                "ingest POST, 64 clients vs 500/txn",
+                value,
+                "readings/s",
+                "pgbench500",
+                pg500,
+                Style::Percent,
+                Some((0.4, ">= 40%")),
+            );
+            t.against(
+                "ingest POST, 64 clients vs static HTTP",
+                value,
+                "req/s",
+                "static",
+                static_rps,
+                Style::Percent,
+                None,
+            );
+        }
+        t.latency("    latency p50 / p99 / p99.9", results, &file);
+        t.errors(results, &file);
+    }
+
+    // Batch POSTs.
+    let batch_available = results
+        .get("batch_100")
+        .and_then(|v| v.get("available"))
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    if batch_available {
+        let clients = num(results, "batch_100", "/concurrency").unwrap_or(0.0);
+        t.against(
+            &format!("ingest batch POST of 100, {clients} clients"),
+            num(results, "batch_100", "/readings_per_s"),
+            "readings/s",
+            "pgbench500",
+            pg500,
+            Style::Percent,
+            Some((0.7, ">= 70%")),
+        );
+        t.latency("    latency p50 / p99 / p99.9", results, "batch_100");
+        t.errors(results, "batch_100");
+    } else {
+        t.push(
+            "ingest batch POST of 100",
+            "n/a: batch endpoint not available (404)".into(),
+            format!("pgbench500 {}", rate(pg500, "readings/s")),
+            "n/a".into(),
+            ">= 70%",
+            Met::No,
+        );
+    }
+    if let Some(fill) = num(results, "fill", "/readings_per_s") {
+        t.against(
+            "  group commit without HTTP (backlog fill)",
+            Some(fill),
+            "readings/s",
+            "pgbench500",
+            pg500,
+            Style::Percent,
+            None,
+        );
+    }
+
+    // Sustained, whole pipeline.
+    let sustained = num(results, "sustained", "/ok_per_s");
+    let sustained_seconds = num(results, "sustained", "/seconds").unwrap_or(0.0).round();
+    let sustained_clients = num(results, "sustained", "/concurrency").unwrap_or(0.0);
+    t.against(
+        &format!("sustained {sustained_seconds} s, whole pipeline, {sustained_clients} clients"),
+        sustained,
+        "req/s",
+        "pgbench@64",
+        pg1(64),
+        Style::Times,
+        Some((2.5, ">= 2.5x")),
+    );
+    t.latency("    latency p50 / p99 / p99.9", results, "sustained");
+    t.errors(results, "sustained");
+    let outbox_max = num(results, "sustained_watch", "/outbox_unpublished/max");
+    let pending_max = num(results, "sustained_watch", "/consumer_pending/max");
+    let bounded = match (outbox_max, pending_max, sustained) {
+        (Some(o), Some(p), Some(s)) => Some(o.max(p) <= 2.0 * s),
+        _ => None,
+    };
+    t.push(
+        "    max backlog: outbox / consumer pending",
+        format!(
+            "{} / {}",
+            outbox_max.map_or("n/a".into(), thousands),
+            pending_max.map_or("n/a".into(), thousands)
+        ),
+        "-".into(),
+        "-".into(),
+        "bounded: <= 2 s of ingest",
+        met(bounded),
+    );
+
+    // End to end.
+    let e2e_rate = num(results, "e2e", "/target_rate");
+    let timed_out = num(results, "e2e", "/timed_out").unwrap_or(0.0);
+    let tracked = num(results, "e2e", "/tracked").unwrap_or(0.0);
+    let few_timeouts = tracked > 0.0 && timed_out <= tracked * 0.001;
+    for (label, pointer, bound, target) in [
+        ("p50", "/visible_latency/p50_ms", 10.0, "< 10 ms"),
+        ("p99", "/visible_latency/p99_ms", 50.0, "< 50 ms"),
+    ] {
+        let value = num(results, "e2e", pointer);
+        t.push(
+            &format!("e2e 202 -> visible in /stats, {label}"),
+            ms(value),
+            format!("at {}", rate(e2e_rate, "req/s")),
+            "-".into(),
+            target,
+            met(value.map(|v| v < bound && few_timeouts)),
+        );
+    }
+    t.info(
+        "    probes visible / timed out",
+        format!(
+            "{} / {}",
+            thousands(num(results, "e2e", "/visible").unwrap_or(0.0)),
+            thousands(timed_out)
+        ),
+        "-",
+    );
+
+    // Backlog drains.
+    for (file, name, limit_name, limit) in [
+        ("relay_drain", "relay", "JetStream publish", publish),
+        ("projector_drain", "projector", "Redis EVALSHA", redis),
+    ] {
+        let backlog = num(results, file, "/backlog").unwrap_or(0.0);
+        let value = num(results, file, "/events_per_s");
+        t.against(
+            &format!("{name} drain of {}", thousands(backlog)),
+            value,
+            "events/s",
+            "sustained",
+            sustained,
+            Style::Times,
+            Some((2.0, ">= 2x")),
+        );
+        t.against(
+            &format!("    {name} vs {limit_name} limit"),
+            value,
+            "/s",
+            limit_name,
+            limit,
+            Style::Percent,
+            None,
+        );
+    }
+
+    // Query.
+    let query = num(results, "query", "/ok_per_s");
+    let query_clients = num(results, "query", "/concurrency").unwrap_or(0.0);
+    t.against(
+        &format!("/stats GET, {query_clients} clients"),
+        query,
+        "req/s",
+        "static",
+        static_rps,
+        Style::Percent,
+        Some((0.5, ">= 50%")),
+    );
+    let query_p99 = num(results, "query", "/latency/p99_ms");
+    t.push(
+        "    /stats p99",
+        ms(query_p99),
+        "-".into(),
+        "-".into(),
+        "< 5 ms",
+        met(query_p99.map(|v| v < 5.0)),
+    );
+    t.errors(results, "query");
+
+    // Memory.
+    for process in ["ingest", "relay", "projector", "query"] {
+        let kib = num(results, "rss", &format!("/{process}"));
+        let mib = kib.map(|k| k / 1024.0);
+        t.push(
+            &format!("peak RSS {process}"),
+            mib.map_or("n/a".into(), |m| format!("{m:.1} MiB")),
+            "-".into(),
+            "-".into(),
+            "< 64 MiB",
+            met(mib.map(|m| m < 64.0)),
+        );
+    }
+    t.rows
+}
+
+/// The rows as an aligned text table, with a count of targets met.
+pub fn render(rows: &[Row]) -> String {
+    let header = [
+        "figure",
+        "value",
+        "limit (same run)",
+        "ratio",
+        "target",
+        "met?",
+    ];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|row| {
+            [
+                row.figure.clone(),
+                row.value.clone(),
+                row.limit.clone(),
+                row.ratio.clone(),
+                row.target.clone(),
+                match row.met {
+                    Met::Yes => "yes".into(),
+                    Met::No => "NO".into(),
+                    Met::None => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for line in &cells {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let format_line = |line: &[String]| {
+        let padded: Vec<String> = line
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        format!("| {} |", padded.join(" | ")).trim_end().to_owned()
+    };
+    let mut out = String::new();
+    out.push_str(&format_line(&header.map(str::to_owned)));
+    out.push('\n');
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
+    for line in &cells {
+        out.push_str(&format_line(line));
+        out.push('\n');
+    }
+    let targets = rows.iter().filter(|r| r.met != Met::None).count();
+    let met = rows.iter().filter(|r| r.met == Met::Yes).count();
+    out.push_str(&format!("\ntargets met: {met} of {targets}\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Results {
+        let mut r = Results::new();
+        r.insert("pg_1_c64".into(), json!({"tps": 6000.0}));
+        r.insert(
+            "pg_500".into(),
+            json!({"readings_per_s": 60000.0, "clients": 4}),
+        );
+        r.insert(
+            "static".into(),
+            json!({"ok_per_s": 80000.0, "concurrency": 64}),
+        );
+        r.insert(
+            "ingest_c64".into(),
+            json!({"ok_per_s": 30000.0, "latency": {"p50_ms": 2.0, "p99_ms": 5.0, "p999_ms": 9.0}, "errors": {}}),
+        );
+        r.insert("batch_100".into(), json!({"available": false}));
+        r.insert(
+            "sustained".into(),
+            json!({"ok_per_s": 16000.0, "seconds": 60.2, "concurrency": 64}),
+        );
+        r.insert(
+            "sustained_watch".into(),
+            json!({"outbox_unpublished": {"max": 900}, "consumer_pending": {"max": 40000}}),
+        );
+        r.insert("rss".into(), json!({"ingest": 30000, "relay": 70000}));
+        r
+    }
+
+    fn find<'a>(rows: &'a [Row], figure: &str) -> &'a Row {
+        rows.iter()
+            .find(|r| r.figure.starts_with(figure))
+            .unwrap_or_else(|| panic!("no row {figure}"))
+    }
+
+    #[test]
+    fn ratios_and_verdicts() {
+        let rows = rows(&sample());
+        let burst = find(&rows, "ingest POST, 64 clients (burst)");
+        assert_eq!(burst.ratio, "5.00x");
+        assert_eq!(burst.met, Met::Yes);
+        let vs500 = find(&rows, "ingest POST, 64 clients vs 500/txn");
+        assert_eq!(vs500.ratio, "50%");
+        assert_eq!(vs500.met, Met::Yes);
+        let sustained = find(&rows, "sustained 60 s");
+        assert_eq!(sustained.ratio, "2.67x");
+        assert_eq!(sustained.met, Met::Yes);
+        // 40,000 pending > 2 s × 16,000/s.
+        assert_eq!(find(&rows, "    max backlog").met, Met::No);
+        assert_eq!(find(&rows, "ingest batch POST of 100").met, Met::No);
+        assert_eq!(find(&rows, "peak RSS ingest").met, Met::Yes);
+        assert_eq!(find(&rows, "peak RSS relay").met, Met::No);
+        // Missing measurements are not met.
+        assert_eq!(find(&rows, "relay drain").met, Met::No);
+        assert_eq!(find(&rows, "peak RSS query").value, "n/a");
+    }
+
+    #[test]
+    fn rendering_aligns_and_counts() {
+        let text = render(&rows(&sample()));
+        let lines: Vec<&str> = text.lines().take(3).collect();
+        assert!(lines[0].starts_with("| figure"));
+        assert!(lines[1].starts_with("|---"));
+        assert!(text.contains("targets met: "));
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(14876.0), "14,876");
+        assert_eq!(thousands(1234567.0), "1,234,567");
+        assert_eq!(thousands(-1234.0), "-1,234");
+    }
+}
