@@ -68,6 +68,8 @@ pub struct IngestSettings {
     pub max_age_secs: u64,
     /// How long an idempotency key is remembered.
     pub idempotency_retention_secs: u64,
+    /// How long readings are kept in PostgreSQL, by receive time (0: for good).
+    pub reading_retention_secs: u64,
     /// Most readings committed in one group-commit transaction.
     pub commit_batch_max: usize,
     /// Group-commit transactions in flight at once.

@@ -101,6 +101,7 @@ pub struct Relay {
     poll_interval: Duration,
     published_retention: Duration,
     key_retention: Duration,
+    reading_retention: Option<Duration>,
     prune_batch: i64,
     prune_interval: Duration,
 }
@@ -116,6 +117,8 @@ impl Relay {
             published_retention: Duration::from_secs(settings.relay.published_retention_secs),
             prune_batch: settings.relay.prune_batch,
             key_retention: Duration::from_secs(settings.ingest.idempotency_retention_secs),
+            reading_retention: (settings.ingest.reading_retention_secs > 0)
+                .then(|| Duration::from_secs(settings.ingest.reading_retention_secs)),
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
         }
     }
@@ -307,10 +310,15 @@ impl Relay {
     /// batch per statement so that ingest never waits on a long delete.
     async fn prune(&self) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
-        for (table, statement, retention) in [
+        let mut policies = vec![
             ("outbox", PRUNE_PUBLISHED, self.published_retention),
             ("idempotency_keys", PRUNE_KEYS, self.key_retention),
-        ] {
+        ];
+        // Readings are kept for good unless a retention is configured.
+        if let Some(retention) = self.reading_retention {
+            policies.push(("readings", PRUNE_READINGS, retention));
+        }
+        for (table, statement, retention) in policies {
             loop {
                 let deleted = client
                     .execute(statement, &[&retention.as_secs_f64(), &self.prune_batch])
@@ -336,6 +344,12 @@ const PRUNE_KEYS: &str = "
 DELETE FROM idempotency_keys WHERE (device_id, idempotency_key) IN (
     SELECT device_id, idempotency_key FROM idempotency_keys
     WHERE created_at < now() - make_interval(secs => $1)
+    LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
+const PRUNE_READINGS: &str = "
+DELETE FROM readings WHERE event_id IN (
+    SELECT event_id FROM readings
+    WHERE received_at < now() - make_interval(secs => $1)
     LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
 /// Holds a `LISTEN outbox` connection open and wakes the relay on each notification;

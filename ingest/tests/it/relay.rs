@@ -251,6 +251,7 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
     env.settings.ingest.idempotency_retention_secs = 1;
     env.settings.relay.published_retention_secs = 1;
     env.settings.relay.prune_interval_ms = 200;
+    env.settings.ingest.reading_retention_secs = 6;
     let ingest = Ingest::spawn(&env.settings).await;
     let first: Value = ingest
         .post("k-1", &reading("sensor-1", 1.0))
@@ -286,7 +287,16 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
         .await
         .expect("count")
         .get(0);
-    assert_eq!(readings, 2, "readings are kept; only the key expired");
+    assert_eq!(readings, 2, "readings outlive their keys");
+    // Readings go too once they are past their own (here 6 s) retention.
+    eventually(Duration::from_secs(30), "readings pruned", || async {
+        let row = db
+            .query_one("SELECT count(*) FROM readings", &[])
+            .await
+            .ok()?;
+        (row.get::<_, i64>(0) == 0).then_some(())
+    })
+    .await;
     shutdown.cancel();
     relay.await.expect("relay stops");
     ingest.stop().await;
