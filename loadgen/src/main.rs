@@ -31,6 +31,8 @@ mod workloads;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use hyper::header::HeaderValue;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -446,10 +448,14 @@ async fn ingest(
 ) -> anyhow::Result<Value> {
     let run = bodies::run_id();
     let Some(size) = batch else {
+        let authorization = std::env::var("LOADGEN_AUTHORIZATION")
+            .ok()
+            .and_then(|value| HeaderValue::from_str(&value).ok());
         let workload = Arc::new(SinglePost {
             run,
             device_prefix: devices.device_prefix.clone(),
             devices: devices.devices.max(1),
+            authorization,
         });
         return drive(url, workload, args).await;
     };
@@ -506,6 +512,7 @@ async fn static_limit(args: &LoopArgs) -> anyhow::Result<Value> {
         run: bodies::run_id(),
         device_prefix: "bench-dev-".into(),
         devices: 10_000,
+        authorization: None,
     });
     let report = drive(&url, workload, args).await;
     drop(server);

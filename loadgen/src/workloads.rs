@@ -16,6 +16,9 @@ pub struct SinglePost {
     pub run: String,
     pub device_prefix: String,
     pub devices: u64,
+    /// `Authorization` sent with every request (from `LOADGEN_AUTHORIZATION`), to
+    /// measure ingest with authentication on.
+    pub authorization: Option<HeaderValue>,
 }
 
 impl Workload for SinglePost {
@@ -32,6 +35,11 @@ impl Workload for SinglePost {
         let key = idempotency_key(&self.run, worker, seq);
         if let Ok(value) = HeaderValue::from_str(&key) {
             request.headers_mut().insert("idempotency-key", value);
+        }
+        if let Some(authorization) = &self.authorization {
+            request
+                .headers_mut()
+                .insert("authorization", authorization.clone());
         }
         request
     }
@@ -145,6 +153,7 @@ mod tests {
             run: "r".into(),
             device_prefix: "d-".into(),
             devices: 10,
+            authorization: None,
         };
         let target = Target::parse("http://127.0.0.1:1").expect("loopback");
         let mut rng = Rng::new(1);
