@@ -230,6 +230,65 @@ async fn remove_resources(
     Ok(())
 }
 
+/// Asserts a problem+json answer (API.md §3) with `status` and problem type `slug`,
+/// carrying no internal detail (SQL, addresses, stack frames, crate names); returns it.
+pub async fn assert_problem(
+    response: reqwest::Response,
+    status: u16,
+    slug: &str,
+) -> serde_json::Value {
+    let url = response.url().to_string();
+    assert_eq!(response.status().as_u16(), status, "status of {url}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        content_type, "application/problem+json",
+        "content type of {url}"
+    );
+    let text = response.text().await.expect("body");
+    for internal in [
+        "SQL",
+        "sql",
+        "postgres",
+        "redis://",
+        ":6379",
+        ":5432",
+        "127.0.0.1",
+        "os error",
+        "refused",
+        "panicked",
+        "src/",
+        "tokio",
+        "axum",
+        "deadpool",
+        "serde",
+    ] {
+        assert!(
+            !text.contains(internal),
+            "error body of {url} leaks {internal:?}: {text}"
+        );
+    }
+    let problem: serde_json::Value = serde_json::from_str(&text).expect("problem is json");
+    assert_eq!(problem["status"], status, "problem status of {url}");
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with(&format!("/problems/{slug}")),
+        "type {} of {url} is not {slug}",
+        problem["type"]
+    );
+    assert!(
+        problem["title"].is_string() && problem["detail"].is_string(),
+        "title and detail of {url}"
+    );
+    problem
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `deadline` with
 /// `what` in the message.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T

@@ -72,45 +72,7 @@ pub fn reading(device: &str, temperature: f64) -> Value {
     serde_json::json!({"device_id": device, "metrics": {"temperature": temperature}})
 }
 
-/// Asserts a problem+json response with `status` and problem `slug`, and no internals.
-pub async fn assert_problem(response: Response, status: u16, slug: &str) -> Value {
-    assert_eq!(response.status().as_u16(), status, "status");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(content_type, "application/problem+json");
-    let text = response.text().await.expect("body");
-    for internal in [
-        "SQL",
-        "sql",
-        "postgres",
-        "panicked",
-        "127.0.0.1",
-        "src/",
-        "tokio",
-        "deadpool",
-    ] {
-        assert!(
-            !text.contains(internal),
-            "error body leaks {internal:?}: {text}"
-        );
-    }
-    let problem: Value = serde_json::from_str(&text).expect("problem is json");
-    assert_eq!(problem["status"], status);
-    assert!(
-        problem["type"]
-            .as_str()
-            .unwrap_or_default()
-            .ends_with(&format!("/problems/{slug}")),
-        "type {} is not {slug}",
-        problem["type"]
-    );
-    assert!(problem["title"].is_string() && problem["detail"].is_string());
-    problem
-}
+pub use testkit::assert_problem;
 
 /// Rows in a table of the test database.
 pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {

@@ -165,55 +165,7 @@ pub async fn ensure_streams(env: &TestEnv) {
         .expect("streams created");
 }
 
-/// Asserts a problem+json response with `status` and problem `slug`, and no internals;
-/// returns the problem.
-pub async fn assert_problem(response: Response, status: u16, slug: &str) -> Value {
-    let url = response.url().to_string();
-    assert_eq!(response.status().as_u16(), status, "status of {url}");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    assert_eq!(
-        content_type, "application/problem+json",
-        "content type of {url}"
-    );
-    let text = response.text().await.expect("body");
-    for internal in [
-        "redis://",
-        ":6379",
-        "127.0.0.1",
-        "os error",
-        "refused",
-        "panicked",
-        "src/",
-        "tokio",
-        "axum",
-        "serde",
-    ] {
-        assert!(
-            !text.contains(internal),
-            "error body of {url} leaks {internal:?}: {text}"
-        );
-    }
-    let problem: Value = serde_json::from_str(&text).expect("problem is json");
-    assert_eq!(problem["status"], status, "problem status of {url}");
-    assert!(
-        problem["type"]
-            .as_str()
-            .unwrap_or_default()
-            .ends_with(&format!("/problems/{slug}")),
-        "type {} of {url} is not {slug}",
-        problem["type"]
-    );
-    assert!(
-        problem["title"].is_string() && problem["detail"].is_string(),
-        "title and detail of {url}"
-    );
-    problem
-}
+pub use testkit::assert_problem;
 
 /// A small deterministic generator, so a failing run can be repeated exactly.
 pub struct SplitMix(pub u64);
