@@ -23,31 +23,57 @@ local resolutions = {
 }
 local FIRST_EVENT = 7
 
-local function add_to_bucket(key, resolution, recorded, name, value, value_text)
+-- Folds the new events' values into one bucket hash: one HMGET and one HSET for all
+-- the fields the batch touches. Returns whether a bucket field was created.
+local function add_to_buckets(key, resolution, events)
   local width = resolution.width
-  if recorded + width <= now - resolution.retention then
-    return -- the bucket has expired already
-  end
-  local field = string.format('%d:%s', math.floor(recorded / width), name)
-  local current = redis.call('HGET', key, field)
-  local text
-  if current then
-    local count, sum, min, max = string.match(current, '^(%S+) (%S+) (%S+) (%S+)$')
-    if value < tonumber(min) then
-      min = value_text
+  local fields, order = {}, {}
+  for _, event in ipairs(events) do
+    if event.recorded + width > now - resolution.retention then -- else the bucket expired already
+      local bucket = string.format('%d', math.floor(event.recorded / width))
+      for _, metric in ipairs(event.metrics) do
+        local field = bucket .. ':' .. metric.name
+        if fields[field] == nil then
+          fields[field] = {}
+          table.insert(order, field)
+        end
+        table.insert(fields[field], metric)
+      end
     end
-    if value > tonumber(max) then
-      max = value_text
-    end
-    text = string.format('%d %.17g %s %s', tonumber(count) + 1, tonumber(sum) + value, min, max)
-  else
-    text = '1 ' .. value_text .. ' ' .. value_text .. ' ' .. value_text
   end
-  redis.call('HSET', key, field, text)
+  if #order == 0 then
+    return false
+  end
+  local current = redis.call('HMGET', key, unpack(order))
+  local updates, created = {}, false
+  for i, field in ipairs(order) do
+    local count, sum, min_text, max_text = 0, 0, nil, nil
+    if current[i] then
+      local c, s, mn, mx = string.match(current[i], '^(%S+) (%S+) (%S+) (%S+)$')
+      count, sum, min_text, max_text = tonumber(c), tonumber(s), mn, mx
+    else
+      created = true
+    end
+    for _, metric in ipairs(fields[field]) do
+      count = count + 1
+      sum = sum + metric.value
+      if min_text == nil or metric.value < tonumber(min_text) then
+        min_text = metric.text
+      end
+      if max_text == nil or metric.value > tonumber(max_text) then
+        max_text = metric.text
+      end
+    end
+    table.insert(updates, field)
+    table.insert(updates, string.format('%d %.17g %s %s', count, sum, min_text, max_text))
+  end
+  redis.call('HSET', key, unpack(updates))
+  return created
 end
 
 -- Deletes the buckets that fell out of the retention, at most once a minute per key,
--- and lets the whole hash expire when the device stops sending.
+-- and lets the whole hash expire when the device stops sending. Needed only when a
+-- bucket field was created: the expiry set then outlasts every older bucket.
 local function prune(key, resolution)
   local width = resolution.width
   local oldest_kept = math.floor((now - resolution.retention) / width) + 1
@@ -64,69 +90,109 @@ local function prune(key, resolution)
   redis.call('PEXPIRE', key, resolution.retention + width)
 end
 
-local function apply_generation(device, applied, buckets)
-  local applied_count = 0
-  local as_of_seq = tonumber(redis.call('HGET', device, 'as_of_seq')) or 0
+-- The events of this call, parsed once.
+local function parse_events()
+  local events, max_seq = {}, 0
   local i = FIRST_EVENT
   while i <= #ARGV do
-    local event_id = ARGV[i]
-    local recorded_text = ARGV[i + 1]
-    local recorded = tonumber(recorded_text)
+    local event = { id = ARGV[i], recorded_text = ARGV[i + 1], recorded = tonumber(ARGV[i + 1]), metrics = {} }
     local seq = tonumber(ARGV[i + 2])
     local first_metric = i + 4
     i = first_metric + 2 * tonumber(ARGV[i + 3])
-    if seq > as_of_seq then
-      as_of_seq = seq
+    for m = first_metric, i - 1, 2 do
+      table.insert(event.metrics, { name = ARGV[m], text = ARGV[m + 1], value = tonumber(ARGV[m + 1]) })
     end
-    if redis.call('ZADD', applied, 'NX', now, event_id) == 1 then
-      applied_count = applied_count + 1
-      redis.call('HINCRBY', device, 'sample_count', 1)
-      local seen = redis.call('HMGET', device, 'first_seen', 'last_seen')
-      local first_seen, last_seen = tonumber(seen[1]), tonumber(seen[2])
-      if first_seen == nil or recorded < first_seen then
-        redis.call('HSET', device, 'first_seen', recorded_text)
-      end
-      if last_seen == nil or recorded > last_seen then
-        redis.call('HSET', device, 'last_seen', recorded_text)
-      end
-      for m = first_metric, i - 1, 2 do
-        local name, value_text = ARGV[m], ARGV[m + 1]
-        local value = tonumber(value_text)
-        local field = 'm:' .. name .. ':'
-        local current = redis.call('HMGET', device,
-          field .. 'count', field .. 'sum', field .. 'min', field .. 'max', field .. 'last', field .. 'last_at')
-        local count = tonumber(current[1]) or 0
-        local sum = (tonumber(current[2]) or 0) + value
-        local updates = { field .. 'count', count + 1, field .. 'sum', string.format('%.17g', sum) }
-        if count == 0 or value < tonumber(current[3]) then
-          table.insert(updates, field .. 'min')
-          table.insert(updates, value_text)
-        end
-        if count == 0 or value > tonumber(current[4]) then
-          table.insert(updates, field .. 'max')
-          table.insert(updates, value_text)
-        end
-        local last_at = tonumber(current[6])
-        if last_at == nil or recorded > last_at or (recorded == last_at and value > tonumber(current[5])) then
-          table.insert(updates, field .. 'last')
-          table.insert(updates, value_text)
-          table.insert(updates, field .. 'last_at')
-          table.insert(updates, recorded_text)
-        end
-        redis.call('HSET', device, unpack(updates))
-        for _, resolution in ipairs(resolutions) do
-          add_to_bucket(buckets[resolution.key], resolution, recorded, name, value, value_text)
-        end
+    if seq > max_seq then
+      max_seq = seq
+    end
+    table.insert(events, event)
+  end
+  return events, max_seq
+end
+
+local EVENTS, MAX_SEQ = parse_events()
+
+local function apply_generation(device, applied, buckets)
+  local new = {}
+  for _, event in ipairs(EVENTS) do
+    if redis.call('ZADD', applied, 'NX', now, event.id) == 1 then
+      table.insert(new, event)
+    end
+  end
+  -- Read every field the new events touch at once, fold, write at once.
+  local names, seen_metric = {}, {}
+  for _, event in ipairs(new) do
+    for _, metric in ipairs(event.metrics) do
+      if not seen_metric[metric.name] then
+        seen_metric[metric.name] = true
+        table.insert(names, metric.name)
       end
     end
   end
-  redis.call('HSET', device, 'updated_at', now, 'as_of_seq', as_of_seq)
+  local wanted = { 'as_of_seq', 'first_seen', 'last_seen', 'sample_count' }
+  for _, name in ipairs(names) do
+    local field = 'm:' .. name .. ':'
+    for _, aggregate in ipairs({ 'count', 'sum', 'min', 'max', 'last', 'last_at' }) do
+      table.insert(wanted, field .. aggregate)
+    end
+  end
+  local values = redis.call('HMGET', device, unpack(wanted))
+  local state = {}
+  for i, field in ipairs(wanted) do
+    state[field] = values[i]
+  end
+  local updates = {}
+  local function set(field, text)
+    state[field] = text
+    updates[field] = text
+  end
+  local as_of_seq = tonumber(state['as_of_seq']) or 0
+  if MAX_SEQ > as_of_seq then
+    as_of_seq = MAX_SEQ
+  end
+  for _, event in ipairs(new) do
+    local recorded = event.recorded
+    set('sample_count', tostring((tonumber(state['sample_count']) or 0) + 1))
+    local first_seen, last_seen = tonumber(state['first_seen']), tonumber(state['last_seen'])
+    if first_seen == nil or recorded < first_seen then
+      set('first_seen', event.recorded_text)
+    end
+    if last_seen == nil or recorded > last_seen then
+      set('last_seen', event.recorded_text)
+    end
+    for _, metric in ipairs(event.metrics) do
+      local field = 'm:' .. metric.name .. ':'
+      local value = metric.value
+      local count = tonumber(state[field .. 'count']) or 0
+      set(field .. 'count', tostring(count + 1))
+      set(field .. 'sum', string.format('%.17g', (tonumber(state[field .. 'sum']) or 0) + value))
+      if count == 0 or value < tonumber(state[field .. 'min']) then
+        set(field .. 'min', metric.text)
+      end
+      if count == 0 or value > tonumber(state[field .. 'max']) then
+        set(field .. 'max', metric.text)
+      end
+      local last_at = tonumber(state[field .. 'last_at'])
+      if last_at == nil or recorded > last_at or (recorded == last_at and value > tonumber(state[field .. 'last'])) then
+        set(field .. 'last', metric.text)
+        set(field .. 'last_at', event.recorded_text)
+      end
+    end
+  end
+  local writes = { 'updated_at', now, 'as_of_seq', string.format('%d', as_of_seq) }
+  for field, text in pairs(updates) do
+    table.insert(writes, field)
+    table.insert(writes, text)
+  end
+  redis.call('HSET', device, unpack(writes))
+  for _, resolution in ipairs(resolutions) do
+    if add_to_buckets(buckets[resolution.key], resolution, new) then
+      prune(buckets[resolution.key], resolution)
+    end
+  end
   redis.call('ZREMRANGEBYSCORE', applied, '-inf', now - horizon)
   redis.call('PEXPIRE', applied, horizon)
-  for _, resolution in ipairs(resolutions) do
-    prune(buckets[resolution.key], resolution)
-  end
-  return applied_count
+  return #new
 end
 
 local result = nil
