@@ -12,7 +12,7 @@ use contract::event::TelemetryRecorded;
 use contract::read_model::DeviceKeys;
 use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
-use projector::apply::{script, Delivered, ReadModel};
+use projector::apply::{Delivered, ReadModel};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -25,11 +25,10 @@ async fn main() -> anyhow::Result<()> {
     let client = redis::Client::open(settings.redis.url.as_str())?;
     let mut redis = client.get_multiplexed_async_connection().await?;
     let prefix = format!("memory-{}:", Uuid::now_v7().simple());
-    let read_model = ReadModel {
-        prefix: prefix.clone(),
-        dedup_horizon_ms: settings.projector.dedup_horizon_secs as i64 * 1000,
-    };
-    let apply = script();
+    let read_model = ReadModel::new(
+        prefix.clone(),
+        settings.projector.dedup_horizon_secs as i64 * 1000,
+    );
     let generation = 1;
     let start_ms = unix_millis(OffsetDateTime::now_utc()) - DAY_SECS * 1000;
     let mut sequence = 0u64;
@@ -59,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
             .collect();
         let now_ms = start_ms + (batch_start + BATCH) * 1000;
         read_model
-            .apply(&mut redis, &apply, &[generation], &events, now_ms)
+            .apply(&mut redis, &[generation], &events, now_ms)
             .await?;
     }
     let keys = DeviceKeys::new(&prefix, generation, "sensor-0001");

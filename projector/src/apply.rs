@@ -10,16 +10,6 @@ use contract::timestamp::unix_millis;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
 
-/// The Lua script that applies one device's events atomically and idempotently.
-pub fn script() -> Script {
-    Script::new(include_str!("apply.lua"))
-}
-
-/// The Lua script that keeps the devices index (one call per generation per batch).
-pub fn index_script() -> Script {
-    Script::new(include_str!("index.lua"))
-}
-
 /// An event together with the stream sequence it was delivered at.
 #[derive(Debug, Clone)]
 pub struct Delivered {
@@ -27,11 +17,16 @@ pub struct Delivered {
     pub stream_sequence: u64,
 }
 
-/// Where the read model lives and how long applied event ids are remembered.
+/// Where the read model lives, how long applied event ids are remembered, and the two
+/// scripts that write it (hashed once, when the read model is made).
 #[derive(Debug, Clone)]
 pub struct ReadModel {
     pub prefix: String,
     pub dedup_horizon_ms: i64,
+    /// Applies one device's events atomically and idempotently (`apply.lua`).
+    apply_script: Script,
+    /// Keeps the devices index, one call per generation per batch (`index.lua`).
+    index_script: Script,
 }
 
 /// What one `apply` call did.
@@ -42,6 +37,15 @@ pub struct Applied {
 }
 
 impl ReadModel {
+    pub fn new(prefix: String, dedup_horizon_ms: i64) -> Self {
+        Self {
+            prefix,
+            dedup_horizon_ms,
+            apply_script: Script::new(include_str!("apply.lua")),
+            index_script: Script::new(include_str!("index.lua")),
+        }
+    }
+
     /// Applies `events` (any devices, any order, duplicates allowed) to each of
     /// `generations` (the first one counts for [`Applied`]) in one pipeline: one script
     /// call per device, then one call moving each device in the devices index.
@@ -50,7 +54,6 @@ impl ReadModel {
     pub async fn apply<C: ConnectionLike>(
         &self,
         connection: &mut C,
-        script: &Script,
         generations: &[u64],
         events: &[Delivered],
         now_ms: i64,
@@ -69,7 +72,7 @@ impl ReadModel {
         for (device_id, device_events) in &by_device {
             let command = pipeline
                 .cmd("EVALSHA")
-                .arg(script.get_hash())
+                .arg(self.apply_script.get_hash())
                 .arg(4 * generations.len());
             for generation in generations {
                 let keys = DeviceKeys::new(&self.prefix, *generation, device_id);
@@ -103,7 +106,7 @@ impl ReadModel {
             let index = DevicesIndex::new(&self.prefix, *generation);
             let command = pipeline
                 .cmd("EVALSHA")
-                .arg(index_script().get_hash())
+                .arg(self.index_script.get_hash())
                 .arg(4)
                 .arg(&index.log)
                 .arg(&index.created)
@@ -126,8 +129,11 @@ impl ReadModel {
             Err(error)
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
-                script.prepare_invoke().load_async(connection).await?;
-                index_script()
+                self.apply_script
+                    .prepare_invoke()
+                    .load_async(connection)
+                    .await?;
+                self.index_script
                     .prepare_invoke()
                     .load_async(connection)
                     .await?;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use ingest::bootstrap::Backoff;
 
-use crate::apply::{script, Delivered, ReadModel};
+use crate::apply::{Delivered, ReadModel};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
 /// How long a batch may wait for more messages once its first one arrived.
@@ -39,10 +39,10 @@ impl Projector {
         Self {
             jetstream: jetstream::new(nats),
             redis,
-            read_model: ReadModel {
-                prefix: settings.redis.prefix.clone(),
-                dedup_horizon_ms: settings.projector.dedup_horizon_secs.saturating_mul(1000) as i64,
-            },
+            read_model: ReadModel::new(
+                settings.redis.prefix.clone(),
+                settings.projector.dedup_horizon_secs.saturating_mul(1000) as i64,
+            ),
             subjects: Subjects::for_stream(&settings.nats.stream),
             consumer_name: settings.nats.consumer.clone(),
             batch_size: settings.projector.batch_size,
@@ -166,7 +166,6 @@ impl Projector {
         }
         let started = Instant::now();
         let mut backoff = Backoff::default();
-        let script = script();
         let applied = loop {
             // Read after the fetch: see the rebuild module for why the order matters.
             let targets = match Generations::read(&mut self.redis, &self.read_model.prefix).await {
@@ -186,7 +185,7 @@ impl Projector {
             let now_ms = unix_millis(OffsetDateTime::now_utc());
             match self
                 .read_model
-                .apply(&mut self.redis, &script, &targets, &delivered, now_ms)
+                .apply(&mut self.redis, &targets, &delivered, now_ms)
                 .await
             {
                 Ok(applied) => break applied,

@@ -28,7 +28,7 @@ use redis::Script;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{script, Delivered, ReadModel};
+use crate::apply::{Delivered, ReadModel};
 
 /// How long the rebuild lock lives unless refreshed.
 const LOCK_TTL: Duration = Duration::from_secs(15);
@@ -201,7 +201,6 @@ impl Rebuild {
             .context("starting the replay")?
             .ready_chunks(self.batch_size);
         let mut redis = self.redis.clone();
-        let apply = script();
         let mut replayed = 0u64;
         loop {
             let batch = tokio::select! {
@@ -233,7 +232,7 @@ impl Rebuild {
             }
             let now_ms = unix_millis(OffsetDateTime::now_utc());
             self.read_model
-                .apply(&mut redis, &apply, &[generation], &events, now_ms)
+                .apply(&mut redis, &[generation], &events, now_ms)
                 .await
                 .context("applying replayed events")?;
             replayed += events.len() as u64;

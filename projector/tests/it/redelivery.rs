@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use contract::event::TelemetryRecorded;
 use contract::read_model::DeviceStats;
-use projector::apply::{script, Applied, Delivered, ReadModel};
+use projector::apply::{Applied, Delivered, ReadModel};
 use proptest::prelude::*;
 use redis::aio::ConnectionManager;
 use testkit::{eventually, TestEnv};
@@ -20,10 +20,7 @@ const GENERATION: u64 = 1;
 
 /// The read model as the projector uses it, under `prefix`.
 fn read_model(prefix: &str) -> ReadModel {
-    ReadModel {
-        prefix: prefix.to_owned(),
-        dedup_horizon_ms: 86_400_000,
-    }
+    ReadModel::new(prefix.to_owned(), 86_400_000)
 }
 
 async fn connection(env: &TestEnv) -> ConnectionManager {
@@ -125,7 +122,7 @@ async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
 
     let model = read_model(prefix);
     let first = model
-        .apply(&mut redis, &script(), &[GENERATION], &batch, now_ms())
+        .apply(&mut redis, &[GENERATION], &batch, now_ms())
         .await
         .expect("first apply");
     assert_eq!(
@@ -145,13 +142,7 @@ async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
     );
 
     let second = model
-        .apply(
-            &mut redis,
-            &script(),
-            &[GENERATION],
-            &batch,
-            now_ms() + 1_000,
-        )
+        .apply(&mut redis, &[GENERATION], &batch, now_ms() + 1_000)
         .await
         .expect("second apply");
     assert_eq!(
@@ -208,13 +199,7 @@ async fn events_applied_before_a_crash_are_skipped_when_the_projector_receives_t
     set_live_generation(&env, GENERATION).await;
     let mut redis = connection(&env).await;
     read_model(&env.settings.redis.prefix)
-        .apply(
-            &mut redis,
-            &script(),
-            &[GENERATION],
-            &delivered[..3],
-            now_ms(),
-        )
+        .apply(&mut redis, &[GENERATION], &delivered[..3], now_ms())
         .await
         .expect("applied before the crash");
 
@@ -320,7 +305,7 @@ proptest! {
                 let size = (*sizes.next().expect("cycle")).min(rest.len());
                 let (batch, later) = rest.split_at(size);
                 applied += model
-                    .apply(&mut redis, &script(), &[GENERATION], batch, now_ms())
+                    .apply(&mut redis, &[GENERATION], batch, now_ms())
                     .await
                     .expect("apply")
                     .applied;
