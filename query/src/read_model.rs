@@ -115,9 +115,12 @@ impl ReadModel {
                 return Ok(Some(view));
             }
         }
-        let view = self.device(device_id, metrics, now_ms).await?;
+        let view = self
+            .device_in(generation, device_id, metrics, now_ms)
+            .await?;
         if let (Some(view), Ok(mut views)) = (&view, self.views.lock()) {
-            // Stored only if it is the state the validity describes.
+            // Stored only if it is the state the validity describes (events may have
+            // been applied between the two reads).
             if view.stats.sample_count == sample_count {
                 if views.len() >= VIEWS_MAX {
                     views.clear();
@@ -158,6 +161,17 @@ impl ReadModel {
         now_ms: i64,
     ) -> Result<Option<DeviceView>, ReadError> {
         let generation = self.generation().await?;
+        self.device_in(generation, device_id, metrics, now_ms).await
+    }
+
+    /// [`ReadModel::device`] in a generation the caller has read already.
+    async fn device_in(
+        &self,
+        generation: u64,
+        device_id: &str,
+        metrics: Option<&[String]>,
+        now_ms: i64,
+    ) -> Result<Option<DeviceView>, ReadError> {
         let keys = DeviceKeys::new(&self.prefix, generation, device_id);
         let mut redis = self.redis.clone();
         let (hash, fine, coarse): (Fields, Fields, Fields) = redis::pipe()
