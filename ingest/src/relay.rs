@@ -96,6 +96,10 @@ pub async fn ensure_streams(
 pub struct Relay {
     pool: Pool,
     jetstream: jetstream::Context,
+    /// The stream settings it creates or updates at start.
+    nats: NatsSettings,
+    /// Where the `LISTEN outbox` connection goes.
+    listen_config: tokio_postgres::Config,
     subjects: Subjects,
     batch_size: i64,
     poll_interval: Duration,
@@ -107,10 +111,19 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(settings: &Settings, pool: Pool, client: async_nats::Client) -> Self {
-        Self {
+    /// Opens the pool and the NATS connection (in the background: NATS may be down).
+    pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Self> {
+        let pool = db::pool(&settings.database)?;
+        let client = connect_nats(&settings.nats.url, name).await?;
+        Self::new(settings, pool, client)
+    }
+
+    fn new(settings: &Settings, pool: Pool, client: async_nats::Client) -> anyhow::Result<Self> {
+        Ok(Self {
             pool,
             jetstream: jetstream::new(client),
+            nats: settings.nats.clone(),
+            listen_config: db::pg_config(&settings.database)?,
             subjects: Subjects::for_stream(&settings.nats.stream),
             batch_size: settings.relay.batch_size,
             poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
@@ -120,20 +133,30 @@ impl Relay {
             reading_retention: (settings.ingest.reading_retention_secs > 0)
                 .then(|| Duration::from_secs(settings.ingest.reading_retention_secs)),
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
-        }
+        })
+    }
+
+    /// The pool it works through (the admin port checks it).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The NATS connection it publishes on (the admin port checks it).
+    pub fn nats(&self) -> async_nats::Client {
+        self.jetstream.client()
     }
 
     /// Relays until `shutdown`; a round in progress finishes first.
-    pub async fn run(&self, settings: &Settings, shutdown: CancellationToken) {
+    pub async fn run(&self, shutdown: CancellationToken) {
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen_for_inserts(
-            db::pg_config(&settings.database).ok(),
+            self.listen_config.clone(),
             wake.clone(),
             shutdown.clone(),
         ));
         let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
-            match ensure_streams(&self.jetstream, &settings.nats).await {
+            match ensure_streams(&self.jetstream, &self.nats).await {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "streams not ready, retrying");
@@ -355,13 +378,10 @@ DELETE FROM readings WHERE event_id IN (
 /// Holds a `LISTEN outbox` connection open and wakes the relay on each notification;
 /// reconnects with backoff when the connection drops, and wakes the relay then too.
 async fn listen_for_inserts(
-    config: Option<tokio_postgres::Config>,
+    config: tokio_postgres::Config,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
-    let Some(config) = config else {
-        return;
-    };
     let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         match config.connect(tokio_postgres::NoTls).await {

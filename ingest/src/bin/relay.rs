@@ -7,9 +7,9 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use contract::settings::Settings;
+use ingest::bootstrap;
 use ingest::http::{healthz, postgres_ready, readiness};
-use ingest::relay::{connect_nats, Relay};
-use ingest::{bootstrap, db};
+use ingest::relay::Relay;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 #[derive(Clone)]
@@ -28,11 +28,10 @@ async fn main() -> anyhow::Result<()> {
     bootstrap::init_tracing(&settings.log);
     let shutdown = bootstrap::shutdown_on_signal();
     let metrics = bootstrap::install_metrics();
-    let pool = db::pool(&settings.database)?;
-    let nats = connect_nats(&settings.nats.url, "relay").await?;
+    let relay = Relay::connect(&settings, "relay").await?;
     let admin = Admin {
-        pool: pool.clone(),
-        nats: nats.clone(),
+        pool: relay.pool().clone(),
+        nats: relay.nats(),
         metrics,
     };
     let listener = tokio::net::TcpListener::bind(settings.relay.admin_listen).await?;
@@ -51,9 +50,7 @@ async fn main() -> anyhow::Result<()> {
             .with_graceful_shutdown(admin_shutdown.cancelled_owned())
             .await
     });
-    Relay::new(&settings, pool, nats)
-        .run(&settings, shutdown)
-        .await;
+    relay.run(shutdown).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     tracing::info!("relay stopped");
     Ok(())

@@ -139,13 +139,10 @@ pub fn spawn_relay(settings: &Settings) -> Running<()> {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        let pool = ingest::db::pool(&settings.database).expect("pool");
-        let nats = ingest::relay::connect_nats(&settings.nats.url, "relay-test")
+        let relay = ingest::relay::Relay::connect(&settings, "relay-test")
             .await
-            .expect("nats");
-        ingest::relay::Relay::new(&settings, pool, nats)
-            .run(&settings, token)
-            .await;
+            .expect("relay connects");
+        relay.run(token).await;
     });
     Running { shutdown, task }
 }
