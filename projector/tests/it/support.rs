@@ -1,13 +1,14 @@
 //! Streams, a projector running in this process, publishing as the relay does, and the
 //! reference model the read model is checked against.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, publish::PublishAck};
 use async_nats::HeaderMap;
 use contract::event::{headers, TelemetryRecorded};
 use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
+use contract::reference::{ModelReading, ReferenceModel};
 use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
 use testkit::{eventually, TestEnv};
@@ -213,7 +214,7 @@ pub async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> u6
 /// returns what the read model holds for each.
 pub async fn projected(
     env: &TestEnv,
-    expected: &BTreeMap<String, Expected>,
+    expected: &BTreeMap<String, DeviceStats>,
 ) -> BTreeMap<String, DeviceStats> {
     eventually(CATCH_UP, "every event projected", || async {
         let mut actual = BTreeMap::new();
@@ -265,87 +266,24 @@ pub async fn figures(env: &TestEnv, device: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// One device as the reference model sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Expected {
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
-    pub sample_count: u64,
-    pub metrics: BTreeMap<String, ExpectedMetric>,
-}
-
-/// One metric of one device as the reference model sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExpectedMetric {
-    pub count: u64,
-    pub sum: f64,
-    pub min: f64,
-    pub max: f64,
-    pub last: f64,
-    pub last_at_ms: i64,
-}
-
-/// The reference model: a plain fold over the distinct events (by event id), whatever
-/// order they come in and however many copies there are. "Last" is the reading with
-/// the greatest `(recorded_at, value)`: the latest one, and on a tie the larger value
-/// (the rule `contract::read_model::MetricStats` documents).
+/// The reference figures of every device: the events folded by the project's
+/// reference model (`contract::reference`), each event id once, in any order.
 pub fn reference<'a>(
     events: impl IntoIterator<Item = &'a TelemetryRecorded>,
-) -> BTreeMap<String, Expected> {
-    let mut seen = BTreeSet::new();
-    let mut by_device: BTreeMap<String, Vec<&TelemetryRecorded>> = BTreeMap::new();
+) -> BTreeMap<String, DeviceStats> {
+    let mut model = ReferenceModel::new();
     for event in events {
-        if seen.insert(event.event_id) {
-            by_device
-                .entry(event.device_id.clone())
-                .or_default()
-                .push(event);
-        }
+        model.apply(ModelReading {
+            event_id: event.event_id,
+            device_id: event.device_id.clone(),
+            recorded_at_ms: unix_millis(event.recorded_at),
+            metrics: event.metrics.clone(),
+        });
     }
-    by_device
+    model
+        .devices()
         .into_iter()
-        .map(|(device, events)| {
-            let times: Vec<i64> = events
-                .iter()
-                .map(|event| unix_millis(event.recorded_at))
-                .collect();
-            let mut readings: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
-            for event in &events {
-                for (name, value) in &event.metrics {
-                    readings
-                        .entry(name.clone())
-                        .or_default()
-                        .push((unix_millis(event.recorded_at), *value));
-                }
-            }
-            let metrics = readings
-                .into_iter()
-                .map(|(name, readings)| {
-                    let values = readings.iter().map(|(_, value)| *value);
-                    let (last_at_ms, last) = readings
-                        .iter()
-                        .copied()
-                        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
-                        .expect("a metric has readings");
-                    let metric = ExpectedMetric {
-                        count: readings.len() as u64,
-                        sum: values.clone().sum(),
-                        min: values.clone().fold(f64::INFINITY, f64::min),
-                        max: values.fold(f64::NEG_INFINITY, f64::max),
-                        last,
-                        last_at_ms,
-                    };
-                    (name, metric)
-                })
-                .collect();
-            let expected = Expected {
-                first_seen_ms: times.iter().copied().min().expect("a device has events"),
-                last_seen_ms: times.iter().copied().max().expect("a device has events"),
-                sample_count: events.len() as u64,
-                metrics,
-            };
-            (device, expected)
-        })
+        .filter_map(|device| Some((device.clone(), model.device(&device)?)))
         .collect()
 }
 
@@ -354,7 +292,7 @@ pub fn reference<'a>(
 /// Sums are compared exactly: the tests use values that are multiples of 1/4 and small
 /// enough that every partial sum is exact in binary, so the order of addition (which
 /// differs between the projector and the fold) cannot matter.
-pub fn assert_figures(device: &str, actual: &DeviceStats, expected: &Expected) {
+pub fn assert_figures(device: &str, actual: &DeviceStats, expected: &DeviceStats) {
     assert_eq!(
         actual.sample_count, expected.sample_count,
         "{device}: sample_count"
