@@ -81,12 +81,12 @@ pub async fn run(
         metrics,
     };
     tracing::info!(address = %admin_listener.local_addr()?, "projector admin listening");
-    let admin_shutdown = shutdown.clone();
-    let admin_server = tokio::spawn(async move {
-        axum::serve(admin_listener, admin::router(admin_state))
-            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
-            .await
-    });
+    let admin_server = tokio::spawn(ingest::http::server::serve(
+        admin_listener,
+        admin::router(admin_state),
+        ingest::connection_limits(&settings),
+        shutdown.clone(),
+    ));
     // Connects lazily and reconnects by itself; a failed apply is retried with backoff.
     let redis = ConnectionManager::new_lazy_with_config(
         redis_client,

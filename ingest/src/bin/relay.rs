@@ -44,12 +44,12 @@ async fn main() -> anyhow::Result<()> {
             get(|State(admin): State<Admin>| async move { admin.metrics.render() }),
         )
         .with_state(admin);
-    let admin_shutdown = shutdown.clone();
-    let admin_server = tokio::spawn(async move {
-        axum::serve(listener, admin_router)
-            .with_graceful_shutdown(admin_shutdown.cancelled_owned())
-            .await
-    });
+    let admin_server = tokio::spawn(ingest::http::server::serve(
+        listener,
+        admin_router,
+        ingest::connection_limits(&settings),
+        shutdown.clone(),
+    ));
     relay.run(shutdown).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     tracing::info!("relay stopped");

@@ -4,8 +4,8 @@
 //! `header_read_timeout` (which also bounds the wait for the next request on a kept-alive
 //! connection) and a cap on the request head's size. HTTP/1.1 only: devices and
 //! dashboards speak it, and a connection that sends nothing at all is then also timed
-//! out (protocol detection for HTTP/2 would wait for the first bytes forever). The query
-//! service uses it too.
+//! out (protocol detection for HTTP/2 would wait for the first bytes forever). Every
+//! HTTP listener of the pipeline uses it: ingest, query and the admin ports.
 
 use std::time::Duration;
 
