@@ -13,6 +13,7 @@
 #   database_url | nats_url | redis_url        the configured URL (env or default)
 #   process_listen NAME | process_url NAME     listen address / http://host:port of a process
 #   ensure_postgres | ensure_redis | ensure_nats | ensure_services
+#   private_postgres_ctl ARGS...    pg_ctl on the private cluster of a non-default port
 #   build_release
 #   start_process NAME [ARGS...]    start target/release/NAME in the background
 #   wait_ready NAME URL [SECONDS]   poll URL until it answers 200 (default 60 s)
@@ -27,7 +28,9 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
 fi
 
 REPO_ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)"
-DATA_DIR="$REPO_ROOT/.data"
+# PIPELINE_DATA_DIR moves pid files, logs and private servers' data elsewhere (scripts/chaos
+# runs a second, disposable pipeline beside the one scripts/up started).
+DATA_DIR="${PIPELINE_DATA_DIR:-$REPO_ROOT/.data}"
 RUN_DIR="$DATA_DIR/run"
 LOG_DIR="$DATA_DIR/log"
 _target_dir="${CARGO_TARGET_DIR:-target}"
@@ -240,8 +243,9 @@ ensure_postgres() {
         return 1
     fi
     if [[ "$port" != 5432 ]]; then
-        err "PostgreSQL is not reachable at $host:$port (PIPELINE__DATABASE__URL); only the system cluster on 5432 is started by this script"
-        return 1
+        _start_private_postgres "$host" "$port" || return 1
+        info "postgres: OK ($host:$port, private cluster started)"
+        return 0
     fi
     info "postgres: not answering at $host:$port; starting cluster $version/main"
     if ! pg_ctlcluster --skip-systemctl-redirect "$version" main start; then
@@ -253,6 +257,74 @@ ensure_postgres() {
         return 1
     fi
     info "postgres: OK ($host:$port, started)"
+}
+
+_postgres_bin_dir() {
+    local version
+    version=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
+    [[ -n "$version" && -x "/usr/lib/postgresql/$version/bin/pg_ctl" ]] || return 1
+    printf '/usr/lib/postgresql/%s/bin' "$version"
+}
+
+# PostgreSQL refuses to run as root; a root caller runs its tools as the postgres user.
+_as_postgres() {
+    if ((EUID == 0)); then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+_private_postgres_dir() { # PORT
+    printf '%s/postgres-%s' "$DATA_DIR" "$1"
+}
+
+# _start_private_postgres HOST PORT: a cluster of its own under .data/postgres-PORT
+# (created on first use, trust auth on loopback), for a URL that is not the system's
+# 5432 -- scripts/chaos kills and restarts it.
+_start_private_postgres() {
+    local host=$1 port=$2 bin dir log
+    if ! bin=$(_postgres_bin_dir); then
+        _not_installed postgresql PostgreSQL
+        return 1
+    fi
+    dir=$(_private_postgres_dir "$port")
+    log="$LOG_DIR/postgres-$port.log"
+    mkdir -p "$dir" "$LOG_DIR"
+    touch "$log"
+    if ((EUID == 0)); then
+        chown postgres "$dir" "$log"
+        chmod 700 "$dir"
+    fi
+    if [[ ! -s "$dir/PG_VERSION" ]]; then
+        info "postgres: creating a private cluster in $(_rel "$dir")"
+        _as_postgres "$bin/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 >>"$log" 2>&1 || {
+            err "initdb failed (see $(_rel "$log"))"
+            return 1
+        }
+    fi
+    info "postgres: not answering at $host:$port; starting the private cluster $(_rel "$dir")"
+    if ! _as_postgres "$bin/pg_ctl" -D "$dir" -l "$log" -w -t 30 \
+        -o "-p $port -k $dir -c listen_addresses=$host" start >/dev/null; then
+        err "could not start the private PostgreSQL on $port (see $(_rel "$log"))"
+        return 1
+    fi
+    wait_until 20 postgres_answers "$host" "$port"
+}
+
+# private_postgres_ctl ARGS...: pg_ctl ARGS on the private cluster of PIPELINE__DATABASE__URL
+# (for example `restart -m immediate`).
+private_postgres_ctl() {
+    local bin dir
+    parse_url "$(database_url)" 5432 || return 1
+    bin=$(_postgres_bin_dir) || return 1
+    dir=$(_private_postgres_dir "$URL_PORT")
+    [[ -s "$dir/PG_VERSION" ]] || {
+        err "no private cluster in $(_rel "$dir")"
+        return 1
+    }
+    _as_postgres "$bin/pg_ctl" -D "$dir" -l "$LOG_DIR/postgres-$URL_PORT.log" -w -t 30 \
+        -o "-p $URL_PORT -k $dir -c listen_addresses=$URL_HOST" "$@"
 }
 
 # ensure_redis: Redis answers PING at PIPELINE__REDIS__URL; starts the local server

@@ -1,0 +1,317 @@
+//! The faults of the chaos run, each injected while the fleet keeps sending.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use contract::settings::Settings;
+use rand::seq::IndexedRandom;
+
+use crate::control::{rss_kib, Lab, Server};
+use crate::fleet::Fleet;
+use crate::proxy::FaultProxy;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    KillRelay,
+    KillProjector,
+    KillIngest,
+    PauseProjector,
+    PauseRelay,
+    RestartNats,
+    RestartPostgres,
+    RestartRedis,
+    PartitionRelayNats,
+    PartitionProjectorRedis,
+    NatsOutage,
+    Mixed,
+}
+
+/// Processes the run watches for crashes (the names of their pid files).
+const PROCESSES: [&str; 6] = ["ingest", "relay", "projector", "query", "relay-b", "projector-b"];
+
+impl Fault {
+    pub const ALL: [Fault; 12] = [
+        Fault::KillRelay,
+        Fault::KillProjector,
+        Fault::KillIngest,
+        Fault::PauseProjector,
+        Fault::PauseRelay,
+        Fault::RestartNats,
+        Fault::RestartPostgres,
+        Fault::RestartRedis,
+        Fault::PartitionRelayNats,
+        Fault::PartitionProjectorRedis,
+        Fault::NatsOutage,
+        Fault::Mixed,
+    ];
+
+    /// The fast subset `scripts/test` runs.
+    const QUICK: [Fault; 7] = [
+        Fault::KillRelay,
+        Fault::KillProjector,
+        Fault::PauseProjector,
+        Fault::RestartPostgres,
+        Fault::RestartRedis,
+        Fault::PartitionRelayNats,
+        Fault::NatsOutage,
+    ];
+
+    /// Faults the mixed phase draws from.
+    const MIXABLE: [Fault; 9] = [
+        Fault::KillRelay,
+        Fault::KillProjector,
+        Fault::KillIngest,
+        Fault::PauseProjector,
+        Fault::RestartNats,
+        Fault::RestartPostgres,
+        Fault::RestartRedis,
+        Fault::PartitionRelayNats,
+        Fault::PartitionProjectorRedis,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillRelay => "kill -9 relay",
+            Fault::KillProjector => "kill -9 projector",
+            Fault::KillIngest => "kill -9 ingest",
+            Fault::PauseProjector => "SIGSTOP projector",
+            Fault::PauseRelay => "SIGSTOP relay",
+            Fault::RestartNats => "restart NATS",
+            Fault::RestartPostgres => "restart PostgreSQL",
+            Fault::RestartRedis => "restart Redis",
+            Fault::PartitionRelayNats => "partition relay-NATS",
+            Fault::PartitionProjectorRedis => "partition projector-Redis",
+            Fault::NatsOutage => "NATS down, load goes on",
+            Fault::Mixed => "mixed",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Fault::KillRelay => "kill-relay",
+            Fault::KillProjector => "kill-projector",
+            Fault::KillIngest => "kill-ingest",
+            Fault::PauseProjector => "pause-projector",
+            Fault::PauseRelay => "pause-relay",
+            Fault::RestartNats => "restart-nats",
+            Fault::RestartPostgres => "restart-postgres",
+            Fault::RestartRedis => "restart-redis",
+            Fault::PartitionRelayNats => "partition-relay-nats",
+            Fault::PartitionProjectorRedis => "partition-projector-redis",
+            Fault::NatsOutage => "nats-outage",
+            Fault::Mixed => "mixed",
+        }
+    }
+
+    pub fn describe(self) -> String {
+        let text = match self {
+            Fault::KillRelay => "SIGKILL the relay, restart it with scripts/up (a second relay runs throughout)",
+            Fault::KillProjector => "SIGKILL the projector, restart it with scripts/up (a second projector runs throughout)",
+            Fault::KillIngest => "SIGKILL ingest mid-request, restart it with scripts/up",
+            Fault::PauseProjector => "SIGSTOP the projector past the ack wait, so its messages go to the other one, then SIGCONT",
+            Fault::PauseRelay => "SIGSTOP the relay mid-round past the duplicate window, then SIGCONT",
+            Fault::RestartNats => "SIGTERM nats-server and start it again",
+            Fault::RestartPostgres => "pg_ctl stop -m immediate (a crash), then start",
+            Fault::RestartRedis => "SIGKILL redis-server (no persistence: the read model is gone), start it again",
+            Fault::PartitionRelayNats => "the fault proxy holds every byte between relay/projector and NATS past the ack wait",
+            Fault::PartitionProjectorRedis => "the fault proxy holds every byte between projector/query and Redis",
+            Fault::NatsOutage => "NATS down for a long time while devices keep sending: ingest must go on, memory stay flat, nothing spin",
+            Fault::Mixed => "faults of the kinds above drawn at random, one after another",
+        };
+        format!("[{}] {text}", self.key())
+    }
+
+    /// The faults named on the command line, or all (the quick subset with `quick`).
+    pub fn chosen(names: &[String], quick: bool) -> anyhow::Result<Vec<Fault>> {
+        if names.is_empty() {
+            return Ok(if quick { Self::QUICK.to_vec() } else { Self::ALL.to_vec() });
+        }
+        names
+            .iter()
+            .map(|name| {
+                Self::ALL
+                    .into_iter()
+                    .find(|fault| fault.key() == name.trim())
+                    .with_context(|| format!("unknown fault '{name}' (see --list)"))
+            })
+            .collect()
+    }
+
+    fn kills_processes(self) -> bool {
+        matches!(self, Fault::KillRelay | Fault::KillProjector | Fault::KillIngest | Fault::Mixed)
+    }
+}
+
+/// What an injection did.
+pub struct Outcome {
+    pub injections: u32,
+    pub notes: Vec<String>,
+}
+
+pub struct Run<'a> {
+    pub lab: &'a Lab,
+    pub settings: &'a Settings,
+    pub fleet: &'a Fleet,
+    pub nats_proxy: &'a FaultProxy,
+    pub redis_proxy: &'a FaultProxy,
+    pub quick: bool,
+}
+
+impl Run<'_> {
+    pub async fn inject(&self, fault: Fault) -> anyhow::Result<Outcome> {
+        let pids_before: Vec<Option<u32>> = PROCESSES.iter().map(|name| self.lab.pid(name)).collect();
+        let mut outcome = Outcome {
+            injections: 0,
+            notes: Vec::new(),
+        };
+        if fault == Fault::Mixed {
+            let rounds = if self.quick { 3 } else { 8 };
+            let mut drawn = Vec::new();
+            for _ in 0..rounds {
+                let pick = *Fault::MIXABLE.choose(&mut rand::rng()).unwrap_or(&Fault::KillRelay);
+                drawn.push(pick.key());
+                outcome.injections += self.inject_once(pick, &mut outcome.notes).await?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            outcome.notes.push(format!("drawn: {}", drawn.join(", ")));
+        } else {
+            let repeats = match fault {
+                Fault::KillRelay | Fault::KillProjector | Fault::KillIngest if !self.quick => 3,
+                Fault::RestartNats | Fault::RestartPostgres if !self.quick => 2,
+                _ => 1,
+            };
+            for round in 0..repeats {
+                if round > 0 {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                outcome.injections += self.inject_once(fault, &mut outcome.notes).await?;
+            }
+        }
+        if !fault.kills_processes() {
+            for (name, before) in PROCESSES.iter().zip(pids_before) {
+                let now = self.lab.pid(name);
+                if before != now || !now.is_some_and(alive) {
+                    bail!("{name} died during the fault (pid {before:?}, now {now:?}): it must back off, not crash");
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    async fn inject_once(&self, fault: Fault, notes: &mut Vec<String>) -> anyhow::Result<u32> {
+        let ack_wait = Duration::from_secs(self.settings.projector.ack_wait_secs);
+        match fault {
+            Fault::KillRelay | Fault::KillProjector | Fault::KillIngest => {
+                let name = match fault {
+                    Fault::KillRelay => "relay",
+                    Fault::KillProjector => "projector",
+                    _ => "ingest",
+                };
+                self.lab.signal(name, "KILL")?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let took = self.lab.up().await?;
+                notes.push(format!("{name} back through scripts/up in {:.1} s", took.as_secs_f64()));
+            }
+            Fault::PauseProjector | Fault::PauseRelay => {
+                let (name, hold) = if fault == Fault::PauseProjector {
+                    ("projector", ack_wait + Duration::from_secs(3))
+                } else {
+                    let window = Duration::from_secs(self.settings.nats.duplicate_window_secs);
+                    ("relay", window + Duration::from_secs(3))
+                };
+                self.lab.signal(name, "STOP")?;
+                tokio::time::sleep(hold).await;
+                self.lab.signal(name, "CONT")?;
+                notes.push(format!("{name} stopped for {} s", hold.as_secs()));
+            }
+            Fault::RestartNats => self.lab.bounce_server(Server::Nats, "TERM", || Ok(())).await?,
+            Fault::RestartPostgres => self.lab.bounce_server(Server::Postgres, "KILL", || Ok(())).await?,
+            Fault::RestartRedis => self.lab.bounce_server(Server::Redis, "KILL", || Ok(())).await?,
+            Fault::PartitionRelayNats | Fault::PartitionProjectorRedis => {
+                let proxy = if fault == Fault::PartitionRelayNats {
+                    self.nats_proxy
+                } else {
+                    self.redis_proxy
+                };
+                let hold = ack_wait + Duration::from_secs(3);
+                proxy.partition();
+                tokio::time::sleep(hold).await;
+                proxy.heal();
+                notes.push(format!("partitioned for {} s", hold.as_secs()));
+            }
+            Fault::NatsOutage => self.nats_outage(notes).await?,
+            Fault::Mixed => bail!("mixed does not nest"),
+        }
+        Ok(1)
+    }
+
+    /// NATS stays down while devices keep sending: ingest accepts into the outbox, the
+    /// relay and projector back off (little CPU), and no process grows.
+    async fn nats_outage(&self, notes: &mut Vec<String>) -> anyhow::Result<()> {
+        let outage = Duration::from_secs(if self.quick { 10 } else { 60 });
+        let watched = ["ingest", "relay", "projector", "relay-b", "projector-b"];
+        let pids: Vec<(&str, u32)> = watched
+            .iter()
+            .filter_map(|name| Some((*name, self.lab.pid(name)?)))
+            .collect();
+        let cpu_before: Vec<Option<u64>> = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
+        let mut peak_kib = vec![0u64; pids.len()];
+        let first_kib: Vec<u64> = pids.iter().map(|(_, pid)| rss_kib(*pid).unwrap_or(0)).collect();
+        let acked_before = self.fleet.observed().acked.len();
+        self.lab.stop_server(Server::Nats).await?;
+        let started = Instant::now();
+        while started.elapsed() < outage {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for ((_, pid), peak) in pids.iter().zip(peak_kib.iter_mut()) {
+                *peak = (*peak).max(rss_kib(*pid).unwrap_or(0));
+            }
+        }
+        let acked_during = self.fleet.observed().acked.len() - acked_before;
+        let seconds = started.elapsed().as_secs_f64();
+        let mut cpu = Vec::new();
+        for (((name, pid), before), (peak, first)) in pids.iter().zip(&cpu_before).zip(peak_kib.iter().zip(&first_kib)) {
+            let used = match (before, cpu_ticks(*pid)) {
+                (Some(before), Some(after)) => (after - before) as f64 / ticks_per_second() / seconds * 100.0,
+                _ => f64::NAN,
+            };
+            cpu.push(format!("{name} {used:.1}% CPU, RSS {} -> peak {} MiB", first / 1024, peak / 1024));
+            if *peak > 64 * 1024 {
+                bail!("{name} grew to {} MiB during the NATS outage", peak / 1024);
+            }
+            if *name != "ingest" && used > 20.0 {
+                bail!("{name} used {used:.0}% CPU while NATS was down: it spins instead of backing off");
+            }
+        }
+        self.lab.start_server(Server::Nats).await?;
+        notes.push(format!(
+            "{} s without NATS: {acked_during} readings accepted meanwhile ({:.0}/s); {}",
+            outage.as_secs(),
+            acked_during as f64 / seconds,
+            cpu.join("; ")
+        ));
+        if acked_during == 0 {
+            bail!("ingest accepted nothing while NATS was down");
+        }
+        Ok(())
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// User + system CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of the line; utime and stime are 14 and 15.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn ticks_per_second() -> f64 {
+    // Linux reports /proc times in USER_HZ, which is 100 on every common platform.
+    100.0
+}
