@@ -148,8 +148,13 @@ pub struct Outcome {
     pub notes: Vec<String>,
 }
 
+/// The `application_name` of the second relay's PostgreSQL sessions, which tells its
+/// claims from those of the relay the run pauses.
+pub const SECOND_RELAY_APPLICATION: &str = "relay-b";
+
 pub struct Run<'a> {
     pub lab: &'a Lab,
+    pub second_projector: std::net::SocketAddr,
     pub settings: &'a Settings,
     pub fleet: &'a Fleet,
     pub nats_proxy: &'a FaultProxy,
@@ -212,17 +217,32 @@ impl Run<'_> {
                 let took = self.lab.up().await?;
                 notes.push(format!("{name} back through scripts/up in {:.1} s", took.as_secs_f64()));
             }
-            Fault::PauseProjector | Fault::PauseRelay => {
-                let (name, hold) = if fault == Fault::PauseProjector {
-                    ("projector", ack_wait + Duration::from_secs(3))
-                } else {
-                    let window = Duration::from_secs(self.settings.nats.duplicate_window_secs);
-                    ("relay", window + Duration::from_secs(3))
-                };
-                self.lab.signal(name, "STOP")?;
+            Fault::PauseProjector => {
+                let hold = ack_wait + Duration::from_secs(3);
+                let before = self.projector_counts().await;
+                self.lab.signal("projector", "STOP")?;
                 tokio::time::sleep(hold).await;
-                self.lab.signal(name, "CONT")?;
-                notes.push(format!("{name} stopped for {} s", hold.as_secs()));
+                let while_stopped = self.projector_counts().await;
+                self.lab.signal("projector", "CONT")?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let after = self.projector_counts().await;
+                notes.push(format!(
+                    "projector stopped for {} s; meanwhile the other one applied {:.0}; after SIGCONT the stopped one skipped {:.0} events as already applied",
+                    hold.as_secs(),
+                    while_stopped.1 .0 - before.1 .0,
+                    after.0 .1 - before.0 .1,
+                ));
+            }
+            Fault::PauseRelay => {
+                let window = Duration::from_secs(self.settings.nats.duplicate_window_secs);
+                let hold = window + Duration::from_secs(3);
+                let attempts = self.stop_relay_mid_round().await?;
+                tokio::time::sleep(hold).await;
+                self.lab.signal("relay", "CONT")?;
+                notes.push(format!(
+                    "relay stopped between publishing and marking its claimed rows (attempt {attempts}) for {} s",
+                    hold.as_secs()
+                ));
             }
             Fault::RestartNats => self.lab.bounce_server(Server::Nats, "TERM", || Ok(())).await?,
             Fault::RestartPostgres => self.lab.bounce_server(Server::Postgres, "KILL", || Ok(())).await?,
@@ -243,6 +263,58 @@ impl Run<'_> {
             Fault::Mixed => bail!("mixed does not nest"),
         }
         Ok(1)
+    }
+
+    /// SIGSTOPs the relay `scripts/up` started while it holds a claim: its session is
+    /// idle in a transaction whose last statement was the claim, so it has published
+    /// (or is publishing) rows it has not marked yet. Returns the attempts it took.
+    async fn stop_relay_mid_round(&self) -> anyhow::Result<u32> {
+        let (postgres, connection) = tokio_postgres::connect(&self.settings.database.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let in_round = || async {
+            postgres
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE state = 'idle in transaction' AND query LIKE '%SKIP LOCKED%'
+                        AND application_name <> $1",
+                    &[&SECOND_RELAY_APPLICATION],
+                )
+                .await
+                .map(|row| row.get::<_, i64>(0) > 0)
+        };
+        for attempt in 1..=2_000 {
+            if in_round().await? {
+                self.lab.signal("relay", "STOP")?;
+                if in_round().await? {
+                    return Ok(attempt);
+                }
+                self.lab.signal("relay", "CONT")?;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        bail!("never caught the relay inside a round")
+    }
+
+    /// (applied, skipped as duplicates) of the projector `scripts/up` started and of the
+    /// second one, from their /metrics.
+    async fn projector_counts(&self) -> ((f64, f64), (f64, f64)) {
+        let mut counts = Vec::new();
+        // A stopped process accepts connections (the kernel does) but never answers.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        for admin in [self.settings.projector.admin_listen, self.second_projector] {
+            let text = match http.get(format!("http://{admin}/metrics")).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            counts.push((
+                metric_total(&text, "projector_events_applied_total"),
+                metric_total(&text, "projector_duplicates_skipped_total"),
+            ));
+        }
+        (counts[0], counts[1])
     }
 
     /// NATS stays down while devices keep sending: ingest accepts into the outbox, the
@@ -314,4 +386,15 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 fn ticks_per_second() -> f64 {
     // Linux reports /proc times in USER_HZ, which is 100 on every common platform.
     100.0
+}
+
+/// The sum of every series of a Prometheus metric in a /metrics text.
+fn metric_total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -30,7 +30,7 @@ use contract::settings::Settings;
 
 use crate::check::{Checker, Findings};
 use crate::control::Lab;
-use crate::faults::{Fault, Run};
+use crate::faults::{Fault, Run, SECOND_RELAY_APPLICATION};
 use crate::fleet::{Fleet, ALLOWED_STATUSES};
 use crate::proxy::FaultProxy;
 
@@ -122,10 +122,17 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("==> starting the pipeline (scripts/up) and a second relay and projector");
     lab.up().await?;
+    let separator = if settings.database.url.contains('?') { '&' } else { '?' };
     lab.start_extra(
         "relay-b",
         "relay",
-        &[("PIPELINE__RELAY__ADMIN_LISTEN", args.second_relay.to_string())],
+        &[
+            ("PIPELINE__RELAY__ADMIN_LISTEN", args.second_relay.to_string()),
+            (
+                "PIPELINE__DATABASE__URL",
+                format!("{}{separator}application_name={SECOND_RELAY_APPLICATION}", settings.database.url),
+            ),
+        ],
     )?;
     lab.start_extra(
         "projector-b",
@@ -157,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let run = Run {
         lab: &lab,
+        second_projector: args.second_projector,
         settings: &settings,
         fleet: &fleet,
         nats_proxy: &nats_proxy,
