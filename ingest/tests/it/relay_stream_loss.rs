@@ -13,6 +13,21 @@ use uuid::Uuid;
 use crate::relay::{spawn_relay, stream_messages};
 use crate::support::{reading, Ingest};
 
+/// A relay process killed (after a SIGCONT, in case it is stopped) if the test fails.
+struct RelayProcess(Option<std::process::Child>);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(mut process) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &process.id().to_string()])
+                .status();
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
 /// Longer than any test: only the trigger under test may start a stream check.
 const NEVER_MS: u64 = 3_600_000;
 
@@ -251,13 +266,20 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     )
     .await
     .expect("stall trigger");
-    let mut paused = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .envs(env.process_env())
-        .env("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("relay binary starts");
+    let mut paused_process = RelayProcess(Some(
+        Command::new(env!("CARGO_BIN_EXE_relay"))
+            .envs(env.process_env())
+            .env("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("relay binary starts"),
+    ));
+    let paused_id = paused_process
+        .0
+        .as_ref()
+        .map(|process| process.id())
+        .unwrap_or_default();
     let jetstream = env.jetstream().await;
     eventually(
         Duration::from_secs(30),
@@ -277,7 +299,7 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
             .expect("kill runs");
         assert!(status.success(), "kill {name} {pid}");
     };
-    signal("-STOP", paused.id());
+    signal("-STOP", paused_id);
     // Dropping the trigger waits for the paused relay's transaction to end.
     db.batch_execute("SET lock_timeout = '20s'; DROP TRIGGER stall ON outbox")
         .await
@@ -290,14 +312,15 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     other.await.expect("relay stops");
 
     // Resumed, the paused relay finds its session gone, recovers and relays new rows.
-    signal("-CONT", paused.id());
+    signal("-CONT", paused_id);
     post_readings(&ingest, "later", 5).await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS + 5).await;
+    let mut paused = paused_process.0.take().expect("the relay process");
     assert!(
         paused.try_wait().expect("status").is_none(),
         "the resumed relay is still running"
     );
-    signal("-TERM", paused.id());
+    signal("-TERM", paused_id);
     let status = tokio::time::timeout(
         Duration::from_secs(15),
         tokio::task::spawn_blocking(move || paused.wait()),
