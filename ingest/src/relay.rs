@@ -205,7 +205,11 @@ impl Relay {
                 connects_seen = connects;
                 stream_check_due = true;
             }
-            if stream_check_due || last_stream_check.elapsed() > self.stream_check_interval {
+            let nats_connected = self.jetstream.client().connection_state()
+                == async_nats::connection::State::Connected;
+            if nats_connected
+                && (stream_check_due || last_stream_check.elapsed() > self.stream_check_interval)
+            {
                 last_stream_check = Instant::now();
                 match self.check_stream().await {
                     Ok(_) => stream_check_due = false,

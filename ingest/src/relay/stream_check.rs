@@ -34,7 +34,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
 use async_nats::jetstream::stream::{self, RawMessageErrorKind};
+use async_nats::jetstream::ErrorCode;
 use contract::event::headers;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -66,6 +68,9 @@ impl Relay {
     /// Checks that the stream still holds the newest published row's message and, if
     /// not, marks every kept row whose message the stream lost as unpublished again.
     pub async fn check_stream(&self) -> anyhow::Result<StreamCheckOutcome> {
+        if self.jetstream.client().connection_state() != async_nats::connection::State::Connected {
+            anyhow::bail!("not connected to NATS");
+        }
         let client = self.pool.get().await.context("getting a connection")?;
         let Some(newest) = newest_published_row(&client).await? else {
             return Ok(StreamCheckOutcome::default());
@@ -82,10 +87,18 @@ impl Relay {
     /// store), in which case the check finds every kept row lost.
     async fn event_stream(&self) -> anyhow::Result<stream::Stream> {
         let name = self.subjects.stream();
-        if let Ok(Ok(stream)) =
-            tokio::time::timeout(STREAM_REQUEST_TIMEOUT, self.jetstream.get_stream(name)).await
-        {
-            return Ok(stream);
+        let looked_up =
+            tokio::time::timeout(STREAM_REQUEST_TIMEOUT, self.jetstream.get_stream(name))
+                .await
+                .context("timed out looking up the stream")?;
+        match looked_up {
+            Ok(stream) => return Ok(stream),
+            Err(error) if is_stream_not_found(&error) => {
+                tracing::warn!(stream = name, "stream is gone, creating it again");
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("looking up stream {name}"));
+            }
         }
         tokio::time::timeout(
             STREAM_REQUEST_TIMEOUT,
@@ -241,6 +254,13 @@ async fn published_row_in(
         stream_seq: row.get(0),
         event_id: row.get(1),
     }))
+}
+
+fn is_stream_not_found(error: &GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        GetStreamErrorKind::JetStream(error) if error.error_code() == ErrorCode::STREAM_NOT_FOUND
+    )
 }
 
 /// Whether a relay round failed because the stream handed out a sequence that a kept

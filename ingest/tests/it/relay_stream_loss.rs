@@ -204,7 +204,8 @@ async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_th
 }
 
 #[tokio::test]
-async fn relay_notices_after_reconnecting_that_the_stream_went_back_and_republishes_what_it_lost() {
+async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republish_what_it_lost_once(
+) {
     const BEFORE_CRASH: usize = 40;
     let mut nats = PrivateNats::start();
     let mut env = TestEnv::new();
@@ -214,7 +215,9 @@ async fn relay_notices_after_reconnecting_that_the_stream_went_back_and_republis
     let ingest = Ingest::spawn(&env.settings).await;
     post_readings(&ingest, "before", BEFORE_CRASH).await;
     let db = env.postgres().await;
+    // Two relays: both check after reconnecting, one repairs.
     let (shutdown, relay) = spawn_relay(&env.settings);
+    let (second_shutdown, second_relay) = spawn_relay(&env.settings);
     wait_until_all_published(&db, BEFORE_CRASH as i64).await;
 
     crash_and_truncate(&mut nats, env.subjects.stream(), BEFORE_CRASH as u64).await;
@@ -225,7 +228,9 @@ async fn relay_notices_after_reconnecting_that_the_stream_went_back_and_republis
     post_readings(&ingest, "later", 5).await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_CRASH + 5).await;
     shutdown.cancel();
+    second_shutdown.cancel();
     relay.await.expect("relay stops");
+    second_relay.await.expect("second relay stops");
     ingest.stop().await;
 }
 
