@@ -42,6 +42,13 @@ pub fn rebuild_lock_key(prefix: &str) -> String {
     format!("{prefix}rebuild-lock")
 }
 
+/// Where the projectors remember the durable consumer's ack floor as of their last look
+/// (`<stream sequence> <stored-at unix nanoseconds>` of the message there), to notice a
+/// stream that went back below it even across projector restarts.
+pub fn consumer_anchor_key(prefix: &str, consumer: &str) -> String {
+    format!("{prefix}consumer-anchor:{consumer}")
+}
+
 /// Matches every key of one generation, for deleting it.
 pub fn generation_pattern(prefix: &str, generation: u64) -> String {
     format!("{prefix}g{generation}:*")

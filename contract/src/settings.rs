@@ -98,6 +98,12 @@ pub struct RelaySettings {
     pub prune_batch: i64,
     /// How often published outbox rows and expired idempotency keys are pruned.
     pub prune_interval_ms: u64,
+    /// How often the relay checks that the stream still holds the newest message it
+    /// published (and republishes what a NATS host crash lost); also after a reconnect.
+    pub stream_check_interval_ms: u64,
+    /// PostgreSQL ends a relay session that stays idle inside a transaction this long
+    /// (a paused or hung relay), so that its claimed rows go to another relay.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -257,6 +263,18 @@ impl Settings {
             return invalid(
                 "http.max_header_bytes (PIPELINE__HTTP__MAX_HEADER_BYTES)",
                 "must be at least 8192",
+            );
+        }
+        if self.relay.stream_check_interval_ms == 0 {
+            return invalid(
+                "relay.stream_check_interval_ms (PIPELINE__RELAY__STREAM_CHECK_INTERVAL_MS)",
+                "must be at least 1",
+            );
+        }
+        if self.relay.idle_in_transaction_timeout_ms == 0 {
+            return invalid(
+                "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS)",
+                "must be at least 1 (0 would turn the timeout off)",
             );
         }
         if self.relay.batch_size < 1 || self.relay.prune_batch < 1 {

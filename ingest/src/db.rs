@@ -17,6 +17,10 @@ use tokio_postgres::NoTls;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_api_tokens.sql")),
+    (
+        3,
+        include_str!("../migrations/0003_outbox_stream_seq_unique.sql"),
+    ),
 ];
 
 /// Any constant works as long as every process uses the same one.
@@ -35,8 +39,17 @@ pub fn pg_config(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::
 
 /// A pool whose `get` fails after the connect timeout instead of waiting forever.
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+    pool_with_config(pg_config(settings)?, settings)
+}
+
+/// The same pool over connections made with `config` (e.g. with session settings added
+/// to [`pg_config`]'s).
+pub fn pool_with_config(
+    config: tokio_postgres::Config,
+    settings: &DatabaseSettings,
+) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
-        pg_config(settings)?,
+        config,
         NoTls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,

@@ -13,7 +13,16 @@
 //! The relay wakes on `NOTIFY outbox` (sent by a trigger when rows are inserted) and
 //! polls every `poll_interval_ms` as a fallback. It never exits because PostgreSQL or
 //! NATS is down: it backs off and tries again.
+//!
+//! Between rounds it checks that the stream still holds what it published and
+//! republishes what a NATS host crash lost ([`stream_check`]). Its PostgreSQL sessions
+//! carry `idle_in_transaction_session_timeout`, so a relay paused mid-round (SIGSTOP, a
+//! hung host) loses its session and its claimed rows go to another relay; the paused
+//! relay's statements then fail and it carries on with a new connection.
 
+mod stream_check;
+
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -108,12 +117,18 @@ pub struct Relay {
     reading_retention: Option<Duration>,
     prune_batch: i64,
     prune_interval: Duration,
+    stream_check_interval: Duration,
 }
 
 impl Relay {
     /// Opens the pool and the NATS connection (in the background: NATS may be down).
     pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Self> {
-        let pool = db::pool(&settings.database)?;
+        let mut session_config = db::pg_config(&settings.database)?;
+        session_config.options(format!(
+            "-c idle_in_transaction_session_timeout={}",
+            settings.relay.idle_in_transaction_timeout_ms
+        ));
+        let pool = db::pool_with_config(session_config, &settings.database)?;
         let client = connect_nats(&settings.nats.url, name).await?;
         Self::new(settings, pool, client)
     }
@@ -133,6 +148,7 @@ impl Relay {
             reading_retention: (settings.ingest.reading_retention_secs > 0)
                 .then(|| Duration::from_secs(settings.ingest.reading_retention_secs)),
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
+            stream_check_interval: Duration::from_millis(settings.relay.stream_check_interval_ms),
         })
     }
 
@@ -166,6 +182,10 @@ impl Relay {
         }
         let mut last_prune = Instant::now();
         let mut last_report = Instant::now();
+        let mut last_stream_check = Instant::now();
+        let mut stream_check_due = false;
+        let connection_statistics = self.jetstream.client().statistics();
+        let mut connects_seen = connection_statistics.connects.load(Ordering::Relaxed);
         while !shutdown.is_cancelled() {
             // Maintenance runs on its own clock, also while a backlog keeps rounds full.
             if last_report.elapsed() > Duration::from_secs(2) {
@@ -178,12 +198,41 @@ impl Relay {
                     tracing::warn!(error = format!("{error:#}"), "pruning failed");
                 }
             }
+            // A reconnect may be to a NATS server that restarted with less than it had:
+            // check before publishing more.
+            let connects = connection_statistics.connects.load(Ordering::Relaxed);
+            if connects != connects_seen {
+                connects_seen = connects;
+                stream_check_due = true;
+            }
+            let nats_connected = self.jetstream.client().connection_state()
+                == async_nats::connection::State::Connected;
+            if nats_connected
+                && (stream_check_due || last_stream_check.elapsed() > self.stream_check_interval)
+            {
+                last_stream_check = Instant::now();
+                match self.check_stream().await {
+                    Ok(_) => stream_check_due = false,
+                    Err(error) => {
+                        tracing::warn!(error = format!("{error:#}"), "stream check failed")
+                    }
+                }
+            }
             match self.relay_once().await {
                 Ok(relayed) => {
                     backoff.reset();
                     if relayed as i64 == self.batch_size {
                         continue;
                     }
+                }
+                Err(error) if stream_check::is_sequence_collision(&error) => {
+                    // The stream handed out a sequence a kept row holds: it lost messages.
+                    tracing::info!(
+                        "a published sequence is already recorded for another row, checking the stream"
+                    );
+                    stream_check_due = true;
+                    backoff.sleep(&shutdown).await;
+                    continue;
                 }
                 Err(error) => {
                     metrics::counter!("relay_errors_total").increment(1);

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use contract::event::{headers, DecodeError, TelemetryRecorded};
 use contract::reading::check_device_id;
@@ -95,14 +96,7 @@ impl Projector {
         let consumer = stream
             .get_or_create_consumer(
                 &self.consumer_name,
-                pull::Config {
-                    durable_name: Some(self.consumer_name.clone()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
-                    deliver_policy: DeliverPolicy::All,
-                    max_ack_pending: 20_000,
-                    ..Default::default()
-                },
+                durable_consumer_config(&self.consumer_name, self.ack_wait, DeliverPolicy::All),
             )
             .await
             .context("creating the durable consumer")?;
@@ -288,30 +282,254 @@ fn device_hint(payload: &[u8], subject: &str) -> Option<String> {
         .filter(|device_id| check_device_id(device_id).is_ok())
 }
 
-/// Publishes the durable consumer's backlog as gauges: messages not yet delivered
-/// (`num_pending`) and delivered but not acked (`num_ack_pending`).
-async fn report_consumer(rebuild: &Rebuild) {
-    let info = async {
-        let stream = rebuild
-            .jetstream
-            .get_stream(rebuild.subjects.stream())
-            .await
-            .ok()?;
-        stream.consumer_info(&rebuild.consumer).await.ok()
+/// Where the durable consumer stood at the previous look: the stream sequence of its ack
+/// floor and the stored time of the message there. If that message is later gone or
+/// another one (with another time) sits at its sequence, the stream lost messages
+/// below the consumer's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConsumerAnchor {
+    stream_sequence: u64,
+    stored_at: OffsetDateTime,
+}
+
+impl ConsumerAnchor {
+    fn encode(&self) -> String {
+        format!(
+            "{} {}",
+            self.stream_sequence,
+            self.stored_at.unix_timestamp_nanos()
+        )
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (sequence, nanos) = text.split_once(' ')?;
+        Some(Self {
+            stream_sequence: sequence.parse().ok()?,
+            stored_at: OffsetDateTime::from_unix_timestamp_nanos(nanos.parse().ok()?).ok()?,
+        })
+    }
+}
+
+/// The supervisor's view of the durable consumer between looks; the anchor is kept in
+/// Redis too, so that a projector started after a NATS restart still has it.
+struct ConsumerWatch {
+    redis: ConnectionManager,
+    anchor_key: String,
+    anchor: Option<ConsumerAnchor>,
+    anchor_loaded: bool,
+}
+
+impl ConsumerWatch {
+    fn new(rebuild: &Rebuild) -> Self {
+        Self {
+            redis: rebuild.redis.clone(),
+            anchor_key: contract::read_model::consumer_anchor_key(
+                &rebuild.read_model.prefix,
+                &rebuild.consumer,
+            ),
+            anchor: None,
+            anchor_loaded: false,
+        }
+    }
+
+    async fn load_anchor(&mut self) {
+        if self.anchor_loaded {
+            return;
+        }
+        let stored: redis::RedisResult<Option<String>> = redis::cmd("GET")
+            .arg(&self.anchor_key)
+            .query_async(&mut self.redis)
+            .await;
+        if let Ok(stored) = stored {
+            self.anchor_loaded = true;
+            self.anchor = stored.as_deref().and_then(ConsumerAnchor::decode);
+        }
+    }
+
+    async fn set_anchor(&mut self, anchor: Option<ConsumerAnchor>) {
+        if self.anchor == anchor {
+            return;
+        }
+        self.anchor = anchor;
+        let command = match anchor {
+            Some(anchor) => {
+                let mut set = redis::cmd("SET");
+                set.arg(&self.anchor_key).arg(anchor.encode());
+                set
+            }
+            None => {
+                let mut delete = redis::cmd("DEL");
+                delete.arg(&self.anchor_key);
+                delete
+            }
+        };
+        let stored: redis::RedisResult<()> = command.query_async(&mut self.redis).await;
+        if let Err(error) = stored {
+            tracing::debug!(%error, "remembering the consumer anchor failed");
+        }
+    }
+}
+
+/// Why the durable consumer had to be recreated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamWentBack {
+    /// The consumer has delivered past the stream's last sequence.
+    ConsumerAheadOfStream,
+    /// The message at the consumer's former ack floor is gone or was replaced.
+    AnchorMessageReplaced,
+}
+
+/// Publishes the durable consumer's backlog as gauges (`num_pending`, `num_ack_pending`,
+/// `num_redelivered`) and repairs the consumer when its stream went back below it.
+///
+/// nats-server 2.9 keeps a durable consumer's position when its stream restarts with
+/// fewer messages (an OS crash before the server's fsync): the consumer's delivered
+/// and ack-floor sequences stay above the stream's last sequence, and the new messages
+/// that reuse the lost sequences are never delivered. Either sign — the consumer ahead
+/// of the stream, or the message at its previous ack floor replaced — recreates it
+/// (see [`recreate_consumer`]).
+async fn watch_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) {
+    let looked = tokio::time::timeout(Duration::from_secs(5), look_at_consumer(rebuild, watch));
+    match looked.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::debug!(
+                error = format!("{error:#}"),
+                "looking at the consumer failed"
+            )
+        }
+        Err(_) => tracing::debug!("looking at the consumer timed out"),
+    }
+}
+
+async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyhow::Result<()> {
+    let stream = rebuild
+        .jetstream
+        .get_stream(rebuild.subjects.stream())
+        .await
+        .context("looking up the stream")?;
+    let stream_state = stream.get_info().await.context("stream info")?.state;
+    let info = stream
+        .consumer_info(&rebuild.consumer)
+        .await
+        .context("consumer info")?;
+    metrics::gauge!("projector_consumer_pending").set(info.num_pending as f64);
+    metrics::gauge!("projector_consumer_ack_pending").set(info.num_ack_pending as f64);
+    metrics::gauge!("projector_consumer_redelivered").set(info.num_redelivered as f64);
+
+    watch.load_anchor().await;
+    let went_back = if info.delivered.stream_sequence > stream_state.last_sequence {
+        Some(StreamWentBack::ConsumerAheadOfStream)
+    } else if let Some(previous) = watch.anchor {
+        let still_there = previous.stream_sequence < stream_state.first_sequence
+            || stored_at(&stream, previous.stream_sequence).await? == Some(previous.stored_at);
+        (!still_there).then_some(StreamWentBack::AnchorMessageReplaced)
+    } else {
+        None
     };
-    if let Ok(Some(info)) = tokio::time::timeout(Duration::from_secs(1), info).await {
-        metrics::gauge!("projector_consumer_pending").set(info.num_pending as f64);
-        metrics::gauge!("projector_consumer_ack_pending").set(info.num_ack_pending as f64);
-        metrics::gauge!("projector_consumer_redelivered").set(info.num_redelivered as f64);
+    if let Some(reason) = went_back {
+        recreate_consumer(rebuild, &stream, &info, stream_state.last_sequence, reason).await?;
+        watch.set_anchor(None).await;
+        return Ok(());
+    }
+    let ack_floor = info.ack_floor.stream_sequence;
+    if watch
+        .anchor
+        .is_some_and(|previous| previous.stream_sequence == ack_floor)
+    {
+        return Ok(());
+    }
+    let anchor = if ack_floor >= stream_state.first_sequence.max(1) {
+        stored_at(&stream, ack_floor)
+            .await?
+            .map(|stored_at| ConsumerAnchor {
+                stream_sequence: ack_floor,
+                stored_at,
+            })
+    } else {
+        None
+    };
+    watch.set_anchor(anchor).await;
+    Ok(())
+}
+
+/// When the stream stored the message at `sequence`; `None` if it holds none there.
+async fn stored_at(
+    stream: &jetstream::stream::Stream,
+    sequence: u64,
+) -> anyhow::Result<Option<OffsetDateTime>> {
+    match stream.get_raw_message(sequence).await {
+        Ok(message) => Ok(Some(message.time)),
+        Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("fetching stream message {sequence}")),
+    }
+}
+
+/// Deletes the durable consumer and creates it again, delivering every message stored
+/// within the projector's dedup horizon. That cannot skip a message the stream gained
+/// after it went back (as long as this runs within the horizon of the NATS restart;
+/// it runs within seconds), and what it delivers again that was applied already is
+/// skipped by `apply.lua`, which remembers applied event ids for the same horizon.
+async fn recreate_consumer(
+    rebuild: &Rebuild,
+    stream: &jetstream::stream::Stream,
+    info: &async_nats::jetstream::consumer::Info,
+    stream_last_sequence: u64,
+    reason: StreamWentBack,
+) -> anyhow::Result<()> {
+    let horizon = Duration::from_millis(
+        u64::try_from(rebuild.read_model.dedup_horizon_ms).unwrap_or_default(),
+    );
+    let start_time = OffsetDateTime::now_utc() - horizon;
+    stream
+        .delete_consumer(&rebuild.consumer)
+        .await
+        .context("deleting the durable consumer")?;
+    stream
+        .create_consumer(durable_consumer_config(
+            &rebuild.consumer,
+            info.config.ack_wait,
+            DeliverPolicy::ByStartTime { start_time },
+        ))
+        .await
+        .context("recreating the durable consumer")?;
+    metrics::counter!("projector_consumer_recreated_total").increment(1);
+    tracing::warn!(
+        ?reason,
+        consumer = %rebuild.consumer,
+        delivered_stream_sequence = info.delivered.stream_sequence,
+        ack_floor_stream_sequence = info.ack_floor.stream_sequence,
+        stream_last_sequence,
+        redeliver_from = %start_time,
+        "stream went back below the durable consumer, recreated it to redeliver the dedup horizon"
+    );
+    Ok(())
+}
+
+/// The durable pull consumer every projector shares.
+fn durable_consumer_config(
+    name: &str,
+    ack_wait: Duration,
+    deliver_policy: DeliverPolicy,
+) -> pull::Config {
+    pull::Config {
+        durable_name: Some(name.to_owned()),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait,
+        deliver_policy,
+        max_ack_pending: 20_000,
+        ..Default::default()
     }
 }
 
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
 /// a Redis restart) or when a rebuild was abandoned by a process that died. Several
-/// projectors may run this; the rebuild lock lets one of them do the work.
+/// projectors may run this; the rebuild lock lets one of them do the work. Every second
+/// it also looks at the durable consumer ([`watch_consumer`]).
 pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
     let mut redis = rebuild.redis.clone();
     let prefix = rebuild.read_model.prefix.clone();
+    let mut consumer_watch = ConsumerWatch::new(&rebuild);
     while !shutdown.is_cancelled() {
         let generations = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -333,7 +551,7 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             }
             _ => false,
         };
-        report_consumer(&rebuild).await;
+        watch_consumer(&rebuild, &mut consumer_watch).await;
         if needed {
             match rebuild.run(&shutdown).await {
                 Ok(generation) => tracing::info!(generation, "read model rebuilt"),

@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`TestEnv`]: the isolated names, the settings pointing at them, and the cleanup.
 //! - [`eventually`]: polls an asynchronous outcome until a deadline, instead of sleeping.
+//! - [`PrivateNats`]: a nats-server of the test's own, which it may kill and cut back.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -14,6 +15,9 @@ use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
 use contract::settings::Settings;
 use contract::subjects::Subjects;
 use rand::Rng;
+
+mod private_nats;
+pub use private_nats::{PrivateNats, NATS_SERVER_BINARY};
 
 /// The workspace's `config/` directory.
 pub fn config_dir() -> PathBuf {

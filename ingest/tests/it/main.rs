@@ -5,6 +5,7 @@ mod auth;
 mod batch;
 mod fuzz;
 mod relay;
+mod relay_stream_loss;
 mod shutdown;
 mod support;
 mod telemetry_api;

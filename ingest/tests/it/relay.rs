@@ -37,7 +37,7 @@ fn spawn_relay_process(env: &TestEnv) -> Child {
         .expect("relay binary starts")
 }
 
-async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> Option<u64> {
+pub async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> Option<u64> {
     let mut stream = jetstream.get_stream(stream).await.ok()?;
     Some(stream.info().await.ok()?.state.messages)
 }

@@ -6,4 +6,5 @@ mod dead_letters;
 mod lifecycle;
 mod projection;
 mod redelivery;
+mod stream_loss;
 mod support;

@@ -1,0 +1,278 @@
+//! The stream check: does JetStream still hold what the relay published?
+//!
+//! Debian's nats-server 2.9 fsyncs a stream only every 2 minutes, so an OS crash of the
+//! NATS host can cut the stream back to an earlier last sequence; after the restart the
+//! server hands the lost sequences out again to new messages. Every published outbox row
+//! remembers the sequence its PubAck returned (`outbox.stream_seq`, unique) and is kept
+//! for `relay.published_retention_secs`, which is what this check compares against.
+//!
+//! # How a loss is noticed
+//! - Every `relay.stream_check_interval_ms`, after every reconnect to NATS and when a
+//!   round's "mark published" collides with the unique index on `stream_seq`, the relay
+//!   reads the kept row with the highest sequence and fetches the stream message at
+//!   that sequence (`STREAM.MSG.GET`, one request). Its `Nats-Msg-Id` must be the row's
+//!   event id; a missing message or another id means the stream lost it.
+//! - New publishes that reuse lost sequences cannot hide a loss: a sequence a kept row
+//!   still holds cannot be recorded for a second row (unique index), so that round fails
+//!   with a collision and triggers the check, whose probe of the newest row then finds
+//!   another message (or none) at its sequence.
+//!
+//! # How it is repaired
+//! A truncation loses a suffix of the stream, so the kept rows whose message is gone
+//! form a range of sequences. The check finds its first row by bisection over the kept
+//! rows (one fetch per step) and, in one transaction under an advisory lock (so that
+//! concurrent relays repair once), marks every kept row from there on unpublished again.
+//! The normal rounds then republish them: JetStream drops the copies of messages it
+//! still holds (duplicate window) and appends the lost ones with new sequences.
+//!
+//! # Horizon
+//! Rows already pruned (published longer than `published_retention_secs` ago) cannot be
+//! republished; the retention must exceed the time a NATS host may hold unsynced data
+//! (2 minutes on 2.9). Messages older than the stream's first sequence (expired by
+//! `max_age`) count as held, not lost.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+use async_nats::jetstream::stream::{self, RawMessageErrorKind};
+use async_nats::jetstream::ErrorCode;
+use contract::event::headers;
+use tokio_postgres::error::SqlState;
+use uuid::Uuid;
+
+use super::{ensure_streams, Relay};
+
+/// Held by the relay that repairs the outbox after a stream loss; any constant works as
+/// long as every relay uses the same one.
+const STREAM_REPAIR_LOCK: i64 = 0x7e1e_0002;
+
+/// How long one stream request of the check may take.
+const STREAM_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A published outbox row: the sequence its PubAck returned and its event id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PublishedRow {
+    stream_seq: i64,
+    event_id: Uuid,
+}
+
+/// What a stream check did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamCheckOutcome {
+    /// Kept rows marked unpublished again because the stream lost their messages.
+    pub republished_rows: u64,
+}
+
+impl Relay {
+    /// Checks that the stream still holds the newest published row's message and, if
+    /// not, marks every kept row whose message the stream lost as unpublished again.
+    pub async fn check_stream(&self) -> anyhow::Result<StreamCheckOutcome> {
+        if self.jetstream.client().connection_state() != async_nats::connection::State::Connected {
+            anyhow::bail!("not connected to NATS");
+        }
+        let client = self.pool.get().await.context("getting a connection")?;
+        let Some(newest) = newest_published_row(&client).await? else {
+            return Ok(StreamCheckOutcome::default());
+        };
+        drop(client);
+        let stream = self.event_stream().await?;
+        if self.stream_holds(&stream, newest).await? {
+            return Ok(StreamCheckOutcome::default());
+        }
+        self.republish_lost_rows(&stream).await
+    }
+
+    /// The event stream; recreated if it is gone (deleted, or a NATS host that lost its
+    /// store), in which case the check finds every kept row lost.
+    async fn event_stream(&self) -> anyhow::Result<stream::Stream> {
+        let name = self.subjects.stream();
+        let looked_up =
+            tokio::time::timeout(STREAM_REQUEST_TIMEOUT, self.jetstream.get_stream(name))
+                .await
+                .context("timed out looking up the stream")?;
+        match looked_up {
+            Ok(stream) => return Ok(stream),
+            Err(error) if is_stream_not_found(&error) => {
+                tracing::warn!(stream = name, "stream is gone, creating it again");
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("looking up stream {name}"));
+            }
+        }
+        tokio::time::timeout(
+            STREAM_REQUEST_TIMEOUT,
+            ensure_streams(&self.jetstream, &self.nats),
+        )
+        .await
+        .context("timed out creating the streams")??;
+        tokio::time::timeout(STREAM_REQUEST_TIMEOUT, self.jetstream.get_stream(name))
+            .await
+            .context("timed out looking up the stream")?
+            .with_context(|| format!("looking up stream {name}"))
+    }
+
+    /// Whether the stream message at the row's sequence is the row's event.
+    async fn stream_holds(
+        &self,
+        stream: &stream::Stream,
+        row: PublishedRow,
+    ) -> anyhow::Result<bool> {
+        let Ok(sequence) = u64::try_from(row.stream_seq) else {
+            return Ok(false);
+        };
+        let fetched =
+            tokio::time::timeout(STREAM_REQUEST_TIMEOUT, stream.get_raw_message(sequence))
+                .await
+                .context("timed out fetching a stream message")?;
+        match fetched {
+            Ok(message) => {
+                let expected_id = row.event_id.to_string();
+                Ok(message
+                    .headers
+                    .get(headers::MSG_ID)
+                    .is_some_and(|message_id| message_id.as_str() == expected_id))
+            }
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(error) => Err(error).with_context(|| format!("fetching stream message {sequence}")),
+        }
+    }
+
+    /// Under the repair lock: finds the first kept row the stream lost and marks it and
+    /// every later kept row unpublished, in one transaction.
+    async fn republish_lost_rows(
+        &self,
+        stream: &stream::Stream,
+    ) -> anyhow::Result<StreamCheckOutcome> {
+        let mut client = self.pool.get().await.context("getting a connection")?;
+        let transaction = client.transaction().await?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&STREAM_REPAIR_LOCK])
+            .await
+            .context("taking the stream repair lock")?;
+        // Another relay may have repaired while this one waited for the lock.
+        let Some(newest) = newest_published_row(&transaction).await? else {
+            return Ok(StreamCheckOutcome::default());
+        };
+        if self.stream_holds(stream, newest).await? {
+            return Ok(StreamCheckOutcome::default());
+        }
+        // Messages below the stream's first sequence expired (max_age); not lost.
+        let first_kept_sequence = tokio::time::timeout(STREAM_REQUEST_TIMEOUT, stream.get_info())
+            .await
+            .context("timed out reading the stream info")?
+            .context("reading the stream info")?
+            .state
+            .first_sequence;
+        let mut lowest_unverified = i64::try_from(first_kept_sequence).unwrap_or(i64::MAX);
+        if newest.stream_seq < lowest_unverified {
+            // Expired or purged from the stream on purpose: nothing a republish should undo.
+            return Ok(StreamCheckOutcome::default());
+        }
+        let mut first_lost = newest;
+        // Bisection: every kept row below `lowest_unverified` is held, `first_lost` is not.
+        loop {
+            let middle = lowest_unverified + (first_lost.stream_seq - lowest_unverified) / 2;
+            let probe = match published_row_in(&transaction, middle, first_lost.stream_seq).await? {
+                Some(row) => Some(row),
+                None => {
+                    published_row_in(&transaction, lowest_unverified, first_lost.stream_seq).await?
+                }
+            };
+            let Some(probe) = probe else {
+                break;
+            };
+            if self.stream_holds(stream, probe).await? {
+                lowest_unverified = probe.stream_seq + 1;
+            } else {
+                first_lost = probe;
+            }
+        }
+        let marked = transaction
+            .query_one(
+                "WITH marked AS (
+                     UPDATE outbox SET published_at = NULL, stream_seq = NULL
+                     WHERE stream_seq >= $1 RETURNING stream_seq)
+                 SELECT count(*), min(stream_seq), max(stream_seq) FROM marked",
+                &[&first_lost.stream_seq],
+            )
+            .await
+            .context("marking lost rows unpublished")?;
+        transaction
+            .commit()
+            .await
+            .context("committing the stream repair")?;
+        let republished_rows = u64::try_from(marked.get::<_, i64>(0)).unwrap_or_default();
+        let first_sequence: Option<i64> = marked.get(1);
+        let last_sequence: Option<i64> = marked.get(2);
+        metrics::counter!("relay_republished_total").increment(republished_rows);
+        tracing::warn!(
+            rows = republished_rows,
+            first_sequence,
+            last_sequence,
+            stream = self.subjects.stream(),
+            first_lost_event_id = %first_lost.event_id,
+            "stream lost published events, republishing them"
+        );
+        Ok(StreamCheckOutcome { republished_rows })
+    }
+}
+
+/// The kept published row with the highest stream sequence.
+async fn newest_published_row(
+    client: &impl deadpool_postgres::GenericClient,
+) -> anyhow::Result<Option<PublishedRow>> {
+    let row = client
+        .query_opt(
+            "SELECT stream_seq, event_id FROM outbox WHERE stream_seq IS NOT NULL
+             ORDER BY stream_seq DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .context("reading the newest published row")?;
+    Ok(row.map(|row| PublishedRow {
+        stream_seq: row.get(0),
+        event_id: row.get(1),
+    }))
+}
+
+/// The kept published row with the lowest sequence in `[from, before)`.
+async fn published_row_in(
+    client: &impl deadpool_postgres::GenericClient,
+    from: i64,
+    before: i64,
+) -> anyhow::Result<Option<PublishedRow>> {
+    let row = client
+        .query_opt(
+            "SELECT stream_seq, event_id FROM outbox WHERE stream_seq >= $1 AND stream_seq < $2
+             ORDER BY stream_seq LIMIT 1",
+            &[&from, &before],
+        )
+        .await
+        .context("reading a published row")?;
+    Ok(row.map(|row| PublishedRow {
+        stream_seq: row.get(0),
+        event_id: row.get(1),
+    }))
+}
+
+fn is_stream_not_found(error: &GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        GetStreamErrorKind::JetStream(error) if error.error_code() == ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Whether a relay round failed because the stream handed out a sequence that a kept
+/// row already holds: the sign that the stream lost that row's message.
+pub(super) fn is_sequence_collision(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(|error| error.as_db_error())
+            .is_some_and(|database_error| {
+                database_error.code() == &SqlState::UNIQUE_VIOLATION
+                    && database_error.constraint() == Some("outbox_stream_seq")
+            })
+    })
+}

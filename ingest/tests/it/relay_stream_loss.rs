@@ -1,0 +1,339 @@
+//! The relay against a stream that lost messages: a NATS host crash before nats-server
+//! 2.9's fsync (simulated on a private server by cutting its message block back), a
+//! stream deleted and recreated, and a relay paused in the middle of a round.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use testkit::{eventually, PrivateNats, TestEnv};
+use uuid::Uuid;
+
+use crate::relay::{spawn_relay, stream_messages};
+use crate::support::{reading, Ingest};
+
+/// A relay process killed (after a SIGCONT, in case it is stopped) if the test fails.
+struct RelayProcess(Option<std::process::Child>);
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(mut process) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &process.id().to_string()])
+                .status();
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+/// Longer than any test: only the trigger under test may start a stream check.
+const NEVER_MS: u64 = 3_600_000;
+
+/// Every message in the stream as (sequence, `Nats-Msg-Id`), read one by one.
+async fn stream_contents(
+    jetstream: &jetstream::Context,
+    stream: &str,
+) -> Option<Vec<(u64, String)>> {
+    let mut stream = jetstream.get_stream(stream).await.ok()?;
+    let state = stream.info().await.ok()?.state.clone();
+    let mut contents = Vec::new();
+    if state.messages == 0 {
+        return Some(contents);
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        let message = stream.get_raw_message(sequence).await.ok()?;
+        let message_id = message.headers.get("Nats-Msg-Id")?.as_str().to_owned();
+        contents.push((sequence, message_id));
+    }
+    Some(contents)
+}
+
+/// Every outbox row as (event id, stream sequence if published).
+async fn outbox_rows(db: &tokio_postgres::Client) -> Vec<(Uuid, Option<i64>)> {
+    db.query("SELECT event_id, stream_seq FROM outbox ORDER BY id", &[])
+        .await
+        .expect("outbox rows")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// Waits until every outbox row is published and the stream holds each row's event
+/// exactly once, at the sequence the row records.
+async fn assert_stream_matches_outbox(
+    db: &tokio_postgres::Client,
+    jetstream: &jetstream::Context,
+    stream: &str,
+    expected_rows: usize,
+) {
+    let (rows, contents) = eventually(
+        Duration::from_secs(40),
+        "every outbox row published and held by the stream at its sequence",
+        || async {
+            let rows = outbox_rows(db).await;
+            if rows.len() != expected_rows || rows.iter().any(|(_, sequence)| sequence.is_none()) {
+                return None;
+            }
+            let contents = stream_contents(jetstream, stream).await?;
+            let by_sequence: HashMap<u64, &str> = contents
+                .iter()
+                .map(|(sequence, message_id)| (*sequence, message_id.as_str()))
+                .collect();
+            let all_held = rows.iter().all(|(event_id, sequence)| {
+                sequence
+                    .and_then(|sequence| u64::try_from(sequence).ok())
+                    .and_then(|sequence| by_sequence.get(&sequence))
+                    .is_some_and(|message_id| *message_id == event_id.to_string())
+            });
+            all_held.then_some((rows, contents))
+        },
+    )
+    .await;
+    let mut stream_ids: Vec<&str> = contents.iter().map(|(_, id)| id.as_str()).collect();
+    stream_ids.sort_unstable();
+    let mut outbox_ids: Vec<String> = rows.iter().map(|(id, _)| id.to_string()).collect();
+    outbox_ids.sort_unstable();
+    assert_eq!(
+        stream_ids, outbox_ids,
+        "the stream holds every outbox event exactly once and nothing else"
+    );
+}
+
+/// Posts `count` readings under keys `<prefix>-<n>`.
+async fn post_readings(ingest: &Ingest, prefix: &str, count: usize) {
+    for index in 0..count {
+        let response = ingest
+            .post(
+                &format!("{prefix}-{index}"),
+                &reading(&format!("sensor-{}", index % 3), index as f64),
+            )
+            .await;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+}
+
+async fn wait_until_all_published(db: &tokio_postgres::Client, rows: i64) {
+    eventually(Duration::from_secs(30), "every row published", || async {
+        let row = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE stream_seq IS NOT NULL), count(*) FROM outbox",
+                &[],
+            )
+            .await
+            .ok()?;
+        (row.get::<_, i64>(0) == rows && row.get::<_, i64>(1) == rows).then_some(())
+    })
+    .await;
+}
+
+/// Kills the private server, cuts the stream's block to half and starts the server
+/// again; returns the stream's last sequence afterwards, checked to have gone back.
+async fn crash_and_truncate(nats: &mut PrivateNats, stream: &str, last_before: u64) -> u64 {
+    nats.kill();
+    let (size_before, size_after) = nats.truncate_stream(stream, 0.5);
+    nats.restart();
+    let client = async_nats::connect(nats.url()).await.expect("private nats");
+    let jetstream = jetstream::new(client);
+    let last_after = eventually(
+        Duration::from_secs(10),
+        "stream back after restart",
+        || async {
+            let mut stream = jetstream.get_stream(stream).await.ok()?;
+            Some(stream.info().await.ok()?.state.last_sequence)
+        },
+    )
+    .await;
+    assert!(
+        last_after > 0 && last_after < last_before,
+        "the stream went back from {last_before} to {last_after} (block cut from {size_before} to {size_after} bytes)"
+    );
+    last_after
+}
+
+#[tokio::test]
+async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_the_lost_sequences() {
+    const BEFORE_CRASH: usize = 40;
+    const AFTER_CRASH: usize = 30;
+    let mut nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    // No periodic check: the new events' sequences colliding with kept rows must do it.
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "before", BEFORE_CRASH).await;
+    let db = env.postgres().await;
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    wait_until_all_published(&db, BEFORE_CRASH as i64).await;
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+
+    let last_after =
+        crash_and_truncate(&mut nats, env.subjects.stream(), BEFORE_CRASH as u64).await;
+    // New readings, published by a relay started after the restart, get the sequences
+    // the lost events had.
+    post_readings(&ingest, "after", AFTER_CRASH).await;
+    assert!(
+        last_after + (AFTER_CRASH as u64) > BEFORE_CRASH as u64,
+        "the new events reach past the old last sequence"
+    );
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    let jetstream = env.jetstream().await;
+    assert_stream_matches_outbox(
+        &db,
+        &jetstream,
+        env.subjects.stream(),
+        BEFORE_CRASH + AFTER_CRASH,
+    )
+    .await;
+    let kept: Vec<i64> = outbox_rows(&db)
+        .await
+        .iter()
+        .filter_map(|(_, sequence)| *sequence)
+        .filter(|sequence| *sequence <= last_after as i64)
+        .collect();
+    assert_eq!(
+        kept.len() as u64,
+        last_after,
+        "rows the stream kept keep their sequences"
+    );
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republish_what_it_lost_once(
+) {
+    const BEFORE_CRASH: usize = 40;
+    let mut nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    // No periodic check: the reconnect must trigger it.
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "before", BEFORE_CRASH).await;
+    let db = env.postgres().await;
+    // Two relays: both check after reconnecting, one repairs.
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    let (second_shutdown, second_relay) = spawn_relay(&env.settings);
+    wait_until_all_published(&db, BEFORE_CRASH as i64).await;
+
+    crash_and_truncate(&mut nats, env.subjects.stream(), BEFORE_CRASH as u64).await;
+    let jetstream = env.jetstream().await;
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_CRASH).await;
+
+    // And it goes on relaying.
+    post_readings(&ingest, "later", 5).await;
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_CRASH + 5).await;
+    shutdown.cancel();
+    second_shutdown.cancel();
+    relay.await.expect("relay stops");
+    second_relay.await.expect("second relay stops");
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn relay_republishes_everything_kept_when_the_stream_was_deleted_and_recreated() {
+    const READINGS: usize = 12;
+    let mut env = TestEnv::new();
+    env.settings.relay.stream_check_interval_ms = 200;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "k", READINGS).await;
+    let db = env.postgres().await;
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    wait_until_all_published(&db, READINGS as i64).await;
+    let jetstream = env.jetstream().await;
+    jetstream
+        .delete_stream(env.subjects.stream())
+        .await
+        .expect("stream deleted");
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS).await;
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows() {
+    const READINGS: usize = 15;
+    let mut env = TestEnv::new();
+    env.settings.relay.idle_in_transaction_timeout_ms = 1000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "k", READINGS).await;
+    // The "mark published" statement takes 2 s: time to pause the relay in between.
+    let db = env.postgres().await;
+    db.batch_execute(
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
+         CREATE TRIGGER stall BEFORE UPDATE ON outbox FOR EACH STATEMENT EXECUTE FUNCTION stall();",
+    )
+    .await
+    .expect("stall trigger");
+    let mut paused_process = RelayProcess(Some(
+        Command::new(env!("CARGO_BIN_EXE_relay"))
+            .envs(env.process_env())
+            .env("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("relay binary starts"),
+    ));
+    let paused_id = paused_process
+        .0
+        .as_ref()
+        .map(|process| process.id())
+        .unwrap_or_default();
+    let jetstream = env.jetstream().await;
+    eventually(
+        Duration::from_secs(30),
+        "events published before the mark",
+        || async {
+            (stream_messages(&jetstream, env.subjects.stream()).await? == READINGS as u64)
+                .then_some(())
+        },
+    )
+    .await;
+    // SIGSTOP while its mark is stalled: the mark completes, and the session then sits
+    // idle in the transaction, holding the claimed rows' locks, until the timeout.
+    let signal = |name: &str, pid: u32| {
+        let status = Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    signal("-STOP", paused_id);
+    // Dropping the trigger waits for the paused relay's transaction to end.
+    db.batch_execute("SET lock_timeout = '20s'; DROP TRIGGER stall ON outbox")
+        .await
+        .expect("the paused relay's session ended within the timeout");
+
+    let (shutdown, other) = spawn_relay(&env.settings);
+    wait_until_all_published(&db, READINGS as i64).await;
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS).await;
+    shutdown.cancel();
+    other.await.expect("relay stops");
+
+    // Resumed, the paused relay finds its session gone, recovers and relays new rows.
+    signal("-CONT", paused_id);
+    post_readings(&ingest, "later", 5).await;
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS + 5).await;
+    let mut paused = paused_process.0.take().expect("the relay process");
+    assert!(
+        paused.try_wait().expect("status").is_none(),
+        "the resumed relay is still running"
+    );
+    signal("-TERM", paused_id);
+    let status = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || paused.wait()),
+    )
+    .await
+    .expect("the relay stops within 15 s of SIGTERM")
+    .expect("waited")
+    .expect("exit status");
+    assert_eq!(status.code(), Some(0));
+    ingest.stop().await;
+}

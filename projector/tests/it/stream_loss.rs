@@ -1,0 +1,136 @@
+//! The durable consumer after its stream went back (an OS crash of the NATS host before
+//! nats-server 2.9's fsync, simulated on a private server by cutting the message block
+//! back): nats-server 2.9 keeps the consumer's position, which would skip the new
+//! events that reuse the lost sequences; the projector recreates the consumer.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use contract::event::TelemetryRecorded;
+use testkit::{eventually, PrivateNats, TestEnv};
+
+use crate::support::{drained, event, now_ms, publish_many, streams, Projector, CATCH_UP};
+
+const DEVICE: &str = "sensor-1";
+
+fn events(count: usize) -> Vec<(TelemetryRecorded, String)> {
+    let base = now_ms() - 60_000;
+    (0..count)
+        .map(|index| {
+            let event = event(DEVICE, base + index as i64, &[("temperature", 1.0)]);
+            let message_id = event.event_id.to_string();
+            (event, message_id)
+        })
+        .collect()
+}
+
+async fn sample_count(env: &TestEnv) -> Option<u64> {
+    env.device_stats(DEVICE)
+        .await
+        .map(|stats| stats.sample_count)
+}
+
+/// Kills the private server, cuts the stream back to about half and restarts it;
+/// returns the stream's last sequence afterwards, checked to have gone back.
+async fn crash_and_truncate(nats: &mut PrivateNats, env: &TestEnv, last_before: u64) -> u64 {
+    nats.kill();
+    nats.truncate_stream(env.subjects.stream(), 0.5);
+    nats.restart();
+    let jetstream = env.jetstream().await;
+    let last_after = eventually(Duration::from_secs(10), "stream back", || async {
+        let mut stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
+        Some(stream.info().await.ok()?.state.last_sequence)
+    })
+    .await;
+    assert!(
+        last_after > 0 && last_after < last_before,
+        "the stream went back from {last_before} to {last_after}"
+    );
+    last_after
+}
+
+async fn private_env(nats: &PrivateNats) -> (TestEnv, jetstream::Context) {
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    let jetstream = streams(&env).await;
+    (env, jetstream)
+}
+
+#[tokio::test]
+async fn a_running_projector_recreates_its_consumer_when_the_stream_goes_back_below_it() {
+    const BEFORE_CRASH: usize = 40;
+    const AFTER_CRASH: usize = 30;
+    let mut nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    let projector = Projector::spawn(&env.settings).await;
+    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
+    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+
+    let last_after = crash_and_truncate(&mut nats, &env, BEFORE_CRASH as u64).await;
+    // The consumer must no longer be ahead of the stream before new events arrive.
+    let jetstream = env.jetstream().await;
+    eventually(
+        CATCH_UP,
+        "the consumer no longer ahead of the stream",
+        || async {
+            let stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
+            let info = stream
+                .consumer_info(&env.settings.nats.consumer)
+                .await
+                .ok()?;
+            (info.delivered.stream_sequence <= last_after).then_some(())
+        },
+    )
+    .await;
+    publish_many(&env, &jetstream, &events(AFTER_CRASH)).await;
+    let expected = (BEFORE_CRASH + AFTER_CRASH) as u64;
+    eventually(CATCH_UP, "every new event projected", || async {
+        (sample_count(&env).await? == expected).then_some(())
+    })
+    .await;
+    projector.stop().await;
+}
+
+#[tokio::test]
+async fn a_projector_started_after_the_stream_went_back_still_gets_the_events_that_reuse_lost_sequences(
+) {
+    const BEFORE_CRASH: usize = 40;
+    const AFTER_CRASH: usize = 30;
+    let mut nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    let projector = Projector::spawn(&env.settings).await;
+    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
+    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+    // The supervisor remembers the consumer's ack floor in Redis.
+    let redis = env.redis().await;
+    let anchor_key = contract::read_model::consumer_anchor_key(
+        &env.settings.redis.prefix,
+        &env.settings.nats.consumer,
+    );
+    eventually(CATCH_UP, "the consumer anchor remembered", || async {
+        let mut redis = redis.clone();
+        let anchor: Option<String> = redis::cmd("GET")
+            .arg(&anchor_key)
+            .query_async(&mut redis)
+            .await
+            .ok()?;
+        anchor
+            .filter(|anchor| anchor.starts_with(&format!("{BEFORE_CRASH} ")))
+            .map(|_| ())
+    })
+    .await;
+    projector.stop().await;
+
+    let last_after = crash_and_truncate(&mut nats, &env, BEFORE_CRASH as u64).await;
+    // New events take the lost sequences and go past the consumer's old position.
+    let jetstream = env.jetstream().await;
+    publish_many(&env, &jetstream, &events(AFTER_CRASH)).await;
+    assert!(last_after + AFTER_CRASH as u64 > BEFORE_CRASH as u64);
+    let projector = Projector::spawn(&env.settings).await;
+    let expected = (BEFORE_CRASH + AFTER_CRASH) as u64;
+    eventually(CATCH_UP, "every new event projected", || async {
+        (sample_count(&env).await? == expected).then_some(())
+    })
+    .await;
+    projector.stop().await;
+}

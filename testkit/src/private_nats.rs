@@ -1,0 +1,147 @@
+//! A nats-server of a test's own, for tests that kill it, cut its store back and start
+//! it again (the shared server on 4222 must never be touched that way).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+/// Debian's nats-server 2.9, the version the pipeline runs against on this box.
+pub const NATS_SERVER_BINARY: &str = "/usr/sbin/nats-server";
+
+/// A private JetStream server on a free port with its store in a temporary directory;
+/// killed and its directory removed when dropped.
+pub struct PrivateNats {
+    port: u16,
+    store_dir: PathBuf,
+    process: Option<Child>,
+}
+
+impl PrivateNats {
+    /// Starts the server and waits until it accepts connections.
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let suffix: u64 = rand::rng().random();
+        let store_dir = std::env::temp_dir().join(format!("private-nats-{suffix:x}"));
+        std::fs::create_dir_all(&store_dir).expect("store directory created");
+        let mut server = Self {
+            port,
+            store_dir,
+            process: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The `-sd` directory.
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
+    /// The directory holding a stream's message blocks (`*.blk`, `*.idx`, `index.db`).
+    pub fn stream_messages_dir(&self, stream: &str) -> PathBuf {
+        self.store_dir
+            .join("jetstream")
+            .join("$G")
+            .join("streams")
+            .join(stream)
+            .join("msgs")
+    }
+
+    /// SIGKILL: nothing is flushed or synced, as in a crash of the server process.
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store (after [`Self::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        let process = Command::new(NATS_SERVER_BINARY)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts (apt-get install nats-server)");
+        self.process = Some(process);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "private nats-server did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Cuts the stream's last message block back to `keep_fraction` of its size and
+    /// removes the index files, so that the next start rebuilds the stream from the
+    /// shortened block (a torn last record is discarded): the stream loses its newest
+    /// messages as after an OS crash before the server's fsync. The server must be
+    /// stopped. Returns the block's size before and after.
+    pub fn truncate_stream(&self, stream: &str, keep_fraction: f64) -> (u64, u64) {
+        let directory = self.stream_messages_dir(stream);
+        let mut blocks: Vec<PathBuf> = std::fs::read_dir(&directory)
+            .expect("stream message directory")
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .collect();
+        blocks.sort();
+        for path in &blocks {
+            let name = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .unwrap_or("");
+            if name.ends_with(".idx") || name == "index.db" || name.ends_with(".fss") {
+                std::fs::remove_file(path).expect("index file removed");
+            }
+        }
+        let last_block = blocks
+            .iter()
+            .filter(|path| path.extension().is_some_and(|extension| extension == "blk"))
+            .max_by_key(|path| {
+                path.file_stem()
+                    .and_then(|stem| stem.to_str())
+                    .and_then(|stem| stem.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("a message block")
+            .clone();
+        let size = std::fs::metadata(&last_block)
+            .expect("block metadata")
+            .len();
+        let kept = (size as f64 * keep_fraction) as u64;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&last_block)
+            .and_then(|file| file.set_len(kept))
+            .expect("block truncated");
+        (size, kept)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.store_dir);
+    }
+}
