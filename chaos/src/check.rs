@@ -58,9 +58,10 @@ pub struct Checker {
 
 impl Checker {
     async fn postgres(&self) -> anyhow::Result<tokio_postgres::Client> {
-        let (client, connection) = tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
-            .await
-            .context("connecting to PostgreSQL")?;
+        let (client, connection) =
+            tokio_postgres::connect(&self.database_url, tokio_postgres::NoTls)
+                .await
+                .context("connecting to PostgreSQL")?;
         tokio::spawn(connection);
         Ok(client)
     }
@@ -71,7 +72,10 @@ impl Checker {
         let unpublished: i64 = self
             .postgres()
             .await?
-            .query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[])
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                &[],
+            )
             .await?
             .get(0);
         if unpublished > 0 {
@@ -111,7 +115,10 @@ impl Checker {
             readings.insert(reading.event_id, reading);
         }
         let keys = postgres
-            .query("SELECT device_id, idempotency_key, event_id FROM idempotency_keys", &[])
+            .query(
+                "SELECT device_id, idempotency_key, event_id FROM idempotency_keys",
+                &[],
+            )
             .await?
             .into_iter()
             .map(|row| ((row.get(0), row.get(1)), row.get(2)))
@@ -149,14 +156,20 @@ impl Checker {
             match write.readings.get(&reading.event_id) {
                 None => {
                     findings.lost += 1;
-                    findings.problem(format!("acknowledged reading {} is not in PostgreSQL", reading.event_id));
+                    findings.problem(format!(
+                        "acknowledged reading {} is not in PostgreSQL",
+                        reading.event_id
+                    ));
                 }
                 Some(stored)
                     if stored.metrics != reading.metrics
                         || stored.recorded_at_ms != reading.recorded_at_ms
                         || stored.device_id != reading.device_id =>
                 {
-                    findings.problem(format!("reading {} is stored with other values", reading.event_id));
+                    findings.problem(format!(
+                        "reading {} is stored with other values",
+                        reading.event_id
+                    ));
                 }
                 Some(_) => {}
             }
@@ -166,7 +179,9 @@ impl Checker {
                 // Devices retry until they get their 202, so after a pause every stored
                 // reading was acknowledged; one more is a reading stored twice.
                 findings.double_counted += 1;
-                findings.problem(format!("reading {event_id} is stored but was never acknowledged"));
+                findings.problem(format!(
+                    "reading {event_id} is stored but was never acknowledged"
+                ));
             }
         }
         let key_events: HashSet<Uuid> = write.keys.values().copied().collect();
@@ -184,7 +199,11 @@ impl Checker {
 
     /// Every outbox event is in the stream at least once; returns the number of
     /// messages and of distinct events read.
-    pub async fn check_stream(&self, write: &WriteSide, findings: &mut Findings) -> anyhow::Result<(u64, u64)> {
+    pub async fn check_stream(
+        &self,
+        write: &WriteSide,
+        findings: &mut Findings,
+    ) -> anyhow::Result<(u64, u64)> {
         let mut stream = self.jetstream.get_stream(&self.stream).await?;
         let last = stream.info().await?.state.last_sequence;
         let mut seen = HashSet::new();
@@ -199,11 +218,13 @@ impl Checker {
                 })
                 .await?;
             let mut delivered = reader.messages().await?;
-            while let Some(message) = tokio::time::timeout(Duration::from_secs(10), delivered.next())
-                .await
-                .context("reading the stream stalled")?
+            while let Some(message) =
+                tokio::time::timeout(Duration::from_secs(10), delivered.next())
+                    .await
+                    .context("reading the stream stalled")?
             {
-                let message = message.map_err(|error| anyhow::anyhow!("reading the stream: {error}"))?;
+                let message =
+                    message.map_err(|error| anyhow::anyhow!("reading the stream: {error}"))?;
                 messages += 1;
                 if let Some(id) = message
                     .headers
@@ -213,13 +234,20 @@ impl Checker {
                 {
                     seen.insert(id);
                 }
-                let sequence = message.info().map(|info| info.stream_sequence).unwrap_or(last);
+                let sequence = message
+                    .info()
+                    .map(|info| info.stream_sequence)
+                    .unwrap_or(last);
                 if sequence >= last {
                     break;
                 }
             }
         }
-        let missing: Vec<&Uuid> = write.outbox.iter().filter(|id| !seen.contains(id)).collect();
+        let missing: Vec<&Uuid> = write
+            .outbox
+            .iter()
+            .filter(|id| !seen.contains(id))
+            .collect();
         if !missing.is_empty() {
             findings.lost += missing.len() as u64;
             findings.problem(format!(
@@ -233,7 +261,11 @@ impl Checker {
 
     /// Every device's stats from the query API against the reference model fed from
     /// PostgreSQL.
-    pub async fn check_read_model(&self, write: &WriteSide, findings: &mut Findings) -> anyhow::Result<()> {
+    pub async fn check_read_model(
+        &self,
+        write: &WriteSide,
+        findings: &mut Findings,
+    ) -> anyhow::Result<()> {
         let mut models: BTreeMap<&str, ReferenceModel> = BTreeMap::new();
         for reading in write.readings.values() {
             models
@@ -297,7 +329,9 @@ fn compare_device(
         return;
     }
     let mut mismatch = |what: String| findings.problem(format!("{device_id}: {what}"));
-    if millis(&view["first_seen"]) != Some(expected.first_seen_ms) || millis(&view["last_seen"]) != Some(expected.last_seen_ms) {
+    if millis(&view["first_seen"]) != Some(expected.first_seen_ms)
+        || millis(&view["last_seen"]) != Some(expected.last_seen_ms)
+    {
         mismatch("first_seen/last_seen differ".to_owned());
     }
     for (name, metric) in &expected.metrics {
@@ -309,17 +343,29 @@ fn compare_device(
             max: metric.max,
         };
         if !aggregate_matches(shown, Some(all_time)) {
-            mismatch(format!("{name}: all-time figures {shown} differ from count {} sum {} min {} max {}", metric.count, metric.sum, metric.min, metric.max));
+            mismatch(format!(
+                "{name}: all-time figures {shown} differ from count {} sum {} min {} max {}",
+                metric.count, metric.sum, metric.min, metric.max
+            ));
         }
-        if shown["last"].as_f64() != Some(metric.last) || millis(&shown["last_at"]) != Some(metric.last_at_ms) {
-            mismatch(format!("{name}: last {} at {} differs from {} at {}", shown["last"], shown["last_at"], metric.last, metric.last_at_ms));
+        if shown["last"].as_f64() != Some(metric.last)
+            || millis(&shown["last_at"]) != Some(metric.last_at_ms)
+        {
+            mismatch(format!(
+                "{name}: last {} at {} differs from {} at {}",
+                shown["last"], shown["last_at"], metric.last, metric.last_at_ms
+            ));
         }
         for window in &WINDOWS {
             let view_window = &shown["windows"][window.name];
             let at_ask = model.window(device_id, name, window, asked_ms);
             let at_answer = model.window(device_id, name, window, answered_ms);
-            if !aggregate_matches(view_window, at_ask) && !aggregate_matches(view_window, at_answer) {
-                mismatch(format!("{name} window {}: {view_window} differs from {at_answer:?}", window.name));
+            if !aggregate_matches(view_window, at_ask) && !aggregate_matches(view_window, at_answer)
+            {
+                mismatch(format!(
+                    "{name} window {}: {view_window} differs from {at_answer:?}",
+                    window.name
+                ));
             }
         }
     }

@@ -90,14 +90,22 @@ impl Lab {
             .stderr(log);
         let status = command.status().await.context("running scripts/up")?;
         if !status.success() {
-            bail!("scripts/up failed ({status}); see {}", self.data_dir.join("log/chaos-up.log").display());
+            bail!(
+                "scripts/up failed ({status}); see {}",
+                self.data_dir.join("log/chaos-up.log").display()
+            );
         }
         Ok(started.elapsed())
     }
 
     /// Starts a process `scripts/up` does not manage (a second relay or projector),
     /// talking to the servers directly; its pid goes to `run/<name>.pid`.
-    pub fn start_extra(&self, name: &str, binary: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
+    pub fn start_extra(
+        &self,
+        name: &str,
+        binary: &str,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
         let log = self.log_file(name)?;
         let child = Command::new(self.bin_dir.join(binary))
             .current_dir(&self.repo_root)
@@ -118,7 +126,10 @@ impl Lab {
 
     /// Terminates the extra processes and waits for them.
     pub fn stop_extras(&self) {
-        let mut extras = self.extras.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut extras = self
+            .extras
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for child in extras.iter_mut() {
             let _ = signal(child.id(), "TERM");
         }
@@ -160,10 +171,17 @@ impl Lab {
         match server {
             Server::Postgres => {
                 // pg_ctl's immediate mode is the crash PostgreSQL itself documents.
-                self.lib_sh("private_postgres_ctl stop -m immediate").await?;
+                self.lib_sh("private_postgres_ctl stop -m immediate")
+                    .await?;
             }
-            Server::Nats => self.kill_and_wait(&format!("nats-{}", self.nats_port), signal_name).await?,
-            Server::Redis => self.kill_and_wait(&format!("redis-{}", self.redis_port), signal_name).await?,
+            Server::Nats => {
+                self.kill_and_wait(&format!("nats-{}", self.nats_port), signal_name)
+                    .await?
+            }
+            Server::Redis => {
+                self.kill_and_wait(&format!("redis-{}", self.redis_port), signal_name)
+                    .await?
+            }
         }
         between()?;
         self.lib_sh(server.ensure_function()).await
@@ -173,8 +191,14 @@ impl Lab {
     pub async fn stop_server(&self, server: Server) -> anyhow::Result<()> {
         match server {
             Server::Postgres => self.lib_sh("private_postgres_ctl stop -m immediate").await,
-            Server::Nats => self.kill_and_wait(&format!("nats-{}", self.nats_port), "KILL").await,
-            Server::Redis => self.kill_and_wait(&format!("redis-{}", self.redis_port), "KILL").await,
+            Server::Nats => {
+                self.kill_and_wait(&format!("nats-{}", self.nats_port), "KILL")
+                    .await
+            }
+            Server::Redis => {
+                self.kill_and_wait(&format!("redis-{}", self.redis_port), "KILL")
+                    .await
+            }
         }
     }
 
@@ -210,7 +234,10 @@ impl Lab {
             .await
             .with_context(|| format!("running {call}"))?;
         if !status.success() {
-            bail!("{call} failed ({status}); see {}", self.data_dir.join("log/chaos-servers.log").display());
+            bail!(
+                "{call} failed ({status}); see {}",
+                self.data_dir.join("log/chaos-servers.log").display()
+            );
         }
         Ok(())
     }
@@ -242,7 +269,10 @@ pub fn signal(pid: u32, signal_name: &str) -> anyhow::Result<()> {
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 

@@ -18,6 +18,7 @@ pub enum Fault {
     PauseProjector,
     PauseRelay,
     RestartNats,
+    NatsLosesTail,
     RestartPostgres,
     RestartRedis,
     PartitionRelayNats,
@@ -27,16 +28,24 @@ pub enum Fault {
 }
 
 /// Processes the run watches for crashes (the names of their pid files).
-const PROCESSES: [&str; 6] = ["ingest", "relay", "projector", "query", "relay-b", "projector-b"];
+const PROCESSES: [&str; 6] = [
+    "ingest",
+    "relay",
+    "projector",
+    "query",
+    "relay-b",
+    "projector-b",
+];
 
 impl Fault {
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 13] = [
         Fault::KillRelay,
         Fault::KillProjector,
         Fault::KillIngest,
         Fault::PauseProjector,
         Fault::PauseRelay,
         Fault::RestartNats,
+        Fault::NatsLosesTail,
         Fault::RestartPostgres,
         Fault::RestartRedis,
         Fault::PartitionRelayNats,
@@ -46,10 +55,11 @@ impl Fault {
     ];
 
     /// The fast subset `scripts/test` runs.
-    const QUICK: [Fault; 7] = [
+    const QUICK: [Fault; 8] = [
         Fault::KillRelay,
         Fault::KillProjector,
         Fault::PauseProjector,
+        Fault::NatsLosesTail,
         Fault::RestartPostgres,
         Fault::RestartRedis,
         Fault::PartitionRelayNats,
@@ -77,6 +87,7 @@ impl Fault {
             Fault::PauseProjector => "SIGSTOP projector",
             Fault::PauseRelay => "SIGSTOP relay",
             Fault::RestartNats => "restart NATS",
+            Fault::NatsLosesTail => "NATS crash loses stream tail",
             Fault::RestartPostgres => "restart PostgreSQL",
             Fault::RestartRedis => "restart Redis",
             Fault::PartitionRelayNats => "partition relay-NATS",
@@ -94,6 +105,7 @@ impl Fault {
             Fault::PauseProjector => "pause-projector",
             Fault::PauseRelay => "pause-relay",
             Fault::RestartNats => "restart-nats",
+            Fault::NatsLosesTail => "nats-loses-tail",
             Fault::RestartPostgres => "restart-postgres",
             Fault::RestartRedis => "restart-redis",
             Fault::PartitionRelayNats => "partition-relay-nats",
@@ -111,6 +123,7 @@ impl Fault {
             Fault::PauseProjector => "SIGSTOP the projector past the ack wait, so its messages go to the other one, then SIGCONT",
             Fault::PauseRelay => "SIGSTOP the relay mid-round past the duplicate window, then SIGCONT",
             Fault::RestartNats => "SIGTERM nats-server and start it again",
+            Fault::NatsLosesTail => "SIGKILL nats-server, cut the stream's last messages off its store (an OS crash before 2.9's fsync), start it: the relay republishes what was lost",
             Fault::RestartPostgres => "pg_ctl stop -m immediate (a crash), then start",
             Fault::RestartRedis => "SIGKILL redis-server (no persistence: the read model is gone), start it again",
             Fault::PartitionRelayNats => "the fault proxy holds every byte between relay/projector and NATS past the ack wait",
@@ -124,7 +137,11 @@ impl Fault {
     /// The faults named on the command line, or all (the quick subset with `quick`).
     pub fn chosen(names: &[String], quick: bool) -> anyhow::Result<Vec<Fault>> {
         if names.is_empty() {
-            return Ok(if quick { Self::QUICK.to_vec() } else { Self::ALL.to_vec() });
+            return Ok(if quick {
+                Self::QUICK.to_vec()
+            } else {
+                Self::ALL.to_vec()
+            });
         }
         names
             .iter()
@@ -138,7 +155,10 @@ impl Fault {
     }
 
     fn kills_processes(self) -> bool {
-        matches!(self, Fault::KillRelay | Fault::KillProjector | Fault::KillIngest | Fault::Mixed)
+        matches!(
+            self,
+            Fault::KillRelay | Fault::KillProjector | Fault::KillIngest | Fault::Mixed
+        )
     }
 }
 
@@ -154,6 +174,7 @@ pub const SECOND_RELAY_APPLICATION: &str = "relay-b";
 
 pub struct Run<'a> {
     pub lab: &'a Lab,
+    pub second_relay: std::net::SocketAddr,
     pub second_projector: std::net::SocketAddr,
     pub settings: &'a Settings,
     pub fleet: &'a Fleet,
@@ -164,7 +185,8 @@ pub struct Run<'a> {
 
 impl Run<'_> {
     pub async fn inject(&self, fault: Fault) -> anyhow::Result<Outcome> {
-        let pids_before: Vec<Option<u32>> = PROCESSES.iter().map(|name| self.lab.pid(name)).collect();
+        let pids_before: Vec<Option<u32>> =
+            PROCESSES.iter().map(|name| self.lab.pid(name)).collect();
         let mut outcome = Outcome {
             injections: 0,
             notes: Vec::new(),
@@ -173,7 +195,9 @@ impl Run<'_> {
             let rounds = if self.quick { 3 } else { 8 };
             let mut drawn = Vec::new();
             for _ in 0..rounds {
-                let pick = *Fault::MIXABLE.choose(&mut rand::rng()).unwrap_or(&Fault::KillRelay);
+                let pick = *Fault::MIXABLE
+                    .choose(&mut rand::rng())
+                    .unwrap_or(&Fault::KillRelay);
                 drawn.push(pick.key());
                 outcome.injections += self.inject_once(pick, &mut outcome.notes).await?;
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -215,7 +239,10 @@ impl Run<'_> {
                 self.lab.signal(name, "KILL")?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let took = self.lab.up().await?;
-                notes.push(format!("{name} back through scripts/up in {:.1} s", took.as_secs_f64()));
+                notes.push(format!(
+                    "{name} back through scripts/up in {:.1} s",
+                    took.as_secs_f64()
+                ));
             }
             Fault::PauseProjector => {
                 let hold = ack_wait + Duration::from_secs(3);
@@ -234,8 +261,12 @@ impl Run<'_> {
                 ));
             }
             Fault::PauseRelay => {
+                // Past the session timeout (another relay takes the claim over) and past
+                // the duplicate window (JetStream no longer drops the second copy).
                 let window = Duration::from_secs(self.settings.nats.duplicate_window_secs);
-                let hold = window + Duration::from_secs(3);
+                let session =
+                    Duration::from_millis(self.settings.relay.idle_in_transaction_timeout_ms);
+                let hold = window.max(session) + Duration::from_secs(3);
                 let attempts = self.stop_relay_mid_round().await?;
                 tokio::time::sleep(hold).await;
                 self.lab.signal("relay", "CONT")?;
@@ -244,9 +275,22 @@ impl Run<'_> {
                     hold.as_secs()
                 ));
             }
-            Fault::RestartNats => self.lab.bounce_server(Server::Nats, "TERM", || Ok(())).await?,
-            Fault::RestartPostgres => self.lab.bounce_server(Server::Postgres, "KILL", || Ok(())).await?,
-            Fault::RestartRedis => self.lab.bounce_server(Server::Redis, "KILL", || Ok(())).await?,
+            Fault::RestartNats => {
+                self.lab
+                    .bounce_server(Server::Nats, "TERM", || Ok(()))
+                    .await?
+            }
+            Fault::NatsLosesTail => self.nats_loses_tail(notes).await?,
+            Fault::RestartPostgres => {
+                self.lab
+                    .bounce_server(Server::Postgres, "KILL", || Ok(()))
+                    .await?
+            }
+            Fault::RestartRedis => {
+                self.lab
+                    .bounce_server(Server::Redis, "KILL", || Ok(()))
+                    .await?
+            }
             Fault::PartitionRelayNats | Fault::PartitionProjectorRedis => {
                 let proxy = if fault == Fault::PartitionRelayNats {
                     self.nats_proxy
@@ -265,11 +309,58 @@ impl Run<'_> {
         Ok(1)
     }
 
+    /// An unclean crash of the NATS host: the newest messages of the stream never
+    /// reached the disk. The relays must notice and republish what the stream lost.
+    async fn nats_loses_tail(&self, notes: &mut Vec<String>) -> anyhow::Result<()> {
+        let republished_before = self.republished().await;
+        let messages_dir =
+            testkit::stream_messages_dir(&self.lab.nats_store(), &self.settings.nats.stream);
+        let mut cut = (0, 0);
+        self.lab
+            .bounce_server(Server::Nats, "KILL", || {
+                // The newest quarter of the last block, at most 256 KiB (~1,000 events).
+                cut = testkit::truncate_stream_store(&messages_dir, |size| {
+                    size - (size / 4).min(256 * 1024)
+                })?;
+                Ok(())
+            })
+            .await?;
+        let restarted = Instant::now();
+        let mut republished = 0.0;
+        while restarted.elapsed() < Duration::from_secs(30) {
+            republished = self.republished().await - republished_before;
+            if republished > 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if republished <= 0.0 {
+            bail!("the stream lost its tail but no relay republished anything within 30 s");
+        }
+        notes.push(format!(
+            "last block cut from {} to {} bytes; the relays republished {republished:.0} lost events within {:.1} s",
+            cut.0,
+            cut.1,
+            restarted.elapsed().as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// `relay_republished_total` of both relays.
+    async fn republished(&self) -> f64 {
+        let mut total = 0.0;
+        for admin in [self.settings.relay.admin_listen, self.second_relay] {
+            total += metric_total(&scrape(admin).await, "relay_republished_total");
+        }
+        total
+    }
+
     /// SIGSTOPs the relay `scripts/up` started while it holds a claim: its session is
     /// idle in a transaction whose last statement was the claim, so it has published
     /// (or is publishing) rows it has not marked yet. Returns the attempts it took.
     async fn stop_relay_mid_round(&self) -> anyhow::Result<u32> {
-        let (postgres, connection) = tokio_postgres::connect(&self.settings.database.url, tokio_postgres::NoTls).await?;
+        let (postgres, connection) =
+            tokio_postgres::connect(&self.settings.database.url, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
         let in_round = || async {
             postgres
@@ -299,16 +390,8 @@ impl Run<'_> {
     /// second one, from their /metrics.
     async fn projector_counts(&self) -> ((f64, f64), (f64, f64)) {
         let mut counts = Vec::new();
-        // A stopped process accepts connections (the kernel does) but never answers.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .unwrap_or_default();
         for admin in [self.settings.projector.admin_listen, self.second_projector] {
-            let text = match http.get(format!("http://{admin}/metrics")).send().await {
-                Ok(response) => response.text().await.unwrap_or_default(),
-                Err(_) => String::new(),
-            };
+            let text = scrape(admin).await;
             counts.push((
                 metric_total(&text, "projector_events_applied_total"),
                 metric_total(&text, "projector_duplicates_skipped_total"),
@@ -328,7 +411,10 @@ impl Run<'_> {
             .collect();
         let cpu_before: Vec<Option<u64>> = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
         let mut peak_kib = vec![0u64; pids.len()];
-        let first_kib: Vec<u64> = pids.iter().map(|(_, pid)| rss_kib(*pid).unwrap_or(0)).collect();
+        let first_kib: Vec<u64> = pids
+            .iter()
+            .map(|(_, pid)| rss_kib(*pid).unwrap_or(0))
+            .collect();
         let acked_before = self.fleet.observed().acked.len();
         self.lab.stop_server(Server::Nats).await?;
         let started = Instant::now();
@@ -341,12 +427,22 @@ impl Run<'_> {
         let acked_during = self.fleet.observed().acked.len() - acked_before;
         let seconds = started.elapsed().as_secs_f64();
         let mut cpu = Vec::new();
-        for (((name, pid), before), (peak, first)) in pids.iter().zip(&cpu_before).zip(peak_kib.iter().zip(&first_kib)) {
+        for (((name, pid), before), (peak, first)) in pids
+            .iter()
+            .zip(&cpu_before)
+            .zip(peak_kib.iter().zip(&first_kib))
+        {
             let used = match (before, cpu_ticks(*pid)) {
-                (Some(before), Some(after)) => (after - before) as f64 / ticks_per_second() / seconds * 100.0,
+                (Some(before), Some(after)) => {
+                    (after - before) as f64 / ticks_per_second() / seconds * 100.0
+                }
                 _ => f64::NAN,
             };
-            cpu.push(format!("{name} {used:.1}% CPU, RSS {} -> peak {} MiB", first / 1024, peak / 1024));
+            cpu.push(format!(
+                "{name} {used:.1}% CPU, RSS {} -> peak {} MiB",
+                first / 1024,
+                peak / 1024
+            ));
             if *peak > 64 * 1024 {
                 bail!("{name} grew to {} MiB during the NATS outage", peak / 1024);
             }
@@ -370,7 +466,10 @@ impl Run<'_> {
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+        .map(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -397,4 +496,17 @@ fn metric_total(text: &str, name: &str) -> f64 {
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The /metrics text of a process; empty when it does not answer within 2 s (a stopped
+/// process accepts connections, the kernel does that, but never answers).
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap_or_default();
+    match http.get(format!("http://{admin}/metrics")).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
 }

@@ -89,7 +89,10 @@ impl Fleet {
 
     /// A copy of what was observed so far.
     pub fn observed(&self) -> Observed {
-        let observed = self.observed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let observed = self
+            .observed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         Observed {
             acked: observed.acked.clone(),
             statuses: observed.statuses.clone(),

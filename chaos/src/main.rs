@@ -92,8 +92,14 @@ async fn main() -> anyhow::Result<()> {
     let faults = Fault::chosen(&args.faults, args.quick)?;
     let settings = Settings::load().context("loading settings")?;
     let repo_root = std::env::current_dir()?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| repo_root.join(".data/chaos"));
-    let bin_dir = args.bin_dir.clone().unwrap_or_else(|| repo_root.join("target/release"));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| repo_root.join(".data/chaos"));
+    let bin_dir = args
+        .bin_dir
+        .clone()
+        .unwrap_or_else(|| repo_root.join("target/release"));
 
     let nats_upstream = upstream(&settings.nats.url, 4222)?;
     let redis_upstream = upstream(&settings.redis.url, 6379)?;
@@ -106,8 +112,14 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .cloned()
         .chain([
-            ("PIPELINE__NATS__URL".to_owned(), format!("nats://{}", nats_proxy.listen)),
-            ("PIPELINE__REDIS__URL".to_owned(), format!("redis://{}", redis_proxy.listen)),
+            (
+                "PIPELINE__NATS__URL".to_owned(),
+                format!("nats://{}", nats_proxy.listen),
+            ),
+            (
+                "PIPELINE__REDIS__URL".to_owned(),
+                format!("redis://{}", redis_proxy.listen),
+            ),
         ])
         .collect();
     let lab = Lab::new(
@@ -122,22 +134,35 @@ async fn main() -> anyhow::Result<()> {
 
     eprintln!("==> starting the pipeline (scripts/up) and a second relay and projector");
     lab.up().await?;
-    let separator = if settings.database.url.contains('?') { '&' } else { '?' };
+    let separator = if settings.database.url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
     lab.start_extra(
         "relay-b",
         "relay",
         &[
-            ("PIPELINE__RELAY__ADMIN_LISTEN", args.second_relay.to_string()),
+            (
+                "PIPELINE__RELAY__ADMIN_LISTEN",
+                args.second_relay.to_string(),
+            ),
             (
                 "PIPELINE__DATABASE__URL",
-                format!("{}{separator}application_name={SECOND_RELAY_APPLICATION}", settings.database.url),
+                format!(
+                    "{}{separator}application_name={SECOND_RELAY_APPLICATION}",
+                    settings.database.url
+                ),
             ),
         ],
     )?;
     lab.start_extra(
         "projector-b",
         "projector",
-        &[("PIPELINE__PROJECTOR__ADMIN_LISTEN", args.second_projector.to_string())],
+        &[(
+            "PIPELINE__PROJECTOR__ADMIN_LISTEN",
+            args.second_projector.to_string(),
+        )],
     )?;
 
     let checker = Checker {
@@ -164,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let run = Run {
         lab: &lab,
+        second_relay: args.second_relay,
         second_projector: args.second_projector,
         settings: &settings,
         fleet: &fleet,
@@ -189,7 +215,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(outcome) => (outcome.injections, outcome.notes),
             Err(error) => (0, vec![format!("injection failed: {error:#}")]),
         };
-        let recovered_in = recover(&checker, &fleet, fault_over, Duration::from_secs(args.recover_limit_secs)).await;
+        let recovered_in = recover(
+            &checker,
+            &fleet,
+            fault_over,
+            Duration::from_secs(args.recover_limit_secs),
+        )
+        .await;
         let observed = fleet.observed();
         let mut findings = Findings::default();
         let write = checker.write_side().await?;
@@ -198,12 +230,16 @@ async fn main() -> anyhow::Result<()> {
         checker.check_read_model(&write, &mut findings).await?;
         notes.push(format!("stream {messages} messages for {events} events"));
         if recovered_in.is_none() {
-            findings.problems.push("did not recover within the limit".to_owned());
+            findings
+                .problems
+                .push("did not recover within the limit".to_owned());
         }
         // Lost and double-counted are totals over the run; a row shows what its phase added.
         let row_findings = Findings {
             lost: findings.lost.saturating_sub(reported.lost),
-            double_counted: findings.double_counted.saturating_sub(reported.double_counted),
+            double_counted: findings
+                .double_counted
+                .saturating_sub(reported.double_counted),
             problems: findings.problems.clone(),
         };
         reported.lost = reported.lost.max(findings.lost);
@@ -245,14 +281,26 @@ async fn main() -> anyhow::Result<()> {
 
 /// Waits until the outbox and the consumer drained and the read model equals
 /// PostgreSQL; the time since the fault ended, or `None` past the limit.
-async fn recover(checker: &Checker, fleet: &Fleet, since: Instant, limit: Duration) -> Option<Duration> {
+async fn recover(
+    checker: &Checker,
+    fleet: &Fleet,
+    since: Instant,
+    limit: Duration,
+) -> Option<Duration> {
     let acked = fleet.observed().acked;
     loop {
         if checker.drained().await.unwrap_or(false) {
             let mut findings = Findings::default();
             if let Ok(write) = checker.write_side().await {
                 checker.check_write_side(&acked, &write, &mut findings);
-                if checker.check_read_model(&write, &mut findings).await.is_ok() && findings.is_clean() {
+                if checker
+                    .check_read_model(&write, &mut findings)
+                    .await
+                    .is_ok()
+                    && findings.is_clean()
+                    && checker.check_stream(&write, &mut findings).await.is_ok()
+                    && findings.is_clean()
+                {
                     return Some(since.elapsed());
                 }
             }
@@ -270,12 +318,15 @@ fn print_table(rows: &[Row], observed: &fleet::Observed) -> bool {
         "| {:<26} | {:>10} | {:>12} | {:>4} | {:>14} | {:>16} |",
         "fault", "injections", "acknowledged", "lost", "double-counted", "time to recover"
     );
-    println!("|{:-<28}|{:->12}|{:->14}|{:->6}|{:->16}|{:->18}|", "", ":", ":", ":", ":", ":");
+    println!(
+        "|{:-<28}|{:->12}|{:->14}|{:->6}|{:->16}|{:->18}|",
+        "", ":", ":", ":", ":", ":"
+    );
     let mut passed = true;
     for row in rows {
-        let recovered = row
-            .recovered_in
-            .map_or("not recovered".to_owned(), |took| format!("{:.1} s", took.as_secs_f64()));
+        let recovered = row.recovered_in.map_or("not recovered".to_owned(), |took| {
+            format!("{:.1} s", took.as_secs_f64())
+        });
         println!(
             "| {:<26} | {:>10} | {:>12} | {:>4} | {:>14} | {:>16} |",
             row.fault.name(),
@@ -325,7 +376,9 @@ fn upstream(url: &str, default_port: u16) -> anyhow::Result<SocketAddr> {
         .split(['/', '?', ','])
         .next()
         .unwrap_or_default();
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let with_port = if host_port.contains(':') {
         host_port.to_owned()
     } else {

@@ -46,7 +46,11 @@ impl FaultProxy {
 }
 
 /// Copies bytes both ways until either side closes, holding them while partitioned.
-async fn carry(mut inbound: TcpStream, upstream: SocketAddr, mut partitioned: watch::Receiver<bool>) {
+async fn carry(
+    mut inbound: TcpStream,
+    upstream: SocketAddr,
+    mut partitioned: watch::Receiver<bool>,
+) {
     if partitioned.wait_for(|cut| !*cut).await.is_err() {
         return;
     }
@@ -109,16 +113,25 @@ mod tests {
         let free = TcpListener::bind("127.0.0.1:0").await.expect("free port");
         let listen = free.local_addr().expect("address");
         drop(free);
-        let proxy = FaultProxy::start(listen, echo_address).await.expect("proxy");
+        let proxy = FaultProxy::start(listen, echo_address)
+            .await
+            .expect("proxy");
         let mut client = TcpStream::connect(listen).await.expect("connect");
         let mut reply = [0u8; 4];
         client.write_all(b"ping").await.expect("write");
-        client.read_exact(&mut reply).await.expect("echo through the proxy");
+        client
+            .read_exact(&mut reply)
+            .await
+            .expect("echo through the proxy");
         assert_eq!(&reply, b"ping");
 
         proxy.partition();
-        client.write_all(b"pong").await.expect("write while partitioned");
-        let held = tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut reply)).await;
+        client
+            .write_all(b"pong")
+            .await
+            .expect("write while partitioned");
+        let held =
+            tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut reply)).await;
         assert!(held.is_err(), "nothing crosses a partition");
 
         proxy.heal();

@@ -17,7 +17,9 @@ use contract::subjects::Subjects;
 use rand::Rng;
 
 mod private_nats;
-pub use private_nats::{PrivateNats, NATS_SERVER_BINARY};
+pub use private_nats::{
+    stream_messages_dir, truncate_stream_store, PrivateNats, NATS_SERVER_BINARY,
+};
 
 /// The workspace's `config/` directory.
 pub fn config_dir() -> PathBuf {

@@ -50,12 +50,7 @@ impl PrivateNats {
 
     /// The directory holding a stream's message blocks (`*.blk`, `*.idx`, `index.db`).
     pub fn stream_messages_dir(&self, stream: &str) -> PathBuf {
-        self.store_dir
-            .join("jetstream")
-            .join("$G")
-            .join("streams")
-            .join(stream)
-            .join("msgs")
+        stream_messages_dir(&self.store_dir, stream)
     }
 
     /// SIGKILL: nothing is flushed or synced, as in a crash of the server process.
@@ -94,49 +89,68 @@ impl PrivateNats {
         }
     }
 
-    /// Cuts the stream's last message block back to `keep_fraction` of its size and
-    /// removes the index files, so that the next start rebuilds the stream from the
-    /// shortened block (a torn last record is discarded): the stream loses its newest
-    /// messages as after an OS crash before the server's fsync. The server must be
-    /// stopped. Returns the block's size before and after.
+    /// Cuts the stream's last message block back to `keep_fraction` of its size (see
+    /// [`truncate_stream_store`]). The server must be stopped. Returns the block's size
+    /// before and after.
     pub fn truncate_stream(&self, stream: &str, keep_fraction: f64) -> (u64, u64) {
-        let directory = self.stream_messages_dir(stream);
-        let mut blocks: Vec<PathBuf> = std::fs::read_dir(&directory)
-            .expect("stream message directory")
-            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .collect();
-        blocks.sort();
-        for path in &blocks {
-            let name = path
-                .file_name()
-                .and_then(|name| name.to_str())
-                .unwrap_or("");
-            if name.ends_with(".idx") || name == "index.db" || name.ends_with(".fss") {
-                std::fs::remove_file(path).expect("index file removed");
-            }
-        }
-        let last_block = blocks
-            .iter()
-            .filter(|path| path.extension().is_some_and(|extension| extension == "blk"))
-            .max_by_key(|path| {
-                path.file_stem()
-                    .and_then(|stem| stem.to_str())
-                    .and_then(|stem| stem.parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .expect("a message block")
-            .clone();
-        let size = std::fs::metadata(&last_block)
-            .expect("block metadata")
-            .len();
-        let kept = (size as f64 * keep_fraction) as u64;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&last_block)
-            .and_then(|file| file.set_len(kept))
-            .expect("block truncated");
-        (size, kept)
+        truncate_stream_store(&self.stream_messages_dir(stream), |size| {
+            (size as f64 * keep_fraction) as u64
+        })
+        .expect("stream store truncated")
     }
+}
+
+/// The directory holding a stream's message blocks (`*.blk`, `*.idx`, `index.db`) in
+/// the `-sd` store directory of a nats-server 2.9.
+pub fn stream_messages_dir(store_dir: &Path, stream: &str) -> PathBuf {
+    store_dir
+        .join("jetstream")
+        .join("$G")
+        .join("streams")
+        .join(stream)
+        .join("msgs")
+}
+
+/// Cuts a stopped server's last message block of a stream to `keep(size)` bytes and
+/// removes the index files, so that the next start rebuilds the stream from the
+/// shortened block (a torn last record is discarded): the stream loses its newest
+/// messages as after an OS crash before the server's fsync. Returns the block's size
+/// before and after.
+pub fn truncate_stream_store(
+    messages_dir: &Path,
+    keep: impl FnOnce(u64) -> u64,
+) -> std::io::Result<(u64, u64)> {
+    let mut blocks: Vec<PathBuf> = std::fs::read_dir(messages_dir)?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .collect();
+    blocks.sort();
+    for path in &blocks {
+        let name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or("");
+        if name.ends_with(".idx") || name == "index.db" || name.ends_with(".fss") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let last_block = blocks
+        .iter()
+        .filter(|path| path.extension().is_some_and(|extension| extension == "blk"))
+        .max_by_key(|path| {
+            path.file_stem()
+                .and_then(|stem| stem.to_str())
+                .and_then(|stem| stem.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .ok_or_else(|| std::io::Error::other("the stream has no message block"))?
+        .clone();
+    let size = std::fs::metadata(&last_block)?.len();
+    let kept = keep(size).min(size);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last_block)?
+        .set_len(kept)?;
+    Ok((size, kept))
 }
 
 impl Drop for PrivateNats {
