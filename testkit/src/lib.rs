@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`TestEnv`]: the isolated names, the settings pointing at them, and the cleanup.
 //! - [`eventually`]: polls an asynchronous outcome until a deadline, instead of sleeping.
+//! - [`prometheus`]: one series of a `/metrics` scrape, by name and labels.
+//! - [`process`]: a service's real binary on a free port, scraped, stopped with SIGTERM.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -14,6 +16,9 @@ use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
 use contract::settings::Settings;
 use contract::subjects::Subjects;
 use rand::Rng;
+
+pub mod process;
+pub mod prometheus;
 
 /// The workspace's `config/` directory.
 pub fn config_dir() -> PathBuf {
