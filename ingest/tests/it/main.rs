@@ -4,6 +4,7 @@
 mod auth;
 mod batch;
 mod fuzz;
+mod metrics;
 mod relay;
 mod shutdown;
 mod support;
