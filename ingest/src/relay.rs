@@ -8,13 +8,16 @@
 //! them again and JetStream drops the copies inside its duplicate window (a PubAck
 //! with `duplicate: true` counts as success). Published rows are kept for
 //! `published_retention_secs` (DESIGN.md §4) and then pruned in small batches; the relay
-//! also deletes idempotency keys older than `ingest.idempotency_retention_secs`.
+//! also deletes idempotency keys older than `ingest.idempotency_retention_secs`, and
+//! vacuums a table it pruned once enough rows were deleted, so their space is reused
+//! even where autovacuum is off or late.
 //!
 //! The relay wakes on `NOTIFY outbox` (sent by a trigger when rows are inserted) and
 //! polls every `poll_interval_ms` as a fallback. It never exits because PostgreSQL or
 //! NATS is down: it backs off and tries again.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -108,6 +111,8 @@ pub struct Relay {
     reading_retention: Option<Duration>,
     prune_batch: i64,
     prune_interval: Duration,
+    /// Rows pruned from each table since the relay last vacuumed it.
+    pruned_since_vacuum: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Relay {
@@ -133,6 +138,7 @@ impl Relay {
             reading_retention: (settings.ingest.reading_retention_secs > 0)
                 .then(|| Duration::from_secs(settings.ingest.reading_retention_secs)),
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
+            pruned_since_vacuum: Mutex::default(),
         })
     }
 
@@ -364,17 +370,77 @@ impl Relay {
             policies.push(("readings", PRUNE_READINGS, retention));
         }
         for (table, statement, retention) in policies {
+            let mut pruned = 0;
             loop {
                 let deleted = client
                     .execute(statement, &[&retention.as_secs_f64(), &self.prune_batch])
                     .await
                     .with_context(|| format!("pruning {table}"))?;
                 metrics::counter!("relay_pruned_total", "table" => table).increment(deleted);
+                pruned += deleted;
                 if (deleted as i64) < self.prune_batch {
                     break;
                 }
             }
+            self.vacuum_when_due(&client, table, pruned)
+                .await
+                .with_context(|| format!("vacuuming {table}"))?;
         }
+        Ok(())
+    }
+
+    /// Deleted rows leave dead tuples; until a vacuum marks their space free, every
+    /// insert takes new pages and a pruned table grows for ever although its row count
+    /// stays flat. Autovacuum does that where it is on (it is off on this project's CI
+    /// server, and it may lag), so the relay vacuums a table itself once the rows it
+    /// pruned since its last vacuum reach a fifth of the rows the table holds
+    /// (autovacuum's default threshold) and at least `prune_batch`. A plain VACUUM
+    /// takes no lock that inserts or deletes wait for; `SKIP_LOCKED` passes a table that
+    /// another relay or autovacuum is vacuuming, and `TRUNCATE false` avoids the brief
+    /// exclusive lock of cutting off the table's empty tail, which would stall ingest.
+    async fn vacuum_when_due(
+        &self,
+        client: &deadpool_postgres::Client,
+        table: &'static str,
+        pruned: u64,
+    ) -> anyhow::Result<()> {
+        let since_vacuum = {
+            let mut counts = self
+                .pruned_since_vacuum
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let count = counts.entry(table).or_default();
+            *count += pruned;
+            *count
+        };
+        if since_vacuum < self.prune_batch as u64 {
+            return Ok(());
+        }
+        let rows: f32 = client
+            .query_one(
+                "SELECT greatest(reltuples, 0)::float4 FROM pg_class WHERE oid = $1::text::regclass",
+                &[&table],
+            )
+            .await?
+            .get(0);
+        if (since_vacuum as f64) < f64::from(rows) / 5.0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        client
+            .batch_execute(&format!("VACUUM (SKIP_LOCKED, TRUNCATE false) {table}"))
+            .await?;
+        self.pruned_since_vacuum
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(table, 0);
+        metrics::counter!("relay_vacuums_total", "table" => table).increment(1);
+        tracing::debug!(
+            table,
+            since_vacuum,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "vacuumed"
+        );
         Ok(())
     }
 }
