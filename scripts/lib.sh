@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # shellcheck shell=bash
 #
-# Helpers shared by scripts/up, scripts/down and scripts/test (API.md §8).
-# Source it; it changes no shell options and exports nothing, so it is safe
-# under `set -euo pipefail`.
+# Helpers shared by scripts/up, scripts/down, scripts/test, scripts/bench and
+# scripts/soak (API.md §8). Source it; it changes no shell options and exports nothing
+# (except own_pipeline, when called), so it is safe under `set -euo pipefail`.
 #
 #   source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 #
@@ -21,6 +21,17 @@
 #   process_running NAME            true when .data/run/NAME.pid holds NAME's live pid
 #   pid_file NAME | read_pid NAME | pid_is_live PID [NAME]
 #   tcp_open HOST PORT | wait_until SECONDS CMD [ARGS...] | info/warn/err/die MESSAGE
+# A pipeline of its own, beside the configured one (scripts/bench, scripts/soak):
+#   own_pipeline DB STREAM PREFIX INGEST_PORT QUERY_PORT RELAY_PORT PROJECTOR_PORT
+#                                   exports PIPELINE__* for it; sets PG_SERVER_URL, PG_MAIN_DB,
+#                                   OWN_DATABASE_URL, PG_ADMIN_URL, NATS_URL, REDIS_URL
+#   require_free_ports PORT...      dies when one is in use
+#   start_ready NAME                start_process NAME, then wait_ready on its /readyz
+#   stop_own_processes              stops query, projector, relay, ingest (quietly)
+#   psql_admin ARGS...              psql on the server's postgres database
+#   drop_databases DB...            DROP DATABASE IF EXISTS ... WITH (FORCE)
+#   delete_own_streams_and_keys LOADGEN [STREAM...]
+#                                   the pipeline's stream, its DLQ, STREAMs, Redis keys
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     echo "scripts/lib.sh is a library: source it from bash, do not run it" >&2
@@ -656,3 +667,87 @@ stop_process() {
 }
 
 _pid_gone() { ! pid_is_live "$1" "$2"; }
+
+# --- a pipeline of its own (scripts/bench, scripts/soak) --------------------------------
+
+# own_pipeline DB STREAM PREFIX INGEST_PORT QUERY_PORT RELAY_PORT PROJECTOR_PORT
+# Exports the PIPELINE__* variables of a private pipeline: database DB on the configured
+# PostgreSQL server, stream STREAM, Redis key prefix PREFIX, listeners on those loopback
+# ports. Refuses names that are not plain or that are the configured pipeline's own.
+own_pipeline() {
+    local db=$1 stream=$2 prefix=$3
+    [[ "$db" =~ ^[a-z_][a-z0-9_]*$ ]] || die "database name '$db' must be a plain lower-case name"
+    [[ "$stream" =~ ^[A-Z][A-Z0-9_]*$ ]] || die "stream name '$stream' must be upper-case letters, digits, _"
+    [[ "$prefix" =~ ^[a-z][a-z0-9_]*:$ ]] || die "Redis prefix '$prefix' must look like 'name:'"
+    local port
+    for port in "$4" "$5" "$6" "$7"; do
+        [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "port '$port' must be a positive whole number"
+    done
+    PG_SERVER_URL=$(database_url)
+    PG_SERVER_URL=${PG_SERVER_URL%%\?*}
+    PG_MAIN_DB=${PG_SERVER_URL##*/}
+    PG_SERVER_URL=${PG_SERVER_URL%/*}
+    [[ "$db" != "$PG_MAIN_DB" ]] || die "database '$db' is the pipeline's own ($PG_MAIN_DB); choose another"
+    [[ "$stream" != "${PIPELINE__NATS__STREAM:-TELEMETRY}" ]] ||
+        die "stream '$stream' is the pipeline's own; choose another"
+    OWN_DATABASE_URL="$PG_SERVER_URL/$db"
+    PG_ADMIN_URL="$PG_SERVER_URL/postgres"
+    NATS_URL=$(nats_url)
+    REDIS_URL=$(redis_url)
+    export PIPELINE__DATABASE__URL="$OWN_DATABASE_URL"
+    export PIPELINE__NATS__URL="$NATS_URL"
+    export PIPELINE__NATS__STREAM="$stream"
+    export PIPELINE__NATS__CONSUMER=projector
+    export PIPELINE__REDIS__URL="$REDIS_URL"
+    export PIPELINE__REDIS__PREFIX="$prefix"
+    export PIPELINE__INGEST__LISTEN="127.0.0.1:$4"
+    export PIPELINE__QUERY__LISTEN="127.0.0.1:$5"
+    export PIPELINE__RELAY__ADMIN_LISTEN="127.0.0.1:$6"
+    export PIPELINE__PROJECTOR__ADMIN_LISTEN="127.0.0.1:$7"
+}
+
+# require_free_ports PORT...: dies naming the first port something listens on.
+require_free_ports() {
+    local port
+    for port in "$@"; do
+        if tcp_open 127.0.0.1 "$port"; then
+            die "port $port is in use (another run of this script?); choose free ports"
+        fi
+    done
+}
+
+# start_ready NAME: starts NAME and waits (60 s) until its /readyz answers 200.
+start_ready() {
+    start_process "$1"
+    wait_ready "$1" "$(process_url "$1")/readyz" 60
+}
+
+stop_own_processes() {
+    local name
+    for name in query projector relay ingest; do
+        stop_process "$name" 20 >/dev/null 2>&1
+    done
+}
+
+psql_admin() { psql "$PG_ADMIN_URL" -X -q -v ON_ERROR_STOP=1 "$@"; }
+
+# drop_databases DB...: drops each database of the server, connections and all.
+drop_databases() {
+    local db args=()
+    for db in "$@"; do
+        args+=(-c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)")
+    done
+    psql_admin "${args[@]}"
+}
+
+# delete_own_streams_and_keys LOADGEN [STREAM...]: deletes the pipeline's stream, its
+# dead-letter stream and the given ones, and every Redis key under its prefix.
+delete_own_streams_and_keys() {
+    local loadgen=$1 stream args=()
+    shift
+    for stream in "$PIPELINE__NATS__STREAM" "${PIPELINE__NATS__STREAM}_DLQ" "$@"; do
+        args+=(--stream "$stream")
+    done
+    "$loadgen" cleanup --nats "$NATS_URL" "${args[@]}" --redis "$REDIS_URL" \
+        --redis-prefix "$PIPELINE__REDIS__PREFIX" >/dev/null
+}

@@ -6,6 +6,8 @@
 //! - [`TestEnv`]: the isolated names, the settings pointing at them, and the cleanup.
 //! - [`eventually`]: polls an asynchronous outcome until a deadline, instead of sleeping.
 //! - [`PrivateNats`]: a nats-server of the test's own, which it may kill and cut back.
+//! - [`prometheus`]: one series of a `/metrics` scrape, by name and labels.
+//! - [`process`]: a service's real binary on a free port, scraped, stopped with SIGTERM.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ mod private_nats;
 pub use private_nats::{
     stream_messages_dir, truncate_stream_store, PrivateNats, NATS_SERVER_BINARY,
 };
+pub mod process;
+pub mod prometheus;
 
 /// The workspace's `config/` directory.
 pub fn config_dir() -> PathBuf {

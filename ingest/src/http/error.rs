@@ -50,6 +50,22 @@ impl From<AuthError> for ApiError {
 }
 
 impl ApiError {
+    /// Whether this answer refuses the reading itself by one of the rules a batch item
+    /// is `rejected` for (API.md §2), so `ingest_readings_total{outcome="rejected"}`
+    /// counts it. Requests refused before their body is read (401, 415, 413) and
+    /// failures of the service (503) are not readings refused, only requests.
+    pub fn rejects_reading(&self) -> bool {
+        matches!(
+            self,
+            Self::MissingIdempotencyKey(_)
+                | Self::InvalidJson(_)
+                | Self::InvalidReading(_)
+                | Self::Forbidden
+                | Self::RateLimited(_)
+                | Self::IdempotencyKeyInUse
+        )
+    }
+
     fn problem(&self) -> Problem {
         match self {
             Self::UnsupportedMediaType => Problem::new(

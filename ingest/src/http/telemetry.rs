@@ -22,12 +22,20 @@ pub async fn post_telemetry(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let grant = state.authenticate(&headers).await?;
-    require_json(&headers)?;
-    let idempotency_key = idempotency_key(&headers)?;
+    let answer = accept(&state, &headers, body).await;
+    if answer.as_ref().is_err_and(ApiError::rejects_reading) {
+        metrics::counter!("ingest_readings_total", "outcome" => "rejected").increment(1);
+    }
+    answer
+}
+
+async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let grant = state.authenticate(headers).await?;
+    require_json(headers)?;
+    let idempotency_key = idempotency_key(headers)?;
     let deadline = state.request_timeout;
     let outcome = tokio::time::timeout(deadline, async {
-        let bytes = read_body(body, &headers, state.max_body_bytes).await?;
+        let bytes = read_body(body, headers, state.max_body_bytes).await?;
         let body: ReadingBody = serde_json::from_slice(&bytes)
             .map_err(|error| ApiError::InvalidJson(error.to_string()))?;
         let received_at = OffsetDateTime::now_utc();
@@ -97,7 +105,10 @@ fn answer(outcome: Outcome) -> Response {
             metrics::counter!("ingest_readings_total", "outcome" => "conflict").increment(1);
             ApiError::IdempotencyKeyReused.into_response()
         }
-        Outcome::KeyInFlux => ApiError::IdempotencyKeyInUse.into_response(),
+        Outcome::KeyInFlux => {
+            metrics::counter!("ingest_readings_total", "outcome" => "rejected").increment(1);
+            ApiError::IdempotencyKeyInUse.into_response()
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod dead_letters;
 mod lifecycle;
+mod metrics;
 mod projection;
 mod redelivery;
 mod stream_loss;

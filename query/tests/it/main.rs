@@ -5,6 +5,7 @@
 mod auth;
 mod end_to_end;
 mod errors;
+mod metrics;
 mod openapi;
 mod read_model;
 mod support;

@@ -1,0 +1,273 @@
+//! The metrics of the `ingest` and `relay` binaries (README, "Operator's runbook"):
+//! each is served on `/metrics` by the real process and moves when what it counts
+//! happens.
+
+use std::time::Duration;
+
+use serde_json::json;
+use testkit::process::ServiceProcess;
+use testkit::prometheus::Scrape;
+use testkit::TestEnv;
+
+use crate::support::{reading, Ingest};
+
+const ROUTE: (&str, &str) = ("route", "/v1/telemetry");
+
+fn requests(scrape: &Scrape, status: &str) -> f64 {
+    scrape.value_or_zero("http_requests_total", &[ROUTE, ("status", status)])
+}
+
+fn readings(scrape: &Scrape, outcome: &str) -> f64 {
+    scrape.value_or_zero("ingest_readings_total", &[("outcome", outcome)])
+}
+
+/// The counters that must have moved by exactly `deltas` between two scrapes.
+fn assert_moved(before: &Scrape, after: &Scrape, what: &str, deltas: &[(&str, &str, f64)]) {
+    for (kind, label, delta) in deltas {
+        let (was, is) = match *kind {
+            "status" => (requests(before, label), requests(after, label)),
+            _ => (readings(before, label), readings(after, label)),
+        };
+        assert_eq!(is - was, *delta, "{what}: {kind} {label} moved by {delta}");
+    }
+}
+
+async fn post(
+    ingest: &ServiceProcess,
+    key: Option<&str>,
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    let mut request = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.expect("request sent")
+}
+
+#[tokio::test]
+async fn ingest_metrics_count_each_request_outcome_and_group_commit() {
+    let env = TestEnv::new();
+    let ingest = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_ingest"),
+        &env,
+        "PIPELINE__INGEST__LISTEN",
+        &[],
+    );
+    ingest.ready().await;
+    let start = ingest.metrics().await;
+
+    // Accepted: one request, one reading, at least one group commit.
+    let body = reading("sensor-1", 21.5);
+    assert_eq!(
+        post(&ingest, Some("k-1"), &body).await.status().as_u16(),
+        202
+    );
+    let accepted = ingest.metrics().await;
+    assert_moved(
+        &start,
+        &accepted,
+        "a new reading",
+        &[("status", "202", 1.0), ("outcome", "accepted", 1.0)],
+    );
+    for histogram in ["ingest_commit_batch_size", "ingest_commit_seconds"] {
+        let count = format!("{histogram}_count");
+        assert!(
+            accepted.value_or_zero(&count, &[]) > start.value_or_zero(&count, &[]),
+            "{count} rises with a commit"
+        );
+    }
+    assert!(
+        accepted.value_or_zero("ingest_commit_batch_size_sum", &[])
+            >= start.value_or_zero("ingest_commit_batch_size_sum", &[]) + 1.0,
+        "the commit carried the reading"
+    );
+    let latency = "http_request_duration_seconds_count";
+    assert_eq!(
+        accepted.value(latency, &[ROUTE]),
+        Some(start.value_or_zero(latency, &[ROUTE]) + 1.0),
+        "the request is timed under its route"
+    );
+    assert!(accepted.has("http_request_duration_seconds_bucket"));
+
+    // Replayed: the same key and reading again.
+    let replay = post(&ingest, Some("k-1"), &body).await;
+    assert_eq!(replay.status().as_u16(), 202);
+    assert!(replay.headers().contains_key("idempotent-replayed"));
+    let replayed = ingest.metrics().await;
+    assert_moved(
+        &accepted,
+        &replayed,
+        "a replay",
+        &[
+            ("status", "202", 1.0),
+            ("outcome", "replayed", 1.0),
+            ("outcome", "accepted", 0.0),
+        ],
+    );
+
+    // Rejected: a reading that breaks a rule, and one without a key.
+    let invalid = json!({"device_id": "sensor-1", "metrics": {"Bad Name": 1.0}});
+    assert_eq!(
+        post(&ingest, Some("k-2"), &invalid).await.status().as_u16(),
+        422
+    );
+    assert_eq!(post(&ingest, None, &body).await.status().as_u16(), 400);
+    let rejected = ingest.metrics().await;
+    assert_moved(
+        &replayed,
+        &rejected,
+        "two refused readings",
+        &[
+            ("status", "422", 1.0),
+            ("status", "400", 1.0),
+            ("outcome", "rejected", 2.0),
+            ("outcome", "accepted", 0.0),
+        ],
+    );
+
+    // Conflict: the same key with another reading.
+    let other = reading("sensor-1", 99.0);
+    assert_eq!(
+        post(&ingest, Some("k-1"), &other).await.status().as_u16(),
+        422
+    );
+    let conflict = ingest.metrics().await;
+    assert_moved(
+        &rejected,
+        &conflict,
+        "a reused key",
+        &[
+            ("status", "422", 1.0),
+            ("outcome", "conflict", 1.0),
+            ("outcome", "rejected", 0.0),
+        ],
+    );
+
+    assert_eq!(ingest.terminate().await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
+    const READINGS: usize = 5;
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let db = env.postgres().await;
+    // The relay will publish but cannot mark: every round fails after its PubAcks and
+    // hands its rows back, as when PostgreSQL fails between publish and commit.
+    db.batch_execute(
+        "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'marking refused by the test'; END $$;
+         CREATE TRIGGER refuse_mark BEFORE UPDATE ON outbox
+         FOR EACH STATEMENT EXECUTE FUNCTION refuse_mark();",
+    )
+    .await
+    .expect("refusing trigger");
+    // Written while no relay runs.
+    for index in 0..READINGS {
+        let response = ingest
+            .post(&format!("k-{index}"), &reading("sensor-1", index as f64))
+            .await;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+
+    let relay = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_relay"),
+        &env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
+        &[
+            ("PIPELINE__RELAY__PUBLISHED_RETENTION_SECS", "1"),
+            ("PIPELINE__RELAY__PRUNE_INTERVAL_MS", "200"),
+        ],
+    );
+    relay.ready().await;
+    let stuck = relay
+        .metrics_until(
+            Duration::from_secs(20),
+            "the backlog reported while rounds fail",
+            |scrape| {
+                (scrape.value("relay_outbox_backlog_rows", &[]) == Some(READINGS as f64)
+                    && scrape.value_or_zero("relay_retries_total", &[]) >= READINGS as f64
+                    && scrape.value("relay_stream_last_sequence", &[]) == Some(READINGS as f64))
+                .then(|| scrape.clone())
+            },
+        )
+        .await;
+    assert!(
+        stuck.value("relay_outbox_oldest_age_seconds", &[]) > Some(0.0),
+        "the oldest unpublished row has an age"
+    );
+    assert!(stuck.value_or_zero("relay_errors_total", &[]) >= 1.0);
+    assert!(
+        stuck.value_or_zero("relay_publish_seconds_count", &[]) >= 1.0,
+        "failed rounds still time their publishes"
+    );
+    assert_eq!(
+        stuck.value_or_zero("relay_published_total", &[]),
+        0.0,
+        "nothing counts as published before it is marked"
+    );
+
+    // Let the rounds through: the next one republishes (JetStream drops the copies) and
+    // marks every row.
+    db.batch_execute("DROP TRIGGER refuse_mark ON outbox")
+        .await
+        .expect("trigger dropped");
+    let drained = relay
+        .metrics_until(
+            Duration::from_secs(30),
+            "every row published and the backlog at 0",
+            |scrape| {
+                (scrape.value("relay_outbox_backlog_rows", &[]) == Some(0.0)
+                    && scrape.value_or_zero("relay_published_total", &[]) == READINGS as f64
+                    && scrape.value_or_zero("relay_pruned_total", &[("table", "outbox")])
+                        == READINGS as f64)
+                    .then(|| scrape.clone())
+            },
+        )
+        .await;
+    assert_eq!(
+        drained.value("relay_outbox_oldest_age_seconds", &[]),
+        Some(0.0)
+    );
+    // Every failed round handed its rows back and the next one published them again:
+    // JetStream recognised each copy.
+    let retries = drained.value_or_zero("relay_retries_total", &[]);
+    assert!(retries >= READINGS as f64);
+    assert_eq!(
+        drained.value_or_zero("relay_duplicate_acks_total", &[]),
+        retries,
+        "each row handed back was republished and acknowledged as a duplicate"
+    );
+    assert!(
+        drained.value_or_zero("relay_round_seconds_count", &[]) >= 1.0,
+        "a completed round is timed"
+    );
+    assert!(
+        drained.value_or_zero("relay_publish_seconds_count", &[])
+            > stuck.value_or_zero("relay_publish_seconds_count", &[])
+    );
+    let last_sequence = env
+        .jetstream()
+        .await
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    assert_eq!(last_sequence, READINGS as u64, "no copy was stored twice");
+    assert_eq!(
+        drained.value("relay_stream_last_sequence", &[]),
+        Some(last_sequence as f64),
+        "the gauge is the stream's own last sequence"
+    );
+
+    assert_eq!(relay.terminate().await.code(), Some(0));
+    ingest.stop().await;
+}

@@ -1,0 +1,161 @@
+//! The metrics of the `projector` binary (README, "Operator's runbook"): each is served
+//! on its admin port's `/metrics` and moves when what it counts happens.
+
+use std::time::Duration;
+
+use contract::read_model::DeviceKeys;
+use testkit::process::ServiceProcess;
+use testkit::TestEnv;
+
+use crate::support::{
+    event, live_generation, now_ms, publish, publish_raw, publish_with_id, relay_headers, streams,
+};
+
+const EVENTS: usize = 30;
+
+#[tokio::test]
+async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    // Small batches, so that a stalled projector leaves events undelivered too.
+    let projector = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_projector"),
+        &env,
+        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
+        &[("PIPELINE__PROJECTOR__BATCH_SIZE", "5")],
+    );
+    projector.ready().await;
+    let generation = live_generation(&env).await;
+    projector
+        .metrics_until(
+            Duration::from_secs(15),
+            "the consumer's backlog reported",
+            |scrape| (scrape.value("projector_consumer_pending", &[]) == Some(0.0)).then_some(()),
+        )
+        .await;
+    let start = projector.metrics().await;
+
+    // Redis refuses the projector's writes for this device (its record of applied
+    // events is a string, so the script's first command fails): the projector keeps
+    // retrying the batch it holds and cannot take more, as when Redis is down.
+    let device = "sensor-1";
+    let blocked = DeviceKeys::new(&env.settings.redis.prefix, generation, device).applied;
+    let mut redis = env.redis().await;
+    let () = redis::cmd("SET")
+        .arg(&blocked)
+        .arg("not a sorted set")
+        .query_async(&mut redis)
+        .await
+        .expect("set");
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..EVENTS)
+        .map(|index| {
+            event(
+                device,
+                base + index as i64,
+                &[("temperature", index as f64)],
+            )
+        })
+        .collect();
+    for event in &events {
+        publish(&env, &jetstream, event).await;
+    }
+    let lagging = projector
+        .metrics_until(
+            Duration::from_secs(15),
+            "pending and ack-pending to rise while Redis refuses",
+            |scrape| {
+                (scrape.value_or_zero("projector_consumer_pending", &[]) > 0.0
+                    && scrape.value_or_zero("projector_consumer_ack_pending", &[]) > 0.0)
+                    .then(|| scrape.clone())
+            },
+        )
+        .await;
+    assert_eq!(
+        lagging.value_or_zero("projector_events_applied_total", &[]),
+        start.value_or_zero("projector_events_applied_total", &[]),
+        "nothing applied while Redis refuses"
+    );
+    assert!(
+        lagging.value_or_zero("projector_errors_total", &[])
+            > start.value_or_zero("projector_errors_total", &[]),
+        "each refused apply is an error"
+    );
+
+    // Redis accepts again: everything is applied and the backlog falls to 0.
+    let () = redis::cmd("DEL")
+        .arg(&blocked)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    let caught_up = projector
+        .metrics_until(
+            Duration::from_secs(20),
+            "every event applied and the consumer's backlog at 0",
+            |scrape| {
+                (scrape.value_or_zero("projector_events_applied_total", &[]) == EVENTS as f64
+                    && scrape.value("projector_consumer_pending", &[]) == Some(0.0)
+                    && scrape.value("projector_consumer_ack_pending", &[]) == Some(0.0))
+                .then(|| scrape.clone())
+            },
+        )
+        .await;
+    let end_to_end = "projector_end_to_end_seconds_count";
+    assert_eq!(
+        caught_up.value_or_zero(end_to_end, &[]) - start.value_or_zero(end_to_end, &[]),
+        EVENTS as f64,
+        "one end-to-end latency per applied event"
+    );
+    assert!(
+        caught_up.value_or_zero("projector_end_to_end_seconds_sum", &[]) > 0.0,
+        "received_at lies in the past"
+    );
+    assert!(caught_up.has("projector_end_to_end_seconds_bucket"));
+    assert!(caught_up.value_or_zero("projector_apply_seconds_count", &[]) >= 1.0);
+    assert!(caught_up.value_or_zero("projector_batch_size_count", &[]) >= 1.0);
+    assert!(caught_up.has("projector_consumer_redelivered"));
+
+    // A copy of an applied event under another message id (a republish after the
+    // duplicate window): stored and delivered again, skipped by the script.
+    let copy = publish_with_id(&env, &jetstream, &events[0], "another-message-id").await;
+    assert!(!copy.duplicate);
+    let skipped = projector
+        .metrics_until(
+            Duration::from_secs(15),
+            "the copy skipped as a duplicate",
+            |scrape| {
+                (scrape.value_or_zero("projector_duplicates_skipped_total", &[])
+                    == caught_up.value_or_zero("projector_duplicates_skipped_total", &[]) + 1.0)
+                    .then(|| scrape.clone())
+            },
+        )
+        .await;
+    assert_eq!(
+        skipped.value_or_zero("projector_events_applied_total", &[]),
+        EVENTS as f64,
+        "the copy is not applied"
+    );
+
+    // Garbage on the stream's own subject: dead-lettered.
+    let reason = [("reason", "undecodable")];
+    publish_raw(
+        &jetstream,
+        env.subjects.recorded(device),
+        relay_headers("garbage"),
+        b"not json at all".to_vec(),
+    )
+    .await;
+    projector
+        .metrics_until(
+            Duration::from_secs(15),
+            "the garbage counted as a dead letter",
+            |scrape| {
+                (scrape.value_or_zero("projector_dlq_total", &reason)
+                    == skipped.value_or_zero("projector_dlq_total", &reason) + 1.0)
+                    .then_some(())
+            },
+        )
+        .await;
+
+    assert_eq!(projector.terminate().await.code(), Some(0));
+}

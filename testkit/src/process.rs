@@ -1,0 +1,122 @@
+//! Running a service's real binary against a test's resources: a free port for its
+//! listener, its `/readyz` awaited, its `/metrics` scraped, SIGTERM to stop it, and a
+//! kill when the test fails before that.
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::prometheus::{scrape, Scrape};
+use crate::{eventually, TestEnv};
+
+/// A TCP port that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|probe| probe.local_addr())
+        .expect("a free port on loopback")
+        .port()
+}
+
+/// One spawned service binary; killed when dropped unless [`ServiceProcess::terminate`]
+/// stopped it first.
+pub struct ServiceProcess {
+    name: String,
+    child: Option<Child>,
+    /// `http://127.0.0.1:<port>` of its listener (the admin port for relay and projector).
+    pub base_url: String,
+    pub http: reqwest::Client,
+}
+
+impl ServiceProcess {
+    /// Starts `program` with `env`'s [`TestEnv::process_env`], its listener
+    /// (`listen_key`, e.g. `PIPELINE__INGEST__LISTEN`) on a free port, and `extra`
+    /// variables on top. Its output is discarded.
+    pub fn spawn(program: &str, env: &TestEnv, listen_key: &str, extra: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let child = Command::new(program)
+            .envs(env.process_env())
+            .env(listen_key, format!("127.0.0.1:{port}"))
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| panic!("{program} starts: {error}"));
+        Self {
+            name: program.rsplit('/').next().unwrap_or(program).to_owned(),
+            child: Some(child),
+            base_url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn ready(&self) {
+        let url = format!("{}/readyz", self.base_url);
+        eventually(
+            Duration::from_secs(30),
+            &format!("{} ready at {url}", self.name),
+            || async {
+                let response = self.http.get(&url).send().await.ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Its `/metrics`, parsed (waits up to 10 s for an answer).
+    pub async fn metrics(&self) -> Scrape {
+        let url = format!("{}/metrics", self.base_url);
+        eventually(
+            Duration::from_secs(10),
+            &format!("{} to serve {url}", self.name),
+            || scrape(&self.http, &url),
+        )
+        .await
+    }
+
+    /// Polls `/metrics` until `check` finds what it waits for; returns that.
+    pub async fn metrics_until<T>(
+        &self,
+        deadline: Duration,
+        what: &str,
+        check: impl Fn(&Scrape) -> Option<T>,
+    ) -> T {
+        let url = format!("{}/metrics", self.base_url);
+        let what = format!("{}: {what}", self.name);
+        eventually(deadline, &what, || async {
+            check(&scrape(&self.http, &url).await?)
+        })
+        .await
+    }
+
+    /// SIGTERM, then waits (at most 15 s) for the exit status.
+    pub async fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("a child until terminated");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM sent to {}", self.name);
+        let name = self.name.clone();
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio::task::spawn_blocking(move || child.wait()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name} stops within 15 s of SIGTERM"))
+        .expect("waited")
+        .expect("exit status")
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
