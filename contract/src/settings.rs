@@ -141,6 +141,9 @@ pub struct HttpSettings {
 pub struct AuthSettings {
     /// Require bearer tokens on ingest and query (on in `prod`, off in `dev`).
     pub enabled: bool,
+    /// Refuse to start unless the PostgreSQL, NATS and Redis URLs carry credentials
+    /// (on in `prod`): a production pipeline never talks to an open server.
+    pub service_credentials_required: bool,
     /// How long a verified (or unknown) token is remembered; revocation takes effect
     /// within this time.
     pub cache_ttl_secs: u64,
@@ -184,7 +187,14 @@ impl Settings {
 
     /// Loads `default.toml` and `<environment>.toml` from `directory`, then the environment.
     pub fn load_from(directory: &Path, environment: &str) -> Result<Self, SettingsError> {
-        let settings: Settings = config::Config::builder()
+        let settings = Self::layers(directory, environment)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The layers merged, not yet validated.
+    fn layers(directory: &Path, environment: &str) -> Result<Self, SettingsError> {
+        config::Config::builder()
             .add_source(config::File::from(directory.join("default.toml")))
             .add_source(
                 config::File::from(directory.join(format!("{environment}.toml"))).required(false),
@@ -196,9 +206,7 @@ impl Settings {
             )
             .build()
             .and_then(|layers| layers.try_deserialize())
-            .map_err(|error| SettingsError(error.to_string()))?;
-        settings.validate()?;
-        Ok(settings)
+            .map_err(|error| SettingsError(error.to_string()))
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
@@ -246,6 +254,20 @@ impl Settings {
         ] {
             if !schemes.iter().any(|scheme| url.starts_with(scheme)) {
                 return invalid(key, &format!("must start with {}", schemes.join(" or ")));
+            }
+        }
+        if self.auth.service_credentials_required {
+            for (key, url) in [
+                ("database.url (PIPELINE__DATABASE__URL)", &self.database.url),
+                ("nats.url (PIPELINE__NATS__URL)", &self.nats.url),
+                ("redis.url (PIPELINE__REDIS__URL)", &self.redis.url),
+            ] {
+                if !carries_credentials(url) {
+                    return invalid(
+                        key,
+                        "carries no credentials (user:password@ or a NATS token@), which auth.service_credentials_required demands",
+                    );
+                }
             }
         }
         for (key, value) in [
@@ -305,6 +327,29 @@ fn find_config_dir() -> Option<PathBuf> {
         .find(|directory| directory.join("default.toml").is_file())
 }
 
+/// Whether a server URL names a password (`user:password@`, `:password@`), a NATS
+/// token (`token@`), or a PostgreSQL `password=` parameter; a Unix socket needs none.
+fn carries_credentials(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    if scheme == "unix" {
+        return true;
+    }
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let has_userinfo_secret =
+        authority
+            .rsplit_once('@')
+            .is_some_and(|(userinfo, _)| match userinfo.split_once(':') {
+                Some((_, password)) => !password.is_empty(),
+                None => scheme == "nats" || scheme == "tls",
+            });
+    has_userinfo_secret
+        || rest
+            .split_once('?')
+            .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("password=")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,11 +380,52 @@ mod tests {
     }
 
     #[test]
-    fn prod_config_loads_and_logs_json() {
-        let settings = Settings::load_from(&config_dir(), "prod").expect("prod loads");
+    fn prod_config_logs_json_and_demands_tokens_and_service_credentials() {
+        let mut settings = Settings::layers(&config_dir(), "prod").expect("prod layers");
         assert_eq!(settings.log.format, LogFormat::Json);
         assert!(settings.auth.enabled, "production requires tokens");
+        let refused = settings
+            .validate()
+            .expect_err("the default URLs carry no credentials");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("database.url (PIPELINE__DATABASE__URL)"),
+            "{refused}"
+        );
+        settings.database.url = "postgres://telemetry:secret@db.internal:5432/telemetry".to_owned();
+        settings.nats.url = "nats://relay:secret@nats.internal:4222".to_owned();
+        settings.redis.url = "redis://:secret@redis.internal:6379".to_owned();
+        settings.validate().expect("credentialed URLs are accepted");
+        settings.nats.url = "nats://nats.internal:4222".to_owned();
+        let refused = settings.validate().expect_err("an open NATS is refused");
+        assert!(refused.to_string().starts_with("nats.url"), "{refused}");
         let dev = Settings::load_from(&config_dir(), "dev").expect("dev loads");
         assert!(!dev.auth.enabled, "the local demo needs none");
+    }
+
+    #[test]
+    fn credentials_are_recognised_in_each_url_form() {
+        for url in [
+            "postgres://user:pw@host/db",
+            "postgresql://host/db?user=u&password=pw",
+            "nats://s3cr3t-token@host:4222",
+            "nats://user:pw@host:4222",
+            "redis://:pw@host:6379",
+            "redis://user:pw@host:6379/0",
+            "unix:///run/redis.sock",
+        ] {
+            assert!(carries_credentials(url), "{url}");
+        }
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/telemetry",
+            "postgres://user:@host/db",
+            "nats://127.0.0.1:4222",
+            "redis://127.0.0.1:6379",
+            "redis://user@host:6379",
+            "not a url",
+        ] {
+            assert!(!carries_credentials(url), "{url}");
+        }
     }
 }
