@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -22,8 +23,9 @@ use uuid::Uuid;
 /// What a token allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
-    /// Post readings of this one device.
-    Device(String),
+    /// Post readings of this one device (shared, so a cached grant is copied without
+    /// allocating).
+    Device(Arc<str>),
     /// Post readings of any device.
     Gateway,
     /// Use the query API.
@@ -34,7 +36,7 @@ impl Grant {
     /// Whether the grant allows posting a reading of `device_id`.
     pub fn may_ingest(&self, device_id: &str) -> bool {
         match self {
-            Self::Device(own) => own == device_id,
+            Self::Device(own) => **own == *device_id,
             Self::Gateway => true,
             Self::Read => false,
         }
@@ -74,56 +76,33 @@ const TOKEN_PREFIX: &str = "tp_";
 /// Bounds the cache; past it, expired entries are dropped, then everything.
 const CACHE_MAX: usize = 100_000;
 
-type CacheEntry = (Option<Grant>, Instant);
-
 /// Verifies bearer tokens against the database, with a short-lived cache.
 pub struct Tokens {
     pool: Pool,
-    ttl: Duration,
-    cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
+    cache: GrantCache,
 }
 
 impl Tokens {
     pub fn new(pool: Pool, ttl: Duration) -> Self {
         Self {
             pool,
-            ttl,
-            cache: Mutex::new(HashMap::new()),
+            cache: GrantCache::new(ttl, CACHE_MAX),
         }
     }
 
     /// The grant of the request's `Authorization: Bearer` token.
     pub async fn verify(&self, headers: &HeaderMap) -> Result<Grant, AuthError> {
         let token = bearer(headers)?;
-        let hash = hash(token);
-        if let Some(cached) = self.cached(&hash) {
+        let hash = TokenHash(hash(token));
+        let now = Instant::now();
+        if let Some(cached) = self.cache.get(&hash, now) {
             return cached.ok_or(AuthError::Invalid);
         }
-        let grant = self.look_up(&hash).await?;
-        self.remember(hash, grant.clone());
+        let grant = self.look_up(&hash.0).await?;
+        // Trusted for the ttl from *before* the query: a revocation committed after that
+        // is then honoured within the ttl, however long the query took.
+        self.cache.insert(hash, grant.clone(), now);
         grant.ok_or(AuthError::Invalid)
-    }
-
-    fn cached(&self, hash: &[u8; 32]) -> Option<Option<Grant>> {
-        let cache = self.cache.lock().ok()?;
-        let (grant, at) = cache.get(hash)?;
-        (at.elapsed() < self.ttl).then(|| grant.clone())
-    }
-
-    fn remember(&self, hash: [u8; 32], grant: Option<Grant>) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_MAX {
-                let ttl = self.ttl;
-                cache.retain(|_, (_, at)| at.elapsed() < ttl);
-                if cache.len() >= CACHE_MAX {
-                    cache.clear();
-                }
-            }
-            cache.insert(hash, (grant, Instant::now()));
-        }
     }
 
     async fn look_up(&self, hash: &[u8; 32]) -> Result<Option<Grant>, AuthError> {
@@ -139,12 +118,80 @@ impl Tokens {
             let kind: String = row.get(0);
             let device_id: Option<String> = row.get(1);
             match (kind.as_str(), device_id) {
-                ("device", Some(device_id)) => Some(Grant::Device(device_id)),
+                ("device", Some(device_id)) => Some(Grant::Device(device_id.into())),
                 ("gateway", _) => Some(Grant::Gateway),
                 ("read", _) => Some(Grant::Read),
                 _ => None,
             }
         }))
+    }
+}
+
+/// The SHA-256 of a token, as the cache's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TokenHash([u8; 32]);
+
+impl Hash for TokenHash {
+    /// A SHA-256 digest is uniform, so its first 8 bytes pick a bucket as well as all 32
+    /// would, at a quarter of the hashing. Equality still compares all 32 bytes, and the
+    /// map's hasher stays keyed per process (`RandomState`), so nobody can aim tokens at
+    /// one bucket.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let [b0, b1, b2, b3, b4, b5, b6, b7, ..] = self.0;
+        state.write_u64(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+    }
+}
+
+/// What the cache knows of a token: its grant (`None`: unknown or revoked) until
+/// `expires_at`.
+#[derive(Debug)]
+struct CacheEntry {
+    grant: Option<Grant>,
+    expires_at: Instant,
+}
+
+/// Grants of recently verified tokens, each trusted for `ttl` after it was read from the
+/// database: that is the revocation bound. Read-mostly, so a hit takes only the read
+/// lock and copies no string (a device grant is an `Arc<str>`).
+struct GrantCache {
+    ttl: Duration,
+    max_entries: usize,
+    entries: RwLock<HashMap<TokenHash, CacheEntry>>,
+}
+
+impl GrantCache {
+    fn new(ttl: Duration, max_entries: usize) -> Self {
+        Self {
+            ttl,
+            max_entries,
+            entries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The cached grant of `hash` if it was read less than `ttl` before `now`.
+    fn get(&self, hash: &TokenHash, now: Instant) -> Option<Option<Grant>> {
+        // A panic elsewhere cannot leave the map half-updated in a way that matters
+        // here: at worst an entry is missing and read from the database again.
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        let entry = entries.get(hash)?;
+        (now < entry.expires_at).then(|| entry.grant.clone())
+    }
+
+    /// Remembers `grant`, read from the database after `now`.
+    fn insert(&self, hash: TokenHash, grant: Option<Grant>, now: Instant) {
+        // A zero ttl turns caching off; one too large for the clock is treated the same
+        // rather than trusting a token forever.
+        let Some(expires_at) = now.checked_add(self.ttl).filter(|_| !self.ttl.is_zero()) else {
+            return;
+        };
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.max_entries && !entries.contains_key(&hash) {
+            entries.retain(|_, entry| now < entry.expires_at);
+            if entries.len() >= self.max_entries {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, CacheEntry { grant, expires_at });
     }
 }
 
@@ -280,10 +327,70 @@ mod tests {
         }
     }
 
+    fn token_hash(seed: u8) -> TokenHash {
+        TokenHash(hash(&format!("tp_{}", format!("{seed:02x}").repeat(32))))
+    }
+
+    #[test]
+    fn a_cached_grant_is_served_until_the_ttl_and_read_again_from_then_on() {
+        let cache = GrantCache::new(Duration::from_secs(5), 10);
+        let read_at = Instant::now();
+        cache.insert(token_hash(1), Some(Grant::Device("a".into())), read_at);
+        assert_eq!(
+            cache.get(&token_hash(1), read_at + Duration::from_millis(4_999)),
+            Some(Some(Grant::Device("a".into())))
+        );
+        assert_eq!(
+            cache.get(&token_hash(1), read_at + Duration::from_secs(5)),
+            None,
+            "at the ttl the token is read from the database again: the revocation bound"
+        );
+        assert_eq!(cache.get(&token_hash(2), read_at), None, "never seen");
+    }
+
+    #[test]
+    fn unknown_and_revoked_tokens_are_remembered_as_such() {
+        let cache = GrantCache::new(Duration::from_secs(5), 10);
+        let read_at = Instant::now();
+        cache.insert(token_hash(1), None, read_at);
+        assert_eq!(cache.get(&token_hash(1), read_at), Some(None));
+    }
+
+    #[test]
+    fn a_zero_ttl_caches_nothing() {
+        let cache = GrantCache::new(Duration::ZERO, 10);
+        let read_at = Instant::now();
+        cache.insert(token_hash(1), Some(Grant::Gateway), read_at);
+        assert_eq!(cache.get(&token_hash(1), read_at), None);
+    }
+
+    #[test]
+    fn a_full_cache_drops_expired_entries_first_then_everything() {
+        let cache = GrantCache::new(Duration::from_secs(5), 2);
+        let start = Instant::now();
+        cache.insert(token_hash(1), Some(Grant::Gateway), start);
+        cache.insert(
+            token_hash(2),
+            Some(Grant::Gateway),
+            start + Duration::from_secs(3),
+        );
+        let later = start + Duration::from_secs(6);
+        cache.insert(token_hash(3), Some(Grant::Read), later);
+        assert_eq!(cache.get(&token_hash(2), later), Some(Some(Grant::Gateway)));
+        assert_eq!(cache.get(&token_hash(3), later), Some(Some(Grant::Read)));
+        cache.insert(token_hash(4), Some(Grant::Read), later);
+        assert_eq!(
+            cache.get(&token_hash(2), later),
+            None,
+            "nothing expired: cleared"
+        );
+        assert_eq!(cache.get(&token_hash(4), later), Some(Some(Grant::Read)));
+    }
+
     #[test]
     fn grants_decide_which_devices_may_post() {
-        assert!(Grant::Device("a".to_owned()).may_ingest("a"));
-        assert!(!Grant::Device("a".to_owned()).may_ingest("b"));
+        assert!(Grant::Device("a".into()).may_ingest("a"));
+        assert!(!Grant::Device("a".into()).may_ingest("b"));
         assert!(Grant::Gateway.may_ingest("anything"));
         assert!(!Grant::Read.may_ingest("a"));
     }
