@@ -24,6 +24,8 @@ pub enum Fault {
     PartitionRelayNats,
     PartitionProjectorRedis,
     NatsOutage,
+    PostgresOutage,
+    RedisOutage,
     Mixed,
 }
 
@@ -38,7 +40,7 @@ const PROCESSES: [&str; 6] = [
 ];
 
 impl Fault {
-    pub const ALL: [Fault; 13] = [
+    pub const ALL: [Fault; 15] = [
         Fault::KillRelay,
         Fault::KillProjector,
         Fault::KillIngest,
@@ -51,6 +53,8 @@ impl Fault {
         Fault::PartitionRelayNats,
         Fault::PartitionProjectorRedis,
         Fault::NatsOutage,
+        Fault::PostgresOutage,
+        Fault::RedisOutage,
         Fault::Mixed,
     ];
 
@@ -93,6 +97,8 @@ impl Fault {
             Fault::PartitionRelayNats => "partition relay-NATS",
             Fault::PartitionProjectorRedis => "partition projector-Redis",
             Fault::NatsOutage => "NATS down, load goes on",
+            Fault::PostgresOutage => "PostgreSQL down 20 s",
+            Fault::RedisOutage => "Redis down 20 s",
             Fault::Mixed => "mixed",
         }
     }
@@ -111,6 +117,8 @@ impl Fault {
             Fault::PartitionRelayNats => "partition-relay-nats",
             Fault::PartitionProjectorRedis => "partition-projector-redis",
             Fault::NatsOutage => "nats-outage",
+            Fault::PostgresOutage => "postgres-outage",
+            Fault::RedisOutage => "redis-outage",
             Fault::Mixed => "mixed",
         }
     }
@@ -129,6 +137,8 @@ impl Fault {
             Fault::PartitionRelayNats => "the fault proxy holds every byte between relay/projector and NATS past the ack wait",
             Fault::PartitionProjectorRedis => "the fault proxy holds every byte between projector/query and Redis",
             Fault::NatsOutage => "NATS down for a long time while devices keep sending: ingest must go on, memory stay flat, nothing spin",
+            Fault::PostgresOutage => "PostgreSQL down while devices keep sending: ingest answers 503, the relay backs off, nothing spins, grows or crashes",
+            Fault::RedisOutage => "Redis down while events keep coming: the projector backs off, nothing spins, grows or crashes",
             Fault::Mixed => "faults of the kinds above drawn at random, one after another",
         };
         format!("[{}] {text}", self.key())
@@ -303,7 +313,19 @@ impl Run<'_> {
                 proxy.heal();
                 notes.push(format!("partitioned for {} s", hold.as_secs()));
             }
-            Fault::NatsOutage => self.nats_outage(notes).await?,
+            Fault::NatsOutage => {
+                let seconds = if self.quick { 10 } else { 60 };
+                self.outage(Server::Nats, Duration::from_secs(seconds), notes)
+                    .await?
+            }
+            Fault::PostgresOutage => {
+                self.outage(Server::Postgres, Duration::from_secs(20), notes)
+                    .await?
+            }
+            Fault::RedisOutage => {
+                self.outage(Server::Redis, Duration::from_secs(20), notes)
+                    .await?
+            }
             Fault::Mixed => bail!("mixed does not nest"),
         }
         Ok(1)
@@ -400,10 +422,15 @@ impl Run<'_> {
         (counts[0], counts[1])
     }
 
-    /// NATS stays down while devices keep sending: ingest accepts into the outbox, the
-    /// relay and projector back off (little CPU), and no process grows.
-    async fn nats_outage(&self, notes: &mut Vec<String>) -> anyhow::Result<()> {
-        let outage = Duration::from_secs(if self.quick { 10 } else { 60 });
+    /// A server stays down while devices keep sending: the processes that need it back
+    /// off (little CPU), none grows or crashes, and with NATS down ingest still accepts
+    /// into the outbox.
+    async fn outage(
+        &self,
+        server: Server,
+        outage: Duration,
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
         let watched = ["ingest", "relay", "projector", "relay-b", "projector-b"];
         let pids: Vec<(&str, u32)> = watched
             .iter()
@@ -416,7 +443,7 @@ impl Run<'_> {
             .map(|(_, pid)| rss_kib(*pid).unwrap_or(0))
             .collect();
         let acked_before = self.fleet.observed().acked.len();
-        self.lab.stop_server(Server::Nats).await?;
+        self.lab.stop_server(server).await?;
         let started = Instant::now();
         while started.elapsed() < outage {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -444,20 +471,30 @@ impl Run<'_> {
                 peak / 1024
             ));
             if *peak > 64 * 1024 {
-                bail!("{name} grew to {} MiB during the NATS outage", peak / 1024);
+                bail!(
+                    "{name} grew to {} MiB while {server:?} was down",
+                    peak / 1024
+                );
             }
-            if *name != "ingest" && used > 20.0 {
-                bail!("{name} used {used:.0}% CPU while NATS was down: it spins instead of backing off");
+            // The processes that wait for this server must back off; the others work
+            // as usual (the relay keeps publishing while Redis is down).
+            let waits_for_it = match server {
+                Server::Nats => name.starts_with("relay") || name.starts_with("projector"),
+                Server::Postgres => name.starts_with("relay"),
+                Server::Redis => name.starts_with("projector"),
+            };
+            if waits_for_it && used > 20.0 {
+                bail!("{name} used {used:.0}% CPU while {server:?} was down: it spins instead of backing off");
             }
         }
-        self.lab.start_server(Server::Nats).await?;
+        self.lab.start_server(server).await?;
         notes.push(format!(
-            "{} s without NATS: {acked_during} readings accepted meanwhile ({:.0}/s); {}",
+            "{} s without {server:?}: {acked_during} readings accepted meanwhile ({:.0}/s); {}",
             outage.as_secs(),
             acked_during as f64 / seconds,
             cpu.join("; ")
         ));
-        if acked_during == 0 {
+        if server == Server::Nats && acked_during == 0 {
             bail!("ingest accepted nothing while NATS was down");
         }
         Ok(())
