@@ -186,24 +186,21 @@ impl Relay {
                 }
             }
         }
-        let mut last_prune = Instant::now();
-        let mut last_report = Instant::now();
+        tokio::join!(
+            self.publish_rounds(&wake, &shutdown),
+            self.maintain(&shutdown)
+        );
+        listener.abort();
+    }
+
+    /// Rounds one after another while a backlog fills them, else on NOTIFY or the poll.
+    async fn publish_rounds(&self, wake: &Notify, shutdown: &CancellationToken) {
+        let mut backoff = Backoff::default();
         let mut last_stream_check = Instant::now();
         let mut stream_check_due = false;
         let connection_statistics = self.jetstream.client().statistics();
         let mut connects_seen = connection_statistics.connects.load(Ordering::Relaxed);
         while !shutdown.is_cancelled() {
-            // Maintenance runs on its own clock, also while a backlog keeps rounds full.
-            if last_report.elapsed() > Duration::from_secs(2) {
-                last_report = Instant::now();
-                self.report_backlog().await;
-            }
-            if last_prune.elapsed() > self.prune_interval {
-                last_prune = Instant::now();
-                if let Err(error) = self.prune().await {
-                    tracing::warn!(error = format!("{error:#}"), "pruning failed");
-                }
-            }
             // A reconnect may be to a NATS server that restarted with less than it had:
             // check before publishing more.
             let connects = connection_statistics.connects.load(Ordering::Relaxed);
@@ -237,7 +234,7 @@ impl Relay {
                         "a published sequence is already recorded for another row, checking the stream"
                     );
                     stream_check_due = true;
-                    backoff.sleep(&shutdown).await;
+                    backoff.sleep(shutdown).await;
                     continue;
                 }
                 Err(error) => {
@@ -246,7 +243,7 @@ impl Relay {
                         error = format!("{error:#}"),
                         "relay round failed, backing off"
                     );
-                    backoff.sleep(&shutdown).await;
+                    backoff.sleep(shutdown).await;
                     continue;
                 }
             }
@@ -256,7 +253,27 @@ impl Relay {
                 _ = tokio::time::sleep(self.poll_interval) => {}
             }
         }
-        listener.abort();
+    }
+
+    /// Backlog gauges every 2 s and pruning (with its vacuum) every `prune_interval`,
+    /// beside the rounds, so a long delete or VACUUM never holds a publish back.
+    async fn maintain(&self, shutdown: &CancellationToken) {
+        let mut last_prune = Instant::now();
+        let mut report = tokio::time::interval(Duration::from_secs(2));
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = report.tick() => {}
+            }
+            self.report_backlog().await;
+            if last_prune.elapsed() > self.prune_interval {
+                last_prune = Instant::now();
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(error = format!("{error:#}"), "pruning failed");
+                }
+            }
+        }
     }
 
     /// One claim-publish-mark round; returns how many rows it relayed.
