@@ -277,13 +277,25 @@ impl Run<'_> {
                 let session =
                     Duration::from_millis(self.settings.relay.idle_in_transaction_timeout_ms);
                 let hold = window.max(session) + Duration::from_secs(3);
-                let attempts = self.stop_relay_mid_round().await?;
-                tokio::time::sleep(hold).await;
-                self.lab.signal("relay", "CONT")?;
-                notes.push(format!(
-                    "relay stopped between publishing and marking its claimed rows (attempt {attempts}) for {} s",
-                    hold.as_secs()
-                ));
+                // Caught after its claim, the relay may not have sent anything yet; the
+                // case to prove is the one where it had, so pause it again (at most 3
+                // times) until the stream shows the other relay's second copies.
+                for pause in 1..=3 {
+                    let copies_before = self.second_copies().await?;
+                    let attempts = self.stop_relay_mid_round().await?;
+                    tokio::time::sleep(hold).await;
+                    self.lab.signal("relay", "CONT")?;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let copies = self.second_copies().await? - copies_before;
+                    notes.push(format!(
+                        "pause {pause}: relay stopped holding a claim (caught at attempt {attempts}) for {} s; second copies in the stream: {copies}",
+                        hold.as_secs()
+                    ));
+                    if copies > 0 {
+                        return Ok(pause);
+                    }
+                }
+                return Ok(3);
             }
             Fault::RestartNats => {
                 self.lab
@@ -375,6 +387,30 @@ impl Run<'_> {
             total += metric_total(&scrape(admin).await, "relay_republished_total");
         }
         total
+    }
+
+    /// Messages in the stream beyond one per outbox event: copies published again after
+    /// the duplicate window. Rows not published yet make it read low, never high.
+    async fn second_copies(&self) -> anyhow::Result<i64> {
+        let client = async_nats::connect(self.settings.nats.url.as_str()).await?;
+        let messages = async_nats::jetstream::new(client)
+            .get_stream(&self.settings.nats.stream)
+            .await?
+            .info()
+            .await?
+            .state
+            .messages as i64;
+        let (postgres, connection) =
+            tokio_postgres::connect(&self.settings.database.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let events: i64 = postgres
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok(messages - events)
     }
 
     /// SIGSTOPs the relay `scripts/up` started while it holds a claim: its session is

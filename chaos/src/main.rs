@@ -279,8 +279,10 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Waits until the outbox and the consumer drained and the read model equals
-/// PostgreSQL; the time since the fault ended, or `None` past the limit.
+/// Waits until the outbox and the consumer drained, the read model equals PostgreSQL
+/// and the stream holds every event; the time from the fault's end to the start of the
+/// first check that passed (the devices are paused, so the state cannot change under
+/// the check), or `None` past the limit.
 async fn recover(
     checker: &Checker,
     fleet: &Fleet,
@@ -289,6 +291,7 @@ async fn recover(
 ) -> Option<Duration> {
     let acked = fleet.observed().acked;
     loop {
+        let checking_from = since.elapsed();
         if checker.drained().await.unwrap_or(false) {
             let mut findings = Findings::default();
             if let Ok(write) = checker.write_side().await {
@@ -301,7 +304,7 @@ async fn recover(
                     && checker.check_stream(&write, &mut findings).await.is_ok()
                     && findings.is_clean()
                 {
-                    return Some(since.elapsed());
+                    return Some(checking_from);
                 }
             }
         }
