@@ -408,11 +408,15 @@ async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyho
         .get_stream(rebuild.subjects.stream())
         .await
         .context("looking up the stream")?;
-    let stream_state = stream.get_info().await.context("stream info")?.state;
+    // The consumer first, the stream second: the stream only grows between the two
+    // reads, so a consumer seen past the stream's end really is past it. The other
+    // order reads a new message's delivery against a stream state from before it and,
+    // under load, takes the ordinary race for a stream that went back.
     let info = stream
         .consumer_info(&rebuild.consumer)
         .await
         .context("consumer info")?;
+    let stream_state = stream.get_info().await.context("stream info")?.state;
     metrics::gauge!("projector_consumer_pending").set(info.num_pending as f64);
     metrics::gauge!("projector_consumer_ack_pending").set(info.num_ack_pending as f64);
     metrics::gauge!("projector_consumer_redelivered").set(info.num_redelivered as f64);
