@@ -42,6 +42,28 @@ pub async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> Op
     Some(stream.info().await.ok()?.state.messages)
 }
 
+/// Makes every "mark published" statement on the outbox sleep `seconds` first, so a
+/// relay can be caught between publishing and marking.
+pub async fn stall_marking(db: &tokio_postgres::Client, seconds: u32) {
+    db.batch_execute(&format!(
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$;
+         CREATE TRIGGER stall BEFORE UPDATE ON outbox FOR EACH STATEMENT EXECUTE FUNCTION stall();"
+    ))
+    .await
+    .expect("stall trigger");
+}
+
+/// Waits until the stream holds `count` messages.
+pub async fn wait_for_stream_messages(jetstream: &jetstream::Context, stream: &str, count: u64) {
+    eventually(
+        Duration::from_secs(30),
+        "events published before the mark",
+        || async { (stream_messages(jetstream, stream).await? == count).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn relay_publishes_each_row_with_the_documented_subject_headers_and_payload() {
     let env = TestEnv::new();
@@ -132,25 +154,11 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     }
     // Stall the relay's "mark published" statement, so it dies after publishing.
     let db = env.postgres().await;
-    db.batch_execute(
-        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
-         CREATE TRIGGER stall BEFORE UPDATE ON outbox FOR EACH STATEMENT EXECUTE FUNCTION stall();",
-    )
-    .await
-    .expect("stall trigger");
+    stall_marking(&db, 60).await;
 
     let mut relay = spawn_relay_process(&env);
     let jetstream = env.jetstream().await;
-    eventually(
-        Duration::from_secs(30),
-        "events published before the mark",
-        || async {
-            (stream_messages(&jetstream, env.subjects.stream()).await? == READINGS as u64)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
     let unpublished: i64 = db
         .query_one(
             "SELECT count(*) FROM outbox WHERE published_at IS NULL",

@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use testkit::{eventually, PrivateNats, TestEnv};
 use uuid::Uuid;
 
-use crate::relay::{spawn_relay, stream_messages};
+use crate::relay::{spawn_relay, stall_marking, wait_for_stream_messages};
 use crate::support::{reading, Ingest};
 
 /// A relay process killed (after a SIGCONT, in case it is stopped) if the test fails.
@@ -264,13 +264,7 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     post_readings(&ingest, "k", READINGS).await;
     // The "mark published" statement takes 2 s: time to pause the relay in between.
     let db = env.postgres().await;
-    db.batch_execute(
-        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
-         CREATE TRIGGER stall BEFORE UPDATE ON outbox FOR EACH STATEMENT EXECUTE FUNCTION stall();",
-    )
-    .await
-    .expect("stall trigger");
+    stall_marking(&db, 2).await;
     let mut paused_process = RelayProcess(Some(
         Command::new(env!("CARGO_BIN_EXE_relay"))
             .envs(env.process_env())
@@ -286,15 +280,7 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
         .map(|process| process.id())
         .unwrap_or_default();
     let jetstream = env.jetstream().await;
-    eventually(
-        Duration::from_secs(30),
-        "events published before the mark",
-        || async {
-            (stream_messages(&jetstream, env.subjects.stream()).await? == READINGS as u64)
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
     // SIGSTOP while its mark is stalled: the mark completes, and the session then sits
     // idle in the transaction, holding the claimed rows' locks, until the timeout.
     let signal = |name: &str, pid: u32| {
