@@ -91,7 +91,7 @@ impl Fault {
             Fault::PauseProjector => "SIGSTOP projector",
             Fault::PauseRelay => "SIGSTOP relay",
             Fault::RestartNats => "restart NATS",
-            Fault::NatsLosesTail => "NATS crash loses stream tail",
+            Fault::NatsLosesTail => "NATS crash loses tail",
             Fault::RestartPostgres => "restart PostgreSQL",
             Fault::RestartRedis => "restart Redis",
             Fault::PartitionRelayNats => "partition relay-NATS",
