@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use contract::settings::DatabaseSettings;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -56,7 +56,14 @@ pub fn pool_with_config(
         },
     );
     let timeout = Duration::from_millis(settings.connect_timeout_ms);
+    // Last in, first out: the connection just returned is handed out again, so a
+    // steady load (the group commit's one writer) keeps using one warm backend instead
+    // of rotating through every connection a burst once opened. Measured: with the
+    // default FIFO, the burst of token look-ups at each cache expiry left ingest's
+    // commits spread over 16 busy backends and auth-on ran 10-16% slower; with LIFO,
+    // 1-3 busy backends and auth on within the run-to-run noise of auth off.
     Pool::builder(manager)
+        .queue_mode(QueueMode::Lifo)
         .max_size(settings.pool_size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(timeout))
