@@ -209,7 +209,7 @@ impl Lab {
     async fn kill_and_wait(&self, name: &str, signal_name: &str) -> anyhow::Result<()> {
         let pid = self.signal(name, signal_name)?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+        while alive(pid) {
             if Instant::now() > deadline {
                 bail!("{name} (pid {pid}) did not exit after SIG{signal_name}");
             }
@@ -267,13 +267,28 @@ pub fn signal(pid: u32, signal_name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z'))
-        })
-        .unwrap_or(true)
+/// The fields of `/proc/<pid>/stat` after the command name: the state first.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|fields| fields.first().is_some_and(|state| state != "Z"))
+}
+
+/// User + system CPU time of a process, in clock ticks (`ticks_per_second`).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counted from the state.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+pub fn ticks_per_second() -> f64 {
+    // Linux reports /proc times in USER_HZ, which is 100 on every common platform.
+    100.0
 }
 
 /// Resident memory of a process in KiB.

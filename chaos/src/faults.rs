@@ -6,7 +6,9 @@ use anyhow::{bail, Context};
 use contract::settings::Settings;
 use rand::seq::IndexedRandom;
 
-use crate::control::{rss_kib, Lab, Server};
+use testkit::prometheus::Scrape;
+
+use crate::control::{alive, cpu_ticks, rss_kib, ticks_per_second, Lab, Server};
 use crate::fleet::Fleet;
 use crate::proxy::FaultProxy;
 
@@ -384,7 +386,7 @@ impl Run<'_> {
     async fn republished(&self) -> f64 {
         let mut total = 0.0;
         for admin in [self.settings.relay.admin_listen, self.second_relay] {
-            total += metric_total(&scrape(admin).await, "relay_republished_total");
+            total += scrape(admin).await.total("relay_republished_total");
         }
         total
     }
@@ -451,8 +453,8 @@ impl Run<'_> {
         for admin in [self.settings.projector.admin_listen, self.second_projector] {
             let text = scrape(admin).await;
             counts.push((
-                metric_total(&text, "projector_events_applied_total"),
-                metric_total(&text, "projector_duplicates_skipped_total"),
+                text.total("projector_events_applied_total"),
+                text.total("projector_duplicates_skipped_total"),
             ));
         }
         (counts[0], counts[1])
@@ -537,49 +539,16 @@ impl Run<'_> {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-/// User + system CPU time of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the command: state is field 3 of the line; utime and stime are 14 and 15.
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn ticks_per_second() -> f64 {
-    // Linux reports /proc times in USER_HZ, which is 100 on every common platform.
-    100.0
-}
-
-/// The sum of every series of a Prometheus metric in a /metrics text.
-fn metric_total(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// The /metrics text of a process; empty when it does not answer within 2 s (a stopped
+/// The /metrics of a process; empty when it does not answer within 2 s (a stopped
 /// process accepts connections, the kernel does that, but never answers).
-async fn scrape(admin: std::net::SocketAddr) -> String {
+async fn scrape(admin: std::net::SocketAddr) -> Scrape {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap_or_default();
-    match http.get(format!("http://{admin}/metrics")).send().await {
+    let text = match http.get(format!("http://{admin}/metrics")).send().await {
         Ok(response) => response.text().await.unwrap_or_default(),
         Err(_) => String::new(),
-    }
+    };
+    Scrape::parse(&text)
 }

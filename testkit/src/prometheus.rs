@@ -50,6 +50,14 @@ impl Scrape {
         self.value(name, labels).unwrap_or(0.0)
     }
 
+    /// The sum of every series called `name`, whatever its labels (0 when none is
+    /// served): a counter's total over all its label values.
+    pub fn total(&self, name: &str) -> f64 {
+        self.samples
+            .get(name)
+            .map_or(0.0, |series| series.iter().map(|(_, value)| value).sum())
+    }
+
     /// Whether any series called `name` is served, whatever its labels.
     pub fn has(&self, name: &str) -> bool {
         self.samples.contains_key(name)
@@ -182,5 +190,13 @@ odd{note="a \"quoted\", \\ value"} 1.5e3 1700000000000
         assert_eq!(scrape.value_or_zero("nope", &[]), 0.0);
         assert!(scrape.has("http_requests_total"));
         assert!(!scrape.has("http_requests"));
+    }
+
+    #[test]
+    fn a_total_sums_every_series_of_a_name_and_nothing_else() {
+        let scrape = Scrape::parse(TEXT);
+        assert_eq!(scrape.total("http_requests_total"), 4.0);
+        assert_eq!(scrape.total("http_request_duration_seconds_count"), 4.0);
+        assert_eq!(scrape.total("http_requests"), 0.0);
     }
 }
