@@ -74,6 +74,9 @@ pub struct IngestSettings {
     pub commit_batch_max: usize,
     /// Group-commit transactions in flight at once.
     pub commit_concurrency: usize,
+    /// Readings that must be waiting before a group commit starts beside one already in
+    /// flight (fewer wait for it to return).
+    pub commit_parallel_min: usize,
     /// Requests waiting for a commit before new ones are turned away with 503.
     pub queue_capacity: usize,
     /// Longest time a request may take end to end.
@@ -274,6 +277,10 @@ impl Settings {
             ("database.pool_size", self.database.pool_size),
             ("ingest.commit_batch_max", self.ingest.commit_batch_max),
             ("ingest.commit_concurrency", self.ingest.commit_concurrency),
+            (
+                "ingest.commit_parallel_min",
+                self.ingest.commit_parallel_min,
+            ),
             ("ingest.queue_capacity", self.ingest.queue_capacity),
             ("projector.batch_size", self.projector.batch_size),
         ] {

@@ -46,6 +46,7 @@ pub async fn serve(
         GroupCommit {
             batch_max: settings.ingest.commit_batch_max,
             concurrency: settings.ingest.commit_concurrency,
+            parallel_min: settings.ingest.commit_parallel_min,
             queue_capacity: settings.ingest.queue_capacity,
         },
     );

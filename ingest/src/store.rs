@@ -4,23 +4,24 @@
 //! [`Store::submit`] and waits; one dispatcher task gathers whatever readings are
 //! waiting (up to `commit_batch_max`) into one statement, which inserts the idempotency
 //! keys with `ON CONFLICT DO NOTHING` and, for the keys it did insert, the readings and
-//! outbox rows, all in one implicit transaction. Up to `commit_concurrency` such
-//! commits run at once; while they do, the next batch fills up. Keys that were already
-//! there are looked up afterwards and answered as replays or conflicts.
+//! outbox rows, all in one implicit transaction. While a commit runs the next batch
+//! fills up; once it holds `commit_parallel_min` readings it starts beside the running
+//! one, up to `commit_concurrency` commits at once.
+//! Keys that were already there are looked up afterwards and answered as replays or
+//! conflicts.
 //!
 //! Each batch is sorted by (device, key) so concurrent batches take the key locks in
 //! the same order and cannot deadlock; a duplicate that is still being committed by
 //! another batch makes the insert wait for that commit, so the lookup sees it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Instant;
 
 use contract::event::TelemetryRecorded;
 use contract::reading::Reading;
 use deadpool_postgres::Pool;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 /// A reading ready to be written, with everything its row, key and event hold.
@@ -115,6 +116,8 @@ pub struct Store {
 pub struct GroupCommit {
     pub batch_max: usize,
     pub concurrency: usize,
+    /// Readings that must be waiting before a commit starts beside one in flight.
+    pub parallel_min: usize,
     pub queue_capacity: usize,
 }
 
@@ -153,44 +156,99 @@ impl Store {
 }
 
 /// Gathers submissions into commits of at most `batch_max` readings (a submission is
-/// never split), with at most `concurrency` commits in flight.
+/// never split). A commit starts at once when none is in flight; while one is, the next
+/// batch fills up and starts when that commit returns or, once it holds `parallel_min`
+/// readings, beside it, up to `concurrency` commits. So light load pays one round trip
+/// per request and never spreads a trickle over several transactions, while heavy load
+/// keeps one backend executing while another waits for its WAL flush (about half of a
+/// commit's time on this box). When `concurrency` commits are in flight and the batch is
+/// full the dispatcher stops taking submissions: the queue fills and [`Store::submit`]
+/// answers `Overloaded`.
 async fn dispatch(pool: Pool, mut receiver: mpsc::Receiver<Pending>, limits: GroupCommit) {
-    let in_flight = Arc::new(Semaphore::new(limits.concurrency));
-    let mut carried: Option<Pending> = None;
+    let mut commits = tokio::task::JoinSet::new();
+    let mut batch = Batch::default();
+    let mut open = true;
     loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        if open {
+            batch.take_waiting(&mut receiver, limits.batch_max);
+        }
+        if batch.may_start(commits.len(), &limits) {
+            let pool = pool.clone();
+            let submissions = batch.start_next();
+            commits.spawn(async move { commit_batch(&pool, submissions).await });
+            continue;
+        }
+        if !open && batch.is_empty() && commits.is_empty() {
             break;
-        };
-        let first = match carried.take() {
-            Some(pending) => pending,
-            None => match receiver.recv().await {
-                Some(pending) => pending,
-                None => break,
+        }
+        let accepting = open && !batch.is_full(limits.batch_max);
+        tokio::select! {
+            received = receiver.recv(), if accepting => match received {
+                Some(pending) => batch.add(pending, limits.batch_max),
+                None => open = false,
             },
-        };
-        let mut size = first.readings.len();
-        let mut batch = vec![first];
-        while size < limits.batch_max {
+            Some(_) = commits.join_next(), if !commits.is_empty() => {}
+        }
+    }
+}
+
+/// The submissions gathered for the next commit, and one that did not fit in it.
+#[derive(Default)]
+struct Batch {
+    submissions: Vec<Pending>,
+    readings: usize,
+    carried: Option<Pending>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.submissions.is_empty()
+    }
+
+    /// Full: at `batch_max` readings, or holding back a submission that would not fit.
+    fn is_full(&self, batch_max: usize) -> bool {
+        self.readings >= batch_max || self.carried.is_some()
+    }
+
+    /// Whether this batch should start now, with `in_flight` commits running.
+    fn may_start(&self, in_flight: usize, limits: &GroupCommit) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let room = in_flight < limits.concurrency.max(1);
+        let worth_a_commit = self.readings >= limits.parallel_min || self.is_full(limits.batch_max);
+        in_flight == 0 || (room && worth_a_commit)
+    }
+
+    fn add(&mut self, pending: Pending, batch_max: usize) {
+        if !self.submissions.is_empty() && self.readings + pending.readings.len() > batch_max {
+            self.carried = Some(pending);
+            return;
+        }
+        self.readings += pending.readings.len();
+        self.submissions.push(pending);
+    }
+
+    /// Adds what is already waiting in the queue, without waiting, until full.
+    fn take_waiting(&mut self, receiver: &mut mpsc::Receiver<Pending>, batch_max: usize) {
+        while !self.is_full(batch_max) {
             match receiver.try_recv() {
-                Ok(pending) if size + pending.readings.len() > limits.batch_max => {
-                    carried = Some(pending);
-                    break;
-                }
-                Ok(pending) => {
-                    size += pending.readings.len();
-                    batch.push(pending);
-                }
+                Ok(pending) => self.add(pending, batch_max),
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            commit_batch(&pool, batch).await;
-            drop(permit);
-        });
     }
-    // Wait for the commits still in flight, so their requests get their answers.
-    let _ = in_flight.acquire_many(limits.concurrency as u32).await;
+
+    /// Hands out the gathered submissions; the held-back one opens the next batch.
+    fn start_next(&mut self) -> Vec<Pending> {
+        let submissions = std::mem::take(&mut self.submissions);
+        self.readings = 0;
+        if let Some(pending) = self.carried.take() {
+            self.readings = pending.readings.len();
+            self.submissions.push(pending);
+        }
+        submissions
+    }
 }
 
 async fn commit_batch(pool: &Pool, batch: Vec<Pending>) {
@@ -355,4 +413,76 @@ async fn write(pool: &Pool, readings: &[&NewReading]) -> Result<Vec<Outcome>, an
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: GroupCommit = GroupCommit {
+        batch_max: 10,
+        concurrency: 2,
+        parallel_min: 4,
+        queue_capacity: 100,
+    };
+
+    fn submission(readings: usize) -> Pending {
+        let reading = NewReading::new(
+            Reading {
+                device_id: "sensor-1".to_owned(),
+                recorded_at: None,
+                metrics: BTreeMap::from([("temperature".to_owned(), 1.0)]),
+            },
+            "key".to_owned(),
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        let (reply, _) = oneshot::channel();
+        Pending {
+            readings: vec![reading; readings],
+            reply,
+        }
+    }
+
+    fn batch_of(sizes: &[usize]) -> Batch {
+        let mut batch = Batch::default();
+        for &size in sizes {
+            batch.add(submission(size), LIMITS.batch_max);
+        }
+        batch
+    }
+
+    #[test]
+    fn a_single_reading_starts_at_once_when_nothing_is_in_flight() {
+        assert!(batch_of(&[1]).may_start(0, &LIMITS));
+        assert!(!Batch::default().may_start(0, &LIMITS));
+    }
+
+    #[test]
+    fn a_small_batch_waits_for_the_commit_in_flight() {
+        assert!(!batch_of(&[1, 1, 1]).may_start(1, &LIMITS));
+    }
+
+    #[test]
+    fn a_batch_of_parallel_min_starts_beside_others_up_to_the_concurrency() {
+        assert!(batch_of(&[2, 2]).may_start(1, &LIMITS));
+        assert!(!batch_of(&[2, 2]).may_start(2, &LIMITS));
+    }
+
+    #[test]
+    fn a_submission_that_does_not_fit_is_carried_into_the_next_batch_whole() {
+        let mut batch = batch_of(&[6, 5]);
+        assert!(batch.is_full(LIMITS.batch_max));
+        assert_eq!(batch.start_next().len(), 1);
+        assert_eq!(batch.readings, 5);
+        assert!(!batch.is_full(LIMITS.batch_max));
+    }
+
+    #[test]
+    fn a_submission_larger_than_batch_max_still_commits_alone() {
+        let mut batch = batch_of(&[25]);
+        assert!(batch.is_full(LIMITS.batch_max));
+        assert!(batch.may_start(0, &LIMITS));
+        assert_eq!(batch.start_next().len(), 1);
+        assert!(batch.is_empty());
+    }
 }

@@ -50,6 +50,7 @@ pub async fn fill(
     let limits = GroupCommit {
         batch_max: 500,
         concurrency: 4,
+        parallel_min: 32,
         queue_capacity: 8192,
     };
     let pool = ingest::db::pool(&DatabaseSettings {

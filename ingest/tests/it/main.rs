@@ -4,6 +4,7 @@
 mod auth;
 mod batch;
 mod fuzz;
+mod group_commit;
 mod metrics;
 mod relay;
 mod relay_stream_loss;
