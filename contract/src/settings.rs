@@ -93,6 +93,9 @@ pub struct RelaySettings {
     pub admin_listen: SocketAddr,
     /// Outbox rows claimed, published and marked in one transaction.
     pub batch_size: i64,
+    /// Rounds one relay runs at once: a second claims new rows while the first marks
+    /// its own.
+    pub rounds_in_flight: usize,
     /// How often the relay looks for work when no NOTIFY arrived.
     pub poll_interval_ms: u64,
     /// How long published outbox rows are kept (for republishing after a NATS host crash).
@@ -283,6 +286,7 @@ impl Settings {
             ),
             ("ingest.queue_capacity", self.ingest.queue_capacity),
             ("projector.batch_size", self.projector.batch_size),
+            ("relay.rounds_in_flight", self.relay.rounds_in_flight),
         ] {
             if value == 0 {
                 return invalid(key, "must be at least 1");

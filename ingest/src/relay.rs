@@ -13,7 +13,9 @@
 //! even where autovacuum is off or late.
 //!
 //! The relay wakes on `NOTIFY outbox` (sent by a trigger when rows are inserted) and
-//! polls every `poll_interval_ms` as a fallback. It never exits because PostgreSQL or
+//! polls every `poll_interval_ms` as a fallback. It runs `rounds_in_flight` rounds at
+//! once, so rows committed while one round marks and commits are claimed by another
+//! right away. It never exits because PostgreSQL or
 //! NATS is down: it backs off and tries again.
 //!
 //! Between rounds it checks that the stream still holds what it published and
@@ -114,6 +116,7 @@ pub struct Relay {
     listen_config: tokio_postgres::Config,
     subjects: Subjects,
     batch_size: i64,
+    rounds_in_flight: usize,
     poll_interval: Duration,
     published_retention: Duration,
     key_retention: Duration,
@@ -146,6 +149,7 @@ impl Relay {
             listen_config: db::pg_config(&settings.database)?,
             subjects: Subjects::for_stream(&settings.nats.stream),
             batch_size: settings.relay.batch_size,
+            rounds_in_flight: settings.relay.rounds_in_flight.max(1),
             poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
             published_retention: Duration::from_secs(settings.relay.published_retention_secs),
             prune_batch: settings.relay.prune_batch,
@@ -186,10 +190,10 @@ impl Relay {
                 }
             }
         }
-        tokio::join!(
-            self.publish_rounds(&wake, &shutdown),
-            self.maintain(&shutdown)
-        );
+        // Several lanes of rounds: while one marks and commits its rows, another claims
+        // what was inserted meanwhile (SKIP LOCKED keeps their rows apart).
+        let lanes = (0..self.rounds_in_flight).map(|_| self.publish_rounds(&wake, &shutdown));
+        tokio::join!(futures::future::join_all(lanes), self.maintain(&shutdown));
         listener.abort();
     }
 

@@ -21,9 +21,6 @@ use ingest::bootstrap::Backoff;
 use crate::apply::{Delivered, ReadModel};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
-/// How long a batch may wait for more messages once its first one arrived.
-const BATCH_LINGER: Duration = Duration::from_millis(2);
-
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {
     jetstream: jetstream::Context,
@@ -113,18 +110,12 @@ impl Projector {
                 _ = shutdown.cancelled() => return Ok(()),
                 batch = batches.next() => batch,
             };
-            let Some(mut batch) = batch else {
+            // No lingering for more: while a batch is applied the next one gathers, so
+            // batches grow with the load by themselves, and a quiet pipeline answers at
+            // once (measured: a 2 ms linger cost 3-4 ms of end-to-end p50 at 500/s).
+            let Some(batch) = batch else {
                 anyhow::bail!("message stream ended");
             };
-            // Under load, linger a moment for more messages: one Redis pipeline and one
-            // round of acks then carry hundreds of events instead of a handful.
-            let linger_until = tokio::time::Instant::now() + BATCH_LINGER;
-            while batch.len() < self.batch_size {
-                match tokio::time::timeout_at(linger_until, batches.next()).await {
-                    Ok(Some(more)) => batch.extend(more),
-                    _ => break,
-                }
-            }
             let mut messages = Vec::with_capacity(batch.len());
             for item in batch {
                 match item {
