@@ -124,16 +124,22 @@ pub struct Relay {
     prune_batch: i64,
     prune_interval: Duration,
     stream_check_interval: Duration,
-    /// Rows pruned from each table since the relay last vacuumed it.
-    pruned_since_vacuum: Mutex<BTreeMap<&'static str, u64>>,
+    /// Dead row versions (pruned rows, and outbox rows marked published) of each table
+    /// since the relay last vacuumed it.
+    dead_since_vacuum: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Relay {
     /// Opens the pool and the NATS connection (in the background: NATS may be down).
     pub async fn connect(settings: &Settings, name: &str) -> anyhow::Result<Self> {
         let mut session_config = db::pg_config(&settings.database)?;
+        // Bitmap scans off: the claim then walks `outbox_unpublished` in id order and
+        // marks the entries of rows it finds published as dead, so later claims skip
+        // them; a bitmap scan rechecks every published row still in the index on every
+        // claim (measured: 12 ms per claim with 40,000 published rows since the last
+        // vacuum, 0.9 ms with the index scan).
         session_config.options(format!(
-            "-c idle_in_transaction_session_timeout={}",
+            "-c idle_in_transaction_session_timeout={} -c enable_bitmapscan=off",
             settings.relay.idle_in_transaction_timeout_ms
         ));
         let pool = db::pool_with_config(session_config, &settings.database)?;
@@ -158,7 +164,7 @@ impl Relay {
                 .then(|| Duration::from_secs(settings.ingest.reading_retention_secs)),
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
             stream_check_interval: Duration::from_millis(settings.relay.stream_check_interval_ms),
-            pruned_since_vacuum: Mutex::default(),
+            dead_since_vacuum: Mutex::default(),
         })
     }
 
@@ -382,6 +388,9 @@ impl Relay {
             .await
             .context("committing the relay round")?;
         metrics::counter!("relay_published_total").increment(published_ids.len() as u64);
+        // Each marked row left a dead version behind, and a dead entry in the
+        // unpublished index that every claim walks past until a vacuum.
+        self.count_dead("outbox", published_ids.len() as u64);
         metrics::histogram!("relay_round_seconds").record(started.elapsed().as_secs_f64());
         Ok(published_ids.len())
     }
@@ -427,6 +436,17 @@ impl Relay {
         }
     }
 
+    /// Adds `rows` dead row versions of `table`; returns those since its last vacuum.
+    fn count_dead(&self, table: &'static str, rows: u64) -> u64 {
+        let mut counts = self
+            .dead_since_vacuum
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = counts.entry(table).or_default();
+        *count += rows;
+        *count
+    }
+
     /// Deletes published outbox rows and idempotency keys past their retention, a small
     /// batch per statement so that ingest never waits on a long delete.
     async fn prune(&self) -> anyhow::Result<()> {
@@ -462,8 +482,9 @@ impl Relay {
     /// Deleted rows leave dead tuples; until a vacuum marks their space free, every
     /// insert takes new pages and a pruned table grows for ever although its row count
     /// stays flat. Autovacuum does that where it is on (it is off on this project's CI
-    /// server, and it may lag), so the relay vacuums a table itself once the rows it
-    /// pruned since its last vacuum reach a fifth of the rows the table holds
+    /// server, and it may lag), so the relay vacuums a table itself once the dead rows it
+    /// left since its last vacuum (pruned rows; for the outbox also the old versions of
+    /// rows it marked published) reach a fifth of the rows the table holds
     /// (autovacuum's default threshold) and at least `prune_batch`. A plain VACUUM
     /// takes no lock that inserts or deletes wait for; `SKIP_LOCKED` passes a table that
     /// another relay or autovacuum is vacuuming, and `TRUNCATE false` avoids the brief
@@ -474,15 +495,7 @@ impl Relay {
         table: &'static str,
         pruned: u64,
     ) -> anyhow::Result<()> {
-        let since_vacuum = {
-            let mut counts = self
-                .pruned_since_vacuum
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let count = counts.entry(table).or_default();
-            *count += pruned;
-            *count
-        };
+        let since_vacuum = self.count_dead(table, pruned);
         if since_vacuum < self.prune_batch as u64 {
             return Ok(());
         }
@@ -500,7 +513,7 @@ impl Relay {
         client
             .batch_execute(&format!("VACUUM (SKIP_LOCKED, TRUNCATE false) {table}"))
             .await?;
-        self.pruned_since_vacuum
+        self.dead_since_vacuum
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(table, 0);

@@ -1,6 +1,7 @@
 //! Applying events to the Redis read model: one script call per device per batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use contract::event::TelemetryRecorded;
 use contract::read_model::{
@@ -27,7 +28,14 @@ pub struct ReadModel {
     apply_script: Script,
     /// Keeps the devices index, one call per generation per batch (`index.lua`).
     index_script: Script,
+    /// The granule this process last moved each device to in each generation's index,
+    /// so a batch sends only the devices whose granule moved on; `index.lua` would leave
+    /// the others as they are. Shared by the clones (the rebuild's copy).
+    listed: Arc<Mutex<HashMap<(u64, String), i64>>>,
 }
+
+/// Devices remembered in [`ReadModel::listed`] before it starts over (a few MiB).
+const LISTED_MAX: usize = 100_000;
 
 /// What one `apply` call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,6 +51,7 @@ impl ReadModel {
             dedup_horizon_ms,
             apply_script: Script::new(include_str!("apply.lua")),
             index_script: Script::new(include_str!("index.lua")),
+            listed: Arc::default(),
         }
     }
 
@@ -101,8 +110,37 @@ impl ReadModel {
                 }
             }
         }
-        // One index call per generation for the whole batch, after the device calls.
+        // One index call per generation for the whole batch, after the device calls,
+        // with the devices whose granule moved past the one this process last listed.
+        let mut moved: Vec<(u64, &str, i64)> = Vec::new();
+        {
+            let listed = self
+                .listed
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for generation in generations {
+                for (device_id, device_events) in &by_device {
+                    let latest = device_events
+                        .iter()
+                        .map(|delivered| unix_millis(delivered.event.recorded_at))
+                        .max()
+                        .unwrap_or_default();
+                    let granule = listing_granule(latest);
+                    let known = listed.get(&(*generation, (*device_id).to_owned()));
+                    if known.is_none_or(|&known| granule > known) {
+                        moved.push((*generation, device_id, granule));
+                    }
+                }
+            }
+        }
         for generation in generations {
+            let mut entries = moved
+                .iter()
+                .filter(|(moved_generation, _, _)| moved_generation == generation)
+                .peekable();
+            if entries.peek().is_none() {
+                continue;
+            }
             let index = DevicesIndex::new(&self.prefix, *generation);
             let command = pipeline
                 .cmd("EVALSHA")
@@ -114,13 +152,8 @@ impl ReadModel {
                 .arg(&index.current)
                 .arg(now_ms)
                 .arg(LISTING_TTL_MS);
-            for (device_id, device_events) in &by_device {
-                let latest = device_events
-                    .iter()
-                    .map(|delivered| unix_millis(delivered.event.recorded_at))
-                    .max()
-                    .unwrap_or_default();
-                command.arg(*device_id).arg(listing_granule(latest));
+            for (_, device_id, granule) in entries {
+                command.arg(*device_id).arg(*granule);
             }
             command.ignore();
         }
@@ -141,6 +174,16 @@ impl ReadModel {
             }
             Err(error) => return Err(error),
         };
+        let mut listed = self
+            .listed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if listed.len() + moved.len() > LISTED_MAX {
+            listed.clear();
+        }
+        for (generation, device_id, granule) in moved {
+            listed.insert((generation, device_id.to_owned()), granule);
+        }
         let applied: u64 = counts.iter().sum();
         Ok(Applied {
             applied,
