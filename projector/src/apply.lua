@@ -119,70 +119,105 @@ local function apply_generation(device, applied, buckets)
       table.insert(new, event)
     end
   end
-  -- Read every field the new events touch at once, fold, write at once.
-  local names, seen_metric = {}, {}
+  -- Read every field the new events touch at once, fold in locals, write the changed
+  -- fields at once. Field names are built once per metric, values kept as numbers.
+  local metrics, metric_of = {}, {}
+  local wanted = { 'as_of_seq', 'first_seen', 'last_seen', 'sample_count' }
   for _, event in ipairs(new) do
     for _, metric in ipairs(event.metrics) do
-      if not seen_metric[metric.name] then
-        seen_metric[metric.name] = true
-        table.insert(names, metric.name)
+      if not metric_of[metric.name] then
+        local field = 'm:' .. metric.name .. ':'
+        local state = {
+          name = metric.name,
+          first = #wanted + 1,
+          count_field = field .. 'count', sum_field = field .. 'sum',
+          min_field = field .. 'min', max_field = field .. 'max',
+          last_field = field .. 'last', last_at_field = field .. 'last_at',
+        }
+        wanted[#wanted + 1] = state.count_field
+        wanted[#wanted + 1] = state.sum_field
+        wanted[#wanted + 1] = state.min_field
+        wanted[#wanted + 1] = state.max_field
+        wanted[#wanted + 1] = state.last_field
+        wanted[#wanted + 1] = state.last_at_field
+        metric_of[metric.name] = state
+        metrics[#metrics + 1] = state
       end
-    end
-  end
-  local wanted = { 'as_of_seq', 'first_seen', 'last_seen', 'sample_count' }
-  for _, name in ipairs(names) do
-    local field = 'm:' .. name .. ':'
-    for _, aggregate in ipairs({ 'count', 'sum', 'min', 'max', 'last', 'last_at' }) do
-      table.insert(wanted, field .. aggregate)
     end
   end
   local values = redis.call('HMGET', device, unpack(wanted))
-  local state = {}
-  for i, field in ipairs(wanted) do
-    state[field] = values[i]
+  for _, state in ipairs(metrics) do
+    local at = state.first
+    state.count = tonumber(values[at]) or 0
+    state.sum = tonumber(values[at + 1]) or 0
+    state.min_text, state.max_text = values[at + 2], values[at + 3]
+    state.min, state.max = tonumber(state.min_text), tonumber(state.max_text)
+    state.last_text, state.last_at_text = values[at + 4], values[at + 5]
+    state.last, state.last_at = tonumber(state.last_text), tonumber(state.last_at_text)
   end
-  local updates = {}
-  local function set(field, text)
-    state[field] = text
-    updates[field] = text
-  end
-  local as_of_seq = tonumber(state['as_of_seq']) or 0
+  local as_of_seq = tonumber(values[1]) or 0
   if MAX_SEQ > as_of_seq then
     as_of_seq = MAX_SEQ
   end
+  local first_seen, last_seen = tonumber(values[2]), tonumber(values[3])
+  local first_seen_text, last_seen_text = nil, nil
   for _, event in ipairs(new) do
     local recorded = event.recorded
-    set('sample_count', tostring((tonumber(state['sample_count']) or 0) + 1))
-    local first_seen, last_seen = tonumber(state['first_seen']), tonumber(state['last_seen'])
     if first_seen == nil or recorded < first_seen then
-      set('first_seen', event.recorded_text)
+      first_seen, first_seen_text = recorded, event.recorded_text
     end
     if last_seen == nil or recorded > last_seen then
-      set('last_seen', event.recorded_text)
+      last_seen, last_seen_text = recorded, event.recorded_text
     end
     for _, metric in ipairs(event.metrics) do
-      local field = 'm:' .. metric.name .. ':'
+      local state = metric_of[metric.name]
       local value = metric.value
-      local count = tonumber(state[field .. 'count']) or 0
-      set(field .. 'count', tostring(count + 1))
-      set(field .. 'sum', string.format('%.17g', (tonumber(state[field .. 'sum']) or 0) + value))
-      if count == 0 or value < tonumber(state[field .. 'min']) then
-        set(field .. 'min', metric.text)
+      if state.count == 0 or value < state.min then
+        state.min, state.min_text, state.min_changed = value, metric.text, true
       end
-      if count == 0 or value > tonumber(state[field .. 'max']) then
-        set(field .. 'max', metric.text)
+      if state.count == 0 or value > state.max then
+        state.max, state.max_text, state.max_changed = value, metric.text, true
       end
-      local last_at = tonumber(state[field .. 'last_at'])
-      if last_at == nil or recorded > last_at or (recorded == last_at and value > tonumber(state[field .. 'last'])) then
-        set(field .. 'last', metric.text)
-        set(field .. 'last_at', event.recorded_text)
+      state.count = state.count + 1
+      state.sum = state.sum + value
+      if state.last_at == nil or recorded > state.last_at or (recorded == state.last_at and value > state.last) then
+        state.last, state.last_text = value, metric.text
+        state.last_at, state.last_at_text, state.last_changed = recorded, event.recorded_text, true
       end
     end
   end
   local writes = { 'updated_at', now, 'as_of_seq', string.format('%d', as_of_seq) }
-  for field, text in pairs(updates) do
-    table.insert(writes, field)
-    table.insert(writes, text)
+  if #new > 0 then
+    writes[#writes + 1] = 'sample_count'
+    writes[#writes + 1] = tostring((tonumber(values[4]) or 0) + #new)
+  end
+  if first_seen_text then
+    writes[#writes + 1] = 'first_seen'
+    writes[#writes + 1] = first_seen_text
+  end
+  if last_seen_text then
+    writes[#writes + 1] = 'last_seen'
+    writes[#writes + 1] = last_seen_text
+  end
+  for _, state in ipairs(metrics) do
+    writes[#writes + 1] = state.count_field
+    writes[#writes + 1] = tostring(state.count)
+    writes[#writes + 1] = state.sum_field
+    writes[#writes + 1] = string.format('%.17g', state.sum)
+    if state.min_changed then
+      writes[#writes + 1] = state.min_field
+      writes[#writes + 1] = state.min_text
+    end
+    if state.max_changed then
+      writes[#writes + 1] = state.max_field
+      writes[#writes + 1] = state.max_text
+    end
+    if state.last_changed then
+      writes[#writes + 1] = state.last_field
+      writes[#writes + 1] = state.last_text
+      writes[#writes + 1] = state.last_at_field
+      writes[#writes + 1] = state.last_at_text
+    end
   end
   redis.call('HSET', device, unpack(writes))
   for _, resolution in ipairs(resolutions) do

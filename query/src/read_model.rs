@@ -3,6 +3,7 @@
 //! device view is cached while nothing it depends on changed (see `Validity`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
@@ -52,11 +53,17 @@ pub type DevicesPage = Vec<DeviceEntry>;
 pub struct ReadModel {
     redis: ConnectionManager,
     prefix: String,
-    views: Arc<Mutex<HashMap<ViewKey, (Validity, DeviceView)>>>,
+    views: Arc<Mutex<Views>>,
+    /// The live generation as last read (0: none read yet); a cached read assumes it
+    /// and checks it in the same round trip.
+    last_generation: Arc<AtomicU64>,
 }
 
 /// A cached device view: one device, one `?metrics=` selection.
 type ViewKey = (String, Option<Vec<String>>);
+
+/// The cached views, each with the validity it was read at.
+type Views = HashMap<ViewKey, (Validity, Arc<DeviceView>)>;
 
 /// What a cached view depends on. Every event applied to a device raises its
 /// `sample_count`, a rebuild changes the generation, and the windows move with the
@@ -78,6 +85,7 @@ impl ReadModel {
             redis,
             prefix,
             views: Arc::new(Mutex::new(HashMap::new())),
+            last_generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -88,14 +96,8 @@ impl ReadModel {
         device_id: &str,
         metrics: Option<&[String]>,
         now_ms: i64,
-    ) -> Result<Option<DeviceView>, ReadError> {
-        let generation = self.generation().await?;
-        let mut redis = self.redis.clone();
-        let sample_count: Option<u64> = redis::cmd("HGET")
-            .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
-            .arg(fields::SAMPLE_COUNT)
-            .query_async(&mut redis)
-            .await?;
+    ) -> Result<Option<Arc<DeviceView>>, ReadError> {
+        let (generation, sample_count) = self.generation_and_sample_count(device_id).await?;
         let Some(sample_count) = sample_count else {
             return Ok(None);
         };
@@ -117,7 +119,8 @@ impl ReadModel {
         }
         let view = self
             .device_in(generation, device_id, metrics, now_ms)
-            .await?;
+            .await?
+            .map(Arc::new);
         if let (Some(view), Ok(mut views)) = (&view, self.views.lock()) {
             // Stored only if it is the state the validity describes (events may have
             // been applied between the two reads).
@@ -129,6 +132,36 @@ impl ReadModel {
             }
         }
         Ok(view)
+    }
+
+    /// The live generation and the device's `sample_count` in it, in one round trip
+    /// when the generation is the one read last time (a rebuild's switch costs one more).
+    async fn generation_and_sample_count(
+        &self,
+        device_id: &str,
+    ) -> Result<(u64, Option<u64>), ReadError> {
+        let assumed = self.last_generation.load(Ordering::Relaxed);
+        let mut redis = self.redis.clone();
+        let (generation, sample_count): (Option<u64>, Option<u64>) = redis::pipe()
+            .cmd("HGET")
+            .arg(meta_key(&self.prefix))
+            .arg(meta::GENERATION)
+            .cmd("HGET")
+            .arg(DeviceKeys::new(&self.prefix, assumed, device_id).stats)
+            .arg(fields::SAMPLE_COUNT)
+            .query_async(&mut redis)
+            .await?;
+        let generation = generation.ok_or(ReadError::Rebuilding)?;
+        if generation == assumed {
+            return Ok((generation, sample_count));
+        }
+        self.last_generation.store(generation, Ordering::Relaxed);
+        let sample_count: Option<u64> = redis::cmd("HGET")
+            .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
+            .arg(fields::SAMPLE_COUNT)
+            .query_async(&mut redis)
+            .await?;
+        Ok((generation, sample_count))
     }
 
     pub async fn ping(&self) -> RedisResult<()> {
