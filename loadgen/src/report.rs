@@ -428,6 +428,22 @@ pub fn rows(results: &Results) -> Vec<Row> {
         ),
         "-",
     );
+    // The same at a fixed light rate: the latency of the stages themselves, without
+    // the queueing of a pipeline run near its slowest stage's capacity.
+    if let Some(light_rate) = num(results, "e2e_light", "/target_rate") {
+        t.info(
+            &format!(
+                "    e2e at a light {}, p50 / p99",
+                rate(Some(light_rate), "req/s")
+            ),
+            format!(
+                "{} / {}",
+                ms(num(results, "e2e_light", "/visible_latency/p50_ms")),
+                ms(num(results, "e2e_light", "/visible_latency/p99_ms"))
+            ),
+            "-",
+        );
+    }
 
     // Backlog drains.
     for (file, name, limit_name, limit) in [
