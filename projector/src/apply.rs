@@ -31,10 +31,11 @@ pub struct ReadModel {
     /// The granule this process last moved each device to in each generation's index,
     /// so a batch sends only the devices whose granule moved on; `index.lua` would leave
     /// the others as they are. Shared by the clones (the rebuild's copy).
-    listed: Arc<Mutex<HashMap<(u64, String), i64>>>,
+    listed: Arc<Mutex<HashMap<u64, HashMap<String, i64>>>>,
 }
 
-/// Devices remembered in [`ReadModel::listed`] before it starts over (a few MiB).
+/// Devices remembered per generation in [`ReadModel::listed`] before it starts over
+/// (a few MiB).
 const LISTED_MAX: usize = 100_000;
 
 /// What one `apply` call did.
@@ -112,33 +113,41 @@ impl ReadModel {
         }
         // One index call per generation for the whole batch, after the device calls,
         // with the devices whose granule moved past the one this process last listed.
-        let mut moved: Vec<(u64, &str, i64)> = Vec::new();
-        {
+        let granules: Vec<(&str, i64)> = by_device
+            .iter()
+            .map(|(device_id, device_events)| {
+                let latest = device_events
+                    .iter()
+                    .map(|delivered| unix_millis(delivered.event.recorded_at))
+                    .max()
+                    .unwrap_or_default();
+                (*device_id, listing_granule(latest))
+            })
+            .collect();
+        let moved: Vec<(u64, Vec<(&str, i64)>)> = {
             let listed = self
                 .listed
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for generation in generations {
-                for (device_id, device_events) in &by_device {
-                    let latest = device_events
-                        .iter()
-                        .map(|delivered| unix_millis(delivered.event.recorded_at))
-                        .max()
-                        .unwrap_or_default();
-                    let granule = listing_granule(latest);
-                    let known = listed.get(&(*generation, (*device_id).to_owned()));
-                    if known.is_none_or(|&known| granule > known) {
-                        moved.push((*generation, device_id, granule));
-                    }
-                }
-            }
-        }
-        for generation in generations {
-            let mut entries = moved
+            generations
                 .iter()
-                .filter(|(moved_generation, _, _)| moved_generation == generation)
-                .peekable();
-            if entries.peek().is_none() {
+                .map(|generation| {
+                    let known = listed.get(generation);
+                    let entries = granules
+                        .iter()
+                        .filter(|(device_id, granule)| {
+                            known
+                                .and_then(|known| known.get(*device_id))
+                                .is_none_or(|known| granule > known)
+                        })
+                        .copied()
+                        .collect();
+                    (*generation, entries)
+                })
+                .collect()
+        };
+        for (generation, entries) in &moved {
+            if entries.is_empty() {
                 continue;
             }
             let index = DevicesIndex::new(&self.prefix, *generation);
@@ -152,7 +161,7 @@ impl ReadModel {
                 .arg(&index.current)
                 .arg(now_ms)
                 .arg(LISTING_TTL_MS);
-            for (_, device_id, granule) in entries {
+            for (device_id, granule) in entries {
                 command.arg(*device_id).arg(*granule);
             }
             command.ignore();
@@ -178,11 +187,19 @@ impl ReadModel {
             .listed
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if listed.len() + moved.len() > LISTED_MAX {
-            listed.clear();
+        // A retired generation is never listed again: past the live one and one being
+        // built (the rebuild's copy writes only the latter), keep those written to now.
+        if listed.len() > 2 {
+            listed.retain(|generation, _| generations.contains(generation));
         }
-        for (generation, device_id, granule) in moved {
-            listed.insert((generation, device_id.to_owned()), granule);
+        for (generation, entries) in moved {
+            let devices = listed.entry(generation).or_default();
+            if devices.len() + entries.len() > LISTED_MAX {
+                devices.clear();
+            }
+            for (device_id, granule) in entries {
+                devices.insert(device_id.to_owned(), granule);
+            }
         }
         let applied: u64 = counts.iter().sum();
         Ok(Applied {
