@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
     fields, meta, meta_key, Aggregate, DeviceKeys, DeviceStats, DevicesIndex, Resolution, Window,
@@ -34,9 +34,6 @@ pub struct DeviceView {
     pub stats: DeviceStats,
     /// Per metric, per window name: the aggregate (`None` when the window is empty).
     pub windows: BTreeMap<String, BTreeMap<&'static str, Option<Aggregate>>>,
-    /// The stats document rendered from this view, filled by the first request that
-    /// answers with it, so a cached view is rendered once, not once per request.
-    pub rendered: OnceLock<axum::body::Bytes>,
 }
 
 /// One device of a devices page.
@@ -244,11 +241,7 @@ impl ReadModel {
                 (name.clone(), per_window)
             })
             .collect();
-        Ok(Some(DeviceView {
-            stats,
-            windows,
-            rendered: OnceLock::new(),
-        }))
+        Ok(Some(DeviceView { stats, windows }))
     }
 
     /// The non-empty buckets of one metric in `buckets` (not empty), oldest first;

@@ -2,11 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
 use axum::Json;
 use contract::read_model::{
     Aggregate, DevicesIndex, MetricStats, Resolution, FINE, LISTING_TTL_MS,
@@ -19,7 +16,6 @@ use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::read_model::DeviceView;
 
 #[derive(Debug, Deserialize)]
 pub struct StatsQuery {
@@ -118,7 +114,7 @@ pub async fn stats(
     State(state): State<AppState>,
     DevicePath(device_id): DevicePath,
     QueryParams(query): QueryParams<StatsQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Json<StatsResponse>, ApiError> {
     let wanted = metric_filter(query.metrics.as_deref())?;
     let now_ms = unix_millis(OffsetDateTime::now_utc());
     let view = state
@@ -126,25 +122,6 @@ pub async fn stats(
         .device_cached(&device_id, wanted.as_deref(), now_ms)
         .await?
         .ok_or(ApiError::DeviceNotFound)?;
-    // A view is cached per device and metric selection, so its document is too.
-    let body = match view.rendered.get() {
-        Some(body) => body.clone(),
-        None => {
-            let document =
-                serde_json::to_vec(&stats_document(device_id, &view)).map_err(|error| {
-                    tracing::error!(%error, "rendering a stats document failed");
-                    ApiError::Internal
-                })?;
-            let body = Bytes::from(document);
-            view.rendered.get_or_init(|| body).clone()
-        }
-    };
-    let json = HeaderValue::from_static("application/json");
-    Ok(([(header::CONTENT_TYPE, json)], body).into_response())
-}
-
-/// The stats document of a view (API.md §4).
-fn stats_document(device_id: String, view: &DeviceView) -> StatsResponse {
     let metrics = view
         .stats
         .metrics
@@ -156,7 +133,7 @@ fn stats_document(device_id: String, view: &DeviceView) -> StatsResponse {
             )
         })
         .collect();
-    StatsResponse {
+    Ok(Json(StatsResponse {
         device_id,
         first_seen: format_millis(view.stats.first_seen_ms),
         last_seen: format_millis(view.stats.last_seen_ms),
@@ -164,7 +141,7 @@ fn stats_document(device_id: String, view: &DeviceView) -> StatsResponse {
         updated_at: format_millis(view.stats.updated_at_ms),
         as_of_seq: view.stats.as_of_seq,
         metrics,
-    }
+    }))
 }
 
 #[derive(Debug, Deserialize)]

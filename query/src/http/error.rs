@@ -28,9 +28,6 @@ pub enum ApiError {
     Forbidden,
     #[error("credentials cannot be checked")]
     AuthUnavailable,
-    /// A bug: an answer could not be rendered (logged where it happened).
-    #[error("internal error")]
-    Internal,
 }
 
 impl From<AuthError> for ApiError {
@@ -95,9 +92,6 @@ impl ApiError {
                 ProblemKind::Unavailable,
                 "the read model is being rebuilt from the event stream; retry shortly",
             ),
-            Self::Internal => {
-                Problem::new(ProblemKind::Internal, "the answer could not be rendered")
-            }
         }
     }
 }
