@@ -415,6 +415,24 @@ async fn readings_posted_with_retries_come_out_of_the_query_api_counted_once() {
         let answered_ms = unix_millis(OffsetDateTime::now_utc());
         assert_eq!(status, 200);
         assert_stats(&stats, device_readings, asked_ms, answered_ms);
+        // Asked again, the answer comes from the cached view and its rendered document
+        // (windows aside: a 10 s boundary may pass between the two questions).
+        let (status, again) = query.stats(device, "").await;
+        assert_eq!(status, 200);
+        let without_windows = |document: &Value| {
+            let mut document = document.clone();
+            if let Some(metrics) = document["metrics"].as_object_mut() {
+                for metric in metrics.values_mut() {
+                    metric["windows"] = Value::Null;
+                }
+            }
+            document
+        };
+        assert_eq!(
+            without_windows(&again),
+            without_windows(&stats),
+            "{device}: the same figures asked twice"
+        );
         assert!(stats["as_of_seq"].as_u64().unwrap_or(0) > 0);
 
         // `?metrics=` limits the metrics and changes nothing else.

@@ -96,6 +96,14 @@ impl Query {
             .get(&format!("/v1/devices/{device}/stats{query}"))
             .await;
         let status = response.status().as_u16();
+        if status == 200 {
+            let content_type = response.headers().get("content-type").cloned();
+            assert_eq!(
+                content_type.as_ref().and_then(|value| value.to_str().ok()),
+                Some("application/json"),
+                "a stats document is JSON"
+            );
+        }
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
