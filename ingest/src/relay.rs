@@ -124,6 +124,10 @@ pub struct Relay {
     prune_batch: i64,
     prune_interval: Duration,
     stream_check_interval: Duration,
+    /// When a lane last checked the stream; the periodic check is due for all lanes
+    /// together, so one lane makes it (a reconnect or a collision still makes each
+    /// lane check before it publishes more).
+    last_stream_check: Mutex<Instant>,
     /// Dead row versions (pruned rows, and outbox rows marked published) of each table
     /// since the relay last vacuumed it.
     dead_since_vacuum: Mutex<BTreeMap<&'static str, u64>>,
@@ -165,6 +169,7 @@ impl Relay {
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
             stream_check_interval: Duration::from_millis(settings.relay.stream_check_interval_ms),
             dead_since_vacuum: Mutex::default(),
+            last_stream_check: Mutex::new(Instant::now()),
         })
     }
 
@@ -206,7 +211,6 @@ impl Relay {
     /// Rounds one after another while a backlog fills them, else on NOTIFY or the poll.
     async fn publish_rounds(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
-        let mut last_stream_check = Instant::now();
         let mut stream_check_due = false;
         let connection_statistics = self.jetstream.client().statistics();
         let mut connects_seen = connection_statistics.connects.load(Ordering::Relaxed);
@@ -220,10 +224,7 @@ impl Relay {
             }
             let nats_connected = self.jetstream.client().connection_state()
                 == async_nats::connection::State::Connected;
-            if nats_connected
-                && (stream_check_due || last_stream_check.elapsed() > self.stream_check_interval)
-            {
-                last_stream_check = Instant::now();
+            if nats_connected && (stream_check_due || self.periodic_stream_check_due()) {
                 match self.check_stream().await {
                     Ok(_) => stream_check_due = false,
                     Err(error) => {
@@ -434,6 +435,20 @@ impl Relay {
         {
             metrics::gauge!("relay_stream_last_sequence").set(sequence as f64);
         }
+    }
+
+    /// Whether the periodic stream check is due; if so, the caller makes it and the
+    /// other lanes wait for the next interval.
+    fn periodic_stream_check_due(&self) -> bool {
+        let mut last = self
+            .last_stream_check
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.elapsed() <= self.stream_check_interval {
+            return false;
+        }
+        *last = Instant::now();
+        true
     }
 
     /// Adds `rows` dead row versions of `table`; returns those since its last vacuum.

@@ -99,6 +99,7 @@ pub async fn fill(
         "errors": statuses.errors_json(""),
         "commit_batch_max": limits.batch_max,
         "commit_concurrency": limits.concurrency,
+        "commit_parallel_min": limits.parallel_min,
         "seconds": (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
         "readings_per_s": per_second(accepted, elapsed),
     }))
