@@ -10,19 +10,27 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) |
+//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt), `layout` (of the current one, [`LAYOUT`]) |
 //! | `<p>rebuild-lock` | string | who is rebuilding, with an expiry |
 //! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
 //! | `<p>g<G>:device:{<id>}:applied` | sorted set | event ids applied, scored by apply time, trimmed to the dedup horizon |
-//! | `<p>g<G>:device:{<id>}:b10s` | hash | 10 s buckets: field `<bucket>:<metric>` = `count sum min max` |
-//! | `<p>g<G>:device:{<id>}:b5m` | hash | 5 min buckets, same fields |
+//! | `<p>g<G>:device:{<id>}:buckets` | hash | 10 s buckets (`f<bucket>:<metric>`) and 5 min buckets (`c<bucket>:<metric>`) |
 //!
-//! Device fields: `first_seen`, `last_seen`, `updated_at` (ms since the epoch),
-//! `sample_count`, `as_of_seq` (highest stream sequence applied). Per metric `<m>`:
-//! `m:<m>:count`, `m:<m>:sum`, `m:<m>:min`, `m:<m>:max`, `m:<m>:last`, `m:<m>:last_at`.
+//! Figures are stored *packed*: little-endian IEEE 754 doubles back to back, the form
+//! Redis's Lua `struct.pack('<d…')` writes, so the script folds numbers without ever
+//! printing or parsing them (decimal conversions were a fifth of its Redis time).
+//! Counts, sequences and milliseconds are whole numbers, exact in a double up to 2^53.
+//! - device field `h` ([`DeviceHeader`]): first_seen, last_seen, sample_count,
+//!   as_of_seq (highest stream sequence applied), updated_at, and two of the script's
+//!   own schedules (when the applied set is trimmed next, the oldest 10 s bucket kept
+//!   at the last pruning);
+//! - device field `m:<metric>` ([`MetricStats`]): count, sum, min, max, last, last_at;
+//! - bucket field ([`Aggregate`]): count, sum, min, max.
+//!
 //! Metric names cannot hold `:`, so the field names parse back without ambiguity.
-//! A bucket's number is `floor(recorded_at_ms / width_ms)`.
+//! A bucket's number is `floor(recorded_at_ms / width_ms)`. Operators read the figures
+//! through the query API; `redis-cli` shows the packed fields as bytes.
 
 use std::collections::BTreeMap;
 
@@ -35,6 +43,20 @@ pub fn meta_key(prefix: &str) -> String {
 pub mod meta {
     pub const GENERATION: &str = "generation";
     pub const BUILDING: &str = "building";
+    /// The [`LAYOUT`](super::LAYOUT) the current generation was built with.
+    pub const LAYOUT: &str = "layout";
+}
+
+/// The version of the key layout and encodings described above. A live generation of
+/// another layout (or of none, as before layouts were numbered) counts as no read
+/// model: the projector rebuilds it from the stream and the query side answers `503`
+/// meanwhile, rather than misreading it. Bump it with every incompatible change.
+pub const LAYOUT: u64 = 2;
+
+/// The live generation as the meta hash's `generation` and `layout` fields name it:
+/// `None` when there is none, or when it is of another layout.
+pub fn live_generation(generation: Option<u64>, layout: Option<u64>) -> Option<u64> {
+    generation.filter(|_| layout == Some(LAYOUT))
 }
 
 /// Held (with an expiry) by whoever is rebuilding.
@@ -110,8 +132,7 @@ pub fn listing_granule(last_seen_ms: i64) -> i64 {
 pub struct DeviceKeys {
     pub stats: String,
     pub applied: String,
-    pub fine: String,
-    pub coarse: String,
+    pub buckets: String,
 }
 
 impl DeviceKeys {
@@ -119,31 +140,23 @@ impl DeviceKeys {
         let base = format!("{prefix}g{generation}:device:{{{device_id}}}");
         Self {
             applied: format!("{base}:applied"),
-            fine: format!("{base}:{}", FINE.key_suffix),
-            coarse: format!("{base}:{}", COARSE.key_suffix),
+            buckets: format!("{base}:buckets"),
             stats: base,
-        }
-    }
-
-    /// The bucket hash of a resolution.
-    pub fn buckets(&self, resolution: &Resolution) -> &str {
-        if resolution.key_suffix == FINE.key_suffix {
-            &self.fine
-        } else {
-            &self.coarse
         }
     }
 }
 
 /// Device-level hash fields.
 pub mod fields {
-    pub const FIRST_SEEN: &str = "first_seen";
-    pub const LAST_SEEN: &str = "last_seen";
-    pub const SAMPLE_COUNT: &str = "sample_count";
-    pub const UPDATED_AT: &str = "updated_at";
-    pub const AS_OF_SEQ: &str = "as_of_seq";
+    /// The packed [`DeviceHeader`](super::DeviceHeader).
+    pub const HEADER: &str = "h";
     /// Prefix of the per-metric fields.
     pub const METRIC_PREFIX: &str = "m:";
+
+    /// The field of one metric's all-time figures.
+    pub fn metric(name: &str) -> String {
+        format!("{METRIC_PREFIX}{name}")
+    }
 }
 
 /// A bucket size and how long its buckets are kept.
@@ -155,7 +168,8 @@ pub struct Resolution {
     /// Buckets whose end is older than this are deleted (a little over the longest
     /// window that uses them).
     pub retention_ms: i64,
-    pub key_suffix: &'static str,
+    /// What its bucket fields start with in the buckets hash.
+    pub field_tag: char,
 }
 
 /// 10 s buckets for the windows up to 1 h, kept 1 h 5 min.
@@ -163,7 +177,7 @@ pub const FINE: Resolution = Resolution {
     name: "10s",
     width_ms: 10_000,
     retention_ms: 65 * 60_000,
-    key_suffix: "b10s",
+    field_tag: 'f',
 };
 
 /// 5 min buckets for the 24 h window, kept 24 h 15 min.
@@ -171,7 +185,7 @@ pub const COARSE: Resolution = Resolution {
     name: "5m",
     width_ms: 300_000,
     retention_ms: 24 * 3_600_000 + 15 * 60_000,
-    key_suffix: "b5m",
+    field_tag: 'c',
 };
 
 pub const RESOLUTIONS: [Resolution; 2] = [FINE, COARSE];
@@ -185,6 +199,18 @@ impl Resolution {
     /// The oldest bucket still kept at `now_ms`.
     pub fn oldest_kept(&self, now_ms: i64) -> i64 {
         self.bucket(now_ms - self.retention_ms) + 1
+    }
+
+    /// The field of one metric in one of its buckets.
+    pub fn field(&self, bucket: i64, metric: &str) -> String {
+        format!("{}{bucket}:{metric}", self.field_tag)
+    }
+
+    /// The bucket and metric of one of its fields; `None` for another resolution's
+    /// field or a malformed one.
+    pub fn parse_field<'a>(&self, field: &'a str) -> Option<(i64, &'a str)> {
+        let (bucket, metric) = field.strip_prefix(self.field_tag)?.split_once(':')?;
+        Some((bucket.parse().ok()?, metric))
     }
 
     pub fn by_name(name: &str) -> Option<Resolution> {
@@ -249,9 +275,29 @@ impl Window {
     }
 }
 
-/// The field of one metric in one bucket.
-pub fn bucket_field(bucket: i64, metric: &str) -> String {
-    format!("{bucket}:{metric}")
+/// Doubles packed back to back, little-endian: what `struct.pack('<dd…')` makes.
+fn pack<const N: usize>(values: [f64; N]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|value| value.to_le_bytes())
+        .collect()
+}
+
+/// The doubles of [`pack`]; `None` unless `bytes` holds exactly `N` of them.
+fn unpack<const N: usize>(bytes: &[u8]) -> Option<[f64; N]> {
+    if bytes.len() != N * 8 {
+        return None;
+    }
+    let mut values = [0.0; N];
+    for (value, chunk) in values.iter_mut().zip(bytes.chunks_exact(8)) {
+        *value = f64::from_le_bytes(chunk.try_into().ok()?);
+    }
+    Some(values)
+}
+
+/// A whole number kept in a double (a count, a sequence, milliseconds).
+fn whole(value: f64) -> i64 {
+    value as i64
 }
 
 /// count, sum, min and max of the readings in a bucket or a window.
@@ -273,16 +319,20 @@ impl Aggregate {
         }
     }
 
-    /// Parses a bucket value `count sum min max`; `None` if malformed.
-    pub fn parse(text: &str) -> Option<Self> {
-        let mut parts = text.split(' ');
-        let aggregate = Self {
-            count: parts.next()?.parse().ok()?,
-            sum: parts.next()?.parse().ok()?,
-            min: parts.next()?.parse().ok()?,
-            max: parts.next()?.parse().ok()?,
-        };
-        parts.next().is_none().then_some(aggregate)
+    /// A bucket field's value: count, sum, min, max, packed.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        pack([self.count as f64, self.sum, self.min, self.max])
+    }
+
+    /// The aggregate of [`Aggregate::to_bytes`]; `None` if malformed.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let [count, sum, min, max] = unpack(bytes)?;
+        Some(Self {
+            count: whole(count).max(0) as u64,
+            sum,
+            min,
+            max,
+        })
     }
 
     pub fn merge(self, other: Self) -> Self {
@@ -317,8 +367,109 @@ pub struct MetricStats {
 }
 
 impl MetricStats {
+    /// The figures of one reading.
+    pub fn of(value: f64, recorded_at_ms: i64) -> Self {
+        Self {
+            count: 1,
+            sum: value,
+            min: value,
+            max: value,
+            last: value,
+            last_at_ms: recorded_at_ms,
+        }
+    }
+
     pub fn avg(&self) -> Option<f64> {
         (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// The figures of both sets of readings. Commutative up to the rounding of `sum`:
+    /// `last` is the value of the latest `last_at`, on a tie the larger value
+    /// (`apply.lua` merges the same way).
+    pub fn merge(self, other: Self) -> Self {
+        let later = other.last_at_ms > self.last_at_ms
+            || (other.last_at_ms == self.last_at_ms && other.last > self.last);
+        let (last, last_at_ms) = if later {
+            (other.last, other.last_at_ms)
+        } else {
+            (self.last, self.last_at_ms)
+        };
+        Self {
+            count: self.count + other.count,
+            sum: self.sum + other.sum,
+            min: self.min.min(other.min),
+            max: self.max.max(other.max),
+            last,
+            last_at_ms,
+        }
+    }
+
+    /// A metric field's value: count, sum, min, max, last, last_at, packed.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        pack([
+            self.count as f64,
+            self.sum,
+            self.min,
+            self.max,
+            self.last,
+            self.last_at_ms as f64,
+        ])
+    }
+
+    /// The figures of [`MetricStats::to_bytes`]; `None` if malformed.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let [count, sum, min, max, last, last_at] = unpack(bytes)?;
+        Some(Self {
+            count: whole(count).max(0) as u64,
+            sum,
+            min,
+            max,
+            last,
+            last_at_ms: whole(last_at),
+        })
+    }
+}
+
+/// The device hash's header field `h`: its figures that are not per metric, and the
+/// script's own schedules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceHeader {
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub sample_count: u64,
+    pub as_of_seq: u64,
+    pub updated_at_ms: i64,
+    /// When the applied set is trimmed to the dedup horizon next.
+    pub trim_at_ms: i64,
+    /// The oldest 10 s bucket kept when the buckets were last pruned.
+    pub pruned_fine: i64,
+}
+
+impl DeviceHeader {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        pack([
+            self.first_seen_ms as f64,
+            self.last_seen_ms as f64,
+            self.sample_count as f64,
+            self.as_of_seq as f64,
+            self.updated_at_ms as f64,
+            self.trim_at_ms as f64,
+            self.pruned_fine as f64,
+        ])
+    }
+
+    /// The header of [`DeviceHeader::to_bytes`]; `None` if malformed.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let [first, last, count, seq, updated, trim_at, pruned] = unpack(bytes)?;
+        Some(Self {
+            first_seen_ms: whole(first),
+            last_seen_ms: whole(last),
+            sample_count: whole(count).max(0) as u64,
+            as_of_seq: whole(seq).max(0) as u64,
+            updated_at_ms: whole(updated),
+            trim_at_ms: whole(trim_at),
+            pruned_fine: whole(pruned),
+        })
     }
 }
 
@@ -334,39 +485,29 @@ pub struct DeviceStats {
 }
 
 impl DeviceStats {
-    /// Reads a device hash as `HGETALL` returns it; `None` when the hash is empty.
-    /// A field that does not parse is skipped rather than trusted.
-    pub fn from_hash(entries: impl IntoIterator<Item = (String, String)>) -> Option<Self> {
-        let mut stats = DeviceStats::default();
-        let mut seen_any = false;
+    /// Reads a device hash as `HGETALL` returns it; `None` without a header (an unknown
+    /// device). A metric field that does not decode is skipped rather than trusted.
+    pub fn from_hash(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Option<Self> {
+        let mut header = None;
+        let mut metrics = BTreeMap::new();
         for (field, value) in entries {
-            seen_any = true;
-            if let Some(rest) = field.strip_prefix(fields::METRIC_PREFIX) {
-                let Some((name, aggregate)) = rest.rsplit_once(':') else {
-                    continue;
-                };
-                let metric = stats.metrics.entry(name.to_owned()).or_default();
-                match aggregate {
-                    "count" => metric.count = value.parse().unwrap_or(0),
-                    "sum" => metric.sum = value.parse().unwrap_or(f64::NAN),
-                    "min" => metric.min = value.parse().unwrap_or(f64::NAN),
-                    "max" => metric.max = value.parse().unwrap_or(f64::NAN),
-                    "last" => metric.last = value.parse().unwrap_or(f64::NAN),
-                    "last_at" => metric.last_at_ms = value.parse().unwrap_or(0),
-                    _ => {}
+            if field == fields::HEADER {
+                header = DeviceHeader::from_bytes(&value);
+            } else if let Some(name) = field.strip_prefix(fields::METRIC_PREFIX) {
+                if let Some(figures) = MetricStats::from_bytes(&value) {
+                    metrics.insert(name.to_owned(), figures);
                 }
-                continue;
-            }
-            match field.as_str() {
-                fields::FIRST_SEEN => stats.first_seen_ms = value.parse().unwrap_or(0),
-                fields::LAST_SEEN => stats.last_seen_ms = value.parse().unwrap_or(0),
-                fields::SAMPLE_COUNT => stats.sample_count = value.parse().unwrap_or(0),
-                fields::UPDATED_AT => stats.updated_at_ms = value.parse().unwrap_or(0),
-                fields::AS_OF_SEQ => stats.as_of_seq = value.parse().unwrap_or(0),
-                _ => {}
             }
         }
-        seen_any.then_some(stats)
+        let header = header?;
+        Some(Self {
+            first_seen_ms: header.first_seen_ms,
+            last_seen_ms: header.last_seen_ms,
+            sample_count: header.sample_count,
+            updated_at_ms: header.updated_at_ms,
+            as_of_seq: header.as_of_seq,
+            metrics,
+        })
     }
 }
 
@@ -379,8 +520,24 @@ mod tests {
         let keys = DeviceKeys::new("t1:", 7, "sensor-1");
         assert_eq!(keys.stats, "t1:g7:device:{sensor-1}");
         assert_eq!(keys.applied, "t1:g7:device:{sensor-1}:applied");
-        assert_eq!(keys.buckets(&FINE), "t1:g7:device:{sensor-1}:b10s");
-        assert_eq!(keys.buckets(&COARSE), "t1:g7:device:{sensor-1}:b5m");
+        assert_eq!(keys.buckets, "t1:g7:device:{sensor-1}:buckets");
+    }
+
+    #[test]
+    fn bucket_fields_name_their_resolution_and_parse_back() {
+        assert_eq!(
+            FINE.field(176_400_000, "temperature"),
+            "f176400000:temperature"
+        );
+        assert_eq!(COARSE.field(-3, "rh"), "c-3:rh");
+        assert_eq!(
+            FINE.parse_field("f176400000:temperature"),
+            Some((176_400_000, "temperature"))
+        );
+        assert_eq!(COARSE.parse_field("c-3:rh"), Some((-3, "rh")));
+        assert_eq!(COARSE.parse_field("f176400000:temperature"), None);
+        assert_eq!(FINE.parse_field("fx:temperature"), None);
+        assert_eq!(FINE.parse_field("f12"), None);
     }
 
     #[test]
@@ -408,8 +565,17 @@ mod tests {
     }
 
     #[test]
-    fn bucket_values_parse_and_merge() {
-        let bucket = Aggregate::parse("2 43 21.5 21.5").expect("valid");
+    fn bucket_values_pack_and_merge() {
+        let bucket = Aggregate::from_bytes(
+            &Aggregate {
+                count: 2,
+                sum: 43.0,
+                min: 21.5,
+                max: 21.5,
+            }
+            .to_bytes(),
+        )
+        .expect("valid");
         let merged = bucket.merge(Aggregate::of(-1.0));
         assert_eq!(
             merged,
@@ -420,32 +586,72 @@ mod tests {
                 max: 21.5
             }
         );
-        assert_eq!(Aggregate::parse("2 43 21.5"), None);
+        assert_eq!(Aggregate::from_bytes(&[0; 24]), None);
+        assert_eq!(Aggregate::from_bytes(b"2 43 21.5 21.5"), None);
         assert_eq!(Aggregate::merge_all([]), None);
     }
 
     #[test]
+    fn packing_keeps_every_double_exactly() {
+        for value in [0.1, -0.0, 1e300, -1e-300, f64::MAX, f64::MIN_POSITIVE, 21.5] {
+            let figures = MetricStats::of(value, 1_764_460_800_123);
+            assert_eq!(MetricStats::from_bytes(&figures.to_bytes()), Some(figures));
+        }
+        // The layout the script reads: eight little-endian bytes per number, in order.
+        let packed = Aggregate::of(2.5).to_bytes();
+        assert_eq!(packed.len(), 32);
+        assert_eq!(&packed[..8], 1.0_f64.to_le_bytes());
+        assert_eq!(&packed[8..16], 2.5_f64.to_le_bytes());
+    }
+
+    #[test]
+    fn metric_figures_merge_in_any_order_with_the_latest_reading_last() {
+        let early = MetricStats::of(30.0, 1_000);
+        let late = MetricStats::of(10.0, 2_000);
+        let late_tie = MetricStats::of(20.0, 2_000);
+        let one_way = early.clone().merge(late.clone()).merge(late_tie.clone());
+        let other_way = late_tie.merge(late).merge(early);
+        assert_eq!(one_way, other_way);
+        assert_eq!(
+            one_way,
+            MetricStats {
+                count: 3,
+                sum: 60.0,
+                min: 10.0,
+                max: 30.0,
+                last: 20.0,
+                last_at_ms: 2_000,
+            }
+        );
+    }
+
+    #[test]
     fn hash_parses_back_into_stats() {
-        let hash = [
-            ("first_seen", "1000"),
-            ("last_seen", "2000"),
-            ("sample_count", "2"),
-            ("updated_at", "3000"),
-            ("as_of_seq", "7"),
-            ("m:temperature:count", "2"),
-            ("m:temperature:sum", "43"),
-            ("m:temperature:min", "21.5"),
-            ("m:temperature:max", "21.5"),
-            ("m:temperature:last", "21.5"),
-            ("m:temperature:last_at", "2000"),
-        ]
-        .map(|(field, value)| (field.to_owned(), value.to_owned()));
-        let stats = DeviceStats::from_hash(hash).expect("not empty");
+        let header = DeviceHeader {
+            first_seen_ms: 1000,
+            last_seen_ms: 2000,
+            sample_count: 2,
+            as_of_seq: 7,
+            updated_at_ms: 3000,
+            trim_at_ms: 4000,
+            pruned_fine: 5,
+        };
+        let temperature = MetricStats::of(21.5, 1000).merge(MetricStats::of(21.5, 2000));
+        let hash = vec![
+            (fields::HEADER.to_owned(), header.to_bytes()),
+            (fields::metric("temperature"), temperature.to_bytes()),
+            (fields::metric("broken"), b"21.5".to_vec()),
+        ];
+        let stats = DeviceStats::from_hash(hash).expect("has a header");
         assert_eq!(stats.sample_count, 2);
         assert_eq!(stats.as_of_seq, 7);
+        assert_eq!(stats.updated_at_ms, 3000);
+        assert_eq!(stats.first_seen_ms, 1000);
         let temperature = &stats.metrics["temperature"];
         assert_eq!(temperature.avg(), Some(21.5));
         assert_eq!(temperature.last_at_ms, 2000);
+        assert!(!stats.metrics.contains_key("broken"));
         assert_eq!(DeviceStats::from_hash(Vec::new()), None);
+        assert_eq!(DeviceHeader::from_bytes(&header.to_bytes()), Some(header));
     }
 }

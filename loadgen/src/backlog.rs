@@ -371,13 +371,16 @@ pub async fn watch(
         pending.push(waiting);
         if until_empty {
             let generation = match &mut redis {
-                Some((connection, prefix)) => redis::cmd("HGET")
+                Some((connection, prefix)) => redis::cmd("HMGET")
                     .arg(contract::read_model::meta_key(prefix))
                     .arg(contract::read_model::meta::GENERATION)
-                    .query_async::<Option<String>>(connection)
+                    .arg(contract::read_model::meta::LAYOUT)
+                    .query_async::<(Option<u64>, Option<u64>)>(connection)
                     .await
                     .ok()
-                    .flatten()
+                    .and_then(|(generation, layout)| {
+                        contract::read_model::live_generation(generation, layout)
+                    })
                     .is_some(),
                 None => true,
             };

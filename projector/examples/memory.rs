@@ -70,8 +70,7 @@ async fn main() -> anyhow::Result<()> {
     for (what, key) in [
         ("device hash", &keys.stats),
         ("dedup record (applied ids)", &keys.applied),
-        ("10 s buckets", &keys.fine),
-        ("5 min buckets", &keys.coarse),
+        ("buckets (10 s and 5 min)", &keys.buckets),
     ] {
         let bytes: Option<u64> = redis::cmd("MEMORY")
             .arg("USAGE")

@@ -1,238 +1,188 @@
--- Applies a batch of one device's telemetry.recorded events to its read model, in one or
--- two generations (two while a rebuild is running), atomically, skipping every event the
--- generation already applied (redeliveries, republishes, a second projector, a replay).
+-- Applies one device's batch of telemetry.recorded events to its read model, in one or
+-- two generations (two while a rebuild is running), atomically, and only events the
+-- generation has not applied yet (redeliveries, republishes, a second projector, a
+-- replay are skipped).
 --
--- KEYS     per generation, 4 keys: device hash, applied-events set, 10 s buckets, 5 min buckets
--- ARGV[1]  now, ms since the epoch
--- ARGV[2]  dedup horizon, ms: how long an applied event id is remembered
--- ARGV[3], ARGV[4]  fine buckets: width and retention, ms
--- ARGV[5], ARGV[6]  coarse buckets: width and retention, ms
--- ARGV[7..] per event: event_id, recorded_at (ms), stream sequence, metric count n,
---           then n pairs of metric name and value (shortest round-trip decimal)
+-- The projector has folded the batch already (apply.rs, `DeviceFold`): the script gets
+-- the events' ids and, per field it touches, the figures of the batch alone, packed as
+-- little-endian doubles (contract::read_model). It merges each into the stored figures
+-- with the same rules as `MetricStats::merge` / `Aggregate::merge`: count and sum add,
+-- min and max, and "last" as the value with the latest recorded_at (on a tie, the larger
+-- value). Every rule is commutative, so the order events arrive in does not matter.
 --
--- Returns the number of events the first generation applied; the others were already there.
--- Every aggregate is commutative, so the order events arrive in does not matter:
--- count, sum, min, max, and "last" as the value with the latest recorded_at (on a tie,
--- the larger value). Buckets are chosen by recorded_at, so late data lands where it belongs.
+-- KEYS     per generation, 3 keys: device hash, applied-events set, buckets hash
+-- ARGV[1]  now, ms since the epoch, as text (the applied set's score)
+-- ARGV[2]  packed call header, 11 doubles: now, dedup horizon (ms), oldest 10 s bucket
+--          kept, oldest 5 min bucket kept, buckets hash expiry (ms), k events, first and
+--          last recorded_at (ms), highest stream sequence, M metrics, B bucket fields
+-- then     k event ids
+-- then     M pairs: device field `m:<metric>`, its packed figures (6 doubles)
+-- then     B pairs: bucket field `f<bucket>:<metric>` or `c<bucket>:<metric>`, its
+--          packed aggregate (4 doubles)
+--
+-- Returns one number per generation: k when the events were applied, 0 when every one
+-- of them was applied before (then only updated_at and as_of_seq move: the view is as
+-- of this delivery), -1 when some were and some were not. Then nothing was written to
+-- that generation: the batch's figures include events it has, and the projector
+-- applies those events again one call each.
 
-local now = tonumber(ARGV[1])
-local horizon = tonumber(ARGV[2])
-local resolutions = {
-  { width = tonumber(ARGV[3]), retention = tonumber(ARGV[4]), key = 1 },
-  { width = tonumber(ARGV[5]), retention = tonumber(ARGV[6]), key = 2 },
-}
-local FIRST_EVENT = 7
+local pack, unpack_packed = struct.pack, struct.unpack
+local call = { unpack_packed('<ddddddddddd', ARGV[2]) }
+local now, horizon, oldest_fine, oldest_coarse, buckets_ttl = call[1], call[2], call[3], call[4], call[5]
+local k, first_in, last_in, seq_in, M, B = call[6], call[7], call[8], call[9], call[10], call[11]
+local IDS = 3
+local METRICS = IDS + k
+local BUCKETS = METRICS + 2 * M
+-- Buckets are pruned once this many 10 s buckets (5 minutes) fell out of the retention.
+local PRUNE_EVERY = 30
 
--- Folds the new events' values into one bucket hash: one HMGET and one HSET for all
--- the fields the batch touches. Returns whether a bucket field was created.
-local function add_to_buckets(key, resolution, events)
-  local width = resolution.width
-  local fields, order = {}, {}
-  for _, event in ipairs(events) do
-    if event.recorded + width > now - resolution.retention then -- else the bucket expired already
-      local bucket = string.format('%d', math.floor(event.recorded / width))
-      for _, metric in ipairs(event.metrics) do
-        local field = bucket .. ':' .. metric.name
-        if fields[field] == nil then
-          fields[field] = {}
-          table.insert(order, field)
-        end
-        table.insert(fields[field], metric)
-      end
+-- Records the ids in the applied set if none of them is there: 'all' (recorded now),
+-- 'none' (every one was there) or 'mixed' (nothing recorded).
+local function record_applied(applied)
+  if k == 1 then
+    if redis.call('ZADD', applied, 'NX', ARGV[1], ARGV[IDS]) == 1 then
+      return 'all'
+    end
+    return 'none'
+  end
+  local scores = redis.call('ZMSCORE', applied, unpack(ARGV, IDS, METRICS - 1))
+  local present = 0
+  for i = 1, k do
+    if scores[i] then
+      present = present + 1
     end
   end
-  if #order == 0 then
-    return false
+  if present == k then
+    return 'none'
   end
-  local current = redis.call('HMGET', key, unpack(order))
+  if present > 0 then
+    return 'mixed'
+  end
+  local entries = {}
+  for i = IDS, METRICS - 1 do
+    entries[#entries + 1] = ARGV[1]
+    entries[#entries + 1] = ARGV[i]
+  end
+  redis.call('ZADD', applied, unpack(entries))
+  return 'all'
+end
+
+-- Drops the buckets that fell out of the retention: one HKEYS pass over the hash every
+-- PRUNE_EVERY 10 s buckets. Returns the oldest 10 s bucket kept from now on.
+local function prune(buckets, pruned)
+  if oldest_fine - pruned < PRUNE_EVERY then
+    return pruned
+  end
+  local stale = {}
+  for _, field in ipairs(redis.call('HKEYS', buckets)) do
+    local tag, bucket = string.match(field, '^([fc])(%-?%d+):')
+    bucket = tonumber(bucket)
+    if bucket and ((tag == 'f' and bucket < oldest_fine) or (tag == 'c' and bucket < oldest_coarse)) then
+      stale[#stale + 1] = field
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', buckets, unpack(stale))
+  end
+  return oldest_fine
+end
+
+-- Merges the batch's bucket aggregates into the buckets hash. Returns whether a bucket
+-- field was created (then the hash may need pruning and a new expiry).
+local function add_to_buckets(buckets)
+  local fields = {}
+  for j = 0, B - 1 do
+    fields[j + 1] = ARGV[BUCKETS + 2 * j]
+  end
+  local stored = redis.call('HMGET', buckets, unpack(fields))
   local updates, created = {}, false
-  for i, field in ipairs(order) do
-    local count, sum, min_text, max_text = 0, 0, nil, nil
-    if current[i] then
-      local c, s, mn, mx = string.match(current[i], '^(%S+) (%S+) (%S+) (%S+)$')
-      count, sum, min_text, max_text = tonumber(c), tonumber(s), mn, mx
+  for j = 1, B do
+    local batch = ARGV[BUCKETS + 2 * j - 1]
+    updates[#updates + 1] = fields[j]
+    if stored[j] then
+      local count, sum, min, max = unpack_packed('<dddd', stored[j])
+      local b_count, b_sum, b_min, b_max = unpack_packed('<dddd', batch)
+      if b_min < min then min = b_min end
+      if b_max > max then max = b_max end
+      updates[#updates + 1] = pack('<dddd', count + b_count, sum + b_sum, min, max)
     else
       created = true
+      updates[#updates + 1] = batch
     end
-    for _, metric in ipairs(fields[field]) do
-      count = count + 1
-      sum = sum + metric.value
-      if min_text == nil or metric.value < tonumber(min_text) then
-        min_text = metric.text
-      end
-      if max_text == nil or metric.value > tonumber(max_text) then
-        max_text = metric.text
-      end
-    end
-    table.insert(updates, field)
-    table.insert(updates, string.format('%d %.17g %s %s', count, sum, min_text, max_text))
   end
-  redis.call('HSET', key, unpack(updates))
+  redis.call('HSET', buckets, unpack(updates))
   return created
 end
 
--- Deletes the buckets that fell out of the retention, at most once a minute per key,
--- and lets the whole hash expire when the device stops sending. Needed only when a
--- bucket field was created: the expiry set then outlasts every older bucket.
-local function prune(key, resolution)
-  local width = resolution.width
-  local oldest_kept = math.floor((now - resolution.retention) / width) + 1
-  local pruned = tonumber(redis.call('HGET', key, '_pruned')) or 0
-  if oldest_kept - pruned >= math.max(1, math.floor(60000 / width)) then
-    for _, field in ipairs(redis.call('HKEYS', key)) do
-      local bucket = tonumber(string.match(field, '^(%-?%d+):'))
-      if bucket and bucket < oldest_kept then
-        redis.call('HDEL', key, field)
-      end
-    end
-    redis.call('HSET', key, '_pruned', oldest_kept)
+-- Every event was applied before: the figures stay, the view is as of now.
+local function touch(device)
+  local header = redis.call('HGET', device, 'h')
+  if header then
+    local first, last, count, seq, _, trim_at, pruned = unpack_packed('<ddddddd', header)
+    if seq_in > seq then seq = seq_in end
+    redis.call('HSET', device, 'h', pack('<ddddddd', first, last, count, seq, now, trim_at, pruned))
   end
-  redis.call('PEXPIRE', key, resolution.retention + width)
 end
-
--- The events of this call, parsed once.
-local function parse_events()
-  local events, max_seq = {}, 0
-  local i = FIRST_EVENT
-  while i <= #ARGV do
-    local event = { id = ARGV[i], recorded_text = ARGV[i + 1], recorded = tonumber(ARGV[i + 1]), metrics = {} }
-    local seq = tonumber(ARGV[i + 2])
-    local first_metric = i + 4
-    i = first_metric + 2 * tonumber(ARGV[i + 3])
-    for m = first_metric, i - 1, 2 do
-      table.insert(event.metrics, { name = ARGV[m], text = ARGV[m + 1], value = tonumber(ARGV[m + 1]) })
-    end
-    if seq > max_seq then
-      max_seq = seq
-    end
-    table.insert(events, event)
-  end
-  return events, max_seq
-end
-
-local EVENTS, MAX_SEQ = parse_events()
 
 local function apply_generation(device, applied, buckets)
-  local new = {}
-  for _, event in ipairs(EVENTS) do
-    if redis.call('ZADD', applied, 'NX', now, event.id) == 1 then
-      table.insert(new, event)
-    end
+  local recorded = record_applied(applied)
+  if recorded == 'mixed' then
+    return -1
   end
-  -- Read every field the new events touch at once, fold in locals, write the changed
-  -- fields at once. Field names are built once per metric, values kept as numbers.
-  local metrics, metric_of = {}, {}
-  local wanted = { 'as_of_seq', 'first_seen', 'last_seen', 'sample_count' }
-  for _, event in ipairs(new) do
-    for _, metric in ipairs(event.metrics) do
-      if not metric_of[metric.name] then
-        local field = 'm:' .. metric.name .. ':'
-        local state = {
-          name = metric.name,
-          first = #wanted + 1,
-          count_field = field .. 'count', sum_field = field .. 'sum',
-          min_field = field .. 'min', max_field = field .. 'max',
-          last_field = field .. 'last', last_at_field = field .. 'last_at',
-        }
-        wanted[#wanted + 1] = state.count_field
-        wanted[#wanted + 1] = state.sum_field
-        wanted[#wanted + 1] = state.min_field
-        wanted[#wanted + 1] = state.max_field
-        wanted[#wanted + 1] = state.last_field
-        wanted[#wanted + 1] = state.last_at_field
-        metric_of[metric.name] = state
-        metrics[#metrics + 1] = state
+  if recorded == 'none' then
+    touch(device)
+    return 0
+  end
+  local wanted = { 'h' }
+  for j = 0, M - 1 do
+    wanted[j + 2] = ARGV[METRICS + 2 * j]
+  end
+  local stored = redis.call('HMGET', device, unpack(wanted))
+  local first, last, count, seq, trim_at, pruned = first_in, last_in, 0, seq_in, 0, 0
+  if stored[1] then
+    local s_first, s_last, s_count, s_seq, _, s_trim_at, s_pruned = unpack_packed('<ddddddd', stored[1])
+    if s_first < first then first = s_first end
+    if s_last > last then last = s_last end
+    if s_seq > seq then seq = s_seq end
+    count, trim_at, pruned = s_count, s_trim_at, s_pruned
+  end
+  -- Slot 2 gets the header once the schedules below are settled.
+  local writes = { 'h', false }
+  for j = 1, M do
+    local batch = ARGV[METRICS + 2 * j - 1]
+    writes[#writes + 1] = wanted[j + 1]
+    if stored[j + 1] then
+      local n, sum, min, max, last_value, last_at = unpack_packed('<dddddd', stored[j + 1])
+      local b_n, b_sum, b_min, b_max, b_last, b_last_at = unpack_packed('<dddddd', batch)
+      if b_min < min then min = b_min end
+      if b_max > max then max = b_max end
+      if b_last_at > last_at or (b_last_at == last_at and b_last > last_value) then
+        last_value, last_at = b_last, b_last_at
       end
+      writes[#writes + 1] = pack('<dddddd', n + b_n, sum + b_sum, min, max, last_value, last_at)
+    else
+      writes[#writes + 1] = batch
     end
   end
-  local values = redis.call('HMGET', device, unpack(wanted))
-  for _, state in ipairs(metrics) do
-    local at = state.first
-    state.count = tonumber(values[at]) or 0
-    state.sum = tonumber(values[at + 1]) or 0
-    state.min_text, state.max_text = values[at + 2], values[at + 3]
-    state.min, state.max = tonumber(state.min_text), tonumber(state.max_text)
-    state.last_text, state.last_at_text = values[at + 4], values[at + 5]
-    state.last, state.last_at = tonumber(state.last_text), tonumber(state.last_at_text)
+  if B > 0 and add_to_buckets(buckets) then
+    pruned = prune(buckets, pruned)
+    redis.call('PEXPIRE', buckets, buckets_ttl)
   end
-  local as_of_seq = tonumber(values[1]) or 0
-  if MAX_SEQ > as_of_seq then
-    as_of_seq = MAX_SEQ
+  -- The applied set is trimmed to the horizon a tenth of the horizon at a time; its
+  -- expiry then outlasts every id recorded until the next trim by the horizon.
+  if now >= trim_at then
+    local step = math.floor(horizon / 10)
+    redis.call('ZREMRANGEBYSCORE', applied, '-inf', now - horizon)
+    redis.call('PEXPIRE', applied, horizon + step)
+    trim_at = now + step
   end
-  local first_seen, last_seen = tonumber(values[2]), tonumber(values[3])
-  local first_seen_text, last_seen_text = nil, nil
-  for _, event in ipairs(new) do
-    local recorded = event.recorded
-    if first_seen == nil or recorded < first_seen then
-      first_seen, first_seen_text = recorded, event.recorded_text
-    end
-    if last_seen == nil or recorded > last_seen then
-      last_seen, last_seen_text = recorded, event.recorded_text
-    end
-    for _, metric in ipairs(event.metrics) do
-      local state = metric_of[metric.name]
-      local value = metric.value
-      if state.count == 0 or value < state.min then
-        state.min, state.min_text, state.min_changed = value, metric.text, true
-      end
-      if state.count == 0 or value > state.max then
-        state.max, state.max_text, state.max_changed = value, metric.text, true
-      end
-      state.count = state.count + 1
-      state.sum = state.sum + value
-      if state.last_at == nil or recorded > state.last_at or (recorded == state.last_at and value > state.last) then
-        state.last, state.last_text = value, metric.text
-        state.last_at, state.last_at_text, state.last_changed = recorded, event.recorded_text, true
-      end
-    end
-  end
-  local writes = { 'updated_at', now, 'as_of_seq', string.format('%d', as_of_seq) }
-  if #new > 0 then
-    writes[#writes + 1] = 'sample_count'
-    writes[#writes + 1] = tostring((tonumber(values[4]) or 0) + #new)
-  end
-  if first_seen_text then
-    writes[#writes + 1] = 'first_seen'
-    writes[#writes + 1] = first_seen_text
-  end
-  if last_seen_text then
-    writes[#writes + 1] = 'last_seen'
-    writes[#writes + 1] = last_seen_text
-  end
-  for _, state in ipairs(metrics) do
-    writes[#writes + 1] = state.count_field
-    writes[#writes + 1] = tostring(state.count)
-    writes[#writes + 1] = state.sum_field
-    writes[#writes + 1] = string.format('%.17g', state.sum)
-    if state.min_changed then
-      writes[#writes + 1] = state.min_field
-      writes[#writes + 1] = state.min_text
-    end
-    if state.max_changed then
-      writes[#writes + 1] = state.max_field
-      writes[#writes + 1] = state.max_text
-    end
-    if state.last_changed then
-      writes[#writes + 1] = state.last_field
-      writes[#writes + 1] = state.last_text
-      writes[#writes + 1] = state.last_at_field
-      writes[#writes + 1] = state.last_at_text
-    end
-  end
+  writes[2] = pack('<ddddddd', first, last, count + k, seq, now, trim_at, pruned)
   redis.call('HSET', device, unpack(writes))
-  for _, resolution in ipairs(resolutions) do
-    if add_to_buckets(buckets[resolution.key], resolution, new) then
-      prune(buckets[resolution.key], resolution)
-    end
-  end
-  redis.call('ZREMRANGEBYSCORE', applied, '-inf', now - horizon)
-  redis.call('PEXPIRE', applied, horizon)
-  return #new
+  return k
 end
 
-local result = nil
-for g = 1, #KEYS, 4 do
-  local applied_count = apply_generation(KEYS[g], KEYS[g + 1], { KEYS[g + 2], KEYS[g + 3] })
-  result = result or applied_count
+local results = {}
+for g = 1, #KEYS, 3 do
+  results[#results + 1] = apply_generation(KEYS[g], KEYS[g + 1], KEYS[g + 2])
 end
-return result or 0
+return results

@@ -1,11 +1,17 @@
 //! Applying events to the Redis read model: one script call per device per batch.
+//!
+//! The batch's events are grouped by device and folded here, in the projector, into the
+//! figures of the batch alone (`DeviceFold`); `apply.lua` then records the events' ids
+//! and merges those figures into the stored ones. So Redis, which every projector
+//! shares, does one merge per touched field instead of one per event and metric, and
+//! never prints or parses a number.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use contract::event::TelemetryRecorded;
 use contract::read_model::{
-    listing_granule, DeviceKeys, DevicesIndex, COARSE, FINE, LISTING_TTL_MS,
+    fields, listing_granule, Aggregate, DeviceKeys, DevicesIndex, MetricStats, COARSE, FINE,
+    LISTING_TTL_MS,
 };
 use contract::timestamp::unix_millis;
 use redis::aio::ConnectionLike;
@@ -14,7 +20,7 @@ use redis::{RedisResult, Script};
 /// An event together with the stream sequence it was delivered at.
 #[derive(Debug, Clone)]
 pub struct Delivered {
-    pub event: TelemetryRecorded,
+    pub event: contract::event::TelemetryRecorded,
     pub stream_sequence: u64,
 }
 
@@ -38,11 +44,127 @@ pub struct ReadModel {
 /// (a few MiB).
 const LISTED_MAX: usize = 100_000;
 
+/// Fields one script call may touch at most; a device's longer batch (a replay spanning
+/// many buckets) is split over several calls, which keeps every `HMGET`/`HSET` far
+/// below Lua's limit on unpacked values.
+const FIELDS_PER_CALL_MAX: usize = 1_500;
+
 /// What one `apply` call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {
     pub applied: u64,
     pub duplicates: u64,
+}
+
+/// The figures of some events of one device, as `apply.lua` merges them into the
+/// stored ones: per metric its all-time figures, per bucket field (of a bucket still
+/// kept at `now_ms`) its aggregate.
+#[derive(Debug, Clone, PartialEq)]
+struct DeviceFold<'a> {
+    event_ids: Vec<&'a [u8]>,
+    first_recorded_ms: i64,
+    last_recorded_ms: i64,
+    max_sequence: u64,
+    metrics: BTreeMap<&'a str, MetricStats>,
+    buckets: BTreeMap<String, Aggregate>,
+}
+
+impl<'a> DeviceFold<'a> {
+    /// Folds `events` (of one device, no event id twice).
+    fn of(events: &[&'a Delivered], now_ms: i64) -> Self {
+        let oldest_kept = [FINE.oldest_kept(now_ms), COARSE.oldest_kept(now_ms)];
+        let mut fold = Self {
+            event_ids: Vec::with_capacity(events.len()),
+            first_recorded_ms: i64::MAX,
+            last_recorded_ms: i64::MIN,
+            max_sequence: 0,
+            metrics: BTreeMap::new(),
+            buckets: BTreeMap::new(),
+        };
+        for delivered in events {
+            let event = &delivered.event;
+            let recorded_ms = unix_millis(event.recorded_at);
+            fold.event_ids.push(event.event_id.as_bytes().as_slice());
+            fold.first_recorded_ms = fold.first_recorded_ms.min(recorded_ms);
+            fold.last_recorded_ms = fold.last_recorded_ms.max(recorded_ms);
+            fold.max_sequence = fold.max_sequence.max(delivered.stream_sequence);
+            for (name, &value) in &event.metrics {
+                let reading = MetricStats::of(value, recorded_ms);
+                fold.metrics
+                    .entry(name.as_str())
+                    .and_modify(|figures| *figures = figures.clone().merge(reading.clone()))
+                    .or_insert(reading);
+                for (resolution, oldest) in [FINE, COARSE].iter().zip(oldest_kept) {
+                    let bucket = resolution.bucket(recorded_ms);
+                    if bucket < oldest {
+                        continue; // already pruned (or about to be): in no window
+                    }
+                    fold.buckets
+                        .entry(resolution.field(bucket, name))
+                        .and_modify(|aggregate| *aggregate = aggregate.merge(Aggregate::of(value)))
+                        .or_insert(Aggregate::of(value));
+                }
+            }
+        }
+        fold
+    }
+
+    /// The call's arguments after the keys, as `apply.lua` reads them.
+    fn arguments(&self, now_ms: i64, dedup_horizon_ms: i64) -> Vec<Vec<u8>> {
+        let header: Vec<u8> = [
+            now_ms as f64,
+            dedup_horizon_ms as f64,
+            FINE.oldest_kept(now_ms) as f64,
+            COARSE.oldest_kept(now_ms) as f64,
+            (COARSE.retention_ms + COARSE.width_ms) as f64,
+            self.event_ids.len() as f64,
+            self.first_recorded_ms as f64,
+            self.last_recorded_ms as f64,
+            self.max_sequence as f64,
+            self.metrics.len() as f64,
+            self.buckets.len() as f64,
+        ]
+        .iter()
+        .flat_map(|number| number.to_le_bytes())
+        .collect();
+        let mut arguments = Vec::with_capacity(
+            2 + self.event_ids.len() + 2 * (self.metrics.len() + self.buckets.len()),
+        );
+        arguments.push(now_ms.to_string().into_bytes());
+        arguments.push(header);
+        arguments.extend(self.event_ids.iter().map(|id| id.to_vec()));
+        for (name, figures) in &self.metrics {
+            arguments.push(fields::metric(name).into_bytes());
+            arguments.push(figures.to_bytes());
+        }
+        for (field, aggregate) in &self.buckets {
+            arguments.push(field.as_bytes().to_vec());
+            arguments.push(aggregate.to_bytes());
+        }
+        arguments
+    }
+}
+
+/// Splits one device's events (each id once) into calls of at most
+/// [`FIELDS_PER_CALL_MAX`] fields, in order.
+fn calls_of<'a, 'b>(events: &'b [&'a Delivered]) -> Vec<&'b [&'a Delivered]> {
+    let mut calls = Vec::new();
+    let mut start = 0;
+    let mut fields = 0;
+    for (index, delivered) in events.iter().enumerate() {
+        // A metric's device field and its two bucket fields, at most.
+        let touched = 3 * delivered.event.metrics.len();
+        if index > start && fields + touched > FIELDS_PER_CALL_MAX {
+            calls.push(&events[start..index]);
+            start = index;
+            fields = 0;
+        }
+        fields += touched;
+    }
+    if start < events.len() {
+        calls.push(&events[start..]);
+    }
+    calls
 }
 
 impl ReadModel {
@@ -56,11 +178,58 @@ impl ReadModel {
         }
     }
 
+    /// Adds one `apply.lua` call for `events` (one device) to `pipeline`.
+    fn add_call(
+        &self,
+        pipeline: &mut redis::Pipeline,
+        generations: &[u64],
+        device_id: &str,
+        events: &[&Delivered],
+        now_ms: i64,
+    ) {
+        let command = pipeline
+            .cmd("EVALSHA")
+            .arg(self.apply_script.get_hash())
+            .arg(3 * generations.len());
+        for generation in generations {
+            let keys = DeviceKeys::new(&self.prefix, *generation, device_id);
+            command.arg(keys.stats).arg(keys.applied).arg(keys.buckets);
+        }
+        for argument in DeviceFold::of(events, now_ms).arguments(now_ms, self.dedup_horizon_ms) {
+            command.arg(argument);
+        }
+    }
+
+    /// Runs `pipeline`; on `NOSCRIPT` (Redis restarted) loads the scripts again and runs
+    /// it once more (the apply script skips whatever did apply).
+    async fn run<C: ConnectionLike, T: redis::FromRedisValue>(
+        &self,
+        connection: &mut C,
+        pipeline: &redis::Pipeline,
+    ) -> RedisResult<T> {
+        match pipeline.query_async(connection).await {
+            Err(error)
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                self.apply_script
+                    .prepare_invoke()
+                    .load_async(connection)
+                    .await?;
+                self.index_script
+                    .prepare_invoke()
+                    .load_async(connection)
+                    .await?;
+                pipeline.query_async(connection).await
+            }
+            result => result,
+        }
+    }
+
     /// Applies `events` (any devices, any order, duplicates allowed) to each of
     /// `generations` (the first one counts for [`Applied`]) in one pipeline: one script
     /// call per device, then one call moving each device in the devices index.
-    /// On `NOSCRIPT` (Redis restarted) the script is loaded again and the pipeline
-    /// retried; the script skips whatever did apply.
+    /// A generation that holds some but not all of a device's events gets those events
+    /// again one call each, in a second pipeline.
     pub async fn apply<C: ConnectionLike>(
         &self,
         connection: &mut C,
@@ -72,43 +241,21 @@ impl ReadModel {
             return Ok(Applied::default());
         }
         let mut by_device: BTreeMap<&str, Vec<&Delivered>> = BTreeMap::new();
+        let mut seen = HashSet::with_capacity(events.len());
         for delivered in events {
-            by_device
-                .entry(delivered.event.device_id.as_str())
-                .or_default()
-                .push(delivered);
+            if seen.insert(delivered.event.event_id) {
+                by_device
+                    .entry(delivered.event.device_id.as_str())
+                    .or_default()
+                    .push(delivered);
+            }
         }
         let mut pipeline = redis::pipe();
+        let mut calls: Vec<(&str, &[&Delivered])> = Vec::new();
         for (device_id, device_events) in &by_device {
-            let command = pipeline
-                .cmd("EVALSHA")
-                .arg(self.apply_script.get_hash())
-                .arg(4 * generations.len());
-            for generation in generations {
-                let keys = DeviceKeys::new(&self.prefix, *generation, device_id);
-                command
-                    .arg(keys.stats)
-                    .arg(keys.applied)
-                    .arg(keys.fine)
-                    .arg(keys.coarse);
-            }
-            command
-                .arg(now_ms)
-                .arg(self.dedup_horizon_ms)
-                .arg(FINE.width_ms)
-                .arg(FINE.retention_ms)
-                .arg(COARSE.width_ms)
-                .arg(COARSE.retention_ms);
-            for delivered in device_events {
-                let event = &delivered.event;
-                command
-                    .arg(event.event_id.as_bytes().as_slice())
-                    .arg(unix_millis(event.recorded_at))
-                    .arg(delivered.stream_sequence)
-                    .arg(event.metrics.len());
-                for (name, value) in &event.metrics {
-                    command.arg(name).arg(value.to_string());
-                }
+            for call in calls_of(device_events) {
+                self.add_call(&mut pipeline, generations, device_id, call, now_ms);
+                calls.push((device_id, call));
             }
         }
         // One index call per generation for the whole batch, after the device calls,
@@ -166,23 +313,36 @@ impl ReadModel {
             }
             command.ignore();
         }
-        let counts: Vec<u64> = match pipeline.query_async(connection).await {
-            Ok(counts) => counts,
-            Err(error)
-                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        let results: Vec<Vec<i64>> = self.run(connection, &pipeline).await?;
+        let mut applied = 0u64;
+        // A generation that held some of a call's events but not all got nothing from it
+        // (its figures include those it has): each event alone is all-or-nothing.
+        let mut retry = redis::pipe();
+        let mut retry_counts = Vec::new();
+        for ((device_id, call), per_generation) in calls.iter().zip(&results) {
+            for (position, (generation, result)) in
+                generations.iter().zip(per_generation).enumerate()
             {
-                self.apply_script
-                    .prepare_invoke()
-                    .load_async(connection)
-                    .await?;
-                self.index_script
-                    .prepare_invoke()
-                    .load_async(connection)
-                    .await?;
-                pipeline.query_async(connection).await?
+                if *result >= 0 {
+                    if position == 0 {
+                        applied += *result as u64;
+                    }
+                    continue;
+                }
+                for delivered in call.iter() {
+                    self.add_call(&mut retry, &[*generation], device_id, &[delivered], now_ms);
+                    retry_counts.push(position == 0);
+                }
             }
-            Err(error) => return Err(error),
-        };
+        }
+        if !retry_counts.is_empty() {
+            let results: Vec<Vec<i64>> = self.run(connection, &retry).await?;
+            for (counts, result) in retry_counts.into_iter().zip(results) {
+                if counts {
+                    applied += result.first().map_or(0, |count| (*count).max(0) as u64);
+                }
+            }
+        }
         let mut listed = self
             .listed
             .lock()
@@ -201,10 +361,120 @@ impl ReadModel {
                 devices.insert(device_id.to_owned(), granule);
             }
         }
-        let applied: u64 = counts.iter().sum();
         Ok(Applied {
             applied,
             duplicates: events.len() as u64 - applied,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use contract::event::TelemetryRecorded;
+    use contract::timestamp::from_unix_millis;
+    use time::OffsetDateTime;
+    use uuid::Uuid;
+
+    use super::*;
+
+    const NOW: i64 = 1_764_460_800_000;
+
+    fn delivered(recorded_ms: i64, sequence: u64, metrics: &[(&str, f64)]) -> Delivered {
+        Delivered {
+            event: TelemetryRecorded::new(
+                Uuid::now_v7(),
+                "sensor-1".to_owned(),
+                from_unix_millis(recorded_ms).expect("in range"),
+                OffsetDateTime::UNIX_EPOCH,
+                metrics
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), *value))
+                    .collect::<BTreeMap<_, _>>(),
+            ),
+            stream_sequence: sequence,
+        }
+    }
+
+    #[test]
+    fn a_fold_holds_the_batch_figures_per_metric_and_per_kept_bucket() {
+        let events = [
+            delivered(NOW - 5_000, 7, &[("temperature", 20.0), ("humidity", 40.0)]),
+            delivered(NOW - 1_000, 9, &[("temperature", 10.0)]),
+            delivered(NOW - 1_000, 8, &[("temperature", 30.0)]),
+            // Past the 10 s buckets' retention, inside the 5 min buckets'.
+            delivered(NOW - 2 * 3_600_000, 3, &[("temperature", 5.0)]),
+        ];
+        let references: Vec<&Delivered> = events.iter().collect();
+        let fold = DeviceFold::of(&references, NOW);
+        assert_eq!(fold.event_ids.len(), 4);
+        assert_eq!(fold.first_recorded_ms, NOW - 2 * 3_600_000);
+        assert_eq!(fold.last_recorded_ms, NOW - 1_000);
+        assert_eq!(fold.max_sequence, 9);
+        let temperature = &fold.metrics["temperature"];
+        assert_eq!(
+            (
+                temperature.count,
+                temperature.sum,
+                temperature.min,
+                temperature.max
+            ),
+            (4, 65.0, 5.0, 30.0)
+        );
+        assert_eq!(
+            (temperature.last, temperature.last_at_ms),
+            (30.0, NOW - 1_000),
+            "the latest reading, the larger value on a tie"
+        );
+        assert_eq!(fold.metrics["humidity"].count, 1);
+        // NOW is on a 10 s boundary: the three recent readings share the bucket before it.
+        let fine_now = FINE.field(FINE.bucket(NOW - 1_000), "temperature");
+        assert_eq!(fold.buckets[&fine_now].count, 3);
+        let old = NOW - 2 * 3_600_000;
+        assert!(!fold
+            .buckets
+            .contains_key(&FINE.field(FINE.bucket(old), "temperature")));
+        assert_eq!(
+            fold.buckets[&COARSE.field(COARSE.bucket(old), "temperature")].sum,
+            5.0
+        );
+    }
+
+    #[test]
+    fn the_call_header_is_eleven_packed_numbers_then_ids_metrics_and_buckets() {
+        let events = [delivered(NOW - 1_000, 1, &[("temperature", 20.0)])];
+        let references: Vec<&Delivered> = events.iter().collect();
+        let arguments = DeviceFold::of(&references, NOW).arguments(NOW, 900_000);
+        assert_eq!(arguments[0], NOW.to_string().into_bytes());
+        assert_eq!(arguments[1].len(), 11 * 8);
+        assert_eq!(arguments[2].len(), 16, "the event id's bytes");
+        assert_eq!(arguments[3], b"m:temperature");
+        assert_eq!(
+            MetricStats::from_bytes(&arguments[4]),
+            Some(MetricStats::of(20.0, NOW - 1_000))
+        );
+        assert_eq!(arguments.len(), 5 + 2 * 2, "two bucket fields");
+    }
+
+    #[test]
+    fn long_device_batches_are_split_into_calls_in_order() {
+        let many: Vec<(String, f64)> = (0..32).map(|index| (format!("m{index}"), 1.0)).collect();
+        let many: Vec<(&str, f64)> = many
+            .iter()
+            .map(|(name, value)| (name.as_str(), *value))
+            .collect();
+        let events: Vec<Delivered> = (0..40).map(|index| delivered(NOW, index, &many)).collect();
+        let references: Vec<&Delivered> = events.iter().collect();
+        let calls = calls_of(&references);
+        // 96 fields an event: 15 events (1,440 fields) a call.
+        assert_eq!(
+            calls.iter().map(|call| call.len()).collect::<Vec<_>>(),
+            vec![15, 15, 10]
+        );
+        let small = [delivered(NOW, 1, &[("temperature", 1.0)])];
+        let small: Vec<&Delivered> = small.iter().collect();
+        assert_eq!(calls_of(&small).len(), 1);
+        assert!(calls_of(&[]).is_empty());
     }
 }

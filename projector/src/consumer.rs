@@ -534,6 +534,7 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             Ok(Generations {
                 current: None,
                 building: None,
+                ..
             }) => true,
             Ok(Generations {
                 building: Some(_), ..

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_nats::jetstream::{self, consumer};
-use contract::read_model::{generation_pattern, meta, meta_key, rebuild_lock_key};
+use contract::read_model::{
+    generation_pattern, live_generation, meta, meta_key, rebuild_lock_key, LAYOUT,
+};
 use contract::subjects::Subjects;
 use contract::timestamp::unix_millis;
 use futures::StreamExt;
@@ -40,6 +42,9 @@ const SWITCH_GRACE: Duration = Duration::from_secs(2);
 pub struct Generations {
     pub current: Option<u64>,
     pub building: Option<u64>,
+    /// A generation named live but of another key layout ([`LAYOUT`]): no read model
+    /// as far as this version can tell; the rebuild replaces it and deletes its keys.
+    pub outdated: Option<u64>,
 }
 
 impl Generations {
@@ -47,13 +52,20 @@ impl Generations {
         connection: &mut ConnectionManager,
         prefix: &str,
     ) -> redis::RedisResult<Self> {
-        let (current, building): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-            .arg(meta_key(prefix))
-            .arg(meta::GENERATION)
-            .arg(meta::BUILDING)
-            .query_async(connection)
-            .await?;
-        Ok(Self { current, building })
+        let (generation, building, layout): (Option<u64>, Option<u64>, Option<u64>) =
+            redis::cmd("HMGET")
+                .arg(meta_key(prefix))
+                .arg(meta::GENERATION)
+                .arg(meta::BUILDING)
+                .arg(meta::LAYOUT)
+                .query_async(connection)
+                .await?;
+        let current = live_generation(generation, layout);
+        Ok(Self {
+            current,
+            building,
+            outdated: generation.filter(|_| current.is_none()),
+        })
     }
 
     /// Where live events go: the live generation first, then the one being built.
@@ -135,8 +147,9 @@ impl Rebuild {
             // A rebuild that lost its lock (its process died) left this half-built.
             delete_generation(&mut redis, prefix, abandoned).await?;
         }
+        let replaced = before.current.or(before.outdated);
         let now_ms = unix_millis(OffsetDateTime::now_utc()).max(0) as u64;
-        let generation = now_ms.max(before.current.map_or(0, |current| current + 1));
+        let generation = now_ms.max(replaced.map_or(0, |old| old + 1));
         let _: () = redis::cmd("HSET")
             .arg(meta_key(prefix))
             .arg(meta::BUILDING)
@@ -150,6 +163,7 @@ impl Rebuild {
             .key(rebuild_lock_key(prefix))
             .arg(generation)
             .arg(owner)
+            .arg(LAYOUT)
             .invoke_async(&mut redis)
             .await?;
         if switched != 1 {
@@ -160,7 +174,7 @@ impl Rebuild {
             replayed,
             "read model switched to the new generation"
         );
-        if let Some(old) = before.current.filter(|old| *old != generation) {
+        if let Some(old) = replaced.filter(|old| *old != generation) {
             tokio::time::sleep(SWITCH_GRACE).await;
             delete_generation(&mut redis, prefix, old).await?;
         }
@@ -272,12 +286,13 @@ fn release_script() -> Script {
     Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
 }
 
-/// Makes `generation` live, but only if this rebuild still owns the lock and the build.
+/// Makes `generation` live (of this layout), but only if this rebuild still owns the lock
+/// and the build.
 fn switch_script() -> Script {
     Script::new(
         "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
          if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
-         redis.call('HSET', KEYS[1], 'generation', ARGV[1])
+         redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3])
          redis.call('HDEL', KEYS[1], 'building')
          return 1",
     )

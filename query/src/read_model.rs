@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
-    fields, meta, meta_key, Aggregate, DeviceKeys, DeviceStats, DevicesIndex, Resolution, Window,
-    COARSE, FINE, WINDOWS,
+    fields, live_generation, meta, meta_key, Aggregate, DeviceHeader, DeviceKeys, DeviceStats,
+    DevicesIndex, Resolution, Window, COARSE, FINE, WINDOWS,
 };
 use redis::aio::ConnectionManager;
 use redis::RedisResult;
@@ -142,26 +142,27 @@ impl ReadModel {
     ) -> Result<(u64, Option<u64>), ReadError> {
         let assumed = self.last_generation.load(Ordering::Relaxed);
         let mut redis = self.redis.clone();
-        let (generation, sample_count): (Option<u64>, Option<u64>) = redis::pipe()
-            .cmd("HGET")
+        let (meta, header): (MetaFields, Option<Vec<u8>>) = redis::pipe()
+            .cmd("HMGET")
             .arg(meta_key(&self.prefix))
             .arg(meta::GENERATION)
+            .arg(meta::LAYOUT)
             .cmd("HGET")
             .arg(DeviceKeys::new(&self.prefix, assumed, device_id).stats)
-            .arg(fields::SAMPLE_COUNT)
+            .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;
-        let generation = generation.ok_or(ReadError::Rebuilding)?;
+        let generation = live_generation(meta.0, meta.1).ok_or(ReadError::Rebuilding)?;
         if generation == assumed {
-            return Ok((generation, sample_count));
+            return Ok((generation, sample_count(header)));
         }
         self.last_generation.store(generation, Ordering::Relaxed);
-        let sample_count: Option<u64> = redis::cmd("HGET")
+        let header: Option<Vec<u8>> = redis::cmd("HGET")
             .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
-            .arg(fields::SAMPLE_COUNT)
+            .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;
-        Ok((generation, sample_count))
+        Ok((generation, sample_count(header)))
     }
 
     pub async fn ping(&self) -> RedisResult<()> {
@@ -175,17 +176,18 @@ impl ReadModel {
     /// The live generation; [`ReadError::Rebuilding`] when there is none.
     pub async fn generation(&self) -> Result<u64, ReadError> {
         let mut redis = self.redis.clone();
-        let generation: Option<u64> = redis::cmd("HGET")
+        let (generation, layout): MetaFields = redis::cmd("HMGET")
             .arg(meta_key(&self.prefix))
             .arg(meta::GENERATION)
+            .arg(meta::LAYOUT)
             .query_async(&mut redis)
             .await?;
-        generation.ok_or(ReadError::Rebuilding)
+        live_generation(generation, layout).ok_or(ReadError::Rebuilding)
     }
 
     /// A device's figures and windows at `now_ms`, limited to `metrics` if given;
-    /// `None` for an unknown device. One round trip: the device hash and both bucket
-    /// hashes (a device keeps at most 1 h 5 min of 10 s buckets and 24 h 15 min of
+    /// `None` for an unknown device. One round trip: the device hash and its buckets
+    /// hash (a device keeps at most 1 h 5 min of 10 s buckets and 24 h 15 min of
     /// 5 min buckets per metric); the windows are summed here.
     pub async fn device(
         &self,
@@ -207,10 +209,9 @@ impl ReadModel {
     ) -> Result<Option<DeviceView>, ReadError> {
         let keys = DeviceKeys::new(&self.prefix, generation, device_id);
         let mut redis = self.redis.clone();
-        let (hash, fine, coarse): (Fields, Fields, Fields) = redis::pipe()
+        let (hash, buckets): (Fields, Fields) = redis::pipe()
             .hgetall(&keys.stats)
-            .hgetall(&keys.fine)
-            .hgetall(&keys.coarse)
+            .hgetall(&keys.buckets)
             .query_async(&mut redis)
             .await?;
         let Some(mut stats) = DeviceStats::from_hash(hash) else {
@@ -219,8 +220,8 @@ impl ReadModel {
         if let Some(wanted) = metrics {
             stats.metrics.retain(|name, _| wanted.contains(name));
         }
-        let fine = buckets_by_metric(fine, &stats, span(&FINE, now_ms));
-        let coarse = buckets_by_metric(coarse, &stats, span(&COARSE, now_ms));
+        let fine = buckets_by_metric(&buckets, &stats, &FINE, now_ms);
+        let coarse = buckets_by_metric(&buckets, &stats, &COARSE, now_ms);
         let none = BTreeMap::new();
         let windows = stats
             .metrics
@@ -257,13 +258,13 @@ impl ReadModel {
         let keys = DeviceKeys::new(&self.prefix, generation, device_id);
         let fields: Vec<String> = buckets
             .clone()
-            .map(|bucket| contract::read_model::bucket_field(bucket, metric))
+            .map(|bucket| resolution.field(bucket, metric))
             .collect();
         let mut redis = self.redis.clone();
-        let (exists, values): (bool, Vec<Option<String>>) = redis::pipe()
+        let (exists, values): (bool, Vec<Option<Vec<u8>>>) = redis::pipe()
             .exists(&keys.stats)
             .cmd("HMGET")
-            .arg(keys.buckets(&resolution))
+            .arg(&keys.buckets)
             .arg(&fields)
             .query_async(&mut redis)
             .await?;
@@ -273,7 +274,7 @@ impl ReadModel {
         Ok(Some(
             buckets
                 .zip(values)
-                .filter_map(|(bucket, value)| Some((bucket, Aggregate::parse(value.as_deref()?)?)))
+                .filter_map(|(bucket, value)| Some((bucket, Aggregate::from_bytes(&value?)?)))
                 .collect(),
         ))
     }
@@ -340,22 +341,27 @@ impl ReadModel {
         for entry in &visible {
             let device_id = DevicesIndex::device_of(entry).unwrap_or_default();
             pipeline
-                .cmd("HMGET")
+                .cmd("HGET")
                 .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
-                .arg(fields::LAST_SEEN)
-                .arg(fields::SAMPLE_COUNT);
+                .arg(fields::HEADER);
         }
-        let figures: Vec<(Option<i64>, Option<u64>)> = pipeline.query_async(&mut redis).await?;
+        let headers: Vec<Option<Vec<u8>>> = pipeline.query_async(&mut redis).await?;
         Ok(visible
             .into_iter()
-            .zip(figures)
-            .map(|(entry, (last_seen, count))| DeviceEntry {
-                device_id: DevicesIndex::device_of(&entry)
-                    .unwrap_or_default()
-                    .to_owned(),
-                last_seen_ms: last_seen.unwrap_or_default(),
-                sample_count: count.unwrap_or(0),
-                entry,
+            .zip(headers)
+            .map(|(entry, header)| {
+                let header = header
+                    .as_deref()
+                    .and_then(DeviceHeader::from_bytes)
+                    .unwrap_or_default();
+                DeviceEntry {
+                    device_id: DevicesIndex::device_of(&entry)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    last_seen_ms: header.last_seen_ms,
+                    sample_count: header.sample_count,
+                    entry,
+                }
             })
             .collect())
     }
@@ -373,23 +379,35 @@ fn span(resolution: &Resolution, now_ms: i64) -> std::ops::RangeInclusive<i64> {
     (current - longest + 1)..=current
 }
 
-/// A hash as `HGETALL` returns it.
-type Fields = Vec<(String, String)>;
+/// The meta hash's `generation` and `layout`.
+type MetaFields = (Option<u64>, Option<u64>);
 
-/// The buckets of a bucket hash (`<bucket>:<metric>` fields) in `span`, per metric of
-/// `stats`.
+/// A hash as `HGETALL` returns it: field names are text, the figures packed.
+type Fields = Vec<(String, Vec<u8>)>;
+
+/// The `sample_count` of a packed device header; `None` for an unknown device.
+fn sample_count(header: Option<Vec<u8>>) -> Option<u64> {
+    header
+        .as_deref()
+        .and_then(DeviceHeader::from_bytes)
+        .map(|header| header.sample_count)
+}
+
+/// The buckets of `resolution` in the buckets hash that some window needs at `now_ms`,
+/// per metric of `stats`.
 fn buckets_by_metric(
-    fields: Fields,
+    fields: &Fields,
     stats: &DeviceStats,
-    span: std::ops::RangeInclusive<i64>,
+    resolution: &Resolution,
+    now_ms: i64,
 ) -> BTreeMap<String, BTreeMap<i64, Aggregate>> {
+    let span = span(resolution, now_ms);
     let mut by_metric: BTreeMap<String, BTreeMap<i64, Aggregate>> = BTreeMap::new();
     for (field, value) in fields {
-        let Some((bucket, metric)) = field.split_once(':') else {
+        let Some((bucket, metric)) = resolution.parse_field(field) else {
             continue;
         };
-        let (Ok(bucket), Some(aggregate)) = (bucket.parse::<i64>(), Aggregate::parse(&value))
-        else {
+        let Some(aggregate) = Aggregate::from_bytes(value) else {
             continue;
         };
         if span.contains(&bucket) && stats.metrics.contains_key(metric) {

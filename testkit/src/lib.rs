@@ -13,7 +13,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
+use contract::read_model::{live_generation, meta, meta_key, DeviceKeys, DeviceStats, LAYOUT};
 use contract::settings::Settings;
 use contract::subjects::Subjects;
 use rand::Rng;
@@ -145,22 +145,38 @@ impl TestEnv {
         async_nats::jetstream::new(client)
     }
 
-    /// The live generation of the read model, if there is one.
+    /// The live generation of the read model, if there is one (of this layout).
     pub async fn generation(&self) -> Option<u64> {
         let mut redis = self.redis().await;
-        redis::cmd("HGET")
+        let (generation, layout): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
             .arg(meta_key(&self.settings.redis.prefix))
             .arg(meta::GENERATION)
+            .arg(meta::LAYOUT)
             .query_async(&mut redis)
             .await
-            .ok()?
+            .ok()?;
+        live_generation(generation, layout)
+    }
+
+    /// Makes `generation` the live one, of this layout, as a finished build would have.
+    pub async fn set_live_generation(&self, generation: u64) {
+        let mut redis = self.redis().await;
+        let () = redis::cmd("HSET")
+            .arg(meta_key(&self.settings.redis.prefix))
+            .arg(meta::GENERATION)
+            .arg(generation)
+            .arg(meta::LAYOUT)
+            .arg(LAYOUT)
+            .query_async(&mut redis)
+            .await
+            .expect("hset");
     }
 
     /// The read model of one device in the live generation, if any.
     pub async fn device_stats(&self, device_id: &str) -> Option<DeviceStats> {
         let generation = self.generation().await?;
         let mut redis = self.redis().await;
-        let hash: Vec<(String, String)> = redis::cmd("HGETALL")
+        let hash: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
             .arg(DeviceKeys::new(&self.settings.redis.prefix, generation, device_id).stats)
             .query_async(&mut redis)
             .await

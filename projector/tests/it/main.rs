@@ -2,6 +2,7 @@
 //! test has its own stream, durable consumer and Redis key prefix (see `testkit`), and
 //! runs the projector in this process.
 
+mod apply;
 mod dead_letters;
 mod lifecycle;
 mod metrics;

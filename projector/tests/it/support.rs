@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, publish::PublishAck};
 use async_nats::HeaderMap;
 use contract::event::{headers, TelemetryRecorded};
-use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
+use contract::read_model::{DeviceKeys, DeviceStats};
 use contract::reference::{ModelReading, ReferenceModel};
 use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
@@ -240,30 +240,33 @@ pub async fn live_generation(env: &TestEnv) -> u64 {
 
 /// Makes `generation` the live one, as a finished build would have.
 pub async fn set_live_generation(env: &TestEnv, generation: u64) {
-    let mut redis = env.redis().await;
-    let () = redis::cmd("HSET")
-        .arg(meta_key(&env.settings.redis.prefix))
-        .arg(meta::GENERATION)
-        .arg(generation)
-        .query_async(&mut redis)
-        .await
-        .expect("hset");
+    env.set_live_generation(generation).await;
 }
 
-/// The raw device hash in the live generation, without the fields that change on
-/// every apply (`updated_at`) or with every delivered message (`as_of_seq`): what
-/// "the figures" are.
-pub async fn figures(env: &TestEnv, device: &str) -> BTreeMap<String, String> {
-    let generation = live_generation(env).await;
+/// A device's buckets hash as stored: field, packed aggregate.
+pub type Buckets = BTreeMap<String, Vec<u8>>;
+
+/// A device's figures in the live generation as stored: its all-time figures (without
+/// `updated_at`, which changes on every apply, and `as_of_seq`, which moves with every
+/// delivered message) and its raw buckets hash.
+pub async fn figures(env: &TestEnv, device: &str) -> (DeviceStats, Buckets) {
+    figures_in(env, live_generation(env).await, device).await
+}
+
+/// [`figures`] in a given generation.
+pub async fn figures_in(env: &TestEnv, generation: u64, device: &str) -> (DeviceStats, Buckets) {
+    let keys = DeviceKeys::new(&env.settings.redis.prefix, generation, device);
     let mut redis = env.redis().await;
-    let hash: BTreeMap<String, String> = redis::cmd("HGETALL")
-        .arg(DeviceKeys::new(&env.settings.redis.prefix, generation, device).stats)
+    let (hash, buckets): (Vec<(String, Vec<u8>)>, Buckets) = redis::pipe()
+        .hgetall(&keys.stats)
+        .hgetall(&keys.buckets)
         .query_async(&mut redis)
         .await
         .expect("hgetall");
-    hash.into_iter()
-        .filter(|(field, _)| field != "updated_at" && field != "as_of_seq")
-        .collect()
+    let mut stats = DeviceStats::from_hash(hash).expect("device projected");
+    stats.updated_at_ms = 0;
+    stats.as_of_seq = 0;
+    (stats, buckets)
 }
 
 /// The reference figures of every device: the events folded by the project's

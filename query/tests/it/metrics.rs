@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use contract::event::TelemetryRecorded;
-use contract::read_model::{meta, meta_key};
+
 use contract::timestamp::{from_unix_millis, unix_millis};
 use projector::apply::{Delivered, ReadModel};
 use testkit::process::ServiceProcess;
@@ -17,14 +17,8 @@ const STATS: (&str, &str) = ("route", "/v1/devices/{device_id}/stats");
 /// Makes generation 1 live and applies one reading of `device` to it, as the projector
 /// would have.
 async fn one_projected_reading(env: &TestEnv, device: &str) {
+    env.set_live_generation(1).await;
     let mut redis = env.redis().await;
-    let () = redis::cmd("HSET")
-        .arg(meta_key(&env.settings.redis.prefix))
-        .arg(meta::GENERATION)
-        .arg(1)
-        .query_async(&mut redis)
-        .await
-        .expect("hset");
     let now = OffsetDateTime::now_utc();
     let event = TelemetryRecorded::new(
         Uuid::now_v7(),

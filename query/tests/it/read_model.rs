@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use contract::event::{headers, TelemetryRecorded};
-use contract::read_model::{meta, meta_key, WINDOWS};
+use contract::read_model::{generation_pattern, meta, meta_key, WINDOWS};
 use contract::reference::{sums_agree, ModelReading, ReferenceModel};
 use contract::subjects::Subjects;
 use contract::timestamp::{from_unix_millis, unix_millis};
@@ -397,6 +397,75 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
     })
     .await;
     assert_matches_model(&read_model(&env).await, &model).await;
+    query.stop().await;
+    projector.stop().await.expect("projector stops cleanly");
+}
+
+#[tokio::test]
+async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let jetstream = env.jetstream().await;
+    let projector = spawn_projector(&env.settings).await;
+    let query = Query::spawn(&env.settings).await;
+    let mut model = ReferenceModel::new();
+    for index in 0..20 {
+        let reading = aged(
+            &format!("layout-{}", index % 2),
+            index * 1_000,
+            index as f64,
+        );
+        publish(
+            &env.subjects,
+            &jetstream,
+            &event_of(&reading),
+            &reading.event_id.to_string(),
+        )
+        .await;
+        model.apply(reading);
+    }
+    wait_until_projected(&env, &model).await;
+    let old = env.generation().await.expect("a live generation");
+
+    // As a read model written before layouts were numbered looks to this version.
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("HDEL")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::LAYOUT)
+        .query_async(&mut redis)
+        .await
+        .expect("layout removed");
+    let expected = model.device("layout-1").expect("known").sample_count;
+    eventually(
+        DEADLINE,
+        "the read model rebuilt in this layout",
+        || async {
+            let response = query.get("/v1/devices/layout-1/stats").await;
+            match response.status().as_u16() {
+                503 => None,
+                200 => {
+                    let stats: Value = response.json().await.expect("json");
+                    let count = stats["sample_count"].as_u64().expect("count");
+                    assert!(count <= expected, "never more than the truth");
+                    (count == expected).then_some(())
+                }
+                status => panic!("only 503 or 200 while rebuilding, got {status}"),
+            }
+        },
+    )
+    .await;
+    let new = env.generation().await.expect("a live generation");
+    assert!(new > old, "a new generation replaced {old}");
+    assert_matches_model(&read_model(&env).await, &model).await;
+    eventually(DEADLINE, "the old generation's keys deleted", || async {
+        let leftovers: Vec<String> = redis::cmd("KEYS")
+            .arg(generation_pattern(&env.settings.redis.prefix, old))
+            .query_async(&mut env.redis().await)
+            .await
+            .expect("keys listed");
+        leftovers.is_empty().then_some(())
+    })
+    .await;
     query.stop().await;
     projector.stop().await.expect("projector stops cleanly");
 }

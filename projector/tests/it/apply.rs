@@ -1,0 +1,260 @@
+//! The read model's write path on its own: batches folded in the projector and merged
+//! by `apply.lua` — batches holding events a generation has and events it has not, two
+//! generations at once, pruning of buckets past their retention, and a device's batch
+//! too long for one script call.
+
+use contract::read_model::{DeviceKeys, COARSE, FINE};
+use projector::apply::{Applied, Delivered, ReadModel};
+use redis::aio::ConnectionManager;
+use testkit::TestEnv;
+
+use crate::support::{assert_figures, event, figures_in, now_ms, reference};
+
+fn read_model(env: &TestEnv) -> ReadModel {
+    ReadModel::new(env.settings.redis.prefix.clone(), 86_400_000)
+}
+
+async fn connection(env: &TestEnv) -> ConnectionManager {
+    let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
+    ConnectionManager::new(client)
+        .await
+        .expect("redis reachable")
+}
+
+/// `events` as delivered at stream sequences 1, 2, ...
+fn delivered(events: &[contract::event::TelemetryRecorded]) -> Vec<Delivered> {
+    events
+        .iter()
+        .zip(1..)
+        .map(|(event, stream_sequence)| Delivered {
+            event: event.clone(),
+            stream_sequence,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_of_events_applied_before_and_new_ones_applies_only_the_new_ones() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = read_model(&env);
+    let base = now_ms() - 120_000;
+    let events = [
+        event(
+            "sensor-1",
+            base,
+            &[("temperature", 20.5), ("humidity", 40.0)],
+        ),
+        event("sensor-1", base + 15_000, &[("temperature", 22.25)]),
+        event("sensor-1", base + 30_000, &[("temperature", 18.0)]),
+        event("sensor-1", base + 5_000, &[("humidity", 42.5)]),
+        event("sensor-2", base, &[("humidity", 60.0)]),
+    ];
+    let all = delivered(&events);
+
+    // Generation 1 gets two of sensor-1's events first, then everything in one batch.
+    let first = model
+        .apply(&mut redis, &[1], &all[..2], now_ms())
+        .await
+        .expect("first batch");
+    assert_eq!(
+        first,
+        Applied {
+            applied: 2,
+            duplicates: 0
+        }
+    );
+    let second = model
+        .apply(&mut redis, &[1], &all, now_ms())
+        .await
+        .expect("second batch");
+    assert_eq!(
+        second,
+        Applied {
+            applied: 3,
+            duplicates: 2
+        },
+        "only the three new events count"
+    );
+    // Generation 2 gets everything at once.
+    model
+        .apply(&mut redis, &[2], &all, now_ms())
+        .await
+        .expect("one batch");
+
+    let expected = reference(&events);
+    for device in ["sensor-1", "sensor-2"] {
+        let (incremental, incremental_buckets) = figures_in(&env, 1, device).await;
+        let (at_once, at_once_buckets) = figures_in(&env, 2, device).await;
+        assert_figures(device, &incremental, &expected[device]);
+        assert_eq!(incremental, at_once, "{device}: same figures either way");
+        assert_eq!(
+            incremental_buckets, at_once_buckets,
+            "{device}: same buckets either way"
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_generations_that_hold_different_events_each_get_exactly_what_they_lack() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = read_model(&env);
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..6)
+        .map(|index| {
+            event(
+                "sensor-1",
+                base + index * 7_000,
+                &[("temperature", index as f64 * 1.25)],
+            )
+        })
+        .collect();
+    let all = delivered(&events);
+    // The live generation has the even events, the one being built the first three.
+    let even: Vec<Delivered> = all.iter().step_by(2).cloned().collect();
+    model
+        .apply(&mut redis, &[1], &even, now_ms())
+        .await
+        .expect("live generation");
+    model
+        .apply(&mut redis, &[2], &all[..3], now_ms())
+        .await
+        .expect("generation being built");
+
+    let applied = model
+        .apply(&mut redis, &[1, 2], &all, now_ms())
+        .await
+        .expect("both generations");
+    assert_eq!(
+        applied,
+        Applied {
+            applied: 3,
+            duplicates: 3
+        },
+        "counted in the live generation"
+    );
+    let expected = reference(&events);
+    let (live, live_buckets) = figures_in(&env, 1, "sensor-1").await;
+    let (built, built_buckets) = figures_in(&env, 2, "sensor-1").await;
+    assert_figures("sensor-1", &live, &expected["sensor-1"]);
+    assert_figures("sensor-1", &built, &expected["sensor-1"]);
+    assert_eq!(live_buckets, built_buckets);
+}
+
+#[tokio::test]
+async fn buckets_past_their_retention_are_pruned_and_the_keys_expire() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = read_model(&env);
+    let now = now_ms();
+    let old = now - 60 * 60_000; // an hour ago: its 10 s bucket is still kept
+    let events = [event("sensor-1", old, &[("temperature", 1.0)])];
+    model
+        .apply(&mut redis, &[1], &delivered(&events), now)
+        .await
+        .expect("old reading");
+    let keys = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-1");
+    let fine_old = FINE.field(FINE.bucket(old), "temperature");
+    let coarse_old = COARSE.field(COARSE.bucket(old), "temperature");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&keys.buckets)
+        .query_async(&mut redis)
+        .await
+        .expect("hkeys");
+    assert!(fields.contains(&fine_old) && fields.contains(&coarse_old));
+
+    // Ten minutes later its 10 s bucket is past the 65 min retention; a reading that
+    // opens a new bucket prunes it, and keeps the 5 min bucket (kept 24 h 15 min).
+    let later = now + 10 * 60_000;
+    let newer = [event("sensor-1", later, &[("temperature", 2.0)])];
+    model
+        .apply(&mut redis, &[1], &delivered(&newer), later)
+        .await
+        .expect("new reading");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&keys.buckets)
+        .query_async(&mut redis)
+        .await
+        .expect("hkeys");
+    assert!(
+        !fields.contains(&fine_old),
+        "old 10 s bucket pruned: {fields:?}"
+    );
+    assert!(
+        fields.contains(&coarse_old),
+        "5 min bucket kept: {fields:?}"
+    );
+    assert!(fields.contains(&FINE.field(FINE.bucket(later), "temperature")));
+
+    // Both per-device keys that only matter for a while expire on their own.
+    for key in [&keys.buckets, &keys.applied] {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .expect("pttl");
+        assert!(ttl > 0, "{key} has an expiry");
+    }
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys.stats)
+        .query_async(&mut redis)
+        .await
+        .expect("pttl");
+    assert_eq!(ttl, -1, "the all-time figures stay");
+
+    // A reading older than every kept bucket counts all-time and in no bucket.
+    let ancient = [event(
+        "sensor-1",
+        now - 2 * 86_400_000,
+        &[("temperature", 3.0)],
+    )];
+    model
+        .apply(&mut redis, &[1], &delivered(&ancient), later)
+        .await
+        .expect("ancient reading");
+    let (stats, buckets) = figures_in(&env, 1, "sensor-1").await;
+    assert_eq!(stats.metrics["temperature"].count, 3);
+    assert_eq!(
+        buckets.len(),
+        3,
+        "no bucket for the ancient reading: {buckets:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_device_batch_too_long_for_one_call_is_applied_whole_over_several() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = read_model(&env);
+    let base = now_ms() - 50 * 60_000;
+    let names: Vec<String> = (0..32).map(|index| format!("m{index:02}")).collect();
+    // 60 readings of 32 metrics, each in its own 10 s bucket: 5,760 bucket fields.
+    let events: Vec<_> = (0..60)
+        .map(|index| {
+            let metrics: Vec<(&str, f64)> = names
+                .iter()
+                .map(|name| (name.as_str(), index as f64 + 0.5))
+                .collect();
+            event("sensor-1", base + index * 10_000, &metrics)
+        })
+        .collect();
+    let applied = model
+        .apply(&mut redis, &[1], &delivered(&events), now_ms())
+        .await
+        .expect("long batch");
+    assert_eq!(
+        applied,
+        Applied {
+            applied: 60,
+            duplicates: 0
+        }
+    );
+    let (stats, buckets) = figures_in(&env, 1, "sensor-1").await;
+    assert_figures("sensor-1", &stats, &reference(&events)["sensor-1"]);
+    let fine = buckets
+        .keys()
+        .filter(|field| field.starts_with('f'))
+        .count();
+    assert_eq!(fine, 60 * 32, "one 10 s bucket per reading and metric");
+}
