@@ -14,8 +14,9 @@
 //! the same order and cannot deadlock; a duplicate that is still being committed by
 //! another batch makes the insert wait for that commit, so the lookup sees it.
 //!
-//! A commit that inserted outbox rows signals the [`outbox_notify`](crate::outbox_notify) task once it has
-//! returned, which wakes the relays with a `NOTIFY` of its own, outside the commit.
+//! A commit that inserted outbox rows signals the [`outbox_notify`](crate::outbox_notify)
+//! task once it has returned; that task wakes the relays with a `NOTIFY` of its own,
+//! outside the commit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
