@@ -95,10 +95,17 @@ impl Backoff {
     }
 
     pub async fn sleep(&mut self, shutdown: &CancellationToken) {
+        let delay = self.next_delay();
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = tokio::time::sleep(self.delay) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
+    }
+
+    /// The delay to wait now; the next one is twice as long (at most 5 s).
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.delay;
         self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        delay
     }
 }

@@ -21,6 +21,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         3,
         include_str!("../migrations/0003_outbox_stream_seq_unique.sql"),
     ),
+    (
+        4,
+        include_str!("../migrations/0004_drop_outbox_notify_trigger.sql"),
+    ),
 ];
 
 /// Any constant works as long as every process uses the same one.

@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`db`]: connection pool and schema migrations (`migrations/*.sql`).
 //! - [`store`]: the group-committed write of reading, idempotency key and outbox row.
+//! - [`outbox_notify`]: the `NOTIFY outbox` that wakes the relays after a commit.
 //! - [`http`]: routes, the telemetry and batch handlers, problem+json errors, health, metrics.
 //! - [`limits`]: the per-device rate limit.
 //! - [`auth`]: bearer tokens (device, gateway, read), issued and verified.
@@ -18,6 +19,7 @@ pub mod bootstrap;
 pub mod db;
 pub mod http;
 pub mod limits;
+pub mod outbox_notify;
 pub mod relay;
 pub mod store;
 
@@ -41,6 +43,10 @@ pub async fn serve(
     let metrics = bootstrap::install_metrics();
     migrate_with_retry(&settings, &shutdown).await?;
     let pool = db::pool(&settings.database)?;
+    let notifier = outbox_notify::Notifier::new(
+        db::pg_config(&settings.database)?,
+        Duration::from_millis(settings.database.connect_timeout_ms),
+    );
     let (store, dispatcher) = Store::start(
         pool.clone(),
         GroupCommit {
@@ -49,6 +55,7 @@ pub async fn serve(
             parallel_min: settings.ingest.commit_parallel_min,
             queue_capacity: settings.ingest.queue_capacity,
         },
+        Some(notifier),
     );
     let state = http::AppState {
         store,

@@ -12,10 +12,15 @@
 //! vacuums a table it pruned once enough rows were deleted, so their space is reused
 //! even where autovacuum is off or late.
 //!
-//! The relay wakes on `NOTIFY outbox` (sent by a trigger when rows are inserted) and
-//! polls every `poll_interval_ms` as a fallback. It runs `rounds_in_flight` rounds at
-//! once, so rows committed while one round marks and commits are claimed by another
-//! right away. It never exits because PostgreSQL or
+//! The relay wakes on `NOTIFY outbox` and polls every `poll_interval_ms` as a fallback.
+//! Ingest sends that NOTIFY on a session of its own once a group commit that inserted
+//! outbox rows has returned ([`crate::outbox_notify`]), not from inside the commit: a
+//! transaction that queued a NOTIFY commits under a cluster-wide lock held until its
+//! WAL flush, which serialised ingest's parallel commits (the trigger that did so was
+//! dropped by migration 0004). A notification therefore always finds its rows
+//! committed; one lost (an ingest crash right after a commit) costs a poll interval.
+//! It runs `rounds_in_flight` rounds at once, so rows committed while one round marks
+//! and commits are claimed by another right away. It never exits because PostgreSQL or
 //! NATS is down: it backs off and tries again.
 //!
 //! Between rounds it checks that the stream still holds what it published and
@@ -561,8 +566,9 @@ DELETE FROM readings WHERE event_id IN (
     WHERE received_at < now() - make_interval(secs => $1)
     LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
-/// Holds a `LISTEN outbox` connection open and wakes the relay on each notification;
-/// reconnects with backoff when the connection drops, and wakes the relay then too.
+/// Holds a `LISTEN outbox` connection open and wakes the relay on each notification
+/// (ingest sends one after its commits); reconnects with backoff when the connection
+/// drops, and wakes the relay then too.
 async fn listen_for_inserts(
     config: tokio_postgres::Config,
     wake: Arc<Notify>,
@@ -584,7 +590,8 @@ async fn listen_for_inserts(
                         }
                     }
                 });
-                if client.batch_execute("LISTEN outbox").await.is_ok() {
+                let listen = format!("LISTEN {}", crate::outbox_notify::CHANNEL);
+                if client.batch_execute(&listen).await.is_ok() {
                     backoff.reset();
                     wake.notify_one();
                     tokio::select! {

@@ -13,6 +13,10 @@
 //! Each batch is sorted by (device, key) so concurrent batches take the key locks in
 //! the same order and cannot deadlock; a duplicate that is still being committed by
 //! another batch makes the insert wait for that commit, so the lookup sees it.
+//!
+//! A commit that inserted outbox rows signals the [`outbox_notify`](crate::outbox_notify)
+//! task once it has returned; that task wakes the relays with a `NOTIFY` of its own,
+//! outside the commit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -23,6 +27,8 @@ use deadpool_postgres::Pool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
+
+use crate::outbox_notify::{Notifier, Signal};
 
 /// A reading ready to be written, with everything its row, key and event hold.
 #[derive(Debug, Clone)]
@@ -122,11 +128,24 @@ pub struct GroupCommit {
 }
 
 impl Store {
-    /// Starts the dispatcher; it ends, after its last commit, once every `Store` clone
-    /// has been dropped.
-    pub fn start(pool: Pool, limits: GroupCommit) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the dispatcher, and the `notifier` that wakes the relays after commits
+    /// (without one the relays find new rows by polling). The returned task ends once
+    /// every `Store` clone has been dropped, after the last commit and its NOTIFY.
+    pub fn start(
+        pool: Pool,
+        limits: GroupCommit,
+        notifier: Option<Notifier>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(limits.queue_capacity);
-        let dispatcher = tokio::spawn(dispatch(pool, receiver, limits));
+        let (signal, notifier) = notifier.map(Notifier::start).unzip();
+        let dispatcher = tokio::spawn(async move {
+            dispatch(pool, receiver, limits, signal).await;
+            // The dispatcher dropped the last signal: the notifier sends what it owes
+            // and ends.
+            if let Some(notifier) = notifier {
+                let _ = notifier.await;
+            }
+        });
         (Self { queue }, dispatcher)
     }
 
@@ -164,7 +183,12 @@ impl Store {
 /// commit's time on this box). When `concurrency` commits are in flight and the batch is
 /// full the dispatcher stops taking submissions: the queue fills and [`Store::submit`]
 /// answers `Overloaded`.
-async fn dispatch(pool: Pool, mut receiver: mpsc::Receiver<Pending>, limits: GroupCommit) {
+async fn dispatch(
+    pool: Pool,
+    mut receiver: mpsc::Receiver<Pending>,
+    limits: GroupCommit,
+    signal: Option<Signal>,
+) {
     let mut commits = tokio::task::JoinSet::new();
     let mut batch = Batch::default();
     let mut open = true;
@@ -174,8 +198,9 @@ async fn dispatch(pool: Pool, mut receiver: mpsc::Receiver<Pending>, limits: Gro
         }
         if batch.may_start(commits.len(), &limits) {
             let pool = pool.clone();
+            let signal = signal.clone();
             let submissions = batch.start_next();
-            commits.spawn(async move { commit_batch(&pool, submissions).await });
+            commits.spawn(async move { commit_batch(&pool, submissions, signal.as_ref()).await });
             continue;
         }
         if !open && batch.is_empty() && commits.is_empty() {
@@ -251,7 +276,7 @@ impl Batch {
     }
 }
 
-async fn commit_batch(pool: &Pool, batch: Vec<Pending>) {
+async fn commit_batch(pool: &Pool, batch: Vec<Pending>, signal: Option<&Signal>) {
     // Sorted by (device, key) so concurrent commits lock keys in the same order; the
     // sort is stable, so of two equal keys the one submitted first is stored.
     let readings: Vec<&NewReading> = batch.iter().flat_map(|pending| &pending.readings).collect();
@@ -262,7 +287,7 @@ async fn commit_batch(pool: &Pool, batch: Vec<Pending>) {
     });
     let sorted: Vec<&NewReading> = order.iter().map(|&index| readings[index]).collect();
     let started = Instant::now();
-    let result = write(pool, &sorted).await;
+    let result = write(pool, &sorted, signal).await;
     metrics::histogram!("ingest_commit_batch_size").record(sorted.len() as f64);
     metrics::histogram!("ingest_commit_seconds").record(started.elapsed().as_secs_f64());
     match result {
@@ -330,7 +355,12 @@ struct StoredKey {
 }
 
 /// One statement for the batch, and one look-up when some keys were already there.
-async fn write(pool: &Pool, readings: &[&NewReading]) -> Result<Vec<Outcome>, anyhow::Error> {
+/// `signal` is raised as soon as the statement committed outbox rows.
+async fn write(
+    pool: &Pool,
+    readings: &[&NewReading],
+    signal: Option<&Signal>,
+) -> Result<Vec<Outcome>, anyhow::Error> {
     let client = pool.get().await?;
     let insert = client.prepare_cached(INSERT).await?;
     let device_ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
@@ -367,6 +397,11 @@ async fn write(pool: &Pool, readings: &[&NewReading]) -> Result<Vec<Outcome>, an
         .iter()
         .map(|row| row.get(0))
         .collect();
+    // The statement has committed (the rows are visible): wake the relays, also when
+    // the look-up below fails.
+    if let Some(signal) = signal.filter(|_| !inserted.is_empty()) {
+        signal.raise();
+    }
     if inserted.len() == readings.len() {
         return Ok(readings
             .iter()

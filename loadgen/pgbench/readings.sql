@@ -1,12 +1,18 @@
 -- pgbench script for scripts/bench: one transaction writing :n readings with the
 -- statement shape of ingest's group commit (INSERT in ingest/src/store.rs): the
 -- idempotency keys with ON CONFLICT DO NOTHING RETURNING, then, for the keys inserted,
--- the readings and the outbox rows (whose trigger notifies the relay) - one implicit
--- transaction, one commit. Ingest binds the values as arrays (unnest); here the same
--- rows are made in the statement, with time-ordered event ids like ingest's UUIDv7.
+-- the readings and the outbox rows - one implicit transaction, one commit. Ingest binds
+-- the values as arrays (unnest); here the same rows are made in the statement, with
+-- time-ordered event ids like ingest's UUIDv7.
 --
---   pgbench -n -M prepared -f readings.sql -D n=1   -c 64 -j 2 -T 10 bench_pgbench
---   pgbench -n -M prepared -f readings.sql -D n=500 -c 4  -j 2 -T 10 bench_pgbench
+-- With notify=1 the transaction also queues `NOTIFY outbox`, as the trigger dropped by
+-- migration 0004 did in every group commit: that shows what it cost (PostgreSQL
+-- serialises the commits of notifying transactions). Ingest now notifies after the
+-- commit, on a session of its own. notify=0 is ingest's statement.
+--
+--   pgbench -n -M prepared -f readings.sql -D n=1   -D notify=0 -c 64 -j 2 -T 10 bench_pgbench
+--   pgbench -n -M prepared -f readings.sql -D n=500 -D notify=0 -c 4  -j 2 -T 10 bench_pgbench
+--   pgbench -n -M prepared -f readings.sql -D n=1   -D notify=1 -c 64 -j 2 -T 10 bench_pgbench
 \set r random(1, 9000000000000000000)
 WITH made AS (
     SELECT g,
@@ -42,5 +48,8 @@ WITH made AS (
     INSERT INTO outbox (event_id, device_id, payload)
     SELECT input.event_id, device_id, payload
     FROM input JOIN keys USING (event_id)
+), notified AS (
+    -- Evaluated once (a volatile CTE is materialised), and only when notify=1.
+    SELECT pg_notify('outbox', '') WHERE :notify::int = 1
 )
-SELECT event_id FROM keys;
+SELECT event_id FROM keys WHERE (SELECT count(*) FROM notified) >= 0;

@@ -15,6 +15,7 @@ use async_nats::jetstream;
 use contract::reading::Reading;
 use contract::settings::DatabaseSettings;
 use futures::StreamExt;
+use ingest::outbox_notify::Notifier;
 use ingest::store::{GroupCommit, NewReading, Outcome, Store};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -53,12 +54,18 @@ pub async fn fill(
         parallel_min: 32,
         queue_capacity: 8192,
     };
-    let pool = ingest::db::pool(&DatabaseSettings {
+    let database = DatabaseSettings {
         url: database_url.to_owned(),
         pool_size: 8,
         connect_timeout_ms: 5000,
-    })?;
-    let (store, dispatcher) = Store::start(pool, limits);
+    };
+    let pool = ingest::db::pool(&database)?;
+    // With ingest's NOTIFY after each commit, so the figure includes what ingest pays.
+    let notifier = Notifier::new(
+        ingest::db::pg_config(&database)?,
+        Duration::from_millis(database.connect_timeout_ms),
+    );
+    let (store, dispatcher) = Store::start(pool, limits, Some(notifier));
     let run = run_id();
     let started = Instant::now();
     let mut statuses = Statuses::default();

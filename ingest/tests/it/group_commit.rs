@@ -2,8 +2,10 @@
 //! commits, every submission answered, every key stored once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use contract::reading::Reading;
+use ingest::outbox_notify::Notifier;
 use ingest::store::{GroupCommit, NewReading, Outcome, Store};
 use testkit::TestEnv;
 use time::OffsetDateTime;
@@ -30,7 +32,11 @@ async fn parallel_commits_store_each_key_once_and_answer_every_submission() {
         parallel_min: 1,
         queue_capacity: 10_000,
     };
-    let (store, dispatcher) = Store::start(pool, limits);
+    let notifier = Notifier::new(
+        ingest::db::pg_config(&env.settings.database).expect("database url"),
+        Duration::from_secs(2),
+    );
+    let (store, dispatcher) = Store::start(pool, limits, Some(notifier));
 
     // 200 keys over 20 devices; each key sent three times, twice with the same reading
     // and once with a different one, in an order that spreads the copies of a key over

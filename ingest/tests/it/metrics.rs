@@ -92,6 +92,15 @@ async fn ingest_metrics_count_each_request_outcome_and_group_commit() {
         "the request is timed under its route"
     );
     assert!(accepted.has("http_request_duration_seconds_bucket"));
+    // The commit inserted an outbox row: ingest wakes the relays once it returned.
+    let notifies = |scrape: &Scrape| scrape.value_or_zero("ingest_outbox_notify_total", &[]);
+    ingest
+        .metrics_until(
+            Duration::from_secs(5),
+            "a NOTIFY after the commit",
+            |scrape| (notifies(scrape) >= notifies(&start) + 1.0).then_some(()),
+        )
+        .await;
 
     // Replayed: the same key and reading again.
     let replay = post(&ingest, Some("k-1"), &body).await;
