@@ -118,6 +118,8 @@ pub struct ProjectorSettings {
     pub admin_listen: SocketAddr,
     /// Messages applied in one Redis pipeline.
     pub batch_size: usize,
+    /// Batches being applied at once: while Redis works on one, the next is sent.
+    pub batches_in_flight: usize,
     /// How long JetStream waits for an ack before redelivering.
     pub ack_wait_secs: u64,
     /// How long an applied event id is remembered to skip redeliveries.
@@ -286,6 +288,10 @@ impl Settings {
             ),
             ("ingest.queue_capacity", self.ingest.queue_capacity),
             ("projector.batch_size", self.projector.batch_size),
+            (
+                "projector.batches_in_flight",
+                self.projector.batches_in_flight,
+            ),
             ("relay.rounds_in_flight", self.relay.rounds_in_flight),
         ] {
             if value == 0 {
