@@ -4,22 +4,12 @@
 //! too long for one script call.
 
 use contract::read_model::{DeviceKeys, COARSE, FINE};
-use projector::apply::{Applied, Delivered, ReadModel};
-use redis::aio::ConnectionManager;
+use projector::apply::{Applied, Delivered};
 use testkit::TestEnv;
 
-use crate::support::{assert_figures, event, figures_in, now_ms, reference};
-
-fn read_model(env: &TestEnv) -> ReadModel {
-    ReadModel::new(env.settings.redis.prefix.clone(), 86_400_000)
-}
-
-async fn connection(env: &TestEnv) -> ConnectionManager {
-    let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
-    ConnectionManager::new(client)
-        .await
-        .expect("redis reachable")
-}
+use crate::support::{
+    assert_figures, connection, direct_read_model, event, figures_in, now_ms, reference,
+};
 
 /// `events` as delivered at stream sequences 1, 2, ...
 fn delivered(events: &[contract::event::TelemetryRecorded]) -> Vec<Delivered> {
@@ -37,7 +27,7 @@ fn delivered(events: &[contract::event::TelemetryRecorded]) -> Vec<Delivered> {
 async fn a_batch_of_events_applied_before_and_new_ones_applies_only_the_new_ones() {
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
-    let model = read_model(&env);
+    let model = direct_read_model(&env);
     let base = now_ms() - 120_000;
     let events = [
         event(
@@ -99,7 +89,7 @@ async fn a_batch_of_events_applied_before_and_new_ones_applies_only_the_new_ones
 async fn two_generations_that_hold_different_events_each_get_exactly_what_they_lack() {
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
-    let model = read_model(&env);
+    let model = direct_read_model(&env);
     let base = now_ms() - 60_000;
     let events: Vec<_> = (0..6)
         .map(|index| {
@@ -146,7 +136,7 @@ async fn two_generations_that_hold_different_events_each_get_exactly_what_they_l
 async fn buckets_past_their_retention_are_pruned_and_the_keys_expire() {
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
-    let model = read_model(&env);
+    let model = direct_read_model(&env);
     let now = now_ms();
     let old = now - 60 * 60_000; // an hour ago: its 10 s bucket is still kept
     let events = [event("sensor-1", old, &[("temperature", 1.0)])];
@@ -226,7 +216,7 @@ async fn buckets_past_their_retention_are_pruned_and_the_keys_expire() {
 async fn a_device_batch_too_long_for_one_call_is_applied_whole_over_several() {
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
-    let model = read_model(&env);
+    let model = direct_read_model(&env);
     let base = now_ms() - 50 * 60_000;
     let names: Vec<String> = (0..32).map(|index| format!("m{index:02}")).collect();
     // 60 readings of 32 metrics, each in its own 10 s bucket: 5,760 bucket fields.

@@ -5,30 +5,18 @@ use std::collections::BTreeMap;
 
 use contract::event::TelemetryRecorded;
 use contract::read_model::DeviceStats;
-use projector::apply::{Applied, Delivered, ReadModel};
+use projector::apply::{Applied, Delivered};
 use proptest::prelude::*;
-use redis::aio::ConnectionManager;
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
-    assert_figures, drained, event, figures, now_ms, projected, publish, publish_with_id,
-    reference, set_live_generation, stream_messages, streams, Projector, CATCH_UP,
+    assert_figures, connection, direct_read_model, drained, event, figures, now_ms, projected,
+    publish, publish_with_id, reference, set_live_generation, stream_messages, streams, Projector,
+    CATCH_UP,
 };
 
 /// The generation the tests that apply directly write to (and make live).
 const GENERATION: u64 = 1;
-
-/// The read model as the projector uses it, under `prefix`.
-fn read_model(prefix: &str) -> ReadModel {
-    ReadModel::new(prefix.to_owned(), 86_400_000)
-}
-
-async fn connection(env: &TestEnv) -> ConnectionManager {
-    let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
-    ConnectionManager::new(client)
-        .await
-        .expect("redis reachable")
-}
 
 #[tokio::test]
 async fn an_event_stored_twice_in_the_stream_is_counted_once_and_as_of_seq_advances() {
@@ -95,7 +83,6 @@ async fn an_event_stored_twice_in_the_stream_is_counted_once_and_as_of_seq_advan
 #[tokio::test]
 async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
     let env = TestEnv::new();
-    let prefix = &env.settings.redis.prefix;
     let mut redis = connection(&env).await;
     set_live_generation(&env, GENERATION).await;
     let base = now_ms() - 60_000;
@@ -120,7 +107,7 @@ async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
     // The same event twice in one batch, as a redelivery racing its original.
     batch.push(batch[1].clone());
 
-    let model = read_model(prefix);
+    let model = direct_read_model(&env);
     let first = model
         .apply(&mut redis, &[GENERATION], &batch, now_ms())
         .await
@@ -198,7 +185,7 @@ async fn events_applied_before_a_crash_are_skipped_when_the_projector_receives_t
     // acking them: JetStream still holds them as undelivered for the durable consumer.
     set_live_generation(&env, GENERATION).await;
     let mut redis = connection(&env).await;
-    read_model(&env.settings.redis.prefix)
+    direct_read_model(&env)
         .apply(&mut redis, &[GENERATION], &delivered[..3], now_ms())
         .await
         .expect("applied before the crash");
@@ -297,7 +284,7 @@ proptest! {
                     stream_sequence: *index as u64 + 1,
                 })
                 .collect();
-            let model = read_model(&env.settings.redis.prefix);
+            let model = direct_read_model(&env);
             let mut rest = deliveries.as_slice();
             let mut sizes = batch_sizes.iter().cycle();
             let mut applied = 0;

@@ -11,6 +11,8 @@ use contract::read_model::{DeviceKeys, DeviceStats};
 use contract::reference::{ModelReading, ReferenceModel};
 use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
+use projector::apply::ReadModel;
+use redis::aio::ConnectionManager;
 use testkit::{eventually, TestEnv};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
@@ -77,6 +79,20 @@ pub fn event(device: &str, recorded_at_ms: i64, metrics: &[(&str, f64)]) -> Tele
             .map(|(name, value)| ((*name).to_owned(), *value))
             .collect(),
     )
+}
+
+/// The read model as the projector uses it (a day's dedup horizon), for tests that
+/// apply batches directly.
+pub fn direct_read_model(env: &TestEnv) -> ReadModel {
+    ReadModel::new(env.settings.redis.prefix.clone(), 86_400_000)
+}
+
+/// A Redis connection as the projector has one.
+pub async fn connection(env: &TestEnv) -> ConnectionManager {
+    let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
+    ConnectionManager::new(client)
+        .await
+        .expect("redis reachable")
 }
 
 /// Now, in milliseconds since the epoch.

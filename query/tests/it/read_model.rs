@@ -52,6 +52,17 @@ async fn publish(
         .expect("publish acknowledged");
 }
 
+/// Publishes a reading's event as the relay does, its event id as the message id.
+async fn publish_reading(env: &TestEnv, jetstream: &jetstream::Context, reading: &ModelReading) {
+    publish(
+        &env.subjects,
+        jetstream,
+        &event_of(reading),
+        &reading.event_id.to_string(),
+    )
+    .await;
+}
+
 fn event_of(reading: &ModelReading) -> TelemetryRecorded {
     TelemetryRecorded::new(
         reading.event_id,
@@ -258,13 +269,7 @@ async fn readings_at_known_ages_fall_in_exactly_their_windows() {
     ];
     for (index, age) in ages.iter().enumerate() {
         let reading = aged("edges", *age, index as f64 + 1.0);
-        publish(
-            &env.subjects,
-            &jetstream,
-            &event_of(&reading),
-            &reading.event_id.to_string(),
-        )
-        .await;
+        publish_reading(&env, &jetstream, &reading).await;
     }
     let stats: Value = eventually(DEADLINE, "all six readings projected", || async {
         let (status, stats) = query.stats("edges", "").await;
@@ -332,13 +337,7 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
     let mut model = ReferenceModel::new();
     for index in 0..40 {
         let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
-        publish(
-            &env.subjects,
-            &jetstream,
-            &event_of(&reading),
-            &reading.event_id.to_string(),
-        )
-        .await;
+        publish_reading(&env, &jetstream, &reading).await;
         model.apply(reading);
     }
     wait_until_projected(&env, &model).await;
@@ -366,13 +365,7 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
     // Readings keep arriving during the outage.
     for index in 40..50 {
         let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
-        publish(
-            &env.subjects,
-            &jetstream,
-            &event_of(&reading),
-            &reading.event_id.to_string(),
-        )
-        .await;
+        publish_reading(&env, &jetstream, &reading).await;
         model.apply(reading);
     }
     let expected = model.device("heal-1").expect("known").sample_count;
@@ -448,13 +441,7 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
 
     // A new reading shows at once as well.
     let newer = aged("cached-1", 500, 30.0);
-    publish(
-        &env.subjects,
-        &jetstream,
-        &event_of(&newer),
-        &newer.event_id.to_string(),
-    )
-    .await;
+    publish_reading(&env, &jetstream, &newer).await;
     eventually(DEADLINE, "the new reading visible", || async {
         let (_, stats) = query.stats("cached-1", "").await;
         (stats["sample_count"] == 2 && stats["metrics"]["temperature"]["last"] == 30.0)
@@ -479,13 +466,7 @@ async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
             index * 1_000,
             index as f64,
         );
-        publish(
-            &env.subjects,
-            &jetstream,
-            &event_of(&reading),
-            &reading.event_id.to_string(),
-        )
-        .await;
+        publish_reading(&env, &jetstream, &reading).await;
         model.apply(reading);
     }
     wait_until_projected(&env, &model).await;
@@ -543,13 +524,7 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
     let mut model = ReferenceModel::new();
     for index in 0..100 {
         let reading = aged(&format!("rb-{}", index % 5), index * 10_000, index as f64);
-        publish(
-            &env.subjects,
-            &jetstream,
-            &event_of(&reading),
-            &reading.event_id.to_string(),
-        )
-        .await;
+        publish_reading(&env, &jetstream, &reading).await;
         model.apply(reading);
     }
     wait_until_projected(&env, &model).await;
@@ -627,13 +602,7 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
     let mut model = ReferenceModel::new();
     for index in 0..30 {
         let reading = aged(&format!("walk-{index:02}"), 30_000 + index * 20_000, 1.0);
-        publish(
-            &env.subjects,
-            &jetstream,
-            &event_of(&reading),
-            &reading.event_id.to_string(),
-        )
-        .await;
+        publish_reading(&env, &jetstream, &reading).await;
         model.apply(reading);
     }
     wait_until_projected(&env, &model).await;
@@ -655,13 +624,7 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
         for index in [page_number * 4 - 2, page_number * 4 + 3] {
             if index < 30 {
                 let reading = aged(&format!("walk-{index:02}"), 0, 2.0);
-                publish(
-                    &env.subjects,
-                    &jetstream,
-                    &event_of(&reading),
-                    &reading.event_id.to_string(),
-                )
-                .await;
+                publish_reading(&env, &jetstream, &reading).await;
                 model.apply(reading);
             }
         }
