@@ -20,7 +20,7 @@ use testkit::{eventually, TestEnv};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::support::{ensure_streams, spawn_projector, Query, DEADLINE};
+use crate::support::{ensure_streams, spawn_projector, ReadSide, DEADLINE};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -253,11 +253,8 @@ fn aged(device: &str, age_ms: i64, value: f64) -> ModelReading {
 
 #[tokio::test]
 async fn readings_at_known_ages_fall_in_exactly_their_windows() {
-    let env = TestEnv::new();
-    ensure_streams(&env).await;
-    let jetstream = env.jetstream().await;
-    let projector = spawn_projector(&env.settings).await;
-    let query = Query::spawn(&env.settings).await;
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     // Ages 20 s, 3 min, 10 min, 40 min, 3 h, 30 h with values 1 to 6.
     let ages = [
         20_000,
@@ -269,7 +266,7 @@ async fn readings_at_known_ages_fall_in_exactly_their_windows() {
     ];
     for (index, age) in ages.iter().enumerate() {
         let reading = aged("edges", *age, index as f64 + 1.0);
-        publish_reading(&env, &jetstream, &reading).await;
+        publish_reading(env, jetstream, &reading).await;
     }
     let stats: Value = eventually(DEADLINE, "all six readings projected", || async {
         let (status, stats) = query.stats("edges", "").await;
@@ -323,24 +320,20 @@ async fn readings_at_known_ages_fall_in_exactly_their_windows() {
         .filter_map(|point| point["count"].as_u64())
         .sum();
     assert_eq!(total, 5, "the last 24 h in 5 min buckets: {coarse}");
-    query.stop().await;
-    projector.stop().await.expect("projector stops cleanly");
+    side.stop().await;
 }
 
 #[tokio::test]
 async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_meanwhile() {
-    let env = TestEnv::new();
-    ensure_streams(&env).await;
-    let jetstream = env.jetstream().await;
-    let projector = spawn_projector(&env.settings).await;
-    let query = Query::spawn(&env.settings).await;
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     let mut model = ReferenceModel::new();
     for index in 0..40 {
         let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
-        publish_reading(&env, &jetstream, &reading).await;
+        publish_reading(env, jetstream, &reading).await;
         model.apply(reading);
     }
-    wait_until_projected(&env, &model).await;
+    wait_until_projected(env, &model).await;
 
     // What FLUSHALL does to this pipeline's keys (other tests share the server): the
     // meta hash first, so no reader ever sees a generation without its devices.
@@ -365,7 +358,7 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
     // Readings keep arriving during the outage.
     for index in 40..50 {
         let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
-        publish_reading(&env, &jetstream, &reading).await;
+        publish_reading(env, jetstream, &reading).await;
         model.apply(reading);
     }
     let expected = model.device("heal-1").expect("known").sample_count;
@@ -389,21 +382,17 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
         }
     })
     .await;
-    assert_matches_model(&read_model(&env).await, &model).await;
-    query.stop().await;
-    projector.stop().await.expect("projector stops cleanly");
+    assert_matches_model(&read_model(env).await, &model).await;
+    side.stop().await;
 }
 
 #[tokio::test]
 async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_duplicate() {
-    let env = TestEnv::new();
-    ensure_streams(&env).await;
-    let jetstream = env.jetstream().await;
-    let projector = spawn_projector(&env.settings).await;
-    let query = Query::spawn(&env.settings).await;
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     let reading = aged("cached-1", 1_000, 21.5);
     let event = event_of(&reading);
-    publish(&env.subjects, &jetstream, &event, "first-copy").await;
+    publish(&env.subjects, jetstream, &event, "first-copy").await;
     // The rest within one 10 s bucket, so that only the device's change can make the
     // cached document stale (a new bucket makes every document stale).
     let into_bucket = now_ms().rem_euclid(10_000);
@@ -425,7 +414,7 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
 
     // A second copy of the same event in the stream (another message id): counted
     // once, but the view is now as of the later sequence, and the cache must show it.
-    publish(&env.subjects, &jetstream, &event, "second-copy").await;
+    publish(&env.subjects, jetstream, &event, "second-copy").await;
     let first_seq = first["as_of_seq"].as_u64().expect("as_of_seq");
     eventually(DEADLINE, "the copy applied", || async {
         let stats = env.device_stats("cached-1").await?;
@@ -441,24 +430,20 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
 
     // A new reading shows at once as well.
     let newer = aged("cached-1", 500, 30.0);
-    publish_reading(&env, &jetstream, &newer).await;
+    publish_reading(env, jetstream, &newer).await;
     eventually(DEADLINE, "the new reading visible", || async {
         let (_, stats) = query.stats("cached-1", "").await;
         (stats["sample_count"] == 2 && stats["metrics"]["temperature"]["last"] == 30.0)
             .then_some(())
     })
     .await;
-    query.stop().await;
-    projector.stop().await.expect("projector stops cleanly");
+    side.stop().await;
 }
 
 #[tokio::test]
 async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
-    let env = TestEnv::new();
-    ensure_streams(&env).await;
-    let jetstream = env.jetstream().await;
-    let projector = spawn_projector(&env.settings).await;
-    let query = Query::spawn(&env.settings).await;
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     let mut model = ReferenceModel::new();
     for index in 0..20 {
         let reading = aged(
@@ -466,10 +451,10 @@ async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
             index * 1_000,
             index as f64,
         );
-        publish_reading(&env, &jetstream, &reading).await;
+        publish_reading(env, jetstream, &reading).await;
         model.apply(reading);
     }
-    wait_until_projected(&env, &model).await;
+    wait_until_projected(env, &model).await;
     let old = env.generation().await.expect("a live generation");
 
     // As a read model written before layouts were numbered looks to this version.
@@ -501,7 +486,7 @@ async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
     .await;
     let new = env.generation().await.expect("a live generation");
     assert!(new > old, "a new generation replaced {old}");
-    assert_matches_model(&read_model(&env).await, &model).await;
+    assert_matches_model(&read_model(env).await, &model).await;
     eventually(DEADLINE, "the old generation's keys deleted", || async {
         let leftovers: Vec<String> = redis::cmd("KEYS")
             .arg(generation_pattern(&env.settings.redis.prefix, old))
@@ -511,8 +496,7 @@ async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
         leftovers.is_empty().then_some(())
     })
     .await;
-    query.stop().await;
-    projector.stop().await.expect("projector stops cleanly");
+    side.stop().await;
 }
 
 #[tokio::test]
@@ -593,19 +577,16 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
 
 #[tokio::test]
 async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_reporting() {
-    let env = TestEnv::new();
-    ensure_streams(&env).await;
-    let jetstream = env.jetstream().await;
-    let projector = spawn_projector(&env.settings).await;
-    let query = Query::spawn(&env.settings).await;
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     // Device i last reported i × 20 s ago: 30 devices in a known order.
     let mut model = ReferenceModel::new();
     for index in 0..30 {
         let reading = aged(&format!("walk-{index:02}"), 30_000 + index * 20_000, 1.0);
-        publish_reading(&env, &jetstream, &reading).await;
+        publish_reading(env, jetstream, &reading).await;
         model.apply(reading);
     }
-    wait_until_projected(&env, &model).await;
+    wait_until_projected(env, &model).await;
 
     let mut seen: Vec<String> = Vec::new();
     let mut path = "/v1/devices?limit=4".to_owned();
@@ -624,11 +605,11 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
         for index in [page_number * 4 - 2, page_number * 4 + 3] {
             if index < 30 {
                 let reading = aged(&format!("walk-{index:02}"), 0, 2.0);
-                publish_reading(&env, &jetstream, &reading).await;
+                publish_reading(env, jetstream, &reading).await;
                 model.apply(reading);
             }
         }
-        wait_until_projected(&env, &model).await;
+        wait_until_projected(env, &model).await;
         match page["next_cursor"].as_str() {
             Some(cursor) => path = format!("/v1/devices?limit=4&cursor={cursor}"),
             None => break,
@@ -663,6 +644,5 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
         400,
         "a cursor older than the listing TTL is refused"
     );
-    query.stop().await;
-    projector.stop().await.expect("projector stops cleanly");
+    side.stop().await;
 }

@@ -115,6 +115,38 @@ impl Query {
     }
 }
 
+/// What most read-model tests run: their own streams, a projector and the query service.
+pub struct ReadSide {
+    pub env: TestEnv,
+    pub jetstream: async_nats::jetstream::Context,
+    pub projector: Running<anyhow::Result<()>>,
+    pub query: Query,
+}
+
+impl ReadSide {
+    pub async fn start() -> Self {
+        let env = TestEnv::new();
+        ensure_streams(&env).await;
+        let jetstream = env.jetstream().await;
+        let projector = spawn_projector(&env.settings).await;
+        let query = Query::spawn(&env.settings).await;
+        Self {
+            env,
+            jetstream,
+            projector,
+            query,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.query.stop().await;
+        self.projector
+            .stop()
+            .await
+            .expect("projector stops cleanly");
+    }
+}
+
 /// The ingest service, serving; `base_url` is where.
 pub struct Ingest {
     pub base_url: String,
