@@ -440,6 +440,81 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
     side.stop().await;
 }
 
+/// The query's validity reads are cached in the process and kept fresh by Redis'
+/// invalidation pushes (client-side caching). A push sent while the connection is down
+/// is lost, so after a reconnect nothing cached before it may be served.
+#[tokio::test]
+async fn a_device_that_changed_while_the_query_was_cut_off_from_redis_is_read_fresh() {
+    // A Redis database of this test's own: there the query's is the only RESP3
+    // connection, the one to cut.
+    const OWN_DB: u32 = 9;
+    let side = ReadSide::start_with(|settings| {
+        let url = settings.redis.url.trim_end_matches('/');
+        let server = match url
+            .strip_prefix("redis://")
+            .and_then(|rest| rest.split_once('/'))
+        {
+            Some((host, _db)) => format!("redis://{host}"),
+            None => url.to_owned(),
+        };
+        settings.redis.url = format!("{server}/{OWN_DB}");
+    })
+    .await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    publish_reading(env, jetstream, &aged("cut-1", 1_000, 20.0)).await;
+    eventually(DEADLINE, "the first reading visible", || async {
+        let (status, stats) = query.stats("cut-1", "").await;
+        (status == 200 && stats["sample_count"] == 1).then_some(())
+    })
+    .await;
+    // Served from the cache now; cut the connection it is kept fresh on.
+    let mut redis = env.redis().await;
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut redis)
+        .await
+        .expect("client list");
+    let cut: Vec<&str> = clients
+        .lines()
+        .filter(|line| {
+            line.split(' ').any(|field| field == format!("db={OWN_DB}"))
+                && line.split(' ').any(|field| field == "resp=3")
+        })
+        .filter_map(|line| line.split(' ').find_map(|field| field.strip_prefix("id=")))
+        .collect();
+    assert!(
+        !cut.is_empty(),
+        "the query's RESP3 connection not found in {clients}"
+    );
+    for id in cut {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut redis)
+            .await
+            .expect("client kill");
+    }
+
+    publish_reading(env, jetstream, &aged("cut-1", 500, 30.0)).await;
+    eventually(DEADLINE, "the second reading applied", || async {
+        let stats = env.device_stats("cut-1").await?;
+        (stats.sample_count == 2).then_some(())
+    })
+    .await;
+    // The first answer after the cut (503s while it reconnects aside) is the new state.
+    let stats = eventually(DEADLINE, "an answer after the reconnect", || async {
+        let (status, stats) = query.stats("cut-1", "").await;
+        (status == 200).then_some(stats)
+    })
+    .await;
+    assert_eq!(
+        stats["sample_count"], 2,
+        "a document cached before the reconnect was served: {stats}"
+    );
+    side.stop().await;
+}
+
 #[tokio::test]
 async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
     let side = ReadSide::start().await;
