@@ -23,34 +23,21 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = ingest::bootstrap::install_metrics();
-    let info = redis::IntoConnectionInfo::into_connection_info(settings.redis.url.as_str())
-        .with_context(|| {
-            format!(
-                "redis.url (PIPELINE__REDIS__URL) {} is not usable",
-                settings.redis.url
-            )
-        })?;
-    // RESP3 for server-assisted client-side caching (see `ReadModel::validity`).
-    let resp3 = info
-        .redis_settings()
-        .clone()
-        .set_protocol(redis::ProtocolVersion::RESP3);
-    let client = redis::Client::open(info.set_redis_settings(resp3))?;
+    let client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
+        format!(
+            "redis.url (PIPELINE__REDIS__URL) {} is not usable",
+            settings.redis.url
+        )
+    })?;
     // Connects lazily and reconnects by itself, so the API starts (and answers 503)
-    // while Redis is down. A reconnect starts a fresh client-side cache: invalidations
-    // sent while it was away are lost.
+    // while Redis is down.
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
         .set_response_timeout(Some(std::time::Duration::from_secs(1)))
         // Fail fast while Redis is down: a request answers 503 within about a second
         // instead of waiting through the default reconnect backoff.
         .set_number_of_retries(1)
-        .set_max_delay(std::time::Duration::from_millis(200))
-        .set_cache_config(
-            redis::caching::CacheConfig::new()
-                .set_mode(redis::caching::CacheMode::OptIn)
-                .set_size(read_model::TRACKED_READS_MAX),
-        );
+        .set_max_delay(std::time::Duration::from_millis(200));
     let redis = ConnectionManager::new_lazy_with_config(client, config)
         .context("creating the redis connection manager")?;
     // Read tokens live in PostgreSQL, in the table the ingest migrations create.
