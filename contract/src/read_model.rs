@@ -45,6 +45,9 @@ pub mod meta {
     pub const BUILDING: &str = "building";
     /// The [`LAYOUT`](super::LAYOUT) the current generation was built with.
     pub const LAYOUT: &str = "layout";
+    /// The fields to `HMGET` for [`live_generation`](super::live_generation), in its
+    /// argument order.
+    pub const LIVE: &[&str] = &[GENERATION, LAYOUT];
 }
 
 /// The version of the key layout and encodings described above. A live generation of
@@ -137,12 +140,18 @@ pub struct DeviceKeys {
 
 impl DeviceKeys {
     pub fn new(prefix: &str, generation: u64, device_id: &str) -> Self {
-        let base = format!("{prefix}g{generation}:device:{{{device_id}}}");
+        let base = Self::stats_of(prefix, generation, device_id);
         Self {
             applied: format!("{base}:applied"),
             buckets: format!("{base}:buckets"),
             stats: base,
         }
+    }
+
+    /// The device hash's key alone (what [`DeviceKeys::new`] names `stats`), for the
+    /// reads that need no other key.
+    pub fn stats_of(prefix: &str, generation: u64, device_id: &str) -> String {
+        format!("{prefix}g{generation}:device:{{{device_id}}}")
     }
 }
 
@@ -276,7 +285,7 @@ impl Window {
 }
 
 /// Doubles packed back to back, little-endian: what `struct.pack('<dd…')` makes.
-fn pack<const N: usize>(values: [f64; N]) -> Vec<u8> {
+pub fn pack<const N: usize>(values: [f64; N]) -> Vec<u8> {
     values
         .iter()
         .flat_map(|value| value.to_le_bytes())
@@ -355,7 +364,7 @@ impl Aggregate {
 }
 
 /// All-time figures of one metric of one device.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct MetricStats {
     pub count: u64,
     pub sum: f64,
@@ -521,6 +530,7 @@ mod tests {
         assert_eq!(keys.stats, "t1:g7:device:{sensor-1}");
         assert_eq!(keys.applied, "t1:g7:device:{sensor-1}:applied");
         assert_eq!(keys.buckets, "t1:g7:device:{sensor-1}:buckets");
+        assert_eq!(DeviceKeys::stats_of("t1:", 7, "sensor-1"), keys.stats);
     }
 
     #[test]
@@ -609,7 +619,7 @@ mod tests {
         let early = MetricStats::of(30.0, 1_000);
         let late = MetricStats::of(10.0, 2_000);
         let late_tie = MetricStats::of(20.0, 2_000);
-        let one_way = early.clone().merge(late.clone()).merge(late_tie.clone());
+        let one_way = early.merge(late).merge(late_tie);
         let other_way = late_tie.merge(late).merge(early);
         assert_eq!(one_way, other_way);
         assert_eq!(

@@ -397,6 +397,25 @@ mod tests {
     }
 
     #[test]
+    fn a_count_of_zero_is_refused_naming_its_key() {
+        let defaults = Settings::load_from(&config_dir(), "dev").expect("defaults load");
+        let mut settings = defaults.clone();
+        settings.projector.batches_in_flight = 0;
+        let error = settings.validate().expect_err("0 batches in flight");
+        assert!(
+            error.to_string().contains("projector.batches_in_flight"),
+            "{error}"
+        );
+        let mut settings = defaults;
+        settings.relay.rounds_in_flight = 0;
+        let error = settings.validate().expect_err("0 rounds in flight");
+        assert!(
+            error.to_string().contains("relay.rounds_in_flight"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn prod_config_logs_json_and_demands_tokens_and_service_credentials() {
         let mut settings = Settings::layers(&config_dir(), "prod").expect("prod layers");
         assert_eq!(settings.log.format, LogFormat::Json);

@@ -380,8 +380,7 @@ pub async fn watch(
             let generation = match &mut redis {
                 Some((connection, prefix)) => redis::cmd("HMGET")
                     .arg(contract::read_model::meta_key(prefix))
-                    .arg(contract::read_model::meta::GENERATION)
-                    .arg(contract::read_model::meta::LAYOUT)
+                    .arg(contract::read_model::meta::LIVE)
                     .query_async::<(Option<u64>, Option<u64>)>(connection)
                     .await
                     .ok()

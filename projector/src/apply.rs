@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
-    fields, listing_granule, Aggregate, DeviceKeys, DevicesIndex, MetricStats, COARSE, FINE,
+    fields, listing_granule, pack, Aggregate, DeviceKeys, DevicesIndex, MetricStats, COARSE, FINE,
     LISTING_TTL_MS,
 };
 use contract::timestamp::unix_millis;
@@ -92,7 +92,7 @@ impl<'a> DeviceFold<'a> {
                 let reading = MetricStats::of(value, recorded_ms);
                 fold.metrics
                     .entry(name.as_str())
-                    .and_modify(|figures| *figures = figures.clone().merge(reading.clone()))
+                    .and_modify(|figures| *figures = figures.merge(reading))
                     .or_insert(reading);
                 for (resolution, oldest) in [FINE, COARSE].iter().zip(oldest_kept) {
                     let bucket = resolution.bucket(recorded_ms);
@@ -111,7 +111,7 @@ impl<'a> DeviceFold<'a> {
 
     /// The call's arguments after the keys, as `apply.lua` reads them.
     fn arguments(&self, now_ms: i64, dedup_horizon_ms: i64) -> Vec<Vec<u8>> {
-        let header: Vec<u8> = [
+        let header = pack([
             now_ms as f64,
             dedup_horizon_ms as f64,
             FINE.oldest_kept(now_ms) as f64,
@@ -123,10 +123,7 @@ impl<'a> DeviceFold<'a> {
             self.max_sequence as f64,
             self.metrics.len() as f64,
             self.buckets.len() as f64,
-        ]
-        .iter()
-        .flat_map(|number| number.to_le_bytes())
-        .collect();
+        ]);
         let mut arguments = Vec::with_capacity(
             2 + self.event_ids.len() + 2 * (self.metrics.len() + self.buckets.len()),
         );

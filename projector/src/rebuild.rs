@@ -52,12 +52,11 @@ impl Generations {
         connection: &mut ConnectionManager,
         prefix: &str,
     ) -> redis::RedisResult<Self> {
-        let (generation, building, layout): (Option<u64>, Option<u64>, Option<u64>) =
+        let (generation, layout, building): (Option<u64>, Option<u64>, Option<u64>) =
             redis::cmd("HMGET")
                 .arg(meta_key(prefix))
-                .arg(meta::GENERATION)
+                .arg(meta::LIVE)
                 .arg(meta::BUILDING)
-                .arg(meta::LAYOUT)
                 .query_async(connection)
                 .await?;
         let current = live_generation(generation, layout);

@@ -53,6 +53,8 @@ pub type DevicesPage = Vec<DeviceEntry>;
 pub struct ReadModel {
     redis: ConnectionManager,
     prefix: Arc<str>,
+    /// The meta hash's key, made once: every request reads it.
+    meta_key: Arc<str>,
     /// The live generation as last read (0: none read yet); a validity check assumes
     /// it and checks it in the same round trip.
     last_generation: Arc<AtomicU64>,
@@ -133,9 +135,17 @@ impl ReadModel {
     pub fn new(redis: ConnectionManager, prefix: String) -> Self {
         Self {
             redis,
+            meta_key: meta_key(&prefix).into(),
             prefix: prefix.into(),
             last_generation: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The read of the meta hash's fields that [`live_generation`] decides on.
+    fn live_generation_read(&self) -> redis::Cmd {
+        let mut read = redis::cmd("HMGET");
+        read.arg(&*self.meta_key).arg(meta::LIVE);
+        read
     }
 
     /// What the device's answers depend on right now (one small pipelined read);
@@ -179,12 +189,9 @@ impl ReadModel {
         let assumed = self.last_generation.load(Ordering::Relaxed);
         let mut redis = self.redis.clone();
         let (meta, header): (MetaFields, Option<Vec<u8>>) = redis::pipe()
-            .cmd("HMGET")
-            .arg(meta_key(&self.prefix))
-            .arg(meta::GENERATION)
-            .arg(meta::LAYOUT)
+            .add_command(self.live_generation_read())
             .cmd("HGET")
-            .arg(DeviceKeys::new(&self.prefix, assumed, device_id).stats)
+            .arg(DeviceKeys::stats_of(&self.prefix, assumed, device_id))
             .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;
@@ -194,7 +201,7 @@ impl ReadModel {
         }
         self.last_generation.store(generation, Ordering::Relaxed);
         let header: Option<Vec<u8>> = redis::cmd("HGET")
-            .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
+            .arg(DeviceKeys::stats_of(&self.prefix, generation, device_id))
             .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;
@@ -212,12 +219,8 @@ impl ReadModel {
     /// The live generation; [`ReadError::Rebuilding`] when there is none.
     pub async fn generation(&self) -> Result<u64, ReadError> {
         let mut redis = self.redis.clone();
-        let (generation, layout): MetaFields = redis::cmd("HMGET")
-            .arg(meta_key(&self.prefix))
-            .arg(meta::GENERATION)
-            .arg(meta::LAYOUT)
-            .query_async(&mut redis)
-            .await?;
+        let (generation, layout): MetaFields =
+            self.live_generation_read().query_async(&mut redis).await?;
         live_generation(generation, layout).ok_or(ReadError::Rebuilding)
     }
 
@@ -387,7 +390,7 @@ impl ReadModel {
             let device_id = DevicesIndex::device_of(entry).unwrap_or_default();
             pipeline
                 .cmd("HGET")
-                .arg(DeviceKeys::new(&self.prefix, generation, device_id).stats)
+                .arg(DeviceKeys::stats_of(&self.prefix, generation, device_id))
                 .arg(fields::HEADER);
         }
         let headers: Vec<Option<Vec<u8>>> = pipeline.query_async(&mut redis).await?;

@@ -150,8 +150,7 @@ impl TestEnv {
         let mut redis = self.redis().await;
         let (generation, layout): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
             .arg(meta_key(&self.settings.redis.prefix))
-            .arg(meta::GENERATION)
-            .arg(meta::LAYOUT)
+            .arg(meta::LIVE)
             .query_async(&mut redis)
             .await
             .ok()?;
@@ -177,7 +176,11 @@ impl TestEnv {
         let generation = self.generation().await?;
         let mut redis = self.redis().await;
         let hash: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
-            .arg(DeviceKeys::new(&self.settings.redis.prefix, generation, device_id).stats)
+            .arg(DeviceKeys::stats_of(
+                &self.settings.redis.prefix,
+                generation,
+                device_id,
+            ))
             .query_async(&mut redis)
             .await
             .ok()?;
