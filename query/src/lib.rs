@@ -6,9 +6,14 @@
 //! # Layout
 //! - [`http`]: routes, the device endpoints, problem+json errors, health and metrics.
 //! - [`read_model`]: reading the live generation, a device, its buckets, the index.
+//! - [`tracking`]: validity reads kept in the process until Redis pushes that they
+//!   changed.
 
 pub mod http;
 pub mod read_model;
+pub mod tracking;
+
+use std::sync::Arc;
 
 use anyhow::Context;
 use contract::settings::Settings;
@@ -23,15 +28,30 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = ingest::bootstrap::install_metrics();
-    let client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
-        format!(
-            "redis.url (PIPELINE__REDIS__URL) {} is not usable",
-            settings.redis.url
-        )
-    })?;
+    let info = redis::IntoConnectionInfo::into_connection_info(settings.redis.url.as_str())
+        .with_context(|| {
+            format!(
+                "redis.url (PIPELINE__REDIS__URL) {} is not usable",
+                settings.redis.url
+            )
+        })?;
+    // RESP3, for the invalidation pushes that keep validity reads fresh (`tracking`).
+    let resp3 = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    let client = redis::Client::open(info.set_redis_settings(resp3))?;
+    let tracked = Arc::new(tracking::TrackedReads::new(contract::read_model::meta_key(
+        &settings.redis.prefix,
+    )));
+    let pushes = tracked.clone();
     // Connects lazily and reconnects by itself, so the API starts (and answers 503)
-    // while Redis is down.
+    // while Redis is down. A reconnect's `Disconnection` push empties `tracked`.
     let config = ConnectionManagerConfig::new()
+        .set_push_sender(move |push: redis::PushInfo| {
+            pushes.handle_push(&push);
+            Ok::<(), std::convert::Infallible>(())
+        })
         .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
         .set_response_timeout(Some(std::time::Duration::from_secs(1)))
         // Fail fast while Redis is down: a request answers 503 within about a second
@@ -49,7 +69,7 @@ pub async fn serve(
         None
     };
     let state = http::AppState {
-        read_model: read_model::ReadModel::new(redis, settings.redis.prefix.clone()),
+        read_model: read_model::ReadModel::tracked(redis, settings.redis.prefix.clone(), tracked),
         documents: Default::default(),
         metrics,
         tokens,

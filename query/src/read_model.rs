@@ -13,6 +13,8 @@ use contract::read_model::{
 use redis::aio::ConnectionManager;
 use redis::RedisResult;
 
+use crate::tracking::TrackedReads;
+
 /// Why the read model could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -58,6 +60,8 @@ pub struct ReadModel {
     /// The live generation as last read (0: none read yet); a validity check assumes
     /// it and checks it in the same round trip.
     last_generation: Arc<AtomicU64>,
+    /// Validity reads kept until Redis says they changed; `None` reads every time.
+    tracked: Option<Arc<TrackedReads>>,
 }
 
 /// What everything shown of a device at an instant depends on: the generation, the
@@ -132,12 +136,23 @@ impl<T: Clone> AnswerCache<T> {
 }
 
 impl ReadModel {
+    /// A read model that reads the validity of every request from Redis.
     pub fn new(redis: ConnectionManager, prefix: String) -> Self {
         Self {
             redis,
             meta_key: meta_key(&prefix).into(),
             prefix: prefix.into(),
             last_generation: Arc::new(AtomicU64::new(0)),
+            tracked: None,
+        }
+    }
+
+    /// A read model that keeps validity reads in `tracked`. `redis` must be a RESP3
+    /// connection whose pushes reach [`TrackedReads::handle_push`].
+    pub fn tracked(redis: ConnectionManager, prefix: String, tracked: Arc<TrackedReads>) -> Self {
+        Self {
+            tracked: Some(tracked),
+            ..Self::new(redis, prefix)
         }
     }
 
@@ -155,11 +170,12 @@ impl ReadModel {
         device_id: &str,
         now_ms: i64,
     ) -> Result<Option<Validity>, ReadError> {
-        let (generation, header) = self.generation_and_header(device_id).await?;
+        let fine_bucket = FINE.bucket(now_ms);
+        let (generation, header) = self.generation_and_header(device_id, fine_bucket).await?;
         Ok(header.map(|header| Validity {
             generation,
             header,
-            fine_bucket: FINE.bucket(now_ms),
+            fine_bucket,
         }))
     }
 
@@ -180,28 +196,53 @@ impl ReadModel {
         Ok(read.map(|(view, header)| (view, header == validity.header)))
     }
 
-    /// The live generation and the device's packed header in it, in one round trip
-    /// when the generation is the one read last time (a rebuild's switch costs one more).
+    /// The live generation and the device's packed header in it: kept from an earlier
+    /// read of the same 10 s bucket if neither changed since (see [`crate::tracking`]),
+    /// otherwise read in one round trip when the generation is the one read last time
+    /// (a rebuild's switch costs one more).
     async fn generation_and_header(
         &self,
         device_id: &str,
+        fine_bucket: i64,
     ) -> Result<(u64, Option<Vec<u8>>), ReadError> {
+        let key_of = |generation| DeviceKeys::stats_of(&self.prefix, generation, device_id);
+        if let Some(kept) = self
+            .tracked
+            .as_ref()
+            .and_then(|tracked| tracked.lookup(key_of, fine_bucket))
+        {
+            return Ok(kept);
+        }
         let assumed = self.last_generation.load(Ordering::Relaxed);
+        let key = key_of(assumed);
+        let ticket = self
+            .tracked
+            .as_ref()
+            .and_then(|tracked| tracked.begin(key.clone()));
+        let mut read = redis::pipe();
+        if ticket.is_some() {
+            // Whatever connection carries this read tracks it (a reconnect starts
+            // untracked); turning it on again is a no-op.
+            read.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
+        }
         let mut redis = self.redis.clone();
-        let (meta, header): (MetaFields, Option<Vec<u8>>) = redis::pipe()
+        let (meta, header): (MetaFields, Option<Vec<u8>>) = read
             .add_command(self.live_generation_read())
             .cmd("HGET")
-            .arg(DeviceKeys::stats_of(&self.prefix, assumed, device_id))
+            .arg(key)
             .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;
         let generation = live_generation(meta.0, meta.1).ok_or(ReadError::Rebuilding)?;
         if generation == assumed {
+            if let (Some(tracked), Some(ticket)) = (&self.tracked, ticket) {
+                tracked.finish(ticket, generation, header.clone(), fine_bucket);
+            }
             return Ok((generation, header));
         }
         self.last_generation.store(generation, Ordering::Relaxed);
         let header: Option<Vec<u8>> = redis::cmd("HGET")
-            .arg(DeviceKeys::stats_of(&self.prefix, generation, device_id))
+            .arg(key_of(generation))
             .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;

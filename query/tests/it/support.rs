@@ -125,7 +125,13 @@ pub struct ReadSide {
 
 impl ReadSide {
     pub async fn start() -> Self {
-        let env = TestEnv::new();
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts with the test's settings changed by `adjust` first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let mut env = TestEnv::new();
+        adjust(&mut env.settings);
         ensure_streams(&env).await;
         let jetstream = env.jetstream().await;
         let projector = spawn_projector(&env.settings).await;

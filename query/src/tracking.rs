@@ -1,0 +1,318 @@
+//! Validity reads kept in the process and kept fresh by Redis (server-assisted
+//! client-side caching, RESP3 `CLIENT TRACKING`).
+//!
+//! Every `/stats` request needs the live generation and the device's packed header
+//! (`ReadModel::validity`). Redis remembers which keys this connection read while
+//! tracking is on and pushes an `invalidate` message, on the same connection, when one
+//! of them changes. So the two reads are kept here until their key changes, and a
+//! device that did not change is answered without a round trip.
+//!
+//! The race this must get right: the reply to a read and the invalidation of a write
+//! that came after it travel in that order on the connection, but the reply is taken
+//! by the request's task and the push by the connection manager's, so the push can be
+//! handled first. A read therefore marks its key as being read (`begin`, a unique
+//! token) before it is sent; an invalidation, a flush or a disconnection removes the
+//! mark; the reply is kept (`finish`) only if its mark is still there. Either the
+//! push is handled before the reply is kept (the mark is gone, nothing is kept) or
+//! after (it removes what was kept).
+//!
+//! A reconnect loses the pushes sent meanwhile: the connection manager's
+//! `Disconnection` push empties everything. Each read pipeline turns tracking on
+//! again first (`CLIENT TRACKING ON` is idempotent), so whatever connection carries a
+//! read also tracks it. And a kept header is served only in the 10 s bucket it was
+//! read in, the bucket every rendered document is tied to anyway: at each boundary
+//! the device is read again, so nothing can stay stale longer than that, whatever
+//! happens to a push.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use redis::{PushInfo, PushKind, Value};
+
+/// Device headers kept at most; past it the map starts empty again.
+pub const TRACKED_MAX: usize = 20_000;
+
+/// The validity reads this process keeps, and the invalidations that end them.
+#[derive(Debug)]
+pub struct TrackedReads {
+    /// The meta hash's key: its change (a rebuild's switch) ends every kept read.
+    meta_key: String,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_token: u64,
+    /// Moves whenever everything is forgotten; a read begun before keeps nothing.
+    epoch: u64,
+    /// The live generation, while the meta hash is unchanged since it was read.
+    generation: Option<u64>,
+    /// Per device hash key: being read, or its packed header (`None`: no such device).
+    headers: HashMap<String, Slot>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Slot {
+    Reading(u64),
+    Known {
+        header: Option<Vec<u8>>,
+        fine_bucket: i64,
+    },
+}
+
+/// A read in flight: what `finish` needs to tell whether its reply may be kept.
+#[derive(Debug)]
+pub struct Ticket {
+    key: String,
+    token: u64,
+    epoch: u64,
+}
+
+impl TrackedReads {
+    pub fn new(meta_key: String) -> Self {
+        Self {
+            meta_key,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The live generation and the header of the device hash `key_of(generation)`, if
+    /// both are kept and the header was read in `fine_bucket`.
+    pub fn lookup(
+        &self,
+        key_of: impl FnOnce(u64) -> String,
+        fine_bucket: i64,
+    ) -> Option<(u64, Option<Vec<u8>>)> {
+        let state = self.state.lock().ok()?;
+        let generation = state.generation?;
+        match state.headers.get(&key_of(generation))? {
+            Slot::Known {
+                header,
+                fine_bucket: read_in,
+            } if *read_in == fine_bucket => Some((generation, header.clone())),
+            _ => None,
+        }
+    }
+
+    /// Marks `key` as being read; call before the read is sent.
+    pub fn begin(&self, key: String) -> Option<Ticket> {
+        let mut state = self.state.lock().ok()?;
+        if state.headers.len() >= TRACKED_MAX && !state.headers.contains_key(&key) {
+            state.headers.clear();
+        }
+        state.next_token += 1;
+        let token = state.next_token;
+        state.headers.insert(key.clone(), Slot::Reading(token));
+        Some(Ticket {
+            key,
+            token,
+            epoch: state.epoch,
+        })
+    }
+
+    /// Keeps what the read of `ticket` returned, unless its key changed (or everything
+    /// was forgotten) since it began.
+    pub fn finish(
+        &self,
+        ticket: Ticket,
+        generation: u64,
+        header: Option<Vec<u8>>,
+        fine_bucket: i64,
+    ) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        if state.epoch != ticket.epoch {
+            return;
+        }
+        state.generation = Some(generation);
+        if let Some(slot) = state.headers.get_mut(&ticket.key) {
+            if *slot == Slot::Reading(ticket.token) {
+                *slot = Slot::Known {
+                    header,
+                    fine_bucket,
+                };
+            }
+        }
+    }
+
+    /// Handles a push of the connection the reads are made on.
+    pub fn handle_push(&self, push: &PushInfo) {
+        match push.kind {
+            PushKind::Disconnection => self.forget_all(),
+            PushKind::Invalidate => {
+                for value in &push.data {
+                    self.invalidate(value);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An `invalidate` message's payload: the keys that changed, or nil when the whole
+    /// database was flushed.
+    fn invalidate(&self, value: &Value) {
+        match value {
+            Value::Nil => self.forget_all(),
+            Value::Array(keys) | Value::Set(keys) => {
+                for key in keys {
+                    self.invalidate(key);
+                }
+            }
+            Value::BulkString(key) => self.invalidate_key(key),
+            Value::SimpleString(key) => self.invalidate_key(key.as_bytes()),
+            _ => {}
+        }
+    }
+
+    fn invalidate_key(&self, key: &[u8]) {
+        if key == self.meta_key.as_bytes() {
+            return self.forget_all();
+        }
+        let Ok(key) = std::str::from_utf8(key) else {
+            return;
+        };
+        if let Ok(mut state) = self.state.lock() {
+            state.headers.remove(key);
+        }
+    }
+
+    /// Forgets every kept read and every read in flight.
+    fn forget_all(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.epoch += 1;
+            state.generation = None;
+            state.headers.clear();
+        }
+    }
+
+    /// Kept or in-flight device reads.
+    pub fn len(&self) -> usize {
+        self.state.lock().map_or(0, |state| state.headers.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const META: &str = "p:meta";
+    const DEVICE: &str = "p:g1:device:{d}";
+    const BUCKET: i64 = 100;
+
+    fn invalidation(keys: &[&str]) -> PushInfo {
+        PushInfo {
+            kind: PushKind::Invalidate,
+            data: vec![Value::Array(
+                keys.iter()
+                    .map(|key| Value::BulkString(key.as_bytes().to_vec()))
+                    .collect(),
+            )],
+        }
+    }
+
+    fn lookup(tracked: &TrackedReads, bucket: i64) -> Option<(u64, Option<Vec<u8>>)> {
+        tracked.lookup(|generation| format!("p:g{generation}:device:{{d}}"), bucket)
+    }
+
+    fn read(tracked: &TrackedReads, header: &[u8]) {
+        let ticket = tracked.begin(DEVICE.to_owned()).expect("lock");
+        tracked.finish(ticket, 1, Some(header.to_vec()), BUCKET);
+    }
+
+    #[test]
+    fn a_finished_read_is_served_in_its_bucket_only() {
+        let tracked = TrackedReads::new(META.to_owned());
+        assert_eq!(lookup(&tracked, BUCKET), None);
+        read(&tracked, b"h1");
+        assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"h1".to_vec()))));
+        assert_eq!(lookup(&tracked, BUCKET + 1), None);
+    }
+
+    #[test]
+    fn an_invalidation_handled_before_the_reply_is_kept_wins() {
+        let tracked = TrackedReads::new(META.to_owned());
+        let ticket = tracked.begin(DEVICE.to_owned()).expect("lock");
+        tracked.handle_push(&invalidation(&[DEVICE]));
+        tracked.finish(ticket, 1, Some(b"old".to_vec()), BUCKET);
+        assert_eq!(
+            lookup(&tracked, BUCKET),
+            None,
+            "a reply older than a push was kept"
+        );
+    }
+
+    #[test]
+    fn an_invalidation_after_the_reply_removes_it() {
+        let tracked = TrackedReads::new(META.to_owned());
+        read(&tracked, b"h1");
+        tracked.handle_push(&invalidation(&["p:g1:device:{other}", DEVICE]));
+        assert_eq!(lookup(&tracked, BUCKET), None);
+    }
+
+    #[test]
+    fn of_two_reads_of_one_key_only_the_last_begun_is_kept() {
+        let tracked = TrackedReads::new(META.to_owned());
+        let first = tracked.begin(DEVICE.to_owned()).expect("lock");
+        let second = tracked.begin(DEVICE.to_owned()).expect("lock");
+        tracked.finish(second, 1, Some(b"new".to_vec()), BUCKET);
+        tracked.finish(first, 1, Some(b"old".to_vec()), BUCKET);
+        assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"new".to_vec()))));
+    }
+
+    #[test]
+    fn a_meta_change_a_flush_or_a_disconnection_forgets_everything_even_reads_in_flight() {
+        let pushes = [
+            invalidation(&[META]),
+            PushInfo {
+                kind: PushKind::Invalidate,
+                data: vec![Value::Nil],
+            },
+            PushInfo {
+                kind: PushKind::Disconnection,
+                data: vec![],
+            },
+        ];
+        for push in pushes {
+            let tracked = TrackedReads::new(META.to_owned());
+            read(&tracked, b"h1");
+            let in_flight = tracked.begin("p:g1:device:{e}".to_owned()).expect("lock");
+            tracked.handle_push(&push);
+            tracked.finish(in_flight, 1, None, BUCKET);
+            assert_eq!(lookup(&tracked, BUCKET), None, "kept after {push:?}");
+            assert!(tracked.is_empty(), "kept after {push:?}");
+            // The generation is known again only through a read begun afterwards.
+            read(&tracked, b"h2");
+            assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"h2".to_vec()))));
+        }
+    }
+
+    #[test]
+    fn an_unknown_device_is_kept_as_unknown_until_its_key_changes() {
+        let tracked = TrackedReads::new(META.to_owned());
+        let ticket = tracked.begin(DEVICE.to_owned()).expect("lock");
+        tracked.finish(ticket, 1, None, BUCKET);
+        assert_eq!(lookup(&tracked, BUCKET), Some((1, None)));
+        tracked.handle_push(&invalidation(&[DEVICE]));
+        assert_eq!(lookup(&tracked, BUCKET), None);
+    }
+
+    #[test]
+    fn the_map_starts_over_when_full() {
+        let tracked = TrackedReads::new(META.to_owned());
+        for device in 0..TRACKED_MAX {
+            let ticket = tracked
+                .begin(format!("p:g1:device:{{{device}}}"))
+                .expect("lock");
+            tracked.finish(ticket, 1, None, BUCKET);
+        }
+        assert_eq!(tracked.len(), TRACKED_MAX);
+        read(&tracked, b"h1");
+        assert_eq!(tracked.len(), 1);
+        assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"h1".to_vec()))));
+    }
+}
