@@ -36,6 +36,9 @@ pub struct DeviceView {
     pub stats: DeviceStats,
     /// Per metric, per window name: the aggregate (`None` when the window is empty).
     pub windows: BTreeMap<String, BTreeMap<&'static str, Option<Aggregate>>>,
+    /// The first 10 s bucket in which these windows would be other ones without a new
+    /// event (see [`windows_change_at`]).
+    pub windows_change_at: i64,
 }
 
 /// One device of a devices page.
@@ -68,8 +71,9 @@ pub struct ReadModel {
 /// device's packed header (every applied event raises its `sample_count`, every
 /// delivery moves its `updated_at` and `as_of_seq`), and the current 10 s bucket (the
 /// windows move with it; a 5 min boundary is also a 10 s one). Pruning only drops
-/// buckets already outside every window. So an answer made at the same validity is
-/// exact.
+/// buckets already outside every window. So an answer made at the same generation and
+/// header is exact from the bucket it was made in until the bucket in which its
+/// windows would hold other buckets ([`DeviceView::windows_change_at`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validity {
     generation: u64,
@@ -77,11 +81,19 @@ pub struct Validity {
     fine_bucket: i64,
 }
 
-/// Answers kept with the validity they were made at, per device and `?metrics=`
-/// selection; bounded by [`ANSWERS_MAX`].
+/// Answers kept with the validity they were made at and the 10 s bucket their windows
+/// change in, per device and `?metrics=` selection; bounded by [`ANSWERS_MAX`].
 #[derive(Debug)]
 pub struct AnswerCache<T> {
-    answers: Mutex<HashMap<AnswerKey, (Validity, T)>>,
+    answers: Mutex<HashMap<AnswerKey, Kept<T>>>,
+}
+
+#[derive(Debug)]
+struct Kept<T> {
+    made_at: Validity,
+    /// The first 10 s bucket the answer is no longer exact in.
+    until: i64,
+    answer: T,
 }
 
 /// One device, one `?metrics=` selection.
@@ -99,22 +111,28 @@ impl<T: Clone> Default for AnswerCache<T> {
 }
 
 impl<T: Clone> AnswerCache<T> {
-    /// The answer kept for `key`, if it was made at `validity`.
+    /// The answer kept for `key`, if it was made at the generation and header of
+    /// `validity` and is still exact in its 10 s bucket.
     pub fn get(&self, key: &AnswerKey, validity: &Validity) -> Option<T> {
         let answers = self.answers.lock().ok()?;
-        let (made_at, answer) = answers.get(key)?;
-        (made_at == validity).then(|| answer.clone())
+        let kept = answers.get(key)?;
+        let made_at = &kept.made_at;
+        (made_at.generation == validity.generation
+            && made_at.header == validity.header
+            && (made_at.fine_bucket..kept.until).contains(&validity.fine_bucket))
+        .then(|| kept.answer.clone())
     }
 
-    /// Keeps `answer` for `key`. When the cache is full it first drops the answers
-    /// made in an earlier 10 s bucket (they can never be served again), then, if that
-    /// freed less than a quarter, every other answer.
-    pub fn insert(&self, key: AnswerKey, validity: Validity, answer: T) {
+    /// Keeps `answer`, made at `validity` and exact until the 10 s bucket `until`, for
+    /// `key`. When the cache is full it first drops the answers no longer exact now
+    /// (they can never be served again), then, if that freed less than a quarter,
+    /// every other answer.
+    pub fn insert(&self, key: AnswerKey, validity: Validity, until: i64, answer: T) {
         let Ok(mut answers) = self.answers.lock() else {
             return;
         };
         if answers.len() >= ANSWERS_MAX && !answers.contains_key(&key) {
-            answers.retain(|_, (made_at, _)| made_at.fine_bucket >= validity.fine_bucket);
+            answers.retain(|_, kept| kept.until > validity.fine_bucket);
             if answers.len() > ANSWERS_MAX * 3 / 4 {
                 let mut keep = false;
                 answers.retain(|_, _| {
@@ -123,7 +141,14 @@ impl<T: Clone> AnswerCache<T> {
                 });
             }
         }
-        answers.insert(key, (validity, answer));
+        answers.insert(
+            key,
+            Kept {
+                made_at: validity,
+                until,
+                answer,
+            },
+        );
     }
 
     pub fn len(&self) -> usize {
@@ -309,6 +334,7 @@ impl ReadModel {
         if let Some(wanted) = metrics {
             stats.metrics.retain(|name, _| wanted.contains(name));
         }
+        let windows_change_at = windows_change_at(&buckets, &stats, now_ms);
         let fine = buckets_by_metric(&buckets, &stats, &FINE, now_ms);
         let coarse = buckets_by_metric(&buckets, &stats, &COARSE, now_ms);
         let none = BTreeMap::new();
@@ -331,7 +357,14 @@ impl ReadModel {
                 (name.clone(), per_window)
             })
             .collect();
-        Ok(Some((DeviceView { stats, windows }, header)))
+        Ok(Some((
+            DeviceView {
+                stats,
+                windows,
+                windows_change_at,
+            },
+            header,
+        )))
     }
 
     /// The non-empty buckets of one metric in `buckets` (not empty), oldest first;
@@ -501,6 +534,40 @@ fn buckets_by_metric(
     by_metric
 }
 
+/// The first 10 s bucket after `now_ms`'s in which some window of a metric of `stats`
+/// would hold other buckets than at `now_ms`, if no event came: when a stored bucket
+/// leaves a window it is in, or a bucket dated ahead (clock skew) enters one. Until
+/// then the windows are exactly what they are now. `i64::MAX` when nothing would move.
+fn windows_change_at(fields: &Fields, stats: &DeviceStats, now_ms: i64) -> i64 {
+    let mut change_at = i64::MAX;
+    for (field, _) in fields {
+        for resolution in [FINE, COARSE] {
+            let Some((bucket, metric)) = resolution.parse_field(field) else {
+                continue;
+            };
+            if !stats.metrics.contains_key(metric) {
+                continue;
+            }
+            // Where bucket `b` of this resolution starts, in 10 s buckets.
+            let as_fine = |b: i64| b.saturating_mul(resolution.width_ms / FINE.width_ms);
+            let current = resolution.bucket(now_ms);
+            if bucket > current {
+                change_at = change_at.min(as_fine(bucket));
+                continue;
+            }
+            for window in WINDOWS
+                .iter()
+                .filter(|window| window.resolution == resolution)
+            {
+                if window.buckets(now_ms).contains(&bucket) {
+                    change_at = change_at.min(as_fine(bucket + window.bucket_count()));
+                }
+            }
+        }
+    }
+    change_at
+}
+
 fn window_aggregate(
     window: &Window,
     buckets: &BTreeMap<i64, Aggregate>,
@@ -532,10 +599,16 @@ mod tests {
     #[test]
     fn an_answer_is_served_only_at_the_validity_it_was_made_at() {
         let cache = AnswerCache::default();
-        cache.insert(key(1), validity(1, 10), "doc");
+        cache.insert(key(1), validity(1, 10), 12, "doc");
         assert_eq!(cache.get(&key(1), &validity(1, 10)), Some("doc"));
         assert_eq!(cache.get(&key(1), &validity(2, 10)), None, "new events");
-        assert_eq!(cache.get(&key(1), &validity(1, 11)), None, "windows moved");
+        assert_eq!(
+            cache.get(&key(1), &validity(1, 11)),
+            Some("doc"),
+            "windows still the same"
+        );
+        assert_eq!(cache.get(&key(1), &validity(1, 12)), None, "windows moved");
+        assert_eq!(cache.get(&key(1), &validity(1, 9)), None, "made later");
         assert_eq!(cache.get(&key(2), &validity(1, 10)), None);
         let selection = ("sensor-1".to_owned(), Some(vec!["temperature".to_owned()]));
         assert_eq!(
@@ -546,29 +619,99 @@ mod tests {
     }
 
     #[test]
-    fn a_full_cache_drops_answers_of_past_buckets_first_then_half() {
+    fn a_full_cache_drops_answers_no_longer_exact_first_then_half() {
         let cache = AnswerCache::default();
         for device in 0..ANSWERS_MAX {
-            let bucket = if device % 10 == 0 { 11 } else { 10 };
-            cache.insert(key(device), validity(1, bucket), device);
+            // Made in bucket 10; a tenth of them stay exact until bucket 20.
+            let until = if device % 10 == 0 { 20 } else { 11 };
+            cache.insert(key(device), validity(1, 10), until, device);
         }
-        cache.insert(key(ANSWERS_MAX), validity(1, 11), ANSWERS_MAX);
+        cache.insert(key(ANSWERS_MAX), validity(1, 11), 12, ANSWERS_MAX);
         assert_eq!(
             cache.len(),
             ANSWERS_MAX / 10 + 1,
-            "only this bucket's answers stay"
+            "only the answers still exact stay"
         );
         assert_eq!(cache.get(&key(10), &validity(1, 11)), Some(10));
 
         let cache = AnswerCache::default();
         for device in 0..ANSWERS_MAX {
-            cache.insert(key(device), validity(1, 10), device);
+            cache.insert(key(device), validity(1, 10), 11, device);
         }
-        cache.insert(key(ANSWERS_MAX), validity(1, 10), ANSWERS_MAX);
+        cache.insert(key(ANSWERS_MAX), validity(1, 10), 11, ANSWERS_MAX);
         assert_eq!(cache.len(), ANSWERS_MAX / 2 + 1);
         assert_eq!(
             cache.get(&key(ANSWERS_MAX), &validity(1, 10)),
             Some(ANSWERS_MAX)
+        );
+    }
+
+    /// The buckets hash of one metric, `temperature`, with one reading in each of
+    /// `fine` and `coarse`.
+    fn buckets(fine: &[i64], coarse: &[i64]) -> (Fields, DeviceStats) {
+        let aggregate = Aggregate {
+            count: 1,
+            sum: 1.0,
+            min: 1.0,
+            max: 1.0,
+        }
+        .to_bytes();
+        let fields = fine
+            .iter()
+            .map(|bucket| FINE.field(*bucket, "temperature"))
+            .chain(
+                coarse
+                    .iter()
+                    .map(|bucket| COARSE.field(*bucket, "temperature")),
+            )
+            .map(|field| (field, aggregate.clone()))
+            .collect();
+        let stats = DeviceStats {
+            metrics: BTreeMap::from([("temperature".to_owned(), Default::default())]),
+            ..Default::default()
+        };
+        (fields, stats)
+    }
+
+    #[test]
+    fn windows_change_when_their_oldest_bucket_leaves_or_a_bucket_dated_ahead_enters() {
+        // Now: 10 s bucket 1,000,000, 5 min bucket 33,333 (which began in 10 s bucket
+        // 999,990).
+        let now_ms = 1_000_000 * 10_000 + 4_000;
+        let (fields, stats) = buckets(&[999_997], &[33_333]);
+        // In 1m (6 buckets) until 1,000,003; in 24h (288 coarse buckets) much longer.
+        assert_eq!(windows_change_at(&fields, &stats, now_ms), 1_000_003);
+
+        // Older than 1m, inside 5m (30 buckets): leaves it 30 buckets on.
+        let (fields, stats) = buckets(&[999_990], &[33_333]);
+        assert_eq!(windows_change_at(&fields, &stats, now_ms), 1_000_020);
+        // Older than 5m, inside 15m (90 buckets); older than 15m, inside 1h (360).
+        let (fields, stats) = buckets(&[999_950], &[33_333]);
+        assert_eq!(windows_change_at(&fields, &stats, now_ms), 1_000_040);
+        let (fields, stats) = buckets(&[999_900], &[33_333]);
+        assert_eq!(windows_change_at(&fields, &stats, now_ms), 1_000_260);
+        // The first change of any bucket decides.
+        let (fields, stats) = buckets(&[999_900, 999_990, 999_999], &[33_333]);
+        assert_eq!(windows_change_at(&fields, &stats, now_ms), 1_000_005);
+
+        // Only the 24h window: its oldest coarse bucket leaves 288 coarse buckets on.
+        let (fields, stats) = buckets(&[], &[33_300]);
+        assert_eq!(
+            windows_change_at(&fields, &stats, now_ms),
+            (33_300 + 288) * 30
+        );
+
+        // Dated ahead: enters the 1m window in its own bucket.
+        let (fields, stats) = buckets(&[999_997, 1_000_002], &[33_333]);
+        assert_eq!(windows_change_at(&fields, &stats, now_ms), 1_000_002);
+
+        // Out of every window (kept until pruned) or of a metric not shown: no change.
+        let (fields, stats) = buckets(&[990_000], &[]);
+        assert_eq!(windows_change_at(&fields, &stats, now_ms), i64::MAX);
+        let (fields, _) = buckets(&[999_997], &[]);
+        assert_eq!(
+            windows_change_at(&fields, &DeviceStats::default(), now_ms),
+            i64::MAX
         );
     }
 }

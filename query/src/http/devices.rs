@@ -138,9 +138,11 @@ impl StatsResponse {
     }
 }
 
-/// `GET /v1/devices/{device_id}/stats`: one small read tells whether the document
-/// served last time for this device and selection is still exact; only if not are the
-/// device's figures and buckets read and the document rendered again.
+/// `GET /v1/devices/{device_id}/stats`: the device's validity (kept in the process
+/// while Redis pushes no change, else one small read) tells whether the document
+/// served last time for this device and selection is still exact (same header, windows
+/// not moved since); only if not are the device's figures and buckets read and the
+/// document rendered again.
 pub async fn stats(
     State(state): State<AppState>,
     DevicePath(device_id): DevicePath,
@@ -168,9 +170,12 @@ pub async fn stats(
             .map_err(|error| ApiError::Internal(format!("rendering stats: {error}")))?,
     );
     if current {
-        state
-            .documents
-            .insert((device_id, wanted), validity, document.clone());
+        state.documents.insert(
+            (device_id, wanted),
+            validity,
+            view.windows_change_at,
+            document.clone(),
+        );
     }
     Ok(json_document(document))
 }

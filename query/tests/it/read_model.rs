@@ -447,6 +447,57 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
     side.stop().await;
 }
 
+/// A kept stats document is served across 10 s boundaries only while its windows stay
+/// the same: it must show a reading leave the 1m window, and a reading dated ahead
+/// enter it, in the very bucket that happens.
+#[tokio::test]
+async fn a_kept_stats_document_follows_its_windows_across_bucket_boundaries() {
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    // Leaves the 1m window 1-11 s from now (its bucket is 49-59 s old then).
+    let leaving = aged("edge-leaving", 49_000, 1.0);
+    let leaves_at_ms = (leaving.recorded_at_ms.div_euclid(10_000) + 6) * 10_000;
+    // Dated 12 s ahead: enters the 1m window at the start of its bucket.
+    let entering = aged("edge-entering", -12_000, 2.0);
+    let enters_at_ms = entering.recorded_at_ms.div_euclid(10_000) * 10_000;
+    for reading in [&leaving, &entering] {
+        publish_reading(env, jetstream, reading).await;
+    }
+    let one_minute =
+        |stats: &Value| stats["metrics"]["temperature"]["windows"]["1m"]["count"].clone();
+    for (device, before) in [("edge-leaving", 1), ("edge-entering", 0)] {
+        let stats = eventually(DEADLINE, "the reading applied", || async {
+            let (status, stats) = query.stats(device, "").await;
+            (status == 200).then_some(stats)
+        })
+        .await;
+        // Asked twice more, so the document is kept.
+        for _ in 0..2 {
+            assert_eq!(
+                one_minute(&query.stats(device, "").await.1),
+                before,
+                "{stats}"
+            );
+        }
+    }
+    for (device, at_ms, after) in [
+        ("edge-leaving", leaves_at_ms, 0),
+        ("edge-entering", enters_at_ms, 1),
+    ] {
+        let wait_ms = at_ms + 50 - now_ms();
+        if wait_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(wait_ms as u64)).await;
+        }
+        let (_, stats) = query.stats(device, "").await;
+        assert_eq!(one_minute(&stats), after, "{device}: {stats}");
+        assert_eq!(
+            stats["metrics"]["temperature"]["windows"]["5m"]["count"], 1,
+            "{device}: {stats}"
+        );
+    }
+    side.stop().await;
+}
+
 /// Devices polled before their first reading exists and while it is applied, as a
 /// dashboard (or the benchmark's end-to-end probe) does: the query keeps "no such
 /// device" and each header it read until Redis pushes that the key changed. A reply
