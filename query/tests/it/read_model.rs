@@ -406,11 +406,9 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
         ))
         .await;
     }
-    let first = eventually(DEADLINE, "the reading visible", || async {
-        let (status, stats) = query.stats("cached-1", "").await;
-        (status == 200).then_some(stats)
-    })
-    .await;
+    let first = query
+        .first_document("cached-1", "the reading visible")
+        .await;
     assert_eq!(
         query.stats("cached-1", "").await.1["as_of_seq"],
         first["as_of_seq"]
@@ -466,11 +464,7 @@ async fn a_kept_stats_document_follows_its_windows_across_bucket_boundaries() {
     let one_minute =
         |stats: &Value| stats["metrics"]["temperature"]["windows"]["1m"]["count"].clone();
     for (device, before) in [("edge-leaving", 1), ("edge-entering", 0)] {
-        let stats = eventually(DEADLINE, "the reading applied", || async {
-            let (status, stats) = query.stats(device, "").await;
-            (status == 200).then_some(stats)
-        })
-        .await;
+        let stats = query.first_document(device, "the reading applied").await;
         // Asked twice more, so the document is kept.
         for _ in 0..2 {
             assert_eq!(
@@ -640,11 +634,9 @@ async fn a_device_that_changed_while_the_query_was_cut_off_from_redis_is_read_fr
     })
     .await;
     // The first answer after the cut (503s while it reconnects aside) is the new state.
-    let stats = eventually(DEADLINE, "an answer after the reconnect", || async {
-        let (status, stats) = query.stats("cut-1", "").await;
-        (status == 200).then_some(stats)
-    })
-    .await;
+    let stats = query
+        .first_document("cut-1", "an answer after the reconnect")
+        .await;
     assert_eq!(
         stats["sample_count"], 2,
         "a validity kept from before the reconnect was served: {stats}"

@@ -107,6 +107,16 @@ impl Query {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The first `200` stats document of `device` (full selection), waiting for it as
+    /// long as `DEADLINE`; `what` names the wait in a failure.
+    pub async fn first_document(&self, device: &str, what: &str) -> Value {
+        eventually(DEADLINE, what, || async {
+            let (status, stats) = self.stats(device, "").await;
+            (status == 200).then_some(stats)
+        })
+        .await
+    }
+
     pub async fn stop(self) {
         self.running
             .stop()
