@@ -482,10 +482,13 @@ pub fn rows(results: &Results) -> Vec<Row> {
         Some((0.5, ">= 50%")),
     );
     let query_p99 = num(results, "query", "/latency/p99_ms");
+    // The same load generator's p99 against the static answer: the floor this box
+    // puts under any p99 at this concurrency, for reading the target against.
+    let static_p99 = num(results, "static", "/latency/p99_ms");
     t.push(
         "    /stats p99",
         ms(query_p99),
-        "-".into(),
+        static_p99.map_or_else(|| "-".into(), |p99| format!("static p99 {}", ms(Some(p99)))),
         "-".into(),
         "< 5 ms",
         met(query_p99.map(|v| v < 5.0)),
