@@ -74,7 +74,7 @@ pub struct ReadModel {
 /// buckets already outside every window. So an answer made at the same generation and
 /// header is exact from the bucket it was made in until the bucket in which its
 /// windows would hold other buckets ([`DeviceView::windows_change_at`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Validity {
     generation: u64,
     header: Vec<u8>,
@@ -334,9 +334,7 @@ impl ReadModel {
         if let Some(wanted) = metrics {
             stats.metrics.retain(|name, _| wanted.contains(name));
         }
-        let windows_change_at = windows_change_at(&buckets, &stats, now_ms);
-        let fine = buckets_by_metric(&buckets, &stats, &FINE, now_ms);
-        let coarse = buckets_by_metric(&buckets, &stats, &COARSE, now_ms);
+        let buckets = ByResolution::new(&buckets, &stats, now_ms);
         let none = BTreeMap::new();
         let windows = stats
             .metrics
@@ -345,12 +343,7 @@ impl ReadModel {
                 let per_window = WINDOWS
                     .iter()
                     .map(|window| {
-                        let by_metric = if window.resolution == FINE {
-                            &fine
-                        } else {
-                            &coarse
-                        };
-                        let buckets = by_metric.get(name).unwrap_or(&none);
+                        let buckets = buckets.for_window(window).get(name).unwrap_or(&none);
                         (window.name, window_aggregate(window, buckets, now_ms))
                     })
                     .collect();
@@ -359,9 +352,9 @@ impl ReadModel {
             .collect();
         Ok(Some((
             DeviceView {
+                windows_change_at: buckets.windows_change_at(now_ms),
                 stats,
                 windows,
-                windows_change_at,
             },
             header,
         )))
@@ -489,16 +482,15 @@ impl ReadModel {
     }
 }
 
-/// The buckets any window of `resolution` needs at `now_ms`.
-fn span(resolution: &Resolution, now_ms: i64) -> std::ops::RangeInclusive<i64> {
+/// The oldest bucket any window of `resolution` needs at `now_ms`.
+fn oldest_needed(resolution: &Resolution, now_ms: i64) -> i64 {
     let longest = WINDOWS
         .iter()
         .filter(|window| window.resolution == *resolution)
         .map(Window::bucket_count)
         .max()
         .unwrap_or(1);
-    let current = resolution.bucket(now_ms);
-    (current - longest + 1)..=current
+    resolution.bucket(now_ms) - longest + 1
 }
 
 /// The meta hash's `generation` and `layout`.
@@ -507,16 +499,68 @@ type MetaFields = (Option<u64>, Option<u64>);
 /// A hash as `HGETALL` returns it: field names are text, the figures packed.
 type Fields = Vec<(String, Vec<u8>)>;
 
-/// The buckets of `resolution` in the buckets hash that some window needs at `now_ms`,
-/// per metric of `stats`.
+/// Per metric, its buckets by bucket number.
+type Buckets = BTreeMap<String, BTreeMap<i64, Aggregate>>;
+
+/// The buckets of a device's metrics that some window needs at an instant or will
+/// without a new event (those dated ahead), per resolution.
+struct ByResolution {
+    fine: Buckets,
+    coarse: Buckets,
+}
+
+impl ByResolution {
+    fn new(fields: &Fields, stats: &DeviceStats, now_ms: i64) -> Self {
+        Self {
+            fine: buckets_by_metric(fields, stats, &FINE, now_ms),
+            coarse: buckets_by_metric(fields, stats, &COARSE, now_ms),
+        }
+    }
+
+    /// The buckets `window` is summed from.
+    fn for_window(&self, window: &Window) -> &Buckets {
+        if window.resolution == FINE {
+            &self.fine
+        } else {
+            &self.coarse
+        }
+    }
+
+    /// The first 10 s bucket after `now_ms`'s in which some window would hold other
+    /// buckets than at `now_ms`, if no event came: when the oldest bucket in a window
+    /// leaves it, or a bucket dated ahead (clock skew) enters it. Until then the windows
+    /// are exactly what they are now. `i64::MAX` when nothing would move.
+    fn windows_change_at(&self, now_ms: i64) -> i64 {
+        let mut change_at = i64::MAX;
+        for window in &WINDOWS {
+            // Where a bucket of the window's resolution starts, in 10 s buckets.
+            let as_fine =
+                |bucket: i64| bucket.saturating_mul(window.resolution.width_ms / FINE.width_ms);
+            let held = window.buckets(now_ms);
+            let ahead = held.end() + 1..;
+            for buckets in self.for_window(window).values() {
+                if let Some((oldest, _)) = buckets.range(held.clone()).next() {
+                    change_at = change_at.min(as_fine(oldest + window.bucket_count()));
+                }
+                if let Some((first_ahead, _)) = buckets.range(ahead.clone()).next() {
+                    change_at = change_at.min(as_fine(*first_ahead));
+                }
+            }
+        }
+        change_at
+    }
+}
+
+/// The buckets of `resolution` in the buckets hash that some window needs at `now_ms`
+/// or later (dated ahead), per metric of `stats`.
 fn buckets_by_metric(
     fields: &Fields,
     stats: &DeviceStats,
     resolution: &Resolution,
     now_ms: i64,
-) -> BTreeMap<String, BTreeMap<i64, Aggregate>> {
-    let span = span(resolution, now_ms);
-    let mut by_metric: BTreeMap<String, BTreeMap<i64, Aggregate>> = BTreeMap::new();
+) -> Buckets {
+    let oldest = oldest_needed(resolution, now_ms);
+    let mut by_metric = Buckets::new();
     for (field, value) in fields {
         let Some((bucket, metric)) = resolution.parse_field(field) else {
             continue;
@@ -524,7 +568,7 @@ fn buckets_by_metric(
         let Some(aggregate) = Aggregate::from_bytes(value) else {
             continue;
         };
-        if span.contains(&bucket) && stats.metrics.contains_key(metric) {
+        if bucket >= oldest && stats.metrics.contains_key(metric) {
             by_metric
                 .entry(metric.to_owned())
                 .or_default()
@@ -532,40 +576,6 @@ fn buckets_by_metric(
         }
     }
     by_metric
-}
-
-/// The first 10 s bucket after `now_ms`'s in which some window of a metric of `stats`
-/// would hold other buckets than at `now_ms`, if no event came: when a stored bucket
-/// leaves a window it is in, or a bucket dated ahead (clock skew) enters one. Until
-/// then the windows are exactly what they are now. `i64::MAX` when nothing would move.
-fn windows_change_at(fields: &Fields, stats: &DeviceStats, now_ms: i64) -> i64 {
-    let mut change_at = i64::MAX;
-    for (field, _) in fields {
-        for resolution in [FINE, COARSE] {
-            let Some((bucket, metric)) = resolution.parse_field(field) else {
-                continue;
-            };
-            if !stats.metrics.contains_key(metric) {
-                continue;
-            }
-            // Where bucket `b` of this resolution starts, in 10 s buckets.
-            let as_fine = |b: i64| b.saturating_mul(resolution.width_ms / FINE.width_ms);
-            let current = resolution.bucket(now_ms);
-            if bucket > current {
-                change_at = change_at.min(as_fine(bucket));
-                continue;
-            }
-            for window in WINDOWS
-                .iter()
-                .filter(|window| window.resolution == resolution)
-            {
-                if window.buckets(now_ms).contains(&bucket) {
-                    change_at = change_at.min(as_fine(bucket + window.bucket_count()));
-                }
-            }
-        }
-    }
-    change_at
 }
 
 fn window_aggregate(
@@ -671,6 +681,10 @@ mod tests {
             ..Default::default()
         };
         (fields, stats)
+    }
+
+    fn windows_change_at(fields: &Fields, stats: &DeviceStats, now_ms: i64) -> i64 {
+        ByResolution::new(fields, stats, now_ms).windows_change_at(now_ms)
     }
 
     #[test]
