@@ -153,6 +153,16 @@ impl DeviceKeys {
     pub fn stats_of(prefix: &str, generation: u64, device_id: &str) -> String {
         format!("{prefix}g{generation}:device:{{{device_id}}}")
     }
+
+    /// The generation and device of a device hash's key, as [`DeviceKeys::stats_of`]
+    /// makes it; `None` for any other key (another device key, the index, the meta hash).
+    pub fn parse_stats<'k>(prefix: &str, key: &'k str) -> Option<(u64, &'k str)> {
+        let (generation, device) = key
+            .strip_prefix(prefix)?
+            .strip_prefix('g')?
+            .split_once(":device:{")?;
+        Some((generation.parse().ok()?, device.strip_suffix('}')?))
+    }
 }
 
 /// Device-level hash fields.
@@ -531,6 +541,18 @@ mod tests {
         assert_eq!(keys.applied, "t1:g7:device:{sensor-1}:applied");
         assert_eq!(keys.buckets, "t1:g7:device:{sensor-1}:buckets");
         assert_eq!(DeviceKeys::stats_of("t1:", 7, "sensor-1"), keys.stats);
+        assert_eq!(
+            DeviceKeys::parse_stats("t1:", &keys.stats),
+            Some((7, "sensor-1"))
+        );
+        for other in [
+            &keys.applied,
+            &keys.buckets,
+            "t1:meta",
+            "t2:g7:device:{sensor-1}",
+        ] {
+            assert_eq!(DeviceKeys::parse_stats("t1:", other), None, "{other}");
+        }
     }
 
     #[test]

@@ -41,9 +41,7 @@ pub async fn serve(
         .clone()
         .set_protocol(redis::ProtocolVersion::RESP3);
     let client = redis::Client::open(info.set_redis_settings(resp3))?;
-    let tracked = Arc::new(tracking::TrackedReads::new(contract::read_model::meta_key(
-        &settings.redis.prefix,
-    )));
+    let tracked = Arc::new(tracking::TrackedReads::new(&settings.redis.prefix));
     let pushes = tracked.clone();
     // Connects lazily and reconnects by itself, so the API starts (and answers 503)
     // while Redis is down. A reconnect's `Disconnection` push empties `tracked`.

@@ -230,20 +230,19 @@ impl ReadModel {
         device_id: &str,
         fine_bucket: i64,
     ) -> Result<(u64, Option<Vec<u8>>), ReadError> {
-        let key_of = |generation| DeviceKeys::stats_of(&self.prefix, generation, device_id);
         if let Some(kept) = self
             .tracked
             .as_ref()
-            .and_then(|tracked| tracked.lookup(key_of, fine_bucket))
+            .and_then(|tracked| tracked.lookup(device_id, fine_bucket))
         {
             return Ok(kept);
         }
+        let key_of = |generation| DeviceKeys::stats_of(&self.prefix, generation, device_id);
         let assumed = self.last_generation.load(Ordering::Relaxed);
-        let key = key_of(assumed);
         let ticket = self
             .tracked
             .as_ref()
-            .and_then(|tracked| tracked.begin(key.clone()));
+            .and_then(|tracked| tracked.begin(device_id));
         let mut read = redis::pipe();
         if ticket.is_some() {
             // Whatever connection carries this read tracks it (a reconnect starts
@@ -254,7 +253,7 @@ impl ReadModel {
         let (meta, header): (MetaFields, Option<Vec<u8>>) = read
             .add_command(self.live_generation_read())
             .cmd("HGET")
-            .arg(key)
+            .arg(key_of(assumed))
             .arg(fields::HEADER)
             .query_async(&mut redis)
             .await?;

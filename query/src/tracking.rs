@@ -10,7 +10,7 @@
 //! The race this must get right: the reply to a read and the invalidation of a write
 //! that came after it travel in that order on the connection, but the reply is taken
 //! by the request's task and the push by the connection manager's, so the push can be
-//! handled first. A read therefore marks its key as being read (`begin`, a unique
+//! handled first. A read therefore marks its device as being read (`begin`, a unique
 //! token) before it is sent; an invalidation, a flush or a disconnection removes the
 //! mark; the reply is kept (`finish`) only if its mark is still there. Either the
 //! push is handled before the reply is kept (the mark is gone, nothing is kept) or
@@ -27,14 +27,17 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use contract::read_model::{meta_key, DeviceKeys};
 use redis::{PushInfo, PushKind, Value};
 
-/// Device headers kept at most; past it the map starts empty again.
+/// Devices kept at most; past it the map starts empty again.
 pub const TRACKED_MAX: usize = 20_000;
 
 /// The validity reads this process keeps, and the invalidations that end them.
 #[derive(Debug)]
 pub struct TrackedReads {
+    /// The read model's key prefix: a push names a device hash by its key.
+    prefix: String,
     /// The meta hash's key: its change (a rebuild's switch) ends every kept read.
     meta_key: String,
     state: Mutex<State>,
@@ -43,18 +46,18 @@ pub struct TrackedReads {
 #[derive(Debug, Default)]
 struct State {
     next_token: u64,
-    /// Moves whenever everything is forgotten; a read begun before keeps nothing.
-    epoch: u64,
-    /// The live generation, while the meta hash is unchanged since it was read.
-    generation: Option<u64>,
-    /// Per device hash key: being read, or its packed header (`None`: no such device).
-    headers: HashMap<String, Slot>,
+    /// Per device id: being read, or what its read returned.
+    devices: HashMap<String, Slot>,
 }
 
 #[derive(Debug, PartialEq)]
 enum Slot {
     Reading(u64),
+    /// The live generation and the device's packed header in it (`None`: no such
+    /// device), as read in `fine_bucket`. Any change of the meta hash forgets every
+    /// slot, so the generation is still the live one.
     Known {
+        generation: u64,
         header: Option<Vec<u8>>,
         fine_bucket: i64,
     },
@@ -63,55 +66,52 @@ enum Slot {
 /// A read in flight: what `finish` needs to tell whether its reply may be kept.
 #[derive(Debug)]
 pub struct Ticket {
-    key: String,
+    device_id: String,
     token: u64,
-    epoch: u64,
 }
 
 impl TrackedReads {
-    pub fn new(meta_key: String) -> Self {
+    pub fn new(prefix: &str) -> Self {
         Self {
-            meta_key,
+            prefix: prefix.to_owned(),
+            meta_key: meta_key(prefix),
             state: Mutex::default(),
         }
     }
 
-    /// The live generation and the header of the device hash `key_of(generation)`, if
-    /// both are kept and the header was read in `fine_bucket`.
-    pub fn lookup(
-        &self,
-        key_of: impl FnOnce(u64) -> String,
-        fine_bucket: i64,
-    ) -> Option<(u64, Option<Vec<u8>>)> {
+    /// The live generation and the device's header in it, if kept and read in
+    /// `fine_bucket`.
+    pub fn lookup(&self, device_id: &str, fine_bucket: i64) -> Option<(u64, Option<Vec<u8>>)> {
         let state = self.state.lock().ok()?;
-        let generation = state.generation?;
-        match state.headers.get(&key_of(generation))? {
+        match state.devices.get(device_id)? {
             Slot::Known {
+                generation,
                 header,
                 fine_bucket: read_in,
-            } if *read_in == fine_bucket => Some((generation, header.clone())),
+            } if *read_in == fine_bucket => Some((*generation, header.clone())),
             _ => None,
         }
     }
 
-    /// Marks `key` as being read; call before the read is sent.
-    pub fn begin(&self, key: String) -> Option<Ticket> {
+    /// Marks the device as being read; call before the read is sent.
+    pub fn begin(&self, device_id: &str) -> Option<Ticket> {
         let mut state = self.state.lock().ok()?;
-        if state.headers.len() >= TRACKED_MAX && !state.headers.contains_key(&key) {
-            state.headers.clear();
+        if state.devices.len() >= TRACKED_MAX && !state.devices.contains_key(device_id) {
+            state.devices.clear();
         }
         state.next_token += 1;
         let token = state.next_token;
-        state.headers.insert(key.clone(), Slot::Reading(token));
+        state
+            .devices
+            .insert(device_id.to_owned(), Slot::Reading(token));
         Some(Ticket {
-            key,
+            device_id: device_id.to_owned(),
             token,
-            epoch: state.epoch,
         })
     }
 
-    /// Keeps what the read of `ticket` returned, unless its key changed (or everything
-    /// was forgotten) since it began.
+    /// Keeps what the read of `ticket` (the meta hash and the device hash, in one
+    /// pipeline) returned, unless a push removed its mark since it began.
     pub fn finish(
         &self,
         ticket: Ticket,
@@ -122,13 +122,10 @@ impl TrackedReads {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        if state.epoch != ticket.epoch {
-            return;
-        }
-        state.generation = Some(generation);
-        if let Some(slot) = state.headers.get_mut(&ticket.key) {
+        if let Some(slot) = state.devices.get_mut(&ticket.device_id) {
             if *slot == Slot::Reading(ticket.token) {
                 *slot = Slot::Known {
+                    generation,
                     header,
                     fine_bucket,
                 };
@@ -166,29 +163,30 @@ impl TrackedReads {
     }
 
     fn invalidate_key(&self, key: &[u8]) {
-        if key == self.meta_key.as_bytes() {
-            return self.forget_all();
-        }
         let Ok(key) = std::str::from_utf8(key) else {
             return;
         };
+        if key == self.meta_key {
+            return self.forget_all();
+        }
+        let Some((_, device_id)) = DeviceKeys::parse_stats(&self.prefix, key) else {
+            return;
+        };
         if let Ok(mut state) = self.state.lock() {
-            state.headers.remove(key);
+            state.devices.remove(device_id);
         }
     }
 
     /// Forgets every kept read and every read in flight.
     fn forget_all(&self) {
         if let Ok(mut state) = self.state.lock() {
-            state.epoch += 1;
-            state.generation = None;
-            state.headers.clear();
+            state.devices.clear();
         }
     }
 
     /// Kept or in-flight device reads.
     pub fn len(&self) -> usize {
-        self.state.lock().map_or(0, |state| state.headers.len())
+        self.state.lock().map_or(0, |state| state.devices.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -200,8 +198,10 @@ impl TrackedReads {
 mod tests {
     use super::*;
 
+    const PREFIX: &str = "p:";
     const META: &str = "p:meta";
-    const DEVICE: &str = "p:g1:device:{d}";
+    /// Device `d`'s hash in generation 1, as a push names it.
+    const DEVICE_KEY: &str = "p:g1:device:{d}";
     const BUCKET: i64 = 100;
 
     fn invalidation(keys: &[&str]) -> PushInfo {
@@ -216,17 +216,17 @@ mod tests {
     }
 
     fn lookup(tracked: &TrackedReads, bucket: i64) -> Option<(u64, Option<Vec<u8>>)> {
-        tracked.lookup(|generation| format!("p:g{generation}:device:{{d}}"), bucket)
+        tracked.lookup("d", bucket)
     }
 
     fn read(tracked: &TrackedReads, header: &[u8]) {
-        let ticket = tracked.begin(DEVICE.to_owned()).expect("lock");
+        let ticket = tracked.begin("d").expect("lock");
         tracked.finish(ticket, 1, Some(header.to_vec()), BUCKET);
     }
 
     #[test]
     fn a_finished_read_is_served_in_its_bucket_only() {
-        let tracked = TrackedReads::new(META.to_owned());
+        let tracked = TrackedReads::new(PREFIX);
         assert_eq!(lookup(&tracked, BUCKET), None);
         read(&tracked, b"h1");
         assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"h1".to_vec()))));
@@ -235,9 +235,9 @@ mod tests {
 
     #[test]
     fn an_invalidation_handled_before_the_reply_is_kept_wins() {
-        let tracked = TrackedReads::new(META.to_owned());
-        let ticket = tracked.begin(DEVICE.to_owned()).expect("lock");
-        tracked.handle_push(&invalidation(&[DEVICE]));
+        let tracked = TrackedReads::new(PREFIX);
+        let ticket = tracked.begin("d").expect("lock");
+        tracked.handle_push(&invalidation(&[DEVICE_KEY]));
         tracked.finish(ticket, 1, Some(b"old".to_vec()), BUCKET);
         assert_eq!(
             lookup(&tracked, BUCKET),
@@ -248,17 +248,21 @@ mod tests {
 
     #[test]
     fn an_invalidation_after_the_reply_removes_it() {
-        let tracked = TrackedReads::new(META.to_owned());
+        let tracked = TrackedReads::new(PREFIX);
         read(&tracked, b"h1");
-        tracked.handle_push(&invalidation(&["p:g1:device:{other}", DEVICE]));
+        tracked.handle_push(&invalidation(&[
+            "p:g1:device:{other}",
+            "p:g1:device:{d}:buckets",
+            DEVICE_KEY,
+        ]));
         assert_eq!(lookup(&tracked, BUCKET), None);
     }
 
     #[test]
     fn of_two_reads_of_one_key_only_the_last_begun_is_kept() {
-        let tracked = TrackedReads::new(META.to_owned());
-        let first = tracked.begin(DEVICE.to_owned()).expect("lock");
-        let second = tracked.begin(DEVICE.to_owned()).expect("lock");
+        let tracked = TrackedReads::new(PREFIX);
+        let first = tracked.begin("d").expect("lock");
+        let second = tracked.begin("d").expect("lock");
         tracked.finish(second, 1, Some(b"new".to_vec()), BUCKET);
         tracked.finish(first, 1, Some(b"old".to_vec()), BUCKET);
         assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"new".to_vec()))));
@@ -278,14 +282,14 @@ mod tests {
             },
         ];
         for push in pushes {
-            let tracked = TrackedReads::new(META.to_owned());
+            let tracked = TrackedReads::new(PREFIX);
             read(&tracked, b"h1");
-            let in_flight = tracked.begin("p:g1:device:{e}".to_owned()).expect("lock");
+            let in_flight = tracked.begin("e").expect("lock");
             tracked.handle_push(&push);
             tracked.finish(in_flight, 1, None, BUCKET);
             assert_eq!(lookup(&tracked, BUCKET), None, "kept after {push:?}");
             assert!(tracked.is_empty(), "kept after {push:?}");
-            // The generation is known again only through a read begun afterwards.
+            // Kept again through a read begun afterwards.
             read(&tracked, b"h2");
             assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"h2".to_vec()))));
         }
@@ -293,21 +297,19 @@ mod tests {
 
     #[test]
     fn an_unknown_device_is_kept_as_unknown_until_its_key_changes() {
-        let tracked = TrackedReads::new(META.to_owned());
-        let ticket = tracked.begin(DEVICE.to_owned()).expect("lock");
+        let tracked = TrackedReads::new(PREFIX);
+        let ticket = tracked.begin("d").expect("lock");
         tracked.finish(ticket, 1, None, BUCKET);
         assert_eq!(lookup(&tracked, BUCKET), Some((1, None)));
-        tracked.handle_push(&invalidation(&[DEVICE]));
+        tracked.handle_push(&invalidation(&[DEVICE_KEY]));
         assert_eq!(lookup(&tracked, BUCKET), None);
     }
 
     #[test]
     fn the_map_starts_over_when_full() {
-        let tracked = TrackedReads::new(META.to_owned());
+        let tracked = TrackedReads::new(PREFIX);
         for device in 0..TRACKED_MAX {
-            let ticket = tracked
-                .begin(format!("p:g1:device:{{{device}}}"))
-                .expect("lock");
+            let ticket = tracked.begin(&format!("sensor-{device}")).expect("lock");
             tracked.finish(ticket, 1, None, BUCKET);
         }
         assert_eq!(tracked.len(), TRACKED_MAX);
