@@ -123,6 +123,16 @@ impl<T: Clone> AnswerCache<T> {
         .then(|| kept.answer.clone())
     }
 
+    /// Whether an answer is kept for `key` that is still exact in `fine_bucket` if the
+    /// device did not change: only then is its validity worth reading.
+    pub fn may_serve(&self, key: &AnswerKey, fine_bucket: i64) -> bool {
+        self.answers.lock().is_ok_and(|answers| {
+            answers
+                .get(key)
+                .is_some_and(|kept| (kept.made_at.fine_bucket..kept.until).contains(&fine_bucket))
+        })
+    }
+
     /// Keeps `answer`, made at `validity` and exact until the 10 s bucket `until`, for
     /// `key`. When the cache is full it first drops the answers no longer exact now
     /// (they can never be served again), then, if that freed less than a quarter,
@@ -188,15 +198,39 @@ impl ReadModel {
         read
     }
 
-    /// What the device's answers depend on right now (one small pipelined read);
+    /// What the device's answers depend on right now, if this process keeps it (see
+    /// [`crate::tracking`]): `Some(None)` for a device known not to exist, `None` when
+    /// nothing is kept.
+    pub fn kept_validity(&self, device_id: &str, now_ms: i64) -> Option<Option<Validity>> {
+        let fine_bucket = FINE.bucket(now_ms);
+        let (generation, header) = self.tracked.as_ref()?.lookup(device_id, fine_bucket)?;
+        Some(header.map(|header| Validity {
+            generation,
+            header,
+            fine_bucket,
+        }))
+    }
+
+    /// What the device's answers depend on right now, read (one small pipelined read);
     /// `None` for an unknown device.
-    pub async fn validity(
+    pub async fn read_validity(
         &self,
         device_id: &str,
         now_ms: i64,
     ) -> Result<Option<Validity>, ReadError> {
         let fine_bucket = FINE.bucket(now_ms);
-        let (generation, header) = self.generation_and_header(device_id, fine_bucket).await?;
+        let (generation, (header,)): (u64, (Option<Vec<u8>>,)) = self
+            .read_in_live_generation(
+                device_id,
+                fine_bucket,
+                |read, generation| {
+                    read.cmd("HGET")
+                        .arg(DeviceKeys::stats_of(&self.prefix, generation, device_id))
+                        .arg(fields::HEADER);
+                },
+                |(header,): &(Option<Vec<u8>>,)| header.clone(),
+            )
+            .await?;
         Ok(header.map(|header| Validity {
             generation,
             header,
@@ -204,40 +238,56 @@ impl ReadModel {
         }))
     }
 
-    /// A device's figures and windows at `now_ms` in the generation of `validity`,
-    /// limited to `metrics` if given; `None` for an unknown device. The flag tells
-    /// whether they are still the state `validity` describes (events may have been
-    /// applied between the two reads).
-    pub async fn device_at(
+    /// A device's figures and windows at `now_ms`, limited to `metrics` if given, with
+    /// the validity they were read at; `None` for an unknown device. One round trip
+    /// when the generation is the one read last time: the meta hash, the device hash
+    /// and its buckets hash (a device keeps at most 1 h 5 min of 10 s buckets and
+    /// 24 h 15 min of 5 min buckets per metric); the windows are summed here. The read
+    /// is kept as the device's validity read.
+    pub async fn device_now(
         &self,
-        validity: &Validity,
         device_id: &str,
         metrics: Option<&[String]>,
         now_ms: i64,
-    ) -> Result<Option<(DeviceView, bool)>, ReadError> {
-        let read = self
-            .read_device(validity.generation, device_id, metrics, now_ms)
+    ) -> Result<Option<(Validity, DeviceView)>, ReadError> {
+        let fine_bucket = FINE.bucket(now_ms);
+        let (generation, (hash, buckets)): (u64, (Fields, Fields)) = self
+            .read_in_live_generation(
+                device_id,
+                fine_bucket,
+                |read, generation| {
+                    let keys = DeviceKeys::new(&self.prefix, generation, device_id);
+                    read.hgetall(&keys.stats).hgetall(&keys.buckets);
+                },
+                |(hash, _)| header_of(hash),
+            )
             .await?;
-        Ok(read.map(|(view, header)| (view, header == validity.header)))
+        let Some(header) = header_of(&hash) else {
+            return Ok(None);
+        };
+        let Some(view) = view_of(hash, &buckets, metrics, now_ms) else {
+            return Ok(None);
+        };
+        let validity = Validity {
+            generation,
+            header,
+            fine_bucket,
+        };
+        Ok(Some((validity, view)))
     }
 
-    /// The live generation and the device's packed header in it: kept from an earlier
-    /// read of the same 10 s bucket if neither changed since (see [`crate::tracking`]),
-    /// otherwise read in one round trip when the generation is the one read last time
-    /// (a rebuild's switch costs one more).
-    async fn generation_and_header(
+    /// The replies of the commands `device_read` adds for the device's keys in the live
+    /// generation. One round trip with the meta hash when the generation is the one read
+    /// last time (a rebuild's switch costs one more); then the meta hash and the header
+    /// (`header_of` the replies) are kept as the device's validity read, tracked by
+    /// Redis from here on.
+    async fn read_in_live_generation<T: redis::FromRedisValue>(
         &self,
         device_id: &str,
         fine_bucket: i64,
-    ) -> Result<(u64, Option<Vec<u8>>), ReadError> {
-        if let Some(kept) = self
-            .tracked
-            .as_ref()
-            .and_then(|tracked| tracked.lookup(device_id, fine_bucket))
-        {
-            return Ok(kept);
-        }
-        let key_of = |generation| DeviceKeys::stats_of(&self.prefix, generation, device_id);
+        device_read: impl Fn(&mut redis::Pipeline, u64),
+        header_of: impl Fn(&T) -> Option<Vec<u8>>,
+    ) -> Result<(u64, T), ReadError> {
         let assumed = self.last_generation.load(Ordering::Relaxed);
         let ticket = self
             .tracked
@@ -249,28 +299,26 @@ impl ReadModel {
             // untracked); turning it on again is a no-op.
             read.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
         }
+        read.add_command(self.live_generation_read());
+        device_read(&mut read, assumed);
         let mut redis = self.redis.clone();
-        let (meta, header): (MetaFields, Option<Vec<u8>>) = read
-            .add_command(self.live_generation_read())
-            .cmd("HGET")
-            .arg(key_of(assumed))
-            .arg(fields::HEADER)
-            .query_async(&mut redis)
-            .await?;
+        let mut replies: Vec<redis::Value> = read.query_async(&mut redis).await?;
+        if replies.is_empty() {
+            return Err(redis::ParsingError::from("no reply to the meta read").into());
+        }
+        let meta: MetaFields = redis::from_redis_value(replies.remove(0))?;
         let generation = live_generation(meta.0, meta.1).ok_or(ReadError::Rebuilding)?;
         if generation == assumed {
+            let value: T = redis::from_redis_value(redis::Value::Array(replies))?;
             if let (Some(tracked), Some(ticket)) = (&self.tracked, ticket) {
-                tracked.finish(ticket, generation, header.clone(), fine_bucket);
+                tracked.finish(ticket, generation, header_of(&value), fine_bucket);
             }
-            return Ok((generation, header));
+            return Ok((generation, value));
         }
         self.last_generation.store(generation, Ordering::Relaxed);
-        let header: Option<Vec<u8>> = redis::cmd("HGET")
-            .arg(key_of(generation))
-            .arg(fields::HEADER)
-            .query_async(&mut redis)
-            .await?;
-        Ok((generation, header))
+        let mut read = redis::pipe();
+        device_read(&mut read, generation);
+        Ok((generation, read.query_async(&mut redis).await?))
     }
 
     pub async fn ping(&self) -> RedisResult<()> {
@@ -290,73 +338,15 @@ impl ReadModel {
     }
 
     /// A device's figures and windows at `now_ms`, limited to `metrics` if given;
-    /// `None` for an unknown device. One round trip: the device hash and its buckets
-    /// hash (a device keeps at most 1 h 5 min of 10 s buckets and 24 h 15 min of
-    /// 5 min buckets per metric); the windows are summed here.
+    /// `None` for an unknown device (see [`ReadModel::device_now`]).
     pub async fn device(
         &self,
         device_id: &str,
         metrics: Option<&[String]>,
         now_ms: i64,
     ) -> Result<Option<DeviceView>, ReadError> {
-        let generation = self.generation().await?;
-        let read = self
-            .read_device(generation, device_id, metrics, now_ms)
-            .await?;
-        Ok(read.map(|(view, _)| view))
-    }
-
-    /// [`ReadModel::device`] in a generation the caller has read already, with the
-    /// packed header the figures were read from.
-    async fn read_device(
-        &self,
-        generation: u64,
-        device_id: &str,
-        metrics: Option<&[String]>,
-        now_ms: i64,
-    ) -> Result<Option<(DeviceView, Vec<u8>)>, ReadError> {
-        let keys = DeviceKeys::new(&self.prefix, generation, device_id);
-        let mut redis = self.redis.clone();
-        let (hash, buckets): (Fields, Fields) = redis::pipe()
-            .hgetall(&keys.stats)
-            .hgetall(&keys.buckets)
-            .query_async(&mut redis)
-            .await?;
-        let header = hash
-            .iter()
-            .find(|(field, _)| field == fields::HEADER)
-            .map(|(_, value)| value.clone())
-            .unwrap_or_default();
-        let Some(mut stats) = DeviceStats::from_hash(hash) else {
-            return Ok(None);
-        };
-        if let Some(wanted) = metrics {
-            stats.metrics.retain(|name, _| wanted.contains(name));
-        }
-        let buckets = ByResolution::new(&buckets, &stats, now_ms);
-        let none = BTreeMap::new();
-        let windows = stats
-            .metrics
-            .keys()
-            .map(|name| {
-                let per_window = WINDOWS
-                    .iter()
-                    .map(|window| {
-                        let buckets = buckets.for_window(window).get(name).unwrap_or(&none);
-                        (window.name, window_aggregate(window, buckets, now_ms))
-                    })
-                    .collect();
-                (name.clone(), per_window)
-            })
-            .collect();
-        Ok(Some((
-            DeviceView {
-                windows_change_at: buckets.windows_change_at(now_ms),
-                stats,
-                windows,
-            },
-            header,
-        )))
+        let read = self.device_now(device_id, metrics, now_ms).await?;
+        Ok(read.map(|(_, view)| view))
     }
 
     /// The non-empty buckets of one metric in `buckets` (not empty), oldest first;
@@ -479,6 +469,48 @@ impl ReadModel {
             })
             .collect())
     }
+}
+
+/// The device's packed header in its hash as `HGETALL` returns it.
+fn header_of(hash: &Fields) -> Option<Vec<u8>> {
+    hash.iter()
+        .find(|(field, _)| field == fields::HEADER)
+        .map(|(_, value)| value.clone())
+}
+
+/// A device's figures and windows at `now_ms` from its hash and its buckets hash,
+/// limited to `metrics` if given; `None` without a header (an unknown device).
+fn view_of(
+    hash: Fields,
+    buckets: &Fields,
+    metrics: Option<&[String]>,
+    now_ms: i64,
+) -> Option<DeviceView> {
+    let mut stats = DeviceStats::from_hash(hash)?;
+    if let Some(wanted) = metrics {
+        stats.metrics.retain(|name, _| wanted.contains(name));
+    }
+    let buckets = ByResolution::new(buckets, &stats, now_ms);
+    let none = BTreeMap::new();
+    let windows = stats
+        .metrics
+        .keys()
+        .map(|name| {
+            let per_window = WINDOWS
+                .iter()
+                .map(|window| {
+                    let buckets = buckets.for_window(window).get(name).unwrap_or(&none);
+                    (window.name, window_aggregate(window, buckets, now_ms))
+                })
+                .collect();
+            (name.clone(), per_window)
+        })
+        .collect();
+    Some(DeviceView {
+        windows_change_at: buckets.windows_change_at(now_ms),
+        stats,
+        windows,
+    })
 }
 
 /// The oldest bucket any window of `resolution` needs at `now_ms`.

@@ -139,10 +139,10 @@ impl StatsResponse {
 }
 
 /// `GET /v1/devices/{device_id}/stats`: the device's validity (kept in the process
-/// while Redis pushes no change, else one small read) tells whether the document
-/// served last time for this device and selection is still exact (same header, windows
-/// not moved since); only if not are the device's figures and buckets read and the
-/// document rendered again.
+/// while Redis pushes no change, else one small read, made only if a kept document
+/// could still be exact) tells whether the document served last time for this device
+/// and selection is still exact (same header, windows not moved since); if not, the
+/// device is read whole in one round trip and the document rendered again.
 pub async fn stats(
     State(state): State<AppState>,
     DevicePath(device_id): DevicePath,
@@ -150,33 +150,37 @@ pub async fn stats(
 ) -> Result<Response, ApiError> {
     let wanted = metric_filter(query.metrics.as_deref())?;
     let now_ms = unix_millis(OffsetDateTime::now_utc());
-    let validity = state
-        .read_model
-        .validity(&device_id, now_ms)
-        .await?
-        .ok_or(ApiError::DeviceNotFound)?;
     let key: AnswerKey = (device_id, wanted);
-    if let Some(document) = state.documents.get(&key, &validity) {
+    let validity = match state.read_model.kept_validity(&key.0, now_ms) {
+        Some(kept) => Some(kept.ok_or(ApiError::DeviceNotFound)?),
+        None if state.documents.may_serve(&key, FINE.bucket(now_ms)) => Some(
+            state
+                .read_model
+                .read_validity(&key.0, now_ms)
+                .await?
+                .ok_or(ApiError::DeviceNotFound)?,
+        ),
+        None => None,
+    };
+    if let Some(document) = validity.and_then(|validity| state.documents.get(&key, &validity)) {
         return Ok(json_document(document));
     }
     let (device_id, wanted) = key;
-    let (view, current) = state
+    let (validity, view) = state
         .read_model
-        .device_at(&validity, &device_id, wanted.as_deref(), now_ms)
+        .device_now(&device_id, wanted.as_deref(), now_ms)
         .await?
         .ok_or(ApiError::DeviceNotFound)?;
     let document = Bytes::from(
         serde_json::to_vec(&StatsResponse::new(device_id.clone(), &view))
             .map_err(|error| ApiError::Internal(format!("rendering stats: {error}")))?,
     );
-    if current {
-        state.documents.insert(
-            (device_id, wanted),
-            validity,
-            view.windows_change_at,
-            document.clone(),
-        );
-    }
+    state.documents.insert(
+        (device_id, wanted),
+        validity,
+        view.windows_change_at,
+        document.clone(),
+    );
     Ok(json_document(document))
 }
 
