@@ -296,12 +296,11 @@ impl Relay {
     pub async fn relay_once(&self) -> anyhow::Result<usize> {
         let mut client = self.pool.get().await.context("getting a connection")?;
         let transaction = client.transaction().await?;
+        // Prepared once per session: a round is then one message per statement, with no
+        // parse and plan in PostgreSQL (both were ~1% of its CPU at 2,000 readings/s).
+        let claim = transaction.prepare_cached(CLAIM).await?;
         let rows = transaction
-            .query(
-                "SELECT id, event_id, device_id, payload FROM outbox
-                 WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&self.batch_size],
-            )
+            .query(&claim, &[&self.batch_size])
             .await
             .context("claiming outbox rows")?;
         if rows.is_empty() {
@@ -380,13 +379,9 @@ impl Relay {
         }
         // From the first publish sent to the last PubAck received.
         metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
+        let mark = transaction.prepare_cached(MARK).await?;
         transaction
-            .execute(
-                "UPDATE outbox SET published_at = now(), stream_seq = marked.seq
-                 FROM unnest($1::bigint[], $2::bigint[]) AS marked(id, seq)
-                 WHERE outbox.id = marked.id",
-                &[&published_ids, &sequences],
-            )
+            .execute(&mark, &[&published_ids, &sequences])
             .await
             .context("marking rows published")?;
         transaction
@@ -547,6 +542,15 @@ impl Relay {
         Ok(())
     }
 }
+
+/// Claims the oldest unpublished rows; other relays skip them until this round ends.
+const CLAIM: &str = "SELECT id, event_id, device_id, payload FROM outbox
+    WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Marks the acknowledged rows published, with the stream sequence of each.
+const MARK: &str = "UPDATE outbox SET published_at = now(), stream_seq = marked.seq
+    FROM unnest($1::bigint[], $2::bigint[]) AS marked(id, seq)
+    WHERE outbox.id = marked.id";
 
 const PRUNE_PUBLISHED: &str = "
 DELETE FROM outbox WHERE id IN (
