@@ -143,8 +143,9 @@ enum Command {
         rate: f64,
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
-        /// About how many readings a second are followed to visibility.
-        #[arg(long, default_value_t = 100.0)]
+        /// About how many readings a second are followed to visibility (each is
+        /// polled until seen: keep the probe small beside the load).
+        #[arg(long, default_value_t = 25.0)]
         track_per_s: f64,
         /// Give up on a reading after this long (counted as timed out).
         #[arg(long, default_value_t = 5000)]
