@@ -96,6 +96,14 @@ struct Kept<T> {
     answer: T,
 }
 
+impl<T> Kept<T> {
+    /// Whether the windows are still what they were when the answer was made, in the
+    /// 10 s bucket `fine_bucket`, if the device did not change.
+    fn windows_hold_in(&self, fine_bucket: i64) -> bool {
+        (self.made_at.fine_bucket..self.until).contains(&fine_bucket)
+    }
+}
+
 /// One device, one `?metrics=` selection.
 pub type AnswerKey = (String, Option<Vec<String>>);
 
@@ -123,7 +131,7 @@ impl<T: Clone> AnswerCache<T> {
         let made_at = &kept.made_at;
         (made_at.generation == validity.generation
             && made_at.header == validity.header
-            && (made_at.fine_bucket..kept.until).contains(&validity.fine_bucket))
+            && kept.windows_hold_in(validity.fine_bucket))
         .then(|| kept.answer.clone())
     }
 
@@ -133,7 +141,7 @@ impl<T: Clone> AnswerCache<T> {
         self.answers.lock().is_ok_and(|answers| {
             answers
                 .get(key)
-                .is_some_and(|kept| (kept.made_at.fine_bucket..kept.until).contains(&fine_bucket))
+                .is_some_and(|kept| kept.windows_hold_in(fine_bucket))
         })
     }
 
@@ -152,14 +160,13 @@ impl<T: Clone> AnswerCache<T> {
         };
         if answers.len() >= ANSWERS_MAX && !answers.contains_key(&key) {
             answers.retain(|_, kept| kept.until > validity.fine_bucket);
-            if let Some(excess) = answers.len().checked_sub(ANSWERS_AFTER_DROP) {
+            let excess = answers.len().saturating_sub(ANSWERS_AFTER_DROP);
+            if excess > 0 {
                 let mut made: Vec<(i64, &AnswerKey)> = answers
                     .iter()
                     .map(|(key, kept)| (kept.made_at.fine_bucket, key))
                     .collect();
-                if excess > 0 {
-                    made.select_nth_unstable_by_key(excess - 1, |(bucket, _)| *bucket);
-                }
+                made.select_nth_unstable_by_key(excess - 1, |(bucket, _)| *bucket);
                 let oldest: Vec<AnswerKey> = made[..excess]
                     .iter()
                     .map(|(_, key)| (*key).clone())
