@@ -37,11 +37,13 @@ pub struct ReadingBody {
 pub const BATCH_MAX: usize = 1000;
 
 /// The body of `POST /v1/telemetry/batch`; its items are decoded one by one, so that a
-/// malformed item fails alone.
+/// malformed item fails alone. Each item stays the slice of the body it was written in
+/// until then: no JSON tree is built only to be taken apart again.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BatchBody {
-    pub readings: Vec<serde_json::Value>,
+pub struct BatchBody<'a> {
+    #[serde(borrow)]
+    pub readings: Vec<&'a serde_json::value::RawValue>,
 }
 
 /// One item of a batch: a reading with its own idempotency key.

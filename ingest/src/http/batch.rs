@@ -157,10 +157,10 @@ async fn handle(
 fn prepare(
     state: &AppState,
     grant: Option<&Grant>,
-    item: serde_json::Value,
+    item: &serde_json::value::RawValue,
     received_at: OffsetDateTime,
 ) -> Result<NewReading, ItemError> {
-    let item: BatchItem = serde_json::from_value(item)
+    let item: BatchItem = serde_json::from_str(item.get())
         .map_err(|error| ItemError::new(ProblemKind::InvalidJson, error.to_string(), Vec::new()))?;
     let (key, body) = item.into_parts();
     check_idempotency_key(key.as_bytes()).map_err(|message| {
