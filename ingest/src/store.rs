@@ -26,6 +26,7 @@ use contract::reading::Reading;
 use deadpool_postgres::Pool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::Json;
 use uuid::Uuid;
 
 use crate::outbox_notify::{Notifier, Signal};
@@ -389,10 +390,9 @@ async fn write(
     let event_ids: Vec<Uuid> = readings.iter().map(|r| r.event_id).collect();
     let recorded: Vec<OffsetDateTime> = readings.iter().map(|r| r.recorded_at).collect();
     let received: Vec<OffsetDateTime> = readings.iter().map(|r| r.received_at).collect();
-    let metrics: Vec<serde_json::Value> = readings
-        .iter()
-        .map(|r| serde_json::to_value(&r.metrics).unwrap_or_default())
-        .collect();
+    // Serialised straight into the statement's buffer (no JSON tree built first).
+    let metrics: Vec<Json<&BTreeMap<String, f64>>> =
+        readings.iter().map(|r| Json(&r.metrics)).collect();
     let bodies: Vec<&str> = readings.iter().map(|r| r.response_body.as_str()).collect();
     let payloads: Vec<&[u8]> = readings.iter().map(|r| r.payload.as_slice()).collect();
     let inserted: std::collections::HashSet<Uuid> = client
