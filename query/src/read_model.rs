@@ -374,30 +374,35 @@ impl ReadModel {
         Ok(read.map(|(_, view)| view))
     }
 
-    /// The non-empty buckets of one metric in `buckets` (not empty), oldest first;
-    /// `None` for an unknown device.
+    /// The non-empty buckets of one metric in `buckets` (not empty), oldest first, read
+    /// at `now_ms`; `None` for an unknown device. One round trip when the generation is
+    /// the one read last time: the device's header (kept as its validity read, as
+    /// [`ReadModel::read_validity`] keeps it) and the buckets asked for.
     pub async fn series(
         &self,
         device_id: &str,
         metric: &str,
         resolution: Resolution,
         buckets: std::ops::RangeInclusive<i64>,
+        now_ms: i64,
     ) -> Result<Option<Vec<(i64, Aggregate)>>, ReadError> {
-        let generation = self.generation().await?;
-        let keys = DeviceKeys::new(&self.prefix, generation, device_id);
-        let fields: Vec<String> = buckets
+        let names: Vec<String> = buckets
             .clone()
             .map(|bucket| resolution.field(bucket, metric))
             .collect();
-        let mut redis = self.redis.clone();
-        let (exists, values): (bool, Vec<Option<Vec<u8>>>) = redis::pipe()
-            .exists(&keys.stats)
-            .cmd("HMGET")
-            .arg(&keys.buckets)
-            .arg(&fields)
-            .query_async(&mut redis)
+        let (_, (header, values)): (u64, SeriesReplies) = self
+            .read_in_live_generation(
+                device_id,
+                FINE.bucket(now_ms),
+                |read, generation| {
+                    let keys = DeviceKeys::new(&self.prefix, generation, device_id);
+                    read.cmd("HGET").arg(&keys.stats).arg(fields::HEADER);
+                    read.cmd("HMGET").arg(&keys.buckets).arg(&names);
+                },
+                |(header, _): &SeriesReplies| header.clone(),
+            )
             .await?;
-        if !exists {
+        if header.is_none() {
             return Ok(None);
         }
         Ok(Some(
@@ -548,6 +553,9 @@ fn oldest_needed(resolution: &Resolution, now_ms: i64) -> i64 {
         .unwrap_or(1);
     resolution.bucket(now_ms) - longest + 1
 }
+
+/// A series read's replies: the device's packed header and the buckets asked for.
+type SeriesReplies = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
 
 /// The meta hash's `generation` and `layout`.
 type MetaFields = (Option<u64>, Option<u64>);

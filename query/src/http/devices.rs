@@ -356,7 +356,7 @@ pub async fn series(
     let points = if first > last {
         if state
             .read_model
-            .device(&device_id, Some(&[]), now_ms)
+            .read_validity(&device_id, now_ms)
             .await?
             .is_none()
         {
@@ -366,7 +366,7 @@ pub async fn series(
     } else {
         state
             .read_model
-            .series(&device_id, &metric, resolution, first..=last)
+            .series(&device_id, &metric, resolution, first..=last, now_ms)
             .await?
             .ok_or(ApiError::DeviceNotFound)?
     };

@@ -11,7 +11,7 @@ use contract::event::{headers, TelemetryRecorded};
 use contract::read_model::{generation_pattern, meta, meta_key, WINDOWS};
 use contract::reference::{sums_agree, ModelReading, ReferenceModel};
 use contract::subjects::Subjects;
-use contract::timestamp::{from_unix_millis, unix_millis};
+use contract::timestamp::{format_millis, from_unix_millis, unix_millis};
 use proptest::prelude::*;
 use query::read_model::ReadModel;
 use redis::aio::ConnectionManager;
@@ -324,6 +324,28 @@ async fn readings_at_known_ages_fall_in_exactly_their_windows() {
         .filter_map(|point| point["count"].as_u64())
         .sum();
     assert_eq!(total, 5, "the last 24 h in 5 min buckets: {coarse}");
+
+    // A range older than anything kept: no buckets for a known device, 404 for an
+    // unknown one; an unknown device is 404 over the default range too.
+    let day_ms = 24 * HOUR_MS;
+    let old_range = format!(
+        "metric=temperature&from={}&to={}",
+        format_millis(now_ms() - 3 * day_ms).expect("instant in range"),
+        format_millis(now_ms() - 2 * day_ms).expect("instant in range"),
+    );
+    let response = query
+        .get(&format!("/v1/devices/edges/series?{old_range}"))
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let empty: Value = response.json().await.expect("json");
+    assert_eq!(empty["points"], Value::Array(Vec::new()), "{empty}");
+    for path in [
+        format!("/v1/devices/nobody/series?{old_range}"),
+        "/v1/devices/nobody/series?metric=temperature".to_owned(),
+    ] {
+        let response = query.get(&path).await;
+        assert_eq!(response.status().as_u16(), 404, "{path}");
+    }
     side.stop().await;
 }
 
