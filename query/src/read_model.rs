@@ -243,24 +243,22 @@ impl ReadModel {
         device_id: &str,
         now_ms: i64,
     ) -> Result<Option<Validity>, ReadError> {
-        let fine_bucket = FINE.bucket(now_ms);
-        let (generation, (header,)): (u64, (Option<Vec<u8>>,)) = self
+        let (validity, _): (_, (Option<Vec<u8>>,)) = self
             .read_in_live_generation(
                 device_id,
-                fine_bucket,
-                |read, generation| {
-                    read.cmd("HGET")
-                        .arg(DeviceKeys::stats_of(&self.prefix, generation, device_id))
-                        .arg(fields::HEADER);
-                },
+                FINE.bucket(now_ms),
+                |read, generation| self.add_header_read(read, generation, device_id),
                 |(header,): &(Option<Vec<u8>>,)| header.clone(),
             )
             .await?;
-        Ok(header.map(|header| Validity {
-            generation,
-            header,
-            fine_bucket,
-        }))
+        Ok(validity)
+    }
+
+    /// Adds the read of the device's packed header in `generation` to `read`.
+    fn add_header_read(&self, read: &mut redis::Pipeline, generation: u64, device_id: &str) {
+        read.cmd("HGET")
+            .arg(DeviceKeys::stats_of(&self.prefix, generation, device_id))
+            .arg(fields::HEADER);
     }
 
     /// A device's figures and windows at `now_ms`, limited to `metrics` if given, with
@@ -275,11 +273,10 @@ impl ReadModel {
         metrics: Option<&[String]>,
         now_ms: i64,
     ) -> Result<Option<(Validity, DeviceView)>, ReadError> {
-        let fine_bucket = FINE.bucket(now_ms);
-        let (generation, (hash, buckets)): (u64, (Fields, Fields)) = self
+        let (validity, (hash, buckets)): (_, (Fields, Fields)) = self
             .read_in_live_generation(
                 device_id,
-                fine_bucket,
+                FINE.bucket(now_ms),
                 |read, generation| {
                     let keys = DeviceKeys::new(&self.prefix, generation, device_id);
                     read.hgetall(&keys.stats).hgetall(&keys.buckets);
@@ -287,24 +284,17 @@ impl ReadModel {
                 |(hash, _)| header_of(hash),
             )
             .await?;
-        let Some(header) = header_of(&hash) else {
+        let Some(validity) = validity else {
             return Ok(None);
         };
-        let Some(view) = view_of(hash, &buckets, metrics, now_ms) else {
-            return Ok(None);
-        };
-        let validity = Validity {
-            generation,
-            header,
-            fine_bucket,
-        };
-        Ok(Some((validity, view)))
+        Ok(view_of(hash, &buckets, metrics, now_ms).map(|view| (validity, view)))
     }
 
     /// The replies of the commands `device_read` adds for the device's keys in the live
-    /// generation. One round trip with the meta hash when the generation is the one read
-    /// last time (a rebuild's switch costs one more); then the meta hash and the header
-    /// (`header_of` the replies) are kept as the device's validity read, tracked by
+    /// generation, with the validity they were read at (`None`: `header_of` the replies
+    /// found no header, an unknown device). One round trip with the meta hash when the
+    /// generation is the one read last time (a rebuild's switch costs one more); then
+    /// the meta hash and the header are kept as the device's validity read, tracked by
     /// Redis from here on.
     async fn read_in_live_generation<T: redis::FromRedisValue>(
         &self,
@@ -312,7 +302,14 @@ impl ReadModel {
         fine_bucket: i64,
         device_read: impl Fn(&mut redis::Pipeline, u64),
         header_of: impl Fn(&T) -> Option<Vec<u8>>,
-    ) -> Result<(u64, T), ReadError> {
+    ) -> Result<(Option<Validity>, T), ReadError> {
+        let validity_of = |generation: u64, value: &T| {
+            header_of(value).map(|header| Validity {
+                generation,
+                header,
+                fine_bucket,
+            })
+        };
         let assumed = self.last_generation.load(Ordering::Relaxed);
         let ticket = self
             .tracked
@@ -335,15 +332,18 @@ impl ReadModel {
         let generation = live_generation(meta.0, meta.1).ok_or(ReadError::Rebuilding)?;
         if generation == assumed {
             let value: T = redis::from_redis_value(redis::Value::Array(replies))?;
+            let validity = validity_of(generation, &value);
             if let (Some(tracked), Some(ticket)) = (&self.tracked, ticket) {
-                tracked.finish(ticket, generation, header_of(&value), fine_bucket);
+                let header = validity.as_ref().map(|validity| validity.header.clone());
+                tracked.finish(ticket, generation, header, fine_bucket);
             }
-            return Ok((generation, value));
+            return Ok((validity, value));
         }
         self.last_generation.store(generation, Ordering::Relaxed);
         let mut read = redis::pipe();
         device_read(&mut read, generation);
-        Ok((generation, read.query_async(&mut redis).await?))
+        let value: T = read.query_async(&mut redis).await?;
+        Ok((validity_of(generation, &value), value))
     }
 
     pub async fn ping(&self) -> RedisResult<()> {
@@ -390,19 +390,20 @@ impl ReadModel {
             .clone()
             .map(|bucket| resolution.field(bucket, metric))
             .collect();
-        let (_, (header, values)): (u64, SeriesReplies) = self
+        let (validity, (_, values)): (_, SeriesReplies) = self
             .read_in_live_generation(
                 device_id,
                 FINE.bucket(now_ms),
                 |read, generation| {
-                    let keys = DeviceKeys::new(&self.prefix, generation, device_id);
-                    read.cmd("HGET").arg(&keys.stats).arg(fields::HEADER);
-                    read.cmd("HMGET").arg(&keys.buckets).arg(&names);
+                    self.add_header_read(read, generation, device_id);
+                    read.cmd("HMGET")
+                        .arg(DeviceKeys::new(&self.prefix, generation, device_id).buckets)
+                        .arg(&names);
                 },
                 |(header, _): &SeriesReplies| header.clone(),
             )
             .await?;
-        if header.is_none() {
+        if validity.is_none() {
             return Ok(None);
         }
         Ok(Some(
@@ -474,10 +475,7 @@ impl ReadModel {
         let mut pipeline = redis::pipe();
         for entry in &visible {
             let device_id = DevicesIndex::device_of(entry).unwrap_or_default();
-            pipeline
-                .cmd("HGET")
-                .arg(DeviceKeys::stats_of(&self.prefix, generation, device_id))
-                .arg(fields::HEADER);
+            self.add_header_read(&mut pipeline, generation, device_id);
         }
         let headers: Vec<Option<Vec<u8>>> = pipeline.query_async(&mut redis).await?;
         Ok(visible
