@@ -25,6 +25,51 @@ fn item(key: &str, device: &str, temperature: f64) -> Value {
     json!({"idempotency_key": key, "device_id": device, "metrics": {"temperature": temperature}})
 }
 
+/// A field given twice is `invalid-json` in a batch item as it is in a single POST
+/// (each item follows the rules of §1), and fails only its own item.
+#[tokio::test]
+async fn a_field_given_twice_fails_its_item_as_it_fails_a_single_post() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let twice = r#"{"device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}}"#;
+    let single = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "single")
+        .body(twice)
+        .send()
+        .await
+        .expect("request sent");
+    assert_problem(single, 400, "invalid-json").await;
+
+    let item_twice = r#"{"idempotency_key": "k-1", "device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}}"#;
+    let good = item("k-2", "gw-1", 2.0);
+    let response = ingest
+        .http
+        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"readings": [{item_twice}, {good}]}}"#))
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer["results"][0]["status"], "rejected", "{answer}");
+    assert!(answer["results"][0]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/invalid-json"));
+    assert_eq!(answer["results"][1]["status"], "accepted", "{answer}");
+    let db = env.postgres().await;
+    assert_eq!(
+        count(&db, "readings").await,
+        1,
+        "only the good item is stored"
+    );
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readings() {
     let env = TestEnv::new();

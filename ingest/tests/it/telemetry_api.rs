@@ -27,7 +27,8 @@ async fn accepted_reading_writes_reading_key_and_outbox_row_together() {
     let db = env.postgres().await;
     let row = db
         .query_one(
-            "SELECT r.device_id, k.idempotency_key, o.event_id, convert_from(o.payload, 'UTF8')::jsonb
+            "SELECT r.device_id, k.idempotency_key, o.event_id, convert_from(o.payload, 'UTF8')::jsonb,
+                    r.metrics
              FROM readings r
              JOIN idempotency_keys k ON k.event_id = r.event_id
              JOIN outbox o ON o.event_id = r.event_id
@@ -41,6 +42,11 @@ async fn accepted_reading_writes_reading_key_and_outbox_row_together() {
     let payload: Value = row.get(3);
     assert_eq!(payload["event_id"], event_id.to_string());
     assert_eq!(payload["metrics"]["temperature"], 21.5);
+    let stored_metrics: Value = row.get(4);
+    assert_eq!(
+        stored_metrics, payload["metrics"],
+        "the reading row keeps the metrics the event carries"
+    );
     assert_eq!(count(&db, "readings").await, 1);
     ingest.stop().await;
 }
