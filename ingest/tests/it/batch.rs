@@ -11,11 +11,16 @@ use crate::relay::spawn_relay;
 use crate::support::{assert_problem, count, reading, Ingest};
 
 async fn post_batch(ingest: &Ingest, body: &Value) -> reqwest::Response {
+    post_batch_text(ingest, body.to_string()).await
+}
+
+/// A batch whose body is written out (e.g. with a field twice, which `json!` cannot).
+async fn post_batch_text(ingest: &Ingest, body: String) -> reqwest::Response {
     ingest
         .http
         .post(format!("{}/v1/telemetry/batch", ingest.base_url))
         .header("content-type", "application/json")
-        .body(body.to_string())
+        .body(body)
         .send()
         .await
         .expect("request sent")
@@ -32,27 +37,16 @@ async fn a_field_given_twice_fails_its_item_as_it_fails_a_single_post() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
     let twice = r#"{"device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}}"#;
-    let single = ingest
-        .http
-        .post(format!("{}/v1/telemetry", ingest.base_url))
-        .header("content-type", "application/json")
-        .header("idempotency-key", "single")
-        .body(twice)
-        .send()
-        .await
-        .expect("request sent");
+    let single = ingest.post_text("single", twice.to_owned()).await;
     assert_problem(single, 400, "invalid-json").await;
 
     let item_twice = r#"{"idempotency_key": "k-1", "device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}}"#;
     let good = item("k-2", "gw-1", 2.0);
-    let response = ingest
-        .http
-        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-        .header("content-type", "application/json")
-        .body(format!(r#"{{"readings": [{item_twice}, {good}]}}"#))
-        .send()
-        .await
-        .expect("request sent");
+    let response = post_batch_text(
+        &ingest,
+        format!(r#"{{"readings": [{item_twice}, {good}]}}"#),
+    )
+    .await;
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.expect("json");
     assert_eq!(answer["results"][0]["status"], "rejected", "{answer}");
@@ -265,14 +259,7 @@ async fn batch_limits_are_enforced_as_problems() {
     )
     .await;
     let padding = " ".repeat(1024 * 1024);
-    let oversized = ingest
-        .http
-        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-        .header("content-type", "application/json")
-        .body(format!("{{\"readings\":[{padding}]}}"))
-        .send()
-        .await
-        .expect("sent");
+    let oversized = post_batch_text(&ingest, format!("{{\"readings\":[{padding}]}}")).await;
     assert_problem(oversized, 413, "payload-too-large").await;
     let form = ingest
         .http

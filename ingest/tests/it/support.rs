@@ -50,11 +50,17 @@ impl Ingest {
 
     /// `POST /v1/telemetry` with a JSON body and an idempotency key.
     pub async fn post(&self, key: &str, body: &Value) -> Response {
+        self.post_text(key, body.to_string()).await
+    }
+
+    /// `POST /v1/telemetry` with a body as written (which need not be valid JSON),
+    /// declared `application/json`, and an idempotency key.
+    pub async fn post_text(&self, key: &str, body: String) -> Response {
         self.http
             .post(format!("{}/v1/telemetry", self.base_url))
             .header("content-type", "application/json")
             .header("idempotency-key", key)
-            .body(body.to_string())
+            .body(body)
             .send()
             .await
             .expect("request sent")

@@ -247,15 +247,7 @@ async fn body_over_64_kib_is_413_and_nothing_is_written() {
     let ingest = Ingest::spawn(&env.settings).await;
     let padding = " ".repeat(64 * 1024);
     let body = format!("{{\"device_id\":\"sensor-1\",{padding}\"metrics\":{{\"t\":1}}}}");
-    let response = ingest
-        .http
-        .post(format!("{}/v1/telemetry", ingest.base_url))
-        .header("content-type", "application/json")
-        .header("idempotency-key", "k-1")
-        .body(body)
-        .send()
-        .await
-        .expect("sent");
+    let response = ingest.post_text("k-1", body).await;
     assert_problem(response, 413, "payload-too-large").await;
     assert_eq!(count(&env.postgres().await, "readings").await, 0);
     ingest.stop().await;
@@ -278,14 +270,8 @@ async fn malformed_json_and_unknown_fields_are_400() {
     .enumerate()
     {
         let response = ingest
-            .http
-            .post(format!("{}/v1/telemetry", ingest.base_url))
-            .header("content-type", "application/json")
-            .header("idempotency-key", format!("k-{index}"))
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("sent");
+            .post_text(&format!("k-{index}"), body.to_string())
+            .await;
         assert_problem(response, 400, "invalid-json").await;
     }
     assert_eq!(count(&env.postgres().await, "readings").await, 0);
