@@ -10,6 +10,11 @@
 -- serialises the commits of notifying transactions). Ingest now notifies after the
 -- commit, on a session of its own. notify=0 is ingest's statement.
 --
+-- scripts/bench runs it with PGOPTIONS='-c plan_cache_mode=force_generic_plan': ingest's
+-- statement runs on a generic plan, this one would otherwise be planned anew in every
+-- transaction (scripts/bench, pgbench_point).
+--
+--   export PGOPTIONS='-c plan_cache_mode=force_generic_plan'
 --   pgbench -n -M prepared -f readings.sql -D n=1   -D notify=0 -c 64 -j 2 -T 10 bench_pgbench
 --   pgbench -n -M prepared -f readings.sql -D n=500 -D notify=0 -c 4  -j 2 -T 10 bench_pgbench
 --   pgbench -n -M prepared -f readings.sql -D n=1   -D notify=1 -c 64 -j 2 -T 10 bench_pgbench
