@@ -67,7 +67,17 @@ pub struct StreamCheckOutcome {
 impl Relay {
     /// Checks that the stream still holds the newest published row's message and, if
     /// not, marks every kept row whose message the stream lost as unpublished again.
+    ///
+    /// Claims start from the index's start again afterwards ([`super::claim_floor`]):
+    /// this relay's repair, or another relay's, may have made rows below the floor
+    /// unpublished.
     pub async fn check_stream(&self) -> anyhow::Result<StreamCheckOutcome> {
+        let checked = self.check_stream_once().await;
+        self.lock_claim_floor().reset();
+        checked
+    }
+
+    async fn check_stream_once(&self) -> anyhow::Result<StreamCheckOutcome> {
         if self.jetstream.client().connection_state() != async_nats::connection::State::Connected {
             anyhow::bail!("not connected to NATS");
         }

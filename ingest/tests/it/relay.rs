@@ -433,3 +433,63 @@ async fn pruning_with_nothing_past_the_retention_reads_no_table_whole() {
     shutdown.cancel();
     relay.await.expect("relay stops");
 }
+
+/// Claims start at a floor below which every row is published (`relay::claim_floor`).
+/// A row whose transaction is still open while rows with higher ids are published must
+/// keep the floor below it and go out as soon as it commits — not only after the next
+/// stream check, which resets the floor (a minute away here).
+#[tokio::test]
+async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
+    let mut env = TestEnv::new();
+    env.settings.relay.stream_check_interval_ms = 60_000;
+    env.settings.relay.poll_interval_ms = 100;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    let jetstream = env.jetstream().await;
+    let stream = env.subjects.stream().to_owned();
+    let straggler = env.postgres().await;
+    straggler
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO outbox (event_id, device_id, payload)
+             VALUES (gen_random_uuid(), 'sensor-late', convert_to('{}', 'UTF8'));",
+        )
+        .await
+        .expect("an outbox row inserted in an open transaction");
+    // Rows with higher ids, published over many rounds while it stays open.
+    for index in 0..10 {
+        let response = ingest
+            .post(&format!("k-{index}"), &reading("sensor-1", index as f64))
+            .await;
+        assert_eq!(response.status().as_u16(), 202);
+        wait_for_stream_messages(&jetstream, &stream, index + 1).await;
+    }
+    straggler.batch_execute("COMMIT").await.expect("commit");
+    let committed = std::time::Instant::now();
+    wait_for_stream_messages(&jetstream, &stream, 11).await;
+    assert!(
+        committed.elapsed() < Duration::from_secs(10),
+        "published {:?} after its commit: it waited for a stream check",
+        committed.elapsed()
+    );
+    // The round marks its rows after the PubAcks, so the stream knows first.
+    let db = env.postgres().await;
+    eventually(
+        Duration::from_secs(10),
+        "every row marked published",
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 0).then_some(())
+        },
+    )
+    .await;
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    ingest.stop().await;
+}
