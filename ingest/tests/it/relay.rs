@@ -54,6 +54,25 @@ pub async fn stall_marking(db: &tokio_postgres::Client, seconds: u32) {
     .expect("stall trigger");
 }
 
+/// Waits until no outbox row is left unpublished.
+async fn wait_until_all_marked(db: &tokio_postgres::Client) {
+    eventually(
+        Duration::from_secs(30),
+        "every row marked published",
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 0).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Waits until the stream holds `count` messages.
 pub async fn wait_for_stream_messages(jetstream: &jetstream::Context, stream: &str, count: u64) {
     eventually(
@@ -184,21 +203,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     .expect("stall removed");
 
     let mut restarted = spawn_relay_process(&env);
-    eventually(
-        Duration::from_secs(30),
-        "every row marked published",
-        || async {
-            let row = db
-                .query_one(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 0).then_some(())
-        },
-    )
-    .await;
+    wait_until_all_marked(&db).await;
     assert_eq!(
         stream_messages(&jetstream, env.subjects.stream()).await,
         Some(READINGS as u64),
@@ -473,22 +478,7 @@ async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
         committed.elapsed()
     );
     // The round marks its rows after the PubAcks, so the stream knows first.
-    let db = env.postgres().await;
-    eventually(
-        Duration::from_secs(10),
-        "every row marked published",
-        || async {
-            let row = db
-                .query_one(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 0).then_some(())
-        },
-    )
-    .await;
+    wait_until_all_marked(&env.postgres().await).await;
     shutdown.cancel();
     relay.await.expect("relay stops");
     ingest.stop().await;
