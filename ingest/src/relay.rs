@@ -306,12 +306,12 @@ impl Relay {
         // Prepared once per session: a round is then one message per statement, with no
         // parse and plan in PostgreSQL (both were ~1% of its CPU at 2,000 readings/s).
         let probe = transaction.prepare_cached(PROBE).await?;
-        let (from, epoch) = self.lock_claim_floor().current();
+        let (from, epoch) = lock(&self.claim_floor).current();
         let probed = transaction
             .query_one(&probe, &[&from])
             .await
             .context("probing the claim floor")?;
-        let floor = self.lock_claim_floor().observe(Probe {
+        let floor = lock(&self.claim_floor).observe(Probe {
             xmin: probed.get(0),
             xmax: probed.get(1),
             bound: probed.get(2),
@@ -459,10 +459,7 @@ impl Relay {
     /// Whether the periodic stream check is due; if so, the caller makes it and the
     /// other lanes wait for the next interval.
     fn periodic_stream_check_due(&self) -> bool {
-        let mut last = self
-            .last_stream_check
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = lock(&self.last_stream_check);
         if last.elapsed() <= self.stream_check_interval {
             return false;
         }
@@ -470,18 +467,9 @@ impl Relay {
         true
     }
 
-    pub(crate) fn lock_claim_floor(&self) -> std::sync::MutexGuard<'_, ClaimFloor> {
-        self.claim_floor
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Adds `rows` dead row versions of `table`; returns those since its last vacuum.
     fn count_dead(&self, table: &'static str, rows: u64) -> u64 {
-        let mut counts = self
-            .dead_since_vacuum
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut counts = lock(&self.dead_since_vacuum);
         let count = counts.entry(table).or_default();
         *count += rows;
         *count
@@ -553,10 +541,7 @@ impl Relay {
         client
             .batch_execute(&format!("VACUUM (SKIP_LOCKED, TRUNCATE false) {table}"))
             .await?;
-        self.dead_since_vacuum
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(table, 0);
+        lock(&self.dead_since_vacuum).insert(table, 0);
         metrics::counter!("relay_vacuums_total", "table" => table).increment(1);
         tracing::debug!(
             table,
@@ -566,6 +551,14 @@ impl Relay {
         );
         Ok(())
     }
+}
+
+/// Locks one of the relay's small shared states; a lane that panicked while holding it
+/// left it consistent (every update is a single assignment or insert).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Claims the oldest unpublished rows; other relays skip them until this round ends.

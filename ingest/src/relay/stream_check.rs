@@ -73,7 +73,7 @@ impl Relay {
     /// unpublished.
     pub async fn check_stream(&self) -> anyhow::Result<StreamCheckOutcome> {
         let checked = self.check_stream_once().await;
-        self.lock_claim_floor().reset();
+        super::lock(&self.claim_floor).reset();
         checked
     }
 
