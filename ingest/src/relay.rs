@@ -479,19 +479,21 @@ impl Relay {
     /// batch per statement so that ingest never waits on a long delete.
     async fn prune(&self) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
+        // (table, the time its retention counts from, the retention)
         let mut policies = vec![
-            ("outbox", PRUNE_PUBLISHED, self.published_retention),
-            ("idempotency_keys", PRUNE_KEYS, self.key_retention),
+            ("outbox", "published_at", self.published_retention),
+            ("idempotency_keys", "created_at", self.key_retention),
         ];
         // Readings are kept for good unless a retention is configured.
         if let Some(retention) = self.reading_retention {
-            policies.push(("readings", PRUNE_READINGS, retention));
+            policies.push(("readings", "received_at", retention));
         }
-        for (table, statement, retention) in policies {
+        for (table, time_column, retention) in policies {
+            let statement = prune_statement(table, time_column);
             let mut pruned = 0;
             loop {
                 let deleted = client
-                    .execute(statement, &[&retention.as_secs_f64(), &self.prune_batch])
+                    .execute(&statement, &[&retention.as_secs_f64(), &self.prune_batch])
                     .await
                     .with_context(|| format!("pruning {table}"))?;
                 metrics::counter!("relay_pruned_total", "table" => table).increment(deleted);
@@ -570,31 +572,25 @@ const MARK: &str = "UPDATE outbox SET published_at = now(), stream_seq = marked.
     FROM unnest($1::bigint[], $2::bigint[]) AS marked(id, seq)
     WHERE outbox.id = marked.id";
 
-// The prune statements find their rows through the time column's index, oldest first,
-// and delete them by their tuple ids. Without the ORDER BY, PostgreSQL chose a
-// sequential scan for "the first prune_batch rows older than the retention", expecting
-// a third of the table to match, and with nothing past the retention (the first ten
-// minutes of a pipeline, and whenever the relay has caught up) it read the whole table
-// every `prune_interval`: 1.2 s for a 6M-row outbox and 1.0 s for its keys, every 10 s,
-// on a 2-core box (2026-12-01; 0.1 and 0.4 ms with the index). `ctid = ANY(ARRAY(...))`
-// keeps the delete itself a TID scan of the locked rows, whatever the table's size.
-const PRUNE_PUBLISHED: &str = "
-DELETE FROM outbox WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM outbox
-    WHERE published_at < now() - make_interval(secs => $1)
-    ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED))";
-
-const PRUNE_KEYS: &str = "
-DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM idempotency_keys
-    WHERE created_at < now() - make_interval(secs => $1)
-    ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED))";
-
-const PRUNE_READINGS: &str = "
-DELETE FROM readings WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM readings
-    WHERE received_at < now() - make_interval(secs => $1)
-    ORDER BY received_at LIMIT $2 FOR UPDATE SKIP LOCKED))";
+/// Deletes up to `$2` rows of `table` whose `time_column` is more than `$1` seconds
+/// old, oldest first, skipping rows another relay is deleting.
+///
+/// The rows are found through the time column's index, in its order, and deleted by
+/// their tuple ids. Without the ORDER BY, PostgreSQL chose a sequential scan for "the
+/// first prune_batch rows older than the retention", expecting a third of the table to
+/// match, and with nothing past the retention (the first ten minutes of a pipeline, and
+/// whenever the relay has caught up) it read the whole table every `prune_interval`:
+/// 1.2 s for a 6M-row outbox and 1.0 s for its keys, every 10 s, on a 2-core box
+/// (2026-12-01; 0.1 and 0.4 ms with the index). `ctid = ANY(ARRAY(...))` keeps the
+/// delete itself a TID scan of the locked rows, whatever the table's size.
+fn prune_statement(table: &str, time_column: &str) -> String {
+    format!(
+        "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM {table}
+             WHERE {time_column} < now() - make_interval(secs => $1)
+             ORDER BY {time_column} LIMIT $2 FOR UPDATE SKIP LOCKED))"
+    )
+}
 
 /// Holds a `LISTEN outbox` connection open and wakes the relay on each notification
 /// (ingest sends one after its commits); reconnects with backoff when the connection
