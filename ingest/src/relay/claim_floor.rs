@@ -9,11 +9,11 @@
 //!
 //! The floor must never pass a row that is unpublished, nor one that is still being
 //! inserted and will become visible later with a lower id than rows already published
-//! (ingest's commits run side by side). Each round first takes a probe, in one
-//! statement and so one snapshot S: the lowest unpublished id at or above the floor
-//! (or, if there is none, the highest id plus one), the `bound`, and S's transaction
-//! horizon. Every row below `bound` that S sees is published. One it does not see was
-//! inserted by a transaction that took its id before S, so it had its transaction id
+//! (ingest's commits run side by side). Each round takes a probe, pipelined with its
+//! claim (which starts at the floor as it stood), in one statement and so one snapshot
+//! S: the lowest unpublished id at or above the floor (or, if there is none, the
+//! highest id plus one), the `bound`, and S's transaction horizon. Every row below
+//! `bound` that S sees is published. One it does not see was inserted by a transaction that took its id before S, so it had its transaction id
 //! before S too (ingest's statement inserts the idempotency key, which assigns the
 //! transaction id, before it draws an outbox id; outbox ids come from a sequence without
 //! a cache, so they are handed out in order): below S's `xmax`. Once a later probe's
@@ -40,7 +40,7 @@ pub(crate) struct Probe {
     /// The lowest unpublished id at or above the floor the probe was taken from, or
     /// one more than the highest id when there is none.
     pub bound: i64,
-    /// The reset count when the probe was taken ([`ClaimFloor::epoch`]).
+    /// The reset count when the probe was taken ([`ClaimFloor::current`]).
     pub epoch: u64,
 }
 
@@ -65,7 +65,7 @@ impl ClaimFloor {
         (self.floor, self.epoch)
     }
 
-    /// Takes a probe into account; returns the floor the round's claim starts from.
+    /// Takes a probe into account; returns the floor the next claims start from.
     pub fn observe(&mut self, probe: Probe) -> i64 {
         if probe.epoch != self.epoch {
             return self.floor; // taken before a reset: its bound may pass repaired rows
