@@ -13,8 +13,8 @@
 //! claim (which starts at the floor as it stood), in one statement and so one snapshot
 //! S: the lowest unpublished id at or above the floor (or, if there is none, the
 //! highest id plus one), the `bound`, and S's transaction horizon. Every row below
-//! `bound` that S sees is published. One it does not see was inserted by a transaction that took its id before S, so it had its transaction id
-//! before S too (ingest's statement inserts the idempotency key, which assigns the
+//! `bound` that S sees is published. One it does not see was inserted by a
+//! transaction that took its id before S, so it had its transaction id before S too (ingest's statement inserts the idempotency key, which assigns the
 //! transaction id, before it draws an outbox id; outbox ids come from a sequence without
 //! a cache, so they are handed out in order): below S's `xmax`. Once a later probe's
 //! `xmin` is at or past that `xmax`, all those transactions have ended, so every row
