@@ -397,13 +397,10 @@ async fn pruning_with_nothing_past_the_retention_reads_no_table_whole() {
                  WHERE i.indexrelname IN
                      ('outbox_published_at', 'idempotency_keys_created_at', 'readings_received_at')
                  ORDER BY 1";
-    let before: Vec<(String, i64)> = db
-        .query(scans, &[])
-        .await
-        .expect("scan statistics")
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let seq_scans = |rows: &[tokio_postgres::Row]| -> Vec<(String, i64)> {
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect()
+    };
+    let before = seq_scans(&db.query(scans, &[]).await.expect("scan statistics"));
     assert_eq!(
         before.len(),
         3,
@@ -416,11 +413,9 @@ async fn pruning_with_nothing_past_the_retention_reads_no_table_whole() {
         "each pruned table's time index used by two prunes",
         || async {
             let rows = db.query(scans, &[]).await.ok()?;
-            rows.iter().all(|row| row.get::<_, i64>(2) >= 2).then(|| {
-                rows.iter()
-                    .map(|row| (row.get(0), row.get(1)))
-                    .collect::<Vec<(String, i64)>>()
-            })
+            rows.iter()
+                .all(|row| row.get::<_, i64>(2) >= 2)
+                .then(|| seq_scans(&rows))
         },
     )
     .await;
