@@ -25,6 +25,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         4,
         include_str!("../migrations/0004_drop_outbox_notify_trigger.sql"),
     ),
+    (
+        5,
+        include_str!("../migrations/0005_outbox_lean_indexes.sql"),
+    ),
 ];
 
 /// Any constant works as long as every process uses the same one.

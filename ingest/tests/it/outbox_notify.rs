@@ -161,7 +161,7 @@ async fn migrations_drop_the_outbox_notify_trigger_also_where_it_exists() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, vec![1, 2, 3, 4]);
+    assert_eq!(versions, vec![1, 2, 3, 4, 5]);
 }
 
 #[tokio::test]

@@ -478,3 +478,65 @@ async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
     relay.await.expect("relay stops");
     ingest.stop().await;
 }
+
+/// Migration 0005: the outbox keeps only the indexes its statements read, and the stream
+/// sequence stays unique among published rows (a lost sequence handed out again must
+/// still fail the mark, under the name the relay recognises) while unpublished rows,
+/// whose sequence is NULL, take no entry in that index.
+#[tokio::test]
+async fn the_outbox_indexes_only_what_is_read_and_keeps_stream_sequences_unique() {
+    let env = TestEnv::new();
+    ingest::db::migrate(&env.settings.database)
+        .await
+        .expect("migrations apply");
+    let db = env.postgres().await;
+    let indexes: Vec<String> = db
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'outbox' ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("outbox indexes")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "outbox_pkey",
+            "outbox_published_at",
+            "outbox_stream_seq",
+            "outbox_unpublished"
+        ]
+    );
+    db.batch_execute(
+        "INSERT INTO outbox (event_id, device_id, payload)
+             SELECT gen_random_uuid(), 'sensor-1', '\\x00' FROM generate_series(1, 3);
+         UPDATE outbox SET published_at = now(), stream_seq = 7
+             WHERE id = (SELECT min(id) FROM outbox);",
+    )
+    .await
+    .expect("two unpublished rows and one published at sequence 7");
+    let collision = db
+        .execute(
+            "UPDATE outbox SET published_at = now(), stream_seq = 7
+             WHERE id = (SELECT max(id) FROM outbox)",
+            &[],
+        )
+        .await
+        .expect_err("a second row at sequence 7");
+    assert_eq!(
+        collision.as_db_error().and_then(|error| error.constraint()),
+        Some("outbox_stream_seq")
+    );
+    let predicate: Option<String> = db
+        .query_one(
+            "SELECT pg_get_expr(indpred, indrelid) FROM pg_index
+             WHERE indexrelid = 'outbox_stream_seq'::regclass",
+            &[],
+        )
+        .await
+        .expect("index predicate")
+        .get(0);
+    assert_eq!(predicate.as_deref(), Some("(stream_seq IS NOT NULL)"));
+}
