@@ -141,6 +141,9 @@ pub struct HttpSettings {
     pub header_read_timeout_ms: u64,
     /// Largest request line plus headers (at least 8192).
     pub max_header_bytes: usize,
+    /// Connections a listener serves at once; further ones wait in the kernel's listen
+    /// backlog until one closes, so memory stays bounded whatever clients do.
+    pub max_connections: usize,
 }
 
 /// Who may do what (API.md §5).
@@ -293,6 +296,7 @@ impl Settings {
                 self.projector.batches_in_flight,
             ),
             ("relay.rounds_in_flight", self.relay.rounds_in_flight),
+            ("http.max_connections", self.http.max_connections),
         ] {
             if value == 0 {
                 return invalid(key, "must be at least 1");

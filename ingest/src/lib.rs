@@ -107,6 +107,7 @@ pub fn connection_limits(settings: &Settings) -> http::server::ConnectionLimits 
     http::server::ConnectionLimits {
         header_read_timeout: Duration::from_millis(settings.http.header_read_timeout_ms),
         max_header_bytes: settings.http.max_header_bytes,
+        max_connections: settings.http.max_connections,
     }
 }
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use testkit::TestEnv;
+use testkit::{eventually, TestEnv};
 use uuid::Uuid;
 
 use crate::support::{assert_problem, count, reading, Ingest};
@@ -580,4 +580,80 @@ async fn slow_or_idle_clients_are_disconnected_and_huge_headers_refused() {
     }
     assert_eq!(count(&env.postgres().await, "readings").await, 0);
     ingest.stop().await;
+}
+
+/// `http.max_connections`: at the cap a listener stops accepting; a further client's
+/// request waits (in the listen backlog, not refused) and is answered as soon as one of
+/// the open connections closes. (Raw connections only: a pooling client would hold a
+/// slot of its own.)
+#[tokio::test]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = TestEnv::new();
+    env.settings.http.max_connections = 2;
+    env.settings.http.header_read_timeout_ms = 30_000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let address = listener.local_addr().expect("local addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(ingest::serve(
+        env.settings.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let connect = || async {
+        tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect")
+    };
+    let ask = |connection: &'static str| {
+        format!("GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n")
+    };
+    eventually(Duration::from_secs(20), "ingest ready", || async {
+        let mut probe = connect().await;
+        probe.write_all(ask("close").as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        probe.read_to_end(&mut answer).await.ok()?;
+        answer.starts_with(b"HTTP/1.1 200").then_some(())
+    })
+    .await;
+    // Two connections that have been answered once and stay open: the cap is reached.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect().await;
+        stream
+            .write_all(ask("keep-alive").as_bytes())
+            .await
+            .expect("write");
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.expect("answered");
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        open.push(stream);
+    }
+    let mut third = connect().await;
+    third
+        .write_all(ask("close").as_bytes())
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
+    assert!(
+        waited.is_err() && answer.is_empty(),
+        "not served while two connections are open"
+    );
+    drop(open.pop());
+    tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer))
+        .await
+        .expect("served once a connection closed")
+        .expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(open);
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
 }
