@@ -11,7 +11,7 @@ use testkit::{eventually, TestEnv};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{reading, Ingest};
+use crate::support::{column, reading, Ingest};
 
 /// Starts a relay in this process.
 pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
@@ -209,13 +209,8 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
         Some(READINGS as u64),
         "JetStream dropped every republished copy"
     );
-    let sequences: Vec<i64> = db
-        .query("SELECT stream_seq FROM outbox ORDER BY stream_seq", &[])
-        .await
-        .expect("sequences")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let sequences: Vec<i64> =
+        column(&db, "SELECT stream_seq FROM outbox ORDER BY stream_seq").await;
     assert_eq!(
         sequences,
         (1..=READINGS as i64).collect::<Vec<_>>(),
@@ -490,16 +485,11 @@ async fn the_outbox_indexes_only_what_is_read_and_keeps_stream_sequences_unique(
         .await
         .expect("migrations apply");
     let db = env.postgres().await;
-    let indexes: Vec<String> = db
-        .query(
-            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'outbox' ORDER BY 1",
-            &[],
-        )
-        .await
-        .expect("outbox indexes")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let indexes: Vec<String> = column(
+        &db,
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'outbox' ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         indexes,
         [

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use testkit::{eventually, TestEnv};
 
-use crate::support::reading;
+use crate::support::{column, reading};
 
 #[tokio::test]
 async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
@@ -87,13 +87,8 @@ async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
 
     let accepted = accepted.lock().expect("accepted keys").clone();
     let db = env.postgres().await;
-    let stored: BTreeSet<String> = db
-        .query("SELECT idempotency_key FROM idempotency_keys", &[])
-        .await
-        .expect("keys")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let stored: BTreeSet<String> =
+        column(&db, "SELECT idempotency_key FROM idempotency_keys").await;
     let missing: Vec<&String> = accepted.difference(&stored).collect();
     assert!(
         missing.is_empty(),

@@ -81,6 +81,21 @@ pub fn reading(device: &str, temperature: f64) -> Value {
 pub use testkit::assert_problem;
 
 /// Rows in a table of the test database.
+/// The first column of every row `sql` returns.
+pub async fn column<T, C>(client: &tokio_postgres::Client, sql: &str) -> C
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<T>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|error| panic!("{sql}: {error}"))
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
 pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
