@@ -127,9 +127,8 @@ pub struct Relay {
     batch_size: i64,
     rounds_in_flight: usize,
     poll_interval: Duration,
-    published_retention: Duration,
-    key_retention: Duration,
-    reading_retention: Option<Duration>,
+    /// The tables pruned every `prune_interval`, in order.
+    prunings: Vec<Pruning>,
     prune_batch: i64,
     prune_interval: Duration,
     stream_check_interval: Duration,
@@ -172,11 +171,8 @@ impl Relay {
             batch_size: settings.relay.batch_size,
             rounds_in_flight: settings.relay.rounds_in_flight.max(1),
             poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
-            published_retention: Duration::from_secs(settings.relay.published_retention_secs),
+            prunings: Pruning::configured(settings),
             prune_batch: settings.relay.prune_batch,
-            key_retention: Duration::from_secs(settings.ingest.idempotency_retention_secs),
-            reading_retention: (settings.ingest.reading_retention_secs > 0)
-                .then(|| Duration::from_secs(settings.ingest.reading_retention_secs)),
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
             stream_check_interval: Duration::from_millis(settings.relay.stream_check_interval_ms),
             dead_since_vacuum: Mutex::default(),
@@ -483,21 +479,20 @@ impl Relay {
     /// batch per statement so that ingest never waits on a long delete.
     async fn prune(&self) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
-        // (table, the time its retention counts from, the retention)
-        let mut policies = vec![
-            ("outbox", "published_at", self.published_retention),
-            ("idempotency_keys", "created_at", self.key_retention),
-        ];
-        // Readings are kept for good unless a retention is configured.
-        if let Some(retention) = self.reading_retention {
-            policies.push(("readings", "received_at", retention));
-        }
-        for (table, time_column, retention) in policies {
-            let statement = prune_statement(table, time_column);
+        for Pruning {
+            table,
+            statement,
+            retention_secs,
+        } in &self.prunings
+        {
+            let table = *table;
             let mut pruned = 0;
             loop {
+                // Sent as text, not prepared: each execution is planned with its values
+                // (a generic plan would guess that a third of the table is past the
+                // retention, the guess that made the sequential scans below).
                 let deleted = client
-                    .execute(&statement, &[&retention.as_secs_f64(), &self.prune_batch])
+                    .execute(statement.as_str(), &[retention_secs, &self.prune_batch])
                     .await
                     .with_context(|| format!("pruning {table}"))?;
                 metrics::counter!("relay_pruned_total", "table" => table).increment(deleted);
@@ -575,6 +570,49 @@ const CLAIM: &str = "SELECT id, event_id, device_id, payload FROM outbox
 const MARK: &str = "UPDATE outbox SET published_at = now(), stream_seq = marked.seq
     FROM unnest($1::bigint[], $2::bigint[]) AS marked(id, seq)
     WHERE outbox.id = marked.id";
+
+/// One table the relay prunes, and its statement, built once at start.
+struct Pruning {
+    table: &'static str,
+    statement: String,
+    retention_secs: f64,
+}
+
+impl Pruning {
+    /// Published outbox rows and idempotency keys past their retention; readings only
+    /// when a retention is configured (they are kept for good otherwise).
+    fn configured(settings: &Settings) -> Vec<Self> {
+        let mut prunings = vec![
+            Self::new(
+                "outbox",
+                "published_at",
+                settings.relay.published_retention_secs,
+            ),
+            Self::new(
+                "idempotency_keys",
+                "created_at",
+                settings.ingest.idempotency_retention_secs,
+            ),
+        ];
+        if settings.ingest.reading_retention_secs > 0 {
+            prunings.push(Self::new(
+                "readings",
+                "received_at",
+                settings.ingest.reading_retention_secs,
+            ));
+        }
+        prunings
+    }
+
+    /// Rows of `table` whose `time_column` is more than `retention_secs` old.
+    fn new(table: &'static str, time_column: &str, retention_secs: u64) -> Self {
+        Self {
+            table,
+            statement: prune_statement(table, time_column),
+            retention_secs: retention_secs as f64,
+        }
+    }
+}
 
 /// Deletes up to `$2` rows of `table` whose `time_column` is more than `$1` seconds
 /// old, oldest first, skipping rows another relay is deleting.
