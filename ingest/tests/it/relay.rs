@@ -11,7 +11,7 @@ use testkit::{eventually, TestEnv};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{column, reading, Ingest};
+use crate::support::{column, count, reading, Ingest};
 
 /// Starts a relay in this process.
 pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
@@ -54,19 +54,15 @@ pub async fn stall_marking(db: &tokio_postgres::Client, seconds: u32) {
     .expect("stall trigger");
 }
 
+const UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+
 /// Waits until no outbox row is left unpublished.
 async fn wait_until_all_marked(db: &tokio_postgres::Client) {
     eventually(
         Duration::from_secs(30),
         "every row marked published",
         || async {
-            let row = db
-                .query_one(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-                    &[],
-                )
-                .await
-                .ok()?;
+            let row = db.query_one(UNPUBLISHED, &[]).await.ok()?;
             (row.get::<_, i64>(0) == 0).then_some(())
         },
     )
@@ -178,14 +174,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     let mut relay = spawn_relay_process(&env);
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
-    let unpublished: i64 = db
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let unpublished: i64 = db.query_one(UNPUBLISHED, &[]).await.expect("count").get(0);
     assert_eq!(
         unpublished, READINGS as i64,
         "the relay has not marked anything yet"
@@ -415,15 +404,9 @@ async fn pruning_with_nothing_past_the_retention_reads_no_table_whole() {
     )
     .await;
     assert_eq!(after, before, "no sequential scan of a pruned table");
-    let kept: i64 = db
-        .query_one(
-            "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM idempotency_keys)
-                    + (SELECT count(*) FROM readings)",
-            &[],
-        )
-        .await
-        .expect("counts")
-        .get(0);
+    let kept = count(&db, "outbox").await
+        + count(&db, "idempotency_keys").await
+        + count(&db, "readings").await;
     assert_eq!(kept, 300_000, "nothing within its retention was pruned");
     shutdown.cancel();
     relay.await.expect("relay stops");

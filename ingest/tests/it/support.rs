@@ -80,7 +80,6 @@ pub fn reading(device: &str, temperature: f64) -> Value {
 
 pub use testkit::assert_problem;
 
-/// Rows in a table of the test database.
 /// The first column of every row `sql` returns.
 pub async fn column<T, C>(client: &tokio_postgres::Client, sql: &str) -> C
 where
@@ -96,6 +95,7 @@ where
         .collect()
 }
 
+/// Rows in a table of the test database.
 pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
