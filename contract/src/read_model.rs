@@ -15,7 +15,7 @@
 //! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
 //! | `<p>g<G>:device:{<id>}:applied` | sorted set | event ids applied, scored by apply time, trimmed to the dedup horizon |
-//! | `<p>g<G>:device:{<id>}:buckets` | hash | 10 s buckets (`f<bucket>:<metric>`) and 5 min buckets (`c<bucket>:<metric>`) |
+//! | `<p>g<G>:device:{<id>}:buckets` | hash | 10 s buckets (`f<bucket>:<metric>`) and 5 min buckets (`c<bucket>:<metric>`); past 256 fields also [`BUCKETS_HASH_TABLE_FIELD`] |
 //!
 //! Figures are stored *packed*: little-endian IEEE 754 doubles back to back, the form
 //! Redis's Lua `struct.pack('<d…')` writes, so the script folds numbers without ever
@@ -33,6 +33,13 @@
 //! through the query API; `redis-cli` shows the packed fields as bytes.
 
 use std::collections::BTreeMap;
+
+/// A field of a buckets hash that holds no bucket: its value, longer than Redis's
+/// `hash-max-listpack-value`, makes Redis keep the hash as a hash table. `apply.lua`
+/// adds it once the hash holds 256 fields, where looking the newest buckets up in a
+/// listpack (a scan from the front) costs more CPU than the table's memory is worth.
+/// Readers skip it like any field that is not a bucket.
+pub const BUCKETS_HASH_TABLE_FIELD: &str = "~";
 
 /// The hash naming the current generation (and the one being built, if any).
 pub fn meta_key(prefix: &str) -> String {
@@ -570,6 +577,9 @@ mod tests {
         assert_eq!(COARSE.parse_field("f176400000:temperature"), None);
         assert_eq!(FINE.parse_field("fx:temperature"), None);
         assert_eq!(FINE.parse_field("f12"), None);
+        for resolution in RESOLUTIONS {
+            assert_eq!(resolution.parse_field(BUCKETS_HASH_TABLE_FIELD), None);
+        }
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The read model's write path on its own: batches folded in the projector and merged
 //! by `apply.lua` — batches holding events a generation has and events it has not, two
-//! generations at once, pruning of buckets past their retention, and a device's batch
-//! too long for one script call.
+//! generations at once, pruning of buckets past their retention, a device's batch too
+//! long for one script call, and the buckets hash turned into a hash table once large.
 
-use contract::read_model::{DeviceKeys, COARSE, FINE};
+use contract::read_model::{DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE};
 use projector::apply::{Applied, Delivered};
 use testkit::TestEnv;
 
@@ -247,4 +247,70 @@ async fn a_device_batch_too_long_for_one_call_is_applied_whole_over_several() {
         .filter(|field| field.starts_with('f'))
         .count();
     assert_eq!(fine, 60 * 32, "one 10 s bucket per reading and metric");
+}
+
+#[tokio::test]
+async fn a_buckets_hash_past_256_fields_becomes_a_hash_table_and_reads_the_same() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = direct_read_model(&env);
+    let now = now_ms();
+    // From the start of a 5 min bucket 55-60 minutes ago, one reading every 10 s for
+    // 55 minutes: a 10 s bucket each, a 5 min bucket every thirtieth.
+    let base = (COARSE.bucket(now - 60 * 60_000) + 1) * COARSE.width_ms;
+    let events: Vec<_> = (0..330)
+        .map(|index| {
+            event(
+                "sensor-1",
+                base + index * 10_000,
+                &[("temperature", index as f64)],
+            )
+        })
+        .collect();
+    let all = delivered(&events);
+    let keys = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-1");
+    for batch in all[..200].chunks(20) {
+        model
+            .apply(&mut redis, &[1], batch, now)
+            .await
+            .expect("batch");
+    }
+    let (_, buckets) = figures_in(&env, 1, "sensor-1").await;
+    assert_eq!(buckets.len(), 200 + 7, "200 10 s and 7 5 min buckets");
+    assert!(!buckets.contains_key(BUCKETS_HASH_TABLE_FIELD));
+    assert_ne!(
+        encoding(&mut redis, &keys.buckets).await,
+        "hashtable",
+        "small: Redis's compact form"
+    );
+
+    for batch in all[200..].chunks(20) {
+        model
+            .apply(&mut redis, &[1], batch, now)
+            .await
+            .expect("batch");
+    }
+    let (stats, buckets) = figures_in(&env, 1, "sensor-1").await;
+    assert!(buckets.contains_key(BUCKETS_HASH_TABLE_FIELD));
+    assert_eq!(encoding(&mut redis, &keys.buckets).await, "hashtable");
+    let fine = buckets
+        .keys()
+        .filter(|field| FINE.parse_field(field).is_some())
+        .count();
+    let coarse = buckets
+        .keys()
+        .filter(|field| COARSE.parse_field(field).is_some())
+        .count();
+    assert_eq!((fine, coarse, buckets.len()), (330, 11, 330 + 11 + 1));
+    assert_figures("sensor-1", &stats, &reference(&events)["sensor-1"]);
+}
+
+/// How Redis stores `key` (`OBJECT ENCODING`).
+async fn encoding(redis: &mut redis::aio::ConnectionManager, key: &str) -> String {
+    redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(key)
+        .query_async(redis)
+        .await
+        .expect("object encoding")
 }
