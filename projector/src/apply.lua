@@ -38,8 +38,8 @@ local PRUNE_EVERY = 30
 -- Redis keeps a hash of up to 512 fields (`hash-max-listpack-entries`) as a listpack
 -- and finds a field in it by scanning from the front, while the buckets a call touches
 -- are the newest, at the back. Past this many fields the scans cost more than hashing
--- (Redis CPU per event with ~270 / ~400 fields: -18% / -30% as a hash table, +23% /
--- +28% memory; no difference at ~165), so the hash then gets a field whose value is
+-- (Redis CPU per event with ~275 / ~400 fields: -14% / -22..45% as a hash table, memory
+-- +22% / +26%; examples/apply_cost.rs), so the hash then gets a field whose value is
 -- longer than `hash-max-listpack-value` (64 bytes), which turns it into a hash table
 -- for good (contract::read_model::BUCKETS_HASH_TABLE_FIELD).
 local HASH_TABLE_AT = 256
