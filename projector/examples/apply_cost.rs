@@ -116,10 +116,7 @@ async fn main() -> anyhow::Result<()> {
             .query_async(&mut redis)
             .await?;
         if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut redis)
-                .await?;
+            let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
         }
         if next == 0 {
             break;
