@@ -175,6 +175,15 @@ impl ReadModel {
         }
     }
 
+    /// The granules last listed; a batch that panicked while holding them left them
+    /// consistent (each update is an insert, a clear or a retain), so a poisoned lock
+    /// is taken over.
+    fn listed(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashMap<String, i64>>> {
+        self.listed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Adds one `apply.lua` call for `events` (one device) to `pipeline`.
     fn add_call(
         &self,
@@ -269,10 +278,7 @@ impl ReadModel {
             })
             .collect();
         let moved: Vec<(u64, Vec<(&str, i64)>)> = {
-            let listed = self
-                .listed
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let listed = self.listed();
             generations
                 .iter()
                 .map(|generation| {
@@ -340,10 +346,7 @@ impl ReadModel {
                 }
             }
         }
-        let mut listed = self
-            .listed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut listed = self.listed();
         // A retired generation is never listed again: past the live one and one being
         // built (the rebuild's copy writes only the latter), keep those written to now.
         if listed.len() > 2 {
