@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use contract::event::{headers, TelemetryRecorded};
-use contract::read_model::{generation_pattern, meta, meta_key, WINDOWS};
+use contract::read_model::{generation_pattern, meta, meta_key, BUCKETS_HASH_TABLE_FIELD, WINDOWS};
 use contract::reference::{sums_agree, ModelReading, ReferenceModel};
 use contract::subjects::Subjects;
 use contract::timestamp::{format_millis, from_unix_millis, unix_millis};
@@ -470,6 +470,40 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
 /// A kept stats document is served across 10 s boundaries only while its windows stay
 /// the same: it must show a reading leave the 1m window, and a reading dated ahead
 /// enter it, in the very bucket that happens.
+#[tokio::test]
+async fn a_device_whose_buckets_hash_became_a_hash_table_reads_like_the_model() {
+    let side = ReadSide::start().await;
+    let (env, jetstream) = (&side.env, &side.jetstream);
+    // 300 readings 10 s apart over the last 50 minutes: 300 10 s and 11 5 min bucket
+    // fields, past the 256 at which apply.lua adds its hash-table field.
+    let mut model = ReferenceModel::new();
+    for index in 0..300 {
+        let reading = aged("wide", 5_000 + index * 10_000, index as f64);
+        model.apply(reading.clone());
+        publish_reading(env, jetstream, &reading).await;
+    }
+    wait_until_projected(env, &model).await;
+    let mut redis = env.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!(
+            "{}g*:device:{{wide}}:buckets",
+            env.settings.redis.prefix
+        ))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let marked: bool = redis::cmd("HEXISTS")
+        .arg(&keys[0])
+        .arg(BUCKETS_HASH_TABLE_FIELD)
+        .query_async(&mut redis)
+        .await
+        .expect("hexists");
+    assert!(marked, "the buckets hash carries the hash-table field");
+    assert_matches_model(&read_model(env).await, &model).await;
+    side.stop().await;
+}
+
 #[tokio::test]
 async fn a_kept_stats_document_follows_its_windows_across_bucket_boundaries() {
     let side = ReadSide::start().await;
