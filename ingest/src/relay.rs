@@ -475,8 +475,8 @@ impl Relay {
         *count
     }
 
-    /// Deletes published outbox rows and idempotency keys past their retention, a small
-    /// batch per statement so that ingest never waits on a long delete.
+    /// Deletes the rows of each [`Pruning`] past their retention, a small batch per
+    /// statement so that ingest never waits on a long delete.
     async fn prune(&self) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
         for Pruning {
