@@ -10,6 +10,8 @@ use ingest::store::{GroupCommit, NewReading, Outcome, Store};
 use testkit::TestEnv;
 use time::OffsetDateTime;
 
+use crate::support::migrate;
+
 fn reading(device: usize, temperature: f64) -> Reading {
     Reading {
         device_id: format!("sensor-{device}"),
@@ -21,9 +23,7 @@ fn reading(device: usize, temperature: f64) -> Reading {
 #[tokio::test]
 async fn parallel_commits_store_each_key_once_and_answer_every_submission() {
     let env = TestEnv::new();
-    ingest::db::migrate(&env.settings.database)
-        .await
-        .expect("migrations apply");
+    migrate(&env).await;
     let pool = ingest::db::pool(&env.settings.database).expect("pool");
     // Small batches and a low threshold, so that many commits run side by side.
     let limits = GroupCommit {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
 use crate::relay::{spawn_relay, stream_messages, wait_for_stream_messages};
-use crate::support::{column, count, reading, Ingest};
+use crate::support::{column, count, migrate, reading, Ingest};
 
 /// A session listening on the relays' channel, as a relay's is.
 struct Listener {
@@ -110,9 +110,7 @@ async fn an_idle_relay_publishes_a_posted_reading_at_once_though_it_polls_once_a
 #[tokio::test]
 async fn migrations_drop_the_outbox_notify_trigger_also_where_it_exists() {
     let env = TestEnv::new();
-    ingest::db::migrate(&env.settings.database)
-        .await
-        .expect("migrations apply");
+    migrate(&env).await;
     let db = env.postgres().await;
     let notify_trigger_and_function = || async {
         let row = db
@@ -143,9 +141,7 @@ async fn migrations_drop_the_outbox_notify_trigger_also_where_it_exists() {
     .await
     .expect("back to version 3");
     assert_eq!(notify_trigger_and_function().await, (1, 1));
-    ingest::db::migrate(&env.settings.database)
-        .await
-        .expect("migrations apply");
+    migrate(&env).await;
     assert_eq!(
         notify_trigger_and_function().await,
         (0, 0),

@@ -11,7 +11,7 @@ use testkit::{eventually, TestEnv};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{column, count, reading, Ingest};
+use crate::support::{column, count, migrate, reading, Ingest};
 
 /// Starts a relay in this process.
 pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
@@ -359,9 +359,7 @@ async fn pruning_with_nothing_past_the_retention_reads_no_table_whole() {
     let mut env = TestEnv::new();
     env.settings.relay.prune_interval_ms = 200;
     env.settings.ingest.reading_retention_secs = 3600;
-    ingest::db::migrate(&env.settings.database)
-        .await
-        .expect("migrations apply");
+    migrate(&env).await;
     let db = env.postgres().await;
     db.batch_execute(
         "INSERT INTO outbox (event_id, device_id, payload, published_at)
@@ -464,9 +462,7 @@ async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
 #[tokio::test]
 async fn the_outbox_indexes_only_what_is_read_and_keeps_stream_sequences_unique() {
     let env = TestEnv::new();
-    ingest::db::migrate(&env.settings.database)
-        .await
-        .expect("migrations apply");
+    migrate(&env).await;
     let db = env.postgres().await;
     let indexes: Vec<String> = column(
         &db,

@@ -80,6 +80,13 @@ pub fn reading(device: &str, temperature: f64) -> Value {
 
 pub use testkit::assert_problem;
 
+/// Applies the migrations to the test's database (creating it).
+pub async fn migrate(env: &testkit::TestEnv) {
+    ingest::db::migrate(&env.settings.database)
+        .await
+        .expect("migrations apply");
+}
+
 /// The first column of every row `sql` returns.
 pub async fn column<T, C>(client: &tokio_postgres::Client, sql: &str) -> C
 where
