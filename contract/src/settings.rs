@@ -77,6 +77,9 @@ pub struct IngestSettings {
     /// Readings that must be waiting before a group commit starts beside one already in
     /// flight (fewer wait for it to return).
     pub commit_parallel_min: usize,
+    /// After a NOTIFY that covered several outbox rows, the next goes out no sooner than
+    /// this after it (the relay's rounds then gather more rows each).
+    pub notify_interval_ms: u64,
     /// Requests waiting for a commit before new ones are turned away with 503.
     pub queue_capacity: usize,
     /// Longest time a request may take end to end.
@@ -96,6 +99,9 @@ pub struct RelaySettings {
     /// Rounds one relay runs at once: a second claims new rows while the first marks
     /// its own.
     pub rounds_in_flight: usize,
+    /// After a round that found several rows, the next starts no sooner than this after
+    /// it started (fewer, bigger rounds under load); 0 starts every round at once.
+    pub round_interval_ms: u64,
     /// How often the relay looks for work when no NOTIFY arrived.
     pub poll_interval_ms: u64,
     /// How long published outbox rows are kept (for republishing after a NATS host crash).

@@ -8,6 +8,7 @@
 //! - [`db`]: connection pool and schema migrations (`migrations/*.sql`).
 //! - [`store`]: the group-committed write of reading, idempotency key and outbox row.
 //! - [`outbox_notify`]: the `NOTIFY outbox` that wakes the relays after a commit.
+//! - [`pacing`]: spaces NOTIFYs and relay rounds out under load, so each covers more rows.
 //! - [`http`]: routes, the telemetry and batch handlers, problem+json errors, health, metrics.
 //! - [`limits`]: the per-device rate limit.
 //! - [`auth`]: bearer tokens (device, gateway, read), issued and verified.
@@ -20,6 +21,7 @@ pub mod db;
 pub mod http;
 pub mod limits;
 pub mod outbox_notify;
+pub mod pacing;
 pub mod relay;
 pub mod store;
 
@@ -46,6 +48,7 @@ pub async fn serve(
     let notifier = outbox_notify::Notifier::new(
         db::pg_config(&settings.database)?,
         Duration::from_millis(settings.database.connect_timeout_ms),
+        Duration::from_millis(settings.ingest.notify_interval_ms),
     );
     let (store, dispatcher) = Store::start(
         pool.clone(),

@@ -12,8 +12,10 @@
 //! NOTIFY:
 //!
 //! - At most one NOTIFY is in flight; the signals raised meanwhile collapse into one
-//!   more, sent no sooner than [`MIN_INTERVAL`] after the previous one started. After a
-//!   quiet spell the first signal is sent at once.
+//!   more, sent no sooner than [`MIN_INTERVAL`] after the previous one started, or
+//!   `ingest.notify_interval_ms` after it when the previous one covered several rows
+//!   ([`crate::pacing`]: under load the relay's rounds, which follow the NOTIFYs, then
+//!   gather more rows each). After a quiet spell the first signal is sent at once.
 //! - Rows are visible when the relay hears of them: a NOTIFY covers only the commits
 //!   that had returned before it was sent.
 //! - The session runs with `synchronous_commit = off`: a NOTIFY's transaction gets an
@@ -27,6 +29,8 @@
 //! - It ends once every [`Signal`] is gone (the dispatcher ended), after sending what
 //!   it still owes unless PostgreSQL was failing.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -35,11 +39,13 @@ use tokio::time::Instant;
 
 use crate::bootstrap::Backoff;
 use crate::db;
+use crate::pacing::Pacer;
 
 /// The channel the relays listen on (`LISTEN outbox` in `relay.rs`).
 pub const CHANNEL: &str = "outbox";
 
-/// The shortest time between the starts of two NOTIFYs of one process. Measured here
+/// The shortest time between the starts of two NOTIFYs of one process after a light
+/// one (under [`crate::pacing::BUSY_ROWS`] rows). Measured here
 /// (README, "Performance"): 0 and 1 ms alike, as a commit takes longer than 1 ms and
 /// the cap rarely binds (about 0.9 NOTIFY per commit); 5 ms more than halved the
 /// NOTIFYs and cut the relay's rounds by a third, but added 2-3 ms to the end-to-end
@@ -52,15 +58,22 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
 pub struct Notifier {
     config: tokio_postgres::Config,
     attempt_timeout: Duration,
+    busy_interval: Duration,
 }
 
 impl Notifier {
     /// A notifier connecting with `config`; one attempt (connecting included) is given
-    /// up after `attempt_timeout`.
-    pub fn new(config: tokio_postgres::Config, attempt_timeout: Duration) -> Self {
+    /// up after `attempt_timeout`. A NOTIFY that covered several rows is followed by the
+    /// next no sooner than `busy_interval` after it.
+    pub fn new(
+        config: tokio_postgres::Config,
+        attempt_timeout: Duration,
+        busy_interval: Duration,
+    ) -> Self {
         Self {
             config,
             attempt_timeout,
+            busy_interval,
         }
     }
 
@@ -68,13 +81,15 @@ impl Notifier {
     /// dropped.
     pub(crate) fn start(self) -> (Signal, tokio::task::JoinHandle<()>) {
         let (sender, signals) = mpsc::channel(1);
+        let rows = Arc::new(AtomicUsize::new(0));
         let connection = Connection {
             config: self.config,
             client: None,
             attempt_timeout: self.attempt_timeout,
         };
-        let task = tokio::spawn(run(signals, MIN_INTERVAL, connection));
-        (Signal { sender }, task)
+        let pacer = Pacer::new(MIN_INTERVAL, self.busy_interval);
+        let task = tokio::spawn(run(signals, rows.clone(), pacer, connection));
+        (Signal { sender, rows }, task)
     }
 }
 
@@ -82,11 +97,15 @@ impl Notifier {
 #[derive(Debug, Clone)]
 pub(crate) struct Signal {
     sender: mpsc::Sender<()>,
+    /// Outbox rows committed since the last NOTIFY went out.
+    rows: Arc<AtomicUsize>,
 }
 
 impl Signal {
-    /// Asks for a NOTIFY; never waits. A signal already waiting covers this one too.
-    pub(crate) fn raise(&self) {
+    /// Asks for a NOTIFY for `rows` new outbox rows; never waits. A signal already
+    /// waiting covers this one too.
+    pub(crate) fn raise(&self, rows: usize) {
+        self.rows.fetch_add(rows, Ordering::Relaxed);
         let _ = self.sender.try_send(());
     }
 }
@@ -140,13 +159,23 @@ impl Notify for Connection {
 }
 
 /// Sends a NOTIFY for each burst of signals (see the module comment) until the signals'
-/// senders are all gone.
-async fn run(mut signals: mpsc::Receiver<()>, min_interval: Duration, mut sender: impl Notify) {
+/// senders are all gone; `rows` counts the outbox rows the signals stand for.
+async fn run(
+    mut signals: mpsc::Receiver<()>,
+    rows: Arc<AtomicUsize>,
+    mut pacer: Pacer,
+    mut sender: impl Notify,
+) {
+    // Set while failing: the backoff's end, which replaces the pacer's slot.
     let mut not_before: Option<Instant> = None;
     let mut backoff = Backoff::default();
     let mut failing = false;
     while signals.recv().await.is_some() {
-        if let Some(deadline) = not_before.filter(|deadline| *deadline > Instant::now()) {
+        let deadline = match not_before {
+            Some(deadline) if failing => deadline,
+            _ => pacer.reserve(Instant::now()),
+        };
+        if deadline > Instant::now() {
             let open = wait_until(&mut signals, deadline).await;
             if !open && failing {
                 // Shutting down while PostgreSQL fails: the relays' poll finds the rows.
@@ -155,7 +184,7 @@ async fn run(mut signals: mpsc::Receiver<()>, min_interval: Duration, mut sender
         }
         // Every commit signalled up to here has returned: this NOTIFY covers it too.
         let _ = signals.try_recv();
-        let started = Instant::now();
+        let covered = rows.swap(0, Ordering::Relaxed);
         match sender.notify().await {
             Ok(()) => {
                 metrics::counter!("ingest_outbox_notify_total").increment(1);
@@ -164,7 +193,7 @@ async fn run(mut signals: mpsc::Receiver<()>, min_interval: Duration, mut sender
                 }
                 failing = false;
                 backoff.reset();
-                not_before = Some(started + min_interval);
+                pacer.finished(covered);
             }
             Err(error) => {
                 let error = format!("{error:#}");
@@ -176,6 +205,8 @@ async fn run(mut signals: mpsc::Receiver<()>, min_interval: Duration, mut sender
                         "outbox notify failed; relays find the rows by polling until it works"
                     );
                 }
+                // The next NOTIFY covers these rows too.
+                rows.fetch_add(covered, Ordering::Relaxed);
                 failing = true;
                 not_before = Some(Instant::now() + backoff.next_delay());
             }
@@ -200,8 +231,8 @@ async fn wait_until(signals: &mut mpsc::Receiver<()>, deadline: Instant) -> bool
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
 
     use tokio::sync::Semaphore;
 
@@ -209,6 +240,8 @@ mod tests {
 
     /// Longer than tokio's timer resolution (1 ms), so the paused clock can show it.
     const INTERVAL: Duration = Duration::from_millis(10);
+    /// After a NOTIFY that covered several rows.
+    const BUSY_INTERVAL: Duration = Duration::from_millis(40);
 
     /// A stand-in for PostgreSQL: records each attempt, holds it until `gate` gives a
     /// permit, and fails while `failing` is set.
@@ -277,9 +310,18 @@ mod tests {
     }
 
     fn start(recorder: &Recorder) -> (Signal, tokio::task::JoinHandle<()>) {
+        start_with(recorder, BUSY_INTERVAL)
+    }
+
+    fn start_with(
+        recorder: &Recorder,
+        busy_interval: Duration,
+    ) -> (Signal, tokio::task::JoinHandle<()>) {
         let (sender, signals) = mpsc::channel(1);
-        let task = tokio::spawn(run(signals, INTERVAL, recorder.clone()));
-        (Signal { sender }, task)
+        let rows = Arc::new(AtomicUsize::new(0));
+        let pacer = Pacer::new(INTERVAL, busy_interval);
+        let task = tokio::spawn(run(signals, rows.clone(), pacer, recorder.clone()));
+        (Signal { sender, rows }, task)
     }
 
     /// Lets the notifier task run until it waits, without moving the clock.
@@ -294,13 +336,13 @@ mod tests {
         let recorder = Recorder::open_gate();
         let (signal, _task) = start(&recorder);
         let raised = Instant::now();
-        signal.raise();
+        signal.raise(1);
         settle().await;
         assert_eq!(recorder.sent(), vec![raised]);
 
         tokio::time::sleep(Duration::from_secs(5)).await;
         let raised_again = Instant::now();
-        signal.raise();
+        signal.raise(1);
         settle().await;
         assert_eq!(recorder.sent(), vec![raised, raised_again]);
     }
@@ -309,10 +351,10 @@ mod tests {
     async fn signals_raised_while_a_notify_is_in_flight_collapse_into_one_more() {
         let recorder = Recorder::closed_gate();
         let (signal, _task) = start(&recorder);
-        signal.raise();
+        signal.raise(1);
         settle().await;
         for _ in 0..10 {
-            signal.raise();
+            signal.raise(1);
             settle().await;
         }
         recorder.gate.add_permits(100);
@@ -325,10 +367,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn notifies_of_a_busy_ingest_are_at_least_the_minimum_interval_apart() {
         let recorder = Recorder::open_gate();
-        let (signal, _task) = start(&recorder);
+        // No longer interval after busy NOTIFYs: this is about the shortest one.
+        let (signal, _task) = start_with(&recorder, INTERVAL);
         // A commit returning every millisecond for 100 ms.
         for _ in 0..100 {
-            signal.raise();
+            signal.raise(1);
             settle().await;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -345,13 +388,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn notifies_covering_several_rows_are_the_busy_interval_apart() {
+        let recorder = Recorder::open_gate();
+        let (signal, _task) = start(&recorder);
+        // Commits of BUSY_ROWS rows every millisecond for 200 ms, then single rows.
+        for _ in 0..200 {
+            signal.raise(crate::pacing::BUSY_ROWS);
+            settle().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(BUSY_INTERVAL).await;
+        let busy = recorder.sent();
+        assert!(
+            (5..=6).contains(&busy.len()),
+            "one NOTIFY per busy interval: {}",
+            busy.len()
+        );
+        for pair in busy.windows(2) {
+            assert!(pair[1] - pair[0] >= BUSY_INTERVAL, "{pair:?}");
+        }
+        // A light NOTIFY (one row) lets the next follow after the light interval.
+        tokio::time::sleep(BUSY_INTERVAL).await;
+        signal.raise(1);
+        settle().await;
+        let light_sent = Instant::now();
+        assert_eq!(recorder.sent().last(), Some(&light_sent));
+        signal.raise(1);
+        settle().await;
+        tokio::time::sleep(INTERVAL).await;
+        settle().await;
+        let sent = recorder.sent();
+        assert_eq!(sent.len(), busy.len() + 2);
+        assert_eq!(sent[sent.len() - 1] - sent[sent.len() - 2], INTERVAL);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failing_notify_backs_off_and_recovers_when_postgres_is_back() {
         let recorder = Recorder::open_gate();
         recorder.failing.store(true, Ordering::SeqCst);
         let (signal, _task) = start(&recorder);
         // Commits keep signalling (every 10 ms for 10 s) while NOTIFY fails.
         for _ in 0..1_000 {
-            signal.raise();
+            signal.raise(1);
             settle().await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -367,7 +445,7 @@ mod tests {
 
         recorder.failing.store(false, Ordering::SeqCst);
         for _ in 0..600 {
-            signal.raise();
+            signal.raise(1);
             settle().await;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -383,9 +461,9 @@ mod tests {
     async fn the_notifier_sends_what_it_owes_and_ends_when_the_signals_are_gone() {
         let recorder = Recorder::closed_gate();
         let (signal, task) = start(&recorder);
-        signal.raise();
+        signal.raise(1);
         settle().await;
-        signal.raise();
+        signal.raise(1);
         drop(signal);
         recorder.gate.add_permits(10);
         tokio::time::timeout(Duration::from_secs(1), task)
@@ -400,9 +478,9 @@ mod tests {
         let recorder = Recorder::open_gate();
         recorder.failing.store(true, Ordering::SeqCst);
         let (signal, task) = start(&recorder);
-        signal.raise();
+        signal.raise(1);
         settle().await;
-        signal.raise();
+        signal.raise(1);
         drop(signal);
         let dropped = Instant::now();
         task.await.expect("the notifier did not panic");

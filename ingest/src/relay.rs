@@ -22,7 +22,8 @@
 //! A claim starts at a floor below which every row is published ([`claim_floor`]), not
 //! at the index's start, which holds the entries of every row marked since the last vacuum.
 //! It runs `rounds_in_flight` rounds at once, so rows committed while one round marks
-//! and commits are claimed by another right away. It never exits because PostgreSQL or
+//! and commits are claimed by another right away. Under load rounds are spaced
+//! `round_interval_ms` apart so that each gathers more rows ([`crate::pacing`]). It never exits because PostgreSQL or
 //! NATS is down: it backs off and tries again.
 //!
 //! Between rounds it checks that the stream still holds what it published and
@@ -53,6 +54,7 @@ use uuid::Uuid;
 
 use crate::bootstrap::Backoff;
 use crate::db;
+use crate::pacing::Pacer;
 use claim_floor::{ClaimFloor, Probe, PROBE};
 
 /// Connects to NATS in the background: the client exists even while NATS is down.
@@ -141,6 +143,8 @@ pub struct Relay {
     dead_since_vacuum: Mutex<BTreeMap<&'static str, u64>>,
     /// Where claims start ([`claim_floor`]); shared by the lanes.
     claim_floor: Mutex<ClaimFloor>,
+    /// When the next round may start ([`crate::pacing`]); shared by the lanes.
+    pacer: Mutex<Pacer>,
 }
 
 impl Relay {
@@ -177,6 +181,10 @@ impl Relay {
             stream_check_interval: Duration::from_millis(settings.relay.stream_check_interval_ms),
             dead_since_vacuum: Mutex::default(),
             claim_floor: Mutex::default(),
+            pacer: Mutex::new(Pacer::new(
+                Duration::ZERO,
+                Duration::from_millis(settings.relay.round_interval_ms),
+            )),
             last_stream_check: Mutex::new(Instant::now()),
         })
     }
@@ -243,6 +251,7 @@ impl Relay {
             match self.relay_once().await {
                 Ok(relayed) => {
                     backoff.reset();
+                    lock(&self.pacer).finished(relayed);
                     if relayed as i64 == self.batch_size {
                         continue;
                     }
@@ -270,6 +279,11 @@ impl Relay {
                 _ = shutdown.cancelled() => {}
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+            let start = lock(&self.pacer).reserve(tokio::time::Instant::now());
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep_until(start) => {}
             }
         }
     }
@@ -408,6 +422,7 @@ impl Relay {
             .await
             .context("committing the relay round")?;
         metrics::counter!("relay_published_total").increment(published_ids.len() as u64);
+        metrics::histogram!("relay_batch_size").record(rows.len() as f64);
         // Each marked row left a dead version behind, and a dead entry in the
         // unpublished index that every claim walks past until a vacuum.
         self.count_dead("outbox", published_ids.len() as u64);

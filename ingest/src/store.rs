@@ -417,7 +417,7 @@ async fn write(
     // The statement has committed (the rows are visible): wake the relays, also when
     // the look-up below fails.
     if let Some(signal) = signal.filter(|_| !inserted.is_empty()) {
-        signal.raise();
+        signal.raise(inserted.len());
     }
     if inserted.len() == readings.len() {
         return Ok(readings

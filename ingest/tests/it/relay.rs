@@ -509,3 +509,93 @@ async fn the_outbox_indexes_only_what_is_read_and_keeps_stream_sequences_unique(
         .get(0);
     assert_eq!(predicate.as_deref(), Some("(stream_seq IS NOT NULL)"));
 }
+
+/// Pacing (`ingest.notify_interval_ms`, `relay.round_interval_ms`): while commits keep
+/// bringing several rows, NOTIFYs and rounds are spaced out and each round takes what
+/// gathered meanwhile; single rows with pauses between them go out at once.
+#[tokio::test]
+async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
+    const INTERVAL_MS: u64 = 1_000;
+    let mut env = TestEnv::new();
+    env.settings.ingest.notify_interval_ms = INTERVAL_MS;
+    env.settings.relay.round_interval_ms = INTERVAL_MS;
+    // Only NOTIFYs wake the relay: no poll, no stream check between rounds.
+    env.settings.relay.poll_interval_ms = 60_000;
+    env.settings.relay.stream_check_interval_ms = 60_000;
+    env.settings.ingest.rate_limit_per_second = 0;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    let jetstream = env.jetstream().await;
+    let stream = env.subjects.stream().to_owned();
+    let db = env.postgres().await;
+
+    // Busy: 30 commits of 5 rows, one every 60 ms. Unpaced, each would be a round.
+    const COMMITS: usize = 30;
+    for commit in 0..COMMITS {
+        let readings: Vec<Value> = (0..5)
+            .map(|item| {
+                serde_json::json!({
+                    "idempotency_key": format!("busy-{commit}-{item}"),
+                    "device_id": format!("sensor-{item}"),
+                    "metrics": {"temperature": commit as f64},
+                })
+            })
+            .collect();
+        let response = ingest
+            .http
+            .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+            .json(&serde_json::json!({ "readings": readings }))
+            .send()
+            .await
+            .expect("batch POST");
+        assert_eq!(response.status().as_u16(), 200);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let busy_rows = (COMMITS * 5) as u64;
+    wait_for_stream_messages(&jetstream, &stream, busy_rows).await;
+    wait_until_all_marked(&db).await;
+    // A round marks its rows with its transaction's now(): one published_at per round.
+    let rounds: i64 = db
+        .query_one("SELECT count(DISTINCT published_at) FROM outbox", &[])
+        .await
+        .expect("rounds")
+        .get(0);
+    assert!(
+        rounds <= 10,
+        "{COMMITS} commits over ~1.8 s went out in {rounds} rounds; paced at {INTERVAL_MS} ms they take a handful"
+    );
+
+    // Light: single rows, 300 ms apart, after a quiet spell longer than the interval.
+    tokio::time::sleep(Duration::from_millis(INTERVAL_MS + 200)).await;
+    let mut waits = Vec::new();
+    for index in 0..6u64 {
+        let posted = std::time::Instant::now();
+        let response = ingest
+            .post(
+                &format!("single-{index}"),
+                &reading("sensor-single", index as f64),
+            )
+            .await;
+        assert_eq!(response.status().as_u16(), 202);
+        eventually(
+            Duration::from_secs(10),
+            "the single row published",
+            || async {
+                let published = stream_messages(&jetstream, &stream).await?;
+                (published == busy_rows + index + 1).then_some(())
+            },
+        )
+        .await;
+        waits.push(posted.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    waits.sort();
+    let median = waits[waits.len() / 2];
+    assert!(
+        median < Duration::from_millis(INTERVAL_MS / 2),
+        "single rows waited {waits:?}: a light round must not make the next one wait"
+    );
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    ingest.stop().await;
+}
