@@ -78,7 +78,7 @@ pub struct IngestSettings {
     /// flight (fewer wait for it to return).
     pub commit_parallel_min: usize,
     /// After a NOTIFY that covered several outbox rows, the next goes out no sooner than
-    /// this after it (the relay's rounds then gather more rows each).
+    /// this after it (the relay's rounds then gather more rows each); 0: off.
     pub notify_interval_ms: u64,
     /// Requests waiting for a commit before new ones are turned away with 503.
     pub queue_capacity: usize,

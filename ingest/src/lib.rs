@@ -8,7 +8,7 @@
 //! - [`db`]: connection pool and schema migrations (`migrations/*.sql`).
 //! - [`store`]: the group-committed write of reading, idempotency key and outbox row.
 //! - [`outbox_notify`]: the `NOTIFY outbox` that wakes the relays after a commit.
-//! - [`pacing`]: spaces NOTIFYs and relay rounds out under load, so each covers more rows.
+//! - [`pacing`]: spaces NOTIFYs and relay rounds out under load when so configured.
 //! - [`http`]: routes, the telemetry and batch handlers, problem+json errors, health, metrics.
 //! - [`limits`]: the per-device rate limit.
 //! - [`auth`]: bearer tokens (device, gateway, read), issued and verified.

@@ -12,10 +12,11 @@
 //! NOTIFY:
 //!
 //! - At most one NOTIFY is in flight; the signals raised meanwhile collapse into one
-//!   more, sent no sooner than [`MIN_INTERVAL`] after the previous one started, or
-//!   `ingest.notify_interval_ms` after it when the previous one covered several rows
-//!   ([`crate::pacing`]: under load the relay's rounds, which follow the NOTIFYs, then
-//!   gather more rows each). After a quiet spell the first signal is sent at once.
+//!   more, sent no sooner than [`MIN_INTERVAL`] after the previous one started, or,
+//!   when `ingest.notify_interval_ms` is set (0 by default), that long after it when
+//!   the previous one covered several rows ([`crate::pacing`]: under load the relay's
+//!   rounds, which follow the NOTIFYs, then gather more rows each). After a quiet spell
+//!   the first signal is sent at once.
 //! - Rows are visible when the relay hears of them: a NOTIFY covers only the commits
 //!   that had returned before it was sent.
 //! - The session runs with `synchronous_commit = off`: a NOTIFY's transaction gets an
@@ -87,7 +88,8 @@ impl Notifier {
             client: None,
             attempt_timeout: self.attempt_timeout,
         };
-        let pacer = Pacer::new(MIN_INTERVAL, self.busy_interval);
+        // Never below the light interval: 0 turns the pacing off.
+        let pacer = Pacer::new(MIN_INTERVAL, self.busy_interval.max(MIN_INTERVAL));
         let task = tokio::spawn(run(signals, rows.clone(), pacer, connection));
         (Signal { sender, rows }, task)
     }

@@ -22,9 +22,10 @@
 //! A claim starts at a floor below which every row is published ([`claim_floor`]), not
 //! at the index's start, which holds the entries of every row marked since the last vacuum.
 //! It runs `rounds_in_flight` rounds at once, so rows committed while one round marks
-//! and commits are claimed by another right away. Under load rounds are spaced
-//! `round_interval_ms` apart so that each gathers more rows ([`crate::pacing`]). It never exits because PostgreSQL or
-//! NATS is down: it backs off and tries again.
+//! and commits are claimed by another right away. With `round_interval_ms` set (0 by
+//! default) rounds under load are spaced that far apart so that each gathers more rows
+//! ([`crate::pacing`]). It never exits because PostgreSQL or NATS is down: it backs off
+//! and tries again.
 //!
 //! Between rounds it checks that the stream still holds what it published and
 //! republishes what a NATS host crash lost ([`stream_check`]). Its PostgreSQL sessions
