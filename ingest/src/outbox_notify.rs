@@ -326,6 +326,21 @@ mod tests {
         (Signal { sender, rows }, task)
     }
 
+    /// Raises a signal for `rows` rows every millisecond, `commits` times.
+    async fn commit_every_millisecond(signal: &Signal, commits: usize, rows: usize) {
+        for _ in 0..commits {
+            signal.raise(rows);
+            settle().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn assert_apart(sent: &[Instant], interval: Duration) {
+        for pair in sent.windows(2) {
+            assert!(pair[1] - pair[0] >= interval, "{pair:?}");
+        }
+    }
+
     /// Lets the notifier task run until it waits, without moving the clock.
     async fn settle() {
         for _ in 0..20 {
@@ -371,12 +386,8 @@ mod tests {
         let recorder = Recorder::open_gate();
         // No longer interval after busy NOTIFYs: this is about the shortest one.
         let (signal, _task) = start_with(&recorder, INTERVAL);
-        // A commit returning every millisecond for 100 ms.
-        for _ in 0..100 {
-            signal.raise(1);
-            settle().await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        // A commit of one row returning every millisecond for 100 ms.
+        commit_every_millisecond(&signal, 100, 1).await;
         tokio::time::sleep(INTERVAL).await;
         let sent = recorder.sent();
         assert!(
@@ -384,9 +395,7 @@ mod tests {
             "one NOTIFY per interval, not one per commit: {}",
             sent.len()
         );
-        for pair in sent.windows(2) {
-            assert!(pair[1] - pair[0] >= INTERVAL, "{pair:?}");
-        }
+        assert_apart(&sent, INTERVAL);
     }
 
     #[tokio::test(start_paused = true)]
@@ -394,11 +403,7 @@ mod tests {
         let recorder = Recorder::open_gate();
         let (signal, _task) = start(&recorder);
         // Commits of BUSY_ROWS rows every millisecond for 200 ms, then single rows.
-        for _ in 0..200 {
-            signal.raise(crate::pacing::BUSY_ROWS);
-            settle().await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        commit_every_millisecond(&signal, 200, crate::pacing::BUSY_ROWS).await;
         tokio::time::sleep(BUSY_INTERVAL).await;
         let busy = recorder.sent();
         assert!(
@@ -406,9 +411,7 @@ mod tests {
             "one NOTIFY per busy interval: {}",
             busy.len()
         );
-        for pair in busy.windows(2) {
-            assert!(pair[1] - pair[0] >= BUSY_INTERVAL, "{pair:?}");
-        }
+        assert_apart(&busy, BUSY_INTERVAL);
         // A light NOTIFY (one row) lets the next follow after the light interval.
         tokio::time::sleep(BUSY_INTERVAL).await;
         signal.raise(1);
