@@ -48,8 +48,8 @@ pub async fn serve(
     let notifier = outbox_notify::Notifier::new(
         db::pg_config(&settings.database)?,
         Duration::from_millis(settings.database.connect_timeout_ms),
-        Duration::from_millis(settings.ingest.notify_interval_ms),
-    );
+    )
+    .paced(Duration::from_millis(settings.ingest.notify_interval_ms));
     let (store, dispatcher) = Store::start(
         pool.clone(),
         GroupCommit {

@@ -64,17 +64,22 @@ pub struct Notifier {
 
 impl Notifier {
     /// A notifier connecting with `config`; one attempt (connecting included) is given
-    /// up after `attempt_timeout`. A NOTIFY that covered several rows is followed by the
-    /// next no sooner than `busy_interval` after it.
-    pub fn new(
-        config: tokio_postgres::Config,
-        attempt_timeout: Duration,
-        busy_interval: Duration,
-    ) -> Self {
+    /// up after `attempt_timeout`. Unpaced: NOTIFYs [`MIN_INTERVAL`] apart at most.
+    pub fn new(config: tokio_postgres::Config, attempt_timeout: Duration) -> Self {
         Self {
             config,
             attempt_timeout,
-            busy_interval,
+            busy_interval: MIN_INTERVAL,
+        }
+    }
+
+    /// A NOTIFY that covered several rows is followed by the next no sooner than
+    /// `busy_interval` after it (`ingest.notify_interval_ms`; never below
+    /// [`MIN_INTERVAL`], so 0 leaves the notifier unpaced).
+    pub fn paced(self, busy_interval: Duration) -> Self {
+        Self {
+            busy_interval: busy_interval.max(MIN_INTERVAL),
+            ..self
         }
     }
 
@@ -88,8 +93,7 @@ impl Notifier {
             client: None,
             attempt_timeout: self.attempt_timeout,
         };
-        // Never below the light interval: 0 turns the pacing off.
-        let pacer = Pacer::new(MIN_INTERVAL, self.busy_interval.max(MIN_INTERVAL));
+        let pacer = Pacer::new(MIN_INTERVAL, self.busy_interval);
         let task = tokio::spawn(run(signals, rows.clone(), pacer, connection));
         (Signal { sender, rows }, task)
     }
@@ -169,14 +173,11 @@ async fn run(
     mut sender: impl Notify,
 ) {
     // Set while failing: the backoff's end, which replaces the pacer's slot.
-    let mut not_before: Option<Instant> = None;
+    let mut backoff_until: Option<Instant> = None;
     let mut backoff = Backoff::default();
     let mut failing = false;
     while signals.recv().await.is_some() {
-        let deadline = match not_before {
-            Some(deadline) if failing => deadline,
-            _ => pacer.reserve(Instant::now()),
-        };
+        let deadline = backoff_until.unwrap_or_else(|| pacer.reserve(Instant::now()));
         if deadline > Instant::now() {
             let open = wait_until(&mut signals, deadline).await;
             if !open && failing {
@@ -195,6 +196,7 @@ async fn run(
                 }
                 failing = false;
                 backoff.reset();
+                backoff_until = None;
                 pacer.finished(covered);
             }
             Err(error) => {
@@ -210,7 +212,7 @@ async fn run(
                 // The next NOTIFY covers these rows too.
                 rows.fetch_add(covered, Ordering::Relaxed);
                 failing = true;
-                not_before = Some(Instant::now() + backoff.next_delay());
+                backoff_until = Some(Instant::now() + backoff.next_delay());
             }
         }
     }

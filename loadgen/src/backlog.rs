@@ -64,8 +64,6 @@ pub async fn fill(
     let notifier = Notifier::new(
         ingest::db::pg_config(&database)?,
         Duration::from_millis(database.connect_timeout_ms),
-        // ingest.notify_interval_ms of config/default.toml: no pacing.
-        Duration::ZERO,
     );
     let (store, dispatcher) = Store::start(pool, limits, Some(notifier));
     let run = run_id();

@@ -35,7 +35,6 @@ async fn parallel_commits_store_each_key_once_and_answer_every_submission() {
     let notifier = Notifier::new(
         ingest::db::pg_config(&env.settings.database).expect("database url"),
         Duration::from_secs(2),
-        Duration::ZERO,
     );
     let (store, dispatcher) = Store::start(pool, limits, Some(notifier));
 

@@ -577,15 +577,7 @@ async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
             )
             .await;
         assert_eq!(response.status().as_u16(), 202);
-        eventually(
-            Duration::from_secs(10),
-            "the single row published",
-            || async {
-                let published = stream_messages(&jetstream, &stream).await?;
-                (published == busy_rows + index + 1).then_some(())
-            },
-        )
-        .await;
+        wait_for_stream_messages(&jetstream, &stream, busy_rows + index + 1).await;
         waits.push(posted.elapsed());
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
