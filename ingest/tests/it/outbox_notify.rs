@@ -66,8 +66,7 @@ async fn an_idle_relay_publishes_a_posted_reading_at_once_though_it_polls_once_a
     env.settings.relay.poll_interval_ms = 60_000;
     let ingest = Ingest::spawn(&env.settings).await;
     // Written before the relay starts: its first round publishes it, whatever wakes it.
-    let first = ingest.post("k-0", &reading("sensor-1", 0.0)).await;
-    assert_eq!(first.status().as_u16(), 202);
+    ingest.accept("k-0", &reading("sensor-1", 0.0)).await;
     let (shutdown, relay) = spawn_relay(&env.settings);
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), 1).await;
@@ -92,8 +91,7 @@ async fn an_idle_relay_publishes_a_posted_reading_at_once_though_it_polls_once_a
     .await;
 
     let posted = Instant::now();
-    let second = ingest.post("k-1", &reading("sensor-1", 1.0)).await;
-    assert_eq!(second.status().as_u16(), 202);
+    ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
     eventually(
         Duration::from_secs(2),
         "the second reading published within 2 s",
@@ -198,8 +196,7 @@ async fn each_ingest_notifies_after_its_own_commits_and_the_rows_are_visible_by_
 
     // A replay inserts no outbox row and sends no NOTIFY.
     listener.clear();
-    let replay = first.post("k-1", &reading("sensor-0", 1.0)).await;
-    assert_eq!(replay.status().as_u16(), 202);
+    let replay = first.accept("k-1", &reading("sensor-0", 1.0)).await;
     assert!(replay.headers().contains_key("idempotent-replayed"));
     let quiet =
         tokio::time::timeout(Duration::from_millis(500), listener.notifications.recv()).await;

@@ -53,6 +53,17 @@ impl Ingest {
         self.post_text(key, body.to_string()).await
     }
 
+    /// `POST /v1/telemetry` that must be answered `202`; the answer, for further checks.
+    pub async fn accept(&self, key: &str, body: &Value) -> Response {
+        let response = self.post(key, body).await;
+        assert_eq!(
+            response.status().as_u16(),
+            202,
+            "POST with key {key:?} not accepted: {body}"
+        );
+        response
+    }
+
     /// `POST /v1/telemetry` with a body as written (which need not be valid JSON),
     /// declared `application/json`, and an idempotency key.
     pub async fn post_text(&self, key: &str, body: String) -> Response {

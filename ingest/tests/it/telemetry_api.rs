@@ -12,8 +12,7 @@ use crate::support::{assert_problem, count, reading, Ingest};
 async fn accepted_reading_writes_reading_key_and_outbox_row_together() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
-    let response = ingest.post("k-1", &reading("sensor-1", 21.5)).await;
-    assert_eq!(response.status().as_u16(), 202);
+    let response = ingest.accept("k-1", &reading("sensor-1", 21.5)).await;
     assert!(response.headers().get("idempotent-replayed").is_none());
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["device_id"], "sensor-1");
@@ -66,14 +65,12 @@ async fn replay_returns_stored_answer_when_key_and_reading_match() {
         .expect("formats");
     assert_ne!(in_utc, in_cet);
     let first = json!({"device_id": "sensor-1", "recorded_at": in_utc, "metrics": {"temperature": 21.5, "humidity": 40}});
-    let first_response = ingest.post("k-1", &first).await;
-    assert_eq!(first_response.status().as_u16(), 202);
+    let first_response = ingest.accept("k-1", &first).await;
     let first_body = first_response.text().await.expect("body");
 
     // The same reading spelled differently: other key order, number spelling and offset.
     let same = json!({"metrics": {"humidity": 40.0, "temperature": 2.15e1}, "recorded_at": in_cet, "device_id": "sensor-1"});
-    let replay = ingest.post("k-1", &same).await;
-    assert_eq!(replay.status().as_u16(), 202);
+    let replay = ingest.accept("k-1", &same).await;
     assert_eq!(
         replay
             .headers()
@@ -93,10 +90,9 @@ async fn retry_without_recorded_at_is_a_replay_not_a_conflict() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
     let body = reading("sensor-1", 1.0);
-    assert_eq!(ingest.post("k-1", &body).await.status().as_u16(), 202);
+    ingest.accept("k-1", &body).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let retry = ingest.post("k-1", &body).await;
-    assert_eq!(retry.status().as_u16(), 202);
+    let retry = ingest.accept("k-1", &body).await;
     assert!(retry.headers().get("idempotent-replayed").is_some());
     ingest.stop().await;
 }
@@ -105,14 +101,7 @@ async fn retry_without_recorded_at_is_a_replay_not_a_conflict() {
 async fn reused_key_with_a_different_reading_is_rejected_with_422() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
-    assert_eq!(
-        ingest
-            .post("k-1", &reading("sensor-1", 21.5))
-            .await
-            .status()
-            .as_u16(),
-        202
-    );
+    ingest.accept("k-1", &reading("sensor-1", 21.5)).await;
     let conflict = ingest.post("k-1", &reading("sensor-1", 22.0)).await;
     assert_problem(conflict, 422, "idempotency-key-reused").await;
     assert_eq!(count(&env.postgres().await, "readings").await, 1);
@@ -123,16 +112,8 @@ async fn reused_key_with_a_different_reading_is_rejected_with_422() {
 async fn keys_are_scoped_per_device() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
-    assert_eq!(
-        ingest
-            .post("k-1", &reading("sensor-1", 1.0))
-            .await
-            .status()
-            .as_u16(),
-        202
-    );
-    let other_device = ingest.post("k-1", &reading("sensor-2", 2.0)).await;
-    assert_eq!(other_device.status().as_u16(), 202);
+    ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
+    let other_device = ingest.accept("k-1", &reading("sensor-2", 2.0)).await;
     assert!(other_device.headers().get("idempotent-replayed").is_none());
     assert_eq!(count(&env.postgres().await, "readings").await, 2);
     ingest.stop().await;
@@ -192,14 +173,7 @@ async fn missing_or_malformed_idempotency_key_is_400() {
         assert_problem(response, 400, "missing-idempotency-key").await;
     }
     let longest = "k".repeat(128);
-    assert_eq!(
-        ingest
-            .post(&longest, &reading("sensor-1", 1.0))
-            .await
-            .status()
-            .as_u16(),
-        202
-    );
+    ingest.accept(&longest, &reading("sensor-1", 1.0)).await;
     assert_eq!(count(&env.postgres().await, "readings").await, 1);
     ingest.stop().await;
 }
@@ -353,10 +327,7 @@ async fn readings_that_break_a_rule_are_422_naming_the_field() {
         );
     }
     let inside_bounds = json!({"device_id": "sensor-1", "recorded_at": format(now - time::Duration::days(6)), "metrics": {"t": 1}});
-    assert_eq!(
-        ingest.post("k-ok", &inside_bounds).await.status().as_u16(),
-        202
-    );
+    ingest.accept("k-ok", &inside_bounds).await;
     assert_eq!(count(&env.postgres().await, "readings").await, 1);
     ingest.stop().await;
 }
@@ -366,14 +337,7 @@ async fn recorded_at_defaults_to_the_receive_time() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
     let before = time::OffsetDateTime::now_utc();
-    assert_eq!(
-        ingest
-            .post("k-1", &reading("sensor-1", 1.0))
-            .await
-            .status()
-            .as_u16(),
-        202
-    );
+    ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
     let after = time::OffsetDateTime::now_utc();
     let row = env
         .postgres()
@@ -392,14 +356,7 @@ async fn recorded_at_defaults_to_the_receive_time() {
 async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
-    assert_eq!(
-        ingest
-            .post("k-1", &reading("sensor-1", 1.0))
-            .await
-            .status()
-            .as_u16(),
-        202
-    );
+    ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
 
     let admin = admin_connection(&env).await;
     let database = &env.database;
@@ -431,8 +388,7 @@ async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
         ))
         .await
         .expect("database reopened");
-    let retried = ingest.post("k-down-0", &reading("sensor-1", 2.0)).await;
-    assert_eq!(retried.status().as_u16(), 202);
+    ingest.accept("k-down-0", &reading("sensor-1", 2.0)).await;
     let db = env.postgres().await;
     assert_eq!(count(&db, "readings").await, 2);
     assert_eq!(count(&db, "idempotency_keys").await, 2);
