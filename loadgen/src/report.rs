@@ -168,6 +168,25 @@ impl Table {
         self.push(figure, rate(value, unit), limit_text, text, target, verdict);
     }
 
+    /// A limit measured once more at the end of the run (file `<file>_end`), as a share
+    /// of its first measurement: how far the box drifted while the figures were taken.
+    fn again_at_the_end(&mut self, results: &Results, file: &str, pointer: &str, unit: &str) {
+        let start = num(results, file, pointer);
+        let Some(end) = num(results, &format!("{file}_end"), pointer) else {
+            return;
+        };
+        let (_, share) = ratio(Some(end), start, Style::Percent);
+        let start_text = format!("at the start {}", rate(start, unit));
+        self.push(
+            "  again at the end of the run",
+            rate(Some(end), unit),
+            start_text,
+            share,
+            "-",
+            Met::None,
+        );
+    }
+
     fn latency(&mut self, figure: &str, results: &Results, file: &str) {
         let p = |q: &str| num(results, file, &format!("/latency/{q}"));
         let value = match (p("p50_ms"), p("p99_ms"), p("p999_ms")) {
@@ -209,6 +228,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
             rate(pg1(clients), "txn/s"),
             if clients == 64 { "ref ~6,000/s" } else { "-" },
         );
+        t.again_at_the_end(results, &format!("pg_1_c{clients}"), "/tps", "txn/s");
     }
     // What the outbox trigger's NOTIFY inside every transaction cost: PostgreSQL
     // serialises the commits of notifying transactions (ingest now notifies after its
@@ -231,6 +251,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
         rate(static_rps, "req/s"),
         "ref ~80,000/s",
     );
+    t.again_at_the_end(results, "static", "/ok_per_s", "req/s");
     t.info(
         "LIMIT JetStream publish, pipelined acks",
         rate(publish, "msgs/s"),
@@ -691,6 +712,30 @@ mod tests {
         );
         assert_eq!(rows[notify].value, "2,900 txn/s");
         assert_eq!(rows[notify].met, Met::None);
+    }
+
+    #[test]
+    fn limits_measured_again_at_the_end_show_the_drift_under_their_first_figure() {
+        let mut results = sample();
+        assert!(!rows(&results)
+            .iter()
+            .any(|row| row.figure.contains("at the end")));
+        results.insert("static_end".into(), json!({"ok_per_s": 60000.0}));
+        results.insert("pg_1_c64_end".into(), json!({"tps": 6600.0}));
+        let rows = rows(&results);
+        let position = |figure: &str| rows.iter().position(|row| row.figure.starts_with(figure));
+        let static_at = position("LIMIT static HTTP").expect("static row");
+        let again = &rows[static_at + 1];
+        assert_eq!(again.figure, "  again at the end of the run");
+        assert_eq!(again.value, "60,000 req/s");
+        assert_eq!(again.limit, "at the start 80,000 req/s");
+        assert_eq!(again.ratio, "75%");
+        assert_eq!(again.met, Met::None);
+        let pg_at = position("LIMIT pgbench 1 reading/txn, 64").expect("pgbench row");
+        assert_eq!(rows[pg_at + 1].ratio, "110%");
+        // Only the limits measured again get a row.
+        let pg1_at = position("LIMIT pgbench 1 reading/txn, 1 ").expect("pgbench@1 row");
+        assert!(rows[pg1_at + 1].figure.starts_with("LIMIT"));
     }
 
     #[test]
