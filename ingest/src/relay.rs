@@ -281,10 +281,14 @@ impl Relay {
                 _ = wake.notified() => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
             }
-            let start = lock(&self.pacer).reserve(tokio::time::Instant::now());
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep_until(start) => {}
+            // Unpaced (the default) the slot is always now: no timer for it.
+            let now = tokio::time::Instant::now();
+            let start = lock(&self.pacer).reserve(now);
+            if start > now {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep_until(start) => {}
+                }
             }
         }
     }
