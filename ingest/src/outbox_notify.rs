@@ -337,7 +337,18 @@ mod tests {
         }
     }
 
-    fn assert_apart(sent: &[Instant], interval: Duration) {
+    /// About one NOTIFY per `interval` (`expected` of them), each at least that long
+    /// after the one before.
+    fn assert_one_per_interval(
+        sent: &[Instant],
+        expected: std::ops::RangeInclusive<usize>,
+        interval: Duration,
+    ) {
+        assert!(
+            expected.contains(&sent.len()),
+            "one NOTIFY per {interval:?}, not one per commit: {}",
+            sent.len()
+        );
         for pair in sent.windows(2) {
             assert!(pair[1] - pair[0] >= interval, "{pair:?}");
         }
@@ -391,13 +402,7 @@ mod tests {
         // A commit of one row returning every millisecond for 100 ms.
         commit_every_millisecond(&signal, 100, 1).await;
         tokio::time::sleep(INTERVAL).await;
-        let sent = recorder.sent();
-        assert!(
-            (9..=11).contains(&sent.len()),
-            "one NOTIFY per interval, not one per commit: {}",
-            sent.len()
-        );
-        assert_apart(&sent, INTERVAL);
+        assert_one_per_interval(&recorder.sent(), 9..=11, INTERVAL);
     }
 
     #[tokio::test(start_paused = true)]
@@ -408,12 +413,7 @@ mod tests {
         commit_every_millisecond(&signal, 200, crate::pacing::BUSY_ROWS).await;
         tokio::time::sleep(BUSY_INTERVAL).await;
         let busy = recorder.sent();
-        assert!(
-            (5..=6).contains(&busy.len()),
-            "one NOTIFY per busy interval: {}",
-            busy.len()
-        );
-        assert_apart(&busy, BUSY_INTERVAL);
+        assert_one_per_interval(&busy, 5..=6, BUSY_INTERVAL);
         // A light NOTIFY (one row) lets the next follow after the light interval.
         tokio::time::sleep(BUSY_INTERVAL).await;
         signal.raise(1);
