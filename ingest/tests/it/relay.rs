@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{column, count, migrate, reading, Ingest};
 
-/// Starts a relay in this process.
+/// Starts a relay in this process; its log goes to the test's output.
 pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
+    crate::support::log_to_test_output();
     let settings = settings.clone();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();

@@ -84,6 +84,17 @@ impl Ingest {
     }
 }
 
+/// Sends ingest's and the relay's log (info and up) to this test's captured output, so
+/// a failing test shows what the services did. Each test runs in its own process under
+/// nextest; a second call in one process does nothing.
+pub fn log_to_test_output() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,ingest=info")
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}
+
 /// A reading body for `device` with one temperature value.
 pub fn reading(device: &str, temperature: f64) -> Value {
     serde_json::json!({"device_id": device, "metrics": {"temperature": temperature}})
