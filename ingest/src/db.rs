@@ -29,6 +29,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         5,
         include_str!("../migrations/0005_outbox_lean_indexes.sql"),
     ),
+    (
+        6,
+        include_str!("../migrations/0006_drop_readings_device_index.sql"),
+    ),
 ];
 
 /// Any constant works as long as every process uses the same one.

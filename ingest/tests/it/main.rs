@@ -9,6 +9,7 @@ mod metrics;
 mod outbox_notify;
 mod relay;
 mod relay_stream_loss;
+mod schema;
 mod shutdown;
 mod support;
 mod telemetry_api;

@@ -1,0 +1,76 @@
+//! The write path's schema: every B-tree entry a reading costs is one a statement of the
+//! pipeline reads (migrations 0005 and 0006 dropped the others), also on a database that
+//! was migrated before they existed.
+
+use testkit::TestEnv;
+
+use crate::support::{column, migrate};
+
+/// Every index of the three tables a reading writes, as `table.index`, in name order.
+const INDEXES: &str = "SELECT tablename || '.' || indexname FROM pg_indexes
+    WHERE schemaname = 'public' AND tablename IN ('readings', 'idempotency_keys', 'outbox')
+    ORDER BY 1";
+
+#[tokio::test]
+async fn a_reading_writes_only_indexes_that_a_statement_reads() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let db = env.postgres().await;
+
+    let indexes: Vec<String> = column(&db, INDEXES).await;
+
+    assert_eq!(
+        indexes,
+        [
+            // (device_id, idempotency_key): dedup at the door; `created_at`: the key prune
+            "idempotency_keys.idempotency_keys_created_at",
+            "idempotency_keys.idempotency_keys_pkey",
+            // rows by id (the mark), the stream check by sequence, the prune, the claim
+            "outbox.outbox_pkey",
+            "outbox.outbox_published_at",
+            "outbox.outbox_stream_seq",
+            "outbox.outbox_unpublished",
+            // an event is stored once (the outbox row relies on it, 0005); the reading prune
+            "readings.readings_pkey",
+            "readings.readings_received_at",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn migration_6_drops_the_device_index_of_a_database_that_has_it() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let db = env.postgres().await;
+    // A database at version 5, with the index of migration 0001 and readings in it.
+    db.batch_execute(
+        "CREATE INDEX readings_device_recorded_at ON readings (device_id, recorded_at);
+         INSERT INTO readings (event_id, device_id, recorded_at, received_at, metrics)
+             SELECT gen_random_uuid(), 'sensor-' || g % 10, now(), now(), '{}'
+             FROM generate_series(1, 100) AS g;
+         DELETE FROM schema_migrations WHERE version = 6;",
+    )
+    .await
+    .expect("back to version 5");
+    let before: Vec<String> = column(&db, INDEXES).await;
+    assert!(before.contains(&"readings.readings_device_recorded_at".to_owned()));
+
+    migrate(&env).await;
+
+    let after: Vec<String> = column(&db, INDEXES).await;
+    assert!(
+        !after
+            .iter()
+            .any(|index| index.contains("device_recorded_at")),
+        "{after:?}"
+    );
+    assert_eq!(after.len(), before.len() - 1, "only that index went");
+    let readings: Vec<i64> = column(&db, "SELECT count(*) FROM readings").await;
+    assert_eq!(readings, [100], "the readings stay");
+    let versions: Vec<i32> = column(
+        &db,
+        "SELECT version FROM schema_migrations ORDER BY version",
+    )
+    .await;
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+}
