@@ -177,10 +177,9 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     .expect("refusing trigger");
     // Written while no relay runs.
     for index in 0..READINGS {
-        let response = ingest
-            .post(&format!("k-{index}"), &reading("sensor-1", index as f64))
+        ingest
+            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
             .await;
-        assert_eq!(response.status().as_u16(), 202);
     }
 
     let relay = ServiceProcess::spawn(

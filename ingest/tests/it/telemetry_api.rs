@@ -432,10 +432,10 @@ async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
     env.settings.ingest.rate_limit_burst = 3;
     let ingest = Ingest::spawn(&env.settings).await;
     for index in 0..3 {
-        let response = ingest
-            .post(&format!("k-{index}"), &reading("chatty", 1.0))
+        // Within the burst.
+        ingest
+            .accept(&format!("k-{index}"), &reading("chatty", 1.0))
             .await;
-        assert_eq!(response.status().as_u16(), 202, "within the burst");
     }
     let limited = ingest.post("k-3", &reading("chatty", 1.0)).await;
     let retry_after: u64 = limited
