@@ -180,20 +180,18 @@ impl Table {
     /// A limit measured once more at the end of the run (file `<file>_end`), as a share
     /// of its first measurement: how far the box drifted while the figures were taken.
     fn again_at_the_end(&mut self, results: &Results, file: &str, pointer: &str, unit: &str) {
-        let start = num(results, file, pointer);
-        let Some(end) = num(results, &format!("{file}_end"), pointer) else {
-            return;
-        };
-        let (_, share) = ratio(Some(end), start, Style::Percent);
-        let start_text = format!("at the start {}", rate(start, unit));
-        self.push(
-            "  again at the end of the run",
-            rate(Some(end), unit),
-            start_text,
-            share,
-            "-",
-            Met::None,
-        );
+        let end = num(results, &format!("{file}_end"), pointer);
+        if end.is_some() {
+            self.against(
+                "  again at the end of the run",
+                end,
+                unit,
+                "at the start",
+                num(results, file, pointer),
+                Style::Percent,
+                None,
+            );
+        }
     }
 
     fn latency(&mut self, figure: &str, results: &Results, file: &str) {
