@@ -7,7 +7,7 @@
 //! holds it until the commit record is flushed, so the parallel group commits could not
 //! overlap their WAL flushes (pgbench doing ingest's statement, 1 reading per
 //! transaction at 64 clients, makes about half as many transactions a second with the
-//! NOTIFY as without; README, "Performance"). Now a commit that inserted outbox rows
+//! NOTIFY as without; PERFORMANCE.md). Now a commit that inserted outbox rows
 //! raises a [`Signal`] once it has returned, and one task per ingest process sends the
 //! NOTIFY:
 //!
@@ -47,7 +47,7 @@ pub const CHANNEL: &str = "outbox";
 
 /// The shortest time between the starts of two NOTIFYs of one process after a light
 /// one (under [`crate::pacing::BUSY_ROWS`] rows). Measured here
-/// (README, "Performance"): 0 and 1 ms alike, as a commit takes longer than 1 ms and
+/// (PERFORMANCE.md): 0 and 1 ms alike, as a commit takes longer than 1 ms and
 /// the cap rarely binds (about 0.9 NOTIFY per commit); 5 ms more than halved the
 /// NOTIFYs and cut the relay's rounds by a third, but added 2-3 ms to the end-to-end
 /// p50 at 200-500 readings/s. 1 ms caps a faster machine at 1,000 NOTIFYs a second

@@ -11,8 +11,8 @@
 //! a batch. Rounds started as soon as the previous one allows run as often as those
 //! round trips go, whatever the rate, so the fixed cost follows the round rate and not
 //! the load: so paced (NOTIFYs at most every 1 ms, relay rounds at once), the 2-core
-//! box was as busy at 2,400 readings/s as at 3,600, and 85–90% busy at 3,600 (README,
-//! "Performance"). So after a round that covered at least [`BUSY_ROWS`] rows (readings
+//! box was as busy at 2,400 readings/s as at 3,600, and 85–90% busy at 3,600
+//! (PERFORMANCE.md). So after a round that covered at least [`BUSY_ROWS`] rows (readings
 //! arrive faster than rounds go) the next starts no sooner than the busy interval after
 //! that one started, and gathers what arrived meanwhile; after a lighter round, an empty
 //! one or a quiet spell, the light interval applies (zero: at once), so a trickle pays

@@ -21,7 +21,7 @@ struct Admin {
 
 /// One thread: the process is a pipeline of awaits whose CPU fits in one core, and on a
 /// small box a single-threaded runtime spares it the cross-thread wake-ups (measured in
-/// README, "Performance"). More throughput comes from more copies of the process.
+/// PERFORMANCE.md). More throughput comes from more copies of the process.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load().unwrap_or_else(|error| {
