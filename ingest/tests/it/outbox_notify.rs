@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
 use crate::relay::{spawn_relay, stream_messages, wait_for_stream_messages};
-use crate::support::{column, count, migrate, reading, Ingest};
+use crate::support::{applied_versions, count, migrate, migration_file_versions, reading, Ingest};
 
 /// A session listening on the relays' channel, as a relay's is.
 struct Listener {
@@ -145,12 +145,7 @@ async fn migrations_drop_the_outbox_notify_trigger_also_where_it_exists() {
         (0, 0),
         "an upgraded database"
     );
-    let versions: Vec<i32> = column(
-        &db,
-        "SELECT version FROM schema_migrations ORDER BY version",
-    )
-    .await;
-    assert_eq!(versions, vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(applied_versions(&db).await, migration_file_versions());
 }
 
 #[tokio::test]

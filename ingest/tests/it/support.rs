@@ -124,6 +124,37 @@ where
         .collect()
 }
 
+/// The versions recorded in `schema_migrations`, in order.
+pub async fn applied_versions(client: &tokio_postgres::Client) -> Vec<i32> {
+    column(
+        client,
+        "SELECT version FROM schema_migrations ORDER BY version",
+    )
+    .await
+}
+
+/// Every version a migrated database must have: one per `NNNN_name.sql` file under
+/// `ingest/migrations/`, read from the directory rather than from the code that applies
+/// them, so a migration left out of `db.rs` fails the upgrade tests.
+pub fn migration_file_versions() -> Vec<i32> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut versions: Vec<i32> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
+        .map(|entry| entry.expect("a directory entry").file_name())
+        .filter_map(|name| {
+            let name = name.to_str()?.strip_suffix(".sql")?.to_owned();
+            name.split('_').next()?.parse().ok()
+        })
+        .collect();
+    versions.sort_unstable();
+    assert!(
+        !versions.is_empty(),
+        "no migrations under {}",
+        dir.display()
+    );
+    versions
+}
+
 /// Rows in a table of the test database.
 pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
