@@ -58,6 +58,26 @@ pub fn poll_interval(waited: Duration) -> Duration {
     }
 }
 
+/// A probe slower than the end-to-end p99 target.
+pub const SLOW: Duration = Duration::from_millis(50);
+
+/// How the probes slower than [`SLOW`] spread over a run: how many there were, and in
+/// how many distinct seconds of it their `202`s came (`probes` holds, per visible
+/// probe, when its `202` came after the start and how long it then took to show). Many
+/// slow probes in few seconds are an episode that held back every stage at once (a
+/// flush of the disk); as many seconds as slow probes are a steady tail.
+pub fn slow_spread(probes: &[(Duration, Duration)]) -> (u64, u64) {
+    let mut seconds: Vec<u64> = probes
+        .iter()
+        .filter(|(_, latency)| *latency > SLOW)
+        .map(|(accepted_after, _)| accepted_after.as_secs())
+        .collect();
+    let slow = seconds.len() as u64;
+    seconds.sort_unstable();
+    seconds.dedup();
+    (slow, seconds.len() as u64)
+}
+
 /// How many readings are due `elapsed` into a run at `rate`/s, capped at `total`.
 pub fn due(rate: f64, elapsed: Duration, total: u64) -> u64 {
     ((rate * elapsed.as_secs_f64()) as u64).min(total)
@@ -66,7 +86,11 @@ pub fn due(rate: f64, elapsed: Duration, total: u64) -> u64 {
 #[derive(Debug)]
 enum Visible {
     NotTracked,
-    After(Duration),
+    /// Shown `latency` after its `202`, which came at `accepted_at`.
+    After {
+        accepted_at: Instant,
+        latency: Duration,
+    },
     TimedOut,
 }
 
@@ -85,6 +109,7 @@ struct StatsAnswer {
 }
 
 pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
+    let started = Instant::now();
     let run = crate::bodies::run_id();
     let total = (plan.rate * plan.duration.as_secs_f64()).round() as u64;
     let every = track_every(plan.rate, plan.track_per_s);
@@ -96,6 +121,7 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
     let mut visible = Latency::new();
     let (mut tracked, mut timed_out, mut accepted, mut skipped) = (0u64, 0u64, 0u64, 0u64);
     let mut probe_cap_hits = 0u64;
+    let mut shown = Vec::new();
     let mut absorb = |outcome: Outcome| {
         statuses.add(&outcome.status);
         if outcome.accepted {
@@ -106,11 +132,16 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
         }
         match outcome.visible {
             Visible::NotTracked => {}
-            Visible::After(latency) => visible.record(latency),
+            Visible::After {
+                accepted_at,
+                latency,
+            } => {
+                visible.record(latency);
+                shown.push((accepted_at.saturating_duration_since(started), latency));
+            }
             Visible::TimedOut => timed_out += 1,
         }
     };
-    let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sent = 0u64;
@@ -171,6 +202,7 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
     })
     .await;
     tasks.abort_all();
+    let (slow, slow_seconds) = slow_spread(&shown);
     json!({
         "target_rate": plan.rate,
         "seconds": (posting.as_secs_f64() * 1000.0).round() / 1000.0,
@@ -186,6 +218,9 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
         "timed_out": timed_out,
         "deadline_ms": plan.deadline.as_millis() as u64,
         "visible_latency": visible.summary(),
+        "slow_ms": SLOW.as_millis() as u64,
+        "slow": slow,
+        "slow_seconds": slow_seconds,
     })
 }
 
@@ -229,7 +264,10 @@ async fn post_and_probe(
                 .map(|stats| stats.sample_count >= 1)
                 .unwrap_or(false);
             if seen {
-                break Visible::After(accepted_at.elapsed());
+                break Visible::After {
+                    accepted_at,
+                    latency: accepted_at.elapsed(),
+                };
             }
         }
         let waited = accepted_at.elapsed();
@@ -275,6 +313,22 @@ mod tests {
             poll_interval(Duration::from_secs(2)),
             Duration::from_millis(5)
         );
+    }
+
+    #[test]
+    fn slow_probes_are_counted_with_the_seconds_they_fell_in() {
+        let ms = Duration::from_millis;
+        let probes = [
+            (ms(100), ms(5)),
+            (ms(1_200), ms(80)),
+            (ms(1_900), ms(120)),
+            (ms(1_950), SLOW),
+            (ms(7_010), ms(51)),
+            (ms(9_000), ms(2)),
+        ];
+        assert_eq!(slow_spread(&probes), (3, 2));
+        assert_eq!(slow_spread(&probes[..1]), (0, 0));
+        assert_eq!(slow_spread(&[]), (0, 0));
     }
 
     #[test]

@@ -474,6 +474,23 @@ pub fn rows(results: &Results) -> Vec<Row> {
         ),
         "-",
     );
+    // Whether the slow probes came together (an episode that held back every stage at
+    // once) or one here and there (a steady tail).
+    if let Some(slow) = num(results, "e2e", "/slow") {
+        t.info(
+            &format!(
+                "    probes over {} ms / seconds they fell in",
+                num(results, "e2e", "/slow_ms").unwrap_or(0.0)
+            ),
+            format!(
+                "{} / {} of {} s",
+                thousands(slow),
+                thousands(num(results, "e2e", "/slow_seconds").unwrap_or(0.0)),
+                num(results, "e2e", "/seconds").map_or("-".into(), |s| format!("{s:.0}"))
+            ),
+            "-",
+        );
+    }
     // The same at a fixed light rate: the latency of the stages themselves, without
     // the queueing of a pipeline run near its slowest stage's capacity.
     if let Some(light_rate) = num(results, "e2e_light", "/target_rate") {
@@ -724,6 +741,33 @@ mod tests {
         results.insert("auth_on_2".into(), json!({"ok_per_s": 12000.0}));
         let rows = super::rows(&results);
         assert_eq!(find(&rows, "ingest POST, 64 clients, auth on").met, Met::No);
+    }
+
+    #[test]
+    fn the_slow_probes_show_with_the_seconds_they_fell_in_only_when_counted() {
+        let mut results = sample();
+        results.insert(
+            "e2e".into(),
+            json!({"target_rate": 4000.0, "seconds": 20.004, "tracked": 500, "visible": 500,
+                   "timed_out": 0, "visible_latency": {"p50_ms": 8.0, "p99_ms": 90.0}}),
+        );
+        assert!(!rows(&results)
+            .iter()
+            .any(|row| row.figure.contains("probes over")));
+        results.insert(
+            "e2e".into(),
+            json!({"target_rate": 4000.0, "seconds": 20.004, "tracked": 500, "visible": 500,
+                   "timed_out": 0, "visible_latency": {"p50_ms": 8.0, "p99_ms": 90.0},
+                   "slow_ms": 50, "slow": 9, "slow_seconds": 2}),
+        );
+        let rows = rows(&results);
+        let slow = find(&rows, "    probes over 50 ms / seconds they fell in");
+        assert_eq!(slow.value, "9 / 2 of 20 s");
+        assert_eq!(slow.met, Met::None);
+        assert_eq!(
+            find(&rows, "e2e 202 -> visible in /stats, p99").met,
+            Met::No
+        );
     }
 
     #[test]
