@@ -10,6 +10,10 @@
 //! sent more `GET`s than there were `POST`s (query at 12% of a core instead of 4–5%) and
 //! raised the p50 it measured from 26–33 to 46 ms; 25 a second (the default) keep the
 //! probe at a fraction of the load, so a run needs 20 s for ~500 samples.
+//!
+//! Besides the percentiles the summary counts the probes over [`SLOW`] (the p99 target)
+//! and the distinct seconds of the run they fell in ([`slow_spread`]), which tells a
+//! flush that held back every stage for a second from a tail spread over the run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
