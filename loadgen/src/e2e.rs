@@ -62,7 +62,8 @@ pub fn poll_interval(waited: Duration) -> Duration {
     }
 }
 
-/// A probe slower than the end-to-end p99 target.
+/// The end-to-end p99 target (the report judges the p99 by it); a probe slower than this
+/// is counted as slow.
 pub const SLOW: Duration = Duration::from_millis(50);
 
 /// How the probes slower than [`SLOW`] spread over a run: how many there were, and in
