@@ -142,8 +142,8 @@ pub fn migration_file_versions() -> Vec<i32> {
         .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
         .map(|entry| entry.expect("a directory entry").file_name())
         .filter_map(|name| {
-            let name = name.to_str()?.strip_suffix(".sql")?.to_owned();
-            name.split('_').next()?.parse().ok()
+            let (version, _) = name.to_str()?.strip_suffix(".sql")?.split_once('_')?;
+            version.parse().ok()
         })
         .collect();
     versions.sort_unstable();
