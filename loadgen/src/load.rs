@@ -12,6 +12,7 @@ use hyper::{Request, StatusCode};
 use serde_json::{json, Value};
 
 use crate::bodies::Rng;
+use crate::box_cpu;
 use crate::http::{connect, exchange, Sender, Target};
 use crate::stats::{per_second, Latency, Statuses};
 
@@ -49,6 +50,8 @@ pub struct Report {
     pub statuses: Statuses,
     pub latency: Latency,
     pub elapsed: Duration,
+    /// How busy the whole box was meanwhile (`None` off Linux).
+    pub box_cpu: Option<box_cpu::Usage>,
     /// The first answer that was not a success, to show what went wrong.
     pub first_error: Option<String>,
 }
@@ -77,6 +80,7 @@ impl Report {
             "ok_per_s": per_second(self.ok, self.elapsed),
             "readings_per_s": per_second(self.readings, self.elapsed),
             "latency": self.latency.summary(),
+            "box_cpu": self.box_cpu.map(box_cpu::Usage::to_json),
         })
     }
 }
@@ -85,6 +89,7 @@ impl Report {
 pub async fn run(target: Target, workload: Arc<dyn Workload>, drive: Drive) -> Report {
     let target = Arc::new(target);
     let budget = Arc::new(AtomicU64::new(0));
+    let cpu_before = box_cpu::Sample::now();
     let started = Instant::now();
     let deadline = started + drive.duration;
     let mut workers = tokio::task::JoinSet::new();
@@ -105,6 +110,9 @@ pub async fn run(target: Target, workload: Arc<dyn Workload>, drive: Drive) -> R
         }
     }
     report.elapsed = started.elapsed();
+    report.box_cpu = cpu_before
+        .zip(box_cpu::Sample::now())
+        .and_then(|(before, after)| after.since(&before, report.elapsed));
     report
 }
 

@@ -19,6 +19,7 @@
 
 mod backlog;
 mod bodies;
+mod box_cpu;
 mod e2e;
 mod http;
 mod load;
