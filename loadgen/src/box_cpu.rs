@@ -1,8 +1,7 @@
 //! How busy the whole box was while a load loop ran, from the `cpu` line of
-//! `/proc/stat`: every process counts, the load generator's own work included. On a box
-//! that is out of CPU the rate follows the CPU each request costs, which this measures
-//! with far less noise than the rate itself (the report's authentication rows compare
-//! it, PERFORMANCE.md *How the bench measures*).
+//! `/proc/stat`: every process counts, the load generator's own work included. The
+//! report shows it with the CPU per reading under the points where it tells whether the
+//! box was out of CPU or waiting (PERFORMANCE.md *How the bench measures*).
 
 use std::time::Duration;
 
