@@ -212,3 +212,80 @@ async fn revocation_takes_effect_within_the_cache_ttl() {
     );
     ingest.stop().await;
 }
+
+/// Backends of the test's database waiting for a lock on `api_tokens`.
+async fn look_ups_waiting(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%api_tokens%'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+#[tokio::test]
+async fn requests_that_miss_the_cache_together_wait_for_one_look_up() {
+    let env = with_auth(60);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let pool = ingest::db::pool(&env.settings.database).expect("pool");
+    let (_, token) = issue(&pool, Kind::Gateway, None, "test")
+        .await
+        .expect("issued");
+    let authorization = format!("Bearer {token}");
+    let watcher = pool.get().await.expect("connection");
+    // While this transaction holds the table, every look-up of a token waits.
+    let mut blocker = pool.get().await.expect("connection");
+    let lock = blocker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("locked");
+
+    let posts = futures::future::join_all((0..32).map(|i| {
+        let (ingest, authorization) = (&ingest, &authorization);
+        async move {
+            let key = format!("k-{i}");
+            post_as(ingest, Some(authorization), &key, &reading("d", 1.0))
+                .await
+                .status()
+                .as_u16()
+        }
+    }));
+    let watch = async {
+        eventually(Duration::from_secs(5), "a look-up waiting", || async {
+            (look_ups_waiting(&watcher).await > 0).then_some(())
+        })
+        .await;
+        // Every request has arrived long before this on loopback; each would have sent
+        // its own look-up (up to the pool's 16) had it not joined the first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waiting = look_ups_waiting(&watcher).await;
+        lock.rollback().await.expect("released");
+        waiting
+    };
+    let (statuses, waiting) = tokio::join!(posts, watch);
+    assert_eq!(waiting, 1, "32 requests missing the cache, one look-up");
+    assert_eq!(statuses, vec![202; 32]);
+
+    // The shared look-up filled the cache: with the table held again, a request still
+    // passes without waiting for it.
+    let lock = blocker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("locked");
+    let status = post_as(
+        &ingest,
+        Some(&authorization),
+        "k-cached",
+        &reading("d", 1.0),
+    )
+    .await
+    .status()
+    .as_u16();
+    lock.rollback().await.expect("released");
+    assert_eq!(status, 202);
+    ingest.stop().await;
+}
