@@ -279,3 +279,60 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     assert_eq!(relay.terminate().await.code(), Some(0));
     ingest.stop().await;
 }
+
+#[tokio::test]
+async fn token_look_ups_are_counted_once_per_token_the_cache_does_not_hold() {
+    let env = TestEnv::new();
+    let ingest = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_ingest"),
+        &env,
+        "PIPELINE__INGEST__LISTEN",
+        &[
+            ("PIPELINE__AUTH__ENABLED", "true"),
+            ("PIPELINE__AUTH__CACHE_TTL_SECS", "60"),
+        ],
+    );
+    ingest.ready().await;
+    let pool = ingest::db::pool(&env.settings.database).expect("pool");
+    let (_, token) = ingest::auth::issue(&pool, ingest::auth::Kind::Gateway, None, "test")
+        .await
+        .expect("issued");
+    let look_ups = |scrape: &Scrape| scrape.value_or_zero("auth_token_lookups_total", &[]);
+    let post_as = |authorization: String, key: &'static str| {
+        ingest
+            .http
+            .post(format!("{}/v1/telemetry", ingest.base_url))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .header("authorization", authorization)
+            .body(reading("sensor-1", 1.0).to_string())
+            .send()
+    };
+    let start = ingest.metrics().await;
+
+    // A known token: asked once, then served from the cache.
+    for key in ["k-1", "k-2", "k-3"] {
+        let response = post_as(format!("Bearer {token}"), key).await.expect("sent");
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    let known = ingest.metrics().await;
+    assert_eq!(
+        look_ups(&known) - look_ups(&start),
+        1.0,
+        "one look-up, two hits"
+    );
+
+    // An unknown one: asked once as well, then remembered as unknown.
+    let unknown = format!("Bearer tp_{}", "0".repeat(64));
+    for key in ["k-4", "k-5"] {
+        let response = post_as(unknown.clone(), key).await.expect("sent");
+        assert_eq!(response.status().as_u16(), 401);
+    }
+    let after = ingest.metrics().await;
+    assert_eq!(
+        look_ups(&after) - look_ups(&known),
+        1.0,
+        "one look-up, one hit"
+    );
+    assert_eq!(ingest.terminate().await.code(), Some(0));
+}
