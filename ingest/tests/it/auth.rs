@@ -7,7 +7,7 @@ use ingest::auth::{issue, revoke, Kind};
 use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 
-use crate::support::{assert_problem, count, reading, Ingest};
+use crate::support::{assert_problem, count, gateway_token, reading, Ingest};
 
 fn with_auth(cache_ttl_secs: u64) -> TestEnv {
     let mut env = TestEnv::new();
@@ -177,11 +177,7 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
 async fn revocation_takes_effect_within_the_cache_ttl() {
     let env = with_auth(1);
     let ingest = Ingest::spawn(&env.settings).await;
-    let pool = ingest::db::pool(&env.settings.database).expect("pool");
-    let (id, token) = issue(&pool, Kind::Gateway, None, "test")
-        .await
-        .expect("issued");
-    let authorization = format!("Bearer {token}");
+    let (pool, id, authorization) = gateway_token(&env.settings).await;
     assert_eq!(
         post_as(&ingest, Some(&authorization), "k-1", &reading("d", 1.0))
             .await
@@ -231,11 +227,7 @@ async fn look_ups_waiting(client: &tokio_postgres::Client) -> i64 {
 async fn requests_that_miss_the_cache_together_wait_for_one_look_up() {
     let env = with_auth(60);
     let ingest = Ingest::spawn(&env.settings).await;
-    let pool = ingest::db::pool(&env.settings.database).expect("pool");
-    let (_, token) = issue(&pool, Kind::Gateway, None, "test")
-        .await
-        .expect("issued");
-    let authorization = format!("Bearer {token}");
+    let (pool, _, authorization) = gateway_token(&env.settings).await;
     let watcher = pool.get().await.expect("connection");
     // While this transaction holds the table, every look-up of a token waits.
     let mut blocker = pool.get().await.expect("connection");

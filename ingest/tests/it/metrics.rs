@@ -9,7 +9,7 @@ use testkit::process::ServiceProcess;
 use testkit::prometheus::Scrape;
 use testkit::TestEnv;
 
-use crate::support::{reading, Ingest};
+use crate::support::{gateway_token, reading, Ingest};
 
 const ROUTE: (&str, &str) = ("route", "/v1/telemetry");
 
@@ -32,32 +32,50 @@ fn assert_moved(before: &Scrape, after: &Scrape, what: &str, deltas: &[(&str, &s
     }
 }
 
+/// The ingest binary with the test's environment and `extra` settings, once ready.
+async fn ingest_process(env: &TestEnv, extra: &[(&str, &str)]) -> ServiceProcess {
+    let ingest = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_ingest"),
+        env,
+        "PIPELINE__INGEST__LISTEN",
+        extra,
+    );
+    ingest.ready().await;
+    ingest
+}
+
+/// A `POST /v1/telemetry` of `body`, with `key` as its idempotency key if any.
+fn telemetry_request(
+    ingest: &ServiceProcess,
+    key: Option<&str>,
+    body: &serde_json::Value,
+) -> reqwest::RequestBuilder {
+    let request = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    match key {
+        Some(key) => request.header("idempotency-key", key),
+        None => request,
+    }
+}
+
 async fn post(
     ingest: &ServiceProcess,
     key: Option<&str>,
     body: &serde_json::Value,
 ) -> reqwest::Response {
-    let mut request = ingest
-        .http
-        .post(format!("{}/v1/telemetry", ingest.base_url))
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    if let Some(key) = key {
-        request = request.header("idempotency-key", key);
-    }
-    request.send().await.expect("request sent")
+    telemetry_request(ingest, key, body)
+        .send()
+        .await
+        .expect("request sent")
 }
 
 #[tokio::test]
 async fn ingest_metrics_count_each_request_outcome_and_group_commit() {
     let env = TestEnv::new();
-    let ingest = ServiceProcess::spawn(
-        env!("CARGO_BIN_EXE_ingest"),
-        &env,
-        "PIPELINE__INGEST__LISTEN",
-        &[],
-    );
-    ingest.ready().await;
+    let ingest = ingest_process(&env, &[]).await;
     let start = ingest.metrics().await;
 
     // Accepted: one request, one reading, at least one group commit.
@@ -283,36 +301,26 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
 #[tokio::test]
 async fn token_look_ups_are_counted_once_per_token_the_cache_does_not_hold() {
     let env = TestEnv::new();
-    let ingest = ServiceProcess::spawn(
-        env!("CARGO_BIN_EXE_ingest"),
+    let ingest = ingest_process(
         &env,
-        "PIPELINE__INGEST__LISTEN",
         &[
             ("PIPELINE__AUTH__ENABLED", "true"),
             ("PIPELINE__AUTH__CACHE_TTL_SECS", "60"),
         ],
-    );
-    ingest.ready().await;
-    let pool = ingest::db::pool(&env.settings.database).expect("pool");
-    let (_, token) = ingest::auth::issue(&pool, ingest::auth::Kind::Gateway, None, "test")
-        .await
-        .expect("issued");
+    )
+    .await;
+    let (_, _, token) = gateway_token(&env.settings).await;
     let look_ups = |scrape: &Scrape| scrape.value_or_zero("auth_token_lookups_total", &[]);
-    let post_as = |authorization: String, key: &'static str| {
-        ingest
-            .http
-            .post(format!("{}/v1/telemetry", ingest.base_url))
-            .header("content-type", "application/json")
-            .header("idempotency-key", key)
+    let post_as = |authorization: &str, key: &str| {
+        telemetry_request(&ingest, Some(key), &reading("sensor-1", 1.0))
             .header("authorization", authorization)
-            .body(reading("sensor-1", 1.0).to_string())
             .send()
     };
     let start = ingest.metrics().await;
 
     // A known token: asked once, then served from the cache.
     for key in ["k-1", "k-2", "k-3"] {
-        let response = post_as(format!("Bearer {token}"), key).await.expect("sent");
+        let response = post_as(&token, key).await.expect("sent");
         assert_eq!(response.status().as_u16(), 202);
     }
     let known = ingest.metrics().await;
@@ -325,7 +333,7 @@ async fn token_look_ups_are_counted_once_per_token_the_cache_does_not_hold() {
     // An unknown one: asked once as well, then remembered as unknown.
     let unknown = format!("Bearer tp_{}", "0".repeat(64));
     for key in ["k-4", "k-5"] {
-        let response = post_as(unknown.clone(), key).await.expect("sent");
+        let response = post_as(&unknown, key).await.expect("sent");
         assert_eq!(response.status().as_u16(), 401);
     }
     let after = ingest.metrics().await;

@@ -109,6 +109,58 @@ pub async fn migrate(env: &testkit::TestEnv) {
         .expect("migrations apply");
 }
 
+/// A gateway token issued in the test database: a pool on that database, the token's id
+/// and the `Authorization` value that carries it.
+pub async fn gateway_token(settings: &Settings) -> (deadpool_postgres::Pool, uuid::Uuid, String) {
+    let pool = ingest::db::pool(&settings.database).expect("pool");
+    let (id, token) = ingest::auth::issue(&pool, ingest::auth::Kind::Gateway, None, "test")
+        .await
+        .expect("issued");
+    (pool, id, format!("Bearer {token}"))
+}
+
+/// PostgreSQL unreachable for the service under test: the test database refuses new
+/// connections and its open ones are ended. [`reopen_database`] undoes it.
+pub async fn close_database(env: &testkit::TestEnv) {
+    let database = &env.database;
+    admin_connection(env)
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}';"
+        ))
+        .await
+        .expect("database closed");
+}
+
+/// Lets the test database take connections again after [`close_database`].
+pub async fn reopen_database(env: &testkit::TestEnv) {
+    let database = &env.database;
+    admin_connection(env)
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .expect("database reopened");
+}
+
+/// A session on the server's `postgres` database, for changes to the test database.
+async fn admin_connection(env: &testkit::TestEnv) -> tokio_postgres::Client {
+    let (base, _) = env
+        .settings
+        .database
+        .url
+        .rsplit_once('/')
+        .expect("url has a path");
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("maintenance connection");
+    tokio::spawn(connection);
+    client
+}
+
 /// The first column of every row `sql` returns.
 pub async fn column<T, C>(client: &tokio_postgres::Client, sql: &str) -> C
 where

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 use uuid::Uuid;
 
-use crate::support::{assert_problem, count, reading, Ingest};
+use crate::support::{assert_problem, close_database, count, reading, reopen_database, Ingest};
 
 #[tokio::test]
 async fn accepted_reading_writes_reading_key_and_outbox_row_together() {
@@ -358,15 +358,7 @@ async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
     let ingest = Ingest::spawn(&env.settings).await;
     ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
 
-    let admin = admin_connection(&env).await;
-    let database = &env.database;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}';"
-        ))
-        .await
-        .expect("database closed");
+    close_database(&env).await;
     for attempt in 0..3 {
         let response = ingest
             .post(&format!("k-down-{attempt}"), &reading("sensor-1", 2.0))
@@ -382,12 +374,7 @@ async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
         .expect("sent");
     assert_eq!(ready.status().as_u16(), 503);
 
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
-        ))
-        .await
-        .expect("database reopened");
+    reopen_database(&env).await;
     ingest.accept("k-down-0", &reading("sensor-1", 2.0)).await;
     let db = env.postgres().await;
     assert_eq!(count(&db, "readings").await, 2);
@@ -408,21 +395,6 @@ async fn unknown_routes_are_404_problems() {
         .expect("sent");
     assert_problem(response, 404, "not-found").await;
     ingest.stop().await;
-}
-
-async fn admin_connection(env: &TestEnv) -> tokio_postgres::Client {
-    let (base, _) = env
-        .settings
-        .database
-        .url
-        .rsplit_once('/')
-        .expect("url has a path");
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("maintenance connection");
-    tokio::spawn(connection);
-    client
 }
 
 #[tokio::test]
