@@ -7,7 +7,9 @@ use ingest::auth::{issue, revoke, Kind};
 use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 
-use crate::support::{assert_problem, count, gateway_token, reading, Ingest};
+use crate::support::{
+    assert_problem, close_database, count, gateway_token, reading, reopen_database, Ingest,
+};
 
 fn with_auth(cache_ttl_secs: u64) -> TestEnv {
     let mut env = TestEnv::new();
@@ -279,5 +281,43 @@ async fn requests_that_miss_the_cache_together_wait_for_one_look_up() {
     .as_u16();
     lock.rollback().await.expect("released");
     assert_eq!(status, 202);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_look_up_that_fails_is_a_503_for_every_request_waiting_on_it_and_is_not_remembered() {
+    let env = with_auth(60);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (_, _, authorization) = gateway_token(&env.settings).await;
+
+    // The token is not cached yet and PostgreSQL cannot be reached (API.md §1: 503
+    // with Retry-After): every request that missed the cache together gets that answer.
+    close_database(&env).await;
+    let answers = futures::future::join_all((0..8).map(|i| {
+        let (ingest, authorization) = (&ingest, &authorization);
+        async move {
+            let key = format!("k-down-{i}");
+            post_as(ingest, Some(authorization), &key, &reading("d", 1.0)).await
+        }
+    }))
+    .await;
+    for response in answers {
+        assert!(response.headers().get("retry-after").is_some());
+        assert_problem(response, 503, "unavailable").await;
+    }
+
+    // The failure was not cached: once PostgreSQL is back, the token is asked again.
+    reopen_database(&env).await;
+    let mut attempt = 0;
+    eventually(Duration::from_secs(10), "the token accepted again", || {
+        attempt += 1;
+        let key = format!("k-up-{attempt}");
+        let (ingest, authorization) = (&ingest, &authorization);
+        async move {
+            let response = post_as(ingest, Some(authorization), &key, &reading("d", 1.0)).await;
+            (response.status().as_u16() == 202).then_some(())
+        }
+    })
+    .await;
     ingest.stop().await;
 }
