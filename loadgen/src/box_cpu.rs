@@ -1,7 +1,8 @@
 //! How busy the whole box was while a load loop ran, from the `cpu` line of
 //! `/proc/stat`: every process counts, the load generator's own work included. The
 //! report shows it with the CPU per reading under the points where it tells whether the
-//! box was out of CPU or waiting (PERFORMANCE.md *How the bench measures*).
+//! box was out of CPU or waiting (PERFORMANCE.md *How the bench measures*), and
+//! `loadgen busy` prints it for `scripts/bench`, which waits for a quiet box.
 
 use std::time::Duration;
 

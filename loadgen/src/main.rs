@@ -257,6 +257,12 @@ enum Command {
     },
     /// Prints one number or string of a JSON file (a JSON pointer, e.g. /ok_per_s).
     Field { file: PathBuf, pointer: String },
+    /// Prints how busy the whole box is over the next SECONDS, as a whole percentage
+    /// (all but idle and iowait time, every core; scripts/bench waits for a quiet box).
+    Busy {
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
 }
 
 fn seconds(value: f64) -> Duration {
@@ -407,6 +413,16 @@ async fn run(command: Command) -> anyhow::Result<Option<Value>> {
         Command::Report { dir } => {
             let results = report::load(&dir)?;
             print!("{}", report::render(&report::rows(&results)));
+            Ok(None)
+        }
+        Command::Busy { seconds: span } => {
+            let before = box_cpu::Sample::now().context("/proc/stat cannot be read")?;
+            let started = std::time::Instant::now();
+            tokio::time::sleep(seconds(span)).await;
+            let usage = box_cpu::Sample::now()
+                .and_then(|after| after.since(&before, started.elapsed()))
+                .context("/proc/stat did not move")?;
+            println!("{:.0}", usage.busy_percent);
             Ok(None)
         }
         Command::Field { file, pointer } => {
