@@ -109,7 +109,7 @@ impl Tokens {
         if let Some(cached) = self.cache.get(&hash, Instant::now()) {
             return cached.ok_or(AuthError::Invalid);
         }
-        if self.cache.ttl.is_zero() {
+        if !self.cache.caches() {
             // No cache: each request reads the token's state as of its own arrival, not
             // a look-up that may have begun before a revocation it follows.
             return self.look_up(&hash.0).await?.ok_or(AuthError::Invalid);
@@ -236,6 +236,11 @@ impl GrantCache {
         }
     }
 
+    /// Whether grants are remembered at all: a zero ttl turns the cache off.
+    fn caches(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+
     /// The cached grant of `hash` if it was read less than `ttl` before `now`.
     fn get(&self, hash: &TokenHash, now: Instant) -> Option<Option<Grant>> {
         // A panic elsewhere cannot leave the map half-updated in a way that matters
@@ -247,9 +252,9 @@ impl GrantCache {
 
     /// Remembers `grant`, read from the database after `now`.
     fn insert(&self, hash: TokenHash, grant: Option<Grant>, now: Instant) {
-        // A zero ttl turns caching off; one too large for the clock is treated the same
-        // rather than trusting a token forever.
-        let Some(expires_at) = now.checked_add(self.ttl).filter(|_| !self.ttl.is_zero()) else {
+        // A ttl too large for the clock is treated as no cache rather than trusting a
+        // token forever.
+        let Some(expires_at) = now.checked_add(self.ttl).filter(|_| self.caches()) else {
             return;
         };
         let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
