@@ -50,13 +50,10 @@ impl TestEnv {
         let mut settings =
             Settings::load_from(&config_dir(), "dev").expect("the shipped config loads");
         let database = format!("t_{suffix}");
-        let base = settings
-            .database
-            .url
-            .rsplit_once('/')
-            .map(|(base, _)| base.to_owned())
-            .expect("database url has a path");
-        settings.database.url = format!("{base}/{database}");
+        let server = server_url(&settings.database.url)
+            .expect("database url has a path")
+            .to_owned();
+        settings.database.url = format!("{server}/{database}");
         settings.database.pool_size = 8;
         settings.nats.stream = format!("T_{}", suffix.to_ascii_uppercase());
         settings.redis.prefix = format!("t_{suffix}:");
@@ -226,17 +223,12 @@ async fn remove_resources(
     database: &str,
     subjects: &Subjects,
 ) -> anyhow::Result<()> {
-    if let Some((base, _)) = settings.database.url.rsplit_once('/') {
-        if let Ok((client, connection)) =
-            tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls).await
-        {
-            tokio::spawn(connection);
-            let _ = client
-                .batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-                ))
-                .await;
-        }
+    if let Ok(client) = maintenance_postgres(settings).await {
+        let _ = client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
+            ))
+            .await;
     }
     if let Ok(client) = async_nats::connect(&settings.nats.url).await {
         let jetstream = async_nats::jetstream::new(client);
@@ -257,6 +249,22 @@ async fn remove_resources(
         let _: () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
     }
     Ok(())
+}
+
+/// The server part of a database URL: everything before the database's name.
+fn server_url(database_url: &str) -> Option<&str> {
+    database_url.rsplit_once('/').map(|(server, _)| server)
+}
+
+/// A session on the server's `postgres` database, for what is done to a test's database
+/// from outside it: dropping it, closing it to new connections.
+pub async fn maintenance_postgres(settings: &Settings) -> anyhow::Result<tokio_postgres::Client> {
+    let server = server_url(&settings.database.url)
+        .ok_or_else(|| anyhow::anyhow!("database url has no path"))?;
+    let (client, connection) =
+        tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// Asserts a problem+json answer (API.md §3) with `status` and problem type `slug`,

@@ -5,6 +5,7 @@ use std::time::Duration;
 use contract::settings::Settings;
 use reqwest::{Client, Response};
 use serde_json::Value;
+use testkit::maintenance_postgres;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -123,8 +124,9 @@ pub async fn gateway_token(settings: &Settings) -> (deadpool_postgres::Pool, uui
 /// connections and its open ones are ended. [`reopen_database`] undoes it.
 pub async fn close_database(env: &testkit::TestEnv) {
     let database = &env.database;
-    admin_connection(env)
+    maintenance_postgres(&env.settings)
         .await
+        .expect("maintenance connection")
         .batch_execute(&format!(
             "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false;
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}';"
@@ -136,29 +138,14 @@ pub async fn close_database(env: &testkit::TestEnv) {
 /// Lets the test database take connections again after [`close_database`].
 pub async fn reopen_database(env: &testkit::TestEnv) {
     let database = &env.database;
-    admin_connection(env)
+    maintenance_postgres(&env.settings)
         .await
+        .expect("maintenance connection")
         .batch_execute(&format!(
             "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
         ))
         .await
         .expect("database reopened");
-}
-
-/// A session on the server's `postgres` database, for changes to the test database.
-async fn admin_connection(env: &testkit::TestEnv) -> tokio_postgres::Client {
-    let (base, _) = env
-        .settings
-        .database
-        .url
-        .rsplit_once('/')
-        .expect("url has a path");
-    let (client, connection) =
-        tokio_postgres::connect(&format!("{base}/postgres"), tokio_postgres::NoTls)
-            .await
-            .expect("maintenance connection");
-    tokio::spawn(connection);
-    client
 }
 
 /// The first column of every row `sql` returns.
