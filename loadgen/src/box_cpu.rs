@@ -52,6 +52,12 @@ impl Sample {
         })
     }
 
+    /// What the box did from this sample until now, `elapsed` later; `None` where
+    /// `/proc/stat` cannot be read or did not move.
+    pub fn until_now(&self, elapsed: Duration) -> Option<Usage> {
+        Self::now()?.since(self, elapsed)
+    }
+
     /// What the box did from `earlier` to this sample, `elapsed` apart.
     pub fn since(&self, earlier: &Sample, elapsed: Duration) -> Option<Usage> {
         let total = self.total.checked_sub(earlier.total)?;

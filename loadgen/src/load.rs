@@ -74,6 +74,7 @@ impl Report {
             "seconds": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             "requests": self.requests,
             "ok": self.ok,
+            "readings": self.readings,
             "errors": self.statuses.errors_json(ok_status.as_str()),
             "first_error": self.first_error,
             "req_per_s": per_second(self.requests, self.elapsed),
@@ -110,9 +111,7 @@ pub async fn run(target: Target, workload: Arc<dyn Workload>, drive: Drive) -> R
         }
     }
     report.elapsed = started.elapsed();
-    report.box_cpu = cpu_before
-        .zip(box_cpu::Sample::now())
-        .and_then(|(before, after)| after.since(&before, report.elapsed));
+    report.box_cpu = cpu_before.and_then(|before| before.until_now(report.elapsed));
     report
 }
 

@@ -419,8 +419,8 @@ async fn run(command: Command) -> anyhow::Result<Option<Value>> {
             let before = box_cpu::Sample::now().context("/proc/stat cannot be read")?;
             let started = std::time::Instant::now();
             tokio::time::sleep(seconds(span)).await;
-            let usage = box_cpu::Sample::now()
-                .and_then(|after| after.since(&before, started.elapsed()))
+            let usage = before
+                .until_now(started.elapsed())
                 .context("/proc/stat did not move")?;
             println!("{:.0}", usage.busy_percent);
             Ok(None)

@@ -606,7 +606,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
 /// The box's CPU time (every process) per reading a load point carried, in µs.
 fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
     let cpu_seconds = num(results, file, "/box_cpu/cpu_seconds")?;
-    let readings = num(results, file, "/readings_per_s")? * num(results, file, "/seconds")?;
+    let readings = num(results, file, "/readings")?;
     (readings > 0.0).then(|| cpu_seconds * 1e6 / readings)
 }
 
@@ -787,13 +787,13 @@ mod tests {
         // 30,000 req/s for 10 s, the box 80% busy on 2 cores: 16 s of CPU for 300,000.
         results.insert(
             "ingest_c64".into(),
-            json!({"ok_per_s": 30000.0, "readings_per_s": 30000.0, "seconds": 10.0,
+            json!({"ok_per_s": 30000.0, "readings_per_s": 30000.0, "seconds": 10.0, "readings": 300000,
                    "box_cpu": {"busy_percent": 80.0, "cpu_seconds": 16.0}}),
         );
         // 16,000 req/s for 60.2 s, the box 97% busy: 116.8 s of CPU for 963,200.
         results.insert(
             "sustained".into(),
-            json!({"ok_per_s": 16000.0, "readings_per_s": 16000.0, "seconds": 60.2,
+            json!({"ok_per_s": 16000.0, "readings_per_s": 16000.0, "seconds": 60.2, "readings": 963200,
                    "concurrency": 64, "box_cpu": {"busy_percent": 97.0, "cpu_seconds": 116.8}}),
         );
         let rows = rows(&results);
