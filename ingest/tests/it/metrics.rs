@@ -298,6 +298,27 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     ingest.stop().await;
 }
 
+/// Posts one reading per key as `authorization`, each answered `status`, and returns
+/// how many token look-ups ingest counted meanwhile.
+async fn look_ups_for(
+    ingest: &ServiceProcess,
+    authorization: &str,
+    keys: &[&str],
+    status: u16,
+) -> f64 {
+    let look_ups = |scrape: &Scrape| scrape.value_or_zero("auth_token_lookups_total", &[]);
+    let before = ingest.metrics().await;
+    for key in keys {
+        let response = telemetry_request(ingest, Some(key), &reading("sensor-1", 1.0))
+            .header("authorization", authorization)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status().as_u16(), status);
+    }
+    look_ups(&ingest.metrics().await) - look_ups(&before)
+}
+
 #[tokio::test]
 async fn token_look_ups_are_counted_once_per_token_the_cache_does_not_hold() {
     let env = TestEnv::new();
@@ -310,35 +331,18 @@ async fn token_look_ups_are_counted_once_per_token_the_cache_does_not_hold() {
     )
     .await;
     let (_, _, token) = gateway_token(&env.settings).await;
-    let look_ups = |scrape: &Scrape| scrape.value_or_zero("auth_token_lookups_total", &[]);
-    let post_as = |authorization: &str, key: &str| {
-        telemetry_request(&ingest, Some(key), &reading("sensor-1", 1.0))
-            .header("authorization", authorization)
-            .send()
-    };
-    let start = ingest.metrics().await;
 
     // A known token: asked once, then served from the cache.
-    for key in ["k-1", "k-2", "k-3"] {
-        let response = post_as(&token, key).await.expect("sent");
-        assert_eq!(response.status().as_u16(), 202);
-    }
-    let known = ingest.metrics().await;
     assert_eq!(
-        look_ups(&known) - look_ups(&start),
+        look_ups_for(&ingest, &token, &["k-1", "k-2", "k-3"], 202).await,
         1.0,
         "one look-up, two hits"
     );
 
     // An unknown one: asked once as well, then remembered as unknown.
     let unknown = format!("Bearer tp_{}", "0".repeat(64));
-    for key in ["k-4", "k-5"] {
-        let response = post_as(&unknown, key).await.expect("sent");
-        assert_eq!(response.status().as_u16(), 401);
-    }
-    let after = ingest.metrics().await;
     assert_eq!(
-        look_ups(&after) - look_ups(&known),
+        look_ups_for(&ingest, &unknown, &["k-4", "k-5"], 401).await,
         1.0,
         "one look-up, one hit"
     );
