@@ -124,28 +124,34 @@ pub async fn gateway_token(settings: &Settings) -> (deadpool_postgres::Pool, uui
 /// connections and its open ones are ended. [`reopen_database`] undoes it.
 pub async fn close_database(env: &testkit::TestEnv) {
     let database = &env.database;
-    maintenance_postgres(&env.settings)
-        .await
-        .expect("maintenance connection")
-        .batch_execute(&format!(
+    on_maintenance_session(
+        env,
+        &format!(
             "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false;
              SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}';"
-        ))
-        .await
-        .expect("database closed");
+        ),
+    )
+    .await;
 }
 
 /// Lets the test database take connections again after [`close_database`].
 pub async fn reopen_database(env: &testkit::TestEnv) {
     let database = &env.database;
+    on_maintenance_session(
+        env,
+        &format!("ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"),
+    )
+    .await;
+}
+
+/// Runs `sql` from outside the test database, on the server's `postgres` database.
+async fn on_maintenance_session(env: &testkit::TestEnv, sql: &str) {
     maintenance_postgres(&env.settings)
         .await
         .expect("maintenance connection")
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
-        ))
+        .batch_execute(sql)
         .await
-        .expect("database reopened");
+        .expect("maintenance statement runs");
 }
 
 /// The first column of every row `sql` returns.
