@@ -211,6 +211,23 @@ async fn revocation_takes_effect_within_the_cache_ttl() {
     ingest.stop().await;
 }
 
+#[tokio::test]
+async fn with_the_cache_off_the_next_request_after_a_revocation_is_refused() {
+    // README, Authentication: `auth.cache_ttl_secs = 0` turns the cache off, so every
+    // request asks the database and nothing verified before a revocation outlives it.
+    let env = with_auth(0);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (pool, id, authorization) = gateway_token(&env.settings).await;
+    for key in ["k-1", "k-2"] {
+        let response = post_as(&ingest, Some(&authorization), key, &reading("d", 1.0)).await;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    assert!(revoke(&pool, id).await.expect("revoked"));
+    assert_unauthorized(post_as(&ingest, Some(&authorization), "k-3", &reading("d", 1.0)).await)
+        .await;
+    ingest.stop().await;
+}
+
 /// Backends of the test's database waiting for a lock on `api_tokens`.
 async fn look_ups_waiting(client: &tokio_postgres::Client) -> i64 {
     client
