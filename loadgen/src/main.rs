@@ -15,11 +15,13 @@
 //! - [`redis_limit`]: the `EVALSHA` limit and prefix cleanup.
 //! - [`backlog`]: backlog fill (ingest's group commit), drain timing, watching.
 //! - [`report`]: the closing table.
+//! - [`compare`]: the table of `scripts/ab`, two settings in alternating pairs.
 //! - [`stats`]: HdrHistogram latencies, status counts, rates.
 
 mod backlog;
 mod bodies;
 mod box_cpu;
+mod compare;
 mod e2e;
 mod http;
 mod load;
@@ -255,6 +257,18 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Prints the table of `scripts/ab` from a directory of paired runs
+    /// (`<pair>-<position>-<a|b>.json`).
+    Compare {
+        #[arg(long)]
+        dir: PathBuf,
+        /// What arm A is (the settings it ran with).
+        #[arg(long, default_value = "A")]
+        a: String,
+        /// What arm B is.
+        #[arg(long, default_value = "B")]
+        b: String,
+    },
     /// Prints one number or string of a JSON file (a JSON pointer, e.g. /ok_per_s).
     Field { file: PathBuf, pointer: String },
     /// Prints how busy the whole box is over the next SECONDS, as a whole percentage
@@ -413,6 +427,11 @@ async fn run(command: Command) -> anyhow::Result<Option<Value>> {
         Command::Report { dir } => {
             let results = report::load(&dir)?;
             print!("{}", report::render(&report::rows(&results)));
+            Ok(None)
+        }
+        Command::Compare { dir, a, b } => {
+            let results = report::load(&dir)?;
+            print!("{}", compare::render(&compare::pairs(&results), &a, &b));
             Ok(None)
         }
         Command::Busy { seconds: span } => {

@@ -604,7 +604,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
 }
 
 /// The box's CPU time (every process) per reading a load point carried, in µs.
-fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
+pub fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
     let cpu_seconds = num(results, file, "/box_cpu/cpu_seconds")?;
     let readings = num(results, file, "/readings")?;
     (readings > 0.0).then(|| cpu_seconds * 1e6 / readings)
@@ -612,7 +612,7 @@ fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
 
 /// The middle value (the mean of the two middle ones for an even count); `None` when
 /// empty.
-fn median(values: &[f64]) -> Option<f64> {
+pub fn median(values: &[f64]) -> Option<f64> {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let middle = sorted.len() / 2;

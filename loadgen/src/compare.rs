@@ -1,0 +1,329 @@
+//! The table of `scripts/ab`: two settings, A and B, measured in alternating pairs of
+//! closed-loop load points, side by side.
+//!
+//! Input: a directory of `loadgen ingest` (or `static`, `query`) results named
+//! `<pair>-<position>-<arm>.json`: `1-1-a.json` and `1-2-b.json` are pair 1 with A run
+//! first, `2-1-b.json` and `2-2-a.json` pair 2 with B first. A pair with either run
+//! missing is left out. A box that is shared and drifts makes one run of each worth
+//! little; pairs that flip their order and the medians over them are the evidence.
+
+use std::collections::BTreeMap;
+
+use crate::report::{cpu_per_reading, median, thousands, Results};
+
+/// What one run of an arm measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Run {
+    pub readings_per_s: f64,
+    pub p99_ms: Option<f64>,
+    pub busy_percent: Option<f64>,
+    /// The box's CPU per reading, microseconds.
+    pub cpu_us: Option<f64>,
+    /// Answers that were not the expected status.
+    pub errors: u64,
+}
+
+impl Run {
+    fn of(results: &Results, file: &str) -> Option<Self> {
+        let result = results.get(file)?;
+        let errors = result
+            .get("errors")
+            .and_then(|errors| errors.as_object())
+            .map_or(0, |counts| counts.values().filter_map(|n| n.as_u64()).sum());
+        Some(Self {
+            readings_per_s: result.pointer("/readings_per_s")?.as_f64()?,
+            p99_ms: result.pointer("/latency/p99_ms").and_then(|v| v.as_f64()),
+            busy_percent: result
+                .pointer("/box_cpu/busy_percent")
+                .and_then(|v| v.as_f64()),
+            cpu_us: cpu_per_reading(results, file),
+            errors,
+        })
+    }
+}
+
+/// One pair: both arms' runs and which ran first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pair {
+    pub number: u32,
+    pub b_first: bool,
+    pub a: Run,
+    pub b: Run,
+}
+
+/// `(pair, position, arm)` of a stem like `3-2-a`; `None` for any other name.
+fn parse_stem(stem: &str) -> Option<(u32, u8, char)> {
+    let mut parts = stem.split('-');
+    let pair = parts.next()?.parse().ok()?;
+    let position = parts.next()?.parse().ok().filter(|p| *p == 1 || *p == 2)?;
+    let arm = match parts.next()? {
+        "a" => 'a',
+        "b" => 'b',
+        _ => return None,
+    };
+    parts.next().is_none().then_some((pair, position, arm))
+}
+
+/// The complete pairs in `results`, in pair order.
+pub fn pairs(results: &Results) -> Vec<Pair> {
+    // pair -> arm -> (position, file)
+    let mut found: BTreeMap<u32, BTreeMap<char, (u8, &str)>> = BTreeMap::new();
+    for stem in results.keys() {
+        if let Some((pair, position, arm)) = parse_stem(stem) {
+            found
+                .entry(pair)
+                .or_default()
+                .insert(arm, (position, stem.as_str()));
+        }
+    }
+    found
+        .into_iter()
+        .filter_map(|(number, arms)| {
+            let &(a_position, a_file) = arms.get(&'a')?;
+            let &(b_position, b_file) = arms.get(&'b')?;
+            if a_position == b_position {
+                return None;
+            }
+            Some(Pair {
+                number,
+                b_first: b_position < a_position,
+                a: Run::of(results, a_file)?,
+                b: Run::of(results, b_file)?,
+            })
+        })
+        .collect()
+}
+
+/// What the pairs say, by the medians and pair by pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub pairs: usize,
+    pub median_a: f64,
+    pub median_b: f64,
+    /// The median of the pairs' B/A rate ratios.
+    pub median_ratio: f64,
+    /// Pairs in which B made more readings a second than A.
+    pub b_faster: usize,
+    /// Pairs (with both CPU figures) in which a reading cost the box less CPU under B,
+    /// out of how many had both.
+    pub b_cheaper: (usize, usize),
+    pub median_cpu_us: (Option<f64>, Option<f64>),
+}
+
+pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
+    let rates = |arm: fn(&Pair) -> &Run| -> Vec<f64> {
+        pairs.iter().map(|p| arm(p).readings_per_s).collect()
+    };
+    let cpus = |arm: fn(&Pair) -> &Run| -> Vec<f64> {
+        pairs.iter().filter_map(|p| arm(p).cpu_us).collect()
+    };
+    let ratios: Vec<f64> = pairs
+        .iter()
+        .filter(|p| p.a.readings_per_s > 0.0)
+        .map(|p| p.b.readings_per_s / p.a.readings_per_s)
+        .collect();
+    let with_cpu: Vec<(f64, f64)> = pairs
+        .iter()
+        .filter_map(|p| Some((p.a.cpu_us?, p.b.cpu_us?)))
+        .collect();
+    Some(Verdict {
+        pairs: pairs.len(),
+        median_a: median(&rates(|p| &p.a))?,
+        median_b: median(&rates(|p| &p.b))?,
+        median_ratio: median(&ratios)?,
+        b_faster: pairs
+            .iter()
+            .filter(|p| p.b.readings_per_s > p.a.readings_per_s)
+            .count(),
+        b_cheaper: (
+            with_cpu.iter().filter(|(a, b)| b < a).count(),
+            with_cpu.len(),
+        ),
+        median_cpu_us: (median(&cpus(|p| &p.a)), median(&cpus(|p| &p.b))),
+    })
+}
+
+fn optional(value: Option<f64>, decimals: usize, unit: &str) -> String {
+    value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}{unit}"))
+}
+
+/// The pairs as an aligned table, then the verdict; `a` and `b` name the settings.
+pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
+    let mut out = format!("A: {a}\nB: {b}\n\n");
+    let header = [
+        "pair",
+        "first",
+        "A rdg/s",
+        "B rdg/s",
+        "B/A",
+        "A p99",
+        "B p99",
+        "A busy",
+        "B busy",
+        "A µs/rdg",
+        "B µs/rdg",
+        "errors A/B",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
+    for pair in pairs {
+        let ratio = if pair.a.readings_per_s > 0.0 {
+            format!("{:.3}", pair.b.readings_per_s / pair.a.readings_per_s)
+        } else {
+            "n/a".to_owned()
+        };
+        rows.push(vec![
+            pair.number.to_string(),
+            if pair.b_first { "B" } else { "A" }.to_owned(),
+            thousands(pair.a.readings_per_s),
+            thousands(pair.b.readings_per_s),
+            ratio,
+            optional(pair.a.p99_ms, 2, " ms"),
+            optional(pair.b.p99_ms, 2, " ms"),
+            optional(pair.a.busy_percent, 0, "%"),
+            optional(pair.b.busy_percent, 0, "%"),
+            optional(pair.a.cpu_us, 1, ""),
+            optional(pair.b.cpu_us, 1, ""),
+            format!("{}/{}", pair.a.errors, pair.b.errors),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:>width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.push('\n');
+    match verdict(pairs) {
+        None => out.push_str("no complete pair: nothing to compare\n"),
+        Some(v) => {
+            out.push_str(&format!(
+                "medians over {} pairs: A {} readings/s, B {} readings/s; median pair B/A {:.3}\n",
+                v.pairs,
+                thousands(v.median_a),
+                thousands(v.median_b),
+                v.median_ratio
+            ));
+            out.push_str(&format!(
+                "B made more readings/s than A in {} of {} pairs\n",
+                v.b_faster, v.pairs
+            ));
+            out.push_str(&format!(
+                "CPU per reading (µs, the box's busy time over the readings): medians A {}, B {}; B cheaper in {} of {} pairs\n",
+                optional(v.median_cpu_us.0, 1, ""),
+                optional(v.median_cpu_us.1, 1, ""),
+                v.b_cheaper.0,
+                v.b_cheaper.1
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn point(readings_per_s: f64, seconds: f64, cpu_seconds: f64) -> serde_json::Value {
+        json!({
+            "readings_per_s": readings_per_s,
+            "readings": readings_per_s * seconds,
+            "latency": {"p99_ms": 9.5},
+            "box_cpu": {"busy_percent": cpu_seconds / seconds / 2.0 * 100.0, "cpu_seconds": cpu_seconds},
+            "errors": {},
+        })
+    }
+
+    #[test]
+    fn runs_are_paired_by_their_names_and_the_order_is_read_from_the_positions() {
+        let mut results = Results::new();
+        results.insert("1-1-a".into(), point(1000.0, 10.0, 1.0));
+        results.insert("1-2-b".into(), point(1100.0, 10.0, 1.0));
+        results.insert("2-1-b".into(), point(900.0, 10.0, 1.0));
+        results.insert("2-2-a".into(), point(1000.0, 10.0, 1.0));
+        // Incomplete, malformed or foreign names are left out.
+        results.insert("3-1-a".into(), point(5.0, 10.0, 1.0));
+        results.insert("4-1-a".into(), point(5.0, 10.0, 1.0));
+        results.insert("4-1-b".into(), point(5.0, 10.0, 1.0));
+        results.insert("5-3-a".into(), point(5.0, 10.0, 1.0));
+        results.insert("ingest_c64".into(), point(5.0, 10.0, 1.0));
+        let pairs = pairs(&results);
+        assert_eq!(
+            pairs
+                .iter()
+                .map(|p| (p.number, p.b_first, p.a.readings_per_s, p.b.readings_per_s))
+                .collect::<Vec<_>>(),
+            vec![(1, false, 1000.0, 1100.0), (2, true, 1000.0, 900.0)]
+        );
+        assert_eq!(pairs[0].a.cpu_us, Some(100.0));
+        assert_eq!(pairs[0].a.p99_ms, Some(9.5));
+    }
+
+    #[test]
+    fn the_verdict_counts_pairs_won_and_takes_medians_of_rates_ratios_and_cpu() {
+        let mut results = Results::new();
+        // (A, B) readings/s and CPU seconds over 10 s.
+        let runs = [
+            ((1000.0, 2.0), (1200.0, 2.0)),
+            ((1000.0, 2.0), (900.0, 2.0)),
+            ((2000.0, 3.0), (2100.0, 2.0)),
+        ];
+        for (i, ((a_rate, a_cpu), (b_rate, b_cpu))) in runs.into_iter().enumerate() {
+            let pair = i + 1;
+            let (a_position, b_position) = if pair % 2 == 1 { (1, 2) } else { (2, 1) };
+            results.insert(format!("{pair}-{a_position}-a"), point(a_rate, 10.0, a_cpu));
+            results.insert(format!("{pair}-{b_position}-b"), point(b_rate, 10.0, b_cpu));
+        }
+        let verdict = verdict(&pairs(&results)).expect("three pairs");
+        assert_eq!(verdict.pairs, 3);
+        assert_eq!(verdict.median_a, 1000.0);
+        assert_eq!(verdict.median_b, 1200.0);
+        assert_eq!(verdict.median_ratio, 1.05);
+        assert_eq!(verdict.b_faster, 2);
+        // CPU per reading: A 200, 200, 150 µs; B 166.7, 222.2, 95.2 µs.
+        assert_eq!(verdict.b_cheaper, (2, 3));
+        assert_eq!(verdict.median_cpu_us.0, Some(200.0));
+        let b_cpu = verdict.median_cpu_us.1.expect("B's CPU figures");
+        assert!((b_cpu - 166.667).abs() < 0.001, "{b_cpu}");
+
+        let table = render(&pairs(&results), "x=1", "x=2");
+        assert!(table.starts_with("A: x=1\nB: x=2\n"), "{table}");
+        assert!(table.contains("median pair B/A 1.050"), "{table}");
+        assert!(
+            table.contains("B made more readings/s than A in 2 of 3 pairs"),
+            "{table}"
+        );
+        assert!(table.contains("B cheaper in 2 of 3 pairs"), "{table}");
+    }
+
+    #[test]
+    fn without_a_complete_pair_there_is_no_verdict() {
+        let mut results = Results::new();
+        results.insert("1-1-a".into(), point(1000.0, 10.0, 1.0));
+        assert_eq!(verdict(&pairs(&results)), None);
+        assert!(render(&pairs(&results), "a", "b").contains("no complete pair"));
+    }
+
+    #[test]
+    fn failed_answers_are_shown_beside_their_run() {
+        let mut results = Results::new();
+        results.insert("1-1-a".into(), point(1000.0, 10.0, 1.0));
+        let mut failing = point(800.0, 10.0, 1.0);
+        failing["errors"] = json!({"503": 7, "io": 2});
+        results.insert("1-2-b".into(), failing);
+        let pairs = pairs(&results);
+        assert_eq!(pairs[0].b.errors, 9);
+        assert!(render(&pairs, "a", "b").contains("0/9"));
+    }
+}
