@@ -356,6 +356,7 @@ pub async fn watch(
         Some((url, prefix)) => Some((crate::redis_limit::connect(url).await?, prefix)),
         None => None,
     };
+    let cpu_before = crate::box_cpu::Sample::now();
     let started = Instant::now();
     let mut outbox = Vec::new();
     let mut pending = Vec::new();
@@ -404,6 +405,9 @@ pub async fn watch(
         "emptied": emptied,
         "outbox_unpublished": series_summary(&outbox),
         "consumer_pending": series_summary(&pending),
+        "box_cpu": cpu_before
+            .and_then(|sample| sample.until_now(started.elapsed()))
+            .map(crate::box_cpu::Usage::to_json),
     });
     Ok((report, emptied))
 }

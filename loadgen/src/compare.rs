@@ -4,10 +4,17 @@
 //! Input: a directory of `loadgen ingest` (or `static`, `query`) results named
 //! `<pair>-<position>-<arm>.json`: `1-1-a.json` and `1-2-b.json` are pair 1 with A run
 //! first, `2-1-b.json` and `2-2-a.json` pair 2 with B first. A pair with either run
-//! missing is left out. A box that is shared and drifts makes one run of each worth
-//! little; pairs that flip their order and the medians over them are the evidence.
+//! missing is left out. With the whole pipeline running, `1-1-a.drain.json` is the
+//! `loadgen watch --until-empty` that followed the load until the relay and projector
+//! had caught up: its seconds are shown, and the box's CPU while it ran counts in the
+//! run's CPU per reading (the work an arm leaves behind is still its work).
+//!
+//! A box that is shared and drifts makes one run of each worth little; pairs that flip
+//! their order and the medians over them are the evidence.
 
 use std::collections::BTreeMap;
+
+use serde_json::Value;
 
 use crate::report::{cpu_per_reading, median, thousands, Results};
 
@@ -17,8 +24,10 @@ pub struct Run {
     pub readings_per_s: f64,
     pub p99_ms: Option<f64>,
     pub busy_percent: Option<f64>,
-    /// The box's CPU per reading, microseconds.
+    /// The box's CPU per reading, microseconds (the drain after the load included).
     pub cpu_us: Option<f64>,
+    /// Seconds from the end of the load until the backlog was drained.
+    pub drain_seconds: Option<f64>,
     /// Answers that were not the expected status.
     pub errors: u64,
 }
@@ -30,16 +39,31 @@ impl Run {
             .get("errors")
             .and_then(|errors| errors.as_object())
             .map_or(0, |counts| counts.values().filter_map(|n| n.as_u64()).sum());
+        let drain = results.get(&format!("{file}.drain"));
+        let cpu_us = match drain {
+            None => cpu_per_reading(results, file),
+            Some(drain) => cpu_with_drain(result, drain),
+        };
+        let drain_seconds = drain.and_then(|drain| drain.get("seconds")?.as_f64());
         Some(Self {
             readings_per_s: result.pointer("/readings_per_s")?.as_f64()?,
             p99_ms: result.pointer("/latency/p99_ms").and_then(|v| v.as_f64()),
             busy_percent: result
                 .pointer("/box_cpu/busy_percent")
                 .and_then(|v| v.as_f64()),
-            cpu_us: cpu_per_reading(results, file),
+            cpu_us,
+            drain_seconds,
             errors,
         })
     }
+}
+
+/// The box's CPU per reading over a run and the drain after it, microseconds.
+fn cpu_with_drain(run: &Value, drain: &Value) -> Option<f64> {
+    let cpu_seconds = run.pointer("/box_cpu/cpu_seconds")?.as_f64()?
+        + drain.pointer("/box_cpu/cpu_seconds")?.as_f64()?;
+    let readings = run.get("readings")?.as_f64()?;
+    (readings > 0.0).then(|| cpu_seconds * 1e6 / readings)
 }
 
 /// One pair: both arms' runs and which ran first.
@@ -150,7 +174,10 @@ fn optional(value: Option<f64>, decimals: usize, unit: &str) -> String {
 /// The pairs as an aligned table, then the verdict; `a` and `b` name the settings.
 pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
     let mut out = format!("A: {a}\nB: {b}\n\n");
-    let header = [
+    let drained = pairs
+        .iter()
+        .any(|p| p.a.drain_seconds.is_some() || p.b.drain_seconds.is_some());
+    let mut header = vec![
         "pair",
         "first",
         "A rdg/s",
@@ -164,6 +191,9 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
         "B µs/rdg",
         "errors A/B",
     ];
+    if drained {
+        header.extend(["A drain", "B drain"]);
+    }
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
     for pair in pairs {
         let ratio = if pair.a.readings_per_s > 0.0 {
@@ -171,7 +201,7 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
         } else {
             "n/a".to_owned()
         };
-        rows.push(vec![
+        let mut row = vec![
             pair.number.to_string(),
             if pair.b_first { "B" } else { "A" }.to_owned(),
             thousands(pair.a.readings_per_s),
@@ -184,7 +214,12 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
             optional(pair.a.cpu_us, 1, ""),
             optional(pair.b.cpu_us, 1, ""),
             format!("{}/{}", pair.a.errors, pair.b.errors),
-        ]);
+        ];
+        if drained {
+            row.push(optional(pair.a.drain_seconds, 1, " s"));
+            row.push(optional(pair.b.drain_seconds, 1, " s"));
+        }
+        rows.push(row);
     }
     let widths: Vec<usize> = (0..header.len())
         .map(|column| {
@@ -219,7 +254,8 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
                 v.b_faster, v.pairs
             ));
             out.push_str(&format!(
-                "CPU per reading (µs, the box's busy time over the readings): medians A {}, B {}; B cheaper in {} of {} pairs\n",
+                "CPU per reading (µs, the box's busy time{} over the readings): medians A {}, B {}; B cheaper in {} of {} pairs\n",
+                if drained { " with the drain" } else { "" },
                 optional(v.median_cpu_us.0, 1, ""),
                 optional(v.median_cpu_us.1, 1, ""),
                 v.b_cheaper.0,
@@ -305,6 +341,28 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("B cheaper in 2 of 3 pairs"), "{table}");
+    }
+
+    #[test]
+    fn the_drain_after_a_run_counts_in_its_cpu_per_reading_and_shows_its_seconds() {
+        let mut results = Results::new();
+        results.insert("1-1-a".into(), point(1000.0, 10.0, 1.0));
+        results.insert("1-2-b".into(), point(1000.0, 10.0, 1.0));
+        results.insert(
+            "1-1-a.drain".into(),
+            json!({"seconds": 2.5, "box_cpu": {"busy_percent": 50.0, "cpu_seconds": 2.5}}),
+        );
+        let pairs = pairs(&results);
+        // A: (1 + 2.5) CPU seconds over 10,000 readings; B had no drain file.
+        assert_eq!(pairs[0].a.cpu_us, Some(350.0));
+        assert_eq!(pairs[0].a.drain_seconds, Some(2.5));
+        assert_eq!(pairs[0].b.cpu_us, Some(100.0));
+        assert_eq!(pairs[0].b.drain_seconds, None);
+        let table = render(&pairs, "a", "b");
+        assert!(table.contains("A drain"), "{table}");
+        assert!(table.contains("2.5 s"), "{table}");
+        assert!(table.contains("busy time with the drain"), "{table}");
+        assert!(!render(&pairs[..0], "a", "b").contains("drain"));
     }
 
     #[test]

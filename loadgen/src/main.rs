@@ -224,7 +224,8 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
     },
-    /// Samples outbox backlog and consumer pending every interval.
+    /// Samples outbox backlog and consumer pending every interval (and how busy the box
+    /// was meanwhile).
     Watch {
         #[command(flatten)]
         sources: SourceArgs,
