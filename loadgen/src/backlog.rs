@@ -203,6 +203,10 @@ pub async fn drain(
     }
     let first = reader.progress().await?;
     let mut clock = DrainClock::new(first, started.elapsed().as_secs_f64());
+    // How busy the box is from here (the drainer starts once the ready file is there)
+    // until the backlog is gone.
+    let cpu_before = crate::box_cpu::Sample::now();
+    let cpu_started = Instant::now();
     if let Some(path) = ready_file {
         std::fs::write(path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
     }
@@ -230,6 +234,9 @@ pub async fn drain(
         "remaining": last,
         "seconds": clock.seconds().map(|s| (s * 1000.0).round() / 1000.0),
         "events_per_s": clock.rate(exact),
+        "box_cpu": cpu_before
+            .and_then(|sample| sample.until_now(cpu_started.elapsed()))
+            .map(crate::box_cpu::Usage::to_json),
     }))
 }
 

@@ -16,15 +16,17 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::report::{cpu_per_reading, median, thousands, Results};
+use crate::report::{median, thousands, Results};
 
 /// What one run of an arm measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Run {
-    pub readings_per_s: f64,
+    /// Readings a second (a load point) or events a second (a drain).
+    pub rate: f64,
     pub p99_ms: Option<f64>,
     pub busy_percent: Option<f64>,
-    /// The box's CPU per reading, microseconds (the drain after the load included).
+    /// The box's CPU per reading or event, microseconds (the drain after a load
+    /// included).
     pub cpu_us: Option<f64>,
     /// Seconds from the end of the load until the backlog was drained.
     pub drain_seconds: Option<f64>,
@@ -35,35 +37,40 @@ pub struct Run {
 impl Run {
     fn of(results: &Results, file: &str) -> Option<Self> {
         let result = results.get(file)?;
+        // A load point counts readings; a drain (`loadgen backlog`) its backlog's events.
+        let rate = result
+            .get("readings_per_s")
+            .or_else(|| result.get("events_per_s"))?
+            .as_f64()?;
+        let count = result
+            .get("readings")
+            .or_else(|| result.get("backlog"))
+            .and_then(Value::as_f64);
+        let drain = results.get(&format!("{file}.drain"));
+        let cpu_seconds: Option<f64> = [Some(result), drain]
+            .into_iter()
+            .flatten()
+            .map(|part| part.pointer("/box_cpu/cpu_seconds")?.as_f64())
+            .sum();
+        let cpu_us = match (cpu_seconds, count) {
+            (Some(cpu_seconds), Some(count)) if count > 0.0 => Some(cpu_seconds * 1e6 / count),
+            _ => None,
+        };
         let errors = result
             .get("errors")
             .and_then(|errors| errors.as_object())
             .map_or(0, |counts| counts.values().filter_map(|n| n.as_u64()).sum());
-        let drain = results.get(&format!("{file}.drain"));
-        let cpu_us = match drain {
-            None => cpu_per_reading(results, file),
-            Some(drain) => cpu_with_drain(result, drain),
-        };
-        let drain_seconds = drain.and_then(|drain| drain.get("seconds")?.as_f64());
         Some(Self {
-            readings_per_s: result.pointer("/readings_per_s")?.as_f64()?,
+            rate,
             p99_ms: result.pointer("/latency/p99_ms").and_then(|v| v.as_f64()),
             busy_percent: result
                 .pointer("/box_cpu/busy_percent")
                 .and_then(|v| v.as_f64()),
             cpu_us,
-            drain_seconds,
+            drain_seconds: drain.and_then(|drain| drain.get("seconds")?.as_f64()),
             errors,
         })
     }
-}
-
-/// The box's CPU per reading over a run and the drain after it, microseconds.
-fn cpu_with_drain(run: &Value, drain: &Value) -> Option<f64> {
-    let cpu_seconds = run.pointer("/box_cpu/cpu_seconds")?.as_f64()?
-        + drain.pointer("/box_cpu/cpu_seconds")?.as_f64()?;
-    let readings = run.get("readings")?.as_f64()?;
-    (readings > 0.0).then(|| cpu_seconds * 1e6 / readings)
 }
 
 /// One pair: both arms' runs and which ran first.
@@ -135,16 +142,15 @@ pub struct Verdict {
 }
 
 pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
-    let rates = |arm: fn(&Pair) -> &Run| -> Vec<f64> {
-        pairs.iter().map(|p| arm(p).readings_per_s).collect()
-    };
+    let rates =
+        |arm: fn(&Pair) -> &Run| -> Vec<f64> { pairs.iter().map(|p| arm(p).rate).collect() };
     let cpus = |arm: fn(&Pair) -> &Run| -> Vec<f64> {
         pairs.iter().filter_map(|p| arm(p).cpu_us).collect()
     };
     let ratios: Vec<f64> = pairs
         .iter()
-        .filter(|p| p.a.readings_per_s > 0.0)
-        .map(|p| p.b.readings_per_s / p.a.readings_per_s)
+        .filter(|p| p.a.rate > 0.0)
+        .map(|p| p.b.rate / p.a.rate)
         .collect();
     let with_cpu: Vec<(f64, f64)> = pairs
         .iter()
@@ -155,10 +161,7 @@ pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
         median_a: median(&rates(|p| &p.a))?,
         median_b: median(&rates(|p| &p.b))?,
         median_ratio: median(&ratios)?,
-        b_faster: pairs
-            .iter()
-            .filter(|p| p.b.readings_per_s > p.a.readings_per_s)
-            .count(),
+        b_faster: pairs.iter().filter(|p| p.b.rate > p.a.rate).count(),
         b_cheaper: (
             with_cpu.iter().filter(|(a, b)| b < a).count(),
             with_cpu.len(),
@@ -173,22 +176,23 @@ fn optional(value: Option<f64>, decimals: usize, unit: &str) -> String {
 
 /// The pairs as an aligned table, then the verdict; `a` and `b` name the settings.
 pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
-    let mut out = format!("A: {a}\nB: {b}\n\n");
+    let mut out =
+        format!("A: {a}\nB: {b}\nrates: readings a second (a load), events a second (a drain)\n\n");
     let drained = pairs
         .iter()
         .any(|p| p.a.drain_seconds.is_some() || p.b.drain_seconds.is_some());
     let mut header = vec![
         "pair",
         "first",
-        "A rdg/s",
-        "B rdg/s",
+        "A /s",
+        "B /s",
         "B/A",
         "A p99",
         "B p99",
         "A busy",
         "B busy",
-        "A µs/rdg",
-        "B µs/rdg",
+        "A µs each",
+        "B µs each",
         "errors A/B",
     ];
     if drained {
@@ -196,16 +200,16 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
     }
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
     for pair in pairs {
-        let ratio = if pair.a.readings_per_s > 0.0 {
-            format!("{:.3}", pair.b.readings_per_s / pair.a.readings_per_s)
+        let ratio = if pair.a.rate > 0.0 {
+            format!("{:.3}", pair.b.rate / pair.a.rate)
         } else {
             "n/a".to_owned()
         };
         let mut row = vec![
             pair.number.to_string(),
             if pair.b_first { "B" } else { "A" }.to_owned(),
-            thousands(pair.a.readings_per_s),
-            thousands(pair.b.readings_per_s),
+            thousands(pair.a.rate),
+            thousands(pair.b.rate),
             ratio,
             optional(pair.a.p99_ms, 2, " ms"),
             optional(pair.b.p99_ms, 2, " ms"),
@@ -243,18 +247,18 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
         None => out.push_str("no complete pair: nothing to compare\n"),
         Some(v) => {
             out.push_str(&format!(
-                "medians over {} pairs: A {} readings/s, B {} readings/s; median pair B/A {:.3}\n",
+                "medians over {} pairs: A {}/s, B {}/s; median pair B/A {:.3}\n",
                 v.pairs,
                 thousands(v.median_a),
                 thousands(v.median_b),
                 v.median_ratio
             ));
             out.push_str(&format!(
-                "B made more readings/s than A in {} of {} pairs\n",
+                "B was faster than A in {} of {} pairs\n",
                 v.b_faster, v.pairs
             ));
             out.push_str(&format!(
-                "CPU per reading (µs, the box's busy time{} over the readings): medians A {}, B {}; B cheaper in {} of {} pairs\n",
+                "CPU per reading or event (µs, the box's busy time{} over the count): medians A {}, B {}; B cheaper in {} of {} pairs\n",
                 if drained { " with the drain" } else { "" },
                 optional(v.median_cpu_us.0, 1, ""),
                 optional(v.median_cpu_us.1, 1, ""),
@@ -298,7 +302,7 @@ mod tests {
         assert_eq!(
             pairs
                 .iter()
-                .map(|p| (p.number, p.b_first, p.a.readings_per_s, p.b.readings_per_s))
+                .map(|p| (p.number, p.b_first, p.a.rate, p.b.rate))
                 .collect::<Vec<_>>(),
             vec![(1, false, 1000.0, 1100.0), (2, true, 1000.0, 900.0)]
         );
@@ -337,7 +341,7 @@ mod tests {
         assert!(table.starts_with("A: x=1\nB: x=2\n"), "{table}");
         assert!(table.contains("median pair B/A 1.050"), "{table}");
         assert!(
-            table.contains("B made more readings/s than A in 2 of 3 pairs"),
+            table.contains("B was faster than A in 2 of 3 pairs"),
             "{table}"
         );
         assert!(table.contains("B cheaper in 2 of 3 pairs"), "{table}");
@@ -362,7 +366,28 @@ mod tests {
         assert!(table.contains("A drain"), "{table}");
         assert!(table.contains("2.5 s"), "{table}");
         assert!(table.contains("busy time with the drain"), "{table}");
-        assert!(!render(&pairs[..0], "a", "b").contains("drain"));
+        assert!(!render(&pairs[..0], "a", "b").contains("A drain"));
+    }
+
+    #[test]
+    fn a_drain_is_compared_by_its_events_a_second_and_its_cpu_per_event() {
+        let mut results = Results::new();
+        let drain = |events_per_s: f64, cpu_seconds: f64| {
+            json!({"what": "projector", "backlog": 100000, "events_per_s": events_per_s,
+                   "seconds": 100000.0 / events_per_s,
+                   "box_cpu": {"busy_percent": 90.0, "cpu_seconds": cpu_seconds}})
+        };
+        results.insert("1-1-a".into(), drain(20000.0, 8.0));
+        results.insert("1-2-b".into(), drain(25000.0, 6.0));
+        let pairs = pairs(&results);
+        assert_eq!(pairs.len(), 1);
+        assert_eq!((pairs[0].a.rate, pairs[0].b.rate), (20000.0, 25000.0));
+        assert_eq!(
+            (pairs[0].a.cpu_us, pairs[0].b.cpu_us),
+            (Some(80.0), Some(60.0))
+        );
+        assert_eq!(pairs[0].a.p99_ms, None);
+        assert!(render(&pairs, "a", "b").contains("B was faster than A in 1 of 1 pairs"));
     }
 
     #[test]

@@ -208,7 +208,8 @@ enum Command {
         #[command(flatten)]
         devices: DeviceArgs,
     },
-    /// Times the relay or projector draining its backlog (start it after --ready-file).
+    /// Times the relay or projector draining its backlog (start it after --ready-file),
+    /// and how busy the box was from then until the backlog was gone.
     Backlog {
         #[arg(long, value_enum)]
         what: Drainer,

@@ -604,7 +604,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
 }
 
 /// The box's CPU time (every process) per reading a load point carried, in µs.
-pub fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
+fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
     let cpu_seconds = num(results, file, "/box_cpu/cpu_seconds")?;
     let readings = num(results, file, "/readings")?;
     (readings > 0.0).then(|| cpu_seconds * 1e6 / readings)
