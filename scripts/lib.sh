@@ -32,6 +32,8 @@
 #   drop_databases DB...            DROP DATABASE IF EXISTS ... WITH (FORCE)
 #   delete_own_streams_and_keys LOADGEN [STREAM...]
 #                                   the pipeline's stream, its DLQ, STREAMs, Redis keys
+#   timed_drain LOADGEN WHAT OUTPUT READY_FILE
+#                                   loadgen backlog times the relay or projector draining
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     echo "scripts/lib.sh is a library: source it from bash, do not run it" >&2
@@ -750,4 +752,27 @@ delete_own_streams_and_keys() {
     done
     "$loadgen" cleanup --nats "$NATS_URL" "${args[@]}" --redis "$REDIS_URL" \
         --redis-prefix "$PIPELINE__REDIS__PREFIX" >/dev/null
+}
+
+# timed_drain LOADGEN WHAT OUTPUT READY_FILE: times WHAT (relay or projector) of the own
+# pipeline draining its backlog: `loadgen backlog` reads the backlog and touches
+# READY_FILE, then WHAT is started, and loadgen's JSON goes to OUTPUT once the backlog is
+# gone. DRAIN_PID is loadgen's pid while it runs (a clean-up stops it). Dies on failure.
+timed_drain() {
+    local loadgen=$1 what=$2 output=$3 ready=$4 i
+    rm -f "$ready"
+    "$loadgen" backlog --what "$what" --database-url "$OWN_DATABASE_URL" --nats "$NATS_URL" \
+        --stream "$PIPELINE__NATS__STREAM" --consumer "$PIPELINE__NATS__CONSUMER" --ready-file "$ready" \
+        --timeout 600 >"$output" &
+    DRAIN_PID=$!
+    for ((i = 0; i < 300; i++)); do
+        [[ -e "$ready" ]] && break
+        kill -0 "$DRAIN_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ -e "$ready" ]] || die "loadgen backlog did not get ready to time the $what (see above)"
+    start_ready "$what"
+    wait "$DRAIN_PID" || die "loadgen backlog failed timing the $what"
+    DRAIN_PID=
+    rm -f "$ready"
 }
