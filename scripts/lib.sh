@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # shellcheck shell=bash
 #
-# Helpers shared by scripts/up, scripts/down, scripts/test, scripts/bench and
+# Helpers shared by scripts/up, scripts/down, scripts/test, scripts/bench, scripts/ab and
 # scripts/soak (API.md §8). Source it; it changes no shell options and exports nothing
 # (except own_pipeline, when called), so it is safe under `set -euo pipefail`.
 #
@@ -21,7 +21,7 @@
 #   process_running NAME            true when .data/run/NAME.pid holds NAME's live pid
 #   pid_file NAME | read_pid NAME | pid_is_live PID [NAME]
 #   tcp_open HOST PORT | wait_until SECONDS CMD [ARGS...] | info/warn/err/die MESSAGE
-# A pipeline of its own, beside the configured one (scripts/bench, scripts/soak):
+# A pipeline of its own, beside the configured one (scripts/bench, scripts/ab, scripts/soak):
 #   own_pipeline DB STREAM PREFIX INGEST_PORT QUERY_PORT RELAY_PORT PROJECTOR_PORT
 #                                   exports PIPELINE__* for it; sets PG_SERVER_URL, PG_MAIN_DB,
 #                                   OWN_DATABASE_URL, PG_ADMIN_URL, NATS_URL, REDIS_URL
@@ -670,7 +670,7 @@ stop_process() {
 
 _pid_gone() { ! pid_is_live "$1" "$2"; }
 
-# --- a pipeline of its own (scripts/bench, scripts/soak) --------------------------------
+# --- a pipeline of its own (scripts/bench, scripts/ab, scripts/soak) --------------------------------
 
 # own_pipeline DB STREAM PREFIX INGEST_PORT QUERY_PORT RELAY_PORT PROJECTOR_PORT
 # Exports the PIPELINE__* variables of a private pipeline: database DB on the configured

@@ -1,4 +1,4 @@
-//! `loadgen`: the measuring instrument of `scripts/bench` (issue 5).
+//! `loadgen`: the measuring instrument of `scripts/bench` and `scripts/ab` (issue 5).
 //!
 //! Every subcommand prints one JSON object on stdout and human notes on stderr. It only
 //! ever loads loopback addresses, and every loop is bounded in count and in time.
