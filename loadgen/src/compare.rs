@@ -50,7 +50,14 @@ impl Run {
         let cpu_seconds: Option<f64> = [Some(result), drain]
             .into_iter()
             .flatten()
-            .map(|part| part.pointer("/box_cpu/cpu_seconds")?.as_f64())
+            .map(|part| {
+                // A drain that found the backlog empty at once ends within a tick of
+                // `/proc/stat`, so it has no figure: it cost nothing measurable.
+                let instant = part.get("seconds").and_then(Value::as_f64) == Some(0.0);
+                part.pointer("/box_cpu/cpu_seconds")
+                    .and_then(Value::as_f64)
+                    .or(instant.then_some(0.0))
+            })
             .sum();
         let cpu_us = match (cpu_seconds, count) {
             (Some(cpu_seconds), Some(count)) if count > 0.0 => Some(cpu_seconds * 1e6 / count),
@@ -133,6 +140,10 @@ pub struct Verdict {
     pub median_b: f64,
     /// The median of the pairs' B/A rate ratios.
     pub median_ratio: f64,
+    /// The same over the pairs A ran first in, and over those B ran first in: a gap
+    /// between the two is what running first or second does by itself, which the
+    /// alternation spreads over both arms.
+    pub median_ratio_by_order: (Option<f64>, Option<f64>),
     /// Pairs in which B made more readings a second than A.
     pub b_faster: usize,
     /// Pairs (with both CPU figures) in which a reading cost the box less CPU under B,
@@ -147,11 +158,14 @@ pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
     let cpus = |arm: fn(&Pair) -> &Run| -> Vec<f64> {
         pairs.iter().filter_map(|p| arm(p).cpu_us).collect()
     };
-    let ratios: Vec<f64> = pairs
-        .iter()
-        .filter(|p| p.a.rate > 0.0)
-        .map(|p| p.b.rate / p.a.rate)
-        .collect();
+    let ratios_of = |wanted: fn(&Pair) -> bool| -> Vec<f64> {
+        pairs
+            .iter()
+            .filter(|p| p.a.rate > 0.0 && wanted(p))
+            .map(|p| p.b.rate / p.a.rate)
+            .collect()
+    };
+    let ratios = ratios_of(|_| true);
     let with_cpu: Vec<(f64, f64)> = pairs
         .iter()
         .filter_map(|p| Some((p.a.cpu_us?, p.b.cpu_us?)))
@@ -161,6 +175,10 @@ pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
         median_a: median(&rates(|p| &p.a))?,
         median_b: median(&rates(|p| &p.b))?,
         median_ratio: median(&ratios)?,
+        median_ratio_by_order: (
+            median(&ratios_of(|p| !p.b_first)),
+            median(&ratios_of(|p| p.b_first)),
+        ),
         b_faster: pairs.iter().filter(|p| p.b.rate > p.a.rate).count(),
         b_cheaper: (
             with_cpu.iter().filter(|(a, b)| b < a).count(),
@@ -254,6 +272,11 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
                 v.median_ratio
             ));
             out.push_str(&format!(
+                "median pair B/A with A run first {}, with B run first {} (the gap is the order's own effect)\n",
+                optional(v.median_ratio_by_order.0, 3, ""),
+                optional(v.median_ratio_by_order.1, 3, ""),
+            ));
+            out.push_str(&format!(
                 "B was faster than A in {} of {} pairs\n",
                 v.b_faster, v.pairs
             ));
@@ -331,6 +354,8 @@ mod tests {
         assert_eq!(verdict.median_b, 1200.0);
         assert_eq!(verdict.median_ratio, 1.05);
         assert_eq!(verdict.b_faster, 2);
+        // Pairs 1 and 3 ran A first (1.2, 1.05), pair 2 B first (0.9).
+        assert_eq!(verdict.median_ratio_by_order, (Some(1.125), Some(0.9)));
         // CPU per reading: A 200, 200, 150 µs; B 166.7, 222.2, 95.2 µs.
         assert_eq!(verdict.b_cheaper, (2, 3));
         assert_eq!(verdict.median_cpu_us.0, Some(200.0));
@@ -340,6 +365,10 @@ mod tests {
         let table = render(&pairs(&results), "x=1", "x=2");
         assert!(table.starts_with("A: x=1\nB: x=2\n"), "{table}");
         assert!(table.contains("median pair B/A 1.050"), "{table}");
+        assert!(
+            table.contains("with A run first 1.125, with B run first 0.900"),
+            "{table}"
+        );
         assert!(
             table.contains("B was faster than A in 2 of 3 pairs"),
             "{table}"
@@ -356,12 +385,17 @@ mod tests {
             "1-1-a.drain".into(),
             json!({"seconds": 2.5, "box_cpu": {"busy_percent": 50.0, "cpu_seconds": 2.5}}),
         );
+        // B's drain found nothing left: no CPU figure, and none needed.
+        results.insert(
+            "1-2-b.drain".into(),
+            json!({"seconds": 0.0, "box_cpu": null}),
+        );
         let pairs = pairs(&results);
-        // A: (1 + 2.5) CPU seconds over 10,000 readings; B had no drain file.
+        // A: (1 + 2.5) CPU seconds over 10,000 readings; B's drain took no time.
         assert_eq!(pairs[0].a.cpu_us, Some(350.0));
         assert_eq!(pairs[0].a.drain_seconds, Some(2.5));
         assert_eq!(pairs[0].b.cpu_us, Some(100.0));
-        assert_eq!(pairs[0].b.drain_seconds, None);
+        assert_eq!(pairs[0].b.drain_seconds, Some(0.0));
         let table = render(&pairs, "a", "b");
         assert!(table.contains("A drain"), "{table}");
         assert!(table.contains("2.5 s"), "{table}");
