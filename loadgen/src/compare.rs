@@ -21,8 +21,12 @@ use crate::report::{median, thousands, Results};
 /// What one run of an arm measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Run {
-    /// Readings a second (a load point) or events a second (a drain).
+    /// Readings a second (a load point or the end-to-end point), or events a second
+    /// (a drain).
     pub rate: f64,
+    /// Latency of the answers, or of the readings becoming visible in `/stats` for the
+    /// end-to-end point.
+    pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub busy_percent: Option<f64>,
     /// The box's CPU per reading or event, microseconds (the drain after a load
@@ -37,15 +41,15 @@ pub struct Run {
 impl Run {
     fn of(results: &Results, file: &str) -> Option<Self> {
         let result = results.get(file)?;
-        // A load point counts readings; a drain (`loadgen backlog`) its backlog's events.
-        let rate = result
-            .get("readings_per_s")
-            .or_else(|| result.get("events_per_s"))?
-            .as_f64()?;
-        let count = result
-            .get("readings")
-            .or_else(|| result.get("backlog"))
-            .and_then(Value::as_f64);
+        // A load point counts readings, the end-to-end point (`loadgen e2e`) the ones
+        // accepted, a drain (`loadgen backlog`) its backlog's events.
+        let first_of = |names: [&str; 3]| names.into_iter().find_map(|name| result.get(name));
+        let rate = first_of(["readings_per_s", "accepted_per_s", "events_per_s"])?.as_f64()?;
+        let count = first_of(["readings", "accepted", "backlog"]).and_then(Value::as_f64);
+        let latency = result
+            .get("latency")
+            .or_else(|| result.get("visible_latency"));
+        let quantile = |name: &str| latency.and_then(|l| l.get(name)?.as_f64());
         let drain = results.get(&format!("{file}.drain"));
         let cpu_seconds: Option<f64> = [Some(result), drain]
             .into_iter()
@@ -69,7 +73,8 @@ impl Run {
             .map_or(0, |counts| counts.values().filter_map(|n| n.as_u64()).sum());
         Some(Self {
             rate,
-            p99_ms: result.pointer("/latency/p99_ms").and_then(|v| v.as_f64()),
+            p50_ms: quantile("p50_ms"),
+            p99_ms: quantile("p99_ms"),
             busy_percent: result
                 .pointer("/box_cpu/busy_percent")
                 .and_then(|v| v.as_f64()),
@@ -150,14 +155,15 @@ pub struct Verdict {
     /// out of how many had both.
     pub b_cheaper: (usize, usize),
     pub median_cpu_us: (Option<f64>, Option<f64>),
+    pub median_p50_ms: (Option<f64>, Option<f64>),
+    pub median_p99_ms: (Option<f64>, Option<f64>),
+    /// Pairs (with both p99s) in which B's p99 was lower, out of how many had both.
+    pub b_lower_p99: (usize, usize),
 }
 
 pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
     let rates =
         |arm: fn(&Pair) -> &Run| -> Vec<f64> { pairs.iter().map(|p| arm(p).rate).collect() };
-    let cpus = |arm: fn(&Pair) -> &Run| -> Vec<f64> {
-        pairs.iter().filter_map(|p| arm(p).cpu_us).collect()
-    };
     let ratios_of = |wanted: fn(&Pair) -> bool| -> Vec<f64> {
         pairs
             .iter()
@@ -170,6 +176,18 @@ pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
         .iter()
         .filter_map(|p| Some((p.a.cpu_us?, p.b.cpu_us?)))
         .collect();
+    let with_p99: Vec<(f64, f64)> = pairs
+        .iter()
+        .filter_map(|p| Some((p.a.p99_ms?, p.b.p99_ms?)))
+        .collect();
+    let figures = |arm: fn(&Pair) -> &Run, figure: fn(&Run) -> Option<f64>| -> Option<f64> {
+        median(
+            &pairs
+                .iter()
+                .filter_map(|p| figure(arm(p)))
+                .collect::<Vec<_>>(),
+        )
+    };
     Some(Verdict {
         pairs: pairs.len(),
         median_a: median(&rates(|p| &p.a))?,
@@ -184,7 +202,22 @@ pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
             with_cpu.iter().filter(|(a, b)| b < a).count(),
             with_cpu.len(),
         ),
-        median_cpu_us: (median(&cpus(|p| &p.a)), median(&cpus(|p| &p.b))),
+        median_cpu_us: (
+            figures(|p| &p.a, |run| run.cpu_us),
+            figures(|p| &p.b, |run| run.cpu_us),
+        ),
+        median_p50_ms: (
+            figures(|p| &p.a, |run| run.p50_ms),
+            figures(|p| &p.b, |run| run.p50_ms),
+        ),
+        median_p99_ms: (
+            figures(|p| &p.a, |run| run.p99_ms),
+            figures(|p| &p.b, |run| run.p99_ms),
+        ),
+        b_lower_p99: (
+            with_p99.iter().filter(|(a, b)| b < a).count(),
+            with_p99.len(),
+        ),
     })
 }
 
@@ -195,7 +228,7 @@ fn optional(value: Option<f64>, decimals: usize, unit: &str) -> String {
 /// The pairs as an aligned table, then the verdict; `a` and `b` name the settings.
 pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
     let mut out =
-        format!("A: {a}\nB: {b}\nrates: readings a second (a load), events a second (a drain)\n\n");
+        format!("A: {a}\nB: {b}\nrates: readings a second (a load, accepted at the end-to-end point), events a second (a drain)\n\n");
     let drained = pairs
         .iter()
         .any(|p| p.a.drain_seconds.is_some() || p.b.drain_seconds.is_some());
@@ -205,6 +238,8 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
         "A /s",
         "B /s",
         "B/A",
+        "A p50",
+        "B p50",
         "A p99",
         "B p99",
         "A busy",
@@ -229,6 +264,8 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
             thousands(pair.a.rate),
             thousands(pair.b.rate),
             ratio,
+            optional(pair.a.p50_ms, 2, " ms"),
+            optional(pair.b.p50_ms, 2, " ms"),
             optional(pair.a.p99_ms, 2, " ms"),
             optional(pair.b.p99_ms, 2, " ms"),
             optional(pair.a.busy_percent, 0, "%"),
@@ -287,6 +324,15 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
                 optional(v.median_cpu_us.1, 1, ""),
                 v.b_cheaper.0,
                 v.b_cheaper.1
+            ));
+            out.push_str(&format!(
+                "latency (ms): medians p50 A {}, B {}; p99 A {}, B {}; B's p99 lower in {} of {} pairs\n",
+                optional(v.median_p50_ms.0, 2, ""),
+                optional(v.median_p50_ms.1, 2, ""),
+                optional(v.median_p99_ms.0, 2, ""),
+                optional(v.median_p99_ms.1, 2, ""),
+                v.b_lower_p99.0,
+                v.b_lower_p99.1
             ));
         }
     }
@@ -422,6 +468,33 @@ mod tests {
         );
         assert_eq!(pairs[0].a.p99_ms, None);
         assert!(render(&pairs, "a", "b").contains("B was faster than A in 1 of 1 pairs"));
+    }
+
+    #[test]
+    fn the_end_to_end_point_is_compared_by_its_visibility_latency() {
+        let mut results = Results::new();
+        let e2e = |p50: f64, p99: f64| {
+            json!({"target_rate": 3000.0, "accepted": 60000, "accepted_per_s": 3000.0,
+                   "post_latency": {"p50_ms": 1.0, "p99_ms": 2.0},
+                   "visible_latency": {"p50_ms": p50, "p99_ms": p99},
+                   "box_cpu": {"busy_percent": 90.0, "cpu_seconds": 30.0}})
+        };
+        results.insert("1-1-a".into(), e2e(8.0, 90.0));
+        results.insert("1-2-b".into(), e2e(9.0, 60.0));
+        results.insert("2-1-b".into(), e2e(7.0, 70.0));
+        results.insert("2-2-a".into(), e2e(6.0, 50.0));
+        let pairs = pairs(&results);
+        assert_eq!(pairs[0].a.rate, 3000.0);
+        assert_eq!(
+            (pairs[0].a.p50_ms, pairs[0].a.p99_ms),
+            (Some(8.0), Some(90.0))
+        );
+        assert_eq!(pairs[0].a.cpu_us, Some(500.0));
+        let verdict = verdict(&pairs).expect("two pairs");
+        assert_eq!(verdict.median_p50_ms, (Some(7.0), Some(8.0)));
+        assert_eq!(verdict.median_p99_ms, (Some(70.0), Some(65.0)));
+        assert_eq!(verdict.b_lower_p99, (1, 2));
+        assert!(render(&pairs, "a", "b").contains("B's p99 lower in 1 of 2 pairs"));
     }
 
     #[test]
