@@ -1,7 +1,7 @@
 //! The table of `scripts/ab`: two settings, A and B, measured in alternating pairs of
 //! closed-loop load points, side by side.
 //!
-//! Input: a directory of `loadgen ingest` (or `static`, `query`) results named
+//! Input: a directory of `loadgen ingest` (or `static`, `query`, `e2e`, `backlog`) results named
 //! `<pair>-<position>-<arm>.json`: `1-1-a.json` and `1-2-b.json` are pair 1 with A run
 //! first, `2-1-b.json` and `2-2-a.json` pair 2 with B first. A pair with either run
 //! missing is left out. With the whole pipeline running, `1-1-a.drain.json` is the
