@@ -36,6 +36,8 @@ pub struct Run {
     pub drain_seconds: Option<f64>,
     /// Answers that were not the expected status.
     pub errors: u64,
+    /// The rate was set, not measured (the end-to-end point posts at a fixed rate).
+    pub fixed_rate: bool,
 }
 
 impl Run {
@@ -81,6 +83,7 @@ impl Run {
             cpu_us,
             drain_seconds: drain.and_then(|drain| drain.get("seconds")?.as_f64()),
             errors,
+            fixed_rate: result.get("target_rate").is_some(),
         })
     }
 }
@@ -313,10 +316,16 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
                 optional(v.median_ratio_by_order.0, 3, ""),
                 optional(v.median_ratio_by_order.1, 3, ""),
             ));
-            out.push_str(&format!(
-                "B was faster than A in {} of {} pairs\n",
-                v.b_faster, v.pairs
-            ));
+            if pairs.iter().all(|p| p.a.fixed_rate && p.b.fixed_rate) {
+                out.push_str(
+                    "both arms posted at the same fixed rate: the latency tells them apart\n",
+                );
+            } else {
+                out.push_str(&format!(
+                    "B was faster than A in {} of {} pairs\n",
+                    v.b_faster, v.pairs
+                ));
+            }
             out.push_str(&format!(
                 "CPU per reading or event (µs, the box's busy time{} over the count): medians A {}, B {}; B cheaper in {} of {} pairs\n",
                 if drained { " with the drain" } else { "" },
@@ -494,7 +503,10 @@ mod tests {
         assert_eq!(verdict.median_p50_ms, (Some(7.0), Some(8.0)));
         assert_eq!(verdict.median_p99_ms, (Some(70.0), Some(65.0)));
         assert_eq!(verdict.b_lower_p99, (1, 2));
-        assert!(render(&pairs, "a", "b").contains("B's p99 lower in 1 of 2 pairs"));
+        let table = render(&pairs, "a", "b");
+        assert!(table.contains("B's p99 lower in 1 of 2 pairs"), "{table}");
+        assert!(table.contains("the same fixed rate"), "{table}");
+        assert!(!table.contains("was faster"), "{table}");
     }
 
     #[test]
