@@ -205,8 +205,7 @@ pub async fn drain(
     let mut clock = DrainClock::new(first, started.elapsed().as_secs_f64());
     // How busy the box is from here (the drainer starts once the ready file is there)
     // until the backlog is gone.
-    let cpu_before = crate::box_cpu::Sample::now();
-    let cpu_started = Instant::now();
+    let box_cpu = crate::box_cpu::Span::start();
     if let Some(path) = ready_file {
         std::fs::write(path, b"ready\n").with_context(|| format!("writing {}", path.display()))?;
     }
@@ -234,9 +233,7 @@ pub async fn drain(
         "remaining": last,
         "seconds": clock.seconds().map(|s| (s * 1000.0).round() / 1000.0),
         "events_per_s": clock.rate(exact),
-        "box_cpu": cpu_before
-            .and_then(|sample| sample.until_now(cpu_started.elapsed()))
-            .map(crate::box_cpu::Usage::to_json),
+        "box_cpu": box_cpu.to_json(),
     }))
 }
 
@@ -363,7 +360,7 @@ pub async fn watch(
         Some((url, prefix)) => Some((crate::redis_limit::connect(url).await?, prefix)),
         None => None,
     };
-    let cpu_before = crate::box_cpu::Sample::now();
+    let box_cpu = crate::box_cpu::Span::start();
     let started = Instant::now();
     let mut outbox = Vec::new();
     let mut pending = Vec::new();
@@ -412,9 +409,7 @@ pub async fn watch(
         "emptied": emptied,
         "outbox_unpublished": series_summary(&outbox),
         "consumer_pending": series_summary(&pending),
-        "box_cpu": cpu_before
-            .and_then(|sample| sample.until_now(started.elapsed()))
-            .map(crate::box_cpu::Usage::to_json),
+        "box_cpu": box_cpu.to_json(),
     });
     Ok((report, emptied))
 }

@@ -4,7 +4,7 @@
 //! box was out of CPU or waiting (PERFORMANCE.md *How the bench measures*), and
 //! `loadgen busy` prints it for `scripts/bench`, which waits for a quiet box.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -52,12 +52,6 @@ impl Sample {
         })
     }
 
-    /// What the box did from this sample until now, `elapsed` later; `None` where
-    /// `/proc/stat` cannot be read or did not move.
-    pub fn until_now(&self, elapsed: Duration) -> Option<Usage> {
-        Self::now()?.since(self, elapsed)
-    }
-
     /// What the box did from `earlier` to this sample, `elapsed` apart.
     pub fn since(&self, earlier: &Sample, elapsed: Duration) -> Option<Usage> {
         let total = self.total.checked_sub(earlier.total)?;
@@ -70,6 +64,35 @@ impl Sample {
             busy_percent: 100.0 * busy_share,
             cpu_seconds: busy_share * self.cores as f64 * elapsed.as_secs_f64(),
         })
+    }
+}
+
+/// A span of time being measured: the counters and the clock at its start, so that
+/// every caller pairs them the same way.
+#[derive(Debug, Clone, Copy)]
+pub struct Span {
+    start: Option<Sample>,
+    started: Instant,
+}
+
+impl Span {
+    /// Starts measuring now.
+    pub fn start() -> Self {
+        Self {
+            start: Sample::now(),
+            started: Instant::now(),
+        }
+    }
+
+    /// What the box did from the start until now; `None` where `/proc/stat` cannot be
+    /// read or did not move.
+    pub fn usage(&self) -> Option<Usage> {
+        Sample::now()?.since(self.start.as_ref()?, self.started.elapsed())
+    }
+
+    /// [`Span::usage`] as a load point's JSON carries it (`null` without one).
+    pub fn to_json(self) -> Value {
+        self.usage().map_or(Value::Null, Usage::to_json)
     }
 }
 

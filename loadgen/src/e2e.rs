@@ -114,7 +114,7 @@ struct StatsAnswer {
 }
 
 pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
-    let cpu_before = crate::box_cpu::Sample::now();
+    let box_cpu = crate::box_cpu::Span::start();
     let started = Instant::now();
     let run = crate::bodies::run_id();
     let total = (plan.rate * plan.duration.as_secs_f64()).round() as u64;
@@ -198,7 +198,7 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
         }
     }
     let posting = started.elapsed();
-    let box_cpu = cpu_before.and_then(|sample| sample.until_now(posting));
+    let box_cpu = box_cpu.to_json();
     // Every task ends by its own deadline; this bound is only a safety net.
     let _ = tokio::time::timeout(plan.deadline + Duration::from_secs(15), async {
         while let Some(done) = tasks.join_next().await {
@@ -228,7 +228,7 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
         "slow_ms": SLOW.as_millis() as u64,
         "slow": slow,
         "slow_seconds": slow_seconds,
-        "box_cpu": box_cpu.map(crate::box_cpu::Usage::to_json),
+        "box_cpu": box_cpu,
     })
 }
 

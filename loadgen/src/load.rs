@@ -90,7 +90,7 @@ impl Report {
 pub async fn run(target: Target, workload: Arc<dyn Workload>, drive: Drive) -> Report {
     let target = Arc::new(target);
     let budget = Arc::new(AtomicU64::new(0));
-    let cpu_before = box_cpu::Sample::now();
+    let box_cpu = box_cpu::Span::start();
     let started = Instant::now();
     let deadline = started + drive.duration;
     let mut workers = tokio::task::JoinSet::new();
@@ -111,7 +111,7 @@ pub async fn run(target: Target, workload: Arc<dyn Workload>, drive: Drive) -> R
         }
     }
     report.elapsed = started.elapsed();
-    report.box_cpu = cpu_before.and_then(|before| before.until_now(report.elapsed));
+    report.box_cpu = box_cpu.usage();
     report
 }
 

@@ -437,12 +437,11 @@ async fn run(command: Command) -> anyhow::Result<Option<Value>> {
             Ok(None)
         }
         Command::Busy { seconds: span } => {
-            let before = box_cpu::Sample::now().context("/proc/stat cannot be read")?;
-            let started = std::time::Instant::now();
+            let measured = box_cpu::Span::start();
             tokio::time::sleep(seconds(span)).await;
-            let usage = before
-                .until_now(started.elapsed())
-                .context("/proc/stat did not move")?;
+            let usage = measured
+                .usage()
+                .context("/proc/stat cannot be read or did not move")?;
             println!("{:.0}", usage.busy_percent);
             Ok(None)
         }
