@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::report::{median, thousands, Results};
+use crate::report::{median, table, thousands, Results};
 
 /// What one run of an arm measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -164,26 +164,9 @@ pub struct Verdict {
     pub b_lower_p99: (usize, usize),
 }
 
-pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
-    let rates =
-        |arm: fn(&Pair) -> &Run| -> Vec<f64> { pairs.iter().map(|p| arm(p).rate).collect() };
-    let ratios_of = |wanted: fn(&Pair) -> bool| -> Vec<f64> {
-        pairs
-            .iter()
-            .filter(|p| p.a.rate > 0.0 && wanted(p))
-            .map(|p| p.b.rate / p.a.rate)
-            .collect()
-    };
-    let ratios = ratios_of(|_| true);
-    let with_cpu: Vec<(f64, f64)> = pairs
-        .iter()
-        .filter_map(|p| Some((p.a.cpu_us?, p.b.cpu_us?)))
-        .collect();
-    let with_p99: Vec<(f64, f64)> = pairs
-        .iter()
-        .filter_map(|p| Some((p.a.p99_ms?, p.b.p99_ms?)))
-        .collect();
-    let figures = |arm: fn(&Pair) -> &Run, figure: fn(&Run) -> Option<f64>| -> Option<f64> {
+/// Each arm's median of `figure` over the pairs that have it.
+fn medians(pairs: &[Pair], figure: fn(&Run) -> Option<f64>) -> (Option<f64>, Option<f64>) {
+    let of = |arm: fn(&Pair) -> &Run| {
         median(
             &pairs
                 .iter()
@@ -191,36 +174,41 @@ pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
                 .collect::<Vec<_>>(),
         )
     };
+    (of(|p| &p.a), of(|p| &p.b))
+}
+
+/// In how many pairs B's `figure` was lower than A's, out of the pairs with both.
+fn b_lower(pairs: &[Pair], figure: fn(&Run) -> Option<f64>) -> (usize, usize) {
+    let both: Vec<(f64, f64)> = pairs
+        .iter()
+        .filter_map(|p| Some((figure(&p.a)?, figure(&p.b)?)))
+        .collect();
+    (both.iter().filter(|(a, b)| b < a).count(), both.len())
+}
+
+pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
+    let ratios_of = |wanted: fn(&Pair) -> bool| -> Option<f64> {
+        median(
+            &pairs
+                .iter()
+                .filter(|p| p.a.rate > 0.0 && wanted(p))
+                .map(|p| p.b.rate / p.a.rate)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (median_a, median_b) = medians(pairs, |run| Some(run.rate));
     Some(Verdict {
         pairs: pairs.len(),
-        median_a: median(&rates(|p| &p.a))?,
-        median_b: median(&rates(|p| &p.b))?,
-        median_ratio: median(&ratios)?,
-        median_ratio_by_order: (
-            median(&ratios_of(|p| !p.b_first)),
-            median(&ratios_of(|p| p.b_first)),
-        ),
+        median_a: median_a?,
+        median_b: median_b?,
+        median_ratio: ratios_of(|_| true)?,
+        median_ratio_by_order: (ratios_of(|p| !p.b_first), ratios_of(|p| p.b_first)),
         b_faster: pairs.iter().filter(|p| p.b.rate > p.a.rate).count(),
-        b_cheaper: (
-            with_cpu.iter().filter(|(a, b)| b < a).count(),
-            with_cpu.len(),
-        ),
-        median_cpu_us: (
-            figures(|p| &p.a, |run| run.cpu_us),
-            figures(|p| &p.b, |run| run.cpu_us),
-        ),
-        median_p50_ms: (
-            figures(|p| &p.a, |run| run.p50_ms),
-            figures(|p| &p.b, |run| run.p50_ms),
-        ),
-        median_p99_ms: (
-            figures(|p| &p.a, |run| run.p99_ms),
-            figures(|p| &p.b, |run| run.p99_ms),
-        ),
-        b_lower_p99: (
-            with_p99.iter().filter(|(a, b)| b < a).count(),
-            with_p99.len(),
-        ),
+        b_cheaper: b_lower(pairs, |run| run.cpu_us),
+        median_cpu_us: medians(pairs, |run| run.cpu_us),
+        median_p50_ms: medians(pairs, |run| run.p50_ms),
+        median_p99_ms: medians(pairs, |run| run.p99_ms),
+        b_lower_p99: b_lower(pairs, |run| run.p99_ms),
     })
 }
 
@@ -228,7 +216,8 @@ fn optional(value: Option<f64>, decimals: usize, unit: &str) -> String {
     value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}{unit}"))
 }
 
-/// The pairs as an aligned table, then the verdict; `a` and `b` name the settings.
+/// The pairs as a table (Markdown, like the bench's), then the verdict; `a` and `b`
+/// name the settings.
 pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
     let mut out =
         format!("A: {a}\nB: {b}\nrates: readings a second (a load, accepted at the end-to-end point), events a second (a drain)\n\n");
@@ -254,7 +243,7 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
     if drained {
         header.extend(["A drain", "B drain"]);
     }
-    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
+    let mut rows: Vec<Vec<String>> = Vec::new();
     for pair in pairs {
         let ratio = if pair.a.rate > 0.0 {
             format!("{:.3}", pair.b.rate / pair.a.rate)
@@ -283,23 +272,7 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
         }
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|column| {
-            rows.iter()
-                .map(|row| row[column].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:>width$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&table(&header, &rows));
     out.push('\n');
     match verdict(pairs) {
         None => out.push_str("no complete pair: nothing to compare\n"),

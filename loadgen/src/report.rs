@@ -633,10 +633,10 @@ pub fn render(rows: &[Row]) -> String {
         "target",
         "met?",
     ];
-    let cells: Vec<[String; 6]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|row| {
-            [
+            vec![
                 row.figure.clone(),
                 row.value.clone(),
                 row.limit.clone(),
@@ -650,8 +650,18 @@ pub fn render(rows: &[Row]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for line in &cells {
+    let mut out = table(&header, &cells);
+    let targets = rows.iter().filter(|r| r.met != Met::None).count();
+    let met = rows.iter().filter(|r| r.met == Met::Yes).count();
+    out.push_str(&format!("\ntargets met: {met} of {targets}\n"));
+    out
+}
+
+/// `lines` under `header` as a Markdown table, each column as wide as its widest cell
+/// (the closing table here, `scripts/ab`'s in `compare`).
+pub fn table(header: &[&str], lines: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for line in lines {
         for (width, cell) in widths.iter_mut().zip(line) {
             *width = (*width).max(cell.chars().count());
         }
@@ -659,23 +669,20 @@ pub fn render(rows: &[Row]) -> String {
     let format_line = |line: &[String]| {
         let padded: Vec<String> = line
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
         format!("| {} |", padded.join(" | ")).trim_end().to_owned()
     };
-    let mut out = String::new();
-    out.push_str(&format_line(&header.map(str::to_owned)));
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    let mut out = format_line(&header);
     out.push('\n');
     let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
-    for line in &cells {
+    for line in lines {
         out.push_str(&format_line(line));
         out.push('\n');
     }
-    let targets = rows.iter().filter(|r| r.met != Met::None).count();
-    let met = rows.iter().filter(|r| r.met == Met::Yes).count();
-    out.push_str(&format!("\ntargets met: {met} of {targets}\n"));
     out
 }
 
