@@ -32,6 +32,8 @@
 #   drop_databases DB...            DROP DATABASE IF EXISTS ... WITH (FORCE)
 #   delete_own_streams_and_keys LOADGEN [STREAM...]
 #                                   the pipeline's stream, its DLQ, STREAMs, Redis keys
+#   own_drained LOADGEN SECONDS [outbox]
+#                                   loadgen watch --until-empty on the own pipeline
 #   timed_drain LOADGEN WHAT OUTPUT READY_FILE
 #                                   loadgen backlog times the relay or projector draining
 
@@ -752,6 +754,20 @@ delete_own_streams_and_keys() {
     done
     "$loadgen" cleanup --nats "$NATS_URL" "${args[@]}" --redis "$REDIS_URL" \
         --redis-prefix "$PIPELINE__REDIS__PREFIX" >/dev/null
+}
+
+# own_drained LOADGEN SECONDS [outbox]: waits (at most SECONDS) until the own pipeline's
+# outbox is empty and, unless `outbox` is given, its consumer too, with a read-model
+# generation in Redis; loadgen watch's JSON on stdout, a non-zero status when not
+# drained by then.
+own_drained() {
+    local loadgen=$1 seconds=$2 consumer=()
+    if [[ "${3:-}" != outbox ]]; then
+        consumer=(--nats "$NATS_URL" --stream "$PIPELINE__NATS__STREAM" --consumer "$PIPELINE__NATS__CONSUMER"
+            --redis "$REDIS_URL" --redis-prefix "$PIPELINE__REDIS__PREFIX")
+    fi
+    "$loadgen" watch --until-empty --duration "$seconds" --interval-ms 250 \
+        --database-url "$OWN_DATABASE_URL" "${consumer[@]}"
 }
 
 # timed_drain LOADGEN WHAT OUTPUT READY_FILE: times WHAT (relay or projector) of the own
