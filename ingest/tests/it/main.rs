@@ -10,6 +10,7 @@ mod outbox_notify;
 mod relay;
 mod relay_stream_loss;
 mod schema;
+mod settings;
 mod shutdown;
 mod support;
 mod telemetry_api;
