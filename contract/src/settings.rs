@@ -77,6 +77,10 @@ pub struct IngestSettings {
     /// Readings that must be waiting before a group commit starts beside one already in
     /// flight (fewer wait for it to return).
     pub commit_parallel_min: usize,
+    /// After a group commit of several readings, a smaller batch than
+    /// `commit_parallel_min` starts no sooner than this after it (commits then gather
+    /// more readings each); 0: off.
+    pub commit_interval_ms: u64,
     /// After a NOTIFY that covered several outbox rows, the next goes out no sooner than
     /// this after it (the relay's rounds then gather more rows each); 0: off.
     pub notify_interval_ms: u64,

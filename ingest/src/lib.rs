@@ -50,6 +50,7 @@ pub async fn serve(
         Duration::from_millis(settings.database.connect_timeout_ms),
     )
     .paced(Duration::from_millis(settings.ingest.notify_interval_ms));
+    let open_connections = http::server::OpenConnections::default();
     let (store, dispatcher) = Store::start(
         pool.clone(),
         GroupCommit {
@@ -57,8 +58,10 @@ pub async fn serve(
             concurrency: settings.ingest.commit_concurrency,
             parallel_min: settings.ingest.commit_parallel_min,
             queue_capacity: settings.ingest.queue_capacity,
+            interval: Duration::from_millis(settings.ingest.commit_interval_ms),
         },
         Some(notifier),
+        Some(open_connections.clone()),
     );
     let state = http::AppState {
         store,
@@ -90,10 +93,11 @@ pub async fn serve(
         }
     });
     tracing::info!(address = %listener.local_addr()?, "ingest listening");
-    http::server::serve(
+    http::server::serve_counted(
         listener,
         http::router(state),
         connection_limits(&settings),
+        open_connections,
         shutdown,
     )
     .await;

@@ -58,13 +58,23 @@ impl Pacer {
     /// Reserves the start of a round wanted at `now`: `now`, or the interval after the
     /// previous start if that is later.
     pub fn reserve(&mut self, now: Instant) -> Instant {
+        let start = self.earliest(now);
+        self.started(start);
+        start
+    }
+
+    /// Records that a round started at `at`, whether or not it waited for its slot.
+    pub fn started(&mut self, at: Instant) {
+        self.previous = Some(at);
+    }
+
+    /// The start a round wanted at `now` would get, without reserving it.
+    pub fn earliest(&self, now: Instant) -> Instant {
         let interval = if self.was_busy { self.busy } else { self.light };
-        let start = match self.previous {
+        match self.previous {
             Some(previous) => now.max(previous + interval),
             None => now,
-        };
-        self.previous = Some(start);
-        start
+        }
     }
 
     /// Records how many rows a round covered.
@@ -132,6 +142,18 @@ mod tests {
         let woken = start + ms(1);
         assert_eq!(pacer.reserve(woken), start + BUSY);
         assert_eq!(pacer.reserve(woken), start + BUSY * 2);
+    }
+
+    #[test]
+    fn earliest_tells_the_slot_without_taking_it() {
+        let mut pacer = Pacer::new(Duration::ZERO, BUSY);
+        let start = Instant::now();
+        pacer.started(start);
+        pacer.finished(BUSY_ROWS);
+        assert_eq!(pacer.earliest(start + ms(1)), start + BUSY);
+        assert_eq!(pacer.earliest(start + ms(1)), start + BUSY);
+        pacer.started(start + ms(2));
+        assert_eq!(pacer.earliest(start + ms(2)), start + ms(2) + BUSY);
     }
 
     #[test]

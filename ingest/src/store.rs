@@ -19,17 +19,20 @@
 //! outside the commit.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
+use std::time::Duration;
 
 use contract::event::TelemetryRecorded;
 use contract::reading::Reading;
 use deadpool_postgres::Pool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
+use crate::http::server::OpenConnections;
 use crate::outbox_notify::{Notifier, Signal};
+use crate::pacing::Pacer;
 
 /// A reading ready to be written, with everything its row, key and event hold.
 #[derive(Debug, Clone)]
@@ -143,21 +146,29 @@ pub struct GroupCommit {
     /// Readings that must be waiting before a commit starts beside one in flight.
     pub parallel_min: usize,
     pub queue_capacity: usize,
+    /// After a commit of [`BUSY_ROWS`](crate::pacing::BUSY_ROWS) or more readings, a
+    /// batch under half of `parallel_min` starts no sooner than this after it
+    /// (`ingest.commit_interval_ms`; zero: at once): a little of the `202`'s latency
+    /// spent on fewer, larger commits.
+    pub interval: Duration,
 }
 
 impl Store {
     /// Starts the dispatcher, and the `notifier` that wakes the relays after commits
-    /// (without one the relays find new rows by polling). The returned task ends once
-    /// every `Store` clone has been dropped, after the last commit and its NOTIFY.
+    /// (without one the relays find new rows by polling). `clients`, the HTTP
+    /// connections the submissions come from, lets a paced batch start as soon as every
+    /// one of them is waiting in it. The returned task ends once every `Store` clone has
+    /// been dropped, after the last commit and its NOTIFY.
     pub fn start(
         pool: Pool,
         limits: GroupCommit,
         notifier: Option<Notifier>,
+        clients: Option<OpenConnections>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(limits.queue_capacity);
         let (signal, notifier) = notifier.map(Notifier::start).unzip();
         let dispatcher = tokio::spawn(async move {
-            dispatch(pool, receiver, limits, signal).await;
+            dispatch(pool, receiver, limits, signal, clients).await;
             // The dispatcher dropped the last signal: the notifier sends what it owes
             // and ends.
             if let Some(notifier) = notifier {
@@ -198,28 +209,51 @@ impl Store {
 /// readings, beside it, up to `concurrency` commits. So light load pays one round trip
 /// per request and never spreads a trickle over several transactions, while heavy load
 /// keeps one backend executing while another waits for its WAL flush (about half of a
-/// commit's time on this box). When `concurrency` commits are in flight and the batch is
-/// full the dispatcher stops taking submissions: the queue fills and [`Store::submit`]
-/// answers `Overloaded`.
+/// commit's time on this box). With `interval` set, a batch under half of
+/// `parallel_min` that follows a busy commit waits until that long after its start
+/// ([`crate::pacing`]), unless every open connection of `clients` has a submission in it.
+/// When `concurrency` commits are in flight and the batch is full the dispatcher stops
+/// taking submissions: the queue fills and [`Store::submit`] answers `Overloaded`.
 async fn dispatch(
     pool: Pool,
     mut receiver: mpsc::Receiver<Pending>,
     limits: GroupCommit,
     signal: Option<Signal>,
+    clients: Option<OpenConnections>,
 ) {
     let mut commits = tokio::task::JoinSet::new();
     let mut batch = Batch::default();
+    let mut pacer = Pacer::new(Duration::ZERO, limits.interval);
     let mut open = true;
     loop {
         if open {
             batch.take_waiting(&mut receiver, limits.batch_max);
         }
+        // A small batch waits for its slot when paced, gathering meanwhile, unless
+        // every client is already in it: clients that wait for their answers before
+        // sending again (a closed loop) cannot add to it by waiting.
+        let mut paced_until = None;
         if batch.may_start(commits.len(), &limits) {
-            let pool = pool.clone();
-            let signal = signal.clone();
-            let submissions = batch.start_next();
-            commits.spawn(async move { commit_batch(&pool, submissions, signal.as_ref()).await });
-            continue;
+            let now = Instant::now();
+            let everyone_in = clients
+                .as_ref()
+                .is_some_and(|open| batch.submissions.len() >= open.get());
+            let start = if batch.may_be_paced(&limits) && !everyone_in {
+                pacer.earliest(now)
+            } else {
+                now
+            };
+            if start <= now {
+                pacer.started(now);
+                pacer.finished(batch.readings);
+                let pool = pool.clone();
+                let signal = signal.clone();
+                let submissions = batch.start_next();
+                commits
+                    .spawn(async move { commit_batch(&pool, submissions, signal.as_ref()).await });
+                continue;
+            }
+            paced_until = Some(start);
         }
         if !open && batch.is_empty() && commits.is_empty() {
             break;
@@ -231,6 +265,8 @@ async fn dispatch(
                 None => open = false,
             },
             Some(_) = commits.join_next(), if !commits.is_empty() => {}
+            () = tokio::time::sleep_until(paced_until.unwrap_or_else(Instant::now)),
+                if paced_until.is_some() => {}
         }
     }
 }
@@ -259,8 +295,19 @@ impl Batch {
             return false;
         }
         let room = in_flight < limits.concurrency.max(1);
-        let worth_a_commit = self.readings >= limits.parallel_min || self.is_full(limits.batch_max);
-        in_flight == 0 || (room && worth_a_commit)
+        in_flight == 0 || (room && self.worth_a_commit(limits))
+    }
+
+    /// Large enough to start beside a commit in flight.
+    fn worth_a_commit(&self, limits: &GroupCommit) -> bool {
+        self.readings >= limits.parallel_min || self.is_full(limits.batch_max)
+    }
+
+    /// Small enough to wait for its slot when commits are paced: under half of
+    /// `parallel_min`. Closed-loop clients that keep commits of 25-32 readings going
+    /// cannot fill a bigger one by waiting (PERFORMANCE.md, *Pacing the group commit*).
+    fn may_be_paced(&self, limits: &GroupCommit) -> bool {
+        self.readings * 2 < limits.parallel_min && !self.is_full(limits.batch_max)
     }
 
     fn add(&mut self, pending: Pending, batch_max: usize) {
@@ -476,6 +523,7 @@ mod tests {
         concurrency: 2,
         parallel_min: 4,
         queue_capacity: 100,
+        interval: Duration::ZERO,
     };
 
     fn submission(readings: usize) -> Pending {
@@ -518,6 +566,13 @@ mod tests {
     fn a_batch_of_parallel_min_starts_beside_others_up_to_the_concurrency() {
         assert!(batch_of(&[2, 2]).may_start(1, &LIMITS));
         assert!(!batch_of(&[2, 2]).may_start(2, &LIMITS));
+    }
+
+    #[test]
+    fn only_a_batch_under_half_of_parallel_min_may_be_paced() {
+        assert!(batch_of(&[1]).may_be_paced(&LIMITS));
+        assert!(!batch_of(&[2]).may_be_paced(&LIMITS));
+        assert!(!batch_of(&[25]).may_be_paced(&LIMITS));
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub async fn fill(
         concurrency: 4,
         parallel_min: 32,
         queue_capacity: 8192,
+        interval: Duration::ZERO,
     };
     let database = DatabaseSettings {
         url: database_url.to_owned(),
@@ -65,7 +66,7 @@ pub async fn fill(
         ingest::db::pg_config(&database)?,
         Duration::from_millis(database.connect_timeout_ms),
     );
-    let (store, dispatcher) = Store::start(pool, limits, Some(notifier));
+    let (store, dispatcher) = Store::start(pool, limits, Some(notifier), None);
     let run = run_id();
     let started = Instant::now();
     let mut statuses = Statuses::default();

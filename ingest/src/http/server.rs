@@ -15,6 +15,7 @@
 //! stall at 3,600 readings/s one ran ingest up to 2,048 connections and 60 MiB
 //! (2026-12-01), where it otherwise stays under 35.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,11 +43,55 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
 }
 
+/// How many connections a listener holds open right now; cheap to clone and read.
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one more until the returned guard is dropped.
+    pub fn hold(&self) -> OpenConnection {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.0.clone())
+    }
+}
+
+/// One connection counted in [`OpenConnections`].
+#[derive(Debug)]
+pub struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves `router` until `shutdown`, then lets the requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    serve_counted(
+        listener,
+        router,
+        limits,
+        OpenConnections::default(),
+        shutdown,
+    )
+    .await;
+}
+
+/// [`serve`], keeping `open` at the number of connections held open.
+pub async fn serve_counted(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    open: OpenConnections,
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
@@ -79,8 +124,9 @@ pub async fn serve(
                 .map_request(|request: Request<Incoming>| request.map(Body::new)),
         );
         let shutdown = shutdown.clone();
+        let counted = open.hold();
         connections.spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, counted);
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

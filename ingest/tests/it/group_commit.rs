@@ -1,10 +1,11 @@
 //! The group commit with several commits in flight: the same keys in concurrent
-//! commits, every submission answered, every key stored once.
+//! commits, every submission answered, every key stored once; and its pacing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use contract::reading::Reading;
+use ingest::http::server::OpenConnections;
 use ingest::outbox_notify::Notifier;
 use ingest::store::{GroupCommit, NewReading, Outcome, Store};
 use testkit::TestEnv;
@@ -31,12 +32,13 @@ async fn parallel_commits_store_each_key_once_and_answer_every_submission() {
         concurrency: 4,
         parallel_min: 1,
         queue_capacity: 10_000,
+        interval: Duration::ZERO,
     };
     let notifier = Notifier::new(
         ingest::db::pg_config(&env.settings.database).expect("database url"),
         Duration::from_secs(2),
     );
-    let (store, dispatcher) = Store::start(pool, limits, Some(notifier));
+    let (store, dispatcher) = Store::start(pool, limits, Some(notifier), None);
 
     // 200 keys over 20 devices; each key sent three times, twice with the same reading
     // and once with a different one, in an order that spreads the copies of a key over
@@ -120,4 +122,66 @@ async fn parallel_commits_store_each_key_once_and_answer_every_submission() {
             "{key}: the accepted reading is the stored one"
         );
     }
+}
+
+/// `ingest.commit_interval_ms`: after a commit of several readings, a small batch waits
+/// until the interval after that commit's start, unless every open connection already
+/// has its submission in it (a closed loop, which waiting could not add to).
+#[tokio::test]
+async fn a_paced_batch_waits_for_its_slot_unless_every_client_is_in_it() {
+    const INTERVAL: Duration = Duration::from_secs(2);
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let pool = ingest::db::pool(&env.settings.database).expect("pool");
+    let limits = GroupCommit {
+        batch_max: 500,
+        concurrency: 2,
+        parallel_min: 32,
+        queue_capacity: 1_000,
+        interval: INTERVAL,
+    };
+    let clients = OpenConnections::default();
+    let mut connections: Vec<_> = (0..10).map(|_| clients.hold()).collect();
+    let (store, dispatcher) = Store::start(pool, limits, None, Some(clients.clone()));
+    let submit = |key: &str, readings: usize| {
+        let batch = (0..readings)
+            .map(|device| {
+                NewReading::new(
+                    reading(device, 1.0),
+                    key.to_owned(),
+                    OffsetDateTime::now_utc(),
+                )
+            })
+            .collect();
+        store.submit_all(batch)
+    };
+    let accepted = |outcomes: Vec<Outcome>| {
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, Outcome::Accepted { .. }))
+    };
+
+    // A busy commit (4 readings), then one reading while 9 other connections are open.
+    let busy_started = tokio::time::Instant::now();
+    assert!(accepted(submit("busy-1", 4).await.expect("busy commit")));
+    assert!(accepted(submit("paced", 1).await.expect("paced commit")));
+    let waited = busy_started.elapsed();
+    assert!(
+        waited >= INTERVAL,
+        "the small batch started {waited:?} after the busy one"
+    );
+
+    // The same with the one reading's connection the only one open: it starts at once.
+    connections.truncate(1);
+    assert_eq!(clients.get(), 1);
+    let busy_started = tokio::time::Instant::now();
+    assert!(accepted(submit("busy-2", 4).await.expect("busy commit")));
+    assert!(accepted(
+        submit("closed-loop", 1).await.expect("closed-loop commit")
+    ));
+    let waited = busy_started.elapsed();
+    assert!(waited < INTERVAL / 2, "a closed loop waited {waited:?}");
+
+    drop(store);
+    dispatcher.await.expect("dispatcher ends");
 }
