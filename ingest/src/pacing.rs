@@ -1,9 +1,12 @@
 //! When the next round of a batching stage may start: soon after a light round, spaced
-//! out after a busy one. Ingest's NOTIFYs ([`crate::outbox_notify`]) and the relay's
-//! rounds ([`crate::relay`]) are paced by it; the busy intervals
-//! (`ingest.notify_interval_ms`, `relay.round_interval_ms`) are 0 by default, which
-//! keeps every round as early as it can be, and an operator who would rather spend
-//! latency than CPU sets them (e.g. 4).
+//! out after a busy one. Ingest's group commits ([`crate::store`]), its NOTIFYs
+//! ([`crate::outbox_notify`]) and the relay's rounds ([`crate::relay`]) are paced by
+//! it. The commits are paced by default (`ingest.commit_interval_ms`, 4): the wait
+//! comes before the `202`, a commit paces everything after it, and a closed loop of
+//! clients is never held (see the store). The NOTIFYs and relay rounds, whose waits
+//! come after the `202`, are not (`ingest.notify_interval_ms`,
+//! `relay.round_interval_ms`, 0): an operator who would rather spend latency than CPU
+//! sets them (e.g. 4).
 //!
 //! A round has a fixed cost beside its cost per row: a NOTIFY is a transaction, and the
 //! relay round it wakes is a transaction with a commit and the statements' round trips
