@@ -50,7 +50,9 @@ pub async fn serve(
         Duration::from_millis(settings.database.connect_timeout_ms),
     )
     .paced(Duration::from_millis(settings.ingest.notify_interval_ms));
-    let open_connections = http::server::OpenConnections::default();
+    // The connections readings come from: a paced group commit starts at once when
+    // every one of them has its request in it.
+    let open_connections = http::server::OpenConnections::new("/v1/telemetry");
     let (store, dispatcher) = Store::start(
         pool.clone(),
         GroupCommit {

@@ -211,9 +211,10 @@ impl Store {
 /// keeps one backend executing while another waits for its WAL flush (about half of a
 /// commit's time on this box). With `interval` set, a batch under half of
 /// `parallel_min` that follows a busy commit waits until that long after its start
-/// ([`crate::pacing`]), unless every open connection of `clients` has a submission in it.
-/// When `concurrency` commits are in flight and the batch is full the dispatcher stops
-/// taking submissions: the queue fills and [`Store::submit`] answers `Overloaded`.
+/// ([`crate::pacing`]), unless every connection counted in `clients` (those that
+/// posted readings) has a submission in it. When `concurrency` commits are in flight
+/// and the batch is full the dispatcher stops taking submissions: the queue fills and
+/// [`Store::submit`] answers `Overloaded`.
 async fn dispatch(
     pool: Pool,
     mut receiver: mpsc::Receiver<Pending>,

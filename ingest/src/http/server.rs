@@ -15,7 +15,7 @@
 //! stall at 3,600 readings/s one ran ingest up to 2,048 connections and 60 MiB
 //! (2026-12-01), where it otherwise stays under 35.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,29 +43,66 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
 }
 
-/// How many connections a listener holds open right now; cheap to clone and read.
-#[derive(Debug, Clone, Default)]
-pub struct OpenConnections(Arc<AtomicUsize>);
+/// How many of a listener's open connections have sent a request whose path starts
+/// with a prefix (ingest: `/v1/telemetry`, the connections readings come from; an idle
+/// scraper of `/metrics` is not one). Cheap to clone and read.
+#[derive(Debug, Clone)]
+pub struct OpenConnections {
+    prefix: &'static str,
+    count: Arc<AtomicUsize>,
+}
 
 impl OpenConnections {
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+    pub fn new(prefix: &'static str) -> Self {
+        Self {
+            prefix,
+            count: Arc::default(),
+        }
     }
 
-    /// Counts one more until the returned guard is dropped.
-    pub fn hold(&self) -> OpenConnection {
-        self.0.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(self.0.clone())
+    pub fn get(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Counts one connection by hand until the returned guard is dropped, as a
+    /// connection that sent a request under the prefix is counted until it closes.
+    pub fn hold(&self) -> CountedConnection {
+        let connection = self.connection();
+        connection.saw(self.prefix);
+        connection
+    }
+
+    fn connection(&self) -> CountedConnection {
+        CountedConnection {
+            prefix: self.prefix,
+            count: self.count.clone(),
+            counted: AtomicBool::new(false),
+        }
     }
 }
 
-/// One connection counted in [`OpenConnections`].
+/// One connection of [`OpenConnections`]: counted from its first request under the
+/// prefix until it is dropped.
 #[derive(Debug)]
-pub struct OpenConnection(Arc<AtomicUsize>);
+pub struct CountedConnection {
+    prefix: &'static str,
+    count: Arc<AtomicUsize>,
+    counted: AtomicBool,
+}
 
-impl Drop for OpenConnection {
+impl CountedConnection {
+    fn saw(&self, path: &str) {
+        if path.starts_with(self.prefix) && !self.counted.swap(true, Ordering::Relaxed) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for CountedConnection {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if *self.counted.get_mut() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -80,13 +117,13 @@ pub async fn serve(
         listener,
         router,
         limits,
-        OpenConnections::default(),
+        OpenConnections::new("/"),
         shutdown,
     )
     .await;
 }
 
-/// [`serve`], keeping `open` at the number of connections held open.
+/// [`serve`], keeping `open` up to date.
 pub async fn serve_counted(
     listener: TcpListener,
     router: Router,
@@ -118,13 +155,15 @@ pub async fn serve_counted(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(
-            router
-                .clone()
-                .map_request(|request: Request<Incoming>| request.map(Body::new)),
-        );
+        let counted = Arc::new(open.connection());
+        let seen = counted.clone();
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |request: Request<Incoming>| {
+                seen.saw(request.uri().path());
+                request.map(Body::new)
+            },
+        ));
         let shutdown = shutdown.clone();
-        let counted = open.hold();
         connections.spawn(async move {
             let _slot = (slot, counted);
             let mut builder = http1::Builder::new();
@@ -149,4 +188,60 @@ pub async fn serve_counted(
     }
     connections.close();
     connections.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::{get, post};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn exchange(stream: &mut TcpStream, request: &str) {
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = [0u8; 1024];
+        let read = stream.read(&mut answer).await.expect("read");
+        assert!(answer[..read].starts_with(b"HTTP/1.1 2"), "answered");
+    }
+
+    #[tokio::test]
+    async fn a_connection_counts_from_its_first_request_under_the_prefix_until_it_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let router = Router::new()
+            .route("/v1/telemetry", post(|| async { "accepted" }))
+            .route("/metrics", get(|| async { "" }));
+        let open = OpenConnections::new("/v1/telemetry");
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 8192,
+            max_connections: 16,
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_counted(
+            listener,
+            router,
+            limits,
+            open.clone(),
+            shutdown.clone(),
+        ));
+
+        let mut scraper = TcpStream::connect(address).await.expect("connect");
+        exchange(&mut scraper, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(open.get(), 0, "a scraper is not counted");
+        let mut device = TcpStream::connect(address).await.expect("connect");
+        let post = "POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+        exchange(&mut device, post).await;
+        exchange(&mut device, post).await;
+        assert_eq!(open.get(), 1, "counted once, however many requests");
+        drop(device);
+        let closed = tokio::time::Instant::now();
+        while open.get() != 0 {
+            assert!(closed.elapsed() < Duration::from_secs(5), "still counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(scraper);
+        shutdown.cancel();
+        server.await.expect("server stops");
+    }
 }

@@ -140,7 +140,7 @@ async fn a_paced_batch_waits_for_its_slot_unless_every_client_is_in_it() {
         queue_capacity: 1_000,
         interval: INTERVAL,
     };
-    let clients = OpenConnections::default();
+    let clients = OpenConnections::new("/v1/telemetry");
     let mut connections: Vec<_> = (0..10).map(|_| clients.hold()).collect();
     let (store, dispatcher) = Store::start(pool, limits, None, Some(clients.clone()));
     let submit = |key: &str, readings: usize| {
