@@ -52,7 +52,7 @@ pub async fn serve(
     .paced(Duration::from_millis(settings.ingest.notify_interval_ms));
     // The connections readings come from: a paced group commit starts at once when
     // every one of them has its request in it.
-    let open_connections = http::server::OpenConnections::new("/v1/telemetry");
+    let open_connections = http::server::OpenConnections::new(http::READINGS_PATH);
     let (store, dispatcher) = Store::start(
         pool.clone(),
         GroupCommit {
@@ -99,7 +99,7 @@ pub async fn serve(
         listener,
         http::router(state),
         connection_limits(&settings),
-        open_connections,
+        Some(open_connections),
         shutdown,
     )
     .await;

@@ -236,10 +236,7 @@ async fn dispatch(
         let mut paced_until = None;
         if batch.may_start(commits.len(), &limits) {
             let now = Instant::now();
-            let everyone_in = clients
-                .as_ref()
-                .is_some_and(|open| batch.submissions.len() >= open.get());
-            let start = if batch.may_be_paced(&limits) && !everyone_in {
+            let start = if batch.may_be_paced(&limits) && !batch.holds_every(clients.as_ref()) {
                 pacer.earliest(now)
             } else {
                 now
@@ -309,6 +306,12 @@ impl Batch {
     /// cannot fill a bigger one by waiting (PERFORMANCE.md, *Pacing the group commit*).
     fn may_be_paced(&self, limits: &GroupCommit) -> bool {
         self.readings * 2 < limits.parallel_min && !self.is_full(limits.batch_max)
+    }
+
+    /// Whether every counted client has its submission here (HTTP/1.1: one request
+    /// per connection at a time), so that waiting could not add to the batch.
+    fn holds_every(&self, clients: Option<&OpenConnections>) -> bool {
+        clients.is_some_and(|open| self.submissions.len() >= open.get())
     }
 
     fn add(&mut self, pending: Pending, batch_max: usize) {

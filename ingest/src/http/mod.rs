@@ -52,11 +52,15 @@ impl AppState {
     }
 }
 
+/// Where readings are posted: `/v1/telemetry` and every path under it. The group
+/// commit's pacing counts the connections that posted here (`server::OpenConnections`).
+pub const READINGS_PATH: &str = "/v1/telemetry";
+
 /// The whole ingest API; tests drive it over a real listener.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/telemetry", post(telemetry::post_telemetry))
-        .route("/v1/telemetry/batch", post(batch::post_batch))
+        .route(READINGS_PATH, post(telemetry::post_telemetry))
+        .route(&format!("{READINGS_PATH}/batch"), post(batch::post_batch))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))

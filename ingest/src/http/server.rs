@@ -113,22 +113,15 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) {
-    serve_counted(
-        listener,
-        router,
-        limits,
-        OpenConnections::new("/"),
-        shutdown,
-    )
-    .await;
+    serve_counted(listener, router, limits, None, shutdown).await;
 }
 
-/// [`serve`], keeping `open` up to date.
+/// [`serve`], keeping `open` up to date when given.
 pub async fn serve_counted(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
-    open: OpenConnections,
+    open: Option<OpenConnections>,
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
@@ -155,11 +148,13 @@ pub async fn serve_counted(
             }
         };
         let _ = stream.set_nodelay(true);
-        let counted = Arc::new(open.connection());
+        let counted = open.as_ref().map(|open| Arc::new(open.connection()));
         let seen = counted.clone();
         let service = TowerToHyperService::new(router.clone().map_request(
             move |request: Request<Incoming>| {
-                seen.saw(request.uri().path());
+                if let Some(seen) = &seen {
+                    seen.saw(request.uri().path());
+                }
                 request.map(Body::new)
             },
         ));
@@ -222,7 +217,7 @@ mod tests {
             listener,
             router,
             limits,
-            open.clone(),
+            Some(open.clone()),
             shutdown.clone(),
         ));
 
