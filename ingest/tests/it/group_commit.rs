@@ -8,10 +8,11 @@ use contract::reading::Reading;
 use ingest::http::server::OpenConnections;
 use ingest::outbox_notify::Notifier;
 use ingest::store::{GroupCommit, NewReading, Outcome, Store};
+use serde_json::{json, Value};
 use testkit::TestEnv;
 use time::OffsetDateTime;
 
-use crate::support::migrate;
+use crate::support::{migrate, reading as posted_reading, Ingest};
 
 fn reading(device: usize, temperature: f64) -> Reading {
     Reading {
@@ -140,7 +141,7 @@ async fn a_paced_batch_waits_for_its_slot_unless_every_client_is_in_it() {
         queue_capacity: 1_000,
         interval: INTERVAL,
     };
-    let clients = OpenConnections::new("/v1/telemetry");
+    let clients = OpenConnections::new(ingest::http::READINGS_PATH);
     let mut connections: Vec<_> = (0..10).map(|_| clients.hold()).collect();
     let (store, dispatcher) = Store::start(pool, limits, None, Some(clients.clone()));
     let submit = |key: &str, readings: usize| {
@@ -184,4 +185,67 @@ async fn a_paced_batch_waits_for_its_slot_unless_every_client_is_in_it() {
 
     drop(store);
     dispatcher.await.expect("dispatcher ends");
+}
+
+/// The same through ingest's own HTTP server: the connections counted are those that
+/// posted readings (the single and the batch endpoint alike), so a client that sends
+/// each reading after the last one's `202` is never held, and an idle connection that
+/// posted before makes the paced reading wait for its slot.
+#[tokio::test]
+async fn over_http_a_paced_reading_waits_only_while_another_posting_connection_is_open() {
+    const INTERVAL_MS: u64 = 2_000;
+    let mut env = TestEnv::new();
+    env.settings.ingest.commit_interval_ms = INTERVAL_MS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let busy_batch = |round: &str| {
+        let items: Vec<Value> = (0..4)
+            .map(|device| {
+                json!({"idempotency_key": format!("busy-{round}"), "device_id": format!("sensor-{device}"),
+                       "metrics": {"temperature": 1.0}})
+            })
+            .collect();
+        ingest
+            .http
+            .post(format!("{}/v1/telemetry/batch", ingest.base_url))
+            .json(&json!({ "readings": items }))
+            .send()
+    };
+
+    // One client, one connection: a batch of 4 (a busy commit), then one reading.
+    let started = tokio::time::Instant::now();
+    let batch = busy_batch("1").await.expect("batch sent");
+    assert_eq!(batch.status().as_u16(), 200, "{:?}", batch.text().await);
+    ingest
+        .accept("alone", &posted_reading("sensor-9", 1.0))
+        .await;
+    let waited = started.elapsed();
+    assert!(
+        waited.as_millis() < u128::from(INTERVAL_MS / 2),
+        "the only client waited {waited:?}"
+    );
+
+    // Another client posts once and keeps its connection open, idle.
+    let other = reqwest::Client::new();
+    let posted = other
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("idempotency-key", "other")
+        .json(&posted_reading("sensor-8", 1.0))
+        .send()
+        .await
+        .expect("other client's reading sent");
+    assert_eq!(posted.status().as_u16(), 202);
+    let started = tokio::time::Instant::now();
+    let batch = busy_batch("2").await.expect("batch sent");
+    assert_eq!(batch.status().as_u16(), 200, "{:?}", batch.text().await);
+    ingest
+        .accept("paced", &posted_reading("sensor-9", 2.0))
+        .await;
+    let waited = started.elapsed();
+    assert!(
+        waited.as_millis() >= u128::from(INTERVAL_MS),
+        "the paced reading waited only {waited:?}"
+    );
+
+    drop(other);
+    ingest.stop().await;
 }
