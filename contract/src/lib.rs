@@ -12,7 +12,7 @@
 //! - [`subjects`]: stream and subject names derived from the configured stream.
 //! - [`read_model`]: the Redis key layout and hash fields the projector writes and the
 //!   query service reads.
-//! - [`reference`]: the reference model (a fold over readings) tests compare against.
+//! - [`reference`](mod@reference): the reference model (a fold over readings) tests compare against.
 //! - [`problem`]: RFC 9457 problem documents every HTTP error is rendered as.
 //! - [`timestamp`]: the one RFC 3339 format used in responses and events.
 //! - [`settings`]: the layered configuration of every process.

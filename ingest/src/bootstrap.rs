@@ -21,7 +21,7 @@ pub fn init_tracing(settings: &LogSettings) {
 }
 
 /// How often the recorder's histograms are drained into their buckets between scrapes.
-const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+pub const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Installs the process-wide Prometheus recorder; a second call (several services in
 /// one test process) gets a handle of its own that nothing records into.

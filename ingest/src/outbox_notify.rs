@@ -8,7 +8,7 @@
 //! overlap their WAL flushes (pgbench doing ingest's statement, 1 reading per
 //! transaction at 64 clients, makes about half as many transactions a second with the
 //! NOTIFY as without; PERFORMANCE.md). Now a commit that inserted outbox rows
-//! raises a [`Signal`] once it has returned, and one task per ingest process sends the
+//! raises a `Signal` once it has returned, and one task per ingest process sends the
 //! NOTIFY:
 //!
 //! - At most one NOTIFY is in flight; the signals raised meanwhile collapse into one
@@ -27,7 +27,7 @@
 //!   failed NOTIFY is logged (a warning for the first of a series), the connection is
 //!   dropped, and the next signal is sent after a backoff; meanwhile the relays' poll
 //!   finds the rows.
-//! - It ends once every [`Signal`] is gone (the dispatcher ended), after sending what
+//! - It ends once every `Signal` is gone (the dispatcher ended), after sending what
 //!   it still owes unless PostgreSQL was failing.
 
 use std::sync::atomic::{AtomicUsize, Ordering};

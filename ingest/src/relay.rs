@@ -19,7 +19,7 @@
 //! WAL flush, which serialised ingest's parallel commits (the trigger that did so was
 //! dropped by migration 0004). A notification therefore always finds its rows
 //! committed; one lost (an ingest crash right after a commit) costs a poll interval.
-//! A claim starts at a floor below which every row is published ([`claim_floor`]), not
+//! A claim starts at a floor below which every row is published (the module `claim_floor`), not
 //! at the index's start, which holds the entries of every row marked since the last vacuum.
 //! It runs `rounds_in_flight` rounds at once, so rows committed while one round marks
 //! and commits are claimed by another right away. With `round_interval_ms` set (0 by
@@ -28,7 +28,7 @@
 //! and tries again.
 //!
 //! Between rounds it checks that the stream still holds what it published and
-//! republishes what a NATS host crash lost ([`stream_check`]). Its PostgreSQL sessions
+//! republishes what a NATS host crash lost (the module `stream_check`). Its PostgreSQL sessions
 //! carry `idle_in_transaction_session_timeout`, so a relay paused mid-round (SIGSTOP, a
 //! hung host) loses its session and its claimed rows go to another relay; the paused
 //! relay's statements then fail and it carries on with a new connection.

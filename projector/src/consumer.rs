@@ -533,7 +533,7 @@ fn durable_consumer_config(
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
 /// a Redis restart) or when a rebuild was abandoned by a process that died. Several
 /// projectors may run this; the rebuild lock lets one of them do the work. Every second
-/// it also looks at the durable consumer ([`watch_consumer`]).
+/// it also looks at the durable consumer (`watch_consumer`).
 pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
     let mut redis = rebuild.redis.clone();
     let prefix = rebuild.read_model.prefix.clone();

@@ -37,7 +37,7 @@ pub struct DeviceView {
     /// Per metric, per window name: the aggregate (`None` when the window is empty).
     pub windows: BTreeMap<String, BTreeMap<&'static str, Option<Aggregate>>>,
     /// The first 10 s bucket in which these windows would be other ones without a new
-    /// event (see [`windows_change_at`]).
+    /// event (see `ByResolution::windows_change_at`).
     pub windows_change_at: i64,
 }
 

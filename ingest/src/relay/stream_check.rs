@@ -68,7 +68,7 @@ impl Relay {
     /// Checks that the stream still holds the newest published row's message and, if
     /// not, marks every kept row whose message the stream lost as unpublished again.
     ///
-    /// Claims start from the index's start again afterwards ([`super::claim_floor`]):
+    /// Claims start from the index's start again afterwards (the module `relay::claim_floor`):
     /// this relay's repair, or another relay's, may have made rows below the floor
     /// unpublished.
     pub async fn check_stream(&self) -> anyhow::Result<StreamCheckOutcome> {
