@@ -148,8 +148,9 @@ pub async fn serve_counted(
             }
         };
         let _ = stream.set_nodelay(true);
-        let counted = open.as_ref().map(|open| Arc::new(open.connection()));
-        let seen = counted.clone();
+        // The service, and with it this connection's place in the count, lives as long
+        // as the connection.
+        let seen = open.as_ref().map(|open| Arc::new(open.connection()));
         let service = TowerToHyperService::new(router.clone().map_request(
             move |request: Request<Incoming>| {
                 if let Some(seen) = &seen {
@@ -160,7 +161,7 @@ pub async fn serve_counted(
         ));
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let _slot = (slot, counted);
+            let _slot = slot;
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
