@@ -6,6 +6,7 @@ mod batch;
 mod fuzz;
 mod group_commit;
 mod metrics;
+mod open_connections;
 mod outbox_notify;
 mod relay;
 mod relay_stream_loss;
