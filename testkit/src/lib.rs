@@ -8,6 +8,8 @@
 //! - [`PrivateNats`]: a nats-server of the test's own, which it may kill and cut back.
 //! - [`prometheus`]: one series of a `/metrics` scrape, by name and labels.
 //! - [`process`]: a service's real binary on a free port, scraped, stopped with SIGTERM.
+//! - [`SplitMix`]: a seeded generator, so a failing run can be repeated exactly.
+//! - [`assert_same_figures`]: a device's figures in the read model against the reference model's.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -18,12 +20,16 @@ use contract::settings::Settings;
 use contract::subjects::Subjects;
 use rand::Rng;
 
+mod figures;
 mod private_nats;
+mod split_mix;
+pub use figures::{assert_same_figures, Sums};
 pub use private_nats::{
     stream_messages_dir, truncate_stream_store, PrivateNats, NATS_SERVER_BINARY,
 };
 pub mod process;
 pub mod prometheus;
+pub use split_mix::SplitMix;
 
 /// The workspace's `config/` directory.
 pub fn config_dir() -> PathBuf {

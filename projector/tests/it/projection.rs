@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use testkit::TestEnv;
 
 use crate::support::{
-    assert_figures, drained, event, now_ms, projected, publish, publish_many, reference, streams,
-    Projector, SplitMix,
+    assert_same_figures, drained, event, now_ms, projected, publish, publish_many, reference,
+    streams, Projector, SplitMix, Sums,
 };
 
 #[tokio::test]
@@ -77,7 +77,7 @@ async fn events_for_several_devices_and_metrics_are_projected_as_an_independent_
     let actual = projected(&env, &expected).await;
     drained(&env, &jetstream, events.len() as u64).await;
     for (device, want) in &expected {
-        assert_figures(device, &actual[device], want);
+        assert_same_figures(device, &actual[device], want, Sums::Exact);
         assert_eq!(
             actual[device].as_of_seq,
             last_sequence_of[device.as_str()],
@@ -145,7 +145,7 @@ async fn two_projectors_sharing_the_durable_consumer_give_the_figures_of_the_fol
     let actual = projected(&env, &expected).await;
     assert_eq!(actual.len(), expected.len());
     for (device, want) in &expected {
-        assert_figures(device, &actual[device], want);
+        assert_same_figures(device, &actual[device], want, Sums::Exact);
         let last_sequence = messages
             .iter()
             .zip(&sequences)

@@ -13,6 +13,7 @@ use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
 use projector::apply::ReadModel;
 use redis::aio::ConnectionManager;
+pub use testkit::{assert_same_figures, SplitMix, Sums};
 use testkit::{eventually, TestEnv};
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
@@ -304,70 +305,4 @@ pub fn reference<'a>(
         .into_iter()
         .filter_map(|device| Some((device.clone(), model.device(&device)?)))
         .collect()
-}
-
-/// Asserts that the read model of `device` holds exactly the reference figures.
-///
-/// Sums are compared exactly: the tests use values that are multiples of 1/4 and small
-/// enough that every partial sum is exact in binary, so the order of addition (which
-/// differs between the projector and the fold) cannot matter.
-pub fn assert_figures(device: &str, actual: &DeviceStats, expected: &DeviceStats) {
-    assert_eq!(
-        actual.sample_count, expected.sample_count,
-        "{device}: sample_count"
-    );
-    assert_eq!(
-        actual.first_seen_ms, expected.first_seen_ms,
-        "{device}: first_seen"
-    );
-    assert_eq!(
-        actual.last_seen_ms, expected.last_seen_ms,
-        "{device}: last_seen"
-    );
-    assert_eq!(
-        actual.metrics.keys().collect::<Vec<_>>(),
-        expected.metrics.keys().collect::<Vec<_>>(),
-        "{device}: metric names"
-    );
-    for (name, want) in &expected.metrics {
-        let got = &actual.metrics[name];
-        assert_eq!(got.count, want.count, "{device} {name}: count");
-        assert_eq!(got.sum, want.sum, "{device} {name}: sum");
-        assert_eq!(got.min, want.min, "{device} {name}: min");
-        assert_eq!(got.max, want.max, "{device} {name}: max");
-        assert_eq!(got.last, want.last, "{device} {name}: last");
-        assert_eq!(got.last_at_ms, want.last_at_ms, "{device} {name}: last_at");
-    }
-}
-
-/// A small deterministic generator, so a failing run can be repeated exactly.
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..bound`.
-    pub fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-
-    /// A multiple of 1/4 in [-50, 50): exact in binary, and so are sums of a few
-    /// thousand of them.
-    pub fn quarter(&mut self) -> f64 {
-        (self.below(400) as f64 - 200.0) / 4.0
-    }
-
-    /// Shuffles `items` in place (Fisher-Yates).
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for index in (1..items.len()).rev() {
-            let other = self.below(index as u64 + 1) as usize;
-            items.swap(index, other);
-        }
-    }
 }

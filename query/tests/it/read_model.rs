@@ -11,14 +11,14 @@ use contract::event::{headers, TelemetryRecorded};
 use contract::read_model::{
     generation_pattern, meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, WINDOWS,
 };
-use contract::reference::{sums_agree, ModelReading, ReferenceModel};
+use contract::reference::{ModelReading, ReferenceModel};
 use contract::subjects::Subjects;
 use contract::timestamp::{format_millis, from_unix_millis, unix_millis};
 use proptest::prelude::*;
 use query::read_model::ReadModel;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
-use testkit::{eventually, TestEnv};
+use testkit::{assert_same_figures, eventually, Sums, TestEnv};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -113,50 +113,18 @@ async fn assert_matches_model(read_model: &ReadModel, model: &ReferenceModel) {
             .await
             .expect("read model answers")
             .expect("device known");
-        let actual = &view.stats;
-        assert_eq!(
-            actual.sample_count, expected.sample_count,
-            "{device} sample_count"
-        );
-        assert_eq!(
-            actual.first_seen_ms, expected.first_seen_ms,
-            "{device} first_seen"
-        );
-        assert_eq!(
-            actual.last_seen_ms, expected.last_seen_ms,
-            "{device} last_seen"
-        );
-        assert_eq!(
-            actual.metrics.keys().collect::<Vec<_>>(),
-            expected.metrics.keys().collect::<Vec<_>>(),
-            "{device} metrics"
-        );
-        for (name, want) in &expected.metrics {
-            let got = &actual.metrics[name];
-            let what = format!("{device}.{name}");
-            assert_eq!(got.count, want.count, "{what} count");
-            assert!(
-                sums_agree(got.sum, want.sum),
-                "{what} sum {} != {}",
-                got.sum,
-                want.sum
-            );
-            assert_eq!((got.min, got.max), (want.min, want.max), "{what} min/max");
-            assert_eq!(
-                (got.last, got.last_at_ms),
-                (want.last, want.last_at_ms),
-                "{what} last"
-            );
+        assert_same_figures(&device, &view.stats, &expected, Sums::WithinRounding);
+        for name in expected.metrics.keys() {
             for window in WINDOWS {
                 let want = model.window(&device, name, &window, now);
                 let got = view.windows[name][window.name];
-                let what = format!("{what} window {}", window.name);
+                let what = format!("{device}.{name} window {}", window.name);
                 match (got, want) {
                     (None, None) => {}
                     (Some(got), Some(want)) => {
                         assert_eq!(got.count, want.count, "{what} count");
                         assert!(
-                            sums_agree(got.sum, want.sum),
+                            Sums::WithinRounding.agree(got.sum, want.sum),
                             "{what} sum {} != {}",
                             got.sum,
                             want.sum
