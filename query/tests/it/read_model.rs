@@ -69,6 +69,19 @@ async fn publish_reading(env: &TestEnv, jetstream: &jetstream::Context, reading:
     .await;
 }
 
+/// Publishes every reading as the relay does and adds it to `model`.
+async fn publish_all(
+    env: &TestEnv,
+    jetstream: &jetstream::Context,
+    model: &mut ReferenceModel,
+    readings: impl IntoIterator<Item = ModelReading>,
+) {
+    for reading in readings {
+        publish_reading(env, jetstream, &reading).await;
+        model.apply(reading);
+    }
+}
+
 fn event_of(reading: &ModelReading) -> TelemetryRecorded {
     TelemetryRecorded::new(
         reading.event_id,
@@ -324,11 +337,8 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
     let side = ReadSide::start().await;
     let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     let mut model = ReferenceModel::new();
-    for index in 0..40 {
-        let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
-        publish_reading(env, jetstream, &reading).await;
-        model.apply(reading);
-    }
+    let heal = |index: i64| aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
+    publish_all(env, jetstream, &mut model, (0..40).map(heal)).await;
     wait_until_projected(env, &model).await;
 
     // What FLUSHALL does to this pipeline's keys (other tests share the server): the
@@ -352,11 +362,7 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
             .expect("keys deleted");
     }
     // Readings keep arriving during the outage.
-    for index in 40..50 {
-        let reading = aged(&format!("heal-{}", index % 4), index * 1_000, index as f64);
-        publish_reading(env, jetstream, &reading).await;
-        model.apply(reading);
-    }
+    publish_all(env, jetstream, &mut model, (40..50).map(heal)).await;
     let expected = model.device("heal-1").expect("known").sample_count;
     eventually(DEADLINE, "the read model healed", || async {
         let response = query.get("/v1/devices/heal-1/stats").await;
@@ -446,11 +452,8 @@ async fn a_device_whose_buckets_hash_became_a_hash_table_reads_like_the_model() 
     // 300 readings 10 s apart over the last 50 minutes: 300 10 s and 11 5 min bucket
     // fields, past the 256 at which apply.lua adds its hash-table field.
     let mut model = ReferenceModel::new();
-    for index in 0..300 {
-        let reading = aged("wide", 5_000 + index * 10_000, index as f64);
-        model.apply(reading.clone());
-        publish_reading(env, jetstream, &reading).await;
-    }
+    let readings = (0..300).map(|index| aged("wide", 5_000 + index * 10_000, index as f64));
+    publish_all(env, jetstream, &mut model, readings).await;
     wait_until_projected(env, &model).await;
     let generation = env.generation().await.expect("a live generation");
     let buckets = DeviceKeys::new(&env.settings.redis.prefix, generation, "wide").buckets;
@@ -670,15 +673,14 @@ async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
     let side = ReadSide::start().await;
     let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     let mut model = ReferenceModel::new();
-    for index in 0..20 {
-        let reading = aged(
+    let readings = (0..20).map(|index| {
+        aged(
             &format!("layout-{}", index % 2),
             index * 1_000,
             index as f64,
-        );
-        publish_reading(env, jetstream, &reading).await;
-        model.apply(reading);
-    }
+        )
+    });
+    publish_all(env, jetstream, &mut model, readings).await;
     wait_until_projected(env, &model).await;
     let old = env.generation().await.expect("a live generation");
 
@@ -731,11 +733,9 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
     let jetstream = env.jetstream().await;
     let projector = spawn_projector(&env.settings).await;
     let mut model = ReferenceModel::new();
-    for index in 0..100 {
-        let reading = aged(&format!("rb-{}", index % 5), index * 10_000, index as f64);
-        publish_reading(&env, &jetstream, &reading).await;
-        model.apply(reading);
-    }
+    let readings =
+        (0..100).map(|index| aged(&format!("rb-{}", index % 5), index * 10_000, index as f64));
+    publish_all(&env, &jetstream, &mut model, readings).await;
     wait_until_projected(&env, &model).await;
     let before = env.generation().await.expect("a live generation");
 
@@ -806,11 +806,9 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
     let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     // Device i last reported i × 20 s ago: 30 devices in a known order.
     let mut model = ReferenceModel::new();
-    for index in 0..30 {
-        let reading = aged(&format!("walk-{index:02}"), 30_000 + index * 20_000, 1.0);
-        publish_reading(env, jetstream, &reading).await;
-        model.apply(reading);
-    }
+    let readings =
+        (0..30).map(|index| aged(&format!("walk-{index:02}"), 30_000 + index * 20_000, 1.0));
+    publish_all(env, jetstream, &mut model, readings).await;
     wait_until_projected(env, &model).await;
 
     let mut seen: Vec<String> = Vec::new();
@@ -827,13 +825,11 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
         // Between pages, one device already listed and one not yet listed report anew,
         // which moves both to the front of the list.
         page_number += 1;
-        for index in [page_number * 4 - 2, page_number * 4 + 3] {
-            if index < 30 {
-                let reading = aged(&format!("walk-{index:02}"), 0, 2.0);
-                publish_reading(env, jetstream, &reading).await;
-                model.apply(reading);
-            }
-        }
+        let moved = [page_number * 4 - 2, page_number * 4 + 3]
+            .into_iter()
+            .filter(|index| *index < 30);
+        let readings = moved.map(|index| aged(&format!("walk-{index:02}"), 0, 2.0));
+        publish_all(env, jetstream, &mut model, readings).await;
         wait_until_projected(env, &model).await;
         match page["next_cursor"].as_str() {
             Some(cursor) => path = format!("/v1/devices?limit=4&cursor={cursor}"),
