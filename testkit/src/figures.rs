@@ -15,6 +15,7 @@ pub enum Sums {
 }
 
 impl Sums {
+    /// Whether `left` and `right` agree this way.
     pub fn agree(self, left: f64, right: f64) -> bool {
         match self {
             Sums::Exact => left == right,
