@@ -317,6 +317,26 @@ pub fn rows(results: &Results) -> Vec<Row> {
                 Style::Percent,
                 None,
             );
+            // Whether 4x pgbench@64 is within what the limits allow at all.
+            let ingest_ceiling = ceiling(&[pg500, static_rps]);
+            t.against(
+                "  ceiling of ingest from the limits (pgbench500 + static)",
+                ingest_ceiling,
+                "req/s",
+                "pgbench@64",
+                pg1(64),
+                Style::Times,
+                None,
+            );
+            t.against(
+                "ingest POST, 64 clients vs that ceiling",
+                value,
+                "req/s",
+                "ceiling",
+                ingest_ceiling,
+                Style::Percent,
+                None,
+            );
         }
         t.latency("    latency p50 / p99 / p99.9", results, &file);
         if clients == 64 {
@@ -460,6 +480,27 @@ pub fn rows(results: &Results) -> Vec<Row> {
         "events/s",
         "sustained",
         sustained,
+        Style::Percent,
+        None,
+    );
+    // Whether 2.5x pgbench@64 is within what the limits allow at all: a reading is
+    // written by PostgreSQL, answered over HTTP, published and applied in Redis.
+    let pipeline_ceiling = ceiling(&[pg500, static_rps, publish, redis]);
+    t.against(
+        "  ceiling of the pipeline from the limits (all four)",
+        pipeline_ceiling,
+        "readings/s",
+        "pgbench@64",
+        pg1(64),
+        Style::Times,
+        None,
+    );
+    t.against(
+        "sustained vs that ceiling",
+        sustained,
+        "req/s",
+        "ceiling",
+        pipeline_ceiling,
         Style::Percent,
         None,
     );
@@ -610,6 +651,20 @@ fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
     (readings > 0.0).then(|| cpu_seconds * 1e6 / readings)
 }
 
+/// The most a box could carry of work that needs each of these limits once per unit,
+/// if every step cost it no more than in its limit's own measurement: each limit
+/// measurement has the whole box, so a unit takes `1/rate` of it in each step, and the
+/// steps add up. A rough bound (not every limit is set by the CPU); `None` when a limit
+/// is missing.
+fn ceiling(limits: &[Option<f64>]) -> Option<f64> {
+    let mut cost = 0.0;
+    for limit in limits {
+        let rate = limit.filter(|rate| *rate > 0.0)?;
+        cost += 1.0 / rate;
+    }
+    (cost > 0.0).then(|| 1.0 / cost)
+}
+
 /// The middle value (the mean of the two middle ones for an even count); `None` when
 /// empty.
 pub fn median(values: &[f64]) -> Option<f64> {
@@ -720,6 +775,42 @@ mod tests {
         );
         r.insert("rss".into(), json!({"ingest": 30000, "relay": 70000}));
         r
+    }
+
+    #[test]
+    fn the_ceilings_add_up_what_each_limit_costs_the_box() {
+        let mut results = sample();
+        let rows = rows(&results);
+        // 1 / (1/60,000 + 1/80,000) = 34,286 req/s: 5.71x pgbench@64; the burst 88% of it.
+        let ingest = find(&rows, "  ceiling of ingest");
+        assert_eq!(ingest.value, "34,286 req/s");
+        assert_eq!((ingest.ratio.as_str(), ingest.met), ("5.71x", Met::None));
+        assert_eq!(
+            find(&rows, "ingest POST, 64 clients vs that ceiling").ratio,
+            "88%"
+        );
+        // Without the JetStream and Redis limits there is no pipeline ceiling.
+        assert_eq!(find(&rows, "  ceiling of the pipeline").value, "n/a");
+        assert_eq!(find(&rows, "sustained vs that ceiling").ratio, "n/a");
+
+        results.insert("publish".into(), json!({"msgs_per_s": 100000.0}));
+        results.insert("redis".into(), json!({"calls_per_s": 120000.0}));
+        let rows = super::rows(&results);
+        // 1 / (1/60k + 1/80k + 1/100k + 1/120k) = 21,053 readings/s: 3.51x; sustained 76%.
+        let pipeline = find(&rows, "  ceiling of the pipeline");
+        assert_eq!(pipeline.value, "21,053 readings/s");
+        assert_eq!(pipeline.limit, "pgbench@64 6,000 txn/s");
+        assert_eq!(pipeline.ratio, "3.51x");
+        let share = find(&rows, "sustained vs that ceiling");
+        assert_eq!((share.ratio.as_str(), share.met), ("76%", Met::None));
+    }
+
+    #[test]
+    fn a_ceiling_needs_every_limit() {
+        assert_eq!(ceiling(&[Some(50.0), Some(50.0)]), Some(25.0));
+        assert_eq!(ceiling(&[Some(50.0), None]), None);
+        assert_eq!(ceiling(&[Some(50.0), Some(0.0)]), None);
+        assert_eq!(ceiling(&[]), None);
     }
 
     fn find<'a>(rows: &'a [Row], figure: &str) -> &'a Row {
