@@ -37,7 +37,9 @@ async fn crash_and_truncate(nats: &mut PrivateNats, env: &TestEnv, last_before: 
     nats.truncate_stream(env.subjects.stream(), 0.5);
     nats.restart();
     let jetstream = env.jetstream().await;
-    let last_after = eventually(Duration::from_secs(10), "stream back", || async {
+    // The server rebuilds the cut stream before it answers for it; with the whole suite
+    // running on two cores that once took longer than 10 s.
+    let last_after = eventually(Duration::from_secs(30), "stream back", || async {
         let mut stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
         Some(stream.info().await.ok()?.state.last_sequence)
     })
