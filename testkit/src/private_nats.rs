@@ -98,6 +98,36 @@ impl PrivateNats {
         })
         .expect("stream store truncated")
     }
+
+    /// An OS crash of the NATS host before nats-server 2.9's fsync: kills the server,
+    /// cuts the stream's last block to half, starts the server again and waits until it
+    /// answers for the stream it rebuilds. Returns the stream's last sequence then,
+    /// checked to have gone back from `last_before` (and not to nothing).
+    pub async fn crash_losing_tail(&mut self, stream: &str, last_before: u64) -> u64 {
+        self.kill();
+        let (size_before, size_after) = self.truncate_stream(stream, 0.5);
+        self.restart();
+        let client = async_nats::connect(self.url())
+            .await
+            .expect("the private nats-server reachable");
+        let jetstream = async_nats::jetstream::new(client);
+        // The server rebuilds the cut stream before it answers for it; with the whole
+        // suite running on two cores that once took longer than 10 s.
+        let last_after = crate::eventually(
+            Duration::from_secs(30),
+            "the stream back after the restart",
+            || async {
+                let mut stream = jetstream.get_stream(stream).await.ok()?;
+                Some(stream.info().await.ok()?.state.last_sequence)
+            },
+        )
+        .await;
+        assert!(
+            last_after > 0 && last_after < last_before,
+            "the stream went back from {last_before} to {last_after} (block cut from {size_before} to {size_after} bytes)"
+        );
+        last_after
+    }
 }
 
 /// The directory holding a stream's message blocks (`*.blk`, `*.idx`, `index.db`) in

@@ -127,30 +127,6 @@ async fn wait_until_all_published(db: &tokio_postgres::Client, rows: i64) {
     .await;
 }
 
-/// Kills the private server, cuts the stream's block to half and starts the server
-/// again; returns the stream's last sequence afterwards, checked to have gone back.
-async fn crash_and_truncate(nats: &mut PrivateNats, stream: &str, last_before: u64) -> u64 {
-    nats.kill();
-    let (size_before, size_after) = nats.truncate_stream(stream, 0.5);
-    nats.restart();
-    let client = async_nats::connect(nats.url()).await.expect("private nats");
-    let jetstream = jetstream::new(client);
-    let last_after = eventually(
-        Duration::from_secs(10),
-        "stream back after restart",
-        || async {
-            let mut stream = jetstream.get_stream(stream).await.ok()?;
-            Some(stream.info().await.ok()?.state.last_sequence)
-        },
-    )
-    .await;
-    assert!(
-        last_after > 0 && last_after < last_before,
-        "the stream went back from {last_before} to {last_after} (block cut from {size_before} to {size_after} bytes)"
-    );
-    last_after
-}
-
 #[tokio::test]
 async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_the_lost_sequences() {
     const BEFORE_CRASH: usize = 40;
@@ -168,8 +144,9 @@ async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_th
     shutdown.cancel();
     relay.await.expect("relay stops");
 
-    let last_after =
-        crash_and_truncate(&mut nats, env.subjects.stream(), BEFORE_CRASH as u64).await;
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
     // New readings, published by a relay started after the restart, get the sequences
     // the lost events had.
     post_readings(&ingest, "after", AFTER_CRASH).await;
@@ -219,7 +196,8 @@ async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republis
     let (second_shutdown, second_relay) = spawn_relay(&env.settings);
     wait_until_all_published(&db, BEFORE_CRASH as i64).await;
 
-    crash_and_truncate(&mut nats, env.subjects.stream(), BEFORE_CRASH as u64).await;
+    nats.crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
     let jetstream = env.jetstream().await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_CRASH).await;
 

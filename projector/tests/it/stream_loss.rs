@@ -3,8 +3,6 @@
 //! back): nats-server 2.9 keeps the consumer's position, which would skip the new
 //! events that reuse the lost sequences; the projector recreates the consumer.
 
-use std::time::Duration;
-
 use async_nats::jetstream;
 use contract::event::TelemetryRecorded;
 use testkit::{eventually, PrivateNats, TestEnv};
@@ -30,27 +28,6 @@ async fn sample_count(env: &TestEnv) -> Option<u64> {
         .map(|stats| stats.sample_count)
 }
 
-/// Kills the private server, cuts the stream back to about half and restarts it;
-/// returns the stream's last sequence afterwards, checked to have gone back.
-async fn crash_and_truncate(nats: &mut PrivateNats, env: &TestEnv, last_before: u64) -> u64 {
-    nats.kill();
-    nats.truncate_stream(env.subjects.stream(), 0.5);
-    nats.restart();
-    let jetstream = env.jetstream().await;
-    // The server rebuilds the cut stream before it answers for it; with the whole suite
-    // running on two cores that once took longer than 10 s.
-    let last_after = eventually(Duration::from_secs(30), "stream back", || async {
-        let mut stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
-        Some(stream.info().await.ok()?.state.last_sequence)
-    })
-    .await;
-    assert!(
-        last_after > 0 && last_after < last_before,
-        "the stream went back from {last_before} to {last_after}"
-    );
-    last_after
-}
-
 async fn private_env(nats: &PrivateNats) -> (TestEnv, jetstream::Context) {
     let mut env = TestEnv::new();
     env.settings.nats.url = nats.url();
@@ -68,7 +45,9 @@ async fn a_running_projector_recreates_its_consumer_when_the_stream_goes_back_be
     publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
     drained(&env, &jetstream, BEFORE_CRASH as u64).await;
 
-    let last_after = crash_and_truncate(&mut nats, &env, BEFORE_CRASH as u64).await;
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
     // The consumer must no longer be ahead of the stream before new events arrive.
     let jetstream = env.jetstream().await;
     eventually(
@@ -123,7 +102,9 @@ async fn a_projector_started_after_the_stream_went_back_still_gets_the_events_th
     .await;
     projector.stop().await;
 
-    let last_after = crash_and_truncate(&mut nats, &env, BEFORE_CRASH as u64).await;
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
     // New events take the lost sequences and go past the consumer's old position.
     let jetstream = env.jetstream().await;
     publish_many(&env, &jetstream, &events(AFTER_CRASH)).await;
