@@ -498,7 +498,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
     t.against(
         "sustained vs that ceiling",
         sustained,
-        "req/s",
+        "readings/s",
         "ceiling",
         pipeline_ceiling,
         Style::Percent,
