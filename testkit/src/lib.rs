@@ -36,6 +36,11 @@ pub fn config_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config")
 }
 
+/// The shipped settings (`config/`, environment `dev`), unchanged.
+pub fn shipped_settings() -> Settings {
+    Settings::load_from(&config_dir(), "dev").expect("the shipped config loads")
+}
+
 /// One test's private corner of PostgreSQL, NATS and Redis.
 pub struct TestEnv {
     pub settings: Settings,
@@ -53,8 +58,7 @@ impl TestEnv {
                 char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::rng().random_range(0..36)])
             })
             .collect();
-        let mut settings =
-            Settings::load_from(&config_dir(), "dev").expect("the shipped config loads");
+        let mut settings = shipped_settings();
         let database = format!("t_{suffix}");
         let server = server_url(&settings.database.url)
             .expect("database url has a path")

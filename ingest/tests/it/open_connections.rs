@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use contract::settings::Settings;
 use ingest::http::server::{serve_counted, OpenConnections};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,13 +26,11 @@ async fn a_connection_counts_from_its_first_request_under_the_prefix_until_it_cl
         .route("/v1/telemetry", post(|| async { "accepted" }))
         .route("/metrics", get(|| async { "" }));
     let open = OpenConnections::new("/v1/telemetry");
-    let settings =
-        Settings::load_from(&testkit::config_dir(), "dev").expect("the shipped config loads");
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve_counted(
         listener,
         router,
-        ingest::connection_limits(&settings),
+        ingest::connection_limits(&testkit::shipped_settings()),
         Some(open.clone()),
         shutdown.clone(),
     ));
