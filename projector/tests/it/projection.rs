@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use contract::event::TelemetryRecorded;
 use testkit::TestEnv;
 
 use crate::support::{
@@ -101,36 +102,7 @@ async fn two_projectors_sharing_the_durable_consumer_give_the_figures_of_the_fol
     let second = Projector::spawn(&settings).await;
 
     let mut random = SplitMix(0x5eed_0001);
-    let base = now_ms() - 3_600_000;
-    let metric_names = ["temperature", "humidity", "pressure"];
-    let events: Vec<_> = (0..EVENTS)
-        .map(|_| {
-            let device = format!("sensor-{:02}", random.below(DEVICES));
-            // Few distinct instants per device, so ties and late readings are common.
-            let recorded_at = base + 250 * random.below(40) as i64;
-            let mut metrics = Vec::new();
-            for name in metric_names {
-                if random.below(3) > 0 {
-                    metrics.push((name, random.quarter()));
-                }
-            }
-            if metrics.is_empty() {
-                metrics.push(("temperature", random.quarter()));
-            }
-            event(&device, recorded_at, &metrics)
-        })
-        .collect();
-    // Every event once under its own id, and 60 of them a second time under another id
-    // (a republish JetStream cannot recognise), all shuffled.
-    let mut messages: Vec<_> = events
-        .iter()
-        .map(|event| (event.clone(), event.event_id.to_string()))
-        .collect();
-    for _ in 0..60 {
-        let copied = &events[random.below(EVENTS as u64) as usize];
-        messages.push((copied.clone(), format!("copy-{}", uuid::Uuid::now_v7())));
-    }
-    random.shuffle(&mut messages);
+    let (events, messages) = shuffled_with_copies(&mut random, DEVICES, EVENTS, 60);
     let sequences = publish_many(&env, &jetstream, &messages).await;
 
     let expected = reference(&events);
@@ -161,4 +133,69 @@ async fn two_projectors_sharing_the_durable_consumer_give_the_figures_of_the_fol
     assert_eq!(info.delivered.stream_sequence, messages.len() as u64);
     first.stop().await;
     second.stop().await;
+}
+
+#[tokio::test]
+async fn a_backlog_projected_while_catching_up_gives_the_figures_of_the_fold() {
+    // More than CATCHING_UP wait when the projector starts, so its first batches read
+    // the generations on a connection of their own and overlap in Redis.
+    const DEVICES: u64 = 50;
+    const EVENTS: usize = 3 * projector::consumer::CATCHING_UP as usize;
+    let env = TestEnv::new();
+    let mut settings = env.settings.clone();
+    settings.projector.batch_size = 100;
+    let jetstream = streams(&env).await;
+    let mut random = SplitMix(0x5eed_0002);
+    let (events, messages) = shuffled_with_copies(&mut random, DEVICES, EVENTS, 300);
+    publish_many(&env, &jetstream, &messages).await;
+    let projector = Projector::spawn(&settings).await;
+
+    let expected = reference(&events);
+    drained(&env, &jetstream, messages.len() as u64).await;
+    let actual = projected(&env, &expected).await;
+    assert_eq!(actual.len(), expected.len());
+    for (device, want) in &expected {
+        assert_same_figures(device, &actual[device], want, Sums::Exact);
+    }
+    projector.stop().await;
+}
+
+/// `count` random events over `devices` devices within the last hour (few distinct
+/// instants per device, so ties and late readings are common), and the messages that
+/// carry them: each event once under its own id and `copies` of them a second time
+/// under another id (a republish JetStream cannot recognise), all shuffled.
+fn shuffled_with_copies(
+    random: &mut SplitMix,
+    devices: u64,
+    count: usize,
+    copies: usize,
+) -> (Vec<TelemetryRecorded>, Vec<(TelemetryRecorded, String)>) {
+    let base = now_ms() - 3_600_000;
+    let metric_names = ["temperature", "humidity", "pressure"];
+    let events: Vec<_> = (0..count)
+        .map(|_| {
+            let device = format!("sensor-{:02}", random.below(devices));
+            let recorded_at = base + 250 * random.below(40) as i64;
+            let mut metrics = Vec::new();
+            for name in metric_names {
+                if random.below(3) > 0 {
+                    metrics.push((name, random.quarter()));
+                }
+            }
+            if metrics.is_empty() {
+                metrics.push(("temperature", random.quarter()));
+            }
+            event(&device, recorded_at, &metrics)
+        })
+        .collect();
+    let mut messages: Vec<_> = events
+        .iter()
+        .map(|event| (event.clone(), event.event_id.to_string()))
+        .collect();
+    for _ in 0..copies {
+        let copied = &events[random.below(count as u64) as usize];
+        messages.push((copied.clone(), format!("copy-{}", uuid::Uuid::now_v7())));
+    }
+    random.shuffle(&mut messages);
+    (events, messages)
 }
