@@ -229,6 +229,8 @@ impl Relay {
     async fn publish_rounds(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
         let mut stream_check_due = false;
+        // The sequences of the last round whose marking collided with kept rows.
+        let mut collided: Vec<i64> = Vec::new();
         let connection_statistics = self.jetstream.client().statistics();
         let mut connects_seen = connection_statistics.connects.load(Ordering::Relaxed);
         while !shutdown.is_cancelled() {
@@ -242,8 +244,11 @@ impl Relay {
             let nats_connected = self.jetstream.client().connection_state()
                 == async_nats::connection::State::Connected;
             if nats_connected && (stream_check_due || self.periodic_stream_check_due()) {
-                match self.check_stream().await {
-                    Ok(_) => stream_check_due = false,
+                match self.check_stream(&collided).await {
+                    Ok(_) => {
+                        stream_check_due = false;
+                        collided.clear();
+                    }
                     Err(error) => {
                         tracing::warn!(error = format!("{error:#}"), "stream check failed")
                     }
@@ -262,6 +267,7 @@ impl Relay {
                     tracing::info!(
                         "a published sequence is already recorded for another row, checking the stream"
                     );
+                    collided = stream_check::collided_sequences(&error);
                     stream_check_due = true;
                     backoff.sleep(shutdown).await;
                     continue;
@@ -418,10 +424,17 @@ impl Relay {
         // From the first publish sent to the last PubAck received.
         metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
         let mark = transaction.prepare_cached(MARK).await?;
-        transaction
+        if let Err(error) = transaction
             .execute(&mark, &[&published_ids, &sequences])
             .await
-            .context("marking rows published")?;
+        {
+            let error = anyhow::Error::from(error).context("marking rows published");
+            return Err(if stream_check::is_sequence_collision(&error) {
+                error.context(stream_check::SequenceCollision { sequences })
+            } else {
+                error
+            });
+        }
         transaction
             .commit()
             .await

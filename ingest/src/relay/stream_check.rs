@@ -7,23 +7,28 @@
 //! for `relay.published_retention_secs`, which is what this check compares against.
 //!
 //! # How a loss is noticed
-//! - Every `relay.stream_check_interval_ms`, after every reconnect to NATS and when a
-//!   round's "mark published" collides with the unique index on `stream_seq`, the relay
-//!   reads the kept row with the highest sequence and fetches the stream message at
-//!   that sequence (`STREAM.MSG.GET`, one request). Its `Nats-Msg-Id` must be the row's
-//!   event id; a missing message or another id means the stream lost it.
+//! - Every `relay.stream_check_interval_ms` and after every reconnect to NATS, the
+//!   relay reads the kept row with the highest sequence and fetches the stream message
+//!   at that sequence (`STREAM.MSG.GET`, one request). Its `Nats-Msg-Id` must be the
+//!   row's event id; a missing message or another id means the stream lost it.
 //! - New publishes that reuse lost sequences cannot hide a loss: a sequence a kept row
 //!   still holds cannot be recorded for a second row (unique index), so that round fails
-//!   with a collision and triggers the check, whose probe of the newest row then finds
-//!   another message (or none) at its sequence.
+//!   with a collision and triggers the check, which probes the kept row holding the
+//!   lowest of the round's sequences: the stream has another message at it. Not the
+//!   newest row: a round that ran beside the colliding one (or after it) may have
+//!   recorded newer publishes past the lost ones, held, while the colliding rows could
+//!   never be recorded until the lost ones are republished.
 //!
 //! # How it is repaired
 //! A truncation loses a suffix of the stream, so the kept rows whose message is gone
-//! form a range of sequences. The check finds its first row by bisection over the kept
-//! rows (one fetch per step) and, in one transaction under an advisory lock (so that
-//! concurrent relays repair once), marks every kept row from there on unpublished again.
-//! The normal rounds then republish them: JetStream drops the copies of messages it
-//! still holds (duplicate window) and appends the lost ones with new sequences.
+//! form a range of sequences up to the probed row (rows recorded after the loss can
+//! only hold sequences past every kept one: lower ones collide). The check finds its
+//! first row by bisection over the kept rows below the probed one (one fetch per step)
+//! and, in one transaction under an advisory lock (so that concurrent relays repair
+//! once), marks every kept row from there on unpublished again. The normal rounds then
+//! republish them: JetStream drops the copies of messages it still holds (duplicate
+//! window, so a row recorded after the loss gets its own sequence back) and appends the
+//! lost ones with new sequences.
 //!
 //! # Horizon
 //! Rows already pruned (published longer than `published_retention_secs` ago) cannot be
@@ -65,32 +70,34 @@ pub struct StreamCheckOutcome {
 }
 
 impl Relay {
-    /// Checks that the stream still holds the newest published row's message and, if
-    /// not, marks every kept row whose message the stream lost as unpublished again.
+    /// Checks that the stream still holds the message of the probed row (the kept row
+    /// holding the lowest of `collided`, the sequences of a round whose marking
+    /// collided, else the newest published row) and, if not, marks every kept row whose
+    /// message the stream lost as unpublished again.
     ///
     /// Claims start from the index's start again afterwards (the module `relay::claim_floor`):
     /// this relay's repair, or another relay's, may have made rows below the floor
     /// unpublished.
-    pub async fn check_stream(&self) -> anyhow::Result<StreamCheckOutcome> {
-        let checked = self.check_stream_once().await;
+    pub async fn check_stream(&self, collided: &[i64]) -> anyhow::Result<StreamCheckOutcome> {
+        let checked = self.check_stream_once(collided).await;
         super::lock(&self.claim_floor).reset();
         checked
     }
 
-    async fn check_stream_once(&self) -> anyhow::Result<StreamCheckOutcome> {
+    async fn check_stream_once(&self, collided: &[i64]) -> anyhow::Result<StreamCheckOutcome> {
         if self.jetstream.client().connection_state() != async_nats::connection::State::Connected {
             anyhow::bail!("not connected to NATS");
         }
         let client = self.pool.get().await.context("getting a connection")?;
-        let Some(newest) = newest_published_row(&client).await? else {
+        let Some(probed) = row_to_probe(&client, collided).await? else {
             return Ok(StreamCheckOutcome::default());
         };
         drop(client);
         let stream = self.event_stream().await?;
-        if self.stream_holds(&stream, newest).await? {
+        if self.stream_holds(&stream, probed).await? {
             return Ok(StreamCheckOutcome::default());
         }
-        self.republish_lost_rows(&stream).await
+        self.republish_lost_rows(&stream, collided).await
     }
 
     /// The event stream; recreated if it is gone (deleted, or a NATS host that lost its
@@ -153,6 +160,7 @@ impl Relay {
     async fn republish_lost_rows(
         &self,
         stream: &stream::Stream,
+        collided: &[i64],
     ) -> anyhow::Result<StreamCheckOutcome> {
         let mut client = self.pool.get().await.context("getting a connection")?;
         let transaction = client.transaction().await?;
@@ -161,10 +169,10 @@ impl Relay {
             .await
             .context("taking the stream repair lock")?;
         // Another relay may have repaired while this one waited for the lock.
-        let Some(newest) = newest_published_row(&transaction).await? else {
+        let Some(probed) = row_to_probe(&transaction, collided).await? else {
             return Ok(StreamCheckOutcome::default());
         };
-        if self.stream_holds(stream, newest).await? {
+        if self.stream_holds(stream, probed).await? {
             return Ok(StreamCheckOutcome::default());
         }
         // Messages below the stream's first sequence expired (max_age); not lost.
@@ -175,11 +183,11 @@ impl Relay {
             .state
             .first_sequence;
         let mut lowest_unverified = i64::try_from(first_kept_sequence).unwrap_or(i64::MAX);
-        if newest.stream_seq < lowest_unverified {
+        if probed.stream_seq < lowest_unverified {
             // Expired or purged from the stream on purpose: nothing a republish should undo.
             return Ok(StreamCheckOutcome::default());
         }
-        let mut first_lost = newest;
+        let mut first_lost = probed;
         // Bisection: every kept row below `lowest_unverified` is held, `first_lost` is not.
         loop {
             let middle = lowest_unverified + (first_lost.stream_seq - lowest_unverified) / 2;
@@ -228,10 +236,28 @@ impl Relay {
     }
 }
 
-/// The kept published row with the highest stream sequence.
-async fn newest_published_row(
+/// The row a check probes: the kept row holding the lowest of `collided` (sequences a
+/// round was handed that kept rows hold), else the one with the highest sequence.
+async fn row_to_probe(
     client: &impl deadpool_postgres::GenericClient,
+    collided: &[i64],
 ) -> anyhow::Result<Option<PublishedRow>> {
+    if !collided.is_empty() {
+        let row = client
+            .query_opt(
+                "SELECT stream_seq, event_id FROM outbox WHERE stream_seq = ANY($1)
+                 ORDER BY stream_seq LIMIT 1",
+                &[&collided],
+            )
+            .await
+            .context("reading the row holding a collided sequence")?;
+        if let Some(row) = row {
+            return Ok(Some(PublishedRow {
+                stream_seq: row.get(0),
+                event_id: row.get(1),
+            }));
+        }
+    }
     let row = client
         .query_opt(
             "SELECT stream_seq, event_id FROM outbox WHERE stream_seq IS NOT NULL
@@ -271,6 +297,32 @@ fn is_stream_not_found(error: &GetStreamError) -> bool {
         error.kind(),
         GetStreamErrorKind::JetStream(error) if error.error_code() == ErrorCode::STREAM_NOT_FOUND
     )
+}
+
+/// The sequences a round's PubAcks returned, when marking its rows with them collided
+/// with kept rows.
+#[derive(Debug)]
+pub(super) struct SequenceCollision {
+    pub sequences: Vec<i64>,
+}
+
+impl std::fmt::Display for SequenceCollision {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            formatter,
+            "{} sequences handed out, some of them held by kept rows",
+            self.sequences.len()
+        )
+    }
+}
+
+/// The sequences of a round that failed with a [`SequenceCollision`]; empty for any
+/// other error.
+pub(super) fn collided_sequences(error: &anyhow::Error) -> Vec<i64> {
+    error
+        .downcast_ref::<SequenceCollision>()
+        .map(|collision| collision.sequences.clone())
+        .unwrap_or_default()
 }
 
 /// Whether a relay round failed because the stream handed out a sequence that a kept

@@ -180,6 +180,72 @@ async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_th
 }
 
 #[tokio::test]
+async fn relay_repairs_a_loss_when_newer_publishes_were_recorded_before_the_rounds_that_collide() {
+    const BEFORE_CRASH: usize = 40;
+    const AFTER_CRASH: usize = 50;
+    let mut nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "before", BEFORE_CRASH).await;
+    let db = env.postgres().await;
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    wait_until_all_published(&db, BEFORE_CRASH as i64).await;
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
+    post_readings(&ingest, "after", AFTER_CRASH).await;
+    // As a round that published the newest rows and failed to mark them would have left
+    // it: their messages fill the lost sequences, the rows stay unpublished.
+    let lost = BEFORE_CRASH - last_after as usize;
+    let newest_rows = db
+        .query(
+            "SELECT event_id, device_id, payload FROM outbox WHERE stream_seq IS NULL
+             ORDER BY id DESC LIMIT $1",
+            &[&(lost as i64)],
+        )
+        .await
+        .expect("the newest rows");
+    let jetstream = env.jetstream().await;
+    for row in &newest_rows {
+        let event_id: Uuid = row.get(0);
+        let mut message_headers = async_nats::HeaderMap::new();
+        message_headers.insert("Nats-Msg-Id", event_id.to_string().as_str());
+        jetstream
+            .publish_with_headers(
+                env.subjects.recorded(row.get(1)),
+                message_headers,
+                row.get::<_, Vec<u8>>(2).into(),
+            )
+            .await
+            .expect("publish sent")
+            .await
+            .expect("publish acknowledged");
+    }
+    // Small rounds, one at a time: the first ones publish rows past every kept sequence
+    // and record them (the newest kept row is then held), the later ones republish the
+    // rows above and collide with the rows the stream lost.
+    let mut settings = env.settings.clone();
+    settings.relay.batch_size = 5;
+    settings.relay.rounds_in_flight = 1;
+    let (shutdown, relay) = spawn_relay(&settings);
+    assert_stream_matches_outbox(
+        &db,
+        &jetstream,
+        env.subjects.stream(),
+        BEFORE_CRASH + AFTER_CRASH,
+    )
+    .await;
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    ingest.stop().await;
+}
+
+#[tokio::test]
 async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republish_what_it_lost_once(
 ) {
     const BEFORE_CRASH: usize = 40;
