@@ -101,6 +101,43 @@ async fn assert_stream_matches_outbox(
     );
 }
 
+/// A pipeline whose private NATS lost the tail of the stream after a relay published
+/// `before` readings; no periodic stream check, so only the trigger under test starts
+/// one.
+struct Truncated {
+    /// Kept for the test's length: dropping it stops the server.
+    _nats: PrivateNats,
+    env: TestEnv,
+    ingest: Ingest,
+    db: tokio_postgres::Client,
+    /// The stream's last sequence after the restart.
+    last_after: u64,
+}
+
+async fn published_then_truncated(before: usize) -> Truncated {
+    let mut nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "before", before).await;
+    let db = env.postgres().await;
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    wait_until_all_published(&db, before as i64).await;
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), before as u64)
+        .await;
+    Truncated {
+        _nats: nats,
+        env,
+        ingest,
+        db,
+        last_after,
+    }
+}
+
 /// Posts `count` readings under keys `<prefix>-<n>`.
 async fn post_readings(ingest: &Ingest, prefix: &str, count: usize) {
     for index in 0..count {
@@ -131,22 +168,13 @@ async fn wait_until_all_published(db: &tokio_postgres::Client, rows: i64) {
 async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_the_lost_sequences() {
     const BEFORE_CRASH: usize = 40;
     const AFTER_CRASH: usize = 30;
-    let mut nats = PrivateNats::start();
-    let mut env = TestEnv::new();
-    env.settings.nats.url = nats.url();
-    // No periodic check: the new events' sequences colliding with kept rows must do it.
-    env.settings.relay.stream_check_interval_ms = NEVER_MS;
-    let ingest = Ingest::spawn(&env.settings).await;
-    post_readings(&ingest, "before", BEFORE_CRASH).await;
-    let db = env.postgres().await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
-    wait_until_all_published(&db, BEFORE_CRASH as i64).await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
-
-    let last_after = nats
-        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
-        .await;
+    let Truncated {
+        _nats,
+        env,
+        ingest,
+        db,
+        last_after,
+    } = published_then_truncated(BEFORE_CRASH).await;
     // New readings, published by a relay started after the restart, get the sequences
     // the lost events had.
     post_readings(&ingest, "after", AFTER_CRASH).await;
@@ -183,21 +211,13 @@ async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_th
 async fn relay_repairs_a_loss_when_newer_publishes_were_recorded_before_the_rounds_that_collide() {
     const BEFORE_CRASH: usize = 40;
     const AFTER_CRASH: usize = 50;
-    let mut nats = PrivateNats::start();
-    let mut env = TestEnv::new();
-    env.settings.nats.url = nats.url();
-    env.settings.relay.stream_check_interval_ms = NEVER_MS;
-    let ingest = Ingest::spawn(&env.settings).await;
-    post_readings(&ingest, "before", BEFORE_CRASH).await;
-    let db = env.postgres().await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
-    wait_until_all_published(&db, BEFORE_CRASH as i64).await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
-
-    let last_after = nats
-        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
-        .await;
+    let Truncated {
+        _nats,
+        env,
+        ingest,
+        db,
+        last_after,
+    } = published_then_truncated(BEFORE_CRASH).await;
     post_readings(&ingest, "after", AFTER_CRASH).await;
     // As a round that published the newest rows and failed to mark them would have left
     // it: their messages fill the lost sequences, the rows stay unpublished.
