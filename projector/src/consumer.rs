@@ -33,7 +33,8 @@ use crate::rebuild::{Generations, Rebuild, RebuildError};
 /// backlog that order leaves Redis idle while the next pipeline is being sent (a third
 /// of the time in a drain of 200,000, where the read took 3.5 ms of a batch's ~11), so
 /// a batch taken while more than this many wait reads on a connection of its own and
-/// the two pipelines overlap in Redis (the drain 1.09x in the median of 12 pairs).
+/// the two pipelines overlap in Redis (the drain 1.16x in the median of 10 alternating
+/// pairs, faster in all 10).
 /// PERFORMANCE.md, *The sixteenth machine*.
 pub const CATCHING_UP: u64 = 1_000;
 
