@@ -262,22 +262,24 @@ impl Relay {
                         continue;
                     }
                 }
-                Err(error) if stream_check::is_sequence_collision(&error) => {
-                    // The stream handed out a sequence a kept row holds: it lost messages.
-                    tracing::info!(
-                        "a published sequence is already recorded for another row, checking the stream"
-                    );
-                    collided = stream_check::collided_sequences(&error);
-                    stream_check_due = true;
-                    backoff.sleep(shutdown).await;
-                    continue;
-                }
                 Err(error) => {
-                    metrics::counter!("relay_errors_total").increment(1);
-                    tracing::warn!(
-                        error = format!("{error:#}"),
-                        "relay round failed, backing off"
-                    );
+                    match error.downcast::<stream_check::SequenceCollision>() {
+                        // The stream handed out a sequence a kept row holds: it lost messages.
+                        Ok(collision) => {
+                            tracing::info!(
+                                "a published sequence is already recorded for another row, checking the stream"
+                            );
+                            collided = collision.sequences;
+                            stream_check_due = true;
+                        }
+                        Err(error) => {
+                            metrics::counter!("relay_errors_total").increment(1);
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "relay round failed, backing off"
+                            );
+                        }
+                    }
                     backoff.sleep(shutdown).await;
                     continue;
                 }
@@ -428,8 +430,9 @@ impl Relay {
             .execute(&mark, &[&published_ids, &sequences])
             .await
         {
+            let collided = stream_check::is_sequence_collision(&error);
             let error = anyhow::Error::from(error).context("marking rows published");
-            return Err(if stream_check::is_sequence_collision(&error) {
+            return Err(if collided {
                 error.context(stream_check::SequenceCollision { sequences })
             } else {
                 error

@@ -62,6 +62,16 @@ struct PublishedRow {
     event_id: Uuid,
 }
 
+impl PublishedRow {
+    /// From a row of `stream_seq, event_id`.
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        Self {
+            stream_seq: row.get(0),
+            event_id: row.get(1),
+        }
+    }
+}
+
 /// What a stream check did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamCheckOutcome {
@@ -242,34 +252,21 @@ async fn row_to_probe(
     client: &impl deadpool_postgres::GenericClient,
     collided: &[i64],
 ) -> anyhow::Result<Option<PublishedRow>> {
-    if !collided.is_empty() {
-        let row = client
-            .query_opt(
-                "SELECT stream_seq, event_id FROM outbox WHERE stream_seq = ANY($1)
-                 ORDER BY stream_seq LIMIT 1",
-                &[&collided],
-            )
-            .await
-            .context("reading the row holding a collided sequence")?;
-        if let Some(row) = row {
-            return Ok(Some(PublishedRow {
-                stream_seq: row.get(0),
-                event_id: row.get(1),
-            }));
-        }
-    }
     let row = client
         .query_opt(
-            "SELECT stream_seq, event_id FROM outbox WHERE stream_seq IS NOT NULL
-             ORDER BY stream_seq DESC LIMIT 1",
-            &[],
+            "SELECT stream_seq, event_id FROM (
+                 (SELECT 0 AS preference, stream_seq, event_id FROM outbox
+                  WHERE stream_seq = ANY($1) ORDER BY stream_seq LIMIT 1)
+                 UNION ALL
+                 (SELECT 1, stream_seq, event_id FROM outbox WHERE stream_seq IS NOT NULL
+                  ORDER BY stream_seq DESC LIMIT 1)
+             ) AS candidates
+             ORDER BY preference LIMIT 1",
+            &[&collided],
         )
         .await
-        .context("reading the newest published row")?;
-    Ok(row.map(|row| PublishedRow {
-        stream_seq: row.get(0),
-        event_id: row.get(1),
-    }))
+        .context("reading the row to probe")?;
+    Ok(row.as_ref().map(PublishedRow::from_row))
 }
 
 /// The kept published row with the lowest sequence in `[from, before)`.
@@ -286,10 +283,7 @@ async fn published_row_in(
         )
         .await
         .context("reading a published row")?;
-    Ok(row.map(|row| PublishedRow {
-        stream_seq: row.get(0),
-        event_id: row.get(1),
-    }))
+    Ok(row.as_ref().map(PublishedRow::from_row))
 }
 
 fn is_stream_not_found(error: &GetStreamError) -> bool {
@@ -300,10 +294,10 @@ fn is_stream_not_found(error: &GetStreamError) -> bool {
 }
 
 /// The sequences a round's PubAcks returned, when marking its rows with them collided
-/// with kept rows.
+/// with kept rows: the context of that round's error.
 #[derive(Debug)]
 pub(super) struct SequenceCollision {
-    pub sequences: Vec<i64>,
+    pub(super) sequences: Vec<i64>,
 }
 
 impl std::fmt::Display for SequenceCollision {
@@ -316,25 +310,11 @@ impl std::fmt::Display for SequenceCollision {
     }
 }
 
-/// The sequences of a round that failed with a [`SequenceCollision`]; empty for any
-/// other error.
-pub(super) fn collided_sequences(error: &anyhow::Error) -> Vec<i64> {
-    error
-        .downcast_ref::<SequenceCollision>()
-        .map(|collision| collision.sequences.clone())
-        .unwrap_or_default()
-}
-
-/// Whether a relay round failed because the stream handed out a sequence that a kept
+/// Whether marking a round failed because the stream handed out a sequence that a kept
 /// row already holds: the sign that the stream lost that row's message.
-pub(super) fn is_sequence_collision(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<tokio_postgres::Error>()
-            .and_then(|error| error.as_db_error())
-            .is_some_and(|database_error| {
-                database_error.code() == &SqlState::UNIQUE_VIOLATION
-                    && database_error.constraint() == Some("outbox_stream_seq")
-            })
+pub(super) fn is_sequence_collision(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|database_error| {
+        database_error.code() == &SqlState::UNIQUE_VIOLATION
+            && database_error.constraint() == Some("outbox_stream_seq")
     })
 }
