@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use contract::settings::Settings;
 use testkit::{eventually, PrivateNats, TestEnv};
 use uuid::Uuid;
 
@@ -102,8 +103,8 @@ async fn assert_stream_matches_outbox(
 }
 
 /// A pipeline whose private NATS lost the tail of the stream after a relay published
-/// `before` readings; no periodic stream check, so only the trigger under test starts
-/// one.
+/// `before` readings, and `after` readings posted since, not yet relayed; no periodic
+/// stream check, so only the trigger under test starts one.
 struct Truncated {
     /// Kept for the test's length: dropping it stops the server.
     _nats: PrivateNats,
@@ -112,9 +113,10 @@ struct Truncated {
     db: tokio_postgres::Client,
     /// The stream's last sequence after the restart.
     last_after: u64,
+    readings: usize,
 }
 
-async fn published_then_truncated(before: usize) -> Truncated {
+async fn published_then_truncated(before: usize, after: usize) -> Truncated {
     let mut nats = PrivateNats::start();
     let mut env = TestEnv::new();
     env.settings.nats.url = nats.url();
@@ -129,12 +131,31 @@ async fn published_then_truncated(before: usize) -> Truncated {
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), before as u64)
         .await;
+    post_readings(&ingest, "after", after).await;
     Truncated {
         _nats: nats,
         env,
         ingest,
         db,
         last_after,
+        readings: before + after,
+    }
+}
+
+impl Truncated {
+    /// Runs a relay with `settings` until the stream matches the outbox, then stops it.
+    async fn relay_until_the_stream_matches(&self, settings: &Settings) {
+        let (shutdown, relay) = spawn_relay(settings);
+        let jetstream = self.env.jetstream().await;
+        assert_stream_matches_outbox(
+            &self.db,
+            &jetstream,
+            self.env.subjects.stream(),
+            self.readings,
+        )
+        .await;
+        shutdown.cancel();
+        relay.await.expect("relay stops");
     }
 }
 
@@ -168,30 +189,18 @@ async fn wait_until_all_published(db: &tokio_postgres::Client, rows: i64) {
 async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_the_lost_sequences() {
     const BEFORE_CRASH: usize = 40;
     const AFTER_CRASH: usize = 30;
-    let Truncated {
-        _nats,
-        env,
-        ingest,
-        db,
-        last_after,
-    } = published_then_truncated(BEFORE_CRASH).await;
     // New readings, published by a relay started after the restart, get the sequences
     // the lost events had.
-    post_readings(&ingest, "after", AFTER_CRASH).await;
+    let truncated = published_then_truncated(BEFORE_CRASH, AFTER_CRASH).await;
+    let last_after = truncated.last_after;
     assert!(
         last_after + (AFTER_CRASH as u64) > BEFORE_CRASH as u64,
         "the new events reach past the old last sequence"
     );
-    let (shutdown, relay) = spawn_relay(&env.settings);
-    let jetstream = env.jetstream().await;
-    assert_stream_matches_outbox(
-        &db,
-        &jetstream,
-        env.subjects.stream(),
-        BEFORE_CRASH + AFTER_CRASH,
-    )
-    .await;
-    let kept: Vec<i64> = outbox_rows(&db)
+    truncated
+        .relay_until_the_stream_matches(&truncated.env.settings)
+        .await;
+    let kept: Vec<i64> = outbox_rows(&truncated.db)
         .await
         .iter()
         .filter_map(|(_, sequence)| *sequence)
@@ -202,27 +211,18 @@ async fn relay_republishes_what_a_truncated_stream_lost_when_new_events_reuse_th
         last_after,
         "rows the stream kept keep their sequences"
     );
-    shutdown.cancel();
-    relay.await.expect("relay stops");
-    ingest.stop().await;
+    truncated.ingest.stop().await;
 }
 
 #[tokio::test]
 async fn relay_repairs_a_loss_when_newer_publishes_were_recorded_before_the_rounds_that_collide() {
     const BEFORE_CRASH: usize = 40;
-    const AFTER_CRASH: usize = 50;
-    let Truncated {
-        _nats,
-        env,
-        ingest,
-        db,
-        last_after,
-    } = published_then_truncated(BEFORE_CRASH).await;
-    post_readings(&ingest, "after", AFTER_CRASH).await;
+    let truncated = published_then_truncated(BEFORE_CRASH, 50).await;
     // As a round that published the newest rows and failed to mark them would have left
     // it: their messages fill the lost sequences, the rows stay unpublished.
-    let lost = BEFORE_CRASH - last_after as usize;
-    let newest_rows = db
+    let lost = BEFORE_CRASH - truncated.last_after as usize;
+    let newest_rows = truncated
+        .db
         .query(
             "SELECT event_id, device_id, payload FROM outbox WHERE stream_seq IS NULL
              ORDER BY id DESC LIMIT $1",
@@ -230,14 +230,14 @@ async fn relay_repairs_a_loss_when_newer_publishes_were_recorded_before_the_roun
         )
         .await
         .expect("the newest rows");
-    let jetstream = env.jetstream().await;
+    let jetstream = truncated.env.jetstream().await;
     for row in &newest_rows {
         let event_id: Uuid = row.get(0);
         let mut message_headers = async_nats::HeaderMap::new();
         message_headers.insert("Nats-Msg-Id", event_id.to_string().as_str());
         jetstream
             .publish_with_headers(
-                env.subjects.recorded(row.get(1)),
+                truncated.env.subjects.recorded(row.get(1)),
                 message_headers,
                 row.get::<_, Vec<u8>>(2).into(),
             )
@@ -249,20 +249,11 @@ async fn relay_repairs_a_loss_when_newer_publishes_were_recorded_before_the_roun
     // Small rounds, one at a time: the first ones publish rows past every kept sequence
     // and record them (the newest kept row is then held), the later ones republish the
     // rows above and collide with the rows the stream lost.
-    let mut settings = env.settings.clone();
+    let mut settings = truncated.env.settings.clone();
     settings.relay.batch_size = 5;
     settings.relay.rounds_in_flight = 1;
-    let (shutdown, relay) = spawn_relay(&settings);
-    assert_stream_matches_outbox(
-        &db,
-        &jetstream,
-        env.subjects.stream(),
-        BEFORE_CRASH + AFTER_CRASH,
-    )
-    .await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
-    ingest.stop().await;
+    truncated.relay_until_the_stream_matches(&settings).await;
+    truncated.ingest.stop().await;
 }
 
 #[tokio::test]
