@@ -10,7 +10,8 @@
 -- min and max, and "last" as the value with the latest recorded_at (on a tie, the larger
 -- value). Every rule is commutative, so the order events arrive in does not matter.
 --
--- KEYS     per generation, 3 keys: device hash, applied-events set, buckets hash
+-- KEYS     per generation, 3 keys: device hash, applied-events set, buckets hash; then,
+--          in a guarded call (guard.lua), the meta hash
 -- ARGV[1]  now, ms since the epoch, as text (the applied set's score)
 -- ARGV[2]  packed call header, 11 doubles: now, dedup horizon (ms), oldest 10 s bucket
 --          kept, oldest 5 min bucket kept, buckets hash expiry (ms), k events, first and
@@ -19,8 +20,11 @@
 -- then     M pairs: device field `m:<metric>`, its packed figures (6 doubles)
 -- then     B pairs: bucket field `f<bucket>:<metric>` or `c<bucket>:<metric>`, its
 --          packed aggregate (4 doubles)
+-- then     in a guarded call, the meta hash's generation, layout and building fields
+--          as the projector read them
 --
--- Returns one number per generation: k when the events were applied, 0 when every one
+-- Returns STALE alone when a guarded call finds those fields changed (nothing
+-- written). Otherwise one number per generation: k when the events were applied, 0 when every one
 -- of them was applied before (then only updated_at and as_of_seq move: the view is as
 -- of this delivery), -1 when some were and some were not. Then nothing was written to
 -- that generation: the batch's figures include events it has, and the projector
@@ -33,6 +37,10 @@ local k, first_in, last_in, seq_in, M, B = call[6], call[7], call[8], call[9], c
 local IDS = 3
 local METRICS = IDS + k
 local BUCKETS = METRICS + 2 * M
+local GENERATION_KEYS = #KEYS - #KEYS % 3
+if GENERATION_KEYS < #KEYS and generations_changed(KEYS[#KEYS], BUCKETS + 2 * B) then
+  return { STALE }
+end
 -- Buckets are pruned once this many 10 s buckets (5 minutes) fell out of the retention.
 local PRUNE_EVERY = 30
 -- Redis keeps a hash of up to 512 fields (`hash-max-listpack-entries`) as a listpack
@@ -196,7 +204,7 @@ local function apply_generation(device, applied, buckets)
 end
 
 local results = {}
-for g = 1, #KEYS, 3 do
+for g = 1, GENERATION_KEYS, 3 do
   results[#results + 1] = apply_generation(KEYS[g], KEYS[g + 1], KEYS[g + 2])
 end
 return results

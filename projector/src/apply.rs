@@ -10,12 +10,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
-    fields, listing_granule, pack, Aggregate, DeviceKeys, DevicesIndex, MetricStats, COARSE, FINE,
-    LISTING_TTL_MS,
+    fields, listing_granule, meta_key, pack, Aggregate, DeviceKeys, DevicesIndex, MetricStats,
+    COARSE, FINE, LISTING_TTL_MS,
 };
 use contract::timestamp::unix_millis;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
+
+use crate::rebuild::Generations;
 
 /// An event together with the stream sequence it was delivered at.
 #[derive(Debug, Clone)]
@@ -44,6 +46,10 @@ pub struct ReadModel {
 /// (a few MiB).
 const LISTED_MAX: usize = 100_000;
 
+/// What `apply.lua` and `index.lua` return, alone, for a guarded call that found the
+/// generations changed since they were read (`guard.lua`).
+const STALE: i64 = -2;
+
 /// Fields one script call may touch at most; a device's longer batch (a replay spanning
 /// many buckets) is split over several calls, which keeps every `HMGET`/`HSET` far
 /// below Lua's limit on unpacked values.
@@ -54,6 +60,18 @@ const FIELDS_PER_CALL_MAX: usize = 1_500;
 pub struct Applied {
     pub applied: u64,
     pub duplicates: u64,
+}
+
+/// What [`ReadModel::apply_as_of`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AsOf {
+    /// Every call went through.
+    Applied(Applied),
+    /// The generations changed since they were read (a rebuild began or switched
+    /// over, the read model was lost): some calls wrote nothing. The batch is to be
+    /// applied again with the generations read anew; `applied` counts the events the
+    /// other calls applied to the first generation.
+    Stale { applied: u64 },
 }
 
 /// The figures of some events of one device, as `apply.lua` merges them into the
@@ -169,8 +187,14 @@ impl ReadModel {
         Self {
             prefix,
             dedup_horizon_ms,
-            apply_script: Script::new(include_str!("apply.lua")),
-            index_script: Script::new(include_str!("index.lua")),
+            apply_script: Script::new(concat!(
+                include_str!("guard.lua"),
+                include_str!("apply.lua")
+            )),
+            index_script: Script::new(concat!(
+                include_str!("guard.lua"),
+                include_str!("index.lua")
+            )),
             listed: Arc::default(),
         }
     }
@@ -184,11 +208,13 @@ impl ReadModel {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Adds one `apply.lua` call for `events` (one device) to `pipeline`.
+    /// Adds one `apply.lua` call for `events` (one device) to `pipeline`, guarded by
+    /// the meta hash's fields as read when `guard` is given.
     fn add_call(
         &self,
         pipeline: &mut redis::Pipeline,
         generations: &[u64],
+        guard: Option<&[String; 3]>,
         device_id: &str,
         events: &[&Delivered],
         now_ms: i64,
@@ -196,13 +222,19 @@ impl ReadModel {
         let command = pipeline
             .cmd("EVALSHA")
             .arg(self.apply_script.get_hash())
-            .arg(3 * generations.len());
+            .arg(3 * generations.len() + usize::from(guard.is_some()));
         for generation in generations {
             let keys = DeviceKeys::new(&self.prefix, *generation, device_id);
             command.arg(keys.stats).arg(keys.applied).arg(keys.buckets);
         }
+        if guard.is_some() {
+            command.arg(meta_key(&self.prefix));
+        }
         for argument in DeviceFold::of(events, now_ms).arguments(now_ms, self.dedup_horizon_ms) {
             command.arg(argument);
+        }
+        if let Some(fields) = guard {
+            command.arg(fields.as_slice());
         }
     }
 
@@ -243,8 +275,54 @@ impl ReadModel {
         events: &[Delivered],
         now_ms: i64,
     ) -> RedisResult<Applied> {
+        let (applied, _) = self
+            .apply_guarded(connection, generations, None, events, now_ms)
+            .await?;
+        Ok(applied)
+    }
+
+    /// Applies `events` as [`apply`](Self::apply) does to the generations as they
+    /// were read, `generations.targets()`, if the meta hash still names them: each
+    /// script call checks that in Redis, so a live projector need not read the meta
+    /// hash before every batch. Calls that find it changed write nothing.
+    pub async fn apply_as_of<C: ConnectionLike>(
+        &self,
+        connection: &mut C,
+        generations: &Generations,
+        events: &[Delivered],
+        now_ms: i64,
+    ) -> RedisResult<AsOf> {
+        let (applied, stale) = self
+            .apply_guarded(
+                connection,
+                &generations.targets(),
+                Some(&generations.fields),
+                events,
+                now_ms,
+            )
+            .await?;
+        Ok(if stale {
+            AsOf::Stale {
+                applied: applied.applied,
+            }
+        } else {
+            AsOf::Applied(applied)
+        })
+    }
+
+    /// [`apply`](Self::apply), each call guarded by `guard` when given; also says
+    /// whether a guarded call found the generations changed (then nothing is
+    /// remembered as listed, and mixed calls are not split up: the batch comes again).
+    async fn apply_guarded<C: ConnectionLike>(
+        &self,
+        connection: &mut C,
+        generations: &[u64],
+        guard: Option<&[String; 3]>,
+        events: &[Delivered],
+        now_ms: i64,
+    ) -> RedisResult<(Applied, bool)> {
         if events.is_empty() || generations.is_empty() {
-            return Ok(Applied::default());
+            return Ok((Applied::default(), false));
         }
         let mut by_device: BTreeMap<&str, Vec<&Delivered>> = BTreeMap::new();
         let mut seen = HashSet::with_capacity(events.len());
@@ -260,7 +338,7 @@ impl ReadModel {
         let mut calls: Vec<(&str, &[&Delivered])> = Vec::new();
         for (device_id, device_events) in &by_device {
             for call in calls_of(device_events) {
-                self.add_call(&mut pipeline, generations, device_id, call, now_ms);
+                self.add_call(&mut pipeline, generations, guard, device_id, call, now_ms);
                 calls.push((device_id, call));
             }
         }
@@ -304,19 +382,25 @@ impl ReadModel {
             let command = pipeline
                 .cmd("EVALSHA")
                 .arg(self.index_script.get_hash())
-                .arg(4)
+                .arg(4 + usize::from(guard.is_some()))
                 .arg(&index.log)
                 .arg(&index.created)
                 .arg(&index.retired)
-                .arg(&index.current)
-                .arg(now_ms)
-                .arg(LISTING_TTL_MS);
+                .arg(&index.current);
+            if guard.is_some() {
+                command.arg(meta_key(&self.prefix));
+            }
+            command.arg(now_ms).arg(LISTING_TTL_MS);
+            if let Some(fields) = guard {
+                command.arg(fields.as_slice());
+            }
             for (device_id, granule) in entries {
                 command.arg(*device_id).arg(*granule);
             }
-            command.ignore();
         }
         let results: Vec<Vec<i64>> = self.run(connection, &pipeline).await?;
+        let is_stale = |result: &Vec<i64>| result.as_slice() == [STALE];
+        let stale = results.iter().any(is_stale);
         let mut applied = 0u64;
         // A generation that held some of a call's events but not all got nothing from it
         // (its figures include those it has): each event alone is all-or-nothing.
@@ -332,19 +416,38 @@ impl ReadModel {
                     }
                     continue;
                 }
+                if stale {
+                    continue;
+                }
                 for delivered in call.iter() {
-                    self.add_call(&mut retry, &[*generation], device_id, &[delivered], now_ms);
+                    self.add_call(
+                        &mut retry,
+                        &[*generation],
+                        guard,
+                        device_id,
+                        &[delivered],
+                        now_ms,
+                    );
                     retry_counts.push(position == 0);
                 }
             }
         }
+        let mut stale_retry = false;
         if !retry_counts.is_empty() {
             let results: Vec<Vec<i64>> = self.run(connection, &retry).await?;
+            stale_retry = results.iter().any(is_stale);
             for (counts, result) in retry_counts.into_iter().zip(results) {
                 if counts {
                     applied += result.first().map_or(0, |count| (*count).max(0) as u64);
                 }
             }
+        }
+        let applied = Applied {
+            applied,
+            duplicates: (events.len() as u64).saturating_sub(applied),
+        };
+        if stale || stale_retry {
+            return Ok((applied, true));
         }
         let mut listed = self.listed();
         // A retired generation is never listed again: past the live one and one being
@@ -361,10 +464,7 @@ impl ReadModel {
                 devices.insert(device_id.to_owned(), granule);
             }
         }
-        Ok(Applied {
-            applied,
-            duplicates: events.len() as u64 - applied,
-        })
+        Ok((applied, false))
     }
 }
 

@@ -19,33 +19,17 @@ use tokio_util::sync::CancellationToken;
 
 use ingest::bootstrap::Backoff;
 
-use crate::apply::{Delivered, ReadModel};
+use crate::apply::{AsOf, Delivered, ReadModel};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
-
-/// Messages still to be delivered to the durable consumer (JetStream's count, in each
-/// message's metadata) beyond which the projector is catching up on a backlog.
-///
-/// Each batch reads the meta hash (which generations to write) before its pipeline. On
-/// the batches' own connection that read waits behind the other batch in flight, so
-/// Redis works through one batch's pipeline at a time, in order: the lowest latency
-/// while the projector keeps up (end to end at 3,000 readings/s, 10 alternating pairs:
-/// p99 median 40 ms, against 57 ms with the read on a connection of its own). On a
-/// backlog that order leaves Redis idle while the next pipeline is being sent (a third
-/// of the time in a drain of 200,000, where the read took 3.5 ms of a batch's ~11), so
-/// a batch taken while more than this many wait reads on a connection of its own and
-/// the two pipelines overlap in Redis (the drain 1.16x in the median of 10 alternating
-/// pairs, faster in all 10).
-/// PERFORMANCE.md, *The sixteenth machine*.
-pub const CATCHING_UP: u64 = 1_000;
 
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {
     jetstream: jetstream::Context,
     redis: ConnectionManager,
-    /// Where a batch taken while the projector is catching up reads the generations
-    /// (see [`CATCHING_UP`]).
-    generations_redis: ConnectionManager,
     read_model: ReadModel,
+    /// The generations as last read, which batches are applied with (checked in Redis
+    /// by each call, see [`ReadModel::apply_as_of`]) until a call finds them changed.
+    generations: std::sync::Mutex<Option<Generations>>,
     subjects: Subjects,
     consumer_name: String,
     batch_size: usize,
@@ -57,25 +41,18 @@ impl Projector {
     pub fn new(settings: &Settings, nats: async_nats::Client, redis: ConnectionManager) -> Self {
         Self {
             jetstream: jetstream::new(nats),
-            generations_redis: redis.clone(),
             redis,
             read_model: ReadModel::new(
                 settings.redis.prefix.clone(),
                 settings.projector.dedup_horizon_secs.saturating_mul(1000) as i64,
             ),
+            generations: std::sync::Mutex::default(),
             subjects: Subjects::for_stream(&settings.nats.stream),
             consumer_name: settings.nats.consumer.clone(),
             batch_size: settings.projector.batch_size,
             batches_in_flight: settings.projector.batches_in_flight.max(1),
             ack_wait: Duration::from_secs(settings.projector.ack_wait_secs),
         }
-    }
-
-    /// Gives the batches taken while the projector is catching up ([`CATCHING_UP`]) a
-    /// connection of their own for the generations read before each batch's pipeline.
-    pub fn with_generations_connection(mut self, connection: ConnectionManager) -> Self {
-        self.generations_redis = connection;
-        self
     }
 
     /// A rebuild over the same stream and read model.
@@ -171,15 +148,10 @@ impl Projector {
         let mut redis = self.redis.clone();
         let mut delivered = Vec::with_capacity(messages.len());
         let mut to_ack = Vec::with_capacity(messages.len());
-        let mut still_to_deliver = 0;
         for message in messages {
-            let Ok((stream_sequence, pending)) = message
-                .info()
-                .map(|info| (info.stream_sequence, info.pending))
-            else {
+            let Ok(stream_sequence) = message.info().map(|info| info.stream_sequence) else {
                 continue;
             };
-            still_to_deliver = still_to_deliver.max(pending);
             match decode(&message) {
                 Ok(event) => {
                     delivered.push(Delivered {
@@ -194,23 +166,24 @@ impl Projector {
         if delivered.is_empty() {
             return;
         }
-        let mut generations_redis = if still_to_deliver > CATCHING_UP {
-            self.generations_redis.clone()
-        } else {
-            redis.clone()
-        };
         let started = Instant::now();
         let mut backoff = Backoff::default();
+        let mut applied_before = 0;
         let applied = loop {
-            // Read after the fetch: see the rebuild module for why the order matters.
-            let targets =
-                match Generations::read(&mut generations_redis, &self.read_model.prefix).await {
-                    Ok(generations) => generations.targets(),
-                    Err(_) => Vec::new(),
-                };
-            if targets.is_empty() {
+            let generations = match self.cached_generations() {
+                Some(generations) => generations,
+                None => match Generations::read(&mut redis, &self.read_model.prefix).await {
+                    Ok(generations) => {
+                        self.remember_generations(&generations);
+                        generations
+                    }
+                    Err(_) => Generations::default(),
+                },
+            };
+            if generations.targets().is_empty() {
                 // The read model is gone (Redis restarted, flushed) or not built yet: the
                 // supervisor starts a rebuild; these events wait for its generation.
+                self.forget_generations();
                 tracing::debug!("no read model generation yet, waiting for the rebuild to start");
                 if shutdown.is_cancelled() {
                     return;
@@ -221,10 +194,15 @@ impl Projector {
             let now_ms = unix_millis(OffsetDateTime::now_utc());
             match self
                 .read_model
-                .apply(&mut redis, &targets, &delivered, now_ms)
+                .apply_as_of(&mut redis, &generations, &delivered, now_ms)
                 .await
             {
-                Ok(applied) => break applied,
+                Ok(AsOf::Applied(applied)) => break applied_before + applied.applied,
+                Ok(AsOf::Stale { applied }) => {
+                    // A rebuild began or switched over: read the generations again.
+                    applied_before += applied;
+                    self.forget_generations();
+                }
                 Err(error) => {
                     metrics::counter!("projector_errors_total").increment(1);
                     tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
@@ -247,10 +225,31 @@ impl Projector {
             let lag = (now - item.event.received_at).as_seconds_f64().max(0.0);
             metrics::histogram!("projector_end_to_end_seconds").record(lag);
         }
-        metrics::counter!("projector_events_applied_total").increment(applied.applied);
-        metrics::counter!("projector_duplicates_skipped_total").increment(applied.duplicates);
+        let duplicates = (delivered.len() as u64).saturating_sub(applied);
+        metrics::counter!("projector_events_applied_total").increment(applied);
+        metrics::counter!("projector_duplicates_skipped_total").increment(duplicates);
         metrics::histogram!("projector_batch_size").record(delivered.len() as f64);
         metrics::histogram!("projector_apply_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    /// The generations as last read, if they are still taken to be current.
+    fn cached_generations(&self) -> Option<Generations> {
+        self.generations_lock().clone()
+    }
+
+    fn remember_generations(&self, generations: &Generations) {
+        *self.generations_lock() = Some(generations.clone());
+    }
+
+    fn forget_generations(&self) {
+        *self.generations_lock() = None;
+    }
+
+    /// A batch that panicked while holding the lock left a whole value behind.
+    fn generations_lock(&self) -> std::sync::MutexGuard<'_, Option<Generations>> {
+        self.generations
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Publishes the message to the DLQ stream with the reason, then terminates it.

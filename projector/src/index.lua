@@ -5,13 +5,24 @@
 -- KEYS[1] log (sorted set: entry -> granule), KEYS[2] created (hash: entry -> ms),
 -- KEYS[3] retired (sorted set: entry -> ms), KEYS[4] current (hash: device -> granule)
 -- ARGV[1] now (ms), ARGV[2] listing TTL (ms), then pairs of device id and granule (ms)
+-- A guarded call (guard.lua) has the meta hash as KEYS[5] and the fields as read as
+-- ARGV[3] to ARGV[5], before the pairs.
 --
 -- Idempotent: a granule not later than the device's current one changes nothing.
+-- Returns { STALE } when a guarded call finds the generations changed (nothing
+-- written), else { entries expired }.
 
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
+local pairs_from = 3
+if #KEYS == 5 then
+  if generations_changed(KEYS[5], 3) then
+    return { STALE }
+  end
+  pairs_from = 6
+end
 
-for i = 3, #ARGV, 2 do
+for i = pairs_from, #ARGV, 2 do
   local device, granule = ARGV[i], tonumber(ARGV[i + 1])
   local current = tonumber(redis.call('HGET', KEYS[4], device))
   if current == nil or granule > current then
@@ -31,4 +42,4 @@ for _, entry in ipairs(expired) do
   redis.call('HDEL', KEYS[2], entry)
   redis.call('ZREM', KEYS[3], entry)
 end
-return #expired
+return { #expired }

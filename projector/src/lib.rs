@@ -88,8 +88,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let redis = lazy_connection(&redis_client)?;
-    let mut projector = Projector::new(&settings, nats, redis)
-        .with_generations_connection(lazy_connection(&redis_client)?);
+    let mut projector = Projector::new(&settings, nats, redis);
     let mut supervisor = tokio::spawn(consumer::supervise(projector.rebuild(), shutdown.clone()));
     projector.run(shutdown).await;
     // The supervisor may be inside a Redis call that waits for a dead server.

@@ -6,8 +6,12 @@
 //! 1. takes the rebuild lock (one rebuild at a time, refreshed while it runs);
 //! 2. names a new generation and sets it as `building` in the meta hash — from then on
 //!    every live projector applies each batch to the live generation *and* to the one
-//!    being built (it reads the meta hash after fetching a batch, so any event it
-//!    applies to the live generation only was in the stream before `building` was set);
+//!    being built. A live projector applies its batches with the generations it read
+//!    last, and every script call checks in Redis, atomically with its writes, that the
+//!    meta hash still names them (`guard.lua`); a call that finds them changed writes
+//!    nothing and the batch is applied again with the generations read anew. So any
+//!    event applied to the live generation only was applied before `building` was set,
+//!    hence was in the stream before, and the replay below brings it to the new one;
 //! 3. notes the stream's last sequence and replays the stream up to it into the new
 //!    generation (the per-generation dedup set skips what the live projectors applied
 //!    there already);
@@ -38,13 +42,17 @@ const LOCK_TTL: Duration = Duration::from_secs(15);
 const SWITCH_GRACE: Duration = Duration::from_secs(2);
 
 /// The live and the building generation, as the meta hash names them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Generations {
     pub current: Option<u64>,
     pub building: Option<u64>,
     /// A generation named live but of another key layout ([`LAYOUT`]): no read model
     /// as far as this version can tell; the rebuild replaces it and deletes its keys.
     pub outdated: Option<u64>,
+    /// The meta hash's generation, layout and building fields as read (empty for
+    /// none): a batch applied with these generations writes nothing if they changed
+    /// since ([`ReadModel::apply_as_of`]).
+    pub fields: [String; 3],
 }
 
 impl Generations {
@@ -52,18 +60,37 @@ impl Generations {
         connection: &mut ConnectionManager,
         prefix: &str,
     ) -> redis::RedisResult<Self> {
-        let (generation, layout, building): (Option<u64>, Option<u64>, Option<u64>) =
+        let (generation, layout, building): (Option<String>, Option<String>, Option<String>) =
             redis::cmd("HMGET")
                 .arg(meta_key(prefix))
                 .arg(meta::LIVE)
                 .arg(meta::BUILDING)
                 .query_async(connection)
                 .await?;
+        let fields = [generation, layout, building].map(Option::unwrap_or_default);
+        let number = |field: &str| -> redis::RedisResult<Option<u64>> {
+            if field.is_empty() {
+                return Ok(None);
+            }
+            field.parse().map(Some).map_err(|_| {
+                (
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "a field of the meta hash is not a number",
+                )
+                    .into()
+            })
+        };
+        let [generation, layout, building] = [
+            number(&fields[0])?,
+            number(&fields[1])?,
+            number(&fields[2])?,
+        ];
         let current = live_generation(generation, layout);
         Ok(Self {
             current,
             building,
             outdated: generation.filter(|_| current.is_none()),
+            fields,
         })
     }
 

@@ -1,10 +1,14 @@
 //! The read model's write path on its own: batches folded in the projector and merged
 //! by `apply.lua` — batches holding events a generation has and events it has not, two
-//! generations at once, pruning of buckets past their retention, a device's batch too
-//! long for one script call, and the buckets hash turned into a hash table once large.
+//! generations at once, a batch applied with generations that changed since they were
+//! read, pruning of buckets past their retention, a device's batch too long for one
+//! script call, and the buckets hash turned into a hash table once large.
 
-use contract::read_model::{DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE};
-use projector::apply::{Applied, Delivered};
+use contract::read_model::{
+    generation_pattern, meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE,
+};
+use projector::apply::{Applied, AsOf, Delivered};
+use projector::rebuild::Generations;
 use testkit::TestEnv;
 
 use crate::support::{
@@ -323,4 +327,128 @@ async fn encoding(redis: &mut redis::aio::ConnectionManager, key: &str) -> Strin
         .query_async(redis)
         .await
         .expect("object encoding")
+}
+
+/// The keys of one generation, of any kind (device hashes, applied sets, buckets, the
+/// devices index).
+async fn keys_of(env: &TestEnv, generation: u64) -> Vec<String> {
+    let mut redis = env.redis().await;
+    redis::cmd("KEYS")
+        .arg(generation_pattern(&env.settings.redis.prefix, generation))
+        .query_async(&mut redis)
+        .await
+        .expect("keys listed")
+}
+
+#[tokio::test]
+async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switched_writes_nothing() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = direct_read_model(&env);
+    let prefix = &env.settings.redis.prefix;
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..4)
+        .map(|index| {
+            event(
+                "sensor-1",
+                base + index * 1_000,
+                &[("temperature", index as f64 + 0.5)],
+            )
+        })
+        .collect();
+    let all = delivered(&events);
+    env.set_live_generation(1).await;
+    let live_only = Generations::read(&mut redis, prefix)
+        .await
+        .expect("meta read");
+    assert_eq!(live_only.targets(), [1]);
+    let first = model
+        .apply_as_of(&mut redis, &live_only, &all[..1], now_ms())
+        .await
+        .expect("first batch");
+    assert_eq!(
+        first,
+        AsOf::Applied(Applied {
+            applied: 1,
+            duplicates: 0
+        })
+    );
+
+    // A rebuild begins: generation 2 is being built. A batch applied with the
+    // generations read before writes nothing, to neither generation.
+    let () = redis::cmd("HSET")
+        .arg(meta_key(prefix))
+        .arg(meta::BUILDING)
+        .arg(2)
+        .query_async(&mut redis)
+        .await
+        .expect("building set");
+    let stale = model
+        .apply_as_of(&mut redis, &live_only, &all[..3], now_ms())
+        .await
+        .expect("stale batch");
+    assert_eq!(stale, AsOf::Stale { applied: 0 });
+    let (live, _) = figures_in(&env, 1, "sensor-1").await;
+    assert_same_figures(
+        "sensor-1",
+        &live,
+        &reference(&events[..1])["sensor-1"],
+        Sums::Exact,
+    );
+    assert_eq!(keys_of(&env, 2).await, Vec::<String>::new());
+
+    // Read anew, the same batch goes to both.
+    let both = Generations::read(&mut redis, prefix)
+        .await
+        .expect("meta read");
+    assert_eq!(both.targets(), [1, 2]);
+    let again = model
+        .apply_as_of(&mut redis, &both, &all[..3], now_ms())
+        .await
+        .expect("batch again");
+    assert_eq!(
+        again,
+        AsOf::Applied(Applied {
+            applied: 2,
+            duplicates: 1
+        }),
+        "counted in the live generation"
+    );
+    let expected = reference(&events[..3]);
+    for generation in [1, 2] {
+        let (figures, _) = figures_in(&env, generation, "sensor-1").await;
+        assert_same_figures("sensor-1", &figures, &expected["sensor-1"], Sums::Exact);
+    }
+
+    // The switch: generation 2 is live, none is being built. The old generation gets
+    // nothing more, also not from a batch applied with the generations read before.
+    env.set_live_generation(2).await;
+    let () = redis::cmd("HDEL")
+        .arg(meta_key(prefix))
+        .arg(meta::BUILDING)
+        .query_async(&mut redis)
+        .await
+        .expect("building cleared");
+    let stale = model
+        .apply_as_of(&mut redis, &both, &all[3..], now_ms())
+        .await
+        .expect("stale batch");
+    assert_eq!(stale, AsOf::Stale { applied: 0 });
+    let switched = Generations::read(&mut redis, prefix)
+        .await
+        .expect("meta read");
+    assert_eq!(switched.targets(), [2]);
+    model
+        .apply_as_of(&mut redis, &switched, &all[3..], now_ms())
+        .await
+        .expect("last batch");
+    let (old, _) = figures_in(&env, 1, "sensor-1").await;
+    assert_same_figures("sensor-1", &old, &expected["sensor-1"], Sums::Exact);
+    let (new, _) = figures_in(&env, 2, "sensor-1").await;
+    assert_same_figures(
+        "sensor-1",
+        &new,
+        &reference(&events)["sensor-1"],
+        Sums::Exact,
+    );
 }

@@ -136,11 +136,11 @@ async fn two_projectors_sharing_the_durable_consumer_give_the_figures_of_the_fol
 }
 
 #[tokio::test]
-async fn a_backlog_projected_while_catching_up_gives_the_figures_of_the_fold() {
-    // More than CATCHING_UP wait when the projector starts, so its first batches read
-    // the generations on a connection of their own and overlap in Redis.
+async fn a_backlog_projected_in_batches_that_follow_each_other_gives_the_figures_of_the_fold() {
+    // A backlog waits when the projector starts, so its batches of 100 come one after
+    // the other, two in flight, all applied with the generations it read once.
     const DEVICES: u64 = 50;
-    const EVENTS: usize = 3 * projector::consumer::CATCHING_UP as usize;
+    const EVENTS: usize = 3_000;
     let env = TestEnv::new();
     let mut settings = env.settings.clone();
     settings.projector.batch_size = 100;
