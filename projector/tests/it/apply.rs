@@ -7,8 +7,9 @@
 use contract::read_model::{
     generation_pattern, meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE,
 };
-use projector::apply::{Applied, AsOf, Delivered};
+use projector::apply::{Applied, AsOf, Delivered, ReadModel};
 use projector::rebuild::Generations;
+use redis::aio::ConnectionManager;
 use testkit::TestEnv;
 
 use crate::support::{
@@ -340,6 +341,27 @@ async fn keys_of(env: &TestEnv, generation: u64) -> Vec<String> {
         .expect("keys listed")
 }
 
+/// The generations as the meta hash names them now.
+async fn generations(env: &TestEnv) -> Generations {
+    let mut redis = connection(env).await;
+    Generations::read(&mut redis, &env.settings.redis.prefix)
+        .await
+        .expect("meta read")
+}
+
+/// `batch` applied with `generations`, as a live projector applies it.
+async fn apply_as_of(
+    model: &ReadModel,
+    redis: &mut ConnectionManager,
+    generations: &Generations,
+    batch: &[Delivered],
+) -> AsOf {
+    model
+        .apply_as_of(redis, generations, batch, now_ms())
+        .await
+        .expect("apply")
+}
+
 #[tokio::test]
 async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switched_writes_nothing() {
     let env = TestEnv::new();
@@ -358,14 +380,9 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
         .collect();
     let all = delivered(&events);
     env.set_live_generation(1).await;
-    let live_only = Generations::read(&mut redis, prefix)
-        .await
-        .expect("meta read");
+    let live_only = generations(&env).await;
     assert_eq!(live_only.targets(), [1]);
-    let first = model
-        .apply_as_of(&mut redis, &live_only, &all[..1], now_ms())
-        .await
-        .expect("first batch");
+    let first = apply_as_of(&model, &mut redis, &live_only, &all[..1]).await;
     assert_eq!(
         first,
         AsOf::Applied(Applied {
@@ -383,10 +400,7 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
         .query_async(&mut redis)
         .await
         .expect("building set");
-    let stale = model
-        .apply_as_of(&mut redis, &live_only, &all[..3], now_ms())
-        .await
-        .expect("stale batch");
+    let stale = apply_as_of(&model, &mut redis, &live_only, &all[..3]).await;
     assert_eq!(stale, AsOf::Stale { applied: 0 });
     let (live, _) = figures_in(&env, 1, "sensor-1").await;
     assert_same_figures(
@@ -398,14 +412,9 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
     assert_eq!(keys_of(&env, 2).await, Vec::<String>::new());
 
     // Read anew, the same batch goes to both.
-    let both = Generations::read(&mut redis, prefix)
-        .await
-        .expect("meta read");
+    let both = generations(&env).await;
     assert_eq!(both.targets(), [1, 2]);
-    let again = model
-        .apply_as_of(&mut redis, &both, &all[..3], now_ms())
-        .await
-        .expect("batch again");
+    let again = apply_as_of(&model, &mut redis, &both, &all[..3]).await;
     assert_eq!(
         again,
         AsOf::Applied(Applied {
@@ -429,19 +438,17 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
         .query_async(&mut redis)
         .await
         .expect("building cleared");
-    let stale = model
-        .apply_as_of(&mut redis, &both, &all[3..], now_ms())
-        .await
-        .expect("stale batch");
+    let stale = apply_as_of(&model, &mut redis, &both, &all[3..]).await;
     assert_eq!(stale, AsOf::Stale { applied: 0 });
-    let switched = Generations::read(&mut redis, prefix)
-        .await
-        .expect("meta read");
+    let switched = generations(&env).await;
     assert_eq!(switched.targets(), [2]);
-    model
-        .apply_as_of(&mut redis, &switched, &all[3..], now_ms())
-        .await
-        .expect("last batch");
+    assert_eq!(
+        apply_as_of(&model, &mut redis, &switched, &all[3..]).await,
+        AsOf::Applied(Applied {
+            applied: 1,
+            duplicates: 0
+        })
+    );
     let (old, _) = figures_in(&env, 1, "sensor-1").await;
     assert_same_figures("sensor-1", &old, &expected["sensor-1"], Sums::Exact);
     let (new, _) = figures_in(&env, 2, "sensor-1").await;
