@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -107,11 +107,20 @@ pub async fn exchange(
     Ok((status, body))
 }
 
+/// How long a pooled connection may sit idle before it is dropped rather than reused:
+/// well under the services' `http.header_read_timeout_ms` (10 s), which closes an idle
+/// kept-alive connection. A request sent just as the server closes the connection
+/// fails unanswered, and the probe counts an `io_error` that a real client would have
+/// sent again (most likely the 19 of ~60,000 POSTs in one 20 s e2e run of
+/// `scripts/ab`, where the pool had grown in a slow spell and sat idle after it).
+const IDLE_MAX: Duration = Duration::from_secs(5);
+
 /// A small pool of keep-alive connections for tasks that come and go (the e2e probe).
 #[derive(Debug)]
 pub struct Pool {
     target: Target,
-    idle: Mutex<Vec<Sender>>,
+    /// Idle connections, the most recently used last, with when they went idle.
+    idle: Mutex<Vec<(Sender, Instant)>>,
     max_idle: usize,
 }
 
@@ -130,7 +139,15 @@ impl Pool {
 
     /// Sends on an idle connection (or a new one); a connection that worked goes back.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Bytes)> {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let idle = self.idle.lock().ok().and_then(|mut idle| {
+            // The ones below the most recent are older still: a stale one means all are.
+            let (sender, since) = idle.pop()?;
+            if since.elapsed() > IDLE_MAX {
+                idle.clear();
+                return None;
+            }
+            Some(sender)
+        });
         let mut sender = match idle {
             Some(sender) if !sender.is_closed() => sender,
             _ => connect(&self.target).await?,
@@ -138,7 +155,7 @@ impl Pool {
         let answer = exchange(&mut sender, request).await?;
         if let Ok(mut idle) = self.idle.lock() {
             if idle.len() < self.max_idle {
-                idle.push(sender);
+                idle.push((sender, Instant::now()));
             }
         }
         Ok(answer)
