@@ -24,9 +24,9 @@
 --          as the projector read them
 --
 -- Returns STALE alone when a guarded call finds those fields changed (nothing
--- written). Otherwise one number per generation: k when the events were applied, 0 when every one
--- of them was applied before (then only updated_at and as_of_seq move: the view is as
--- of this delivery), -1 when some were and some were not. Then nothing was written to
+-- written). Otherwise one number per generation: k when the events were applied, 0
+-- when every one of them was applied before (then only updated_at and as_of_seq move:
+-- the view is as of this delivery), -1 when some were and some were not. Then nothing was written to
 -- that generation: the batch's figures include events it has, and the projector
 -- applies those events again one call each.
 
@@ -38,7 +38,7 @@ local IDS = 3
 local METRICS = IDS + k
 local BUCKETS = METRICS + 2 * M
 local GENERATION_KEYS = #KEYS - #KEYS % 3
-if GENERATION_KEYS < #KEYS and generations_changed(KEYS[#KEYS], BUCKETS + 2 * B) then
+if GENERATION_KEYS < #KEYS and generations_changed() then
   return { STALE }
 end
 -- Buckets are pruned once this many 10 s buckets (5 minutes) fell out of the retention.

@@ -31,6 +31,8 @@ pub struct Delivered {
 #[derive(Debug, Clone)]
 pub struct ReadModel {
     pub prefix: String,
+    /// The meta hash, the last key of a guarded call (`guard.lua`).
+    meta_key: String,
     pub dedup_horizon_ms: i64,
     /// Applies one device's events atomically and idempotently (`apply.lua`).
     apply_script: Script,
@@ -160,6 +162,13 @@ impl<'a> DeviceFold<'a> {
     }
 }
 
+/// A guarded call's last three arguments: the meta hash's fields as read.
+fn guard_fields(command: &mut redis::Pipeline, guard: Option<&[String; 3]>) {
+    if let Some(fields) = guard {
+        command.arg(fields.as_slice());
+    }
+}
+
 /// Splits one device's events (each id once) into calls of at most
 /// [`FIELDS_PER_CALL_MAX`] fields, in order.
 fn calls_of<'a, 'b>(events: &'b [&'a Delivered]) -> Vec<&'b [&'a Delivered]> {
@@ -185,6 +194,7 @@ fn calls_of<'a, 'b>(events: &'b [&'a Delivered]) -> Vec<&'b [&'a Delivered]> {
 impl ReadModel {
     pub fn new(prefix: String, dedup_horizon_ms: i64) -> Self {
         Self {
+            meta_key: meta_key(&prefix),
             prefix,
             dedup_horizon_ms,
             apply_script: Script::new(concat!(
@@ -227,14 +237,17 @@ impl ReadModel {
             let keys = DeviceKeys::new(&self.prefix, *generation, device_id);
             command.arg(keys.stats).arg(keys.applied).arg(keys.buckets);
         }
-        if guard.is_some() {
-            command.arg(meta_key(&self.prefix));
-        }
+        self.guard_key(command, guard);
         for argument in DeviceFold::of(events, now_ms).arguments(now_ms, self.dedup_horizon_ms) {
             command.arg(argument);
         }
-        if let Some(fields) = guard {
-            command.arg(fields.as_slice());
+        guard_fields(command, guard);
+    }
+
+    /// A guarded call's last key: the meta hash.
+    fn guard_key(&self, command: &mut redis::Pipeline, guard: Option<&[String; 3]>) {
+        if guard.is_some() {
+            command.arg(&self.meta_key);
         }
     }
 
@@ -387,16 +400,12 @@ impl ReadModel {
                 .arg(&index.created)
                 .arg(&index.retired)
                 .arg(&index.current);
-            if guard.is_some() {
-                command.arg(meta_key(&self.prefix));
-            }
+            self.guard_key(command, guard);
             command.arg(now_ms).arg(LISTING_TTL_MS);
-            if let Some(fields) = guard {
-                command.arg(fields.as_slice());
-            }
             for (device_id, granule) in entries {
                 command.arg(*device_id).arg(*granule);
             }
+            guard_fields(command, guard);
         }
         let results: Vec<Vec<i64>> = self.run(connection, &pipeline).await?;
         let is_stale = |result: &Vec<i64>| result.as_slice() == [STALE];

@@ -6,7 +6,7 @@
 -- KEYS[3] retired (sorted set: entry -> ms), KEYS[4] current (hash: device -> granule)
 -- ARGV[1] now (ms), ARGV[2] listing TTL (ms), then pairs of device id and granule (ms)
 -- A guarded call (guard.lua) has the meta hash as KEYS[5] and the fields as read as
--- ARGV[3] to ARGV[5], before the pairs.
+-- its last three arguments, after the pairs.
 --
 -- Idempotent: a granule not later than the device's current one changes nothing.
 -- Returns { STALE } when a guarded call finds the generations changed (nothing
@@ -14,15 +14,15 @@
 
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local pairs_from = 3
+local pairs_end = #ARGV
 if #KEYS == 5 then
-  if generations_changed(KEYS[5], 3) then
+  if generations_changed() then
     return { STALE }
   end
-  pairs_from = 6
+  pairs_end = #ARGV - 3
 end
 
-for i = pairs_from, #ARGV, 2 do
+for i = 3, pairs_end, 2 do
   local device, granule = ARGV[i], tonumber(ARGV[i + 1])
   local current = tonumber(redis.call('HGET', KEYS[4], device))
   if current == nil or granule > current then

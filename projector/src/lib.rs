@@ -87,7 +87,16 @@ pub async fn run(
         ingest::connection_limits(&settings),
         shutdown.clone(),
     ));
-    let redis = lazy_connection(&redis_client)?;
+    // Connects lazily and reconnects by itself; a failed apply is retried with backoff.
+    let redis = ConnectionManager::new_lazy_with_config(
+        redis_client,
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500)),
+    )
+    .context("creating the redis connection manager")?;
     let mut projector = Projector::new(&settings, nats, redis);
     let mut supervisor = tokio::spawn(consumer::supervise(projector.rebuild(), shutdown.clone()));
     projector.run(shutdown).await;
@@ -101,18 +110,4 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     tracing::info!("projector stopped");
     Ok(())
-}
-
-/// A Redis connection that connects lazily and reconnects by itself (a failed apply is
-/// retried with backoff).
-fn lazy_connection(client: &redis::Client) -> anyhow::Result<ConnectionManager> {
-    ConnectionManager::new_lazy_with_config(
-        client.clone(),
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500)),
-    )
-    .context("creating the redis connection manager")
 }
