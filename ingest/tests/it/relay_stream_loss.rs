@@ -102,6 +102,33 @@ async fn assert_stream_matches_outbox(
     );
 }
 
+/// A pipeline on a private NATS (one a test can crash and cut the stream of) with no
+/// periodic stream check, so only the trigger under test starts one, and some readings
+/// posted, not yet relayed.
+struct OnPrivateNats {
+    nats: PrivateNats,
+    env: TestEnv,
+    ingest: Ingest,
+    db: tokio_postgres::Client,
+}
+
+/// [`OnPrivateNats`] with `readings` posted.
+async fn on_private_nats(readings: usize) -> OnPrivateNats {
+    let nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "before", readings).await;
+    let db = env.postgres().await;
+    OnPrivateNats {
+        nats,
+        env,
+        ingest,
+        db,
+    }
+}
+
 /// A pipeline whose private NATS lost the tail of the stream after a relay published
 /// `before` readings, and `after` readings posted since, not yet relayed; no periodic
 /// stream check, so only the trigger under test starts one.
@@ -117,13 +144,12 @@ struct Truncated {
 }
 
 async fn published_then_truncated(before: usize, after: usize) -> Truncated {
-    let mut nats = PrivateNats::start();
-    let mut env = TestEnv::new();
-    env.settings.nats.url = nats.url();
-    env.settings.relay.stream_check_interval_ms = NEVER_MS;
-    let ingest = Ingest::spawn(&env.settings).await;
-    post_readings(&ingest, "before", before).await;
-    let db = env.postgres().await;
+    let OnPrivateNats {
+        mut nats,
+        env,
+        ingest,
+        db,
+    } = on_private_nats(before).await;
     let (shutdown, relay) = spawn_relay(&env.settings);
     wait_until_all_published(&db, before as i64).await;
     shutdown.cancel();
@@ -260,14 +286,13 @@ async fn relay_repairs_a_loss_when_newer_publishes_were_recorded_before_the_roun
 async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republish_what_it_lost_once(
 ) {
     const BEFORE_CRASH: usize = 40;
-    let mut nats = PrivateNats::start();
-    let mut env = TestEnv::new();
-    env.settings.nats.url = nats.url();
     // No periodic check: the reconnect must trigger it.
-    env.settings.relay.stream_check_interval_ms = NEVER_MS;
-    let ingest = Ingest::spawn(&env.settings).await;
-    post_readings(&ingest, "before", BEFORE_CRASH).await;
-    let db = env.postgres().await;
+    let OnPrivateNats {
+        mut nats,
+        env,
+        ingest,
+        db,
+    } = on_private_nats(BEFORE_CRASH).await;
     // Two relays: both check after reconnecting, one repairs.
     let (shutdown, relay) = spawn_relay(&env.settings);
     let (second_shutdown, second_relay) = spawn_relay(&env.settings);

@@ -4,6 +4,7 @@
 //! read, pruning of buckets past their retention, a device's batch too long for one
 //! script call, and the buckets hash turned into a hash table once large.
 
+use contract::event::TelemetryRecorded;
 use contract::read_model::{
     generation_pattern, meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE,
 };
@@ -17,13 +18,32 @@ use crate::support::{
 };
 
 /// `events` as delivered at stream sequences 1, 2, ...
-fn delivered(events: &[contract::event::TelemetryRecorded]) -> Vec<Delivered> {
+fn delivered(events: &[TelemetryRecorded]) -> Vec<Delivered> {
     events
         .iter()
         .zip(1..)
         .map(|(event, stream_sequence)| Delivered {
             event: event.clone(),
             stream_sequence,
+        })
+        .collect()
+}
+
+/// `count` temperature readings of sensor-1 from `base`, `step_ms` apart, the i-th of
+/// `value(i)`.
+fn temperatures(
+    count: i64,
+    base: i64,
+    step_ms: i64,
+    value: impl Fn(i64) -> f64,
+) -> Vec<TelemetryRecorded> {
+    (0..count)
+        .map(|index| {
+            event(
+                "sensor-1",
+                base + index * step_ms,
+                &[("temperature", value(index))],
+            )
         })
         .collect()
 }
@@ -96,15 +116,7 @@ async fn two_generations_that_hold_different_events_each_get_exactly_what_they_l
     let mut redis = connection(&env).await;
     let model = direct_read_model(&env);
     let base = now_ms() - 60_000;
-    let events: Vec<_> = (0..6)
-        .map(|index| {
-            event(
-                "sensor-1",
-                base + index * 7_000,
-                &[("temperature", index as f64 * 1.25)],
-            )
-        })
-        .collect();
+    let events = temperatures(6, base, 7_000, |index| index as f64 * 1.25);
     let all = delivered(&events);
     // The live generation has the even events, the one being built the first three.
     let even: Vec<Delivered> = all.iter().step_by(2).cloned().collect();
@@ -268,15 +280,7 @@ async fn a_buckets_hash_past_256_fields_becomes_a_hash_table_and_reads_the_same(
     // From the start of a 5 min bucket 55-60 minutes ago, one reading every 10 s for
     // 55 minutes: a 10 s bucket each, a 5 min bucket every thirtieth.
     let base = (COARSE.bucket(now - 60 * 60_000) + 1) * COARSE.width_ms;
-    let events: Vec<_> = (0..330)
-        .map(|index| {
-            event(
-                "sensor-1",
-                base + index * 10_000,
-                &[("temperature", index as f64)],
-            )
-        })
-        .collect();
+    let events = temperatures(330, base, 10_000, |index| index as f64);
     let all = delivered(&events);
     let keys = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-1");
     for batch in all[..200].chunks(20) {
@@ -341,6 +345,17 @@ async fn keys_of(env: &TestEnv, generation: u64) -> Vec<String> {
         .expect("keys listed")
 }
 
+/// Checks that sensor-1's figures in `generation` are the reference fold of `events`.
+async fn assert_holds(env: &TestEnv, generation: u64, events: &[TelemetryRecorded]) {
+    let (figures, _) = figures_in(env, generation, "sensor-1").await;
+    assert_same_figures(
+        "sensor-1",
+        &figures,
+        &reference(events)["sensor-1"],
+        Sums::Exact,
+    );
+}
+
 /// The generations as the meta hash names them now.
 async fn generations(env: &TestEnv) -> Generations {
     let mut redis = connection(env).await;
@@ -369,15 +384,7 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
     let model = direct_read_model(&env);
     let prefix = &env.settings.redis.prefix;
     let base = now_ms() - 60_000;
-    let events: Vec<_> = (0..4)
-        .map(|index| {
-            event(
-                "sensor-1",
-                base + index * 1_000,
-                &[("temperature", index as f64 + 0.5)],
-            )
-        })
-        .collect();
+    let events = temperatures(4, base, 1_000, |index| index as f64 + 0.5);
     let all = delivered(&events);
     env.set_live_generation(1).await;
     let live_only = generations(&env).await;
@@ -402,13 +409,7 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
         .expect("building set");
     let stale = apply_as_of(&model, &mut redis, &live_only, &all[..3]).await;
     assert_eq!(stale, AsOf::Stale { applied: 0 });
-    let (live, _) = figures_in(&env, 1, "sensor-1").await;
-    assert_same_figures(
-        "sensor-1",
-        &live,
-        &reference(&events[..1])["sensor-1"],
-        Sums::Exact,
-    );
+    assert_holds(&env, 1, &events[..1]).await;
     assert_eq!(keys_of(&env, 2).await, Vec::<String>::new());
 
     // Read anew, the same batch goes to both.
@@ -423,10 +424,8 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
         }),
         "counted in the live generation"
     );
-    let expected = reference(&events[..3]);
     for generation in [1, 2] {
-        let (figures, _) = figures_in(&env, generation, "sensor-1").await;
-        assert_same_figures("sensor-1", &figures, &expected["sensor-1"], Sums::Exact);
+        assert_holds(&env, generation, &events[..3]).await;
     }
 
     // The switch: generation 2 is live, none is being built. The old generation gets
@@ -449,13 +448,6 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
             duplicates: 0
         })
     );
-    let (old, _) = figures_in(&env, 1, "sensor-1").await;
-    assert_same_figures("sensor-1", &old, &expected["sensor-1"], Sums::Exact);
-    let (new, _) = figures_in(&env, 2, "sensor-1").await;
-    assert_same_figures(
-        "sensor-1",
-        &new,
-        &reference(&events)["sensor-1"],
-        Sums::Exact,
-    );
+    assert_holds(&env, 1, &events[..3]).await;
+    assert_holds(&env, 2, &events).await;
 }

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
+use async_nats::jetstream::{self, consumer};
 use contract::event::TelemetryRecorded;
+use contract::read_model::DeviceStats;
 use testkit::TestEnv;
 
 use crate::support::{
@@ -113,11 +115,8 @@ async fn two_projectors_sharing_the_durable_consumer_give_the_figures_of_the_fol
             .sum::<u64>(),
         EVENTS as u64
     );
-    let info = drained(&env, &jetstream, messages.len() as u64).await;
-    let actual = projected(&env, &expected).await;
-    assert_eq!(actual.len(), expected.len());
-    for (device, want) in &expected {
-        assert_same_figures(device, &actual[device], want, Sums::Exact);
+    let (info, actual) = drained_to_the_fold(&env, &jetstream, &expected, messages.len()).await;
+    for device in expected.keys() {
         let last_sequence = messages
             .iter()
             .zip(&sequences)
@@ -150,14 +149,26 @@ async fn a_backlog_projected_in_batches_that_follow_each_other_gives_the_figures
     publish_many(&env, &jetstream, &messages).await;
     let projector = Projector::spawn(&settings).await;
 
-    let expected = reference(&events);
-    drained(&env, &jetstream, messages.len() as u64).await;
-    let actual = projected(&env, &expected).await;
+    drained_to_the_fold(&env, &jetstream, &reference(&events), messages.len()).await;
+    projector.stop().await;
+}
+
+/// Waits until the consumer acked all `messages` messages and every device of
+/// `expected` (the reference fold) shows its figures; checks them, and returns the
+/// consumer's info and the figures as projected.
+async fn drained_to_the_fold(
+    env: &TestEnv,
+    jetstream: &jetstream::Context,
+    expected: &BTreeMap<String, DeviceStats>,
+    messages: usize,
+) -> (consumer::Info, BTreeMap<String, DeviceStats>) {
+    let info = drained(env, jetstream, messages as u64).await;
+    let actual = projected(env, expected).await;
     assert_eq!(actual.len(), expected.len());
-    for (device, want) in &expected {
+    for (device, want) in expected {
         assert_same_figures(device, &actual[device], want, Sums::Exact);
     }
-    projector.stop().await;
+    (info, actual)
 }
 
 /// `count` random events over `devices` devices within the last hour (few distinct
