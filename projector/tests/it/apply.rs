@@ -1,8 +1,9 @@
 //! The read model's write path on its own: batches folded in the projector and merged
 //! by `apply.lua` — batches holding events a generation has and events it has not, two
 //! generations at once, a batch applied with generations that changed since they were
-//! read, pruning of buckets past their retention, a device's batch too long for one
-//! script call, and the buckets hash turned into a hash table once large.
+//! read (also between its pipeline and a mixed call's split), pruning of buckets past
+//! their retention, a device's batch too long for one script call, and the buckets hash
+//! turned into a hash table once large.
 
 use contract::event::TelemetryRecorded;
 use contract::read_model::{
@@ -11,6 +12,7 @@ use contract::read_model::{
 use projector::apply::{Applied, AsOf, Delivered, ReadModel};
 use projector::rebuild::Generations;
 use redis::aio::ConnectionManager;
+use redis::Value;
 use testkit::TestEnv;
 
 use crate::support::{
@@ -450,4 +452,90 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
     );
     assert_holds(&env, 1, &events[..3]).await;
     assert_holds(&env, 2, &events).await;
+}
+
+/// A Redis connection on which a rebuild begins (the meta hash gets `building`) just
+/// before the second pipeline, as if it began between a batch's pipeline and the
+/// pipeline that applies a mixed call's events one call each.
+struct RebuildBeginsBeforeTheRetry {
+    redis: ConnectionManager,
+    meta_key: String,
+    pipelines: usize,
+}
+
+impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheRetry {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        self.redis.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        self.pipelines += 1;
+        let rebuild_begins = self.pipelines == 2;
+        Box::pin(async move {
+            if rebuild_begins {
+                let () = redis::cmd("HSET")
+                    .arg(&self.meta_key)
+                    .arg(meta::BUILDING)
+                    .arg(2)
+                    .query_async(&mut self.redis)
+                    .await?;
+            }
+            self.redis
+                .req_packed_commands(pipeline, offset, count)
+                .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.redis.get_db()
+    }
+}
+
+#[tokio::test]
+async fn a_mixed_call_split_up_after_a_rebuild_began_writes_nothing_and_is_stale() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = direct_read_model(&env);
+    let base = now_ms() - 60_000;
+    let events = temperatures(3, base, 1_000, |index| index as f64 + 0.25);
+    let all = delivered(&events);
+    env.set_live_generation(1).await;
+    let live_only = generations(&env).await;
+    apply_as_of(&model, &mut redis, &live_only, &all[..1]).await;
+
+    // The batch's one call holds an event generation 1 has and two it has not: it
+    // writes nothing and the events go again one call each, in a second pipeline,
+    // which comes after the rebuild began. The batch is stale, not applied: were it
+    // counted as applied (with its events as duplicates), it would be acked unapplied.
+    let mut racing = RebuildBeginsBeforeTheRetry {
+        redis: redis.clone(),
+        meta_key: meta_key(&env.settings.redis.prefix),
+        pipelines: 0,
+    };
+    let stale = model
+        .apply_as_of(&mut racing, &live_only, &all, now_ms())
+        .await
+        .expect("apply");
+    assert_eq!(racing.pipelines, 2, "the mixed call was split up");
+    assert_eq!(stale, AsOf::Stale { applied: 0 });
+    assert_holds(&env, 1, &events[..1]).await;
+    assert_eq!(keys_of(&env, 2).await, Vec::<String>::new());
+
+    // Read anew, the batch goes to both generations.
+    let both = generations(&env).await;
+    assert_eq!(
+        apply_as_of(&model, &mut redis, &both, &all).await,
+        AsOf::Applied(Applied {
+            applied: 2,
+            duplicates: 1
+        })
+    );
+    for generation in [1, 2] {
+        assert_holds(&env, generation, &events).await;
+    }
 }
