@@ -164,6 +164,19 @@ impl TestEnv {
         live_generation(generation, layout)
     }
 
+    /// Marks `generation` as being built, as a rebuild does when it begins, or, with
+    /// `None`, none, as its switch-over leaves it.
+    pub async fn set_building(&self, generation: Option<u64>) {
+        let mut redis = self.redis().await;
+        // HSET meta building <generation>, or HDEL meta building (None adds no argument).
+        let mut command = redis::cmd(if generation.is_some() { "HSET" } else { "HDEL" });
+        command
+            .arg(meta_key(&self.settings.redis.prefix))
+            .arg(meta::BUILDING)
+            .arg(generation);
+        let () = command.query_async(&mut redis).await.expect("building set");
+    }
+
     /// Makes `generation` the live one, of this layout, as a finished build would have.
     pub async fn set_live_generation(&self, generation: u64) {
         let mut redis = self.redis().await;

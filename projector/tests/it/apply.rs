@@ -7,7 +7,7 @@
 
 use contract::event::TelemetryRecorded;
 use contract::read_model::{
-    generation_pattern, meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE,
+    generation_pattern, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE,
 };
 use projector::apply::{Applied, AsOf, Delivered, ReadModel};
 use projector::rebuild::Generations;
@@ -384,7 +384,6 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
     let model = direct_read_model(&env);
-    let prefix = &env.settings.redis.prefix;
     let base = now_ms() - 60_000;
     let events = temperatures(4, base, 1_000, |index| index as f64 + 0.5);
     let all = delivered(&events);
@@ -402,13 +401,7 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
 
     // A rebuild begins: generation 2 is being built. A batch applied with the
     // generations read before writes nothing, to neither generation.
-    let () = redis::cmd("HSET")
-        .arg(meta_key(prefix))
-        .arg(meta::BUILDING)
-        .arg(2)
-        .query_async(&mut redis)
-        .await
-        .expect("building set");
+    env.set_building(Some(2)).await;
     let stale = apply_as_of(&model, &mut redis, &live_only, &all[..3]).await;
     assert_eq!(stale, AsOf::Stale { applied: 0 });
     assert_holds(&env, 1, &events[..1]).await;
@@ -433,12 +426,7 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
     // The switch: generation 2 is live, none is being built. The old generation gets
     // nothing more, also not from a batch applied with the generations read before.
     env.set_live_generation(2).await;
-    let () = redis::cmd("HDEL")
-        .arg(meta_key(prefix))
-        .arg(meta::BUILDING)
-        .query_async(&mut redis)
-        .await
-        .expect("building cleared");
+    env.set_building(None).await;
     let stale = apply_as_of(&model, &mut redis, &both, &all[3..]).await;
     assert_eq!(stale, AsOf::Stale { applied: 0 });
     let switched = generations(&env).await;
@@ -457,13 +445,13 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
 /// A Redis connection on which a rebuild begins (the meta hash gets `building`) just
 /// before the second pipeline, as if it began between a batch's pipeline and the
 /// pipeline that applies a mixed call's events one call each.
-struct RebuildBeginsBeforeTheRetry {
+struct RebuildBeginsBeforeTheRetry<'a> {
+    env: &'a TestEnv,
     redis: ConnectionManager,
-    meta_key: String,
     pipelines: usize,
 }
 
-impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheRetry {
+impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheRetry<'_> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         self.redis.req_packed_command(cmd)
     }
@@ -478,12 +466,7 @@ impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheRetry {
         let rebuild_begins = self.pipelines == 2;
         Box::pin(async move {
             if rebuild_begins {
-                let () = redis::cmd("HSET")
-                    .arg(&self.meta_key)
-                    .arg(meta::BUILDING)
-                    .arg(2)
-                    .query_async(&mut self.redis)
-                    .await?;
+                self.env.set_building(Some(2)).await;
             }
             self.redis
                 .req_packed_commands(pipeline, offset, count)
@@ -513,8 +496,8 @@ async fn a_mixed_call_split_up_after_a_rebuild_began_writes_nothing_and_is_stale
     // which comes after the rebuild began. The batch is stale, not applied: were it
     // counted as applied (with its events as duplicates), it would be acked unapplied.
     let mut racing = RebuildBeginsBeforeTheRetry {
+        env: &env,
         redis: redis.clone(),
-        meta_key: meta_key(&env.settings.redis.prefix),
         pipelines: 0,
     };
     let stale = model
