@@ -75,10 +75,17 @@ pub fn rebuild_lock_key(prefix: &str) -> String {
 }
 
 /// Where the projectors remember the durable consumer's ack floor as of their last look
-/// (`<stream sequence> <stored-at unix nanoseconds>` of the message there), to notice a
-/// stream that went back below it even across projector restarts.
+/// (`<stream sequence> <stored-at unix nanoseconds>` of the message there, then the
+/// consumer's start time as unix nanoseconds, or `all`), to notice a stream that went
+/// back below it even across projector restarts.
 pub fn consumer_anchor_key(prefix: &str, consumer: &str) -> String {
     format!("{prefix}consumer-anchor:{consumer}")
+}
+
+/// Held (with an expiry) by the projector that recreates the durable consumer after its
+/// stream went back below it, so that several projectors make one repair.
+pub fn consumer_repair_lock_key(prefix: &str, consumer: &str) -> String {
+    format!("{prefix}consumer-repair-lock:{consumer}")
 }
 
 /// Matches every key of one generation, for deleting it.

@@ -326,28 +326,55 @@ fn device_hint(payload: &[u8], subject: &str) -> Option<String> {
 /// Where the durable consumer stood at the previous look: the stream sequence of its ack
 /// floor and the stored time of the message there. If that message is later gone or
 /// another one (with another time) sits at its sequence, the stream lost messages
-/// below the consumer's position.
+/// below the consumer's position. An anchor speaks for the consumer it was taken of
+/// only (`consumer_start`, see [`consumer_start`]): one recreated since by another
+/// projector's repair starts from elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ConsumerAnchor {
     stream_sequence: u64,
     stored_at: OffsetDateTime,
+    consumer_start: Option<OffsetDateTime>,
+}
+
+/// Tells the durable consumer's incarnations apart, also across NATS restarts (which
+/// renew its `created` time): the start time a repair gives it, a moment no other
+/// repair shares; `None` for a consumer that delivers the whole stream, as first made.
+fn consumer_start(info: &async_nats::jetstream::consumer::Info) -> Option<OffsetDateTime> {
+    match info.config.deliver_policy {
+        DeliverPolicy::ByStartTime { start_time } => Some(start_time),
+        _ => None,
+    }
 }
 
 impl ConsumerAnchor {
+    /// `<sequence> <stored-at nanos> <consumer start nanos, or "all">`.
     fn encode(&self) -> String {
+        let start = self.consumer_start.map_or("all".to_owned(), |start| {
+            start.unix_timestamp_nanos().to_string()
+        });
         format!(
-            "{} {}",
+            "{} {} {start}",
             self.stream_sequence,
-            self.stored_at.unix_timestamp_nanos()
+            self.stored_at.unix_timestamp_nanos(),
         )
     }
 
+    /// `None` for anything else, such as an anchor of the two-field form stored before
+    /// anchors named their consumer (the next look takes a new one).
     fn decode(text: &str) -> Option<Self> {
-        let (sequence, nanos) = text.split_once(' ')?;
-        Some(Self {
-            stream_sequence: sequence.parse().ok()?,
-            stored_at: OffsetDateTime::from_unix_timestamp_nanos(nanos.parse().ok()?).ok()?,
-        })
+        let time =
+            |field: &str| OffsetDateTime::from_unix_timestamp_nanos(field.parse().ok()?).ok();
+        match text.split(' ').collect::<Vec<_>>()[..] {
+            [sequence, stored_at, consumer_start] => Some(Self {
+                stream_sequence: sequence.parse().ok()?,
+                stored_at: time(stored_at)?,
+                consumer_start: match consumer_start {
+                    "all" => None,
+                    start => Some(time(start)?),
+                },
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -463,9 +490,15 @@ async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyho
     metrics::gauge!("projector_consumer_redelivered").set(info.num_redelivered as f64);
 
     watch.load_anchor().await;
+    // An anchor of a consumer recreated since (by another projector's repair, or by an
+    // operator) says nothing about this one: without this, every projector would repair
+    // the stream's loss once more, each redelivering the dedup horizon.
+    let previous = watch
+        .anchor
+        .filter(|anchor| anchor.consumer_start == consumer_start(&info));
     let went_back = if info.delivered.stream_sequence > stream_state.last_sequence {
         Some(StreamWentBack::ConsumerAheadOfStream)
-    } else if let Some(previous) = watch.anchor {
+    } else if let Some(previous) = previous {
         let still_there = previous.stream_sequence < stream_state.first_sequence
             || stored_at(&stream, previous.stream_sequence).await? == Some(previous.stored_at);
         (!still_there).then_some(StreamWentBack::AnchorMessageReplaced)
@@ -478,10 +511,7 @@ async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyho
         return Ok(());
     }
     let ack_floor = info.ack_floor.stream_sequence;
-    if watch
-        .anchor
-        .is_some_and(|previous| previous.stream_sequence == ack_floor)
-    {
+    if previous.is_some_and(|previous| previous.stream_sequence == ack_floor) {
         return Ok(());
     }
     let anchor = if ack_floor >= stream_state.first_sequence.max(1) {
@@ -490,6 +520,7 @@ async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyho
             .map(|stored_at| ConsumerAnchor {
                 stream_sequence: ack_floor,
                 stored_at,
+                consumer_start: consumer_start(&info),
             })
     } else {
         None
@@ -510,11 +541,19 @@ async fn stored_at(
     }
 }
 
+/// How long a projector may hold the consumer repair lock (a repair is two JetStream
+/// requests; the lock is released when they are done).
+const REPAIR_LOCK_TTL: Duration = Duration::from_secs(10);
+
 /// Deletes the durable consumer and creates it again, delivering every message stored
 /// within the projector's dedup horizon. That cannot skip a message the stream gained
 /// after it went back (as long as this runs within the horizon of the NATS restart;
 /// it runs within seconds), and what it delivers again that was applied already is
 /// skipped by `apply.lua`, which remembers applied event ids for the same horizon.
+///
+/// Every projector watches the consumer, so one repair is made for all of them: under
+/// a lock in Redis, and only if the consumer is still the one `info` describes (one
+/// that another projector created since is left alone).
 async fn recreate_consumer(
     rebuild: &Rebuild,
     stream: &jetstream::stream::Stream,
@@ -522,6 +561,51 @@ async fn recreate_consumer(
     stream_last_sequence: u64,
     reason: StreamWentBack,
 ) -> anyhow::Result<()> {
+    let mut redis = rebuild.redis.clone();
+    let lock = contract::read_model::consumer_repair_lock_key(
+        &rebuild.read_model.prefix,
+        &rebuild.consumer,
+    );
+    let owner = uuid::Uuid::now_v7().to_string();
+    let locked: Option<String> = redis::cmd("SET")
+        .arg(&lock)
+        .arg(&owner)
+        .arg("NX")
+        .arg("PX")
+        .arg(REPAIR_LOCK_TTL.as_millis() as u64)
+        .query_async(&mut redis)
+        .await
+        .context("taking the consumer repair lock")?;
+    if locked.is_none() {
+        tracing::debug!(
+            ?reason,
+            "another projector is repairing the durable consumer"
+        );
+        return Ok(());
+    }
+    let repaired = repair_consumer(rebuild, stream, info, stream_last_sequence, reason).await;
+    crate::rebuild::release_lock(&mut redis, &lock, &owner).await;
+    repaired
+}
+
+async fn repair_consumer(
+    rebuild: &Rebuild,
+    stream: &jetstream::stream::Stream,
+    info: &async_nats::jetstream::consumer::Info,
+    stream_last_sequence: u64,
+    reason: StreamWentBack,
+) -> anyhow::Result<()> {
+    let current = stream
+        .consumer_info(&rebuild.consumer)
+        .await
+        .context("consumer info")?;
+    if consumer_start(&current) != consumer_start(info) {
+        tracing::debug!(
+            ?reason,
+            "the durable consumer was recreated meanwhile, by another projector"
+        );
+        return Ok(());
+    }
     let horizon = Duration::from_millis(
         u64::try_from(rebuild.read_model.dedup_horizon_ms).unwrap_or_default(),
     );
@@ -610,6 +694,39 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_anchor_reads_back_as_written() {
+        let time = |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).expect("in range");
+        for consumer_start in [None, Some(time(1_763_999_000_000_000_001))] {
+            let anchor = ConsumerAnchor {
+                stream_sequence: 42,
+                stored_at: time(1_764_000_000_123_456_789),
+                consumer_start,
+            };
+            assert_eq!(ConsumerAnchor::decode(&anchor.encode()), Some(anchor));
+        }
+    }
+
+    #[test]
+    fn an_anchor_that_names_no_consumer_or_is_garbled_is_none() {
+        for text in [
+            "42 1764000000123456789",
+            "",
+            "42 x 1",
+            "-1 1 1",
+            "42 1 1 1",
+            "42 1 every",
+            "42 99999999999999999999999999999 1",
+        ] {
+            assert_eq!(ConsumerAnchor::decode(text), None, "{text:?}");
         }
     }
 }

@@ -152,11 +152,7 @@ impl Rebuild {
         ));
         let result = self.build_and_switch(&owner, shutdown, &lost_lock).await;
         refresher.abort();
-        let _: redis::RedisResult<i64> = release_script()
-            .key(rebuild_lock_key(prefix))
-            .arg(&owner)
-            .invoke_async(&mut redis)
-            .await;
+        release_lock(&mut redis, &rebuild_lock_key(prefix), &owner).await;
         result.map_err(RebuildError::Failed)
     }
 
@@ -308,8 +304,19 @@ async fn keep_lock(
     }
 }
 
-fn release_script() -> Script {
-    Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+/// Deletes `lock` if `owner` still holds it (an expired lock may have a new owner by
+/// now). Best effort: a lock left behind expires.
+pub(crate) async fn release_lock(redis: &mut ConnectionManager, lock: &str, owner: &str) {
+    let released: redis::RedisResult<i64> = Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+    )
+    .key(lock)
+    .arg(owner)
+    .invoke_async(redis)
+    .await;
+    if let Err(error) = released {
+        tracing::debug!(%error, lock, "releasing a lock failed; it expires");
+    }
 }
 
 /// Makes `generation` live (of this layout), but only if this rebuild still owns the lock

@@ -3,8 +3,11 @@
 //! back): nats-server 2.9 keeps the consumer's position, which would skip the new
 //! events that reuse the lost sequences; the projector recreates the consumer.
 
+use std::time::Duration;
+
 use async_nats::jetstream;
 use contract::event::TelemetryRecorded;
+use testkit::process::ServiceProcess;
 use testkit::{eventually, PrivateNats, TestEnv};
 
 use crate::support::{drained, event, now_ms, publish_many, streams, Projector, CATCH_UP};
@@ -116,4 +119,72 @@ async fn a_projector_started_after_the_stream_went_back_still_gets_the_events_th
     })
     .await;
     projector.stop().await;
+}
+
+/// The consumer's repairs counted by a projector process (none yet: the series is not
+/// served).
+async fn repairs(projector: &ServiceProcess) -> f64 {
+    projector
+        .metrics()
+        .await
+        .value("projector_consumer_recreated_total", &[])
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn several_projectors_repair_the_consumer_once_between_them() {
+    const BEFORE_CRASH: usize = 40;
+    const AFTER_CRASH: usize = 30;
+    let mut nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    let projectors: Vec<ServiceProcess> = (0..2)
+        .map(|_| {
+            ServiceProcess::spawn(
+                env!("CARGO_BIN_EXE_projector"),
+                &env,
+                "PIPELINE__PROJECTOR__ADMIN_LISTEN",
+                &[],
+            )
+        })
+        .collect();
+    for projector in &projectors {
+        projector.ready().await;
+    }
+    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
+    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+    // Each supervisor looks at the consumer every second and keeps its own anchor: past
+    // three looks, both hold one at the drained ack floor, which the loss will replace.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
+    let jetstream = env.jetstream().await;
+    eventually(CATCH_UP, "the consumer repaired", || async {
+        let stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
+        let info = stream
+            .consumer_info(&env.settings.nats.consumer)
+            .await
+            .ok()?;
+        (info.delivered.stream_sequence <= last_after).then_some(())
+    })
+    .await;
+    publish_many(&env, &jetstream, &events(AFTER_CRASH)).await;
+    let expected = (BEFORE_CRASH + AFTER_CRASH) as u64;
+    eventually(CATCH_UP, "every new event projected", || async {
+        (sample_count(&env).await? == expected).then_some(())
+    })
+    .await;
+    // Three more looks by each: a projector still judging by its anchor of the deleted
+    // consumer would have repaired the new one by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut total = 0.0;
+    for projector in &projectors {
+        total += repairs(projector).await;
+    }
+    assert_eq!(total, 1.0, "repairs of the consumer by the two projectors");
+    assert_eq!(sample_count(&env).await, Some(expected));
+    for projector in projectors {
+        assert!(projector.terminate().await.success());
+    }
 }
