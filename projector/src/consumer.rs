@@ -22,6 +22,9 @@ use ingest::bootstrap::Backoff;
 use crate::apply::{AsOf, Delivered, ReadModel};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
+/// A consume session that lasted this long resets the reconnect backoff.
+const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(10);
+
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {
     jetstream: jetstream::Context,
@@ -71,7 +74,15 @@ impl Projector {
     pub async fn run(&mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
-            match self.consume(&shutdown).await {
+            let started = Instant::now();
+            let consumed = self.consume(&shutdown).await;
+            // A session that ran for a while ended by a new cause (the consumer repaired
+            // or deleted, NATS restarted): reconnect at once, not after the longest
+            // delay that earlier outages left behind.
+            if started.elapsed() >= SESSION_RESETS_BACKOFF {
+                backoff.reset();
+            }
+            match consumed {
                 Ok(()) => backoff.reset(),
                 Err(error) => {
                     tracing::warn!(

@@ -169,3 +169,36 @@ async fn readiness_is_503_naming_redis_while_redis_is_unreachable() {
         stopping.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consumer_is_deleted() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = Projector::spawn(&env.settings).await;
+    let consumer = env.settings.nats.consumer.as_str();
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    let made_again = |within: Duration| {
+        let stream = stream.clone();
+        async move {
+            eventually(within, "the projector made its consumer again", || async {
+                stream.consumer_info(consumer).await.ok().map(|_| ())
+            })
+            .await
+        }
+    };
+    // Sessions that end one after another (each deletion ends one) lengthen the delay
+    // before the next: six leave it at its longest, 5 s.
+    for _ in 0..6 {
+        made_again(Duration::from_secs(15)).await;
+        stream.delete_consumer(consumer).await.expect("deleted");
+    }
+    made_again(Duration::from_secs(15)).await;
+    // A session that lasts past 10 s has put the outages behind it.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    stream.delete_consumer(consumer).await.expect("deleted");
+    made_again(Duration::from_secs(3)).await;
+    projector.stop().await;
+}
