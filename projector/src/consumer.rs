@@ -578,72 +578,59 @@ async fn recreate_consumer(
         &rebuild.consumer,
     );
     let owner = uuid::Uuid::now_v7().to_string();
-    let locked: Option<String> = redis::cmd("SET")
-        .arg(&lock)
-        .arg(&owner)
-        .arg("NX")
-        .arg("PX")
-        .arg(REPAIR_LOCK_TTL.as_millis() as u64)
-        .query_async(&mut redis)
+    let locked = crate::rebuild::take_lock(&mut redis, &lock, &owner, REPAIR_LOCK_TTL)
         .await
         .context("taking the consumer repair lock")?;
-    if locked.is_none() {
+    if !locked {
         tracing::debug!(
             ?reason,
             "another projector is repairing the durable consumer"
         );
         return Ok(());
     }
-    let repaired = repair_consumer(rebuild, stream, info, stream_last_sequence, reason).await;
+    let repaired = async {
+        let current = stream
+            .consumer_info(&rebuild.consumer)
+            .await
+            .context("consumer info")?;
+        if consumer_start(&current) != consumer_start(info) {
+            tracing::debug!(
+                ?reason,
+                "the durable consumer was recreated meanwhile, by another projector"
+            );
+            return Ok(());
+        }
+        let horizon = Duration::from_millis(
+            u64::try_from(rebuild.read_model.dedup_horizon_ms).unwrap_or_default(),
+        );
+        let start_time = OffsetDateTime::now_utc() - horizon;
+        stream
+            .delete_consumer(&rebuild.consumer)
+            .await
+            .context("deleting the durable consumer")?;
+        stream
+            .create_consumer(durable_consumer_config(
+                &rebuild.consumer,
+                info.config.ack_wait,
+                DeliverPolicy::ByStartTime { start_time },
+            ))
+            .await
+            .context("recreating the durable consumer")?;
+        metrics::counter!("projector_consumer_recreated_total").increment(1);
+        tracing::warn!(
+            ?reason,
+            consumer = %rebuild.consumer,
+            delivered_stream_sequence = info.delivered.stream_sequence,
+            ack_floor_stream_sequence = info.ack_floor.stream_sequence,
+            stream_last_sequence,
+            redeliver_from = %start_time,
+            "stream went back below the durable consumer, recreated it to redeliver the dedup horizon"
+        );
+        Ok(())
+    }
+    .await;
     crate::rebuild::release_lock(&mut redis, &lock, &owner).await;
     repaired
-}
-
-async fn repair_consumer(
-    rebuild: &Rebuild,
-    stream: &jetstream::stream::Stream,
-    info: &async_nats::jetstream::consumer::Info,
-    stream_last_sequence: u64,
-    reason: StreamWentBack,
-) -> anyhow::Result<()> {
-    let current = stream
-        .consumer_info(&rebuild.consumer)
-        .await
-        .context("consumer info")?;
-    if consumer_start(&current) != consumer_start(info) {
-        tracing::debug!(
-            ?reason,
-            "the durable consumer was recreated meanwhile, by another projector"
-        );
-        return Ok(());
-    }
-    let horizon = Duration::from_millis(
-        u64::try_from(rebuild.read_model.dedup_horizon_ms).unwrap_or_default(),
-    );
-    let start_time = OffsetDateTime::now_utc() - horizon;
-    stream
-        .delete_consumer(&rebuild.consumer)
-        .await
-        .context("deleting the durable consumer")?;
-    stream
-        .create_consumer(durable_consumer_config(
-            &rebuild.consumer,
-            info.config.ack_wait,
-            DeliverPolicy::ByStartTime { start_time },
-        ))
-        .await
-        .context("recreating the durable consumer")?;
-    metrics::counter!("projector_consumer_recreated_total").increment(1);
-    tracing::warn!(
-        ?reason,
-        consumer = %rebuild.consumer,
-        delivered_stream_sequence = info.delivered.stream_sequence,
-        ack_floor_stream_sequence = info.ack_floor.stream_sequence,
-        stream_last_sequence,
-        redeliver_from = %start_time,
-        "stream went back below the durable consumer, recreated it to redeliver the dedup horizon"
-    );
-    Ok(())
 }
 
 /// The durable pull consumer every projector shares.

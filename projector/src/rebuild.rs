@@ -131,16 +131,10 @@ impl Rebuild {
         let mut redis = self.redis.clone();
         let owner = uuid::Uuid::now_v7().to_string();
         let prefix = &self.read_model.prefix;
-        let locked: Option<String> = redis::cmd("SET")
-            .arg(rebuild_lock_key(prefix))
-            .arg(&owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(LOCK_TTL.as_millis() as u64)
-            .query_async(&mut redis)
+        let locked = take_lock(&mut redis, &rebuild_lock_key(prefix), &owner, LOCK_TTL)
             .await
             .context("taking the rebuild lock")?;
-        if locked.is_none() {
+        if !locked {
             return Err(RebuildError::AlreadyRunning);
         }
         let lost_lock = CancellationToken::new();
@@ -302,6 +296,24 @@ async fn keep_lock(
             return;
         }
     }
+}
+
+/// Takes `lock` for `owner` for `ttl` unless someone holds it; whether it was taken.
+pub(crate) async fn take_lock(
+    redis: &mut ConnectionManager,
+    lock: &str,
+    owner: &str,
+    ttl: Duration,
+) -> redis::RedisResult<bool> {
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(lock)
+        .arg(owner)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl.as_millis() as u64)
+        .query_async(redis)
+        .await?;
+    Ok(taken.is_some())
 }
 
 /// Deletes `lock` if `owner` still holds it (an expired lock may have a new owner by

@@ -13,6 +13,9 @@ use testkit::{eventually, PrivateNats, TestEnv};
 use crate::support::{drained, event, now_ms, publish_many, streams, Projector, CATCH_UP};
 
 const DEVICE: &str = "sensor-1";
+/// Events projected before the crash, and published after it (they take lost sequences).
+const BEFORE_CRASH: usize = 40;
+const AFTER_CRASH: usize = 30;
 
 fn events(count: usize) -> Vec<(TelemetryRecorded, String)> {
     let base = now_ms() - 60_000;
@@ -38,20 +41,10 @@ async fn private_env(nats: &PrivateNats) -> (TestEnv, jetstream::Context) {
     (env, jetstream)
 }
 
-#[tokio::test]
-async fn a_running_projector_recreates_its_consumer_when_the_stream_goes_back_below_it() {
-    const BEFORE_CRASH: usize = 40;
-    const AFTER_CRASH: usize = 30;
-    let mut nats = PrivateNats::start();
-    let (env, jetstream) = private_env(&nats).await;
-    let projector = Projector::spawn(&env.settings).await;
-    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
-    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
-
-    let last_after = nats
-        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
-        .await;
-    // The consumer must no longer be ahead of the stream before new events arrive.
+/// Waits until the consumer is no longer ahead of a stream that went back to
+/// `last_after`, then publishes `AFTER_CRASH` new events and waits until the device
+/// counts them and its `BEFORE_CRASH`; returns that count.
+async fn repaired_then_projecting(env: &TestEnv, last_after: u64) -> u64 {
     let jetstream = env.jetstream().await;
     eventually(
         CATCH_UP,
@@ -66,20 +59,34 @@ async fn a_running_projector_recreates_its_consumer_when_the_stream_goes_back_be
         },
     )
     .await;
-    publish_many(&env, &jetstream, &events(AFTER_CRASH)).await;
+    publish_many(env, &jetstream, &events(AFTER_CRASH)).await;
     let expected = (BEFORE_CRASH + AFTER_CRASH) as u64;
     eventually(CATCH_UP, "every new event projected", || async {
-        (sample_count(&env).await? == expected).then_some(())
+        (sample_count(env).await? == expected).then_some(())
     })
     .await;
+    expected
+}
+
+#[tokio::test]
+async fn a_running_projector_recreates_its_consumer_when_the_stream_goes_back_below_it() {
+    let mut nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    let projector = Projector::spawn(&env.settings).await;
+    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
+    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
+    // The consumer must no longer be ahead of the stream before new events arrive.
+    repaired_then_projecting(&env, last_after).await;
     projector.stop().await;
 }
 
 #[tokio::test]
 async fn a_projector_started_after_the_stream_went_back_still_gets_the_events_that_reuse_lost_sequences(
 ) {
-    const BEFORE_CRASH: usize = 40;
-    const AFTER_CRASH: usize = 30;
     let mut nats = PrivateNats::start();
     let (env, jetstream) = private_env(&nats).await;
     let projector = Projector::spawn(&env.settings).await;
@@ -133,8 +140,6 @@ async fn repairs(projector: &ServiceProcess) -> f64 {
 
 #[tokio::test]
 async fn several_projectors_repair_the_consumer_once_between_them() {
-    const BEFORE_CRASH: usize = 40;
-    const AFTER_CRASH: usize = 30;
     let mut nats = PrivateNats::start();
     let (env, jetstream) = private_env(&nats).await;
     let projectors: Vec<ServiceProcess> = (0..2)
@@ -159,22 +164,7 @@ async fn several_projectors_repair_the_consumer_once_between_them() {
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
         .await;
-    let jetstream = env.jetstream().await;
-    eventually(CATCH_UP, "the consumer repaired", || async {
-        let stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
-        let info = stream
-            .consumer_info(&env.settings.nats.consumer)
-            .await
-            .ok()?;
-        (info.delivered.stream_sequence <= last_after).then_some(())
-    })
-    .await;
-    publish_many(&env, &jetstream, &events(AFTER_CRASH)).await;
-    let expected = (BEFORE_CRASH + AFTER_CRASH) as u64;
-    eventually(CATCH_UP, "every new event projected", || async {
-        (sample_count(&env).await? == expected).then_some(())
-    })
-    .await;
+    let expected = repaired_then_projecting(&env, last_after).await;
     // Three more looks by each: a projector still judging by its anchor of the deleted
     // consumer would have repaired the new one by now.
     tokio::time::sleep(Duration::from_secs(3)).await;
