@@ -22,6 +22,11 @@ use ingest::bootstrap::Backoff;
 use crate::apply::{AsOf, Delivered, ReadModel};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
+/// While a pull waits, the server says every this long that it still holds it; two
+/// missed end the session (a pull sent just as the consumer was deleted is dropped
+/// without an answer, and the projector would wait for it for good).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// A consume session that lasted this long resets the reconnect backoff.
 const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -121,6 +126,7 @@ impl Projector {
         let messages = consumer
             .stream()
             .max_messages_per_batch(self.batch_size)
+            .heartbeat(PULL_HEARTBEAT)
             .messages()
             .await
             .context("starting the message stream")?;
@@ -140,13 +146,20 @@ impl Projector {
                 break Err(anyhow::anyhow!("message stream ended"));
             };
             let mut messages = Vec::with_capacity(batch.len());
+            let mut failed = None;
             for item in batch {
                 match item {
                     Ok(message) => messages.push(message),
-                    Err(error) => tracing::debug!(%error, "message stream hiccup"),
+                    Err(error) => failed = Some(error),
                 }
             }
             in_flight.push(self.handle(messages, shutdown));
+            // The pull stream reports what it cannot get past (its consumer deleted,
+            // heartbeats missed, a pull that failed) but goes on waiting, which can be
+            // forever; a new session makes the consumer again if it is gone.
+            if let Some(error) = failed {
+                break Err(anyhow::Error::new(error).context("the message stream failed"));
+            }
         };
         // The batches in hand are finished (applied and acked, or left to redelivery
         // when Redis fails during a shutdown) before the consumer goes.

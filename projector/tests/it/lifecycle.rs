@@ -190,12 +190,13 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
         }
     };
     // Sessions that end one after another (each deletion ends one) lengthen the delay
-    // before the next: six leave it at its longest, 5 s.
+    // before the next: six leave it at its longest, 5 s. A deletion that comes before
+    // the session's first pull reaches the server is noticed by missed heartbeats.
     for _ in 0..6 {
-        made_again(Duration::from_secs(15)).await;
+        made_again(Duration::from_secs(30)).await;
         stream.delete_consumer(consumer).await.expect("deleted");
     }
-    made_again(Duration::from_secs(15)).await;
+    made_again(Duration::from_secs(30)).await;
     // A session that lasts past 10 s has put the outages behind it.
     tokio::time::sleep(Duration::from_secs(11)).await;
     stream.delete_consumer(consumer).await.expect("deleted");
