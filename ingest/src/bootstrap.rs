@@ -1,7 +1,7 @@
 //! Process plumbing of every binary (`ingest`, `relay`, `projector`, `query`): logs,
 //! the metrics recorder, signals, and the backoff of loops that wait for a dependency.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use contract::settings::{LogFormat, LogSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -93,16 +93,25 @@ async fn wait_for_signal() {
     }
 }
 
-/// Exponential backoff from 100 ms to 5 s that a shutdown interrupts.
+/// Exponential backoff from 100 ms to 5 s that a shutdown interrupts. A failure that
+/// comes `QUIET_STARTS_OVER` or more after the previous retry is a new outage, and its
+/// delays start over: a loop whose work runs for long spells (a consume session, a
+/// listening connection) need not reset the backoff itself.
 #[derive(Debug)]
 pub struct Backoff {
     delay: Duration,
+    /// When the last delay handed out ends: the retry it was for.
+    retry_at: Option<Instant>,
 }
+
+/// How long after a retry a failure counts as a new outage.
+const QUIET_STARTS_OVER: Duration = Duration::from_secs(10);
 
 impl Default for Backoff {
     fn default() -> Self {
         Self {
             delay: Duration::from_millis(100),
+            retry_at: None,
         }
     }
 }
@@ -122,8 +131,44 @@ impl Backoff {
 
     /// The delay to wait now; the next one is twice as long (at most 5 s).
     pub fn next_delay(&mut self) -> Duration {
+        self.next_delay_at(Instant::now())
+    }
+
+    fn next_delay_at(&mut self, now: Instant) -> Duration {
+        if self
+            .retry_at
+            .is_some_and(|retry_at| now.saturating_duration_since(retry_at) >= QUIET_STARTS_OVER)
+        {
+            self.reset();
+        }
         let delay = self.delay;
         self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        self.retry_at = Some(now + delay);
         delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_double_up_to_five_seconds_and_start_over_after_a_quiet_spell() {
+        let mut backoff = Backoff::default();
+        let mut now = Instant::now();
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            let delay = backoff.next_delay_at(now);
+            delays.push(delay.as_millis());
+            now += delay;
+        }
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        // Failing again 9.9 s after the last retry is the same outage.
+        now += Duration::from_millis(9_900);
+        assert_eq!(backoff.next_delay_at(now), Duration::from_secs(5));
+        // 10 s of work after a retry: a new outage starts from 100 ms.
+        now += Duration::from_secs(5) + QUIET_STARTS_OVER;
+        assert_eq!(backoff.next_delay_at(now), Duration::from_millis(100));
+        assert_eq!(backoff.next_delay_at(now), Duration::from_millis(200));
     }
 }

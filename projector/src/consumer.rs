@@ -27,9 +27,6 @@ use crate::rebuild::{Generations, Rebuild, RebuildError};
 /// without an answer, and the projector would wait for it for good).
 const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// A consume session that lasted this long resets the reconnect backoff.
-const SESSION_RESETS_BACKOFF: Duration = Duration::from_secs(10);
-
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {
     jetstream: jetstream::Context,
@@ -79,15 +76,10 @@ impl Projector {
     pub async fn run(&mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
-            let started = Instant::now();
-            let consumed = self.consume(&shutdown).await;
-            // A session that ran for a while ended by a new cause (the consumer repaired
-            // or deleted, NATS restarted): reconnect at once, not after the longest
-            // delay that earlier outages left behind.
-            if started.elapsed() >= SESSION_RESETS_BACKOFF {
-                backoff.reset();
-            }
-            match consumed {
+            // A session that ran for a while and then ended (the consumer repaired or
+            // deleted, NATS restarted) is a new outage to the backoff: it reconnects at
+            // once, not after the longest delay that earlier outages left behind.
+            match self.consume(&shutdown).await {
                 Ok(()) => backoff.reset(),
                 Err(error) => {
                     tracing::warn!(
