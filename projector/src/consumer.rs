@@ -582,17 +582,16 @@ async fn recreate_consumer(
         &rebuild.read_model.prefix,
         &rebuild.consumer,
     );
-    let owner = uuid::Uuid::now_v7().to_string();
-    let locked = crate::rebuild::take_lock(&mut redis, &lock, &owner, REPAIR_LOCK_TTL)
+    let taken = crate::lock::take(&mut redis, &lock, REPAIR_LOCK_TTL)
         .await
         .context("taking the consumer repair lock")?;
-    if !locked {
+    let Some(owner) = taken else {
         tracing::debug!(
             ?reason,
             "another projector is repairing the durable consumer"
         );
         return Ok(());
-    }
+    };
     let repaired = async {
         let current = stream
             .consumer_info(&rebuild.consumer)
@@ -634,7 +633,7 @@ async fn recreate_consumer(
         Ok(())
     }
     .await;
-    crate::rebuild::release_lock(&mut redis, &lock, &owner).await;
+    crate::lock::release(&mut redis, &lock, &owner).await;
     repaired
 }
 

@@ -13,11 +13,13 @@
 //! - [`dlq`]: listing and re-driving dead letters (`projector dlq`).
 //! - [`rebuild`]: generations, `projector rebuild`, and healing a lost read model.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.
+//! - `lock`: expiring locks in Redis (the rebuild's, the consumer repair's).
 
 pub mod admin;
 pub mod apply;
 pub mod consumer;
 pub mod dlq;
+mod lock;
 pub mod rebuild;
 
 use std::time::Duration;

@@ -35,6 +35,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Delivered, ReadModel};
+use crate::lock;
 
 /// How long the rebuild lock lives unless refreshed.
 const LOCK_TTL: Duration = Duration::from_secs(15);
@@ -129,14 +130,11 @@ impl Rebuild {
     /// Builds a new generation from the stream and switches to it; returns its number.
     pub async fn run(&self, shutdown: &CancellationToken) -> Result<u64, RebuildError> {
         let mut redis = self.redis.clone();
-        let owner = uuid::Uuid::now_v7().to_string();
         let prefix = &self.read_model.prefix;
-        let locked = take_lock(&mut redis, &rebuild_lock_key(prefix), &owner, LOCK_TTL)
+        let owner = lock::take(&mut redis, &rebuild_lock_key(prefix), LOCK_TTL)
             .await
-            .context("taking the rebuild lock")?;
-        if !locked {
-            return Err(RebuildError::AlreadyRunning);
-        }
+            .context("taking the rebuild lock")?
+            .ok_or(RebuildError::AlreadyRunning)?;
         let lost_lock = CancellationToken::new();
         let refresher = tokio::spawn(keep_lock(
             redis.clone(),
@@ -146,7 +144,7 @@ impl Rebuild {
         ));
         let result = self.build_and_switch(&owner, shutdown, &lost_lock).await;
         refresher.abort();
-        release_lock(&mut redis, &rebuild_lock_key(prefix), &owner).await;
+        lock::release(&mut redis, &rebuild_lock_key(prefix), &owner).await;
         result.map_err(RebuildError::Failed)
     }
 
@@ -295,39 +293,6 @@ async fn keep_lock(
             lost.cancel();
             return;
         }
-    }
-}
-
-/// Takes `lock` for `owner` for `ttl` unless someone holds it; whether it was taken.
-pub(crate) async fn take_lock(
-    redis: &mut ConnectionManager,
-    lock: &str,
-    owner: &str,
-    ttl: Duration,
-) -> redis::RedisResult<bool> {
-    let taken: Option<String> = redis::cmd("SET")
-        .arg(lock)
-        .arg(owner)
-        .arg("NX")
-        .arg("PX")
-        .arg(ttl.as_millis() as u64)
-        .query_async(redis)
-        .await?;
-    Ok(taken.is_some())
-}
-
-/// Deletes `lock` if `owner` still holds it (an expired lock may have a new owner by
-/// now). Best effort: a lock left behind expires.
-pub(crate) async fn release_lock(redis: &mut ConnectionManager, lock: &str, owner: &str) {
-    let released: redis::RedisResult<i64> = Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
-    )
-    .key(lock)
-    .arg(owner)
-    .invoke_async(redis)
-    .await;
-    if let Err(error) = released {
-        tracing::debug!(%error, lock, "releasing a lock failed; it expires");
     }
 }
 

@@ -1,0 +1,41 @@
+//! Locks in Redis that expire: one holder at a time (the rebuild, the consumer repair),
+//! each taking identified by a fresh owner id so that only its holder releases it.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+/// Takes `key` for `ttl` unless someone holds it. Returns the owner id now holding it
+/// (to refresh and release it with), or `None` when another holder has it.
+pub(crate) async fn take(
+    redis: &mut ConnectionManager,
+    key: &str,
+    ttl: Duration,
+) -> redis::RedisResult<Option<String>> {
+    let owner = uuid::Uuid::now_v7().to_string();
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(&owner)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl.as_millis() as u64)
+        .query_async(redis)
+        .await?;
+    Ok(taken.map(|_| owner))
+}
+
+/// Deletes `key` if `owner` still holds it (an expired lock may have a new owner by
+/// now). Best effort: a lock left behind expires.
+pub(crate) async fn release(redis: &mut ConnectionManager, key: &str, owner: &str) {
+    let released: redis::RedisResult<i64> = Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+    )
+    .key(key)
+    .arg(owner)
+    .invoke_async(redis)
+    .await;
+    if let Err(error) = released {
+        tracing::debug!(%error, key, "releasing a lock failed; it expires");
+    }
+}
