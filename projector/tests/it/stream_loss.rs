@@ -142,6 +142,9 @@ async fn repairs(projector: &ServiceProcess) -> f64 {
 async fn several_projectors_repair_the_consumer_once_between_them() {
     let mut nats = PrivateNats::start();
     let (env, jetstream) = private_env(&nats).await;
+    // Published before the projectors start, so that every look they take at the
+    // consumer sees the stream holding these.
+    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
     let projectors: Vec<ServiceProcess> = (0..2)
         .map(|_| {
             ServiceProcess::spawn(
@@ -152,14 +155,19 @@ async fn several_projectors_repair_the_consumer_once_between_them() {
             )
         })
         .collect();
-    for projector in &projectors {
-        projector.ready().await;
-    }
-    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
     drained(&env, &jetstream, BEFORE_CRASH as u64).await;
-    // Each supervisor looks at the consumer every second and keeps its own anchor: past
-    // three looks, both hold one at the drained ack floor, which the loss will replace.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Each supervisor looks at the consumer every second and keeps its own anchor. A
+    // look that reports nothing pending and nothing awaiting an ack saw the ack floor at
+    // the last event, and took its anchor there, which the loss will replace.
+    for projector in &projectors {
+        projector
+            .metrics_until(CATCH_UP, "a look at the drained consumer", |scrape| {
+                let pending = scrape.value("projector_consumer_pending", &[])?;
+                let ack_pending = scrape.value("projector_consumer_ack_pending", &[])?;
+                (pending == 0.0 && ack_pending == 0.0).then_some(())
+            })
+            .await;
+    }
 
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
