@@ -77,7 +77,8 @@ pub fn rebuild_lock_key(prefix: &str) -> String {
 /// Where the projectors remember the durable consumer's ack floor as of their last look
 /// (`<stream sequence> <stored-at unix nanoseconds>` of the message there, then the
 /// consumer's start time as unix nanoseconds, or `all`), to notice a stream that went
-/// back below it even across projector restarts.
+/// back below it even across projector restarts, and to make a deleted consumer again
+/// where it stood.
 pub fn consumer_anchor_key(prefix: &str, consumer: &str) -> String {
     format!("{prefix}consumer-anchor:{consumer}")
 }

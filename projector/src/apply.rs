@@ -192,6 +192,12 @@ fn calls_of<'a, 'b>(events: &'b [&'a Delivered]) -> Vec<&'b [&'a Delivered]> {
 }
 
 impl ReadModel {
+    /// The earliest moment whose applied event ids are still remembered at `now`: a
+    /// delivery of anything applied since then is skipped.
+    pub fn dedup_horizon_start(&self, now: time::OffsetDateTime) -> time::OffsetDateTime {
+        now - time::Duration::milliseconds(self.dedup_horizon_ms)
+    }
+
     pub fn new(prefix: String, dedup_horizon_ms: i64) -> Self {
         Self {
             meta_key: meta_key(&prefix),

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use contract::event::{headers, DecodeError, TelemetryRecorded};
@@ -108,10 +109,19 @@ impl Projector {
                     self.subjects.stream()
                 )
             })?;
+        let deliver_policy = match stream.consumer_info(&self.consumer_name).await {
+            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+                self.where_a_new_consumer_starts(&stream).await?
+            }
+            // Found (its own policy stays), or not readable: `get_or_create` says why.
+            _ => DeliverPolicy::All,
+        };
+        // Two projectors that make it at once with different starts: one creation
+        // fails, and that projector's next session finds the other's consumer.
         let consumer = stream
             .get_or_create_consumer(
                 &self.consumer_name,
-                durable_consumer_config(&self.consumer_name, self.ack_wait, DeliverPolicy::All),
+                durable_consumer_config(&self.consumer_name, self.ack_wait, deliver_policy),
             )
             .await
             .context("creating the durable consumer")?;
@@ -157,6 +167,47 @@ impl Projector {
         // when Redis fails during a shutdown) before the consumer goes.
         while in_flight.next().await.is_some() {}
         ended
+    }
+
+    /// Where the durable consumer starts when this projector has to make it. The first
+    /// time, with no anchor in Redis, at the start of the stream. Made again after it
+    /// was deleted (`nats consumer rm`, or lost with the server's state) just past the
+    /// anchor the projectors kept of the one before: delivering the whole stream again
+    /// would count every event applied longer ago than the dedup horizon a second time.
+    async fn where_a_new_consumer_starts(
+        &self,
+        stream: &jetstream::stream::Stream,
+    ) -> anyhow::Result<DeliverPolicy> {
+        let mut redis = self.redis.clone();
+        let key =
+            contract::read_model::consumer_anchor_key(&self.read_model.prefix, &self.consumer_name);
+        let anchor = read_anchor(&mut redis, &key)
+            .await
+            .context("reading the consumer anchor")?;
+        let Some(anchor) = anchor else {
+            return Ok(DeliverPolicy::All);
+        };
+        let first_sequence = stream
+            .get_info()
+            .await
+            .context("stream info")?
+            .state
+            .first_sequence;
+        let found = stored_at(stream, anchor.stream_sequence).await?;
+        let policy = resume_after(
+            &anchor,
+            found,
+            first_sequence,
+            self.read_model
+                .dedup_horizon_start(OffsetDateTime::now_utc()),
+        );
+        tracing::warn!(
+            consumer = %self.consumer_name,
+            anchor_stream_sequence = anchor.stream_sequence,
+            ?policy,
+            "the durable consumer is missing: made again from where the last one stood"
+        );
+        Ok(policy)
     }
 
     /// Applies a batch; acks it only after Redis confirmed. Poison goes to the DLQ.
@@ -394,6 +445,44 @@ impl ConsumerAnchor {
     }
 }
 
+/// The anchor stored at `key`, if there is a readable one.
+async fn read_anchor(
+    redis: &mut ConnectionManager,
+    key: &str,
+) -> redis::RedisResult<Option<ConsumerAnchor>> {
+    let stored: Option<String> = redis::cmd("GET").arg(key).query_async(redis).await?;
+    Ok(stored.as_deref().and_then(ConsumerAnchor::decode))
+}
+
+/// Where a durable consumer made again starts, given the anchor of the one before it
+/// and what the stream holds at the anchor's sequence now (`found`, its stored time):
+/// - the same message: just past it. Everything up to it was acked, so applied;
+///   what comes after and was applied too comes again and is skipped as long as it
+///   was applied within the dedup horizon (the anchor is at most a second old while
+///   a projector runs, and is taken again when one stops);
+/// - the anchor's sequence is below the stream's first (retention dropped it, and
+///   with it everything acked): the whole stream;
+/// - gone or another message: the stream went back too (see [`recreate_consumer`]),
+///   so from the start of the dedup horizon, as a repair does.
+fn resume_after(
+    anchor: &ConsumerAnchor,
+    found: Option<OffsetDateTime>,
+    stream_first_sequence: u64,
+    horizon_start: OffsetDateTime,
+) -> DeliverPolicy {
+    if found == Some(anchor.stored_at) {
+        DeliverPolicy::ByStartSequence {
+            start_sequence: anchor.stream_sequence + 1,
+        }
+    } else if anchor.stream_sequence < stream_first_sequence {
+        DeliverPolicy::All
+    } else {
+        DeliverPolicy::ByStartTime {
+            start_time: horizon_start,
+        }
+    }
+}
+
 /// The supervisor's view of the durable consumer between looks; the anchor is kept in
 /// Redis too, so that a projector started after a NATS restart still has it.
 struct ConsumerWatch {
@@ -420,34 +509,25 @@ impl ConsumerWatch {
         if self.anchor_loaded {
             return;
         }
-        let stored: redis::RedisResult<Option<String>> = redis::cmd("GET")
-            .arg(&self.anchor_key)
-            .query_async(&mut self.redis)
-            .await;
-        if let Ok(stored) = stored {
+        if let Ok(anchor) = read_anchor(&mut self.redis, &self.anchor_key).await {
             self.anchor_loaded = true;
-            self.anchor = stored.as_deref().and_then(ConsumerAnchor::decode);
+            self.anchor = anchor;
         }
     }
 
-    async fn set_anchor(&mut self, anchor: Option<ConsumerAnchor>) {
-        if self.anchor == anchor {
+    /// Replaces the anchor. One is never removed: until the consumer has acked a
+    /// message of the stream, the last anchor of the one before it says the most
+    /// about where a consumer made again should start (see [`resume_after`]).
+    async fn set_anchor(&mut self, anchor: ConsumerAnchor) {
+        if self.anchor == Some(anchor) {
             return;
         }
-        self.anchor = anchor;
-        let command = match anchor {
-            Some(anchor) => {
-                let mut set = redis::cmd("SET");
-                set.arg(&self.anchor_key).arg(anchor.encode());
-                set
-            }
-            None => {
-                let mut delete = redis::cmd("DEL");
-                delete.arg(&self.anchor_key);
-                delete
-            }
-        };
-        let stored: redis::RedisResult<()> = command.query_async(&mut self.redis).await;
+        self.anchor = Some(anchor);
+        let stored: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&self.anchor_key)
+            .arg(anchor.encode())
+            .query_async(&mut self.redis)
+            .await;
         if let Err(error) = stored {
             tracing::debug!(%error, "remembering the consumer anchor failed");
         }
@@ -522,26 +602,26 @@ async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyho
         None
     };
     if let Some(reason) = went_back {
-        recreate_consumer(rebuild, &stream, &info, stream_state.last_sequence, reason).await?;
-        watch.set_anchor(None).await;
-        return Ok(());
+        // The anchor stays: it names the consumer it was taken of, which the new one
+        // is not, and says where a consumer made again should start.
+        return recreate_consumer(rebuild, &stream, &info, stream_state.last_sequence, reason)
+            .await;
     }
     let ack_floor = info.ack_floor.stream_sequence;
     if previous.is_some_and(|previous| previous.stream_sequence == ack_floor) {
         return Ok(());
     }
-    let anchor = if ack_floor >= stream_state.first_sequence.max(1) {
-        stored_at(&stream, ack_floor)
-            .await?
-            .map(|stored_at| ConsumerAnchor {
-                stream_sequence: ack_floor,
-                stored_at,
-                consumer_start: consumer_start(&info),
-            })
-    } else {
-        None
-    };
-    watch.set_anchor(anchor).await;
+    if ack_floor < stream_state.first_sequence.max(1) {
+        return Ok(());
+    }
+    if let Some(stored_at) = stored_at(&stream, ack_floor).await? {
+        let anchor = ConsumerAnchor {
+            stream_sequence: ack_floor,
+            stored_at,
+            consumer_start: consumer_start(&info),
+        };
+        watch.set_anchor(anchor).await;
+    }
     Ok(())
 }
 
@@ -604,10 +684,9 @@ async fn recreate_consumer(
             );
             return Ok(());
         }
-        let horizon = Duration::from_millis(
-            u64::try_from(rebuild.read_model.dedup_horizon_ms).unwrap_or_default(),
-        );
-        let start_time = OffsetDateTime::now_utc() - horizon;
+        let start_time = rebuild
+            .read_model
+            .dedup_horizon_start(OffsetDateTime::now_utc());
         stream
             .delete_consumer(&rebuild.consumer)
             .await
@@ -651,6 +730,12 @@ fn durable_consumer_config(
         max_ack_pending: 20_000,
         ..Default::default()
     }
+}
+
+/// Takes the anchor once more, for a projector that stops: its last acks are then part
+/// of it, should the consumer be made again while no projector runs.
+pub async fn take_anchor(rebuild: &Rebuild) {
+    watch_consumer(rebuild, &mut ConsumerWatch::new(rebuild)).await;
 }
 
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
@@ -714,6 +799,49 @@ mod tests {
                 consumer_start,
             };
             assert_eq!(ConsumerAnchor::decode(&anchor.encode()), Some(anchor));
+        }
+    }
+
+    #[test]
+    fn a_consumer_made_again_starts_past_its_anchor_unless_the_stream_changed_under_it() {
+        let time = |nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).expect("in range");
+        let anchor = ConsumerAnchor {
+            stream_sequence: 42,
+            stored_at: time(1_764_000_000_123_456_789),
+            consumer_start: None,
+        };
+        let horizon_start = time(1_764_000_900_000_000_000);
+        let cases = [
+            // The message at the anchor is the one it was taken of.
+            (
+                Some(anchor.stored_at),
+                1,
+                DeliverPolicy::ByStartSequence { start_sequence: 43 },
+            ),
+            // Retention dropped it, and everything acked with it.
+            (None, 43, DeliverPolicy::All),
+            // Gone or another message: the stream went back below it.
+            (
+                None,
+                1,
+                DeliverPolicy::ByStartTime {
+                    start_time: horizon_start,
+                },
+            ),
+            (
+                Some(time(1_764_000_000_123_456_790)),
+                1,
+                DeliverPolicy::ByStartTime {
+                    start_time: horizon_start,
+                },
+            ),
+        ];
+        for (found, first_sequence, expected) in cases {
+            assert_eq!(
+                resume_after(&anchor, found, first_sequence, horizon_start),
+                expected,
+                "{found:?} at 42, stream from {first_sequence}"
+            );
         }
     }
 

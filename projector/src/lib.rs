@@ -109,6 +109,13 @@ pub async fn run(
     {
         supervisor.abort();
     }
+    let rebuild = projector.rebuild();
+    if tokio::time::timeout(Duration::from_secs(1), consumer::take_anchor(&rebuild))
+        .await
+        .is_err()
+    {
+        tracing::debug!("the last look at the consumer timed out");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     tracing::info!("projector stopped");
     Ok(())

@@ -203,3 +203,94 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
     made_again(Duration::from_secs(3)).await;
     projector.stop().await;
 }
+
+/// The durable consumer deleted (an operator's `nats consumer rm`) once events were
+/// applied longer ago than the dedup horizon, first while a projector runs, then while
+/// none does: the consumer made again starts past them, so they are not counted twice.
+#[tokio::test]
+async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_applied() {
+    let mut env = TestEnv::new();
+    env.settings.projector.dedup_horizon_secs = 1;
+    // Applied ids are remembered this long (plus a tenth): past it, only the consumer's
+    // position keeps a redelivered event from counting again.
+    let horizon_passed = Duration::from_millis(1_500);
+    let jetstream = streams(&env).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    let consumer = env.settings.nats.consumer.clone();
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..30)
+        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
+        .collect();
+    let publish_and_project = |range: std::ops::Range<usize>| {
+        let (env, jetstream, events) = (&env, &jetstream, &events);
+        async move {
+            for event in &events[range.clone()] {
+                publish(env, jetstream, event).await;
+            }
+            let expected = reference(&events[..range.end]);
+            let actual = projected(env, &expected).await;
+            drained(env, jetstream, range.end as u64).await;
+            assert_same_figures(
+                "sensor-1",
+                &actual["sensor-1"],
+                &expected["sensor-1"],
+                Sums::Exact,
+            );
+        }
+    };
+    let made_again = || {
+        let stream = stream.clone();
+        let consumer = consumer.clone();
+        async move {
+            eventually(
+                CATCH_UP,
+                "the projector made its consumer again",
+                || async { stream.consumer_info(&consumer).await.ok().map(|_| ()) },
+            )
+            .await
+        }
+    };
+
+    let projector = Projector::spawn(&env.settings).await;
+    publish_and_project(0..10).await;
+    // The supervisor takes the anchor within a second of the acks.
+    let anchor_key =
+        contract::read_model::consumer_anchor_key(&env.settings.redis.prefix, &consumer);
+    eventually(CATCH_UP, "the anchor at the last ack", || async {
+        let mut redis = env.redis().await;
+        let anchor: Option<String> = redis::cmd("GET")
+            .arg(&anchor_key)
+            .query_async(&mut redis)
+            .await
+            .ok()?;
+        anchor?.starts_with("10 ").then_some(())
+    })
+    .await;
+    tokio::time::sleep(horizon_passed).await;
+    stream.delete_consumer(&consumer).await.expect("deleted");
+    made_again().await;
+    publish_and_project(10..20).await;
+    let delivered = |info: async_nats::jetstream::consumer::Info| info.delivered.consumer_sequence;
+    assert_eq!(
+        delivered(consumer_info(&env, &jetstream).await),
+        10,
+        "the consumer made again delivered the new events only"
+    );
+
+    // Stopped right after its last acks: the anchor it takes on the way out covers them.
+    projector.stop().await;
+    tokio::time::sleep(horizon_passed).await;
+    stream.delete_consumer(&consumer).await.expect("deleted");
+    let restarted = Projector::spawn(&env.settings).await;
+    made_again().await;
+    publish_and_project(20..30).await;
+    assert_eq!(
+        delivered(consumer_info(&env, &jetstream).await),
+        10,
+        "the consumer made again delivered the new events only"
+    );
+    restarted.stop().await;
+}
