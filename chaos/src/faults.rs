@@ -28,6 +28,7 @@ pub enum Fault {
     NatsOutage,
     PostgresOutage,
     RedisOutage,
+    DeleteConsumer,
     Mixed,
 }
 
@@ -42,7 +43,7 @@ const PROCESSES: [&str; 6] = [
 ];
 
 impl Fault {
-    pub const ALL: [Fault; 15] = [
+    pub const ALL: [Fault; 16] = [
         Fault::KillRelay,
         Fault::KillProjector,
         Fault::KillIngest,
@@ -57,11 +58,12 @@ impl Fault {
         Fault::NatsOutage,
         Fault::PostgresOutage,
         Fault::RedisOutage,
+        Fault::DeleteConsumer,
         Fault::Mixed,
     ];
 
     /// The fast subset `scripts/test` runs.
-    const QUICK: [Fault; 8] = [
+    const QUICK: [Fault; 9] = [
         Fault::KillRelay,
         Fault::KillProjector,
         Fault::PauseProjector,
@@ -70,6 +72,7 @@ impl Fault {
         Fault::RestartRedis,
         Fault::PartitionRelayNats,
         Fault::NatsOutage,
+        Fault::DeleteConsumer,
     ];
 
     /// Faults the mixed phase draws from.
@@ -101,6 +104,7 @@ impl Fault {
             Fault::NatsOutage => "NATS down, load goes on",
             Fault::PostgresOutage => "PostgreSQL down 20 s",
             Fault::RedisOutage => "Redis down 20 s",
+            Fault::DeleteConsumer => "nats consumer rm projector",
             Fault::Mixed => "mixed",
         }
     }
@@ -121,6 +125,7 @@ impl Fault {
             Fault::NatsOutage => "nats-outage",
             Fault::PostgresOutage => "postgres-outage",
             Fault::RedisOutage => "redis-outage",
+            Fault::DeleteConsumer => "delete-consumer",
             Fault::Mixed => "mixed",
         }
     }
@@ -141,6 +146,7 @@ impl Fault {
             Fault::NatsOutage => "NATS down for a long time while devices keep sending: ingest must go on, memory stay flat, nothing spin",
             Fault::PostgresOutage => "PostgreSQL down while devices keep sending: ingest answers 503, the relay backs off, nothing spins, grows or crashes",
             Fault::RedisOutage => "Redis down while events keep coming: the projector backs off, nothing spins, grows or crashes",
+            Fault::DeleteConsumer => "after the dedup horizon and 5 s more of load, delete the projectors' durable consumer (an operator's nats consumer rm): a projector makes it again past where it stood, so events applied beyond the horizon do not count twice",
             Fault::Mixed => "faults of the kinds above drawn at random, one after another",
         };
         format!("[{}] {text}", self.key())
@@ -340,6 +346,7 @@ impl Run<'_> {
                 self.outage(Server::Redis, Duration::from_secs(20), notes)
                     .await?
             }
+            Fault::DeleteConsumer => self.delete_consumer(notes).await?,
             Fault::Mixed => bail!("mixed does not nest"),
         }
         Ok(1)
@@ -380,6 +387,37 @@ impl Run<'_> {
             restarted.elapsed().as_secs_f64()
         ));
         Ok(())
+    }
+
+    /// Deletes the durable consumer, as `nats consumer rm` does, and waits until a
+    /// projector has made it again. First the devices send for the dedup horizon and
+    /// a little more, so that the read model holds events applied longer ago than it
+    /// (whatever rebuilt it last): a consumer made again from the start of the stream
+    /// would count those twice.
+    async fn delete_consumer(&self, notes: &mut Vec<String>) -> anyhow::Result<()> {
+        let horizon = Duration::from_secs(self.settings.projector.dedup_horizon_secs);
+        tokio::time::sleep(horizon + Duration::from_secs(5)).await;
+        let client = async_nats::connect(self.settings.nats.url.as_str()).await?;
+        let stream = async_nats::jetstream::new(client)
+            .get_stream(&self.settings.nats.stream)
+            .await?;
+        let consumer = &self.settings.nats.consumer;
+        let before = stream.consumer_info(consumer).await?;
+        stream.delete_consumer(consumer).await?;
+        let deleted = Instant::now();
+        while deleted.elapsed() < Duration::from_secs(30) {
+            if let Ok(made_again) = stream.consumer_info(consumer).await {
+                notes.push(format!(
+                    "deleted at ack floor {}; made again in {:.1} s, delivering {:?}",
+                    before.ack_floor.stream_sequence,
+                    deleted.elapsed().as_secs_f64(),
+                    made_again.config.deliver_policy
+                ));
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("no projector made the deleted consumer again within 30 s")
     }
 
     /// `relay_republished_total` of both relays.
