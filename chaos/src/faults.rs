@@ -396,7 +396,8 @@ impl Run<'_> {
     /// would count those twice.
     async fn delete_consumer(&self, notes: &mut Vec<String>) -> anyhow::Result<()> {
         let horizon = Duration::from_secs(self.settings.projector.dedup_horizon_secs);
-        tokio::time::sleep(horizon + Duration::from_secs(5)).await;
+        let load = horizon + Duration::from_secs(5);
+        tokio::time::sleep(load).await;
         let client = async_nats::connect(self.settings.nats.url.as_str()).await?;
         let stream = async_nats::jetstream::new(client)
             .get_stream(&self.settings.nats.stream)
@@ -408,7 +409,9 @@ impl Run<'_> {
         while deleted.elapsed() < Duration::from_secs(30) {
             if let Ok(made_again) = stream.consumer_info(consumer).await {
                 notes.push(format!(
-                    "deleted at ack floor {}; made again in {:.1} s, delivering {:?}",
+                    "deleted after {} s of load (dedup horizon {} s) at ack floor {}; made again in {:.1} s, delivering {:?}",
+                    load.as_secs(),
+                    horizon.as_secs(),
                     before.ack_floor.stream_sequence,
                     deleted.elapsed().as_secs_f64(),
                     made_again.config.deliver_policy
