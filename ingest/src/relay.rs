@@ -379,6 +379,7 @@ impl Relay {
         rows: Vec<tokio_postgres::Row>,
     ) -> anyhow::Result<usize> {
         let started = Instant::now();
+        let connects_before = self.connects();
         let mut acks = Vec::with_capacity(rows.len());
         for row in &rows {
             let event_id: Uuid = row.get(1);
@@ -401,26 +402,44 @@ impl Relay {
         }
         let mut published_ids = Vec::with_capacity(rows.len());
         let mut sequences = Vec::with_capacity(rows.len());
-        let mut failures = 0usize;
-        for (row, ack) in rows.iter().zip(acks) {
-            let acked = match ack {
-                Ok(future) => future.await.map_err(anyhow::Error::from),
-                Err(error) => Err(anyhow::Error::from(error)),
-            };
-            match acked {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        metrics::counter!("relay_duplicate_acks_total").increment(1);
+        let collected = async {
+            let mut failures = 0usize;
+            for (row, ack) in rows.iter().zip(acks) {
+                let acked = match ack {
+                    Ok(future) => future.await.map_err(anyhow::Error::from),
+                    Err(error) => Err(anyhow::Error::from(error)),
+                };
+                match acked {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            metrics::counter!("relay_duplicate_acks_total").increment(1);
+                        }
+                        published_ids.push(row.get::<_, i64>(0));
+                        sequences.push(ack.sequence as i64);
                     }
-                    published_ids.push(row.get::<_, i64>(0));
-                    sequences.push(ack.sequence as i64);
-                }
-                Err(error) => {
-                    failures += 1;
-                    if failures == 1 {
-                        tracing::warn!(event_id = %row.get::<_, Uuid>(1), error = %error, "publish not acknowledged");
+                    Err(error) => {
+                        failures += 1;
+                        if failures == 1 {
+                            tracing::warn!(event_id = %row.get::<_, Uuid>(1), error = %error, "publish not acknowledged");
+                        }
                     }
                 }
+            }
+        };
+        // A publish written to a connection that then dropped gets no ack: rather than
+        // wait out the ack timeout (5 s) for it, the acks still missing shortly after a
+        // reconnect are given up on, and the round marks what was acknowledged and
+        // fails; the next round publishes the rest again (JetStream drops any copy of
+        // what did arrive, by its message id).
+        tokio::select! {
+            biased;
+            () = collected => {}
+            () = self.reconnected_since(connects_before) => {
+                tracing::warn!(
+                    acknowledged = published_ids.len(),
+                    published = rows.len(),
+                    "NATS reconnected while the round awaited its acks; publishing the rest again"
+                );
             }
         }
         // From the first publish sent to the last PubAck received.
@@ -449,6 +468,24 @@ impl Relay {
         self.count_dead("outbox", published_ids.len() as u64);
         metrics::histogram!("relay_round_seconds").record(started.elapsed().as_secs_f64());
         Ok(published_ids.len())
+    }
+
+    /// How many times the NATS client has connected so far.
+    fn connects(&self) -> u64 {
+        self.jetstream
+            .client()
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed)
+    }
+
+    /// Ends `ACK_GRACE_AFTER_RECONNECT` after the client connected again, if it does
+    /// after `connects_before` connections.
+    async fn reconnected_since(&self, connects_before: u64) {
+        while self.connects() == connects_before {
+            tokio::time::sleep(RECONNECT_POLL).await;
+        }
+        tokio::time::sleep(ACK_GRACE_AFTER_RECONNECT).await;
     }
 
     /// Deletes published rows older than the retention, one small batch at a time.
@@ -599,6 +636,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Claims the oldest unpublished rows; other relays skip them until this round ends.
+/// How often a round that awaits acks looks whether NATS reconnected meanwhile.
+const RECONNECT_POLL: Duration = Duration::from_millis(100);
+/// How long after a reconnect a round still waits for acks: those of publishes the
+/// client buffered while disconnected and sent on the new connection come within it.
+const ACK_GRACE_AFTER_RECONNECT: Duration = Duration::from_millis(500);
+
 const CLAIM: &str = "SELECT id, event_id, device_id, payload FROM outbox
     WHERE published_at IS NULL AND id >= $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
 
