@@ -109,22 +109,27 @@ impl Projector {
                     self.subjects.stream()
                 )
             })?;
-        let deliver_policy = match stream.consumer_info(&self.consumer_name).await {
-            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
-                self.where_a_new_consumer_starts(&stream).await?
-            }
-            // Found (its own policy stays), or not readable: `get_or_create` says why.
-            _ => DeliverPolicy::All,
-        };
-        // Two projectors that make it at once with different starts: one creation
-        // fails, and that projector's next session finds the other's consumer.
-        let consumer = stream
-            .get_or_create_consumer(
-                &self.consumer_name,
-                durable_consumer_config(&self.consumer_name, self.ack_wait, deliver_policy),
-            )
-            .await
-            .context("creating the durable consumer")?;
+        // One request when the consumer is there, as it is but for the first start.
+        let consumer: jetstream::consumer::Consumer<pull::Config> =
+            match stream.get_consumer(&self.consumer_name).await {
+                Ok(consumer) => consumer,
+                Err(error) if consumer_not_found(error.as_ref()) => {
+                    let deliver_policy = self.where_a_new_consumer_starts(&stream).await?;
+                    // Two projectors that make it at once with different starts: one
+                    // creation fails, and that projector's next session finds the other's.
+                    stream
+                        .create_consumer(durable_consumer_config(
+                            &self.consumer_name,
+                            self.ack_wait,
+                            deliver_policy,
+                        ))
+                        .await
+                        .context("creating the durable consumer")?
+                }
+                Err(error) => {
+                    return Err(anyhow::anyhow!(error).context("looking up the durable consumer"))
+                }
+            };
         let messages = consumer
             .stream()
             .max_messages_per_batch(self.batch_size)
@@ -193,11 +198,8 @@ impl Projector {
             .context("stream info")?
             .state
             .first_sequence;
-        let found = stored_at(stream, anchor.stream_sequence).await?;
         let policy = resume_after(
-            &anchor,
-            found,
-            first_sequence,
+            anchor_fate(stream, &anchor, first_sequence).await?,
             self.read_model
                 .dedup_horizon_start(OffsetDateTime::now_utc()),
         );
@@ -454,32 +456,76 @@ async fn read_anchor(
     Ok(stored.as_deref().and_then(ConsumerAnchor::decode))
 }
 
-/// Where a durable consumer made again starts, given the anchor of the one before it
-/// and what the stream holds at the anchor's sequence now (`found`, its stored time):
-/// - the same message: just past it. Everything up to it was acked, so applied;
-///   what comes after and was applied too comes again and is skipped as long as it
-///   was applied within the dedup horizon (the anchor is at most a second old while
-///   a projector runs, and is taken again when one stops);
-/// - the anchor's sequence is below the stream's first (retention dropped it, and
-///   with it everything acked): the whole stream;
-/// - gone or another message: the stream went back too (see [`recreate_consumer`]),
-///   so from the start of the dedup horizon, as a repair does.
-fn resume_after(
+/// Whether a consumer look-up failed because there is no such consumer.
+fn consumer_not_found(error: &(dyn std::error::Error + 'static)) -> bool {
+    error
+        .downcast_ref::<async_nats::jetstream::context::ConsumerInfoError>()
+        .is_some_and(|error| error.kind() == ConsumerInfoErrorKind::NotFound)
+}
+
+/// What became of the message an anchor was taken at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnchorFate {
+    /// The stream still holds it at its sequence.
+    Kept { sequence: u64 },
+    /// Below the stream's first sequence: retention dropped it, and everything before.
+    Expired,
+    /// Gone, or another message at its sequence: the stream went back below it.
+    Replaced,
+}
+
+impl AnchorFate {
+    /// From the stream's first sequence and the stored time of the message the stream
+    /// holds at the anchor's sequence (`found`, `None` if none).
+    fn of(
+        anchor: &ConsumerAnchor,
+        stream_first_sequence: u64,
+        found: Option<OffsetDateTime>,
+    ) -> Self {
+        if anchor.stream_sequence < stream_first_sequence {
+            AnchorFate::Expired
+        } else if found == Some(anchor.stored_at) {
+            AnchorFate::Kept {
+                sequence: anchor.stream_sequence,
+            }
+        } else {
+            AnchorFate::Replaced
+        }
+    }
+}
+
+/// Looks up what became of the anchor's message (no fetch for an expired one).
+async fn anchor_fate(
+    stream: &jetstream::stream::Stream,
     anchor: &ConsumerAnchor,
-    found: Option<OffsetDateTime>,
     stream_first_sequence: u64,
-    horizon_start: OffsetDateTime,
-) -> DeliverPolicy {
-    if found == Some(anchor.stored_at) {
-        DeliverPolicy::ByStartSequence {
-            start_sequence: anchor.stream_sequence + 1,
-        }
-    } else if anchor.stream_sequence < stream_first_sequence {
-        DeliverPolicy::All
+) -> anyhow::Result<AnchorFate> {
+    let found = if anchor.stream_sequence < stream_first_sequence {
+        None
     } else {
-        DeliverPolicy::ByStartTime {
+        stored_at(stream, anchor.stream_sequence).await?
+    };
+    Ok(AnchorFate::of(anchor, stream_first_sequence, found))
+}
+
+/// Where a durable consumer made again starts, from what became of the message at the
+/// anchor of the one before it:
+/// - kept: just past it. Everything up to it was acked, so applied; what comes after
+///   and was applied too comes again and is skipped as long as it was applied within
+///   the dedup horizon (the anchor is at most a second old while a projector runs,
+///   and is taken again when one stops);
+/// - expired (retention dropped it, and with it everything acked): the whole stream;
+/// - replaced: the stream went back too (see [`recreate_consumer`]), so from the
+///   start of the dedup horizon, as a repair does.
+fn resume_after(fate: AnchorFate, horizon_start: OffsetDateTime) -> DeliverPolicy {
+    match fate {
+        AnchorFate::Kept { sequence } => DeliverPolicy::ByStartSequence {
+            start_sequence: sequence + 1,
+        },
+        AnchorFate::Expired => DeliverPolicy::All,
+        AnchorFate::Replaced => DeliverPolicy::ByStartTime {
             start_time: horizon_start,
-        }
+        },
     }
 }
 
@@ -595,9 +641,8 @@ async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyho
     let went_back = if info.delivered.stream_sequence > stream_state.last_sequence {
         Some(StreamWentBack::ConsumerAheadOfStream)
     } else if let Some(previous) = previous {
-        let still_there = previous.stream_sequence < stream_state.first_sequence
-            || stored_at(&stream, previous.stream_sequence).await? == Some(previous.stored_at);
-        (!still_there).then_some(StreamWentBack::AnchorMessageReplaced)
+        let fate = anchor_fate(&stream, &previous, stream_state.first_sequence).await?;
+        (fate == AnchorFate::Replaced).then_some(StreamWentBack::AnchorMessageReplaced)
     } else {
         None
     };
@@ -838,7 +883,10 @@ mod tests {
         ];
         for (found, first_sequence, expected) in cases {
             assert_eq!(
-                resume_after(&anchor, found, first_sequence, horizon_start),
+                resume_after(
+                    AnchorFate::of(&anchor, first_sequence, found),
+                    horizon_start
+                ),
                 expected,
                 "{found:?} at 42, stream from {first_sequence}"
             );
