@@ -1,5 +1,6 @@
 //! Locks in Redis that expire: one holder at a time (the rebuild, the consumer repair),
-//! each taking identified by a fresh owner id so that only its holder releases it.
+//! each taking identified by a fresh owner id so that only its holder refreshes and
+//! releases it.
 
 use std::time::Duration;
 
@@ -23,6 +24,25 @@ pub(crate) async fn take(
         .query_async(redis)
         .await?;
     Ok(taken.map(|_| owner))
+}
+
+/// Extends `key` to `ttl` from now if `owner` still holds it; `false` when it has been
+/// lost (expired, or taken by another holder since).
+pub(crate) async fn refresh(
+    redis: &mut ConnectionManager,
+    key: &str,
+    owner: &str,
+    ttl: Duration,
+) -> redis::RedisResult<bool> {
+    let kept: i64 = Script::new(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+    )
+    .key(key)
+    .arg(owner)
+    .arg(ttl.as_millis() as u64)
+    .invoke_async(redis)
+    .await?;
+    Ok(kept == 1)
 }
 
 /// Deletes `key` if `owner` still holds it (an expired lock may have a new owner by

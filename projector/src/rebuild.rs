@@ -278,18 +278,11 @@ async fn keep_lock(
     owner: String,
     lost: CancellationToken,
 ) {
-    let refresh = Script::new(
-        "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
-    );
+    let key = rebuild_lock_key(&prefix);
     loop {
         tokio::time::sleep(LOCK_TTL / 3).await;
-        let kept: redis::RedisResult<i64> = refresh
-            .key(rebuild_lock_key(&prefix))
-            .arg(&owner)
-            .arg(LOCK_TTL.as_millis() as u64)
-            .invoke_async(&mut redis)
-            .await;
-        if matches!(kept, Ok(0)) {
+        // A failed refresh is tried again; only a lock known to be lost ends the build.
+        if let Ok(false) = lock::refresh(&mut redis, &key, &owner, LOCK_TTL).await {
             lost.cancel();
             return;
         }
