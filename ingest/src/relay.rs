@@ -231,12 +231,11 @@ impl Relay {
         let mut stream_check_due = false;
         // The sequences of the last round whose marking collided with kept rows.
         let mut collided: Vec<i64> = Vec::new();
-        let connection_statistics = self.jetstream.client().statistics();
-        let mut connects_seen = connection_statistics.connects.load(Ordering::Relaxed);
+        let mut connects_seen = self.connects();
         while !shutdown.is_cancelled() {
             // A reconnect may be to a NATS server that restarted with less than it had:
             // check before publishing more.
-            let connects = connection_statistics.connects.load(Ordering::Relaxed);
+            let connects = self.connects();
             if connects != connects_seen {
                 connects_seen = connects;
                 stream_check_due = true;
