@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
-    assert_same_figures, consumer_info, drained, event, now_ms, projected, publish, reference,
-    streams, Projector, Sums, CATCH_UP,
+    assert_same_figures, consumer_info, consumer_made_again, drained, event, now_ms, projected,
+    publish, reference, streams, Projector, Sums, CATCH_UP,
 };
 
 #[tokio::test]
@@ -180,27 +180,18 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
         .get_stream(env.subjects.stream())
         .await
         .expect("stream exists");
-    let made_again = |within: Duration| {
-        let stream = stream.clone();
-        async move {
-            eventually(within, "the projector made its consumer again", || async {
-                stream.consumer_info(consumer).await.ok().map(|_| ())
-            })
-            .await
-        }
-    };
     // Sessions that end one after another (each deletion ends one) lengthen the delay
     // before the next: six leave it at its longest, 5 s. A deletion that comes before
     // the session's first pull reaches the server is noticed by missed heartbeats.
     for _ in 0..6 {
-        made_again(Duration::from_secs(30)).await;
+        consumer_made_again(&env, &stream, Duration::from_secs(30)).await;
         stream.delete_consumer(consumer).await.expect("deleted");
     }
-    made_again(Duration::from_secs(30)).await;
+    consumer_made_again(&env, &stream, Duration::from_secs(30)).await;
     // A session that lasts past 10 s has put the outages behind it.
     tokio::time::sleep(Duration::from_secs(11)).await;
     stream.delete_consumer(consumer).await.expect("deleted");
-    made_again(Duration::from_secs(3)).await;
+    consumer_made_again(&env, &stream, Duration::from_secs(3)).await;
     projector.stop().await;
 }
 
@@ -241,18 +232,6 @@ async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_
             );
         }
     };
-    let made_again = || {
-        let stream = stream.clone();
-        let consumer = consumer.clone();
-        async move {
-            eventually(
-                CATCH_UP,
-                "the projector made its consumer again",
-                || async { stream.consumer_info(&consumer).await.ok().map(|_| ()) },
-            )
-            .await
-        }
-    };
 
     let projector = Projector::spawn(&env.settings).await;
     publish_and_project(0..10).await;
@@ -271,7 +250,7 @@ async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_
     .await;
     tokio::time::sleep(horizon_passed).await;
     stream.delete_consumer(&consumer).await.expect("deleted");
-    made_again().await;
+    consumer_made_again(&env, &stream, CATCH_UP).await;
     publish_and_project(10..20).await;
     let delivered = |info: async_nats::jetstream::consumer::Info| info.delivered.consumer_sequence;
     assert_eq!(
@@ -285,7 +264,7 @@ async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_
     tokio::time::sleep(horizon_passed).await;
     stream.delete_consumer(&consumer).await.expect("deleted");
     let restarted = Projector::spawn(&env.settings).await;
-    made_again().await;
+    consumer_made_again(&env, &stream, CATCH_UP).await;
     publish_and_project(20..30).await;
     assert_eq!(
         delivered(consumer_info(&env, &jetstream).await),

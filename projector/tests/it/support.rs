@@ -214,6 +214,20 @@ pub async fn drained(
     .await
 }
 
+/// Waits (at most `within`) until the test's durable consumer exists again, made by a
+/// projector after it was deleted.
+pub async fn consumer_made_again(
+    env: &TestEnv,
+    stream: &jetstream::stream::Stream,
+    within: Duration,
+) {
+    let consumer = env.settings.nats.consumer.as_str();
+    eventually(within, "the projector made its consumer again", || async {
+        stream.consumer_info(consumer).await.ok().map(|_| ())
+    })
+    .await
+}
+
 /// Messages held by a stream.
 pub async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> u64 {
     jetstream
