@@ -398,10 +398,7 @@ impl Run<'_> {
         let horizon = Duration::from_secs(self.settings.projector.dedup_horizon_secs);
         let load = horizon + Duration::from_secs(5);
         tokio::time::sleep(load).await;
-        let client = async_nats::connect(self.settings.nats.url.as_str()).await?;
-        let stream = async_nats::jetstream::new(client)
-            .get_stream(&self.settings.nats.stream)
-            .await?;
+        let stream = self.stream().await?;
         let consumer = &self.settings.nats.consumer;
         let before = stream.consumer_info(consumer).await?;
         stream.delete_consumer(consumer).await?;
@@ -423,6 +420,14 @@ impl Run<'_> {
         bail!("no projector made the deleted consumer again within 30 s")
     }
 
+    /// The event stream, on a connection of its own (straight to NATS, past the proxy).
+    async fn stream(&self) -> anyhow::Result<async_nats::jetstream::stream::Stream> {
+        let client = async_nats::connect(self.settings.nats.url.as_str()).await?;
+        Ok(async_nats::jetstream::new(client)
+            .get_stream(&self.settings.nats.stream)
+            .await?)
+    }
+
     /// `relay_republished_total` of both relays.
     async fn republished(&self) -> f64 {
         let mut total = 0.0;
@@ -435,14 +440,7 @@ impl Run<'_> {
     /// Messages in the stream beyond one per outbox event: copies published again after
     /// the duplicate window. Rows not published yet make it read low, never high.
     async fn second_copies(&self) -> anyhow::Result<i64> {
-        let client = async_nats::connect(self.settings.nats.url.as_str()).await?;
-        let messages = async_nats::jetstream::new(client)
-            .get_stream(&self.settings.nats.stream)
-            .await?
-            .info()
-            .await?
-            .state
-            .messages as i64;
+        let messages = self.stream().await?.info().await?.state.messages as i64;
         let (postgres, connection) =
             tokio_postgres::connect(&self.settings.database.url, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
