@@ -634,13 +634,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Claims the oldest unpublished rows; other relays skip them until this round ends.
 /// How often a round that awaits acks looks whether NATS reconnected meanwhile.
 const RECONNECT_POLL: Duration = Duration::from_millis(100);
 /// How long after a reconnect a round still waits for acks: those of publishes the
 /// client buffered while disconnected and sent on the new connection come within it.
 const ACK_GRACE_AFTER_RECONNECT: Duration = Duration::from_millis(500);
 
+/// Claims the oldest unpublished rows; other relays skip them until this round ends.
 const CLAIM: &str = "SELECT id, event_id, device_id, payload FROM outbox
     WHERE published_at IS NULL AND id >= $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
 

@@ -61,6 +61,18 @@ impl PrivateNats {
         }
     }
 
+    /// SIGSTOP: the server holds its connections open and reads nothing from them, so
+    /// what a client writes now is lost when the server is then killed.
+    pub fn freeze(&self) {
+        if let Some(process) = &self.process {
+            let status = Command::new("kill")
+                .args(["-STOP", &process.id().to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "the private nats-server stopped");
+        }
+    }
+
     /// Starts the server again on the same port and store (after [`Self::kill`]).
     pub fn restart(&mut self) {
         self.kill();

@@ -1,10 +1,11 @@
 //! The relay against a stream that lost messages: a NATS host crash before nats-server
 //! 2.9's fsync (simulated on a private server by cutting its message block back), a
-//! stream deleted and recreated, and a relay paused in the middle of a round.
+//! publish lost with the connection it was written to, a stream deleted and recreated,
+//! and a relay paused in the middle of a round.
 
 use std::collections::HashMap;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use contract::settings::Settings;
@@ -311,6 +312,62 @@ async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republis
     relay.await.expect("relay stops");
     second_relay.await.expect("second relay stops");
     ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_reconnect() {
+    let OnPrivateNats {
+        mut nats,
+        env,
+        ingest,
+        db,
+    } = on_private_nats(1).await;
+    let (shutdown, relay) = spawn_relay(&env.settings);
+    wait_until_all_published(&db, 1).await;
+
+    // A frozen server reads nothing: the next publish sits in the connection, unacked,
+    // and dies with it when the server is killed.
+    nats.freeze();
+    post_readings(&ingest, "lost", 1).await;
+    wait_until_a_relay_holds_the_unpublished_row(&db).await;
+    // The claim is followed at once by the publish; time for its bytes to leave.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let killed = Instant::now();
+    nats.restart();
+    wait_until_all_published(&db, 2).await;
+    let took = killed.elapsed();
+    // Without the give-up the round waits out the PubAck timeout (5 s from the
+    // publish) before it publishes the row again.
+    assert!(
+        took < Duration::from_secs(3),
+        "the lost publish was published again {took:?} after the server was killed"
+    );
+    let jetstream = env.jetstream().await;
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), 2).await;
+    shutdown.cancel();
+    relay.await.expect("relay stops");
+    ingest.stop().await;
+}
+
+/// Waits until the one unpublished row is locked by a relay's claim.
+async fn wait_until_a_relay_holds_the_unpublished_row(db: &tokio_postgres::Client) {
+    eventually(
+        Duration::from_secs(10),
+        "a relay claimed the row",
+        || async {
+            let row = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+                        (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
+                                               FOR UPDATE SKIP LOCKED) AS free)",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 1 && row.get::<_, i64>(1) == 0).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
