@@ -10,7 +10,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
 use crate::relay::{spawn_relay, stream_messages, wait_for_stream_messages};
-use crate::support::{applied_versions, count, migrate, migration_file_versions, reading, Ingest};
+use crate::support::{
+    applied_versions, count, migrate, migration_file_versions, reading, wait_for_counts, Ingest,
+};
 
 /// A session listening on the relays' channel, as a relay's is.
 struct Listener {
@@ -71,22 +73,15 @@ async fn an_idle_relay_publishes_a_posted_reading_at_once_though_it_polls_once_a
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), 1).await;
     let db = env.postgres().await;
-    eventually(
+    wait_for_counts(
+        &db,
         Duration::from_secs(10),
         "the relay idle: its row marked, its session waiting on LISTEN",
-        || async {
-            let row = db
-                .query_one(
-                    "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL),
-                            (SELECT count(*) FROM pg_stat_activity
-                             WHERE datname = current_database() AND state = 'idle'
-                               AND query = 'LISTEN outbox')",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 0 && row.get::<_, i64>(1) == 1).then_some(())
-        },
+        "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+                (SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND state = 'idle'
+                   AND query = 'LISTEN outbox')",
+        &[0, 1],
     )
     .await;
 

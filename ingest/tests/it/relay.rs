@@ -11,7 +11,7 @@ use testkit::{eventually, TestEnv};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{column, count, migrate, reading, Ingest};
+use crate::support::{column, count, migrate, reading, wait_for_counts, Ingest};
 
 /// Starts a relay in this process; its log goes to the test's output.
 pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
@@ -59,13 +59,13 @@ const UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NUL
 
 /// Waits until no outbox row is left unpublished.
 async fn wait_until_all_marked(db: &tokio_postgres::Client) {
-    eventually(
+    let every_row_marked = "every row marked published";
+    wait_for_counts(
+        db,
         Duration::from_secs(30),
-        "every row marked published",
-        || async {
-            let row = db.query_one(UNPUBLISHED, &[]).await.ok()?;
-            (row.get::<_, i64>(0) == 0).then_some(())
-        },
+        every_row_marked,
+        UNPUBLISHED,
+        &[0],
     )
     .await;
 }
@@ -267,19 +267,12 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
         .expect("json");
     let (shutdown, relay) = spawn_relay(&env.settings);
     let db = env.postgres().await;
-    eventually(
+    wait_for_counts(
+        &db,
         Duration::from_secs(20),
         "key and published row pruned",
-        || async {
-            let row = db
-                .query_one(
-                    "SELECT (SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM outbox)",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 0 && row.get::<_, i64>(1) == 0).then_some(())
-        },
+        "SELECT (SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM outbox)",
+        &[0, 0],
     )
     .await;
     // After its retention the key is free: another reading under it is a new reading.
@@ -294,13 +287,14 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
         .get(0);
     assert_eq!(readings, 2, "readings outlive their keys");
     // Readings go too once they are past their own (here 6 s) retention.
-    eventually(Duration::from_secs(30), "readings pruned", || async {
-        let row = db
-            .query_one("SELECT count(*) FROM readings", &[])
-            .await
-            .ok()?;
-        (row.get::<_, i64>(0) == 0).then_some(())
-    })
+    let readings = "SELECT count(*) FROM readings";
+    wait_for_counts(
+        &db,
+        Duration::from_secs(30),
+        "readings pruned",
+        readings,
+        &[0],
+    )
     .await;
     shutdown.cancel();
     relay.await.expect("relay stops");

@@ -13,7 +13,7 @@ use testkit::{eventually, PrivateNats, TestEnv};
 use uuid::Uuid;
 
 use crate::relay::{spawn_relay, stall_marking, wait_for_stream_messages};
-use crate::support::{reading, Ingest};
+use crate::support::{reading, wait_for_counts, Ingest};
 
 /// A relay process killed (after a SIGCONT, in case it is stopped) if the test fails.
 struct RelayProcess(Option<std::process::Child>);
@@ -199,16 +199,13 @@ async fn post_readings(ingest: &Ingest, prefix: &str, count: usize) {
 }
 
 async fn wait_until_all_published(db: &tokio_postgres::Client, rows: i64) {
-    eventually(Duration::from_secs(30), "every row published", || async {
-        let row = db
-            .query_one(
-                "SELECT count(*) FILTER (WHERE stream_seq IS NOT NULL), count(*) FROM outbox",
-                &[],
-            )
-            .await
-            .ok()?;
-        (row.get::<_, i64>(0) == rows && row.get::<_, i64>(1) == rows).then_some(())
-    })
+    wait_for_counts(
+        db,
+        Duration::from_secs(30),
+        "every row published",
+        "SELECT count(*) FILTER (WHERE stream_seq IS NOT NULL), count(*) FROM outbox",
+        &[rows, rows],
+    )
     .await;
 }
 
@@ -351,21 +348,14 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
 
 /// Waits until the one unpublished row is locked by a relay's claim.
 async fn wait_until_a_relay_holds_the_unpublished_row(db: &tokio_postgres::Client) {
-    eventually(
+    wait_for_counts(
+        db,
         Duration::from_secs(10),
         "a relay claimed the row",
-        || async {
-            let row = db
-                .query_one(
-                    "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL),
-                        (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
-                                               FOR UPDATE SKIP LOCKED) AS free)",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 1 && row.get::<_, i64>(1) == 0).then_some(())
-        },
+        "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL),
+                (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
+                                       FOR UPDATE SKIP LOCKED) AS free)",
+        &[1, 0],
     )
     .await;
 }

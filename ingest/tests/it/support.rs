@@ -201,6 +201,26 @@ pub fn migration_file_versions() -> Vec<i32> {
 }
 
 /// Rows in a table of the test database.
+/// Polls `sql`, one row of `bigint` counts, until it reads `expected` (`what` names the
+/// state in the timeout's message).
+pub async fn wait_for_counts(
+    client: &tokio_postgres::Client,
+    deadline: Duration,
+    what: &str,
+    sql: &str,
+    expected: &[i64],
+) {
+    testkit::eventually(deadline, what, || async {
+        let row = client.query_one(sql, &[]).await.ok()?;
+        let counts: Vec<i64> = (0..expected.len())
+            .map(|index| row.try_get(index))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        (counts == expected).then_some(())
+    })
+    .await;
+}
+
 pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
