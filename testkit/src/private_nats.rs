@@ -65,11 +65,7 @@ impl PrivateNats {
     /// what a client writes now is lost when the server is then killed.
     pub fn freeze(&self) {
         if let Some(process) = &self.process {
-            let status = Command::new("kill")
-                .args(["-STOP", &process.id().to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(status.success(), "the private nats-server stopped");
+            crate::process::signal(process.id(), "-STOP");
         }
     }
 

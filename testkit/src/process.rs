@@ -16,6 +16,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Sends `signal` (as kill(1) names it: `-STOP`, `-CONT`, `-TERM`) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// SIGTERM to `child`, then waits (at most 15 s) for its exit status; `name` says what
+/// it is in the failure message.
+pub async fn terminate(mut child: Child, name: &str) -> ExitStatus {
+    signal(child.id(), "-TERM");
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{name} stops within 15 s of SIGTERM"))
+    .expect("waited")
+    .expect("exit status")
+}
+
 /// One spawned service binary; killed when dropped unless [`ServiceProcess::terminate`]
 /// stopped it first.
 pub struct ServiceProcess {
@@ -94,21 +117,8 @@ impl ServiceProcess {
 
     /// SIGTERM, then waits (at most 15 s) for the exit status.
     pub async fn terminate(mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("a child until terminated");
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "SIGTERM sent to {}", self.name);
-        let name = self.name.clone();
-        tokio::time::timeout(
-            Duration::from_secs(15),
-            tokio::task::spawn_blocking(move || child.wait()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{name} stops within 15 s of SIGTERM"))
-        .expect("waited")
-        .expect("exit status")
+        let child = self.child.take().expect("a child until terminated");
+        terminate(child, &self.name).await
     }
 }
 

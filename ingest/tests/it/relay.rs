@@ -190,7 +190,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     .await
     .expect("stall removed");
 
-    let mut restarted = spawn_relay_process(&env);
+    let restarted = spawn_relay_process(&env);
     wait_until_all_marked(&db).await;
     assert_eq!(
         stream_messages(&jetstream, env.subjects.stream()).await,
@@ -234,19 +234,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     shutdown.cancel();
     let _ = projector.await;
     // SIGTERM: the relay finishes its round and exits 0 (API.md §7).
-    let terminated = Command::new("kill")
-        .args(["-TERM", &restarted.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(terminated.success());
-    let status = tokio::time::timeout(
-        Duration::from_secs(15),
-        tokio::task::spawn_blocking(move || restarted.wait()),
-    )
-    .await
-    .expect("the relay stops within 15 s of SIGTERM")
-    .expect("waited")
-    .expect("exit status");
+    let status = testkit::process::terminate(restarted, "the relay").await;
     assert_eq!(status.code(), Some(0), "the relay exits 0 after SIGTERM");
     ingest.stop().await;
 }

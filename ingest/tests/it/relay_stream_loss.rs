@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use contract::settings::Settings;
+use testkit::process::{signal, terminate};
 use testkit::{eventually, PrivateNats, TestEnv};
 use uuid::Uuid;
 
@@ -409,14 +410,7 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
     // SIGSTOP while its mark is stalled: the mark completes, and the session then sits
     // idle in the transaction, holding the claimed rows' locks, until the timeout.
-    let signal = |name: &str, pid: u32| {
-        let status = Command::new("kill")
-            .args([name, &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {name} {pid}");
-    };
-    signal("-STOP", paused_id);
+    signal(paused_id, "-STOP");
     // Dropping the trigger waits for the paused relay's transaction to end.
     db.batch_execute("SET lock_timeout = '20s'; DROP TRIGGER stall ON outbox")
         .await
@@ -429,7 +423,7 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     other.await.expect("relay stops");
 
     // Resumed, the paused relay finds its session gone, recovers and relays new rows.
-    signal("-CONT", paused_id);
+    signal(paused_id, "-CONT");
     post_readings(&ingest, "later", 5).await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS + 5).await;
     let mut paused = paused_process.0.take().expect("the relay process");
@@ -437,15 +431,7 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
         paused.try_wait().expect("status").is_none(),
         "the resumed relay is still running"
     );
-    signal("-TERM", paused_id);
-    let status = tokio::time::timeout(
-        Duration::from_secs(15),
-        tokio::task::spawn_blocking(move || paused.wait()),
-    )
-    .await
-    .expect("the relay stops within 15 s of SIGTERM")
-    .expect("waited")
-    .expect("exit status");
+    let status = terminate(paused, "the relay").await;
     assert_eq!(status.code(), Some(0));
     ingest.stop().await;
 }

@@ -71,11 +71,7 @@ async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
         (accepted.lock().ok()?.len() > 300).then_some(())
     })
     .await;
-    let terminated = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(terminated.success());
+    testkit::process::signal(child.id(), "-TERM");
     for client in clients {
         client.await.expect("client task");
     }
