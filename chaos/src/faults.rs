@@ -369,17 +369,14 @@ impl Run<'_> {
             })
             .await?;
         let restarted = Instant::now();
-        let mut republished = 0.0;
-        while restarted.elapsed() < Duration::from_secs(30) {
-            republished = self.republished().await - republished_before;
-            if republished > 0.0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        if republished <= 0.0 {
+        let Some(republished) = poll_until(Duration::from_millis(200), || async {
+            let republished = self.republished().await - republished_before;
+            (republished > 0.0).then_some(republished)
+        })
+        .await
+        else {
             bail!("the stream lost its tail but no relay republished anything within 30 s");
-        }
+        };
         notes.push(format!(
             "last block cut from {} to {} bytes; the relays republished {republished:.0} lost events within {:.1} s",
             cut.0,
@@ -403,21 +400,22 @@ impl Run<'_> {
         let before = stream.consumer_info(consumer).await?;
         stream.delete_consumer(consumer).await?;
         let deleted = Instant::now();
-        while deleted.elapsed() < Duration::from_secs(30) {
-            if let Ok(made_again) = stream.consumer_info(consumer).await {
-                notes.push(format!(
-                    "deleted after {} s of load (dedup horizon {} s) at ack floor {}; made again in {:.1} s, delivering {:?}",
-                    load.as_secs(),
-                    horizon.as_secs(),
-                    before.ack_floor.stream_sequence,
-                    deleted.elapsed().as_secs_f64(),
-                    made_again.config.deliver_policy
-                ));
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("no projector made the deleted consumer again within 30 s")
+        let Some(made_again) = poll_until(Duration::from_millis(100), || async {
+            stream.consumer_info(consumer).await.ok()
+        })
+        .await
+        else {
+            bail!("no projector made the deleted consumer again within 30 s");
+        };
+        notes.push(format!(
+            "deleted after {} s of load (dedup horizon {} s) at ack floor {}; made again in {:.1} s, delivering {:?}",
+            load.as_secs(),
+            horizon.as_secs(),
+            before.ack_floor.stream_sequence,
+            deleted.elapsed().as_secs_f64(),
+            made_again.config.deliver_policy
+        ));
+        Ok(())
     }
 
     /// The event stream, on a connection of its own (straight to NATS, past the proxy).
@@ -580,6 +578,25 @@ impl Run<'_> {
 
 /// The /metrics of a process; empty when it does not answer within 2 s (a stopped
 /// process accepts connections, the kernel does that, but never answers).
+/// How long a fault waits for the pipeline's answer to it (a republish, a consumer
+/// made again) before it counts as missing.
+const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+
+/// Calls `check` every `interval` until it gives a value, for at most [`ANSWER_LIMIT`].
+async fn poll_until<T, Fut>(interval: Duration, mut check: impl FnMut() -> Fut) -> Option<T>
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    while started.elapsed() < ANSWER_LIMIT {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        tokio::time::sleep(interval).await;
+    }
+    None
+}
+
 async fn scrape(admin: std::net::SocketAddr) -> Scrape {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
