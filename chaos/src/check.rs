@@ -205,44 +205,7 @@ impl Checker {
         findings: &mut Findings,
     ) -> anyhow::Result<(u64, u64)> {
         let mut stream = self.jetstream.get_stream(&self.stream).await?;
-        let last = stream.info().await?.state.last_sequence;
-        let mut seen = HashSet::new();
-        let mut messages = 0u64;
-        if last > 0 {
-            let reader = stream
-                .create_consumer(consumer::pull::Config {
-                    deliver_policy: consumer::DeliverPolicy::All,
-                    ack_policy: consumer::AckPolicy::None,
-                    inactive_threshold: Duration::from_secs(30),
-                    ..Default::default()
-                })
-                .await?;
-            let mut delivered = reader.messages().await?;
-            while let Some(message) =
-                tokio::time::timeout(Duration::from_secs(10), delivered.next())
-                    .await
-                    .context("reading the stream stalled")?
-            {
-                let message =
-                    message.map_err(|error| anyhow::anyhow!("reading the stream: {error}"))?;
-                messages += 1;
-                if let Some(id) = message
-                    .headers
-                    .as_ref()
-                    .and_then(|headers| headers.get("Nats-Msg-Id"))
-                    .and_then(|id| id.as_str().parse::<Uuid>().ok())
-                {
-                    seen.insert(id);
-                }
-                let sequence = message
-                    .info()
-                    .map(|info| info.stream_sequence)
-                    .unwrap_or(last);
-                if sequence >= last {
-                    break;
-                }
-            }
-        }
+        let (messages, seen) = read_stream(&mut stream, 1).await?;
         let missing: Vec<&Uuid> = write
             .outbox
             .iter()
@@ -384,4 +347,57 @@ fn aggregate_matches(view: &Value, expected: Option<Aggregate>) -> bool {
                 && view["max"].as_f64() == Some(expected.max)
         }
     }
+}
+
+/// Reads `stream` from sequence `first` to its last message at the time of the call:
+/// the number of messages read and their distinct event ids (`Nats-Msg-Id`). The
+/// messages beyond the distinct ids are second copies of an event.
+pub async fn read_stream(
+    stream: &mut jetstream::stream::Stream,
+    first: u64,
+) -> anyhow::Result<(u64, HashSet<Uuid>)> {
+    let last = stream.info().await?.state.last_sequence;
+    let mut seen = HashSet::new();
+    let mut messages = 0u64;
+    if last < first.max(1) {
+        return Ok((messages, seen));
+    }
+    let reader = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: if first <= 1 {
+                consumer::DeliverPolicy::All
+            } else {
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: first,
+                }
+            },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await?;
+    let mut delivered = reader.messages().await?;
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), delivered.next())
+        .await
+        .context("reading the stream stalled")?
+    {
+        let message = message.map_err(|error| anyhow::anyhow!("reading the stream: {error}"))?;
+        messages += 1;
+        if let Some(id) = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("Nats-Msg-Id"))
+            .and_then(|id| id.as_str().parse::<Uuid>().ok())
+        {
+            seen.insert(id);
+        }
+        let sequence = message
+            .info()
+            .map(|info| info.stream_sequence)
+            .unwrap_or(last);
+        if sequence >= last {
+            break;
+        }
+    }
+    Ok((messages, seen))
 }

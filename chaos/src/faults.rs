@@ -289,12 +289,15 @@ impl Run<'_> {
                 // case to prove is the one where it had, so pause it again (at most 3
                 // times) until the stream shows the other relay's second copies.
                 for pause in 1..=3 {
-                    let copies_before = self.second_copies().await?;
+                    let (mut stream, start) = self.recent_stream().await?;
+                    let copies_before = second_copies(&mut stream, start).await?;
                     let attempts = self.stop_relay_mid_round().await?;
                     tokio::time::sleep(hold).await;
                     self.lab.signal("relay", "CONT")?;
                     tokio::time::sleep(Duration::from_secs(2)).await;
-                    let copies = self.second_copies().await? - copies_before;
+                    let copies = second_copies(&mut stream, start)
+                        .await?
+                        .saturating_sub(copies_before);
                     notes.push(format!(
                         "pause {pause}: relay stopped holding a claim (caught at attempt {attempts}) for {} s; second copies in the stream: {copies}",
                         hold.as_secs()
@@ -435,21 +438,19 @@ impl Run<'_> {
         total
     }
 
-    /// Messages in the stream beyond one per outbox event: copies published again after
-    /// the duplicate window. Rows not published yet make it read low, never high.
-    async fn second_copies(&self) -> anyhow::Result<i64> {
-        let messages = self.stream().await?.info().await?.state.messages as i64;
-        let (postgres, connection) =
-            tokio_postgres::connect(&self.settings.database.url, tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        let events: i64 = postgres
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok(messages - events)
+    /// The stream and the sequence from which a pause's second copies are counted:
+    /// the rows a relay holds when it is stopped may have been published a little
+    /// before, by as many messages as its rounds in flight claim (both relays'
+    /// counted, twice over). Copies are counted in the stream itself, not as its
+    /// messages against the outbox's published rows, which under load differ by
+    /// whatever is published but not marked yet.
+    async fn recent_stream(&self) -> anyhow::Result<(async_nats::jetstream::stream::Stream, u64)> {
+        let mut stream = self.stream().await?;
+        let last = stream.info().await?.state.last_sequence;
+        let relay = &self.settings.relay;
+        let reach =
+            u64::try_from(relay.batch_size).unwrap_or(0) * relay.rounds_in_flight as u64 * 4;
+        Ok((stream, last.saturating_sub(reach) + 1))
     }
 
     /// SIGSTOPs the relay `scripts/up` started while it holds a claim: its session is
@@ -607,4 +608,14 @@ async fn scrape(admin: std::net::SocketAddr) -> Scrape {
         Err(_) => String::new(),
     };
     Scrape::parse(&text)
+}
+
+/// Second copies in `stream` from sequence `start` on: messages beyond the distinct
+/// events they carry.
+async fn second_copies(
+    stream: &mut async_nats::jetstream::stream::Stream,
+    start: u64,
+) -> anyhow::Result<u64> {
+    let (messages, events) = crate::check::read_stream(stream, start).await?;
+    Ok(messages - events.len() as u64)
 }
