@@ -577,8 +577,6 @@ impl Run<'_> {
     }
 }
 
-/// The /metrics of a process; empty when it does not answer within 2 s (a stopped
-/// process accepts connections, the kernel does that, but never answers).
 /// How long a fault waits for the pipeline's answer to it (a republish, a consumer
 /// made again) before it counts as missing.
 const ANSWER_LIMIT: Duration = Duration::from_secs(30);
@@ -598,6 +596,8 @@ where
     None
 }
 
+/// The /metrics of a process; empty when it does not answer within 2 s (a stopped
+/// process accepts connections, the kernel does that, but never answers).
 async fn scrape(admin: std::net::SocketAddr) -> Scrape {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))

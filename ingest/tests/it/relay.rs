@@ -59,11 +59,10 @@ const UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NUL
 
 /// Waits until no outbox row is left unpublished.
 async fn wait_until_all_marked(db: &tokio_postgres::Client) {
-    let every_row_marked = "every row marked published";
     wait_for_counts(
         db,
         Duration::from_secs(30),
-        every_row_marked,
+        "every row marked published",
         UNPUBLISHED,
         &[0],
     )
@@ -275,12 +274,11 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
         .get(0);
     assert_eq!(readings, 2, "readings outlive their keys");
     // Readings go too once they are past their own (here 6 s) retention.
-    let readings = "SELECT count(*) FROM readings";
     wait_for_counts(
         &db,
         Duration::from_secs(30),
         "readings pruned",
-        readings,
+        "SELECT count(*) FROM readings",
         &[0],
     )
     .await;

@@ -200,7 +200,6 @@ pub fn migration_file_versions() -> Vec<i32> {
     versions
 }
 
-/// Rows in a table of the test database.
 /// Polls `sql`, one row of `bigint` counts, until it reads `expected` (`what` names the
 /// state in the timeout's message).
 pub async fn wait_for_counts(
@@ -221,6 +220,7 @@ pub async fn wait_for_counts(
     .await;
 }
 
+/// Rows in a table of the test database.
 pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     client
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
