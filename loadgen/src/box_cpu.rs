@@ -3,7 +3,12 @@
 //! report shows it with the CPU per reading under the points where it tells whether the
 //! box was out of CPU or waiting (PERFORMANCE.md *How the bench measures*), and
 //! `loadgen busy` prints it for `scripts/bench`, which waits for a quiet box.
+//!
+//! It also splits that time by process, from each process's `/proc/<pid>/stat`, into
+//! the servers and the pipeline's own processes (all PostgreSQL backends together), so
+//! that every run says where the box's CPU went.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -63,15 +68,99 @@ impl Sample {
         Some(Usage {
             busy_percent: 100.0 * busy_share,
             cpu_seconds: busy_share * self.cores as f64 * elapsed.as_secs_f64(),
+            processes: BTreeMap::new(),
         })
     }
 }
 
+/// The processes the split names, by the command name (`comm`) the kernel gives them,
+/// and the name each counts under; every other process counts as `other`.
+const NAMED: &[(&str, &str)] = &[
+    ("postgres", "PostgreSQL"),
+    ("redis-server", "Redis"),
+    ("nats-server", "NATS"),
+    ("ingest", "ingest"),
+    ("relay", "relay"),
+    ("projector", "projector"),
+    ("query", "query"),
+    ("loadgen", "loadgen"),
+    ("pgbench", "pgbench"),
+];
+
+/// What the split calls the box's busy time that no named process accounts for: other
+/// processes, the kernel's own threads and interrupts, processes that ended meanwhile.
+const OTHER: &str = "other";
+
+/// The CPU time (user and system, in clock ticks) of each process now, by pid, with
+/// the name it counts under; empty where `/proc` cannot be read.
+fn processes_now() -> HashMap<u32, (&'static str, u64)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (command, ticks) = parse_process_stat(&stat)?;
+            Some((pid, (counts_as(command), ticks)))
+        })
+        .collect()
+}
+
+/// The command name and CPU ticks (utime + stime, fields 14 and 15) of a
+/// `/proc/<pid>/stat`; the name, in parentheses, may itself hold spaces and parentheses.
+fn parse_process_stat(stat: &str) -> Option<(&str, u64)> {
+    let command = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?;
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_ascii_whitespace();
+    let user: u64 = fields.nth(11)?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((command, user + system))
+}
+
+fn counts_as(command: &str) -> &'static str {
+    NAMED
+        .iter()
+        .find(|(name, _)| *name == command)
+        .map_or(OTHER, |(_, counts_as)| counts_as)
+}
+
+/// Each name's CPU time from `before` to `after` (a process new since counts whole),
+/// as a percentage of one core over a span whose `/proc/stat` counters moved by
+/// `total` ticks on `cores` cores (the same clock ticks) and `busy` of them busy; what
+/// the busy ticks hold beyond the named processes counts as [`OTHER`].
+fn split(
+    before: &HashMap<u32, (&'static str, u64)>,
+    after: &HashMap<u32, (&'static str, u64)>,
+    busy: u64,
+    total: u64,
+    cores: usize,
+) -> BTreeMap<&'static str, f64> {
+    let mut ticks: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (pid, (name, now)) in after {
+        let earlier = before.get(pid).map_or(0, |(_, ticks)| *ticks);
+        *ticks.entry(name).or_default() += now.saturating_sub(earlier);
+    }
+    let named: u64 = ticks
+        .iter()
+        .filter(|(name, _)| **name != OTHER)
+        .map(|(_, ticks)| ticks)
+        .sum();
+    ticks.insert(OTHER, busy.saturating_sub(named));
+    let per_core = total as f64 / cores.max(1) as f64;
+    ticks
+        .into_iter()
+        .filter(|(_, ticks)| *ticks > 0)
+        .map(|(name, ticks)| (name, 100.0 * ticks as f64 / per_core))
+        .collect()
+}
+
 /// A span of time being measured: the counters and the clock at its start, so that
 /// every caller pairs them the same way.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Span {
     start: Option<Sample>,
+    processes: HashMap<u32, (&'static str, u64)>,
     started: Instant,
 }
 
@@ -80,6 +169,7 @@ impl Span {
     pub fn start() -> Self {
         Self {
             start: Sample::now(),
+            processes: processes_now(),
             started: Instant::now(),
         }
     }
@@ -87,28 +177,45 @@ impl Span {
     /// What the box did from the start until now; `None` where `/proc/stat` cannot be
     /// read or did not move.
     pub fn usage(&self) -> Option<Usage> {
-        Sample::now()?.since(self.start.as_ref()?, self.started.elapsed())
+        let processes = processes_now();
+        let (end, start) = (Sample::now()?, self.start.as_ref()?);
+        let mut usage = end.since(start, self.started.elapsed())?;
+        usage.processes = split(
+            &self.processes,
+            &processes,
+            end.busy - start.busy,
+            end.total - start.total,
+            end.cores,
+        );
+        Some(usage)
     }
 
     /// [`Span::usage`] as a load point's JSON carries it (`null` without one).
-    pub fn to_json(self) -> Value {
-        self.usage().map_or(Value::Null, Usage::to_json)
+    pub fn to_json(&self) -> Value {
+        self.usage().as_ref().map_or(Value::Null, Usage::to_json)
     }
 }
 
-/// How busy the box was over a span: its share of all cores' time, and that share as
-/// CPU seconds.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How busy the box was over a span: its share of all cores' time, that share as CPU
+/// seconds, and how it splits by process (percent of one core each).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Usage {
     pub busy_percent: f64,
     pub cpu_seconds: f64,
+    pub processes: BTreeMap<&'static str, f64>,
 }
 
 impl Usage {
-    pub fn to_json(self) -> Value {
+    pub fn to_json(&self) -> Value {
+        let processes: serde_json::Map<String, Value> = self
+            .processes
+            .iter()
+            .map(|(name, percent)| ((*name).to_owned(), json!((percent * 10.0).round() / 10.0)))
+            .collect();
         json!({
             "busy_percent": (self.busy_percent * 10.0).round() / 10.0,
             "cpu_seconds": (self.cpu_seconds * 1000.0).round() / 1000.0,
+            "processes_percent_of_a_core": processes,
         })
     }
 }
@@ -154,7 +261,7 @@ mod tests {
         assert_eq!(usage.cpu_seconds, 7.5);
         assert_eq!(
             usage.to_json(),
-            json!({"busy_percent": 75.0, "cpu_seconds": 7.5})
+            json!({"busy_percent": 75.0, "cpu_seconds": 7.5, "processes_percent_of_a_core": {}})
         );
     }
 
@@ -175,5 +282,46 @@ mod tests {
         for text in ["", "intr 1 2 3\n", "cpu  1 2 x 4 5\n", "cpu  1 2 3\n"] {
             assert_eq!(Sample::parse(text), None, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_process_stat_gives_its_name_and_user_plus_system_ticks() {
+        let stat = "4242 (redis-server) S 1 4242 4242 0 -1 4194560 120 0 0 0 1500 320 0 0 20 0 5 0 99 0 0\n";
+        assert_eq!(parse_process_stat(stat), Some(("redis-server", 1820)));
+        let odd = "7 (a) b (c) R 1 7 7 0 -1 0 0 0 0 0 11 22 0 0 20 0 1 0 5 0 0\n";
+        assert_eq!(parse_process_stat(odd), Some(("a) b (c", 33)));
+        for text in ["", "7 (short) R 1 2 3\n", "7 no parentheses 1 2 3"] {
+            assert_eq!(parse_process_stat(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn processes_count_under_their_names_and_the_rest_of_the_busy_time_as_other() {
+        assert_eq!(counts_as("postgres"), "PostgreSQL");
+        assert_eq!(counts_as("redis-server"), "Redis");
+        assert_eq!(counts_as("bash"), OTHER);
+        let before = HashMap::from([
+            (10, ("PostgreSQL", 1_000)),
+            (11, ("PostgreSQL", 500)),
+            (20, ("Redis", 300)),
+            (30, ("ingest", 50)),
+            (40, (OTHER, 10)),
+        ]);
+        // Over the span: one backend ended, one began; Redis used 200 ticks, ingest
+        // none; 2 cores, 1,000 ticks in all of which 800 busy.
+        let after = HashMap::from([
+            (10, ("PostgreSQL", 1_250)),
+            (12, ("PostgreSQL", 50)),
+            (20, ("Redis", 500)),
+            (30, ("ingest", 50)),
+            (40, (OTHER, 40)),
+        ]);
+        let split = split(&before, &after, 800, 1_000, 2);
+        assert_eq!(
+            split,
+            BTreeMap::from([("PostgreSQL", 60.0), ("Redis", 40.0), (OTHER, 60.0)])
+        );
+        let busy_percent_of_a_core = 2.0 * 800.0 / 1_000.0 * 100.0;
+        assert_eq!(split.values().sum::<f64>(), busy_percent_of_a_core);
     }
 }

@@ -81,7 +81,7 @@ impl Report {
             "ok_per_s": per_second(self.ok, self.elapsed),
             "readings_per_s": per_second(self.readings, self.elapsed),
             "latency": self.latency.summary(),
-            "box_cpu": self.box_cpu.map(box_cpu::Usage::to_json),
+            "box_cpu": self.box_cpu.as_ref().map(box_cpu::Usage::to_json),
         })
     }
 }

@@ -214,6 +214,33 @@ impl Table {
                 "-",
             );
         }
+        self.processes(results, file);
+    }
+
+    /// Where the box's CPU went during a point, by process (percent of one core each,
+    /// largest first, under 1% left out), when loadgen split it.
+    fn processes(&mut self, results: &Results, file: &str) {
+        let Some(split) = results
+            .get(file)
+            .and_then(|point| point.pointer("/box_cpu/processes_percent_of_a_core"))
+            .and_then(Value::as_object)
+        else {
+            return;
+        };
+        let mut shares: Vec<(&str, f64)> = split
+            .iter()
+            .filter_map(|(name, percent)| Some((name.as_str(), percent.as_f64()?)))
+            .filter(|(_, percent)| percent.round() >= 1.0)
+            .collect();
+        if shares.is_empty() {
+            return;
+        }
+        shares.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+        let text: Vec<String> = shares
+            .iter()
+            .map(|(name, percent)| format!("{name} {percent:.0}"))
+            .collect();
+        self.info("    CPU by process, % of a core", text.join(", "), "-");
     }
 
     fn errors(&mut self, results: &Results, file: &str) {
@@ -558,6 +585,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
             "-",
         );
     }
+    t.processes(results, "e2e");
     // The same at a fixed light rate: the latency of the stages themselves, without
     // the queueing of a pipeline run near its slowest stage's capacity.
     if let Some(light_rate) = num(results, "e2e_light", "/target_rate") {
@@ -600,6 +628,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
             Style::Percent,
             None,
         );
+        t.processes(results, file);
     }
 
     // Query.
@@ -914,6 +943,44 @@ mod tests {
             between("ingest POST, 16 clients", "ingest POST, 64 clients (burst)"),
             None
         );
+    }
+
+    #[test]
+    fn the_cpu_by_process_shows_largest_first_under_its_point_without_the_crumbs() {
+        let mut results = sample();
+        results.insert(
+            "sustained".into(),
+            json!({"ok_per_s": 16000.0, "readings_per_s": 16000.0, "seconds": 60.0, "readings": 960000,
+                   "concurrency": 64, "box_cpu": {"busy_percent": 97.0, "cpu_seconds": 116.4,
+                   "processes_percent_of_a_core": {"NATS": 33.4, "PostgreSQL": 51.2, "Redis": 37.0,
+                       "ingest": 28.0, "other": 0.4, "projector": 14.6, "relay": 11.0, "loadgen": 12.4, "query": 0.2}}}),
+        );
+        results.insert(
+            "projector_drain".into(),
+            json!({"backlog": 200000, "events_per_s": 30000.0,
+                   "box_cpu": {"busy_percent": 90.0, "cpu_seconds": 12.0,
+                   "processes_percent_of_a_core": {"Redis": 95.0, "projector": 60.0, "NATS": 25.0}}}),
+        );
+        let rows = rows(&results);
+        let under = |figure: &str| {
+            rows.iter()
+                .skip_while(|row| !row.figure.starts_with(figure))
+                .skip(1)
+                .take_while(|row| row.figure.starts_with("    "))
+                .find(|row| row.figure == "    CPU by process, % of a core")
+                .map(|row| row.value.as_str())
+        };
+        assert_eq!(
+            under("sustained 60 s"),
+            Some("PostgreSQL 51, Redis 37, NATS 33, ingest 28, projector 15, loadgen 12, relay 11")
+        );
+        assert_eq!(
+            under("projector drain"),
+            Some("Redis 95, projector 60, NATS 25")
+        );
+        // Points loadgen did not split show no such row.
+        assert_eq!(under("relay drain"), None);
+        assert_eq!(under("ingest batch POST of 100"), None);
     }
 
     #[test]
