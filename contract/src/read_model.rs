@@ -15,7 +15,7 @@
 //! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
 //! | `<p>g<G>:device:{<id>}:applied` | sorted set | event ids applied, scored by apply time, trimmed to the dedup horizon |
-//! | `<p>g<G>:device:{<id>}:buckets` | hash | 10 s buckets (`f<bucket>:<metric>`) and 5 min buckets (`c<bucket>:<metric>`); past 256 fields also [`BUCKETS_HASH_TABLE_FIELD`] |
+//! | `<p>g<G>:device:{<id>}:buckets` | hash | 10 s buckets (`f<bucket>:<metric>`) and 5 min buckets (`c<bucket>:<metric>`); past 128 fields also [`BUCKETS_HASH_TABLE_FIELD`] |
 //!
 //! Figures are stored *packed*: little-endian IEEE 754 doubles back to back, the form
 //! Redis's Lua `struct.pack('<d…')` writes, so the script folds numbers without ever
@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 
 /// A field of a buckets hash that holds no bucket: its value, longer than Redis's
 /// `hash-max-listpack-value`, makes Redis keep the hash as a hash table. `apply.lua`
-/// adds it once the hash holds 256 fields, where looking the newest buckets up in a
+/// adds it once the hash holds 128 fields, where looking the newest buckets up in a
 /// listpack (a scan from the front) costs more CPU than the table's memory is worth.
 /// Readers skip it like any field that is not a bucket.
 pub const BUCKETS_HASH_TABLE_FIELD: &str = "~";

@@ -46,11 +46,12 @@ local PRUNE_EVERY = 30
 -- Redis keeps a hash of up to 512 fields (`hash-max-listpack-entries`) as a listpack
 -- and finds a field in it by scanning from the front, while the buckets a call touches
 -- are the newest, at the back. Past this many fields the scans cost more than hashing
--- (Redis CPU per event with ~275 / ~400 fields: -14% / -22..45% as a hash table, memory
--- +22% / +26%; examples/apply_cost.rs), so the hash then gets a field whose value is
--- longer than `hash-max-listpack-value` (64 bytes), which turns it into a hash table
--- for good (contract::read_model::BUCKETS_HASH_TABLE_FIELD).
-local HASH_TABLE_AT = 256
+-- (Redis CPU per event as a hash table, examples/apply_cost.rs: ~165 fields -29%,
+-- ~110 -16%, ~75 -7%, memory +19..30%; ~275 / ~400 fields -14% / -22..45% on an
+-- earlier machine), so the hash then gets a field whose value is longer than
+-- `hash-max-listpack-value` (64 bytes), which turns it into a hash table for good
+-- (contract::read_model::BUCKETS_HASH_TABLE_FIELD).
+local HASH_TABLE_AT = 128
 local HASH_TABLE_FIELD = '~'
 local HASH_TABLE_NOTE = 'turns this hash into a hash table: its fields are looked up, not scanned for'
 

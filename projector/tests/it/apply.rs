@@ -274,7 +274,7 @@ async fn a_device_batch_too_long_for_one_call_is_applied_whole_over_several() {
 }
 
 #[tokio::test]
-async fn a_buckets_hash_past_256_fields_becomes_a_hash_table_and_reads_the_same() {
+async fn a_buckets_hash_past_128_fields_becomes_a_hash_table_and_reads_the_same() {
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
     let model = direct_read_model(&env);
@@ -285,14 +285,14 @@ async fn a_buckets_hash_past_256_fields_becomes_a_hash_table_and_reads_the_same(
     let events = temperatures(330, base, 10_000, |index| index as f64);
     let all = delivered(&events);
     let keys = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-1");
-    for batch in all[..200].chunks(20) {
+    for batch in all[..120].chunks(20) {
         model
             .apply(&mut redis, &[1], batch, now)
             .await
             .expect("batch");
     }
     let (_, buckets) = figures_in(&env, 1, "sensor-1").await;
-    assert_eq!(buckets.len(), 200 + 7, "200 10 s and 7 5 min buckets");
+    assert_eq!(buckets.len(), 120 + 4, "120 10 s and 4 5 min buckets");
     assert!(!buckets.contains_key(BUCKETS_HASH_TABLE_FIELD));
     assert_ne!(
         encoding(&mut redis, &keys.buckets).await,
@@ -300,7 +300,7 @@ async fn a_buckets_hash_past_256_fields_becomes_a_hash_table_and_reads_the_same(
         "small: Redis's compact form"
     );
 
-    for batch in all[200..].chunks(20) {
+    for batch in all[120..].chunks(20) {
         model
             .apply(&mut redis, &[1], batch, now)
             .await

@@ -450,7 +450,7 @@ async fn a_device_whose_buckets_hash_became_a_hash_table_reads_like_the_model() 
     let side = ReadSide::start().await;
     let (env, jetstream) = (&side.env, &side.jetstream);
     // 300 readings 10 s apart over the last 50 minutes: 300 10 s and 11 5 min bucket
-    // fields, past the 256 at which apply.lua adds its hash-table field.
+    // fields, past the 128 at which apply.lua adds its hash-table field.
     let mut model = ReferenceModel::new();
     let readings = (0..300).map(|index| aged("wide", 5_000 + index * 10_000, index as f64));
     publish_all(env, jetstream, &mut model, readings).await;
