@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::report::{median, table, thousands, Results};
 
 /// What one run of an arm measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Run {
     /// Readings a second (a load point or the end-to-end point), or events a second
     /// (a drain).
@@ -32,6 +32,9 @@ pub struct Run {
     /// The box's CPU per reading or event, microseconds (the drain after a load
     /// included).
     pub cpu_us: Option<f64>,
+    /// The same CPU per reading or event split by process (loadgen's names:
+    /// `PostgreSQL`, `Redis`, `ingest`, ..., `other`), where loadgen split it.
+    pub cpu_us_by_process: BTreeMap<String, f64>,
     /// Seconds from the end of the load until the backlog was drained.
     pub drain_seconds: Option<f64>,
     /// Answers that were not the expected status.
@@ -69,6 +72,24 @@ impl Run {
             (Some(cpu_seconds), Some(count)) if count > 0.0 => Some(cpu_seconds * 1e6 / count),
             _ => None,
         };
+        // Each process's share of a core over each part's seconds, as CPU per reading.
+        let mut cpu_us_by_process: BTreeMap<String, f64> = BTreeMap::new();
+        for part in [Some(result), drain].into_iter().flatten() {
+            let seconds = part.get("seconds").and_then(Value::as_f64);
+            let split = part
+                .pointer("/box_cpu/processes_percent_of_a_core")
+                .and_then(Value::as_object);
+            let count = count.filter(|count| *count > 0.0);
+            let (Some(seconds), Some(split), Some(count)) = (seconds, split, count) else {
+                continue;
+            };
+            for (name, percent) in split {
+                if let Some(percent) = percent.as_f64() {
+                    *cpu_us_by_process.entry(name.clone()).or_default() +=
+                        percent / 100.0 * seconds * 1e6 / count;
+                }
+            }
+        }
         let errors = result
             .get("errors")
             .and_then(|errors| errors.as_object())
@@ -81,6 +102,7 @@ impl Run {
                 .pointer("/box_cpu/busy_percent")
                 .and_then(|v| v.as_f64()),
             cpu_us,
+            cpu_us_by_process,
             drain_seconds: drain.and_then(|drain| drain.get("seconds")?.as_f64()),
             errors,
             fixed_rate: result.get("target_rate").is_some(),
@@ -89,7 +111,7 @@ impl Run {
 }
 
 /// One pair: both arms' runs and which ran first.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pair {
     pub number: u32,
     pub b_first: bool,
@@ -158,6 +180,9 @@ pub struct Verdict {
     /// out of how many had both.
     pub b_cheaper: (usize, usize),
     pub median_cpu_us: (Option<f64>, Option<f64>),
+    /// Per process, each arm's median CPU per reading or event over the runs loadgen
+    /// split (a process missing from such a run counts as 0 there), largest first.
+    pub median_cpu_us_by_process: Vec<(String, Option<f64>, Option<f64>)>,
     pub median_p50_ms: (Option<f64>, Option<f64>),
     pub median_p99_ms: (Option<f64>, Option<f64>),
     /// Pairs (with both p99s) in which B's p99 was lower, out of how many had both.
@@ -175,6 +200,37 @@ fn medians(pairs: &[Pair], figure: fn(&Run) -> Option<f64>) -> (Option<f64>, Opt
         )
     };
     (of(|p| &p.a), of(|p| &p.b))
+}
+
+/// Per process, each arm's median CPU per reading over its runs that carry a split,
+/// largest (of either arm) first.
+fn medians_by_process(pairs: &[Pair]) -> Vec<(String, Option<f64>, Option<f64>)> {
+    let names: std::collections::BTreeSet<&String> = pairs
+        .iter()
+        .flat_map(|p| {
+            p.a.cpu_us_by_process
+                .keys()
+                .chain(p.b.cpu_us_by_process.keys())
+        })
+        .collect();
+    let of = |arm: fn(&Pair) -> &Run, name: &str| {
+        median(
+            &pairs
+                .iter()
+                .map(arm)
+                .filter(|run| !run.cpu_us_by_process.is_empty())
+                .map(|run| run.cpu_us_by_process.get(name).copied().unwrap_or(0.0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut rows: Vec<(String, Option<f64>, Option<f64>)> = names
+        .into_iter()
+        .map(|name| (name.clone(), of(|p| &p.a, name), of(|p| &p.b, name)))
+        .collect();
+    let largest =
+        |row: &(String, Option<f64>, Option<f64>)| row.1.unwrap_or(0.0).max(row.2.unwrap_or(0.0));
+    rows.sort_by(|x, y| largest(y).total_cmp(&largest(x)).then(x.0.cmp(&y.0)));
+    rows
 }
 
 /// In how many pairs B's `figure` was lower than A's, out of the pairs with both.
@@ -206,6 +262,7 @@ pub fn verdict(pairs: &[Pair]) -> Option<Verdict> {
         b_faster: pairs.iter().filter(|p| p.b.rate > p.a.rate).count(),
         b_cheaper: b_lower(pairs, |run| run.cpu_us),
         median_cpu_us: medians(pairs, |run| run.cpu_us),
+        median_cpu_us_by_process: medians_by_process(pairs),
         median_p50_ms: medians(pairs, |run| run.p50_ms),
         median_p99_ms: medians(pairs, |run| run.p99_ms),
         b_lower_p99: b_lower(pairs, |run| run.p99_ms),
@@ -307,6 +364,21 @@ pub fn render(pairs: &[Pair], a: &str, b: &str) -> String {
                 v.b_cheaper.0,
                 v.b_cheaper.1
             ));
+            // Processes under 0.5 µs in both arms are left out of the line.
+            let by_process: Vec<String> = v
+                .median_cpu_us_by_process
+                .iter()
+                .filter(|(_, a, b)| a.unwrap_or(0.0).max(b.unwrap_or(0.0)) >= 0.5)
+                .map(|(name, a, b)| {
+                    format!("{name} {} / {}", optional(*a, 1, ""), optional(*b, 1, ""))
+                })
+                .collect();
+            if !by_process.is_empty() {
+                out.push_str(&format!(
+                    "the same by process (µs, medians, A / B): {}\n",
+                    by_process.join(", ")
+                ));
+            }
             out.push_str(&format!(
                 "latency (ms): medians p50 A {}, B {}; p99 A {}, B {}; B's p99 lower in {} of {} pairs\n",
                 optional(v.median_p50_ms.0, 2, ""),
@@ -402,6 +474,59 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("B cheaper in 2 of 3 pairs"), "{table}");
+    }
+
+    #[test]
+    fn the_cpu_per_reading_splits_by_process_with_the_drain_and_medians_per_arm() {
+        let split = |readings: f64, postgres: f64, ingest: f64| {
+            // 10 s at `readings`/s; shares of a core.
+            json!({"readings_per_s": readings, "readings": readings * 10.0, "seconds": 10.0,
+                   "box_cpu": {"busy_percent": 50.0, "cpu_seconds": 10.0,
+                       "processes_percent_of_a_core": {"PostgreSQL": postgres, "ingest": ingest}}})
+        };
+        let mut results = Results::new();
+        // A: PostgreSQL 60% of a core over 10 s for 10,000 readings = 600 µs each.
+        results.insert("1-1-a".into(), split(1000.0, 60.0, 40.0));
+        results.insert("1-2-b".into(), split(1000.0, 80.0, 40.0));
+        results.insert("2-1-b".into(), split(1000.0, 90.0, 20.0));
+        results.insert("2-2-a".into(), split(1000.0, 70.0, 40.0));
+        // Pair 1's A drained for 2 s with Redis at 50%: 100 µs a reading more, Redis's.
+        results.insert(
+            "1-1-a.drain".into(),
+            json!({"seconds": 2.0, "box_cpu": {"busy_percent": 25.0, "cpu_seconds": 1.0,
+                   "processes_percent_of_a_core": {"Redis": 50.0}}}),
+        );
+        let pairs = pairs(&results);
+        assert_eq!(
+            pairs[0].a.cpu_us_by_process,
+            BTreeMap::from([
+                ("PostgreSQL".to_owned(), 600.0),
+                ("Redis".to_owned(), 100.0),
+                ("ingest".to_owned(), 400.0)
+            ])
+        );
+        let verdict = verdict(&pairs).expect("two pairs");
+        // Redis: A 100 and 0 (pair 2's A has no Redis), B 0 and 0.
+        assert_eq!(
+            verdict.median_cpu_us_by_process,
+            vec![
+                ("PostgreSQL".to_owned(), Some(650.0), Some(850.0)),
+                ("ingest".to_owned(), Some(400.0), Some(300.0)),
+                ("Redis".to_owned(), Some(50.0), Some(0.0)),
+            ]
+        );
+        let table = render(&pairs, "x=1", "x=2");
+        assert!(
+            table.contains(
+                "the same by process (µs, medians, A / B): PostgreSQL 650.0 / 850.0, ingest 400.0 / 300.0, Redis 50.0 / 0.0\n"
+            ),
+            "{table}"
+        );
+        // Runs loadgen did not split show no such line.
+        let mut plain = Results::new();
+        plain.insert("1-1-a".into(), point(1000.0, 10.0, 1.0));
+        plain.insert("1-2-b".into(), point(1000.0, 10.0, 1.0));
+        assert!(!render(&super::pairs(&plain), "x=1", "x=2").contains("by process"));
     }
 
     #[test]
