@@ -68,6 +68,7 @@ impl Sample {
         Some(Usage {
             busy_percent: 100.0 * busy_share,
             cpu_seconds: busy_share * self.cores as f64 * elapsed.as_secs_f64(),
+            seconds: elapsed.as_secs_f64(),
             processes: BTreeMap::new(),
         })
     }
@@ -197,11 +198,13 @@ impl Span {
 }
 
 /// How busy the box was over a span: its share of all cores' time, that share as CPU
-/// seconds, and how it splits by process (percent of one core each).
+/// seconds, the span's length, and how it splits by process (percent of one core each,
+/// so a process's CPU seconds are its percent of `seconds`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Usage {
     pub busy_percent: f64,
     pub cpu_seconds: f64,
+    pub seconds: f64,
     pub processes: BTreeMap<&'static str, f64>,
 }
 
@@ -215,6 +218,7 @@ impl Usage {
         json!({
             "busy_percent": (self.busy_percent * 10.0).round() / 10.0,
             "cpu_seconds": (self.cpu_seconds * 1000.0).round() / 1000.0,
+            "seconds": (self.seconds * 1000.0).round() / 1000.0,
             "processes_percent_of_a_core": processes,
         })
     }
@@ -261,7 +265,7 @@ mod tests {
         assert_eq!(usage.cpu_seconds, 7.5);
         assert_eq!(
             usage.to_json(),
-            json!({"busy_percent": 75.0, "cpu_seconds": 7.5, "processes_percent_of_a_core": {}})
+            json!({"busy_percent": 75.0, "cpu_seconds": 7.5, "seconds": 5.0, "processes_percent_of_a_core": {}})
         );
     }
 

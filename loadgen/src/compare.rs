@@ -72,15 +72,16 @@ impl Run {
             (Some(cpu_seconds), Some(count)) if count > 0.0 => Some(cpu_seconds * 1e6 / count),
             _ => None,
         };
-        // Each process's share of a core over each part's seconds, as CPU per reading.
+        // Each process's share of a core over the span loadgen measured it in (not the
+        // point's own seconds: a drain's clock starts later), as CPU per reading.
         let mut cpu_us_by_process: BTreeMap<String, f64> = BTreeMap::new();
+        let counted = count.filter(|count| *count > 0.0);
         for part in [Some(result), drain].into_iter().flatten() {
-            let seconds = part.get("seconds").and_then(Value::as_f64);
+            let seconds = part.pointer("/box_cpu/seconds").and_then(Value::as_f64);
             let split = part
                 .pointer("/box_cpu/processes_percent_of_a_core")
                 .and_then(Value::as_object);
-            let count = count.filter(|count| *count > 0.0);
-            let (Some(seconds), Some(split), Some(count)) = (seconds, split, count) else {
+            let (Some(seconds), Some(split), Some(count)) = (seconds, split, counted) else {
                 continue;
             };
             for (name, percent) in split {
@@ -481,7 +482,7 @@ mod tests {
         let split = |readings: f64, postgres: f64, ingest: f64| {
             // 10 s at `readings`/s; shares of a core.
             json!({"readings_per_s": readings, "readings": readings * 10.0, "seconds": 10.0,
-                   "box_cpu": {"busy_percent": 50.0, "cpu_seconds": 10.0,
+                   "box_cpu": {"busy_percent": 50.0, "cpu_seconds": 10.0, "seconds": 10.0,
                        "processes_percent_of_a_core": {"PostgreSQL": postgres, "ingest": ingest}}})
         };
         let mut results = Results::new();
@@ -490,10 +491,11 @@ mod tests {
         results.insert("1-2-b".into(), split(1000.0, 80.0, 40.0));
         results.insert("2-1-b".into(), split(1000.0, 90.0, 20.0));
         results.insert("2-2-a".into(), split(1000.0, 70.0, 40.0));
-        // Pair 1's A drained for 2 s with Redis at 50%: 100 µs a reading more, Redis's.
+        // Pair 1's A drained with Redis at 50% of a core over the 2 s loadgen measured
+        // (its drain clock, 1.5 s, started later): 100 µs a reading more, Redis's.
         results.insert(
             "1-1-a.drain".into(),
-            json!({"seconds": 2.0, "box_cpu": {"busy_percent": 25.0, "cpu_seconds": 1.0,
+            json!({"seconds": 1.5, "box_cpu": {"busy_percent": 25.0, "cpu_seconds": 1.0, "seconds": 2.0,
                    "processes_percent_of_a_core": {"Redis": 50.0}}}),
         );
         let pairs = pairs(&results);
