@@ -310,6 +310,16 @@ pub fn rows(results: &Results) -> Vec<Row> {
         "ref ~65,000/s",
     );
 
+    // What each stage would carry on the whole box at the CPU it cost alone: the
+    // 64-client burst (HTTP and the group commit) and the two drains.
+    let burst_on_a_full_box = on_a_full_box(
+        results,
+        "ingest_c64",
+        num(results, "ingest_c64", "/readings"),
+    );
+    let drains_on_a_full_box = ["relay_drain", "projector_drain"]
+        .map(|file| on_a_full_box(results, file, drained_events(results, file)));
+
     // Ingest burst.
     for clients in [1u32, 16, 64, 256] {
         let file = format!("ingest_c{clients}");
@@ -362,6 +372,16 @@ pub fn rows(results: &Results) -> Vec<Row> {
                 "ceiling",
                 ingest_ceiling,
                 Style::Percent,
+                None,
+            );
+            // Whether 4x needs a cheaper reading or only a fuller box.
+            t.against(
+                "  the burst on a full box (its own CPU a reading)",
+                burst_on_a_full_box,
+                "req/s",
+                "pgbench@64",
+                pg1(64),
+                Style::Times,
                 None,
             );
         }
@@ -531,6 +551,33 @@ pub fn rows(results: &Results) -> Vec<Row> {
         Style::Percent,
         None,
     );
+    // Whether 2.5x is within what the pipeline's own stages allow: a reading carried
+    // as cheaply as each stage carries one alone at full tilt (the burst, the relay's
+    // drain, the projector's drain), the three sharing the whole box.
+    let [relay_on_a_full_box, projector_on_a_full_box] = drains_on_a_full_box;
+    let stages_ceiling = ceiling(&[
+        burst_on_a_full_box,
+        relay_on_a_full_box,
+        projector_on_a_full_box,
+    ]);
+    t.against(
+        "  ceiling of its stages (burst + drains, each on a full box)",
+        stages_ceiling,
+        "readings/s",
+        "pgbench@64",
+        pg1(64),
+        Style::Times,
+        None,
+    );
+    t.against(
+        "sustained vs the stages' ceiling",
+        sustained,
+        "readings/s",
+        "stages",
+        stages_ceiling,
+        Style::Percent,
+        None,
+    );
 
     // End to end.
     let e2e_rate = num(results, "e2e", "/target_rate");
@@ -678,6 +725,27 @@ fn cpu_per_reading(results: &Results, file: &str) -> Option<f64> {
     let cpu_seconds = num(results, file, "/box_cpu/cpu_seconds")?;
     let readings = num(results, file, "/readings")?;
     (readings > 0.0).then(|| cpu_seconds * 1e6 / readings)
+}
+
+/// The rate a point would have reached with the whole box at the CPU a unit cost it
+/// there: its `units` (readings, events) over the box time they took, how busy the box
+/// was times the span that was measured over (a drain's span also holds its process's
+/// start, so a drain's figure errs low). A rough bound (a point's cost a unit may change
+/// with the load); `None` without the box's figures.
+fn on_a_full_box(results: &Results, file: &str, units: Option<f64>) -> Option<f64> {
+    let busy_share = num(results, file, "/box_cpu/busy_percent")? / 100.0;
+    let box_seconds = busy_share * num(results, file, "/box_cpu/seconds")?;
+    let units = units?;
+    (units > 0.0 && box_seconds > 0.0).then(|| units / box_seconds)
+}
+
+/// The events a drain emptied its backlog of; `None` when it did not empty it.
+fn drained_events(results: &Results, file: &str) -> Option<f64> {
+    if results.get(file)?.get("drained")?.as_bool()? {
+        num(results, file, "/backlog")
+    } else {
+        None
+    }
 }
 
 /// The most a box could carry of work that needs each of these limits once per unit,
@@ -832,6 +900,49 @@ mod tests {
         assert_eq!(pipeline.ratio, "3.51x");
         let share = find(&rows, "sustained vs that ceiling");
         assert_eq!((share.ratio.as_str(), share.met), ("76%", Met::None));
+    }
+
+    #[test]
+    fn the_stages_ceiling_puts_the_burst_and_both_drains_on_a_full_box_each() {
+        let mut results = sample();
+        // 300,000 readings with the box 75% busy for 10 s: 40,000 a second on a full box.
+        results.insert(
+            "ingest_c64".into(),
+            json!({"ok_per_s": 30000.0, "readings": 300000, "seconds": 10.0,
+                   "box_cpu": {"busy_percent": 75.0, "cpu_seconds": 15.0, "seconds": 10.0}}),
+        );
+        // 200,000 events, 80% of the box for 2.5 s (the drain's own clock is shorter):
+        // 100,000 a second; the projector's 100% for 5 s: 40,000.
+        results.insert(
+            "relay_drain".into(),
+            json!({"backlog": 200000, "drained": true, "remaining": 0, "events_per_s": 90000.0, "seconds": 2.2,
+                   "box_cpu": {"busy_percent": 80.0, "cpu_seconds": 4.0, "seconds": 2.5}}),
+        );
+        let projector_drain = json!({"backlog": 200000, "drained": true, "remaining": 0,
+            "events_per_s": 42000.0, "box_cpu": {"busy_percent": 100.0, "cpu_seconds": 10.0, "seconds": 5.0}});
+        results.insert("projector_drain".into(), projector_drain.clone());
+        let rows = rows(&results);
+        let burst = find(&rows, "  the burst on a full box");
+        assert_eq!(burst.value, "40,000 req/s");
+        assert_eq!(burst.ratio, "6.67x");
+        // 1 / (1/40k + 1/100k + 1/40k) = 16,667 readings/s: 2.78x; sustained 96%.
+        let stages = find(&rows, "  ceiling of its stages");
+        assert_eq!(stages.value, "16,667 readings/s");
+        assert_eq!((stages.ratio.as_str(), stages.met), ("2.78x", Met::None));
+        assert_eq!(find(&rows, "sustained vs the stages' ceiling").ratio, "96%");
+
+        // A drain that did not empty its backlog gives no ceiling.
+        let mut unfinished = projector_drain;
+        unfinished["drained"] = json!(false);
+        unfinished["remaining"] = json!(5000);
+        results.insert("projector_drain".into(), unfinished);
+        let rows = super::rows(&results);
+        assert_eq!(find(&rows, "  ceiling of its stages").value, "n/a");
+        assert_eq!(find(&rows, "sustained vs the stages' ceiling").ratio, "n/a");
+        assert_eq!(
+            find(&rows, "  the burst on a full box").value,
+            "40,000 req/s"
+        );
     }
 
     #[test]
