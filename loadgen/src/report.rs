@@ -177,6 +177,39 @@ impl Table {
         self.push(figure, rate(value, unit), limit_text, text, target, verdict);
     }
 
+    /// A ceiling (`ceiling_figure`) against pgbench@64, then what a point made
+    /// (`value`, under `share_figure`) as a share of it.
+    #[allow(clippy::too_many_arguments)]
+    fn ceiling_and_share(
+        &mut self,
+        ceiling_figure: &str,
+        ceiling: Option<f64>,
+        pgbench_64: Option<f64>,
+        share_figure: &str,
+        value: Option<f64>,
+        unit: &str,
+        ceiling_name: &str,
+    ) {
+        self.against(
+            ceiling_figure,
+            ceiling,
+            unit,
+            "pgbench@64",
+            pgbench_64,
+            Style::Times,
+            None,
+        );
+        self.against(
+            share_figure,
+            value,
+            unit,
+            ceiling_name,
+            ceiling,
+            Style::Percent,
+            None,
+        );
+    }
+
     /// A limit measured once more at the end of the run (file `<file>_end`), as a share
     /// of its first measurement: how far the box drifted while the figures were taken.
     fn again_at_the_end(&mut self, results: &Results, file: &str, pointer: &str, unit: &str) {
@@ -355,24 +388,14 @@ pub fn rows(results: &Results) -> Vec<Row> {
                 None,
             );
             // Whether 4x pgbench@64 is within what the limits allow at all.
-            let ingest_ceiling = ceiling(&[pg500, static_rps]);
-            t.against(
+            t.ceiling_and_share(
                 "  ceiling of ingest from the limits (pgbench500 + static)",
-                ingest_ceiling,
-                "req/s",
-                "pgbench@64",
+                ceiling(&[pg500, static_rps]),
                 pg1(64),
-                Style::Times,
-                None,
-            );
-            t.against(
                 "ingest POST, 64 clients vs that ceiling",
                 value,
                 "req/s",
                 "ceiling",
-                ingest_ceiling,
-                Style::Percent,
-                None,
             );
             // Whether 4x needs a cheaper reading or only a fuller box.
             t.against(
@@ -532,51 +555,31 @@ pub fn rows(results: &Results) -> Vec<Row> {
     );
     // Whether 2.5x pgbench@64 is within what the limits allow at all: a reading is
     // written by PostgreSQL, answered over HTTP, published and applied in Redis.
-    let pipeline_ceiling = ceiling(&[pg500, static_rps, publish, redis]);
-    t.against(
+    t.ceiling_and_share(
         "  ceiling of the pipeline from the limits (all four)",
-        pipeline_ceiling,
-        "readings/s",
-        "pgbench@64",
+        ceiling(&[pg500, static_rps, publish, redis]),
         pg1(64),
-        Style::Times,
-        None,
-    );
-    t.against(
         "sustained vs that ceiling",
         sustained,
         "readings/s",
         "ceiling",
-        pipeline_ceiling,
-        Style::Percent,
-        None,
     );
     // Whether 2.5x is within what the pipeline's own stages allow: a reading carried
     // as cheaply as each stage carries one alone at full tilt (the burst, the relay's
     // drain, the projector's drain), the three sharing the whole box.
     let [relay_on_a_full_box, projector_on_a_full_box] = drains_on_a_full_box;
-    let stages_ceiling = ceiling(&[
-        burst_on_a_full_box,
-        relay_on_a_full_box,
-        projector_on_a_full_box,
-    ]);
-    t.against(
+    t.ceiling_and_share(
         "  ceiling of its stages (burst + drains, each on a full box)",
-        stages_ceiling,
-        "readings/s",
-        "pgbench@64",
+        ceiling(&[
+            burst_on_a_full_box,
+            relay_on_a_full_box,
+            projector_on_a_full_box,
+        ]),
         pg1(64),
-        Style::Times,
-        None,
-    );
-    t.against(
         "sustained vs the stages' ceiling",
         sustained,
         "readings/s",
         "stages",
-        stages_ceiling,
-        Style::Percent,
-        None,
     );
 
     // End to end.
