@@ -343,15 +343,13 @@ pub fn rows(results: &Results) -> Vec<Row> {
         "ref ~65,000/s",
     );
 
-    // What each stage would carry on the whole box at the CPU it cost alone: the
-    // 64-client burst (HTTP and the group commit) and the two drains.
+    // What the 64-client burst (HTTP and the group commit) would carry on the whole box
+    // at the CPU it cost: shown with the burst and one of the stages' ceiling below.
     let burst_on_a_full_box = on_a_full_box(
         results,
         "ingest_c64",
         num(results, "ingest_c64", "/readings"),
     );
-    let drains_on_a_full_box = ["relay_drain", "projector_drain"]
-        .map(|file| on_a_full_box(results, file, drained_events(results, file)));
 
     // Ingest burst.
     for clients in [1u32, 16, 64, 256] {
@@ -567,13 +565,13 @@ pub fn rows(results: &Results) -> Vec<Row> {
     // Whether 2.5x is within what the pipeline's own stages allow: a reading carried
     // as cheaply as each stage carries one alone at full tilt (the burst, the relay's
     // drain, the projector's drain), the three sharing the whole box.
-    let [relay_on_a_full_box, projector_on_a_full_box] = drains_on_a_full_box;
+    let drain_on_a_full_box = |file| on_a_full_box(results, file, drained_events(results, file));
     t.ceiling_and_share(
         "  ceiling of its stages (burst + drains, each on a full box)",
         ceiling(&[
             burst_on_a_full_box,
-            relay_on_a_full_box,
-            projector_on_a_full_box,
+            drain_on_a_full_box("relay_drain"),
+            drain_on_a_full_box("projector_drain"),
         ]),
         pg1(64),
         "sustained vs the stages' ceiling",
