@@ -56,27 +56,24 @@ impl Run {
             .or_else(|| result.get("visible_latency"));
         let quantile = |name: &str| latency.and_then(|l| l.get(name)?.as_f64());
         let drain = results.get(&format!("{file}.drain"));
-        let cpu_seconds: Option<f64> = [Some(result), drain]
-            .into_iter()
-            .flatten()
-            .map(|part| {
-                // A drain that found the backlog empty at once ends within a tick of
-                // `/proc/stat`, so it has no figure: it cost nothing measurable.
-                let instant = part.get("seconds").and_then(Value::as_f64) == Some(0.0);
-                part.pointer("/box_cpu/cpu_seconds")
-                    .and_then(Value::as_f64)
-                    .or(instant.then_some(0.0))
-            })
-            .sum();
-        let cpu_us = match (cpu_seconds, count) {
-            (Some(cpu_seconds), Some(count)) if count > 0.0 => Some(cpu_seconds * 1e6 / count),
-            _ => None,
-        };
-        // Each process's share of a core over the span loadgen measured it in (not the
-        // point's own seconds: a drain's clock starts later), as CPU per reading.
-        let mut cpu_us_by_process: BTreeMap<String, f64> = BTreeMap::new();
         let counted = count.filter(|count| *count > 0.0);
+        // The point and the drain after it, if any, each with the box's CPU over the span
+        // loadgen measured it in (not the point's own seconds: a drain's clock starts
+        // later): the CPU seconds in all, and each process's share of a core as CPU per
+        // reading.
+        let mut cpu_seconds = Some(0.0);
+        let mut cpu_us_by_process: BTreeMap<String, f64> = BTreeMap::new();
         for part in [Some(result), drain].into_iter().flatten() {
+            // A drain that found the backlog empty at once ends within a tick of
+            // `/proc/stat`, so it has no figure: it cost nothing measurable.
+            let instant = part.get("seconds").and_then(Value::as_f64) == Some(0.0);
+            let part_cpu_seconds = part
+                .pointer("/box_cpu/cpu_seconds")
+                .and_then(Value::as_f64)
+                .or(instant.then_some(0.0));
+            cpu_seconds = cpu_seconds
+                .zip(part_cpu_seconds)
+                .map(|(sum, cpu)| sum + cpu);
             let seconds = part.pointer("/box_cpu/seconds").and_then(Value::as_f64);
             let split = part
                 .pointer("/box_cpu/processes_percent_of_a_core")
@@ -91,6 +88,9 @@ impl Run {
                 }
             }
         }
+        let cpu_us = cpu_seconds
+            .zip(counted)
+            .map(|(cpu_seconds, count)| cpu_seconds * 1e6 / count);
         let errors = result
             .get("errors")
             .and_then(|errors| errors.as_object())
