@@ -247,12 +247,14 @@ impl Table {
                 "-",
             );
         }
-        self.processes(results, file);
+        self.processes(results, file, num(results, file, "/readings"), "a reading");
     }
 
     /// Where the box's CPU went during a point, by process (percent of one core each,
-    /// largest first, under 1% left out), when loadgen split it.
-    fn processes(&mut self, results: &Results, file: &str) {
+    /// largest first, under 1% left out), when loadgen split it; with the `units` the
+    /// point carried (readings, drained events), also each process's CPU per unit in µs
+    /// (its share of a core over the span it was measured over, `box_cpu.seconds`).
+    fn processes(&mut self, results: &Results, file: &str, units: Option<f64>, per: &str) {
         let Some(split) = results
             .get(file)
             .and_then(|point| point.pointer("/box_cpu/processes_percent_of_a_core"))
@@ -274,6 +276,20 @@ impl Table {
             .map(|(name, percent)| format!("{name} {percent:.0}"))
             .collect();
         self.info("    CPU by process, % of a core", text.join(", "), "-");
+        let span = num(results, file, "/box_cpu/seconds");
+        if let Some((units, span)) = units.filter(|units| *units > 0.0).zip(span) {
+            let text: Vec<String> = shares
+                .iter()
+                .map(|(name, percent)| {
+                    format!("{name} {:.0}", percent / 100.0 * span * 1e6 / units)
+                })
+                .collect();
+            self.info(
+                &format!("    CPU by process, µs {per}"),
+                text.join(", "),
+                "-",
+            );
+        }
     }
 
     fn errors(&mut self, results: &Results, file: &str) {
@@ -633,7 +649,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
             "-",
         );
     }
-    t.processes(results, "e2e");
+    t.processes(results, "e2e", None, "");
     // The same at a fixed light rate: the latency of the stages themselves, without
     // the queueing of a pipeline run near its slowest stage's capacity.
     if let Some(light_rate) = num(results, "e2e_light", "/target_rate") {
@@ -676,7 +692,7 @@ pub fn rows(results: &Results) -> Vec<Row> {
             Style::Percent,
             None,
         );
-        t.processes(results, file);
+        t.processes(results, file, drained_events(results, file), "an event");
     }
 
     // Query.
@@ -1063,36 +1079,70 @@ mod tests {
         results.insert(
             "sustained".into(),
             json!({"ok_per_s": 16000.0, "readings_per_s": 16000.0, "seconds": 60.0, "readings": 960000,
-                   "concurrency": 64, "box_cpu": {"busy_percent": 97.0, "cpu_seconds": 116.4,
+                   "concurrency": 64, "box_cpu": {"busy_percent": 97.0, "cpu_seconds": 116.4, "seconds": 60.0,
                    "processes_percent_of_a_core": {"NATS": 33.4, "PostgreSQL": 51.2, "Redis": 37.0,
-                       "ingest": 28.0, "other": 0.4, "projector": 14.6, "relay": 11.0, "loadgen": 12.4, "query": 0.2}}}),
+                       "ingest": 28.3, "other": 0.4, "projector": 14.6, "relay": 11.0, "loadgen": 12.4, "query": 0.2}}}),
         );
         results.insert(
             "projector_drain".into(),
-            json!({"backlog": 200000, "events_per_s": 30000.0,
-                   "box_cpu": {"busy_percent": 90.0, "cpu_seconds": 12.0,
+            json!({"backlog": 200000, "events_per_s": 30000.0, "drained": true,
+                   "box_cpu": {"busy_percent": 90.0, "cpu_seconds": 14.4, "seconds": 8.0,
                    "processes_percent_of_a_core": {"Redis": 95.0, "projector": 60.0, "NATS": 25.0}}}),
         );
         let rows = rows(&results);
-        let under = |figure: &str| {
+        let row_under = |figure: &str, row_figure: &str| {
             rows.iter()
                 .skip_while(|row| !row.figure.starts_with(figure))
                 .skip(1)
                 .take_while(|row| row.figure.starts_with("    "))
-                .find(|row| row.figure == "    CPU by process, % of a core")
-                .map(|row| row.value.as_str())
+                .find(|row| row.figure == row_figure)
+                .map(|row| row.value.clone())
         };
+        let under = |figure: &str| row_under(figure, "    CPU by process, % of a core");
         assert_eq!(
-            under("sustained 60 s"),
+            under("sustained 60 s").as_deref(),
             Some("PostgreSQL 51, Redis 37, NATS 33, ingest 28, projector 15, loadgen 12, relay 11")
         );
         assert_eq!(
-            under("projector drain"),
+            under("projector drain").as_deref(),
             Some("Redis 95, projector 60, NATS 25")
         );
-        // Points loadgen did not split show no such row.
+        // The same shares as CPU per unit: a share of a core over the measured span,
+        // over the readings the point carried or the events the drain emptied.
+        assert_eq!(
+            row_under("sustained 60 s", "    CPU by process, µs a reading").as_deref(),
+            Some("PostgreSQL 32, Redis 23, NATS 21, ingest 18, projector 9, loadgen 8, relay 7")
+        );
+        assert_eq!(
+            row_under("projector drain", "    CPU by process, µs an event").as_deref(),
+            Some("Redis 38, projector 24, NATS 10")
+        );
+        // Points loadgen did not split show no such rows.
         assert_eq!(under("relay drain"), None);
         assert_eq!(under("ingest batch POST of 100"), None);
+        assert_eq!(
+            row_under("relay drain", "    CPU by process, µs an event"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_drain_that_did_not_empty_its_backlog_shows_no_cpu_per_event() {
+        let mut results = sample();
+        results.insert(
+            "projector_drain".into(),
+            json!({"backlog": 200000, "events_per_s": 30000.0, "drained": false,
+                   "box_cpu": {"busy_percent": 90.0, "cpu_seconds": 14.4, "seconds": 8.0,
+                   "processes_percent_of_a_core": {"Redis": 95.0, "projector": 60.0}}}),
+        );
+        let rows = rows(&results);
+        assert!(rows
+            .iter()
+            .any(|row| row.figure == "    CPU by process, % of a core"
+                && row.value == "Redis 95, projector 60"));
+        assert!(!rows
+            .iter()
+            .any(|row| row.figure == "    CPU by process, µs an event"));
     }
 
     #[test]
