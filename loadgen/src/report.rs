@@ -253,7 +253,8 @@ impl Table {
     /// Where the box's CPU went during a point, by process (percent of one core each,
     /// largest first, under 1% left out), when loadgen split it; with the `units` the
     /// point carried (readings, drained events), also each process's CPU per unit in µs
-    /// (its share of a core over the span it was measured over, `box_cpu.seconds`).
+    /// (its share of a core over the span it was measured over, `box_cpu.seconds`; one
+    /// decimal under 10 µs).
     fn processes(&mut self, results: &Results, file: &str, units: Option<f64>, per: &str) {
         let Some(split) = results
             .get(file)
@@ -265,7 +266,7 @@ impl Table {
         let mut shares: Vec<(&str, f64)> = split
             .iter()
             .filter_map(|(name, percent)| Some((name.as_str(), percent.as_f64()?)))
-            .filter(|(_, percent)| percent.round() >= 1.0)
+            .filter(|(_, percent)| *percent >= 1.0)
             .collect();
         if shares.is_empty() {
             return;
@@ -281,7 +282,10 @@ impl Table {
             let text: Vec<String> = shares
                 .iter()
                 .map(|(name, percent)| {
-                    format!("{name} {:.0}", percent / 100.0 * span * 1e6 / units)
+                    let micros = percent / 100.0 * span * 1e6 / units;
+                    // Per event a process may cost well under 10 µs: keep a decimal there.
+                    let places = usize::from(micros < 10.0);
+                    format!("{name} {micros:.places$}")
                 })
                 .collect();
             self.info(
@@ -1081,7 +1085,7 @@ mod tests {
             json!({"ok_per_s": 16000.0, "readings_per_s": 16000.0, "seconds": 60.0, "readings": 960000,
                    "concurrency": 64, "box_cpu": {"busy_percent": 97.0, "cpu_seconds": 116.4, "seconds": 60.0,
                    "processes_percent_of_a_core": {"NATS": 33.4, "PostgreSQL": 51.2, "Redis": 37.0,
-                       "ingest": 28.3, "other": 0.4, "projector": 14.6, "relay": 11.0, "loadgen": 12.4, "query": 0.2}}}),
+                       "ingest": 28.3, "other": 0.4, "projector": 14.6, "relay": 11.0, "loadgen": 12.7, "query": 0.6}}}),
         );
         results.insert(
             "projector_drain".into(),
@@ -1101,7 +1105,7 @@ mod tests {
         let under = |figure: &str| row_under(figure, "    CPU by process, % of a core");
         assert_eq!(
             under("sustained 60 s").as_deref(),
-            Some("PostgreSQL 51, Redis 37, NATS 33, ingest 28, projector 15, loadgen 12, relay 11")
+            Some("PostgreSQL 51, Redis 37, NATS 33, ingest 28, projector 15, loadgen 13, relay 11")
         );
         assert_eq!(
             under("projector drain").as_deref(),
@@ -1111,7 +1115,7 @@ mod tests {
         // over the readings the point carried or the events the drain emptied.
         assert_eq!(
             row_under("sustained 60 s", "    CPU by process, µs a reading").as_deref(),
-            Some("PostgreSQL 32, Redis 23, NATS 21, ingest 18, projector 9, loadgen 8, relay 7")
+            Some("PostgreSQL 32, Redis 23, NATS 21, ingest 18, projector 9.1, loadgen 7.9, relay 6.9")
         );
         assert_eq!(
             row_under("projector drain", "    CPU by process, µs an event").as_deref(),
