@@ -1,6 +1,8 @@
 //! Process plumbing of every binary (`ingest`, `relay`, `projector`, `query`): logs,
-//! the metrics recorder, signals, and the backoff of loops that wait for a dependency.
+//! the metrics recorder, signals, listeners, and the backoff of loops that wait for a
+//! dependency.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use contract::settings::{LogFormat, LogSettings};
@@ -61,6 +63,24 @@ pub fn install_metrics() -> PrometheusHandle {
         }
     });
     handle
+}
+
+/// A TCP listener on `address` whose listen backlog holds `backlog` connections (the
+/// kernel caps it at `net.core.somaxconn`). `TcpListener::bind` asks for 128, as the
+/// standard library does: a burst of new connections beyond that, while the accept loop
+/// is behind or at `http.max_connections`, has its SYNs dropped and each client retries
+/// only after a second. The servers ask for `http.max_connections` instead, so as many
+/// clients may wait to be accepted as may be served at once.
+pub fn listen(address: SocketAddr, backlog: usize) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does: a restarted server may bind while old connections
+    // to the port sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(u32::try_from(backlog).unwrap_or(u32::MAX))
 }
 
 /// A token cancelled on the first SIGTERM or SIGINT.

@@ -28,7 +28,8 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         [] | ["serve"] => {
-            let listener = tokio::net::TcpListener::bind(settings.ingest.listen).await?;
+            let listener =
+                bootstrap::listen(settings.ingest.listen, settings.http.max_connections)?;
             ingest::serve(settings, listener, bootstrap::shutdown_on_signal()).await
         }
         ["migrate"] => db::migrate(&settings.database).await,

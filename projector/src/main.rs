@@ -76,7 +76,10 @@ async fn main() -> anyhow::Result<()> {
     bootstrap::init_tracing(&settings.log);
     match std::env::args().nth(1).as_deref() {
         None | Some("run") => {
-            let listener = tokio::net::TcpListener::bind(settings.projector.admin_listen).await?;
+            let listener = bootstrap::listen(
+                settings.projector.admin_listen,
+                settings.http.max_connections,
+            )?;
             projector::run(settings, listener, bootstrap::shutdown_on_signal()).await
         }
         Some("rebuild") => {

@@ -22,6 +22,6 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     });
     bootstrap::init_tracing(&settings.log);
-    let listener = tokio::net::TcpListener::bind(settings.query.listen).await?;
+    let listener = bootstrap::listen(settings.query.listen, settings.http.max_connections)?;
     query::serve(settings, listener, bootstrap::shutdown_on_signal()).await
 }

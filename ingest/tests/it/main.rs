@@ -5,6 +5,7 @@ mod auth;
 mod batch;
 mod fuzz;
 mod group_commit;
+mod listen;
 mod metrics;
 mod open_connections;
 mod outbox_notify;
