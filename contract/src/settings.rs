@@ -151,8 +151,9 @@ pub struct HttpSettings {
     pub header_read_timeout_ms: u64,
     /// Largest request line plus headers (at least 8192).
     pub max_header_bytes: usize,
-    /// Connections a listener serves at once; further ones wait in the kernel's listen
-    /// backlog until one closes, so memory stays bounded whatever clients do.
+    /// Connections a listener serves at once; as many again wait in the kernel's listen
+    /// backlog (the listener asks for that size) until one closes, so memory stays
+    /// bounded whatever clients do.
     pub max_connections: usize,
 }
 
