@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// A process's share of the box over `seconds` (`percent` of one core, as
+/// `processes_percent_of_a_core` records it), as its CPU time per unit of work done in
+/// that span (readings, events), in µs.
+pub fn micros_per_unit(percent: f64, seconds: f64, units: f64) -> f64 {
+    percent / 100.0 * seconds * 1e6 / units
+}
+
 /// The box's CPU time counters at one moment, in clock ticks, all cores together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {

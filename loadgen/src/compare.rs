@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::box_cpu;
 use crate::report::{median, table, thousands, Results};
 
 /// What one run of an arm measured.
@@ -84,7 +85,7 @@ impl Run {
             for (name, percent) in split {
                 if let Some(percent) = percent.as_f64() {
                     *cpu_us_by_process.entry(name.clone()).or_default() +=
-                        percent / 100.0 * seconds * 1e6 / count;
+                        box_cpu::micros_per_unit(percent, seconds, count);
                 }
             }
         }

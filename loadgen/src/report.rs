@@ -11,6 +11,8 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::Value;
 
+use crate::box_cpu;
+
 /// Measurements by file stem.
 pub type Results = BTreeMap<String, Value>;
 
@@ -247,15 +249,16 @@ impl Table {
                 "-",
             );
         }
-        self.processes(results, file, num(results, file, "/readings"), "a reading");
+        let readings = num(results, file, "/readings").map(|readings| (readings, "a reading"));
+        self.processes(results, file, readings);
     }
 
     /// Where the box's CPU went during a point, by process (percent of one core each,
-    /// largest first, under 1% left out), when loadgen split it; with the `units` the
-    /// point carried (readings, drained events), also each process's CPU per unit in µs
-    /// (its share of a core over the span it was measured over, `box_cpu.seconds`; one
-    /// decimal under 10 µs).
-    fn processes(&mut self, results: &Results, file: &str, units: Option<f64>, per: &str) {
+    /// largest first, under 1% left out), when loadgen split it; given the units the
+    /// point carried (readings, drained events) and what one is called, also each
+    /// process's CPU per unit in µs (its share of a core over the span it was measured
+    /// over, `box_cpu.seconds`; one decimal under 10 µs).
+    fn processes(&mut self, results: &Results, file: &str, units: Option<(f64, &str)>) {
         let Some(split) = results
             .get(file)
             .and_then(|point| point.pointer("/box_cpu/processes_percent_of_a_core"))
@@ -278,11 +281,11 @@ impl Table {
             .collect();
         self.info("    CPU by process, % of a core", text.join(", "), "-");
         let span = num(results, file, "/box_cpu/seconds");
-        if let Some((units, span)) = units.filter(|units| *units > 0.0).zip(span) {
+        if let Some(((units, per), span)) = units.filter(|(units, _)| *units > 0.0).zip(span) {
             let text: Vec<String> = shares
                 .iter()
                 .map(|(name, percent)| {
-                    let micros = percent / 100.0 * span * 1e6 / units;
+                    let micros = box_cpu::micros_per_unit(*percent, span, units);
                     // Per event a process may cost well under 10 µs: keep a decimal there.
                     let places = usize::from(micros < 10.0);
                     format!("{name} {micros:.places$}")
@@ -653,7 +656,8 @@ pub fn rows(results: &Results) -> Vec<Row> {
             "-",
         );
     }
-    t.processes(results, "e2e", None, "");
+    // Its probes are not its load: no CPU a reading.
+    t.processes(results, "e2e", None);
     // The same at a fixed light rate: the latency of the stages themselves, without
     // the queueing of a pipeline run near its slowest stage's capacity.
     if let Some(light_rate) = num(results, "e2e_light", "/target_rate") {
@@ -696,7 +700,8 @@ pub fn rows(results: &Results) -> Vec<Row> {
             Style::Percent,
             None,
         );
-        t.processes(results, file, drained_events(results, file), "an event");
+        let events = drained_events(results, file).map(|events| (events, "an event"));
+        t.processes(results, file, events);
     }
 
     // Query.
