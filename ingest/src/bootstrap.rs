@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use contract::settings::{LogFormat, LogSettings};
+use contract::settings::{HttpSettings, LogFormat, LogSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -65,13 +65,16 @@ pub fn install_metrics() -> PrometheusHandle {
     handle
 }
 
-/// A TCP listener on `address` whose listen backlog holds `backlog` connections (the
-/// kernel caps it at `net.core.somaxconn`). `TcpListener::bind` asks for 128, as the
-/// standard library does: a burst of new connections beyond that, while the accept loop
-/// is behind or at `http.max_connections`, has its SYNs dropped and each client retries
-/// only after a second. The servers ask for `http.max_connections` instead, so as many
-/// clients may wait to be accepted as may be served at once.
-pub fn listen(address: SocketAddr, backlog: usize) -> std::io::Result<tokio::net::TcpListener> {
+/// The TCP listener a server of these `http` settings serves on: its listen backlog
+/// holds `http.max_connections` connections (the kernel caps it at
+/// `net.core.somaxconn`), so as many clients may wait to be accepted as may be served at
+/// once. `TcpListener::bind` asks for 128, as the standard library does: a burst of new
+/// connections beyond that, while the accept loop is behind or at the cap, has its SYNs
+/// dropped and each client retries only after a second.
+pub fn listen(
+    address: SocketAddr,
+    http: &HttpSettings,
+) -> std::io::Result<tokio::net::TcpListener> {
     let socket = match address {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -80,7 +83,7 @@ pub fn listen(address: SocketAddr, backlog: usize) -> std::io::Result<tokio::net
     // to the port sit in TIME_WAIT.
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
-    socket.listen(u32::try_from(backlog).unwrap_or(u32::MAX))
+    socket.listen(u32::try_from(http.max_connections).unwrap_or(u32::MAX))
 }
 
 /// A token cancelled on the first SIGTERM or SIGINT.

@@ -28,8 +28,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         [] | ["serve"] => {
-            let listener =
-                bootstrap::listen(settings.ingest.listen, settings.http.max_connections)?;
+            let listener = bootstrap::listen(settings.ingest.listen, &settings.http)?;
             ingest::serve(settings, listener, bootstrap::shutdown_on_signal()).await
         }
         ["migrate"] => db::migrate(&settings.database).await,

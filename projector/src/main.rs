@@ -76,10 +76,7 @@ async fn main() -> anyhow::Result<()> {
     bootstrap::init_tracing(&settings.log);
     match std::env::args().nth(1).as_deref() {
         None | Some("run") => {
-            let listener = bootstrap::listen(
-                settings.projector.admin_listen,
-                settings.http.max_connections,
-            )?;
+            let listener = bootstrap::listen(settings.projector.admin_listen, &settings.http)?;
             projector::run(settings, listener, bootstrap::shutdown_on_signal()).await
         }
         Some("rebuild") => {

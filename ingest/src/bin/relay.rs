@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
         nats: relay.nats(),
         metrics,
     };
-    let listener = bootstrap::listen(settings.relay.admin_listen, settings.http.max_connections)?;
+    let listener = bootstrap::listen(settings.relay.admin_listen, &settings.http)?;
     tracing::info!(address = %listener.local_addr()?, "relay admin listening");
     let admin_router = Router::new()
         .route("/healthz", get(healthz))

@@ -1,7 +1,7 @@
-//! `ingest::bootstrap::listen`, the listener every binary serves on: a burst of new
-//! connections waits in the backlog it asked for (`http.max_connections`) instead of
-//! overflowing the standard library's 128, where the kernel drops the handshake and
-//! each client retries only after a second.
+//! `ingest::bootstrap::listen`, the listener every binary (and every test's server)
+//! serves on: a burst of new connections waits in the backlog it asked for
+//! (`http.max_connections`) instead of overflowing the standard library's 128, where
+//! the kernel drops the handshake and each client retries only after a second.
 
 use std::time::Duration;
 
@@ -32,7 +32,12 @@ async fn accepted_from_a_burst(listener: TcpListener) -> usize {
 #[tokio::test]
 async fn a_burst_of_new_connections_waits_in_the_backlog_the_listener_asked_for() {
     let address = "127.0.0.1:0".parse().expect("address");
-    let listener = ingest::bootstrap::listen(address, 1024).expect("listen");
+    let http = testkit::shipped_settings().http;
+    assert!(
+        http.max_connections >= BURST,
+        "the shipped cap holds the burst"
+    );
+    let listener = ingest::bootstrap::listen(address, &http).expect("listen");
     assert_eq!(
         accepted_from_a_burst(listener).await,
         BURST,

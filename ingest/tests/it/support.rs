@@ -20,9 +20,12 @@ pub struct Ingest {
 impl Ingest {
     /// Starts ingest with `settings` and waits until it is ready.
     pub async fn spawn(settings: &Settings) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
+        // The listener the binary makes, on port 0.
+        let listener = ingest::bootstrap::listen(
+            "127.0.0.1:0".parse().expect("loopback, port 0"),
+            &settings.http,
+        )
+        .expect("bind port 0");
         let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ingest::serve(settings.clone(), listener, shutdown.clone()));

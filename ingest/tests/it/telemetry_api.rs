@@ -520,9 +520,12 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     let mut env = TestEnv::new();
     env.settings.http.max_connections = 2;
     env.settings.http.header_read_timeout_ms = 30_000;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind port 0");
+    // The listener the binary makes: its backlog is the cap too.
+    let listener = ingest::bootstrap::listen(
+        "127.0.0.1:0".parse().expect("loopback, port 0"),
+        &env.settings.http,
+    )
+    .expect("bind port 0");
     let address = listener.local_addr().expect("local addr");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(ingest::serve(

@@ -43,9 +43,11 @@ pub struct Projector {
 impl Projector {
     /// Starts `projector::run` with its admin server on port 0.
     pub async fn spawn(settings: &Settings) -> Self {
-        let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind port 0");
+        let admin = ingest::bootstrap::listen(
+            "127.0.0.1:0".parse().expect("loopback, port 0"),
+            &settings.http,
+        )
+        .expect("bind port 0");
         let admin_url = format!("http://{}", admin.local_addr().expect("local addr"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(projector::run(settings.clone(), admin, shutdown.clone()));

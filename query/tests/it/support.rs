@@ -37,11 +37,14 @@ impl<T> Running<T> {
     }
 }
 
-/// Binds port 0 and returns the listener and its base URL.
-async fn listener() -> (tokio::net::TcpListener, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind port 0");
+/// Binds port 0 as the binaries bind (`ingest::bootstrap::listen`) and returns the
+/// listener and its base URL.
+fn listener(settings: &Settings) -> (tokio::net::TcpListener, String) {
+    let listener = ingest::bootstrap::listen(
+        "127.0.0.1:0".parse().expect("loopback, port 0"),
+        &settings.http,
+    )
+    .expect("bind port 0");
     let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
     (listener, base_url)
 }
@@ -70,7 +73,7 @@ impl Query {
     /// Starts `query::serve` on port 0 and waits until `/healthz` answers (not
     /// `/readyz`: some tests start it with Redis unreachable on purpose).
     pub async fn spawn(settings: &Settings) -> Self {
-        let (listener, base_url) = listener().await;
+        let (listener, base_url) = listener(settings);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(query::serve(settings.clone(), listener, shutdown.clone()));
         let http = http_client();
@@ -171,7 +174,7 @@ pub struct Ingest {
 
 impl Ingest {
     pub async fn spawn(settings: &Settings) -> Self {
-        let (listener, base_url) = listener().await;
+        let (listener, base_url) = listener(settings);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ingest::serve(settings.clone(), listener, shutdown.clone()));
         wait_for(&http_client(), &base_url, "/readyz").await;
@@ -205,7 +208,7 @@ pub fn spawn_relay(settings: &Settings) -> Running<()> {
 
 /// Starts a projector in this process, its admin port on port 0.
 pub async fn spawn_projector(settings: &Settings) -> Running<anyhow::Result<()>> {
-    let (admin, _) = listener().await;
+    let (admin, _) = listener(settings);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(projector::run(settings.clone(), admin, shutdown.clone()));
     Running { shutdown, task }
