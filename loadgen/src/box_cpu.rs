@@ -5,8 +5,9 @@
 //! `loadgen busy` prints it for `scripts/bench`, which waits for a quiet box.
 //!
 //! It also splits that time by process, from each process's `/proc/<pid>/stat`, into
-//! the servers and the pipeline's own processes (all PostgreSQL backends together), so
-//! that every run says where the box's CPU went.
+//! the servers and the pipeline's own processes (all PostgreSQL backends together), and
+//! the time a shared host's hypervisor stole, so that every run says where the box's
+//! CPU went.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -24,6 +25,8 @@ pub fn micros_per_unit(percent: f64, seconds: f64, units: f64) -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
     busy: u64,
+    /// Part of `busy`: time the hypervisor ran another guest while this one was ready.
+    steal: u64,
     total: u64,
     cores: usize,
 }
@@ -36,7 +39,8 @@ impl Sample {
 
     /// From the text of `/proc/stat`: the first eight fields of its `cpu` line (user,
     /// nice, system, idle, iowait, irq, softirq, steal; guest time is inside user and
-    /// nice already), busy being all but idle and iowait; one `cpuN` line per core.
+    /// nice already), busy being all but idle and iowait, steal included (a box whose
+    /// neighbours take its cores is not free to do more); one `cpuN` line per core.
     fn parse(stat: &str) -> Option<Self> {
         let mut lines = stat.lines();
         let mut fields = lines.next()?.split_ascii_whitespace();
@@ -59,6 +63,7 @@ impl Sample {
             .count();
         Some(Self {
             busy: total - idle,
+            steal: ticks.get(7).copied().unwrap_or(0),
             total,
             cores: cores.max(1),
         })
@@ -99,6 +104,11 @@ const NAMED: &[(&str, &str)] = &[
 /// processes, the kernel's own threads and interrupts, processes that ended meanwhile.
 const OTHER: &str = "other";
 
+/// What the split calls the busy time the hypervisor gave to other guests while this
+/// one had work (`/proc/stat`'s steal): on a shared host it is neither the pipeline's
+/// nor the box's own, and it comes and goes with the neighbours.
+const STEAL: &str = "steal";
+
 /// The CPU time (user and system, in clock ticks) of each process now, by pid, with
 /// the name it counts under; empty where `/proc` cannot be read.
 fn processes_now() -> HashMap<u32, (&'static str, u64)> {
@@ -134,16 +144,18 @@ fn counts_as(command: &str) -> &'static str {
 }
 
 /// Each name's CPU time from `before` to `after` (a process new since counts whole),
-/// as a percentage of one core over a span whose `/proc/stat` counters moved by
-/// `total` ticks on `cores` cores (the same clock ticks) and `busy` of them busy; what
-/// the busy ticks hold beyond the named processes counts as [`OTHER`].
+/// as a percentage of one core over a span whose `/proc/stat` counters moved from
+/// `start` to `end` (the same clock ticks); the busy ticks the hypervisor stole count
+/// as [`STEAL`], and what the rest holds beyond the named processes as [`OTHER`].
 fn split(
     before: &HashMap<u32, (&'static str, u64)>,
     after: &HashMap<u32, (&'static str, u64)>,
-    busy: u64,
-    total: u64,
-    cores: usize,
+    start: &Sample,
+    end: &Sample,
 ) -> BTreeMap<&'static str, f64> {
+    let busy = end.busy.saturating_sub(start.busy);
+    let steal = end.steal.saturating_sub(start.steal);
+    let total = end.total.saturating_sub(start.total);
     let mut ticks: BTreeMap<&'static str, u64> = BTreeMap::new();
     for (pid, (name, now)) in after {
         let earlier = before.get(pid).map_or(0, |(_, ticks)| *ticks);
@@ -154,8 +166,9 @@ fn split(
         .filter(|(name, _)| **name != OTHER)
         .map(|(_, ticks)| ticks)
         .sum();
-    ticks.insert(OTHER, busy.saturating_sub(named));
-    let per_core = total as f64 / cores.max(1) as f64;
+    ticks.insert(STEAL, steal);
+    ticks.insert(OTHER, busy.saturating_sub(steal).saturating_sub(named));
+    let per_core = total as f64 / end.cores.max(1) as f64;
     ticks
         .into_iter()
         .filter(|(_, ticks)| *ticks > 0)
@@ -188,13 +201,7 @@ impl Span {
         let processes = processes_now();
         let (end, start) = (Sample::now()?, self.start.as_ref()?);
         let mut usage = end.since(start, self.started.elapsed())?;
-        usage.processes = split(
-            &self.processes,
-            &processes,
-            end.busy - start.busy,
-            end.total - start.total,
-            end.cores,
-        );
+        usage.processes = split(&self.processes, &processes, start, &end);
         Some(usage)
     }
 
@@ -235,9 +242,9 @@ impl Usage {
 mod tests {
     use super::*;
 
-    const STAT: &str = "cpu  100 5 50 800 40 3 2 0 7 0\n\
-                        cpu0 50 2 25 400 20 2 1 0 3 0\n\
-                        cpu1 50 3 25 400 20 1 1 0 4 0\n\
+    const STAT: &str = "cpu  100 5 50 800 40 3 2 6 7 0\n\
+                        cpu0 50 2 25 400 20 2 1 3 3 0\n\
+                        cpu1 50 3 25 400 20 1 1 3 4 0\n\
                         intr 12345 0 0\n";
 
     #[test]
@@ -246,8 +253,9 @@ mod tests {
         assert_eq!(
             sample,
             Sample {
-                busy: 160,
-                total: 1000,
+                busy: 166,
+                steal: 6,
+                total: 1006,
                 cores: 2
             }
         );
@@ -257,11 +265,13 @@ mod tests {
     fn usage_is_the_busy_share_of_all_cores_over_the_span() {
         let before = Sample {
             busy: 1_000,
+            steal: 0,
             total: 5_000,
             cores: 2,
         };
         let after = Sample {
             busy: 1_750,
+            steal: 0,
             total: 6_000,
             cores: 2,
         };
@@ -282,6 +292,7 @@ mod tests {
         assert_eq!(sample.since(&sample, Duration::from_secs(1)), None);
         let later = Sample {
             busy: 100,
+            steal: 0,
             total: 2_000,
             cores: 2,
         };
@@ -307,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn processes_count_under_their_names_and_the_rest_of_the_busy_time_as_other() {
+    fn processes_count_under_their_names_steal_as_steal_and_the_rest_as_other() {
         assert_eq!(counts_as("postgres"), "PostgreSQL");
         assert_eq!(counts_as("redis-server"), "Redis");
         assert_eq!(counts_as("bash"), OTHER);
@@ -319,7 +330,8 @@ mod tests {
             (40, (OTHER, 10)),
         ]);
         // Over the span: one backend ended, one began; Redis used 200 ticks, ingest
-        // none; 2 cores, 1,000 ticks in all of which 800 busy.
+        // none; 2 cores, 1,000 ticks in all of which 800 busy, 100 of them stolen by the
+        // hypervisor.
         let after = HashMap::from([
             (10, ("PostgreSQL", 1_250)),
             (12, ("PostgreSQL", 50)),
@@ -327,10 +339,27 @@ mod tests {
             (30, ("ingest", 50)),
             (40, (OTHER, 40)),
         ]);
-        let split = split(&before, &after, 800, 1_000, 2);
+        let start = Sample {
+            busy: 2_000,
+            steal: 50,
+            total: 9_000,
+            cores: 2,
+        };
+        let end = Sample {
+            busy: 2_800,
+            steal: 150,
+            total: 10_000,
+            cores: 2,
+        };
+        let split = split(&before, &after, &start, &end);
         assert_eq!(
             split,
-            BTreeMap::from([("PostgreSQL", 60.0), ("Redis", 40.0), (OTHER, 60.0)])
+            BTreeMap::from([
+                ("PostgreSQL", 60.0),
+                ("Redis", 40.0),
+                (STEAL, 20.0),
+                (OTHER, 40.0)
+            ])
         );
         let busy_percent_of_a_core = 2.0 * 800.0 / 1_000.0 * 100.0;
         assert_eq!(split.values().sum::<f64>(), busy_percent_of_a_core);
