@@ -242,6 +242,16 @@ impl Usage {
 mod tests {
     use super::*;
 
+    /// A sample of a 2-core box: busy (steal included), steal and total ticks.
+    fn two_cores(busy: u64, steal: u64, total: u64) -> Sample {
+        Sample {
+            busy,
+            steal,
+            total,
+            cores: 2,
+        }
+    }
+
     const STAT: &str = "cpu  100 5 50 800 40 3 2 6 7 0\n\
                         cpu0 50 2 25 400 20 2 1 3 3 0\n\
                         cpu1 50 3 25 400 20 1 1 3 4 0\n\
@@ -250,31 +260,13 @@ mod tests {
     #[test]
     fn busy_is_everything_but_idle_and_iowait_over_every_core() {
         let sample = Sample::parse(STAT).expect("a well-formed /proc/stat");
-        assert_eq!(
-            sample,
-            Sample {
-                busy: 166,
-                steal: 6,
-                total: 1006,
-                cores: 2
-            }
-        );
+        assert_eq!(sample, two_cores(166, 6, 1006));
     }
 
     #[test]
     fn usage_is_the_busy_share_of_all_cores_over_the_span() {
-        let before = Sample {
-            busy: 1_000,
-            steal: 0,
-            total: 5_000,
-            cores: 2,
-        };
-        let after = Sample {
-            busy: 1_750,
-            steal: 0,
-            total: 6_000,
-            cores: 2,
-        };
+        let before = two_cores(1_000, 0, 5_000);
+        let after = two_cores(1_750, 0, 6_000);
         let usage = after
             .since(&before, Duration::from_secs(5))
             .expect("counters moved forward");
@@ -290,12 +282,7 @@ mod tests {
     fn no_usage_without_time_passing_or_with_counters_going_back() {
         let sample = Sample::parse(STAT).expect("a well-formed /proc/stat");
         assert_eq!(sample.since(&sample, Duration::from_secs(1)), None);
-        let later = Sample {
-            busy: 100,
-            steal: 0,
-            total: 2_000,
-            cores: 2,
-        };
+        let later = two_cores(100, 0, 2_000);
         assert_eq!(later.since(&sample, Duration::from_secs(1)), None);
     }
 
@@ -339,18 +326,8 @@ mod tests {
             (30, ("ingest", 50)),
             (40, (OTHER, 40)),
         ]);
-        let start = Sample {
-            busy: 2_000,
-            steal: 50,
-            total: 9_000,
-            cores: 2,
-        };
-        let end = Sample {
-            busy: 2_800,
-            steal: 150,
-            total: 10_000,
-            cores: 2,
-        };
+        let start = two_cores(2_000, 50, 9_000);
+        let end = two_cores(2_800, 150, 10_000);
         let split = split(&before, &after, &start, &end);
         assert_eq!(
             split,
