@@ -69,20 +69,30 @@ impl Sample {
         })
     }
 
-    /// What the box did from `earlier` to this sample, `elapsed` apart.
-    pub fn since(&self, earlier: &Sample, elapsed: Duration) -> Option<Usage> {
-        let total = self.total.checked_sub(earlier.total)?;
-        let busy = self.busy.checked_sub(earlier.busy)?;
-        if total == 0 {
-            return None;
-        }
-        let busy_share = busy as f64 / total as f64;
-        Some(Usage {
+    /// The ticks that passed from `earlier` to this sample, as a sample of their own;
+    /// `None` when none passed or a counter went back.
+    fn minus(&self, earlier: &Sample) -> Option<Sample> {
+        Some(Sample {
+            busy: self.busy.checked_sub(earlier.busy)?,
+            steal: self.steal.checked_sub(earlier.steal)?,
+            total: self
+                .total
+                .checked_sub(earlier.total)
+                .filter(|total| *total > 0)?,
+            cores: self.cores,
+        })
+    }
+
+    /// How busy the box was over a span of `elapsed` in which these ticks passed
+    /// ([`Sample::minus`]), not yet split by process.
+    fn over(&self, elapsed: Duration) -> Usage {
+        let busy_share = self.busy as f64 / self.total.max(1) as f64;
+        Usage {
             busy_percent: 100.0 * busy_share,
             cpu_seconds: busy_share * self.cores as f64 * elapsed.as_secs_f64(),
             seconds: elapsed.as_secs_f64(),
             processes: BTreeMap::new(),
-        })
+        }
     }
 }
 
@@ -144,18 +154,21 @@ fn counts_as(command: &str) -> &'static str {
 }
 
 /// Each name's CPU time from `before` to `after` (a process new since counts whole),
-/// as a percentage of one core over a span whose `/proc/stat` counters moved from
-/// `start` to `end` (the same clock ticks); the busy ticks the hypervisor stole count
-/// as [`STEAL`], and what the rest holds beyond the named processes as [`OTHER`].
+/// as a percentage of one core over a span in which the `/proc/stat` counters moved
+/// by `moved` (the same clock ticks, [`Sample::minus`]); the busy ticks the hypervisor
+/// stole count as [`STEAL`], and what the rest holds beyond the named processes as
+/// [`OTHER`].
 fn split(
     before: &HashMap<u32, (&'static str, u64)>,
     after: &HashMap<u32, (&'static str, u64)>,
-    start: &Sample,
-    end: &Sample,
+    moved: &Sample,
 ) -> BTreeMap<&'static str, f64> {
-    let busy = end.busy.saturating_sub(start.busy);
-    let steal = end.steal.saturating_sub(start.steal);
-    let total = end.total.saturating_sub(start.total);
+    let Sample {
+        busy,
+        steal,
+        total,
+        cores,
+    } = *moved;
     let mut ticks: BTreeMap<&'static str, u64> = BTreeMap::new();
     for (pid, (name, now)) in after {
         let earlier = before.get(pid).map_or(0, |(_, ticks)| *ticks);
@@ -168,7 +181,7 @@ fn split(
         .sum();
     ticks.insert(STEAL, steal);
     ticks.insert(OTHER, busy.saturating_sub(steal).saturating_sub(named));
-    let per_core = total as f64 / end.cores.max(1) as f64;
+    let per_core = total as f64 / cores.max(1) as f64;
     ticks
         .into_iter()
         .filter(|(_, ticks)| *ticks > 0)
@@ -199,9 +212,9 @@ impl Span {
     /// read or did not move.
     pub fn usage(&self) -> Option<Usage> {
         let processes = processes_now();
-        let (end, start) = (Sample::now()?, self.start.as_ref()?);
-        let mut usage = end.since(start, self.started.elapsed())?;
-        usage.processes = split(&self.processes, &processes, start, &end);
+        let moved = Sample::now()?.minus(self.start.as_ref()?)?;
+        let mut usage = moved.over(self.started.elapsed());
+        usage.processes = split(&self.processes, &processes, &moved);
         Some(usage)
     }
 
@@ -268,8 +281,9 @@ mod tests {
         let before = two_cores(1_000, 0, 5_000);
         let after = two_cores(1_750, 0, 6_000);
         let usage = after
-            .since(&before, Duration::from_secs(5))
-            .expect("counters moved forward");
+            .minus(&before)
+            .expect("counters moved forward")
+            .over(Duration::from_secs(5));
         assert_eq!(usage.busy_percent, 75.0);
         assert_eq!(usage.cpu_seconds, 7.5);
         assert_eq!(
@@ -281,9 +295,9 @@ mod tests {
     #[test]
     fn no_usage_without_time_passing_or_with_counters_going_back() {
         let sample = Sample::parse(STAT).expect("a well-formed /proc/stat");
-        assert_eq!(sample.since(&sample, Duration::from_secs(1)), None);
+        assert_eq!(sample.minus(&sample), None);
         let later = two_cores(100, 0, 2_000);
-        assert_eq!(later.since(&sample, Duration::from_secs(1)), None);
+        assert_eq!(later.minus(&sample), None);
     }
 
     #[test]
@@ -326,9 +340,10 @@ mod tests {
             (30, ("ingest", 50)),
             (40, (OTHER, 40)),
         ]);
-        let start = two_cores(2_000, 50, 9_000);
-        let end = two_cores(2_800, 150, 10_000);
-        let split = split(&before, &after, &start, &end);
+        let moved = two_cores(2_800, 150, 10_000)
+            .minus(&two_cores(2_000, 50, 9_000))
+            .expect("counters moved forward");
+        let split = split(&before, &after, &moved);
         assert_eq!(
             split,
             BTreeMap::from([
