@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::support::loopback_listener;
+
 /// More connections at once than the standard library's backlog of 128 holds.
 const BURST: usize = 300;
 
@@ -31,13 +33,12 @@ async fn accepted_from_a_burst(listener: TcpListener) -> usize {
 
 #[tokio::test]
 async fn a_burst_of_new_connections_waits_in_the_backlog_the_listener_asked_for() {
-    let address = "127.0.0.1:0".parse().expect("address");
     let http = testkit::shipped_settings().http;
     assert!(
         http.max_connections >= BURST,
         "the shipped cap holds the burst"
     );
-    let listener = ingest::bootstrap::listen(address, &http).expect("listen");
+    let listener = loopback_listener(&http);
     assert_eq!(
         accepted_from_a_burst(listener).await,
         BURST,

@@ -1,13 +1,21 @@
 //! Starting ingest in-process on port 0 and talking to it.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use contract::settings::Settings;
+use contract::settings::{HttpSettings, Settings};
 use reqwest::{Client, Response};
 use serde_json::Value;
 use testkit::maintenance_postgres;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// A listener on a free loopback port, made as the binaries make theirs
+/// (`ingest::bootstrap::listen`), so its listen backlog is `http.max_connections`.
+pub fn loopback_listener(http: &HttpSettings) -> tokio::net::TcpListener {
+    ingest::bootstrap::listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), http)
+        .expect("listen on a loopback port")
+}
 
 /// A running ingest service.
 pub struct Ingest {
@@ -20,12 +28,7 @@ pub struct Ingest {
 impl Ingest {
     /// Starts ingest with `settings` and waits until it is ready.
     pub async fn spawn(settings: &Settings) -> Self {
-        // The listener the binary makes, on port 0.
-        let listener = ingest::bootstrap::listen(
-            "127.0.0.1:0".parse().expect("loopback, port 0"),
-            &settings.http,
-        )
-        .expect("bind port 0");
+        let listener = loopback_listener(&settings.http);
         let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ingest::serve(settings.clone(), listener, shutdown.clone()));

@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 use uuid::Uuid;
 
-use crate::support::{assert_problem, close_database, count, reading, reopen_database, Ingest};
+use crate::support::{
+    assert_problem, close_database, count, loopback_listener, reading, reopen_database, Ingest,
+};
 
 #[tokio::test]
 async fn accepted_reading_writes_reading_key_and_outbox_row_together() {
@@ -521,11 +523,7 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     env.settings.http.max_connections = 2;
     env.settings.http.header_read_timeout_ms = 30_000;
     // The listener the binary makes: its backlog is the cap too.
-    let listener = ingest::bootstrap::listen(
-        "127.0.0.1:0".parse().expect("loopback, port 0"),
-        &env.settings.http,
-    )
-    .expect("bind port 0");
+    let listener = loopback_listener(&env.settings.http);
     let address = listener.local_addr().expect("local addr");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(ingest::serve(
