@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
-use tokio_util::sync::CancellationToken;
 
-use crate::relay::spawn_relay;
+use crate::relay::{spawn_projector, spawn_relay};
 use crate::support::{assert_problem, count, reading, Ingest};
 
 async fn post_batch(ingest: &Ingest, body: &Value) -> reqwest::Response {
@@ -155,15 +154,7 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
 
     // And exactly those reach the read model.
     let relay = spawn_relay(&env.settings);
-    let shutdown = CancellationToken::new();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let projector = tokio::spawn(projector::run(
-        env.settings.clone(),
-        admin,
-        shutdown.clone(),
-    ));
+    let (shutdown, projector) = spawn_projector(&env.settings);
     for (device, expected_count, expected_sum) in
         [("gw-1", 2, 6.0), ("gw-2", 1, 2.0), ("gw-3", 1, 3.0)]
     {

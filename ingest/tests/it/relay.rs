@@ -11,7 +11,7 @@ use testkit::{eventually, TestEnv};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{column, count, migrate, reading, wait_for_counts, Ingest};
+use crate::support::{column, count, loopback_listener, migrate, reading, wait_for_counts, Ingest};
 
 /// Starts a relay in this process; its log goes to the test's output.
 pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
@@ -25,6 +25,18 @@ pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
             .expect("relay connects");
         relay.run(token).await;
     });
+    (shutdown, task)
+}
+
+/// Starts a projector in this process, its admin port on a loopback port; cancel the
+/// token and await the task to stop it.
+pub fn spawn_projector(settings: &Settings) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(projector::run(
+        settings.clone(),
+        loopback_listener(&settings.http),
+        shutdown.clone(),
+    ));
     (shutdown, task)
 }
 
@@ -205,15 +217,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     );
 
     // And the read model counts each reading once.
-    let shutdown = CancellationToken::new();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let projector = tokio::spawn(projector::run(
-        env.settings.clone(),
-        admin,
-        shutdown.clone(),
-    ));
+    let (shutdown, projector) = spawn_projector(&env.settings);
     let stats = eventually(
         Duration::from_secs(20),
         "all readings projected",
