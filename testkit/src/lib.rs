@@ -8,6 +8,7 @@
 //! - [`PrivateNats`]: a nats-server of the test's own, which it may kill and cut back.
 //! - [`prometheus`]: one series of a `/metrics` scrape, by name and labels.
 //! - [`process`]: a service's real binary on a free port, scraped, stopped with SIGTERM.
+//! - [`Running`]: a service run as a task in the test's own process, stopped within a deadline.
 //! - [`SplitMix`]: a seeded generator, so a failing run can be repeated exactly.
 //! - [`assert_same_figures`]: a device's figures in the read model against the reference model's.
 
@@ -29,6 +30,8 @@ pub use private_nats::{
 };
 pub mod process;
 pub mod prometheus;
+mod running;
+pub use running::{Running, STOP_DEADLINE};
 pub use split_mix::SplitMix;
 
 /// The workspace's `config/` directory.

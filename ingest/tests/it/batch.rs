@@ -154,7 +154,7 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
 
     // And exactly those reach the read model.
     let relay = spawn_relay(&env.settings);
-    let (shutdown, projector) = spawn_projector(&env.settings);
+    let projector = spawn_projector(&env.settings);
     for (device, expected_count, expected_sum) in
         [("gw-1", 2, 6.0), ("gw-2", 1, 2.0), ("gw-3", 1, 3.0)]
     {
@@ -167,10 +167,8 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
         assert_eq!(stats.sample_count, expected_count, "{device}");
         assert_eq!(stats.metrics["temperature"].sum, expected_sum, "{device}");
     }
-    shutdown.cancel();
-    let _ = projector.await;
-    relay.0.cancel();
-    let _ = relay.1.await;
+    projector.stop().await.expect("the projector exits cleanly");
+    relay.stop().await;
     ingest.stop().await;
 }
 

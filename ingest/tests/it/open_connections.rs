@@ -6,9 +6,9 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use axum::Router;
 use ingest::http::server::{serve_counted, OpenConnections};
+use testkit::Running;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 /// Sends one request and reads the start of a 2xx answer.
 async fn exchange(stream: &mut TcpStream, request: &str) {
@@ -26,14 +26,10 @@ async fn a_connection_counts_from_its_first_request_under_the_prefix_until_it_cl
         .route("/v1/telemetry", post(|| async { "accepted" }))
         .route("/metrics", get(|| async { "" }));
     let open = OpenConnections::new("/v1/telemetry");
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(serve_counted(
-        listener,
-        router,
-        ingest::connection_limits(&testkit::shipped_settings()),
-        Some(open.clone()),
-        shutdown.clone(),
-    ));
+    let limits = ingest::connection_limits(&testkit::shipped_settings());
+    let counted = open.clone();
+    let server =
+        Running::spawn(|shutdown| serve_counted(listener, router, limits, Some(counted), shutdown));
 
     let mut scraper = TcpStream::connect(address).await.expect("connect");
     exchange(&mut scraper, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
@@ -54,6 +50,5 @@ async fn a_connection_counts_from_its_first_request_under_the_prefix_until_it_cl
     )
     .await;
     drop(scraper);
-    shutdown.cancel();
-    server.await.expect("server stops");
+    server.stop().await;
 }

@@ -69,7 +69,7 @@ async fn an_idle_relay_publishes_a_posted_reading_at_once_though_it_polls_once_a
     let ingest = Ingest::spawn(&env.settings).await;
     // Written before the relay starts: its first round publishes it, whatever wakes it.
     ingest.accept("k-0", &reading("sensor-1", 0.0)).await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), 1).await;
     let db = env.postgres().await;
@@ -95,8 +95,7 @@ async fn an_idle_relay_publishes_a_posted_reading_at_once_though_it_polls_once_a
     .await;
     assert!(posted.elapsed() < Duration::from_secs(2));
 
-    shutdown.cancel();
-    relay.await.expect("relay stops cleanly");
+    relay.stop().await;
     ingest.stop().await;
 }
 

@@ -7,37 +7,27 @@ use std::time::Duration;
 use async_nats::jetstream;
 use contract::settings::Settings;
 use serde_json::Value;
-use testkit::{eventually, TestEnv};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use testkit::{eventually, Running, TestEnv};
 
 use crate::support::{column, count, loopback_listener, migrate, reading, wait_for_counts, Ingest};
 
 /// Starts a relay in this process; its log goes to the test's output.
-pub fn spawn_relay(settings: &Settings) -> (CancellationToken, JoinHandle<()>) {
+pub fn spawn_relay(settings: &Settings) -> Running<()> {
     crate::support::log_to_test_output();
     let settings = settings.clone();
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
+    Running::spawn(|shutdown| async move {
         let relay = ingest::relay::Relay::connect(&settings, "relay-test")
             .await
             .expect("relay connects");
-        relay.run(token).await;
-    });
-    (shutdown, task)
+        relay.run(shutdown).await;
+    })
 }
 
-/// Starts a projector in this process, its admin port on a loopback port; cancel the
-/// token and await the task to stop it.
-pub fn spawn_projector(settings: &Settings) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(projector::run(
-        settings.clone(),
-        loopback_listener(&settings.http),
-        shutdown.clone(),
-    ));
-    (shutdown, task)
+/// Starts a projector in this process, its admin port on a loopback port.
+pub fn spawn_projector(settings: &Settings) -> Running<anyhow::Result<()>> {
+    let listener = loopback_listener(&settings.http);
+    let settings = settings.clone();
+    Running::spawn(|shutdown| projector::run(settings, listener, shutdown))
 }
 
 /// Starts the relay binary, pointed at this test's database and stream.
@@ -100,7 +90,7 @@ async fn relay_publishes_each_row_with_the_documented_subject_headers_and_payloa
             .accept(&format!("k-{index}"), &reading(device, index as f64))
             .await;
     }
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     let jetstream = env.jetstream().await;
     eventually(
         Duration::from_secs(20),
@@ -162,8 +152,7 @@ async fn relay_publishes_each_row_with_the_documented_subject_headers_and_payloa
             "the row remembers its stream sequence"
         );
     }
-    shutdown.cancel();
-    relay.await.expect("relay stops cleanly");
+    relay.stop().await;
     ingest.stop().await;
 }
 
@@ -217,7 +206,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     );
 
     // And the read model counts each reading once.
-    let (shutdown, projector) = spawn_projector(&env.settings);
+    let projector = spawn_projector(&env.settings);
     let stats = eventually(
         Duration::from_secs(20),
         "all readings projected",
@@ -234,8 +223,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
         (0..READINGS).sum::<usize>() as f64
     );
 
-    shutdown.cancel();
-    let _ = projector.await;
+    projector.stop().await.expect("the projector exits cleanly");
     // SIGTERM: the relay finishes its round and exits 0 (API.md §7).
     let status = testkit::process::terminate(restarted, "the relay").await;
     assert_eq!(status.code(), Some(0), "the relay exits 0 after SIGTERM");
@@ -256,7 +244,7 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
         .json()
         .await
         .expect("json");
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     let db = env.postgres().await;
     wait_for_counts(
         &db,
@@ -286,8 +274,7 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
         &[0],
     )
     .await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
     ingest.stop().await;
 }
 
@@ -305,7 +292,7 @@ async fn the_relay_vacuums_the_tables_it_pruned_so_their_space_is_reused() {
             .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
             .await;
     }
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     let db = env.postgres().await;
     // The statistics count every vacuum, whoever ran it; autovacuum is off on the
     // project's CI server, and with it on it would not come within seconds.
@@ -325,8 +312,7 @@ async fn the_relay_vacuums_the_tables_it_pruned_so_their_space_is_reused() {
         },
     )
     .await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
     ingest.stop().await;
 }
 
@@ -369,7 +355,7 @@ async fn pruning_with_nothing_past_the_retention_reads_no_table_whole() {
         3,
         "the three pruned tables and their time indexes"
     );
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     // Prunes run every 2 s at most (with the backlog report); two through each index.
     let after = eventually(
         Duration::from_secs(30),
@@ -387,8 +373,7 @@ async fn pruning_with_nothing_past_the_retention_reads_no_table_whole() {
         + count(&db, "idempotency_keys").await
         + count(&db, "readings").await;
     assert_eq!(kept, 300_000, "nothing within its retention was pruned");
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
 }
 
 /// Claims start at a floor below which every row is published (`relay::claim_floor`).
@@ -401,7 +386,7 @@ async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
     env.settings.relay.stream_check_interval_ms = 60_000;
     env.settings.relay.poll_interval_ms = 100;
     let ingest = Ingest::spawn(&env.settings).await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     let jetstream = env.jetstream().await;
     let stream = env.subjects.stream().to_owned();
     let straggler = env.postgres().await;
@@ -430,8 +415,7 @@ async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
     );
     // The round marks its rows after the PubAcks, so the stream knows first.
     wait_until_all_marked(&env.postgres().await).await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
     ingest.stop().await;
 }
 
@@ -504,7 +488,7 @@ async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
     env.settings.relay.stream_check_interval_ms = 60_000;
     env.settings.ingest.rate_limit_per_second = 0;
     let ingest = Ingest::spawn(&env.settings).await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     let jetstream = env.jetstream().await;
     let stream = env.subjects.stream().to_owned();
     let db = env.postgres().await;
@@ -566,7 +550,6 @@ async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
         median < Duration::from_millis(INTERVAL_MS / 2),
         "single rows waited {waits:?}: a light round must not make the next one wait"
     );
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
     ingest.stop().await;
 }

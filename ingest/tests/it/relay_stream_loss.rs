@@ -152,10 +152,9 @@ async fn published_then_truncated(before: usize, after: usize) -> Truncated {
         ingest,
         db,
     } = on_private_nats(before).await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     wait_until_all_published(&db, before as i64).await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), before as u64)
         .await;
@@ -173,7 +172,7 @@ async fn published_then_truncated(before: usize, after: usize) -> Truncated {
 impl Truncated {
     /// Runs a relay with `settings` until the stream matches the outbox, then stops it.
     async fn relay_until_the_stream_matches(&self, settings: &Settings) {
-        let (shutdown, relay) = spawn_relay(settings);
+        let relay = spawn_relay(settings);
         let jetstream = self.env.jetstream().await;
         assert_stream_matches_outbox(
             &self.db,
@@ -182,8 +181,7 @@ impl Truncated {
             self.readings,
         )
         .await;
-        shutdown.cancel();
-        relay.await.expect("relay stops");
+        relay.stop().await;
     }
 }
 
@@ -293,8 +291,8 @@ async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republis
         db,
     } = on_private_nats(BEFORE_CRASH).await;
     // Two relays: both check after reconnecting, one repairs.
-    let (shutdown, relay) = spawn_relay(&env.settings);
-    let (second_shutdown, second_relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
+    let second_relay = spawn_relay(&env.settings);
     wait_until_all_published(&db, BEFORE_CRASH as i64).await;
 
     nats.crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
@@ -305,10 +303,8 @@ async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republis
     // And it goes on relaying.
     post_readings(&ingest, "later", 5).await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_CRASH + 5).await;
-    shutdown.cancel();
-    second_shutdown.cancel();
-    relay.await.expect("relay stops");
-    second_relay.await.expect("second relay stops");
+    relay.stop().await;
+    second_relay.stop().await;
     ingest.stop().await;
 }
 
@@ -320,7 +316,7 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
         ingest,
         db,
     } = on_private_nats(1).await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     wait_until_all_published(&db, 1).await;
 
     // A frozen server reads nothing: the next publish sits in the connection, unacked,
@@ -342,8 +338,7 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
     );
     let jetstream = env.jetstream().await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), 2).await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
     ingest.stop().await;
 }
 
@@ -369,7 +364,7 @@ async fn relay_republishes_everything_kept_when_the_stream_was_deleted_and_recre
     let ingest = Ingest::spawn(&env.settings).await;
     post_readings(&ingest, "k", READINGS).await;
     let db = env.postgres().await;
-    let (shutdown, relay) = spawn_relay(&env.settings);
+    let relay = spawn_relay(&env.settings);
     wait_until_all_published(&db, READINGS as i64).await;
     let jetstream = env.jetstream().await;
     jetstream
@@ -377,8 +372,7 @@ async fn relay_republishes_everything_kept_when_the_stream_was_deleted_and_recre
         .await
         .expect("stream deleted");
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS).await;
-    shutdown.cancel();
-    relay.await.expect("relay stops");
+    relay.stop().await;
     ingest.stop().await;
 }
 
@@ -416,11 +410,10 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
         .await
         .expect("the paused relay's session ended within the timeout");
 
-    let (shutdown, other) = spawn_relay(&env.settings);
+    let other = spawn_relay(&env.settings);
     wait_until_all_published(&db, READINGS as i64).await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS).await;
-    shutdown.cancel();
-    other.await.expect("relay stops");
+    other.stop().await;
 
     // Resumed, the paused relay finds its session gone, recovers and relays new rows.
     signal(paused_id, "-CONT");

@@ -6,9 +6,7 @@ use std::time::Duration;
 use contract::settings::{HttpSettings, Settings};
 use reqwest::{Client, Response};
 use serde_json::Value;
-use testkit::maintenance_postgres;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use testkit::{maintenance_postgres, Running};
 
 /// A listener on a free loopback port, made as the binaries make theirs
 /// (`ingest::bootstrap::listen`), so its listen backlog is `http.max_connections`.
@@ -21,8 +19,7 @@ pub fn loopback_listener(http: &HttpSettings) -> tokio::net::TcpListener {
 pub struct Ingest {
     pub base_url: String,
     pub http: Client,
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<anyhow::Result<()>>,
+    pub service: Running<anyhow::Result<()>>,
 }
 
 impl Ingest {
@@ -30,8 +27,8 @@ impl Ingest {
     pub async fn spawn(settings: &Settings) -> Self {
         let listener = loopback_listener(&settings.http);
         let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ingest::serve(settings.clone(), listener, shutdown.clone()));
+        let settings = settings.clone();
+        let service = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
         let http = Client::builder()
             .timeout(Duration::from_secs(20))
             .build()
@@ -39,8 +36,7 @@ impl Ingest {
         let ingest = Self {
             base_url,
             http,
-            shutdown,
-            task,
+            service,
         };
         testkit::eventually(Duration::from_secs(20), "ingest ready", || async {
             let response = ingest
@@ -84,10 +80,12 @@ impl Ingest {
             .expect("request sent")
     }
 
-    /// Stops the service gracefully and waits for it.
+    /// Stops the service gracefully and waits for it; it must exit cleanly.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
+        self.service
+            .stop()
+            .await
+            .expect("ingest exits cleanly after cancellation");
     }
 }
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use testkit::{eventually, TestEnv};
+use testkit::{eventually, Running, TestEnv};
 use uuid::Uuid;
 
 use crate::support::{
@@ -525,12 +525,8 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     // The listener the binary makes: its backlog is the cap too.
     let listener = loopback_listener(&env.settings.http);
     let address = listener.local_addr().expect("local addr");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(ingest::serve(
-        env.settings.clone(),
-        listener,
-        shutdown.clone(),
-    ));
+    let settings = env.settings.clone();
+    let service = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
     let connect = || async {
         tokio::net::TcpStream::connect(address)
             .await
@@ -583,6 +579,8 @@ async fn connections_over_the_cap_wait_until_one_closes() {
         String::from_utf8_lossy(&answer)
     );
     drop(open);
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+    service
+        .stop()
+        .await
+        .expect("ingest exits cleanly after cancellation");
 }

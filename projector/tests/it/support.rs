@@ -14,10 +14,8 @@ use contract::timestamp::{from_unix_millis, unix_millis};
 use projector::apply::ReadModel;
 use redis::aio::ConnectionManager;
 pub use testkit::{assert_same_figures, SplitMix, Sums};
-use testkit::{eventually, TestEnv};
+use testkit::{eventually, Running, TestEnv};
 use time::OffsetDateTime;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// How long a test waits for the projector to catch up.
@@ -36,8 +34,7 @@ pub async fn streams(env: &TestEnv) -> jetstream::Context {
 /// A projector running in this process.
 pub struct Projector {
     pub admin_url: String,
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<anyhow::Result<()>>,
+    pub running: Running<anyhow::Result<()>>,
 }
 
 impl Projector {
@@ -49,23 +46,18 @@ impl Projector {
         )
         .expect("bind port 0");
         let admin_url = format!("http://{}", admin.local_addr().expect("local addr"));
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(projector::run(settings.clone(), admin, shutdown.clone()));
+        let settings = settings.clone();
         Self {
             admin_url,
-            shutdown,
-            task,
+            running: Running::spawn(|shutdown| projector::run(settings, admin, shutdown)),
         }
     }
 
     /// Cancels the projector and waits for it; it must stop promptly and cleanly.
     pub async fn stop(self) {
-        self.shutdown.cancel();
-        let finished = tokio::time::timeout(Duration::from_secs(10), self.task)
+        self.running
+            .stop()
             .await
-            .expect("the projector stops within 10 s of cancellation");
-        finished
-            .expect("the projector task did not panic")
             .expect("the projector returns Ok after cancellation");
     }
 }

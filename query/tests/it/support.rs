@@ -5,9 +5,7 @@ use std::time::Duration;
 use contract::settings::Settings;
 use reqwest::{Client, Response};
 use serde_json::Value;
-use testkit::{eventually, TestEnv};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use testkit::{eventually, Running, TestEnv};
 
 /// How long a test waits for a service to come up or catch up.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -18,23 +16,6 @@ pub fn http_client() -> Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("http client")
-}
-
-/// One service task and the token that stops it.
-pub struct Running<T> {
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<T>,
-}
-
-impl<T> Running<T> {
-    /// Cancels the service and waits for it, at most 10 s.
-    pub async fn stop(self) -> T {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("the service stops within 10 s of cancellation")
-            .expect("the service task did not panic")
-    }
 }
 
 /// Binds port 0 as the binaries bind (`ingest::bootstrap::listen`) and returns the
@@ -74,14 +55,14 @@ impl Query {
     /// `/readyz`: some tests start it with Redis unreachable on purpose).
     pub async fn spawn(settings: &Settings) -> Self {
         let (listener, base_url) = listener(settings);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(query::serve(settings.clone(), listener, shutdown.clone()));
+        let settings = settings.clone();
+        let running = Running::spawn(|shutdown| query::serve(settings, listener, shutdown));
         let http = http_client();
         wait_for(&http, &base_url, "/healthz").await;
         Self {
             base_url,
             http,
-            running: Running { shutdown, task },
+            running,
         }
     }
 
@@ -175,13 +156,10 @@ pub struct Ingest {
 impl Ingest {
     pub async fn spawn(settings: &Settings) -> Self {
         let (listener, base_url) = listener(settings);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(ingest::serve(settings.clone(), listener, shutdown.clone()));
+        let settings = settings.clone();
+        let running = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
         wait_for(&http_client(), &base_url, "/readyz").await;
-        Self {
-            base_url,
-            running: Running { shutdown, task },
-        }
+        Self { base_url, running }
     }
 
     pub async fn stop(self) {
@@ -195,23 +173,19 @@ impl Ingest {
 /// Starts a relay in this process (as `ingest/tests/it/relay.rs` does).
 pub fn spawn_relay(settings: &Settings) -> Running<()> {
     let settings = settings.clone();
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
+    Running::spawn(|shutdown| async move {
         let relay = ingest::relay::Relay::connect(&settings, "relay-test")
             .await
             .expect("relay connects");
-        relay.run(token).await;
-    });
-    Running { shutdown, task }
+        relay.run(shutdown).await;
+    })
 }
 
 /// Starts a projector in this process, its admin port on port 0.
 pub async fn spawn_projector(settings: &Settings) -> Running<anyhow::Result<()>> {
     let (admin, _) = listener(settings);
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(projector::run(settings.clone(), admin, shutdown.clone()));
-    Running { shutdown, task }
+    let settings = settings.clone();
+    Running::spawn(|shutdown| projector::run(settings, admin, shutdown))
 }
 
 /// Creates this test's streams with the relay's own code.
