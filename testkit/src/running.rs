@@ -12,8 +12,8 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
 /// One service task and the token that stops it.
 pub struct Running<T> {
-    pub shutdown: CancellationToken,
-    pub task: JoinHandle<T>,
+    shutdown: CancellationToken,
+    task: JoinHandle<T>,
 }
 
 impl<T: Send + 'static> Running<T> {
