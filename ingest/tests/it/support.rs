@@ -19,7 +19,7 @@ pub fn loopback_listener(http: &HttpSettings) -> tokio::net::TcpListener {
 pub struct Ingest {
     pub base_url: String,
     pub http: Client,
-    pub service: Running<anyhow::Result<()>>,
+    running: Running<anyhow::Result<()>>,
 }
 
 impl Ingest {
@@ -28,7 +28,7 @@ impl Ingest {
         let listener = loopback_listener(&settings.http);
         let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
         let settings = settings.clone();
-        let service = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
+        let running = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
         let http = Client::builder()
             .timeout(Duration::from_secs(20))
             .build()
@@ -36,7 +36,7 @@ impl Ingest {
         let ingest = Self {
             base_url,
             http,
-            service,
+            running,
         };
         testkit::eventually(Duration::from_secs(20), "ingest ready", || async {
             let response = ingest
@@ -82,7 +82,7 @@ impl Ingest {
 
     /// Stops the service gracefully and waits for it; it must exit cleanly.
     pub async fn stop(self) {
-        self.service
+        self.running
             .stop()
             .await
             .expect("ingest exits cleanly after cancellation");

@@ -34,7 +34,7 @@ pub async fn streams(env: &TestEnv) -> jetstream::Context {
 /// A projector running in this process.
 pub struct Projector {
     pub admin_url: String,
-    pub running: Running<anyhow::Result<()>>,
+    running: Running<anyhow::Result<()>>,
 }
 
 impl Projector {

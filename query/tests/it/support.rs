@@ -47,7 +47,7 @@ async fn wait_for(http: &Client, base_url: &str, path: &str) {
 pub struct Query {
     pub base_url: String,
     pub http: Client,
-    pub running: Running<anyhow::Result<()>>,
+    running: Running<anyhow::Result<()>>,
 }
 
 impl Query {
@@ -150,7 +150,7 @@ impl ReadSide {
 /// The ingest service, serving; `base_url` is where.
 pub struct Ingest {
     pub base_url: String,
-    pub running: Running<anyhow::Result<()>>,
+    running: Running<anyhow::Result<()>>,
 }
 
 impl Ingest {
