@@ -8,7 +8,8 @@
 //! - [`PrivateNats`]: a nats-server of the test's own, which it may kill and cut back.
 //! - [`prometheus`]: one series of a `/metrics` scrape, by name and labels.
 //! - [`process`]: a service's real binary on a free port, scraped, stopped with SIGTERM.
-//! - [`Running`]: a service run as a task in the test's own process, stopped within a deadline.
+//! - [`Running`]: a service run as a task in the test's own process, stopped within a deadline
+//!   and expected to exit cleanly.
 //! - [`SplitMix`]: a seeded generator, so a failing run can be repeated exactly.
 //! - [`assert_same_figures`]: a device's figures in the read model against the reference model's.
 
@@ -31,7 +32,7 @@ pub use private_nats::{
 pub mod process;
 pub mod prometheus;
 mod running;
-pub use running::{Running, STOP_DEADLINE};
+pub use running::{Exit, Running};
 pub use split_mix::SplitMix;
 
 /// The workspace's `config/` directory.

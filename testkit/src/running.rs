@@ -1,6 +1,7 @@
 //! A service started as a task in the test's own process, and stopping it as a test
-//! should: promptly, and failing the test if the service panicked.
+//! should: promptly, and failing the test unless the service exits cleanly.
 
+use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
@@ -8,7 +9,25 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// How long a cancelled service may take to finish.
-pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What a service's task returns, and whether that was a clean exit.
+pub trait Exit: Send + 'static {
+    /// Fails the test unless this is a clean exit.
+    fn expect_clean(self);
+}
+
+impl Exit for () {
+    fn expect_clean(self) {}
+}
+
+impl<E: Debug + Send + 'static> Exit for Result<(), E> {
+    fn expect_clean(self) {
+        if let Err(error) = self {
+            panic!("the service returned an error after cancellation: {error:?}");
+        }
+    }
+}
 
 /// One service task and the token that stops it.
 pub struct Running<T> {
@@ -16,7 +35,7 @@ pub struct Running<T> {
     task: JoinHandle<T>,
 }
 
-impl<T: Send + 'static> Running<T> {
+impl<T: Exit> Running<T> {
     /// Spawns the future `service` makes from a new shutdown token.
     pub fn spawn<F>(service: impl FnOnce(CancellationToken) -> F) -> Self
     where
@@ -27,14 +46,17 @@ impl<T: Send + 'static> Running<T> {
         Self { shutdown, task }
     }
 
-    /// Cancels the service and waits for it, at most `STOP_DEADLINE`, and returns what
-    /// it returned. A service that outlives the deadline or panicked fails the test.
-    pub async fn stop(self) -> T {
+    /// Cancels the service and waits for it. A service that outlives `STOP_DEADLINE`,
+    /// panicked or returned an error fails the test.
+    pub async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(STOP_DEADLINE, self.task)
             .await
-            .expect("the service stops within 10 s of cancellation")
+            .unwrap_or_else(|_| {
+                panic!("the service did not stop within {STOP_DEADLINE:?} of cancellation")
+            })
             .expect("the service task did not panic")
+            .expect_clean();
     }
 }
 
@@ -43,20 +65,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn stop_cancels_the_service_and_returns_what_it_returned() {
-        let service = Running::spawn(|shutdown| async move {
-            shutdown.cancelled().await;
-            "stopped"
-        });
-        assert_eq!(service.stop().await, "stopped");
+    async fn stop_cancels_a_service_that_runs_until_cancelled() {
+        let service = Running::spawn(|shutdown| async move { shutdown.cancelled().await });
+        service.stop().await;
     }
 
     #[tokio::test]
     #[should_panic(expected = "the service task did not panic")]
     async fn a_service_that_panicked_fails_the_stop() {
-        let service = Running::spawn(|shutdown| async move {
+        let service: Running<()> = Running::spawn(|shutdown| async move {
             shutdown.cancelled().await;
             panic!("the service fails on its way out");
+        });
+        service.stop().await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "the service returned an error after cancellation")]
+    async fn a_service_that_returned_an_error_fails_the_stop() {
+        let service = Running::spawn(|shutdown| async move {
+            shutdown.cancelled().await;
+            Err::<(), _>("the connection closed uncleanly")
         });
         service.stop().await;
     }

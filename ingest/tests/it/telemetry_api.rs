@@ -579,8 +579,5 @@ async fn connections_over_the_cap_wait_until_one_closes() {
         String::from_utf8_lossy(&answer)
     );
     drop(open);
-    service
-        .stop()
-        .await
-        .expect("ingest exits cleanly after cancellation");
+    service.stop().await;
 }

@@ -199,8 +199,8 @@ proptest! {
             let env = TestEnv::new();
             ensure_streams(&env).await;
             let jetstream = env.jetstream().await;
-            let first = spawn_projector(&env.settings).await;
-            let second = spawn_projector(&env.settings).await;
+            let first = spawn_projector(&env.settings);
+            let second = spawn_projector(&env.settings);
 
             let mut model = ReferenceModel::new();
             let mut messages: Vec<(ModelReading, String)> = Vec::new();
@@ -222,8 +222,8 @@ proptest! {
             }
             wait_until_projected(&env, &model).await;
             assert_matches_model(&read_model(&env).await, &model).await;
-            first.stop().await.expect("first projector stops cleanly");
-            second.stop().await.expect("second projector stops cleanly");
+            first.stop().await;
+            second.stop().await;
         });
     }
 }
@@ -731,7 +731,7 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
     let env = TestEnv::new();
     ensure_streams(&env).await;
     let jetstream = env.jetstream().await;
-    let projector = spawn_projector(&env.settings).await;
+    let projector = spawn_projector(&env.settings);
     let mut model = ReferenceModel::new();
     let readings =
         (0..100).map(|index| aged(&format!("rb-{}", index % 5), index * 10_000, index as f64));
@@ -797,7 +797,7 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
         .await
         .expect("meta read");
     assert_eq!(building, None);
-    projector.stop().await.expect("projector stops cleanly");
+    projector.stop().await;
 }
 
 #[tokio::test]
