@@ -140,15 +140,7 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
         .as_str()
         .unwrap_or_default()
         .ends_with("/problems/forbidden"));
-    let unauthenticated_batch = ingest
-        .http
-        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-        .header("content-type", "application/json")
-        .body(batch.to_string())
-        .send()
-        .await
-        .expect("sent");
-    assert_unauthorized(unauthenticated_batch).await;
+    assert_unauthorized(ingest.post_batch(&batch).await).await;
 
     let stored: i64 = count(&env.postgres().await, "readings").await;
     assert_eq!(

@@ -9,22 +9,6 @@ use testkit::{eventually, TestEnv};
 use crate::relay::{spawn_projector, spawn_relay};
 use crate::support::{assert_problem, count, reading, Ingest};
 
-async fn post_batch(ingest: &Ingest, body: &Value) -> reqwest::Response {
-    post_batch_text(ingest, body.to_string()).await
-}
-
-/// A batch whose body is written out (e.g. with a field twice, which `json!` cannot).
-async fn post_batch_text(ingest: &Ingest, body: String) -> reqwest::Response {
-    ingest
-        .http
-        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("request sent")
-}
-
 fn item(key: &str, device: &str, temperature: f64) -> Value {
     json!({"idempotency_key": key, "device_id": device, "metrics": {"temperature": temperature}})
 }
@@ -41,11 +25,9 @@ async fn a_field_given_twice_fails_its_item_as_it_fails_a_single_post() {
 
     let item_twice = r#"{"idempotency_key": "k-1", "device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}}"#;
     let good = item("k-2", "gw-1", 2.0);
-    let response = post_batch_text(
-        &ingest,
-        format!(r#"{{"readings": [{item_twice}, {good}]}}"#),
-    )
-    .await;
+    let response = ingest
+        .post_batch_text(format!(r#"{{"readings": [{item_twice}, {good}]}}"#))
+        .await;
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.expect("json");
     assert_eq!(answer["results"][0]["status"], "rejected", "{answer}");
@@ -83,7 +65,7 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
         item("old", "gw-1", 6.0),                                          // 9 conflict with the earlier POST
         item("a", "gw-3", 3.0),                                            // 10 accepted: keys are per device
     ]});
-    let response = post_batch(&ingest, &batch).await;
+    let response = ingest.post_batch(&batch).await;
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.expect("json");
     let statuses: Vec<&str> = answer["results"]
@@ -186,17 +168,9 @@ async fn batch_retried_whole_is_all_duplicates_and_changes_nothing() {
         })
         .collect();
     let batch = json!({ "readings": items });
-    let first: Value = post_batch(&ingest, &batch)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let first: Value = ingest.post_batch(&batch).await.json().await.expect("json");
     assert_eq!(first["accepted"], 50);
-    let retry: Value = post_batch(&ingest, &batch)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let retry: Value = ingest.post_batch(&batch).await.json().await.expect("json");
     assert_eq!(
         (&retry["accepted"], &retry["duplicates"]),
         (&json!(0), &json!(50))
@@ -221,7 +195,7 @@ async fn batch_limits_are_enforced_as_problems() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
     assert_problem(
-        post_batch(&ingest, &json!({"readings": []})).await,
+        ingest.post_batch(&json!({"readings": []})).await,
         422,
         "invalid-reading",
     )
@@ -230,25 +204,24 @@ async fn batch_limits_are_enforced_as_problems() {
         .map(|index| item(&format!("k-{index}"), "gw-1", 1.0))
         .collect();
     assert_problem(
-        post_batch(&ingest, &json!({ "readings": too_many })).await,
+        ingest.post_batch(&json!({ "readings": too_many })).await,
         422,
         "invalid-reading",
     )
     .await;
     assert_problem(
-        post_batch(&ingest, &json!({"readings": [], "extra": 1})).await,
+        ingest
+            .post_batch(&json!({"readings": [], "extra": 1}))
+            .await,
         400,
         "invalid-json",
     )
     .await;
-    assert_problem(
-        post_batch(&ingest, &json!([1, 2])).await,
-        400,
-        "invalid-json",
-    )
-    .await;
+    assert_problem(ingest.post_batch(&json!([1, 2])).await, 400, "invalid-json").await;
     let padding = " ".repeat(1024 * 1024);
-    let oversized = post_batch_text(&ingest, format!("{{\"readings\":[{padding}]}}")).await;
+    let oversized = ingest
+        .post_batch_text(format!("{{\"readings\":[{padding}]}}"))
+        .await;
     assert_problem(oversized, 413, "payload-too-large").await;
     let form = ingest
         .http
@@ -263,7 +236,8 @@ async fn batch_limits_are_enforced_as_problems() {
     let full: Vec<Value> = (0..1000)
         .map(|index| item(&format!("k-{index}"), "gw-1", 1.0))
         .collect();
-    let answer: Value = post_batch(&ingest, &json!({ "readings": full }))
+    let answer: Value = ingest
+        .post_batch(&json!({ "readings": full }))
         .await
         .json()
         .await

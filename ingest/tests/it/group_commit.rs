@@ -204,16 +204,12 @@ async fn over_http_a_paced_reading_waits_only_while_another_posting_connection_i
                        "metrics": {"temperature": 1.0}})
             })
             .collect();
-        ingest
-            .http
-            .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-            .json(&json!({ "readings": items }))
-            .send()
+        json!({ "readings": items })
     };
 
     // One client, one connection: a batch of 4 (a busy commit), then one reading.
     let started = tokio::time::Instant::now();
-    let batch = busy_batch("1").await.expect("batch sent");
+    let batch = ingest.post_batch(&busy_batch("1")).await;
     assert_eq!(batch.status().as_u16(), 200, "{:?}", batch.text().await);
     ingest
         .accept("alone", &posted_reading("sensor-9", 1.0))
@@ -235,7 +231,7 @@ async fn over_http_a_paced_reading_waits_only_while_another_posting_connection_i
         .expect("other client's reading sent");
     assert_eq!(posted.status().as_u16(), 202);
     let started = tokio::time::Instant::now();
-    let batch = busy_batch("2").await.expect("batch sent");
+    let batch = ingest.post_batch(&busy_batch("2")).await;
     assert_eq!(batch.status().as_u16(), 200, "{:?}", batch.text().await);
     ingest
         .accept("paced", &posted_reading("sensor-9", 2.0))

@@ -506,12 +506,8 @@ async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
             })
             .collect();
         let response = ingest
-            .http
-            .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-            .json(&serde_json::json!({ "readings": readings }))
-            .send()
-            .await
-            .expect("batch POST");
+            .post_batch(&serde_json::json!({ "readings": readings }))
+            .await;
         assert_eq!(response.status().as_u16(), 200);
         tokio::time::sleep(Duration::from_millis(60)).await;
     }

@@ -80,6 +80,23 @@ impl Ingest {
             .expect("request sent")
     }
 
+    /// `POST /v1/telemetry/batch` with a JSON body.
+    pub async fn post_batch(&self, body: &Value) -> Response {
+        self.post_batch_text(body.to_string()).await
+    }
+
+    /// `POST /v1/telemetry/batch` with a body as written (e.g. with a field twice, which
+    /// `json!` cannot write), declared `application/json`.
+    pub async fn post_batch_text(&self, body: String) -> Response {
+        self.http
+            .post(format!("{}/v1/telemetry/batch", self.base_url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// Stops the service gracefully and waits for it; it must exit cleanly.
     pub async fn stop(self) {
         self.running.stop().await;

@@ -438,17 +438,7 @@ async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
         {"idempotency_key": "b-1", "device_id": "chatty", "metrics": {"t": 1}},
         {"idempotency_key": "b-2", "device_id": "quiet", "metrics": {"t": 1}},
     ]});
-    let answer: Value = ingest
-        .http
-        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-        .header("content-type", "application/json")
-        .body(batch.to_string())
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let answer: Value = ingest.post_batch(&batch).await.json().await.expect("json");
     assert_eq!(answer["results"][0]["status"], "rejected");
     assert!(answer["results"][0]["error"]["type"]
         .as_str()
