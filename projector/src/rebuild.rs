@@ -14,7 +14,8 @@
 //!    hence was in the stream before, and the replay below brings it to the new one;
 //! 3. notes the stream's last sequence and replays the stream up to it into the new
 //!    generation (the per-generation dedup set skips what the live projectors applied
-//!    there already);
+//!    there already); a replay whose consumer is lost, as with a NATS restart, goes on
+//!    with a new one just past what it applied;
 //! 4. switches `generation` to the new one and clears `building`, in one script that
 //!    checks it still owns the lock and the build;
 //! 5. deletes the old generation's keys after a short grace period.
@@ -41,6 +42,16 @@ use crate::lock;
 const LOCK_TTL: Duration = Duration::from_secs(15);
 /// How long the old generation stays after the switch, for reads already under way.
 const SWITCH_GRACE: Duration = Duration::from_secs(2);
+/// How long the replay waits for its next messages before it takes its consumer for
+/// lost; the live consumer's pulls have a 5 s heartbeat too.
+const REPLAY_STALL: Duration = Duration::from_secs(5);
+/// Consumers the replay makes in a row without a message in between before the rebuild
+/// fails (and is tried again from the start), and the pause before each.
+const REPLAY_CONSUMER_ATTEMPTS: u32 = 10;
+const REPLAY_CONSUMER_PAUSE: Duration = Duration::from_secs(1);
+
+/// The replay's messages, as many as are ready at a time.
+type ReplayBatches = futures::stream::ReadyChunks<consumer::pull::Ordered>;
 
 /// The live and the building generation, as the meta hash names them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -196,6 +207,13 @@ impl Rebuild {
     }
 
     /// Replays the stream from its first message up to its last sequence right now.
+    ///
+    /// The replay reads through an ordered consumer, which lives in the server's memory:
+    /// a NATS restart loses it, and async-nats would notice only when its idle heartbeat
+    /// (15 s, not settable for an ordered consumer) went missing, and then fail the
+    /// rebuild. So the replay takes its consumer for lost when no message came for
+    /// [`REPLAY_STALL`], or when the consumer fails, and makes a new one just past the
+    /// last event it applied: what it applied stays, and nothing is applied twice.
     async fn replay_into(
         &self,
         generation: u64,
@@ -216,37 +234,56 @@ impl Rebuild {
         if last_sequence == 0 {
             return Ok(0);
         }
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .context("creating the replay consumer")?;
-        let mut batches = consumer
-            .messages()
-            .await
-            .context("starting the replay")?
-            .ready_chunks(self.batch_size);
         let mut redis = self.redis.clone();
         let mut replayed = 0u64;
+        let mut applied_through = 0u64;
+        let mut consumer_failures = 0u32;
+        let mut batches: Option<ReplayBatches> = None;
         loop {
-            let batch = tokio::select! {
-                _ = shutdown.cancelled() => bail!("shut down during the rebuild"),
-                _ = lost_lock.cancelled() => bail!("lost the rebuild lock"),
-                batch = tokio::time::timeout(Duration::from_secs(30), batches.next()) => batch,
+            let next = match batches.as_mut() {
+                None => match self.replay_consumer(&stream, applied_through).await {
+                    Ok(made) => {
+                        batches = Some(made);
+                        continue;
+                    }
+                    Err(error) => Err(error),
+                },
+                Some(current) => tokio::select! {
+                    _ = shutdown.cancelled() => bail!("shut down during the rebuild"),
+                    _ = lost_lock.cancelled() => bail!("lost the rebuild lock"),
+                    next = tokio::time::timeout(REPLAY_STALL, current.next()) => match next {
+                        Ok(Some(batch)) => batch
+                            .into_iter()
+                            .collect::<Result<Vec<_>, _>>()
+                            .context("replay message"),
+                        Ok(None) => Err(anyhow::anyhow!("the replay stream ended")),
+                        Err(_) => Err(anyhow::anyhow!("no message for {REPLAY_STALL:?}")),
+                    },
+                },
             };
-            let batch = batch
-                .context("the replay stalled")?
-                .context("the replay stream ended early")?;
+            let batch = match next {
+                Ok(batch) => batch,
+                Err(error) => {
+                    batches = None;
+                    consumer_failed(
+                        error,
+                        &mut consumer_failures,
+                        applied_through,
+                        shutdown,
+                        lost_lock,
+                    )
+                    .await?;
+                    continue;
+                }
+            };
+            consumer_failures = 0;
             let mut events = Vec::with_capacity(batch.len());
-            let mut reached_end = false;
+            let mut batch_through = applied_through;
             for message in batch {
-                let message = message.context("replay message")?;
                 let Ok(stream_sequence) = message.info().map(|info| info.stream_sequence) else {
                     continue;
                 };
-                reached_end |= stream_sequence >= last_sequence;
+                batch_through = batch_through.max(stream_sequence);
                 if stream_sequence > last_sequence {
                     continue;
                 }
@@ -264,10 +301,65 @@ impl Rebuild {
                 .await
                 .context("applying replayed events")?;
             replayed += events.len() as u64;
-            if reached_end {
+            applied_through = batch_through;
+            if applied_through >= last_sequence {
                 return Ok(replayed);
             }
         }
+    }
+
+    /// An ordered consumer of the whole stream, or of what follows `applied_through`.
+    async fn replay_consumer(
+        &self,
+        stream: &jetstream::stream::Stream,
+        applied_through: u64,
+    ) -> anyhow::Result<ReplayBatches> {
+        let deliver_policy = match applied_through {
+            0 => consumer::DeliverPolicy::All,
+            applied => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: applied + 1,
+            },
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .context("creating the replay consumer")?;
+        Ok(consumer
+            .messages()
+            .await
+            .context("starting the replay")?
+            .ready_chunks(self.batch_size))
+    }
+}
+
+/// Counts one more failure of the replay's consumer in a row: an error once there were
+/// [`REPLAY_CONSUMER_ATTEMPTS`], else a warning and a pause of
+/// [`REPLAY_CONSUMER_PAUSE`] before the next consumer (unless the rebuild ends).
+async fn consumer_failed(
+    error: anyhow::Error,
+    failures_in_a_row: &mut u32,
+    applied_through: u64,
+    shutdown: &CancellationToken,
+    lost_lock: &CancellationToken,
+) -> anyhow::Result<()> {
+    *failures_in_a_row += 1;
+    if *failures_in_a_row >= REPLAY_CONSUMER_ATTEMPTS {
+        return Err(error.context(format!(
+            "the replay's consumer failed {failures_in_a_row} times in a row"
+        )));
+    }
+    tracing::warn!(
+        error = format!("{error:#}"),
+        applied_through,
+        "the replay lost its consumer, making a new one past what it applied"
+    );
+    tokio::select! {
+        _ = shutdown.cancelled() => bail!("shut down during the rebuild"),
+        _ = lost_lock.cancelled() => bail!("lost the rebuild lock"),
+        _ = tokio::time::sleep(REPLAY_CONSUMER_PAUSE) => Ok(()),
     }
 }
 

@@ -8,5 +8,6 @@ mod lifecycle;
 mod metrics;
 mod projection;
 mod redelivery;
+mod replay;
 mod stream_loss;
 mod support;

@@ -5,12 +5,11 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use contract::event::TelemetryRecorded;
 use testkit::process::ServiceProcess;
 use testkit::{eventually, PrivateNats, TestEnv};
 
-use crate::support::{drained, event, now_ms, publish_many, streams, Projector, CATCH_UP};
+use crate::support::{drained, event, now_ms, private_env, publish_many, Projector, CATCH_UP};
 
 const DEVICE: &str = "sensor-1";
 /// Events projected before the crash, and published after it (they take lost sequences).
@@ -32,13 +31,6 @@ async fn sample_count(env: &TestEnv) -> Option<u64> {
     env.device_stats(DEVICE)
         .await
         .map(|stats| stats.sample_count)
-}
-
-async fn private_env(nats: &PrivateNats) -> (TestEnv, jetstream::Context) {
-    let mut env = TestEnv::new();
-    env.settings.nats.url = nats.url();
-    let jetstream = streams(&env).await;
-    (env, jetstream)
 }
 
 /// Waits until the consumer is no longer ahead of a stream that went back to

@@ -14,7 +14,7 @@ use contract::timestamp::{from_unix_millis, unix_millis};
 use projector::apply::ReadModel;
 use redis::aio::ConnectionManager;
 pub use testkit::{assert_same_figures, SplitMix, Sums};
-use testkit::{eventually, Running, TestEnv};
+use testkit::{eventually, PrivateNats, Running, TestEnv};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -29,6 +29,15 @@ pub async fn streams(env: &TestEnv) -> jetstream::Context {
         .await
         .expect("streams created");
     jetstream
+}
+
+/// A test environment on a private nats-server (one the test may kill and restart),
+/// with this test's streams on it.
+pub async fn private_env(nats: &PrivateNats) -> (TestEnv, jetstream::Context) {
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    let jetstream = streams(&env).await;
+    (env, jetstream)
 }
 
 /// A projector running in this process.

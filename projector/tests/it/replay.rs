@@ -1,0 +1,98 @@
+//! The rebuild's replay when NATS restarts under it: the ordered consumer it reads
+//! through lives in the server's memory and is lost; the replay makes a new one past
+//! what it applied, instead of waiting out async-nats's 15 s idle heartbeat and failing.
+
+use std::time::Duration;
+
+use contract::read_model::{generation_pattern, meta, meta_key};
+use testkit::{assert_same_figures, eventually, PrivateNats, Sums};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{event, figures, now_ms, private_env, publish_many, reference};
+
+/// Enough events that the replay is still reading when the server is frozen: the
+/// ordered consumer holds at most a pull or two (500 each) ahead of the replay.
+const EVENTS: usize = 20_000;
+const DEVICES: usize = 50;
+/// The replay gives up on a silent consumer after 5 s; async-nats alone would take 15 s
+/// (its idle heartbeat) and then fail the rebuild.
+const FINISHED_AFTER_THE_RESTART: Duration = Duration::from_secs(12);
+
+#[tokio::test]
+async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
+    let mut nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    let base = now_ms() - 3_600_000;
+    let events: Vec<_> = (0..EVENTS)
+        .map(|index| {
+            let device = format!("sensor-{}", index % DEVICES);
+            let event = event(
+                &device,
+                base + index as i64,
+                &[("temperature", index as f64)],
+            );
+            let message_id = event.event_id.to_string();
+            (event, message_id)
+        })
+        .collect();
+    // async-nats holds at most 5,000 publishes awaiting their acks.
+    for chunk in events.chunks(4_000) {
+        publish_many(&env, &jetstream, chunk).await;
+    }
+
+    let rebuild = projector::connect_rebuild(&env.settings)
+        .await
+        .expect("rebuild connects");
+    let running = tokio::spawn(async move { rebuild.run(&CancellationToken::new()).await });
+    let redis = env.redis().await;
+    eventually(Duration::from_secs(20), "the replay under way", || {
+        let mut redis = redis.clone();
+        let prefix = env.settings.redis.prefix.clone();
+        async move {
+            let building: u64 = redis::cmd("HGET")
+                .arg(meta_key(&prefix))
+                .arg(meta::BUILDING)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            // Some events are in the new generation: the replay's consumer is reading.
+            let applied: Vec<String> = redis::cmd("KEYS")
+                .arg(generation_pattern(&prefix, building))
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            (!applied.is_empty()).then_some(())
+        }
+    })
+    .await;
+    // Frozen, the server delivers nothing more; the replay can only finish what it holds.
+    nats.freeze();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !running.is_finished(),
+        "the replay finished before the server was frozen: the test needs more events"
+    );
+    nats.restart();
+
+    let generation = tokio::time::timeout(FINISHED_AFTER_THE_RESTART, running)
+        .await
+        .expect("the rebuild finished soon after the restart")
+        .expect("the rebuild task did not panic")
+        .expect("the rebuild succeeded");
+    assert_eq!(env.generation().await, Some(generation));
+    let stored = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages;
+    assert_eq!(stored, EVENTS as u64, "the restart kept every message");
+    let expected = reference(events.iter().map(|(event, _)| event));
+    for (device, want) in &expected {
+        let (actual, _) = figures(&env, device).await;
+        assert_same_figures(device, &actual, want, Sums::Exact);
+    }
+}
