@@ -8,7 +8,9 @@ use contract::read_model::{generation_pattern, meta, meta_key};
 use testkit::{assert_same_figures, eventually, PrivateNats, Sums};
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{event, figures, now_ms, private_env, publish_many, reference};
+use crate::support::{
+    event, figures, now_ms, private_env, publish_many, reference, stream_messages,
+};
 
 /// Enough events that the replay is still reading when the server is frozen: the
 /// ordered consumer holds at most a pull or two (500 each) ahead of the replay.
@@ -80,16 +82,11 @@ async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
         .expect("the rebuild task did not panic")
         .expect("the rebuild succeeded");
     assert_eq!(env.generation().await, Some(generation));
-    let stored = jetstream
-        .get_stream(env.subjects.stream())
-        .await
-        .expect("stream")
-        .info()
-        .await
-        .expect("stream info")
-        .state
-        .messages;
-    assert_eq!(stored, EVENTS as u64, "the restart kept every message");
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        EVENTS as u64,
+        "the restart kept every message"
+    );
     let expected = reference(events.iter().map(|(event, _)| event));
     for (device, want) in &expected {
         let (actual, _) = figures(&env, device).await;
