@@ -154,33 +154,40 @@ pub async fn publish(
 }
 
 /// Publishes many `(event, msg_id)` pairs without waiting in between, as the relay
-/// pipelines its publishes; returns the stream sequences in the same order.
+/// pipelines its publishes; returns the stream sequences in the same order. Acks are
+/// awaited every [`ACKS_IN_FLIGHT`] publishes: async-nats holds at most 5,000 awaiting
+/// theirs, and a further publish would wait for a slot forever.
 pub async fn publish_many(
     env: &TestEnv,
     jetstream: &jetstream::Context,
     messages: &[(TelemetryRecorded, String)],
 ) -> Vec<u64> {
-    let mut acks = Vec::with_capacity(messages.len());
-    for (event, msg_id) in messages {
-        acks.push(
-            jetstream
-                .publish_with_headers(
-                    env.subjects.recorded(&event.device_id),
-                    relay_headers(msg_id),
-                    event.to_json().into(),
-                )
-                .await
-                .expect("publish sent"),
-        );
-    }
-    let mut sequences = Vec::with_capacity(acks.len());
-    for ack in acks {
-        let ack = ack.await.expect("publish acknowledged");
-        assert!(!ack.duplicate, "every message id is new");
-        sequences.push(ack.sequence);
+    let mut sequences = Vec::with_capacity(messages.len());
+    for chunk in messages.chunks(ACKS_IN_FLIGHT) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for (event, msg_id) in chunk {
+            acks.push(
+                jetstream
+                    .publish_with_headers(
+                        env.subjects.recorded(&event.device_id),
+                        relay_headers(msg_id),
+                        event.to_json().into(),
+                    )
+                    .await
+                    .expect("publish sent"),
+            );
+        }
+        for ack in acks {
+            let ack = ack.await.expect("publish acknowledged");
+            assert!(!ack.duplicate, "every message id is new");
+            sequences.push(ack.sequence);
+        }
     }
     sequences
 }
+
+/// Publishes [`publish_many`] sends before it awaits their acks.
+const ACKS_IN_FLIGHT: usize = 4_000;
 
 /// The durable consumer's state as JetStream reports it.
 pub async fn consumer_info(env: &TestEnv, jetstream: &jetstream::Context) -> consumer::Info {
