@@ -24,12 +24,7 @@ async fn post_as(
     key: &str,
     body: &Value,
 ) -> reqwest::Response {
-    let mut request = ingest
-        .http
-        .post(format!("{}/v1/telemetry", ingest.base_url))
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(body.to_string());
+    let mut request = ingest.json_request("/v1/telemetry", Some(key), body.to_string());
     if let Some(authorization) = authorization {
         request = request.header("authorization", authorization);
     }
@@ -123,11 +118,8 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
         {"idempotency_key": "b-2", "device_id": "sensor-2", "metrics": {"t": 1}},
     ]});
     let answer: Value = ingest
-        .http
-        .post(format!("{}/v1/telemetry/batch", ingest.base_url))
-        .header("content-type", "application/json")
+        .json_request("/v1/telemetry/batch", None, batch.to_string())
         .header("authorization", &device)
-        .body(batch.to_string())
         .send()
         .await
         .expect("sent")

@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use contract::settings::{HttpSettings, Settings};
-use reqwest::{Client, Response};
+use reqwest::{Client, RequestBuilder, Response};
 use serde_json::Value;
 use testkit::{maintenance_postgres, Running};
 
@@ -70,11 +70,7 @@ impl Ingest {
     /// `POST /v1/telemetry` with a body as written (which need not be valid JSON),
     /// declared `application/json`, and an idempotency key.
     pub async fn post_text(&self, key: &str, body: String) -> Response {
-        self.http
-            .post(format!("{}/v1/telemetry", self.base_url))
-            .header("content-type", "application/json")
-            .header("idempotency-key", key)
-            .body(body)
+        self.json_request("/v1/telemetry", Some(key), body)
             .send()
             .await
             .expect("request sent")
@@ -88,13 +84,29 @@ impl Ingest {
     /// `POST /v1/telemetry/batch` with a body as written (e.g. with a field twice, which
     /// `json!` cannot write), declared `application/json`.
     pub async fn post_batch_text(&self, body: String) -> Response {
-        self.http
-            .post(format!("{}/v1/telemetry/batch", self.base_url))
-            .header("content-type", "application/json")
-            .body(body)
+        self.json_request("/v1/telemetry/batch", None, body)
             .send()
             .await
             .expect("request sent")
+    }
+
+    /// A POST to `path` with a body declared `application/json` and, if given, an
+    /// idempotency key, for a caller that adds headers of its own (`authorization`).
+    pub fn json_request(
+        &self,
+        path: &str,
+        idempotency_key: Option<&str>,
+        body: String,
+    ) -> RequestBuilder {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.base_url))
+            .header("content-type", "application/json")
+            .body(body);
+        match idempotency_key {
+            Some(key) => request.header("idempotency-key", key),
+            None => request,
+        }
     }
 
     /// Stops the service gracefully and waits for it; it must exit cleanly.
