@@ -26,7 +26,7 @@ use crate::rebuild::{Generations, Rebuild, RebuildError};
 /// While a pull waits, the server says every this long that it still holds it; two
 /// missed end the session (a pull sent just as the consumer was deleted is dropped
 /// without an answer, and the projector would wait for it for good).
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {
