@@ -1,10 +1,11 @@
 //! Process plumbing of every binary (`ingest`, `relay`, `projector`, `query`): logs,
-//! the metrics recorder, signals, listeners, and the backoff of loops that wait for a
-//! dependency.
+//! the metrics recorder, signals, listeners, the NATS connection of the relay and the
+//! projector, and the backoff of loops that wait for a dependency.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use contract::settings::{HttpSettings, LogFormat, LogSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,18 @@ pub fn init_tracing(settings: &LogSettings) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Connects to NATS in the background (the relay's and the projector's connection): the
+/// client exists even while NATS is down, and reconnects by itself.
+pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url)
+        .await
+        .with_context(|| format!("nats.url (PIPELINE__NATS__URL) {url} is not usable"))
 }
 
 /// How often the recorder's histograms are drained into their buckets between scrapes.

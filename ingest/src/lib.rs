@@ -12,8 +12,10 @@
 //! - [`http`]: routes, the telemetry and batch handlers, problem+json errors, health, metrics.
 //! - [`limits`]: the per-device rate limit.
 //! - [`auth`]: bearer tokens (device, gateway, read), issued and verified.
-//! - [`relay`]: claims outbox rows, publishes them with pipelined acks, marks them.
-//! - [`bootstrap`]: logs, metrics recorder and signal handling of both binaries.
+//! - [`relay`]: claims outbox rows, publishes them with pipelined acks, marks them;
+//!   [`relay::serve`] is the `relay` binary with its admin port.
+//! - [`bootstrap`]: logs, metrics recorder, signal handling and listeners of both binaries
+//!   (the projector and query use it too), and the NATS connection.
 
 pub mod auth;
 pub mod bootstrap;

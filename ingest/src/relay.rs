@@ -48,25 +48,47 @@ use contract::settings::{NatsSettings, Settings};
 use contract::subjects::Subjects;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bootstrap::Backoff;
-use crate::db;
+use crate::bootstrap::{self, Backoff};
 use crate::pacing::Pacer;
+use crate::{db, http};
 use claim_floor::{ClaimFloor, Probe, PROBE};
 
-/// Connects to NATS in the background: the client exists even while NATS is down.
-pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(2))
-        .connect(url)
-        .await
-        .with_context(|| format!("nats.url (PIPELINE__NATS__URL) {url} is not usable"))
+/// Runs a relay and its admin port on `admin_listener` until `shutdown`: `/healthz`,
+/// `/readyz` (PostgreSQL and NATS) and `/metrics`. This is the `relay` binary's work;
+/// tests run it in their own process.
+pub async fn serve(
+    settings: Settings,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = bootstrap::install_metrics();
+    let relay = Relay::connect(&settings, "relay").await?;
+    let (pool, nats) = (relay.pool.clone(), relay.jetstream.client());
+    let readyz = move || {
+        let (pool, nats) = (pool.clone(), nats.clone());
+        async move {
+            let postgres = http::postgres_ready(&pool).await.is_ok();
+            let nats = nats.connection_state() == async_nats::connection::State::Connected;
+            http::readiness(&[("postgres", postgres), ("nats", nats)])
+        }
+    };
+    tracing::info!(address = %admin_listener.local_addr()?, "relay admin listening");
+    let admin_server = tokio::spawn(http::server::serve(
+        admin_listener,
+        http::admin_router(readyz, metrics),
+        crate::connection_limits(&settings),
+        shutdown.clone(),
+    ));
+    relay.run(shutdown).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
+    tracing::info!("relay stopped");
+    Ok(())
 }
 
 /// Creates the event stream and its dead-letter stream, or brings their settings up to
@@ -162,7 +184,7 @@ impl Relay {
             settings.relay.idle_in_transaction_timeout_ms
         ));
         let pool = db::pool_with_config(session_config, &settings.database)?;
-        let client = connect_nats(&settings.nats.url, name).await?;
+        let client = bootstrap::connect_nats(&settings.nats.url, name).await?;
         Self::new(settings, pool, client)
     }
 
@@ -188,16 +210,6 @@ impl Relay {
             )),
             last_stream_check: Mutex::new(Instant::now()),
         })
-    }
-
-    /// The pool it works through (the admin port checks it).
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    /// The NATS connection it publishes on (the admin port checks it).
-    pub fn nats(&self) -> async_nats::Client {
-        self.jetstream.client()
     }
 
     /// Relays until `shutdown`; a round in progress finishes first.

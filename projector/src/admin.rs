@@ -1,36 +1,22 @@
-//! The projector's admin port: health, readiness, Prometheus metrics.
+//! The projector's admin port: health, readiness (NATS and Redis), Prometheus metrics.
 
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::response::Response;
-use axum::routing::get;
 use axum::Router;
 use ingest::http::readiness;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-#[derive(Clone)]
-pub struct Admin {
-    pub nats: async_nats::Client,
-    pub redis: redis::Client,
-    pub metrics: PrometheusHandle,
-}
-
-pub fn router(admin: Admin) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route(
-            "/metrics",
-            get(|State(admin): State<Admin>| async move { admin.metrics.render() }),
-        )
-        .with_state(admin)
-}
-
-async fn readyz(State(admin): State<Admin>) -> Response {
-    let nats = admin.nats.connection_state() == async_nats::connection::State::Connected;
-    let redis = redis_answers(&admin.redis).await;
-    readiness(&[("nats", nats), ("redis", redis)])
+/// `/healthz`, `/readyz` and `/metrics` ([`ingest::http::admin_router`]).
+pub fn router(nats: async_nats::Client, redis: redis::Client, metrics: PrometheusHandle) -> Router {
+    let readyz = move || {
+        let (nats, redis) = (nats.clone(), redis.clone());
+        async move {
+            let nats = nats.connection_state() == async_nats::connection::State::Connected;
+            let redis = redis_answers(&redis).await;
+            readiness(&[("nats", nats), ("redis", redis)])
+        }
+    };
+    ingest::http::admin_router(readyz, metrics)
 }
 
 async fn redis_answers(client: &redis::Client) -> bool {

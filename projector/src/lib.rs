@@ -40,16 +40,20 @@ pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Reb
         .connect(&settings.nats.url)
         .await
         .with_context(|| format!("connecting to NATS at {}", settings.nats.url))?;
-    let redis_client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
+    let redis = ConnectionManager::new(redis_client(settings)?)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", settings.redis.url))?;
+    Ok(Projector::new(settings, nats, redis).rebuild())
+}
+
+/// The Redis client of the configured URL; it connects only when used.
+fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
+    redis::Client::open(settings.redis.url.as_str()).with_context(|| {
         format!(
             "redis.url (PIPELINE__REDIS__URL) {} is not usable",
             settings.redis.url
         )
-    })?;
-    let redis = ConnectionManager::new(redis_client)
-        .await
-        .with_context(|| format!("connecting to Redis at {}", settings.redis.url))?;
-    Ok(Projector::new(settings, nats, redis).rebuild())
+    })
 }
 
 /// Runs a projector and its admin server until `shutdown`.
@@ -59,33 +63,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = ingest::bootstrap::install_metrics();
-    let nats = async_nats::ConnectOptions::new()
-        .name("projector")
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(2))
-        .connect(&settings.nats.url)
-        .await
-        .with_context(|| {
-            format!(
-                "nats.url (PIPELINE__NATS__URL) {} is not usable",
-                settings.nats.url
-            )
-        })?;
-    let redis_client = redis::Client::open(settings.redis.url.as_str()).with_context(|| {
-        format!(
-            "redis.url (PIPELINE__REDIS__URL) {} is not usable",
-            settings.redis.url
-        )
-    })?;
-    let admin_state = admin::Admin {
-        nats: nats.clone(),
-        redis: redis_client.clone(),
-        metrics,
-    };
+    let nats = ingest::bootstrap::connect_nats(&settings.nats.url, "projector").await?;
+    let redis_client = redis_client(&settings)?;
     tracing::info!(address = %admin_listener.local_addr()?, "projector admin listening");
     let admin_server = tokio::spawn(ingest::http::server::serve(
         admin_listener,
-        admin::router(admin_state),
+        admin::router(nats.clone(), redis_client.clone(), metrics),
         ingest::connection_limits(&settings),
         shutdown.clone(),
     ));

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::handler::Handler;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -95,6 +96,22 @@ pub async fn openapi() -> impl IntoResponse {
 
 pub async fn healthz() -> &'static str {
     "ok"
+}
+
+/// The admin port of a process without a public API (the relay, the projector):
+/// `/healthz`, `/readyz` answered by `readyz`, and `/metrics` rendered from `metrics`.
+pub fn admin_router<H, T>(readyz: H, metrics: PrometheusHandle) -> Router
+where
+    H: Handler<T, ()>,
+    T: 'static,
+{
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
 }
 
 /// The `/readyz` answer for named dependency checks: 200 with every check, or a 503

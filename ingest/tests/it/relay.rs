@@ -11,16 +11,13 @@ use testkit::{eventually, Running, TestEnv};
 
 use crate::support::{column, count, loopback_listener, migrate, reading, wait_for_counts, Ingest};
 
-/// Starts a relay in this process; its log goes to the test's output.
-pub fn spawn_relay(settings: &Settings) -> Running<()> {
+/// Starts a relay in this process as the `relay` binary runs it, its admin port on a
+/// loopback port; its log goes to the test's output.
+pub fn spawn_relay(settings: &Settings) -> Running<anyhow::Result<()>> {
     crate::support::log_to_test_output();
+    let admin_listener = loopback_listener(&settings.http);
     let settings = settings.clone();
-    Running::spawn(|shutdown| async move {
-        let relay = ingest::relay::Relay::connect(&settings, "relay-test")
-            .await
-            .expect("relay connects");
-        relay.run(shutdown).await;
-    })
+    Running::spawn(|shutdown| ingest::relay::serve(settings, admin_listener, shutdown))
 }
 
 /// Starts a projector in this process, its admin port on a loopback port.

@@ -161,15 +161,11 @@ impl Ingest {
     }
 }
 
-/// Starts a relay in this process (as `ingest/tests/it/relay.rs` does).
-pub fn spawn_relay(settings: &Settings) -> Running<()> {
+/// Starts a relay in this process as the `relay` binary runs it, its admin port on port 0.
+pub fn spawn_relay(settings: &Settings) -> Running<anyhow::Result<()>> {
+    let (admin, _) = listener(settings);
     let settings = settings.clone();
-    Running::spawn(|shutdown| async move {
-        let relay = ingest::relay::Relay::connect(&settings, "relay-test")
-            .await
-            .expect("relay connects");
-        relay.run(shutdown).await;
-    })
+    Running::spawn(|shutdown| ingest::relay::serve(settings, admin, shutdown))
 }
 
 /// Starts a projector in this process, its admin port on port 0.
