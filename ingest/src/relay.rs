@@ -222,7 +222,13 @@ impl Relay {
         ));
         let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
-            match ensure_streams(&self.jetstream, &self.nats).await {
+            // While NATS is down an attempt waits out two JetStream request timeouts
+            // (10 s): a shutdown ends it rather than waits for it.
+            let ensured = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ensured = ensure_streams(&self.jetstream, &self.nats) => ensured,
+            };
+            match ensured {
                 Ok(()) => break,
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "streams not ready, retrying");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use contract::settings::Settings;
 use serde_json::Value;
+use testkit::prometheus::Scrape;
 use testkit::{eventually, Running, TestEnv};
 
 use crate::support::{column, count, loopback_listener, migrate, reading, wait_for_counts, Ingest};
@@ -151,6 +152,97 @@ async fn relay_publishes_each_row_with_the_documented_subject_headers_and_payloa
     }
     relay.stop().await;
     ingest.stop().await;
+}
+
+/// The admin port as the `relay` binary serves it (API.md §7): `/healthz` whatever its
+/// dependencies do, `/readyz` a 503 naming the one that does not answer, and `/metrics`
+/// with the series the relay records; and a shutdown that does not wait for them.
+#[tokio::test]
+async fn readiness_names_the_dependency_that_does_not_answer_and_shutdown_does_not_wait_for_it() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let mut no_postgres = env.settings.clone();
+    no_postgres.database.url = "postgres://postgres@127.0.0.1:1/telemetry".to_owned();
+    let mut no_nats = env.settings.clone();
+    no_nats.nats.url = "nats://127.0.0.1:1".to_owned();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    // The healthy relay first: the first in a process installs the metrics recorder, and
+    // a later one's `/metrics` renders a recorder of its own that nothing records into.
+    for (settings, down) in [
+        (env.settings.clone(), None),
+        (no_postgres, Some("postgres")),
+        (no_nats, Some("nats")),
+    ] {
+        let admin_listener = loopback_listener(&settings.http);
+        let admin_url = format!(
+            "http://{}",
+            admin_listener.local_addr().expect("local address")
+        );
+        let relay =
+            Running::spawn(|shutdown| ingest::relay::serve(settings, admin_listener, shutdown));
+        let get = |path: &str| http.get(format!("{admin_url}{path}")).send();
+        let healthz = get("/healthz").await.expect("healthz answers");
+        assert_eq!(healthz.status(), 200, "healthz with {down:?} down");
+
+        // NATS connects in the background, so readiness settles only once it answers.
+        let (status, content_type, body) =
+            eventually(Duration::from_secs(10), "readyz settles", || async {
+                let response = get("/readyz").await.ok()?;
+                let status = response.status().as_u16();
+                let content_type = response
+                    .headers()
+                    .get("content-type")?
+                    .to_str()
+                    .ok()?
+                    .to_owned();
+                let body: Value = response.json().await.ok()?;
+                let settled = match down {
+                    Some(name) => body["detail"] == format!("not answering: {name}"),
+                    None => status == 200,
+                };
+                settled.then_some((status, content_type, body))
+            })
+            .await;
+        if down.is_some() {
+            assert_eq!(
+                (status, content_type.as_str()),
+                (503, "application/problem+json")
+            );
+            assert!(
+                body["type"]
+                    .as_str()
+                    .is_some_and(|kind| kind.ends_with("/problems/unavailable")),
+                "{body}"
+            );
+        } else {
+            assert_eq!(
+                body,
+                serde_json::json!({"status": "ready", "checks": {"postgres": "ok", "nats": "ok"}})
+            );
+            eventually(
+                Duration::from_secs(10),
+                "the backlog gauge in /metrics",
+                || async {
+                    let text = get("/metrics").await.ok()?.text().await.ok()?;
+                    let scrape = Scrape::parse(&text);
+                    (scrape.value("relay_outbox_backlog_rows", &[]) == Some(0.0)).then_some(())
+                },
+            )
+            .await;
+        }
+        // Shutdown does not wait for a dependency that does not answer: while NATS is
+        // down, creating the streams waits out two 5 s request timeouts.
+        let stopping = std::time::Instant::now();
+        relay.stop().await;
+        assert!(
+            stopping.elapsed() < Duration::from_secs(3),
+            "the relay took {:?} to stop with {down:?} down",
+            stopping.elapsed()
+        );
+    }
 }
 
 #[tokio::test]
