@@ -28,6 +28,9 @@ use crate::rebuild::{Generations, Rebuild, RebuildError};
 /// without an answer, and the projector would wait for it for good).
 pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// How long a stopping projector waits for its last acks to leave.
+const ACK_FLUSH_DEADLINE: Duration = Duration::from_secs(1);
+
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {
     jetstream: jetstream::Context,
@@ -91,52 +94,31 @@ impl Projector {
                 }
             }
         }
-        // Acks are plain publishes: make sure they left before the process goes.
-        let _ = self.jetstream.client().flush().await;
+        // Acks are plain publishes: make sure they left before the process goes. While
+        // NATS is down a flush would wait for it to come back; the acks cannot leave
+        // then, and their messages are delivered again and skipped as applied.
+        let client = self.jetstream.client();
+        let flushed = nats_connected(&self.jetstream)
+            && tokio::time::timeout(ACK_FLUSH_DEADLINE, client.flush())
+                .await
+                .is_ok_and(|flush| flush.is_ok());
+        if !flushed {
+            tracing::warn!(
+                "the last acks may not have reached NATS; their messages will be delivered again"
+            );
+        }
     }
 
     /// Applies batches as they arrive, up to `batches_in_flight` at once: while Redis
     /// works on one, the next is decoded and sent (each is acked when Redis confirmed
     /// it; the aggregates do not care in which order batches land).
     async fn consume(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let stream = self
-            .jetstream
-            .get_stream(self.subjects.stream())
-            .await
-            .with_context(|| {
-                format!(
-                    "stream {} not found yet (the relay creates it)",
-                    self.subjects.stream()
-                )
-            })?;
-        // One request when the consumer is there, as it is but for the first start.
-        let consumer: jetstream::consumer::Consumer<pull::Config> =
-            match stream.get_consumer(&self.consumer_name).await {
-                Ok(consumer) => consumer,
-                Err(error) if consumer_not_found(error.as_ref()) => {
-                    let deliver_policy = self.where_a_new_consumer_starts(&stream).await?;
-                    // Two projectors that make it at once with different starts: one
-                    // creation fails, and that projector's next session finds the other's.
-                    stream
-                        .create_consumer(durable_consumer_config(
-                            &self.consumer_name,
-                            self.ack_wait,
-                            deliver_policy,
-                        ))
-                        .await
-                        .context("creating the durable consumer")?
-                }
-                Err(error) => {
-                    return Err(anyhow::anyhow!(error).context("looking up the durable consumer"))
-                }
-            };
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.batch_size)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await
-            .context("starting the message stream")?;
+        // Opening waits on JetStream requests (5 s each while NATS is down) with nothing
+        // in hand yet, so a shutdown ends it rather than waits for it.
+        let messages = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            messages = self.open_messages() => messages?,
+        };
         let mut batches = messages.ready_chunks(self.batch_size);
         let mut in_flight = FuturesUnordered::new();
         let ended = loop {
@@ -172,6 +154,48 @@ impl Projector {
         // when Redis fails during a shutdown) before the consumer goes.
         while in_flight.next().await.is_some() {}
         ended
+    }
+
+    /// The durable consumer's message stream; the consumer is made when it is missing.
+    async fn open_messages(&self) -> anyhow::Result<pull::Stream> {
+        let stream = self
+            .jetstream
+            .get_stream(self.subjects.stream())
+            .await
+            .with_context(|| {
+                format!(
+                    "stream {} not found yet (the relay creates it)",
+                    self.subjects.stream()
+                )
+            })?;
+        // One request when the consumer is there, as it is but for the first start.
+        let consumer: jetstream::consumer::Consumer<pull::Config> =
+            match stream.get_consumer(&self.consumer_name).await {
+                Ok(consumer) => consumer,
+                Err(error) if consumer_not_found(error.as_ref()) => {
+                    let deliver_policy = self.where_a_new_consumer_starts(&stream).await?;
+                    // Two projectors that make it at once with different starts: one
+                    // creation fails, and that projector's next session finds the other's.
+                    stream
+                        .create_consumer(durable_consumer_config(
+                            &self.consumer_name,
+                            self.ack_wait,
+                            deliver_policy,
+                        ))
+                        .await
+                        .context("creating the durable consumer")?
+                }
+                Err(error) => {
+                    return Err(anyhow::anyhow!(error).context("looking up the durable consumer"))
+                }
+            };
+        consumer
+            .stream()
+            .max_messages_per_batch(self.batch_size)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await
+            .context("starting the message stream")
     }
 
     /// Where the durable consumer starts when this projector has to make it. The first
@@ -780,7 +804,14 @@ fn durable_consumer_config(
 /// Takes the anchor once more, for a projector that stops: its last acks are then part
 /// of it, should the consumer be made again while no projector runs.
 pub async fn take_anchor(rebuild: &Rebuild) {
-    watch_consumer(rebuild, &mut ConsumerWatch::new(rebuild)).await;
+    // The consumer's position comes from NATS: while it is down there is none to take.
+    if nats_connected(&rebuild.jetstream) {
+        watch_consumer(rebuild, &mut ConsumerWatch::new(rebuild)).await;
+    }
+}
+
+fn nats_connected(jetstream: &jetstream::Context) -> bool {
+    jetstream.client().connection_state() == async_nats::connection::State::Connected
 }
 
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
@@ -813,7 +844,11 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             }
             _ => false,
         };
-        watch_consumer(&rebuild, &mut consumer_watch).await;
+        // A look at the consumer waits out a request timeout while NATS is down.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            () = watch_consumer(&rebuild, &mut consumer_watch) => {}
+        }
         if needed {
             match rebuild.run(&shutdown).await {
                 Ok(generation) => tracing::info!(generation, "read model rebuilt"),
