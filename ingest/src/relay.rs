@@ -447,7 +447,8 @@ impl Relay {
         // wait out the ack timeout (5 s) for it, the acks still missing shortly after a
         // reconnect are given up on, and the round marks what was acknowledged and
         // fails; the next round publishes the rest again (JetStream drops any copy of
-        // what did arrive, by its message id).
+        // what did arrive, by its message id). Without a reconnect (NATS down or hung)
+        // the missing acks are given up on together after `ACK_DEADLINE`.
         tokio::select! {
             biased;
             () = collected => {}
@@ -456,6 +457,13 @@ impl Relay {
                     acknowledged = published_ids.len(),
                     published = rows.len(),
                     "NATS reconnected while the round awaited its acks; publishing the rest again"
+                );
+            }
+            () = tokio::time::sleep(ACK_DEADLINE) => {
+                tracing::warn!(
+                    acknowledged = published_ids.len(),
+                    published = rows.len(),
+                    "acks still missing at the round's deadline; publishing the rest again"
                 );
             }
         }
@@ -651,6 +659,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
+
+/// The longest a round waits for its PubAcks, all of them together. async-nats's ack
+/// timeout (JetStream's default 5 s) runs from when each ack is awaited, and a round
+/// awaits them one after another, so a NATS that stopped answering would otherwise hold
+/// a round of n rows (and a shutdown behind it) for n times 5 s.
+const ACK_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How often a round that awaits acks looks whether NATS reconnected meanwhile.
 const RECONNECT_POLL: Duration = Duration::from_millis(100);

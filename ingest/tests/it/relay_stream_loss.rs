@@ -428,3 +428,77 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     assert_eq!(status.code(), Some(0));
     ingest.stop().await;
 }
+
+/// NATS gone while a round awaits its acks: async-nats times each ack out 5 s after it
+/// is awaited, one after another, so a round of 50 rows would hold them (and a shutdown)
+/// for minutes. The round gives its missing acks up together after the ack deadline,
+/// the relay stops promptly, and another relay publishes every row once NATS is back.
+#[tokio::test]
+async fn a_round_whose_acks_never_come_gives_them_up_together_and_its_rows_go_out_later() {
+    const BATCH: usize = 50;
+    let mut nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let relay = spawn_relay(&env.settings);
+    let jetstream = env.jetstream().await;
+    let stream = env.subjects.stream().to_owned();
+    ingest.accept("before", &reading("sensor-1", 0.0)).await;
+    wait_for_stream_messages(&jetstream, &stream, 1).await;
+
+    nats.kill();
+    // One batch commits its rows together, so one round claims them all.
+    let readings: Vec<serde_json::Value> = (0..BATCH)
+        .map(|index| {
+            serde_json::json!({
+                "idempotency_key": format!("k-{index}"),
+                "device_id": "sensor-1",
+                "metrics": {"temperature": index}
+            })
+        })
+        .collect();
+    let response = ingest
+        .post_batch(&serde_json::json!({ "readings": readings }))
+        .await;
+    assert_eq!(response.status(), 200);
+    let db = env.postgres().await;
+    eventually(
+        Duration::from_secs(10),
+        "a round holding every new row",
+        || async {
+            let free: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
+                     FOR UPDATE SKIP LOCKED) AS free",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (free == 0).then_some(())
+        },
+    )
+    .await;
+    let stopping = Instant::now();
+    relay.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(8),
+        "the relay took {:?} to stop: its round awaited the acks one timeout after another",
+        stopping.elapsed()
+    );
+
+    nats.restart();
+    let relay = spawn_relay(&env.settings);
+    wait_for_stream_messages(&jetstream, &stream, 1 + BATCH as u64).await;
+    wait_for_counts(
+        &db,
+        Duration::from_secs(20),
+        "every row marked published",
+        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        &[1 + BATCH as i64, 0],
+    )
+    .await;
+    relay.stop().await;
+    ingest.stop().await;
+}
