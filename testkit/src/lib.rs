@@ -12,6 +12,7 @@
 //!   and expected to exit cleanly.
 //! - [`SplitMix`]: a seeded generator, so a failing run can be repeated exactly.
 //! - [`assert_same_figures`]: a device's figures in the read model against the reference model's.
+//! - [`settled_readiness`]: a service's `/readyz` once it names what is down (API.md §7).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -292,6 +293,51 @@ pub async fn maintenance_postgres(settings: &Settings) -> anyhow::Result<tokio_p
         tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     Ok(client)
+}
+
+/// Polls `<admin_url>/readyz` until its answer settles (a service connects to its
+/// dependencies in the background): with `down` named, a 503 problem `unavailable`
+/// whose detail is "not answering: <down>" and nothing else; with `None`, a 200.
+/// Returns the settled body.
+pub async fn settled_readiness(admin_url: &str, down: Option<&str>) -> serde_json::Value {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    let (status, content_type, body) = eventually(
+        Duration::from_secs(10),
+        &format!("{admin_url}/readyz naming {down:?} as down"),
+        || async {
+            let response = http.get(format!("{admin_url}/readyz")).send().await.ok()?;
+            let status = response.status().as_u16();
+            let content_type = response
+                .headers()
+                .get("content-type")?
+                .to_str()
+                .ok()?
+                .to_owned();
+            let body: serde_json::Value = response.json().await.ok()?;
+            let settled = match down {
+                Some(name) => body["detail"] == format!("not answering: {name}"),
+                None => status == 200,
+            };
+            settled.then_some((status, content_type, body))
+        },
+    )
+    .await;
+    if down.is_some() {
+        assert_eq!(
+            (status, content_type.as_str()),
+            (503, "application/problem+json")
+        );
+        assert!(
+            body["type"]
+                .as_str()
+                .is_some_and(|kind| kind.ends_with("/problems/unavailable")),
+            "{body}"
+        );
+    }
+    body
 }
 
 /// Asserts a problem+json answer (API.md §3) with `status` and problem type `slug`,

@@ -187,39 +187,10 @@ async fn readiness_names_the_dependency_that_does_not_answer_and_shutdown_does_n
         let healthz = get("/healthz").await.expect("healthz answers");
         assert_eq!(healthz.status(), 200, "healthz with {down:?} down");
 
-        // NATS connects in the background, so readiness settles only once it answers.
-        let (status, content_type, body) =
-            eventually(Duration::from_secs(10), "readyz settles", || async {
-                let response = get("/readyz").await.ok()?;
-                let status = response.status().as_u16();
-                let content_type = response
-                    .headers()
-                    .get("content-type")?
-                    .to_str()
-                    .ok()?
-                    .to_owned();
-                let body: Value = response.json().await.ok()?;
-                let settled = match down {
-                    Some(name) => body["detail"] == format!("not answering: {name}"),
-                    None => status == 200,
-                };
-                settled.then_some((status, content_type, body))
-            })
-            .await;
-        if down.is_some() {
+        let readiness = testkit::settled_readiness(&admin_url, down).await;
+        if down.is_none() {
             assert_eq!(
-                (status, content_type.as_str()),
-                (503, "application/problem+json")
-            );
-            assert!(
-                body["type"]
-                    .as_str()
-                    .is_some_and(|kind| kind.ends_with("/problems/unavailable")),
-                "{body}"
-            );
-        } else {
-            assert_eq!(
-                body,
+                readiness,
                 serde_json::json!({"status": "ready", "checks": {"postgres": "ok", "nats": "ok"}})
             );
             eventually(

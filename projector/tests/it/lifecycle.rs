@@ -131,50 +131,9 @@ async fn readiness_names_the_unreachable_dependency_and_stopping_does_not_wait_f
     no_redis.redis.url = "redis://127.0.0.1:1".to_owned();
     let mut no_nats = env.settings.clone();
     no_nats.nats.url = "nats://127.0.0.1:1".to_owned();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("http client");
     for (settings, down) in [(no_redis, "redis"), (no_nats, "nats")] {
         let projector = Projector::spawn(&settings).await;
-        // The other dependency connects in the background: wait for the answer to
-        // settle on the one that is down.
-        let (status, content_type, problem) = eventually(
-            CATCH_UP,
-            &format!("readiness naming only {down}"),
-            || async {
-                let response = http
-                    .get(format!("{}/readyz", projector.admin_url))
-                    .send()
-                    .await
-                    .ok()?;
-                let status = response.status().as_u16();
-                let content_type = response
-                    .headers()
-                    .get("content-type")?
-                    .to_str()
-                    .ok()?
-                    .to_owned();
-                let problem: serde_json::Value = response.json().await.ok()?;
-                (problem["detail"] == format!("not answering: {down}")).then_some((
-                    status,
-                    content_type,
-                    problem,
-                ))
-            },
-        )
-        .await;
-        assert_eq!(
-            (status, content_type.as_str()),
-            (503, "application/problem+json")
-        );
-        assert!(
-            problem["type"]
-                .as_str()
-                .unwrap_or_default()
-                .ends_with("/problems/unavailable"),
-            "{problem}"
-        );
+        testkit::settled_readiness(&projector.admin_url, Some(down)).await;
         let stopping = Instant::now();
         projector.stop().await;
         assert!(
