@@ -297,7 +297,7 @@ pub async fn maintenance_postgres(settings: &Settings) -> anyhow::Result<tokio_p
 
 /// Polls `<admin_url>/readyz` until its answer settles (a service connects to its
 /// dependencies in the background): with `down` named, a 503 problem `unavailable`
-/// whose detail is "not answering: <down>" and nothing else; with `None`, a 200.
+/// whose detail is `not answering: <down>` and nothing else; with `None`, a 200.
 /// Returns the settled body.
 pub async fn settled_readiness(admin_url: &str, down: Option<&str>) -> serde_json::Value {
     let http = reqwest::Client::builder()
