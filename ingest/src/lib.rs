@@ -45,7 +45,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = bootstrap::install_metrics();
-    migrate_with_retry(&settings, &shutdown).await?;
+    if !migrate_with_retry(&settings, &shutdown).await {
+        // Nothing was accepted yet, so there is nothing to drain: a clean stop (API.md §7).
+        tracing::info!("shut down before the database was reachable; ingest stopped");
+        return Ok(());
+    }
     let pool = db::pool(&settings.database)?;
     let notifier = outbox_notify::Notifier::new(
         db::pg_config(&settings.database)?,
@@ -122,21 +126,23 @@ pub fn connection_limits(settings: &Settings) -> http::server::ConnectionLimits 
     }
 }
 
-/// Applies migrations, retrying while PostgreSQL is not reachable yet.
-async fn migrate_with_retry(
-    settings: &Settings,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+/// Applies migrations, retrying while PostgreSQL is not reachable yet; `false` when
+/// `shutdown` came first.
+async fn migrate_with_retry(settings: &Settings, shutdown: &CancellationToken) -> bool {
     let mut delay = Duration::from_millis(200);
     loop {
-        match db::migrate(&settings.database).await {
-            Ok(()) => return Ok(()),
+        let migrated = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            migrated = db::migrate(&settings.database) => migrated,
+        };
+        match migrated {
+            Ok(()) => return true,
             Err(error) => {
                 tracing::warn!(error = format!("{error:#}"), "migrations failed, retrying")
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => anyhow::bail!("shut down before the database was reachable"),
+            _ = shutdown.cancelled() => return false,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(5));

@@ -1,14 +1,14 @@
 //! SIGTERM under load: ingest stops taking connections, answers what it accepted,
-//! commits what it answered, and exits 0.
+//! commits what it answered, and exits 0; and before PostgreSQL ever answered, at once.
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use testkit::{eventually, TestEnv};
+use testkit::{eventually, Running, TestEnv};
 
-use crate::support::{column, reading};
+use crate::support::{column, loopback_listener, reading};
 
 #[tokio::test]
 async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
@@ -102,4 +102,22 @@ async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
         "one reading and one event per key"
     );
     assert!(readings as usize >= accepted.len());
+}
+
+/// Stopped while PostgreSQL has not answered yet (its migrations still retrying),
+/// ingest has accepted nothing and stops cleanly at once: `main` then exits 0.
+#[tokio::test]
+async fn a_stop_before_postgres_was_ever_reachable_is_clean_and_prompt() {
+    let env = TestEnv::new();
+    let mut settings = env.settings.clone();
+    settings.database.url = "postgres://postgres@127.0.0.1:1/telemetry".to_owned();
+    let listener = loopback_listener(&settings.http);
+    let ingest = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
+    let stopping = std::time::Instant::now();
+    ingest.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
 }
