@@ -27,6 +27,7 @@ pub mod pacing;
 pub mod relay;
 pub mod store;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,18 +39,28 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{GroupCommit, Store};
 
 /// Runs the ingest API on `listener` until `shutdown` is cancelled, then answers the
-/// requests in flight (their commits included) and returns.
+/// requests in flight (their commits included) and returns. It answers from the start;
+/// readings wait for the migrations, which retry until PostgreSQL answers.
 pub async fn serve(
     settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = bootstrap::install_metrics();
-    if !migrate_with_retry(&settings, &shutdown).await {
-        // Nothing was accepted yet, so there is nothing to drain: a clean stop (API.md §7).
-        tracing::info!("shut down before the database was reachable; ingest stopped");
-        return Ok(());
-    }
+    // The API answers from the start: `/healthz` at once, `/readyz` (a 503 naming
+    // PostgreSQL) and readings (a 503) until the migrations ran.
+    let schema_ready = Arc::new(AtomicBool::new(false));
+    let migrations = tokio::spawn({
+        let settings = settings.clone();
+        let shutdown = shutdown.clone();
+        let schema_ready = schema_ready.clone();
+        async move {
+            if migrate_with_retry(&settings, &shutdown).await {
+                schema_ready.store(true, Ordering::Release);
+                tracing::info!("migrations applied, accepting readings");
+            }
+        }
+    });
     let pool = db::pool(&settings.database)?;
     let notifier = outbox_notify::Notifier::new(
         db::pg_config(&settings.database)?,
@@ -88,6 +99,7 @@ pub async fn serve(
                 Duration::from_secs(settings.auth.cache_ttl_secs),
             ))
         }),
+        schema_ready,
         limiter: Arc::new(limits::DeviceLimiter::new(
             settings.ingest.rate_limit_per_second,
             settings.ingest.rate_limit_burst,
@@ -112,6 +124,8 @@ pub async fn serve(
     // Every request has been answered and every Store handle dropped: the dispatcher
     // finishes its last commits and ends.
     pruner.abort();
+    // Stopped while PostgreSQL had not answered yet, it ends as the shutdown came.
+    let _ = migrations.await;
     let _ = tokio::time::timeout(settings.shutdown_grace(), dispatcher).await;
     tracing::info!("ingest stopped");
     Ok(())

@@ -5,6 +5,7 @@ pub mod error;
 pub mod server;
 pub mod telemetry;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,9 @@ pub struct AppState {
     pub limiter: Arc<DeviceLimiter>,
     /// `None` when authentication is off.
     pub tokens: Option<Arc<Tokens>>,
+    /// Set once the migrations have run: until then PostgreSQL has not answered since
+    /// the start, readings get a 503 and `/readyz` names PostgreSQL.
+    pub schema_ready: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -62,6 +66,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(READINGS_PATH, post(telemetry::post_telemetry))
         .route(&format!("{READINGS_PATH}/batch"), post(batch::post_batch))
+        .route_layer(middleware::from_fn_with_state(
+            state.schema_ready.clone(),
+            require_schema,
+        ))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -70,6 +78,22 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(track))
         .with_state(state)
+}
+
+/// Refuses readings with a 503 until the migrations have run: nothing can be stored
+/// before, and the devices retry.
+async fn require_schema(
+    State(schema_ready): State<Arc<AtomicBool>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !schema_ready.load(Ordering::Acquire) {
+        return ApiError::Unavailable(
+            "the database has not answered since ingest started; retry shortly",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Counts every request by route and status and times it.
@@ -136,7 +160,9 @@ pub fn readiness(checks: &[(&str, bool)]) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    readiness(&[("postgres", postgres_ready(&state.pool).await.is_ok())])
+    let postgres =
+        state.schema_ready.load(Ordering::Acquire) && postgres_ready(&state.pool).await.is_ok();
+    readiness(&[("postgres", postgres)])
 }
 
 /// `SELECT 1` through the pool within a second.

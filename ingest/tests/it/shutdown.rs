@@ -1,12 +1,13 @@
 //! SIGTERM under load: ingest stops taking connections, answers what it accepted,
-//! commits what it answered, and exits 0; and before PostgreSQL ever answered, at once.
+//! commits what it answered, and exits 0. Before PostgreSQL ever answered it is alive,
+//! not ready, refuses readings, and stops at once.
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use testkit::{eventually, Running, TestEnv};
+use testkit::{assert_problem, eventually, Running, TestEnv};
 
 use crate::support::{column, loopback_listener, reading};
 
@@ -104,15 +105,48 @@ async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
     assert!(readings as usize >= accepted.len());
 }
 
-/// Stopped while PostgreSQL has not answered yet (its migrations still retrying),
-/// ingest has accepted nothing and stops cleanly at once: `main` then exits 0.
+/// Before PostgreSQL ever answered (its migrations still retrying), ingest is alive
+/// (`/healthz` 200), not ready (`/readyz` a 503 naming postgres), refuses readings with
+/// a 503 and `Retry-After`, and a stop is clean (so `main` exits 0) and prompt.
 #[tokio::test]
-async fn a_stop_before_postgres_was_ever_reachable_is_clean_and_prompt() {
+async fn before_postgres_ever_answered_ingest_is_alive_not_ready_and_refuses_readings() {
     let env = TestEnv::new();
     let mut settings = env.settings.clone();
     settings.database.url = "postgres://postgres@127.0.0.1:1/telemetry".to_owned();
     let listener = loopback_listener(&settings.http);
+    let base_url = format!("http://{}", listener.local_addr().expect("local address"));
     let ingest = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+
+    let healthz = http
+        .get(format!("{base_url}/healthz"))
+        .send()
+        .await
+        .expect("healthz answers while PostgreSQL does not");
+    assert_eq!(healthz.status(), 200);
+    testkit::settled_readiness(&base_url, Some("postgres")).await;
+    let single = http
+        .post(format!("{base_url}/v1/telemetry"))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-1")
+        .body(reading("sensor-1", 1.0).to_string())
+        .send()
+        .await
+        .expect("reading answered");
+    assert!(single.headers().contains_key("retry-after"));
+    assert_problem(single, 503, "unavailable").await;
+    let batch = http
+        .post(format!("{base_url}/v1/telemetry/batch"))
+        .header("content-type", "application/json")
+        .body(r#"{"readings": [{"idempotency_key": "k-2", "device_id": "sensor-1", "metrics": {"t": 1}}]}"#)
+        .send()
+        .await
+        .expect("batch answered");
+    assert_problem(batch, 503, "unavailable").await;
+
     let stopping = std::time::Instant::now();
     ingest.stop().await;
     assert!(
