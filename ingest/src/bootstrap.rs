@@ -35,6 +35,12 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .with_context(|| format!("nats.url (PIPELINE__NATS__URL) {url} is not usable"))
 }
 
+/// Whether the client is connected to NATS now (it reconnects by itself): a request
+/// made while it is not waits out its timeout.
+pub fn nats_connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
+}
+
 /// How often the recorder's histograms are drained into their buckets between scrapes.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 

@@ -74,8 +74,10 @@ pub async fn serve(
         let (pool, nats) = (pool.clone(), nats.clone());
         async move {
             let postgres = http::postgres_ready(&pool).await.is_ok();
-            let nats = nats.connection_state() == async_nats::connection::State::Connected;
-            http::readiness(&[("postgres", postgres), ("nats", nats)])
+            http::readiness(&[
+                ("postgres", postgres),
+                ("nats", bootstrap::nats_connected(&nats)),
+            ])
         }
     };
     tracing::info!(address = %admin_listener.local_addr()?, "relay admin listening");
@@ -258,8 +260,7 @@ impl Relay {
                 connects_seen = connects;
                 stream_check_due = true;
             }
-            let nats_connected = self.jetstream.client().connection_state()
-                == async_nats::connection::State::Connected;
+            let nats_connected = bootstrap::nats_connected(&self.jetstream.client());
             if nats_connected && (stream_check_due || self.periodic_stream_check_due()) {
                 match self.check_stream(&collided).await {
                     Ok(_) => {

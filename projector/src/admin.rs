@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use axum::Router;
+use ingest::bootstrap::nats_connected;
 use ingest::http::readiness;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -11,9 +12,8 @@ pub fn router(nats: async_nats::Client, redis: redis::Client, metrics: Prometheu
     let readyz = move || {
         let (nats, redis) = (nats.clone(), redis.clone());
         async move {
-            let nats = nats.connection_state() == async_nats::connection::State::Connected;
             let redis = redis_answers(&redis).await;
-            readiness(&[("nats", nats), ("redis", redis)])
+            readiness(&[("nats", nats_connected(&nats)), ("redis", redis)])
         }
     };
     ingest::http::admin_router(readyz, metrics)

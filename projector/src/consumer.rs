@@ -18,7 +18,7 @@ use redis::aio::ConnectionManager;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use ingest::bootstrap::Backoff;
+use ingest::bootstrap::{nats_connected, Backoff};
 
 use crate::apply::{AsOf, Delivered, ReadModel};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
@@ -98,7 +98,7 @@ impl Projector {
         // NATS is down a flush would wait for it to come back; the acks cannot leave
         // then, and their messages are delivered again and skipped as applied.
         let client = self.jetstream.client();
-        let flushed = nats_connected(&self.jetstream)
+        let flushed = nats_connected(&client)
             && tokio::time::timeout(ACK_FLUSH_DEADLINE, client.flush())
                 .await
                 .is_ok_and(|flush| flush.is_ok());
@@ -805,13 +805,9 @@ fn durable_consumer_config(
 /// of it, should the consumer be made again while no projector runs.
 pub async fn take_anchor(rebuild: &Rebuild) {
     // The consumer's position comes from NATS: while it is down there is none to take.
-    if nats_connected(&rebuild.jetstream) {
+    if nats_connected(&rebuild.jetstream.client()) {
         watch_consumer(rebuild, &mut ConsumerWatch::new(rebuild)).await;
     }
-}
-
-fn nats_connected(jetstream: &jetstream::Context) -> bool {
-    jetstream.client().connection_state() == async_nats::connection::State::Connected
 }
 
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with

@@ -95,7 +95,7 @@ impl Relay {
     }
 
     async fn check_stream_once(&self, collided: &[i64]) -> anyhow::Result<StreamCheckOutcome> {
-        if self.jetstream.client().connection_state() != async_nats::connection::State::Connected {
+        if !crate::bootstrap::nats_connected(&self.jetstream.client()) {
             anyhow::bail!("not connected to NATS");
         }
         let client = self.pool.get().await.context("getting a connection")?;
