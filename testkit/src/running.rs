@@ -3,7 +3,7 @@
 
 use std::fmt::Debug;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,18 @@ impl<T: Exit> Running<T> {
             })
             .expect("the service task did not panic")
             .expect_clean();
+    }
+
+    /// As [`Self::stop`], and fails the test unless stopping took less than `limit`: a
+    /// liveness bound for a stop that must not wait for a dependency that is away.
+    pub async fn stop_within(self, limit: Duration, what: &str) {
+        let stopping = Instant::now();
+        self.stop().await;
+        let took = stopping.elapsed();
+        assert!(
+            took < limit,
+            "{what}: stopping took {took:?}, not under {limit:?}"
+        );
     }
 }
 

@@ -7,9 +7,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use testkit::{assert_problem, eventually, Running, TestEnv};
+use testkit::{assert_problem, eventually, TestEnv};
 
-use crate::support::{column, loopback_listener, reading};
+use crate::support::{column, reading, Ingest};
 
 #[tokio::test]
 async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
@@ -113,45 +113,27 @@ async fn before_postgres_ever_answered_ingest_is_alive_not_ready_and_refuses_rea
     let env = TestEnv::new();
     let mut settings = env.settings.clone();
     settings.database.url = "postgres://postgres@127.0.0.1:1/telemetry".to_owned();
-    let listener = loopback_listener(&settings.http);
-    let base_url = format!("http://{}", listener.local_addr().expect("local address"));
-    let ingest = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("http client");
+    let ingest = Ingest::start(&settings);
 
-    let healthz = http
-        .get(format!("{base_url}/healthz"))
+    let healthz = ingest
+        .http
+        .get(format!("{}/healthz", ingest.base_url))
         .send()
         .await
         .expect("healthz answers while PostgreSQL does not");
     assert_eq!(healthz.status(), 200);
-    testkit::settled_readiness(&base_url, Some("postgres")).await;
-    let single = http
-        .post(format!("{base_url}/v1/telemetry"))
-        .header("content-type", "application/json")
-        .header("idempotency-key", "k-1")
-        .body(reading("sensor-1", 1.0).to_string())
-        .send()
-        .await
-        .expect("reading answered");
+    testkit::settled_readiness(&ingest.base_url, Some("postgres")).await;
+    let single = ingest.post("k-1", &reading("sensor-1", 1.0)).await;
     assert!(single.headers().contains_key("retry-after"));
     assert_problem(single, 503, "unavailable").await;
-    let batch = http
-        .post(format!("{base_url}/v1/telemetry/batch"))
-        .header("content-type", "application/json")
-        .body(r#"{"readings": [{"idempotency_key": "k-2", "device_id": "sensor-1", "metrics": {"t": 1}}]}"#)
-        .send()
-        .await
-        .expect("batch answered");
+    let batch = ingest
+        .post_batch(&serde_json::json!({"readings": [
+            {"idempotency_key": "k-2", "device_id": "sensor-1", "metrics": {"t": 1}}
+        ]}))
+        .await;
     assert_problem(batch, 503, "unavailable").await;
 
-    let stopping = std::time::Instant::now();
-    ingest.stop().await;
-    assert!(
-        stopping.elapsed() < Duration::from_secs(3),
-        "stopping took {:?}",
-        stopping.elapsed()
-    );
+    ingest
+        .stop_within(Duration::from_secs(3), "ingest before PostgreSQL answered")
+        .await;
 }

@@ -25,19 +25,7 @@ pub struct Ingest {
 impl Ingest {
     /// Starts ingest with `settings` and waits until it is ready.
     pub async fn spawn(settings: &Settings) -> Self {
-        let listener = loopback_listener(&settings.http);
-        let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
-        let settings = settings.clone();
-        let running = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
-        let http = Client::builder()
-            .timeout(Duration::from_secs(20))
-            .build()
-            .expect("http client");
-        let ingest = Self {
-            base_url,
-            http,
-            running,
-        };
+        let ingest = Self::start(settings);
         testkit::eventually(Duration::from_secs(20), "ingest ready", || async {
             let response = ingest
                 .http
@@ -49,6 +37,23 @@ impl Ingest {
         })
         .await;
         ingest
+    }
+
+    /// Starts ingest with `settings`, without waiting for it to be ready.
+    pub fn start(settings: &Settings) -> Self {
+        let listener = loopback_listener(&settings.http);
+        let base_url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let settings = settings.clone();
+        let running = Running::spawn(|shutdown| ingest::serve(settings, listener, shutdown));
+        let http = Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("http client");
+        Self {
+            base_url,
+            http,
+            running,
+        }
     }
 
     /// `POST /v1/telemetry` with a JSON body and an idempotency key.
@@ -112,6 +117,11 @@ impl Ingest {
     /// Stops the service gracefully and waits for it; it must exit cleanly.
     pub async fn stop(self) {
         self.running.stop().await;
+    }
+
+    /// As [`Self::stop`], within `limit` ([`Running::stop_within`]).
+    pub async fn stop_within(self, limit: Duration, what: &str) {
+        self.running.stop_within(limit, what).await;
     }
 }
 

@@ -66,6 +66,11 @@ impl Projector {
     pub async fn stop(self) {
         self.running.stop().await;
     }
+
+    /// As [`Self::stop`], within `limit` ([`Running::stop_within`]).
+    pub async fn stop_within(self, limit: Duration, what: &str) {
+        self.running.stop_within(limit, what).await;
+    }
 }
 
 /// An event for `device` recorded at `recorded_at_ms`, received now.
