@@ -214,7 +214,8 @@ impl Relay {
         })
     }
 
-    /// Relays until `shutdown`; a round in progress finishes first.
+    /// Relays until `shutdown`. A round in progress finishes first, except that while
+    /// NATS is not connected it hands back the rows whose acks are missing at once.
     pub async fn run(&self, shutdown: CancellationToken) {
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen_for_inserts(
@@ -272,7 +273,7 @@ impl Relay {
                     }
                 }
             }
-            match self.relay_once().await {
+            match self.relay_once(shutdown).await {
                 Ok(relayed) => {
                     backoff.reset();
                     lock(&self.pacer).finished(relayed);
@@ -341,7 +342,7 @@ impl Relay {
     }
 
     /// One claim-publish-mark round; returns how many rows it relayed.
-    pub async fn relay_once(&self) -> anyhow::Result<usize> {
+    async fn relay_once(&self, shutdown: &CancellationToken) -> anyhow::Result<usize> {
         let mut client = self.pool.get().await.context("getting a connection")?;
         let transaction = client.transaction().await?;
         // Prepared once per session: a round is then one message per statement, with no
@@ -371,7 +372,7 @@ impl Relay {
             return Ok(0);
         }
         let claimed = rows.len();
-        let round = self.publish_and_mark(transaction, rows).await;
+        let round = self.publish_and_mark(transaction, rows, shutdown).await;
         // Rows this round claimed but did not mark stay in the outbox; a later round
         // publishes them again.
         let handed_back = match &round {
@@ -395,6 +396,7 @@ impl Relay {
         &self,
         transaction: deadpool_postgres::Transaction<'_>,
         rows: Vec<tokio_postgres::Row>,
+        shutdown: &CancellationToken,
     ) -> anyhow::Result<usize> {
         let started = Instant::now();
         let connects_before = self.connects();
@@ -449,7 +451,8 @@ impl Relay {
         // reconnect are given up on, and the round marks what was acknowledged and
         // fails; the next round publishes the rest again (JetStream drops any copy of
         // what did arrive, by its message id). Without a reconnect (NATS down or hung)
-        // the missing acks are given up on together after `ACK_DEADLINE`.
+        // the missing acks are given up on together after `ACK_DEADLINE`, or at once
+        // when the relay is stopping.
         tokio::select! {
             biased;
             () = collected => {}
@@ -465,6 +468,13 @@ impl Relay {
                     acknowledged = published_ids.len(),
                     published = rows.len(),
                     "acks still missing at the round's deadline; publishing the rest again"
+                );
+            }
+            () = self.stopping_while_disconnected(shutdown) => {
+                tracing::info!(
+                    acknowledged = published_ids.len(),
+                    published = rows.len(),
+                    "stopping while NATS is not connected; the unacknowledged rows stay in the outbox"
                 );
             }
         }
@@ -514,7 +524,17 @@ impl Relay {
         tokio::time::sleep(ACK_GRACE_AFTER_RECONNECT).await;
     }
 
-    /// Deletes published rows older than the retention, one small batch at a time.
+    /// Ends once a stop is asked for while NATS is not connected. The acks a round still
+    /// awaits then cannot come before the process ends (the client's buffered publishes
+    /// die with it), so the round hands their rows back rather than wait out
+    /// `ACK_DEADLINE`. While NATS is connected, the round waits for its acks as usual.
+    async fn stopping_while_disconnected(&self, shutdown: &CancellationToken) {
+        shutdown.cancelled().await;
+        while bootstrap::nats_connected(&self.jetstream.client()) {
+            tokio::time::sleep(RECONNECT_POLL).await;
+        }
+    }
+
     /// Publishes the outbox backlog (rows and age of the oldest) and the stream's last
     /// sequence as gauges.
     async fn report_backlog(&self) {

@@ -15,10 +15,22 @@ use crate::support::{column, count, loopback_listener, migrate, reading, wait_fo
 /// Starts a relay in this process as the `relay` binary runs it, its admin port on a
 /// loopback port; its log goes to the test's output.
 pub fn spawn_relay(settings: &Settings) -> Running<anyhow::Result<()>> {
+    spawn_relay_with_admin(settings).0
+}
+
+/// [`spawn_relay`], with the URL of its admin port. Its `/metrics` shows what the relay
+/// records only when it is the first service started in the test's process (the first
+/// installs the process's recorder).
+pub fn spawn_relay_with_admin(settings: &Settings) -> (Running<anyhow::Result<()>>, String) {
     crate::support::log_to_test_output();
     let admin_listener = loopback_listener(&settings.http);
+    let admin_url = format!(
+        "http://{}",
+        admin_listener.local_addr().expect("local address")
+    );
     let settings = settings.clone();
-    Running::spawn(|shutdown| ingest::relay::serve(settings, admin_listener, shutdown))
+    let relay = Running::spawn(|shutdown| ingest::relay::serve(settings, admin_listener, shutdown));
+    (relay, admin_url)
 }
 
 /// Starts a projector in this process, its admin port on a loopback port.
@@ -176,13 +188,7 @@ async fn readiness_names_the_dependency_that_does_not_answer_and_shutdown_does_n
         (no_postgres, Some("postgres")),
         (no_nats, Some("nats")),
     ] {
-        let admin_listener = loopback_listener(&settings.http);
-        let admin_url = format!(
-            "http://{}",
-            admin_listener.local_addr().expect("local address")
-        );
-        let relay =
-            Running::spawn(|shutdown| ingest::relay::serve(settings, admin_listener, shutdown));
+        let (relay, admin_url) = spawn_relay_with_admin(&settings);
         let get = |path: &str| http.get(format!("{admin_url}{path}")).send();
         let healthz = get("/healthz").await.expect("healthz answers");
         assert_eq!(healthz.status(), 200, "healthz with {down:?} down");

@@ -13,8 +13,8 @@ use testkit::process::{signal, terminate};
 use testkit::{eventually, PrivateNats, TestEnv};
 use uuid::Uuid;
 
-use crate::relay::{spawn_relay, stall_marking, wait_for_stream_messages};
-use crate::support::{reading, wait_for_counts, Ingest};
+use crate::relay::{spawn_relay, spawn_relay_with_admin, stall_marking, wait_for_stream_messages};
+use crate::support::{migrate, reading, wait_for_counts, Ingest};
 
 /// A relay process killed (after a SIGCONT, in case it is stopped) if the test fails.
 struct RelayProcess(Option<std::process::Child>);
@@ -431,16 +431,19 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
 
 /// NATS gone while a round awaits its acks: async-nats times each ack out 5 s after it
 /// is awaited, one after another, so a round of 50 rows would hold them (and a shutdown)
-/// for minutes. The round gives its missing acks up together after the ack deadline,
-/// the relay stops promptly, and another relay publishes every row once NATS is back.
+/// for minutes. The round gives its missing acks up together after the ack deadline
+/// (5 s); a stop while NATS is still gone hands the rows back at once rather than wait
+/// for the deadline; and another relay publishes every row once NATS is back.
 #[tokio::test]
-async fn a_round_whose_acks_never_come_gives_them_up_together_and_its_rows_go_out_later() {
+async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_on_a_stop() {
     const BATCH: usize = 50;
     let mut nats = PrivateNats::start();
     let mut env = TestEnv::new();
     env.settings.nats.url = nats.url();
+    migrate(&env).await;
+    // The relay first, so that its `/metrics` is the process's recorder.
+    let (relay, relay_admin) = spawn_relay_with_admin(&env.settings);
     let ingest = Ingest::spawn(&env.settings).await;
-    let relay = spawn_relay(&env.settings);
     let jetstream = env.jetstream().await;
     let stream = env.subjects.stream().to_owned();
     ingest.accept("before", &reading("sensor-1", 0.0)).await;
@@ -462,27 +465,48 @@ async fn a_round_whose_acks_never_come_gives_them_up_together_and_its_rows_go_ou
         .await;
     assert_eq!(response.status(), 200);
     let db = env.postgres().await;
+    let every_row_held = || async {
+        let free: i64 = db
+            .query_one(
+                "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
+                 FOR UPDATE SKIP LOCKED) AS free",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (free == 0).then_some(())
+    };
     eventually(
         Duration::from_secs(10),
         "a round holding every new row",
+        every_row_held,
+    )
+    .await;
+    // Handed back together at the round's deadline, not one ack timeout after another.
+    let http = reqwest::Client::new();
+    let metrics = format!("{relay_admin}/metrics");
+    eventually(
+        Duration::from_secs(8),
+        "the round handing its 50 rows back at its ack deadline",
         || async {
-            let free: i64 = db
-                .query_one(
-                    "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
-                     FOR UPDATE SKIP LOCKED) AS free",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (free == 0).then_some(())
+            let scrape = testkit::prometheus::scrape(&http, &metrics).await?;
+            (scrape.value_or_zero("relay_retries_total", &[]) >= BATCH as f64).then_some(())
         },
+    )
+    .await;
+    // A later round claims them again; a stop while NATS is still gone hands them back
+    // rather than wait for that round's deadline.
+    eventually(
+        Duration::from_secs(10),
+        "a later round holding every row again",
+        every_row_held,
     )
     .await;
     relay
         .stop_within(
-            Duration::from_secs(8),
-            "the relay, whose round must not await its acks one timeout after another",
+            Duration::from_secs(2),
+            "the relay, whose round awaits acks that cannot come before it stops",
         )
         .await;
 
