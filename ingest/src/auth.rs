@@ -102,6 +102,11 @@ impl Tokens {
         }
     }
 
+    /// The pool the tokens are read from, for a readiness check.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// The grant of the request's `Authorization: Bearer` token.
     pub async fn verify(&self, headers: &HeaderMap) -> Result<Grant, AuthError> {
         let token = bearer(headers)?;

@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
+use contract::settings::Settings;
 use testkit::{eventually, TestEnv};
 
-use crate::support::{assert_problem, ensure_streams, spawn_projector, Query, DEADLINE};
+use crate::support::{assert_problem, ensure_streams, spawn_projector, Ingest, Query, DEADLINE};
 
 #[tokio::test]
 async fn unknown_devices_malformed_requests_and_unknown_routes_are_problems() {
@@ -141,4 +142,45 @@ async fn with_redis_unreachable_readiness_and_stats_are_503_with_retry_after() {
     )
     .await;
     query.stop().await;
+}
+
+/// `/readyz` names what does not answer, as every other process's does (API.md §7):
+/// Redis, and PostgreSQL too while authentication is on, since read tokens live there.
+#[tokio::test]
+async fn readiness_names_each_dependency_that_does_not_answer() {
+    let env = TestEnv::new();
+    // Ingest creates the database and its tokens table.
+    let mut with_auth = env.settings.clone();
+    with_auth.auth.enabled = true;
+    let ingest = Ingest::spawn(&with_auth).await;
+    let mut no_postgres = with_auth.clone();
+    no_postgres.database.url = "postgres://postgres@127.0.0.1:1/telemetry".to_owned();
+    let mut no_redis = env.settings.clone();
+    no_redis.redis.url = "redis://127.0.0.1:1".to_owned();
+    let mut neither = no_postgres.clone();
+    neither.redis.url = no_redis.redis.url.clone();
+    // Each set-up with the checks of its 200, or what its 503 names.
+    let cases: [(&Settings, Result<serde_json::Value, &str>); 5] = [
+        (&env.settings, Ok(serde_json::json!({"redis": "ok"}))),
+        (
+            &with_auth,
+            Ok(serde_json::json!({"redis": "ok", "postgres": "ok"})),
+        ),
+        (&no_postgres, Err("postgres")),
+        (&no_redis, Err("redis")),
+        (&neither, Err("redis, postgres")),
+    ];
+    for (settings, expected) in cases {
+        let query = Query::spawn(settings).await;
+        let down = expected.as_ref().err().copied();
+        let readiness = testkit::settled_readiness(&query.base_url, down).await;
+        if let Ok(checks) = expected {
+            assert_eq!(
+                readiness,
+                serde_json::json!({"status": "ready", "checks": checks})
+            );
+        }
+        query.stop().await;
+    }
+    ingest.stop().await;
 }
