@@ -382,6 +382,62 @@ fn carries_credentials(url: &str) -> bool {
             .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("password=")))
 }
 
+/// A server URL fit for a message or a log: each password, NATS token and `password=`
+/// parameter replaced by `***` (`nats://relay:***@host:4222`), the rest kept so that the
+/// message still names the server. A comma-separated list of URLs (NATS servers) is
+/// redacted URL by URL. With `auth.service_credentials_required` every configured URL
+/// carries a secret, so no error or log line may print one as it stands.
+pub fn redacted(url: &str) -> String {
+    url.split(',')
+        .map(redacted_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn redacted_one(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let userinfo = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                // `token@` is a secret for NATS; elsewhere a user name alone is not.
+                None if matches!(scheme, Some("nats" | "tls")) => "***".to_owned(),
+                None => userinfo.to_owned(),
+            };
+            format!("{userinfo}@{host}")
+        }
+        None => authority.to_owned(),
+    };
+    let prefix = scheme
+        .map(|scheme| format!("{scheme}://"))
+        .unwrap_or_default();
+    without_password_values(&format!("{prefix}{authority}{tail}"))
+}
+
+/// `text` with the value of each `password=` (a URL parameter, or a key of a libpq
+/// connection string) replaced by `***`.
+fn without_password_values(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(KEY) {
+        let value_start = at + KEY.len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        let value_len = rest[value_start..]
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .unwrap_or(rest.len() - value_start);
+        rest = &rest[value_start + value_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +533,57 @@ mod tests {
             "not a url",
         ] {
             assert!(!carries_credentials(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn redacted_urls_keep_the_server_and_hide_every_secret() {
+        for (url, shown) in [
+            (
+                "nats://relay:s3cret@127.0.0.1:4222",
+                "nats://relay:***@127.0.0.1:4222",
+            ),
+            ("nats://s3cret-token@host:4222", "nats://***@host:4222"),
+            ("tls://s3cret-token@host:4222", "tls://***@host:4222"),
+            (
+                "redis://:s3cret@127.0.0.1:6379/0",
+                "redis://:***@127.0.0.1:6379/0",
+            ),
+            ("redis://user:p@ss@host:6379", "redis://user:***@host:6379"),
+            (
+                "postgres://app:s3cret@db/telemetry?sslmode=require&password=again",
+                "postgres://app:***@db/telemetry?sslmode=require&password=***",
+            ),
+            (
+                "postgresql://db/telemetry?password=s3cret&user=app",
+                "postgresql://db/telemetry?password=***&user=app",
+            ),
+            (
+                "host=db password=s3cret user=app",
+                "host=db password=*** user=app",
+            ),
+            (
+                "nats://a:s3cret@h1:4222,nats://b:s3cret@h2:4222",
+                "nats://a:***@h1:4222,nats://b:***@h2:4222",
+            ),
+            // Malformed, as when a start fails on it: still hidden.
+            (
+                "nats://relay:s3cret@127.0.0.1:notaport",
+                "nats://relay:***@127.0.0.1:notaport",
+            ),
+        ] {
+            assert_eq!(redacted(url), shown, "{url}");
+            assert!(!redacted(url).contains("s3cret"), "{url}");
+        }
+        for url in [
+            "nats://127.0.0.1:4222",
+            "postgres://postgres@127.0.0.1:5432/telemetry",
+            "redis://user@host:6379",
+            "unix:///run/redis.sock",
+            "not a url",
+            "",
+        ] {
+            assert_eq!(redacted(url), url, "nothing to hide in {url}");
         }
     }
 }

@@ -6,20 +6,37 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use contract::settings::{HttpSettings, LogFormat, LogSettings};
+use contract::settings::{redacted, HttpSettings, LogFormat, LogSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-/// JSON logs in production, human-readable ones in development.
+/// JSON logs in production, human-readable ones in development, filtered by
+/// `log.level` (an `EnvFilter` directive such as `info` or `debug,tokio_postgres=info`).
+///
+/// async-nats writes each server address it tries at debug level, password and token
+/// included (`ServerAddr(Url { .. password: Some(..) })`), and with
+/// `auth.service_credentials_required` every URL carries one. So its debug and trace
+/// events are dropped unless `log.level` names `async_nats` itself (an operator who
+/// writes `debug,async_nats=debug` asks for them).
 pub fn init_tracing(settings: &LogSettings) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let nats_debug_asked = settings.level.contains("async_nats");
+    let no_nats_secrets = tracing_subscriber::filter::filter_fn(move |metadata| {
+        nats_debug_asked
+            || *metadata.level() <= tracing::Level::INFO
+            || !metadata.target().starts_with("async_nats")
+    });
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(no_nats_secrets);
+    let layer = tracing_subscriber::fmt::layer().with_target(false);
     let _ = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
+        LogFormat::Text => registry.with(layer).try_init(),
     };
 }
 
@@ -32,7 +49,12 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .connection_timeout(Duration::from_secs(2))
         .connect(url)
         .await
-        .with_context(|| format!("nats.url (PIPELINE__NATS__URL) {url} is not usable"))
+        .with_context(|| {
+            format!(
+                "nats.url (PIPELINE__NATS__URL) {} is not usable",
+                redacted(url)
+            )
+        })
 }
 
 /// Whether the client is connected to NATS now (it reconnects by itself): a request

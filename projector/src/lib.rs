@@ -25,7 +25,7 @@ pub mod rebuild;
 use std::time::Duration;
 
 use anyhow::Context;
-use contract::settings::Settings;
+use contract::settings::{redacted, Settings};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,10 +39,10 @@ pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Reb
         .connection_timeout(Duration::from_secs(5))
         .connect(&settings.nats.url)
         .await
-        .with_context(|| format!("connecting to NATS at {}", settings.nats.url))?;
+        .with_context(|| format!("connecting to NATS at {}", redacted(&settings.nats.url)))?;
     let redis = ConnectionManager::new(redis_client(settings)?)
         .await
-        .with_context(|| format!("connecting to Redis at {}", settings.redis.url))?;
+        .with_context(|| format!("connecting to Redis at {}", redacted(&settings.redis.url)))?;
     Ok(Projector::new(settings, nats, redis).rebuild())
 }
 
@@ -51,7 +51,7 @@ fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
     redis::Client::open(settings.redis.url.as_str()).with_context(|| {
         format!(
             "redis.url (PIPELINE__REDIS__URL) {} is not usable",
-            settings.redis.url
+            redacted(&settings.redis.url)
         )
     })
 }

@@ -16,7 +16,7 @@ pub mod tracking;
 use std::sync::Arc;
 
 use anyhow::Context;
-use contract::settings::Settings;
+use contract::settings::{redacted, Settings};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,7 @@ pub async fn serve(
         .with_context(|| {
             format!(
                 "redis.url (PIPELINE__REDIS__URL) {} is not usable",
-                settings.redis.url
+                redacted(&settings.redis.url)
             )
         })?;
     // RESP3, for the invalidation pushes that keep validity reads fresh (`tracking`).

@@ -39,6 +39,38 @@ pub async fn terminate(mut child: Child, name: &str) -> ExitStatus {
     .expect("exit status")
 }
 
+/// Runs `program` with `args` on `env`'s resources ([`TestEnv::process_env`]) and
+/// `extra` variables on top, and expects it to stop by itself, unsuccessfully, within
+/// 10 s: a start or a command refused. Returns what it wrote to stderr.
+pub fn failed_run(program: &str, args: &[&str], env: &TestEnv, extra: &[(&str, &str)]) -> String {
+    let what = format!("{program} {} with {extra:?}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(env.process_env())
+        .envs(extra.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("{what} starts: {error}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("status readable") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{what} exited successfully");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr piped"), &mut stderr)
+        .expect("stderr readable");
+    stderr
+}
+
 /// One spawned service binary; killed when dropped unless [`ServiceProcess::terminate`]
 /// stopped it first.
 pub struct ServiceProcess {

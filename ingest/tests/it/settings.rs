@@ -3,51 +3,13 @@
 //! key. `scripts/ab` relies on both: an arm is a set of such variables, and a misspelt
 //! one must stop the run rather than measure the defaults twice.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testkit::process::free_port;
+use testkit::process::{failed_run, free_port, signal};
 use testkit::TestEnv;
-
-/// Runs `program` on `env`'s resources with `extra` variables on top and expects it to
-/// stop by itself, unsuccessfully, within 10 s; returns what it wrote to stderr.
-fn refused_start(program: &str, env: &TestEnv, listen_key: &str, extra: (&str, &str)) -> String {
-    let mut child = Command::new(program)
-        .envs(env.process_env())
-        .env(listen_key, format!("127.0.0.1:{}", free_port()))
-        .env(extra.0, extra.1)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|error| panic!("{program} starts: {error}"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("status readable") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{program} with {}={} kept running", extra.0, extra.1);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(
-        !status.success(),
-        "{program} with {}={} exited successfully",
-        extra.0,
-        extra.1
-    );
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr piped")
-        .read_to_string(&mut stderr)
-        .expect("stderr readable");
-    stderr
-}
 
 #[test]
 fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_line_naming_the_key()
@@ -79,7 +41,8 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
         ),
     ];
     for (program, listen_key, setting, key) in cases {
-        let stderr = refused_start(program, &env, listen_key, setting);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let stderr = failed_run(program, &[], &env, &[(listen_key, &listen), setting]);
         let lines: Vec<&str> = stderr
             .lines()
             .filter(|line| !line.trim().is_empty())
@@ -90,4 +53,111 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             "the line names {key} for {setting:?}: {stderr}"
         );
     }
+}
+
+/// With `auth.service_credentials_required` every server URL carries a secret: a start
+/// refused over one names the server, but never its password or token.
+#[test]
+fn a_start_refused_over_a_server_url_names_the_server_but_not_its_secret() {
+    let env = TestEnv::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    for (url, shown) in [
+        (
+            "nats://relay:s3cret-pw@127.0.0.1:notaport",
+            "nats://relay:***@127.0.0.1:notaport",
+        ),
+        (
+            "nats://s3cret-pw@127.0.0.1:99999",
+            "nats://***@127.0.0.1:99999",
+        ),
+    ] {
+        let stderr = failed_run(
+            env!("CARGO_BIN_EXE_relay"),
+            &[],
+            &env,
+            &[
+                ("PIPELINE__RELAY__ADMIN_LISTEN", &listen),
+                ("PIPELINE__NATS__URL", url),
+            ],
+        );
+        assert!(stderr.contains(shown), "names {shown}: {stderr}");
+        assert!(!stderr.contains("s3cret-pw"), "shows the secret: {stderr}");
+    }
+}
+
+/// The relay's log at `level` with NATS unreachable at a URL with a password: read
+/// until it holds `until`, then for `more`; the relay is then stopped.
+fn relay_log_with_nats_down(env: &TestEnv, level: &str, until: &str, more: Duration) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+        .envs(env.process_env())
+        .env(
+            "PIPELINE__RELAY__ADMIN_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("PIPELINE__NATS__URL", "nats://relay:s3cret-pw@127.0.0.1:1")
+        .env("PIPELINE__LOG__LEVEL", level)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("relay starts");
+    let log = Arc::new(Mutex::new(String::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().expect("stdout piped")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr piped")),
+    ]
+    .into_iter()
+    .map(|output| {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(output).lines().map_while(Result::ok) {
+                let mut log = log.lock().expect("log");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        })
+    })
+    .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log.lock().expect("log").contains(until) {
+        assert!(
+            Instant::now() < deadline,
+            "the relay's log never held {until:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A duration that must pass: async-nats retries its connection several times in it.
+    std::thread::sleep(more);
+    signal(child.id(), "-TERM");
+    child.wait().expect("the relay exits");
+    for reader in readers {
+        reader.join().expect("output read");
+    }
+    let log = log.lock().expect("log").clone();
+    log
+}
+
+/// async-nats writes each server address it tries at debug level, password included:
+/// `log.level = "debug"` keeps those lines out, and only naming `async_nats` in the
+/// level brings them back.
+#[test]
+fn debug_logs_never_show_a_nats_password_unless_async_nats_debug_is_asked_for() {
+    let env = TestEnv::new();
+    // Asked for: the lines exist and carry the password.
+    relay_log_with_nats_down(&env, "debug,async_nats=debug", "s3cret-pw", Duration::ZERO);
+    let log = relay_log_with_nats_down(
+        &env,
+        "debug",
+        "relay admin listening",
+        Duration::from_secs(1),
+    );
+    assert!(log.contains("DEBUG"), "debug lines are written: {log}");
+    assert!(
+        log.contains("nats: IO error"),
+        "the failed attempts are still reported: {log}"
+    );
+    assert!(
+        !log.contains("s3cret-pw"),
+        "a debug line shows the password: {log}"
+    );
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use testkit::process::{failed_run, free_port};
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
@@ -245,4 +246,43 @@ async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_
         "the consumer made again delivered the new events only"
     );
     restarted.stop().await;
+}
+
+/// With `auth.service_credentials_required` every server URL carries a secret: the
+/// projector and its operator commands, failing over a server, name it but never show
+/// its password.
+#[test]
+fn a_failure_over_a_server_names_it_but_not_its_password() {
+    let env = TestEnv::new();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let check = |args: &[&str], extra: &[(&str, &str)], shown: &str| {
+        let stderr = failed_run(env!("CARGO_BIN_EXE_projector"), args, &env, extra);
+        assert!(stderr.contains(shown), "{args:?} names {shown}: {stderr}");
+        assert!(
+            !stderr.contains("s3cret-pw"),
+            "{args:?} shows the secret: {stderr}"
+        );
+    };
+    let nats_down = (
+        "PIPELINE__NATS__URL",
+        "nats://operator:s3cret-pw@127.0.0.1:1",
+    );
+    for command in [&["dlq", "list"][..], &["rebuild"]] {
+        check(
+            command,
+            &[nats_down],
+            "connecting to NATS at nats://operator:***@127.0.0.1:1",
+        );
+    }
+    check(
+        &["run"],
+        &[
+            ("PIPELINE__PROJECTOR__ADMIN_LISTEN", &admin),
+            (
+                "PIPELINE__REDIS__URL",
+                "redis://:s3cret-pw@127.0.0.1:notaport",
+            ),
+        ],
+        "redis.url (PIPELINE__REDIS__URL) redis://:***@127.0.0.1:notaport",
+    );
 }

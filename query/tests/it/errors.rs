@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use contract::settings::Settings;
+use testkit::process::{failed_run, free_port};
 use testkit::{eventually, TestEnv};
 
 use crate::support::{assert_problem, ensure_streams, spawn_projector, Ingest, Query, DEADLINE};
@@ -183,4 +184,29 @@ async fn readiness_names_each_dependency_that_does_not_answer() {
         query.stop().await;
     }
     ingest.stop().await;
+}
+
+/// With `auth.service_credentials_required` every server URL carries a secret: a start
+/// refused over the Redis URL names the server but never its password.
+#[test]
+fn a_start_refused_over_the_redis_url_names_it_but_not_its_password() {
+    let env = TestEnv::new();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let stderr = failed_run(
+        env!("CARGO_BIN_EXE_query"),
+        &[],
+        &env,
+        &[
+            ("PIPELINE__QUERY__LISTEN", &listen),
+            (
+                "PIPELINE__REDIS__URL",
+                "redis://:s3cret-pw@127.0.0.1:notaport",
+            ),
+        ],
+    );
+    assert!(
+        stderr.contains("redis.url (PIPELINE__REDIS__URL) redis://:***@127.0.0.1:notaport"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pw"), "shows the secret: {stderr}");
 }
