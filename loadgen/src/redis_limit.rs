@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use contract::settings::redacted;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 
@@ -17,14 +18,15 @@ redis.call('HSET', KEYS[1], 'last', ARGV[1])
 return 1";
 
 pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
-    let client = redis::Client::open(url).with_context(|| format!("Redis URL {url}"))?;
+    let client =
+        redis::Client::open(url).with_context(|| format!("Redis URL {}", redacted(url)))?;
     tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),
     )
     .await
-    .with_context(|| format!("connecting to Redis at {url} timed out"))?
-    .with_context(|| format!("connecting to Redis at {url}"))
+    .with_context(|| format!("connecting to Redis at {} timed out", redacted(url)))?
+    .with_context(|| format!("connecting to Redis at {}", redacted(url)))
 }
 
 /// A prefix that can be used in `SCAN MATCH <prefix>*` without matching anything else:
