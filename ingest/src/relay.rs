@@ -291,6 +291,13 @@ impl Relay {
                             collided = collision.sequences;
                             stream_check_due = true;
                         }
+                        // A round the stop ended (its rows handed back) is no failure.
+                        Err(error) if shutdown.is_cancelled() => {
+                            tracing::info!(
+                                error = format!("{error:#}"),
+                                "relay round ended by the stop"
+                            );
+                        }
                         Err(error) => {
                             metrics::counter!("relay_errors_total").increment(1);
                             tracing::warn!(
