@@ -291,13 +291,6 @@ impl Relay {
                             collided = collision.sequences;
                             stream_check_due = true;
                         }
-                        // A round the stop ended (its rows handed back) is no failure.
-                        Err(error) if shutdown.is_cancelled() => {
-                            tracing::info!(
-                                error = format!("{error:#}"),
-                                "relay round ended by the stop"
-                            );
-                        }
                         Err(error) => {
                             metrics::counter!("relay_errors_total").increment(1);
                             tracing::warn!(
@@ -388,13 +381,14 @@ impl Relay {
         };
         metrics::counter!("relay_retries_total").increment(handed_back as u64);
         let marked = round?;
-        if marked < claimed {
+        // Rows a stop handed back are the stop's doing, not a failed round.
+        if marked < claimed && !shutdown.is_cancelled() {
             anyhow::bail!(
                 "{} of {claimed} publishes were not acknowledged",
                 claimed - marked
             );
         }
-        Ok(claimed)
+        Ok(marked)
     }
 
     /// Publishes the claimed rows, awaits their PubAcks, marks the acknowledged ones
