@@ -365,18 +365,8 @@ fn carries_credentials(url: &str) -> bool {
     let Some((scheme, rest)) = url.split_once("://") else {
         return false;
     };
-    if scheme == "unix" {
-        return true;
-    }
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let has_userinfo_secret =
-        authority
-            .rsplit_once('@')
-            .is_some_and(|(userinfo, _)| match userinfo.split_once(':') {
-                Some((_, password)) => !password.is_empty(),
-                None => scheme == "nats" || scheme == "tls",
-            });
-    has_userinfo_secret
+    scheme == "unix"
+        || userinfo_secret(url).is_some_and(|(_, secret, _)| !secret.is_empty())
         || rest
             .split_once('?')
             .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("password=")))
@@ -389,34 +379,35 @@ fn carries_credentials(url: &str) -> bool {
 /// carries a secret, so no error or log line may print one as it stands.
 pub fn redacted(url: &str) -> String {
     url.split(',')
-        .map(redacted_one)
+        .map(|url| {
+            let hidden = match userinfo_secret(url) {
+                Some((before, _, after)) => format!("{before}***{after}"),
+                None => url.to_owned(),
+            };
+            without_password_values(&hidden)
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
 
-fn redacted_one(url: &str) -> String {
+/// The secret in a URL's userinfo, as (the text before it, it, the text after it): the
+/// password of `user:password@` or `:password@`, or a NATS token (`token@`; elsewhere a
+/// user name alone is no secret). `None` when the userinfo holds none.
+fn userinfo_secret(url: &str) -> Option<(&str, &str, &str)> {
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, url),
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let userinfo = match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***"),
-                // `token@` is a secret for NATS; elsewhere a user name alone is not.
-                None if matches!(scheme, Some("nats" | "tls")) => "***".to_owned(),
-                None => userinfo.to_owned(),
-            };
-            format!("{userinfo}@{host}")
-        }
-        None => authority.to_owned(),
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let secret_start = match userinfo.find(':') {
+        Some(colon) => colon + 1,
+        None if matches!(scheme, Some("nats" | "tls")) => 0,
+        None => return None,
     };
-    let prefix = scheme
-        .map(|scheme| format!("{scheme}://"))
-        .unwrap_or_default();
-    without_password_values(&format!("{prefix}{authority}{tail}"))
+    let offset = url.len() - rest.len();
+    let (start, end) = (offset + secret_start, offset + userinfo.len());
+    Some((&url[..start], &url[start..end], &url[end..]))
 }
 
 /// `text` with the value of each `password=` (a URL parameter, or a key of a libpq
