@@ -115,12 +115,7 @@ async fn before_postgres_ever_answered_ingest_is_alive_not_ready_and_refuses_rea
     settings.database.url = "postgres://postgres@127.0.0.1:1/telemetry".to_owned();
     let ingest = Ingest::start(&settings);
 
-    let healthz = ingest
-        .http
-        .get(format!("{}/healthz", ingest.base_url))
-        .send()
-        .await
-        .expect("healthz answers while PostgreSQL does not");
+    let healthz = ingest.get("/healthz").await;
     assert_eq!(healthz.status(), 200);
     testkit::settled_readiness(&ingest.base_url, Some("postgres")).await;
     let single = ingest.post("k-1", &reading("sensor-1", 1.0)).await;

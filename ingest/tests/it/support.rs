@@ -56,6 +56,15 @@ impl Ingest {
         }
     }
 
+    /// `GET` of `path` (e.g. `/readyz`) on ingest's listener.
+    pub async fn get(&self, path: &str) -> Response {
+        self.http
+            .get(format!("{}{path}", self.base_url))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     /// `POST /v1/telemetry` with a JSON body and an idempotency key.
     pub async fn post(&self, key: &str, body: &Value) -> Response {
         self.post_text(key, body.to_string()).await

@@ -368,12 +368,7 @@ async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
         assert!(response.headers().get("retry-after").is_some());
         assert_problem(response, 503, "unavailable").await;
     }
-    let ready = ingest
-        .http
-        .get(format!("{}/readyz", ingest.base_url))
-        .send()
-        .await
-        .expect("sent");
+    let ready = ingest.get("/readyz").await;
     assert_eq!(ready.status().as_u16(), 503);
 
     reopen_database(&env).await;
@@ -389,12 +384,7 @@ async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
 async fn unknown_routes_are_404_problems() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
-    let response = ingest
-        .http
-        .get(format!("{}/v1/nothing", ingest.base_url))
-        .send()
-        .await
-        .expect("sent");
+    let response = ingest.get("/v1/nothing").await;
     assert_problem(response, 404, "not-found").await;
     ingest.stop().await;
 }
