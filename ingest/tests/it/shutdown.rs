@@ -126,6 +126,7 @@ async fn before_postgres_ever_answered_ingest_is_alive_not_ready_and_refuses_rea
             {"idempotency_key": "k-2", "device_id": "sensor-1", "metrics": {"t": 1}}
         ]}))
         .await;
+    assert!(batch.headers().contains_key("retry-after"));
     assert_problem(batch, 503, "unavailable").await;
 
     ingest
