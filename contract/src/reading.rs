@@ -6,7 +6,7 @@
 //! (device id pattern, metric names, timestamps out of bounds) fails in
 //! [`ReadingBody::validate`] and is a `422 invalid-reading` listing every broken rule.
 
-use std::collections::BTreeMap;
+use std::collections::{btree_map::Entry, BTreeMap};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -30,6 +30,7 @@ pub struct ReadingBody {
     pub device_id: String,
     #[serde(default)]
     pub recorded_at: Option<String>,
+    #[serde(deserialize_with = "metrics_named_once")]
     pub metrics: BTreeMap<String, serde_json::Value>,
 }
 
@@ -54,6 +55,7 @@ pub struct BatchItem {
     pub device_id: String,
     #[serde(default)]
     pub recorded_at: Option<String>,
+    #[serde(deserialize_with = "metrics_named_once")]
     pub metrics: BTreeMap<String, serde_json::Value>,
 }
 
@@ -67,6 +69,52 @@ impl BatchItem {
         };
         (self.idempotency_key, reading)
     }
+}
+
+/// The `metrics` object, refused when it names a metric twice.
+///
+/// `{"temperature": 21.5, "temperature": 99}` is well-formed JSON, but which value the
+/// device meant is anyone's guess: a plain map keeps the last one and drops the other
+/// without a word. A top-level field given twice fails decoding (`invalid-json`), so a
+/// metric given twice does too, naming it.
+fn metrics_named_once<'de, D>(
+    deserializer: D,
+) -> Result<BTreeMap<String, serde_json::Value>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct NamedOnce;
+
+    impl<'de> serde::de::Visitor<'de> for NamedOnce {
+        type Value = BTreeMap<String, serde_json::Value>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("an object of metric names and values")
+        }
+
+        fn visit_map<A>(self, mut entries: A) -> Result<Self::Value, A::Error>
+        where
+            A: serde::de::MapAccess<'de>,
+        {
+            let mut metrics = BTreeMap::new();
+            while let Some((name, value)) = entries.next_entry::<String, serde_json::Value>()? {
+                match metrics.entry(name) {
+                    Entry::Vacant(entry) => {
+                        entry.insert(value);
+                    }
+                    Entry::Occupied(entry) => {
+                        return Err(serde::de::Error::custom(format!(
+                            "metric `{}` is given more than once",
+                            printable(entry.key())
+                        )));
+                    }
+                }
+            }
+            Ok(metrics)
+        }
+    }
+
+    deserializer.deserialize_map(NamedOnce)
 }
 
 /// One broken rule, named by the field it concerns (`metrics.temp`, `recorded_at`).
@@ -325,6 +373,24 @@ mod tests {
         let decoded: Result<ReadingBody, _> =
             serde_json::from_str(r#"{"device_id":"d","metrics":{"t":1},"extra":true}"#);
         assert!(decoded.is_err());
+    }
+
+    #[test]
+    fn a_metric_named_twice_fails_decoding_and_is_named() {
+        let error = serde_json::from_str::<ReadingBody>(
+            r#"{"device_id":"d","metrics":{"temperature":21.5,"humidity":40,"temperature":99}}"#,
+        )
+        .expect_err("a metric given twice is refused");
+        assert!(
+            error
+                .to_string()
+                .contains("metric `temperature` is given more than once"),
+            "{error}"
+        );
+        let item = serde_json::from_str::<BatchItem>(
+            r#"{"idempotency_key":"k","device_id":"d","metrics":{"t":1,"t":1}}"#,
+        );
+        assert!(item.is_err(), "even with the same value twice");
     }
 
     #[test]

@@ -14,33 +14,52 @@ fn item(key: &str, device: &str, temperature: f64) -> Value {
 }
 
 /// A field given twice is `invalid-json` in a batch item as it is in a single POST
-/// (each item follows the rules of §1), and fails only its own item.
+/// (each item follows the rules of §1), and fails only its own item. A metric named
+/// twice is a field given twice too: neither value is kept in place of the other.
 #[tokio::test]
 async fn a_field_given_twice_fails_its_item_as_it_fails_a_single_post() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
-    let twice = r#"{"device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}}"#;
-    let single = ingest.post_text("single", twice.to_owned()).await;
-    assert_problem(single, 400, "invalid-json").await;
+    let twice = [
+        (
+            r#""device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}"#,
+            "duplicate field `device_id`",
+        ),
+        (
+            r#""device_id": "gw-1", "metrics": {"temperature": 1, "temperature": 99}"#,
+            "metric `temperature` is given more than once",
+        ),
+    ];
+    for (index, (fields, named)) in twice.iter().enumerate() {
+        let single = ingest
+            .post_text(&format!("single-{index}"), format!("{{{fields}}}"))
+            .await;
+        let problem = assert_problem(single, 400, "invalid-json").await;
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(named), "{problem}");
 
-    let item_twice = r#"{"idempotency_key": "k-1", "device_id": "gw-1", "device_id": "gw-2", "metrics": {"temperature": 1}}"#;
-    let good = item("k-2", "gw-1", 2.0);
-    let response = ingest
-        .post_batch_text(format!(r#"{{"readings": [{item_twice}, {good}]}}"#))
-        .await;
-    assert_eq!(response.status().as_u16(), 200);
-    let answer: Value = response.json().await.expect("json");
-    assert_eq!(answer["results"][0]["status"], "rejected", "{answer}");
-    assert!(answer["results"][0]["error"]["type"]
-        .as_str()
-        .unwrap_or_default()
-        .ends_with("/problems/invalid-json"));
-    assert_eq!(answer["results"][1]["status"], "accepted", "{answer}");
+        let item_twice = format!(r#"{{"idempotency_key": "twice-{index}", {fields}}}"#);
+        let good = item(&format!("good-{index}"), "gw-1", 2.0);
+        let response = ingest
+            .post_batch_text(format!(r#"{{"readings": [{item_twice}, {good}]}}"#))
+            .await;
+        assert_eq!(response.status().as_u16(), 200);
+        let answer: Value = response.json().await.expect("json");
+        let rejected = &answer["results"][0];
+        assert_eq!(rejected["status"], "rejected", "{answer}");
+        assert!(rejected["error"]["type"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("/problems/invalid-json"));
+        let detail = rejected["error"]["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(named), "{answer}");
+        assert_eq!(answer["results"][1]["status"], "accepted", "{answer}");
+    }
     let db = env.postgres().await;
     assert_eq!(
         count(&db, "readings").await,
-        1,
-        "only the good item is stored"
+        2,
+        "only the good items are stored"
     );
     ingest.stop().await;
 }
