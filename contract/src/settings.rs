@@ -189,6 +189,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// Longest duration any setting may hold: 100 years, in seconds.
+///
+/// Each duration ends up added to a clock (`recorded_at` is checked against
+/// now + `ingest.max_future_secs`), in a PostgreSQL interval or in JetStream's
+/// nanoseconds, where a value with a few zeros too many overflows: every reading with a
+/// `recorded_at` then lost its answer to a panic. Refused at start instead, naming the key.
+pub const DURATION_MAX_SECS: u64 = 100 * 365 * 24 * 60 * 60;
+
+/// The environment variable that sets `key` (`ingest.max_future_secs` →
+/// `PIPELINE__INGEST__MAX_FUTURE_SECS`), as API.md §8 spells them.
+pub fn environment_variable(key: &str) -> String {
+    format!("PIPELINE__{}", key.to_uppercase().replace('.', "__"))
+}
+
+/// "`key` (`VARIABLE`)": how every message about a setting names it.
+pub fn key_and_variable(key: &str) -> String {
+    format!("{key} ({})", environment_variable(key))
+}
+
+/// The message for a server URL its client library cannot use: names the key and the
+/// URL with its secrets hidden ([`redacted`]).
+pub fn unusable_url(key: &str, url: &str) -> String {
+    format!("{} {} is not usable", key_and_variable(key), redacted(url))
+}
+
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -232,7 +257,8 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), SettingsError> {
-        let invalid = |key: &str, rule: &str| Err(SettingsError(format!("{key} {rule}")));
+        let invalid =
+            |key: &str, rule: &str| Err(SettingsError(format!("{} {rule}", key_and_variable(key))));
         let token = |text: &str| {
             !text.is_empty()
                 && text
@@ -240,36 +266,26 @@ impl Settings {
                     .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
         };
         if !token(&self.nats.stream) {
-            return invalid(
-                "nats.stream (PIPELINE__NATS__STREAM)",
-                "must be letters, digits, '_' or '-'",
-            );
+            return invalid("nats.stream", "must be letters, digits, '_' or '-'");
         }
         if !token(&self.nats.consumer) {
-            return invalid(
-                "nats.consumer (PIPELINE__NATS__CONSUMER)",
-                "must be letters, digits, '_' or '-'",
-            );
+            return invalid("nats.consumer", "must be letters, digits, '_' or '-'");
         }
         if self.redis.prefix.contains(['{', '}']) {
             return invalid(
-                "redis.prefix (PIPELINE__REDIS__PREFIX)",
+                "redis.prefix",
                 "may not contain '{' or '}' (they mark hash tags)",
             );
         }
         for (key, url, schemes) in [
             (
-                "database.url (PIPELINE__DATABASE__URL)",
+                "database.url",
                 &self.database.url,
                 &["postgres://", "postgresql://"][..],
             ),
+            ("nats.url", &self.nats.url, &["nats://", "tls://"][..]),
             (
-                "nats.url (PIPELINE__NATS__URL)",
-                &self.nats.url,
-                &["nats://", "tls://"][..],
-            ),
-            (
-                "redis.url (PIPELINE__REDIS__URL)",
+                "redis.url",
                 &self.redis.url,
                 &["redis://", "rediss://", "unix://"][..],
             ),
@@ -277,19 +293,11 @@ impl Settings {
             if !schemes.iter().any(|scheme| url.starts_with(scheme)) {
                 return invalid(key, &format!("must start with {}", schemes.join(" or ")));
             }
-        }
-        if self.auth.service_credentials_required {
-            for (key, url) in [
-                ("database.url (PIPELINE__DATABASE__URL)", &self.database.url),
-                ("nats.url (PIPELINE__NATS__URL)", &self.nats.url),
-                ("redis.url (PIPELINE__REDIS__URL)", &self.redis.url),
-            ] {
-                if !carries_credentials(url) {
-                    return invalid(
-                        key,
-                        "carries no credentials (user:password@ or a NATS token@), which auth.service_credentials_required demands",
-                    );
-                }
+            if self.auth.service_credentials_required && !carries_credentials(url) {
+                return invalid(
+                    key,
+                    "carries no credentials (user:password@ or a NATS token@), which auth.service_credentials_required demands",
+                );
             }
         }
         for (key, value) in [
@@ -313,31 +321,118 @@ impl Settings {
                 return invalid(key, "must be at least 1");
             }
         }
+        for (key, value) in [
+            ("relay.batch_size", self.relay.batch_size),
+            ("relay.prune_batch", self.relay.prune_batch),
+        ] {
+            if value < 1 {
+                return invalid(key, "must be at least 1");
+            }
+        }
         if self.http.max_header_bytes < 8192 {
-            return invalid(
-                "http.max_header_bytes (PIPELINE__HTTP__MAX_HEADER_BYTES)",
-                "must be at least 8192",
-            );
+            return invalid("http.max_header_bytes", "must be at least 8192");
         }
         if self.relay.stream_check_interval_ms == 0 {
-            return invalid(
-                "relay.stream_check_interval_ms (PIPELINE__RELAY__STREAM_CHECK_INTERVAL_MS)",
-                "must be at least 1",
-            );
+            return invalid("relay.stream_check_interval_ms", "must be at least 1");
         }
         if self.relay.idle_in_transaction_timeout_ms == 0 {
             return invalid(
-                "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS)",
+                "relay.idle_in_transaction_timeout_ms",
                 "must be at least 1 (0 would turn the timeout off)",
             );
         }
-        if self.relay.batch_size < 1 || self.relay.prune_batch < 1 {
+        if self.relay.idle_in_transaction_timeout_ms > i32::MAX as u64 {
             return invalid(
-                "relay.batch_size and relay.prune_batch",
-                "must be at least 1",
+                "relay.idle_in_transaction_timeout_ms",
+                &format!(
+                    "must be at most {} (PostgreSQL's idle_in_transaction_session_timeout is a 32-bit count of milliseconds)",
+                    i32::MAX
+                ),
             );
         }
+        for (key, seconds) in self.durations_in_seconds() {
+            if seconds > DURATION_MAX_SECS {
+                return invalid(
+                    key,
+                    &format!("must be at most 100 years ({DURATION_MAX_SECS} s)"),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Every duration setting with its length in whole seconds (milliseconds rounded
+    /// down), for the one bound they all share.
+    fn durations_in_seconds(&self) -> [(&'static str, u64); 21] {
+        let seconds = |milliseconds: u64| milliseconds / 1000;
+        [
+            (
+                "database.connect_timeout_ms",
+                seconds(self.database.connect_timeout_ms),
+            ),
+            ("nats.max_age_secs", self.nats.max_age_secs),
+            (
+                "nats.duplicate_window_secs",
+                self.nats.duplicate_window_secs,
+            ),
+            ("ingest.max_future_secs", self.ingest.max_future_secs),
+            ("ingest.max_age_secs", self.ingest.max_age_secs),
+            (
+                "ingest.idempotency_retention_secs",
+                self.ingest.idempotency_retention_secs,
+            ),
+            (
+                "ingest.reading_retention_secs",
+                self.ingest.reading_retention_secs,
+            ),
+            (
+                "ingest.commit_interval_ms",
+                seconds(self.ingest.commit_interval_ms),
+            ),
+            (
+                "ingest.notify_interval_ms",
+                seconds(self.ingest.notify_interval_ms),
+            ),
+            (
+                "ingest.request_timeout_ms",
+                seconds(self.ingest.request_timeout_ms),
+            ),
+            (
+                "relay.round_interval_ms",
+                seconds(self.relay.round_interval_ms),
+            ),
+            (
+                "relay.poll_interval_ms",
+                seconds(self.relay.poll_interval_ms),
+            ),
+            (
+                "relay.published_retention_secs",
+                self.relay.published_retention_secs,
+            ),
+            (
+                "relay.prune_interval_ms",
+                seconds(self.relay.prune_interval_ms),
+            ),
+            (
+                "relay.stream_check_interval_ms",
+                seconds(self.relay.stream_check_interval_ms),
+            ),
+            (
+                "relay.idle_in_transaction_timeout_ms",
+                seconds(self.relay.idle_in_transaction_timeout_ms),
+            ),
+            ("projector.ack_wait_secs", self.projector.ack_wait_secs),
+            (
+                "projector.dedup_horizon_secs",
+                self.projector.dedup_horizon_secs,
+            ),
+            (
+                "http.header_read_timeout_ms",
+                seconds(self.http.header_read_timeout_ms),
+            ),
+            ("auth.cache_ttl_secs", self.auth.cache_ttl_secs),
+            ("log.shutdown_grace_secs", self.log.shutdown_grace_secs),
+        ]
     }
 
     /// The request deadline of the ingest service.
@@ -456,6 +551,43 @@ mod tests {
             settings.projector.admin_listen.to_string(),
             "127.0.0.1:9092"
         );
+    }
+
+    /// The shipped defaults with `key` set to `value`, as a layer would set it.
+    fn defaults_with(key: &str, value: u64) -> Settings {
+        config::Config::builder()
+            .add_source(config::File::from(config_dir().join("default.toml")))
+            .set_override(key, value)
+            .and_then(|builder| builder.build())
+            .and_then(|layers| layers.try_deserialize())
+            .expect("the defaults with one override deserialize")
+    }
+
+    #[test]
+    fn a_duration_past_100_years_is_refused_naming_its_key_and_variable() {
+        let defaults = Settings::load_from(&config_dir(), "dev").expect("defaults load");
+        for (key, _) in defaults.durations_in_seconds() {
+            let unit = if key.ends_with("_ms") { 1000 } else { 1 };
+            if key != "relay.idle_in_transaction_timeout_ms" {
+                let longest = defaults_with(key, DURATION_MAX_SECS * unit);
+                assert!(longest.validate().is_ok(), "100 years of {key} is allowed");
+            }
+            let error = defaults_with(key, (DURATION_MAX_SECS + 1) * unit)
+                .validate()
+                .expect_err("over 100 years");
+            assert!(
+                error.to_string().contains(&key_and_variable(key)),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            environment_variable("ingest.max_future_secs"),
+            "PIPELINE__INGEST__MAX_FUTURE_SECS"
+        );
+        let error = defaults_with("relay.idle_in_transaction_timeout_ms", 1 << 31)
+            .validate()
+            .expect_err("past PostgreSQL's range");
+        assert!(error.to_string().contains("at most 2147483647"), "{error}");
     }
 
     #[test]

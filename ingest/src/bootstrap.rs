@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use contract::settings::{redacted, HttpSettings, LogFormat, LogSettings};
+use contract::settings::{unusable_url, HttpSettings, LogFormat, LogSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -49,12 +49,7 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .connection_timeout(Duration::from_secs(2))
         .connect(url)
         .await
-        .with_context(|| {
-            format!(
-                "nats.url (PIPELINE__NATS__URL) {} is not usable",
-                redacted(url)
-            )
-        })
+        .with_context(|| unusable_url("nats.url", url))
 }
 
 /// Whether the client is connected to NATS now (it reconnects by itself): a request

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use contract::settings::DatabaseSettings;
+use contract::settings::{unusable_url, DatabaseSettings};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -41,7 +41,7 @@ const MIGRATION_LOCK: i64 = 0x7e1e_0001;
 /// Parses the configured URL, with the configured connect timeout.
 pub fn pg_config(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::Config> {
     let mut config = tokio_postgres::Config::from_str(&settings.url)
-        .context("database.url (PIPELINE__DATABASE__URL) is not a PostgreSQL URL")?;
+        .with_context(|| unusable_url("database.url", &settings.url))?;
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
     if config.get_application_name().is_none() {
         config.application_name("telemetry-pipeline");

@@ -25,7 +25,7 @@ pub mod rebuild;
 use std::time::Duration;
 
 use anyhow::Context;
-use contract::settings::{redacted, Settings};
+use contract::settings::{redacted, unusable_url, Settings};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,12 +48,8 @@ pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Reb
 
 /// The Redis client of the configured URL; it connects only when used.
 fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
-    redis::Client::open(settings.redis.url.as_str()).with_context(|| {
-        format!(
-            "redis.url (PIPELINE__REDIS__URL) {} is not usable",
-            redacted(&settings.redis.url)
-        )
-    })
+    redis::Client::open(settings.redis.url.as_str())
+        .with_context(|| unusable_url("redis.url", &settings.redis.url))
 }
 
 /// Runs a projector and its admin server until `shutdown`.

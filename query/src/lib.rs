@@ -16,7 +16,7 @@ pub mod tracking;
 use std::sync::Arc;
 
 use anyhow::Context;
-use contract::settings::{redacted, Settings};
+use contract::settings::{unusable_url, Settings};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -29,12 +29,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = ingest::bootstrap::install_metrics();
     let info = redis::IntoConnectionInfo::into_connection_info(settings.redis.url.as_str())
-        .with_context(|| {
-            format!(
-                "redis.url (PIPELINE__REDIS__URL) {} is not usable",
-                redacted(&settings.redis.url)
-            )
-        })?;
+        .with_context(|| unusable_url("redis.url", &settings.redis.url))?;
     // RESP3, for the invalidation pushes that keep validity reads fresh (`tracking`).
     let resp3 = info
         .redis_settings()

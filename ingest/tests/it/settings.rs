@@ -32,6 +32,25 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             ("PIPELINE__INGEST__COMMIT_CONCURRENCY", "0"),
             "ingest.commit_concurrency",
         ),
+        // A duration past 100 years, which `now + max_future` would overflow: ingest used
+        // to start, and every reading with a `recorded_at` lost its answer to a panic.
+        (
+            ingest,
+            "PIPELINE__INGEST__LISTEN",
+            ("PIPELINE__INGEST__MAX_FUTURE_SECS", "99999999999999"),
+            "ingest.max_future_secs (PIPELINE__INGEST__MAX_FUTURE_SECS)",
+        ),
+        // Past PostgreSQL's range for its session setting: the relay ran, but never got a
+        // connection, and its `/readyz` blamed PostgreSQL.
+        (
+            relay,
+            "PIPELINE__RELAY__ADMIN_LISTEN",
+            (
+                "PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                "3000000000",
+            ),
+            "relay.idle_in_transaction_timeout_ms",
+        ),
         // A value of the wrong type.
         (
             relay,
