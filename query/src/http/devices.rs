@@ -230,19 +230,7 @@ pub async fn list(
             })?,
     };
     let now_ms = unix_millis(OffsetDateTime::now_utc());
-    let (snapshot_ms, after) = match query.cursor.as_deref() {
-        None => (now_ms, None),
-        Some(cursor) => decode_cursor(cursor)?,
-    };
-    if now_ms - snapshot_ms > LISTING_TTL_MS {
-        return Err(invalid(
-            "cursor",
-            format!(
-                "has expired: a listing must be walked within {} minutes; start again without a cursor",
-                LISTING_TTL_MS / 60_000
-            ),
-        ));
-    }
+    let (snapshot_ms, after) = walk_from(query.cursor.as_deref(), now_ms)?;
     let page = state
         .read_model
         .devices(limit, snapshot_ms, after.as_deref())
@@ -271,6 +259,27 @@ pub async fn list(
 /// index entry it continues after. Every part is safe in a URL.
 fn encode_cursor(snapshot_ms: i64, entry: &str) -> String {
     format!("{snapshot_ms}.{}", entry.replacen(':', ".", 1))
+}
+
+/// Where a walk of the list stands: a new walk begins at `now_ms`; a cursor continues
+/// the walk it came from, until that walk is older than the listing TTL. A cursor is
+/// client input, so its snapshot may be any number: the age saturates rather than
+/// overflow.
+fn walk_from(cursor: Option<&str>, now_ms: i64) -> Result<(i64, Option<String>), ApiError> {
+    let Some(cursor) = cursor else {
+        return Ok((now_ms, None));
+    };
+    let (snapshot_ms, after) = decode_cursor(cursor)?;
+    if now_ms.saturating_sub(snapshot_ms) > LISTING_TTL_MS {
+        return Err(invalid(
+            "cursor",
+            format!(
+                "has expired: a listing must be walked within {} minutes; start again without a cursor",
+                LISTING_TTL_MS / 60_000
+            ),
+        ));
+    }
+    Ok((snapshot_ms, after))
 }
 
 fn decode_cursor(cursor: &str) -> Result<(i64, Option<String>), ApiError> {
@@ -448,4 +457,25 @@ fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError>
         wanted.push(name.to_owned());
     }
     Ok(Some(wanted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_continues_its_walk_until_the_listing_ttl_and_any_snapshot_is_safe() {
+        let now_ms = 1_800_000_000_000;
+        assert_eq!(walk_from(None, now_ms).ok(), Some((now_ms, None)));
+        let cursor = encode_cursor(now_ms - 1_000, "1799999990000:sensor-1");
+        let (snapshot_ms, after) = walk_from(Some(&cursor), now_ms).expect("a fresh cursor");
+        assert_eq!(snapshot_ms, now_ms - 1_000);
+        assert_eq!(after.as_deref(), Some("1799999990000:sensor-1"));
+        let stale = encode_cursor(now_ms - LISTING_TTL_MS - 1, "1:sensor-1");
+        assert!(walk_from(Some(&stale), now_ms).is_err());
+        for snapshot_ms in [i64::MIN, i64::MIN + 1, -1] {
+            let forged = format!("{snapshot_ms}.0.sensor-1");
+            assert!(walk_from(Some(&forged), now_ms).is_err(), "{forged}");
+        }
+    }
 }
