@@ -5,6 +5,7 @@
 mod auth;
 mod end_to_end;
 mod errors;
+mod fuzz;
 mod metrics;
 mod openapi;
 mod read_model;

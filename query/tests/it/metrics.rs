@@ -1,46 +1,12 @@
 //! The metrics of the `query` binary (README, "Operator's runbook"): requests by route
 //! and status, and their latency, served on `/metrics` and moving with each request.
 
-use std::collections::BTreeMap;
-
-use contract::event::TelemetryRecorded;
-
-use contract::timestamp::{from_unix_millis, unix_millis};
-use projector::apply::{Delivered, ReadModel};
 use testkit::process::ServiceProcess;
 use testkit::TestEnv;
-use time::OffsetDateTime;
-use uuid::Uuid;
+
+use crate::support::one_projected_reading;
 
 const STATS: (&str, &str) = ("route", "/v1/devices/{device_id}/stats");
-
-/// Makes generation 1 live and applies one reading of `device` to it, as the projector
-/// would have.
-async fn one_projected_reading(env: &TestEnv, device: &str) {
-    env.set_live_generation(1).await;
-    let mut redis = env.redis().await;
-    let now = OffsetDateTime::now_utc();
-    let event = TelemetryRecorded::new(
-        Uuid::now_v7(),
-        device.to_owned(),
-        from_unix_millis(unix_millis(now) - 1_000).expect("in range"),
-        now,
-        BTreeMap::from([("temperature".to_owned(), 21.5)]),
-    );
-    let applied = ReadModel::new(env.settings.redis.prefix.clone(), 60_000)
-        .apply(
-            &mut redis,
-            &[1],
-            &[Delivered {
-                event,
-                stream_sequence: 1,
-            }],
-            unix_millis(now),
-        )
-        .await
-        .expect("applied");
-    assert_eq!(applied.applied, 1);
-}
 
 #[tokio::test]
 async fn query_metrics_count_stats_requests_by_status_and_time_them() {

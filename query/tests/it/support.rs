@@ -1,11 +1,17 @@
 //! Starting the services in this process on port 0, and talking to them over HTTP.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use contract::event::TelemetryRecorded;
 use contract::settings::Settings;
+use contract::timestamp::{from_unix_millis, unix_millis};
+use projector::apply::{Delivered, ReadModel};
 use reqwest::{Client, Response};
 use serde_json::Value;
 use testkit::{eventually, Running, TestEnv};
+use time::OffsetDateTime;
+use uuid::Uuid;
 
 /// How long a test waits for a service to come up or catch up.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -180,6 +186,34 @@ pub async fn ensure_streams(env: &TestEnv) {
     ingest::relay::ensure_streams(&env.jetstream().await, &env.settings.nats)
         .await
         .expect("streams created");
+}
+
+/// Makes generation 1 live and applies one reading of `device` to it, as the projector
+/// would have.
+pub async fn one_projected_reading(env: &TestEnv, device: &str) {
+    env.set_live_generation(1).await;
+    let mut redis = env.redis().await;
+    let now = OffsetDateTime::now_utc();
+    let event = TelemetryRecorded::new(
+        Uuid::now_v7(),
+        device.to_owned(),
+        from_unix_millis(unix_millis(now) - 1_000).expect("in range"),
+        now,
+        BTreeMap::from([("temperature".to_owned(), 21.5)]),
+    );
+    let applied = ReadModel::new(env.settings.redis.prefix.clone(), 60_000)
+        .apply(
+            &mut redis,
+            &[1],
+            &[Delivered {
+                event,
+                stream_sequence: 1,
+            }],
+            unix_millis(now),
+        )
+        .await
+        .expect("applied");
+    assert_eq!(applied.applied, 1);
 }
 
 pub use testkit::assert_problem;
