@@ -24,6 +24,7 @@ use contract::subjects::Subjects;
 use rand::Rng;
 
 mod figures;
+pub mod fuzz;
 mod private_nats;
 mod split_mix;
 pub use figures::{assert_same_figures, Sums};

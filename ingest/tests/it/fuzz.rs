@@ -3,6 +3,7 @@
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
+use testkit::fuzz::{check_answer, run_cases};
 use testkit::TestEnv;
 
 use crate::support::Ingest;
@@ -123,27 +124,7 @@ async fn send(ingest: &Ingest, request: &Request) -> Result<(), TestCaseError> {
             builder = builder.header(name, value.as_str());
         }
     }
-    let response = builder
-        .send()
-        .await
-        .map_err(|error| TestCaseError::fail(format!("no answer: {error}")))?;
-    let status = response.status().as_u16();
-    prop_assert!(status < 500, "server error {status} for {request:?}");
-    if status >= 400 {
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        prop_assert_eq!(content_type, "application/problem+json");
-        let problem: Value = response
-            .json()
-            .await
-            .map_err(|error| TestCaseError::fail(format!("problem is not json: {error}")))?;
-        prop_assert_eq!(problem["status"].as_u64(), Some(u64::from(status)));
-    }
-    Ok(())
+    check_answer(builder.send().await, request).await
 }
 
 #[test]
@@ -154,11 +135,7 @@ fn random_requests_never_cause_a_panic_or_a_5xx_and_refusals_are_problems() {
     let mut with_auth = TestEnv::new();
     with_auth.settings.auth.enabled = true;
     let guarded = runtime.block_on(Ingest::spawn(&with_auth.settings));
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 300,
-        ..ProptestConfig::default()
-    });
-    let outcome = runner.run(&request(), |request| {
+    run_cases(300, &request(), |request| {
         runtime.block_on(async {
             send(&ingest, &request).await?;
             send(&guarded, &request).await
@@ -168,7 +145,4 @@ fn random_requests_never_cause_a_panic_or_a_5xx_and_refusals_are_problems() {
         ingest.stop().await;
         guarded.stop().await;
     });
-    if let Err(error) = outcome {
-        panic!("{error}");
-    }
 }

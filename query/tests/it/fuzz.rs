@@ -3,7 +3,7 @@
 //! cause a panic or a 5xx, and every refusal is a problem document (API.md §3, §4).
 
 use proptest::prelude::*;
-use serde_json::Value;
+use testkit::fuzz::{check_answer, run_cases};
 use testkit::TestEnv;
 
 use crate::support::{one_projected_reading, Query};
@@ -138,30 +138,8 @@ async fn send(query: &Query, request: &Request) -> Result<(), TestCaseError> {
         .get(format!("{}{}", query.base_url, request.path))
         .query(&request.parameters)
         .send()
-        .await
-        .map_err(|error| TestCaseError::fail(format!("no answer to {request:?}: {error}")))?;
-    let status = response.status().as_u16();
-    prop_assert!(status < 500, "server error {status} for {request:?}");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let expected = if status >= 400 {
-        "application/problem+json"
-    } else {
-        "application/json"
-    };
-    prop_assert_eq!(content_type.as_str(), expected, "for {:?}", request);
-    let body: Value = response
-        .json()
-        .await
-        .map_err(|error| TestCaseError::fail(format!("not JSON for {request:?}: {error}")))?;
-    if status >= 400 {
-        prop_assert_eq!(body["status"].as_u64(), Some(u64::from(status)));
-    }
-    Ok(())
+        .await;
+    check_answer(response, request).await
 }
 
 #[test]
@@ -174,15 +152,8 @@ fn random_paths_and_parameters_never_cause_a_panic_or_a_5xx_and_refusals_are_pro
         query.first_document("sensor-1", "sensor-1's stats").await;
         query
     });
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
-        cases: 1000,
-        ..ProptestConfig::default()
-    });
-    let outcome = runner.run(&request(), |request| {
+    run_cases(1000, &request(), |request| {
         runtime.block_on(send(&query, &request))
     });
     runtime.block_on(query.stop());
-    if let Err(error) = outcome {
-        panic!("{error}");
-    }
 }
