@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use ingest::bootstrap::{nats_connected, Backoff};
 
 use crate::apply::{AsOf, Delivered, ReadModel};
+use crate::eviction::EvictionWatch;
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
 /// While a pull waits, the server says every this long that it still holds it; two
@@ -813,16 +814,22 @@ pub async fn take_anchor(rebuild: &Rebuild) {
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
 /// a Redis restart) or when a rebuild was abandoned by a process that died. Several
 /// projectors may run this; the rebuild lock lets one of them do the work. Every second
-/// it also looks at the durable consumer (`watch_consumer`).
+/// it also looks at the durable consumer (`watch_consumer`), and every few seconds at
+/// whether Redis may evict keys ([`EvictionWatch`]).
 pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
     let mut redis = rebuild.redis.clone();
     let prefix = rebuild.read_model.prefix.clone();
     let mut consumer_watch = ConsumerWatch::new(&rebuild);
+    let mut eviction_watch = EvictionWatch::default();
     while !shutdown.is_cancelled() {
         let generations = tokio::select! {
             _ = shutdown.cancelled() => break,
             generations = Generations::read(&mut redis, &prefix) => generations,
         };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            () = eviction_watch.look(&mut redis) => {}
+        }
         let needed = match generations {
             Ok(Generations {
                 current: None,

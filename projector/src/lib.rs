@@ -11,6 +11,7 @@
 //! - [`consumer`]: the consume loop, acking and dead-lettering.
 //! - [`apply`]: grouping a batch by device and calling `apply.lua`.
 //! - [`dlq`]: listing and re-driving dead letters (`projector dlq`).
+//! - [`eviction`]: whether Redis may evict the read model's keys.
 //! - [`rebuild`]: generations, `projector rebuild`, and healing a lost read model.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.
 //! - `lock`: expiring locks in Redis (the rebuild's, the consumer repair's).
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod apply;
 pub mod consumer;
 pub mod dlq;
+pub mod eviction;
 mod lock;
 pub mod rebuild;
 

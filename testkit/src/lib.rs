@@ -26,11 +26,13 @@ use rand::Rng;
 mod figures;
 pub mod fuzz;
 mod private_nats;
+mod private_redis;
 mod split_mix;
 pub use figures::{assert_same_figures, Sums};
 pub use private_nats::{
     stream_messages_dir, truncate_stream_store, PrivateNats, NATS_SERVER_BINARY,
 };
+pub use private_redis::PrivateRedis;
 pub mod process;
 pub mod prometheus;
 mod running;

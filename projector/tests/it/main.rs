@@ -4,6 +4,7 @@
 
 mod apply;
 mod dead_letters;
+mod eviction;
 mod lifecycle;
 mod metrics;
 mod projection;

@@ -1,0 +1,136 @@
+//! Redis running out of memory (README, *Securing a deployment*). A server that may
+//! evict keys would drop figures and the applied event ids that stop double counts, so
+//! a projector says so; a full server that refuses writes loses nothing and counts
+//! nothing twice.
+
+use std::time::Duration;
+
+use testkit::process::ServiceProcess;
+use testkit::{eventually, PrivateRedis, TestEnv};
+
+use crate::support::{
+    assert_same_figures, consumer_info, drained, event, live_generation, now_ms, projected,
+    publish_many, reference, streams, Projector, Sums, CATCH_UP,
+};
+
+const MAY_EVICT: &str = "projector_redis_may_evict";
+
+fn projector_on(env: &TestEnv, redis: &PrivateRedis) -> ServiceProcess {
+    ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_projector"),
+        env,
+        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
+        &[("PIPELINE__REDIS__URL", &redis.url())],
+    )
+}
+
+async fn reports(projector: &ServiceProcess, value: f64, what: &str) {
+    projector
+        .metrics_until(Duration::from_secs(20), what, |scrape| {
+            (scrape.value(MAY_EVICT, &[]) == Some(value)).then_some(())
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_projector_reports_a_redis_that_may_evict_keys_and_when_it_no_longer_may() {
+    let env = TestEnv::new();
+    streams(&env).await;
+    let evicting =
+        PrivateRedis::start(&["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]);
+    let refusing =
+        PrivateRedis::start(&["--maxmemory", "64mb", "--maxmemory-policy", "noeviction"]);
+    let on_evicting = projector_on(&env, &evicting);
+    let on_refusing = projector_on(&env, &refusing);
+    reports(
+        &on_evicting,
+        1.0,
+        "allkeys-lru with a memory limit may evict",
+    )
+    .await;
+    reports(&on_refusing, 0.0, "noeviction never evicts").await;
+
+    assert_eq!(
+        evicting.command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "+OK"
+    );
+    reports(&on_evicting, 0.0, "the policy changed to noeviction").await;
+    assert_eq!(
+        refusing.command(&["CONFIG", "SET", "maxmemory-policy", "volatile-lru"]),
+        "+OK"
+    );
+    reports(&on_refusing, 1.0, "volatile-lru evicts the keys with a TTL").await;
+    assert_eq!(
+        refusing.command(&["CONFIG", "SET", "maxmemory", "0"]),
+        "+OK"
+    );
+    reports(&on_refusing, 0.0, "no memory limit, nothing to evict").await;
+
+    for projector in [on_evicting, on_refusing] {
+        assert!(projector.terminate().await.success());
+    }
+}
+
+/// A full `noeviction` server refuses the apply scripts (a script stops at its first
+/// write, before it changed anything), so the projector acks nothing and retries, while
+/// JetStream redelivers; once the server has room, every event counts exactly once.
+#[tokio::test]
+async fn a_full_redis_refuses_the_applies_and_every_event_counts_once_when_it_has_room() {
+    let redis = PrivateRedis::start(&["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]);
+    let mut env = TestEnv::new();
+    env.settings.redis.url = redis.url();
+    env.settings.projector.ack_wait_secs = 1;
+    let jetstream = streams(&env).await;
+    let projector = Projector::spawn(&env.settings).await;
+    live_generation(&env).await;
+
+    // A write that starts under the limit goes through, so one large value fills it.
+    assert_eq!(
+        redis.command(&["SETRANGE", "filler", "16777216", "x"]),
+        ":16777217"
+    );
+    let refused = redis.command(&["SET", "probe", "1"]);
+    assert!(refused.starts_with("-OOM"), "the server is full: {refused}");
+
+    let events: Vec<_> = (0..300)
+        .map(|index| {
+            let device = format!("sensor-{}", index % 6);
+            let at = now_ms() - 60_000 + index;
+            event(&device, at, &[("temperature", index as f64 / 4.0)])
+        })
+        .collect();
+    let messages: Vec<_> = events
+        .iter()
+        .map(|event| (event.clone(), event.event_id.to_string()))
+        .collect();
+    let last = *publish_many(&env, &jetstream, &messages)
+        .await
+        .last()
+        .expect("published");
+    // Past the ack wait the messages come again: the projector kept failing to apply
+    // them and acked none.
+    let held = eventually(CATCH_UP, "redeliveries while Redis is full", || async {
+        let info = consumer_info(&env, &jetstream).await;
+        (info.num_redelivered > 0).then_some(info)
+    })
+    .await;
+    assert_eq!(
+        held.ack_floor.stream_sequence, 0,
+        "nothing acked while full"
+    );
+    for device in (0..6).map(|index| format!("sensor-{index}")) {
+        assert!(
+            env.device_stats(&device).await.is_none(),
+            "{device}: nothing applied while full"
+        );
+    }
+
+    assert_eq!(redis.command(&["DEL", "filler"]), ":1");
+    drained(&env, &jetstream, last).await;
+    let expected = reference(&events);
+    let actual = projected(&env, &expected).await;
+    for (device, want) in &expected {
+        assert_same_figures(device, &actual[device], want, Sums::Exact);
+    }
+    projector.stop().await;
+}
