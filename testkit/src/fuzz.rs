@@ -16,12 +16,7 @@ pub async fn check_answer(
     if status >= 500 {
         return Err(fail(format!("server error {status}")));
     }
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let content_type = crate::content_type(&response);
     let expected = if status >= 400 {
         "application/problem+json"
     } else {

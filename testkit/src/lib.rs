@@ -313,12 +313,7 @@ pub async fn settled_readiness(admin_url: &str, down: Option<&str>) -> serde_jso
         || async {
             let response = http.get(format!("{admin_url}/readyz")).send().await.ok()?;
             let status = response.status().as_u16();
-            let content_type = response
-                .headers()
-                .get("content-type")?
-                .to_str()
-                .ok()?
-                .to_owned();
+            let content_type = content_type(&response);
             let body: serde_json::Value = response.json().await.ok()?;
             let settled = match down {
                 Some(name) => body["detail"] == format!("not answering: {name}"),
@@ -343,6 +338,16 @@ pub async fn settled_readiness(admin_url: &str, down: Option<&str>) -> serde_jso
     body
 }
 
+/// An answer's `Content-Type`, empty when it has none (or one that is not text).
+pub fn content_type(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Asserts a problem+json answer (API.md §3) with `status` and problem type `slug`,
 /// carrying no internal detail (SQL, addresses, stack frames, crate names); returns it.
 pub async fn assert_problem(
@@ -352,14 +357,9 @@ pub async fn assert_problem(
 ) -> serde_json::Value {
     let url = response.url().to_string();
     assert_eq!(response.status().as_u16(), status, "status of {url}");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
     assert_eq!(
-        content_type, "application/problem+json",
+        content_type(&response),
+        "application/problem+json",
         "content type of {url}"
     );
     let text = response.text().await.expect("body");

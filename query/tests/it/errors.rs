@@ -101,11 +101,8 @@ async fn requests_axum_rejects_before_a_handler_runs_are_problems_too() {
         .expect("sent");
     assert_eq!(response.status().as_u16(), 405);
     assert_eq!(
-        response
-            .headers()
-            .get("content-type")
-            .and_then(|value| value.to_str().ok()),
-        Some("application/problem+json"),
+        testkit::content_type(&response),
+        "application/problem+json",
         "405 is a problem document"
     );
     query.stop().await;
