@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use contract::settings::{unusable_url, DatabaseSettings};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime,
+};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -75,6 +79,7 @@ pub fn pool_with_config(
     // commits spread over 16 busy backends and auth-on ran 10-16% slower; with LIFO,
     // 1-3 busy backends and auth on within the run-to-run noise of auth off.
     Pool::builder(manager)
+        .post_create(durable_commits())
         .queue_mode(QueueMode::Lifo)
         .max_size(settings.pool_size)
         .runtime(Runtime::Tokio1)
@@ -83,6 +88,50 @@ pub fn pool_with_config(
         .recycle_timeout(Some(timeout))
         .build()
         .context("building the PostgreSQL pool")
+}
+
+/// Reads `synchronous_commit` and `fsync` as a new session sees them, and turns
+/// `synchronous_commit` on for the session if the server, database or role turned it off.
+const DURABLE_COMMITS: &str = "SELECT current_setting('synchronous_commit'), \
+    current_setting('fsync'), \
+    CASE WHEN current_setting('synchronous_commit') = 'off' \
+        THEN set_config('synchronous_commit', 'on', false) END";
+
+/// Every session a pool opens commits durably. A `202` promises a reading that
+/// survives a crash, and with `synchronous_commit = off` (set on the server, the
+/// database or the role, often as tuning) a commit returns before its WAL is flushed,
+/// so a crash loses the last readings acknowledged. The session turns it back on; every
+/// other value (`local`, `remote_write`, `on`, `remote_apply`) flushes locally first
+/// and is kept. `fsync = off`, which no session can change, is only reported. Each
+/// finding is logged once per process.
+fn durable_commits() -> Hook {
+    static SYNCHRONOUS_COMMIT_OFF: AtomicBool = AtomicBool::new(false);
+    static FSYNC_OFF: AtomicBool = AtomicBool::new(false);
+    Hook::async_fn(|client, _| {
+        Box::pin(async move {
+            let row = client
+                .query_one(DURABLE_COMMITS, &[])
+                .await
+                .map_err(HookError::Backend)?;
+            let synchronous_commit: String = row.try_get(0).map_err(HookError::Backend)?;
+            let fsync: String = row.try_get(1).map_err(HookError::Backend)?;
+            if synchronous_commit == "off" && !SYNCHRONOUS_COMMIT_OFF.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "PostgreSQL's synchronous_commit is off for this database or role: this \
+                     process turns it on in each of its sessions, since an accepted reading must \
+                     survive a crash"
+                );
+            }
+            if fsync == "off" && !FSYNC_OFF.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "PostgreSQL runs with fsync = off: a crash of its host can lose or corrupt \
+                     committed readings, whatever this process does; turn fsync on"
+                );
+            }
+            Ok(())
+        })
+    })
 }
 
 /// Opens one connection outside the pool, driving it on its own task.

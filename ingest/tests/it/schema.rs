@@ -69,3 +69,33 @@ async fn migration_6_drops_the_device_index_of_a_database_that_has_it() {
     assert_eq!(readings, [100], "the readings stay");
     assert_eq!(applied_versions(&db).await, migration_file_versions());
 }
+
+/// A `202` promises a reading that survives a crash: where the database (or server, or
+/// role) has `synchronous_commit = off`, every pooled session turns it back on; a
+/// setting that still flushes locally is left as the operator chose it.
+#[tokio::test]
+async fn pooled_sessions_commit_durably_whatever_the_database_default() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let db = env.postgres().await;
+    let database = &env.database;
+    for (default, pooled) in [
+        ("off", "on"),
+        ("local", "local"),
+        ("remote_apply", "remote_apply"),
+    ] {
+        db.batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" SET synchronous_commit = {default}"
+        ))
+        .await
+        .expect("database default set");
+        let plain = env.postgres().await;
+        let show = "SHOW synchronous_commit";
+        let plain_sees: String = plain.query_one(show, &[]).await.expect("show").get(0);
+        assert_eq!(plain_sees, default, "a new plain session gets the default");
+        let pool = ingest::db::pool(&env.settings.database).expect("pool");
+        let session = pool.get().await.expect("pooled session");
+        let pooled_sees: String = session.query_one(show, &[]).await.expect("show").get(0);
+        assert_eq!(pooled_sees, pooled, "a pooled session under {default}");
+    }
+}
