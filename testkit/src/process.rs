@@ -39,17 +39,26 @@ pub async fn terminate(mut child: Child, name: &str) -> ExitStatus {
     .expect("exit status")
 }
 
+/// `program` on `env`'s resources ([`TestEnv::process_env`]) with `extra` variables on
+/// top, its stdin, stdout and stderr null until the caller pipes what it reads.
+pub fn service_command(program: &str, env: &TestEnv, extra: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(program);
+    command
+        .envs(env.process_env())
+        .envs(extra.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
 /// Runs `program` with `args` on `env`'s resources ([`TestEnv::process_env`]) and
 /// `extra` variables on top, and expects it to stop by itself, unsuccessfully, within
 /// 10 s: a start or a command refused. Returns what it wrote to stderr.
 pub fn failed_run(program: &str, args: &[&str], env: &TestEnv, extra: &[(&str, &str)]) -> String {
     let what = format!("{program} {} with {extra:?}", args.join(" "));
-    let mut child = Command::new(program)
+    let mut child = service_command(program, env, extra)
         .args(args)
-        .envs(env.process_env())
-        .envs(extra.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|error| panic!("{what} starts: {error}"));
@@ -87,13 +96,9 @@ impl ServiceProcess {
     /// variables on top. Its output is discarded.
     pub fn spawn(program: &str, env: &TestEnv, listen_key: &str, extra: &[(&str, &str)]) -> Self {
         let port = free_port();
-        let child = Command::new(program)
-            .envs(env.process_env())
-            .env(listen_key, format!("127.0.0.1:{port}"))
+        let listen = format!("127.0.0.1:{port}");
+        let child = service_command(program, env, &[(listen_key, &listen)])
             .envs(extra.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|error| panic!("{program} starts: {error}"));
         Self {

@@ -1,12 +1,13 @@
 //! The outbox relay: what it publishes, and that a crash between publish and mark
 //! neither loses nor duplicates an event.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use contract::settings::Settings;
 use serde_json::Value;
+use testkit::process::service_command;
 use testkit::prometheus::Scrape;
 use testkit::{eventually, Running, TestEnv};
 
@@ -42,10 +43,7 @@ pub fn spawn_projector(settings: &Settings) -> Running<anyhow::Result<()>> {
 
 /// Starts the relay binary, pointed at this test's database and stream.
 fn spawn_relay_process(env: &TestEnv) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_relay"))
-        .envs(env.process_env())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    service_command(env!("CARGO_BIN_EXE_relay"), env, &[])
         .spawn()
         .expect("relay binary starts")
 }

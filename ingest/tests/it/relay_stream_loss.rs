@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use contract::settings::Settings;
-use testkit::process::{signal, terminate};
+use testkit::process::{service_command, signal, terminate};
 use testkit::{eventually, PrivateNats, TestEnv};
 use uuid::Uuid;
 
@@ -387,13 +387,13 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     let db = env.postgres().await;
     stall_marking(&db, 2).await;
     let mut paused_process = RelayProcess(Some(
-        Command::new(env!("CARGO_BIN_EXE_relay"))
-            .envs(env.process_env())
-            .env("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("relay binary starts"),
+        service_command(
+            env!("CARGO_BIN_EXE_relay"),
+            &env,
+            &[("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000")],
+        )
+        .spawn()
+        .expect("relay binary starts"),
     ));
     let paused_id = paused_process
         .0

@@ -4,11 +4,11 @@
 //! one must stop the run rather than measure the defaults twice.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testkit::process::{failed_run, free_port, signal};
+use testkit::process::{failed_run, free_port, service_command, signal};
 use testkit::TestEnv;
 
 #[test]
@@ -107,19 +107,20 @@ fn a_start_refused_over_a_server_url_names_the_server_but_not_its_secret() {
 /// The relay's log at `level` with NATS unreachable at a URL with a password: read
 /// until it holds `until`, then for `more`; the relay is then stopped.
 fn relay_log_with_nats_down(env: &TestEnv, level: &str, until: &str, more: Duration) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .envs(env.process_env())
-        .env(
-            "PIPELINE__RELAY__ADMIN_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env("PIPELINE__NATS__URL", "nats://relay:s3cret-pw@127.0.0.1:1")
-        .env("PIPELINE__LOG__LEVEL", level)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("relay starts");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = service_command(
+        env!("CARGO_BIN_EXE_relay"),
+        env,
+        &[
+            ("PIPELINE__RELAY__ADMIN_LISTEN", &listen),
+            ("PIPELINE__NATS__URL", "nats://relay:s3cret-pw@127.0.0.1:1"),
+            ("PIPELINE__LOG__LEVEL", level),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("relay starts");
     let log = Arc::new(Mutex::new(String::new()));
     let readers: Vec<_> = [
         Box::new(child.stdout.take().expect("stdout piped")) as Box<dyn Read + Send>,

@@ -3,10 +3,10 @@
 //! not ready, refuses readings, and stops at once.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use testkit::process::{free_port, service_command};
 use testkit::{assert_problem, eventually, TestEnv};
 
 use crate::support::{column, reading, Ingest};
@@ -14,17 +14,15 @@ use crate::support::{column, reading, Ingest};
 #[tokio::test]
 async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
     let env = TestEnv::new();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        probe.local_addr().expect("address").port()
-    };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
-        .envs(env.process_env())
-        .env("PIPELINE__INGEST__LISTEN", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("ingest starts");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = service_command(
+        env!("CARGO_BIN_EXE_ingest"),
+        &env,
+        &[("PIPELINE__INGEST__LISTEN", &listen)],
+    )
+    .spawn()
+    .expect("ingest starts");
     let base_url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
