@@ -363,13 +363,8 @@ impl Settings {
 
     /// Every duration setting with its length in whole seconds (milliseconds rounded
     /// down), for the one bound they all share.
-    fn durations_in_seconds(&self) -> [(&'static str, u64); 21] {
-        let seconds = |milliseconds: u64| milliseconds / 1000;
-        [
-            (
-                "database.connect_timeout_ms",
-                seconds(self.database.connect_timeout_ms),
-            ),
+    fn durations_in_seconds(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        let seconds = [
             ("nats.max_age_secs", self.nats.max_age_secs),
             (
                 "nats.duplicate_window_secs",
@@ -386,53 +381,46 @@ impl Settings {
                 self.ingest.reading_retention_secs,
             ),
             (
-                "ingest.commit_interval_ms",
-                seconds(self.ingest.commit_interval_ms),
-            ),
-            (
-                "ingest.notify_interval_ms",
-                seconds(self.ingest.notify_interval_ms),
-            ),
-            (
-                "ingest.request_timeout_ms",
-                seconds(self.ingest.request_timeout_ms),
-            ),
-            (
-                "relay.round_interval_ms",
-                seconds(self.relay.round_interval_ms),
-            ),
-            (
-                "relay.poll_interval_ms",
-                seconds(self.relay.poll_interval_ms),
-            ),
-            (
                 "relay.published_retention_secs",
                 self.relay.published_retention_secs,
-            ),
-            (
-                "relay.prune_interval_ms",
-                seconds(self.relay.prune_interval_ms),
-            ),
-            (
-                "relay.stream_check_interval_ms",
-                seconds(self.relay.stream_check_interval_ms),
-            ),
-            (
-                "relay.idle_in_transaction_timeout_ms",
-                seconds(self.relay.idle_in_transaction_timeout_ms),
             ),
             ("projector.ack_wait_secs", self.projector.ack_wait_secs),
             (
                 "projector.dedup_horizon_secs",
                 self.projector.dedup_horizon_secs,
             ),
-            (
-                "http.header_read_timeout_ms",
-                seconds(self.http.header_read_timeout_ms),
-            ),
             ("auth.cache_ttl_secs", self.auth.cache_ttl_secs),
             ("log.shutdown_grace_secs", self.log.shutdown_grace_secs),
-        ]
+        ];
+        let milliseconds = [
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
+            ("ingest.commit_interval_ms", self.ingest.commit_interval_ms),
+            ("ingest.notify_interval_ms", self.ingest.notify_interval_ms),
+            ("ingest.request_timeout_ms", self.ingest.request_timeout_ms),
+            ("relay.round_interval_ms", self.relay.round_interval_ms),
+            ("relay.poll_interval_ms", self.relay.poll_interval_ms),
+            ("relay.prune_interval_ms", self.relay.prune_interval_ms),
+            (
+                "relay.stream_check_interval_ms",
+                self.relay.stream_check_interval_ms,
+            ),
+            (
+                "relay.idle_in_transaction_timeout_ms",
+                self.relay.idle_in_transaction_timeout_ms,
+            ),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+        ];
+        seconds.into_iter().chain(
+            milliseconds
+                .into_iter()
+                .map(|(key, milliseconds)| (key, milliseconds / 1000)),
+        )
     }
 
     /// The request deadline of the ingest service.
