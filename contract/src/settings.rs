@@ -208,6 +208,12 @@ pub fn key_and_variable(key: &str) -> String {
     format!("{key} ({})", environment_variable(key))
 }
 
+/// "connecting to `server` at `url`", with the URL's secrets hidden ([`redacted`]): the
+/// context of every failed connection, so that none prints a password.
+pub fn connecting_to(server: &str, url: &str) -> String {
+    format!("connecting to {server} at {}", redacted(url))
+}
+
 /// The message for a server URL its client library cannot use: names the key and the
 /// URL with its secrets hidden ([`redacted`]).
 pub fn unusable_url(key: &str, url: &str) -> String {

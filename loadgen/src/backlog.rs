@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use async_nats::jetstream;
 use contract::reading::Reading;
-use contract::settings::{redacted, DatabaseSettings};
+use contract::settings::{connecting_to, DatabaseSettings};
 use futures::StreamExt;
 use ingest::outbox_notify::Notifier;
 use ingest::store::{GroupCommit, NewReading, Outcome, Store};
@@ -32,7 +32,7 @@ pub async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     )
     .await
     .context("connecting to PostgreSQL timed out")?
-    .with_context(|| format!("connecting to PostgreSQL at {}", redacted(url)))?;
+    .with_context(|| connecting_to("PostgreSQL", url))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use async_nats::jetstream::{self, stream};
 use contract::event::{headers, TelemetryRecorded, EVENT_TYPE, VERSION};
-use contract::settings::redacted;
+use contract::settings::connecting_to;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -23,7 +23,7 @@ pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
         .connection_timeout(Duration::from_secs(5))
         .connect(url)
         .await
-        .with_context(|| format!("connecting to NATS at {}", redacted(url)))
+        .with_context(|| connecting_to("NATS", url))
 }
 
 /// Subjects of the throw-away stream: `<lowercase name>.x.>`.

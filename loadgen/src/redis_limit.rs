@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use contract::settings::redacted;
+use contract::settings::{connecting_to, redacted};
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 
@@ -25,8 +25,8 @@ pub async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
         client.get_multiplexed_async_connection(),
     )
     .await
-    .with_context(|| format!("connecting to Redis at {} timed out", redacted(url)))?
-    .with_context(|| format!("connecting to Redis at {}", redacted(url)))
+    .with_context(|| format!("{} timed out", connecting_to("Redis", url)))?
+    .with_context(|| connecting_to("Redis", url))
 }
 
 /// A prefix that can be used in `SCAN MATCH <prefix>*` without matching anything else:

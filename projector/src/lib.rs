@@ -27,7 +27,7 @@ pub mod rebuild;
 use std::time::Duration;
 
 use anyhow::Context;
-use contract::settings::{redacted, unusable_url, Settings};
+use contract::settings::{connecting_to, unusable_url, Settings};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -41,10 +41,10 @@ pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Reb
         .connection_timeout(Duration::from_secs(5))
         .connect(&settings.nats.url)
         .await
-        .with_context(|| format!("connecting to NATS at {}", redacted(&settings.nats.url)))?;
+        .with_context(|| connecting_to("NATS", &settings.nats.url))?;
     let redis = ConnectionManager::new(redis_client(settings)?)
         .await
-        .with_context(|| format!("connecting to Redis at {}", redacted(&settings.redis.url)))?;
+        .with_context(|| connecting_to("Redis", &settings.redis.url))?;
     Ok(Projector::new(settings, nats, redis).rebuild())
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use contract::settings::{redacted, Settings};
+use contract::settings::{connecting_to, Settings};
 use ingest::bootstrap;
 use projector::rebuild::RebuildError;
 
@@ -15,7 +15,7 @@ const USAGE: &str =
 async fn dead_letters(settings: &Settings) -> anyhow::Result<()> {
     let client = async_nats::connect(&settings.nats.url)
         .await
-        .with_context(|| format!("connecting to NATS at {}", redacted(&settings.nats.url)))?;
+        .with_context(|| connecting_to("NATS", &settings.nats.url))?;
     let jetstream = async_nats::jetstream::new(client);
     let subjects = contract::subjects::Subjects::for_stream(&settings.nats.stream);
     let args: Vec<String> = std::env::args().skip(2).collect();
