@@ -5,12 +5,11 @@
 //! that any number of processes may start at once. Applying them twice is a no-op.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use contract::settings::{unusable_url, DatabaseSettings};
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime,
 };
