@@ -197,6 +197,14 @@ pub enum LogFormat {
 /// `recorded_at` then lost its answer to a panic. Refused at start instead, naming the key.
 pub const DURATION_MAX_SECS: u64 = 100 * 365 * 24 * 60 * 60;
 
+/// Smallest limit `ingest.max_body_bytes` and `ingest.max_batch_body_bytes` may have.
+///
+/// The largest valid reading (a 64-character device id, 32 metrics of 64-character names,
+/// the longest numbers and timestamp), written without white space, is about 3 KiB, and
+/// a batch holding it as its one item a little more: so every device's reading fits.
+/// A limit of 0 started ingest and answered every POST 413.
+pub const BODY_MIN_BYTES: usize = 4096;
+
 /// The environment variable that sets `key` (`ingest.max_future_secs` →
 /// `PIPELINE__INGEST__MAX_FUTURE_SECS`), as API.md §8 spells them.
 pub fn environment_variable(key: &str) -> String {
@@ -306,46 +314,33 @@ impl Settings {
                 );
             }
         }
-        for (key, value) in [
-            ("database.pool_size", self.database.pool_size),
-            ("ingest.commit_batch_max", self.ingest.commit_batch_max),
-            ("ingest.commit_concurrency", self.ingest.commit_concurrency),
-            (
-                "ingest.commit_parallel_min",
-                self.ingest.commit_parallel_min,
-            ),
-            ("ingest.queue_capacity", self.ingest.queue_capacity),
-            ("projector.batch_size", self.projector.batch_size),
-            (
-                "projector.batches_in_flight",
-                self.projector.batches_in_flight,
-            ),
-            ("relay.rounds_in_flight", self.relay.rounds_in_flight),
-            ("http.max_connections", self.http.max_connections),
-        ] {
-            if value == 0 {
-                return invalid(key, "must be at least 1");
+        for (key, below_one, zero_would) in self.at_least_one() {
+            if below_one {
+                let rule = match zero_would {
+                    "" => "must be at least 1".to_owned(),
+                    zero_would => format!("must be at least 1 (0 {zero_would})"),
+                };
+                return invalid(key, &rule);
             }
         }
-        for (key, value) in [
-            ("relay.batch_size", self.relay.batch_size),
-            ("relay.prune_batch", self.relay.prune_batch),
+        for (key, bytes) in [
+            ("ingest.max_body_bytes", self.ingest.max_body_bytes),
+            (
+                "ingest.max_batch_body_bytes",
+                self.ingest.max_batch_body_bytes,
+            ),
         ] {
-            if value < 1 {
-                return invalid(key, "must be at least 1");
+            if bytes < BODY_MIN_BYTES {
+                return invalid(
+                    key,
+                    &format!(
+                        "must be at least {BODY_MIN_BYTES} (every valid reading written without white space fits in that; a smaller limit answers some with 413)"
+                    ),
+                );
             }
         }
         if self.http.max_header_bytes < 8192 {
             return invalid("http.max_header_bytes", "must be at least 8192");
-        }
-        if self.relay.stream_check_interval_ms == 0 {
-            return invalid("relay.stream_check_interval_ms", "must be at least 1");
-        }
-        if self.relay.idle_in_transaction_timeout_ms == 0 {
-            return invalid(
-                "relay.idle_in_transaction_timeout_ms",
-                "must be at least 1 (0 would turn the timeout off)",
-            );
         }
         if self.relay.idle_in_transaction_timeout_ms > i32::MAX as u64 {
             return invalid(
@@ -364,7 +359,101 @@ impl Settings {
                 );
             }
         }
+        if self.projector.dedup_horizon_secs <= self.projector.ack_wait_secs {
+            return invalid(
+                "projector.dedup_horizon_secs",
+                &format!(
+                    "must exceed projector.ack_wait_secs ({} s): an applied event whose ack was lost comes back after the ack wait, and past the horizon it would count twice",
+                    self.projector.ack_wait_secs
+                ),
+            );
+        }
+        if self.nats.max_age_secs != 0 && self.nats.duplicate_window_secs > self.nats.max_age_secs {
+            return invalid(
+                "nats.duplicate_window_secs",
+                &format!(
+                    "must be at most nats.max_age_secs ({} s): JetStream refuses a duplicate window longer than the stream keeps its messages",
+                    self.nats.max_age_secs
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// Every setting that must be at least 1, whether it is below that, and what 0 would
+    /// do ("" where a count of 0 plainly cannot work). None of these zeros means "off";
+    /// each started a service that then failed without a word.
+    fn at_least_one(&self) -> [(&'static str, bool, &'static str); 20] {
+        [
+            ("database.pool_size", self.database.pool_size == 0, ""),
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms == 0,
+                "would time out every wait for PostgreSQL at once: ingest's NOTIFY after each commit did",
+            ),
+            (
+                "nats.duplicate_window_secs",
+                self.nats.duplicate_window_secs == 0,
+                "would be JetStream's default of 2 minutes",
+            ),
+            (
+                "ingest.idempotency_retention_secs",
+                self.ingest.idempotency_retention_secs == 0,
+                "would forget every key at the next prune, so a retry would count twice; unlike ingest.reading_retention_secs, 0 does not mean for good",
+            ),
+            (
+                "ingest.request_timeout_ms",
+                self.ingest.request_timeout_ms == 0,
+                "would answer every POST 503",
+            ),
+            ("ingest.commit_batch_max", self.ingest.commit_batch_max == 0, ""),
+            (
+                "ingest.commit_concurrency",
+                self.ingest.commit_concurrency == 0,
+                "",
+            ),
+            (
+                "ingest.commit_parallel_min",
+                self.ingest.commit_parallel_min == 0,
+                "",
+            ),
+            ("ingest.queue_capacity", self.ingest.queue_capacity == 0, ""),
+            ("relay.batch_size", self.relay.batch_size < 1, ""),
+            ("relay.rounds_in_flight", self.relay.rounds_in_flight == 0, ""),
+            (
+                "relay.poll_interval_ms",
+                self.relay.poll_interval_ms == 0,
+                "would poll PostgreSQL without a pause: 13% of a core while idle",
+            ),
+            ("relay.prune_batch", self.relay.prune_batch < 1, ""),
+            (
+                "relay.stream_check_interval_ms",
+                self.relay.stream_check_interval_ms == 0,
+                "",
+            ),
+            (
+                "relay.idle_in_transaction_timeout_ms",
+                self.relay.idle_in_transaction_timeout_ms == 0,
+                "would turn the timeout off",
+            ),
+            ("projector.batch_size", self.projector.batch_size == 0, ""),
+            (
+                "projector.batches_in_flight",
+                self.projector.batches_in_flight == 0,
+                "",
+            ),
+            (
+                "projector.ack_wait_secs",
+                self.projector.ack_wait_secs == 0,
+                "would be JetStream's default of 30 s",
+            ),
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms == 0,
+                "would close, unanswered, a connection whose request head arrives in more than one packet",
+            ),
+            ("http.max_connections", self.http.max_connections == 0, ""),
+        ]
     }
 
     /// Every duration setting with its length in whole seconds (milliseconds rounded
@@ -563,8 +652,13 @@ mod tests {
         for (key, _) in defaults.durations_in_seconds() {
             let unit = if key.ends_with("_ms") { 1000 } else { 1 };
             if key != "relay.idle_in_transaction_timeout_ms" {
-                let longest = defaults_with(key, DURATION_MAX_SECS * unit);
-                assert!(longest.validate().is_ok(), "100 years of {key} is allowed");
+                // Allowed by the bound; a rule between two settings may still refuse it
+                // (no dedup horizon can outlast an ack wait of 100 years).
+                let longest = defaults_with(key, DURATION_MAX_SECS * unit).validate();
+                assert!(
+                    longest.map_or_else(|error| !error.to_string().contains("100 years"), |_| true),
+                    "100 years of {key} is allowed"
+                );
             }
             let error = defaults_with(key, (DURATION_MAX_SECS + 1) * unit)
                 .validate()
@@ -601,6 +695,121 @@ mod tests {
             error.to_string().contains("relay.rounds_in_flight"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_zero_that_is_no_off_switch_is_refused_saying_what_it_would_do() {
+        for (key, would) in [
+            ("database.connect_timeout_ms", "every wait for PostgreSQL"),
+            ("nats.duplicate_window_secs", "JetStream's default"),
+            ("ingest.idempotency_retention_secs", "count twice"),
+            ("ingest.request_timeout_ms", "every POST 503"),
+            ("relay.poll_interval_ms", "without a pause"),
+            ("projector.ack_wait_secs", "JetStream's default of 30 s"),
+            ("http.header_read_timeout_ms", "unanswered"),
+        ] {
+            let error = defaults_with(key, 0).validate().expect_err(key);
+            let message = error.to_string();
+            assert!(
+                message.contains(&key_and_variable(key)) && message.contains("at least 1"),
+                "{message}"
+            );
+            assert!(message.contains(would), "{message}");
+        }
+        // Where 0 is an off switch, it stays one.
+        for key in [
+            "ingest.commit_interval_ms",
+            "ingest.notify_interval_ms",
+            "ingest.rate_limit_per_second",
+            "ingest.reading_retention_secs",
+            "relay.round_interval_ms",
+            "nats.max_age_secs",
+            "auth.cache_ttl_secs",
+        ] {
+            let settings = defaults_with(key, 0);
+            assert!(settings.validate().is_ok(), "0 turns {key} off");
+        }
+    }
+
+    #[test]
+    fn the_dedup_horizon_must_outlast_the_ack_wait() {
+        let mut settings = defaults_with("projector.ack_wait_secs", 900);
+        let error = settings.validate().expect_err("horizon = ack wait");
+        assert!(
+            error.to_string().contains(
+                "projector.dedup_horizon_secs (PIPELINE__PROJECTOR__DEDUP_HORIZON_SECS) must exceed projector.ack_wait_secs (900 s)"
+            ),
+            "{error}"
+        );
+        settings.projector.ack_wait_secs = 899;
+        assert!(settings.validate().is_ok(), "a second shorter is enough");
+        settings.projector.dedup_horizon_secs = 10;
+        assert!(settings.validate().is_err(), "a horizon under the wait");
+    }
+
+    #[test]
+    fn the_duplicate_window_fits_in_what_the_stream_keeps() {
+        let mut settings = defaults_with("nats.max_age_secs", 60);
+        let error = settings
+            .validate()
+            .expect_err("a window of 120 s over 60 s");
+        assert!(
+            error
+                .to_string()
+                .contains("nats.duplicate_window_secs (PIPELINE__NATS__DUPLICATE_WINDOW_SECS) must be at most nats.max_age_secs (60 s)"),
+            "{error}"
+        );
+        settings.nats.duplicate_window_secs = 60;
+        assert!(settings.validate().is_ok(), "as long as the stream keeps");
+        settings.nats.max_age_secs = 0;
+        settings.nats.duplicate_window_secs = 3600;
+        assert!(settings.validate().is_ok(), "a stream without an age limit");
+    }
+
+    #[test]
+    fn every_valid_reading_written_compactly_fits_the_smallest_body_limit() {
+        let metrics: serde_json::Map<String, serde_json::Value> = (0..crate::reading::METRICS_MAX)
+            .map(|index| {
+                let name = format!("m{index:0>63}");
+                (name, serde_json::json!(-2.2250738585072014e-308))
+            })
+            .collect();
+        let device_id = "d".repeat(crate::reading::DEVICE_ID_MAX_LEN);
+        let recorded_at = "2026-12-05T01:23:45.123456789-23:59";
+        let reading = serde_json::json!({
+            "device_id": device_id,
+            "recorded_at": recorded_at,
+            "metrics": metrics,
+        });
+        let mut item = reading.clone();
+        item["idempotency_key"] = "k".repeat(crate::reading::IDEMPOTENCY_KEY_MAX_LEN).into();
+        let batch = serde_json::json!({ "readings": [item] });
+        // 2026-12-05T12:00Z; the reading was recorded 13 h 23 min later.
+        let now = time::OffsetDateTime::from_unix_timestamp(1_796_472_000).expect("a time");
+        let bounds = crate::reading::TimeBounds {
+            max_future: time::Duration::days(2),
+            max_age: time::Duration::days(2),
+        };
+        let body: crate::reading::ReadingBody =
+            serde_json::from_value(reading.clone()).expect("a reading");
+        body.validate(now, bounds)
+            .expect("the largest reading is valid");
+        let (single, batch) = (reading.to_string().len(), batch.to_string().len());
+        assert!(
+            single > 3000 && batch <= BODY_MIN_BYTES,
+            "{single} / {batch}"
+        );
+
+        for key in ["ingest.max_body_bytes", "ingest.max_batch_body_bytes"] {
+            let error = defaults_with(key, BODY_MIN_BYTES as u64 - 1)
+                .validate()
+                .expect_err("a limit some readings do not fit");
+            assert!(
+                error.to_string().contains(&key_and_variable(key)),
+                "{error}"
+            );
+            assert!(defaults_with(key, BODY_MIN_BYTES as u64).validate().is_ok());
+        }
     }
 
     #[test]

@@ -51,6 +51,21 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             ),
             "relay.idle_in_transaction_timeout_ms",
         ),
+        // A zero that is no off switch: ingest started, and every POST got a 503.
+        (
+            ingest,
+            "PIPELINE__INGEST__LISTEN",
+            ("PIPELINE__INGEST__REQUEST_TIMEOUT_MS", "0"),
+            "ingest.request_timeout_ms (PIPELINE__INGEST__REQUEST_TIMEOUT_MS) must be at least 1",
+        ),
+        // Two settings at odds: JetStream refuses the stream (a duplicate window of 2
+        // minutes over a stream that keeps 1), and the relay retried that for good.
+        (
+            relay,
+            "PIPELINE__RELAY__ADMIN_LISTEN",
+            ("PIPELINE__NATS__MAX_AGE_SECS", "60"),
+            "must be at most nats.max_age_secs (60 s)",
+        ),
         // A value of the wrong type.
         (
             relay,
