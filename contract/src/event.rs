@@ -56,6 +56,9 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every [`DecodeError::reason`], as `projector_dlq_total` labels its series.
+    pub const REASONS: [&'static str; 3] = ["undecodable", "unknown-version", "invalid"];
+
     /// The short reason written in the DLQ header.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -145,6 +148,17 @@ impl TelemetryRecorded {
 mod tests {
     use super::*;
     use crate::timestamp;
+
+    #[test]
+    fn every_reason_is_listed_for_the_dead_letter_counter() {
+        for error in [
+            DecodeError::Undecodable(String::new()),
+            DecodeError::UnknownVersion(String::new()),
+            DecodeError::Invalid(String::new()),
+        ] {
+            assert!(DecodeError::REASONS.contains(&error.reason()), "{error}");
+        }
+    }
 
     fn event() -> TelemetryRecorded {
         let at = timestamp::parse("2026-11-22T10:15:30.25Z").expect("valid");

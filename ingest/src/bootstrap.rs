@@ -101,6 +101,18 @@ pub fn install_metrics() -> PrometheusHandle {
     handle
 }
 
+/// Serves each counter, with each label set given, at 0 from the start.
+///
+/// Prometheus sees no increase in a series whose first sample is already 1, so an
+/// alert on `increase(projector_dlq_total[15m]) > 0` missed the first dead letter after
+/// a start, and the one republish a NATS crash causes, if the series appeared only
+/// then (Prometheus's instrumentation guide: "avoid missing metrics").
+pub fn counters_from_zero(counters: &[(&'static str, &[(&'static str, &'static str)])]) {
+    for &(name, labels) in counters {
+        metrics::counter!(name, labels).increment(0);
+    }
+}
+
 /// The TCP listener a server of these `http` settings serves on: its listen backlog
 /// holds `http.max_connections` connections (the kernel caps it at
 /// `net.core.somaxconn`), so as many clients may wait to be accepted as may be served at

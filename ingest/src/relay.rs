@@ -68,6 +68,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = bootstrap::install_metrics();
+    bootstrap::counters_from_zero(&[
+        ("relay_published_total", &[]),
+        ("relay_republished_total", &[]),
+        ("relay_errors_total", &[]),
+    ]);
     let relay = Relay::connect(&settings, "relay").await?;
     let (pool, nats) = (relay.pool.clone(), relay.jetstream.client());
     let readyz = move || {

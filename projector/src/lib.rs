@@ -61,6 +61,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = ingest::bootstrap::install_metrics();
+    ingest::bootstrap::counters_from_zero(&[
+        ("projector_events_applied_total", &[]),
+        ("projector_duplicates_skipped_total", &[]),
+        ("projector_errors_total", &[]),
+        ("projector_consumer_recreated_total", &[]),
+    ]);
+    for reason in contract::event::DecodeError::REASONS {
+        ingest::bootstrap::counters_from_zero(&[("projector_dlq_total", &[("reason", reason)])]);
+    }
     let nats = ingest::bootstrap::connect_nats(&settings.nats.url, "projector").await?;
     let redis_client = redis_client(&settings)?;
     tracing::info!(address = %admin_listener.local_addr()?, "projector admin listening");

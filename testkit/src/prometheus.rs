@@ -64,6 +64,59 @@ impl Scrape {
     }
 }
 
+/// The counters of `deploy/prometheus-alerts.yml` whose alert fires on their first
+/// increase (`increase(name[...]) > 0`, with no `for:`): a process must serve each at 0
+/// from its start, or Prometheus, which sees no increase in a series born at 1, misses
+/// that first event.
+pub fn alerted_at_first_increase() -> Vec<String> {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus-alerts.yml");
+    let rules = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("{} readable: {error}", path.display()));
+    let mut counters = Vec::new();
+    for rule in rules.split("- alert:").skip(1) {
+        let waits = rule
+            .lines()
+            .any(|line| line.trim_start().starts_with("for:"));
+        let Some(expression) = rule
+            .lines()
+            .find_map(|line| line.trim_start().strip_prefix("expr:"))
+        else {
+            continue;
+        };
+        if waits {
+            continue;
+        }
+        for (start, call) in expression.match_indices("increase(") {
+            let rest = &expression[start + call.len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|character| character.is_ascii_alphanumeric() || *character == '_')
+                .collect();
+            let fires_on_any = rest
+                .split_once(')')
+                .is_some_and(|(_, comparison)| comparison.trim_start().starts_with("> 0"));
+            if fires_on_any && !counters.contains(&name) {
+                counters.push(name);
+            }
+        }
+    }
+    counters
+}
+
+/// Asserts that `scrape` (a process just started) serves every counter of
+/// [`alerted_at_first_increase`] whose name starts with `prefix`, and that there is one.
+pub fn assert_alerted_counters_served(scrape: &Scrape, prefix: &str) {
+    let counters: Vec<String> = alerted_at_first_increase()
+        .into_iter()
+        .filter(|name| name.starts_with(prefix))
+        .collect();
+    assert!(!counters.is_empty(), "an alert watches a {prefix} counter");
+    for name in counters {
+        assert!(scrape.has(&name), "{name} is served from the start");
+    }
+}
+
 /// Fetches `url` (a `/metrics` endpoint) and parses it; `None` if it does not answer
 /// 200 within 5 s.
 pub async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> {

@@ -210,6 +210,8 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
         ],
     );
     relay.ready().await;
+    // Before anything was republished: an alert fires on its first increase.
+    testkit::prometheus::assert_alerted_counters_served(&relay.metrics().await, "relay_");
     let stuck = relay
         .metrics_until(
             Duration::from_secs(20),

@@ -34,6 +34,15 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
         )
         .await;
     let start = projector.metrics().await;
+    // Before any dead letter: an alert fires on the first of each reason.
+    testkit::prometheus::assert_alerted_counters_served(&start, "projector_");
+    for reason in contract::event::DecodeError::REASONS {
+        assert_eq!(
+            start.value("projector_dlq_total", &[("reason", reason)]),
+            Some(0.0),
+            "{reason}"
+        );
+    }
 
     // Redis refuses the projector's writes for this device (its record of applied
     // events is a string, so the script's first command fails): the projector keeps
