@@ -242,10 +242,17 @@ impl Projector {
         let mut redis = self.redis.clone();
         let mut delivered = Vec::with_capacity(messages.len());
         let mut to_ack = Vec::with_capacity(messages.len());
+        let mut redelivered = 0;
         for message in messages {
-            let Ok(stream_sequence) = message.info().map(|info| info.stream_sequence) else {
+            let Ok((stream_sequence, deliveries)) = message
+                .info()
+                .map(|info| (info.stream_sequence, info.delivered))
+            else {
                 continue;
             };
+            if deliveries > 1 {
+                redelivered += 1;
+            }
             match decode(&message) {
                 Ok(event) => {
                     delivered.push(Delivered {
@@ -257,6 +264,7 @@ impl Projector {
                 Err(reason) => self.dead_letter(message, stream_sequence, reason).await,
             }
         }
+        metrics::counter!("projector_redelivered_total").increment(redelivered);
         if delivered.is_empty() {
             return;
         }

@@ -66,6 +66,7 @@ pub async fn run(
         ("projector_duplicates_skipped_total", &[]),
         ("projector_errors_total", &[]),
         ("projector_consumer_recreated_total", &[]),
+        ("projector_redelivered_total", &[]),
     ]);
     for reason in contract::event::DecodeError::REASONS {
         ingest::bootstrap::counters_from_zero(&[("projector_dlq_total", &[("reason", reason)])]);

@@ -168,3 +168,76 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
 
     assert_eq!(projector.terminate().await.code(), Some(0));
 }
+
+/// Redeliveries are counted as they arrive (`projector_redelivered_total`, what the
+/// `ProjectorRedeliveries` alert reads), while `projector_consumer_redelivered` is
+/// JetStream's gauge of redelivered messages not yet acked, which falls back to 0.
+#[tokio::test]
+async fn redeliveries_are_counted_as_they_arrive_and_the_unacked_gauge_falls_back() {
+    const HELD: usize = 5;
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_projector"),
+        &env,
+        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
+        // Room for batches beyond the held ones, which wait on Redis, so that the
+        // projector takes the redelivered copies in.
+        &[
+            ("PIPELINE__PROJECTOR__ACK_WAIT_SECS", "1"),
+            ("PIPELINE__PROJECTOR__BATCHES_IN_FLIGHT", "16"),
+        ],
+    );
+    projector.ready().await;
+    let generation = live_generation(&env).await;
+    let start = projector.metrics().await;
+    assert_eq!(start.value("projector_redelivered_total", &[]), Some(0.0));
+
+    // Redis refuses this device's applies (as in the test above): the projector holds
+    // the batch past the 1 s ack wait, and JetStream delivers its messages again.
+    let device = "sensor-1";
+    let blocked = DeviceKeys::new(&env.settings.redis.prefix, generation, device).applied;
+    let mut redis = env.redis().await;
+    let () = redis::cmd("SET")
+        .arg(&blocked)
+        .arg("not a sorted set")
+        .query_async(&mut redis)
+        .await
+        .expect("set");
+    let base = now_ms() - 60_000;
+    for index in 0..HELD {
+        let reading = event(device, base + index as i64, &[("temperature", 1.0)]);
+        publish(&env, &jetstream, &reading).await;
+    }
+    projector
+        .metrics_until(
+            Duration::from_secs(20),
+            "the held messages delivered again, and counted",
+            |scrape| {
+                (scrape.value_or_zero("projector_redelivered_total", &[]) >= HELD as f64
+                    && scrape.value_or_zero("projector_consumer_redelivered", &[]) > 0.0)
+                    .then_some(())
+            },
+        )
+        .await;
+
+    let () = redis::cmd("DEL")
+        .arg(&blocked)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    let caught_up = projector
+        .metrics_until(
+            Duration::from_secs(20),
+            "every event applied once and nothing left unacked",
+            |scrape| {
+                (scrape.value_or_zero("projector_events_applied_total", &[]) == HELD as f64
+                    && scrape.value("projector_consumer_ack_pending", &[]) == Some(0.0)
+                    && scrape.value("projector_consumer_redelivered", &[]) == Some(0.0))
+                .then(|| scrape.clone())
+            },
+        )
+        .await;
+    assert!(caught_up.value_or_zero("projector_redelivered_total", &[]) >= HELD as f64);
+    assert_eq!(projector.terminate().await.code(), Some(0));
+}
