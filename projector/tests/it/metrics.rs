@@ -13,6 +13,34 @@ use crate::support::{
 
 const EVENTS: usize = 30;
 
+/// Redis refusing the projector's applies for one device: its record of applied events
+/// is a string, so the apply script's first command fails.
+struct Refused {
+    applied_key: String,
+}
+
+impl Refused {
+    async fn applies(env: &TestEnv, generation: u64, device: &str) -> Self {
+        let applied_key = DeviceKeys::new(&env.settings.redis.prefix, generation, device).applied;
+        let () = redis::cmd("SET")
+            .arg(&applied_key)
+            .arg("not a sorted set")
+            .query_async(&mut env.redis().await)
+            .await
+            .expect("set");
+        Self { applied_key }
+    }
+
+    /// Redis accepts the device's applies again.
+    async fn end(self, env: &TestEnv) {
+        let () = redis::cmd("DEL")
+            .arg(&self.applied_key)
+            .query_async(&mut env.redis().await)
+            .await
+            .expect("del");
+    }
+}
+
 #[tokio::test]
 async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
     let env = TestEnv::new();
@@ -44,18 +72,10 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
         );
     }
 
-    // Redis refuses the projector's writes for this device (its record of applied
-    // events is a string, so the script's first command fails): the projector keeps
+    // Redis refuses the projector's writes for this device: the projector keeps
     // retrying the batch it holds and cannot take more, as when Redis is down.
     let device = "sensor-1";
-    let blocked = DeviceKeys::new(&env.settings.redis.prefix, generation, device).applied;
-    let mut redis = env.redis().await;
-    let () = redis::cmd("SET")
-        .arg(&blocked)
-        .arg("not a sorted set")
-        .query_async(&mut redis)
-        .await
-        .expect("set");
+    let refused = Refused::applies(&env, generation, device).await;
     let base = now_ms() - 60_000;
     let events: Vec<_> = (0..EVENTS)
         .map(|index| {
@@ -92,11 +112,7 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
     );
 
     // Redis accepts again: everything is applied and the backlog falls to 0.
-    let () = redis::cmd("DEL")
-        .arg(&blocked)
-        .query_async(&mut redis)
-        .await
-        .expect("del");
+    refused.end(&env).await;
     let caught_up = projector
         .metrics_until(
             Duration::from_secs(20),
@@ -193,17 +209,10 @@ async fn redeliveries_are_counted_as_they_arrive_and_the_unacked_gauge_falls_bac
     let start = projector.metrics().await;
     assert_eq!(start.value("projector_redelivered_total", &[]), Some(0.0));
 
-    // Redis refuses this device's applies (as in the test above): the projector holds
-    // the batch past the 1 s ack wait, and JetStream delivers its messages again.
+    // Redis refuses this device's applies: the projector holds the batch past the 1 s
+    // ack wait, and JetStream delivers its messages again.
     let device = "sensor-1";
-    let blocked = DeviceKeys::new(&env.settings.redis.prefix, generation, device).applied;
-    let mut redis = env.redis().await;
-    let () = redis::cmd("SET")
-        .arg(&blocked)
-        .arg("not a sorted set")
-        .query_async(&mut redis)
-        .await
-        .expect("set");
+    let refused = Refused::applies(&env, generation, device).await;
     let base = now_ms() - 60_000;
     for index in 0..HELD {
         let reading = event(device, base + index as i64, &[("temperature", 1.0)]);
@@ -221,11 +230,7 @@ async fn redeliveries_are_counted_as_they_arrive_and_the_unacked_gauge_falls_bac
         )
         .await;
 
-    let () = redis::cmd("DEL")
-        .arg(&blocked)
-        .query_async(&mut redis)
-        .await
-        .expect("del");
+    refused.end(&env).await;
     let caught_up = projector
         .metrics_until(
             Duration::from_secs(20),
