@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::reading::{check_device_id, check_metric_name};
+use crate::reading::{check_device_id, check_metric_name, METRICS_MAX};
 
 /// The `event_type` field and `Event-Type` header.
 pub const EVENT_TYPE: &str = "telemetry.recorded";
@@ -130,8 +130,11 @@ impl TelemetryRecorded {
         }
         check_device_id(&event.device_id)
             .map_err(|message| DecodeError::Invalid(format!("device_id {message}")))?;
-        if event.metrics.is_empty() {
-            return Err(DecodeError::Invalid("no metrics".to_owned()));
+        if event.metrics.is_empty() || event.metrics.len() > METRICS_MAX {
+            return Err(DecodeError::Invalid(format!(
+                "{} metrics, not 1 to {METRICS_MAX}",
+                event.metrics.len()
+            )));
         }
         for (name, value) in &event.metrics {
             check_metric_name(name)

@@ -402,14 +402,31 @@ impl Projector {
     }
 }
 
-/// Decodes a delivered event, with its `Event-Version` header.
+/// Decodes a delivered event, with its `Event-Version` header, and checks that its
+/// subject names its device (`<stream>.recorded.<device_id>`, API.md §6): one
+/// published under another device's subject would be counted for a device that
+/// `nats stream view --subject` never shows it under.
 pub fn decode(message: &async_nats::Message) -> Result<TelemetryRecorded, DecodeError> {
     let version = message
         .headers
         .as_ref()
         .and_then(|headers| headers.get(headers::EVENT_VERSION))
         .map(|value| value.as_str());
-    TelemetryRecorded::decode(&message.payload, version)
+    let event = TelemetryRecorded::decode(&message.payload, version)?;
+    let subject_device = message
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default();
+    if subject_device != event.device_id {
+        return Err(DecodeError::Invalid(format!(
+            "device_id {} under the subject of device {}",
+            event.device_id,
+            subject_device.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(event)
 }
 
 /// The device a poison message most likely belongs to, if it can be told safely.

@@ -31,6 +31,16 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
     let mut no_version_header = HeaderMap::new();
     no_version_header.insert(headers::MSG_ID, "v2-no-header");
 
+    // Sound events that break the contract: one under another device's subject (where
+    // `nats stream view --subject` would never show it), one with more metrics than a
+    // reading may carry.
+    let misfiled = event("sensor-2", base + 3, &[("temperature", 50.0)]);
+    let names: Vec<String> = (0..=contract::reading::METRICS_MAX)
+        .map(|index| format!("m{index}"))
+        .collect();
+    let too_many: Vec<(&str, f64)> = names.iter().map(|name| (name.as_str(), 1.0)).collect();
+    let overfull = event("sensor-2", base + 4, &too_many);
+
     publish(&env, &jetstream, &good_before).await;
     // (payload, subject, headers, expected DLQ subject, expected reason)
     let poison = [
@@ -76,6 +86,20 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
             },
             env.subjects.dlq(Some("sensor-2")),
             "unknown-version",
+        ),
+        (
+            misfiled.to_json(),
+            env.subjects.recorded("sensor-3"),
+            relay_headers("misfiled"),
+            env.subjects.dlq(Some("sensor-2")),
+            "invalid",
+        ),
+        (
+            overfull.to_json(),
+            env.subjects.recorded("sensor-2"),
+            relay_headers("overfull"),
+            env.subjects.dlq(Some("sensor-2")),
+            "invalid",
         ),
     ];
     let mut poison_sequences = Vec::new();
