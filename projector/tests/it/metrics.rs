@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use contract::read_model::DeviceKeys;
 use testkit::process::ServiceProcess;
+use testkit::prometheus::Scrape;
 use testkit::TestEnv;
 
 use crate::support::{
@@ -12,6 +13,23 @@ use crate::support::{
 };
 
 const EVENTS: usize = 30;
+
+/// Waits until `projector` applied `applied` events in all, none is left unacked, and
+/// the gauge `also_zero` is 0 too; returns that scrape.
+async fn caught_up(projector: &ServiceProcess, applied: usize, also_zero: &str) -> Scrape {
+    projector
+        .metrics_until(
+            Duration::from_secs(20),
+            &format!("every event applied once, nothing unacked and {also_zero} at 0"),
+            |scrape| {
+                (scrape.value_or_zero("projector_events_applied_total", &[]) == applied as f64
+                    && scrape.value("projector_consumer_ack_pending", &[]) == Some(0.0)
+                    && scrape.value(also_zero, &[]) == Some(0.0))
+                .then(|| scrape.clone())
+            },
+        )
+        .await
+}
 
 /// Redis refusing the projector's applies for one device: its record of applied events
 /// is a string, so the apply script's first command fails.
@@ -113,18 +131,7 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
 
     // Redis accepts again: everything is applied and the backlog falls to 0.
     refused.end(&env).await;
-    let caught_up = projector
-        .metrics_until(
-            Duration::from_secs(20),
-            "every event applied and the consumer's backlog at 0",
-            |scrape| {
-                (scrape.value_or_zero("projector_events_applied_total", &[]) == EVENTS as f64
-                    && scrape.value("projector_consumer_pending", &[]) == Some(0.0)
-                    && scrape.value("projector_consumer_ack_pending", &[]) == Some(0.0))
-                .then(|| scrape.clone())
-            },
-        )
-        .await;
+    let caught_up = caught_up(&projector, EVENTS, "projector_consumer_pending").await;
     let end_to_end = "projector_end_to_end_seconds_count";
     assert_eq!(
         caught_up.value_or_zero(end_to_end, &[]) - start.value_or_zero(end_to_end, &[]),
@@ -231,18 +238,7 @@ async fn redeliveries_are_counted_as_they_arrive_and_the_unacked_gauge_falls_bac
         .await;
 
     refused.end(&env).await;
-    let caught_up = projector
-        .metrics_until(
-            Duration::from_secs(20),
-            "every event applied once and nothing left unacked",
-            |scrape| {
-                (scrape.value_or_zero("projector_events_applied_total", &[]) == HELD as f64
-                    && scrape.value("projector_consumer_ack_pending", &[]) == Some(0.0)
-                    && scrape.value("projector_consumer_redelivered", &[]) == Some(0.0))
-                .then(|| scrape.clone())
-            },
-        )
-        .await;
+    let caught_up = caught_up(&projector, HELD, "projector_consumer_redelivered").await;
     assert!(caught_up.value_or_zero("projector_redelivered_total", &[]) >= HELD as f64);
     assert_eq!(projector.terminate().await.code(), Some(0));
 }
