@@ -197,6 +197,13 @@ pub enum LogFormat {
 /// `recorded_at` then lost its answer to a panic. Refused at start instead, naming the key.
 pub const DURATION_MAX_SECS: u64 = 100 * 365 * 24 * 60 * 60;
 
+/// Most of anything that runs at once (connections in a pool, group commits, relay
+/// rounds, projector batches) and most messages in one projector batch.
+pub const CONCURRENCY_MAX: u64 = 10_000;
+
+/// Most readings, rows or connections any other count may be.
+pub const SIZE_MAX: u64 = 1_000_000;
+
 /// Smallest limit `ingest.max_body_bytes` and `ingest.max_batch_body_bytes` may have.
 ///
 /// The largest valid reading (a 64-character device id, 32 metrics of 64-character names,
@@ -323,6 +330,16 @@ impl Settings {
                 return invalid(key, &rule);
             }
         }
+        for (key, value, most) in self.counts_with_a_ceiling() {
+            if value > most {
+                return invalid(
+                    key,
+                    &format!(
+                        "must be at most {most} (far past any use: larger values made the process panic, abort or run out of memory at start)"
+                    ),
+                );
+            }
+        }
         for (key, bytes) in [
             ("ingest.max_body_bytes", self.ingest.max_body_bytes),
             (
@@ -378,6 +395,65 @@ impl Settings {
             );
         }
         Ok(())
+    }
+
+    /// Every count with its ceiling. `usize::MAX` queue slots or connections panicked in
+    /// tokio's semaphore at start, a pool of 10^12 connections aborted asking for 224 TB,
+    /// and `u64::MAX` relay rounds ran the relay out of memory. Concurrency (connections,
+    /// commits, rounds, batches in flight) and the projector's batch, whose room is set
+    /// aside in full for every batch, stop at [`CONCURRENCY_MAX`]; sizes at [`SIZE_MAX`].
+    fn counts_with_a_ceiling(&self) -> [(&'static str, u64, u64); 11] {
+        let count = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
+        let rows = |value: i64| u64::try_from(value).unwrap_or(0);
+        [
+            (
+                "database.pool_size",
+                count(self.database.pool_size),
+                CONCURRENCY_MAX,
+            ),
+            (
+                "ingest.commit_concurrency",
+                count(self.ingest.commit_concurrency),
+                CONCURRENCY_MAX,
+            ),
+            (
+                "relay.rounds_in_flight",
+                count(self.relay.rounds_in_flight),
+                CONCURRENCY_MAX,
+            ),
+            (
+                "projector.batches_in_flight",
+                count(self.projector.batches_in_flight),
+                CONCURRENCY_MAX,
+            ),
+            (
+                "projector.batch_size",
+                count(self.projector.batch_size),
+                CONCURRENCY_MAX,
+            ),
+            (
+                "ingest.queue_capacity",
+                count(self.ingest.queue_capacity),
+                SIZE_MAX,
+            ),
+            (
+                "ingest.commit_batch_max",
+                count(self.ingest.commit_batch_max),
+                SIZE_MAX,
+            ),
+            (
+                "ingest.commit_parallel_min",
+                count(self.ingest.commit_parallel_min),
+                SIZE_MAX,
+            ),
+            ("relay.batch_size", rows(self.relay.batch_size), SIZE_MAX),
+            ("relay.prune_batch", rows(self.relay.prune_batch), SIZE_MAX),
+            (
+                "http.max_connections",
+                count(self.http.max_connections),
+                SIZE_MAX,
+            ),
+        ]
     }
 
     /// Every setting that must be at least 1, whether it is below that, and what 0 would
@@ -729,6 +805,30 @@ mod tests {
             let settings = defaults_with(key, 0);
             assert!(settings.validate().is_ok(), "0 turns {key} off");
         }
+    }
+
+    #[test]
+    fn a_count_past_its_ceiling_is_refused_naming_its_key() {
+        let defaults = Settings::load_from(&config_dir(), "dev").expect("defaults load");
+        for (key, _, most) in defaults.counts_with_a_ceiling() {
+            assert!(defaults_with(key, most).validate().is_ok(), "{most} {key}");
+            let error = defaults_with(key, most + 1)
+                .validate()
+                .expect_err("past the ceiling");
+            assert!(
+                error
+                    .to_string()
+                    .contains(&format!("{} must be at most {most}", key_and_variable(key))),
+                "{error}"
+            );
+        }
+        let error = defaults_with("ingest.queue_capacity", u64::MAX)
+            .validate()
+            .expect_err("tokio's semaphore panicked at this");
+        assert!(
+            error.to_string().contains("ingest.queue_capacity"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -66,6 +66,13 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             ("PIPELINE__NATS__MAX_AGE_SECS", "60"),
             "must be at most nats.max_age_secs (60 s)",
         ),
+        // A count past any use: tokio's semaphore panicked at start, with a backtrace.
+        (
+            ingest,
+            "PIPELINE__INGEST__LISTEN",
+            ("PIPELINE__INGEST__QUEUE_CAPACITY", "18446744073709551615"),
+            "ingest.queue_capacity (PIPELINE__INGEST__QUEUE_CAPACITY) must be at most 1000000",
+        ),
         // A value of the wrong type.
         (
             relay,
