@@ -52,9 +52,27 @@ impl Subjects {
     }
 }
 
+/// The device a recorded or dead-letter subject names: its last token
+/// (`telemetry.recorded.sensor-0042` → `sensor-0042`). Device ids hold no `.`, so the
+/// last token is the whole id; what it holds is not checked here.
+pub fn device_token(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_device_token_is_what_the_subject_was_made_with() {
+        let subjects = Subjects::for_stream("TELEMETRY");
+        assert_eq!(
+            device_token(&subjects.recorded("sensor-0042")),
+            "sensor-0042"
+        );
+        assert_eq!(device_token(&subjects.dlq(Some("sensor-7"))), "sensor-7");
+        assert_eq!(device_token(&subjects.dlq(None)), "unknown");
+    }
 
     #[test]
     fn default_stream_gives_the_documented_subjects() {

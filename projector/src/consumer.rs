@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, AckKind};
 use contract::event::{headers, DecodeError, TelemetryRecorded};
 use contract::reading::check_device_id;
 use contract::settings::Settings;
-use contract::subjects::Subjects;
+use contract::subjects::{device_token, Subjects};
 use contract::timestamp::unix_millis;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -413,12 +413,7 @@ pub fn decode(message: &async_nats::Message) -> Result<TelemetryRecorded, Decode
         .and_then(|headers| headers.get(headers::EVENT_VERSION))
         .map(|value| value.as_str());
     let event = TelemetryRecorded::decode(&message.payload, version)?;
-    let subject_device = message
-        .subject
-        .as_str()
-        .rsplit('.')
-        .next()
-        .unwrap_or_default();
+    let subject_device = device_token(message.subject.as_str());
     if subject_device != event.device_id {
         return Err(DecodeError::Invalid(format!(
             "device_id {} under the subject of device {}",
@@ -438,7 +433,7 @@ fn device_hint(payload: &[u8], subject: &str) -> Option<String> {
     serde_json::from_slice::<WithDevice>(payload)
         .ok()
         .map(|with_device| with_device.device_id)
-        .or_else(|| subject.rsplit('.').next().map(str::to_owned))
+        .or_else(|| Some(device_token(subject).to_owned()))
         .filter(|device_id| check_device_id(device_id).is_ok())
 }
 

@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use async_nats::jetstream;
 use contract::event::headers;
-use contract::subjects::Subjects;
+use contract::subjects::{device_token, Subjects};
 
 /// One dead-lettered message as `projector dlq list` shows it.
 #[derive(Debug, Clone)]
@@ -70,17 +70,13 @@ pub async fn redrive(
         .get_raw_message(sequence)
         .await
         .with_context(|| format!("no dead letter at sequence {sequence}"))?;
-    let Some(device_id) = message
-        .subject
-        .rsplit('.')
-        .next()
-        .filter(|device| *device != "unknown")
-    else {
+    let device_id = device_token(&message.subject);
+    if device_id == "unknown" {
         bail!(
             "dead letter {sequence} names no device ({}); it cannot be re-driven",
             message.subject
         );
-    };
+    }
     let mut republished = async_nats::HeaderMap::new();
     for (name, values) in message.headers.iter() {
         let name = name.to_string();
