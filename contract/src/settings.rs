@@ -321,16 +321,10 @@ impl Settings {
                 );
             }
         }
-        for (key, below_one, zero_would) in self.at_least_one() {
-            if below_one {
-                let rule = match zero_would {
-                    "" => "must be at least 1".to_owned(),
-                    zero_would => format!("must be at least 1 (0 {zero_would})"),
-                };
-                return invalid(key, &rule);
+        for (key, value, most) in self.counts() {
+            if value == 0 {
+                return invalid(key, "must be at least 1");
             }
-        }
-        for (key, value, most) in self.counts_with_a_ceiling() {
             if value > most {
                 return invalid(
                     key,
@@ -368,7 +362,15 @@ impl Settings {
                 ),
             );
         }
-        for (key, seconds) in self.durations_in_seconds() {
+        for (key, value, zero_would) in self.durations() {
+            if let (0, Some(zero_would)) = (value, zero_would) {
+                return invalid(key, &format!("must be at least 1 (0 {zero_would})"));
+            }
+            let seconds = if key.ends_with("_ms") {
+                value / 1000
+            } else {
+                value
+            };
             if seconds > DURATION_MAX_SECS {
                 return invalid(
                     key,
@@ -397,12 +399,13 @@ impl Settings {
         Ok(())
     }
 
-    /// Every count with its ceiling. `usize::MAX` queue slots or connections panicked in
+    /// Every count with its ceiling; each must be 1 to that ceiling (a negative row count
+    /// reads as 0). `usize::MAX` queue slots or connections panicked in
     /// tokio's semaphore at start, a pool of 10^12 connections aborted asking for 224 TB,
     /// and `u64::MAX` relay rounds ran the relay out of memory. Concurrency (connections,
     /// commits, rounds, batches in flight) and the projector's batch, whose room is set
     /// aside in full for every batch, stop at [`CONCURRENCY_MAX`]; sizes at [`SIZE_MAX`].
-    fn counts_with_a_ceiling(&self) -> [(&'static str, u64, u64); 11] {
+    fn counts(&self) -> [(&'static str, u64, u64); 11] {
         let count = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
         let rows = |value: i64| u64::try_from(value).unwrap_or(0);
         [
@@ -456,142 +459,81 @@ impl Settings {
         ]
     }
 
-    /// Every setting that must be at least 1, whether it is below that, and what 0 would
-    /// do ("" where a count of 0 plainly cannot work). None of these zeros means "off";
-    /// each started a service that then failed without a word.
-    fn at_least_one(&self) -> [(&'static str, bool, &'static str); 20] {
+    /// Every duration setting (`*_secs` or `*_ms`, in its own unit), with what 0 would
+    /// do where 0 is refused; `None` where 0 is allowed (an off switch, or a bound of
+    /// nothing). Each refused zero started a service that then failed without a word.
+    fn durations(&self) -> [(&'static str, u64, Option<&'static str>); 21] {
         [
-            ("database.pool_size", self.database.pool_size == 0, ""),
-            (
-                "database.connect_timeout_ms",
-                self.database.connect_timeout_ms == 0,
-                "would time out every wait for PostgreSQL at once: ingest's NOTIFY after each commit did",
-            ),
-            (
-                "nats.duplicate_window_secs",
-                self.nats.duplicate_window_secs == 0,
-                "would be JetStream's default of 2 minutes",
-            ),
-            (
-                "ingest.idempotency_retention_secs",
-                self.ingest.idempotency_retention_secs == 0,
-                "would forget every key at the next prune, so a retry would count twice; unlike ingest.reading_retention_secs, 0 does not mean for good",
-            ),
-            (
-                "ingest.request_timeout_ms",
-                self.ingest.request_timeout_ms == 0,
-                "would answer every POST 503",
-            ),
-            ("ingest.commit_batch_max", self.ingest.commit_batch_max == 0, ""),
-            (
-                "ingest.commit_concurrency",
-                self.ingest.commit_concurrency == 0,
-                "",
-            ),
-            (
-                "ingest.commit_parallel_min",
-                self.ingest.commit_parallel_min == 0,
-                "",
-            ),
-            ("ingest.queue_capacity", self.ingest.queue_capacity == 0, ""),
-            ("relay.batch_size", self.relay.batch_size < 1, ""),
-            ("relay.rounds_in_flight", self.relay.rounds_in_flight == 0, ""),
-            (
-                "relay.poll_interval_ms",
-                self.relay.poll_interval_ms == 0,
-                "would poll PostgreSQL without a pause: 13% of a core while idle",
-            ),
-            ("relay.prune_batch", self.relay.prune_batch < 1, ""),
-            (
-                "relay.stream_check_interval_ms",
-                self.relay.stream_check_interval_ms == 0,
-                "",
-            ),
-            (
-                "relay.idle_in_transaction_timeout_ms",
-                self.relay.idle_in_transaction_timeout_ms == 0,
-                "would turn the timeout off",
-            ),
-            ("projector.batch_size", self.projector.batch_size == 0, ""),
-            (
-                "projector.batches_in_flight",
-                self.projector.batches_in_flight == 0,
-                "",
-            ),
-            (
-                "projector.ack_wait_secs",
-                self.projector.ack_wait_secs == 0,
-                "would be JetStream's default of 30 s",
-            ),
-            (
-                "http.header_read_timeout_ms",
-                self.http.header_read_timeout_ms == 0,
-                "would close, unanswered, a connection whose request head arrives in more than one packet",
-            ),
-            ("http.max_connections", self.http.max_connections == 0, ""),
-        ]
-    }
-
-    /// Every duration setting with its length in whole seconds (milliseconds rounded
-    /// down), for the one bound they all share.
-    fn durations_in_seconds(&self) -> impl Iterator<Item = (&'static str, u64)> {
-        let seconds = [
-            ("nats.max_age_secs", self.nats.max_age_secs),
+            ("nats.max_age_secs", self.nats.max_age_secs, None),
             (
                 "nats.duplicate_window_secs",
                 self.nats.duplicate_window_secs,
+                Some("would be JetStream's default of 2 minutes"),
             ),
-            ("ingest.max_future_secs", self.ingest.max_future_secs),
-            ("ingest.max_age_secs", self.ingest.max_age_secs),
+            ("ingest.max_future_secs", self.ingest.max_future_secs, None),
+            ("ingest.max_age_secs", self.ingest.max_age_secs, None),
             (
                 "ingest.idempotency_retention_secs",
                 self.ingest.idempotency_retention_secs,
+                Some("would forget every key at the next prune, so a retry would count twice; unlike ingest.reading_retention_secs, 0 does not mean for good"),
             ),
             (
                 "ingest.reading_retention_secs",
                 self.ingest.reading_retention_secs,
+                None,
             ),
             (
                 "relay.published_retention_secs",
                 self.relay.published_retention_secs,
+                None,
             ),
-            ("projector.ack_wait_secs", self.projector.ack_wait_secs),
+            (
+                "projector.ack_wait_secs",
+                self.projector.ack_wait_secs,
+                Some("would be JetStream's default of 30 s"),
+            ),
             (
                 "projector.dedup_horizon_secs",
                 self.projector.dedup_horizon_secs,
+                None,
             ),
-            ("auth.cache_ttl_secs", self.auth.cache_ttl_secs),
-            ("log.shutdown_grace_secs", self.log.shutdown_grace_secs),
-        ];
-        let milliseconds = [
+            ("auth.cache_ttl_secs", self.auth.cache_ttl_secs, None),
+            ("log.shutdown_grace_secs", self.log.shutdown_grace_secs, None),
             (
                 "database.connect_timeout_ms",
                 self.database.connect_timeout_ms,
+                Some("would time out every wait for PostgreSQL at once: ingest's NOTIFY after each commit did"),
             ),
-            ("ingest.commit_interval_ms", self.ingest.commit_interval_ms),
-            ("ingest.notify_interval_ms", self.ingest.notify_interval_ms),
-            ("ingest.request_timeout_ms", self.ingest.request_timeout_ms),
-            ("relay.round_interval_ms", self.relay.round_interval_ms),
-            ("relay.poll_interval_ms", self.relay.poll_interval_ms),
-            ("relay.prune_interval_ms", self.relay.prune_interval_ms),
+            ("ingest.commit_interval_ms", self.ingest.commit_interval_ms, None),
+            ("ingest.notify_interval_ms", self.ingest.notify_interval_ms, None),
+            (
+                "ingest.request_timeout_ms",
+                self.ingest.request_timeout_ms,
+                Some("would answer every POST 503"),
+            ),
+            ("relay.round_interval_ms", self.relay.round_interval_ms, None),
+            (
+                "relay.poll_interval_ms",
+                self.relay.poll_interval_ms,
+                Some("would poll PostgreSQL without a pause: 13% of a core while idle"),
+            ),
+            ("relay.prune_interval_ms", self.relay.prune_interval_ms, None),
             (
                 "relay.stream_check_interval_ms",
                 self.relay.stream_check_interval_ms,
+                Some("would fetch a message from the stream in every round"),
             ),
             (
                 "relay.idle_in_transaction_timeout_ms",
                 self.relay.idle_in_transaction_timeout_ms,
+                Some("would turn the timeout off"),
             ),
             (
                 "http.header_read_timeout_ms",
                 self.http.header_read_timeout_ms,
+                Some("would close, unanswered, a connection whose request head arrives in more than one packet"),
             ),
-        ];
-        seconds.into_iter().chain(
-            milliseconds
-                .into_iter()
-                .map(|(key, milliseconds)| (key, milliseconds / 1000)),
-        )
+        ]
     }
 
     /// The request deadline of the ingest service.
@@ -725,7 +667,7 @@ mod tests {
     #[test]
     fn a_duration_past_100_years_is_refused_naming_its_key_and_variable() {
         let defaults = Settings::load_from(&config_dir(), "dev").expect("defaults load");
-        for (key, _) in defaults.durations_in_seconds() {
+        for (key, _, _) in defaults.durations() {
             let unit = if key.ends_with("_ms") { 1000 } else { 1 };
             if key != "relay.idle_in_transaction_timeout_ms" {
                 // Allowed by the bound; a rule between two settings may still refuse it
@@ -810,7 +752,7 @@ mod tests {
     #[test]
     fn a_count_past_its_ceiling_is_refused_naming_its_key() {
         let defaults = Settings::load_from(&config_dir(), "dev").expect("defaults load");
-        for (key, _, most) in defaults.counts_with_a_ceiling() {
+        for (key, _, most) in defaults.counts() {
             assert!(defaults_with(key, most).validate().is_ok(), "{most} {key}");
             let error = defaults_with(key, most + 1)
                 .validate()
