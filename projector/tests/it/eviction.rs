@@ -10,18 +10,13 @@ use testkit::{eventually, PrivateRedis, TestEnv};
 
 use crate::support::{
     assert_same_figures, consumer_info, drained, event, live_generation, now_ms, projected,
-    publish_many, reference, streams, Projector, Sums, CATCH_UP,
+    projector_process, publish_many, reference, streams, Projector, Sums, CATCH_UP,
 };
 
 const MAY_EVICT: &str = "projector_redis_may_evict";
 
 fn projector_on(env: &TestEnv, redis: &PrivateRedis) -> ServiceProcess {
-    ServiceProcess::spawn(
-        env!("CARGO_BIN_EXE_projector"),
-        env,
-        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
-        &[("PIPELINE__REDIS__URL", &redis.url())],
-    )
+    projector_process(env, &[("PIPELINE__REDIS__URL", &redis.url())])
 }
 
 async fn reports(projector: &ServiceProcess, value: f64, what: &str) {

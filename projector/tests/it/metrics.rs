@@ -9,7 +9,8 @@ use testkit::prometheus::Scrape;
 use testkit::TestEnv;
 
 use crate::support::{
-    event, live_generation, now_ms, publish, publish_raw, publish_with_id, relay_headers, streams,
+    event, live_generation, now_ms, projector_process, publish, publish_raw, publish_with_id,
+    relay_headers, streams,
 };
 
 const EVENTS: usize = 30;
@@ -64,12 +65,7 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
     let env = TestEnv::new();
     let jetstream = streams(&env).await;
     // Small batches, so that a stalled projector leaves events undelivered too.
-    let projector = ServiceProcess::spawn(
-        env!("CARGO_BIN_EXE_projector"),
-        &env,
-        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
-        &[("PIPELINE__PROJECTOR__BATCH_SIZE", "5")],
-    );
+    let projector = projector_process(&env, &[("PIPELINE__PROJECTOR__BATCH_SIZE", "5")]);
     projector.ready().await;
     let generation = live_generation(&env).await;
     projector
@@ -200,10 +196,8 @@ async fn redeliveries_are_counted_as_they_arrive_and_the_unacked_gauge_falls_bac
     const HELD: usize = 5;
     let env = TestEnv::new();
     let jetstream = streams(&env).await;
-    let projector = ServiceProcess::spawn(
-        env!("CARGO_BIN_EXE_projector"),
+    let projector = projector_process(
         &env,
-        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
         // Room for batches beyond the held ones, which wait on Redis, so that the
         // projector takes the redelivered copies in.
         &[

@@ -9,7 +9,9 @@ use contract::event::TelemetryRecorded;
 use testkit::process::ServiceProcess;
 use testkit::{eventually, PrivateNats, TestEnv};
 
-use crate::support::{drained, event, now_ms, private_env, publish_many, Projector, CATCH_UP};
+use crate::support::{
+    drained, event, now_ms, private_env, projector_process, publish_many, Projector, CATCH_UP,
+};
 
 const DEVICE: &str = "sensor-1";
 /// Events projected before the crash, and published after it (they take lost sequences).
@@ -137,16 +139,7 @@ async fn several_projectors_repair_the_consumer_once_between_them() {
     // Published before the projectors start, so that every look they take at the
     // consumer sees the stream holding these.
     publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
-    let projectors: Vec<ServiceProcess> = (0..2)
-        .map(|_| {
-            ServiceProcess::spawn(
-                env!("CARGO_BIN_EXE_projector"),
-                &env,
-                "PIPELINE__PROJECTOR__ADMIN_LISTEN",
-                &[],
-            )
-        })
-        .collect();
+    let projectors: Vec<ServiceProcess> = (0..2).map(|_| projector_process(&env, &[])).collect();
     drained(&env, &jetstream, BEFORE_CRASH as u64).await;
     // Each supervisor looks at the consumer every second and keeps its own anchor. A
     // look that reports nothing pending and nothing awaiting an ack saw the ack floor at

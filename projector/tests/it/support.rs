@@ -13,6 +13,7 @@ use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
 use projector::apply::ReadModel;
 use redis::aio::ConnectionManager;
+use testkit::process::ServiceProcess;
 pub use testkit::{assert_same_figures, SplitMix, Sums};
 use testkit::{eventually, PrivateNats, Running, TestEnv};
 use time::OffsetDateTime;
@@ -38,6 +39,17 @@ pub async fn private_env(nats: &PrivateNats) -> (TestEnv, jetstream::Context) {
     env.settings.nats.url = nats.url();
     let jetstream = streams(&env).await;
     (env, jetstream)
+}
+
+/// The `projector` binary on `env`'s resources, its admin port free, with `extra`
+/// variables on top (killed when dropped).
+pub fn projector_process(env: &TestEnv, extra: &[(&str, &str)]) -> ServiceProcess {
+    ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_projector"),
+        env,
+        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
+        extra,
+    )
 }
 
 /// A projector running in this process.
