@@ -7,7 +7,8 @@
 //! anywhere before the commit leaves the rows unpublished; the next round publishes
 //! them again and JetStream drops the copies inside its duplicate window (a PubAck
 //! with `duplicate: true` counts as success). Published rows are kept for
-//! `published_retention_secs` (DESIGN.md §4) and then pruned in small batches; the relay
+//! `published_retention_secs` (DESIGN.md §4), counted back from the newest stream check
+//! that found the stream holding them, and then pruned in small batches; the relay
 //! also deletes idempotency keys older than `ingest.idempotency_retention_secs`, and
 //! vacuums a table it pruned once enough rows were deleted, so their space is reused
 //! even where autovacuum is off or late.
@@ -156,6 +157,10 @@ pub struct Relay {
     /// Where the `LISTEN outbox` connection goes.
     listen_config: tokio_postgres::Config,
     subjects: Subjects,
+    /// How long the projector remembers the events it applied
+    /// (`projector.dedup_horizon_secs`): a republish of anything published longer ago
+    /// may count twice, which the stream repair then says.
+    projector_dedup_horizon: Duration,
     batch_size: i64,
     rounds_in_flight: usize,
     poll_interval: Duration,
@@ -171,6 +176,11 @@ pub struct Relay {
     /// Dead row versions (pruned rows, and outbox rows marked published) of each table
     /// since the relay last vacuumed it.
     dead_since_vacuum: Mutex<BTreeMap<&'static str, u64>>,
+    /// The PostgreSQL time of the newest stream check that found the stream holding
+    /// what was published ([`stream_check`]); published rows are pruned only past their
+    /// retention at that time, so a NATS host that lost its tail and stayed down longer
+    /// than the retention still finds their rows kept to republish.
+    stream_held_at: Mutex<Option<time::OffsetDateTime>>,
     /// Where claims start ([`claim_floor`]); shared by the lanes.
     claim_floor: Mutex<ClaimFloor>,
     /// When the next round may start ([`crate::pacing`]); shared by the lanes.
@@ -202,6 +212,7 @@ impl Relay {
             nats: settings.nats.clone(),
             listen_config: db::pg_config(&settings.database)?,
             subjects: Subjects::for_stream(&settings.nats.stream),
+            projector_dedup_horizon: Duration::from_secs(settings.projector.dedup_horizon_secs),
             batch_size: settings.relay.batch_size,
             rounds_in_flight: settings.relay.rounds_in_flight.max(1),
             poll_interval: Duration::from_millis(settings.relay.poll_interval_ms),
@@ -210,6 +221,7 @@ impl Relay {
             prune_interval: Duration::from_millis(settings.relay.prune_interval_ms),
             stream_check_interval: Duration::from_millis(settings.relay.stream_check_interval_ms),
             dead_since_vacuum: Mutex::default(),
+            stream_held_at: Mutex::default(),
             claim_floor: Mutex::default(),
             pacer: Mutex::new(Pacer::new(
                 Duration::ZERO,
@@ -608,16 +620,28 @@ impl Relay {
             table,
             statement,
             retention_secs,
+            until,
         } in &self.prunings
         {
             let table = *table;
+            // None: PostgreSQL's now().
+            let until: Option<time::OffsetDateTime> = match until {
+                PruneUntil::Now => None,
+                PruneUntil::StreamHeld => match *lock(&self.stream_held_at) {
+                    Some(held_at) => Some(held_at),
+                    None => continue,
+                },
+            };
             let mut pruned = 0;
             loop {
                 // Sent as text, not prepared: each execution is planned with its values
                 // (a generic plan would guess that a third of the table is past the
                 // retention, the guess that made the sequential scans below).
                 let deleted = client
-                    .execute(statement.as_str(), &[retention_secs, &self.prune_batch])
+                    .execute(
+                        statement.as_str(),
+                        &[retention_secs, &self.prune_batch, &until],
+                    )
                     .await
                     .with_context(|| format!("pruning {table}"))?;
                 metrics::counter!("relay_pruned_total", "table" => table).increment(deleted);
@@ -713,6 +737,20 @@ struct Pruning {
     table: &'static str,
     statement: String,
     retention_secs: f64,
+    until: PruneUntil,
+}
+
+/// The moment a [`Pruning`]'s retention counts back from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PruneUntil {
+    /// PostgreSQL's `now()`, for rows nothing depends on once their retention is over.
+    Now,
+    /// The newest stream check that found the stream holding what was published
+    /// ([`Relay::stream_held_at`]), for published outbox rows: a row is what lets the
+    /// relay republish its event if the stream loses it, and until a check has seen the
+    /// stream hold it for the retention (longer than the NATS host may keep it
+    /// unsynced), it may still be lost. No such check yet: nothing is pruned.
+    StreamHeld,
 }
 
 impl Pruning {
@@ -724,11 +762,13 @@ impl Pruning {
                 "outbox",
                 "published_at",
                 settings.relay.published_retention_secs,
+                PruneUntil::StreamHeld,
             ),
             Self::new(
                 "idempotency_keys",
                 "created_at",
                 settings.ingest.idempotency_retention_secs,
+                PruneUntil::Now,
             ),
         ];
         if settings.ingest.reading_retention_secs > 0 {
@@ -736,23 +776,25 @@ impl Pruning {
                 "readings",
                 "received_at",
                 settings.ingest.reading_retention_secs,
+                PruneUntil::Now,
             ));
         }
         prunings
     }
 
-    /// Rows of `table` whose `time_column` is more than `retention_secs` old.
-    fn new(table: &'static str, time_column: &str, retention_secs: u64) -> Self {
+    /// Rows of `table` whose `time_column` is more than `retention_secs` before `until`.
+    fn new(table: &'static str, time_column: &str, retention_secs: u64, until: PruneUntil) -> Self {
         Self {
             table,
             statement: prune_statement(table, time_column),
             retention_secs: retention_secs as f64,
+            until,
         }
     }
 }
 
 /// Deletes up to `$2` rows of `table` whose `time_column` is more than `$1` seconds
-/// old, oldest first, skipping rows another relay is deleting.
+/// before `$3` (now when null), oldest first, skipping rows another relay is deleting.
 ///
 /// The rows are found through the time column's index, in its order, and deleted by
 /// their tuple ids. Without the ORDER BY, PostgreSQL chose a sequential scan for "the
@@ -766,7 +808,7 @@ fn prune_statement(table: &str, time_column: &str) -> String {
     format!(
         "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
              SELECT ctid FROM {table}
-             WHERE {time_column} < now() - make_interval(secs => $1)
+             WHERE {time_column} < coalesce($3::timestamptz, now()) - make_interval(secs => $1)
              ORDER BY {time_column} LIMIT $2 FOR UPDATE SKIP LOCKED))"
     )
 }

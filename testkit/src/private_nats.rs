@@ -112,8 +112,28 @@ impl PrivateNats {
     /// answers for the stream it rebuilds. Returns the stream's last sequence then,
     /// checked to have gone back from `last_before` (and not to nothing).
     pub async fn crash_losing_tail(&mut self, stream: &str, last_before: u64) -> u64 {
+        let cut = self.crash_cutting_tail(stream);
+        self.restart_after_crash(stream, last_before, cut).await
+    }
+
+    /// The crash of [`Self::crash_losing_tail`] without the restart: the host stays
+    /// down until [`Self::restart_after_crash`]. Returns the block's size before and
+    /// after the cut, for that call.
+    pub fn crash_cutting_tail(&mut self, stream: &str) -> (u64, u64) {
         self.kill();
-        let (size_before, size_after) = self.truncate_stream(stream, 0.5);
+        self.truncate_stream(stream, 0.5)
+    }
+
+    /// Starts the server after [`Self::crash_cutting_tail`] (`cut` is what it
+    /// returned) and waits until it answers for the stream it rebuilds. Returns the
+    /// stream's last sequence then, checked to have gone back from `last_before` (and
+    /// not to nothing).
+    pub async fn restart_after_crash(
+        &mut self,
+        stream: &str,
+        last_before: u64,
+        (size_before, size_after): (u64, u64),
+    ) -> u64 {
         self.restart();
         let client = async_nats::connect(self.url())
             .await

@@ -31,10 +31,14 @@
 //! lost ones with new sequences.
 //!
 //! # Horizon
-//! Rows already pruned (published longer than `published_retention_secs` ago) cannot be
-//! republished; the retention must exceed the time a NATS host may hold unsynced data
-//! (2 minutes on 2.9). Messages older than the stream's first sequence (expired by
-//! `max_age`) count as held, not lost.
+//! Rows already pruned cannot be republished. A published row is pruned only once a
+//! check found the stream holding the newest kept row at least
+//! `published_retention_secs` after the row was published (`Relay::stream_held_at`),
+//! and that retention must exceed the time a NATS host may hold unsynced data (2
+//! minutes on 2.9). So a NATS host that crashed and stayed down longer than the
+//! retention still finds the rows of what it lost kept: while no check succeeds,
+//! nothing published is pruned. Messages older than the stream's first sequence
+//! (expired by `max_age`) count as held, not lost.
 
 use std::time::Duration;
 
@@ -99,15 +103,34 @@ impl Relay {
             anyhow::bail!("not connected to NATS");
         }
         let client = self.pool.get().await.context("getting a connection")?;
-        let Some(probed) = row_to_probe(&client, collided).await? else {
+        let (probed, read_at) = row_to_probe(&client, collided).await?;
+        let Some(probed) = probed else {
+            // Nothing published is kept: nothing the stream could have lost.
+            self.stream_held(collided, read_at);
             return Ok(StreamCheckOutcome::default());
         };
         drop(client);
         let stream = self.event_stream().await?;
         if self.stream_holds(&stream, probed).await? {
+            self.stream_held(collided, read_at);
             return Ok(StreamCheckOutcome::default());
         }
         self.republish_lost_rows(&stream, collided).await
+    }
+
+    /// Records that the stream held every kept row published up to `read_at` (the
+    /// PostgreSQL time at which the check read the row it probed): the outbox prune
+    /// deletes only rows past their retention at that time. Only a check that probed
+    /// the newest kept row (no `collided` sequences) shows that: a truncation loses a
+    /// suffix, so rows above a lower probed row may still be lost.
+    fn stream_held(&self, collided: &[i64], read_at: time::OffsetDateTime) {
+        if !collided.is_empty() {
+            return;
+        }
+        let mut held_at = super::lock(&self.stream_held_at);
+        if held_at.is_none_or(|earlier| earlier < read_at) {
+            *held_at = Some(read_at);
+        }
     }
 
     /// The event stream; recreated if it is gone (deleted, or a NATS host that lost its
@@ -179,10 +202,13 @@ impl Relay {
             .await
             .context("taking the stream repair lock")?;
         // Another relay may have repaired while this one waited for the lock.
-        let Some(probed) = row_to_probe(&transaction, collided).await? else {
+        let (probed, read_at) = row_to_probe(&transaction, collided).await?;
+        let Some(probed) = probed else {
+            self.stream_held(collided, read_at);
             return Ok(StreamCheckOutcome::default());
         };
         if self.stream_holds(stream, probed).await? {
+            self.stream_held(collided, read_at);
             return Ok(StreamCheckOutcome::default());
         }
         // Messages below the stream's first sequence expired (max_age); not lost.
@@ -195,6 +221,7 @@ impl Relay {
         let mut lowest_unverified = i64::try_from(first_kept_sequence).unwrap_or(i64::MAX);
         if probed.stream_seq < lowest_unverified {
             // Expired or purged from the stream on purpose: nothing a republish should undo.
+            self.stream_held(collided, read_at);
             return Ok(StreamCheckOutcome::default());
         }
         let mut first_lost = probed;
@@ -220,8 +247,13 @@ impl Relay {
             .query_one(
                 "WITH marked AS (
                      UPDATE outbox SET published_at = NULL, stream_seq = NULL
-                     WHERE stream_seq >= $1 RETURNING stream_seq)
-                 SELECT count(*), min(stream_seq), max(stream_seq) FROM marked",
+                     FROM (SELECT id, stream_seq, published_at FROM outbox
+                           WHERE stream_seq >= $1) AS lost
+                     WHERE outbox.id = lost.id
+                     RETURNING lost.stream_seq, lost.published_at)
+                 SELECT count(*), min(stream_seq), max(stream_seq),
+                        coalesce(extract(epoch FROM now() - min(published_at)), 0)::float8
+                 FROM marked",
                 &[&first_lost.stream_seq],
             )
             .await
@@ -233,40 +265,64 @@ impl Relay {
         let republished_rows = u64::try_from(marked.get::<_, i64>(0)).unwrap_or_default();
         let first_sequence: Option<i64> = marked.get(1);
         let last_sequence: Option<i64> = marked.get(2);
+        let oldest_published_secs_ago: f64 = marked.get(3);
         metrics::counter!("relay_republished_total").increment(republished_rows);
         tracing::warn!(
             rows = republished_rows,
             first_sequence,
             last_sequence,
+            oldest_published_secs_ago,
             stream = self.subjects.stream(),
             first_lost_event_id = %first_lost.event_id,
             "stream lost published events, republishing them"
         );
+        if oldest_published_secs_ago > self.projector_dedup_horizon.as_secs_f64() {
+            // The projector no longer remembers applying the oldest of them: those it
+            // applied before the loss count twice in the read model, which a rebuild
+            // from the stream (complete again once they are republished) puts right.
+            tracing::error!(
+                oldest_published_secs_ago,
+                dedup_horizon_secs = self.projector_dedup_horizon.as_secs(),
+                stream = self.subjects.stream(),
+                "republishing events published before the projector's dedup horizon: the ones it had applied count twice until the read model is rebuilt (projector rebuild)"
+            );
+        }
         Ok(StreamCheckOutcome { republished_rows })
     }
 }
 
 /// The row a check probes: the kept row holding the lowest of `collided` (sequences a
-/// round was handed that kept rows hold), else the one with the highest sequence.
+/// round was handed that kept rows hold), else the one with the highest sequence, or
+/// none when no row is kept; with PostgreSQL's time of the read.
 async fn row_to_probe(
     client: &impl deadpool_postgres::GenericClient,
     collided: &[i64],
-) -> anyhow::Result<Option<PublishedRow>> {
+) -> anyhow::Result<(Option<PublishedRow>, time::OffsetDateTime)> {
     let row = client
-        .query_opt(
-            "SELECT stream_seq, event_id FROM (
-                 (SELECT 0 AS preference, stream_seq, event_id FROM outbox
-                  WHERE stream_seq = ANY($1) ORDER BY stream_seq LIMIT 1)
-                 UNION ALL
-                 (SELECT 1, stream_seq, event_id FROM outbox WHERE stream_seq IS NOT NULL
-                  ORDER BY stream_seq DESC LIMIT 1)
-             ) AS candidates
-             ORDER BY preference LIMIT 1",
+        .query_one(
+            "SELECT now(), probe.stream_seq, probe.event_id FROM (SELECT) AS one
+             LEFT JOIN LATERAL (
+                 SELECT stream_seq, event_id FROM (
+                     (SELECT 0 AS preference, stream_seq, event_id FROM outbox
+                      WHERE stream_seq = ANY($1) ORDER BY stream_seq LIMIT 1)
+                     UNION ALL
+                     (SELECT 1, stream_seq, event_id FROM outbox WHERE stream_seq IS NOT NULL
+                      ORDER BY stream_seq DESC LIMIT 1)
+                 ) AS candidates
+                 ORDER BY preference LIMIT 1
+             ) AS probe ON true",
             &[&collided],
         )
         .await
         .context("reading the row to probe")?;
-    Ok(row.as_ref().map(PublishedRow::from_row))
+    let probed = match (row.get(1), row.get(2)) {
+        (Some(stream_seq), Some(event_id)) => Some(PublishedRow {
+            stream_seq,
+            event_id,
+        }),
+        _ => None,
+    };
+    Ok((probed, row.get(0)))
 }
 
 /// The kept published row with the lowest sequence in `[from, before)`.

@@ -299,6 +299,9 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
     env.settings.ingest.idempotency_retention_secs = 1;
     env.settings.relay.published_retention_secs = 1;
     env.settings.relay.prune_interval_ms = 200;
+    // Published rows are pruned only past their retention at the last stream check
+    // that saw the stream hold them.
+    env.settings.relay.stream_check_interval_ms = 200;
     env.settings.ingest.reading_retention_secs = 6;
     let ingest = Ingest::spawn(&env.settings).await;
     let first: Value = ingest
@@ -347,6 +350,9 @@ async fn the_relay_vacuums_the_tables_it_pruned_so_their_space_is_reused() {
     env.settings.ingest.idempotency_retention_secs = 1;
     env.settings.relay.published_retention_secs = 1;
     env.settings.relay.prune_interval_ms = 200;
+    // Published rows are pruned only past their retention at the last stream check
+    // that saw the stream hold them.
+    env.settings.relay.stream_check_interval_ms = 200;
     // A vacuum is due once a prune_batch of rows was deleted (and a fifth of the table).
     env.settings.relay.prune_batch = 2;
     let ingest = Ingest::spawn(&env.settings).await;

@@ -309,6 +309,47 @@ async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republis
 }
 
 #[tokio::test]
+async fn what_the_stream_lost_is_republished_after_an_outage_longer_than_the_published_retention() {
+    const BEFORE_CRASH: usize = 40;
+    let OnPrivateNats {
+        mut nats,
+        mut env,
+        ingest,
+        db,
+    } = on_private_nats(BEFORE_CRASH).await;
+    env.settings.relay.published_retention_secs = 1;
+    env.settings.relay.prune_interval_ms = 200;
+    let relay = spawn_relay(&env.settings);
+    wait_until_all_published(&db, BEFORE_CRASH as i64).await;
+
+    // The NATS host crashes before its fsync and stays down while the relay runs on:
+    // a duration that must pass, past the retention and the relay's next prune (its
+    // maintenance runs every 2 s).
+    let cut = nats.crash_cutting_tail(env.subjects.stream());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    nats.restart_after_crash(env.subjects.stream(), BEFORE_CRASH as u64, cut)
+        .await;
+    // The reconnect triggers the check; the rows of the lost events must still be there.
+    let jetstream = env.jetstream().await;
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_CRASH).await;
+    relay.stop().await;
+
+    // Once a check has seen the stream hold them past their retention, they go.
+    env.settings.relay.stream_check_interval_ms = 200;
+    let relay = spawn_relay(&env.settings);
+    wait_for_counts(
+        &db,
+        Duration::from_secs(20),
+        "published rows pruned after a stream check",
+        "SELECT count(*) FROM outbox",
+        &[0],
+    )
+    .await;
+    relay.stop().await;
+    ingest.stop().await;
+}
+
+#[tokio::test]
 async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_reconnect() {
     let OnPrivateNats {
         mut nats,
