@@ -72,6 +72,7 @@ pub async fn serve(
     bootstrap::counters_from_zero(&[
         ("relay_published_total", &[]),
         ("relay_republished_total", &[]),
+        ("relay_lost_beyond_dedup_horizon_total", &[]),
         ("relay_errors_total", &[]),
     ]);
     let relay = Relay::connect(&settings, "relay").await?;
@@ -158,8 +159,9 @@ pub struct Relay {
     listen_config: tokio_postgres::Config,
     subjects: Subjects,
     /// How long the projector remembers the events it applied
-    /// (`projector.dedup_horizon_secs`): a republish of anything published longer ago
-    /// may count twice, which the stream repair then says.
+    /// (`projector.dedup_horizon_secs`): the stream repair republishes lost events
+    /// published within it (less a tenth), which the projector skips if it applied
+    /// them, and not older ones, which it would count twice.
     projector_dedup_horizon: Duration,
     batch_size: i64,
     rounds_in_flight: usize,

@@ -243,18 +243,28 @@ impl Relay {
                 first_lost = probe;
             }
         }
+        // Rows published within the projector's dedup horizon, less a tenth for the
+        // republish to reach it, are republished: it skips those it applied. Older ones
+        // are not: it no longer remembers applying them, so it would count twice every
+        // one it had applied, which is nearly all of them. They lose their sequence
+        // (kept rows must not hold sequences the stream hands out again) and stay
+        // published, to be pruned.
+        let republish_window_secs = self.projector_dedup_horizon.as_secs_f64() * 0.9;
         let marked = transaction
             .query_one(
                 "WITH marked AS (
-                     UPDATE outbox SET published_at = NULL, stream_seq = NULL
+                     UPDATE outbox SET stream_seq = NULL,
+                         published_at = CASE
+                             WHEN lost.published_at >= now() - make_interval(secs => $2) THEN NULL
+                             ELSE lost.published_at END
                      FROM (SELECT id, stream_seq, published_at FROM outbox
                            WHERE stream_seq >= $1) AS lost
                      WHERE outbox.id = lost.id
-                     RETURNING lost.stream_seq, lost.published_at)
-                 SELECT count(*), min(stream_seq), max(stream_seq),
-                        coalesce(extract(epoch FROM now() - min(published_at)), 0)::float8
+                     RETURNING lost.stream_seq, outbox.published_at IS NULL AS republish)
+                 SELECT count(*) FILTER (WHERE republish), count(*) FILTER (WHERE NOT republish),
+                        min(stream_seq), max(stream_seq)
                  FROM marked",
-                &[&first_lost.stream_seq],
+                &[&first_lost.stream_seq, &republish_window_secs],
             )
             .await
             .context("marking lost rows unpublished")?;
@@ -263,28 +273,25 @@ impl Relay {
             .await
             .context("committing the stream repair")?;
         let republished_rows = u64::try_from(marked.get::<_, i64>(0)).unwrap_or_default();
-        let first_sequence: Option<i64> = marked.get(1);
-        let last_sequence: Option<i64> = marked.get(2);
-        let oldest_published_secs_ago: f64 = marked.get(3);
+        let beyond_horizon_rows = u64::try_from(marked.get::<_, i64>(1)).unwrap_or_default();
+        let first_sequence: Option<i64> = marked.get(2);
+        let last_sequence: Option<i64> = marked.get(3);
         metrics::counter!("relay_republished_total").increment(republished_rows);
+        metrics::counter!("relay_lost_beyond_dedup_horizon_total").increment(beyond_horizon_rows);
         tracing::warn!(
             rows = republished_rows,
             first_sequence,
             last_sequence,
-            oldest_published_secs_ago,
             stream = self.subjects.stream(),
             first_lost_event_id = %first_lost.event_id,
             "stream lost published events, republishing them"
         );
-        if oldest_published_secs_ago > self.projector_dedup_horizon.as_secs_f64() {
-            // The projector no longer remembers applying the oldest of them: those it
-            // applied before the loss count twice in the read model, which a rebuild
-            // from the stream (complete again once they are republished) puts right.
+        if beyond_horizon_rows > 0 {
             tracing::error!(
-                oldest_published_secs_ago,
+                rows = beyond_horizon_rows,
                 dedup_horizon_secs = self.projector_dedup_horizon.as_secs(),
                 stream = self.subjects.stream(),
-                "republishing events published before the projector's dedup horizon: the ones it had applied count twice until the read model is rebuilt (projector rebuild)"
+                "stream lost events published before the projector's dedup horizon, not republishing them: the read model keeps those the projector applied, the stream no longer holds them"
             );
         }
         Ok(StreamCheckOutcome { republished_rows })

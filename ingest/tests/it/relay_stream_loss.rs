@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use contract::settings::Settings;
 use testkit::process::{service_command, signal, terminate};
-use testkit::{eventually, PrivateNats, TestEnv};
+use testkit::{eventually, PrivateNats, Running, TestEnv};
 use uuid::Uuid;
 
 use crate::relay::{spawn_relay, spawn_relay_with_admin, stall_marking, wait_for_stream_messages};
@@ -308,30 +308,66 @@ async fn relays_notice_after_reconnecting_that_the_stream_went_back_and_republis
     ingest.stop().await;
 }
 
-#[tokio::test]
-async fn what_the_stream_lost_is_republished_after_an_outage_longer_than_the_published_retention() {
-    const BEFORE_CRASH: usize = 40;
+/// A pipeline whose private NATS lost the tail of the stream after a relay published
+/// `BEFORE_OUTAGE` readings, and stayed down for 4 s while that relay ran on, pruning
+/// every 200 ms with a retention of 1 s; `projector_dedup_horizon_secs` is the horizon
+/// the relay knows the projector by.
+struct AfterAnOutage {
+    _nats: PrivateNats,
+    env: TestEnv,
+    ingest: Ingest,
+    db: tokio_postgres::Client,
+    relay: Running<anyhow::Result<()>>,
+    /// The stream's last sequence after the restart.
+    last_after: u64,
+}
+
+const BEFORE_OUTAGE: usize = 40;
+
+async fn lost_tail_and_down_for_4_s(projector_dedup_horizon_secs: u64) -> AfterAnOutage {
     let OnPrivateNats {
         mut nats,
         mut env,
         ingest,
         db,
-    } = on_private_nats(BEFORE_CRASH).await;
+    } = on_private_nats(BEFORE_OUTAGE).await;
     env.settings.relay.published_retention_secs = 1;
     env.settings.relay.prune_interval_ms = 200;
+    env.settings.projector.dedup_horizon_secs = projector_dedup_horizon_secs;
     let relay = spawn_relay(&env.settings);
-    wait_until_all_published(&db, BEFORE_CRASH as i64).await;
+    wait_until_all_published(&db, BEFORE_OUTAGE as i64).await;
 
     // The NATS host crashes before its fsync and stays down while the relay runs on:
     // a duration that must pass, past the retention and the relay's next prune (its
     // maintenance runs every 2 s).
     let cut = nats.crash_cutting_tail(env.subjects.stream());
     tokio::time::sleep(Duration::from_secs(4)).await;
-    nats.restart_after_crash(env.subjects.stream(), BEFORE_CRASH as u64, cut)
+    let last_after = nats
+        .restart_after_crash(env.subjects.stream(), BEFORE_OUTAGE as u64, cut)
         .await;
+    AfterAnOutage {
+        _nats: nats,
+        env,
+        ingest,
+        db,
+        relay,
+        last_after,
+    }
+}
+
+#[tokio::test]
+async fn what_the_stream_lost_is_republished_after_an_outage_longer_than_the_published_retention() {
+    let AfterAnOutage {
+        _nats,
+        mut env,
+        ingest,
+        db,
+        relay,
+        ..
+    } = lost_tail_and_down_for_4_s(900).await;
     // The reconnect triggers the check; the rows of the lost events must still be there.
     let jetstream = env.jetstream().await;
-    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_CRASH).await;
+    assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), BEFORE_OUTAGE).await;
     relay.stop().await;
 
     // Once a check has seen the stream hold them past their retention, they go.
@@ -345,6 +381,64 @@ async fn what_the_stream_lost_is_republished_after_an_outage_longer_than_the_pub
         &[0],
     )
     .await;
+    relay.stop().await;
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn lost_events_published_before_the_projectors_dedup_horizon_are_not_republished() {
+    // The lost events were published 4 s or more before the repair, past a horizon of
+    // 2 s: the projector would no longer know it applied them.
+    let AfterAnOutage {
+        _nats,
+        env,
+        ingest,
+        db,
+        relay,
+        last_after,
+    } = lost_tail_and_down_for_4_s(2).await;
+    let lost = (BEFORE_OUTAGE as u64 - last_after) as i64;
+    wait_for_counts(
+        &db,
+        Duration::from_secs(30),
+        "the lost rows stripped of their sequences, still published",
+        "SELECT count(*) FILTER (WHERE stream_seq IS NULL AND published_at IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL)
+         FROM outbox",
+        &[lost, 0],
+    )
+    .await;
+    // New events take the lost sequences without colliding with them, and the stream
+    // holds each published row at its sequence, the lost ones not again.
+    post_readings(&ingest, "later", 5).await;
+    wait_for_counts(
+        &db,
+        Duration::from_secs(30),
+        "the new rows published",
+        "SELECT count(*) FILTER (WHERE stream_seq IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL)
+         FROM outbox",
+        &[last_after as i64 + 5, 0],
+    )
+    .await;
+    let jetstream = env.jetstream().await;
+    let contents = stream_contents(&jetstream, env.subjects.stream())
+        .await
+        .expect("the stream readable");
+    let mut stream_ids: Vec<String> = contents.into_iter().map(|(_, id)| id).collect();
+    stream_ids.sort_unstable();
+    let mut held_ids: Vec<String> = outbox_rows(&db)
+        .await
+        .into_iter()
+        .filter(|(_, sequence)| sequence.is_some())
+        .map(|(event_id, _)| event_id.to_string())
+        .collect();
+    held_ids.sort_unstable();
+    assert_eq!(held_ids.len() as u64, last_after + 5);
+    assert_eq!(
+        stream_ids, held_ids,
+        "the stream holds the rows that have a sequence"
+    );
     relay.stop().await;
     ingest.stop().await;
 }
