@@ -76,11 +76,16 @@ impl PublishedRow {
     }
 }
 
-/// What a stream check did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StreamCheckOutcome {
-    /// Kept rows marked unpublished again because the stream lost their messages.
-    pub republished_rows: u64,
+/// What a stream check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamCheckOutcome {
+    /// The stream holds the probed row (or no row is kept, or the probed one expired
+    /// from the stream); `read_at` is PostgreSQL's time when the check read that row.
+    Held { read_at: time::OffsetDateTime },
+    /// The stream lost the probed row: the kept rows from the first lost one on were
+    /// marked unpublished again (`republished_rows`) or, past the republish window,
+    /// stripped of their sequence.
+    Repaired { republished_rows: u64 },
 }
 
 impl Relay {
@@ -92,9 +97,23 @@ impl Relay {
     /// Claims start from the index's start again afterwards (the module `relay::claim_floor`):
     /// this relay's repair, or another relay's, may have made rows below the floor
     /// unpublished.
+    ///
+    /// A check that probed the newest kept row (no `collided` sequences) and found it
+    /// held moves [`Relay::stream_held_at`](super::Relay) on, and with it what the
+    /// outbox prune may delete: a truncation loses a suffix, so that row held means
+    /// every kept row below it is. A lower probed row says nothing of the rows above it.
     pub async fn check_stream(&self, collided: &[i64]) -> anyhow::Result<StreamCheckOutcome> {
         let checked = self.check_stream_once(collided).await;
         super::lock(&self.claim_floor).reset();
+        if let Ok(StreamCheckOutcome::Held { read_at }) = checked {
+            if collided.is_empty() {
+                let mut held_at = super::lock(&self.stream_held_at);
+                // Lanes check side by side: an older read may finish last.
+                if held_at.is_none_or(|earlier| earlier < read_at) {
+                    *held_at = Some(read_at);
+                }
+            }
+        }
         checked
     }
 
@@ -106,31 +125,14 @@ impl Relay {
         let (probed, read_at) = row_to_probe(&client, collided).await?;
         let Some(probed) = probed else {
             // Nothing published is kept: nothing the stream could have lost.
-            self.stream_held(collided, read_at);
-            return Ok(StreamCheckOutcome::default());
+            return Ok(StreamCheckOutcome::Held { read_at });
         };
         drop(client);
         let stream = self.event_stream().await?;
         if self.stream_holds(&stream, probed).await? {
-            self.stream_held(collided, read_at);
-            return Ok(StreamCheckOutcome::default());
+            return Ok(StreamCheckOutcome::Held { read_at });
         }
         self.republish_lost_rows(&stream, collided).await
-    }
-
-    /// Records that the stream held every kept row published up to `read_at` (the
-    /// PostgreSQL time at which the check read the row it probed): the outbox prune
-    /// deletes only rows past their retention at that time. Only a check that probed
-    /// the newest kept row (no `collided` sequences) shows that: a truncation loses a
-    /// suffix, so rows above a lower probed row may still be lost.
-    fn stream_held(&self, collided: &[i64], read_at: time::OffsetDateTime) {
-        if !collided.is_empty() {
-            return;
-        }
-        let mut held_at = super::lock(&self.stream_held_at);
-        if held_at.is_none_or(|earlier| earlier < read_at) {
-            *held_at = Some(read_at);
-        }
     }
 
     /// The event stream; recreated if it is gone (deleted, or a NATS host that lost its
@@ -204,12 +206,10 @@ impl Relay {
         // Another relay may have repaired while this one waited for the lock.
         let (probed, read_at) = row_to_probe(&transaction, collided).await?;
         let Some(probed) = probed else {
-            self.stream_held(collided, read_at);
-            return Ok(StreamCheckOutcome::default());
+            return Ok(StreamCheckOutcome::Held { read_at });
         };
         if self.stream_holds(stream, probed).await? {
-            self.stream_held(collided, read_at);
-            return Ok(StreamCheckOutcome::default());
+            return Ok(StreamCheckOutcome::Held { read_at });
         }
         // Messages below the stream's first sequence expired (max_age); not lost.
         let first_kept_sequence = tokio::time::timeout(STREAM_REQUEST_TIMEOUT, stream.get_info())
@@ -221,8 +221,7 @@ impl Relay {
         let mut lowest_unverified = i64::try_from(first_kept_sequence).unwrap_or(i64::MAX);
         if probed.stream_seq < lowest_unverified {
             // Expired or purged from the stream on purpose: nothing a republish should undo.
-            self.stream_held(collided, read_at);
-            return Ok(StreamCheckOutcome::default());
+            return Ok(StreamCheckOutcome::Held { read_at });
         }
         let mut first_lost = probed;
         // Bisection: every kept row below `lowest_unverified` is held, `first_lost` is not.
@@ -294,7 +293,7 @@ impl Relay {
                 "stream lost events published before the projector's dedup horizon, not republishing them: the read model keeps those the projector applied, the stream no longer holds them"
             );
         }
-        Ok(StreamCheckOutcome { republished_rows })
+        Ok(StreamCheckOutcome::Repaired { republished_rows })
     }
 }
 
