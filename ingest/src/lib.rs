@@ -47,13 +47,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = bootstrap::install_metrics();
-    bootstrap::counters_from_zero(&[
-        ("ingest_readings_total", &[("outcome", "accepted")]),
-        ("ingest_readings_total", &[("outcome", "replayed")]),
-        ("ingest_readings_total", &[("outcome", "conflict")]),
-        ("ingest_readings_total", &[("outcome", "rejected")]),
-        ("ingest_outbox_notify_total", &[]),
-    ]);
+    for outcome in http::ReadingOutcome::ALL {
+        outcome.count(0);
+    }
+    bootstrap::counters_from_zero(&[("ingest_outbox_notify_total", &[])]);
     // The API answers from the start: `/healthz` at once, `/readyz` (a 503 naming
     // PostgreSQL) and readings (a 503) until the migrations ran.
     let schema_ready = Arc::new(AtomicBool::new(false));

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::telemetry::{read_body, require_json, store_error};
-use super::AppState;
+use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
 use crate::limits::retry_after_secs;
 use crate::store::{NewReading, Outcome};
@@ -139,11 +139,10 @@ async fn handle(
     let duplicates = count(|result| matches!(result, ItemResult::Duplicate { .. }));
     let conflicts = count(|result| matches!(result, ItemResult::Conflict { .. }));
     let rejected = count(|result| matches!(result, ItemResult::Rejected { .. }));
-    metrics::counter!("ingest_readings_total", "outcome" => "accepted").increment(accepted as u64);
-    metrics::counter!("ingest_readings_total", "outcome" => "replayed")
-        .increment(duplicates as u64);
-    metrics::counter!("ingest_readings_total", "outcome" => "conflict").increment(conflicts as u64);
-    metrics::counter!("ingest_readings_total", "outcome" => "rejected").increment(rejected as u64);
+    ReadingOutcome::Accepted.count(accepted as u64);
+    ReadingOutcome::Replayed.count(duplicates as u64);
+    ReadingOutcome::Conflict.count(conflicts as u64);
+    ReadingOutcome::Rejected.count(rejected as u64);
     Ok(Json(BatchResponse {
         accepted,
         duplicates,

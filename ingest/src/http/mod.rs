@@ -26,6 +26,38 @@ use crate::limits::DeviceLimiter;
 use crate::store::Store;
 use error::{problem_response, ApiError};
 
+/// What became of a reading, as `ingest_readings_total{outcome}` counts it: accepted,
+/// replayed (the same key and reading again), conflict (the key reused for another
+/// reading) or rejected (invalid, or its key in use by a request still in flight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadingOutcome {
+    Accepted,
+    Replayed,
+    Conflict,
+    Rejected,
+}
+
+impl ReadingOutcome {
+    /// Every outcome, each served at 0 from the start (alerts and dashboard read them).
+    pub const ALL: [Self; 4] = [
+        Self::Accepted,
+        Self::Replayed,
+        Self::Conflict,
+        Self::Rejected,
+    ];
+
+    /// Adds `readings` to this outcome's count.
+    pub fn count(self, readings: u64) {
+        let outcome = match self {
+            Self::Accepted => "accepted",
+            Self::Replayed => "replayed",
+            Self::Conflict => "conflict",
+            Self::Rejected => "rejected",
+        };
+        metrics::counter!("ingest_readings_total", "outcome" => outcome).increment(readings);
+    }
+}
+
 /// What every request handler may use.
 #[derive(Clone)]
 pub struct AppState {

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use time::OffsetDateTime;
 
 use super::error::ApiError;
-use super::AppState;
+use super::{AppState, ReadingOutcome};
 use crate::limits::retry_after_secs;
 use crate::store::{NewReading, Outcome, StoreError};
 
@@ -24,7 +24,7 @@ pub async fn post_telemetry(
 ) -> Result<Response, ApiError> {
     let answer = accept(&state, &headers, body).await;
     if answer.as_ref().is_err_and(ApiError::rejects_reading) {
-        metrics::counter!("ingest_readings_total", "outcome" => "rejected").increment(1);
+        ReadingOutcome::Rejected.count(1);
     }
     answer
 }
@@ -89,11 +89,11 @@ fn answer(outcome: Outcome) -> Response {
     let json = HeaderValue::from_static("application/json");
     match outcome {
         Outcome::Accepted { body } => {
-            metrics::counter!("ingest_readings_total", "outcome" => "accepted").increment(1);
+            ReadingOutcome::Accepted.count(1);
             (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, json)], body).into_response()
         }
         Outcome::Replayed { status, body, .. } => {
-            metrics::counter!("ingest_readings_total", "outcome" => "replayed").increment(1);
+            ReadingOutcome::Replayed.count(1);
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::ACCEPTED);
             let replayed = (
                 IDEMPOTENT_REPLAYED.clone(),
@@ -102,11 +102,11 @@ fn answer(outcome: Outcome) -> Response {
             (status, [(header::CONTENT_TYPE, json), replayed], body).into_response()
         }
         Outcome::KeyReused => {
-            metrics::counter!("ingest_readings_total", "outcome" => "conflict").increment(1);
+            ReadingOutcome::Conflict.count(1);
             ApiError::IdempotencyKeyReused.into_response()
         }
         Outcome::KeyInFlux => {
-            metrics::counter!("ingest_readings_total", "outcome" => "rejected").increment(1);
+            ReadingOutcome::Rejected.count(1);
             ApiError::IdempotencyKeyInUse.into_response()
         }
     }
