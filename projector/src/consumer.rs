@@ -390,7 +390,7 @@ impl Projector {
         .await;
         match published {
             Ok(()) => {
-                metrics::counter!("projector_dlq_total", "reason" => reason.reason()).increment(1);
+                count_dead_letters(reason.reason(), 1);
                 if let Err(error) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(%error, stream_sequence, "terminating a dead-lettered message failed");
                 }
@@ -886,6 +886,12 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
+}
+
+/// Adds `events` to the dead letters counted for `reason`
+/// (`projector_dlq_total{reason}`, one of [`contract::event::DecodeError::REASONS`]).
+pub fn count_dead_letters(reason: &'static str, events: u64) {
+    metrics::counter!("projector_dlq_total", "reason" => reason).increment(events);
 }
 
 #[cfg(test)]

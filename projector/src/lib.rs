@@ -69,7 +69,7 @@ pub async fn run(
         ("projector_redelivered_total", &[]),
     ]);
     for reason in contract::event::DecodeError::REASONS {
-        ingest::bootstrap::counters_from_zero(&[("projector_dlq_total", &[("reason", reason)])]);
+        consumer::count_dead_letters(reason, 0);
     }
     let nats = ingest::bootstrap::connect_nats(&settings.nats.url, "projector").await?;
     let redis_client = redis_client(&settings)?;
