@@ -277,7 +277,10 @@ impl Settings {
             .map_err(|error| SettingsError(error.to_string()))
     }
 
-    fn validate(&self) -> Result<(), SettingsError> {
+    /// Checks every rule [`Settings::load_from`] checks. The services' entry points call
+    /// it too, so settings built or changed in code (a test's, an embedding program's)
+    /// are held to the rules the config files are.
+    pub fn validate(&self) -> Result<(), SettingsError> {
         let invalid =
             |key: &str, rule: &str| Err(SettingsError(format!("{} {rule}", key_and_variable(key))));
         let token = |text: &str| {

@@ -46,6 +46,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    settings.validate()?;
     let metrics = bootstrap::install_metrics();
     for outcome in http::ReadingOutcome::ALL {
         outcome.count(0);

@@ -68,6 +68,7 @@ pub async fn serve(
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    settings.validate()?;
     let metrics = bootstrap::install_metrics();
     bootstrap::counters_from_zero(&[
         ("relay_published_total", &[]),

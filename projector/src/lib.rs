@@ -36,6 +36,7 @@ use crate::consumer::Projector;
 
 /// A rebuild of the configured read model, for `projector rebuild`.
 pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Rebuild> {
+    settings.validate()?;
     let nats = async_nats::ConnectOptions::new()
         .name("projector-rebuild")
         .connection_timeout(Duration::from_secs(5))
@@ -60,6 +61,7 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    settings.validate()?;
     let metrics = ingest::bootstrap::install_metrics();
     ingest::bootstrap::counters_from_zero(&[
         ("projector_events_applied_total", &[]),

@@ -27,6 +27,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    settings.validate()?;
     let metrics = ingest::bootstrap::install_metrics();
     let info = redis::IntoConnectionInfo::into_connection_info(settings.redis.url.as_str())
         .with_context(|| unusable_url("redis.url", &settings.redis.url))?;

@@ -356,6 +356,8 @@ async fn lost_tail_and_down_for_4_s(projector_dedup_horizon_secs: u64) -> AfterA
     env.settings.relay.published_retention_secs = 1;
     env.settings.relay.prune_interval_ms = 200;
     env.settings.projector.dedup_horizon_secs = projector_dedup_horizon_secs;
+    // The horizon must outlast the projector's ack wait, here as in any deployment.
+    env.settings.projector.ack_wait_secs = 1;
     let relay = spawn_relay(&env.settings);
     wait_until_all_published(&db, BEFORE_OUTAGE as i64).await;
 

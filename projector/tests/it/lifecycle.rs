@@ -175,10 +175,12 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
 #[tokio::test]
 async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_applied() {
     let mut env = TestEnv::new();
-    env.settings.projector.dedup_horizon_secs = 1;
+    // The shortest horizon the settings allow: it must outlast the ack wait.
+    env.settings.projector.ack_wait_secs = 1;
+    env.settings.projector.dedup_horizon_secs = 2;
     // Applied ids are remembered this long (plus a tenth): past it, only the consumer's
     // position keeps a redelivered event from counting again.
-    let horizon_passed = Duration::from_millis(1_500);
+    let horizon_passed = Duration::from_millis(2_500);
     let jetstream = streams(&env).await;
     let stream = jetstream
         .get_stream(env.subjects.stream())

@@ -9,4 +9,5 @@ mod fuzz;
 mod metrics;
 mod openapi;
 mod read_model;
+mod settings;
 mod support;

@@ -26,7 +26,7 @@ pub fn http_client() -> Client {
 
 /// Binds port 0 as the binaries bind (`ingest::bootstrap::listen`) and returns the
 /// listener and its base URL.
-fn listener(settings: &Settings) -> (tokio::net::TcpListener, String) {
+pub fn listener(settings: &Settings) -> (tokio::net::TcpListener, String) {
     let listener = ingest::bootstrap::listen(
         "127.0.0.1:0".parse().expect("loopback, port 0"),
         &settings.http,
