@@ -575,7 +575,8 @@ fn resume_after(fate: AnchorFate, horizon_start: OffsetDateTime) -> DeliverPolic
 }
 
 /// The supervisor's view of the durable consumer between looks; the anchor is kept in
-/// Redis too, so that a projector started after a NATS restart still has it.
+/// Redis too, so that a projector started after a NATS restart still has it, and
+/// written there again when Redis lost it (see [`ConsumerWatch::refresh_anchor`]).
 struct ConsumerWatch {
     redis: ConnectionManager,
     anchor_key: String,
@@ -596,13 +597,49 @@ impl ConsumerWatch {
         }
     }
 
-    async fn load_anchor(&mut self) {
-        if self.anchor_loaded {
+    /// Reads the anchor stored in Redis, once per look. The first read becomes this
+    /// watch's anchor. Later, an anchor found missing while this watch holds one (Redis
+    /// restarted or was flushed, and lost it with the read model) is written again at
+    /// once: the look takes a new one only when the ack floor moves, which on a quiet
+    /// stream may not happen before an operator deletes the consumer, and without an
+    /// anchor the consumer made again delivers the whole stream (every event applied
+    /// longer ago than the dedup horizon counted twice).
+    async fn refresh_anchor(&mut self) {
+        let stored: redis::RedisResult<Option<String>> = redis::cmd("GET")
+            .arg(&self.anchor_key)
+            .query_async(&mut self.redis)
+            .await;
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::debug!(%error, "reading the consumer anchor failed");
+                return;
+            }
+        };
+        if !self.anchor_loaded {
+            self.anchor_loaded = true;
+            self.anchor = stored.as_deref().and_then(ConsumerAnchor::decode);
             return;
         }
-        if let Ok(anchor) = read_anchor(&mut self.redis, &self.anchor_key).await {
-            self.anchor_loaded = true;
-            self.anchor = anchor;
+        let (None, Some(anchor)) = (stored, self.anchor) else {
+            return;
+        };
+        // NX: another projector that wrote its anchor since has the newer one.
+        let restored: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&self.anchor_key)
+            .arg(anchor.encode())
+            .arg("NX")
+            .query_async(&mut self.redis)
+            .await;
+        match restored {
+            Ok(Some(_)) => tracing::info!(
+                anchor_stream_sequence = anchor.stream_sequence,
+                "the consumer anchor was missing from redis, wrote it again"
+            ),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(%error, "writing the missing consumer anchor again failed")
+            }
         }
     }
 
@@ -676,7 +713,7 @@ async fn look_at_consumer(rebuild: &Rebuild, watch: &mut ConsumerWatch) -> anyho
     metrics::gauge!("projector_consumer_ack_pending").set(info.num_ack_pending as f64);
     metrics::gauge!("projector_consumer_redelivered").set(info.num_redelivered as f64);
 
-    watch.load_anchor().await;
+    watch.refresh_anchor().await;
     // An anchor of a consumer recreated since (by another projector's repair, or by an
     // operator) says nothing about this one: without this, every projector would repair
     // the stream's loss once more, each redelivering the dedup horizon.

@@ -250,6 +250,117 @@ async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_
     restarted.stop().await;
 }
 
+/// Redis losing every key (a restart without persistence) while no event arrives: the
+/// projector rebuilds the read model and writes its consumer anchor again, although the
+/// consumer's ack floor did not move, so the durable consumer deleted more than a dedup
+/// horizon later is still made again past what was applied.
+#[tokio::test]
+async fn a_consumer_anchor_lost_with_redis_while_the_stream_is_quiet_is_written_again() {
+    let mut env = TestEnv::new();
+    // The shortest horizon the settings allow: it must outlast the ack wait.
+    env.settings.projector.ack_wait_secs = 1;
+    env.settings.projector.dedup_horizon_secs = 2;
+    let horizon_passed = Duration::from_millis(2_500);
+    let jetstream = streams(&env).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    let consumer = env.settings.nats.consumer.clone();
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..20)
+        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
+        .collect();
+    let anchor_key =
+        contract::read_model::consumer_anchor_key(&env.settings.redis.prefix, &consumer);
+    let anchor_at_the_last_ack = || async {
+        let mut redis = env.redis().await;
+        let anchor: Option<String> = redis::cmd("GET")
+            .arg(&anchor_key)
+            .query_async(&mut redis)
+            .await
+            .ok()?;
+        anchor?.starts_with("10 ").then_some(())
+    };
+
+    let projector = Projector::spawn(&env.settings).await;
+    for event in &events[..10] {
+        publish(&env, &jetstream, event).await;
+    }
+    let expected = reference(&events[..10]);
+    projected(&env, &expected).await;
+    drained(&env, &jetstream, 10).await;
+    eventually(
+        CATCH_UP,
+        "the anchor at the last ack",
+        anchor_at_the_last_ack,
+    )
+    .await;
+
+    lose_every_redis_key(&env).await;
+    // The read model is rebuilt from the stream, each event counted once.
+    let rebuilt = projected(&env, &expected).await;
+    assert_same_figures(
+        "sensor-1",
+        &rebuilt["sensor-1"],
+        &expected["sensor-1"],
+        Sums::Exact,
+    );
+    eventually(
+        CATCH_UP,
+        "the anchor written again after redis lost it",
+        anchor_at_the_last_ack,
+    )
+    .await;
+
+    // Past the horizon of the rebuild's applies, only the anchor keeps the consumer made
+    // again from delivering the first events once more.
+    tokio::time::sleep(horizon_passed).await;
+    stream.delete_consumer(&consumer).await.expect("deleted");
+    consumer_made_again(&env, &stream, CATCH_UP).await;
+    for event in &events[10..] {
+        publish(&env, &jetstream, event).await;
+    }
+    let expected = reference(&events);
+    let actual = projected(&env, &expected).await;
+    drained(&env, &jetstream, 20).await;
+    assert_same_figures(
+        "sensor-1",
+        &actual["sensor-1"],
+        &expected["sensor-1"],
+        Sums::Exact,
+    );
+    assert_eq!(
+        consumer_info(&env, &jetstream)
+            .await
+            .delivered
+            .consumer_sequence,
+        10,
+        "the consumer made again delivered the new events only"
+    );
+    projector.stop().await;
+}
+
+/// Deletes every key under the test's Redis prefix, as a Redis restart without
+/// persistence loses them.
+async fn lose_every_redis_key(env: &TestEnv) {
+    let mut redis = env.redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", env.settings.redis.prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    assert!(
+        !keys.is_empty(),
+        "the projector wrote keys under the prefix"
+    );
+    let () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+}
+
 /// With `auth.service_credentials_required` every server URL carries a secret: the
 /// projector and its operator commands, failing over a server, name it but never show
 /// its password.
