@@ -15,7 +15,13 @@
 //! 3. notes the stream's last sequence and replays the stream up to it into the new
 //!    generation (the per-generation dedup set skips what the live projectors applied
 //!    there already); a replay whose consumer is lost, as with a NATS restart, goes on
-//!    with a new one just past what it applied;
+//!    with a new one just past what it applied. The dedup set forgets after the dedup
+//!    horizon, and a replay of a long stream can take longer than that, so the replay
+//!    takes first what the live projectors may also apply: everything past their
+//!    consumer's ack floor, read *before* `building` was set (every event they write
+//!    to the new generation was unacked then, so past that floor). Both apply that part
+//!    within moments of each other, while the dedup set still holds what the other
+//!    applied; the older part, however long its replay, is applied by the replay alone;
 //! 4. switches `generation` to the new one and clears `building`, in one script that
 //!    checks it still owns the lock and the build;
 //! 5. deletes the old generation's keys after a short grace period.
@@ -23,6 +29,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer};
 use contract::read_model::{
     generation_pattern, live_generation, meta, meta_key, rebuild_lock_key, LAYOUT,
@@ -175,6 +182,14 @@ impl Rebuild {
         let replaced = before.current.or(before.outdated);
         let now_ms = unix_millis(OffsetDateTime::now_utc()).max(0) as u64;
         let generation = now_ms.max(replaced.map_or(0, |old| old + 1));
+        let stream = self
+            .jetstream
+            .get_stream(self.subjects.stream())
+            .await
+            .context("opening the stream")?;
+        // Before `building` is set: every event the live projectors apply to the new
+        // generation from then on is past this floor (see the module's step 3).
+        let live_ack_floor = self.live_ack_floor(&stream).await?;
         let _: () = redis::cmd("HSET")
             .arg(meta_key(prefix))
             .arg(meta::BUILDING)
@@ -182,7 +197,9 @@ impl Rebuild {
             .query_async(&mut redis)
             .await?;
         tracing::info!(generation, "rebuilding the read model from the stream");
-        let replayed = self.replay_into(generation, shutdown, lost_lock).await?;
+        let replayed = self
+            .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
+            .await?;
         let switched: i64 = switch_script()
             .key(meta_key(prefix))
             .key(rebuild_lock_key(prefix))
@@ -206,7 +223,51 @@ impl Rebuild {
         Ok(generation)
     }
 
-    /// Replays the stream from its first message up to its last sequence right now.
+    /// The stream sequence up to which the live projectors' durable consumer has acked
+    /// every message; 0 while there is no such consumer (no live projector reads then).
+    async fn live_ack_floor(&self, stream: &jetstream::stream::Stream) -> anyhow::Result<u64> {
+        match stream.consumer_info(&self.consumer).await {
+            Ok(info) => Ok(info.ack_floor.stream_sequence),
+            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => Ok(0),
+            Err(error) => Err(error).context("reading the live consumer's ack floor"),
+        }
+    }
+
+    /// Replays the stream from its first message up to its last sequence right now: what
+    /// follows `live_ack_floor` first, then what precedes it (the module's step 3).
+    async fn replay_into(
+        &self,
+        generation: u64,
+        mut stream: jetstream::stream::Stream,
+        live_ack_floor: u64,
+        shutdown: &CancellationToken,
+        lost_lock: &CancellationToken,
+    ) -> anyhow::Result<u64> {
+        let state = &stream.info().await.context("reading stream info")?.state;
+        let (first_sequence, last_sequence) = (state.first_sequence, state.last_sequence);
+        let split = live_ack_floor.min(last_sequence);
+        let mut replayed = 0;
+        if split < last_sequence {
+            replayed += self
+                .replay_range(
+                    generation,
+                    &stream,
+                    split,
+                    last_sequence,
+                    shutdown,
+                    lost_lock,
+                )
+                .await?;
+        }
+        if split >= first_sequence.max(1) {
+            replayed += self
+                .replay_range(generation, &stream, 0, split, shutdown, lost_lock)
+                .await?;
+        }
+        Ok(replayed)
+    }
+
+    /// Replays the stream's messages after `after` up to `last_sequence`.
     ///
     /// The replay reads through an ordered consumer, which lives in the server's memory:
     /// a NATS restart loses it, and async-nats would notice only when its idle heartbeat
@@ -214,34 +275,23 @@ impl Rebuild {
     /// rebuild. So the replay takes its consumer for lost when no message came for
     /// [`REPLAY_STALL`], or when the consumer fails, and makes a new one just past the
     /// last event it applied: what it applied stays, and nothing is applied twice.
-    async fn replay_into(
+    async fn replay_range(
         &self,
         generation: u64,
+        stream: &jetstream::stream::Stream,
+        after: u64,
+        last_sequence: u64,
         shutdown: &CancellationToken,
         lost_lock: &CancellationToken,
     ) -> anyhow::Result<u64> {
-        let mut stream = self
-            .jetstream
-            .get_stream(self.subjects.stream())
-            .await
-            .context("opening the stream")?;
-        let last_sequence = stream
-            .info()
-            .await
-            .context("reading stream info")?
-            .state
-            .last_sequence;
-        if last_sequence == 0 {
-            return Ok(0);
-        }
         let mut redis = self.redis.clone();
         let mut replayed = 0u64;
-        let mut applied_through = 0u64;
+        let mut applied_through = after;
         let mut consumer_failures = 0u32;
         let mut batches: Option<ReplayBatches> = None;
         loop {
             let next = match batches.as_mut() {
-                None => match self.replay_consumer(&stream, applied_through).await {
+                None => match self.replay_consumer(stream, applied_through).await {
                     Ok(made) => {
                         batches = Some(made);
                         continue;

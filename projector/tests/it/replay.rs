@@ -9,7 +9,8 @@ use testkit::{assert_same_figures, eventually, PrivateNats, Sums};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    event, figures, now_ms, private_env, publish_many, reference, stream_messages,
+    drained, event, figures, now_ms, private_env, publish_many, reference, stream_messages,
+    Projector,
 };
 
 /// Enough events that the replay is still reading when the server is frozen: the
@@ -89,4 +90,82 @@ async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
         let (actual, _) = figures(&env, device).await;
         assert_same_figures(device, &actual, want, Sums::Exact);
     }
+}
+
+/// Events the live projector still had to apply when a rebuild began, with a replay that
+/// takes longer than the dedup horizon (here a frozen NATS and the replay's wait for a
+/// silent consumer, on a long stream the replay's own pace). The live projector applies
+/// them to the generation being built at once; the replay must meet them while the
+/// generation's dedup set still remembers that, or they count twice.
+#[tokio::test]
+async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_applied_once() {
+    const BACKLOG: usize = 200;
+    let mut nats = PrivateNats::start();
+    let (mut env, jetstream) = private_env(&nats).await;
+    env.settings.projector.ack_wait_secs = 1;
+    env.settings.projector.dedup_horizon_secs = 4;
+    let base = now_ms() - 3_600_000;
+    let events: Vec<_> = (0..EVENTS + BACKLOG)
+        .map(|index| {
+            let device = format!("sensor-{}", index % DEVICES);
+            let event = event(
+                &device,
+                base + index as i64,
+                &[("temperature", index as f64)],
+            );
+            let message_id = event.event_id.to_string();
+            (event, message_id)
+        })
+        .collect();
+    publish_many(&env, &jetstream, &events[..EVENTS]).await;
+    let projector = Projector::spawn(&env.settings).await;
+    drained(&env, &jetstream, EVENTS as u64).await;
+    projector.stop().await;
+    // The live projector's backlog when the rebuild begins.
+    publish_many(&env, &jetstream, &events[EVENTS..]).await;
+
+    let rebuild = projector::connect_rebuild(&env.settings)
+        .await
+        .expect("rebuild connects");
+    let running = tokio::spawn(async move { rebuild.run(&CancellationToken::new()).await });
+    let redis = env.redis().await;
+    eventually(Duration::from_secs(20), "the build under way", || {
+        let mut redis = redis.clone();
+        let prefix = env.settings.redis.prefix.clone();
+        async move {
+            let building: Option<u64> = redis::cmd("HGET")
+                .arg(meta_key(&prefix))
+                .arg(meta::BUILDING)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            building.map(drop)
+        }
+    })
+    .await;
+    // Started now, the live projector applies its backlog to the new generation too.
+    let projector = Projector::spawn(&env.settings).await;
+    drained(&env, &jetstream, (EVENTS + BACKLOG) as u64).await;
+    assert!(
+        !running.is_finished(),
+        "the rebuild finished before the live projector applied its backlog: the test needs more events"
+    );
+    // The replay's consumer is lost with the server, and the replay waits 5 s for it
+    // before it makes a new one: it goes on past the horizon of 4 s.
+    nats.freeze();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.restart();
+
+    let generation = tokio::time::timeout(FINISHED_AFTER_THE_RESTART, running)
+        .await
+        .expect("the rebuild finished soon after the restart")
+        .expect("the rebuild task did not panic")
+        .expect("the rebuild succeeded");
+    assert_eq!(env.generation().await, Some(generation));
+    let expected = reference(events.iter().map(|(event, _)| event));
+    for (device, want) in &expected {
+        let (actual, _) = figures(&env, device).await;
+        assert_same_figures(device, &actual, want, Sums::Exact);
+    }
+    projector.stop().await;
 }
