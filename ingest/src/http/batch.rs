@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::telemetry::{read_body, require_json, store_error};
+use super::telemetry::{read_body, require_json, store_error, within_deadline};
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
 use crate::limits::retry_after_secs;
@@ -61,19 +61,18 @@ pub struct BatchResponse {
     results: Vec<ItemResult>,
 }
 
+/// `POST /v1/telemetry/batch`, authentication included within the request deadline.
 pub async fn post_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    let grant = state.authenticate(&headers).await?;
-    require_json(&headers)?;
-    let deadline = state.request_timeout;
-    tokio::time::timeout(deadline, handle(&state, grant.as_ref(), &headers, body))
-        .await
-        .map_err(|_| {
-            ApiError::Unavailable("the request took too long; retry it, the keys make that safe")
-        })?
+    within_deadline(&state, async {
+        let grant = state.authenticate(&headers).await?;
+        require_json(&headers)?;
+        handle(&state, grant.as_ref(), &headers, body).await
+    })
+    .await
 }
 
 async fn handle(

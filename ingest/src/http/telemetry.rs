@@ -1,5 +1,7 @@
 //! `POST /v1/telemetry` (API.md §1).
 
+use std::future::Future;
+
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -17,6 +19,7 @@ use crate::store::{NewReading, Outcome, StoreError};
 /// Tells a client that it got the stored answer of an earlier request.
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// `POST /v1/telemetry`, authentication included within the request deadline.
 pub async fn post_telemetry(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -30,11 +33,10 @@ pub async fn post_telemetry(
 }
 
 async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let grant = state.authenticate(headers).await?;
-    require_json(headers)?;
-    let idempotency_key = idempotency_key(headers)?;
-    let deadline = state.request_timeout;
-    let outcome = tokio::time::timeout(deadline, async {
+    let outcome = within_deadline(state, async {
+        let grant = state.authenticate(headers).await?;
+        require_json(headers)?;
+        let idempotency_key = idempotency_key(headers)?;
         let bytes = read_body(body, headers, state.max_body_bytes).await?;
         let body: ReadingBody = serde_json::from_slice(&bytes)
             .map_err(|error| ApiError::InvalidJson(error.to_string()))?;
@@ -52,32 +54,38 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
             .limiter
             .check(&reading.device_id)
             .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))?;
-        let outcome = state
+        state
             .store
             .submit(NewReading::new(reading, idempotency_key, received_at))
             .await
-            .map_err(|error| match error {
-                StoreError::Overloaded => {
-                    ApiError::Unavailable("too many requests in flight; retry shortly")
-                }
-                StoreError::Unavailable(_) => {
-                    ApiError::Unavailable("the database is unavailable; retry shortly")
-                }
-            })?;
-        Ok::<_, ApiError>(outcome)
+            .map_err(store_error)
     })
-    .await
-    .map_err(|_| {
-        ApiError::Unavailable("the request took too long; retry with the same Idempotency-Key")
-    })??;
+    .await?;
     Ok(answer(outcome))
+}
+
+/// Runs a request's `work` within `ingest.request_timeout_ms`, from its first step (the
+/// token look-up) to its commit: past the deadline the client gets a `503 unavailable`
+/// with `Retry-After` instead of waiting on, and may retry with the same key(s). Both
+/// `POST /v1/telemetry` and the batch are answered through this one deadline.
+pub async fn within_deadline<T>(
+    state: &AppState,
+    work: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(state.request_timeout, work)
+        .await
+        .unwrap_or_else(|_elapsed| {
+            Err(ApiError::Unavailable(
+                "the request took too long; retrying it with the same idempotency key(s) is safe",
+            ))
+        })
 }
 
 /// A write that did not happen: the client should retry with the same key(s).
 pub fn store_error(error: StoreError) -> ApiError {
     match error {
         StoreError::Overloaded => {
-            ApiError::Unavailable("too many requests in flight; retry shortly")
+            ApiError::Unavailable("too many readings waiting for a commit; retry shortly")
         }
         StoreError::Unavailable(_) => {
             ApiError::Unavailable("the database is unavailable; retry shortly")

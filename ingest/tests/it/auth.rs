@@ -322,3 +322,131 @@ async fn a_look_up_that_fails_is_a_503_for_every_request_waiting_on_it_and_is_no
     .await;
     ingest.stop().await;
 }
+
+/// Sends `request` and times its answer; a request still unanswered after 10 s (well
+/// past any deadline under test) fails the test instead of hanging it.
+async fn answer_and_time(request: reqwest::RequestBuilder) -> (reqwest::Response, Duration) {
+    let started = std::time::Instant::now();
+    match request.timeout(Duration::from_secs(10)).send().await {
+        Ok(response) => (response, started.elapsed()),
+        Err(error) => panic!(
+            "no answer after {:?}, well past the request deadline: {error}",
+            started.elapsed()
+        ),
+    }
+}
+
+/// Asserts a `503 unavailable` with `Retry-After` that came within `limit`.
+async fn assert_unavailable_within(
+    (response, took): (reqwest::Response, Duration),
+    limit: Duration,
+    what: &str,
+) {
+    assert!(took < limit, "{what} answered after {took:?}");
+    assert!(
+        response.headers().get("retry-after").is_some(),
+        "{what}: Retry-After"
+    );
+    assert_problem(response, 503, "unavailable").await;
+}
+
+#[tokio::test]
+async fn a_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_and_leaves_nothing_stuck() {
+    let mut env = with_auth(60);
+    env.settings.ingest.request_timeout_ms = 1_000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (_, _, authorization) = gateway_token(&env.settings).await;
+    // A second token, verified before the table is locked: cached, it needs no look-up.
+    let (_, _, cached) = gateway_token(&env.settings).await;
+    let warm = post_as(&ingest, Some(&cached), "w-0", &reading("d-cached", 1.0)).await;
+    assert_eq!(warm.status().as_u16(), 202);
+
+    let mut blocker = env.postgres().await;
+    let lock = blocker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("locked");
+    let single = |key: &str| {
+        ingest
+            .json_request("/v1/telemetry", Some(key), reading("d", 1.0).to_string())
+            .header("authorization", &authorization)
+    };
+    let batch = |key: &str| {
+        let body = json!({"readings": [
+            {"idempotency_key": key, "device_id": "d", "metrics": {"t": 1}},
+        ]});
+        ingest
+            .json_request("/v1/telemetry/batch", None, body.to_string())
+            .header("authorization", &authorization)
+    };
+    // The token's look-up waits for the lock: each request ends at its 1 s deadline.
+    let limit = Duration::from_secs(3);
+    assert_unavailable_within(answer_and_time(single("k-1")).await, limit, "the POST").await;
+    assert_unavailable_within(answer_and_time(batch("b-1")).await, limit, "the batch").await;
+    // The look-ups given up did not leave their connections to the next user in the
+    // pool, queued behind the lock: a reading of the cached token is stored at once.
+    let (response, took) = answer_and_time(
+        ingest
+            .json_request(
+                "/v1/telemetry",
+                Some("w-1"),
+                reading("d-cached", 2.0).to_string(),
+            )
+            .header("authorization", &cached),
+    )
+    .await;
+    assert_eq!(
+        response.status().as_u16(),
+        202,
+        "a cached token's reading while look-ups wait for the lock (after {took:?})"
+    );
+
+    // Once the table is free, the same requests authenticate as usual.
+    lock.rollback().await.expect("released");
+    let (response, _) = answer_and_time(single("k-1")).await;
+    assert_eq!(response.status().as_u16(), 202, "the POST after the lock");
+    let (response, _) = answer_and_time(batch("b-1")).await;
+    assert_eq!(response.status().as_u16(), 200, "the batch after the lock");
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer["results"][0]["status"], "accepted");
+    assert_eq!(count(&env.postgres().await, "readings").await, 4);
+    ingest.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_still_authenticates()
+{
+    let mut env = with_auth(60);
+    env.settings.ingest.request_timeout_ms = 2_000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (_, _, authorization) = gateway_token(&env.settings).await;
+    let mut blocker = env.postgres().await;
+    let lock = blocker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("locked");
+    let post = |key: &'static str| {
+        answer_and_time(
+            ingest
+                .json_request("/v1/telemetry", Some(key), reading("d", 1.0).to_string())
+                .header("authorization", &authorization),
+        )
+    };
+
+    // The first request runs the token's look-up; the second, a second later, waits on
+    // it. The first gives up at its deadline, while the second has a second left.
+    let first = tokio::spawn(post("k-1"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = tokio::spawn(post("k-2"));
+    let first = first.await.expect("first request");
+    assert_unavailable_within(first, Duration::from_millis(2_900), "the first").await;
+    lock.rollback().await.expect("released");
+
+    let (second, took) = second.await.expect("second request");
+    assert_eq!(
+        second.status().as_u16(),
+        202,
+        "the second request, left waiting on the given-up look-up, ran its own (after {took:?})"
+    );
+    ingest.stop().await;
+}
