@@ -4,7 +4,8 @@
 //! a body that is not JSON of the right shape (wrong types, missing or unknown fields)
 //! fails in `serde` and is a `400 invalid-json`; a well-formed body that breaks a rule
 //! (device id pattern, metric names, timestamps out of bounds) fails in
-//! [`ReadingBody::validate`] and is a `422 invalid-reading` listing every broken rule.
+//! [`ReadingBody::validate`] and is a `422 invalid-reading` listing every broken rule
+//! (of the metrics, those of the first [`METRIC_ERRORS_LISTED`], then how many more).
 
 use std::collections::{btree_map::Entry, BTreeMap};
 
@@ -18,6 +19,11 @@ use crate::timestamp;
 pub const DEVICE_ID_MAX_LEN: usize = 64;
 /// Most metrics in one reading.
 pub const METRICS_MAX: usize = 32;
+/// Most metrics whose own errors an invalid reading lists. The errors of the others are
+/// counted in one last entry, so that a body of thousands of bad metric names gets a
+/// problem of a few KiB, not one of a MiB. A reading within the 32 metrics allowed is
+/// never cut short.
+pub const METRIC_ERRORS_LISTED: usize = METRICS_MAX;
 /// Longest metric name.
 pub const METRIC_NAME_MAX_LEN: usize = 64;
 /// Longest idempotency key.
@@ -150,7 +156,8 @@ pub struct Reading {
 }
 
 impl ReadingBody {
-    /// Checks every rule of API.md §1 and reports all broken ones at once.
+    /// Checks every rule of API.md §1 and reports all broken ones at once; past
+    /// [`METRIC_ERRORS_LISTED`] metrics with an error, one last entry counts the rest.
     pub fn validate(
         self,
         now: OffsetDateTime,
@@ -197,23 +204,31 @@ impl ReadingBody {
             ));
         }
         let mut metrics = BTreeMap::new();
+        let mut metric_errors = 0;
         for (name, value) in self.metrics {
-            if let Err(message) = check_metric_name(&name) {
-                errors.push(FieldError::new(
-                    format!("metrics.{}", printable(&name)),
-                    message,
-                ));
-                continue;
+            let error = match check_metric_name(&name) {
+                Err(message) => FieldError::new(format!("metrics.{}", printable(&name)), message),
+                Ok(()) => match value.as_f64().filter(|number| number.is_finite()) {
+                    Some(number) => {
+                        metrics.insert(name, number);
+                        continue;
+                    }
+                    None => FieldError::new(format!("metrics.{name}"), "must be a finite number"),
+                },
+            };
+            metric_errors += 1;
+            if metric_errors <= METRIC_ERRORS_LISTED {
+                errors.push(error);
             }
-            match value.as_f64().filter(|number| number.is_finite()) {
-                Some(number) => {
-                    metrics.insert(name, number);
-                }
-                None => errors.push(FieldError::new(
-                    format!("metrics.{name}"),
-                    "must be a finite number",
-                )),
-            }
+        }
+        if metric_errors > METRIC_ERRORS_LISTED {
+            errors.push(FieldError::new(
+                "metrics",
+                format!(
+                    "{} more metric(s) also break a rule; only the first {METRIC_ERRORS_LISTED} (by name) are listed",
+                    metric_errors - METRIC_ERRORS_LISTED
+                ),
+            ));
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -366,6 +381,56 @@ mod tests {
             names.join(",")
         ));
         assert!(too_many.validate(now(), bounds()).is_err());
+    }
+
+    /// A body with `count` distinct metric names that break the name rule.
+    fn bad_metric_names(count: usize) -> ReadingBody {
+        let names: Vec<String> = (0..count)
+            .map(|index| format!("\"Bad_{index:04}\":1"))
+            .collect();
+        body(&format!(
+            r#"{{"device_id":"d","metrics":{{{}}}}}"#,
+            names.join(",")
+        ))
+    }
+
+    #[test]
+    fn up_to_32_bad_metrics_are_each_listed_and_nothing_more() {
+        let errors = bad_metric_names(METRICS_MAX)
+            .validate(now(), bounds())
+            .expect_err("invalid");
+        assert_eq!(errors.len(), METRICS_MAX);
+        assert!(errors
+            .iter()
+            .all(|error| error.field.starts_with("metrics.Bad_")));
+    }
+
+    #[test]
+    fn thousands_of_bad_metrics_list_the_first_32_and_then_how_many_more_were_left_out() {
+        let errors = bad_metric_names(5_000)
+            .validate(now(), bounds())
+            .expect_err("invalid");
+        assert_eq!(
+            errors.len(),
+            1 + METRICS_MAX + 1,
+            "the count rule, the first {METRICS_MAX} metrics, then how many more"
+        );
+        assert_eq!(errors[0].field, "metrics", "the count rule comes first");
+        let listed: Vec<&str> = errors[1..=METRICS_MAX]
+            .iter()
+            .map(|error| error.field.as_str())
+            .collect();
+        let first: Vec<String> = (0..METRICS_MAX)
+            .map(|index| format!("metrics.Bad_{index:04}"))
+            .collect();
+        assert_eq!(listed, first, "the first in name order");
+        let last = &errors[METRICS_MAX + 1];
+        assert_eq!(last.field, "metrics");
+        assert!(
+            last.message.contains("4968 more"),
+            "the last entry says how many were left out: {}",
+            last.message
+        );
     }
 
     #[test]

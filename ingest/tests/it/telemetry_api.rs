@@ -334,6 +334,94 @@ async fn readings_that_break_a_rule_are_422_naming_the_field() {
     ingest.stop().await;
 }
 
+/// A `metrics` object of distinct names that each break the name rule (upper case),
+/// about `bytes` long, and how many names it holds.
+fn bad_metric_names(bytes: usize) -> (String, usize) {
+    let mut metrics = String::from("{");
+    let mut names = 0;
+    while metrics.len() < bytes {
+        if names > 0 {
+            metrics.push(',');
+        }
+        metrics.push_str(&format!("\"Bad_{names:05}\":1"));
+        names += 1;
+    }
+    metrics.push('}');
+    (metrics, names)
+}
+
+/// Asserts that `errors` (a problem's or a batch item's) says what is wrong with a
+/// reading of `names` bad metric names in few entries: the count rule, the first
+/// metrics by name, and how many more were left out.
+fn assert_bounded_metric_errors(errors: &Value, names: usize) {
+    let errors = errors.as_array().expect("errors is a list");
+    let fields: Vec<&str> = errors
+        .iter()
+        .filter_map(|error| error["field"].as_str())
+        .collect();
+    assert!(
+        errors.len() <= 40,
+        "{} entries for {names} bad names",
+        errors.len()
+    );
+    assert_eq!(
+        fields.first(),
+        Some(&"metrics"),
+        "the count rule: {fields:?}"
+    );
+    assert_eq!(fields.get(1), Some(&"metrics.Bad_00000"), "{fields:?}");
+    let listed = fields
+        .iter()
+        .filter(|field| field.starts_with("metrics.Bad_"))
+        .count();
+    let last = errors.last().expect("not empty");
+    assert_eq!(last["field"], "metrics");
+    let left_out = (names - listed).to_string();
+    assert!(
+        last["message"]
+            .as_str()
+            .is_some_and(|message| message.contains(&left_out)),
+        "the last entry says {left_out} more were left out: {last}"
+    );
+}
+
+#[tokio::test]
+async fn thousands_of_bad_metric_names_get_a_small_422_saying_how_many_were_left_out() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (metrics, names) = bad_metric_names(60 * 1024);
+    let body = format!(r#"{{"device_id":"sensor-1","metrics":{metrics}}}"#);
+    assert!(body.len() < 64 * 1024, "under the body limit");
+
+    let response = ingest.post_text("k-1", body).await;
+    let problem = assert_problem(response, 422, "invalid-reading").await;
+    let size = problem.to_string().len();
+    assert!(
+        size < 8 * 1024,
+        "a {size}-byte problem for {names} bad metric names"
+    );
+    assert_bounded_metric_errors(&problem["errors"], names);
+
+    // A batch item with the same metrics: its error is as small, its neighbour accepted.
+    let batch = format!(
+        r#"{{"readings":[{{"idempotency_key":"b-1","device_id":"sensor-1","metrics":{metrics}}},
+            {{"idempotency_key":"b-2","device_id":"sensor-1","metrics":{{"t":1}}}}]}}"#
+    );
+    let response = ingest.post_batch_text(batch).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.expect("json");
+    let error = &answer["results"][0]["error"];
+    let size = error.to_string().len();
+    assert!(
+        size < 8 * 1024,
+        "a {size}-byte item error for {names} bad metric names"
+    );
+    assert_bounded_metric_errors(&error["errors"], names);
+    assert_eq!(answer["results"][1]["status"], "accepted");
+    assert_eq!(count(&env.postgres().await, "readings").await, 1);
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn recorded_at_defaults_to_the_receive_time() {
     let env = TestEnv::new();
