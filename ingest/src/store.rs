@@ -17,15 +17,25 @@
 //! A commit that inserted outbox rows signals the [`outbox_notify`](crate::outbox_notify)
 //! task once it has returned; that task wakes the relays with a `NOTIFY` of its own,
 //! outside the commit.
+//!
+//! The queue is bounded in readings, not submissions (`queue_capacity`, README's
+//! limits): a submission holds room for each of its readings from [`Store::submit_all`]
+//! until it is answered or dropped, and is refused with [`StoreError::Overloaded`] when
+//! there is not enough, so a stall of PostgreSQL cannot pile up a thousand readings per
+//! gateway request. A submission whose request gave up (its deadline passed, so it was
+//! answered `503`) is dropped before its commit rather than committed behind its back;
+//! only one whose deadline passes while its commit is landing is stored, and a retry
+//! with the same keys then finds it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use contract::event::TelemetryRecorded;
 use contract::reading::Reading;
 use deadpool_postgres::Pool;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
@@ -120,8 +130,10 @@ pub enum Outcome {
 /// Why a reading could not be written; the request should be retried later.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("too many requests waiting for a commit")]
+    /// The readings waiting for a commit would exceed `queue_capacity`.
+    #[error("too many readings waiting for a commit")]
     Overloaded,
+    /// The commit failed or was abandoned.
     #[error("database unavailable: {0}")]
     Unavailable(String),
 }
@@ -129,13 +141,59 @@ pub enum StoreError {
 /// One submission: a single reading, or a gateway batch that commits as one.
 struct Pending {
     readings: Vec<NewReading>,
+    /// Closed once the request gave up waiting (its deadline passed): the submission is
+    /// then dropped instead of committed.
     reply: oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+    /// Its readings' room in the queue, given back when the submission is dropped:
+    /// answered, or abandoned.
+    _room: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    /// Whether the request that submitted it no longer waits for its answer.
+    fn is_abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// Room for `queue_capacity` readings waiting for a commit or in one: one permit a
+/// reading. Taking it is a compare-and-swap, without waiting; a submission larger than
+/// the whole capacity takes all of it, so it enters once nothing else waits instead of
+/// never.
+#[derive(Clone)]
+struct Room {
+    permits: Arc<Semaphore>,
+    capacity: u32,
+}
+
+impl Room {
+    fn new(queue_capacity: usize) -> Self {
+        let most = u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX);
+        let capacity = u32::try_from(queue_capacity)
+            .unwrap_or(u32::MAX)
+            .clamp(1, most);
+        Self {
+            permits: Arc::new(Semaphore::new(capacity as usize)),
+            capacity,
+        }
+    }
+
+    /// Room for `readings`, if there is that much (or, for more than the capacity, if
+    /// the queue is empty).
+    fn take(&self, readings: usize) -> Option<OwnedSemaphorePermit> {
+        let wanted = u32::try_from(readings).map_or(self.capacity, |n| n.min(self.capacity));
+        Arc::clone(&self.permits)
+            .try_acquire_many_owned(wanted)
+            .ok()
+    }
 }
 
 /// The handle requests submit readings through; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    queue: mpsc::Sender<Pending>,
+    /// Unbounded in submissions: [`Room`] bounds the readings they hold.
+    queue: mpsc::UnboundedSender<Pending>,
+    room: Room,
 }
 
 /// Limits of the group commit.
@@ -145,6 +203,9 @@ pub struct GroupCommit {
     pub concurrency: usize,
     /// Readings that must be waiting before a commit starts beside one in flight.
     pub parallel_min: usize,
+    /// Readings waiting for a commit or in one before submissions are refused with
+    /// [`StoreError::Overloaded`] (`ingest.queue_capacity`). A submission larger than
+    /// this is taken only while no other reading waits.
     pub queue_capacity: usize,
     /// After a commit of [`BUSY_ROWS`](crate::pacing::BUSY_ROWS) or more readings, a
     /// batch under half of `parallel_min` starts no sooner than this after it
@@ -165,7 +226,8 @@ impl Store {
         notifier: Option<Notifier>,
         clients: Option<OpenConnections>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (queue, receiver) = mpsc::channel(limits.queue_capacity);
+        let (queue, receiver) = mpsc::unbounded_channel();
+        let room = Room::new(limits.queue_capacity);
         let (signal, notifier) = notifier.map(Notifier::start).unzip();
         let dispatcher = tokio::spawn(async move {
             dispatch(pool, receiver, limits, signal, clients).await;
@@ -175,7 +237,7 @@ impl Store {
                 let _ = notifier.await;
             }
         });
-        (Self { queue }, dispatcher)
+        (Self { queue, room }, dispatcher)
     }
 
     /// Writes one reading (or finds its earlier answer); waits for the commit.
@@ -188,15 +250,25 @@ impl Store {
 
     /// Writes several readings in one transaction: every new one is committed, or none.
     /// The outcomes are in the order of `readings`; of two readings with the same device
-    /// and key, the first is the one stored.
+    /// and key, the first is the one stored. `Overloaded` at once when the queue has no
+    /// room for them. Dropping the future before its commit began drops the readings
+    /// unwritten; once it began, they may be stored.
     pub async fn submit_all(&self, readings: Vec<NewReading>) -> Result<Vec<Outcome>, StoreError> {
         if readings.is_empty() {
             return Ok(Vec::new());
         }
+        let room = self
+            .room
+            .take(readings.len())
+            .ok_or(StoreError::Overloaded)?;
         let (reply, answer) = oneshot::channel();
         self.queue
-            .try_send(Pending { readings, reply })
-            .map_err(|_| StoreError::Overloaded)?;
+            .send(Pending {
+                readings,
+                reply,
+                _room: room,
+            })
+            .map_err(|_| StoreError::Unavailable("the store has stopped".to_owned()))?;
         answer
             .await
             .unwrap_or_else(|_| Err(StoreError::Unavailable("commit abandoned".to_owned())))
@@ -213,11 +285,13 @@ impl Store {
 /// `parallel_min` that follows a busy commit waits until that long after its start
 /// ([`crate::pacing`]), unless every connection counted in `clients` (those that
 /// posted readings) has a submission in it. When `concurrency` commits are in flight
-/// and the batch is full the dispatcher stops taking submissions: the queue fills and
-/// [`Store::submit`] answers `Overloaded`.
+/// and the batch is full the dispatcher stops taking submissions: the queue fills up to
+/// `queue_capacity` readings and [`Store::submit`] answers `Overloaded`. Submissions
+/// whose requests gave up are dropped as they are taken, and again just before their
+/// commit's statement.
 async fn dispatch(
     pool: Pool,
-    mut receiver: mpsc::Receiver<Pending>,
+    mut receiver: mpsc::UnboundedReceiver<Pending>,
     limits: GroupCommit,
     signal: Option<Signal>,
     clients: Option<OpenConnections>,
@@ -314,7 +388,12 @@ impl Batch {
         clients.is_some_and(|open| self.submissions.len() >= open.get())
     }
 
+    /// Gathers `pending`, or holds it back for the next batch when it does not fit; one
+    /// whose request gave up is dropped instead.
     fn add(&mut self, pending: Pending, batch_max: usize) {
+        if pending.is_abandoned() {
+            return;
+        }
         if !self.submissions.is_empty() && self.readings + pending.readings.len() > batch_max {
             self.carried = Some(pending);
             return;
@@ -324,7 +403,7 @@ impl Batch {
     }
 
     /// Adds what is already waiting in the queue, without waiting, until full.
-    fn take_waiting(&mut self, receiver: &mut mpsc::Receiver<Pending>, batch_max: usize) {
+    fn take_waiting(&mut self, receiver: &mut mpsc::UnboundedReceiver<Pending>, batch_max: usize) {
         while !self.is_full(batch_max) {
             match receiver.try_recv() {
                 Ok(pending) => self.add(pending, batch_max),
@@ -345,7 +424,19 @@ impl Batch {
     }
 }
 
-async fn commit_batch(pool: &Pool, batch: Vec<Pending>, signal: Option<&Signal>) {
+/// Commits `batch` and answers each of its submissions. A submission whose request gave
+/// up by the time the connection is at hand is dropped unwritten: that request was
+/// answered `503`, which tells the client nothing was stored.
+async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Signal>) {
+    let started = Instant::now();
+    let client = match pool.get().await {
+        Ok(client) => client,
+        Err(error) => return fail(batch, &anyhow::Error::from(error)),
+    };
+    batch.retain(|pending| !pending.is_abandoned());
+    if batch.is_empty() {
+        return;
+    }
     // Sorted by (device, key) so concurrent commits lock keys in the same order; the
     // sort is stable, so of two equal keys the one submitted first is stored.
     let readings: Vec<&NewReading> = batch.iter().flat_map(|pending| &pending.readings).collect();
@@ -355,8 +446,8 @@ async fn commit_batch(pool: &Pool, batch: Vec<Pending>, signal: Option<&Signal>)
             .cmp(&(&readings[right].device_id, &readings[right].idempotency_key))
     });
     let sorted: Vec<&NewReading> = order.iter().map(|&index| readings[index]).collect();
-    let started = Instant::now();
-    let result = write(pool, &sorted, signal).await;
+    let result = write(&client, &sorted, signal).await;
+    drop(client);
     metrics::histogram!("ingest_commit_batch_size").record(sorted.len() as f64);
     metrics::histogram!("ingest_commit_seconds").record(started.elapsed().as_secs_f64());
     match result {
@@ -374,17 +465,17 @@ async fn commit_batch(pool: &Pool, batch: Vec<Pending>, signal: Option<&Signal>)
                 let _ = pending.reply.send(answer);
             }
         }
-        Err(error) => {
-            tracing::warn!(
-                error = format!("{error:#}"),
-                size = readings.len(),
-                "group commit failed"
-            );
-            let error = StoreError::Unavailable(error.to_string());
-            for pending in batch {
-                let _ = pending.reply.send(Err(error.clone()));
-            }
-        }
+        Err(error) => fail(batch, &error),
+    }
+}
+
+/// Answers every submission of a commit that failed.
+fn fail(batch: Vec<Pending>, error: &anyhow::Error) {
+    let size: usize = batch.iter().map(|pending| pending.readings.len()).sum();
+    tracing::warn!(error = format!("{error:#}"), size, "group commit failed");
+    let error = StoreError::Unavailable(error.to_string());
+    for pending in batch {
+        let _ = pending.reply.send(Err(error.clone()));
     }
 }
 
@@ -426,11 +517,10 @@ struct StoredKey {
 /// One statement for the batch, and one look-up when some keys were already there.
 /// `signal` is raised as soon as the statement committed outbox rows.
 async fn write(
-    pool: &Pool,
+    client: &deadpool_postgres::Client,
     readings: &[&NewReading],
     signal: Option<&Signal>,
 ) -> Result<Vec<Outcome>, anyhow::Error> {
-    let client = pool.get().await?;
     let insert = client.prepare_cached(INSERT).await?;
     let device_ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
     let keys: Vec<&str> = readings
@@ -530,7 +620,11 @@ mod tests {
         interval: Duration::ZERO,
     };
 
-    fn submission(readings: usize) -> Pending {
+    type Answer = oneshot::Receiver<Result<Vec<Outcome>, StoreError>>;
+
+    /// A submission of `readings`, with the receiver its request waits on (dropping
+    /// that abandons the submission) and its room taken from a queue of its own.
+    fn submission(readings: usize) -> (Pending, Answer) {
         let reading = NewReading::new(
             Reading {
                 device_id: "sensor-1".to_owned(),
@@ -540,48 +634,57 @@ mod tests {
             "key".to_owned(),
             OffsetDateTime::UNIX_EPOCH,
         );
-        let (reply, _) = oneshot::channel();
-        Pending {
+        let (reply, answer) = oneshot::channel();
+        let room = Room::new(readings)
+            .take(readings)
+            .expect("an empty queue has room");
+        let pending = Pending {
             readings: vec![reading; readings],
             reply,
-        }
+            _room: room,
+        };
+        (pending, answer)
     }
 
-    fn batch_of(sizes: &[usize]) -> Batch {
+    /// A batch of submissions of `sizes`, whose requests still wait.
+    fn batch_of(sizes: &[usize]) -> (Batch, Vec<Answer>) {
         let mut batch = Batch::default();
+        let mut answers = Vec::new();
         for &size in sizes {
-            batch.add(submission(size), LIMITS.batch_max);
+            let (pending, answer) = submission(size);
+            batch.add(pending, LIMITS.batch_max);
+            answers.push(answer);
         }
-        batch
+        (batch, answers)
     }
 
     #[test]
     fn a_single_reading_starts_at_once_when_nothing_is_in_flight() {
-        assert!(batch_of(&[1]).may_start(0, &LIMITS));
+        assert!(batch_of(&[1]).0.may_start(0, &LIMITS));
         assert!(!Batch::default().may_start(0, &LIMITS));
     }
 
     #[test]
     fn a_small_batch_waits_for_the_commit_in_flight() {
-        assert!(!batch_of(&[1, 1, 1]).may_start(1, &LIMITS));
+        assert!(!batch_of(&[1, 1, 1]).0.may_start(1, &LIMITS));
     }
 
     #[test]
     fn a_batch_of_parallel_min_starts_beside_others_up_to_the_concurrency() {
-        assert!(batch_of(&[2, 2]).may_start(1, &LIMITS));
-        assert!(!batch_of(&[2, 2]).may_start(2, &LIMITS));
+        assert!(batch_of(&[2, 2]).0.may_start(1, &LIMITS));
+        assert!(!batch_of(&[2, 2]).0.may_start(2, &LIMITS));
     }
 
     #[test]
     fn only_a_batch_under_half_of_parallel_min_may_be_paced() {
-        assert!(batch_of(&[1]).may_be_paced(&LIMITS));
-        assert!(!batch_of(&[2]).may_be_paced(&LIMITS));
-        assert!(!batch_of(&[25]).may_be_paced(&LIMITS));
+        assert!(batch_of(&[1]).0.may_be_paced(&LIMITS));
+        assert!(!batch_of(&[2]).0.may_be_paced(&LIMITS));
+        assert!(!batch_of(&[25]).0.may_be_paced(&LIMITS));
     }
 
     #[test]
     fn a_submission_that_does_not_fit_is_carried_into_the_next_batch_whole() {
-        let mut batch = batch_of(&[6, 5]);
+        let (mut batch, _answers) = batch_of(&[6, 5]);
         assert!(batch.is_full(LIMITS.batch_max));
         assert_eq!(batch.start_next().len(), 1);
         assert_eq!(batch.readings, 5);
@@ -590,10 +693,58 @@ mod tests {
 
     #[test]
     fn a_submission_larger_than_batch_max_still_commits_alone() {
-        let mut batch = batch_of(&[25]);
+        let (mut batch, _answers) = batch_of(&[25]);
         assert!(batch.is_full(LIMITS.batch_max));
         assert!(batch.may_start(0, &LIMITS));
         assert_eq!(batch.start_next().len(), 1);
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_submission_whose_request_gave_up_is_dropped_not_gathered() {
+        let room = Room::new(10);
+        let (mut pending, answer) = submission(3);
+        pending._room = room.take(3).expect("room for 3");
+        drop(answer);
+        let mut batch = Batch::default();
+        batch.add(pending, LIMITS.batch_max);
+        assert!(batch.is_empty());
+        assert_eq!(batch.readings, 0);
+        assert!(room.take(10).is_some(), "its room was given back");
+    }
+
+    #[test]
+    fn the_room_counts_readings_not_submissions() {
+        let room = Room::new(1_500);
+        let first = room.take(1_000).expect("room for a full batch");
+        assert!(room.take(1_000).is_none(), "a second one would make 2000");
+        let small = room.take(500).expect("what is left");
+        assert!(room.take(1).is_none());
+        drop(first);
+        assert!(
+            room.take(1_000).is_some(),
+            "the answered batch's room is free"
+        );
+        drop(small);
+    }
+
+    #[test]
+    fn a_submission_larger_than_the_capacity_enters_only_an_empty_queue() {
+        let room = Room::new(500);
+        let one = room.take(1).expect("room for one");
+        assert!(room.take(1_000).is_none(), "another reading waits");
+        drop(one);
+        let large = room.take(1_000).expect("alone it may enter");
+        assert!(room.take(1).is_none(), "it holds the whole queue");
+        drop(large);
+        assert!(room.take(500).is_some());
+    }
+
+    #[test]
+    fn a_capacity_of_zero_still_bounds_the_queue() {
+        let room = Room::new(0);
+        let one = room.take(1).expect("room for one");
+        assert!(room.take(1).is_none());
+        drop(one);
     }
 }

@@ -1,5 +1,7 @@
 //! The group commit with several commits in flight: the same keys in concurrent
-//! commits, every submission answered, every key stored once; and its pacing.
+//! commits, every submission answered, every key stored once; its pacing; and, while
+//! PostgreSQL stalls, its bound on the readings waiting and the submissions it drops
+//! once their requests gave up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -9,10 +11,10 @@ use ingest::http::server::OpenConnections;
 use ingest::outbox_notify::Notifier;
 use ingest::store::{GroupCommit, NewReading, Outcome, Store};
 use serde_json::{json, Value};
-use testkit::TestEnv;
+use testkit::{eventually, TestEnv};
 use time::OffsetDateTime;
 
-use crate::support::{migrate, reading as posted_reading, Ingest};
+use crate::support::{assert_problem, count, migrate, reading as posted_reading, Ingest};
 
 fn reading(device: usize, temperature: f64) -> Reading {
     Reading {
@@ -243,5 +245,180 @@ async fn over_http_a_paced_reading_waits_only_while_another_posting_connection_i
     );
 
     drop(other);
+    ingest.stop().await;
+}
+
+/// A transaction of its own that holds `idempotency_keys`: every group commit waits for
+/// it until [`release_commits`]. Its session stays open, idle in the transaction.
+async fn stall_commits(env: &TestEnv) -> tokio_postgres::Client {
+    let lock = env.postgres().await;
+    lock.batch_execute("BEGIN; LOCK TABLE idempotency_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("idempotency_keys locked");
+    lock
+}
+
+/// Ends the transaction of [`stall_commits`]: the waiting commits go on.
+async fn release_commits(lock: &tokio_postgres::Client) {
+    lock.batch_execute("ROLLBACK").await.expect("lock released");
+}
+
+/// Waits until a group commit of ingest waits for the lock of [`stall_commits`], seen
+/// from `watcher`, a session of its own (a session in a transaction sees a snapshot of
+/// `pg_stat_activity` taken at its first look).
+async fn wait_for_a_stalled_commit(watcher: &tokio_postgres::Client) {
+    eventually(
+        Duration::from_secs(10),
+        "a commit waiting for the lock",
+        || async {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A batch body of `size` readings over as many devices, keyed `<prefix>-<n>`.
+fn batch_body(prefix: &str, size: usize) -> Value {
+    let items: Vec<Value> = (0..size)
+        .map(|index| {
+            json!({"idempotency_key": format!("{prefix}-{index}"),
+                   "device_id": format!("sensor-{}", index % 50),
+                   "metrics": {"temperature": index as f64}})
+        })
+        .collect();
+    json!({ "readings": items })
+}
+
+/// `ingest.queue_capacity` bounds the readings waiting for a commit, not the requests:
+/// while PostgreSQL stalls, a second full batch that would take them past the capacity
+/// is refused at once with `503` instead of being queued (a thousand readings a
+/// request, the old bound of 8192 requests let eight million wait). Once the first
+/// batch is answered its room is free again.
+#[tokio::test]
+async fn a_batch_that_would_take_the_waiting_readings_past_the_capacity_is_refused_at_once() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.queue_capacity = 1_500;
+    env.settings.ingest.request_timeout_ms = 5_000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let watcher = env.postgres().await;
+    let lock = stall_commits(&env).await;
+
+    let first_batch = batch_body("first", 1_000);
+    let first = ingest.post_batch(&first_batch);
+    let second = async {
+        wait_for_a_stalled_commit(&watcher).await;
+        let started = tokio::time::Instant::now();
+        let second = ingest.post_batch(&batch_body("second", 1_000)).await;
+        let took = started.elapsed();
+        let problem = assert_problem(second, 503, "unavailable").await;
+        release_commits(&lock).await;
+        (problem, took)
+    };
+    let (first, (problem, took)) = tokio::join!(first, second);
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("too many"),
+        "the second batch was answered after {took:?}: {problem}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the second batch was refused only after {took:?}"
+    );
+    assert_eq!(first.status().as_u16(), 200);
+    let first: Value = first.json().await.expect("json");
+    assert_eq!(first["accepted"], 1_000, "{}", first["results"][0]);
+
+    // The first batch's readings no longer wait: a batch as large fits again.
+    let third: Value = ingest
+        .post_batch(&batch_body("third", 1_000))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(third["accepted"], 1_000, "{}", third["results"][0]);
+    let db = env.postgres().await;
+    assert_eq!(
+        count(&db, "readings").await,
+        2_000,
+        "the refused batch is not stored"
+    );
+    assert_eq!(count(&db, "outbox").await, 2_000);
+    ingest.stop().await;
+}
+
+/// A request whose deadline passed before its commit began is dropped from the queue,
+/// not committed later: its `503` means nothing was stored, so a retry under new keys
+/// cannot count it twice. One whose deadline passed while its commit was landing (the
+/// race that remains) is stored, and a retry with the same key replays it.
+#[tokio::test]
+async fn a_submission_abandoned_at_its_deadline_before_its_commit_is_never_stored() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.request_timeout_ms = 1_000;
+    // One commit at a time: while the first waits for the lock, the next submission
+    // waits in the queue.
+    env.settings.ingest.commit_concurrency = 1;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let watcher = env.postgres().await;
+    let lock = stall_commits(&env).await;
+
+    let landing_reading = posted_reading("sensor-1", 1.0);
+    let landing = ingest.post("landing", &landing_reading);
+    let abandoned = async {
+        wait_for_a_stalled_commit(&watcher).await;
+        ingest.post_batch(&batch_body("abandoned", 2)).await
+    };
+    let (landing, abandoned) = tokio::join!(landing, abandoned);
+    assert_problem(landing, 503, "unavailable").await;
+    assert_problem(abandoned, 503, "unavailable").await;
+
+    // The commit in flight lands; the abandoned batch, queued behind it, must not.
+    release_commits(&lock).await;
+    ingest
+        .accept("after", &posted_reading("sensor-2", 2.0))
+        .await;
+    let db = env.postgres().await;
+    let stored: Vec<String> = crate::support::column(
+        &db,
+        "SELECT idempotency_key FROM idempotency_keys ORDER BY idempotency_key",
+    )
+    .await;
+    assert_eq!(
+        stored,
+        ["after", "landing"],
+        "the batch answered 503 before its commit began is not stored"
+    );
+    assert_eq!(count(&db, "readings").await, 2);
+    assert_eq!(count(&db, "outbox").await, 2);
+
+    // Retried with the same keys: the abandoned batch is new, the landed reading a replay.
+    let retried: Value = ingest
+        .post_batch(&batch_body("abandoned", 2))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (&retried["accepted"], &retried["duplicates"]),
+        (&json!(2), &json!(0)),
+        "{retried}"
+    );
+    let replayed = ingest.accept("landing", &landing_reading).await;
+    assert_eq!(
+        replayed
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|value| value.to_str().ok()),
+        Some("true")
+    );
     ingest.stop().await;
 }
