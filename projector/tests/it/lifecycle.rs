@@ -174,79 +174,23 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
 /// none does: the consumer made again starts past them, so they are not counted twice.
 #[tokio::test]
 async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_applied() {
-    let mut env = TestEnv::new();
-    // The shortest horizon the settings allow: it must outlast the ack wait.
-    env.settings.projector.ack_wait_secs = 1;
-    env.settings.projector.dedup_horizon_secs = 2;
-    // Applied ids are remembered this long (plus a tenth): past it, only the consumer's
-    // position keeps a redelivered event from counting again.
-    let horizon_passed = Duration::from_millis(2_500);
-    let jetstream = streams(&env).await;
-    let stream = jetstream
-        .get_stream(env.subjects.stream())
-        .await
-        .expect("stream exists");
-    let consumer = env.settings.nats.consumer.clone();
-    let base = now_ms() - 60_000;
-    let events: Vec<_> = (0..30)
-        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
-        .collect();
-    let publish_and_project = |range: std::ops::Range<usize>| {
-        let (env, jetstream, events) = (&env, &jetstream, &events);
-        async move {
-            for event in &events[range.clone()] {
-                publish(env, jetstream, event).await;
-            }
-            let expected = reference(&events[..range.end]);
-            let actual = projected(env, &expected).await;
-            drained(env, jetstream, range.end as u64).await;
-            assert_same_figures(
-                "sensor-1",
-                &actual["sensor-1"],
-                &expected["sensor-1"],
-                Sums::Exact,
-            );
-        }
-    };
-
-    let projector = Projector::spawn(&env.settings).await;
-    publish_and_project(0..10).await;
+    let test = ShortHorizon::new(30).await;
+    let projector = Projector::spawn(&test.env.settings).await;
+    test.publish_and_project(0..10).await;
     // The supervisor takes the anchor within a second of the acks.
-    let anchor_key =
-        contract::read_model::consumer_anchor_key(&env.settings.redis.prefix, &consumer);
-    eventually(CATCH_UP, "the anchor at the last ack", || async {
-        let mut redis = env.redis().await;
-        let anchor: Option<String> = redis::cmd("GET")
-            .arg(&anchor_key)
-            .query_async(&mut redis)
-            .await
-            .ok()?;
-        anchor?.starts_with("10 ").then_some(())
-    })
-    .await;
-    tokio::time::sleep(horizon_passed).await;
-    stream.delete_consumer(&consumer).await.expect("deleted");
-    consumer_made_again(&env, &stream, CATCH_UP).await;
-    publish_and_project(10..20).await;
-    let delivered = |info: async_nats::jetstream::consumer::Info| info.delivered.consumer_sequence;
-    assert_eq!(
-        delivered(consumer_info(&env, &jetstream).await),
-        10,
-        "the consumer made again delivered the new events only"
-    );
+    test.anchor_at(10, "the anchor at the last ack").await;
+    test.delete_the_consumer_past_the_horizon().await;
+    consumer_made_again(&test.env, &test.stream, CATCH_UP).await;
+    test.publish_and_project(10..20).await;
+    test.assert_delivered_the_new_events_only().await;
 
     // Stopped right after its last acks: the anchor it takes on the way out covers them.
     projector.stop().await;
-    tokio::time::sleep(horizon_passed).await;
-    stream.delete_consumer(&consumer).await.expect("deleted");
-    let restarted = Projector::spawn(&env.settings).await;
-    consumer_made_again(&env, &stream, CATCH_UP).await;
-    publish_and_project(20..30).await;
-    assert_eq!(
-        delivered(consumer_info(&env, &jetstream).await),
-        10,
-        "the consumer made again delivered the new events only"
-    );
+    test.delete_the_consumer_past_the_horizon().await;
+    let restarted = Projector::spawn(&test.env.settings).await;
+    consumer_made_again(&test.env, &test.stream, CATCH_UP).await;
+    test.publish_and_project(20..30).await;
+    test.assert_delivered_the_new_events_only().await;
     restarted.stop().await;
 }
 
@@ -256,89 +200,128 @@ async fn a_consumer_deleted_after_the_dedup_horizon_is_made_again_past_what_was_
 /// horizon later is still made again past what was applied.
 #[tokio::test]
 async fn a_consumer_anchor_lost_with_redis_while_the_stream_is_quiet_is_written_again() {
-    let mut env = TestEnv::new();
-    // The shortest horizon the settings allow: it must outlast the ack wait.
-    env.settings.projector.ack_wait_secs = 1;
-    env.settings.projector.dedup_horizon_secs = 2;
-    let horizon_passed = Duration::from_millis(2_500);
-    let jetstream = streams(&env).await;
-    let stream = jetstream
-        .get_stream(env.subjects.stream())
-        .await
-        .expect("stream exists");
-    let consumer = env.settings.nats.consumer.clone();
-    let base = now_ms() - 60_000;
-    let events: Vec<_> = (0..20)
-        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
-        .collect();
-    let anchor_key =
-        contract::read_model::consumer_anchor_key(&env.settings.redis.prefix, &consumer);
-    let anchor_at_the_last_ack = || async {
-        let mut redis = env.redis().await;
-        let anchor: Option<String> = redis::cmd("GET")
-            .arg(&anchor_key)
-            .query_async(&mut redis)
-            .await
-            .ok()?;
-        anchor?.starts_with("10 ").then_some(())
-    };
+    let test = ShortHorizon::new(20).await;
+    let projector = Projector::spawn(&test.env.settings).await;
+    test.publish_and_project(0..10).await;
+    test.anchor_at(10, "the anchor at the last ack").await;
 
-    let projector = Projector::spawn(&env.settings).await;
-    for event in &events[..10] {
-        publish(&env, &jetstream, event).await;
-    }
-    let expected = reference(&events[..10]);
-    projected(&env, &expected).await;
-    drained(&env, &jetstream, 10).await;
-    eventually(
-        CATCH_UP,
-        "the anchor at the last ack",
-        anchor_at_the_last_ack,
-    )
-    .await;
-
-    lose_every_redis_key(&env).await;
+    lose_every_redis_key(&test.env).await;
     // The read model is rebuilt from the stream, each event counted once.
-    let rebuilt = projected(&env, &expected).await;
-    assert_same_figures(
-        "sensor-1",
-        &rebuilt["sensor-1"],
-        &expected["sensor-1"],
-        Sums::Exact,
-    );
-    eventually(
-        CATCH_UP,
-        "the anchor written again after redis lost it",
-        anchor_at_the_last_ack,
-    )
-    .await;
+    test.assert_projected(10).await;
+    test.anchor_at(10, "the anchor written again after redis lost it")
+        .await;
 
     // Past the horizon of the rebuild's applies, only the anchor keeps the consumer made
     // again from delivering the first events once more.
-    tokio::time::sleep(horizon_passed).await;
-    stream.delete_consumer(&consumer).await.expect("deleted");
-    consumer_made_again(&env, &stream, CATCH_UP).await;
-    for event in &events[10..] {
-        publish(&env, &jetstream, event).await;
-    }
-    let expected = reference(&events);
-    let actual = projected(&env, &expected).await;
-    drained(&env, &jetstream, 20).await;
-    assert_same_figures(
-        "sensor-1",
-        &actual["sensor-1"],
-        &expected["sensor-1"],
-        Sums::Exact,
-    );
-    assert_eq!(
-        consumer_info(&env, &jetstream)
-            .await
-            .delivered
-            .consumer_sequence,
-        10,
-        "the consumer made again delivered the new events only"
-    );
+    test.delete_the_consumer_past_the_horizon().await;
+    consumer_made_again(&test.env, &test.stream, CATCH_UP).await;
+    test.publish_and_project(10..20).await;
+    test.assert_delivered_the_new_events_only().await;
     projector.stop().await;
+}
+
+/// A test with the shortest dedup horizon the settings allow (it must outlast the ack
+/// wait), its stream, and events of one device a minute old.
+struct ShortHorizon {
+    env: TestEnv,
+    jetstream: async_nats::jetstream::Context,
+    stream: async_nats::jetstream::stream::Stream,
+    events: Vec<contract::event::TelemetryRecorded>,
+}
+
+impl ShortHorizon {
+    /// Applied ids are remembered this long (plus a tenth): past it, only the consumer's
+    /// position keeps a redelivered event from counting again.
+    const HORIZON_PASSED: Duration = Duration::from_millis(2_500);
+
+    async fn new(events: usize) -> Self {
+        let mut env = TestEnv::new();
+        env.settings.projector.ack_wait_secs = 1;
+        env.settings.projector.dedup_horizon_secs = 2;
+        let jetstream = streams(&env).await;
+        let stream = jetstream
+            .get_stream(env.subjects.stream())
+            .await
+            .expect("stream exists");
+        let base = now_ms() - 60_000;
+        let events = (0..events)
+            .map(|index| {
+                event(
+                    "sensor-1",
+                    base + index as i64,
+                    &[("temperature", index as f64)],
+                )
+            })
+            .collect();
+        Self {
+            env,
+            jetstream,
+            stream,
+            events,
+        }
+    }
+
+    /// Publishes the events of `range` and checks that the read model holds exactly the
+    /// events up to its end, all acked.
+    async fn publish_and_project(&self, range: std::ops::Range<usize>) {
+        for event in &self.events[range.clone()] {
+            publish(&self.env, &self.jetstream, event).await;
+        }
+        self.assert_projected(range.end).await;
+    }
+
+    /// The read model holds the first `count` events, each once, and all are acked.
+    async fn assert_projected(&self, count: usize) {
+        let expected = reference(&self.events[..count]);
+        let actual = projected(&self.env, &expected).await;
+        drained(&self.env, &self.jetstream, count as u64).await;
+        assert_same_figures(
+            "sensor-1",
+            &actual["sensor-1"],
+            &expected["sensor-1"],
+            Sums::Exact,
+        );
+    }
+
+    /// Waits until the consumer anchor in Redis is at stream sequence `sequence`.
+    async fn anchor_at(&self, sequence: u64, what: &str) {
+        let anchor_key = contract::read_model::consumer_anchor_key(
+            &self.env.settings.redis.prefix,
+            &self.env.settings.nats.consumer,
+        );
+        let prefix = format!("{sequence} ");
+        eventually(CATCH_UP, what, || async {
+            let anchor: Option<String> = redis::cmd("GET")
+                .arg(&anchor_key)
+                .query_async(&mut self.env.redis().await)
+                .await
+                .ok()?;
+            anchor?.starts_with(&prefix).then_some(())
+        })
+        .await;
+    }
+
+    /// Lets the horizon pass (a duration that must pass), then deletes the durable
+    /// consumer as `nats consumer rm` does.
+    async fn delete_the_consumer_past_the_horizon(&self) {
+        tokio::time::sleep(Self::HORIZON_PASSED).await;
+        self.stream
+            .delete_consumer(&self.env.settings.nats.consumer)
+            .await
+            .expect("deleted");
+    }
+
+    /// The consumer made again delivered the 10 events published since, nothing older.
+    async fn assert_delivered_the_new_events_only(&self) {
+        assert_eq!(
+            consumer_info(&self.env, &self.jetstream)
+                .await
+                .delivered
+                .consumer_sequence,
+            10,
+            "the consumer made again delivered the new events only"
+        );
+    }
 }
 
 /// Deletes every key under the test's Redis prefix, as a Redis restart without

@@ -1,11 +1,16 @@
 //! The rebuild's replay when NATS restarts under it: the ordered consumer it reads
 //! through lives in the server's memory and is lost; the replay makes a new one past
 //! what it applied, instead of waiting out async-nats's 15 s idle heartbeat and failing.
+//! And a replay that, so held up, outlasts the dedup horizon while a live projector
+//! applies its backlog to the generation being built.
 
 use std::time::Duration;
 
+use contract::event::TelemetryRecorded;
 use contract::read_model::{generation_pattern, meta, meta_key};
-use testkit::{assert_same_figures, eventually, PrivateNats, Sums};
+use projector::rebuild::RebuildError;
+use testkit::{assert_same_figures, eventually, PrivateNats, Sums, TestEnv};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
@@ -25,44 +30,19 @@ const FINISHED_AFTER_THE_RESTART: Duration = Duration::from_secs(12);
 async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
     let mut nats = PrivateNats::start();
     let (env, jetstream) = private_env(&nats).await;
-    let base = now_ms() - 3_600_000;
-    let events: Vec<_> = (0..EVENTS)
-        .map(|index| {
-            let device = format!("sensor-{}", index % DEVICES);
-            let event = event(
-                &device,
-                base + index as i64,
-                &[("temperature", index as f64)],
-            );
-            let message_id = event.event_id.to_string();
-            (event, message_id)
-        })
-        .collect();
+    let events = spread_events(EVENTS);
     publish_many(&env, &jetstream, &events).await;
 
-    let rebuild = projector::connect_rebuild(&env.settings)
-        .await
-        .expect("rebuild connects");
-    let running = tokio::spawn(async move { rebuild.run(&CancellationToken::new()).await });
-    let redis = env.redis().await;
-    eventually(Duration::from_secs(20), "the replay under way", || {
-        let mut redis = redis.clone();
-        let prefix = env.settings.redis.prefix.clone();
-        async move {
-            let building: u64 = redis::cmd("HGET")
-                .arg(meta_key(&prefix))
-                .arg(meta::BUILDING)
-                .query_async(&mut redis)
-                .await
-                .ok()?;
-            // Some events are in the new generation: the replay's consumer is reading.
-            let applied: Vec<String> = redis::cmd("KEYS")
-                .arg(generation_pattern(&prefix, building))
-                .query_async(&mut redis)
-                .await
-                .ok()?;
-            (!applied.is_empty()).then_some(())
-        }
+    let running = start_rebuild(&env).await;
+    eventually(Duration::from_secs(20), "the replay under way", || async {
+        let building = building_generation(&env).await?;
+        // Some events are in the new generation: the replay's consumer is reading.
+        let applied: Vec<String> = redis::cmd("KEYS")
+            .arg(generation_pattern(&env.settings.redis.prefix, building))
+            .query_async(&mut env.redis().await)
+            .await
+            .ok()?;
+        (!applied.is_empty()).then_some(())
     })
     .await;
     // Frozen, the server delivers nothing more; the replay can only finish what it holds.
@@ -74,22 +54,14 @@ async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
     );
     nats.restart();
 
-    let generation = tokio::time::timeout(FINISHED_AFTER_THE_RESTART, running)
-        .await
-        .expect("the rebuild finished soon after the restart")
-        .expect("the rebuild task did not panic")
-        .expect("the rebuild succeeded");
+    let generation = finished_after_the_restart(running).await;
     assert_eq!(env.generation().await, Some(generation));
     assert_eq!(
         stream_messages(&jetstream, env.subjects.stream()).await,
         EVENTS as u64,
         "the restart kept every message"
     );
-    let expected = reference(events.iter().map(|(event, _)| event));
-    for (device, want) in &expected {
-        let (actual, _) = figures(&env, device).await;
-        assert_same_figures(device, &actual, want, Sums::Exact);
-    }
+    assert_read_model_holds(&env, &events).await;
 }
 
 /// Events the live projector still had to apply when a rebuild began, with a replay that
@@ -104,19 +76,7 @@ async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_
     let (mut env, jetstream) = private_env(&nats).await;
     env.settings.projector.ack_wait_secs = 1;
     env.settings.projector.dedup_horizon_secs = 4;
-    let base = now_ms() - 3_600_000;
-    let events: Vec<_> = (0..EVENTS + BACKLOG)
-        .map(|index| {
-            let device = format!("sensor-{}", index % DEVICES);
-            let event = event(
-                &device,
-                base + index as i64,
-                &[("temperature", index as f64)],
-            );
-            let message_id = event.event_id.to_string();
-            (event, message_id)
-        })
-        .collect();
+    let events = spread_events(EVENTS + BACKLOG);
     publish_many(&env, &jetstream, &events[..EVENTS]).await;
     let projector = Projector::spawn(&env.settings).await;
     drained(&env, &jetstream, EVENTS as u64).await;
@@ -124,23 +84,9 @@ async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_
     // The live projector's backlog when the rebuild begins.
     publish_many(&env, &jetstream, &events[EVENTS..]).await;
 
-    let rebuild = projector::connect_rebuild(&env.settings)
-        .await
-        .expect("rebuild connects");
-    let running = tokio::spawn(async move { rebuild.run(&CancellationToken::new()).await });
-    let redis = env.redis().await;
-    eventually(Duration::from_secs(20), "the build under way", || {
-        let mut redis = redis.clone();
-        let prefix = env.settings.redis.prefix.clone();
-        async move {
-            let building: Option<u64> = redis::cmd("HGET")
-                .arg(meta_key(&prefix))
-                .arg(meta::BUILDING)
-                .query_async(&mut redis)
-                .await
-                .ok()?;
-            building.map(drop)
-        }
+    let running = start_rebuild(&env).await;
+    eventually(Duration::from_secs(20), "the build under way", || async {
+        building_generation(&env).await.map(drop)
     })
     .await;
     // Started now, the live projector applies its backlog to the new generation too.
@@ -156,16 +102,61 @@ async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_
     tokio::time::sleep(Duration::from_millis(500)).await;
     nats.restart();
 
-    let generation = tokio::time::timeout(FINISHED_AFTER_THE_RESTART, running)
+    let generation = finished_after_the_restart(running).await;
+    assert_eq!(env.generation().await, Some(generation));
+    assert_read_model_holds(&env, &events).await;
+    projector.stop().await;
+}
+
+/// `count` events an hour old, spread over [`DEVICES`] devices, each with its message id.
+fn spread_events(count: usize) -> Vec<(TelemetryRecorded, String)> {
+    let base = now_ms() - 3_600_000;
+    (0..count)
+        .map(|index| {
+            let device = format!("sensor-{}", index % DEVICES);
+            let event = event(
+                &device,
+                base + index as i64,
+                &[("temperature", index as f64)],
+            );
+            let message_id = event.event_id.to_string();
+            (event, message_id)
+        })
+        .collect()
+}
+
+/// Starts a rebuild as `projector rebuild` runs it.
+async fn start_rebuild(env: &TestEnv) -> JoinHandle<Result<u64, RebuildError>> {
+    let rebuild = projector::connect_rebuild(&env.settings)
+        .await
+        .expect("rebuild connects");
+    tokio::spawn(async move { rebuild.run(&CancellationToken::new()).await })
+}
+
+/// The generation the meta hash names as being built, if any.
+async fn building_generation(env: &TestEnv) -> Option<u64> {
+    redis::cmd("HGET")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::BUILDING)
+        .query_async(&mut env.redis().await)
+        .await
+        .ok()?
+}
+
+/// The rebuild's new generation, once it finished after the server's restart.
+async fn finished_after_the_restart(running: JoinHandle<Result<u64, RebuildError>>) -> u64 {
+    tokio::time::timeout(FINISHED_AFTER_THE_RESTART, running)
         .await
         .expect("the rebuild finished soon after the restart")
         .expect("the rebuild task did not panic")
-        .expect("the rebuild succeeded");
-    assert_eq!(env.generation().await, Some(generation));
+        .expect("the rebuild succeeded")
+}
+
+/// Every device's figures in the live generation are the reference model's of `events`.
+async fn assert_read_model_holds(env: &TestEnv, events: &[(TelemetryRecorded, String)]) {
     let expected = reference(events.iter().map(|(event, _)| event));
     for (device, want) in &expected {
-        let (actual, _) = figures(&env, device).await;
+        let (actual, _) = figures(env, device).await;
         assert_same_figures(device, &actual, want, Sums::Exact);
     }
-    projector.stop().await;
 }
