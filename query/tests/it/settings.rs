@@ -3,6 +3,8 @@
 //! would refuse. Tests build their settings in code, so without this a test could
 //! exercise a configuration no deployment can run.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use testkit::TestEnv;
@@ -31,43 +33,49 @@ async fn every_entry_point_refuses_settings_the_config_files_would_refuse() {
             "{service}: {error}"
         );
     };
-    let at_once = Duration::from_secs(5);
-    refused(
-        "ingest",
-        tokio::time::timeout(
-            at_once,
-            ingest::serve(settings.clone(), listener(settings).0, shutdown.clone()),
-        )
-        .await,
-    );
-    refused(
-        "relay",
-        tokio::time::timeout(
-            at_once,
-            ingest::relay::serve(settings.clone(), listener(settings).0, shutdown.clone()),
-        )
-        .await,
-    );
-    refused(
-        "projector",
-        tokio::time::timeout(
-            at_once,
-            projector::run(settings.clone(), listener(settings).0, shutdown.clone()),
-        )
-        .await,
-    );
-    refused(
-        "query",
-        tokio::time::timeout(
-            at_once,
-            query::serve(settings.clone(), listener(settings).0, shutdown.clone()),
-        )
-        .await,
-    );
-    refused(
-        "projector rebuild",
-        tokio::time::timeout(at_once, projector::connect_rebuild(settings))
-            .await
-            .map(|outcome| outcome.map(drop)),
-    );
+    type EntryPoint<'a> = Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>;
+    let entry_points: Vec<(&str, EntryPoint)> = vec![
+        (
+            "ingest",
+            Box::pin(ingest::serve(
+                settings.clone(),
+                listener(settings).0,
+                shutdown.clone(),
+            )),
+        ),
+        (
+            "relay",
+            Box::pin(ingest::relay::serve(
+                settings.clone(),
+                listener(settings).0,
+                shutdown.clone(),
+            )),
+        ),
+        (
+            "projector",
+            Box::pin(projector::run(
+                settings.clone(),
+                listener(settings).0,
+                shutdown.clone(),
+            )),
+        ),
+        (
+            "query",
+            Box::pin(query::serve(
+                settings.clone(),
+                listener(settings).0,
+                shutdown.clone(),
+            )),
+        ),
+        (
+            "projector rebuild",
+            Box::pin(async { projector::connect_rebuild(settings).await.map(drop) }),
+        ),
+    ];
+    for (service, entry_point) in entry_points {
+        refused(
+            service,
+            tokio::time::timeout(Duration::from_secs(5), entry_point).await,
+        );
+    }
 }
