@@ -428,7 +428,6 @@ impl Batch {
 /// up by the time the connection is at hand is dropped unwritten: that request was
 /// answered `503`, which tells the client nothing was stored.
 async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Signal>) {
-    let started = Instant::now();
     let client = match pool.get().await {
         Ok(client) => client,
         Err(error) => return fail(batch, &anyhow::Error::from(error)),
@@ -437,6 +436,7 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
     if batch.is_empty() {
         return;
     }
+    let started = Instant::now();
     // Sorted by (device, key) so concurrent commits lock keys in the same order; the
     // sort is stable, so of two equal keys the one submitted first is stored.
     let readings: Vec<&NewReading> = batch.iter().flat_map(|pending| &pending.readings).collect();
