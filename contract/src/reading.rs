@@ -155,6 +155,19 @@ pub struct Reading {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// Why a body is not a valid reading: every broken rule and, when the only one broken is
+/// the age rule (`recorded_at` older than `max_age`), the reading it would be without it.
+///
+/// A reading ages while a device waits to retry it, so a retry of one stored while it was
+/// young may break the age rule and still be owed the stored answer (API.md §1): ingest
+/// looks the key up with [`Invalid::aged`] before refusing it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub errors: Vec<FieldError>,
+    /// The reading, when nothing but its age is wrong with it.
+    pub aged: Option<Reading>,
+}
+
 impl ReadingBody {
     /// Checks every rule of API.md §1 and reports all broken ones at once; past
     /// [`METRIC_ERRORS_LISTED`] metrics with an error, one last entry counts the rest.
@@ -163,7 +176,20 @@ impl ReadingBody {
         now: OffsetDateTime,
         bounds: TimeBounds,
     ) -> Result<Reading, Vec<FieldError>> {
+        self.validate_reporting_aged(now, bounds)
+            .map_err(|invalid| invalid.errors)
+    }
+
+    /// As [`Self::validate`], and a body that breaks the age rule and no other gives
+    /// the reading it would be without that rule ([`Invalid::aged`]), fingerprinted as it
+    /// was when it was young. A valid body costs nothing more than with `validate`.
+    pub fn validate_reporting_aged(
+        self,
+        now: OffsetDateTime,
+        bounds: TimeBounds,
+    ) -> Result<Reading, Invalid> {
         let mut errors = Vec::new();
+        let mut too_old = None;
         if let Err(message) = check_device_id(&self.device_id) {
             errors.push(FieldError::new("device_id", message));
         }
@@ -192,6 +218,7 @@ impl ReadingBody {
                         "recorded_at",
                         format!("is older than {} s", bounds.max_age.whole_seconds()),
                     ));
+                    too_old = Some(instant);
                     None
                 }
                 Some(instant) => Some(instant),
@@ -231,7 +258,16 @@ impl ReadingBody {
             ));
         }
         if !errors.is_empty() {
-            return Err(errors);
+            // The age rule's error is the only one exactly when it is the only entry:
+            // every other broken rule adds an entry of its own.
+            let aged = too_old
+                .filter(|_| errors.len() == 1)
+                .map(|instant| Reading {
+                    device_id: self.device_id,
+                    recorded_at: Some(instant),
+                    metrics,
+                });
+            return Err(Invalid { errors, aged });
         }
         Ok(Reading {
             device_id: self.device_id,
@@ -474,6 +510,46 @@ mod tests {
         let first = fingerprint(one);
         assert_eq!(first, fingerprint(same));
         assert_ne!(first, fingerprint(other));
+    }
+
+    #[test]
+    fn a_body_that_breaks_only_the_age_rule_reports_the_reading_it_was_when_young() {
+        let json = r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30.25Z","metrics":{"t":1}}"#;
+        let young = body(json).validate(now(), bounds()).expect("valid");
+        let a_week_later = now() + Duration::days(7);
+        let invalid = body(json)
+            .validate_reporting_aged(a_week_later, bounds())
+            .expect_err("too old now");
+        assert_eq!(invalid.errors.len(), 1);
+        assert_eq!(invalid.errors[0].field, "recorded_at");
+        let aged = invalid.aged.expect("only the age rule is broken");
+        assert_eq!(aged, young);
+        assert_eq!(aged.fingerprint(), young.fingerprint());
+    }
+
+    #[test]
+    fn a_body_that_breaks_another_rule_besides_the_age_rule_reports_no_reading() {
+        let a_week_later = now() + Duration::days(7);
+        for json in [
+            r#"{"device_id":"bad id","recorded_at":"2026-11-22T10:15:30Z","metrics":{"t":1}}"#,
+            r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30Z","metrics":{"T":1}}"#,
+            r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30Z","metrics":{}}"#,
+        ] {
+            let invalid = body(json)
+                .validate_reporting_aged(a_week_later, bounds())
+                .expect_err("invalid");
+            assert_eq!(invalid.errors.len(), 2, "{json}");
+            assert_eq!(invalid.aged, None, "{json}");
+        }
+        for json in [
+            r#"{"device_id":"bad id","metrics":{"t":1}}"#,
+            r#"{"device_id":"d","recorded_at":"2026-11-22T11:15:30Z","metrics":{"t":1}}"#,
+        ] {
+            let invalid = body(json)
+                .validate_reporting_aged(now(), bounds())
+                .expect_err("invalid");
+            assert_eq!(invalid.aged, None, "not the age rule: {json}");
+        }
     }
 
     #[test]

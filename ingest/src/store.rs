@@ -8,7 +8,9 @@
 //! fills up; once it holds `commit_parallel_min` readings it starts beside the running
 //! one, up to `commit_concurrency` commits at once.
 //! Keys that were already there are looked up afterwards and answered as replays or
-//! conflicts.
+//! conflicts. A retry refused only because its `recorded_at` aged past the limit since
+//! its first request is looked up directly through the pool, outside the group commit
+//! ([`Store::replays_of_aged`]).
 //!
 //! Each batch is sorted by (device, key) so concurrent batches take the key locks in
 //! the same order and cannot deadlock; a duplicate that is still being committed by
@@ -194,6 +196,8 @@ pub struct Store {
     /// Unbounded in submissions: [`Room`] bounds the readings they hold.
     queue: mpsc::UnboundedSender<Pending>,
     room: Room,
+    /// For the look-ups of [`Store::replays_of_aged`], which commit nothing.
+    pool: Pool,
 }
 
 /// Limits of the group commit.
@@ -229,6 +233,7 @@ impl Store {
         let (queue, receiver) = mpsc::unbounded_channel();
         let room = Room::new(limits.queue_capacity);
         let (signal, notifier) = notifier.map(Notifier::start).unzip();
+        let lookups = pool.clone();
         let dispatcher = tokio::spawn(async move {
             dispatch(pool, receiver, limits, signal, clients).await;
             // The dispatcher dropped the last signal: the notifier sends what it owes
@@ -237,7 +242,12 @@ impl Store {
                 let _ = notifier.await;
             }
         });
-        (Self { queue, room }, dispatcher)
+        let store = Self {
+            queue,
+            room,
+            pool: lookups,
+        };
+        (store, dispatcher)
     }
 
     /// Writes one reading (or finds its earlier answer); waits for the commit.
@@ -272,6 +282,47 @@ impl Store {
         answer
             .await
             .unwrap_or_else(|_| Err(StoreError::Unavailable("commit abandoned".to_owned())))
+    }
+
+    /// For readings refused only because their `recorded_at` is older than the limit
+    /// (each with the idempotency key it came with), the stored answer of each whose
+    /// device and key hold that very reading: a retry of a reading stored while it was
+    /// young gets that answer, [`Outcome::Replayed`], as it would have before it aged.
+    /// `None` for the others (no such key, or the key holds another reading): the age
+    /// rule refuses them. One look-up for all of them, through the pool; nothing is
+    /// written and no commit is waited for.
+    pub async fn replays_of_aged(
+        &self,
+        aged: &[(&Reading, &str)],
+    ) -> Result<Vec<Option<Outcome>>, StoreError> {
+        if aged.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (devices, keys): (Vec<&str>, Vec<&str>) = aged
+            .iter()
+            .map(|(reading, key)| (reading.device_id.as_str(), *key))
+            .unzip();
+        let looked_up: anyhow::Result<_> = async {
+            let client = self.pool.get().await?;
+            look_up(&client, &devices, &keys).await
+        }
+        .await;
+        let stored = looked_up.map_err(|error| {
+            let size = aged.len();
+            tracing::warn!(
+                error = format!("{error:#}"),
+                size,
+                "look-up of aged retries failed"
+            );
+            StoreError::Unavailable(error.to_string())
+        })?;
+        Ok(aged
+            .iter()
+            .map(|(reading, key)| {
+                let stored = stored.get(&(reading.device_id.clone(), (*key).to_owned()))?;
+                (stored.fingerprint[..] == reading.fingerprint()[..]).then(|| stored.replay())
+            })
+            .collect())
     }
 }
 
@@ -514,6 +565,38 @@ struct StoredKey {
     event_id: Uuid,
 }
 
+impl StoredKey {
+    /// The stored answer, for a request with the same fingerprint.
+    fn replay(&self) -> Outcome {
+        Outcome::Replayed {
+            status: u16::try_from(self.status).unwrap_or(202),
+            body: self.body.clone(),
+            event_id: self.event_id,
+        }
+    }
+}
+
+/// The idempotency records of the (device, key) pairs `devices[i]`, `keys[i]` that are
+/// stored, by (device, key).
+async fn look_up(
+    client: &deadpool_postgres::Client,
+    devices: &[&str],
+    keys: &[&str],
+) -> Result<HashMap<(String, String), StoredKey>, anyhow::Error> {
+    let lookup = client.prepare_cached(LOOKUP).await?;
+    let mut stored = HashMap::new();
+    for row in client.query(&lookup, &[&devices, &keys]).await? {
+        let key = StoredKey {
+            fingerprint: row.get(2),
+            status: row.get(3),
+            body: row.get(4),
+            event_id: row.get(5),
+        };
+        stored.insert((row.get(0), row.get(1)), key);
+    }
+    Ok(stored)
+}
+
 /// One statement for the batch, and one look-up when some keys were already there.
 /// `signal` is raised as soon as the statement committed outbox rows.
 async fn write(
@@ -573,20 +656,7 @@ async fn write(
         .filter(|r| !inserted.contains(&r.event_id))
         .map(|r| (r.device_id.as_str(), r.idempotency_key.as_str()))
         .unzip();
-    let lookup = client.prepare_cached(LOOKUP).await?;
-    let mut stored: HashMap<(String, String), StoredKey> = HashMap::new();
-    for row in client
-        .query(&lookup, &[&lookup_devices, &lookup_keys])
-        .await?
-    {
-        let key = StoredKey {
-            fingerprint: row.get(2),
-            status: row.get(3),
-            body: row.get(4),
-            event_id: row.get(5),
-        };
-        stored.insert((row.get(0), row.get(1)), key);
-    }
+    let stored = look_up(client, &lookup_devices, &lookup_keys).await?;
     Ok(readings
         .iter()
         .map(|r| {
@@ -596,11 +666,7 @@ async fn write(
                 };
             }
             match stored.get(&(r.device_id.clone(), r.idempotency_key.clone())) {
-                Some(key) if key.fingerprint[..] == r.fingerprint[..] => Outcome::Replayed {
-                    status: u16::try_from(key.status).unwrap_or(202),
-                    body: key.body.clone(),
-                    event_id: key.event_id,
-                },
+                Some(key) if key.fingerprint[..] == r.fingerprint[..] => key.replay(),
                 Some(_) => Outcome::KeyReused,
                 None => Outcome::KeyInFlux,
             }

@@ -6,7 +6,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use contract::problem::{ProblemKind, TYPE_BASE};
-use contract::reading::{check_idempotency_key, BatchBody, BatchItem, FieldError, BATCH_MAX};
+use contract::reading::{
+    check_idempotency_key, BatchBody, BatchItem, FieldError, Invalid, Reading, BATCH_MAX,
+};
 use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -93,14 +95,24 @@ async fn handle(
     let received_at = OffsetDateTime::now_utc();
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(batch.readings.len());
     let mut to_store: Vec<(usize, NewReading)> = Vec::new();
+    let mut aged: Vec<(usize, Aged)> = Vec::new();
     for (index, item) in batch.readings.into_iter().enumerate() {
         match prepare(state, grant, item, received_at) {
-            Ok(reading) => {
+            Ok(Prepared::Valid(reading)) => {
                 results.push(None);
                 to_store.push((index, reading));
             }
+            Ok(Prepared::Aged(item)) => {
+                results.push(None);
+                aged.push((index, item));
+            }
             Err(error) => results.push(Some(ItemResult::Rejected { index, error })),
         }
+    }
+    // Before the commit, so that a 503 of this look-up still means that nothing of the
+    // batch was stored.
+    for (index, result) in answer_aged(state, grant, aged).await? {
+        results[index] = Some(result);
     }
     let (indexes, readings): (Vec<usize>, Vec<NewReading>) = to_store.into_iter().unzip();
     let event_ids: Vec<Uuid> = readings.iter().map(|reading| reading.event_id).collect();
@@ -151,13 +163,70 @@ async fn handle(
     }))
 }
 
+/// An item that may get a result other than `rejected`.
+enum Prepared {
+    /// Valid and admitted: to be stored, or answered from its key's record.
+    Valid(NewReading),
+    /// Invalid only for its age: `rejected`, unless it is the retry of a stored reading.
+    Aged(Aged),
+}
+
+/// An item whose `recorded_at` is too old and nothing else is wrong with it.
+struct Aged {
+    idempotency_key: String,
+    /// The reading as it was while it was young.
+    reading: Reading,
+    /// The age rule's error, its answer when its key does not hold this reading.
+    errors: Vec<FieldError>,
+}
+
+/// The results of the items that are invalid only for their age, by index: `duplicate`
+/// with the earlier `event_id` for the retry of a reading its device and key hold (after
+/// the same authorisation and rate limit as any item), `rejected` for the others, as a
+/// single POST answers them. One look-up for all of them, none when there are none.
+async fn answer_aged(
+    state: &AppState,
+    grant: Option<&Grant>,
+    aged: Vec<(usize, Aged)>,
+) -> Result<Vec<(usize, ItemResult)>, ApiError> {
+    let retries: Vec<(&Reading, &str)> = aged
+        .iter()
+        .map(|(_, item)| (&item.reading, item.idempotency_key.as_str()))
+        .collect();
+    let replays = state
+        .store
+        .replays_of_aged(&retries)
+        .await
+        .map_err(store_error)?;
+    let results = aged
+        .into_iter()
+        .zip(replays)
+        .map(|((index, item), replay)| {
+            let result = match replay {
+                Some(Outcome::Replayed { event_id, .. }) => {
+                    match admit(state, grant, &item.reading.device_id) {
+                        Ok(()) => ItemResult::Duplicate { index, event_id },
+                        Err(error) => ItemResult::Rejected { index, error },
+                    }
+                }
+                _ => ItemResult::Rejected {
+                    index,
+                    error: invalid_reading(item.errors),
+                },
+            };
+            (index, result)
+        })
+        .collect();
+    Ok(results)
+}
+
 /// Decodes and checks one item the way `POST /v1/telemetry` checks a request.
 fn prepare(
     state: &AppState,
     grant: Option<&Grant>,
     item: &serde_json::value::RawValue,
     received_at: OffsetDateTime,
-) -> Result<NewReading, ItemError> {
+) -> Result<Prepared, ItemError> {
     let item: BatchItem = serde_json::from_str(item.get())
         .map_err(|error| ItemError::new(ProblemKind::InvalidJson, error.to_string(), Vec::new()))?;
     let (key, body) = item.into_parts();
@@ -168,23 +237,44 @@ fn prepare(
             vec![FieldError::new("idempotency_key", message)],
         )
     })?;
-    let reading = body
-        .validate(received_at, state.time_bounds)
-        .map_err(|errors| {
-            ItemError::new(
-                ProblemKind::InvalidReading,
-                format!("{} rule(s) broken", errors.len()),
+    let reading = match body.validate_reporting_aged(received_at, state.time_bounds) {
+        Ok(reading) => reading,
+        Err(Invalid {
+            errors,
+            aged: Some(reading),
+        }) => {
+            return Ok(Prepared::Aged(Aged {
+                idempotency_key: key,
+                reading,
                 errors,
-            )
-        })?;
-    if grant.is_some_and(|grant| !grant.may_ingest(&reading.device_id)) {
+            }))
+        }
+        Err(invalid) => return Err(invalid_reading(invalid.errors)),
+    };
+    admit(state, grant, &reading.device_id)?;
+    Ok(Prepared::Valid(NewReading::new(reading, key, received_at)))
+}
+
+/// The error of an item that breaks the rules of a reading.
+fn invalid_reading(errors: Vec<FieldError>) -> ItemError {
+    ItemError::new(
+        ProblemKind::InvalidReading,
+        format!("{} rule(s) broken", errors.len()),
+        errors,
+    )
+}
+
+/// Whether the request may post a reading of `device_id` now: its token allows that
+/// device and the device is within its rate limit.
+fn admit(state: &AppState, grant: Option<&Grant>, device_id: &str) -> Result<(), ItemError> {
+    if grant.is_some_and(|grant| !grant.may_ingest(device_id)) {
         return Err(ItemError::new(
             ProblemKind::Forbidden,
             "this token may not post readings for this device",
             Vec::new(),
         ));
     }
-    state.limiter.check(&reading.device_id).map_err(|wait| {
+    state.limiter.check(device_id).map_err(|wait| {
         ItemError::new(
             ProblemKind::RateLimited,
             format!(
@@ -193,6 +283,5 @@ fn prepare(
             ),
             Vec::new(),
         )
-    })?;
-    Ok(NewReading::new(reading, key, received_at))
+    })
 }

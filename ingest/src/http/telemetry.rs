@@ -7,12 +7,13 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use contract::reading::{check_idempotency_key, ReadingBody};
+use contract::reading::{check_idempotency_key, Invalid, ReadingBody};
 use futures::StreamExt;
 use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::{AppState, ReadingOutcome};
+use crate::auth::Grant;
 use crate::limits::retry_after_secs;
 use crate::store::{NewReading, Outcome, StoreError};
 
@@ -41,19 +42,13 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
         let body: ReadingBody = serde_json::from_slice(&bytes)
             .map_err(|error| ApiError::InvalidJson(error.to_string()))?;
         let received_at = OffsetDateTime::now_utc();
-        let reading = body
-            .validate(received_at, state.time_bounds)
-            .map_err(ApiError::InvalidReading)?;
-        if grant
-            .as_ref()
-            .is_some_and(|grant| !grant.may_ingest(&reading.device_id))
-        {
-            return Err(ApiError::Forbidden);
-        }
-        state
-            .limiter
-            .check(&reading.device_id)
-            .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))?;
+        let reading = match body.validate_reporting_aged(received_at, state.time_bounds) {
+            Ok(reading) => reading,
+            Err(invalid) => {
+                return replay_of_aged(state, grant.as_ref(), invalid, &idempotency_key).await
+            }
+        };
+        admit(state, grant.as_ref(), &reading.device_id)?;
         state
             .store
             .submit(NewReading::new(reading, idempotency_key, received_at))
@@ -62,6 +57,43 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
     })
     .await?;
     Ok(answer(outcome))
+}
+
+/// The answer to a reading that is not valid: the `422`, unless only its age is wrong
+/// and it is the retry of a reading stored under this device and key while it was young
+/// (its `202` lost on the way, say); that retry gets the stored answer as any replay
+/// does, after the same authorisation and rate limit.
+async fn replay_of_aged(
+    state: &AppState,
+    grant: Option<&Grant>,
+    invalid: Invalid,
+    idempotency_key: &str,
+) -> Result<Outcome, ApiError> {
+    let Some(reading) = invalid.aged else {
+        return Err(ApiError::InvalidReading(invalid.errors));
+    };
+    let replays = state
+        .store
+        .replays_of_aged(&[(&reading, idempotency_key)])
+        .await
+        .map_err(store_error)?;
+    let Some(replay) = replays.into_iter().flatten().next() else {
+        return Err(ApiError::InvalidReading(invalid.errors));
+    };
+    admit(state, grant, &reading.device_id)?;
+    Ok(replay)
+}
+
+/// Whether this request may post a reading of `device_id` now: its token allows that
+/// device (`403` otherwise) and the device is within its rate limit (`429` otherwise).
+fn admit(state: &AppState, grant: Option<&Grant>, device_id: &str) -> Result<(), ApiError> {
+    if grant.is_some_and(|grant| !grant.may_ingest(device_id)) {
+        return Err(ApiError::Forbidden);
+    }
+    state
+        .limiter
+        .check(device_id)
+        .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))
 }
 
 /// Runs a request's `work` within `ingest.request_timeout_ms`, from its first step (the

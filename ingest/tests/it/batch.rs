@@ -8,6 +8,7 @@ use testkit::{eventually, TestEnv};
 
 use crate::relay::{spawn_projector, spawn_relay};
 use crate::support::{assert_problem, count, reading, Ingest};
+use crate::telemetry_api::{two_seconds_ago, wait_until_aged, SHORT_MAX_AGE_SECS};
 
 fn item(key: &str, device: &str, temperature: f64) -> Value {
     json!({"idempotency_key": key, "device_id": device, "metrics": {"temperature": temperature}})
@@ -263,5 +264,86 @@ async fn batch_limits_are_enforced_as_problems() {
         .expect("json");
     assert_eq!(answer["accepted"], 1000);
     assert_eq!(count(&env.postgres().await, "readings").await, 1000);
+    ingest.stop().await;
+}
+
+/// A gateway retrying a batch whose answer it lost, once the readings' `recorded_at`
+/// aged past `ingest.max_age_secs`, gets `duplicate` with the first `event_id`s (API.md
+/// §2), not `rejected`; an aged reading under a new key, or another aged reading under
+/// a stored key, is still `rejected` by the age rule.
+#[tokio::test]
+async fn batch_item_retried_after_its_recorded_at_aged_past_the_limit_is_a_duplicate() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.max_age_secs = SHORT_MAX_AGE_SECS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let recorded_at = two_seconds_ago();
+    let at = contract::timestamp::format(recorded_at);
+    let aged_item = |key: &str, temperature: f64| json!({"idempotency_key": key, "device_id": "gw-1", "recorded_at": at, "metrics": {"temperature": temperature}});
+    let batch = json!({"readings": [aged_item("k-1", 1.0), aged_item("k-2", 2.0)]});
+    let first: Value = ingest.post_batch(&batch).await.json().await.expect("json");
+    assert_eq!(first["accepted"], 2, "{first}");
+
+    wait_until_aged(recorded_at).await;
+    let whole_retry: Value = ingest.post_batch(&batch).await.json().await.expect("json");
+    assert_eq!(
+        (&whole_retry["duplicates"], &whole_retry["rejected"]),
+        (&json!(2), &json!(0)),
+        "{whole_retry}"
+    );
+    for index in 0..2 {
+        assert_eq!(whole_retry["results"][index]["status"], "duplicate");
+        assert_eq!(
+            whole_retry["results"][index]["event_id"],
+            first["results"][index]["event_id"]
+        );
+    }
+
+    let mixed = json!({"readings": [
+        aged_item("k-1", 1.0),         // 0 duplicate of the stored k-1
+        aged_item("k-3", 1.0),         // 1 rejected: the same old reading under a new key
+        aged_item("k-2", 9.0),         // 2 rejected: another old reading under a stored key
+        item("k-4", "gw-1", 4.0),      // 3 accepted
+    ]});
+    let answer: Value = ingest.post_batch(&mixed).await.json().await.expect("json");
+    let statuses: Vec<&str> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|result| result["status"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["duplicate", "rejected", "rejected", "accepted"],
+        "{answer}"
+    );
+    assert_eq!(
+        answer["results"][0]["event_id"],
+        first["results"][0]["event_id"]
+    );
+    for index in [1, 2] {
+        let error = &answer["results"][index]["error"];
+        assert!(
+            error["type"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("/problems/invalid-reading"),
+            "{answer}"
+        );
+        assert_eq!(error["field"], "recorded_at", "{answer}");
+    }
+    assert_eq!(
+        (
+            &answer["accepted"],
+            &answer["duplicates"],
+            &answer["conflicts"],
+            &answer["rejected"]
+        ),
+        (&json!(1), &json!(1), &json!(0), &json!(2))
+    );
+
+    let db = env.postgres().await;
+    assert_eq!(count(&db, "readings").await, 3);
+    assert_eq!(count(&db, "idempotency_keys").await, 3);
+    assert_eq!(count(&db, "outbox").await, 3);
     ingest.stop().await;
 }

@@ -649,3 +649,89 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     drop(open);
     service.stop().await;
 }
+
+/// `ingest.max_age_secs` of the tests whose readings age past the limit between a
+/// request and its retry: a few seconds rather than 7 days.
+pub(crate) const SHORT_MAX_AGE_SECS: u64 = 3;
+
+/// A `recorded_at` of 2 s ago: within [`SHORT_MAX_AGE_SECS`] for about a second more.
+pub(crate) fn two_seconds_ago() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc() - time::Duration::seconds(2)
+}
+
+/// Waits until `recorded_at` is older than [`SHORT_MAX_AGE_SECS`], with a margin: a
+/// time that must pass, so a sleep rather than a poll.
+pub(crate) async fn wait_until_aged(recorded_at: time::OffsetDateTime) {
+    let aged_at = recorded_at
+        + time::Duration::seconds(SHORT_MAX_AGE_SECS as i64)
+        + time::Duration::milliseconds(250);
+    let remaining = aged_at - time::OffsetDateTime::now_utc();
+    if remaining.is_positive() {
+        tokio::time::sleep(remaining.unsigned_abs()).await;
+    }
+}
+
+/// A device whose `202` was lost retries the same bytes under the same key once its
+/// `recorded_at` has aged past `ingest.max_age_secs` (a gateway flushing its backlog
+/// after an outage): it gets the stored answer, as API.md §1 promises for the same
+/// device, key and request within the key's retention, not a `422`. Nothing else that
+/// old gets in: neither the reading under a new key nor another reading under the key.
+#[tokio::test]
+async fn retry_of_a_stored_reading_gets_its_stored_answer_after_its_recorded_at_aged_past_the_limit(
+) {
+    let mut env = TestEnv::new();
+    env.settings.ingest.max_age_secs = SHORT_MAX_AGE_SECS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let recorded_at = two_seconds_ago();
+    let stored = json!({"device_id": "sensor-1", "recorded_at": contract::timestamp::format(recorded_at), "metrics": {"temperature": 21.5}});
+    let first = ingest.accept("k-1", &stored).await;
+    let first_body = first.text().await.expect("body");
+
+    wait_until_aged(recorded_at).await;
+    let retry = ingest.post("k-1", &stored).await;
+    let status = retry.status().as_u16();
+    let replayed = retry
+        .headers()
+        .get("idempotent-replayed")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let retry_body = retry.text().await.expect("body");
+    assert_eq!(status, 202, "the stored status, not a 422: {retry_body}");
+    assert_eq!(replayed.as_deref(), Some("true"));
+    assert_eq!(retry_body, first_body, "the stored body");
+
+    let new_key = ingest.post("k-2", &stored).await;
+    let problem = assert_problem(new_key, 422, "invalid-reading").await;
+    assert_eq!(problem["errors"][0]["field"], "recorded_at", "{problem}");
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("is older than")),
+        "{problem}"
+    );
+    let another = json!({"device_id": "sensor-1", "recorded_at": contract::timestamp::format(recorded_at), "metrics": {"temperature": 22.0}});
+    let problem = assert_problem(ingest.post("k-1", &another).await, 422, "invalid-reading").await;
+    assert_eq!(
+        problem["errors"][0]["field"], "recorded_at",
+        "the age rule wins over the key's reuse: {problem}"
+    );
+
+    let db = env.postgres().await;
+    assert_eq!(count(&db, "readings").await, 1);
+    assert_eq!(count(&db, "idempotency_keys").await, 1);
+    assert_eq!(count(&db, "outbox").await, 1);
+    drop(db);
+
+    // The look-up of the aged retry's key fails as the store's other steps do: a 503
+    // to retry, then the stored answer.
+    close_database(&env).await;
+    let response = ingest.post("k-1", &stored).await;
+    assert!(response.headers().get("retry-after").is_some());
+    assert_problem(response, 503, "unavailable").await;
+    reopen_database(&env).await;
+    let retry = ingest.post("k-1", &stored).await;
+    assert_eq!(retry.status().as_u16(), 202);
+    assert!(retry.headers().get("idempotent-replayed").is_some());
+    assert_eq!(retry.text().await.expect("body"), first_body);
+    ingest.stop().await;
+}
