@@ -140,6 +140,10 @@ pub struct ProjectorSettings {
 #[serde(deny_unknown_fields)]
 pub struct QuerySettings {
     pub listen: SocketAddr,
+    /// Longest time a request to the query API may take end to end, its token look-up
+    /// included; past it the client gets a 503 to retry instead of waiting on a stalled
+    /// database.
+    pub request_timeout_ms: u64,
 }
 
 /// Limits of every HTTP connection of ingest and query.
@@ -465,7 +469,7 @@ impl Settings {
     /// Every duration setting (`*_secs` or `*_ms`, in its own unit), with what 0 would
     /// do where 0 is refused; `None` where 0 is allowed (an off switch, or a bound of
     /// nothing). Each refused zero started a service that then failed without a word.
-    fn durations(&self) -> [(&'static str, u64, Option<&'static str>); 21] {
+    fn durations(&self) -> [(&'static str, u64, Option<&'static str>); 22] {
         [
             ("nats.max_age_secs", self.nats.max_age_secs, None),
             (
@@ -514,6 +518,11 @@ impl Settings {
                 self.ingest.request_timeout_ms,
                 Some("would answer every POST 503"),
             ),
+            (
+                "query.request_timeout_ms",
+                self.query.request_timeout_ms,
+                Some("would answer every query API request 503"),
+            ),
             ("relay.round_interval_ms", self.relay.round_interval_ms, None),
             (
                 "relay.poll_interval_ms",
@@ -542,6 +551,11 @@ impl Settings {
     /// The request deadline of the ingest service.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.ingest.request_timeout_ms)
+    }
+
+    /// The request deadline of the query service.
+    pub fn query_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.query.request_timeout_ms)
     }
 
     /// How long a process may take to drain after SIGTERM.
@@ -725,6 +739,7 @@ mod tests {
             ("nats.duplicate_window_secs", "JetStream's default"),
             ("ingest.idempotency_retention_secs", "count twice"),
             ("ingest.request_timeout_ms", "every POST 503"),
+            ("query.request_timeout_ms", "every query API request 503"),
             ("relay.poll_interval_ms", "without a pause"),
             ("projector.ack_wait_secs", "JetStream's default of 30 s"),
             ("http.header_read_timeout_ms", "unanswered"),
@@ -750,6 +765,25 @@ mod tests {
             let settings = defaults_with(key, 0);
             assert!(settings.validate().is_ok(), "0 turns {key} off");
         }
+    }
+
+    #[test]
+    fn the_query_request_deadline_is_10_s_by_default_and_refused_at_0() {
+        for environment in ["dev", "prod"] {
+            let settings = Settings::layers(&config_dir(), environment).expect("layers");
+            assert_eq!(settings.query.request_timeout_ms, 10_000, "{environment}");
+            assert_eq!(settings.query_request_timeout(), Duration::from_secs(10));
+        }
+        let error = defaults_with("query.request_timeout_ms", 0)
+            .validate()
+            .expect_err("a deadline of nothing");
+        assert_eq!(
+            error.to_string(),
+            "invalid configuration: query.request_timeout_ms (PIPELINE__QUERY__REQUEST_TIMEOUT_MS) must be at least 1 (0 would answer every query API request 503)"
+        );
+        assert!(defaults_with("query.request_timeout_ms", 1)
+            .validate()
+            .is_ok());
     }
 
     #[test]

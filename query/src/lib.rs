@@ -67,6 +67,7 @@ pub async fn serve(
         documents: Default::default(),
         metrics,
         tokens,
+        request_timeout: settings.query_request_timeout(),
     };
     tracing::info!(address = %listener.local_addr()?, "query listening");
     let limits = ingest::connection_limits(&settings);

@@ -28,6 +28,9 @@ pub enum ApiError {
     Forbidden,
     #[error("credentials cannot be checked")]
     AuthUnavailable,
+    /// The request was not answered within `query.request_timeout_ms`.
+    #[error("request deadline passed")]
+    DeadlinePassed,
     /// Unexpected; logged once with its cause, answered as an opaque 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -90,6 +93,10 @@ impl ApiError {
             Self::AuthUnavailable => Problem::new(
                 ProblemKind::Unavailable,
                 "credentials cannot be checked right now; retry shortly",
+            ),
+            Self::DeadlinePassed => Problem::new(
+                ProblemKind::Unavailable,
+                "the request took too long to answer; retry shortly",
             ),
             Self::Rebuilding => Problem::new(
                 ProblemKind::Unavailable,

@@ -3,6 +3,7 @@
 //! and Redis; each test has its own database, stream and key prefix (see `testkit`).
 
 mod auth;
+mod deadline;
 mod end_to_end;
 mod errors;
 mod fuzz;
