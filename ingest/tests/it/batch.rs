@@ -136,15 +136,7 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
         .as_str()
         .unwrap_or_default()
         .ends_with("/problems/idempotency-key-reused"));
-    assert_eq!(
-        (
-            &answer["accepted"],
-            &answer["duplicates"],
-            &answer["conflicts"],
-            &answer["rejected"]
-        ),
-        (&json!(3), &json!(2), &json!(2), &json!(4))
-    );
+    assert_counts(&answer, [3, 2, 2, 4]);
 
     let db = env.postgres().await;
     assert_eq!(
@@ -331,6 +323,17 @@ async fn batch_item_retried_after_its_recorded_at_aged_past_the_limit_is_a_dupli
         );
         assert_eq!(error["field"], "recorded_at", "{answer}");
     }
+    assert_counts(&answer, [1, 1, 0, 2]);
+
+    let db = env.postgres().await;
+    assert_eq!(count(&db, "readings").await, 3);
+    assert_eq!(count(&db, "idempotency_keys").await, 3);
+    assert_eq!(count(&db, "outbox").await, 3);
+    ingest.stop().await;
+}
+
+/// The batch answer's counts: accepted, duplicates, conflicts, rejected.
+fn assert_counts(answer: &Value, [accepted, duplicates, conflicts, rejected]: [u64; 4]) {
     assert_eq!(
         (
             &answer["accepted"],
@@ -338,12 +341,12 @@ async fn batch_item_retried_after_its_recorded_at_aged_past_the_limit_is_a_dupli
             &answer["conflicts"],
             &answer["rejected"]
         ),
-        (&json!(1), &json!(1), &json!(0), &json!(2))
+        (
+            &json!(accepted),
+            &json!(duplicates),
+            &json!(conflicts),
+            &json!(rejected)
+        ),
+        "accepted, duplicates, conflicts, rejected: {answer}"
     );
-
-    let db = env.postgres().await;
-    assert_eq!(count(&db, "readings").await, 3);
-    assert_eq!(count(&db, "idempotency_keys").await, 3);
-    assert_eq!(count(&db, "outbox").await, 3);
-    ingest.stop().await;
 }
