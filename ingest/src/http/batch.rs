@@ -14,10 +14,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::telemetry::{read_body, require_json, store_error, within_deadline};
+use super::telemetry::{admit, read_body, require_json, store_error, within_deadline};
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
-use crate::limits::retry_after_secs;
 use crate::store::{NewReading, Outcome};
 
 /// The per-item answer.
@@ -41,6 +40,19 @@ pub struct ItemError {
     field: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<FieldError>,
+}
+
+/// An item refused as a single POST would be refused: the same type, detail and errors.
+impl From<ApiError> for ItemError {
+    fn from(error: ApiError) -> Self {
+        let problem = error.problem();
+        Self {
+            type_uri: problem.type_uri,
+            detail: problem.detail,
+            field: problem.errors.first().map(|error| error.field.clone()),
+            errors: problem.errors,
+        }
+    }
 }
 
 impl ItemError {
@@ -206,7 +218,10 @@ async fn answer_aged(
                 Some(Outcome::Replayed { event_id, .. }) => {
                     match admit(state, grant, &item.reading.device_id) {
                         Ok(()) => ItemResult::Duplicate { index, event_id },
-                        Err(error) => ItemResult::Rejected { index, error },
+                        Err(error) => ItemResult::Rejected {
+                            index,
+                            error: error.into(),
+                        },
                     }
                 }
                 _ => ItemResult::Rejected {
@@ -262,26 +277,4 @@ fn invalid_reading(errors: Vec<FieldError>) -> ItemError {
         format!("{} rule(s) broken", errors.len()),
         errors,
     )
-}
-
-/// Whether the request may post a reading of `device_id` now: its token allows that
-/// device and the device is within its rate limit.
-fn admit(state: &AppState, grant: Option<&Grant>, device_id: &str) -> Result<(), ItemError> {
-    if grant.is_some_and(|grant| !grant.may_ingest(device_id)) {
-        return Err(ItemError::new(
-            ProblemKind::Forbidden,
-            "this token may not post readings for this device",
-            Vec::new(),
-        ));
-    }
-    state.limiter.check(device_id).map_err(|wait| {
-        ItemError::new(
-            ProblemKind::RateLimited,
-            format!(
-                "this device sends faster than its limit; retry after {} s",
-                retry_after_secs(wait)
-            ),
-            Vec::new(),
-        )
-    })
 }

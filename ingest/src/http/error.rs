@@ -66,7 +66,7 @@ impl ApiError {
         )
     }
 
-    fn problem(&self) -> Problem {
+    pub(super) fn problem(&self) -> Problem {
         match self {
             Self::UnsupportedMediaType => Problem::new(
                 ProblemKind::UnsupportedMediaType,

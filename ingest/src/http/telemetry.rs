@@ -86,7 +86,12 @@ async fn replay_of_aged(
 
 /// Whether this request may post a reading of `device_id` now: its token allows that
 /// device (`403` otherwise) and the device is within its rate limit (`429` otherwise).
-fn admit(state: &AppState, grant: Option<&Grant>, device_id: &str) -> Result<(), ApiError> {
+/// The batch asks the same of each item.
+pub(super) fn admit(
+    state: &AppState,
+    grant: Option<&Grant>,
+    device_id: &str,
+) -> Result<(), ApiError> {
     if grant.is_some_and(|grant| !grant.may_ingest(device_id)) {
         return Err(ApiError::Forbidden);
     }
