@@ -88,12 +88,7 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
     let response = ingest.post_batch(&batch).await;
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.expect("json");
-    let statuses: Vec<&str> = answer["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .map(|result| result["status"].as_str().unwrap_or_default())
-        .collect();
+    let statuses = statuses(&answer);
     assert_eq!(
         statuses,
         [
@@ -297,12 +292,7 @@ async fn batch_item_retried_after_its_recorded_at_aged_past_the_limit_is_a_dupli
         item("k-4", "gw-1", 4.0),      // 3 accepted
     ]});
     let answer: Value = ingest.post_batch(&mixed).await.json().await.expect("json");
-    let statuses: Vec<&str> = answer["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .map(|result| result["status"].as_str().unwrap_or_default())
-        .collect();
+    let statuses = statuses(&answer);
     assert_eq!(
         statuses,
         ["duplicate", "rejected", "rejected", "accepted"],
@@ -349,4 +339,14 @@ fn assert_counts(answer: &Value, [accepted, duplicates, conflicts, rejected]: [u
         ),
         "accepted, duplicates, conflicts, rejected: {answer}"
     );
+}
+
+/// Each item's `status` in a batch answer, in order.
+fn statuses(answer: &Value) -> Vec<&str> {
+    answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|result| result["status"].as_str().unwrap_or_default())
+        .collect()
 }
