@@ -450,3 +450,42 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
     );
     ingest.stop().await;
 }
+
+/// API.md §5 holds for a retry whose `recorded_at` aged past the limit since its reading
+/// was stored: it gets the stored answer only with a token that may post its device, as
+/// any replay; another device's token gets `403 forbidden`.
+#[tokio::test]
+async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device() {
+    let mut env = with_auth(0);
+    env.settings.ingest.max_age_secs = crate::telemetry_api::SHORT_MAX_AGE_SECS;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let pool = ingest::db::pool(&env.settings.database).expect("pool");
+    let (_, own_token) = issue(&pool, Kind::Device, Some("sensor-1"), "test")
+        .await
+        .expect("issued");
+    let (_, other_token) = issue(&pool, Kind::Device, Some("sensor-2"), "test")
+        .await
+        .expect("issued");
+    let (own, other) = (
+        format!("Bearer {own_token}"),
+        format!("Bearer {other_token}"),
+    );
+    let recorded_at = crate::telemetry_api::two_seconds_ago();
+    let stored = json!({"device_id": "sensor-1", "recorded_at": contract::timestamp::format(recorded_at), "metrics": {"temperature": 21.5}});
+    let first = post_as(&ingest, Some(&own), "k-1", &stored).await;
+    assert_eq!(first.status().as_u16(), 202);
+
+    crate::telemetry_api::wait_until_aged(recorded_at).await;
+    let foreign = post_as(&ingest, Some(&other), "k-1", &stored).await;
+    assert_problem(foreign, 403, "forbidden").await;
+    let retry = post_as(&ingest, Some(&own), "k-1", &stored).await;
+    assert_eq!(retry.status().as_u16(), 202);
+    assert_eq!(
+        retry
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|value| value.to_str().ok()),
+        Some("true")
+    );
+    ingest.stop().await;
+}
