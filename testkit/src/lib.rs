@@ -402,6 +402,24 @@ pub async fn assert_problem(
     problem
 }
 
+/// Asserts that an admin port (API.md §7) answers an unknown path `404 not-found` and a
+/// wrong method on `/healthz` `405 method-not-allowed`, both as problem documents (§3).
+pub async fn assert_admin_port_refuses_with_problems(admin_url: &str) {
+    let http = reqwest::Client::new();
+    let unknown = http
+        .get(format!("{admin_url}/no-such-path"))
+        .send()
+        .await
+        .expect("an unknown path answers");
+    assert_problem(unknown, 404, "not-found").await;
+    let wrong_method = http
+        .post(format!("{admin_url}/healthz"))
+        .send()
+        .await
+        .expect("a wrong method answers");
+    assert_problem(wrong_method, 405, "method-not-allowed").await;
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `deadline` with
 /// `what` in the message.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T

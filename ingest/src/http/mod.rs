@@ -168,6 +168,8 @@ where
             "/metrics",
             get(move || std::future::ready(metrics.render())),
         )
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 
 /// The `/readyz` answer for named dependency checks: 200 with every check, or a 503

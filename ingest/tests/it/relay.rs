@@ -166,7 +166,8 @@ async fn relay_publishes_each_row_with_the_documented_subject_headers_and_payloa
 
 /// The admin port as the `relay` binary serves it (API.md §7): `/healthz` whatever its
 /// dependencies do, `/readyz` a 503 naming the one that does not answer, and `/metrics`
-/// with the series the relay records; and a shutdown that does not wait for them.
+/// with the series the relay records, other paths and methods refused as problems; and a
+/// shutdown that does not wait for them.
 #[tokio::test]
 async fn readiness_names_the_dependency_that_does_not_answer_and_shutdown_does_not_wait_for_it() {
     let env = TestEnv::new();
@@ -190,6 +191,7 @@ async fn readiness_names_the_dependency_that_does_not_answer_and_shutdown_does_n
         let get = |path: &str| http.get(format!("{admin_url}{path}")).send();
         let healthz = get("/healthz").await.expect("healthz answers");
         assert_eq!(healthz.status(), 200, "healthz with {down:?} down");
+        testkit::assert_admin_port_refuses_with_problems(&admin_url).await;
 
         let readiness = testkit::settled_readiness(&admin_url, down).await;
         if down.is_none() {

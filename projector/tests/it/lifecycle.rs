@@ -118,6 +118,7 @@ async fn the_admin_port_answers_health_readiness_and_metrics() {
         metrics.contains("projector_events_applied_total"),
         "metrics name the applied events: {metrics}"
     );
+    testkit::assert_admin_port_refuses_with_problems(&projector.admin_url).await;
     projector.stop().await;
 }
 
