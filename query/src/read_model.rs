@@ -52,7 +52,12 @@ pub struct DeviceEntry {
 }
 
 /// A page of the devices list.
-pub type DevicesPage = Vec<DeviceEntry>;
+#[derive(Debug, Clone, Default)]
+pub struct DevicesPage {
+    pub devices: Vec<DeviceEntry>,
+    /// Whether the walk has more devices after this page.
+    pub more: bool,
+}
 
 #[derive(Clone)]
 pub struct ReadModel {
@@ -415,7 +420,8 @@ impl ReadModel {
     }
 
     /// Up to `limit` devices as the index stood at `snapshot_ms`, most recently seen
-    /// first, after `after` (an entry returned earlier in the same walk) if given.
+    /// first, after `after` (an entry returned earlier in the same walk) if given, and
+    /// whether more follow: the walk looks one device past the page.
     pub async fn devices(
         &self,
         limit: usize,
@@ -439,8 +445,9 @@ impl ReadModel {
             }
         };
         let chunk = (limit * 2).max(64) as i64;
-        let mut visible: Vec<String> = Vec::with_capacity(limit);
-        while visible.len() < limit {
+        let wanted = limit + 1;
+        let mut visible: Vec<String> = Vec::with_capacity(wanted);
+        while visible.len() < wanted {
             let entries: Vec<String> = redis::cmd("ZRANGE")
                 .arg(&index.log)
                 .arg(start)
@@ -464,13 +471,15 @@ impl ReadModel {
                 let retired = times.get(1).copied().flatten();
                 let was_live = created.is_some_and(|created| created <= snapshot_ms)
                     && retired.is_none_or(|retired| retired > snapshot_ms);
-                if was_live && visible.len() < limit {
+                if was_live && visible.len() < wanted {
                     visible.push(entry);
                 }
             }
         }
+        let more = visible.len() > limit;
+        visible.truncate(limit);
         if visible.is_empty() {
-            return Ok(Vec::new());
+            return Ok(DevicesPage::default());
         }
         let mut pipeline = redis::pipe();
         for entry in &visible {
@@ -478,7 +487,7 @@ impl ReadModel {
             self.add_header_read(&mut pipeline, generation, device_id);
         }
         let headers: Vec<Option<Vec<u8>>> = pipeline.query_async(&mut redis).await?;
-        Ok(visible
+        let devices = visible
             .into_iter()
             .zip(headers)
             .map(|(entry, header)| {
@@ -495,7 +504,8 @@ impl ReadModel {
                     entry,
                 }
             })
-            .collect())
+            .collect();
+        Ok(DevicesPage { devices, more })
     }
 }
 

@@ -235,13 +235,16 @@ pub async fn list(
         .read_model
         .devices(limit, snapshot_ms, after.as_deref())
         .await?;
-    let next_cursor = (page.len() == limit)
+    let next_cursor = page
+        .more
         .then(|| {
-            page.last()
+            page.devices
+                .last()
                 .map(|device| encode_cursor(snapshot_ms, &device.entry))
         })
         .flatten();
     let devices = page
+        .devices
         .into_iter()
         .map(|device| DeviceSummary {
             device_id: device.device_id,

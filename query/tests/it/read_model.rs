@@ -800,6 +800,42 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
     projector.stop().await;
 }
 
+/// The page that ends the walk has a `null` cursor even when it is full, and only that
+/// page: the list looks one device past a page before it offers to go on.
+#[tokio::test]
+async fn the_last_page_of_the_devices_list_has_no_cursor_even_when_it_is_full() {
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    let mut model = ReferenceModel::new();
+    let readings = (0..4).map(|index| aged(&format!("full-{index}"), 30_000 + index * 20_000, 1.0));
+    publish_all(env, jetstream, &mut model, readings).await;
+    wait_until_projected(env, &model).await;
+
+    for (limit, pages) in [(4, 1), (2, 2), (3, 2), (5, 1)] {
+        let mut path = format!("/v1/devices?limit={limit}");
+        let mut seen = 0;
+        for page_number in 1.. {
+            let page: Value = query.get(&path).await.json().await.expect("json");
+            seen += page["devices"].as_array().expect("devices").len();
+            match page["next_cursor"].as_str() {
+                Some(cursor) => {
+                    assert!(seen < 4, "limit {limit}: a cursor after all 4 devices");
+                    path = format!("/v1/devices?limit={limit}&cursor={cursor}");
+                }
+                None => {
+                    assert_eq!(
+                        (seen, page_number),
+                        (4, pages),
+                        "limit {limit}: devices listed and pages walked"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    side.stop().await;
+}
+
 #[tokio::test]
 async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_reporting() {
     let side = ReadSide::start().await;
