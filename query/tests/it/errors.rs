@@ -92,6 +92,20 @@ async fn requests_axum_rejects_before_a_handler_runs_are_problems_too() {
         "invalid-request",
     )
     .await;
+    // A parameter the route does not have, refused naming it rather than ignored.
+    for (path, named) in [
+        ("/v1/devices/sensor-1/stats?metric=temperature", "`metric`"),
+        ("/v1/devices?limt=5", "`limt`"),
+        (
+            "/v1/devices/sensor-1/series?metric=t&metrics=t",
+            "`metrics`",
+        ),
+        ("/v1/devices/sensor-1/series?metric=t&metric=u", "`metric`"),
+    ] {
+        let problem = assert_problem(query.get(path).await, 400, "invalid-request").await;
+        let message = problem["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(named), "{path}: {problem}");
+    }
     // A method the route does not have.
     let response = query
         .http
