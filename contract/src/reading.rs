@@ -54,10 +54,15 @@ pub struct BatchBody<'a> {
 }
 
 /// One item of a batch: a reading with its own idempotency key.
+///
+/// The key is decoded as any JSON value, so that an item without one, or with a key
+/// that is not a string, is refused as the single POST refuses a missing or malformed
+/// header (`missing-idempotency-key`), not as a shape error.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {
-    pub idempotency_key: String,
+    #[serde(default)]
+    pub idempotency_key: Option<serde_json::Value>,
     pub device_id: String,
     #[serde(default)]
     pub recorded_at: Option<String>,
@@ -66,14 +71,22 @@ pub struct BatchItem {
 }
 
 impl BatchItem {
-    /// The key, and the reading as a single POST would carry it.
-    pub fn into_parts(self) -> (String, ReadingBody) {
+    /// The key checked as [`check_idempotency_key`] checks a header (or why it is
+    /// missing or malformed), and the reading as a single POST would carry it.
+    pub fn into_parts(self) -> (Result<String, String>, ReadingBody) {
         let reading = ReadingBody {
             device_id: self.device_id,
             recorded_at: self.recorded_at,
             metrics: self.metrics,
         };
-        (self.idempotency_key, reading)
+        let key = match self.idempotency_key {
+            None | Some(serde_json::Value::Null) => Err("is required".to_owned()),
+            Some(serde_json::Value::String(key)) => {
+                check_idempotency_key(key.as_bytes()).map(|()| key)
+            }
+            Some(_) => Err("must be a string".to_owned()),
+        };
+        (key, reading)
     }
 }
 
@@ -237,6 +250,9 @@ impl ReadingBody {
                 Err(message) => FieldError::new(format!("metrics.{}", printable(&name)), message),
                 Ok(()) => match value.as_f64().filter(|number| number.is_finite()) {
                     Some(number) => {
+                        // `-0` is the number `0` spelled otherwise: one value, one
+                        // fingerprint, and `0` in every figure it reaches.
+                        let number = if number == 0.0 { 0.0 } else { number };
                         metrics.insert(name, number);
                         continue;
                     }
@@ -497,10 +513,10 @@ mod tests {
     #[test]
     fn fingerprint_ignores_spelling_but_not_content() {
         let one = body(
-            r#"{"device_id":"d","recorded_at":"2026-11-22T11:15:30+01:00","metrics":{"a":21.5,"b":1}}"#,
+            r#"{"device_id":"d","recorded_at":"2026-11-22T11:15:30+01:00","metrics":{"a":21.5,"b":1,"c":0}}"#,
         );
         let same = body(
-            r#"{"metrics":{"b":1.0,"a":2.15e1},"recorded_at":"2026-11-22T10:15:30Z","device_id":"d"}"#,
+            r#"{"metrics":{"c":-0.0,"b":1.0,"a":2.15e1},"recorded_at":"2026-11-22T10:15:30Z","device_id":"d"}"#,
         );
         let other = body(
             r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30Z","metrics":{"a":21.6,"b":1}}"#,

@@ -6,9 +6,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use contract::problem::{ProblemKind, TYPE_BASE};
-use contract::reading::{
-    check_idempotency_key, BatchBody, BatchItem, FieldError, Invalid, Reading, BATCH_MAX,
-};
+use contract::reading::{BatchBody, BatchItem, FieldError, Invalid, Reading, BATCH_MAX};
 use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -245,7 +243,7 @@ fn prepare(
     let item: BatchItem = serde_json::from_str(item.get())
         .map_err(|error| ItemError::new(ProblemKind::InvalidJson, error.to_string(), Vec::new()))?;
     let (key, body) = item.into_parts();
-    check_idempotency_key(key.as_bytes()).map_err(|message| {
+    let key = key.map_err(|message| {
         ItemError::new(
             ProblemKind::MissingIdempotencyKey,
             format!("idempotency_key {message}"),

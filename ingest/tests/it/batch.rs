@@ -84,6 +84,8 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
         item("old", "gw-1", 5.0),                                          // 8 duplicate of the earlier POST
         item("old", "gw-1", 6.0),                                          // 9 conflict with the earlier POST
         item("a", "gw-3", 3.0),                                            // 10 accepted: keys are per device
+        {"idempotency_key": null, "device_id": "gw-1", "metrics": {"t": 1}}, // 11 rejected: no key
+        {"idempotency_key": 7, "device_id": "gw-1", "metrics": {"t": 1}},    // 12 rejected: bad key
     ]});
     let response = ingest.post_batch(&batch).await;
     assert_eq!(response.status().as_u16(), 200);
@@ -102,7 +104,9 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
             "conflict",
             "duplicate",
             "conflict",
-            "accepted"
+            "accepted",
+            "rejected",
+            "rejected"
         ]
     );
     let results = answer["results"].as_array().expect("results");
@@ -123,15 +127,23 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
         .as_str()
         .unwrap_or_default()
         .ends_with("/problems/invalid-json"));
-    assert!(results[5]["error"]["type"]
-        .as_str()
-        .unwrap_or_default()
-        .ends_with("/problems/invalid-json"));
+    // An item without a usable key is refused as a single POST without the header is.
+    for index in [5, 11, 12] {
+        let error = &results[index]["error"];
+        assert!(
+            error["type"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("/problems/missing-idempotency-key"),
+            "item {index}: {error}"
+        );
+        assert_eq!(error["field"], "idempotency_key", "item {index}");
+    }
     assert!(results[7]["error"]["type"]
         .as_str()
         .unwrap_or_default()
         .ends_with("/problems/idempotency-key-reused"));
-    assert_counts(&answer, [3, 2, 2, 4]);
+    assert_counts(&answer, [3, 2, 2, 6]);
 
     let db = env.postgres().await;
     assert_eq!(
