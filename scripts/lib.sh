@@ -3,13 +3,17 @@
 #
 # Helpers shared by scripts/up, scripts/down, scripts/test, scripts/bench, scripts/ab and
 # scripts/soak (API.md §8). Source it; it changes no shell options and exports nothing
-# (except own_pipeline, when called), so it is safe under `set -euo pipefail`.
+# (except own_pipeline and load_effective_config, when called), so it is safe under
+# `set -euo pipefail`.
 #
 #   source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 #
 # Variables it sets:    REPO_ROOT DATA_DIR RUN_DIR LOG_DIR BIN_DIR PROCESSES
 # Functions (arguments):
 #   parse_url URL DEFAULT_PORT      sets URL_HOST and URL_PORT
+#   load_effective_config [INGEST]  exports the server URLs and listen addresses as the
+#                                   processes see them (config files, then PIPELINE__*),
+#                                   asking INGEST (default $BIN_DIR/ingest) `config env`
 #   database_url | nats_url | redis_url        the configured URL (env or default)
 #   process_listen NAME | process_url NAME     listen address / http://host:port of a process
 #   ensure_postgres | ensure_redis | ensure_nats | ensure_services
@@ -96,6 +100,37 @@ wait_until() {
 
 # --- configuration -----------------------------------------------------------
 
+# The functions below read PIPELINE__* or fall back to config/default.toml's values; they
+# see config/<APP_ENV>.toml and the rest of the layers only after load_effective_config.
+
+# load_effective_config [INGEST]: exports PIPELINE__DATABASE__URL, __NATS__URL,
+# __REDIS__URL, __INGEST__LISTEN, __QUERY__LISTEN, __RELAY__ADMIN_LISTEN and
+# __PROJECTOR__ADMIN_LISTEN with the values the processes will use: `INGEST config env`
+# (default $BIN_DIR/ingest, so build first) loads the settings as they do, from the
+# repository root. A variable set already keeps its value (it won over the files). Fails
+# naming the key when the configuration is invalid.
+load_effective_config() {
+    local bin=${1:-$BIN_DIR/ingest} dir=${APP_CONFIG_DIR:-config} output line key value
+    local pattern="^(PIPELINE__[A-Z_]+)='(.*)'\$" quoted_quote="'\\''" quote="'"
+    if [[ ! -x "$bin" ]]; then
+        err "$bin not found; build it first (cargo build --release --bins)"
+        return 1
+    fi
+    if ! output=$(cd "$REPO_ROOT" && "$bin" config env); then
+        err "the configuration cannot be used (see the line above; layers: $dir/default.toml, $dir/${APP_ENV:-dev}.toml, PIPELINE__* variables)"
+        return 1
+    fi
+    while IFS= read -r line; do
+        if [[ ! "$line" =~ $pattern ]]; then
+            err "unexpected line from $bin config env: $line"
+            return 1
+        fi
+        key=${BASH_REMATCH[1]}
+        value=${BASH_REMATCH[2]}
+        export "$key=${value//"$quoted_quote"/"$quote"}"
+    done <<<"$output"
+}
+
 database_url() { printf '%s' "${PIPELINE__DATABASE__URL:-$DEFAULT_DATABASE_URL}"; }
 nats_url() { printf '%s' "${PIPELINE__NATS__URL:-$DEFAULT_NATS_URL}"; }
 redis_url() { printf '%s' "${PIPELINE__REDIS__URL:-$DEFAULT_REDIS_URL}"; }
@@ -130,7 +165,8 @@ parse_url() {
     fi
 }
 
-# process_listen NAME: the listen address of a process (env or default).
+# process_listen NAME: the listen address of a process (env or default; see
+# load_effective_config).
 process_listen() {
     case $1 in
         ingest) printf '%s' "${PIPELINE__INGEST__LISTEN:-127.0.0.1:8080}" ;;

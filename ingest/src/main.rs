@@ -8,14 +8,24 @@
 //! ingest tokens issue --read [--label <text>]          a token for the query API
 //! ingest tokens list                       every token (never the token itself)
 //! ingest tokens revoke <token id>          revoke; effective within auth.cache_ttl_secs
+//! ingest config env                        the effective server URLs and listen addresses
 //! ```
+//!
+//! `ingest config env` loads the settings as every process does (API.md §8: the config
+//! files, then `PIPELINE__*`) and prints the keys `scripts/lib.sh` needs, one
+//! `PIPELINE__<SECTION>__<KEY>='value'` a line, single-quoted for the shell (the URLs
+//! with their credentials). `scripts/up` exports them, so that it checks, waits for and
+//! prints what the processes will really use. An invalid configuration exits with
+//! status 2 and one line naming the key, as a start does.
+
+use std::io::Write;
 
 use contract::reading::check_device_id;
-use contract::settings::Settings;
+use contract::settings::{environment_variable, key_and_variable, Settings};
 use ingest::auth::{self, Kind};
 use ingest::{bootstrap, db};
 
-const USAGE: &str = "usage: ingest [serve | migrate | tokens issue (--device <id> | --gateway | --read) [--label <text>] | tokens list | tokens revoke <id>]";
+const USAGE: &str = "usage: ingest [serve | migrate | tokens issue (--device <id> | --gateway | --read) [--label <text>] | tokens list | tokens revoke <id> | config env]";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -33,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         }
         ["migrate"] => db::migrate(&settings.database).await,
         ["tokens", rest @ ..] => tokens(&settings, rest).await,
+        ["config", "env"] => config_env(&settings),
         _ => usage(),
     }
 }
@@ -113,6 +124,51 @@ async fn tokens(settings: &Settings, args: &[&str]) -> anyhow::Result<()> {
         }
         _ => usage(),
     }
+}
+
+/// Prints the effective value of every key `scripts/lib.sh` reads (its server URLs and
+/// listen addresses), as `PIPELINE__<SECTION>__<KEY>='value'` lines a shell can `eval`
+/// and `scripts/lib.sh` reads without doing so.
+fn config_env(settings: &Settings) -> anyhow::Result<()> {
+    let values = [
+        ("database.url", settings.database.url.clone()),
+        ("nats.url", settings.nats.url.clone()),
+        ("redis.url", settings.redis.url.clone()),
+        ("ingest.listen", settings.ingest.listen.to_string()),
+        ("query.listen", settings.query.listen.to_string()),
+        (
+            "relay.admin_listen",
+            settings.relay.admin_listen.to_string(),
+        ),
+        (
+            "projector.admin_listen",
+            settings.projector.admin_listen.to_string(),
+        ),
+    ];
+    let mut lines = String::new();
+    for (key, value) in values {
+        // No URL holds a raw control character, and a line break would split the line.
+        if value.chars().any(char::is_control) {
+            eprintln!(
+                "ingest: invalid configuration: {} contains a control character",
+                key_and_variable(key)
+            );
+            std::process::exit(2);
+        }
+        lines.push_str(&format!(
+            "{}={}\n",
+            environment_variable(key),
+            shell_quoted(&value)
+        ));
+    }
+    std::io::stdout().lock().write_all(lines.as_bytes())?;
+    Ok(())
+}
+
+/// `value` in single quotes, each `'` in it written `'\''`: one word to a POSIX shell,
+/// whatever it holds.
+fn shell_quoted(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 fn usage() -> anyhow::Result<()> {

@@ -1,10 +1,13 @@
 //! API.md §8: settings come from `PIPELINE__<SECTION>__<KEY>` over the config files, and
 //! a missing or invalid setting stops the process at start with one line naming the
 //! key. `scripts/ab` relies on both: an arm is a set of such variables, and a misspelt
-//! one must stop the run rather than measure the defaults twice.
+//! one must stop the run rather than measure the defaults twice. `scripts/up` honours
+//! the same layers through `ingest config env` and `scripts/lib.sh`'s
+//! `load_effective_config`.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::Stdio;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -201,5 +204,226 @@ fn debug_logs_never_show_a_nats_password_unless_async_nats_debug_is_asked_for() 
     assert!(
         !log.contains("s3cret-pw"),
         "a debug line shows the password: {log}"
+    );
+}
+
+/// A directory of the test's own under the system's temporary directory, removed when
+/// dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "{name}-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&path).expect("temporary directory created");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A config directory with the shipped `default.toml` and `dev_toml` as `dev.toml`.
+fn config_dir_with_dev(dev_toml: &str) -> TempDir {
+    let directory = TempDir::new("ingest-config-env");
+    std::fs::copy(
+        testkit::config_dir().join("default.toml"),
+        directory.0.join("default.toml"),
+    )
+    .expect("default.toml copied");
+    std::fs::write(directory.0.join("dev.toml"), dev_toml).expect("dev.toml written");
+    directory
+}
+
+/// `program` with none of the caller's settings (`PIPELINE__*`, `APP_ENV`,
+/// `APP_CONFIG_DIR`), reading the config files in `config` and `extra` variables; its
+/// output captured.
+fn run_with_config(program: &str, config: &TempDir, extra: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        let name_text = name.to_string_lossy();
+        if name_text.starts_with("PIPELINE__") || name_text == "APP_ENV" {
+            command.env_remove(&name);
+        }
+    }
+    command
+        .env("APP_CONFIG_DIR", &config.0)
+        .envs(extra.iter().copied())
+        .stdin(Stdio::null());
+    command
+}
+
+/// `bash -c script` with `scripts/lib.sh` as `$1` and the ingest binary under test as
+/// `$2`; its status, stdout and stderr.
+fn lib_sh(script: &str, config: &TempDir, extra: &[(&str, &str)]) -> Output {
+    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/lib.sh");
+    run_with_config("bash", config, extra)
+        .args(["-c", script, "bash", lib, env!("CARGO_BIN_EXE_ingest")])
+        .output()
+        .expect("bash runs")
+}
+
+/// A URL with what a shell would take apart if it were not quoted: a quote, a `$`, a space.
+const AWKWARD_DATABASE_URL: &str = "postgres://app:it's $ecret pw@127.0.0.1:15432/telemetry";
+
+/// `config/dev.toml` moving ingest, the projector's admin listener and the database.
+fn moved_dev_toml() -> String {
+    format!(
+        "[ingest]\nlisten = \"127.0.0.1:18080\"\n\n[projector]\nadmin_listen = \"[::1]:19092\"\n\n[database]\nurl = \"{AWKWARD_DATABASE_URL}\"\n"
+    )
+}
+
+/// API.md §8: `scripts/up` honours the config files as the processes do. It asks
+/// `ingest config env` for the effective values: each file's, else the default's, and a
+/// shell reading the lines gets them back unchanged.
+#[test]
+fn ingest_config_env_prints_the_effective_config_of_every_layer_quoted_for_the_shell() {
+    let config = config_dir_with_dev(&moved_dev_toml());
+    let output = run_with_config(env!("CARGO_BIN_EXE_ingest"), &config, &[])
+        .args(["config", "env"])
+        .output()
+        .expect("ingest runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "ingest config env: {output:?}, stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            r"PIPELINE__DATABASE__URL='postgres://app:it'\''s $ecret pw@127.0.0.1:15432/telemetry'",
+            "PIPELINE__NATS__URL='nats://127.0.0.1:4222'",
+            "PIPELINE__REDIS__URL='redis://127.0.0.1:6379'",
+            "PIPELINE__INGEST__LISTEN='127.0.0.1:18080'",
+            "PIPELINE__QUERY__LISTEN='127.0.0.1:8081'",
+            "PIPELINE__RELAY__ADMIN_LISTEN='127.0.0.1:9091'",
+            "PIPELINE__PROJECTOR__ADMIN_LISTEN='[::1]:19092'",
+        ]
+    );
+
+    // What `eval "$(ingest config env)"` sets is the value itself.
+    let evaluated = lib_sh(
+        r#"eval "$("$2" config env)" && printf '%s' "$PIPELINE__DATABASE__URL""#,
+        &config,
+        &[],
+    );
+    assert!(evaluated.status.success(), "{evaluated:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&evaluated.stdout),
+        AWKWARD_DATABASE_URL
+    );
+}
+
+/// The defect: with `[ingest] listen = "127.0.0.1:18080"` in `config/dev.toml`, ingest
+/// bound 18080 while `scripts/up` checked, waited on and printed 8080, and a database in
+/// a config file was never checked or started. After `load_effective_config` the
+/// scripts' functions give what the processes use, and a variable still wins.
+#[test]
+fn scripts_load_the_effective_config_so_up_checks_and_prints_what_the_processes_use() {
+    let config = config_dir_with_dev(&moved_dev_toml());
+    let script = r#"source "$1" && load_effective_config "$2" &&
+        process_listen ingest && echo && process_url ingest && echo &&
+        process_url projector && echo && process_url query && echo &&
+        database_url && echo && nats_url && echo &&
+        parse_url "$(database_url)" 5432 && echo "$URL_HOST $URL_PORT""#;
+
+    let from_files = lib_sh(script, &config, &[]);
+    assert!(
+        from_files.status.success(),
+        "{from_files:?}, stderr: {}",
+        String::from_utf8_lossy(&from_files.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&from_files.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            "127.0.0.1:18080",
+            "http://127.0.0.1:18080",
+            "http://[::1]:19092",
+            "http://127.0.0.1:8081",
+            AWKWARD_DATABASE_URL,
+            "nats://127.0.0.1:4222",
+            "127.0.0.1 15432",
+        ]
+    );
+
+    let variables_win = lib_sh(
+        script,
+        &config,
+        &[
+            ("PIPELINE__INGEST__LISTEN", "127.0.0.1:18081"),
+            (
+                "PIPELINE__DATABASE__URL",
+                "postgres://postgres@127.0.0.1:15433/other",
+            ),
+        ],
+    );
+    assert!(
+        variables_win.status.success(),
+        "{variables_win:?}, stderr: {}",
+        String::from_utf8_lossy(&variables_win.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&variables_win.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        [
+            "127.0.0.1:18081",
+            "http://127.0.0.1:18081",
+            "http://[::1]:19092",
+            "http://127.0.0.1:8081",
+            "postgres://postgres@127.0.0.1:15433/other",
+            "nats://127.0.0.1:4222",
+            "127.0.0.1 15433",
+        ]
+    );
+}
+
+/// A config file or variable the processes would refuse stops `ingest config env` with
+/// status 2 and one line naming the key, and with it the script, before it checks or
+/// starts anything.
+#[test]
+fn an_unusable_effective_config_stops_the_scripts_with_one_line_naming_the_key() {
+    let config = config_dir_with_dev("[ingest]\nlisten = \"nowhere\"\n");
+    let refused = run_with_config(env!("CARGO_BIN_EXE_ingest"), &config, &[])
+        .args(["config", "env"])
+        .output()
+        .expect("ingest runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(refused.stdout.is_empty(), "{refused:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("ingest.listen"), "{stderr}");
+
+    let script = r#"source "$1" && load_effective_config "$2" && echo loaded"#;
+    let stopped = lib_sh(script, &config, &[]);
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success(), "{stopped:?}");
+    assert!(stopped.stdout.is_empty(), "{stopped:?}");
+    assert!(
+        stderr.contains("ingest.listen") && stderr.contains("configuration cannot be used"),
+        "{stderr}"
+    );
+
+    // A line break in a URL would split its line: refused, naming the key.
+    let config = config_dir_with_dev("");
+    let stopped = lib_sh(
+        script,
+        &config,
+        &[("PIPELINE__REDIS__URL", "redis://127.0.0.1:6379\nx")],
+    );
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success(), "{stopped:?}");
+    assert!(
+        stderr.contains("redis.url (PIPELINE__REDIS__URL) contains a control character"),
+        "{stderr}"
     );
 }
