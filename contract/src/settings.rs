@@ -412,7 +412,7 @@ impl Settings {
     /// and `u64::MAX` relay rounds ran the relay out of memory. Concurrency (connections,
     /// commits, rounds, batches in flight) and the projector's batch, whose room is set
     /// aside in full for every batch, stop at [`CONCURRENCY_MAX`]; sizes at [`SIZE_MAX`].
-    fn counts(&self) -> [(&'static str, u64, u64); 11] {
+    fn counts(&self) -> [(&'static str, u64, u64); 12] {
         let count = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
         let rows = |value: i64| u64::try_from(value).unwrap_or(0);
         [
@@ -461,6 +461,11 @@ impl Settings {
             (
                 "http.max_connections",
                 count(self.http.max_connections),
+                SIZE_MAX,
+            ),
+            (
+                "ingest.rate_limit_burst",
+                u64::from(self.ingest.rate_limit_burst),
                 SIZE_MAX,
             ),
         ]
@@ -723,11 +728,19 @@ mod tests {
             error.to_string().contains("projector.batches_in_flight"),
             "{error}"
         );
-        let mut settings = defaults;
+        let mut settings = defaults.clone();
         settings.relay.rounds_in_flight = 0;
         let error = settings.validate().expect_err("0 rounds in flight");
         assert!(
             error.to_string().contains("relay.rounds_in_flight"),
+            "{error}"
+        );
+        // A burst of 0 is no off switch (the rate is): it would let nothing through.
+        let mut settings = defaults;
+        settings.ingest.rate_limit_burst = 0;
+        let error = settings.validate().expect_err("a burst of 0");
+        assert!(
+            error.to_string().contains("ingest.rate_limit_burst"),
             "{error}"
         );
     }
