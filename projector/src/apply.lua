@@ -9,6 +9,9 @@
 -- with the same rules as `MetricStats::merge` / `Aggregate::merge`: count and sum add,
 -- min and max, and "last" as the value with the latest recorded_at (on a tie, the larger
 -- value). Every rule is commutative, so the order events arrive in does not matter.
+-- It reads and plans every generation first and writes after (only the prune of
+-- buckets past their retention comes earlier, harmless whatever follows), so a call
+-- that fails on the way leaves its ids unrecorded and its retry applies it whole.
 --
 -- KEYS     per generation, 3 keys: device hash, applied-events set, buckets hash; then,
 --          in a guarded call (guard.lua), the meta hash
@@ -55,35 +58,51 @@ local HASH_TABLE_AT = 128
 local HASH_TABLE_FIELD = '~'
 local HASH_TABLE_NOTE = 'turns this hash into a hash table: its fields are looked up, not scanned for'
 
--- Records the ids in the applied set if none of them is there: 'all' (recorded now),
--- 'none' (every one was there) or 'mixed' (nothing recorded).
-local function record_applied(applied)
-  if k == 1 then
-    if redis.call('ZADD', applied, 'NX', ARGV[1], ARGV[IDS]) == 1 then
-      return 'all'
+-- Lua 5.1 in Redis unpacks at most about 8,000 values at once ("too many results to
+-- unpack"). A call's own arguments are bounded (apply.rs, FIELDS_PER_CALL_MAX), but what
+-- the stored hashes hold is not (a device silent for an hour has thousands of buckets
+-- to prune): every command with a variable number of arguments goes through
+-- `call_chunked`, this many values at a time (even, so pairs stay together).
+local CHUNK = 1000
+
+-- Calls `command` on `key` with values[first..last], CHUNK values a call. Returns the
+-- calls' replies, concatenated when they are lists (HMGET, ZMSCORE: one per value).
+local function call_chunked(command, key, values, first, last)
+  local replies = {}
+  for from = first, last, CHUNK do
+    local reply = redis.call(command, key, unpack(values, from, math.min(from + CHUNK - 1, last)))
+    if type(reply) == 'table' then
+      for i = 1, #reply do
+        replies[#replies + 1] = reply[i]
+      end
     end
-    return 'none'
   end
-  local scores = redis.call('ZMSCORE', applied, unpack(ARGV, IDS, METRICS - 1))
+  return replies
+end
+
+-- How many of the batch's ids the applied set holds.
+local function count_applied(applied)
+  if k == 1 then
+    return redis.call('ZSCORE', applied, ARGV[IDS]) and 1 or 0
+  end
+  local scores = call_chunked('ZMSCORE', applied, ARGV, IDS, METRICS - 1)
   local present = 0
   for i = 1, k do
     if scores[i] then
       present = present + 1
     end
   end
-  if present == k then
-    return 'none'
-  end
-  if present > 0 then
-    return 'mixed'
-  end
+  return present
+end
+
+-- Records the batch's ids in the applied set.
+local function record_applied(applied)
   local entries = {}
   for i = IDS, METRICS - 1 do
     entries[#entries + 1] = ARGV[1]
     entries[#entries + 1] = ARGV[i]
   end
-  redis.call('ZADD', applied, unpack(entries))
-  return 'all'
+  call_chunked('ZADD', applied, entries, 1, #entries)
 end
 
 -- Drops the buckets that fell out of the retention: one HKEYS pass over the hash every
@@ -100,20 +119,19 @@ local function prune(buckets, pruned)
       stale[#stale + 1] = field
     end
   end
-  if #stale > 0 then
-    redis.call('HDEL', buckets, unpack(stale))
-  end
+  call_chunked('HDEL', buckets, stale, 1, #stale)
   return oldest_fine
 end
 
--- Merges the batch's bucket aggregates into the buckets hash. Returns whether a bucket
--- field was created (then the hash may need pruning and a new expiry).
-local function add_to_buckets(buckets)
+-- The batch's bucket aggregates merged into the stored ones, as field-value pairs for
+-- the buckets hash, and whether a bucket field is created (then the hash may need
+-- pruning and a new expiry).
+local function merge_buckets(buckets)
   local fields = {}
   for j = 0, B - 1 do
     fields[j + 1] = ARGV[BUCKETS + 2 * j]
   end
-  local stored = redis.call('HMGET', buckets, unpack(fields))
+  local stored = call_chunked('HMGET', buckets, fields, 1, B)
   local updates, created = {}, false
   for j = 1, B do
     local batch = ARGV[BUCKETS + 2 * j - 1]
@@ -129,38 +147,39 @@ local function add_to_buckets(buckets)
       updates[#updates + 1] = batch
     end
   end
-  if created and redis.call('HLEN', buckets) >= HASH_TABLE_AT then
-    updates[#updates + 1] = HASH_TABLE_FIELD
-    updates[#updates + 1] = HASH_TABLE_NOTE
-  end
-  redis.call('HSET', buckets, unpack(updates))
-  return created
+  return updates, created
 end
 
--- Every event was applied before: the figures stay, the view is as of now.
-local function touch(device)
+-- Every event was applied before: the figures stay, the view is as of now. Returns the
+-- header to write, if the device has one.
+local function touched(device)
   local header = redis.call('HGET', device, 'h')
   if header then
     local first, last, count, seq, _, trim_at, pruned = unpack_packed('<ddddddd', header)
     if seq_in > seq then seq = seq_in end
-    redis.call('HSET', device, 'h', pack('<ddddddd', first, last, count, seq, now, trim_at, pruned))
+    return pack('<ddddddd', first, last, count, seq, now, trim_at, pruned)
   end
+  return nil
 end
 
-local function apply_generation(device, applied, buckets)
-  local recorded = record_applied(applied)
-  if recorded == 'mixed' then
-    return -1
+-- Reads what one generation holds and works out what the batch writes to it, writing
+-- nothing yet but the prune (which drops only buckets out of the retention, harmless
+-- whatever follows): a call that fails on the way, before `write_generation`, leaves the
+-- generation as it was, and its retry applies the batch whole. Returns the generation's
+-- result and, unless it is -1, its writes.
+local function plan_generation(device, applied, buckets)
+  local present = count_applied(applied)
+  if present > 0 and present < k then
+    return -1, nil
   end
-  if recorded == 'none' then
-    touch(device)
-    return 0
+  if present == k then
+    return 0, { device = device, header = touched(device) }
   end
   local wanted = { 'h' }
   for j = 0, M - 1 do
     wanted[j + 2] = ARGV[METRICS + 2 * j]
   end
-  local stored = redis.call('HMGET', device, unpack(wanted))
+  local stored = call_chunked('HMGET', device, wanted, 1, M + 1)
   local first, last, count, seq, trim_at, pruned = first_in, last_in, 0, seq_in, 0, 0
   if stored[1] then
     local s_first, s_last, s_count, s_seq, _, s_trim_at, s_pruned = unpack_packed('<ddddddd', stored[1])
@@ -187,25 +206,60 @@ local function apply_generation(device, applied, buckets)
       writes[#writes + 1] = batch
     end
   end
-  if B > 0 and add_to_buckets(buckets) then
-    pruned = prune(buckets, pruned)
-    redis.call('PEXPIRE', buckets, buckets_ttl)
+  local plan = { device = device, applied = applied, buckets = buckets, writes = writes }
+  if B > 0 then
+    local updates, created = merge_buckets(buckets)
+    if created then
+      pruned = prune(buckets, pruned)
+      if redis.call('HLEN', buckets) >= HASH_TABLE_AT then
+        updates[#updates + 1] = HASH_TABLE_FIELD
+        updates[#updates + 1] = HASH_TABLE_NOTE
+      end
+    end
+    plan.bucket_updates, plan.created = updates, created
   end
   -- The applied set is trimmed to the horizon a tenth of the horizon at a time; its
   -- expiry then outlasts every id recorded until the next trim by the horizon.
   if now >= trim_at then
-    local step = math.floor(horizon / 10)
-    redis.call('ZREMRANGEBYSCORE', applied, '-inf', now - horizon)
-    redis.call('PEXPIRE', applied, horizon + step)
-    trim_at = now + step
+    plan.trim = true
+    trim_at = now + math.floor(horizon / 10)
   end
   writes[2] = pack('<ddddddd', first, last, count + k, seq, now, trim_at, pruned)
-  redis.call('HSET', device, unpack(writes))
-  return k
+  return k, plan
 end
 
-local results = {}
+-- Writes what `plan_generation` worked out.
+local function write_generation(plan)
+  if not plan.writes then
+    if plan.header then
+      redis.call('HSET', plan.device, 'h', plan.header)
+    end
+    return
+  end
+  record_applied(plan.applied)
+  if plan.bucket_updates then
+    call_chunked('HSET', plan.buckets, plan.bucket_updates, 1, #plan.bucket_updates)
+    if plan.created then
+      redis.call('PEXPIRE', plan.buckets, buckets_ttl)
+    end
+  end
+  if plan.trim then
+    redis.call('ZREMRANGEBYSCORE', plan.applied, '-inf', now - horizon)
+    redis.call('PEXPIRE', plan.applied, horizon + math.floor(horizon / 10))
+  end
+  call_chunked('HSET', plan.device, plan.writes, 1, #plan.writes)
+end
+
+-- Every generation is read and planned before any is written to.
+local results, plans = {}, {}
 for g = 1, GENERATION_KEYS, 3 do
-  results[#results + 1] = apply_generation(KEYS[g], KEYS[g + 1], KEYS[g + 2])
+  local result, plan = plan_generation(KEYS[g], KEYS[g + 1], KEYS[g + 2])
+  results[#results + 1] = result
+  if plan then
+    plans[#plans + 1] = plan
+  end
+end
+for _, plan in ipairs(plans) do
+  write_generation(plan)
 end
 return results

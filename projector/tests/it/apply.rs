@@ -231,6 +231,85 @@ async fn buckets_past_their_retention_are_pruned_and_the_keys_expire() {
     );
 }
 
+/// A device with 32 metrics that reported every 10 s for 50 minutes and then fell silent
+/// (or a projector outage as long): its next reading finds ~9,600 10 s bucket fields out
+/// of the retention, more than Lua unpacks at once. The script must still apply it,
+/// whole: a call that failed after it recorded the reading's id would leave it out of
+/// every figure for good, its retry taking it for applied.
+#[tokio::test]
+async fn a_reading_after_a_long_silence_prunes_thousands_of_buckets_and_counts_once() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = direct_read_model(&env);
+    let names: Vec<String> = (0..32).map(|index| format!("m{index}")).collect();
+    let reading = |recorded_at_ms: i64, value: f64| {
+        let metrics: Vec<(&str, f64)> = names.iter().map(|name| (name.as_str(), value)).collect();
+        event("sensor-1", recorded_at_ms, &metrics)
+    };
+    let start = now_ms() - 2 * 3_600_000;
+    let before: Vec<_> = (0..300)
+        .map(|index| reading(start + index * 10_000, index as f64))
+        .collect();
+    let applied = model
+        .apply(&mut redis, &[1], &delivered(&before), start + 3_000_000)
+        .await
+        .expect("50 minutes of readings");
+    assert_eq!(applied.applied, 300);
+    let (_, buckets) = figures_in(&env, 1, "sensor-1").await;
+    let fine = |buckets: &crate::support::Buckets| {
+        buckets
+            .keys()
+            .filter(|field| FINE.parse_field(field).is_some())
+            .count()
+    };
+    assert_eq!(fine(&buckets), 300 * 32, "every 10 s bucket still kept");
+
+    // An hour and ten minutes later, past the 65 min retention of every one of them.
+    let later = start + 7_200_000;
+    let after = [reading(later, 1_000.0)];
+    let first = model
+        .apply(&mut redis, &[1], &delivered(&after), later)
+        .await;
+    // What the projector does after an error: the same delivery again.
+    let again = model
+        .apply(&mut redis, &[1], &delivered(&after), later)
+        .await
+        .expect("the reading again");
+    let (stats, buckets) = figures_in(&env, 1, "sensor-1").await;
+    assert_eq!(
+        stats.sample_count, 301,
+        "the reading after the silence counts once (its first call: {first:?})"
+    );
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    assert_same_figures(
+        "sensor-1",
+        &stats,
+        &reference(&all)["sensor-1"],
+        Sums::Exact,
+    );
+    assert_eq!(
+        first.as_ref().ok(),
+        Some(&Applied {
+            applied: 1,
+            duplicates: 0
+        }),
+        "applied by its first call"
+    );
+    assert_eq!(
+        again,
+        Applied {
+            applied: 0,
+            duplicates: 1
+        }
+    );
+    assert_eq!(
+        fine(&buckets),
+        32,
+        "only the new reading's 10 s buckets are left"
+    );
+}
+
 #[tokio::test]
 async fn a_device_batch_too_long_for_one_call_is_applied_whole_over_several() {
     let env = TestEnv::new();
