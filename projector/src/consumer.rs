@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, PublishError};
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use contract::event::{headers, DecodeError, TelemetryRecorded};
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use ingest::bootstrap::{nats_connected, Backoff};
 
 use crate::apply::{AsOf, Delivered, ReadModel};
+use crate::dlq;
 use crate::eviction::EvictionWatch;
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
@@ -354,8 +355,21 @@ impl Projector {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Publishes the message to the DLQ stream with the reason, then terminates it.
-    /// If the DLQ publish fails the message stays unacked and comes back to try again.
+    /// Publishes the message to the DLQ stream with the reason, then terminates it
+    /// (API.md §6: terminated, not retried forever).
+    ///
+    /// The dead letter has the original's headers but JetStream's publish directives
+    /// ([`dlq::goes_on_to_dead_letter`]) and its payload. Should the DLQ stream refuse
+    /// that copy for good ([`dlq::refused_for_good`]: the server answers with an error,
+    /// or the DLQ headers push the message past max_payload), a stripped copy goes
+    /// instead ([`dlq::DeadLetterCopy::stripped`]): the reason and origin, the refusal,
+    /// and the payload's size and first bytes. The whole message stays in the event
+    /// stream for its retention, at the sequence the dead letter names, whereas a
+    /// message whose copy is refused every time would come back every ack wait for good,
+    /// blocking nothing but never leaving the consumer's pending count.
+    ///
+    /// If no copy reached the DLQ stream (NATS unreachable, no DLQ stream, no ack in
+    /// time) the message stays unacked and comes back to try again.
     async fn dead_letter(
         &self,
         message: jetstream::Message,
@@ -364,30 +378,27 @@ impl Projector {
     ) {
         let device_id = device_hint(&message.payload, &message.subject);
         tracing::warn!(stream_sequence, device_id = device_id.as_deref().unwrap_or("unknown"), %reason, "dead-lettering message");
-        let mut dlq_headers = message.headers.clone().unwrap_or_default();
-        // The original id must not make JetStream drop this copy as a duplicate.
-        dlq_headers.insert(
-            headers::MSG_ID,
-            format!("dlq-{}-{stream_sequence}", self.subjects.stream()).as_str(),
-        );
-        dlq_headers.insert(headers::DLQ_REASON, reason.to_string().as_str());
-        dlq_headers.insert(headers::DLQ_STREAM, self.subjects.stream());
-        dlq_headers.insert(
-            headers::DLQ_STREAM_SEQUENCE,
-            stream_sequence.to_string().as_str(),
-        );
-        let published = async {
-            self.jetstream
-                .publish_with_headers(
-                    self.subjects.dlq(device_id.as_deref()),
-                    dlq_headers,
-                    message.payload.clone(),
-                )
-                .await?
-                .await?;
-            Ok::<_, async_nats::Error>(())
+        let subject = self.subjects.dlq(device_id.as_deref());
+        let letter = dlq::DeadLetterCopy::new(self.subjects.stream(), stream_sequence, &reason);
+        let mut published = self
+            .publish_dead_letter(
+                subject.clone(),
+                letter.full(message.headers.as_ref()),
+                message.payload.clone(),
+            )
+            .await;
+        if let Err(error) = &published {
+            if dlq::refused_for_good(error) {
+                let refusal = error.to_string();
+                tracing::warn!(
+                    error = refusal,
+                    stream_sequence,
+                    "the dead-letter stream refused the message, dead-lettering it stripped"
+                );
+                let (headers, payload) = letter.stripped(&refusal, &message.payload);
+                published = self.publish_dead_letter(subject, headers, payload).await;
+            }
         }
-        .await;
         match published {
             Ok(()) => {
                 count_dead_letters(reason.reason(), 1);
@@ -399,6 +410,20 @@ impl Projector {
                 tracing::warn!(%error, stream_sequence, "dead-lettering failed, will retry on redelivery")
             }
         }
+    }
+
+    /// Publishes a dead letter and waits for the DLQ stream's ack.
+    async fn publish_dead_letter(
+        &self,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<(), PublishError> {
+        self.jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await?
+            .await
+            .map(drop)
     }
 }
 

@@ -3,8 +3,147 @@
 
 use anyhow::{bail, Context};
 use async_nats::jetstream;
-use contract::event::headers;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use contract::event::{headers, DecodeError};
 use contract::subjects::{device_token, Subjects};
+
+/// Headers of a stripped dead letter (see [`DeadLetterCopy::stripped`]), beside those
+/// of [`contract::event::headers`].
+pub mod stripped_headers {
+    /// Why the DLQ stream refused the copy with the original headers and payload.
+    pub const STRIPPED: &str = "Dlq-Stripped";
+    /// The original payload's size in bytes; the copy holds its first
+    /// [`STRIPPED_PAYLOAD_MAX`](super::STRIPPED_PAYLOAD_MAX) at most.
+    pub const PAYLOAD_BYTES: &str = "Dlq-Payload-Bytes";
+}
+
+/// The most of its payload a stripped dead letter holds: enough to tell what the message
+/// was (the original stays in the event stream, at its `Dlq-Stream-Sequence`).
+pub const STRIPPED_PAYLOAD_MAX: usize = 4096;
+
+/// The longest header value a dead letter gets from text it did not choose (a reason
+/// quoting the message, a server's error), in bytes.
+pub const HEADER_VALUE_MAX: usize = 256;
+
+/// `text` as a NATS header value: control characters escaped (`\r`, `\n`, `\u{1b}`: a
+/// line break would end the header, and async-nats panics on one) and cut to
+/// [`HEADER_VALUE_MAX`] bytes at a character boundary.
+pub fn header_value(text: &str) -> String {
+    let mut value = String::with_capacity(text.len().min(HEADER_VALUE_MAX));
+    for character in text.chars() {
+        let before = value.len();
+        if character.is_control() {
+            value.extend(character.escape_default());
+        } else {
+            value.push(character);
+        }
+        if value.len() > HEADER_VALUE_MAX {
+            // An escape is not split: the character goes whole or not at all.
+            value.truncate(before);
+            break;
+        }
+    }
+    value
+}
+
+/// Whether a header of a poison message goes on to its dead letter. JetStream's own
+/// (`Nats-*`) do not: they are directives to the server that takes the publish
+/// (`Nats-Expected-Stream`, `Nats-Expected-Last-*`, `Nats-Rollup`, `Nats-TTL`, ...),
+/// which the DLQ stream would act on or refuse the copy for, every time; and the dead
+/// letter gets a `Nats-Msg-Id` of its own. Nor do `Dlq-*` headers: the dead letter's
+/// are its own, and a re-drive drops them all.
+pub fn goes_on_to_dead_letter(name: &str) -> bool {
+    let has_prefix = |prefix: &str| {
+        name.get(..prefix.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    };
+    !has_prefix("Nats-") && !has_prefix("Dlq-")
+}
+
+/// Whether the DLQ stream refused a dead letter for good, so that publishing the same
+/// copy again would fail again: it exceeds the server's max_payload, or the server
+/// answered the publish with an error. Not so when no answer came (NATS unreachable, no
+/// ack in time) or nothing listens on the subject (no DLQ stream yet).
+pub fn refused_for_good(error: &PublishError) -> bool {
+    match error.kind() {
+        PublishErrorKind::MaxPayloadExceeded
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence => true,
+        PublishErrorKind::Other => {
+            std::error::Error::source(error).is_some_and(|source| source.is::<jetstream::Error>())
+        }
+        _ => false,
+    }
+}
+
+/// The dead letter of one poison message: its headers naming the reason and the origin,
+/// and its `Nats-Msg-Id`, the same for every attempt, so that the DLQ stream keeps one
+/// copy when a message is dead-lettered again (its termination was lost).
+#[derive(Debug, Clone)]
+pub struct DeadLetterCopy {
+    headers: HeaderMap,
+}
+
+impl DeadLetterCopy {
+    /// The dead letter of the message at `stream_sequence` of `stream`.
+    pub fn new(stream: &str, stream_sequence: u64, reason: &DecodeError) -> Self {
+        let mut letter = HeaderMap::new();
+        // The original id must not make JetStream drop this copy as a duplicate.
+        letter.insert(
+            headers::MSG_ID,
+            header_value(&format!("dlq-{stream}-{stream_sequence}")).as_str(),
+        );
+        letter.insert(
+            headers::DLQ_REASON,
+            header_value(&reason.to_string()).as_str(),
+        );
+        letter.insert(headers::DLQ_STREAM, header_value(stream).as_str());
+        letter.insert(
+            headers::DLQ_STREAM_SEQUENCE,
+            stream_sequence.to_string().as_str(),
+        );
+        Self { headers: letter }
+    }
+
+    /// The headers of the copy with the original's headers (but JetStream's, see
+    /// [`goes_on_to_dead_letter`]) and the dead letter's own; its payload is the
+    /// original's.
+    pub fn full(&self, original: Option<&HeaderMap>) -> HeaderMap {
+        let mut copy = HeaderMap::new();
+        for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
+            if !goes_on_to_dead_letter(name.as_ref()) {
+                continue;
+            }
+            for value in values {
+                copy.append(name.clone(), value.clone());
+            }
+        }
+        for (name, values) in self.headers.iter() {
+            for value in values {
+                copy.append(name.clone(), value.clone());
+            }
+        }
+        copy
+    }
+
+    /// The copy that goes when the DLQ stream refused the full one with `refusal`: the
+    /// dead letter's own headers, why, the payload's size, and the payload's first
+    /// [`STRIPPED_PAYLOAD_MAX`] bytes.
+    pub fn stripped(&self, refusal: &str, payload: &Bytes) -> (HeaderMap, Bytes) {
+        let mut copy = self.headers.clone();
+        copy.insert(stripped_headers::STRIPPED, header_value(refusal).as_str());
+        copy.insert(
+            stripped_headers::PAYLOAD_BYTES,
+            payload.len().to_string().as_str(),
+        );
+        (
+            copy,
+            payload.slice(..payload.len().min(STRIPPED_PAYLOAD_MAX)),
+        )
+    }
+}
 
 /// One dead-lettered message as `projector dlq list` shows it.
 #[derive(Debug, Clone)]
@@ -70,6 +209,17 @@ pub async fn redrive(
         .get_raw_message(sequence)
         .await
         .with_context(|| format!("no dead letter at sequence {sequence}"))?;
+    let kept_bytes = message
+        .headers
+        .get(stripped_headers::PAYLOAD_BYTES)
+        .and_then(|value| value.as_str().parse::<usize>().ok());
+    if let Some(original_bytes) = kept_bytes.filter(|bytes| *bytes > message.payload.len()) {
+        bail!(
+            "dead letter {sequence} holds only the first {} of its {original_bytes} bytes; the whole message is in the event stream at its {}",
+            message.payload.len(),
+            headers::DLQ_STREAM_SEQUENCE
+        );
+    }
     let device_id = device_token(&message.subject);
     if device_id == "unknown" {
         bail!(
@@ -105,4 +255,109 @@ pub async fn redrive(
         )
     })?;
     Ok(ack.sequence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_value_has_its_control_characters_escaped_and_is_cut_at_a_character() {
+        assert_eq!(
+            header_value("invalid: event_type telemetry.recorded\r\nX: 1\t\u{1b}"),
+            "invalid: event_type telemetry.recorded\\r\\nX: 1\\t\\u{1b}"
+        );
+        assert_eq!(
+            header_value("plain \"quoted\" text"),
+            "plain \"quoted\" text"
+        );
+        let long = "é".repeat(HEADER_VALUE_MAX);
+        let cut = header_value(&long);
+        assert_eq!(cut.len(), HEADER_VALUE_MAX, "128 two-byte characters");
+        let breaks = "\n".repeat(HEADER_VALUE_MAX);
+        let cut = header_value(&breaks);
+        assert_eq!(cut, "\\n".repeat(HEADER_VALUE_MAX / 2), "no escape split");
+    }
+
+    fn reason() -> DecodeError {
+        DecodeError::Invalid("event_type telemetry.recorded\r\nX: 1".to_owned())
+    }
+
+    #[test]
+    fn a_full_copy_keeps_the_original_headers_but_jetstreams_own() {
+        let mut original = HeaderMap::new();
+        original.insert(headers::MSG_ID, "event-1");
+        original.insert(headers::EVENT_TYPE, "telemetry.recorded");
+        original.insert("Nats-Expected-Stream", "TELEMETRY");
+        original.insert("nats-rollup", "sub");
+        original.insert("Nats-TTL", "1s");
+        original.insert(headers::DLQ_REASON, "forged");
+        let copy = DeadLetterCopy::new("TELEMETRY", 42, &reason()).full(Some(&original));
+        let value = |name: &str| copy.get(name).map(|value| value.as_str().to_owned());
+        assert_eq!(
+            value(headers::EVENT_TYPE).as_deref(),
+            Some("telemetry.recorded")
+        );
+        assert_eq!(value(headers::MSG_ID).as_deref(), Some("dlq-TELEMETRY-42"));
+        for directive in ["Nats-Expected-Stream", "nats-rollup", "Nats-TTL"] {
+            assert_eq!(value(directive), None, "{directive}");
+        }
+        assert_eq!(
+            value(headers::DLQ_REASON).as_deref(),
+            Some("invalid: event_type telemetry.recorded\\r\\nX: 1")
+        );
+        assert_eq!(
+            copy.get_all(headers::DLQ_REASON).count(),
+            1,
+            "the poison's own Dlq-* headers are not kept"
+        );
+        assert_eq!(value(headers::DLQ_STREAM_SEQUENCE).as_deref(), Some("42"));
+        let bare = DeadLetterCopy::new("TELEMETRY", 42, &reason()).full(None);
+        assert_eq!(bare.iter().count(), 4);
+    }
+
+    #[test]
+    fn a_stripped_copy_has_the_dead_letters_headers_why_and_the_payloads_start() {
+        let letter = DeadLetterCopy::new("TELEMETRY", 42, &reason());
+        let payload = Bytes::from(vec![b'x'; 2 * STRIPPED_PAYLOAD_MAX]);
+        let (copy, kept) = letter.stripped("max payload size exceeded", &payload);
+        assert_eq!(kept.len(), STRIPPED_PAYLOAD_MAX);
+        let value = |name: &str| copy.get(name).map(|value| value.as_str().to_owned());
+        assert_eq!(
+            value(stripped_headers::PAYLOAD_BYTES),
+            Some((2 * STRIPPED_PAYLOAD_MAX).to_string())
+        );
+        assert_eq!(
+            value(stripped_headers::STRIPPED).as_deref(),
+            Some("max payload size exceeded")
+        );
+        assert_eq!(value(headers::MSG_ID).as_deref(), Some("dlq-TELEMETRY-42"));
+        let (_, small) = letter.stripped("refused", &Bytes::from_static(b"not json"));
+        assert_eq!(&small[..], b"not json");
+    }
+
+    #[test]
+    fn only_a_servers_refusal_or_an_oversized_copy_is_refused_for_good() {
+        let api_error: jetstream::Error = serde_json::from_str(
+            r#"{"code":400,"err_code":10060,"description":"expected stream does not match"}"#,
+        )
+        .expect("api error");
+        let refused = [
+            PublishError::new(PublishErrorKind::MaxPayloadExceeded),
+            PublishError::with_source(PublishErrorKind::Other, api_error),
+            PublishError::new(PublishErrorKind::WrongLastSequence),
+        ];
+        for error in &refused {
+            assert!(refused_for_good(error), "{error}");
+        }
+        let not_yet = [
+            PublishError::new(PublishErrorKind::TimedOut),
+            PublishError::new(PublishErrorKind::StreamNotFound),
+            PublishError::new(PublishErrorKind::BrokenPipe),
+            PublishError::with_source(PublishErrorKind::Other, "connection closed"),
+        ];
+        for error in &not_yet {
+            assert!(!refused_for_good(error), "{error}");
+        }
+    }
 }

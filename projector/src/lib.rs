@@ -10,7 +10,8 @@
 //! # Layout
 //! - [`consumer`]: the consume loop, acking and dead-lettering.
 //! - [`apply`]: grouping a batch by device and calling `apply.lua`.
-//! - [`dlq`]: listing and re-driving dead letters (`projector dlq`).
+//! - [`dlq`]: building dead letters (headers made safe, a stripped copy when the DLQ
+//!   stream refuses the full one), and listing and re-driving them (`projector dlq`).
 //! - [`eviction`]: whether Redis may evict the read model's keys.
 //! - [`rebuild`]: generations, `projector rebuild`, and healing a lost read model.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.

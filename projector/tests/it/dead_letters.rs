@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use contract::event::headers;
+use projector::dlq::stripped_headers;
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
@@ -289,6 +290,223 @@ async fn a_dead_letter_is_listed_with_its_reason_and_redriven_to_its_live_subjec
             .await
             .is_err(),
         "a dead letter is re-driven once"
+    );
+    projector.stop().await;
+}
+
+/// The dead letters in the test's DLQ stream, by the original stream sequence they name.
+async fn dead_letters_by_origin(
+    jetstream: &async_nats::jetstream::Context,
+    env: &TestEnv,
+) -> std::collections::BTreeMap<u64, async_nats::jetstream::message::StreamMessage> {
+    let dlq = jetstream
+        .get_stream(env.subjects.dlq_stream())
+        .await
+        .expect("dlq stream");
+    let last = dlq.get_info().await.expect("dlq info").state.last_sequence;
+    let mut letters = std::collections::BTreeMap::new();
+    for sequence in 1..=last {
+        let Ok(message) = dlq.get_raw_message(sequence).await else {
+            continue;
+        };
+        let original = message
+            .headers
+            .get(headers::DLQ_STREAM_SEQUENCE)
+            .and_then(|value| value.as_str().parse().ok())
+            .expect("a dead letter names its original sequence");
+        letters.insert(original, message);
+    }
+    letters
+}
+
+/// A header of a dead letter, empty if absent.
+fn header(message: &async_nats::jetstream::message::StreamMessage, name: &str) -> String {
+    message
+        .headers
+        .get(name)
+        .map(|value| value.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// A reason quotes the message's own text (its `event_type`, the character of its
+/// `event_id` that is no UUID's), which may hold a line break, and a NATS header value
+/// cannot: async-nats panics on one. The dead letter goes out with the reason escaped,
+/// and the projector goes on.
+#[tokio::test]
+async fn a_poison_message_whose_reason_quotes_a_line_break_is_dead_lettered_and_the_projector_goes_on(
+) {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = Projector::spawn(&env.settings).await;
+    let base = now_ms() - 60_000;
+    let sound: serde_json::Value =
+        serde_json::from_slice(&event("sensor-1", base, &[("temperature", 1.0)]).to_json())
+            .expect("event json");
+    let mut forged_type = sound.clone();
+    forged_type["event_type"] = "telemetry.recorded\r\nX: 1".into();
+    let mut forged_id = sound;
+    forged_id["event_id"] = "0190a0b0-0000-7000-8000-00000000000\n".into();
+    let poison = [
+        (
+            forged_type,
+            "forged-type",
+            "invalid",
+            "telemetry.recorded\\r\\nX: 1",
+        ),
+        (forged_id, "forged-id", "undecodable", "\\n"),
+    ];
+    let mut sequences = Vec::new();
+    for (payload, message_id, _, _) in &poison {
+        let ack = publish_raw(
+            &jetstream,
+            env.subjects.recorded("sensor-1"),
+            relay_headers(message_id),
+            serde_json::to_vec(payload).expect("json"),
+        )
+        .await;
+        sequences.push(ack.sequence);
+    }
+    let good = event("sensor-1", base + 1, &[("temperature", 21.0)]);
+    let last_sequence = publish(&env, &jetstream, &good).await;
+
+    eventually(CATCH_UP, "the event after the poison", || async {
+        env.device_stats("sensor-1")
+            .await
+            .filter(|stats| stats.sample_count == 1)
+    })
+    .await;
+    let dlq_stream = env.subjects.dlq_stream();
+    eventually(CATCH_UP, "both poison messages dead-lettered", || async {
+        (stream_messages(&jetstream, &dlq_stream).await == 2).then_some(())
+    })
+    .await;
+    let letters = dead_letters_by_origin(&jetstream, &env).await;
+    for ((_, message_id, reason, escaped), sequence) in poison.iter().zip(&sequences) {
+        let letter = &letters[sequence];
+        let written = header(letter, headers::DLQ_REASON);
+        assert!(
+            written.starts_with(reason),
+            "{message_id}: reason {written:?} is not {reason}"
+        );
+        assert!(
+            written.contains(escaped),
+            "{message_id}: the line break is escaped in {written:?}"
+        );
+    }
+    drained(&env, &jetstream, last_sequence).await;
+    // Still running: a later event is projected too.
+    publish(
+        &env,
+        &jetstream,
+        &event("sensor-1", base + 2, &[("temperature", 22.0)]),
+    )
+    .await;
+    eventually(
+        CATCH_UP,
+        "an event published after the dead letters",
+        || async {
+            env.device_stats("sensor-1")
+                .await
+                .filter(|stats| stats.sample_count == 2)
+        },
+    )
+    .await;
+    projector.stop().await;
+}
+
+/// Poison the DLQ stream refuses a plain copy of: one published with a header telling
+/// JetStream which stream must take it (`Nats-Expected-Stream`, the event stream's
+/// name), and one so close to the server's max_payload that the DLQ headers push its
+/// copy over. Each is dead-lettered once, the first whole but for JetStream's publish
+/// directives, the second stripped to the DLQ headers and the start of its payload, and
+/// terminated: not delivered again and again (API.md §6).
+#[tokio::test]
+async fn poison_the_dlq_refuses_a_plain_copy_of_is_dead_lettered_once_and_terminated() {
+    let env = TestEnv::new();
+    let mut settings = env.settings.clone();
+    settings.projector.ack_wait_secs = 1;
+    let jetstream = streams(&env).await;
+    let projector = Projector::spawn(&settings).await;
+
+    let mut expecting_headers = relay_headers("expects-the-event-stream");
+    expecting_headers.insert("Nats-Expected-Stream", env.subjects.stream());
+    let expecting = publish_raw(
+        &jetstream,
+        env.subjects.recorded("sensor-1"),
+        expecting_headers,
+        b"not json".to_vec(),
+    )
+    .await;
+    // The relay's headers take 112 bytes: the message is 38 bytes short of the limit.
+    let max_payload = jetstream.client().server_info().max_payload;
+    let big = vec![b'x'; max_payload - 150];
+    let oversized = publish_raw(
+        &jetstream,
+        env.subjects.recorded("sensor-1"),
+        relay_headers("fills-max-payload"),
+        big.clone(),
+    )
+    .await;
+    let good = event("sensor-1", now_ms() - 1_000, &[("temperature", 21.0)]);
+    let last_sequence = publish(&env, &jetstream, &good).await;
+
+    let dlq_stream = env.subjects.dlq_stream();
+    eventually(CATCH_UP, "both poison messages dead-lettered", || async {
+        (stream_messages(&jetstream, &dlq_stream).await >= 2).then_some(())
+    })
+    .await;
+    let letters = dead_letters_by_origin(&jetstream, &env).await;
+    let whole = &letters[&expecting.sequence];
+    assert!(header(whole, headers::DLQ_REASON).starts_with("undecodable"));
+    assert_eq!(&whole.payload[..], b"not json");
+    assert_eq!(
+        header(whole, "Nats-Expected-Stream"),
+        "",
+        "directive dropped"
+    );
+    assert_eq!(
+        header(whole, headers::EVENT_TYPE),
+        "telemetry.recorded",
+        "the other headers kept"
+    );
+    let stripped = &letters[&oversized.sequence];
+    assert!(header(stripped, headers::DLQ_REASON).starts_with("undecodable"));
+    assert_eq!(
+        header(stripped, stripped_headers::PAYLOAD_BYTES),
+        big.len().to_string()
+    );
+    assert!(
+        header(stripped, stripped_headers::STRIPPED).contains("max payload"),
+        "{:?}",
+        header(stripped, stripped_headers::STRIPPED)
+    );
+    assert!(
+        !stripped.payload.is_empty()
+            && stripped.payload.len() < big.len()
+            && big.starts_with(&stripped.payload),
+        "the start of the payload, {} bytes",
+        stripped.payload.len()
+    );
+
+    // Terminated, not left to be redelivered, and dead-lettered once: still so after
+    // two (1 s) ack waits. Only waiting can show an absence.
+    drained(&env, &jetstream, last_sequence).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let info = consumer_info(&env, &jetstream).await;
+    assert_eq!(info.num_redelivered, 0, "no poison message came back");
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(stream_messages(&jetstream, &dlq_stream).await, 2);
+    assert_eq!(
+        env.device_stats("sensor-1")
+            .await
+            .map(|stats| stats.sample_count),
+        Some(1)
+    );
+    assert!(
+        projector::dlq::redrive(&jetstream, &env.subjects, stripped.sequence)
+            .await
+            .is_err(),
+        "a stripped dead letter is not re-driven: its payload is cut"
     );
     projector.stop().await;
 }
