@@ -4,7 +4,11 @@
 //! A rebuild (the `projector rebuild` command, or a projector that finds the read model
 //! gone, e.g. after a Redis restart without persistence):
 //! 1. takes the rebuild lock (one rebuild at a time, refreshed while it runs);
-//! 2. names a new generation and sets it as `building` in the meta hash — from then on
+//! 2. names a new generation (past the live one and past any a failed rebuild left in
+//!    `building`) and sets it as `building` in the meta hash; only then does it delete
+//!    the abandoned generation's keys, so that no live projector writes to it after
+//!    their deletion (a generation's keys are deleted only once the meta hash no longer
+//!    names it: device hashes and index keys never expire). From then on
 //!    every live projector applies each batch to the live generation *and* to the one
 //!    being built. A live projector applies its batches with the generations it read
 //!    last, and every script call checks in Redis, atomically with its writes, that the
@@ -175,13 +179,17 @@ impl Rebuild {
         let mut redis = self.redis.clone();
         let prefix = &self.read_model.prefix;
         let before = Generations::read(&mut redis, prefix).await?;
-        if let Some(abandoned) = before.building {
-            // A rebuild that lost its lock (its process died) left this half-built.
-            delete_generation(&mut redis, prefix, abandoned).await?;
-        }
         let replaced = before.current.or(before.outdated);
+        // A rebuild that failed or lost its lock (its process died) left this half-built.
+        let abandoned = before
+            .building
+            .filter(|abandoned| Some(*abandoned) != replaced);
         let now_ms = unix_millis(OffsetDateTime::now_utc()).max(0) as u64;
-        let generation = now_ms.max(replaced.map_or(0, |old| old + 1));
+        // Past both: the abandoned generation's keys are deleted while this one is built.
+        let generation = [replaced, abandoned]
+            .into_iter()
+            .flatten()
+            .fold(now_ms, |generation, old| generation.max(old + 1));
         let stream = self
             .jetstream
             .get_stream(self.subjects.stream())
@@ -196,6 +204,14 @@ impl Rebuild {
             .arg(generation)
             .query_async(&mut redis)
             .await?;
+        if let Some(abandoned) = abandoned {
+            // Only now that `building` names another generation: live projectors write to
+            // the abandoned one as long as it names that one, and a key written after its
+            // deletion would stay for good. From here on each of their calls that still
+            // names it writes nothing (guard.lua), and the keys of the calls before are
+            // there when the deletion's SCAN begins.
+            delete_generation(&mut redis, prefix, abandoned).await?;
+        }
         tracing::info!(generation, "rebuilding the read model from the stream");
         let replayed = self
             .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)

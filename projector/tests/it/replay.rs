@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use contract::event::TelemetryRecorded;
 use contract::read_model::{generation_pattern, meta, meta_key};
-use projector::rebuild::RebuildError;
+use projector::apply::{AsOf, Delivered};
+use projector::rebuild::{Generations, RebuildError};
 use testkit::{assert_same_figures, eventually, PrivateNats, Sums, TestEnv};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    drained, event, figures, now_ms, private_env, publish_many, reference, stream_messages,
-    Projector,
+    connection, direct_read_model, drained, event, figures, now_ms, private_env, publish_many,
+    reference, stream_messages, streams, Projector,
 };
 
 /// Enough events that the replay is still reading when the server is frozen: the
@@ -106,6 +107,83 @@ async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_
     assert_eq!(env.generation().await, Some(generation));
     assert_read_model_holds(&env, &events).await;
     projector.stop().await;
+}
+
+/// A rebuild that failed left `building` naming its generation, which live projectors go
+/// on writing to as long as it does. The next rebuild deletes that generation's keys;
+/// a live projector's write that lands after their deletion must not bring any of them
+/// back for good (device hashes and index keys never expire). Here a live projector
+/// writes to the abandoned generation without a pause until its call finds the
+/// generations changed, while the next rebuild runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
+    const ABANDONED: u64 = 7;
+    let env = TestEnv::new();
+    streams(&env).await;
+    env.set_live_generation(5).await;
+    env.set_building(Some(ABANDONED)).await;
+    let mut redis = connection(&env).await;
+    let generations = Generations::read(&mut redis, &env.settings.redis.prefix)
+        .await
+        .expect("meta read");
+    assert_eq!(generations.targets(), [5, ABANDONED]);
+
+    // A live projector that read the generations while the failed build was running.
+    let model = direct_read_model(&env);
+    let writes = tokio::spawn(async move {
+        let mut applied = 0u64;
+        loop {
+            let batch = [Delivered {
+                event: event(
+                    &format!("sensor-{}", applied % 10),
+                    now_ms(),
+                    &[("temperature", applied as f64)],
+                ),
+                stream_sequence: applied + 1,
+            }];
+            match model
+                .apply_as_of(&mut redis, &generations, &batch, now_ms())
+                .await
+                .expect("apply")
+            {
+                AsOf::Applied(_) => applied += 1,
+                // It would read the generations again: no longer the abandoned one.
+                AsOf::Stale { .. } => return applied,
+            }
+        }
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the abandoned build written to",
+        || async {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(generation_pattern(&env.settings.redis.prefix, ABANDONED))
+                .query_async(&mut env.redis().await)
+                .await
+                .ok()?;
+            (!keys.is_empty()).then_some(())
+        },
+    )
+    .await;
+
+    let generation = start_rebuild(&env)
+        .await
+        .await
+        .expect("the rebuild task did not panic")
+        .expect("the rebuild succeeded");
+    let applied = writes.await.expect("the writes did not panic");
+    assert!(applied > 0);
+    assert_eq!(env.generation().await, Some(generation));
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(generation_pattern(&env.settings.redis.prefix, ABANDONED))
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("keys listed");
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "keys of the abandoned build left behind ({applied} batches written to it)"
+    );
 }
 
 /// `count` events an hour old, spread over [`DEVICES`] devices, each with its message id.
