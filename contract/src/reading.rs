@@ -177,8 +177,30 @@ pub struct Reading {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Invalid {
     pub errors: Vec<FieldError>,
+    /// How many rules are broken: one for each entry of `errors`, but the entry that
+    /// counts the bad metrics past the first [`METRIC_ERRORS_LISTED`] stands for them all.
+    pub broken: usize,
     /// The reading, when nothing but its age is wrong with it.
     pub aged: Option<Reading>,
+}
+
+impl Invalid {
+    /// A body that breaks one rule, told by `error`.
+    pub fn one(error: FieldError) -> Self {
+        Self {
+            errors: vec![error],
+            broken: 1,
+            aged: None,
+        }
+    }
+
+    /// The problem's `detail`: how many rules are broken.
+    pub fn summary(&self) -> String {
+        match self.broken {
+            1 => "1 rule broken".to_owned(),
+            broken => format!("{broken} rules broken"),
+        }
+    }
 }
 
 impl ReadingBody {
@@ -264,6 +286,7 @@ impl ReadingBody {
                 errors.push(error);
             }
         }
+        let broken = errors.len() + metric_errors.saturating_sub(METRIC_ERRORS_LISTED);
         if metric_errors > METRIC_ERRORS_LISTED {
             errors.push(FieldError::new(
                 "metrics",
@@ -283,7 +306,11 @@ impl ReadingBody {
                     recorded_at: Some(instant),
                     metrics,
                 });
-            return Err(Invalid { errors, aged });
+            return Err(Invalid {
+                errors,
+                broken,
+                aged,
+            });
         }
         Ok(Reading {
             device_id: self.device_id,
@@ -483,6 +510,18 @@ mod tests {
             "the last entry says how many were left out: {}",
             last.message
         );
+        let invalid = bad_metric_names(5_000)
+            .validate_reporting_aged(now(), bounds())
+            .expect_err("invalid");
+        assert_eq!(
+            invalid.summary(),
+            "5001 rules broken",
+            "the count rule and every bad metric, listed or not"
+        );
+        let one = bad_metric_names(1)
+            .validate_reporting_aged(now(), bounds())
+            .expect_err("invalid");
+        assert_eq!(one.summary(), "1 rule broken");
     }
 
     #[test]

@@ -97,10 +97,10 @@ async fn handle(
     let batch: BatchBody =
         serde_json::from_slice(&bytes).map_err(|error| ApiError::InvalidJson(error.to_string()))?;
     if batch.readings.is_empty() || batch.readings.len() > BATCH_MAX {
-        return Err(ApiError::InvalidReading(vec![FieldError::new(
+        return Err(ApiError::InvalidReading(Invalid::one(FieldError::new(
             "readings",
             format!("must hold 1 to {BATCH_MAX} readings"),
-        )]));
+        ))));
     }
     let received_at = OffsetDateTime::now_utc();
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(batch.readings.len());
@@ -186,8 +186,8 @@ struct Aged {
     idempotency_key: String,
     /// The reading as it was while it was young.
     reading: Reading,
-    /// The age rule's error, its answer when its key does not hold this reading.
-    errors: Vec<FieldError>,
+    /// The age rule broken, its answer when its key does not hold this reading.
+    invalid: Invalid,
 }
 
 /// The results of the items that are invalid only for their age, by index: `duplicate`
@@ -224,7 +224,7 @@ async fn answer_aged(
                 }
                 _ => ItemResult::Rejected {
                     index,
-                    error: invalid_reading(item.errors),
+                    error: invalid_reading(item.invalid),
                 },
             };
             (index, result)
@@ -252,27 +252,26 @@ fn prepare(
     })?;
     let reading = match body.validate_reporting_aged(received_at, state.time_bounds) {
         Ok(reading) => reading,
-        Err(Invalid {
-            errors,
-            aged: Some(reading),
-        }) => {
-            return Ok(Prepared::Aged(Aged {
-                idempotency_key: key,
-                reading,
-                errors,
-            }))
-        }
-        Err(invalid) => return Err(invalid_reading(invalid.errors)),
+        Err(mut invalid) => match invalid.aged.take() {
+            Some(reading) => {
+                return Ok(Prepared::Aged(Aged {
+                    idempotency_key: key,
+                    reading,
+                    invalid,
+                }))
+            }
+            None => return Err(invalid_reading(invalid)),
+        },
     };
     admit(state, grant, &reading.device_id)?;
     Ok(Prepared::Valid(NewReading::new(reading, key, received_at)))
 }
 
 /// The error of an item that breaks the rules of a reading.
-fn invalid_reading(errors: Vec<FieldError>) -> ItemError {
+fn invalid_reading(invalid: Invalid) -> ItemError {
     ItemError::new(
         ProblemKind::InvalidReading,
-        format!("{} rule(s) broken", errors.len()),
-        errors,
+        invalid.summary(),
+        invalid.errors,
     )
 }

@@ -3,7 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
-use contract::reading::FieldError;
+use contract::reading::Invalid;
 
 use crate::auth::AuthError;
 
@@ -19,7 +19,7 @@ pub enum ApiError {
     #[error("invalid json: {0}")]
     InvalidJson(String),
     #[error("invalid reading")]
-    InvalidReading(Vec<FieldError>),
+    InvalidReading(Invalid),
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
     #[error("idempotency key in use by a concurrent request")]
@@ -81,11 +81,11 @@ impl ApiError {
                 format!("the body may be at most {limit} bytes"),
             ),
             Self::InvalidJson(detail) => Problem::new(ProblemKind::InvalidJson, detail.clone()),
-            Self::InvalidReading(errors) => Problem::new(
+            Self::InvalidReading(invalid) => Problem::new(
                 ProblemKind::InvalidReading,
-                format!("{} rule(s) broken, see errors", errors.len()),
+                format!("{}, see errors", invalid.summary()),
             )
-            .with_errors(errors.clone()),
+            .with_errors(invalid.errors.clone()),
             Self::IdempotencyKeyReused => Problem::new(
                 ProblemKind::IdempotencyKeyReused,
                 "this Idempotency-Key was already used for a different reading of this device; use a new key for a new reading",

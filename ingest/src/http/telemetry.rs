@@ -66,11 +66,11 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
 async fn replay_of_aged(
     state: &AppState,
     grant: Option<&Grant>,
-    invalid: Invalid,
+    mut invalid: Invalid,
     idempotency_key: &str,
 ) -> Result<Outcome, ApiError> {
-    let Some(reading) = invalid.aged else {
-        return Err(ApiError::InvalidReading(invalid.errors));
+    let Some(reading) = invalid.aged.take() else {
+        return Err(ApiError::InvalidReading(invalid));
     };
     let replays = state
         .store
@@ -78,7 +78,7 @@ async fn replay_of_aged(
         .await
         .map_err(store_error)?;
     let Some(replay) = replays.into_iter().flatten().next() else {
-        return Err(ApiError::InvalidReading(invalid.errors));
+        return Err(ApiError::InvalidReading(invalid));
     };
     admit(state, grant, &reading.device_id)?;
     Ok(replay)
