@@ -208,6 +208,12 @@ pub const CONCURRENCY_MAX: u64 = 10_000;
 /// Most readings, rows or connections any other count may be.
 pub const SIZE_MAX: u64 = 1_000_000;
 
+/// Most readings in one group commit. Its statement carries each reading whole, up to
+/// about 6.5 KB of the largest valid one, and PostgreSQL refuses a protocol message or
+/// an array over 1 GB: past about 160,000 such readings every commit of that size
+/// failed whole, and the retries made it again.
+pub const GROUP_MAX: u64 = 10_000;
+
 /// Smallest limit `ingest.max_body_bytes` and `ingest.max_batch_body_bytes` may have.
 ///
 /// The largest valid reading (a 64-character device id, 32 metrics of 64-character names,
@@ -411,7 +417,8 @@ impl Settings {
     /// tokio's semaphore at start, a pool of 10^12 connections aborted asking for 224 TB,
     /// and `u64::MAX` relay rounds ran the relay out of memory. Concurrency (connections,
     /// commits, rounds, batches in flight) and the projector's batch, whose room is set
-    /// aside in full for every batch, stop at [`CONCURRENCY_MAX`]; sizes at [`SIZE_MAX`].
+    /// aside in full for every batch, stop at [`CONCURRENCY_MAX`], the group commit at
+    /// [`GROUP_MAX`], the other sizes at [`SIZE_MAX`].
     fn counts(&self) -> [(&'static str, u64, u64); 12] {
         let count = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
         let rows = |value: i64| u64::try_from(value).unwrap_or(0);
@@ -449,7 +456,7 @@ impl Settings {
             (
                 "ingest.commit_batch_max",
                 count(self.ingest.commit_batch_max),
-                SIZE_MAX,
+                GROUP_MAX,
             ),
             (
                 "ingest.commit_parallel_min",
