@@ -26,7 +26,13 @@
 //! and commits are claimed by another right away. With `round_interval_ms` set (0 by
 //! default) rounds under load are spaced that far apart so that each gathers more rows
 //! ([`crate::pacing`]). It never exits because PostgreSQL or NATS is down: it backs off
-//! and tries again.
+//! and tries again. While NATS is not connected it starts no round, and a round stops
+//! publishing once NATS is disconnected or a stop is asked for: the async-nats client
+//! queues publishes while it reconnects and sends them after the reconnect, however late,
+//! and a full queue holds each further publish for 5 s. Its JetStream context has an ack
+//! permit for every row of every round in flight, twice over (`ack_permits`): a publish
+//! waits for a permit, and with async-nats's default of 5,000 rounds of more rows between
+//! them waited for each other for good.
 //!
 //! Between rounds it checks that the stream still holds what it published and
 //! republishes what a NATS host crash lost (the module `stream_check`). Its PostgreSQL sessions
@@ -43,6 +49,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use contract::event::{headers, EVENT_TYPE, VERSION};
 use contract::settings::{NatsSettings, Settings};
@@ -211,7 +218,16 @@ impl Relay {
     fn new(settings: &Settings, pool: Pool, client: async_nats::Client) -> anyhow::Result<Self> {
         Ok(Self {
             pool,
-            jetstream: jetstream::new(client),
+            // A publish waits for a permit that its PubAck (awaited or given up) returns;
+            // async-nats has 5,000 by default, and rounds whose publishes need more than
+            // that between them waited for each other's permits for good.
+            jetstream: jetstream::ContextBuilder::new()
+                .max_ack_inflight(ack_permits(
+                    settings.relay.batch_size,
+                    settings.relay.rounds_in_flight,
+                ))
+                .ack_timeout(ACK_DEADLINE)
+                .build(client),
             nats: settings.nats.clone(),
             listen_config: db::pg_config(&settings.database)?,
             subjects: Subjects::for_stream(&settings.nats.stream),
@@ -234,8 +250,10 @@ impl Relay {
         })
     }
 
-    /// Relays until `shutdown`. A round in progress finishes first, except that while
-    /// NATS is not connected it hands back the rows whose acks are missing at once.
+    /// Relays until `shutdown`. A round in progress publishes no more of its rows, awaits
+    /// the acks of those it published (at most until its `ACK_DEADLINE`, not at all while
+    /// NATS is not connected: they cannot come before the process ends), marks the
+    /// acknowledged rows and hands the rest back to the outbox.
     pub async fn run(&self, shutdown: CancellationToken) {
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen_for_inserts(
@@ -274,6 +292,13 @@ impl Relay {
         let mut collided: Vec<i64> = Vec::new();
         let mut connects_seen = self.connects();
         while !shutdown.is_cancelled() {
+            // No round while NATS is not connected: its publishes would only fill the
+            // client's queue, to be sent after the reconnect whether or not the round
+            // still waits for them, and a full queue holds each further publish for
+            // async-nats's send timeout (5 s).
+            if !self.nats_connected_or_stopping(shutdown).await {
+                break;
+            }
             // A reconnect may be to a NATS server that restarted with less than it had:
             // check before publishing more.
             let connects = self.connects();
@@ -281,9 +306,15 @@ impl Relay {
                 connects_seen = connects;
                 stream_check_due = true;
             }
-            let nats_connected = bootstrap::nats_connected(&self.jetstream.client());
-            if nats_connected && (stream_check_due || self.periodic_stream_check_due()) {
-                match self.check_stream(&collided).await {
+            if stream_check_due || self.periodic_stream_check_due() {
+                // A stop while NATS is gone does not wait for the check's requests, which
+                // cannot be answered before the process ends (nor do the rounds' acks);
+                // a repair cut short is rolled back with its transaction.
+                let checked = tokio::select! {
+                    checked = self.check_stream(&collided) => checked,
+                    () = self.stopping_while_disconnected(shutdown) => break,
+                };
+                match checked {
                     Ok(_) => {
                         stream_check_due = false;
                         collided.clear();
@@ -421,8 +452,25 @@ impl Relay {
     ) -> anyhow::Result<usize> {
         let started = Instant::now();
         let connects_before = self.connects();
+        let client = self.jetstream.client();
+        // The rows are published in order, and only while NATS is connected and no stop
+        // is asked for. Those left out are not marked: the round's commit (or its end)
+        // hands them back to the outbox for a later round, as it does those whose acks
+        // do not come.
         let mut acks = Vec::with_capacity(rows.len());
+        let mut left_out = None;
         for row in &rows {
+            if shutdown.is_cancelled() {
+                left_out = Some("the relay is stopping");
+                break;
+            }
+            // A publish given to the client while it is not connected waits in its
+            // queue and goes out after the reconnect, whenever that is, although this
+            // round may have given the row back by then and another relay published it.
+            if !bootstrap::nats_connected(&client) {
+                left_out = Some("NATS is not connected");
+                break;
+            }
             let event_id: Uuid = row.get(1);
             let device_id: &str = row.get(2);
             let payload: Vec<u8> = row.get(3);
@@ -431,15 +479,45 @@ impl Relay {
             message_headers.insert(headers::CONTENT_TYPE, "application/json");
             message_headers.insert(headers::EVENT_TYPE, EVENT_TYPE);
             message_headers.insert(headers::EVENT_VERSION, VERSION.to_string().as_str());
-            let ack = self
-                .jetstream
-                .publish_with_headers(
-                    self.subjects.recorded(device_id),
-                    message_headers,
-                    payload.into(),
-                )
-                .await;
+            let publish = self.jetstream.publish_with_headers(
+                self.subjects.recorded(device_id),
+                message_headers,
+                payload.into(),
+            );
+            // A publish is ready at once unless it waits for an ack permit or for room in
+            // the client's queue, which the client empties only while connected: that
+            // wait gives way to a stop or a disconnect (a publish dropped while it waits
+            // was not queued, so it is not sent).
+            let ack = tokio::select! {
+                biased;
+                ack = publish => ack,
+                _ = shutdown.cancelled() => {
+                    left_out = Some("the relay is stopping");
+                    break;
+                }
+                () = self.disconnected() => {
+                    left_out = Some("NATS is not connected");
+                    break;
+                }
+            };
+            // The client's queue stayed full for its send timeout (5 s): NATS does not
+            // take what is written to it, and the rest would each wait as long.
+            let queue_stuck =
+                matches!(&ack, Err(error) if error.kind() == PublishErrorKind::TimedOut);
             acks.push(ack);
+            if queue_stuck {
+                left_out = Some("a publish waited out its send timeout");
+                break;
+            }
+        }
+        let published = acks.len();
+        if let Some(reason) = left_out {
+            tracing::info!(
+                published,
+                claimed = rows.len(),
+                reason,
+                "publishing the round stopped early; the rest stays in the outbox"
+            );
         }
         let mut published_ids = Vec::with_capacity(rows.len());
         let mut sequences = Vec::with_capacity(rows.len());
@@ -480,21 +558,21 @@ impl Relay {
             () = self.reconnected_since(connects_before) => {
                 tracing::warn!(
                     acknowledged = published_ids.len(),
-                    published = rows.len(),
+                    published,
                     "NATS reconnected while the round awaited its acks; publishing the rest again"
                 );
             }
             () = tokio::time::sleep(ACK_DEADLINE) => {
                 tracing::warn!(
                     acknowledged = published_ids.len(),
-                    published = rows.len(),
+                    published,
                     "acks still missing at the round's deadline; publishing the rest again"
                 );
             }
             () = self.stopping_while_disconnected(shutdown) => {
                 tracing::info!(
                     acknowledged = published_ids.len(),
-                    published = rows.len(),
+                    published,
                     "stopping while NATS is not connected; the unacknowledged rows stay in the outbox"
                 );
             }
@@ -545,15 +623,38 @@ impl Relay {
         tokio::time::sleep(ACK_GRACE_AFTER_RECONNECT).await;
     }
 
+    /// Waits until the NATS client is connected; false if a stop came first.
+    async fn nats_connected_or_stopping(&self, shutdown: &CancellationToken) -> bool {
+        let client = self.jetstream.client();
+        let mut waited = false;
+        while !bootstrap::nats_connected(&client) {
+            if !waited {
+                waited = true;
+                tracing::debug!("NATS not connected, waiting for it before the next round");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(RECONNECT_POLL) => {}
+            }
+        }
+        !shutdown.is_cancelled()
+    }
+
+    /// Ends once the NATS client is not connected.
+    async fn disconnected(&self) {
+        let client = self.jetstream.client();
+        while bootstrap::nats_connected(&client) {
+            tokio::time::sleep(RECONNECT_POLL).await;
+        }
+    }
+
     /// Ends once a stop is asked for while NATS is not connected. The acks a round still
     /// awaits then cannot come before the process ends (the client's buffered publishes
     /// die with it), so the round hands their rows back rather than wait out
     /// `ACK_DEADLINE`. While NATS is connected, the round waits for its acks as usual.
     async fn stopping_while_disconnected(&self, shutdown: &CancellationToken) {
         shutdown.cancelled().await;
-        while bootstrap::nats_connected(&self.jetstream.client()) {
-            tokio::time::sleep(RECONNECT_POLL).await;
-        }
+        self.disconnected().await;
     }
 
     /// Publishes the outbox backlog (rows and age of the oldest) and the stream's last
@@ -726,6 +827,22 @@ const RECONNECT_POLL: Duration = Duration::from_millis(100);
 /// client buffered while disconnected and sent on the new connection come within it.
 const ACK_GRACE_AFTER_RECONNECT: Duration = Duration::from_millis(500);
 
+/// How many publishes may await their PubAcks at once: every row of every round in
+/// flight, twice over. async-nats takes one permit per publish (waiting for one when
+/// none is left) and returns it when the PubAck is awaited, or, for an ack a round gave
+/// up on, when it comes or `ACK_DEADLINE` after the give-up (the context's ack timeout),
+/// so the second set keeps the rounds after a give-up from waiting for those. A round
+/// publishes all its rows before it awaits an ack: with fewer permits than the rounds
+/// in flight publish between them (its default is 5,000, less than 2 rounds of 3,000),
+/// each waited for a permit that only another's acks would return, for good.
+fn ack_permits(batch_size: i64, rounds_in_flight: usize) -> usize {
+    let batch = usize::try_from(batch_size).unwrap_or(0).max(1);
+    batch
+        .saturating_mul(rounds_in_flight.max(1))
+        .saturating_mul(2)
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
+}
+
 /// Claims the oldest unpublished rows; other relays skip them until this round ends.
 const CLAIM: &str = "SELECT id, event_id, device_id, payload FROM outbox
     WHERE published_at IS NULL AND id >= $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
@@ -855,5 +972,22 @@ async fn listen_for_inserts(
             Err(error) => tracing::debug!(%error, "listen connection failed"),
         }
         backoff.sleep(&shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_row_of_every_round_in_flight_has_an_ack_permit_twice_over() {
+        assert_eq!(ack_permits(3_000, 2), 12_000);
+        assert_eq!(ack_permits(1_000, 0), 2_000, "one round at least");
+        assert_eq!(ack_permits(-1, 2), 4, "one row at least");
+        assert_eq!(
+            ack_permits(i64::MAX, usize::MAX),
+            tokio::sync::Semaphore::MAX_PERMITS,
+            "no more than a semaphore holds"
+        );
     }
 }

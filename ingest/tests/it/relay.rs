@@ -620,3 +620,67 @@ async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
     relay.stop().await;
     ingest.stop().await;
 }
+
+/// Posts `batches` batches of `per_batch` readings over 100 devices, keys
+/// `<prefix>-<batch>-<item>` (with the rate limit off, as [`TestEnv`] has it).
+pub async fn post_batches(ingest: &Ingest, prefix: &str, batches: usize, per_batch: usize) {
+    for batch in 0..batches {
+        let readings: Vec<Value> = (0..per_batch)
+            .map(|item| {
+                serde_json::json!({
+                    "idempotency_key": format!("{prefix}-{batch}-{item}"),
+                    "device_id": format!("sensor-{}", item % 100),
+                    "metrics": {"temperature": item as f64},
+                })
+            })
+            .collect();
+        let response = ingest
+            .post_batch(&serde_json::json!({ "readings": readings }))
+            .await;
+        assert_eq!(response.status().as_u16(), 200);
+        let answer: Value = response.json().await.expect("json");
+        assert_eq!(answer["accepted"], per_batch, "batch {batch}: {answer}");
+    }
+}
+
+/// async-nats gives a JetStream context 5,000 ack permits unless told otherwise, and a
+/// publish waits for one, which the PubAck returns when it is awaited; a round publishes
+/// all its rows before it awaits an ack. Rounds that publish more than 5,000 rows between
+/// them (`batch_size` × `rounds_in_flight`) could each hold part of the permits and wait
+/// for the rest for good: nothing was marked again, `/readyz` stayed 200 and a stop was
+/// never heard. A round of more than 5,000 rows does so by itself, every time.
+#[tokio::test]
+async fn rounds_that_publish_more_than_5000_rows_before_their_acks_relay_every_row() {
+    // Two rounds claiming side by side split the rows they find between them: more
+    // than twice a round's rows, so that each claims a full one.
+    const BATCHES: usize = 13;
+    const PER_BATCH: usize = 1_000;
+    const ROWS: i64 = (BATCHES * PER_BATCH) as i64;
+    let mut env = TestEnv::new();
+    env.settings.ingest.rate_limit_per_second = 0;
+    env.settings.relay.batch_size = 6_000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    // Before the relay starts: its first rounds are full.
+    post_batches(&ingest, "k", BATCHES, PER_BATCH).await;
+    let relay = spawn_relay(&env.settings);
+    let db = env.postgres().await;
+    wait_for_counts(
+        &db,
+        Duration::from_secs(30),
+        "every row marked published",
+        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        &[ROWS, 0],
+    )
+    .await;
+    let jetstream = env.jetstream().await;
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        Some(ROWS as u64),
+        "one message per row"
+    );
+    relay
+        .stop_within(Duration::from_secs(3), "the relay after its rounds")
+        .await;
+    ingest.stop().await;
+}

@@ -13,7 +13,10 @@ use testkit::process::{service_command, signal, terminate};
 use testkit::{eventually, PrivateNats, Running, TestEnv};
 use uuid::Uuid;
 
-use crate::relay::{spawn_relay, spawn_relay_with_admin, stall_marking, wait_for_stream_messages};
+use crate::relay::{
+    post_batches, spawn_relay, spawn_relay_with_admin, stall_marking, stream_messages,
+    wait_for_stream_messages,
+};
 use crate::support::{migrate, reading, wait_for_counts, Ingest};
 
 /// A relay process killed (after a SIGCONT, in case it is stopped) if the test fails.
@@ -579,17 +582,40 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     ingest.stop().await;
 }
 
+/// Retries the relay at `admin_url` counts: outbox rows its rounds handed back.
+async fn relay_retries(http: &reqwest::Client, admin_url: &str) -> Option<f64> {
+    let scrape = testkit::prometheus::scrape(http, &format!("{admin_url}/metrics")).await?;
+    Some(scrape.value_or_zero("relay_retries_total", &[]))
+}
+
+/// Waits until every unpublished outbox row is locked by a relay's round.
+async fn wait_until_a_round_holds_every_unpublished_row(db: &tokio_postgres::Client, what: &str) {
+    wait_for_counts(
+        db,
+        Duration::from_secs(10),
+        what,
+        "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
+         FOR UPDATE SKIP LOCKED) AS free",
+        &[0],
+    )
+    .await;
+}
+
 /// NATS gone while a round awaits its acks: async-nats times each ack out 5 s after it
 /// is awaited, one after another, so a round of 50 rows would hold them (and a shutdown)
 /// for minutes. The round gives its missing acks up together after the ack deadline
-/// (5 s); a stop while NATS is still gone hands the rows back at once rather than wait
-/// for the deadline; and another relay publishes every row once NATS is back.
+/// (5 s), and a stop while NATS is gone hands the rows back at once rather than wait
+/// for the deadline; another relay publishes every row once NATS is back. The rounds
+/// start while NATS is frozen (connected, reading nothing): a relay starts none while
+/// NATS is not connected.
 #[tokio::test]
 async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_on_a_stop() {
     const BATCH: usize = 50;
     let mut nats = PrivateNats::start();
     let mut env = TestEnv::new();
     env.settings.nats.url = nats.url();
+    // No periodic stream check: it would wait for the frozen server before the round.
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
     migrate(&env).await;
     // The relay first, so that its `/metrics` is the process's recorder.
     let (relay, relay_admin) = spawn_relay_with_admin(&env.settings);
@@ -598,61 +624,37 @@ async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_
     let stream = env.subjects.stream().to_owned();
     ingest.accept("before", &reading("sensor-1", 0.0)).await;
     wait_for_stream_messages(&jetstream, &stream, 1).await;
-
-    nats.kill();
-    // One batch commits its rows together, so one round claims them all.
-    let readings: Vec<serde_json::Value> = (0..BATCH)
-        .map(|index| {
-            serde_json::json!({
-                "idempotency_key": format!("k-{index}"),
-                "device_id": "sensor-1",
-                "metrics": {"temperature": index}
-            })
-        })
-        .collect();
-    let response = ingest
-        .post_batch(&serde_json::json!({ "readings": readings }))
-        .await;
-    assert_eq!(response.status(), 200);
     let db = env.postgres().await;
-    let every_row_held = || async {
-        let free: i64 = db
-            .query_one(
-                "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE published_at IS NULL
-                 FOR UPDATE SKIP LOCKED) AS free",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (free == 0).then_some(())
-    };
-    eventually(
-        Duration::from_secs(10),
-        "a round holding every new row",
-        every_row_held,
-    )
-    .await;
+    // One batch commits its rows together, so one round claims them all.
+    nats.freeze();
+    post_batches(&ingest, "deadline", 1, BATCH).await;
+    wait_until_a_round_holds_every_unpublished_row(&db, "a round holding the first batch").await;
+    nats.kill();
     // Handed back together at the round's deadline, not one ack timeout after another.
     let http = reqwest::Client::new();
-    let metrics = format!("{relay_admin}/metrics");
     eventually(
         Duration::from_secs(8),
         "the round handing its 50 rows back at its ack deadline",
-        || async {
-            let scrape = testkit::prometheus::scrape(&http, &metrics).await?;
-            (scrape.value_or_zero("relay_retries_total", &[]) >= BATCH as f64).then_some(())
-        },
+        || async { (relay_retries(&http, &relay_admin).await? >= BATCH as f64).then_some(()) },
     )
     .await;
-    // A later round claims them again; a stop while NATS is still gone hands them back
-    // rather than wait for that round's deadline.
-    eventually(
-        Duration::from_secs(10),
-        "a later round holding every row again",
-        every_row_held,
+
+    // NATS back: the relay publishes them.
+    nats.restart();
+    wait_for_counts(
+        &db,
+        Duration::from_secs(20),
+        "the first batch marked published",
+        "SELECT count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        &[0],
     )
     .await;
+    // A stop while NATS is gone under a round awaiting its acks hands the rows back
+    // rather than wait for the round's deadline.
+    nats.freeze();
+    post_batches(&ingest, "stop", 1, BATCH).await;
+    wait_until_a_round_holds_every_unpublished_row(&db, "a round holding the second batch").await;
+    nats.kill();
     relay
         .stop_within(
             Duration::from_secs(2),
@@ -662,16 +664,69 @@ async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_
 
     nats.restart();
     let relay = spawn_relay(&env.settings);
-    wait_for_stream_messages(&jetstream, &stream, 1 + BATCH as u64).await;
+    let rows = 1 + 2 * BATCH as i64;
+    wait_for_stream_messages(&jetstream, &stream, rows as u64).await;
     wait_for_counts(
         &db,
         Duration::from_secs(20),
         "every row marked published",
         "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
                 count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        &[1 + BATCH as i64, 0],
+        &[rows, 0],
     )
     .await;
+    relay.stop().await;
+    ingest.stop().await;
+}
+
+/// NATS gone before any row of a backlog was claimed. A relay that started rounds
+/// anyway queued their publishes in its async-nats client (sent after the reconnect,
+/// however late, though the rounds had given the rows back at their ack deadline) until
+/// its queue (2,048) was full, and then waited out the client's 5 s send timeout for
+/// each further publish, where no stop is heard: a stop took up to 952 times 5 s. It
+/// starts no round while NATS is not connected, so it stops at once, and once NATS is
+/// back every row is published once.
+#[tokio::test]
+async fn a_relay_whose_nats_is_gone_starts_no_round_and_stops_at_once() {
+    const BATCHES: usize = 2;
+    const PER_BATCH: usize = 1_000;
+    let mut nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    env.settings.ingest.rate_limit_per_second = 0;
+    migrate(&env).await;
+    // The relay first, so that its `/metrics` is the process's recorder.
+    let (relay, relay_admin) = spawn_relay_with_admin(&env.settings);
+    let ingest = Ingest::spawn(&env.settings).await;
+    testkit::settled_readiness(&relay_admin, None).await;
+    nats.kill();
+    testkit::settled_readiness(&relay_admin, Some("nats")).await;
+    post_batches(&ingest, "gone", BATCHES, PER_BATCH).await;
+    // A duration that must pass: by now a relay that starts rounds while NATS is gone
+    // has given up two rounds' acks (at their 5 s deadline), filled its client's queue
+    // with them and waits in a publish of the next.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let http = reqwest::Client::new();
+    let retries = relay_retries(&http, &relay_admin).await;
+    relay
+        .stop_within(Duration::from_secs(3), "the relay while NATS is gone")
+        .await;
+    assert_eq!(
+        retries,
+        Some(0.0),
+        "no round claimed rows (and handed them back) while NATS was gone"
+    );
+
+    nats.restart();
+    let relay = spawn_relay(&env.settings);
+    let rows = (BATCHES * PER_BATCH) as i64;
+    wait_until_all_published(&env.postgres().await, rows).await;
+    let jetstream = env.jetstream().await;
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        Some(rows as u64),
+        "one message per row"
+    );
     relay.stop().await;
     ingest.stop().await;
 }
