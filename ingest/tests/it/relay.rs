@@ -79,6 +79,19 @@ async fn wait_until_all_marked(db: &tokio_postgres::Client) {
     .await;
 }
 
+/// Waits until the outbox holds `rows` rows, every one marked published.
+pub async fn wait_until_marked(db: &tokio_postgres::Client, rows: i64) {
+    wait_for_counts(
+        db,
+        Duration::from_secs(30),
+        "every row marked published",
+        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        &[rows, 0],
+    )
+    .await;
+}
+
 /// Waits until the stream holds `count` messages.
 pub async fn wait_for_stream_messages(jetstream: &jetstream::Context, stream: &str, count: u64) {
     eventually(
@@ -664,15 +677,7 @@ async fn rounds_that_publish_more_than_5000_rows_before_their_acks_relay_every_r
     post_batches(&ingest, "k", BATCHES, PER_BATCH).await;
     let relay = spawn_relay(&env.settings);
     let db = env.postgres().await;
-    wait_for_counts(
-        &db,
-        Duration::from_secs(30),
-        "every row marked published",
-        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
-                count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        &[ROWS, 0],
-    )
-    .await;
+    wait_until_marked(&db, ROWS).await;
     let jetstream = env.jetstream().await;
     assert_eq!(
         stream_messages(&jetstream, env.subjects.stream()).await,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::relay::{
     post_batches, spawn_relay, spawn_relay_with_admin, stall_marking, stream_messages,
-    wait_for_stream_messages,
+    wait_for_stream_messages, wait_until_marked,
 };
 use crate::support::{migrate, reading, wait_for_counts, Ingest};
 
@@ -666,15 +666,7 @@ async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_
     let relay = spawn_relay(&env.settings);
     let rows = 1 + 2 * BATCH as i64;
     wait_for_stream_messages(&jetstream, &stream, rows as u64).await;
-    wait_for_counts(
-        &db,
-        Duration::from_secs(20),
-        "every row marked published",
-        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
-                count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        &[rows, 0],
-    )
-    .await;
+    wait_until_marked(&db, rows).await;
     relay.stop().await;
     ingest.stop().await;
 }

@@ -269,6 +269,19 @@ fn lib_sh(script: &str, config: &TempDir, extra: &[(&str, &str)]) -> Output {
         .expect("bash runs")
 }
 
+/// The lines `output` printed, after asserting that it ended with success.
+fn lines_of_success(output: &Output) -> Vec<String> {
+    assert!(
+        output.status.success(),
+        "{output:?}, stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A URL with what a shell would take apart if it were not quoted: a quote, a `$`, a space.
 const AWKWARD_DATABASE_URL: &str = "postgres://app:it's $ecret pw@127.0.0.1:15432/telemetry";
 
@@ -335,15 +348,8 @@ fn scripts_load_the_effective_config_so_up_checks_and_prints_what_the_processes_
         parse_url "$(database_url)" 5432 && echo "$URL_HOST $URL_PORT""#;
 
     let from_files = lib_sh(script, &config, &[]);
-    assert!(
-        from_files.status.success(),
-        "{from_files:?}, stderr: {}",
-        String::from_utf8_lossy(&from_files.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&from_files.stdout)
-            .lines()
-            .collect::<Vec<_>>(),
+        lines_of_success(&from_files),
         [
             "127.0.0.1:18080",
             "http://127.0.0.1:18080",
@@ -366,15 +372,8 @@ fn scripts_load_the_effective_config_so_up_checks_and_prints_what_the_processes_
             ),
         ],
     );
-    assert!(
-        variables_win.status.success(),
-        "{variables_win:?}, stderr: {}",
-        String::from_utf8_lossy(&variables_win.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&variables_win.stdout)
-            .lines()
-            .collect::<Vec<_>>(),
+        lines_of_success(&variables_win),
         [
             "127.0.0.1:18081",
             "http://127.0.0.1:18081",
