@@ -40,6 +40,14 @@ pub fn init_tracing(settings: &LogSettings) {
     };
 }
 
+/// How often the client pings NATS. async-nats drops a connection whose server missed
+/// two pongs, and reconnects: a server that hangs with its connections open (a frozen
+/// host, a partition that drops packets) is noticed within two to three of these.
+/// async-nats's default, 60 s, left such a relay reporting ready and starting rounds
+/// into the dead connection for 2–3 minutes, whose publishes could arrive after the
+/// duplicate window as second copies.
+const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Connects to NATS in the background (the relay's and the projector's connection): the
 /// client exists even while NATS is down, and reconnects by itself.
 pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
@@ -47,6 +55,7 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(2))
+        .ping_interval(NATS_PING_INTERVAL)
         .connect(url)
         .await
         .with_context(|| unusable_url("nats.url", url))

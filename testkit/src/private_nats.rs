@@ -69,6 +69,13 @@ impl PrivateNats {
         }
     }
 
+    /// SIGCONT: a frozen server ([`Self::freeze`]) goes on.
+    pub fn thaw(&self) {
+        if let Some(process) = &self.process {
+            crate::process::signal(process.id(), "-CONT");
+        }
+    }
+
     /// Starts the server again on the same port and store (after [`Self::kill`]).
     pub fn restart(&mut self) {
         self.kill();

@@ -722,3 +722,44 @@ async fn a_relay_whose_nats_is_gone_starts_no_round_and_stops_at_once() {
     relay.stop().await;
     ingest.stop().await;
 }
+
+/// NATS hung with its connections open (SIGSTOP: a frozen host, or a partition that
+/// drops packets): the relay's client notices by its pings (every 10 s, the connection
+/// dropped after two missed pongs) and reports NATS down within half a minute, where
+/// async-nats's default (60 s) left it ready, starting rounds into the dead connection,
+/// for 2–3 minutes. Once the server answers again the relay is ready and relays.
+#[tokio::test]
+async fn a_hung_nats_is_noticed_within_half_a_minute_and_the_relay_goes_on_once_it_answers() {
+    let nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    migrate(&env).await;
+    let (relay, relay_admin) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&relay_admin, None).await;
+    nats.freeze();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("http client");
+    eventually(
+        Duration::from_secs(45),
+        "the relay's /readyz naming NATS down",
+        || async {
+            let response = http
+                .get(format!("{relay_admin}/readyz"))
+                .send()
+                .await
+                .ok()?;
+            (response.status().as_u16() == 503).then_some(())
+        },
+    )
+    .await;
+
+    nats.thaw();
+    testkit::settled_readiness(&relay_admin, None).await;
+    let ingest = Ingest::spawn(&env.settings).await;
+    ingest.accept("after", &reading("sensor-1", 1.0)).await;
+    wait_for_stream_messages(&env.jetstream().await, env.subjects.stream(), 1).await;
+    relay.stop().await;
+    ingest.stop().await;
+}
