@@ -625,25 +625,25 @@ impl Relay {
 
     /// Waits until the NATS client is connected; false if a stop came first.
     async fn nats_connected_or_stopping(&self, shutdown: &CancellationToken) -> bool {
-        let client = self.jetstream.client();
-        let mut waited = false;
-        while !bootstrap::nats_connected(&client) {
-            if !waited {
-                waited = true;
-                tracing::debug!("NATS not connected, waiting for it before the next round");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(RECONNECT_POLL) => {}
-            }
+        if !bootstrap::nats_connected(&self.jetstream.client()) {
+            tracing::debug!("NATS not connected, waiting for it before the next round");
         }
-        !shutdown.is_cancelled()
+        tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = self.nats_state(true) => !shutdown.is_cancelled(),
+        }
     }
 
     /// Ends once the NATS client is not connected.
     async fn disconnected(&self) {
+        self.nats_state(false).await;
+    }
+
+    /// Ends once whether the NATS client is connected is `connected` (polled every
+    /// `RECONNECT_POLL`).
+    async fn nats_state(&self, connected: bool) {
         let client = self.jetstream.client();
-        while bootstrap::nats_connected(&client) {
+        while bootstrap::nats_connected(&client) != connected {
             tokio::time::sleep(RECONNECT_POLL).await;
         }
     }
