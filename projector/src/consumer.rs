@@ -622,7 +622,7 @@ impl ConsumerWatch {
         }
     }
 
-    /// Reads the anchor stored in Redis, once per look. The first read becomes this
+    /// Looks at the anchor stored in Redis, once per look. The first read becomes this
     /// watch's anchor. Later, an anchor found missing while this watch holds one (Redis
     /// restarted or was flushed, and lost it with the read model) is written again at
     /// once: the look takes a new one only when the ack floor moves, which on a quiet
@@ -630,26 +630,21 @@ impl ConsumerWatch {
     /// anchor the consumer made again delivers the whole stream (every event applied
     /// longer ago than the dedup horizon counted twice).
     async fn refresh_anchor(&mut self) {
-        let stored: redis::RedisResult<Option<String>> = redis::cmd("GET")
-            .arg(&self.anchor_key)
-            .query_async(&mut self.redis)
-            .await;
-        let stored = match stored {
-            Ok(stored) => stored,
-            Err(error) => {
-                tracing::debug!(%error, "reading the consumer anchor failed");
-                return;
-            }
-        };
         if !self.anchor_loaded {
-            self.anchor_loaded = true;
-            self.anchor = stored.as_deref().and_then(ConsumerAnchor::decode);
+            match read_anchor(&mut self.redis, &self.anchor_key).await {
+                Ok(stored) => {
+                    self.anchor_loaded = true;
+                    self.anchor = stored;
+                }
+                Err(error) => tracing::debug!(%error, "reading the consumer anchor failed"),
+            }
             return;
         }
-        let (None, Some(anchor)) = (stored, self.anchor) else {
+        let Some(anchor) = self.anchor else {
             return;
         };
-        // NX: another projector that wrote its anchor since has the newer one.
+        // NX writes only a missing anchor, in the same command that looks: another
+        // projector that wrote its anchor since has the newer one.
         let restored: redis::RedisResult<Option<String>> = redis::cmd("SET")
             .arg(&self.anchor_key)
             .arg(anchor.encode())
