@@ -28,6 +28,11 @@ pub mod headers {
     pub const DLQ_STREAM: &str = "Dlq-Stream";
     /// On a DLQ message: its sequence in that stream.
     pub const DLQ_STREAM_SEQUENCE: &str = "Dlq-Stream-Sequence";
+    /// On a stripped DLQ message: why the DLQ stream refused the full copy.
+    pub const DLQ_STRIPPED: &str = "Dlq-Stripped";
+    /// On a stripped DLQ message: the original payload's size in bytes (the copy holds
+    /// only its start).
+    pub const DLQ_PAYLOAD_BYTES: &str = "Dlq-Payload-Bytes";
 }
 
 /// The payload of a `telemetry.recorded` message (API.md §6).

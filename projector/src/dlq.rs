@@ -9,16 +9,6 @@ use bytes::Bytes;
 use contract::event::{headers, DecodeError};
 use contract::subjects::{device_token, Subjects};
 
-/// Headers of a stripped dead letter (see [`DeadLetterCopy::stripped`]), beside those
-/// of [`contract::event::headers`].
-pub mod stripped_headers {
-    /// Why the DLQ stream refused the copy with the original headers and payload.
-    pub const STRIPPED: &str = "Dlq-Stripped";
-    /// The original payload's size in bytes; the copy holds its first
-    /// [`STRIPPED_PAYLOAD_MAX`](super::STRIPPED_PAYLOAD_MAX) at most.
-    pub const PAYLOAD_BYTES: &str = "Dlq-Payload-Bytes";
-}
-
 /// The most of its payload a stripped dead letter holds: enough to tell what the message
 /// was (the original stays in the event stream, at its `Dlq-Stream-Sequence`).
 pub const STRIPPED_PAYLOAD_MAX: usize = 4096;
@@ -81,7 +71,7 @@ pub fn refused_for_good(error: &PublishError) -> bool {
 /// The dead letter of one poison message: its headers naming the reason and the origin,
 /// and its `Nats-Msg-Id`, the same for every attempt, so that the DLQ stream keeps one
 /// copy when a message is dead-lettered again (its termination was lost).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DeadLetterCopy {
     headers: HeaderMap,
 }
@@ -111,16 +101,13 @@ impl DeadLetterCopy {
     /// [`goes_on_to_dead_letter`]) and the dead letter's own; its payload is the
     /// original's.
     pub fn full(&self, original: Option<&HeaderMap>) -> HeaderMap {
-        let mut copy = HeaderMap::new();
+        // The dead letter's own headers are `Nats-Msg-Id` and `Dlq-*`, none of which
+        // goes on from the original: no name is in both.
+        let mut copy = self.headers.clone();
         for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
             if !goes_on_to_dead_letter(name.as_ref()) {
                 continue;
             }
-            for value in values {
-                copy.append(name.clone(), value.clone());
-            }
-        }
-        for (name, values) in self.headers.iter() {
             for value in values {
                 copy.append(name.clone(), value.clone());
             }
@@ -133,9 +120,9 @@ impl DeadLetterCopy {
     /// [`STRIPPED_PAYLOAD_MAX`] bytes.
     pub fn stripped(&self, refusal: &str, payload: &Bytes) -> (HeaderMap, Bytes) {
         let mut copy = self.headers.clone();
-        copy.insert(stripped_headers::STRIPPED, header_value(refusal).as_str());
+        copy.insert(headers::DLQ_STRIPPED, header_value(refusal).as_str());
         copy.insert(
-            stripped_headers::PAYLOAD_BYTES,
+            headers::DLQ_PAYLOAD_BYTES,
             payload.len().to_string().as_str(),
         );
         (
@@ -211,7 +198,7 @@ pub async fn redrive(
         .with_context(|| format!("no dead letter at sequence {sequence}"))?;
     let kept_bytes = message
         .headers
-        .get(stripped_headers::PAYLOAD_BYTES)
+        .get(headers::DLQ_PAYLOAD_BYTES)
         .and_then(|value| value.as_str().parse::<usize>().ok());
     if let Some(original_bytes) = kept_bytes.filter(|bytes| *bytes > message.payload.len()) {
         bail!(
@@ -324,11 +311,11 @@ mod tests {
         assert_eq!(kept.len(), STRIPPED_PAYLOAD_MAX);
         let value = |name: &str| copy.get(name).map(|value| value.as_str().to_owned());
         assert_eq!(
-            value(stripped_headers::PAYLOAD_BYTES),
+            value(headers::DLQ_PAYLOAD_BYTES),
             Some((2 * STRIPPED_PAYLOAD_MAX).to_string())
         );
         assert_eq!(
-            value(stripped_headers::STRIPPED).as_deref(),
+            value(headers::DLQ_STRIPPED).as_deref(),
             Some("max payload size exceeded")
         );
         assert_eq!(value(headers::MSG_ID).as_deref(), Some("dlq-TELEMETRY-42"));

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use contract::event::headers;
-use projector::dlq::stripped_headers;
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
@@ -472,13 +471,13 @@ async fn poison_the_dlq_refuses_a_plain_copy_of_is_dead_lettered_once_and_termin
     let stripped = &letters[&oversized.sequence];
     assert!(header(stripped, headers::DLQ_REASON).starts_with("undecodable"));
     assert_eq!(
-        header(stripped, stripped_headers::PAYLOAD_BYTES),
+        header(stripped, headers::DLQ_PAYLOAD_BYTES),
         big.len().to_string()
     );
     assert!(
-        header(stripped, stripped_headers::STRIPPED).contains("max payload"),
+        header(stripped, headers::DLQ_STRIPPED).contains("max payload"),
         "{:?}",
-        header(stripped, stripped_headers::STRIPPED)
+        header(stripped, headers::DLQ_STRIPPED)
     );
     assert!(
         !stripped.payload.is_empty()
