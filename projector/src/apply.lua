@@ -36,6 +36,8 @@
 local pack, unpack_packed = struct.pack, struct.unpack
 local call = { unpack_packed('<ddddddddddd', ARGV[2]) }
 local now, horizon, oldest_fine, oldest_coarse, buckets_ttl = call[1], call[2], call[3], call[4], call[5]
+-- The applied set is trimmed to the horizon this often (a tenth of it).
+local TRIM_STEP = math.floor(horizon / 10)
 local k, first_in, last_in, seq_in, M, B = call[6], call[7], call[8], call[9], call[10], call[11]
 local IDS = 3
 local METRICS = IDS + k
@@ -82,9 +84,6 @@ end
 
 -- How many of the batch's ids the applied set holds.
 local function count_applied(applied)
-  if k == 1 then
-    return redis.call('ZSCORE', applied, ARGV[IDS]) and 1 or 0
-  end
   local scores = call_chunked('ZMSCORE', applied, ARGV, IDS, METRICS - 1)
   local present = 0
   for i = 1, k do
@@ -222,7 +221,7 @@ local function plan_generation(device, applied, buckets)
   -- expiry then outlasts every id recorded until the next trim by the horizon.
   if now >= trim_at then
     plan.trim = true
-    trim_at = now + math.floor(horizon / 10)
+    trim_at = now + TRIM_STEP
   end
   writes[2] = pack('<ddddddd', first, last, count + k, seq, now, trim_at, pruned)
   return k, plan
@@ -245,7 +244,7 @@ local function write_generation(plan)
   end
   if plan.trim then
     redis.call('ZREMRANGEBYSCORE', plan.applied, '-inf', now - horizon)
-    redis.call('PEXPIRE', plan.applied, horizon + math.floor(horizon / 10))
+    redis.call('PEXPIRE', plan.applied, horizon + TRIM_STEP)
   end
   call_chunked('HSET', plan.device, plan.writes, 1, #plan.writes)
 end
