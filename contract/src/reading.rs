@@ -205,24 +205,10 @@ impl Invalid {
 
 impl ReadingBody {
     /// Checks every rule of API.md §1 and reports all broken ones at once; past
-    /// [`METRIC_ERRORS_LISTED`] metrics with an error, one last entry counts the rest.
-    pub fn validate(
-        self,
-        now: OffsetDateTime,
-        bounds: TimeBounds,
-    ) -> Result<Reading, Vec<FieldError>> {
-        self.validate_reporting_aged(now, bounds)
-            .map_err(|invalid| invalid.errors)
-    }
-
-    /// As [`Self::validate`], and a body that breaks the age rule and no other gives
-    /// the reading it would be without that rule ([`Invalid::aged`]), fingerprinted as it
-    /// was when it was young. A valid body costs nothing more than with `validate`.
-    pub fn validate_reporting_aged(
-        self,
-        now: OffsetDateTime,
-        bounds: TimeBounds,
-    ) -> Result<Reading, Invalid> {
+    /// [`METRIC_ERRORS_LISTED`] metrics with an error, one last entry counts the rest. A
+    /// body that breaks the age rule and no other gives the reading it would be without
+    /// that rule ([`Invalid::aged`]), fingerprinted as it was when it was young.
+    pub fn validate(self, now: OffsetDateTime, bounds: TimeBounds) -> Result<Reading, Invalid> {
         let mut errors = Vec::new();
         let mut too_old = None;
         if let Err(message) = check_device_id(&self.device_id) {
@@ -432,7 +418,8 @@ mod tests {
     fn every_broken_rule_is_reported_with_its_field() {
         let errors = body(r#"{"device_id":"bad id","recorded_at":"2026-11-22T11:00:00Z","metrics":{"Temp":1,"ok":"x"}}"#)
             .validate(now(), bounds())
-            .expect_err("invalid");
+            .expect_err("invalid")
+            .errors;
         let fields: Vec<&str> = errors.iter().map(|error| error.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -477,7 +464,8 @@ mod tests {
     fn up_to_32_bad_metrics_are_each_listed_and_nothing_more() {
         let errors = bad_metric_names(METRICS_MAX)
             .validate(now(), bounds())
-            .expect_err("invalid");
+            .expect_err("invalid")
+            .errors;
         assert_eq!(errors.len(), METRICS_MAX);
         assert!(errors
             .iter()
@@ -488,7 +476,8 @@ mod tests {
     fn thousands_of_bad_metrics_list_the_first_32_and_then_how_many_more_were_left_out() {
         let errors = bad_metric_names(5_000)
             .validate(now(), bounds())
-            .expect_err("invalid");
+            .expect_err("invalid")
+            .errors;
         assert_eq!(
             errors.len(),
             1 + METRICS_MAX + 1,
@@ -511,7 +500,7 @@ mod tests {
             last.message
         );
         let invalid = bad_metric_names(5_000)
-            .validate_reporting_aged(now(), bounds())
+            .validate(now(), bounds())
             .expect_err("invalid");
         assert_eq!(
             invalid.summary(),
@@ -519,7 +508,7 @@ mod tests {
             "the count rule and every bad metric, listed or not"
         );
         let one = bad_metric_names(1)
-            .validate_reporting_aged(now(), bounds())
+            .validate(now(), bounds())
             .expect_err("invalid");
         assert_eq!(one.summary(), "1 rule broken");
     }
@@ -573,7 +562,7 @@ mod tests {
         let young = body(json).validate(now(), bounds()).expect("valid");
         let a_week_later = now() + Duration::days(7);
         let invalid = body(json)
-            .validate_reporting_aged(a_week_later, bounds())
+            .validate(a_week_later, bounds())
             .expect_err("too old now");
         assert_eq!(invalid.errors.len(), 1);
         assert_eq!(invalid.errors[0].field, "recorded_at");
@@ -591,7 +580,7 @@ mod tests {
             r#"{"device_id":"d","recorded_at":"2026-11-22T10:15:30Z","metrics":{}}"#,
         ] {
             let invalid = body(json)
-                .validate_reporting_aged(a_week_later, bounds())
+                .validate(a_week_later, bounds())
                 .expect_err("invalid");
             assert_eq!(invalid.errors.len(), 2, "{json}");
             assert_eq!(invalid.aged, None, "{json}");
@@ -600,9 +589,7 @@ mod tests {
             r#"{"device_id":"bad id","metrics":{"t":1}}"#,
             r#"{"device_id":"d","recorded_at":"2026-11-22T11:15:30Z","metrics":{"t":1}}"#,
         ] {
-            let invalid = body(json)
-                .validate_reporting_aged(now(), bounds())
-                .expect_err("invalid");
+            let invalid = body(json).validate(now(), bounds()).expect_err("invalid");
             assert_eq!(invalid.aged, None, "not the age rule: {json}");
         }
     }

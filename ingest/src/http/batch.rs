@@ -250,7 +250,7 @@ fn prepare(
             vec![FieldError::new("idempotency_key", message)],
         )
     })?;
-    let reading = match body.validate_reporting_aged(received_at, state.time_bounds) {
+    let reading = match body.validate(received_at, state.time_bounds) {
         Ok(reading) => reading,
         Err(mut invalid) => match invalid.aged.take() {
             Some(reading) => {

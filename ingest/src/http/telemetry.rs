@@ -42,7 +42,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
         let body: ReadingBody = serde_json::from_slice(&bytes)
             .map_err(|error| ApiError::InvalidJson(error.to_string()))?;
         let received_at = OffsetDateTime::now_utc();
-        let reading = match body.validate_reporting_aged(received_at, state.time_bounds) {
+        let reading = match body.validate(received_at, state.time_bounds) {
             Ok(reading) => reading,
             Err(invalid) => {
                 return replay_of_aged(state, grant.as_ref(), invalid, &idempotency_key).await
