@@ -123,6 +123,7 @@ async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readi
         .unwrap_or_default()
         .ends_with("/problems/invalid-reading"));
     assert_eq!(results[2]["error"]["field"], "device_id");
+    assert_eq!(results[2]["error"]["detail"], "1 rule broken");
     assert!(results[3]["error"]["type"]
         .as_str()
         .unwrap_or_default()

@@ -61,6 +61,20 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             ("PIPELINE__INGEST__REQUEST_TIMEOUT_MS", "0"),
             "ingest.request_timeout_ms (PIPELINE__INGEST__REQUEST_TIMEOUT_MS) must be at least 1",
         ),
+        // A burst of 0 is no off switch either (the rate is): it was raised to 1 unsaid.
+        (
+            ingest,
+            "PIPELINE__INGEST__LISTEN",
+            ("PIPELINE__INGEST__RATE_LIMIT_BURST", "0"),
+            "ingest.rate_limit_burst (PIPELINE__INGEST__RATE_LIMIT_BURST) must be at least 1",
+        ),
+        // A group commit past PostgreSQL's 1 GB statement for the largest readings.
+        (
+            ingest,
+            "PIPELINE__INGEST__LISTEN",
+            ("PIPELINE__INGEST__COMMIT_BATCH_MAX", "10001"),
+            "ingest.commit_batch_max (PIPELINE__INGEST__COMMIT_BATCH_MAX) must be at most 10000",
+        ),
         // Two settings at odds: JetStream refuses the stream (a duplicate window of 2
         // minutes over a stream that keeps 1), and the relay retried that for good.
         (

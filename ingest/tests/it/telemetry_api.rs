@@ -66,12 +66,13 @@ async fn replay_returns_stored_answer_when_key_and_reading_match() {
         .format(&time::format_description::well_known::Rfc3339)
         .expect("formats");
     assert_ne!(in_utc, in_cet);
-    let first = json!({"device_id": "sensor-1", "recorded_at": in_utc, "metrics": {"temperature": 21.5, "humidity": 40}});
+    let first = json!({"device_id": "sensor-1", "recorded_at": in_utc, "metrics": {"temperature": 21.5, "humidity": 40, "offset": 0}});
     let first_response = ingest.accept("k-1", &first).await;
     let first_body = first_response.text().await.expect("body");
 
-    // The same reading spelled differently: other key order, number spelling and offset.
-    let same = json!({"metrics": {"humidity": 40.0, "temperature": 2.15e1}, "recorded_at": in_cet, "device_id": "sensor-1"});
+    // The same reading spelled differently: other key order, number spelling (`-0` is
+    // `0`) and offset.
+    let same = json!({"metrics": {"offset": -0.0, "humidity": 40.0, "temperature": 2.15e1}, "recorded_at": in_cet, "device_id": "sensor-1"});
     let replay = ingest.accept("k-1", &same).await;
     assert_eq!(
         replay
@@ -395,6 +396,11 @@ async fn thousands_of_bad_metric_names_get_a_small_422_saying_how_many_were_left
 
     let response = ingest.post_text("k-1", body).await;
     let problem = assert_problem(response, 422, "invalid-reading").await;
+    // Every broken rule counts, listed or not: the metric count and each bad name.
+    assert_eq!(
+        problem["detail"],
+        format!("{} rules broken, see errors", names + 1)
+    );
     let size = problem.to_string().len();
     assert!(
         size < 8 * 1024,
@@ -411,6 +417,7 @@ async fn thousands_of_bad_metric_names_get_a_small_422_saying_how_many_were_left
     assert_eq!(response.status().as_u16(), 200);
     let answer: Value = response.json().await.expect("json");
     let error = &answer["results"][0]["error"];
+    assert_eq!(error["detail"], format!("{} rules broken", names + 1));
     let size = error.to_string().len();
     assert!(
         size < 8 * 1024,
