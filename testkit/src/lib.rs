@@ -303,12 +303,22 @@ pub async fn maintenance_postgres(settings: &Settings) -> anyhow::Result<tokio_p
 /// whose detail is `not answering: <down>` and nothing else; with `None`, a 200.
 /// Returns the settled body.
 pub async fn settled_readiness(admin_url: &str, down: Option<&str>) -> serde_json::Value {
+    settled_readiness_within(admin_url, down, Duration::from_secs(10)).await
+}
+
+/// [`settled_readiness`], waiting up to `deadline` for the answer to settle (a service
+/// that notices a dependency gone only by its pings takes longer).
+pub async fn settled_readiness_within(
+    admin_url: &str,
+    down: Option<&str>,
+    deadline: Duration,
+) -> serde_json::Value {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .expect("http client");
     let (status, content_type, body) = eventually(
-        Duration::from_secs(10),
+        deadline,
         &format!("{admin_url}/readyz naming {down:?} as down"),
         || async {
             let response = http.get(format!("{admin_url}/readyz")).send().await.ok()?;

@@ -641,14 +641,7 @@ async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_
 
     // NATS back: the relay publishes them.
     nats.restart();
-    wait_for_counts(
-        &db,
-        Duration::from_secs(20),
-        "the first batch marked published",
-        "SELECT count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        &[0],
-    )
-    .await;
+    wait_until_marked(&db, 1 + BATCH as i64).await;
     // A stop while NATS is gone under a round awaiting its acks hands the rows back
     // rather than wait for the round's deadline.
     nats.freeze();
@@ -737,23 +730,7 @@ async fn a_hung_nats_is_noticed_within_half_a_minute_and_the_relay_goes_on_once_
     let (relay, relay_admin) = spawn_relay_with_admin(&env.settings);
     testkit::settled_readiness(&relay_admin, None).await;
     nats.freeze();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("http client");
-    eventually(
-        Duration::from_secs(45),
-        "the relay's /readyz naming NATS down",
-        || async {
-            let response = http
-                .get(format!("{relay_admin}/readyz"))
-                .send()
-                .await
-                .ok()?;
-            (response.status().as_u16() == 503).then_some(())
-        },
-    )
-    .await;
+    testkit::settled_readiness_within(&relay_admin, Some("nats"), Duration::from_secs(45)).await;
 
     nats.thaw();
     testkit::settled_readiness(&relay_admin, None).await;
