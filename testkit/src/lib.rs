@@ -18,7 +18,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use contract::read_model::{live_generation, meta, meta_key, DeviceKeys, DeviceStats, LAYOUT};
+use contract::read_model::{
+    generation_pattern, live_generation, meta, meta_key, DeviceKeys, DeviceStats, LAYOUT,
+};
 use contract::settings::Settings;
 use contract::subjects::Subjects;
 use rand::Rng;
@@ -213,6 +215,15 @@ impl TestEnv {
             .await
             .ok()?;
         DeviceStats::from_hash(hash)
+    }
+
+    /// The read model's keys of `generation` under this test's prefix (`KEYS`).
+    pub async fn generation_keys(&self, generation: u64) -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg(generation_pattern(&self.settings.redis.prefix, generation))
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("keys listed")
     }
 
     /// A Redis connection.

@@ -6,9 +6,7 @@
 //! turned into a hash table once large.
 
 use contract::event::TelemetryRecorded;
-use contract::read_model::{
-    generation_pattern, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE,
-};
+use contract::read_model::{DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE};
 use projector::apply::{Applied, AsOf, Delivered, ReadModel};
 use projector::rebuild::Generations;
 use redis::aio::ConnectionManager;
@@ -415,17 +413,6 @@ async fn encoding(redis: &mut redis::aio::ConnectionManager, key: &str) -> Strin
         .expect("object encoding")
 }
 
-/// The keys of one generation, of any kind (device hashes, applied sets, buckets, the
-/// devices index).
-async fn keys_of(env: &TestEnv, generation: u64) -> Vec<String> {
-    let mut redis = env.redis().await;
-    redis::cmd("KEYS")
-        .arg(generation_pattern(&env.settings.redis.prefix, generation))
-        .query_async(&mut redis)
-        .await
-        .expect("keys listed")
-}
-
 /// Checks that sensor-1's figures in `generation` are the reference fold of `events`.
 async fn assert_holds(env: &TestEnv, generation: u64, events: &[TelemetryRecorded]) {
     let (figures, _) = figures_in(env, generation, "sensor-1").await;
@@ -484,7 +471,7 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
     let stale = apply_as_of(&model, &mut redis, &live_only, &all[..3]).await;
     assert_eq!(stale, AsOf::Stale { applied: 0 });
     assert_holds(&env, 1, &events[..1]).await;
-    assert_eq!(keys_of(&env, 2).await, Vec::<String>::new());
+    assert_eq!(env.generation_keys(2).await, Vec::<String>::new());
 
     // Read anew, the same batch goes to both.
     let both = generations(&env).await;
@@ -586,7 +573,7 @@ async fn a_mixed_call_split_up_after_a_rebuild_began_writes_nothing_and_is_stale
     assert_eq!(racing.pipelines, 2, "the mixed call was split up");
     assert_eq!(stale, AsOf::Stale { applied: 0 });
     assert_holds(&env, 1, &events[..1]).await;
-    assert_eq!(keys_of(&env, 2).await, Vec::<String>::new());
+    assert_eq!(env.generation_keys(2).await, Vec::<String>::new());
 
     // Read anew, the batch goes to both generations.
     let both = generations(&env).await;

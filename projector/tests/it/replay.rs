@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use contract::event::TelemetryRecorded;
-use contract::read_model::{generation_pattern, meta, meta_key};
+use contract::read_model::{meta, meta_key};
 use projector::apply::{AsOf, Delivered};
 use projector::rebuild::{Generations, RebuildError};
 use testkit::{assert_same_figures, eventually, PrivateNats, Sums, TestEnv};
@@ -38,12 +38,7 @@ async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
     eventually(Duration::from_secs(20), "the replay under way", || async {
         let building = building_generation(&env).await?;
         // Some events are in the new generation: the replay's consumer is reading.
-        let applied: Vec<String> = redis::cmd("KEYS")
-            .arg(generation_pattern(&env.settings.redis.prefix, building))
-            .query_async(&mut env.redis().await)
-            .await
-            .ok()?;
-        (!applied.is_empty()).then_some(())
+        (!env.generation_keys(building).await.is_empty()).then_some(())
     })
     .await;
     // Frozen, the server delivers nothing more; the replay can only finish what it holds.
@@ -155,14 +150,7 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
     eventually(
         Duration::from_secs(5),
         "the abandoned build written to",
-        || async {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(generation_pattern(&env.settings.redis.prefix, ABANDONED))
-                .query_async(&mut env.redis().await)
-                .await
-                .ok()?;
-            (!keys.is_empty()).then_some(())
-        },
+        || async { (!env.generation_keys(ABANDONED).await.is_empty()).then_some(()) },
     )
     .await;
 
@@ -174,11 +162,7 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
     let applied = writes.await.expect("the writes did not panic");
     assert!(applied > 0);
     assert_eq!(env.generation().await, Some(generation));
-    let left: Vec<String> = redis::cmd("KEYS")
-        .arg(generation_pattern(&env.settings.redis.prefix, ABANDONED))
-        .query_async(&mut env.redis().await)
-        .await
-        .expect("keys listed");
+    let left = env.generation_keys(ABANDONED).await;
     assert_eq!(
         left,
         Vec::<String>::new(),

@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream;
 use async_nats::HeaderMap;
 use contract::event::{headers, TelemetryRecorded};
-use contract::read_model::{
-    generation_pattern, meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, WINDOWS,
-};
+use contract::read_model::{meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, WINDOWS};
 use contract::reference::{ModelReading, ReferenceModel};
 use contract::subjects::Subjects;
 use contract::timestamp::{format_millis, from_unix_millis, unix_millis};
@@ -715,12 +713,7 @@ async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
     assert!(new > old, "a new generation replaced {old}");
     assert_matches_model(&read_model(env).await, &model).await;
     eventually(DEADLINE, "the old generation's keys deleted", || async {
-        let leftovers: Vec<String> = redis::cmd("KEYS")
-            .arg(generation_pattern(&env.settings.redis.prefix, old))
-            .query_async(&mut env.redis().await)
-            .await
-            .expect("keys listed");
-        leftovers.is_empty().then_some(())
+        env.generation_keys(old).await.is_empty().then_some(())
     })
     .await;
     side.stop().await;
@@ -777,15 +770,8 @@ async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
     wait_until_projected(&env, &model).await;
     assert_matches_model(&read_model(&env).await, &model).await;
 
+    let leftovers = env.generation_keys(before).await;
     let mut redis = env.redis().await;
-    let leftovers: Vec<String> = redis::cmd("KEYS")
-        .arg(contract::read_model::generation_pattern(
-            &env.settings.redis.prefix,
-            before,
-        ))
-        .query_async(&mut redis)
-        .await
-        .expect("keys listed");
     assert!(
         leftovers.is_empty(),
         "the old generation is deleted: {leftovers:?}"
