@@ -8,7 +8,8 @@ use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
-    assert_problem, close_database, count, gateway_token, reading, reopen_database, Ingest,
+    assert_problem, assert_replayed, close_database, count, gateway_token, reading,
+    reopen_database, Ingest,
 };
 
 fn with_auth(cache_ttl_secs: u64) -> TestEnv {
@@ -480,12 +481,6 @@ async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device()
     assert_problem(foreign, 403, "forbidden").await;
     let retry = post_as(&ingest, Some(&own), "k-1", &stored).await;
     assert_eq!(retry.status().as_u16(), 202);
-    assert_eq!(
-        retry
-            .headers()
-            .get("idempotent-replayed")
-            .and_then(|value| value.to_str().ok()),
-        Some("true")
-    );
+    assert_replayed(&retry);
     ingest.stop().await;
 }

@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 use time::OffsetDateTime;
 
-use crate::support::{assert_problem, count, migrate, reading as posted_reading, Ingest};
+use crate::support::{
+    assert_problem, assert_replayed, count, migrate, reading as posted_reading, Ingest,
+};
 
 fn reading(device: usize, temperature: f64) -> Reading {
     Reading {
@@ -413,12 +415,6 @@ async fn a_submission_abandoned_at_its_deadline_before_its_commit_is_never_store
         "{retried}"
     );
     let replayed = ingest.accept("landing", &landing_reading).await;
-    assert_eq!(
-        replayed
-            .headers()
-            .get("idempotent-replayed")
-            .and_then(|value| value.to_str().ok()),
-        Some("true")
-    );
+    assert_replayed(&replayed);
     ingest.stop().await;
 }

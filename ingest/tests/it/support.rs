@@ -146,6 +146,19 @@ pub fn log_to_test_output() {
 }
 
 /// A reading body for `device` with one temperature value.
+/// Asserts that `response` is a stored answer given again (`Idempotent-Replayed: true`).
+pub fn assert_replayed(response: &Response) {
+    assert_eq!(
+        response
+            .headers()
+            .get("idempotent-replayed")
+            .and_then(|value| value.to_str().ok()),
+        Some("true"),
+        "a replay of {}",
+        response.url()
+    );
+}
+
 pub fn reading(device: &str, temperature: f64) -> Value {
     serde_json::json!({"device_id": device, "metrics": {"temperature": temperature}})
 }

@@ -7,7 +7,8 @@ use testkit::{eventually, Running, TestEnv};
 use uuid::Uuid;
 
 use crate::support::{
-    assert_problem, close_database, count, loopback_listener, reading, reopen_database, Ingest,
+    assert_problem, assert_replayed, close_database, count, loopback_listener, reading,
+    reopen_database, Ingest,
 };
 
 #[tokio::test]
@@ -74,13 +75,7 @@ async fn replay_returns_stored_answer_when_key_and_reading_match() {
     // `0`) and offset.
     let same = json!({"metrics": {"offset": -0.0, "humidity": 40.0, "temperature": 2.15e1}, "recorded_at": in_cet, "device_id": "sensor-1"});
     let replay = ingest.accept("k-1", &same).await;
-    assert_eq!(
-        replay
-            .headers()
-            .get("idempotent-replayed")
-            .and_then(|value| value.to_str().ok()),
-        Some("true")
-    );
+    assert_replayed(&replay);
     assert_eq!(replay.text().await.expect("body"), first_body);
     let db = env.postgres().await;
     assert_eq!(count(&db, "readings").await, 1);
@@ -697,14 +692,9 @@ async fn retry_of_a_stored_reading_gets_its_stored_answer_after_its_recorded_at_
     wait_until_aged(recorded_at).await;
     let retry = ingest.post("k-1", &stored).await;
     let status = retry.status().as_u16();
-    let replayed = retry
-        .headers()
-        .get("idempotent-replayed")
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_owned);
+    assert_replayed(&retry);
     let retry_body = retry.text().await.expect("body");
     assert_eq!(status, 202, "the stored status, not a 422: {retry_body}");
-    assert_eq!(replayed.as_deref(), Some("true"));
     assert_eq!(retry_body, first_body, "the stored body");
 
     let new_key = ingest.post("k-2", &stored).await;
