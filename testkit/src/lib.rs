@@ -423,6 +423,33 @@ pub async fn assert_problem(
     problem
 }
 
+/// Takes `table` in `ACCESS EXCLUSIVE` mode in a transaction on `client`: every statement
+/// that touches the table waits until the transaction ends (rolled back or dropped).
+pub async fn lock_table<'a>(
+    client: &'a mut tokio_postgres::Client,
+    table: &str,
+) -> tokio_postgres::Transaction<'a> {
+    let lock = client.transaction().await.expect("begin");
+    lock.batch_execute(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .await
+        .expect("locked");
+    lock
+}
+
+/// Backends of `client`'s database waiting for a lock, in a statement that names `table`.
+pub async fn lock_waiters(client: &tokio_postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%' || $1 || '%'",
+            &[&table],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
 /// Asserts that an admin port (API.md §7) answers an unknown path `404 not-found` and a
 /// wrong method on `/healthz` `405 method-not-allowed`, both as problem documents (§3).
 pub async fn assert_admin_port_refuses_with_problems(admin_url: &str) {

@@ -213,20 +213,6 @@ async fn with_the_cache_off_the_next_request_after_a_revocation_is_refused() {
     ingest.stop().await;
 }
 
-/// Backends of the test's database waiting for a lock on `api_tokens`.
-async fn look_ups_waiting(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%api_tokens%'",
-            &[],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .get(0)
-}
-
 #[tokio::test]
 async fn requests_that_miss_the_cache_together_wait_for_one_look_up() {
     let env = with_auth(60);
@@ -235,10 +221,7 @@ async fn requests_that_miss_the_cache_together_wait_for_one_look_up() {
     let watcher = pool.get().await.expect("connection");
     // While this transaction holds the table, every look-up of a token waits.
     let mut blocker = pool.get().await.expect("connection");
-    let lock = blocker.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("locked");
+    let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
 
     let posts = futures::future::join_all((0..32).map(|i| {
         let (ingest, authorization) = (&ingest, &authorization);
@@ -252,13 +235,13 @@ async fn requests_that_miss_the_cache_together_wait_for_one_look_up() {
     }));
     let watch = async {
         eventually(Duration::from_secs(5), "a look-up waiting", || async {
-            (look_ups_waiting(&watcher).await > 0).then_some(())
+            (testkit::lock_waiters(&watcher, "api_tokens").await > 0).then_some(())
         })
         .await;
         // Every request has arrived long before this on loopback; each would have sent
         // its own look-up (up to the pool's 16) had it not joined the first.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let waiting = look_ups_waiting(&watcher).await;
+        let waiting = testkit::lock_waiters(&watcher, "api_tokens").await;
         lock.rollback().await.expect("released");
         waiting
     };
@@ -268,10 +251,7 @@ async fn requests_that_miss_the_cache_together_wait_for_one_look_up() {
 
     // The shared look-up filled the cache: with the table held again, a request still
     // passes without waiting for it.
-    let lock = blocker.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("locked");
+    let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
     let status = post_as(
         &ingest,
         Some(&authorization),
@@ -363,10 +343,7 @@ async fn a_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_and_leav
     assert_eq!(warm.status().as_u16(), 202);
 
     let mut blocker = env.postgres().await;
-    let lock = blocker.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("locked");
+    let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
     let single = |key: &str| {
         ingest
             .json_request("/v1/telemetry", Some(key), reading("d", 1.0).to_string())
@@ -422,10 +399,7 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
     let ingest = Ingest::spawn(&env.settings).await;
     let (_, _, authorization) = gateway_token(&env.settings).await;
     let mut blocker = env.postgres().await;
-    let lock = blocker.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("locked");
+    let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
     let post = |key: &'static str| {
         answer_and_time(
             ingest

@@ -14,11 +14,6 @@ use crate::support::{assert_problem, one_projected_reading, Query, DEADLINE};
 
 const STATS: (&str, &str) = ("route", "/v1/devices/{device_id}/stats");
 
-/// Counts the backends of the test's database waiting for a lock on `api_tokens`.
-const LOOK_UPS_WAITING: &str = "SELECT count(*) FROM pg_stat_activity
-    WHERE datname = current_database() AND wait_event_type = 'Lock'
-      AND query LIKE '%api_tokens%'";
-
 #[tokio::test]
 async fn a_read_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_with_a_503() {
     let mut env = TestEnv::new();
@@ -54,10 +49,7 @@ async fn a_read_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_wit
 
     let watcher = env.postgres().await;
     let mut blocker = env.postgres().await;
-    let lock = blocker.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
-        .await
-        .expect("locked");
+    let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
 
     let held_up = async {
         let started = Instant::now();
@@ -70,14 +62,7 @@ async fn a_read_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_wit
         eventually(
             Duration::from_secs(5),
             "the token's look-up waiting for the lock",
-            || async {
-                let waiting: i64 = watcher
-                    .query_one(LOOK_UPS_WAITING, &[])
-                    .await
-                    .expect("pg_stat_activity")
-                    .get(0);
-                (waiting > 0).then_some(())
-            },
+            || async { (testkit::lock_waiters(&watcher, "api_tokens").await > 0).then_some(()) },
         )
         .await;
         for path in ["/healthz", "/readyz", "/metrics"] {
