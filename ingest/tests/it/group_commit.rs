@@ -15,7 +15,7 @@ use testkit::{eventually, TestEnv};
 use time::OffsetDateTime;
 
 use crate::support::{
-    assert_problem, assert_replayed, count, migrate, reading as posted_reading, Ingest,
+    assert_problem, assert_replayed, batch_body, count, migrate, reading as posted_reading, Ingest,
 };
 
 fn reading(device: usize, temperature: f64) -> Reading {
@@ -289,18 +289,6 @@ async fn wait_for_a_stalled_commit(watcher: &tokio_postgres::Client) {
     .await;
 }
 
-/// A batch body of `size` readings over as many devices, keyed `<prefix>-<n>`.
-fn batch_body(prefix: &str, size: usize) -> Value {
-    let items: Vec<Value> = (0..size)
-        .map(|index| {
-            json!({"idempotency_key": format!("{prefix}-{index}"),
-                   "device_id": format!("sensor-{}", index % 50),
-                   "metrics": {"temperature": index as f64}})
-        })
-        .collect();
-    json!({ "readings": items })
-}
-
 /// `ingest.queue_capacity` bounds the readings waiting for a commit, not the requests:
 /// while PostgreSQL stalls, a second full batch that would take them past the capacity
 /// is refused at once with `503` instead of being queued (a thousand readings a
@@ -315,12 +303,12 @@ async fn a_batch_that_would_take_the_waiting_readings_past_the_capacity_is_refus
     let watcher = env.postgres().await;
     let lock = stall_commits(&env).await;
 
-    let first_batch = batch_body("first", 1_000);
+    let first_batch = batch_body("first", 1_000, 50);
     let first = ingest.post_batch(&first_batch);
     let second = async {
         wait_for_a_stalled_commit(&watcher).await;
         let started = tokio::time::Instant::now();
-        let second = ingest.post_batch(&batch_body("second", 1_000)).await;
+        let second = ingest.post_batch(&batch_body("second", 1_000, 50)).await;
         let took = started.elapsed();
         let problem = assert_problem(second, 503, "unavailable").await;
         release_commits(&lock).await;
@@ -342,7 +330,7 @@ async fn a_batch_that_would_take_the_waiting_readings_past_the_capacity_is_refus
 
     // The first batch's readings no longer wait: a batch as large fits again.
     let third: Value = ingest
-        .post_batch(&batch_body("third", 1_000))
+        .post_batch(&batch_body("third", 1_000, 50))
         .await
         .json()
         .await
@@ -377,7 +365,7 @@ async fn a_submission_abandoned_at_its_deadline_before_its_commit_is_never_store
     let landing = ingest.post("landing", &landing_reading);
     let abandoned = async {
         wait_for_a_stalled_commit(&watcher).await;
-        ingest.post_batch(&batch_body("abandoned", 2)).await
+        ingest.post_batch(&batch_body("abandoned", 2, 50)).await
     };
     let (landing, abandoned) = tokio::join!(landing, abandoned);
     assert_problem(landing, 503, "unavailable").await;
@@ -404,7 +392,7 @@ async fn a_submission_abandoned_at_its_deadline_before_its_commit_is_never_store
 
     // Retried with the same keys: the abandoned batch is new, the landed reading a replay.
     let retried: Value = ingest
-        .post_batch(&batch_body("abandoned", 2))
+        .post_batch(&batch_body("abandoned", 2, 50))
         .await
         .json()
         .await

@@ -11,7 +11,9 @@ use testkit::process::service_command;
 use testkit::prometheus::Scrape;
 use testkit::{eventually, Running, TestEnv};
 
-use crate::support::{column, count, loopback_listener, migrate, reading, wait_for_counts, Ingest};
+use crate::support::{
+    batch_body, column, count, loopback_listener, migrate, reading, wait_for_counts, Ingest,
+};
 
 /// Starts a relay in this process as the `relay` binary runs it, its admin port on a
 /// loopback port; its log goes to the test's output.
@@ -638,17 +640,8 @@ async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
 /// `<prefix>-<batch>-<item>` (with the rate limit off, as [`TestEnv`] has it).
 pub async fn post_batches(ingest: &Ingest, prefix: &str, batches: usize, per_batch: usize) {
     for batch in 0..batches {
-        let readings: Vec<Value> = (0..per_batch)
-            .map(|item| {
-                serde_json::json!({
-                    "idempotency_key": format!("{prefix}-{batch}-{item}"),
-                    "device_id": format!("sensor-{}", item % 100),
-                    "metrics": {"temperature": item as f64},
-                })
-            })
-            .collect();
         let response = ingest
-            .post_batch(&serde_json::json!({ "readings": readings }))
+            .post_batch(&batch_body(&format!("{prefix}-{batch}"), per_batch, 100))
             .await;
         assert_eq!(response.status().as_u16(), 200);
         let answer: Value = response.json().await.expect("json");

@@ -146,6 +146,21 @@ pub fn log_to_test_output() {
 }
 
 /// A reading body for `device` with one temperature value.
+/// A batch body of `size` readings, keys `<prefix>-<index>`, over `devices` devices
+/// (`sensor-<index % devices>`), each's temperature its index.
+pub fn batch_body(prefix: &str, size: usize, devices: usize) -> Value {
+    let readings: Vec<Value> = (0..size)
+        .map(|index| {
+            serde_json::json!({
+                "idempotency_key": format!("{prefix}-{index}"),
+                "device_id": format!("sensor-{}", index % devices),
+                "metrics": {"temperature": index as f64},
+            })
+        })
+        .collect();
+    serde_json::json!({ "readings": readings })
+}
+
 /// Asserts that `response` is a stored answer given again (`Idempotent-Replayed: true`).
 pub fn assert_replayed(response: &Response) {
     assert_eq!(
