@@ -369,9 +369,11 @@ impl Aggregate {
         })
     }
 
+    /// The aggregate of both sets of readings. The counts come from Redis, so a corrupt
+    /// one may be anything up to `i64::MAX`: they saturate rather than overflow.
     pub fn merge(self, other: Self) -> Self {
         Self {
-            count: self.count + other.count,
+            count: self.count.saturating_add(other.count),
             sum: self.sum + other.sum,
             min: self.min.min(other.min),
             max: self.max.max(other.max),
@@ -429,7 +431,7 @@ impl MetricStats {
             (self.last, self.last_at_ms)
         };
         Self {
-            count: self.count + other.count,
+            count: self.count.saturating_add(other.count),
             sum: self.sum + other.sum,
             min: self.min.min(other.min),
             max: self.max.max(other.max),
@@ -639,6 +641,22 @@ mod tests {
         assert_eq!(Aggregate::from_bytes(&[0; 24]), None);
         assert_eq!(Aggregate::from_bytes(b"2 43 21.5 21.5"), None);
         assert_eq!(Aggregate::merge_all([]), None);
+    }
+
+    #[test]
+    fn corrupt_counts_from_redis_saturate_instead_of_overflowing() {
+        let huge = Aggregate {
+            count: 9_000_000_000_000_000_000,
+            ..Aggregate::of(1.0)
+        };
+        let bucket = Aggregate::from_bytes(&huge.to_bytes()).expect("valid");
+        let merged = Aggregate::merge_all([bucket, bucket, bucket]).expect("three buckets");
+        assert_eq!(merged.count, u64::MAX);
+        let figures = MetricStats {
+            count: u64::MAX,
+            ..MetricStats::of(1.0, 0)
+        };
+        assert_eq!(figures.merge(figures).count, u64::MAX);
     }
 
     #[test]
