@@ -7,20 +7,23 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 # Only what the build needs, so the context sent to BuildKit stays small (no target/,
-# no .data/). A new workspace member must be added here.
+# no .data/). Cargo loads every workspace member's manifest, even for a build of some
+# of them, so each member must be copied (tests/python/test_packaging.py checks it).
 COPY Cargo.toml Cargo.lock ./
 COPY contract ./contract
 COPY ingest ./ingest
 COPY projector ./projector
 COPY query ./query
 COPY testkit ./testkit
+COPY loadgen ./loadgen
+COPY chaos ./chaos
 # The registry, git checkouts and target/ live in cache mounts, so a source change
 # recompiles only the workspace crates. Cache mounts are not part of the image,
 # hence the copy to /out.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bins \
+    cargo build --release --locked -p ingest -p projector -p query --bins \
     && mkdir -p /out \
     && cp target/release/ingest target/release/relay target/release/projector target/release/query /out/
 

@@ -1,0 +1,105 @@
+"""What the shell scripts and the Docker build rely on, checked without Docker.
+
+- The Dockerfile copies every workspace member: cargo reads each member's manifest
+  even to build some of them, so a member left out breaks `docker compose up --build`
+  (no Docker engine runs here, so nothing else would notice).
+- `pid_is_live PID NAME` in scripts/lib.sh takes a pid for one of ours only while it
+  runs the program named: scripts/chaos kills the pids in old pid files with it, and a
+  recycled pid must not be killed. redis-server rewrites its command line, so it is
+  recognised by the kernel's name of the program.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def workspace_members():
+    metadata = subprocess.run(
+        ["cargo", "metadata", "--no-deps", "--format-version", "1"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    packages = json.loads(metadata.stdout)["packages"]
+    return {
+        pathlib.Path(package["manifest_path"]).parent.relative_to(REPO).as_posix(): package
+        for package in packages
+    }
+
+
+def dockerfile_copies():
+    copies = []
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(word.startswith("--from") for word in words):
+            copies.extend(word.rstrip("/") for word in words[1:-1])
+    return copies
+
+
+@pytest.mark.skipif(shutil.which("cargo") is None, reason="cargo is not installed")
+def test_the_dockerfile_copies_every_workspace_member():
+    copied = set(dockerfile_copies())
+    missing = sorted(set(workspace_members()) - copied)
+    assert missing == [], f"the Dockerfile does not copy the workspace members {missing}"
+
+
+@pytest.mark.skipif(shutil.which("cargo") is None, reason="cargo is not installed")
+def test_the_image_gets_the_four_binaries_its_build_makes():
+    text = (REPO / "Dockerfile").read_text()
+    built = set()
+    for name, package in workspace_members().items():
+        if f"-p {package['name']}" in text:
+            built |= {target["name"] for target in package["targets"] if "bin" in target["kind"]}
+    assert built == {"ingest", "relay", "projector", "query"}
+    for binary in built:
+        assert f"target/release/{binary}" in text, f"the image does not get {binary}"
+
+
+def pid_is_live(pid, name):
+    return (
+        subprocess.run(
+            ["bash", "-c", 'source scripts/lib.sh && pid_is_live "$1" "$2"', "bash", str(pid), name],
+            cwd=REPO,
+        ).returncode
+        == 0
+    )
+
+
+def test_a_pid_that_runs_another_program_is_not_taken_for_ours():
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        assert pid_is_live(other.pid, "sleep")
+        assert not pid_is_live(other.pid, "relay")
+        assert not pid_is_live(other.pid, "redis-server")
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_a_redis_server_that_rewrote_its_command_line_is_recognised(tmp_path):
+    # No TCP port: a Unix socket in the test's own directory, nothing kept on disk.
+    server = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(tmp_path / "redis.sock"),
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        cmdline = pathlib.Path(f"/proc/{server.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while b"\0" in cmdline.read_bytes().rstrip(b"\0") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert b"\0" not in cmdline.read_bytes().rstrip(b"\0"), "redis-server kept its argv"
+        assert pid_is_live(server.pid, "redis-server")
+        assert not pid_is_live(server.pid, "nats-server")
+    finally:
+        server.kill()
+        server.wait()
