@@ -453,7 +453,7 @@ _nats_jetstream_ok() { # HOST PORT
     if [[ "$(nats_info "$1" "$2")" == *'"jetstream":true'* ]]; then
         return 0
     fi
-    err "NATS at $1:$2 answers but JetStream is not enabled (start nats-server with -js)"
+    err "NATS at $1:$2 answers but JetStream is not enabled: start nats-server with -js, or for a server run from a config file (Debian's nats-server under systemd: /etc/nats-server.conf) add 'jetstream { store_dir: /var/lib/nats-server/jetstream }' to it, with that directory owned by the server's user (nats), and restart it (systemctl restart nats-server)"
     return 1
 }
 
@@ -482,9 +482,16 @@ ensure_nats() {
         return 1
     fi
     bin=${found% *} version=${found##* }
-    if [[ "$port" == 4222 && -x /usr/sbin/nats-server ]] && command -v start-stop-daemon >/dev/null 2>&1; then
+    # Debian's server on 4222 is started as the machine's own (its data under /var/lib);
+    # a newer nats-server found on PATH runs privately below, as DESIGN.md prefers it.
+    # The pid file makes start-stop-daemon look for this server only: matched by its
+    # program alone, any nats-server running (a test's private one on another port)
+    # would pass for it, and nothing would be started.
+    if [[ "$port" == 4222 && "$bin" == /usr/sbin/nats-server ]] && command -v start-stop-daemon >/dev/null 2>&1; then
         info "nats: not answering at $host:$port; starting /usr/sbin/nats-server"
-        if ! start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- \
+        mkdir -p "$RUN_DIR"
+        if ! start-stop-daemon --start --oknodo --background --make-pidfile --pidfile "$RUN_DIR/nats-4222.pid" \
+            --exec /usr/sbin/nats-server -- \
             -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log; then
             err "could not start /usr/sbin/nats-server on 4222"
             return 1
@@ -573,10 +580,13 @@ pid_is_live() {
     [[ -n "$name" ]] || return 0
     if [[ -r "/proc/$pid/cmdline" ]]; then
         # argv[0] is the binary; argv[1] when NAME is a script run by an interpreter.
+        # redis-server rewrites its argv into one string ("redis-server 127.0.0.1:6379"),
+        # so the kernel's name of the program (comm, at most 15 bytes) also counts.
         local -a argv=()
         mapfile -d '' -t argv <"/proc/$pid/cmdline" 2>/dev/null || return 1
+        comm=$(cat "/proc/$pid/comm" 2>/dev/null) || comm=""
         [[ "${argv[0]:-}" == "$name" || "${argv[0]:-}" == */"$name" ||
-            "${argv[1]:-}" == */"$name" ]]
+            "${argv[1]:-}" == */"$name" || "$comm" == "${name:0:15}" ]]
     else
         comm=$(ps -o comm= -p "$pid" 2>/dev/null) || return 1
         [[ "$comm" == "${name:0:15}" ]]
