@@ -23,7 +23,8 @@
 //! A truncation loses a suffix of the stream, so the kept rows whose message is gone
 //! form a range of sequences up to the probed row (rows recorded after the loss can
 //! only hold sequences past every kept one: lower ones collide). The check finds its
-//! first row by bisection over the kept rows below the probed one (one fetch per step)
+//! first row by bisection over the kept rows below the probed one (one fetch per step,
+//! logarithmic in their sequences' span even across a gap: `row_to_bisect`)
 //! and, in one transaction under an advisory lock (so that concurrent relays repair
 //! once), marks every kept row from there on unpublished again. The normal rounds then
 //! republish them: JetStream drops the copies of messages it still holds (duplicate
@@ -224,18 +225,14 @@ impl Relay {
             return Ok(StreamCheckOutcome::Held { read_at });
         }
         let mut first_lost = probed;
-        // Bisection: every kept row below `lowest_unverified` is held, `first_lost` is not.
-        loop {
-            let middle = lowest_unverified + (first_lost.stream_seq - lowest_unverified) / 2;
-            let probe = match published_row_in(&transaction, middle, first_lost.stream_seq).await? {
-                Some(row) => Some(row),
-                None => {
-                    published_row_in(&transaction, lowest_unverified, first_lost.stream_seq).await?
-                }
-            };
-            let Some(probe) = probe else {
-                break;
-            };
+        // Bisection over the sequences: every kept row below `lowest_unverified` is held,
+        // `first_lost` is not, and the kept rows between are unknown. A truncation loses
+        // a suffix, so a held row says every kept row below it is held too, and a lost
+        // one that every kept row above it (up to `first_lost`) is lost: whichever row of
+        // the range is probed, the range shrinks and this stays true.
+        while let Some(probe) =
+            row_to_bisect(&transaction, lowest_unverified, first_lost.stream_seq).await?
+        {
             if self.stream_holds(stream, probe).await? {
                 lowest_unverified = probe.stream_seq + 1;
             } else {
@@ -331,21 +328,44 @@ async fn row_to_probe(
     Ok((probed, row.get(0)))
 }
 
-/// The kept published row with the lowest sequence in `[from, before)`.
-async fn published_row_in(
+/// The kept row the bisection probes next among those with a sequence in
+/// `[from, before)`: the lowest at or above the middle of that range, else the highest
+/// below it; none when the range holds no kept row.
+///
+/// Either way, within two probes the sequences left to search halve or no kept row is
+/// left among them, so the search takes a number of fetches logarithmic in the range,
+/// however the kept rows lie in it. Not the lowest row of the range when its upper
+/// half is empty: a stream that starts again from sequence 1 (deleted and recreated, a
+/// NATS host that lost its store) leaves the rows relayed since at low sequences, held,
+/// below a gap and the lost rows above it, and probing the lowest held row only moved
+/// the search up by that one row, a fetch per held row, while the repair held its lock.
+async fn row_to_bisect(
     client: &impl deadpool_postgres::GenericClient,
     from: i64,
     before: i64,
 ) -> anyhow::Result<Option<PublishedRow>> {
+    let middle = bisection_middle(from, before);
     let row = client
         .query_opt(
-            "SELECT stream_seq, event_id FROM outbox WHERE stream_seq >= $1 AND stream_seq < $2
-             ORDER BY stream_seq LIMIT 1",
-            &[&from, &before],
+            "SELECT stream_seq, event_id FROM (
+                 (SELECT 0 AS preference, stream_seq, event_id FROM outbox
+                  WHERE stream_seq >= $2 AND stream_seq < $3 ORDER BY stream_seq LIMIT 1)
+                 UNION ALL
+                 (SELECT 1, stream_seq, event_id FROM outbox
+                  WHERE stream_seq >= $1 AND stream_seq < $2 ORDER BY stream_seq DESC LIMIT 1)
+             ) AS candidates
+             ORDER BY preference LIMIT 1",
+            &[&from, &middle, &before],
         )
         .await
-        .context("reading a published row")?;
+        .context("reading the row to probe next")?;
     Ok(row.as_ref().map(PublishedRow::from_row))
+}
+
+/// The middle of the sequences `[from, before)`, rounded down; `from` when the range is
+/// empty.
+fn bisection_middle(from: i64, before: i64) -> i64 {
+    from + (before - from).max(0) / 2
 }
 
 fn is_stream_not_found(error: &GetStreamError) -> bool {

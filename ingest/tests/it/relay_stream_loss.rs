@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use contract::settings::Settings;
+use futures::{FutureExt, StreamExt};
 use testkit::process::{service_command, signal, terminate};
 use testkit::{eventually, PrivateNats, Running, TestEnv};
 use uuid::Uuid;
@@ -527,6 +528,137 @@ async fn relay_republishes_everything_kept_when_the_stream_was_deleted_and_recre
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS).await;
     relay.stop().await;
     ingest.stop().await;
+}
+
+/// A stream deleted and recreated (or a NATS host that lost its store) starts again at
+/// sequence 1, while the kept rows of what it lost hold the sequences they had, and the
+/// rows relayed since fill the sequences below them: a gap between held rows and lost
+/// ones. The repair's search for the first lost row then went up the held rows one at a
+/// time, a `STREAM.MSG.GET` each (5,000 here; a walk that ran inside the repair's
+/// transaction under its lock, chasing the rows other lanes marked meanwhile), where a
+/// bisection needs a few dozen.
+#[tokio::test]
+async fn a_recreated_stream_is_repaired_with_a_logarithmic_number_of_stream_reads() {
+    const FILLER: usize = 20_000;
+    const LOST: usize = 200;
+    const RELAYED_SINCE: usize = 5_000;
+    const MOST_READS: usize = 100;
+    let nats = PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url();
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
+    migrate(&env).await;
+    let jetstream = env.jetstream().await;
+    let stream = env.subjects.stream().to_owned();
+    ingest::relay::ensure_streams(&jetstream, &env.settings.nats)
+        .await
+        .expect("streams created");
+    // Messages of another subject first, so that the rows relayed next hold sequences
+    // past those the recreated stream hands out to the backlog.
+    publish_filler(&jetstream, &env.subjects.recorded("filler"), FILLER).await;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let db = env.postgres().await;
+    post_batches(&ingest, "lost", 1, LOST).await;
+    let relay = spawn_relay(&env.settings);
+    wait_until_all_published(&db, LOST as i64).await;
+    relay.stop().await;
+
+    jetstream
+        .delete_stream(&stream)
+        .await
+        .expect("stream deleted");
+    post_batches(&ingest, "since", RELAYED_SINCE / 1_000, 1_000).await;
+    // A relay with no periodic check recreates the stream at its start and relays the
+    // backlog at sequences 1 to 5,000, far below the kept rows of the lost events.
+    let relay = spawn_relay(&env.settings);
+    let rows = (LOST + RELAYED_SINCE) as i64;
+    wait_until_all_published(&db, rows).await;
+    relay.stop().await;
+
+    let reads =
+        RequestCounter::start(&nats.url(), &format!("$JS.API.STREAM.MSG.GET.{stream}")).await;
+    let mut settings = env.settings.clone();
+    settings.relay.stream_check_interval_ms = 200;
+    let relay = spawn_relay(&settings);
+    wait_for_stream_messages(&jetstream, &stream, rows as u64).await;
+    wait_until_all_published(&db, rows).await;
+    relay.stop().await;
+    let read_count = reads.count().await;
+    assert!(
+        read_count <= MOST_READS,
+        "the checks and the repair read {read_count} stream messages, more than {MOST_READS}"
+    );
+    assert_stream_matches_outbox(&db, &jetstream, &stream, rows as usize).await;
+    ingest.stop().await;
+}
+
+/// Counts the requests sent to a NATS subject (a stream API request, say), as a plain
+/// subscriber of that subject sees them.
+struct RequestCounter {
+    client: async_nats::Client,
+    requests: async_nats::Subscriber,
+}
+
+impl RequestCounter {
+    /// Subscribes to `subject`; counts what is sent to it from when this returns.
+    async fn start(url: &str, subject: &str) -> Self {
+        let client = async_nats::connect(url).await.expect("observer connects");
+        let requests = client
+            .subscribe(subject.to_owned())
+            .await
+            .expect("subscribed to the requests");
+        // The server handles a connection's messages in order: once it answers, it has
+        // registered the subscription.
+        round_trip(&client).await;
+        Self { client, requests }
+    }
+
+    /// The requests sent to the subject so far, once every one the server took before
+    /// this call has reached the subscriber.
+    async fn count(mut self) -> usize {
+        round_trip(&self.client).await;
+        // Unconstrained: tokio's cooperative budget would report the channel empty
+        // after 128 messages.
+        tokio::task::unconstrained(async {
+            let mut count = 0;
+            while let Some(Some(_)) = self.requests.next().now_or_never() {
+                count += 1;
+            }
+            count
+        })
+        .await
+    }
+}
+
+/// A request the server answers, behind everything it sent this client before.
+async fn round_trip(client: &async_nats::Client) {
+    client
+        .request("$JS.API.INFO", "".into())
+        .await
+        .expect("JetStream answers");
+}
+
+/// Publishes `count` messages to `subject`, each with its own message id, in windows
+/// of 1,000 whose acks are awaited together (async-nats holds at most 5,000 in flight).
+async fn publish_filler(jetstream: &jetstream::Context, subject: &str, count: usize) {
+    let mut published = 0;
+    while published < count {
+        let window = (count - published).min(1_000);
+        let mut acks = Vec::with_capacity(window);
+        for _ in 0..window {
+            let mut message_headers = async_nats::HeaderMap::new();
+            message_headers.insert("Nats-Msg-Id", Uuid::now_v7().to_string().as_str());
+            let ack = jetstream
+                .publish_with_headers(subject.to_owned(), message_headers, "{}".into())
+                .await
+                .expect("filler sent");
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.expect("filler acknowledged");
+        }
+        published += window;
+    }
 }
 
 #[tokio::test]
