@@ -23,6 +23,8 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::db;
+
 /// What a token allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
@@ -135,21 +137,26 @@ impl Tokens {
         looked_up?.ok_or(AuthError::Invalid)
     }
 
-    /// The token's grant as the database has it. Its caller may give up on it (the
-    /// request's deadline, a client that hung up): see [`LookUpConnection`].
+    /// The token's grant as the database has it.
+    ///
+    /// A look-up is given up half-way when the request it serves reaches its deadline (a
+    /// session holding a lock on `api_tokens` makes it wait as long as the lock is held)
+    /// or its client hangs up; its query is then cancelled rather than left on a pooled
+    /// connection for the next user to wait behind ([`db::cancel_if_given_up`]). The
+    /// flight the look-up ran for is not touched: a request still waiting on it runs the
+    /// look-up itself.
     async fn look_up(&self, hash: &[u8; 32]) -> Result<Option<Grant>, AuthError> {
         metrics::counter!("auth_token_lookups_total").increment(1);
         let pooled = self.pool.get().await.map_err(|_| AuthError::Unavailable)?;
-        let mut connection = LookUpConnection { pooled: None };
-        let client = connection.pooled.insert(pooled);
-        let row = client
-            .query_opt(
-                "SELECT kind, device_id FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
-                &[&&hash[..]],
-            )
-            .await;
-        // Answered: the connection is idle again and goes back to the pool.
-        connection.pooled = None;
+        let row = db::cancel_if_given_up(pooled, "token look-up", async |client| {
+            client
+                .query_opt(
+                    "SELECT kind, device_id FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+                    &[&&hash[..]],
+                )
+                .await
+        })
+        .await;
         let row = row.map_err(|_| AuthError::Unavailable)?;
         Ok(row.and_then(|row| {
             let kind: String = row.get(0);
@@ -161,43 +168,6 @@ impl Tokens {
                 _ => None,
             }
         }))
-    }
-}
-
-/// The pooled connection of a look-up whose query has not answered yet.
-///
-/// A look-up is given up half-way when the request it serves reaches its deadline (a
-/// session holding a lock on `api_tokens` makes it wait as long as the lock is held) or
-/// its client hangs up. Its connection then must not go back to the pool: the query is
-/// still queued on it, and whatever the next user sends (a commit of readings) would
-/// wait behind it. So a connection dropped unanswered leaves the pool, its query is
-/// cancelled and it is closed, and the pool opens a fresh one when it needs one. The
-/// flight the look-up ran for is not touched: a request still waiting on it runs the
-/// look-up itself.
-struct LookUpConnection {
-    /// `None` once the query has answered.
-    pooled: Option<deadpool_postgres::Object>,
-}
-
-impl Drop for LookUpConnection {
-    fn drop(&mut self) {
-        let Some(pooled) = self.pooled.take() else {
-            return;
-        };
-        let client = deadpool_postgres::Object::take(pooled);
-        let cancel = client.cancel_token();
-        tracing::debug!("token look-up given up before it answered, cancelling its query");
-        // Without a runtime (it is shutting down) the connection just closes, and the
-        // server ends the query when it next writes to it.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                // The pool's connections are made without TLS (`db::pool`), so is this.
-                if let Err(error) = cancel.cancel_query(tokio_postgres::NoTls).await {
-                    tracing::debug!(%error, "cancelling an abandoned token look-up failed");
-                }
-                drop(client);
-            });
-        }
     }
 }
 

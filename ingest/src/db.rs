@@ -41,11 +41,38 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// Any constant works as long as every process uses the same one.
 const MIGRATION_LOCK: i64 = 0x7e1e_0001;
 
-/// Parses the configured URL, with the configured connect timeout.
+/// Seconds of silence on a session before TCP keepalive first probes the server.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Between the probes that go unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes after which the kernel drops the connection.
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Parses the configured URL, with the configured connect timeout and TCP keepalive
+/// probes after 10 s of silence, every 5 s, the connection dropped after 3 unanswered
+/// (where the URL sets no keepalive of its own).
+///
+/// A session that only waits (the relay's `LISTEN outbox`, an idle pooled connection,
+/// one whose statement waits for its answer) sends nothing, so a PostgreSQL host that
+/// vanished without a reset (power lost, a link dropped) goes unnoticed until
+/// keepalive gives up on it: about 25 s into the silence with these settings. With
+/// tokio-postgres's default (the first probe after 2 hours) the relay's listener stayed
+/// dead that long, every reading waiting for the poll instead of the NOTIFY, and the
+/// pool handed out dead connections.
 pub fn pg_config(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::Config> {
     let mut config = tokio_postgres::Config::from_str(&settings.url)
         .with_context(|| unusable_url("database.url", &settings.url))?;
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+    // tokio-postgres reports no "unset" for the idle time, only its default.
+    if !settings.url.contains("keepalives_idle") {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVE_RETRIES);
+    }
     if config.get_application_name().is_none() {
         config.application_name("telemetry-pipeline");
     }
@@ -131,6 +158,61 @@ fn durable_commits() -> Hook {
             Ok(())
         })
     })
+}
+
+/// Runs `statements` on the pooled connection `pooled`, which goes back to the pool once
+/// they have answered.
+///
+/// A caller may give up half-way (a timeout, a request whose client hung up), dropping
+/// this future while a statement is still queued on the connection, perhaps waiting on
+/// a lock. The connection then must not go back to the pool: the pool hands out the
+/// connection returned last first and checks only that it is open, so whatever its next
+/// user sends (a commit of readings, a relay's claim, `/readyz`'s `SELECT 1`) would
+/// wait behind the abandoned statement. Instead it leaves the pool, its statement is
+/// cancelled and it is closed, and the pool opens a fresh one when it needs one.
+/// `what` names the statements in the log.
+pub async fn cancel_if_given_up<T>(
+    pooled: deadpool_postgres::Object,
+    what: &'static str,
+    statements: impl AsyncFnOnce(&deadpool_postgres::Object) -> T,
+) -> T {
+    let mut unanswered = Unanswered { pooled: None, what };
+    let client = unanswered.pooled.insert(pooled);
+    let answer = statements(client).await;
+    // Answered: the connection is idle again and goes back to the pool.
+    unanswered.pooled = None;
+    answer
+}
+
+/// The pooled connection of statements that have not answered yet
+/// ([`cancel_if_given_up`]).
+struct Unanswered {
+    /// `None` once the statements have answered.
+    pooled: Option<deadpool_postgres::Object>,
+    what: &'static str,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some(pooled) = self.pooled.take() else {
+            return;
+        };
+        let what = self.what;
+        let client = deadpool_postgres::Object::take(pooled);
+        let cancel = client.cancel_token();
+        tracing::debug!(what, "statement given up before it answered, cancelling it");
+        // Without a runtime (it is shutting down) the connection just closes, and the
+        // server ends the statement when it next writes to it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                // The pools' connections are made without TLS (`pool_with_config`).
+                if let Err(error) = cancel.cancel_query(NoTls).await {
+                    tracing::debug!(what, %error, "cancelling a statement given up failed");
+                }
+                drop(client);
+            });
+        }
+    }
 }
 
 /// Opens one connection outside the pool, driving it on its own task.
@@ -228,5 +310,50 @@ async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::
             Ok(())
         }
         Err(error) => Err(error).context("creating the database"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str) -> DatabaseSettings {
+        DatabaseSettings {
+            url: url.to_owned(),
+            pool_size: 4,
+            connect_timeout_ms: 2_000,
+        }
+    }
+
+    #[test]
+    fn sessions_probe_a_silent_server_after_10_s_and_give_up_after_3_probes_5_s_apart() {
+        let config = pg_config(&settings("postgres://postgres@127.0.0.1:5432/telemetry"))
+            .expect("a usable url");
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+    }
+
+    #[test]
+    fn keepalive_settings_in_the_url_win() {
+        let config = pg_config(&settings(
+            "postgres://postgres@127.0.0.1:5432/telemetry?keepalives_idle=60&keepalives_interval=20&keepalives_retries=9",
+        ))
+        .expect("a usable url");
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(60));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(9));
+        let off = pg_config(&settings(
+            "postgres://postgres@127.0.0.1:5432/telemetry?keepalives=0",
+        ))
+        .expect("a usable url");
+        assert!(!off.get_keepalives());
     }
 }

@@ -659,25 +659,39 @@ impl Relay {
 
     /// Publishes the outbox backlog (rows and age of the oldest) and the stream's last
     /// sequence as gauges.
+    ///
+    /// Each reading gets a second. The backlog's two statements run on one connection,
+    /// the age first, so that it is reported even when counting a large backlog takes
+    /// longer (the age is what alerts). Statements given up at the deadline are
+    /// cancelled, not left queued on a pooled connection for a round's claim to wait
+    /// behind ([`db::cancel_if_given_up`]): a lock on the outbox holds them up for as
+    /// long as it is held.
     async fn report_backlog(&self) {
+        // Every row below the floor is published: neither statement reads the index
+        // entries below it, which a claim skips for the same reason.
+        let (floor, _) = lock(&self.claim_floor).current();
         let backlog = async {
-            let client = self.pool.get().await.ok()?;
-            let row = client
-                .query_one(
-                    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8
-                     FROM outbox WHERE published_at IS NULL",
-                    &[],
-                )
-                .await
-                .ok()?;
-            Some((row.get::<_, i64>(0), row.get::<_, f64>(1)))
+            let Ok(pooled) = self.pool.get().await else {
+                return;
+            };
+            db::cancel_if_given_up(pooled, "outbox backlog gauge", async |client| {
+                let oldest = async {
+                    if let Ok(row) = client.query_one(OLDEST_UNPUBLISHED_AGE, &[&floor]).await {
+                        metrics::gauge!("relay_outbox_oldest_age_seconds")
+                            .set(row.get::<_, f64>(0));
+                    }
+                };
+                let rows = async {
+                    if let Ok(row) = client.query_one(UNPUBLISHED_ROWS, &[&floor]).await {
+                        metrics::gauge!("relay_outbox_backlog_rows")
+                            .set(row.get::<_, i64>(0) as f64);
+                    }
+                };
+                futures::join!(oldest, rows);
+            })
+            .await;
         };
-        if let Ok(Some((rows, oldest))) =
-            tokio::time::timeout(Duration::from_secs(1), backlog).await
-        {
-            metrics::gauge!("relay_outbox_backlog_rows").set(rows as f64);
-            metrics::gauge!("relay_outbox_oldest_age_seconds").set(oldest);
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), backlog).await;
         let last_sequence = async {
             let mut stream = self
                 .jetstream
@@ -846,6 +860,20 @@ fn ack_permits(batch_size: i64, rounds_in_flight: usize) -> usize {
 /// Claims the oldest unpublished rows; other relays skip them until this round ends.
 const CLAIM: &str = "SELECT id, event_id, device_id, payload FROM outbox
     WHERE published_at IS NULL AND id >= $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// The age in seconds of the unpublished row with the lowest id at or above `$1` (the
+/// claim floor), 0 when there is none. Rows get their ids in the order they are
+/// inserted, so that is the oldest row of the backlog, to within the moments its
+/// transaction and a concurrent one took to draw their ids; found through the index of
+/// unpublished rows the claims walk, where `min(created_at)` read every row of the
+/// backlog.
+const OLDEST_UNPUBLISHED_AGE: &str = "SELECT coalesce((
+    SELECT EXTRACT(EPOCH FROM now() - created_at) FROM outbox
+    WHERE published_at IS NULL AND id >= $1 ORDER BY id LIMIT 1), 0)::float8";
+
+/// How many rows are unpublished at or above `$1` (the claim floor): all of them.
+const UNPUBLISHED_ROWS: &str =
+    "SELECT count(*) FROM outbox WHERE published_at IS NULL AND id >= $1";
 
 /// Marks the acknowledged rows published, with the stream sequence of each.
 const MARK: &str = "UPDATE outbox SET published_at = now(), stream_seq = marked.seq

@@ -2,7 +2,7 @@
 //! neither loses nor duplicates an event.
 
 use std::process::Child;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use contract::settings::Settings;
@@ -234,6 +234,126 @@ async fn readiness_names_the_dependency_that_does_not_answer_and_shutdown_does_n
             )
             .await;
     }
+}
+
+/// The backlog gauge gives its statements up after 1 s, and a statement given up kept
+/// running on its connection, which went back to the pool to be handed out next: a
+/// round's claim, a prune or `/readyz`'s `SELECT 1` then waited behind it. A lock on the
+/// outbox (a migration, an operator's `LOCK`, a long `VACUUM FULL`) holds the gauge up
+/// for as long as it is held; a statement given up must end with its timeout.
+#[tokio::test]
+async fn a_backlog_gauge_statement_given_up_at_its_timeout_does_not_keep_running() {
+    // Long enough for the gauge (every 2 s) to start a statement under the lock.
+    const FIRST_STATEMENT_WITHIN: Duration = Duration::from_secs(5);
+    // How long the lock is held once a gauge statement waits on it: well past the
+    // gauge's timeout.
+    const WATCHED_FOR: Duration = Duration::from_millis(2_500);
+    const LONGEST_ALLOWED_SECS: f64 = 1.5;
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&admin_url, None).await;
+    let db = env.postgres().await;
+    let mut blocker = env.postgres().await;
+    let lock = testkit::lock_table(&mut blocker, "outbox").await;
+    let locked_at = Instant::now();
+    // A duration that must pass, watched throughout.
+    let mut first_seen: Option<Instant> = None;
+    let mut longest_secs: f64 = 0.0;
+    while first_seen.is_none_or(|seen| seen.elapsed() < WATCHED_FOR) {
+        assert!(
+            first_seen.is_some() || locked_at.elapsed() < FIRST_STATEMENT_WITHIN,
+            "no backlog gauge statement waited on the lock within {FIRST_STATEMENT_WITHIN:?}"
+        );
+        let row = db
+            .query_one(
+                "SELECT count(*),
+                        coalesce(max(EXTRACT(EPOCH FROM now() - query_start)), 0)::float8
+                 FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND state = 'active' AND query LIKE '%FROM outbox%'
+                   AND (query LIKE '%count(*)%' OR query LIKE '%created_at%')",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity");
+        if row.get::<_, i64>(0) > 0 && first_seen.is_none() {
+            first_seen = Some(Instant::now());
+        }
+        longest_secs = longest_secs.max(row.get(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(lock);
+    assert!(
+        longest_secs <= LONGEST_ALLOWED_SECS,
+        "a backlog gauge statement ran for {longest_secs:.1} s, past its 1 s timeout"
+    );
+    relay.stop().await;
+}
+
+/// The relay's `LISTEN outbox` session sends nothing once it listens, so a PostgreSQL
+/// host that vanished without a reset (power lost, a link dropped) went unnoticed as
+/// long as TCP keepalive waited: tokio-postgres's default is 2 hours of silence, and
+/// meanwhile every reading waited for the poll instead of the NOTIFY. Its socket must
+/// probe the server within seconds of silence. (Whether the kernel then drops a dead
+/// connection is its own business; a test here cannot take a host away without a reset.)
+#[tokio::test]
+async fn the_relays_listen_session_probes_a_silent_server_within_seconds() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let relay = spawn_relay(&env.settings);
+    let db = env.postgres().await;
+    let listen = format!("LISTEN {}", ingest::outbox_notify::CHANNEL);
+    // The relay's end of its LISTEN session, as PostgreSQL sees it.
+    let relay_port: i32 = eventually(
+        Duration::from_secs(10),
+        "the relay's LISTEN session",
+        || async {
+            db.query_opt(
+                "SELECT client_port FROM pg_stat_activity
+                 WHERE datname = current_database() AND query = $1",
+                &[&listen],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .and_then(|row| row.get(0))
+        },
+    )
+    .await;
+    let port = u16::try_from(relay_port).expect("a TCP port");
+    // The timer shows while nothing the session sent waits for its acknowledgement.
+    let next_probe = eventually(
+        Duration::from_secs(5),
+        "a keepalive timer on the LISTEN session's socket",
+        || async { keepalive_due_in(port) },
+    )
+    .await;
+    assert!(
+        next_probe <= Duration::from_secs(10),
+        "the LISTEN session's first keepalive probe is due in {next_probe:?}"
+    );
+    relay.stop().await;
+}
+
+/// How long until the keepalive timer of the established loopback TCP socket whose
+/// local port is `port` fires, from `/proc/net/tcp` (`tr` 2 is that timer, `tm->when`
+/// its remaining time in clock ticks of 1/100 s); `None` when no such timer runs.
+fn keepalive_due_in(port: u16) -> Option<Duration> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local_address, state, timer) = (fields.get(1)?, fields.get(3)?, fields.get(5)?);
+        if *local_address != local || *state != "01" {
+            return None;
+        }
+        let (active, ticks) = timer.split_once(':')?;
+        if active != "02" {
+            return None;
+        }
+        let ticks = u64::from_str_radix(ticks, 16).ok()?;
+        Some(Duration::from_millis(ticks * 10))
+    })
 }
 
 #[tokio::test]

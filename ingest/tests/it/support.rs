@@ -145,7 +145,6 @@ pub fn log_to_test_output() {
         .try_init();
 }
 
-/// A reading body for `device` with one temperature value.
 /// A batch body of `size` readings, keys `<prefix>-<index>`, over `devices` devices
 /// (`sensor-<index % devices>`), each's temperature its index.
 pub fn batch_body(prefix: &str, size: usize, devices: usize) -> Value {
@@ -174,6 +173,7 @@ pub fn assert_replayed(response: &Response) {
     );
 }
 
+/// A reading body for `device` with one temperature value.
 pub fn reading(device: &str, temperature: f64) -> Value {
     serde_json::json!({"device_id": device, "metrics": {"temperature": temperature}})
 }
