@@ -100,9 +100,18 @@ pub fn generation_pattern(prefix: &str, generation: u64) -> String {
 /// Each time a device's `last_seen` moves to a later 10 s granule, a new *entry*
 /// `<granule ms>:<device>` (scored by the granule) is added to `log` with its creation
 /// time in `created`, and the device's previous entry is *retired* (scored by the time
-/// it was superseded). A walk that began at `t0` sees the entries created by `t0` and
-/// not retired by `t0`: every device exactly once. Retired entries are deleted after
-/// [`LISTING_TTL_MS`]; a cursor older than that is refused. All four keys share the
+/// it was superseded), both stamped with one value: Redis's `TIME` (ms) when the
+/// projector's `index.lua` call runs. `log` is walked highest score first, equal
+/// scores by member bytes descending.
+///
+/// A walk takes its snapshot `t0` from the same clock on its first page (query's
+/// `devices_page.lua`) and sees the entries created before `t0` and not retired before
+/// `t0` (`created < t0`, no `retired` or `retired >= t0`): every device exactly once,
+/// whatever moves happen during the walk. Each page is one read-only script that goes
+/// on after the previous page's `(granule, entry)` by that order, whether or not the
+/// entry is still there, and looks at a bounded number of entries. Retired entries are
+/// deleted once retired [`LISTING_TTL_MS`] ago; a cursor that old (by Redis's clock)
+/// is refused, and so is one of a generation no longer live. All four keys share the
 /// hash tag `{devices}`, so the index script runs on one Redis Cluster slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevicesIndex {
@@ -132,12 +141,20 @@ impl DevicesIndex {
     pub fn device_of(entry: &str) -> Option<&str> {
         entry.split_once(':').map(|(_, device_id)| device_id)
     }
+
+    /// The granule of an entry (its score in `log`).
+    pub fn granule_of(entry: &str) -> Option<i64> {
+        entry
+            .split_once(':')
+            .and_then(|(granule, _)| granule.parse().ok())
+    }
 }
 
 /// The index orders devices by `last_seen` to this granularity (then by id).
 pub const LISTING_GRANULE_MS: i64 = 10_000;
 
-/// How long a walk through the devices list may take; retired entries live this long.
+/// How long a walk through the devices list may take (by Redis's clock, from its first
+/// page); retired entries live this long.
 pub const LISTING_TTL_MS: i64 = 600_000;
 
 /// The granule of a `last_seen`.

@@ -6,7 +6,9 @@
 //! `events` more are measured: Redis's own CPU time (`INFO cpu`, so run it against a
 //! Redis nothing else uses) and memory per event, and the size and encoding of one
 //! buckets hash. Batches hold `batch` events, as the projector's do at a moderate rate.
-//! Everything is written under a throw-away prefix, deleted at the end.
+//! Everything is written under a throw-away prefix, deleted at the end. `index.lua`
+//! stamps with Redis's clock, not the simulated one, so no retired index entry expires
+//! during a run: its index holds the whole history's moves, more than a live one.
 //!
 //! `cargo run --release -p projector --example apply_cost -- [devices per_device history_secs events batch]`
 //! (defaults 1000 0.38 1200 40000 40: ~400 bucket fields per device). A history of 420 s

@@ -407,7 +407,8 @@ impl ReadModel {
                 .arg(&index.retired)
                 .arg(&index.current);
             self.guard_key(command, guard);
-            command.arg(now_ms).arg(LISTING_TTL_MS);
+            // No clock: the script stamps with Redis's (see index.lua).
+            command.arg(LISTING_TTL_MS);
             for (device_id, granule) in entries {
                 command.arg(*device_id).arg(*granule);
             }

@@ -8,9 +8,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use contract::read_model::{
-    Aggregate, DevicesIndex, MetricStats, Resolution, FINE, LISTING_TTL_MS,
-};
+use contract::read_model::{Aggregate, DevicesIndex, MetricStats, Resolution, FINE};
 use contract::reading::{check_device_id, check_metric_name, FieldError};
 use contract::timestamp::{format_millis, parse, unix_millis};
 use serde::de::DeserializeOwned;
@@ -19,7 +17,7 @@ use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::read_model::{AnswerKey, DeviceView};
+use crate::read_model::{AnswerKey, DeviceView, WalkPosition};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,7 +211,11 @@ pub struct ListResponse {
 /// Largest page of `GET /v1/devices`.
 pub const LIST_LIMIT_MAX: usize = 1000;
 
-/// `GET /v1/devices?limit=&cursor=`: most recently seen first, keyset-paginated.
+/// `GET /v1/devices?limit=&cursor=`: most recently seen first, keyset-paginated. A
+/// page may hold fewer than `limit` devices (even none) and still have a
+/// `next_cursor`: each page looks at a bounded part of the index (see
+/// [`ReadModel::devices`](crate::read_model::ReadModel::devices)); the walk ends only
+/// at `next_cursor: null`.
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
@@ -231,20 +233,8 @@ pub async fn list(
                 )
             })?,
     };
-    let now_ms = unix_millis(OffsetDateTime::now_utc());
-    let (snapshot_ms, after) = walk_from(query.cursor.as_deref(), now_ms)?;
-    let page = state
-        .read_model
-        .devices(limit, snapshot_ms, after.as_deref())
-        .await?;
-    let next_cursor = page
-        .more
-        .then(|| {
-            page.devices
-                .last()
-                .map(|device| encode_cursor(snapshot_ms, &device.entry))
-        })
-        .flatten();
+    let from = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let page = state.read_model.devices(limit, from.as_ref()).await?;
     let devices = page
         .devices
         .into_iter()
@@ -256,46 +246,44 @@ pub async fn list(
         .collect();
     Ok(Json(ListResponse {
         devices,
-        next_cursor,
+        next_cursor: page.next.as_ref().map(encode_cursor),
     }))
 }
 
-/// A cursor is `<snapshot ms>.<granule ms>.<device id>`: when the walk began, and the
-/// index entry it continues after. Every part is safe in a URL.
-fn encode_cursor(snapshot_ms: i64, entry: &str) -> String {
-    format!("{snapshot_ms}.{}", entry.replacen(':', ".", 1))
+/// A cursor is `<generation>.<snapshot ms>.<granule ms>.<device id>`: the read model's
+/// generation the walk reads, when it began (Redis's clock), and the index entry it
+/// continues after. Every part is safe in a URL.
+fn encode_cursor(position: &WalkPosition) -> String {
+    format!(
+        "{}.{}.{}",
+        position.generation,
+        position.snapshot_ms,
+        position.after.replacen(':', ".", 1)
+    )
 }
 
-/// Where a walk of the list stands: a new walk begins at `now_ms`; a cursor continues
-/// the walk it came from, until that walk is older than the listing TTL. A cursor is
-/// client input, so its snapshot may be any number: the age saturates rather than
-/// overflow.
-fn walk_from(cursor: Option<&str>, now_ms: i64) -> Result<(i64, Option<String>), ApiError> {
-    let Some(cursor) = cursor else {
-        return Ok((now_ms, None));
-    };
-    let (snapshot_ms, after) = decode_cursor(cursor)?;
-    if now_ms.saturating_sub(snapshot_ms) > LISTING_TTL_MS {
-        return Err(invalid(
-            "cursor",
-            format!(
-                "has expired: a listing must be walked within {} minutes; start again without a cursor",
-                LISTING_TTL_MS / 60_000
-            ),
-        ));
-    }
-    Ok((snapshot_ms, after))
-}
-
-fn decode_cursor(cursor: &str) -> Result<(i64, Option<String>), ApiError> {
-    let mut parts = cursor.splitn(3, '.');
-    let decoded = match (parts.next(), parts.next(), parts.next()) {
-        (Some(snapshot), Some(granule), Some(device_id)) => snapshot
-            .parse::<i64>()
-            .ok()
-            .zip(granule.parse::<i64>().ok())
-            .filter(|_| check_device_id(device_id).is_ok())
-            .map(|(snapshot, granule)| (snapshot, Some(DevicesIndex::entry(granule, device_id)))),
+/// The walk position of a cursor this API returned. Any numbers are taken: a
+/// generation that is not the live one, or a walk older than the listing TTL, is
+/// refused when the page is read (by Redis's clock). A cursor of before generations
+/// were named (three parts) is refused here.
+fn decode_cursor(cursor: &str) -> Result<WalkPosition, ApiError> {
+    let mut parts = cursor.splitn(4, '.');
+    let decoded = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(generation), Some(snapshot), Some(granule), Some(device_id)) => {
+            match (
+                generation.parse::<u64>(),
+                snapshot.parse::<i64>(),
+                granule.parse::<i64>(),
+                check_device_id(device_id),
+            ) {
+                (Ok(generation), Ok(snapshot_ms), Ok(granule), Ok(())) => Some(WalkPosition {
+                    generation,
+                    snapshot_ms,
+                    after: DevicesIndex::entry(granule, device_id),
+                }),
+                _ => None,
+            }
+        }
         _ => None,
     };
     decoded.ok_or_else(|| invalid("cursor", "is not a cursor this API returned"))
@@ -472,18 +460,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_cursor_continues_its_walk_until_the_listing_ttl_and_any_snapshot_is_safe() {
-        let now_ms = 1_800_000_000_000;
-        assert_eq!(walk_from(None, now_ms).ok(), Some((now_ms, None)));
-        let cursor = encode_cursor(now_ms - 1_000, "1799999990000:sensor-1");
-        let (snapshot_ms, after) = walk_from(Some(&cursor), now_ms).expect("a fresh cursor");
-        assert_eq!(snapshot_ms, now_ms - 1_000);
-        assert_eq!(after.as_deref(), Some("1799999990000:sensor-1"));
-        let stale = encode_cursor(now_ms - LISTING_TTL_MS - 1, "1:sensor-1");
-        assert!(walk_from(Some(&stale), now_ms).is_err());
+    fn a_cursor_names_its_generation_snapshot_and_entry_and_reads_back() {
+        let position = WalkPosition {
+            generation: 1_799_999_000_000,
+            snapshot_ms: 1_800_000_000_000,
+            after: "1799999990000:sensor-1".to_owned(),
+        };
+        let cursor = encode_cursor(&position);
+        assert_eq!(cursor, "1799999000000.1800000000000.1799999990000.sensor-1");
+        assert!(cursor
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"-_.".contains(&byte)));
+        assert_eq!(decode_cursor(&cursor).ok(), Some(position));
+        // Any numbers of their type are taken; Redis judges them.
         for snapshot_ms in [i64::MIN, i64::MIN + 1, -1] {
-            let forged = format!("{snapshot_ms}.0.sensor-1");
-            assert!(walk_from(Some(&forged), now_ms).is_err(), "{forged}");
+            let forged = format!("{}.{snapshot_ms}.0.sensor-1", u64::MAX);
+            assert!(decode_cursor(&forged).is_ok(), "{forged}");
+        }
+    }
+
+    #[test]
+    fn a_cursor_of_another_shape_is_refused() {
+        for cursor in [
+            // Before cursors named their generation.
+            "1800000000000.1799999990000.sensor-1",
+            "1.2.3",
+            "-1.1800000000000.1799999990000.sensor-1",
+            "1.1800000000000.1799999990000.sensor.1",
+            "1.1800000000000.1799999990000.",
+            "1.x.1799999990000.sensor-1",
+            "",
+        ] {
+            assert!(decode_cursor(cursor).is_err(), "{cursor}");
         }
     }
 }

@@ -3,6 +3,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use contract::problem::{Problem, ProblemKind, CONTENT_TYPE};
+use contract::read_model::LISTING_TTL_MS;
 use contract::reading::FieldError;
 
 use crate::read_model::ReadError;
@@ -52,6 +53,13 @@ impl From<ReadError> for ApiError {
             ReadError::CursorLost => Self::InvalidRequest(vec![FieldError::new(
                 "cursor",
                 "the listing's position is gone (the read model was rebuilt); start again without a cursor",
+            )]),
+            ReadError::CursorExpired => Self::InvalidRequest(vec![FieldError::new(
+                "cursor",
+                format!(
+                    "has expired: a listing must be walked within {} minutes; start again without a cursor",
+                    LISTING_TTL_MS / 60_000
+                ),
             )]),
             ReadError::Redis(_) | ReadError::Reply(_) => {
                 tracing::warn!(%error, "reading the read model failed");

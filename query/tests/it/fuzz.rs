@@ -52,14 +52,24 @@ fn value() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Shaped like a cursor (`<snapshot ms>.<granule ms>.<device id>`), with any numbers.
+/// Shaped like a cursor (`<generation>.<snapshot ms>.<granule ms>.<device id>`, or
+/// without the generation as before), with any numbers.
 fn cursor() -> impl Strategy<Value = String> {
     (
+        prop_oneof![
+            Just(String::new()),
+            // The live generation of the test (`one_projected_reading`).
+            Just("1.".to_owned()),
+            number().prop_map(|generation| format!("{generation}.")),
+            any::<u64>().prop_map(|generation| format!("{generation}.")),
+        ],
         number(),
         number(),
         prop_oneof!["[A-Za-z0-9_-]{1,64}", "[A-Za-z0-9_.:-]{0,70}"],
     )
-        .prop_map(|(snapshot, granule, device)| format!("{snapshot}.{granule}.{device}"))
+        .prop_map(|(generation, snapshot, granule, device)| {
+            format!("{generation}{snapshot}.{granule}.{device}")
+        })
 }
 
 /// One query parameter: mostly a value of the kind its name takes, else any value.

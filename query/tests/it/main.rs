@@ -4,6 +4,7 @@
 
 mod auth;
 mod deadline;
+mod devices_list;
 mod end_to_end;
 mod errors;
 mod fuzz;

@@ -33,7 +33,7 @@ fn now_ms() -> i64 {
 }
 
 /// Publishes an event as the relay does, with `msg_id` as its `Nats-Msg-Id`.
-async fn publish(
+pub async fn publish(
     subjects: &Subjects,
     jetstream: &jetstream::Context,
     event: &TelemetryRecorded,
@@ -881,11 +881,23 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
         .map(|index| format!("walk-{index:02}"))
         .collect();
     assert!(moved.contains(&first), "{first} reported last");
-    let stale = query.get("/v1/devices?limit=4&cursor=1.2.walk-00").await;
+    let cursor = fresh["next_cursor"].as_str().expect("a next page");
+    let generation = cursor.split('.').next().expect("the generation");
+    let stale = query
+        .get(&format!(
+            "/v1/devices?limit=4&cursor={generation}.2.3.walk-00"
+        ))
+        .await;
     assert_eq!(
         stale.status().as_u16(),
         400,
         "a cursor older than the listing TTL is refused"
+    );
+    let before_generations = query.get("/v1/devices?limit=4&cursor=1.2.walk-00").await;
+    assert_eq!(
+        before_generations.status().as_u16(),
+        400,
+        "a cursor of before generations were named is refused"
     );
     side.stop().await;
 }
