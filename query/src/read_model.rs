@@ -104,10 +104,18 @@ pub struct Validity {
 }
 
 /// Answers kept with the validity they were made at and the 10 s bucket their windows
-/// change in, per device and `?metrics=` selection; bounded by [`ANSWERS_MAX`].
+/// change in, per device and `?metrics=` selection; bounded by [`ANSWERS_MAX`] and
+/// [`ANSWERS_BYTES_MAX`].
 #[derive(Debug)]
 pub struct AnswerCache<T> {
-    answers: Mutex<HashMap<AnswerKey, Kept<T>>>,
+    answers: Mutex<Answers<T>>,
+}
+
+#[derive(Debug)]
+struct Answers<T> {
+    kept: HashMap<AnswerKey, Kept<T>>,
+    /// The sum of the kept answers' [`Kept::bytes`].
+    bytes: usize,
 }
 
 #[derive(Debug)]
@@ -116,6 +124,19 @@ struct Kept<T> {
     /// The first 10 s bucket the answer is no longer exact in.
     until: i64,
     answer: T,
+    /// What keeping it costs, roughly: the answer, its key and its validity.
+    bytes: usize,
+}
+
+/// The size in bytes of a kept answer.
+pub trait Weight {
+    fn weight(&self) -> usize;
+}
+
+impl Weight for bytes::Bytes {
+    fn weight(&self) -> usize {
+        self.len()
+    }
 }
 
 impl<T> Kept<T> {
@@ -136,20 +157,38 @@ pub const ANSWERS_MAX: usize = 10_000;
 /// more before the next drop, which walks the whole map.
 pub const ANSWERS_AFTER_DROP: usize = ANSWERS_MAX * 7 / 8;
 
+/// Bytes of answers kept at most ([`Kept::bytes`]). The count alone did not bound the
+/// memory: a device with 32 metrics answers about 20 KiB, and every distinct
+/// `?metrics=` list (as long as a request line allows) was kept on its own, so 10,000
+/// answers could hold a few hundred MiB. 32 MiB holds the 10,000 answers of 3 metrics
+/// the count allows (about 2.3 KiB each with their keys and validity, 22 MiB in all),
+/// with room to spare, and keeps query's RSS under its 64 MiB target whatever is asked.
+pub const ANSWERS_BYTES_MAX: usize = 32 << 20;
+
+/// Bytes of answers left when a drop was needed ([`ANSWERS_AFTER_DROP`]'s 7/8).
+pub const ANSWERS_BYTES_AFTER_DROP: usize = ANSWERS_BYTES_MAX * 7 / 8;
+
+/// A kept answer's cost beyond its answer, key and header: the map's entry, the
+/// validity and the key's allocations.
+const KEPT_OVERHEAD_BYTES: usize = 128;
+
 impl<T: Clone> Default for AnswerCache<T> {
     fn default() -> Self {
         Self {
-            answers: Mutex::new(HashMap::new()),
+            answers: Mutex::new(Answers {
+                kept: HashMap::new(),
+                bytes: 0,
+            }),
         }
     }
 }
 
-impl<T: Clone> AnswerCache<T> {
+impl<T: Clone + Weight> AnswerCache<T> {
     /// The answer kept for `key`, if it was made at the generation and header of
     /// `validity` and is still exact in its 10 s bucket.
     pub fn get(&self, key: &AnswerKey, validity: &Validity) -> Option<T> {
         let answers = self.answers.lock().ok()?;
-        let kept = answers.get(key)?;
+        let kept = answers.kept.get(key)?;
         let made_at = &kept.made_at;
         (made_at.generation == validity.generation
             && made_at.header == validity.header
@@ -162,54 +201,89 @@ impl<T: Clone> AnswerCache<T> {
     pub fn may_serve(&self, key: &AnswerKey, fine_bucket: i64) -> bool {
         self.answers.lock().is_ok_and(|answers| {
             answers
+                .kept
                 .get(key)
                 .is_some_and(|kept| kept.windows_hold_in(fine_bucket))
         })
     }
 
     /// Keeps `answer`, made at `validity` and exact until the 10 s bucket `until`, for
-    /// `key`. When the cache is full it first drops the answers no longer exact now
-    /// (they can never be served again), then, if more than [`ANSWERS_AFTER_DROP`]
-    /// are left, the ones made longest ago down to that. When a dashboard asks for a
+    /// `key`. When the cache is full (by count or by bytes) it first drops the answers
+    /// no longer exact now (they can never be served again), then, if more than
+    /// [`ANSWERS_AFTER_DROP`] or [`ANSWERS_BYTES_AFTER_DROP`] are left, the ones made
+    /// longest ago down to that. An answer larger than that alone is not kept. When a
+    /// dashboard asks for a
     /// few more devices than fit, few answers go at a time: simulated uniform requests
     /// over 10,600 devices missed 9% of the time, 19% when half of the answers were
     /// dropped at once (as before); over 11,000, 12.5% against 23%. (The bench's
     /// `/stats` point asks for 10,000 devices while the answers of its end-to-end
     /// probes' devices are still exact.)
     pub fn insert(&self, key: AnswerKey, validity: Validity, until: i64, answer: T) {
-        let Ok(mut answers) = self.answers.lock() else {
+        let bytes = answer.weight()
+            + key.0.len()
+            + key.1.iter().flatten().map(String::len).sum::<usize>()
+            + validity.header.len()
+            + KEPT_OVERHEAD_BYTES;
+        if bytes > ANSWERS_BYTES_AFTER_DROP {
+            return;
+        }
+        let Ok(mut guard) = self.answers.lock() else {
             return;
         };
-        if answers.len() >= ANSWERS_MAX && !answers.contains_key(&key) {
-            answers.retain(|_, kept| kept.until > validity.fine_bucket);
-            let excess = answers.len().saturating_sub(ANSWERS_AFTER_DROP);
-            if excess > 0 {
-                let mut made: Vec<(i64, &AnswerKey)> = answers
+        let answers = &mut *guard;
+        if let Some(replaced) = answers.kept.remove(&key) {
+            answers.bytes -= replaced.bytes;
+        }
+        if answers.kept.len() >= ANSWERS_MAX || answers.bytes + bytes > ANSWERS_BYTES_MAX {
+            answers
+                .kept
+                .retain(|_, kept| kept.until > validity.fine_bucket);
+            answers.bytes = answers.kept.values().map(|kept| kept.bytes).sum();
+            let over = |count: usize, bytes: usize| {
+                count > ANSWERS_AFTER_DROP || bytes > ANSWERS_BYTES_AFTER_DROP
+            };
+            if over(answers.kept.len(), answers.bytes) {
+                let mut made: Vec<(i64, usize, &AnswerKey)> = answers
+                    .kept
                     .iter()
-                    .map(|(key, kept)| (kept.made_at.fine_bucket, key))
+                    .map(|(key, kept)| (kept.made_at.fine_bucket, kept.bytes, key))
                     .collect();
-                made.select_nth_unstable_by_key(excess - 1, |(bucket, _)| *bucket);
-                let oldest: Vec<AnswerKey> = made[..excess]
-                    .iter()
-                    .map(|(_, key)| (*key).clone())
-                    .collect();
-                for key in &oldest {
-                    answers.remove(key);
+                made.sort_unstable_by_key(|(bucket, _, _)| *bucket);
+                let (mut count, mut left) = (answers.kept.len(), answers.bytes);
+                let mut oldest = Vec::new();
+                for (_, bytes, key) in made {
+                    if !over(count, left) {
+                        break;
+                    }
+                    count -= 1;
+                    left -= bytes;
+                    oldest.push(key.clone());
                 }
+                for key in &oldest {
+                    answers.kept.remove(key);
+                }
+                answers.bytes = left;
             }
         }
-        answers.insert(
+        answers.bytes += bytes;
+        answers.kept.insert(
             key,
             Kept {
                 made_at: validity,
                 until,
                 answer,
+                bytes,
             },
         );
     }
 
     pub fn len(&self) -> usize {
-        self.answers.lock().map_or(0, |answers| answers.len())
+        self.answers.lock().map_or(0, |answers| answers.kept.len())
+    }
+
+    /// The bytes the kept answers cost ([`ANSWERS_BYTES_MAX`] at most).
+    pub fn bytes(&self) -> usize {
+        self.answers.lock().map_or(0, |answers| answers.bytes)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -780,6 +854,18 @@ fn window_aggregate(
 mod tests {
     use super::*;
 
+    impl Weight for &str {
+        fn weight(&self) -> usize {
+            self.len()
+        }
+    }
+
+    impl Weight for usize {
+        fn weight(&self) -> usize {
+            std::mem::size_of::<usize>()
+        }
+    }
+
     fn validity(sample_count: u8, fine_bucket: i64) -> Validity {
         Validity {
             generation: 1,
@@ -812,6 +898,47 @@ mod tests {
             None,
             "another selection"
         );
+    }
+
+    #[test]
+    fn large_answers_are_kept_within_the_byte_bound_newest_first() {
+        let cache = AnswerCache::default();
+        let mebibyte = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+        for device in 0..100 {
+            // All still exact; each made a bucket later than the one before.
+            cache.insert(
+                key(device),
+                validity(1, device as i64),
+                1_000,
+                mebibyte.clone(),
+            );
+        }
+        assert!(
+            cache.len() <= ANSWERS_BYTES_MAX >> 20,
+            "{} answers of 1 MiB kept",
+            cache.len()
+        );
+        assert!(cache.bytes() <= ANSWERS_BYTES_MAX);
+        assert!(
+            cache.get(&key(99), &validity(1, 99)).is_some(),
+            "the newest kept"
+        );
+        assert!(
+            cache.get(&key(0), &validity(1, 99)).is_none(),
+            "the oldest dropped"
+        );
+        let kept: usize = (0..100)
+            .filter(|&device| cache.get(&key(device), &validity(1, 99)).is_some())
+            .count();
+        assert_eq!(kept, cache.len());
+
+        let huge = bytes::Bytes::from(vec![b'x'; ANSWERS_BYTES_MAX]);
+        cache.insert(key(1_000), validity(1, 99), 1_000, huge);
+        assert!(
+            cache.get(&key(1_000), &validity(1, 99)).is_none(),
+            "too large to keep"
+        );
+        assert_eq!(cache.len(), kept);
     }
 
     #[test]

@@ -439,6 +439,8 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 }
 
 /// Parses `?metrics=a,b`; every name must follow the metric-name rule.
+/// The metrics `?metrics=` selects, sorted and each once: one selection, however it is
+/// written, is one kept answer (every spelling was kept on its own).
 fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
     let Some(list) = metrics else {
         return Ok(None);
@@ -452,12 +454,24 @@ fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError>
         check_metric_name(name).map_err(|message| invalid("metrics", message))?;
         wanted.push(name.to_owned());
     }
+    wanted.sort_unstable();
+    wanted.dedup();
     Ok(Some(wanted))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_selection_of_metrics_is_one_whatever_its_order_and_repeats() {
+        let selection = |text: &str| metric_filter(Some(text)).ok().flatten();
+        let canonical = Some(vec!["humidity".to_owned(), "temperature".to_owned()]);
+        assert_eq!(selection("temperature,humidity"), canonical);
+        assert_eq!(selection("humidity, temperature,humidity,"), canonical);
+        assert!(metric_filter(Some("Temperature")).is_err());
+        assert_eq!(metric_filter(None).ok(), Some(None));
+    }
 
     #[test]
     fn a_cursor_names_its_generation_snapshot_and_entry_and_reads_back() {
