@@ -157,8 +157,9 @@ pub const ANSWERS_MAX: usize = 10_000;
 /// more before the next drop, which walks the whole map.
 pub const ANSWERS_AFTER_DROP: usize = ANSWERS_MAX * 7 / 8;
 
-/// Bytes of answers kept at most ([`Kept::bytes`]). The count alone did not bound the
-/// memory: a device with 32 metrics answers about 20 KiB, and every distinct
+/// Bytes of answers kept at most (each its document, its key and its validity). The
+/// count alone did not bound the memory: a device with 32 metrics answers about 20 KiB,
+/// and every distinct
 /// `?metrics=` list (as long as a request line allows) was kept on its own, so 10,000
 /// answers could hold a few hundred MiB. 32 MiB holds the 10,000 answers of 3 metrics
 /// the count allows (about 2.3 KiB each with their keys and validity, 22 MiB in all),
