@@ -343,14 +343,31 @@ impl ReadModel {
         if events.is_empty() || generations.is_empty() {
             return Ok((Applied::default(), false));
         }
+        // Copies of one event in the batch (a republish under another Nats-Msg-Id) go to
+        // the script once, as the copy with the highest stream sequence: the event counts
+        // once, and `as_of_seq` still reaches every sequence the batch delivered, as it
+        // would if the copies had come in batches of their own.
+        let mut latest_copy: HashMap<uuid::Uuid, &Delivered> = HashMap::with_capacity(events.len());
+        for delivered in events {
+            let kept = latest_copy
+                .entry(delivered.event.event_id)
+                .or_insert(delivered);
+            if delivered.stream_sequence > kept.stream_sequence {
+                *kept = delivered;
+            }
+        }
         let mut by_device: BTreeMap<&str, Vec<&Delivered>> = BTreeMap::new();
         let mut seen = HashSet::with_capacity(events.len());
         for delivered in events {
             if seen.insert(delivered.event.event_id) {
+                let copy = latest_copy
+                    .get(&delivered.event.event_id)
+                    .copied()
+                    .unwrap_or(delivered);
                 by_device
-                    .entry(delivered.event.device_id.as_str())
+                    .entry(copy.event.device_id.as_str())
                     .or_default()
-                    .push(delivered);
+                    .push(copy);
             }
         }
         let mut pipeline = redis::pipe();

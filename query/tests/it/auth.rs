@@ -1,4 +1,4 @@
-//! Read tokens for the query API (API.md §5): only a read token reads.
+//! Read tokens for the query API (API.md §5): only a read token reads, on every route.
 
 use ingest::auth::{issue, revoke, Kind};
 use testkit::{eventually, TestEnv};
@@ -29,55 +29,67 @@ async fn only_a_valid_read_token_may_use_the_query_api() {
     assert!(revoke(&pool, revoked_id).await.expect("revoked"));
 
     let http = http_client();
-    let get = |authorization: Option<String>| {
-        let mut request = http.get(format!("{}/v1/devices/sensor-1/stats", query.base_url));
-        if let Some(authorization) = authorization {
-            request = request.header("authorization", authorization);
+    // Every route of the API, each with what a read token gets once the read model
+    // exists: sensor-1 is unknown, the devices list answers.
+    let routes = [
+        ("/v1/devices/sensor-1/stats", 404),
+        ("/v1/devices", 200),
+        ("/v1/devices?limit=5", 200),
+        ("/v1/devices/sensor-1/series?metric=temperature", 404),
+        (
+            "/v1/devices/sensor-1/series?metric=temperature&resolution=5m",
+            404,
+        ),
+    ];
+    for (path, with_read_token) in routes {
+        let get = |authorization: Option<String>| {
+            let mut request = http.get(format!("{}{path}", query.base_url));
+            if let Some(authorization) = authorization {
+                request = request.header("authorization", authorization);
+            }
+            request.send()
+        };
+        let missing = get(None).await.expect("sent");
+        assert_eq!(
+            missing
+                .headers()
+                .get("www-authenticate")
+                .and_then(|value| value.to_str().ok()),
+            Some("Bearer"),
+            "{path}"
+        );
+        assert_problem(missing, 401, "unauthorized").await;
+        for refused in [
+            format!("Bearer {revoked_token}"),
+            "Bearer nonsense".to_owned(),
+            format!("Basic {read_token}"),
+            read_token.clone(),
+        ] {
+            assert_problem(get(Some(refused)).await.expect("sent"), 401, "unauthorized").await;
         }
-        request.send()
-    };
-    let missing = get(None).await.expect("sent");
-    assert_eq!(
-        missing
-            .headers()
-            .get("www-authenticate")
-            .and_then(|value| value.to_str().ok()),
-        Some("Bearer")
-    );
-    assert_problem(missing, 401, "unauthorized").await;
-    assert_problem(
-        get(Some(format!("Bearer {revoked_token}")))
-            .await
-            .expect("sent"),
-        401,
-        "unauthorized",
-    )
-    .await;
-    assert_problem(
-        get(Some("Bearer nonsense".to_owned())).await.expect("sent"),
-        401,
-        "unauthorized",
-    )
-    .await;
-    for ingest_token in [&device_token, &gateway_token] {
-        assert_problem(
-            get(Some(format!("Bearer {ingest_token}")))
-                .await
-                .expect("sent"),
-            403,
-            "forbidden",
+        for ingest_token in [&device_token, &gateway_token] {
+            assert_problem(
+                get(Some(format!("Bearer {ingest_token}")))
+                    .await
+                    .expect("sent"),
+                403,
+                "forbidden",
+            )
+            .await;
+        }
+        // A read token gets through to the handler.
+        let read_token = &read_token;
+        let get = &get;
+        eventually(
+            DEADLINE,
+            &format!("{path}: {with_read_token} with the read token"),
+            || async move {
+                let response = get(Some(format!("Bearer {read_token}"))).await.ok()?;
+                (response.status().as_u16() == with_read_token).then_some(())
+            },
         )
         .await;
     }
-    // A read token gets through to the handler: this unknown device is a 404 once the
-    // projector has created the read model.
-    let read_token = &read_token;
-    let get = &get;
-    eventually(DEADLINE, "a 404 with the read token", || async move {
-        let response = get(Some(format!("Bearer {read_token}"))).await.ok()?;
-        (response.status().as_u16() == 404).then_some(())
-    })
-    .await;
     // Health endpoints stay open for probes.
     let health = http
         .get(format!("{}/healthz", query.base_url))

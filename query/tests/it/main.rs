@@ -11,5 +11,6 @@ mod fuzz;
 mod metrics;
 mod openapi;
 mod read_model;
+mod series;
 mod settings;
 mod support;

@@ -1,7 +1,9 @@
-//! The read model against the reference model: random readings — shuffled, duplicated,
-//! republished, spread over 30 h, several metrics — go through JetStream and two real
-//! projectors into Redis, and every figure of every device and window must match the
-//! fold in `contract::reference`. Also: window edges, losing the read model, rebuilds.
+//! The read model against the reference model: random readings — spread over 30 h,
+//! many within a bucket of a window's edge, some up to 5 min ahead, several metrics —
+//! shuffled and republished, go through JetStream and two real projectors into Redis;
+//! once the consumer has handled every message, every figure of every device and window
+//! must match the fold in `contract::reference`. Also: window edges, losing the read
+//! model, rebuilds.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +22,7 @@ use testkit::{assert_same_figures, eventually, Sums, TestEnv};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::support::{ensure_streams, spawn_projector, ReadSide, DEADLINE};
+use crate::support::{consumer_drained, ensure_streams, spawn_projector, ReadSide, DEADLINE};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -32,13 +34,14 @@ fn now_ms() -> i64 {
     unix_millis(OffsetDateTime::now_utc())
 }
 
-/// Publishes an event as the relay does, with `msg_id` as its `Nats-Msg-Id`.
+/// Publishes an event as the relay does, with `msg_id` as its `Nats-Msg-Id`; returns
+/// the stream sequence JetStream stored it at.
 pub async fn publish(
     subjects: &Subjects,
     jetstream: &jetstream::Context,
     event: &TelemetryRecorded,
     msg_id: &str,
-) {
+) -> u64 {
     let mut message_headers = HeaderMap::new();
     message_headers.insert(headers::MSG_ID, msg_id);
     message_headers.insert(headers::CONTENT_TYPE, "application/json");
@@ -53,7 +56,8 @@ pub async fn publish(
         .await
         .expect("publish sent")
         .await
-        .expect("publish acknowledged");
+        .expect("publish acknowledged")
+        .sequence
 }
 
 /// Publishes a reading's event as the relay does, its event id as the message id.
@@ -116,7 +120,12 @@ async fn wait_until_projected(env: &TestEnv, model: &ReferenceModel) {
 
 /// Compares every figure of every device and window, read at one instant, with the model.
 async fn assert_matches_model(read_model: &ReadModel, model: &ReferenceModel) {
-    let now = now_ms();
+    assert_matches_model_at(read_model, model, now_ms()).await;
+}
+
+/// Compares every figure of every device, and every window as it stands at `now`, with
+/// the model.
+async fn assert_matches_model_at(read_model: &ReadModel, model: &ReferenceModel, now: i64) {
     for device in model.devices() {
         let expected = model.device(&device).expect("device in model");
         let view = read_model
@@ -129,7 +138,7 @@ async fn assert_matches_model(read_model: &ReadModel, model: &ReferenceModel) {
             for window in WINDOWS {
                 let want = model.window(&device, name, &window, now);
                 let got = view.windows[name][window.name];
-                let what = format!("{device}.{name} window {}", window.name);
+                let what = format!("{device}.{name} window {} at {now}", window.name);
                 match (got, want) {
                     (None, None) => {}
                     (Some(got), Some(want)) => {
@@ -149,40 +158,126 @@ async fn assert_matches_model(read_model: &ReadModel, model: &ReferenceModel) {
     }
 }
 
+/// Each window of API.md §4 as (length, bucket width), written out here so that the
+/// strategy aims at the documented edges, whatever `read_model` says.
+const WINDOW_EDGES: [(i64, i64); 5] = [
+    (60_000, 10_000),
+    (300_000, 10_000),
+    (900_000, 10_000),
+    (HOUR_MS, 10_000),
+    (24 * HOUR_MS, 300_000),
+];
+
+/// How far ahead of now ingest accepts `recorded_at` (API.md §1, the default).
+const MAX_AHEAD_MS: i64 = 5 * 60_000;
+
+/// When a reading was recorded, relative to the instant its case begins (`anchor`).
+#[derive(Debug, Clone, Copy)]
+enum Recorded {
+    /// This long before the anchor.
+    Ago(i64),
+    /// Within one bucket of a window's length before the anchor: `length + offset` ago,
+    /// `offset` in [−bucket, +bucket], where the window's far edge lies.
+    NearEdge { length_ms: i64, offset_ms: i64 },
+    /// This long after the anchor (at most 5 min): in no window until its bucket comes.
+    Ahead(i64),
+}
+
+impl Recorded {
+    fn at(self, anchor_ms: i64) -> i64 {
+        match self {
+            Recorded::Ago(age_ms) => anchor_ms - age_ms,
+            Recorded::NearEdge {
+                length_ms,
+                offset_ms,
+            } => anchor_ms - length_ms - offset_ms,
+            Recorded::Ahead(ahead_ms) => anchor_ms + ahead_ms,
+        }
+    }
+}
+
+fn recorded() -> impl Strategy<Value = Recorded> {
+    let near_edge =
+        prop::sample::select(WINDOW_EDGES.to_vec()).prop_flat_map(|(length_ms, bucket_ms)| {
+            prop_oneof![Just(-bucket_ms), Just(bucket_ms), -bucket_ms..=bucket_ms].prop_map(
+                move |offset_ms| Recorded::NearEdge {
+                    length_ms,
+                    offset_ms,
+                },
+            )
+        });
+    prop_oneof![
+        3 => (0..30 * HOUR_MS).prop_map(Recorded::Ago),
+        3 => near_edge,
+        1 => (1..=MAX_AHEAD_MS).prop_map(Recorded::Ahead),
+    ]
+}
+
+/// A reading of the scenario; its event id and instant are given when its case runs.
+#[derive(Debug, Clone)]
+struct Planned {
+    device: usize,
+    recorded: Recorded,
+    metrics: BTreeMap<&'static str, f64>,
+}
+
+impl Planned {
+    fn reading(&self, anchor_ms: i64) -> ModelReading {
+        ModelReading {
+            event_id: Uuid::now_v7(),
+            device_id: format!("dev-{}", self.device),
+            recorded_at_ms: self.recorded.at(anchor_ms),
+            metrics: self
+                .metrics
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), *value))
+                .collect(),
+        }
+    }
+}
+
 prop_compose! {
-    fn reading(started_ms: i64)(
+    fn planned()(
         device in 0..4usize,
-        age_ms in 0..30 * HOUR_MS,
+        recorded in recorded(),
         metrics in prop::collection::btree_map(
             prop::sample::select(vec!["temperature", "humidity", "co2"]),
             prop_oneof![(-1000i32..1000).prop_map(f64::from), -1.0e6..1.0e6f64],
             1..=3,
         ),
-    ) -> ModelReading {
-        ModelReading {
-            event_id: Uuid::now_v7(),
-            device_id: format!("dev-{device}"),
-            recorded_at_ms: started_ms - age_ms,
-            metrics: metrics.into_iter().map(|(name, value)| (name.to_owned(), value)).collect(),
-        }
+    ) -> Planned {
+        Planned { device, recorded, metrics }
     }
 }
 
-/// Readings, which of them are published twice (a relay republish past the duplicate
-/// window), and the order everything is published in.
-fn scenario() -> impl Strategy<
-    Value = (
-        Vec<ModelReading>,
-        Vec<prop::sample::Index>,
-        Vec<prop::sample::Index>,
-    ),
-> {
-    let started = now_ms();
+/// One message of a scenario: the reading it carries (an index into the readings), and
+/// whether it is a second copy under another `Nats-Msg-Id` (a relay republish past the
+/// duplicate window, which JetStream keeps as a message of its own).
+#[derive(Debug, Clone, Copy)]
+struct Message {
+    reading: usize,
+    copy: bool,
+}
+
+/// Readings, and the messages that carry them — each reading once, some a second or
+/// third time — in a random order.
+fn scenario() -> impl Strategy<Value = (Vec<Planned>, Vec<Message>)> {
     (
-        prop::collection::vec(reading(started), 1..80),
+        prop::collection::vec(planned(), 1..80),
         prop::collection::vec(any::<prop::sample::Index>(), 0..30),
-        prop::collection::vec(any::<prop::sample::Index>(), 0..120),
     )
+        .prop_flat_map(|(readings, republished)| {
+            let originals = (0..readings.len()).map(|reading| Message {
+                reading,
+                copy: false,
+            });
+            let copies = republished.iter().map(|index| Message {
+                reading: index.index(readings.len()),
+                copy: true,
+            });
+            let messages: Vec<Message> = originals.chain(copies).collect();
+            (Just(readings), Just(messages).prop_shuffle())
+        })
 }
 
 proptest! {
@@ -190,7 +285,7 @@ proptest! {
 
     #[test]
     fn read_model_matches_the_reference_model_whatever_the_order_and_duplicates(
-        (readings, republished, swaps) in scenario()
+        (planned, messages) in scenario()
     ) {
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         runtime.block_on(async move {
@@ -200,30 +295,75 @@ proptest! {
             let first = spawn_projector(&env.settings);
             let second = spawn_projector(&env.settings);
 
+            // The readings near a window's edge are placed relative to this instant.
+            let anchor = now_ms();
+            let readings: Vec<ModelReading> =
+                planned.iter().map(|planned| planned.reading(anchor)).collect();
             let mut model = ReferenceModel::new();
-            let mut messages: Vec<(ModelReading, String)> = Vec::new();
             for reading in &readings {
                 model.apply(reading.clone());
-                messages.push((reading.clone(), reading.event_id.to_string()));
             }
-            for index in &republished {
-                let reading = index.get(&readings).clone();
-                // Another Nats-Msg-Id: JetStream keeps both copies, as after a republish.
-                messages.push((reading, Uuid::now_v7().to_string()));
+            // The highest stream sequence of each device's messages, copies included.
+            let mut last_sequence_of: BTreeMap<String, u64> = BTreeMap::new();
+            let mut last_sequence = 0;
+            for message in &messages {
+                let reading = &readings[message.reading];
+                let msg_id = if message.copy {
+                    Uuid::now_v7().to_string()
+                } else {
+                    reading.event_id.to_string()
+                };
+                let sequence = publish(&env.subjects, &jetstream, &event_of(reading), &msg_id).await;
+                last_sequence_of.insert(reading.device_id.clone(), sequence);
+                last_sequence = sequence;
             }
-            for (position, index) in swaps.iter().enumerate() {
-                let length = messages.len();
-                messages.swap(position % length, index.index(length));
+            assert_eq!(last_sequence, messages.len() as u64, "every message stored once");
+            // Every message handled, copies too: a copy counted again would show now.
+            consumer_drained(&env, &jetstream, last_sequence).await;
+            let read_model = read_model(&env).await;
+            // At the anchor the readings near the edges are where the strategy put them;
+            // now, after the drain, each has moved on by as much.
+            assert_matches_model_at(&read_model, &model, anchor).await;
+            assert_matches_model(&read_model, &model).await;
+            for (device, sequence) in &last_sequence_of {
+                let stats = env.device_stats(device).await.expect("device projected");
+                assert_eq!(
+                    stats.as_of_seq, *sequence,
+                    "{device}: as_of_seq is the highest sequence of its messages"
+                );
             }
-            for (reading, msg_id) in &messages {
-                publish(&env.subjects, &jetstream, &event_of(reading), msg_id).await;
-            }
-            wait_until_projected(&env, &model).await;
-            assert_matches_model(&read_model(&env).await, &model).await;
             first.stop().await;
             second.stop().await;
         });
     }
+}
+
+/// `as_of_seq` is the highest stream sequence the figures reflect (README): a second
+/// copy of an event (a relay republish) is skipped, but handled, so the view is as of
+/// it, whether the copy comes in a batch of its own or in the same batch as its first.
+#[tokio::test]
+async fn a_copy_in_the_same_batch_as_its_original_still_moves_as_of_seq() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let jetstream = env.jetstream().await;
+    let reading = aged("batched-copy", 1_000, 21.5);
+    let event = event_of(&reading);
+    // Both in the stream before a projector runs: its first fetch takes them together.
+    let first = publish(&env.subjects, &jetstream, &event, "first-copy").await;
+    let second = publish(&env.subjects, &jetstream, &event, "second-copy").await;
+    assert!(second > first);
+    let projector = spawn_projector(&env.settings);
+    consumer_drained(&env, &jetstream, second).await;
+    let stats = env
+        .device_stats("batched-copy")
+        .await
+        .expect("device projected");
+    assert_eq!(stats.sample_count, 1, "the copy counted once");
+    assert_eq!(
+        stats.as_of_seq, second,
+        "the view is as of the copy, the device's last message"
+    );
+    projector.stop().await;
 }
 
 /// One reading of `value` at `age_ms` before now for `device`.

@@ -1,0 +1,251 @@
+//! `GET /v1/devices/{device_id}/series` (API.md §4, README): the buckets of one metric
+//! that hold readings, oldest first, each stamped `t` with its start, with `count`,
+//! `avg`, `min`, `max`; `from` and `to` choose the buckets; a bad request is a `400`
+//! problem naming its field.
+
+use std::collections::BTreeMap;
+
+use contract::event::TelemetryRecorded;
+use contract::timestamp::{format_millis, from_unix_millis, parse, unix_millis};
+use serde_json::Value;
+use testkit::{eventually, TestEnv};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::read_model::publish;
+use crate::support::{assert_problem, one_projected_reading, Query, ReadSide, DEADLINE};
+
+const TEN_SECONDS: i64 = 10_000;
+const FIVE_MINUTES: i64 = 300_000;
+
+/// A point as the test expects it: its bucket's start (ms), count, avg, min, max.
+type Point = (i64, u64, f64, f64, f64);
+
+/// The `(t, count, avg, min, max)` of each point of a series answer, in its order.
+fn points_of(series: &Value) -> Vec<Point> {
+    series["points"]
+        .as_array()
+        .unwrap_or_else(|| panic!("points: {series}"))
+        .iter()
+        .map(|point| {
+            let t = point["t"]
+                .as_str()
+                .and_then(parse)
+                .unwrap_or_else(|| panic!("t is RFC 3339: {point}"));
+            let number = |field: &str| {
+                point[field]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{field}: {point}"))
+            };
+            (
+                unix_millis(t),
+                point["count"].as_u64().expect("count"),
+                number("avg"),
+                number("min"),
+                number("max"),
+            )
+        })
+        .collect()
+}
+
+/// `GET /v1/devices/series-1/series?<query>`, which must answer 200; its points.
+async fn series(query: &Query, parameters: &str) -> Vec<Point> {
+    let path = format!("/v1/devices/series-1/series?{parameters}");
+    let response = query.get(&path).await;
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["device_id"], "series-1", "{body}");
+    points_of(&body)
+}
+
+/// `from=…&to=…` for the instants `from_ms` and `to_ms`.
+fn range(from_ms: i64, to_ms: i64) -> String {
+    format!(
+        "from={}&to={}",
+        format_millis(from_ms).expect("instant in range"),
+        format_millis(to_ms).expect("instant in range"),
+    )
+}
+
+#[tokio::test]
+async fn series_points_are_the_buckets_of_the_readings_oldest_first_within_from_and_to() {
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    // The start of a 5 min bucket 40-45 minutes ago: every 10 s bucket below is still
+    // kept (1 h 5 min) and inside the default range (the last hour).
+    let now = unix_millis(OffsetDateTime::now_utc());
+    let base = (now - 40 * 60_000).div_euclid(FIVE_MINUTES) * FIVE_MINUTES;
+    // (ms after `base`, temperature, humidity), published newest first.
+    let readings: [(i64, f64, Option<f64>); 7] = [
+        (300_000 + 5_000, 1.0, None),
+        (69_999, 6.0, None),
+        (65_000, 10.0, None),
+        (61_000, 8.0, Some(30.0)),
+        (20_000, -1.5, Some(50.0)),
+        (9_999, 4.0, None),
+        (1_000, 2.0, None),
+    ];
+    for (offset, temperature, humidity) in readings {
+        let mut metrics = BTreeMap::from([("temperature".to_owned(), temperature)]);
+        if let Some(humidity) = humidity {
+            metrics.insert("humidity".to_owned(), humidity);
+        }
+        let event = TelemetryRecorded::new(
+            Uuid::now_v7(),
+            "series-1".to_owned(),
+            from_unix_millis(base + offset).expect("in range"),
+            OffsetDateTime::now_utc(),
+            metrics,
+        );
+        publish(
+            &env.subjects,
+            jetstream,
+            &event,
+            &event.event_id.to_string(),
+        )
+        .await;
+    }
+    eventually(DEADLINE, "the seven readings projected", || async {
+        let (status, stats) = query.stats("series-1", "").await;
+        (status == 200 && stats["sample_count"] == 7).then_some(())
+    })
+    .await;
+
+    // Worked out by hand from the readings above.
+    let fine_temperature: Vec<Point> = vec![
+        (base, 2, 3.0, 2.0, 4.0),
+        (base + 20_000, 1, -1.5, -1.5, -1.5),
+        (base + 60_000, 3, 8.0, 6.0, 10.0),
+        (base + 300_000, 1, 1.0, 1.0, 1.0),
+    ];
+    assert_eq!(
+        series(query, "metric=temperature&resolution=10s").await,
+        fine_temperature
+    );
+    assert_eq!(
+        series(query, "metric=temperature").await,
+        fine_temperature,
+        "resolution defaults to 10s"
+    );
+    assert_eq!(
+        series(query, "metric=humidity").await,
+        vec![
+            (base + 20_000, 1, 50.0, 50.0, 50.0),
+            (base + 60_000, 1, 30.0, 30.0, 30.0),
+        ],
+        "only the metric asked for"
+    );
+    assert_eq!(
+        series(query, "metric=temperature&resolution=5m").await,
+        vec![
+            (base, 6, 4.75, -1.5, 10.0),
+            (base + 300_000, 1, 1.0, 1.0, 1.0),
+        ]
+    );
+    assert_eq!(
+        series(query, "metric=co2").await,
+        vec![],
+        "a metric it never had"
+    );
+
+    // Ranges that take whole buckets in or leave them out.
+    for (from, to, expected) in [
+        // From the second bucket's start to the third bucket's last millisecond.
+        (
+            base + 20_000,
+            base + 69_999,
+            fine_temperature[1..3].to_vec(),
+        ),
+        (
+            base + 20_000,
+            base + 59_999,
+            fine_temperature[1..2].to_vec(),
+        ),
+        (base, base + 9_999, fine_temperature[..1].to_vec()),
+        // Between the buckets that hold readings.
+        (base + 70_000, base + 299_999, Vec::new()),
+        (base + 300_000, now, fine_temperature[3..].to_vec()),
+        // One instant: its bucket.
+        (
+            base + 65_000,
+            base + 65_000,
+            fine_temperature[2..3].to_vec(),
+        ),
+    ] {
+        let parameters = format!("metric=temperature&{}", range(from, to));
+        assert_eq!(
+            series(query, &parameters).await,
+            expected,
+            "from +{} to +{} ms",
+            from - base,
+            to - base
+        );
+    }
+    let coarse = series(
+        query,
+        &format!(
+            "metric=temperature&resolution=5m&{}",
+            range(base + FIVE_MINUTES, now)
+        ),
+    )
+    .await;
+    assert_eq!(coarse, vec![(base + 300_000, 1, 1.0, 1.0, 1.0)]);
+    let fine_before = series(
+        query,
+        &format!(
+            "metric=temperature&resolution=10s&{}",
+            range(base - 10 * TEN_SECONDS, base - 1)
+        ),
+    )
+    .await;
+    assert_eq!(fine_before, vec![], "nothing before the first reading");
+    side.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_series_request_is_a_400_problem_naming_its_field() {
+    let env = TestEnv::new();
+    // A device that exists, so that only the request can be wrong.
+    one_projected_reading(&env, "series-1").await;
+    let query = Query::spawn(&env.settings).await;
+    let now = unix_millis(OffsetDateTime::now_utc());
+    let later_first = range(now, now - 60_000);
+    let a_millisecond_later_first = range(now, now - 1);
+    for (parameters, field) in [
+        ("".to_owned(), "metric"),
+        ("resolution=10s".to_owned(), "metric"),
+        ("metric=".to_owned(), "metric"),
+        ("metric=Temperature".to_owned(), "metric"),
+        ("metric=temperature&resolution=1m".to_owned(), "resolution"),
+        ("metric=temperature&resolution=10S".to_owned(), "resolution"),
+        ("metric=temperature&resolution=".to_owned(), "resolution"),
+        (format!("metric=temperature&{later_first}"), "from"),
+        (
+            format!("metric=temperature&{a_millisecond_later_first}"),
+            "from",
+        ),
+        ("metric=temperature&from=yesterday".to_owned(), "from"),
+        (
+            "metric=temperature&from=2026-11-22T10:15:30".to_owned(),
+            "from",
+        ),
+        (
+            "metric=temperature&to=2026-13-01T00:00:00Z".to_owned(),
+            "to",
+        ),
+        ("metric=temperature&to=1764000000000".to_owned(), "to"),
+    ] {
+        let path = format!("/v1/devices/series-1/series?{parameters}");
+        let problem = assert_problem(query.get(&path).await, 400, "invalid-request").await;
+        assert_eq!(
+            problem["errors"][0]["field"], field,
+            "{path}: the problem names {field}: {problem}"
+        );
+    }
+    // The same device answers a well-formed request.
+    let response = query
+        .get("/v1/devices/series-1/series?metric=temperature")
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    query.stop().await;
+}
