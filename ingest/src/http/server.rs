@@ -22,6 +22,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::Router;
+use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -117,6 +118,18 @@ pub async fn serve(
 }
 
 /// [`serve`], keeping `open` up to date when given.
+///
+/// At `shutdown` it stops in a way that cuts off no request a client already sent:
+/// - the connections the kernel already completed (in the listen backlog, each perhaps
+///   with a request on the wire) are taken and served like the others, and only then
+///   is the listener closed, so that a later connection is refused (the client knows
+///   nothing was sent) rather than reset when the process exits;
+/// - every answer from then on says `Connection: close`, so a client does not send its
+///   next request over a connection that is about to close;
+/// - a connection goes on for [`SHUTDOWN_LINGER`] before it is told to shut down (it
+///   then finishes the request in progress, or closes if idle): a request already on
+///   its way over an idle keep-alive connection is read and answered instead of being
+///   met by a close (which the client sees as a reset, or an incomplete message).
 pub async fn serve_counted(
     listener: TcpListener,
     router: Router,
@@ -126,6 +139,23 @@ pub async fn serve_counted(
 ) {
     let connections = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let served = Served {
+        router: router.layer(axum::middleware::map_response({
+            let shutdown = shutdown.clone();
+            move |mut response: axum::response::Response| {
+                if shutdown.is_cancelled() {
+                    response.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                std::future::ready(response)
+            }
+        })),
+        limits,
+        open,
+        shutdown: shutdown.clone(),
+    };
     loop {
         // A free slot first: at the cap, new connections wait in the listen backlog.
         let slot = tokio::select! {
@@ -138,20 +168,49 @@ pub async fn serve_counted(
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _) = match accepted {
-            Ok(accepted) => accepted,
+        match accepted {
+            Ok((stream, _)) => served.spawn(&connections, stream, Some(slot)),
             Err(error) => {
                 // Out of file descriptors and the like: pause rather than spin.
                 tracing::warn!(%error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
+        }
+    }
+    // The listen backlog holds at most `max_connections` (`bootstrap::listen`), so these
+    // are served without a slot.
+    while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+        served.spawn(&connections, stream, None);
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
+
+/// How long a connection goes on serving after a shutdown began before it is told to
+/// shut down: long enough for a request already sent to arrive and be read.
+pub const SHUTDOWN_LINGER: Duration = Duration::from_millis(100);
+
+/// What each connection of [`serve_counted`] is served with.
+struct Served {
+    router: Router,
+    limits: ConnectionLimits,
+    open: Option<OpenConnections>,
+    shutdown: CancellationToken,
+}
+
+impl Served {
+    fn spawn(
+        &self,
+        connections: &TaskTracker,
+        stream: tokio::net::TcpStream,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let _ = stream.set_nodelay(true);
         // The service, and with it this connection's place in the count, lives as long
         // as the connection.
-        let seen = open.as_ref().map(|open| Arc::new(open.connection()));
-        let service = TowerToHyperService::new(router.clone().map_request(
+        let seen = self.open.as_ref().map(|open| Arc::new(open.connection()));
+        let service = TowerToHyperService::new(self.router.clone().map_request(
             move |request: Request<Incoming>| {
                 if let Some(seen) = &seen {
                     seen.saw(request.uri().path());
@@ -159,7 +218,8 @@ pub async fn serve_counted(
                 request.map(Body::new)
             },
         ));
-        let shutdown = shutdown.clone();
+        let shutdown = self.shutdown.clone();
+        let limits = self.limits;
         connections.spawn(async move {
             let _slot = slot;
             let mut builder = http1::Builder::new();
@@ -169,19 +229,23 @@ pub async fn serve_counted(
                 .max_buf_size(limits.max_header_bytes.max(8192));
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
+            let ended = tokio::select! {
+                result = connection.as_mut() => Some(result),
+                _ = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_LINGER).await;
+                } => None,
+            };
+            let result = match ended {
+                Some(result) => result,
+                None => {
                     connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
+                    connection.await
                 }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "connection ended with an error");
             }
         });
     }
-    connections.close();
-    connections.wait().await;
 }
