@@ -1,9 +1,10 @@
 //! Layered configuration shared by every process (API.md §8).
 //!
 //! Layers, later wins: `config/default.toml`, `config/<APP_ENV>.toml` (`APP_ENV`
-//! defaults to `dev`), then environment variables `PIPELINE__<SECTION>__<KEY>`. The
-//! `config` directory is `APP_CONFIG_DIR` when set, else the first `config/` holding a
-//! `default.toml` in the working directory or one of its parents.
+//! defaults to `dev`; both files must exist), then environment variables
+//! `PIPELINE__<SECTION>__<KEY>`. The `config` directory is `APP_CONFIG_DIR` when set,
+//! else the first `config/` holding a `default.toml` in the working directory or one of
+//! its parents.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,8 +32,10 @@ pub struct Settings {
 pub struct DatabaseSettings {
     pub url: String,
     /// Connections each process keeps open at most.
+    #[serde(deserialize_with = "integer")]
     pub pool_size: usize,
     /// How long a request waits for a connection before answering 503.
+    #[serde(deserialize_with = "integer")]
     pub connect_timeout_ms: u64,
 }
 
@@ -43,8 +46,10 @@ pub struct NatsSettings {
     pub stream: String,
     pub consumer: String,
     /// How long the stream keeps events.
+    #[serde(deserialize_with = "integer")]
     pub max_age_secs: u64,
     /// JetStream's window for dropping a republished `Nats-Msg-Id`.
+    #[serde(deserialize_with = "integer")]
     pub duplicate_window_secs: u64,
 }
 
@@ -59,38 +64,53 @@ pub struct RedisSettings {
 #[serde(deny_unknown_fields)]
 pub struct IngestSettings {
     pub listen: SocketAddr,
+    #[serde(deserialize_with = "integer")]
     pub max_body_bytes: usize,
     /// Largest body of `POST /v1/telemetry/batch`.
+    #[serde(deserialize_with = "integer")]
     pub max_batch_body_bytes: usize,
     /// How far in the future `recorded_at` may be.
+    #[serde(deserialize_with = "integer")]
     pub max_future_secs: u64,
     /// How far in the past `recorded_at` may be.
+    #[serde(deserialize_with = "integer")]
     pub max_age_secs: u64,
     /// How long an idempotency key is remembered.
+    #[serde(deserialize_with = "integer")]
     pub idempotency_retention_secs: u64,
     /// How long readings are kept in PostgreSQL, by receive time (0: for good).
+    #[serde(deserialize_with = "integer")]
     pub reading_retention_secs: u64,
     /// Most readings committed in one group-commit transaction.
+    #[serde(deserialize_with = "integer")]
     pub commit_batch_max: usize,
     /// Group-commit transactions in flight at once.
+    #[serde(deserialize_with = "integer")]
     pub commit_concurrency: usize,
     /// Readings that must be waiting before a group commit starts beside one already in
     /// flight (fewer wait for it to return).
+    #[serde(deserialize_with = "integer")]
     pub commit_parallel_min: usize,
     /// After a group commit of several readings, a smaller batch than
     /// `commit_parallel_min` starts no sooner than this after it (commits then gather
     /// more readings each); 0: off.
+    #[serde(deserialize_with = "integer")]
     pub commit_interval_ms: u64,
     /// After a NOTIFY that covered several outbox rows, the next goes out no sooner than
     /// this after it (the relay's rounds then gather more rows each); 0: off.
+    #[serde(deserialize_with = "integer")]
     pub notify_interval_ms: u64,
     /// Requests waiting for a commit before new ones are turned away with 503.
+    #[serde(deserialize_with = "integer")]
     pub queue_capacity: usize,
     /// Longest time a request may take end to end.
+    #[serde(deserialize_with = "integer")]
     pub request_timeout_ms: u64,
     /// Readings per second each device may send (0: no limit).
+    #[serde(deserialize_with = "integer")]
     pub rate_limit_per_second: u32,
     /// Readings a device may send at once before the rate applies.
+    #[serde(deserialize_with = "integer")]
     pub rate_limit_burst: u32,
 }
 
@@ -99,26 +119,35 @@ pub struct IngestSettings {
 pub struct RelaySettings {
     pub admin_listen: SocketAddr,
     /// Outbox rows claimed, published and marked in one transaction.
+    #[serde(deserialize_with = "integer")]
     pub batch_size: i64,
     /// Rounds one relay runs at once: a second claims new rows while the first marks
     /// its own.
+    #[serde(deserialize_with = "integer")]
     pub rounds_in_flight: usize,
     /// After a round that found several rows, the next starts no sooner than this after
     /// it started (fewer, bigger rounds under load); 0 starts every round at once.
+    #[serde(deserialize_with = "integer")]
     pub round_interval_ms: u64,
     /// How often the relay looks for work when no NOTIFY arrived.
+    #[serde(deserialize_with = "integer")]
     pub poll_interval_ms: u64,
     /// How long published outbox rows are kept (for republishing after a NATS host crash).
+    #[serde(deserialize_with = "integer")]
     pub published_retention_secs: u64,
     /// Rows deleted per pruning statement.
+    #[serde(deserialize_with = "integer")]
     pub prune_batch: i64,
     /// How often published outbox rows and expired idempotency keys are pruned.
+    #[serde(deserialize_with = "integer")]
     pub prune_interval_ms: u64,
     /// How often the relay checks that the stream still holds the newest message it
     /// published (and republishes what a NATS host crash lost); also after a reconnect.
+    #[serde(deserialize_with = "integer")]
     pub stream_check_interval_ms: u64,
     /// PostgreSQL ends a relay session that stays idle inside a transaction this long
     /// (a paused or hung relay), so that its claimed rows go to another relay.
+    #[serde(deserialize_with = "integer")]
     pub idle_in_transaction_timeout_ms: u64,
 }
 
@@ -127,12 +156,16 @@ pub struct RelaySettings {
 pub struct ProjectorSettings {
     pub admin_listen: SocketAddr,
     /// Messages applied in one Redis pipeline.
+    #[serde(deserialize_with = "integer")]
     pub batch_size: usize,
     /// Batches being applied at once: while Redis works on one, the next is sent.
+    #[serde(deserialize_with = "integer")]
     pub batches_in_flight: usize,
     /// How long JetStream waits for an ack before redelivering.
+    #[serde(deserialize_with = "integer")]
     pub ack_wait_secs: u64,
     /// How long an applied event id is remembered to skip redeliveries.
+    #[serde(deserialize_with = "integer")]
     pub dedup_horizon_secs: u64,
 }
 
@@ -143,6 +176,7 @@ pub struct QuerySettings {
     /// Longest time a request to the query API may take end to end, its token look-up
     /// included; past it the client gets a 503 to retry instead of waiting on a stalled
     /// database.
+    #[serde(deserialize_with = "integer")]
     pub request_timeout_ms: u64,
 }
 
@@ -152,12 +186,15 @@ pub struct QuerySettings {
 pub struct HttpSettings {
     /// A request's head — and, on a kept-alive connection, the next request — must
     /// arrive within this; slow or idle clients are disconnected after it.
+    #[serde(deserialize_with = "integer")]
     pub header_read_timeout_ms: u64,
     /// Largest request line plus headers (at least 8192).
+    #[serde(deserialize_with = "integer")]
     pub max_header_bytes: usize,
     /// Connections a listener serves at once; as many again wait in the kernel's listen
     /// backlog (the listener asks for that size) until one closes, so memory stays
     /// bounded whatever clients do.
+    #[serde(deserialize_with = "integer")]
     pub max_connections: usize,
 }
 
@@ -172,6 +209,7 @@ pub struct AuthSettings {
     pub service_credentials_required: bool,
     /// How long a verified (or unknown) token is remembered; revocation takes effect
     /// within this time.
+    #[serde(deserialize_with = "integer")]
     pub cache_ttl_secs: u64,
 }
 
@@ -182,7 +220,9 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// A `tracing` filter, e.g. `info` or `ingest=debug,info`.
     pub level: String,
-    /// How long a process may take to drain after SIGTERM before it gives up.
+    /// How long ingest, after SIGTERM, once its HTTP server has stopped, waits for its
+    /// last group commits before it exits. The other processes do not read it.
+    #[serde(deserialize_with = "integer")]
     pub shutdown_grace_secs: u64,
 }
 
@@ -191,6 +231,61 @@ pub struct LogSettings {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// An integer setting's value, refusing what the config crate would turn into one: it
+/// rounds a float (`rate_limit_per_second = -1.0` or `0.4` became 0, which turns the rate
+/// limit off) and reads `true`, `"on"` and `"yes"` as 1, `false`, `"off"` and `"no"` as 0.
+/// A file's integer, or a variable's text holding a whole number in the type's range, is
+/// taken; anything else stops the start naming the key.
+fn integer<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i128>,
+{
+    struct Integer<T>(std::marker::PhantomData<T>);
+
+    impl<T: TryFrom<i128>> serde::de::Visitor<'_> for Integer<T> {
+        type Value = T;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(
+                formatter,
+                "a whole number that fits {}",
+                std::any::type_name::<T>()
+            )
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<T, E> {
+            self.visit_i128(value.into())
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<T, E> {
+            self.visit_i128(value.into())
+        }
+
+        fn visit_i128<E: serde::de::Error>(self, value: i128) -> Result<T, E> {
+            T::try_from(value).map_err(|_| {
+                E::invalid_value(serde::de::Unexpected::Other(&value.to_string()), &self)
+            })
+        }
+
+        fn visit_u128<E: serde::de::Error>(self, value: u128) -> Result<T, E> {
+            let whole = i128::try_from(value).map_err(|_| {
+                E::invalid_value(serde::de::Unexpected::Other(&value.to_string()), &self)
+            })?;
+            self.visit_i128(whole)
+        }
+
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<T, E> {
+            let whole = value
+                .parse::<i128>()
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(value), &self))?;
+            self.visit_i128(whole)
+        }
+    }
+
+    deserializer.deserialize_any(Integer(std::marker::PhantomData))
 }
 
 /// Longest duration any setting may hold: 100 years, in seconds.
@@ -259,7 +354,15 @@ impl Settings {
                 SettingsError("no config/default.toml in the working directory or its parents (set APP_CONFIG_DIR)".to_owned())
             })?,
         };
-        let environment = std::env::var("APP_ENV").unwrap_or_else(|_| "dev".to_owned());
+        let environment = match std::env::var("APP_ENV") {
+            Ok(environment) => environment,
+            Err(std::env::VarError::NotPresent) => "dev".to_owned(),
+            Err(std::env::VarError::NotUnicode(environment)) => {
+                return Err(SettingsError(format!(
+                    "APP_ENV {environment:?} is not UTF-8"
+                )))
+            }
+        };
         Self::load_from(&directory, &environment)
     }
 
@@ -270,13 +373,28 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The layers merged, not yet validated.
+    /// The layers merged, not yet validated. Both files must exist: an `APP_ENV` without
+    /// its file (`production`, `PROD`, `"prod "`) used to apply `default.toml` alone, so a
+    /// production deployment ran with tokens off and nothing said so.
     fn layers(directory: &Path, environment: &str) -> Result<Self, SettingsError> {
+        let defaults = directory.join("default.toml");
+        if !defaults.is_file() {
+            return Err(SettingsError(format!(
+                "{} does not exist (APP_CONFIG_DIR names the config directory)",
+                defaults.display()
+            )));
+        }
+        let environment_file = directory.join(format!("{environment}.toml"));
+        if !environment_file.is_file() {
+            return Err(SettingsError(format!(
+                "APP_ENV {environment:?} has no config file: {} does not exist (APP_ENV may be {})",
+                environment_file.display(),
+                environments(directory).join(", ")
+            )));
+        }
         config::Config::builder()
-            .add_source(config::File::from(directory.join("default.toml")))
-            .add_source(
-                config::File::from(directory.join(format!("{environment}.toml"))).required(false),
-            )
+            .add_source(config::File::from(defaults))
+            .add_source(config::File::from(environment_file))
             .add_source(
                 config::Environment::with_prefix("PIPELINE")
                     .prefix_separator("__")
@@ -400,6 +518,27 @@ impl Settings {
                 ),
             );
         }
+        // A relay paused mid-round (ARCHITECTURE.md, "Relay sessions") has published rows
+        // it cannot mark: PostgreSQL ends its session after the idle timeout, and another
+        // relay claims and publishes them again by its next poll at the latest (no NOTIFY
+        // announces released rows). Past the duplicate window JetStream keeps that second
+        // copy, and only the projector's dedup horizon keeps it from counting twice.
+        let republish_ms = self
+            .relay
+            .idle_in_transaction_timeout_ms
+            .saturating_add(self.relay.poll_interval_ms);
+        let millis = |secs: u64| secs.saturating_mul(1000);
+        if republish_ms >= millis(self.nats.duplicate_window_secs)
+            && millis(self.projector.dedup_horizon_secs) <= republish_ms
+        {
+            return invalid(
+                "projector.dedup_horizon_secs",
+                &format!(
+                    "must exceed relay.idle_in_transaction_timeout_ms plus relay.poll_interval_ms ({republish_ms} ms) while they outlast nats.duplicate_window_secs ({} s): a relay paused mid-round has its rows published again by another relay that much later, JetStream keeps that second copy, and past the horizon the projector would count it twice",
+                    self.nats.duplicate_window_secs
+                ),
+            );
+        }
         if self.nats.max_age_secs != 0 && self.nats.duplicate_window_secs > self.nats.max_age_secs {
             return invalid(
                 "nats.duplicate_window_secs",
@@ -490,7 +629,11 @@ impl Settings {
                 Some("would be JetStream's default of 2 minutes"),
             ),
             ("ingest.max_future_secs", self.ingest.max_future_secs, None),
-            ("ingest.max_age_secs", self.ingest.max_age_secs, None),
+            (
+                "ingest.max_age_secs",
+                self.ingest.max_age_secs,
+                Some("would refuse every reading that carries a recorded_at"),
+            ),
             (
                 "ingest.idempotency_retention_secs",
                 self.ingest.idempotency_retention_secs,
@@ -504,7 +647,7 @@ impl Settings {
             (
                 "relay.published_retention_secs",
                 self.relay.published_retention_secs,
-                None,
+                Some("would prune published rows as soon as a stream check saw them held, leaving nothing to republish when a NATS host crash loses the stream's tail; unlike ingest.reading_retention_secs, 0 does not mean for good"),
             ),
             (
                 "projector.ack_wait_secs",
@@ -570,10 +713,26 @@ impl Settings {
         Duration::from_millis(self.query.request_timeout_ms)
     }
 
-    /// How long a process may take to drain after SIGTERM.
+    /// How long ingest waits for its last group commits after SIGTERM
+    /// (`log.shutdown_grace_secs`).
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.log.shutdown_grace_secs)
     }
+}
+
+/// The environments `directory` has a file for (`dev`, `prod`, ...), sorted.
+fn environments(directory: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(directory)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let environment = name.strip_suffix(".toml")?;
+            (environment != "default").then(|| environment.to_owned())
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 fn find_config_dir() -> Option<PathBuf> {
@@ -599,32 +758,32 @@ fn carries_credentials(url: &str) -> bool {
 
 /// A server URL fit for a message or a log: each password, NATS token and `password=`
 /// parameter replaced by `***` (`nats://relay:***@host:4222`), the rest kept so that the
-/// message still names the server. A comma-separated list of URLs (NATS servers) is
-/// redacted URL by URL. With `auth.service_credentials_required` every configured URL
-/// carries a secret, so no error or log line may print one as it stands.
+/// message still names the server. With `auth.service_credentials_required` every
+/// configured URL carries a secret, so no error or log line may print one as it stands,
+/// also when it is malformed: a password holding `/`, `?` or `#` makes the URL
+/// unparsable, and the message saying so shows it. No URL setting is a list (async-nats
+/// parses one URL per string), so a `,` is no separator either.
 pub fn redacted(url: &str) -> String {
-    url.split(',')
-        .map(|url| {
-            let hidden = match userinfo_secret(url) {
-                Some((before, _, after)) => format!("{before}***{after}"),
-                None => url.to_owned(),
-            };
-            without_password_values(&hidden)
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+    let hidden = match userinfo_secret(url) {
+        Some((before, _, after)) => format!("{before}***{after}"),
+        None => url.to_owned(),
+    };
+    without_password_values(&hidden)
 }
 
 /// The secret in a URL's userinfo, as (the text before it, it, the text after it): the
 /// password of `user:password@` or `:password@`, or a NATS token (`token@`; elsewhere a
 /// user name alone is no secret). `None` when the userinfo holds none.
+///
+/// The userinfo runs from `://` to the last `@`, since no host holds one: a password
+/// with `@`, `/`, `?`, `#` or `,` in it (written unescaped) is then hidden whole. An `@`
+/// in the path or the query hides more than the secret, never less.
 fn userinfo_secret(url: &str) -> Option<(&str, &str, &str)> {
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest),
         None => (None, url),
     };
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let (userinfo, _) = authority.rsplit_once('@')?;
+    let (userinfo, _) = rest.rsplit_once('@')?;
     let secret_start = match userinfo.find(':') {
         Some(colon) => colon + 1,
         None if matches!(scheme, Some("nats" | "tls")) => 0,
@@ -763,6 +922,11 @@ mod tests {
             ("relay.poll_interval_ms", "without a pause"),
             ("projector.ack_wait_secs", "JetStream's default of 30 s"),
             ("http.header_read_timeout_ms", "unanswered"),
+            (
+                "ingest.max_age_secs",
+                "every reading that carries a recorded_at",
+            ),
+            ("relay.published_retention_secs", "nothing to republish"),
         ] {
             let error = defaults_with(key, 0).validate().expect_err(key);
             let message = error.to_string();
@@ -866,6 +1030,144 @@ mod tests {
     }
 
     #[test]
+    fn the_dedup_horizon_must_outlast_a_paused_relays_republish_that_the_duplicate_window_lets_through(
+    ) {
+        // The relay's session ends 30 s into its pause, another relay republishes its
+        // rows by its next poll (0.5 s), 5 s of duplicate window are long gone, and the
+        // projector remembers what it applied for 10 s only.
+        let mut settings = defaults_with("nats.duplicate_window_secs", 5);
+        settings.projector.ack_wait_secs = 5;
+        settings.projector.dedup_horizon_secs = 10;
+        settings.relay.idle_in_transaction_timeout_ms = 30_000;
+        let error = settings
+            .validate()
+            .expect_err("a horizon under the republish");
+        let message = error.to_string();
+        for key in [
+            "projector.dedup_horizon_secs (PIPELINE__PROJECTOR__DEDUP_HORIZON_SECS)",
+            "relay.idle_in_transaction_timeout_ms",
+            "relay.poll_interval_ms",
+            "nats.duplicate_window_secs",
+        ] {
+            assert!(message.contains(key), "names {key}: {message}");
+        }
+        settings.projector.dedup_horizon_secs = 30;
+        assert!(
+            settings.validate().is_err(),
+            "30 s: the poll comes after it"
+        );
+        settings.projector.dedup_horizon_secs = 31;
+        assert!(settings.validate().is_ok(), "31 s covers 30.5 s");
+        // A duplicate window that outlasts the republish: JetStream drops the copy.
+        settings.projector.dedup_horizon_secs = 10;
+        settings.nats.duplicate_window_secs = 31;
+        assert!(settings.validate().is_ok(), "the window covers it");
+        // Every shipped environment passes: chaos.toml's window is shorter than its
+        // session timeout on purpose, and its horizon covers both.
+        for environment in ["dev", "chaos"] {
+            Settings::load_from(&config_dir(), environment).expect(environment);
+        }
+    }
+
+    #[test]
+    fn an_app_env_without_its_config_file_is_refused_naming_app_env_and_the_path() {
+        for environment in ["production", "PROD", "prod ", ""] {
+            let error = Settings::load_from(&config_dir(), environment)
+                .expect_err("only default.toml would apply");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("APP_ENV {environment:?}"))
+                    && message.contains(&format!("config/{environment}.toml")),
+                "{message}"
+            );
+            assert_eq!(message.lines().count(), 1, "{message}");
+        }
+        for environment in ["dev", "prod", "chaos"] {
+            Settings::layers(&config_dir(), environment).expect(environment);
+        }
+    }
+
+    /// The shipped defaults with `toml` as the environment's file over them.
+    fn defaults_with_toml(toml: &str) -> Result<Settings, config::ConfigError> {
+        config::Config::builder()
+            .add_source(config::File::from(config_dir().join("default.toml")))
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml))
+            .build()
+            .and_then(|layers| layers.try_deserialize())
+    }
+
+    #[test]
+    fn an_integer_setting_given_a_float_a_boolean_or_a_word_is_refused_naming_the_key() {
+        // The config crate rounded a float (-1.0 and 0.4 to 0, which turned the rate
+        // limit off) and read true, "on" and "yes" as 1, false, "off" and "no" as 0.
+        for (toml, key) in [
+            (
+                "[ingest]\nrate_limit_per_second = -1.0",
+                "ingest.rate_limit_per_second",
+            ),
+            (
+                "[ingest]\nrate_limit_per_second = 0.4",
+                "ingest.rate_limit_per_second",
+            ),
+            (
+                "[ingest]\nmax_body_bytes = 65536.0",
+                "ingest.max_body_bytes",
+            ),
+            ("[relay]\nbatch_size = true", "relay.batch_size"),
+            (
+                "[projector]\nack_wait_secs = 1e3",
+                "projector.ack_wait_secs",
+            ),
+            (
+                "[ingest]\nrate_limit_per_second = \"off\"",
+                "ingest.rate_limit_per_second",
+            ),
+            (
+                "[ingest]\nrate_limit_burst = 4294967296",
+                "ingest.rate_limit_burst",
+            ),
+            ("[database]\npool_size = -1", "database.pool_size"),
+        ] {
+            let error = defaults_with_toml(toml).expect_err(toml);
+            assert!(error.to_string().contains(key), "{toml}: {error}");
+        }
+        // What an environment variable holds is text: a whole number, and nothing else.
+        for (value, accepted) in [
+            ("25", Some(25)),
+            ("0", Some(0)),
+            ("0.4", None),
+            ("-1", None),
+            ("off", None),
+            ("yes", None),
+        ] {
+            let layers = config::Config::builder()
+                .add_source(config::File::from(config_dir().join("default.toml")))
+                .set_override("ingest.rate_limit_per_second", value)
+                .and_then(|builder| builder.build())
+                .and_then(|layers| layers.try_deserialize::<Settings>());
+            match (layers, accepted) {
+                (Ok(settings), Some(accepted)) => {
+                    assert_eq!(settings.ingest.rate_limit_per_second, accepted, "{value}")
+                }
+                (Err(error), None) => assert!(
+                    error.to_string().contains("ingest.rate_limit_per_second"),
+                    "{value}: {error}"
+                ),
+                (layers, _) => panic!("{value}: {layers:?}"),
+            }
+        }
+        let settings =
+            defaults_with_toml("[ingest]\nrate_limit_per_second = 0\n[relay]\nbatch_size = -5")
+                .expect("integers deserialize");
+        assert_eq!(
+            settings.ingest.rate_limit_per_second, 0,
+            "0 is the off switch"
+        );
+        let error = settings.validate().expect_err("a negative row count");
+        assert!(error.to_string().contains("relay.batch_size"), "{error}");
+    }
+
+    #[test]
     fn every_valid_reading_written_compactly_fits_the_smallest_body_limit() {
         let metrics: serde_json::Map<String, serde_json::Value> = (0..crate::reading::METRICS_MAX)
             .map(|index| {
@@ -946,6 +1248,14 @@ mod tests {
             "redis://:pw@host:6379",
             "redis://user:pw@host:6379/0",
             "unix:///run/redis.sock",
+            // A password with a character that ends an authority elsewhere: the userinfo
+            // runs to the last `@` (no host holds one).
+            "redis://:pa,ss@h:6379",
+            "redis://:s3cr/et@127.0.0.1:6379",
+            "redis://:s3c?ret@h:6379",
+            "redis://:s3c#ret@h:6379",
+            "postgres://app:s3cr/et@db/telemetry",
+            "nats://s3cr/et-token@h:4222",
         ] {
             assert!(carries_credentials(url), "{url}");
         }
@@ -987,19 +1297,40 @@ mod tests {
                 "host=db password=s3cret user=app",
                 "host=db password=*** user=app",
             ),
+            ("redis://:s3,cret@h:6379", "redis://:***@h:6379"),
+            // A `/`, `?` or `#` in a password: the URL does not parse, and the message
+            // that says so shows it redacted.
             (
-                "nats://a:s3cret@h1:4222,nats://b:s3cret@h2:4222",
-                "nats://a:***@h1:4222,nats://b:***@h2:4222",
+                "redis://:s3cr/et@127.0.0.1:6379",
+                "redis://:***@127.0.0.1:6379",
+            ),
+            ("redis://:s3c?ret@h:6379/0", "redis://:***@h:6379/0"),
+            ("redis://:s3c#ret@h:6379", "redis://:***@h:6379"),
+            (
+                "nats://relay:s3,c/r?e#t@nats.internal:4222",
+                "nats://relay:***@nats.internal:4222",
+            ),
+            ("nats://s3cr/et-token@h:4222", "nats://***@h:4222"),
+            (
+                "postgres://app:s3cr/et?@db/telemetry?sslmode=require",
+                "postgres://app:***@db/telemetry?sslmode=require",
             ),
             // Malformed, as when a start fails on it: still hidden.
             (
                 "nats://relay:s3cret@127.0.0.1:notaport",
                 "nats://relay:***@127.0.0.1:notaport",
             ),
+            // No URL setting is a list (async-nats parses one URL per string), so a comma
+            // is part of what it stands in: here everything up to the last `@`.
+            (
+                "nats://a:s3cret@h1:4222,nats://b:s3cret@h2:4222",
+                "nats://a:***@h2:4222",
+            ),
         ] {
             assert_eq!(redacted(url), shown, "{url}");
-            assert!(!redacted(url).contains("s3cret"), "{url}");
+            assert!(!redacted(url).contains("s3"), "{url}");
         }
+        assert_eq!(redacted("redis://:pa,ss@h:6379"), "redis://:***@h:6379");
         for url in [
             "nats://127.0.0.1:4222",
             "postgres://postgres@127.0.0.1:5432/telemetry",

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use contract::settings::{unusable_url, HttpSettings, LogFormat, LogSettings};
+use contract::settings::{key_and_variable, unusable_url, HttpSettings, LogFormat, LogSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -143,6 +143,34 @@ pub fn listen(
     socket.listen(u32::try_from(http.max_connections).unwrap_or(u32::MAX))
 }
 
+/// [`listen`] for a binary's start: when the address of the setting `key` cannot be
+/// listened on (another process holds it, it is no address of this host), `program`
+/// stops with status 2 and one line naming the key, its variable and the address
+/// (`ingest: ingest.listen (PIPELINE__INGEST__LISTEN) 127.0.0.1:8080: address already
+/// in use (os error 98)`), as an invalid setting stops it.
+pub fn listen_or_exit(
+    program: &str,
+    key: &str,
+    address: SocketAddr,
+    http: &HttpSettings,
+) -> tokio::net::TcpListener {
+    listen(address, http).unwrap_or_else(|error| {
+        eprintln!("{program}: {}", cannot_listen(key, address, &error));
+        std::process::exit(2);
+    })
+}
+
+/// "`key` (`VARIABLE`) `address`: `error`", the error's first letter lowercase.
+fn cannot_listen(key: &str, address: SocketAddr, error: &std::io::Error) -> String {
+    let error = error.to_string();
+    let mut chars = error.chars();
+    let error = match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => error,
+    };
+    format!("{} {address}: {error}", key_and_variable(key))
+}
+
 /// A token cancelled on the first SIGTERM or SIGINT.
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
@@ -231,6 +259,19 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listen_failure_names_the_key_its_variable_and_the_address_in_one_lowercase_line() {
+        let address: SocketAddr = "127.0.0.1:8080".parse().expect("an address");
+        let error = std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "Address already in use (os error 98)",
+        );
+        assert_eq!(
+            cannot_listen("ingest.listen", address, &error),
+            "ingest.listen (PIPELINE__INGEST__LISTEN) 127.0.0.1:8080: address already in use (os error 98)"
+        );
+    }
 
     #[test]
     fn delays_double_up_to_five_seconds_and_start_over_after_a_quiet_spell() {

@@ -38,7 +38,12 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         [] | ["serve"] => {
-            let listener = bootstrap::listen(settings.ingest.listen, &settings.http)?;
+            let listener = bootstrap::listen_or_exit(
+                "ingest",
+                "ingest.listen",
+                settings.ingest.listen,
+                &settings.http,
+            );
             ingest::serve(settings, listener, bootstrap::shutdown_on_signal()).await
         }
         ["migrate"] => db::migrate(&settings.database).await,

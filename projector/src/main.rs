@@ -76,7 +76,12 @@ async fn main() -> anyhow::Result<()> {
     bootstrap::init_tracing(&settings.log);
     match std::env::args().nth(1).as_deref() {
         None | Some("run") => {
-            let listener = bootstrap::listen(settings.projector.admin_listen, &settings.http)?;
+            let listener = bootstrap::listen_or_exit(
+                "projector",
+                "projector.admin_listen",
+                settings.projector.admin_listen,
+                &settings.http,
+            );
             projector::run(settings, listener, bootstrap::shutdown_on_signal()).await
         }
         Some("rebuild") => {

@@ -22,6 +22,11 @@ async fn main() -> anyhow::Result<()> {
         std::process::exit(2);
     });
     bootstrap::init_tracing(&settings.log);
-    let listener = bootstrap::listen(settings.query.listen, &settings.http)?;
+    let listener = bootstrap::listen_or_exit(
+        "query",
+        "query.listen",
+        settings.query.listen,
+        &settings.http,
+    );
     query::serve(settings, listener, bootstrap::shutdown_on_signal()).await
 }

@@ -11,6 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use contract::settings::{environment_variable, key_and_variable};
 use testkit::process::{failed_run, free_port, service_command, signal};
 use testkit::TestEnv;
 
@@ -90,6 +91,13 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             ("PIPELINE__INGEST__QUEUE_CAPACITY", "18446744073709551615"),
             "ingest.queue_capacity (PIPELINE__INGEST__QUEUE_CAPACITY) must be at most 1000000",
         ),
+        // A zero that refused every reading with a `recorded_at`.
+        (
+            ingest,
+            "PIPELINE__INGEST__LISTEN",
+            ("PIPELINE__INGEST__MAX_AGE_SECS", "0"),
+            "ingest.max_age_secs (PIPELINE__INGEST__MAX_AGE_SECS) must be at least 1",
+        ),
         // A value of the wrong type.
         (
             relay,
@@ -111,6 +119,61 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             "the line names {key} for {setting:?}: {stderr}"
         );
     }
+}
+
+/// A listen address another process holds stops the start with one line naming the key,
+/// its variable and the address, and status 2, as an invalid setting does. It used to
+/// end with status 1 and `Error: Address already in use (os error 98)`, naming neither
+/// the setting nor the address.
+#[test]
+fn a_listen_address_in_use_stops_ingest_and_the_relay_with_one_line_naming_the_key_and_the_address()
+{
+    let env = TestEnv::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let address = taken.local_addr().expect("its address").to_string();
+    for (program, key) in [
+        (env!("CARGO_BIN_EXE_ingest"), "ingest.listen"),
+        (env!("CARGO_BIN_EXE_relay"), "relay.admin_listen"),
+    ] {
+        let mut child = service_command(
+            program,
+            &env,
+            &[(environment_variable(key).as_str(), address.as_str())],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the service starts");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("status readable") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{program} kept running on {address}, which is taken");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr piped")
+            .read_to_string(&mut stderr)
+            .expect("stderr readable");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        assert!(
+            lines[0].contains(&format!("{} {address}", key_and_variable(key)))
+                && lines[0].contains("address already in use"),
+            "the line names {key} and {address}: {stderr}"
+        );
+        assert_eq!(status.code(), Some(2), "{program}: {stderr}");
+    }
+    drop(taken);
 }
 
 /// With `auth.service_credentials_required` every server URL carries a secret: a start
@@ -439,4 +502,32 @@ fn an_unusable_effective_config_stops_the_scripts_with_one_line_naming_the_key()
         stderr.contains("redis.url (PIPELINE__REDIS__URL) contains a control character"),
         "{stderr}"
     );
+}
+
+/// An `APP_ENV` without its file used to apply `default.toml` alone (`production`: tokens
+/// off, unsaid), and a float where an integer belongs was rounded (`0.4` turned the rate
+/// limit off): both stop `ingest` with status 2 and one line, naming `APP_ENV` and the
+/// missing file, or the key.
+#[test]
+fn an_app_env_without_its_file_or_a_float_for_an_integer_stops_ingest_with_one_line() {
+    let config = config_dir_with_dev("[ingest]\nrate_limit_per_second = 0.4\n");
+    for (app_env, named) in [
+        (Some("production"), "APP_ENV \"production\""),
+        (Some("production"), "production.toml does not exist"),
+        (None, "ingest.rate_limit_per_second"),
+    ] {
+        let mut command = run_with_config(env!("CARGO_BIN_EXE_ingest"), &config, &[]);
+        if let Some(app_env) = app_env {
+            command.env("APP_ENV", app_env);
+        }
+        let refused = command
+            .args(["config", "env"])
+            .output()
+            .expect("ingest runs");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+        assert!(refused.stdout.is_empty(), "{refused:?}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(named), "names {named}: {stderr}");
+    }
 }
