@@ -1,15 +1,16 @@
 //! The durable pull consumer: JetStream batches in, Redis pipelines out, acks after.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::context::{ConsumerInfoErrorKind, PublishError};
-use async_nats::jetstream::stream::RawMessageErrorKind;
+use async_nats::jetstream::stream::{ConsumerErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, AckKind};
 use contract::event::{headers, DecodeError, TelemetryRecorded};
 use contract::reading::check_device_id;
-use contract::settings::Settings;
+use contract::settings::{key_and_variable, Settings};
 use contract::subjects::{device_token, Subjects};
 use contract::timestamp::unix_millis;
 use futures::stream::FuturesUnordered;
@@ -46,7 +47,18 @@ pub struct Projector {
     batch_size: usize,
     batches_in_flight: usize,
     ack_wait: Duration,
+    /// Whether the durable consumer was found with `ack_wait` or given it (once per
+    /// process, at the first session that reached it; see [`Projector::keep_ack_wait`]).
+    ack_wait_kept: AtomicBool,
 }
+
+/// The durable consumer cannot be given this projector's `projector.ack_wait_secs`: the
+/// projector stops rather than run with an ack wait its dedup horizon was not checked
+/// against (an applied event whose ack was lost could come back past the horizon and
+/// count twice).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AckWaitRefused(String);
 
 impl Projector {
     pub fn new(settings: &Settings, nats: async_nats::Client, redis: ConnectionManager) -> Self {
@@ -63,6 +75,7 @@ impl Projector {
             batch_size: settings.projector.batch_size,
             batches_in_flight: settings.projector.batches_in_flight.max(1),
             ack_wait: Duration::from_secs(settings.projector.ack_wait_secs),
+            ack_wait_kept: AtomicBool::new(false),
         }
     }
 
@@ -74,19 +87,27 @@ impl Projector {
             read_model: self.read_model.clone(),
             subjects: self.subjects.clone(),
             consumer: self.consumer_name.clone(),
+            ack_wait: self.ack_wait,
             batch_size: self.batch_size,
         }
     }
 
-    /// Consumes until `shutdown`; the batches in hand are applied and acked first.
-    pub async fn run(&mut self, shutdown: CancellationToken) {
+    /// Consumes until `shutdown`; the batches in hand are applied and acked first. Ends
+    /// early, with [`AckWaitRefused`], when the durable consumer cannot be given the
+    /// configured ack wait.
+    pub async fn run(&mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut backoff = Backoff::default();
+        let mut refused = None;
         while !shutdown.is_cancelled() {
             // A session that ran for a while and then ended (the consumer repaired or
             // deleted, NATS restarted) is a new outage to the backoff: it reconnects at
             // once, not after the longest delay that earlier outages left behind.
             match self.consume(&shutdown).await {
                 Ok(()) => backoff.reset(),
+                Err(error) if error.is::<AckWaitRefused>() => {
+                    refused = Some(error);
+                    break;
+                }
                 Err(error) => {
                     tracing::warn!(
                         error = format!("{error:#}"),
@@ -109,6 +130,7 @@ impl Projector {
                 "the last acks may not have reached NATS; their messages will be delivered again"
             );
         }
+        refused.map_or(Ok(()), Err)
     }
 
     /// Applies batches as they arrive, up to `batches_in_flight` at once: while Redis
@@ -173,7 +195,7 @@ impl Projector {
         // One request when the consumer is there, as it is but for the first start.
         let consumer: jetstream::consumer::Consumer<pull::Config> =
             match stream.get_consumer(&self.consumer_name).await {
-                Ok(consumer) => consumer,
+                Ok(consumer) => self.keep_ack_wait(&stream, consumer).await?,
                 Err(error) if consumer_not_found(error.as_ref()) => {
                     let deliver_policy = self.where_a_new_consumer_starts(&stream).await?;
                     // Two projectors that make it at once with different starts: one
@@ -191,6 +213,7 @@ impl Projector {
                     return Err(anyhow::anyhow!(error).context("looking up the durable consumer"))
                 }
             };
+        self.ack_wait_kept.store(true, Ordering::Relaxed);
         consumer
             .stream()
             .max_messages_per_batch(self.batch_size)
@@ -200,22 +223,84 @@ impl Projector {
             .context("starting the message stream")
     }
 
-    /// Where the durable consumer starts when this projector has to make it. The first
-    /// time, with no anchor in Redis, at the start of the stream. Made again after it
-    /// was deleted (`nats consumer rm`, or lost with the server's state) just past the
-    /// anchor the projectors kept of the one before: delivering the whole stream again
-    /// would count every event applied longer ago than the dedup horizon a second time.
+    /// Gives the durable consumer, found made by an earlier projector, this projector's
+    /// `projector.ack_wait_secs`, which the settings checked the dedup horizon against.
+    /// Once per process: after that, a projector of another configuration (a rolling
+    /// restart) may set its own, and this one does not set it back at every reconnect.
+    ///
+    /// nats-server 2.9 changes the ack wait in place ("create" on an existing durable
+    /// consumer updates it) but refuses any change to a consumer that starts at a time,
+    /// as a repair makes it ([`recreate_consumer`]); then this projector stops with
+    /// [`AckWaitRefused`], which says what to do. nats-server 2.10 changes that one too.
+    async fn keep_ack_wait(
+        &self,
+        stream: &jetstream::stream::Stream,
+        consumer: jetstream::consumer::Consumer<pull::Config>,
+    ) -> anyhow::Result<jetstream::consumer::Consumer<pull::Config>> {
+        let live = consumer.cached_info().config.ack_wait;
+        if live == self.ack_wait || self.ack_wait_kept.load(Ordering::Relaxed) {
+            return Ok(consumer);
+        }
+        // The consumer's own configuration with the one change: anything else that
+        // differs is a change the server may refuse.
+        let mut config = consumer.cached_info().config.clone();
+        config.ack_wait = self.ack_wait;
+        if let Err(error) = stream.create_consumer(config).await {
+            if let ConsumerErrorKind::JetStream(refusal) = error.kind() {
+                if refusal.error_code() == jetstream::ErrorCode::CONSUMER_CREATE {
+                    return Err(self.ack_wait_refused(live, &refusal).into());
+                }
+            }
+            return Err(
+                anyhow::Error::new(error).context("changing the durable consumer's ack wait")
+            );
+        }
+        tracing::info!(
+            consumer = %self.consumer_name,
+            was_secs = live.as_secs(),
+            now_secs = self.ack_wait.as_secs(),
+            "changed the durable consumer's ack wait to projector.ack_wait_secs"
+        );
+        stream
+            .get_consumer(&self.consumer_name)
+            .await
+            .map_err(|error| anyhow::anyhow!(error).context("looking up the durable consumer"))
+    }
+
+    /// The one line a projector stops with when the server refused to change the
+    /// durable consumer's ack wait (`live`) to this projector's.
+    fn ack_wait_refused(&self, live: Duration, refusal: &jetstream::Error) -> AckWaitRefused {
+        let stream = self.subjects.stream();
+        let consumer = &self.consumer_name;
+        AckWaitRefused(format!(
+            "{} is {} s but the durable consumer {consumer} of stream {stream} waits {} s for an ack, and nats-server refused to change it ({refusal}; nats-server 2.9 changes nothing of a consumer that a repair made); set it back to {} s (the dedup horizon must exceed it), or stop every projector, remove the consumer (nats consumer rm {stream} {consumer}) and start them again: it is made again where it stood, with the configured ack wait",
+            key_and_variable("projector.ack_wait_secs"),
+            self.ack_wait.as_secs(),
+            live.as_secs(),
+            live.as_secs(),
+        ))
+    }
+
+    /// Where the durable consumer starts when this projector has to make it: just past
+    /// what the read model applied, as the newest consumer anchor kept for it says
+    /// (see [`newest_read_model_anchor`]), and at the start of the stream when there is
+    /// none (a read model that no consumer wrote to yet).
+    ///
+    /// That anchor is mostly this consumer's own: the consumer was deleted (`nats
+    /// consumer rm`, or lost with the server's state), and delivering the whole stream
+    /// again would count every event applied longer ago than the dedup horizon a second
+    /// time. It is another consumer's when `nats.consumer` was renamed: the read model
+    /// is the same, so the new consumer goes on where the old one stood, for the same
+    /// reason.
     async fn where_a_new_consumer_starts(
         &self,
         stream: &jetstream::stream::Stream,
     ) -> anyhow::Result<DeliverPolicy> {
         let mut redis = self.redis.clone();
-        let key =
-            contract::read_model::consumer_anchor_key(&self.read_model.prefix, &self.consumer_name);
-        let anchor = read_anchor(&mut redis, &key)
+        let newest = newest_read_model_anchor(&mut redis, &self.read_model.prefix)
             .await
-            .context("reading the consumer anchor")?;
-        let Some(anchor) = anchor else {
+            .context("reading the consumer anchors")?;
+        let Some((taken_of, anchor)) = newest else {
             return Ok(DeliverPolicy::All);
         };
         let first_sequence = stream
@@ -229,12 +314,23 @@ impl Projector {
             self.read_model
                 .dedup_horizon_start(OffsetDateTime::now_utc()),
         );
-        tracing::warn!(
-            consumer = %self.consumer_name,
-            anchor_stream_sequence = anchor.stream_sequence,
-            ?policy,
-            "the durable consumer is missing: made again from where the last one stood"
-        );
+        if taken_of == self.consumer_name {
+            tracing::warn!(
+                consumer = %self.consumer_name,
+                anchor_stream_sequence = anchor.stream_sequence,
+                ?policy,
+                "the durable consumer is missing: made again from where the last one stood"
+            );
+        } else {
+            tracing::warn!(
+                consumer = %self.consumer_name,
+                previous_consumer = %taken_of,
+                anchor_stream_sequence = anchor.stream_sequence,
+                ?policy,
+                "the durable consumer is new to this read model: made from where consumer {taken_of} stood; once no projector uses that one, remove it (nats consumer rm {} {taken_of})",
+                self.subjects.stream()
+            );
+        }
         Ok(policy)
     }
 
@@ -524,6 +620,71 @@ async fn read_anchor(
 ) -> redis::RedisResult<Option<ConsumerAnchor>> {
     let stored: Option<String> = redis::cmd("GET").arg(key).query_async(redis).await?;
     Ok(stored.as_deref().and_then(ConsumerAnchor::decode))
+}
+
+/// The newest consumer anchor kept for the read model under `prefix`, of whichever
+/// consumer it was taken (its name comes with it): the one whose message the stream
+/// stored last, so the furthest any consumer is known to have acked into this read
+/// model. Each consumer keeps its own anchor ([`consumer_anchor_key`]), and one
+/// renamed away from leaves its last one behind: a consumer going back to that name
+/// starts past where the read model stands, not past its own older anchor.
+///
+/// Read only when a consumer has to be made, so a `SCAN` of the keyspace is affordable.
+///
+/// [`consumer_anchor_key`]: contract::read_model::consumer_anchor_key
+async fn newest_read_model_anchor(
+    redis: &mut ConnectionManager,
+    prefix: &str,
+) -> redis::RedisResult<Option<(String, ConsumerAnchor)>> {
+    let key_of = |consumer: &str| contract::read_model::consumer_anchor_key(prefix, consumer);
+    let pattern = contract::read_model::consumer_anchor_key(&glob_escaped(prefix), "*");
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        keys.extend(found);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys.dedup();
+    let mut newest: Option<(String, ConsumerAnchor)> = None;
+    for key in keys {
+        let Some(consumer) = key.strip_prefix(&key_of("")) else {
+            continue;
+        };
+        let Some(anchor) = read_anchor(redis, &key).await? else {
+            continue;
+        };
+        let newer = newest.as_ref().is_none_or(|(_, kept)| {
+            (anchor.stored_at, anchor.stream_sequence) > (kept.stored_at, kept.stream_sequence)
+        });
+        if newer {
+            newest = Some((consumer.to_owned(), anchor));
+        }
+    }
+    Ok(newest)
+}
+
+/// `text` with Redis's glob characters escaped, to match it literally in a pattern.
+fn glob_escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    escaped
 }
 
 /// Whether a consumer look-up failed because there is no such consumer.
@@ -841,7 +1002,7 @@ async fn recreate_consumer(
         stream
             .create_consumer(durable_consumer_config(
                 &rebuild.consumer,
-                info.config.ack_wait,
+                rebuild.ack_wait,
                 DeliverPolicy::ByStartTime { start_time },
             ))
             .await
@@ -1012,6 +1173,12 @@ mod tests {
                 "{found:?} at 42, stream from {first_sequence}"
             );
         }
+    }
+
+    #[test]
+    fn a_prefix_is_matched_literally_in_the_anchor_pattern() {
+        assert_eq!(glob_escaped("t_abc:"), "t_abc:");
+        assert_eq!(glob_escaped(r"a*b?[c]\d"), r"a\*b\?\[c\]\\d");
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub async fn run(
     let nats = ingest::bootstrap::connect_nats(&settings.nats.url, "projector").await?;
     let redis_client = redis_client(&settings)?;
     tracing::info!(address = %admin_listener.local_addr()?, "projector admin listening");
+    // Everything stops with the projector, also when it stops by itself: a durable
+    // consumer it cannot give the configured ack wait.
+    let shutdown = shutdown.child_token();
     let admin_server = tokio::spawn(ingest::http::server::serve(
         admin_listener,
         admin::router(nats.clone(), redis_client.clone(), metrics),
@@ -95,7 +98,8 @@ pub async fn run(
     .context("creating the redis connection manager")?;
     let mut projector = Projector::new(&settings, nats, redis);
     let mut supervisor = tokio::spawn(consumer::supervise(projector.rebuild(), shutdown.clone()));
-    projector.run(shutdown).await;
+    let consumed = projector.run(shutdown.clone()).await;
+    shutdown.cancel();
     // The supervisor may be inside a Redis call that waits for a dead server.
     if tokio::time::timeout(Duration::from_secs(1), &mut supervisor)
         .await
@@ -112,5 +116,5 @@ pub async fn run(
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), admin_server).await;
     tracing::info!("projector stopped");
-    Ok(())
+    consumed
 }

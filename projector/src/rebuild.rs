@@ -136,6 +136,9 @@ pub struct Rebuild {
     pub subjects: Subjects,
     /// The live projectors' durable consumer (its backlog is reported as metrics).
     pub consumer: String,
+    /// The ack wait that consumer is made with when a repair recreates it
+    /// (`projector.ack_wait_secs`, which the dedup horizon was checked against).
+    pub ack_wait: Duration,
     pub batch_size: usize,
 }
 

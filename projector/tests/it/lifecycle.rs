@@ -7,7 +7,7 @@ use testkit::{eventually, TestEnv};
 
 use crate::support::{
     assert_same_figures, consumer_info, consumer_made_again, drained, event, now_ms, projected,
-    publish, reference, streams, Projector, Sums, CATCH_UP,
+    projector_process, publish, reference, streams, Projector, Sums, CATCH_UP,
 };
 
 #[tokio::test]
@@ -221,6 +221,177 @@ async fn a_consumer_anchor_lost_with_redis_while_the_stream_is_quiet_is_written_
     projector.stop().await;
 }
 
+/// A projector restarted with a shorter `projector.ack_wait_secs`, and a dedup horizon
+/// that is valid for it only, sets it on the durable consumer an earlier projector made.
+/// Kept at the old 30 s, an applied event whose ack was lost would come back 30 s later,
+/// past the 10 s horizon, and count twice.
+#[tokio::test]
+async fn a_projector_restarted_with_another_ack_wait_sets_it_on_the_durable_consumer() {
+    let mut env = TestEnv::new();
+    env.settings.projector.ack_wait_secs = 30;
+    let jetstream = streams(&env).await;
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..20)
+        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
+        .collect();
+    let projector = Projector::spawn(&env.settings).await;
+    for event in &events[..10] {
+        publish(&env, &jetstream, event).await;
+    }
+    drained(&env, &jetstream, 10).await;
+    projector.stop().await;
+    assert_eq!(
+        consumer_info(&env, &jetstream).await.config.ack_wait,
+        Duration::from_secs(30)
+    );
+
+    env.settings.projector.ack_wait_secs = 5;
+    env.settings.projector.dedup_horizon_secs = 10;
+    env.settings.validate().expect("a valid configuration");
+    let restarted = Projector::spawn(&env.settings).await;
+    eventually(
+        CATCH_UP,
+        "the durable consumer's ack wait at the configured 5 s",
+        || async {
+            let info = jetstream
+                .get_stream(env.subjects.stream())
+                .await
+                .ok()?
+                .consumer_info(&env.settings.nats.consumer)
+                .await
+                .ok()?;
+            (info.config.ack_wait == Duration::from_secs(5)).then_some(())
+        },
+    )
+    .await;
+    for event in &events[10..] {
+        publish(&env, &jetstream, event).await;
+    }
+    let expected = reference(&events);
+    let actual = projected(&env, &expected).await;
+    let resumed = drained(&env, &jetstream, 20).await;
+    assert_same_figures(
+        "sensor-1",
+        &actual["sensor-1"],
+        &expected["sensor-1"],
+        Sums::Exact,
+    );
+    // The same consumer, changed in place: it went on where it stood.
+    assert_eq!(resumed.delivered.consumer_sequence, 20);
+    assert_eq!(resumed.num_redelivered, 0);
+    restarted.stop().await;
+}
+
+/// nats-server 2.9 refuses to change anything of a consumer that starts at a time, as a
+/// repair makes it: a projector configured with another ack wait then refuses to start,
+/// in one line naming the setting, both values and what to do, rather than run with an
+/// ack wait its dedup horizon was not checked against. nats-server 2.10 changes it.
+#[tokio::test]
+async fn a_projector_refuses_to_start_when_nats_cannot_give_the_durable_consumer_its_ack_wait() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    let consumer = env.settings.nats.consumer.as_str();
+    // As a repair by a projector with the shipped ack wait made it.
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(consumer.to_owned()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::ByStartTime {
+                start_time: time::OffsetDateTime::now_utc() - Duration::from_secs(900),
+            },
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer made");
+    let version = jetstream.client().server_info().version;
+    let mut numbers = version
+        .split('.')
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let at_least_2_10 = (numbers.next(), numbers.next()) >= (Some(2), Some(10));
+    let configured = [
+        ("PIPELINE__PROJECTOR__ACK_WAIT_SECS", "5"),
+        ("PIPELINE__PROJECTOR__DEDUP_HORIZON_SECS", "10"),
+        // What an operator sees: the message, without the test run's backtraces.
+        ("RUST_BACKTRACE", "0"),
+        ("RUST_LIB_BACKTRACE", "0"),
+    ];
+    if at_least_2_10 {
+        let projector = projector_process(&env, &configured);
+        eventually(CATCH_UP, "the ack wait changed to 5 s", || async {
+            let info = stream.consumer_info(consumer).await.ok()?;
+            (info.config.ack_wait == Duration::from_secs(5)).then_some(())
+        })
+        .await;
+        drop(projector);
+        return;
+    }
+    let stderr = failed_run(env!("CARGO_BIN_EXE_projector"), &["run"], &env, &configured);
+    let lines: Vec<&str> = stderr.lines().filter(|line| !line.is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    for part in [
+        "projector.ack_wait_secs (PIPELINE__PROJECTOR__ACK_WAIT_SECS) is 5 s",
+        "waits 30 s",
+        &format!("nats consumer rm {} {consumer}", env.settings.nats.stream),
+    ] {
+        assert!(lines[0].contains(part), "names {part:?}: {stderr}");
+    }
+    assert_eq!(
+        stream
+            .consumer_info(consumer)
+            .await
+            .expect("consumer kept")
+            .config
+            .ack_wait,
+        Duration::from_secs(30),
+        "the consumer was left as it was"
+    );
+}
+
+/// The durable consumer renamed (`nats.consumer`) on a read model that holds events
+/// applied longer ago than the dedup horizon: the new consumer starts past what the
+/// read model applied through the old one, not at the start of the stream, and so
+/// does going back to the old name once its consumer was removed.
+#[tokio::test]
+async fn a_renamed_consumer_starts_where_the_read_model_stands() {
+    let mut test = ShortHorizon::new(30).await;
+    let projector = Projector::spawn(&test.env.settings).await;
+    test.publish_and_project(0..10).await;
+    test.anchor_at(10, "the old consumer's anchor at its last ack")
+        .await;
+    projector.stop().await;
+    // A duration that must pass: the dedup records of the first events expire.
+    tokio::time::sleep(ShortHorizon::HORIZON_PASSED).await;
+
+    let old_name = test.env.settings.nats.consumer.clone();
+    test.env.settings.nats.consumer = "projector-renamed".to_owned();
+    let renamed = Projector::spawn(&test.env.settings).await;
+    consumer_made_again(&test.env, &test.stream, CATCH_UP).await;
+    // Made at the start of the stream, it would apply the first ten events again.
+    test.publish_and_project(10..20).await;
+    test.assert_delivered_the_new_events_only().await;
+    renamed.stop().await;
+
+    // Back to the old name, its consumer removed as the log advises: made past what
+    // the renamed one applied, not past the old name's own, older anchor.
+    test.stream
+        .delete_consumer(&old_name)
+        .await
+        .expect("old consumer removed");
+    tokio::time::sleep(ShortHorizon::HORIZON_PASSED).await;
+    test.env.settings.nats.consumer = old_name;
+    let back = Projector::spawn(&test.env.settings).await;
+    consumer_made_again(&test.env, &test.stream, CATCH_UP).await;
+    test.publish_and_project(20..30).await;
+    test.assert_delivered_the_new_events_only().await;
+    back.stop().await;
+}
+
 /// A test with the shortest dedup horizon the settings allow (it must outlast the ack
 /// wait), its stream, and events of one device a minute old.
 struct ShortHorizon {
@@ -271,11 +442,13 @@ impl ShortHorizon {
         self.assert_projected(range.end).await;
     }
 
-    /// The read model holds the first `count` events, each once, and all are acked.
+    /// The read model holds the first `count` events, each once, and all are acked. The
+    /// figures are read once the consumer has acked them all: what it delivered again
+    /// is then in them too.
     async fn assert_projected(&self, count: usize) {
         let expected = reference(&self.events[..count]);
-        let actual = projected(&self.env, &expected).await;
         drained(&self.env, &self.jetstream, count as u64).await;
+        let actual = projected(&self.env, &expected).await;
         assert_same_figures(
             "sensor-1",
             &actual["sensor-1"],

@@ -10,7 +10,8 @@ use testkit::process::ServiceProcess;
 use testkit::{eventually, PrivateNats, TestEnv};
 
 use crate::support::{
-    drained, event, now_ms, private_env, projector_process, publish_many, Projector, CATCH_UP,
+    consumer_info, drained, event, now_ms, private_env, projector_process, publish_many, Projector,
+    CATCH_UP,
 };
 
 const DEVICE: &str = "sensor-1";
@@ -75,6 +76,46 @@ async fn a_running_projector_recreates_its_consumer_when_the_stream_goes_back_be
         .await;
     // The consumer must no longer be ahead of the stream before new events arrive.
     repaired_then_projecting(&env, last_after).await;
+    projector.stop().await;
+}
+
+/// The repair makes the consumer with the projector's `projector.ack_wait_secs`, not
+/// with the ack wait the consumer it replaces had (here changed by hand, as `nats
+/// consumer edit` or a projector of another configuration would): the dedup horizon
+/// was checked against the projector's own.
+#[tokio::test]
+async fn a_consumer_recreated_after_the_stream_went_back_waits_the_configured_ack_wait() {
+    let mut nats = PrivateNats::start();
+    let (mut env, jetstream) = private_env(&nats).await;
+    env.settings.projector.ack_wait_secs = 5;
+    env.settings.projector.dedup_horizon_secs = 10;
+    let projector = Projector::spawn(&env.settings).await;
+    publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
+    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    let mut edited = consumer_info(&env, &jetstream).await.config;
+    assert_eq!(edited.ack_wait, Duration::from_secs(5));
+    edited.ack_wait = Duration::from_secs(30);
+    stream
+        .create_consumer(edited)
+        .await
+        .expect("ack wait changed by hand");
+
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
+        .await;
+    repaired_then_projecting(&env, last_after).await;
+    assert_eq!(
+        consumer_info(&env, &env.jetstream().await)
+            .await
+            .config
+            .ack_wait,
+        Duration::from_secs(5),
+        "the repaired consumer's ack wait"
+    );
     projector.stop().await;
 }
 
