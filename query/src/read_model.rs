@@ -249,6 +249,13 @@ impl<T: Clone + Weight> AnswerCache<T> {
                     .iter()
                     .map(|(key, kept)| (kept.made_at.fine_bucket, kept.bytes, key))
                     .collect();
+                if answers.bytes <= ANSWERS_BYTES_AFTER_DROP {
+                    // Only the count is over: the oldest `excess` in linear time, as a
+                    // full cache of small answers (the usual case) always dropped them.
+                    let excess = answers.kept.len() - ANSWERS_AFTER_DROP;
+                    made.select_nth_unstable_by_key(excess - 1, |(bucket, _, _)| *bucket);
+                    made.truncate(excess);
+                }
                 made.sort_unstable_by_key(|(bucket, _, _)| *bucket);
                 let (mut count, mut left) = (answers.kept.len(), answers.bytes);
                 let mut oldest = Vec::new();
