@@ -162,6 +162,34 @@ impl TestEnv {
         async_nats::jetstream::new(client)
     }
 
+    /// Waits (at most `within`) until the test's durable consumer has handled (acked or
+    /// terminated) every message up to `last_sequence` and has none pending or in
+    /// flight: then every message has reached the read model, a redelivered or
+    /// republished copy as much as the first. Returns the consumer's state then.
+    pub async fn consumer_drained(
+        &self,
+        jetstream: &async_nats::jetstream::Context,
+        last_sequence: u64,
+        within: Duration,
+    ) -> async_nats::jetstream::consumer::Info {
+        eventually(
+            within,
+            &format!("the consumer to ack every message up to {last_sequence}"),
+            || async {
+                let stream = jetstream.get_stream(self.subjects.stream()).await.ok()?;
+                let info = stream
+                    .consumer_info(&self.settings.nats.consumer)
+                    .await
+                    .ok()?;
+                (info.ack_floor.stream_sequence >= last_sequence
+                    && info.num_pending == 0
+                    && info.num_ack_pending == 0)
+                    .then_some(info)
+            },
+        )
+        .await
+    }
+
     /// The live generation of the read model, if there is one (of this layout).
     pub async fn generation(&self) -> Option<u64> {
         let mut redis = self.redis().await;

@@ -469,15 +469,10 @@ fn scripts_load_the_effective_config_so_up_checks_and_prints_what_the_processes_
 #[test]
 fn an_unusable_effective_config_stops_the_scripts_with_one_line_naming_the_key() {
     let config = config_dir_with_dev("[ingest]\nlisten = \"nowhere\"\n");
-    let refused = run_with_config(env!("CARGO_BIN_EXE_ingest"), &config, &[])
-        .args(["config", "env"])
-        .output()
-        .expect("ingest runs");
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-    assert!(refused.stdout.is_empty(), "{refused:?}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("ingest.listen"), "{stderr}");
+    assert_config_env_refused(
+        &mut run_with_config(env!("CARGO_BIN_EXE_ingest"), &config, &[]),
+        "ingest.listen",
+    );
 
     let script = r#"source "$1" && load_effective_config "$2" && echo loaded"#;
     let stopped = lib_sh(script, &config, &[]);
@@ -520,14 +515,20 @@ fn an_app_env_without_its_file_or_a_float_for_an_integer_stops_ingest_with_one_l
         if let Some(app_env) = app_env {
             command.env("APP_ENV", app_env);
         }
-        let refused = command
-            .args(["config", "env"])
-            .output()
-            .expect("ingest runs");
-        let stderr = String::from_utf8_lossy(&refused.stderr);
-        assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-        assert!(refused.stdout.is_empty(), "{refused:?}");
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains(named), "names {named}: {stderr}");
+        assert_config_env_refused(&mut command, named);
     }
+}
+
+/// `ingest config env` run by `command` stops with status 2, prints nothing on stdout
+/// and one line on stderr that contains `named`.
+fn assert_config_env_refused(command: &mut Command, named: &str) {
+    let refused = command
+        .args(["config", "env"])
+        .output()
+        .expect("ingest runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(refused.stdout.is_empty(), "{refused:?}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(named), "names {named}: {stderr}");
 }

@@ -217,25 +217,14 @@ pub async fn consumer_info(env: &TestEnv, jetstream: &jetstream::Context) -> con
         .expect("durable consumer exists")
 }
 
-/// Waits until the durable consumer has handled (acked or terminated) every message up
-/// to `last_sequence` and has nothing in flight; returns its state then.
+/// [`TestEnv::consumer_drained`] within [`CATCH_UP`]; returns the consumer's state then.
 pub async fn drained(
     env: &TestEnv,
     jetstream: &jetstream::Context,
     last_sequence: u64,
 ) -> consumer::Info {
-    eventually(CATCH_UP, "the consumer to ack everything", || async {
-        let stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
-        let info = stream
-            .consumer_info(&env.settings.nats.consumer)
-            .await
-            .ok()?;
-        (info.ack_floor.stream_sequence >= last_sequence
-            && info.num_ack_pending == 0
-            && info.num_pending == 0)
-            .then_some(info)
-    })
-    .await
+    env.consumer_drained(jetstream, last_sequence, CATCH_UP)
+        .await
 }
 
 /// Waits (at most `within`) until the test's durable consumer exists again, made by a

@@ -188,30 +188,14 @@ pub async fn ensure_streams(env: &TestEnv) {
         .expect("streams created");
 }
 
-/// Waits until the test's durable consumer has handled (acked or terminated) every
-/// message up to `last_sequence` and has none pending or in flight: then every message
-/// has reached the read model, a redelivered or republished copy as much as the first.
+/// [`TestEnv::consumer_drained`] within [`DEADLINE`].
 pub async fn consumer_drained(
     env: &TestEnv,
     jetstream: &async_nats::jetstream::Context,
     last_sequence: u64,
 ) {
-    eventually(
-        DEADLINE,
-        &format!("the consumer to ack every message up to {last_sequence}"),
-        || async {
-            let stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
-            let info = stream
-                .consumer_info(&env.settings.nats.consumer)
-                .await
-                .ok()?;
-            (info.ack_floor.stream_sequence >= last_sequence
-                && info.num_pending == 0
-                && info.num_ack_pending == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    env.consumer_drained(jetstream, last_sequence, DEADLINE)
+        .await;
 }
 
 /// Makes generation 1 live and applies one reading of `device` to it, as the projector
