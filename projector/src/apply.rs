@@ -6,7 +6,8 @@
 //! shares, does one merge per touched field instead of one per event and metric, and
 //! never prints or parses a number.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
@@ -347,28 +348,28 @@ impl ReadModel {
         // the script once, as the copy with the highest stream sequence: the event counts
         // once, and `as_of_seq` still reaches every sequence the batch delivered, as it
         // would if the copies had come in batches of their own.
-        let mut latest_copy: HashMap<uuid::Uuid, &Delivered> = HashMap::with_capacity(events.len());
+        let mut position: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(events.len());
+        let mut kept: Vec<&Delivered> = Vec::with_capacity(events.len());
         for delivered in events {
-            let kept = latest_copy
-                .entry(delivered.event.event_id)
-                .or_insert(delivered);
-            if delivered.stream_sequence > kept.stream_sequence {
-                *kept = delivered;
+            match position.entry(delivered.event.event_id) {
+                Entry::Vacant(slot) => {
+                    slot.insert(kept.len());
+                    kept.push(delivered);
+                }
+                Entry::Occupied(slot) => {
+                    let copy = &mut kept[*slot.get()];
+                    if delivered.stream_sequence > copy.stream_sequence {
+                        *copy = delivered;
+                    }
+                }
             }
         }
         let mut by_device: BTreeMap<&str, Vec<&Delivered>> = BTreeMap::new();
-        let mut seen = HashSet::with_capacity(events.len());
-        for delivered in events {
-            if seen.insert(delivered.event.event_id) {
-                let copy = latest_copy
-                    .get(&delivered.event.event_id)
-                    .copied()
-                    .unwrap_or(delivered);
-                by_device
-                    .entry(copy.event.device_id.as_str())
-                    .or_default()
-                    .push(copy);
-            }
+        for delivered in kept {
+            by_device
+                .entry(delivered.event.device_id.as_str())
+                .or_default()
+                .push(delivered);
         }
         let mut pipeline = redis::pipe();
         let mut calls: Vec<(&str, &[&Delivered])> = Vec::new();
