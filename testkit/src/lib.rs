@@ -162,6 +162,21 @@ impl TestEnv {
         async_nats::jetstream::new(client)
     }
 
+    /// The test's durable consumer as the server has it now; `None` while its stream or
+    /// the consumer is missing (or NATS does not answer).
+    pub async fn durable_consumer_info(
+        &self,
+        jetstream: &async_nats::jetstream::Context,
+    ) -> Option<async_nats::jetstream::consumer::Info> {
+        jetstream
+            .get_stream(self.subjects.stream())
+            .await
+            .ok()?
+            .consumer_info(&self.settings.nats.consumer)
+            .await
+            .ok()
+    }
+
     /// Waits (at most `within`) until the test's durable consumer has handled (acked or
     /// terminated) every message up to `last_sequence` and has none pending or in
     /// flight: then every message has reached the read model, a redelivered or
@@ -176,11 +191,7 @@ impl TestEnv {
             within,
             &format!("the consumer to ack every message up to {last_sequence}"),
             || async {
-                let stream = jetstream.get_stream(self.subjects.stream()).await.ok()?;
-                let info = stream
-                    .consumer_info(&self.settings.nats.consumer)
-                    .await
-                    .ok()?;
+                let info = self.durable_consumer_info(jetstream).await?;
                 (info.ack_floor.stream_sequence >= last_sequence
                     && info.num_pending == 0
                     && info.num_ack_pending == 0)

@@ -253,13 +253,7 @@ async fn a_projector_restarted_with_another_ack_wait_sets_it_on_the_durable_cons
         CATCH_UP,
         "the durable consumer's ack wait at the configured 5 s",
         || async {
-            let info = jetstream
-                .get_stream(env.subjects.stream())
-                .await
-                .ok()?
-                .consumer_info(&env.settings.nats.consumer)
-                .await
-                .ok()?;
+            let info = env.durable_consumer_info(&jetstream).await?;
             (info.config.ack_wait == Duration::from_secs(5)).then_some(())
         },
     )

@@ -45,11 +45,7 @@ async fn repaired_then_projecting(env: &TestEnv, last_after: u64) -> u64 {
         CATCH_UP,
         "the consumer no longer ahead of the stream",
         || async {
-            let stream = jetstream.get_stream(env.subjects.stream()).await.ok()?;
-            let info = stream
-                .consumer_info(&env.settings.nats.consumer)
-                .await
-                .ok()?;
+            let info = env.durable_consumer_info(&jetstream).await?;
             (info.delivered.stream_sequence <= last_after).then_some(())
         },
     )

@@ -208,13 +208,9 @@ const ACKS_IN_FLIGHT: usize = 4_000;
 
 /// The durable consumer's state as JetStream reports it.
 pub async fn consumer_info(env: &TestEnv, jetstream: &jetstream::Context) -> consumer::Info {
-    jetstream
-        .get_stream(env.subjects.stream())
+    env.durable_consumer_info(jetstream)
         .await
-        .expect("stream exists")
-        .consumer_info(&env.settings.nats.consumer)
-        .await
-        .expect("durable consumer exists")
+        .expect("the stream and its durable consumer exist")
 }
 
 /// [`TestEnv::consumer_drained`] within [`CATCH_UP`]; returns the consumer's state then.
