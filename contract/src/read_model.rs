@@ -50,6 +50,13 @@ pub fn meta_key(prefix: &str) -> String {
 pub mod meta {
     pub const GENERATION: &str = "generation";
     pub const BUILDING: &str = "building";
+    /// Set with [`BUILDING`]: `<stream sequence> <stored-at unix nanoseconds>`, the
+    /// live projectors' ack floor when the build began and the stream's newest stored
+    /// time just after. The build's replay alone applies the messages at or below that
+    /// sequence stored by then to the generation being built; live projectors leave
+    /// them out of it (a live consumer that went back, as after a NATS crash, delivers
+    /// some again, maybe longer than the dedup horizon before the replay reaches them).
+    pub const REPLAY_THROUGH: &str = "replay_through";
     /// The [`LAYOUT`](super::LAYOUT) the current generation was built with.
     pub const LAYOUT: &str = "layout";
     /// The fields to `HMGET` for [`live_generation`](super::live_generation), in its

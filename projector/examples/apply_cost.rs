@@ -78,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
                 Delivered {
                     event: TelemetryRecorded::new(Uuid::now_v7(), device, at, at, metrics),
                     stream_sequence: number + 1,
+                    stored_at: at,
                 }
             })
             .collect();

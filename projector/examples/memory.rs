@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
                         metrics,
                     ),
                     stream_sequence: sequence,
+                    stored_at: at,
                 }
             })
             .collect();

@@ -20,11 +20,13 @@ use redis::{RedisResult, Script};
 
 use crate::rebuild::Generations;
 
-/// An event together with the stream sequence it was delivered at.
+/// An event together with where the stream holds it: the sequence it was delivered at
+/// and when the stream stored it.
 #[derive(Debug, Clone)]
 pub struct Delivered {
     pub event: contract::event::TelemetryRecorded,
     pub stream_sequence: u64,
+    pub stored_at: time::OffsetDateTime,
 }
 
 /// Where the read model lives, how long applied event ids are remembered, and the two
@@ -295,8 +297,9 @@ impl ReadModel {
         events: &[Delivered],
         now_ms: i64,
     ) -> RedisResult<Applied> {
+        let events: Vec<&Delivered> = events.iter().collect();
         let (applied, _) = self
-            .apply_guarded(connection, generations, None, events, now_ms)
+            .apply_guarded(connection, generations, None, &events, now_ms)
             .await?;
         Ok(applied)
     }
@@ -304,7 +307,9 @@ impl ReadModel {
     /// Applies `events` as [`apply`](Self::apply) does to the generations as they
     /// were read, `generations.targets()`, if the meta hash still names them: each
     /// script call checks that in Redis, so a live projector need not read the meta
-    /// hash before every batch. Calls that find it changed write nothing.
+    /// hash before every batch. Calls that find it changed write nothing. What the
+    /// build's replay applies alone ([`ReplayThrough`](crate::rebuild::ReplayThrough))
+    /// goes to the live generation only.
     pub async fn apply_as_of<C: ConnectionLike>(
         &self,
         connection: &mut C,
@@ -312,21 +317,38 @@ impl ReadModel {
         events: &[Delivered],
         now_ms: i64,
     ) -> RedisResult<AsOf> {
-        let (applied, stale) = self
-            .apply_guarded(
-                connection,
-                &generations.targets(),
-                Some(&generations.fields),
-                events,
-                now_ms,
-            )
-            .await?;
+        let (replayed_alone, shared): (Vec<&Delivered>, Vec<&Delivered>) =
+            match generations.replay_through {
+                Some(through) if generations.building.is_some() => events
+                    .iter()
+                    .partition(|delivered| through.covers(delivered)),
+                _ => (Vec::new(), events.iter().collect()),
+            };
+        let mut total = Applied::default();
+        let mut stale = false;
+        for (targets, part) in [
+            (generations.live_only().targets(), replayed_alone),
+            (generations.targets(), shared),
+        ] {
+            let (applied, part_stale) = self
+                .apply_guarded(
+                    connection,
+                    &targets,
+                    Some(&generations.fields),
+                    &part,
+                    now_ms,
+                )
+                .await?;
+            total.applied += applied.applied;
+            total.duplicates += applied.duplicates;
+            stale |= part_stale;
+        }
         Ok(if stale {
             AsOf::Stale {
-                applied: applied.applied,
+                applied: total.applied,
             }
         } else {
-            AsOf::Applied(applied)
+            AsOf::Applied(total)
         })
     }
 
@@ -338,7 +360,7 @@ impl ReadModel {
         connection: &mut C,
         generations: &[u64],
         guard: Option<&[String; 3]>,
-        events: &[Delivered],
+        events: &[&Delivered],
         now_ms: i64,
     ) -> RedisResult<(Applied, bool)> {
         if events.is_empty() || generations.is_empty() {
@@ -350,7 +372,7 @@ impl ReadModel {
         // would if the copies had come in batches of their own.
         let mut position: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(events.len());
         let mut kept: Vec<&Delivered> = Vec::with_capacity(events.len());
-        for delivered in events {
+        for &delivered in events {
             match position.entry(delivered.event.event_id) {
                 Entry::Vacant(slot) => {
                     slot.insert(kept.len());
@@ -528,6 +550,7 @@ mod tests {
                     .collect::<BTreeMap<_, _>>(),
             ),
             stream_sequence: sequence,
+            stored_at: OffsetDateTime::UNIX_EPOCH,
         }
     }
 

@@ -341,9 +341,9 @@ impl Projector {
         let mut to_ack = Vec::with_capacity(messages.len());
         let mut redelivered = 0;
         for message in messages {
-            let Ok((stream_sequence, deliveries)) = message
+            let Ok((stream_sequence, stored_at, deliveries)) = message
                 .info()
-                .map(|info| (info.stream_sequence, info.delivered))
+                .map(|info| (info.stream_sequence, info.published, info.delivered))
             else {
                 continue;
             };
@@ -355,6 +355,7 @@ impl Projector {
                     delivered.push(Delivered {
                         event,
                         stream_sequence,
+                        stored_at,
                     });
                     to_ack.push(message);
                 }

@@ -15,17 +15,21 @@
 //!    meta hash still names them (`guard.lua`); a call that finds them changed writes
 //!    nothing and the batch is applied again with the generations read anew. So any
 //!    event applied to the live generation only was applied before `building` was set,
-//!    hence was in the stream before, and the replay below brings it to the new one;
+//!    or is one the replay applies alone (step 3); either way it was in the stream
+//!    before, and the replay below brings it to the new one;
 //! 3. notes the stream's last sequence and replays the stream up to it into the new
 //!    generation (the per-generation dedup set skips what the live projectors applied
 //!    there already); a replay whose consumer is lost, as with a NATS restart, goes on
 //!    with a new one just past what it applied. The dedup set forgets after the dedup
 //!    horizon, and a replay of a long stream can take longer than that, so the replay
 //!    takes first what the live projectors may also apply: everything past their
-//!    consumer's ack floor, read *before* `building` was set (every event they write
-//!    to the new generation was unacked then, so past that floor). Both apply that part
+//!    consumer's ack floor, read *before* `building` was set. Both apply that part
 //!    within moments of each other, while the dedup set still holds what the other
-//!    applied; the older part, however long its replay, is applied by the replay alone;
+//!    applied. The older part, however long its replay, is the replay's alone: the
+//!    floor is written with `building` ([`ReplayThrough`]), and a live projector whose
+//!    consumer went back below it (NATS lost the consumer's latest acks in a crash, a
+//!    repair redelivered the dedup horizon) applies what comes again from there to the
+//!    live generation only;
 //! 4. switches `generation` to the new one and clears `building`, in one script that
 //!    checks it still owns the lock and the build;
 //! 5. deletes the old generation's keys after a short grace period.
@@ -72,10 +76,53 @@ pub struct Generations {
     /// A generation named live but of another key layout ([`LAYOUT`]): no read model
     /// as far as this version can tell; the rebuild replaces it and deletes its keys.
     pub outdated: Option<u64>,
+    /// What the build's replay alone applies to `building` (see [`ReplayThrough`]);
+    /// written with `building`, so the guard on that field covers it too.
+    pub replay_through: Option<ReplayThrough>,
     /// The meta hash's generation, layout and building fields as read (empty for
     /// none): a batch applied with these generations writes nothing if they changed
     /// since ([`ReadModel::apply_as_of`]).
     pub fields: [String; 3],
+}
+
+/// The live projectors' ack floor when a build began (`stream_sequence`) and the time
+/// the stream had stored its newest message at just after (`stored_at`): every message
+/// at or below that sequence was stored by then. The build's replay applies each such
+/// message to the new generation, and it alone: a live projector applies one that
+/// comes to it again (its consumer went back: NATS lost the consumer's latest acks in
+/// a crash, a repair redelivered the dedup horizon, an operator made it again) to the
+/// live generation only. Otherwise the live projector could apply it to the new
+/// generation longer than the dedup horizon before the replay does, and it would
+/// count twice there. A message stored later at such a sequence (the stream went back
+/// and grew again) is new, and goes to both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayThrough {
+    pub stream_sequence: u64,
+    pub stored_at: OffsetDateTime,
+}
+
+impl ReplayThrough {
+    /// Whether the replay alone applies the message at `delivered`'s position.
+    pub fn covers(&self, delivered: &Delivered) -> bool {
+        delivered.stream_sequence <= self.stream_sequence && delivered.stored_at <= self.stored_at
+    }
+
+    /// `<stream sequence> <stored-at unix nanoseconds>`, the meta hash's field.
+    fn encode(&self) -> String {
+        format!(
+            "{} {}",
+            self.stream_sequence,
+            self.stored_at.unix_timestamp_nanos()
+        )
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (sequence, stored_at) = text.split_once(' ')?;
+        Some(Self {
+            stream_sequence: sequence.parse().ok()?,
+            stored_at: OffsetDateTime::from_unix_timestamp_nanos(stored_at.parse().ok()?).ok()?,
+        })
+    }
 }
 
 impl Generations {
@@ -83,13 +130,25 @@ impl Generations {
         connection: &mut ConnectionManager,
         prefix: &str,
     ) -> redis::RedisResult<Self> {
-        let (generation, layout, building): (Option<String>, Option<String>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(meta_key(prefix))
-                .arg(meta::LIVE)
-                .arg(meta::BUILDING)
-                .query_async(connection)
-                .await?;
+        let (generation, layout, building, replay_through): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = redis::cmd("HMGET")
+            .arg(meta_key(prefix))
+            .arg(meta::LIVE)
+            .arg(meta::BUILDING)
+            .arg(meta::REPLAY_THROUGH)
+            .query_async(connection)
+            .await?;
+        let replay_through = match replay_through {
+            None => None,
+            Some(text) => Some(ReplayThrough::decode(&text).ok_or((
+                redis::ErrorKind::UnexpectedReturnType,
+                "the meta hash's replay_through is not <sequence> <nanoseconds>",
+            ))?),
+        };
         let fields = [generation, layout, building].map(Option::unwrap_or_default);
         let number = |field: &str| -> redis::RedisResult<Option<u64>> {
             if field.is_empty() {
@@ -113,8 +172,19 @@ impl Generations {
             current,
             building,
             outdated: generation.filter(|_| current.is_none()),
+            replay_through,
             fields,
         })
+    }
+
+    /// These generations without the one being built (guarded by the same fields):
+    /// where a live projector applies what the build's replay applies alone.
+    pub fn live_only(&self) -> Self {
+        Self {
+            building: None,
+            replay_through: None,
+            ..self.clone()
+        }
     }
 
     /// Where live events go: the live generation first, then the one being built.
@@ -193,18 +263,28 @@ impl Rebuild {
             .into_iter()
             .flatten()
             .fold(now_ms, |generation, old| generation.max(old + 1));
-        let stream = self
+        let mut stream = self
             .jetstream
             .get_stream(self.subjects.stream())
             .await
             .context("opening the stream")?;
-        // Before `building` is set: every event the live projectors apply to the new
-        // generation from then on is past this floor (see the module's step 3).
+        // Before `building` is set, the floor first (see the module's step 3).
         let live_ack_floor = self.live_ack_floor(&stream).await?;
+        let replay_through = ReplayThrough {
+            stream_sequence: live_ack_floor,
+            stored_at: stream
+                .info()
+                .await
+                .context("reading stream info")?
+                .state
+                .last_timestamp,
+        };
         let _: () = redis::cmd("HSET")
             .arg(meta_key(prefix))
             .arg(meta::BUILDING)
             .arg(generation)
+            .arg(meta::REPLAY_THROUGH)
+            .arg(replay_through.encode())
             .query_async(&mut redis)
             .await?;
         if let Some(abandoned) = abandoned {
@@ -215,7 +295,11 @@ impl Rebuild {
             // there when the deletion's SCAN begins.
             delete_generation(&mut redis, prefix, abandoned).await?;
         }
-        tracing::info!(generation, "rebuilding the read model from the stream");
+        tracing::info!(
+            generation,
+            ?replay_through,
+            "rebuilding the read model from the stream"
+        );
         let replayed = self
             .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
             .await?;
@@ -349,7 +433,10 @@ impl Rebuild {
             let mut events = Vec::with_capacity(batch.len());
             let mut batch_through = applied_through;
             for message in batch {
-                let Ok(stream_sequence) = message.info().map(|info| info.stream_sequence) else {
+                let Ok((stream_sequence, stored_at)) = message
+                    .info()
+                    .map(|info| (info.stream_sequence, info.published))
+                else {
                     continue;
                 };
                 batch_through = batch_through.max(stream_sequence);
@@ -361,6 +448,7 @@ impl Rebuild {
                     events.push(Delivered {
                         event,
                         stream_sequence,
+                        stored_at,
                     });
                 }
             }
@@ -457,7 +545,7 @@ fn switch_script() -> Script {
         "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
          if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
          redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3])
-         redis.call('HDEL', KEYS[1], 'building')
+         redis.call('HDEL', KEYS[1], 'building', 'replay_through')
          return 1",
     )
 }
@@ -487,5 +575,24 @@ pub async fn delete_generation(
             return Ok(deleted);
         }
         cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replays_own_part_reads_back_as_written_and_nothing_else_is_taken_for_it() {
+        let through = ReplayThrough {
+            stream_sequence: 20_000,
+            stored_at: OffsetDateTime::from_unix_timestamp_nanos(1_764_460_800_123_456_789)
+                .expect("in range"),
+        };
+        assert_eq!(through.encode(), "20000 1764460800123456789");
+        assert_eq!(ReplayThrough::decode(&through.encode()), Some(through));
+        for garbage in ["", "20000", "20000 x", "-1 5", "20000 5 7", "20000  5"] {
+            assert_eq!(ReplayThrough::decode(garbage), None, "{garbage:?}");
+        }
     }
 }

@@ -2,13 +2,14 @@
 //! by `apply.lua` — batches holding events a generation has and events it has not, two
 //! generations at once, a batch applied with generations that changed since they were
 //! read (also between its pipeline and a mixed call's split), pruning of buckets past
-//! their retention, a device's batch too long for one script call, and the buckets hash
-//! turned into a hash table once large.
+//! their retention, a device's batch too long for one script call, the buckets hash
+//! turned into a hash table once large, and what a build's replay applies alone kept
+//! out of the generation being built.
 
 use contract::event::TelemetryRecorded;
-use contract::read_model::{DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE};
+use contract::read_model::{meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE};
 use projector::apply::{Applied, AsOf, Delivered, ReadModel};
-use projector::rebuild::Generations;
+use projector::rebuild::{Generations, ReplayThrough};
 use redis::aio::ConnectionManager;
 use redis::Value;
 use testkit::TestEnv;
@@ -25,6 +26,7 @@ fn delivered(events: &[TelemetryRecorded]) -> Vec<Delivered> {
         .map(|(event, stream_sequence)| Delivered {
             event: event.clone(),
             stream_sequence,
+            stored_at: event.received_at,
         })
         .collect()
 }
@@ -506,6 +508,77 @@ async fn a_batch_applied_with_generations_read_before_a_rebuild_began_or_switche
     );
     assert_holds(&env, 1, &events[..3]).await;
     assert_holds(&env, 2, &events).await;
+}
+
+/// While a generation is built, the messages its replay applies alone (at or below the
+/// `replay_through` the rebuild wrote with `building`, and stored by then) go to the
+/// live generation only, when a live projector gets them again; a message past that
+/// sequence, or stored later at such a sequence (the stream went back and grew again),
+/// goes to both.
+#[tokio::test]
+async fn during_a_build_what_its_replay_applies_alone_goes_to_the_live_generation_only() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = direct_read_model(&env);
+    let events = temperatures(5, now_ms() - 60_000, 1_000, |index| index as f64 + 0.5);
+    let floor_stored = time::OffsetDateTime::now_utc() - time::Duration::seconds(10);
+    let through = ReplayThrough {
+        stream_sequence: 3,
+        stored_at: floor_stored,
+    };
+    let second = time::Duration::SECOND;
+    let at = |index: usize, stream_sequence: u64, stored_at| Delivered {
+        event: events[index].clone(),
+        stream_sequence,
+        stored_at,
+    };
+    let batch = [
+        at(0, 1, floor_stored - 20 * second),
+        // At the floor itself.
+        at(1, 3, floor_stored),
+        // Past the floor.
+        at(2, 4, floor_stored - second),
+        // At a sequence below the floor, stored after it: the stream went back and grew.
+        at(3, 2, floor_stored + second),
+    ];
+    env.set_live_generation(1).await;
+    let () = redis::cmd("HSET")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::BUILDING)
+        .arg(2)
+        .arg(meta::REPLAY_THROUGH)
+        .arg(format!("3 {}", floor_stored.unix_timestamp_nanos()))
+        .query_async(&mut redis)
+        .await
+        .expect("building set");
+    let building = generations(&env).await;
+    assert_eq!(building.targets(), [1, 2]);
+    assert_eq!(building.replay_through, Some(through));
+
+    assert_eq!(
+        apply_as_of(&model, &mut redis, &building, &batch).await,
+        AsOf::Applied(Applied {
+            applied: 4,
+            duplicates: 0
+        }),
+        "counted in the live generation"
+    );
+    assert_holds(&env, 1, &events[..4]).await;
+    assert_holds(&env, 2, &events[2..4]).await;
+
+    // Once switched, nothing is left out: the replay is done.
+    env.set_live_generation(2).await;
+    let () = redis::cmd("HDEL")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::BUILDING)
+        .arg(meta::REPLAY_THROUGH)
+        .query_async(&mut redis)
+        .await
+        .expect("switched");
+    let switched = generations(&env).await;
+    assert_eq!(switched.replay_through, None);
+    apply_as_of(&model, &mut redis, &switched, &[at(4, 1, floor_stored)]).await;
+    assert_holds(&env, 2, &[&events[2..4], &events[4..]].concat()).await;
 }
 
 /// A Redis connection on which a rebuild begins (the meta hash gets `building`) just

@@ -102,6 +102,7 @@ async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
         .map(|(event, stream_sequence)| Delivered {
             event: event.clone(),
             stream_sequence,
+            stored_at: event.received_at,
         })
         .collect();
     // The same event twice in one batch, as a redelivery racing its original.
@@ -179,6 +180,7 @@ async fn events_applied_before_a_crash_are_skipped_when_the_projector_receives_t
         delivered.push(Delivered {
             event: event.clone(),
             stream_sequence,
+            stored_at: event.received_at,
         });
     }
     // A projector applied the first three to the live generation and died before
@@ -282,6 +284,7 @@ proptest! {
                 .map(|index| Delivered {
                     event: events[*index].clone(),
                     stream_sequence: *index as u64 + 1,
+                    stored_at: events[*index].received_at,
                 })
                 .collect();
             let model = direct_read_model(&env);

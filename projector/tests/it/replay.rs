@@ -2,10 +2,11 @@
 //! through lives in the server's memory and is lost; the replay makes a new one past
 //! what it applied, instead of waiting out async-nats's 15 s idle heartbeat and failing.
 //! And a replay that, so held up, outlasts the dedup horizon while a live projector
-//! applies its backlog to the generation being built.
+//! applies its backlog to the generation being built, also one whose consumer went back.
 
 use std::time::Duration;
 
+use async_nats::jetstream::{self, consumer};
 use contract::event::TelemetryRecorded;
 use contract::read_model::{meta, meta_key};
 use projector::apply::{AsOf, Delivered};
@@ -67,6 +68,34 @@ async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
 /// generation's dedup set still remembers that, or they count twice.
 #[tokio::test]
 async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_applied_once() {
+    rebuild_longer_than_the_horizon(LiveConsumer::Kept).await;
+}
+
+/// The same, with a live consumer that goes back below the ack floor the rebuild read
+/// as it began: NATS lost the consumer's latest acks in a crash (it writes them down
+/// about every 100 ms), so the live projector gets the last [`WENT_BACK`] events again.
+/// Its dedup set skips them in the live generation, but the replay reaches them in the
+/// new one only after its wait for a silent consumer, past the horizon: the live
+/// projector must leave them to the replay there, or they count twice. (CI saw this
+/// with a real crash: 14 readings of 404 counted twice.)
+#[tokio::test]
+async fn a_live_consumer_that_goes_back_during_a_long_rebuild_counts_nothing_twice() {
+    rebuild_longer_than_the_horizon(LiveConsumer::WentBack).await;
+}
+
+/// What becomes of the live projectors' durable consumer once the build began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LiveConsumer {
+    Kept,
+    /// Made again [`WENT_BACK`] messages below the ack floor, as NATS restores it after
+    /// a crash that lost its latest acks.
+    WentBack,
+}
+
+/// Events acked by the live consumer that it delivers again in [`LiveConsumer::WentBack`].
+const WENT_BACK: u64 = 2_000;
+
+async fn rebuild_longer_than_the_horizon(live_consumer: LiveConsumer) {
     const BACKLOG: usize = 200;
     let mut nats = PrivateNats::start();
     let (mut env, jetstream) = private_env(&nats).await;
@@ -80,11 +109,20 @@ async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_
     // The live projector's backlog when the rebuild begins.
     publish_many(&env, &jetstream, &events[EVENTS..]).await;
 
+    // The first projector found no read model and began a build of its own, cut short
+    // when it stopped: the meta hash may still name that one as being built.
+    let abandoned = building_generation(&env).await;
     let running = start_rebuild(&env).await;
     eventually(Duration::from_secs(20), "the build under way", || async {
-        building_generation(&env).await.map(drop)
+        building_generation(&env)
+            .await
+            .filter(|building| Some(*building) != abandoned)
+            .map(drop)
     })
     .await;
+    if live_consumer == LiveConsumer::WentBack {
+        consumer_goes_back_to(&env, &jetstream, EVENTS as u64 - WENT_BACK).await;
+    }
     // Started now, the live projector applies its backlog to the new generation too.
     let projector = Projector::spawn(&env.settings).await;
     drained(&env, &jetstream, (EVENTS + BACKLOG) as u64).await;
@@ -102,6 +140,31 @@ async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_
     assert_eq!(env.generation().await, Some(generation));
     assert_read_model_holds(&env, &events).await;
     projector.stop().await;
+}
+
+/// Makes the live projectors' durable consumer again, as the projector makes it, with
+/// everything up to `acked` acked: as NATS restores it after a crash that lost the acks
+/// past there.
+async fn consumer_goes_back_to(env: &TestEnv, jetstream: &jetstream::Context, acked: u64) {
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    let consumer = env.settings.nats.consumer.as_str();
+    stream.delete_consumer(consumer).await.expect("deleted");
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(consumer.to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(env.settings.projector.ack_wait_secs),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: acked + 1,
+            },
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer made again");
 }
 
 /// A rebuild that failed left `building` naming its generation, which live projectors go
@@ -135,6 +198,7 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
                     &[("temperature", applied as f64)],
                 ),
                 stream_sequence: applied + 1,
+                stored_at: time::OffsetDateTime::now_utc(),
             }];
             match model
                 .apply_as_of(&mut redis, &generations, &batch, now_ms())

@@ -56,6 +56,7 @@ impl Projecting {
                     BTreeMap::from([("temperature".to_owned(), 21.5)]),
                 ),
                 stream_sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+                stored_at: OffsetDateTime::now_utc(),
             })
             .collect();
         // The count is not asserted: it is short when a script had to be loaded meanwhile.

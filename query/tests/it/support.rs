@@ -218,6 +218,7 @@ pub async fn one_projected_reading(env: &TestEnv, device: &str) {
             &[Delivered {
                 event,
                 stream_sequence: 1,
+                stored_at: now,
             }],
             unix_millis(now),
         )
