@@ -49,6 +49,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::apply::{Delivered, ReadModel};
 use crate::lock;
@@ -231,14 +232,17 @@ impl Rebuild {
             .context("taking the rebuild lock")?
             .ok_or(RebuildError::AlreadyRunning)?;
         let lost_lock = CancellationToken::new();
-        let refresher = tokio::spawn(keep_lock(
+        // Aborted when dropped: a rebuild whose future is dropped half-way (its task
+        // aborted, as a projector's stop does past its deadline) leaves the lock to
+        // expire instead of refreshing it for as long as the process lives.
+        let refresher = AbortOnDropHandle::new(tokio::spawn(keep_lock(
             redis.clone(),
             prefix.clone(),
             owner.clone(),
             lost_lock.clone(),
-        ));
+        )));
         let result = self.build_and_switch(&owner, shutdown, &lost_lock).await;
-        refresher.abort();
+        drop(refresher);
         lock::release(&mut redis, &rebuild_lock_key(prefix), &owner).await;
         result.map_err(RebuildError::Failed)
     }

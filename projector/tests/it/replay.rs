@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use contract::event::TelemetryRecorded;
-use contract::read_model::{meta, meta_key};
+use contract::read_model::{meta, meta_key, rebuild_lock_key};
 use projector::apply::{AsOf, Delivered};
 use projector::rebuild::{Generations, RebuildError};
 use testkit::{assert_same_figures, eventually, PrivateNats, Sums, TestEnv};
@@ -25,8 +25,9 @@ use crate::support::{
 const EVENTS: usize = 20_000;
 const DEVICES: usize = 50;
 /// The replay gives up on a silent consumer after 5 s; async-nats alone would take 15 s
-/// (its idle heartbeat) and then fail the rebuild.
-const FINISHED_AFTER_THE_RESTART: Duration = Duration::from_secs(12);
+/// (its idle heartbeat) and then fail the rebuild, which the tests see as an error. The
+/// rest of the replay and the switch take a few seconds more on a loaded box.
+const FINISHED_AFTER_THE_RESTART: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
@@ -231,6 +232,51 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
         left,
         Vec::<String>::new(),
         "keys of the abandoned build left behind ({applied} batches written to it)"
+    );
+}
+
+/// A rebuild whose task is aborted half-way (a projector's stop aborts its supervisor
+/// past its deadline) stops refreshing its lock, which then expires: the refresher it
+/// spawned goes with it instead of holding the lock for as long as the process lives.
+#[tokio::test]
+async fn a_rebuild_aborted_half_way_stops_refreshing_its_lock() {
+    /// The rebuild refreshes its 15 s lock every 5 s.
+    const PAST_A_REFRESH: Duration = Duration::from_secs(6);
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    publish_many(&env, &jetstream, &spread_events(EVENTS)).await;
+    let running = start_rebuild(&env).await;
+    eventually(Duration::from_secs(20), "the build under way", || async {
+        building_generation(&env).await.map(drop)
+    })
+    .await;
+    running.abort();
+    assert!(
+        running.await.is_err_and(|error| error.is_cancelled()),
+        "the rebuild was still running when aborted: the test needs more events"
+    );
+    let lock = rebuild_lock_key(&env.settings.redis.prefix);
+    let mut redis = env.redis().await;
+    let left_ms = |redis: &mut redis::aio::MultiplexedConnection| {
+        let lock = lock.clone();
+        let mut redis = redis.clone();
+        async move {
+            let left: i64 = redis::cmd("PTTL")
+                .arg(&lock)
+                .query_async(&mut redis)
+                .await
+                .expect("pttl");
+            left
+        }
+    };
+    let before = left_ms(&mut redis).await;
+    assert!(before > 0, "the aborted rebuild's lock is held ({before})");
+    // A duration that must pass: one refresh period and a second.
+    tokio::time::sleep(PAST_A_REFRESH).await;
+    let after = left_ms(&mut redis).await;
+    assert!(
+        after < before - 5_000,
+        "the lock was refreshed after the rebuild was aborted: {before} ms left, then {after} ms"
     );
 }
 
