@@ -85,15 +85,17 @@ async fn an_idle_relay_publishes_a_posted_reading_at_once_though_it_polls_once_a
     )
     .await;
 
+    // Well within the minute the next poll is due in, even on a loaded box.
+    const BY_NOTIFICATION: Duration = Duration::from_secs(15);
     let posted = Instant::now();
     ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
     eventually(
-        Duration::from_secs(2),
-        "the second reading published within 2 s",
+        BY_NOTIFICATION,
+        "the second reading published long before the next poll",
         || async { (stream_messages(&jetstream, env.subjects.stream()).await? == 2).then_some(()) },
     )
     .await;
-    assert!(posted.elapsed() < Duration::from_secs(2));
+    assert!(posted.elapsed() < BY_NOTIFICATION);
 
     relay.stop().await;
     ingest.stop().await;

@@ -480,15 +480,16 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
     wait_until_a_relay_holds_the_unpublished_row(&db).await;
     // The claim is followed at once by the publish; time for its bytes to leave.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let killed = Instant::now();
     nats.restart();
+    // Listening again; the clock leaves out the server's start, slow on a loaded box.
+    let restarted = Instant::now();
     wait_until_all_published(&db, 2).await;
-    let took = killed.elapsed();
+    let took = restarted.elapsed();
     // Without the give-up the round waits out the PubAck timeout (5 s from the
-    // publish) before it publishes the row again.
+    // publish, some 4 s after the restart) before it publishes the row again.
     assert!(
         took < Duration::from_secs(3),
-        "the lost publish was published again {took:?} after the server was killed"
+        "the lost publish was published again {took:?} after the server listened again"
     );
     let jetstream = env.jetstream().await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), 2).await;
