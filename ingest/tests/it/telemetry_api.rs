@@ -654,9 +654,10 @@ async fn connections_over_the_cap_wait_until_one_closes() {
 
 /// `ingest.max_age_secs` of the tests whose readings age past the limit between a
 /// request and its retry: a few seconds rather than 7 days.
-pub(crate) const SHORT_MAX_AGE_SECS: u64 = 3;
+pub(crate) const SHORT_MAX_AGE_SECS: u64 = 5;
 
-/// A `recorded_at` of 2 s ago: within [`SHORT_MAX_AGE_SECS`] for about a second more.
+/// A `recorded_at` of 2 s ago: within [`SHORT_MAX_AGE_SECS`] for about three seconds
+/// more, time enough for a first request on a loaded box.
 pub(crate) fn two_seconds_ago() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc() - time::Duration::seconds(2)
 }
