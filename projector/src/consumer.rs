@@ -676,6 +676,18 @@ async fn newest_read_model_anchor(
     Ok(newest)
 }
 
+/// The stream sequence of the newest consumer anchor kept for the read model under
+/// `prefix` ([`newest_read_model_anchor`]), past which a durable consumer made now
+/// starts; 0 without one.
+pub(crate) async fn newest_anchored_sequence(
+    redis: &mut ConnectionManager,
+    prefix: &str,
+) -> redis::RedisResult<u64> {
+    Ok(newest_read_model_anchor(redis, prefix)
+        .await?
+        .map_or(0, |(_, anchor)| anchor.stream_sequence))
+}
+
 /// `text` with Redis's glob characters escaped, to match it literally in a pattern.
 fn glob_escaped(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());

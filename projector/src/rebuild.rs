@@ -331,11 +331,21 @@ impl Rebuild {
     }
 
     /// The stream sequence up to which the live projectors' durable consumer has acked
-    /// every message; 0 while there is no such consumer (no live projector reads then).
+    /// every message. While there is no such consumer (deleted, or not made yet), the
+    /// sequence of the newest consumer anchor, past which a projector makes it again
+    /// (0 without one): the events it then delivers are past this floor, so the replay
+    /// takes them first, not at the end of a whole-stream first part.
     async fn live_ack_floor(&self, stream: &jetstream::stream::Stream) -> anyhow::Result<u64> {
         match stream.consumer_info(&self.consumer).await {
             Ok(info) => Ok(info.ack_floor.stream_sequence),
-            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => Ok(0),
+            Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => {
+                crate::consumer::newest_anchored_sequence(
+                    &mut self.redis.clone(),
+                    &self.read_model.prefix,
+                )
+                .await
+                .context("reading the consumer anchors")
+            }
             Err(error) => Err(error).context("reading the live consumer's ack floor"),
         }
     }

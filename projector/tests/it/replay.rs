@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use contract::event::TelemetryRecorded;
-use contract::read_model::{meta, meta_key, rebuild_lock_key};
+use contract::read_model::{consumer_anchor_key, meta, meta_key, rebuild_lock_key};
 use projector::apply::{AsOf, Delivered};
 use projector::rebuild::{Generations, RebuildError};
 use testkit::{assert_same_figures, eventually, PrivateNats, Sums, TestEnv};
@@ -232,6 +232,66 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
         Vec::<String>::new(),
         "keys of the abandoned build left behind ({applied} batches written to it)"
     );
+}
+
+/// A rebuild that begins while the live projectors' durable consumer is missing
+/// (deleted, or lost with the server's state) takes the newest consumer anchor as the
+/// floor: a projector makes the consumer again just past it, so what that consumer
+/// delivers is the replay's first part, met within moments, not the end of a first part
+/// that spans the whole stream (past the dedup horizon on a long one).
+#[tokio::test]
+async fn a_rebuild_begun_while_the_consumer_is_missing_takes_the_anchor_as_its_floor() {
+    /// Where the last projector stood before its consumer was deleted.
+    const ANCHORED: u64 = 15_000;
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    env.set_live_generation(1).await;
+    publish_many(&env, &jetstream, &spread_events(EVENTS)).await;
+    let stored_at = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists")
+        .get_raw_message(ANCHORED)
+        .await
+        .expect("the anchored message")
+        .time;
+    let mut redis = env.redis().await;
+    let () = redis::cmd("SET")
+        .arg(consumer_anchor_key(
+            &env.settings.redis.prefix,
+            &env.settings.nats.consumer,
+        ))
+        .arg(format!(
+            "{ANCHORED} {} all",
+            stored_at.unix_timestamp_nanos()
+        ))
+        .query_async(&mut redis)
+        .await
+        .expect("anchor set");
+
+    let running = start_rebuild(&env).await;
+    let meta_hash = meta_key(&env.settings.redis.prefix);
+    let through: String = eventually(Duration::from_secs(20), "the build under way", || {
+        let (mut redis, meta_hash) = (redis.clone(), meta_hash.clone());
+        async move {
+            redis::cmd("HGET")
+                .arg(meta_hash)
+                .arg(meta::REPLAY_THROUGH)
+                .query_async::<Option<String>>(&mut redis)
+                .await
+                .expect("hget")
+        }
+    })
+    .await;
+    assert_eq!(
+        through.split(' ').next(),
+        Some(ANCHORED.to_string().as_str()),
+        "the floor is the anchor's sequence: {through}"
+    );
+    running
+        .await
+        .expect("the rebuild task did not panic")
+        .expect("the rebuild succeeded");
 }
 
 /// A rebuild whose task is aborted half-way (a projector's stop aborts its supervisor
