@@ -398,12 +398,17 @@ pub async fn settled_readiness_within(
     body
 }
 
-/// An answer's `Content-Type`, empty when it has none (or one that is not text).
-pub fn content_type(response: &reqwest::Response) -> String {
+/// An answer's header `name` as text, `None` when it has none (or one that is not text).
+pub fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     response
         .headers()
-        .get("content-type")
+        .get(name)
         .and_then(|value| value.to_str().ok())
+}
+
+/// An answer's `Content-Type`, empty when it has none (or one that is not text).
+pub fn content_type(response: &reqwest::Response) -> String {
+    header(response, "content-type")
         .unwrap_or_default()
         .to_owned()
 }

@@ -34,10 +34,7 @@ async fn post_as(
 
 async fn assert_unauthorized(response: reqwest::Response) {
     assert_eq!(
-        response
-            .headers()
-            .get("www-authenticate")
-            .and_then(|value| value.to_str().ok()),
+        testkit::header(&response, "www-authenticate"),
         Some("Bearer")
     );
     assert_problem(response, 401, "unauthorized").await;

@@ -109,13 +109,9 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
     for (program, listen_key, setting, key) in cases {
         let listen = format!("127.0.0.1:{}", free_port());
         let stderr = failed_run(program, &[], &env, &[(listen_key, &listen), setting]);
-        let lines: Vec<&str> = stderr
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .collect();
-        assert_eq!(lines.len(), 1, "one line for {setting:?}: {stderr}");
+        let line = the_only_line(&stderr);
         assert!(
-            lines[0].contains(key),
+            line.contains(key),
             "the line names {key} for {setting:?}: {stderr}"
         );
     }
@@ -161,14 +157,10 @@ fn a_listen_address_in_use_stops_ingest_and_the_relay_with_one_line_naming_the_k
             .expect("stderr piped")
             .read_to_string(&mut stderr)
             .expect("stderr readable");
-        let lines: Vec<&str> = stderr
-            .lines()
-            .filter(|line| !line.trim().is_empty())
-            .collect();
-        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        let line = the_only_line(&stderr);
         assert!(
-            lines[0].contains(&format!("{} {address}", key_and_variable(key)))
-                && lines[0].contains("address already in use"),
+            line.contains(&format!("{} {address}", key_and_variable(key)))
+                && line.contains("address already in use"),
             "the line names {key} and {address}: {stderr}"
         );
         assert_eq!(status.code(), Some(2), "{program}: {stderr}");
@@ -517,6 +509,16 @@ fn an_app_env_without_its_file_or_a_float_for_an_integer_stops_ingest_with_one_l
         }
         assert_config_env_refused(&mut command, named);
     }
+}
+
+/// The one line that is not blank in `stderr` (failing unless there is exactly one).
+fn the_only_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    lines[0]
 }
 
 /// `ingest config env` run by `command` stops with status 2, prints nothing on stdout

@@ -163,10 +163,7 @@ pub fn batch_body(prefix: &str, size: usize, devices: usize) -> Value {
 /// Asserts that `response` is a stored answer given again (`Idempotent-Replayed: true`).
 pub fn assert_replayed(response: &Response) {
     assert_eq!(
-        response
-            .headers()
-            .get("idempotent-replayed")
-            .and_then(|value| value.to_str().ok()),
+        testkit::header(response, "idempotent-replayed"),
         Some("true"),
         "a replay of {}",
         response.url()

@@ -492,10 +492,7 @@ async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
             .await;
     }
     let limited = ingest.post("k-3", &reading("chatty", 1.0)).await;
-    let retry_after: u64 = limited
-        .headers()
-        .get("retry-after")
-        .and_then(|value| value.to_str().ok())
+    let retry_after: u64 = testkit::header(&limited, "retry-after")
         .and_then(|value| value.parse().ok())
         .expect("Retry-After in whole seconds");
     assert!(

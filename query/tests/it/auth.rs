@@ -51,10 +51,7 @@ async fn only_a_valid_read_token_may_use_the_query_api() {
         };
         let missing = get(None).await.expect("sent");
         assert_eq!(
-            missing
-                .headers()
-                .get("www-authenticate")
-                .and_then(|value| value.to_str().ok()),
+            testkit::header(&missing, "www-authenticate"),
             Some("Bearer"),
             "{path}"
         );

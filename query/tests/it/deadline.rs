@@ -95,10 +95,7 @@ async fn a_read_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_wit
         "the stats GET while api_tokens is locked answered after {took:?}, not at its 1 s deadline"
     );
     assert_eq!(
-        response
-            .headers()
-            .get("retry-after")
-            .and_then(|value| value.to_str().ok()),
+        testkit::header(&response, "retry-after"),
         Some("1"),
         "Retry-After of the 503"
     );

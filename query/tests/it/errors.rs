@@ -138,11 +138,8 @@ async fn with_redis_unreachable_readiness_and_stats_are_503_with_retry_after() {
             started.elapsed() < Duration::from_secs(5),
             "{path} answers promptly while Redis is down"
         );
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
+        let retry_after =
+            testkit::header(&response, "retry-after").and_then(|value| value.parse::<u64>().ok());
         assert!(retry_after.is_some(), "{path}: Retry-After in seconds");
         assert_problem(response, 503, "unavailable").await;
     }

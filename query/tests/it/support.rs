@@ -87,9 +87,8 @@ impl Query {
             .await;
         let status = response.status().as_u16();
         if status == 200 {
-            let content_type = response.headers().get("content-type").cloned();
             assert_eq!(
-                content_type.as_ref().and_then(|value| value.to_str().ok()),
+                testkit::header(&response, "content-type"),
                 Some("application/json"),
                 "a stats document is JSON"
             );
