@@ -327,8 +327,8 @@ impl Projector {
                 previous_consumer = %taken_of,
                 anchor_stream_sequence = anchor.stream_sequence,
                 ?policy,
-                "the durable consumer is new to this read model: made from where consumer {taken_of} stood; once no projector uses that one, remove it (nats consumer rm {} {taken_of})",
-                self.subjects.stream()
+                stream = self.subjects.stream(),
+                "the durable consumer is new to this read model: made from where the previous consumer stood; once no projector uses that one, remove it (nats consumer rm <stream> <previous_consumer>)"
             );
         }
         Ok(policy)
