@@ -1096,6 +1096,55 @@ mod tests {
             .and_then(|layers| layers.try_deserialize())
     }
 
+    /// The shipped defaults with `key` set to `value`, as an environment variable does.
+    fn defaults_overridden(
+        key: &str,
+        value: impl Into<config::Value>,
+    ) -> Result<Settings, config::ConfigError> {
+        config::Config::builder()
+            .add_source(config::File::from(config_dir().join("default.toml")))
+            .set_override(key, value)
+            .and_then(|builder| builder.build())
+            .and_then(|layers| layers.try_deserialize())
+    }
+
+    /// The strict reading is an attribute on each integer field: one a new field lacked
+    /// would bring back the config crate's rounding (0.5 to 0) for that key alone.
+    #[test]
+    fn every_integer_setting_of_the_defaults_refuses_a_fraction_naming_its_key() {
+        let defaults = config::Config::builder()
+            .add_source(config::File::from(config_dir().join("default.toml")))
+            .build()
+            .expect("default.toml reads")
+            .try_deserialize::<config::Map<String, config::Value>>()
+            .expect("default.toml is a table");
+        let mut checked = Vec::new();
+        for (section, fields) in defaults {
+            let Ok(fields) = fields.into_table() else {
+                continue;
+            };
+            for (field, value) in fields {
+                if !matches!(
+                    value.kind,
+                    config::ValueKind::I64(_)
+                        | config::ValueKind::I128(_)
+                        | config::ValueKind::U64(_)
+                        | config::ValueKind::U128(_)
+                ) {
+                    continue;
+                }
+                let key = format!("{section}.{field}");
+                let error = defaults_overridden(&key, 0.5).expect_err(&key);
+                assert!(error.to_string().contains(&key), "{key}: {error}");
+                checked.push(key);
+            }
+        }
+        assert!(
+            checked.len() >= 30,
+            "the integer settings of default.toml: {checked:?}"
+        );
+    }
+
     #[test]
     fn an_integer_setting_given_a_float_a_boolean_or_a_word_is_refused_naming_the_key() {
         // The config crate rounded a float (-1.0 and 0.4 to 0, which turned the rate
@@ -1140,11 +1189,7 @@ mod tests {
             ("off", None),
             ("yes", None),
         ] {
-            let layers = config::Config::builder()
-                .add_source(config::File::from(config_dir().join("default.toml")))
-                .set_override("ingest.rate_limit_per_second", value)
-                .and_then(|builder| builder.build())
-                .and_then(|layers| layers.try_deserialize::<Settings>());
+            let layers = defaults_overridden("ingest.rate_limit_per_second", value);
             match (layers, accepted) {
                 (Ok(settings), Some(accepted)) => {
                     assert_eq!(settings.ingest.rate_limit_per_second, accepted, "{value}")
