@@ -4,6 +4,7 @@
 mod auth;
 mod batch;
 mod fuzz;
+mod graceful_stop;
 mod group_commit;
 mod listen;
 mod metrics;

@@ -1,0 +1,225 @@
+//! How every HTTP listener of the pipeline stops (`ingest::http::server::serve`, API.md
+//! §7 "finish what is in flight"), over raw TCP connections so that what a client sees
+//! on the wire is what is checked: a request already sent is answered, the answers say
+//! `Connection: close`, and a connection made after the stop is refused.
+
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use ingest::http::server::{serve, ConnectionLimits, SHUTDOWN_LINGER};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const REQUEST: &str = "GET /reading HTTP/1.1\r\nHost: x\r\n\r\n";
+const SLOW_REQUEST: &str = "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// How long `/slow` takes to answer: longer than the linger, so that only a server that
+/// lets a request in progress finish answers it.
+const SLOW: Duration = Duration::from_millis(400);
+
+/// How long a test waits for anything the server should do at once.
+const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// One answer as the client read it.
+#[derive(Debug)]
+struct Answer {
+    status_line: String,
+    /// Header lines, names lowercased.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn says_close(&self) -> bool {
+        self.headers
+            .iter()
+            .any(|(name, value)| name == "connection" && value.eq_ignore_ascii_case("close"))
+    }
+}
+
+/// A server on a loopback port, and the token that stops it.
+struct Server {
+    address: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    async fn start(max_connections: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let router = Router::new()
+            .route("/reading", get(|| async { "ok" }))
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(SLOW).await;
+                    "slow"
+                }),
+            );
+        let limits = ConnectionLimits {
+            max_connections,
+            ..ingest::connection_limits(&testkit::shipped_settings())
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
+        Self {
+            address,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn connect(&self) -> TcpStream {
+        TcpStream::connect(self.address).await.expect("connect")
+    }
+
+    /// Waits for the serving loop to return after the stop.
+    async fn stopped(self) {
+        tokio::time::timeout(PROMPTLY, self.task)
+            .await
+            .expect("the server stopped")
+            .expect("the server did not panic");
+    }
+}
+
+/// Reads one whole answer (head and a `Content-Length` body) off `stream`.
+async fn read_answer(stream: &mut TcpStream) -> Answer {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(head_end) = bytes.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+            let mut lines = head.split("\r\n");
+            let status_line = lines.next().unwrap_or_default().to_owned();
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|line| line.split_once(':'))
+                .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+                .collect();
+            let length = headers
+                .iter()
+                .find(|(name, _)| name == "content-length")
+                .and_then(|(_, value)| value.parse::<usize>().ok())
+                .expect("a content-length");
+            let body_start = head_end + 4;
+            if bytes.len() >= body_start + length {
+                let body = String::from_utf8_lossy(&bytes[body_start..body_start + length]);
+                return Answer {
+                    status_line,
+                    headers,
+                    body: body.into_owned(),
+                };
+            }
+        }
+        let read = tokio::time::timeout(PROMPTLY, stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .expect("the connection was not reset");
+        assert!(
+            read > 0,
+            "the connection closed before a whole answer: {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+        bytes.extend_from_slice(&chunk[..read]);
+    }
+}
+
+/// Sends `request` and reads its answer.
+async fn exchange(stream: &mut TcpStream, request: &str) -> Answer {
+    stream.write_all(request.as_bytes()).await.expect("write");
+    read_answer(stream).await
+}
+
+/// Waits for the server to close `stream`: a read that returns nothing, or a reset.
+async fn closed_by_server(stream: &mut TcpStream) {
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(PROMPTLY, stream.read(&mut rest))
+        .await
+        .expect("the server closed the connection in time");
+    assert!(
+        matches!(read, Ok(0)),
+        "the connection ended cleanly, with nothing more to read: {read:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_sent_over_an_idle_keep_alive_connection_as_the_stop_begins_is_answered() {
+    let server = Server::start(16).await;
+    let mut client = server.connect().await;
+    let before = exchange(&mut client, REQUEST).await;
+    assert!(before.status_line.starts_with("HTTP/1.1 200"), "{before:?}");
+    assert!(
+        !before.says_close(),
+        "kept alive before the stop: {before:?}"
+    );
+
+    // The client cannot know the stop began: its next request is already on its way.
+    server.shutdown.cancel();
+    let during = exchange(&mut client, REQUEST).await;
+    assert!(during.status_line.starts_with("HTTP/1.1 200"), "{during:?}");
+    assert_eq!(during.body, "ok");
+    assert!(
+        during.says_close(),
+        "an answer after the stop began tells the client not to send another: {during:?}"
+    );
+    closed_by_server(&mut client).await;
+    server.stopped().await;
+}
+
+#[tokio::test]
+async fn a_request_in_progress_when_the_stop_begins_is_finished_past_the_linger() {
+    assert!(
+        SLOW > SHUTDOWN_LINGER * 2,
+        "the request outlasts the linger"
+    );
+    let server = Server::start(16).await;
+    let mut client = server.connect().await;
+    client
+        .write_all(SLOW_REQUEST.as_bytes())
+        .await
+        .expect("write");
+    // The request is being handled: a connection accepted and its head read take well
+    // under the handler's own sleep.
+    tokio::time::sleep(SLOW / 4).await;
+    server.shutdown.cancel();
+    let answer = read_answer(&mut client).await;
+    assert!(answer.status_line.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert_eq!(answer.body, "slow");
+    closed_by_server(&mut client).await;
+    server.stopped().await;
+}
+
+#[tokio::test]
+async fn a_connection_waiting_in_the_listen_backlog_is_served_and_a_later_one_refused() {
+    // One connection at a time: the second waits in the backlog, its request sent.
+    let server = Server::start(1).await;
+    let mut first = server.connect().await;
+    let answer = exchange(&mut first, REQUEST).await;
+    assert!(answer.status_line.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let mut waiting = server.connect().await;
+    waiting.write_all(REQUEST.as_bytes()).await.expect("write");
+    let mut nothing = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), waiting.read(&mut nothing))
+            .await
+            .is_err(),
+        "not served while the first connection holds the only slot"
+    );
+
+    server.shutdown.cancel();
+    let served = read_answer(&mut waiting).await;
+    assert!(served.status_line.starts_with("HTTP/1.1 200"), "{served:?}");
+    assert!(served.says_close(), "{served:?}");
+    closed_by_server(&mut waiting).await;
+    closed_by_server(&mut first).await;
+    let address = server.address;
+    server.stopped().await;
+    let later = TcpStream::connect(address).await;
+    assert!(
+        later.is_err(),
+        "a connection after the stop is refused, so its client knows nothing was sent"
+    );
+}
