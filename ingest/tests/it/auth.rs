@@ -405,6 +405,7 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
     let ingest = Ingest::spawn(&env.settings).await;
     let (_, _, authorization) = gateway_token(&env.settings).await;
     let mut blocker = env.postgres().await;
+    let watcher = env.postgres().await;
     let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
     let post = |key: &'static str| {
         answer_and_time(
@@ -415,8 +416,16 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
     };
 
     // The first request runs the token's look-up; the second, a second later, waits on
-    // it. The first gives up at its deadline, while the second has a second left.
+    // it. The first gives up at its deadline, while the second has a second left. The
+    // second second is counted from when the look-up is seen waiting on the lock, so a
+    // slow start of the first cannot hand the look-up to the second.
     let first = tokio::spawn(post("k-1"));
+    testkit::eventually(
+        Duration::from_secs(1),
+        "the first request's look-up waiting on the lock",
+        || async { (testkit::lock_waiters(&watcher, "api_tokens").await > 0).then_some(()) },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let second = tokio::spawn(post("k-2"));
     let first = first.await.expect("first request");
