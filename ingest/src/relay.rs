@@ -44,7 +44,7 @@ mod claim_floor;
 mod stream_check;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,13 +85,15 @@ pub async fn serve(
     ]);
     let relay = Relay::connect(&settings, "relay").await?;
     let (pool, nats) = (relay.pool.clone(), relay.jetstream.client());
+    let streams_ready = relay.streams_ready.clone();
     let readyz = move || {
         let (pool, nats) = (pool.clone(), nats.clone());
+        let streams_ready = streams_ready.load(Ordering::Acquire);
         async move {
             let postgres = http::postgres_ready(&pool).await.is_ok();
             http::readiness(&[
                 ("postgres", postgres),
-                ("nats", bootstrap::nats_connected(&nats)),
+                ("nats", bootstrap::nats_connected(&nats) && streams_ready),
             ])
         }
     };
@@ -195,6 +197,11 @@ pub struct Relay {
     claim_floor: Mutex<ClaimFloor>,
     /// When the next round may start ([`crate::pacing`]); shared by the lanes.
     pacer: Mutex<Pacer>,
+    /// Whether the streams were created or brought up to date since the start. Until
+    /// then nothing can be published (a NATS server without JetStream, a stream whose
+    /// settings cannot be updated, such as its storage), so `/readyz` names `nats`
+    /// though the connection is up.
+    streams_ready: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -247,6 +254,7 @@ impl Relay {
                 Duration::from_millis(settings.relay.round_interval_ms),
             )),
             last_stream_check: Mutex::new(Instant::now()),
+            streams_ready: Arc::default(),
         })
     }
 
@@ -270,7 +278,10 @@ impl Relay {
                 ensured = ensure_streams(&self.jetstream, &self.nats) => ensured,
             };
             match ensured {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.streams_ready.store(true, Ordering::Release);
+                    break;
+                }
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "streams not ready, retrying");
                     backoff.sleep(&shutdown).await;

@@ -16,12 +16,26 @@ pub const NATS_SERVER_BINARY: &str = "/usr/sbin/nats-server";
 pub struct PrivateNats {
     port: u16,
     store_dir: PathBuf,
+    /// Whether the server runs JetStream (`-js`), as the pipeline's must.
+    jetstream: bool,
+    /// Its HTTP monitoring port (`-m`), where it tells how many clients it has.
+    monitor_port: u16,
     process: Option<Child>,
 }
 
 impl PrivateNats {
     /// Starts the server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// A server started without JetStream, an operator's mistake: it takes connections
+    /// and messages, but no stream can be made or read.
+    pub fn start_without_jetstream() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(jetstream: bool) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
@@ -32,10 +46,30 @@ impl PrivateNats {
         let mut server = Self {
             port,
             store_dir,
+            jetstream,
+            monitor_port: crate::process::free_port(),
             process: None,
         };
         server.restart();
         server
+    }
+
+    /// Waits until the server has `clients` client connections or more (its `/varz`),
+    /// so that a test can tell a client that connected from one still trying.
+    pub async fn wait_for_clients(&self, clients: u64) {
+        let varz = format!("http://127.0.0.1:{}/varz", self.monitor_port);
+        let http = reqwest::Client::new();
+        crate::eventually(
+            Duration::from_secs(10),
+            &format!("{clients} clients of the private nats-server"),
+            || async {
+                let answer: serde_json::Value =
+                    http.get(&varz).send().await.ok()?.json().await.ok()?;
+                let connected = answer["connections"].as_u64()?;
+                (connected >= clients).then_some(())
+            },
+        )
+        .await;
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -79,15 +113,14 @@ impl PrivateNats {
     /// Starts the server again on the same port and store (after [`Self::kill`]).
     pub fn restart(&mut self) {
         self.kill();
-        let process = Command::new(NATS_SERVER_BINARY)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+        let mut command = Command::new(NATS_SERVER_BINARY);
+        command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        command.args(["-m", &self.monitor_port.to_string()]);
+        if self.jetstream {
+            command.arg("-js");
+        }
+        let process = command
+            .arg("-sd")
             .arg(&self.store_dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

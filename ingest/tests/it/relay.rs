@@ -814,3 +814,54 @@ async fn rounds_that_publish_more_than_5000_rows_before_their_acks_relay_every_r
         .await;
     ingest.stop().await;
 }
+
+/// A relay that cannot make its stream, or bring it up to date, can publish nothing, and
+/// says so: `/readyz` names `nats` though the connection is up (API.md §7). Here the
+/// stream was made beforehand in memory, a storage no update can change; once it is
+/// gone the relay makes it (on file) and is ready.
+#[tokio::test]
+async fn a_relay_that_cannot_bring_its_stream_up_to_date_is_not_ready_until_it_can() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let jetstream = env.jetstream().await;
+    let stream = env.subjects.stream().to_owned();
+    jetstream
+        .create_stream(jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![env.subjects.recorded_filter()],
+            storage: jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .expect("a stream in memory");
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&admin_url, Some("nats")).await;
+
+    jetstream.delete_stream(&stream).await.expect("deleted");
+    // The relay retries with a backoff of at most 5 s.
+    testkit::settled_readiness_within(&admin_url, None, Duration::from_secs(20)).await;
+    let mut made = jetstream.get_stream(&stream).await.expect("stream made");
+    let config = made.info().await.expect("stream info").config.clone();
+    assert_eq!(config.storage, jetstream::stream::StorageType::File);
+    relay.stop().await;
+}
+
+/// A NATS server started without JetStream takes the relay's connection, but no stream
+/// can be made on it: the relay is not ready.
+#[tokio::test]
+async fn a_relay_on_a_nats_server_without_jetstream_is_not_ready() {
+    let server = testkit::PrivateNats::start_without_jetstream();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = server.url();
+    migrate(&env).await;
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    // Connected: not ready all the same.
+    server.wait_for_clients(1).await;
+    testkit::settled_readiness(&admin_url, Some("nats")).await;
+    relay
+        .stop_within(
+            Duration::from_secs(3),
+            "the relay on NATS without JetStream",
+        )
+        .await;
+}

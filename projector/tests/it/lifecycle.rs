@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use testkit::process::{failed_run, free_port};
-use testkit::{eventually, TestEnv};
+use testkit::process::{failed_run, free_port, the_only_line};
+use testkit::{eventually, PrivateNats, TestEnv};
 
 use crate::support::{
     assert_same_figures, consumer_info, consumer_made_again, drained, event, now_ms, projected,
@@ -122,9 +122,10 @@ async fn the_admin_port_answers_health_readiness_and_metrics() {
     projector.stop().await;
 }
 
-/// With Redis or NATS unreachable: `/readyz` is a 503 naming it, and cancellation
-/// (SIGTERM) still ends the projector promptly (API.md §7). While NATS is down every
-/// JetStream request waits out a 5 s timeout, which a stop must not wait for.
+/// With Redis or NATS unreachable, or a NATS server without JetStream (connected, but
+/// nothing can be consumed): `/readyz` is a 503 naming it, and cancellation (SIGTERM)
+/// still ends the projector promptly (API.md §7). While NATS is down every JetStream
+/// request waits out a 5 s timeout, which a stop must not wait for.
 #[tokio::test]
 async fn readiness_names_the_unreachable_dependency_and_stopping_does_not_wait_for_it() {
     let env = TestEnv::new();
@@ -133,8 +134,19 @@ async fn readiness_names_the_unreachable_dependency_and_stopping_does_not_wait_f
     no_redis.redis.url = "redis://127.0.0.1:1".to_owned();
     let mut no_nats = env.settings.clone();
     no_nats.nats.url = "nats://127.0.0.1:1".to_owned();
-    for (settings, down) in [(no_redis, "redis"), (no_nats, "nats")] {
+    let server_without_jetstream = PrivateNats::start_without_jetstream();
+    let mut no_jetstream = env.settings.clone();
+    no_jetstream.nats.url = server_without_jetstream.url();
+    for (settings, down, server) in [
+        (no_redis, "redis", None),
+        (no_nats, "nats", None),
+        (no_jetstream, "nats", Some(&server_without_jetstream)),
+    ] {
         let projector = Projector::spawn(&settings).await;
+        if let Some(server) = server {
+            // Connected: not ready all the same.
+            server.wait_for_clients(1).await;
+        }
         testkit::settled_readiness(&projector.admin_url, Some(down)).await;
         projector
             .stop_within(
@@ -521,10 +533,12 @@ fn a_failure_over_a_server_names_it_but_not_its_password() {
     let admin = format!("127.0.0.1:{}", free_port());
     let check = |args: &[&str], extra: &[(&str, &str)], shown: &str| {
         let stderr = failed_run(env!("CARGO_BIN_EXE_projector"), args, &env, extra);
-        assert!(stderr.contains(shown), "{args:?} names {shown}: {stderr}");
+        let line = the_only_line(&stderr);
+        assert!(line.starts_with("projector: "), "{args:?}: {line}");
+        assert!(line.contains(shown), "{args:?} names {shown}: {line}");
         assert!(
-            !stderr.contains("s3cret-pw"),
-            "{args:?} shows the secret: {stderr}"
+            !line.contains("s3cret-pw"),
+            "{args:?} shows the secret: {line}"
         );
     };
     let nats_down = (
