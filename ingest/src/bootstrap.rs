@@ -40,6 +40,21 @@ pub fn init_tracing(settings: &LogSettings) {
     };
 }
 
+/// How a binary ends once its work returned: exit 0, or one line on stderr,
+/// `<program>: <error>: <its cause>: …`, and exit 1. Rust's own report of an error
+/// returned from `main` spans several lines (`Caused by:` and the chain below it), where
+/// API.md §8 asks a start refused over a setting for one line naming the key.
+pub fn exit_with(program: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let line = format!("{error:#}").replace(['\n', '\r'], " ");
+            eprintln!("{program}: {line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// How often the client pings NATS. async-nats drops a connection whose server missed
 /// two pongs, and reconnects: a server that hangs with its connections open (a frozen
 /// host, a partition that drops packets) is noticed within two to three of these.

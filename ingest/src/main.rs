@@ -28,7 +28,11 @@ use ingest::{bootstrap, db};
 const USAGE: &str = "usage: ingest [serve | migrate | tokens issue (--device <id> | --gateway | --read) [--label <text>] | tokens list | tokens revoke <id> | config env]";
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    bootstrap::exit_with("ingest", run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::load().unwrap_or_else(|error| {
         eprintln!("ingest: {error}");
         std::process::exit(2);

@@ -68,7 +68,11 @@ async fn dead_letters(settings: &Settings) -> anyhow::Result<()> {
 /// small box a single-threaded runtime spares it the cross-thread wake-ups (measured in
 /// PERFORMANCE.md). More throughput comes from more copies of the process.
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    bootstrap::exit_with("projector", run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::load().unwrap_or_else(|error| {
         eprintln!("projector: {error}");
         std::process::exit(2);

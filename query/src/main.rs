@@ -16,7 +16,11 @@ use ingest::bootstrap;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    bootstrap::exit_with("query", run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::load().unwrap_or_else(|error| {
         eprintln!("query: {error}");
         std::process::exit(2);

@@ -80,6 +80,17 @@ pub fn failed_run(program: &str, args: &[&str], env: &TestEnv, extra: &[(&str, &
     stderr
 }
 
+/// The one line that is not blank in `stderr` (failing unless there is exactly one): a
+/// refused start says why in one line (API.md §8).
+pub fn the_only_line(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    lines[0]
+}
+
 /// One spawned service binary; killed when dropped unless [`ServiceProcess::terminate`]
 /// stopped it first.
 pub struct ServiceProcess {

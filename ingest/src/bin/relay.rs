@@ -13,7 +13,11 @@ const NATS_2_9_FSYNC_INTERVAL_SECS: u64 = 120;
 /// small box a single-threaded runtime spares it the cross-thread wake-ups (measured in
 /// PERFORMANCE.md). More throughput comes from more copies of the process.
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    bootstrap::exit_with("relay", run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     let settings = Settings::load().unwrap_or_else(|error| {
         eprintln!("relay: {error}");
         std::process::exit(2);

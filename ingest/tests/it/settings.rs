@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use contract::settings::{environment_variable, key_and_variable};
-use testkit::process::{failed_run, free_port, service_command, signal};
+use testkit::process::{failed_run, free_port, service_command, signal, the_only_line};
 use testkit::TestEnv;
 
 #[test]
@@ -193,8 +193,10 @@ fn a_start_refused_over_a_server_url_names_the_server_but_not_its_secret() {
                 ("PIPELINE__NATS__URL", url),
             ],
         );
-        assert!(stderr.contains(shown), "names {shown}: {stderr}");
-        assert!(!stderr.contains("s3cret-pw"), "shows the secret: {stderr}");
+        let line = the_only_line(&stderr);
+        assert!(line.starts_with("relay: "), "{line}");
+        assert!(line.contains(shown), "names {shown}: {line}");
+        assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
     }
 }
 
@@ -509,16 +511,6 @@ fn an_app_env_without_its_file_or_a_float_for_an_integer_stops_ingest_with_one_l
         }
         assert_config_env_refused(&mut command, named);
     }
-}
-
-/// The one line that is not blank in `stderr` (failing unless there is exactly one).
-fn the_only_line(stderr: &str) -> &str {
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|line| !line.trim().is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "one line: {stderr}");
-    lines[0]
 }
 
 /// `ingest config env` run by `command` stops with status 2, prints nothing on stdout

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use contract::settings::Settings;
-use testkit::process::{failed_run, free_port};
+use testkit::process::{failed_run, free_port, the_only_line};
 use testkit::{eventually, TestEnv};
 
 use crate::support::{assert_problem, ensure_streams, spawn_projector, Ingest, Query, DEADLINE};
@@ -212,9 +212,11 @@ fn a_start_refused_over_the_redis_url_names_it_but_not_its_password() {
             ),
         ],
     );
+    let line = the_only_line(&stderr);
+    assert!(line.starts_with("query: "), "{line}");
     assert!(
-        stderr.contains("redis.url (PIPELINE__REDIS__URL) redis://:***@127.0.0.1:notaport"),
-        "{stderr}"
+        line.contains("redis.url (PIPELINE__REDIS__URL) redis://:***@127.0.0.1:notaport"),
+        "{line}"
     );
-    assert!(!stderr.contains("s3cret-pw"), "shows the secret: {stderr}");
+    assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
 }
