@@ -474,7 +474,20 @@ impl Projector {
         reason: DecodeError,
     ) {
         let device_id = device_hint(&message.payload, &message.subject);
-        tracing::warn!(stream_sequence, device_id = device_id.as_deref().unwrap_or("unknown"), %reason, "dead-lettering message");
+        // The event id as the relay published it (API.md §7: a failure's log line names
+        // it where there is one); a payload that cannot be decoded has none of its own.
+        let event_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(contract::event::headers::MSG_ID))
+            .map(|id| id.as_str().to_owned());
+        tracing::warn!(
+            stream_sequence,
+            event_id = event_id.as_deref().unwrap_or("unknown"),
+            device_id = device_id.as_deref().unwrap_or("unknown"),
+            %reason,
+            "dead-lettering message"
+        );
         let subject = self.subjects.dlq(device_id.as_deref());
         let letter = dlq::DeadLetterCopy::new(self.subjects.stream(), stream_sequence, &reason);
         let mut published = self

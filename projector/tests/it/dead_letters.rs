@@ -1,10 +1,13 @@
 //! Poison messages: to the DLQ stream with their reason, terminated, never blocking the
 //! events behind them (API.md §6).
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use contract::event::headers;
+use testkit::process::{free_port, service_command, terminate};
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
@@ -514,4 +517,66 @@ async fn poison_the_dlq_refuses_a_plain_copy_of_is_dead_lettered_once_and_termin
         "a stripped dead letter is not re-driven: its payload is cut"
     );
     projector.stop().await;
+}
+
+/// API.md §7: logs are JSON in production, one line per failure naming the event id
+/// where there is one. A poison message's line names the `Nats-Msg-Id` the relay gave
+/// it, with its stream sequence, device and reason, read from the projector binary's
+/// own output.
+#[tokio::test]
+async fn a_dead_lettered_message_is_one_json_log_line_naming_its_event_id() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut child = service_command(
+        env!("CARGO_BIN_EXE_projector"),
+        &env,
+        &[
+            ("PIPELINE__PROJECTOR__ADMIN_LISTEN", &admin),
+            ("PIPELINE__LOG__FORMAT", "json"),
+        ],
+    )
+    .arg("run")
+    .stdout(Stdio::piped())
+    .spawn()
+    .expect("projector starts");
+    let (lines, received) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let poison = publish_raw(
+        &jetstream,
+        env.subjects.recorded("sensor-7"),
+        relay_headers("poison-event-1"),
+        b"not json at all".to_vec(),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let line = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = received
+            .recv_timeout(left)
+            .expect("the projector logged the dead letter");
+        if line.contains("dead-lettering message") {
+            break line;
+        }
+    };
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(entry["level"], "WARN", "{entry}");
+    assert_eq!(entry["event_id"], "poison-event-1", "{entry}");
+    assert_eq!(entry["stream_sequence"], poison.sequence, "{entry}");
+    assert_eq!(entry["device_id"], "sensor-7", "{entry}");
+    assert!(
+        entry["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.starts_with("undecodable")),
+        "{entry}"
+    );
+    assert!(terminate(child, "projector").await.success());
 }
