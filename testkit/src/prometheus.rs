@@ -129,6 +129,11 @@ pub async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> {
     if !response.status().is_success() {
         return None;
     }
+    assert_eq!(
+        crate::content_type(&response),
+        "text/plain; version=0.0.4; charset=utf-8",
+        "{url} answers in Prometheus's text exposition format"
+    );
     Some(Scrape::parse(&response.text().await.ok()?))
 }
 

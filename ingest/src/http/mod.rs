@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::handler::Handler;
-use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -166,7 +165,7 @@ where
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
-            get(move || std::future::ready(metrics.render())),
+            get(move || std::future::ready(metrics_answer(&metrics))),
         )
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -211,10 +210,19 @@ pub async fn postgres_ready(pool: &Pool) -> Result<(), ()> {
         .map_err(|_| ())?
 }
 
-async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    metrics_answer(&state.metrics)
+}
+
+/// Every process's `/metrics` answer: Prometheus's text exposition format, named as
+/// such (the admin ports once answered a bare `text/plain`).
+pub fn metrics_answer(metrics: &PrometheusHandle) -> Response {
     (
-        StatusCode::OK,
-        [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
     )
+        .into_response()
 }

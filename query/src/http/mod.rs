@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -105,10 +105,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        StatusCode::OK,
-        [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    ingest::http::metrics_answer(&state.metrics)
 }
