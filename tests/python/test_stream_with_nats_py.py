@@ -232,8 +232,11 @@ async def check_stream(stream, accepted):
         assert info.config.subjects == [f"{root}.recorded.>"]
         assert info.config.storage == StorageType.FILE
         assert info.config.duplicate_window == 120, "duplicate window of 2 minutes"
+        assert info.config.max_age == 7 * 24 * 3600, "kept by age, 7 days"
         dlq = await jetstream.stream_info(f"{stream}_DLQ")
         assert dlq.config.subjects == [f"{root}.dlq.>"]
+        assert dlq.config.storage == StorageType.FILE
+        assert dlq.config.max_age == 7 * 24 * 3600
 
         seen = {}
         for sequence in range(1, len(accepted) + 1):

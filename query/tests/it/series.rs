@@ -249,3 +249,31 @@ async fn a_malformed_series_request_is_a_400_problem_naming_its_field() {
     assert_eq!(response.status().as_u16(), 200);
     query.stop().await;
 }
+
+/// API.md §4: an unknown device is a `404 not-found` on its series as on its stats,
+/// whether the range asked for holds buckets the read model keeps or lies wholly before
+/// them (answered without reading any bucket); a known device's range from before
+/// them is an empty series, not a 404.
+#[tokio::test]
+async fn the_series_of_an_unknown_device_is_a_404_whatever_the_range() {
+    let env = TestEnv::new();
+    one_projected_reading(&env, "series-1").await;
+    let query = Query::spawn(&env.settings).await;
+    let now = unix_millis(OffsetDateTime::now_utc());
+    let long_ago = range(now - 400 * 86_400_000, now - 399 * 86_400_000);
+    for parameters in [
+        "metric=temperature".to_owned(),
+        "metric=temperature&resolution=5m".to_owned(),
+        format!("metric=temperature&{long_ago}"),
+    ] {
+        let path = format!("/v1/devices/no-such-device/series?{parameters}");
+        assert_problem(query.get(&path).await, 404, "not-found").await;
+    }
+    let known = series(&query, &format!("metric=temperature&{long_ago}")).await;
+    assert_eq!(
+        known,
+        vec![],
+        "a known device's range from long ago is empty"
+    );
+    query.stop().await;
+}
