@@ -473,3 +473,89 @@ async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device()
     assert_replayed(&retry);
     ingest.stop().await;
 }
+
+/// The output of `ingest <args>` run as an operator runs it, with `env`'s settings.
+async fn ingest_command(env: &TestEnv, args: &[&str]) -> std::process::Output {
+    let mut command = testkit::process::service_command(env!("CARGO_BIN_EXE_ingest"), env, &[]);
+    command.args(args);
+    tokio::process::Command::from(command)
+        .output()
+        .await
+        .expect("ingest runs")
+}
+
+/// The value after `name:` on its line of `text`.
+fn field_of<'a>(text: &'a str, name: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("a {name}: line in {text}"))
+}
+
+/// API.md §5: "a CLI/admin command issues and revokes them". `ingest tokens` run as a
+/// binary against the database of a running ingest with tokens on: what it issues is
+/// honoured for its device only, listed, and refused once revoked; a malformed command
+/// stops with status 2 and says why.
+#[tokio::test]
+async fn the_tokens_command_issues_lists_and_revokes_what_ingest_honours() {
+    let env = with_auth(0);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let issued = ingest_command(
+        &env,
+        &[
+            "tokens", "issue", "--device", "sensor-9", "--label", "unit 9",
+        ],
+    )
+    .await;
+    assert!(issued.status.success(), "{issued:?}");
+    let stdout = String::from_utf8(issued.stdout).expect("utf-8");
+    let (id, token) = (field_of(&stdout, "id"), field_of(&stdout, "token"));
+    let bearer = format!("Bearer {token}");
+    let own = json!({"device_id": "sensor-9", "metrics": {"temperature": 1.0}});
+    let other = json!({"device_id": "sensor-8", "metrics": {"temperature": 1.0}});
+    assert_eq!(
+        post_as(&ingest, Some(&bearer), "k-1", &own).await.status(),
+        202
+    );
+    assert_eq!(
+        post_as(&ingest, Some(&bearer), "k-2", &other)
+            .await
+            .status(),
+        403
+    );
+
+    let listed = ingest_command(&env, &["tokens", "list"]).await;
+    assert!(listed.status.success(), "{listed:?}");
+    let listed = String::from_utf8(listed.stdout).expect("utf-8");
+    let row = listed
+        .lines()
+        .find(|line| line.starts_with(id))
+        .unwrap_or_else(|| panic!("{id} listed: {listed}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[1..3], ["device", "sensor-9"], "{row}");
+    assert_eq!(columns[4], "-", "not revoked: {row}");
+    assert!(row.ends_with("unit 9"), "{row}");
+    assert!(!listed.contains(token), "the list never shows a token");
+
+    let revoked = ingest_command(&env, &["tokens", "revoke", id]).await;
+    assert!(revoked.status.success(), "{revoked:?}");
+    assert_eq!(
+        post_as(&ingest, Some(&bearer), "k-3", &own).await.status(),
+        401
+    );
+    let again = ingest_command(&env, &["tokens", "revoke", id]).await;
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no active token"));
+
+    for malformed in [
+        &["tokens", "issue", "--device", "bad id"][..],
+        &["tokens", "issue", "--device"],
+        &["tokens", "issue"],
+        &["tokens", "revoke", "not-a-uuid"],
+    ] {
+        let refused = ingest_command(&env, malformed).await;
+        assert_eq!(refused.status.code(), Some(2), "{malformed:?}: {refused:?}");
+        assert!(!refused.stderr.is_empty(), "{malformed:?} says why");
+    }
+    ingest.stop().await;
+}
