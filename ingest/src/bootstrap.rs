@@ -40,6 +40,25 @@ pub fn init_tracing(settings: &LogSettings) {
     };
 }
 
+/// Connected, and JetStream answers within a second: a NATS server started without
+/// JetStream (`-js`), or restarted so, takes the connection but can store and deliver
+/// nothing. The `nats` check of the relay's and the projector's `/readyz`.
+pub async fn jetstream_answers(nats: &async_nats::Client) -> bool {
+    if !nats_connected(nats) {
+        return false;
+    }
+    // The account's JetStream information, read as plain JSON: async-nats's own
+    // `query_account` expects fields nats-server 2.9 does not send (`reserved_memory`).
+    // A server without JetStream has no responder; one that refuses answers an `error`.
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let empty = serde_json::json!({});
+    let info = jetstream.request::<_, _, serde_json::Value>("INFO", &empty);
+    match tokio::time::timeout(Duration::from_secs(1), info).await {
+        Ok(Ok(answer)) => answer.get("error").is_none(),
+        _ => false,
+    }
+}
+
 /// How a binary ends once its work returned: exit 0, or one line on stderr,
 /// `<program>: <error>: <its cause>: …`, and exit 1. Rust's own report of an error
 /// returned from `main` spans several lines (`Caused by:` and the chain below it), where

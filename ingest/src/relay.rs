@@ -90,10 +90,13 @@ pub async fn serve(
         let (pool, nats) = (pool.clone(), nats.clone());
         let streams_ready = streams_ready.load(Ordering::Acquire);
         async move {
-            let postgres = http::postgres_ready(&pool).await.is_ok();
+            let (postgres, jetstream) = tokio::join!(
+                http::postgres_ready(&pool),
+                bootstrap::jetstream_answers(&nats)
+            );
             http::readiness(&[
-                ("postgres", postgres),
-                ("nats", bootstrap::nats_connected(&nats) && streams_ready),
+                ("postgres", postgres.is_ok()),
+                ("nats", streams_ready && jetstream),
             ])
         }
     };
@@ -200,7 +203,8 @@ pub struct Relay {
     /// Whether the streams were created or brought up to date since the start. Until
     /// then nothing can be published (a NATS server without JetStream, a stream whose
     /// settings cannot be updated, such as its storage), so `/readyz` names `nats`
-    /// though the connection is up.
+    /// though the connection is up; after it, so does JetStream not answering
+    /// ([`bootstrap::jetstream_answers`]).
     streams_ready: Arc<AtomicBool>,
 }
 

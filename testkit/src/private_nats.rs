@@ -110,6 +110,13 @@ impl PrivateNats {
         }
     }
 
+    /// Starts the server again on the same port and store, with JetStream or without
+    /// (an operator's mistake after an upgrade, say).
+    pub fn restart_with_jetstream(&mut self, jetstream: bool) {
+        self.jetstream = jetstream;
+        self.restart();
+    }
+
     /// Starts the server again on the same port and store (after [`Self::kill`]).
     pub fn restart(&mut self) {
         self.kill();

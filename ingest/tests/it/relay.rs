@@ -818,10 +818,13 @@ async fn rounds_that_publish_more_than_5000_rows_before_their_acks_relay_every_r
 /// A relay that cannot make its stream, or bring it up to date, can publish nothing, and
 /// says so: `/readyz` names `nats` though the connection is up (API.md §7). Here the
 /// stream was made beforehand in memory, a storage no update can change; once it is
-/// gone the relay makes it (on file) and is ready.
+/// gone the relay makes it (on file) and is ready. On a server of the test's own, so
+/// that the relay is seen connected before its readiness is read.
 #[tokio::test]
 async fn a_relay_that_cannot_bring_its_stream_up_to_date_is_not_ready_until_it_can() {
-    let env = TestEnv::new();
+    let server = testkit::PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = server.url();
     migrate(&env).await;
     let jetstream = env.jetstream().await;
     let stream = env.subjects.stream().to_owned();
@@ -835,6 +838,8 @@ async fn a_relay_that_cannot_bring_its_stream_up_to_date_is_not_ready_until_it_c
         .await
         .expect("a stream in memory");
     let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    // The test's own client and the relay's.
+    server.wait_for_clients(2).await;
     testkit::settled_readiness(&admin_url, Some("nats")).await;
 
     jetstream.delete_stream(&stream).await.expect("deleted");
@@ -846,16 +851,25 @@ async fn a_relay_that_cannot_bring_its_stream_up_to_date_is_not_ready_until_it_c
     relay.stop().await;
 }
 
-/// A NATS server started without JetStream takes the relay's connection, but no stream
-/// can be made on it: the relay is not ready.
+/// A NATS server without JetStream takes the relay's connection, but nothing can be
+/// published through it: the relay is ready only while its server runs JetStream, at
+/// the start and after the server was restarted without it.
 #[tokio::test]
-async fn a_relay_on_a_nats_server_without_jetstream_is_not_ready() {
-    let server = testkit::PrivateNats::start_without_jetstream();
+async fn a_relay_is_ready_only_while_its_nats_server_runs_jetstream() {
+    let mut server = testkit::PrivateNats::start_without_jetstream();
     let mut env = TestEnv::new();
     env.settings.nats.url = server.url();
     migrate(&env).await;
     let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
-    // Connected: not ready all the same.
+    // Connected, and not ready all the same.
+    server.wait_for_clients(1).await;
+    testkit::settled_readiness(&admin_url, Some("nats")).await;
+
+    server.restart_with_jetstream(true);
+    // The relay retries making its streams with a backoff of at most 5 s.
+    testkit::settled_readiness_within(&admin_url, None, Duration::from_secs(20)).await;
+
+    server.restart_with_jetstream(false);
     server.wait_for_clients(1).await;
     testkit::settled_readiness(&admin_url, Some("nats")).await;
     relay
