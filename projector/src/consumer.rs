@@ -483,7 +483,7 @@ impl Projector {
             .map(|id| id.as_str().to_owned());
         tracing::warn!(
             stream_sequence,
-            event_id = event_id.as_deref().unwrap_or("unknown"),
+            event_id = event_id.as_deref(),
             device_id = device_id.as_deref().unwrap_or("unknown"),
             %reason,
             "dead-lettering message"

@@ -106,10 +106,47 @@ impl ServiceProcess {
     /// (`listen_key`, e.g. `PIPELINE__INGEST__LISTEN`) on a free port, and `extra`
     /// variables on top. Its output is discarded.
     pub fn spawn(program: &str, env: &TestEnv, listen_key: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start(program, env, listen_key, extra, Stdio::null())
+    }
+
+    /// [`Self::spawn`], with the lines the process writes to stdout (its log) coming
+    /// through the returned receiver as they are written.
+    pub fn spawn_logged(
+        program: &str,
+        env: &TestEnv,
+        listen_key: &str,
+        extra: &[(&str, &str)],
+    ) -> (Self, std::sync::mpsc::Receiver<String>) {
+        let mut process = Self::start(program, env, listen_key, extra, Stdio::piped());
+        let stdout = process
+            .child
+            .as_mut()
+            .and_then(|child| child.stdout.take())
+            .expect("stdout piped");
+        let (lines, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let stdout = std::io::BufReader::new(stdout);
+            for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        (process, received)
+    }
+
+    fn start(
+        program: &str,
+        env: &TestEnv,
+        listen_key: &str,
+        extra: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> Self {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let child = service_command(program, env, &[(listen_key, &listen)])
             .envs(extra.iter().copied())
+            .stdout(stdout)
             .spawn()
             .unwrap_or_else(|error| panic!("{program} starts: {error}"));
         Self {

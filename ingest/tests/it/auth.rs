@@ -417,16 +417,17 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
 
     // The first request runs the token's look-up; the second, a second later, waits on
     // it. The first gives up at its deadline, while the second has a second left. The
-    // second second is counted from when the look-up is seen waiting on the lock, so a
-    // slow start of the first cannot hand the look-up to the second.
+    // second is sent only once the look-up is seen waiting on the lock, so a slow start
+    // of the first cannot hand the look-up to the second.
+    let sent = std::time::Instant::now();
     let first = tokio::spawn(post("k-1"));
     testkit::eventually(
-        Duration::from_secs(1),
+        Duration::from_millis(1_500),
         "the first request's look-up waiting on the lock",
         || async { (testkit::lock_waiters(&watcher, "api_tokens").await > 0).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(sent.elapsed())).await;
     let second = tokio::spawn(post("k-2"));
     let first = first.await.expect("first request");
     assert_unavailable_within(first, Duration::from_millis(2_900), "the first").await;

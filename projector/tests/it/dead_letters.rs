@@ -1,13 +1,11 @@
 //! Poison messages: to the DLQ stream with their reason, terminated, never blocking the
 //! events behind them (API.md §6).
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use contract::event::headers;
-use testkit::process::{free_port, service_command, terminate};
+use testkit::process::ServiceProcess;
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
@@ -527,28 +525,12 @@ async fn poison_the_dlq_refuses_a_plain_copy_of_is_dead_lettered_once_and_termin
 async fn a_dead_lettered_message_is_one_json_log_line_naming_its_event_id() {
     let env = TestEnv::new();
     let jetstream = streams(&env).await;
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut child = service_command(
+    let (projector, log) = ServiceProcess::spawn_logged(
         env!("CARGO_BIN_EXE_projector"),
         &env,
-        &[
-            ("PIPELINE__PROJECTOR__ADMIN_LISTEN", &admin),
-            ("PIPELINE__LOG__FORMAT", "json"),
-        ],
-    )
-    .arg("run")
-    .stdout(Stdio::piped())
-    .spawn()
-    .expect("projector starts");
-    let (lines, received) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout piped");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
+        "PIPELINE__PROJECTOR__ADMIN_LISTEN",
+        &[("PIPELINE__LOG__FORMAT", "json")],
+    );
 
     let poison = publish_raw(
         &jetstream,
@@ -560,7 +542,7 @@ async fn a_dead_lettered_message_is_one_json_log_line_naming_its_event_id() {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let line = loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = received
+        let line = log
             .recv_timeout(left)
             .expect("the projector logged the dead letter");
         if line.contains("dead-lettering message") {
@@ -578,5 +560,5 @@ async fn a_dead_lettered_message_is_one_json_log_line_naming_its_event_id() {
             .is_some_and(|reason| reason.starts_with("undecodable")),
         "{entry}"
     );
-    assert!(terminate(child, "projector").await.success());
+    assert!(projector.terminate().await.success());
 }

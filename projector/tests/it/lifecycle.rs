@@ -144,7 +144,7 @@ async fn readiness_names_the_unreachable_dependency_and_stopping_does_not_wait_f
     ] {
         let projector = Projector::spawn(&settings).await;
         if let Some(server) = server {
-            // Connected: not ready all the same.
+            // Connected, and not ready all the same.
             server.wait_for_clients(1).await;
         }
         testkit::settled_readiness(&projector.admin_url, Some(down)).await;
