@@ -7,7 +7,7 @@ use testkit::{eventually, PrivateNats, TestEnv};
 
 use crate::support::{
     assert_same_figures, consumer_info, consumer_made_again, drained, event, now_ms, projected,
-    projector_process, publish, reference, streams, Projector, Sums, CATCH_UP,
+    projector_process, publish, publish_many, reference, streams, Projector, Sums, CATCH_UP,
 };
 
 #[tokio::test]
@@ -563,4 +563,59 @@ fn a_failure_over_a_server_names_it_but_not_its_password() {
         ],
         "redis.url (PIPELINE__REDIS__URL) redis://:***@127.0.0.1:notaport",
     );
+}
+
+/// API.md §7: SIGTERM finishes or hands back what is in flight. A projector stopped in
+/// the middle of a backlog leaves nothing held for the ack wait: what it fetched but
+/// had not applied is handed back, so a projector started at once goes on without
+/// waiting out the 30 s ack wait, and every event counts once.
+///
+/// It fails today (320–442 messages held after the stop): the pull stream fetches up
+/// to one and a half batches ahead, and a stopping projector drops them unacked.
+/// Draining the stream to nak them makes it fetch more; the fix is pull requests of
+/// the projector's own, none sent once it stops, whose last batch it naks.
+#[tokio::test]
+#[ignore = "known weakness, see the doc comment and README: prefetched messages wait out the ack wait"]
+async fn a_projector_stopped_in_the_middle_of_a_backlog_holds_nothing_back() {
+    const EVENTS: i64 = 30_000;
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..EVENTS)
+        .map(|index| {
+            let device = format!("sensor-{}", index % 20);
+            let published = event(&device, base + index, &[("temperature", index as f64)]);
+            let msg_id = published.event_id.to_string();
+            (published, msg_id)
+        })
+        .collect();
+    publish_many(&env, &jetstream, &events).await;
+    let projector = Projector::spawn(&env.settings).await;
+    // Stopped once a part of the backlog is applied, with the rest still to come.
+    let floor = eventually(CATCH_UP, "a part of the backlog acked", || async {
+        let info = env.durable_consumer_info(&jetstream).await?;
+        (info.ack_floor.stream_sequence >= 2_000).then_some(info.ack_floor.stream_sequence)
+    })
+    .await;
+    projector.stop().await;
+    let stopped = consumer_info(&env, &jetstream).await;
+    assert!(
+        stopped.ack_floor.stream_sequence < EVENTS as u64,
+        "stopped in the middle of the backlog (acked through {floor} when asked to stop)"
+    );
+    assert_eq!(
+        stopped.num_ack_pending, 0,
+        "nothing delivered to the stopped projector is held until the ack wait: {stopped:?}"
+    );
+
+    let restarted = Projector::spawn(&env.settings).await;
+    // Well within the 30 s ack wait: nothing waits for a redelivery.
+    env.consumer_drained(&jetstream, EVENTS as u64, Duration::from_secs(20))
+        .await;
+    let expected = reference(events.iter().map(|(event, _)| event));
+    let actual = projected(&env, &expected).await;
+    for (device, stats) in &expected {
+        assert_same_figures(device, &actual[device], stats, Sums::Exact);
+    }
+    restarted.stop().await;
 }
