@@ -37,6 +37,10 @@ struct Answer {
 }
 
 impl Answer {
+    fn assert_ok(&self) {
+        assert!(self.status_line.starts_with("HTTP/1.1 200"), "{self:?}");
+    }
+
     fn says_close(&self) -> bool {
         self.headers
             .iter()
@@ -165,7 +169,7 @@ async fn a_request_sent_over_an_idle_keep_alive_connection_as_the_stop_begins_is
     let server = Server::start(16).await;
     let mut client = server.connect().await;
     let before = exchange(&mut client, REQUEST).await;
-    assert!(before.status_line.starts_with("HTTP/1.1 200"), "{before:?}");
+    before.assert_ok();
     assert!(
         !before.says_close(),
         "kept alive before the stop: {before:?}"
@@ -174,7 +178,7 @@ async fn a_request_sent_over_an_idle_keep_alive_connection_as_the_stop_begins_is
     // The client cannot know the stop began: its next request is already on its way.
     server.shutdown.cancel();
     let during = exchange(&mut client, REQUEST).await;
-    assert!(during.status_line.starts_with("HTTP/1.1 200"), "{during:?}");
+    during.assert_ok();
     assert_eq!(during.body, "ok");
     assert!(
         during.says_close(),
@@ -212,7 +216,7 @@ async fn a_request_in_progress_when_the_stop_begins_is_finished_and_new_connecti
         "refused while the request in progress still ran"
     );
     let answer = read_answer(&mut client).await;
-    assert!(answer.status_line.starts_with("HTTP/1.1 200"), "{answer:?}");
+    answer.assert_ok();
     assert_eq!(answer.body, "slow");
     closed_by_server(&mut client).await;
     server.stopped().await;
@@ -224,7 +228,7 @@ async fn a_connection_waiting_in_the_listen_backlog_when_the_stop_begins_is_serv
     let server = Server::start(1).await;
     let mut first = server.connect().await;
     let answer = exchange(&mut first, REQUEST).await;
-    assert!(answer.status_line.starts_with("HTTP/1.1 200"), "{answer:?}");
+    answer.assert_ok();
     let mut waiting = server.connect().await;
     waiting.write_all(REQUEST.as_bytes()).await.expect("write");
     let mut nothing = [0u8; 1];
@@ -237,7 +241,7 @@ async fn a_connection_waiting_in_the_listen_backlog_when_the_stop_begins_is_serv
 
     server.shutdown.cancel();
     let served = read_answer(&mut waiting).await;
-    assert!(served.status_line.starts_with("HTTP/1.1 200"), "{served:?}");
+    served.assert_ok();
     assert!(served.says_close(), "{served:?}");
     closed_by_server(&mut waiting).await;
     closed_by_server(&mut first).await;
