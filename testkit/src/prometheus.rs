@@ -15,7 +15,9 @@ pub struct Scrape {
 
 impl Scrape {
     /// Parses the text exposition format: `# ...` lines are skipped, every other line is
-    /// `name[{label="value",...}] value [timestamp]`. Lines that do not parse are skipped.
+    /// `name[{label="value",...}] value [timestamp]`. A line that is neither fails the
+    /// test: a process that serves a malformed exposition has its whole scrape refused
+    /// by Prometheus.
     pub fn parse(text: &str) -> Self {
         let mut samples: BTreeMap<String, Vec<(Labels, f64)>> = BTreeMap::new();
         for line in text.lines() {
@@ -23,9 +25,10 @@ impl Scrape {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            if let Some((name, labels, value)) = parse_sample(line) {
-                samples.entry(name).or_default().push((labels, value));
-            }
+            let Some((name, labels, value)) = parse_sample(line) else {
+                panic!("not a line of the Prometheus text format: {line:?}");
+            };
+            samples.entry(name).or_default().push((labels, value));
         }
         Self { samples }
     }
@@ -239,6 +242,12 @@ odd{note="a \"quoted\", \\ value"} 1.5e3 1700000000000
             scrape.value("odd", &[("note", "a \"quoted\", \\ value")]),
             Some(1500.0)
         );
+    }
+
+    #[test]
+    #[should_panic(expected = "not a line of the Prometheus text format")]
+    fn a_malformed_line_fails_the_scrape() {
+        Scrape::parse("requests_total{route=\"/a\" 3\n");
     }
 
     #[test]
