@@ -42,16 +42,16 @@ pub fn init_tracing(settings: &LogSettings) {
 
 /// Connected, and JetStream answers within a second: a NATS server started without
 /// JetStream (`-js`), or restarted so, takes the connection but can store and deliver
-/// nothing. The `nats` check of the relay's and the projector's `/readyz`.
-pub async fn jetstream_answers(nats: &async_nats::Client) -> bool {
-    if !nats_connected(nats) {
+/// nothing. The `nats` check of the relay's and the projector's `/readyz`, on the
+/// JetStream context each made at its start.
+pub async fn jetstream_answers(jetstream: &async_nats::jetstream::Context) -> bool {
+    if !nats_connected(&jetstream.client()) {
         return false;
     }
     // The account's JetStream information, read as plain JSON: async-nats's own
     // `query_account` expects fields nats-server 2.9 does not send (`reserved_memory`).
     // A server without JetStream has no responder; one that refuses answers an `error`.
-    let jetstream = async_nats::jetstream::new(nats.clone());
-    let empty = serde_json::json!({});
+    let empty = serde_json::Map::new();
     let info = jetstream.request::<_, _, serde_json::Value>("INFO", &empty);
     match tokio::time::timeout(Duration::from_secs(1), info).await {
         Ok(Ok(answer)) => answer.get("error").is_none(),

@@ -84,19 +84,19 @@ pub async fn serve(
         ("relay_errors_total", &[]),
     ]);
     let relay = Relay::connect(&settings, "relay").await?;
-    let (pool, nats) = (relay.pool.clone(), relay.jetstream.client());
+    let (pool, jetstream) = (relay.pool.clone(), relay.jetstream.clone());
     let streams_ready = relay.streams_ready.clone();
     let readyz = move || {
-        let (pool, nats) = (pool.clone(), nats.clone());
+        let (pool, jetstream) = (pool.clone(), jetstream.clone());
         let streams_ready = streams_ready.load(Ordering::Acquire);
         async move {
-            let (postgres, jetstream) = tokio::join!(
+            let (postgres, jetstream_answers) = tokio::join!(
                 http::postgres_ready(&pool),
-                bootstrap::jetstream_answers(&nats)
+                bootstrap::jetstream_answers(&jetstream)
             );
             http::readiness(&[
                 ("postgres", postgres.is_ok()),
-                ("nats", streams_ready && jetstream),
+                ("nats", streams_ready && jetstream_answers),
             ])
         }
     };

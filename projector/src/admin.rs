@@ -10,10 +10,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 /// `/healthz`, `/readyz` and `/metrics` ([`ingest::http::admin_router`]).
 pub fn router(nats: async_nats::Client, redis: redis::Client, metrics: PrometheusHandle) -> Router {
+    let jetstream = async_nats::jetstream::new(nats);
     let readyz = move || {
-        let (nats, redis) = (nats.clone(), redis.clone());
+        let (jetstream, redis) = (jetstream.clone(), redis.clone());
         async move {
-            let (nats, redis) = tokio::join!(jetstream_answers(&nats), redis_answers(&redis));
+            let (nats, redis) = tokio::join!(jetstream_answers(&jetstream), redis_answers(&redis));
             readiness(&[("nats", nats), ("redis", redis)])
         }
     };
