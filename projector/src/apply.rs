@@ -327,7 +327,7 @@ impl ReadModel {
         let mut total = Applied::default();
         let mut stale = false;
         for (targets, part) in [
-            (generations.live_only().targets(), replayed_alone),
+            (generations.live_target(), replayed_alone),
             (generations.targets(), shared),
         ] {
             let (applied, part_stale) = self

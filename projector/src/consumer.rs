@@ -480,10 +480,10 @@ impl Projector {
             .headers
             .as_ref()
             .and_then(|headers| headers.get(contract::event::headers::MSG_ID))
-            .map(|id| id.as_str().to_owned());
+            .map(|id| id.as_str());
         tracing::warn!(
             stream_sequence,
-            event_id = event_id.as_deref(),
+            event_id,
             device_id = device_id.as_deref().unwrap_or("unknown"),
             %reason,
             "dead-lettering message"

@@ -178,14 +178,10 @@ impl Generations {
         })
     }
 
-    /// These generations without the one being built (guarded by the same fields):
-    /// where a live projector applies what the build's replay applies alone.
-    pub fn live_only(&self) -> Self {
-        Self {
-            building: None,
-            replay_through: None,
-            ..self.clone()
-        }
+    /// Where a live projector applies what the build's replay applies alone: the live
+    /// generation only (guarded by the same fields as [`Self::targets`]).
+    pub fn live_target(&self) -> Vec<u64> {
+        self.current.into_iter().collect()
     }
 
     /// Where live events go: the live generation first, then the one being built.
