@@ -59,6 +59,15 @@ pub async fn jetstream_answers(jetstream: &async_nats::jetstream::Context) -> bo
     }
 }
 
+/// The settings a binary starts with; a missing or invalid one stops it with status 2
+/// and one line naming the key (API.md §8).
+pub fn settings_or_exit(program: &str) -> contract::settings::Settings {
+    contract::settings::Settings::load().unwrap_or_else(|error| {
+        eprintln!("{program}: {error}");
+        std::process::exit(2);
+    })
+}
+
 /// How a binary ends once its work returned: exit 0, or one line on stderr,
 /// `<program>: <error>: <its cause>: …`, and exit 1. Rust's own report of an error
 /// returned from `main` spans several lines (`Caused by:` and the chain below it), where

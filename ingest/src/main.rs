@@ -33,10 +33,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let settings = Settings::load().unwrap_or_else(|error| {
-        eprintln!("ingest: {error}");
-        std::process::exit(2);
-    });
+    let settings = bootstrap::settings_or_exit("ingest");
     bootstrap::init_tracing(&settings.log);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

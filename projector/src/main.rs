@@ -73,10 +73,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let settings = Settings::load().unwrap_or_else(|error| {
-        eprintln!("projector: {error}");
-        std::process::exit(2);
-    });
+    let settings = bootstrap::settings_or_exit("projector");
     bootstrap::init_tracing(&settings.log);
     match std::env::args().nth(1).as_deref() {
         None | Some("run") => {

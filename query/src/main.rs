@@ -1,6 +1,5 @@
 //! `query`: the read API over the Redis read model.
 
-use contract::settings::Settings;
 use ingest::bootstrap;
 
 /// mimalloc instead of glibc's allocator: with it `/stats` answered 15% more requests
@@ -21,10 +20,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let settings = Settings::load().unwrap_or_else(|error| {
-        eprintln!("query: {error}");
-        std::process::exit(2);
-    });
+    let settings = bootstrap::settings_or_exit("query");
     bootstrap::init_tracing(&settings.log);
     let listener = bootstrap::listen_or_exit(
         "query",

@@ -1,7 +1,6 @@
 //! `relay`: publishes the outbox to JetStream; health and metrics on its admin port
 //! ([`ingest::relay::serve`]).
 
-use contract::settings::Settings;
 use ingest::bootstrap;
 
 /// nats-server 2.9 writes JetStream to disk this often, with no setting to change it
@@ -18,10 +17,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let settings = Settings::load().unwrap_or_else(|error| {
-        eprintln!("relay: {error}");
-        std::process::exit(2);
-    });
+    let settings = bootstrap::settings_or_exit("relay");
     bootstrap::init_tracing(&settings.log);
     let admin_listener = bootstrap::listen_or_exit(
         "relay",
