@@ -198,6 +198,23 @@ fn a_start_refused_over_a_server_url_names_the_server_but_not_its_secret() {
         assert!(line.contains(shown), "names {shown}: {line}");
         assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
     }
+    // Ingest's commands end the same way: PostgreSQL unreachable at a URL with a
+    // password stops `ingest migrate` with one line that names it, without the secret.
+    let stderr = failed_run(
+        env!("CARGO_BIN_EXE_ingest"),
+        &["migrate"],
+        &env,
+        &[(
+            "PIPELINE__DATABASE__URL",
+            "postgres://postgres:s3cret-pw@127.0.0.1:1/telemetry",
+        )],
+    );
+    let line = the_only_line(&stderr);
+    assert!(
+        line.starts_with("ingest: connecting to PostgreSQL"),
+        "{line}"
+    );
+    assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
 }
 
 /// The relay's log at `level` with NATS unreachable at a URL with a password: read
