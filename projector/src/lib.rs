@@ -16,6 +16,8 @@
 //! - [`rebuild`]: generations, `projector rebuild`, and healing a lost read model.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.
 //! - `lock`: expiring locks in Redis (the rebuild's, the consumer repair's).
+//! - `pull`: the consumer's pull requests, sent by the projector itself so a stop hands
+//!   back what it fetched.
 
 pub mod admin;
 pub mod apply;
@@ -23,6 +25,7 @@ pub mod consumer;
 pub mod dlq;
 pub mod eviction;
 mod lock;
+mod pull;
 pub mod rebuild;
 
 use std::time::Duration;
