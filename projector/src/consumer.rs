@@ -27,11 +27,6 @@ use crate::eviction::EvictionWatch;
 use crate::pull::Pulls;
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
-/// While a pull waits, the server says every this long that it still holds it; two
-/// missed end the session (a pull sent just as the consumer was deleted is dropped
-/// without an answer, and the projector would wait for it for good).
-pub(crate) const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
-
 /// How long a stopping projector waits for its last acks to leave.
 const ACK_FLUSH_DEADLINE: Duration = Duration::from_secs(1);
 
@@ -157,8 +152,8 @@ impl Projector {
             // once (measured: a 2 ms linger cost 3-4 ms of end-to-end p50 at 500/s).
             match batch {
                 Ok(messages) => in_flight.push(self.handle(messages, shutdown)),
-                // What the pulls cannot get past (the consumer deleted, heartbeats
-                // missed, a request refused) ends the session; the next one makes the
+                // What the pulls cannot get past (the consumer deleted, a request
+                // refused, NATS away) ends the session; the next one makes the
                 // consumer again if it is gone.
                 Err(error) => {
                     break Err(
@@ -171,7 +166,7 @@ impl Projector {
         // when Redis fails during a shutdown) before the consumer goes; what arrived
         // after them is handed back for the next session or projector.
         while in_flight.next().await.is_some() {}
-        let handed_back = pulls.stop(ACK_FLUSH_DEADLINE).await;
+        let handed_back = pulls.stop().await;
         if handed_back > 0 {
             tracing::info!(
                 messages = handed_back,
@@ -215,7 +210,7 @@ impl Projector {
                 }
             };
         self.ack_wait_kept.store(true, Ordering::Relaxed);
-        Pulls::open(&self.jetstream, consumer, self.batch_size, PULL_HEARTBEAT)
+        Pulls::open(&self.jetstream, consumer, self.batch_size)
             .await
             .context("subscribing to the pull inbox")
     }

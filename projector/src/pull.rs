@@ -3,41 +3,49 @@
 //! async-nats's `messages()` stream asks for the next batch from a task of its own
 //! whenever less than half a batch is outstanding, and a stream dropped at a stop takes
 //! with it what it had fetched: those messages wait out the ack wait (30 s) before any
-//! projector gets them again. Here the consume loop sends the pull requests, to one
-//! inbox of its own, so a stop can be exact:
+//! projector gets them again. Here the consume loop sends the pull requests, each
+//! expiring after [`PULL_EXPIRES`], so a stop can be exact:
 //!
 //! 1. no pull request is sent once the projector stops;
-//! 2. the inbox is drained (`UNSUB`, then a `PING` whose `PONG` comes after every
-//!    message the server sent before it took the `UNSUB`), and the server drops the
-//!    requests still waiting, as nothing listens on their inbox any more;
-//! 3. what arrived for the requests outstanding is handed back at once (nak), for the
-//!    next projector to take without waiting.
+//! 2. every request still outstanding ends within [`PULL_EXPIRES`], served in full or
+//!    answered with a `408` that says how much of it was left; until then the inbox is
+//!    read on, so nothing the server delivers for them goes to a projector that is gone
+//!    (an unsubscribe would race a message the server just gave to a waiting request);
+//! 3. what arrived for them is handed back at once (nak), for the next projector.
+//!
+//! A request that expires every second is also how the projector knows the server
+//! still holds its requests: nothing heard for [`QUIET`] means they were lost (a NATS
+//! restart, a consumer deleted as the request arrived), and they are sent again, or the
+//! session ends while the connection is down.
 
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::pull::{BatchConfig, Config};
+use async_nats::jetstream::consumer::pull::{BatchConfig, BatchRequestError, Config};
 use async_nats::jetstream::consumer::Consumer;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subscriber};
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
-/// How long a pull request waits on the server for messages before it expires.
-const PULL_EXPIRES: Duration = Duration::from_secs(30);
+use ingest::bootstrap::nats_connected;
 
-/// How often a connection lost and found again is looked for: the server forgets the
-/// pull requests of a client that went away, and they are sent again.
-const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+/// How long a pull request waits on the server for messages before it expires: also
+/// the longest a stopping projector waits for its requests to end.
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// With requests outstanding and nothing heard for this long (a message, a `408`), the
+/// server no longer holds them.
+const QUIET: Duration = Duration::from_secs(2);
 
 /// Why pulling ended; the session ends with it and the next one starts afresh.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PullError {
-    #[error("sending a pull request: {0}")]
-    Request(String),
+    #[error("sending a pull request")]
+    Request(#[from] BatchRequestError),
     #[error("the durable consumer was deleted")]
     ConsumerDeleted,
-    #[error("no answer from the server for {0:?} while pull requests were outstanding")]
-    MissedHeartbeat(Duration),
+    #[error("NATS is not connected and the pull requests went unanswered for {0:?}")]
+    Disconnected(Duration),
     #[error("the server answered a pull request with {status}: {description}")]
     Refused {
         status: StatusCode,
@@ -86,7 +94,7 @@ impl Outstanding {
         self.messages = self.messages.saturating_sub(left.unwrap_or(self.batch));
     }
 
-    /// Every request forgotten (a reconnect: the server may have lost them).
+    /// Every request forgotten (the server lost them).
     fn forget(&mut self) {
         self.messages = 0;
     }
@@ -102,12 +110,12 @@ pub(crate) struct Pulls {
     context: jetstream::Context,
     inbox: async_nats::Subject,
     subscriber: Subscriber,
-    heartbeat: Duration,
     outstanding: Outstanding,
-    /// When the server was last heard from (a message, a heartbeat, a status).
+    /// When the server was last heard from (a message, a status), or the first request
+    /// of those outstanding was sent.
     heard: Instant,
-    /// Whether the client was seen without its connection since the requests were sent.
-    disconnected: bool,
+    /// What ended the pulls right after messages that were returned first.
+    failed: Option<PullError>,
 }
 
 impl Pulls {
@@ -117,48 +125,57 @@ impl Pulls {
         context: &jetstream::Context,
         consumer: Consumer<Config>,
         batch: usize,
-        heartbeat: Duration,
-    ) -> Result<Self, PullError> {
+    ) -> Result<Self, async_nats::SubscribeError> {
         let client = context.client();
         let inbox = async_nats::Subject::from(client.new_inbox());
-        let subscriber = client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|error| PullError::Request(error.to_string()))?;
+        let subscriber = client.subscribe(inbox.clone()).await?;
         Ok(Self {
             consumer,
             context: context.clone(),
             inbox,
             subscriber,
-            heartbeat,
             outstanding: Outstanding::new(batch),
             heard: Instant::now(),
-            disconnected: false,
+            failed: None,
         })
     }
 
     /// The next messages: waits for one, then takes every one already arrived, up to a
-    /// batch. Sends the pull requests that are due first.
+    /// batch. Sends the pull requests that are due first. Cancel-safe: a message leaves
+    /// the inbox only in a batch that is returned.
     pub(crate) async fn next_batch(&mut self) -> Result<Vec<jetstream::Message>, PullError> {
+        if let Some(error) = self.failed.take() {
+            return Err(error);
+        }
         let mut batch = Vec::new();
         while batch.is_empty() {
             self.request_if_due().await?;
-            let quiet_for = 2 * self.heartbeat;
-            let received = tokio::select! {
+            let mut received = tokio::select! {
+                biased;
                 received = self.subscriber.next() => received,
-                () = tokio::time::sleep(RECONNECT_CHECK) => {
-                    self.look_at_the_connection();
-                    if self.outstanding.any() && self.heard.elapsed() > quiet_for {
-                        return Err(PullError::MissedHeartbeat(quiet_for));
-                    }
+                () = tokio::time::sleep_until(self.heard + QUIET) => {
+                    self.requests_unanswered()?;
                     continue;
                 }
             };
-            self.take(received.ok_or(PullError::Ended)?, &mut batch)?;
-            while batch.len() < self.outstanding.batch {
+            loop {
+                let taken = match received {
+                    Some(message) => self.take(message, &mut batch),
+                    None => Err(PullError::Ended),
+                };
+                if let Err(error) = taken {
+                    if batch.is_empty() {
+                        return Err(error);
+                    }
+                    // The messages taken go first; the error ends the next call.
+                    self.failed = Some(error);
+                    break;
+                }
+                if batch.len() >= self.outstanding.batch {
+                    break;
+                }
                 match self.subscriber.next().now_or_never() {
-                    Some(Some(message)) => self.take(message, &mut batch)?,
-                    Some(None) => return Err(PullError::Ended),
+                    Some(next) => received = next,
                     None => break,
                 }
             }
@@ -166,34 +183,54 @@ impl Pulls {
         Ok(batch)
     }
 
-    /// Stops pulling: drains the inbox within `deadline` and hands back (nak) every
-    /// message that arrived for the requests outstanding. Returns how many.
-    pub(crate) async fn stop(mut self, deadline: Duration) -> usize {
-        if self.subscriber.drain().await.is_err() {
-            return 0;
-        }
+    /// Stops pulling: reads the inbox on until every request outstanding has ended
+    /// (within [`PULL_EXPIRES`] and a second), and hands back (nak) every message that
+    /// arrived for them. Returns how many.
+    pub(crate) async fn stop(mut self) -> usize {
         let mut handed_back = 0;
-        let drained = tokio::time::timeout(deadline, async {
-            while let Some(message) = self.subscriber.next().await {
-                if message.status.is_none_or(|status| status == StatusCode::OK) {
-                    let message = jetstream::Message {
-                        message,
-                        context: self.context.clone(),
-                    };
+        let ended = tokio::time::timeout(PULL_EXPIRES + Duration::from_secs(1), async {
+            // While NATS is away nothing arrives, and the server forgets the requests.
+            while self.outstanding.any() && nats_connected(&self.context.client()) {
+                let Some(message) = self.subscriber.next().await else {
+                    break;
+                };
+                let mut arrived = Vec::new();
+                let taken = self.take(message, &mut arrived);
+                for message in arrived {
                     if message.ack_with(AckKind::Nak(None)).await.is_ok() {
                         handed_back += 1;
                     }
                 }
+                if taken.is_err() {
+                    // The requests ended with the session (the consumer deleted, ...).
+                    break;
+                }
             }
         })
         .await;
-        if drained.is_err() {
+        if ended.is_err() {
             tracing::warn!(
                 handed_back,
-                "the pull inbox did not drain in time; what it still held waits out the ack wait"
+                outstanding = self.outstanding.messages,
+                "pull requests still open at the stop; what they deliver waits out the ack wait"
             );
         }
         handed_back
+    }
+
+    /// No answer for [`QUIET`] with requests outstanding: while connected, the server
+    /// lost them (it restarted; the consumer was deleted as one arrived, and the next
+    /// is answered with that) and they are sent again; while not, the session ends.
+    fn requests_unanswered(&mut self) -> Result<(), PullError> {
+        if !nats_connected(&self.context.client()) {
+            return Err(PullError::Disconnected(QUIET));
+        }
+        tracing::debug!(
+            outstanding = self.outstanding.messages,
+            "pull requests unanswered, sending them again"
+        );
+        self.outstanding.forget();
+        Ok(())
     }
 
     async fn request_if_due(&mut self) -> Result<(), PullError> {
@@ -203,32 +240,17 @@ impl Pulls {
         let request = BatchConfig {
             batch: self.outstanding.batch,
             expires: Some(PULL_EXPIRES),
-            idle_heartbeat: self.heartbeat,
             ..BatchConfig::default()
         };
         self.consumer
             .request_batch(request, self.inbox.clone())
-            .await
-            .map_err(|error| PullError::Request(error.to_string()))?;
+            .await?;
         if !self.outstanding.any() {
             // Nothing was awaited: the quiet time runs from this request on.
             self.heard = Instant::now();
         }
         self.outstanding.requested();
         Ok(())
-    }
-
-    /// After a reconnect the server may have forgotten the requests (it restarted):
-    /// they are sent again. Should it have kept them, a batch more is outstanding.
-    fn look_at_the_connection(&mut self) {
-        let connected =
-            self.context.client().connection_state() == async_nats::connection::State::Connected;
-        if !connected {
-            self.disconnected = true;
-        } else if self.disconnected {
-            self.disconnected = false;
-            self.outstanding.forget();
-        }
     }
 
     /// Sorts what arrived on the inbox: a message goes into `batch`, a status into the
@@ -259,7 +281,10 @@ impl Pulls {
                     .as_ref()
                     .and_then(|headers| headers.get("Nats-Pending-Messages"))
                     .and_then(|left| left.as_str().parse().ok());
-                if left.is_none() && description.starts_with("Exceeded MaxRequest") {
+                if left.is_none()
+                    && (description.starts_with("Exceeded MaxRequest")
+                        || description == "Consumer is push based")
+                {
                     // The same request would be refused again.
                     return Err(PullError::Refused {
                         status: StatusCode::REQUEST_TERMINATED,
@@ -318,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reconnect_forgets_every_request() {
+    fn requests_the_server_lost_are_forgotten() {
         let mut outstanding = Outstanding::new(10);
         outstanding.requested();
         outstanding.forget();

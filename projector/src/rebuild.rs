@@ -59,8 +59,8 @@ const LOCK_TTL: Duration = Duration::from_secs(15);
 /// How long the old generation stays after the switch, for reads already under way.
 const SWITCH_GRACE: Duration = Duration::from_secs(2);
 /// How long the replay waits for its next messages before it takes its consumer for
-/// lost: as long as the live consumer's pulls wait for a heartbeat.
-const REPLAY_STALL: Duration = crate::consumer::PULL_HEARTBEAT;
+/// lost.
+const REPLAY_STALL: Duration = Duration::from_secs(5);
 /// Consumers the replay makes in a row without a message in between before the rebuild
 /// fails (and is tried again from the start), and the pause before each.
 const REPLAY_CONSUMER_ATTEMPTS: u32 = 10;

@@ -168,8 +168,9 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
         .await
         .expect("stream exists");
     // Sessions that end one after another (each deletion ends one) lengthen the delay
-    // before the next: six leave it at its longest, 5 s. A deletion that comes before
-    // the session's first pull reaches the server is noticed by missed heartbeats.
+    // before the next: six leave it at its longest, 5 s. A deletion that comes just
+    // as a pull reaches the server leaves it unanswered: it is sent again after 2 s,
+    // and refused.
     for _ in 0..6 {
         consumer_made_again(&env, &stream, Duration::from_secs(30)).await;
         stream.delete_consumer(consumer).await.expect("deleted");
@@ -573,7 +574,7 @@ fn a_failure_over_a_server_names_it_but_not_its_password() {
 /// It failed while the projector read async-nats's `messages()` stream, which fetched up
 /// to one and a half batches ahead from a task of its own: 320–442 messages were held
 /// after the stop. The projector now sends its pull requests itself, none once it
-/// stops, drains its inbox and naks what arrived (`projector::pull`).
+/// stops, reads its inbox until each has ended and naks what arrived (`pull.rs`).
 #[tokio::test]
 async fn a_projector_stopped_in_the_middle_of_a_backlog_holds_nothing_back() {
     const EVENTS: i64 = 30_000;
