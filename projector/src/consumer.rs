@@ -24,7 +24,7 @@ use ingest::bootstrap::{nats_connected, Backoff};
 use crate::apply::{AsOf, Delivered, ReadModel};
 use crate::dlq;
 use crate::eviction::EvictionWatch;
-use crate::pull::Pulls;
+use crate::pull::{hand_back, Pulls};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
 /// How long a stopping projector waits for its last acks to leave.
@@ -162,9 +162,9 @@ impl Projector {
                 }
             }
         };
-        // The batches in hand are finished (applied and acked, or left to redelivery
-        // when Redis fails during a shutdown) before the consumer goes; what arrived
-        // after them is handed back for the next session or projector.
+        // The batches in hand are finished (applied and acked, or handed back when
+        // Redis fails during a shutdown) before the consumer goes; what arrived after
+        // them is handed back too, for the next session or projector.
         while in_flight.next().await.is_some() {}
         let handed_back = pulls.stop().await;
         if handed_back > 0 {
@@ -378,6 +378,7 @@ impl Projector {
                 self.forget_generations();
                 tracing::debug!("no read model generation yet, waiting for the rebuild to start");
                 if shutdown.is_cancelled() {
+                    hand_back(&to_ack).await;
                     return;
                 }
                 backoff.sleep(shutdown).await;
@@ -399,8 +400,9 @@ impl Projector {
                     metrics::counter!("projector_errors_total").increment(1);
                     tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
                     if shutdown.is_cancelled() {
-                        // Not acked: JetStream redelivers after ack_wait, the script skips
+                        // Handed back, for the next projector at once; the script skips
                         // whatever did get applied.
+                        hand_back(&to_ack).await;
                         return;
                     }
                     backoff.sleep(shutdown).await;

@@ -196,11 +196,7 @@ impl Pulls {
                 };
                 let mut arrived = Vec::new();
                 let taken = self.take(message, &mut arrived);
-                for message in arrived {
-                    if message.ack_with(AckKind::Nak(None)).await.is_ok() {
-                        handed_back += 1;
-                    }
-                }
+                handed_back += hand_back(&arrived).await;
                 if taken.is_err() {
                     // The requests ended with the session (the consumer deleted, ...).
                     break;
@@ -300,6 +296,22 @@ impl Pulls {
             }),
         }
     }
+}
+
+/// Hands messages that were not applied back to JetStream (a nak), for the next
+/// projector at once rather than after the ack wait. Returns how many naks were sent.
+pub(crate) async fn hand_back(messages: &[jetstream::Message]) -> usize {
+    let mut sent = 0;
+    for message in messages {
+        match message.ack_with(AckKind::Nak(None)).await {
+            Ok(()) => sent += 1,
+            Err(error) => tracing::debug!(
+                %error,
+                "nak not sent; the event will be redelivered after the ack wait"
+            ),
+        }
+    }
+    sent
 }
 
 #[cfg(test)]

@@ -8,8 +8,11 @@ use std::time::Duration;
 use testkit::process::ServiceProcess;
 use testkit::{eventually, PrivateRedis, TestEnv};
 
+use async_nats::jetstream;
+use contract::event::TelemetryRecorded;
+
 use crate::support::{
-    assert_same_figures, consumer_info, drained, event, live_generation, now_ms, projected,
+    assert_same_figures, consumer_info, event, live_generation, now_ms, projected,
     projector_process, publish_many, reference, streams, Projector, Sums, CATCH_UP,
 };
 
@@ -72,64 +75,122 @@ async fn a_projector_reports_a_redis_that_may_evict_keys_and_when_it_no_longer_m
 /// exactly once (what came again meanwhile, as the ack wait passed, is skipped).
 #[tokio::test]
 async fn a_full_redis_refuses_the_applies_and_every_event_counts_once_when_it_has_room() {
-    let redis = PrivateRedis::start(&["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]);
-    let mut env = TestEnv::new();
-    env.settings.redis.url = redis.url();
-    env.settings.projector.ack_wait_secs = 1;
-    let jetstream = streams(&env).await;
-    let projector = Projector::spawn(&env.settings).await;
-    live_generation(&env).await;
-
-    // A write that starts under the limit goes through, so one large value fills it.
-    assert_eq!(
-        redis.command(&["SETRANGE", "filler", "16777216", "x"]),
-        ":16777217"
-    );
-    let refused = redis.command(&["SET", "probe", "1"]);
-    assert!(refused.starts_with("-OOM"), "the server is full: {refused}");
-
-    let events: Vec<_> = (0..300)
-        .map(|index| {
-            let device = format!("sensor-{}", index % 6);
-            let at = now_ms() - 60_000 + index;
-            event(&device, at, &[("temperature", index as f64 / 4.0)])
-        })
-        .collect();
-    let messages: Vec<_> = events
-        .iter()
-        .map(|event| (event.clone(), event.event_id.to_string()))
-        .collect();
-    let last = *publish_many(&env, &jetstream, &messages)
-        .await
-        .last()
-        .expect("published");
+    let (full, projector) = FullRedis::new(1).await;
     // Every message reaches the projector, which keeps failing to apply them: past the
     // ack wait, three times over, it has acked none. (It pulls nothing more while
     // every batch it holds waits for room.)
-    eventually(CATCH_UP, "every message delivered", || async {
-        let info = consumer_info(&env, &jetstream).await;
-        (info.delivered.stream_sequence >= last).then_some(())
-    })
-    .await;
-    tokio::time::sleep(3 * Duration::from_secs(env.settings.projector.ack_wait_secs)).await;
-    let held = consumer_info(&env, &jetstream).await;
+    full.all_delivered().await;
+    tokio::time::sleep(3 * Duration::from_secs(full.env.settings.projector.ack_wait_secs)).await;
+    let held = consumer_info(&full.env, &full.jetstream).await;
     assert_eq!(
         held.ack_floor.stream_sequence, 0,
         "nothing acked while full: {held:?}"
     );
     for device in (0..6).map(|index| format!("sensor-{index}")) {
         assert!(
-            env.device_stats(&device).await.is_none(),
+            full.env.device_stats(&device).await.is_none(),
             "{device}: nothing applied while full"
         );
     }
 
-    assert_eq!(redis.command(&["DEL", "filler"]), ":1");
-    drained(&env, &jetstream, last).await;
-    let expected = reference(&events);
-    let actual = projected(&env, &expected).await;
-    for (device, want) in &expected {
-        assert_same_figures(device, &actual[device], want, Sums::Exact);
-    }
+    full.make_room();
+    full.assert_counted_once(CATCH_UP).await;
     projector.stop().await;
+}
+
+/// API.md §7, SIGTERM hands back what is in flight: a projector stopped while Redis
+/// refuses its applies naks the batches it holds rather than leave them to the ack
+/// wait, so a projector started once Redis has room applies every event at once, each
+/// once.
+#[tokio::test]
+async fn a_projector_stopped_while_redis_refuses_hands_back_the_batches_it_holds() {
+    let (full, projector) = FullRedis::new(30).await;
+    full.all_delivered().await;
+    projector.stop().await;
+
+    full.make_room();
+    let restarted = Projector::spawn(&full.env.settings).await;
+    // Well within the 30 s ack wait: nothing waits for a redelivery.
+    full.assert_counted_once(Duration::from_secs(15)).await;
+    restarted.stop().await;
+}
+
+/// A projector on a private `noeviction` Redis filled to its limit, and 300 events
+/// published for it.
+struct FullRedis {
+    redis: PrivateRedis,
+    env: TestEnv,
+    jetstream: jetstream::Context,
+    events: Vec<TelemetryRecorded>,
+    last: u64,
+}
+
+impl FullRedis {
+    async fn new(ack_wait_secs: u64) -> (Self, Projector) {
+        let redis =
+            PrivateRedis::start(&["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]);
+        let mut env = TestEnv::new();
+        env.settings.redis.url = redis.url();
+        env.settings.projector.ack_wait_secs = ack_wait_secs;
+        let jetstream = streams(&env).await;
+        let projector = Projector::spawn(&env.settings).await;
+        live_generation(&env).await;
+
+        // A write that starts under the limit goes through, so one large value fills it.
+        assert_eq!(
+            redis.command(&["SETRANGE", "filler", "16777216", "x"]),
+            ":16777217"
+        );
+        let refused = redis.command(&["SET", "probe", "1"]);
+        assert!(refused.starts_with("-OOM"), "the server is full: {refused}");
+
+        let events: Vec<_> = (0..300)
+            .map(|index| {
+                let device = format!("sensor-{}", index % 6);
+                let at = now_ms() - 60_000 + index;
+                event(&device, at, &[("temperature", index as f64 / 4.0)])
+            })
+            .collect();
+        let messages: Vec<_> = events
+            .iter()
+            .map(|event| (event.clone(), event.event_id.to_string()))
+            .collect();
+        let last = *publish_many(&env, &jetstream, &messages)
+            .await
+            .last()
+            .expect("published");
+        let full = Self {
+            redis,
+            env,
+            jetstream,
+            events,
+            last,
+        };
+        (full, projector)
+    }
+
+    /// Waits until the projector was given every message.
+    async fn all_delivered(&self) {
+        eventually(CATCH_UP, "every message delivered", || async {
+            let info = consumer_info(&self.env, &self.jetstream).await;
+            (info.delivered.stream_sequence >= self.last).then_some(())
+        })
+        .await;
+    }
+
+    fn make_room(&self) {
+        assert_eq!(self.redis.command(&["DEL", "filler"]), ":1");
+    }
+
+    /// Every event applied, each once, within `within`.
+    async fn assert_counted_once(&self, within: Duration) {
+        self.env
+            .consumer_drained(&self.jetstream, self.last, within)
+            .await;
+        let expected = reference(&self.events);
+        let actual = projected(&self.env, &expected).await;
+        for (device, want) in &expected {
+            assert_same_figures(device, &actual[device], want, Sums::Exact);
+        }
+    }
 }
