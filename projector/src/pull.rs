@@ -1,8 +1,8 @@
 //! The durable consumer's messages, pulled with requests the projector sends itself.
 //!
-//! async-nats's `messages()` stream asks for the next batch from a task of its own
-//! whenever less than half a batch is outstanding, and a stream dropped at a stop takes
-//! with it what it had fetched: those messages wait out the ack wait (30 s) before any
+//! async-nats's `messages()` stream keeps up to one and a half batches requested (a new
+//! batch whenever half a batch or less is outstanding, sent by a task of its own), and
+//! a stream dropped at a stop takes with it what it had fetched: those messages wait out the ack wait (30 s) before any
 //! projector gets them again. Here the consume loop sends the pull requests, each
 //! expiring after [`PULL_EXPIRES`], so a stop can be exact:
 //!
@@ -59,7 +59,8 @@ pub(crate) enum PullError {
 ///
 /// Like async-nats's own stream: a request for a whole batch goes out whenever half a
 /// batch or less is outstanding, so the next batch is on its way while one is applied,
-/// and at most one and a half batches are ever outstanding.
+/// and at most one and a half batches are outstanding (a batch more for a while when
+/// requests taken for lost were only late).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Outstanding {
     batch: usize,
@@ -270,6 +271,8 @@ impl Pulls {
             StatusCode::TIMEOUT | StatusCode::REQUEST_TERMINATED => {
                 let description = message.description.unwrap_or_default();
                 if description == "Consumer Deleted" {
+                    // The server ends every request with it: none is left to wait for.
+                    self.outstanding.forget();
                     return Err(PullError::ConsumerDeleted);
                 }
                 let left = message
@@ -281,7 +284,8 @@ impl Pulls {
                     && (description.starts_with("Exceeded MaxRequest")
                         || description == "Consumer is push based")
                 {
-                    // The same request would be refused again.
+                    // Every request is of the same shape and refused alike.
+                    self.outstanding.forget();
                     return Err(PullError::Refused {
                         status: StatusCode::REQUEST_TERMINATED,
                         description,
@@ -290,10 +294,19 @@ impl Pulls {
                 self.outstanding.gave_up(left);
                 Ok(())
             }
-            status => Err(PullError::Refused {
-                status,
-                description: message.description.unwrap_or_default(),
-            }),
+            status => {
+                // A 503 (no consumer answers its requests any more) ends them all;
+                // another status at least the request it answers.
+                if status == StatusCode::NO_RESPONDERS {
+                    self.outstanding.forget();
+                } else {
+                    self.outstanding.gave_up(None);
+                }
+                Err(PullError::Refused {
+                    status,
+                    description: message.description.unwrap_or_default(),
+                })
+            }
         }
     }
 }

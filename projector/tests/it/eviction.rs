@@ -72,14 +72,14 @@ async fn a_projector_reports_a_redis_that_may_evict_keys_and_when_it_no_longer_m
 /// A full `noeviction` server refuses the apply scripts (a script stops at its first
 /// write, before it changed anything), so the projector acks nothing and retries past
 /// the ack wait, several times over; once the server has room, every event counts
-/// exactly once (what came again meanwhile, as the ack wait passed, is skipped).
+/// exactly once.
 #[tokio::test]
 async fn a_full_redis_refuses_the_applies_and_every_event_counts_once_when_it_has_room() {
     let (full, projector) = FullRedis::new(1).await;
-    // Every message reaches the projector, which keeps failing to apply them: past the
-    // ack wait, three times over, it has acked none. (It pulls nothing more while
-    // every batch it holds waits for room.)
-    full.all_delivered().await;
+    // Messages reach the projector, which keeps failing to apply them: past the ack
+    // wait, three times over, it has acked none. (It pulls nothing more while every
+    // batch it holds waits for room.)
+    full.holding().await;
     tokio::time::sleep(3 * Duration::from_secs(full.env.settings.projector.ack_wait_secs)).await;
     let held = consumer_info(&full.env, &full.jetstream).await;
     assert_eq!(
@@ -105,7 +105,7 @@ async fn a_full_redis_refuses_the_applies_and_every_event_counts_once_when_it_ha
 #[tokio::test]
 async fn a_projector_stopped_while_redis_refuses_hands_back_the_batches_it_holds() {
     let (full, projector) = FullRedis::new(30).await;
-    full.all_delivered().await;
+    full.holding().await;
     projector.stop().await;
 
     full.make_room();
@@ -169,11 +169,12 @@ impl FullRedis {
         (full, projector)
     }
 
-    /// Waits until the projector was given every message.
-    async fn all_delivered(&self) {
-        eventually(CATCH_UP, "every message delivered", || async {
+    /// Waits until the projector holds messages it cannot apply (not all of them,
+    /// maybe: it pulls no more while every batch it holds waits).
+    async fn holding(&self) {
+        eventually(CATCH_UP, "messages delivered and not acked", || async {
             let info = consumer_info(&self.env, &self.jetstream).await;
-            (info.delivered.stream_sequence >= self.last).then_some(())
+            (info.num_ack_pending > 0).then_some(())
         })
         .await;
     }

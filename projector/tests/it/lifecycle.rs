@@ -571,9 +571,9 @@ fn a_failure_over_a_server_names_it_but_not_its_password() {
 /// had not applied is handed back, so a projector started at once goes on without
 /// waiting out the 30 s ack wait, and every event counts once.
 ///
-/// It failed while the projector read async-nats's `messages()` stream, which fetched up
-/// to one and a half batches ahead from a task of its own: 320–442 messages were held
-/// after the stop. The projector now sends its pull requests itself, none once it
+/// It failed while the projector read async-nats's `messages()` stream, which keeps up
+/// to one and a half batches requested: what it had fetched was dropped with it, and
+/// 320–442 messages were held after the stop. The projector now sends its pull requests itself, none once it
 /// stops, reads its inbox until each has ended and naks what arrived (`pull.rs`).
 #[tokio::test]
 async fn a_projector_stopped_in_the_middle_of_a_backlog_holds_nothing_back() {
