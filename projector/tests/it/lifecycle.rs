@@ -6,8 +6,9 @@ use testkit::process::{failed_run, free_port, the_only_line};
 use testkit::{eventually, PrivateNats, TestEnv};
 
 use crate::support::{
-    assert_same_figures, consumer_info, consumer_made_again, drained, event, now_ms, projected,
-    projector_process, publish, publish_many, reference, streams, Projector, Sums, CATCH_UP,
+    assert_same_figures, consumer_info, consumer_made_again, drained, event, now_ms, private_env,
+    projected, projector_process, publish, publish_many, reference, streams, Projector, Sums,
+    CATCH_UP,
 };
 
 #[tokio::test]
@@ -180,6 +181,41 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
     tokio::time::sleep(Duration::from_secs(11)).await;
     stream.delete_consumer(consumer).await.expect("deleted");
     consumer_made_again(&env, &stream, Duration::from_secs(3)).await;
+    projector.stop().await;
+}
+
+/// NATS restarted under an idle projector forgets its pull requests without a word
+/// (no `408` comes for them): the projector sends them again once nothing was heard
+/// for 2 s, so an event published after the restart is applied within seconds, not
+/// never. (The restart is a crash: the consumer may also lose the ack of the event
+/// before it, which then comes back after the ack wait; the test does not wait for it.)
+#[tokio::test]
+async fn an_idle_projector_pulls_again_when_a_nats_restart_forgot_its_requests() {
+    let mut nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    let projector = Projector::spawn(&env.settings).await;
+    let before = publish(
+        &env,
+        &jetstream,
+        &event("sensor-1", now_ms(), &[("t", 1.0)]),
+    )
+    .await;
+    drained(&env, &jetstream, before).await;
+
+    nats.restart();
+    let jetstream = env.jetstream().await;
+    publish(
+        &env,
+        &jetstream,
+        &event("sensor-2", now_ms(), &[("t", 2.0)]),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(8),
+        "the event published after the restart applied",
+        || async { env.device_stats("sensor-2").await.map(|_| ()) },
+    )
+    .await;
     projector.stop().await;
 }
 
