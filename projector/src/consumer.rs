@@ -378,8 +378,7 @@ impl Projector {
                 self.forget_generations();
                 tracing::debug!("no read model generation yet, waiting for the rebuild to start");
                 if shutdown.is_cancelled() {
-                    hand_back(&to_ack).await;
-                    return;
+                    break None;
                 }
                 backoff.sleep(shutdown).await;
                 continue;
@@ -390,7 +389,7 @@ impl Projector {
                 .apply_as_of(&mut redis, &generations, &delivered, now_ms)
                 .await
             {
-                Ok(AsOf::Applied(applied)) => break applied_before + applied.applied,
+                Ok(AsOf::Applied(applied)) => break Some(applied_before + applied.applied),
                 Ok(AsOf::Stale { applied }) => {
                     // A rebuild began or switched over: read the generations again.
                     applied_before += applied;
@@ -400,14 +399,17 @@ impl Projector {
                     metrics::counter!("projector_errors_total").increment(1);
                     tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
                     if shutdown.is_cancelled() {
-                        // Handed back, for the next projector at once; the script skips
-                        // whatever did get applied.
-                        hand_back(&to_ack).await;
-                        return;
+                        break None;
                     }
                     backoff.sleep(shutdown).await;
                 }
             }
+        };
+        let Some(applied) = applied else {
+            // Stopping while Redis cannot take the batch: handed back, for the next
+            // projector at once; the script skips whatever did get applied.
+            hand_back(&to_ack).await;
+            return;
         };
         for message in &to_ack {
             if let Err(error) = message.ack().await {

@@ -44,8 +44,8 @@ pub(crate) enum PullError {
     Request(#[from] BatchRequestError),
     #[error("the durable consumer was deleted")]
     ConsumerDeleted,
-    #[error("NATS is not connected and the pull requests went unanswered for {0:?}")]
-    Disconnected(Duration),
+    #[error("NATS is not connected and the pull requests went unanswered for {QUIET:?}")]
+    Disconnected,
     #[error("the server answered a pull request with {status}: {description}")]
     Refused {
         status: StatusCode,
@@ -220,7 +220,7 @@ impl Pulls {
     /// is answered with that) and they are sent again; while not, the session ends.
     fn requests_unanswered(&mut self) -> Result<(), PullError> {
         if !nats_connected(&self.context.client()) {
-            return Err(PullError::Disconnected(QUIET));
+            return Err(PullError::Disconnected);
         }
         tracing::debug!(
             outstanding = self.outstanding.messages,
@@ -268,7 +268,7 @@ impl Pulls {
                 Ok(())
             }
             StatusCode::IDLE_HEARTBEAT => Ok(()),
-            StatusCode::TIMEOUT | StatusCode::REQUEST_TERMINATED => {
+            status @ (StatusCode::TIMEOUT | StatusCode::REQUEST_TERMINATED) => {
                 let description = message.description.unwrap_or_default();
                 if description == "Consumer Deleted" {
                     // The server ends every request with it: none is left to wait for.
@@ -287,7 +287,7 @@ impl Pulls {
                     // Every request is of the same shape and refused alike.
                     self.outstanding.forget();
                     return Err(PullError::Refused {
-                        status: StatusCode::REQUEST_TERMINATED,
+                        status,
                         description,
                     });
                 }
