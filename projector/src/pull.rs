@@ -151,7 +151,7 @@ impl Pulls {
         let mut batch = Vec::new();
         while batch.is_empty() {
             self.request_if_due().await?;
-            let mut received = tokio::select! {
+            let received = tokio::select! {
                 biased;
                 received = self.subscriber.next() => received,
                 () = tokio::time::sleep_until(self.heard + QUIET) => {
@@ -159,29 +159,34 @@ impl Pulls {
                     continue;
                 }
             };
-            loop {
-                let taken = match received {
-                    Some(message) => self.take(message, &mut batch),
-                    None => Err(PullError::Ended),
-                };
-                if let Err(error) = taken {
-                    if batch.is_empty() {
-                        return Err(error);
-                    }
-                    // The messages taken go first; the error ends the next call.
-                    self.failed = Some(error);
-                    break;
+            if let Err(error) = self.take_ready(received, &mut batch) {
+                if batch.is_empty() {
+                    return Err(error);
                 }
-                if batch.len() >= self.outstanding.batch {
-                    break;
-                }
-                match self.subscriber.next().now_or_never() {
-                    Some(next) => received = next,
-                    None => break,
-                }
+                // The messages taken go first; the error ends the next call.
+                self.failed = Some(error);
             }
         }
         Ok(batch)
+    }
+
+    /// Takes `first` into `batch`, then every message already arrived, up to a batch.
+    fn take_ready(
+        &mut self,
+        first: Option<async_nats::Message>,
+        batch: &mut Vec<jetstream::Message>,
+    ) -> Result<(), PullError> {
+        let mut received = first;
+        loop {
+            self.take(received.ok_or(PullError::Ended)?, batch)?;
+            if batch.len() >= self.outstanding.batch {
+                return Ok(());
+            }
+            match self.subscriber.next().now_or_never() {
+                Some(next) => received = next,
+                None => return Ok(()),
+            }
+        }
     }
 
     /// Stops pulling: reads the inbox on until every request outstanding has ended
