@@ -17,6 +17,10 @@
 //! still holds its requests: nothing heard for [`QUIET`] means they were lost (a NATS
 //! restart, a consumer deleted as the request arrived), and they are sent again, or the
 //! session ends while the connection is down.
+//!
+//! A request the consumer's wait queue has no room for (`409 Exceeded MaxWaiting`: its
+//! `max_waiting` set low, or hundreds of projectors) is sent again after
+//! [`WAIT_QUEUE_FULL_PAUSE`], not at once, which would be refused at once again.
 
 use std::time::Duration;
 
@@ -36,6 +40,12 @@ pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// With requests outstanding and nothing heard for this long (a message, a `408`), the
 /// server no longer holds them.
 const QUIET: Duration = Duration::from_secs(2);
+
+/// How long the projector waits before it asks again when the consumer's wait queue was
+/// full (`409 Exceeded MaxWaiting`): a place in it frees up when a request there ends,
+/// at the latest [`PULL_EXPIRES`] after it came, and a request sent again at once would
+/// be refused again at once.
+const WAIT_QUEUE_FULL_PAUSE: Duration = Duration::from_millis(500);
 
 /// Why pulling ended; the session ends with it and the next one starts afresh.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +125,10 @@ pub(crate) struct Pulls {
     /// When the server was last heard from (a message, a status), or the first request
     /// of those outstanding was sent.
     heard: Instant,
+    /// No request is sent before this: the wait queue was full.
+    paused_until: Option<Instant>,
+    /// Whether this session has logged a full wait queue yet (once is enough).
+    wait_queue_full_logged: bool,
     /// What ended the pulls right after messages that were returned first.
     failed: Option<PullError>,
 }
@@ -137,6 +151,8 @@ impl Pulls {
             subscriber,
             outstanding: Outstanding::new(batch),
             heard: Instant::now(),
+            paused_until: None,
+            wait_queue_full_logged: false,
             failed: None,
         })
     }
@@ -154,10 +170,11 @@ impl Pulls {
             let received = tokio::select! {
                 biased;
                 received = self.subscriber.next() => received,
-                () = tokio::time::sleep_until(self.heard + QUIET) => {
+                () = tokio::time::sleep_until(self.heard + QUIET), if self.outstanding.any() => {
                     self.requests_unanswered()?;
                     continue;
                 }
+                () = sleep_until_some(self.paused_until) => continue,
             };
             if let Err(error) = self.take_ready(received, &mut batch) {
                 if batch.is_empty() {
@@ -236,6 +253,13 @@ impl Pulls {
     }
 
     async fn request_if_due(&mut self) -> Result<(), PullError> {
+        if self
+            .paused_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return Ok(());
+        }
+        self.paused_until = None;
         if !self.outstanding.wants_more() {
             return Ok(());
         }
@@ -253,6 +277,20 @@ impl Pulls {
         }
         self.outstanding.requested();
         Ok(())
+    }
+
+    /// The request was refused whole: the consumer's wait queue (its `max_waiting`) is
+    /// full, of this projector's requests or of others'. The next one waits a moment.
+    fn wait_queue_full(&mut self) {
+        self.outstanding.gave_up(None);
+        self.paused_until = Some(Instant::now() + WAIT_QUEUE_FULL_PAUSE);
+        if !self.wait_queue_full_logged {
+            self.wait_queue_full_logged = true;
+            tracing::warn!(
+                pause_ms = WAIT_QUEUE_FULL_PAUSE.as_millis() as u64,
+                "the durable consumer's wait queue (max_waiting) is full, pausing before each pull request it refuses"
+            );
+        }
     }
 
     /// Sorts what arrived on the inbox: a message goes into `batch`, a status into the
@@ -279,6 +317,10 @@ impl Pulls {
                     // The server ends every request with it: none is left to wait for.
                     self.outstanding.forget();
                     return Err(PullError::ConsumerDeleted);
+                }
+                if description == "Exceeded MaxWaiting" {
+                    self.wait_queue_full();
+                    return Ok(());
                 }
                 let left = message
                     .headers
@@ -313,6 +355,14 @@ impl Pulls {
                 })
             }
         }
+    }
+}
+
+/// Sleeps until `until`, or for ever when there is none.
+async fn sleep_until_some(until: Option<Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
     }
 }
 

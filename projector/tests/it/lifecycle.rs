@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::{pull, AckPolicy};
+use futures::{FutureExt, StreamExt};
 use testkit::process::{failed_run, free_port, the_only_line};
 use testkit::{eventually, PrivateNats, TestEnv};
 
@@ -217,6 +219,81 @@ async fn an_idle_projector_pulls_again_when_a_nats_restart_forgot_its_requests()
     )
     .await;
     projector.stop().await;
+}
+
+/// A consumer whose wait queue holds one pull request (made by an operator with
+/// `nats consumer add --max-waiting 1`; the default 512 fills up the same way with
+/// hundreds of projectors) refuses a second request with `409 Exceeded MaxWaiting`
+/// while the first still waits for the rest of its batch. The projector then waits
+/// half a second before it asks again: it must not ask again at once, which is
+/// refused at once, for as long as the first request waits.
+///
+/// It failed when a refusal counted only as a batch given up: the projector sent 2,000
+/// and more requests a second until its first one expired.
+#[tokio::test]
+async fn a_full_wait_queue_slows_the_pull_requests_down_instead_of_looping() {
+    // A projector on an idle consumer sends about one request a second (each expires
+    // after 1 s); a refused one is sent again every half second at most.
+    const MOST_PER_SECOND: f64 = 6.0;
+    let mut env = TestEnv::new();
+    env.settings.projector.batch_size = 10;
+    let jetstream = streams(&env).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    let consumer = env.settings.nats.consumer.clone();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(consumer.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(env.settings.projector.ack_wait_secs),
+            max_ack_pending: 20_000,
+            max_waiting: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("the durable consumer made with a wait queue of one");
+    // Every pull request is a message on this subject, which any client may read.
+    let client = jetstream.client();
+    let mut requests = client
+        .subscribe(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{consumer}",
+            env.subjects.stream()
+        ))
+        .await
+        .expect("subscribed to the pull requests");
+    client.flush().await.expect("subscription in place");
+
+    let projector = Projector::spawn(&env.settings).await;
+    let started = std::time::Instant::now();
+    // More than half a batch and less than a whole one: the first request delivers
+    // them and waits on for the rest; the projector asks for the next batch meanwhile.
+    let base = now_ms() - 60_000;
+    for index in 0..6 {
+        publish(
+            &env,
+            &jetstream,
+            &event("sensor-1", base + index, &[("temperature", index as f64)]),
+        )
+        .await;
+    }
+    drained(&env, &jetstream, 6).await;
+    // Past the first request's expiry: every refusal it caused has come.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut sent = 0_u32;
+    while requests.next().now_or_never().flatten().is_some() {
+        sent += 1;
+    }
+    projector.stop().await;
+    let per_second = f64::from(sent) / elapsed;
+    eprintln!("{sent} pull requests in {elapsed:.1} s");
+    assert!(
+        per_second <= MOST_PER_SECOND,
+        "{sent} pull requests in {elapsed:.1} s ({per_second:.0} a second); at most \
+         {MOST_PER_SECOND} a second expected"
+    );
 }
 
 /// The durable consumer deleted (an operator's `nats consumer rm`) once events were
