@@ -42,9 +42,9 @@ pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(1);
 const QUIET: Duration = Duration::from_secs(2);
 
 /// How long the projector waits before it asks again when the consumer's wait queue was
-/// full (`409 Exceeded MaxWaiting`): a place in it frees up when a request there ends,
-/// at the latest [`PULL_EXPIRES`] after it came, and a request sent again at once would
-/// be refused again at once.
+/// full (`409 Exceeded MaxWaiting`): a place in it frees up when a request there ends
+/// (a projector's at the latest [`PULL_EXPIRES`] after it came), and a request sent
+/// again at once would be refused again at once.
 const WAIT_QUEUE_FULL_PAUSE: Duration = Duration::from_millis(500);
 
 /// Why pulling ended; the session ends with it and the next one starts afresh.
@@ -99,8 +99,8 @@ impl Outstanding {
     }
 
     /// A request ended (expired, or cut short) with `left` of its messages undelivered;
-    /// the server does not say how many when the request was cut short for want of
-    /// room, and then the whole batch is taken as given up.
+    /// the server does not say how many when it refused the request for want of room,
+    /// and then the whole batch is taken as given up.
     fn gave_up(&mut self, left: Option<usize>) {
         self.messages = self.messages.saturating_sub(left.unwrap_or(self.batch));
     }
@@ -288,7 +288,7 @@ impl Pulls {
             self.wait_queue_full_logged = true;
             tracing::warn!(
                 pause_ms = WAIT_QUEUE_FULL_PAUSE.as_millis() as u64,
-                "the durable consumer's wait queue (max_waiting) is full, pausing before each pull request it refuses"
+                "the durable consumer's wait queue (max_waiting) is full, pausing after each refused pull request"
             );
         }
     }
