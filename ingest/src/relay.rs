@@ -65,7 +65,7 @@ use uuid::Uuid;
 use crate::bootstrap::{self, Backoff};
 use crate::pacing::Pacer;
 use crate::{db, http};
-use claim_floor::{ClaimFloor, Probe, PROBE};
+use claim_floor::{ClaimFloor, Probe, HORIZON, PROBE};
 
 /// Runs a relay and its admin port on `admin_listener` until `shutdown`: `/healthz`,
 /// `/readyz` (PostgreSQL and NATS) and `/metrics`. This is the `relay` binary's work;
@@ -415,10 +415,13 @@ impl Relay {
         // parse and plan in PostgreSQL (both were ~1% of its CPU at 2,000 readings/s).
         let probe = transaction.prepare_cached(PROBE).await?;
         let claim = transaction.prepare_cached(CLAIM).await?;
-        // One round trip for both: the claim starts at the floor as it stands, the
-        // probe moves it on for the rounds after.
+        let horizon = transaction.prepare_cached(HORIZON).await?;
+        // One round trip for the three, run in the order polled (each is sent at its
+        // first poll): the probe, then the claim, which starts at the floor as it
+        // stands, then the transaction id the claim's locks gave the round, which the
+        // probe's bound waits on before it moves the floor for the rounds after.
         let (floor, epoch) = lock(&self.claim_floor).current();
-        let (probed, rows) = futures::try_join!(
+        let (probed, rows, horizon) = futures::try_join!(
             async {
                 let probed = transaction.query_one(&probe, &[&floor]).await;
                 probed.context("probing the claim floor")
@@ -427,11 +430,15 @@ impl Relay {
                 let rows = transaction.query(&claim, &[&self.batch_size, &floor]).await;
                 rows.context("claiming outbox rows")
             },
+            async {
+                let horizon = transaction.query_one(&horizon, &[]).await;
+                horizon.context("reading the round's transaction id")
+            },
         )?;
         lock(&self.claim_floor).observe(Probe {
             xmin: probed.get(0),
-            xmax: probed.get(1),
-            bound: probed.get(2),
+            horizon: horizon.get(0),
+            bound: probed.get(1),
             epoch,
         });
         if rows.is_empty() {

@@ -9,19 +9,25 @@
 //!
 //! The floor must never pass a row that is unpublished, nor one that is still being
 //! inserted and will become visible later with a lower id than rows already published
-//! (ingest's commits run side by side). Each round takes a probe, pipelined with its
-//! claim (which starts at the floor as it stood), in one statement and so one snapshot
-//! S: the lowest unpublished id at or above the floor (or, if there is none, the
-//! highest id plus one), the `bound`, and S's transaction horizon. Every row below
-//! `bound` that S sees is published. One it does not see was inserted by a
-//! transaction that took its id before S, so it had its transaction id before S too (ingest's statement inserts the idempotency key, which assigns the
-//! transaction id, before it draws an outbox id; outbox ids come from a sequence without
-//! a cache, so they are handed out in order): below S's `xmax`. Once a later probe's
-//! `xmin` is at or past that `xmax`, all those transactions have ended, so every row
-//! below `bound` is visible to it, and the ones below its own `bound` are published: the
-//! floor moves to the lower of the two bounds. The probe does not skip locked rows, so
-//! rows another round or another relay holds, or a failed round handed back, keep the
-//! floor below them.
+//! (ingest's commits run side by side). Each round takes a probe before its claim
+//! (which starts at the floor as it stood), in one statement and so one snapshot S: the
+//! lowest unpublished id at or above the floor (or, if there is none, the highest id
+//! plus one), the `bound`, and S's `xmin`. Every row below `bound` that S sees is
+//! published. One it does not see was inserted by a transaction that took its id
+//! before S, so it had its transaction id before S too (ingest's statement inserts the
+//! idempotency key, which assigns the transaction id, before it draws an outbox id;
+//! outbox ids come from a sequence without a cache, so they are handed out in order).
+//!
+//! The round's claim locks rows after S, which gives the round's own transaction an
+//! id: the `horizon`, above that of every transaction that held one at S. (S's `xmax`
+//! is not: it is one past the latest transaction *completed*, and a transaction that
+//! took a later id and is still running is below neither it nor S's `xmin`.) Once a
+//! later probe's `xmin` is at or past the horizon, all those transactions have ended,
+//! so every row below `bound` is visible to it, and the ones below its own `bound` are
+//! published: the floor moves to the lower of the two bounds. A round that claims
+//! nothing has no transaction id and proposes no bound. The probe does not skip locked
+//! rows, so rows another round or another relay holds, or a failed round handed back,
+//! keep the floor below them.
 //!
 //! Only the stream check makes a published row unpublished again (after a stream lost
 //! messages). Each stream check therefore resets the floor to 0 — every
@@ -30,13 +36,15 @@
 //! inserted by a plain `INSERT INTO outbox` takes its id a moment before its
 //! transaction id, and is then found by the first claim after the next reset.
 
-/// The probe each round takes before it claims; `PROBE` fills it.
+/// The probe each round takes before it claims; `PROBE` fills it, and `HORIZON` after
+/// the claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Probe {
     /// `pg_snapshot_xmin` of the probe's snapshot: every older transaction has ended.
     pub xmin: i64,
-    /// `pg_snapshot_xmax`: every transaction running at the probe is older than this.
-    pub xmax: i64,
+    /// The round's own transaction id, taken by its claim after the probe (none when it
+    /// claimed nothing): every transaction that held one at the probe is older.
+    pub horizon: Option<i64>,
     /// The lowest unpublished id at or above the floor the probe was taken from, or
     /// one more than the highest id when there is none.
     pub bound: i64,
@@ -47,7 +55,7 @@ pub(crate) struct Probe {
 /// A bound whose transactions may not all have ended yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Candidate {
-    xmax: i64,
+    horizon: i64,
     bound: i64,
 }
 
@@ -70,19 +78,19 @@ impl ClaimFloor {
         if probe.epoch != self.epoch {
             return self.floor; // taken before a reset: its bound may pass repaired rows
         }
-        let latest = Candidate {
-            xmax: probe.xmax,
+        let latest = probe.horizon.map(|horizon| Candidate {
+            horizon,
             bound: probe.bound,
-        };
+        });
         match self.candidate {
-            Some(candidate) if probe.xmin >= candidate.xmax => {
+            Some(candidate) if probe.xmin >= candidate.horizon => {
                 self.floor = self.floor.max(candidate.bound.min(probe.bound));
-                self.candidate = Some(latest);
+                self.candidate = latest;
             }
             // Its transactions are still running: keep it (replacing it by newer ones
             // under a steady load would let none of them ever mature).
             Some(_) => {}
-            None => self.candidate = Some(latest),
+            None => self.candidate = latest,
         }
         self.floor
     }
@@ -99,19 +107,22 @@ impl ClaimFloor {
 
 /// The probe: one statement, one snapshot. `$1` is the floor it starts from.
 pub(crate) const PROBE: &str = "
-SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint,
+SELECT pg_snapshot_xmin(s)::text::bigint,
        coalesce((SELECT min(id) FROM outbox WHERE published_at IS NULL AND id >= $1),
                 greatest((SELECT max(id) + 1 FROM outbox), $1))
 FROM pg_current_snapshot() AS s";
+
+/// The round's transaction id after its claim: NULL when the claim locked no row.
+pub(crate) const HORIZON: &str = "SELECT pg_current_xact_id_if_assigned()::text::bigint";
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn probe(floor: &ClaimFloor, xmin: i64, xmax: i64, bound: i64) -> Probe {
+    fn probe(floor: &ClaimFloor, xmin: i64, horizon: i64, bound: i64) -> Probe {
         Probe {
             xmin,
-            xmax,
+            horizon: Some(horizon),
             bound,
             epoch: floor.current().1,
         }
@@ -138,6 +149,24 @@ mod tests {
         floor.observe(probe(&floor, 10, 20, 500));
         // A straggler with id 300 committed meanwhile and is not published yet.
         assert_eq!(floor.observe(probe(&floor, 20, 25, 300)), 300);
+    }
+
+    #[test]
+    fn a_round_that_claimed_nothing_proposes_no_bound_but_matures_one() {
+        let mut floor = ClaimFloor::default();
+        let idle = |floor: &ClaimFloor, xmin, bound| Probe {
+            horizon: None,
+            ..probe(floor, xmin, 0, bound)
+        };
+        assert_eq!(floor.observe(idle(&floor, 10, 500)), 0, "nothing proposed");
+        assert_eq!(floor.observe(idle(&floor, 30, 600)), 0, "still nothing");
+        floor.observe(probe(&floor, 30, 40, 600));
+        assert_eq!(floor.observe(idle(&floor, 40, 700)), 600);
+        assert_eq!(
+            floor.observe(idle(&floor, 50, 800)),
+            600,
+            "its bound was taken; none came after it"
+        );
     }
 
     #[test]

@@ -627,6 +627,64 @@ async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
     ingest.stop().await;
 }
 
+/// The claim floor waits for every transaction that held an id when its bound was
+/// probed. A snapshot's `xmax` is one past the latest transaction *completed*, not the
+/// next id to be handed out: a transaction that took its id after the latest completed
+/// one and is still open lies below neither that `xmax` nor the `xmin` of the probes
+/// after it. Here `younger` takes its id after `older`, draws a lower outbox id, and
+/// stays open while `older`'s row is published; its row must go out as soon as it
+/// commits, not at the next stream check (a minute away).
+///
+/// It failed (published only at the stream check) while a bound matured at its
+/// snapshot's `xmax` — when no other transaction of the cluster completes meanwhile,
+/// as on a box running this test alone: any that does lifts the `xmax` past `younger`.
+#[tokio::test]
+async fn a_row_of_a_younger_transaction_still_open_keeps_the_claim_floor_below_it() {
+    const ROW: &str = "INSERT INTO outbox (event_id, device_id, payload)
+        VALUES (gen_random_uuid(), $1, convert_to('{}', 'UTF8'))";
+    let mut env = TestEnv::new();
+    env.settings.relay.stream_check_interval_ms = 60_000;
+    env.settings.relay.poll_interval_ms = 100;
+    migrate(&env).await;
+    let relay = spawn_relay(&env.settings);
+    let jetstream = env.jetstream().await;
+    let stream = env.subjects.stream().to_owned();
+    let (older, younger) = (env.postgres().await, env.postgres().await);
+    let transaction_id = "SELECT pg_current_xact_id()::text";
+    older.batch_execute("BEGIN").await.expect("begin");
+    older
+        .execute(transaction_id, &[])
+        .await
+        .expect("older's id");
+    younger.batch_execute("BEGIN").await.expect("begin");
+    younger
+        .execute(transaction_id, &[])
+        .await
+        .expect("younger's id");
+    younger
+        .execute(ROW, &[&"sensor-younger"])
+        .await
+        .expect("younger's row, the lower outbox id");
+    older
+        .execute(ROW, &[&"sensor-older"])
+        .await
+        .expect("older's row");
+    older.batch_execute("COMMIT").await.expect("commit");
+    wait_for_stream_messages(&jetstream, &stream, 1).await;
+    // Rounds after the one that published older's row probe on while younger is open.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    younger.batch_execute("COMMIT").await.expect("commit");
+    let committed = Instant::now();
+    wait_for_stream_messages(&jetstream, &stream, 2).await;
+    assert!(
+        committed.elapsed() < Duration::from_secs(10),
+        "published {:?} after its commit: it waited for a stream check",
+        committed.elapsed()
+    );
+    wait_until_all_marked(&env.postgres().await).await;
+    relay.stop().await;
+}
+
 /// Migration 0005: the outbox keeps only the indexes its statements read, and the stream
 /// sequence stays unique among published rows (a lost sequence handed out again must
 /// still fail the mark, under the name the relay recognises) while unpublished rows,
