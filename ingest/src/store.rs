@@ -502,22 +502,48 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
     metrics::histogram!("ingest_commit_batch_size").record(sorted.len() as f64);
     metrics::histogram!("ingest_commit_seconds").record(started.elapsed().as_secs_f64());
     match result {
-        Ok(sorted_outcomes) => {
+        Ok(Written {
+            outcomes: sorted_outcomes,
+            look_up_failed,
+        }) => {
+            if let Some(error) = &look_up_failed {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "looking up the stored answers of a group commit failed; what it stored is answered accepted"
+                );
+            }
+            let unanswered = StoreError::Unavailable(match &look_up_failed {
+                Some(error) => error.to_string(),
+                None => "incomplete commit".to_owned(),
+            });
             let mut outcomes: Vec<Option<Outcome>> = vec![None; readings.len()];
             for (index, outcome) in order.into_iter().zip(sorted_outcomes) {
-                outcomes[index] = Some(outcome);
+                outcomes[index] = outcome;
             }
             let mut outcomes = outcomes.into_iter();
             for pending in batch {
-                let mine: Option<Vec<Outcome>> =
+                let mine: Vec<Option<Outcome>> =
                     outcomes.by_ref().take(pending.readings.len()).collect();
-                let answer =
-                    mine.ok_or_else(|| StoreError::Unavailable("incomplete commit".to_owned()));
-                let _ = pending.reply.send(answer);
+                let _ = pending.reply.send(answer(mine, &unanswered));
             }
         }
         Err(error) => fail(batch, &error),
     }
+}
+
+/// One submission's answer from its readings' outcomes, `None` where the commit could
+/// not tell (its stored answer was not read). A submission none of whose readings this
+/// commit stored gets `unanswered`, a `503` that says nothing of it was stored;
+/// otherwise its readings stored now are accepted, and the others get
+/// [`Outcome::KeyInFlux`], to be retried with the same key for their stored answers.
+fn answer(mine: Vec<Option<Outcome>>, unanswered: &StoreError) -> Result<Vec<Outcome>, StoreError> {
+    if mine.iter().all(Option::is_none) {
+        return Err(unanswered.clone());
+    }
+    Ok(mine
+        .into_iter()
+        .map(|outcome| outcome.unwrap_or(Outcome::KeyInFlux))
+        .collect())
 }
 
 /// Answers every submission of a commit that failed.
@@ -597,13 +623,23 @@ async fn look_up(
     Ok(stored)
 }
 
+/// What a commit's statement stored, and its readings' outcomes.
+struct Written {
+    /// One a reading, `None` for a key stored before when its look-up failed.
+    outcomes: Vec<Option<Outcome>>,
+    /// Why the look-up of the stored answers failed, after the statement committed.
+    look_up_failed: Option<anyhow::Error>,
+}
+
 /// One statement for the batch, and one look-up when some keys were already there.
-/// `signal` is raised as soon as the statement committed outbox rows.
+/// `signal` is raised as soon as the statement committed outbox rows. An error means
+/// nothing was stored; a look-up that fails after the statement committed still
+/// returns what it stored.
 async fn write(
     client: &deadpool_postgres::Client,
     readings: &[&NewReading],
     signal: Option<&Signal>,
-) -> Result<Vec<Outcome>, anyhow::Error> {
+) -> Result<Written, anyhow::Error> {
     let insert = client.prepare_cached(INSERT).await?;
     let device_ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
     let keys: Vec<&str> = readings
@@ -643,40 +679,67 @@ async fn write(
     if let Some(signal) = signal.filter(|_| !inserted.is_empty()) {
         signal.raise(inserted.len());
     }
-    if inserted.len() == readings.len() {
-        return Ok(readings
-            .iter()
-            .map(|r| Outcome::Accepted {
-                body: r.response_body.clone(),
-            })
-            .collect());
-    }
     let (lookup_devices, lookup_keys): (Vec<&str>, Vec<&str>) = readings
         .iter()
         .filter(|r| !inserted.contains(&r.event_id))
         .map(|r| (r.device_id.as_str(), r.idempotency_key.as_str()))
         .unzip();
-    let stored = look_up(client, &lookup_devices, &lookup_keys).await?;
-    Ok(readings
+    let (stored, look_up_failed) = if lookup_keys.is_empty() {
+        (None, None)
+    } else {
+        match look_up(client, &lookup_devices, &lookup_keys).await {
+            Ok(stored) => (Some(stored), None),
+            Err(error) => (None, Some(error)),
+        }
+    };
+    let outcomes = readings
         .iter()
         .map(|r| {
             if inserted.contains(&r.event_id) {
-                return Outcome::Accepted {
+                return Some(Outcome::Accepted {
                     body: r.response_body.clone(),
-                };
+                });
             }
-            match stored.get(&(r.device_id.clone(), r.idempotency_key.clone())) {
-                Some(key) if key.fingerprint[..] == r.fingerprint[..] => key.replay(),
-                Some(_) => Outcome::KeyReused,
-                None => Outcome::KeyInFlux,
-            }
+            let stored = stored.as_ref()?;
+            Some(
+                match stored.get(&(r.device_id.clone(), r.idempotency_key.clone())) {
+                    Some(key) if key.fingerprint[..] == r.fingerprint[..] => key.replay(),
+                    Some(_) => Outcome::KeyReused,
+                    None => Outcome::KeyInFlux,
+                },
+            )
         })
-        .collect())
+        .collect();
+    Ok(Written {
+        outcomes,
+        look_up_failed,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_submission_is_unavailable_only_when_the_commit_stored_none_of_it() {
+        let unanswered = StoreError::Unavailable("look-up failed".to_owned());
+        let accepted = Outcome::Accepted {
+            body: "{}".to_owned(),
+        };
+        assert!(matches!(
+            answer(vec![None, None], &unanswered),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(
+            answer(vec![Some(accepted.clone()), None], &unanswered).ok(),
+            Some(vec![accepted.clone(), Outcome::KeyInFlux]),
+            "what was stored is accepted, the rest retried for its stored answer"
+        );
+        assert_eq!(
+            answer(vec![Some(Outcome::KeyReused)], &unanswered).ok(),
+            Some(vec![Outcome::KeyReused])
+        );
+    }
 
     const LIMITS: GroupCommit = GroupCommit {
         batch_max: 10,

@@ -363,3 +363,99 @@ fn statuses(answer: &Value) -> Vec<&str> {
         .map(|result| result["status"].as_str().unwrap_or_default())
         .collect()
 }
+
+/// A group commit stores its new readings in one statement, then looks up the stored
+/// answers of the keys that were there before. When that look-up fails (its session
+/// cut here, after the statement committed), what the statement stored is still
+/// answered `accepted`, and only the item that needed the look-up is to be retried:
+/// a `503` for the whole batch would say that none of it was stored.
+///
+/// It failed while a failed look-up failed the whole commit: the batch was answered
+/// `503` with its new item stored.
+#[tokio::test]
+async fn a_look_up_that_fails_after_the_commit_still_answers_what_it_stored() {
+    const WAITING: &str = "SELECT pid FROM pg_stat_activity
+        WHERE datname = current_database() AND pid <> pg_backend_pid()
+          AND wait_event_type = 'Lock' AND query LIKE $1";
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    ingest.accept("old", &reading("gw-1", 5.0)).await;
+    let db = env.postgres().await;
+    // An open insert of the new key: ingest's statement waits for it.
+    let holder = env.postgres().await;
+    holder
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO idempotency_keys
+                 (device_id, idempotency_key, fingerprint, event_id, status_code, response_body)
+             SELECT device_id, 'new', fingerprint, gen_random_uuid(), status_code, response_body
+             FROM idempotency_keys WHERE idempotency_key = 'old'",
+        )
+        .await
+        .expect("the new key held by an open transaction");
+    let waiting = |pattern: &'static str| {
+        let db = &db;
+        async move {
+            let rows = db.query(WAITING, &[&pattern]).await.ok()?;
+            rows.first().map(|row| row.get::<_, i32>(0))
+        }
+    };
+    let batch = json!({"readings": [item("new", "gw-1", 1.0), item("old", "gw-1", 5.0)]});
+    let cut_the_look_up = async {
+        eventually(Duration::from_secs(10), "ingest's insert waiting", || {
+            waiting("%INSERT INTO idempotency_keys%")
+        })
+        .await;
+        // Queued behind ingest's insert, this lock is granted when it commits, and the
+        // look-up after it waits in turn.
+        let locker = env.postgres().await;
+        let locked = tokio::spawn(async move {
+            locker
+                .batch_execute("BEGIN; LOCK TABLE idempotency_keys IN ACCESS EXCLUSIVE MODE")
+                .await
+                .expect("the table locked");
+            locker
+        });
+        eventually(Duration::from_secs(10), "the lock queued", || {
+            waiting("%LOCK TABLE idempotency_keys%")
+        })
+        .await;
+        holder.batch_execute("ROLLBACK").await.expect("rollback");
+        let look_up = eventually(Duration::from_secs(10), "ingest's look-up waiting", || {
+            waiting("%JOIN unnest($1::text[], $2::text[])%")
+        })
+        .await;
+        db.execute("SELECT pg_terminate_backend($1)", &[&look_up])
+            .await
+            .expect("the look-up's session cut");
+        let locker = locked.await.expect("the locker");
+        locker.batch_execute("ROLLBACK").await.expect("unlocked");
+    };
+    let (response, ()) = tokio::join!(ingest.post_batch(&batch), cut_the_look_up);
+    assert_eq!(response.status().as_u16(), 200, "answered item by item");
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(statuses(&answer), ["accepted", "rejected"]);
+    assert!(answer["results"][1]["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("/problems/idempotency-key-in-use"));
+    assert_eq!(
+        count(&db, "readings").await,
+        2,
+        "the earlier reading and the new one"
+    );
+
+    // Retried with the same keys, as the answer asks: both are the stored readings. (A
+    // pooled connection to the session cut may answer a first retry with a 503.)
+    let retried = eventually(Duration::from_secs(10), "the retry answered", || async {
+        let response = ingest.post_batch(&batch).await;
+        if response.status() != 200 {
+            return None;
+        }
+        response.json::<Value>().await.ok()
+    })
+    .await;
+    assert_eq!(statuses(&retried), ["duplicate", "duplicate"]);
+    assert_eq!(count(&db, "readings").await, 2);
+    ingest.stop().await;
+}
