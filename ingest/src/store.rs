@@ -42,6 +42,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
+use crate::db;
 use crate::http::server::OpenConnections;
 use crate::outbox_notify::{Notifier, Signal};
 use crate::pacing::Pacer;
@@ -302,9 +303,14 @@ impl Store {
             .iter()
             .map(|(reading, key)| (reading.device_id.as_str(), *key))
             .unzip();
+        // Given up at the request's deadline (a lock on the keys holds it up), the
+        // statement is cancelled, not left on a pooled connection.
         let looked_up: anyhow::Result<_> = async {
-            let client = self.pool.get().await?;
-            look_up(&client, &devices, &keys).await
+            let pooled = self.pool.get().await?;
+            db::cancel_if_given_up(pooled, "look-up of aged retries", async |client| {
+                look_up(client, &devices, &keys).await
+            })
+            .await
         }
         .await;
         let stored = looked_up.map_err(|error| {

@@ -730,3 +730,38 @@ async fn retry_of_a_stored_reading_gets_its_stored_answer_after_its_recorded_at_
     assert_eq!(retry.text().await.expect("body"), first_body);
     ingest.stop().await;
 }
+
+/// The look-up of an aged retry's stored answer, held up by a lock on
+/// `idempotency_keys` (an operator's `VACUUM FULL` or `REINDEX`), ends at the request's
+/// deadline with a `503`, and its statement is cancelled with it: it does not stay
+/// queued on a pooled connection for the next commit to wait behind.
+///
+/// It failed while the look-up ran on a plain pooled connection: after the `503` its
+/// statement went on waiting for the lock.
+#[tokio::test]
+async fn an_aged_retrys_look_up_given_up_at_the_deadline_leaves_no_statement_waiting() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.max_age_secs = SHORT_MAX_AGE_SECS;
+    env.settings.ingest.request_timeout_ms = 1_000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let recorded_at = two_seconds_ago();
+    let stored = json!({"device_id": "sensor-1", "recorded_at": contract::timestamp::format(recorded_at), "metrics": {"temperature": 21.5}});
+    ingest.accept("k-1", &stored).await;
+    wait_until_aged(recorded_at).await;
+
+    let mut blocker = env.postgres().await;
+    let lock = testkit::lock_table(&mut blocker, "idempotency_keys").await;
+    assert_problem(ingest.post("k-1", &stored).await, 503, "unavailable").await;
+    let db = env.postgres().await;
+    eventually(
+        Duration::from_secs(5),
+        "no statement of ingest left waiting for the lock",
+        || async { (testkit::lock_waiters(&db, "idempotency_keys").await == 0).then_some(()) },
+    )
+    .await;
+    lock.rollback().await.expect("released");
+    let retry = ingest.post("k-1", &stored).await;
+    assert_replayed(&retry);
+    assert_eq!(retry.status().as_u16(), 202, "the stored answer");
+    ingest.stop().await;
+}
