@@ -613,18 +613,30 @@ async fn a_row_committed_after_later_rows_were_published_goes_out_at_once() {
             .await;
         wait_for_stream_messages(&jetstream, &stream, index + 1).await;
     }
-    straggler.batch_execute("COMMIT").await.expect("commit");
-    let committed = std::time::Instant::now();
-    wait_for_stream_messages(&jetstream, &stream, 11).await;
+    published_once_committed(&env, &straggler, &jetstream, 11).await;
+    relay.stop().await;
+    ingest.stop().await;
+}
+
+/// Commits `session`'s open transaction and waits until the test's stream holds
+/// `messages`: the row it committed must go out at once, not at the next stream check
+/// (a minute away in these tests). Then waits until every row is marked published (a
+/// round marks its rows after the PubAcks, so the stream knows first).
+async fn published_once_committed(
+    env: &TestEnv,
+    session: &tokio_postgres::Client,
+    jetstream: &jetstream::Context,
+    messages: u64,
+) {
+    session.batch_execute("COMMIT").await.expect("commit");
+    let committed = Instant::now();
+    wait_for_stream_messages(jetstream, env.subjects.stream(), messages).await;
     assert!(
         committed.elapsed() < Duration::from_secs(10),
         "published {:?} after its commit: it waited for a stream check",
         committed.elapsed()
     );
-    // The round marks its rows after the PubAcks, so the stream knows first.
     wait_until_all_marked(&env.postgres().await).await;
-    relay.stop().await;
-    ingest.stop().await;
 }
 
 /// The claim floor waits for every transaction that held an id when its bound was
@@ -673,15 +685,7 @@ async fn a_row_of_a_younger_transaction_still_open_keeps_the_claim_floor_below_i
     wait_for_stream_messages(&jetstream, &stream, 1).await;
     // Rounds after the one that published older's row probe on while younger is open.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    younger.batch_execute("COMMIT").await.expect("commit");
-    let committed = Instant::now();
-    wait_for_stream_messages(&jetstream, &stream, 2).await;
-    assert!(
-        committed.elapsed() < Duration::from_secs(10),
-        "published {:?} after its commit: it waited for a stream check",
-        committed.elapsed()
-    );
-    wait_until_all_marked(&env.postgres().await).await;
+    published_once_committed(&env, &younger, &jetstream, 2).await;
     relay.stop().await;
 }
 

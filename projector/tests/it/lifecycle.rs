@@ -206,16 +206,11 @@ async fn an_idle_projector_pulls_again_when_a_nats_restart_forgot_its_requests()
 
     nats.restart();
     let jetstream = env.jetstream().await;
-    publish(
+    applied_within(
         &env,
         &jetstream,
-        &event("sensor-2", now_ms(), &[("t", 2.0)]),
-    )
-    .await;
-    eventually(
         Duration::from_secs(8),
-        "the event published after the restart applied",
-        || async { env.device_stats("sensor-2").await.map(|_| ()) },
+        "after the restart",
     )
     .await;
     projector.stop().await;
@@ -300,19 +295,31 @@ async fn a_full_wait_queue_slows_the_pull_requests_down_instead_of_looping() {
     );
 
     // Refused, the projector still pulls: an event published now is applied.
-    publish(
+    applied_within(
         &env,
         &jetstream,
-        &event("sensor-2", now_ms(), &[("temperature", 1.0)]),
-    )
-    .await;
-    eventually(
         Duration::from_secs(3),
-        "the event published after the refusals applied",
-        || async { env.device_stats("sensor-2").await.map(|_| ()) },
+        "after the refusals",
     )
     .await;
     projector.stop().await;
+}
+
+/// Publishes an event of a device of its own (`sensor-2`) and waits, at most `within`,
+/// until the read model shows it.
+async fn applied_within(
+    env: &TestEnv,
+    jetstream: &async_nats::jetstream::Context,
+    within: Duration,
+    when: &str,
+) {
+    publish(env, jetstream, &event("sensor-2", now_ms(), &[("t", 2.0)])).await;
+    eventually(
+        within,
+        &format!("the event published {when} applied"),
+        || async { env.device_stats("sensor-2").await.map(|_| ()) },
+    )
+    .await;
 }
 
 /// The durable consumer deleted (an operator's `nats consumer rm`) once events were
