@@ -518,10 +518,6 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
                     "looking up the stored answers of a group commit failed; what it stored is answered accepted"
                 );
             }
-            let unanswered = StoreError::Unavailable(match &look_up_failed {
-                Some(error) => error.to_string(),
-                None => "incomplete commit".to_owned(),
-            });
             let mut outcomes: Vec<Option<Outcome>> = vec![None; readings.len()];
             for (index, outcome) in order.into_iter().zip(sorted_outcomes) {
                 outcomes[index] = outcome;
@@ -530,7 +526,7 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
             for pending in batch {
                 let mine: Vec<Option<Outcome>> =
                     outcomes.by_ref().take(pending.readings.len()).collect();
-                let _ = pending.reply.send(answer(mine, &unanswered));
+                let _ = pending.reply.send(answer(mine, look_up_failed.as_ref()));
             }
         }
         Err(error) => fail(batch, &error),
@@ -538,13 +534,18 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
 }
 
 /// One submission's answer from its readings' outcomes, `None` where the commit could
-/// not tell (its stored answer was not read). A submission none of whose readings this
-/// commit stored gets `unanswered`, a `503` that says nothing of it was stored;
-/// otherwise its readings stored now are accepted, and the others get
+/// not tell (its stored answer was not read: `look_up_failed` says why). A submission
+/// none of whose readings this commit stored gets a `503` that says nothing of it was
+/// stored; otherwise its readings stored now are accepted, and the others get
 /// [`Outcome::KeyInFlux`], to be retried with the same key for their stored answers.
-fn answer(mine: Vec<Option<Outcome>>, unanswered: &StoreError) -> Result<Vec<Outcome>, StoreError> {
+fn answer(
+    mine: Vec<Option<Outcome>>,
+    look_up_failed: Option<&anyhow::Error>,
+) -> Result<Vec<Outcome>, StoreError> {
     if mine.iter().all(Option::is_none) {
-        return Err(unanswered.clone());
+        let why =
+            look_up_failed.map_or_else(|| "incomplete commit".to_owned(), ToString::to_string);
+        return Err(StoreError::Unavailable(why));
     }
     Ok(mine
         .into_iter()
@@ -728,21 +729,22 @@ mod tests {
 
     #[test]
     fn a_submission_is_unavailable_only_when_the_commit_stored_none_of_it() {
-        let unanswered = StoreError::Unavailable("look-up failed".to_owned());
+        let failed = anyhow::anyhow!("look-up failed");
+        let unanswered = Some(&failed);
         let accepted = Outcome::Accepted {
             body: "{}".to_owned(),
         };
         assert!(matches!(
-            answer(vec![None, None], &unanswered),
+            answer(vec![None, None], unanswered),
             Err(StoreError::Unavailable(_))
         ));
         assert_eq!(
-            answer(vec![Some(accepted.clone()), None], &unanswered).ok(),
+            answer(vec![Some(accepted.clone()), None], unanswered).ok(),
             Some(vec![accepted.clone(), Outcome::KeyInFlux]),
             "what was stored is accepted, the rest retried for its stored answer"
         );
         assert_eq!(
-            answer(vec![Some(Outcome::KeyReused)], &unanswered).ok(),
+            answer(vec![Some(Outcome::KeyReused)], unanswered).ok(),
             Some(vec![Outcome::KeyReused])
         );
     }
