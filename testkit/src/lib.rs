@@ -482,16 +482,24 @@ pub async fn lock_table<'a>(
 
 /// Backends of `client`'s database waiting for a lock, in a statement that names `table`.
 pub async fn lock_waiters(client: &tokio_postgres::Client, table: &str) -> i64 {
+    lock_waiter_pids(client, table).await.len() as i64
+}
+
+/// The process ids of the backends of `client`'s database waiting for a lock, in a
+/// statement whose text contains `text` (for `pg_terminate_backend`).
+pub async fn lock_waiter_pids(client: &tokio_postgres::Client, text: &str) -> Vec<i32> {
     client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
+        .query(
+            "SELECT pid FROM pg_stat_activity
              WHERE datname = current_database() AND wait_event_type = 'Lock'
                AND query LIKE '%' || $1 || '%'",
-            &[&table],
+            &[&text],
         )
         .await
         .expect("pg_stat_activity")
-        .get(0)
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
 }
 
 /// Asserts that an admin port (API.md §7) answers an unknown path `404 not-found` and a

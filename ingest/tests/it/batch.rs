@@ -374,9 +374,6 @@ fn statuses(answer: &Value) -> Vec<&str> {
 /// `503` with its new item stored.
 #[tokio::test]
 async fn a_look_up_that_fails_after_the_commit_still_answers_what_it_stored() {
-    const WAITING: &str = "SELECT pid FROM pg_stat_activity
-        WHERE datname = current_database() AND pid <> pg_backend_pid()
-          AND wait_event_type = 'Lock' AND query LIKE $1";
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
     ingest.accept("old", &reading("gw-1", 5.0)).await;
@@ -393,17 +390,14 @@ async fn a_look_up_that_fails_after_the_commit_still_answers_what_it_stored() {
         )
         .await
         .expect("the new key held by an open transaction");
-    let waiting = |pattern: &'static str| {
+    let waiting = |text: &'static str| {
         let db = &db;
-        async move {
-            let rows = db.query(WAITING, &[&pattern]).await.ok()?;
-            rows.first().map(|row| row.get::<_, i32>(0))
-        }
+        async move { testkit::lock_waiter_pids(db, text).await.first().copied() }
     };
     let batch = json!({"readings": [item("new", "gw-1", 1.0), item("old", "gw-1", 5.0)]});
     let cut_the_look_up = async {
         eventually(Duration::from_secs(10), "ingest's insert waiting", || {
-            waiting("%INSERT INTO idempotency_keys%")
+            waiting("INSERT INTO idempotency_keys")
         })
         .await;
         // Queued behind ingest's insert, this lock is granted when it commits, and the
@@ -417,12 +411,12 @@ async fn a_look_up_that_fails_after_the_commit_still_answers_what_it_stored() {
             locker
         });
         eventually(Duration::from_secs(10), "the lock queued", || {
-            waiting("%LOCK TABLE idempotency_keys%")
+            waiting("LOCK TABLE idempotency_keys")
         })
         .await;
         holder.batch_execute("ROLLBACK").await.expect("rollback");
         let look_up = eventually(Duration::from_secs(10), "ingest's look-up waiting", || {
-            waiting("%JOIN unnest($1::text[], $2::text[])%")
+            waiting("JOIN unnest($1::text[], $2::text[])")
         })
         .await;
         db.execute("SELECT pg_terminate_backend($1)", &[&look_up])
