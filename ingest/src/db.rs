@@ -105,7 +105,7 @@ pub fn pool_with_config(
     // commits spread over 16 busy backends and auth-on ran 10-16% slower; with LIFO,
     // 1-3 busy backends and auth on within the run-to-run noise of auth off.
     Pool::builder(manager)
-        .post_create(durable_commits())
+        .post_create(session_settings())
         .queue_mode(QueueMode::Lifo)
         .max_size(settings.pool_size)
         .runtime(Runtime::Tokio1)
@@ -116,31 +116,48 @@ pub fn pool_with_config(
         .context("building the PostgreSQL pool")
 }
 
-/// Reads `synchronous_commit` and `fsync` as a new session sees them, and turns
-/// `synchronous_commit` on for the session if the server, database or role turned it off.
-const DURABLE_COMMITS: &str = "SELECT current_setting('synchronous_commit'), \
+/// Reads `synchronous_commit`, `fsync` and `default_transaction_isolation` as a new
+/// session sees them; turns `synchronous_commit` on for the session if the server,
+/// database or role turned it off, and sets the session's default isolation to read
+/// committed if they chose another.
+const SESSION_SETTINGS: &str = "SELECT current_setting('synchronous_commit'), \
     current_setting('fsync'), \
     CASE WHEN current_setting('synchronous_commit') = 'off' \
-        THEN set_config('synchronous_commit', 'on', false) END";
+        THEN set_config('synchronous_commit', 'on', false) END, \
+    current_setting('default_transaction_isolation'), \
+    CASE WHEN current_setting('default_transaction_isolation') <> 'read committed' \
+        THEN set_config('default_transaction_isolation', 'read committed', false) END";
 
-/// Every session a pool opens commits durably. A `202` promises a reading that
-/// survives a crash, and with `synchronous_commit = off` (set on the server, the
-/// database or the role, often as tuning) a commit returns before its WAL is flushed,
-/// so a crash loses the last readings acknowledged. The session turns it back on; every
-/// other value (`local`, `remote_write`, `on`, `remote_apply`) flushes locally first
-/// and is kept. `fsync = off`, which no session can change, is only reported. Each
-/// finding is logged once per process.
-fn durable_commits() -> Hook {
+/// Every session a pool opens commits durably and at read committed.
+///
+/// A `202` promises a reading that survives a crash, and with `synchronous_commit = off`
+/// (set on the server, the database or the role, often as tuning) a commit returns
+/// before its WAL is flushed, so a crash loses the last readings acknowledged. The
+/// session turns it back on; every other value (`local`, `remote_write`, `on`,
+/// `remote_apply`) flushes locally first and is kept. `fsync = off`, which no session
+/// can change, is only reported.
+///
+/// The statements are written for read committed, PostgreSQL's default. A group commit
+/// that finds a key another commit stored after its snapshot waits for that commit and
+/// then skips the key, to look it up; at repeatable read or serializable the same insert
+/// fails with a serialization error, and the whole commit would be answered `503`. So
+/// where the server, database or role chose a stricter default, the session sets read
+/// committed back.
+///
+/// Each finding is logged once per process.
+fn session_settings() -> Hook {
     static SYNCHRONOUS_COMMIT_OFF: AtomicBool = AtomicBool::new(false);
     static FSYNC_OFF: AtomicBool = AtomicBool::new(false);
+    static STRICTER_ISOLATION: AtomicBool = AtomicBool::new(false);
     Hook::async_fn(|client, _| {
         Box::pin(async move {
             let row = client
-                .query_one(DURABLE_COMMITS, &[])
+                .query_one(SESSION_SETTINGS, &[])
                 .await
                 .map_err(HookError::Backend)?;
             let synchronous_commit: String = row.try_get(0).map_err(HookError::Backend)?;
             let fsync: String = row.try_get(1).map_err(HookError::Backend)?;
+            let isolation: String = row.try_get(3).map_err(HookError::Backend)?;
             if synchronous_commit == "off" && !SYNCHRONOUS_COMMIT_OFF.swap(true, Ordering::Relaxed)
             {
                 tracing::warn!(
@@ -153,6 +170,14 @@ fn durable_commits() -> Hook {
                 tracing::warn!(
                     "PostgreSQL runs with fsync = off: a crash of its host can lose or corrupt \
                      committed readings, whatever this process does; turn fsync on"
+                );
+            }
+            if isolation != "read committed" && !STRICTER_ISOLATION.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    isolation,
+                    "PostgreSQL's default_transaction_isolation is not read committed for this \
+                     database or role: this process sets read committed in each of its sessions, \
+                     which its concurrent commits are written for"
                 );
             }
             Ok(())

@@ -129,6 +129,62 @@ async fn parallel_commits_store_each_key_once_and_answer_every_submission() {
     }
 }
 
+/// The statements are written for read committed: a commit that meets a key another
+/// transaction stored after the commit's snapshot waits for that transaction and then
+/// finds the key, to answer it as a replay. At repeatable read or serializable,
+/// PostgreSQL refuses that insert with a serialization error instead, and the whole
+/// commit was answered `503`; where the database's default is one of those, the pool's
+/// sessions now set read committed back.
+#[tokio::test]
+async fn a_key_stored_meanwhile_by_another_transaction_is_a_replay_whatever_the_databases_default_isolation(
+) {
+    for isolation in ["repeatable read", "serializable"] {
+        let env = TestEnv::new();
+        migrate(&env).await;
+        let db = env.postgres().await;
+        let database = &env.database;
+        db.batch_execute(&format!(
+            "ALTER DATABASE \"{database}\" SET default_transaction_isolation = '{isolation}'"
+        ))
+        .await
+        .expect("database default set");
+        let ingest = Ingest::spawn(&env.settings).await;
+        let body = posted_reading("gw-1", 5.0);
+        ingest.accept("old", &body).await;
+        // Another transaction stores key `new` for the same reading, and commits while
+        // ingest's insert of that key waits for it.
+        let holder = env.postgres().await;
+        holder
+            .batch_execute(
+                "BEGIN;
+                 INSERT INTO idempotency_keys
+                     (device_id, idempotency_key, fingerprint, event_id, status_code, response_body)
+                 SELECT device_id, 'new', fingerprint, gen_random_uuid(), status_code, response_body
+                 FROM idempotency_keys WHERE idempotency_key = 'old'",
+            )
+            .await
+            .expect("the new key held by an open transaction");
+        let commit_while_ingest_waits = async {
+            eventually(
+                Duration::from_secs(10),
+                "ingest's insert waiting",
+                || async {
+                    testkit::lock_waiter_pids(&db, "INSERT INTO idempotency_keys")
+                        .await
+                        .first()
+                        .copied()
+                },
+            )
+            .await;
+            holder.batch_execute("COMMIT").await.expect("commit");
+        };
+        let (response, ()) = tokio::join!(ingest.post("new", &body), commit_while_ingest_waits);
+        assert_eq!(response.status().as_u16(), 202, "at {isolation}");
+        assert_replayed(&response);
+        ingest.stop().await;
+    }
+}
+
 /// `ingest.commit_interval_ms`: after a commit of several readings, a small batch waits
 /// until the interval after that commit's start, unless every open connection already
 /// has its submission in it (a closed loop, which waiting could not add to).
