@@ -15,8 +15,12 @@
 //! stall at 3,600 readings/s one ran ingest up to 2,048 connections and 60 MiB
 //! (2026-12-01), where it otherwise stays under 35.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -27,6 +31,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +41,9 @@ use tower::ServiceExt;
 /// What one connection may take.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// A request head (or, between requests, the next one) must arrive within this.
+    /// A request head (or, between requests, the next one) must arrive within this; and
+    /// a client that takes none of an answer's bytes for this long is disconnected
+    /// (`WriteStall`).
     pub header_read_timeout: Duration,
     /// Largest request head (request line and headers); at least 8 KiB.
     pub max_header_bytes: usize,
@@ -234,6 +241,7 @@ impl Served {
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(limits.max_header_bytes.max(8192));
+            let stream = WriteStall::new(stream, limits.header_read_timeout);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let ended = tokio::select! {
@@ -254,5 +262,104 @@ impl Served {
                 tracing::debug!(%error, "connection ended with an error");
             }
         });
+    }
+}
+
+/// A connection's socket whose writes fail once the client has taken none of an answer's
+/// bytes for `limit`.
+///
+/// hyper times the arrival of a request head, not the sending of an answer: a client
+/// that sends requests and never reads the answers (its receive window full) would hold
+/// its connection, and one of the `max_connections` slots, forever, and a shutdown would
+/// wait for that answer forever. A write that stays pending for `limit` now fails, and
+/// hyper closes the connection. A client that reads, however slowly, makes progress and
+/// is not cut.
+struct WriteStall {
+    stream: tokio::net::TcpStream,
+    limit: Duration,
+    /// Armed when a write first found the socket full; dropped at the next progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteStall {
+    fn new(stream: tokio::net::TcpStream, limit: Duration) -> Self {
+        Self {
+            stream,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// What a write that `progress`ed or not answers: its own result when it made
+    /// progress (or failed), pending while the stall is shorter than `limit`, an error
+    /// once it is not.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        progress: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if progress.is_ready() {
+            self.stalled = None;
+            return progress;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of the answer within the header read timeout",
+            ))),
+        }
+    }
+}
+
+impl AsyncRead for WriteStall {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteStall {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let progress = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch(cx, progress)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let progress = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch(cx, progress)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let progress = Pin::new(&mut this.stream).poll_flush(cx);
+        this.watch(cx, progress)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let progress = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.watch(cx, progress)
     }
 }

@@ -1,7 +1,8 @@
 //! How every HTTP listener of the pipeline stops (`ingest::http::server::serve`, API.md
 //! §7 "finish what is in flight"), over raw TCP connections so that what a client sees
 //! on the wire is what is checked: a request already sent is answered, the answers say
-//! `Connection: close`, and a connection made after the stop began is refused.
+//! `Connection: close`, and a connection made after the stop began is refused; and a
+//! client that reads none of its answer is cut, so it holds neither a slot nor the stop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 const REQUEST: &str = "GET /reading HTTP/1.1\r\nHost: x\r\n\r\n";
 const SLOW_REQUEST: &str = "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n";
+const LARGE_REQUEST: &str = "GET /large HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// The size of `/large`'s answer: more than the sockets' buffers hold, so that a client
+/// that does not read it leaves the server's write pending.
+const LARGE: usize = 32 << 20;
 
 /// How long `/slow` takes to answer: longer than the linger, so that only a server that
 /// lets a request in progress finish answers it, and long enough to see what the server
@@ -61,6 +67,14 @@ struct Server {
 
 impl Server {
     async fn start(max_connections: usize) -> Self {
+        Self::start_with(ConnectionLimits {
+            max_connections,
+            ..ingest::connection_limits(&testkit::shipped_settings())
+        })
+        .await
+    }
+
+    async fn start_with(limits: ConnectionLimits) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let slow_started = Arc::new(Notify::new());
@@ -68,6 +82,7 @@ impl Server {
         let (started, finished) = (slow_started.clone(), slow_finished.clone());
         let router = Router::new()
             .route("/reading", get(|| async { "ok" }))
+            .route("/large", get(|| async { vec![b'x'; LARGE] }))
             .route(
                 "/slow",
                 get(move || async move {
@@ -77,10 +92,6 @@ impl Server {
                     "slow"
                 }),
             );
-        let limits = ConnectionLimits {
-            max_connections,
-            ..ingest::connection_limits(&testkit::shipped_settings())
-        };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve(listener, router, limits, shutdown.clone()));
         Self {
@@ -245,5 +256,44 @@ async fn a_connection_waiting_in_the_listen_backlog_when_the_stop_begins_is_serv
     assert!(served.says_close(), "{served:?}");
     closed_by_server(&mut waiting).await;
     closed_by_server(&mut first).await;
+    server.stopped().await;
+}
+
+/// A client that sends a request and reads none of the answer holds its connection only
+/// for the header read timeout: then the server closes it, so its slot serves others
+/// again, and a stop does not wait for that answer. (hyper times only the arrival of a
+/// request head; the write of an answer to a full socket was pending forever.)
+#[tokio::test]
+async fn a_client_that_reads_none_of_its_answer_is_disconnected_after_the_header_read_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let server = Server::start_with(ConnectionLimits {
+        max_connections: 1,
+        header_read_timeout: TIMEOUT,
+        ..ingest::connection_limits(&testkit::shipped_settings())
+    })
+    .await;
+    let stalled = || async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("small receive buffer");
+        let mut stream = socket.connect(server.address).await.expect("connect");
+        stream
+            .write_all(LARGE_REQUEST.as_bytes())
+            .await
+            .expect("write");
+        stream
+    };
+
+    // It holds the only slot; another client waits in the backlog until it is cut.
+    let _first = stalled().await;
+    let mut other = server.connect().await;
+    exchange(&mut other, REQUEST).await.assert_ok();
+    drop(other);
+
+    // And a stop begun while such a client holds a connection ends.
+    let _second = stalled().await;
+    tokio::time::sleep(TIMEOUT / 5).await;
+    server.shutdown.cancel();
     server.stopped().await;
 }
