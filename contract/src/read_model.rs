@@ -96,9 +96,23 @@ pub fn consumer_repair_lock_key(prefix: &str, consumer: &str) -> String {
     format!("{prefix}consumer-repair-lock:{consumer}")
 }
 
-/// Matches every key of one generation, for deleting it.
+/// Matches every key of one generation, for deleting it. The prefix is matched
+/// literally, whatever glob characters it holds.
 pub fn generation_pattern(prefix: &str, generation: u64) -> String {
-    format!("{prefix}g{generation}:*")
+    format!("{}g{generation}:*", glob_escaped(prefix))
+}
+
+/// `text` with Redis's glob characters escaped, to match it literally in a `SCAN` or
+/// `KEYS` pattern.
+pub fn glob_escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    escaped
 }
 
 /// The devices index of one generation: a small multi-version index, so that a walk
@@ -574,6 +588,13 @@ impl DeviceStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_is_matched_literally_in_a_pattern() {
+        assert_eq!(glob_escaped("t_abc:"), "t_abc:");
+        assert_eq!(glob_escaped(r"a*b?[c]\d"), r"a\*b\?\[c\]\\d");
+        assert_eq!(generation_pattern("app[1]:", 7), r"app\[1\]:g7:*");
+    }
 
     #[test]
     fn keys_of_one_device_share_a_hash_tag() {

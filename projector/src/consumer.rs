@@ -647,7 +647,8 @@ async fn newest_read_model_anchor(
     prefix: &str,
 ) -> redis::RedisResult<Option<(String, ConsumerAnchor)>> {
     let key_of = |consumer: &str| contract::read_model::consumer_anchor_key(prefix, consumer);
-    let pattern = contract::read_model::consumer_anchor_key(&glob_escaped(prefix), "*");
+    let pattern =
+        contract::read_model::consumer_anchor_key(&contract::read_model::glob_escaped(prefix), "*");
     let mut keys = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -695,18 +696,6 @@ pub(crate) async fn newest_anchored_sequence(
     Ok(newest_read_model_anchor(redis, prefix)
         .await?
         .map_or(0, |(_, anchor)| anchor.stream_sequence))
-}
-
-/// `text` with Redis's glob characters escaped, to match it literally in a pattern.
-fn glob_escaped(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for character in text.chars() {
-        if matches!(character, '*' | '?' | '[' | ']' | '\\') {
-            escaped.push('\\');
-        }
-        escaped.push(character);
-    }
-    escaped
 }
 
 /// Whether a consumer look-up failed because there is no such consumer.
@@ -1195,12 +1184,6 @@ mod tests {
                 "{found:?} at 42, stream from {first_sequence}"
             );
         }
-    }
-
-    #[test]
-    fn a_prefix_is_matched_literally_in_the_anchor_pattern() {
-        assert_eq!(glob_escaped("t_abc:"), "t_abc:");
-        assert_eq!(glob_escaped(r"a*b?[c]\d"), r"a\*b\?\[c\]\\d");
     }
 
     #[test]

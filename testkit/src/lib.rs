@@ -19,7 +19,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use contract::read_model::{
-    generation_pattern, live_generation, meta, meta_key, DeviceKeys, DeviceStats, LAYOUT,
+    generation_pattern, glob_escaped, live_generation, meta, meta_key, DeviceKeys, DeviceStats,
+    LAYOUT,
 };
 use contract::settings::Settings;
 use contract::subjects::Subjects;
@@ -323,7 +324,7 @@ async fn remove_resources(
         .get_multiplexed_async_connection()
         .await?;
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", settings.redis.prefix))
+        .arg(format!("{}*", glob_escaped(&settings.redis.prefix)))
         .query_async(&mut redis)
         .await?;
     if !keys.is_empty() {

@@ -234,6 +234,68 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
     );
 }
 
+/// A prefix may hold Redis's glob characters (`redis.prefix` refuses only braces): a
+/// rebuild still deletes every key of the generation it replaced, matching the prefix
+/// literally. Unescaped, `app[1]?:` matched none of them, and the whole replaced
+/// generation stayed in Redis for good (device hashes and index keys never expire).
+#[tokio::test]
+async fn a_rebuild_deletes_the_generation_it_replaced_whatever_glob_characters_the_prefix_holds() {
+    let mut env = TestEnv::new();
+    env.settings.redis.prefix = format!("{}app[1]?:", env.settings.redis.prefix);
+    let prefix = env.settings.redis.prefix.clone();
+    streams(&env).await;
+    env.set_live_generation(5).await;
+    let mut redis = connection(&env).await;
+    let generations = Generations::read(&mut redis, &prefix)
+        .await
+        .expect("meta read");
+    let batch = [Delivered {
+        event: event("sensor-1", now_ms(), &[("temperature", 20.0)]),
+        stream_sequence: 1,
+        stored_at: time::OffsetDateTime::now_utc(),
+    }];
+    let applied = direct_read_model(&env)
+        .apply_as_of(&mut redis, &generations, &batch, now_ms())
+        .await
+        .expect("apply");
+    assert!(matches!(applied, AsOf::Applied(_)), "{applied:?}");
+    // Listed with a pattern of the test's own, which escapes the prefix by hand.
+    let replaced = format!(
+        "{}g5:*",
+        prefix
+            .replace('[', "\\[")
+            .replace(']', "\\]")
+            .replace('?', "\\?")
+    );
+    let keys = |pattern: String| {
+        let env = &env;
+        async move {
+            redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async::<Vec<String>>(&mut env.redis().await)
+                .await
+                .expect("keys listed")
+        }
+    };
+    assert!(
+        !keys(replaced.clone()).await.is_empty(),
+        "generation 5 written"
+    );
+
+    let generation = start_rebuild(&env)
+        .await
+        .await
+        .expect("the rebuild task did not panic")
+        .expect("the rebuild succeeded");
+    assert_eq!(env.generation().await, Some(generation));
+    assert_ne!(generation, 5);
+    assert_eq!(
+        keys(replaced).await,
+        Vec::<String>::new(),
+        "generation 5 left behind"
+    );
+}
+
 /// A rebuild that begins while the live projectors' durable consumer is missing
 /// (deleted, or lost with the server's state) takes the newest consumer anchor as the
 /// floor: a projector makes the consumer again just past it, so what that consumer
