@@ -29,7 +29,7 @@
 -- Returns STALE alone when a guarded call finds those fields changed (nothing
 -- written). Otherwise one number per generation: k when the events were applied, 0
 -- when every one of them was applied before (then only updated_at and as_of_seq move:
--- the view is as of this delivery), -1 when some were and some were not. Then nothing
+-- the view is as of this delivery; and the ids are recorded again as of now), -1 when some were and some were not. Then nothing
 -- was written to that generation: the batch's figures include events it has, and the
 -- projector applies those events again one call each.
 
@@ -172,7 +172,7 @@ local function plan_generation(device, applied, buckets)
     return -1, nil
   end
   if present == k then
-    return 0, { device = device, header = touched(device) }
+    return 0, { device = device, header = touched(device), refreshed = applied }
   end
   local wanted = { 'h' }
   for j = 0, M - 1 do
@@ -233,6 +233,11 @@ local function write_generation(plan)
     if plan.header then
       redis.call('HSET', plan.device, 'h', plan.header)
     end
+    -- Delivered again: the ids are recorded as of now, and the set outlasts them by the
+    -- horizon, so an event delivered at least once a horizon stays recorded (a batch
+    -- retried whole while another device's call in its pipeline fails, however long).
+    record_applied(plan.refreshed)
+    redis.call('PEXPIRE', plan.refreshed, horizon + TRIM_STEP)
     return
   end
   record_applied(plan.applied)

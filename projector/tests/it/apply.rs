@@ -112,6 +112,56 @@ async fn a_batch_of_events_applied_before_and_new_ones_applies_only_the_new_ones
     }
 }
 
+/// An event stays recorded as applied as long as it keeps being delivered at least once
+/// a horizon. A pipeline in which one device's call fails (here a key of the wrong type;
+/// in production Redis past its `maxmemory`, say) is retried whole for as long as the
+/// failure lasts, and the other devices' events come back with every retry: each is
+/// found applied and now stays recorded. They used to expire a horizon after they were
+/// first recorded, and the next retry counted them again.
+#[tokio::test]
+async fn events_retried_beside_a_failing_device_past_the_horizon_count_once() {
+    const HORIZON_MS: i64 = 1_000;
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = ReadModel::new(env.settings.redis.prefix.clone(), HORIZON_MS);
+    let broken = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-2");
+    redis::cmd("SET")
+        .arg(&broken.buckets)
+        .arg("not a hash")
+        .query_async::<()>(&mut redis)
+        .await
+        .expect("set");
+    let now = now_ms();
+    let batch = delivered(&[
+        event("sensor-1", now, &[("temperature", 20.0)]),
+        event("sensor-2", now, &[("temperature", 30.0)]),
+    ]);
+    // Retried every 200 ms for three horizons, as the projector retries a batch whose
+    // pipeline failed (every few seconds, for a horizon of 15 minutes).
+    let retried_until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut tries = 0;
+    while std::time::Instant::now() < retried_until {
+        let result = model.apply(&mut redis, &[1], &batch, now_ms()).await;
+        assert!(result.is_err(), "sensor-2's call fails: {result:?}");
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (stats, _) = figures_in(&env, 1, "sensor-1").await;
+    assert_eq!(
+        stats.sample_count, 1,
+        "sensor-1's reading counted once over {tries} tries"
+    );
+    let expiry: i64 = redis::cmd("PTTL")
+        .arg(DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-1").applied)
+        .query_async(&mut redis)
+        .await
+        .expect("pttl");
+    assert!(
+        (0..=HORIZON_MS + HORIZON_MS / 10).contains(&expiry),
+        "the applied set still expires: {expiry} ms"
+    );
+}
+
 #[tokio::test]
 async fn two_generations_that_hold_different_events_each_get_exactly_what_they_lack() {
     let env = TestEnv::new();
