@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::telemetry::{admit, read_body, require_json, store_error, within_deadline};
+use super::telemetry::{admit, may_post, read_body, require_json, store_error, within_deadline};
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
 use crate::store::{NewReading, Outcome};
@@ -192,13 +192,17 @@ struct Aged {
 
 /// The results of the items that are invalid only for their age, by index: `duplicate`
 /// with the earlier `event_id` for the retry of a reading its device and key hold (after
-/// the same authorisation and rate limit as any item), `rejected` for the others, as a
-/// single POST answers them. One look-up for all of them, none when there are none.
+/// the same rate limit as any item), `rejected` for the others, as a single POST answers
+/// them: only the items of devices the token may post are looked up. One look-up for
+/// all of them, none when there are none.
 async fn answer_aged(
     state: &AppState,
     grant: Option<&Grant>,
     aged: Vec<(usize, Aged)>,
 ) -> Result<Vec<(usize, ItemResult)>, ApiError> {
+    let (aged, foreign): (Vec<_>, Vec<_>) = aged
+        .into_iter()
+        .partition(|(_, item)| may_post(grant, &item.reading.device_id));
     let retries: Vec<(&Reading, &str)> = aged
         .iter()
         .map(|(_, item)| (&item.reading, item.idempotency_key.as_str()))
@@ -208,7 +212,11 @@ async fn answer_aged(
         .replays_of_aged(&retries)
         .await
         .map_err(store_error)?;
-    let results = aged
+    let rejected = |index: usize, item: Aged| ItemResult::Rejected {
+        index,
+        error: invalid_reading(item.invalid),
+    };
+    let mut results: Vec<(usize, ItemResult)> = aged
         .into_iter()
         .zip(replays)
         .map(|((index, item), replay)| {
@@ -222,14 +230,16 @@ async fn answer_aged(
                         },
                     }
                 }
-                _ => ItemResult::Rejected {
-                    index,
-                    error: invalid_reading(item.invalid),
-                },
+                _ => rejected(index, item),
             };
             (index, result)
         })
         .collect();
+    results.extend(
+        foreign
+            .into_iter()
+            .map(|(index, item)| (index, rejected(index, item))),
+    );
     Ok(results)
 }
 

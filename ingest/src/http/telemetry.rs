@@ -62,7 +62,9 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
 /// The answer to a reading that is not valid: the `422`, unless only its age is wrong
 /// and it is the retry of a reading stored under this device and key while it was young
 /// (its `202` lost on the way, say); that retry gets the stored answer as any replay
-/// does, after the same authorisation and rate limit.
+/// does, after the same rate limit. Only a token that may post the device has what is
+/// stored looked up: any other gets the `422`, whatever is stored, so that its answer
+/// tells nothing of another device's readings.
 async fn replay_of_aged(
     state: &AppState,
     grant: Option<&Grant>,
@@ -72,6 +74,9 @@ async fn replay_of_aged(
     let Some(reading) = invalid.aged.take() else {
         return Err(ApiError::InvalidReading(invalid));
     };
+    if !may_post(grant, &reading.device_id) {
+        return Err(ApiError::InvalidReading(invalid));
+    }
     let replays = state
         .store
         .replays_of_aged(&[(&reading, idempotency_key)])
@@ -92,13 +97,19 @@ pub(super) fn admit(
     grant: Option<&Grant>,
     device_id: &str,
 ) -> Result<(), ApiError> {
-    if grant.is_some_and(|grant| !grant.may_ingest(device_id)) {
+    if !may_post(grant, device_id) {
         return Err(ApiError::Forbidden);
     }
     state
         .limiter
         .check(device_id)
         .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))
+}
+
+/// Whether the request's token (if authentication is on) allows posting readings of
+/// `device_id`.
+pub(super) fn may_post(grant: Option<&Grant>, device_id: &str) -> bool {
+    grant.is_none_or(|grant| grant.may_ingest(device_id))
 }
 
 /// Runs a request's `work` within `ingest.request_timeout_ms`, from its first step (the

@@ -444,7 +444,7 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
 
 /// API.md §5 holds for a retry whose `recorded_at` aged past the limit since its reading
 /// was stored: it gets the stored answer only with a token that may post its device, as
-/// any replay; another device's token gets `403 forbidden`.
+/// any replay; another device's token gets the age rule's `422`, whatever is stored.
 #[tokio::test]
 async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device() {
     let mut env = with_auth(0);
@@ -467,8 +467,42 @@ async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device()
     assert_eq!(first.status().as_u16(), 202);
 
     crate::telemetry_api::wait_until_aged(recorded_at).await;
-    let foreign = post_as(&ingest, Some(&other), "k-1", &stored).await;
-    assert_problem(foreign, 403, "forbidden").await;
+    // A token for another device learns nothing of what sensor-1 stored: its stored
+    // reading under its key and the same reading under a key never used get the same
+    // answer, the age rule's 422 (they used to get a 403 and a 422), single and batched.
+    let stored_key = post_as(&ingest, Some(&other), "k-1", &stored).await;
+    let stored_key = assert_problem(stored_key, 422, "invalid-reading").await;
+    let unused_key = post_as(&ingest, Some(&other), "k-2", &stored).await;
+    let unused_key = assert_problem(unused_key, 422, "invalid-reading").await;
+    assert_eq!(stored_key["errors"], unused_key["errors"]);
+    let item = |key: &str| {
+        let mut item = stored.clone();
+        item["idempotency_key"] = json!(key);
+        item
+    };
+    let batch = json!({"readings": [item("k-1"), item("k-2")]});
+    let batched = ingest
+        .json_request("/v1/telemetry/batch", None, batch.to_string())
+        .header("authorization", &other)
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(batched.status().as_u16(), 200);
+    let batched: Value = batched.json().await.expect("json");
+    let results = batched["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2);
+    for result in results {
+        assert_eq!(result["status"], "rejected", "{batched}");
+        assert!(
+            result["error"]["type"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("/problems/invalid-reading"),
+            "{batched}"
+        );
+    }
+    assert_eq!(results[0]["error"]["errors"], results[1]["error"]["errors"]);
+
     let retry = post_as(&ingest, Some(&own), "k-1", &stored).await;
     assert_eq!(retry.status().as_u16(), 202);
     assert_replayed(&retry);
