@@ -23,7 +23,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::LookUps;
 
 /// What a token allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,15 +90,15 @@ type Flights = Mutex<HashMap<TokenHash, Arc<Flight>>>;
 
 /// Verifies bearer tokens against the database, with a short-lived cache.
 pub struct Tokens {
-    pool: Pool,
+    look_ups: LookUps,
     cache: GrantCache,
     flights: Flights,
 }
 
 impl Tokens {
-    pub fn new(pool: Pool, ttl: Duration) -> Self {
+    pub fn new(look_ups: LookUps, ttl: Duration) -> Self {
         Self {
-            pool,
+            look_ups,
             cache: GrantCache::new(ttl, CACHE_MAX),
             flights: Mutex::default(),
         }
@@ -106,7 +106,7 @@ impl Tokens {
 
     /// The pool the tokens are read from, for a readiness check.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        self.look_ups.pool()
     }
 
     /// The grant of the request's `Authorization: Bearer` token.
@@ -142,21 +142,22 @@ impl Tokens {
     /// A look-up is given up half-way when the request it serves reaches its deadline (a
     /// session holding a lock on `api_tokens` makes it wait as long as the lock is held)
     /// or its client hangs up; its query is then cancelled rather than left on a pooled
-    /// connection for the next user to wait behind ([`db::cancel_if_given_up`]). The
+    /// connection for the next user to wait behind ([`crate::db::cancel_if_given_up`]). The
     /// flight the look-up ran for is not touched: a request still waiting on it runs the
-    /// look-up itself.
+    /// look-up itself. Look-ups hold at most the connections [`LookUps`] allows them.
     async fn look_up(&self, hash: &[u8; 32]) -> Result<Option<Grant>, AuthError> {
         metrics::counter!("auth_token_lookups_total").increment(1);
-        let pooled = self.pool.get().await.map_err(|_| AuthError::Unavailable)?;
-        let row = db::cancel_if_given_up(pooled, "token look-up", async |client| {
-            client
-                .query_opt(
-                    "SELECT kind, device_id FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
-                    &[&&hash[..]],
-                )
-                .await
-        })
-        .await;
+        let row = self
+            .look_ups
+            .run("token look-up", async |client| {
+                client
+                    .query_opt(
+                        "SELECT kind, device_id FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+                        &[&&hash[..]],
+                    )
+                    .await
+            })
+            .await;
         let row = row.map_err(|_| AuthError::Unavailable)?;
         Ok(row.and_then(|row| {
             let kind: String = row.get(0);

@@ -6,6 +6,7 @@
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,6 +14,7 @@ use contract::settings::{unusable_url, DatabaseSettings};
 use deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime,
 };
+use tokio::sync::Semaphore;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
@@ -183,6 +185,50 @@ fn session_settings() -> Hook {
             Ok(())
         })
     })
+}
+
+/// The look-ups made on a request's path (a token's grant, an aged retry's stored
+/// answer), on a pool they share with the group commit: at most the pool's size less
+/// `reserved` of them hold a connection at once, so however many look-ups wait (a flood
+/// of unknown tokens while a lock on `api_tokens` holds them up, say) the commits of
+/// requests whose tokens are cached still get their connections. Cheap to clone; clones
+/// share the limit.
+#[derive(Clone)]
+pub struct LookUps {
+    pool: Pool,
+    permits: Arc<Semaphore>,
+}
+
+impl LookUps {
+    /// Look-ups on `pool` that leave `reserved` of its connections (at least one for the
+    /// look-ups) to others.
+    pub fn new(pool: Pool, reserved: usize) -> Self {
+        let permits = pool.status().max_size.saturating_sub(reserved).max(1);
+        Self {
+            pool,
+            permits: Arc::new(Semaphore::new(permits)),
+        }
+    }
+
+    /// The pool the look-ups are made on.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Runs `statements` on a pooled connection once a look-up's turn came, through
+    /// [`cancel_if_given_up`] (`what` names them in its log).
+    pub async fn run<T, E>(
+        &self,
+        what: &'static str,
+        statements: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, E>,
+    ) -> anyhow::Result<T>
+    where
+        anyhow::Error: From<E>,
+    {
+        let _turn = self.permits.acquire().await?;
+        let pooled = self.pool.get().await?;
+        Ok(cancel_if_given_up(pooled, what, statements).await?)
+    }
 }
 
 /// Runs `statements` on the pooled connection `pooled`, which goes back to the pool once

@@ -87,6 +87,13 @@ pub async fn serve(
         Some(notifier),
         Some(open_connections.clone()),
     );
+    // Token look-ups share the pool with the group commit and leave it its connections.
+    let tokens = settings.auth.enabled.then(|| {
+        Arc::new(auth::Tokens::new(
+            store.look_ups().clone(),
+            Duration::from_secs(settings.auth.cache_ttl_secs),
+        ))
+    });
     let state = http::AppState {
         store,
         pool: pool.clone(),
@@ -98,12 +105,7 @@ pub async fn serve(
         max_body_bytes: settings.ingest.max_body_bytes,
         max_batch_body_bytes: settings.ingest.max_batch_body_bytes,
         request_timeout: settings.request_timeout(),
-        tokens: settings.auth.enabled.then(|| {
-            Arc::new(auth::Tokens::new(
-                pool.clone(),
-                Duration::from_secs(settings.auth.cache_ttl_secs),
-            ))
-        }),
+        tokens,
         schema_ready,
         limiter: Arc::new(limits::DeviceLimiter::new(
             settings.ingest.rate_limit_per_second,

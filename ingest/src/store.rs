@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::LookUps;
 use crate::http::server::OpenConnections;
 use crate::outbox_notify::{Notifier, Signal};
 use crate::pacing::Pacer;
@@ -197,8 +197,9 @@ pub struct Store {
     /// Unbounded in submissions: [`Room`] bounds the readings they hold.
     queue: mpsc::UnboundedSender<Pending>,
     room: Room,
-    /// For the look-ups of [`Store::replays_of_aged`], which commit nothing.
-    pool: Pool,
+    /// For the look-ups of [`Store::replays_of_aged`], which commit nothing; they leave
+    /// the commits `concurrency` connections of the pool.
+    look_ups: LookUps,
 }
 
 /// Limits of the group commit.
@@ -234,7 +235,7 @@ impl Store {
         let (queue, receiver) = mpsc::unbounded_channel();
         let room = Room::new(limits.queue_capacity);
         let (signal, notifier) = notifier.map(Notifier::start).unzip();
-        let lookups = pool.clone();
+        let look_ups = LookUps::new(pool.clone(), limits.concurrency);
         let dispatcher = tokio::spawn(async move {
             dispatch(pool, receiver, limits, signal, clients).await;
             // The dispatcher dropped the last signal: the notifier sends what it owes
@@ -246,9 +247,15 @@ impl Store {
         let store = Self {
             queue,
             room,
-            pool: lookups,
+            look_ups,
         };
         (store, dispatcher)
+    }
+
+    /// The look-ups on the commits' pool, which leave the commits their connections:
+    /// the token look-ups share them ([`crate::auth::Tokens::new`]).
+    pub fn look_ups(&self) -> &LookUps {
+        &self.look_ups
     }
 
     /// Writes one reading (or finds its earlier answer); waits for the commit.
@@ -305,14 +312,12 @@ impl Store {
             .unzip();
         // Given up at the request's deadline (a lock on the keys holds it up), the
         // statement is cancelled, not left on a pooled connection.
-        let looked_up: anyhow::Result<_> = async {
-            let pooled = self.pool.get().await?;
-            db::cancel_if_given_up(pooled, "look-up of aged retries", async |client| {
+        let looked_up = self
+            .look_ups
+            .run("look-up of aged retries", async |client| {
                 look_up(client, &devices, &keys).await
             })
-            .await
-        }
-        .await;
+            .await;
         let stored = looked_up.map_err(|error| {
             let size = aged.len();
             tracing::warn!(

@@ -58,7 +58,10 @@ pub async fn serve(
     let tokens = if settings.auth.enabled {
         let pool = ingest::db::pool(&settings.database)?;
         let ttl = std::time::Duration::from_secs(settings.auth.cache_ttl_secs);
-        Some(std::sync::Arc::new(ingest::auth::Tokens::new(pool, ttl)))
+        Some(std::sync::Arc::new(ingest::auth::Tokens::new(
+            ingest::db::LookUps::new(pool, 0),
+            ttl,
+        )))
     } else {
         None
     };

@@ -1,7 +1,7 @@
 //! Who may post (API.md §5): every row — missing, malformed, unknown, revoked, another
 //! device's token, a gateway token, a read token used for ingest.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ingest::auth::{issue, revoke, Kind};
 use serde_json::{json, Value};
@@ -321,6 +321,65 @@ async fn answer_and_time(request: reqwest::RequestBuilder) -> (reqwest::Response
             started.elapsed()
         ),
     }
+}
+
+/// Token look-ups share ingest's pool with the group commit but hold at most its size
+/// less `ingest.commit_concurrency` connections: a flood of unknown tokens whose look-ups
+/// wait (here on a lock on `api_tokens`) leaves the commit of a request whose token is
+/// cached its connection. The look-ups used to take the whole pool, and that request got
+/// a 503 once its commit had waited the pool's 2 s for a connection.
+#[tokio::test]
+async fn look_ups_of_unknown_tokens_leave_the_group_commit_its_connections() {
+    let mut env = with_auth(60);
+    env.settings.database.pool_size = 4;
+    let look_ups_allowed = 4 - env.settings.ingest.commit_concurrency as i64;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (pool, _, authorization) = gateway_token(&env.settings).await;
+    let cached = post_as(&ingest, Some(&authorization), "k-0", &reading("d", 1.0)).await;
+    assert_eq!(cached.status().as_u16(), 202, "the token's grant cached");
+    let watcher = pool.get().await.expect("connection");
+    let mut blocker = pool.get().await.expect("connection");
+    let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
+
+    let flood = futures::future::join_all((0..8).map(|i| {
+        let ingest = &ingest;
+        async move {
+            let unknown = format!("Bearer tp_{i:064}");
+            let key = format!("u-{i}");
+            post_as(ingest, Some(&unknown), &key, &reading("d", 1.0))
+                .await
+                .status()
+                .as_u16()
+        }
+    }));
+    let meanwhile = async {
+        eventually(Duration::from_secs(5), "look-ups waiting", || async {
+            (testkit::lock_waiters(&watcher, "api_tokens").await > 0).then_some(())
+        })
+        .await;
+        // Every request has arrived long before this on loopback; each would have taken
+        // a connection for its look-up by now, were it let.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let waiting = testkit::lock_waiters(&watcher, "api_tokens").await;
+        let started = Instant::now();
+        let response = post_as(&ingest, Some(&authorization), "k-1", &reading("d", 2.0)).await;
+        let status = response.status().as_u16();
+        let took = started.elapsed();
+        lock.rollback().await.expect("released");
+        (waiting, status, took)
+    };
+    let (flooded, (waiting, status, took)) = tokio::join!(flood, meanwhile);
+    assert_eq!(
+        status, 202,
+        "the cached token's reading, answered after {took:?}"
+    );
+    assert_eq!(waiting, look_ups_allowed, "look-ups holding a connection");
+    assert_eq!(
+        flooded,
+        vec![401; 8],
+        "the unknown tokens, once the lock went"
+    );
+    ingest.stop().await;
 }
 
 /// Asserts a `503 unavailable` with `Retry-After` that came within `limit`.
