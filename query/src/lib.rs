@@ -71,6 +71,9 @@ pub async fn serve(
         metrics,
         tokens,
         request_timeout: settings.query_request_timeout(),
+        max_future_ms: i64::try_from(settings.ingest.max_future_secs)
+            .unwrap_or(i64::MAX / 2_000)
+            .saturating_mul(1_000),
     };
     tracing::info!(address = %listener.local_addr()?, "query listening");
     let limits = ingest::connection_limits(&settings);

@@ -355,7 +355,11 @@ pub async fn series(
         return Err(invalid("from", "must not be after to"));
     }
     let first = resolution.bucket(from).max(resolution.oldest_kept(now_ms));
-    let last = resolution.bucket(to).min(resolution.bucket(now_ms) + 1);
+    // No bucket past the latest a reading may be dated in holds anything (one more for
+    // the clocks of ingest's and this host); stopping there bounds the read whatever
+    // `to` says.
+    let latest = now_ms.saturating_add(state.max_future_ms);
+    let last = resolution.bucket(to).min(resolution.bucket(latest) + 1);
     let points = if first > last {
         if state
             .read_model

@@ -30,6 +30,9 @@ pub struct AppState {
     /// Longest time an API request may take, its token look-up included
     /// (`query.request_timeout_ms`).
     pub request_timeout: Duration,
+    /// How far ahead of now a reading may be dated (`ingest.max_future_secs`), in ms: a
+    /// series reads no bucket past now plus this, since none can hold a reading.
+    pub max_future_ms: i64,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -277,3 +277,56 @@ async fn the_series_of_an_unknown_device_is_a_404_whatever_the_range() {
     );
     query.stop().await;
 }
+
+/// Ingest accepts readings dated up to `ingest.max_future_secs` (5 min) ahead, and the
+/// projector keeps their buckets: a series whose `to` reaches them shows them. The
+/// range used to end one bucket past now, and a reading from a device whose clock ran
+/// two minutes fast was left out of its series while `/stats` counted it.
+#[tokio::test]
+async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reaches_it() {
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    let now = unix_millis(OffsetDateTime::now_utc());
+    let ahead = now + 120_000;
+    let event = TelemetryRecorded::new(
+        Uuid::now_v7(),
+        "series-1".to_owned(),
+        from_unix_millis(ahead).expect("in range"),
+        OffsetDateTime::now_utc(),
+        BTreeMap::from([("temperature".to_owned(), 21.0)]),
+    );
+    publish(
+        &env.subjects,
+        jetstream,
+        &event,
+        &event.event_id.to_string(),
+    )
+    .await;
+    eventually(DEADLINE, "the reading projected", || async {
+        let (status, stats) = query.stats("series-1", "").await;
+        (status == 200 && stats["sample_count"] == 1).then_some(())
+    })
+    .await;
+    let limit = env.settings.ingest.max_future_secs as i64 * 1000;
+    let reaching = range(now - 60_000, now + limit);
+    let fine = ahead.div_euclid(TEN_SECONDS) * TEN_SECONDS;
+    assert_eq!(
+        series(query, &format!("metric=temperature&{reaching}")).await,
+        vec![(fine, 1, 21.0, 21.0, 21.0)]
+    );
+    let coarse = ahead.div_euclid(FIVE_MINUTES) * FIVE_MINUTES;
+    assert_eq!(
+        series(
+            query,
+            &format!("metric=temperature&resolution=5m&{reaching}")
+        )
+        .await,
+        vec![(coarse, 1, 21.0, 21.0, 21.0)]
+    );
+    // Far past the limit, `to` still reads a bounded range.
+    let far = range(now - 60_000, now + 400 * 86_400_000);
+    assert_eq!(
+        series(query, &format!("metric=temperature&{far}")).await,
+        vec![(fine, 1, 21.0, 21.0, 21.0)]
+    );
+}
