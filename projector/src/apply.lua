@@ -15,8 +15,7 @@
 --
 -- KEYS     per generation, 3 keys: device hash, applied-events set, buckets hash; then,
 --          in a guarded call (guard.lua), the meta hash
--- ARGV[1]  now, ms since the epoch, as text (the applied set's score)
--- ARGV[2]  packed call header, 11 doubles: now, dedup horizon (ms), oldest 10 s bucket
+-- ARGV[1]  packed call header, 11 doubles: now, dedup horizon (ms), oldest 10 s bucket
 --          kept, oldest 5 min bucket kept, buckets hash expiry (ms), k events, first and
 --          last recorded_at (ms), highest stream sequence, M metrics, B bucket fields
 -- then     k event ids
@@ -34,12 +33,20 @@
 -- projector applies those events again one call each.
 
 local pack, unpack_packed = struct.pack, struct.unpack
-local call = { unpack_packed('<ddddddddddd', ARGV[2]) }
+local call = { unpack_packed('<ddddddddddd', ARGV[1]) }
 local now, horizon, oldest_fine, oldest_coarse, buckets_ttl = call[1], call[2], call[3], call[4], call[5]
+-- The applied sets are kept by Redis's clock, not by the projector's `now`: every
+-- projector (on hosts whose clocks may differ) records, trims and renews them on one
+-- clock. A projector whose clock ran a minute fast used to set a device's next trim a
+-- minute ahead, so that the others never renewed the set's expiry and it expired under
+-- ids they had recorded moments before, and their redeliveries counted twice.
+local clock = redis.call('TIME')
+local applied_now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local APPLIED_SCORE = string.format('%.0f', applied_now)
 -- The applied set is trimmed to the horizon this often (a tenth of it).
 local TRIM_STEP = math.floor(horizon / 10)
 local k, first_in, last_in, seq_in, M, B = call[6], call[7], call[8], call[9], call[10], call[11]
-local IDS = 3
+local IDS = 2
 local METRICS = IDS + k
 local BUCKETS = METRICS + 2 * M
 local GENERATION_KEYS = #KEYS - #KEYS % 3
@@ -98,7 +105,7 @@ end
 local function record_applied(applied)
   local entries = {}
   for i = IDS, METRICS - 1 do
-    entries[#entries + 1] = ARGV[1]
+    entries[#entries + 1] = APPLIED_SCORE
     entries[#entries + 1] = ARGV[i]
   end
   call_chunked('ZADD', applied, entries, 1, #entries)
@@ -219,9 +226,9 @@ local function plan_generation(device, applied, buckets)
   end
   -- The applied set is trimmed to the horizon a tenth of the horizon at a time; its
   -- expiry then outlasts every id recorded until the next trim by the horizon.
-  if now >= trim_at then
+  if applied_now >= trim_at then
     plan.trim = true
-    trim_at = now + TRIM_STEP
+    trim_at = applied_now + TRIM_STEP
   end
   writes[2] = pack('<ddddddd', first, last, count + k, seq, now, trim_at, pruned)
   return k, plan
@@ -248,7 +255,7 @@ local function write_generation(plan)
     end
   end
   if plan.trim then
-    redis.call('ZREMRANGEBYSCORE', plan.applied, '-inf', now - horizon)
+    redis.call('ZREMRANGEBYSCORE', plan.applied, '-inf', applied_now - horizon)
     redis.call('PEXPIRE', plan.applied, horizon + TRIM_STEP)
   end
   call_chunked('HSET', plan.device, plan.writes, 1, #plan.writes)

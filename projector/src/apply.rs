@@ -148,9 +148,8 @@ impl<'a> DeviceFold<'a> {
             self.buckets.len() as f64,
         ]);
         let mut arguments = Vec::with_capacity(
-            2 + self.event_ids.len() + 2 * (self.metrics.len() + self.buckets.len()),
+            1 + self.event_ids.len() + 2 * (self.metrics.len() + self.buckets.len()),
         );
-        arguments.push(now_ms.to_string().into_bytes());
         arguments.push(header);
         arguments.extend(self.event_ids.iter().map(|id| id.to_vec()));
         for (name, figures) in &self.metrics {
@@ -603,15 +602,14 @@ mod tests {
         let events = [delivered(NOW - 1_000, 1, &[("temperature", 20.0)])];
         let references: Vec<&Delivered> = events.iter().collect();
         let arguments = DeviceFold::of(&references, NOW).arguments(NOW, 900_000);
-        assert_eq!(arguments[0], NOW.to_string().into_bytes());
-        assert_eq!(arguments[1].len(), 11 * 8);
-        assert_eq!(arguments[2].len(), 16, "the event id's bytes");
-        assert_eq!(arguments[3], b"m:temperature");
+        assert_eq!(arguments[0].len(), 11 * 8);
+        assert_eq!(arguments[1].len(), 16, "the event id's bytes");
+        assert_eq!(arguments[2], b"m:temperature");
         assert_eq!(
-            MetricStats::from_bytes(&arguments[4]),
+            MetricStats::from_bytes(&arguments[3]),
             Some(MetricStats::of(20.0, NOW - 1_000))
         );
-        assert_eq!(arguments.len(), 5 + 2 * 2, "two bucket fields");
+        assert_eq!(arguments.len(), 4 + 2 * 2, "two bucket fields");
     }
 
     #[test]

@@ -162,6 +162,47 @@ async fn events_retried_beside_a_failing_device_past_the_horizon_count_once() {
     );
 }
 
+/// The applied sets are kept by Redis's clock, not by the clock of the projector that
+/// writes: one whose clock runs ahead (another host's) no longer shortens the horizon for
+/// the others. It used to set the device's next trim a minute ahead, so a projector with
+/// the right clock never renewed the set's expiry, the set expired a horizon after the
+/// fast one's write, and a redelivery of an event recorded moments before counted twice.
+#[tokio::test]
+async fn a_projector_whose_clock_runs_ahead_does_not_shorten_the_others_dedup_horizon() {
+    const HORIZON_MS: i64 = 1_000;
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = ReadModel::new(env.settings.redis.prefix.clone(), HORIZON_MS);
+    let now = now_ms();
+    let events = delivered(&[
+        event("sensor-1", now, &[("temperature", 1.0)]),
+        event("sensor-1", now + 1, &[("temperature", 2.0)]),
+    ]);
+    // A projector whose clock runs a minute ahead applies the first event.
+    model
+        .apply(&mut redis, &[1], &events[..1], now_ms() + 60_000)
+        .await
+        .expect("apply");
+    // One with the right clock applies the second, then gets it again (a redelivery),
+    // each within the horizon of the one before, and past the horizon of the first.
+    let pause = std::time::Duration::from_millis(HORIZON_MS as u64 * 7 / 10);
+    tokio::time::sleep(pause).await;
+    model
+        .apply(&mut redis, &[1], &events[1..], now_ms())
+        .await
+        .expect("apply");
+    tokio::time::sleep(pause).await;
+    let again = model
+        .apply(&mut redis, &[1], &events[1..], now_ms())
+        .await
+        .expect("apply");
+    let (stats, _) = figures_in(&env, 1, "sensor-1").await;
+    assert_eq!(
+        stats.sample_count, 2,
+        "the redelivery counted once: {again:?}"
+    );
+}
+
 #[tokio::test]
 async fn two_generations_that_hold_different_events_each_get_exactly_what_they_lack() {
     let env = TestEnv::new();
