@@ -420,7 +420,12 @@ impl ReadModel {
             .tracked
             .as_ref()
             .and_then(|tracked| tracked.begin(device_id));
+        // MULTI/EXEC: the reads run at one instant. A plain pipeline's commands run one
+        // by one, and Redis may run another client's between them (it reads a client's
+        // bytes as they arrive): a reading applied between the device hash and its
+        // buckets showed in the windows and not in the all-time figures.
         let mut read = redis::pipe();
+        read.atomic();
         if ticket.is_some() {
             // Whatever connection carries this read tracks it (a reconnect starts
             // untracked); turning it on again is a no-op.
@@ -446,6 +451,7 @@ impl ReadModel {
         }
         self.last_generation.store(generation, Ordering::Relaxed);
         let mut read = redis::pipe();
+        read.atomic();
         device_read(&mut read, generation);
         let value: T = read.query_async(&mut redis).await?;
         Ok((validity_of(generation, &value), value))

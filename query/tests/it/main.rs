@@ -9,6 +9,7 @@ mod end_to_end;
 mod errors;
 mod fuzz;
 mod metrics;
+mod one_instant;
 mod openapi;
 mod read_model;
 mod series;

@@ -1,0 +1,179 @@
+//! `/stats` reads a device's hash and its buckets hash at one instant. Sent as one
+//! pipeline, the reads still run one by one, and Redis may run another client's command
+//! between them (it reads a client's bytes as they arrive): a reading applied in between
+//! showed in the windows and not in the all-time figures of the same document.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use contract::event::TelemetryRecorded;
+use contract::read_model::DeviceKeys;
+use contract::timestamp::{from_unix_millis, unix_millis};
+use projector::apply::{Delivered, ReadModel};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use testkit::TestEnv;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::support::{one_projected_reading, Query};
+
+/// What an armed proxy waits for, and how it says so and is let go on.
+struct Hold {
+    marker: Vec<u8>,
+    held: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+}
+
+/// A TCP proxy in front of Redis, on threads of its own, that, once armed, forwards what
+/// a client sends up to the first command naming the marker and holds the rest until
+/// released.
+struct HoldingProxy {
+    address: std::net::SocketAddr,
+    armed: Arc<Mutex<Option<Hold>>>,
+}
+
+impl HoldingProxy {
+    fn start(redis: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = listener.local_addr().expect("address");
+        let armed: Arc<Mutex<Option<Hold>>> = Arc::default();
+        let shared = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let mut server = TcpStream::connect(redis).expect("redis reachable");
+                let (mut to_client, mut from_server) = (
+                    client.try_clone().expect("clone"),
+                    server.try_clone().expect("clone"),
+                );
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                });
+                let armed = shared.clone();
+                std::thread::spawn(move || {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let read = match client.read(&mut buffer) {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => read,
+                        };
+                        let bytes = &buffer[..read];
+                        let hold = {
+                            let mut armed = armed.lock().expect("lock");
+                            let found = armed.as_ref().and_then(|hold| {
+                                bytes
+                                    .windows(hold.marker.len())
+                                    .position(|window| window == hold.marker)
+                            });
+                            found.and_then(|at| Some((at, armed.take()?)))
+                        };
+                        let Some((at, hold)) = hold else {
+                            if server.write_all(bytes).is_err() {
+                                return;
+                            }
+                            continue;
+                        };
+                        // The command naming the marker begins at the `*` of its RESP
+                        // array, the last one before the marker.
+                        let start = bytes[..at]
+                            .windows(3)
+                            .rposition(|window| window == b"\r\n*")
+                            .map_or(0, |position| position + 2);
+                        if server.write_all(&bytes[..start]).is_err() {
+                            return;
+                        }
+                        let _ = hold.held.send(());
+                        let _ = hold.release.recv_timeout(Duration::from_secs(30));
+                        if server.write_all(&bytes[start..]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { address, armed }
+    }
+
+    /// Holds the next command naming `marker`: `held` says when the bytes before it went
+    /// to Redis, and the rest follows once `release` sends.
+    fn arm(&self, marker: &str) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (held, held_signal) = mpsc::channel();
+        let (release_signal, release) = mpsc::channel();
+        *self.armed.lock().expect("lock") = Some(Hold {
+            marker: marker.as_bytes().to_vec(),
+            held,
+            release,
+        });
+        (held_signal, release_signal)
+    }
+}
+
+/// A reading applied while `/stats` reads the device shows in all of the document or in
+/// none of it: the all-time count and the 1 h window's (both readings are within the
+/// hour) agree.
+#[tokio::test]
+async fn a_reading_applied_between_the_reads_of_one_stats_request_shows_in_all_of_it_or_none() {
+    let env = TestEnv::new();
+    one_projected_reading(&env, "d-1").await;
+    let redis: std::net::SocketAddr = env
+        .settings
+        .redis
+        .url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis url is an address");
+    let proxy = HoldingProxy::start(redis);
+    let mut settings = env.settings.clone();
+    settings.redis.url = format!("redis://{}", proxy.address);
+    let query = Query::spawn(&settings).await;
+
+    let buckets = DeviceKeys::new(&env.settings.redis.prefix, 1, "d-1").buckets;
+    let (held, release) = proxy.arm(&buckets);
+    let meanwhile = async {
+        tokio::task::spawn_blocking(move || held.recv_timeout(Duration::from_secs(10)))
+            .await
+            .expect("the wait did not panic")
+            .expect("the read of the buckets reached the proxy");
+        apply_another_reading(&env).await;
+        let _ = release.send(());
+    };
+    let ((status, document), ()) = tokio::join!(query.stats("d-1", ""), meanwhile);
+    assert_eq!(status, 200, "{document}");
+    let temperature = &document["metrics"]["temperature"];
+    assert_eq!(
+        temperature["count"], temperature["windows"]["1h"]["count"],
+        "one instant: {document}"
+    );
+    assert_eq!(document["sample_count"], temperature["count"], "{document}");
+    query.stop().await;
+}
+
+/// A second reading of `d-1` in generation 1, applied as a projector applies it.
+async fn apply_another_reading(env: &TestEnv) {
+    let now = OffsetDateTime::now_utc();
+    let event = TelemetryRecorded::new(
+        Uuid::now_v7(),
+        "d-1".to_owned(),
+        from_unix_millis(unix_millis(now) - 500).expect("in range"),
+        now,
+        BTreeMap::from([("temperature".to_owned(), 30.0)]),
+    );
+    let applied = ReadModel::new(env.settings.redis.prefix.clone(), 60_000)
+        .apply(
+            &mut env.redis().await,
+            &[1],
+            &[Delivered {
+                event,
+                stream_sequence: 2,
+                stored_at: now,
+            }],
+            unix_millis(now),
+        )
+        .await
+        .expect("applied");
+    assert_eq!(applied.applied, 1);
+}
