@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 
 use crate::relay::{spawn_projector, spawn_relay};
-use crate::support::{assert_problem, count, reading, Ingest};
+use crate::support::{assert_problem, count, hold_key_copied, reading, Ingest};
 use crate::telemetry_api::{two_seconds_ago, wait_until_aged, SHORT_MAX_AGE_SECS};
 
 fn item(key: &str, device: &str, temperature: f64) -> Value {
@@ -379,17 +379,7 @@ async fn a_look_up_that_fails_after_the_commit_still_answers_what_it_stored() {
     ingest.accept("old", &reading("gw-1", 5.0)).await;
     let db = env.postgres().await;
     // An open insert of the new key: ingest's statement waits for it.
-    let holder = env.postgres().await;
-    holder
-        .batch_execute(
-            "BEGIN;
-             INSERT INTO idempotency_keys
-                 (device_id, idempotency_key, fingerprint, event_id, status_code, response_body)
-             SELECT device_id, 'new', fingerprint, gen_random_uuid(), status_code, response_body
-             FROM idempotency_keys WHERE idempotency_key = 'old'",
-        )
-        .await
-        .expect("the new key held by an open transaction");
+    let holder = hold_key_copied(&env, "old", "new").await;
     let waiting = |text: &'static str| {
         let db = &db;
         async move { testkit::lock_waiter_pids(db, text).await.first().copied() }

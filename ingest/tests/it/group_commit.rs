@@ -15,7 +15,8 @@ use testkit::{eventually, TestEnv};
 use time::OffsetDateTime;
 
 use crate::support::{
-    assert_problem, assert_replayed, batch_body, count, migrate, reading as posted_reading, Ingest,
+    assert_problem, assert_replayed, batch_body, count, hold_key_copied, migrate,
+    reading as posted_reading, Ingest,
 };
 
 fn reading(device: usize, temperature: f64) -> Reading {
@@ -153,17 +154,7 @@ async fn a_key_stored_meanwhile_by_another_transaction_is_a_replay_whatever_the_
         ingest.accept("old", &body).await;
         // Another transaction stores key `new` for the same reading, and commits while
         // ingest's insert of that key waits for it.
-        let holder = env.postgres().await;
-        holder
-            .batch_execute(
-                "BEGIN;
-                 INSERT INTO idempotency_keys
-                     (device_id, idempotency_key, fingerprint, event_id, status_code, response_body)
-                 SELECT device_id, 'new', fingerprint, gen_random_uuid(), status_code, response_body
-                 FROM idempotency_keys WHERE idempotency_key = 'old'",
-            )
-            .await
-            .expect("the new key held by an open transaction");
+        let holder = hold_key_copied(&env, "old", "new").await;
         let commit_while_ingest_waits = async {
             eventually(
                 Duration::from_secs(10),

@@ -177,6 +177,27 @@ pub fn reading(device: &str, temperature: f64) -> Value {
 
 pub use testkit::assert_problem;
 
+/// A session whose open transaction stores key `new` of the device of stored key `old`
+/// with `old`'s reading and answer: an insert of `new` by ingest waits for it to end.
+pub async fn hold_key_copied(
+    env: &testkit::TestEnv,
+    old: &str,
+    new: &str,
+) -> tokio_postgres::Client {
+    let holder = env.postgres().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO idempotency_keys
+                 (device_id, idempotency_key, fingerprint, event_id, status_code, response_body)
+             SELECT device_id, '{new}', fingerprint, gen_random_uuid(), status_code, response_body
+             FROM idempotency_keys WHERE idempotency_key = '{old}'"
+        ))
+        .await
+        .expect("the new key held by an open transaction");
+    holder
+}
+
 /// Applies the migrations to the test's database (creating it).
 pub async fn migrate(env: &testkit::TestEnv) {
     ingest::db::migrate(&env.settings.database)

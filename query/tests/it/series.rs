@@ -58,6 +58,38 @@ async fn series(query: &Query, parameters: &str) -> Vec<Point> {
     points_of(&body)
 }
 
+/// Publishes a reading of `series-1` recorded at `recorded_ms` with `metrics`.
+async fn publish_reading(
+    env: &TestEnv,
+    jetstream: &async_nats::jetstream::Context,
+    recorded_ms: i64,
+    metrics: BTreeMap<String, f64>,
+) {
+    let event = TelemetryRecorded::new(
+        Uuid::now_v7(),
+        "series-1".to_owned(),
+        from_unix_millis(recorded_ms).expect("in range"),
+        OffsetDateTime::now_utc(),
+        metrics,
+    );
+    publish(
+        &env.subjects,
+        jetstream,
+        &event,
+        &event.event_id.to_string(),
+    )
+    .await;
+}
+
+/// Waits until `series-1` counts `samples` readings.
+async fn projected(query: &Query, samples: u64) {
+    eventually(DEADLINE, "the readings projected", || async {
+        let (status, stats) = query.stats("series-1", "").await;
+        (status == 200 && stats["sample_count"] == samples).then_some(())
+    })
+    .await;
+}
+
 /// `from=…&to=…` for the instants `from_ms` and `to_ms`.
 fn range(from_ms: i64, to_ms: i64) -> String {
     format!(
@@ -90,26 +122,9 @@ async fn series_points_are_the_buckets_of_the_readings_oldest_first_within_from_
         if let Some(humidity) = humidity {
             metrics.insert("humidity".to_owned(), humidity);
         }
-        let event = TelemetryRecorded::new(
-            Uuid::now_v7(),
-            "series-1".to_owned(),
-            from_unix_millis(base + offset).expect("in range"),
-            OffsetDateTime::now_utc(),
-            metrics,
-        );
-        publish(
-            &env.subjects,
-            jetstream,
-            &event,
-            &event.event_id.to_string(),
-        )
-        .await;
+        publish_reading(env, jetstream, base + offset, metrics).await;
     }
-    eventually(DEADLINE, "the seven readings projected", || async {
-        let (status, stats) = query.stats("series-1", "").await;
-        (status == 200 && stats["sample_count"] == 7).then_some(())
-    })
-    .await;
+    projected(query, 7).await;
 
     // Worked out by hand from the readings above.
     let fine_temperature: Vec<Point> = vec![
@@ -288,25 +303,9 @@ async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reach
     let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
     let now = unix_millis(OffsetDateTime::now_utc());
     let ahead = now + 120_000;
-    let event = TelemetryRecorded::new(
-        Uuid::now_v7(),
-        "series-1".to_owned(),
-        from_unix_millis(ahead).expect("in range"),
-        OffsetDateTime::now_utc(),
-        BTreeMap::from([("temperature".to_owned(), 21.0)]),
-    );
-    publish(
-        &env.subjects,
-        jetstream,
-        &event,
-        &event.event_id.to_string(),
-    )
-    .await;
-    eventually(DEADLINE, "the reading projected", || async {
-        let (status, stats) = query.stats("series-1", "").await;
-        (status == 200 && stats["sample_count"] == 1).then_some(())
-    })
-    .await;
+    let temperature = BTreeMap::from([("temperature".to_owned(), 21.0)]);
+    publish_reading(env, jetstream, ahead, temperature).await;
+    projected(query, 1).await;
     let limit = env.settings.ingest.max_future_secs as i64 * 1000;
     let reaching = range(now - 60_000, now + limit);
     let fine = ahead.div_euclid(TEN_SECONDS) * TEN_SECONDS;
