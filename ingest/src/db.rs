@@ -215,8 +215,9 @@ impl LookUps {
         &self.pool
     }
 
-    /// Runs `statements` on a pooled connection once a look-up's turn came, through
-    /// [`cancel_if_given_up`] (`what` names them in its log).
+    /// Runs `statements` on a pooled connection once a look-up's turn came (waiting for
+    /// it as long as the pool waits for a connection), through [`cancel_if_given_up`]
+    /// (`what` names them in its log).
     pub async fn run<T, E>(
         &self,
         what: &'static str,
@@ -225,7 +226,15 @@ impl LookUps {
     where
         anyhow::Error: From<E>,
     {
-        let _turn = self.permits.acquire().await?;
+        // As long as the pool's own wait for a connection, then a 503 as that would be.
+        let wait = self.pool.timeouts().wait;
+        let turn = self.permits.acquire();
+        let _turn = match wait {
+            Some(wait) => tokio::time::timeout(wait, turn)
+                .await
+                .map_err(|_| anyhow::anyhow!("no turn for a look-up within {wait:?}"))??,
+            None => turn.await?,
+        };
         let pooled = self.pool.get().await?;
         Ok(cancel_if_given_up(pooled, what, statements).await?)
     }
