@@ -329,3 +329,33 @@ async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reach
         vec![(fine, 1, 21.0, 21.0, 21.0)]
     );
 }
+
+/// However far ahead `ingest.max_future_secs` lets readings be dated, a series reads at
+/// most one retention of buckets past now (1 h 5 min of 10 s buckets, 24 h 15 min of
+/// 5 min ones), so that one request's read stays bounded: a reading two hours ahead is in
+/// the 5 min series and not in the 10 s one.
+#[tokio::test]
+async fn a_series_reads_at_most_a_retention_ahead_whatever_the_future_limit() {
+    let side = ReadSide::start_with(|settings| settings.ingest.max_future_secs = 2 * 86_400).await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    let now = unix_millis(OffsetDateTime::now_utc());
+    let ahead = now + 2 * 3_600_000;
+    let temperature = BTreeMap::from([("temperature".to_owned(), 21.0)]);
+    publish_reading(env, jetstream, ahead, temperature).await;
+    projected(query, 1).await;
+    let reaching = range(now - 60_000, now + 3 * 3_600_000);
+    assert_eq!(
+        series(query, &format!("metric=temperature&{reaching}")).await,
+        vec![],
+        "10 s buckets past 1 h 5 min ahead are not read"
+    );
+    let coarse = ahead.div_euclid(FIVE_MINUTES) * FIVE_MINUTES;
+    assert_eq!(
+        series(
+            query,
+            &format!("metric=temperature&resolution=5m&{reaching}")
+        )
+        .await,
+        vec![(coarse, 1, 21.0, 21.0, 21.0)]
+    );
+}
