@@ -3,22 +3,15 @@
 //! between them (it reads a client's bytes as they arrive): a reading applied in between
 //! showed in the windows and not in the all-time figures of the same document.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use contract::event::TelemetryRecorded;
-use contract::read_model::DeviceKeys;
-use contract::timestamp::{from_unix_millis, unix_millis};
-use projector::apply::{Delivered, ReadModel};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc;
-use testkit::TestEnv;
-use time::OffsetDateTime;
-use uuid::Uuid;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
-use crate::support::{one_projected_reading, Query};
+use contract::read_model::DeviceKeys;
+use testkit::TestEnv;
+
+use crate::support::{apply_reading, one_projected_reading, Query};
 
 /// What an armed proxy waits for, and how it says so and is let go on.
 struct Hold {
@@ -138,7 +131,8 @@ async fn a_reading_applied_between_the_reads_of_one_stats_request_shows_in_all_o
             .await
             .expect("the wait did not panic")
             .expect("the read of the buckets reached the proxy");
-        apply_another_reading(&env).await;
+        // Another reading of the device, applied by a projector meanwhile.
+        apply_reading(&env, "d-1", 30.0, 2).await;
         let _ = release.send(());
     };
     let ((status, document), ()) = tokio::join!(query.stats("d-1", ""), meanwhile);
@@ -150,30 +144,4 @@ async fn a_reading_applied_between_the_reads_of_one_stats_request_shows_in_all_o
     );
     assert_eq!(document["sample_count"], temperature["count"], "{document}");
     query.stop().await;
-}
-
-/// A second reading of `d-1` in generation 1, applied as a projector applies it.
-async fn apply_another_reading(env: &TestEnv) {
-    let now = OffsetDateTime::now_utc();
-    let event = TelemetryRecorded::new(
-        Uuid::now_v7(),
-        "d-1".to_owned(),
-        from_unix_millis(unix_millis(now) - 500).expect("in range"),
-        now,
-        BTreeMap::from([("temperature".to_owned(), 30.0)]),
-    );
-    let applied = ReadModel::new(env.settings.redis.prefix.clone(), 60_000)
-        .apply(
-            &mut env.redis().await,
-            &[1],
-            &[Delivered {
-                event,
-                stream_sequence: 2,
-                stored_at: now,
-            }],
-            unix_millis(now),
-        )
-        .await
-        .expect("applied");
-    assert_eq!(applied.applied, 1);
 }

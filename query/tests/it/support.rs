@@ -201,22 +201,27 @@ pub async fn consumer_drained(
 /// would have.
 pub async fn one_projected_reading(env: &TestEnv, device: &str) {
     env.set_live_generation(1).await;
-    let mut redis = env.redis().await;
+    apply_reading(env, device, 21.5, 1).await;
+}
+
+/// Applies a temperature reading of `device` recorded a second ago to generation 1, as
+/// the projector would at `stream_sequence`.
+pub async fn apply_reading(env: &TestEnv, device: &str, temperature: f64, stream_sequence: u64) {
     let now = OffsetDateTime::now_utc();
     let event = TelemetryRecorded::new(
         Uuid::now_v7(),
         device.to_owned(),
         from_unix_millis(unix_millis(now) - 1_000).expect("in range"),
         now,
-        BTreeMap::from([("temperature".to_owned(), 21.5)]),
+        BTreeMap::from([("temperature".to_owned(), temperature)]),
     );
     let applied = ReadModel::new(env.settings.redis.prefix.clone(), 60_000)
         .apply(
-            &mut redis,
+            &mut env.redis().await,
             &[1],
             &[Delivered {
                 event,
-                stream_sequence: 1,
+                stream_sequence,
                 stored_at: now,
             }],
             unix_millis(now),
