@@ -547,10 +547,9 @@ fn answer(
     mine: Vec<Option<Outcome>>,
     look_up_failed: Option<&anyhow::Error>,
 ) -> Result<Vec<Outcome>, StoreError> {
-    if mine.iter().all(Option::is_none) {
-        let why =
-            look_up_failed.map_or_else(|| "incomplete commit".to_owned(), ToString::to_string);
-        return Err(StoreError::Unavailable(why));
+    // `write` answers every reading it stored, so only a failed look-up leaves one out.
+    if let Some(error) = look_up_failed.filter(|_| mine.iter().all(Option::is_none)) {
+        return Err(StoreError::Unavailable(error.to_string()));
     }
     Ok(mine
         .into_iter()
