@@ -197,6 +197,9 @@ fn session_settings() -> Hook {
 pub struct LookUps {
     pool: Pool,
     permits: Arc<Semaphore>,
+    /// How long a look-up waits for its turn: as long as the pool waits for a
+    /// connection, then a `503` as that would be.
+    wait: Option<Duration>,
 }
 
 impl LookUps {
@@ -204,9 +207,11 @@ impl LookUps {
     /// look-ups) to others.
     pub fn new(pool: Pool, reserved: usize) -> Self {
         let permits = pool.status().max_size.saturating_sub(reserved).max(1);
+        let wait = pool.timeouts().wait;
         Self {
             pool,
             permits: Arc::new(Semaphore::new(permits)),
+            wait,
         }
     }
 
@@ -226,10 +231,8 @@ impl LookUps {
     where
         anyhow::Error: From<E>,
     {
-        // As long as the pool's own wait for a connection, then a 503 as that would be.
-        let wait = self.pool.timeouts().wait;
         let turn = self.permits.acquire();
-        let _turn = match wait {
+        let _turn = match self.wait {
             Some(wait) => tokio::time::timeout(wait, turn)
                 .await
                 .map_err(|_| anyhow::anyhow!("no turn for a look-up within {wait:?}"))??,
