@@ -71,9 +71,8 @@ pub async fn serve(
         metrics,
         tokens,
         request_timeout: settings.query_request_timeout(),
-        max_future_ms: i64::try_from(settings.ingest.max_future_secs)
-            .unwrap_or(i64::MAX / 2_000)
-            .saturating_mul(1_000),
+        // At most 100 years (the settings' bound on every duration): no overflow.
+        max_future_ms: settings.ingest.max_future_secs as i64 * 1_000,
     };
     tracing::info!(address = %listener.local_addr()?, "query listening");
     let limits = ingest::connection_limits(&settings);
