@@ -28,9 +28,10 @@
 -- Returns STALE alone when a guarded call finds those fields changed (nothing
 -- written). Otherwise one number per generation: k when the events were applied, 0
 -- when every one of them was applied before (then only updated_at and as_of_seq move:
--- the view is as of this delivery; and the ids are recorded again as of now), -1 when some were and some were not. Then nothing
--- was written to that generation: the batch's figures include events it has, and the
--- projector applies those events again one call each.
+-- the view is as of this delivery; and the ids are recorded again as of now), -1 when
+-- some were and some were not. Then nothing was written to that generation: the
+-- batch's figures include events it has, and the projector applies those events again
+-- one call each.
 
 local pack, unpack_packed = struct.pack, struct.unpack
 local call = { unpack_packed('<ddddddddddd', ARGV[1]) }
