@@ -300,33 +300,27 @@ async fn the_series_of_an_unknown_device_is_a_404_whatever_the_range() {
 #[tokio::test]
 async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reaches_it() {
     let side = ReadSide::start().await;
-    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
-    let now = unix_millis(OffsetDateTime::now_utc());
-    let ahead = now + 120_000;
-    let temperature = BTreeMap::from([("temperature".to_owned(), 21.0)]);
-    publish_reading(env, jetstream, ahead, temperature).await;
-    projected(query, 1).await;
-    let limit = env.settings.ingest.max_future_secs as i64 * 1000;
+    let (now, ahead) = one_reading_ahead(&side, 120_000).await;
+    let query = &side.query;
+    let limit = side.env.settings.ingest.max_future_secs as i64 * 1000;
     let reaching = range(now - 60_000, now + limit);
-    let fine = ahead.div_euclid(TEN_SECONDS) * TEN_SECONDS;
     assert_eq!(
         series(query, &format!("metric=temperature&{reaching}")).await,
-        vec![(fine, 1, 21.0, 21.0, 21.0)]
+        vec![its_point(ahead, TEN_SECONDS)]
     );
-    let coarse = ahead.div_euclid(FIVE_MINUTES) * FIVE_MINUTES;
     assert_eq!(
         series(
             query,
             &format!("metric=temperature&resolution=5m&{reaching}")
         )
         .await,
-        vec![(coarse, 1, 21.0, 21.0, 21.0)]
+        vec![its_point(ahead, FIVE_MINUTES)]
     );
     // Far past the limit, `to` still reads a bounded range.
     let far = range(now - 60_000, now + 400 * 86_400_000);
     assert_eq!(
         series(query, &format!("metric=temperature&{far}")).await,
-        vec![(fine, 1, 21.0, 21.0, 21.0)]
+        vec![its_point(ahead, TEN_SECONDS)]
     );
 }
 
@@ -337,25 +331,36 @@ async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reach
 #[tokio::test]
 async fn a_series_reads_at_most_a_retention_ahead_whatever_the_future_limit() {
     let side = ReadSide::start_with(|settings| settings.ingest.max_future_secs = 2 * 86_400).await;
-    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
-    let now = unix_millis(OffsetDateTime::now_utc());
-    let ahead = now + 2 * 3_600_000;
-    let temperature = BTreeMap::from([("temperature".to_owned(), 21.0)]);
-    publish_reading(env, jetstream, ahead, temperature).await;
-    projected(query, 1).await;
+    let (now, ahead) = one_reading_ahead(&side, 2 * 3_600_000).await;
+    let query = &side.query;
     let reaching = range(now - 60_000, now + 3 * 3_600_000);
     assert_eq!(
         series(query, &format!("metric=temperature&{reaching}")).await,
         vec![],
         "10 s buckets past 1 h 5 min ahead are not read"
     );
-    let coarse = ahead.div_euclid(FIVE_MINUTES) * FIVE_MINUTES;
     assert_eq!(
         series(
             query,
             &format!("metric=temperature&resolution=5m&{reaching}")
         )
         .await,
-        vec![(coarse, 1, 21.0, 21.0, 21.0)]
+        vec![its_point(ahead, FIVE_MINUTES)]
     );
+}
+
+/// Publishes one temperature reading of `series-1`, 21.0, dated `ahead_ms` past now, and
+/// waits until it is projected; now and its `recorded_at` (ms).
+async fn one_reading_ahead(side: &ReadSide, ahead_ms: i64) -> (i64, i64) {
+    let now = unix_millis(OffsetDateTime::now_utc());
+    let temperature = BTreeMap::from([("temperature".to_owned(), 21.0)]);
+    publish_reading(&side.env, &side.jetstream, now + ahead_ms, temperature).await;
+    projected(&side.query, 1).await;
+    (now, now + ahead_ms)
+}
+
+/// The point of [`one_reading_ahead`]'s reading recorded at `at_ms` in buckets
+/// `width_ms` wide.
+fn its_point(at_ms: i64, width_ms: i64) -> Point {
+    (at_ms.div_euclid(width_ms) * width_ms, 1, 21.0, 21.0, 21.0)
 }
