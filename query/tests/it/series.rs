@@ -305,21 +305,17 @@ async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reach
     let limit = side.env.settings.ingest.max_future_secs as i64 * 1000;
     let reaching = range(now - 60_000, now + limit);
     assert_eq!(
-        series(query, &format!("metric=temperature&{reaching}")).await,
+        temperatures(query, "10s", &reaching).await,
         vec![its_point(ahead, TEN_SECONDS)]
     );
     assert_eq!(
-        series(
-            query,
-            &format!("metric=temperature&resolution=5m&{reaching}")
-        )
-        .await,
+        temperatures(query, "5m", &reaching).await,
         vec![its_point(ahead, FIVE_MINUTES)]
     );
     // Far past the limit, `to` still reads a bounded range.
     let far = range(now - 60_000, now + 400 * 86_400_000);
     assert_eq!(
-        series(query, &format!("metric=temperature&{far}")).await,
+        temperatures(query, "10s", &far).await,
         vec![its_point(ahead, TEN_SECONDS)]
     );
 }
@@ -335,16 +331,12 @@ async fn a_series_reads_at_most_a_retention_ahead_whatever_the_future_limit() {
     let query = &side.query;
     let reaching = range(now - 60_000, now + 3 * 3_600_000);
     assert_eq!(
-        series(query, &format!("metric=temperature&{reaching}")).await,
+        temperatures(query, "10s", &reaching).await,
         vec![],
         "10 s buckets past 1 h 5 min ahead are not read"
     );
     assert_eq!(
-        series(
-            query,
-            &format!("metric=temperature&resolution=5m&{reaching}")
-        )
-        .await,
+        temperatures(query, "5m", &reaching).await,
         vec![its_point(ahead, FIVE_MINUTES)]
     );
 }
@@ -357,6 +349,15 @@ async fn one_reading_ahead(side: &ReadSide, ahead_ms: i64) -> (i64, i64) {
     publish_reading(&side.env, &side.jetstream, now + ahead_ms, temperature).await;
     projected(&side.query, 1).await;
     (now, now + ahead_ms)
+}
+
+/// The temperature series of `series-1` at `resolution` over `range` (`from=…&to=…`).
+async fn temperatures(query: &Query, resolution: &str, range: &str) -> Vec<Point> {
+    series(
+        query,
+        &format!("metric=temperature&resolution={resolution}&{range}"),
+    )
+    .await
 }
 
 /// The point of [`one_reading_ahead`]'s reading recorded at `at_ms` in buckets
