@@ -217,10 +217,14 @@ impl Relay {
         // them; a bitmap scan rechecks every published row still in the index on every
         // claim (measured: 12 ms per claim with 40,000 published rows since the last
         // vacuum, 0.9 ms with the index scan).
-        session_config.options(format!(
-            "-c idle_in_transaction_session_timeout={} -c enable_bitmapscan=off",
+        // Appended to the URL's own `options` (a `search_path`, say), which ingest and the
+        // listening session keep too: later settings win, so these two stay the relay's.
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout={} -c enable_bitmapscan=off",
+            session_config.get_options().unwrap_or_default(),
             settings.relay.idle_in_transaction_timeout_ms
-        ));
+        );
+        session_config.options(options.trim_start());
         let pool = db::pool_with_config(session_config, &settings.database)?;
         let client = bootstrap::connect_nats(&settings.nats.url, name).await?;
         Self::new(settings, pool, client)

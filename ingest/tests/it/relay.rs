@@ -941,3 +941,57 @@ async fn a_relay_is_ready_only_while_its_nats_server_runs_jetstream() {
         )
         .await;
 }
+
+/// A database URL's own `options` hold for the relay's sessions as for ingest's: the
+/// relay adds its settings to them. Here they put the pipeline's tables in a schema of
+/// their own; the relay's pool dropped them, looked for `outbox` in `public`, and
+/// published nothing while ingest answered 202.
+#[tokio::test]
+async fn the_relay_keeps_the_options_of_the_database_url() {
+    let mut env = TestEnv::new();
+    let database = env
+        .settings
+        .database
+        .url
+        .rsplit_once('/')
+        .map(|(_, name)| name.to_owned())
+        .expect("a database name");
+    testkit::maintenance_postgres(&env.settings)
+        .await
+        .expect("the server")
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+        .expect("the test database");
+    env.postgres()
+        .await
+        .batch_execute("CREATE SCHEMA telemetry")
+        .await
+        .expect("a schema");
+    env.settings.database.url += "?options=-c%20search_path%3Dtelemetry";
+    let ingest = Ingest::spawn(&env.settings).await;
+    ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
+    let db = env.postgres().await;
+    let outbox: String = db
+        .query_one(
+            "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = 'outbox'::regclass",
+            &[],
+        )
+        .await
+        .expect("outbox found")
+        .get(0);
+    let public: Option<String> = db
+        .query_one("SELECT to_regclass('public.outbox')::text", &[])
+        .await
+        .expect("to_regclass")
+        .get(0);
+    assert_eq!(
+        (outbox.as_str(), public),
+        ("telemetry", None),
+        "ingest made its tables in the URL's schema only"
+    );
+    let relay = spawn_relay(&env.settings);
+    wait_for_stream_messages(&env.jetstream().await, env.subjects.stream(), 1).await;
+    wait_until_marked(&db, 1).await;
+    relay.stop().await;
+    ingest.stop().await;
+}
