@@ -404,7 +404,14 @@ impl Relay {
             self.report_backlog().await;
             if last_prune.elapsed() > self.prune_interval {
                 last_prune = Instant::now();
-                if let Err(error) = self.prune().await {
+                // A stop does not wait for a prune (hours of rows past their retention,
+                // a delete waiting on a lock, a long vacuum): the statement under way is
+                // cancelled, and what was deleted before it stays deleted.
+                let pruned = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    pruned = self.prune() => pruned,
+                };
+                if let Err(error) = pruned {
                     tracing::warn!(error = format!("{error:#}"), "pruning failed");
                 }
             }
@@ -757,9 +764,18 @@ impl Relay {
     }
 
     /// Deletes the rows of each [`Pruning`] past their retention, a small batch per
-    /// statement so that ingest never waits on a long delete.
+    /// statement so that ingest never waits on a long delete. Dropped half-way (a stop),
+    /// it cancels the statement under way.
     async fn prune(&self) -> anyhow::Result<()> {
-        let client = self.pool.get().await?;
+        let pooled = self.pool.get().await?;
+        db::cancel_if_given_up(pooled, "pruning", async |client| {
+            self.prune_on(client).await
+        })
+        .await
+    }
+
+    /// [`Self::prune`], on `client`.
+    async fn prune_on(&self, client: &deadpool_postgres::Client) -> anyhow::Result<()> {
         for Pruning {
             table,
             statement,
@@ -794,7 +810,7 @@ impl Relay {
                     break;
                 }
             }
-            self.vacuum_when_due(&client, table, pruned)
+            self.vacuum_when_due(client, table, pruned)
                 .await
                 .with_context(|| format!("vacuuming {table}"))?;
         }

@@ -995,3 +995,43 @@ async fn the_relay_keeps_the_options_of_the_database_url() {
     relay.stop().await;
     ingest.stop().await;
 }
+
+/// A stop does not wait for a prune: here its delete waits on a lock that is never
+/// released while the relay runs (as it would work through hours of rows past their
+/// retention, or vacuum a large table). The stop cancels the statement under way.
+#[tokio::test]
+async fn a_stop_does_not_wait_for_a_prune_under_way() {
+    let mut env = TestEnv::new();
+    env.settings.relay.prune_interval_ms = 200;
+    migrate(&env).await;
+    let mut blocker = env.postgres().await;
+    let lock = testkit::lock_table(&mut blocker, "idempotency_keys").await;
+    let relay = spawn_relay(&env.settings);
+    let db = env.postgres().await;
+    eventually(
+        Duration::from_secs(20),
+        "a prune waiting on the lock",
+        || async {
+            (!testkit::lock_waiter_pids(&db, "DELETE FROM idempotency_keys")
+                .await
+                .is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    relay
+        .stop_within(Duration::from_secs(3), "a stop while a prune waits")
+        .await;
+    eventually(
+        Duration::from_secs(5),
+        "the prune's delete cancelled",
+        || async {
+            testkit::lock_waiter_pids(&db, "DELETE FROM idempotency_keys")
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    drop(lock);
+}
