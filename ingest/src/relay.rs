@@ -145,11 +145,15 @@ pub async fn ensure_streams(
     for config in streams {
         let name = config.name.clone();
         match jetstream.get_stream(&name).await {
-            Ok(_) => {
-                jetstream
-                    .update_stream(config)
-                    .await
-                    .with_context(|| format!("updating stream {name}"))?;
+            Ok(stream) => {
+                let current = &stream.cached_info().config;
+                let config = with_owned_settings(current, config);
+                if config != *current {
+                    jetstream
+                        .update_stream(config)
+                        .await
+                        .with_context(|| format!("updating stream {name}"))?;
+                }
             }
             Err(_) => {
                 jetstream
@@ -160,6 +164,26 @@ pub async fn ensure_streams(
         }
     }
     Ok(())
+}
+
+/// The stream `current` with the settings the relay owns taken from `wanted`: its
+/// subjects, file storage (which no update can change: such a stream stays not ready),
+/// age limit, duplicate window (where `wanted` names one; the dead-letter stream keeps
+/// the server's) and description. Every other setting an operator gave it (replicas,
+/// limits in bytes or messages, placement, `deny_delete`, ...) stays as it is.
+fn with_owned_settings(current: &stream::Config, wanted: stream::Config) -> stream::Config {
+    stream::Config {
+        subjects: wanted.subjects,
+        storage: wanted.storage,
+        max_age: wanted.max_age,
+        duplicate_window: if wanted.duplicate_window.is_zero() {
+            current.duplicate_window
+        } else {
+            wanted.duplicate_window
+        },
+        description: wanted.description,
+        ..current.clone()
+    }
 }
 
 /// Everything one relay needs; built once at start.

@@ -1035,3 +1035,52 @@ async fn a_stop_does_not_wait_for_a_prune_under_way() {
     .await;
     drop(lock);
 }
+
+/// The relay owns some of its stream's settings (subjects, storage, age limit,
+/// duplicate window, description) and brings them up to date at every start; the
+/// others are the operator's (`nats stream edit`). It used to send every other setting
+/// as its default: a stream limited in bytes lost its limit (and one of three replicas
+/// would have gone down to one).
+#[tokio::test]
+async fn the_relay_keeps_the_stream_settings_it_does_not_own() {
+    const MAX_BYTES: i64 = 64 << 20;
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let jetstream = env.jetstream().await;
+    let stream = env.subjects.stream().to_owned();
+    jetstream
+        .create_stream(jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![env.subjects.recorded_filter()],
+            storage: jetstream::stream::StorageType::File,
+            max_age: Duration::from_secs(60),
+            max_bytes: MAX_BYTES,
+            deny_delete: true,
+            ..Default::default()
+        })
+        .await
+        .expect("a stream made beforehand");
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&admin_url, None).await;
+    let config = jetstream
+        .get_stream(&stream)
+        .await
+        .expect("the stream")
+        .cached_info()
+        .config
+        .clone();
+    relay.stop().await;
+    assert_eq!(
+        (config.max_bytes, config.deny_delete),
+        (MAX_BYTES, true),
+        "the operator's settings are kept"
+    );
+    assert_eq!(
+        (config.max_age, config.duplicate_window),
+        (
+            Duration::from_secs(env.settings.nats.max_age_secs),
+            Duration::from_secs(env.settings.nats.duplicate_window_secs)
+        ),
+        "the relay's settings are brought up to date"
+    );
+}
