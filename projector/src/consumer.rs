@@ -362,48 +362,48 @@ impl Projector {
         let mut backoff = Backoff::default();
         let mut applied_before = 0;
         let applied = loop {
-            let generations = match self.cached_generations() {
-                Some(generations) => generations,
-                None => match Generations::read(&mut redis, &self.read_model.prefix).await {
-                    Ok(generations) => {
-                        self.remember_generations(&generations);
-                        generations
-                    }
-                    Err(_) => Generations::default(),
-                },
-            };
-            if generations.targets().is_empty() {
-                // The read model is gone (Redis restarted, flushed) or not built yet: the
-                // supervisor starts a rebuild; these events wait for its generation.
-                self.forget_generations();
-                tracing::debug!("no read model generation yet, waiting for the rebuild to start");
-                if shutdown.is_cancelled() {
-                    break None;
-                }
-                backoff.sleep(shutdown).await;
-                continue;
-            }
-            let now_ms = unix_millis(OffsetDateTime::now_utc());
-            match self
-                .read_model
-                .apply_as_of(&mut redis, &generations, &delivered, now_ms)
-                .await
-            {
-                Ok(AsOf::Applied(applied)) => break Some(applied_before + applied.applied),
-                Ok(AsOf::Stale { applied }) => {
-                    // A rebuild began or switched over: read the generations again.
-                    applied_before += applied;
+            // Redis away, or its meta hash unreadable, is an error to count, not a read
+            // model still to be built.
+            let error = match self.generations(&mut redis).await {
+                Err(error) => error,
+                Ok(generations) if generations.targets().is_empty() => {
+                    // The read model is gone (Redis restarted, flushed) or not built yet:
+                    // the supervisor starts a rebuild; these events wait for its
+                    // generation.
                     self.forget_generations();
-                }
-                Err(error) => {
-                    metrics::counter!("projector_errors_total").increment(1);
-                    tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
+                    tracing::debug!(
+                        "no read model generation yet, waiting for the rebuild to start"
+                    );
                     if shutdown.is_cancelled() {
                         break None;
                     }
                     backoff.sleep(shutdown).await;
+                    continue;
                 }
+                Ok(generations) => {
+                    let now_ms = unix_millis(OffsetDateTime::now_utc());
+                    match self
+                        .read_model
+                        .apply_as_of(&mut redis, &generations, &delivered, now_ms)
+                        .await
+                    {
+                        Ok(AsOf::Applied(applied)) => break Some(applied_before + applied.applied),
+                        Ok(AsOf::Stale { applied }) => {
+                            // A rebuild began or switched over: read the generations again.
+                            applied_before += applied;
+                            self.forget_generations();
+                            continue;
+                        }
+                        Err(error) => error,
+                    }
+                }
+            };
+            metrics::counter!("projector_errors_total").increment(1);
+            tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
+            if shutdown.is_cancelled() {
+                break None;
             }
+            backoff.sleep(shutdown).await;
         };
         let Some(applied) = applied else {
             // Stopping while Redis cannot take the batch: handed back, for the next
@@ -429,8 +429,14 @@ impl Projector {
     }
 
     /// The generations as last read, if they are still taken to be current.
-    fn cached_generations(&self) -> Option<Generations> {
-        self.generations_lock().clone()
+    /// The generations to apply to: as last read, or read now (and kept).
+    async fn generations(&self, redis: &mut ConnectionManager) -> redis::RedisResult<Generations> {
+        if let Some(generations) = self.generations_lock().clone() {
+            return Ok(generations);
+        }
+        let generations = Generations::read(redis, &self.read_model.prefix).await?;
+        self.remember_generations(&generations);
+        Ok(generations)
     }
 
     fn remember_generations(&self, generations: &Generations) {

@@ -188,6 +188,66 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
     assert_eq!(projector.terminate().await.code(), Some(0));
 }
 
+/// A meta hash Redis cannot read (here one of the wrong type; Redis away alike) leaves
+/// every event unapplied, and each failed read counts as an error, as a failed apply
+/// does. It used to pass for a read model still to be built: nothing counted, a debug
+/// line, and the batch waited in silence.
+#[tokio::test]
+async fn a_meta_hash_that_cannot_be_read_counts_as_an_error_until_it_can() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = projector_process(&env, &[]);
+    projector.ready().await;
+    live_generation(&env).await;
+    let meta = contract::read_model::meta_key(&env.settings.redis.prefix);
+    let kept = format!("{meta}-kept");
+    let mut redis = env.redis().await;
+    let () = redis::pipe()
+        .atomic()
+        .cmd("RENAME")
+        .arg(&meta)
+        .arg(&kept)
+        .ignore()
+        .cmd("SET")
+        .arg(&meta)
+        .arg("not a hash")
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .expect("the meta hash set aside");
+    let start = projector.metrics().await;
+    publish(
+        &env,
+        &jetstream,
+        &event("sensor-1", now_ms(), &[("temperature", 1.0)]),
+    )
+    .await;
+    let failing = projector
+        .metrics_until(
+            Duration::from_secs(15),
+            "errors counted while the meta hash cannot be read",
+            |scrape| {
+                (scrape.value_or_zero("projector_errors_total", &[])
+                    > start.value_or_zero("projector_errors_total", &[]))
+                .then(|| scrape.clone())
+            },
+        )
+        .await;
+    assert_eq!(
+        failing.value_or_zero("projector_events_applied_total", &[]),
+        0.0,
+        "nothing applied meanwhile"
+    );
+    let () = redis::cmd("RENAME")
+        .arg(&kept)
+        .arg(&meta)
+        .query_async(&mut redis)
+        .await
+        .expect("the meta hash back");
+    caught_up(&projector, 1, "projector_consumer_pending").await;
+    assert_eq!(projector.terminate().await.code(), Some(0));
+}
+
 /// Redeliveries are counted as they arrive (`projector_redelivered_total`, what the
 /// `ProjectorRedeliveries` alert reads), while `projector_consumer_redelivered` is
 /// JetStream's gauge of redelivered messages not yet acked, which falls back to 0.
