@@ -24,7 +24,7 @@ use ingest::bootstrap::{nats_connected, Backoff};
 use crate::apply::{AsOf, Delivered, ReadModel};
 use crate::dlq;
 use crate::eviction::EvictionWatch;
-use crate::pull::{hand_back, Pulls};
+use crate::pull::{answer, hand_back, Pulls};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
 
 /// How long a stopping projector waits for its last acks to leave.
@@ -411,11 +411,7 @@ impl Projector {
             hand_back(&to_ack).await;
             return;
         };
-        for message in &to_ack {
-            if let Err(error) = message.ack().await {
-                tracing::debug!(%error, "ack not sent; the event will be redelivered and skipped");
-            }
-        }
+        answer(&to_ack, AckKind::Ack).await;
         let now = OffsetDateTime::now_utc();
         for item in &delivered {
             let lag = (now - item.event.received_at).as_seconds_f64().max(0.0);

@@ -369,13 +369,32 @@ async fn sleep_until_some(until: Option<Instant>) {
 /// Hands messages that were not applied back to JetStream (a nak), for the next
 /// projector at once rather than after the ack wait. Returns how many naks were sent.
 pub(crate) async fn hand_back(messages: &[jetstream::Message]) -> usize {
+    answer(messages, AckKind::Nak(None)).await
+}
+
+/// Answers each of `messages` with `kind` while NATS is connected; returns how many
+/// answers were sent. While NATS is away an answer waits in the client's queue of
+/// commands, and once that is full (2,048 commands) for NATS to come back, and a stop
+/// would wait with it. A message left unanswered comes again after the ack wait (an
+/// applied one is skipped as a duplicate).
+pub(crate) async fn answer(messages: &[jetstream::Message], kind: AckKind) -> usize {
+    let Some(client) = messages.first().map(|message| message.context.client()) else {
+        return 0;
+    };
     let mut sent = 0;
     for message in messages {
-        match message.ack_with(AckKind::Nak(None)).await {
+        if !nats_connected(&client) {
+            tracing::debug!(
+                unanswered = messages.len() - sent,
+                "NATS is not connected; the messages will be redelivered after the ack wait"
+            );
+            break;
+        }
+        match message.ack_with(kind).await {
             Ok(()) => sent += 1,
             Err(error) => tracing::debug!(
                 %error,
-                "nak not sent; the event will be redelivered after the ack wait"
+                "answer not sent; the message will be redelivered after the ack wait"
             ),
         }
     }

@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+use contract::settings::Settings;
 use testkit::process::ServiceProcess;
-use testkit::{eventually, PrivateRedis, TestEnv};
+use testkit::{eventually, PrivateNats, PrivateRedis, TestEnv};
 
 use async_nats::jetstream;
 use contract::event::TelemetryRecorded;
@@ -115,7 +116,49 @@ async fn a_projector_stopped_while_redis_refuses_hands_back_the_batches_it_holds
     restarted.stop().await;
 }
 
-/// A projector on a private `noeviction` Redis filled to its limit, and 300 events
+/// A projector stopped while NATS is away stops at once, though Redis takes the
+/// batches it holds meanwhile: their acks cannot be sent and are not waited for (their
+/// events come again and are skipped as applied). Once the acks outnumbered the NATS
+/// client's queue of commands (2,048), the batches waited for NATS to come back, and the
+/// stop with them.
+#[tokio::test]
+async fn a_projector_whose_batches_are_applied_while_nats_is_away_stops_at_once() {
+    // More acks than the client's queue holds, for batches delivered while Redis
+    // refuses.
+    const ACKS: u64 = 2_500;
+    let mut nats = PrivateNats::start();
+    let url = nats.url();
+    let (full, projector) = FullRedis::with(6_000, |settings| {
+        settings.nats.url = url;
+        settings.projector.batch_size = 3_000;
+    })
+    .await;
+    eventually(CATCH_UP, "batches held", || async {
+        let info = consumer_info(&full.env, &full.jetstream).await;
+        (info.num_ack_pending as u64 >= ACKS).then_some(())
+    })
+    .await;
+    nats.kill();
+    full.make_room();
+    let devices: Vec<_> = (0..6).map(|index| format!("sensor-{index}")).collect();
+    eventually(CATCH_UP, "Redis taking the held batches", || async {
+        let mut applied = 0;
+        for device in &devices {
+            applied += full
+                .env
+                .device_stats(device)
+                .await
+                .map_or(0, |stats| stats.sample_count);
+        }
+        (applied > 0).then_some(())
+    })
+    .await;
+    projector
+        .stop_within(Duration::from_secs(5), "a stop while NATS is away")
+        .await;
+}
+
+/// A projector on a private `noeviction` Redis filled to its limit, and events
 /// published for it.
 struct FullRedis {
     redis: PrivateRedis,
@@ -126,12 +169,21 @@ struct FullRedis {
 }
 
 impl FullRedis {
+    /// 300 events, for a projector with an ack wait of `ack_wait_secs`.
     async fn new(ack_wait_secs: u64) -> (Self, Projector) {
+        Self::with(300, |settings| {
+            settings.projector.ack_wait_secs = ack_wait_secs;
+        })
+        .await
+    }
+
+    /// `events` events, for a projector with the settings as `configure` leaves them.
+    async fn with(events: i64, configure: impl FnOnce(&mut Settings)) -> (Self, Projector) {
         let redis =
             PrivateRedis::start(&["--maxmemory", "16mb", "--maxmemory-policy", "noeviction"]);
         let mut env = TestEnv::new();
         env.settings.redis.url = redis.url();
-        env.settings.projector.ack_wait_secs = ack_wait_secs;
+        configure(&mut env.settings);
         let jetstream = streams(&env).await;
         let projector = Projector::spawn(&env.settings).await;
         live_generation(&env).await;
@@ -144,7 +196,7 @@ impl FullRedis {
         let refused = redis.command(&["SET", "probe", "1"]);
         assert!(refused.starts_with("-OOM"), "the server is full: {refused}");
 
-        let events: Vec<_> = (0..300)
+        let events: Vec<_> = (0..events)
             .map(|index| {
                 let device = format!("sensor-{}", index % 6);
                 let at = now_ms() - 60_000 + index;
