@@ -351,7 +351,13 @@ impl Projector {
                     });
                     to_ack.push(message);
                 }
-                Err(reason) => self.dead_letter(message, stream_sequence, reason).await,
+                // A stop does not wait for dead letters (each waits up to 5 s for the
+                // dead-letter stream's ack): one not sent stays unacked and comes again.
+                Err(reason) => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {}
+                    _ = self.dead_letter(message, stream_sequence, reason) => {}
+                },
             }
         }
         metrics::counter!("projector_redelivered_total").increment(redelivered);

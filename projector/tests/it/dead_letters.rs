@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use contract::event::headers;
+use futures::StreamExt;
 use testkit::process::ServiceProcess;
 use testkit::{eventually, TestEnv};
 
@@ -561,4 +562,46 @@ async fn a_dead_lettered_message_is_one_json_log_line_naming_its_event_id() {
         "{entry}"
     );
     assert!(projector.terminate().await.success());
+}
+
+/// A stop does not wait for dead letters: each waits up to 5 s for the dead-letter
+/// stream's ack, and a batch of poison messages while that stream does not answer (here
+/// it is gone, and a listener on its subjects takes the copies without answering) took
+/// 5 s a message, the stop with it. A message not dead-lettered stays unacked and comes
+/// again.
+#[tokio::test]
+async fn a_stop_does_not_wait_for_the_dead_letters_of_a_batch() {
+    const POISON: usize = 20;
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    jetstream
+        .delete_stream(env.subjects.dlq_stream())
+        .await
+        .expect("the dead-letter stream removed");
+    let client = async_nats::connect(&env.settings.nats.url)
+        .await
+        .expect("nats");
+    let mut silent = client
+        .subscribe(env.subjects.dlq_filter())
+        .await
+        .expect("a listener that never answers");
+    client.flush().await.expect("subscribed");
+    let projector = Projector::spawn(&env.settings).await;
+    live_generation(&env).await;
+    for index in 0..POISON {
+        publish_raw(
+            &jetstream,
+            env.subjects.recorded("sensor-1"),
+            relay_headers(&format!("poison-{index}")),
+            b"not json at all".to_vec(),
+        )
+        .await;
+    }
+    tokio::time::timeout(CATCH_UP, silent.next())
+        .await
+        .expect("a dead letter within the catch-up time")
+        .expect("the listener's subscription");
+    projector
+        .stop_within(Duration::from_secs(3), "a stop while dead letters wait")
+        .await;
 }
