@@ -756,6 +756,22 @@ own_pipeline() {
     export PIPELINE__PROJECTOR__ADMIN_LISTEN="127.0.0.1:$7"
 }
 
+# one_run_at_a_time NAME DIR PORT...: takes this checkout's lock for scripts/NAME (in
+# DIR) and refuses to go on while one of the PORTs is taken. A second run must leave the
+# first one's processes, files and data alone, so this comes before a script removes
+# anything or sets its clean-up trap (until 2026-12-06 a second scripts/bench emptied
+# the first one's results and logs, then stopped its processes and dropped its data on
+# its way out).
+one_run_at_a_time() {
+    local name=$1 dir=$2
+    shift 2
+    mkdir -p "$dir"
+    exec {RUN_LOCK_FD}>"$dir/.lock"
+    flock -n "$RUN_LOCK_FD" ||
+        die "another scripts/$name runs in this checkout (it holds $(_rel "$dir")/.lock); wait for it to end"
+    require_free_ports "$@"
+}
+
 # require_free_ports PORT...: dies naming the first port something listens on.
 require_free_ports() {
     local port

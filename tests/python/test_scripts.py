@@ -3,15 +3,20 @@
 - The Dockerfile copies every workspace member: cargo reads each member's manifest
   even to build some of them, so a member left out breaks `docker compose up --build`
   (no Docker engine runs here, so nothing else would notice).
+- A second run of scripts/bench, soak or ab in one checkout refuses before it touches
+  the first one's results, processes or data.
 - `pid_is_live PID NAME` in scripts/lib.sh takes a pid for one of ours only while it
   runs the program named: scripts/chaos kills the pids in old pid files with it, and a
   recycled pid must not be killed. redis-server rewrites its command line, so it is
   recognised by the kernel's name of the program.
 """
 
+import fcntl
 import json
+import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import time
 
@@ -103,3 +108,47 @@ def test_a_redis_server_that_rewrote_its_command_line_is_recognised(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+# The scripts that run a pipeline of their own, each with arguments it runs with, the
+# variable that moves its ingest port (None: the port is fixed) and that port's default.
+OWN_PIPELINES = [
+    ("bench", [], "BENCH_INGEST_PORT", 18080),
+    ("soak", [], None, 38080),
+    ("ab", ["ingest.commit_concurrency=4", "ingest.commit_concurrency=2"], "AB_INGEST_PORT", 28080),
+]
+
+
+@pytest.mark.parametrize("name, arguments, port_variable, default_port", OWN_PIPELINES)
+def test_a_second_run_in_one_checkout_leaves_the_first_ones_files_alone(
+    tmp_path, name, arguments, port_variable, default_port
+):
+    """A run of scripts/NAME holds its checkout's lock and its ports; a second run must
+    refuse before it touches the first one's results, logs, processes or data. The
+    second run here finds both taken (the port too, so that a script without the lock
+    stops at its port check rather than running)."""
+    own = tmp_path / name
+    (own / "results").mkdir(parents=True)
+    kept = own / "results" / "kept"
+    kept.write_text("the first run's figures")
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0 if port_variable else default_port))
+    listener.listen()
+    env = dict(os.environ, PIPELINE_DATA_DIR=str(tmp_path))
+    if port_variable:
+        env[port_variable] = str(listener.getsockname()[1])
+    with open(own / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            second = subprocess.run(
+                [f"scripts/{name}", *arguments], cwd=REPO, env=env, capture_output=True, text=True,
+                timeout=120,
+            )
+        finally:
+            listener.close()
+    output = second.stdout + second.stderr
+    assert second.returncode != 0, output
+    assert f"another scripts/{name} runs in this checkout" in output, output
+    assert kept.exists(), f"scripts/{name} removed the first run's results:\n{output}"
+
