@@ -275,8 +275,30 @@ _postgres_cluster_version() {
 }
 
 # ensure_postgres: PostgreSQL answers at PIPELINE__DATABASE__URL, starting the local
-# Debian cluster when it is installed, local, on 5432 and stopped.
+# Debian cluster when it is installed, local, on 5432 and stopped, and lets the URL's
+# user in.
 ensure_postgres() {
+    _postgres_answering && postgres_lets_in "$(database_url)"
+}
+
+# postgres_lets_in URL: pg_isready answers before any login. A new Debian cluster asks
+# for a password over TCP (scram-sha-256 in its pg_hba.conf) that its postgres role does
+# not have, and every service and test would then fail at its first query: says what to
+# do instead, and fails. Any other answer passes (the database may not exist yet).
+postgres_lets_in() {
+    local answer
+    command -v psql >/dev/null 2>&1 || return 0
+    answer=$(PGCONNECT_TIMEOUT=5 psql "$1" -w -Atqc 'SELECT 1' 2>&1 </dev/null) && return 0
+    [[ "$answer" == *password* ]] || return 0
+    err "PostgreSQL asks for a password: put one in PIPELINE__DATABASE__URL (postgres://USER:PASSWORD@HOST:PORT/telemetry),"
+    err "  or on a development box let local TCP logins in without one: 'host all all 127.0.0.1/32 trust' in"
+    err "  /etc/postgresql/<version>/main/pg_hba.conf, then: pg_ctlcluster <version> main reload"
+    return 1
+}
+
+# _postgres_answering: PostgreSQL at PIPELINE__DATABASE__URL answers pg_isready; starts
+# the local cluster (the system's on 5432, otherwise a private one) when installed.
+_postgres_answering() {
     local host port version
     parse_url "$(database_url)" 5432 || return 1
     host=$URL_HOST port=$URL_PORT

@@ -5,6 +5,7 @@
   (no Docker engine runs here, so nothing else would notice).
 - A second run of scripts/bench, soak or ab in one checkout refuses before it touches
   the first one's results, processes or data.
+- A PostgreSQL that asks for a password is named before anything runs.
 - `pid_is_live PID NAME` in scripts/lib.sh takes a pid for one of ours only while it
   runs the program named: scripts/chaos kills the pids in old pid files with it, and a
   recycled pid must not be killed. redis-server rewrites its command line, so it is
@@ -18,6 +19,7 @@ import pathlib
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -152,3 +154,41 @@ def test_a_second_run_in_one_checkout_leaves_the_first_ones_files_alone(
     assert f"another scripts/{name} runs in this checkout" in output, output
     assert kept.exists(), f"scripts/{name} removed the first run's results:\n{output}"
 
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("pg_ctl") is None and not list(pathlib.Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")),
+                    reason="PostgreSQL is not installed")
+def test_a_postgresql_that_asks_for_a_password_is_named_before_anything_runs():
+    """pg_isready answers before any login: a new Debian cluster (scram-sha-256 over
+    TCP, a postgres role without a password) passed the scripts' check, and every test
+    then failed at its first query. Here a private cluster asks for a password."""
+    data = pathlib.Path(tempfile.mkdtemp(prefix="pg-password-", dir="/tmp"))
+    data.chmod(0o755)  # the postgres user makes its cluster in there
+    port = free_port()
+    env = dict(os.environ, PIPELINE_DATA_DIR=str(data),
+               PIPELINE__DATABASE__URL=f"postgres://postgres@127.0.0.1:{port}/telemetry")
+
+    def lib(command):
+        return subprocess.run(["bash", "-c", f"source scripts/lib.sh && {command}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    try:
+        started = lib("ensure_postgres")
+        assert started.returncode == 0, started.stdout + started.stderr
+        cluster = data / f"postgres-{port}"
+        (cluster / "pg_hba.conf").write_text(
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        reloaded = lib("private_postgres_ctl reload")
+        assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+        checked = lib("ensure_postgres")
+        output = checked.stdout + checked.stderr
+        assert checked.returncode != 0, output
+        assert "PostgreSQL asks for a password" in output, output
+    finally:
+        lib("private_postgres_ctl stop -m immediate")
+        shutil.rmtree(data, ignore_errors=True)
