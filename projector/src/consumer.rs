@@ -1,6 +1,7 @@
 //! The durable pull consumer: JetStream batches in, Redis pipelines out, acks after.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -18,6 +19,7 @@ use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use ingest::bootstrap::{nats_connected, Backoff};
 
@@ -1078,7 +1080,15 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
     let prefix = rebuild.read_model.prefix.clone();
     let mut consumer_watch = ConsumerWatch::new(&rebuild);
     let mut eviction_watch = EvictionWatch::default();
+    // A rebuild replays the stream, minutes of it maybe: it runs in a task of its own, so
+    // the looks at the consumer (its gauges, its anchor, the repair of a stream that went
+    // back) and at Redis go on meanwhile. Aborted when dropped, with the supervisor.
+    let rebuild = Arc::new(rebuild);
+    let mut rebuilding: Option<AbortOnDropHandle<Result<u64, RebuildError>>> = None;
     while !shutdown.is_cancelled() {
+        if let Some(finished) = rebuilding.take_if(|running| running.is_finished()) {
+            report_rebuild(finished.await);
+        }
         let generations = tokio::select! {
             _ = shutdown.cancelled() => break,
             generations = Generations::read(&mut redis, &prefix) => generations,
@@ -1109,19 +1119,32 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             () = watch_consumer(&rebuild, &mut consumer_watch) => {}
         }
-        if needed {
-            match rebuild.run(&shutdown).await {
-                Ok(generation) => tracing::info!(generation, "read model rebuilt"),
-                Err(RebuildError::AlreadyRunning) => {}
-                Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "rebuild failed, will retry")
-                }
-            }
+        if needed && rebuilding.is_none() {
+            let (rebuild, shutdown) = (rebuild.clone(), shutdown.clone());
+            rebuilding = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                rebuild.run(&shutdown).await
+            })));
         }
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+    // A rebuild stops with the same token.
+    if let Some(running) = rebuilding {
+        report_rebuild(running.await);
+    }
+}
+
+/// Logs how a rebuild the supervisor started ended.
+fn report_rebuild(ended: Result<Result<u64, RebuildError>, tokio::task::JoinError>) {
+    match ended {
+        Ok(Ok(generation)) => tracing::info!(generation, "read model rebuilt"),
+        Ok(Err(RebuildError::AlreadyRunning)) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(error = format!("{error:#}"), "rebuild failed, will retry")
+        }
+        Err(error) => tracing::warn!(%error, "rebuild task failed, will retry"),
     }
 }
 

@@ -6,11 +6,11 @@ use std::time::Duration;
 use contract::read_model::DeviceKeys;
 use testkit::process::ServiceProcess;
 use testkit::prometheus::Scrape;
-use testkit::TestEnv;
+use testkit::{eventually, TestEnv};
 
 use crate::support::{
-    event, live_generation, now_ms, projector_process, publish, publish_raw, publish_with_id,
-    relay_headers, streams,
+    building_generation, event, live_generation, now_ms, projector_process, publish, publish_many,
+    publish_raw, publish_with_id, relay_headers, spread_events, streams, CATCH_UP,
 };
 
 const EVENTS: usize = 30;
@@ -245,6 +245,54 @@ async fn a_meta_hash_that_cannot_be_read_counts_as_an_error_until_it_can() {
         .await
         .expect("the meta hash back");
     caught_up(&projector, 1, "projector_consumer_pending").await;
+    assert_eq!(projector.terminate().await.code(), Some(0));
+}
+
+/// A rebuild the supervisor starts (here: no read model yet, a stream of events
+/// waiting) replays the stream, minutes of it maybe. The looks at the durable consumer
+/// go on meanwhile: its gauges move with it, as its anchor and the repair of a stream
+/// that went back do. They used to wait for the whole replay, the gauges frozen at
+/// their value from before it.
+#[tokio::test]
+async fn the_consumer_gauges_move_while_the_supervisor_rebuilds() {
+    // Enough that the replay outlasts a few looks at the consumer.
+    const EVENTS: usize = 150_000;
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    publish_many(&env, &jetstream, &spread_events(EVENTS)).await;
+    let projector = projector_process(&env, &[]);
+    eventually(CATCH_UP, "the rebuild under way", || {
+        building_generation(&env)
+    })
+    .await;
+    // One more: the consumer's backlog moves during the rebuild whatever the live
+    // projector does meanwhile.
+    publish(
+        &env,
+        &jetstream,
+        &event("sensor-late", now_ms(), &[("temperature", 1.0)]),
+    )
+    .await;
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    eventually(
+        Duration::from_secs(8),
+        "projector_consumer_pending to move during the rebuild",
+        || async {
+            let pending = projector
+                .metrics()
+                .await
+                .value("projector_consumer_pending", &[]);
+            assert!(
+                building_generation(&env).await.is_some(),
+                "the rebuild ended before projector_consumer_pending moved (seen: {:?})",
+                seen.lock().expect("not poisoned")
+            );
+            let mut seen = seen.lock().expect("not poisoned");
+            seen.extend(pending.map(|pending| pending as u64));
+            (seen.len() >= 2).then_some(())
+        },
+    )
+    .await;
     assert_eq!(projector.terminate().await.code(), Some(0));
 }
 

@@ -16,14 +16,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    connection, direct_read_model, drained, event, figures, now_ms, private_env, publish_many,
-    reference, stream_messages, streams, Projector,
+    building_generation, connection, direct_read_model, drained, event, figures, now_ms,
+    private_env, publish_many, reference, spread_events, stream_messages, streams, Projector,
 };
 
 /// Enough events that the replay is still reading when the server is frozen: the
 /// ordered consumer holds at most a pull or two (500 each) ahead of the replay.
 const EVENTS: usize = 20_000;
-const DEVICES: usize = 50;
 /// The replay gives up on a silent consumer after 5 s; async-nats alone would take 15 s
 /// (its idle heartbeat) and then fail the rebuild, which the tests see as an error. The
 /// rest of the replay and the switch take a few seconds more on a loaded box.
@@ -401,39 +400,12 @@ async fn a_rebuild_aborted_half_way_stops_refreshing_its_lock() {
     );
 }
 
-/// `count` events an hour old, spread over [`DEVICES`] devices, each with its message id.
-fn spread_events(count: usize) -> Vec<(TelemetryRecorded, String)> {
-    let base = now_ms() - 3_600_000;
-    (0..count)
-        .map(|index| {
-            let device = format!("sensor-{}", index % DEVICES);
-            let event = event(
-                &device,
-                base + index as i64,
-                &[("temperature", index as f64)],
-            );
-            let message_id = event.event_id.to_string();
-            (event, message_id)
-        })
-        .collect()
-}
-
 /// Starts a rebuild as `projector rebuild` runs it.
 async fn start_rebuild(env: &TestEnv) -> JoinHandle<Result<u64, RebuildError>> {
     let rebuild = projector::connect_rebuild(&env.settings)
         .await
         .expect("rebuild connects");
     tokio::spawn(async move { rebuild.run(&CancellationToken::new()).await })
-}
-
-/// The generation the meta hash names as being built, if any.
-async fn building_generation(env: &TestEnv) -> Option<u64> {
-    redis::cmd("HGET")
-        .arg(meta_key(&env.settings.redis.prefix))
-        .arg(meta::BUILDING)
-        .query_async(&mut env.redis().await)
-        .await
-        .ok()?
 }
 
 /// The rebuild's new generation, once it finished after the server's restart.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, publish::PublishAck};
 use async_nats::HeaderMap;
 use contract::event::{headers, TelemetryRecorded};
-use contract::read_model::{DeviceKeys, DeviceStats};
+use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
 use contract::reference::{ModelReading, ReferenceModel};
 use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
@@ -328,4 +328,32 @@ pub fn reference<'a>(
         .into_iter()
         .filter_map(|device| Some((device.clone(), model.device(&device)?)))
         .collect()
+}
+
+/// `count` events an hour old, spread over 50 devices, each with its message id.
+pub fn spread_events(count: usize) -> Vec<(TelemetryRecorded, String)> {
+    const DEVICES: usize = 50;
+    let base = now_ms() - 3_600_000;
+    (0..count)
+        .map(|index| {
+            let device = format!("sensor-{}", index % DEVICES);
+            let event = event(
+                &device,
+                base + index as i64,
+                &[("temperature", index as f64)],
+            );
+            let message_id = event.event_id.to_string();
+            (event, message_id)
+        })
+        .collect()
+}
+
+/// The generation the meta hash names as being built, if any.
+pub async fn building_generation(env: &TestEnv) -> Option<u64> {
+    redis::cmd("HGET")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::BUILDING)
+        .query_async(&mut env.redis().await)
+        .await
+        .ok()?
 }
