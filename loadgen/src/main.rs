@@ -134,6 +134,10 @@ enum Command {
     Static {
         #[command(flatten)]
         run: LoopArgs,
+        /// `GET /v1/devices/{id}/stats` answered with a fixed `200` document (the limit
+        /// of the query figure) instead of the single POST of ingest's.
+        #[arg(long)]
+        stats: bool,
     },
     /// End-to-end latency: fixed-rate POSTs, `/stats` polled until visible.
     E2e {
@@ -306,7 +310,7 @@ async fn run(command: Command) -> anyhow::Result<Option<Value>> {
             devices,
             batch,
         } => ingest(&url, &run, &devices, batch).await.map(Some),
-        Command::Static { run } => static_limit(&run).await.map(Some),
+        Command::Static { run, stats } => static_limit(&run, stats).await.map(Some),
         Command::E2e {
             ingest_url,
             query_url,
@@ -543,15 +547,23 @@ async fn ingest(
     Ok(report)
 }
 
-async fn static_limit(args: &LoopArgs) -> anyhow::Result<Value> {
+async fn static_limit(args: &LoopArgs, stats: bool) -> anyhow::Result<Value> {
     let server = static_server::StaticServer::start()?;
     let url = format!("http://{}", server.address);
-    let workload = Arc::new(SinglePost {
-        run: bodies::run_id(),
-        device_prefix: "bench-dev-".into(),
-        devices: 10_000,
-        authorization: None,
-    });
+    let device_prefix = "bench-dev-".to_owned();
+    let workload: Arc<dyn Workload> = if stats {
+        Arc::new(StatsGet {
+            device_prefix,
+            devices: 10_000,
+        })
+    } else {
+        Arc::new(SinglePost {
+            run: bodies::run_id(),
+            device_prefix,
+            devices: 10_000,
+            authorization: None,
+        })
+    };
     let report = drive(&url, workload, args).await;
     drop(server);
     report
