@@ -35,6 +35,28 @@ pub enum ReadError {
     Rebuilding,
 }
 
+impl ReadError {
+    /// Whether the error comes back on every retry, so that the answer is a `500` to
+    /// fix (logged as an error) rather than a `503` to retry: Redis refusing the read
+    /// for good (its ACL leaves the query's user short of a command, a transaction it
+    /// aborts for that) or a reply this version cannot read (a key of another type,
+    /// a value it cannot parse). Redis away, loading, or the connection lost: `false`.
+    pub fn is_lasting(&self) -> bool {
+        match self {
+            Self::Reply(_) => true,
+            Self::Redis(error) => {
+                matches!(
+                    error.kind(),
+                    redis::ErrorKind::Server(
+                        redis::ServerErrorKind::NoPerm | redis::ServerErrorKind::ExecAbort
+                    ) | redis::ErrorKind::UnexpectedReturnType
+                ) || matches!(error.code(), Some("NOPERM" | "WRONGTYPE"))
+            }
+            Self::CursorLost | Self::CursorExpired | Self::Rebuilding => false,
+        }
+    }
+}
+
 /// One device's figures with its window aggregates, read at one instant.
 #[derive(Debug, Clone)]
 pub struct DeviceView {

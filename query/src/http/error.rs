@@ -61,6 +61,10 @@ impl From<ReadError> for ApiError {
                     LISTING_TTL_MS / 60_000
                 ),
             )]),
+            // Logged as an error when answered (`Internal`).
+            ReadError::Redis(_) | ReadError::Reply(_) if error.is_lasting() => {
+                Self::Internal(format!("reading the read model failed: {error}"))
+            }
             ReadError::Redis(_) | ReadError::Reply(_) => {
                 tracing::warn!(%error, "reading the read model failed");
                 Self::Unavailable

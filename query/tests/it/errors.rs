@@ -220,3 +220,88 @@ fn a_start_refused_over_the_redis_url_names_it_but_not_its_password() {
     );
     assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
 }
+
+/// A Redis user of this test's own (ACL), removed when dropped.
+struct RedisUser {
+    name: String,
+    admin_url: String,
+}
+
+impl RedisUser {
+    /// A user that may do everything but what `rules` take away (`-hmget`, ...).
+    async fn create(env: &TestEnv, rules: &[&str]) -> Self {
+        let name = env.settings.redis.prefix.trim_end_matches(':').to_owned();
+        let mut command = redis::cmd("ACL");
+        command
+            .arg("SETUSER")
+            .arg(&name)
+            .arg("on")
+            .arg(">password")
+            .arg("~*")
+            .arg("&*")
+            .arg("+@all")
+            .arg(rules);
+        let () = command
+            .query_async(&mut env.redis().await)
+            .await
+            .expect("ACL SETUSER");
+        Self {
+            name,
+            admin_url: env.settings.redis.url.clone(),
+        }
+    }
+
+    /// The Redis URL that logs in as this user.
+    fn url(&self) -> String {
+        self.admin_url
+            .replacen("redis://", &format!("redis://{}:password@", self.name), 1)
+    }
+}
+
+impl Drop for RedisUser {
+    fn drop(&mut self) {
+        if let Ok(mut redis) =
+            redis::Client::open(self.admin_url.as_str()).and_then(|client| client.get_connection())
+        {
+            let _: redis::RedisResult<i64> = redis::cmd("ACL")
+                .arg("DELUSER")
+                .arg(&self.name)
+                .query(&mut redis);
+        }
+    }
+}
+
+/// A read Redis refuses for good (here the query's Redis user may not run `HMGET`, an
+/// ACL left short) is a `500` to fix, logged as an error: a retry cannot help. It was a
+/// `503` "retry shortly" for as long as the ACL stayed, while `/readyz` said 200 (Redis
+/// answers its `PING`). Redis away stays a `503`.
+#[tokio::test]
+async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let projector = spawn_projector(&env.settings);
+    eventually(DEADLINE, "the read model to exist", || env.generation()).await;
+    let user = RedisUser::create(&env, &["-hmget"]).await;
+    let mut settings = env.settings.clone();
+    settings.redis.url = user.url();
+    let query = Query::spawn(&settings).await;
+    assert_problem(
+        query.get("/v1/devices/sensor-1/stats").await,
+        500,
+        "internal",
+    )
+    .await;
+    assert_eq!(query.get("/readyz").await.status().as_u16(), 200);
+    query.stop().await;
+
+    settings.redis.url = "redis://127.0.0.1:1".to_owned();
+    let away = Query::spawn(&settings).await;
+    assert_problem(
+        away.get("/v1/devices/sensor-1/stats").await,
+        503,
+        "unavailable",
+    )
+    .await;
+    away.stop().await;
+    projector.stop().await;
+}
