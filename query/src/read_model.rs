@@ -36,25 +36,29 @@ pub enum ReadError {
 }
 
 impl ReadError {
-    /// Whether the error comes back on every retry, so that the answer is a `500` to
-    /// fix (logged as an error) rather than a `503` to retry: Redis refusing the read
-    /// for good (its ACL leaves the query's user short of a command, a transaction it
-    /// aborts for that) or a reply this version cannot read (a key of another type,
-    /// a value it cannot parse). Redis away, loading, or the connection lost: `false`.
+    /// Whether Redis refused the read for good, so that the answer is a `500` to fix
+    /// (logged as an error) rather than a `503` to retry: its ACL leaves the query's
+    /// user short of a command (`NOPERM`), or a key is of another type than the read
+    /// model's (`WRONGTYPE`), also when those came from inside the read's transaction
+    /// (then Redis aborts it, `EXECABORT`, or fails that command alone). Everything
+    /// else is `false`: Redis away or loading, out of memory or busy inside the
+    /// transaction (`OOM`, `LOADING`, `BUSY`), a reply that did not parse.
     pub fn is_lasting(&self) -> bool {
-        match self {
-            Self::Reply(_) => true,
-            Self::Redis(error) => {
-                matches!(
-                    error.kind(),
-                    redis::ErrorKind::Server(
-                        redis::ServerErrorKind::NoPerm | redis::ServerErrorKind::ExecAbort
-                    ) | redis::ErrorKind::UnexpectedReturnType
-                ) || matches!(error.code(), Some("NOPERM" | "WRONGTYPE"))
-            }
-            Self::CursorLost | Self::CursorExpired | Self::Rebuilding => false,
+        let Self::Redis(error) = self else {
+            return false;
+        };
+        if error.code().is_some_and(lasting_code) {
+            return true;
         }
+        error.clone().into_server_errors().is_some_and(|errors| {
+            !errors.is_empty() && errors.iter().all(|(_, error)| lasting_code(error.code()))
+        })
     }
+}
+
+/// Redis's error codes that no retry can help (see [`ReadError::is_lasting`]).
+fn lasting_code(code: &str) -> bool {
+    matches!(code, "NOPERM" | "WRONGTYPE")
 }
 
 /// One device's figures with its window aggregates, read at one instant.

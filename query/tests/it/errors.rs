@@ -272,9 +272,10 @@ impl Drop for RedisUser {
 }
 
 /// A read Redis refuses for good (here the query's Redis user may not run `HMGET`, an
-/// ACL left short) is a `500` to fix, logged as an error: a retry cannot help. It was a
-/// `503` "retry shortly" for as long as the ACL stayed, while `/readyz` said 200 (Redis
-/// answers its `PING`). Redis away stays a `503`.
+/// ACL left short; then a device hash of another type) is a `500` to fix, logged as an
+/// error: a retry cannot help. It was a `503` "retry shortly" for as long as it
+/// lasted, while `/readyz` said 200 (Redis answers its `PING`). Redis away stays a
+/// `503`.
 #[tokio::test]
 async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
     let env = TestEnv::new();
@@ -292,6 +293,27 @@ async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
     )
     .await;
     assert_eq!(query.get("/readyz").await.status().as_u16(), 200);
+    query.stop().await;
+
+    // A device's hash of another type: Redis fails that command inside the read's
+    // transaction.
+    let generation = env.generation().await.expect("a live generation");
+    let stats =
+        contract::read_model::DeviceKeys::new(&env.settings.redis.prefix, generation, "sensor-2")
+            .stats;
+    let () = redis::cmd("SET")
+        .arg(&stats)
+        .arg("not a hash")
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("set");
+    let query = Query::spawn(&env.settings).await;
+    assert_problem(
+        query.get("/v1/devices/sensor-2/stats").await,
+        500,
+        "internal",
+    )
+    .await;
     query.stop().await;
 
     settings.redis.url = "redis://127.0.0.1:1".to_owned();
