@@ -419,7 +419,7 @@ impl Projector {
             hand_back(&to_ack).await;
             return;
         };
-        answer(&to_ack, AckKind::Ack).await;
+        answer(&to_ack, AckKind::Ack, shutdown).await;
         let now = OffsetDateTime::now_utc();
         for item in &delivered {
             let lag = (now - item.event.received_at).as_seconds_f64().max(0.0);

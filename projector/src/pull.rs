@@ -30,6 +30,7 @@ use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subscriber};
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use ingest::bootstrap::nats_connected;
 
@@ -367,30 +368,39 @@ async fn sleep_until_some(until: Option<Instant>) {
 }
 
 /// Hands messages that were not applied back to JetStream (a nak), for the next
-/// projector at once rather than after the ack wait. Returns how many naks were sent.
+/// projector at once rather than after the ack wait. Only on a stop, so it sends what
+/// the client takes without waiting ([`answer`]). Returns how many naks were sent.
 pub(crate) async fn hand_back(messages: &[jetstream::Message]) -> usize {
-    answer(messages, AckKind::Nak(None)).await
+    let stopping = CancellationToken::new();
+    stopping.cancel();
+    answer(messages, AckKind::Nak(None), &stopping).await
 }
 
-/// Answers each of `messages` with `kind` while NATS is connected; returns how many
-/// answers were sent. While NATS is away an answer waits in the client's queue of
-/// commands, and once that is full (2,048 commands) for NATS to come back, and a stop
-/// would wait with it. A message left unanswered comes again after the ack wait (an
-/// applied one is skipped as a duplicate).
-pub(crate) async fn answer(messages: &[jetstream::Message], kind: AckKind) -> usize {
-    let Some(client) = messages.first().map(|message| message.context.client()) else {
-        return 0;
-    };
+/// Answers each of `messages` with `kind`; returns how many answers were sent. An
+/// answer is a publish into the client's queue of commands (2,048), which nobody empties
+/// while NATS is away: once `stop` is cancelled an answer that has to wait for room is
+/// not sent, nor are the ones after it, so a stop never waits for NATS to come back.
+/// A message left unanswered comes again after the ack wait (an applied one is skipped
+/// as a duplicate).
+pub(crate) async fn answer(
+    messages: &[jetstream::Message],
+    kind: AckKind,
+    stop: &CancellationToken,
+) -> usize {
     let mut sent = 0;
     for message in messages {
-        if !nats_connected(&client) {
-            tracing::debug!(
-                unanswered = messages.len() - sent,
-                "NATS is not connected; the messages will be redelivered after the ack wait"
-            );
-            break;
-        }
-        match message.ack_with(kind).await {
+        let answered = tokio::select! {
+            biased;
+            answered = message.ack_with(kind) => answered,
+            _ = stop.cancelled() => {
+                tracing::debug!(
+                    unanswered = messages.len() - sent,
+                    "stopping while NATS takes no answers; the messages will be redelivered after the ack wait"
+                );
+                break;
+            }
+        };
+        match answered {
             Ok(()) => sent += 1,
             Err(error) => tracing::debug!(
                 %error,
