@@ -288,9 +288,12 @@ ensure_postgres() {
 postgres_lets_in() {
     local answer
     command -v psql >/dev/null 2>&1 || return 0
-    answer=$(PGCONNECT_TIMEOUT=5 psql "$1" -w -Atqc 'SELECT 1' 2>&1 </dev/null) && return 0
-    [[ "$answer" == *password* ]] || return 0
-    err "PostgreSQL asks for a password: put one in PIPELINE__DATABASE__URL (postgres://USER:PASSWORD@HOST:PORT/telemetry),"
+    # As the services log in: no password file, no PGPASSWORD; messages in English.
+    answer=$(env -u PGPASSWORD LC_ALL=C PGPASSFILE=/nonexistent/.pgpass PGCONNECT_TIMEOUT=5 \
+        psql "$1" -w -Atqc 'SELECT 1' 2>&1 </dev/null) && return 0
+    [[ "$answer" == *"no password supplied"* || "$answer" == *"password authentication failed"* ]] ||
+        return 0
+    err "PostgreSQL asks for a password (the URL has none, or a wrong one): put it in PIPELINE__DATABASE__URL (postgres://USER:PASSWORD@HOST:PORT/telemetry),"
     err "  or on a development box let local TCP logins in without one: 'host all all 127.0.0.1/32 trust' in"
     err "  /etc/postgresql/<version>/main/pg_hba.conf, then: pg_ctlcluster <version> main reload"
     return 1
@@ -552,9 +555,10 @@ EOF
 ensure_services() {
     local rc=0
     MISSING_PACKAGES=()
-    ensure_postgres || rc=1
-    ensure_redis || rc=1
-    ensure_nats || rc=1
+    # The servers started here outlive the script: they must not keep its run lock.
+    without_run_lock ensure_postgres || rc=1
+    without_run_lock ensure_redis || rc=1
+    without_run_lock ensure_nats || rc=1
     if ((${#MISSING_PACKAGES[@]})); then
         err "missing servers; install them with:  apt-get install ${MISSING_PACKAGES[*]}"
         err "or run everything in Docker with:    docker compose up"
@@ -631,6 +635,8 @@ _spawn() {
     rm -f "$pidfile"
     (
         cd "$REPO_ROOT" || exit 1
+        # A process started here may outlive the script: it must not keep its run lock.
+        [[ -z "${RUN_LOCK_FD:-}" ]] || exec {RUN_LOCK_FD}>&-
         # shellcheck disable=SC2016 # expanded by the inner bash
         exec setsid nohup bash -c 'echo "$$" >"$0.tmp" && mv -f "$0.tmp" "$0" && exec "$@"' \
             "$pidfile" "$@" >>"$logfile" 2>&1 </dev/null
@@ -787,11 +793,24 @@ own_pipeline() {
 one_run_at_a_time() {
     local name=$1 dir=$2
     shift 2
+    command -v flock >/dev/null 2>&1 || die "flock is not installed; install it with:  apt-get install util-linux"
     mkdir -p "$dir"
     exec {RUN_LOCK_FD}>"$dir/.lock"
     flock -n "$RUN_LOCK_FD" ||
         die "another scripts/$name runs in this checkout (it holds $(_rel "$dir")/.lock); wait for it to end"
     require_free_ports "$@"
+}
+
+# without_run_lock COMMAND...: runs COMMAND (a function too) with the run lock's file
+# closed, so that what it starts and leaves running does not hold the lock (bash does not
+# close it on exec; until 2026-12-06 a Redis started by the first scripts/bench kept
+# every later one out).
+without_run_lock() {
+    if [[ -n "${RUN_LOCK_FD:-}" ]]; then
+        "$@" {RUN_LOCK_FD}>&-
+    else
+        "$@"
+    fi
 }
 
 # require_free_ports PORT...: dies naming the first port something listens on.

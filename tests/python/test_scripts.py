@@ -192,3 +192,23 @@ def test_a_postgresql_that_asks_for_a_password_is_named_before_anything_runs():
     finally:
         lib("private_postgres_ctl stop -m immediate")
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_what_a_script_starts_and_leaves_running_does_not_hold_its_run_lock(tmp_path):
+    """bash leaves a file it opened open in what it starts: a server a run started
+    (Redis, PostgreSQL, NATS, each outliving it) kept the run lock, and every later
+    run of that script in the checkout was refused as if the first still ran."""
+    script = """
+        source scripts/lib.sh
+        one_run_at_a_time test "$1"
+        _spawn "$1/spawned.pid" "$1/spawned.log" sleep 30
+        without_run_lock bash -c 'setsid sleep 30 </dev/null >/dev/null 2>&1 & echo $! >"$0/daemon.pid"' "$1"
+    """
+    subprocess.run(["bash", "-c", script, "bash", str(tmp_path)], cwd=REPO, check=True, timeout=30)
+    started = [int((tmp_path / name).read_text()) for name in ("spawned.pid", "daemon.pid")]
+    try:
+        with open(tmp_path / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        for pid in started:
+            os.kill(pid, 15)
