@@ -221,8 +221,7 @@ impl LookUps {
     }
 
     /// Runs `statements` on a pooled connection once a look-up's turn came (waiting for
-    /// it as long as the pool waits for a connection), through [`cancel_if_given_up`]
-    /// (`what` names them in its log).
+    /// it as long as the pool waits for a connection), through [`on_pooled`].
     pub async fn run<T, E>(
         &self,
         what: &'static str,
@@ -238,9 +237,23 @@ impl LookUps {
                 .map_err(|_| anyhow::anyhow!("no turn for a look-up within {wait:?}"))??,
             None => turn.await?,
         };
-        let pooled = self.pool.get().await?;
-        Ok(cancel_if_given_up(pooled, what, statements).await?)
+        on_pooled(&self.pool, what, statements).await
     }
+}
+
+/// Runs `statements` on a connection from `pool` through [`cancel_if_given_up`] (`what`
+/// names them in its log): a wait for the connection that fails, or the statements'
+/// own error, is the error.
+pub async fn on_pooled<T, E>(
+    pool: &Pool,
+    what: &'static str,
+    statements: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, E>,
+) -> anyhow::Result<T>
+where
+    anyhow::Error: From<E>,
+{
+    let pooled = pool.get().await?;
+    Ok(cancel_if_given_up(pooled, what, statements).await?)
 }
 
 /// Runs `statements` on the pooled connection `pooled`, which goes back to the pool once

@@ -727,27 +727,21 @@ impl Relay {
         // Every row below the floor is published: neither statement reads the index
         // entries below it, which a claim skips for the same reason.
         let (floor, _) = lock(&self.claim_floor).current();
-        let backlog = async {
-            let Ok(pooled) = self.pool.get().await else {
-                return;
+        let backlog = db::on_pooled(&self.pool, "outbox backlog gauge", async |client| {
+            let oldest = async {
+                if let Ok(row) = client.query_one(OLDEST_UNPUBLISHED_AGE, &[&floor]).await {
+                    metrics::gauge!("relay_outbox_oldest_age_seconds").set(row.get::<_, f64>(0));
+                }
             };
-            db::cancel_if_given_up(pooled, "outbox backlog gauge", async |client| {
-                let oldest = async {
-                    if let Ok(row) = client.query_one(OLDEST_UNPUBLISHED_AGE, &[&floor]).await {
-                        metrics::gauge!("relay_outbox_oldest_age_seconds")
-                            .set(row.get::<_, f64>(0));
-                    }
-                };
-                let rows = async {
-                    if let Ok(row) = client.query_one(UNPUBLISHED_ROWS, &[&floor]).await {
-                        metrics::gauge!("relay_outbox_backlog_rows")
-                            .set(row.get::<_, i64>(0) as f64);
-                    }
-                };
-                futures::join!(oldest, rows);
-            })
-            .await;
-        };
+            let rows = async {
+                if let Ok(row) = client.query_one(UNPUBLISHED_ROWS, &[&floor]).await {
+                    metrics::gauge!("relay_outbox_backlog_rows").set(row.get::<_, i64>(0) as f64);
+                }
+            };
+            futures::join!(oldest, rows);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        // Neither gauge moves when no connection answered in time.
         let _ = tokio::time::timeout(Duration::from_secs(1), backlog).await;
         let last_sequence = async {
             let mut stream = self
@@ -791,8 +785,7 @@ impl Relay {
     /// statement so that ingest never waits on a long delete. Dropped half-way (a stop),
     /// it cancels the statement under way.
     async fn prune(&self) -> anyhow::Result<()> {
-        let pooled = self.pool.get().await?;
-        db::cancel_if_given_up(pooled, "pruning", async |client| {
+        db::on_pooled(&self.pool, "pruning", async |client| {
             self.prune_on(client).await
         })
         .await
