@@ -439,12 +439,8 @@ impl Projector {
             return Ok(generations);
         }
         let generations = Generations::read(redis, &self.read_model.prefix).await?;
-        self.remember_generations(&generations);
-        Ok(generations)
-    }
-
-    fn remember_generations(&self, generations: &Generations) {
         *self.generations_lock() = Some(generations.clone());
+        Ok(generations)
     }
 
     fn forget_generations(&self) {
@@ -1097,29 +1093,31 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             () = eviction_watch.look(&mut redis) => {}
         }
-        let needed = match generations {
-            Ok(Generations {
-                current: None,
-                building: None,
-                ..
-            }) => true,
-            Ok(Generations {
-                building: Some(_), ..
-            }) => {
-                let holder: redis::RedisResult<Option<String>> = redis::cmd("GET")
-                    .arg(contract::read_model::rebuild_lock_key(&prefix))
-                    .query_async(&mut redis)
-                    .await;
-                matches!(holder, Ok(None))
-            }
-            _ => false,
-        };
+        // While a rebuild of this supervisor's runs, nothing needs looking at.
+        let needed = rebuilding.is_none()
+            && match generations {
+                Ok(Generations {
+                    current: None,
+                    building: None,
+                    ..
+                }) => true,
+                Ok(Generations {
+                    building: Some(_), ..
+                }) => {
+                    let holder: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                        .arg(contract::read_model::rebuild_lock_key(&prefix))
+                        .query_async(&mut redis)
+                        .await;
+                    matches!(holder, Ok(None))
+                }
+                _ => false,
+            };
         // A look at the consumer waits out a request timeout while NATS is down.
         tokio::select! {
             _ = shutdown.cancelled() => break,
             () = watch_consumer(&rebuild, &mut consumer_watch) => {}
         }
-        if needed && rebuilding.is_none() {
+        if needed {
             let (rebuild, shutdown) = (rebuild.clone(), shutdown.clone());
             rebuilding = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                 rebuild.run(&shutdown).await

@@ -62,7 +62,7 @@ impl From<ReadError> for ApiError {
                 ),
             )]),
             // Logged as an error when answered (`Internal`).
-            ReadError::Redis(_) | ReadError::Reply(_) if error.is_lasting() => {
+            ReadError::Redis(_) if error.is_lasting() => {
                 Self::Internal(format!("reading the read model failed: {error}"))
             }
             ReadError::Redis(_) | ReadError::Reply(_) => {
