@@ -286,12 +286,7 @@ async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
     let mut settings = env.settings.clone();
     settings.redis.url = user.url();
     let query = Query::spawn(&settings).await;
-    assert_problem(
-        query.get("/v1/devices/sensor-1/stats").await,
-        500,
-        "internal",
-    )
-    .await;
+    assert_stats_problem(&query, "sensor-1", 500, "internal").await;
     assert_eq!(query.get("/readyz").await.status().as_u16(), 200);
     query.stop().await;
 
@@ -308,22 +303,18 @@ async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
         .await
         .expect("set");
     let query = Query::spawn(&env.settings).await;
-    assert_problem(
-        query.get("/v1/devices/sensor-2/stats").await,
-        500,
-        "internal",
-    )
-    .await;
+    assert_stats_problem(&query, "sensor-2", 500, "internal").await;
     query.stop().await;
 
     settings.redis.url = "redis://127.0.0.1:1".to_owned();
     let away = Query::spawn(&settings).await;
-    assert_problem(
-        away.get("/v1/devices/sensor-1/stats").await,
-        503,
-        "unavailable",
-    )
-    .await;
+    assert_stats_problem(&away, "sensor-1", 503, "unavailable").await;
     away.stop().await;
     projector.stop().await;
+}
+
+/// Asserts that `query` answers `device`'s `/stats` with the problem `status`, `kind`.
+async fn assert_stats_problem(query: &Query, device: &str, status: u16, kind: &str) {
+    let answer = query.get(&format!("/v1/devices/{device}/stats")).await;
+    assert_problem(answer, status, kind).await;
 }
