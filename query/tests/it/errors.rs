@@ -313,8 +313,14 @@ async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
     projector.stop().await;
 }
 
-/// Asserts that `query` answers `device`'s `/stats` with the problem `status`, `kind`.
+/// Asserts that `query` answers `device`'s `/stats` with the problem `status`, `kind`,
+/// with `Retry-After` when it is a `503` and without when a retry cannot help.
 async fn assert_stats_problem(query: &Query, device: &str, status: u16, kind: &str) {
     let answer = query.get(&format!("/v1/devices/{device}/stats")).await;
+    assert_eq!(
+        testkit::header(&answer, "retry-after").is_some(),
+        status == 503,
+        "Retry-After on a {status}"
+    );
     assert_problem(answer, status, kind).await;
 }
