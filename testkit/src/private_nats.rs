@@ -95,6 +95,28 @@ impl PrivateNats {
         }
     }
 
+    /// SIGTERM, and waits (at most 15 s) until the server has exited: it writes what it
+    /// holds to its files first, each consumer's position included.
+    pub fn stop(&mut self) {
+        let Some(mut process) = self.process.take() else {
+            return;
+        };
+        crate::process::signal(process.id(), "-TERM");
+        let started = Instant::now();
+        while process
+            .try_wait()
+            .expect("the private nats-server's status")
+            .is_none()
+        {
+            if started.elapsed() > Duration::from_secs(15) {
+                let _ = process.kill();
+                let _ = process.wait();
+                panic!("private nats-server did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGSTOP: the server holds its connections open and reads nothing from them, so
     /// what a client writes now is lost when the server is then killed.
     pub fn freeze(&self) {
@@ -154,8 +176,11 @@ impl PrivateNats {
         .expect("stream store truncated")
     }
 
-    /// An OS crash of the NATS host before nats-server 2.9's fsync: kills the server,
-    /// cuts the stream's last block to half, starts the server again and waits until it
+    /// An OS crash of the NATS host before nats-server 2.9's fsync, one that lost the
+    /// stream's newest records but not the files the server rewrites (each consumer's
+    /// position): stops the server cleanly, so that those files hold its latest state
+    /// (after a SIGKILL whether they do would depend on the server's flush timer), cuts
+    /// the stream's last block to half, starts the server again and waits until it
     /// answers for the stream it rebuilds. Returns the stream's last sequence then,
     /// checked to have gone back from `last_before` (and not to nothing).
     pub async fn crash_losing_tail(&mut self, stream: &str, last_before: u64) -> u64 {
@@ -167,7 +192,7 @@ impl PrivateNats {
     /// down until [`Self::restart_after_crash`]. Returns the block's size before and
     /// after the cut, for that call.
     pub fn crash_cutting_tail(&mut self, stream: &str) -> (u64, u64) {
-        self.kill();
+        self.stop();
         self.truncate_stream(stream, 0.5)
     }
 

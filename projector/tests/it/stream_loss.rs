@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer;
 use contract::event::TelemetryRecorded;
 use testkit::process::ServiceProcess;
 use testkit::{eventually, PrivateNats, TestEnv};
@@ -38,8 +39,14 @@ async fn sample_count(env: &TestEnv) -> Option<u64> {
 
 /// Waits until the consumer is no longer ahead of a stream that went back to
 /// `last_after`, then publishes `AFTER_CRASH` new events and waits until the device
-/// counts them and its `BEFORE_CRASH`; returns that count.
-async fn repaired_then_projecting(env: &TestEnv, last_after: u64) -> u64 {
+/// counts them and its `BEFORE_CRASH`; returns that count. Checks that the consumer
+/// is a new one, not `before_crash` (whose position the restarted server could only
+/// have lost with the stream's tail if the crash had not kept it).
+async fn repaired_then_projecting(
+    env: &TestEnv,
+    last_after: u64,
+    before_crash: &consumer::Info,
+) -> u64 {
     let jetstream = env.jetstream().await;
     eventually(
         CATCH_UP,
@@ -56,6 +63,11 @@ async fn repaired_then_projecting(env: &TestEnv, last_after: u64) -> u64 {
         (sample_count(env).await? == expected).then_some(())
     })
     .await;
+    assert_ne!(
+        consumer_info(env, &jetstream).await.created,
+        before_crash.created,
+        "the durable consumer recreated"
+    );
     expected
 }
 
@@ -65,13 +77,13 @@ async fn a_running_projector_recreates_its_consumer_when_the_stream_goes_back_be
     let (env, jetstream) = private_env(&nats).await;
     let projector = Projector::spawn(&env.settings).await;
     publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
-    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+    let before_crash = drained(&env, &jetstream, BEFORE_CRASH as u64).await;
 
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
         .await;
     // The consumer must no longer be ahead of the stream before new events arrive.
-    repaired_then_projecting(&env, last_after).await;
+    repaired_then_projecting(&env, last_after, &before_crash).await;
     projector.stop().await;
 }
 
@@ -87,7 +99,7 @@ async fn a_consumer_recreated_after_the_stream_went_back_waits_the_configured_ac
     env.settings.projector.dedup_horizon_secs = 10;
     let projector = Projector::spawn(&env.settings).await;
     publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
-    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+    let before_crash = drained(&env, &jetstream, BEFORE_CRASH as u64).await;
     let stream = jetstream
         .get_stream(env.subjects.stream())
         .await
@@ -103,7 +115,7 @@ async fn a_consumer_recreated_after_the_stream_went_back_waits_the_configured_ac
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
         .await;
-    repaired_then_projecting(&env, last_after).await;
+    repaired_then_projecting(&env, last_after, &before_crash).await;
     assert_eq!(
         consumer_info(&env, &env.jetstream().await)
             .await
@@ -122,7 +134,7 @@ async fn a_projector_started_after_the_stream_went_back_still_gets_the_events_th
     let (env, jetstream) = private_env(&nats).await;
     let projector = Projector::spawn(&env.settings).await;
     publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
-    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+    let before_crash = drained(&env, &jetstream, BEFORE_CRASH as u64).await;
     // The supervisor remembers the consumer's ack floor in Redis.
     let redis = env.redis().await;
     let anchor_key = contract::read_model::consumer_anchor_key(
@@ -156,6 +168,11 @@ async fn a_projector_started_after_the_stream_went_back_still_gets_the_events_th
         (sample_count(&env).await? == expected).then_some(())
     })
     .await;
+    assert_ne!(
+        consumer_info(&env, &jetstream).await.created,
+        before_crash.created,
+        "the durable consumer recreated"
+    );
     projector.stop().await;
 }
 
@@ -177,7 +194,7 @@ async fn several_projectors_repair_the_consumer_once_between_them() {
     // consumer sees the stream holding these.
     publish_many(&env, &jetstream, &events(BEFORE_CRASH)).await;
     let projectors: Vec<ServiceProcess> = (0..2).map(|_| projector_process(&env, &[])).collect();
-    drained(&env, &jetstream, BEFORE_CRASH as u64).await;
+    let before_crash = drained(&env, &jetstream, BEFORE_CRASH as u64).await;
     // Each supervisor looks at the consumer every second and keeps its own anchor. A
     // look that reports nothing pending and nothing awaiting an ack saw the ack floor at
     // the last event, and took its anchor there, which the loss will replace.
@@ -194,7 +211,7 @@ async fn several_projectors_repair_the_consumer_once_between_them() {
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), BEFORE_CRASH as u64)
         .await;
-    let expected = repaired_then_projecting(&env, last_after).await;
+    let expected = repaired_then_projecting(&env, last_after, &before_crash).await;
     // Three more looks by each: a projector still judging by its anchor of the deleted
     // consumer would have repaired the new one by now.
     tokio::time::sleep(Duration::from_secs(3)).await;
