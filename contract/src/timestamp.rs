@@ -14,8 +14,14 @@ pub fn format(instant: OffsetDateTime) -> String {
         .unwrap_or_else(|_| instant.unix_timestamp().to_string())
 }
 
-/// Parses an RFC 3339 timestamp with an offset.
+/// Parses an RFC 3339 timestamp with an offset, its date and time separated by `T`,
+/// `t` or a space (RFC 3339 §5.6 lets an application use one).
 pub fn parse(text: &str) -> Option<OffsetDateTime> {
+    // `time` takes any byte for the separator, so that `2026-11-22110:15:30Z` would
+    // read as 10:15:30. The date before it is always ten bytes.
+    if !matches!(text.as_bytes().get(10), Some(b'T' | b't' | b' ')) {
+        return None;
+    }
     OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
@@ -55,6 +61,22 @@ mod tests {
             format_millis(millis).as_deref(),
             Some("2026-11-22T10:15:30.25Z")
         );
+    }
+
+    #[test]
+    fn parse_takes_only_the_separators_rfc_3339_names() {
+        let instant = parse("2026-11-22T10:15:30Z").expect("valid timestamp");
+        assert_eq!(parse("2026-11-22t10:15:30Z"), Some(instant));
+        assert_eq!(parse("2026-11-22 10:15:30Z"), Some(instant));
+        for text in [
+            "2026-11-22X10:15:30Z",
+            "2026-11-22_10:15:30Z",
+            // The `1` would be taken for the separator: 10:15:30, not 11:10:15.
+            "2026-11-22110:15:30Z",
+            "2026-11-22",
+        ] {
+            assert_eq!(parse(text), None, "{text}");
+        }
     }
 
     #[test]

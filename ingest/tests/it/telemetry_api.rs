@@ -299,6 +299,15 @@ async fn readings_that_break_a_rule_are_422_naming_the_field() {
             "recorded_at",
         ),
         (
+            // RFC 3339 separates the date from the time by `T` (a space at most).
+            json!({"device_id": "sensor-1", "recorded_at": format(now).replacen('T', "X", 1), "metrics": {"t": 1}}),
+            "recorded_at",
+        ),
+        (
+            json!({"device_id": "sensor-1", "recorded_at": format(now).replacen('T', "1", 1), "metrics": {"t": 1}}),
+            "recorded_at",
+        ),
+        (
             json!({"device_id": "sensor-1", "recorded_at": format(now + time::Duration::minutes(6)), "metrics": {"t": 1}}),
             "recorded_at",
         ),
