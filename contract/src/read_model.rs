@@ -10,7 +10,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt), `layout` (of the current one, [`LAYOUT`]) |
+//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt), `layout` (of the current one, [`LAYOUT`]), `redis_run` (the Redis server it was built on, [`meta::REDIS_RUN`]) |
 //! | `<p>rebuild-lock` | string | who is rebuilding, with an expiry |
 //! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
@@ -59,6 +59,10 @@ pub mod meta {
     pub const REPLAY_THROUGH: &str = "replay_through";
     /// The [`LAYOUT`](super::LAYOUT) the current generation was built with.
     pub const LAYOUT: &str = "layout";
+    /// The `run_id` of the Redis server the current generation was built on (or first
+    /// seen on): a server that restarted and loaded the read model from its files has
+    /// another, and the read model lacks what was applied after the files were written.
+    pub const REDIS_RUN: &str = "redis_run";
     /// The fields to `HMGET` for [`live_generation`](super::live_generation), in its
     /// argument order.
     pub const LIVE: &[&str] = &[GENERATION, LAYOUT];

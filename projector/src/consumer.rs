@@ -28,6 +28,7 @@ use crate::dlq;
 use crate::eviction::EvictionWatch;
 use crate::pull::{answer, hand_back, Pulls};
 use crate::rebuild::{Generations, Rebuild, RebuildError};
+use crate::restart::RestartWatch;
 
 /// How long a stopping projector waits for its last acks to leave.
 const ACK_FLUSH_DEADLINE: Duration = Duration::from_secs(1);
@@ -1067,7 +1068,8 @@ pub async fn take_anchor(rebuild: &Rebuild) {
 }
 
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
-/// a Redis restart) or when a rebuild was abandoned by a process that died. Several
+/// a Redis restart), when Redis restarted and loaded it from its files
+/// ([`RestartWatch`]), or when a rebuild was abandoned by a process that died. Several
 /// projectors may run this; the rebuild lock lets one of them do the work. Every second
 /// it also looks at the durable consumer (`watch_consumer`), and every few seconds at
 /// whether Redis may evict keys ([`EvictionWatch`]).
@@ -1076,6 +1078,7 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
     let prefix = rebuild.read_model.prefix.clone();
     let mut consumer_watch = ConsumerWatch::new(&rebuild);
     let mut eviction_watch = EvictionWatch::default();
+    let mut restart_watch = RestartWatch::default();
     // A rebuild replays the stream, minutes of it maybe: it runs in a task of its own, so
     // the looks at the consumer (its gauges, its anchor, the repair of a stream that went
     // back) and at Redis go on meanwhile. Aborted when dropped, with the supervisor.
@@ -1093,6 +1096,10 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             () = eviction_watch.look(&mut redis) => {}
         }
+        let reloaded = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            reloaded = restart_watch.reloaded(&mut redis, &prefix) => reloaded,
+        };
         // While a rebuild of this supervisor's runs, nothing needs looking at.
         let needed = rebuilding.is_none()
             && match generations {
@@ -1110,7 +1117,8 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
                         .await;
                     matches!(holder, Ok(None))
                 }
-                _ => false,
+                Ok(Generations { building: None, .. }) => reloaded,
+                Err(_) => false,
             };
         // A look at the consumer waits out a request timeout while NATS is down.
         tokio::select! {

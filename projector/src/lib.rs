@@ -14,6 +14,7 @@
 //!   stream refuses the full one), and listing and re-driving them (`projector dlq`).
 //! - [`eviction`]: whether Redis may evict the read model's keys.
 //! - [`rebuild`]: generations, `projector rebuild`, and healing a lost read model.
+//! - [`restart`]: whether Redis restarted with a read model loaded from its files.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics` on the admin port.
 //! - `lock`: expiring locks in Redis (the rebuild's, the consumer repair's).
 //! - `pull`: the consumer's pull requests, sent by the projector itself so a stop hands
@@ -27,6 +28,7 @@ pub mod eviction;
 mod lock;
 mod pull;
 pub mod rebuild;
+pub mod restart;
 
 use std::time::Duration;
 
@@ -73,6 +75,7 @@ pub async fn run(
         ("projector_errors_total", &[]),
         ("projector_consumer_recreated_total", &[]),
         ("projector_redelivered_total", &[]),
+        ("projector_redis_reloads_total", &[]),
     ]);
     for reason in contract::event::DecodeError::REASONS {
         consumer::count_dead_letters(reason, 0);

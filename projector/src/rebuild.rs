@@ -300,6 +300,9 @@ impl Rebuild {
             ?replay_through,
             "rebuilding the read model from the stream"
         );
+        // Read before the replay: a server that restarts during it and loads its files
+        // has another, and the supervisor rebuilds again.
+        let built_on = crate::restart::run_id(&mut redis).await.unwrap_or_default();
         let replayed = self
             .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
             .await?;
@@ -309,6 +312,7 @@ impl Rebuild {
             .arg(generation)
             .arg(owner)
             .arg(LAYOUT)
+            .arg(built_on)
             .invoke_async(&mut redis)
             .await?;
         if switched != 1 {
@@ -548,14 +552,15 @@ async fn keep_lock(
     }
 }
 
-/// Makes `generation` live (of this layout), but only if this rebuild still owns the lock
-/// and the build.
+/// Makes `generation` live (of this layout, built on the Redis run `ARGV[4]`, or on one
+/// not known when empty), but only if this rebuild still owns the lock and the build.
 fn switch_script() -> Script {
     Script::new(
         "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
          if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
          redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3])
-         redis.call('HDEL', KEYS[1], 'building', 'replay_through')
+         redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'redis_run')
+         if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'redis_run', ARGV[4]) end
          return 1",
     )
 }

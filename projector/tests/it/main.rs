@@ -9,6 +9,7 @@ mod lifecycle;
 mod metrics;
 mod projection;
 mod redelivery;
+mod redis_restart;
 mod replay;
 mod stream_loss;
 mod support;
