@@ -49,8 +49,47 @@ pub const BATCH_MAX: usize = 1000;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody<'a> {
-    #[serde(borrow)]
+    /// At most [`BATCH_MAX`] + 1 items, which is enough to tell a batch too long: the
+    /// rest of a longer array is checked as JSON and not kept.
+    #[serde(borrow, deserialize_with = "one_past_batch_max")]
     pub readings: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// The items of a batch's `readings` array, keeping none past the first
+/// [`BATCH_MAX`] + 1. A 1 MiB body of `0,0,0,…` holds half a million items, and a slice
+/// of the body for each took 16 bytes: 8 MiB a request before its length was refused.
+fn one_past_batch_max<'de, D>(
+    deserializer: D,
+) -> Result<Vec<&'de serde_json::value::RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct OnePast;
+
+    impl<'de> serde::de::Visitor<'de> for OnePast {
+        type Value = Vec<&'de serde_json::value::RawValue>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("an array of readings")
+        }
+
+        fn visit_seq<A>(self, mut items: A) -> Result<Self::Value, A::Error>
+        where
+            A: serde::de::SeqAccess<'de>,
+        {
+            let mut kept = Vec::with_capacity(items.size_hint().unwrap_or(0).min(BATCH_MAX + 1));
+            while kept.len() <= BATCH_MAX {
+                match items.next_element()? {
+                    Some(item) => kept.push(item),
+                    None => return Ok(kept),
+                }
+            }
+            while items.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(kept)
+        }
+    }
+
+    deserializer.deserialize_seq(OnePast)
 }
 
 /// One item of a batch: a reading with its own idempotency key.
@@ -399,6 +438,30 @@ mod tests {
 
     fn body(json: &str) -> ReadingBody {
         serde_json::from_str(json).expect("test body is well-formed")
+    }
+
+    #[test]
+    fn a_batch_keeps_no_item_past_one_over_its_limit() {
+        let items = |count: usize| {
+            let items = vec![r#"{"device_id":"d"}"#; count].join(",");
+            format!(r#"{{"readings":[{items}]}}"#)
+        };
+        for count in [0, 1, BATCH_MAX, BATCH_MAX + 1] {
+            let json = items(count);
+            let batch: BatchBody = serde_json::from_str(&json).expect("well-formed");
+            assert_eq!(batch.readings.len(), count);
+        }
+        let json = items(50_000);
+        let batch: BatchBody = serde_json::from_str(&json).expect("well-formed");
+        assert_eq!(batch.readings.len(), BATCH_MAX + 1);
+        // What is not kept is still read as JSON.
+        let broken = format!(r#"{{"readings":[{}, {{]}}"#, vec!["0"; 2000].join(","));
+        assert!(serde_json::from_str::<BatchBody>(&broken).is_err());
+        let unknown = format!(
+            r#"{{"readings":[{}],"extra":1}}"#,
+            vec!["0"; 2000].join(",")
+        );
+        assert!(serde_json::from_str::<BatchBody>(&unknown).is_err());
     }
 
     fn now() -> OffsetDateTime {
