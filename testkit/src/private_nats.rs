@@ -98,9 +98,10 @@ impl PrivateNats {
     /// SIGTERM, and waits (at most 15 s) until the server has exited: it writes what it
     /// holds to its files first, each consumer's position included.
     pub fn stop(&mut self) {
-        let Some(mut process) = self.process.take() else {
+        let Some(process) = &mut self.process else {
             return;
         };
+        // Kept in `self` until it has exited: a panic here leaves it to `Drop`'s kill.
         crate::process::signal(process.id(), "-TERM");
         let started = Instant::now();
         while process
@@ -108,13 +109,13 @@ impl PrivateNats {
             .expect("the private nats-server's status")
             .is_none()
         {
-            if started.elapsed() > Duration::from_secs(15) {
-                let _ = process.kill();
-                let _ = process.wait();
-                panic!("private nats-server did not stop within 15 s of SIGTERM");
-            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "private nats-server did not stop within 15 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.process = None;
     }
 
     /// SIGSTOP: the server holds its connections open and reads nothing from them, so
