@@ -1068,8 +1068,8 @@ pub async fn take_anchor(rebuild: &Rebuild) {
 }
 
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
-/// a Redis restart), when Redis restarted and loaded it from its files
-/// ([`RestartWatch`]), or when a rebuild was abandoned by a process that died. Several
+/// a Redis restart), when Redis restarted and loaded it from its files while the stream
+/// still holds every event ([`RestartWatch`]), or when a rebuild was abandoned by a process that died. Several
 /// projectors may run this; the rebuild lock lets one of them do the work. Every second
 /// it also looks at the durable consumer (`watch_consumer`), and every few seconds at
 /// whether Redis may evict keys ([`EvictionWatch`]).
@@ -1098,7 +1098,7 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
         }
         let reloaded = tokio::select! {
             _ = shutdown.cancelled() => break,
-            reloaded = restart_watch.reloaded(&mut redis, &prefix) => reloaded,
+            reloaded = restart_watch.reloaded(&rebuild) => reloaded,
         };
         // While a rebuild of this supervisor's runs, nothing needs looking at.
         let needed = rebuilding.is_none()

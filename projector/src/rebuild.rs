@@ -302,7 +302,11 @@ impl Rebuild {
         );
         // Read before the replay: a server that restarts during it and loads its files
         // has another, and the supervisor rebuilds again.
-        let built_on = crate::restart::run_id(&mut redis).await.unwrap_or_default();
+        let built_on = crate::restart::run_id(&mut redis)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let replayed = self
             .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
             .await?;

@@ -1,29 +1,35 @@
-//! Whether Redis restarted and loaded the read model from its files.
+//! Whether Redis restarted, or another server took over, with the read model loaded
+//! from files or a replica.
 //!
-//! A Redis that saves snapshots (Debian's `redis-server` package does by default) and
-//! is killed — the OOM killer, a host crash — comes back with the read model as of its
-//! last save. The figures then lack every event applied after it, and the durable
-//! consumer never delivers those again: they were acked. Nothing errors; the numbers
-//! are just short, for good. (A Redis that keeps nothing comes back empty, and the
+//! A Redis that saves snapshots (the default of `redis-server` without a config file,
+//! and of Debian's package) and is killed — the OOM killer, a host crash — comes back
+//! with the read model as of its last save. The figures then lack every event applied
+//! after it, and the durable consumer never delivers those again: they were acked.
+//! Nothing errors; the numbers are just short, for good. A replica promoted by a
+//! failover can lag the same way. (A Redis that keeps nothing comes back empty, and the
 //! missing read model is rebuilt: that case is the supervisor's own.)
 //!
-//! Redis gives itself a new `run_id` at every start. The meta hash keeps the one of the
-//! server its live generation was built on (`redis_run`, written by the rebuild's
-//! switch, or by the first look at a read model without one). A read model that came
-//! back from a file brings the old `run_id` with it: the projector rebuilds it from the
-//! stream, which holds the events the file missed. A restart that lost nothing (an
-//! append-only file synced at every write, a clean `SHUTDOWN SAVE`) is rebuilt too:
-//! the projector cannot tell the two apart, and a replay is only time.
+//! Redis gives itself a new `run_id` at every start, and every server has its own. The
+//! meta hash keeps the one of the server its live generation was built on (`redis_run`,
+//! written by the rebuild's switch, or by the first look at a read model without one).
+//! A read model that carries another came back from a file or a replica. Whether it
+//! lost anything the projector cannot tell (a clean `SHUTDOWN SAVE` loses nothing), so:
+//! - while the stream still holds every event it was ever given (its first sequence is
+//!   1), the read model is rebuilt from it, which restores it exactly;
+//! - once the stream has let its oldest events go (its retention), a rebuild would cut
+//!   every device's all-time figures back to what the stream holds, so the projector
+//!   only says so — a WARN, `projector_redis_reloads_total`, the `RedisReloaded` alert —
+//!   and an operator decides whether to run `projector rebuild`.
 
 use contract::read_model::{meta, meta_key};
 use redis::aio::ConnectionLike;
 
-/// The server's `run_id`, from `INFO server`; `None` when it does not answer or says
-/// none.
-pub async fn run_id(redis: &mut impl ConnectionLike) -> Option<String> {
-    let info: redis::RedisResult<String> =
-        redis::cmd("INFO").arg("server").query_async(redis).await;
-    run_id_of(&info.ok()?).map(str::to_owned)
+use crate::rebuild::Rebuild;
+
+/// The server's `run_id`, from `INFO server`; `Ok(None)` when the answer has none.
+pub async fn run_id(redis: &mut impl ConnectionLike) -> redis::RedisResult<Option<String>> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(redis).await?;
+    Ok(run_id_of(&info).map(str::to_owned))
 }
 
 /// The `run_id` field of an `INFO server` answer.
@@ -33,60 +39,112 @@ pub fn run_id_of(info: &str) -> Option<&str> {
         .filter(|run_id| !run_id.is_empty())
 }
 
-/// Compares the server's `run_id` with the read model's at each look, and says so once
-/// per server when they differ.
+/// Compares the server's `run_id` with the read model's at each look, and says once per
+/// server what it found.
 #[derive(Debug, Default)]
 pub struct RestartWatch {
-    /// The `run_id` of the server last found to hold a reloaded read model.
-    warned_about: Option<String>,
+    /// The `run_id` of the server last found to hold a read model built on another.
+    reported: Option<String>,
+    /// Whether a server that refuses `INFO` (an ACL without `@dangerous`) was reported.
+    refused_reported: bool,
 }
 
 impl RestartWatch {
-    /// True when the live read model was built on another run of the server than this
-    /// one, so that it must be rebuilt. A read model without a `redis_run` (one built
-    /// before projectors kept it) is taken as this run's and marked so; no read model,
-    /// or a server that does not answer, is not a reloaded one.
-    pub async fn reloaded(&mut self, redis: &mut impl ConnectionLike, prefix: &str) -> bool {
-        let Some(run_id) = run_id(redis).await else {
-            return false;
+    /// True when the live read model was built on another server or run than this one
+    /// and the stream still holds every event, so that a rebuild restores it exactly.
+    /// A read model without a `redis_run` (one built before projectors kept it) is taken
+    /// as this server's and marked so; no read model, a server or a NATS that does not
+    /// answer, is no reason to rebuild (the next look tries again).
+    pub async fn reloaded(&mut self, rebuild: &Rebuild) -> bool {
+        let mut redis = rebuild.redis.clone();
+        let run_id = match run_id(&mut redis).await {
+            Ok(Some(run_id)) => run_id,
+            Ok(None) => return false,
+            Err(error) => {
+                // A server's own refusal carries a code (NOPERM, ERR); one away, none.
+                if error.code().is_some() && !self.refused_reported {
+                    self.refused_reported = true;
+                    tracing::warn!(
+                        %error,
+                        "Redis refuses INFO: a restart that loads an old read model from its \
+                         files cannot be told, and would leave figures short"
+                    );
+                }
+                return false;
+            }
         };
-        let key = meta_key(prefix);
+        let key = meta_key(&rebuild.read_model.prefix);
         let fields: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("HMGET")
             .arg(&key)
             .arg(meta::GENERATION)
             .arg(meta::REDIS_RUN)
-            .query_async(redis)
+            .query_async(&mut redis)
             .await;
-        match fields {
+        let built_on = match fields {
             Ok((Some(_), None)) => {
-                let marked: redis::RedisResult<i64> = redis::cmd("HSETNX")
-                    .arg(&key)
-                    .arg(meta::REDIS_RUN)
-                    .arg(&run_id)
-                    .query_async(redis)
-                    .await;
-                if let Err(error) = marked {
-                    tracing::debug!(%error, "marking the read model with the Redis run failed");
-                }
-                false
+                mark(&mut redis, &key, &run_id, "HSETNX").await;
+                return false;
             }
-            Ok((Some(_), Some(built_on))) if built_on != run_id => {
-                if self.warned_about.as_ref() != Some(&run_id) {
-                    metrics::counter!("projector_redis_reloads_total").increment(1);
-                    tracing::warn!(
-                        built_on,
-                        run_id,
-                        "Redis restarted and loaded the read model from its files: it lacks \
-                         what was applied after they were written, so it is rebuilt from the \
-                         stream; run Redis without persistence (save \"\", appendonly no)"
-                    );
-                    self.warned_about = Some(run_id);
-                }
-                true
+            Ok((Some(_), Some(built_on))) if built_on != run_id => built_on,
+            _ => return false,
+        };
+        let Some(first_sequence) = first_sequence(rebuild).await else {
+            return false;
+        };
+        let holds_everything = first_sequence <= 1;
+        if self.reported.as_ref() != Some(&run_id) {
+            self.reported = Some(run_id.clone());
+            metrics::counter!("projector_redis_reloads_total").increment(1);
+            if holds_everything {
+                tracing::warn!(
+                    built_on,
+                    run_id,
+                    "the read model was built on another Redis run or server: it came back \
+                     from files or a replica and may lack what was applied since; the stream \
+                     holds every event, so it is rebuilt from it"
+                );
+            } else {
+                tracing::warn!(
+                    built_on,
+                    run_id,
+                    first_sequence,
+                    "the read model was built on another Redis run or server: it came back \
+                     from files or a replica and may lack what was applied since; not rebuilt, \
+                     as the stream no longer holds its oldest events and a rebuild would cut \
+                     all-time figures to its retention (projector rebuild does it)"
+                );
             }
-            _ => false,
         }
+        if !holds_everything {
+            // Taken as this server's from now on: reported once, not rebuilt.
+            mark(&mut redis, &key, &run_id, "HSET").await;
+        }
+        holds_everything
     }
+}
+
+/// Sets the meta hash's `redis_run` to `run_id` (`command`: `HSET`, or `HSETNX` to
+/// leave one already there).
+async fn mark(redis: &mut impl ConnectionLike, key: &str, run_id: &str, command: &str) {
+    let marked: redis::RedisResult<i64> = redis::cmd(command)
+        .arg(key)
+        .arg(meta::REDIS_RUN)
+        .arg(run_id)
+        .query_async(redis)
+        .await;
+    if let Err(error) = marked {
+        tracing::debug!(%error, "marking the read model with the Redis run failed");
+    }
+}
+
+/// The stream's first sequence: above 1 once it let its oldest events go.
+async fn first_sequence(rebuild: &Rebuild) -> Option<u64> {
+    let mut stream = rebuild
+        .jetstream
+        .get_stream(rebuild.subjects.stream())
+        .await
+        .ok()?;
+    Some(stream.info().await.ok()?.state.first_sequence)
 }
 
 #[cfg(test)]
