@@ -1096,30 +1096,34 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             () = eviction_watch.look(&mut redis) => {}
         }
-        let reloaded = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            reloaded = restart_watch.reloaded(&rebuild) => reloaded,
-        };
         // While a rebuild of this supervisor's runs, nothing needs looking at.
-        let needed = rebuilding.is_none()
-            && match generations {
+        let needed = match (&rebuilding, &generations) {
+            (Some(_), _) | (None, Err(_)) => false,
+            (
+                None,
                 Ok(Generations {
                     current: None,
                     building: None,
                     ..
-                }) => true,
+                }),
+            ) => true,
+            (
+                None,
                 Ok(Generations {
                     building: Some(_), ..
-                }) => {
-                    let holder: redis::RedisResult<Option<String>> = redis::cmd("GET")
-                        .arg(contract::read_model::rebuild_lock_key(&prefix))
-                        .query_async(&mut redis)
-                        .await;
-                    matches!(holder, Ok(None))
-                }
-                Ok(Generations { building: None, .. }) => reloaded,
-                Err(_) => false,
-            };
+                }),
+            ) => {
+                let holder: redis::RedisResult<Option<String>> = redis::cmd("GET")
+                    .arg(contract::read_model::rebuild_lock_key(&prefix))
+                    .query_async(&mut redis)
+                    .await;
+                matches!(holder, Ok(None))
+            }
+            (None, Ok(live)) => tokio::select! {
+                _ = shutdown.cancelled() => break,
+                reloaded = restart_watch.reloaded(&rebuild, live) => reloaded,
+            },
+        };
         // A look at the consumer waits out a request timeout while NATS is down.
         tokio::select! {
             _ = shutdown.cancelled() => break,

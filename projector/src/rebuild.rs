@@ -84,6 +84,9 @@ pub struct Generations {
     /// none): a batch applied with these generations writes nothing if they changed
     /// since ([`ReadModel::apply_as_of`]).
     pub fields: [String; 3],
+    /// The meta hash's `redis_run`: the Redis server the live generation was built on
+    /// (see [`crate::restart`]).
+    pub redis_run: Option<String>,
 }
 
 /// The live projectors' ack floor when a build began (`stream_sequence`) and the time
@@ -126,23 +129,29 @@ impl ReplayThrough {
     }
 }
 
+/// The meta hash's `generation`, `layout`, `building`, `replay_through` and `redis_run`.
+type MetaFields = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
 impl Generations {
     pub async fn read(
         connection: &mut ConnectionManager,
         prefix: &str,
     ) -> redis::RedisResult<Self> {
-        let (generation, layout, building, replay_through): (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        ) = redis::cmd("HMGET")
-            .arg(meta_key(prefix))
-            .arg(meta::LIVE)
-            .arg(meta::BUILDING)
-            .arg(meta::REPLAY_THROUGH)
-            .query_async(connection)
-            .await?;
+        let (generation, layout, building, replay_through, redis_run): MetaFields =
+            redis::cmd("HMGET")
+                .arg(meta_key(prefix))
+                .arg(meta::LIVE)
+                .arg(meta::BUILDING)
+                .arg(meta::REPLAY_THROUGH)
+                .arg(meta::REDIS_RUN)
+                .query_async(connection)
+                .await?;
         let replay_through = match replay_through {
             None => None,
             Some(text) => Some(ReplayThrough::decode(&text).ok_or((
@@ -175,6 +184,7 @@ impl Generations {
             outdated: generation.filter(|_| current.is_none()),
             replay_through,
             fields,
+            redis_run,
         })
     }
 

@@ -24,7 +24,7 @@
 use contract::read_model::{meta, meta_key};
 use redis::aio::ConnectionLike;
 
-use crate::rebuild::Rebuild;
+use crate::rebuild::{Generations, Rebuild};
 
 /// The server's `run_id`, from `INFO server`; `Ok(None)` when the answer has none.
 pub async fn run_id(redis: &mut impl ConnectionLike) -> redis::RedisResult<Option<String>> {
@@ -50,12 +50,16 @@ pub struct RestartWatch {
 }
 
 impl RestartWatch {
-    /// True when the live read model was built on another server or run than this one
-    /// and the stream still holds every event, so that a rebuild restores it exactly.
-    /// A read model without a `redis_run` (one built before projectors kept it) is taken
-    /// as this server's and marked so; no read model, a server or a NATS that does not
-    /// answer, is no reason to rebuild (the next look tries again).
-    pub async fn reloaded(&mut self, rebuild: &Rebuild) -> bool {
+    /// True when the live read model, as the supervisor just read the meta hash
+    /// (`generations`), was built on another server or run than this one and the stream
+    /// still holds every event, so that a rebuild restores it exactly. A read model
+    /// without a `redis_run` (one built before projectors kept it) is taken as this
+    /// server's and marked so; no read model, a server or a NATS that does not answer,
+    /// is no reason to rebuild (the next look tries again).
+    pub async fn reloaded(&mut self, rebuild: &Rebuild, generations: &Generations) -> bool {
+        if generations.current.is_none() {
+            return false;
+        }
         let mut redis = rebuild.redis.clone();
         let run_id = match run_id(&mut redis).await {
             Ok(Some(run_id)) => run_id,
@@ -74,19 +78,13 @@ impl RestartWatch {
             }
         };
         let key = meta_key(&rebuild.read_model.prefix);
-        let fields: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("HMGET")
-            .arg(&key)
-            .arg(meta::GENERATION)
-            .arg(meta::REDIS_RUN)
-            .query_async(&mut redis)
-            .await;
-        let built_on = match fields {
-            Ok((Some(_), None)) => {
+        let built_on = match &generations.redis_run {
+            None => {
                 mark(&mut redis, &key, &run_id, "HSETNX").await;
                 return false;
             }
-            Ok((Some(_), Some(built_on))) if built_on != run_id => built_on,
-            _ => return false,
+            Some(built_on) if *built_on != run_id => built_on,
+            Some(_) => return false,
         };
         let Some(first_sequence) = first_sequence(rebuild).await else {
             return false;
