@@ -229,6 +229,25 @@ async fn batch_limits_are_enforced_as_problems() {
         "invalid-reading",
     )
     .await;
+    // Far past the limit and under 1 MiB: the items past the 1001st are only read as
+    // JSON (a broken one is still a 400), and the answer is the same 422.
+    let zeros = vec!["0"; 400_000].join(",");
+    assert_problem(
+        ingest
+            .post_batch_text(format!("{{\"readings\":[{zeros}]}}"))
+            .await,
+        422,
+        "invalid-reading",
+    )
+    .await;
+    assert_problem(
+        ingest
+            .post_batch_text(format!("{{\"readings\":[{zeros},{{]}}"))
+            .await,
+        400,
+        "invalid-json",
+    )
+    .await;
     assert_problem(
         ingest
             .post_batch(&json!({"readings": [], "extra": 1}))
