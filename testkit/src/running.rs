@@ -8,6 +8,22 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// What the services running in a test's process log to its output, unless `RUST_LOG`
+/// says otherwise: their warnings, and what they report at info.
+const LOG_FILTER: &str = "warn,ingest=info,projector=info,query=info";
+
+/// Sends the log of the services running in this process to the test's captured output
+/// (nextest shows it when the test fails), so a failing test shows what the services
+/// did. Each test runs in its own process under nextest; a second call does nothing.
+fn log_to_test_output() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| LOG_FILTER.to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}
+
 /// How long a cancelled service may take to finish.
 const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -41,6 +57,7 @@ impl<T: Exit> Running<T> {
     where
         F: Future<Output = T> + Send + 'static,
     {
+        log_to_test_output();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(service(shutdown.clone()));
         Self { shutdown, task }

@@ -16,7 +16,7 @@ use crate::support::{
 };
 
 /// Starts a relay in this process as the `relay` binary runs it, its admin port on a
-/// loopback port; its log goes to the test's output.
+/// loopback port; its log goes to the test's output ([`Running::spawn`]).
 pub fn spawn_relay(settings: &Settings) -> Running<anyhow::Result<()>> {
     spawn_relay_with_admin(settings).0
 }
@@ -25,7 +25,6 @@ pub fn spawn_relay(settings: &Settings) -> Running<anyhow::Result<()>> {
 /// records only when it is the first service started in the test's process (the first
 /// installs the process's recorder).
 pub fn spawn_relay_with_admin(settings: &Settings) -> (Running<anyhow::Result<()>>, String) {
-    crate::support::log_to_test_output();
     let admin_listener = loopback_listener(&settings.http);
     let admin_url = format!(
         "http://{}",

@@ -134,17 +134,6 @@ impl Ingest {
     }
 }
 
-/// Sends ingest's and the relay's log (info and up) to this test's captured output, so
-/// a failing test shows what the services did. Each test runs in its own process under
-/// nextest; a second call in one process does nothing.
-pub fn log_to_test_output() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,ingest=info")
-        .with_ansi(false)
-        .with_test_writer()
-        .try_init();
-}
-
 /// A batch body of `size` readings, keys `<prefix>-<index>`, over `devices` devices
 /// (`sensor-<index % devices>`), each's temperature its index.
 pub fn batch_body(prefix: &str, size: usize, devices: usize) -> Value {
