@@ -6,6 +6,7 @@
 //! - [`TestEnv`]: the isolated names, the settings pointing at them, and the cleanup.
 //! - [`eventually`]: polls an asynchronous outcome until a deadline, instead of sleeping.
 //! - [`PrivateNats`]: a nats-server of the test's own, which it may kill and cut back.
+//! - [`RedisUser`]: a Redis user of the test's own, which it may refuse or cut off.
 //! - [`prometheus`]: one series of a `/metrics` scrape, by name and labels.
 //! - [`process`]: a service's real binary on a free port, scraped, stopped with SIGTERM.
 //! - [`Running`]: a service run as a task in the test's own process, stopped within a deadline
@@ -30,12 +31,14 @@ mod figures;
 pub mod fuzz;
 mod private_nats;
 mod private_redis;
+mod redis_user;
 mod split_mix;
 pub use figures::{assert_same_figures, Sums};
 pub use private_nats::{
     stream_messages_dir, truncate_stream_store, PrivateNats, NATS_SERVER_BINARY,
 };
 pub use private_redis::PrivateRedis;
+pub use redis_user::RedisUser;
 pub mod process;
 pub mod prometheus;
 mod running;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use contract::settings::Settings;
 use testkit::process::{failed_run, free_port, the_only_line};
-use testkit::{eventually, TestEnv};
+use testkit::{eventually, RedisUser, TestEnv};
 
 use crate::support::{assert_problem, ensure_streams, spawn_projector, Ingest, Query, DEADLINE};
 
@@ -219,56 +219,6 @@ fn a_start_refused_over_the_redis_url_names_it_but_not_its_password() {
         "{line}"
     );
     assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
-}
-
-/// A Redis user of this test's own (ACL), removed when dropped.
-struct RedisUser {
-    name: String,
-    admin_url: String,
-}
-
-impl RedisUser {
-    /// A user that may do everything but what `rules` take away (`-hmget`, ...).
-    async fn create(env: &TestEnv, rules: &[&str]) -> Self {
-        let name = env.settings.redis.prefix.trim_end_matches(':').to_owned();
-        let mut command = redis::cmd("ACL");
-        command
-            .arg("SETUSER")
-            .arg(&name)
-            .arg("on")
-            .arg(">password")
-            .arg("~*")
-            .arg("&*")
-            .arg("+@all")
-            .arg(rules);
-        let () = command
-            .query_async(&mut env.redis().await)
-            .await
-            .expect("ACL SETUSER");
-        Self {
-            name,
-            admin_url: env.settings.redis.url.clone(),
-        }
-    }
-
-    /// The Redis URL that logs in as this user.
-    fn url(&self) -> String {
-        self.admin_url
-            .replacen("redis://", &format!("redis://{}:password@", self.name), 1)
-    }
-}
-
-impl Drop for RedisUser {
-    fn drop(&mut self) {
-        if let Ok(mut redis) =
-            redis::Client::open(self.admin_url.as_str()).and_then(|client| client.get_connection())
-        {
-            let _: redis::RedisResult<i64> = redis::cmd("ACL")
-                .arg("DELUSER")
-                .arg(&self.name)
-                .query(&mut redis);
-        }
-    }
 }
 
 /// A read Redis refuses for good (here the query's Redis user may not run `HMGET`, an
