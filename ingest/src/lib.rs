@@ -16,6 +16,8 @@
 //!   [`relay::serve`] is the `relay` binary with its admin port.
 //! - [`bootstrap`]: logs, metrics recorder, signal handling and listeners of both binaries
 //!   (the projector and query use it too), and the NATS connection.
+//! - [`redis_connection`]: the projector's and query's Redis connection, which logs in
+//!   again after a refused login.
 
 pub mod auth;
 pub mod bootstrap;
@@ -24,6 +26,7 @@ pub mod http;
 pub mod limits;
 pub mod outbox_notify;
 pub mod pacing;
+pub mod redis_connection;
 pub mod relay;
 pub mod store;
 

@@ -16,7 +16,7 @@ use contract::subjects::{device_token, Subjects};
 use contract::timestamp::unix_millis;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
+use ingest::redis_connection::RedisConnection;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -36,7 +36,7 @@ const ACK_FLUSH_DEADLINE: Duration = Duration::from_secs(1);
 /// One projector: consumes the durable consumer and keeps the read model.
 pub struct Projector {
     jetstream: jetstream::Context,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     read_model: ReadModel,
     /// The generations as last read, which batches are applied with (checked in Redis
     /// by each call, see [`ReadModel::apply_as_of`]) until a call finds them changed.
@@ -60,7 +60,7 @@ pub struct Projector {
 pub struct AckWaitRefused(String);
 
 impl Projector {
-    pub fn new(settings: &Settings, nats: async_nats::Client, redis: ConnectionManager) -> Self {
+    pub fn new(settings: &Settings, nats: async_nats::Client, redis: RedisConnection) -> Self {
         Self {
             jetstream: jetstream::new(nats),
             redis,
@@ -435,7 +435,7 @@ impl Projector {
 
     /// The generations as last read, if they are still taken to be current.
     /// The generations to apply to: as last read, or read now (and kept).
-    async fn generations(&self, redis: &mut ConnectionManager) -> redis::RedisResult<Generations> {
+    async fn generations(&self, redis: &mut RedisConnection) -> redis::RedisResult<Generations> {
         if let Some(generations) = self.generations_lock().clone() {
             return Ok(generations);
         }
@@ -632,7 +632,7 @@ impl ConsumerAnchor {
 
 /// The anchor stored at `key`, if there is a readable one.
 async fn read_anchor(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConnection,
     key: &str,
 ) -> redis::RedisResult<Option<ConsumerAnchor>> {
     let stored: Option<String> = redis::cmd("GET").arg(key).query_async(redis).await?;
@@ -650,7 +650,7 @@ async fn read_anchor(
 ///
 /// [`consumer_anchor_key`]: contract::read_model::consumer_anchor_key
 async fn newest_read_model_anchor(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConnection,
     prefix: &str,
 ) -> redis::RedisResult<Option<(String, ConsumerAnchor)>> {
     let key_of = |consumer: &str| contract::read_model::consumer_anchor_key(prefix, consumer);
@@ -697,7 +697,7 @@ async fn newest_read_model_anchor(
 /// `prefix` ([`newest_read_model_anchor`]), past which a durable consumer made now
 /// starts; 0 without one.
 pub(crate) async fn newest_anchored_sequence(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConnection,
     prefix: &str,
 ) -> redis::RedisResult<u64> {
     Ok(newest_read_model_anchor(redis, prefix)
@@ -782,7 +782,7 @@ fn resume_after(fate: AnchorFate, horizon_start: OffsetDateTime) -> DeliverPolic
 /// Redis too, so that a projector started after a NATS restart still has it, and
 /// written there again when Redis lost it (see [`ConsumerWatch::refresh_anchor`]).
 struct ConsumerWatch {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     anchor_key: String,
     anchor: Option<ConsumerAnchor>,
     anchor_loaded: bool,

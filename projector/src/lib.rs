@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use contract::settings::{connecting_to, unusable_url, Settings};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ingest::redis_connection::RedisConnection;
+use redis::aio::ConnectionManagerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +50,11 @@ pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Reb
         .connect(&settings.nats.url)
         .await
         .with_context(|| connecting_to("NATS", &settings.nats.url))?;
-    let redis = ConnectionManager::new(redis_client(settings)?)
+    let mut redis =
+        RedisConnection::new_lazy(redis_client(settings)?, ConnectionManagerConfig::new())
+            .context("creating the redis connection manager")?;
+    let () = redis::cmd("PING")
+        .query_async(&mut redis)
         .await
         .with_context(|| connecting_to("Redis", &settings.redis.url))?;
     Ok(Projector::new(settings, nats, redis).rebuild())
@@ -93,7 +98,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     // Connects lazily and reconnects by itself; a failed apply is retried with backoff.
-    let redis = ConnectionManager::new_lazy_with_config(
+    let redis = RedisConnection::new_lazy(
         redis_client,
         ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))

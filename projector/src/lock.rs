@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use ingest::redis_connection::RedisConnection;
 use redis::Script;
 
 /// Extends the lock's expiry if the owner still holds it (hashed once per process).
@@ -25,7 +25,7 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 /// Takes `key` for `ttl` unless someone holds it. Returns the owner id now holding it
 /// (to refresh and release it with), or `None` when another holder has it.
 pub(crate) async fn take(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConnection,
     key: &str,
     ttl: Duration,
 ) -> redis::RedisResult<Option<String>> {
@@ -44,7 +44,7 @@ pub(crate) async fn take(
 /// Extends `key` to `ttl` from now if `owner` still holds it; `false` when it has been
 /// lost (expired, or taken by another holder since).
 pub(crate) async fn refresh(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConnection,
     key: &str,
     owner: &str,
     ttl: Duration,
@@ -60,7 +60,7 @@ pub(crate) async fn refresh(
 
 /// Deletes `key` if `owner` still holds it (an expired lock may have a new owner by
 /// now). Best effort: a lock left behind expires.
-pub(crate) async fn release(redis: &mut ConnectionManager, key: &str, owner: &str) {
+pub(crate) async fn release(redis: &mut RedisConnection, key: &str, owner: &str) {
     let released: redis::RedisResult<i64> = RELEASE.key(key).arg(owner).invoke_async(redis).await;
     if let Err(error) = released {
         tracing::debug!(%error, key, "releasing a lock failed; it expires");

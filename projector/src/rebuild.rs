@@ -45,7 +45,7 @@ use contract::read_model::{
 use contract::subjects::Subjects;
 use contract::timestamp::unix_millis;
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
+use ingest::redis_connection::RedisConnection;
 use redis::Script;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -139,10 +139,7 @@ type MetaFields = (
 );
 
 impl Generations {
-    pub async fn read(
-        connection: &mut ConnectionManager,
-        prefix: &str,
-    ) -> redis::RedisResult<Self> {
+    pub async fn read(connection: &mut RedisConnection, prefix: &str) -> redis::RedisResult<Self> {
         let (generation, layout, building, replay_through, redis_run): MetaFields =
             redis::cmd("HMGET")
                 .arg(meta_key(prefix))
@@ -208,7 +205,7 @@ impl Generations {
 /// Everything a rebuild needs.
 pub struct Rebuild {
     pub jetstream: jetstream::Context,
-    pub redis: ConnectionManager,
+    pub redis: RedisConnection,
     pub read_model: ReadModel,
     pub subjects: Subjects,
     /// The live projectors' durable consumer (its backlog is reported as metrics).
@@ -550,7 +547,7 @@ async fn consumer_failed(
 
 /// Refreshes the lock while the rebuild runs; cancels `lost` if someone else has it.
 async fn keep_lock(
-    mut redis: ConnectionManager,
+    mut redis: RedisConnection,
     prefix: String,
     owner: String,
     lost: CancellationToken,
@@ -581,7 +578,7 @@ fn switch_script() -> Script {
 
 /// Unlinks every key of a generation, a thousand at a time.
 pub async fn delete_generation(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConnection,
     prefix: &str,
     generation: u64,
 ) -> anyhow::Result<u64> {

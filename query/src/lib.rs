@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use contract::settings::{unusable_url, Settings};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ingest::redis_connection::RedisConnection;
+use redis::aio::ConnectionManagerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +53,7 @@ pub async fn serve(
         // instead of waiting through the default reconnect backoff.
         .set_number_of_retries(1)
         .set_max_delay(std::time::Duration::from_millis(200));
-    let redis = ConnectionManager::new_lazy_with_config(client, config)
+    let redis = RedisConnection::new_lazy(client, config)
         .context("creating the redis connection manager")?;
     // Read tokens live in PostgreSQL, in the table the ingest migrations create.
     let tokens = if settings.auth.enabled {

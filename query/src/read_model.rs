@@ -12,7 +12,7 @@ use contract::read_model::{
     fields, live_generation, meta, meta_key, Aggregate, DeviceHeader, DeviceKeys, DeviceStats,
     DevicesIndex, Resolution, Window, COARSE, FINE, LAYOUT, LISTING_TTL_MS, WINDOWS,
 };
-use redis::aio::ConnectionManager;
+use ingest::redis_connection::RedisConnection;
 use redis::{RedisResult, Script};
 
 use crate::tracking::TrackedReads;
@@ -102,7 +102,7 @@ pub struct DevicesPage {
 
 #[derive(Clone)]
 pub struct ReadModel {
-    redis: ConnectionManager,
+    redis: RedisConnection,
     prefix: Arc<str>,
     /// The meta hash's key, made once: every request reads it.
     meta_key: Arc<str>,
@@ -327,7 +327,7 @@ impl<T: Clone + Weight> AnswerCache<T> {
 
 impl ReadModel {
     /// A read model that reads the validity of every request from Redis.
-    pub fn new(redis: ConnectionManager, prefix: String) -> Self {
+    pub fn new(redis: RedisConnection, prefix: String) -> Self {
         Self {
             redis,
             meta_key: meta_key(&prefix).into(),
@@ -340,7 +340,7 @@ impl ReadModel {
 
     /// A read model that keeps validity reads in `tracked`. `redis` must be a RESP3
     /// connection whose pushes reach [`TrackedReads::handle_push`].
-    pub fn tracked(redis: ConnectionManager, prefix: String, tracked: Arc<TrackedReads>) -> Self {
+    pub fn tracked(redis: RedisConnection, prefix: String, tracked: Arc<TrackedReads>) -> Self {
         Self {
             tracked: Some(tracked),
             ..Self::new(redis, prefix)

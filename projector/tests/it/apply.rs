@@ -8,9 +8,9 @@
 
 use contract::event::TelemetryRecorded;
 use contract::read_model::{meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD, COARSE, FINE};
+use ingest::redis_connection::RedisConnection;
 use projector::apply::{Applied, AsOf, Delivered, ReadModel};
 use projector::rebuild::{Generations, ReplayThrough};
-use redis::aio::ConnectionManager;
 use redis::Value;
 use testkit::TestEnv;
 
@@ -497,7 +497,7 @@ async fn a_buckets_hash_past_128_fields_becomes_a_hash_table_and_reads_the_same(
 }
 
 /// How Redis stores `key` (`OBJECT ENCODING`).
-async fn encoding(redis: &mut redis::aio::ConnectionManager, key: &str) -> String {
+async fn encoding(redis: &mut RedisConnection, key: &str) -> String {
     redis::cmd("OBJECT")
         .arg("ENCODING")
         .arg(key)
@@ -528,7 +528,7 @@ async fn generations(env: &TestEnv) -> Generations {
 /// `batch` applied with `generations`, as a live projector applies it.
 async fn apply_as_of(
     model: &ReadModel,
-    redis: &mut ConnectionManager,
+    redis: &mut RedisConnection,
     generations: &Generations,
     batch: &[Delivered],
 ) -> AsOf {
@@ -677,7 +677,7 @@ async fn during_a_build_what_its_replay_applies_alone_goes_to_the_live_generatio
 /// pipeline that applies a mixed call's events one call each.
 struct RebuildBeginsBeforeTheRetry<'a> {
     env: &'a TestEnv,
-    redis: ConnectionManager,
+    redis: RedisConnection,
     pipelines: usize,
 }
 

@@ -11,8 +11,9 @@ use contract::read_model::{meta, meta_key, DeviceKeys, DeviceStats};
 use contract::reference::{ModelReading, ReferenceModel};
 use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
+use ingest::redis_connection::RedisConnection;
 use projector::apply::ReadModel;
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManagerConfig;
 use testkit::process::ServiceProcess;
 pub use testkit::{assert_same_figures, SplitMix, Sums};
 use testkit::{eventually, PrivateNats, Running, TestEnv};
@@ -106,11 +107,9 @@ pub fn direct_read_model(env: &TestEnv) -> ReadModel {
 }
 
 /// A Redis connection as the projector has one.
-pub async fn connection(env: &TestEnv) -> ConnectionManager {
+pub async fn connection(env: &TestEnv) -> RedisConnection {
     let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
-    ConnectionManager::new(client)
-        .await
-        .expect("redis reachable")
+    RedisConnection::new_lazy(client, ConnectionManagerConfig::new()).expect("redis url")
 }
 
 /// Now, in milliseconds since the epoch.

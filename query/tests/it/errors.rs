@@ -263,6 +263,34 @@ async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
     projector.stop().await;
 }
 
+/// A login Redis refused for a while (the query's ACL user disabled, a password changed
+/// and changed back) is a `503` while it lasts, and query answers again once Redis takes
+/// it. redis-rs's connection manager never tried again after a refused login: query
+/// answered `503` until restarted.
+#[tokio::test]
+async fn a_redis_login_refused_for_a_while_is_a_503_while_it_lasts() {
+    let env = TestEnv::new();
+    ensure_streams(&env).await;
+    let projector = spawn_projector(&env.settings);
+    eventually(DEADLINE, "the read model to exist", || env.generation()).await;
+    let user = RedisUser::create(&env, &[]).await;
+    let mut settings = env.settings.clone();
+    settings.redis.url = user.url();
+    let query = Query::spawn(&settings).await;
+    assert_stats_problem(&query, "sensor-1", 404, "not-found").await;
+
+    user.disable().await;
+    assert_stats_problem(&query, "sensor-1", 503, "unavailable").await;
+    user.enable().await;
+    eventually(DEADLINE, "query to read Redis again", || async {
+        let answer = query.get("/v1/devices/sensor-1/stats").await;
+        (answer.status().as_u16() == 404).then_some(())
+    })
+    .await;
+    query.stop().await;
+    projector.stop().await;
+}
+
 /// Asserts that `query` answers `device`'s `/stats` with the problem `status`, `kind`,
 /// with `Retry-After` when it is a `503` and without when a retry cannot help.
 async fn assert_stats_problem(query: &Query, device: &str, status: u16, kind: &str) {

@@ -14,9 +14,10 @@ use contract::read_model::{meta, meta_key, DeviceKeys, BUCKETS_HASH_TABLE_FIELD,
 use contract::reference::{ModelReading, ReferenceModel};
 use contract::subjects::Subjects;
 use contract::timestamp::{format_millis, from_unix_millis, unix_millis};
+use ingest::redis_connection::RedisConnection;
 use proptest::prelude::*;
 use query::read_model::ReadModel;
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManagerConfig;
 use serde_json::Value;
 use testkit::{assert_same_figures, eventually, Sums, TestEnv};
 use time::OffsetDateTime;
@@ -96,9 +97,8 @@ fn event_of(reading: &ModelReading) -> TelemetryRecorded {
 
 async fn read_model(env: &TestEnv) -> ReadModel {
     let client = redis::Client::open(env.settings.redis.url.as_str()).expect("redis url");
-    let connection = ConnectionManager::new(client)
-        .await
-        .expect("redis reachable");
+    let connection =
+        RedisConnection::new_lazy(client, ConnectionManagerConfig::new()).expect("redis url");
     ReadModel::new(connection, env.settings.redis.prefix.clone())
 }
 
