@@ -49,6 +49,10 @@ pub struct Projector {
     /// Whether the durable consumer was found with `ack_wait` or given it (once per
     /// process, at the first session that reached it; see [`Projector::keep_ack_wait`]).
     ack_wait_kept: AtomicBool,
+    /// Whether the last try to apply a batch failed (Redis away, no read model yet):
+    /// then one batch at a time is pulled, and the rest of the consumer's messages are
+    /// left to projectors that can apply them.
+    stalled: AtomicBool,
 }
 
 /// The durable consumer cannot be given this projector's `projector.ack_wait_secs`: the
@@ -75,6 +79,7 @@ impl Projector {
             batches_in_flight: settings.projector.batches_in_flight.max(1),
             ack_wait: Duration::from_secs(settings.projector.ack_wait_secs),
             ack_wait_kept: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         }
     }
 
@@ -148,13 +153,13 @@ impl Projector {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
-                batch = pulls.next_batch(), if in_flight.len() < self.batches_in_flight => batch,
+                batch = pulls.next_batch(), if self.room_for_a_batch(in_flight.len()) => batch,
             };
             // No lingering for more: while batches are applied the next one gathers, so
             // batches grow with the load by themselves, and a quiet pipeline answers at
             // once (measured: a 2 ms linger cost 3-4 ms of end-to-end p50 at 500/s).
             match batch {
-                Ok(messages) => in_flight.push(self.handle(messages, shutdown)),
+                Ok(messages) => in_flight.push(self.handle(messages, Instant::now(), shutdown)),
                 // What the pulls cannot get past (the consumer deleted, a request
                 // refused, NATS away) ends the session; the next one makes the
                 // consumer again if it is gone.
@@ -177,6 +182,15 @@ impl Projector {
             );
         }
         ended
+    }
+
+    /// Whether another batch may be pulled while `in_flight` are applied: up to
+    /// `batches_in_flight`, but while batches cannot be applied only one at a time. Pulled
+    /// and held, the others would wait out the ack wait ([`Projector::held_too_long`])
+    /// while another projector could apply them; the one tries Redis again.
+    fn room_for_a_batch(&self, in_flight: usize) -> bool {
+        in_flight == 0
+            || (in_flight < self.batches_in_flight && !self.stalled.load(Ordering::Relaxed))
     }
 
     /// Pulls on the durable consumer; the consumer is made when it is missing.
@@ -329,8 +343,15 @@ impl Projector {
         Ok(policy)
     }
 
-    /// Applies a batch; acks it only after Redis confirmed. Poison goes to the DLQ.
-    async fn handle(&self, messages: Vec<jetstream::Message>, shutdown: &CancellationToken) {
+    /// Applies a batch, `taken` from the inbox then; acks it only after Redis confirmed.
+    /// Poison goes to the DLQ. A batch Redis has not taken within the ack wait is given
+    /// up ([`Projector::held_too_long`]).
+    async fn handle(
+        &self,
+        messages: Vec<jetstream::Message>,
+        taken: Instant,
+        shutdown: &CancellationToken,
+    ) {
         let mut redis = self.redis.clone();
         let mut delivered = Vec::with_capacity(messages.len());
         let mut to_ack = Vec::with_capacity(messages.len());
@@ -371,6 +392,9 @@ impl Projector {
         let mut backoff = Backoff::default();
         let mut applied_before = 0;
         let applied = loop {
+            if self.held_too_long(taken, delivered.len()) {
+                return;
+            }
             // Redis away, or its meta hash unreadable, is an error to count, not a read
             // model still to be built.
             let error = match self.generations(&mut redis).await {
@@ -386,7 +410,7 @@ impl Projector {
                     if shutdown.is_cancelled() {
                         break None;
                     }
-                    backoff.sleep(shutdown).await;
+                    self.pause(&mut backoff, taken, shutdown).await;
                     continue;
                 }
                 Ok(generations) => {
@@ -412,7 +436,7 @@ impl Projector {
             if shutdown.is_cancelled() {
                 break None;
             }
-            backoff.sleep(shutdown).await;
+            self.pause(&mut backoff, taken, shutdown).await;
         };
         let Some(applied) = applied else {
             // Stopping while Redis cannot take the batch: handed back, for the next
@@ -420,6 +444,7 @@ impl Projector {
             hand_back(&to_ack).await;
             return;
         };
+        self.stalled.store(false, Ordering::Relaxed);
         answer(&to_ack, AckKind::Ack, shutdown).await;
         let now = OffsetDateTime::now_utc();
         for item in &delivered {
@@ -433,7 +458,42 @@ impl Projector {
         metrics::histogram!("projector_apply_seconds").record(started.elapsed().as_secs_f64());
     }
 
-    /// The generations as last read, if they are still taken to be current.
+    /// Whether a batch `taken` from the inbox then, and not yet taken by Redis, is to be
+    /// given up, unapplied and unacked: once the ack wait has run out, JetStream delivers
+    /// its events again, maybe to a projector that reaches Redis while this one does not
+    /// (a partition, a paused host). Applied here after that projector's record of them
+    /// left with the dedup horizon, they would count twice. So a projector applies what
+    /// it holds within the ack wait of taking it (and a Redis response timeout), or
+    /// never. Its messages waited in the inbox no longer than that too (until a batch in
+    /// flight ended), while the other copy is applied an ack wait after the delivery at
+    /// the earliest: the two lie less than an ack wait and 10 s apart, well within the
+    /// horizon (900 s against an ack wait of 30 s by default).
+    fn held_too_long(&self, taken: Instant, events: usize) -> bool {
+        let held = taken.elapsed();
+        if held < self.ack_wait {
+            return false;
+        }
+        metrics::counter!("projector_events_given_up_total").increment(events as u64);
+        tracing::warn!(
+            events,
+            held_ms = held.as_millis() as u64,
+            ack_wait_secs = self.ack_wait.as_secs(),
+            "gave up a batch redis did not take within the ack wait, jetstream delivers it again"
+        );
+        true
+    }
+
+    /// Waits before a batch `taken` then is tried again: the backoff's delay, but not
+    /// past the ack wait, when the batch is given up ([`Projector::held_too_long`]).
+    async fn pause(&self, backoff: &mut Backoff, taken: Instant, shutdown: &CancellationToken) {
+        self.stalled.store(true, Ordering::Relaxed);
+        let until = (Instant::now() + backoff.next_delay()).min(taken + self.ack_wait);
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+    }
+
     /// The generations to apply to: as last read, or read now (and kept).
     async fn generations(&self, redis: &mut RedisConnection) -> redis::RedisResult<Generations> {
         if let Some(generations) = self.generations_lock().clone() {

@@ -80,6 +80,7 @@ pub async fn run(
         ("projector_errors_total", &[]),
         ("projector_consumer_recreated_total", &[]),
         ("projector_redelivered_total", &[]),
+        ("projector_events_given_up_total", &[]),
         ("projector_redis_reloads_total", &[]),
     ]);
     for reason in contract::event::DecodeError::REASONS {

@@ -2,17 +2,19 @@
 //! any shuffling, duplication and batching of deliveries (API.md §4, "exactly once").
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use contract::event::TelemetryRecorded;
-use contract::read_model::DeviceStats;
+use contract::read_model::{DeviceKeys, DeviceStats};
 use projector::apply::{Applied, Delivered};
 use proptest::prelude::*;
-use testkit::{eventually, TestEnv};
+use testkit::prometheus::scrape;
+use testkit::{eventually, RedisUser, TestEnv};
 
 use crate::support::{
-    assert_same_figures, connection, direct_read_model, drained, event, figures, now_ms, projected,
-    publish, publish_with_id, reference, set_live_generation, stream_messages, streams, Projector,
-    Sums, CATCH_UP,
+    assert_same_figures, connection, consumer_info, direct_read_model, drained, event, figures,
+    live_generation, now_ms, projected, projector_process, publish, publish_many, publish_with_id,
+    reference, set_live_generation, stream_messages, streams, Projector, Sums, CATCH_UP,
 };
 
 /// The generation the tests that apply directly write to (and make live).
@@ -206,6 +208,97 @@ async fn events_applied_before_a_crash_are_skipped_when_the_projector_receives_t
         "the live generation was kept, not rebuilt"
     );
     projector.stop().await;
+}
+
+/// A projector cut off from Redis but not from NATS (a partition, a paused host) holds
+/// the batch it took, while JetStream, the ack wait over, delivers the events to another
+/// projector, which applies them. Once Redis is back the first must not apply what it
+/// held: the other's record of those events may have left with the dedup horizon by
+/// then, and they would count twice. They did, before a projector gave up what Redis
+/// had not taken within the ack wait.
+#[tokio::test]
+async fn a_batch_held_while_redis_was_out_of_reach_is_given_up_not_counted_twice() {
+    let mut env = TestEnv::new();
+    env.settings.projector.ack_wait_secs = 1;
+    env.settings.projector.dedup_horizon_secs = 3;
+    let jetstream = streams(&env).await;
+    let user = RedisUser::create(&env, &[]).await;
+    let mut cut_off_settings = env.settings.clone();
+    cut_off_settings.redis.url = user.url();
+    let cut_off = Projector::spawn(&cut_off_settings).await;
+    let base = now_ms() - 60_000;
+    let mut events = vec![event("sensor-1", base, &[("temperature", 0.0)])];
+    let sequence = publish(&env, &jetstream, &events[0]).await;
+    drained(&env, &jetstream, sequence).await;
+
+    user.disable().await;
+    let held: Vec<_> = (1..=20)
+        .map(|index| {
+            let event = event("sensor-1", base + index, &[("temperature", index as f64)]);
+            let message_id = event.event_id.to_string();
+            (event, message_id)
+        })
+        .collect();
+    publish_many(&env, &jetstream, &held).await;
+    events.extend(held.into_iter().map(|(event, _)| event));
+    eventually(CATCH_UP, "the projector cut off to hold all 20", || async {
+        let info = consumer_info(&env, &jetstream).await;
+        (info.num_pending == 0 && info.num_ack_pending == 20).then_some(())
+    })
+    .await;
+    let other = projector_process(
+        &env,
+        &[
+            ("PIPELINE__PROJECTOR__ACK_WAIT_SECS", "1"),
+            ("PIPELINE__PROJECTOR__DEDUP_HORIZON_SECS", "3"),
+        ],
+    );
+    projected(&env, &reference(&events)).await;
+    assert!(other.terminate().await.success());
+    let applied = DeviceKeys::new(
+        &env.settings.redis.prefix,
+        live_generation(&env).await,
+        "sensor-1",
+    )
+    .applied;
+    eventually(
+        CATCH_UP,
+        "the record of the applied events to expire",
+        || async {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(&applied)
+                .query_async(&mut env.redis().await)
+                .await
+                .ok()?;
+            (!exists).then_some(())
+        },
+    )
+    .await;
+
+    user.enable().await;
+    // Another device's event shows the projector reaches Redis again.
+    events.push(event("sensor-2", base, &[("temperature", 1.0)]));
+    let sequence = publish(&env, &jetstream, &events[21]).await;
+    drained(&env, &jetstream, sequence).await;
+    // A batch it still held would be tried again within the longest backoff, 5 s: a
+    // duration that must pass.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let expected = reference(&events);
+    let actual = projected(&env, &expected).await;
+    for (device, want) in &expected {
+        assert_same_figures(device, &actual[device], want, Sums::Exact);
+    }
+    let given_up = scrape(
+        &reqwest::Client::new(),
+        &format!("{}/metrics", cut_off.admin_url),
+    )
+    .await
+    .and_then(|scrape| scrape.value("projector_events_given_up_total", &[]));
+    assert!(
+        given_up >= Some(20.0),
+        "the projector cut off gave up what it held: {given_up:?}"
+    );
+    cut_off.stop().await;
 }
 
 /// One event of a generated scenario: device, time slot and metric values.
