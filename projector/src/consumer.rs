@@ -380,7 +380,7 @@ impl Projector {
                 Err(reason) => tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => {}
-                    _ = self.dead_letter(message, stream_sequence, reason) => {}
+                    _ = self.dead_letter(message, stream_sequence, stored_at, reason) => {}
                 },
             }
         }
@@ -534,6 +534,7 @@ impl Projector {
         &self,
         message: jetstream::Message,
         stream_sequence: u64,
+        stored_at: OffsetDateTime,
         reason: DecodeError,
     ) {
         let device_id = device_hint(&message.payload, &message.subject);
@@ -552,7 +553,8 @@ impl Projector {
             "dead-lettering message"
         );
         let subject = self.subjects.dlq(device_id.as_deref());
-        let letter = dlq::DeadLetterCopy::new(self.subjects.stream(), stream_sequence, &reason);
+        let letter =
+            dlq::DeadLetterCopy::new(self.subjects.stream(), stream_sequence, stored_at, &reason);
         let mut published = self
             .publish_dead_letter(
                 subject.clone(),

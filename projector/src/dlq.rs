@@ -8,6 +8,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use contract::event::{headers, DecodeError};
 use contract::subjects::{device_token, Subjects};
+use time::OffsetDateTime;
 
 /// The most of its payload a stripped dead letter holds: enough to tell what the message
 /// was (the original stays in the event stream, at its `Dlq-Stream-Sequence`).
@@ -70,20 +71,30 @@ pub fn refused_for_good(error: &PublishError) -> bool {
 
 /// The dead letter of one poison message: its headers naming the reason and the origin,
 /// and its `Nats-Msg-Id`, the same for every attempt, so that the DLQ stream keeps one
-/// copy when a message is dead-lettered again (its termination was lost).
+/// copy when a message is dead-lettered again (its termination was lost). The id names
+/// the message's stored time with its sequence: sequences come again when the stream
+/// starts over (made again, a NATS host that lost its newest messages), and a poison
+/// message at a sequence another had within the DLQ stream's duplicate window was
+/// dropped as its copy, then terminated, until 2026-12-06.
 #[derive(Debug)]
 pub struct DeadLetterCopy {
     headers: HeaderMap,
 }
 
 impl DeadLetterCopy {
-    /// The dead letter of the message at `stream_sequence` of `stream`.
-    pub fn new(stream: &str, stream_sequence: u64, reason: &DecodeError) -> Self {
+    /// The dead letter of the message at `stream_sequence` of `stream`, stored then.
+    pub fn new(
+        stream: &str,
+        stream_sequence: u64,
+        stored_at: OffsetDateTime,
+        reason: &DecodeError,
+    ) -> Self {
         let mut letter = HeaderMap::new();
         // The original id must not make JetStream drop this copy as a duplicate.
+        let stored_ns = stored_at.unix_timestamp_nanos();
         letter.insert(
             headers::MSG_ID,
-            header_value(&format!("dlq-{stream}-{stream_sequence}")).as_str(),
+            header_value(&format!("dlq-{stream}-{stream_sequence}-{stored_ns}")).as_str(),
         );
         letter.insert(
             headers::DLQ_REASON,
@@ -270,6 +281,27 @@ mod tests {
         DecodeError::Invalid("event_type telemetry.recorded\r\nX: 1".to_owned())
     }
 
+    /// When the message at sequence 42 was stored.
+    fn stored_at() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp_nanos(1_764_930_000_123_456_789).expect("in range")
+    }
+
+    #[test]
+    fn a_dead_letters_id_is_its_messages_alone_also_when_the_stream_reuses_its_sequence() {
+        let id = |stored_at| {
+            DeadLetterCopy::new("TELEMETRY", 42, stored_at, &reason())
+                .full(None)
+                .get(headers::MSG_ID)
+                .map(|value| value.as_str().to_owned())
+        };
+        assert_eq!(id(stored_at()), id(stored_at()), "dead-lettered again");
+        assert_ne!(
+            id(stored_at()),
+            id(stored_at() + time::Duration::nanoseconds(1)),
+            "another message at the sequence, after the stream started over"
+        );
+    }
+
     #[test]
     fn a_full_copy_keeps_the_original_headers_but_jetstreams_own() {
         let mut original = HeaderMap::new();
@@ -279,13 +311,17 @@ mod tests {
         original.insert("nats-rollup", "sub");
         original.insert("Nats-TTL", "1s");
         original.insert(headers::DLQ_REASON, "forged");
-        let copy = DeadLetterCopy::new("TELEMETRY", 42, &reason()).full(Some(&original));
+        let copy =
+            DeadLetterCopy::new("TELEMETRY", 42, stored_at(), &reason()).full(Some(&original));
         let value = |name: &str| copy.get(name).map(|value| value.as_str().to_owned());
         assert_eq!(
             value(headers::EVENT_TYPE).as_deref(),
             Some("telemetry.recorded")
         );
-        assert_eq!(value(headers::MSG_ID).as_deref(), Some("dlq-TELEMETRY-42"));
+        assert_eq!(
+            value(headers::MSG_ID).as_deref(),
+            Some("dlq-TELEMETRY-42-1764930000123456789")
+        );
         for directive in ["Nats-Expected-Stream", "nats-rollup", "Nats-TTL"] {
             assert_eq!(value(directive), None, "{directive}");
         }
@@ -299,13 +335,13 @@ mod tests {
             "the poison's own Dlq-* headers are not kept"
         );
         assert_eq!(value(headers::DLQ_STREAM_SEQUENCE).as_deref(), Some("42"));
-        let bare = DeadLetterCopy::new("TELEMETRY", 42, &reason()).full(None);
+        let bare = DeadLetterCopy::new("TELEMETRY", 42, stored_at(), &reason()).full(None);
         assert_eq!(bare.iter().count(), 4);
     }
 
     #[test]
     fn a_stripped_copy_has_the_dead_letters_headers_why_and_the_payloads_start() {
-        let letter = DeadLetterCopy::new("TELEMETRY", 42, &reason());
+        let letter = DeadLetterCopy::new("TELEMETRY", 42, stored_at(), &reason());
         let payload = Bytes::from(vec![b'x'; 2 * STRIPPED_PAYLOAD_MAX]);
         let (copy, kept) = letter.stripped("max payload size exceeded", &payload);
         assert_eq!(kept.len(), STRIPPED_PAYLOAD_MAX);
@@ -318,7 +354,10 @@ mod tests {
             value(headers::DLQ_STRIPPED).as_deref(),
             Some("max payload size exceeded")
         );
-        assert_eq!(value(headers::MSG_ID).as_deref(), Some("dlq-TELEMETRY-42"));
+        assert_eq!(
+            value(headers::MSG_ID).as_deref(),
+            Some("dlq-TELEMETRY-42-1764930000123456789")
+        );
         let (_, small) = letter.stripped("refused", &Bytes::from_static(b"not json"));
         assert_eq!(&small[..], b"not json");
     }

@@ -605,3 +605,46 @@ async fn a_stop_does_not_wait_for_the_dead_letters_of_a_batch() {
         .stop_within(Duration::from_secs(3), "a stop while dead letters wait")
         .await;
 }
+
+/// Stream sequences come again when the stream starts over (deleted and made again by
+/// the relay, a NATS host that lost its newest messages). A poison message at a
+/// sequence another one had is dead-lettered too: its dead letter's id named the
+/// sequence alone, and the DLQ stream dropped it as a copy of the first within its
+/// duplicate window, while the projector terminated it.
+#[tokio::test]
+async fn a_poison_message_at_a_sequence_used_before_is_dead_lettered_too() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = Projector::spawn(&env.settings).await;
+    live_generation(&env).await;
+    let dlq_stream = env.subjects.dlq_stream();
+    let mut sequences = Vec::new();
+    for (letters, id) in [(1, "poison-before"), (2, "poison-after")] {
+        let ack = publish_raw(
+            &jetstream,
+            env.subjects.recorded("sensor-1"),
+            relay_headers(id),
+            b"not json".to_vec(),
+        )
+        .await;
+        sequences.push(ack.sequence);
+        eventually(CATCH_UP, &format!("{letters} dead letters"), || async {
+            (stream_messages(&jetstream, &dlq_stream).await == letters).then_some(())
+        })
+        .await;
+        if letters == 1 {
+            // The event stream starts over; the DLQ stream stays.
+            jetstream
+                .delete_stream(env.subjects.stream())
+                .await
+                .expect("stream deleted");
+            streams(&env).await;
+        }
+    }
+    assert_eq!(
+        sequences,
+        [1, 1],
+        "the second poison message reuses sequence 1"
+    );
+    projector.stop().await;
+}
