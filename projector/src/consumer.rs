@@ -49,9 +49,10 @@ pub struct Projector {
     /// Whether the durable consumer was found with `ack_wait` or given it (once per
     /// process, at the first session that reached it; see [`Projector::keep_ack_wait`]).
     ack_wait_kept: AtomicBool,
-    /// Whether the last try to apply a batch failed (Redis away, no read model yet):
-    /// then one batch at a time is pulled, and the rest of the consumer's messages are
-    /// left to projectors that can apply them.
+    /// Whether the last try to apply a batch failed as every batch would (Redis away or
+    /// taking no writes, no read model yet; see [`takes_no_batch`]): then one batch at a
+    /// time is pulled, and the rest of the consumer's messages are left to projectors
+    /// that can apply them.
     stalled: AtomicBool,
 }
 
@@ -392,7 +393,9 @@ impl Projector {
         let mut backoff = Backoff::default();
         let mut applied_before = 0;
         let applied = loop {
-            if self.held_too_long(taken, delivered.len()) {
+            let left = delivered.len().saturating_sub(applied_before as usize);
+            if self.held_too_long(taken, left) {
+                metrics::counter!("projector_events_applied_total").increment(applied_before);
                 return;
             }
             // Redis away, or its meta hash unreadable, is an error to count, not a read
@@ -410,6 +413,7 @@ impl Projector {
                     if shutdown.is_cancelled() {
                         break None;
                     }
+                    self.stalled.store(true, Ordering::Relaxed);
                     self.pause(&mut backoff, taken, shutdown).await;
                     continue;
                 }
@@ -435,6 +439,9 @@ impl Projector {
             tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
             if shutdown.is_cancelled() {
                 break None;
+            }
+            if takes_no_batch(&error) {
+                self.stalled.store(true, Ordering::Relaxed);
             }
             self.pause(&mut backoff, taken, shutdown).await;
         };
@@ -478,7 +485,7 @@ impl Projector {
             events,
             held_ms = held.as_millis() as u64,
             ack_wait_secs = self.ack_wait.as_secs(),
-            "gave up a batch redis did not take within the ack wait, jetstream delivers it again"
+            "gave up a batch not applied within the ack wait, jetstream delivers it again"
         );
         true
     }
@@ -486,7 +493,6 @@ impl Projector {
     /// Waits before a batch `taken` then is tried again: the backoff's delay, but not
     /// past the ack wait, when the batch is given up ([`Projector::held_too_long`]).
     async fn pause(&self, backoff: &mut Backoff, taken: Instant, shutdown: &CancellationToken) {
-        self.stalled.store(true, Ordering::Relaxed);
         let until = (Instant::now() + backoff.next_delay()).min(taken + self.ack_wait);
         tokio::select! {
             _ = shutdown.cancelled() => {}
@@ -803,6 +809,37 @@ impl AnchorFate {
             AnchorFate::Replaced
         }
     }
+}
+
+/// Whether Redis failing a batch with `error` fails every batch alike: it is out of
+/// reach, refuses the login or the script, or takes no writes now (loading its data,
+/// busy with a script, out of memory, a replica). A failure of one device's call (a
+/// key of another type) does not stop the projector pulling the other devices' events.
+/// The server's errors arrive one per failed call of the batch's pipeline.
+fn takes_no_batch(error: &redis::RedisError) -> bool {
+    let whole_server = |code: &str| {
+        matches!(
+            code,
+            "LOADING"
+                | "BUSY"
+                | "OOM"
+                | "READONLY"
+                | "MASTERDOWN"
+                | "WRONGPASS"
+                | "NOAUTH"
+                | "NOPERM"
+        )
+    };
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.kind() == redis::ErrorKind::AuthenticationFailed
+        || error.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, server_error)| whole_server(server_error.code()))
+        })
 }
 
 /// Looks up what became of the anchor's message (no fetch for an expired one).

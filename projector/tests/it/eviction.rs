@@ -78,8 +78,8 @@ async fn a_projector_reports_a_redis_that_may_evict_keys_and_when_it_no_longer_m
 async fn a_full_redis_refuses_the_applies_and_every_event_counts_once_when_it_has_room() {
     let (full, projector) = FullRedis::new(1).await;
     // Messages reach the projector, which keeps failing to apply them: past the ack
-    // wait, three times over, it has acked none. (It pulls nothing more while every
-    // batch it holds waits for room.)
+    // wait, three times over, it has acked none. (While Redis refuses for want of room
+    // it pulls one batch at a time, and gives each up after the ack wait.)
     full.holding().await;
     tokio::time::sleep(3 * Duration::from_secs(full.env.settings.projector.ack_wait_secs)).await;
     let held = consumer_info(&full.env, &full.jetstream).await;

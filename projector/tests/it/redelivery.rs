@@ -8,7 +8,7 @@ use contract::event::TelemetryRecorded;
 use contract::read_model::{DeviceKeys, DeviceStats};
 use projector::apply::{Applied, Delivered};
 use proptest::prelude::*;
-use testkit::prometheus::scrape;
+use testkit::prometheus::{scrape, Scrape};
 use testkit::{eventually, RedisUser, TestEnv};
 
 use crate::support::{
@@ -299,6 +299,75 @@ async fn a_batch_held_while_redis_was_out_of_reach_is_given_up_not_counted_twice
         "the projector cut off gave up what it held: {given_up:?}"
     );
     cut_off.stop().await;
+}
+
+/// A device whose call Redis refuses (its applied set overwritten with a string, as an
+/// operator's mistake would) holds up its own batch, not the other devices' events:
+/// they are pulled and applied while that batch is retried. Such a failure is not one
+/// that every batch would meet, so the projector does not fall back to pulling one
+/// batch at a time for it (a stall it would keep until the refused batch is given up
+/// after the ack wait, unless another batch got through first).
+#[tokio::test]
+async fn a_device_redis_refuses_does_not_hold_up_the_other_devices() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = projector_process(&env, &[]);
+    projector.ready().await;
+    let applied = DeviceKeys::new(
+        &env.settings.redis.prefix,
+        live_generation(&env).await,
+        "sensor-refused",
+    )
+    .applied;
+    let () = redis::cmd("SET")
+        .arg(&applied)
+        .arg("not a sorted set")
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("set");
+    let errors = |scrape: &Scrape| scrape.value_or_zero("projector_errors_total", &[]);
+    let before = errors(&projector.metrics().await);
+    let base = now_ms() - 60_000;
+    publish(
+        &env,
+        &jetstream,
+        &event("sensor-refused", base, &[("temperature", 1.0)]),
+    )
+    .await;
+    projector
+        .metrics_until(CATCH_UP, "the refused batch to fail", |scrape| {
+            (errors(scrape) > before).then_some(())
+        })
+        .await;
+    let held = consumer_info(&env, &jetstream).await;
+    assert_eq!(
+        (held.num_pending, held.num_ack_pending),
+        (0, 1),
+        "the refused event is held"
+    );
+    // Twice: a pull already waiting when the batch failed may bring the first.
+    let mut others = Vec::new();
+    for wave in 0..2 {
+        for index in 0..10 {
+            let event = event(
+                &format!("sensor-{index}"),
+                base + wave * 10 + index,
+                &[("temperature", index as f64)],
+            );
+            publish(&env, &jetstream, &event).await;
+            others.push(event);
+        }
+        projected(&env, &reference(&others)).await;
+    }
+    assert_eq!(
+        projector
+            .metrics()
+            .await
+            .value("projector_events_given_up_total", &[]),
+        Some(0.0),
+        "the other devices' events were applied before the refused batch was given up"
+    );
+    assert!(projector.terminate().await.success());
 }
 
 /// One event of a generated scenario: device, time slot and metric values.
