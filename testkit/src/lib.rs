@@ -269,6 +269,17 @@ impl TestEnv {
             .expect("keys listed")
     }
 
+    /// Overwrites `key` with a string, as an operator's mistake would: Redis then refuses
+    /// every command that expects the key's own type (`WRONGTYPE`).
+    pub async fn overwrite_with_a_string(&self, key: &str) {
+        let () = redis::cmd("SET")
+            .arg(key)
+            .arg("not of the read model's type")
+            .query_async(&mut self.redis().await)
+            .await
+            .expect("SET");
+    }
+
     /// A Redis connection.
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.settings.redis.url.as_str())

@@ -125,12 +125,7 @@ async fn events_retried_beside_a_failing_device_past_the_horizon_count_once() {
     let mut redis = connection(&env).await;
     let model = ReadModel::new(env.settings.redis.prefix.clone(), HORIZON_MS);
     let broken = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-2");
-    redis::cmd("SET")
-        .arg(&broken.buckets)
-        .arg("not a hash")
-        .query_async::<()>(&mut redis)
-        .await
-        .expect("set");
+    env.overwrite_with_a_string(&broken.buckets).await;
     let now = now_ms();
     let batch = delivered(&[
         event("sensor-1", now, &[("temperature", 20.0)]),

@@ -41,12 +41,7 @@ struct Refused {
 impl Refused {
     async fn applies(env: &TestEnv, generation: u64, device: &str) -> Self {
         let applied_key = DeviceKeys::new(&env.settings.redis.prefix, generation, device).applied;
-        let () = redis::cmd("SET")
-            .arg(&applied_key)
-            .arg("not a sorted set")
-            .query_async(&mut env.redis().await)
-            .await
-            .expect("set");
+        env.overwrite_with_a_string(&applied_key).await;
         Self { applied_key }
     }
 

@@ -319,12 +319,7 @@ async fn a_device_redis_refuses_does_not_hold_up_the_other_devices() {
         "sensor-refused",
     )
     .applied;
-    let () = redis::cmd("SET")
-        .arg(&applied)
-        .arg("not a sorted set")
-        .query_async(&mut env.redis().await)
-        .await
-        .expect("set");
+    env.overwrite_with_a_string(&applied).await;
     let errors = |scrape: &Scrape| scrape.value_or_zero("projector_errors_total", &[]);
     let before = errors(&projector.metrics().await);
     let base = now_ms() - 60_000;

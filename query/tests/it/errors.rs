@@ -246,12 +246,7 @@ async fn a_read_redis_refuses_for_good_is_an_internal_error_not_a_retry() {
     let stats =
         contract::read_model::DeviceKeys::new(&env.settings.redis.prefix, generation, "sensor-2")
             .stats;
-    let () = redis::cmd("SET")
-        .arg(&stats)
-        .arg("not a hash")
-        .query_async(&mut env.redis().await)
-        .await
-        .expect("set");
+    env.overwrite_with_a_string(&stats).await;
     let query = Query::spawn(&env.settings).await;
     assert_stats_problem(&query, "sensor-2", 500, "internal").await;
     query.stop().await;
