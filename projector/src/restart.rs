@@ -135,14 +135,15 @@ async fn mark(redis: &mut impl ConnectionLike, key: &str, run_id: &str, command:
     }
 }
 
-/// The stream's first sequence: above 1 once it let its oldest events go.
+/// The stream's first sequence: above 1 once it let its oldest events go. One request:
+/// looking the stream up brings its state.
 async fn first_sequence(rebuild: &Rebuild) -> Option<u64> {
-    let mut stream = rebuild
+    let stream = rebuild
         .jetstream
         .get_stream(rebuild.subjects.stream())
         .await
         .ok()?;
-    Some(stream.info().await.ok()?.state.first_sequence)
+    Some(stream.cached_info().state.first_sequence)
 }
 
 #[cfg(test)]
