@@ -16,7 +16,7 @@ use contract::subjects::{device_token, Subjects};
 use contract::timestamp::unix_millis;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use ingest::redis_connection::RedisConnection;
+use ingest::redis_connection::{login_refused, RedisConnection};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -820,21 +820,14 @@ fn takes_no_batch(error: &redis::RedisError) -> bool {
     let whole_server = |code: &str| {
         matches!(
             code,
-            "LOADING"
-                | "BUSY"
-                | "OOM"
-                | "READONLY"
-                | "MASTERDOWN"
-                | "WRONGPASS"
-                | "NOAUTH"
-                | "NOPERM"
+            "LOADING" | "BUSY" | "OOM" | "READONLY" | "MASTERDOWN" | "NOAUTH" | "NOPERM"
         )
     };
     error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
-        || error.kind() == redis::ErrorKind::AuthenticationFailed
+        || login_refused(error)
         || error.clone().into_server_errors().is_some_and(|errors| {
             errors
                 .iter()
