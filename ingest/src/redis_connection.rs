@@ -9,6 +9,7 @@
 //! login worked again. [`RedisConnection`] makes a new manager when a command fails
 //! so, and the next command tries again.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -80,23 +81,14 @@ impl RedisConnection {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
-        let (made, mut manager) = self.current();
-        let result = manager.send_packed_command(cmd).await;
-        if let Err(error) = &result {
-            self.after_failure(made, error);
-        }
-        result
-    }
-
-    async fn pipeline(
-        &self,
-        pipeline: &Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisResult<Vec<Value>> {
-        let (made, mut manager) = self.current();
-        let result = manager.send_packed_commands(pipeline, offset, count).await;
+    /// Sends what `send` sends on the manager in use, and makes a new one if the login
+    /// was refused.
+    async fn send<T, Sent>(&self, send: impl FnOnce(ConnectionManager) -> Sent) -> RedisResult<T>
+    where
+        Sent: Future<Output = RedisResult<T>>,
+    {
+        let (made, manager) = self.current();
+        let result = send(manager).await;
         if let Err(error) = &result {
             self.after_failure(made, error);
         }
@@ -107,13 +99,15 @@ impl RedisConnection {
 /// Whether `error` is the server refusing the login: `AUTH`'s refusal, or `HELLO`'s
 /// (`WRONGPASS`) when the connection speaks RESP3, as query's does. Only a connection
 /// attempt sends them.
-fn login_refused(error: &redis::RedisError) -> bool {
+pub fn login_refused(error: &redis::RedisError) -> bool {
     error.kind() == ErrorKind::AuthenticationFailed || error.code() == Some("WRONGPASS")
 }
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(self.command(cmd))
+        Box::pin(
+            self.send(move |mut manager| async move { manager.send_packed_command(cmd).await }),
+        )
     }
 
     fn req_packed_commands<'a>(
@@ -122,7 +116,9 @@ impl ConnectionLike for RedisConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(self.pipeline(pipeline, offset, count))
+        Box::pin(self.send(move |mut manager| async move {
+            manager.send_packed_commands(pipeline, offset, count).await
+        }))
     }
 
     fn get_db(&self) -> i64 {
