@@ -10,11 +10,20 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::reading::{check_device_id, check_metric_name, METRICS_MAX};
+use crate::settings::FUTURE_MAX_SECS;
+use crate::timestamp;
 
 /// The `event_type` field and `Event-Type` header.
 pub const EVENT_TYPE: &str = "telemetry.recorded";
 /// The schema version this code writes and reads.
 pub const VERSION: u32 = 1;
+
+/// How far past the time its stream stored it an event's `recorded_at` may lie for the
+/// projector to count it: twice the most ingest may accept ahead of its clock
+/// ([`FUTURE_MAX_SECS`]), the rest for the clocks of the hosts between ingest and NATS.
+/// An event dated further ahead (a hand-made `nats pub`, a bug) would hold its device's
+/// `last` and `last_seen` until that date; it goes to the DLQ as `invalid` instead.
+pub const LEAD_MAX: time::Duration = time::Duration::seconds(2 * FUTURE_MAX_SECS as i64);
 
 /// NATS header names of a published event.
 pub mod headers {
@@ -150,12 +159,25 @@ impl TelemetryRecorded {
         }
         Ok(event)
     }
+
+    /// Checks that the event is dated at most [`LEAD_MAX`] after `stored_at`, the time
+    /// its stream stored it, which a replay of the same message sees again.
+    pub fn check_lead(&self, stored_at: OffsetDateTime) -> Result<(), DecodeError> {
+        if self.recorded_at - stored_at <= LEAD_MAX {
+            return Ok(());
+        }
+        Err(DecodeError::Invalid(format!(
+            "recorded_at {} is more than {} h after the stream stored the event at {}",
+            timestamp::format(self.recorded_at),
+            LEAD_MAX.whole_hours(),
+            timestamp::format(stored_at)
+        )))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::timestamp;
 
     #[test]
     fn every_reason_is_listed_for_the_dead_letter_counter() {
@@ -212,6 +234,32 @@ mod tests {
             TelemetryRecorded::decode(&event().to_json(), Some("7"))
                 .map_err(|error| error.reason()),
             Err("unknown-version")
+        );
+    }
+
+    #[test]
+    fn an_event_dated_more_than_a_day_after_it_was_stored_is_invalid() {
+        let event = event();
+        let stored_at = event.recorded_at - LEAD_MAX;
+        assert_eq!(event.check_lead(stored_at), Ok(()));
+        assert_eq!(event.check_lead(event.recorded_at + LEAD_MAX), Ok(()));
+        let error = event
+            .check_lead(stored_at - time::Duration::milliseconds(1))
+            .expect_err("a millisecond more");
+        assert_eq!(error.reason(), "invalid");
+        assert!(
+            error.to_string().contains("more than 24 h after"),
+            "{error}"
+        );
+        // The furthest dates either way are told, not a panic.
+        let far = TelemetryRecorded {
+            recorded_at: timestamp::parse("9999-12-31T23:59:59Z").expect("valid"),
+            ..event
+        };
+        let earliest = timestamp::parse("0001-01-01T00:00:00Z").expect("valid");
+        assert_eq!(
+            far.check_lead(earliest).map_err(|e| e.reason()),
+            Err("invalid")
         );
     }
 

@@ -296,6 +296,12 @@ where
 /// `recorded_at` then lost its answer to a panic. Refused at start instead, naming the key.
 pub const DURATION_MAX_SECS: u64 = 100 * 365 * 24 * 60 * 60;
 
+/// Most seconds `ingest.max_future_secs` may hold: 12 hours.
+///
+/// The projector counts no event dated more than twice that after the time its stream
+/// stored it ([`crate::event::LEAD_MAX`]), so ingest must never accept one.
+pub const FUTURE_MAX_SECS: u64 = 12 * 60 * 60;
+
 /// Most of anything that runs at once (connections in a pool, group commits, relay
 /// rounds, projector batches) and most messages in one projector batch.
 pub const CONCURRENCY_MAX: u64 = 10_000;
@@ -508,6 +514,14 @@ impl Settings {
                     &format!("must be at most 100 years ({DURATION_MAX_SECS} s)"),
                 );
             }
+        }
+        if self.ingest.max_future_secs > FUTURE_MAX_SECS {
+            return invalid(
+                "ingest.max_future_secs",
+                &format!(
+                    "must be at most 12 hours ({FUTURE_MAX_SECS} s): the projector dead-letters a reading dated more than twice that after its stream stored it"
+                ),
+            );
         }
         if self.projector.dedup_horizon_secs <= self.projector.ack_wait_secs {
             return invalid(
@@ -990,6 +1004,22 @@ mod tests {
             .expect_err("tokio's semaphore panicked at this");
         assert!(
             error.to_string().contains("ingest.queue_capacity"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_reading_may_be_dated_at_most_12_hours_ahead() {
+        assert!(defaults_with("ingest.max_future_secs", FUTURE_MAX_SECS)
+            .validate()
+            .is_ok());
+        let error = defaults_with("ingest.max_future_secs", FUTURE_MAX_SECS + 1)
+            .validate()
+            .expect_err("past 12 hours");
+        assert!(
+            error.to_string().contains(
+                "ingest.max_future_secs (PIPELINE__INGEST__MAX_FUTURE_SECS) must be at most 12 hours (43200 s)"
+            ),
             "{error}"
         );
     }

@@ -367,7 +367,7 @@ impl Projector {
             if deliveries > 1 {
                 redelivered += 1;
             }
-            match decode(&message) {
+            match decode(&message, stored_at) {
                 Ok(event) => {
                     delivered.push(Delivered {
                         event,
@@ -611,8 +611,12 @@ impl Projector {
 /// Decodes a delivered event, with its `Event-Version` header, and checks that its
 /// subject names its device (`<stream>.recorded.<device_id>`, API.md §6): one
 /// published under another device's subject would be counted for a device that
-/// `nats stream view --subject` never shows it under.
-pub fn decode(message: &async_nats::Message) -> Result<TelemetryRecorded, DecodeError> {
+/// `nats stream view --subject` never shows it under. Also checks its date against
+/// `stored_at`, when the stream stored it ([`TelemetryRecorded::check_lead`]).
+pub fn decode(
+    message: &async_nats::Message,
+    stored_at: OffsetDateTime,
+) -> Result<TelemetryRecorded, DecodeError> {
     let version = message
         .headers
         .as_ref()
@@ -627,6 +631,7 @@ pub fn decode(message: &async_nats::Message) -> Result<TelemetryRecorded, Decode
             subject_device.chars().take(64).collect::<String>()
         )));
     }
+    event.check_lead(stored_at)?;
     Ok(event)
 }
 

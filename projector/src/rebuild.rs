@@ -469,7 +469,7 @@ impl Rebuild {
                     continue;
                 }
                 // Poison was dead-lettered by the live projector; it counts nowhere.
-                if let Ok(event) = crate::consumer::decode(&message) {
+                if let Ok(event) = crate::consumer::decode(&message, stored_at) {
                     events.push(Delivered {
                         event,
                         stream_sequence,

@@ -45,6 +45,13 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
         .collect();
     let too_many: Vec<(&str, f64)> = names.iter().map(|name| (name.as_str(), 1.0)).collect();
     let overfull = event("sensor-2", base + 4, &too_many);
+    // Dated two days ahead (a hand-made `nats pub`): counted, it would hold the device's
+    // `last` and `last_seen` until then; more than a day after its storage is invalid.
+    let dated_ahead = event(
+        "sensor-2",
+        now_ms() + 2 * 86_400_000,
+        &[("temperature", 60.0)],
+    );
 
     publish(&env, &jetstream, &good_before).await;
     // (payload, subject, headers, expected DLQ subject, expected reason)
@@ -103,6 +110,13 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
             overfull.to_json(),
             env.subjects.recorded("sensor-2"),
             relay_headers("overfull"),
+            env.subjects.dlq(Some("sensor-2")),
+            "invalid",
+        ),
+        (
+            dated_ahead.to_json(),
+            env.subjects.recorded("sensor-2"),
+            relay_headers("dated-ahead"),
             env.subjects.dlq(Some("sensor-2")),
             "invalid",
         ),

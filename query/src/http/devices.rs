@@ -357,7 +357,7 @@ pub async fn series(
     let first = resolution.bucket(from).max(resolution.oldest_kept(now_ms));
     // No bucket past the latest a reading may be dated in holds anything (one more for
     // the clocks of ingest's and this host); stopping there, and at most a retention
-    // ahead (`ingest.max_future_secs` may be set to years), bounds the read whatever
+    // ahead (`ingest.max_future_secs` may be set to 12 hours), bounds the read whatever
     // `to` says.
     let latest = now_ms.saturating_add(state.max_future_ms.min(resolution.retention_ms));
     let last = resolution.bucket(to).min(resolution.bucket(latest) + 1);

@@ -326,7 +326,10 @@ async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reach
 /// the 5 min series and not in the 10 s one.
 #[tokio::test]
 async fn a_series_reads_at_most_a_retention_ahead_whatever_the_future_limit() {
-    let side = ReadSide::start_with(|settings| settings.ingest.max_future_secs = 2 * 86_400).await;
+    let side = ReadSide::start_with(|settings| {
+        settings.ingest.max_future_secs = contract::settings::FUTURE_MAX_SECS
+    })
+    .await;
     let (now, ahead) = one_reading_ahead(&side, 2 * 3_600_000).await;
     let query = &side.query;
     let reaching = range(now - 60_000, now + 3 * 3_600_000);
