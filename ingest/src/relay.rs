@@ -114,14 +114,33 @@ pub async fn serve(
 }
 
 /// Creates the event stream and its dead-letter stream, or brings their settings up to
-/// date. Debian's nats-server 2.9 treats create and update loosely, so this looks first.
+/// date.
 pub async fn ensure_streams(
     jetstream: &jetstream::Context,
     settings: &NatsSettings,
 ) -> anyhow::Result<()> {
+    for config in stream_configs(settings) {
+        ensure_stream(jetstream, config).await?;
+    }
+    Ok(())
+}
+
+/// Creates the dead-letter stream, or brings its settings up to date. The projector does
+/// when a dead letter found no stream to take it (an operator removed it): else the
+/// poison message would stay unacked for good, holding back the consumer's ack floor.
+pub async fn ensure_dead_letter_stream(
+    jetstream: &jetstream::Context,
+    settings: &NatsSettings,
+) -> anyhow::Result<()> {
+    let [_, dead_letters] = stream_configs(settings);
+    ensure_stream(jetstream, dead_letters).await
+}
+
+/// The event stream's settings and the dead-letter stream's, as the relay owns them.
+fn stream_configs(settings: &NatsSettings) -> [stream::Config; 2] {
     let subjects = Subjects::for_stream(&settings.stream);
     let max_age = Duration::from_secs(settings.max_age_secs);
-    let streams = [
+    [
         stream::Config {
             name: subjects.stream().to_owned(),
             subjects: vec![subjects.recorded_filter()],
@@ -141,26 +160,32 @@ pub async fn ensure_streams(
             ),
             ..Default::default()
         },
-    ];
-    for config in streams {
-        let name = config.name.clone();
-        match jetstream.get_stream(&name).await {
-            Ok(stream) => {
-                let current = &stream.cached_info().config;
-                let config = with_owned_settings(current, config);
-                if config != *current {
-                    jetstream
-                        .update_stream(config)
-                        .await
-                        .with_context(|| format!("updating stream {name}"))?;
-                }
-            }
-            Err(_) => {
+    ]
+}
+
+/// Creates the stream `config` names, or brings the settings the relay owns up to date.
+/// Debian's nats-server 2.9 treats create and update loosely, so this looks first.
+async fn ensure_stream(
+    jetstream: &jetstream::Context,
+    config: stream::Config,
+) -> anyhow::Result<()> {
+    let name = config.name.clone();
+    match jetstream.get_stream(&name).await {
+        Ok(stream) => {
+            let current = &stream.cached_info().config;
+            let config = with_owned_settings(current, config);
+            if config != *current {
                 jetstream
-                    .create_stream(config)
+                    .update_stream(config)
                     .await
-                    .with_context(|| format!("creating stream {name}"))?;
+                    .with_context(|| format!("updating stream {name}"))?;
             }
+        }
+        Err(_) => {
+            jetstream
+                .create_stream(config)
+                .await
+                .with_context(|| format!("creating stream {name}"))?;
         }
     }
     Ok(())

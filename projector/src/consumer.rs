@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::context::{ConsumerInfoErrorKind, PublishError};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, PublishError, PublishErrorKind};
 use async_nats::jetstream::stream::{ConsumerErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, AckKind};
 use contract::event::{headers, DecodeError, TelemetryRecorded};
 use contract::reading::check_device_id;
-use contract::settings::{key_and_variable, Settings};
+use contract::settings::{key_and_variable, NatsSettings, Settings};
 use contract::subjects::{device_token, Subjects};
 use contract::timestamp::unix_millis;
 use futures::stream::FuturesUnordered;
@@ -42,6 +42,9 @@ pub struct Projector {
     /// by each call, see [`ReadModel::apply_as_of`]) until a call finds them changed.
     generations: std::sync::Mutex<Option<Generations>>,
     subjects: Subjects,
+    /// The streams' settings, for making the dead-letter stream again
+    /// ([`ingest::relay::ensure_dead_letter_stream`]).
+    nats: NatsSettings,
     consumer_name: String,
     batch_size: usize,
     batches_in_flight: usize,
@@ -75,6 +78,7 @@ impl Projector {
             ),
             generations: std::sync::Mutex::default(),
             subjects: Subjects::for_stream(&settings.nats.stream),
+            nats: settings.nats.clone(),
             consumer_name: settings.nats.consumer.clone(),
             batch_size: settings.projector.batch_size,
             batches_in_flight: settings.projector.batches_in_flight.max(1),
@@ -561,13 +565,31 @@ impl Projector {
         let subject = self.subjects.dlq(device_id.as_deref());
         let letter =
             dlq::DeadLetterCopy::new(self.subjects.stream(), stream_sequence, stored_at, &reason);
+        let full = || letter.full(message.headers.as_ref());
         let mut published = self
-            .publish_dead_letter(
-                subject.clone(),
-                letter.full(message.headers.as_ref()),
-                message.payload.clone(),
-            )
+            .publish_dead_letter(subject.clone(), full(), message.payload.clone())
             .await;
+        if matches!(&published, Err(error) if error.kind() == PublishErrorKind::StreamNotFound) {
+            // Nothing takes dead letters: an operator removed the stream. Made again as
+            // the relay makes it, or the message would stay unacked for good.
+            match ingest::relay::ensure_dead_letter_stream(&self.jetstream, &self.nats).await {
+                Ok(()) => {
+                    tracing::warn!(
+                        stream = self.subjects.dlq_stream(),
+                        "the dead-letter stream was missing, made it again"
+                    );
+                    published = self
+                        .publish_dead_letter(subject.clone(), full(), message.payload.clone())
+                        .await;
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "making the dead-letter stream again failed"
+                    )
+                }
+            }
+        }
         if let Err(error) = &published {
             if dlq::refused_for_good(error) {
                 let refusal = error.to_string();

@@ -662,3 +662,46 @@ async fn a_poison_message_at_a_sequence_used_before_is_dead_lettered_too() {
     );
     projector.stop().await;
 }
+
+/// An operator removed the dead-letter stream: the projector makes it again for the next
+/// poison message, which is dead-lettered and terminated, not left unacked for good
+/// (redelivered every ack wait, holding back the consumer's ack floor).
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_after_the_dead_letter_stream_was_removed() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let dlq_stream = env.subjects.dlq_stream();
+    jetstream
+        .delete_stream(&dlq_stream)
+        .await
+        .expect("the dead-letter stream removed");
+    let projector = Projector::spawn(&env.settings).await;
+    live_generation(&env).await;
+    let poison = publish_raw(
+        &jetstream,
+        env.subjects.recorded("sensor-1"),
+        relay_headers("poison"),
+        b"not json".to_vec(),
+    )
+    .await;
+    let good = event("sensor-1", now_ms(), &[("temperature", 20.0)]);
+    let last_sequence = publish(&env, &jetstream, &good).await;
+    eventually(CATCH_UP, "the poison message dead-lettered", || async {
+        jetstream
+            .get_stream(&dlq_stream)
+            .await
+            .ok()
+            .filter(|stream| stream.cached_info().state.messages == 1)
+            .map(|_| ())
+    })
+    .await;
+    let letters = dead_letters_by_origin(&jetstream, &env).await;
+    assert_eq!(
+        letters.keys().copied().collect::<Vec<_>>(),
+        [poison.sequence],
+        "the one dead letter is the poison message's"
+    );
+    let info = drained(&env, &jetstream, last_sequence).await;
+    assert_eq!(info.num_ack_pending, 0, "the poison message was terminated");
+    projector.stop().await;
+}
