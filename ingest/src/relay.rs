@@ -125,15 +125,21 @@ pub async fn ensure_streams(
     Ok(())
 }
 
-/// Creates the dead-letter stream, or brings its settings up to date. The projector does
-/// when a dead letter found no stream to take it (an operator removed it): else the
-/// poison message would stay unacked for good, holding back the consumer's ack floor.
-pub async fn ensure_dead_letter_stream(
+/// Creates the dead-letter stream if it does not exist; one that does is left as it is
+/// (its settings are the relay's to keep). The projector calls this when a dead letter
+/// found no stream to take it (an operator removed it): else the poison message would
+/// stay unacked for good, holding back the consumer's ack floor.
+pub async fn create_dead_letter_stream(
     jetstream: &jetstream::Context,
     settings: &NatsSettings,
 ) -> anyhow::Result<()> {
     let [_, dead_letters] = stream_configs(settings);
-    ensure_stream(jetstream, dead_letters).await
+    let name = dead_letters.name.clone();
+    jetstream
+        .get_or_create_stream(dead_letters)
+        .await
+        .with_context(|| format!("creating stream {name}"))?;
+    Ok(())
 }
 
 /// The event stream's settings and the dead-letter stream's, as the relay owns them.

@@ -43,7 +43,7 @@ pub struct Projector {
     generations: std::sync::Mutex<Option<Generations>>,
     subjects: Subjects,
     /// The streams' settings, for making the dead-letter stream again
-    /// ([`ingest::relay::ensure_dead_letter_stream`]).
+    /// ([`ingest::relay::create_dead_letter_stream`]).
     nats: NatsSettings,
     consumer_name: String,
     batch_size: usize,
@@ -572,7 +572,7 @@ impl Projector {
         if matches!(&published, Err(error) if error.kind() == PublishErrorKind::StreamNotFound) {
             // Nothing takes dead letters: an operator removed the stream. Made again as
             // the relay makes it, or the message would stay unacked for good.
-            match ingest::relay::ensure_dead_letter_stream(&self.jetstream, &self.nats).await {
+            match ingest::relay::create_dead_letter_stream(&self.jetstream, &self.nats).await {
                 Ok(()) => {
                     tracing::warn!(
                         stream = self.subjects.dlq_stream(),

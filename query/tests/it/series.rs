@@ -320,10 +320,10 @@ async fn a_reading_dated_ahead_within_the_future_limit_is_in_a_series_that_reach
     );
 }
 
-/// However far ahead `ingest.max_future_secs` lets readings be dated, a series reads at
-/// most one retention of buckets past now (1 h 5 min of 10 s buckets, 24 h 15 min of
-/// 5 min ones), so that one request's read stays bounded: a reading two hours ahead is in
-/// the 5 min series and not in the 10 s one.
+/// However far ahead `ingest.max_future_secs` lets readings be dated (12 hours at most),
+/// a series reads at most one retention of buckets past now (1 h 5 min of 10 s buckets,
+/// 24 h 15 min of 5 min ones), so that one request's read stays bounded: a reading two
+/// hours ahead is in the 5 min series and not in the 10 s one.
 #[tokio::test]
 async fn a_series_reads_at_most_a_retention_ahead_whatever_the_future_limit() {
     let side = ReadSide::start_with(|settings| {
