@@ -12,6 +12,8 @@ use crate::auth::AuthError;
 pub enum ApiError {
     #[error("content type must be application/json")]
     UnsupportedMediaType,
+    #[error("content encoding {0} is not accepted")]
+    UnsupportedContentEncoding(String),
     #[error("idempotency key: {0}")]
     MissingIdempotencyKey(String),
     #[error("body larger than {0} bytes")]
@@ -72,6 +74,12 @@ impl ApiError {
                 ProblemKind::UnsupportedMediaType,
                 "send the reading as JSON with Content-Type: application/json",
             ),
+            Self::UnsupportedContentEncoding(coding) => Problem::new(
+                ProblemKind::UnsupportedMediaType,
+                format!(
+                    "Content-Encoding {coding} is not accepted; send the body uncompressed, without Content-Encoding"
+                ),
+            ),
             Self::MissingIdempotencyKey(rule) => Problem::new(
                 ProblemKind::MissingIdempotencyKey,
                 format!("the Idempotency-Key header is required and {rule}"),
@@ -123,6 +131,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::UnsupportedContentEncoding(_) = self {
+            // RFC 9110 §12.5.3: a 415 for a content coding says which codings would do.
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
         }
         if let Self::RateLimited(seconds) = self {
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {

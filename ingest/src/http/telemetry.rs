@@ -168,8 +168,20 @@ fn answer(outcome: Outcome) -> Response {
     }
 }
 
-/// `application/json`, with or without parameters such as `charset=utf-8`.
+/// `application/json`, with or without parameters such as `charset=utf-8`, and not
+/// compressed: ingest decodes no content coding, and one it read as JSON regardless
+/// would be a body the device did not mean (RFC 9110 §8.4: `identity` alone is none).
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for coding in text.split(',').map(str::trim) {
+            if !coding.is_empty() && !coding.eq_ignore_ascii_case("identity") {
+                return Err(ApiError::UnsupportedContentEncoding(
+                    coding.chars().take(32).collect(),
+                ));
+            }
+        }
+    }
     let essence = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())

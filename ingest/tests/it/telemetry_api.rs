@@ -213,6 +213,68 @@ async fn non_json_content_type_is_415() {
     ingest.stop().await;
 }
 
+/// Ingest decodes no content coding. A body declared compressed is refused with 415 and
+/// `Accept-Encoding: identity` (RFC 9110 §12.5.3), on both endpoints, before anything is
+/// written: read as JSON regardless, a plain body a proxy or client library labelled
+/// `gzip` was stored as a reading, and a real gzip body was a 400 `invalid-json`.
+#[tokio::test]
+async fn a_body_declared_compressed_is_415_naming_the_coding_ingest_takes() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let single = reading("sensor-1", 1.0).to_string();
+    let batch = json!({"readings": [{
+        "idempotency_key": "k-batch",
+        "device_id": "sensor-1",
+        "metrics": {"temperature": 1.0}
+    }]})
+    .to_string();
+    // The ten bytes every gzip stream starts with, then what would be deflated JSON.
+    let gzip_start = [
+        0x1f_u8, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0xab, 0x56,
+    ];
+    let declared = |path: &str, coding: &str, body: Vec<u8>| {
+        ingest
+            .http
+            .post(format!("{}{path}", ingest.base_url))
+            .header("idempotency-key", "k-1")
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .body(body)
+    };
+    for (path, coding, body) in [
+        ("/v1/telemetry", "gzip", single.clone().into_bytes()),
+        ("/v1/telemetry", "gzip", gzip_start.to_vec()),
+        ("/v1/telemetry", "br", single.clone().into_bytes()),
+        (
+            "/v1/telemetry",
+            "identity, GZIP",
+            single.clone().into_bytes(),
+        ),
+        ("/v1/telemetry/batch", "deflate", batch.clone().into_bytes()),
+    ] {
+        let response = declared(path, coding, body).send().await.expect("sent");
+        assert_eq!(
+            response
+                .headers()
+                .get("accept-encoding")
+                .and_then(|value| value.to_str().ok()),
+            Some("identity"),
+            "{path} with {coding}"
+        );
+        let problem = assert_problem(response, 415, "unsupported-media-type").await;
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("Content-Encoding"), "{detail}");
+    }
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    assert_eq!(count(&env.postgres().await, "outbox").await, 0);
+    let identity = declared("/v1/telemetry", "identity", single.into_bytes())
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(identity.status().as_u16(), 202, "identity is no coding");
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn body_over_64_kib_is_413_and_nothing_is_written() {
     let env = TestEnv::new();
