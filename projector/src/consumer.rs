@@ -1188,10 +1188,12 @@ pub async fn take_anchor(rebuild: &Rebuild) {
 
 /// Watches the read model and rebuilds it when it is missing (never built, or lost with
 /// a Redis restart), when Redis restarted and loaded it from its files while the stream
-/// still holds every event ([`RestartWatch`]), or when a rebuild was abandoned by a process that died. Several
-/// projectors may run this; the rebuild lock lets one of them do the work. Every second
-/// it also looks at the durable consumer (`watch_consumer`), and every few seconds at
-/// whether Redis may evict keys ([`EvictionWatch`]).
+/// still holds every event ([`RestartWatch`]), or when a rebuild was abandoned by a
+/// process that died. Several projectors may run this; the rebuild lock lets one of them
+/// do the work. It also deletes the keys a rebuild that died after its switch left
+/// ([`Rebuild::delete_retired`]). Every second it also looks at the durable consumer
+/// (`watch_consumer`), and every few seconds at whether Redis may evict keys
+/// ([`EvictionWatch`]).
 pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
     let mut redis = rebuild.redis.clone();
     let prefix = rebuild.read_model.prefix.clone();
@@ -1243,6 +1245,22 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
                 reloaded = restart_watch.reloaded(&rebuild, live) => reloaded,
             },
         };
+        // Keys of a generation a rebuild switched away from, left by its process's death.
+        if let (None, false, Ok(generations)) = (&rebuilding, needed, &generations) {
+            if !generations.retired.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    deleted = rebuild.delete_retired(generations) => {
+                        if let Err(error) = deleted {
+                            tracing::warn!(
+                                error = format!("{error:#}"),
+                                "deleting a retired generation failed, will retry"
+                            );
+                        }
+                    }
+                }
+            }
+        }
         // A look at the consumer waits out a request timeout while NATS is down.
         tokio::select! {
             _ = shutdown.cancelled() => break,

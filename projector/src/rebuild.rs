@@ -31,8 +31,10 @@
 //!    repair redelivered the dedup horizon) applies what comes again from there to the
 //!    live generation only;
 //! 4. switches `generation` to the new one and clears `building`, in one script that
-//!    checks it still owns the lock and the build;
-//! 5. deletes the old generation's keys after a short grace period.
+//!    checks it still owns the lock and the build, and names the old one `retired`;
+//! 5. deletes the old generation's keys after a short grace period, and then its name
+//!    from `retired`. Should its process die before, a live projector's supervisor
+//!    deletes them once the lock is free ([`Rebuild::delete_retired`]).
 
 use std::time::Duration;
 
@@ -87,6 +89,9 @@ pub struct Generations {
     /// The meta hash's `redis_run`: the Redis server the live generation was built on
     /// (see [`crate::restart`]).
     pub redis_run: Option<String>,
+    /// Generations switched away from whose keys are still to be deleted
+    /// ([`meta::RETIRED`]).
+    pub retired: Vec<u64>,
 }
 
 /// The live projectors' ack floor when a build began (`stream_sequence`) and the time
@@ -129,8 +134,10 @@ impl ReplayThrough {
     }
 }
 
-/// The meta hash's `generation`, `layout`, `building`, `replay_through` and `redis_run`.
+/// The meta hash's `generation`, `layout`, `building`, `replay_through`, `redis_run` and
+/// `retired`.
 type MetaFields = (
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -140,13 +147,14 @@ type MetaFields = (
 
 impl Generations {
     pub async fn read(connection: &mut RedisConnection, prefix: &str) -> redis::RedisResult<Self> {
-        let (generation, layout, building, replay_through, redis_run): MetaFields =
+        let (generation, layout, building, replay_through, redis_run, retired): MetaFields =
             redis::cmd("HMGET")
                 .arg(meta_key(prefix))
                 .arg(meta::LIVE)
                 .arg(meta::BUILDING)
                 .arg(meta::REPLAY_THROUGH)
                 .arg(meta::REDIS_RUN)
+                .arg(meta::RETIRED)
                 .query_async(connection)
                 .await?;
         let replay_through = match replay_through {
@@ -182,6 +190,12 @@ impl Generations {
             replay_through,
             fields,
             redis_run,
+            // Written by the switch script alone, as numbers.
+            retired: retired
+                .unwrap_or_default()
+                .split_ascii_whitespace()
+                .filter_map(|generation| generation.parse().ok())
+                .collect(),
         })
     }
 
@@ -336,9 +350,45 @@ impl Rebuild {
         );
         if let Some(old) = replaced.filter(|old| *old != generation) {
             tokio::time::sleep(SWITCH_GRACE).await;
-            delete_generation(&mut redis, prefix, old).await?;
+            delete_retired_generation(&mut redis, prefix, old).await?;
         }
         Ok(generation)
+    }
+
+    /// Deletes the keys of the generations `generations` names retired: a rebuild
+    /// switched away from them, and its process died before it deleted them (in the
+    /// grace after the switch, or during the deletion). Only while no rebuild holds the
+    /// lock, so a rebuild's own grace is waited out; a lock a dead process left expires.
+    pub async fn delete_retired(&self, generations: &Generations) -> anyhow::Result<()> {
+        let mut redis = self.redis.clone();
+        let prefix = &self.read_model.prefix;
+        let Some(owner) = lock::take(&mut redis, &rebuild_lock_key(prefix), LOCK_TTL)
+            .await
+            .context("taking the rebuild lock")?
+        else {
+            return Ok(());
+        };
+        let mut deleted = Ok(());
+        for &generation in &generations.retired {
+            // Never the live one or the one being built (the numbers only grow, so a
+            // retired one is neither; this keeps it so whatever wrote the field).
+            if generations.current == Some(generation) || generations.building == Some(generation) {
+                continue;
+            }
+            match delete_retired_generation(&mut redis, prefix, generation).await {
+                Ok(keys) => tracing::info!(
+                    generation,
+                    keys,
+                    "deleted the keys of a generation a rebuild switched away from and left behind"
+                ),
+                Err(error) => {
+                    deleted = Err(error);
+                    break;
+                }
+            }
+        }
+        lock::release(&mut redis, &rebuild_lock_key(prefix), &owner).await;
+        deleted
     }
 
     /// The stream sequence up to which the live projectors' durable consumer has acked
@@ -564,16 +614,53 @@ async fn keep_lock(
 }
 
 /// Makes `generation` live (of this layout, built on the Redis run `ARGV[4]`, or on one
-/// not known when empty), but only if this rebuild still owns the lock and the build.
+/// not known when empty), but only if this rebuild still owns the lock and the build;
+/// the generation it replaces is named `retired` ([`meta::RETIRED`]).
 fn switch_script() -> Script {
     Script::new(
         "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
          if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+         local old = redis.call('HGET', KEYS[1], 'generation')
+         if old and old ~= ARGV[1] then
+           local retired = redis.call('HGET', KEYS[1], 'retired')
+           redis.call('HSET', KEYS[1], 'retired', retired and (retired .. ' ' .. old) or old)
+         end
          redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3])
          redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'redis_run')
          if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'redis_run', ARGV[4]) end
          return 1",
     )
+}
+
+/// Takes generation `ARGV[1]` off the meta hash's `retired` list (its keys are gone).
+fn unretire_script() -> Script {
+    Script::new(
+        "local retired = redis.call('HGET', KEYS[1], 'retired')
+         if not retired then return 0 end
+         local kept = {}
+         for generation in string.gmatch(retired, '%S+') do
+           if generation ~= ARGV[1] then table.insert(kept, generation) end
+         end
+         if #kept == 0 then redis.call('HDEL', KEYS[1], 'retired')
+         else redis.call('HSET', KEYS[1], 'retired', table.concat(kept, ' ')) end
+         return 1",
+    )
+}
+
+/// Deletes the keys of `generation`, which a switch named retired, and then its name
+/// from the `retired` list; returns how many keys went.
+async fn delete_retired_generation(
+    redis: &mut RedisConnection,
+    prefix: &str,
+    generation: u64,
+) -> anyhow::Result<u64> {
+    let deleted = delete_generation(redis, prefix, generation).await?;
+    let _: i64 = unretire_script()
+        .key(meta_key(prefix))
+        .arg(generation)
+        .invoke_async(redis)
+        .await?;
+    Ok(deleted)
 }
 
 /// Unlinks every key of a generation, a thousand at a time.

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::{
     building_generation, connection, direct_read_model, drained, event, figures, now_ms,
     private_env, publish_many, reference, spread_events, stream_messages, streams, Projector,
+    CATCH_UP,
 };
 
 /// Enough events that the replay is still reading when the server is frozen: the
@@ -398,6 +399,77 @@ async fn a_rebuild_aborted_half_way_stops_refreshing_its_lock() {
         after < before - 5_000,
         "the lock was refreshed after the rebuild was aborted: {before} ms left, then {after} ms"
     );
+}
+
+/// A rebuild whose process dies after its switch, in the grace before it deletes the
+/// generation it replaced, leaves that generation's keys: device hashes and index keys
+/// never expire, so they stayed in Redis for good. The switch names it retired in the
+/// meta hash, and a live projector deletes its keys once the dead rebuild's lock is gone.
+#[tokio::test]
+async fn the_generation_a_rebuild_that_died_after_its_switch_replaced_is_deleted_all_the_same() {
+    const REPLACED: u64 = 5;
+    let env = TestEnv::new();
+    streams(&env).await;
+    env.set_live_generation(REPLACED).await;
+    let mut redis = connection(&env).await;
+    let generations = Generations::read(&mut redis, &env.settings.redis.prefix)
+        .await
+        .expect("meta read");
+    let batch = [Delivered {
+        event: event("sensor-1", now_ms(), &[("temperature", 20.0)]),
+        stream_sequence: 1,
+        stored_at: time::OffsetDateTime::now_utc(),
+    }];
+    direct_read_model(&env)
+        .apply_as_of(&mut redis, &generations, &batch, now_ms())
+        .await
+        .expect("apply");
+    assert!(!env.generation_keys(REPLACED).await.is_empty());
+
+    let running = start_rebuild(&env).await;
+    let generation = eventually(Duration::from_secs(20), "the switch", || async {
+        env.generation()
+            .await
+            .filter(|generation| *generation != REPLACED)
+    })
+    .await;
+    // The process dies in the 2 s grace after the switch.
+    running.abort();
+    assert!(
+        running.await.is_err_and(|error| error.is_cancelled()),
+        "the rebuild ended before it was aborted"
+    );
+    assert!(
+        !env.generation_keys(REPLACED).await.is_empty(),
+        "the rebuild deleted the replaced generation before it was aborted"
+    );
+    // Its lock expires (15 s after its last refresh); the test does not wait that long.
+    let () = redis::cmd("DEL")
+        .arg(rebuild_lock_key(&env.settings.redis.prefix))
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("lock deleted");
+
+    let projector = Projector::spawn(&env.settings).await;
+    eventually(
+        CATCH_UP,
+        "the replaced generation's keys deleted",
+        || async { env.generation_keys(REPLACED).await.is_empty().then_some(()) },
+    )
+    .await;
+    let retired: Option<String> = redis::cmd("HGET")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::RETIRED)
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("meta read");
+    assert_eq!(retired, None, "nothing is left to delete");
+    assert_eq!(
+        env.generation().await,
+        Some(generation),
+        "the new one stays live"
+    );
+    projector.stop().await;
 }
 
 /// Starts a rebuild as `projector rebuild` runs it.
