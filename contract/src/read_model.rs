@@ -10,7 +10,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt), `layout` (of the current one, [`LAYOUT`]), `redis_run` (the Redis server it was built on, [`meta::REDIS_RUN`]) |
+//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) with `replay_through` ([`meta::REPLAY_THROUGH`]), `layout` (of the current one, [`LAYOUT`]), `redis_run` (the Redis server it was built on, [`meta::REDIS_RUN`]), `retired` (generations whose keys are still to be deleted, [`meta::RETIRED`]) |
 //! | `<p>rebuild-lock` | string | who is rebuilding, with an expiry |
 //! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |

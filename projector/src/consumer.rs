@@ -576,7 +576,7 @@ impl Projector {
                 Ok(()) => {
                     tracing::warn!(
                         stream = self.subjects.dlq_stream(),
-                        "the dead-letter stream was missing, made it again"
+                        "no dead-letter stream took the message, made sure it exists"
                     );
                     published = self
                         .publish_dead_letter(subject.clone(), full(), message.payload.clone())
@@ -1250,7 +1250,7 @@ pub async fn supervise(rebuild: Rebuild, shutdown: CancellationToken) {
             if !generations.retired.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    deleted = rebuild.delete_retired(generations) => {
+                    deleted = rebuild.delete_retired() => {
                         if let Err(error) = deleted {
                             tracing::warn!(
                                 error = format!("{error:#}"),

@@ -355,11 +355,12 @@ impl Rebuild {
         Ok(generation)
     }
 
-    /// Deletes the keys of the generations `generations` names retired: a rebuild
+    /// Deletes the keys of the generations the meta hash names retired: a rebuild
     /// switched away from them, and its process died before it deleted them (in the
     /// grace after the switch, or during the deletion). Only while no rebuild holds the
     /// lock, so a rebuild's own grace is waited out; a lock a dead process left expires.
-    pub async fn delete_retired(&self, generations: &Generations) -> anyhow::Result<()> {
+    /// The lock is held (and refreshed) until the deletion ends.
+    pub async fn delete_retired(&self) -> anyhow::Result<()> {
         let mut redis = self.redis.clone();
         let prefix = &self.read_model.prefix;
         let Some(owner) = lock::take(&mut redis, &rebuild_lock_key(prefix), LOCK_TTL)
@@ -368,27 +369,39 @@ impl Rebuild {
         else {
             return Ok(());
         };
-        let mut deleted = Ok(());
-        for &generation in &generations.retired {
-            // Never the live one or the one being built (the numbers only grow, so a
-            // retired one is neither; this keeps it so whatever wrote the field).
-            if generations.current == Some(generation) || generations.building == Some(generation) {
-                continue;
-            }
-            match delete_retired_generation(&mut redis, prefix, generation).await {
-                Ok(keys) => tracing::info!(
-                    generation,
-                    keys,
-                    "deleted the keys of a generation a rebuild switched away from and left behind"
-                ),
-                Err(error) => {
-                    deleted = Err(error);
-                    break;
-                }
-            }
-        }
+        let refresher = AbortOnDropHandle::new(tokio::spawn(keep_lock(
+            redis.clone(),
+            prefix.clone(),
+            owner.clone(),
+            CancellationToken::new(),
+        )));
+        let deleted = self.delete_retired_under_lock(&mut redis).await;
+        drop(refresher);
         lock::release(&mut redis, &rebuild_lock_key(prefix), &owner).await;
         deleted
+    }
+
+    /// [`Rebuild::delete_retired`] once it holds the lock: the meta hash is read again,
+    /// as a rebuild that ended just before may have deleted them already.
+    async fn delete_retired_under_lock(&self, redis: &mut RedisConnection) -> anyhow::Result<()> {
+        let prefix = &self.read_model.prefix;
+        let generations = Generations::read(redis, prefix).await?;
+        for &generation in &generations.retired {
+            // Never the keys of the live one or the one being built (the numbers only
+            // grow, so a retired one is neither; this keeps it so whatever wrote the
+            // field): such a name only leaves the list.
+            if generations.current == Some(generation) || generations.building == Some(generation) {
+                unretire(redis, prefix, generation).await?;
+                continue;
+            }
+            let keys = delete_retired_generation(redis, prefix, generation).await?;
+            tracing::info!(
+                generation,
+                keys,
+                "deleted the keys of a generation a rebuild switched away from and left behind"
+            );
+        }
+        Ok(())
     }
 
     /// The stream sequence up to which the live projectors' durable consumer has acked
@@ -632,19 +645,37 @@ fn switch_script() -> Script {
     )
 }
 
-/// Takes generation `ARGV[1]` off the meta hash's `retired` list (its keys are gone).
+/// Takes generation `ARGV[1]` off the meta hash's `retired` list (its keys are gone),
+/// as a number; writes the hash only if the list named it (every write to the meta hash
+/// makes query drop what it keeps, `query::tracking`).
 fn unretire_script() -> Script {
     Script::new(
         "local retired = redis.call('HGET', KEYS[1], 'retired')
          if not retired then return 0 end
-         local kept = {}
+         local kept, named = {}, false
          for generation in string.gmatch(retired, '%S+') do
-           if generation ~= ARGV[1] then table.insert(kept, generation) end
+           if tonumber(generation) == tonumber(ARGV[1]) then named = true
+           else table.insert(kept, generation) end
          end
+         if not named then return 0 end
          if #kept == 0 then redis.call('HDEL', KEYS[1], 'retired')
          else redis.call('HSET', KEYS[1], 'retired', table.concat(kept, ' ')) end
          return 1",
     )
+}
+
+/// Takes `generation` off the meta hash's `retired` list.
+async fn unretire(
+    redis: &mut RedisConnection,
+    prefix: &str,
+    generation: u64,
+) -> anyhow::Result<()> {
+    let _: i64 = unretire_script()
+        .key(meta_key(prefix))
+        .arg(generation)
+        .invoke_async(redis)
+        .await?;
+    Ok(())
 }
 
 /// Deletes the keys of `generation`, which a switch named retired, and then its name
@@ -655,11 +686,7 @@ async fn delete_retired_generation(
     generation: u64,
 ) -> anyhow::Result<u64> {
     let deleted = delete_generation(redis, prefix, generation).await?;
-    let _: i64 = unretire_script()
-        .key(meta_key(prefix))
-        .arg(generation)
-        .invoke_async(redis)
-        .await?;
+    unretire(redis, prefix, generation).await?;
     Ok(deleted)
 }
 

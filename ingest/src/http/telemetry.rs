@@ -172,6 +172,14 @@ fn answer(outcome: Outcome) -> Response {
 /// compressed: ingest decodes no content coding, and one it read as JSON regardless
 /// would be a body the device did not mean (RFC 9110 §8.4: `identity` alone is none).
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let essence = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .map(|essence| essence.trim().to_ascii_lowercase());
+    if essence.as_deref() != Some("application/json") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
     for value in headers.get_all(header::CONTENT_ENCODING) {
         let text = String::from_utf8_lossy(value.as_bytes());
         for coding in text.split(',').map(str::trim) {
@@ -182,15 +190,7 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
             }
         }
     }
-    let essence = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .map(|essence| essence.trim().to_ascii_lowercase());
-    match essence.as_deref() {
-        Some("application/json") => Ok(()),
-        _ => Err(ApiError::UnsupportedMediaType),
-    }
+    Ok(())
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {

@@ -404,7 +404,8 @@ async fn a_rebuild_aborted_half_way_stops_refreshing_its_lock() {
 /// A rebuild whose process dies after its switch, in the grace before it deletes the
 /// generation it replaced, leaves that generation's keys: device hashes and index keys
 /// never expire, so they stayed in Redis for good. The switch names it retired in the
-/// meta hash, and a live projector deletes its keys once the dead rebuild's lock is gone.
+/// meta hash, and a live projector deletes its keys once the dead rebuild's lock is gone
+/// (not before: a rebuild holds it through its grace, while reads may still be under way).
 #[tokio::test]
 async fn the_generation_a_rebuild_that_died_after_its_switch_replaced_is_deleted_all_the_same() {
     const REPLACED: u64 = 5;
@@ -443,14 +444,20 @@ async fn the_generation_a_rebuild_that_died_after_its_switch_replaced_is_deleted
         !env.generation_keys(REPLACED).await.is_empty(),
         "the rebuild deleted the replaced generation before it was aborted"
     );
+    let projector = Projector::spawn(&env.settings).await;
+    // While the dead rebuild's lock lasts, its keys stay. Only waiting can show an
+    // absence: the projector's supervisor looks every second.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert!(
+        !env.generation_keys(REPLACED).await.is_empty(),
+        "deleted while a rebuild held the lock"
+    );
     // Its lock expires (15 s after its last refresh); the test does not wait that long.
     let () = redis::cmd("DEL")
         .arg(rebuild_lock_key(&env.settings.redis.prefix))
         .query_async(&mut env.redis().await)
         .await
         .expect("lock deleted");
-
-    let projector = Projector::spawn(&env.settings).await;
     eventually(
         CATCH_UP,
         "the replaced generation's keys deleted",
