@@ -244,21 +244,7 @@ async fn a_rebuild_deletes_the_generation_it_replaced_whatever_glob_characters_t
     env.settings.redis.prefix = format!("{}app[1]?:", env.settings.redis.prefix);
     let prefix = env.settings.redis.prefix.clone();
     streams(&env).await;
-    env.set_live_generation(5).await;
-    let mut redis = connection(&env).await;
-    let generations = Generations::read(&mut redis, &prefix)
-        .await
-        .expect("meta read");
-    let batch = [Delivered {
-        event: event("sensor-1", now_ms(), &[("temperature", 20.0)]),
-        stream_sequence: 1,
-        stored_at: time::OffsetDateTime::now_utc(),
-    }];
-    let applied = direct_read_model(&env)
-        .apply_as_of(&mut redis, &generations, &batch, now_ms())
-        .await
-        .expect("apply");
-    assert!(matches!(applied, AsOf::Applied(_)), "{applied:?}");
+    live_generation_with_a_reading(&env, 5).await;
     // Listed with a pattern of the test's own, which escapes the prefix by hand.
     let replaced = format!(
         "{}g5:*",
@@ -411,20 +397,7 @@ async fn the_generation_a_rebuild_that_died_after_its_switch_replaced_is_deleted
     const REPLACED: u64 = 5;
     let env = TestEnv::new();
     streams(&env).await;
-    env.set_live_generation(REPLACED).await;
-    let mut redis = connection(&env).await;
-    let generations = Generations::read(&mut redis, &env.settings.redis.prefix)
-        .await
-        .expect("meta read");
-    let batch = [Delivered {
-        event: event("sensor-1", now_ms(), &[("temperature", 20.0)]),
-        stream_sequence: 1,
-        stored_at: time::OffsetDateTime::now_utc(),
-    }];
-    direct_read_model(&env)
-        .apply_as_of(&mut redis, &generations, &batch, now_ms())
-        .await
-        .expect("apply");
+    live_generation_with_a_reading(&env, REPLACED).await;
     assert!(!env.generation_keys(REPLACED).await.is_empty());
 
     let running = start_rebuild(&env).await;
@@ -477,6 +450,26 @@ async fn the_generation_a_rebuild_that_died_after_its_switch_replaced_is_deleted
         "the new one stays live"
     );
     projector.stop().await;
+}
+
+/// Makes `generation` the live one and applies one reading to it, as a live projector
+/// would.
+async fn live_generation_with_a_reading(env: &TestEnv, generation: u64) {
+    env.set_live_generation(generation).await;
+    let mut redis = connection(env).await;
+    let generations = Generations::read(&mut redis, &env.settings.redis.prefix)
+        .await
+        .expect("meta read");
+    let batch = [Delivered {
+        event: event("sensor-1", now_ms(), &[("temperature", 20.0)]),
+        stream_sequence: 1,
+        stored_at: time::OffsetDateTime::now_utc(),
+    }];
+    let applied = direct_read_model(env)
+        .apply_as_of(&mut redis, &generations, &batch, now_ms())
+        .await
+        .expect("apply");
+    assert!(matches!(applied, AsOf::Applied(_)), "{applied:?}");
 }
 
 /// Starts a rebuild as `projector rebuild` runs it.
