@@ -40,6 +40,21 @@ pub struct ReadingBody {
     pub metrics: BTreeMap<String, serde_json::Value>,
 }
 
+/// Decodes `json`, which must be a JSON object, as `T` ([`ReadingBody`], [`BatchBody`],
+/// [`BatchItem`]); the error is the `detail` of an `invalid-json` problem. serde's
+/// derived structs also take an array of their fields in order, so that
+/// `["sensor-1", null, {"t": 1}]` was stored as a reading, and their message for any
+/// other value named the Rust type (`expected struct ReadingBody`).
+pub fn from_json_object<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, String> {
+    let first = json
+        .iter()
+        .find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err("expected a JSON object".to_owned());
+    }
+    serde_json::from_slice(json).map_err(|error| error.to_string())
+}
+
 /// Most readings in one `POST /v1/telemetry/batch`.
 pub const BATCH_MAX: usize = 1000;
 
@@ -581,6 +596,39 @@ mod tests {
         let decoded: Result<ReadingBody, _> =
             serde_json::from_str(r#"{"device_id":"d","metrics":{"t":1},"extra":true}"#);
         assert!(decoded.is_err());
+    }
+
+    #[test]
+    fn only_a_json_object_decodes_as_a_reading_or_a_batch() {
+        let as_array = r#"["sensor-1", null, {"temperature": 21.5}]"#;
+        assert!(
+            serde_json::from_str::<ReadingBody>(as_array).is_ok(),
+            "serde alone takes a struct's fields as an array"
+        );
+        for json in [
+            as_array,
+            r#""sensor-1""#,
+            "42",
+            "null",
+            "",
+            "  ",
+            "not json",
+        ] {
+            let error = from_json_object::<ReadingBody>(json.as_bytes()).expect_err(json);
+            assert_eq!(error, "expected a JSON object", "{json:?}");
+        }
+        let item = r#"["k-1", "sensor-1", null, {"t": 1}]"#;
+        assert!(from_json_object::<BatchItem>(item.as_bytes()).is_err());
+        let batch = r#"[[{"idempotency_key": "k-1", "device_id": "d", "metrics": {"t": 1}}]]"#;
+        assert!(from_json_object::<BatchBody>(batch.as_bytes()).is_err());
+        let reading = from_json_object::<ReadingBody>(
+            b" \n\t{\"device_id\": \"sensor-1\", \"metrics\": {\"temperature\": 21.5}}",
+        )
+        .expect("an object, after white space");
+        assert_eq!(reading.device_id, "sensor-1");
+        let error = from_json_object::<ReadingBody>(br#"{"device_id": 5, "metrics": {}}"#)
+            .expect_err("a field of the wrong type");
+        assert!(!error.contains("struct"), "{error}");
     }
 
     #[test]

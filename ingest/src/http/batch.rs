@@ -6,7 +6,9 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use contract::problem::{ProblemKind, TYPE_BASE};
-use contract::reading::{BatchBody, BatchItem, FieldError, Invalid, Reading, BATCH_MAX};
+use contract::reading::{
+    from_json_object, BatchBody, BatchItem, FieldError, Invalid, Reading, BATCH_MAX,
+};
 use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -94,8 +96,7 @@ async fn handle(
     body: Body,
 ) -> Result<Json<BatchResponse>, ApiError> {
     let bytes = read_body(body, headers, state.max_batch_body_bytes).await?;
-    let batch: BatchBody =
-        serde_json::from_slice(&bytes).map_err(|error| ApiError::InvalidJson(error.to_string()))?;
+    let batch: BatchBody = from_json_object(&bytes).map_err(ApiError::InvalidJson)?;
     if batch.readings.is_empty() || batch.readings.len() > BATCH_MAX {
         return Err(ApiError::InvalidReading(Invalid::one(FieldError::new(
             "readings",
@@ -250,8 +251,8 @@ fn prepare(
     item: &serde_json::value::RawValue,
     received_at: OffsetDateTime,
 ) -> Result<Prepared, ItemError> {
-    let item: BatchItem = serde_json::from_str(item.get())
-        .map_err(|error| ItemError::new(ProblemKind::InvalidJson, error.to_string(), Vec::new()))?;
+    let item: BatchItem = from_json_object(item.get().as_bytes())
+        .map_err(|detail| ItemError::new(ProblemKind::InvalidJson, detail, Vec::new()))?;
     let (key, body) = item.into_parts();
     let key = key.map_err(|message| {
         ItemError::new(

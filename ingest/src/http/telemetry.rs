@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use contract::reading::{check_idempotency_key, Invalid, ReadingBody};
+use contract::reading::{check_idempotency_key, from_json_object, Invalid, ReadingBody};
 use futures::StreamExt;
 use time::OffsetDateTime;
 
@@ -39,8 +39,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
         require_json(headers)?;
         let idempotency_key = idempotency_key(headers)?;
         let bytes = read_body(body, headers, state.max_body_bytes).await?;
-        let body: ReadingBody = serde_json::from_slice(&bytes)
-            .map_err(|error| ApiError::InvalidJson(error.to_string()))?;
+        let body: ReadingBody = from_json_object(&bytes).map_err(ApiError::InvalidJson)?;
         let received_at = OffsetDateTime::now_utc();
         let reading = match body.validate(received_at, state.time_bounds) {
             Ok(reading) => reading,

@@ -65,6 +65,55 @@ async fn a_field_given_twice_fails_its_item_as_it_fails_a_single_post() {
     ingest.stop().await;
 }
 
+/// A reading, a batch item or a batch body must be a JSON object. serde's derived
+/// structs also took an array of their fields in order, so that
+/// `["sensor-1", null, {"temperature": 1}]` was stored as a reading, and for any other
+/// value the detail named a Rust type (`expected struct ReadingBody`).
+#[tokio::test]
+async fn a_reading_written_as_an_array_or_any_other_value_is_invalid_json() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let not_objects = [
+        r#"["gw-1", null, {"temperature": 1}]"#,
+        r#""gw-1""#,
+        "7",
+        "null",
+    ];
+    for (index, body) in not_objects.iter().enumerate() {
+        let single = ingest
+            .post_text(&format!("single-{index}"), (*body).to_owned())
+            .await;
+        let problem = assert_problem(single, 400, "invalid-json").await;
+        assert_eq!(problem["detail"], "expected a JSON object", "{body}");
+
+        let good = item(&format!("good-{index}"), "gw-1", 2.0);
+        let response = ingest
+            .post_batch_text(format!(r#"{{"readings": [{body}, {good}]}}"#))
+            .await;
+        assert_eq!(response.status().as_u16(), 200);
+        let answer: Value = response.json().await.expect("json");
+        let rejected = &answer["results"][0];
+        assert_eq!(rejected["status"], "rejected", "{answer}");
+        assert_eq!(
+            rejected["error"]["detail"], "expected a JSON object",
+            "{answer}"
+        );
+        assert_eq!(answer["results"][1]["status"], "accepted", "{answer}");
+    }
+    let as_array = ingest
+        .post_batch_text(format!("[[{}]]", item("whole-batch", "gw-1", 3.0)))
+        .await;
+    let problem = assert_problem(as_array, 400, "invalid-json").await;
+    assert_eq!(problem["detail"], "expected a JSON object");
+    let db = env.postgres().await;
+    assert_eq!(
+        count(&db, "readings").await,
+        not_objects.len() as i64,
+        "only the good items are stored"
+    );
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn mixed_batch_gets_per_item_results_and_stores_exactly_the_accepted_readings() {
     let env = TestEnv::new();
