@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::reading::{check_device_id, check_metric_name, METRICS_MAX};
+use crate::reading::{check_device_id, check_metric_name, from_json_object, METRICS_MAX};
 use crate::settings::FUTURE_MAX_SECS;
 use crate::timestamp;
 
@@ -118,7 +118,8 @@ impl TelemetryRecorded {
                 )));
             }
         }
-        let event: Self = serde_json::from_slice(payload).map_err(|error| {
+        // An object only: serde alone also takes the fields as an array, in order.
+        let event: Self = from_json_object(payload).map_err(|error| {
             #[derive(Deserialize)]
             struct Versioned {
                 version: u32,
@@ -127,7 +128,7 @@ impl TelemetryRecorded {
                 Ok(versioned) if versioned.version != VERSION => {
                     DecodeError::UnknownVersion(format!("version {}", versioned.version))
                 }
-                _ => DecodeError::Undecodable(error.to_string()),
+                _ => DecodeError::Undecodable(error),
             }
         })?;
         if event.version != VERSION {
@@ -260,6 +261,27 @@ mod tests {
         assert_eq!(
             far.check_lead(earliest).map_err(|e| e.reason()),
             Err("invalid")
+        );
+    }
+
+    #[test]
+    fn an_event_written_as_an_array_of_its_fields_is_undecodable() {
+        let json: serde_json::Value = serde_json::from_slice(&event().to_json()).expect("json");
+        let fields = [
+            "event_id",
+            "event_type",
+            "version",
+            "device_id",
+            "recorded_at",
+            "received_at",
+            "metrics",
+        ]
+        .map(|field| json[field].clone());
+        let payload = serde_json::to_vec(&fields).expect("json");
+        assert!(serde_json::from_slice::<TelemetryRecorded>(&payload).is_ok());
+        assert_eq!(
+            TelemetryRecorded::decode(&payload, Some("1")).map_err(|error| error.reason()),
+            Err("undecodable")
         );
     }
 
