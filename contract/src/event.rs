@@ -124,7 +124,7 @@ impl TelemetryRecorded {
             struct Versioned {
                 version: u32,
             }
-            match serde_json::from_slice::<Versioned>(payload) {
+            match from_json_object::<Versioned>(payload) {
                 Ok(versioned) if versioned.version != VERSION => {
                     DecodeError::UnknownVersion(format!("version {}", versioned.version))
                 }

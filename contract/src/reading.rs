@@ -41,19 +41,27 @@ pub struct ReadingBody {
 }
 
 /// Decodes `json`, which must be a JSON object, as `T` ([`ReadingBody`], [`BatchBody`],
-/// [`BatchItem`]); the error is the `detail` of an `invalid-json` problem. serde's
-/// derived structs also take an array of their fields in order, so that
+/// [`BatchItem`], the event); the error is the `detail` of an `invalid-json` problem.
+/// serde's derived structs also take an array of their fields in order, so that
 /// `["sensor-1", null, {"t": 1}]` was stored as a reading, and their message for any
-/// other value named the Rust type (`expected struct ReadingBody`).
+/// other value named the Rust type (`expected struct ReadingBody`). Text that is not
+/// JSON at all keeps serde's message, which says where it stops being JSON.
 pub fn from_json_object<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, String> {
     let first = json
         .iter()
         .find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'));
-    if first != Some(&b'{') {
-        return Err("expected a JSON object".to_owned());
+    if first == Some(&b'{') {
+        return serde_json::from_slice(json).map_err(|error| error.to_string());
     }
-    serde_json::from_slice(json).map_err(|error| error.to_string())
+    // Read to the end only to tell which message fits: nothing is kept.
+    match serde_json::from_slice::<serde::de::IgnoredAny>(json) {
+        Ok(_) => Err(NOT_AN_OBJECT.to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
 }
+
+/// The `detail` for JSON that is not an object ([`from_json_object`]).
+pub const NOT_AN_OBJECT: &str = "expected a JSON object";
 
 /// Most readings in one `POST /v1/telemetry/batch`.
 pub const BATCH_MAX: usize = 1000;
@@ -605,20 +613,25 @@ mod tests {
             serde_json::from_str::<ReadingBody>(as_array).is_ok(),
             "serde alone takes a struct's fields as an array"
         );
-        for json in [
-            as_array,
-            r#""sensor-1""#,
-            "42",
-            "null",
-            "",
-            "  ",
-            "not json",
+        for json in [as_array, r#""sensor-1""#, "42", " null "] {
+            let error = from_json_object::<ReadingBody>(json.as_bytes()).expect_err(json);
+            assert_eq!(error, NOT_AN_OBJECT, "{json:?}");
+        }
+        // Not JSON at all: serde's message, which says where.
+        for (json, says) in [
+            ("not json", "expected ident at line 1 column 2"),
+            ("", "EOF while parsing a value at line 1 column 0"),
+            ("[1, 2", "EOF while parsing a list at line 1 column 5"),
         ] {
             let error = from_json_object::<ReadingBody>(json.as_bytes()).expect_err(json);
-            assert_eq!(error, "expected a JSON object", "{json:?}");
+            assert_eq!(error, says, "{json:?}");
         }
         let item = r#"["k-1", "sensor-1", null, {"t": 1}]"#;
-        assert!(from_json_object::<BatchItem>(item.as_bytes()).is_err());
+        assert!(serde_json::from_str::<BatchItem>(item).is_ok());
+        assert_eq!(
+            from_json_object::<BatchItem>(item.as_bytes()).map(drop),
+            Err(NOT_AN_OBJECT.to_owned())
+        );
         let batch = r#"[[{"idempotency_key": "k-1", "device_id": "d", "metrics": {"t": 1}}]]"#;
         assert!(from_json_object::<BatchBody>(batch.as_bytes()).is_err());
         let reading = from_json_object::<ReadingBody>(
@@ -626,9 +639,6 @@ mod tests {
         )
         .expect("an object, after white space");
         assert_eq!(reading.device_id, "sensor-1");
-        let error = from_json_object::<ReadingBody>(br#"{"device_id": 5, "metrics": {}}"#)
-            .expect_err("a field of the wrong type");
-        assert!(!error.contains("struct"), "{error}");
     }
 
     #[test]

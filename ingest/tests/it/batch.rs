@@ -73,13 +73,17 @@ async fn a_field_given_twice_fails_its_item_as_it_fails_a_single_post() {
 async fn a_reading_written_as_an_array_or_any_other_value_is_invalid_json() {
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
+    // (a single POST's body, a batch item): each the other's fields as an array too.
     let not_objects = [
-        r#"["gw-1", null, {"temperature": 1}]"#,
-        r#""gw-1""#,
-        "7",
-        "null",
+        (
+            r#"["gw-1", null, {"temperature": 1}]"#,
+            r#"["k-array", "gw-1", null, {"temperature": 1}]"#,
+        ),
+        (r#""gw-1""#, r#""gw-1""#),
+        ("7", "7"),
+        ("null", "null"),
     ];
-    for (index, body) in not_objects.iter().enumerate() {
+    for (index, (body, batch_item)) in not_objects.iter().enumerate() {
         let single = ingest
             .post_text(&format!("single-{index}"), (*body).to_owned())
             .await;
@@ -88,7 +92,7 @@ async fn a_reading_written_as_an_array_or_any_other_value_is_invalid_json() {
 
         let good = item(&format!("good-{index}"), "gw-1", 2.0);
         let response = ingest
-            .post_batch_text(format!(r#"{{"readings": [{body}, {good}]}}"#))
+            .post_batch_text(format!(r#"{{"readings": [{batch_item}, {good}]}}"#))
             .await;
         assert_eq!(response.status().as_u16(), 200);
         let answer: Value = response.json().await.expect("json");
