@@ -15,8 +15,8 @@
 //!
 //! A request that expires every second is also how the projector knows the server
 //! still holds its requests: nothing heard for [`QUIET`] means they were lost (a NATS
-//! restart, a consumer deleted as the request arrived), and they are sent again, or the
-//! session ends while the connection is down.
+//! restart, a consumer deleted as the request arrived), and they are sent again; the
+//! session ends while the connection is down, or when the consumer is gone.
 //!
 //! A request the consumer's wait queue has no room for (`409 Exceeded MaxWaiting`: its
 //! `max_waiting` set low, or hundreds of projectors) is sent again after
@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{BatchConfig, BatchRequestError, Config};
 use async_nats::jetstream::consumer::Consumer;
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{StatusCode, Subscriber};
 use futures::{FutureExt, StreamExt};
@@ -172,7 +173,7 @@ impl Pulls {
                 biased;
                 received = self.subscriber.next() => received,
                 () = tokio::time::sleep_until(self.heard + QUIET), if self.outstanding.any() => {
-                    self.requests_unanswered()?;
+                    self.requests_unanswered().await?;
                     continue;
                 }
                 () = sleep_until_some(self.paused_until) => continue,
@@ -239,11 +240,26 @@ impl Pulls {
     }
 
     /// No answer for [`QUIET`] with requests outstanding: while connected, the server
-    /// lost them (it restarted; the consumer was deleted as one arrived, and the next
-    /// is answered with that) and they are sent again; while not, the session ends.
-    fn requests_unanswered(&mut self) -> Result<(), PullError> {
+    /// lost them and they are sent again, unless the consumer is gone; while not, the
+    /// session ends. The consumer is asked for: deleted as a request was on its way (or
+    /// between one's expiry and the next), it sent no `409 Consumer Deleted` for that
+    /// one, and nats-server 2.9 answers a request to a consumer that does not exist with
+    /// nothing at all, so the requests sent again would go unanswered for good.
+    async fn requests_unanswered(&mut self) -> Result<(), PullError> {
         if !nats_connected(&self.context.client()) {
             return Err(PullError::Disconnected);
+        }
+        if let Err(error) = self.consumer.get_info().await {
+            if matches!(
+                error.kind(),
+                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+            ) {
+                self.outstanding.forget();
+                return Err(PullError::ConsumerDeleted);
+            }
+            // Not known either way (a timeout): the requests are sent again, and the
+            // next quiet spell asks again.
+            tracing::debug!(%error, "looking up the durable consumer failed");
         }
         tracing::debug!(
             outstanding = self.outstanding.messages,
