@@ -196,16 +196,7 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
 /// before it, which then comes back after the ack wait; the test does not wait for it.)
 #[tokio::test]
 async fn an_idle_projector_pulls_again_when_a_nats_restart_forgot_its_requests() {
-    let mut nats = PrivateNats::start();
-    let (env, jetstream) = private_env(&nats).await;
-    let projector = Projector::spawn(&env.settings).await;
-    let before = publish(
-        &env,
-        &jetstream,
-        &event("sensor-1", now_ms(), &[("t", 1.0)]),
-    )
-    .await;
-    drained(&env, &jetstream, before).await;
+    let (mut nats, env, projector) = an_idle_projector_on_a_private_nats().await;
 
     nats.restart();
     let jetstream = env.jetstream().await;
@@ -228,16 +219,7 @@ async fn an_idle_projector_pulls_again_when_a_nats_restart_forgot_its_requests()
 /// for the consumer once its requests go unanswered, and makes it again.
 #[tokio::test]
 async fn a_consumer_gone_without_a_word_to_the_pull_requests_is_made_again() {
-    let mut nats = PrivateNats::start();
-    let (env, jetstream) = private_env(&nats).await;
-    let projector = Projector::spawn(&env.settings).await;
-    let before = publish(
-        &env,
-        &jetstream,
-        &event("sensor-1", now_ms(), &[("t", 1.0)]),
-    )
-    .await;
-    drained(&env, &jetstream, before).await;
+    let (mut nats, env, projector) = an_idle_projector_on_a_private_nats().await;
 
     nats.stop();
     let consumer_files = nats
@@ -364,6 +346,21 @@ async fn a_full_wait_queue_slows_the_pull_requests_down_instead_of_looping() {
 
 /// Publishes an event of a device of its own (`sensor-2`) and waits, at most `within`,
 /// until the read model shows it.
+/// A projector on a NATS of the test's own, idle after applying one event.
+async fn an_idle_projector_on_a_private_nats() -> (PrivateNats, TestEnv, Projector) {
+    let nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    let projector = Projector::spawn(&env.settings).await;
+    let before = publish(
+        &env,
+        &jetstream,
+        &event("sensor-1", now_ms(), &[("t", 1.0)]),
+    )
+    .await;
+    drained(&env, &jetstream, before).await;
+    (nats, env, projector)
+}
+
 async fn applied_within(
     env: &TestEnv,
     jetstream: &async_nats::jetstream::Context,
