@@ -249,17 +249,24 @@ impl Pulls {
         if !nats_connected(&self.context.client()) {
             return Err(PullError::Disconnected);
         }
-        if let Err(error) = self.consumer.get_info().await {
-            if matches!(
-                error.kind(),
-                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
-            ) {
+        // At most a request's life: the inbox is not read meanwhile, and a JetStream
+        // slow to answer after a restart would hold the pulls up for the client's whole
+        // request timeout (10 s).
+        match tokio::time::timeout(PULL_EXPIRES, self.consumer.get_info()).await {
+            Ok(Err(error))
+                if matches!(
+                    error.kind(),
+                    ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                ) =>
+            {
                 self.outstanding.forget();
                 return Err(PullError::ConsumerDeleted);
             }
-            // Not known either way (a timeout): the requests are sent again, and the
-            // next quiet spell asks again.
-            tracing::debug!(%error, "looking up the durable consumer failed");
+            // Not known either way (no answer in time, the consumer offline, another
+            // error): the requests are sent again, and the next quiet spell asks again.
+            Ok(Err(error)) => tracing::debug!(%error, "looking up the durable consumer failed"),
+            Err(_elapsed) => tracing::debug!("looking up the durable consumer timed out"),
+            Ok(Ok(_)) => {}
         }
         tracing::debug!(
             outstanding = self.outstanding.messages,
