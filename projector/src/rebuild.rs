@@ -242,26 +242,46 @@ pub enum RebuildError {
 impl Rebuild {
     /// Builds a new generation from the stream and switches to it; returns its number.
     pub async fn run(&self, shutdown: &CancellationToken) -> Result<u64, RebuildError> {
+        self.holding_lock(|owner, lost_lock| async move {
+            self.build_and_switch(&owner, shutdown, &lost_lock).await
+        })
+        .await?
+        .ok_or(RebuildError::AlreadyRunning)?
+        .map_err(RebuildError::Failed)
+    }
+
+    /// Runs `work` holding the rebuild lock, which is refreshed meanwhile; `work` gets
+    /// the lock's owner id and a token cancelled when the lock is lost. `None` when
+    /// another holds the lock.
+    async fn holding_lock<T, Work>(
+        &self,
+        work: impl FnOnce(String, CancellationToken) -> Work,
+    ) -> anyhow::Result<Option<T>>
+    where
+        Work: std::future::Future<Output = T>,
+    {
         let mut redis = self.redis.clone();
         let prefix = &self.read_model.prefix;
-        let owner = lock::take(&mut redis, &rebuild_lock_key(prefix), LOCK_TTL)
+        let Some(owner) = lock::take(&mut redis, &rebuild_lock_key(prefix), LOCK_TTL)
             .await
             .context("taking the rebuild lock")?
-            .ok_or(RebuildError::AlreadyRunning)?;
+        else {
+            return Ok(None);
+        };
         let lost_lock = CancellationToken::new();
-        // Aborted when dropped: a rebuild whose future is dropped half-way (its task
-        // aborted, as a projector's stop does past its deadline) leaves the lock to
-        // expire instead of refreshing it for as long as the process lives.
+        // Aborted when dropped: work whose future is dropped half-way (its task aborted,
+        // as a projector's stop does past its deadline) leaves the lock to expire
+        // instead of refreshing it for as long as the process lives.
         let refresher = AbortOnDropHandle::new(tokio::spawn(keep_lock(
             redis.clone(),
             prefix.clone(),
             owner.clone(),
             lost_lock.clone(),
         )));
-        let result = self.build_and_switch(&owner, shutdown, &lost_lock).await;
+        let done = work(owner.clone(), lost_lock).await;
         drop(refresher);
         lock::release(&mut redis, &rebuild_lock_key(prefix), &owner).await;
-        result.map_err(RebuildError::Failed)
+        Ok(Some(done))
     }
 
     async fn build_and_switch(
@@ -362,23 +382,9 @@ impl Rebuild {
     /// The lock is held (and refreshed) until the deletion ends.
     pub async fn delete_retired(&self) -> anyhow::Result<()> {
         let mut redis = self.redis.clone();
-        let prefix = &self.read_model.prefix;
-        let Some(owner) = lock::take(&mut redis, &rebuild_lock_key(prefix), LOCK_TTL)
-            .await
-            .context("taking the rebuild lock")?
-        else {
-            return Ok(());
-        };
-        let refresher = AbortOnDropHandle::new(tokio::spawn(keep_lock(
-            redis.clone(),
-            prefix.clone(),
-            owner.clone(),
-            CancellationToken::new(),
-        )));
-        let deleted = self.delete_retired_under_lock(&mut redis).await;
-        drop(refresher);
-        lock::release(&mut redis, &rebuild_lock_key(prefix), &owner).await;
-        deleted
+        self.holding_lock(|_, _| self.delete_retired_under_lock(&mut redis))
+            .await?
+            .unwrap_or(Ok(()))
     }
 
     /// [`Rebuild::delete_retired`] once it holds the lock: the meta hash is read again,
