@@ -36,6 +36,7 @@
 //!    from `retired`. Should its process die before, a live projector's supervisor
 //!    deletes them once the lock is free ([`Rebuild::delete_retired`]).
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -351,7 +352,7 @@ impl Rebuild {
         let replayed = self
             .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
             .await?;
-        let switched: i64 = switch_script()
+        let switched: i64 = SWITCH
             .key(meta_key(prefix))
             .key(rebuild_lock_key(prefix))
             .arg(generation)
@@ -634,8 +635,9 @@ async fn keep_lock(
 
 /// Makes `generation` live (of this layout, built on the Redis run `ARGV[4]`, or on one
 /// not known when empty), but only if this rebuild still owns the lock and the build;
-/// the generation it replaces is named `retired` ([`meta::RETIRED`]).
-fn switch_script() -> Script {
+/// the generation it replaces is named `retired` ([`meta::RETIRED`]). Hashed once per
+/// process, as the locks' scripts are.
+static SWITCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
          if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
@@ -649,12 +651,12 @@ fn switch_script() -> Script {
          if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'redis_run', ARGV[4]) end
          return 1",
     )
-}
+});
 
 /// Takes generation `ARGV[1]` off the meta hash's `retired` list (its keys are gone),
 /// as a number; writes the hash only if the list named it (every write to the meta hash
 /// makes query drop what it keeps, `query::tracking`).
-fn unretire_script() -> Script {
+static UNRETIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         "local retired = redis.call('HGET', KEYS[1], 'retired')
          if not retired then return 0 end
@@ -668,7 +670,7 @@ fn unretire_script() -> Script {
          else redis.call('HSET', KEYS[1], 'retired', table.concat(kept, ' ')) end
          return 1",
     )
-}
+});
 
 /// Takes `generation` off the meta hash's `retired` list.
 async fn unretire(
@@ -676,7 +678,7 @@ async fn unretire(
     prefix: &str,
     generation: u64,
 ) -> anyhow::Result<()> {
-    let _: i64 = unretire_script()
+    let _: i64 = UNRETIRE
         .key(meta_key(prefix))
         .arg(generation)
         .invoke_async(redis)
