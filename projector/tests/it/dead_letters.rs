@@ -120,6 +120,14 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
             env.subjects.dlq(Some("sensor-2")),
             "invalid",
         ),
+        (
+            as_array(&newer),
+            env.subjects.recorded("sensor-2"),
+            relay_headers("as-array"),
+            // Named by its subject: the array's first field is the event id.
+            env.subjects.dlq(Some("sensor-2")),
+            "undecodable",
+        ),
     ];
     let mut poison_sequences = Vec::new();
     for (payload, subject, message_headers, _, _) in &poison {
@@ -310,6 +318,22 @@ async fn a_dead_letter_is_listed_with_its_reason_and_redriven_to_its_live_subjec
         "a dead letter is re-driven once"
     );
     projector.stop().await;
+}
+
+/// An event's fields as a JSON array, in the order serde's derived struct takes them.
+fn as_array(event: &contract::event::TelemetryRecorded) -> Vec<u8> {
+    let json: serde_json::Value = serde_json::from_slice(&event.to_json()).expect("event json");
+    let fields = [
+        "event_id",
+        "event_type",
+        "version",
+        "device_id",
+        "recorded_at",
+        "received_at",
+        "metrics",
+    ]
+    .map(|field| json[field].clone());
+    serde_json::to_vec(&fields).expect("json")
 }
 
 /// The dead letters in the test's DLQ stream, by the original stream sequence they name.
