@@ -46,6 +46,12 @@ impl Grant {
             Self::Read => false,
         }
     }
+
+    /// Whether the grant allows posting readings of some device: a read token may post
+    /// none, so its batch is refused as a whole.
+    pub fn may_ingest_any(&self) -> bool {
+        !matches!(self, Self::Read)
+    }
 }
 
 /// Why a request is not authenticated, or could not be checked.

@@ -84,6 +84,11 @@ pub async fn post_batch(
     within_deadline(&state, async {
         let grant = state.authenticate(&headers).await?;
         require_json(&headers)?;
+        // A token that may post no device gets the single POST's 403 for the whole
+        // batch, not a 200 with every item forbidden.
+        if grant.as_ref().is_some_and(|grant| !grant.may_ingest_any()) {
+            return Err(ApiError::Forbidden);
+        }
         handle(&state, grant.as_ref(), &headers, body).await
     })
     .await

@@ -131,6 +131,19 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
         .unwrap_or_default()
         .ends_with("/problems/forbidden"));
     assert_unauthorized(ingest.post_batch(&batch).await).await;
+    // A read token may post no device: the batch as a whole is refused, as its single
+    // POST is, and nothing of it is stored.
+    assert_problem(
+        ingest
+            .json_request("/v1/telemetry/batch", None, batch.to_string())
+            .header("authorization", &read)
+            .send()
+            .await
+            .expect("sent"),
+        403,
+        "forbidden",
+    )
+    .await;
 
     let stored: i64 = count(&env.postgres().await, "readings").await;
     assert_eq!(
