@@ -1,49 +1,144 @@
-//! Per-device rate limiting of ingest (API.md §5), with the `governor` crate.
+//! Per-device rate limiting of ingest (API.md §5): the generic cell rate algorithm
+//! (GCRA), as the `governor` crate has it, kept here because an attempt that stored
+//! nothing gives its allowance back, which `governor` cannot do.
 //!
 //! Each ingest process keeps its own limiter: with N copies behind a load balancer a
 //! device may send up to N times the configured rate. Replays count too, so a device
-//! that retries in a tight loop is slowed down like any other.
+//! that retries in a tight loop is slowed down like any other. An attempt answered
+//! `503` (PostgreSQL down, the commit queue full, the deadline passed) does not count:
+//! the retry its `Retry-After` asks for is not met with a `429` for the attempts that
+//! stored nothing (until 2026-12-06 it was, and a gateway's batch retried after an
+//! outage had half its items refused).
 
-use std::num::NonZeroU32;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-
-/// Readings per second and burst allowed per device; `None` when disabled.
+/// Readings per second and burst allowed per device; off when the rate is 0.
 pub struct DeviceLimiter {
-    limiter: Option<DefaultKeyedRateLimiter<String>>,
-    clock: DefaultClock,
+    rule: Option<Rule>,
+    /// Each device's theoretical arrival time, in nanoseconds since `epoch`: the
+    /// instant by which its allowance is whole again. A device not here has it whole.
+    arrivals: Mutex<HashMap<Box<str>, u64>>,
+    epoch: Instant,
+}
+
+/// The allowance: one reading per `interval_ns`, and up to `tolerance_ns` ahead of that
+/// pace (the burst less one).
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    interval_ns: u64,
+    tolerance_ns: u64,
 }
 
 impl DeviceLimiter {
     /// `per_second` 0 turns limiting off; `burst` is raised to at least 1.
     pub fn new(per_second: u32, burst: u32) -> Self {
-        let limiter = NonZeroU32::new(per_second).map(|rate| {
-            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        let rule = (per_second > 0).then(|| {
+            let interval_ns = (1_000_000_000 / u64::from(per_second)).max(1);
+            Rule {
+                interval_ns,
+                tolerance_ns: interval_ns.saturating_mul(u64::from(burst.max(1) - 1)),
+            }
         });
         Self {
-            limiter,
-            clock: DefaultClock::default(),
+            rule,
+            arrivals: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         }
     }
 
-    /// `Err(wait)` when `device_id` is over its limit and should retry after `wait`.
-    pub fn check(&self, device_id: &str) -> Result<(), Duration> {
-        let Some(limiter) = &self.limiter else {
-            return Ok(());
+    /// Takes one reading's share of `device_id`'s allowance, or `Err(wait)` when the
+    /// device is over its limit and should retry after `wait`. The share goes back when
+    /// the [`Admitted`] is dropped without being spent.
+    pub fn admit(&self, device_id: &str) -> Result<Admitted<'_>, Duration> {
+        let device_id = match self.rule {
+            None => None,
+            Some(rule) => {
+                self.take(rule, device_id, self.now_ns())?;
+                Some(device_id.into())
+            }
         };
-        limiter
-            .check_key(&device_id.to_owned())
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        Ok(Admitted {
+            limiter: self,
+            device_id,
+        })
     }
 
     /// Forgets devices whose allowance has refilled, so memory follows active devices.
     pub fn forget_idle(&self) {
-        if let Some(limiter) = &self.limiter {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+        self.forget_idle_at(self.now_ns());
+    }
+
+    fn forget_idle_at(&self, now: u64) {
+        let mut arrivals = self.arrivals();
+        arrivals.retain(|_, arrival| *arrival > now);
+        arrivals.shrink_to_fit();
+    }
+
+    fn take(&self, rule: Rule, device_id: &str, now: u64) -> Result<(), Duration> {
+        let mut arrivals = self.arrivals();
+        let arrival = arrivals
+            .get(device_id)
+            .map_or(now, |&arrival| arrival.max(now));
+        let ahead = arrival - now;
+        if ahead > rule.tolerance_ns {
+            return Err(Duration::from_nanos(ahead - rule.tolerance_ns));
+        }
+        let next = arrival.saturating_add(rule.interval_ns);
+        match arrivals.get_mut(device_id) {
+            Some(slot) => *slot = next,
+            None => {
+                arrivals.insert(device_id.into(), next);
+            }
+        }
+        Ok(())
+    }
+
+    fn give_back(&self, rule: Rule, device_id: &str, now: u64) {
+        let mut arrivals = self.arrivals();
+        if let Some(arrival) = arrivals.get_mut(device_id) {
+            *arrival = arrival.saturating_sub(rule.interval_ns);
+            if *arrival <= now {
+                arrivals.remove(device_id);
+            }
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The arrivals, also after a panic elsewhere while they were held (each update
+    /// leaves them whole).
+    fn arrivals(&self) -> MutexGuard<'_, HashMap<Box<str>, u64>> {
+        self.arrivals.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One reading's share of its device's allowance, taken by [`DeviceLimiter::admit`].
+/// Dropped unspent (the attempt stored nothing and was answered `503`, or not at all),
+/// it goes back to the device.
+#[must_use = "dropping it gives the allowance back"]
+pub struct Admitted<'a> {
+    limiter: &'a DeviceLimiter,
+    /// `None` when limiting is off or the share is spent.
+    device_id: Option<Box<str>>,
+}
+
+impl Admitted<'_> {
+    /// Keeps the share taken: the attempt got its answer (stored, replayed, refused as
+    /// a reused key).
+    pub fn spend(mut self) {
+        self.device_id = None;
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if let (Some(rule), Some(device_id)) = (self.limiter.rule, self.device_id.take()) {
+            self.limiter
+                .give_back(rule, &device_id, self.limiter.now_ns());
         }
     }
 }
@@ -57,19 +152,82 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    const SECOND: u64 = 1_000_000_000;
+
+    fn rule_of(limiter: &DeviceLimiter) -> Rule {
+        limiter.rule.expect("limiting on")
+    }
+
     #[test]
     fn devices_are_limited_separately() {
         let limiter = DeviceLimiter::new(1, 2);
-        assert!(limiter.check("a").is_ok());
-        assert!(limiter.check("a").is_ok());
-        assert!(limiter.check("a").is_err(), "burst of 2 used up");
-        assert!(limiter.check("b").is_ok(), "another device is unaffected");
+        for _ in 0..2 {
+            limiter.admit("a").expect("within the burst").spend();
+        }
+        assert!(limiter.admit("a").is_err(), "burst of 2 used up");
+        assert!(limiter.admit("b").is_ok(), "another device is unaffected");
+    }
+
+    #[test]
+    fn a_burst_refills_at_the_rate_and_the_wait_says_when() {
+        let limiter = DeviceLimiter::new(2, 3);
+        let rule = rule_of(&limiter);
+        for _ in 0..3 {
+            assert!(limiter.take(rule, "a", 0).is_ok());
+        }
+        assert_eq!(
+            limiter.take(rule, "a", 0),
+            Err(Duration::from_millis(500)),
+            "the fourth at once waits for one interval"
+        );
+        assert!(limiter.take(rule, "a", SECOND / 2).is_ok(), "one back");
+        assert!(limiter.take(rule, "a", SECOND / 2).is_err());
+        assert!(
+            (0..3).all(|_| limiter.take(rule, "a", 10 * SECOND).is_ok()),
+            "idle long enough, the whole burst again, and no more"
+        );
+        assert!(limiter.take(rule, "a", 10 * SECOND).is_err());
+    }
+
+    #[test]
+    fn a_share_dropped_unspent_goes_back_and_a_spent_one_does_not() {
+        let limiter = DeviceLimiter::new(1, 2);
+        for _ in 0..10 {
+            drop(limiter.admit("a").expect("nothing spent yet"));
+        }
+        limiter.admit("a").expect("within the burst").spend();
+        limiter.admit("a").expect("within the burst").spend();
+        assert!(limiter.admit("a").is_err(), "the spent ones count");
+    }
+
+    #[test]
+    fn giving_back_never_makes_more_than_the_burst() {
+        let limiter = DeviceLimiter::new(1, 2);
+        let rule = rule_of(&limiter);
+        assert!(limiter.take(rule, "a", 0).is_ok());
+        // Its share went back after the device's allowance had refilled anyway.
+        limiter.give_back(rule, "a", 5 * SECOND);
+        limiter.give_back(rule, "a", 5 * SECOND);
+        assert!((0..2).all(|_| limiter.take(rule, "a", 5 * SECOND).is_ok()));
+        assert!(limiter.take(rule, "a", 5 * SECOND).is_err());
+    }
+
+    #[test]
+    fn idle_devices_are_forgotten() {
+        let limiter = DeviceLimiter::new(1, 5);
+        let rule = rule_of(&limiter);
+        assert!(limiter.take(rule, "a", 0).is_ok());
+        assert!(limiter.take(rule, "b", SECOND).is_ok());
+        limiter.forget_idle_at(SECOND);
+        let kept: Vec<String> = limiter.arrivals().keys().map(|id| id.to_string()).collect();
+        assert_eq!(kept, ["b"], "a's allowance is whole again at 1 s");
     }
 
     #[test]
     fn zero_rate_disables_limiting() {
         let limiter = DeviceLimiter::new(0, 0);
-        assert!((0..1000).all(|_| limiter.check("a").is_ok()));
+        assert!((0..1000).all(|_| limiter.admit("a").map(Admitted::spend).is_ok()));
+        assert!(limiter.arrivals().is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::telemetry::{admit, may_post, read_body, require_json, store_error, within_deadline};
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
+use crate::limits::Admitted;
 use crate::store::{NewReading, Outcome};
 
 /// The per-item answer.
@@ -112,11 +113,15 @@ async fn handle(
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(batch.readings.len());
     let mut to_store: Vec<(usize, NewReading)> = Vec::new();
     let mut aged: Vec<(usize, Aged)> = Vec::new();
+    // The items' shares of their devices' rate limits: spent once the batch has its
+    // answer, given back if it ends in a `503` with nothing stored.
+    let mut admitted: Vec<Admitted<'_>> = Vec::new();
     for (index, item) in batch.readings.into_iter().enumerate() {
         match prepare(state, grant, item, received_at) {
-            Ok(Prepared::Valid(reading)) => {
+            Ok(Prepared::Valid(reading, share)) => {
                 results.push(None);
                 to_store.push((index, reading));
+                admitted.push(share);
             }
             Ok(Prepared::Aged(item)) => {
                 results.push(None);
@@ -127,7 +132,7 @@ async fn handle(
     }
     // Before the commit, so that a 503 of this look-up still means that nothing of the
     // batch was stored.
-    for (index, result) in answer_aged(state, grant, aged).await? {
+    for (index, result) in answer_aged(state, grant, aged, &mut admitted).await? {
         results[index] = Some(result);
     }
     let (indexes, readings): (Vec<usize>, Vec<NewReading>) = to_store.into_iter().unzip();
@@ -137,6 +142,7 @@ async fn handle(
         .submit_all(readings)
         .await
         .map_err(store_error)?;
+    admitted.into_iter().for_each(Admitted::spend);
     for ((index, event_id), outcome) in indexes.into_iter().zip(event_ids).zip(outcomes) {
         results[index] = Some(match outcome {
             Outcome::Accepted { .. } => ItemResult::Accepted { index, event_id },
@@ -180,9 +186,10 @@ async fn handle(
 }
 
 /// An item that may get a result other than `rejected`.
-enum Prepared {
-    /// Valid and admitted: to be stored, or answered from its key's record.
-    Valid(NewReading),
+enum Prepared<'a> {
+    /// Valid and admitted, with its share of the rate limit: to be stored, or answered
+    /// from its key's record.
+    Valid(NewReading, Admitted<'a>),
     /// Invalid only for its age: `rejected`, unless it is the retry of a stored reading.
     Aged(Aged),
 }
@@ -200,11 +207,13 @@ struct Aged {
 /// with the earlier `event_id` for the retry of a reading its device and key hold (after
 /// the same rate limit as any item), `rejected` for the others, as a single POST answers
 /// them: only the items of devices the token may post are looked up. One look-up for
-/// all of them, none when there are none.
-async fn answer_aged(
-    state: &AppState,
+/// all of them, none when there are none. The duplicates' shares of the rate limit join
+/// `admitted`.
+async fn answer_aged<'a>(
+    state: &'a AppState,
     grant: Option<&Grant>,
     aged: Vec<(usize, Aged)>,
+    admitted: &mut Vec<Admitted<'a>>,
 ) -> Result<Vec<(usize, ItemResult)>, ApiError> {
     let (aged, foreign): (Vec<_>, Vec<_>) = aged
         .into_iter()
@@ -229,7 +238,10 @@ async fn answer_aged(
             let result = match replay {
                 Some(Outcome::Replayed { event_id, .. }) => {
                     match admit(state, grant, &item.reading.device_id) {
-                        Ok(()) => ItemResult::Duplicate { index, event_id },
+                        Ok(share) => {
+                            admitted.push(share);
+                            ItemResult::Duplicate { index, event_id }
+                        }
                         Err(error) => ItemResult::Rejected {
                             index,
                             error: error.into(),
@@ -250,12 +262,12 @@ async fn answer_aged(
 }
 
 /// Decodes and checks one item the way `POST /v1/telemetry` checks a request.
-fn prepare(
-    state: &AppState,
+fn prepare<'a>(
+    state: &'a AppState,
     grant: Option<&Grant>,
     item: &serde_json::value::RawValue,
     received_at: OffsetDateTime,
-) -> Result<Prepared, ItemError> {
+) -> Result<Prepared<'a>, ItemError> {
     let item: BatchItem = from_json_object(item.get().as_bytes())
         .map_err(|detail| ItemError::new(ProblemKind::InvalidJson, detail, Vec::new()))?;
     let (key, body) = item.into_parts();
@@ -279,8 +291,11 @@ fn prepare(
             None => return Err(invalid_reading(invalid)),
         },
     };
-    admit(state, grant, &reading.device_id)?;
-    Ok(Prepared::Valid(NewReading::new(reading, key, received_at)))
+    let share = admit(state, grant, &reading.device_id)?;
+    Ok(Prepared::Valid(
+        NewReading::new(reading, key, received_at),
+        share,
+    ))
 }
 
 /// The error of an item that breaks the rules of a reading.

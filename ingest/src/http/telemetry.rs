@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use super::error::ApiError;
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
-use crate::limits::retry_after_secs;
+use crate::limits::{retry_after_secs, Admitted};
 use crate::store::{NewReading, Outcome, StoreError};
 
 /// Tells a client that it got the stored answer of an earlier request.
@@ -47,12 +47,14 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
                 return replay_of_aged(state, grant.as_ref(), invalid, &idempotency_key).await
             }
         };
-        admit(state, grant.as_ref(), &reading.device_id)?;
-        state
+        let admitted = admit(state, grant.as_ref(), &reading.device_id)?;
+        let outcome = state
             .store
             .submit(NewReading::new(reading, idempotency_key, received_at))
             .await
-            .map_err(store_error)
+            .map_err(store_error)?;
+        admitted.spend();
+        Ok(outcome)
     })
     .await?;
     Ok(answer(outcome))
@@ -84,24 +86,25 @@ async fn replay_of_aged(
     let Some(replay) = replays.into_iter().flatten().next() else {
         return Err(ApiError::InvalidReading(invalid));
     };
-    admit(state, grant, &reading.device_id)?;
+    admit(state, grant, &reading.device_id)?.spend();
     Ok(replay)
 }
 
 /// Whether this request may post a reading of `device_id` now: its token allows that
 /// device (`403` otherwise) and the device is within its rate limit (`429` otherwise).
-/// The batch asks the same of each item.
-pub(super) fn admit(
-    state: &AppState,
+/// The batch asks the same of each item. The share of the limit taken goes back unless
+/// it is spent once the request has its answer: a `503` costs the device nothing.
+pub(super) fn admit<'a>(
+    state: &'a AppState,
     grant: Option<&Grant>,
     device_id: &str,
-) -> Result<(), ApiError> {
+) -> Result<Admitted<'a>, ApiError> {
     if !may_post(grant, device_id) {
         return Err(ApiError::Forbidden);
     }
     state
         .limiter
-        .check(device_id)
+        .admit(device_id)
         .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))
 }
 

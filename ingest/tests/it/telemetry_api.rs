@@ -597,6 +597,51 @@ async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
     ingest.stop().await;
 }
 
+/// An attempt answered `503` stored nothing, so it costs its device none of its rate
+/// limit: the retries that `Retry-After` asks for, once PostgreSQL is back, get their
+/// readings in. Until 2026-12-06 every refused attempt used up the allowance: the
+/// fourth attempt below was a `429` during the outage, and the batch retried after it
+/// had its items refused as `rate-limited`.
+#[tokio::test]
+async fn attempts_answered_503_use_up_none_of_the_rate_limit() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.rate_limit_per_second = 1;
+    env.settings.ingest.rate_limit_burst = 3;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let batch = json!({"readings": [
+        {"idempotency_key": "b-1", "device_id": "chatty", "metrics": {"t": 1}},
+        {"idempotency_key": "b-2", "device_id": "chatty", "metrics": {"t": 2}},
+        {"idempotency_key": "b-3", "device_id": "chatty", "metrics": {"t": 3}},
+    ]});
+
+    close_database(&env).await;
+    for attempt in 0..4 {
+        let response = ingest
+            .post(&format!("k-{attempt}"), &reading("chatty", 1.0))
+            .await;
+        assert_problem(response, 503, "unavailable").await;
+    }
+    assert_problem(ingest.post_batch(&batch).await, 503, "unavailable").await;
+    reopen_database(&env).await;
+
+    let answer: Value = ingest.post_batch(&batch).await.json().await.expect("json");
+    assert_eq!(
+        answer["accepted"], 3,
+        "the whole burst is left after the outage: {answer}"
+    );
+    // The limit still holds: of three more at once, one at least is refused (one a
+    // second comes back).
+    let mut statuses = Vec::new();
+    for attempt in 0..3 {
+        let response = ingest
+            .post(&format!("k-more-{attempt}"), &reading("chatty", 1.0))
+            .await;
+        statuses.push(response.status().as_u16());
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn slow_or_idle_clients_are_disconnected_and_huge_headers_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
