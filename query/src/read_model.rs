@@ -511,10 +511,12 @@ impl ReadModel {
         Ok(read.map(|(_, view)| view))
     }
 
-    /// The non-empty buckets of one metric in `buckets` (not empty), oldest first, read
-    /// at `now_ms`; `None` for an unknown device. One round trip when the generation is
-    /// the one read last time: the device's header (kept as its validity read, as
-    /// [`ReadModel::read_validity`] keeps it) and the buckets asked for.
+    /// The non-empty buckets of one metric in `buckets` (which may be empty), oldest
+    /// first, read at `now_ms`, or why there are none to look for: an unknown device, or
+    /// a metric the device never reported. One round trip when the generation is the
+    /// one read last time: the device's header (kept as its validity read, as
+    /// [`ReadModel::read_validity`] keeps it), whether it has the metric's all-time
+    /// figures, and the buckets asked for.
     pub async fn series(
         &self,
         device_id: &str,
@@ -522,28 +524,36 @@ impl ReadModel {
         resolution: Resolution,
         buckets: std::ops::RangeInclusive<i64>,
         now_ms: i64,
-    ) -> Result<Option<Vec<(i64, Aggregate)>>, ReadError> {
-        let names: Vec<String> = buckets
+    ) -> Result<Series, ReadError> {
+        let mut names: Vec<String> = buckets
             .clone()
             .map(|bucket| resolution.field(bucket, metric))
             .collect();
-        let (validity, (_, values)): (_, SeriesReplies) = self
+        if names.is_empty() {
+            // HMGET needs a field: an empty range asks for the empty name, which no
+            // bucket has, and zipped with the empty range its answer yields nothing.
+            names.push(String::new());
+        }
+        let (validity, (_, metric_known, values)): (_, SeriesReplies) = self
             .read_in_live_generation(
                 device_id,
                 FINE.bucket(now_ms),
                 |read, generation| {
+                    let keys = DeviceKeys::new(&self.prefix, generation, device_id);
                     self.add_header_read(read, generation, device_id);
-                    read.cmd("HMGET")
-                        .arg(DeviceKeys::new(&self.prefix, generation, device_id).buckets)
-                        .arg(&names);
+                    read.hexists(&keys.stats, fields::metric(metric));
+                    read.cmd("HMGET").arg(&keys.buckets).arg(&names);
                 },
-                |(header, _): &SeriesReplies| header.clone(),
+                |(header, ..): &SeriesReplies| header.clone(),
             )
             .await?;
         if validity.is_none() {
-            return Ok(None);
+            return Ok(Series::UnknownDevice);
         }
-        Ok(Some(
+        if !metric_known {
+            return Ok(Series::UnknownMetric);
+        }
+        Ok(Series::Points(
             buckets
                 .zip(values)
                 .filter_map(|(bucket, value)| Some((bucket, Aggregate::from_bytes(&value?)?)))
@@ -790,8 +800,20 @@ fn oldest_needed(resolution: &Resolution, now_ms: i64) -> i64 {
     resolution.bucket(now_ms) - longest + 1
 }
 
-/// A series read's replies: the device's packed header and the buckets asked for.
-type SeriesReplies = (Option<Vec<u8>>, Vec<Option<Vec<u8>>>);
+/// A series read's replies: the device's packed header, whether it has the metric, and
+/// the buckets asked for.
+type SeriesReplies = (Option<Vec<u8>>, bool, Vec<Option<Vec<u8>>>);
+
+/// What a series read found.
+#[derive(Debug, PartialEq)]
+pub enum Series {
+    /// No readings are known for the device.
+    UnknownDevice,
+    /// The device never reported the metric (a misspelt name, say).
+    UnknownMetric,
+    /// The non-empty buckets asked for, oldest first: `(bucket, aggregate)`.
+    Points(Vec<(i64, Aggregate)>),
+}
 
 /// The meta hash's `generation` and `layout`.
 type MetaFields = (Option<u64>, Option<u64>);

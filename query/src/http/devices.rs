@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::read_model::{AnswerKey, DeviceView, WalkPosition};
+use crate::read_model::{AnswerKey, DeviceView, Series, WalkPosition};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,7 +337,7 @@ pub async fn series(
     };
     let instant = |field: &'static str, text: Option<&str>| -> Result<Option<i64>, ApiError> {
         text.map(|text| {
-            parse(text)
+            parse(&offset_plus_restored(text))
                 .map(unix_millis)
                 .ok_or_else(|| invalid(field, "must be an RFC 3339 timestamp"))
         })
@@ -361,22 +361,16 @@ pub async fn series(
     // `to` says.
     let latest = now_ms.saturating_add(state.max_future_ms.min(resolution.retention_ms));
     let last = resolution.bucket(to).min(resolution.bucket(latest) + 1);
-    let points = if first > last {
-        if state
-            .read_model
-            .read_validity(&device_id, now_ms)
-            .await?
-            .is_none()
-        {
-            return Err(ApiError::DeviceNotFound);
-        }
-        Vec::new()
-    } else {
-        state
-            .read_model
-            .series(&device_id, &metric, resolution, first..=last, now_ms)
-            .await?
-            .ok_or(ApiError::DeviceNotFound)?
+    // `first > last` (a range wholly before the buckets kept) reads no bucket, but still
+    // tells an unknown device or metric from one with nothing in the range.
+    let points = match state
+        .read_model
+        .series(&device_id, &metric, resolution, first..=last, now_ms)
+        .await?
+    {
+        Series::UnknownDevice => return Err(ApiError::DeviceNotFound),
+        Series::UnknownMetric => return Err(ApiError::MetricNotFound(metric)),
+        Series::Points(points) => points,
     };
     Ok(Json(SeriesResponse {
         device_id,
@@ -392,6 +386,19 @@ pub async fn series(
             })
             .collect(),
     }))
+}
+
+/// A timestamp of the query string with the `+` of its offset given back: `+` means a
+/// space there (form encoding), so `from=2026-11-22T10:00:00+01:00` typed into a URL
+/// unescaped arrives as `…10:00:00 01:00`, and was refused as not RFC 3339. Only the
+/// part after the date (and the date-time separator, which may be a space) is mended.
+fn offset_plus_restored(text: &str) -> std::borrow::Cow<'_, str> {
+    match (text.get(..11), text.get(11..)) {
+        (Some(date), Some(time)) if time.contains(' ') => {
+            format!("{date}{}", time.replace(' ', "+")).into()
+        }
+        _ => text.into(),
+    }
 }
 
 /// The `{device_id}` of the path; a path that is not UTF-8 is a problem document too.
@@ -443,7 +450,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest(vec![FieldError::new(field, message)])
 }
 
-/// Parses `?metrics=a,b`; every name must follow the metric-name rule.
+/// Parses `?metrics=a,b`: at least one name, each following the metric-name rule.
 /// The metrics `?metrics=` selects, sorted and each once: one selection, however it is
 /// written, is one kept answer (every spelling was kept on its own).
 fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
@@ -458,6 +465,11 @@ fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError>
     {
         check_metric_name(name).map_err(|message| invalid("metrics", message))?;
         wanted.push(name.to_owned());
+    }
+    if wanted.is_empty() {
+        // `?metrics=` with no name was answered with no metrics at all, as if the
+        // device had none; leaving the parameter out asks for all of them.
+        return Err(invalid("metrics", "must name at least one metric"));
     }
     wanted.sort_unstable();
     wanted.dedup();
@@ -476,6 +488,31 @@ mod tests {
         assert_eq!(selection("humidity, temperature,humidity,"), canonical);
         assert!(metric_filter(Some("Temperature")).is_err());
         assert_eq!(metric_filter(None).ok(), Some(None));
+        assert!(metric_filter(Some("")).is_err(), "no name at all");
+        assert!(metric_filter(Some(" , ,")).is_err(), "separators alone");
+    }
+
+    #[test]
+    fn an_offsets_plus_sent_unescaped_is_read_as_the_plus_it_was() {
+        let restored = |text: &str| offset_plus_restored(text).into_owned();
+        assert_eq!(
+            restored("2026-11-22T10:00:00 01:00"),
+            "2026-11-22T10:00:00+01:00"
+        );
+        assert_eq!(
+            restored("2026-11-22 10:00:00 01:00"),
+            "2026-11-22 10:00:00+01:00",
+            "a space as the date-time separator stays"
+        );
+        for kept in [
+            "2026-11-22T10:00:00Z",
+            "2026-11-22 10:00:00Z",
+            "short",
+            "ééééééé x",
+        ] {
+            assert_eq!(restored(kept), kept);
+        }
+        assert!(parse(&restored("2026-11-22T10:00:00 01:00")).is_some());
     }
 
     #[test]

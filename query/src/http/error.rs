@@ -15,6 +15,10 @@ pub enum ApiError {
     InvalidRequest(Vec<FieldError>),
     #[error("device not found")]
     DeviceNotFound,
+    /// `/series` for a metric the device never reported: a misspelt name is told from
+    /// a metric with nothing in the range asked for.
+    #[error("metric not found")]
+    MetricNotFound(String),
     #[error("no such route")]
     NoSuchRoute,
     #[error("method not allowed")]
@@ -85,6 +89,14 @@ impl ApiError {
                 ProblemKind::NotFound,
                 "no readings are known for this device",
             ),
+            Self::MetricNotFound(metric) => Problem::new(
+                ProblemKind::NotFound,
+                format!("this device has reported no metric named {metric}"),
+            )
+            .with_errors(vec![FieldError::new(
+                "metric",
+                "names no metric of this device",
+            )]),
             Self::NoSuchRoute => Problem::new(ProblemKind::NotFound, "no such resource"),
             Self::MethodNotAllowed => Problem::new(
                 ProblemKind::MethodNotAllowed,

@@ -42,6 +42,8 @@ async fn unknown_devices_malformed_requests_and_unknown_routes_are_problems() {
         "/v1/devices/sensor-1/stats?metrics=Temperature".to_owned(),
         "/v1/devices/sensor-1/stats?metrics=temperature,2nd".to_owned(),
         "/v1/devices/sensor-1/stats?metrics=a.b".to_owned(),
+        "/v1/devices/sensor-1/stats?metrics=".to_owned(),
+        "/v1/devices/sensor-1/stats?metrics=,".to_owned(),
     ] {
         let problem = assert_problem(query.get(&path).await, 400, "invalid-request").await;
         assert!(

@@ -157,11 +157,13 @@ async fn series_points_are_the_buckets_of_the_readings_oldest_first_within_from_
             (base + 300_000, 1, 1.0, 1.0, 1.0),
         ]
     );
-    assert_eq!(
-        series(query, "metric=co2").await,
-        vec![],
-        "a metric it never had"
-    );
+    // A metric it never had (a misspelt name, say) is not an empty series: until
+    // 2026-12-06 `metric=temprature` answered `200 {"points": []}`.
+    for parameters in ["metric=co2", "metric=temprature&resolution=5m"] {
+        let path = format!("/v1/devices/series-1/series?{parameters}");
+        let problem = assert_problem(query.get(&path).await, 404, "not-found").await;
+        assert_eq!(problem["errors"][0]["field"], "metric", "{problem}");
+    }
 
     // Ranges that take whole buckets in or leave them out.
     for (from, to, expected) in [
@@ -194,6 +196,27 @@ async fn series_points_are_the_buckets_of_the_readings_oldest_first_within_from_
             "from +{} to +{} ms",
             from - base,
             to - base
+        );
+    }
+    // An offset's `+` typed into a URL unescaped arrives as a space (form encoding):
+    // it is read as the `+` it was, as `%2B` is (until 2026-12-06 it was a 400).
+    let an_hour_east = |ms: i64| {
+        from_unix_millis(ms)
+            .expect("in range")
+            .to_offset(time::UtcOffset::from_hms(1, 0, 0).expect("an offset"))
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("formats")
+    };
+    for plus in ["+", "%2B"] {
+        let parameters = format!(
+            "metric=temperature&from={}&to={}",
+            an_hour_east(base + 20_000).replace('+', plus),
+            an_hour_east(base + 69_999).replace('+', plus),
+        );
+        assert_eq!(
+            series(query, &parameters).await,
+            fine_temperature[1..3].to_vec(),
+            "{parameters}"
         );
     }
     let coarse = series(
@@ -267,8 +290,8 @@ async fn a_malformed_series_request_is_a_400_problem_naming_its_field() {
 
 /// API.md §4: an unknown device is a `404 not-found` on its series as on its stats,
 /// whether the range asked for holds buckets the read model keeps or lies wholly before
-/// them (answered without reading any bucket); a known device's range from before
-/// them is an empty series, not a 404.
+/// them (answered without reading any bucket); so is a metric the known device never
+/// reported; a known device's range from before them is an empty series, not a 404.
 #[tokio::test]
 async fn the_series_of_an_unknown_device_is_a_404_whatever_the_range() {
     let env = TestEnv::new();
@@ -283,6 +306,19 @@ async fn the_series_of_an_unknown_device_is_a_404_whatever_the_range() {
     ] {
         let path = format!("/v1/devices/no-such-device/series?{parameters}");
         assert_problem(query.get(&path).await, 404, "not-found").await;
+    }
+    for parameters in [
+        "metric=humidity".to_owned(),
+        format!("metric=humidity&{long_ago}"),
+    ] {
+        let path = format!("/v1/devices/series-1/series?{parameters}");
+        let problem = assert_problem(query.get(&path).await, 404, "not-found").await;
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|detail| detail.contains("humidity")),
+            "the detail names the metric: {problem}"
+        );
     }
     let known = series(&query, &format!("metric=temperature&{long_ago}")).await;
     assert_eq!(
