@@ -2,8 +2,11 @@
 //!
 //! The projector writes these keys (from its Lua script) and the query service reads
 //! them; this module is where the two agree. Every key of one device carries the
-//! device id as a hash tag (`{sensor-1}`), so a device's keys live in one Redis Cluster
-//! slot and one script call can touch all of them; no script touches two devices.
+//! device id as a hash tag (`{sensor-1}`), and no script touches two devices. Every
+//! guarded script call and every query read also reads the meta hash in the same step,
+//! and that key has no tag: the read model needs one Redis (replicas allowed), not
+//! Redis Cluster, where those calls would span two slots (`CROSSSLOT`). The tags leave
+//! a move to Cluster needing only a per-slot copy of the meta hash's fields.
 //!
 //! The read model lives in a *generation*: a rebuild writes a new one beside the live
 //! one and then switches the `generation` field of the meta hash over in one `HSET`.
@@ -143,7 +146,8 @@ pub fn glob_escaped(text: &str) -> String {
 /// entry is still there, and looks at a bounded number of entries. Retired entries are
 /// deleted once retired [`LISTING_TTL_MS`] ago; a cursor that old (by Redis's clock)
 /// is refused, and so is one of a generation no longer live. All four keys share the
-/// hash tag `{devices}`, so the index script runs on one Redis Cluster slot.
+/// hash tag `{devices}` (with the untagged meta hash beside them in each script call:
+/// see the module's note on Redis Cluster).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevicesIndex {
     pub log: String,
