@@ -5,10 +5,11 @@
 //! Each ingest process keeps its own limiter: with N copies behind a load balancer a
 //! device may send up to N times the configured rate. Replays count too, so a device
 //! that retries in a tight loop is slowed down like any other. An attempt answered
-//! `503` (PostgreSQL down, the commit queue full, the deadline passed) does not count:
-//! the retry its `Retry-After` asks for is not met with a `429` for the attempts that
-//! stored nothing (until 2026-12-06 it was, and a gateway's batch retried after an
-//! outage had half its items refused).
+//! `503` (PostgreSQL down, the commit queue full, the deadline passed) or `409
+//! idempotency-key-in-use` stored nothing: it leaves the allowance as if it had not been
+//! made, so the retry its `Retry-After` asks for is not met with a `429` (until
+//! 2026-12-06 it was, and a gateway's batch retried after an outage had half its items
+//! refused).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -52,16 +53,16 @@ impl DeviceLimiter {
     /// device is over its limit and should retry after `wait`. The share goes back when
     /// the [`Admitted`] is dropped without being spent.
     pub fn admit(&self, device_id: &str) -> Result<Admitted<'_>, Duration> {
-        let device_id = match self.rule {
+        let share = match self.rule {
             None => None,
             Some(rule) => {
-                self.take(rule, device_id, self.now_ns())?;
-                Some(device_id.into())
+                let refilled_at = self.take(rule, device_id, self.now_ns())?;
+                Some((device_id.into(), refilled_at))
             }
         };
         Ok(Admitted {
             limiter: self,
-            device_id,
+            share,
         })
     }
 
@@ -73,10 +74,15 @@ impl DeviceLimiter {
     fn forget_idle_at(&self, now: u64) {
         let mut arrivals = self.arrivals();
         arrivals.retain(|_, arrival| *arrival > now);
-        arrivals.shrink_to_fit();
+        // Rehashing holds every request up; only when most of the room is unused.
+        if arrivals.capacity() > 4 * arrivals.len().max(1024) {
+            arrivals.shrink_to_fit();
+        }
     }
 
-    fn take(&self, rule: Rule, device_id: &str, now: u64) -> Result<(), Duration> {
+    /// Takes one share of `device_id`'s allowance at `now`: `Ok` with the instant by
+    /// which that share would have come back, or `Err(wait)`.
+    fn take(&self, rule: Rule, device_id: &str, now: u64) -> Result<u64, Duration> {
         let mut arrivals = self.arrivals();
         let arrival = arrivals
             .get(device_id)
@@ -92,10 +98,19 @@ impl DeviceLimiter {
                 arrivals.insert(device_id.into(), next);
             }
         }
-        Ok(())
+        Ok(next)
     }
 
-    fn give_back(&self, rule: Rule, device_id: &str, now: u64) {
+    /// Gives back a share taken at an instant that made the arrival time
+    /// `refilled_at`, if that time is still ahead of `now`. Until then every later
+    /// take moved the arrival time on from at least there, so the share is still in
+    /// it; from then on the device's allowance may have refilled (or been forgotten)
+    /// and been used again, and subtracting the share would let a reading through that
+    /// the limit refuses.
+    fn give_back(&self, rule: Rule, device_id: &str, refilled_at: u64, now: u64) {
+        if now >= refilled_at {
+            return;
+        }
         let mut arrivals = self.arrivals();
         if let Some(arrival) = arrivals.get_mut(device_id) {
             *arrival = arrival.saturating_sub(rule.interval_ns);
@@ -122,23 +137,25 @@ impl DeviceLimiter {
 #[must_use = "dropping it gives the allowance back"]
 pub struct Admitted<'a> {
     limiter: &'a DeviceLimiter,
-    /// `None` when limiting is off or the share is spent.
-    device_id: Option<Box<str>>,
+    /// The device and when the share would have come back anyway; `None` when
+    /// limiting is off or the share is spent.
+    share: Option<(Box<str>, u64)>,
 }
 
 impl Admitted<'_> {
     /// Keeps the share taken: the attempt got its answer (stored, replayed, refused as
     /// a reused key).
     pub fn spend(mut self) {
-        self.device_id = None;
+        self.share = None;
     }
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        if let (Some(rule), Some(device_id)) = (self.limiter.rule, self.device_id.take()) {
+        if let (Some(rule), Some((device_id, refilled_at))) = (self.limiter.rule, self.share.take())
+        {
             self.limiter
-                .give_back(rule, &device_id, self.limiter.now_ns());
+                .give_back(rule, &device_id, refilled_at, self.limiter.now_ns());
         }
     }
 }
@@ -201,15 +218,34 @@ mod tests {
     }
 
     #[test]
-    fn giving_back_never_makes_more_than_the_burst() {
+    fn a_share_given_back_after_it_would_have_refilled_is_not_counted_again() {
+        let limiter = DeviceLimiter::new(1, 1);
+        let rule = rule_of(&limiter);
+        // A is taken at 0 and hangs; its share would be back at 1 s.
+        let a = limiter.take(rule, "a", 0).expect("first");
+        assert_eq!(a, SECOND);
+        // B takes the refilled allowance at 1.5 s and is stored.
+        assert!(limiter.take(rule, "a", SECOND * 3 / 2).is_ok());
+        // A ends in a 503 at 1.6 s: giving its share back then would let a third
+        // reading through 0.1 s after B, at a rate of one a second.
+        limiter.give_back(rule, "a", a, SECOND * 8 / 5);
+        assert!(limiter.take(rule, "a", SECOND * 8 / 5).is_err());
+    }
+
+    #[test]
+    fn a_share_given_back_in_time_is_exactly_undone() {
         let limiter = DeviceLimiter::new(1, 2);
         let rule = rule_of(&limiter);
-        assert!(limiter.take(rule, "a", 0).is_ok());
-        // Its share went back after the device's allowance had refilled anyway.
-        limiter.give_back(rule, "a", 5 * SECOND);
-        limiter.give_back(rule, "a", 5 * SECOND);
-        assert!((0..2).all(|_| limiter.take(rule, "a", 5 * SECOND).is_ok()));
-        assert!(limiter.take(rule, "a", 5 * SECOND).is_err());
+        let first = limiter.take(rule, "a", 0).expect("first");
+        let second = limiter.take(rule, "a", SECOND / 10).expect("second");
+        limiter.give_back(rule, "a", first, SECOND / 5);
+        limiter.give_back(rule, "a", second, SECOND / 5);
+        assert!(
+            limiter.arrivals().is_empty(),
+            "the allowance is whole again"
+        );
+        assert!((0..2).all(|_| limiter.take(rule, "a", SECOND / 5).is_ok()));
+        assert!(limiter.take(rule, "a", SECOND / 5).is_err());
     }
 
     #[test]

@@ -14,7 +14,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use super::telemetry::{admit, may_post, read_body, require_json, store_error, within_deadline};
+use super::telemetry::{
+    admit, may_post, read_body, require_json, settle, store_error, within_deadline,
+};
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
 use crate::limits::Admitted;
@@ -111,17 +113,15 @@ async fn handle(
     }
     let received_at = OffsetDateTime::now_utc();
     let mut results: Vec<Option<ItemResult>> = Vec::with_capacity(batch.readings.len());
-    let mut to_store: Vec<(usize, NewReading)> = Vec::new();
-    let mut aged: Vec<(usize, Aged)> = Vec::new();
-    // The items' shares of their devices' rate limits: spent once the batch has its
+    // Each with its share of its device's rate limit: spent once the batch has its
     // answer, given back if it ends in a `503` with nothing stored.
-    let mut admitted: Vec<Admitted<'_>> = Vec::new();
+    let mut to_store: Vec<(usize, NewReading, Admitted<'_>)> = Vec::new();
+    let mut aged: Vec<(usize, Aged)> = Vec::new();
     for (index, item) in batch.readings.into_iter().enumerate() {
         match prepare(state, grant, item, received_at) {
             Ok(Prepared::Valid(reading, share)) => {
                 results.push(None);
-                to_store.push((index, reading));
-                admitted.push(share);
+                to_store.push((index, reading, share));
             }
             Ok(Prepared::Aged(item)) => {
                 results.push(None);
@@ -132,18 +132,28 @@ async fn handle(
     }
     // Before the commit, so that a 503 of this look-up still means that nothing of the
     // batch was stored.
-    for (index, result) in answer_aged(state, grant, aged, &mut admitted).await? {
+    let mut aged_shares = Vec::new();
+    for (index, result) in answer_aged(state, grant, aged, &mut aged_shares).await? {
         results[index] = Some(result);
     }
-    let (indexes, readings): (Vec<usize>, Vec<NewReading>) = to_store.into_iter().unzip();
+    let mut indexes = Vec::with_capacity(to_store.len());
+    let mut readings = Vec::with_capacity(to_store.len());
+    let mut shares = Vec::with_capacity(to_store.len());
+    for (index, reading, share) in to_store {
+        indexes.push(index);
+        readings.push(reading);
+        shares.push(share);
+    }
     let event_ids: Vec<Uuid> = readings.iter().map(|reading| reading.event_id).collect();
     let outcomes = state
         .store
         .submit_all(readings)
         .await
         .map_err(store_error)?;
-    admitted.into_iter().for_each(Admitted::spend);
-    for ((index, event_id), outcome) in indexes.into_iter().zip(event_ids).zip(outcomes) {
+    aged_shares.into_iter().for_each(Admitted::spend);
+    let answered = indexes.into_iter().zip(event_ids).zip(outcomes).zip(shares);
+    for (((index, event_id), outcome), share) in answered {
+        settle(share, &outcome);
         results[index] = Some(match outcome {
             Outcome::Accepted { .. } => ItemResult::Accepted { index, event_id },
             Outcome::Replayed { event_id, .. } => ItemResult::Duplicate { index, event_id },
@@ -208,7 +218,7 @@ struct Aged {
 /// the same rate limit as any item), `rejected` for the others, as a single POST answers
 /// them: only the items of devices the token may post are looked up. One look-up for
 /// all of them, none when there are none. The duplicates' shares of the rate limit join
-/// `admitted`.
+/// `admitted`, to be spent once the batch has its answer.
 async fn answer_aged<'a>(
     state: &'a AppState,
     grant: Option<&Grant>,

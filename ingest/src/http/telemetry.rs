@@ -53,7 +53,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
             .submit(NewReading::new(reading, idempotency_key, received_at))
             .await
             .map_err(store_error)?;
-        admitted.spend();
+        settle(admitted, &outcome);
         Ok(outcome)
     })
     .await?;
@@ -106,6 +106,15 @@ pub(super) fn admit<'a>(
         .limiter
         .admit(device_id)
         .map_err(|wait| ApiError::RateLimited(retry_after_secs(wait)))
+}
+
+/// Spends the share of the rate limit of an attempt that got its answer (stored,
+/// replayed, refused as a reused key). One whose key was in flux stored nothing and is
+/// told to retry, as a `503` is, so its share goes back.
+pub(super) fn settle(share: Admitted<'_>, outcome: &Outcome) {
+    if !matches!(outcome, Outcome::KeyInFlux) {
+        share.spend();
+    }
 }
 
 /// Whether the request's token (if authentication is on) allows posting readings of
