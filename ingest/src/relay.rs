@@ -43,7 +43,7 @@
 mod claim_floor;
 mod stream_check;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -253,6 +253,10 @@ pub struct Relay {
     stream_held_at: Mutex<Option<time::OffsetDateTime>>,
     /// Where claims start ([`claim_floor`]); shared by the lanes.
     claim_floor: Mutex<ClaimFloor>,
+    /// The PubAcks of rows whose round failed to mark them (PostgreSQL went away
+    /// between the acks and the commit), so that the round that claims them again marks
+    /// them instead of publishing them again; shared by the lanes.
+    acked_unmarked: Mutex<AckedUnmarked>,
     /// When the next round may start ([`crate::pacing`]); shared by the lanes.
     pacer: Mutex<Pacer>,
     /// Whether the streams were created or brought up to date since the start. Until
@@ -312,6 +316,7 @@ impl Relay {
             dead_since_vacuum: Mutex::default(),
             stream_held_at: Mutex::default(),
             claim_floor: Mutex::default(),
+            acked_unmarked: Mutex::default(),
             pacer: Mutex::new(Pacer::new(
                 Duration::ZERO,
                 Duration::from_millis(settings.relay.round_interval_ms),
@@ -547,10 +552,15 @@ impl Relay {
         // do not come.
         let mut acks = Vec::with_capacity(rows.len());
         let mut left_out = None;
+        let mut remembered = lock(&self.acked_unmarked).take(&rows, connects_before);
         for row in &rows {
             if shutdown.is_cancelled() {
                 left_out = Some("the relay is stopping");
                 break;
+            }
+            if let Some(sequence) = remembered.remove(&(row.get(0), row.get(1))) {
+                acks.push(Ok(Ack::Remembered(sequence)));
+                continue;
             }
             // A publish given to the client while it is not connected waits in its
             // queue and goes out after the reconnect, whenever that is, although this
@@ -578,7 +588,7 @@ impl Relay {
             // was not queued, so it is not sent).
             let ack = tokio::select! {
                 biased;
-                ack = publish => ack,
+                ack = publish => ack.map(Ack::Awaited),
                 _ = shutdown.cancelled() => {
                     left_out = Some("the relay is stopping");
                     break;
@@ -608,21 +618,32 @@ impl Relay {
             );
         }
         let mut published_ids = Vec::with_capacity(rows.len());
+        let mut event_ids = Vec::with_capacity(rows.len());
         let mut sequences = Vec::with_capacity(rows.len());
         let collected = async {
             let mut failures = 0usize;
             for (row, ack) in rows.iter().zip(acks) {
                 let acked = match ack {
-                    Ok(future) => future.await.map_err(anyhow::Error::from),
+                    Ok(Ack::Awaited(future)) => future
+                        .await
+                        .map(|ack| {
+                            if ack.duplicate {
+                                metrics::counter!("relay_duplicate_acks_total").increment(1);
+                            }
+                            ack.sequence as i64
+                        })
+                        .map_err(anyhow::Error::from),
+                    Ok(Ack::Remembered(sequence)) => {
+                        metrics::counter!("relay_marked_without_publishing_total").increment(1);
+                        Ok(sequence)
+                    }
                     Err(error) => Err(anyhow::Error::from(error)),
                 };
                 match acked {
-                    Ok(ack) => {
-                        if ack.duplicate {
-                            metrics::counter!("relay_duplicate_acks_total").increment(1);
-                        }
+                    Ok(sequence) => {
                         published_ids.push(row.get::<_, i64>(0));
-                        sequences.push(ack.sequence as i64);
+                        event_ids.push(row.get::<_, Uuid>(1));
+                        sequences.push(sequence);
                     }
                     Err(error) => {
                         failures += 1;
@@ -667,23 +688,28 @@ impl Relay {
         }
         // From the first publish sent to the last PubAck received.
         metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
-        let mark = transaction.prepare_cached(MARK).await?;
-        if let Err(error) = transaction
-            .execute(&mark, &[&published_ids, &sequences])
-            .await
-        {
+        let marked = async {
+            let mark = transaction.prepare_cached(MARK).await?;
+            transaction
+                .execute(&mark, &[&published_ids, &sequences])
+                .await?;
+            transaction.commit().await
+        };
+        if let Err(error) = marked.await {
             let collided = stream_check::is_sequence_collision(&error);
             let error = anyhow::Error::from(error).context("marking rows published");
-            return Err(if collided {
-                error.context(stream_check::SequenceCollision { sequences })
-            } else {
-                error
-            });
+            if collided {
+                return Err(error.context(stream_check::SequenceCollision { sequences }));
+            }
+            // The acks stand: past JetStream's duplicate window (PostgreSQL down for
+            // longer, say) a copy published again would be stored, and past the
+            // projector's horizon counted twice.
+            lock(&self.acked_unmarked).remember(
+                published_ids.iter().zip(&event_ids).zip(&sequences),
+                connects_before,
+            );
+            return Err(error);
         }
-        transaction
-            .commit()
-            .await
-            .context("committing the relay round")?;
         metrics::counter!("relay_published_total").increment(published_ids.len() as u64);
         metrics::histogram!("relay_batch_size").record(rows.len() as f64);
         // Each marked row left a dead version behind, and a dead entry in the
@@ -917,6 +943,65 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a round has for a row it published: the PubAck to await, or the sequence a
+/// failed round's PubAck gave the same row.
+enum Ack {
+    Awaited(async_nats::jetstream::context::PublishAckFuture),
+    Remembered(i64),
+}
+
+/// The stream sequences PubAcks gave rows whose round then failed to mark them, by row
+/// id and event id. Only while the NATS connection they came on lasts: after a reconnect
+/// the server may have lost them (2.9 fsyncs every 2 minutes), and the rows are
+/// published again as before. Bounded: a relay that cannot mark that many rows forgets
+/// them all and publishes them again too.
+#[derive(Debug, Default)]
+struct AckedUnmarked {
+    /// [`Relay::connects`] when the acks came.
+    connects: u64,
+    sequences: HashMap<(i64, Uuid), i64>,
+}
+
+impl AckedUnmarked {
+    const MAX_ROWS: usize = 100_000;
+
+    /// Remembers the `(row id, event id)`'s sequences acknowledged on connection
+    /// number `connects`.
+    fn remember<'a>(
+        &mut self,
+        acked: impl Iterator<Item = ((&'a i64, &'a Uuid), &'a i64)>,
+        connects: u64,
+    ) {
+        if connects != self.connects {
+            self.sequences.clear();
+            self.connects = connects;
+        }
+        self.sequences
+            .extend(acked.map(|((&row_id, &event_id), &sequence)| ((row_id, event_id), sequence)));
+        if self.sequences.len() > Self::MAX_ROWS {
+            self.sequences.clear();
+        }
+    }
+
+    /// Takes out what is remembered of `rows` (their columns 0 and 1 are the row id and
+    /// the event id), if the connection is still number `connects`.
+    fn take(&mut self, rows: &[tokio_postgres::Row], connects: u64) -> HashMap<(i64, Uuid), i64> {
+        if self.sequences.is_empty() {
+            return HashMap::new();
+        }
+        if connects != self.connects {
+            self.sequences.clear();
+            return HashMap::new();
+        }
+        rows.iter()
+            .filter_map(|row| {
+                let key = (row.get(0), row.get(1));
+                self.sequences.remove(&key).map(|sequence| (key, sequence))
+            })
+            .collect()
+    }
 }
 
 /// The longest a round waits for its PubAcks, all of them together. async-nats's ack

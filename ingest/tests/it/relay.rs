@@ -12,7 +12,8 @@ use testkit::prometheus::Scrape;
 use testkit::{eventually, Running, TestEnv};
 
 use crate::support::{
-    batch_body, column, count, loopback_listener, migrate, reading, wait_for_counts, Ingest,
+    batch_body, close_database, column, count, loopback_listener, migrate, reading,
+    reopen_database, wait_for_counts, Ingest,
 };
 
 /// Starts a relay in this process as the `relay` binary runs it, its admin port on a
@@ -425,6 +426,66 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     projector.stop().await;
     // SIGTERM: the relay finishes its round and exits 0 (API.md §7).
     let status = testkit::process::terminate(restarted, "the relay").await;
+    assert_eq!(status.code(), Some(0), "the relay exits 0 after SIGTERM");
+    ingest.stop().await;
+}
+
+/// PostgreSQL goes away between a round's PubAcks and its commit, for longer than
+/// JetStream's duplicate window: the round that claims the rows again marks them with
+/// the sequences those acks gave and publishes nothing again. Until 2026-12-06 it
+/// published them again, JetStream kept the copies (its window had passed), and a
+/// projector whose dedup horizon had passed too (15 minutes of outage) would have
+/// counted each reading twice.
+#[tokio::test]
+async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again() {
+    const READINGS: usize = 20;
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    for index in 0..READINGS {
+        ingest
+            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
+            .await;
+    }
+    let db = env.postgres().await;
+    stall_marking(&db, 60).await;
+    let relay = service_command(
+        env!("CARGO_BIN_EXE_relay"),
+        &env,
+        &[("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1")],
+    )
+    .spawn()
+    .expect("relay binary starts");
+    let jetstream = env.jetstream().await;
+    wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
+    // The round has its acks and waits in its mark. The stall ends for later rounds
+    // (replacing the function takes no lock on the table), and PostgreSQL goes away
+    // under the stalled one: its commit fails.
+    db.batch_execute(
+        "CREATE OR REPLACE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RETURN NULL; END $$;",
+    )
+    .await
+    .expect("stall ended for later rounds");
+    close_database(&env).await;
+    // JetStream's duplicate window must pass before the rows can be claimed again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    reopen_database(&env).await;
+
+    let db = env.postgres().await;
+    wait_until_all_marked(&db).await;
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        Some(READINGS as u64),
+        "no row was published again"
+    );
+    let sequences: Vec<i64> =
+        column(&db, "SELECT stream_seq FROM outbox ORDER BY stream_seq").await;
+    assert_eq!(
+        sequences,
+        (1..=READINGS as i64).collect::<Vec<_>>(),
+        "each row marked with the sequence its first publish got"
+    );
+    let status = testkit::process::terminate(relay, "the relay").await;
     assert_eq!(status.code(), Some(0), "the relay exits 0 after SIGTERM");
     ingest.stop().await;
 }
