@@ -550,17 +550,29 @@ impl Relay {
         // is asked for. Those left out are not marked: the round's commit (or its end)
         // hands them back to the outbox for a later round, as it does those whose acks
         // do not come.
+        //
+        // Rows an earlier round published and got PubAcks for but could not mark are
+        // marked with those sequences, where the stream still holds them, and not
+        // published again.
+        let taken = lock(&self.acked_unmarked).take(&rows, connects_before);
+        let reused = self.still_held(taken).await;
+        let mut published_ids = Vec::with_capacity(rows.len());
+        let mut event_ids = Vec::with_capacity(rows.len());
+        let mut sequences = Vec::with_capacity(rows.len());
+        for (&(row_id, event_id), &sequence) in &reused {
+            published_ids.push(row_id);
+            event_ids.push(event_id);
+            sequences.push(sequence);
+        }
         let mut acks = Vec::with_capacity(rows.len());
         let mut left_out = None;
-        let mut remembered = lock(&self.acked_unmarked).take(&rows, connects_before);
-        for row in &rows {
+        for row in rows
+            .iter()
+            .filter(|row| !reused.contains_key(&(row.get(0), row.get(1))))
+        {
             if shutdown.is_cancelled() {
                 left_out = Some("the relay is stopping");
                 break;
-            }
-            if let Some(sequence) = remembered.remove(&(row.get(0), row.get(1))) {
-                acks.push(Ok(Ack::Remembered(sequence)));
-                continue;
             }
             // A publish given to the client while it is not connected waits in its
             // queue and goes out after the reconnect, whenever that is, although this
@@ -588,7 +600,7 @@ impl Relay {
             // was not queued, so it is not sent).
             let ack = tokio::select! {
                 biased;
-                ack = publish => ack.map(Ack::Awaited),
+                ack = publish => ack,
                 _ = shutdown.cancelled() => {
                     left_out = Some("the relay is stopping");
                     break;
@@ -602,7 +614,7 @@ impl Relay {
             // take what is written to it, and the rest would each wait as long.
             let queue_stuck =
                 matches!(&ack, Err(error) if error.kind() == PublishErrorKind::TimedOut);
-            acks.push(ack);
+            acks.push((row, ack));
             if queue_stuck {
                 left_out = Some("a publish waited out its send timeout");
                 break;
@@ -617,26 +629,14 @@ impl Relay {
                 "publishing the round stopped early; the rest stays in the outbox"
             );
         }
-        let mut published_ids = Vec::with_capacity(rows.len());
-        let mut event_ids = Vec::with_capacity(rows.len());
-        let mut sequences = Vec::with_capacity(rows.len());
         let collected = async {
             let mut failures = 0usize;
-            for (row, ack) in rows.iter().zip(acks) {
+            for (row, ack) in acks {
                 let acked = match ack {
-                    Ok(Ack::Awaited(future)) => future
+                    Ok(future) => future
                         .await
-                        .map(|ack| {
-                            if ack.duplicate {
-                                metrics::counter!("relay_duplicate_acks_total").increment(1);
-                            }
-                            ack.sequence as i64
-                        })
-                        .map_err(anyhow::Error::from),
-                    Ok(Ack::Remembered(sequence)) => {
-                        metrics::counter!("relay_marked_without_publishing_total").increment(1);
-                        Ok(sequence)
-                    }
+                        .map_err(anyhow::Error::from)
+                        .and_then(|ack| acknowledged_sequence(&ack, &self.nats.stream)),
                     Err(error) => Err(anyhow::Error::from(error)),
                 };
                 match acked {
@@ -710,6 +710,7 @@ impl Relay {
             );
             return Err(error);
         }
+        metrics::counter!("relay_marked_without_publishing_total").increment(reused.len() as u64);
         metrics::counter!("relay_published_total").increment(published_ids.len() as u64);
         metrics::histogram!("relay_batch_size").record(rows.len() as f64);
         // Each marked row left a dead version behind, and a dead entry in the
@@ -945,18 +946,34 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What a round has for a row it published: the PubAck to await, or the sequence a
-/// failed round's PubAck gave the same row.
-enum Ack {
-    Awaited(async_nats::jetstream::context::PublishAckFuture),
-    Remembered(i64),
+/// The stream sequence a PubAck gives its row, or why it does not count as one: an ack
+/// from another stream (one that also captures the subject, made by an operator) or
+/// with sequence 0 (a clustered 2.9 server's answer to a duplicate whose original is
+/// still being replicated) would mark the row published where the stream may not hold
+/// it; the row stays unpublished and goes out again.
+fn acknowledged_sequence(
+    ack: &async_nats::jetstream::publish::PublishAck,
+    stream: &str,
+) -> anyhow::Result<i64> {
+    if ack.stream != stream {
+        anyhow::bail!("acknowledged by stream {:?}, not {stream:?}", ack.stream);
+    }
+    let sequence = i64::try_from(ack.sequence)
+        .ok()
+        .filter(|&sequence| sequence > 0)
+        .with_context(|| format!("acknowledged with sequence {}", ack.sequence))?;
+    if ack.duplicate {
+        metrics::counter!("relay_duplicate_acks_total").increment(1);
+    }
+    Ok(sequence)
 }
 
 /// The stream sequences PubAcks gave rows whose round then failed to mark them, by row
 /// id and event id. Only while the NATS connection they came on lasts: after a reconnect
 /// the server may have lost them (2.9 fsyncs every 2 minutes), and the rows are
-/// published again as before. Bounded: a relay that cannot mark that many rows forgets
-/// them all and publishes them again too.
+/// published again as before; and a round uses one only once the stream was seen to
+/// hold that event at that sequence (`Relay::still_held`). Bounded: a relay that cannot
+/// mark that many rows forgets them all and publishes them again too.
 #[derive(Debug, Default)]
 struct AckedUnmarked {
     /// [`Relay::connects`] when the acks came.
@@ -1181,6 +1198,30 @@ async fn listen_for_inserts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_puback_of_the_stream_with_a_sequence_marks_its_row() {
+        let ack = |json: &str| -> async_nats::jetstream::publish::PublishAck {
+            serde_json::from_str(json).expect("a PubAck")
+        };
+        let sequence = |json: &str| acknowledged_sequence(&ack(json), "TELEMETRY").ok();
+        assert_eq!(sequence(r#"{"stream":"TELEMETRY","seq":7}"#), Some(7));
+        assert_eq!(
+            sequence(r#"{"stream":"TELEMETRY","seq":7,"duplicate":true}"#),
+            Some(7),
+            "a duplicate's ack names the original's sequence"
+        );
+        assert_eq!(
+            sequence(r#"{"stream":"TELEMETRY","seq":0,"duplicate":true}"#),
+            None,
+            "a duplicate whose original is not stored yet"
+        );
+        assert_eq!(sequence(r#"{"stream":"OTHER","seq":7}"#), None);
+        assert_eq!(
+            sequence(r#"{"stream":"TELEMETRY","seq":18446744073709551615}"#),
+            None
+        );
+    }
 
     #[test]
     fn every_row_of_every_round_in_flight_has_an_ack_permit_twice_over() {

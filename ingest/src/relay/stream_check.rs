@@ -41,6 +41,7 @@
 //! nothing published is pruned. Messages older than the stream's first sequence
 //! (expired by `max_age`) count as held, not lost.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -189,6 +190,41 @@ impl Relay {
             Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
             Err(error) => Err(error).with_context(|| format!("fetching stream message {sequence}")),
         }
+    }
+
+    /// Of the sequences earlier PubAcks gave rows that were not marked
+    /// (`(row id, event id) → sequence`), those whose message the stream still holds
+    /// at that sequence: a repair (this relay's or another's) or a recreated stream may
+    /// have made them stale. On the first fetch that fails the rest are left out too,
+    /// and published again like any row.
+    pub(super) async fn still_held(
+        &self,
+        remembered: HashMap<(i64, Uuid), i64>,
+    ) -> HashMap<(i64, Uuid), i64> {
+        if remembered.is_empty() {
+            return remembered;
+        }
+        let name = self.subjects.stream();
+        let looked_up =
+            tokio::time::timeout(STREAM_REQUEST_TIMEOUT, self.jetstream.get_stream(name)).await;
+        let Ok(Ok(stream)) = looked_up else {
+            return HashMap::new();
+        };
+        let mut held = HashMap::with_capacity(remembered.len());
+        for ((row_id, event_id), stream_seq) in remembered {
+            let row = PublishedRow {
+                stream_seq,
+                event_id,
+            };
+            match self.stream_holds(&stream, row).await {
+                Ok(true) => {
+                    held.insert((row_id, event_id), stream_seq);
+                }
+                Ok(false) => {}
+                Err(_) => break,
+            }
+        }
+        held
     }
 
     /// Under the repair lock: finds the first kept row the stream lost and marks it and

@@ -457,6 +457,24 @@ async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again()
     .expect("relay binary starts");
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
+    eventually(
+        Duration::from_secs(10),
+        "the round's mark stalled",
+        || async {
+            let stalled: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query LIKE '%UPDATE outbox%'
+                   AND wait_event = 'PgSleep'",
+                    &[],
+                )
+                .await
+                .expect("activity")
+                .get(0);
+            (stalled == 1).then_some(())
+        },
+    )
+    .await;
     // The round has its acks and waits in its mark. The stall ends for later rounds
     // (replacing the function takes no lock on the table), and PostgreSQL goes away
     // under the stalled one: its commit fails.
