@@ -543,19 +543,30 @@ impl Relay {
         rows: Vec<tokio_postgres::Row>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<usize> {
-        let started = Instant::now();
         let connects_before = self.connects();
+        // Rows an earlier round published and got PubAcks for but could not mark are
+        // marked with those sequences, where the stream still holds them, and not
+        // published again; those it could not check in time are left for a later round.
+        let taken = lock(&self.acked_unmarked).take(&rows, connects_before);
+        let (reused, unchecked) = self.still_held(taken).await;
+        if !unchecked.is_empty() {
+            tracing::info!(
+                rows = unchecked.len(),
+                "remembered acks could not be checked against the stream in time; their rows wait for a later round"
+            );
+            lock(&self.acked_unmarked).remember(
+                unchecked
+                    .iter()
+                    .map(|(key, sequence)| ((&key.0, &key.1), sequence)),
+                connects_before,
+            );
+        }
+        let started = Instant::now();
         let client = self.jetstream.client();
         // The rows are published in order, and only while NATS is connected and no stop
         // is asked for. Those left out are not marked: the round's commit (or its end)
         // hands them back to the outbox for a later round, as it does those whose acks
         // do not come.
-        //
-        // Rows an earlier round published and got PubAcks for but could not mark are
-        // marked with those sequences, where the stream still holds them, and not
-        // published again.
-        let taken = lock(&self.acked_unmarked).take(&rows, connects_before);
-        let reused = self.still_held(taken).await;
         let mut published_ids = Vec::with_capacity(rows.len());
         let mut event_ids = Vec::with_capacity(rows.len());
         let mut sequences = Vec::with_capacity(rows.len());
@@ -566,10 +577,10 @@ impl Relay {
         }
         let mut acks = Vec::with_capacity(rows.len());
         let mut left_out = None;
-        for row in rows
-            .iter()
-            .filter(|row| !reused.contains_key(&(row.get(0), row.get(1))))
-        {
+        for row in rows.iter().filter(|row| {
+            let key = (row.get(0), row.get(1));
+            !reused.contains_key(&key) && !unchecked.contains_key(&key)
+        }) {
             if shutdown.is_cancelled() {
                 left_out = Some("the relay is stopping");
                 break;

@@ -49,6 +49,7 @@ use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
 use async_nats::jetstream::stream::{self, RawMessageErrorKind};
 use async_nats::jetstream::ErrorCode;
 use contract::event::headers;
+use futures::StreamExt;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
@@ -60,6 +61,14 @@ const STREAM_REPAIR_LOCK: i64 = 0x7e1e_0002;
 
 /// How long one stream request of the check may take.
 const STREAM_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a round checks remembered sequences against the stream, well within the
+/// session's `idle_in_transaction_timeout_ms` (the round's claim holds its transaction
+/// open meanwhile).
+const REMEMBERED_CHECK_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Remembered sequences fetched from the stream at once.
+const REMEMBERED_CHECKS_IN_FLIGHT: usize = 32;
 
 /// A published outbox row: the sequence its PubAck returned and its event id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,39 +201,60 @@ impl Relay {
         }
     }
 
-    /// Of the sequences earlier PubAcks gave rows that were not marked
-    /// (`(row id, event id) → sequence`), those whose message the stream still holds
-    /// at that sequence: a repair (this relay's or another's) or a recreated stream may
-    /// have made them stale. On the first fetch that fails the rest are left out too,
-    /// and published again like any row.
+    /// Sorts the sequences earlier PubAcks gave rows that were not marked
+    /// (`(row id, event id) → sequence`): `held`, those whose message the stream still
+    /// holds at that sequence, to be marked with it; `unchecked`, those whose check
+    /// could not be made within [`REMEMBERED_CHECK_DEADLINE`] (the round's transaction
+    /// is open meanwhile), to be remembered again and left for a later round. The rest
+    /// (a repair, this relay's or another's, a recreated stream or an expired message
+    /// made them stale) are published again like any row.
     pub(super) async fn still_held(
         &self,
         remembered: HashMap<(i64, Uuid), i64>,
-    ) -> HashMap<(i64, Uuid), i64> {
+    ) -> (HashMap<(i64, Uuid), i64>, HashMap<(i64, Uuid), i64>) {
         if remembered.is_empty() {
-            return remembered;
+            return (HashMap::new(), remembered);
         }
-        let name = self.subjects.stream();
-        let looked_up =
-            tokio::time::timeout(STREAM_REQUEST_TIMEOUT, self.jetstream.get_stream(name)).await;
-        let Ok(Ok(stream)) = looked_up else {
-            return HashMap::new();
-        };
-        let mut held = HashMap::with_capacity(remembered.len());
-        for ((row_id, event_id), stream_seq) in remembered {
-            let row = PublishedRow {
-                stream_seq,
-                event_id,
+        let checked = async {
+            let name = self.subjects.stream();
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(STREAM_REQUEST_TIMEOUT, self.jetstream.get_stream(name)).await
+            else {
+                return (HashMap::new(), remembered);
             };
-            match self.stream_holds(&stream, row).await {
-                Ok(true) => {
-                    held.insert((row_id, event_id), stream_seq);
+            let mut unchecked = remembered.clone();
+            let mut held = HashMap::with_capacity(remembered.len());
+            let deadline = tokio::time::sleep(REMEMBERED_CHECK_DEADLINE);
+            tokio::pin!(deadline);
+            let stream = &stream;
+            let mut checks =
+                futures::stream::iter(remembered.into_iter().map(|(key, stream_seq)| async move {
+                    let row = PublishedRow {
+                        stream_seq,
+                        event_id: key.1,
+                    };
+                    (key, stream_seq, self.stream_holds(stream, row).await)
+                }))
+                .buffer_unordered(REMEMBERED_CHECKS_IN_FLIGHT);
+            loop {
+                tokio::select! {
+                    checked = checks.next() => match checked {
+                        Some((key, stream_seq, Ok(true))) => {
+                            unchecked.remove(&key);
+                            held.insert(key, stream_seq);
+                        }
+                        Some((key, _, Ok(false))) => {
+                            unchecked.remove(&key);
+                        }
+                        Some((_, _, Err(_))) => {}
+                        None => break,
+                    },
+                    () = &mut deadline => break,
                 }
-                Ok(false) => {}
-                Err(_) => break,
             }
-        }
-        held
+            (held, unchecked)
+        };
+        checked.await
     }
 
     /// Under the repair lock: finds the first kept row the stream lost and marks it and
