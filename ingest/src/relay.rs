@@ -43,7 +43,7 @@
 mod claim_floor;
 mod stream_check;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -549,18 +549,18 @@ impl Relay {
         // published again; those it could not check in time are left for a later round.
         let taken = lock(&self.acked_unmarked).take(&rows, connects_before);
         let (reused, unchecked) = self.still_held(taken).await;
-        if !unchecked.is_empty() {
+        let waiting = if unchecked.is_empty() {
+            HashSet::new()
+        } else {
+            let unchecked_rows = unchecked.len();
+            let waiting = lock(&self.acked_unmarked).keep_unchecked(unchecked, connects_before);
             tracing::info!(
-                rows = unchecked.len(),
-                "remembered acks could not be checked against the stream in time; their rows wait for a later round"
+                rows = unchecked_rows,
+                waiting = waiting.len(),
+                "remembered acks could not be checked against the stream in time; their rows wait for a later round, up to three"
             );
-            lock(&self.acked_unmarked).remember(
-                unchecked
-                    .iter()
-                    .map(|(key, sequence)| ((&key.0, &key.1), sequence)),
-                connects_before,
-            );
-        }
+            waiting
+        };
         let started = Instant::now();
         let client = self.jetstream.client();
         // The rows are published in order, and only while NATS is connected and no stop
@@ -579,7 +579,7 @@ impl Relay {
         let mut left_out = None;
         for row in rows.iter().filter(|row| {
             let key = (row.get(0), row.get(1));
-            !reused.contains_key(&key) && !unchecked.contains_key(&key)
+            !reused.contains_key(&key) && !waiting.contains(&key)
         }) {
             if shutdown.is_cancelled() {
                 left_out = Some("the relay is stopping");
@@ -984,16 +984,51 @@ fn acknowledged_sequence(
 /// the server may have lost them (2.9 fsyncs every 2 minutes), and the rows are
 /// published again as before; and a round uses one only once the stream was seen to
 /// hold that event at that sequence (`Relay::still_held`). Bounded: a relay that cannot
-/// mark that many rows forgets them all and publishes them again too.
+/// mark that many rows forgets them all and publishes them again too, and a row whose
+/// check could not be made in [`AckedUnmarked::MAX_UNCHECKED_ROUNDS`] rounds is
+/// published again rather than wait for good.
 #[derive(Debug, Default)]
 struct AckedUnmarked {
     /// [`Relay::connects`] when the acks came.
     connects: u64,
     sequences: HashMap<(i64, Uuid), i64>,
+    /// Rounds in a row whose check of the row could not be made.
+    unchecked_rounds: HashMap<(i64, Uuid), u32>,
 }
 
 impl AckedUnmarked {
     const MAX_ROWS: usize = 100_000;
+    const MAX_UNCHECKED_ROUNDS: u32 = 3;
+
+    /// Remembers again the rows a round could not check (`(row id, event id) →
+    /// sequence`), each for up to [`Self::MAX_UNCHECKED_ROUNDS`] rounds; returns those
+    /// that wait for a later round (the others are published again).
+    fn keep_unchecked(
+        &mut self,
+        unchecked: HashMap<(i64, Uuid), i64>,
+        connects: u64,
+    ) -> HashSet<(i64, Uuid)> {
+        if connects != self.connects {
+            self.sequences.clear();
+            self.unchecked_rounds.clear();
+            self.connects = connects;
+        }
+        let mut waiting = HashSet::with_capacity(unchecked.len());
+        for (key, sequence) in unchecked {
+            let rounds = self.unchecked_rounds.entry(key).or_default();
+            *rounds += 1;
+            if *rounds < Self::MAX_UNCHECKED_ROUNDS {
+                self.sequences.insert(key, sequence);
+                waiting.insert(key);
+            } else {
+                self.unchecked_rounds.remove(&key);
+            }
+        }
+        if self.unchecked_rounds.len() > Self::MAX_ROWS {
+            self.unchecked_rounds.clear();
+        }
+        waiting
+    }
 
     /// Remembers the `(row id, event id)`'s sequences acknowledged on connection
     /// number `connects`.
@@ -1004,6 +1039,7 @@ impl AckedUnmarked {
     ) {
         if connects != self.connects {
             self.sequences.clear();
+            self.unchecked_rounds.clear();
             self.connects = connects;
         }
         self.sequences
@@ -1209,6 +1245,28 @@ async fn listen_for_inserts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_whose_remembered_ack_cannot_be_checked_waits_three_rounds_at_most() {
+        let mut memory = AckedUnmarked::default();
+        let key = (7, Uuid::nil());
+        let waits = |memory: &mut AckedUnmarked, connects| {
+            memory
+                .keep_unchecked(HashMap::from([(key, 70)]), connects)
+                .contains(&key)
+        };
+        assert!(waits(&mut memory, 1), "first round");
+        assert_eq!(memory.sequences.get(&key), Some(&70), "remembered again");
+        memory.sequences.clear(); // as the next round's `take` does
+        assert!(waits(&mut memory, 1), "second round");
+        memory.sequences.clear();
+        assert!(!waits(&mut memory, 1), "the third round publishes it again");
+        assert!(memory.sequences.is_empty() && memory.unchecked_rounds.is_empty());
+        assert!(
+            waits(&mut memory, 2),
+            "a new connection starts the count again"
+        );
+    }
 
     #[test]
     fn only_a_puback_of_the_stream_with_a_sequence_marks_its_row() {
