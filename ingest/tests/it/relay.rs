@@ -67,6 +67,24 @@ pub async fn stall_marking(db: &tokio_postgres::Client, seconds: u32) {
     .expect("stall trigger");
 }
 
+/// Spawns ingest, stores `readings` readings of `sensor-1` (temperatures 0, 1, …) with
+/// no relay running, and makes every "mark published" statement stall for a minute;
+/// returns ingest and the session that set the stall up.
+async fn readings_with_marking_stalled(
+    env: &TestEnv,
+    readings: usize,
+) -> (Ingest, tokio_postgres::Client) {
+    let ingest = Ingest::spawn(&env.settings).await;
+    for index in 0..readings {
+        ingest
+            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
+            .await;
+    }
+    let db = env.postgres().await;
+    stall_marking(&db, 60).await;
+    (ingest, db)
+}
+
 const UNPUBLISHED: &str = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
 
 /// Waits until no outbox row is left unpublished.
@@ -360,15 +378,8 @@ fn keepalive_due_in(port: u16) -> Option<Duration> {
 async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() {
     const READINGS: usize = 20;
     let env = TestEnv::new();
-    let ingest = Ingest::spawn(&env.settings).await;
-    for index in 0..READINGS {
-        ingest
-            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
-            .await;
-    }
-    // Stall the relay's "mark published" statement, so it dies after publishing.
-    let db = env.postgres().await;
-    stall_marking(&db, 60).await;
+    // The relay's "mark published" statement stalls, so it dies after publishing.
+    let (ingest, db) = readings_with_marking_stalled(&env, READINGS).await;
 
     let mut relay = spawn_relay_process(&env);
     let jetstream = env.jetstream().await;
@@ -440,14 +451,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
 async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again() {
     const READINGS: usize = 20;
     let env = TestEnv::new();
-    let ingest = Ingest::spawn(&env.settings).await;
-    for index in 0..READINGS {
-        ingest
-            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
-            .await;
-    }
-    let db = env.postgres().await;
-    stall_marking(&db, 60).await;
+    let (ingest, db) = readings_with_marking_stalled(&env, READINGS).await;
     let relay = service_command(
         env!("CARGO_BIN_EXE_relay"),
         &env,
