@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use contract::settings::Settings;
 use serde_json::Value;
-use testkit::process::service_command;
+use testkit::process::{service_command, ServiceProcess};
 use testkit::prometheus::Scrape;
 use testkit::{eventually, Running, TestEnv};
 
@@ -452,13 +452,13 @@ async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again()
     const READINGS: usize = 20;
     let env = TestEnv::new();
     let (ingest, db) = readings_with_marking_stalled(&env, READINGS).await;
-    let relay = service_command(
+    // Killed when dropped, so that a failing assertion leaves no relay behind.
+    let relay = ServiceProcess::spawn(
         env!("CARGO_BIN_EXE_relay"),
         &env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
         &[("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1")],
-    )
-    .spawn()
-    .expect("relay binary starts");
+    );
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
     eventually(
@@ -507,7 +507,7 @@ async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again()
         (1..=READINGS as i64).collect::<Vec<_>>(),
         "each row marked with the sequence its first publish got"
     );
-    let status = testkit::process::terminate(relay, "the relay").await;
+    let status = relay.terminate().await;
     assert_eq!(status.code(), Some(0), "the relay exits 0 after SIGTERM");
     ingest.stop().await;
 }
