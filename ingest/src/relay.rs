@@ -1000,6 +1000,16 @@ impl AckedUnmarked {
     const MAX_ROWS: usize = 100_000;
     const MAX_UNCHECKED_ROUNDS: u32 = 3;
 
+    /// Forgets everything remembered when it came on another connection than number
+    /// `connects`, whose acks the server may have lost since.
+    fn on_connection(&mut self, connects: u64) {
+        if connects != self.connects {
+            self.sequences.clear();
+            self.unchecked_rounds.clear();
+            self.connects = connects;
+        }
+    }
+
     /// Remembers again the rows a round could not check (`(row id, event id) →
     /// sequence`), each for up to [`Self::MAX_UNCHECKED_ROUNDS`] rounds; returns those
     /// that wait for a later round (the others are published again).
@@ -1008,11 +1018,7 @@ impl AckedUnmarked {
         unchecked: HashMap<(i64, Uuid), i64>,
         connects: u64,
     ) -> HashSet<(i64, Uuid)> {
-        if connects != self.connects {
-            self.sequences.clear();
-            self.unchecked_rounds.clear();
-            self.connects = connects;
-        }
+        self.on_connection(connects);
         let mut waiting = HashSet::with_capacity(unchecked.len());
         for (key, sequence) in unchecked {
             let rounds = self.unchecked_rounds.entry(key).or_default();
@@ -1037,11 +1043,7 @@ impl AckedUnmarked {
         acked: impl Iterator<Item = ((&'a i64, &'a Uuid), &'a i64)>,
         connects: u64,
     ) {
-        if connects != self.connects {
-            self.sequences.clear();
-            self.unchecked_rounds.clear();
-            self.connects = connects;
-        }
+        self.on_connection(connects);
         self.sequences
             .extend(acked.map(|((&row_id, &event_id), &sequence)| ((row_id, event_id), sequence)));
         if self.sequences.len() > Self::MAX_ROWS {
@@ -1055,10 +1057,7 @@ impl AckedUnmarked {
         if self.sequences.is_empty() {
             return HashMap::new();
         }
-        if connects != self.connects {
-            self.sequences.clear();
-            return HashMap::new();
-        }
+        self.on_connection(connects);
         rows.iter()
             .filter_map(|row| {
                 let key = (row.get(0), row.get(1));
