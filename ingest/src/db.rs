@@ -381,7 +381,14 @@ async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<()
 }
 
 async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::Result<()> {
-    let name = config.get_dbname().unwrap_or("postgres").to_owned();
+    // Without a database in the URL the server takes the user's name, as libpq does
+    // (until 2026-12-06 this looked for `postgres`, found it, and the database the
+    // sessions then asked for was never created: ingest answered 503 for good).
+    let name = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres")
+        .to_owned();
     let mut maintenance = config.clone();
     maintenance.dbname("postgres");
     let client = connect(&maintenance).await?;

@@ -2,7 +2,10 @@
 //! pipeline reads (migrations 0005 and 0006 dropped the others), also on a database that
 //! was migrated before they existed.
 
-use testkit::TestEnv;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use testkit::{maintenance_postgres, TestEnv};
 
 use crate::support::{applied_versions, column, migrate, migration_file_versions};
 
@@ -98,4 +101,57 @@ async fn pooled_sessions_commit_durably_whatever_the_database_default() {
         let pooled_sees: String = session.query_one(show, &[]).await.expect("show").get(0);
         assert_eq!(pooled_sees, pooled, "a pooled session under {default}");
     }
+}
+
+/// A URL that names no database means the one named after its user, as libpq and
+/// tokio-postgres read it: that is the one ingest creates. Until 2026-12-06 it looked
+/// for `postgres`, found it, and the database its sessions then asked for was never
+/// created: ingest answered 503 for good.
+#[tokio::test]
+async fn a_url_without_a_database_gets_the_one_named_after_its_user_created() {
+    let mut env = TestEnv::new();
+    let admin = maintenance_postgres(&env.settings)
+        .await
+        .expect("admin session");
+    // A role named like the test's database (which the test's clean-up drops).
+    let role = env.database.clone();
+    admin
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN CREATEDB"))
+        .await
+        .expect("role created");
+    let server = env
+        .settings
+        .database
+        .url
+        .rsplit_once('@')
+        .and_then(|(_, host)| host.split_once('/'))
+        .map(|(server, _)| server.to_owned())
+        .expect("a URL of the form postgres://user@host:port/database");
+    env.settings.database.url = format!("postgres://{role}@{server}");
+
+    let outcome = AssertUnwindSafe(async {
+        migrate(&env).await;
+        let db = env.postgres().await;
+        let database: String = db
+            .query_one("SELECT current_database()", &[])
+            .await
+            .expect("database named")
+            .get(0);
+        assert_eq!(database, role);
+        assert_eq!(applied_versions(&db).await, migration_file_versions());
+    })
+    .catch_unwind()
+    .await;
+    // The role owns the database it created: both go, also when the test failed.
+    let mut dropped = Ok(());
+    for statement in [
+        format!("DROP DATABASE IF EXISTS \"{role}\" WITH (FORCE)"),
+        format!("DROP ROLE \"{role}\""),
+    ] {
+        dropped = dropped.and(admin.batch_execute(&statement).await);
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    dropped.expect("database and role dropped");
 }
