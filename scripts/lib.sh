@@ -220,6 +220,15 @@ postgres_answers() {
     fi
 }
 
+# postgres_rejecting HOST PORT: a server runs there but turns connections away for now
+# (pg_isready's exit status 1: starting up, recovering after a crash, shutting down).
+postgres_rejecting() {
+    command -v pg_isready >/dev/null 2>&1 || return 1
+    local status=0
+    pg_isready -q -h "$1" -p "$2" -t 3 || status=$?
+    ((status == 1))
+}
+
 # redis_reply HOST PORT: prints the server's reply to PING (PONG, NOAUTH ..., LOADING ...).
 redis_reply() {
     local reply
@@ -308,6 +317,17 @@ _postgres_answering() {
     if postgres_answers "$host" "$port"; then
         info "postgres: OK ($host:$port)"
         return 0
+    fi
+    # A server that is starting up is waited for, not started again (until 2026-12-06
+    # this ran pg_ctlcluster, which refuses a running cluster, and the run failed).
+    if postgres_rejecting "$host" "$port"; then
+        info "postgres: $host:$port is starting up (or recovering); waiting for it"
+        if wait_until 60 postgres_answers "$host" "$port"; then
+            info "postgres: OK ($host:$port)"
+            return 0
+        fi
+        err "PostgreSQL at $host:$port has rejected connections for 60 s (starting up, recovering or shutting down; see /var/log/postgresql/)"
+        return 1
     fi
     if ! is_local_host "$host"; then
         err "PostgreSQL at $host:$port (PIPELINE__DATABASE__URL) is not reachable; it is not local, so it is not started here"
@@ -785,7 +805,8 @@ own_pipeline() {
 }
 
 # one_run_at_a_time NAME DIR PORT...: takes this checkout's lock for scripts/NAME (in
-# DIR) and refuses to go on while one of the PORTs is taken. A second run must leave the
+# DIR), stops what a killed run left running (when RUN_DIR is DIR) and refuses to go
+# on while one of the PORTs is taken. A second run must leave the
 # first one's processes, files and data alone, so this comes before a script removes
 # anything or sets its clean-up trap (until 2026-12-06 a second scripts/bench emptied
 # the first one's results and logs, then stopped its processes and dropped its data on
@@ -798,6 +819,12 @@ one_run_at_a_time() {
     exec {RUN_LOCK_FD}>"$dir/.lock"
     flock -n "$RUN_LOCK_FD" ||
         die "another scripts/$name runs in this checkout (it holds $(_rel "$dir")/.lock); wait for it to end"
+    # With the lock, no earlier run lives: the services in its pid files are what a run
+    # killed outright (no trap ran) left holding its ports; until 2026-12-06 they kept
+    # every later run out. Only where the pid files are this script's own.
+    if [[ "$RUN_DIR" == "$dir" ]]; then
+        stop_own_processes
+    fi
     require_free_ports "$@"
 }
 

@@ -4,8 +4,10 @@
   even to build some of them, so a member left out breaks `docker compose up --build`
   (no Docker engine runs here, so nothing else would notice).
 - A second run of scripts/bench, soak or ab in one checkout refuses before it touches
-  the first one's results, processes or data.
-- A PostgreSQL that asks for a password is named before anything runs.
+  the first one's results, processes or data; a run after one that was killed outright
+  stops the services that one left running.
+- A PostgreSQL that asks for a password is named before anything runs; one that is
+  starting up is waited for.
 - `pid_is_live PID NAME` in scripts/lib.sh takes a pid for one of ours only while it
   runs the program named: scripts/chaos kills the pids in old pid files with it, and a
   recycled pid must not be killed. redis-server rewrites its command line, so it is
@@ -20,6 +22,7 @@ import pathlib
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -199,6 +202,68 @@ def test_a_postgresql_that_asks_for_a_password_is_named_before_anything_runs():
     finally:
         lib("private_postgres_ctl stop -m immediate")
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_a_postgresql_that_is_starting_up_is_waited_for_not_started_again(tmp_path):
+    """pg_isready exits 1 while a server starts up or recovers from a crash: the
+    scripts took that for no server, ran pg_ctlcluster, which refuses a running
+    cluster, and failed. Here a pg_isready on PATH rejects three times, then accepts."""
+    fake = tmp_path / "bin" / "pg_isready"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/sh\n'
+        'calls=$(($(cat "$0.calls" 2>/dev/null || echo 0) + 1))\n'
+        'echo "$calls" >"$0.calls"\n'
+        '[ "$calls" -gt 3 ]\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}",
+               PIPELINE_DATA_DIR=str(tmp_path / "data"),
+               PIPELINE__DATABASE__URL="postgres://postgres@127.0.0.1:5432/telemetry")
+    checked = subprocess.run(["bash", "-c", "source scripts/lib.sh && _postgres_answering"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    output = checked.stdout + checked.stderr
+    assert checked.returncode == 0, output
+    assert "starting up" in output, output
+    assert int((tmp_path / "bin" / "pg_isready.calls").read_text()) == 4, output
+
+
+def test_services_a_killed_run_left_running_are_stopped_by_the_next_run(tmp_path):
+    """A run of scripts/bench, soak or ab killed outright (no trap ran) leaves its
+    services holding its ports; the next run refused for good ("another run of this
+    script?"). It holds the lock, so what the pid files name is stopped first."""
+    port = free_port()
+    orphan = tmp_path / "ingest"  # a stand-in named like the service, on its port
+    orphan.write_text(
+        "import socket, sys, time\n"
+        "listener = socket.socket()\n"
+        "listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "listener.bind(('127.0.0.1', int(sys.argv[1])))\n"
+        "listener.listen()\n"
+        "time.sleep(60)\n")
+    process = subprocess.Popen([sys.executable, str(orphan), str(port)])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        (tmp_path / "ingest.pid").write_text(f"{process.pid}\n")
+        script = """
+            source scripts/lib.sh
+            RUN_DIR="$1"
+            one_run_at_a_time test "$1" "$2"
+            echo "the ports are free"
+        """
+        second = subprocess.run(["bash", "-c", script, "bash", str(tmp_path), str(port)],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        output = second.stdout + second.stderr
+        assert second.returncode == 0, output
+        assert "the ports are free" in output, output
+        assert process.wait(timeout=5) is not None
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_what_a_script_starts_and_leaves_running_does_not_hold_its_run_lock(tmp_path):
