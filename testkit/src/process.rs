@@ -200,6 +200,13 @@ impl ServiceProcess {
         .await
     }
 
+    /// SIGKILL, as a crash would stop it, and waits until it is gone.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("a child until stopped");
+        child.kill().expect("SIGKILL sent");
+        child.wait().expect("killed process reaped");
+    }
+
     /// SIGTERM, then waits (at most 15 s) for the exit status.
     pub async fn terminate(mut self) -> ExitStatus {
         let child = self.child.take().expect("a child until terminated");

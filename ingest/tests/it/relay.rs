@@ -1,13 +1,12 @@
 //! The outbox relay: what it publishes, and that a crash between publish and mark
 //! neither loses nor duplicates an event.
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use contract::settings::Settings;
 use serde_json::Value;
-use testkit::process::{service_command, ServiceProcess};
+use testkit::process::ServiceProcess;
 use testkit::prometheus::Scrape;
 use testkit::{eventually, Running, TestEnv};
 
@@ -43,11 +42,15 @@ pub fn spawn_projector(settings: &Settings) -> Running<anyhow::Result<()>> {
     Running::spawn(|shutdown| projector::run(settings, listener, shutdown))
 }
 
-/// Starts the relay binary, pointed at this test's database and stream.
-fn spawn_relay_process(env: &TestEnv) -> Child {
-    service_command(env!("CARGO_BIN_EXE_relay"), env, &[])
-        .spawn()
-        .expect("relay binary starts")
+/// Starts the relay binary, pointed at this test's database and stream; killed when
+/// dropped, so that a failing assertion leaves no relay behind.
+fn spawn_relay_process(env: &TestEnv) -> ServiceProcess {
+    ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_relay"),
+        env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
+        &[],
+    )
 }
 
 pub async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> Option<u64> {
@@ -381,7 +384,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
     // The relay's "mark published" statement stalls, so it dies after publishing.
     let (ingest, db) = readings_with_marking_stalled(&env, READINGS).await;
 
-    let mut relay = spawn_relay_process(&env);
+    let relay = spawn_relay_process(&env);
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
     let unpublished: i64 = db.query_one(UNPUBLISHED, &[]).await.expect("count").get(0);
@@ -389,8 +392,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
         unpublished, READINGS as i64,
         "the relay has not marked anything yet"
     );
-    relay.kill().expect("SIGKILL relay");
-    relay.wait().expect("relay reaped");
+    relay.kill();
 
     // The killed relay's stalled statement would hold its row locks for a minute.
     db.batch_execute(
@@ -436,7 +438,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
 
     projector.stop().await;
     // SIGTERM: the relay finishes its round and exits 0 (API.md §7).
-    let status = testkit::process::terminate(restarted, "the relay").await;
+    let status = restarted.terminate().await;
     assert_eq!(status.code(), Some(0), "the relay exits 0 after SIGTERM");
     ingest.stop().await;
 }
