@@ -381,17 +381,17 @@ async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<()
 }
 
 async fn create_database_if_missing(config: &tokio_postgres::Config) -> anyhow::Result<()> {
-    // Without a database in the URL the server takes the user's name, as libpq does
-    // (until 2026-12-06 this looked for `postgres`, found it, and the database the
-    // sessions then asked for was never created: ingest answered 503 for good).
-    let name = config
-        .get_dbname()
-        .or(config.get_user())
-        .unwrap_or("postgres")
-        .to_owned();
     let mut maintenance = config.clone();
     maintenance.dbname("postgres");
     let client = connect(&maintenance).await?;
+    // Without a database in the URL a session gets the one named after the user it
+    // logged in as (the URL's, else the OS user's), as with libpq: the server names it.
+    // Until 2026-12-06 this looked for `postgres`, found it, and the database the
+    // sessions then asked for was never created: ingest answered 503 for good.
+    let name = match config.get_dbname() {
+        Some(name) => name.to_owned(),
+        None => client.query_one("SELECT session_user", &[]).await?.get(0),
+    };
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?

@@ -110,24 +110,25 @@ async fn pooled_sessions_commit_durably_whatever_the_database_default() {
 #[tokio::test]
 async fn a_url_without_a_database_gets_the_one_named_after_its_user_created() {
     let mut env = TestEnv::new();
-    let admin = maintenance_postgres(&env.settings)
-        .await
-        .expect("admin session");
-    // A role named like the test's database (which the test's clean-up drops).
-    let role = env.database.clone();
-    admin
-        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN CREATEDB"))
-        .await
-        .expect("role created");
-    let server = env
-        .settings
-        .database
-        .url
+    let url = env.settings.database.url.clone();
+    let server = url
         .rsplit_once('@')
         .and_then(|(_, host)| host.split_once('/'))
         .map(|(server, _)| server.to_owned())
         .expect("a URL of the form postgres://user@host:port/database");
-    env.settings.database.url = format!("postgres://{role}@{server}");
+    let admin = maintenance_postgres(&env.settings)
+        .await
+        .expect("admin session");
+    // A role named like the test's database, with a password for a server that asks.
+    let role = env.database.clone();
+    let password = format!("{:032x}", rand::random::<u128>());
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN CREATEDB PASSWORD '{password}'"
+        ))
+        .await
+        .expect("role created");
+    env.settings.database.url = format!("postgres://{role}:{password}@{server}");
 
     let outcome = AssertUnwindSafe(async {
         migrate(&env).await;
@@ -142,6 +143,7 @@ async fn a_url_without_a_database_gets_the_one_named_after_its_user_created() {
     })
     .catch_unwind()
     .await;
+    env.settings.database.url = url;
     // The role owns the database it created: both go, also when the test failed.
     let mut dropped = Ok(());
     for statement in [
