@@ -229,6 +229,10 @@ postgres_rejecting() {
     ((status == 1))
 }
 
+# _postgres_settled HOST PORT: the server no longer rejects connections for now (it
+# answers, or it is gone).
+_postgres_settled() { ! postgres_rejecting "$1" "$2"; }
+
 # redis_reply HOST PORT: prints the server's reply to PING (PONG, NOAUTH ..., LOADING ...).
 redis_reply() {
     local reply
@@ -319,15 +323,18 @@ _postgres_answering() {
         return 0
     fi
     # A server that is starting up is waited for, not started again (until 2026-12-06
-    # this ran pg_ctlcluster, which refuses a running cluster, and the run failed).
+    # this ran pg_ctlcluster, which refuses a running cluster, and the run failed); one
+    # that was shutting down and is gone is started below.
     if postgres_rejecting "$host" "$port"; then
-        info "postgres: $host:$port is starting up (or recovering); waiting for it"
-        if wait_until 60 postgres_answers "$host" "$port"; then
+        info "postgres: $host:$port rejects connections for now (starting up, recovering or shutting down); waiting for it"
+        if ! wait_until 60 _postgres_settled "$host" "$port"; then
+            err "PostgreSQL at $host:$port has rejected connections for 60 s (starting up, recovering or shutting down; see its log)"
+            return 1
+        fi
+        if postgres_answers "$host" "$port"; then
             info "postgres: OK ($host:$port)"
             return 0
         fi
-        err "PostgreSQL at $host:$port has rejected connections for 60 s (starting up, recovering or shutting down; see /var/log/postgresql/)"
-        return 1
     fi
     if ! is_local_host "$host"; then
         err "PostgreSQL at $host:$port (PIPELINE__DATABASE__URL) is not reachable; it is not local, so it is not started here"
@@ -823,9 +830,38 @@ one_run_at_a_time() {
     # killed outright (no trap ran) left holding its ports; until 2026-12-06 they kept
     # every later run out. Only where the pid files are this script's own.
     if [[ "$RUN_DIR" == "$dir" ]]; then
-        stop_own_processes
+        _stop_what_a_killed_run_left
     fi
     require_free_ports "$@"
+}
+
+# _stop_what_a_killed_run_left: stops each service a pid file in RUN_DIR names while
+# that process runs the service and started before its pid file was written; a pid the
+# kernel has given to another process since (a reboot, an old file) is left alone.
+_stop_what_a_killed_run_left() {
+    local name file pid
+    for name in query projector relay ingest; do
+        file=$(pid_file "$name")
+        [[ -e "$file" ]] || continue
+        if pid=$(read_pid "$name") && pid_is_live "$pid" "$name" && _started_before "$pid" "$file"; then
+            info "$name: stopping what an earlier, killed run left running (pid $pid)"
+            stop_process "$name" 20 >/dev/null 2>&1 || warn "$name (pid $pid) could not be stopped"
+        else
+            rm -f "$file"
+        fi
+    done
+}
+
+# _started_before PID FILE: process PID started no later than FILE was last written.
+_started_before() {
+    local stat fields btime ticks
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    # The fields after "(comm) " start with the state, field 3; the start time (clock
+    # ticks after boot) is field 22.
+    read -r -a fields <<<"${stat##*) }"
+    btime=$(awk '/^btime / {print $2}' /proc/stat) || return 1
+    ticks=$(getconf CLK_TCK) || return 1
+    ((btime + fields[19] / ticks <= $(stat -c %Y "$2")))
 }
 
 # without_run_lock COMMAND...: runs COMMAND (a function too) with the run lock's file
