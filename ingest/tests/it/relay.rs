@@ -43,13 +43,15 @@ pub fn spawn_projector(settings: &Settings) -> Running<anyhow::Result<()>> {
 }
 
 /// Starts the relay binary, pointed at this test's database and stream; killed when
-/// dropped, so that a failing assertion leaves no relay behind.
+/// dropped, so that a failing assertion leaves no relay behind. Its admin listener is
+/// on port 0 (not asked for, and no port is then freed for it to take).
 fn spawn_relay_process(env: &TestEnv) -> ServiceProcess {
+    const ADMIN_LISTEN: &str = "PIPELINE__RELAY__ADMIN_LISTEN";
     ServiceProcess::spawn(
         env!("CARGO_BIN_EXE_relay"),
         env,
-        "PIPELINE__RELAY__ADMIN_LISTEN",
-        &[],
+        ADMIN_LISTEN,
+        &[(ADMIN_LISTEN, "127.0.0.1:0")],
     )
 }
 
