@@ -628,9 +628,18 @@ pub fn rows(results: &Results) -> Vec<Row> {
     let timed_out = num(results, "e2e", "/timed_out").unwrap_or(0.0);
     let tracked = num(results, "e2e", "/tracked").unwrap_or(0.0);
     let visible_probes = num(results, "e2e", "/visible").unwrap_or(0.0);
+    // Samples due while the probe cap was full, and readings not sent at all while the
+    // in-flight cap was: both come in a stall, exactly when the latency is at its
+    // worst, so neither may pass unseen (until 2026-12-06 they did not count).
+    let untracked = num(results, "e2e", "/untracked_probe_cap").unwrap_or(0.0);
+    let skipped = num(results, "e2e", "/skipped_in_flight_cap").unwrap_or(0.0);
+    let posted = num(results, "e2e", "/posted").unwrap_or(0.0);
     // A probe not seen (timed out, or its POST refused or failed) is a miss too: the
     // percentiles are of the probes seen only.
-    let few_missed = tracked > 0.0 && tracked - visible_probes <= tracked * 0.001;
+    let due = tracked + untracked;
+    let few_missed = due > 0.0
+        && (tracked - visible_probes) + untracked <= due * 0.001
+        && skipped <= (posted + skipped) * 0.001;
     // The p99 target is the line past which `loadgen e2e` counts a probe as slow.
     let slow_ms = crate::e2e::SLOW.as_secs_f64() * 1000.0;
     let p99_target = format!("< {slow_ms} ms");
@@ -663,6 +672,13 @@ pub fn rows(results: &Results) -> Vec<Row> {
         ),
         "-",
     );
+    if untracked > 0.0 || skipped > 0.0 {
+        t.info(
+            "    samples left untracked / readings not sent (caps)",
+            format!("{} / {}", thousands(untracked), thousands(skipped)),
+            "-",
+        );
+    }
     t.errors(results, "e2e");
     // Whether the slow probes came together (an episode that held back every stage at
     // once) or one here and there (a steady tail).
@@ -1276,6 +1292,48 @@ mod tests {
         assert!(!rows
             .iter()
             .any(|row| row.figure == "    CPU by process, µs an event"));
+    }
+
+    #[test]
+    fn end_to_end_latencies_are_not_met_when_a_cap_left_samples_out() {
+        let mut results = sample();
+        let e2e = |untracked: u64, skipped: u64| {
+            json!({
+                "target_rate": 4000.0, "tracked": 500, "visible": 500, "timed_out": 0,
+                "posted": 80_000 - skipped, "untracked_probe_cap": untracked,
+                "skipped_in_flight_cap": skipped,
+                "visible_latency": {"p50_ms": 3.0, "p99_ms": 20.0}
+            })
+        };
+        results.insert("e2e".into(), e2e(0, 0));
+        assert_eq!(
+            find(&rows(&results), "e2e 202 -> visible in /stats, p99").met,
+            Met::Yes
+        );
+        assert!(!rows(&results)
+            .iter()
+            .any(|row| row.figure.contains("left untracked")));
+        // Samples due during a stall that the probe cap left out.
+        results.insert("e2e".into(), e2e(20, 0));
+        let rows_untracked = rows(&results);
+        for label in ["p50", "p99"] {
+            let row = format!("e2e 202 -> visible in /stats, {label}");
+            assert_eq!(find(&rows_untracked, &row).met, Met::No);
+        }
+        assert_eq!(
+            find(
+                &rows_untracked,
+                "    samples left untracked / readings not sent (caps)"
+            )
+            .value,
+            "20 / 0"
+        );
+        // Readings not sent at the in-flight cap: the run fell short of its rate.
+        results.insert("e2e".into(), e2e(0, 400));
+        assert_eq!(
+            find(&rows(&results), "e2e 202 -> visible in /stats, p50").met,
+            Met::No
+        );
     }
 
     #[test]
