@@ -852,7 +852,8 @@ _stop_what_a_killed_run_left() {
     done
 }
 
-# _started_before PID FILE: process PID started no later than FILE was last written.
+# _started_before PID FILE: process PID started no later than FILE was last written
+# (to the second; the boot time the kernel gives is whole seconds, hence one more).
 _started_before() {
     local stat fields btime ticks
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
@@ -861,7 +862,7 @@ _started_before() {
     read -r -a fields <<<"${stat##*) }"
     btime=$(awk '/^btime / {print $2}' /proc/stat) || return 1
     ticks=$(getconf CLK_TCK) || return 1
-    ((btime + fields[19] / ticks <= $(stat -c %Y "$2")))
+    ((btime + fields[19] / ticks <= $(stat -c %Y "$2") + 1))
 }
 
 # without_run_lock COMMAND...: runs COMMAND (a function too) with the run lock's file
