@@ -15,9 +15,10 @@
 --
 -- KEYS     per generation, 3 keys: device hash, applied-events set, buckets hash; then,
 --          in a guarded call (guard.lua), the meta hash
--- ARGV[1]  packed call header, 11 doubles: now, dedup horizon (ms), oldest 10 s bucket
---          kept, oldest 5 min bucket kept, buckets hash expiry (ms), k events, first and
---          last recorded_at (ms), highest stream sequence, M metrics, B bucket fields
+-- ARGV[1]  packed call header, 13 doubles: now, dedup horizon (ms), the 10 s buckets'
+--          width and retention (ms), the 5 min buckets' width and retention (ms), buckets
+--          hash expiry (ms), k events, first and last recorded_at (ms), highest stream
+--          sequence, M metrics, B bucket fields
 -- then     k event ids
 -- then     M pairs: device field `m:<metric>`, its packed figures (6 doubles)
 -- then     B pairs: bucket field `f<bucket>:<metric>` or `c<bucket>:<metric>`, its
@@ -34,8 +35,8 @@
 -- one call each.
 
 local pack, unpack_packed = struct.pack, struct.unpack
-local call = { unpack_packed('<ddddddddddd', ARGV[1]) }
-local now, horizon, oldest_fine, oldest_coarse, buckets_ttl = call[1], call[2], call[3], call[4], call[5]
+local call = { unpack_packed('<ddddddddddddd', ARGV[1]) }
+local now, horizon, buckets_ttl = call[1], call[2], call[7]
 -- The applied sets are kept by Redis's clock, not by the projector's `now`: every
 -- projector (on hosts whose clocks may differ) records, trims and renews them on one
 -- clock. A projector whose clock ran a minute fast used to set a device's next trim a
@@ -44,9 +45,18 @@ local now, horizon, oldest_fine, oldest_coarse, buckets_ttl = call[1], call[2], 
 local clock = redis.call('TIME')
 local applied_now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local APPLIED_SCORE = string.format('%.0f', applied_now)
+-- The oldest 10 s and 5 min buckets kept (contract::read_model,
+-- `Resolution::oldest_kept`), by the earlier of the projector's clock and Redis's: a
+-- projector whose clock ran ahead used to prune, and leave out, buckets still in a
+-- window; one whose clock lags keeps them a little longer.
+local kept_as_of = math.min(now, applied_now)
+local function oldest_kept(width, retention)
+  return math.floor((kept_as_of - retention) / width) + 1
+end
+local oldest_fine, oldest_coarse = oldest_kept(call[3], call[4]), oldest_kept(call[5], call[6])
 -- The applied set is trimmed to the horizon this often (a tenth of it).
 local TRIM_STEP = math.floor(horizon / 10)
-local k, first_in, last_in, seq_in, M, B = call[6], call[7], call[8], call[9], call[10], call[11]
+local k, first_in, last_in, seq_in, M, B = call[8], call[9], call[10], call[11], call[12], call[13]
 local IDS = 2
 local METRICS = IDS + k
 local BUCKETS = METRICS + 2 * M
@@ -112,6 +122,14 @@ local function record_applied(applied)
   call_chunked('ZADD', applied, entries, 1, #entries)
 end
 
+-- Whether a bucket field (`f<bucket>:<metric>` or `c<bucket>:<metric>`) is of a bucket
+-- past its retention.
+local function past_retention(field)
+  local tag, bucket = string.match(field, '^([fc])(%-?%d+):')
+  bucket = tonumber(bucket)
+  return bucket ~= nil and ((tag == 'f' and bucket < oldest_fine) or (tag == 'c' and bucket < oldest_coarse))
+end
+
 -- Drops the buckets that fell out of the retention: one HKEYS pass over the hash every
 -- PRUNE_EVERY 10 s buckets. Returns the oldest 10 s bucket kept from now on.
 local function prune(buckets, pruned)
@@ -120,9 +138,7 @@ local function prune(buckets, pruned)
   end
   local stale = {}
   for _, field in ipairs(redis.call('HKEYS', buckets)) do
-    local tag, bucket = string.match(field, '^([fc])(%-?%d+):')
-    bucket = tonumber(bucket)
-    if bucket and ((tag == 'f' and bucket < oldest_fine) or (tag == 'c' and bucket < oldest_coarse)) then
+    if past_retention(field) then
       stale[#stale + 1] = field
     end
   end
@@ -132,16 +148,20 @@ end
 
 -- The batch's bucket aggregates merged into the stored ones, as field-value pairs for
 -- the buckets hash, and whether a bucket field is created (then the hash may need
--- pruning and a new expiry).
+-- pruning and a new expiry). Buckets past their retention are left out: in no window.
 local function merge_buckets(buckets)
-  local fields = {}
+  local fields, batches = {}, {}
   for j = 0, B - 1 do
-    fields[j + 1] = ARGV[BUCKETS + 2 * j]
+    local field = ARGV[BUCKETS + 2 * j]
+    if not past_retention(field) then
+      fields[#fields + 1] = field
+      batches[#batches + 1] = ARGV[BUCKETS + 2 * j + 1]
+    end
   end
-  local stored = call_chunked('HMGET', buckets, fields, 1, B)
+  local stored = call_chunked('HMGET', buckets, fields, 1, #fields)
   local updates, created = {}, false
-  for j = 1, B do
-    local batch = ARGV[BUCKETS + 2 * j - 1]
+  for j = 1, #fields do
+    local batch = batches[j]
     updates[#updates + 1] = fields[j]
     if stored[j] then
       local count, sum, min, max = unpack_packed('<dddd', stored[j])

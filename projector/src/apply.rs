@@ -55,6 +55,12 @@ const LISTED_MAX: usize = 100_000;
 /// generations changed since they were read (`guard.lua`).
 const STALE: i64 = -2;
 
+/// How far a projector's clock may run ahead of Redis's before its fold leaves out a
+/// bucket that Redis still keeps. `apply.lua` drops the buckets past their retention by
+/// the earlier of the two clocks; the fold leaves out only those of readings older
+/// still.
+const CLOCK_AHEAD_MARGIN_MS: i64 = 3_600_000;
+
 /// Fields one script call may touch at most; a device's longer batch (a replay spanning
 /// many buckets) is split over several calls, which keeps every `HMGET`/`HSET` far
 /// below Lua's limit on unpacked values.
@@ -80,8 +86,9 @@ pub enum AsOf {
 }
 
 /// The figures of some events of one device, as `apply.lua` merges them into the
-/// stored ones: per metric its all-time figures, per bucket field (of a bucket still
-/// kept at `now_ms`) its aggregate.
+/// stored ones: per metric its all-time figures, per bucket field its aggregate (of a
+/// bucket kept at `now_ms` less [`CLOCK_AHEAD_MARGIN_MS`]; the script leaves out those
+/// past their retention by the earlier of `now_ms` and Redis's clock).
 #[derive(Debug, Clone, PartialEq)]
 struct DeviceFold<'a> {
     event_ids: Vec<&'a [u8]>,
@@ -95,7 +102,8 @@ struct DeviceFold<'a> {
 impl<'a> DeviceFold<'a> {
     /// Folds `events` (of one device, no event id twice).
     fn of(events: &[&'a Delivered], now_ms: i64) -> Self {
-        let oldest_kept = [FINE.oldest_kept(now_ms), COARSE.oldest_kept(now_ms)];
+        let oldest_sent = [FINE, COARSE]
+            .map(|resolution| resolution.oldest_kept(now_ms.saturating_sub(CLOCK_AHEAD_MARGIN_MS)));
         let mut fold = Self {
             event_ids: Vec::with_capacity(events.len()),
             first_recorded_ms: i64::MAX,
@@ -117,10 +125,10 @@ impl<'a> DeviceFold<'a> {
                     .entry(name.as_str())
                     .and_modify(|figures| *figures = figures.merge(reading))
                     .or_insert(reading);
-                for (resolution, oldest) in [FINE, COARSE].iter().zip(oldest_kept) {
+                for (resolution, oldest) in [FINE, COARSE].iter().zip(oldest_sent) {
                     let bucket = resolution.bucket(recorded_ms);
                     if bucket < oldest {
-                        continue; // already pruned (or about to be): in no window
+                        continue; // long past the retention: in no window
                     }
                     fold.buckets
                         .entry(resolution.field(bucket, name))
@@ -137,8 +145,10 @@ impl<'a> DeviceFold<'a> {
         let header = pack([
             now_ms as f64,
             dedup_horizon_ms as f64,
-            FINE.oldest_kept(now_ms) as f64,
-            COARSE.oldest_kept(now_ms) as f64,
+            FINE.width_ms as f64,
+            FINE.retention_ms as f64,
+            COARSE.width_ms as f64,
+            COARSE.retention_ms as f64,
             (COARSE.retention_ms + COARSE.width_ms) as f64,
             self.event_ids.len() as f64,
             self.first_recorded_ms as f64,
@@ -559,13 +569,17 @@ mod tests {
             delivered(NOW - 5_000, 7, &[("temperature", 20.0), ("humidity", 40.0)]),
             delivered(NOW - 1_000, 9, &[("temperature", 10.0)]),
             delivered(NOW - 1_000, 8, &[("temperature", 30.0)]),
-            // Past the 10 s buckets' retention, inside the 5 min buckets'.
-            delivered(NOW - 2 * 3_600_000, 3, &[("temperature", 5.0)]),
+            // Past the 10 s buckets' retention and the margin for a clock running ahead,
+            // inside the 5 min buckets' retention.
+            delivered(NOW - 3 * 3_600_000, 3, &[("temperature", 5.0)]),
+            // Past the 10 s buckets' retention by less than that margin: `apply.lua`
+            // decides by the earlier clock.
+            delivered(NOW - 90 * 60_000, 2, &[("humidity", 50.0)]),
         ];
         let references: Vec<&Delivered> = events.iter().collect();
         let fold = DeviceFold::of(&references, NOW);
-        assert_eq!(fold.event_ids.len(), 4);
-        assert_eq!(fold.first_recorded_ms, NOW - 2 * 3_600_000);
+        assert_eq!(fold.event_ids.len(), 5);
+        assert_eq!(fold.first_recorded_ms, NOW - 3 * 3_600_000);
         assert_eq!(fold.last_recorded_ms, NOW - 1_000);
         assert_eq!(fold.max_sequence, 9);
         let temperature = &fold.metrics["temperature"];
@@ -583,14 +597,16 @@ mod tests {
             (30.0, NOW - 1_000),
             "the latest reading, the larger value on a tie"
         );
-        assert_eq!(fold.metrics["humidity"].count, 1);
+        assert_eq!(fold.metrics["humidity"].count, 2);
         // NOW is on a 10 s boundary: the three recent readings share the bucket before it.
         let fine_now = FINE.field(FINE.bucket(NOW - 1_000), "temperature");
         assert_eq!(fold.buckets[&fine_now].count, 3);
-        let old = NOW - 2 * 3_600_000;
+        let old = NOW - 3 * 3_600_000;
         assert!(!fold
             .buckets
             .contains_key(&FINE.field(FINE.bucket(old), "temperature")));
+        let within_margin = FINE.field(FINE.bucket(NOW - 90 * 60_000), "humidity");
+        assert_eq!(fold.buckets[&within_margin].count, 1);
         assert_eq!(
             fold.buckets[&COARSE.field(COARSE.bucket(old), "temperature")].sum,
             5.0
@@ -598,11 +614,11 @@ mod tests {
     }
 
     #[test]
-    fn the_call_header_is_eleven_packed_numbers_then_ids_metrics_and_buckets() {
+    fn the_call_header_is_thirteen_packed_numbers_then_ids_metrics_and_buckets() {
         let events = [delivered(NOW - 1_000, 1, &[("temperature", 20.0)])];
         let references: Vec<&Delivered> = events.iter().collect();
         let arguments = DeviceFold::of(&references, NOW).arguments(NOW, 900_000);
-        assert_eq!(arguments[0].len(), 11 * 8);
+        assert_eq!(arguments[0].len(), 13 * 8);
         assert_eq!(arguments[1].len(), 16, "the event id's bytes");
         assert_eq!(arguments[2], b"m:temperature");
         assert_eq!(
