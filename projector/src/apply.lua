@@ -151,9 +151,13 @@ end
 -- pruning and a new expiry). Buckets past their retention are left out: in no window.
 local function merge_buckets(buckets)
   local fields, batches = {}, {}
+  -- Only a batch whose earliest reading is in a bucket past its retention has fields
+  -- to leave out; the others (nearly every live one) are not parsed.
+  local may_be_stale = math.floor(first_in / call[3]) < oldest_fine
+    or math.floor(first_in / call[5]) < oldest_coarse
   for j = 0, B - 1 do
     local field = ARGV[BUCKETS + 2 * j]
-    if not past_retention(field) then
+    if not (may_be_stale and past_retention(field)) then
       fields[#fields + 1] = field
       batches[#batches + 1] = ARGV[BUCKETS + 2 * j + 1]
     end

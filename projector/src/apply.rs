@@ -618,7 +618,34 @@ mod tests {
         let events = [delivered(NOW - 1_000, 1, &[("temperature", 20.0)])];
         let references: Vec<&Delivered> = events.iter().collect();
         let arguments = DeviceFold::of(&references, NOW).arguments(NOW, 900_000);
-        assert_eq!(arguments[0].len(), 13 * 8);
+        let header: Vec<f64> = arguments[0]
+            .chunks_exact(8)
+            .map(|bytes| f64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+            .collect();
+        assert_eq!(header.len(), 13);
+        assert_eq!(
+            header[..7],
+            [
+                NOW as f64,
+                900_000.0,
+                FINE.width_ms as f64,
+                FINE.retention_ms as f64,
+                COARSE.width_ms as f64,
+                COARSE.retention_ms as f64,
+                (COARSE.retention_ms + COARSE.width_ms) as f64
+            ]
+        );
+        assert_eq!(
+            header[7..],
+            [
+                1.0,
+                (NOW - 1_000) as f64,
+                (NOW - 1_000) as f64,
+                1.0,
+                1.0,
+                2.0
+            ]
+        );
         assert_eq!(arguments[1].len(), 16, "the event id's bytes");
         assert_eq!(arguments[2], b"m:temperature");
         assert_eq!(

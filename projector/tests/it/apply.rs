@@ -223,6 +223,33 @@ async fn a_projector_whose_clock_runs_ahead_keeps_the_buckets_still_in_a_window(
         .await
         .expect("hkeys");
     assert!(fields.contains(&kept), "{kept} kept: {fields:?}");
+
+    // Ninety minutes old, its 10 s bucket is past the retention by both clocks: the
+    // script leaves it out though the fold sends it (it cannot tell which clock is
+    // right), and keeps its 5 min bucket.
+    let old = now_ms() - 90 * 60_000;
+    let events = delivered(&[event("sensor-1", old, &[("temperature", 2.0)])]);
+    model
+        .apply(&mut redis, &[1], &events, now_ms())
+        .await
+        .expect("apply");
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(&keys.buckets)
+        .query_async(&mut redis)
+        .await
+        .expect("hkeys");
+    let (fine_old, coarse_old) = (
+        FINE.field(FINE.bucket(old), "temperature"),
+        COARSE.field(COARSE.bucket(old), "temperature"),
+    );
+    assert!(
+        !fields.contains(&fine_old),
+        "{fine_old} left out: {fields:?}"
+    );
+    assert!(
+        fields.contains(&coarse_old),
+        "{coarse_old} kept: {fields:?}"
+    );
 }
 
 #[tokio::test]
