@@ -202,15 +202,16 @@ async fn a_projector_whose_clock_runs_ahead_does_not_shorten_the_others_dedup_ho
 
 /// Buckets are kept by the earlier of the projector's clock and Redis's: one whose
 /// clock runs ahead (another host's) no longer leaves out, or prunes, buckets still in a
-/// window. Ten minutes ahead, it used to leave the 10 s bucket of a reading 62 minutes
-/// old out of the `1h` window (kept 65 minutes).
+/// window. Ten minutes ahead, it used to leave the 10 s bucket of a reading 58 minutes
+/// old out of the `1h` window (by its clock the 65 minutes' retention began 55 minutes
+/// ago).
 #[tokio::test]
 async fn a_projector_whose_clock_runs_ahead_keeps_the_buckets_still_in_a_window() {
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
     let model = direct_read_model(&env);
     let keys = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-1");
-    let recorded = now_ms() - 62 * 60_000;
+    let recorded = now_ms() - 58 * 60_000;
     let kept = FINE.field(FINE.bucket(recorded), "temperature");
     let events = delivered(&[event("sensor-1", recorded, &[("temperature", 1.0)])]);
     model
