@@ -218,11 +218,7 @@ async fn a_projector_whose_clock_runs_ahead_keeps_the_buckets_still_in_a_window(
         .apply(&mut redis, &[1], &events, now_ms() + 10 * 60_000)
         .await
         .expect("apply");
-    let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(&keys.buckets)
-        .query_async(&mut redis)
-        .await
-        .expect("hkeys");
+    let fields = field_names(&mut redis, &keys.buckets).await;
     assert!(fields.contains(&kept), "{kept} kept: {fields:?}");
 
     // Ninety minutes old, its 10 s bucket is past the retention by both clocks: the
@@ -234,11 +230,7 @@ async fn a_projector_whose_clock_runs_ahead_keeps_the_buckets_still_in_a_window(
         .apply(&mut redis, &[1], &events, now_ms())
         .await
         .expect("apply");
-    let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(&keys.buckets)
-        .query_async(&mut redis)
-        .await
-        .expect("hkeys");
+    let fields = field_names(&mut redis, &keys.buckets).await;
     let (fine_old, coarse_old) = (
         FINE.field(FINE.bucket(old), "temperature"),
         COARSE.field(COARSE.bucket(old), "temperature"),
@@ -324,11 +316,7 @@ async fn buckets_past_their_retention_are_pruned_and_the_keys_expire() {
         .expect("old reading");
     let fine_old = FINE.field(FINE.bucket(old), "temperature");
     let coarse_old = COARSE.field(COARSE.bucket(old), "temperature");
-    let fields: Vec<String> = redis::cmd("HKEYS")
-        .arg(&keys.buckets)
-        .query_async(&mut redis)
-        .await
-        .expect("hkeys");
+    let fields = field_names(&mut redis, &keys.buckets).await;
     assert!(
         fields.contains(&fine_old) && fields.contains(&coarse_old),
         "{fields:?}"
@@ -552,6 +540,15 @@ async fn a_buckets_hash_past_128_fields_becomes_a_hash_table_and_reads_the_same(
 }
 
 /// How Redis stores `key` (`OBJECT ENCODING`).
+/// The fields of the hash at `key` (HKEYS).
+async fn field_names(redis: &mut RedisConnection, key: &str) -> Vec<String> {
+    redis::cmd("HKEYS")
+        .arg(key)
+        .query_async(redis)
+        .await
+        .expect("hkeys")
+}
+
 async fn encoding(redis: &mut RedisConnection, key: &str) -> String {
     redis::cmd("OBJECT")
         .arg("ENCODING")
