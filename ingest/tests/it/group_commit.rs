@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use crate::support::{
     assert_problem, assert_replayed, batch_body, count, hold_key_copied, migrate,
-    reading as posted_reading, Ingest,
+    reading as posted_reading, wait_for_session, Ingest,
 };
 
 fn reading(device: usize, temperature: f64) -> Reading {
@@ -313,25 +313,12 @@ async fn release_commits(lock: &tokio_postgres::Client) {
 }
 
 /// Waits until a group commit of ingest waits for the lock of [`stall_commits`], seen
-/// from `watcher`, a session of its own (a session in a transaction sees a snapshot of
-/// `pg_stat_activity` taken at its first look).
+/// from `watcher`, a session of its own.
 async fn wait_for_a_stalled_commit(watcher: &tokio_postgres::Client) {
-    eventually(
-        Duration::from_secs(10),
+    wait_for_session(
+        watcher,
         "a commit waiting for the lock",
-        || async {
-            let waiting: i64 = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND pid <> pg_backend_pid()",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (waiting > 0).then_some(())
-        },
+        "wait_event_type = 'Lock'",
     )
     .await;
 }

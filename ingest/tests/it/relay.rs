@@ -12,7 +12,7 @@ use testkit::{eventually, Running, TestEnv};
 
 use crate::support::{
     batch_body, close_database, column, count, loopback_listener, migrate, reading,
-    reopen_database, wait_for_counts, Ingest,
+    reopen_database, wait_for_counts, wait_for_session, Ingest,
 };
 
 /// Starts a relay in this process as the `relay` binary runs it, its admin port on a
@@ -465,22 +465,10 @@ async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again()
     );
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
-    eventually(
-        Duration::from_secs(10),
+    wait_for_session(
+        &db,
         "the round's mark stalled",
-        || async {
-            let stalled: i64 = db
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND query LIKE '%UPDATE outbox%'
-                   AND wait_event = 'PgSleep'",
-                    &[],
-                )
-                .await
-                .expect("activity")
-                .get(0);
-            (stalled >= 1).then_some(())
-        },
+        "query LIKE '%UPDATE outbox%' AND wait_event = 'PgSleep'",
     )
     .await;
     // The round has its acks and waits in its mark. The stall ends for later rounds

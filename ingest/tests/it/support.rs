@@ -188,6 +188,22 @@ pub async fn hold_key_copied(
 }
 
 /// Applies the migrations to the test's database (creating it).
+/// Waits (10 s at most) until `watcher` sees another session of its database in
+/// `pg_stat_activity` that matches `condition` (SQL over the view's columns); `what`
+/// names it in the failure. `watcher` is a session of its own: one in a transaction
+/// sees a snapshot of the view taken at its first look.
+pub async fn wait_for_session(watcher: &tokio_postgres::Client, what: &str, condition: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND ({condition})"
+    );
+    testkit::eventually(Duration::from_secs(10), what, || async {
+        let sessions: i64 = watcher.query_one(sql.as_str(), &[]).await.ok()?.get(0);
+        (sessions > 0).then_some(())
+    })
+    .await;
+}
+
 pub async fn migrate(env: &testkit::TestEnv) {
     ingest::db::migrate(&env.settings.database)
         .await
