@@ -215,48 +215,44 @@ impl Relay {
         if remembered.is_empty() {
             return (HashMap::new(), remembered);
         }
-        let checked = async {
-            let name = self.subjects.stream();
-            // The look-up gets the fetches' 2 s too: at most 4 s in all, not 5 s more.
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(REMEMBERED_CHECK_DEADLINE, self.jetstream.get_stream(name))
-                    .await
-            else {
-                return (HashMap::new(), remembered);
-            };
-            let mut unchecked = remembered.clone();
-            let mut held = HashMap::with_capacity(remembered.len());
-            let deadline = tokio::time::sleep(REMEMBERED_CHECK_DEADLINE);
-            tokio::pin!(deadline);
-            let stream = &stream;
-            let mut checks =
-                futures::stream::iter(remembered.into_iter().map(|(key, stream_seq)| async move {
-                    let row = PublishedRow {
-                        stream_seq,
-                        event_id: key.1,
-                    };
-                    (key, stream_seq, self.stream_holds(stream, row).await)
-                }))
-                .buffer_unordered(REMEMBERED_CHECKS_IN_FLIGHT);
-            loop {
-                tokio::select! {
-                    checked = checks.next() => match checked {
-                        Some((key, stream_seq, Ok(true))) => {
-                            unchecked.remove(&key);
-                            held.insert(key, stream_seq);
-                        }
-                        Some((key, _, Ok(false))) => {
-                            unchecked.remove(&key);
-                        }
-                        Some((_, _, Err(_))) => {}
-                        None => break,
-                    },
-                    () = &mut deadline => break,
-                }
-            }
-            (held, unchecked)
+        let name = self.subjects.stream();
+        // The look-up gets the fetches' 2 s too: at most 4 s in all, not 5 s more.
+        let Ok(Ok(stream)) =
+            tokio::time::timeout(REMEMBERED_CHECK_DEADLINE, self.jetstream.get_stream(name)).await
+        else {
+            return (HashMap::new(), remembered);
         };
-        checked.await
+        let mut unchecked = remembered.clone();
+        let mut held = HashMap::with_capacity(remembered.len());
+        let deadline = tokio::time::sleep(REMEMBERED_CHECK_DEADLINE);
+        tokio::pin!(deadline);
+        let stream = &stream;
+        let mut checks =
+            futures::stream::iter(remembered.into_iter().map(|(key, stream_seq)| async move {
+                let row = PublishedRow {
+                    stream_seq,
+                    event_id: key.1,
+                };
+                (key, stream_seq, self.stream_holds(stream, row).await)
+            }))
+            .buffer_unordered(REMEMBERED_CHECKS_IN_FLIGHT);
+        loop {
+            tokio::select! {
+                checked = checks.next() => match checked {
+                    Some((key, stream_seq, Ok(true))) => {
+                        unchecked.remove(&key);
+                        held.insert(key, stream_seq);
+                    }
+                    Some((key, _, Ok(false))) => {
+                        unchecked.remove(&key);
+                    }
+                    Some((_, _, Err(_))) => {}
+                    None => break,
+                },
+                () = &mut deadline => break,
+            }
+        }
+        (held, unchecked)
     }
 
     /// Under the repair lock: finds the first kept row the stream lost and marks it and
