@@ -29,7 +29,11 @@
 //!    floor is written with `building` ([`ReplayThrough`]), and a live projector whose
 //!    consumer went back below it (NATS lost the consumer's latest acks in a crash, a
 //!    repair redelivered the dedup horizon) applies what comes again from there to the
-//!    live generation only;
+//!    live generation only. An event the stream holds twice, one copy on each side of
+//!    the floor (the relay published it again past JetStream's duplicate window), would
+//!    so come once at the start and once at the older part's end: the replay remembers
+//!    the ids it met first past the floor and leaves their copies out of the older part
+//!    (`PastTheFloor`);
 //! 4. switches `generation` to the new one and clears `building`, in one script that
 //!    checks it still owns the lock and the build, and names the old one `retired`;
 //! 5. deletes the old generation's keys after a short grace period, and then its name
@@ -42,6 +46,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer};
+use contract::event::TelemetryRecorded;
 use contract::read_model::{
     generation_pattern, live_generation, meta, meta_key, rebuild_lock_key, LAYOUT,
 };
@@ -445,27 +450,37 @@ impl Rebuild {
         let (first_sequence, last_sequence) = (state.first_sequence, state.last_sequence);
         let split = live_ack_floor.min(last_sequence);
         let mut replayed = 0;
+        let mut past_the_floor = PastTheFloor::default();
         if split < last_sequence {
             replayed += self
                 .replay_range(
                     generation,
                     &stream,
-                    split,
-                    last_sequence,
+                    (split, last_sequence),
+                    |event| past_the_floor.remember(event),
                     shutdown,
                     lost_lock,
                 )
                 .await?;
         }
         if split >= first_sequence.max(1) {
+            let past_the_floor = past_the_floor.sorted();
             replayed += self
-                .replay_range(generation, &stream, 0, split, shutdown, lost_lock)
+                .replay_range(
+                    generation,
+                    &stream,
+                    (0, split),
+                    |event| !past_the_floor.holds(event),
+                    shutdown,
+                    lost_lock,
+                )
                 .await?;
         }
         Ok(replayed)
     }
 
-    /// Replays the stream's messages after `after` up to `last_sequence`.
+    /// Replays the stream's messages after `after` up to `last_sequence`, those events
+    /// that `keep` keeps.
     ///
     /// The replay reads through an ordered consumer, which lives in the server's memory:
     /// a NATS restart loses it, and async-nats would notice only when its idle heartbeat
@@ -477,8 +492,8 @@ impl Rebuild {
         &self,
         generation: u64,
         stream: &jetstream::stream::Stream,
-        after: u64,
-        last_sequence: u64,
+        (after, last_sequence): (u64, u64),
+        mut keep: impl FnMut(&TelemetryRecorded) -> bool,
         shutdown: &CancellationToken,
         lost_lock: &CancellationToken,
     ) -> anyhow::Result<u64> {
@@ -540,6 +555,9 @@ impl Rebuild {
                 }
                 // Poison was dead-lettered by the live projector; it counts nowhere.
                 if let Ok(event) = crate::consumer::decode(&message, stored_at) {
+                    if !keep(&event) {
+                        continue;
+                    }
                     events.push(Delivered {
                         event,
                         stream_sequence,
@@ -584,6 +602,44 @@ impl Rebuild {
             .await
             .context("starting the replay")?
             .ready_chunks(self.batch_size))
+    }
+}
+
+/// The ids of the events the replay met first past the live projectors' ack floor, so
+/// that the older part's replay leaves out a second copy of one of them.
+///
+/// The stream holds an event twice when the relay published it again past JetStream's
+/// duplicate window (killed between publish and mark and back more than 2 minutes
+/// later, or its NATS connection lost in that gap). With one copy below the floor and
+/// one above, the copy above reaches the new generation at once, the one below only
+/// when the older part's replay gets to it; past the dedup horizon, the generation's
+/// dedup set has forgotten the first and it would count twice. Copies lie as far apart
+/// as the events published between them: one relay republishes what it had in flight
+/// first when it is back, so they are close; others running meanwhile add what they
+/// publish. So only the first [`PastTheFloor::MAX`] ids are kept, 16 bytes each.
+#[derive(Debug, Default)]
+struct PastTheFloor(Vec<uuid::Uuid>);
+
+impl PastTheFloor {
+    /// Ids kept at most (16 MiB).
+    const MAX: usize = 1 << 20;
+
+    /// Keeps `event`'s id while there is room; every event past the floor is replayed.
+    fn remember(&mut self, event: &TelemetryRecorded) -> bool {
+        if self.0.len() < Self::MAX {
+            self.0.push(event.event_id);
+        }
+        true
+    }
+
+    fn sorted(mut self) -> Self {
+        self.0.sort_unstable();
+        self
+    }
+
+    /// Whether a copy of `event` was met past the floor (once [`Self::sorted`]).
+    fn holds(&self, event: &TelemetryRecorded) -> bool {
+        self.0.binary_search(&event.event_id).is_ok()
     }
 }
 

@@ -2,7 +2,8 @@
 //! through lives in the server's memory and is lost; the replay makes a new one past
 //! what it applied, instead of waiting out async-nats's 15 s idle heartbeat and failing.
 //! And a replay that, so held up, outlasts the dedup horizon while a live projector
-//! applies its backlog to the generation being built, also one whose consumer went back.
+//! applies its backlog to the generation being built, also one whose consumer went back,
+//! or with an event the stream holds on both sides of the live ack floor.
 
 use std::time::Duration;
 
@@ -82,6 +83,50 @@ async fn a_rebuild_longer_than_the_dedup_horizon_counts_what_the_live_projector_
 #[tokio::test]
 async fn a_live_consumer_that_goes_back_during_a_long_rebuild_counts_nothing_twice() {
     rebuild_longer_than_the_horizon(LiveConsumer::WentBack).await;
+}
+
+/// An event the stream holds twice, one copy just below the live projectors' ack floor
+/// and one just above (the relay published it again past JetStream's duplicate window),
+/// with a replay held up past the dedup horizon in between: the replay takes the copy
+/// above first, and meets the one below at the end of the older part, when the new
+/// generation's dedup set has forgotten the first. It must count once.
+#[tokio::test]
+async fn an_event_the_stream_holds_on_both_sides_of_the_ack_floor_counts_once_in_a_long_rebuild() {
+    let mut nats = PrivateNats::start();
+    let (mut env, jetstream) = private_env(&nats).await;
+    env.settings.projector.ack_wait_secs = 1;
+    env.settings.projector.dedup_horizon_secs = 4;
+    env.set_live_generation(1).await;
+    let mut events = spread_events(EVENTS);
+    publish_many(&env, &jetstream, &events).await;
+    let projector = Projector::spawn(&env.settings).await;
+    drained(&env, &jetstream, EVENTS as u64).await;
+    projector.stop().await;
+    // The last event below the floor, again, under another message id.
+    let (original, msg_id) = events[EVENTS - 1].clone();
+    let copy = (original, format!("{msg_id}-again"));
+    publish_many(&env, &jetstream, std::slice::from_ref(&copy)).await;
+    events.push(copy);
+
+    let running = start_rebuild(&env).await;
+    // The copy above the floor is the replay's first message.
+    eventually(Duration::from_secs(20), "the copy replayed", || async {
+        let building = building_generation(&env).await?;
+        (!env.generation_keys(building).await.is_empty()).then_some(())
+    })
+    .await;
+    nats.freeze();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !running.is_finished(),
+        "the replay finished before the server was frozen: the test needs more events"
+    );
+    // The replay waits 5 s for its lost consumer, past the horizon of 4 s.
+    nats.restart();
+
+    let generation = finished_after_the_restart(running).await;
+    assert_eq!(env.generation().await, Some(generation));
+    assert_read_model_holds(&env, &events).await;
 }
 
 /// What becomes of the live projectors' durable consumer once the build began.
