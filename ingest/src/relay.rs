@@ -398,8 +398,18 @@ impl Relay {
                         stream_check_due = false;
                         collided.clear();
                     }
+                    // Nothing more is published until a check succeeds: new publishes
+                    // would take the sequences a lost tail freed, and a later check that
+                    // probed one of them would find it held, letting the prune delete
+                    // the rows of what was lost before any repair.
                     Err(error) => {
-                        tracing::warn!(error = format!("{error:#}"), "stream check failed")
+                        metrics::counter!("relay_errors_total").increment(1);
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "stream check failed, backing off before checking again"
+                        );
+                        backoff.sleep(shutdown).await;
+                        continue;
                     }
                 }
             }

@@ -20,6 +20,8 @@ pub struct PrivateNats {
     jetstream: bool,
     /// Its HTTP monitoring port (`-m`), where it tells how many clients it has.
     monitor_port: u16,
+    /// A configuration file (`-c`), for users and their permissions.
+    config: Option<PathBuf>,
     process: Option<Child>,
 }
 
@@ -35,7 +37,39 @@ impl PrivateNats {
         Self::start_with(false)
     }
 
+    /// A JetStream server started with `config` as its configuration file (users and
+    /// their permissions, say; the command line's port, store and JetStream flags win
+    /// over the file's).
+    pub fn start_with_config(config: &str) -> Self {
+        let mut server = Self::new(true);
+        let path = server.store_dir.join("nats-server.conf");
+        std::fs::write(&path, config).expect("configuration written");
+        server.config = Some(path);
+        server.restart();
+        server
+    }
+
+    /// Stops the server (SIGTERM, so it keeps what it stored), writes `config` over its
+    /// configuration file and starts it again. (A reload by SIGHUP left 2.9.10 timing
+    /// out the relay's JetStream requests after its user's permissions changed.)
+    pub fn restart_with_config(&mut self, config: &str) {
+        let path = self
+            .config
+            .clone()
+            .expect("a server started with a configuration file");
+        self.stop();
+        std::fs::write(path, config).expect("configuration written");
+        self.restart();
+    }
+
     fn start_with(jetstream: bool) -> Self {
+        let mut server = Self::new(jetstream);
+        server.restart();
+        server
+    }
+
+    /// A server not started yet, on a free port with a new store directory.
+    fn new(jetstream: bool) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port")
@@ -43,15 +77,14 @@ impl PrivateNats {
         let suffix: u64 = rand::rng().random();
         let store_dir = std::env::temp_dir().join(format!("private-nats-{suffix:x}"));
         std::fs::create_dir_all(&store_dir).expect("store directory created");
-        let mut server = Self {
+        Self {
             port,
             store_dir,
             jetstream,
             monitor_port: crate::process::free_port(),
+            config: None,
             process: None,
-        };
-        server.restart();
-        server
+        }
     }
 
     /// Waits until the server has `clients` client connections or more (its `/varz`),
@@ -144,6 +177,9 @@ impl PrivateNats {
     pub fn restart(&mut self) {
         self.kill();
         let mut command = Command::new(NATS_SERVER_BINARY);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
         command.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
         command.args(["-m", &self.monitor_port.to_string()]);
         if self.jetstream {

@@ -873,3 +873,70 @@ async fn a_hung_nats_is_noticed_within_half_a_minute_and_the_relay_goes_on_once_
     relay.stop().await;
     ingest.stop().await;
 }
+
+/// A NATS server whose `relay` user may not read stream messages (`STREAM.MSG.GET`, what
+/// the stream check fetches) while `denied`; a `test` user may do anything.
+fn nats_config(denied: bool) -> String {
+    let relay_permissions = if denied {
+        r#", permissions: { publish: { deny: ["$JS.API.STREAM.MSG.GET.>"] } }"#
+    } else {
+        ""
+    };
+    format!(
+        "authorization {{ users = [ {{ user: relay, password: relay{relay_permissions} }}, \
+         {{ user: test, password: test }} ] }}\n"
+    )
+}
+
+/// A stream check that fails (here NATS refuses the relay the message it probes) must
+/// hold publishing back until a check succeeds: after a reconnect to a server that may
+/// have lost the stream's tail, new publishes would take the freed sequences, and a
+/// later check that probed one would find it held and let the prune delete the rows of
+/// what was lost. The relay published anyway, with a WARN.
+#[tokio::test]
+async fn a_relay_whose_stream_check_fails_publishes_nothing_until_one_succeeds() {
+    const BEFORE: usize = 5;
+    const WHILE_FAILING: usize = 5;
+    let mut nats = PrivateNats::start_with_config(&nats_config(true));
+    let mut env = TestEnv::new();
+    env.settings.nats.url = nats.url().replace("nats://", "nats://relay:relay@");
+    // Only the reconnect starts a check.
+    env.settings.relay.stream_check_interval_ms = NEVER_MS;
+    migrate(&env).await;
+    // The relay first, so that its `/metrics` is the process's recorder.
+    let (relay, relay_admin) = spawn_relay_with_admin(&env.settings);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let db = env.postgres().await;
+    post_readings(&ingest, "before", BEFORE).await;
+    wait_until_all_published(&db, BEFORE as i64).await;
+
+    nats.stop();
+    post_readings(&ingest, "while-failing", WHILE_FAILING).await;
+    nats.restart();
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "a failed stream check", || async {
+        let scrape = testkit::prometheus::scrape(&http, &format!("{relay_admin}/metrics")).await?;
+        (scrape.value_or_zero("relay_errors_total", &[]) >= 1.0).then_some(())
+    })
+    .await;
+    // A duration that must pass: a relay that goes on after a failed check publishes
+    // within milliseconds.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let published: i64 = db
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE stream_seq IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(
+        published, BEFORE as i64,
+        "nothing is published while the stream check fails"
+    );
+
+    nats.restart_with_config(&nats_config(false));
+    wait_until_all_published(&db, (BEFORE + WHILE_FAILING) as i64).await;
+    relay.stop().await;
+    ingest.stop().await;
+}
