@@ -94,7 +94,7 @@ const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Connects to NATS in the background (the relay's and the projector's connection): the
 /// client exists even while NATS is down, and reconnects by itself.
 pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    nats_options(url)
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(2))
@@ -102,6 +102,28 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .connect(url)
         .await
         .with_context(|| unusable_url("nats.url", url))
+}
+
+/// Connect options carrying the credentials `url` holds: `user:password@` as user and
+/// password, a bare `token@` as a token, each percent-decoded (as the retired `nats`
+/// crate read them). async-nats 0.51 parses them out of the URL but never sends them
+/// (nats-io/nats.rs#1623), so every process refused by a NATS that asks for a password
+/// retried for ever. An unparsable URL gets no credentials; connecting names it.
+pub fn nats_options(url: &str) -> async_nats::ConnectOptions {
+    let options = async_nats::ConnectOptions::new();
+    let Ok(server) = url.parse::<async_nats::ServerAddr>() else {
+        return options;
+    };
+    let decoded = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    match (server.username(), server.password()) {
+        (Some(user), Some(password)) => options.user_and_password(decoded(user), decoded(password)),
+        (Some(token), None) => options.token(decoded(token)),
+        _ => options,
+    }
 }
 
 /// Whether the client is connected to NATS now (it reconnects by itself): a request

@@ -18,7 +18,7 @@ use crate::stats::{per_second, Latency};
 pub const MAX_WINDOW: usize = 2_000;
 
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+    ingest::bootstrap::nats_options(url)
         .name("loadgen")
         .connection_timeout(Duration::from_secs(5))
         .connect(url)

@@ -44,7 +44,7 @@ use crate::consumer::Projector;
 /// A rebuild of the configured read model, for `projector rebuild`.
 pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Rebuild> {
     settings.validate()?;
-    let nats = async_nats::ConnectOptions::new()
+    let nats = ingest::bootstrap::nats_options(&settings.nats.url)
         .name("projector-rebuild")
         .connection_timeout(Duration::from_secs(5))
         .connect(&settings.nats.url)

@@ -13,7 +13,8 @@ const USAGE: &str =
 
 /// `projector dlq list` and `projector dlq redrive <sequence>...`.
 async fn dead_letters(settings: &Settings) -> anyhow::Result<()> {
-    let client = async_nats::connect(&settings.nats.url)
+    let client = ingest::bootstrap::nats_options(&settings.nats.url)
+        .connect(&settings.nats.url)
         .await
         .with_context(|| connecting_to("NATS", &settings.nats.url))?;
     let jetstream = async_nats::jetstream::new(client);

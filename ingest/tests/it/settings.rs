@@ -543,3 +543,39 @@ fn assert_config_env_refused(command: &mut Command, named: &str) {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains(named), "names {named}: {stderr}");
 }
+
+/// Credentials in `nats.url` reach the server: `user:password@` (percent-encoded) and a
+/// bare `token@`. async-nats 0.51 parses them out of the URL but never sends them, so
+/// every service pointed at a NATS that asks for a password (as `docker-compose.yml`'s
+/// does) was refused and retried for ever.
+#[tokio::test]
+async fn a_nats_url_with_a_password_or_a_token_logs_in_with_it() {
+    for (config, url_credentials) in [
+        (
+            r#"authorization { users = [ { user: "re lay", password: "p@ss:w/rd" } ] }"#,
+            "re%20lay:p%40ss%3Aw%2Frd@",
+        ),
+        (r#"authorization { token: "s3cr3t" }"#, "s3cr3t@"),
+    ] {
+        let nats = testkit::PrivateNats::start_with_config(config);
+        let url = nats
+            .url()
+            .replace("nats://", &format!("nats://{url_credentials}"));
+        let client = ingest::bootstrap::connect_nats(&url, "test")
+            .await
+            .expect("the URL is usable");
+        testkit::eventually(Duration::from_secs(10), config, || async {
+            ingest::bootstrap::nats_connected(&client).then_some(())
+        })
+        .await;
+        // The same server refuses a client without the credentials.
+        let refused = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .connect(nats.url())
+            .await;
+        assert!(
+            refused.is_err(),
+            "{config}: a client without credentials is refused"
+        );
+    }
+}
