@@ -106,7 +106,7 @@ impl ApiError {
             Self::NotFound => Problem::new(ProblemKind::NotFound, "no such resource"),
             Self::MethodNotAllowed => Problem::new(
                 ProblemKind::MethodNotAllowed,
-                "readings are sent with POST",
+                "this resource does not take this method; the Allow header lists those it takes",
             ),
             Self::Unauthorized(error) => Problem::new(
                 ProblemKind::Unauthorized,

@@ -550,6 +550,38 @@ async fn unknown_routes_are_404_problems() {
     ingest.stop().await;
 }
 
+/// A method a route does not take is a 405 problem with the `Allow` header RFC 9110
+/// asks for, whose detail holds for every route (it said "readings are sent with POST"
+/// for `POST /healthz` too).
+#[tokio::test]
+async fn a_method_a_route_does_not_take_is_a_405_problem_naming_the_ones_it_does() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, "/v1/telemetry", "POST"),
+        (reqwest::Method::DELETE, "/v1/telemetry/batch", "POST"),
+        (reqwest::Method::POST, "/healthz", "GET,HEAD"),
+        (reqwest::Method::PUT, "/metrics", "GET,HEAD"),
+    ] {
+        let response = ingest
+            .http
+            .request(method.clone(), format!("{}{path}", ingest.base_url))
+            .send()
+            .await
+            .expect("sent");
+        let allow = response
+            .headers()
+            .get(reqwest::header::ALLOW)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        assert_eq!(allow.as_deref(), Some(allowed), "{method} {path}");
+        let problem = assert_problem(response, 405, "method-not-allowed").await;
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("Allow"), "{method} {path}: {problem}");
+    }
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
     let mut env = TestEnv::new();

@@ -117,6 +117,11 @@ async fn requests_axum_rejects_before_a_handler_runs_are_problems_too() {
         .expect("sent");
     assert_eq!(response.status().as_u16(), 405);
     assert_eq!(
+        response.headers().get(reqwest::header::ALLOW),
+        Some(&reqwest::header::HeaderValue::from_static("GET,HEAD")),
+        "405 names the methods the route takes"
+    );
+    assert_eq!(
         testkit::content_type(&response),
         "application/problem+json",
         "405 is a problem document"
