@@ -38,6 +38,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         6,
         include_str!("../migrations/0006_drop_readings_device_index.sql"),
     ),
+    (
+        7,
+        include_str!("../migrations/0007_outbox_republish_before.sql"),
+    ),
 ];
 
 /// Any constant works as long as every process uses the same one.

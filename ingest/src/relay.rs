@@ -86,9 +86,12 @@ pub async fn serve(
     let relay = Relay::connect(&settings, "relay").await?;
     let (pool, jetstream) = (relay.pool.clone(), relay.jetstream.clone());
     let streams_ready = relay.streams_ready.clone();
+    let stream_unverified = relay.stream_unverified.clone();
     let readyz = move || {
         let (pool, jetstream) = (pool.clone(), jetstream.clone());
-        let streams_ready = streams_ready.load(Ordering::Acquire);
+        // A relay whose stream check fails publishes nothing until one succeeds.
+        let streams_ready =
+            streams_ready.load(Ordering::Acquire) && !lock(&stream_unverified).nats_failing;
         async move {
             let (postgres, jetstream_answers) = tokio::join!(
                 http::postgres_ready(&pool),
@@ -240,9 +243,10 @@ pub struct Relay {
     prune_interval: Duration,
     stream_check_interval: Duration,
     /// When a lane last checked the stream; the periodic check is due for all lanes
-    /// together, so one lane makes it (a reconnect or a collision still makes each
-    /// lane check before it publishes more).
+    /// together, so one lane makes it.
     last_stream_check: Mutex<Instant>,
+    /// Whether a stream check must succeed before any lane publishes more; shared.
+    stream_unverified: Arc<Mutex<StreamUnverified>>,
     /// Dead row versions (pruned rows, and outbox rows marked published) of each table
     /// since the relay last vacuumed it.
     dead_since_vacuum: Mutex<BTreeMap<&'static str, u64>>,
@@ -322,6 +326,7 @@ impl Relay {
                 Duration::from_millis(settings.relay.round_interval_ms),
             )),
             last_stream_check: Mutex::new(Instant::now()),
+            stream_unverified: Arc::default(),
             streams_ready: Arc::default(),
         })
     }
@@ -366,10 +371,6 @@ impl Relay {
     /// Rounds one after another while a backlog fills them, else on NOTIFY or the poll.
     async fn publish_rounds(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
-        let mut stream_check_due = false;
-        // The sequences of the last round whose marking collided with kept rows.
-        let mut collided: Vec<i64> = Vec::new();
-        let mut connects_seen = self.connects();
         while !shutdown.is_cancelled() {
             // No round while NATS is not connected: its publishes would only fill the
             // client's queue, to be sent after the reconnect whether or not the round
@@ -378,14 +379,12 @@ impl Relay {
             if !self.nats_connected_or_stopping(shutdown).await {
                 break;
             }
-            // A reconnect may be to a NATS server that restarted with less than it had:
-            // check before publishing more.
+            // A (re)connect may be to a NATS server that restarted with less than it had:
+            // check before publishing more, whichever lane noticed.
             let connects = self.connects();
-            if connects != connects_seen {
-                connects_seen = connects;
-                stream_check_due = true;
-            }
-            if stream_check_due || self.periodic_stream_check_due() {
+            let due = lock(&self.stream_unverified).due(connects);
+            if let Some(collided) = due.or_else(|| self.periodic_stream_check_due().then(Vec::new))
+            {
                 // A stop while NATS is gone does not wait for the check's requests, which
                 // cannot be answered before the process ends (nor do the rounds' acks);
                 // a repair cut short is rolled back with its transaction.
@@ -393,25 +392,21 @@ impl Relay {
                     checked = self.check_stream(&collided) => checked,
                     () = self.stopping_while_disconnected(shutdown) => break,
                 };
-                match checked {
-                    Ok(_) => {
-                        stream_check_due = false;
-                        collided.clear();
-                    }
-                    // Nothing more is published until a check succeeds: new publishes
-                    // would take the sequences a lost tail freed, and a later check that
-                    // probed one of them would find it held, letting the prune delete
-                    // the rows of what was lost before any repair.
-                    Err(error) => {
-                        metrics::counter!("relay_errors_total").increment(1);
-                        tracing::warn!(
-                            error = format!("{error:#}"),
-                            "stream check failed, backing off before checking again"
-                        );
-                        backoff.sleep(shutdown).await;
-                        continue;
-                    }
+                if let Err(error) = checked {
+                    // No lane publishes until a check succeeds: new publishes would take
+                    // the sequences a lost tail freed, and a later check that probed one
+                    // of them would find it held, letting the prune delete the rows of
+                    // what was lost before any repair.
+                    lock(&self.stream_unverified).failed(!from_postgres(&error));
+                    metrics::counter!("relay_errors_total").increment(1);
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "stream check failed, publishing nothing until one succeeds"
+                    );
+                    backoff.sleep(shutdown).await;
+                    continue;
                 }
+                lock(&self.stream_unverified).checked(&collided, connects);
             }
             match self.relay_once(shutdown).await {
                 Ok(relayed) => {
@@ -428,8 +423,7 @@ impl Relay {
                             tracing::info!(
                                 "a published sequence is already recorded for another row, checking the stream"
                             );
-                            collided = collision.sequences;
-                            stream_check_due = true;
+                            lock(&self.stream_unverified).collided(collision.sequences);
                         }
                         Err(error) => {
                             metrics::counter!("relay_errors_total").increment(1);
@@ -571,6 +565,17 @@ impl Relay {
             );
             waiting
         };
+        // Rows a stream check made unpublished again whose republish deadline passed
+        // (`republish_before`): the projector no longer remembers applying them, so a
+        // copy now would count twice. They are marked published without a sequence, as
+        // the check does with older ones.
+        let too_late: Vec<i64> = rows
+            .iter()
+            .filter(|row| row.get::<_, bool>(4))
+            .map(|row| (row.get(0), row.get(1)))
+            .filter(|key| !reused.contains_key(key) && !waiting.contains(key))
+            .map(|(row_id, _): (i64, Uuid)| row_id)
+            .collect();
         let started = Instant::now();
         let client = self.jetstream.client();
         // The rows are published in order, and only while NATS is connected and no stop
@@ -589,7 +594,7 @@ impl Relay {
         let mut left_out = None;
         for row in rows.iter().filter(|row| {
             let key = (row.get(0), row.get(1));
-            !reused.contains_key(&key) && !waiting.contains(&key)
+            !reused.contains_key(&key) && !waiting.contains(&key) && !too_late.contains(&key.0)
         }) {
             if shutdown.is_cancelled() {
                 left_out = Some("the relay is stopping");
@@ -714,6 +719,9 @@ impl Relay {
             transaction
                 .execute(&mark, &[&published_ids, &sequences])
                 .await?;
+            if !too_late.is_empty() {
+                transaction.execute(STRIP_TOO_LATE, &[&too_late]).await?;
+            }
             transaction.commit().await
         };
         if let Err(error) = marked.await {
@@ -731,14 +739,24 @@ impl Relay {
             );
             return Err(error);
         }
+        if !too_late.is_empty() {
+            metrics::counter!("relay_lost_beyond_dedup_horizon_total")
+                .increment(too_late.len() as u64);
+            tracing::error!(
+                rows = too_late.len(),
+                dedup_horizon_secs = self.projector_dedup_horizon.as_secs(),
+                stream = self.subjects.stream(),
+                "events the stream lost were not republished before the projector's dedup horizon, not republishing them: the read model keeps those the projector applied, the stream no longer holds them"
+            );
+        }
         metrics::counter!("relay_marked_without_publishing_total").increment(reused.len() as u64);
         metrics::counter!("relay_published_total").increment(published_ids.len() as u64);
         metrics::histogram!("relay_batch_size").record(rows.len() as f64);
         // Each marked row left a dead version behind, and a dead entry in the
         // unpublished index that every claim walks past until a vacuum.
-        self.count_dead("outbox", published_ids.len() as u64);
+        self.count_dead("outbox", (published_ids.len() + too_late.len()) as u64);
         metrics::histogram!("relay_round_seconds").record(started.elapsed().as_secs_f64());
-        Ok(published_ids.len())
+        Ok(published_ids.len() + too_late.len())
     }
 
     /// How many times the NATS client has connected so far.
@@ -989,6 +1007,66 @@ fn acknowledged_sequence(
     Ok(sequence)
 }
 
+/// Whether PostgreSQL (a query, or the pool's connection) failed `error`.
+fn from_postgres(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<tokio_postgres::Error>() || cause.is::<deadpool_postgres::PoolError>()
+    })
+}
+
+/// Whether the stream must be checked before any lane publishes more, and what with.
+/// Shared by the lanes: a check one lane needs holds every lane's publishing back.
+#[derive(Debug, Default)]
+struct StreamUnverified {
+    /// The NATS client's connect count the last check was due for: a relay's first
+    /// connection and every reconnect (a server restarted with less than it had, say)
+    /// make a check due.
+    connects_checked: u64,
+    /// A check is due (a reconnect, a collision, a failed check) and none succeeded yet.
+    due: bool,
+    /// The last check failed on NATS's side (not PostgreSQL's, which `/readyz` names
+    /// on its own) and none succeeded since.
+    nats_failing: bool,
+    /// The sequences of rounds whose marking collided with kept rows, for the check to
+    /// probe ([`Relay::check_stream`]).
+    collided: Vec<i64>,
+}
+
+impl StreamUnverified {
+    /// The collided sequences to check with, when a check is due on connection number
+    /// `connects`.
+    fn due(&mut self, connects: u64) -> Option<Vec<i64>> {
+        if connects != self.connects_checked {
+            self.connects_checked = connects;
+            self.due = true;
+        }
+        self.due.then(|| self.collided.clone())
+    }
+
+    /// A check on connection number `connects`, with `collided`, succeeded.
+    fn checked(&mut self, collided: &[i64], connects: u64) {
+        self.nats_failing = false;
+        self.collided
+            .retain(|sequence| !collided.contains(sequence));
+        // Unless a reconnect or a collision came meanwhile.
+        if self.collided.is_empty() && connects == self.connects_checked {
+            self.due = false;
+        }
+    }
+
+    /// A check failed; `on_nats` unless PostgreSQL failed it.
+    fn failed(&mut self, on_nats: bool) {
+        self.nats_failing = on_nats;
+        self.due = true;
+    }
+
+    /// A round's marking collided with kept rows at `sequences`.
+    fn collided(&mut self, sequences: Vec<i64>) {
+        self.collided.extend(sequences);
+        self.due = true;
+    }
+}
+
 /// The stream sequences PubAcks gave rows whose round then failed to mark them, by row
 /// id and event id. Only while the NATS connection they came on lasts: after a reconnect
 /// the server may have lost them (2.9 fsyncs every 2 minutes), and the rows are
@@ -1106,8 +1184,14 @@ fn ack_permits(batch_size: i64, rounds_in_flight: usize) -> usize {
 }
 
 /// Claims the oldest unpublished rows; other relays skip them until this round ends.
-const CLAIM: &str = "SELECT id, event_id, device_id, payload FROM outbox
+const CLAIM: &str = "SELECT id, event_id, device_id, payload,
+        republish_before IS NOT NULL AND republish_before <= now() AS too_late FROM outbox
     WHERE published_at IS NULL AND id >= $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Marks rows published without publishing them: rows the stream check made unpublished
+/// again whose republish deadline passed before a round claimed them (their sequence
+/// is already gone).
+const STRIP_TOO_LATE: &str = "UPDATE outbox SET published_at = now() WHERE id = ANY($1)";
 
 /// The age in seconds of the unpublished row with the lowest id at or above `$1` (the
 /// claim floor), 0 when there is none. Rows get their ids in the order they are
@@ -1254,6 +1338,61 @@ async fn listen_for_inserts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relay_checks_the_stream_on_its_first_connection_and_after_every_reconnect() {
+        let mut unverified = StreamUnverified::default();
+        assert_eq!(unverified.due(1), Some(vec![]), "the first connection");
+        unverified.checked(&[], 1);
+        assert_eq!(unverified.due(1), None);
+        assert_eq!(unverified.due(2), Some(vec![]), "a reconnect");
+        // A reconnect while the check ran: that check does not cover the new connection.
+        assert_eq!(unverified.due(3), Some(vec![]));
+        unverified.checked(&[], 2);
+        assert_eq!(unverified.due(3), Some(vec![]));
+        unverified.checked(&[], 3);
+        assert_eq!(unverified.due(3), None);
+    }
+
+    #[test]
+    fn a_failed_check_holds_publishing_back_until_one_succeeds() {
+        let mut unverified = StreamUnverified::default();
+        unverified.due(1);
+        unverified.checked(&[], 1);
+        unverified.failed(true);
+        assert!(unverified.nats_failing);
+        assert_eq!(
+            unverified.due(1),
+            Some(vec![]),
+            "a failed periodic check too"
+        );
+        unverified.checked(&[], 1);
+        assert!(!unverified.nats_failing);
+        assert_eq!(unverified.due(1), None);
+        // PostgreSQL's failure holds publishing back too; readiness names it on its own.
+        unverified.failed(false);
+        assert!(!unverified.nats_failing);
+        assert_eq!(unverified.due(1), Some(vec![]));
+    }
+
+    #[test]
+    fn collided_sequences_stay_due_for_every_lane_until_a_check_probed_them() {
+        let mut unverified = StreamUnverified::default();
+        unverified.due(1);
+        unverified.checked(&[], 1);
+        unverified.collided(vec![41, 42]);
+        // Any lane's next check probes them, not only the colliding lane's.
+        assert_eq!(unverified.due(1), Some(vec![41, 42]));
+        // Another lane collides while that check runs.
+        unverified.collided(vec![43]);
+        unverified.checked(&[41, 42], 1);
+        assert_eq!(unverified.due(1), Some(vec![43]));
+        // A check without them (a periodic one) leaves them due.
+        unverified.checked(&[], 1);
+        assert_eq!(unverified.due(1), Some(vec![43]));
+        unverified.checked(&[43], 1);
+        assert_eq!(unverified.due(1), None);
+    }
 
     #[test]
     fn a_row_whose_remembered_ack_cannot_be_checked_waits_three_rounds_at_most() {

@@ -308,17 +308,22 @@ impl Relay {
         // are not: it no longer remembers applying them, so it would count twice every
         // one it had applied, which is nearly all of them. They lose their sequence
         // (kept rows must not hold sequences the stream hands out again) and stay
-        // published, to be pruned.
+        // published, to be pruned. The deadline is kept (`republish_before`, the
+        // earliest of every repair's, counted from the row's first publish): a round
+        // that claims the row only after it strips it the same way (NATS down again
+        // before the republish, no relay running).
         let republish_window_secs = self.projector_dedup_horizon.as_secs_f64() * 0.9;
         let marked = transaction
             .query_one(
                 "WITH marked AS (
                      UPDATE outbox SET stream_seq = NULL,
                          published_at = CASE
-                             WHEN lost.published_at >= now() - make_interval(secs => $2) THEN NULL
-                             ELSE lost.published_at END
-                     FROM (SELECT id, stream_seq, published_at FROM outbox
-                           WHERE stream_seq >= $1) AS lost
+                             WHEN lost.deadline > now() THEN NULL ELSE lost.published_at END,
+                         republish_before = lost.deadline
+                     FROM (SELECT id, stream_seq, published_at,
+                                  least(republish_before,
+                                        published_at + make_interval(secs => $2)) AS deadline
+                           FROM outbox WHERE stream_seq >= $1) AS lost
                      WHERE outbox.id = lost.id
                      RETURNING lost.stream_seq, outbox.published_at IS NULL AS republish)
                  SELECT count(*) FILTER (WHERE republish), count(*) FILTER (WHERE NOT republish),

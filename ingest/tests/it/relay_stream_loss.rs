@@ -462,6 +462,76 @@ async fn lost_events_published_before_the_projectors_dedup_horizon_are_not_repub
     ingest.stop().await;
 }
 
+/// Rows the stream check made unpublished again are republished only until their first
+/// publish plus 0.9 of the projector's dedup horizon: a copy after that (NATS down again
+/// before the next round, no relay running) would count twice in a projector that no
+/// longer remembers applying them. The check cleared the first publish time, so
+/// whenever the next round came, it published them.
+#[tokio::test]
+async fn lost_events_a_round_claims_only_past_the_projectors_horizon_are_not_republished() {
+    const HORIZON_SECS: u64 = 10;
+    let OnPrivateNats {
+        mut nats,
+        mut env,
+        ingest,
+        db,
+    } = on_private_nats(BEFORE_OUTAGE).await;
+    env.settings.projector.dedup_horizon_secs = HORIZON_SECS;
+    env.settings.projector.ack_wait_secs = 1;
+    let relay = spawn_relay(&env.settings);
+    wait_until_all_published(&db, BEFORE_OUTAGE as i64).await;
+    relay.stop().await;
+    let last_after = nats
+        .crash_losing_tail(env.subjects.stream(), BEFORE_OUTAGE as u64)
+        .await;
+    let lost = (BEFORE_OUTAGE as u64 - last_after) as i64;
+    assert!(lost > 0, "the crash lost the stream's tail");
+
+    // A repair with no round after it, as by a relay that then lost NATS again.
+    let repairing = ingest::relay::Relay::connect(&env.settings, "repairing")
+        .await
+        .expect("relay connects");
+    eventually(Duration::from_secs(10), "the repair", || async {
+        repairing.check_stream(&[]).await.ok()
+    })
+    .await;
+    drop(repairing);
+    wait_for_counts(
+        &db,
+        Duration::from_secs(1),
+        "the lost rows made unpublished, to be republished",
+        "SELECT count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        &[lost],
+    )
+    .await;
+    // A duration that must pass: past the rows' republish deadline, 9 s after their
+    // publish.
+    tokio::time::sleep(Duration::from_secs(HORIZON_SECS)).await;
+
+    let relay = spawn_relay(&env.settings);
+    wait_for_counts(
+        &db,
+        Duration::from_secs(30),
+        "the lost rows stripped of their sequences, still published",
+        "SELECT count(*) FILTER (WHERE stream_seq IS NULL AND published_at IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL)
+         FROM outbox",
+        &[lost, 0],
+    )
+    .await;
+    let jetstream = env.jetstream().await;
+    assert_stream_matches_rows_with_a_sequence(
+        &db,
+        &jetstream,
+        env.subjects.stream(),
+        BEFORE_OUTAGE,
+        lost as usize,
+    )
+    .await;
+    relay.stop().await;
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_reconnect() {
     let OnPrivateNats {
@@ -892,7 +962,7 @@ fn nats_config(denied: bool) -> String {
 /// hold publishing back until a check succeeds: after a reconnect to a server that may
 /// have lost the stream's tail, new publishes would take the freed sequences, and a
 /// later check that probed one would find it held and let the prune delete the rows of
-/// what was lost. The relay published anyway, with a WARN.
+/// what was lost. The relay published anyway, with a WARN, and said it was ready.
 #[tokio::test]
 async fn a_relay_whose_stream_check_fails_publishes_nothing_until_one_succeeds() {
     const BEFORE: usize = 5;
@@ -934,9 +1004,21 @@ async fn a_relay_whose_stream_check_fails_publishes_nothing_until_one_succeeds()
         published, BEFORE as i64,
         "nothing is published while the stream check fails"
     );
+    let readyz = format!("{relay_admin}/readyz");
+    let not_ready = http.get(&readyz).send().await.expect("readyz answers");
+    assert_eq!(
+        not_ready.status().as_u16(),
+        503,
+        "not ready while the check fails"
+    );
 
     nats.restart_with_config(&nats_config(false));
     wait_until_all_published(&db, (BEFORE + WHILE_FAILING) as i64).await;
+    eventually(Duration::from_secs(10), "the relay ready again", || async {
+        let answer = http.get(&readyz).send().await.ok()?;
+        answer.status().is_success().then_some(())
+    })
+    .await;
     relay.stop().await;
     ingest.stop().await;
 }

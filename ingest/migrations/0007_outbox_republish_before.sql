@@ -1,0 +1,11 @@
+-- `outbox.republish_before`: until when a row the stream check made unpublished again
+-- (the stream lost its event) may still be published again. The check republishes
+-- only rows first published within 0.9 of the projector's dedup horizon, which
+-- remembers the events it applied for that long; it used to clear `published_at` and
+-- with it the first publish time, so a republish that came later (NATS down again
+-- before the next round, or no relay running) went out past the horizon and every
+-- event the projector had applied counted twice. A round that claims such a row past
+-- this time strips it instead, as the check does with older ones.
+--
+-- Nullable without a default: PostgreSQL adds the column without rewriting the table.
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS republish_before timestamptz;
