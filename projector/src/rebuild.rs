@@ -628,6 +628,12 @@ impl PastTheFloor {
     fn remember(&mut self, event: &TelemetryRecorded) -> bool {
         if self.0.len() < Self::MAX {
             self.0.push(event.event_id);
+            if self.0.len() == Self::MAX {
+                tracing::warn!(
+                    remembered = Self::MAX,
+                    "the replay remembers no more ids past the live ack floor: a copy of a later one below the floor would count twice if the rest of the replay outlasts the dedup horizon"
+                );
+            }
         }
         true
     }
