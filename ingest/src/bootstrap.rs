@@ -105,8 +105,9 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
 }
 
 /// Connect options carrying the credentials `url` holds: `user:password@` as user and
-/// password, a bare `token@` as a token, each percent-decoded (as the retired `nats`
-/// crate read them). async-nats 0.51 parses them out of the URL but never sends them
+/// password, a bare `token@` (or `:token@`) as a token, each percent-decoded (as the
+/// retired `nats` crate read them; an empty password is dropped by the URL parser, so
+/// `user:@` is a token too). async-nats 0.51 parses them out of the URL but never sends them
 /// (nats-io/nats.rs#1623), so every process refused by a NATS that asks for a password
 /// retried for ever. An unparsable URL gets no credentials; connecting names it.
 pub fn nats_options(url: &str) -> async_nats::ConnectOptions {
@@ -121,7 +122,7 @@ pub fn nats_options(url: &str) -> async_nats::ConnectOptions {
     };
     match (server.username(), server.password()) {
         (Some(user), Some(password)) => options.user_and_password(decoded(user), decoded(password)),
-        (Some(token), None) => options.token(decoded(token)),
+        (Some(token), None) | (None, Some(token)) => options.token(decoded(token)),
         _ => options,
     }
 }
