@@ -408,7 +408,7 @@ impl Relay {
                 }
                 lock(&self.stream_unverified).checked(&collided, connects);
             }
-            match self.relay_once(shutdown).await {
+            match self.relay_once(shutdown, connects).await {
                 Ok(relayed) => {
                     backoff.reset();
                     lock(&self.pacer).finished(relayed);
@@ -483,7 +483,13 @@ impl Relay {
     }
 
     /// One claim-publish-mark round; returns how many rows it relayed.
-    async fn relay_once(&self, shutdown: &CancellationToken) -> anyhow::Result<usize> {
+    /// One round on the connection numbered `checked_connects`, the one the stream
+    /// check gate let it start on.
+    async fn relay_once(
+        &self,
+        shutdown: &CancellationToken,
+        checked_connects: u64,
+    ) -> anyhow::Result<usize> {
         let mut client = self.pool.get().await.context("getting a connection")?;
         let transaction = client.transaction().await?;
         // Prepared once per session: a round is then one message per statement, with no
@@ -520,7 +526,9 @@ impl Relay {
             return Ok(0);
         }
         let claimed = rows.len();
-        let round = self.publish_and_mark(transaction, rows, shutdown).await;
+        let round = self
+            .publish_and_mark(transaction, rows, shutdown, checked_connects)
+            .await;
         // Rows this round claimed but did not mark stay in the outbox; a later round
         // publishes them again.
         let handed_back = match &round {
@@ -540,12 +548,15 @@ impl Relay {
     }
 
     /// Publishes the claimed rows, awaits their PubAcks, marks the acknowledged ones
-    /// and commits; returns how many rows it marked published.
+    /// and commits; returns how many rows it marked published. It publishes no more
+    /// once a stream check is due (a reconnect past `checked_connects`, another lane's
+    /// collision or failed check): the gate is passed at the round's start only.
     async fn publish_and_mark(
         &self,
         transaction: deadpool_postgres::Transaction<'_>,
         rows: Vec<tokio_postgres::Row>,
         shutdown: &CancellationToken,
+        checked_connects: u64,
     ) -> anyhow::Result<usize> {
         let connects_before = self.connects();
         // Rows an earlier round published and got PubAcks for but could not mark are
@@ -605,6 +616,10 @@ impl Relay {
             // round may have given the row back by then and another relay published it.
             if !bootstrap::nats_connected(&client) {
                 left_out = Some("NATS is not connected");
+                break;
+            }
+            if self.connects() != checked_connects || lock(&self.stream_unverified).due {
+                left_out = Some("a stream check is due");
                 break;
             }
             let event_id: Uuid = row.get(1);
@@ -1036,7 +1051,8 @@ impl StreamUnverified {
     /// The collided sequences to check with, when a check is due on connection number
     /// `connects`.
     fn due(&mut self, connects: u64) -> Option<Vec<i64>> {
-        if connects != self.connects_checked {
+        // Only forward: a lane that read the count just before a reconnect comes later.
+        if connects > self.connects_checked {
             self.connects_checked = connects;
             self.due = true;
         }
@@ -1049,7 +1065,7 @@ impl StreamUnverified {
         self.collided
             .retain(|sequence| !collided.contains(sequence));
         // Unless a reconnect or a collision came meanwhile.
-        if self.collided.is_empty() && connects == self.connects_checked {
+        if self.collided.is_empty() && connects >= self.connects_checked {
             self.due = false;
         }
     }

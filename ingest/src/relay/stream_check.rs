@@ -318,7 +318,8 @@ impl Relay {
                 "WITH marked AS (
                      UPDATE outbox SET stream_seq = NULL,
                          published_at = CASE
-                             WHEN lost.deadline > now() THEN NULL ELSE lost.published_at END,
+                             WHEN lost.deadline > clock_timestamp() THEN NULL
+                             ELSE lost.published_at END,
                          republish_before = lost.deadline
                      FROM (SELECT id, stream_seq, published_at,
                                   least(republish_before,

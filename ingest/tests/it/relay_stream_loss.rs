@@ -469,7 +469,9 @@ async fn lost_events_published_before_the_projectors_dedup_horizon_are_not_repub
 /// whenever the next round came, it published them.
 #[tokio::test]
 async fn lost_events_a_round_claims_only_past_the_projectors_horizon_are_not_republished() {
-    const HORIZON_SECS: u64 = 10;
+    // Long, so that the repair comes well within it on a loaded box; the test then
+    // moves the rows' deadline back rather than wait it out.
+    const HORIZON_SECS: u64 = 120;
     let OnPrivateNats {
         mut nats,
         mut env,
@@ -481,6 +483,13 @@ async fn lost_events_a_round_claims_only_past_the_projectors_horizon_are_not_rep
     let relay = spawn_relay(&env.settings);
     wait_until_all_published(&db, BEFORE_OUTAGE as i64).await;
     relay.stop().await;
+    let first_published: HashMap<Uuid, time::OffsetDateTime> = db
+        .query("SELECT event_id, published_at FROM outbox", &[])
+        .await
+        .expect("outbox read")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
     let last_after = nats
         .crash_losing_tail(env.subjects.stream(), BEFORE_OUTAGE as u64)
         .await;
@@ -496,17 +505,36 @@ async fn lost_events_a_round_claims_only_past_the_projectors_horizon_are_not_rep
     })
     .await;
     drop(repairing);
-    wait_for_counts(
-        &db,
-        Duration::from_secs(1),
-        "the lost rows made unpublished, to be republished",
-        "SELECT count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        &[lost],
+    let to_republish = db
+        .query(
+            "SELECT event_id, republish_before FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("outbox read");
+    assert_eq!(
+        to_republish.len() as i64,
+        lost,
+        "the lost rows made unpublished"
+    );
+    let window = time::Duration::seconds_f64(HORIZON_SECS as f64 * 0.9);
+    for row in &to_republish {
+        let event_id: Uuid = row.get(0);
+        let deadline: Option<time::OffsetDateTime> = row.get(1);
+        assert_eq!(
+            deadline,
+            Some(first_published[&event_id] + window),
+            "{event_id}: republished only within the horizon of its first publish"
+        );
+    }
+    // As if NATS stayed down again past that deadline.
+    db.execute(
+        "UPDATE outbox SET republish_before = now() - interval '1 second'
+         WHERE published_at IS NULL",
+        &[],
     )
-    .await;
-    // A duration that must pass: past the rows' republish deadline, 9 s after their
-    // publish.
-    tokio::time::sleep(Duration::from_secs(HORIZON_SECS)).await;
+    .await
+    .expect("deadline moved back");
 
     let relay = spawn_relay(&env.settings);
     wait_for_counts(
