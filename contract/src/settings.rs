@@ -800,7 +800,8 @@ fn userinfo_secret(url: &str) -> Option<(&str, &str, &str)> {
     let (userinfo, _) = rest.rsplit_once('@')?;
     let secret_start = match userinfo.find(':') {
         Some(colon) => colon + 1,
-        None if matches!(scheme, Some("nats" | "tls")) => 0,
+        // A NATS URL's bare user is a token (`ingest::bootstrap::nats_options`).
+        None if matches!(scheme, Some("nats" | "tls" | "ws" | "wss")) => 0,
         None => return None,
     };
     let offset = url.len() - rest.len();
@@ -1355,6 +1356,8 @@ mod tests {
             ),
             ("nats://s3cret-token@host:4222", "nats://***@host:4222"),
             ("tls://s3cret-token@host:4222", "tls://***@host:4222"),
+            ("ws://s3cret-token@host:8080", "ws://***@host:8080"),
+            ("wss://s3cret-token@host:443", "wss://***@host:443"),
             (
                 "redis://:s3cret@127.0.0.1:6379/0",
                 "redis://:***@127.0.0.1:6379/0",
