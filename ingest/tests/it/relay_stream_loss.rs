@@ -413,6 +413,21 @@ async fn what_the_stream_lost_is_republished_after_an_outage_longer_than_the_pub
     ingest.stop().await;
 }
 
+/// Waits until `lost` rows have lost their stream sequence and stay published (not to be
+/// published again), and no row is unpublished.
+async fn wait_until_the_lost_rows_are_stripped(db: &tokio_postgres::Client, lost: i64) {
+    wait_for_counts(
+        db,
+        Duration::from_secs(30),
+        "the lost rows stripped of their sequences, still published",
+        "SELECT count(*) FILTER (WHERE stream_seq IS NULL AND published_at IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL)
+         FROM outbox",
+        &[lost, 0],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn lost_events_published_before_the_projectors_dedup_horizon_are_not_republished() {
     // The lost events were published 4 s or more before the repair, past a horizon of
@@ -426,16 +441,7 @@ async fn lost_events_published_before_the_projectors_dedup_horizon_are_not_repub
         last_after,
     } = lost_tail_and_down_for_4_s(2).await;
     let lost = (BEFORE_OUTAGE as u64 - last_after) as i64;
-    wait_for_counts(
-        &db,
-        Duration::from_secs(30),
-        "the lost rows stripped of their sequences, still published",
-        "SELECT count(*) FILTER (WHERE stream_seq IS NULL AND published_at IS NOT NULL),
-                count(*) FILTER (WHERE published_at IS NULL)
-         FROM outbox",
-        &[lost, 0],
-    )
-    .await;
+    wait_until_the_lost_rows_are_stripped(&db, lost).await;
     // New events take the lost sequences without colliding with them, and the stream
     // holds each published row at its sequence, the lost ones not again.
     post_readings(&ingest, "later", 5).await;
@@ -537,16 +543,7 @@ async fn lost_events_a_round_claims_only_past_the_projectors_horizon_are_not_rep
     .expect("deadline moved back");
 
     let relay = spawn_relay(&env.settings);
-    wait_for_counts(
-        &db,
-        Duration::from_secs(30),
-        "the lost rows stripped of their sequences, still published",
-        "SELECT count(*) FILTER (WHERE stream_seq IS NULL AND published_at IS NOT NULL),
-                count(*) FILTER (WHERE published_at IS NULL)
-         FROM outbox",
-        &[lost, 0],
-    )
-    .await;
+    wait_until_the_lost_rows_are_stripped(&db, lost).await;
     let jetstream = env.jetstream().await;
     assert_stream_matches_rows_with_a_sequence(
         &db,

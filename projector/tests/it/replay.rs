@@ -38,19 +38,7 @@ async fn a_rebuild_cut_by_a_nats_restart_goes_on_past_what_it_applied() {
     publish_many(&env, &jetstream, &events).await;
 
     let running = start_rebuild(&env).await;
-    eventually(Duration::from_secs(20), "the replay under way", || async {
-        let building = building_generation(&env).await?;
-        // Some events are in the new generation: the replay's consumer is reading.
-        (!env.generation_keys(building).await.is_empty()).then_some(())
-    })
-    .await;
-    // Frozen, the server delivers nothing more; the replay can only finish what it holds.
-    nats.freeze();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !running.is_finished(),
-        "the replay finished before the server was frozen: the test needs more events"
-    );
+    freeze_once_the_replay_applied_some(&env, &nats).await;
     nats.restart();
 
     let generation = finished_after_the_restart(running).await;
@@ -109,24 +97,31 @@ async fn an_event_the_stream_holds_on_both_sides_of_the_ack_floor_counts_once_in
     events.push(copy);
 
     let running = start_rebuild(&env).await;
-    // The copy above the floor is the replay's first message.
-    eventually(Duration::from_secs(20), "the copy replayed", || async {
-        let building = building_generation(&env).await?;
-        (!env.generation_keys(building).await.is_empty()).then_some(())
-    })
-    .await;
-    nats.freeze();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        building_generation(&env).await.is_some(),
-        "the replay finished before the server was frozen: the test needs more events"
-    );
+    // The copy above the floor is the replay's first message, so applied by then.
+    freeze_once_the_replay_applied_some(&env, &nats).await;
     // The replay waits 5 s for its lost consumer, past the horizon of 4 s.
     nats.restart();
 
     let generation = finished_after_the_restart(running).await;
     assert_eq!(env.generation().await, Some(generation));
     assert_read_model_holds(&env, &events).await;
+}
+
+/// Freezes the server once some events are in the generation being built (the replay's
+/// consumer is reading): it then delivers nothing more, and the replay can only finish
+/// what it holds. Fails if the build ended before the freeze took hold.
+async fn freeze_once_the_replay_applied_some(env: &TestEnv, nats: &PrivateNats) {
+    eventually(Duration::from_secs(20), "the replay under way", || async {
+        let building = building_generation(env).await?;
+        (!env.generation_keys(building).await.is_empty()).then_some(())
+    })
+    .await;
+    nats.freeze();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        building_generation(env).await.is_some(),
+        "the replay finished before the server was frozen: the test needs more events"
+    );
 }
 
 /// What becomes of the live projectors' durable consumer once the build began.
