@@ -187,7 +187,6 @@ pub async fn hold_key_copied(
     holder
 }
 
-/// Applies the migrations to the test's database (creating it).
 /// Waits (10 s at most) until `watcher` sees another session of its database in
 /// `pg_stat_activity` that matches `condition` (SQL over the view's columns); `what`
 /// names it in the failure. `watcher` is a session of its own: one in a transaction
@@ -204,6 +203,7 @@ pub async fn wait_for_session(watcher: &tokio_postgres::Client, what: &str, cond
     .await;
 }
 
+/// Applies the migrations to the test's database (creating it).
 pub async fn migrate(env: &testkit::TestEnv) {
     ingest::db::migrate(&env.settings.database)
         .await

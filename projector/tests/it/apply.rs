@@ -539,7 +539,6 @@ async fn a_buckets_hash_past_128_fields_becomes_a_hash_table_and_reads_the_same(
     );
 }
 
-/// How Redis stores `key` (`OBJECT ENCODING`).
 /// The fields of the hash at `key` (HKEYS).
 async fn field_names(redis: &mut RedisConnection, key: &str) -> Vec<String> {
     redis::cmd("HKEYS")
@@ -549,6 +548,7 @@ async fn field_names(redis: &mut RedisConnection, key: &str) -> Vec<String> {
         .expect("hkeys")
 }
 
+/// How Redis stores `key` (`OBJECT ENCODING`).
 async fn encoding(redis: &mut RedisConnection, key: &str) -> String {
     redis::cmd("OBJECT")
         .arg("ENCODING")
