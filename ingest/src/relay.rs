@@ -576,17 +576,18 @@ impl Relay {
             );
             waiting
         };
-        // Rows a stream check made unpublished again whose republish deadline passed
-        // (`republish_before`): the projector no longer remembers applying them, so a
-        // copy now would count twice. They are marked published without a sequence, as
-        // the check does with older ones.
-        let too_late: Vec<i64> = rows
+        // The rest is published, but for rows a stream check made unpublished again
+        // whose republish deadline passed (`republish_before`): the projector no longer
+        // remembers applying them, so a copy now would count twice. They are marked
+        // published without a sequence, as the check does with older ones.
+        let (too_late, to_publish): (Vec<&tokio_postgres::Row>, Vec<_>) = rows
             .iter()
-            .filter(|row| row.get::<_, bool>(4))
-            .map(|row| (row.get(0), row.get(1)))
-            .filter(|key| !reused.contains_key(key) && !waiting.contains(key))
-            .map(|(row_id, _): (i64, Uuid)| row_id)
-            .collect();
+            .filter(|row| {
+                let key = (row.get(0), row.get(1));
+                !reused.contains_key(&key) && !waiting.contains(&key)
+            })
+            .partition(|row| row.get::<_, bool>(4));
+        let too_late: Vec<i64> = too_late.iter().map(|row| row.get(0)).collect();
         let started = Instant::now();
         let client = self.jetstream.client();
         // The rows are published in order, and only while NATS is connected and no stop
@@ -603,10 +604,7 @@ impl Relay {
         }
         let mut acks = Vec::with_capacity(rows.len());
         let mut left_out = None;
-        for row in rows.iter().filter(|row| {
-            let key = (row.get(0), row.get(1));
-            !reused.contains_key(&key) && !waiting.contains(&key) && !too_late.contains(&key.0)
-        }) {
+        for row in to_publish {
             if shutdown.is_cancelled() {
                 left_out = Some("the relay is stopping");
                 break;
@@ -754,16 +752,10 @@ impl Relay {
             );
             return Err(error);
         }
-        if !too_late.is_empty() {
-            metrics::counter!("relay_lost_beyond_dedup_horizon_total")
-                .increment(too_late.len() as u64);
-            tracing::error!(
-                rows = too_late.len(),
-                dedup_horizon_secs = self.projector_dedup_horizon.as_secs(),
-                stream = self.subjects.stream(),
-                "events the stream lost were not republished before the projector's dedup horizon, not republishing them: the read model keeps those the projector applied, the stream no longer holds them"
-            );
-        }
+        self.not_republished(
+            too_late.len() as u64,
+            "by a round, past the repair's deadline",
+        );
         metrics::counter!("relay_marked_without_publishing_total").increment(reused.len() as u64);
         metrics::counter!("relay_published_total").increment(published_ids.len() as u64);
         metrics::histogram!("relay_batch_size").record(rows.len() as f64);

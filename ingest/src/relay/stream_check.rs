@@ -343,7 +343,6 @@ impl Relay {
         let first_sequence: Option<i64> = marked.get(2);
         let last_sequence: Option<i64> = marked.get(3);
         metrics::counter!("relay_republished_total").increment(republished_rows);
-        metrics::counter!("relay_lost_beyond_dedup_horizon_total").increment(beyond_horizon_rows);
         tracing::warn!(
             rows = republished_rows,
             first_sequence,
@@ -352,15 +351,26 @@ impl Relay {
             first_lost_event_id = %first_lost.event_id,
             "stream lost published events, republishing them"
         );
-        if beyond_horizon_rows > 0 {
-            tracing::error!(
-                rows = beyond_horizon_rows,
-                dedup_horizon_secs = self.projector_dedup_horizon.as_secs(),
-                stream = self.subjects.stream(),
-                "stream lost events published before the projector's dedup horizon, not republishing them: the read model keeps those the projector applied, the stream no longer holds them"
-            );
-        }
+        self.not_republished(beyond_horizon_rows, "by the repair");
         Ok(StreamCheckOutcome::Repaired { republished_rows })
+    }
+
+    /// Counts and logs `rows` events the stream lost that are not published again: their
+    /// first publish is past the projector's dedup horizon. `noticed` says where: by the
+    /// repair, or by a round that claimed rows the repair had left to republish after
+    /// their deadline.
+    pub(super) fn not_republished(&self, rows: u64, noticed: &'static str) {
+        if rows == 0 {
+            return;
+        }
+        metrics::counter!("relay_lost_beyond_dedup_horizon_total").increment(rows);
+        tracing::error!(
+            rows,
+            noticed,
+            dedup_horizon_secs = self.projector_dedup_horizon.as_secs(),
+            stream = self.subjects.stream(),
+            "stream lost events published before the projector's dedup horizon, not republishing them: the read model keeps those the projector applied, the stream no longer holds them"
+        );
     }
 }
 
