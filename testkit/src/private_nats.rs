@@ -110,6 +110,12 @@ impl PrivateNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// `nats://<userinfo>@127.0.0.1:<port>`: the URL with credentials (`user:password`,
+    /// or a token), for a server started with users ([`Self::start_with_config`]).
+    pub fn url_as(&self, userinfo: &str) -> String {
+        format!("nats://{userinfo}@127.0.0.1:{}", self.port)
+    }
+
     /// The `-sd` directory.
     pub fn store_dir(&self) -> &Path {
         &self.store_dir

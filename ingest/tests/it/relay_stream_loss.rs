@@ -994,7 +994,7 @@ async fn a_relay_whose_stream_check_fails_publishes_nothing_until_one_succeeds()
     const WHILE_FAILING: usize = 5;
     let mut nats = PrivateNats::start_with_config(&nats_config(true));
     let mut env = TestEnv::new();
-    env.settings.nats.url = nats.url().replace("nats://", "nats://relay:relay@");
+    env.settings.nats.url = nats.url_as("relay:relay");
     // Only the reconnect starts a check.
     env.settings.relay.stream_check_interval_ms = NEVER_MS;
     migrate(&env).await;
@@ -1029,21 +1029,12 @@ async fn a_relay_whose_stream_check_fails_publishes_nothing_until_one_succeeds()
         published, BEFORE as i64,
         "nothing is published while the stream check fails"
     );
-    let readyz = format!("{relay_admin}/readyz");
-    let not_ready = http.get(&readyz).send().await.expect("readyz answers");
-    assert_eq!(
-        not_ready.status().as_u16(),
-        503,
-        "not ready while the check fails"
-    );
+    // Not ready while the check fails, naming NATS (API.md §7).
+    testkit::settled_readiness(&relay_admin, Some("nats")).await;
 
     nats.restart_with_config(&nats_config(false));
     wait_until_all_published(&db, (BEFORE + WHILE_FAILING) as i64).await;
-    eventually(Duration::from_secs(10), "the relay ready again", || async {
-        let answer = http.get(&readyz).send().await.ok()?;
-        answer.status().is_success().then_some(())
-    })
-    .await;
+    testkit::settled_readiness(&relay_admin, None).await;
     relay.stop().await;
     ingest.stop().await;
 }
