@@ -404,3 +404,30 @@ async fn temperatures(query: &Query, resolution: &str, range: &str) -> Vec<Point
 fn its_point(at_ms: i64, width_ms: i64) -> Point {
     (at_ms.div_euclid(width_ms) * width_ms, 1, 21.0, 21.0, 21.0)
 }
+
+/// A bucket whose readings sum past a double's range has no average: its point says
+/// `"avg": null` (as `openapi.json` allows), with its count, min and max as they are.
+#[tokio::test]
+async fn a_bucket_whose_sum_overflows_has_a_null_average() {
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    let now = unix_millis(OffsetDateTime::now_utc());
+    let at = (now - 10 * 60_000).div_euclid(TEN_SECONDS) * TEN_SECONDS;
+    for offset in [1_000, 2_000] {
+        let metrics = BTreeMap::from([("temperature".to_owned(), 1.7e308)]);
+        publish_reading(env, jetstream, at + offset, metrics).await;
+    }
+    projected(query, 2).await;
+
+    let path = "/v1/devices/series-1/series?metric=temperature";
+    let response = query.get(path).await;
+    assert_eq!(response.status().as_u16(), 200, "{path}");
+    let body: Value = response.json().await.expect("json");
+    let points = body["points"].as_array().expect("points");
+    assert_eq!(points.len(), 1, "{body}");
+    let point = &points[0];
+    assert_eq!(point["count"], 2, "{body}");
+    assert!(point["avg"].is_null(), "{body}");
+    assert_eq!(point["min"], 1.7e308, "{body}");
+    assert_eq!(point["max"], 1.7e308, "{body}");
+}
