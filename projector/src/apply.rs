@@ -74,10 +74,20 @@ pub struct Applied {
 }
 
 /// What [`ReadModel::apply_as_of`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AsOf {
     /// Every call went through.
     Applied(Applied),
+    /// Redis refused the calls of some devices ([`refuses_only_the_call`]: a key of
+    /// another type, a script error on what the keys hold), named here with Redis's
+    /// error; the other devices' calls went through, and `applied` counts the events
+    /// they applied to the first generation. A refused call wrote nothing, unless the
+    /// script failed after writing some generation's keys, whose record of the events
+    /// then skips them when they come again.
+    Refused {
+        applied: u64,
+        devices: BTreeMap<String, String>,
+    },
     /// The generations changed since they were read (a rebuild began or switched
     /// over, the read model was lost): some calls wrote nothing. The batch is to be
     /// applied again with the generations read anew; `applied` counts the events the
@@ -269,29 +279,32 @@ impl ReadModel {
         }
     }
 
-    /// Runs `pipeline`; on `NOSCRIPT` (Redis restarted) loads the scripts again and runs
-    /// it once more (the apply script skips whatever did apply).
-    async fn run<C: ConnectionLike, T: redis::FromRedisValue>(
+    /// Runs `pipeline` of script calls, each call's result or error on its own; on
+    /// `NOSCRIPT` (Redis restarted) loads the scripts again and runs it once more (the
+    /// apply script skips whatever did apply).
+    async fn run<C: ConnectionLike>(
         &self,
         connection: &mut C,
-        pipeline: &redis::Pipeline,
-    ) -> RedisResult<T> {
-        match pipeline.query_async(connection).await {
-            Err(error)
-                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                self.apply_script
-                    .prepare_invoke()
-                    .load_async(connection)
-                    .await?;
-                self.index_script
-                    .prepare_invoke()
-                    .load_async(connection)
-                    .await?;
-                pipeline.query_async(connection).await
-            }
-            result => result,
+        pipeline: &mut redis::Pipeline,
+    ) -> RedisResult<Vec<RedisResult<Vec<i64>>>> {
+        let pipeline = pipeline.ignore_errors();
+        let results: Vec<RedisResult<Vec<i64>>> = pipeline.query_async(connection).await?;
+        let no_script = |result: &RedisResult<Vec<i64>>| {
+            matches!(result, Err(error)
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
+        };
+        if !results.iter().any(no_script) {
+            return Ok(results);
         }
+        self.apply_script
+            .prepare_invoke()
+            .load_async(connection)
+            .await?;
+        self.index_script
+            .prepare_invoke()
+            .load_async(connection)
+            .await?;
+        pipeline.query_async(connection).await
     }
 
     /// Applies `events` (any devices, any order, duplicates allowed) to each of
@@ -307,10 +320,13 @@ impl ReadModel {
         now_ms: i64,
     ) -> RedisResult<Applied> {
         let events: Vec<&Delivered> = events.iter().collect();
-        let (applied, _) = self
+        let (applied, _, refused) = self
             .apply_guarded(connection, generations, None, &events, now_ms)
             .await?;
-        Ok(applied)
+        match refused.into_values().next() {
+            Some(error) => Err(error),
+            None => Ok(applied),
+        }
     }
 
     /// Applies `events` as [`apply`](Self::apply) does to the generations as they
@@ -335,11 +351,12 @@ impl ReadModel {
             };
         let mut total = Applied::default();
         let mut stale = false;
+        let mut refused = BTreeMap::new();
         for (targets, part) in [
             (generations.live_target(), replayed_alone),
             (generations.targets(), shared),
         ] {
-            let (applied, part_stale) = self
+            let (applied, part_stale, part_refused) = self
                 .apply_guarded(
                     connection,
                     &targets,
@@ -351,10 +368,20 @@ impl ReadModel {
             total.applied += applied.applied;
             total.duplicates += applied.duplicates;
             stale |= part_stale;
+            for (device_id, error) in part_refused {
+                refused
+                    .entry(device_id.to_owned())
+                    .or_insert_with(|| redis_error_line(&error));
+            }
         }
         Ok(if stale {
             AsOf::Stale {
                 applied: total.applied,
+            }
+        } else if !refused.is_empty() {
+            AsOf::Refused {
+                applied: total.applied,
+                devices: refused,
             }
         } else {
             AsOf::Applied(total)
@@ -363,24 +390,27 @@ impl ReadModel {
 
     /// [`apply`](Self::apply), each call guarded by `guard` when given; also says
     /// whether a guarded call found the generations changed (then nothing is
-    /// remembered as listed, and mixed calls are not split up: the batch comes again).
-    async fn apply_guarded<C: ConnectionLike>(
+    /// remembered as listed, and mixed calls are not split up: the batch comes again),
+    /// and which devices' calls Redis refused ([`refuses_only_the_call`]), with the
+    /// error. Any other error of any call is the batch's.
+    async fn apply_guarded<'a, C: ConnectionLike>(
         &self,
         connection: &mut C,
         generations: &[u64],
         guard: Option<&[String; 3]>,
-        events: &[&Delivered],
+        events: &[&'a Delivered],
         now_ms: i64,
-    ) -> RedisResult<(Applied, bool)> {
+    ) -> RedisResult<(Applied, bool, BTreeMap<&'a str, redis::RedisError>)> {
+        let mut refused = BTreeMap::new();
         if events.is_empty() || generations.is_empty() {
-            return Ok((Applied::default(), false));
+            return Ok((Applied::default(), false, refused));
         }
         // Copies of one event in the batch (a republish under another Nats-Msg-Id) go to
         // the script once, as the copy with the highest stream sequence: the event counts
         // once, and `as_of_seq` still reaches every sequence the batch delivered, as it
         // would if the copies had come in batches of their own.
         let mut position: HashMap<uuid::Uuid, usize> = HashMap::with_capacity(events.len());
-        let mut kept: Vec<&Delivered> = Vec::with_capacity(events.len());
+        let mut kept: Vec<&'a Delivered> = Vec::with_capacity(events.len());
         for &delivered in events {
             match position.entry(delivered.event.event_id) {
                 Entry::Vacant(slot) => {
@@ -395,7 +425,7 @@ impl ReadModel {
                 }
             }
         }
-        let mut by_device: BTreeMap<&str, Vec<&Delivered>> = BTreeMap::new();
+        let mut by_device: BTreeMap<&'a str, Vec<&'a Delivered>> = BTreeMap::new();
         for delivered in kept {
             by_device
                 .entry(delivered.event.device_id.as_str())
@@ -403,7 +433,7 @@ impl ReadModel {
                 .push(delivered);
         }
         let mut pipeline = redis::pipe();
-        let mut calls: Vec<(&str, &[&Delivered])> = Vec::new();
+        let mut calls: Vec<(&'a str, &[&'a Delivered])> = Vec::new();
         for (device_id, device_events) in &by_device {
             for call in calls_of(device_events) {
                 self.add_call(&mut pipeline, generations, guard, device_id, call, now_ms);
@@ -463,15 +493,37 @@ impl ReadModel {
             }
             guard_fields(command, guard);
         }
-        let results: Vec<Vec<i64>> = self.run(connection, &pipeline).await?;
+        let mut results = self.run(connection, &mut pipeline).await?;
+        // The index calls are the batch's: one refused fails it.
+        for result in results.split_off(calls.len().min(results.len())) {
+            result?;
+        }
+        let mut refuse = |device_id: &'a str, error: redis::RedisError| {
+            if refuses_only_the_call(&error) {
+                refused.entry(device_id).or_insert(error);
+                Ok(())
+            } else {
+                Err(error)
+            }
+        };
+        let mut results_of_calls = Vec::with_capacity(calls.len());
+        for ((device_id, _), result) in calls.iter().zip(results) {
+            results_of_calls.push(match result {
+                Ok(per_generation) => per_generation,
+                Err(error) => {
+                    refuse(device_id, error)?;
+                    Vec::new()
+                }
+            });
+        }
         let is_stale = |result: &Vec<i64>| result.as_slice() == [STALE];
-        let stale = results.iter().any(is_stale);
+        let stale = results_of_calls.iter().any(is_stale);
         let mut applied = 0u64;
         // A generation that held some of a call's events but not all got nothing from it
         // (its figures include those it has): each event alone is all-or-nothing.
         let mut retry = redis::pipe();
         let mut retry_counts = Vec::new();
-        for ((device_id, call), per_generation) in calls.iter().zip(&results) {
+        for ((device_id, call), per_generation) in calls.iter().zip(&results_of_calls) {
             for (position, (generation, result)) in
                 generations.iter().zip(per_generation).enumerate()
             {
@@ -493,15 +545,22 @@ impl ReadModel {
                         &[delivered],
                         now_ms,
                     );
-                    retry_counts.push(position == 0);
+                    retry_counts.push((position == 0, *device_id));
                 }
             }
         }
         let mut stale_retry = false;
         if !retry_counts.is_empty() {
-            let results: Vec<Vec<i64>> = self.run(connection, &retry).await?;
-            stale_retry = results.iter().any(is_stale);
-            for (counts, result) in retry_counts.into_iter().zip(results) {
+            let results = self.run(connection, &mut retry).await?;
+            for ((counts, device_id), result) in retry_counts.into_iter().zip(results) {
+                let result = match result {
+                    Ok(result) => result,
+                    Err(error) => {
+                        refuse(device_id, error)?;
+                        continue;
+                    }
+                };
+                stale_retry |= is_stale(&result);
                 if counts {
                     applied += result.first().map_or(0, |count| (*count).max(0) as u64);
                 }
@@ -512,7 +571,7 @@ impl ReadModel {
             duplicates: (events.len() as u64).saturating_sub(applied),
         };
         if stale || stale_retry {
-            return Ok((applied, true));
+            return Ok((applied, true, refused));
         }
         let mut listed = self.listed();
         // A retired generation is never listed again: past the live one and one being
@@ -529,8 +588,25 @@ impl ReadModel {
                 devices.insert(device_id.to_owned(), granule);
             }
         }
-        Ok((applied, false))
+        Ok((applied, false, refused))
     }
+}
+
+/// `error` as Redis wrote it (`WRONGTYPE Operation against a key ...`).
+fn redis_error_line(error: &redis::RedisError) -> String {
+    match (error.code(), error.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => error.to_string(),
+    }
+}
+
+/// Whether `error`, Redis's answer to one script call, is that call's own: a key of
+/// another type (`WRONGTYPE`), a script error on what the keys hold (`ERR`). The other
+/// calls of its pipeline went through; the device's events go through once its keys
+/// are mended, or to the dead-letter stream. Not so for an error of the whole server
+/// (`LOADING`, `BUSY`, `OOM`, `READONLY`, `NOPERM`, ...), which every call meets.
+pub fn refuses_only_the_call(error: &redis::RedisError) -> bool {
+    matches!(error.code(), Some("WRONGTYPE" | "ERR"))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The durable pull consumer: JetStream batches in, Redis pipelines out, acks after.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -385,7 +386,7 @@ impl Projector {
                 Err(reason) => tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => {}
-                    _ = self.dead_letter(message, stream_sequence, stored_at, reason) => {}
+                    _ = self.dead_letter(message, stream_sequence, stored_at, reason.into()) => {}
                 },
             }
         }
@@ -435,6 +436,44 @@ impl Projector {
                             self.forget_generations();
                             continue;
                         }
+                        Ok(AsOf::Refused { applied, devices }) => {
+                            // The other devices' events went through: acked now, not
+                            // held (and redelivered) with the refused ones.
+                            let (refused, through): (Vec<_>, Vec<_>) = delivered
+                                .into_iter()
+                                .zip(to_ack)
+                                .partition(|(item, _)| devices.contains_key(&item.event.device_id));
+                            let (through, through_messages): (Vec<_>, Vec<_>) =
+                                through.into_iter().unzip();
+                            self.acknowledge(
+                                &through_messages,
+                                &through,
+                                applied_before + applied,
+                                started,
+                                shutdown,
+                            )
+                            .await;
+                            applied_before = 0;
+                            (delivered, to_ack) = self
+                                .dead_letter_refused(refused, &devices, shutdown)
+                                .await
+                                .into_iter()
+                                .unzip();
+                            if delivered.is_empty() {
+                                return;
+                            }
+                            metrics::counter!("projector_errors_total").increment(1);
+                            tracing::warn!(
+                                devices = ?devices,
+                                events = delivered.len(),
+                                "redis refused the events of some devices, retrying them"
+                            );
+                            if shutdown.is_cancelled() {
+                                break None;
+                            }
+                            self.pause(&mut backoff, taken, shutdown).await;
+                            continue;
+                        }
                         Err(error) => error,
                     }
                 }
@@ -455,10 +494,27 @@ impl Projector {
             hand_back(&to_ack).await;
             return;
         };
+        self.acknowledge(&to_ack, &delivered, applied, started, shutdown)
+            .await;
+    }
+
+    /// Acks `messages`, whose events (`delivered`) Redis took, `applied` of them new,
+    /// in a batch begun then; counts them.
+    async fn acknowledge(
+        &self,
+        messages: &[jetstream::Message],
+        delivered: &[Delivered],
+        applied: u64,
+        started: Instant,
+        shutdown: &CancellationToken,
+    ) {
+        if delivered.is_empty() {
+            return;
+        }
         self.stalled.store(false, Ordering::Relaxed);
-        answer(&to_ack, AckKind::Ack, shutdown).await;
+        answer(messages, AckKind::Ack, shutdown).await;
         let now = OffsetDateTime::now_utc();
-        for item in &delivered {
+        for item in delivered {
             let lag = (now - item.event.received_at).as_seconds_f64().max(0.0);
             metrics::histogram!("projector_end_to_end_seconds").record(lag);
         }
@@ -467,6 +523,43 @@ impl Projector {
         metrics::counter!("projector_duplicates_skipped_total").increment(duplicates);
         metrics::histogram!("projector_batch_size").record(delivered.len() as f64);
         metrics::histogram!("projector_apply_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    /// Dead-letters those of the `refused` events (Redis refused their devices' calls
+    /// with the error `devices` names) delivered [`DELIVERIES_BEFORE_REFUSED_IS_DEAD`]
+    /// times or more; returns the others, to be tried again. So a device whose keys
+    /// Redis cannot apply to holds its events for a few ack waits, in case an operator
+    /// mends them, not for ever (API.md §6: not retried forever).
+    async fn dead_letter_refused(
+        &self,
+        refused: Vec<(Delivered, jetstream::Message)>,
+        devices: &BTreeMap<String, String>,
+        shutdown: &CancellationToken,
+    ) -> Vec<(Delivered, jetstream::Message)> {
+        let mut kept = Vec::with_capacity(refused.len());
+        for (item, message) in refused {
+            let deliveries = message.info().map_or(1, |info| info.delivered);
+            let error = devices.get(&item.event.device_id);
+            let Some(error) = error.filter(|_| deliveries >= DELIVERIES_BEFORE_REFUSED_IS_DEAD)
+            else {
+                kept.push((item, message));
+                continue;
+            };
+            tracing::error!(
+                event_id = %item.event.event_id,
+                device_id = item.event.device_id,
+                deliveries,
+                %error,
+                "redis refused an event on every delivery, dead-lettering it; mend the device's keys, then re-drive it (projector dlq redrive)"
+            );
+            let reason = dlq::Reason::Refused(error.clone());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {}
+                _ = self.dead_letter(message, item.stream_sequence, item.stored_at, reason) => {}
+            }
+        }
+        kept
     }
 
     /// Whether a batch `taken` from the inbox then, and not yet taken by Redis, is to be
@@ -545,7 +638,7 @@ impl Projector {
         message: jetstream::Message,
         stream_sequence: u64,
         stored_at: OffsetDateTime,
-        reason: DecodeError,
+        reason: dlq::Reason,
     ) {
         let device_id = device_hint(&message.payload, &message.subject);
         // The event id as the relay published it (API.md §7: a failure's log line names
@@ -604,7 +697,7 @@ impl Projector {
         }
         match published {
             Ok(()) => {
-                count_dead_letters(reason.reason(), 1);
+                count_dead_letters(reason.label(), 1);
                 if let Err(error) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(%error, stream_sequence, "terminating a dead-lettered message failed");
                 }
@@ -1295,8 +1388,13 @@ fn report_rebuild(ended: Result<Result<u64, RebuildError>, tokio::task::JoinErro
     }
 }
 
+/// The deliveries after which an event Redis still refuses to apply
+/// ([`crate::apply::refuses_only_the_call`]) goes to the dead-letter stream: a few ack
+/// waits to mend its device's keys in.
+pub const DELIVERIES_BEFORE_REFUSED_IS_DEAD: i64 = 3;
+
 /// Adds `events` to the dead letters counted for `reason`
-/// (`projector_dlq_total{reason}`, one of [`contract::event::DecodeError::REASONS`]).
+/// (`projector_dlq_total{reason}`, one of [`dlq::Reason::LABELS`]).
 pub fn count_dead_letters(reason: &'static str, events: u64) {
     metrics::counter!("projector_dlq_total", "reason" => reason).increment(events);
 }

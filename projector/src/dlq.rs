@@ -10,6 +10,47 @@ use contract::event::{headers, DecodeError};
 use contract::subjects::{device_token, Subjects};
 use time::OffsetDateTime;
 
+/// Why a message goes to the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// It is no event the projector may apply (API.md §6): undecodable, of an unknown
+    /// version, or invalid.
+    Decode(DecodeError),
+    /// Redis refused every call applying it, with this error, until it had been
+    /// delivered [`crate::consumer::DELIVERIES_BEFORE_REFUSED_IS_DEAD`] times: its
+    /// device's keys hold what the scripts cannot work on (a key of another type, a
+    /// field written by something else). Re-driven once they are mended.
+    Refused(String),
+}
+
+impl Reason {
+    /// Every [`Reason::label`], as `projector_dlq_total` labels its series.
+    pub const LABELS: [&'static str; 4] = ["undecodable", "unknown-version", "invalid", "refused"];
+
+    /// The short reason, first in the `Dlq-Reason` header.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Decode(error) => error.reason(),
+            Self::Refused(_) => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Decode(error) => error.fmt(formatter),
+            Self::Refused(error) => write!(formatter, "refused: {error}"),
+        }
+    }
+}
+
+impl From<DecodeError> for Reason {
+    fn from(error: DecodeError) -> Self {
+        Self::Decode(error)
+    }
+}
+
 /// The most of its payload a stripped dead letter holds: enough to tell what the message
 /// was (the original stays in the event stream, at its `Dlq-Stream-Sequence`).
 pub const STRIPPED_PAYLOAD_MAX: usize = 4096;
@@ -87,7 +128,7 @@ impl DeadLetterCopy {
         stream: &str,
         stream_sequence: u64,
         stored_at: OffsetDateTime,
-        reason: &DecodeError,
+        reason: &Reason,
     ) -> Self {
         let mut letter = HeaderMap::new();
         // The original id must not make JetStream drop this copy as a duplicate.
@@ -260,6 +301,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_reason_has_its_label_listed_and_leads_its_header_with_it() {
+        let reasons = [
+            Reason::Decode(DecodeError::Undecodable("eof".to_owned())),
+            Reason::Decode(DecodeError::UnknownVersion("9".to_owned())),
+            Reason::Decode(DecodeError::Invalid("nan".to_owned())),
+            Reason::Refused("WRONGTYPE Operation against a key".to_owned()),
+        ];
+        let labels: Vec<&str> = reasons.iter().map(Reason::label).collect();
+        assert_eq!(labels, Reason::LABELS);
+        for label in DecodeError::REASONS {
+            assert!(Reason::LABELS.contains(&label), "{label}");
+        }
+        for reason in &reasons {
+            assert!(
+                reason
+                    .to_string()
+                    .starts_with(&format!("{}: ", reason.label())),
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
     fn a_header_value_has_its_control_characters_escaped_and_is_cut_at_a_character() {
         assert_eq!(
             header_value("invalid: event_type telemetry.recorded\r\nX: 1\t\u{1b}"),
@@ -277,8 +341,10 @@ mod tests {
         assert_eq!(cut, "\\n".repeat(HEADER_VALUE_MAX / 2), "no escape split");
     }
 
-    fn reason() -> DecodeError {
-        DecodeError::Invalid("event_type telemetry.recorded\r\nX: 1".to_owned())
+    fn reason() -> Reason {
+        Reason::Decode(DecodeError::Invalid(
+            "event_type telemetry.recorded\r\nX: 1".to_owned(),
+        ))
     }
 
     /// When the message at sequence 42 was stored.

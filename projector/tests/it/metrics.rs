@@ -73,7 +73,7 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
     let start = projector.metrics().await;
     // Before any dead letter: an alert fires on the first of each reason.
     testkit::prometheus::assert_alerted_counters_served(&start, "projector_");
-    for reason in contract::event::DecodeError::REASONS {
+    for reason in projector::dlq::Reason::LABELS {
         assert_eq!(
             start.value("projector_dlq_total", &[("reason", reason)]),
             Some(0.0),
@@ -302,9 +302,11 @@ async fn redeliveries_are_counted_as_they_arrive_and_the_unacked_gauge_falls_bac
     let projector = projector_process(
         &env,
         // Room for batches beyond the held ones, which wait on Redis, so that the
-        // projector takes the redelivered copies in.
+        // projector takes the redelivered copies in. An ack wait of 3 s: the refused
+        // events are dead-lettered on their third delivery, 6 s on, long after the
+        // test has seen the second and mended the device.
         &[
-            ("PIPELINE__PROJECTOR__ACK_WAIT_SECS", "1"),
+            ("PIPELINE__PROJECTOR__ACK_WAIT_SECS", "3"),
             ("PIPELINE__PROJECTOR__BATCHES_IN_FLIGHT", "16"),
         ],
     );
@@ -313,7 +315,7 @@ async fn redeliveries_are_counted_as_they_arrive_and_the_unacked_gauge_falls_bac
     let start = projector.metrics().await;
     assert_eq!(start.value("projector_redelivered_total", &[]), Some(0.0));
 
-    // Redis refuses this device's applies: the projector holds the batch past the 1 s
+    // Redis refuses this device's applies: the projector holds the batch past the 3 s
     // ack wait, and JetStream delivers its messages again.
     let device = "sensor-1";
     let refused = Refused::applies(&env, generation, device).await;

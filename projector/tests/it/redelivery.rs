@@ -365,6 +365,98 @@ async fn a_device_redis_refuses_does_not_hold_up_the_other_devices() {
     assert!(projector.terminate().await.success());
 }
 
+/// An event Redis refuses on every delivery (its device's applied set overwritten with
+/// a string), in one batch with other devices' events: those are acked at once, not held
+/// and redelivered with it, and it goes to the dead-letter stream with the reason
+/// `refused` once delivered `DELIVERIES_BEFORE_REFUSED_IS_DEAD` times, so the
+/// consumer's ack floor moves past it (API.md §6: not retried forever). Mended and
+/// re-driven, it counts once.
+#[tokio::test]
+async fn an_event_redis_refuses_on_every_delivery_is_dead_lettered_and_its_batch_acked() {
+    const ACK_WAIT: (&str, &str) = ("PIPELINE__PROJECTOR__ACK_WAIT_SECS", "1");
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let first = projector_process(&env, &[ACK_WAIT]);
+    first.ready().await;
+    let applied = DeviceKeys::new(
+        &env.settings.redis.prefix,
+        live_generation(&env).await,
+        "sensor-refused",
+    )
+    .applied;
+    assert!(first.terminate().await.success());
+    env.overwrite_with_a_string(&applied).await;
+
+    // Published while no projector runs, so that the next one pulls them in one batch.
+    let base = now_ms() - 60_000;
+    let refused = event("sensor-refused", base, &[("temperature", 1.0)]);
+    let refused_sequence = publish(&env, &jetstream, &refused).await;
+    let mut others = Vec::new();
+    let mut last_sequence = refused_sequence;
+    for index in 0..10 {
+        let event = event(
+            &format!("sensor-{index}"),
+            base + index,
+            &[("temperature", index as f64)],
+        );
+        last_sequence = publish(&env, &jetstream, &event).await;
+        others.push(event);
+    }
+    let projector = projector_process(&env, &[ACK_WAIT]);
+    let expected = reference(&others);
+    let actual = projected(&env, &expected).await;
+    for (device, stats) in &actual {
+        assert_same_figures(device, stats, &expected[device], Sums::Exact);
+    }
+
+    let letter = eventually(CATCH_UP, "the refused event dead-lettered", || async {
+        let letters = projector::dlq::list(&jetstream, &env.subjects, 10)
+            .await
+            .ok()?;
+        letters.into_iter().next()
+    })
+    .await;
+    assert_eq!(letter.original_sequence, Some(refused_sequence));
+    assert_eq!(letter.subject, env.subjects.dlq(Some("sensor-refused")));
+    assert!(
+        letter.reason.starts_with("refused: WRONGTYPE"),
+        "{}",
+        letter.reason
+    );
+    let info = drained(&env, &jetstream, last_sequence).await;
+    assert_eq!(info.ack_floor.stream_sequence, last_sequence);
+    let scrape = projector.metrics().await;
+    assert_eq!(
+        scrape.value("projector_dlq_total", &[("reason", "refused")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("projector_events_applied_total", &[]),
+        Some(others.len() as f64),
+        "the other devices' events were applied once, not again on redeliveries"
+    );
+    assert_eq!(env.device_stats("sensor-refused").await, None);
+
+    // Mended, then re-driven: counted once.
+    let () = redis::cmd("DEL")
+        .arg(&applied)
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("del");
+    projector::dlq::redrive(&jetstream, &env.subjects, letter.sequence)
+        .await
+        .expect("re-driven");
+    let expected = reference([&refused]);
+    let actual = projected(&env, &expected).await;
+    assert_same_figures(
+        "sensor-refused",
+        &actual["sensor-refused"],
+        &expected["sensor-refused"],
+        Sums::Exact,
+    );
+    assert!(projector.terminate().await.success());
+}
+
 /// One event of a generated scenario: device, time slot and metric values.
 #[derive(Debug, Clone)]
 struct Spec {

@@ -248,6 +248,7 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
                 AsOf::Applied(_) => applied += 1,
                 // It would read the generations again: no longer the abandoned one.
                 AsOf::Stale { .. } => return applied,
+                refused @ AsOf::Refused { .. } => panic!("nothing refuses these: {refused:?}"),
             }
         }
     });

@@ -272,6 +272,15 @@ async fn a_malformed_series_request_is_a_400_problem_naming_its_field() {
             "to",
         ),
         ("metric=temperature&to=1764000000000".to_owned(), "to"),
+        // In years RFC 3339 cannot write in UTC, as the answer echoes them.
+        (
+            "metric=temperature&to=9999-12-31T23:59:59-23:59".to_owned(),
+            "to",
+        ),
+        (
+            "metric=temperature&from=0000-01-01T00:00:00%2B01:00".to_owned(),
+            "from",
+        ),
     ] {
         let path = format!("/v1/devices/series-1/series?{parameters}");
         let problem = assert_problem(query.get(&path).await, 400, "invalid-request").await;
@@ -285,6 +294,15 @@ async fn a_malformed_series_request_is_a_400_problem_naming_its_field() {
         .get("/v1/devices/series-1/series?metric=temperature")
         .await;
     assert_eq!(response.status().as_u16(), 200);
+    // A `to` at the first instant RFC 3339 writes: the default `from` an hour before it
+    // stops there, echoed as a timestamp, not in Unix seconds.
+    let response = query
+        .get("/v1/devices/series-1/series?metric=temperature&to=0000-01-01T00:00:00Z")
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["from"], "0000-01-01T00:00:00Z", "{body}");
+    assert_eq!(body["to"], "0000-01-01T00:00:00Z", "{body}");
     query.stop().await;
 }
 
