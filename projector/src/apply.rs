@@ -78,15 +78,16 @@ pub struct Applied {
 pub enum AsOf {
     /// Every call went through.
     Applied(Applied),
-    /// Redis refused the calls of some devices ([`refuses_only_the_call`]: a key of
-    /// another type, a script error on what the keys hold), named here with Redis's
-    /// error; the other devices' calls went through, and `applied` counts the events
-    /// they applied to the first generation. A refused call wrote nothing, unless the
-    /// script failed after writing some generation's keys, whose record of the events
-    /// then skips them when they come again.
+    /// Redis refused some calls ([`refuses_only_the_call`]: a key of another type, a
+    /// script error on what the keys hold): the events of the refused calls are named
+    /// here by id, with Redis's error; `applied` counts the events the other calls
+    /// applied to the first generation, and `others_through` says whether there were
+    /// any (if not, the refusal may be one every call would meet). A refused call
+    /// wrote nothing: `apply.lua` reads and checks all it reads before its first write.
     Refused {
         applied: u64,
-        devices: BTreeMap<String, String>,
+        events: BTreeMap<uuid::Uuid, String>,
+        others_through: bool,
     },
     /// The generations changed since they were read (a rebuild began or switched
     /// over, the read model was lost): some calls wrote nothing. The batch is to be
@@ -320,11 +321,11 @@ impl ReadModel {
         now_ms: i64,
     ) -> RedisResult<Applied> {
         let events: Vec<&Delivered> = events.iter().collect();
-        let (applied, _, refused) = self
+        let (applied, _, refused, _) = self
             .apply_guarded(connection, generations, None, &events, now_ms)
             .await?;
-        match refused.into_values().next() {
-            Some(error) => Err(error),
+        match refused.into_iter().next() {
+            Some((_, error)) => Err(error),
             None => Ok(applied),
         }
     }
@@ -352,11 +353,12 @@ impl ReadModel {
         let mut total = Applied::default();
         let mut stale = false;
         let mut refused = BTreeMap::new();
+        let mut others_through = false;
         for (targets, part) in [
             (generations.live_target(), replayed_alone),
             (generations.targets(), shared),
         ] {
-            let (applied, part_stale, part_refused) = self
+            let (applied, part_stale, part_refused, through) = self
                 .apply_guarded(
                     connection,
                     &targets,
@@ -368,10 +370,12 @@ impl ReadModel {
             total.applied += applied.applied;
             total.duplicates += applied.duplicates;
             stale |= part_stale;
-            for (device_id, error) in part_refused {
-                refused
-                    .entry(device_id.to_owned())
-                    .or_insert_with(|| redis_error_line(&error));
+            others_through |= through;
+            for (call, error) in part_refused {
+                let line = redis_error_line(&error);
+                for delivered in call {
+                    refused.insert(delivered.event.event_id, line.clone());
+                }
             }
         }
         Ok(if stale {
@@ -381,7 +385,8 @@ impl ReadModel {
         } else if !refused.is_empty() {
             AsOf::Refused {
                 applied: total.applied,
-                devices: refused,
+                events: refused,
+                others_through,
             }
         } else {
             AsOf::Applied(total)
@@ -391,19 +396,26 @@ impl ReadModel {
     /// [`apply`](Self::apply), each call guarded by `guard` when given; also says
     /// whether a guarded call found the generations changed (then nothing is
     /// remembered as listed, and mixed calls are not split up: the batch comes again),
-    /// and which devices' calls Redis refused ([`refuses_only_the_call`]), with the
-    /// error. Any other error of any call is the batch's.
-    async fn apply_guarded<'a, C: ConnectionLike>(
+    /// which calls (their events) Redis refused ([`refuses_only_the_call`]), with the
+    /// error, and whether any call went through. Any other error of any call is the
+    /// batch's.
+    #[allow(clippy::type_complexity)]
+    async fn apply_guarded<'a, 'b, C: ConnectionLike>(
         &self,
         connection: &mut C,
         generations: &[u64],
         guard: Option<&[String; 3]>,
-        events: &[&'a Delivered],
+        events: &'b [&'a Delivered],
         now_ms: i64,
-    ) -> RedisResult<(Applied, bool, BTreeMap<&'a str, redis::RedisError>)> {
-        let mut refused = BTreeMap::new();
+    ) -> RedisResult<(
+        Applied,
+        bool,
+        Vec<(Vec<&'a Delivered>, redis::RedisError)>,
+        bool,
+    )> {
+        let mut refused = Vec::new();
         if events.is_empty() || generations.is_empty() {
-            return Ok((Applied::default(), false, refused));
+            return Ok((Applied::default(), false, refused, false));
         }
         // Copies of one event in the batch (a republish under another Nats-Msg-Id) go to
         // the script once, as the copy with the highest stream sequence: the event counts
@@ -434,6 +446,7 @@ impl ReadModel {
         }
         let mut pipeline = redis::pipe();
         let mut calls: Vec<(&'a str, &[&'a Delivered])> = Vec::new();
+        let mut any_through = false;
         for (device_id, device_events) in &by_device {
             for call in calls_of(device_events) {
                 self.add_call(&mut pipeline, generations, guard, device_id, call, now_ms);
@@ -498,20 +511,23 @@ impl ReadModel {
         for result in results.split_off(calls.len().min(results.len())) {
             result?;
         }
-        let mut refuse = |device_id: &'a str, error: redis::RedisError| {
+        let mut refuse = |call: &[&'a Delivered], error: redis::RedisError| {
             if refuses_only_the_call(&error) {
-                refused.entry(device_id).or_insert(error);
+                refused.push((call.to_vec(), error));
                 Ok(())
             } else {
                 Err(error)
             }
         };
         let mut results_of_calls = Vec::with_capacity(calls.len());
-        for ((device_id, _), result) in calls.iter().zip(results) {
+        for ((_, call), result) in calls.iter().zip(results) {
             results_of_calls.push(match result {
-                Ok(per_generation) => per_generation,
+                Ok(per_generation) => {
+                    any_through = true;
+                    per_generation
+                }
                 Err(error) => {
-                    refuse(device_id, error)?;
+                    refuse(call, error)?;
                     Vec::new()
                 }
             });
@@ -545,18 +561,21 @@ impl ReadModel {
                         &[delivered],
                         now_ms,
                     );
-                    retry_counts.push((position == 0, *device_id));
+                    retry_counts.push((position == 0, *delivered));
                 }
             }
         }
         let mut stale_retry = false;
         if !retry_counts.is_empty() {
             let results = self.run(connection, &mut retry).await?;
-            for ((counts, device_id), result) in retry_counts.into_iter().zip(results) {
+            for ((counts, delivered), result) in retry_counts.into_iter().zip(results) {
                 let result = match result {
-                    Ok(result) => result,
+                    Ok(result) => {
+                        any_through = true;
+                        result
+                    }
                     Err(error) => {
-                        refuse(device_id, error)?;
+                        refuse(&[delivered], error)?;
                         continue;
                     }
                 };
@@ -571,7 +590,7 @@ impl ReadModel {
             duplicates: (events.len() as u64).saturating_sub(applied),
         };
         if stale || stale_retry {
-            return Ok((applied, true, refused));
+            return Ok((applied, true, refused, any_through));
         }
         let mut listed = self.listed();
         // A retired generation is never listed again: past the live one and one being
@@ -588,7 +607,7 @@ impl ReadModel {
                 devices.insert(device_id.to_owned(), granule);
             }
         }
-        Ok((applied, false, refused))
+        Ok((applied, false, refused, any_through))
     }
 }
 
@@ -600,13 +619,25 @@ fn redis_error_line(error: &redis::RedisError) -> String {
     }
 }
 
-/// Whether `error`, Redis's answer to one script call, is that call's own: a key of
-/// another type (`WRONGTYPE`), a script error on what the keys hold (`ERR`). The other
-/// calls of its pipeline went through; the device's events go through once its keys
-/// are mended, or to the dead-letter stream. Not so for an error of the whole server
-/// (`LOADING`, `BUSY`, `OOM`, `READONLY`, `NOPERM`, ...), which every call meets.
+/// Whether `error`, Redis's answer to one script call, may be that call's own: a key
+/// of another type (`WRONGTYPE`), a script error on what the keys hold (`ERR`), when
+/// other devices' calls go through (the consumer judges that). Not so for
+/// an error of the whole server (`LOADING`, `BUSY`, `OOM`, `READONLY`, `NOPERM`, ...)
+/// nor for an `ERR` of the server's settings or an operator's hand: an ACL that denies
+/// the script a command or a key (`ERR ACL failure in script`, `ERR The user executing
+/// the script can't run this command or subcommand`), a script killed (`SCRIPT KILL`).
+/// Those are mended on the server, and the events wait for that.
 pub fn refuses_only_the_call(error: &redis::RedisError) -> bool {
-    matches!(error.code(), Some("WRONGTYPE" | "ERR"))
+    match error.code() {
+        Some("WRONGTYPE") => true,
+        Some("ERR") => {
+            let detail = error.detail().unwrap_or_default();
+            !["ACL", "user executing the script", "Script killed"]
+                .iter()
+                .any(|settings| detail.contains(settings))
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]

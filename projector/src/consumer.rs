@@ -58,6 +58,9 @@ pub struct Projector {
     /// time is pulled, and the rest of the consumer's messages are left to projectors
     /// that can apply them.
     stalled: AtomicBool,
+    /// When a device's call last went through: a refusal within an ack wait of that is
+    /// the refused device's ([`Projector::refusal_is_the_devices`]).
+    last_through: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The durable consumer cannot be given this projector's `projector.ack_wait_secs`: the
@@ -86,6 +89,7 @@ impl Projector {
             ack_wait: Duration::from_secs(settings.projector.ack_wait_secs),
             ack_wait_kept: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            last_through: std::sync::Mutex::new(None),
         }
     }
 
@@ -436,13 +440,19 @@ impl Projector {
                             self.forget_generations();
                             continue;
                         }
-                        Ok(AsOf::Refused { applied, devices }) => {
-                            // The other devices' events went through: acked now, not
-                            // held (and redelivered) with the refused ones.
+                        Ok(AsOf::Refused {
+                            applied,
+                            events,
+                            others_through,
+                        }) if self.refusal_is_the_devices(others_through) => {
+                            // The other events went through: acked now, not held (and
+                            // redelivered) with the refused ones, which are left
+                            // unacked for JetStream to deliver again after the ack
+                            // wait, holding no batch slot meanwhile, or dead-lettered.
                             let (refused, through): (Vec<_>, Vec<_>) = delivered
                                 .into_iter()
                                 .zip(to_ack)
-                                .partition(|(item, _)| devices.contains_key(&item.event.device_id));
+                                .partition(|(item, _)| events.contains_key(&item.event.event_id));
                             let (through, through_messages): (Vec<_>, Vec<_>) =
                                 through.into_iter().unzip();
                             self.acknowledge(
@@ -453,20 +463,22 @@ impl Projector {
                                 shutdown,
                             )
                             .await;
-                            applied_before = 0;
-                            (delivered, to_ack) = self
-                                .dead_letter_refused(refused, &devices, shutdown)
-                                .await
-                                .into_iter()
-                                .unzip();
-                            if delivered.is_empty() {
-                                return;
-                            }
+                            metrics::counter!("projector_errors_total").increment(1);
+                            self.dead_letter_refused(refused, &events, shutdown).await;
+                            return;
+                        }
+                        Ok(AsOf::Refused {
+                            applied, events, ..
+                        }) => {
+                            // Nothing went through lately: a refusal every call may meet
+                            // (a script error on every device, an ACL denying the script
+                            // a command), which the batch waits out like any failure.
+                            applied_before += applied;
                             metrics::counter!("projector_errors_total").increment(1);
                             tracing::warn!(
-                                devices = ?devices,
                                 events = delivered.len(),
-                                "redis refused the events of some devices, retrying them"
+                                error = events.values().next().map(String::as_str),
+                                "redis refused the batch's calls, retrying"
                             );
                             if shutdown.is_cancelled() {
                                 break None;
@@ -498,6 +510,24 @@ impl Projector {
             .await;
     }
 
+    /// Whether Redis's refusal of some of a batch's calls ([`AsOf::Refused`]) is the
+    /// refused devices' own: other devices' calls went through in the same batch
+    /// (`others_through`) or within an ack wait before it. A refusal that every call
+    /// meets (a script error on every device, an ACL that denies the script a
+    /// command, the meta hash of another type) is not: nothing goes through then, and
+    /// the events wait rather than go to the dead-letter stream.
+    fn refusal_is_the_devices(&self, others_through: bool) -> bool {
+        let mut last_through = self
+            .last_through
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if others_through {
+            *last_through = Some(Instant::now());
+            return true;
+        }
+        last_through.is_some_and(|at| at.elapsed() < self.ack_wait)
+    }
+
     /// Acks `messages`, whose events (`delivered`) Redis took, `applied` of them new,
     /// in a batch begun then; counts them.
     async fn acknowledge(
@@ -512,6 +542,10 @@ impl Projector {
             return;
         }
         self.stalled.store(false, Ordering::Relaxed);
+        *self
+            .last_through
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
         answer(messages, AckKind::Ack, shutdown).await;
         let now = OffsetDateTime::now_utc();
         for item in delivered {
@@ -525,26 +559,32 @@ impl Projector {
         metrics::histogram!("projector_apply_seconds").record(started.elapsed().as_secs_f64());
     }
 
-    /// Dead-letters those of the `refused` events (Redis refused their devices' calls
-    /// with the error `devices` names) delivered [`DELIVERIES_BEFORE_REFUSED_IS_DEAD`]
-    /// times or more; returns the others, to be tried again. So a device whose keys
-    /// Redis cannot apply to holds its events for a few ack waits, in case an operator
-    /// mends them, not for ever (API.md §6: not retried forever).
+    /// Dead-letters those of the `refused` events (Redis refused their calls with the
+    /// error `events` names) delivered [`DELIVERIES_BEFORE_REFUSED_IS_DEAD`] times or
+    /// more; leaves the others unacked, to come again after the ack wait. So a device
+    /// whose keys Redis cannot apply to holds its events for two ack waits, in case an
+    /// operator mends them, not for ever (API.md §6: not retried forever).
     async fn dead_letter_refused(
         &self,
         refused: Vec<(Delivered, jetstream::Message)>,
-        devices: &BTreeMap<String, String>,
+        events: &BTreeMap<uuid::Uuid, String>,
         shutdown: &CancellationToken,
-    ) -> Vec<(Delivered, jetstream::Message)> {
-        let mut kept = Vec::with_capacity(refused.len());
+    ) {
         for (item, message) in refused {
             let deliveries = message.info().map_or(1, |info| info.delivered);
-            let error = devices.get(&item.event.device_id);
-            let Some(error) = error.filter(|_| deliveries >= DELIVERIES_BEFORE_REFUSED_IS_DEAD)
-            else {
-                kept.push((item, message));
+            let Some(error) = events.get(&item.event.event_id) else {
                 continue;
             };
+            if deliveries < DELIVERIES_BEFORE_REFUSED_IS_DEAD {
+                tracing::warn!(
+                    event_id = %item.event.event_id,
+                    device_id = item.event.device_id,
+                    deliveries,
+                    %error,
+                    "redis refused an event, leaving it to be delivered again"
+                );
+                continue;
+            }
             tracing::error!(
                 event_id = %item.event.event_id,
                 device_id = item.event.device_id,
@@ -559,7 +599,6 @@ impl Projector {
                 _ = self.dead_letter(message, item.stream_sequence, item.stored_at, reason) => {}
             }
         }
-        kept
     }
 
     /// Whether a batch `taken` from the inbox then, and not yet taken by Redis, is to be
