@@ -460,12 +460,7 @@ impl ReadModel {
         read.add_command(self.live_generation_read());
         device_read(&mut read, assumed);
         let mut redis = self.redis.clone();
-        let mut replies: Vec<redis::Value> = read.query_async(&mut redis).await?;
-        if replies.is_empty() {
-            return Err(redis::ParsingError::from("no reply to the meta read").into());
-        }
-        let meta: MetaFields = redis::from_redis_value(replies.remove(0))?;
-        let generation = live_generation(meta.0, meta.1).ok_or(ReadError::Rebuilding)?;
+        let (generation, replies) = read_with_meta(&mut redis, &read).await?;
         if generation == assumed {
             let value: T = redis::from_redis_value(redis::Value::Array(replies))?;
             let validity = validity_of(generation, &value);
@@ -476,10 +471,18 @@ impl ReadModel {
             return Ok((validity, value));
         }
         self.last_generation.store(generation, Ordering::Relaxed);
+        // Read again in that generation, with the meta hash in the same transaction: a
+        // read model lost or switched again meanwhile is a rebuild under way (503), not
+        // a device unknown to it (404).
         let mut read = redis::pipe();
         read.atomic();
+        read.add_command(self.live_generation_read());
         device_read(&mut read, generation);
-        let value: T = read.query_async(&mut redis).await?;
+        let (again, replies) = read_with_meta(&mut redis, &read).await?;
+        if again != generation {
+            return Err(ReadError::Rebuilding);
+        }
+        let value: T = redis::from_redis_value(redis::Value::Array(replies))?;
         Ok((validity_of(generation, &value), value))
     }
 
@@ -675,6 +678,22 @@ impl ReadModel {
         }
         Err(ReadError::Rebuilding)
     }
+}
+
+/// Runs `read`, a transaction that begins with the meta hash's read
+/// ([`ReadModel::live_generation_read`]); returns the live generation it found
+/// ([`ReadError::Rebuilding`] when there is none) and the replies after that one.
+async fn read_with_meta(
+    redis: &mut RedisConnection,
+    read: &redis::Pipeline,
+) -> Result<(u64, Vec<redis::Value>), ReadError> {
+    let mut replies: Vec<redis::Value> = read.query_async(redis).await?;
+    if replies.is_empty() {
+        return Err(redis::ParsingError::from("no reply to the meta read").into());
+    }
+    let meta: MetaFields = redis::from_redis_value(replies.remove(0))?;
+    let generation = live_generation(meta.0, meta.1).ok_or(ReadError::Rebuilding)?;
+    Ok((generation, replies))
 }
 
 /// Index entries one page of the devices list looks at, at most, for a page of `limit`

@@ -8,10 +8,12 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use contract::read_model::DeviceKeys;
+use contract::read_model::{meta_key, DeviceKeys};
 use testkit::TestEnv;
 
-use crate::support::{apply_reading, one_projected_reading, Query};
+use crate::support::{
+    apply_reading, apply_reading_in, assert_problem, one_projected_reading, Query,
+};
 
 /// What an armed proxy waits for, and how it says so and is let go on.
 struct Hold {
@@ -104,6 +106,59 @@ impl HoldingProxy {
     }
 }
 
+/// The address of the test's Redis, for a proxy to stand in front of.
+fn redis_address(env: &TestEnv) -> std::net::SocketAddr {
+    env.settings
+        .redis
+        .url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("redis url is an address")
+}
+
+/// A read that finds the read model switched to another generation (a rebuild's
+/// switch) reads the device again there with the meta hash, in one transaction: should
+/// the read model be lost in between (Redis restarted empty, flushed), that is a `503`
+/// while it is rebuilt, as for any read, not a `404` for a device it knows.
+#[tokio::test]
+async fn a_read_model_lost_between_a_switch_and_the_read_again_is_a_503_not_a_404() {
+    let env = TestEnv::new();
+    one_projected_reading(&env, "d-0").await;
+    apply_reading(&env, "d-1", 20.0, 2).await;
+    let proxy = HoldingProxy::start(redis_address(&env));
+    let mut settings = env.settings.clone();
+    settings.redis.url = format!("redis://{}", proxy.address);
+    let query = Query::spawn(&settings).await;
+    // Read in generation 1, which query then takes for the live one.
+    let (status, document) = query.stats("d-0", "").await;
+    assert_eq!(status, 200, "{document}");
+
+    // A rebuild made generation 2, with d-1 in it, and switched over.
+    apply_reading_in(&env, 2, "d-1", 20.0, 2).await;
+    env.set_live_generation(2).await;
+    let (held, release) = proxy.arm(&DeviceKeys::new(&env.settings.redis.prefix, 2, "d-1").stats);
+    let meanwhile = async {
+        tokio::task::spawn_blocking(move || held.recv_timeout(Duration::from_secs(10)))
+            .await
+            .expect("the wait did not panic")
+            .expect("the read again in generation 2 reached the proxy");
+        // The read model is lost: no meta hash, no generation 2.
+        let mut redis = env.redis().await;
+        let mut lost = env.generation_keys(2).await;
+        lost.push(meta_key(&env.settings.redis.prefix));
+        let () = redis::cmd("DEL")
+            .arg(&lost)
+            .query_async(&mut redis)
+            .await
+            .expect("del");
+        let _ = release.send(());
+    };
+    let (response, ()) = tokio::join!(query.get("/v1/devices/d-1/stats"), meanwhile);
+    assert_problem(response, 503, "unavailable").await;
+    query.stop().await;
+}
+
 /// A reading applied while `/stats` reads the device shows in all of the document or in
 /// none of it: the all-time count and the 1 h window's (both readings are within the
 /// hour) agree.
@@ -111,15 +166,7 @@ impl HoldingProxy {
 async fn a_reading_applied_between_the_reads_of_one_stats_request_shows_in_all_of_it_or_none() {
     let env = TestEnv::new();
     one_projected_reading(&env, "d-1").await;
-    let redis: std::net::SocketAddr = env
-        .settings
-        .redis
-        .url
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .parse()
-        .expect("redis url is an address");
-    let proxy = HoldingProxy::start(redis);
+    let proxy = HoldingProxy::start(redis_address(&env));
     let mut settings = env.settings.clone();
     settings.redis.url = format!("redis://{}", proxy.address);
     let query = Query::spawn(&settings).await;

@@ -207,6 +207,17 @@ pub async fn one_projected_reading(env: &TestEnv, device: &str) {
 /// Applies a temperature reading of `device` recorded a second ago to generation 1, as
 /// the projector would at `stream_sequence`.
 pub async fn apply_reading(env: &TestEnv, device: &str, temperature: f64, stream_sequence: u64) {
+    apply_reading_in(env, 1, device, temperature, stream_sequence).await;
+}
+
+/// [`apply_reading`] to `generation`.
+pub async fn apply_reading_in(
+    env: &TestEnv,
+    generation: u64,
+    device: &str,
+    temperature: f64,
+    stream_sequence: u64,
+) {
     let now = OffsetDateTime::now_utc();
     let event = TelemetryRecorded::new(
         Uuid::now_v7(),
@@ -218,7 +229,7 @@ pub async fn apply_reading(env: &TestEnv, device: &str, temperature: f64, stream
     let applied = ReadModel::new(env.settings.redis.prefix.clone(), 60_000)
         .apply(
             &mut env.redis().await,
-            &[1],
+            &[generation],
             &[Delivered {
                 event,
                 stream_sequence,
