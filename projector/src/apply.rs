@@ -7,7 +7,7 @@
 //! never prints or parses a number.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use contract::read_model::{
@@ -81,8 +81,9 @@ pub enum AsOf {
     /// Redis refused some calls ([`refuses_only_the_call`]: a key of another type, a
     /// script error on what the keys hold): the events of the refused calls are named
     /// here by id, with Redis's error; `applied` counts the events the other calls
-    /// applied to the first generation, and `others_through` says whether there were
-    /// any (if not, the refusal may be one every call would meet). A refused call
+    /// applied to the first generation, and `others_through` says whether a device none
+    /// of whose calls was refused had one go through (if not, the refusal may be one
+    /// every call would meet). A refused call
     /// wrote nothing: `apply.lua` reads and checks all it reads before its first write.
     Refused {
         applied: u64,
@@ -397,8 +398,8 @@ impl ReadModel {
     /// whether a guarded call found the generations changed (then nothing is
     /// remembered as listed, and mixed calls are not split up: the batch comes again),
     /// which calls (their events) Redis refused ([`refuses_only_the_call`]), with the
-    /// error, and whether any call went through. Any other error of any call is the
-    /// batch's.
+    /// error, and whether a call of a device none of whose calls was refused went
+    /// through. Any other error of any call is the batch's.
     #[allow(clippy::type_complexity)]
     async fn apply_guarded<'a, 'b, C: ConnectionLike>(
         &self,
@@ -446,7 +447,8 @@ impl ReadModel {
         }
         let mut pipeline = redis::pipe();
         let mut calls: Vec<(&'a str, &[&'a Delivered])> = Vec::new();
-        let mut any_through = false;
+        // The devices a call of which went through.
+        let mut through: BTreeSet<&'a str> = BTreeSet::new();
         for (device_id, device_events) in &by_device {
             for call in calls_of(device_events) {
                 self.add_call(&mut pipeline, generations, guard, device_id, call, now_ms);
@@ -520,10 +522,10 @@ impl ReadModel {
             }
         };
         let mut results_of_calls = Vec::with_capacity(calls.len());
-        for ((_, call), result) in calls.iter().zip(results) {
+        for ((device_id, call), result) in calls.iter().zip(results) {
             results_of_calls.push(match result {
                 Ok(per_generation) => {
-                    any_through = true;
+                    through.insert(device_id);
                     per_generation
                 }
                 Err(error) => {
@@ -571,7 +573,7 @@ impl ReadModel {
             for ((counts, delivered), result) in retry_counts.into_iter().zip(results) {
                 let result = match result {
                     Ok(result) => {
-                        any_through = true;
+                        through.insert(delivered.event.device_id.as_str());
                         result
                     }
                     Err(error) => {
@@ -589,8 +591,15 @@ impl ReadModel {
             applied,
             duplicates: (events.len() as u64).saturating_sub(applied),
         };
+        // Whether a device none of whose calls was refused had one go through.
+        let others_through = through.iter().any(|device_id| {
+            refused
+                .iter()
+                .flat_map(|(call, _)| call.first())
+                .all(|refused| refused.event.device_id != *device_id)
+        });
         if stale || stale_retry {
-            return Ok((applied, true, refused, any_through));
+            return Ok((applied, true, refused, others_through));
         }
         let mut listed = self.listed();
         // A retired generation is never listed again: past the live one and one being
@@ -607,7 +616,7 @@ impl ReadModel {
                 devices.insert(device_id.to_owned(), granule);
             }
         }
-        Ok((applied, false, refused, any_through))
+        Ok((applied, false, refused, others_through))
     }
 }
 

@@ -444,7 +444,7 @@ impl Projector {
                             applied,
                             events,
                             others_through,
-                        }) if self.refusal_is_the_devices(others_through) => {
+                        }) if self.refusal_is_the_devices(others_through, &delivered, &events) => {
                             // The other events went through: acked now, not held (and
                             // redelivered) with the refused ones, which are left
                             // unacked for JetStream to deliver again after the ack
@@ -464,7 +464,12 @@ impl Projector {
                             )
                             .await;
                             metrics::counter!("projector_errors_total").increment(1);
-                            self.dead_letter_refused(refused, &events, shutdown).await;
+                            // While a rebuild runs, the refusal may be the live
+                            // generation's alone, and the switch mend it: nothing is
+                            // dead-lettered that the new generation would miss.
+                            if generations.building.is_none() {
+                                self.dead_letter_refused(refused, &events, shutdown).await;
+                            }
                             return;
                         }
                         Ok(AsOf::Refused {
@@ -474,6 +479,7 @@ impl Projector {
                             // (a script error on every device, an ACL denying the script
                             // a command), which the batch waits out like any failure.
                             applied_before += applied;
+                            self.forget_through();
                             metrics::counter!("projector_errors_total").increment(1);
                             tracing::warn!(
                                 events = delivered.len(),
@@ -491,6 +497,7 @@ impl Projector {
                 }
             };
             metrics::counter!("projector_errors_total").increment(1);
+            self.forget_through();
             tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
             if shutdown.is_cancelled() {
                 break None;
@@ -511,12 +518,19 @@ impl Projector {
     }
 
     /// Whether Redis's refusal of some of a batch's calls ([`AsOf::Refused`]) is the
-    /// refused devices' own: other devices' calls went through in the same batch
-    /// (`others_through`) or within an ack wait before it. A refusal that every call
-    /// meets (a script error on every device, an ACL that denies the script a
+    /// refused devices' own: another device's calls went through in the same batch
+    /// (`others_through`), or the batch holds one device's events (a redelivery comes
+    /// alone on a quiet pipeline) and another device's call went through within an ack
+    /// wait before it, with no batch failing as a whole since. A refusal that every
+    /// call meets (a script error on every device, an ACL that denies the script a
     /// command, the meta hash of another type) is not: nothing goes through then, and
     /// the events wait rather than go to the dead-letter stream.
-    fn refusal_is_the_devices(&self, others_through: bool) -> bool {
+    fn refusal_is_the_devices(
+        &self,
+        others_through: bool,
+        delivered: &[Delivered],
+        refused: &BTreeMap<uuid::Uuid, String>,
+    ) -> bool {
         let mut last_through = self
             .last_through
             .lock()
@@ -525,7 +539,25 @@ impl Projector {
             *last_through = Some(Instant::now());
             return true;
         }
+        let mut devices = delivered
+            .iter()
+            .filter(|item| refused.contains_key(&item.event.event_id))
+            .map(|item| item.event.device_id.as_str());
+        let first = devices.next();
+        if devices.any(|device_id| Some(device_id) != first) {
+            // Several devices refused, none through: the server's doing.
+            *last_through = None;
+            return false;
+        }
         last_through.is_some_and(|at| at.elapsed() < self.ack_wait)
+    }
+
+    /// Forgets that calls went through lately: a batch failed as a whole.
+    fn forget_through(&self) {
+        *self
+            .last_through
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
 
     /// Acks `messages`, whose events (`delivered`) Redis took, `applied` of them new,
@@ -571,6 +603,10 @@ impl Projector {
         shutdown: &CancellationToken,
     ) {
         for (item, message) in refused {
+            if shutdown.is_cancelled() {
+                // Left unacked: it comes again after the ack wait.
+                return;
+            }
             let deliveries = message.info().map_or(1, |info| info.delivered);
             let Some(error) = events.get(&item.event.event_id) else {
                 continue;
