@@ -405,27 +405,11 @@ async fn an_event_redis_refuses_on_every_delivery_is_dead_lettered_and_its_batch
     let expected = reference(&others);
     projected(&env, &expected).await;
 
-    // Other devices' events keep coming, five a second, until the refused one is
-    // dead-lettered.
+    // Other devices' events keep coming until the refused one is dead-lettered.
     let dead_lettered = std::sync::atomic::AtomicBool::new(false);
-    let trickle = async {
-        let mut trickled = Vec::new();
-        let mut last_sequence = 0;
-        for index in 0..200 {
-            if dead_lettered.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-            let event = event(
-                &format!("sensor-{}", index % 10),
-                base + 1_000 + index,
-                &[("temperature", 50.0 + index as f64)],
-            );
-            last_sequence = publish(&env, &jetstream, &event).await;
-            trickled.push(event);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        (trickled, last_sequence)
-    };
+    let trickle = trickle(&env, &jetstream, base + 1_000, 200, || {
+        dead_lettered.load(std::sync::atomic::Ordering::Relaxed)
+    });
     let letter = async {
         let letter = eventually(CATCH_UP, "the refused event dead-lettered", || async {
             let letters = projector::dlq::list(&jetstream, &env.subjects, 10)
@@ -473,6 +457,130 @@ async fn an_event_redis_refuses_on_every_delivery_is_dead_lettered_and_its_batch
     projector::dlq::redrive(&jetstream, &env.subjects, letter.sequence)
         .await
         .expect("re-driven");
+    let expected = reference([&refused]);
+    let actual = projected(&env, &expected).await;
+    assert_same_figures(
+        "sensor-refused",
+        &actual["sensor-refused"],
+        &expected["sensor-refused"],
+        Sums::Exact,
+    );
+    assert!(projector.terminate().await.success());
+}
+
+/// Other devices' events (`sensor-0` to `sensor-9`), five a second from `base`, at most
+/// `most` of them or until `stop` says so; returns them and the last one's sequence.
+async fn trickle(
+    env: &TestEnv,
+    jetstream: &async_nats::jetstream::Context,
+    base: i64,
+    most: i64,
+    stop: impl Fn() -> bool,
+) -> (Vec<TelemetryRecorded>, u64) {
+    let mut trickled = Vec::new();
+    let mut last_sequence = 0;
+    for index in 0..most {
+        if stop() {
+            break;
+        }
+        let event = event(
+            &format!("sensor-{}", index % 10),
+            base + index,
+            &[("temperature", 50.0 + index as f64)],
+        );
+        last_sequence = publish(env, jetstream, &event).await;
+        trickled.push(event);
+        // The pace of a light pipeline, so that redeliveries come between them.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (trickled, last_sequence)
+}
+
+/// While a rebuild runs, an event refused in the live generation (its applied set
+/// there overwritten with a string) is not dead-lettered however often it comes, other
+/// devices' events going through meanwhile: the switch to the new generation, whose
+/// keys are sound, mends it, and it counts there once. Dead-lettered, the new
+/// generation would never have had it.
+#[tokio::test]
+async fn an_event_refused_during_a_rebuild_waits_for_the_switch_rather_than_the_dead_letters() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let first = projector_process(&env, &[ONE_SECOND_ACK_WAIT]);
+    first.ready().await;
+    let live = live_generation(&env).await;
+    assert!(first.terminate().await.success());
+    let applied = DeviceKeys::new(&env.settings.redis.prefix, live, "sensor-refused").applied;
+    env.overwrite_with_a_string(&applied).await;
+    // A rebuild under way: generation `live + 1` being built, its lock held (so that
+    // no projector takes the build over), nothing replayed alone.
+    let building = live + 1;
+    let mut redis = env.redis().await;
+    let () = redis::cmd("SET")
+        .arg(contract::read_model::rebuild_lock_key(
+            &env.settings.redis.prefix,
+        ))
+        .arg("a rebuild elsewhere")
+        .arg("EX")
+        .arg(120)
+        .query_async(&mut redis)
+        .await
+        .expect("lock");
+    let meta = contract::read_model::meta_key(&env.settings.redis.prefix);
+    let () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg(contract::read_model::meta::BUILDING)
+        .arg(building)
+        .query_async(&mut redis)
+        .await
+        .expect("building");
+
+    let base = now_ms() - 60_000;
+    let refused = event("sensor-refused", base, &[("temperature", 1.0)]);
+    publish(&env, &jetstream, &refused).await;
+    let mut others = Vec::new();
+    for index in 0..10 {
+        let event = event(
+            &format!("sensor-{index}"),
+            base + index,
+            &[("temperature", 2.0)],
+        );
+        publish(&env, &jetstream, &event).await;
+        others.push(event);
+    }
+    let projector = projector_process(&env, &[ONE_SECOND_ACK_WAIT]);
+    projected(&env, &reference(&others)).await;
+    // Five seconds of other devices' events: the refused one comes five times or more.
+    let (trickled, _) = trickle(&env, &jetstream, base + 1_000, 25, || false).await;
+    others.extend(trickled);
+    assert!(
+        projector::dlq::list(&jetstream, &env.subjects, 10)
+            .await
+            .map_or(true, |letters| letters.is_empty()),
+        "nothing dead-lettered while the rebuild runs"
+    );
+    assert_eq!(consumer_info(&env, &jetstream).await.num_ack_pending, 1);
+
+    // The switch: the new generation live, the lock let go.
+    let () = redis::cmd("HSET")
+        .arg(&meta)
+        .arg(contract::read_model::meta::GENERATION)
+        .arg(building)
+        .query_async(&mut redis)
+        .await
+        .expect("switch");
+    let () = redis::cmd("HDEL")
+        .arg(&meta)
+        .arg(contract::read_model::meta::BUILDING)
+        .query_async(&mut redis)
+        .await
+        .expect("switch");
+    let () = redis::cmd("DEL")
+        .arg(contract::read_model::rebuild_lock_key(
+            &env.settings.redis.prefix,
+        ))
+        .query_async(&mut redis)
+        .await
+        .expect("unlock");
     let expected = reference([&refused]);
     let actual = projected(&env, &expected).await;
     assert_same_figures(
