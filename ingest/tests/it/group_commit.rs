@@ -78,17 +78,14 @@ async fn parallel_commits_store_each_key_once_and_answer_every_submission() {
         .expect("dispatcher ends once every store is dropped");
 
     let mut accepted_value: HashMap<usize, f64> = HashMap::new();
-    let mut answered = 0;
     for answer in &answers {
         let (key, temperature, outcome) = answer.as_ref().expect("task finished");
         let outcome = outcome.as_ref().expect("the commit succeeded");
-        answered += 1;
         if let Outcome::Accepted { .. } = outcome {
             let first = accepted_value.insert(*key, *temperature);
             assert!(first.is_none(), "key {key} was accepted twice");
         }
     }
-    assert_eq!(answered, total, "every submission got an answer");
     assert_eq!(accepted_value.len(), KEYS, "every key was accepted once");
     for answer in answers {
         let (key, temperature, outcome) = answer.expect("task finished");

@@ -154,8 +154,9 @@ async fn a_backlog_projected_in_batches_that_follow_each_other_gives_the_figures
 }
 
 /// Waits until the consumer acked all `messages` messages and every device of
-/// `expected` (the reference fold) shows its figures; checks them, and returns the
-/// consumer's info and the figures as projected.
+/// `expected` (the reference fold) shows its figures; checks them, checks that the
+/// read model holds no other device, and returns the consumer's info and the figures
+/// as projected.
 async fn drained_to_the_fold(
     env: &TestEnv,
     jetstream: &jetstream::Context,
@@ -164,7 +165,11 @@ async fn drained_to_the_fold(
 ) -> (consumer::Info, BTreeMap<String, DeviceStats>) {
     let info = drained(env, jetstream, messages as u64).await;
     let actual = projected(env, expected).await;
-    assert_eq!(actual.len(), expected.len());
+    assert_eq!(
+        crate::support::devices_in_the_read_model(env).await,
+        expected.keys().cloned().collect(),
+        "the read model holds the reference's devices and no other"
+    );
     for (device, want) in expected {
         assert_same_figures(device, &actual[device], want, Sums::Exact);
     }

@@ -269,6 +269,17 @@ pub async fn projected(
     .await
 }
 
+/// Every device the live generation holds a device hash of.
+pub async fn devices_in_the_read_model(env: &TestEnv) -> std::collections::BTreeSet<String> {
+    let generation = live_generation(env).await;
+    env.generation_keys(generation)
+        .await
+        .iter()
+        .filter_map(|key| DeviceKeys::parse_stats(&env.settings.redis.prefix, key))
+        .map(|(_, device)| device.to_owned())
+        .collect()
+}
+
 /// The live generation of the read model, once there is one.
 pub async fn live_generation(env: &TestEnv) -> u64 {
     eventually(CATCH_UP, "a live read model generation", || {
