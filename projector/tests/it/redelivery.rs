@@ -376,16 +376,7 @@ async fn a_device_redis_refuses_does_not_hold_up_the_other_devices() {
 async fn an_event_redis_refuses_on_every_delivery_is_dead_lettered_and_its_batch_acked() {
     let env = TestEnv::new();
     let jetstream = streams(&env).await;
-    let first = projector_process(&env, &[ONE_SECOND_ACK_WAIT]);
-    first.ready().await;
-    let applied = DeviceKeys::new(
-        &env.settings.redis.prefix,
-        live_generation(&env).await,
-        "sensor-refused",
-    )
-    .applied;
-    assert!(first.terminate().await.success());
-    env.overwrite_with_a_string(&applied).await;
+    let (_, applied) = a_refused_device(&env).await;
 
     // Published while no projector runs, so that the next one pulls them in one batch.
     let base = now_ms() - 60_000;
@@ -449,22 +440,11 @@ async fn an_event_redis_refuses_on_every_delivery_is_dead_lettered_and_its_batch
     assert_eq!(env.device_stats("sensor-refused").await, None);
 
     // Mended, then re-driven: counted once.
-    let () = redis::cmd("DEL")
-        .arg(&applied)
-        .query_async(&mut env.redis().await)
-        .await
-        .expect("del");
+    mend(&env, &applied).await;
     projector::dlq::redrive(&jetstream, &env.subjects, letter.sequence)
         .await
         .expect("re-driven");
-    let expected = reference([&refused]);
-    let actual = projected(&env, &expected).await;
-    assert_same_figures(
-        "sensor-refused",
-        &actual["sensor-refused"],
-        &expected["sensor-refused"],
-        Sums::Exact,
-    );
+    counted_once(&env, &refused).await;
     assert!(projector.terminate().await.success());
 }
 
@@ -505,12 +485,7 @@ async fn trickle(
 async fn an_event_refused_during_a_rebuild_waits_for_the_switch_rather_than_the_dead_letters() {
     let env = TestEnv::new();
     let jetstream = streams(&env).await;
-    let first = projector_process(&env, &[ONE_SECOND_ACK_WAIT]);
-    first.ready().await;
-    let live = live_generation(&env).await;
-    assert!(first.terminate().await.success());
-    let applied = DeviceKeys::new(&env.settings.redis.prefix, live, "sensor-refused").applied;
-    env.overwrite_with_a_string(&applied).await;
+    let (live, _) = a_refused_device(&env).await;
     // A rebuild under way: generation `live + 1` being built, its lock held (so that
     // no projector takes the build over), nothing replayed alone.
     let building = live + 1;
@@ -553,9 +528,7 @@ async fn an_event_refused_during_a_rebuild_waits_for_the_switch_rather_than_the_
     let (trickled, _) = trickle(&env, &jetstream, base + 1_000, 25, || false).await;
     others.extend(trickled);
     assert!(
-        projector::dlq::list(&jetstream, &env.subjects, 10)
-            .await
-            .map_or(true, |letters| letters.is_empty()),
+        no_dead_letters(&env, &jetstream).await,
         "nothing dead-lettered while the rebuild runs"
     );
     assert_eq!(consumer_info(&env, &jetstream).await.num_ack_pending, 1);
@@ -581,14 +554,7 @@ async fn an_event_refused_during_a_rebuild_waits_for_the_switch_rather_than_the_
         .query_async(&mut redis)
         .await
         .expect("unlock");
-    let expected = reference([&refused]);
-    let actual = projected(&env, &expected).await;
-    assert_same_figures(
-        "sensor-refused",
-        &actual["sensor-refused"],
-        &expected["sensor-refused"],
-        Sums::Exact,
-    );
+    counted_once(&env, &refused).await;
     assert!(projector.terminate().await.success());
 }
 
@@ -600,15 +566,9 @@ async fn an_event_refused_during_a_rebuild_waits_for_the_switch_rather_than_the_
 async fn an_event_refused_where_no_other_call_goes_through_waits_rather_than_being_dead_lettered() {
     let env = TestEnv::new();
     let jetstream = streams(&env).await;
+    let (_, applied) = a_refused_device(&env).await;
     let projector = projector_process(&env, &[ONE_SECOND_ACK_WAIT]);
     projector.ready().await;
-    let applied = DeviceKeys::new(
-        &env.settings.redis.prefix,
-        live_generation(&env).await,
-        "sensor-refused",
-    )
-    .applied;
-    env.overwrite_with_a_string(&applied).await;
     let deliveries_before = consumer_info(&env, &jetstream)
         .await
         .delivered
@@ -621,32 +581,56 @@ async fn an_event_refused_where_no_other_call_goes_through_waits_rather_than_bei
     })
     .await;
     assert!(
-        projector::dlq::list(&jetstream, &env.subjects, 10)
-            .await
-            .map_or(true, |letters| letters.is_empty()),
+        no_dead_letters(&env, &jetstream).await,
         "nothing dead-lettered"
     );
     assert_eq!(consumer_info(&env, &jetstream).await.num_ack_pending, 1);
 
-    let () = redis::cmd("DEL")
-        .arg(&applied)
-        .query_async(&mut env.redis().await)
-        .await
-        .expect("del");
-    let expected = reference([&refused]);
-    let actual = projected(&env, &expected).await;
-    assert_same_figures(
-        "sensor-refused",
-        &actual["sensor-refused"],
-        &expected["sensor-refused"],
-        Sums::Exact,
-    );
+    mend(&env, &applied).await;
+    counted_once(&env, &refused).await;
     drained(&env, &jetstream, sequence).await;
     assert!(projector.terminate().await.success());
 }
 
 /// An ack wait short enough for a test to see redeliveries.
 const ONE_SECOND_ACK_WAIT: (&str, &str) = ("PIPELINE__PROJECTOR__ACK_WAIT_SECS", "1");
+
+/// Makes `sensor-refused` a device Redis refuses to apply to in the live generation,
+/// which a projector run and stopped first makes: its applied set there a string.
+/// Returns the generation and that key.
+async fn a_refused_device(env: &TestEnv) -> (u64, String) {
+    let first = projector_process(env, &[ONE_SECOND_ACK_WAIT]);
+    first.ready().await;
+    let live = live_generation(env).await;
+    assert!(first.terminate().await.success());
+    let applied = DeviceKeys::new(&env.settings.redis.prefix, live, "sensor-refused").applied;
+    env.overwrite_with_a_string(&applied).await;
+    (live, applied)
+}
+
+/// Mends the device [`a_refused_device`] broke.
+async fn mend(env: &TestEnv, applied: &str) {
+    let () = redis::cmd("DEL")
+        .arg(applied)
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("del");
+}
+
+/// Waits until `refused` shows in the live generation, and checks it counted once.
+async fn counted_once(env: &TestEnv, refused: &TelemetryRecorded) {
+    let expected = reference([refused]);
+    let device = refused.device_id.as_str();
+    let actual = projected(env, &expected).await;
+    assert_same_figures(device, &actual[device], &expected[device], Sums::Exact);
+}
+
+/// Whether the dead-letter stream holds nothing (or is not there).
+async fn no_dead_letters(env: &TestEnv, jetstream: &async_nats::jetstream::Context) -> bool {
+    projector::dlq::list(jetstream, &env.subjects, 10)
+        .await
+        .map_or(true, |letters| letters.is_empty())
+}
 
 /// One event of a generated scenario: device, time slot and metric values.
 #[derive(Debug, Clone)]
