@@ -73,6 +73,18 @@ pub struct Applied {
     pub duplicates: u64,
 }
 
+/// What one pipeline of [`ReadModel::apply_guarded`] did.
+struct Guarded<'a> {
+    applied: Applied,
+    /// A guarded call found the generations changed.
+    stale: bool,
+    /// The calls (their events) Redis refused ([`refuses_only_the_call`]), with its
+    /// error.
+    refused: Vec<(Vec<&'a Delivered>, redis::RedisError)>,
+    /// A call of a device none of whose calls was refused went through.
+    others_through: bool,
+}
+
 /// What [`ReadModel::apply_as_of`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AsOf {
@@ -322,12 +334,12 @@ impl ReadModel {
         now_ms: i64,
     ) -> RedisResult<Applied> {
         let events: Vec<&Delivered> = events.iter().collect();
-        let (applied, _, refused, _) = self
+        let guarded = self
             .apply_guarded(connection, generations, None, &events, now_ms)
             .await?;
-        match refused.into_iter().next() {
+        match guarded.refused.into_iter().next() {
             Some((_, error)) => Err(error),
-            None => Ok(applied),
+            None => Ok(guarded.applied),
         }
     }
 
@@ -359,7 +371,7 @@ impl ReadModel {
             (generations.live_target(), replayed_alone),
             (generations.targets(), shared),
         ] {
-            let (applied, part_stale, part_refused, through) = self
+            let guarded = self
                 .apply_guarded(
                     connection,
                     &targets,
@@ -368,11 +380,11 @@ impl ReadModel {
                     now_ms,
                 )
                 .await?;
-            total.applied += applied.applied;
-            total.duplicates += applied.duplicates;
-            stale |= part_stale;
-            others_through |= through;
-            for (call, error) in part_refused {
+            total.applied += guarded.applied.applied;
+            total.duplicates += guarded.applied.duplicates;
+            stale |= guarded.stale;
+            others_through |= guarded.others_through;
+            for (call, error) in guarded.refused {
                 let line = redis_error_line(&error);
                 for delivered in call {
                     refused.insert(delivered.event.event_id, line.clone());
@@ -394,29 +406,26 @@ impl ReadModel {
         })
     }
 
-    /// [`apply`](Self::apply), each call guarded by `guard` when given; also says
-    /// whether a guarded call found the generations changed (then nothing is
-    /// remembered as listed, and mixed calls are not split up: the batch comes again),
-    /// which calls (their events) Redis refused ([`refuses_only_the_call`]), with the
-    /// error, and whether a call of a device none of whose calls was refused went
-    /// through. Any other error of any call is the batch's.
-    #[allow(clippy::type_complexity)]
-    async fn apply_guarded<'a, 'b, C: ConnectionLike>(
+    /// [`apply`](Self::apply), each call guarded by `guard` when given, with what the
+    /// pipeline told besides ([`Guarded`]). After a stale call nothing is remembered as
+    /// listed, and mixed calls are not split up: the batch comes again. An error of a
+    /// call other than a refusal ([`refuses_only_the_call`]) is the batch's.
+    async fn apply_guarded<'a, C: ConnectionLike>(
         &self,
         connection: &mut C,
         generations: &[u64],
         guard: Option<&[String; 3]>,
-        events: &'b [&'a Delivered],
+        events: &[&'a Delivered],
         now_ms: i64,
-    ) -> RedisResult<(
-        Applied,
-        bool,
-        Vec<(Vec<&'a Delivered>, redis::RedisError)>,
-        bool,
-    )> {
+    ) -> RedisResult<Guarded<'a>> {
         let mut refused = Vec::new();
         if events.is_empty() || generations.is_empty() {
-            return Ok((Applied::default(), false, refused, false));
+            return Ok(Guarded {
+                applied: Applied::default(),
+                stale: false,
+                refused,
+                others_through: false,
+            });
         }
         // Copies of one event in the batch (a republish under another Nats-Msg-Id) go to
         // the script once, as the copy with the highest stream sequence: the event counts
@@ -598,8 +607,14 @@ impl ReadModel {
                 .flat_map(|(call, _)| call.first())
                 .all(|refused| refused.event.device_id != *device_id)
         });
-        if stale || stale_retry {
-            return Ok((applied, true, refused, others_through));
+        let guarded = Guarded {
+            applied,
+            stale: stale || stale_retry,
+            refused,
+            others_through,
+        };
+        if guarded.stale {
+            return Ok(guarded);
         }
         let mut listed = self.listed();
         // A retired generation is never listed again: past the live one and one being
@@ -616,7 +631,7 @@ impl ReadModel {
                 devices.insert(device_id.to_owned(), granule);
             }
         }
-        Ok((applied, false, refused, others_through))
+        Ok(guarded)
     }
 }
 

@@ -479,25 +479,16 @@ impl Projector {
                             // (a script error on every device, an ACL denying the script
                             // a command), which the batch waits out like any failure.
                             applied_before += applied;
-                            self.forget_through();
-                            metrics::counter!("projector_errors_total").increment(1);
-                            tracing::warn!(
-                                events = delivered.len(),
-                                error = events.values().next().map(String::as_str),
-                                "redis refused the batch's calls, retrying"
-                            );
-                            if shutdown.is_cancelled() {
-                                break None;
-                            }
-                            self.pause(&mut backoff, taken, shutdown).await;
-                            continue;
+                            refusal(&events)
                         }
                         Err(error) => error,
                     }
                 }
             };
             metrics::counter!("projector_errors_total").increment(1);
-            self.forget_through();
+            // A batch failed as a whole: what went through before says nothing of the
+            // next refusal.
+            *self.last_through() = None;
             tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
             if shutdown.is_cancelled() {
                 break None;
@@ -531,10 +522,7 @@ impl Projector {
         delivered: &[Delivered],
         refused: &BTreeMap<uuid::Uuid, String>,
     ) -> bool {
-        let mut last_through = self
-            .last_through
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last_through = self.last_through();
         if others_through {
             *last_through = Some(Instant::now());
             return true;
@@ -545,19 +533,19 @@ impl Projector {
             .map(|item| item.event.device_id.as_str());
         let first = devices.next();
         if devices.any(|device_id| Some(device_id) != first) {
-            // Several devices refused, none through: the server's doing.
-            *last_through = None;
+            // Several devices refused, none through: the server's doing (the batch
+            // fails as a whole, which forgets `last_through`).
             return false;
         }
         last_through.is_some_and(|at| at.elapsed() < self.ack_wait)
     }
 
-    /// Forgets that calls went through lately: a batch failed as a whole.
-    fn forget_through(&self) {
-        *self
-            .last_through
+    /// When a device's call last went through ([`Projector::refusal_is_the_devices`]);
+    /// a batch that panicked while holding it left it consistent (a plain store).
+    fn last_through(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.last_through
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Acks `messages`, whose events (`delivered`) Redis took, `applied` of them new,
@@ -574,10 +562,7 @@ impl Projector {
             return;
         }
         self.stalled.store(false, Ordering::Relaxed);
-        *self
-            .last_through
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now());
+        *self.last_through() = Some(Instant::now());
         answer(messages, AckKind::Ack, shutdown).await;
         let now = OffsetDateTime::now_utc();
         for item in delivered {
@@ -1463,13 +1448,21 @@ fn report_rebuild(ended: Result<Result<u64, RebuildError>, tokio::task::JoinErro
     }
 }
 
+/// A refusal of a batch's calls not taken for their devices' own
+/// ([`Projector::refusal_is_the_devices`]), as an error of the whole batch: Redis's
+/// first answer.
+fn refusal(events: &BTreeMap<uuid::Uuid, String>) -> redis::RedisError {
+    let line = events.values().next().cloned().unwrap_or_default();
+    redis::RedisError::from((redis::ErrorKind::Extension, "redis refused the calls", line))
+}
+
 /// The deliveries after which an event Redis still refuses to apply
 /// ([`crate::apply::refuses_only_the_call`]) goes to the dead-letter stream: a few ack
 /// waits to mend its device's keys in.
 pub const DELIVERIES_BEFORE_REFUSED_IS_DEAD: i64 = 3;
 
 /// Adds `events` to the dead letters counted for `reason`
-/// (`projector_dlq_total{reason}`, one of [`dlq::Reason::LABELS`]).
+/// (`projector_dlq_total{reason}`, one of [`dlq::Reason::labels`]).
 pub fn count_dead_letters(reason: &'static str, events: u64) {
     metrics::counter!("projector_dlq_total", "reason" => reason).increment(events);
 }

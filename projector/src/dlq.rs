@@ -24,14 +24,20 @@ pub enum Reason {
 }
 
 impl Reason {
-    /// Every [`Reason::label`], as `projector_dlq_total` labels its series.
-    pub const LABELS: [&'static str; 4] = ["undecodable", "unknown-version", "invalid", "refused"];
+    /// [`Reason::Refused`]'s label.
+    const REFUSED: &'static str = "refused";
+
+    /// Every [`Reason::label`], as `projector_dlq_total` labels its series: the decode
+    /// errors' reasons, then `refused`.
+    pub fn labels() -> impl Iterator<Item = &'static str> {
+        DecodeError::REASONS.into_iter().chain([Self::REFUSED])
+    }
 
     /// The short reason, first in the `Dlq-Reason` header.
     pub fn label(&self) -> &'static str {
         match self {
             Self::Decode(error) => error.reason(),
-            Self::Refused(_) => "refused",
+            Self::Refused(_) => Self::REFUSED,
         }
     }
 }
@@ -309,10 +315,7 @@ mod tests {
             Reason::Refused("WRONGTYPE Operation against a key".to_owned()),
         ];
         let labels: Vec<&str> = reasons.iter().map(Reason::label).collect();
-        assert_eq!(labels, Reason::LABELS);
-        for label in DecodeError::REASONS {
-            assert!(Reason::LABELS.contains(&label), "{label}");
-        }
+        assert_eq!(labels, Reason::labels().collect::<Vec<_>>());
         for reason in &reasons {
             assert!(
                 reason

@@ -83,7 +83,7 @@ pub async fn run(
         ("projector_events_given_up_total", &[]),
         ("projector_redis_reloads_total", &[]),
     ]);
-    for reason in dlq::Reason::LABELS {
+    for reason in dlq::Reason::labels() {
         consumer::count_dead_letters(reason, 0);
     }
     let nats = ingest::bootstrap::connect_nats(&settings.nats.url, "projector").await?;

@@ -73,7 +73,7 @@ async fn projector_metrics_show_its_lag_applies_duplicates_and_dead_letters() {
     let start = projector.metrics().await;
     // Before any dead letter: an alert fires on the first of each reason.
     testkit::prometheus::assert_alerted_counters_served(&start, "projector_");
-    for reason in projector::dlq::Reason::LABELS {
+    for reason in projector::dlq::Reason::labels() {
         assert_eq!(
             start.value("projector_dlq_total", &[("reason", reason)]),
             Some(0.0),
