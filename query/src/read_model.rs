@@ -446,21 +446,26 @@ impl ReadModel {
             .tracked
             .as_ref()
             .and_then(|tracked| tracked.begin(device_id));
-        // MULTI/EXEC: the reads run at one instant. A plain pipeline's commands run one
-        // by one, and Redis may run another client's between them (it reads a client's
-        // bytes as they arrive): a reading applied between the device hash and its
-        // buckets showed in the windows and not in the all-time figures.
-        let mut read = redis::pipe();
-        read.atomic();
-        if ticket.is_some() {
-            // Whatever connection carries this read tracks it (a reconnect starts
-            // untracked); turning it on again is a no-op.
-            read.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
-        }
-        read.add_command(self.live_generation_read());
-        device_read(&mut read, assumed);
+        // The meta hash and the device's keys in `generation`, in MULTI/EXEC: the reads
+        // run at one instant. A plain pipeline's commands run one by one, and Redis may
+        // run another client's between them (it reads a client's bytes as they arrive):
+        // a reading applied between the device hash and its buckets showed in the
+        // windows and not in the all-time figures.
+        let read_in = |generation: u64, tracking: bool| {
+            let mut read = redis::pipe();
+            read.atomic();
+            if tracking {
+                // Whatever connection carries this read tracks it (a reconnect starts
+                // untracked); turning it on again is a no-op.
+                read.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
+            }
+            read.add_command(self.live_generation_read());
+            device_read(&mut read, generation);
+            read
+        };
         let mut redis = self.redis.clone();
-        let (generation, replies) = read_with_meta(&mut redis, &read).await?;
+        let (generation, replies) =
+            read_with_meta(&mut redis, &read_in(assumed, ticket.is_some())).await?;
         if generation == assumed {
             let value: T = redis::from_redis_value(redis::Value::Array(replies))?;
             let validity = validity_of(generation, &value);
@@ -474,11 +479,7 @@ impl ReadModel {
         // Read again in that generation, with the meta hash in the same transaction: a
         // read model lost or switched again meanwhile is a rebuild under way (503), not
         // a device unknown to it (404).
-        let mut read = redis::pipe();
-        read.atomic();
-        read.add_command(self.live_generation_read());
-        device_read(&mut read, generation);
-        let (again, replies) = read_with_meta(&mut redis, &read).await?;
+        let (again, replies) = read_with_meta(&mut redis, &read_in(generation, false)).await?;
         if again != generation {
             return Err(ReadError::Rebuilding);
         }
