@@ -733,7 +733,8 @@ impl Relay {
                 .execute(&mark, &[&published_ids, &sequences])
                 .await?;
             if !too_late.is_empty() {
-                transaction.execute(STRIP_TOO_LATE, &[&too_late]).await?;
+                let strip = transaction.prepare_cached(STRIP_TOO_LATE).await?;
+                transaction.execute(&strip, &[&too_late]).await?;
             }
             transaction.commit().await
         };
