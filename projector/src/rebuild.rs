@@ -457,7 +457,11 @@ impl Rebuild {
                     generation,
                     &stream,
                     (split, last_sequence),
-                    |event| past_the_floor.remember(event),
+                    // Every event past the floor is replayed.
+                    |event| {
+                        past_the_floor.remember(event);
+                        true
+                    },
                     shutdown,
                     lost_lock,
                 )
@@ -624,8 +628,8 @@ impl PastTheFloor {
     /// Ids kept at most (16 MiB).
     const MAX: usize = 1 << 20;
 
-    /// Keeps `event`'s id while there is room; every event past the floor is replayed.
-    fn remember(&mut self, event: &TelemetryRecorded) -> bool {
+    /// Keeps `event`'s id while there is room.
+    fn remember(&mut self, event: &TelemetryRecorded) {
         if self.0.len() < Self::MAX {
             self.0.push(event.event_id);
             if self.0.len() == Self::MAX {
@@ -635,7 +639,6 @@ impl PastTheFloor {
                 );
             }
         }
-        true
     }
 
     fn sorted(mut self) -> Self {
