@@ -111,7 +111,10 @@ impl PrivateNats {
     }
 
     /// `nats://<userinfo>@127.0.0.1:<port>`: the URL with credentials (`user:password`,
-    /// or a token), for a server started with users ([`Self::start_with_config`]).
+    /// or a token), for a server started with users ([`Self::start_with_config`]). For
+    /// the services under test only: testkit's own connections (`TestEnv::jetstream`,
+    /// its cleanup) take the URL without sending its credentials, as async-nats does
+    /// (testkit cannot use `ingest::bootstrap::nats_options`), and are refused there.
     pub fn url_as(&self, userinfo: &str) -> String {
         format!("nats://{userinfo}@127.0.0.1:{}", self.port)
     }

@@ -970,7 +970,7 @@ async fn a_hung_nats_is_noticed_within_half_a_minute_and_the_relay_goes_on_once_
 }
 
 /// A NATS server whose `relay` user may not read stream messages (`STREAM.MSG.GET`, what
-/// the stream check fetches) while `denied`; a `test` user may do anything.
+/// the stream check fetches) while `denied`.
 fn nats_config(denied: bool) -> String {
     let relay_permissions = if denied {
         r#", permissions: { publish: { deny: ["$JS.API.STREAM.MSG.GET.>"] } }"#
@@ -978,8 +978,7 @@ fn nats_config(denied: bool) -> String {
         ""
     };
     format!(
-        "authorization {{ users = [ {{ user: relay, password: relay{relay_permissions} }}, \
-         {{ user: test, password: test }} ] }}\n"
+        "authorization {{ users = [ {{ user: relay, password: relay{relay_permissions} }} ] }}\n"
     )
 }
 

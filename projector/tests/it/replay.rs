@@ -80,16 +80,8 @@ async fn a_live_consumer_that_goes_back_during_a_long_rebuild_counts_nothing_twi
 /// generation's dedup set has forgotten the first. It must count once.
 #[tokio::test]
 async fn an_event_the_stream_holds_on_both_sides_of_the_ack_floor_counts_once_in_a_long_rebuild() {
-    let mut nats = PrivateNats::start();
-    let (mut env, jetstream) = private_env(&nats).await;
-    env.settings.projector.ack_wait_secs = 1;
-    env.settings.projector.dedup_horizon_secs = 4;
-    env.set_live_generation(1).await;
     let mut events = spread_events(EVENTS);
-    publish_many(&env, &jetstream, &events).await;
-    let projector = Projector::spawn(&env.settings).await;
-    drained(&env, &jetstream, EVENTS as u64).await;
-    projector.stop().await;
+    let (mut nats, env, jetstream) = projected_live_with_a_short_horizon(&events).await;
     // The last event below the floor, again, under another message id.
     let (original, msg_id) = events[EVENTS - 1].clone();
     let copy = (original, format!("{msg_id}-again"));
@@ -136,9 +128,12 @@ enum LiveConsumer {
 /// Events acked by the live consumer that it delivers again in [`LiveConsumer::WentBack`].
 const WENT_BACK: u64 = 2_000;
 
-async fn rebuild_longer_than_the_horizon(live_consumer: LiveConsumer) {
-    const BACKLOG: usize = 200;
-    let mut nats = PrivateNats::start();
+/// A private NATS and a test environment with an ack wait of 1 s and a dedup horizon of
+/// 4 s, where a projector applied `events` to a live generation 1 and stopped.
+async fn projected_live_with_a_short_horizon(
+    events: &[(TelemetryRecorded, String)],
+) -> (PrivateNats, TestEnv, jetstream::Context) {
+    let nats = PrivateNats::start();
     let (mut env, jetstream) = private_env(&nats).await;
     env.settings.projector.ack_wait_secs = 1;
     env.settings.projector.dedup_horizon_secs = 4;
@@ -146,11 +141,17 @@ async fn rebuild_longer_than_the_horizon(live_consumer: LiveConsumer) {
     // at once, rather than wait for a build of its own (which it would abandon when it
     // stops, leaving the meta hash naming it as being built).
     env.set_live_generation(1).await;
-    let events = spread_events(EVENTS + BACKLOG);
-    publish_many(&env, &jetstream, &events[..EVENTS]).await;
+    publish_many(&env, &jetstream, events).await;
     let projector = Projector::spawn(&env.settings).await;
-    drained(&env, &jetstream, EVENTS as u64).await;
+    drained(&env, &jetstream, events.len() as u64).await;
     projector.stop().await;
+    (nats, env, jetstream)
+}
+
+async fn rebuild_longer_than_the_horizon(live_consumer: LiveConsumer) {
+    const BACKLOG: usize = 200;
+    let events = spread_events(EVENTS + BACKLOG);
+    let (mut nats, env, jetstream) = projected_live_with_a_short_horizon(&events[..EVENTS]).await;
     // The live projector's backlog when the rebuild begins.
     publish_many(&env, &jetstream, &events[EVENTS..]).await;
 
