@@ -69,6 +69,10 @@ pub struct IngestSettings {
     /// Largest body of `POST /v1/telemetry/batch`.
     #[serde(deserialize_with = "integer")]
     pub max_batch_body_bytes: usize,
+    /// Most bytes of request bodies held at once, across every request; a body that
+    /// finds them held is answered 503.
+    #[serde(deserialize_with = "integer")]
+    pub max_body_bytes_held: usize,
     /// How far in the future `recorded_at` may be.
     #[serde(deserialize_with = "integer")]
     pub max_future_secs: u64,
@@ -323,6 +327,10 @@ pub const GROUP_MAX: u64 = 10_000;
 /// A limit of 0 started ingest and answered every POST 413.
 pub const BODY_MIN_BYTES: usize = 4096;
 
+/// Most `ingest.max_body_bytes_held` may be: far past any use (ingest cuts it to the
+/// most tokio's semaphore holds on a 32-bit target).
+pub const BODY_HELD_MAX_BYTES: u64 = 1 << 40;
+
 /// The environment variable that sets `key` (`ingest.max_future_secs` →
 /// `PIPELINE__INGEST__MAX_FUTURE_SECS`), as API.md §8 spells them.
 pub fn environment_variable(key: &str) -> String {
@@ -486,6 +494,24 @@ impl Settings {
                     ),
                 );
             }
+        }
+        let largest_body = self
+            .ingest
+            .max_body_bytes
+            .max(self.ingest.max_batch_body_bytes);
+        if self.ingest.max_body_bytes_held < largest_body {
+            return invalid(
+                "ingest.max_body_bytes_held",
+                &format!(
+                    "must be at least ingest.max_body_bytes and ingest.max_batch_body_bytes ({largest_body}): a body that large would never find room"
+                ),
+            );
+        }
+        if self.ingest.max_body_bytes_held as u64 > BODY_HELD_MAX_BYTES {
+            return invalid(
+                "ingest.max_body_bytes_held",
+                &format!("must be at most {BODY_HELD_MAX_BYTES} (1 TiB)"),
+            );
         }
         if self.http.max_header_bytes < 8192 {
             return invalid("http.max_header_bytes", "must be at least 8192");
@@ -1287,6 +1313,29 @@ mod tests {
             );
             assert!(defaults_with(key, BODY_MIN_BYTES as u64).validate().is_ok());
         }
+    }
+
+    #[test]
+    fn the_body_budget_holds_the_largest_body_and_stays_below_its_ceiling() {
+        let key = "ingest.max_body_bytes_held";
+        let largest = defaults_with(key, 1 << 24).ingest.max_batch_body_bytes as u64;
+        for refused in [largest - 1, BODY_HELD_MAX_BYTES + 1] {
+            let error = defaults_with(key, refused)
+                .validate()
+                .expect_err("a budget no batch fits in, or past the ceiling");
+            assert!(
+                error.to_string().contains(&key_and_variable(key)),
+                "{error}"
+            );
+        }
+        assert!(defaults_with(key, largest).validate().is_ok());
+        // The single body's limit counts too, when it is the larger.
+        let mut settings = defaults_with(key, largest);
+        settings.ingest.max_body_bytes = settings.ingest.max_batch_body_bytes + 1;
+        let error = settings
+            .validate()
+            .expect_err("a budget a single body does not fit in");
+        assert!(error.to_string().contains(key), "{error}");
     }
 
     #[test]

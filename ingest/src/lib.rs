@@ -54,7 +54,10 @@ pub async fn serve(
     for outcome in http::ReadingOutcome::ALL {
         outcome.count(0);
     }
-    bootstrap::counters_from_zero(&[("ingest_outbox_notify_total", &[])]);
+    bootstrap::counters_from_zero(&[
+        ("ingest_outbox_notify_total", &[]),
+        ("ingest_body_budget_refusals_total", &[]),
+    ]);
     // The API answers from the start: `/healthz` at once, `/readyz` (a 503 naming
     // PostgreSQL) and readings (a 503) until the migrations ran.
     let schema_ready = Arc::new(AtomicBool::new(false));
@@ -107,6 +110,7 @@ pub async fn serve(
         },
         max_body_bytes: settings.ingest.max_body_bytes,
         max_batch_body_bytes: settings.ingest.max_batch_body_bytes,
+        body_budget: Arc::new(limits::BodyBudget::new(settings.ingest.max_body_bytes_held)),
         request_timeout: settings.request_timeout(),
         tokens,
         schema_ready,

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{Semaphore, SemaphorePermit};
+
 /// Readings per second and burst allowed per device; off when the rate is 0.
 pub struct DeviceLimiter {
     rule: Option<Rule>,
@@ -160,6 +162,78 @@ impl Drop for Admitted<'_> {
     }
 }
 
+/// The bytes of request bodies the process holds at once (`ingest.max_body_bytes_held`).
+/// The connection cap alone bounds the connections, not what they hold: 1,024 clients
+/// each sending all but the last byte of a 1 MiB batch body held 1 GiB until the
+/// request deadline. A request holds its body's buffer from the first byte until the
+/// body is parsed and, for aged readings, looked up; from its submission on the commit
+/// queue's room bounds what waits (`ingest.queue_capacity`), so that a slow database
+/// shows as a full queue. A body that finds the budget spent is answered `503` at once,
+/// as a full commit queue is, and the client retries with the same key.
+pub struct BodyBudget {
+    bytes: Semaphore,
+    total: usize,
+}
+
+impl BodyBudget {
+    /// A budget of `bytes`, cut to the most tokio's semaphore holds.
+    pub fn new(bytes: usize) -> Self {
+        let total = bytes.min(Semaphore::MAX_PERMITS);
+        Self {
+            bytes: Semaphore::new(total),
+            total,
+        }
+    }
+
+    /// An empty share, grown with [`HeldBytes::hold`] as a body arrives.
+    pub fn share(&self) -> HeldBytes<'_> {
+        HeldBytes {
+            budget: &self.bytes,
+            held: None,
+        }
+    }
+
+    /// Bytes not held by any request.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Bytes held by requests.
+    pub fn held(&self) -> usize {
+        self.total.saturating_sub(self.available())
+    }
+}
+
+/// A request's share of the [`BodyBudget`], given back when dropped.
+pub struct HeldBytes<'a> {
+    budget: &'a Semaphore,
+    held: Option<SemaphorePermit<'a>>,
+}
+
+impl HeldBytes<'_> {
+    /// Holds `bytes` in all, taking what more that needs; `false`, with nothing more
+    /// taken, when the budget has it not (or it needs 4 GiB more at once, more than a
+    /// semaphore takes in one go).
+    pub fn hold(&mut self, bytes: usize) -> bool {
+        let held = self.held.as_ref().map_or(0, SemaphorePermit::num_permits);
+        let more = bytes.saturating_sub(held);
+        if more == 0 {
+            return true;
+        }
+        let Ok(more) = u32::try_from(more) else {
+            return false;
+        };
+        let Ok(permit) = self.budget.try_acquire_many(more) else {
+            return false;
+        };
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+        true
+    }
+}
+
 /// Seconds for a `Retry-After` header: the wait rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
@@ -170,6 +244,29 @@ mod tests {
     use super::*;
 
     const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_share_of_the_body_budget_grows_while_it_lasts_and_goes_back_when_dropped() {
+        let budget = BodyBudget::new(100);
+        let mut first = budget.share();
+        assert!(first.hold(60));
+        assert!(first.hold(40), "less than held takes nothing");
+        let mut second = budget.share();
+        assert!(!second.hold(41), "past the budget");
+        assert_eq!(budget.available(), 40, "a refused hold takes nothing");
+        assert!(second.hold(40));
+        assert_eq!(budget.held(), 100);
+        assert!(!first.hold(61));
+        drop(first);
+        assert_eq!(budget.available(), 60);
+        drop(second);
+        assert_eq!(budget.available(), 100);
+        assert!(!budget.share().hold(usize::MAX), "more than any share");
+        assert_eq!(
+            BodyBudget::new(usize::MAX).available(),
+            Semaphore::MAX_PERMITS
+        );
+    }
 
     fn rule_of(limiter: &DeviceLimiter) -> Rule {
         limiter.rule.expect("limiting on")

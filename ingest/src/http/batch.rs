@@ -103,7 +103,13 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    let bytes = read_body(body, headers, state.max_batch_body_bytes).await?;
+    let (bytes, held) = read_body(
+        body,
+        headers,
+        state.max_batch_body_bytes,
+        &state.body_budget,
+    )
+    .await?;
     let batch: BatchBody = from_json_object(&bytes).map_err(ApiError::InvalidJson)?;
     if batch.readings.is_empty() || batch.readings.len() > BATCH_MAX {
         return Err(ApiError::InvalidReading(Invalid::one(FieldError::new(
@@ -130,12 +136,15 @@ async fn handle(
             Err(error) => results.push(Some(ItemResult::Rejected { index, error })),
         }
     }
+    drop(bytes);
     // Before the commit, so that a 503 of this look-up still means that nothing of the
     // batch was stored.
     let mut aged_shares = Vec::new();
     for (index, result) in answer_aged(state, grant, aged, &mut aged_shares).await? {
         results[index] = Some(result);
     }
+    // From here the commit queue's room bounds what waits (`limits::BodyBudget`).
+    drop(held);
     let mut indexes = Vec::with_capacity(to_store.len());
     let mut readings = Vec::with_capacity(to_store.len());
     let mut shares = Vec::with_capacity(to_store.len());

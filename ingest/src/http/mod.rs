@@ -21,7 +21,7 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::{Grant, Tokens};
-use crate::limits::DeviceLimiter;
+use crate::limits::{BodyBudget, DeviceLimiter};
 use crate::store::Store;
 use error::{problem_response, ApiError};
 
@@ -68,6 +68,8 @@ pub struct AppState {
     pub max_batch_body_bytes: usize,
     pub request_timeout: Duration,
     pub limiter: Arc<DeviceLimiter>,
+    /// The bytes of request bodies held at once, across every request.
+    pub body_budget: Arc<BodyBudget>,
     /// `None` when authentication is off.
     pub tokens: Option<Arc<Tokens>>,
     /// Set once the migrations have run: until then PostgreSQL has not answered since
@@ -211,6 +213,7 @@ pub async fn postgres_ready(pool: &Pool) -> Result<(), ()> {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
+    metrics::gauge!("ingest_body_bytes_held").set(state.body_budget.held() as f64);
     metrics_answer(&state.metrics)
 }
 

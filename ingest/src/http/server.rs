@@ -13,7 +13,8 @@
 //! connection holds about 17 KiB (hyper's read buffer, the request in flight, the task),
 //! and an open-loop client does not slow down when the server does: in a 1 s database
 //! stall at 3,600 readings/s one ran ingest up to 2,048 connections and 60 MiB
-//! (2026-12-01), where it otherwise stays under 35.
+//! (2026-12-01), where it otherwise stays under 35. What the bodies hold is bounded
+//! apart, by ingest's `limits::BodyBudget`.
 
 use std::future::Future;
 use std::io;

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use super::error::ApiError;
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
-use crate::limits::{retry_after_secs, Admitted};
+use crate::limits::{retry_after_secs, Admitted, BodyBudget, HeldBytes};
 use crate::store::{NewReading, Outcome, StoreError};
 
 /// Tells a client that it got the stored answer of an earlier request.
@@ -38,8 +38,10 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
         let grant = state.authenticate(headers).await?;
         require_json(headers)?;
         let idempotency_key = idempotency_key(headers)?;
-        let bytes = read_body(body, headers, state.max_body_bytes).await?;
+        let (bytes, held) =
+            read_body(body, headers, state.max_body_bytes, &state.body_budget).await?;
         let body: ReadingBody = from_json_object(&bytes).map_err(ApiError::InvalidJson)?;
+        drop(bytes);
         let received_at = OffsetDateTime::now_utc();
         let reading = match body.validate(received_at, state.time_bounds) {
             Ok(reading) => reading,
@@ -48,6 +50,8 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
             }
         };
         let admitted = admit(state, grant.as_ref(), &reading.device_id)?;
+        // From here the commit queue's room bounds what waits (`limits::BodyBudget`).
+        drop(held);
         let outcome = state
             .store
             .submit(NewReading::new(reading, idempotency_key, received_at))
@@ -216,8 +220,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(String::from_utf8_lossy(value.as_bytes()).into_owned())
 }
 
-/// Reads at most `limit` bytes; a declared or actual larger body is a 413.
-pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads at most `limit` bytes; a declared or actual larger body is a 413. Its buffer
+/// is held in `budget` as it grows, until the share returned is dropped: a body the
+/// budget has no room for, or declares a length it has no room for now, is a 503
+/// (`limits::BodyBudget`).
+pub async fn read_body<'a>(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    budget: &'a BodyBudget,
+) -> Result<(Bytes, HeldBytes<'a>), ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
@@ -225,15 +237,41 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
+    // Not set aside: a client that declares a length and sends nothing holds nothing.
+    // It only spares a client the upload of a body that would not fit.
+    if declared.is_some_and(|length| length > budget.available() as u64) {
+        return Err(body_budget_spent());
+    }
+    // hyper refuses a body longer than its declared length.
+    let most = declared.map_or(limit, |length| limit.min(length as usize));
     let mut chunks = body.into_data_stream();
-    let mut collected = bytes::BytesMut::new();
+    let mut collected: Vec<u8> = Vec::new();
+    let mut held = budget.share();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk
             .map_err(|_| ApiError::InvalidJson("the request body could not be read".to_owned()))?;
-        if collected.len() + chunk.len() > limit {
+        let needed = collected.len() + chunk.len();
+        if needed > limit {
             return Err(ApiError::PayloadTooLarge(limit));
+        }
+        // The buffer's capacity is what the body holds: it doubles as a vector's does,
+        // but never past the declared length or `limit`, so a body of the limit fits a
+        // budget of the limit, and one that passed the check above is not refused for
+        // its buffer's slack.
+        if needed > collected.capacity() {
+            let capacity = needed.max(collected.capacity() * 2).min(most.max(needed));
+            if !held.hold(capacity) {
+                return Err(body_budget_spent());
+            }
+            collected.reserve_exact(capacity - collected.len());
         }
         collected.extend_from_slice(&chunk);
     }
-    Ok(collected.freeze())
+    Ok((Bytes::from(collected), held))
+}
+
+/// The 503 of a body the budget has no room for, counted.
+fn body_budget_spent() -> ApiError {
+    metrics::counter!("ingest_body_budget_refusals_total").increment(1);
+    ApiError::Unavailable("too many request bodies are being received at once; retry shortly")
 }

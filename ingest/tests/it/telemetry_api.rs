@@ -674,6 +674,107 @@ async fn attempts_answered_503_use_up_none_of_the_rate_limit() {
     ingest.stop().await;
 }
 
+/// `ingest.max_body_bytes_held`: bodies being received hold their bytes of the budget,
+/// so a client that sends most of a large batch body and stalls cannot make ingest hold
+/// a batch's worth for each of its connections. While the budget is held a reading is
+/// answered `503` with `Retry-After` at once and nothing is stored: the same key is
+/// accepted afresh, not replayed, once the stalled body is gone.
+#[tokio::test]
+async fn bodies_held_past_the_budget_are_answered_503_and_the_budget_comes_back() {
+    use tokio::io::AsyncWriteExt;
+    let mut env = TestEnv::new();
+    env.settings.ingest.max_body_bytes = 8_192;
+    env.settings.ingest.max_batch_body_bytes = 65_536;
+    env.settings.ingest.max_body_bytes_held = 65_536;
+    // Longer than the wait for the refusal below, so the stalled body is held all along.
+    env.settings.ingest.request_timeout_ms = 30_000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let address = ingest.base_url.trim_start_matches("http://").to_owned();
+
+    let mut stalled = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let head = "POST /v1/telemetry/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 65536\r\n\r\n";
+    stalled.write_all(head.as_bytes()).await.expect("write");
+    stalled
+        .write_all(&[b' '; 65_500])
+        .await
+        .expect("most of the body");
+    let metrics_url = format!("{}/metrics", ingest.base_url);
+    let held = || async {
+        testkit::prometheus::scrape(&ingest.http, &metrics_url)
+            .await
+            .and_then(|scrape| scrape.value("ingest_body_bytes_held", &[]))
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the stalled body's buffer held",
+        || async { held().await.filter(|held| *held >= 65_500.0) },
+    )
+    .await;
+
+    // A reading whose declared length does not fit what is free is refused before its
+    // upload.
+    let key = "k-1";
+    let response = ingest.post(key, &reading("sensor-1", 1.0)).await;
+    assert!(
+        response.headers().get("retry-after").is_some(),
+        "a 503 says when to retry"
+    );
+    let problem = assert_problem(response, 503, "unavailable").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|detail| detail.contains("request bodies")),
+        "{problem}"
+    );
+    // One sent in chunks, without a length, is refused as its buffer grows.
+    let mut chunked = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let body = reading("sensor-1", 2.0).to_string();
+    let request = format!(
+        "POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: k-2\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    chunked.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut chunked, &mut answer)
+        .await
+        .expect("answered");
+    assert_eq!(String::from_utf8_lossy(&answer), "HTTP/1.1 503");
+    let scrape = testkit::prometheus::scrape(&ingest.http, &metrics_url)
+        .await
+        .expect("a scrape");
+    assert!(
+        scrape
+            .value("ingest_body_budget_refusals_total", &[])
+            .is_some_and(|refusals| refusals >= 2.0),
+        "the refusals are counted"
+    );
+    assert_eq!(
+        count(&env.postgres().await, "readings").await,
+        0,
+        "nothing refused is stored"
+    );
+
+    drop(stalled);
+    eventually(
+        Duration::from_secs(10),
+        "the stalled body's buffer given back",
+        || async { held().await.filter(|held| *held == 0.0) },
+    )
+    .await;
+    let accepted = ingest.post(key, &reading("sensor-1", 1.0)).await;
+    assert_eq!(accepted.status().as_u16(), 202);
+    assert!(
+        accepted.headers().get("idempotent-replayed").is_none(),
+        "stored afresh: the 503 stored nothing"
+    );
+    assert_eq!(count(&env.postgres().await, "readings").await, 1);
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn slow_or_idle_clients_are_disconnected_and_huge_headers_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
