@@ -117,6 +117,13 @@ impl Problem {
         self.errors = errors;
         self
     }
+
+    /// The slug naming the case (`invalid-reading`): the type without [`TYPE_BASE`].
+    pub fn slug(&self) -> &str {
+        self.type_uri
+            .strip_prefix(TYPE_BASE)
+            .unwrap_or(&self.type_uri)
+    }
 }
 
 #[cfg(test)]
@@ -135,5 +142,6 @@ mod tests {
         );
         assert_eq!(json["status"], 422);
         assert_eq!(json["errors"][0]["field"], "metrics.t");
+        assert_eq!(problem.slug(), "invalid-reading");
     }
 }

@@ -5,7 +5,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
-use contract::problem::{ProblemKind, TYPE_BASE};
+use contract::problem::ProblemKind;
 use contract::reading::{
     from_json_object, BatchBody, BatchItem, FieldError, Invalid, Reading, BATCH_MAX,
 };
@@ -32,12 +32,13 @@ pub enum ItemResult {
     Rejected { index: usize, error: ItemError },
 }
 
-/// Why an item was not accepted: a problem type, a detail, the first field concerned,
-/// and every broken rule.
+/// Why an item was not accepted: the problem type's slug (`invalid-reading`, as API.md
+/// §2 writes it, not the URI a problem document's `type` is), a detail, the first
+/// field concerned, and every broken rule.
 #[derive(Debug, Serialize)]
 pub struct ItemError {
     #[serde(rename = "type")]
-    type_uri: String,
+    slug: String,
     detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<String>,
@@ -45,12 +46,12 @@ pub struct ItemError {
     errors: Vec<FieldError>,
 }
 
-/// An item refused as a single POST would be refused: the same type, detail and errors.
+/// An item refused as a single POST would be refused: the same case, detail and errors.
 impl From<ApiError> for ItemError {
     fn from(error: ApiError) -> Self {
         let problem = error.problem();
         Self {
-            type_uri: problem.type_uri,
+            slug: problem.slug().to_owned(),
             detail: problem.detail,
             field: problem.errors.first().map(|error| error.field.clone()),
             errors: problem.errors,
@@ -61,7 +62,7 @@ impl From<ApiError> for ItemError {
 impl ItemError {
     fn new(kind: ProblemKind, detail: impl Into<String>, errors: Vec<FieldError>) -> Self {
         Self {
-            type_uri: format!("{TYPE_BASE}{}", kind.slug()),
+            slug: kind.slug().to_owned(),
             detail: detail.into(),
             field: errors.first().map(|error| error.field.clone()),
             errors,
