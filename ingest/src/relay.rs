@@ -201,14 +201,20 @@ async fn ensure_stream(
 }
 
 /// The stream `current` with the settings the relay owns taken from `wanted`: its
-/// subjects, file storage (which no update can change: such a stream stays not ready),
-/// age limit, duplicate window (where `wanted` names one; the dead-letter stream keeps
-/// the server's) and description. Every other setting an operator gave it (replicas,
-/// limits in bytes or messages, placement, `deny_delete`, ...) stays as it is.
+/// subjects, file storage, limits retention, acks on and not sealed (what every
+/// guarantee rests on), age limit, duplicate window (where `wanted` names one; the
+/// dead-letter stream keeps the server's) and description. No update can change the
+/// storage, make a work-queue stream (or, before nats-server 2.10, an interest stream)
+/// a limits one, nor unseal a stream: such a stream stays not ready.
+/// Every other setting an operator gave it (replicas, limits in bytes or messages,
+/// placement, `deny_delete`, ...) stays as it is.
 fn with_owned_settings(current: &stream::Config, wanted: stream::Config) -> stream::Config {
     stream::Config {
         subjects: wanted.subjects,
         storage: wanted.storage,
+        retention: wanted.retention,
+        no_ack: wanted.no_ack,
+        sealed: wanted.sealed,
         max_age: wanted.max_age,
         duplicate_window: if wanted.duplicate_window.is_zero() {
             current.duplicate_window

@@ -954,10 +954,38 @@ async fn rounds_that_publish_more_than_5000_rows_before_their_acks_relay_every_r
 /// A relay that cannot make its stream, or bring it up to date, can publish nothing, and
 /// says so: `/readyz` names `nats` though the connection is up (API.md §7). Here the
 /// stream was made beforehand in memory, a storage no update can change; once it is
-/// gone the relay makes it (on file) and is ready. On a server of the test's own, so
-/// that the relay is seen connected before its readiness is read.
+/// gone the relay makes it (on file) and is ready.
 #[tokio::test]
 async fn a_relay_that_cannot_bring_its_stream_up_to_date_is_not_ready_until_it_can() {
+    let config = a_stream_made_beforehand(jetstream::stream::Config {
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(config.storage, jetstream::stream::StorageType::File);
+}
+
+/// A stream made beforehand with work-queue retention drops each event the projector
+/// acks, and the relay's stream check then finds its newest published row missing and
+/// publishes it again, for good. No update makes a work-queue stream a limits one: the
+/// relay is not ready until the stream is gone, and makes it again with limits
+/// retention.
+#[tokio::test]
+async fn a_stream_made_beforehand_with_work_queue_retention_keeps_the_relay_not_ready() {
+    let config = a_stream_made_beforehand(jetstream::stream::Config {
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(config.retention, jetstream::stream::RetentionPolicy::Limits);
+}
+
+/// Makes the test's stream with `shape` (on file unless it says otherwise) before a
+/// relay starts, waits for the relay to say `nats` is not ready, deletes the stream and
+/// waits for the relay to make it and be ready; the stream's settings then. On a
+/// server of the test's own, so that the relay is seen connected before its readiness
+/// is read.
+async fn a_stream_made_beforehand(shape: jetstream::stream::Config) -> jetstream::stream::Config {
     let server = testkit::PrivateNats::start();
     let mut env = TestEnv::new();
     env.settings.nats.url = server.url();
@@ -968,11 +996,10 @@ async fn a_relay_that_cannot_bring_its_stream_up_to_date_is_not_ready_until_it_c
         .create_stream(jetstream::stream::Config {
             name: stream.clone(),
             subjects: vec![env.subjects.recorded_filter()],
-            storage: jetstream::stream::StorageType::Memory,
-            ..Default::default()
+            ..shape
         })
         .await
-        .expect("a stream in memory");
+        .expect("a stream made beforehand");
     let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
     // The test's own client and the relay's.
     server.wait_for_clients(2).await;
@@ -983,8 +1010,8 @@ async fn a_relay_that_cannot_bring_its_stream_up_to_date_is_not_ready_until_it_c
     testkit::settled_readiness_within(&admin_url, None, Duration::from_secs(20)).await;
     let mut made = jetstream.get_stream(&stream).await.expect("stream made");
     let config = made.info().await.expect("stream info").config.clone();
-    assert_eq!(config.storage, jetstream::stream::StorageType::File);
     relay.stop().await;
+    config
 }
 
 /// A NATS server without JetStream takes the relay's connection, but nothing can be
@@ -1110,11 +1137,13 @@ async fn a_stop_does_not_wait_for_a_prune_under_way() {
     drop(lock);
 }
 
-/// The relay owns some of its stream's settings (subjects, storage, age limit,
-/// duplicate window, description) and brings them up to date at every start; the
-/// others are the operator's (`nats stream edit`). It used to send every other setting
-/// as its default: a stream limited in bytes lost its limit (and one of three replicas
-/// would have gone down to one).
+/// The relay owns some of its stream's settings (subjects, storage, retention, acks,
+/// age limit, duplicate window, description) and brings them up to date at every start;
+/// the others are the operator's (`nats stream edit`). It used to send every other
+/// setting as its default: a stream limited in bytes lost its limit (and one of three
+/// replicas would have gone down to one). A stream made with `no_ack` stored every
+/// publish unanswered, so the relay marked nothing and published each row again every
+/// round; acks are turned on.
 #[tokio::test]
 async fn the_relay_keeps_the_stream_settings_it_does_not_own() {
     const MAX_BYTES: i64 = 64 << 20;
@@ -1130,6 +1159,7 @@ async fn the_relay_keeps_the_stream_settings_it_does_not_own() {
             max_age: Duration::from_secs(60),
             max_bytes: MAX_BYTES,
             deny_delete: true,
+            no_ack: true,
             ..Default::default()
         })
         .await
@@ -1157,4 +1187,5 @@ async fn the_relay_keeps_the_stream_settings_it_does_not_own() {
         ),
         "the relay's settings are brought up to date"
     );
+    assert!(!config.no_ack, "publishes are acked");
 }
