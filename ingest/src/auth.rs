@@ -217,7 +217,7 @@ impl Drop for Joined<'_> {
 /// The flights; a request that panicked while holding them left them consistent (each
 /// change is one insert or remove).
 fn lock(flights: &Flights) -> std::sync::MutexGuard<'_, HashMap<TokenHash, Arc<Flight>>> {
-    flights.lock().unwrap_or_else(PoisonError::into_inner)
+    crate::sync::lock(flights)
 }
 
 /// The SHA-256 of a token, as the cache's key.

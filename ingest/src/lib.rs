@@ -29,6 +29,7 @@ pub mod pacing;
 pub mod redis_connection;
 pub mod relay;
 pub mod store;
+pub mod sync;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

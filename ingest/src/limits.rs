@@ -12,7 +12,7 @@
 //! refused).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -126,10 +126,9 @@ impl DeviceLimiter {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// The arrivals, also after a panic elsewhere while they were held (each update
-    /// leaves them whole).
+    /// The arrivals, also after a panic elsewhere while they were held.
     fn arrivals(&self) -> MutexGuard<'_, HashMap<Box<str>, u64>> {
-        self.arrivals.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.arrivals)
     }
 }
 

@@ -75,10 +75,7 @@ impl RedisConnection {
 
     /// A command that panicked while holding the lock left a whole value behind.
     fn lock(&self) -> MutexGuard<'_, (u64, ConnectionManager)> {
-        self.shared
-            .current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.shared.current)
     }
 
     /// Sends what `send` sends on the manager in use, and makes a new one if the login

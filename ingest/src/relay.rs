@@ -46,6 +46,8 @@ mod stream_check;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use crate::sync::lock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -989,14 +991,6 @@ impl Relay {
         );
         Ok(())
     }
-}
-
-/// Locks one of the relay's small shared states; a lane that panicked while holding it
-/// left it consistent (every update is a single assignment or insert).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The stream sequence a PubAck gives its row, or why it does not count as one: an ack

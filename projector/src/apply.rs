@@ -255,9 +255,7 @@ impl ReadModel {
     /// consistent (each update is an insert, a clear or a retain), so a poisoned lock
     /// is taken over.
     fn listed(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashMap<String, i64>>> {
-        self.listed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        ingest::sync::lock(&self.listed)
     }
 
     /// Adds one `apply.lua` call for `events` (one device) to `pipeline`, guarded by

@@ -18,6 +18,7 @@ use contract::timestamp::unix_millis;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use ingest::redis_connection::{login_refused, RedisConnection};
+use ingest::sync::lock;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -488,7 +489,7 @@ impl Projector {
             metrics::counter!("projector_errors_total").increment(1);
             // A batch failed as a whole: what went through before says nothing of the
             // next refusal.
-            *self.last_through() = None;
+            *lock(&self.last_through) = None;
             tracing::warn!(%error, events = delivered.len(), "applying to redis failed, retrying");
             if shutdown.is_cancelled() {
                 break None;
@@ -522,7 +523,7 @@ impl Projector {
         delivered: &[Delivered],
         refused: &BTreeMap<uuid::Uuid, String>,
     ) -> bool {
-        let mut last_through = self.last_through();
+        let mut last_through = lock(&self.last_through);
         if others_through {
             *last_through = Some(Instant::now());
             return true;
@@ -540,14 +541,6 @@ impl Projector {
         last_through.is_some_and(|at| at.elapsed() < self.ack_wait)
     }
 
-    /// When a device's call last went through ([`Projector::refusal_is_the_devices`]);
-    /// a batch that panicked while holding it left it consistent (a plain store).
-    fn last_through(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        self.last_through
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Acks `messages`, whose events (`delivered`) Redis took, `applied` of them new,
     /// in a batch begun then; counts them.
     async fn acknowledge(
@@ -562,7 +555,7 @@ impl Projector {
             return;
         }
         self.stalled.store(false, Ordering::Relaxed);
-        *self.last_through() = Some(Instant::now());
+        *lock(&self.last_through) = Some(Instant::now());
         answer(messages, AckKind::Ack, shutdown).await;
         let now = OffsetDateTime::now_utc();
         for item in delivered {
@@ -659,23 +652,16 @@ impl Projector {
 
     /// The generations to apply to: as last read, or read now (and kept).
     async fn generations(&self, redis: &mut RedisConnection) -> redis::RedisResult<Generations> {
-        if let Some(generations) = self.generations_lock().clone() {
+        if let Some(generations) = lock(&self.generations).clone() {
             return Ok(generations);
         }
         let generations = Generations::read(redis, &self.read_model.prefix).await?;
-        *self.generations_lock() = Some(generations.clone());
+        *lock(&self.generations) = Some(generations.clone());
         Ok(generations)
     }
 
     fn forget_generations(&self) {
-        *self.generations_lock() = None;
-    }
-
-    /// A batch that panicked while holding the lock left a whole value behind.
-    fn generations_lock(&self) -> std::sync::MutexGuard<'_, Option<Generations>> {
-        self.generations
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *lock(&self.generations) = None;
     }
 
     /// Publishes the message to the DLQ stream with the reason, then terminates it

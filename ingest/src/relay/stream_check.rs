@@ -115,10 +115,10 @@ impl Relay {
     /// every kept row below it is. A lower probed row says nothing of the rows above it.
     pub async fn check_stream(&self, collided: &[i64]) -> anyhow::Result<StreamCheckOutcome> {
         let checked = self.check_stream_once(collided).await;
-        super::lock(&self.claim_floor).reset();
+        crate::sync::lock(&self.claim_floor).reset();
         if let Ok(StreamCheckOutcome::Held { read_at }) = checked {
             if collided.is_empty() {
-                let mut held_at = super::lock(&self.stream_held_at);
+                let mut held_at = crate::sync::lock(&self.stream_held_at);
                 // Lanes check side by side: an older read may finish last.
                 if held_at.is_none_or(|earlier| earlier < read_at) {
                     *held_at = Some(read_at);
