@@ -25,6 +25,19 @@ pub fn parse(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
+/// Whether [`format()`] writes `instant` as RFC 3339: its year in UTC is 0000 to 9999
+/// (`9999-12-31T23:59:59-01:00` is in year 10000 there, and `format` falls back to Unix
+/// seconds).
+pub fn writable(instant: OffsetDateTime) -> bool {
+    instant
+        .checked_to_offset(time::UtcOffset::UTC)
+        .is_some_and(|utc| (0..=9999).contains(&utc.year()))
+}
+
+/// 0000-01-01T00:00:00Z, the earliest instant [`format()`] writes as RFC 3339, in Unix
+/// milliseconds.
+pub const EARLIEST_WRITABLE_MILLIS: i64 = -62_167_219_200_000;
+
 /// Milliseconds since the Unix epoch, the unit of every instant in the read model.
 pub fn unix_millis(instant: OffsetDateTime) -> i64 {
     // The reading rules bound instants to a few days around now, far inside i64 millis.
@@ -44,6 +57,20 @@ pub fn format_millis(millis: i64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_writable_instants_are_years_0000_to_9999_in_utc() {
+        let earliest = from_unix_millis(EARLIEST_WRITABLE_MILLIS).expect("in range");
+        assert!(writable(earliest));
+        assert_eq!(format(earliest), "0000-01-01T00:00:00Z");
+        let before = from_unix_millis(EARLIEST_WRITABLE_MILLIS - 1).expect("in range");
+        assert!(!writable(before));
+        let last = parse("9999-12-31T23:59:59Z").expect("valid");
+        assert!(writable(last));
+        let past = parse("9999-12-31T23:59:59-01:00").expect("valid");
+        assert!(!writable(past), "year 10000 in UTC");
+        assert_eq!(parse(&format(last)), Some(last));
+    }
 
     #[test]
     fn format_round_trips_through_parse_in_utc() {

@@ -10,10 +10,10 @@ use axum::Json;
 use bytes::Bytes;
 use contract::read_model::{Aggregate, DevicesIndex, MetricStats, Resolution, FINE};
 use contract::reading::{check_device_id, check_metric_name, FieldError};
-use contract::timestamp::{format_millis, parse, unix_millis};
+use contract::timestamp::{format_millis, parse, unix_millis, writable, EARLIEST_WRITABLE_MILLIS};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use time::{OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
 use super::error::ApiError;
 use super::AppState;
@@ -335,16 +335,11 @@ pub async fn series(
             Resolution::by_name(name).ok_or_else(|| invalid("resolution", "must be 10s or 5m"))?
         }
     };
-    // An instant is echoed in UTC, which RFC 3339 writes for years 0000 to 9999 only:
-    // `9999-12-31T23:59:59-01:00` is in year 10000 there.
+    // An instant is echoed in UTC, which RFC 3339 writes for years 0000 to 9999 only.
     let instant = |field: &'static str, text: Option<&str>| -> Result<Option<i64>, ApiError> {
         text.map(|text| {
             parse(&offset_plus_restored(text))
-                .filter(|instant| {
-                    instant
-                        .checked_to_offset(UtcOffset::UTC)
-                        .is_some_and(|utc| (0..=9999).contains(&utc.year()))
-                })
+                .filter(|instant| writable(*instant))
                 .map(unix_millis)
                 .ok_or_else(|| {
                     invalid(
@@ -362,8 +357,8 @@ pub async fn series(
     } else {
         86_400_000
     };
-    let from =
-        instant("from", query.from.as_deref())?.unwrap_or((to - default_span).max(EARLIEST_UTC_MS));
+    let from = instant("from", query.from.as_deref())?
+        .unwrap_or((to - default_span).max(EARLIEST_WRITABLE_MILLIS));
     if from > to {
         return Err(invalid("from", "must not be after to"));
     }
@@ -458,10 +453,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
 fn valid_device_id(device_id: &str) -> Result<(), ApiError> {
     check_device_id(device_id).map_err(|message| invalid("device_id", message))
 }
-
-/// 0000-01-01T00:00:00Z, the earliest instant RFC 3339 writes in UTC, in Unix
-/// milliseconds: where a series' default `from` stops.
-const EARLIEST_UTC_MS: i64 = -62_167_219_200_000;
 
 fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest(vec![FieldError::new(field, message)])
