@@ -599,12 +599,12 @@ impl ReadModel {
             duplicates: (events.len() as u64).saturating_sub(applied),
         };
         // Whether a device none of whose calls was refused had one go through.
-        let others_through = through.iter().any(|device_id| {
-            refused
-                .iter()
-                .flat_map(|(call, _)| call.first())
-                .all(|refused| refused.event.device_id != *device_id)
-        });
+        let refused_devices: BTreeSet<&str> = refused
+            .iter()
+            .flat_map(|(call, _)| call.first())
+            .map(|delivered| delivered.event.device_id.as_str())
+            .collect();
+        let others_through = through.difference(&refused_devices).next().is_some();
         let guarded = Guarded {
             applied,
             stale: stale || stale_retry,
