@@ -23,7 +23,9 @@ pub fn init_tracing(settings: &LogSettings) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
-    let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // [`settings_or_exit`] refused a level that is no filter; settings made in code fall
+    // back to `info`.
+    let filter = log_filter(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let nats_debug_asked = settings.level.contains("async_nats");
     let no_nats_secrets = tracing_subscriber::filter::filter_fn(move |metadata| {
         nats_debug_asked
@@ -59,13 +61,29 @@ pub async fn jetstream_answers(jetstream: &async_nats::jetstream::Context) -> bo
     }
 }
 
+/// `log.level` as the filter of the logs, or why it is none.
+fn log_filter(level: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    EnvFilter::try_new(level)
+}
+
 /// The settings a binary starts with; a missing or invalid one stops it with status 2
-/// and one line naming the key (API.md §8).
+/// and one line naming the key (API.md §8). `log.level` is checked here, where the
+/// filter it must parse as is known: a level that was none (`debug,tokio=loud`) used to
+/// start the process at `info`, unsaid.
 pub fn settings_or_exit(program: &str) -> contract::settings::Settings {
-    contract::settings::Settings::load().unwrap_or_else(|error| {
+    let refuse = |error: &dyn std::fmt::Display| -> ! {
         eprintln!("{program}: {error}");
         std::process::exit(2);
-    })
+    };
+    let settings = contract::settings::Settings::load().unwrap_or_else(|error| refuse(&error));
+    if let Err(error) = log_filter(&settings.log.level) {
+        refuse(&format_args!(
+            "invalid configuration: {} is not a tracing filter (such as `info` or \
+             `debug,tokio_postgres=info`): {error}",
+            key_and_variable("log.level")
+        ));
+    }
+    settings
 }
 
 /// How a binary ends once its work returned: exit 0, or one line on stderr,

@@ -98,6 +98,13 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             ("PIPELINE__INGEST__MAX_AGE_SECS", "0"),
             "ingest.max_age_secs (PIPELINE__INGEST__MAX_AGE_SECS) must be at least 1",
         ),
+        // A log level that is no filter: the process started at `info`, unsaid.
+        (
+            relay,
+            "PIPELINE__RELAY__ADMIN_LISTEN",
+            ("PIPELINE__LOG__LEVEL", "debug,tokio=loud"),
+            "log.level (PIPELINE__LOG__LEVEL) is not a tracing filter",
+        ),
         // A value of the wrong type.
         (
             relay,
