@@ -503,6 +503,17 @@ impl ReadModel {
         live_generation(generation, layout).ok_or(ReadError::Rebuilding)
     }
 
+    /// Why a walk's generation is gone: a rebuild switched to a new one (the cursor is
+    /// lost: start again, a `400`), or there is no live one at all, as after Redis
+    /// restarted empty (a `503` until a rebuild made one, as a walk without a cursor
+    /// gets, rather than a `400` whose new walk would fail too).
+    async fn cursor_gone(&self) -> ReadError {
+        match self.generation().await {
+            Ok(_) => ReadError::CursorLost,
+            Err(error) => error,
+        }
+    }
+
     /// A device's figures and windows at `now_ms`, limited to `metrics` if given;
     /// `None` for an unknown device (see [`ReadModel::device_now`]).
     pub async fn device(
@@ -621,7 +632,7 @@ impl ReadModel {
             let page = match IndexPage::of(reply)? {
                 Scanned::Page(page) => page,
                 Scanned::Expired => return Err(ReadError::CursorExpired),
-                Scanned::Gone if from.is_some() => return Err(ReadError::CursorLost),
+                Scanned::Gone if from.is_some() => return Err(self.cursor_gone().await),
                 Scanned::Gone => {
                     generation = self.generation().await?;
                     self.last_generation.store(generation, Ordering::Relaxed);
@@ -643,7 +654,7 @@ impl ReadModel {
             if live_generation(meta.0, meta.1) != Some(generation) {
                 // Switched over since the script ran: the headers may be being deleted.
                 if from.is_some() {
-                    return Err(ReadError::CursorLost);
+                    return Err(self.cursor_gone().await);
                 }
                 generation = self.generation().await?;
                 self.last_generation.store(generation, Ordering::Relaxed);

@@ -372,6 +372,55 @@ async fn a_cursor_from_before_a_rebuild_is_refused_rather_than_ending_the_walk()
     side.stop().await;
 }
 
+/// A walk whose read model is gone altogether (Redis restarted empty, no rebuild yet)
+/// is answered as a walk without a cursor is, `503` with `Retry-After`, not a `400`
+/// "start again" whose new walk would fail too.
+#[tokio::test]
+async fn a_cursor_whose_read_model_is_gone_altogether_is_answered_503_not_400() {
+    let env = TestEnv::new();
+    let mut projecting = Projecting::start(&env).await;
+    let now = now_ms();
+    let devices: Vec<(String, i64)> = (0..4)
+        .map(|index| (format!("walked-{index}"), now - 20_000 - index * 20_000))
+        .collect();
+    projecting.apply(&devices, now).await;
+    let query = Query::spawn(&env.settings).await;
+    redis_clock_moves_on(&env).await;
+    let (status, first) = page(&query, 2, None).await;
+    assert_eq!(status, 200, "{first}");
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+
+    // What a Redis restarted empty shows: no live generation.
+    let () = redis::cmd("DEL")
+        .arg(contract::read_model::meta_key(&env.settings.redis.prefix))
+        .query_async(&mut env.redis().await)
+        .await
+        .expect("deleted");
+    for cursor in [None, Some(cursor.as_str())] {
+        let path = match cursor {
+            None => "/v1/devices?limit=2".to_owned(),
+            Some(cursor) => format!("/v1/devices?limit=2&cursor={cursor}"),
+        };
+        let response = query.get(&path).await;
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").cloned();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, body["type"].as_str()),
+            (
+                503,
+                Some("https://telemetry-pipeline.dev/problems/unavailable")
+            ),
+            "{path}: {body}"
+        );
+        assert!(retry_after.is_some(), "{path}: a 503 says when to retry");
+    }
+    query.stop().await;
+}
+
 /// A projector stamps its index call with its clock before the call reaches Redis; a
 /// call stamped before a walk's first page but run after it must not make the device
 /// vanish from both its old place (already retired) and its new one (before the page).
