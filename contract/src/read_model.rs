@@ -13,7 +13,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) with `replay_through` ([`meta::REPLAY_THROUGH`]), `layout` (of the current one, [`LAYOUT`]), `redis_run` (the Redis server it was built on, [`meta::REDIS_RUN`]), `retired` (generations whose keys are still to be deleted, [`meta::RETIRED`]) |
+//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) with `replay_through` ([`meta::REPLAY_THROUGH`]), `built_through` (what the rebuild replayed into the current one, [`meta::BUILT_THROUGH`]), `layout` (of the current one, [`LAYOUT`]), `redis_run` (the Redis server it was built on, [`meta::REDIS_RUN`]), `retired` (generations whose keys are still to be deleted, [`meta::RETIRED`]) |
 //! | `<p>rebuild-lock` | string | who is rebuilding, with an expiry |
 //! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
@@ -60,6 +60,14 @@ pub mod meta {
     /// them out of it (a live consumer that went back, as after a NATS crash, delivers
     /// some again, maybe longer than the dedup horizon before the replay reaches them).
     pub const REPLAY_THROUGH: &str = "replay_through";
+    /// Written by a rebuild's switch: `<generation> <stream sequence> <stored-at unix
+    /// nanoseconds>`, the stream's last sequence when the build's replay began and its
+    /// newest stored time then. The replay applied every message at or below that
+    /// sequence stored by then to that generation, which holds them: live projectors
+    /// leave them out of it when they get them (again) after the switch. A consumer
+    /// whose projectors were stopped through the rebuild delivers them past the dedup
+    /// horizon, and they counted twice.
+    pub const BUILT_THROUGH: &str = "built_through";
     /// The [`LAYOUT`](super::LAYOUT) the current generation was built with.
     pub const LAYOUT: &str = "layout";
     /// The `run_id` of the Redis server the current generation was built on (or first

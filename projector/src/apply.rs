@@ -346,7 +346,9 @@ impl ReadModel {
     /// script call checks that in Redis, so a live projector need not read the meta
     /// hash before every batch. Calls that find it changed write nothing. What the
     /// build's replay applies alone ([`ReplayThrough`](crate::rebuild::ReplayThrough))
-    /// goes to the live generation only.
+    /// goes to the live generation only, and what the rebuild that made the live
+    /// generation replayed into it (`built_through`) goes to it no more: an event in
+    /// neither counts as a duplicate.
     pub async fn apply_as_of<C: ConnectionLike>(
         &self,
         connection: &mut C,
@@ -354,21 +356,36 @@ impl ReadModel {
         events: &[Delivered],
         now_ms: i64,
     ) -> RedisResult<AsOf> {
-        let (replayed_alone, shared): (Vec<&Delivered>, Vec<&Delivered>) =
-            match generations.replay_through {
-                Some(through) if generations.building.is_some() => events
-                    .iter()
-                    .partition(|delivered| through.covers(delivered)),
-                _ => (Vec::new(), events.iter().collect()),
-            };
+        let held_by_live = |delivered: &Delivered| {
+            generations
+                .built_through
+                .is_some_and(|through| through.covers(delivered))
+        };
+        let replayed_alone = |delivered: &Delivered| {
+            generations.building.is_some()
+                && generations
+                    .replay_through
+                    .is_some_and(|through| through.covers(delivered))
+        };
+        // To both generations, to the live one only, to the one being built only.
+        let mut parts: [(Vec<u64>, Vec<&Delivered>); 3] = [
+            (generations.targets(), Vec::new()),
+            (generations.live_target(), Vec::new()),
+            (generations.building_target(), Vec::new()),
+        ];
         let mut total = Applied::default();
+        for delivered in events {
+            match (held_by_live(delivered), replayed_alone(delivered)) {
+                (false, false) => parts[0].1.push(delivered),
+                (false, true) => parts[1].1.push(delivered),
+                (true, false) if !parts[2].0.is_empty() => parts[2].1.push(delivered),
+                (true, _) => total.duplicates += 1,
+            }
+        }
         let mut stale = false;
         let mut refused = BTreeMap::new();
         let mut others_through = false;
-        for (targets, part) in [
-            (generations.live_target(), replayed_alone),
-            (generations.targets(), shared),
-        ] {
+        for (targets, part) in parts {
             let guarded = self
                 .apply_guarded(
                     connection,

@@ -35,7 +35,13 @@
 //!    the ids it met first past the floor and leaves their copies out of the older part
 //!    (`PastTheFloor`);
 //! 4. switches `generation` to the new one and clears `building`, in one script that
-//!    checks it still owns the lock and the build, and names the old one `retired`;
+//!    checks it still owns the lock and the build, and names the old one `retired`. It
+//!    also writes what the new generation holds ([`meta::BUILT_THROUGH`]): the replay's
+//!    last sequence. The live projectors' consumer delivers what lies past its ack floor
+//!    after the switch too, and if they were stopped (or far behind) through the
+//!    rebuild, that comes past the dedup horizon after the replay applied it; a live
+//!    projector leaves out of the new generation what it holds already, or it would
+//!    count twice;
 //! 5. deletes the old generation's keys after a short grace period, and then its name
 //!    from `retired`. Should its process die before, a live projector's supervisor
 //!    deletes them once the lock is free ([`Rebuild::delete_retired`]).
@@ -88,6 +94,10 @@ pub struct Generations {
     /// What the build's replay alone applies to `building` (see [`ReplayThrough`]);
     /// written with `building`, so the guard on that field covers it too.
     pub replay_through: Option<ReplayThrough>,
+    /// What the rebuild that made `current` live replayed into it, which it holds
+    /// already ([`meta::BUILT_THROUGH`]); written by the switch with `generation`, so the
+    /// guard on that field covers it, and kept only when it names `current`.
+    pub built_through: Option<ReplayThrough>,
     /// The meta hash's generation, layout and building fields as read (empty for
     /// none): a batch applied with these generations writes nothing if they changed
     /// since ([`ReadModel::apply_as_of`]).
@@ -140,9 +150,10 @@ impl ReplayThrough {
     }
 }
 
-/// The meta hash's `generation`, `layout`, `building`, `replay_through`, `redis_run` and
-/// `retired`.
+/// The meta hash's `generation`, `layout`, `building`, `replay_through`, `redis_run`,
+/// `retired` and `built_through`.
 type MetaFields = (
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -153,7 +164,7 @@ type MetaFields = (
 
 impl Generations {
     pub async fn read(connection: &mut RedisConnection, prefix: &str) -> redis::RedisResult<Self> {
-        let (generation, layout, building, replay_through, redis_run, retired): MetaFields =
+        let (generation, layout, building, replay_through, redis_run, retired, built_through): MetaFields =
             redis::cmd("HMGET")
                 .arg(meta_key(prefix))
                 .arg(meta::LIVE)
@@ -161,6 +172,7 @@ impl Generations {
                 .arg(meta::REPLAY_THROUGH)
                 .arg(meta::REDIS_RUN)
                 .arg(meta::RETIRED)
+                .arg(meta::BUILT_THROUGH)
                 .query_async(connection)
                 .await?;
         let replay_through = match replay_through {
@@ -189,11 +201,27 @@ impl Generations {
             number(&fields[2])?,
         ];
         let current = live_generation(generation, layout);
+        let built_through = match built_through {
+            None => None,
+            Some(text) => {
+                let (built, through) = text
+                    .split_once(' ')
+                    .and_then(|(built, through)| {
+                        Some((built.parse::<u64>().ok()?, ReplayThrough::decode(through)?))
+                    })
+                    .ok_or((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "the meta hash's built_through is not <generation> <sequence> <nanoseconds>",
+                    ))?;
+                Some(through).filter(|_| current == Some(built))
+            }
+        };
         Ok(Self {
             current,
             building,
             outdated: generation.filter(|_| current.is_none()),
             replay_through,
+            built_through,
             fields,
             redis_run,
             // Written by the switch script alone, as numbers.
@@ -211,13 +239,20 @@ impl Generations {
         self.current.into_iter().collect()
     }
 
+    /// Where a live projector applies what the live generation holds already
+    /// ([`Self::built_through`]): the one being built, if any (guarded by the same
+    /// fields as [`Self::targets`]).
+    pub fn building_target(&self) -> Vec<u64> {
+        self.building
+            .filter(|building| Some(*building) != self.current)
+            .into_iter()
+            .collect()
+    }
+
     /// Where live events go: the live generation first, then the one being built.
     pub fn targets(&self) -> Vec<u64> {
-        let mut targets: Vec<u64> = self.current.into_iter().collect();
-        targets.extend(
-            self.building
-                .filter(|building| Some(*building) != self.current),
-        );
+        let mut targets = self.live_target();
+        targets.extend(self.building_target());
         targets
     }
 }
@@ -354,7 +389,7 @@ impl Rebuild {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let replayed = self
+        let (replayed, built_through) = self
             .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
             .await?;
         let switched: i64 = SWITCH
@@ -364,6 +399,7 @@ impl Rebuild {
             .arg(owner)
             .arg(LAYOUT)
             .arg(built_on)
+            .arg(format!("{generation} {}", built_through.encode()))
             .invoke_async(&mut redis)
             .await?;
         if switched != 1 {
@@ -437,7 +473,9 @@ impl Rebuild {
     }
 
     /// Replays the stream from its first message up to its last sequence right now: what
-    /// follows `live_ack_floor` first, then what precedes it (the module's step 3).
+    /// follows `live_ack_floor` first, then what precedes it (the module's step 3). The
+    /// count replayed, and what the generation then holds: every message up to that
+    /// last sequence, stored by the stream's newest stored time then.
     async fn replay_into(
         &self,
         generation: u64,
@@ -445,9 +483,13 @@ impl Rebuild {
         live_ack_floor: u64,
         shutdown: &CancellationToken,
         lost_lock: &CancellationToken,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<(u64, ReplayThrough)> {
         let state = &stream.info().await.context("reading stream info")?.state;
         let (first_sequence, last_sequence) = (state.first_sequence, state.last_sequence);
+        let built_through = ReplayThrough {
+            stream_sequence: last_sequence,
+            stored_at: state.last_timestamp,
+        };
         let split = live_ack_floor.min(last_sequence);
         let mut replayed = 0;
         let mut past_the_floor = PastTheFloor::default();
@@ -480,7 +522,7 @@ impl Rebuild {
                 )
                 .await?;
         }
-        Ok(replayed)
+        Ok((replayed, built_through))
     }
 
     /// Replays the stream's messages after `after` up to `last_sequence`, those events
@@ -699,9 +741,10 @@ async fn keep_lock(
 }
 
 /// Makes `generation` live (of this layout, built on the Redis run `ARGV[4]`, or on one
-/// not known when empty), but only if this rebuild still owns the lock and the build;
-/// the generation it replaces is named `retired` ([`meta::RETIRED`]). Hashed once per
-/// process, as the locks' scripts are.
+/// not known when empty, holding what `ARGV[5]` says: [`meta::BUILT_THROUGH`]), but
+/// only if this rebuild still owns the lock and the build; the generation it replaces
+/// is named `retired` ([`meta::RETIRED`]). Hashed once per process, as the locks'
+/// scripts are.
 static SWITCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
@@ -711,7 +754,7 @@ static SWITCH: LazyLock<Script> = LazyLock::new(|| {
            local retired = redis.call('HGET', KEYS[1], 'retired')
            redis.call('HSET', KEYS[1], 'retired', retired and (retired .. ' ' .. old) or old)
          end
-         redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3])
+         redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3], 'built_through', ARGV[5])
          redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'redis_run')
          if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'redis_run', ARGV[4]) end
          return 1",

@@ -99,6 +99,39 @@ async fn an_event_the_stream_holds_on_both_sides_of_the_ack_floor_counts_once_in
     assert_read_model_holds(&env, &events).await;
 }
 
+/// A rebuild run while every projector is stopped replays their backlog (what follows
+/// their consumer's ack floor) into the new generation and switches to it. Started past
+/// the dedup horizon after that, the projectors get the backlog delivered: the new
+/// generation holds it already (the switch wrote `built_through`), so it counts once.
+/// It counted twice: the generation's dedup set had forgotten the replay's ids (a
+/// review of 2026-12-07).
+#[tokio::test]
+async fn a_backlog_a_rebuild_replayed_while_the_projectors_were_stopped_counts_once_after_the_horizon(
+) {
+    const APPLIED: usize = 500;
+    const BACKLOG: usize = 300;
+    let events = spread_events(APPLIED + BACKLOG);
+    let (_nats, env, jetstream) = projected_live_with_a_short_horizon(&events[..APPLIED]).await;
+    publish_many(&env, &jetstream, &events[APPLIED..]).await;
+
+    let generation = start_rebuild(&env)
+        .await
+        .await
+        .expect("the rebuild task did not panic")
+        .expect("the rebuild succeeded");
+    assert_eq!(env.generation().await, Some(generation));
+    // A duration that must pass: the new generation's dedup set forgets the replay's
+    // ids after the horizon (4 s).
+    tokio::time::sleep(Duration::from_secs(
+        env.settings.projector.dedup_horizon_secs + 1,
+    ))
+    .await;
+    let projector = Projector::spawn(&env.settings).await;
+    drained(&env, &jetstream, (APPLIED + BACKLOG) as u64).await;
+    assert_read_model_holds(&env, &events).await;
+    projector.stop().await;
+}
+
 /// Freezes the server once some events are in the generation being built (the replay's
 /// consumer is reading): it then delivers nothing more, and the replay can only finish
 /// what it holds. Fails if the build ended before the freeze took hold.
