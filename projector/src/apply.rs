@@ -533,9 +533,14 @@ impl ReadModel {
             guard_fields(command, guard);
         }
         let mut results = self.run(connection, &mut pipeline).await?;
-        // The index calls are the batch's: one refused fails it.
+        // The index calls are the batch's: one refused fails it. One that found the
+        // generations changed (a pipeline is no transaction: a rebuild may begin between
+        // its device calls and its index calls) wrote nothing, and the batch is stale:
+        // were it applied, its devices would be remembered as listed, and no later batch
+        // would write their entries.
+        let mut index_stale = false;
         for result in results.split_off(calls.len().min(results.len())) {
-            result?;
+            index_stale |= result?.as_slice() == [STALE];
         }
         let mut refuse = |call: &[&'a Delivered], error: redis::RedisError| {
             if refuses_only_the_call(&error) {
@@ -559,7 +564,7 @@ impl ReadModel {
             });
         }
         let is_stale = |result: &Vec<i64>| result.as_slice() == [STALE];
-        let stale = results_of_calls.iter().any(is_stale);
+        let stale = index_stale || results_of_calls.iter().any(is_stale);
         let mut applied = 0u64;
         // A generation that held some of a call's events but not all got nothing from it
         // (its figures include those it has): each event alone is all-or-nothing.

@@ -804,3 +804,106 @@ async fn a_mixed_call_split_up_after_a_rebuild_began_writes_nothing_and_is_stale
         assert_holds(&env, generation, &events).await;
     }
 }
+
+/// A Redis connection on which a rebuild begins (the meta hash gets `building`) between
+/// the first pipeline's device calls and its index call: a pipeline is no transaction,
+/// and another client's command can run between two of its commands.
+struct RebuildBeginsBeforeTheIndexCall<'a> {
+    env: &'a TestEnv,
+    redis: RedisConnection,
+    pipelines: usize,
+}
+
+impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheIndexCall<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        self.redis.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        self.pipelines += 1;
+        let first = self.pipelines == 1;
+        Box::pin(async move {
+            if !first {
+                return self
+                    .redis
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+            }
+            let commands: Vec<&redis::Cmd> = pipeline.cmd_iter().collect();
+            let (index_call, device_calls) = commands.split_last().expect("calls");
+            let mut before = redis::pipe();
+            for command in device_calls {
+                before.add_command((*command).clone());
+            }
+            let mut replies = self
+                .redis
+                .req_packed_commands(&before, 0, device_calls.len())
+                .await?;
+            self.env.set_building(Some(2)).await;
+            replies.push(self.redis.req_packed_command(index_call).await?);
+            Ok(replies)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.redis.get_db()
+    }
+}
+
+/// A batch whose index call finds the generations changed (a rebuild began after its
+/// device calls ran) wrote nothing to the index: it is stale, and applied again with
+/// the generations read anew, the device is listed. It was counted as applied and the
+/// device remembered as listed, so no later batch wrote its entry: it was missing from
+/// `/v1/devices` until its 10 s granule moved on, for good if it went quiet (a review
+/// of 2026-12-07).
+#[tokio::test]
+async fn a_batch_whose_index_call_found_a_rebuild_begun_is_stale_and_the_device_listed_after_all() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = direct_read_model(&env);
+    let events = temperatures(1, now_ms() - 30_000, 1_000, |index| index as f64 + 0.5);
+    let all = delivered(&events);
+    env.set_live_generation(1).await;
+    let live_only = generations(&env).await;
+    // Another device first, so the scripts are loaded: the first pipeline is the one.
+    let warm_up = [event("warm-up", now_ms() - 30_000, &[("temperature", 1.0)])];
+    apply_as_of(&model, &mut redis, &live_only, &delivered(&warm_up)).await;
+    let mut racing = RebuildBeginsBeforeTheIndexCall {
+        env: &env,
+        redis: redis.clone(),
+        pipelines: 0,
+    };
+    let first = model
+        .apply_as_of(&mut racing, &live_only, &all, now_ms())
+        .await
+        .expect("apply");
+    assert_eq!(first, AsOf::Stale { applied: 1 });
+
+    // As the live projector goes on: the generations read anew, the batch again.
+    let both = generations(&env).await;
+    assert_eq!(both.targets(), [1, 2]);
+    apply_as_of(&model, &mut redis, &both, &all).await;
+    let device = events[0].device_id.as_str();
+    for generation in [1, 2] {
+        let entries: Vec<String> = redis::cmd("ZRANGE")
+            .arg(
+                contract::read_model::DevicesIndex::new(&env.settings.redis.prefix, generation).log,
+            )
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis)
+            .await
+            .expect("index read");
+        assert!(
+            entries
+                .iter()
+                .any(|entry| contract::read_model::DevicesIndex::device_of(entry) == Some(device)),
+            "{device} listed in generation {generation}: {entries:?}"
+        );
+    }
+}
