@@ -17,11 +17,17 @@
 #   database_url | nats_url | redis_url        the configured URL (env or default)
 #   process_listen NAME | process_url NAME     listen address / http://host:port of a process
 #   ensure_postgres | ensure_redis | ensure_nats | ensure_services
+#                                   (each private server started is added to STARTED_SERVERS)
+#   record_started_servers          notes STARTED_SERVERS in RUN_DIR/servers (scripts/up)
+#   stop_private_servers            stops the servers RUN_DIR/servers names (scripts/down)
+#   take_run_lock DIR FLOCK-OPTION...  takes DIR/.lock; what the script starts does not hold it
 #   private_postgres_ctl ARGS...    pg_ctl on the private cluster of a non-default port
 #   build_release
 #   start_process NAME [ARGS...]    start target/release/NAME in the background
 #   wait_ready NAME URL [SECONDS]   poll URL until it answers 200 (default 60 s)
-#   stop_process NAME [SECONDS]     SIGTERM, then SIGKILL after SECONDS (default 15)
+#   stop_process NAME [SECONDS [PROGRAM]]
+#                                   SIGTERM, then SIGKILL after SECONDS (default 15), while
+#                                   NAME's pid runs PROGRAM (default NAME)
 #   process_running NAME            true when .data/run/NAME.pid holds NAME's live pid
 #   pid_file NAME | read_pid NAME | pid_is_live PID [NAME]
 #   tcp_open HOST PORT | wait_until SECONDS CMD [ARGS...] | info/warn/err/die MESSAGE
@@ -59,6 +65,8 @@ unset _target_dir
 # The long-running processes, in start order (scripts/down stops them in reverse).
 # shellcheck disable=SC2034 # used by scripts/up and scripts/down
 PROCESSES=(ingest relay projector query)
+# The private servers ensure_* started in this run (record_started_servers).
+STARTED_SERVERS=()
 
 DEFAULT_DATABASE_URL='postgres://postgres@127.0.0.1:5432/telemetry'
 DEFAULT_NATS_URL='nats://127.0.0.1:4222'
@@ -412,7 +420,8 @@ _start_private_postgres() {
         err "could not start the private PostgreSQL on $port (see $(_rel "$log"))"
         return 1
     fi
-    wait_until 20 postgres_answers "$host" "$port"
+    wait_until 20 postgres_answers "$host" "$port" || return 1
+    STARTED_SERVERS+=("postgres-$port")
 }
 
 # private_postgres_ctl ARGS...: pg_ctl ARGS on the private cluster of PIPELINE__DATABASE__URL
@@ -473,6 +482,7 @@ ensure_redis() {
             err "could not start redis-server on $port"
             return 1
         fi
+        STARTED_SERVERS+=("redis-$port")
     fi
     if ! wait_until 20 redis_answers "$host" "$port"; then
         err "redis-server was started but does not answer at $host:$port after 20 s"
@@ -542,7 +552,7 @@ ensure_nats() {
     if [[ "$port" == 4222 && "$bin" == /usr/sbin/nats-server ]] && command -v start-stop-daemon >/dev/null 2>&1; then
         info "nats: not answering at $host:$port; starting /usr/sbin/nats-server"
         mkdir -p "$RUN_DIR"
-        if ! start-stop-daemon --start --oknodo --background --make-pidfile --pidfile "$RUN_DIR/nats-4222.pid" \
+        if ! start-stop-daemon --start --oknodo --background --make-pidfile --pidfile "$RUN_DIR/nats-system-4222.pid" \
             --exec /usr/sbin/nats-server -- \
             -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log; then
             err "could not start /usr/sbin/nats-server on 4222"
@@ -569,6 +579,7 @@ EOF
             _spawn "$RUN_DIR/nats-$port.pid" "$LOG_DIR/nats-$port.log" \
                 "$bin" -a "$listen_host" -p "$port" -js -sd "$dir" || return 1
         fi
+        STARTED_SERVERS+=("nats-$port")
     fi
     if ! wait_until 20 nats_answers "$host" "$port"; then
         err "nats-server was started but does not answer at $host:$port after 20 s (see its log)"
@@ -738,16 +749,17 @@ wait_ready() {
     return 1
 }
 
-# stop_process NAME [SECONDS]: SIGTERM, wait (default 15 s), then SIGKILL; removes
-# the pid file. Does nothing when NAME is not running.
+# stop_process NAME [SECONDS [PROGRAM]]: SIGTERM, wait (default 15 s), then SIGKILL;
+# removes the pid file. Does nothing when the pid in NAME's file does not run PROGRAM
+# (by default NAME).
 stop_process() {
-    local name=$1 timeout=${2:-15} file pid deadline
+    local name=$1 timeout=${2:-15} program=${3:-$1} file pid deadline
     file=$(pid_file "$name")
     if [[ ! -e "$file" ]]; then
         info "$name: not running"
         return 0
     fi
-    if ! pid=$(read_pid "$name") || ! pid_is_live "$pid" "$name"; then
+    if ! pid=$(read_pid "$name") || ! pid_is_live "$pid" "$program"; then
         info "$name: not running (removing stale $(_rel "$file"))"
         rm -f "$file"
         return 0
@@ -755,7 +767,7 @@ stop_process() {
     info "$name: stopping (pid $pid, SIGTERM)"
     kill -TERM "$pid" 2>/dev/null || true
     deadline=$(($(_now) + timeout))
-    while pid_is_live "$pid" "$name"; do
+    while pid_is_live "$pid" "$program"; do
         if (($(_now) >= deadline)); then
             warn "$name (pid $pid) still running after ${timeout} s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null || true
@@ -821,10 +833,7 @@ own_pipeline() {
 one_run_at_a_time() {
     local name=$1 dir=$2
     shift 2
-    command -v flock >/dev/null 2>&1 || die "flock is not installed; install it with:  apt-get install util-linux"
-    mkdir -p "$dir"
-    exec {RUN_LOCK_FD}>"$dir/.lock"
-    flock -n "$RUN_LOCK_FD" ||
+    take_run_lock "$dir" -n ||
         die "another scripts/$name runs in this checkout (it holds $(_rel "$dir")/.lock); wait for it to end"
     # With the lock, no earlier run lives: the services in its pid files are what a run
     # killed outright (no trap ran) left holding its ports; until 2026-12-06 they kept
@@ -833,6 +842,75 @@ one_run_at_a_time() {
         _stop_what_a_killed_run_left
     fi
     require_free_ports "$@"
+}
+
+# record_started_servers: notes in RUN_DIR/servers the private servers this run started
+# (STARTED_SERVERS: redis-PORT, nats-PORT, postgres-PORT), which scripts/down stops.
+record_started_servers() {
+    local name
+    ((${#STARTED_SERVERS[@]})) || return 0
+    mkdir -p "$RUN_DIR"
+    for name in "${STARTED_SERVERS[@]}"; do
+        grep -qxF -- "$name" "$RUN_DIR/servers" 2>/dev/null || printf '%s\n' "$name" >>"$RUN_DIR/servers"
+    done
+}
+
+# stop_private_servers: stops the servers RUN_DIR/servers names (record_started_servers:
+# those scripts/up started as this checkout's own, their data under DATA_DIR), each only
+# while its pid is still that server's. The machine's own servers -- Redis on 6379,
+# Debian's nats-server on 4222, the system PostgreSQL -- are never recorded: their data
+# is the machine's, other programs use them, and they keep running. Nor are the servers
+# scripts/test, bench, ab or soak start.
+stop_private_servers() {
+    local rc=0 name file pid dir bin
+    [[ -s "$RUN_DIR/servers" ]] || return 0
+    while read -r name; do
+        case $name in
+            redis-* | nats-*)
+                file=$(pid_file "$name")
+                # Only the server that wrote this file: a pid given to another since (a
+                # reboot, a crash) is left alone.
+                if pid=$(read_pid "$name") && pid_is_live "$pid" "${name%%-*}-server" &&
+                    _started_before "$pid" "$file"; then
+                    stop_process "$name" 15 "${name%%-*}-server" || rc=1
+                else
+                    info "$name: not running"
+                    rm -f "$file"
+                fi
+                ;;
+            postgres-*)
+                dir=$(_private_postgres_dir "${name#postgres-}")
+                pid=$(head -n 1 "$dir/postmaster.pid" 2>/dev/null) || pid=""
+                # A postmaster runs in its data directory; a stale postmaster.pid may name
+                # a pid given to another process since.
+                if [[ ! "$pid" =~ ^[0-9]+$ || "$(readlink "/proc/$pid/cwd" 2>/dev/null)" != "$(cd -- "$dir" && pwd -P)" ]]; then
+                    info "$name: not running"
+                    continue
+                fi
+                if ! bin=$(_postgres_bin_dir); then
+                    err "PostgreSQL's pg_ctl is not found; $(_rel "$dir") keeps running"
+                    rc=1
+                    continue
+                fi
+                info "$name: stopping (pg_ctl stop -m fast)"
+                _as_postgres "$bin/pg_ctl" -D "$dir" -w -t 30 stop -m fast >/dev/null || rc=1
+                ;;
+        esac
+    done <"$RUN_DIR/servers"
+    ((rc != 0)) || rm -f "$RUN_DIR/servers"
+    return "$rc"
+}
+
+# take_run_lock DIR FLOCK-OPTION...: takes DIR/.lock (open as RUN_LOCK_FD, which what
+# the script starts does not inherit: _spawn, without_run_lock) with flock's options
+# (-n: fail at once if it is held; -w SECONDS: wait that long).
+take_run_lock() {
+    local dir=$1
+    shift
+    command -v flock >/dev/null 2>&1 || die "flock is not installed; install it with:  apt-get install util-linux"
+    mkdir -p "$dir"
+    exec {RUN_LOCK_FD}>"$dir/.lock"
+    flock "$@" "$RUN_LOCK_FD"
 }
 
 # _stop_what_a_killed_run_left: stops each service a pid file in RUN_DIR names while

@@ -302,3 +302,83 @@ def test_what_a_script_starts_and_leaves_running_does_not_hold_its_run_lock(tmp_
     finally:
         for pid in started:
             os.kill(pid, 15)
+
+
+def port_open(port):
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None
+                    or not pathlib.Path("/usr/sbin/nats-server").exists() and shutil.which("nats-server") is None
+                    or not list(pathlib.Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")),
+                    reason="Redis, NATS or PostgreSQL is not installed")
+def test_down_stops_the_servers_up_started_as_the_checkouts_own_and_no_other():
+    """API.md §8: scripts/down stops what up started. The servers up starts as the
+    checkout's own (a Redis, NATS or PostgreSQL on a port other than the machine's,
+    with its data under .data/) kept running after down, on their ports, for good.
+    One the tests' run started the same way, and the machine's own, stay up."""
+    data = pathlib.Path(tempfile.mkdtemp(prefix="down-", dir="/tmp"))
+    data.chmod(0o755)  # the postgres user makes its cluster in there
+    ports = {"redis": free_port(), "nats": free_port(), "postgres": free_port()}
+    not_ups = free_port()
+    env = dict(os.environ, PIPELINE_DATA_DIR=str(data),
+               PIPELINE__REDIS__URL=f"redis://127.0.0.1:{ports['redis']}",
+               PIPELINE__NATS__URL=f"nats://127.0.0.1:{ports['nats']}",
+               PIPELINE__DATABASE__URL=f"postgres://postgres@127.0.0.1:{ports['postgres']}/telemetry")
+    machines_own = [port for port in (5432, 6379, 4222) if port_open(port)]
+
+    def run(command, **more):
+        ran = subprocess.run(["bash", "-c", command], cwd=REPO, env=dict(env, **more),
+                             capture_output=True, text=True, timeout=120)
+        return ran.returncode, ran.stdout + ran.stderr
+
+    try:
+        # As scripts/up does it, and as scripts/test does (nothing recorded).
+        status, output = run("source scripts/lib.sh && ensure_services && record_started_servers")
+        assert status == 0, output
+        status, output = run("source scripts/lib.sh && ensure_redis",
+                             PIPELINE__REDIS__URL=f"redis://127.0.0.1:{not_ups}")
+        assert status == 0, output
+        assert all(port_open(port) for port in [*ports.values(), not_ups]), output
+        status, output = run("scripts/down")
+        assert status == 0, output
+        # pg_ctl -w and stop_process wait until each is gone.
+        still = {name: port for name, port in ports.items() if port_open(port)}
+        assert still == {}, f"left running by scripts/down: {still}\n{output}"
+        assert port_open(not_ups), f"scripts/down stopped a server up did not start:\n{output}"
+        assert all(port_open(port) for port in machines_own), "the machine's own servers stay"
+        # A second down finds nothing to stop.
+        status, output = run("scripts/down")
+        assert status == 0, output
+    finally:
+        run("source scripts/lib.sh && stop_private_servers")
+        pid_file = data / "run" / f"redis-{not_ups}.pid"
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), 15)
+            deadline = time.monotonic() + 10
+            while port_open(not_ups) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_down_waits_for_an_up_or_down_under_way_in_the_checkout(tmp_path):
+    """Two scripts/up at once could both find a process missing and start it twice (the
+    second copy's pid file replacing the first's); a run of up or down now waits for the
+    one under way to end. Here the lock is held as a run would hold it."""
+    env = dict(os.environ, PIPELINE_DATA_DIR=str(tmp_path))
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        down = subprocess.Popen(["scripts/down"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            # Only waiting can show it waits.
+            with pytest.raises(subprocess.TimeoutExpired):
+                down.wait(timeout=1.5)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        output, _ = down.communicate(timeout=60)
+    assert down.returncode == 0, output
+    assert "ingest: not running" in output, output
