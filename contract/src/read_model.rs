@@ -13,7 +13,7 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) with `replay_through` ([`meta::REPLAY_THROUGH`]), `built_through` (what the rebuild replayed into the current one, [`meta::BUILT_THROUGH`]), `layout` (of the current one, [`LAYOUT`]), `redis_run` (the Redis server it was built on, [`meta::REDIS_RUN`]), `retired` (generations whose keys are still to be deleted, [`meta::RETIRED`]) |
+//! | `<p>meta` | hash | `generation` (current), `building` (being rebuilt) with `replay_through` and `replay_last` ([`meta::REPLAY_THROUGH`], [`meta::REPLAY_LAST`]), `built_through` (what the rebuild replayed into the current one, [`meta::BUILT_THROUGH`]), `layout` (of the current one, [`LAYOUT`]), `redis_run` (the Redis server it was built on, [`meta::REDIS_RUN`]), `retired` (generations whose keys are still to be deleted, [`meta::RETIRED`]) |
 //! | `<p>rebuild-lock` | string | who is rebuilding, with an expiry |
 //! | `<p>g<G>:{devices}:log`, `:created`, `:retired`, `:current` | sorted sets, hashes | the devices index, see [`DevicesIndex`] |
 //! | `<p>g<G>:device:{<id>}` | hash | the device's all-time figures, fields below |
@@ -60,6 +60,15 @@ pub mod meta {
     /// them out of it (a live consumer that went back, as after a NATS crash, delivers
     /// some again, maybe longer than the dedup horizon before the replay reaches them).
     pub const REPLAY_THROUGH: &str = "replay_through";
+    /// Set once the build's replay began, as [`REPLAY_THROUGH`] is: the stream's last
+    /// sequence then and its newest stored time. The replay applies every message at
+    /// or below it stored by then, so live projectors leave those out of the generation
+    /// being built from then on too, however long after they get them: projectors that
+    /// were stopped or far behind and come back during a replay longer than the dedup
+    /// horizon counted their backlog (past the floor) twice there. Written only while
+    /// the field `building` names the build, and part of the guard (`guard.lua`), so a
+    /// live projector reads it before its next batch.
+    pub const REPLAY_LAST: &str = "replay_last";
     /// Written by a rebuild's switch: `<generation> <stream sequence> <stored-at unix
     /// nanoseconds>`, the stream's last sequence when the build's replay began and its
     /// newest stored time then. The replay applied every message at or below that

@@ -23,8 +23,8 @@
 -- then     M pairs: device field `m:<metric>`, its packed figures (6 doubles)
 -- then     B pairs: bucket field `f<bucket>:<metric>` or `c<bucket>:<metric>`, its
 --          packed aggregate (4 doubles)
--- then     in a guarded call, the meta hash's generation, layout and building fields
---          as the projector read them
+-- then     in a guarded call, the meta hash's generation, layout, building and
+--          replay_last fields as the projector read them
 --
 -- Returns STALE alone when a guarded call finds those fields changed (nothing
 -- written). Otherwise one number per generation: k when the events were applied, 0

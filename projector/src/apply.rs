@@ -198,8 +198,8 @@ impl<'a> DeviceFold<'a> {
     }
 }
 
-/// A guarded call's last three arguments: the meta hash's fields as read.
-fn guard_fields(command: &mut redis::Pipeline, guard: Option<&[String; 3]>) {
+/// A guarded call's last four arguments: the meta hash's fields as read.
+fn guard_fields(command: &mut redis::Pipeline, guard: Option<&[String; 4]>) {
     if let Some(fields) = guard {
         command.arg(fields.as_slice());
     }
@@ -264,7 +264,7 @@ impl ReadModel {
         &self,
         pipeline: &mut redis::Pipeline,
         generations: &[u64],
-        guard: Option<&[String; 3]>,
+        guard: Option<&[String; 4]>,
         device_id: &str,
         events: &[&Delivered],
         now_ms: i64,
@@ -285,7 +285,7 @@ impl ReadModel {
     }
 
     /// A guarded call's last key: the meta hash.
-    fn guard_key(&self, command: &mut redis::Pipeline, guard: Option<&[String; 3]>) {
+    fn guard_key(&self, command: &mut redis::Pipeline, guard: Option<&[String; 4]>) {
         if guard.is_some() {
             command.arg(&self.meta_key);
         }
@@ -363,9 +363,10 @@ impl ReadModel {
         };
         let replayed_alone = |delivered: &Delivered| {
             generations.building.is_some()
-                && generations
-                    .replay_through
-                    .is_some_and(|through| through.covers(delivered))
+                && [generations.replay_through, generations.replay_last]
+                    .iter()
+                    .flatten()
+                    .any(|through| through.covers(delivered))
         };
         // To both generations, to the live one only, to the one being built only.
         let mut parts: [(Vec<u64>, Vec<&Delivered>); 3] = [
@@ -429,7 +430,7 @@ impl ReadModel {
         &self,
         connection: &mut C,
         generations: &[u64],
-        guard: Option<&[String; 3]>,
+        guard: Option<&[String; 4]>,
         events: &[&'a Delivered],
         now_ms: i64,
     ) -> RedisResult<Guarded<'a>> {

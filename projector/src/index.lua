@@ -6,7 +6,7 @@
 -- KEYS[3] retired (sorted set: entry -> ms), KEYS[4] current (hash: device -> granule)
 -- ARGV[1] listing TTL (ms), then pairs of device id and granule (ms)
 -- A guarded call (guard.lua) has the meta hash as KEYS[5] and the fields as read as
--- its last three arguments, after the pairs.
+-- its last four arguments, after the pairs.
 --
 -- Stamps (created, retired, and the expiry's now) are Redis's TIME in ms when the call
 -- runs, not the projector's clock when it sent the call: a walk through the list
@@ -25,7 +25,7 @@ if #KEYS == 5 then
   if generations_changed() then
     return { STALE }
   end
-  pairs_end = #ARGV - 3
+  pairs_end = #ARGV - 4
 end
 
 local time = redis.call('TIME')

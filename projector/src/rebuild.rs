@@ -33,7 +33,12 @@
 //!    the floor (the relay published it again past JetStream's duplicate window), would
 //!    so come once at the start and once at the older part's end: the replay remembers
 //!    the ids it met first past the floor and leaves their copies out of the older part
-//!    (`PastTheFloor`);
+//!    (`PastTheFloor`). Once the replay has read the stream's last sequence it writes
+//!    that too ([`meta::REPLAY_LAST`]), under the guard, and from then on live projectors
+//!    leave everything up to it to the replay: projectors that were stopped or far
+//!    behind and come back while a replay longer than the horizon runs would otherwise
+//!    apply their backlog (past the floor) to the new generation long after the replay
+//!    did, and it would count twice there;
 //! 4. switches `generation` to the new one and clears `building`, in one script that
 //!    checks it still owns the lock and the build, and names the old one `retired`. It
 //!    also writes what the new generation holds ([`meta::BUILT_THROUGH`]): the replay's
@@ -41,7 +46,8 @@
 //!    after the switch too, and if they were stopped (or far behind) through the
 //!    rebuild, that comes past the dedup horizon after the replay applied it; a live
 //!    projector leaves out of the new generation what it holds already, or it would
-//!    count twice;
+//!    count twice. A message stored later at such a sequence (the stream went back and
+//!    grew again) is new and is applied;
 //! 5. deletes the old generation's keys after a short grace period, and then its name
 //!    from `retired`. Should its process die before, a live projector's supervisor
 //!    deletes them once the lock is free ([`Rebuild::delete_retired`]).
@@ -94,14 +100,18 @@ pub struct Generations {
     /// What the build's replay alone applies to `building` (see [`ReplayThrough`]);
     /// written with `building`, so the guard on that field covers it too.
     pub replay_through: Option<ReplayThrough>,
+    /// What the build's replay applies, once it began: every message up to the stream's
+    /// last sequence then ([`meta::REPLAY_LAST`]). Live projectors leave it to the
+    /// replay as they leave what `replay_through` covers; part of the guard.
+    pub replay_last: Option<ReplayThrough>,
     /// What the rebuild that made `current` live replayed into it, which it holds
     /// already ([`meta::BUILT_THROUGH`]); written by the switch with `generation`, so the
     /// guard on that field covers it, and kept only when it names `current`.
     pub built_through: Option<ReplayThrough>,
-    /// The meta hash's generation, layout and building fields as read (empty for
-    /// none): a batch applied with these generations writes nothing if they changed
-    /// since ([`ReadModel::apply_as_of`]).
-    pub fields: [String; 3],
+    /// The meta hash's generation, layout, building and replay_last fields as read
+    /// (empty for none): a batch applied with these generations writes nothing if they
+    /// changed since ([`ReadModel::apply_as_of`]).
+    pub fields: [String; 4],
     /// The meta hash's `redis_run`: the Redis server the live generation was built on
     /// (see [`crate::restart`]).
     pub redis_run: Option<String>,
@@ -141,6 +151,20 @@ impl ReplayThrough {
         )
     }
 
+    /// The meta hash's field `name` as read, `<sequence> <nanoseconds>`, if there is one.
+    fn field(name: &str, text: Option<&str>) -> redis::RedisResult<Option<Self>> {
+        text.map(|text| {
+            Self::decode(text).ok_or_else(|| {
+                redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "a field of the meta hash is not <sequence> <nanoseconds>",
+                    name.to_owned(),
+                ))
+            })
+        })
+        .transpose()
+    }
+
     fn decode(text: &str) -> Option<Self> {
         let (sequence, stored_at) = text.split_once(' ')?;
         Some(Self {
@@ -151,8 +175,9 @@ impl ReplayThrough {
 }
 
 /// The meta hash's `generation`, `layout`, `building`, `replay_through`, `redis_run`,
-/// `retired` and `built_through`.
+/// `retired`, `built_through` and `replay_last`.
 type MetaFields = (
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<String>,
@@ -164,25 +189,27 @@ type MetaFields = (
 
 impl Generations {
     pub async fn read(connection: &mut RedisConnection, prefix: &str) -> redis::RedisResult<Self> {
-        let (generation, layout, building, replay_through, redis_run, retired, built_through): MetaFields =
-            redis::cmd("HMGET")
-                .arg(meta_key(prefix))
-                .arg(meta::LIVE)
-                .arg(meta::BUILDING)
-                .arg(meta::REPLAY_THROUGH)
-                .arg(meta::REDIS_RUN)
-                .arg(meta::RETIRED)
-                .arg(meta::BUILT_THROUGH)
-                .query_async(connection)
-                .await?;
-        let replay_through = match replay_through {
-            None => None,
-            Some(text) => Some(ReplayThrough::decode(&text).ok_or((
-                redis::ErrorKind::UnexpectedReturnType,
-                "the meta hash's replay_through is not <sequence> <nanoseconds>",
-            ))?),
-        };
-        let fields = [generation, layout, building].map(Option::unwrap_or_default);
+        let (
+            generation,
+            layout,
+            building,
+            replay_through,
+            redis_run,
+            retired,
+            built_through,
+            replay_last,
+        ): MetaFields = redis::cmd("HMGET")
+            .arg(meta_key(prefix))
+            .arg(meta::LIVE)
+            .arg(meta::BUILDING)
+            .arg(meta::REPLAY_THROUGH)
+            .arg(meta::REDIS_RUN)
+            .arg(meta::RETIRED)
+            .arg(meta::BUILT_THROUGH)
+            .arg(meta::REPLAY_LAST)
+            .query_async(connection)
+            .await?;
+        let fields = [generation, layout, building, replay_last].map(Option::unwrap_or_default);
         let number = |field: &str| -> redis::RedisResult<Option<u64>> {
             if field.is_empty() {
                 return Ok(None);
@@ -201,26 +228,30 @@ impl Generations {
             number(&fields[2])?,
         ];
         let current = live_generation(generation, layout);
+        // `<generation> <sequence> <nanoseconds>`, of the live generation or of none.
         let built_through = match built_through {
             None => None,
             Some(text) => {
-                let (built, through) = text
-                    .split_once(' ')
-                    .and_then(|(built, through)| {
-                        Some((built.parse::<u64>().ok()?, ReplayThrough::decode(through)?))
-                    })
-                    .ok_or((
+                let (built, through) = text.split_once(' ').unwrap_or_default();
+                let built: u64 = built.parse().map_err(|_| {
+                    (
                         redis::ErrorKind::UnexpectedReturnType,
-                        "the meta hash's built_through is not <generation> <sequence> <nanoseconds>",
-                    ))?;
-                Some(through).filter(|_| current == Some(built))
+                        "the meta hash's built_through does not begin with a generation",
+                    )
+                })?;
+                ReplayThrough::field(meta::BUILT_THROUGH, Some(through))?
+                    .filter(|_| current == Some(built))
             }
         };
         Ok(Self {
             current,
             building,
             outdated: generation.filter(|_| current.is_none()),
-            replay_through,
+            replay_through: ReplayThrough::field(meta::REPLAY_THROUGH, replay_through.as_deref())?,
+            replay_last: ReplayThrough::field(
+                meta::REPLAY_LAST,
+                Some(fields[3].as_str()).filter(|text| !text.is_empty()),
+            )?,
             built_through,
             fields,
             redis_run,
@@ -361,12 +392,20 @@ impl Rebuild {
                 .state
                 .last_timestamp,
         };
-        let _: () = redis::cmd("HSET")
+        // With an abandoned build's `replay_last` gone: this build sets its own.
+        let _: () = redis::pipe()
+            .atomic()
+            .cmd("HSET")
             .arg(meta_key(prefix))
             .arg(meta::BUILDING)
             .arg(generation)
             .arg(meta::REPLAY_THROUGH)
             .arg(replay_through.encode())
+            .ignore()
+            .cmd("HDEL")
+            .arg(meta_key(prefix))
+            .arg(meta::REPLAY_LAST)
+            .ignore()
             .query_async(&mut redis)
             .await?;
         if let Some(abandoned) = abandoned {
@@ -490,6 +529,16 @@ impl Rebuild {
             stream_sequence: last_sequence,
             stored_at: state.last_timestamp,
         };
+        // From here on live projectors leave all of it to the replay (meta::REPLAY_LAST).
+        let set: i64 = REPLAY_LAST_SET
+            .key(meta_key(&self.read_model.prefix))
+            .arg(generation)
+            .arg(built_through.encode())
+            .invoke_async(&mut self.redis.clone())
+            .await?;
+        if set != 1 {
+            bail!("the build of generation {generation} was taken over or the read model was reset before its replay began");
+        }
         let split = live_ack_floor.min(last_sequence);
         let mut replayed = 0;
         let mut past_the_floor = PastTheFloor::default();
@@ -755,8 +804,18 @@ static SWITCH: LazyLock<Script> = LazyLock::new(|| {
            redis.call('HSET', KEYS[1], 'retired', retired and (retired .. ' ' .. old) or old)
          end
          redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3], 'built_through', ARGV[5])
-         redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'redis_run')
+         redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'replay_last', 'redis_run')
          if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'redis_run', ARGV[4]) end
+         return 1",
+    )
+});
+
+/// Sets the meta hash's `replay_last` to `ARGV[2]` if `building` still names generation
+/// `ARGV[1]`; 1 if so.
+static REPLAY_LAST_SET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+         redis.call('HSET', KEYS[1], 'replay_last', ARGV[2])
          return 1",
     )
 });

@@ -132,6 +132,40 @@ async fn a_backlog_a_rebuild_replayed_while_the_projectors_were_stopped_counts_o
     projector.stop().await;
 }
 
+/// Projectors stopped when a rebuild began, started again while its replay still runs
+/// and past the dedup horizon after it applied their backlog (what follows their
+/// consumer's ack floor, which it takes first; its older part held up here by a NATS
+/// server frozen for 6 s): they would apply that backlog to the new generation too,
+/// where the replay's ids were forgotten. Once the replay began, the meta hash says
+/// what it applies (`replay_last`), and they leave that to it: it counts once.
+#[tokio::test]
+async fn projectors_that_come_back_during_a_replay_past_the_horizon_leave_their_backlog_to_it() {
+    const BACKLOG: usize = 200;
+    /// Longer than the horizon (4 s) after the replay applied the backlog.
+    const FROZEN: Duration = Duration::from_secs(6);
+    let events = spread_events(EVENTS + BACKLOG);
+    let (mut nats, env, jetstream) = projected_live_with_a_short_horizon(&events[..EVENTS]).await;
+    publish_many(&env, &jetstream, &events[EVENTS..]).await;
+
+    let running = start_rebuild(&env).await;
+    // The backlog (past the floor) is the replay's first part, so applied by then.
+    freeze_once_the_replay_applied_some(&env, &nats).await;
+    // A duration that must pass: the new generation forgets the replay's ids.
+    tokio::time::sleep(FROZEN).await;
+    nats.restart();
+    let projector = Projector::spawn(&env.settings).await;
+    drained(&env, &jetstream, (EVENTS + BACKLOG) as u64).await;
+    assert!(
+        !running.is_finished(),
+        "the rebuild finished before the projector applied its backlog: the test needs more events"
+    );
+
+    let generation = finished_after_the_restart(running).await;
+    assert_eq!(env.generation().await, Some(generation));
+    assert_read_model_holds(&env, &events).await;
+    projector.stop().await;
+}
+
 /// Freezes the server once some events are in the generation being built (the replay's
 /// consumer is reading): it then delivers nothing more, and the replay can only finish
 /// what it holds. Fails if the build ended before the freeze took hold.
