@@ -724,16 +724,38 @@ async fn during_a_build_what_its_replay_applies_alone_goes_to_the_live_generatio
     assert_holds(&env, 2, &[&events[2..4], &events[4..]].concat()).await;
 }
 
-/// A Redis connection on which a rebuild begins (the meta hash gets `building`) just
-/// before the second pipeline, as if it began between a batch's pipeline and the
-/// pipeline that applies a mixed call's events one call each.
-struct RebuildBeginsBeforeTheRetry<'a> {
+/// A Redis connection on which a rebuild begins (the meta hash gets `building`) at a
+/// given moment of a batch's apply.
+struct RebuildBegins<'a> {
     env: &'a TestEnv,
     redis: RedisConnection,
     pipelines: usize,
+    at: Moment,
 }
 
-impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheRetry<'_> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// Just before the second pipeline: between a batch's pipeline and the one that
+    /// applies a mixed call's events one call each.
+    BeforeTheSecondPipeline,
+    /// Between the first pipeline's device calls and its index call (its last): a
+    /// pipeline is no transaction, and another client's command can run between two
+    /// of its commands.
+    BeforeTheIndexCall,
+}
+
+impl<'a> RebuildBegins<'a> {
+    fn at(env: &'a TestEnv, redis: &RedisConnection, at: Moment) -> Self {
+        Self {
+            env,
+            redis: redis.clone(),
+            pipelines: 0,
+            at,
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for RebuildBegins<'_> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         self.redis.req_packed_command(cmd)
     }
@@ -745,14 +767,39 @@ impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheRetry<'_> {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         self.pipelines += 1;
-        let rebuild_begins = self.pipelines == 2;
+        let now = match (self.at, self.pipelines) {
+            (Moment::BeforeTheSecondPipeline, 2) | (Moment::BeforeTheIndexCall, 1) => Some(self.at),
+            _ => None,
+        };
         Box::pin(async move {
-            if rebuild_begins {
-                self.env.set_building(Some(2)).await;
+            match now {
+                None => {
+                    self.redis
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                }
+                Some(Moment::BeforeTheSecondPipeline) => {
+                    self.env.set_building(Some(2)).await;
+                    self.redis
+                        .req_packed_commands(pipeline, offset, count)
+                        .await
+                }
+                Some(Moment::BeforeTheIndexCall) => {
+                    let commands: Vec<&redis::Cmd> = pipeline.cmd_iter().collect();
+                    let (index_call, device_calls) = commands.split_last().expect("calls");
+                    let mut before = redis::pipe();
+                    for command in device_calls {
+                        before.add_command((*command).clone());
+                    }
+                    let mut replies = self
+                        .redis
+                        .req_packed_commands(&before, 0, device_calls.len())
+                        .await?;
+                    self.env.set_building(Some(2)).await;
+                    replies.push(self.redis.req_packed_command(index_call).await?);
+                    Ok(replies)
+                }
             }
-            self.redis
-                .req_packed_commands(pipeline, offset, count)
-                .await
         })
     }
 
@@ -777,11 +824,7 @@ async fn a_mixed_call_split_up_after_a_rebuild_began_writes_nothing_and_is_stale
     // writes nothing and the events go again one call each, in a second pipeline,
     // which comes after the rebuild began. The batch is stale, not applied: were it
     // counted as applied (with its events as duplicates), it would be acked unapplied.
-    let mut racing = RebuildBeginsBeforeTheRetry {
-        env: &env,
-        redis: redis.clone(),
-        pipelines: 0,
-    };
+    let mut racing = RebuildBegins::at(&env, &redis, Moment::BeforeTheSecondPipeline);
     let stale = model
         .apply_as_of(&mut racing, &live_only, &all, now_ms())
         .await
@@ -805,56 +848,6 @@ async fn a_mixed_call_split_up_after_a_rebuild_began_writes_nothing_and_is_stale
     }
 }
 
-/// A Redis connection on which a rebuild begins (the meta hash gets `building`) between
-/// the first pipeline's device calls and its index call: a pipeline is no transaction,
-/// and another client's command can run between two of its commands.
-struct RebuildBeginsBeforeTheIndexCall<'a> {
-    env: &'a TestEnv,
-    redis: RedisConnection,
-    pipelines: usize,
-}
-
-impl redis::aio::ConnectionLike for RebuildBeginsBeforeTheIndexCall<'_> {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        self.redis.req_packed_command(cmd)
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        self.pipelines += 1;
-        let first = self.pipelines == 1;
-        Box::pin(async move {
-            if !first {
-                return self
-                    .redis
-                    .req_packed_commands(pipeline, offset, count)
-                    .await;
-            }
-            let commands: Vec<&redis::Cmd> = pipeline.cmd_iter().collect();
-            let (index_call, device_calls) = commands.split_last().expect("calls");
-            let mut before = redis::pipe();
-            for command in device_calls {
-                before.add_command((*command).clone());
-            }
-            let mut replies = self
-                .redis
-                .req_packed_commands(&before, 0, device_calls.len())
-                .await?;
-            self.env.set_building(Some(2)).await;
-            replies.push(self.redis.req_packed_command(index_call).await?);
-            Ok(replies)
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.redis.get_db()
-    }
-}
-
 /// A batch whose index call finds the generations changed (a rebuild began after its
 /// device calls ran) wrote nothing to the index: it is stale, and applied again with
 /// the generations read anew, the device is listed. It was counted as applied and the
@@ -873,11 +866,7 @@ async fn a_batch_whose_index_call_found_a_rebuild_begun_is_stale_and_the_device_
     // Another device first, so the scripts are loaded: the first pipeline is the one.
     let warm_up = [event("warm-up", now_ms() - 30_000, &[("temperature", 1.0)])];
     apply_as_of(&model, &mut redis, &live_only, &delivered(&warm_up)).await;
-    let mut racing = RebuildBeginsBeforeTheIndexCall {
-        env: &env,
-        redis: redis.clone(),
-        pipelines: 0,
-    };
+    let mut racing = RebuildBegins::at(&env, &redis, Moment::BeforeTheIndexCall);
     let first = model
         .apply_as_of(&mut racing, &live_only, &all, now_ms())
         .await

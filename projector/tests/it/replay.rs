@@ -114,11 +114,7 @@ async fn a_backlog_a_rebuild_replayed_while_the_projectors_were_stopped_counts_o
     let (_nats, env, jetstream) = projected_live_with_a_short_horizon(&events[..APPLIED]).await;
     publish_many(&env, &jetstream, &events[APPLIED..]).await;
 
-    let generation = start_rebuild(&env)
-        .await
-        .await
-        .expect("the rebuild task did not panic")
-        .expect("the rebuild succeeded");
+    let generation = rebuilt(&env).await;
     assert_eq!(env.generation().await, Some(generation));
     // A duration that must pass: the new generation's dedup set forgets the replay's
     // ids after the horizon (4 s).
@@ -327,11 +323,7 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
     )
     .await;
 
-    let generation = start_rebuild(&env)
-        .await
-        .await
-        .expect("the rebuild task did not panic")
-        .expect("the rebuild succeeded");
+    let generation = rebuilt(&env).await;
     let applied = writes.await.expect("the writes did not panic");
     assert!(applied > 0);
     assert_eq!(env.generation().await, Some(generation));
@@ -377,11 +369,7 @@ async fn a_rebuild_deletes_the_generation_it_replaced_whatever_glob_characters_t
         "generation 5 written"
     );
 
-    let generation = start_rebuild(&env)
-        .await
-        .await
-        .expect("the rebuild task did not panic")
-        .expect("the rebuild succeeded");
+    let generation = rebuilt(&env).await;
     assert_eq!(env.generation().await, Some(generation));
     assert_ne!(generation, 5);
     assert_eq!(
@@ -579,6 +567,15 @@ async fn live_generation_with_a_reading(env: &TestEnv, generation: u64) {
         .await
         .expect("apply");
     assert!(matches!(applied, AsOf::Applied(_)), "{applied:?}");
+}
+
+/// Runs a rebuild to its end as `projector rebuild` does: the generation it made live.
+async fn rebuilt(env: &TestEnv) -> u64 {
+    start_rebuild(env)
+        .await
+        .await
+        .expect("the rebuild task did not panic")
+        .expect("the rebuild succeeded")
 }
 
 /// Starts a rebuild as `projector rebuild` runs it.

@@ -96,6 +96,20 @@ async fn redis_clock_moves_on(env: &TestEnv) {
     .await;
 }
 
+/// `count` devices named `<name>-<index>`, each last seen 20 s before the one before,
+/// applied to a live generation 1; and the query service, once Redis's clock moved on.
+async fn listed(env: &TestEnv, name: &str, count: i64) -> (Projecting, Query) {
+    let mut projecting = Projecting::start(env).await;
+    let now = now_ms();
+    let devices: Vec<(String, i64)> = (0..count)
+        .map(|index| (format!("{name}-{index}"), now - 20_000 - index * 20_000))
+        .collect();
+    projecting.apply(&devices, now).await;
+    let query = Query::spawn(&env.settings).await;
+    redis_clock_moves_on(env).await;
+    (projecting, query)
+}
+
 /// One page of the list: its status and body.
 async fn page(query: &Query, limit: usize, cursor: Option<&str>) -> (u16, Value) {
     let path = match cursor {
@@ -378,14 +392,7 @@ async fn a_cursor_from_before_a_rebuild_is_refused_rather_than_ending_the_walk()
 #[tokio::test]
 async fn a_cursor_whose_read_model_is_gone_altogether_is_answered_503_not_400() {
     let env = TestEnv::new();
-    let mut projecting = Projecting::start(&env).await;
-    let now = now_ms();
-    let devices: Vec<(String, i64)> = (0..4)
-        .map(|index| (format!("walked-{index}"), now - 20_000 - index * 20_000))
-        .collect();
-    projecting.apply(&devices, now).await;
-    let query = Query::spawn(&env.settings).await;
-    redis_clock_moves_on(&env).await;
+    let (_projecting, query) = listed(&env, "walked", 4).await;
     let (status, first) = page(&query, 2, None).await;
     assert_eq!(status, 200, "{first}");
     let cursor = first["next_cursor"]
@@ -428,14 +435,7 @@ async fn a_cursor_whose_read_model_is_gone_altogether_is_answered_503_not_400() 
 #[tokio::test]
 async fn a_device_moved_after_the_first_page_by_a_call_stamped_before_it_is_still_listed() {
     let env = TestEnv::new();
-    let mut projecting = Projecting::start(&env).await;
-    let now = now_ms();
-    let devices: Vec<(String, i64)> = (0..6)
-        .map(|index| (format!("late-{index}"), now - 20_000 - index * 20_000))
-        .collect();
-    projecting.apply(&devices, now).await;
-    let query = Query::spawn(&env.settings).await;
-    redis_clock_moves_on(&env).await;
+    let (mut projecting, query) = listed(&env, "late", 6).await;
 
     let stamped_before = now_ms() - 1_000;
     let (status, first) = page(&query, 2, None).await;
