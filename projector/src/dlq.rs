@@ -282,7 +282,16 @@ pub async fn redrive(
             republished.append(name.as_str(), value.as_str());
         }
     }
-    let message_id = format!("redrive-{}-{sequence}", subjects.dlq_stream());
+    // The letter's stored time as well as its sequence: a dead-letter stream made again
+    // (the projector makes a missing one) numbers its letters from 1 anew, and a letter
+    // re-driven within the duplicate window of an earlier one at the same sequence was
+    // taken for that one's copy, and deleted, its event lost. The same letter re-driven
+    // again (its deletion failed) is still the same message.
+    let message_id = format!(
+        "redrive-{}-{sequence}-{}",
+        subjects.dlq_stream(),
+        message.time.unix_timestamp_nanos()
+    );
     republished.insert(headers::MSG_ID, message_id.as_str());
     let ack = jetstream
         .publish_with_headers(

@@ -320,6 +320,70 @@ async fn a_dead_letter_is_listed_with_its_reason_and_redriven_to_its_live_subjec
     projector.stop().await;
 }
 
+/// A dead-letter stream made again numbers its letters from 1 anew: a letter re-driven
+/// within the duplicate window (2 minutes) of an earlier letter at the same sequence
+/// must reach the event stream. It was taken for that letter's copy (the same message
+/// id), deleted from the DLQ all the same, and its event was lost (a review of
+/// 2026-12-07).
+#[tokio::test]
+async fn a_letter_at_a_sequence_an_earlier_redriven_letter_had_is_redriven_all_the_same() {
+    let env = TestEnv::new();
+    let jetstream = crate::support::streams(&env).await;
+    let dlq_stream = env.subjects.dlq_stream().to_owned();
+    let letter = |device: &str| {
+        let event =
+            crate::support::event(device, crate::support::now_ms(), &[("temperature", 1.0)]);
+        let headers = crate::support::relay_headers(&event.event_id.to_string());
+        (event, headers)
+    };
+    let (first, first_headers) = letter("sensor-1");
+    let stored = crate::support::publish_raw(
+        &jetstream,
+        env.subjects.dlq(Some("sensor-1")),
+        first_headers,
+        first.to_json(),
+    )
+    .await;
+    projector::dlq::redrive(&jetstream, &env.subjects, stored.sequence)
+        .await
+        .expect("the first letter re-driven");
+
+    // The DLQ stream made again, empty, numbering from 1.
+    let config = jetstream
+        .get_stream(&dlq_stream)
+        .await
+        .expect("dlq stream")
+        .cached_info()
+        .config
+        .clone();
+    jetstream.delete_stream(&dlq_stream).await.expect("deleted");
+    jetstream.create_stream(config).await.expect("made again");
+    let (second, second_headers) = letter("sensor-2");
+    let stored_again = crate::support::publish_raw(
+        &jetstream,
+        env.subjects.dlq(Some("sensor-2")),
+        second_headers,
+        second.to_json(),
+    )
+    .await;
+    assert_eq!(stored_again.sequence, stored.sequence, "the same sequence");
+    let live_sequence = projector::dlq::redrive(&jetstream, &env.subjects, stored_again.sequence)
+        .await
+        .expect("the second letter re-driven");
+    let redriven = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream")
+        .get_raw_message(live_sequence)
+        .await
+        .expect("re-driven message");
+    assert_eq!(
+        redriven.payload,
+        second.to_json(),
+        "the second letter's event reached the event stream, not the first's copy"
+    );
+}
+
 /// An event's fields as a JSON array, in the order serde's derived struct takes them.
 fn as_array(event: &contract::event::TelemetryRecorded) -> Vec<u8> {
     let json: serde_json::Value = serde_json::from_slice(&event.to_json()).expect("event json");
