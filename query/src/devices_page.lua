@@ -18,7 +18,8 @@
 -- ARGV[5] limit (devices per page), ARGV[6] budget (entries looked at, at most)
 -- ARGV[7] granule (ms) and ARGV[8] entry the walk continues after ('' for the front)
 --
--- Returns { GONE } when the generation is not the live one (a rebuild switched), or
+-- Returns { GONE, generation, layout } (the meta hash's, nil for none) when the
+-- generation is not the live one (a rebuild switched, the read model is gone), or
 -- { EXPIRED } when the snapshot is not within the listing TTL of now; else
 -- { PAGE, snapshot, entries looked at, entry to continue after ('' at the end of the
 -- log), the visible entries (at most `limit`)... }.
@@ -51,7 +52,7 @@ local CHUNK_MAX = 1000
 
 local live = redis.call('HMGET', KEYS[1], 'generation', 'layout')
 if live[1] ~= ARGV[1] or live[2] ~= ARGV[2] then
-  return { GONE }
+  return { GONE, live[1], live[2] }
 end
 
 local time = redis.call('TIME')

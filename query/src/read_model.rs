@@ -503,17 +503,6 @@ impl ReadModel {
         live_generation(generation, layout).ok_or(ReadError::Rebuilding)
     }
 
-    /// Why a walk's generation is gone: a rebuild switched to a new one (the cursor is
-    /// lost: start again, a `400`), or there is no live one at all, as after Redis
-    /// restarted empty (a `503` until a rebuild made one, as a walk without a cursor
-    /// gets, rather than a `400` whose new walk would fail too).
-    async fn cursor_gone(&self) -> ReadError {
-        match self.generation().await {
-            Ok(_) => ReadError::CursorLost,
-            Err(error) => error,
-        }
-    }
-
     /// A device's figures and windows at `now_ms`, limited to `metrics` if given;
     /// `None` for an unknown device (see [`ReadModel::device_now`]).
     pub async fn device(
@@ -632,9 +621,8 @@ impl ReadModel {
             let page = match IndexPage::of(reply)? {
                 Scanned::Page(page) => page,
                 Scanned::Expired => return Err(ReadError::CursorExpired),
-                Scanned::Gone if from.is_some() => return Err(self.cursor_gone().await),
-                Scanned::Gone => {
-                    generation = self.generation().await?;
+                Scanned::Gone { live } => {
+                    generation = walk_on(from.is_some(), live)?;
                     self.last_generation.store(generation, Ordering::Relaxed);
                     continue;
                 }
@@ -651,12 +639,10 @@ impl ReadModel {
                     .pop()
                     .ok_or_else(|| redis::ParsingError::from("no reply to the meta read"))?,
             )?;
-            if live_generation(meta.0, meta.1) != Some(generation) {
+            let live = live_generation(meta.0, meta.1);
+            if live != Some(generation) {
                 // Switched over since the script ran: the headers may be being deleted.
-                if from.is_some() {
-                    return Err(self.cursor_gone().await);
-                }
-                generation = self.generation().await?;
+                generation = walk_on(from.is_some(), live)?;
                 self.last_generation.store(generation, Ordering::Relaxed);
                 continue;
             }
@@ -719,11 +705,26 @@ pub fn scan_budget(limit: usize) -> usize {
     (8 * (limit + 1)).clamp(512, 2_048)
 }
 
+/// Where a walk goes on once its generation is no longer the live one, `live`: a walk
+/// begun on a cursor is lost (a rebuild switched: start again, a `400`); a new walk
+/// goes on in the live one; with none at all, as after Redis restarted empty, it is a
+/// `503` until a rebuild made one, with a cursor or without (a `400` there would only
+/// send the client to a new walk that fails too).
+fn walk_on(with_cursor: bool, live: Option<u64>) -> Result<u64, ReadError> {
+    match live {
+        None => Err(ReadError::Rebuilding),
+        Some(_) if with_cursor => Err(ReadError::CursorLost),
+        Some(live) => Ok(live),
+    }
+}
+
 /// What `devices_page.lua` answered.
 enum Scanned {
     Page(IndexPage),
-    /// The generation is not the live one.
-    Gone,
+    /// The generation is not the live one; `live` is, if any.
+    Gone {
+        live: Option<u64>,
+    },
     /// The walk is older than the listing TTL.
     Expired,
 }
@@ -737,7 +738,8 @@ struct IndexPage {
 }
 
 impl IndexPage {
-    /// The script's reply: a status, then for a page the snapshot, the entries looked
+    /// The script's reply: a status, then for a gone generation the meta hash's
+    /// generation and layout, for a page the snapshot, the entries looked
     /// at, the entry to continue after (empty at the end) and the visible entries.
     fn of(reply: Vec<redis::Value>) -> Result<Scanned, ReadError> {
         let mut reply = reply.into_iter();
@@ -748,7 +750,15 @@ impl IndexPage {
         };
         let status: i64 = redis::from_redis_value(next()?)?;
         match status {
-            PAGE_GONE => return Ok(Scanned::Gone),
+            PAGE_GONE => {
+                let (generation, layout): MetaFields = (
+                    redis::from_redis_value(next()?)?,
+                    redis::from_redis_value(next()?)?,
+                );
+                return Ok(Scanned::Gone {
+                    live: live_generation(generation, layout),
+                });
+            }
             PAGE_EXPIRED => return Ok(Scanned::Expired),
             PAGE_SCANNED => {}
             other => {
