@@ -428,7 +428,7 @@ impl Rebuild {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let (replayed, built_through) = self
+        let replayed = self
             .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
             .await?;
         let switched: i64 = SWITCH
@@ -438,7 +438,6 @@ impl Rebuild {
             .arg(owner)
             .arg(LAYOUT)
             .arg(built_on)
-            .arg(format!("{generation} {}", built_through.encode()))
             .invoke_async(&mut redis)
             .await?;
         if switched != 1 {
@@ -512,9 +511,8 @@ impl Rebuild {
     }
 
     /// Replays the stream from its first message up to its last sequence right now: what
-    /// follows `live_ack_floor` first, then what precedes it (the module's step 3). The
-    /// count replayed, and what the generation then holds: every message up to that
-    /// last sequence, stored by the stream's newest stored time then.
+    /// follows `live_ack_floor` first, then what precedes it (the module's step 3); the
+    /// count replayed. That last sequence is written first ([`meta::REPLAY_LAST`]).
     async fn replay_into(
         &self,
         generation: u64,
@@ -522,10 +520,10 @@ impl Rebuild {
         live_ack_floor: u64,
         shutdown: &CancellationToken,
         lost_lock: &CancellationToken,
-    ) -> anyhow::Result<(u64, ReplayThrough)> {
+    ) -> anyhow::Result<u64> {
         let state = &stream.info().await.context("reading stream info")?.state;
         let (first_sequence, last_sequence) = (state.first_sequence, state.last_sequence);
-        let built_through = ReplayThrough {
+        let replay_last = ReplayThrough {
             stream_sequence: last_sequence,
             stored_at: state.last_timestamp,
         };
@@ -533,7 +531,7 @@ impl Rebuild {
         let set: i64 = REPLAY_LAST_SET
             .key(meta_key(&self.read_model.prefix))
             .arg(generation)
-            .arg(built_through.encode())
+            .arg(replay_last.encode())
             .invoke_async(&mut self.redis.clone())
             .await?;
         if set != 1 {
@@ -571,7 +569,7 @@ impl Rebuild {
                 )
                 .await?;
         }
-        Ok((replayed, built_through))
+        Ok(replayed)
     }
 
     /// Replays the stream's messages after `after` up to `last_sequence`, those events
@@ -790,10 +788,10 @@ async fn keep_lock(
 }
 
 /// Makes `generation` live (of this layout, built on the Redis run `ARGV[4]`, or on one
-/// not known when empty, holding what `ARGV[5]` says: [`meta::BUILT_THROUGH`]), but
-/// only if this rebuild still owns the lock and the build; the generation it replaces
-/// is named `retired` ([`meta::RETIRED`]). Hashed once per process, as the locks'
-/// scripts are.
+/// not known when empty), but only if this rebuild still owns the lock and the build;
+/// what its replay applied (`replay_last`) becomes what the generation holds
+/// ([`meta::BUILT_THROUGH`]), and the generation it replaces is named `retired`
+/// ([`meta::RETIRED`]). Hashed once per process, as the locks' scripts are.
 static SWITCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
@@ -803,7 +801,11 @@ static SWITCH: LazyLock<Script> = LazyLock::new(|| {
            local retired = redis.call('HGET', KEYS[1], 'retired')
            redis.call('HSET', KEYS[1], 'retired', retired and (retired .. ' ' .. old) or old)
          end
-         redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3], 'built_through', ARGV[5])
+         local replayed = redis.call('HGET', KEYS[1], 'replay_last')
+         redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3])
+         if replayed then
+           redis.call('HSET', KEYS[1], 'built_through', ARGV[1] .. ' ' .. replayed)
+         end
          redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'replay_last', 'redis_run')
          if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'redis_run', ARGV[4]) end
          return 1",
