@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::db::LookUps;
+use crate::sync::lock;
 
 /// What a token allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,12 +213,6 @@ impl Drop for Joined<'_> {
             flights.remove(&self.hash);
         }
     }
-}
-
-/// The flights; a request that panicked while holding them left them consistent (each
-/// change is one insert or remove).
-fn lock(flights: &Flights) -> std::sync::MutexGuard<'_, HashMap<TokenHash, Arc<Flight>>> {
-    crate::sync::lock(flights)
 }
 
 /// The SHA-256 of a token, as the cache's key.

@@ -46,8 +46,6 @@ mod stream_check;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-use crate::sync::lock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -66,6 +64,7 @@ use uuid::Uuid;
 
 use crate::bootstrap::{self, Backoff};
 use crate::pacing::Pacer;
+use crate::sync::lock;
 use crate::{db, http};
 use claim_floor::{ClaimFloor, Probe, HORIZON, PROBE};
 
