@@ -21,6 +21,7 @@
 #   record_started_servers          notes STARTED_SERVERS in RUN_DIR/servers (scripts/up)
 #   stop_private_servers            stops the servers RUN_DIR/servers names (scripts/down)
 #   take_run_lock DIR FLOCK-OPTION...  takes DIR/.lock; what the script starts does not hold it
+#   one_up_or_down_at_a_time        take_run_lock for scripts/up and scripts/down (waits 5 min)
 #   private_postgres_ctl ARGS...    pg_ctl on the private cluster of a non-default port
 #   build_release
 #   start_process NAME [ARGS...]    start target/release/NAME in the background
@@ -862,20 +863,16 @@ record_started_servers() {
 # is the machine's, other programs use them, and they keep running. Nor are the servers
 # scripts/test, bench, ab or soak start.
 stop_private_servers() {
-    local rc=0 name file pid dir bin
+    local rc=0 name pid dir bin
     [[ -s "$RUN_DIR/servers" ]] || return 0
     while read -r name; do
         case $name in
             redis-* | nats-*)
-                file=$(pid_file "$name")
-                # Only the server that wrote this file: a pid given to another since (a
-                # reboot, a crash) is left alone.
-                if pid=$(read_pid "$name") && pid_is_live "$pid" "${name%%-*}-server" &&
-                    _started_before "$pid" "$file"; then
+                if _pid_if_ours "$name" "${name%%-*}-server" >/dev/null; then
                     stop_process "$name" 15 "${name%%-*}-server" || rc=1
                 else
                     info "$name: not running"
-                    rm -f "$file"
+                    rm -f "$(pid_file "$name")"
                 fi
                 ;;
             postgres-*)
@@ -921,13 +918,30 @@ _stop_what_a_killed_run_left() {
     for name in query projector relay ingest; do
         file=$(pid_file "$name")
         [[ -e "$file" ]] || continue
-        if pid=$(read_pid "$name") && pid_is_live "$pid" "$name" && _started_before "$pid" "$file"; then
+        if pid=$(_pid_if_ours "$name" "$name"); then
             info "$name: stopping what an earlier, killed run left running (pid $pid)"
             stop_process "$name" 20 >/dev/null 2>&1 || warn "$name (pid $pid) could not be stopped"
         else
             rm -f "$file"
         fi
     done
+}
+
+# _pid_if_ours NAME PROGRAM: prints the pid in NAME's pid file while it runs PROGRAM
+# and started no later than the file was written: the process that wrote it, not one
+# the kernel has given that pid since (a reboot, an old file), which is left alone.
+_pid_if_ours() {
+    local pid
+    pid=$(read_pid "$1") && pid_is_live "$pid" "$2" && _started_before "$pid" "$(pid_file "$1")" &&
+        printf '%s' "$pid"
+}
+
+# one_up_or_down_at_a_time: takes RUN_DIR/.lock for scripts/up or scripts/down, waiting
+# up to 5 minutes for one under way in this checkout (two ups at once could both find a
+# process missing and start it twice).
+one_up_or_down_at_a_time() {
+    take_run_lock "$RUN_DIR" -w 300 ||
+        die "another scripts/up or scripts/down held $(_rel "$RUN_DIR")/.lock for 5 minutes"
 }
 
 # _started_before PID FILE: process PID started no later than FILE was last written
