@@ -725,6 +725,16 @@ async fn bodies_held_past_the_budget_are_answered_503_and_the_budget_comes_back(
             .is_some_and(|detail| detail.contains("request bodies")),
         "{problem}"
     );
+    // A batch alike: a 503 for the whole request, none of its items stored.
+    let batch = json!({"readings": [
+        {"idempotency_key": "k-batch-1", "device_id": "sensor-1", "metrics": {"temperature": 3.0}},
+    ]});
+    let response = ingest.post_batch(&batch).await;
+    assert!(
+        response.headers().get("retry-after").is_some(),
+        "a batch's 503 says when to retry"
+    );
+    assert_problem(response, 503, "unavailable").await;
     // One sent in chunks, without a length, is refused as its buffer grows.
     let mut chunked = tokio::net::TcpStream::connect(&address)
         .await
@@ -746,7 +756,7 @@ async fn bodies_held_past_the_budget_are_answered_503_and_the_budget_comes_back(
     assert!(
         scrape
             .value("ingest_body_budget_refusals_total", &[])
-            .is_some_and(|refusals| refusals >= 2.0),
+            .is_some_and(|refusals| refusals >= 3.0),
         "the refusals are counted"
     );
     assert_eq!(

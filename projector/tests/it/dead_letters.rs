@@ -330,20 +330,23 @@ async fn a_letter_at_a_sequence_an_earlier_redriven_letter_had_is_redriven_all_t
     let env = TestEnv::new();
     let jetstream = crate::support::streams(&env).await;
     let dlq_stream = env.subjects.dlq_stream().to_owned();
-    let letter = |device: &str| {
+    // A reading's event put in the DLQ under its device's subject, as a letter.
+    let letter = |device: &'static str| {
         let event =
             crate::support::event(device, crate::support::now_ms(), &[("temperature", 1.0)]);
-        let headers = crate::support::relay_headers(&event.event_id.to_string());
-        (event, headers)
+        let (jetstream, env) = (&jetstream, &env);
+        async move {
+            let stored = crate::support::publish_raw(
+                jetstream,
+                env.subjects.dlq(Some(device)),
+                crate::support::relay_headers(&event.event_id.to_string()),
+                event.to_json(),
+            )
+            .await;
+            (event, stored)
+        }
     };
-    let (first, first_headers) = letter("sensor-1");
-    let stored = crate::support::publish_raw(
-        &jetstream,
-        env.subjects.dlq(Some("sensor-1")),
-        first_headers,
-        first.to_json(),
-    )
-    .await;
+    let (_, stored) = letter("sensor-1").await;
     projector::dlq::redrive(&jetstream, &env.subjects, stored.sequence)
         .await
         .expect("the first letter re-driven");
@@ -358,14 +361,7 @@ async fn a_letter_at_a_sequence_an_earlier_redriven_letter_had_is_redriven_all_t
         .clone();
     jetstream.delete_stream(&dlq_stream).await.expect("deleted");
     jetstream.create_stream(config).await.expect("made again");
-    let (second, second_headers) = letter("sensor-2");
-    let stored_again = crate::support::publish_raw(
-        &jetstream,
-        env.subjects.dlq(Some("sensor-2")),
-        second_headers,
-        second.to_json(),
-    )
-    .await;
+    let (second, stored_again) = letter("sensor-2").await;
     assert_eq!(stored_again.sequence, stored.sequence, "the same sequence");
     let live_sequence = projector::dlq::redrive(&jetstream, &env.subjects, stored_again.sequence)
         .await
