@@ -1,7 +1,6 @@
 //! A nats-server of a test's own, for tests that kill it, cut its store back and start
 //! it again (the shared server on 4222 must never be touched that way).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,8 +44,7 @@ impl PrivateNats {
         let path = server.store_dir.join("nats-server.conf");
         std::fs::write(&path, config).expect("configuration written");
         server.config = Some(path);
-        server.restart();
-        server
+        server.start_on_free_ports()
     }
 
     /// Stops the server (SIGTERM, so it keeps what it stored), writes `config` over its
@@ -63,17 +61,28 @@ impl PrivateNats {
     }
 
     fn start_with(jetstream: bool) -> Self {
-        let mut server = Self::new(jetstream);
-        server.restart();
-        server
+        Self::new(jetstream).start_on_free_ports()
+    }
+
+    /// Starts a new server. A free port is free only when looked at: another process
+    /// (a client's connection, another test's server) may take it before the server
+    /// binds it, and the server then exits at once. It gets new ports then, twice at
+    /// most; CI once waited 10 s for a server that was gone.
+    fn start_on_free_ports(mut self) -> Self {
+        for _attempt in 0..2 {
+            if self.try_restart() {
+                return self;
+            }
+            self.port = crate::process::free_port();
+            self.monitor_port = crate::process::free_port();
+        }
+        self.restart();
+        self
     }
 
     /// A server not started yet, on a free port with a new store directory.
     fn new(jetstream: bool) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
+        let port = crate::process::free_port();
         let suffix: u64 = rand::rng().random();
         let store_dir = std::env::temp_dir().join(format!("private-nats-{suffix:x}"));
         std::fs::create_dir_all(&store_dir).expect("store directory created");
@@ -184,6 +193,16 @@ impl PrivateNats {
 
     /// Starts the server again on the same port and store (after [`Self::kill`]).
     pub fn restart(&mut self) {
+        assert!(
+            self.try_restart(),
+            "private nats-server on {} exited before it listened",
+            self.port
+        );
+    }
+
+    /// [`Self::restart`]; `false` when the server exited before it listened (its port
+    /// taken, say).
+    fn try_restart(&mut self) -> bool {
         self.kill();
         let mut command = Command::new(NATS_SERVER_BINARY);
         if let Some(config) = &self.config {
@@ -201,15 +220,20 @@ impl PrivateNats {
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts (apt-get install nats-server)");
-        self.process = Some(process);
+        let process = self.process.insert(process);
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if matches!(process.try_wait(), Ok(Some(_))) {
+                self.process = None;
+                return false;
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "private nats-server did not listen within 10 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// Cuts the stream's last message block back to `keep_fraction` of its size (see
@@ -333,5 +357,32 @@ impl Drop for PrivateNats {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.store_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port taken between the look for a free one and the server's bind (here its
+    /// monitoring port): the server exits at once, and the start goes on with new ports
+    /// instead of waiting 10 s for a server that is gone and failing the test that
+    /// wanted it. (It starts nats-server itself.)
+    #[test]
+    fn a_server_whose_port_was_taken_meanwhile_starts_on_new_ones() {
+        let server = PrivateNats::new(true);
+        let taken = std::net::TcpListener::bind(("127.0.0.1", server.monitor_port))
+            .expect("the port taken");
+        let taken_port = server.monitor_port;
+        let started = Instant::now();
+        let server = server.start_on_free_ports();
+        assert_ne!(server.monitor_port, taken_port, "new ports");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no wait for a server that was gone: {:?}",
+            started.elapsed()
+        );
+        assert!(std::net::TcpStream::connect(("127.0.0.1", server.port)).is_ok());
+        drop(taken);
     }
 }
