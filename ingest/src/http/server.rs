@@ -27,7 +27,6 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::Router;
-use futures::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -176,14 +175,46 @@ pub async fn serve_counted(
         }
     }
     served.stopping.store(true, Ordering::Relaxed);
-    // The listen backlog holds at most `max_connections` (`bootstrap::listen`), so these
-    // are served without a slot.
-    while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+    for stream in backlog(listener, limits.max_connections) {
         served.spawn(&connections, stream, None);
     }
-    drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Takes the connections waiting in `listener`'s backlog (at most `max_connections`, what
+/// `bootstrap::listen` lets it hold, so they are served without a slot), then closes it.
+///
+/// `accept(2)` is asked directly: the runtime learns of a connection the kernel completed
+/// only at its next look at the events, which a busy worker makes milliseconds after the
+/// stop, so `TcpListener::accept` would find nothing where the kernel holds connections
+/// (the close would then reset them, requests and all).
+fn backlog(listener: TcpListener, max_connections: usize) -> Vec<tokio::net::TcpStream> {
+    let listener = match listener.into_std() {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%error, "listen backlog not taken");
+            return Vec::new();
+        }
+    };
+    let mut waiting = Vec::new();
+    while waiting.len() < max_connections.max(1) {
+        // Still non-blocking, as the runtime made it: `WouldBlock` once the backlog is empty.
+        let accepted = listener.accept().and_then(|(stream, _)| {
+            stream.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(stream)
+        });
+        match accepted {
+            Ok(stream) => waiting.push(stream),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+            Err(error) => {
+                tracing::warn!(%error, "listen backlog not taken");
+                break;
+            }
+        }
+    }
+    waiting
 }
 
 /// How long a connection goes on serving after a shutdown began before it is told to
@@ -246,6 +277,10 @@ impl Served {
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let ended = tokio::select! {
+                // The connection first: a request that arrived as the linger ended is
+                // read before the connection is told to shut down, which would close it
+                // as idle (the client's request met by a reset).
+                biased;
                 result = connection.as_mut() => Some(result),
                 _ = async {
                     shutdown.cancelled().await;
