@@ -80,11 +80,21 @@ pub async fn serve(
     let metrics = bootstrap::install_metrics();
     bootstrap::counters_from_zero(&[
         ("relay_published_total", &[]),
+        ("relay_duplicate_acks_total", &[]),
+        ("relay_marked_without_publishing_total", &[]),
+        ("relay_retries_total", &[]),
         ("relay_republished_total", &[]),
         ("relay_lost_beyond_dedup_horizon_total", &[]),
         ("relay_errors_total", &[]),
     ]);
     let relay = Relay::connect(&settings, "relay").await?;
+    for pruning in &relay.prunings {
+        let table = [("table", pruning.table)];
+        bootstrap::counters_from_zero(&[
+            ("relay_pruned_total", &table),
+            ("relay_vacuums_total", &table),
+        ]);
+    }
     let (pool, jetstream) = (relay.pool.clone(), relay.jetstream.clone());
     let streams_ready = relay.streams_ready.clone();
     let stream_unverified = relay.stream_unverified.clone();

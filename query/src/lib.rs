@@ -30,6 +30,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     settings.validate()?;
     let metrics = ingest::bootstrap::install_metrics();
+    ingest::bootstrap::counters_from_zero(&[("auth_token_lookups_total", &[])]);
     let info = redis::IntoConnectionInfo::into_connection_info(settings.redis.url.as_str())
         .with_context(|| unusable_url("redis.url", &settings.redis.url))?;
     // RESP3, for the invalidation pushes that keep validity reads fresh (`tracking`).

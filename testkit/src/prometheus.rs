@@ -107,16 +107,44 @@ pub fn alerted_at_first_increase() -> Vec<String> {
     counters
 }
 
-/// Asserts that `scrape` (a process just started) serves every counter of
-/// [`alerted_at_first_increase`] whose name starts with `prefix`, and that there is one.
-pub fn assert_alerted_counters_served(scrape: &Scrape, prefix: &str) {
-    let counters: Vec<String> = alerted_at_first_increase()
-        .into_iter()
-        .filter(|name| name.starts_with(prefix))
-        .collect();
-    assert!(!counters.is_empty(), "an alert watches a {prefix} counter");
+/// The counters (`..._total`) the README's metrics table names for `process`
+/// (`ingest`, `relay`, `projector`, `query`), labels cut off, but `http_requests_total`,
+/// whose routes and statuses come with the requests.
+pub fn readme_counters(process: &str) -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("{} readable: {error}", path.display()));
+    let row_start = format!("| {process} | `");
+    let row = readme
+        .lines()
+        .find(|line| line.starts_with(&row_start))
+        .unwrap_or_else(|| panic!("the README's metrics table has a row for {process}"));
+    let mut counters = Vec::new();
+    for quoted in row.split('`').skip(1).step_by(2) {
+        let name = quoted.split('{').next().unwrap_or(quoted).to_owned();
+        if name.ends_with("_total") && name != "http_requests_total" && !counters.contains(&name) {
+            counters.push(name);
+        }
+    }
+    counters
+}
+
+/// Asserts that `scrape`, of `process` just started, serves every counter the README
+/// names for it ([`readme_counters`]) and every one of [`alerted_at_first_increase`]
+/// under its prefix, and that there is one: Prometheus sees no increase in a series born
+/// at 1, so an alert or a dashboard's `increase()` would miss the first events after a
+/// start (the relay's duplicate acks after a crash, say).
+pub fn assert_counters_served_from_start(scrape: &Scrape, process: &str) {
+    let prefix = format!("{process}_");
+    let mut counters = readme_counters(process);
+    counters.extend(
+        alerted_at_first_increase()
+            .into_iter()
+            .filter(|name| name.starts_with(&prefix)),
+    );
+    assert!(!counters.is_empty(), "{process} has counters");
     for name in counters {
-        assert!(scrape.has(&name), "{name} is served from the start");
+        assert!(scrape.has(&name), "{process} serves {name} from its start");
     }
 }
 

@@ -20,6 +20,7 @@ async fn query_metrics_count_stats_requests_by_status_and_time_them() {
     );
     query.ready().await;
     let before = query.metrics().await;
+    testkit::prometheus::assert_counters_served_from_start(&before, "query");
 
     for (device, status) in [("sensor-1", 200), ("sensor-9", 404), ("bad!id", 400)] {
         let response = query
