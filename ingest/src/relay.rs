@@ -98,11 +98,14 @@ pub async fn serve(
     let (pool, jetstream) = (relay.pool.clone(), relay.jetstream.clone());
     let streams_ready = relay.streams_ready.clone();
     let stream_unverified = relay.stream_unverified.clone();
+    let publishing = relay.publishing.clone();
     let readyz = move || {
         let (pool, jetstream) = (pool.clone(), jetstream.clone());
-        // A relay whose stream check fails publishes nothing until one succeeds.
-        let streams_ready =
-            streams_ready.load(Ordering::Acquire) && !lock(&stream_unverified).nats_failing;
+        // A relay whose stream check fails publishes nothing until one succeeds, and one
+        // whose publishes JetStream refuses publishes nothing either.
+        let streams_ready = streams_ready.load(Ordering::Acquire)
+            && !lock(&stream_unverified).nats_failing
+            && !lock(&publishing).refused_for(PUBLISHES_REFUSED_UNREADY);
         async move {
             let (postgres, jetstream_answers) = tokio::join!(
                 http::postgres_ready(&pool),
@@ -286,7 +289,40 @@ pub struct Relay {
     /// though the connection is up; after it, so does JetStream not answering
     /// ([`bootstrap::jetstream_answers`]).
     streams_ready: Arc<AtomicBool>,
+    /// Whether the rounds' publishes get through; `/readyz` names `nats` while none has
+    /// for [`PUBLISHES_REFUSED_UNREADY`].
+    publishing: Arc<Mutex<Publishing>>,
 }
+
+/// Since when every round that claimed rows had none of them acknowledged: JetStream
+/// refuses them (a stream full under `discard new`, the account out of storage, a
+/// sealed stream, a user without the right to publish) or does not answer them.
+#[derive(Debug, Default)]
+struct Publishing {
+    refused_since: Option<Instant>,
+}
+
+impl Publishing {
+    /// One round that claimed rows ended, with `marked` of them acknowledged and marked.
+    fn round_ended(&mut self, marked: usize) {
+        if marked > 0 {
+            self.refused_since = None;
+        } else {
+            self.refused_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Whether no round got a publish through for `limit` or longer.
+    fn refused_for(&self, limit: Duration) -> bool {
+        self.refused_since
+            .is_some_and(|since| since.elapsed() >= limit)
+    }
+}
+
+/// How long the rounds' publishes may all fail before `/readyz` names `nats`: two rounds
+/// that wait out their `ACK_DEADLINE`, and the backoff between, so that one failed round
+/// (a NATS restart, a leader election) does not.
+pub const PUBLISHES_REFUSED_UNREADY: Duration = Duration::from_secs(15);
 
 impl Relay {
     /// Opens the pool and the NATS connection (in the background: NATS may be down).
@@ -345,6 +381,7 @@ impl Relay {
             last_stream_check: Mutex::new(Instant::now()),
             stream_unverified: Arc::default(),
             streams_ready: Arc::default(),
+            publishing: Arc::default(),
         })
     }
 
@@ -553,6 +590,11 @@ impl Relay {
             Err(_) => claimed,
         };
         metrics::counter!("relay_retries_total").increment(handed_back as u64);
+        if !shutdown.is_cancelled() {
+            if let Ok(marked) = &round {
+                lock(&self.publishing).round_ended(*marked);
+            }
+        }
         let marked = round?;
         // Rows a stop handed back are the stop's doing, not a failed round.
         if marked < claimed && !shutdown.is_cancelled() {

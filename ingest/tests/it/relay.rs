@@ -1043,6 +1043,59 @@ async fn a_relay_is_ready_only_while_its_nats_server_runs_jetstream() {
         .await;
 }
 
+/// A relay whose every publish JetStream refuses relays nothing, and says so: `/readyz`
+/// names `nats` once none has got through for `PUBLISHES_REFUSED_UNREADY`, though
+/// JetStream answers, and is 200 again once they do. Here the operator capped the stream
+/// at one message under `discard new`; until 2026-12-07 the relay said ready
+/// throughout while the outbox grew.
+#[tokio::test]
+async fn a_relay_whose_publishes_are_all_refused_is_not_ready_until_they_get_through() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&admin_url, None).await;
+    let jetstream = env.jetstream().await;
+    let mut stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("the relay made its stream");
+    let mut config = stream.info().await.expect("stream info").config.clone();
+    config.max_messages = 1;
+    config.discard = jetstream::stream::DiscardPolicy::New;
+    jetstream.update_stream(&config).await.expect("capped");
+
+    let refusals_from = Instant::now();
+    for index in 0..3 {
+        ingest
+            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
+            .await;
+    }
+    testkit::settled_readiness_within(&admin_url, Some("nats"), Duration::from_secs(40)).await;
+    assert!(
+        refusals_from.elapsed() >= ingest::relay::PUBLISHES_REFUSED_UNREADY,
+        "not ready only once the publishes failed for a while"
+    );
+    let db = env.postgres().await;
+    let unpublished: i64 = db
+        .query_one(UNPUBLISHED, &[])
+        .await
+        .expect("unpublished rows")
+        .get(0);
+    assert_eq!(unpublished, 2, "the two refused rows wait");
+
+    config.max_messages = -1;
+    jetstream.update_stream(&config).await.expect("uncapped");
+    // The next round, after a backoff of at most 5 s, gets them through.
+    testkit::settled_readiness_within(&admin_url, None, Duration::from_secs(20)).await;
+    wait_until_marked(&db, 3).await;
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        Some(3)
+    );
+    relay.stop().await;
+    ingest.stop().await;
+}
+
 /// A database URL's own `options` hold for the relay's sessions as for ingest's: the
 /// relay adds its settings to them. Here they put the pipeline's tables in a schema of
 /// their own; the relay's pool dropped them, looked for `outbox` in `public`, and
