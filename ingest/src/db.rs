@@ -123,16 +123,15 @@ pub fn pool_with_config(
 }
 
 /// Reads `synchronous_commit`, `fsync` and `default_transaction_isolation` as a new
-/// session sees them; turns `synchronous_commit` on for the session if the server,
-/// database or role turned it off, and sets the session's default isolation to read
-/// committed if they chose another.
+/// session sees them, then sets the two the session can for the session itself:
+/// `synchronous_commit` as it was, or on where the server, database or role turned it
+/// off, and the default isolation read committed.
 const SESSION_SETTINGS: &str = "SELECT current_setting('synchronous_commit'), \
     current_setting('fsync'), \
-    CASE WHEN current_setting('synchronous_commit') = 'off' \
-        THEN set_config('synchronous_commit', 'on', false) END, \
+    set_config('synchronous_commit', CASE current_setting('synchronous_commit') \
+        WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false), \
     current_setting('default_transaction_isolation'), \
-    CASE WHEN current_setting('default_transaction_isolation') <> 'read committed' \
-        THEN set_config('default_transaction_isolation', 'read committed', false) END";
+    set_config('default_transaction_isolation', 'read committed', false)";
 
 /// Every session a pool opens commits durably and at read committed.
 ///
@@ -149,6 +148,12 @@ const SESSION_SETTINGS: &str = "SELECT current_setting('synchronous_commit'), \
 /// fails with a serialization error, and the whole commit would be answered `503`. So
 /// where the server, database or role chose a stricter default, the session sets read
 /// committed back.
+///
+/// Both are set for the session even where they already were as wanted: a value the
+/// session set itself outranks the server's configuration file, so a later reload (an
+/// operator's `ALTER SYSTEM SET synchronous_commit = off` and `pg_reload_conf()`) does
+/// not reach the pool's long-lived sessions. Until 2026-12-07 only an unwanted value at
+/// the session's start was set, and a reload turned the warm sessions' durability off.
 ///
 /// Each finding is logged once per process.
 fn session_settings() -> Hook {

@@ -75,7 +75,10 @@ async fn migration_6_drops_the_device_index_of_a_database_that_has_it() {
 
 /// A `202` promises a reading that survives a crash: where the database (or server, or
 /// role) has `synchronous_commit = off`, every pooled session turns it back on; a
-/// setting that still flushes locally is left as the operator chose it.
+/// setting that still flushes locally is left as the operator chose it. Either way the
+/// session sets it (and read committed) itself, so that a reload of the server's
+/// configuration with `synchronous_commit = off` leaves the pool's sessions as they are:
+/// a value set in a session outranks the configuration file's.
 #[tokio::test]
 async fn pooled_sessions_commit_durably_whatever_the_database_default() {
     let env = TestEnv::new();
@@ -100,6 +103,22 @@ async fn pooled_sessions_commit_durably_whatever_the_database_default() {
         let session = pool.get().await.expect("pooled session");
         let pooled_sees: String = session.query_one(show, &[]).await.expect("show").get(0);
         assert_eq!(pooled_sees, pooled, "a pooled session under {default}");
+        let sources: Vec<String> = session
+            .query(
+                "SELECT source FROM pg_settings WHERE name IN \
+                 ('synchronous_commit', 'default_transaction_isolation') ORDER BY name",
+                &[],
+            )
+            .await
+            .expect("sources")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(
+            sources,
+            ["session", "session"],
+            "set by the session itself under {default}, beyond a reload's reach"
+        );
     }
 }
 
