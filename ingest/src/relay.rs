@@ -621,13 +621,13 @@ impl Relay {
         // Rows an earlier round published and got PubAcks for but could not mark are
         // marked with those sequences, where the stream still holds them, and not
         // published again; those it could not check in time are left for a later round.
-        let taken = lock(&self.acked_unmarked).take(&rows, connects_before);
+        let taken = lock(&self.acked_unmarked).take(&rows);
         let (reused, unchecked) = self.still_held(taken).await;
         let waiting = if unchecked.is_empty() {
             HashSet::new()
         } else {
             let unchecked_rows = unchecked.len();
-            let waiting = lock(&self.acked_unmarked).keep_unchecked(unchecked, connects_before);
+            let waiting = lock(&self.acked_unmarked).keep_unchecked(unchecked);
             tracing::info!(
                 rows = unchecked_rows,
                 waiting = waiting.len(),
@@ -806,10 +806,8 @@ impl Relay {
             // The acks stand: past JetStream's duplicate window (PostgreSQL down for
             // longer, say) a copy published again would be stored, and past the
             // projector's horizon counted twice.
-            lock(&self.acked_unmarked).remember(
-                published_ids.iter().zip(&event_ids).zip(&sequences),
-                connects_before,
-            );
+            lock(&self.acked_unmarked)
+                .remember(published_ids.iter().zip(&event_ids).zip(&sequences));
             return Err(error);
         }
         self.not_republished(
@@ -1128,17 +1126,17 @@ impl StreamUnverified {
 }
 
 /// The stream sequences PubAcks gave rows whose round then failed to mark them, by row
-/// id and event id. Only while the NATS connection they came on lasts: after a reconnect
-/// the server may have lost them (2.9 fsyncs every 2 minutes), and the rows are
-/// published again as before; and a round uses one only once the stream was seen to
-/// hold that event at that sequence (`Relay::still_held`). Bounded: a relay that cannot
+/// id and event id. A round uses one only once the stream was seen to hold that event
+/// at that sequence (`Relay::still_held`), so they outlast a reconnect: a server that
+/// restarted and lost the message (2.9 fsyncs every 2 minutes) is found not to hold it,
+/// and the row is published again. Until 2026-12-07 a reconnect forgot them all, and a
+/// PostgreSQL outage longer than JetStream's duplicate window with a NATS reconnect in
+/// it stored every such row twice (past the projector's horizon, counted twice). Bounded: a relay that cannot
 /// mark that many rows forgets them all and publishes them again too, and a row whose
 /// check could not be made in [`AckedUnmarked::MAX_UNCHECKED_ROUNDS`] rounds is
 /// published again rather than wait for good.
 #[derive(Debug, Default)]
 struct AckedUnmarked {
-    /// [`Relay::connects`] when the acks came.
-    connects: u64,
     sequences: HashMap<(i64, Uuid), i64>,
     /// Rounds in a row whose check of the row could not be made.
     unchecked_rounds: HashMap<(i64, Uuid), u32>,
@@ -1148,25 +1146,10 @@ impl AckedUnmarked {
     const MAX_ROWS: usize = 100_000;
     const MAX_UNCHECKED_ROUNDS: u32 = 3;
 
-    /// Forgets everything remembered when it came on another connection than number
-    /// `connects`, whose acks the server may have lost since.
-    fn on_connection(&mut self, connects: u64) {
-        if connects != self.connects {
-            self.sequences.clear();
-            self.unchecked_rounds.clear();
-            self.connects = connects;
-        }
-    }
-
     /// Remembers again the rows a round could not check (`(row id, event id) →
     /// sequence`), each for up to [`Self::MAX_UNCHECKED_ROUNDS`] rounds; returns those
     /// that wait for a later round (the others are published again).
-    fn keep_unchecked(
-        &mut self,
-        unchecked: HashMap<(i64, Uuid), i64>,
-        connects: u64,
-    ) -> HashSet<(i64, Uuid)> {
-        self.on_connection(connects);
+    fn keep_unchecked(&mut self, unchecked: HashMap<(i64, Uuid), i64>) -> HashSet<(i64, Uuid)> {
         let mut waiting = HashSet::with_capacity(unchecked.len());
         for (key, sequence) in unchecked {
             let rounds = self.unchecked_rounds.entry(key).or_default();
@@ -1184,14 +1167,8 @@ impl AckedUnmarked {
         waiting
     }
 
-    /// Remembers the `(row id, event id)`'s sequences acknowledged on connection
-    /// number `connects`.
-    fn remember<'a>(
-        &mut self,
-        acked: impl Iterator<Item = ((&'a i64, &'a Uuid), &'a i64)>,
-        connects: u64,
-    ) {
-        self.on_connection(connects);
+    /// Remembers the `(row id, event id)`'s acknowledged sequences.
+    fn remember<'a>(&mut self, acked: impl Iterator<Item = ((&'a i64, &'a Uuid), &'a i64)>) {
         self.sequences
             .extend(acked.map(|((&row_id, &event_id), &sequence)| ((row_id, event_id), sequence)));
         if self.sequences.len() > Self::MAX_ROWS {
@@ -1200,12 +1177,11 @@ impl AckedUnmarked {
     }
 
     /// Takes out what is remembered of `rows` (their columns 0 and 1 are the row id and
-    /// the event id), if the connection is still number `connects`.
-    fn take(&mut self, rows: &[tokio_postgres::Row], connects: u64) -> HashMap<(i64, Uuid), i64> {
+    /// the event id).
+    fn take(&mut self, rows: &[tokio_postgres::Row]) -> HashMap<(i64, Uuid), i64> {
         if self.sequences.is_empty() {
             return HashMap::new();
         }
-        self.on_connection(connects);
         rows.iter()
             .filter_map(|row| {
                 let key = (row.get(0), row.get(1));
@@ -1458,21 +1434,21 @@ mod tests {
     fn a_row_whose_remembered_ack_cannot_be_checked_waits_three_rounds_at_most() {
         let mut memory = AckedUnmarked::default();
         let key = (7, Uuid::nil());
-        let waits = |memory: &mut AckedUnmarked, connects| {
+        let waits = |memory: &mut AckedUnmarked| {
             memory
-                .keep_unchecked(HashMap::from([(key, 70)]), connects)
+                .keep_unchecked(HashMap::from([(key, 70)]))
                 .contains(&key)
         };
-        assert!(waits(&mut memory, 1), "first round");
+        assert!(waits(&mut memory), "first round");
         assert_eq!(memory.sequences.get(&key), Some(&70), "remembered again");
         memory.sequences.clear(); // as the next round's `take` does
-        assert!(waits(&mut memory, 1), "second round");
+        assert!(waits(&mut memory), "second round");
         memory.sequences.clear();
-        assert!(!waits(&mut memory, 1), "the third round publishes it again");
+        assert!(!waits(&mut memory), "the third round publishes it again");
         assert!(memory.sequences.is_empty() && memory.unchecked_rounds.is_empty());
         assert!(
-            waits(&mut memory, 2),
-            "a new connection starts the count again"
+            waits(&mut memory),
+            "remembered again later, it starts the count again"
         );
     }
 

@@ -453,13 +453,42 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
 /// counted each reading twice.
 #[tokio::test]
 async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again() {
+    acked_rows_whose_mark_failed(&TestEnv::new(), async || {}).await;
+}
+
+/// The acks of rows a round could not mark outlast a NATS reconnect: the round got its
+/// acks, PostgreSQL went away under its mark, and NATS restarted (its store kept) before
+/// PostgreSQL came back, past JetStream's duplicate window. The rows are marked with the
+/// sequences their first publish got, once the stream is seen to hold them there, not
+/// published again. Until 2026-12-07 the reconnect forgot the acks, and the stream held
+/// every row twice.
+#[tokio::test]
+async fn acks_of_rows_not_marked_outlast_a_nats_restart() {
+    let mut server = testkit::PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = server.url();
+    acked_rows_whose_mark_failed(&env, async || {
+        // A clean stop: the server keeps what it stored.
+        server.stop();
+        server.restart();
+        // The relay and the test connected again, while PostgreSQL is still away.
+        server.wait_for_clients(2).await;
+    })
+    .await;
+}
+
+/// Relays 20 rows with JetStream's duplicate window at 1 s, so that their round gets
+/// its acks and PostgreSQL then goes away under its mark (its commit fails); runs
+/// `meanwhile` while PostgreSQL is away, which stays away past the duplicate window;
+/// then checks that every row was marked with the sequence its first publish got and
+/// none was published again.
+async fn acked_rows_whose_mark_failed(env: &TestEnv, meanwhile: impl AsyncFnOnce()) {
     const READINGS: usize = 20;
-    let env = TestEnv::new();
-    let (ingest, db) = readings_with_marking_stalled(&env, READINGS).await;
+    let (ingest, db) = readings_with_marking_stalled(env, READINGS).await;
     // Killed when dropped, so that a failing assertion leaves no relay behind.
     let relay = ServiceProcess::spawn(
         env!("CARGO_BIN_EXE_relay"),
-        &env,
+        env,
         "PIPELINE__RELAY__ADMIN_LISTEN",
         &[("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1")],
     );
@@ -480,10 +509,11 @@ async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again()
     )
     .await
     .expect("stall ended for later rounds");
-    close_database(&env).await;
+    close_database(env).await;
+    meanwhile().await;
     // JetStream's duplicate window must pass before the rows can be claimed again.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    reopen_database(&env).await;
+    reopen_database(env).await;
 
     let db = env.postgres().await;
     wait_until_all_marked(&db).await;
