@@ -251,11 +251,18 @@ async fn a_connection_waiting_in_the_listen_backlog_when_the_stop_begins_is_serv
     );
 
     server.shutdown.cancel();
-    let served = read_answer(&mut waiting).await;
+    served_and_closed(server, &mut waiting, &mut first).await;
+}
+
+/// Checks what a stop does with `waiting`, a connection whose request was sent as the
+/// stop began, and `first`, one already served: `waiting` is answered with a 200 that
+/// says `Connection: close`, both are closed, and the server stops.
+async fn served_and_closed(server: Server, waiting: &mut TcpStream, first: &mut TcpStream) {
+    let served = read_answer(waiting).await;
     served.assert_ok();
     assert!(served.says_close(), "{served:?}");
-    closed_by_server(&mut waiting).await;
-    closed_by_server(&mut first).await;
+    closed_by_server(waiting).await;
+    closed_by_server(first).await;
     server.stopped().await;
 }
 
@@ -300,7 +307,7 @@ async fn a_connection_the_kernel_completed_but_the_runtime_had_not_seen_when_the
 ) {
     // On this one-thread runtime the serving loop runs before the runtime next looks at
     // the events, but for one turn in 61: several rounds make that chance nil.
-    for round in 0..8 {
+    for _ in 0..8 {
         let server = Server::start(16).await;
         // Once a first connection is served, the loop has found the backlog empty.
         let mut first = server.connect().await;
@@ -313,12 +320,7 @@ async fn a_connection_the_kernel_completed_but_the_runtime_had_not_seen_when_the
 
         waiting.set_nonblocking(true).expect("non-blocking");
         let mut waiting = TcpStream::from_std(waiting).expect("a runtime's stream");
-        let served = read_answer(&mut waiting).await;
-        served.assert_ok();
-        assert!(served.says_close(), "round {round}: {served:?}");
-        closed_by_server(&mut waiting).await;
-        closed_by_server(&mut first).await;
-        server.stopped().await;
+        served_and_closed(server, &mut waiting, &mut first).await;
     }
 }
 
