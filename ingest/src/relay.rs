@@ -1331,41 +1331,72 @@ fn prune_statement(table: &str, time_column: &str) -> String {
 
 /// Holds a `LISTEN outbox` connection open and wakes the relay on each notification
 /// (ingest sends one after its commits); reconnects with backoff when the connection
-/// drops, and wakes the relay then too.
+/// drops, and wakes the relay then too. `relay_listening` is 1 while it listens; the
+/// first failure of a series is a warning (the relay then finds new rows only by its
+/// poll), and listening again after one is logged.
 async fn listen_for_inserts(
     config: tokio_postgres::Config,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
+    let mut failing = false;
+    metrics::gauge!("relay_listening").set(0.0);
     while !shutdown.is_cancelled() {
-        match config.connect(tokio_postgres::NoTls).await {
-            Ok((client, mut connection)) => {
-                let wake_on_message = wake.clone();
-                let mut messages =
-                    futures::stream::poll_fn(move |context| connection.poll_message(context));
-                let driver = tokio::spawn(async move {
-                    while let Some(message) = messages.next().await {
-                        match message {
-                            Ok(AsyncMessage::Notification(_)) => wake_on_message.notify_one(),
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
+        let listened = async {
+            let (client, mut connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .context("connecting")?;
+            let wake_on_message = wake.clone();
+            let mut messages =
+                futures::stream::poll_fn(move |context| connection.poll_message(context));
+            let mut driver = tokio::spawn(async move {
+                while let Some(message) = messages.next().await {
+                    match message {
+                        Ok(AsyncMessage::Notification(_)) => wake_on_message.notify_one(),
+                        Ok(_) => {}
+                        Err(error) => return Some(error),
                     }
-                });
-                let listen = format!("LISTEN {}", crate::outbox_notify::CHANNEL);
-                if client.batch_execute(&listen).await.is_ok() {
-                    backoff.reset();
-                    wake.notify_one();
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = driver => {}
-                    }
-                } else {
-                    driver.abort();
                 }
+                None
+            });
+            let listen = format!("LISTEN {}", crate::outbox_notify::CHANNEL);
+            if let Err(error) = client.batch_execute(&listen).await {
+                driver.abort();
+                return Err(anyhow::Error::from(error).context("LISTEN"));
             }
-            Err(error) => tracing::debug!(%error, "listen connection failed"),
+            metrics::gauge!("relay_listening").set(1.0);
+            if failing {
+                tracing::info!("listening for outbox notifications again");
+                failing = false;
+            }
+            backoff.reset();
+            wake.notify_one();
+            let ended = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    driver.abort();
+                    return Ok(());
+                }
+                ended = &mut driver => ended,
+            };
+            metrics::gauge!("relay_listening").set(0.0);
+            match ended {
+                Ok(Some(error)) => Err(anyhow::Error::from(error).context("the connection")),
+                _ => Err(anyhow::anyhow!("the connection closed")),
+            }
+        };
+        if let Err(error) = listened.await {
+            let error = format!("{error:#}");
+            if failing {
+                tracing::debug!(error, "outbox listen failed again");
+            } else {
+                tracing::warn!(
+                    error,
+                    "outbox listen failed; the relay finds new rows by polling until it listens again"
+                );
+                failing = true;
+            }
         }
         backoff.sleep(&shutdown).await;
     }

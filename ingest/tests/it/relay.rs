@@ -534,6 +534,69 @@ async fn acked_rows_whose_mark_failed(env: &TestEnv, meanwhile: impl AsyncFnOnce
     ingest.stop().await;
 }
 
+/// Whether the relay listens for ingest's NOTIFYs shows: `relay_listening` is 1 while it
+/// listens and 0 while its database refuses it (new rows then wait for the poll), and
+/// the first failure is one WARN line, listening again one INFO line. Until 2026-12-07
+/// a listen connection that failed was logged at debug, a failed `LISTEN` not at all.
+#[tokio::test]
+async fn the_relay_says_whether_it_listens_for_notifications() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let (relay, log) = ServiceProcess::spawn_logged(
+        env!("CARGO_BIN_EXE_relay"),
+        &env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
+        &[("PIPELINE__LOG__FORMAT", "json")],
+    );
+    relay.ready().await;
+    let listening = |value: f64| {
+        move |scrape: &Scrape| (scrape.value("relay_listening", &[]) == Some(value)).then_some(())
+    };
+    relay
+        .metrics_until(Duration::from_secs(10), "listening", listening(1.0))
+        .await;
+    close_database(&env).await;
+    relay
+        .metrics_until(Duration::from_secs(20), "not listening", listening(0.0))
+        .await;
+    reopen_database(&env).await;
+    relay
+        .metrics_until(Duration::from_secs(20), "listening again", listening(1.0))
+        .await;
+
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lines
+        .iter()
+        .any(|line: &String| line.contains("listening for outbox notifications again"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        lines.push(
+            log.recv_timeout(left)
+                .expect("the relay logged listening again"),
+        );
+    }
+    let levels = |message: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|line| line.contains(message))
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .map(|entry| entry["level"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        levels("outbox listen failed;"),
+        ["WARN"],
+        "the first failure"
+    );
+    assert_eq!(
+        levels("listening for outbox notifications again"),
+        ["INFO"],
+        "the recovery"
+    );
+    assert!(relay.terminate().await.success());
+}
+
 #[tokio::test]
 async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again() {
     let mut env = TestEnv::new();
