@@ -154,6 +154,9 @@ const SESSION_SETTINGS: &str = "SELECT current_setting('synchronous_commit'), \
 /// operator's `ALTER SYSTEM SET synchronous_commit = off` and `pg_reload_conf()`) does
 /// not reach the pool's long-lived sessions. Until 2026-12-07 only an unwanted value at
 /// the session's start was set, and a reload turned the warm sessions' durability off.
+/// Nor does a reload that makes it stricter: the processes are restarted for that (the
+/// README says so). The pool recycles without `RESET ALL` (`RecyclingMethod::Fast`),
+/// which would drop both settings, this hook not running again.
 ///
 /// Each finding is logged once per process.
 fn session_settings() -> Hook {

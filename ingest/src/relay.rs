@@ -294,22 +294,30 @@ pub struct Relay {
     publishing: Arc<Mutex<Publishing>>,
 }
 
-/// Since when every round that claimed rows had none of them acknowledged: JetStream
-/// refuses them (a stream full under `discard new`, the account out of storage, a
-/// sealed stream, a user without the right to publish) or does not answer them.
+/// Since when every round that published had none of its publishes acknowledged:
+/// JetStream refuses them (a stream full under `discard new`, the account out of
+/// storage, a sealed stream, a user without the right to publish) or does not answer
+/// them.
 #[derive(Debug, Default)]
 struct Publishing {
     refused_since: Option<Instant>,
 }
 
 impl Publishing {
-    /// One round that claimed rows ended, with `marked` of them acknowledged and marked.
-    fn round_ended(&mut self, marked: usize) {
-        if marked > 0 {
+    /// One round's publishes ended, `acknowledged` of them acknowledged (at least one
+    /// was published: a round that published nothing tells nothing).
+    fn publishes_ended(&mut self, acknowledged: usize) {
+        if acknowledged > 0 {
             self.refused_since = None;
         } else {
             self.refused_since.get_or_insert_with(Instant::now);
         }
+    }
+
+    /// The outbox holds nothing to publish: nothing is refused now, whoever published
+    /// the rows (another relay may have, while this one's claims found them taken).
+    fn nothing_waits(&mut self) {
+        self.refused_since = None;
     }
 
     /// Whether no round got a publish through for `limit` or longer.
@@ -590,11 +598,6 @@ impl Relay {
             Err(_) => claimed,
         };
         metrics::counter!("relay_retries_total").increment(handed_back as u64);
-        if !shutdown.is_cancelled() {
-            if let Ok(marked) = &round {
-                lock(&self.publishing).round_ended(*marked);
-            }
-        }
         let marked = round?;
         // Rows a stop handed back are the stop's doing, not a failed round.
         if marked < claimed && !shutdown.is_cancelled() {
@@ -622,7 +625,12 @@ impl Relay {
         // marked with those sequences, where the stream still holds them, and not
         // published again; those it could not check in time are left for a later round.
         let taken = lock(&self.acked_unmarked).take(&rows);
+        let taken_keys: Vec<(i64, Uuid)> = taken.keys().copied().collect();
         let (reused, unchecked) = self.still_held(taken).await;
+        if !taken_keys.is_empty() {
+            lock(&self.acked_unmarked)
+                .checked(taken_keys.iter().filter(|key| !unchecked.contains_key(key)));
+        }
         let waiting = if unchecked.is_empty() {
             HashSet::new()
         } else {
@@ -786,6 +794,11 @@ impl Relay {
         }
         // From the first publish sent to the last PubAck received.
         metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
+        // What JetStream did with this round's publishes, whatever becomes of the mark;
+        // acks given up on for a stop say nothing.
+        if published > 0 && !shutdown.is_cancelled() {
+            lock(&self.publishing).publishes_ended(published_ids.len() - reused.len());
+        }
         let marked = async {
             let mark = transaction.prepare_cached(MARK).await?;
             transaction
@@ -897,7 +910,11 @@ impl Relay {
             };
             let rows = async {
                 if let Ok(row) = client.query_one(UNPUBLISHED_ROWS, &[&floor]).await {
-                    metrics::gauge!("relay_outbox_backlog_rows").set(row.get::<_, i64>(0) as f64);
+                    let unpublished = row.get::<_, i64>(0);
+                    metrics::gauge!("relay_outbox_backlog_rows").set(unpublished as f64);
+                    if unpublished == 0 {
+                        lock(&self.publishing).nothing_waits();
+                    }
                 }
             };
             futures::join!(oldest, rows);
@@ -1131,13 +1148,16 @@ impl StreamUnverified {
 /// restarted and lost the message (2.9 fsyncs every 2 minutes) is found not to hold it,
 /// and the row is published again. Until 2026-12-07 a reconnect forgot them all, and a
 /// PostgreSQL outage longer than JetStream's duplicate window with a NATS reconnect in
-/// it stored every such row twice (past the projector's horizon, counted twice). Bounded: a relay that cannot
-/// mark that many rows forgets them all and publishes them again too, and a row whose
-/// check could not be made in [`AckedUnmarked::MAX_UNCHECKED_ROUNDS`] rounds is
-/// published again rather than wait for good.
+/// it stored every such row twice (past the projector's horizon, counted twice).
+/// Bounded: past [`AckedUnmarked::MAX_ROWS`] the oldest rows are forgotten first (rows
+/// another relay marked are never claimed here again, and only this bound ends them) and
+/// published again if they come back, and a row whose check could not be made in
+/// [`AckedUnmarked::MAX_UNCHECKED_ROUNDS`] rounds is published again rather than wait for
+/// good.
 #[derive(Debug, Default)]
 struct AckedUnmarked {
-    sequences: HashMap<(i64, Uuid), i64>,
+    /// Ordered by row id, so by age.
+    sequences: BTreeMap<(i64, Uuid), i64>,
     /// Rounds in a row whose check of the row could not be made.
     unchecked_rounds: HashMap<(i64, Uuid), u32>,
 }
@@ -1171,8 +1191,16 @@ impl AckedUnmarked {
     fn remember<'a>(&mut self, acked: impl Iterator<Item = ((&'a i64, &'a Uuid), &'a i64)>) {
         self.sequences
             .extend(acked.map(|((&row_id, &event_id), &sequence)| ((row_id, event_id), sequence)));
-        if self.sequences.len() > Self::MAX_ROWS {
-            self.sequences.clear();
+        while self.sequences.len() > Self::MAX_ROWS {
+            self.sequences.pop_first();
+        }
+    }
+
+    /// The rows whose check was made (the stream holds them or not): a later failure to
+    /// check one, remembered again, counts its rounds from the start.
+    fn checked<'a>(&mut self, keys: impl Iterator<Item = &'a (i64, Uuid)>) {
+        for key in keys {
+            self.unchecked_rounds.remove(key);
         }
     }
 
@@ -1480,6 +1508,46 @@ mod tests {
         assert!(
             waits(&mut memory),
             "remembered again later, it starts the count again"
+        );
+    }
+
+    #[test]
+    fn a_row_whose_check_was_made_counts_its_unchecked_rounds_anew() {
+        let mut memory = AckedUnmarked::default();
+        let key = (7, Uuid::nil());
+        let mut waits = || {
+            memory
+                .keep_unchecked(HashMap::from([(key, 70)]))
+                .contains(&key)
+        };
+        assert!(waits() && waits(), "two rounds unchecked");
+        memory.checked([key].iter());
+        let mut waits = || {
+            memory
+                .keep_unchecked(HashMap::from([(key, 70)]))
+                .contains(&key)
+        };
+        assert!(waits() && waits(), "checked since: two more rounds");
+        assert!(!waits(), "the third publishes it again");
+    }
+
+    #[test]
+    fn remembered_acks_past_the_bound_lose_the_oldest_rows_first() {
+        let mut memory = AckedUnmarked::default();
+        let rows = AckedUnmarked::MAX_ROWS as i64 + 2;
+        let ids: Vec<i64> = (0..rows).collect();
+        let events = vec![Uuid::nil(); ids.len()];
+        let sequences: Vec<i64> = ids.iter().map(|id| id + 100).collect();
+        memory.remember(ids.iter().zip(&events).zip(&sequences));
+        assert_eq!(memory.sequences.len(), AckedUnmarked::MAX_ROWS);
+        assert_eq!(
+            memory.sequences.first_key_value(),
+            Some((&(2, Uuid::nil()), &102)),
+            "the two oldest rows forgotten"
+        );
+        assert_eq!(
+            memory.sequences.last_key_value(),
+            Some((&(rows - 1, Uuid::nil()), &(rows + 99)))
         );
     }
 

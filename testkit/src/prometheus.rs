@@ -117,6 +117,8 @@ pub fn readme_counters(process: &str) -> Vec<String> {
     let row_start = format!("| {process} | `");
     let row = readme
         .lines()
+        .skip_while(|line| !line.starts_with("| process | metrics |"))
+        .take_while(|line| line.starts_with('|'))
         .find(|line| line.starts_with(&row_start))
         .unwrap_or_else(|| panic!("the README's metrics table has a row for {process}"));
     let mut counters = Vec::new();

@@ -182,8 +182,9 @@ pub async fn serve_counted(
     connections.wait().await;
 }
 
-/// Takes the connections waiting in `listener`'s backlog (at most `max_connections`, what
-/// `bootstrap::listen` lets it hold, so they are served without a slot), then closes it.
+/// Takes the connections waiting in `listener`'s backlog, then closes it. They are
+/// served without a slot: the backlog holds at most `max_connections` and one more
+/// (`bootstrap::listen` asks for that many, and Linux lets one more in).
 ///
 /// `accept(2)` is asked directly: the runtime learns of a connection the kernel completed
 /// only at its next look at the events, which a busy worker makes milliseconds after the
@@ -198,20 +199,28 @@ fn backlog(listener: TcpListener, max_connections: usize) -> Vec<tokio::net::Tcp
         }
     };
     let mut waiting = Vec::new();
-    while waiting.len() < max_connections.max(1) {
+    for _ in 0..=max_connections.max(1) {
         // Still non-blocking, as the runtime made it: `WouldBlock` once the backlog is empty.
-        let accepted = listener.accept().and_then(|(stream, _)| {
-            stream.set_nonblocking(true)?;
-            tokio::net::TcpStream::from_std(stream)
-        });
-        match accepted {
+        let (stream, _) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(error) => match error.kind() {
+                io::ErrorKind::WouldBlock => break,
+                // One connection's trouble (gone before it was taken): on to the next.
+                io::ErrorKind::Interrupted
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset => continue,
+                _ => {
+                    tracing::warn!(%error, "listen backlog not taken");
+                    break;
+                }
+            },
+        };
+        let registered = stream
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(stream));
+        match registered {
             Ok(stream) => waiting.push(stream),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-            Err(error) => {
-                tracing::warn!(%error, "listen backlog not taken");
-                break;
-            }
+            Err(error) => tracing::warn!(%error, "a connection of the listen backlog not served"),
         }
     }
     waiting

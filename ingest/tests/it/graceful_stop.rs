@@ -270,7 +270,10 @@ async fn served_and_closed(server: Server, waiting: &mut TcpStream, first: &mut 
 /// answered: the connection reads it before it is told to shut down. Asked in a random
 /// order, the two were one time in two the other way round, and the connection closed as
 /// idle, a request unread in it, which the client saw as a reset.
-#[tokio::test]
+///
+/// On one thread, so that blocking it holds the whole runtime (on more, another worker
+/// would read the request meanwhile, and the test would pass without the fix).
+#[tokio::test(flavor = "current_thread")]
 async fn a_request_that_arrived_as_the_linger_ended_is_answered_not_reset() {
     // One chance in two a round, so twelve rounds; each takes a linger and a little.
     for round in 0..12 {
@@ -302,7 +305,11 @@ async fn a_request_that_arrived_as_the_linger_ended_is_answered_not_reset() {
 /// that is busy looks late), is served as well: the stop asks the kernel for the backlog.
 /// It was asked what the runtime last saw, and the listener's close reset the connection,
 /// its request with it (a CI run under load, 2026-12-07).
-#[tokio::test]
+///
+/// On one thread, so that nothing looks at the events between the connect and the
+/// serving loop's turn (on more, a parked worker would, and the test would pass without
+/// the fix).
+#[tokio::test(flavor = "current_thread")]
 async fn a_connection_the_kernel_completed_but_the_runtime_had_not_seen_when_the_stop_began_is_served(
 ) {
     // On this one-thread runtime the serving loop runs before the runtime next looks at
