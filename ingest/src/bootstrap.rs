@@ -285,6 +285,38 @@ async fn wait_for_signal() {
     }
 }
 
+/// The log of a task whose attempts fail in series (a session it keeps opening again):
+/// the first failure of a series is a WARN, the later ones are at debug, and the success
+/// that ends a series is an INFO, so a long outage is one line and its end another.
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    failing: bool,
+}
+
+impl FailureLog {
+    /// One failure, with `error`: `first` is the message of a series' first, `again` of
+    /// the later ones.
+    pub fn failed(&mut self, error: &str, first: &'static str, again: &'static str) {
+        if std::mem::replace(&mut self.failing, true) {
+            tracing::debug!(error, "{again}");
+        } else {
+            tracing::warn!(error, "{first}");
+        }
+    }
+
+    /// One success; `recovered` is logged when it ends a series.
+    pub fn succeeded(&mut self, recovered: &'static str) {
+        if std::mem::take(&mut self.failing) {
+            tracing::info!("{recovered}");
+        }
+    }
+
+    /// Whether the last attempt failed.
+    pub fn failing(&self) -> bool {
+        self.failing
+    }
+}
+
 /// Exponential backoff from 100 ms to 5 s that a shutdown interrupts. A failure that
 /// comes `QUIET_STARTS_OVER` or more after the previous retry is a new outage, and its
 /// delays start over: a loop whose work runs for long spells (a consume session, a

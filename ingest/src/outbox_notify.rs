@@ -38,7 +38,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::bootstrap::Backoff;
+use crate::bootstrap::{Backoff, FailureLog};
 use crate::db;
 use crate::pacing::Pacer;
 
@@ -175,12 +175,12 @@ async fn run(
     // Set while failing: the backoff's end, which replaces the pacer's slot.
     let mut backoff_until: Option<Instant> = None;
     let mut backoff = Backoff::default();
-    let mut failing = false;
+    let mut log = FailureLog::default();
     while signals.recv().await.is_some() {
         let deadline = backoff_until.unwrap_or_else(|| pacer.reserve(Instant::now()));
         if deadline > Instant::now() {
             let open = wait_until(&mut signals, deadline).await;
-            if !open && failing {
+            if !open && log.failing() {
                 // Shutting down while PostgreSQL fails: the relays' poll finds the rows.
                 return;
             }
@@ -191,27 +191,19 @@ async fn run(
         match sender.notify().await {
             Ok(()) => {
                 metrics::counter!("ingest_outbox_notify_total").increment(1);
-                if failing {
-                    tracing::info!("outbox notify sent again");
-                }
-                failing = false;
+                log.succeeded("outbox notify sent again");
                 backoff.reset();
                 backoff_until = None;
                 pacer.finished(covered);
             }
             Err(error) => {
-                let error = format!("{error:#}");
-                if failing {
-                    tracing::debug!(error, "outbox notify failed again");
-                } else {
-                    tracing::warn!(
-                        error,
-                        "outbox notify failed; relays find the rows by polling until it works"
-                    );
-                }
+                log.failed(
+                    &format!("{error:#}"),
+                    "outbox notify failed; relays find the rows by polling until it works",
+                    "outbox notify failed again",
+                );
                 // The next NOTIFY covers these rows too.
                 rows.fetch_add(covered, Ordering::Relaxed);
-                failing = true;
                 backoff_until = Some(Instant::now() + backoff.next_delay());
             }
         }

@@ -62,7 +62,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::bootstrap::{self, Backoff};
+use crate::bootstrap::{self, Backoff, FailureLog};
 use crate::pacing::Pacer;
 use crate::sync::lock;
 use crate::{db, http};
@@ -1368,7 +1368,7 @@ async fn listen_for_inserts(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
-    let mut failing = false;
+    let mut log = FailureLog::default();
     metrics::gauge!("relay_listening").set(0.0);
     while !shutdown.is_cancelled() {
         let listened = async {
@@ -1395,10 +1395,7 @@ async fn listen_for_inserts(
                 return Err(anyhow::Error::from(error).context("LISTEN"));
             }
             metrics::gauge!("relay_listening").set(1.0);
-            if failing {
-                tracing::info!("listening for outbox notifications again");
-                failing = false;
-            }
+            log.succeeded("listening for outbox notifications again");
             backoff.reset();
             wake.notify_one();
             let ended = tokio::select! {
@@ -1415,16 +1412,11 @@ async fn listen_for_inserts(
             }
         };
         if let Err(error) = listened.await {
-            let error = format!("{error:#}");
-            if failing {
-                tracing::debug!(error, "outbox listen failed again");
-            } else {
-                tracing::warn!(
-                    error,
-                    "outbox listen failed; the relay finds new rows by polling until it listens again"
-                );
-                failing = true;
-            }
+            log.failed(
+                &format!("{error:#}"),
+                "outbox listen failed; the relay finds new rows by polling until it listens again",
+                "outbox listen failed again",
+            );
         }
         backoff.sleep(&shutdown).await;
     }
