@@ -18,6 +18,12 @@ use tokio::sync::Semaphore;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
+/// The newest migration this build knows: a process newer than the schema reads what
+/// the database lacks until it is applied.
+pub fn newest_migration() -> i32 {
+    MIGRATIONS.last().map_or(0, |&(version, _)| version)
+}
+
 /// The migrations in the order they apply; a version is never edited once released.
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),

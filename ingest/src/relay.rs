@@ -99,8 +99,10 @@ pub async fn serve(
     let streams_ready = relay.streams_ready.clone();
     let stream_unverified = relay.stream_unverified.clone();
     let publishing = relay.publishing.clone();
+    let schema_current = Arc::new(AtomicBool::new(false));
     let readyz = move || {
         let (pool, jetstream) = (pool.clone(), jetstream.clone());
+        let schema_current = schema_current.clone();
         // A relay whose stream check fails publishes nothing until one succeeds, and one
         // whose publishes JetStream refuses publishes nothing either.
         let streams_ready = streams_ready.load(Ordering::Acquire)
@@ -108,7 +110,7 @@ pub async fn serve(
             && !lock(&publishing).refused_for(PUBLISHES_REFUSED_UNREADY);
         async move {
             let (postgres, jetstream_answers) = tokio::join!(
-                http::postgres_ready(&pool),
+                http::postgres_and_schema_ready(&pool, &schema_current),
                 bootstrap::jetstream_answers(&jetstream)
             );
             http::readiness(&[

@@ -200,6 +200,34 @@ async fn readyz(State(state): State<AppState>) -> Response {
     readiness(&[("postgres", postgres)])
 }
 
+/// [`postgres_ready`], once the schema holds every migration this build knows
+/// (`schema_migrations`), within a second: a relay newer than the schema fails every
+/// claim. Once seen so, `current` remembers it (migrations are never undone), and the
+/// check is the `SELECT 1` again.
+pub async fn postgres_and_schema_ready(pool: &Pool, current: &AtomicBool) -> Result<(), ()> {
+    if current.load(Ordering::Acquire) {
+        return postgres_ready(pool).await;
+    }
+    let check = async {
+        let client = pool.get().await.map_err(|_| ())?;
+        let row = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)",
+                &[&crate::db::newest_migration()],
+            )
+            .await
+            .map_err(|_| ())?;
+        row.try_get::<_, bool>(0).map_err(|_| ())
+    };
+    match tokio::time::timeout(Duration::from_secs(1), check).await {
+        Ok(Ok(true)) => {
+            current.store(true, Ordering::Release);
+            Ok(())
+        }
+        _ => Err(()),
+    }
+}
+
 /// `SELECT 1` through the pool within a second.
 pub async fn postgres_ready(pool: &Pool) -> Result<(), ()> {
     let check = async {

@@ -1245,6 +1245,27 @@ impl Refused {
     }
 }
 
+/// A relay newer than the schema (a database not yet migrated, or behind) fails every
+/// claim, and says so as ingest does: `/readyz` names `postgres` until the migrations
+/// ran, then 200. Until 2026-12-07 its `SELECT 1` answered, and it said ready while it
+/// published nothing.
+#[tokio::test]
+async fn a_relay_is_not_ready_until_the_schema_holds_its_migrations() {
+    let env = TestEnv::new();
+    let database = env.database.clone();
+    testkit::maintenance_postgres(&env.settings)
+        .await
+        .expect("the server")
+        .batch_execute(&format!("CREATE DATABASE \"{database}\""))
+        .await
+        .expect("an empty test database");
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&admin_url, Some("postgres")).await;
+    migrate(&env).await;
+    testkit::settled_readiness(&admin_url, None).await;
+    relay.stop().await;
+}
+
 /// A database URL's own `options` hold for the relay's sessions as for ingest's: the
 /// relay adds its settings to them. Here they put the pipeline's tables in a schema of
 /// their own; the relay's pool dropped them, looked for `outbox` in `public`, and
