@@ -1252,18 +1252,23 @@ impl Refused {
 #[tokio::test]
 async fn a_relay_is_not_ready_until_the_schema_holds_its_migrations() {
     let env = TestEnv::new();
-    let database = env.database.clone();
+    create_empty_database(&env).await;
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&admin_url, Some("postgres")).await;
+    migrate(&env).await;
+    testkit::settled_readiness(&admin_url, None).await;
+    relay.stop().await;
+}
+
+/// Creates the test's database, with nothing in it (no migration ran).
+async fn create_empty_database(env: &TestEnv) {
+    let database = &env.database;
     testkit::maintenance_postgres(&env.settings)
         .await
         .expect("the server")
         .batch_execute(&format!("CREATE DATABASE \"{database}\""))
         .await
         .expect("an empty test database");
-    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
-    testkit::settled_readiness(&admin_url, Some("postgres")).await;
-    migrate(&env).await;
-    testkit::settled_readiness(&admin_url, None).await;
-    relay.stop().await;
 }
 
 /// A database URL's own `options` hold for the relay's sessions as for ingest's: the
@@ -1273,19 +1278,7 @@ async fn a_relay_is_not_ready_until_the_schema_holds_its_migrations() {
 #[tokio::test]
 async fn the_relay_keeps_the_options_of_the_database_url() {
     let mut env = TestEnv::new();
-    let database = env
-        .settings
-        .database
-        .url
-        .rsplit_once('/')
-        .map(|(_, name)| name.to_owned())
-        .expect("a database name");
-    testkit::maintenance_postgres(&env.settings)
-        .await
-        .expect("the server")
-        .batch_execute(&format!("CREATE DATABASE {database}"))
-        .await
-        .expect("the test database");
+    create_empty_database(&env).await;
     env.postgres()
         .await
         .batch_execute("CREATE SCHEMA telemetry")
