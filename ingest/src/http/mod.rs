@@ -208,36 +208,49 @@ pub async fn postgres_and_schema_ready(pool: &Pool, current: &AtomicBool) -> Res
     if current.load(Ordering::Acquire) {
         return postgres_ready(pool).await;
     }
-    let check = async {
-        let client = pool.get().await.map_err(|_| ())?;
-        let row = client
+    let newest = crate::db::newest_migration();
+    let holds: bool = within_a_second(pool, "schema check", async |client| {
+        client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)",
-                &[&crate::db::newest_migration()],
+                &[&newest],
             )
-            .await
-            .map_err(|_| ())?;
-        row.try_get::<_, bool>(0).map_err(|_| ())
-    };
-    match tokio::time::timeout(Duration::from_secs(1), check).await {
-        Ok(Ok(true)) => {
-            current.store(true, Ordering::Release);
-            Ok(())
-        }
-        _ => Err(()),
+            .await?
+            .try_get(0)
+    })
+    .await?;
+    if !holds {
+        return Err(());
     }
+    current.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// `SELECT 1` through the pool within a second.
 pub async fn postgres_ready(pool: &Pool) -> Result<(), ()> {
-    let check = async {
-        let client = pool.get().await.map_err(|_| ())?;
-        client.simple_query("SELECT 1").await.map_err(|_| ())?;
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(1), check)
-        .await
-        .map_err(|_| ())?
+    within_a_second(pool, "readiness check", async |client| {
+        client.simple_query("SELECT 1").await.map(drop)
+    })
+    .await
+}
+
+/// `statements` on a pooled connection ([`crate::db::on_pooled`]) within a second:
+/// given up on, a statement is cancelled and its connection leaves the pool, so the
+/// next commit or claim does not queue behind it.
+async fn within_a_second<T>(
+    pool: &Pool,
+    what: &'static str,
+    statements: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, tokio_postgres::Error>,
+) -> Result<T, ()> {
+    match tokio::time::timeout(
+        Duration::from_secs(1),
+        crate::db::on_pooled(pool, what, statements),
+    )
+    .await
+    {
+        Ok(Ok(answer)) => Ok(answer),
+        _ => Err(()),
+    }
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
