@@ -626,18 +626,21 @@ impl Relay {
         // Rows an earlier round published and got PubAcks for but could not mark are
         // marked with those sequences, where the stream still holds them, and not
         // published again; those it could not check in time are left for a later round.
-        let taken = lock(&self.acked_unmarked).take(&rows);
-        let taken_keys: Vec<(i64, Uuid)> = taken.keys().copied().collect();
-        let (reused, unchecked) = self.still_held(taken).await;
-        if !taken_keys.is_empty() {
-            lock(&self.acked_unmarked)
-                .checked(taken_keys.iter().filter(|key| !unchecked.contains_key(key)));
-        }
+        let taken =
+            lock(&self.acked_unmarked).take(rows.iter().map(|row| (row.get(0), row.get(1))));
+        let (reused, unchecked) = self
+            .still_held(
+                taken
+                    .iter()
+                    .map(|(&key, ack)| (key, ack.sequence))
+                    .collect(),
+            )
+            .await;
         let waiting = if unchecked.is_empty() {
             HashSet::new()
         } else {
             let unchecked_rows = unchecked.len();
-            let waiting = lock(&self.acked_unmarked).keep_unchecked(unchecked);
+            let waiting = lock(&self.acked_unmarked).keep_unchecked(&taken, unchecked);
             tracing::info!(
                 rows = unchecked_rows,
                 waiting = waiting.len(),
@@ -1159,9 +1162,15 @@ impl StreamUnverified {
 #[derive(Debug, Default)]
 struct AckedUnmarked {
     /// Ordered by row id, so by age.
-    sequences: BTreeMap<(i64, Uuid), i64>,
+    acks: BTreeMap<(i64, Uuid), RememberedAck>,
+}
+
+/// One row's remembered PubAck.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RememberedAck {
+    sequence: i64,
     /// Rounds in a row whose check of the row could not be made.
-    unchecked_rounds: HashMap<(i64, Uuid), u32>,
+    unchecked_rounds: u32,
 }
 
 impl AckedUnmarked {
@@ -1169,54 +1178,56 @@ impl AckedUnmarked {
     const MAX_UNCHECKED_ROUNDS: u32 = 3;
 
     /// Remembers again the rows a round could not check (`(row id, event id) →
-    /// sequence`), each for up to [`Self::MAX_UNCHECKED_ROUNDS`] rounds; returns those
-    /// that wait for a later round (the others are published again).
-    fn keep_unchecked(&mut self, unchecked: HashMap<(i64, Uuid), i64>) -> HashSet<(i64, Uuid)> {
+    /// sequence`; `taken` is what [`Self::take`] gave that round), each for up to
+    /// [`Self::MAX_UNCHECKED_ROUNDS`] rounds; returns those that wait for a later round
+    /// (the others are published again). A row whose check was made is not remembered
+    /// again, its count with it.
+    fn keep_unchecked(
+        &mut self,
+        taken: &HashMap<(i64, Uuid), RememberedAck>,
+        unchecked: HashMap<(i64, Uuid), i64>,
+    ) -> HashSet<(i64, Uuid)> {
         let mut waiting = HashSet::with_capacity(unchecked.len());
         for (key, sequence) in unchecked {
-            let rounds = self.unchecked_rounds.entry(key).or_default();
-            *rounds += 1;
-            if *rounds < Self::MAX_UNCHECKED_ROUNDS {
-                self.sequences.insert(key, sequence);
+            let unchecked_rounds = taken.get(&key).map_or(0, |ack| ack.unchecked_rounds) + 1;
+            if unchecked_rounds < Self::MAX_UNCHECKED_ROUNDS {
+                self.acks.insert(
+                    key,
+                    RememberedAck {
+                        sequence,
+                        unchecked_rounds,
+                    },
+                );
                 waiting.insert(key);
-            } else {
-                self.unchecked_rounds.remove(&key);
             }
-        }
-        if self.unchecked_rounds.len() > Self::MAX_ROWS {
-            self.unchecked_rounds.clear();
         }
         waiting
     }
 
     /// Remembers the `(row id, event id)`'s acknowledged sequences.
     fn remember<'a>(&mut self, acked: impl Iterator<Item = ((&'a i64, &'a Uuid), &'a i64)>) {
-        self.sequences
-            .extend(acked.map(|((&row_id, &event_id), &sequence)| ((row_id, event_id), sequence)));
-        while self.sequences.len() > Self::MAX_ROWS {
-            self.sequences.pop_first();
+        self.acks
+            .extend(acked.map(|((&row_id, &event_id), &sequence)| {
+                let ack = RememberedAck {
+                    sequence,
+                    unchecked_rounds: 0,
+                };
+                ((row_id, event_id), ack)
+            }));
+        while self.acks.len() > Self::MAX_ROWS {
+            self.acks.pop_first();
         }
     }
 
-    /// The rows whose check was made (the stream holds them or not): a later failure to
-    /// check one, remembered again, counts its rounds from the start.
-    fn checked<'a>(&mut self, keys: impl Iterator<Item = &'a (i64, Uuid)>) {
-        for key in keys {
-            self.unchecked_rounds.remove(key);
-        }
-    }
-
-    /// Takes out what is remembered of `rows` (their columns 0 and 1 are the row id and
-    /// the event id).
-    fn take(&mut self, rows: &[tokio_postgres::Row]) -> HashMap<(i64, Uuid), i64> {
-        if self.sequences.is_empty() {
+    /// Takes out what is remembered of the rows `keys` (`(row id, event id)`).
+    fn take(
+        &mut self,
+        keys: impl Iterator<Item = (i64, Uuid)>,
+    ) -> HashMap<(i64, Uuid), RememberedAck> {
+        if self.acks.is_empty() {
             return HashMap::new();
         }
-        rows.iter()
-            .filter_map(|row| {
-                let key = (row.get(0), row.get(1));
-                self.sequences.remove(&key).map(|sequence| (key, sequence))
-            })
+        keys.filter_map(|key| self.acks.remove(&key).map(|ack| (key, ack)))
             .collect()
     }
 }
@@ -1483,24 +1494,33 @@ mod tests {
         assert_eq!(unverified.due(1), None);
     }
 
+    /// One round that takes `key`'s remembered ack (if any) and cannot check it;
+    /// whether the row waits for a later round.
+    fn unchecked_round(memory: &mut AckedUnmarked, key: (i64, Uuid)) -> bool {
+        let taken = memory.take(std::iter::once(key));
+        memory
+            .keep_unchecked(&taken, HashMap::from([(key, 70)]))
+            .contains(&key)
+    }
+
     #[test]
     fn a_row_whose_remembered_ack_cannot_be_checked_waits_three_rounds_at_most() {
         let mut memory = AckedUnmarked::default();
         let key = (7, Uuid::nil());
-        let waits = |memory: &mut AckedUnmarked| {
-            memory
-                .keep_unchecked(HashMap::from([(key, 70)]))
-                .contains(&key)
-        };
-        assert!(waits(&mut memory), "first round");
-        assert_eq!(memory.sequences.get(&key), Some(&70), "remembered again");
-        memory.sequences.clear(); // as the next round's `take` does
-        assert!(waits(&mut memory), "second round");
-        memory.sequences.clear();
-        assert!(!waits(&mut memory), "the third round publishes it again");
-        assert!(memory.sequences.is_empty() && memory.unchecked_rounds.is_empty());
+        assert!(unchecked_round(&mut memory, key), "first round");
+        assert_eq!(
+            memory.acks.get(&key).map(|ack| ack.sequence),
+            Some(70),
+            "remembered again"
+        );
+        assert!(unchecked_round(&mut memory, key), "second round");
         assert!(
-            waits(&mut memory),
+            !unchecked_round(&mut memory, key),
+            "the third round publishes it again"
+        );
+        assert!(memory.acks.is_empty());
+        assert!(
+            unchecked_round(&mut memory, key),
             "remembered again later, it starts the count again"
         );
     }
@@ -1509,20 +1529,21 @@ mod tests {
     fn a_row_whose_check_was_made_counts_its_unchecked_rounds_anew() {
         let mut memory = AckedUnmarked::default();
         let key = (7, Uuid::nil());
-        let mut waits = || {
-            memory
-                .keep_unchecked(HashMap::from([(key, 70)]))
-                .contains(&key)
-        };
-        assert!(waits() && waits(), "two rounds unchecked");
-        memory.checked([key].iter());
-        let mut waits = || {
-            memory
-                .keep_unchecked(HashMap::from([(key, 70)]))
-                .contains(&key)
-        };
-        assert!(waits() && waits(), "checked since: two more rounds");
-        assert!(!waits(), "the third publishes it again");
+        assert!(
+            unchecked_round(&mut memory, key) && unchecked_round(&mut memory, key),
+            "two rounds unchecked"
+        );
+        // A round whose check is made: taken, and not remembered again.
+        let _ = memory.take(std::iter::once(key));
+        memory.remember(std::iter::once(((&key.0, &key.1), &70)));
+        assert!(
+            unchecked_round(&mut memory, key) && unchecked_round(&mut memory, key),
+            "checked since: two more rounds"
+        );
+        assert!(
+            !unchecked_round(&mut memory, key),
+            "the third publishes it again"
+        );
     }
 
     #[test]
@@ -1533,15 +1554,16 @@ mod tests {
         let events = vec![Uuid::nil(); ids.len()];
         let sequences: Vec<i64> = ids.iter().map(|id| id + 100).collect();
         memory.remember(ids.iter().zip(&events).zip(&sequences));
-        assert_eq!(memory.sequences.len(), AckedUnmarked::MAX_ROWS);
+        assert_eq!(memory.acks.len(), AckedUnmarked::MAX_ROWS);
+        let sequence_of = |(key, ack): (&(i64, Uuid), &RememberedAck)| (*key, ack.sequence);
         assert_eq!(
-            memory.sequences.first_key_value(),
-            Some((&(2, Uuid::nil()), &102)),
+            memory.acks.first_key_value().map(sequence_of),
+            Some(((2, Uuid::nil()), 102)),
             "the two oldest rows forgotten"
         );
         assert_eq!(
-            memory.sequences.last_key_value(),
-            Some((&(rows - 1, Uuid::nil()), &(rows + 99)))
+            memory.acks.last_key_value().map(sequence_of),
+            Some(((rows - 1, Uuid::nil()), rows + 99))
         );
     }
 
