@@ -222,3 +222,27 @@ impl Drop for ServiceProcess {
         }
     }
 }
+
+/// Reads `log` (the lines of [`ServiceProcess::spawn_logged`]) until one that `done`
+/// accepts, for at most `within` in all; the lines read, that one last. Panics naming
+/// `what` when none came in time.
+pub fn log_lines_until(
+    log: &std::sync::mpsc::Receiver<String>,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + within;
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("{what} within {within:?}"));
+        let last = done(&line);
+        lines.push(line);
+        if last {
+            return lines;
+        }
+    }
+}

@@ -72,10 +72,7 @@ impl Scrape {
 /// from its start, or Prometheus, which sees no increase in a series born at 1, misses
 /// that first event.
 pub fn alerted_at_first_increase() -> Vec<String> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus-alerts.yml");
-    let rules = std::fs::read_to_string(&path)
-        .unwrap_or_else(|error| panic!("{} readable: {error}", path.display()));
+    let rules = repository_file("deploy/prometheus-alerts.yml");
     let mut counters = Vec::new();
     for rule in rules.split("- alert:").skip(1) {
         let waits = rule
@@ -111,9 +108,7 @@ pub fn alerted_at_first_increase() -> Vec<String> {
 /// (`ingest`, `relay`, `projector`, `query`), labels cut off, but `http_requests_total`,
 /// whose routes and statuses come with the requests.
 pub fn readme_counters(process: &str) -> Vec<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
-    let readme = std::fs::read_to_string(&path)
-        .unwrap_or_else(|error| panic!("{} readable: {error}", path.display()));
+    let readme = repository_file("README.md");
     let row_start = format!("| {process} | `");
     let row = readme
         .lines()
@@ -224,6 +219,15 @@ fn parse_labels(text: &str) -> Option<(Labels, &str)> {
         rest = rest[end + 1..].trim_start();
         rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
     }
+}
+
+/// A file of the repository, by its path from the repository's root.
+fn repository_file(path: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("{} readable: {error}", path.display()))
 }
 
 #[cfg(test)]

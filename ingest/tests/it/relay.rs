@@ -564,18 +564,12 @@ async fn the_relay_says_whether_it_listens_for_notifications() {
         .metrics_until(Duration::from_secs(20), "listening again", listening(1.0))
         .await;
 
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lines
-        .iter()
-        .any(|line: &String| line.contains("listening for outbox notifications again"))
-    {
-        let left = deadline.saturating_duration_since(Instant::now());
-        lines.push(
-            log.recv_timeout(left)
-                .expect("the relay logged listening again"),
-        );
-    }
+    let lines = testkit::process::log_lines_until(
+        &log,
+        Duration::from_secs(10),
+        "the relay logged listening again",
+        |line| line.contains("listening for outbox notifications again"),
+    );
     let levels = |message: &str| -> Vec<String> {
         lines
             .iter()

@@ -267,14 +267,8 @@ async fn a_dead_letter_is_listed_with_its_reason_and_redriven_to_its_live_subjec
         .await
         .expect("re-driven");
     assert!(live_sequence > original.sequence);
-    let stream = jetstream
-        .get_stream(env.subjects.stream())
-        .await
-        .expect("stream");
-    let redriven = stream
-        .get_raw_message(live_sequence)
-        .await
-        .expect("re-driven message");
+    let redriven =
+        crate::support::stored_message(&jetstream, env.subjects.stream(), live_sequence).await;
     assert_eq!(redriven.subject.as_str(), env.subjects.recorded("sensor-7"));
     assert_eq!(redriven.payload, poisoned.to_json());
     assert!(
@@ -366,13 +360,8 @@ async fn a_letter_at_a_sequence_an_earlier_redriven_letter_had_is_redriven_all_t
     let live_sequence = projector::dlq::redrive(&jetstream, &env.subjects, stored_again.sequence)
         .await
         .expect("the second letter re-driven");
-    let redriven = jetstream
-        .get_stream(env.subjects.stream())
-        .await
-        .expect("stream")
-        .get_raw_message(live_sequence)
-        .await
-        .expect("re-driven message");
+    let redriven =
+        crate::support::stored_message(&jetstream, env.subjects.stream(), live_sequence).await;
     assert_eq!(
         redriven.payload,
         second.to_json(),
@@ -638,16 +627,14 @@ async fn a_dead_lettered_message_is_one_json_log_line_naming_its_event_id() {
         b"not json at all".to_vec(),
     )
     .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let line = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = log
-            .recv_timeout(left)
-            .expect("the projector logged the dead letter");
-        if line.contains("dead-lettering message") {
-            break line;
-        }
-    };
+    let line = testkit::process::log_lines_until(
+        &log,
+        Duration::from_secs(15),
+        "the projector logged the dead letter",
+        |line| line.contains("dead-lettering message"),
+    )
+    .pop()
+    .expect("the dead letter's line");
     let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
     assert_eq!(entry["level"], "WARN", "{entry}");
     assert_eq!(entry["event_id"], "poison-event-1", "{entry}");

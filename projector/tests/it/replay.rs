@@ -392,13 +392,8 @@ async fn a_rebuild_begun_while_the_consumer_is_missing_takes_the_anchor_as_its_f
     let jetstream = streams(&env).await;
     env.set_live_generation(1).await;
     publish_many(&env, &jetstream, &spread_events(EVENTS)).await;
-    let stored_at = jetstream
-        .get_stream(env.subjects.stream())
+    let stored_at = crate::support::stored_message(&jetstream, env.subjects.stream(), ANCHORED)
         .await
-        .expect("stream exists")
-        .get_raw_message(ANCHORED)
-        .await
-        .expect("the anchored message")
         .time;
     let mut redis = env.redis().await;
     let () = redis::cmd("SET")

@@ -236,6 +236,21 @@ pub async fn consumer_made_again(
     .await
 }
 
+/// The message `stream` holds at `sequence`.
+pub async fn stored_message(
+    jetstream: &jetstream::Context,
+    stream: &str,
+    sequence: u64,
+) -> jetstream::message::StreamMessage {
+    jetstream
+        .get_stream(stream)
+        .await
+        .expect("stream exists")
+        .get_raw_message(sequence)
+        .await
+        .expect("the stored message")
+}
+
 /// Messages held by a stream.
 pub async fn stream_messages(jetstream: &jetstream::Context, stream: &str) -> u64 {
     jetstream
