@@ -1254,6 +1254,41 @@ async fn a_relay_is_not_ready_until_the_schema_holds_its_migrations() {
     relay.stop().await;
 }
 
+/// A readiness check given up at its second is cancelled, as any statement given up on
+/// the pool is (`db::on_pooled`): here the schema check waits on a lock an operator's
+/// session holds, `/readyz` answers its 503 within the second, and no session of the
+/// relay is left waiting behind the lock, where the next round's statements would have
+/// queued on its connection. Once the lock goes, the relay is ready.
+#[tokio::test]
+async fn a_readiness_check_given_up_leaves_no_statement_waiting_on_the_pool() {
+    let env = TestEnv::new();
+    migrate(&env).await;
+    let mut operator = env.postgres().await;
+    let holding = operator.transaction().await.expect("a transaction");
+    holding
+        .batch_execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("the lock");
+    let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
+    testkit::settled_readiness(&admin_url, Some("postgres")).await;
+    let watcher = env.postgres().await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND query LIKE '%FROM schema_migrations%' AND wait_event_type = 'Lock'
+                   AND pid <> pg_backend_pid()";
+    eventually(
+        Duration::from_secs(5),
+        "the given-up checks cancelled",
+        || async {
+            let sessions: i64 = watcher.query_one(waiting, &[]).await.ok()?.get(0);
+            (sessions == 0).then_some(())
+        },
+    )
+    .await;
+    holding.rollback().await.expect("the lock released");
+    testkit::settled_readiness(&admin_url, None).await;
+    relay.stop().await;
+}
+
 /// Creates the test's database, with nothing in it (no migration ran).
 async fn create_empty_database(env: &TestEnv) {
     let database = &env.database;
