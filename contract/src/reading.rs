@@ -45,19 +45,52 @@ pub struct ReadingBody {
 /// serde's derived structs also take an array of their fields in order, so that
 /// `["sensor-1", null, {"t": 1}]` was stored as a reading, and their message for any
 /// other value named the Rust type (`expected struct ReadingBody`). Text that is not
-/// JSON at all keeps serde's message, which says where it stops being JSON.
+/// JSON at all keeps serde's message, which says where it stops being JSON, cut to
+/// [`DETAIL_MAX_CHARS`] ([`bounded_detail`]).
 pub fn from_json_object<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, String> {
     let first = json
         .iter()
         .find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'));
     if first == Some(&b'{') {
-        return serde_json::from_slice(json).map_err(|error| error.to_string());
+        return serde_json::from_slice(json).map_err(|error| bounded_detail(&error.to_string()));
     }
     // Read to the end only to tell which message fits: nothing is kept.
     match serde_json::from_slice::<serde::de::IgnoredAny>(json) {
         Ok(_) => Err(NOT_AN_OBJECT.to_owned()),
-        Err(error) => Err(error.to_string()),
+        Err(error) => Err(bounded_detail(&error.to_string())),
     }
+}
+
+/// The longest `detail` [`from_json_object`] gives, in characters.
+pub const DETAIL_MAX_CHARS: usize = 240;
+
+/// serde's `message`, with control characters as `?` and, past [`DETAIL_MAX_CHARS`],
+/// its middle left out: its start says what is wrong and its end where (`at line 1
+/// column 60012`). serde quotes what it refuses whole (an unknown field's name, a
+/// string where a map belongs), so a body of one 60 KB name had a detail of 60 KB
+/// until 2026-12-07, and a batch repeated that for each such item.
+fn bounded_detail(message: &str) -> String {
+    const TAIL: usize = 60;
+    let visible = |character: char| {
+        if character.is_control() {
+            '?'
+        } else {
+            character
+        }
+    };
+    let length = message.chars().count();
+    if length <= DETAIL_MAX_CHARS {
+        return message.chars().map(visible).collect();
+    }
+    let marker = " … ";
+    let head = DETAIL_MAX_CHARS - TAIL - marker.chars().count();
+    message
+        .chars()
+        .take(head)
+        .chain(marker.chars())
+        .chain(message.chars().skip(length - TAIL))
+        .map(visible)
+        .collect()
 }
 
 /// The `detail` for JSON that is not an object ([`from_json_object`]).
@@ -639,6 +672,33 @@ mod tests {
         )
         .expect("an object, after white space");
         assert_eq!(reading.device_id, "sensor-1");
+    }
+
+    #[test]
+    fn what_serde_quotes_of_the_input_is_cut_in_the_detail() {
+        let name = "A".repeat(60_000);
+        let long_name = format!(r#"{{"device_id":"d","metrics":{{"t":1}},"{name}":1}}"#);
+        let long_string = format!(r#"{{"device_id":"d","metrics":"{name}"}}"#);
+        let control = "{\"device_id\":\"d\",\"metrics\":{\"t\":1},\"a\\u0000b\":1}";
+        for (json, starts, ends) in [
+            (long_name.as_str(), "unknown field `AAA", "column 60037"),
+            (
+                long_string.as_str(),
+                "invalid type: string \"AAA",
+                "column 60029",
+            ),
+            (control, "unknown field `a?b`", "column 45"),
+        ] {
+            let detail = from_json_object::<ReadingBody>(json.as_bytes()).expect_err(starts);
+            assert!(detail.chars().count() <= DETAIL_MAX_CHARS, "{detail}");
+            assert!(detail.starts_with(starts), "{detail}");
+            assert!(detail.ends_with(ends), "{detail}");
+            assert!(!detail.contains('\0'), "{detail}");
+        }
+        let items =
+            format!(r#"{{"idempotency_key":"k","device_id":"d","metrics":{{"t":1}},"{name}":1}}"#);
+        let detail = from_json_object::<BatchItem>(items.as_bytes()).expect_err("unknown field");
+        assert!(detail.chars().count() <= DETAIL_MAX_CHARS, "{detail}");
     }
 
     #[test]

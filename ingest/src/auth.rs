@@ -288,11 +288,15 @@ impl GrantCache {
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header.
+/// The token of an `Authorization: Bearer <token>` header. Two `Authorization` headers
+/// are refused: which one the client meant cannot be known (until 2026-12-07 the
+/// second was ignored).
 fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(AuthError::Missing)?;
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(AuthError::Missing)?;
+    if values.next().is_some() {
+        return Err(AuthError::Invalid);
+    }
     let text = value.to_str().map_err(|_| AuthError::Invalid)?;
     let (scheme, token) = text.split_once(' ').ok_or(AuthError::Invalid)?;
     let token = token.trim();

@@ -12,8 +12,13 @@ use crate::auth::AuthError;
 pub enum ApiError {
     #[error("content type must be application/json")]
     UnsupportedMediaType,
-    #[error("content encoding {0} is not accepted")]
-    UnsupportedContentEncoding(String),
+    #[error("{header} {coding} is not accepted")]
+    UnsupportedCoding {
+        /// `Content-Encoding` or `Transfer-Encoding`.
+        header: &'static str,
+        /// The first coding refused, cut to 32 characters.
+        coding: String,
+    },
     #[error("idempotency key: {0}")]
     MissingIdempotencyKey(String),
     #[error("body larger than {0} bytes")]
@@ -74,10 +79,10 @@ impl ApiError {
                 ProblemKind::UnsupportedMediaType,
                 "send the reading as JSON with Content-Type: application/json",
             ),
-            Self::UnsupportedContentEncoding(coding) => Problem::new(
+            Self::UnsupportedCoding { header, coding } => Problem::new(
                 ProblemKind::UnsupportedMediaType,
                 format!(
-                    "Content-Encoding {coding} is not accepted; send the body uncompressed, without Content-Encoding"
+                    "{header} {coding} is not accepted; send the body uncompressed, without Content-Encoding and with no transfer coding but chunked"
                 ),
             ),
             Self::MissingIdempotencyKey(rule) => Problem::new(
@@ -132,7 +137,7 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Self::UnsupportedContentEncoding(_) = self {
+        if let Self::UnsupportedCoding { .. } = self {
             // RFC 9110 §12.5.3: a 415 for a content coding says which codings would do.
             response.headers_mut().insert(
                 header::ACCEPT_ENCODING,

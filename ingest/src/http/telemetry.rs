@@ -183,25 +183,39 @@ fn answer(outcome: Outcome) -> Response {
     }
 }
 
-/// `application/json`, with or without parameters such as `charset=utf-8`, and not
-/// compressed: ingest decodes no content coding, and one it read as JSON regardless
-/// would be a body the device did not mean (RFC 9110 §8.4: `identity` alone is none).
+/// One `Content-Type`, `application/json`, with or without parameters such as
+/// `charset=utf-8`, and not compressed: ingest decodes no content coding, and one it
+/// read as JSON regardless would be a body the device did not mean (RFC 9110 §8.4:
+/// `identity` alone is none). The same holds for a transfer coding: hyper takes off
+/// `chunked` and hands on what is under it (`Transfer-Encoding: gzip, chunked` was read
+/// as plain JSON until 2026-12-07).
 pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let essence = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .map(|essence| essence.trim().to_ascii_lowercase());
+    let mut types = headers.get_all(header::CONTENT_TYPE).iter();
+    // Two `Content-Type`s (RFC 9110 §8.3 allows one) name no one type to read it as.
+    let essence = match (types.next(), types.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .ok()
+            .and_then(|value| value.split(';').next())
+            .map(|essence| essence.trim().to_ascii_lowercase()),
+        _ => None,
+    };
     if essence.as_deref() != Some("application/json") {
         return Err(ApiError::UnsupportedMediaType);
     }
-    for value in headers.get_all(header::CONTENT_ENCODING) {
-        let text = String::from_utf8_lossy(value.as_bytes());
-        for coding in text.split(',').map(str::trim) {
-            if !coding.is_empty() && !coding.eq_ignore_ascii_case("identity") {
-                return Err(ApiError::UnsupportedContentEncoding(
-                    coding.chars().take(32).collect(),
-                ));
+    for (name, header, plain) in [
+        ("Content-Encoding", header::CONTENT_ENCODING, "identity"),
+        ("Transfer-Encoding", header::TRANSFER_ENCODING, "chunked"),
+    ] {
+        for value in headers.get_all(header) {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            for coding in text.split(',').map(str::trim) {
+                if !coding.is_empty() && !coding.eq_ignore_ascii_case(plain) {
+                    return Err(ApiError::UnsupportedCoding {
+                        header: name,
+                        coding: coding.chars().take(32).collect(),
+                    });
+                }
             }
         }
     }

@@ -40,6 +40,44 @@ async fn assert_unauthorized(response: reqwest::Response) {
     assert_problem(response, 401, "unauthorized").await;
 }
 
+/// Two `Authorization` headers are a `401`, whichever comes first: which one the client
+/// meant cannot be known. Until 2026-12-07 the second was ignored, so a request with a
+/// valid token first was let in whatever followed it.
+#[tokio::test]
+async fn two_authorization_headers_are_401() {
+    let env = with_auth(0);
+    let ingest = Ingest::spawn(&env.settings).await;
+    let (_pool, _, valid) = gateway_token(&env.settings).await;
+    let unknown = format!("Bearer tp_{}", "0".repeat(64));
+    for (index, (first, second)) in [(&valid, &unknown), (&unknown, &valid), (&valid, &valid)]
+        .into_iter()
+        .enumerate()
+    {
+        let response = ingest
+            .json_request(
+                "/v1/telemetry",
+                Some(&format!("k-{index}")),
+                reading("sensor-1", 1.0).to_string(),
+            )
+            .header("authorization", first)
+            .header("authorization", second)
+            .send()
+            .await
+            .expect("request sent");
+        assert_unauthorized(response).await;
+    }
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    assert_eq!(
+        post_as(&ingest, Some(&valid), "k-9", &reading("sensor-1", 1.0))
+            .await
+            .status()
+            .as_u16(),
+        202,
+        "the token alone is let in"
+    );
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
     let env = with_auth(0);

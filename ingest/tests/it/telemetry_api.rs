@@ -275,6 +275,64 @@ async fn a_body_declared_compressed_is_415_naming_the_coding_ingest_takes() {
     ingest.stop().await;
 }
 
+/// A transfer coding under `chunked` is a compression as much as a `Content-Encoding`:
+/// hyper takes off only the chunks, so `Transfer-Encoding: gzip, chunked` left a gzip
+/// body to be read as JSON (a plain one labelled so was stored until 2026-12-07). And
+/// two `Content-Type`s name no one type to read a body as: the first was taken.
+#[tokio::test]
+async fn a_transfer_coding_under_chunked_or_a_second_content_type_is_415() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let address = ingest.base_url.trim_start_matches("http://").to_owned();
+    let body = reading("sensor-1", 1.0).to_string();
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let sized = format!("Content-Length: {}\r\n\r\n{body}", body.len());
+    for (index, (headers, rest, named)) in [
+        (
+            "Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            &chunked,
+            "Transfer-Encoding gzip",
+        ),
+        (
+            "Content-Type: application/json\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &chunked,
+            "Transfer-Encoding gzip",
+        ),
+        (
+            "Content-Type: application/json\r\nContent-Type: text/plain\r\n",
+            &sized,
+            "Content-Type",
+        ),
+        (
+            "Content-Type: application/json\r\nContent-Type: application/json\r\n",
+            &sized,
+            "Content-Type",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut stream = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nConnection: close\r\nIdempotency-Key: k-{index}\r\n{headers}{rest}"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.expect("answered");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 415"), "case {index}: {answer}");
+        assert!(
+            answer.contains("application/problem+json") && answer.contains(named),
+            "case {index}: {answer}"
+        );
+    }
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn body_over_64_kib_is_413_and_nothing_is_written() {
     let env = TestEnv::new();
