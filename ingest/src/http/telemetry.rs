@@ -67,9 +67,12 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
 /// The answer to a reading that is not valid: the `422`, unless only its age is wrong
 /// and it is the retry of a reading stored under this device and key while it was young
 /// (its `202` lost on the way, say); that retry gets the stored answer as any replay
-/// does, after the same rate limit. Only a token that may post the device has what is
-/// stored looked up: any other gets the `422`, whatever is stored, so that its answer
-/// tells nothing of another device's readings.
+/// does. Only a token that may post the device has what is stored looked up: any other
+/// gets the `422`, whatever is stored, so that its answer tells nothing of another
+/// device's readings. The look-up is a read of the database, so it takes a share of
+/// the device's rate limit first, whatever it finds (a `503` gives it back): until
+/// 2026-12-07 only a replay found did, and a device sending old readings under new
+/// keys had every one looked up, without limit, on the pool the token checks share.
 async fn replay_of_aged(
     state: &AppState,
     grant: Option<&Grant>,
@@ -82,16 +85,18 @@ async fn replay_of_aged(
     if !may_post(grant, &reading.device_id) {
         return Err(ApiError::InvalidReading(invalid));
     }
+    let admitted = admit(state, grant, &reading.device_id)?;
     let replays = state
         .store
         .replays_of_aged(&[(&reading, idempotency_key)])
         .await
         .map_err(store_error)?;
-    let Some(replay) = replays.into_iter().flatten().next() else {
-        return Err(ApiError::InvalidReading(invalid));
-    };
-    admit(state, grant, &reading.device_id)?.spend();
-    Ok(replay)
+    admitted.spend();
+    replays
+        .into_iter()
+        .flatten()
+        .next()
+        .ok_or(ApiError::InvalidReading(invalid))
 }
 
 /// Whether this request may post a reading of `device_id` now: its token allows that

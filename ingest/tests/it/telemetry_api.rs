@@ -729,6 +729,30 @@ async fn attempts_answered_503_use_up_none_of_the_rate_limit() {
     ingest.stop().await;
 }
 
+/// A reading older than `ingest.max_age_secs` is looked up in PostgreSQL, in case it is
+/// the retry of one stored while young, so it takes its share of the device's rate
+/// limit before that, whatever the look-up finds: past the burst the next is a `429`
+/// without a look-up. Until 2026-12-07 only a replay found took a share, and every one
+/// of these was looked up and answered `422`, without limit.
+#[tokio::test]
+async fn readings_too_old_take_their_share_of_the_rate_limit_before_their_look_up() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.rate_limit_per_second = 1;
+    env.settings.ingest.rate_limit_burst = 3;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let old =
+        json!({"device_id": "chatty", "recorded_at": "2000-01-01T00:00:00Z", "metrics": {"t": 1}});
+    let mut statuses = Vec::new();
+    for attempt in 0..5 {
+        let answer = ingest.post(&format!("k-{attempt}"), &old).await;
+        statuses.push(answer.status().as_u16());
+    }
+    assert_eq!(statuses[..3], [422, 422, 422], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    ingest.stop().await;
+}
+
 /// `ingest.max_body_bytes_held`: bodies being received hold their bytes of the budget,
 /// so a client that sends most of a large batch body and stalls cannot make ingest hold
 /// a batch's worth for each of its connections. While the budget is held a reading is
