@@ -7,7 +7,7 @@
 //! - the outbox drains and consumer pending returns to 0 (see `drained`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer};
@@ -18,7 +18,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::fleet::Acked;
+use crate::fleet::{Acked, Fleet};
 
 /// What a check found; `lost` and `double_counted` are readings.
 #[derive(Debug, Default, Clone)]
@@ -33,10 +33,110 @@ impl Findings {
         self.lost == 0 && self.double_counted == 0 && self.problems.is_empty()
     }
 
-    fn problem(&mut self, text: String) {
+    pub fn problem(&mut self, text: String) {
         if self.problems.len() < 20 {
             self.problems.push(text);
         }
+    }
+
+    /// Adds what an earlier check of the same phase found: the readings are totals
+    /// over the run, so the larger of the two counts.
+    pub fn merge(&mut self, earlier: Findings) {
+        self.lost = self.lost.max(earlier.lost);
+        self.double_counted = self.double_counted.max(earlier.double_counted);
+        for problem in earlier.problems {
+            self.problem(problem);
+        }
+    }
+}
+
+/// What [`settle`] found.
+pub struct Settled {
+    pub findings: Findings,
+    /// From the fault's end to the start of the first check that passed.
+    pub recovered_in: Option<Duration>,
+    /// The stream's messages and events, when it could be read.
+    pub note: Option<String>,
+}
+
+/// The end of a phase, or of a step of the mixed one, once its fault is over (at
+/// `fault_over`): every device finishes the reading it holds, retrying until its `202`,
+/// and stops; the run waits at most `limit` for the pipeline to recover, then checks
+/// every invariant. A check that cannot be made (a server that does not answer, a read
+/// that stalls) is a problem of the phase, and the run goes on to the next.
+pub async fn settle(
+    checker: &Checker,
+    fleet: &Fleet,
+    fault_over: Instant,
+    limit: Duration,
+) -> Settled {
+    let mut findings = Findings::default();
+    if !fleet.pause(limit).await {
+        findings.problem(format!(
+            "the devices still had readings without a 202 after {} s",
+            limit.as_secs()
+        ));
+    }
+    let recovered_in = recover(checker, fleet, fault_over, limit).await;
+    let acked = fleet.observed().acked;
+    let checked = async {
+        let write = checker.write_side().await?;
+        checker.check_write_side(&acked, &write, &mut findings);
+        let (messages, events) = checker.check_stream(&write, &mut findings).await?;
+        checker.check_read_model(&write, &mut findings).await?;
+        anyhow::Ok(format!("stream {messages} messages for {events} events"))
+    }
+    .await;
+    let note = match checked {
+        Ok(note) => Some(note),
+        Err(error) => {
+            findings.problem(format!("the checks could not be made: {error:#}"));
+            None
+        }
+    };
+    if recovered_in.is_none() {
+        findings.problem("did not recover within the limit".to_owned());
+    }
+    Settled {
+        findings,
+        recovered_in,
+        note,
+    }
+}
+
+/// Waits until the outbox and the consumer drained, the read model equals PostgreSQL
+/// and the stream holds every event; the time from the fault's end to the start of the
+/// first check that passed (the devices are paused, so the state cannot change under
+/// the check), or `None` past the limit.
+async fn recover(
+    checker: &Checker,
+    fleet: &Fleet,
+    since: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    let acked = fleet.observed().acked;
+    loop {
+        let checking_from = since.elapsed();
+        if checker.drained().await.unwrap_or(false) {
+            let mut findings = Findings::default();
+            if let Ok(write) = checker.write_side().await {
+                checker.check_write_side(&acked, &write, &mut findings);
+                if checker
+                    .check_read_model(&write, &mut findings)
+                    .await
+                    .is_ok()
+                    && findings.is_clean()
+                    && checker.check_stream(&write, &mut findings).await.is_ok()
+                    && findings.is_clean()
+                {
+                    return Some(checking_from);
+                }
+            }
+        }
+        if since.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -183,8 +183,11 @@ impl Lab {
                     .await?
             }
         }
-        between()?;
-        self.lib_sh(server.ensure_function()).await
+        // Started again whatever `between` did: left down, the server would fail every
+        // later phase too.
+        let between = between();
+        self.lib_sh(server.ensure_function()).await?;
+        between
     }
 
     /// Stops a server for good (a long outage); `start_server` brings it back.
@@ -206,7 +209,9 @@ impl Lab {
         self.lib_sh(server.ensure_function()).await
     }
 
-    async fn kill_and_wait(&self, name: &str, signal_name: &str) -> anyhow::Result<()> {
+    /// Sends `signal_name` to the process of `run/<name>.pid` and waits, at most 20 s,
+    /// until it is gone.
+    pub async fn kill_and_wait(&self, name: &str, signal_name: &str) -> anyhow::Result<()> {
         let pid = self.signal(name, signal_name)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while alive(pid) {

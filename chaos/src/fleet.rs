@@ -75,12 +75,19 @@ impl Fleet {
         }
     }
 
-    /// Stops starting new readings and waits until every started one got its `202`.
-    pub async fn pause(&self) {
+    /// Stops starting new readings and waits, at most `limit`, until every started one
+    /// got its `202`; whether they all did. (A pipeline that never answers `202` again
+    /// would otherwise hold the run here for good, with no table.)
+    pub async fn pause(&self, limit: Duration) -> bool {
         self.producing.send_replace(false);
+        let started = std::time::Instant::now();
         while self.busy.load(Ordering::SeqCst) > 0 {
+            if started.elapsed() > limit {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        true
     }
 
     pub fn resume(&self) {
@@ -102,7 +109,7 @@ impl Fleet {
     }
 
     pub async fn stop(mut self) {
-        self.pause().await;
+        self.pause(Duration::from_secs(30)).await;
         self.devices.abort_all();
         while self.devices.join_next().await.is_some() {}
     }
