@@ -137,8 +137,13 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Self::UnsupportedCoding { .. } = self {
-            // RFC 9110 §12.5.3: a 415 for a content coding says which codings would do.
+        if let Self::UnsupportedCoding {
+            header: "Content-Encoding",
+            ..
+        } = self
+        {
+            // RFC 9110 §12.5.3: a 415 for a content coding says which codings would do
+            // (`Accept-Encoding` names content codings, so not for a transfer coding).
             response.headers_mut().insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),

@@ -212,15 +212,23 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
         ("Content-Encoding", header::CONTENT_ENCODING, "identity"),
         ("Transfer-Encoding", header::TRANSFER_ENCODING, "chunked"),
     ] {
+        let mut plain_seen = false;
         for value in headers.get_all(header) {
             let text = String::from_utf8_lossy(value.as_bytes());
             for coding in text.split(',').map(str::trim) {
-                if !coding.is_empty() && !coding.eq_ignore_ascii_case(plain) {
+                if coding.is_empty() {
+                    continue;
+                }
+                // `chunked` twice (RFC 9112 §7: never applied twice) would leave hyper's
+                // one pass of it the other's framing to hand on as the body.
+                let once_more = plain_seen && name == "Transfer-Encoding";
+                if !coding.eq_ignore_ascii_case(plain) || once_more {
                     return Err(ApiError::UnsupportedCoding {
                         header: name,
                         coding: coding.chars().take(32).collect(),
                     });
                 }
+                plain_seen = true;
             }
         }
     }

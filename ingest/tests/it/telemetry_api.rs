@@ -300,6 +300,11 @@ async fn a_transfer_coding_under_chunked_or_a_second_content_type_is_415() {
             "Transfer-Encoding gzip",
         ),
         (
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            &chunked,
+            "Transfer-Encoding chunked",
+        ),
+        (
             "Content-Type: application/json\r\nContent-Type: text/plain\r\n",
             &sized,
             "Content-Type",
@@ -327,6 +332,10 @@ async fn a_transfer_coding_under_chunked_or_a_second_content_type_is_415() {
         assert!(
             answer.contains("application/problem+json") && answer.contains(named),
             "case {index}: {answer}"
+        );
+        assert!(
+            !answer.to_ascii_lowercase().contains("accept-encoding"),
+            "Accept-Encoding names content codings only: case {index}: {answer}"
         );
     }
     assert_eq!(count(&env.postgres().await, "readings").await, 0);
