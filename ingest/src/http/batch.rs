@@ -224,60 +224,59 @@ struct Aged {
 }
 
 /// The results of the items that are invalid only for their age, by index: `duplicate`
-/// with the earlier `event_id` for the retry of a reading its device and key hold (after
-/// the same rate limit as any item), `rejected` for the others, as a single POST answers
-/// them: only the items of devices the token may post are looked up. One look-up for
-/// all of them, none when there are none. The duplicates' shares of the rate limit join
-/// `admitted`, to be spent once the batch has its answer.
+/// with the earlier `event_id` for the retry of a reading its device and key hold,
+/// `rejected` for the others, as a single POST answers them: only the items of devices
+/// the token may post are looked up, each after taking its share of its device's rate
+/// limit, whatever the look-up finds (one over the limit is `rate-limited` and not
+/// looked up; until 2026-12-07 only a duplicate found took a share). One look-up for
+/// all of them, none when there are none. The shares join `admitted`, to be spent once
+/// the batch has its answer.
 async fn answer_aged<'a>(
     state: &'a AppState,
     grant: Option<&Grant>,
     aged: Vec<(usize, Aged)>,
     admitted: &mut Vec<Admitted<'a>>,
 ) -> Result<Vec<(usize, ItemResult)>, ApiError> {
-    let (aged, foreign): (Vec<_>, Vec<_>) = aged
-        .into_iter()
-        .partition(|(_, item)| may_post(grant, &item.reading.device_id));
-    let retries: Vec<(&Reading, &str)> = aged
+    let rejected = |index: usize, item: Aged| ItemResult::Rejected {
+        index,
+        error: invalid_reading(item.invalid),
+    };
+    let mut results = Vec::with_capacity(aged.len());
+    let mut looked_up = Vec::with_capacity(aged.len());
+    for (index, item) in aged {
+        if !may_post(grant, &item.reading.device_id) {
+            results.push((index, rejected(index, item)));
+            continue;
+        }
+        match admit(state, grant, &item.reading.device_id) {
+            Ok(share) => looked_up.push((index, item, share)),
+            Err(error) => results.push((
+                index,
+                ItemResult::Rejected {
+                    index,
+                    error: error.into(),
+                },
+            )),
+        }
+    }
+    let retries: Vec<(&Reading, &str)> = looked_up
         .iter()
-        .map(|(_, item)| (&item.reading, item.idempotency_key.as_str()))
+        .map(|(_, item, _)| (&item.reading, item.idempotency_key.as_str()))
         .collect();
+    // Failed, the look-up drops the shares, which gives them back: a `503` costs nothing.
     let replays = state
         .store
         .replays_of_aged(&retries)
         .await
         .map_err(store_error)?;
-    let rejected = |index: usize, item: Aged| ItemResult::Rejected {
-        index,
-        error: invalid_reading(item.invalid),
-    };
-    let mut results: Vec<(usize, ItemResult)> = aged
-        .into_iter()
-        .zip(replays)
-        .map(|((index, item), replay)| {
-            let result = match replay {
-                Some(Outcome::Replayed { event_id, .. }) => {
-                    match admit(state, grant, &item.reading.device_id) {
-                        Ok(share) => {
-                            admitted.push(share);
-                            ItemResult::Duplicate { index, event_id }
-                        }
-                        Err(error) => ItemResult::Rejected {
-                            index,
-                            error: error.into(),
-                        },
-                    }
-                }
-                _ => rejected(index, item),
-            };
-            (index, result)
-        })
-        .collect();
-    results.extend(
-        foreign
-            .into_iter()
-            .map(|(index, item)| (index, rejected(index, item))),
-    );
+    for ((index, item, share), replay) in looked_up.into_iter().zip(replays) {
+        admitted.push(share);
+        let result = match replay {
+            Some(Outcome::Replayed { event_id, .. }) => ItemResult::Duplicate { index, event_id },
+            _ => rejected(index, item),
+        };
+        results.push((index, result));
+    }
     Ok(results)
 }
 

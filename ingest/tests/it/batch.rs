@@ -386,6 +386,42 @@ async fn batch_item_retried_after_its_recorded_at_aged_past_the_limit_is_a_dupli
     ingest.stop().await;
 }
 
+/// Items older than `ingest.max_age_secs` are looked up in PostgreSQL as a single POST's
+/// reading is, so each takes its share of its device's rate limit before the look-up,
+/// whatever it finds: past the burst an item is `rate-limited`, not looked up. Until
+/// 2026-12-07 only a duplicate found took a share, and a gateway could have any number
+/// of such batches looked up.
+#[tokio::test]
+async fn items_too_old_take_their_share_of_the_rate_limit_before_their_look_up() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.rate_limit_per_second = 1;
+    env.settings.ingest.rate_limit_burst = 3;
+    let ingest = Ingest::spawn(&env.settings).await;
+    let old = |index: usize| json!({"idempotency_key": format!("k-{index}"), "device_id": "gw-1", "recorded_at": "2000-01-01T00:00:00Z", "metrics": {"t": 1}});
+    let batch = json!({"readings": (0..5).map(old).collect::<Vec<_>>()});
+    let answer: Value = ingest.post_batch(&batch).await.json().await.expect("json");
+    let errors: Vec<&str> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|result| result["error"]["type"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "invalid-reading",
+            "invalid-reading",
+            "invalid-reading",
+            "rate-limited",
+            "rate-limited"
+        ],
+        "{answer}"
+    );
+    assert_counts(&answer, [0, 0, 0, 5]);
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    ingest.stop().await;
+}
+
 /// The batch answer's counts: accepted, duplicates, conflicts, rejected.
 fn assert_counts(answer: &Value, [accepted, duplicates, conflicts, rejected]: [u64; 4]) {
     assert_eq!(
