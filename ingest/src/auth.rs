@@ -2,7 +2,8 @@
 //!
 //! Three kinds: a *device* token may post readings of its one device, a *gateway* token
 //! readings of any device, a *read* token may use the query API. Tokens are 32 random
-//! bytes from the operating system's CSPRNG, written `tp_<64 hex digits>` and shown once
+//! bytes from `rand`'s thread-local CSPRNG (ChaCha12, seeded from the operating
+//! system), written `tp_<64 hex digits>` and shown once
 //! when issued; the database keeps their hash. Verified tokens (and unknown ones) are
 //! remembered for `auth.cache_ttl_secs`, so revoking a token takes effect within that
 //! time and a request costs no database round trip in the common case. Requests that
@@ -85,8 +86,10 @@ impl Kind {
 }
 
 const TOKEN_PREFIX: &str = "tp_";
-/// Bounds the cache; past it, expired entries are dropped, then everything.
+/// Bounds the cache of grants; past it, expired entries are dropped, then everything.
 const CACHE_MAX: usize = 100_000;
+/// Bounds the cache of unknown and revoked tokens alike, apart from the grants.
+const REFUSED_CACHE_MAX: usize = 10_000;
 
 /// One token's look-up under way, and its answer once it has one, shared by the
 /// requests that missed the cache meanwhile.
@@ -106,7 +109,7 @@ impl Tokens {
     pub fn new(look_ups: LookUps, ttl: Duration) -> Self {
         Self {
             look_ups,
-            cache: GrantCache::new(ttl, CACHE_MAX),
+            cache: GrantCache::new(ttl, CACHE_MAX, REFUSED_CACHE_MAX),
             flights: Mutex::default(),
         }
     }
@@ -165,7 +168,12 @@ impl Tokens {
                     .await
             })
             .await;
-        let row = row.map_err(|_| AuthError::Unavailable)?;
+        // The client gets a 503 that names no cause; the log keeps it (until 2026-12-07
+        // it was dropped).
+        let row = row.map_err(|error| {
+            tracing::warn!(error = format!("{error:#}"), "token look-up failed");
+            AuthError::Unavailable
+        })?;
         Ok(row.and_then(|row| {
             let kind: String = row.get(0);
             let device_id: Option<String> = row.get(1);
@@ -241,18 +249,58 @@ struct CacheEntry {
 /// Grants of recently verified tokens, each trusted for `ttl` after it was read from the
 /// database: that is the revocation bound. Read-mostly, so a hit takes only the read
 /// lock and copies no string (a device grant is an `Arc<str>`).
+///
+/// Tokens found unknown or revoked are remembered in a map of their own, with its own
+/// bound: anyone can send made-up tokens, and they fill and clear only that map, never
+/// the grants the devices' requests depend on. (Until 2026-12-07 one map held both,
+/// and 100,000 made-up tokens within the ttl cleared every grant, so every device's
+/// next request waited for a look-up behind theirs.)
 struct GrantCache {
     ttl: Duration,
+    granted: Bounded,
+    refused: Bounded,
+}
+
+/// One map of [`GrantCache`] and its bound.
+struct Bounded {
     max_entries: usize,
     entries: RwLock<HashMap<TokenHash, CacheEntry>>,
 }
 
-impl GrantCache {
-    fn new(ttl: Duration, max_entries: usize) -> Self {
+impl Bounded {
+    fn new(max_entries: usize) -> Self {
         Self {
-            ttl,
             max_entries,
             entries: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, hash: &TokenHash, now: Instant) -> Option<Option<Grant>> {
+        // A panic elsewhere cannot leave the map half-updated in a way that matters
+        // here: at worst an entry is missing and read from the database again.
+        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
+        let entry = entries.get(hash)?;
+        (now < entry.expires_at).then(|| entry.grant.clone())
+    }
+
+    fn insert(&self, hash: TokenHash, entry: CacheEntry, now: Instant) {
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.max_entries && !entries.contains_key(&hash) {
+            entries.retain(|_, entry| now < entry.expires_at);
+            if entries.len() >= self.max_entries {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, entry);
+    }
+}
+
+impl GrantCache {
+    fn new(ttl: Duration, max_granted: usize, max_refused: usize) -> Self {
+        Self {
+            ttl,
+            granted: Bounded::new(max_granted),
+            refused: Bounded::new(max_refused),
         }
     }
 
@@ -263,11 +311,9 @@ impl GrantCache {
 
     /// The cached grant of `hash` if it was read less than `ttl` before `now`.
     fn get(&self, hash: &TokenHash, now: Instant) -> Option<Option<Grant>> {
-        // A panic elsewhere cannot leave the map half-updated in a way that matters
-        // here: at worst an entry is missing and read from the database again.
-        let entries = self.entries.read().unwrap_or_else(PoisonError::into_inner);
-        let entry = entries.get(hash)?;
-        (now < entry.expires_at).then(|| entry.grant.clone())
+        self.granted
+            .get(hash, now)
+            .or_else(|| self.refused.get(hash, now))
     }
 
     /// Remembers `grant`, read from the database after `now`.
@@ -277,14 +323,12 @@ impl GrantCache {
         let Some(expires_at) = now.checked_add(self.ttl).filter(|_| self.caches()) else {
             return;
         };
-        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
-        if entries.len() >= self.max_entries && !entries.contains_key(&hash) {
-            entries.retain(|_, entry| now < entry.expires_at);
-            if entries.len() >= self.max_entries {
-                entries.clear();
-            }
-        }
-        entries.insert(hash, CacheEntry { grant, expires_at });
+        let map = if grant.is_some() {
+            &self.granted
+        } else {
+            &self.refused
+        };
+        map.insert(hash, CacheEntry { grant, expires_at }, now);
     }
 }
 
@@ -464,7 +508,7 @@ mod tests {
 
     #[test]
     fn a_cached_grant_is_served_until_the_ttl_and_read_again_from_then_on() {
-        let cache = GrantCache::new(Duration::from_secs(5), 10);
+        let cache = GrantCache::new(Duration::from_secs(5), 10, 10);
         let read_at = Instant::now();
         cache.insert(token_hash(1), Some(Grant::Device("a".into())), read_at);
         assert_eq!(
@@ -481,15 +525,31 @@ mod tests {
 
     #[test]
     fn unknown_and_revoked_tokens_are_remembered_as_such() {
-        let cache = GrantCache::new(Duration::from_secs(5), 10);
+        let cache = GrantCache::new(Duration::from_secs(5), 10, 10);
         let read_at = Instant::now();
         cache.insert(token_hash(1), None, read_at);
         assert_eq!(cache.get(&token_hash(1), read_at), Some(None));
     }
 
     #[test]
+    fn made_up_tokens_fill_and_clear_only_their_own_map() {
+        let cache = GrantCache::new(Duration::from_secs(5), 10, 3);
+        let read_at = Instant::now();
+        cache.insert(token_hash(1), Some(Grant::Gateway), read_at);
+        for seed in 2..=12 {
+            cache.insert(token_hash(seed), None, read_at);
+        }
+        assert_eq!(
+            cache.get(&token_hash(1), read_at),
+            Some(Some(Grant::Gateway)),
+            "the grant outlives any number of refused tokens"
+        );
+        assert_eq!(cache.get(&token_hash(12), read_at), Some(None));
+    }
+
+    #[test]
     fn a_zero_ttl_caches_nothing() {
-        let cache = GrantCache::new(Duration::ZERO, 10);
+        let cache = GrantCache::new(Duration::ZERO, 10, 10);
         let read_at = Instant::now();
         cache.insert(token_hash(1), Some(Grant::Gateway), read_at);
         assert_eq!(cache.get(&token_hash(1), read_at), None);
@@ -497,7 +557,7 @@ mod tests {
 
     #[test]
     fn a_full_cache_drops_expired_entries_first_then_everything() {
-        let cache = GrantCache::new(Duration::from_secs(5), 2);
+        let cache = GrantCache::new(Duration::from_secs(5), 2, 2);
         let start = Instant::now();
         cache.insert(token_hash(1), Some(Grant::Gateway), start);
         cache.insert(

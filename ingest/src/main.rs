@@ -62,17 +62,33 @@ async fn tokens(settings: &Settings, args: &[&str]) -> anyhow::Result<()> {
             let mut kind = None;
             let mut device_id = None;
             let mut label = "";
-            let mut options = options.iter();
+            let mut options = options.iter().copied();
+            // One kind, and an option's value present and not the next option: until
+            // 2026-12-07 `--device --gateway` issued a device token for a device named
+            // `--gateway`, and `--device a --read` failed in the database.
             while let Some(option) = options.next() {
-                match *option {
+                let mut value = || options.next().filter(|value| !value.starts_with("--"));
+                let named = match option {
                     "--device" => {
-                        kind = Some(Kind::Device);
-                        device_id = options.next().copied();
+                        device_id = value();
+                        if device_id.is_none() {
+                            return usage();
+                        }
+                        Kind::Device
                     }
-                    "--gateway" => kind = Some(Kind::Gateway),
-                    "--read" => kind = Some(Kind::Read),
-                    "--label" => label = options.next().copied().unwrap_or_default(),
+                    "--gateway" => Kind::Gateway,
+                    "--read" => Kind::Read,
+                    "--label" => {
+                        let Some(text) = value() else {
+                            return usage();
+                        };
+                        label = text;
+                        continue;
+                    }
                     _ => return usage(),
+                };
+                if kind.replace(named).is_some() {
+                    return usage();
                 }
             }
             let Some(kind) = kind else {

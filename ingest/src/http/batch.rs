@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::telemetry::{
-    admit, may_post, read_body, require_json, settle, store_error, within_deadline,
+    admit, may_post, may_post_some, read_body, require_json, settle, store_error, within_deadline,
 };
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
@@ -88,11 +88,7 @@ pub async fn post_batch(
     within_deadline(&state, async {
         let grant = state.authenticate(&headers).await?;
         require_json(&headers)?;
-        // A token that may post no device gets the single POST's 403 for the whole
-        // batch, not a 200 with every item forbidden.
-        if grant.as_ref().is_some_and(|grant| !grant.may_ingest_any()) {
-            return Err(ApiError::Forbidden);
-        }
+        may_post_some(grant.as_ref())?;
         handle(&state, grant.as_ref(), &headers, body).await
     })
     .await

@@ -37,6 +37,7 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
     let outcome = within_deadline(state, async {
         let grant = state.authenticate(headers).await?;
         require_json(headers)?;
+        may_post_some(grant.as_ref())?;
         let idempotency_key = idempotency_key(headers)?;
         let (bytes, held) =
             read_body(body, headers, state.max_body_bytes, &state.body_budget).await?;
@@ -124,6 +125,18 @@ pub(super) fn settle(share: Admitted<'_>, outcome: &Outcome) {
     if !matches!(outcome, Outcome::KeyInFlux) {
         share.spend();
     }
+}
+
+/// A token that may post no device (a read token) gets its `403` before its body is
+/// read, on both endpoints: the batch's answer is not a `200` with every item
+/// forbidden, and until 2026-12-07 a single POST read and checked the body first (a
+/// malformed one was a `400` or `422`, and a stalled one held its share of the body
+/// budget).
+pub(super) fn may_post_some(grant: Option<&Grant>) -> Result<(), ApiError> {
+    if grant.is_some_and(|grant| !grant.may_ingest_any()) {
+        return Err(ApiError::Forbidden);
+    }
+    Ok(())
 }
 
 /// Whether the request's token (if authentication is on) allows posting readings of

@@ -147,6 +147,26 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
         "forbidden",
     )
     .await;
+    // Refused before its body is read: whatever the body, and without the key.
+    for (index, body) in [
+        "not json",
+        r#"{"device_id":"sensor-1","recorded_at":"2000-01-01T00:00:00Z","metrics":{"t":1}}"#,
+        r#"{"device_id":"no such id!","metrics":{}}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = format!("k-read-{index}");
+        for key in [Some(key.as_str()), None] {
+            let response = ingest
+                .json_request("/v1/telemetry", key, body.to_owned())
+                .header("authorization", &read)
+                .send()
+                .await
+                .expect("sent");
+            assert_problem(response, 403, "forbidden").await;
+        }
+    }
 
     // A batch with a device token: the other device's item alone is rejected.
     let batch = json!({"readings": [
@@ -693,6 +713,10 @@ async fn the_tokens_command_issues_lists_and_revokes_what_ingest_honours() {
     for malformed in [
         &["tokens", "issue", "--device", "bad id"][..],
         &["tokens", "issue", "--device"],
+        &["tokens", "issue", "--device", "--gateway"],
+        &["tokens", "issue", "--device", "sensor-1", "--read"],
+        &["tokens", "issue", "--gateway", "--read"],
+        &["tokens", "issue", "--gateway", "--label"],
         &["tokens", "issue"],
         &["tokens", "revoke", "not-a-uuid"],
     ] {
