@@ -123,8 +123,9 @@ pub async fn serve(
     };
     let limiter = state.limiter.clone();
     let pruner = tokio::spawn(async move {
+        let every = limiter.forget_every();
         loop {
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            tokio::time::sleep(every).await;
             limiter.forget_idle();
         }
     });

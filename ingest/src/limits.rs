@@ -68,6 +68,19 @@ impl DeviceLimiter {
         })
     }
 
+    /// How often [`Self::forget_idle`] should run: the longest a device's entry can
+    /// outlive its last reading (the burst's tolerance and one interval: 2 s at the
+    /// defaults), between 1 s and 60 s. Memory then holds about that long of distinct
+    /// devices; until 2026-12-07 the prune ran every 60 s whatever the limit, so a
+    /// client posting under fresh device ids (a batch of 1,000 too old to store, say)
+    /// grew the map by a minute of them.
+    pub fn forget_every(&self) -> Duration {
+        let lifetime = self.rule.map_or(Duration::from_secs(60), |rule| {
+            Duration::from_nanos(rule.tolerance_ns.saturating_add(rule.interval_ns))
+        });
+        lifetime.clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
     /// Forgets devices whose allowance has refilled, so memory follows active devices.
     pub fn forget_idle(&self) {
         self.forget_idle_at(self.now_ns());
@@ -243,6 +256,7 @@ mod tests {
     use super::*;
 
     const SECOND: u64 = 1_000_000_000;
+    const SECOND_DURATION: Duration = Duration::from_secs(1);
 
     #[test]
     fn a_share_of_the_body_budget_grows_while_it_lasts_and_goes_back_when_dropped() {
@@ -353,6 +367,37 @@ mod tests {
         limiter.forget_idle_at(SECOND);
         let kept: Vec<String> = limiter.arrivals().keys().map(|id| id.to_string()).collect();
         assert_eq!(kept, ["b"], "a's allowance is whole again at 1 s");
+    }
+
+    #[test]
+    fn idle_devices_are_forgotten_about_as_often_as_an_entry_outlives_its_reading() {
+        // The defaults: 50/s with bursts of 100, an entry whole again 2 s after.
+        assert_eq!(
+            DeviceLimiter::new(50, 100).forget_every(),
+            2 * SECOND_DURATION
+        );
+        let limiter = DeviceLimiter::new(50, 100);
+        let rule = rule_of(&limiter);
+        for _ in 0..100 {
+            limiter.take(rule, "a", 0).expect("within the burst");
+        }
+        let every = u64::try_from(limiter.forget_every().as_nanos()).expect("fits");
+        limiter.forget_idle_at(every);
+        assert!(
+            limiter.arrivals().is_empty(),
+            "a whole burst at once is forgotten by the first prune after it"
+        );
+        // Bounded both ways: a fast limit is not pruned every few milliseconds, a slow
+        // one (1 a minute, bursts of 10) not kept for ten minutes between prunes.
+        assert_eq!(DeviceLimiter::new(1000, 1).forget_every(), SECOND_DURATION);
+        assert_eq!(
+            DeviceLimiter::new(1, 600).forget_every(),
+            60 * SECOND_DURATION
+        );
+        assert_eq!(
+            DeviceLimiter::new(0, 0).forget_every(),
+            60 * SECOND_DURATION
+        );
     }
 
     #[test]
