@@ -248,7 +248,12 @@ impl<T: Clone + Weight> AnswerCache<T> {
     pub fn insert(&self, key: AnswerKey, validity: Validity, until: i64, answer: T) {
         let bytes = answer.weight()
             + key.0.len()
-            + key.1.iter().flatten().map(String::len).sum::<usize>()
+            + key
+                .1
+                .iter()
+                .flatten()
+                .map(|name| std::mem::size_of::<String>() + name.len())
+                .sum::<usize>()
             + validity.header.len()
             + KEPT_OVERHEAD_BYTES;
         if bytes > ANSWERS_BYTES_AFTER_DROP {

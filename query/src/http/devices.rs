@@ -170,10 +170,12 @@ pub async fn stats(
         .device_now(&device_id, wanted.as_deref(), now_ms)
         .await?
         .ok_or(ApiError::DeviceNotFound)?;
-    let document = Bytes::from(
-        serde_json::to_vec(&StatsResponse::new(device_id.clone(), &view))
-            .map_err(|error| ApiError::Internal(format!("rendering stats: {error}")))?,
-    );
+    let mut rendered = serde_json::to_vec(&StatsResponse::new(device_id.clone(), &view))
+        .map_err(|error| ApiError::Internal(format!("rendering stats: {error}")))?;
+    // Kept at its length, which is what the answers' bound weighs: the buffer grows by
+    // doubling, and a 2.1 KiB document sat in 4 KiB.
+    rendered.shrink_to_fit();
+    let document = Bytes::from(rendered);
     state.documents.insert(
         (device_id, wanted),
         validity,
@@ -458,9 +460,15 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest(vec![FieldError::new(field, message)])
 }
 
-/// Parses `?metrics=a,b`: at least one name, each following the metric-name rule.
-/// The metrics `?metrics=` selects, sorted and each once: one selection, however it is
-/// written, is one kept answer (every spelling was kept on its own).
+/// Most metrics one `?metrics=` may name, twice a reading's most.
+pub const SELECTED_METRICS_MAX: usize = 2 * contract::reading::METRICS_MAX;
+
+/// Parses `?metrics=a,b`: at least one name and at most [`SELECTED_METRICS_MAX`], each
+/// following the metric-name rule. The metrics `?metrics=` selects, sorted and each
+/// once: one selection, however it is written, is one kept answer (every spelling was
+/// kept on its own). Until 2026-12-07 a selection had no bound: a 16 KiB query of
+/// ~4,300 short names was a kept answer's key of ~230 KB weighed as 12 KB, and ~2,700
+/// of them held ~0.6 GB under the answers' 32 MiB bound.
 fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
     let Some(list) = metrics else {
         return Ok(None);
@@ -481,6 +489,13 @@ fn metric_filter(metrics: Option<&str>) -> Result<Option<Vec<String>>, ApiError>
     }
     wanted.sort_unstable();
     wanted.dedup();
+    if wanted.len() > SELECTED_METRICS_MAX {
+        return Err(invalid(
+            "metrics",
+            format!("may name at most {SELECTED_METRICS_MAX} metrics"),
+        ));
+    }
+    wanted.shrink_to_fit();
     Ok(Some(wanted))
 }
 
@@ -498,6 +513,17 @@ mod tests {
         assert_eq!(metric_filter(None).ok(), Some(None));
         assert!(metric_filter(Some("")).is_err(), "no name at all");
         assert!(metric_filter(Some(" , ,")).is_err(), "separators alone");
+        let names = |count: usize| {
+            (0..count)
+                .map(|index| format!("m{index}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let most = metric_filter(Some(&names(SELECTED_METRICS_MAX))).expect("the most");
+        assert_eq!(most.map(|wanted| wanted.len()), Some(SELECTED_METRICS_MAX));
+        assert!(metric_filter(Some(&names(SELECTED_METRICS_MAX + 1))).is_err());
+        let repeated = format!("{},m0", names(SELECTED_METRICS_MAX));
+        assert!(metric_filter(Some(&repeated)).is_ok(), "counted once named");
     }
 
     #[test]

@@ -34,7 +34,9 @@ async fn unknown_devices_malformed_requests_and_unknown_routes_are_problems() {
     .await;
 
     let too_long = "d".repeat(65);
+    let too_many: Vec<String> = (0..65).map(|index| format!("m{index}")).collect();
     for path in [
+        format!("/v1/devices/sensor-1/stats?metrics={}", too_many.join(",")),
         "/v1/devices/bad%20id/stats".to_owned(),
         format!("/v1/devices/{too_long}/stats"),
         "/v1/devices/a.b/stats".to_owned(),
