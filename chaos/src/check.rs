@@ -33,7 +33,7 @@ impl Findings {
         self.lost == 0 && self.double_counted == 0 && self.problems.is_empty()
     }
 
-    pub fn problem(&mut self, text: String) {
+    fn problem(&mut self, text: String) {
         if self.problems.len() < 20 {
             self.problems.push(text);
         }
@@ -52,6 +52,7 @@ impl Findings {
 
 /// What [`settle`] found.
 pub struct Settled {
+    /// What the checks found, and what kept them from being made.
     pub findings: Findings,
     /// From the fault's end to the start of the first check that passed.
     pub recovered_in: Option<Duration>,

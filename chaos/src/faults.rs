@@ -184,7 +184,9 @@ impl Fault {
     }
 }
 
-/// What an injection did.
+/// What an injection did, as far as it got: the caller owns it, so what a phase found
+/// before an error stays.
+#[derive(Default)]
 pub struct Outcome {
     pub injections: u32,
     pub notes: Vec<String>,
@@ -206,20 +208,18 @@ pub struct Run<'a> {
     pub nats_proxy: &'a FaultProxy,
     pub redis_proxy: &'a FaultProxy,
     pub quick: bool,
+    /// The invariants, checked between the mixed phase's faults too.
     pub checker: &'a Checker,
     /// Longest wait for the pipeline to recover after a phase.
     pub recover_limit: Duration,
 }
 
 impl Run<'_> {
-    pub async fn inject(&self, fault: Fault) -> anyhow::Result<Outcome> {
+    /// Injects `fault` (its repeats, or the mixed phase's draws), recording into
+    /// `outcome` as it goes.
+    pub async fn inject(&self, fault: Fault, outcome: &mut Outcome) -> anyhow::Result<()> {
         let pids_before: Vec<Option<u32>> =
             PROCESSES.iter().map(|name| self.lab.pid(name)).collect();
-        let mut outcome = Outcome {
-            injections: 0,
-            notes: Vec::new(),
-            checked: Findings::default(),
-        };
         let mut killed = Vec::new();
         if fault == Fault::Mixed {
             let rounds = if self.quick { 3 } else { 8 };
@@ -245,6 +245,7 @@ impl Run<'_> {
                         }
                     ));
                     self.fleet.resume();
+                    tokio::time::sleep(Duration::from_secs(2)).await;
                 }
                 drawn.push(pick.key());
                 killed.extend(pick.killed());
@@ -276,14 +277,14 @@ impl Run<'_> {
                 bail!("{name} died during the fault (pid {before:?}, now {now:?}): it must back off, not crash");
             }
         }
-        Ok(outcome)
+        Ok(())
     }
 
     async fn inject_once(&self, fault: Fault, notes: &mut Vec<String>) -> anyhow::Result<u32> {
         let ack_wait = Duration::from_secs(self.settings.projector.ack_wait_secs);
         match fault {
             Fault::KillRelay | Fault::KillProjector | Fault::KillIngest => {
-                let name = fault.killed().unwrap_or("relay");
+                let name = fault.killed().context("a kill fault names its process")?;
                 // Gone before `scripts/up` looks, or it would find it still running.
                 self.lab.kill_and_wait(name, "KILL").await?;
                 let took = self.lab.up().await?;
@@ -600,18 +601,18 @@ impl Run<'_> {
                 refused.get_or_insert(format!("{name} used {used:.0}% CPU while {server:?} was down: it spins instead of backing off"));
             }
         }
-        // Back before any verdict: left down, the server would fail every later phase
-        // too, and the devices would retry their readings for good.
-        self.lab.start_server(server).await?;
-        if let Some(refused) = refused {
-            bail!(refused);
-        }
         notes.push(format!(
             "{} s without {server:?}: {acked_during} readings accepted meanwhile ({:.0}/s); {}",
             outage.as_secs(),
             acked_during as f64 / seconds,
             cpu.join("; ")
         ));
+        // Back before any verdict: left down, the server would fail every later phase
+        // too, and the devices would retry their readings for good.
+        self.lab.start_server(server).await?;
+        if let Some(refused) = refused {
+            bail!(refused);
+        }
         if server == Server::Nats && acked_during == 0 {
             bail!("ingest accepted nothing while NATS was down");
         }

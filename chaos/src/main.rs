@@ -30,7 +30,7 @@ use contract::settings::Settings;
 
 use crate::check::{settle, Checker, Findings};
 use crate::control::Lab;
-use crate::faults::{Fault, Run, SECOND_RELAY_APPLICATION};
+use crate::faults::{Fault, Outcome, Run, SECOND_RELAY_APPLICATION};
 use crate::fleet::{Fleet, ALLOWED_STATUSES};
 use crate::proxy::FaultProxy;
 
@@ -207,23 +207,26 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("==> {}: {}", fault.name(), fault.describe());
         fleet.resume();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let injected = run.inject(fault).await;
+        let mut outcome = Outcome::default();
+        let injected = run.inject(fault, &mut outcome).await;
         // The fault is over (the process restarted, the server is back, the link
         // healed): the recovery measured from here covers the devices' retries too.
         let fault_over = Instant::now();
         let settled = settle(&checker, &fleet, fault_over, run.recover_limit).await;
-        let (injections, mut notes, checked_before) = match injected {
-            Ok(outcome) => (outcome.injections, outcome.notes, outcome.checked),
-            Err(error) => (
-                0,
-                vec![format!("injection failed: {error:#}")],
-                Findings::default(),
-            ),
-        };
+        let Outcome {
+            injections,
+            mut notes,
+            checked,
+        } = outcome;
         let observed = fleet.observed();
         let recovered_in = settled.recovered_in;
         let mut findings = settled.findings;
-        findings.merge(checked_before);
+        findings.merge(checked);
+        if let Err(error) = injected {
+            findings
+                .problems
+                .push(format!("injection failed: {error:#}"));
+        }
         notes.extend(settled.note);
         // Lost and double-counted are totals over the run; a row shows what its phase added.
         let row_findings = Findings {
