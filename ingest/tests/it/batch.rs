@@ -7,7 +7,9 @@ use serde_json::{json, Value};
 use testkit::{eventually, TestEnv};
 
 use crate::relay::{spawn_projector, spawn_relay};
-use crate::support::{assert_problem, count, hold_key_copied, reading, Ingest};
+use crate::support::{
+    assert_problem, count, hold_key_copied, rate_limited_ingest, reading, Ingest,
+};
 use crate::telemetry_api::{two_seconds_ago, wait_until_aged, SHORT_MAX_AGE_SECS};
 
 fn item(key: &str, device: &str, temperature: f64) -> Value {
@@ -393,10 +395,7 @@ async fn batch_item_retried_after_its_recorded_at_aged_past_the_limit_is_a_dupli
 /// of such batches looked up.
 #[tokio::test]
 async fn items_too_old_take_their_share_of_the_rate_limit_before_their_look_up() {
-    let mut env = TestEnv::new();
-    env.settings.ingest.rate_limit_per_second = 1;
-    env.settings.ingest.rate_limit_burst = 3;
-    let ingest = Ingest::spawn(&env.settings).await;
+    let (env, ingest) = rate_limited_ingest().await;
     let old = |index: usize| json!({"idempotency_key": format!("k-{index}"), "device_id": "gw-1", "recorded_at": "2000-01-01T00:00:00Z", "metrics": {"t": 1}});
     let batch = json!({"readings": (0..5).map(old).collect::<Vec<_>>()});
     let answer: Value = ingest.post_batch(&batch).await.json().await.expect("json");

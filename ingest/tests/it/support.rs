@@ -210,6 +210,16 @@ pub async fn migrate(env: &testkit::TestEnv) {
         .expect("migrations apply");
 }
 
+/// An ingest that lets each device post 1 reading a second, in bursts of 3: what the
+/// rate-limit tests push past.
+pub async fn rate_limited_ingest() -> (testkit::TestEnv, Ingest) {
+    let mut env = testkit::TestEnv::new();
+    env.settings.ingest.rate_limit_per_second = 1;
+    env.settings.ingest.rate_limit_burst = 3;
+    let ingest = Ingest::spawn(&env.settings).await;
+    (env, ingest)
+}
+
 /// A gateway token issued in the test database: a pool on that database, the token's id
 /// and the `Authorization` value that carries it.
 pub async fn gateway_token(settings: &Settings) -> (deadpool_postgres::Pool, uuid::Uuid, String) {

@@ -7,8 +7,8 @@ use testkit::{eventually, Running, TestEnv};
 use uuid::Uuid;
 
 use crate::support::{
-    assert_problem, assert_replayed, close_database, count, loopback_listener, reading,
-    reopen_database, Ingest,
+    assert_problem, assert_replayed, close_database, count, loopback_listener, rate_limited_ingest,
+    reading, reopen_database, Ingest,
 };
 
 #[tokio::test]
@@ -651,10 +651,7 @@ async fn a_method_a_route_does_not_take_is_a_405_problem_naming_the_ones_it_does
 
 #[tokio::test]
 async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
-    let mut env = TestEnv::new();
-    env.settings.ingest.rate_limit_per_second = 1;
-    env.settings.ingest.rate_limit_burst = 3;
-    let ingest = Ingest::spawn(&env.settings).await;
+    let (env, ingest) = rate_limited_ingest().await;
     for index in 0..3 {
         // Within the burst.
         ingest
@@ -700,10 +697,7 @@ async fn a_device_over_its_rate_limit_gets_429_and_others_are_unaffected() {
 /// had its items refused as `rate-limited`.
 #[tokio::test]
 async fn attempts_answered_503_use_up_none_of_the_rate_limit() {
-    let mut env = TestEnv::new();
-    env.settings.ingest.rate_limit_per_second = 1;
-    env.settings.ingest.rate_limit_burst = 3;
-    let ingest = Ingest::spawn(&env.settings).await;
+    let (env, ingest) = rate_limited_ingest().await;
     let batch = json!({"readings": [
         {"idempotency_key": "b-1", "device_id": "chatty", "metrics": {"t": 1}},
         {"idempotency_key": "b-2", "device_id": "chatty", "metrics": {"t": 2}},
@@ -745,10 +739,7 @@ async fn attempts_answered_503_use_up_none_of_the_rate_limit() {
 /// of these was looked up and answered `422`, without limit.
 #[tokio::test]
 async fn readings_too_old_take_their_share_of_the_rate_limit_before_their_look_up() {
-    let mut env = TestEnv::new();
-    env.settings.ingest.rate_limit_per_second = 1;
-    env.settings.ingest.rate_limit_burst = 3;
-    let ingest = Ingest::spawn(&env.settings).await;
+    let (env, ingest) = rate_limited_ingest().await;
     let old =
         json!({"device_id": "chatty", "recorded_at": "2000-01-01T00:00:00Z", "metrics": {"t": 1}});
     let mut statuses = Vec::new();
