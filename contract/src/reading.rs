@@ -46,7 +46,7 @@ pub struct ReadingBody {
 /// `["sensor-1", null, {"t": 1}]` was stored as a reading, and their message for any
 /// other value named the Rust type (`expected struct ReadingBody`). Text that is not
 /// JSON at all keeps serde's message, which says where it stops being JSON, cut to
-/// [`DETAIL_MAX_CHARS`] ([`bounded_detail`]).
+/// [`DETAIL_MAX_CHARS`], its middle left out.
 pub fn from_json_object<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, String> {
     let first = json
         .iter()
