@@ -92,8 +92,30 @@ const CACHE_MAX: usize = 100_000;
 const REFUSED_CACHE_MAX: usize = 10_000;
 
 /// One token's look-up under way, and its answer once it has one, shared by the
-/// requests that missed the cache meanwhile.
-type Flight = tokio::sync::OnceCell<Result<Option<Grant>, AuthError>>;
+/// requests that missed the cache meanwhile (it derefs to the answer's cell).
+#[derive(Debug)]
+struct Flight {
+    answer: tokio::sync::OnceCell<Result<Option<Grant>, AuthError>>,
+    /// When its first request came: its answer may be read as of then.
+    begun: Instant,
+}
+
+impl Flight {
+    fn new(begun: Instant) -> Self {
+        Self {
+            answer: tokio::sync::OnceCell::new(),
+            begun,
+        }
+    }
+}
+
+impl std::ops::Deref for Flight {
+    type Target = tokio::sync::OnceCell<Result<Option<Grant>, AuthError>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.answer
+    }
+}
 
 /// The look-ups under way, one per token.
 type Flights = Mutex<HashMap<TokenHash, Arc<Flight>>>;
@@ -131,7 +153,7 @@ impl Tokens {
             // a look-up that may have begun before a revocation it follows.
             return self.look_up(&hash.0).await?.ok_or(AuthError::Invalid);
         }
-        let joined = Joined::new(&self.flights, hash);
+        let joined = Joined::new(&self.flights, hash, Instant::now(), self.cache.ttl);
         let looked_up = joined
             .flight
             .get_or_init(|| async {
@@ -198,8 +220,28 @@ struct Joined<'a> {
 }
 
 impl<'a> Joined<'a> {
-    fn new(flights: &'a Flights, hash: TokenHash) -> Self {
-        let flight = lock(flights).entry(hash).or_default().clone();
+    /// Joins the token's flight at `now`, or begins one: a flight is joined only within
+    /// `ttl` of its first request, since its answer may be read as of then. A look-up
+    /// stalled past the ttl (a slow database) would otherwise hand a grant read before
+    /// a revocation to requests that came more than the ttl after it (until 2026-12-07
+    /// it did: the README's bound on a revocation did not hold for them).
+    fn new(flights: &'a Flights, hash: TokenHash, now: Instant, ttl: Duration) -> Self {
+        let mut under_way = lock(flights);
+        let joinable = |flight: &Arc<Flight>| {
+            flight
+                .begun
+                .checked_add(ttl)
+                .is_some_and(|until| now < until)
+        };
+        let flight = match under_way.get(&hash) {
+            Some(flight) if joinable(flight) => flight.clone(),
+            _ => {
+                let flight = Arc::new(Flight::new(now));
+                under_way.insert(hash, flight.clone());
+                flight
+            }
+        };
+        drop(under_way);
         Self {
             flights,
             hash,
@@ -476,11 +518,13 @@ mod tests {
     fn a_flight_is_retired_once_answered_or_once_nobody_waits_on_it() {
         let flights = Flights::default();
         let in_flight = |flights: &Flights| lock(flights).len();
+        let start = Instant::now();
+        let join = |seed| Joined::new(&flights, token_hash(seed), start, Duration::from_secs(5));
 
         // Two requests share one flight; the first to leave, unanswered, keeps it for
         // the other (who then looks up itself), which retires it on leaving.
-        let first = Joined::new(&flights, token_hash(1));
-        let second = Joined::new(&flights, token_hash(1));
+        let first = join(1);
+        let second = join(1);
         assert!(Arc::ptr_eq(&first.flight, &second.flight));
         drop(first);
         assert_eq!(in_flight(&flights), 1);
@@ -488,15 +532,15 @@ mod tests {
         assert_eq!(in_flight(&flights), 0);
 
         // Answered, it is retired by the first to leave: the next miss looks up again.
-        let first = Joined::new(&flights, token_hash(2));
-        let second = Joined::new(&flights, token_hash(2));
+        let first = join(2);
+        let second = join(2);
         first
             .flight
             .set(Ok(Some(Grant::Gateway)))
             .expect("not answered before");
         drop(first);
         assert_eq!(in_flight(&flights), 0);
-        let next = Joined::new(&flights, token_hash(2));
+        let next = join(2);
         assert!(!Arc::ptr_eq(&next.flight, &second.flight));
         assert!(!next.flight.initialized());
         // The answered one, left last, does not retire the new one.
@@ -504,6 +548,33 @@ mod tests {
         assert_eq!(in_flight(&flights), 1);
         drop(next);
         assert_eq!(in_flight(&flights), 0);
+    }
+
+    #[test]
+    fn a_flight_is_joined_only_within_the_ttl_of_its_first_request() {
+        let flights = Flights::default();
+        let ttl = Duration::from_secs(5);
+        let start = Instant::now();
+        let join = |after: Duration| Joined::new(&flights, token_hash(1), start + after, ttl);
+        let first = join(Duration::ZERO);
+        let within = join(ttl - Duration::from_millis(1));
+        assert!(Arc::ptr_eq(&first.flight, &within.flight));
+        // Still unanswered at the ttl (its look-up stalled): a request from then on
+        // begins its own, whose answer is read after it came.
+        let late = join(ttl);
+        assert!(!Arc::ptr_eq(&first.flight, &late.flight));
+        let later = join(ttl + Duration::from_millis(1));
+        assert!(
+            Arc::ptr_eq(&late.flight, &later.flight),
+            "the new one is joined"
+        );
+        // The stalled flight's requests leave without retiring the new one.
+        drop(first);
+        drop(within);
+        assert_eq!(lock(&flights).len(), 1);
+        drop(late);
+        drop(later);
+        assert_eq!(lock(&flights).len(), 0);
     }
 
     #[test]
