@@ -92,7 +92,7 @@ const CACHE_MAX: usize = 100_000;
 const REFUSED_CACHE_MAX: usize = 10_000;
 
 /// One token's look-up under way, and its answer once it has one, shared by the
-/// requests that missed the cache meanwhile (it derefs to the answer's cell).
+/// requests that missed the cache meanwhile.
 #[derive(Debug)]
 struct Flight {
     answer: tokio::sync::OnceCell<Result<Option<Grant>, AuthError>>,
@@ -106,14 +106,6 @@ impl Flight {
             answer: tokio::sync::OnceCell::new(),
             begun,
         }
-    }
-}
-
-impl std::ops::Deref for Flight {
-    type Target = tokio::sync::OnceCell<Result<Option<Grant>, AuthError>>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.answer
     }
 }
 
@@ -156,6 +148,7 @@ impl Tokens {
         let joined = Joined::new(&self.flights, hash, Instant::now(), self.cache.ttl);
         let looked_up = joined
             .flight
+            .answer
             .get_or_init(|| async {
                 let now = Instant::now();
                 let grant = self.look_up(&hash.0).await?;
@@ -258,7 +251,7 @@ impl Drop for Joined<'_> {
         let retire = flights
             .get(&self.hash)
             .is_some_and(|current| Arc::ptr_eq(current, &self.flight))
-            && (self.flight.initialized() || Arc::strong_count(&self.flight) == 2);
+            && (self.flight.answer.initialized() || Arc::strong_count(&self.flight) == 2);
         if retire {
             flights.remove(&self.hash);
         }
@@ -536,13 +529,14 @@ mod tests {
         let second = join(2);
         first
             .flight
+            .answer
             .set(Ok(Some(Grant::Gateway)))
             .expect("not answered before");
         drop(first);
         assert_eq!(in_flight(&flights), 0);
         let next = join(2);
         assert!(!Arc::ptr_eq(&next.flight, &second.flight));
-        assert!(!next.flight.initialized());
+        assert!(!next.flight.answer.initialized());
         // The answered one, left last, does not retire the new one.
         drop(second);
         assert_eq!(in_flight(&flights), 1);

@@ -221,9 +221,22 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     if essence.as_deref() != Some("application/json") {
         return Err(ApiError::UnsupportedMediaType);
     }
-    for (name, header, plain) in [
-        ("Content-Encoding", header::CONTENT_ENCODING, "identity"),
-        ("Transfer-Encoding", header::TRANSFER_ENCODING, "chunked"),
+    // The one coding each header may name, and whether more than once: `chunked` twice
+    // (RFC 9112 §7: never applied twice) would leave hyper's one pass of it the other's
+    // framing to hand on as the body.
+    for (name, header, plain, repeatable) in [
+        (
+            "Content-Encoding",
+            header::CONTENT_ENCODING,
+            "identity",
+            true,
+        ),
+        (
+            "Transfer-Encoding",
+            header::TRANSFER_ENCODING,
+            "chunked",
+            false,
+        ),
     ] {
         let mut plain_seen = false;
         for value in headers.get_all(header) {
@@ -232,9 +245,7 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
                 if coding.is_empty() {
                     continue;
                 }
-                // `chunked` twice (RFC 9112 §7: never applied twice) would leave hyper's
-                // one pass of it the other's framing to hand on as the body.
-                let once_more = plain_seen && name == "Transfer-Encoding";
+                let once_more = plain_seen && !repeatable;
                 if !coding.eq_ignore_ascii_case(plain) || once_more {
                     return Err(ApiError::UnsupportedCoding {
                         header: name,
