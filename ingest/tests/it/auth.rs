@@ -25,11 +25,39 @@ async fn post_as(
     key: &str,
     body: &Value,
 ) -> reqwest::Response {
-    let mut request = ingest.json_request("/v1/telemetry", Some(key), body.to_string());
-    if let Some(authorization) = authorization {
-        request = request.header("authorization", authorization);
+    match authorization {
+        Some(authorization) => {
+            send_as(
+                ingest,
+                authorization,
+                "/v1/telemetry",
+                Some(key),
+                body.to_string(),
+            )
+            .await
+        }
+        None => ingest
+            .json_request("/v1/telemetry", Some(key), body.to_string())
+            .send()
+            .await
+            .expect("request sent"),
     }
-    request.send().await.expect("request sent")
+}
+
+/// A POST of `body` to `path` with `authorization`, sent.
+async fn send_as(
+    ingest: &Ingest,
+    authorization: &str,
+    path: &str,
+    key: Option<&str>,
+    body: String,
+) -> reqwest::Response {
+    ingest
+        .json_request(path, key, body)
+        .header("authorization", authorization)
+        .send()
+        .await
+        .expect("request sent")
 }
 
 async fn assert_unauthorized(response: reqwest::Response) {
@@ -158,12 +186,7 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
     {
         let key = format!("k-read-{index}");
         for key in [Some(key.as_str()), None] {
-            let response = ingest
-                .json_request("/v1/telemetry", key, body.to_owned())
-                .header("authorization", &read)
-                .send()
-                .await
-                .expect("sent");
+            let response = send_as(&ingest, &read, "/v1/telemetry", key, body.to_owned()).await;
             assert_problem(response, 403, "forbidden").await;
         }
     }
@@ -173,15 +196,17 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
         {"idempotency_key": "b-1", "device_id": "sensor-1", "metrics": {"t": 1}},
         {"idempotency_key": "b-2", "device_id": "sensor-2", "metrics": {"t": 1}},
     ]});
-    let answer: Value = ingest
-        .json_request("/v1/telemetry/batch", None, batch.to_string())
-        .header("authorization", &device)
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let answer: Value = send_as(
+        &ingest,
+        &device,
+        "/v1/telemetry/batch",
+        None,
+        batch.to_string(),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
     assert_eq!(answer["results"][0]["status"], "accepted");
     assert_eq!(answer["results"][1]["status"], "rejected");
     assert_eq!(answer["results"][1]["error"]["type"], "forbidden");
@@ -189,12 +214,14 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
     // A read token may post no device: the batch as a whole is refused, as its single
     // POST is, and nothing of it is stored.
     assert_problem(
-        ingest
-            .json_request("/v1/telemetry/batch", None, batch.to_string())
-            .header("authorization", &read)
-            .send()
-            .await
-            .expect("sent"),
+        send_as(
+            &ingest,
+            &read,
+            "/v1/telemetry/batch",
+            None,
+            batch.to_string(),
+        )
+        .await,
         403,
         "forbidden",
     )
@@ -615,12 +642,14 @@ async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device()
         item
     };
     let batch = json!({"readings": [item("k-1"), item("k-2")]});
-    let batched = ingest
-        .json_request("/v1/telemetry/batch", None, batch.to_string())
-        .header("authorization", &other)
-        .send()
-        .await
-        .expect("request sent");
+    let batched = send_as(
+        &ingest,
+        &other,
+        "/v1/telemetry/batch",
+        None,
+        batch.to_string(),
+    )
+    .await;
     assert_eq!(batched.status().as_u16(), 200);
     let batched: Value = batched.json().await.expect("json");
     let results = batched["results"].as_array().expect("results");
