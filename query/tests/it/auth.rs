@@ -87,6 +87,20 @@ async fn only_a_valid_read_token_may_use_the_query_api() {
         )
         .await;
     }
+    // Two `Authorization` headers are refused, whichever comes first.
+    for (first, second) in [
+        (format!("Bearer {read_token}"), "Bearer nonsense".to_owned()),
+        ("Bearer nonsense".to_owned(), format!("Bearer {read_token}")),
+    ] {
+        let response = http
+            .get(format!("{}/v1/devices", query.base_url))
+            .header("authorization", first)
+            .header("authorization", second)
+            .send()
+            .await
+            .expect("sent");
+        assert_problem(response, 401, "unauthorized").await;
+    }
     // Health endpoints stay open for probes.
     let health = http
         .get(format!("{}/healthz", query.base_url))
