@@ -755,3 +755,61 @@ async fn the_tokens_command_issues_lists_and_revokes_what_ingest_honours() {
     }
     ingest.stop().await;
 }
+
+/// A token look-up that fails is a `503` to the client, which names no cause, and one
+/// WARN line in ingest's log that does (API.md §7: one line per failure). Until
+/// 2026-12-07 the cause was dropped and nothing was logged.
+#[tokio::test]
+async fn a_failed_token_look_up_is_logged_with_its_cause() {
+    let env = TestEnv::new();
+    crate::support::migrate(&env).await;
+    let (_pool, _, gateway) = gateway_token(&env.settings).await;
+    let (ingest, log) = testkit::process::ServiceProcess::spawn_logged(
+        env!("CARGO_BIN_EXE_ingest"),
+        &env,
+        "PIPELINE__INGEST__LISTEN",
+        &[
+            ("PIPELINE__LOG__FORMAT", "json"),
+            ("PIPELINE__AUTH__ENABLED", "true"),
+            ("PIPELINE__AUTH__CACHE_TTL_SECS", "0"),
+        ],
+    );
+    ingest.ready().await;
+    close_database(&env).await;
+    let response = ingest
+        .http
+        .post(format!("{}/v1/telemetry", ingest.base_url))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k-1")
+        .header("authorization", &gateway)
+        .body(reading("sensor-1", 1.0).to_string())
+        .send()
+        .await
+        .expect("sent");
+    assert_problem(response, 503, "unavailable").await;
+    let lines = testkit::process::log_lines_until(
+        &log,
+        Duration::from_secs(10),
+        "ingest logged the failed look-up",
+        |line| line.contains("token look-up failed"),
+    );
+    let entry: Value = lines
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .expect("a JSON log line");
+    assert_eq!(entry["level"], "WARN", "{entry}");
+    assert!(
+        entry["error"]
+            .as_str()
+            .is_some_and(|cause| !cause.is_empty()),
+        "the cause is logged: {entry}"
+    );
+    assert!(
+        !entry
+            .to_string()
+            .contains(gateway.trim_start_matches("Bearer ")),
+        "no token in the log: {entry}"
+    );
+    reopen_database(&env).await;
+    assert!(ingest.terminate().await.success());
+}
