@@ -24,6 +24,22 @@ use crate::bodies::{device_id, idempotency_key, run_id, Rng};
 use crate::nats::consumer_backlog;
 use crate::stats::{per_second, round1, Statuses};
 
+/// Longest a backlog reader waits for PostgreSQL's answer, and a reading of `fill` for
+/// its commit: a PostgreSQL that stalls or stops answering fails the drain or the fill
+/// (the watch notes the sample unknown) instead of hanging the bench.
+const PG_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The one value of the one row `sql` returns, within [`PG_TIMEOUT`].
+async fn one_value<T>(client: &tokio_postgres::Client, sql: &str) -> anyhow::Result<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let row = tokio::time::timeout(PG_TIMEOUT, client.query_one(sql, &[]))
+        .await
+        .with_context(|| format!("no answer from PostgreSQL within {PG_TIMEOUT:?} to {sql}"))??;
+    Ok(row.try_get(0)?)
+}
+
 /// Connects one plain PostgreSQL client (no TLS: loopback only).
 pub async fn pg_connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = tokio::time::timeout(
@@ -87,14 +103,18 @@ pub async fn fill(
                 metrics,
             };
             let key = idempotency_key(&run, 0, seq);
-            async move { store.submit(NewReading::new(reading, key, now)).await }
+            async move {
+                tokio::time::timeout(PG_TIMEOUT, store.submit(NewReading::new(reading, key, now)))
+                    .await
+            }
         })
         .buffer_unordered(in_flight);
     while let Some(outcome) = outcomes.next().await {
         match outcome {
-            Ok(Outcome::Accepted { .. }) => accepted += 1,
-            Ok(other) => statuses.add(&format!("{other:?}").to_lowercase()),
-            Err(error) => statuses.add(&error.to_string()),
+            Ok(Ok(Outcome::Accepted { .. })) => accepted += 1,
+            Ok(Ok(other)) => statuses.add(&format!("{other:?}").to_lowercase()),
+            Ok(Err(error)) => statuses.add(&error.to_string()),
+            Err(_) => bail!("a reading waited over {PG_TIMEOUT:?} for its commit"),
         }
     }
     drop(outcomes);
@@ -260,10 +280,7 @@ impl Reader {
                     .as_deref()
                     .context("--database-url is needed to watch the relay")?;
                 let client = pg_connect(url).await?;
-                let max_id: Option<i64> = client
-                    .query_one("SELECT max(id) FROM outbox", &[])
-                    .await?
-                    .get(0);
+                let max_id: Option<i64> = one_value(&client, "SELECT max(id) FROM outbox").await?;
                 Ok(Self::Relay {
                     client,
                     max_id: max_id.unwrap_or(0),
@@ -295,10 +312,11 @@ impl Reader {
     async fn progress(&self) -> anyhow::Result<u64> {
         match self {
             Self::Relay { client, max_id } => {
-                let lowest: Option<i64> = client
-                    .query_one("SELECT min(id) FROM outbox WHERE published_at IS NULL", &[])
-                    .await?
-                    .get(0);
+                let lowest: Option<i64> = one_value(
+                    client,
+                    "SELECT min(id) FROM outbox WHERE published_at IS NULL",
+                )
+                .await?;
                 Ok(lowest.map_or(0, |lowest| (max_id - lowest + 1).max(1) as u64))
             }
             Self::Projector {
@@ -313,13 +331,11 @@ impl Reader {
 }
 
 async fn outbox_unpublished(client: &tokio_postgres::Client) -> anyhow::Result<u64> {
-    let count: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await?
-        .get(0);
+    let count: i64 = one_value(
+        client,
+        "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+    )
+    .await?;
     Ok(count.max(0) as u64)
 }
 

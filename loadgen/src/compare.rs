@@ -1,13 +1,16 @@
 //! The table of `scripts/ab`: two settings, A and B, measured in alternating pairs of
 //! closed-loop load points, side by side.
 //!
-//! Input: a directory of `loadgen ingest` (or `static`, `query`, `e2e`, `backlog`) results named
+//! Input: a directory of `loadgen ingest` (or `static`, `e2e`, `backlog`) results named
 //! `<pair>-<position>-<arm>.json`: `1-1-a.json` and `1-2-b.json` are pair 1 with A run
 //! first, `2-1-b.json` and `2-2-a.json` pair 2 with B first. A pair with either run
 //! missing is left out. With the whole pipeline running, `1-1-a.drain.json` is the
 //! `loadgen watch --until-empty` that followed the load until the relay and projector
 //! had caught up: its seconds are shown, and the box's CPU while it ran counts in the
 //! run's CPU per reading (the work an arm leaves behind is still its work).
+//!
+//! A `/stats` GET point (`loadgen query`, `loadgen static --stats`) carries no readings,
+//! and its rate here would be 0: the table is not for reads.
 //!
 //! A box that is shared and drifts makes one run of each worth little; pairs that flip
 //! their order and the medians over them are the evidence.

@@ -184,9 +184,15 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
             let ingest = ingest.clone();
             let query = query.clone();
             let deadline = plan.deadline;
+            let post = Post {
+                device,
+                body,
+                key,
+                track,
+                due_at: started + Duration::from_secs_f64((seq + 1) as f64 / plan.rate),
+            };
             tasks.spawn(async move {
-                let outcome =
-                    post_and_probe(&ingest, &query, &device, body, &key, track, deadline).await;
+                let outcome = post_and_probe(&ingest, &query, post, deadline).await;
                 drop((permit, probe));
                 outcome
             });
@@ -232,22 +238,31 @@ pub async fn run(ingest: Arc<Pool>, query: Arc<Pool>, plan: Plan) -> Value {
     })
 }
 
-async fn post_and_probe(
-    ingest: &Pool,
-    query: &Pool,
-    device: &str,
+/// One reading to post, and whether to follow it into `/stats`.
+struct Post {
+    device: String,
     body: String,
-    key: &str,
+    key: String,
     track: bool,
-    deadline: Duration,
-) -> Outcome {
+    /// When the open loop's clock made it due: its POST latency counts from here, so
+    /// any lag of the loop behind the clock is in it (no coordinated omission).
+    due_at: Instant,
+}
+
+async fn post_and_probe(ingest: &Pool, query: &Pool, post: Post, deadline: Duration) -> Outcome {
+    let Post {
+        device,
+        body,
+        key,
+        track,
+        due_at,
+    } = post;
     let mut request = ingest
         .target()
         .request(Method::POST, "/v1/telemetry", Some(body.into()));
-    if let Ok(value) = HeaderValue::from_str(key) {
+    if let Ok(value) = HeaderValue::from_str(&key) {
         request.headers_mut().insert("idempotency-key", value);
     }
-    let sent = Instant::now();
     let answer = tokio::time::timeout(deadline, ingest.send(request)).await;
     let (status, accepted_at) = match answer {
         Ok(Ok((status, _))) => (status, Instant::now()),
@@ -258,7 +273,7 @@ async fn post_and_probe(
     let mut outcome = Outcome {
         status: status.as_str().to_owned(),
         accepted,
-        post_latency: Some(accepted_at - sent),
+        post_latency: Some(accepted_at.saturating_duration_since(due_at)),
         visible: Visible::NotTracked,
     };
     if !(track && accepted) {

@@ -1,8 +1,8 @@
 //! The "static HTTP response" limits: a minimal axum server answering every
 //! `POST /v1/telemetry` with a fixed `202` JSON body, and every
 //! `GET /v1/devices/{id}/stats` with a fixed `200` document the size of a real one, on
-//! its own 2-thread runtime (as a separate server process would have), driven by the
-//! very same client code as ingest and query.
+//! its own runtime with a worker a core (as ingest and query have, with
+//! `#[tokio::main]`), driven by the very same client code as ingest and query.
 
 use std::net::SocketAddr;
 
@@ -29,7 +29,7 @@ impl StaticServer {
         listener.set_nonblocking(true)?;
         let address = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(std::thread::available_parallelism().map_or(2, |cores| cores.get()))
             .thread_name("static-server")
             .enable_all()
             .build()
