@@ -8,7 +8,7 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 # Only what the build needs, so the context sent to BuildKit stays small (no target/,
 # no .data/). Cargo loads every workspace member's manifest, even for a build of some
-# of them, so each member must be copied (tests/python/test_packaging.py checks it).
+# of them, so each member must be copied (tests/python/test_scripts.py checks it).
 COPY Cargo.toml Cargo.lock ./
 COPY contract ./contract
 COPY ingest ./ingest

@@ -371,11 +371,17 @@ _postgres_answering() {
     info "postgres: OK ($host:$port, started)"
 }
 
+# _postgres_bin_dir: the newest installed PostgreSQL server's bin directory: a newer
+# client-only install (postgresql-client-16 beside server 15) has no pg_ctl there.
 _postgres_bin_dir() {
     local version
-    version=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
-    [[ -n "$version" && -x "/usr/lib/postgresql/$version/bin/pg_ctl" ]] || return 1
-    printf '/usr/lib/postgresql/%s/bin' "$version"
+    while read -r version; do
+        if [[ -n "$version" && -x "/usr/lib/postgresql/$version/bin/pg_ctl" ]]; then
+            printf '/usr/lib/postgresql/%s/bin' "$version"
+            return 0
+        fi
+    done < <(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -rV)
+    return 1
 }
 
 # PostgreSQL refuses to run as root; a root caller runs its tools as the postgres user.
@@ -550,7 +556,9 @@ ensure_nats() {
     # The pid file makes start-stop-daemon look for this server only: matched by its
     # program alone, any nats-server running (a test's private one on another port)
     # would pass for it, and nothing would be started.
-    if [[ "$port" == 4222 && "$bin" == /usr/sbin/nats-server ]] && command -v start-stop-daemon >/dev/null 2>&1; then
+    # By the resolved path: with /sbin (a link to usr/sbin) early on PATH, Debian's
+    # server is found as /sbin/nats-server.
+    if [[ "$port" == 4222 && "$(readlink -f -- "$bin")" == /usr/sbin/nats-server ]] && command -v start-stop-daemon >/dev/null 2>&1; then
         info "nats: not answering at $host:$port; starting /usr/sbin/nats-server"
         mkdir -p "$RUN_DIR"
         if ! start-stop-daemon --start --oknodo --background --make-pidfile --pidfile "$RUN_DIR/nats-system-4222.pid" \
