@@ -20,7 +20,12 @@
 //! 3. notes the stream's last sequence and replays the stream up to it into the new
 //!    generation (the per-generation dedup set skips what the live projectors applied
 //!    there already); a replay whose consumer is lost, as with a NATS restart, goes on
-//!    with a new one just past what it applied. The dedup set forgets after the dedup
+//!    with a new one just past what it applied. Each of the replay's calls is guarded
+//!    as the live projectors' are, by the meta hash as the replay began: a replay
+//!    whose read model was lost under it (`FLUSHALL`, a Redis restart without
+//!    persistence) or whose build
+//!    another rebuild took over writes nothing more and fails, instead of leaving keys
+//!    of a generation nothing names. The dedup set forgets after the dedup
 //!    horizon, and a replay of a long stream can take longer than that, so the replay
 //!    takes first what the live projectors may also apply: everything past their
 //!    consumer's ack floor, read *before* `building` was set. Both apply that part
@@ -537,13 +542,21 @@ impl Rebuild {
         if set != 1 {
             bail!("the build of generation {generation} was taken over or the read model was reset before its replay began");
         }
+        // Every call of the replay is guarded by the meta hash as it is now: once it
+        // changes (the read model lost, another rebuild taking over), the replay writes
+        // nothing more and fails.
+        let now = Generations::read(&mut self.redis.clone(), &self.read_model.prefix).await?;
+        if now.building != Some(generation) {
+            bail!("the build of generation {generation} was taken over or the read model was reset as its replay began");
+        }
+        let fields = &now.fields;
         let split = live_ack_floor.min(last_sequence);
         let mut replayed = 0;
         let mut past_the_floor = PastTheFloor::default();
         if split < last_sequence {
             replayed += self
                 .replay_range(
-                    generation,
+                    (generation, fields),
                     &stream,
                     (split, last_sequence),
                     // Every event past the floor is replayed.
@@ -560,7 +573,7 @@ impl Rebuild {
             let past_the_floor = past_the_floor.sorted();
             replayed += self
                 .replay_range(
-                    generation,
+                    (generation, fields),
                     &stream,
                     (0, split),
                     |event| !past_the_floor.holds(event),
@@ -573,7 +586,7 @@ impl Rebuild {
     }
 
     /// Replays the stream's messages after `after` up to `last_sequence`, those events
-    /// that `keep` keeps.
+    /// that `keep` keeps, into `generation` while the meta hash holds `fields`.
     ///
     /// The replay reads through an ordered consumer, which lives in the server's memory:
     /// a NATS restart loses it, and async-nats would notice only when its idle heartbeat
@@ -583,7 +596,7 @@ impl Rebuild {
     /// last event it applied: what it applied stays, and nothing is applied twice.
     async fn replay_range(
         &self,
-        generation: u64,
+        (generation, fields): (u64, &[String; 4]),
         stream: &jetstream::stream::Stream,
         (after, last_sequence): (u64, u64),
         mut keep: impl FnMut(&TelemetryRecorded) -> bool,
@@ -659,10 +672,14 @@ impl Rebuild {
                 }
             }
             let now_ms = unix_millis(OffsetDateTime::now_utc());
-            self.read_model
-                .apply(&mut redis, &[generation], &events, now_ms)
+            let applied = self
+                .read_model
+                .apply_replayed(&mut redis, generation, fields, &events, now_ms)
                 .await
                 .context("applying replayed events")?;
+            if applied.is_none() {
+                bail!("the build of generation {generation} was taken over or the read model was reset during its replay");
+            }
             replayed += events.len() as u64;
             applied_through = batch_through;
             if applied_through >= last_sequence {

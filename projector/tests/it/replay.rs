@@ -162,6 +162,62 @@ async fn projectors_that_come_back_during_a_replay_past_the_horizon_leave_their_
     projector.stop().await;
 }
 
+/// A rebuild whose read model is lost under its replay (`FLUSHALL`, a Redis restart
+/// without persistence) writes nothing more to its generation and fails. Its replay's
+/// writes were not guarded: it went on writing for up to a lock refresh (5 s) after the
+/// loss, and those keys of a generation that nothing names any more (device hashes and
+/// index keys never expire, and the next rebuild finds no `building` to delete) stayed
+/// in Redis for good.
+#[tokio::test]
+async fn a_replay_whose_read_model_was_lost_under_it_writes_nothing_more() {
+    let nats = PrivateNats::start();
+    let (env, jetstream) = private_env(&nats).await;
+    publish_many(&env, &jetstream, &spread_events(EVENTS)).await;
+    let running = start_rebuild(&env).await;
+    // Held with the replay under way, so the loss comes before it ends.
+    freeze_once_the_replay_applied_some(&env, &nats).await;
+    let building = building_generation(&env)
+        .await
+        .expect("the build under way");
+
+    // The prefix emptied as FLUSHALL would empty it: the meta hash first, so that no key
+    // a replay call writes after it can escape the deletion of the rest.
+    let prefix = &env.settings.redis.prefix;
+    let mut redis = env.redis().await;
+    let () = redis::cmd("DEL")
+        .arg(meta_key(prefix))
+        .query_async(&mut redis)
+        .await
+        .expect("meta hash deleted");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .expect("keys listed");
+    if !keys.is_empty() {
+        let () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .expect("keys deleted");
+    }
+    nats.thaw();
+
+    let ended = tokio::time::timeout(FINISHED_AFTER_THE_RESTART, running)
+        .await
+        .expect("the rebuild ended")
+        .expect("the rebuild task did not panic");
+    assert!(
+        ended.is_err(),
+        "a rebuild whose read model was lost cannot switch: {ended:?}"
+    );
+    assert_eq!(
+        env.generation_keys(building).await,
+        Vec::<String>::new(),
+        "keys the replay wrote after its read model was lost"
+    );
+}
+
 /// Freezes the server once some events are in the generation being built (the replay's
 /// consumer is reading): it then delivers nothing more, and the replay can only finish
 /// what it holds. Fails if the build ended before the freeze took hold.
