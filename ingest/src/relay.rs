@@ -406,12 +406,22 @@ impl Relay {
             wake.clone(),
             shutdown.clone(),
         ));
+        // The backlog's gauges and the prunes from the start: a relay started while NATS
+        // is down reports the backlog growing, which its alert is for, and prunes what
+        // needs no stream (the outbox's prune waits for a stream check). Until
+        // 2026-12-07 they began only once the streams were ready.
+        tokio::join!(self.publish(&wake, &shutdown), self.maintain(&shutdown));
+        listener.abort();
+    }
+
+    /// Makes sure of the streams, then publishes until `shutdown`.
+    async fn publish(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
         while !shutdown.is_cancelled() {
             // While NATS is down an attempt waits out two JetStream request timeouts
             // (10 s): a shutdown ends it rather than waits for it.
             let ensured = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => return,
                 ensured = ensure_streams(&self.jetstream, &self.nats) => ensured,
             };
             match ensured {
@@ -421,20 +431,20 @@ impl Relay {
                 }
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), "streams not ready, retrying");
-                    backoff.sleep(&shutdown).await;
+                    backoff.sleep(shutdown).await;
                 }
             }
         }
         // Several lanes of rounds: while one marks and commits its rows, another claims
         // what was inserted meanwhile (SKIP LOCKED keeps their rows apart).
-        let lanes = (0..self.rounds_in_flight).map(|_| self.publish_rounds(&wake, &shutdown));
-        tokio::join!(futures::future::join_all(lanes), self.maintain(&shutdown));
-        listener.abort();
+        let lanes = (0..self.rounds_in_flight).map(|_| self.publish_rounds(wake, shutdown));
+        futures::future::join_all(lanes).await;
     }
 
     /// Rounds one after another while a backlog fills them, else on NOTIFY or the poll.
     async fn publish_rounds(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
+        let mut partial = FailureLog::default();
         while !shutdown.is_cancelled() {
             // No round while NATS is not connected: its publishes would only fill the
             // client's queue, to be sent after the reconnect whether or not the round

@@ -316,6 +316,45 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     ingest.stop().await;
 }
 
+/// A relay started while NATS is down reports its outbox backlog from the start: the
+/// backlog alert is for exactly such an outage. Until 2026-12-07 the gauges (and the
+/// prunes) began only once the streams were ready, so a relay that never reached NATS
+/// served no backlog at all.
+#[tokio::test]
+async fn a_relay_started_while_nats_is_down_reports_its_backlog() {
+    const READINGS: usize = 3;
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    for index in 0..READINGS {
+        ingest
+            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
+            .await;
+    }
+    let relay = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_relay"),
+        &env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
+        &[("PIPELINE__NATS__URL", "nats://127.0.0.1:1")],
+    );
+    let stuck = relay
+        .metrics_until(
+            Duration::from_secs(20),
+            "the backlog reported while NATS is down",
+            |scrape| {
+                (scrape.value("relay_outbox_backlog_rows", &[]) == Some(READINGS as f64))
+                    .then(|| scrape.clone())
+            },
+        )
+        .await;
+    assert!(
+        stuck.value("relay_outbox_oldest_age_seconds", &[]) > Some(0.0),
+        "the oldest unpublished row has an age"
+    );
+    assert_eq!(stuck.value_or_zero("relay_published_total", &[]), 0.0);
+    assert_eq!(relay.terminate().await.code(), Some(0));
+    ingest.stop().await;
+}
+
 /// Posts one reading per key as `authorization`, each answered `status`, and returns
 /// how many token look-ups ingest counted meanwhile.
 async fn look_ups_for(
