@@ -296,6 +296,31 @@ pub struct Relay {
     publishing: Arc<Mutex<Publishing>>,
 }
 
+/// What one claim-publish-mark round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Round {
+    /// Rows it claimed.
+    claimed: usize,
+    /// Of those, the rows it marked published (the rest stay in the outbox).
+    marked: usize,
+    /// The first publish JetStream did not acknowledge: its event id and why.
+    refused: Option<String>,
+}
+
+impl Round {
+    /// Why not every claimed row was marked: how many were not, and the first refusal.
+    fn shortfall(&self) -> String {
+        let not_marked = self.claimed - self.marked;
+        match &self.refused {
+            Some(refused) => format!(
+                "{not_marked} of {} rows not marked; first refused: {refused}",
+                self.claimed
+            ),
+            None => format!("{not_marked} of {} rows not marked", self.claimed),
+        }
+    }
+}
+
 /// Since when every round that published had none of its publishes acknowledged:
 /// JetStream refuses them (a stream full under `discard new`, the account out of
 /// storage, a sealed stream, a user without the right to publish) or does not answer
@@ -483,10 +508,27 @@ impl Relay {
                 lock(&self.stream_unverified).checked(&collided, connects);
             }
             match self.relay_once(shutdown, connects).await {
-                Ok(relayed) => {
+                Ok(round) => {
                     backoff.reset();
-                    lock(&self.pacer).finished(relayed);
-                    if relayed as i64 == self.batch_size {
+                    lock(&self.pacer).finished(round.marked);
+                    if round.marked < round.claimed && !shutdown.is_cancelled() {
+                        // Some rows went through: what failed is theirs alone (a row
+                        // JetStream refuses for good, say), and the next round goes at
+                        // once, for the rest of the outbox and the rows handed back.
+                        // Only a round that marked nothing backs off; until 2026-12-07
+                        // every partial round did, and one row that always failed held
+                        // the relay to a few hundred rows a second. A series of them is
+                        // one WARN, not one a round.
+                        metrics::counter!("relay_errors_total").increment(1);
+                        partial.failed(
+                            &round.shortfall(),
+                            "a relay round marked only part of its rows; the rest stays in the outbox",
+                            "again a relay round marked only part of its rows",
+                        );
+                        continue;
+                    }
+                    partial.succeeded("relay rounds mark every row they claim again");
+                    if round.claimed as i64 == self.batch_size {
                         continue;
                     }
                 }
@@ -556,14 +598,15 @@ impl Relay {
         }
     }
 
-    /// One claim-publish-mark round; returns how many rows it relayed.
-    /// One round on the connection numbered `checked_connects`, the one the stream
-    /// check gate let it start on.
+    /// One claim-publish-mark round on the connection numbered `checked_connects`, the
+    /// one the stream check gate let it start on: how many rows it claimed and how many
+    /// of them it marked published. A round that claimed rows and marked none (but for
+    /// a stop) is an error.
     async fn relay_once(
         &self,
         shutdown: &CancellationToken,
         checked_connects: u64,
-    ) -> anyhow::Result<usize> {
+    ) -> anyhow::Result<Round> {
         let mut client = self.pool.get().await.context("getting a connection")?;
         let transaction = client.transaction().await?;
         // Prepared once per session: a round is then one message per statement, with no
@@ -597,7 +640,7 @@ impl Relay {
             epoch,
         });
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Round::default());
         }
         let claimed = rows.len();
         let round = self
@@ -606,23 +649,26 @@ impl Relay {
         // Rows this round claimed but did not mark stay in the outbox; a later round
         // publishes them again.
         let handed_back = match &round {
-            Ok(marked) => claimed - marked,
+            Ok((marked, _)) => claimed - marked,
             Err(_) => claimed,
         };
         metrics::counter!("relay_retries_total").increment(handed_back as u64);
-        let marked = round?;
+        let (marked, refused) = round?;
+        let round = Round {
+            claimed,
+            marked,
+            refused,
+        };
         // Rows a stop handed back are the stop's doing, not a failed round.
-        if marked < claimed && !shutdown.is_cancelled() {
-            anyhow::bail!(
-                "{} of {claimed} publishes were not acknowledged",
-                claimed - marked
-            );
+        if marked == 0 && !shutdown.is_cancelled() {
+            anyhow::bail!("{}", round.shortfall());
         }
-        Ok(marked)
+        Ok(round)
     }
 
     /// Publishes the claimed rows, awaits their PubAcks, marks the acknowledged ones
-    /// and commits; returns how many rows it marked published. It publishes no more
+    /// and commits; returns how many rows it marked published, and the first publish
+    /// not acknowledged (its event id and why). It publishes no more
     /// once a stream check is due (a reconnect past `checked_connects`, another lane's
     /// collision or failed check): the gate is passed at the round's start only.
     async fn publish_and_mark(
@@ -631,7 +677,7 @@ impl Relay {
         rows: Vec<tokio_postgres::Row>,
         shutdown: &CancellationToken,
         checked_connects: u64,
-    ) -> anyhow::Result<usize> {
+    ) -> anyhow::Result<(usize, Option<String>)> {
         let connects_before = self.connects();
         // Rows an earlier round published and got PubAcks for but could not mark are
         // marked with those sequences, where the stream still holds them, and not
@@ -750,8 +796,8 @@ impl Relay {
                 "publishing the round stopped early; the rest stays in the outbox"
             );
         }
+        let mut refused = None;
         let collected = async {
-            let mut failures = 0usize;
             for (row, ack) in acks {
                 let acked = match ack {
                     Ok(future) => future
@@ -767,18 +813,17 @@ impl Relay {
                         sequences.push(sequence);
                     }
                     Err(error) => {
-                        failures += 1;
-                        if failures == 1 {
-                            tracing::warn!(event_id = %row.get::<_, Uuid>(1), error = %error, "publish not acknowledged");
-                        }
+                        refused.get_or_insert_with(|| {
+                            format!("event {}: {error:#}", row.get::<_, Uuid>(1))
+                        });
                     }
                 }
             }
         };
         // A publish written to a connection that then dropped gets no ack: rather than
         // wait out the ack timeout (5 s) for it, the acks still missing shortly after a
-        // reconnect are given up on, and the round marks what was acknowledged and
-        // fails; the next round publishes the rest again (JetStream drops any copy of
+        // reconnect are given up on, and the round marks what was acknowledged (one
+        // that marked nothing fails); the next round publishes the rest again (JetStream drops any copy of
         // what did arrive, by its message id). Without a reconnect (NATS down or hung)
         // the missing acks are given up on together after `ACK_DEADLINE`, or at once
         // when the relay is stopping.
@@ -849,7 +894,7 @@ impl Relay {
         // unpublished index that every claim walks past until a vacuum.
         self.count_dead("outbox", (published_ids.len() + too_late.len()) as u64);
         metrics::histogram!("relay_round_seconds").record(started.elapsed().as_secs_f64());
-        Ok(published_ids.len() + too_late.len())
+        Ok((published_ids.len() + too_late.len(), refused))
     }
 
     /// How many times the NATS client has connected so far.

@@ -1004,6 +1004,62 @@ pub async fn post_batches(ingest: &Ingest, prefix: &str, batches: usize, per_bat
     }
 }
 
+/// A row JetStream refuses for good (here larger than the `max_msg_size` an operator
+/// gave the stream, which the relay keeps) stays in the outbox and does not hold the
+/// others back. Claimed first in every round (the claim goes by id), it failed each of
+/// them, and every failed round backed off: until 2026-12-07 the relay crawled through
+/// the rest a round per backoff (up to 5 s each), and here needed about a minute.
+#[tokio::test]
+async fn a_row_jetstream_refuses_for_good_does_not_hold_the_others_back() {
+    const BATCHES: usize = 30;
+    const PER_BATCH: usize = 100;
+    const ROWS: i64 = (BATCHES * PER_BATCH) as i64;
+    let mut env = TestEnv::new();
+    env.settings.ingest.rate_limit_per_second = 0;
+    env.settings.relay.batch_size = 100;
+    migrate(&env).await;
+    let jetstream = env.jetstream().await;
+    jetstream
+        .create_stream(jetstream::stream::Config {
+            name: env.subjects.stream().to_owned(),
+            subjects: vec![env.subjects.recorded_filter()],
+            max_message_size: 1024,
+            ..Default::default()
+        })
+        .await
+        .expect("the stream made beforehand, small messages only");
+    let ingest = Ingest::spawn(&env.settings).await;
+    // 32 metrics of 64-character names: an event of about 3 KB, the oldest row.
+    let metrics: serde_json::Map<String, Value> = (0..32)
+        .map(|index| (format!("m{index:02}{}", "x".repeat(61)), Value::from(index)))
+        .collect();
+    ingest
+        .accept(
+            "large",
+            &serde_json::json!({"device_id": "sensor-1", "metrics": metrics}),
+        )
+        .await;
+    post_batches(&ingest, "k", BATCHES, PER_BATCH).await;
+
+    let relay = spawn_relay(&env.settings);
+    let db = env.postgres().await;
+    wait_for_counts(
+        &db,
+        Duration::from_secs(15),
+        "every row but the refused one marked published",
+        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
+                count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
+        &[ROWS, 1],
+    )
+    .await;
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        Some(ROWS as u64)
+    );
+    relay.stop().await;
+    ingest.stop().await;
+}
+
 /// async-nats gives a JetStream context 5,000 ack permits unless told otherwise, and a
 /// publish waits for one, which the PubAck returns when it is awaited; a round publishes
 /// all its rows before it awaits an ack. Rounds that publish more than 5,000 rows between
