@@ -223,6 +223,39 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// A child process a test runs itself, killed (after a SIGCONT, in case the test stopped
+/// it) and reaped when dropped: a test that fails half-way leaves no process behind.
+/// [`KilledOnDrop::take`] hands the child over for a clean end.
+pub struct KilledOnDrop(Option<Child>);
+
+impl KilledOnDrop {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// The child's pid (0 once taken).
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// The child, which is then the caller's to end.
+    pub fn take(&mut self) -> Child {
+        self.0.take().expect("a child until taken")
+    }
+}
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Reads `log` (the lines of [`ServiceProcess::spawn_logged`]) until one that `done`
 /// accepts, for at most `within` in all; the lines read, that one last. Panics naming
 /// `what` when none came in time.

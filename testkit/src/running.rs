@@ -45,10 +45,22 @@ impl<E: Debug + Send + 'static> Exit for Result<(), E> {
     }
 }
 
-/// One service task and the token that stops it.
+/// One service task and the token that stops it. Dropped without [`Running::stop`] (a
+/// test that failed), it cancels the service and aborts its task, so that the service
+/// writes nothing after the test's environment is cleaned up.
 pub struct Running<T> {
     shutdown: CancellationToken,
-    task: JoinHandle<T>,
+    /// `None` once stopped.
+    task: Option<JoinHandle<T>>,
+}
+
+impl<T> Drop for Running<T> {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 impl<T: Exit> Running<T> {
@@ -59,15 +71,18 @@ impl<T: Exit> Running<T> {
     {
         log_to_test_output();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(service(shutdown.clone()));
+        let task = Some(tokio::spawn(service(shutdown.clone())));
         Self { shutdown, task }
     }
 
     /// Cancels the service and waits for it. A service that outlives `STOP_DEADLINE`,
     /// panicked or returned an error fails the test.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        tokio::time::timeout(STOP_DEADLINE, self.task)
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        tokio::time::timeout(STOP_DEADLINE, task)
             .await
             .unwrap_or_else(|_| {
                 panic!("the service did not stop within {STOP_DEADLINE:?} of cancellation")
@@ -97,6 +112,22 @@ mod tests {
     async fn stop_cancels_a_service_that_runs_until_cancelled() {
         let service = Running::spawn(|shutdown| async move { shutdown.cancelled().await });
         service.stop().await;
+    }
+
+    #[tokio::test]
+    async fn dropping_cancels_the_service_and_aborts_its_task() {
+        let (ended, ends) = tokio::sync::oneshot::channel::<()>();
+        let service = Running::spawn(|shutdown| async move {
+            // Never ends by itself: only the abort ends it (dropping `ended`).
+            let _ended = ended;
+            shutdown.cancelled().await;
+            std::future::pending::<()>().await
+        });
+        drop(service);
+        tokio::time::timeout(Duration::from_secs(5), ends)
+            .await
+            .expect("the task was aborted")
+            .expect_err("the task ended by its abort, sending nothing");
     }
 
     #[tokio::test]

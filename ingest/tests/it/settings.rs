@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use contract::settings::{environment_variable, key_and_variable};
-use testkit::process::{failed_run, free_port, service_command, signal, the_only_line};
+use testkit::process::{
+    failed_run, free_port, service_command, signal, the_only_line, KilledOnDrop,
+};
 use testkit::TestEnv;
 
 #[test]
@@ -241,23 +243,26 @@ fn relay_log_with_nats_down(env: &TestEnv, level: &str, until: &str, more: Durat
     .stderr(Stdio::piped())
     .spawn()
     .expect("relay starts");
-    let log = Arc::new(Mutex::new(String::new()));
-    let readers: Vec<_> = [
+    let outputs = [
         Box::new(child.stdout.take().expect("stdout piped")) as Box<dyn Read + Send>,
         Box::new(child.stderr.take().expect("stderr piped")),
-    ]
-    .into_iter()
-    .map(|output| {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(output).lines().map_while(Result::ok) {
-                let mut log = log.lock().expect("log");
-                log.push_str(&line);
-                log.push('\n');
-            }
+    ];
+    // Killed if the wait below fails the test: it would retry NATS for good.
+    let mut child = KilledOnDrop::new(child);
+    let log = Arc::new(Mutex::new(String::new()));
+    let readers: Vec<_> = outputs
+        .into_iter()
+        .map(|output| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(output).lines().map_while(Result::ok) {
+                    let mut log = log.lock().expect("log");
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
         })
-    })
-    .collect();
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !log.lock().expect("log").contains(until) {
         assert!(
@@ -269,7 +274,7 @@ fn relay_log_with_nats_down(env: &TestEnv, level: &str, until: &str, more: Durat
     // A duration that must pass: async-nats retries its connection several times in it.
     std::thread::sleep(more);
     signal(child.id(), "-TERM");
-    child.wait().expect("the relay exits");
+    child.take().wait().expect("the relay exits");
     for reader in readers {
         reader.join().expect("output read");
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use testkit::process::{free_port, service_command};
+use testkit::process::{free_port, service_command, KilledOnDrop};
 use testkit::{assert_problem, eventually, TestEnv};
 
 use crate::support::{column, reading, Ingest};
@@ -16,13 +16,15 @@ async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
     let env = TestEnv::new();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = service_command(
-        env!("CARGO_BIN_EXE_ingest"),
-        &env,
-        &[("PIPELINE__INGEST__LISTEN", &listen)],
-    )
-    .spawn()
-    .expect("ingest starts");
+    let mut child = KilledOnDrop::new(
+        service_command(
+            env!("CARGO_BIN_EXE_ingest"),
+            &env,
+            &[("PIPELINE__INGEST__LISTEN", &listen)],
+        )
+        .spawn()
+        .expect("ingest starts"),
+    );
     let base_url = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -85,6 +87,7 @@ async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
     for client in clients {
         client.await.expect("client task");
     }
+    let mut child = child.take();
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .expect("waited")

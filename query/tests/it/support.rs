@@ -113,10 +113,11 @@ impl Query {
 
 /// What most read-model tests run: their own streams, a projector and the query service.
 pub struct ReadSide {
-    pub env: TestEnv,
     pub jetstream: async_nats::jetstream::Context,
     pub projector: Running<anyhow::Result<()>>,
     pub query: Query,
+    /// Last, so dropped last: the services stop before the test's keys are cleaned up.
+    pub env: TestEnv,
 }
 
 impl ReadSide {
