@@ -38,7 +38,9 @@
 //! republishes what a NATS host crash lost (the module `stream_check`). Its PostgreSQL sessions
 //! carry `idle_in_transaction_session_timeout`, so a relay paused mid-round (SIGSTOP, a
 //! hung host) loses its session and its claimed rows go to another relay; the paused
-//! relay's statements then fail and it carries on with a new connection.
+//! relay's statements then fail and it carries on with a new connection. Nor does it
+//! publish them when it resumes: a round publishes none of its rows once its claim is
+//! older than that timeout.
 
 mod claim_floor;
 mod stream_check;
@@ -279,6 +281,13 @@ pub struct Relay {
     stream_held_at: Mutex<Option<time::OffsetDateTime>>,
     /// Where claims start ([`claim_floor`]); shared by the lanes.
     claim_floor: Mutex<ClaimFloor>,
+    /// How long a round's claim surely holds, counted from before it was sent: its
+    /// session's idle-in-transaction timeout (`relay.idle_in_transaction_timeout_ms`).
+    /// A round publishes none of its rows later than that: a relay paused after its
+    /// claim (SIGSTOP, a hung host) has lost its session by then and another relay may
+    /// have published the rows, and a copy sent past JetStream's duplicate window
+    /// after that one would be stored (past the projector's horizon, counted twice).
+    claim_holds_for: Duration,
     /// The PubAcks of rows whose round failed to mark them (PostgreSQL went away
     /// between the acks and the commit), so that the round that claims them again marks
     /// them instead of publishing them again; shared by the lanes.
@@ -408,6 +417,7 @@ impl Relay {
             dead_since_vacuum: Mutex::default(),
             stream_held_at: Mutex::default(),
             claim_floor: Mutex::default(),
+            claim_holds_for: Duration::from_millis(settings.relay.idle_in_transaction_timeout_ms),
             acked_unmarked: Mutex::default(),
             pacer: Mutex::new(Pacer::new(
                 Duration::ZERO,
@@ -619,6 +629,7 @@ impl Relay {
         // stands, then the transaction id the claim's locks gave the round, which the
         // probe's bound waits on before it moves the floor for the rounds after.
         let (floor, epoch) = lock(&self.claim_floor).current();
+        let claim_sent = Instant::now();
         let (probed, rows, horizon) = futures::try_join!(
             async {
                 let probed = transaction.query_one(&probe, &[&floor]).await;
@@ -644,7 +655,7 @@ impl Relay {
         }
         let claimed = rows.len();
         let round = self
-            .publish_and_mark(transaction, rows, shutdown, checked_connects)
+            .publish_and_mark(transaction, rows, shutdown, (checked_connects, claim_sent))
             .await;
         // Rows this round claimed but did not mark stay in the outbox; a later round
         // publishes them again.
@@ -670,13 +681,14 @@ impl Relay {
     /// and commits; returns how many rows it marked published, and the first publish
     /// not acknowledged (its event id and why). It publishes no more
     /// once a stream check is due (a reconnect past `checked_connects`, another lane's
-    /// collision or failed check): the gate is passed at the round's start only.
+    /// collision or failed check): the gate is passed at the round's start only; nor
+    /// once the claim, sent at `claim_sent`, may have lapsed ([`Relay::claim_holds_for`]).
     async fn publish_and_mark(
         &self,
         transaction: deadpool_postgres::Transaction<'_>,
         rows: Vec<tokio_postgres::Row>,
         shutdown: &CancellationToken,
-        checked_connects: u64,
+        (checked_connects, claim_sent): (u64, Instant),
     ) -> anyhow::Result<(usize, Option<String>)> {
         let connects_before = self.connects();
         // Rows an earlier round published and got PubAcks for but could not mark are
@@ -746,6 +758,10 @@ impl Relay {
             }
             if self.connects() != checked_connects || lock(&self.stream_unverified).due {
                 left_out = Some("a stream check is due");
+                break;
+            }
+            if claim_sent.elapsed() >= self.claim_holds_for {
+                left_out = Some("the claim may have lapsed with its session");
                 break;
             }
             let event_id: Uuid = row.get(1);

@@ -4,13 +4,12 @@
 //! and a relay paused in the middle of a round.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use contract::settings::Settings;
 use futures::{FutureExt, StreamExt};
-use testkit::process::{service_command, signal, terminate};
+use testkit::process::{free_port, service_command, signal, terminate, KilledOnDrop};
 use testkit::{eventually, PrivateNats, Running, TestEnv};
 use uuid::Uuid;
 
@@ -18,22 +17,7 @@ use crate::relay::{
     post_batches, spawn_relay, spawn_relay_with_admin, stall_marking, stream_messages,
     wait_for_stream_messages, wait_until_marked,
 };
-use crate::support::{migrate, reading, wait_for_counts, Ingest};
-
-/// A relay process killed (after a SIGCONT, in case it is stopped) if the test fails.
-struct RelayProcess(Option<std::process::Child>);
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        if let Some(mut process) = self.0.take() {
-            let _ = Command::new("kill")
-                .args(["-CONT", &process.id().to_string()])
-                .status();
-            let _ = process.kill();
-            let _ = process.wait();
-        }
-    }
-}
+use crate::support::{migrate, reading, wait_for_counts, wait_for_session, Ingest};
 
 /// Longer than any test: only the trigger under test may start a stream check.
 const NEVER_MS: u64 = 3_600_000;
@@ -767,7 +751,7 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     // The "mark published" statement takes 2 s: time to pause the relay in between.
     let db = env.postgres().await;
     stall_marking(&db, 2).await;
-    let mut paused_process = RelayProcess(Some(
+    let mut paused_process = KilledOnDrop::new(
         service_command(
             env!("CARGO_BIN_EXE_relay"),
             &env,
@@ -775,12 +759,8 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
         )
         .spawn()
         .expect("relay binary starts"),
-    ));
-    let paused_id = paused_process
-        .0
-        .as_ref()
-        .map(|process| process.id())
-        .unwrap_or_default();
+    );
+    let paused_id = paused_process.id();
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
     // SIGSTOP while its mark is stalled: the mark completes, and the session then sits
@@ -800,13 +780,119 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
     signal(paused_id, "-CONT");
     post_readings(&ingest, "later", 5).await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), READINGS + 5).await;
-    let mut paused = paused_process.0.take().expect("the relay process");
+    let mut paused = paused_process.take();
     assert!(
         paused.try_wait().expect("status").is_none(),
         "the resumed relay is still running"
     );
     let status = terminate(paused, "the relay").await;
     assert_eq!(status.code(), Some(0));
+    ingest.stop().await;
+}
+
+/// A relay paused between its claim and its publishes (SIGSTOP, a hung host) publishes
+/// none of those rows when it resumes: its session ended after the idle timeout and
+/// another relay published and marked them, and its copies, sent past JetStream's
+/// duplicate window, would be stored as second messages (past the projector's dedup
+/// horizon, counted twice). Until 2026-12-07 it published them, and the stream held
+/// every one of these readings twice.
+///
+/// The pause must come after the claim ran and before its rows reach the relay. The
+/// relay has one pooled connection, on which its rounds (finding the rows locked by the
+/// test, so claiming none) have prepared the claim; then the test locks the table, the
+/// next claim waits on that lock in its execution, the relay is stopped, and the lock
+/// goes: the claim takes the rows, and its answer waits in the stopped relay's socket.
+#[tokio::test]
+async fn a_relay_paused_after_its_claim_publishes_none_of_it_when_it_resumes() {
+    const READINGS: usize = 10;
+    let mut env = TestEnv::new();
+    env.settings.relay.idle_in_transaction_timeout_ms = 1000;
+    env.settings.nats.duplicate_window_secs = 1;
+    let ingest = Ingest::spawn(&env.settings).await;
+    post_readings(&ingest, "k", READINGS).await;
+    let mut blocker = env.postgres().await;
+    let lock = blocker.transaction().await.expect("begin");
+    lock.batch_execute("SELECT id FROM outbox FOR UPDATE")
+        .await
+        .expect("the rows locked");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut paused = KilledOnDrop::new(
+        service_command(
+            env!("CARGO_BIN_EXE_relay"),
+            &env,
+            &[
+                ("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000"),
+                ("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1"),
+                ("PIPELINE__RELAY__ROUNDS_IN_FLIGHT", "1"),
+                ("PIPELINE__DATABASE__POOL_SIZE", "1"),
+                // No prune: it would wait on the table lock and hold the one connection.
+                ("PIPELINE__RELAY__PRUNE_INTERVAL_MS", "3600000"),
+                ("PIPELINE__RELAY__ADMIN_LISTEN", &admin),
+            ],
+        )
+        .spawn()
+        .expect("relay binary starts"),
+    );
+    let db = env.postgres().await;
+    // A round ran and claimed nothing (it rolls back; nothing else in this database
+    // does): the claim is prepared on the relay's one connection.
+    wait_for_session(
+        &db,
+        "a round of the relay run on its one connection",
+        "query = 'ROLLBACK'",
+    )
+    .await;
+    lock.batch_execute("LOCK TABLE outbox IN EXCLUSIVE MODE")
+        .await
+        .expect("claims held up");
+    let claiming = eventually(
+        Duration::from_secs(20),
+        "the relay's claim held up by the lock",
+        || async {
+            let pids = testkit::lock_waiter_pids(&db, "ORDER BY id LIMIT").await;
+            (pids.len() == 1).then(|| pids[0])
+        },
+    )
+    .await;
+    signal(paused.id(), "-STOP");
+    // The claim takes the rows, its answer waits in the stopped relay's socket, and its
+    // session, idle in the transaction, ends after the timeout.
+    lock.commit().await.expect("claims let through");
+    wait_for_counts(
+        &db,
+        Duration::from_secs(20),
+        "the paused relay's session ended",
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {claiming}"),
+        &[0],
+    )
+    .await;
+
+    let other = spawn_relay(&env.settings);
+    wait_until_marked(&db, READINGS as i64).await;
+    other.stop().await;
+    // A duration that must pass: past the duplicate window of the other relay's
+    // publishes, so JetStream would store a copy.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    signal(paused.id(), "-CONT");
+    let http = reqwest::Client::new();
+    let metrics = format!("http://{admin}/metrics");
+    eventually(
+        Duration::from_secs(20),
+        "the resumed relay's round handed its rows back",
+        || async {
+            let scrape = testkit::prometheus::scrape(&http, &metrics).await?;
+            (scrape.value_or_zero("relay_retries_total", &[]) >= READINGS as f64).then_some(())
+        },
+    )
+    .await;
+    let jetstream = env.jetstream().await;
+    assert_eq!(
+        stream_messages(&jetstream, env.subjects.stream()).await,
+        Some(READINGS as u64),
+        "one message a reading"
+    );
+    assert_eq!(terminate(paused.take(), "the relay").await.code(), Some(0));
     ingest.stop().await;
 }
 
