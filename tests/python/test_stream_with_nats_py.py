@@ -85,22 +85,24 @@ def http(method, url, body=None, headers=None):
         return None, None, b""
 
 
-def psql(sql):
+def psql(sql, database="postgres"):
+    """Runs `sql` on `database`; what it printed, unaligned and without headers."""
     server = urlsplit(DATABASE_SERVER)
-    subprocess.run(
+    return subprocess.run(
         [
             "psql",
             "-h", server.hostname or "127.0.0.1",
             "-p", str(server.port or 5432),
             "-U", server.username or "postgres",
-            "-d", "postgres",
+            "-d", database,
             "-v", "ON_ERROR_STOP=1",
-            "-qc", sql,
+            "-qAtc", sql,
         ],
         check=True,
         capture_output=True,
+        text=True,
         timeout=30,
-    )
+    ).stdout.strip()
 
 
 def rfc3339(text):
@@ -149,7 +151,12 @@ def pipeline(tmp_path):
                 return http("GET", f"http://{listen}/readyz")[0] == 200
 
             eventually(f"{name} /readyz 200", ready)
-        yield {"ingest": f"http://{ingest_listen}", "stream": stream, "processes": processes}
+        yield {
+            "ingest": f"http://{ingest_listen}",
+            "stream": stream,
+            "database": database,
+            "processes": processes,
+        }
         for name, process in processes.items():
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=15) == 0, f"{name} exits 0 on SIGTERM"
@@ -160,8 +167,11 @@ def pipeline(tmp_path):
                 process.wait()
         for log in logs.values():
             log.close()
-        asyncio.run(delete_streams(stream))
-        psql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        # Each clean-up step on its own: NATS away must not keep the database.
+        try:
+            asyncio.run(delete_streams(stream))
+        finally:
+            psql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 async def delete_streams(stream):
@@ -190,6 +200,7 @@ def test_relayed_events_read_with_nats_py_have_the_documented_subject_headers_an
                  "metrics": {"pressure": 1013.25}}),
     ]
     accepted = {}
+    event_ids = {}
     for key, reading in readings:
         status, _, body = http(
             "POST",
@@ -201,6 +212,7 @@ def test_relayed_events_read_with_nats_py_have_the_documented_subject_headers_an
         answer = json.loads(body)
         assert answer["status"] == "accepted"
         accepted[answer["event_id"]] = reading
+        event_ids[key] = answer["event_id"]
     # A retry is answered from the stored record and makes no second event.
     status, headers, body = http(
         "POST",
@@ -209,7 +221,16 @@ def test_relayed_events_read_with_nats_py_have_the_documented_subject_headers_an
         {"Content-Type": "application/json", "Idempotency-Key": "k-1"},
     )
     assert status == 202 and headers["Idempotent-Replayed"] == "true"
-    assert json.loads(body)["event_id"] in accepted
+    assert json.loads(body)["event_id"] == event_ids["k-1"], "the first answer's event"
+    # Every event relayed before the stream is counted: a second event of the retry
+    # would be in the outbox by now, and published.
+    eventually(
+        "every outbox row published",
+        lambda: psql(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL", pipeline["database"]
+        ) == "0",
+    )
+    assert psql("SELECT count(*) FROM outbox", pipeline["database"]) == "3", "one event a reading"
 
     asyncio.run(check_stream(pipeline["stream"], accepted))
 

@@ -605,7 +605,7 @@ async fn expired_keys_and_published_rows_are_pruned_and_a_key_may_be_used_again(
     env.settings.ingest.reading_retention_secs = 15;
     let ingest = Ingest::spawn(&env.settings).await;
     let first: Value = ingest
-        .post("k-1", &reading("sensor-1", 1.0))
+        .accept("k-1", &reading("sensor-1", 1.0))
         .await
         .json()
         .await

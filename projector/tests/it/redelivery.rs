@@ -12,7 +12,7 @@ use testkit::prometheus::{scrape, Scrape};
 use testkit::{eventually, RedisUser, TestEnv};
 
 use crate::support::{
-    assert_same_figures, connection, consumer_info, direct_read_model, drained, event, figures,
+    apply_live, assert_same_figures, connection, consumer_info, drained, event, figures,
     live_generation, now_ms, projected, projector_process, publish, publish_many, publish_with_id,
     reference, set_live_generation, stream_messages, streams, Projector, Sums, CATCH_UP,
 };
@@ -110,11 +110,7 @@ async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
     // The same event twice in one batch, as a redelivery racing its original.
     batch.push(batch[1].clone());
 
-    let model = direct_read_model(&env);
-    let first = model
-        .apply(&mut redis, &[GENERATION], &batch, now_ms())
-        .await
-        .expect("first apply");
+    let first = apply_live(&env, &mut redis, &batch, now_ms()).await;
     assert_eq!(
         first,
         Applied {
@@ -131,10 +127,7 @@ async fn applying_the_same_batch_twice_applies_nothing_the_second_time() {
         env.device_stats("sensor-2").await.expect("sensor-2"),
     );
 
-    let second = model
-        .apply(&mut redis, &[GENERATION], &batch, now_ms() + 1_000)
-        .await
-        .expect("second apply");
+    let second = apply_live(&env, &mut redis, &batch, now_ms() + 1_000).await;
     assert_eq!(
         second,
         Applied {
@@ -189,10 +182,7 @@ async fn events_applied_before_a_crash_are_skipped_when_the_projector_receives_t
     // acking them: JetStream still holds them as undelivered for the durable consumer.
     set_live_generation(&env, GENERATION).await;
     let mut redis = connection(&env).await;
-    direct_read_model(&env)
-        .apply(&mut redis, &[GENERATION], &delivered[..3], now_ms())
-        .await
-        .expect("applied before the crash");
+    apply_live(&env, &mut redis, &delivered[..3], now_ms()).await;
 
     let projector = Projector::spawn(&env.settings).await;
     let info = drained(&env, &jetstream, 4).await;
@@ -509,6 +499,10 @@ async fn an_event_refused_during_a_rebuild_waits_for_the_switch_rather_than_the_
         .await
         .expect("building");
 
+    let deliveries_before = consumer_info(&env, &jetstream)
+        .await
+        .delivered
+        .consumer_sequence;
     let base = now_ms() - 60_000;
     let refused = event("sensor-refused", base, &[("temperature", 1.0)]);
     publish(&env, &jetstream, &refused).await;
@@ -527,6 +521,18 @@ async fn an_event_refused_during_a_rebuild_waits_for_the_switch_rather_than_the_
     // Five seconds of other devices' events: the refused one comes five times or more.
     let (trickled, _) = trickle(&env, &jetstream, base + 1_000, 25, || false).await;
     others.extend(trickled);
+    projected(&env, &reference(&others)).await;
+    // Every other event delivered (at least) once: the rest are the refused one's.
+    let deliveries = consumer_info(&env, &jetstream)
+        .await
+        .delivered
+        .consumer_sequence
+        - deliveries_before
+        - others.len() as u64;
+    assert!(
+        deliveries >= projector::consumer::DELIVERIES_BEFORE_REFUSED_IS_DEAD as u64,
+        "the refused event delivered as often as dead-lettering takes: {deliveries} times"
+    );
     assert!(
         no_dead_letters(&env, &jetstream).await,
         "nothing dead-lettered while the rebuild runs"
@@ -625,11 +631,12 @@ async fn counted_once(env: &TestEnv, refused: &TelemetryRecorded) {
     assert_same_figures(device, &actual[device], &expected[device], Sums::Exact);
 }
 
-/// Whether the dead-letter stream holds nothing (or is not there).
+/// Whether the dead-letter stream (which [`streams`] made) holds nothing.
 async fn no_dead_letters(env: &TestEnv, jetstream: &async_nats::jetstream::Context) -> bool {
     projector::dlq::list(jetstream, &env.subjects, 10)
         .await
-        .map_or(true, |letters| letters.is_empty())
+        .expect("the dead letters listed")
+        .is_empty()
 }
 
 /// One event of a generated scenario: device, time slot and metric values.
@@ -711,18 +718,13 @@ proptest! {
                     stored_at: events[*index].received_at,
                 })
                 .collect();
-            let model = direct_read_model(&env);
             let mut rest = deliveries.as_slice();
             let mut sizes = batch_sizes.iter().cycle();
             let mut applied = 0;
             while !rest.is_empty() {
                 let size = (*sizes.next().expect("cycle")).min(rest.len());
                 let (batch, later) = rest.split_at(size);
-                applied += model
-                    .apply(&mut redis, &[GENERATION], batch, now_ms())
-                    .await
-                    .expect("apply")
-                    .applied;
+                applied += apply_live(&env, &mut redis, batch, now_ms()).await.applied;
                 rest = later;
             }
             assert_eq!(applied, events.len() as u64, "each event applied once");

@@ -12,7 +12,8 @@ use contract::reference::{ModelReading, ReferenceModel};
 use contract::settings::Settings;
 use contract::timestamp::{from_unix_millis, unix_millis};
 use ingest::redis_connection::RedisConnection;
-use projector::apply::ReadModel;
+use projector::apply::{Applied, AsOf, Delivered, ReadModel};
+use projector::rebuild::Generations;
 use redis::aio::ConnectionManagerConfig;
 use testkit::process::ServiceProcess;
 pub use testkit::{assert_same_figures, SplitMix, Sums};
@@ -104,6 +105,28 @@ pub fn event(device: &str, recorded_at_ms: i64, metrics: &[(&str, f64)]) -> Tele
 /// apply batches directly.
 pub fn direct_read_model(env: &TestEnv) -> ReadModel {
     ReadModel::new(env.settings.redis.prefix.clone(), 86_400_000)
+}
+
+/// Applies `batch` as a live projector does: to the generations the meta hash names
+/// now, through [`ReadModel::apply_as_of`] (every call guarded, the batch split by what
+/// a rebuild replays alone); fails the test unless every call went through.
+pub async fn apply_live(
+    env: &TestEnv,
+    redis: &mut RedisConnection,
+    batch: &[Delivered],
+    now_ms: i64,
+) -> Applied {
+    let generations = Generations::read(redis, &env.settings.redis.prefix)
+        .await
+        .expect("meta read");
+    match direct_read_model(env)
+        .apply_as_of(redis, &generations, batch, now_ms)
+        .await
+        .expect("apply")
+    {
+        AsOf::Applied(applied) => applied,
+        other => panic!("nothing changes the generations or refuses these events: {other:?}"),
+    }
 }
 
 /// A Redis connection as the projector has one.
