@@ -195,11 +195,7 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     .await
     .expect("refusing trigger");
     // Written while no relay runs.
-    for index in 0..READINGS {
-        ingest
-            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
-            .await;
-    }
+    ingest.accept_readings(READINGS).await;
 
     let relay = ServiceProcess::spawn(
         env!("CARGO_BIN_EXE_relay"),
@@ -325,11 +321,7 @@ async fn a_relay_started_while_nats_is_down_reports_its_backlog() {
     const READINGS: usize = 3;
     let env = TestEnv::new();
     let ingest = Ingest::spawn(&env.settings).await;
-    for index in 0..READINGS {
-        ingest
-            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
-            .await;
-    }
+    ingest.accept_readings(READINGS).await;
     let relay = ServiceProcess::spawn(
         env!("CARGO_BIN_EXE_relay"),
         &env,

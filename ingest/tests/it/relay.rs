@@ -80,11 +80,7 @@ async fn readings_with_marking_stalled(
     readings: usize,
 ) -> (Ingest, tokio_postgres::Client) {
     let ingest = Ingest::spawn(&env.settings).await;
-    for index in 0..readings {
-        ingest
-            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
-            .await;
-    }
+    ingest.accept_readings(readings).await;
     let db = env.postgres().await;
     stall_marking(&db, 60).await;
     (ingest, db)
@@ -656,11 +652,7 @@ async fn the_relay_vacuums_the_tables_it_pruned_so_their_space_is_reused() {
     // A vacuum is due once a prune_batch of rows was deleted (and a fifth of the table).
     env.settings.relay.prune_batch = 2;
     let ingest = Ingest::spawn(&env.settings).await;
-    for index in 0..3 {
-        ingest
-            .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
-            .await;
-    }
+    ingest.accept_readings(3).await;
     let relay = spawn_relay(&env.settings);
     let db = env.postgres().await;
     // The statistics count every vacuum, whoever ran it; autovacuum is off on the
@@ -1261,11 +1253,7 @@ impl Refused {
         jetstream.update_stream(&config).await.expect("capped");
 
         let refusals_from = Instant::now();
-        for index in 0..3 {
-            ingest
-                .accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
-                .await;
-        }
+        ingest.accept_readings(3).await;
         testkit::settled_readiness_within(&admin_url, Some("nats"), Duration::from_secs(40)).await;
         assert!(
             refusals_from.elapsed() >= ingest::relay::PUBLISHES_REFUSED_UNREADY,

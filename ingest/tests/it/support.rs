@@ -70,6 +70,15 @@ impl Ingest {
         self.post_text(key, body.to_string()).await
     }
 
+    /// Stores `count` readings of `sensor-1` (temperatures 0, 1, …) under the keys
+    /// `k-0`, `k-1`, …, each answered `202`.
+    pub async fn accept_readings(&self, count: usize) {
+        for index in 0..count {
+            self.accept(&format!("k-{index}"), &reading("sensor-1", index as f64))
+                .await;
+        }
+    }
+
     /// `POST /v1/telemetry` that must be answered `202`; the answer, for further checks.
     pub async fn accept(&self, key: &str, body: &Value) -> Response {
         let response = self.post(key, body).await;
