@@ -479,7 +479,8 @@ impl Relay {
     /// Rounds one after another while a backlog fills them, else on NOTIFY or the poll.
     async fn publish_rounds(&self, wake: &Notify, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
-        let mut partial = FailureLog::default();
+        // Rounds that failed or marked only part of their rows, in series.
+        let mut rounds = FailureLog::default();
         while !shutdown.is_cancelled() {
             // No round while NATS is not connected: its publishes would only fill the
             // client's queue, to be sent after the reconnect whether or not the round
@@ -519,7 +520,6 @@ impl Relay {
             }
             match self.relay_once(shutdown, connects).await {
                 Ok(round) => {
-                    backoff.reset();
                     lock(&self.pacer).finished(round.marked);
                     if round.marked < round.claimed && !shutdown.is_cancelled() {
                         // Some rows went through: what failed is theirs alone (a row
@@ -527,17 +527,20 @@ impl Relay {
                         // once, for the rest of the outbox and the rows handed back.
                         // Only a round that marked nothing backs off; until 2026-12-07
                         // every partial round did, and one row that always failed held
-                        // the relay to a few hundred rows a second. A series of them is
-                        // one WARN, not one a round.
+                        // the relay to a few hundred rows a second. The backoff starts
+                        // over only after a round that marked all it claimed, so such a
+                        // row, alone in a round between partial ones, waits ever
+                        // longer (up to 5 s) rather than 100 ms each time.
                         metrics::counter!("relay_errors_total").increment(1);
-                        partial.failed(
+                        rounds.failed(
                             &round.shortfall(),
                             "a relay round marked only part of its rows; the rest stays in the outbox",
                             "again a relay round marked only part of its rows",
                         );
                         continue;
                     }
-                    partial.succeeded("relay rounds mark every row they claim again");
+                    backoff.reset();
+                    rounds.succeeded("relay rounds mark every row they claim again");
                     if round.claimed as i64 == self.batch_size {
                         continue;
                     }
@@ -553,9 +556,12 @@ impl Relay {
                         }
                         Err(error) => {
                             metrics::counter!("relay_errors_total").increment(1);
-                            tracing::warn!(
-                                error = format!("{error:#}"),
-                                "relay round failed, backing off"
+                            // One WARN for a series of failed or partial rounds, not
+                            // one a round: a row refused for good makes a long one.
+                            rounds.failed(
+                                &format!("{error:#}"),
+                                "relay round failed, backing off",
+                                "again a relay round failed, backing off",
                             );
                         }
                     }
@@ -744,6 +750,11 @@ impl Relay {
         }
         let mut acks = Vec::with_capacity(rows.len());
         let mut left_out = None;
+        // One timer for the round, not one a row.
+        let lapse = tokio::time::sleep_until(tokio::time::Instant::from_std(
+            claim_sent + self.claim_holds_for,
+        ));
+        tokio::pin!(lapse);
         for row in to_publish {
             if shutdown.is_cancelled() {
                 left_out = Some("the relay is stopping");
@@ -758,10 +769,6 @@ impl Relay {
             }
             if self.connects() != checked_connects || lock(&self.stream_unverified).due {
                 left_out = Some("a stream check is due");
-                break;
-            }
-            if claim_sent.elapsed() >= self.claim_holds_for {
-                left_out = Some("the claim may have lapsed with its session");
                 break;
             }
             let event_id: Uuid = row.get(1);
@@ -783,6 +790,12 @@ impl Relay {
             // was not queued, so it is not sent).
             let ack = tokio::select! {
                 biased;
+                // First: a claim that may have lapsed sends nothing more, even a publish
+                // ready after a wait for a permit or a pause.
+                () = &mut lapse => {
+                    left_out = Some("the claim may have lapsed with its session");
+                    break;
+                }
                 ack = publish => ack,
                 _ = shutdown.cancelled() => {
                     left_out = Some("the relay is stopping");
