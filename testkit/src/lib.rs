@@ -260,6 +260,32 @@ impl TestEnv {
         DeviceStats::from_hash(hash)
     }
 
+    /// Loses this test's read model as `FLUSHALL` would (other tests share the server):
+    /// the meta hash first, so that no reader sees a generation without its devices and
+    /// no guarded write lands after the rest is gone, then every other key under the
+    /// prefix.
+    pub async fn lose_read_model(&self) {
+        let prefix = &self.settings.redis.prefix;
+        let mut redis = self.redis().await;
+        let () = redis::cmd("DEL")
+            .arg(contract::read_model::meta_key(prefix))
+            .query_async(&mut redis)
+            .await
+            .expect("meta hash deleted");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", contract::read_model::glob_escaped(prefix)))
+            .query_async(&mut redis)
+            .await
+            .expect("keys listed");
+        if !keys.is_empty() {
+            let () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut redis)
+                .await
+                .expect("keys deleted");
+        }
+    }
+
     /// The read model's keys of `generation` under this test's prefix (`KEYS`).
     pub async fn generation_keys(&self, generation: u64) -> Vec<String> {
         redis::cmd("KEYS")

@@ -223,19 +223,40 @@ impl Drop for ServiceProcess {
     }
 }
 
-/// A child process a test runs itself, killed (after a SIGCONT, in case the test stopped
-/// it) and reaped when dropped: a test that fails half-way leaves no process behind.
-/// [`KilledOnDrop::take`] hands the child over for a clean end.
+/// A child process a test runs itself, killed (a stopped one too) and reaped when
+/// dropped: a test that fails half-way leaves no process behind.
 pub struct KilledOnDrop(Option<Child>);
 
 impl KilledOnDrop {
+    /// Guards `child`.
     pub fn new(child: Child) -> Self {
         Self(Some(child))
     }
 
-    /// The child's pid (0 once taken).
+    /// The child's pid.
     pub fn id(&self) -> u32 {
-        self.0.as_ref().map_or(0, Child::id)
+        self.0
+            .as_ref()
+            .map(Child::id)
+            .expect("a child until it exited")
+    }
+
+    /// Waits at most `limit` for the child to exit by itself (after a SIGTERM, say) and
+    /// returns its status; fails the test naming `what` otherwise, and the drop kills it.
+    pub fn wait_within(&mut self, limit: Duration, what: &str) -> ExitStatus {
+        let child = self.0.as_mut().expect("a child until it exited");
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("the child's status") {
+                self.0 = None;
+                return status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{what} did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The child, which is then the caller's to end.
@@ -247,9 +268,6 @@ impl KilledOnDrop {
 impl Drop for KilledOnDrop {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
-            let _ = Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status();
             let _ = child.kill();
             let _ = child.wait();
         }

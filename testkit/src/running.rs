@@ -79,14 +79,18 @@ impl<T: Exit> Running<T> {
     /// panicked or returned an error fails the test.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        let Some(task) = self.task.take() else {
+        let Some(task) = self.task.as_mut() else {
             return;
         };
-        tokio::time::timeout(STOP_DEADLINE, task)
+        // The task stays ours until it ended: one that outlives the deadline is aborted
+        // by the drop as the test fails.
+        let ended = tokio::time::timeout(STOP_DEADLINE, task)
             .await
             .unwrap_or_else(|_| {
                 panic!("the service did not stop within {STOP_DEADLINE:?} of cancellation")
-            })
+            });
+        self.task = None;
+        ended
             .expect("the service task did not panic")
             .expect_clean();
     }

@@ -274,7 +274,7 @@ fn relay_log_with_nats_down(env: &TestEnv, level: &str, until: &str, more: Durat
     // A duration that must pass: async-nats retries its connection several times in it.
     std::thread::sleep(more);
     signal(child.id(), "-TERM");
-    child.take().wait().expect("the relay exits");
+    child.wait_within(Duration::from_secs(15), "the relay after SIGTERM");
     for reader in readers {
         reader.join().expect("output read");
     }

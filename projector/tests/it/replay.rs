@@ -180,27 +180,9 @@ async fn a_replay_whose_read_model_was_lost_under_it_writes_nothing_more() {
         .await
         .expect("the build under way");
 
-    // The prefix emptied as FLUSHALL would empty it: the meta hash first, so that no key
-    // a replay call writes after it can escape the deletion of the rest.
-    let prefix = &env.settings.redis.prefix;
-    let mut redis = env.redis().await;
-    let () = redis::cmd("DEL")
-        .arg(meta_key(prefix))
-        .query_async(&mut redis)
-        .await
-        .expect("meta hash deleted");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
-        .await
-        .expect("keys listed");
-    if !keys.is_empty() {
-        let () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut redis)
-            .await
-            .expect("keys deleted");
-    }
+    // The prefix emptied as FLUSHALL would empty it, the meta hash first: no key a
+    // replay call writes after it can escape the deletion of the rest.
+    env.lose_read_model().await;
     nats.thaw();
 
     let ended = tokio::time::timeout(FINISHED_AFTER_THE_RESTART, running)

@@ -484,26 +484,8 @@ async fn a_lost_read_model_heals_itself_and_answers_503_never_wrong_numbers_mean
     // In the stream before the loss: a healed read model holds each of them.
     let before_the_loss = model.device("heal-1").expect("known").sample_count;
 
-    // What FLUSHALL does to this pipeline's keys (other tests share the server): the
-    // meta hash first, so no reader ever sees a generation without its devices.
-    let mut redis = env.redis().await;
-    let _: () = redis::cmd("DEL")
-        .arg(meta_key(&env.settings.redis.prefix))
-        .query_async(&mut redis)
-        .await
-        .expect("meta deleted");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", env.settings.redis.prefix))
-        .query_async(&mut redis)
-        .await
-        .expect("keys listed");
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut redis)
-            .await
-            .expect("keys deleted");
-    }
+    // What FLUSHALL does to this pipeline's keys.
+    env.lose_read_model().await;
     // Readings keep arriving during the outage.
     publish_all(env, jetstream, &mut model, (40..50).map(heal)).await;
     let expected = model.device("heal-1").expect("known").sample_count;
