@@ -642,7 +642,8 @@ pub fn rows(results: &Results) -> Vec<Row> {
     let untracked = num(results, "e2e", "/untracked_probe_cap").unwrap_or(0.0);
     let skipped = num(results, "e2e", "/skipped_in_flight_cap").unwrap_or(0.0);
     let posted = num(results, "e2e", "/posted").unwrap_or(0.0);
-    let accepted = num(results, "e2e", "/accepted").unwrap_or(0.0);
+    // Results written before the count was judged have no refusals to judge.
+    let accepted = num(results, "e2e", "/accepted").unwrap_or(posted);
     // A probe not seen (timed out, or its POST refused or failed) is a miss too: the
     // percentiles are of the probes seen only. So is a reading of the load refused or
     // failed (a 429, a 503, a timeout): a pipeline that turns part of its load away
