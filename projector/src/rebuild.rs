@@ -533,23 +533,19 @@ impl Rebuild {
             stored_at: state.last_timestamp,
         };
         // From here on live projectors leave all of it to the replay (meta::REPLAY_LAST).
-        let set: i64 = REPLAY_LAST_SET
+        // Every call of the replay is guarded by the meta hash as the script leaves it:
+        // once it changes (the read model lost, another rebuild taking over), the replay
+        // writes nothing more and fails.
+        let set: Option<[Option<String>; 4]> = REPLAY_LAST_SET
             .key(meta_key(&self.read_model.prefix))
             .arg(generation)
             .arg(replay_last.encode())
             .invoke_async(&mut self.redis.clone())
             .await?;
-        if set != 1 {
+        let Some(fields) = set else {
             bail!("the build of generation {generation} was taken over or the read model was reset before its replay began");
-        }
-        // Every call of the replay is guarded by the meta hash as it is now: once it
-        // changes (the read model lost, another rebuild taking over), the replay writes
-        // nothing more and fails.
-        let now = Generations::read(&mut self.redis.clone(), &self.read_model.prefix).await?;
-        if now.building != Some(generation) {
-            bail!("the build of generation {generation} was taken over or the read model was reset as its replay began");
-        }
-        let fields = &now.fields;
+        };
+        let fields = &fields.map(Option::unwrap_or_default);
         let split = live_ack_floor.min(last_sequence);
         let mut replayed = 0;
         let mut past_the_floor = PastTheFloor::default();
@@ -830,12 +826,13 @@ static SWITCH: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Sets the meta hash's `replay_last` to `ARGV[2]` if `building` still names generation
-/// `ARGV[1]`; 1 if so.
+/// `ARGV[1]`, and returns the fields the guard compares then (generation, layout,
+/// building, replay_last, as [`Generations::fields`] has them); nil if not.
 static REPLAY_LAST_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        "if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+        "if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return nil end
          redis.call('HSET', KEYS[1], 'replay_last', ARGV[2])
-         return 1",
+         return redis.call('HMGET', KEYS[1], 'generation', 'layout', 'building', 'replay_last')",
     )
 });
 
