@@ -331,19 +331,23 @@ impl ReadModel {
         events: &[Delivered],
         now_ms: i64,
     ) -> RedisResult<Applied> {
-        let applied = self
-            .apply_unless_stale(connection, generations, None, events, now_ms)
+        let events: Vec<&Delivered> = events.iter().collect();
+        let guarded = self
+            .apply_guarded(connection, generations, None, &events, now_ms)
             .await?;
-        Ok(applied.unwrap_or_default())
+        match guarded.refused.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(guarded.applied),
+        }
     }
 
     /// Applies `events` to `generation` alone, as a rebuild's replay does, if the meta
     /// hash still holds `fields` (its generation, layout, building and replay_last
     /// fields, [`Generations::fields`](crate::rebuild::Generations::fields)); `None`
     /// when they changed (the read model was lost, another rebuild took over) and
-    /// nothing was written. Unguarded, a replay that went on after its read model was
-    /// lost wrote keys of a generation nothing names any more, which no expiry and no
-    /// later rebuild ever removed.
+    /// nothing was written; the first refused call's error is the batch's. Unguarded, a
+    /// replay that went on after its read model was lost wrote keys of a generation
+    /// nothing names any more, which no expiry and no later rebuild ever removed.
     pub async fn apply_replayed<C: ConnectionLike>(
         &self,
         connection: &mut C,
@@ -352,23 +356,9 @@ impl ReadModel {
         events: &[Delivered],
         now_ms: i64,
     ) -> RedisResult<Option<Applied>> {
-        self.apply_unless_stale(connection, &[generation], Some(fields), events, now_ms)
-            .await
-    }
-
-    /// [`apply`](Self::apply), guarded by `guard` when given: `None` when a call found
-    /// the generations changed; the first refused call's error is the batch's.
-    async fn apply_unless_stale<C: ConnectionLike>(
-        &self,
-        connection: &mut C,
-        generations: &[u64],
-        guard: Option<&[String; 4]>,
-        events: &[Delivered],
-        now_ms: i64,
-    ) -> RedisResult<Option<Applied>> {
         let events: Vec<&Delivered> = events.iter().collect();
         let guarded = self
-            .apply_guarded(connection, generations, guard, &events, now_ms)
+            .apply_guarded(connection, &[generation], Some(fields), &events, now_ms)
             .await?;
         if guarded.stale {
             return Ok(None);
