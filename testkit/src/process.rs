@@ -95,7 +95,7 @@ pub fn the_only_line(stderr: &str) -> &str {
 /// stopped it first.
 pub struct ServiceProcess {
     name: String,
-    child: Option<Child>,
+    child: KilledOnDrop,
     /// `http://127.0.0.1:<port>` of its listener (the admin port for relay and projector).
     pub base_url: String,
     pub http: reqwest::Client,
@@ -120,6 +120,7 @@ impl ServiceProcess {
         let mut process = Self::start(program, env, listen_key, extra, Stdio::piped());
         let stdout = process
             .child
+            .0
             .as_mut()
             .and_then(|child| child.stdout.take())
             .expect("stdout piped");
@@ -151,7 +152,7 @@ impl ServiceProcess {
             .unwrap_or_else(|error| panic!("{program} starts: {error}"));
         Self {
             name: program.rsplit('/').next().unwrap_or(program).to_owned(),
-            child: Some(child),
+            child: KilledOnDrop::new(child),
             base_url: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
@@ -200,26 +201,22 @@ impl ServiceProcess {
         .await
     }
 
+    /// Its pid, for a signal ([`signal`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as a crash would stop it, and waits until it is gone.
     pub fn kill(mut self) {
-        let mut child = self.child.take().expect("a child until stopped");
+        let mut child = self.child.take();
         child.kill().expect("SIGKILL sent");
         child.wait().expect("killed process reaped");
     }
 
     /// SIGTERM, then waits (at most 15 s) for the exit status.
     pub async fn terminate(mut self) -> ExitStatus {
-        let child = self.child.take().expect("a child until terminated");
+        let child = self.child.take();
         terminate(child, &self.name).await
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

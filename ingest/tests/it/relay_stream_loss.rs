@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use contract::settings::Settings;
 use futures::{FutureExt, StreamExt};
-use testkit::process::{free_port, service_command, signal, terminate, KilledOnDrop};
+use testkit::process::{service_command, signal, terminate, KilledOnDrop, ServiceProcess};
 use testkit::{eventually, PrivateNats, Running, TestEnv};
 use uuid::Uuid;
 
@@ -815,23 +815,18 @@ async fn a_relay_paused_after_its_claim_publishes_none_of_it_when_it_resumes() {
     lock.batch_execute("SELECT id FROM outbox FOR UPDATE")
         .await
         .expect("the rows locked");
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut paused = KilledOnDrop::new(
-        service_command(
-            env!("CARGO_BIN_EXE_relay"),
-            &env,
-            &[
-                ("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000"),
-                ("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1"),
-                ("PIPELINE__RELAY__ROUNDS_IN_FLIGHT", "1"),
-                ("PIPELINE__DATABASE__POOL_SIZE", "1"),
-                // No prune: it would wait on the table lock and hold the one connection.
-                ("PIPELINE__RELAY__PRUNE_INTERVAL_MS", "3600000"),
-                ("PIPELINE__RELAY__ADMIN_LISTEN", &admin),
-            ],
-        )
-        .spawn()
-        .expect("relay binary starts"),
+    let paused = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_relay"),
+        &env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
+        &[
+            ("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000"),
+            ("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1"),
+            ("PIPELINE__RELAY__ROUNDS_IN_FLIGHT", "1"),
+            ("PIPELINE__DATABASE__POOL_SIZE", "1"),
+            // No prune: it would wait on the table lock and hold the one connection.
+            ("PIPELINE__RELAY__PRUNE_INTERVAL_MS", "3600000"),
+        ],
     );
     let db = env.postgres().await;
     // A round ran and claimed nothing (it rolls back; nothing else in this database
@@ -854,7 +849,7 @@ async fn a_relay_paused_after_its_claim_publishes_none_of_it_when_it_resumes() {
         },
     )
     .await;
-    signal(paused.id(), "-STOP");
+    signal(paused.pid(), "-STOP");
     // The claim takes the rows, its answer waits in the stopped relay's socket, and its
     // session, idle in the transaction, ends after the timeout.
     lock.commit().await.expect("claims let through");
@@ -874,25 +869,23 @@ async fn a_relay_paused_after_its_claim_publishes_none_of_it_when_it_resumes() {
     // publishes, so JetStream would store a copy.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    signal(paused.id(), "-CONT");
-    let http = reqwest::Client::new();
-    let metrics = format!("http://{admin}/metrics");
-    eventually(
-        Duration::from_secs(20),
-        "the resumed relay's round handed its rows back",
-        || async {
-            let scrape = testkit::prometheus::scrape(&http, &metrics).await?;
-            (scrape.value_or_zero("relay_retries_total", &[]) >= READINGS as f64).then_some(())
-        },
-    )
-    .await;
+    signal(paused.pid(), "-CONT");
+    paused
+        .metrics_until(
+            Duration::from_secs(20),
+            "the resumed relay's round handed its rows back",
+            |scrape| {
+                (scrape.value_or_zero("relay_retries_total", &[]) >= READINGS as f64).then_some(())
+            },
+        )
+        .await;
     let jetstream = env.jetstream().await;
     assert_eq!(
         stream_messages(&jetstream, env.subjects.stream()).await,
         Some(READINGS as u64),
         "one message a reading"
     );
-    assert_eq!(terminate(paused.take(), "the relay").await.code(), Some(0));
+    assert_eq!(paused.terminate().await.code(), Some(0));
     ingest.stop().await;
 }
 

@@ -87,7 +87,11 @@ async fn sigterm_under_load_loses_no_accepted_reading_and_exits_zero() {
     for client in clients {
         client.await.expect("client task");
     }
-    let status = child.wait_within(Duration::from_secs(20), "ingest after SIGTERM");
+    let status = tokio::task::spawn_blocking(move || {
+        child.wait_within(Duration::from_secs(20), "ingest after SIGTERM")
+    })
+    .await
+    .expect("waited");
     assert_eq!(status.code(), Some(0), "ingest exits 0 after SIGTERM");
 
     let accepted = accepted.lock().expect("accepted keys").clone();
