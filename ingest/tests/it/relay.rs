@@ -102,13 +102,24 @@ async fn wait_until_all_marked(db: &tokio_postgres::Client) {
 
 /// Waits until the outbox holds `rows` rows, every one marked published.
 pub async fn wait_until_marked(db: &tokio_postgres::Client, rows: i64) {
+    wait_for_outbox(db, Duration::from_secs(30), rows, 0).await;
+}
+
+/// Waits at most `deadline` until the outbox holds `published` rows marked published
+/// and `unpublished` not.
+async fn wait_for_outbox(
+    db: &tokio_postgres::Client,
+    deadline: Duration,
+    published: i64,
+    unpublished: i64,
+) {
     wait_for_counts(
         db,
-        Duration::from_secs(30),
-        "every row marked published",
+        deadline,
+        &format!("{published} rows marked published and {unpublished} not"),
         "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
                 count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        &[rows, 0],
+        &[published, unpublished],
     )
     .await;
 }
@@ -1007,7 +1018,6 @@ async fn a_row_jetstream_refuses_for_good_does_not_hold_the_others_back() {
     const PER_BATCH: usize = 100;
     const ROWS: i64 = (BATCHES * PER_BATCH) as i64;
     let mut env = TestEnv::new();
-    env.settings.ingest.rate_limit_per_second = 0;
     env.settings.relay.batch_size = 100;
     migrate(&env).await;
     let jetstream = env.jetstream().await;
@@ -1035,15 +1045,8 @@ async fn a_row_jetstream_refuses_for_good_does_not_hold_the_others_back() {
 
     let relay = spawn_relay(&env.settings);
     let db = env.postgres().await;
-    wait_for_counts(
-        &db,
-        Duration::from_secs(15),
-        "every row but the refused one marked published",
-        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
-                count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-        &[ROWS, 1],
-    )
-    .await;
+    // Every row but the refused one.
+    wait_for_outbox(&db, Duration::from_secs(15), ROWS, 1).await;
     assert_eq!(
         stream_messages(&jetstream, env.subjects.stream()).await,
         Some(ROWS as u64)
