@@ -288,7 +288,7 @@ async fn a_transfer_coding_under_chunked_or_a_second_content_type_is_415() {
     let body = reading("sensor-1", 1.0).to_string();
     let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
     let sized = format!("Content-Length: {}\r\n\r\n{body}", body.len());
-    for (index, (headers, rest, named)) in [
+    let cases = [
         (
             "Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
             &chunked,
@@ -314,29 +314,33 @@ async fn a_transfer_coding_under_chunked_or_a_second_content_type_is_415() {
             &sized,
             "Content-Type",
         ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let mut stream = tokio::net::TcpStream::connect(&address)
-            .await
-            .expect("connect");
-        let request = format!(
-            "POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nConnection: close\r\nIdempotency-Key: k-{index}\r\n{headers}{rest}"
+    ];
+    // The batch endpoint reads its body through the same check.
+    for path in ["/v1/telemetry", "/v1/telemetry/batch"] {
+        for (index, (headers, rest, named)) in cases.iter().enumerate() {
+            let mut stream = tokio::net::TcpStream::connect(&address)
+                .await
+                .expect("connect");
+            let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nIdempotency-Key: k-{index}\r\n{headers}{rest}"
         );
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut answer = Vec::new();
-        stream.read_to_end(&mut answer).await.expect("answered");
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 415"), "case {index}: {answer}");
-        assert!(
-            answer.contains("application/problem+json") && answer.contains(named),
-            "case {index}: {answer}"
-        );
-        assert!(
-            !answer.to_ascii_lowercase().contains("accept-encoding"),
-            "Accept-Encoding names content codings only: case {index}: {answer}"
-        );
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.expect("answered");
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(
+                answer.starts_with("HTTP/1.1 415"),
+                "{path} case {index}: {answer}"
+            );
+            assert!(
+                answer.contains("application/problem+json") && answer.contains(named),
+                "case {index}: {answer}"
+            );
+            assert!(
+                !answer.to_ascii_lowercase().contains("accept-encoding"),
+                "Accept-Encoding names content codings only: case {index}: {answer}"
+            );
+        }
     }
     assert_eq!(count(&env.postgres().await, "readings").await, 0);
     ingest.stop().await;

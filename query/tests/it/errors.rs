@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use contract::settings::Settings;
+use query::http::devices::SELECTED_METRICS_MAX;
 use testkit::process::{failed_run, free_port, the_only_line};
 use testkit::{eventually, RedisUser, TestEnv};
 
@@ -33,10 +34,31 @@ async fn unknown_devices_malformed_requests_and_unknown_routes_are_problems() {
     )
     .await;
 
+    // As many metrics as a selection may name: not a malformed request.
+    let names = |count: usize| -> String {
+        (0..count)
+            .map(|index| format!("m{index}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    assert_problem(
+        query
+            .get(&format!(
+                "/v1/devices/never-seen/stats?metrics={}",
+                names(SELECTED_METRICS_MAX)
+            ))
+            .await,
+        404,
+        "not-found",
+    )
+    .await;
+
     let too_long = "d".repeat(65);
-    let too_many: Vec<String> = (0..65).map(|index| format!("m{index}")).collect();
     for path in [
-        format!("/v1/devices/sensor-1/stats?metrics={}", too_many.join(",")),
+        format!(
+            "/v1/devices/sensor-1/stats?metrics={}",
+            names(SELECTED_METRICS_MAX + 1)
+        ),
         "/v1/devices/bad%20id/stats".to_owned(),
         format!("/v1/devices/{too_long}/stats"),
         "/v1/devices/a.b/stats".to_owned(),
