@@ -319,6 +319,14 @@ pub const SIZE_MAX: u64 = 1_000_000;
 /// failed whole, and the retries made it again.
 pub const GROUP_MAX: u64 = 10_000;
 
+/// Fewest milliseconds `relay.idle_in_transaction_timeout_ms` may hold. A relay round
+/// publishes none of its claim once the claim is older than this (and PostgreSQL ends
+/// the session then anyway), so the claim, its publishes and the mark must fit in it:
+/// at 1 every round lapsed before its first publish and the relay marked nothing, for
+/// good. Below the relay's 5 s ack deadline a round waiting on slow acks is cut off and
+/// its rows published again, which JetStream's duplicate window drops.
+pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 1000;
+
 /// Smallest limit `ingest.max_body_bytes` and `ingest.max_batch_body_bytes` may have.
 ///
 /// The largest valid reading (a 64-character device id, 32 metrics of 64-character names,
@@ -416,7 +424,7 @@ impl Settings {
             )
             .build()
             .and_then(|layers| layers.try_deserialize())
-            .map_err(|error| SettingsError(error.to_string()))
+            .map_err(one_line)
     }
 
     /// Checks every rule [`Settings::load_from`] checks. The services' entry points call
@@ -540,6 +548,23 @@ impl Settings {
                     &format!("must be at most 100 years ({DURATION_MAX_SECS} s)"),
                 );
             }
+        }
+        if self.relay.idle_in_transaction_timeout_ms < IDLE_IN_TRANSACTION_MIN_MS {
+            return invalid(
+                "relay.idle_in_transaction_timeout_ms",
+                &format!(
+                    "must be at least {IDLE_IN_TRANSACTION_MIN_MS}: a round's claim, publishes and mark must fit in it (with 1 every round lapsed before its first publish and the relay marked nothing)"
+                ),
+            );
+        }
+        if self.ingest.commit_parallel_min > self.ingest.queue_capacity {
+            return invalid(
+                "ingest.commit_parallel_min",
+                &format!(
+                    "must be at most ingest.queue_capacity ({}): that many readings never wait at once, so no commit would ever start beside one in flight",
+                    self.ingest.queue_capacity
+                ),
+            );
         }
         if self.ingest.max_future_secs > FUTURE_MAX_SECS {
             return invalid(
@@ -743,6 +768,23 @@ impl Settings {
         ]
     }
 
+    /// [`Self::validate`], and what ingest alone asks of the settings: a pool with a
+    /// connection for the look-ups on a request's path (tokens, aged retries) beside its
+    /// `ingest.commit_concurrency` group commits. With no more than the commits, the
+    /// look-ups took one of theirs, and a flood of unknown tokens held commits up into
+    /// 503s. The relay and the projector share the key and need no such room.
+    pub fn validate_for_ingest(&self) -> Result<(), SettingsError> {
+        self.validate()?;
+        if self.database.pool_size <= self.ingest.commit_concurrency {
+            return Err(SettingsError(format!(
+                "{} must exceed ingest.commit_concurrency ({}) in ingest: the look-ups on a request's path need a connection beside the group commits",
+                key_and_variable("database.pool_size"),
+                self.ingest.commit_concurrency
+            )));
+        }
+        Ok(())
+    }
+
     /// The request deadline of the ingest service.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.ingest.request_timeout_ms)
@@ -758,6 +800,36 @@ impl Settings {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.log.shutdown_grace_secs)
     }
+}
+
+/// The config crate's error as one line (API.md §8). A file that does not parse is
+/// named with toml's position and reason but not the text of its line, which toml
+/// quotes under a gutter on lines of their own: that line may hold a password in a
+/// server URL, and the lines broke the one-line report.
+fn one_line(error: config::ConfigError) -> SettingsError {
+    let text = match error {
+        config::ConfigError::FileParse { uri, cause } => {
+            let cause = cause.to_string();
+            // `  |`, `3 | <the line>`, `  |     ^`: toml's quote of the file.
+            let quoted = |line: &str| {
+                line.split_once('|').is_some_and(|(gutter, _)| {
+                    gutter
+                        .trim()
+                        .chars()
+                        .all(|character| character.is_ascii_digit())
+                })
+            };
+            let told: Vec<&str> = cause
+                .lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !quoted(line))
+                .collect();
+            let file = uri.map_or_else(String::new, |uri| format!(" in {uri}"));
+            format!("{}{file}", told.join(": "))
+        }
+        error => error.to_string(),
+    };
+    SettingsError(text.replace(['\n', '\r'], " "))
 }
 
 /// The environments `directory` has a file for (`dev`, `prod`, ...), sorted.
@@ -791,9 +863,12 @@ fn carries_credentials(url: &str) -> bool {
     };
     scheme == "unix"
         || userinfo_secret(url).is_some_and(|(_, secret, _)| !secret.is_empty())
-        || rest
-            .split_once('?')
-            .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("password=")))
+        || rest.split_once('?').is_some_and(|(_, query)| {
+            query.split('&').any(|pair| {
+                pair.strip_prefix("password=")
+                    .is_some_and(|password| !password.is_empty())
+            })
+        })
 }
 
 /// A server URL fit for a message or a log: each password, NATS token and `password=`
@@ -1068,6 +1143,56 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_session_timeout_too_short_for_a_round_is_refused() {
+        let mut settings = defaults_with("relay.idle_in_transaction_timeout_ms", 1);
+        let error = settings.validate().expect_err("1 ms");
+        assert!(
+            error.to_string().contains(
+                "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS) must be at least 1000"
+            ),
+            "{error}"
+        );
+        settings.relay.idle_in_transaction_timeout_ms = 999;
+        assert!(settings.validate().is_err(), "just under a second");
+        settings.relay.idle_in_transaction_timeout_ms = 1000;
+        assert!(settings.validate().is_ok(), "a second");
+    }
+
+    #[test]
+    fn a_parallel_commit_threshold_past_the_queue_is_refused() {
+        let mut settings = defaults_with("ingest.queue_capacity", 31);
+        let error = settings.validate().expect_err("32 over 31");
+        assert!(
+            error.to_string().contains(
+                "ingest.commit_parallel_min (PIPELINE__INGEST__COMMIT_PARALLEL_MIN) must be at most ingest.queue_capacity (31)"
+            ),
+            "{error}"
+        );
+        settings.ingest.queue_capacity = 32;
+        assert!(settings.validate().is_ok(), "as many as the queue holds");
+    }
+
+    #[test]
+    fn ingest_needs_a_pool_with_room_beside_its_group_commits() {
+        let mut settings = defaults_with("database.pool_size", 2);
+        assert!(settings.validate().is_ok(), "the relay may run on two");
+        let error = settings.validate_for_ingest().expect_err("2 for 2 commits");
+        assert!(
+            error.to_string().contains(
+                "database.pool_size (PIPELINE__DATABASE__POOL_SIZE) must exceed ingest.commit_concurrency (2) in ingest"
+            ),
+            "{error}"
+        );
+        settings.database.pool_size = 3;
+        assert!(settings.validate_for_ingest().is_ok(), "one for look-ups");
+        settings.relay.idle_in_transaction_timeout_ms = 1;
+        assert!(
+            settings.validate_for_ingest().is_err(),
+            "the rest still hold"
+        );
+    }
+
+    #[test]
     fn the_duplicate_window_fits_in_what_the_stream_keeps() {
         let mut settings = defaults_with("nats.max_age_secs", 60);
         let error = settings
@@ -1142,6 +1267,20 @@ mod tests {
         for environment in ["dev", "prod", "chaos"] {
             Settings::layers(&config_dir(), environment).expect(environment);
         }
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_one_line_with_its_position_but_not_its_text() {
+        let broken = "[database]\npool_size = 4\nurl = \"postgres://app:s3cret@db/telemetry\n";
+        let error = one_line(defaults_with_toml(broken).expect_err("an open string"));
+        let line = error.to_string();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(!line.contains("s3cret"), "{line}");
+        assert!(line.contains("line 3"), "{line}");
+        assert!(
+            line.starts_with("invalid configuration: TOML parse error"),
+            "{line}"
+        );
     }
 
     /// The shipped defaults with `toml` as the environment's file over them.
@@ -1387,6 +1526,8 @@ mod tests {
         for url in [
             "postgres://postgres@127.0.0.1:5432/telemetry",
             "postgres://user:@host/db",
+            "postgres://app@db/telemetry?password=",
+            "postgres://app@db/telemetry?sslmode=require&password=",
             "nats://127.0.0.1:4222",
             "redis://127.0.0.1:6379",
             "redis://user@host:6379",

@@ -50,7 +50,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    settings.validate()?;
+    settings.validate_for_ingest()?;
     let metrics = bootstrap::install_metrics();
     for outcome in http::ReadingOutcome::ALL {
         outcome.count(0);

@@ -39,6 +39,10 @@ async fn run() -> anyhow::Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         [] | ["serve"] => {
+            if let Err(error) = settings.validate_for_ingest() {
+                eprintln!("ingest: {error}");
+                std::process::exit(2);
+            }
             let listener = bootstrap::listen_or_exit(
                 "ingest",
                 "ingest.listen",

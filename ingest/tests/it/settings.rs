@@ -107,6 +107,22 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             ("PIPELINE__LOG__LEVEL", "debug,tokio=loud"),
             "log.level (PIPELINE__LOG__LEVEL) is not a tracing filter",
         ),
+        // A session timeout no round fits in: the relay started, every round lapsed
+        // before its first publish, and it marked nothing for good.
+        (
+            relay,
+            "PIPELINE__RELAY__ADMIN_LISTEN",
+            ("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1"),
+            "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS) must be at least 1000",
+        ),
+        // A pool with no connection for look-ups beside ingest's group commits (the
+        // relay runs on such a pool: it has no look-ups).
+        (
+            ingest,
+            "PIPELINE__INGEST__LISTEN",
+            ("PIPELINE__DATABASE__POOL_SIZE", "2"),
+            "database.pool_size (PIPELINE__DATABASE__POOL_SIZE) must exceed ingest.commit_concurrency (2) in ingest",
+        ),
         // A value of the wrong type.
         (
             relay,
