@@ -297,8 +297,12 @@ impl Store {
     /// device and key hold that very reading: a retry of a reading stored while it was
     /// young gets that answer, [`Outcome::Replayed`], as it would have before it aged.
     /// `None` for the others (no such key, or the key holds another reading): the age
-    /// rule refuses them. One look-up for all of them, through the pool; nothing is
-    /// written and no commit is waited for.
+    /// rule refuses them. One look-up for all of them, through the pool, after a commit
+    /// in flight that inserts one of their keys has ended ([`wait_for_commits_of`]):
+    /// the retry of a reading whose first request is still committing (it aged on the
+    /// way) gets that request's replay, as a concurrent duplicate does, where the
+    /// look-up alone found no key yet and answered `422` for a stored reading. Nothing
+    /// is written.
     pub async fn replays_of_aged(
         &self,
         aged: &[(&Reading, &str)],
@@ -315,6 +319,7 @@ impl Store {
         let looked_up = self
             .look_ups
             .run("look-up of aged retries", async |client| {
+                wait_for_commits_of(client, &devices, &keys).await?;
                 look_up(client, &devices, &keys).await
             })
             .await;
@@ -593,6 +598,36 @@ const LOOKUP: &str = "
 SELECT k.device_id, k.idempotency_key, k.fingerprint, k.status_code, k.response_body, k.event_id
 FROM idempotency_keys k
 JOIN unnest($1::text[], $2::text[]) AS t(device_id, idempotency_key) USING (device_id, idempotency_key)";
+
+/// Inserts the (device, key) pairs `$1[i]`, `$2[i]` where none is stored, in the
+/// group commit's order (bytewise, as it sorts), so that each waits for a commit in
+/// flight that inserts the same pair. Only ever run inside a transaction rolled back.
+const PROBE: &str = "
+INSERT INTO idempotency_keys (device_id, idempotency_key, fingerprint, event_id, status_code, response_body)
+SELECT device_id, idempotency_key, '', '00000000-0000-0000-0000-000000000000', 0, ''
+FROM unnest($1::text[], $2::text[]) AS t(device_id, idempotency_key)
+ORDER BY device_id COLLATE \"C\", idempotency_key COLLATE \"C\"
+ON CONFLICT DO NOTHING";
+
+/// Returns once no commit that inserts one of the (device, key) pairs `devices[i]`,
+/// `keys[i]` is in flight: PostgreSQL's unique check makes an insert of the same pair
+/// wait for that commit to end, and a plain `SELECT` does not see it until then. The
+/// insert is rolled back, so nothing is written. Dropped half-way, the connection is
+/// closed rather than pooled with its transaction open ([`crate::db::cancel_if_given_up`]).
+async fn wait_for_commits_of(
+    client: &deadpool_postgres::Client,
+    devices: &[&str],
+    keys: &[&str],
+) -> Result<(), anyhow::Error> {
+    client.batch_execute("BEGIN").await?;
+    let probed = match client.prepare_cached(PROBE).await {
+        Ok(probe) => client.execute(&probe, &[&devices, &keys]).await.map(drop),
+        Err(error) => Err(error),
+    };
+    let rolled_back = client.batch_execute("ROLLBACK").await;
+    probed?;
+    Ok(rolled_back?)
+}
 
 /// An idempotency record as stored.
 struct StoredKey {

@@ -1107,3 +1107,80 @@ async fn an_aged_retrys_look_up_given_up_at_the_deadline_leaves_no_statement_wai
     assert_eq!(retry.status().as_u16(), 202, "the stored answer");
     ingest.stop().await;
 }
+
+/// A retry that aged past `ingest.max_age_secs` while its first request was still
+/// committing waits for that commit and gets its replay, as any concurrent duplicate
+/// does (API.md §1): the first request committed the reading. The look-up of aged
+/// retries used to read the keys without waiting, found none yet and answered `422`
+/// for a reading that was stored (a device that then "repaired" it under a new key
+/// would have had it counted twice).
+#[tokio::test]
+async fn an_aged_retry_of_a_reading_still_committing_waits_for_it_and_gets_its_replay() {
+    let mut env = TestEnv::new();
+    env.settings.ingest.max_age_secs = SHORT_MAX_AGE_SECS;
+    env.settings.ingest.request_timeout_ms = 30_000;
+    let ingest = Ingest::spawn(&env.settings).await;
+    // A gate the first commit stops at once it has inserted its key: a trigger on
+    // `readings` that waits for an advisory lock the test holds.
+    let db = env.postgres().await;
+    db.batch_execute(
+        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
+         CREATE TRIGGER gate BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION gate();
+         SELECT pg_advisory_lock(4242);",
+    )
+    .await
+    .expect("the gate closed");
+    let recorded_at = two_seconds_ago();
+    let stored = json!({"device_id": "sensor-1", "recorded_at": contract::timestamp::format(recorded_at), "metrics": {"temperature": 21.5}});
+
+    let first = ingest.post("k-1", &stored);
+    let retry = async {
+        eventually(
+            Duration::from_secs(10),
+            "the first commit at the gate",
+            || async { (testkit::lock_waiters(&db, "stored_outbox").await == 1).then_some(()) },
+        )
+        .await;
+        wait_until_aged(recorded_at).await;
+        let retry = ingest.post("k-1", &stored);
+        tokio::pin!(retry);
+        let probe_waits = eventually(
+            Duration::from_secs(10),
+            "the retry waiting for the first commit",
+            || async {
+                (testkit::lock_waiters(&db, "00000000-0000-0000-0000-000000000000").await == 1)
+                    .then_some(())
+            },
+        );
+        tokio::select! {
+            response = &mut retry => panic!(
+                "the retry was answered while the first request was committing: {} {:?}",
+                response.status(),
+                response.text().await
+            ),
+            () = probe_waits => {}
+        }
+        db.execute("SELECT pg_advisory_unlock(4242)", &[])
+            .await
+            .expect("the gate opened");
+        retry.await
+    };
+    let (first, retry) = tokio::join!(first, retry);
+    assert_eq!(first.status().as_u16(), 202);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first_body = first.text().await.expect("body");
+    assert_replayed(&retry);
+    let status = retry.status().as_u16();
+    let retry_body = retry.text().await.expect("body");
+    assert_eq!(status, 202, "the first request's answer: {retry_body}");
+    assert_eq!(retry_body, first_body);
+    assert_eq!(count(&db, "readings").await, 1);
+    assert_eq!(
+        count(&db, "idempotency_keys").await,
+        1,
+        "the look-up wrote nothing"
+    );
+    assert_eq!(count(&db, "outbox").await, 1);
+    ingest.stop().await;
+}
