@@ -478,16 +478,21 @@ async fn readings_posted_with_retries_come_out_of_the_query_api_counted_once() {
     // The devices list: every device once, most recently seen first, page by page.
     let mut listed: Vec<Value> = Vec::new();
     let mut path = "/v1/devices?limit=2".to_owned();
-    for _page in 0..DEVICES {
+    let mut ended = false;
+    for _page in 0..=DEVICES {
         let response = query.get(&path).await;
         assert_eq!(response.status().as_u16(), 200, "{path}");
         let page: Value = response.json().await.expect("json");
         listed.extend(page["devices"].as_array().expect("devices").iter().cloned());
         match page["next_cursor"].as_str() {
             Some(cursor) => path = format!("/v1/devices?limit=2&cursor={cursor}"),
-            None => break,
+            None => {
+                ended = true;
+                break;
+            }
         }
     }
+    assert!(ended, "the walk ends with a null cursor: {listed:?}");
     let mut expected: Vec<(&str, i64, usize)> = by_device
         .iter()
         .map(|(device, readings)| {

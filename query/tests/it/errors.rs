@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use contract::settings::Settings;
-use query::http::devices::SELECTED_METRICS_MAX;
+use query::http::devices::{LIST_LIMIT_MAX, SELECTED_METRICS_MAX};
 use testkit::process::{failed_run, free_port, the_only_line};
 use testkit::{eventually, RedisUser, TestEnv};
 
@@ -74,6 +74,25 @@ async fn unknown_devices_malformed_requests_and_unknown_routes_are_problems() {
             problem["errors"][0]["field"].is_string(),
             "{path}: the problem names the field: {problem}"
         );
+    }
+
+    // The devices list's `limit`: 1 to LIST_LIMIT_MAX, a whole number.
+    let most = format!("/v1/devices?limit={LIST_LIMIT_MAX}");
+    let response = query.get(&most).await;
+    assert_eq!(response.status().as_u16(), 200, "{most}");
+    let page: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(page["devices"], serde_json::json!([]), "{page}");
+    for limit in [
+        "0".to_owned(),
+        (LIST_LIMIT_MAX + 1).to_string(),
+        "-1".to_owned(),
+        "abc".to_owned(),
+        "1.5".to_owned(),
+        String::new(),
+    ] {
+        let path = format!("/v1/devices?limit={limit}");
+        let problem = assert_problem(query.get(&path).await, 400, "invalid-request").await;
+        assert_eq!(problem["errors"][0]["field"], "limit", "{path}: {problem}");
     }
 
     for path in [

@@ -526,7 +526,9 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
         let name = format!("cached-{attempt}");
         let reading = aged(&name, 1_000, 21.5);
         let event = event_of(&reading);
-        publish(&env.subjects, jetstream, &event, "first-copy").await;
+        // Message ids of this try's own: JetStream drops a repeated one within its
+        // duplicate window, and the retry's reading would never arrive.
+        publish(&env.subjects, jetstream, &event, &format!("{name}-first")).await;
         let into_bucket = now_ms().rem_euclid(10_000);
         if into_bucket > 4_000 {
             tokio::time::sleep(std::time::Duration::from_millis(
@@ -543,7 +545,7 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
 
         // A second copy of the same event in the stream (another message id): counted
         // once, but the view is now as of the later sequence, and the cache must show it.
-        publish(&env.subjects, jetstream, &event, "second-copy").await;
+        publish(&env.subjects, jetstream, &event, &format!("{name}-second")).await;
         let first_seq = first["as_of_seq"].as_u64().expect("as_of_seq");
         eventually(DEADLINE, "the copy applied", || async {
             let stats = env.device_stats(&name).await?;
@@ -1028,6 +1030,14 @@ async fn a_walk_through_the_devices_list_sees_every_device_once_while_they_keep_
         stale.status().as_u16(),
         400,
         "a cursor older than the listing TTL is refused"
+    );
+    let problem: Value = stale.json().await.expect("a problem");
+    assert_eq!(problem["errors"][0]["field"], "cursor", "{problem}");
+    assert!(
+        problem["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("has expired")),
+        "{problem}"
     );
     let before_generations = query.get("/v1/devices?limit=4&cursor=1.2.walk-00").await;
     assert_eq!(
