@@ -195,6 +195,12 @@ pub const ANSWERS_BYTES_MAX: usize = 32 << 20;
 /// Bytes of answers left when a drop was needed ([`ANSWERS_AFTER_DROP`]'s 7/8).
 pub const ANSWERS_BYTES_AFTER_DROP: usize = ANSWERS_BYTES_MAX * 7 / 8;
 
+/// Bytes of the largest answer kept (4 MiB, what a drop leaves room for): one answer
+/// kept after a drop never takes the cache past [`ANSWERS_BYTES_MAX`]. Up to
+/// 2026-12-07 an answer of up to [`ANSWERS_BYTES_AFTER_DROP`] was kept after the drop
+/// that left that much, so the cache could hold 56 MiB.
+pub const ANSWER_BYTES_MAX: usize = ANSWERS_BYTES_MAX - ANSWERS_BYTES_AFTER_DROP;
+
 /// A kept answer's cost beyond its answer, key and header: the map's entry, the
 /// validity and the key's allocations.
 const KEPT_OVERHEAD_BYTES: usize = 128;
@@ -238,7 +244,7 @@ impl<T: Clone + Weight> AnswerCache<T> {
     /// `key`. When the cache is full (by count or by bytes) it first drops the answers
     /// no longer exact now (they can never be served again), then, if more than
     /// [`ANSWERS_AFTER_DROP`] or [`ANSWERS_BYTES_AFTER_DROP`] are left, the ones made
-    /// longest ago down to that. An answer larger than that alone is not kept. When a
+    /// longest ago down to that. An answer over [`ANSWER_BYTES_MAX`] is not kept. When a
     /// dashboard asks for a
     /// few more devices than fit, few answers go at a time: simulated uniform requests
     /// over 10,600 devices missed 9% of the time, 19% when half of the answers were
@@ -256,7 +262,7 @@ impl<T: Clone + Weight> AnswerCache<T> {
                 .sum::<usize>()
             + validity.header.len()
             + KEPT_OVERHEAD_BYTES;
-        if bytes > ANSWERS_BYTES_AFTER_DROP {
+        if bytes > ANSWER_BYTES_MAX {
             return;
         }
         let Ok(mut guard) = self.answers.lock() else {
@@ -1047,6 +1053,29 @@ mod tests {
             "too large to keep"
         );
         assert_eq!(cache.len(), kept);
+    }
+
+    #[test]
+    fn one_large_answer_kept_after_a_drop_keeps_the_cache_within_its_bound() {
+        let cache = AnswerCache::default();
+        let mebibyte = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+        for device in 0..25 {
+            cache.insert(key(device), validity(1, 0), 1_000, mebibyte.clone());
+        }
+        // The drop this answer calls for leaves the 25 MiB (under 28 MiB) kept.
+        for large in [20 << 20, ANSWER_BYTES_MAX + 1, ANSWER_BYTES_MAX - 4096] {
+            let answer = bytes::Bytes::from(vec![b'x'; large]);
+            cache.insert(key(1_000), validity(1, 1), 1_000, answer);
+            assert!(
+                cache.bytes() <= ANSWERS_BYTES_MAX,
+                "{} bytes kept after an answer of {large}",
+                cache.bytes()
+            );
+        }
+        assert!(
+            cache.get(&key(1_000), &validity(1, 1)).is_some(),
+            "an answer within the largest kept is kept"
+        );
     }
 
     #[test]
