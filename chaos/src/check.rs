@@ -130,29 +130,37 @@ async fn recover(
     let acked = fleet.observed().acked;
     loop {
         let checking_from = since.elapsed();
-        if checker.drained().await.unwrap_or(false) {
-            let mut findings = Findings::default();
-            if let Ok(write) = checker.write_side().await {
-                checker.check_write_side(&acked, &write, &mut findings);
-                let read_model_clean = checker
-                    .check_read_model(&write, &mut findings)
-                    .await
-                    .is_ok()
-                    && findings.is_clean();
-                if read_model_clean {
-                    if let Ok(stream) = checker.check_stream(&write, &mut findings).await {
-                        if findings.is_clean() {
-                            return Some((checking_from, stream_note(stream)));
-                        }
-                    }
-                }
-            }
+        // A check is given up at the limit: its reads have no deadline of their own, and
+        // a server that takes connections but never answers would hold it for good.
+        let remaining = limit.saturating_sub(checking_from);
+        if let Ok(Some(note)) = tokio::time::timeout(remaining, recovered(checker, &acked)).await {
+            return Some((checking_from, note));
         }
         if since.elapsed() > limit {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// One check of [`recover`]: the stream's note if everything has caught up and agrees.
+async fn recovered(checker: &Checker, acked: &[Acked]) -> Option<String> {
+    if !checker.drained().await.unwrap_or(false) {
+        return None;
+    }
+    let mut findings = Findings::default();
+    let write = checker.write_side().await.ok()?;
+    checker.check_write_side(acked, &write, &mut findings);
+    let read_model_clean = checker
+        .check_read_model(&write, &mut findings)
+        .await
+        .is_ok()
+        && findings.is_clean();
+    if !read_model_clean {
+        return None;
+    }
+    let stream = checker.check_stream(&write, &mut findings).await.ok()?;
+    findings.is_clean().then(|| stream_note(stream))
 }
 
 /// The write side as PostgreSQL has it.

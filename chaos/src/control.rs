@@ -124,7 +124,9 @@ impl Lab {
         Ok(())
     }
 
-    /// Terminates the extra processes and waits for them.
+    /// Terminates the extra processes and waits for them, at most [`EXTRA_STOP_GRACE`]
+    /// in all before it kills those still running: one stuck in its shutdown (a server
+    /// that stayed down, say) must not keep the run from printing its table.
     pub fn stop_extras(&self) {
         let mut extras = self
             .extras
@@ -133,8 +135,16 @@ impl Lab {
         for child in extras.iter_mut() {
             let _ = signal(child.id(), "TERM");
         }
+        let deadline = Instant::now() + EXTRA_STOP_GRACE;
         for child in extras.iter_mut() {
-            let _ = child.wait();
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                eprintln!("chaos: pid {} outlived its SIGTERM; killing it", child.id());
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
         extras.clear();
     }
@@ -258,6 +268,9 @@ impl Drop for Lab {
         self.stop_extras();
     }
 }
+
+/// How long [`Lab::stop_extras`] waits for the extra processes to end after SIGTERM.
+const EXTRA_STOP_GRACE: Duration = Duration::from_secs(10);
 
 pub fn signal(pid: u32, signal_name: &str) -> anyhow::Result<()> {
     let status = Command::new("kill")

@@ -295,19 +295,35 @@ impl Run<'_> {
             }
             Fault::PauseProjector => {
                 let hold = ack_wait + Duration::from_secs(3);
-                let before = self.projector_counts().await;
-                self.lab.signal("projector", "STOP")?;
-                tokio::time::sleep(hold).await;
-                let while_stopped = self.projector_counts().await;
-                self.lab.signal("projector", "CONT")?;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let after = self.projector_counts().await;
-                notes.push(format!(
-                    "projector stopped for {} s; meanwhile the other one applied {:.0}; after SIGCONT the stopped one skipped {:.0} events as already applied",
-                    hold.as_secs(),
-                    while_stopped.1 .0 - before.1 .0,
-                    after.0 .1 - before.0 .1,
-                ));
+                // The case to prove is a projector stopped holding a batch, which the
+                // other one applies once its ack wait ran out and the stopped one then
+                // skips; caught between two fetches, it held none, so pause it again (at
+                // most 3 times) until it skipped some.
+                for pause in 1..=3 {
+                    let before = self.projector_counts().await;
+                    self.lab.signal("projector", "STOP")?;
+                    tokio::time::sleep(hold).await;
+                    let while_stopped = self.projector_counts().await;
+                    self.lab.signal("projector", "CONT")?;
+                    let resumed = Instant::now();
+                    let mut after = self.projector_counts().await;
+                    while after.0 .1 <= before.0 .1 && resumed.elapsed() < Duration::from_secs(5) {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        after = self.projector_counts().await;
+                    }
+                    let skipped = after.0 .1 - before.0 .1;
+                    notes.push(format!(
+                        "pause {pause}: projector stopped for {} s; meanwhile the other one applied {:.0}; after SIGCONT the stopped one skipped {skipped:.0} events as already applied",
+                        hold.as_secs(),
+                        while_stopped.1 .0 - before.1 .0,
+                    ));
+                    if skipped > 0.0 {
+                        return Ok(pause);
+                    }
+                }
+                notes
+                    .push("no pause caught the projector holding a batch: not injected".to_owned());
+                return Ok(0);
             }
             Fault::PauseRelay => {
                 // Past the session timeout (another relay takes the claim over) and past
@@ -367,8 +383,16 @@ impl Run<'_> {
                 let hold = ack_wait + Duration::from_secs(3);
                 proxy.partition();
                 tokio::time::sleep(hold).await;
-                proxy.heal();
-                notes.push(format!("partitioned for {} s", hold.as_secs()));
+                let held = proxy.heal();
+                notes.push(format!(
+                    "partitioned for {} s; {held} bytes held until the heal",
+                    hold.as_secs()
+                ));
+                if held == 0 {
+                    // Nothing tried to cross: the partition was never felt.
+                    notes.push("no bytes crossed the partition: not injected".to_owned());
+                    return Ok(0);
+                }
             }
             Fault::NatsOutage => {
                 let seconds = if self.quick { 10 } else { 60 };

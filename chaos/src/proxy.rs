@@ -6,6 +6,8 @@
 //! socket buffers and reads that never return. Healing lets the held bytes flow again.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,6 +18,8 @@ use tokio::sync::watch;
 pub struct FaultProxy {
     pub listen: SocketAddr,
     partitioned: watch::Sender<bool>,
+    /// Bytes read from either side while the link was cut, which waited for the heal.
+    held: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -24,24 +28,35 @@ impl FaultProxy {
             .await
             .with_context(|| format!("binding the fault proxy on {listen}"))?;
         let (partitioned, watching) = watch::channel(false);
+        let held = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&held);
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let _ = inbound.set_nodelay(true);
-                tokio::spawn(carry(inbound, upstream, watching.clone()));
+                let link = carry(inbound, upstream, watching.clone(), Arc::clone(&counted));
+                tokio::spawn(link);
             }
         });
         Ok(Self {
             listen,
             partitioned,
+            held,
         })
     }
 
+    /// Cuts the link.
     pub fn partition(&self) {
+        self.held.store(0, Ordering::Relaxed);
         self.partitioned.send_replace(true);
     }
 
-    pub fn heal(&self) {
+    /// Lets the held bytes flow again; returns how many were held since
+    /// [`Self::partition`]: 0 means no peer sent anything across the cut, so the
+    /// partition was never felt.
+    pub fn heal(&self) -> u64 {
+        let held = self.held.load(Ordering::Relaxed);
         self.partitioned.send_replace(false);
+        held
     }
 }
 
@@ -50,6 +65,7 @@ async fn carry(
     mut inbound: TcpStream,
     upstream: SocketAddr,
     mut partitioned: watch::Receiver<bool>,
+    held: Arc<AtomicU64>,
 ) {
     if partitioned.wait_for(|cut| !*cut).await.is_err() {
         return;
@@ -62,14 +78,18 @@ async fn carry(
     let (mut outbound_read, mut outbound_write) = outbound.split();
     let mut from_client = vec![0u8; 64 * 1024];
     let mut from_server = vec![0u8; 64 * 1024];
-    loop {
-        if partitioned.wait_for(|cut| !*cut).await.is_err() {
-            return;
+    let count_if_cut = |n: usize, partitioned: &watch::Receiver<bool>| {
+        if *partitioned.borrow() {
+            held.fetch_add(n as u64, Ordering::Relaxed);
         }
-        // Bytes read just as the link is cut wait for the heal like the rest.
+    };
+    loop {
+        // Reading goes on while the link is cut, so that what a peer sends across it is
+        // counted; what was read, and a peer's close, wait for the heal.
         tokio::select! {
             read = inbound_read.read(&mut from_client) => {
-                let Ok(n @ 1..) = read else { return };
+                let Ok(n @ 1..) = read else { return closed(&mut partitioned).await };
+                count_if_cut(n, &partitioned);
                 if partitioned.wait_for(|cut| !*cut).await.is_err()
                     || outbound_write.write_all(&from_client[..n]).await.is_err()
                 {
@@ -77,16 +97,21 @@ async fn carry(
                 }
             }
             read = outbound_read.read(&mut from_server) => {
-                let Ok(n @ 1..) = read else { return };
+                let Ok(n @ 1..) = read else { return closed(&mut partitioned).await };
+                count_if_cut(n, &partitioned);
                 if partitioned.wait_for(|cut| !*cut).await.is_err()
                     || inbound_write.write_all(&from_server[..n]).await.is_err()
                 {
                     return;
                 }
             }
-            changed = partitioned.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// A peer closed its side: the other learns of it only once the link is whole again.
+async fn closed(partitioned: &mut watch::Receiver<bool>) {
+    let _ = partitioned.wait_for(|cut| !*cut).await;
 }
 
 #[cfg(test)]
@@ -134,7 +159,7 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut reply)).await;
         assert!(held.is_err(), "nothing crosses a partition");
 
-        proxy.heal();
+        assert_eq!(proxy.heal(), 4, "the bytes held by the partition");
         tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut reply))
             .await
             .expect("bytes flow again after healing")
