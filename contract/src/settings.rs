@@ -323,9 +323,11 @@ pub const GROUP_MAX: u64 = 10_000;
 /// publishes none of its claim once the claim is older than this (and PostgreSQL ends
 /// the session then anyway), so the claim, its publishes and the mark must fit in it:
 /// at 1 every round lapsed before its first publish and the relay marked nothing, for
-/// good. Below the relay's 5 s ack deadline a round waiting on slow acks is cut off and
-/// its rows published again, which JetStream's duplicate window drops.
-pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 1000;
+/// good. The check of remembered stream sequences a round may make under its claim
+/// takes up to a second less than this (the relay's `REMEMBERED_CHECK_DEADLINE`). Below
+/// the relay's 5 s ack deadline a round waiting on slow acks is cut off and its rows
+/// published again, which JetStream's duplicate window drops.
+pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 3000;
 
 /// Smallest limit `ingest.max_body_bytes` and `ingest.max_batch_body_bytes` may have.
 ///
@@ -553,15 +555,15 @@ impl Settings {
             return invalid(
                 "relay.idle_in_transaction_timeout_ms",
                 &format!(
-                    "must be at least {IDLE_IN_TRANSACTION_MIN_MS}: a round's claim, publishes and mark must fit in it (with 1 every round lapsed before its first publish and the relay marked nothing)"
+                    "must be at least {IDLE_IN_TRANSACTION_MIN_MS}: a round's claim, its check of remembered stream sequences, its publishes and its mark must fit in it (with 1 every round lapsed before its first publish and the relay marked nothing)"
                 ),
             );
         }
-        if self.ingest.commit_parallel_min > self.ingest.queue_capacity {
+        if self.ingest.commit_parallel_min >= self.ingest.queue_capacity {
             return invalid(
                 "ingest.commit_parallel_min",
                 &format!(
-                    "must be at most ingest.queue_capacity ({}): that many readings never wait at once, so no commit would ever start beside one in flight",
+                    "must be less than ingest.queue_capacity ({}): a commit in flight holds room in the queue, so that many readings never wait beside it and no commit of fewer than ingest.commit_batch_max would start beside one in flight",
                     self.ingest.queue_capacity
                 ),
             );
@@ -1090,7 +1092,13 @@ mod tests {
     fn a_count_past_its_ceiling_is_refused_naming_its_key() {
         let defaults = Settings::load_from(&config_dir(), "dev").expect("defaults load");
         for (key, _, most) in defaults.counts() {
-            assert!(defaults_with(key, most).validate().is_ok(), "{most} {key}");
+            // Allowed by the ceiling; a rule between two settings may still refuse it
+            // (no parallel-commit threshold of a million fits the default queue).
+            let most_allowed = defaults_with(key, most).validate();
+            assert!(
+                most_allowed.map_or_else(|error| !error.to_string().contains("at most"), |_| true),
+                "{most} {key}"
+            );
             let error = defaults_with(key, most + 1)
                 .validate()
                 .expect_err("past the ceiling");
@@ -1148,28 +1156,28 @@ mod tests {
         let error = settings.validate().expect_err("1 ms");
         assert!(
             error.to_string().contains(
-                "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS) must be at least 1000"
+                "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS) must be at least 3000"
             ),
             "{error}"
         );
-        settings.relay.idle_in_transaction_timeout_ms = 999;
-        assert!(settings.validate().is_err(), "just under a second");
-        settings.relay.idle_in_transaction_timeout_ms = 1000;
-        assert!(settings.validate().is_ok(), "a second");
+        settings.relay.idle_in_transaction_timeout_ms = IDLE_IN_TRANSACTION_MIN_MS - 1;
+        assert!(settings.validate().is_err(), "just under the floor");
+        settings.relay.idle_in_transaction_timeout_ms = IDLE_IN_TRANSACTION_MIN_MS;
+        assert!(settings.validate().is_ok(), "the floor");
     }
 
     #[test]
     fn a_parallel_commit_threshold_past_the_queue_is_refused() {
-        let mut settings = defaults_with("ingest.queue_capacity", 31);
-        let error = settings.validate().expect_err("32 over 31");
+        let mut settings = defaults_with("ingest.queue_capacity", 32);
+        let error = settings.validate().expect_err("32 of 32");
         assert!(
             error.to_string().contains(
-                "ingest.commit_parallel_min (PIPELINE__INGEST__COMMIT_PARALLEL_MIN) must be at most ingest.queue_capacity (31)"
+                "ingest.commit_parallel_min (PIPELINE__INGEST__COMMIT_PARALLEL_MIN) must be less than ingest.queue_capacity (32)"
             ),
             "{error}"
         );
-        settings.ingest.queue_capacity = 32;
-        assert!(settings.validate().is_ok(), "as many as the queue holds");
+        settings.ingest.queue_capacity = 33;
+        assert!(settings.validate().is_ok(), "room for one in flight");
     }
 
     #[test]

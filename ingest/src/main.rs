@@ -53,7 +53,15 @@ async fn run() -> anyhow::Result<()> {
         }
         ["migrate"] => db::migrate(&settings.database).await,
         ["tokens", rest @ ..] => tokens(&settings, rest).await,
-        ["config", "env"] => config_env(&settings),
+        ["config", "env"] => {
+            // `scripts/up` checks the configuration through this: ingest's own rules too,
+            // or it would start the rest and find ingest refused.
+            if let Err(error) = settings.validate_for_ingest() {
+                eprintln!("ingest: {error}");
+                std::process::exit(2);
+            }
+            config_env(&settings)
+        }
         _ => usage(),
     }
 }

@@ -62,10 +62,11 @@ const STREAM_REPAIR_LOCK: i64 = 0x7e1e_0002;
 /// How long one stream request of the check may take.
 const STREAM_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a round checks remembered sequences against the stream, well within the
-/// session's `idle_in_transaction_timeout_ms` (the round's claim holds its transaction
-/// open meanwhile).
-const REMEMBERED_CHECK_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a round checks remembered sequences against the stream: a second less than
+/// the shortest `relay.idle_in_transaction_timeout_ms` the settings allow, as the
+/// round's claim holds its transaction open meanwhile.
+const REMEMBERED_CHECK_DEADLINE: Duration =
+    Duration::from_millis(contract::settings::IDLE_IN_TRANSACTION_MIN_MS - 1000);
 
 /// Remembered sequences fetched from the stream at once.
 const REMEMBERED_CHECKS_IN_FLIGHT: usize = 32;
@@ -216,16 +217,20 @@ impl Relay {
             return (HashMap::new(), remembered);
         }
         let name = self.subjects.stream();
-        // The look-up gets the fetches' 2 s too: at most 4 s in all, not 5 s more.
-        let Ok(Ok(stream)) =
-            tokio::time::timeout(REMEMBERED_CHECK_DEADLINE, self.jetstream.get_stream(name)).await
-        else {
+        // One deadline for the stream's look-up and the fetches together, so that the
+        // whole check fits in the shortest session timeout (until 2026-12-07 each had
+        // 2 s of its own).
+        let deadline = tokio::time::sleep(REMEMBERED_CHECK_DEADLINE);
+        tokio::pin!(deadline);
+        let stream = tokio::select! {
+            stream = self.jetstream.get_stream(name) => stream,
+            () = &mut deadline => return (HashMap::new(), remembered),
+        };
+        let Ok(stream) = stream else {
             return (HashMap::new(), remembered);
         };
         let mut unchecked = remembered.clone();
         let mut held = HashMap::with_capacity(remembered.len());
-        let deadline = tokio::time::sleep(REMEMBERED_CHECK_DEADLINE);
-        tokio::pin!(deadline);
         let stream = &stream;
         let mut checks =
             futures::stream::iter(remembered.into_iter().map(|(key, stream_seq)| async move {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use contract::settings::Settings;
+use contract::settings::{Settings, IDLE_IN_TRANSACTION_MIN_MS};
 use futures::{FutureExt, StreamExt};
 use testkit::process::{service_command, signal, terminate, KilledOnDrop, ServiceProcess};
 use testkit::{eventually, PrivateNats, Running, TestEnv};
@@ -745,7 +745,8 @@ async fn publish_filler(jetstream: &jetstream::Context, subject: &str, count: us
 async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows() {
     const READINGS: usize = 15;
     let mut env = TestEnv::new();
-    env.settings.relay.idle_in_transaction_timeout_ms = 1000;
+    env.settings.relay.idle_in_transaction_timeout_ms = IDLE_IN_TRANSACTION_MIN_MS;
+    let shortest_session = IDLE_IN_TRANSACTION_MIN_MS.to_string();
     let ingest = Ingest::spawn(&env.settings).await;
     post_readings(&ingest, "k", READINGS).await;
     // The "mark published" statement takes 2 s: time to pause the relay in between.
@@ -755,7 +756,10 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
         service_command(
             env!("CARGO_BIN_EXE_relay"),
             &env,
-            &[("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000")],
+            &[(
+                "PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                shortest_session.as_str(),
+            )],
         )
         .spawn()
         .expect("relay binary starts"),
@@ -806,7 +810,8 @@ async fn a_paused_relay_loses_its_session_and_another_relay_publishes_its_rows()
 async fn a_relay_paused_after_its_claim_publishes_none_of_it_when_it_resumes() {
     const READINGS: usize = 10;
     let mut env = TestEnv::new();
-    env.settings.relay.idle_in_transaction_timeout_ms = 1000;
+    env.settings.relay.idle_in_transaction_timeout_ms = IDLE_IN_TRANSACTION_MIN_MS;
+    let shortest_session = IDLE_IN_TRANSACTION_MIN_MS.to_string();
     env.settings.nats.duplicate_window_secs = 1;
     let ingest = Ingest::spawn(&env.settings).await;
     post_readings(&ingest, "k", READINGS).await;
@@ -820,7 +825,10 @@ async fn a_relay_paused_after_its_claim_publishes_none_of_it_when_it_resumes() {
         &env,
         "PIPELINE__RELAY__ADMIN_LISTEN",
         &[
-            ("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1000"),
+            (
+                "PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS",
+                shortest_session.as_str(),
+            ),
             ("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1"),
             ("PIPELINE__RELAY__ROUNDS_IN_FLIGHT", "1"),
             ("PIPELINE__DATABASE__POOL_SIZE", "1"),

@@ -113,7 +113,7 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             relay,
             "PIPELINE__RELAY__ADMIN_LISTEN",
             ("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "1"),
-            "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS) must be at least 1000",
+            "relay.idle_in_transaction_timeout_ms (PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS) must be at least 3000",
         ),
         // A pool with no connection for look-ups beside ingest's group commits (the
         // relay runs on such a pool: it has no look-ups).
