@@ -298,11 +298,11 @@ impl Store {
     /// young gets that answer, [`Outcome::Replayed`], as it would have before it aged.
     /// `None` for the others (no such key, or the key holds another reading): the age
     /// rule refuses them. One look-up for all of them, through the pool, after a commit
-    /// in flight that inserts one of their keys has ended ([`wait_for_commits_of`]):
-    /// the retry of a reading whose first request is still committing (it aged on the
-    /// way) gets that request's replay, as a concurrent duplicate does, where the
-    /// look-up alone found no key yet and answered `422` for a stored reading. Nothing
-    /// is written.
+    /// in flight whose statement has inserted one of their keys has ended
+    /// ([`wait_for_commits_of`]): the retry of a reading whose first request's commit
+    /// is writing (it aged on the way) gets that request's replay, where the look-up
+    /// alone found no key yet and answered `422` for a stored reading. A first request
+    /// still queued for its commit is not waited for. Nothing is written.
     pub async fn replays_of_aged(
         &self,
         aged: &[(&Reading, &str)],
