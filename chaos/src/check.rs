@@ -89,14 +89,22 @@ pub async fn settle(
         };
     }
     let acked = fleet.observed().acked;
-    let checked = async {
+    // Bounded like the checks before it: a server that takes connections but never
+    // answers must not keep the run from its table.
+    let checked = tokio::time::timeout(LAST_CHECK_LIMIT, async {
         let write = checker.write_side().await?;
         checker.check_write_side(&acked, &write, &mut findings);
         let stream = checker.check_stream(&write, &mut findings).await?;
         checker.check_read_model(&write, &mut findings).await?;
         anyhow::Ok(stream_note(stream))
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(anyhow::anyhow!(
+            "they took more than {} s",
+            LAST_CHECK_LIMIT.as_secs()
+        ))
+    });
     let note = match checked {
         Ok(note) => Some(note),
         Err(error) => {
@@ -111,6 +119,9 @@ pub async fn settle(
         note,
     }
 }
+
+/// How long [`settle`]'s last check, past the limit, may take.
+const LAST_CHECK_LIMIT: Duration = Duration::from_secs(60);
 
 /// What the stream held, as a phase's note: its messages and the events they carry.
 fn stream_note((messages, events): (u64, u64)) -> String {

@@ -299,19 +299,30 @@ impl Run<'_> {
                 // other one applies once its ack wait ran out and the stopped one then
                 // skips; caught between two fetches, it held none, so pause it again (at
                 // most 3 times) until it skipped some.
+                let admin = self.settings.projector.admin_listen;
+                let skipped_so_far = || async {
+                    let scrape = try_scrape(admin).await?;
+                    Some(scrape.total("projector_duplicates_skipped_total"))
+                };
                 for pause in 1..=3 {
+                    // A failed scrape proves nothing either way: that pause counts no skip.
+                    let skipped_before = skipped_so_far().await;
                     let before = self.projector_counts().await;
                     self.lab.signal("projector", "STOP")?;
                     tokio::time::sleep(hold).await;
                     let while_stopped = self.projector_counts().await;
                     self.lab.signal("projector", "CONT")?;
                     let resumed = Instant::now();
-                    let mut after = self.projector_counts().await;
-                    while after.0 .1 <= before.0 .1 && resumed.elapsed() < Duration::from_secs(5) {
+                    let mut skipped = 0.0;
+                    while let Some(before) = skipped_before {
+                        if let Some(after) = skipped_so_far().await {
+                            skipped = after - before;
+                        }
+                        if skipped > 0.0 || resumed.elapsed() > Duration::from_secs(5) {
+                            break;
+                        }
                         tokio::time::sleep(Duration::from_millis(250)).await;
-                        after = self.projector_counts().await;
                     }
-                    let skipped = after.0 .1 - before.0 .1;
                     notes.push(format!(
                         "pause {pause}: projector stopped for {} s; meanwhile the other one applied {:.0}; after SIGCONT the stopped one skipped {skipped:.0} events as already applied",
                         hold.as_secs(),
@@ -666,15 +677,22 @@ where
 /// The /metrics of a process; empty when it does not answer within 2 s (a stopped
 /// process accepts connections, the kernel does that, but never answers).
 async fn scrape(admin: std::net::SocketAddr) -> Scrape {
+    try_scrape(admin).await.unwrap_or_else(|| Scrape::parse(""))
+}
+
+/// The metrics at `admin`, or `None` when they could not be read within 2 s.
+async fn try_scrape(admin: std::net::SocketAddr) -> Option<Scrape> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
         .unwrap_or_default();
-    let text = match http.get(format!("http://{admin}/metrics")).send().await {
-        Ok(response) => response.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    Scrape::parse(&text)
+    let response = http
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .ok()?;
+    let text = response.error_for_status().ok()?.text().await.ok()?;
+    Some(Scrape::parse(&text))
 }
 
 /// Second copies in `stream` from sequence `start` on: messages beyond the distinct

@@ -230,7 +230,10 @@ async fn main() -> anyhow::Result<()> {
                 .push(format!("injection failed: {error:#}"));
         }
         notes.extend(settled.note);
-        // Lost and double-counted are totals over the run; a row shows what its phase added.
+        // Lost and double-counted are totals over the run; a row shows what its phase
+        // added to the previous phase's totals. Those may have gone down (a rebuild of
+        // the read model counts each event once again), so the base is the previous
+        // totals, not the highest: new double counts after a rebuild showed as 0.
         let row_findings = Findings {
             lost: findings.lost.saturating_sub(reported.lost),
             double_counted: findings
@@ -238,8 +241,8 @@ async fn main() -> anyhow::Result<()> {
                 .saturating_sub(reported.double_counted),
             problems: findings.problems.clone(),
         };
-        reported.lost = reported.lost.max(findings.lost);
-        reported.double_counted = reported.double_counted.max(findings.double_counted);
+        reported.lost = findings.lost;
+        reported.double_counted = findings.double_counted;
         for problem in &row_findings.problems {
             eprintln!("    problem: {problem}");
         }
