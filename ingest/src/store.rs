@@ -299,7 +299,7 @@ impl Store {
     /// `None` for the others (no such key, or the key holds another reading): the age
     /// rule refuses them. One look-up for all of them, through the pool, after a commit
     /// in flight whose statement has inserted one of their keys has ended
-    /// ([`wait_for_commits_of`]): the retry of a reading whose first request's commit
+    /// (`wait_for_commits_of`): the retry of a reading whose first request's commit
     /// is writing (it aged on the way) gets that request's replay, where the look-up
     /// alone found no key yet and answered `422` for a stored reading. A first request
     /// still queued for its commit is not waited for. Nothing is written.
