@@ -324,7 +324,8 @@ pub const GROUP_MAX: u64 = 10_000;
 /// the session then anyway), so the claim, its publishes and the mark must fit in it:
 /// at 1 every round lapsed before its first publish and the relay marked nothing, for
 /// good. The check of remembered stream sequences a round may make under its claim
-/// takes up to a second less than this (the relay's `REMEMBERED_CHECK_DEADLINE`). Below
+/// takes up to a second less than this (at most 4 s; the relay's
+/// `remembered_check_deadline`). Below
 /// the relay's 5 s ack deadline a round waiting on slow acks is cut off and its rows
 /// published again, which JetStream's duplicate window drops.
 pub const IDLE_IN_TRANSACTION_MIN_MS: u64 = 3000;

@@ -62,11 +62,11 @@ const STREAM_REPAIR_LOCK: i64 = 0x7e1e_0002;
 /// How long one stream request of the check may take.
 const STREAM_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a round checks remembered sequences against the stream: a second less than
-/// the shortest `relay.idle_in_transaction_timeout_ms` the settings allow, as the
-/// round's claim holds its transaction open meanwhile.
-const REMEMBERED_CHECK_DEADLINE: Duration =
-    Duration::from_millis(contract::settings::IDLE_IN_TRANSACTION_MIN_MS - 1000);
+/// Longest a round checks remembered sequences against the stream, the stream's look-up
+/// and the fetches together; a second less than the session's
+/// `relay.idle_in_transaction_timeout_ms` when that is shorter, as the round's claim
+/// holds its transaction open meanwhile ([`Relay::remembered_check_deadline`]).
+const REMEMBERED_CHECK_MAX: Duration = Duration::from_secs(4);
 
 /// Remembered sequences fetched from the stream at once.
 const REMEMBERED_CHECKS_IN_FLIGHT: usize = 32;
@@ -202,10 +202,17 @@ impl Relay {
         }
     }
 
+    /// How long a round's check of remembered sequences may take: [`REMEMBERED_CHECK_MAX`],
+    /// or a second less than the claim holds (2 s at the shortest session timeout the
+    /// settings allow, 3 s).
+    fn remembered_check_deadline(&self) -> Duration {
+        REMEMBERED_CHECK_MAX.min(self.claim_holds_for.saturating_sub(Duration::from_secs(1)))
+    }
+
     /// Sorts the sequences earlier PubAcks gave rows that were not marked
     /// (`(row id, event id) → sequence`): `held`, those whose message the stream still
     /// holds at that sequence, to be marked with it; `unchecked`, those whose check
-    /// could not be made within [`REMEMBERED_CHECK_DEADLINE`] (the round's transaction
+    /// could not be made within [`Relay::remembered_check_deadline`] (the round's transaction
     /// is open meanwhile), to be remembered again and left for a later round. The rest
     /// (a repair, this relay's or another's, a recreated stream or an expired message
     /// made them stale) are published again like any row.
@@ -218,9 +225,9 @@ impl Relay {
         }
         let name = self.subjects.stream();
         // One deadline for the stream's look-up and the fetches together, so that the
-        // whole check fits in the shortest session timeout (until 2026-12-07 each had
-        // 2 s of its own).
-        let deadline = tokio::time::sleep(REMEMBERED_CHECK_DEADLINE);
+        // whole check fits in the session timeout (until 2026-12-07 each had 2 s of its
+        // own, 4 s in all whatever the timeout).
+        let deadline = tokio::time::sleep(self.remembered_check_deadline());
         tokio::pin!(deadline);
         let stream = tokio::select! {
             stream = self.jetstream.get_stream(name) => stream,
@@ -248,7 +255,12 @@ impl Relay {
                         unchecked.remove(&key);
                         held.insert(key, stream_seq);
                     }
-                    Some((key, _, Ok(false))) => {
+                    Some((key, stream_seq, Ok(false))) => {
+                        tracing::info!(
+                            event_id = %key.1,
+                            stream_seq,
+                            "a remembered ack's event is not at its sequence in the stream; its row is published again"
+                        );
                         unchecked.remove(&key);
                     }
                     Some((_, _, Err(_))) => {}
