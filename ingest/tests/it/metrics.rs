@@ -197,7 +197,7 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     // Written while no relay runs.
     ingest.accept_readings(READINGS).await;
 
-    let relay = ServiceProcess::spawn(
+    let (relay, relay_log) = ServiceProcess::spawn_logged(
         env!("CARGO_BIN_EXE_relay"),
         &env,
         "PIPELINE__RELAY__ADMIN_LISTEN",
@@ -280,7 +280,8 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     assert_eq!(
         drained.value_or_zero("relay_duplicate_acks_total", &[]),
         0.0,
-        "nothing was published twice"
+        "nothing was published twice; the relay's log:\n{}",
+        relay_log.try_iter().collect::<Vec<_>>().join("\n")
     );
     assert!(
         drained.value_or_zero("relay_round_seconds_count", &[]) >= 1.0,

@@ -1231,3 +1231,68 @@ async fn an_aged_retry_of_a_reading_still_committing_waits_for_it_and_gets_its_r
     assert_eq!(count(&db, "outbox").await, 1);
     ingest.stop().await;
 }
+
+/// A retry whose key was there when its insert ran but gone when its stored answer was
+/// looked up (pruned at the end of its retention in that instant) cannot be answered
+/// either way: a `409 idempotency-key-in-use` with `Retry-After`, as API.md §1 allows a
+/// request that cannot wait, and no second reading.
+///
+/// The instant is made: a transaction deleting the key holds the retry's insert, a
+/// table lock queued behind the insert holds the look-up after it, and the key is
+/// deleted under that lock.
+#[tokio::test]
+async fn a_key_gone_between_its_insert_and_its_look_up_is_409_with_retry_after() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let stored = reading("sensor-1", 21.5);
+    ingest.accept("k-1", &stored).await;
+    let db = env.postgres().await;
+    let waiting = |text: &'static str| {
+        let db = &db;
+        async move { testkit::lock_waiter_pids(db, text).await.first().copied() }
+    };
+    let holder = env.postgres().await;
+    holder
+        .batch_execute("BEGIN; DELETE FROM idempotency_keys WHERE idempotency_key = 'k-1'")
+        .await
+        .expect("the key's deletion open");
+    let prune_under_the_look_up = async {
+        eventually(
+            Duration::from_secs(10),
+            "the retry's insert waiting",
+            || waiting("INSERT INTO idempotency_keys"),
+        )
+        .await;
+        let locker = env.postgres().await;
+        let locked = tokio::spawn(async move {
+            locker
+                .batch_execute("BEGIN; LOCK TABLE idempotency_keys IN ACCESS EXCLUSIVE MODE")
+                .await
+                .expect("the table locked");
+            locker
+        });
+        eventually(Duration::from_secs(10), "the lock queued", || {
+            waiting("LOCK TABLE idempotency_keys")
+        })
+        .await;
+        // The deletion rolled back: the insert finds the key and does nothing, and
+        // its look-up waits behind the lock.
+        holder.batch_execute("ROLLBACK").await.expect("rollback");
+        let locker = locked.await.expect("the locker");
+        eventually(
+            Duration::from_secs(10),
+            "the retry's look-up waiting",
+            || waiting("JOIN unnest($1::text[], $2::text[])"),
+        )
+        .await;
+        locker
+            .batch_execute("DELETE FROM idempotency_keys WHERE idempotency_key = 'k-1'; COMMIT")
+            .await
+            .expect("the key pruned");
+    };
+    let (response, ()) = tokio::join!(ingest.post("k-1", &stored), prune_under_the_look_up);
+    assert!(response.headers().get("retry-after").is_some());
+    assert_problem(response, 409, "idempotency-key-in-use").await;
+    assert_eq!(count(&db, "readings").await, 1, "no second reading");
+    ingest.stop().await;
+}
