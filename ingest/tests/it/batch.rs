@@ -8,7 +8,8 @@ use testkit::{eventually, TestEnv};
 
 use crate::relay::{spawn_projector, spawn_relay};
 use crate::support::{
-    assert_problem, count, hold_key_copied, rate_limited_ingest, reading, Ingest,
+    assert_problem, count, hold_key_copied, lock_waiter, queue_table_lock, rate_limited_ingest,
+    reading, Ingest,
 };
 use crate::telemetry_api::{two_seconds_ago, wait_until_aged, SHORT_MAX_AGE_SECS};
 
@@ -466,33 +467,18 @@ async fn a_look_up_that_fails_after_the_commit_still_answers_what_it_stored() {
     let db = env.postgres().await;
     // An open insert of the new key: ingest's statement waits for it.
     let holder = hold_key_copied(&env, "old", "new").await;
-    let waiting = |text: &'static str| {
-        let db = &db;
-        async move { testkit::lock_waiter_pids(db, text).await.first().copied() }
-    };
     let batch = json!({"readings": [item("new", "gw-1", 1.0), item("old", "gw-1", 5.0)]});
     let cut_the_look_up = async {
         eventually(Duration::from_secs(10), "ingest's insert waiting", || {
-            waiting("INSERT INTO idempotency_keys")
+            lock_waiter(&db, "INSERT INTO idempotency_keys")
         })
         .await;
         // Queued behind ingest's insert, this lock is granted when it commits, and the
         // look-up after it waits in turn.
-        let locker = env.postgres().await;
-        let locked = tokio::spawn(async move {
-            locker
-                .batch_execute("BEGIN; LOCK TABLE idempotency_keys IN ACCESS EXCLUSIVE MODE")
-                .await
-                .expect("the table locked");
-            locker
-        });
-        eventually(Duration::from_secs(10), "the lock queued", || {
-            waiting("LOCK TABLE idempotency_keys")
-        })
-        .await;
+        let locked = queue_table_lock(&env, &db, "idempotency_keys").await;
         holder.batch_execute("ROLLBACK").await.expect("rollback");
         let look_up = eventually(Duration::from_secs(10), "ingest's look-up waiting", || {
-            waiting("JOIN unnest($1::text[], $2::text[])")
+            lock_waiter(&db, "JOIN unnest($1::text[], $2::text[])")
         })
         .await;
         db.execute("SELECT pg_terminate_backend($1)", &[&look_up])

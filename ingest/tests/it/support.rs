@@ -347,3 +347,35 @@ pub async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
         .expect("count query")
         .get(0)
 }
+
+/// The first backend of `db`'s database waiting for a lock in a statement whose text
+/// contains `text`.
+pub async fn lock_waiter(db: &tokio_postgres::Client, text: &str) -> Option<i32> {
+    testkit::lock_waiter_pids(db, text).await.first().copied()
+}
+
+/// Opens a transaction of its own that takes `ACCESS EXCLUSIVE` on `table`, queued
+/// behind whatever holds the table now, and returns once the lock waits (seen from
+/// `db`): whatever asks for the table after it waits in turn. The task ends with the
+/// lock granted, giving back the client whose transaction holds it.
+pub async fn queue_table_lock(
+    env: &testkit::TestEnv,
+    db: &tokio_postgres::Client,
+    table: &'static str,
+) -> tokio::task::JoinHandle<tokio_postgres::Client> {
+    let locker = env.postgres().await;
+    let locked = tokio::spawn(async move {
+        locker
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .await
+            .expect("the table locked");
+        locker
+    });
+    testkit::eventually(Duration::from_secs(10), "the lock queued", || {
+        lock_waiter(db, "LOCK TABLE")
+    })
+    .await;
+    locked
+}

@@ -7,8 +7,8 @@ use testkit::{eventually, Running, TestEnv};
 use uuid::Uuid;
 
 use crate::support::{
-    assert_problem, assert_replayed, close_database, count, loopback_listener, rate_limited_ingest,
-    reading, reopen_database, Ingest,
+    assert_problem, assert_replayed, close_database, count, lock_waiter, loopback_listener,
+    queue_table_lock, rate_limited_ingest, reading, reopen_database, Ingest,
 };
 
 #[tokio::test]
@@ -1247,10 +1247,6 @@ async fn a_key_gone_between_its_insert_and_its_look_up_is_409_with_retry_after()
     let stored = reading("sensor-1", 21.5);
     ingest.accept("k-1", &stored).await;
     let db = env.postgres().await;
-    let waiting = |text: &'static str| {
-        let db = &db;
-        async move { testkit::lock_waiter_pids(db, text).await.first().copied() }
-    };
     let holder = env.postgres().await;
     holder
         .batch_execute("BEGIN; DELETE FROM idempotency_keys WHERE idempotency_key = 'k-1'")
@@ -1260,21 +1256,10 @@ async fn a_key_gone_between_its_insert_and_its_look_up_is_409_with_retry_after()
         eventually(
             Duration::from_secs(10),
             "the retry's insert waiting",
-            || waiting("INSERT INTO idempotency_keys"),
+            || lock_waiter(&db, "INSERT INTO idempotency_keys"),
         )
         .await;
-        let locker = env.postgres().await;
-        let locked = tokio::spawn(async move {
-            locker
-                .batch_execute("BEGIN; LOCK TABLE idempotency_keys IN ACCESS EXCLUSIVE MODE")
-                .await
-                .expect("the table locked");
-            locker
-        });
-        eventually(Duration::from_secs(10), "the lock queued", || {
-            waiting("LOCK TABLE idempotency_keys")
-        })
-        .await;
+        let locked = queue_table_lock(&env, &db, "idempotency_keys").await;
         // The deletion rolled back: the insert finds the key and does nothing, and
         // its look-up waits behind the lock.
         holder.batch_execute("ROLLBACK").await.expect("rollback");
@@ -1282,7 +1267,7 @@ async fn a_key_gone_between_its_insert_and_its_look_up_is_409_with_retry_after()
         eventually(
             Duration::from_secs(10),
             "the retry's look-up waiting",
-            || waiting("JOIN unnest($1::text[], $2::text[])"),
+            || lock_waiter(&db, "JOIN unnest($1::text[], $2::text[])"),
         )
         .await;
         locker
