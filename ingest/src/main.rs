@@ -39,10 +39,7 @@ async fn run() -> anyhow::Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         [] | ["serve"] => {
-            if let Err(error) = settings.validate_for_ingest() {
-                eprintln!("ingest: {error}");
-                std::process::exit(2);
-            }
+            ingest_rules_or_exit(&settings);
             let listener = bootstrap::listen_or_exit(
                 "ingest",
                 "ingest.listen",
@@ -56,13 +53,19 @@ async fn run() -> anyhow::Result<()> {
         ["config", "env"] => {
             // `scripts/up` checks the configuration through this: ingest's own rules too,
             // or it would start the rest and find ingest refused.
-            if let Err(error) = settings.validate_for_ingest() {
-                eprintln!("ingest: {error}");
-                std::process::exit(2);
-            }
+            ingest_rules_or_exit(&settings);
             config_env(&settings)
         }
         _ => usage(),
+    }
+}
+
+/// Stops with status 2 and one line naming the key when `settings` break a rule of
+/// ingest's own ([`Settings::validate_for_ingest`]), as an invalid setting does.
+fn ingest_rules_or_exit(settings: &Settings) {
+    if let Err(error) = settings.validate_for_ingest() {
+        eprintln!("ingest: {error}");
+        std::process::exit(2);
     }
 }
 

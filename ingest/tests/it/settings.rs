@@ -140,6 +140,19 @@ fn a_misspelt_or_invalid_setting_stops_ingest_and_the_relay_at_start_with_one_li
             "the line names {key} for {setting:?}: {stderr}"
         );
     }
+    // `scripts/up` checks the configuration with `ingest config env` before it starts
+    // anything: ingest's own rules refuse there too.
+    let stderr = failed_run(
+        ingest,
+        &["config", "env"],
+        &env,
+        &[("PIPELINE__DATABASE__POOL_SIZE", "2")],
+    );
+    assert!(
+        the_only_line(&stderr)
+            .contains("database.pool_size (PIPELINE__DATABASE__POOL_SIZE) must exceed"),
+        "{stderr}"
+    );
 }
 
 /// A listen address another process holds stops the start with one line naming the key,
