@@ -299,18 +299,17 @@ impl Run<'_> {
                 // other one applies once its ack wait ran out and the stopped one then
                 // skips; caught between two fetches, it held none, so pause it again (at
                 // most 3 times) until it skipped some.
-                let admin = self.settings.projector.admin_listen;
-                let skipped_so_far = || async {
-                    let scrape = try_scrape(admin).await?;
-                    Some(scrape.total("projector_duplicates_skipped_total"))
-                };
+                let stopped = self.settings.projector.admin_listen;
+                let skipped_so_far = || counter(stopped, "projector_duplicates_skipped_total");
+                let applied_by_other =
+                    || counter(self.second_projector, "projector_events_applied_total");
                 for pause in 1..=3 {
                     // A failed scrape proves nothing either way: that pause counts no skip.
                     let skipped_before = skipped_so_far().await;
-                    let before = self.projector_counts().await;
+                    let applied_before = applied_by_other().await.unwrap_or(0.0);
                     self.lab.signal("projector", "STOP")?;
                     tokio::time::sleep(hold).await;
-                    let while_stopped = self.projector_counts().await;
+                    let applied_while_stopped = applied_by_other().await.unwrap_or(0.0);
                     self.lab.signal("projector", "CONT")?;
                     let resumed = Instant::now();
                     let mut skipped = 0.0;
@@ -326,7 +325,7 @@ impl Run<'_> {
                     notes.push(format!(
                         "pause {pause}: projector stopped for {} s; meanwhile the other one applied {:.0}; after SIGCONT the stopped one skipped {skipped:.0} events as already applied",
                         hold.as_secs(),
-                        while_stopped.1 .0 - before.1 .0,
+                        applied_while_stopped - applied_before,
                     ));
                     if skipped > 0.0 {
                         return Ok(pause);
@@ -556,20 +555,6 @@ impl Run<'_> {
         bail!("never caught the relay inside a round")
     }
 
-    /// (applied, skipped as duplicates) of the projector `scripts/up` started and of the
-    /// second one, from their /metrics.
-    async fn projector_counts(&self) -> ((f64, f64), (f64, f64)) {
-        let mut counts = Vec::new();
-        for admin in [self.settings.projector.admin_listen, self.second_projector] {
-            let text = scrape(admin).await;
-            counts.push((
-                text.total("projector_events_applied_total"),
-                text.total("projector_duplicates_skipped_total"),
-            ));
-        }
-        (counts[0], counts[1])
-    }
-
     /// A server stays down while devices keep sending: the processes that need it back
     /// off (little CPU), none grows or crashes, and with NATS down ingest still accepts
     /// into the outbox.
@@ -678,6 +663,12 @@ where
 /// process accepts connections, the kernel does that, but never answers).
 async fn scrape(admin: std::net::SocketAddr) -> Scrape {
     try_scrape(admin).await.unwrap_or_else(|| Scrape::parse(""))
+}
+
+/// The total of the counter `name` at `admin`, or `None` when its metrics could not be
+/// read.
+async fn counter(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
+    Some(try_scrape(admin).await?.total(name))
 }
 
 /// The metrics at `admin`, or `None` when they could not be read within 2 s.
