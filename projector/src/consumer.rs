@@ -354,18 +354,21 @@ impl Projector {
         Ok(policy)
     }
 
-    /// Applies a batch, `taken` from the inbox then; acks it only after Redis confirmed.
-    /// Poison goes to the DLQ. A batch Redis has not taken within the ack wait is given
-    /// up ([`Projector::held_too_long`]).
+    /// Applies a batch, `taken` from the inbox then, and acks it only after Redis
+    /// confirmed ([`Projector::apply_and_ack`]); then sends its poison to the DLQ, all of
+    /// it at once. Dead letters wait for the dead-letter stream's ack (up to 5 s each),
+    /// which the batch's events do not wait out: until 2026-12-07 poison went first, one
+    /// letter after another, and a dead-letter stream that did not answer held the
+    /// events behind it past the ack wait, unapplied, for as long as it stayed silent.
     async fn handle(
         &self,
         messages: Vec<jetstream::Message>,
         taken: Instant,
         shutdown: &CancellationToken,
     ) {
-        let mut redis = self.redis.clone();
         let mut delivered = Vec::with_capacity(messages.len());
         let mut to_ack = Vec::with_capacity(messages.len());
+        let mut poison = Vec::new();
         let mut redelivered = 0;
         for message in messages {
             let Ok((stream_sequence, stored_at, deliveries)) = message
@@ -386,19 +389,27 @@ impl Projector {
                     });
                     to_ack.push(message);
                 }
-                // A stop does not wait for dead letters (each waits up to 5 s for the
-                // dead-letter stream's ack): one not sent stays unacked and comes again.
-                Err(reason) => tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {}
-                    _ = self.dead_letter(message, stream_sequence, stored_at, reason.into()) => {}
-                },
+                Err(reason) => poison.push((message, stream_sequence, stored_at, reason.into())),
             }
         }
         metrics::counter!("projector_redelivered_total").increment(redelivered);
-        if delivered.is_empty() {
-            return;
+        if !delivered.is_empty() {
+            self.apply_and_ack(delivered, to_ack, taken, shutdown).await;
         }
+        self.dead_letter_unless_stopping(poison, shutdown).await;
+    }
+
+    /// Applies a batch's events (`delivered`, of the messages `to_ack`), `taken` from the
+    /// inbox then; acks them only after Redis confirmed. A batch Redis has not taken
+    /// within the ack wait is given up ([`Projector::held_too_long`]).
+    async fn apply_and_ack(
+        &self,
+        delivered: Vec<Delivered>,
+        to_ack: Vec<jetstream::Message>,
+        taken: Instant,
+        shutdown: &CancellationToken,
+    ) {
+        let mut redis = self.redis.clone();
         let started = Instant::now();
         let mut backoff = Backoff::default();
         let mut applied_before = 0;
@@ -607,11 +618,35 @@ impl Projector {
                 "redis refused an event on every delivery, dead-lettering it; mend the device's keys, then re-drive it (projector dlq redrive)"
             );
             let reason = dlq::Reason::Refused(error.clone());
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {}
-                _ = self.dead_letter(message, item.stream_sequence, item.stored_at, reason) => {}
-            }
+            self.dead_letter_unless_stopping(
+                vec![(message, item.stream_sequence, item.stored_at, reason)],
+                shutdown,
+            )
+            .await;
+        }
+    }
+
+    /// Dead-letters `letters` (message, stream sequence, stored at, reason), all at
+    /// once, unless a stop comes first: a stop does not wait for dead letters (each
+    /// waits up to 5 s for the dead-letter stream's ack), and one not sent stays unacked
+    /// and comes again.
+    async fn dead_letter_unless_stopping(
+        &self,
+        letters: Vec<(jetstream::Message, u64, OffsetDateTime, dlq::Reason)>,
+        shutdown: &CancellationToken,
+    ) {
+        if letters.is_empty() {
+            return;
+        }
+        let sent = futures::future::join_all(letters.into_iter().map(
+            |(message, stream_sequence, stored_at, reason)| {
+                self.dead_letter(message, stream_sequence, stored_at, reason)
+            },
+        ));
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {}
+            _ = sent => {}
         }
     }
 

@@ -691,6 +691,66 @@ async fn a_stop_does_not_wait_for_the_dead_letters_of_a_batch() {
         .await;
 }
 
+/// A batch's events are applied and acked while its dead letters wait for the
+/// dead-letter stream's ack. Until 2026-12-07 poison went to the DLQ first, one letter
+/// after another (up to 5 s each), and a dead-letter stream that did not answer (here it
+/// is gone, and a listener on its subjects takes the copies without answering) held the
+/// event behind ten poison messages for 50 s, past the ack wait, unapplied.
+#[tokio::test]
+async fn a_batchs_events_are_applied_while_its_dead_letters_wait_for_a_silent_dead_letter_stream() {
+    const POISON: usize = 10;
+    const APPLIED_WITHIN: Duration = Duration::from_secs(4);
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    // The read model built, the projector stopped: what is published meanwhile waits in
+    // the durable consumer and comes in the next projector's first batch.
+    let projector = Projector::spawn(&env.settings).await;
+    live_generation(&env).await;
+    projector.stop().await;
+    jetstream
+        .delete_stream(env.subjects.dlq_stream())
+        .await
+        .expect("the dead-letter stream removed");
+    let client = async_nats::connect(&env.settings.nats.url)
+        .await
+        .expect("nats");
+    let mut silent = client
+        .subscribe(env.subjects.dlq_filter())
+        .await
+        .expect("a listener that never answers");
+    client.flush().await.expect("subscribed");
+    for index in 0..POISON {
+        publish_raw(
+            &jetstream,
+            env.subjects.recorded("sensor-1"),
+            relay_headers(&format!("poison-{index}")),
+            b"not json at all".to_vec(),
+        )
+        .await;
+    }
+    let good = event("sensor-1", now_ms(), &[("temperature", 21.5)]);
+    publish(&env, &jetstream, &good).await;
+
+    let projector = Projector::spawn(&env.settings).await;
+    eventually(
+        APPLIED_WITHIN,
+        "the event applied while the dead letters before it wait",
+        || async {
+            env.device_stats("sensor-1")
+                .await
+                .filter(|stats| stats.sample_count == 1)
+        },
+    )
+    .await;
+    tokio::time::timeout(CATCH_UP, silent.next())
+        .await
+        .expect("a dead letter sent")
+        .expect("the listener's subscription");
+    projector
+        .stop_within(Duration::from_secs(3), "a stop while dead letters wait")
+        .await;
+}
+
 /// Stream sequences come again when the stream starts over (deleted and made again by
 /// the relay, a NATS host that lost its newest messages). A poison message at a
 /// sequence another one had is dead-lettered too: its dead letter's id named the
