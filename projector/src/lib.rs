@@ -82,6 +82,7 @@ pub async fn run(
         ("projector_redelivered_total", &[]),
         ("projector_events_given_up_total", &[]),
         ("projector_redis_reloads_total", &[]),
+        ("projector_rebuilds_short_of_history_total", &[]),
     ]);
     for reason in dlq::Reason::labels() {
         consumer::count_dead_letters(reason, 0);

@@ -528,6 +528,17 @@ impl Rebuild {
     ) -> anyhow::Result<u64> {
         let state = &stream.info().await.context("reading stream info")?.state;
         let (first_sequence, last_sequence) = (state.first_sequence, state.last_sequence);
+        if first_sequence > 1 {
+            // Said where an operator looks, as the docs say it: the all-time figures
+            // cannot come back whole (README, "Rebuilding the read model").
+            metrics::counter!("projector_rebuilds_short_of_history_total").increment(1);
+            tracing::warn!(
+                generation,
+                first_sequence,
+                first_stored_at = %state.first_timestamp,
+                "the stream no longer holds its oldest events (its retention, or removed): the rebuilt all-time figures cover only what it holds; the readings table in PostgreSQL keeps the rest"
+            );
+        }
         let replay_last = ReplayThrough {
             stream_sequence: last_sequence,
             stored_at: state.last_timestamp,

@@ -429,6 +429,45 @@ async fn a_consumer_anchor_lost_with_redis_while_the_stream_is_quiet_is_written_
     projector.stop().await;
 }
 
+/// Redis losing every key once the stream let its oldest event go (its retention, an
+/// operator's `nats stream rmm`): the rebuild can replay only what the stream holds, and
+/// says so (a WARN and `projector_rebuilds_short_of_history_total`); until 2026-12-07
+/// the all-time figures came back short with nothing said.
+#[tokio::test]
+async fn a_rebuild_from_a_stream_short_of_its_oldest_events_is_counted() {
+    const SHORT: &str = "projector_rebuilds_short_of_history_total";
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let projector = projector_process(&env, &[]);
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..3)
+        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
+        .collect();
+    for event in &events {
+        publish(&env, &jetstream, event).await;
+    }
+    projected(&env, &reference(&events)).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    assert!(stream.delete_message(1).await.expect("message 1 deleted"));
+    assert_eq!(projector.metrics().await.value(SHORT, &[]), Some(0.0));
+
+    lose_every_redis_key(&env).await;
+    projector
+        .metrics_until(CATCH_UP, "the short rebuild counted", |scrape| {
+            (scrape.value(SHORT, &[]) == Some(1.0)).then_some(())
+        })
+        .await;
+    let rebuilt = projected(&env, &reference(&events[1..])).await;
+    assert_eq!(
+        rebuilt["sensor-1"].sample_count, 2,
+        "the rebuild holds what the stream holds"
+    );
+    assert!(projector.terminate().await.success());
+}
+
 /// A projector restarted with a shorter `projector.ack_wait_secs`, and a dedup horizon
 /// that is valid for it only, sets it on the durable consumer an earlier projector made.
 /// Kept at the old 30 s, an applied event whose ack was lost would come back 30 s later,
