@@ -50,9 +50,7 @@ pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Reb
         .connect(&settings.nats.url)
         .await
         .with_context(|| connecting_to("NATS", &settings.nats.url))?;
-    let mut redis =
-        RedisConnection::new_lazy(redis_client(settings)?, ConnectionManagerConfig::new())
-            .context("creating the redis connection manager")?;
+    let mut redis = redis_connection(settings)?;
     let () = redis::cmd("PING")
         .query_async(&mut redis)
         .await
@@ -64,6 +62,23 @@ pub async fn connect_rebuild(settings: &Settings) -> anyhow::Result<rebuild::Reb
 fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
     redis::Client::open(settings.redis.url.as_str())
         .with_context(|| unusable_url("redis.url", &settings.redis.url))
+}
+
+/// The projector's Redis connection, for `projector run` and `projector rebuild` alike:
+/// it connects lazily and reconnects by itself (a failed apply is retried with
+/// backoff), and waits up to 5 s for a reply. Until 2026-12-07 `projector rebuild` had
+/// redis-rs's default of 500 ms, and one slow reply (a fork for a save, a large
+/// pipeline) failed a replay minutes long.
+fn redis_connection(settings: &Settings) -> anyhow::Result<RedisConnection> {
+    RedisConnection::new_lazy(
+        redis_client(settings)?,
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500)),
+    )
+    .context("creating the redis connection manager")
 }
 
 /// Runs a projector and its admin server until `shutdown`.
@@ -99,16 +114,7 @@ pub async fn run(
         ingest::connection_limits(&settings),
         shutdown.clone(),
     ));
-    // Connects lazily and reconnects by itself; a failed apply is retried with backoff.
-    let redis = RedisConnection::new_lazy(
-        redis_client,
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500)),
-    )
-    .context("creating the redis connection manager")?;
+    let redis = redis_connection(&settings)?;
     let mut projector = Projector::new(&settings, nats, redis);
     let mut supervisor = tokio::spawn(consumer::supervise(projector.rebuild(), shutdown.clone()));
     let consumed = projector.run(shutdown.clone()).await;

@@ -455,7 +455,17 @@ impl Rebuild {
         );
         if let Some(old) = replaced.filter(|old| *old != generation) {
             tokio::time::sleep(SWITCH_GRACE).await;
-            delete_retired_generation(&mut redis, prefix, old).await?;
+            // The rebuild is done whatever becomes of this: the switch named the old
+            // generation retired, and a projector deletes what is left of it
+            // (`Rebuild::delete_retired`). Until 2026-12-07 a failed deletion reported
+            // the switched rebuild as failed, and it was made again.
+            if let Err(error) = delete_retired_generation(&mut redis, prefix, old).await {
+                tracing::warn!(
+                    generation = old,
+                    error = format!("{error:#}"),
+                    "deleting the replaced generation failed; a projector deletes the rest of it later"
+                );
+            }
         }
         Ok(generation)
     }
