@@ -713,12 +713,11 @@ impl Relay {
         let waiting = if unchecked.is_empty() {
             HashSet::new()
         } else {
-            let unchecked_rows = unchecked.len();
-            let waiting = lock(&self.acked_unmarked).keep_unchecked(&taken, unchecked);
+            let (waiting, rounds) = lock(&self.acked_unmarked).keep_unchecked(&taken, unchecked);
             tracing::info!(
-                rows = unchecked_rows,
-                waiting = waiting.len(),
-                "remembered acks could not be checked against the stream in time; their rows wait for a later round, up to three"
+                rows = waiting.len(),
+                rounds,
+                "remembered acks could not be checked against the stream in time; their rows wait for a round that can check them"
             );
             waiting
         };
@@ -1240,9 +1239,11 @@ impl StreamUnverified {
 /// it stored every such row twice (past the projector's horizon, counted twice).
 /// Bounded: past [`AckedUnmarked::MAX_ROWS`] the oldest rows are forgotten first (rows
 /// another relay marked are never claimed here again, and only this bound ends them) and
-/// published again if they come back, and a row whose check could not be made in
-/// [`AckedUnmarked::MAX_UNCHECKED_ROUNDS`] rounds is published again rather than wait for
-/// good.
+/// published again if they come back. A row whose check cannot be made (NATS slow to
+/// answer, or not at all) waits for a round that can make it, however many rounds that
+/// takes: published again past JetStream's duplicate window, it would be stored twice.
+/// Until 2026-12-07 it was published again after three rounds, and a NATS that stopped
+/// answering for 12 s after a PostgreSQL outage stored those rows twice.
 #[derive(Debug, Default)]
 struct AckedUnmarked {
     /// Ordered by row id, so by age.
@@ -1253,39 +1254,37 @@ struct AckedUnmarked {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RememberedAck {
     sequence: i64,
-    /// Rounds in a row whose check of the row could not be made.
+    /// Rounds in a row whose check of the row could not be made (for the log).
     unchecked_rounds: u32,
 }
 
 impl AckedUnmarked {
     const MAX_ROWS: usize = 100_000;
-    const MAX_UNCHECKED_ROUNDS: u32 = 3;
 
     /// Remembers again the rows a round could not check (`(row id, event id) →
-    /// sequence`; `taken` is what [`Self::take`] gave that round), each for up to
-    /// [`Self::MAX_UNCHECKED_ROUNDS`] rounds; returns those that wait for a later round
-    /// (the others are published again). A row whose check was made is not remembered
-    /// again, its count with it.
+    /// sequence`; `taken` is what [`Self::take`] gave that round); returns them, to wait
+    /// for a later round, and the most rounds in a row one of them went unchecked. A
+    /// row whose check was made is not remembered again, its count with it.
     fn keep_unchecked(
         &mut self,
         taken: &HashMap<(i64, Uuid), RememberedAck>,
         unchecked: HashMap<(i64, Uuid), i64>,
-    ) -> HashSet<(i64, Uuid)> {
+    ) -> (HashSet<(i64, Uuid)>, u32) {
         let mut waiting = HashSet::with_capacity(unchecked.len());
+        let mut most_rounds = 0;
         for (key, sequence) in unchecked {
             let unchecked_rounds = taken.get(&key).map_or(0, |ack| ack.unchecked_rounds) + 1;
-            if unchecked_rounds < Self::MAX_UNCHECKED_ROUNDS {
-                self.acks.insert(
-                    key,
-                    RememberedAck {
-                        sequence,
-                        unchecked_rounds,
-                    },
-                );
-                waiting.insert(key);
-            }
+            most_rounds = most_rounds.max(unchecked_rounds);
+            self.acks.insert(
+                key,
+                RememberedAck {
+                    sequence,
+                    unchecked_rounds,
+                },
+            );
+            waiting.insert(key);
         }
-        waiting
+        (waiting, most_rounds)
     }
 
     /// Remembers the `(row id, event id)`'s acknowledged sequences.
@@ -1578,34 +1577,25 @@ mod tests {
         assert_eq!(unverified.due(1), None);
     }
 
-    /// One round that takes `key`'s remembered ack (if any) and cannot check it;
-    /// whether the row waits for a later round.
-    fn unchecked_round(memory: &mut AckedUnmarked, key: (i64, Uuid)) -> bool {
+    /// One round that takes `key`'s remembered ack (if any) and cannot check it: the
+    /// rounds in a row it went unchecked, when the row waits for a later round.
+    fn unchecked_round(memory: &mut AckedUnmarked, key: (i64, Uuid)) -> Option<u32> {
         let taken = memory.take(std::iter::once(key));
-        memory
-            .keep_unchecked(&taken, HashMap::from([(key, 70)]))
-            .contains(&key)
+        let (waiting, rounds) = memory.keep_unchecked(&taken, HashMap::from([(key, 70)]));
+        waiting.contains(&key).then_some(rounds)
     }
 
     #[test]
-    fn a_row_whose_remembered_ack_cannot_be_checked_waits_three_rounds_at_most() {
+    fn a_row_whose_remembered_ack_cannot_be_checked_waits_for_a_round_that_can() {
         let mut memory = AckedUnmarked::default();
         let key = (7, Uuid::nil());
-        assert!(unchecked_round(&mut memory, key), "first round");
+        for round in 1..=10 {
+            assert_eq!(unchecked_round(&mut memory, key), Some(round));
+        }
         assert_eq!(
             memory.acks.get(&key).map(|ack| ack.sequence),
             Some(70),
-            "remembered again"
-        );
-        assert!(unchecked_round(&mut memory, key), "second round");
-        assert!(
-            !unchecked_round(&mut memory, key),
-            "the third round publishes it again"
-        );
-        assert!(memory.acks.is_empty());
-        assert!(
-            unchecked_round(&mut memory, key),
-            "remembered again later, it starts the count again"
+            "remembered still, never published again"
         );
     }
 
@@ -1613,20 +1603,15 @@ mod tests {
     fn a_row_whose_check_was_made_counts_its_unchecked_rounds_anew() {
         let mut memory = AckedUnmarked::default();
         let key = (7, Uuid::nil());
-        assert!(
-            unchecked_round(&mut memory, key) && unchecked_round(&mut memory, key),
-            "two rounds unchecked"
-        );
+        assert_eq!(unchecked_round(&mut memory, key), Some(1));
+        assert_eq!(unchecked_round(&mut memory, key), Some(2));
         // A round whose check is made: taken, and not remembered again.
         let _ = memory.take(std::iter::once(key));
         memory.remember(std::iter::once(((&key.0, &key.1), &70)));
-        assert!(
-            unchecked_round(&mut memory, key) && unchecked_round(&mut memory, key),
-            "checked since: two more rounds"
-        );
-        assert!(
-            !unchecked_round(&mut memory, key),
-            "the third publishes it again"
+        assert_eq!(
+            unchecked_round(&mut memory, key),
+            Some(1),
+            "checked since: counted from one"
         );
     }
 

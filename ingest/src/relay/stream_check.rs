@@ -8,8 +8,9 @@
 //!
 //! # How a loss is noticed
 //! - Every `relay.stream_check_interval_ms` and after every reconnect to NATS, the
-//!   relay reads the kept row with the highest sequence and fetches the stream message
-//!   at that sequence (`STREAM.MSG.GET`, one request). Its `Nats-Msg-Id` must be the
+//!   relay reads the kept row with the highest sequence, looks the stream up
+//!   (`STREAM.INFO`, which makes it again when it is gone) and fetches the stream
+//!   message at that sequence (`STREAM.MSG.GET`). Its `Nats-Msg-Id` must be the
 //!   row's event id; a missing message or another id means the stream lost it.
 //! - New publishes that reuse lost sequences cannot hide a loss: a sequence a kept row
 //!   still holds cannot be recorded for a second row (unique index), so that round fails
@@ -177,9 +178,9 @@ impl Relay {
     }
 
     /// Whether the stream message at the row's sequence is the row's event.
-    async fn stream_holds(
+    async fn stream_holds<I>(
         &self,
-        stream: &stream::Stream,
+        stream: &stream::Stream<I>,
         row: PublishedRow,
     ) -> anyhow::Result<bool> {
         let Ok(sequence) = u64::try_from(row.stream_seq) else {
@@ -229,14 +230,14 @@ impl Relay {
         // own, 4 s in all whatever the timeout).
         let deadline = tokio::time::sleep(self.remembered_check_deadline());
         tokio::pin!(deadline);
-        let stream = tokio::select! {
-            stream = self.jetstream.get_stream(name) => stream,
-            () = &mut deadline => return (HashMap::new(), remembered),
-        };
-        let Ok(stream) = stream else {
+        // A handle without `STREAM.INFO`: the fetches say all there is to know (a stream
+        // that is gone fails each of them), and until 2026-12-07 the look-up was a
+        // request of its own inside the deadline, heavier than a fetch on a busy server.
+        let Ok(stream) = self.jetstream.get_stream_no_info(name).await else {
             return (HashMap::new(), remembered);
         };
         let mut unchecked = remembered.clone();
+        let mut failed = None;
         let mut held = HashMap::with_capacity(remembered.len());
         let stream = &stream;
         let mut checks =
@@ -263,11 +264,19 @@ impl Relay {
                         );
                         unchecked.remove(&key);
                     }
-                    Some((_, _, Err(_))) => {}
+                    Some((_, _, Err(error))) => {
+                        failed.get_or_insert(error);
+                    }
                     None => break,
                 },
                 () = &mut deadline => break,
             }
+        }
+        if let Some(error) = failed {
+            tracing::info!(
+                error = format!("{error:#}"),
+                "a remembered ack could not be checked against the stream"
+            );
         }
         (held, unchecked)
     }

@@ -460,7 +460,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
 /// counted each reading twice.
 #[tokio::test]
 async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again() {
-    acked_rows_whose_mark_failed(&TestEnv::new(), async || {}).await;
+    acked_rows_whose_mark_failed(&TestEnv::new(), async || {}, async || {}).await;
 }
 
 /// The acks of rows a round could not mark outlast a NATS reconnect: the round got its
@@ -474,22 +474,54 @@ async fn acks_of_rows_not_marked_outlast_a_nats_restart() {
     let mut server = testkit::PrivateNats::start();
     let mut env = TestEnv::new();
     env.settings.nats.url = server.url();
-    acked_rows_whose_mark_failed(&env, async || {
-        // A clean stop: the server keeps what it stored.
-        server.stop();
-        server.restart();
-        // The relay and the test connected again, while PostgreSQL is still away.
-        server.wait_for_clients(2).await;
-    })
+    acked_rows_whose_mark_failed(
+        &env,
+        async || {
+            // A clean stop: the server keeps what it stored.
+            server.stop();
+            server.restart();
+            // The relay and the test connected again, while PostgreSQL is still away.
+            server.wait_for_clients(2).await;
+        },
+        async || {},
+    )
+    .await;
+}
+
+/// The acks of rows a round could not mark wait for their check for as long as NATS
+/// cannot answer it: once PostgreSQL is back the server stops answering (frozen, its
+/// connections open) for 14 s, past three rounds' 4 s check deadlines, and then goes on,
+/// past JetStream's duplicate window. The rows are marked with the sequences their first
+/// publish got. Until 2026-12-07 a row whose check failed in three rounds was published
+/// again, and the stream held it twice.
+#[tokio::test]
+async fn remembered_acks_nats_cannot_check_for_rounds_wait_for_their_check() {
+    let server = testkit::PrivateNats::start();
+    let mut env = TestEnv::new();
+    env.settings.nats.url = server.url();
+    acked_rows_whose_mark_failed(
+        &env,
+        async || {},
+        async || {
+            server.freeze();
+            // A duration that must pass: three rounds' checks running out meanwhile.
+            tokio::time::sleep(Duration::from_secs(14)).await;
+            server.thaw();
+        },
+    )
     .await;
 }
 
 /// Relays 20 rows with JetStream's duplicate window at 1 s, so that their round gets
 /// its acks and PostgreSQL then goes away under its mark (its commit fails); runs
-/// `meanwhile` while PostgreSQL is away, which stays away past the duplicate window;
-/// then checks that every row was marked with the sequence its first publish got and
-/// none was published again.
-async fn acked_rows_whose_mark_failed(env: &TestEnv, meanwhile: impl AsyncFnOnce()) {
+/// `meanwhile` while PostgreSQL is away, which stays away past the duplicate window, and
+/// `afterwards` once it is back; then checks that every row was marked with the
+/// sequence its first publish got and none was published again.
+async fn acked_rows_whose_mark_failed(
+    env: &TestEnv,
+    meanwhile: impl AsyncFnOnce(),
+    afterwards: impl AsyncFnOnce(),
+) {
     const READINGS: usize = 20;
     let (ingest, db) = readings_with_marking_stalled(env, READINGS).await;
     // Killed when dropped, so that a failing assertion leaves no relay behind.
@@ -521,6 +553,7 @@ async fn acked_rows_whose_mark_failed(env: &TestEnv, meanwhile: impl AsyncFnOnce
     // JetStream's duplicate window must pass before the rows can be claimed again.
     tokio::time::sleep(Duration::from_secs(2)).await;
     reopen_database(env).await;
+    afterwards().await;
 
     let db = env.postgres().await;
     wait_until_all_marked(&db).await;
