@@ -34,8 +34,9 @@
 #   tcp_open HOST PORT | wait_until SECONDS CMD [ARGS...] | info/warn/err/die MESSAGE
 # A pipeline of its own, beside the configured one (scripts/bench, scripts/ab, scripts/soak):
 #   own_pipeline DB STREAM PREFIX INGEST_PORT QUERY_PORT RELAY_PORT PROJECTOR_PORT
-#                                   exports PIPELINE__* for it; sets PG_SERVER_URL, PG_MAIN_DB,
-#                                   OWN_DATABASE_URL, PG_ADMIN_URL, NATS_URL, REDIS_URL
+#                                   exports PIPELINE__* for it; sets PG_SERVER_URL (no database,
+#                                   no parameters), PG_URL_QUERY (the URL's "?…", or empty),
+#                                   PG_MAIN_DB, OWN_DATABASE_URL, PG_ADMIN_URL, NATS_URL, REDIS_URL
 #   require_free_ports PORT...      dies when one is in use
 #   start_ready NAME                start_process NAME, then wait_ready on its /readyz
 #   stop_own_processes              stops query, projector, relay, ingest (quietly)
@@ -810,14 +811,18 @@ own_pipeline() {
         [[ "$port" =~ ^[1-9][0-9]*$ ]] || die "port '$port' must be a positive whole number"
     done
     PG_SERVER_URL=$(database_url)
+    # The URL's parameters (a password, sslmode, options) serve every database of the
+    # server; until 2026-12-07 the private pipeline's URLs lost them.
+    PG_URL_QUERY=""
+    [[ "$PG_SERVER_URL" != *\?* ]] || PG_URL_QUERY="?${PG_SERVER_URL#*\?}"
     PG_SERVER_URL=${PG_SERVER_URL%%\?*}
     PG_MAIN_DB=${PG_SERVER_URL##*/}
     PG_SERVER_URL=${PG_SERVER_URL%/*}
     [[ "$db" != "$PG_MAIN_DB" ]] || die "database '$db' is the pipeline's own ($PG_MAIN_DB); choose another"
     [[ "$stream" != "${PIPELINE__NATS__STREAM:-TELEMETRY}" ]] ||
         die "stream '$stream' is the pipeline's own; choose another"
-    OWN_DATABASE_URL="$PG_SERVER_URL/$db"
-    PG_ADMIN_URL="$PG_SERVER_URL/postgres"
+    OWN_DATABASE_URL="$PG_SERVER_URL/$db$PG_URL_QUERY"
+    PG_ADMIN_URL="$PG_SERVER_URL/postgres$PG_URL_QUERY"
     NATS_URL=$(nats_url)
     REDIS_URL=$(redis_url)
     export PIPELINE__DATABASE__URL="$OWN_DATABASE_URL"

@@ -165,6 +165,26 @@ def test_a_second_run_in_one_checkout_leaves_the_first_ones_files_alone(
     assert kept.exists(), f"scripts/{name} removed the first run's results:\n{output}"
 
 
+def test_a_private_pipeline_keeps_the_database_urls_parameters():
+    """scripts/bench, ab and soak run on a database of their own on the configured
+    server: its URL's parameters (a password, sslmode, a search_path in options) serve
+    that database too. Until 2026-12-07 own_pipeline dropped them, and logins failed or
+    ran in another schema."""
+    query = "?sslmode=disable&options=-c%20search_path%3Dtelemetry"
+    env = dict(os.environ, PIPELINE__DATABASE__URL=f"postgres://postgres@127.0.0.1:5432/telemetry{query}")
+    shown = subprocess.run(
+        ["bash", "-c", 'source scripts/lib.sh && own_pipeline own_db OWN own: 1 2 3 4 && '
+                       'printf "%s\\n" "$OWN_DATABASE_URL" "$PG_ADMIN_URL" "$PG_SERVER_URL" "$PG_MAIN_DB"'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert shown.stdout.splitlines() == [
+        f"postgres://postgres@127.0.0.1:5432/own_db{query}",
+        f"postgres://postgres@127.0.0.1:5432/postgres{query}",
+        "postgres://postgres@127.0.0.1:5432",
+        "telemetry",
+    ]
+
+
 def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
