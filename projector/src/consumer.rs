@@ -355,11 +355,12 @@ impl Projector {
     }
 
     /// Applies a batch, `taken` from the inbox then, and acks it only after Redis
-    /// confirmed ([`Projector::apply_and_ack`]); then sends its poison to the DLQ, all of
-    /// it at once. Dead letters wait for the dead-letter stream's ack (up to 5 s each),
-    /// which the batch's events do not wait out: until 2026-12-07 poison went first, one
-    /// letter after another, and a dead-letter stream that did not answer held the
-    /// events behind it past the ack wait, unapplied, for as long as it stayed silent.
+    /// confirmed ([`Projector::apply_and_ack`]); beside that, sends its poison to the
+    /// DLQ, all of it at once. Dead letters wait for the dead-letter stream's ack (up to
+    /// 5 s each), which the batch's events do not wait out, nor the poison Redis: until
+    /// 2026-12-07 poison went first, one letter after another, and a dead-letter stream
+    /// that did not answer held the events behind it past the ack wait, unapplied, for
+    /// as long as it stayed silent.
     async fn handle(
         &self,
         messages: Vec<jetstream::Message>,
@@ -375,6 +376,13 @@ impl Projector {
                 .info()
                 .map(|info| (info.stream_sequence, info.published, info.delivered))
             else {
+                // Every JetStream delivery carries its info in its reply subject; a
+                // message without it is none of the durable consumer's, and there is
+                // nothing to ack it to. Said, not skipped without a word.
+                tracing::warn!(
+                    subject = %message.subject,
+                    "a message without JetStream delivery info, left unanswered"
+                );
                 continue;
             };
             if deliveries > 1 {
@@ -393,10 +401,16 @@ impl Projector {
             }
         }
         metrics::counter!("projector_redelivered_total").increment(redelivered);
-        if !delivered.is_empty() {
-            self.apply_and_ack(delivered, to_ack, taken, shutdown).await;
-        }
-        self.dead_letter_unless_stopping(poison, shutdown).await;
+        // Side by side: neither waits for the other (the events not for the dead-letter
+        // stream's acks, the poison not for Redis).
+        tokio::join!(
+            async {
+                if !delivered.is_empty() {
+                    self.apply_and_ack(delivered, to_ack, taken, shutdown).await;
+                }
+            },
+            self.dead_letter_unless_stopping(poison, shutdown),
+        );
     }
 
     /// Applies a batch's events (`delivered`, of the messages `to_ack`), `taken` from the
@@ -591,11 +605,8 @@ impl Projector {
         events: &BTreeMap<uuid::Uuid, String>,
         shutdown: &CancellationToken,
     ) {
+        let mut letters = Vec::new();
         for (item, message) in refused {
-            if shutdown.is_cancelled() {
-                // Left unacked: it comes again after the ack wait.
-                return;
-            }
             let deliveries = message.info().map_or(1, |info| info.delivered);
             let Some(error) = events.get(&item.event.event_id) else {
                 continue;
@@ -618,12 +629,9 @@ impl Projector {
                 "redis refused an event on every delivery, dead-lettering it; mend the device's keys, then re-drive it (projector dlq redrive)"
             );
             let reason = dlq::Reason::Refused(error.clone());
-            self.dead_letter_unless_stopping(
-                vec![(message, item.stream_sequence, item.stored_at, reason)],
-                shutdown,
-            )
-            .await;
+            letters.push((message, item.stream_sequence, item.stored_at, reason));
         }
+        self.dead_letter_unless_stopping(letters, shutdown).await;
     }
 
     /// Dead-letters `letters` (message, stream sequence, stored at, reason), all at
