@@ -83,10 +83,11 @@ pub mod meta {
     /// seen on): a server that restarted and loaded the read model from its files has
     /// another, and the read model lacks what was applied after the files were written.
     pub const REDIS_RUN: &str = "redis_run";
-    /// Generations switched away from whose keys are still to be deleted, separated by
-    /// spaces. The switch names the one it replaced here, and the rebuild deletes its
-    /// keys after a short grace; one whose process died first is deleted by a live
-    /// projector once no rebuild holds the lock. Without it, those keys stayed for good
+    /// Generations switched away from, or builds abandoned, whose keys are still to be
+    /// deleted, separated by spaces. The switch names the one it replaced here, and the
+    /// rebuild deletes its keys after a short grace; a rebuild names a build an earlier
+    /// one abandoned here as it begins, and deletes its keys at once; one whose process
+    /// died first is deleted by a live projector once no rebuild holds the lock. Without it, those keys stayed for good
     /// (device hashes and index keys never expire).
     pub const RETIRED: &str = "retired";
     /// The fields to `HMGET` for [`live_generation`](super::live_generation), in its

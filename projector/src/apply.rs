@@ -333,7 +333,7 @@ impl ReadModel {
     ) -> RedisResult<Applied> {
         let events: Vec<&Delivered> = events.iter().collect();
         let guarded = self
-            .apply_guarded(connection, generations, None, &events, now_ms)
+            .apply_guarded(connection, generations, None, None, &events, now_ms)
             .await?;
         match guarded.refused.into_iter().next() {
             Some((_, error)) => Err(error),
@@ -358,7 +358,14 @@ impl ReadModel {
     ) -> RedisResult<Option<Applied>> {
         let events: Vec<&Delivered> = events.iter().collect();
         let guarded = self
-            .apply_guarded(connection, &[generation], Some(fields), &events, now_ms)
+            .apply_guarded(
+                connection,
+                &[generation],
+                Some(fields),
+                Some(generation),
+                &events,
+                now_ms,
+            )
             .await?;
         if guarded.stale {
             return Ok(None);
@@ -420,6 +427,10 @@ impl ReadModel {
                     connection,
                     &targets,
                     Some(&generations.fields),
+                    // Never the live one, whatever wrote the meta hash.
+                    generations
+                        .building
+                        .filter(|building| Some(*building) != generations.current),
                     &part,
                     now_ms,
                 )
@@ -454,11 +465,19 @@ impl ReadModel {
     /// pipeline told besides ([`Guarded`]). After a stale call nothing is remembered as
     /// listed, and mixed calls are not split up: the batch comes again. An error of a
     /// call other than a refusal ([`refuses_only_the_call`]) is the batch's.
+    ///
+    /// The devices index of the generation being built (`building`, named by the meta
+    /// hash a guarded call checks) keeps no superseded entry: no walk reads it before
+    /// its switch, and none after the switch sees an entry superseded before it
+    /// (devices_page.lua), so a guarded call deletes them at once. Until 2026-12-07 they
+    /// were kept for the listing TTL, as the live generation's are, and a replay of a
+    /// long history kept one entry for every move of every device in its last ten minutes.
     async fn apply_guarded<'a, C: ConnectionLike>(
         &self,
         connection: &mut C,
         generations: &[u64],
         guard: Option<&[String; 4]>,
+        building: Option<u64>,
         events: &[&'a Delivered],
         now_ms: i64,
     ) -> RedisResult<Guarded<'a>> {
@@ -555,7 +574,8 @@ impl ReadModel {
                 .arg(&index.current);
             self.guard_key(command, guard);
             // No clock: the script stamps with Redis's (see index.lua).
-            command.arg(LISTING_TTL_MS);
+            let unread = guard.is_some() && building == Some(*generation);
+            command.arg(if unread { 0 } else { LISTING_TTL_MS });
             for (device_id, granule) in entries {
                 command.arg(*device_id).arg(*granule);
             }

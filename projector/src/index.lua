@@ -4,7 +4,8 @@
 --
 -- KEYS[1] log (sorted set: entry -> granule), KEYS[2] created (hash: entry -> ms),
 -- KEYS[3] retired (sorted set: entry -> ms), KEYS[4] current (hash: device -> granule)
--- ARGV[1] listing TTL (ms), then pairs of device id and granule (ms)
+-- ARGV[1] listing TTL (ms; 0 for a generation being built, which no walk reads, so that
+-- an entry a move supersedes goes at once), then pairs of device id and granule (ms)
 -- A guarded call (guard.lua) has the meta hash as KEYS[5] and the fields as read as
 -- its last four arguments, after the pairs.
 --

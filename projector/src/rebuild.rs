@@ -55,7 +55,9 @@
 //!    grew again) is new and is applied;
 //! 5. deletes the old generation's keys after a short grace period, and then its name
 //!    from `retired`. Should its process die before, a live projector's supervisor
-//!    deletes them once the lock is free ([`Rebuild::delete_retired`]).
+//!    deletes them once the lock is free ([`Rebuild::delete_retired`]). A build an
+//!    earlier rebuild abandoned is named `retired` by the script that names the new one
+//!    `building` (step 2), and deleted at once, the same way.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -260,7 +262,7 @@ impl Generations {
             built_through,
             fields,
             redis_run,
-            // Written by the switch script alone, as numbers.
+            // Written by the begin and switch scripts alone, as numbers.
             retired: retired
                 .unwrap_or_default()
                 .split_ascii_whitespace()
@@ -397,62 +399,75 @@ impl Rebuild {
                 .state
                 .last_timestamp,
         };
-        // With an abandoned build's `replay_last` gone: this build sets its own.
-        let _: () = redis::pipe()
-            .atomic()
-            .cmd("HSET")
-            .arg(meta_key(prefix))
-            .arg(meta::BUILDING)
-            .arg(generation)
-            .arg(meta::REPLAY_THROUGH)
-            .arg(replay_through.encode())
-            .ignore()
-            .cmd("HDEL")
-            .arg(meta_key(prefix))
-            .arg(meta::REPLAY_LAST)
-            .ignore()
-            .query_async(&mut redis)
-            .await?;
-        if let Some(abandoned) = abandoned {
-            // Only now that `building` names another generation: live projectors write to
-            // the abandoned one as long as it names that one, and a key written after its
-            // deletion would stay for good. From here on each of their calls that still
-            // names it writes nothing (guard.lua), and the keys of the calls before are
-            // there when the deletion's SCAN begins.
-            delete_generation(&mut redis, prefix, abandoned).await?;
-        }
-        tracing::info!(
-            generation,
-            ?replay_through,
-            "rebuilding the read model from the stream"
-        );
-        // Read before the replay: a server that restarts during it and loads its files
-        // has another, and the supervisor rebuilds again.
-        let built_on = crate::restart::run_id(&mut redis)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        let replayed = self
-            .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
-            .await?;
-        let switched: i64 = SWITCH
+        let _: i64 = BEGIN_BUILD
             .key(meta_key(prefix))
-            .key(rebuild_lock_key(prefix))
             .arg(generation)
-            .arg(owner)
-            .arg(LAYOUT)
-            .arg(built_on)
+            .arg(replay_through.encode())
+            .arg(
+                abandoned
+                    .map(|abandoned| abandoned.to_string())
+                    .unwrap_or_default(),
+            )
             .invoke_async(&mut redis)
             .await?;
-        if switched != 1 {
-            bail!("the build of generation {generation} was taken over or the read model was reset meanwhile");
+        let built: anyhow::Result<(u64, bool)> = async {
+            if let Some(abandoned) = abandoned {
+                // Only now that `building` names another generation: live projectors
+                // write to the abandoned one as long as it names that one, and a key
+                // written after its deletion would stay for good. From here on each of
+                // their calls that still names it writes nothing (guard.lua), and the
+                // keys of the calls before are there when the deletion's SCAN begins.
+                // Named retired by the same call, so that a projector deletes what this
+                // process does not reach.
+                delete_retired_generation(&mut redis, prefix, abandoned).await?;
+            }
+            tracing::info!(
+                generation,
+                ?replay_through,
+                "rebuilding the read model from the stream"
+            );
+            // Read before the replay: a server that restarts during it and loads its
+            // files has another, and the supervisor rebuilds again.
+            let built_on = crate::restart::run_id(&mut redis)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let replayed = self
+                .replay_into(generation, stream, live_ack_floor, shutdown, lost_lock)
+                .await?;
+            let switched: i64 = SWITCH
+                .key(meta_key(prefix))
+                .key(rebuild_lock_key(prefix))
+                .arg(generation)
+                .arg(owner)
+                .arg(LAYOUT)
+                .arg(built_on)
+                .invoke_async(&mut redis)
+                .await?;
+            if switched != 1 {
+                bail!("the build of generation {generation} was taken over or the read model was reset meanwhile");
+            }
+            Ok(replayed)
         }
+        .await;
+        let (replayed, short_of_history) = match built {
+            Ok(built) => built,
+            Err(error) => {
+                self.abandon(&mut redis, generation, shutdown).await;
+                return Err(error);
+            }
+        };
         tracing::info!(
             generation,
             replayed,
             "read model switched to the new generation"
         );
+        if short_of_history {
+            // Once it is served (a projector's rebuild: `projector rebuild` exports no
+            // metrics, its WARN says it).
+            metrics::counter!("projector_rebuilds_short_of_history_total").increment(1);
+        }
         if let Some(old) = replaced.filter(|old| *old != generation) {
             tokio::time::sleep(SWITCH_GRACE).await;
             // The rebuild is done whatever becomes of this: the switch named the old
@@ -470,9 +485,49 @@ impl Rebuild {
         Ok(generation)
     }
 
+    /// Abandons this process's build of `generation`, which failed or was stopped: no
+    /// longer `building` but `retired`, if the meta hash still names it (a build taken
+    /// over, a read model reset, are left alone), and its keys deleted, unless the
+    /// process is stopping (then a projector deletes them, [`Rebuild::delete_retired`]).
+    /// So projectors rebuild on their own only what is missing or reloaded: until
+    /// 2026-12-07 a failed or stopped build stayed `building`, and a live projector began
+    /// a rebuild of its own a second later, an operator's Ctrl-C of `projector rebuild`
+    /// included.
+    async fn abandon(
+        &self,
+        redis: &mut RedisConnection,
+        generation: u64,
+        shutdown: &CancellationToken,
+    ) {
+        let prefix = &self.read_model.prefix;
+        let abandoned: redis::RedisResult<i64> = ABANDON
+            .key(meta_key(prefix))
+            .arg(generation)
+            .invoke_async(redis)
+            .await;
+        match abandoned {
+            Ok(1) if !shutdown.is_cancelled() => {
+                if let Err(error) = delete_retired_generation(redis, prefix, generation).await {
+                    tracing::warn!(
+                        generation,
+                        error = format!("{error:#}"),
+                        "deleting an abandoned build failed; a projector deletes the rest of it later"
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                generation,
+                %error,
+                "abandoning a failed build failed; a projector will take it for abandoned and rebuild"
+            ),
+        }
+    }
+
     /// Deletes the keys of the generations the meta hash names retired: a rebuild
-    /// switched away from them, and its process died before it deleted them (in the
-    /// grace after the switch, or during the deletion). Only while no rebuild holds the
+    /// switched away from them, or began after their build was abandoned, and its
+    /// process died before it deleted them (in the grace after the switch, or during
+    /// the deletion). Only while no rebuild holds the
     /// lock, so a rebuild's own grace is waited out; a lock a dead process left expires.
     /// The lock is held (and refreshed) until the deletion ends.
     pub async fn delete_retired(&self) -> anyhow::Result<()> {
@@ -499,7 +554,7 @@ impl Rebuild {
             tracing::info!(
                 generation,
                 keys,
-                "deleted the keys of a generation a rebuild switched away from and left behind"
+                "deleted the keys of a retired generation a rebuild left behind"
             );
         }
         Ok(())
@@ -527,7 +582,9 @@ impl Rebuild {
 
     /// Replays the stream from its first message up to its last sequence right now: what
     /// follows `live_ack_floor` first, then what precedes it (the module's step 3); the
-    /// count replayed. That last sequence is written first ([`meta::REPLAY_LAST`]).
+    /// count replayed, and whether the stream had let its oldest events go (the
+    /// all-time figures then cover only what it holds; a WARN says so). That last
+    /// sequence is written first ([`meta::REPLAY_LAST`]).
     async fn replay_into(
         &self,
         generation: u64,
@@ -535,13 +592,13 @@ impl Rebuild {
         live_ack_floor: u64,
         shutdown: &CancellationToken,
         lost_lock: &CancellationToken,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<(u64, bool)> {
         let state = &stream.info().await.context("reading stream info")?.state;
         let (first_sequence, last_sequence) = (state.first_sequence, state.last_sequence);
-        if first_sequence > 1 {
+        let short_of_history = first_sequence > 1;
+        if short_of_history {
             // Said where an operator looks, as the docs say it: the all-time figures
             // cannot come back whole (README, "Rebuilding the read model").
-            metrics::counter!("projector_rebuilds_short_of_history_total").increment(1);
             tracing::warn!(
                 generation,
                 first_sequence,
@@ -599,7 +656,7 @@ impl Rebuild {
                 )
                 .await?;
         }
-        Ok(replayed)
+        Ok((replayed, short_of_history))
     }
 
     /// Replays the stream's messages after `after` up to `last_sequence`, those events
@@ -625,6 +682,9 @@ impl Rebuild {
         let mut applied_through = after;
         let mut consumer_failures = 0u32;
         let mut batches: Option<ReplayBatches> = None;
+        // Whether the stream held no message past the last one applied when that one
+        // was delivered (its delivery info's `pending`).
+        let mut nothing_after = false;
         loop {
             let next = match batches.as_mut() {
                 None => match self.replay_consumer(stream, applied_through).await {
@@ -651,6 +711,14 @@ impl Rebuild {
                 Ok(batch) => batch,
                 Err(error) => {
                     batches = None;
+                    if nothing_after {
+                        // The newest messages are gone (an operator's `nats stream rmm`),
+                        // and JetStream keeps the last sequence: nothing is left to wait
+                        // for. Until 2026-12-07 the replay waited for them, failed after
+                        // ten stalls (a minute) with its consumer taken for lost, and
+                        // the rebuild began again from the start.
+                        return Ok(replayed);
+                    }
                     consumer_failed(
                         error,
                         &mut consumer_failures,
@@ -666,13 +734,14 @@ impl Rebuild {
             let mut events = Vec::with_capacity(batch.len());
             let mut batch_through = applied_through;
             for message in batch {
-                let Ok((stream_sequence, stored_at)) = message
+                let Ok((stream_sequence, stored_at, pending)) = message
                     .info()
-                    .map(|info| (info.stream_sequence, info.published))
+                    .map(|info| (info.stream_sequence, info.published, info.pending))
                 else {
                     continue;
                 };
                 batch_through = batch_through.max(stream_sequence);
+                nothing_after = pending == 0;
                 if stream_sequence > last_sequence {
                     continue;
                 }
@@ -827,14 +896,12 @@ async fn keep_lock(
 /// ([`meta::BUILT_THROUGH`]), and the generation it replaces is named `retired`
 /// ([`meta::RETIRED`]). Hashed once per process, as the locks' scripts are.
 static SWITCH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        "if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+    Script::new(&format!(
+        "{RETIRE}
+         if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
          if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
          local old = redis.call('HGET', KEYS[1], 'generation')
-         if old and old ~= ARGV[1] then
-           local retired = redis.call('HGET', KEYS[1], 'retired')
-           redis.call('HSET', KEYS[1], 'retired', retired and (retired .. ' ' .. old) or old)
-         end
+         if old and old ~= ARGV[1] then retire(KEYS[1], old) end
          local replayed = redis.call('HGET', KEYS[1], 'replay_last')
          redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'layout', ARGV[3])
          if replayed then
@@ -842,8 +909,43 @@ static SWITCH: LazyLock<Script> = LazyLock::new(|| {
          end
          redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'replay_last', 'redis_run')
          if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'redis_run', ARGV[4]) end
-         return 1",
-    )
+         return 1"
+    ))
+});
+
+/// Names generation `ARGV[1]` retired and no longer being built, if `building` still
+/// names it; returns whether it did ([`Rebuild::abandon`]).
+static ABANDON: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{RETIRE}
+         if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
+         redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'replay_last')
+         retire(KEYS[1], ARGV[1])
+         return 1"
+    ))
+});
+
+/// A Lua function of the scripts that name a generation retired: `retire(meta,
+/// generation)` adds it to the meta hash's `retired` list.
+const RETIRE: &str = "local function retire(meta, generation)
+           local retired = redis.call('HGET', meta, 'retired')
+           redis.call('HSET', meta, 'retired', retired and (retired .. ' ' .. generation) or generation)
+         end";
+
+/// Names generation `ARGV[1]` the one being built, from `replay_through` `ARGV[2]`, with
+/// an abandoned build's `replay_last` gone (this build sets its own), and adds the
+/// abandoned build's generation `ARGV[3]` (when not empty) to `retired`: its keys are
+/// deleted next, and a process that dies meanwhile leaves the rest to a projector
+/// ([`Rebuild::delete_retired`]). Until 2026-12-07 it was named nowhere once `building`
+/// moved on, and what the deletion had not reached stayed for good.
+static BEGIN_BUILD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{RETIRE}
+         redis.call('HSET', KEYS[1], 'building', ARGV[1], 'replay_through', ARGV[2])
+         redis.call('HDEL', KEYS[1], 'replay_last')
+         if ARGV[3] ~= '' then retire(KEYS[1], ARGV[3]) end
+         return 1"
+    ))
 });
 
 /// Sets the meta hash's `replay_last` to `ARGV[2]` if `building` still names generation

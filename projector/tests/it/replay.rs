@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use contract::event::TelemetryRecorded;
-use contract::read_model::{consumer_anchor_key, meta, meta_key, rebuild_lock_key};
+use contract::read_model::{
+    consumer_anchor_key, meta, meta_key, rebuild_lock_key, DevicesIndex, LISTING_GRANULE_MS,
+};
 use projector::apply::{AsOf, Delivered};
 use projector::rebuild::{Generations, RebuildError};
 use testkit::{assert_same_figures, eventually, PrivateNats, Sums, TestEnv};
@@ -373,6 +375,140 @@ async fn a_rebuild_leaves_no_key_of_a_build_abandoned_before_it_behind() {
     );
 }
 
+/// A rebuild whose process dies while it deletes the keys of a build abandoned before
+/// it (here its task is aborted as soon as `building` names its own generation, while
+/// 100,000 keys of the abandoned build wait for deletion) leaves that generation named
+/// retired, and a projector deletes the rest. Until 2026-12-07 it was named nowhere once
+/// `building` moved on, and what the deletion had not reached stayed for good.
+#[tokio::test]
+async fn keys_of_an_abandoned_build_a_dying_rebuild_left_undeleted_are_deleted_later() {
+    const ABANDONED: u64 = 7;
+    const KEYS: u64 = 100_000;
+    let env = TestEnv::new();
+    streams(&env).await;
+    env.set_live_generation(5).await;
+    env.set_building(Some(ABANDONED)).await;
+    let filler = format!("{}g{ABANDONED}:filler:", env.settings.redis.prefix);
+    let () = redis::Script::new(
+        "for i = 1, tonumber(ARGV[2]) do redis.call('SET', ARGV[1] .. i, 1) end",
+    )
+    .arg(&filler)
+    .arg(KEYS)
+    .invoke_async(&mut connection(&env).await)
+    .await
+    .expect("the abandoned build's keys written");
+
+    let running = start_rebuild(&env).await;
+    let began = tokio::time::Instant::now();
+    while building_generation(&env).await == Some(ABANDONED) {
+        assert!(
+            began.elapsed() < CATCH_UP,
+            "the rebuild began within {CATCH_UP:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    running.abort();
+    let left = env.generation_keys(ABANDONED).await.len();
+    assert!(
+        left > 0,
+        "the rebuild died before it deleted every key of the abandoned build"
+    );
+    // Its lock, left to expire, let go at once; a projector finds the build it began
+    // abandoned in turn, builds again and deletes what is named retired.
+    let () = redis::cmd("DEL")
+        .arg(rebuild_lock_key(&env.settings.redis.prefix))
+        .query_async(&mut connection(&env).await)
+        .await
+        .expect("lock deleted");
+    let projector = Projector::spawn(&env.settings).await;
+    eventually(
+        CATCH_UP,
+        &format!("the {left} keys of the abandoned build left by the dead rebuild deleted"),
+        || async {
+            env.generation_keys(ABANDONED)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    projector.stop().await;
+}
+
+/// The stream's newest message removed (an operator's `nats stream rmm`; JetStream keeps
+/// the last sequence): the replay ends at the last message the stream holds. Until
+/// 2026-12-07 it waited for the removed one, failed after ten stalls (a minute) and the
+/// rebuild began again from the start.
+#[tokio::test]
+async fn a_replay_ends_when_the_streams_newest_message_was_removed() {
+    const EVENTS: usize = 10;
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let events = spread_events(EVENTS);
+    publish_many(&env, &jetstream, &events).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    assert!(stream
+        .delete_message(EVENTS as u64)
+        .await
+        .expect("the newest message removed"));
+
+    let generation = tokio::time::timeout(Duration::from_secs(20), rebuilt(&env))
+        .await
+        .expect("the rebuild ended within 20 s");
+    assert_eq!(env.generation().await, Some(generation));
+    assert_read_model_holds(&env, &events[..EVENTS - 1]).await;
+}
+
+/// A rebuild stopped half-way (an operator's Ctrl-C of `projector rebuild`) abandons
+/// its build: no longer `building`, and its keys deleted by a live projector, which
+/// does not take the build up. Until 2026-12-07 it stayed `building`, and a live
+/// projector began a rebuild of its own a second later.
+#[tokio::test]
+async fn a_stopped_rebuild_leaves_no_build_for_the_projectors_to_take_up() {
+    const LIVE: u64 = 5;
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    env.set_live_generation(LIVE).await;
+    publish_many(&env, &jetstream, &spread_events(EVENTS)).await;
+
+    let stop = CancellationToken::new();
+    let rebuild = projector::connect_rebuild(&env.settings)
+        .await
+        .expect("rebuild connects");
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { rebuild.run(&stop).await }
+    });
+    let began = tokio::time::Instant::now();
+    let building = loop {
+        if let Some(building) = building_generation(&env).await {
+            break building;
+        }
+        assert!(began.elapsed() < CATCH_UP, "the rebuild began");
+        tokio::task::yield_now().await;
+    };
+    stop.cancel();
+    let stopped = running.await.expect("the rebuild task did not panic");
+    assert!(stopped.is_err(), "a stopped rebuild fails: {stopped:?}");
+    assert_eq!(building_generation(&env).await, None, "the build abandoned");
+
+    let projector = Projector::spawn(&env.settings).await;
+    eventually(
+        CATCH_UP,
+        "the abandoned build's keys deleted by the live projector",
+        || async { env.generation_keys(building).await.is_empty().then_some(()) },
+    )
+    .await;
+    // A duration that must pass: the supervisor looks once a second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(building_generation(&env).await, None, "no rebuild taken up");
+    assert_eq!(env.generation().await, Some(LIVE));
+    projector.stop().await;
+}
+
 /// A prefix may hold Redis's glob characters (`redis.prefix` refuses only braces): a
 /// rebuild still deletes every key of the generation it replaced, matching the prefix
 /// literally. Unescaped, `app[1]?:` matched none of them, and the whole replaced
@@ -580,6 +716,55 @@ async fn the_generation_a_rebuild_that_died_after_its_switch_replaced_is_deleted
         "the new one stays live"
     );
     projector.stop().await;
+}
+
+/// A replay walks each device through its history, one move in the devices index a
+/// batch at most; the entries those moves supersede go as they are superseded, for no
+/// walk ever sees them (walks read the live generation, from after its switch). Until
+/// 2026-12-07 they were kept for the listing TTL (10 min) as a live generation's are: a
+/// replay of a long history held an entry for every move of every device in its last
+/// ten minutes, thousands a device at the replay's rate.
+#[tokio::test]
+async fn a_replay_leaves_one_devices_index_entry_a_device() {
+    const DEVICES: usize = 10;
+    const STEPS: i64 = 20;
+    let mut env = TestEnv::new();
+    // Batches of one step: every batch moves every device to a later granule.
+    env.settings.projector.batch_size = DEVICES;
+    let jetstream = streams(&env).await;
+    let base = now_ms() - (STEPS + 6) * LISTING_GRANULE_MS;
+    let events: Vec<(TelemetryRecorded, String)> = (0..STEPS)
+        .flat_map(|step| {
+            (0..DEVICES).map(move |device| {
+                event(
+                    &format!("sensor-{device}"),
+                    base + step * LISTING_GRANULE_MS,
+                    &[("temperature", step as f64)],
+                )
+            })
+        })
+        .map(|event| {
+            let id = event.event_id.to_string();
+            (event, id)
+        })
+        .collect();
+    publish_many(&env, &jetstream, &events).await;
+
+    let generation = rebuilt(&env).await;
+    let index = DevicesIndex::new(&env.settings.redis.prefix, generation);
+    let mut redis = env.redis().await;
+    let (entries, stamped, superseded): (usize, usize, usize) = redis::pipe()
+        .zcard(&index.log)
+        .hlen(&index.created)
+        .zcard(&index.retired)
+        .query_async(&mut redis)
+        .await
+        .expect("the index's sizes");
+    assert_eq!(
+        (entries, stamped, superseded),
+        (DEVICES, DEVICES, 0),
+        "one entry a device, none superseded"
+    );
 }
 
 /// Makes `generation` the live one and applies one reading to it, as a live projector
