@@ -587,31 +587,44 @@ impl Relay {
     }
 
     /// Backlog gauges every 2 s and pruning (with its vacuum) every `prune_interval`,
-    /// beside the rounds, so a long delete or VACUUM never holds a publish back.
+    /// beside the rounds, so a long delete or VACUUM never holds a publish back; and
+    /// beside each other, so it never holds the gauges back either (nor the alert on a
+    /// growing backlog, nor readiness's reset). Until 2026-12-07 one loop ran both, and
+    /// the gauges stood still for as long as a prune took.
     async fn maintain(&self, shutdown: &CancellationToken) {
-        let mut last_prune = Instant::now();
-        let mut report = tokio::time::interval(Duration::from_secs(2));
-        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = report.tick() => {}
+        let report = async {
+            let mut report = tokio::time::interval(BACKLOG_REPORT_INTERVAL);
+            report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = report.tick() => {}
+                }
+                self.report_backlog().await;
             }
-            self.report_backlog().await;
-            if last_prune.elapsed() > self.prune_interval {
-                last_prune = Instant::now();
+        };
+        let prune = async {
+            // Not more often than the gauges (0 included), as when one loop ran both.
+            let every = self.prune_interval.max(BACKLOG_REPORT_INTERVAL);
+            let mut prune = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
                 // A stop does not wait for a prune (hours of rows past their retention,
                 // a delete waiting on a lock, a long vacuum): the statement under way is
                 // cancelled, and what was deleted before it stays deleted.
                 let pruned = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    pruned = self.prune() => pruned,
+                    pruned = async {
+                        prune.tick().await;
+                        self.prune().await
+                    } => pruned,
                 };
                 if let Err(error) = pruned {
                     tracing::warn!(error = format!("{error:#}"), "pruning failed");
                 }
             }
-        }
+        };
+        tokio::join!(report, prune);
     }
 
     /// One claim-publish-mark round on the connection numbered `checked_connects`, the
@@ -714,11 +727,20 @@ impl Relay {
             HashSet::new()
         } else {
             let (waiting, rounds) = lock(&self.acked_unmarked).keep_unchecked(&taken, unchecked);
-            tracing::info!(
-                rows = waiting.len(),
-                rounds,
-                "remembered acks could not be checked against the stream in time; their rows wait for a round that can check them"
-            );
+            if rounds == UNCHECKED_ROUNDS_TO_WARN {
+                // Once a streak: the rows wait for good while NATS cannot answer.
+                tracing::warn!(
+                    rows = waiting.len(),
+                    rounds,
+                    "remembered acks could not be checked against the stream for many rounds; their rows wait until NATS answers the stream's message fetches"
+                );
+            } else {
+                tracing::info!(
+                    rows = waiting.len(),
+                    rounds,
+                    "remembered acks could not be checked against the stream in time; their rows wait for a round that can check them"
+                );
+            }
             waiting
         };
         // The rest is published, but for rows a stream check made unpublished again
@@ -1314,6 +1336,14 @@ impl AckedUnmarked {
             .collect()
     }
 }
+
+/// The rounds in a row a remembered ack went unchecked after which the relay says so at
+/// WARN, once a streak.
+const UNCHECKED_ROUNDS_TO_WARN: u32 = 10;
+
+/// How often the relay reports its backlog gauges, and the shortest time between two
+/// prunes.
+const BACKLOG_REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The longest a round waits for its PubAcks, all of them together. async-nats's ack
 /// timeout (JetStream's default 5 s) runs from when each ack is awaited, and a round

@@ -9,7 +9,7 @@ use testkit::process::ServiceProcess;
 use testkit::prometheus::Scrape;
 use testkit::TestEnv;
 
-use crate::support::{gateway_token, reading, Ingest};
+use crate::support::{gateway_token, reading, wait_for_session, Ingest};
 
 const ROUTE: (&str, &str) = ("route", "/v1/telemetry");
 
@@ -176,6 +176,59 @@ async fn ingest_metrics_count_each_request_outcome_and_group_commit() {
     );
 
     assert_eq!(ingest.terminate().await.code(), Some(0));
+}
+
+/// The backlog gauges go on while a prune runs, however long it takes: here every
+/// prune of the idempotency keys sleeps a minute in a trigger, while readings wait in
+/// the outbox (their rounds cannot mark them). Until 2026-12-07 one loop reported the
+/// backlog and then pruned, and the gauges (and the alert on a growing backlog) stood
+/// still for as long as a prune took.
+#[tokio::test]
+async fn the_backlog_gauges_go_on_while_a_prune_runs() {
+    const READINGS: usize = 3;
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let db = env.postgres().await;
+    db.batch_execute(
+        "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'marking refused by the test'; END $$;
+         CREATE TRIGGER refuse_mark BEFORE UPDATE ON outbox
+         FOR EACH STATEMENT EXECUTE FUNCTION refuse_mark();
+         CREATE FUNCTION slow_prune() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
+         CREATE TRIGGER slow_prune BEFORE DELETE ON idempotency_keys
+         FOR EACH STATEMENT EXECUTE FUNCTION slow_prune();",
+    )
+    .await
+    .expect("triggers");
+    let relay = ServiceProcess::spawn(
+        env!("CARGO_BIN_EXE_relay"),
+        &env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
+        &[("PIPELINE__RELAY__PRUNE_INTERVAL_MS", "200")],
+    );
+    relay.ready().await;
+    wait_for_session(
+        &db,
+        "a prune asleep in its delete",
+        "query LIKE 'DELETE FROM idempotency_keys%' AND wait_event = 'PgSleep'",
+    )
+    .await;
+    ingest.accept_readings(READINGS).await;
+    relay
+        .metrics_until(
+            Duration::from_secs(10),
+            "the backlog reported while the prune sleeps",
+            |scrape| {
+                (scrape.value("relay_outbox_backlog_rows", &[]) == Some(READINGS as f64))
+                    .then_some(())
+            },
+        )
+        .await;
+    assert!(
+        relay.terminate().await.success(),
+        "a stop does not wait for the prune"
+    );
 }
 
 #[tokio::test]

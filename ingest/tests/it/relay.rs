@@ -460,7 +460,7 @@ async fn relay_killed_between_publish_and_mark_republishes_without_duplicates() 
 /// counted each reading twice.
 #[tokio::test]
 async fn rows_acknowledged_but_not_marked_are_marked_again_not_published_again() {
-    acked_rows_whose_mark_failed(&TestEnv::new(), async || {}, async || {}).await;
+    acked_rows_whose_mark_failed(&TestEnv::new(), &[], async || {}, async || {}).await;
 }
 
 /// The acks of rows a round could not mark outlast a NATS reconnect: the round got its
@@ -476,6 +476,7 @@ async fn acks_of_rows_not_marked_outlast_a_nats_restart() {
     env.settings.nats.url = server.url();
     acked_rows_whose_mark_failed(
         &env,
+        &[],
         async || {
             // A clean stop: the server keeps what it stored.
             server.stop();
@@ -490,8 +491,9 @@ async fn acks_of_rows_not_marked_outlast_a_nats_restart() {
 
 /// The acks of rows a round could not mark wait for their check for as long as NATS
 /// cannot answer it: once PostgreSQL is back the server stops answering (frozen, its
-/// connections open) for 14 s, past three rounds' 4 s check deadlines, and then goes on,
-/// past JetStream's duplicate window. The rows are marked with the sequences their first
+/// connections open) for 24 s, past three rounds' 2 s check deadlines (a session
+/// timeout of 3 s) and the backoff between them (5 s at most), and then goes on, past
+/// JetStream's duplicate window. The rows are marked with the sequences their first
 /// publish got. Until 2026-12-07 a row whose check failed in three rounds was published
 /// again, and the stream held it twice.
 #[tokio::test]
@@ -501,11 +503,12 @@ async fn remembered_acks_nats_cannot_check_for_rounds_wait_for_their_check() {
     env.settings.nats.url = server.url();
     acked_rows_whose_mark_failed(
         &env,
+        &[("PIPELINE__RELAY__IDLE_IN_TRANSACTION_TIMEOUT_MS", "3000")],
         async || {},
         async || {
             server.freeze();
             // A duration that must pass: three rounds' checks running out meanwhile.
-            tokio::time::sleep(Duration::from_secs(14)).await;
+            tokio::time::sleep(Duration::from_secs(24)).await;
             server.thaw();
         },
     )
@@ -516,9 +519,11 @@ async fn remembered_acks_nats_cannot_check_for_rounds_wait_for_their_check() {
 /// its acks and PostgreSQL then goes away under its mark (its commit fails); runs
 /// `meanwhile` while PostgreSQL is away, which stays away past the duplicate window, and
 /// `afterwards` once it is back; then checks that every row was marked with the
-/// sequence its first publish got and none was published again.
+/// sequence its first publish got and none was published again. The relay gets
+/// `relay_env` besides.
 async fn acked_rows_whose_mark_failed(
     env: &TestEnv,
+    relay_env: &[(&str, &str)],
     meanwhile: impl AsyncFnOnce(),
     afterwards: impl AsyncFnOnce(),
 ) {
@@ -529,7 +534,7 @@ async fn acked_rows_whose_mark_failed(
         env!("CARGO_BIN_EXE_relay"),
         env,
         "PIPELINE__RELAY__ADMIN_LISTEN",
-        &[("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1")],
+        &[&[("PIPELINE__NATS__DUPLICATE_WINDOW_SECS", "1")], relay_env].concat(),
     );
     let jetstream = env.jetstream().await;
     wait_for_stream_messages(&jetstream, env.subjects.stream(), READINGS as u64).await;
