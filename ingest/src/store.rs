@@ -679,8 +679,10 @@ struct Written {
 
 /// One statement for the batch, and one look-up when some keys were already there.
 /// `signal` is raised as soon as the statement committed outbox rows. An error means
-/// nothing was stored; a look-up that fails after the statement committed still
-/// returns what it stored.
+/// nothing was stored, but for a connection lost as its commit went through, when it
+/// cannot tell (it was stored whole or not at all; a retry under the same keys gets the
+/// stored answer either way, as after a deadline that passed during a commit); a
+/// look-up that fails after the statement committed still returns what it stored.
 async fn write(
     client: &deadpool_postgres::Client,
     readings: &[&NewReading],

@@ -162,7 +162,9 @@ pub async fn within_deadline<T>(
         })
 }
 
-/// A write that did not happen: the client should retry with the same key(s).
+/// A write that did not happen (or, a connection lost as its commit went through, one
+/// whose outcome is unknown): the client should retry with the same key(s), which gets
+/// the stored answer if there is one.
 pub fn store_error(error: StoreError) -> ApiError {
     match error {
         StoreError::Overloaded => {
