@@ -287,11 +287,17 @@ _not_installed() { # PACKAGE DESCRIPTION
     err "$2 is not installed here; install it with:  apt-get install $1  (or run the whole stack in Docker: docker compose up)"
 }
 
-# _postgres_cluster_version: the newest version with a "main" cluster in /etc/postgresql.
+# _postgres_cluster_version: the newest version with a "main" cluster in /etc/postgresql
+# (POSTGRES_CONFIG_ROOT, for the tests) that listens on 5432 (its postgresql.conf's
+# port, 5432 when it sets none). Until 2026-12-07 the newest whatever its port: after a
+# major upgrade (15/main on 5432, 16/main on 5433) that started 16/main and then waited
+# for 5432 in vain.
 _postgres_cluster_version() {
-    local dir
-    for dir in /etc/postgresql/*/main; do
+    local dir port
+    for dir in "${POSTGRES_CONFIG_ROOT:-/etc/postgresql}"/*/main; do
         [[ -d "$dir" ]] || continue
+        port=$(sed -n -E 's/^[[:space:]]*port[[:space:]]*=[[:space:]]*([0-9]+).*/\1/p' "$dir/postgresql.conf" 2>/dev/null | tail -n 1)
+        [[ "${port:-5432}" == 5432 ]] || continue
         dir=${dir%/main}
         printf '%s\n' "${dir##*/}"
     done | sort -V | tail -n 1
@@ -350,15 +356,17 @@ _postgres_answering() {
         err "PostgreSQL at $host:$port (PIPELINE__DATABASE__URL) is not reachable; it is not local, so it is not started here"
         return 1
     fi
-    version=$(_postgres_cluster_version)
-    if ! command -v pg_ctlcluster >/dev/null 2>&1 || [[ -z "$version" ]]; then
-        _not_installed postgresql PostgreSQL
-        return 1
-    fi
+    # A private cluster needs PostgreSQL's programs, not Debian's main cluster (until
+    # 2026-12-07 a box without one was told to install PostgreSQL).
     if [[ "$port" != 5432 ]]; then
         _start_private_postgres "$host" "$port" || return 1
         info "postgres: OK ($host:$port, private cluster started)"
         return 0
+    fi
+    version=$(_postgres_cluster_version)
+    if ! command -v pg_ctlcluster >/dev/null 2>&1 || [[ -z "$version" ]]; then
+        _not_installed postgresql PostgreSQL
+        return 1
     fi
     info "postgres: not answering at $host:$port; starting cluster $version/main"
     if ! pg_ctlcluster --skip-systemctl-redirect "$version" main start; then

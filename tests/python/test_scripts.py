@@ -185,6 +185,30 @@ def test_a_private_pipeline_keeps_the_database_urls_parameters():
     ]
 
 
+def test_the_system_cluster_started_is_the_one_on_5432_not_the_newest(tmp_path):
+    """After a major upgrade Debian keeps both clusters, the new one on the next port.
+    Until 2026-12-07 the scripts started the newest cluster whatever its port, and then
+    waited for 5432 in vain."""
+    for version, conf in [("15", "port = 5432\t\t\t\t# (change requires restart)\n"),
+                          ("16", "#port = 5432\nport = 5433\n"),
+                          ("17", "port=5434\n")]:
+        main = tmp_path / version / "main"
+        main.mkdir(parents=True)
+        (main / "postgresql.conf").write_text(conf)
+    env = dict(os.environ, POSTGRES_CONFIG_ROOT=str(tmp_path))
+
+    def version():
+        shown = subprocess.run(["bash", "-c", "source scripts/lib.sh && _postgres_cluster_version"],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        return shown.stdout.strip()
+
+    assert version() == "15"
+    # One that sets no port listens on PostgreSQL's default.
+    (tmp_path / "16" / "main" / "postgresql.conf").write_text("# nothing set\n")
+    assert version() == "16"
+
+
 def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
