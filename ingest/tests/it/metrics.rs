@@ -178,6 +178,15 @@ async fn ingest_metrics_count_each_request_outcome_and_group_commit() {
     assert_eq!(ingest.terminate().await.code(), Some(0));
 }
 
+/// A trigger that fails every mark of outbox rows published: the relay publishes and gets
+/// its PubAcks, then its round fails and hands the rows back, as when PostgreSQL fails
+/// between publish and commit. `DROP TRIGGER refuse_mark ON outbox` lets rounds through.
+const REFUSE_MARK: &str = "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN RAISE EXCEPTION 'marking refused by the test'; END $$;
+     CREATE TRIGGER refuse_mark BEFORE UPDATE ON outbox
+     FOR EACH STATEMENT EXECUTE FUNCTION refuse_mark();
+";
+
 /// The backlog gauges go on while a prune runs, however long it takes: here every
 /// prune of the idempotency keys sleeps a minute in a trigger, while readings wait in
 /// the outbox (their rounds cannot mark them). Until 2026-12-07 one loop reported the
@@ -190,14 +199,14 @@ async fn the_backlog_gauges_go_on_while_a_prune_runs() {
     let ingest = Ingest::spawn(&env.settings).await;
     let db = env.postgres().await;
     db.batch_execute(
-        "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE EXCEPTION 'marking refused by the test'; END $$;
-         CREATE TRIGGER refuse_mark BEFORE UPDATE ON outbox
-         FOR EACH STATEMENT EXECUTE FUNCTION refuse_mark();
-         CREATE FUNCTION slow_prune() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
-         CREATE TRIGGER slow_prune BEFORE DELETE ON idempotency_keys
-         FOR EACH STATEMENT EXECUTE FUNCTION slow_prune();",
+        &[
+            REFUSE_MARK,
+            "CREATE FUNCTION slow_prune() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(60); RETURN NULL; END $$;
+             CREATE TRIGGER slow_prune BEFORE DELETE ON idempotency_keys
+             FOR EACH STATEMENT EXECUTE FUNCTION slow_prune();",
+        ]
+        .concat(),
     )
     .await
     .expect("triggers");
@@ -239,14 +248,9 @@ async fn relay_metrics_show_the_backlog_retries_and_publishes_as_they_happen() {
     let db = env.postgres().await;
     // The relay will publish but cannot mark: every round fails after its PubAcks and
     // hands its rows back, as when PostgreSQL fails between publish and commit.
-    db.batch_execute(
-        "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN RAISE EXCEPTION 'marking refused by the test'; END $$;
-         CREATE TRIGGER refuse_mark BEFORE UPDATE ON outbox
-         FOR EACH STATEMENT EXECUTE FUNCTION refuse_mark();",
-    )
-    .await
-    .expect("refusing trigger");
+    db.batch_execute(REFUSE_MARK)
+        .await
+        .expect("refusing trigger");
     // Written while no relay runs.
     ingest.accept_readings(READINGS).await;
 

@@ -659,18 +659,7 @@ async fn a_stop_does_not_wait_for_the_dead_letters_of_a_batch() {
     const POISON: usize = 20;
     let env = TestEnv::new();
     let jetstream = streams(&env).await;
-    jetstream
-        .delete_stream(env.subjects.dlq_stream())
-        .await
-        .expect("the dead-letter stream removed");
-    let client = async_nats::connect(&env.settings.nats.url)
-        .await
-        .expect("nats");
-    let mut silent = client
-        .subscribe(env.subjects.dlq_filter())
-        .await
-        .expect("a listener that never answers");
-    client.flush().await.expect("subscribed");
+    let mut silent = silent_dead_letter_stream(&env, &jetstream).await;
     let projector = Projector::spawn(&env.settings).await;
     live_generation(&env).await;
     for index in 0..POISON {
@@ -709,18 +698,7 @@ async fn a_batchs_events_are_applied_while_its_dead_letters_wait_for_a_silent_de
     let projector = Projector::spawn(&env.settings).await;
     live_generation(&env).await;
     projector.stop().await;
-    jetstream
-        .delete_stream(env.subjects.dlq_stream())
-        .await
-        .expect("the dead-letter stream removed");
-    let client = async_nats::connect(&env.settings.nats.url)
-        .await
-        .expect("nats");
-    let mut silent = client
-        .subscribe(env.subjects.dlq_filter())
-        .await
-        .expect("a listener that never answers");
-    client.flush().await.expect("subscribed");
+    let mut silent = silent_dead_letter_stream(&env, &jetstream).await;
     for index in 0..POISON {
         publish_raw(
             &jetstream,
@@ -751,6 +729,28 @@ async fn a_batchs_events_are_applied_while_its_dead_letters_wait_for_a_silent_de
     projector
         .stop_within(Duration::from_secs(3), "a stop while dead letters wait")
         .await;
+}
+
+/// Makes the dead-letter stream silent: it is gone, and a listener on its subjects takes
+/// the copies without answering, so each dead letter waits out its 5 s for an ack. The
+/// listener's subscription, to count the copies.
+async fn silent_dead_letter_stream(
+    env: &TestEnv,
+    jetstream: &async_nats::jetstream::Context,
+) -> async_nats::Subscriber {
+    jetstream
+        .delete_stream(env.subjects.dlq_stream())
+        .await
+        .expect("the dead-letter stream removed");
+    let client = async_nats::connect(&env.settings.nats.url)
+        .await
+        .expect("nats");
+    let silent = client
+        .subscribe(env.subjects.dlq_filter())
+        .await
+        .expect("a listener that never answers");
+    client.flush().await.expect("subscribed");
+    silent
 }
 
 /// Stream sequences come again when the stream starts over (deleted and made again by
