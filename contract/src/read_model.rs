@@ -85,8 +85,9 @@ pub mod meta {
     pub const REDIS_RUN: &str = "redis_run";
     /// Generations switched away from, or builds abandoned, whose keys are still to be
     /// deleted, separated by spaces. The switch names the one it replaced here, and the
-    /// rebuild deletes its keys after a short grace; a rebuild names a build an earlier
-    /// one abandoned here as it begins, and deletes its keys at once; one whose process
+    /// rebuild deletes its keys after a short grace; a rebuild that fails or is stopped
+    /// names its own build here, and a rebuild names a build an earlier one left
+    /// `building` here as it begins, each deleting its keys at once; one whose process
     /// died first is deleted by a live projector once no rebuild holds the lock. Without it, those keys stayed for good
     /// (device hashes and index keys never expire).
     pub const RETIRED: &str = "retired";

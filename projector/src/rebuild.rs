@@ -4,8 +4,10 @@
 //! A rebuild (the `projector rebuild` command, or a projector that finds the read model
 //! gone, e.g. after a Redis restart without persistence):
 //! 1. takes the rebuild lock (one rebuild at a time, refreshed while it runs);
-//! 2. names a new generation (past the live one and past any a failed rebuild left in
-//!    `building`) and sets it as `building` in the meta hash; only then does it delete
+//! 2. names a new generation (past the live one and past any a rebuild whose process
+//!    died left in `building`; a rebuild that fails or is stopped abandons its own,
+//!    `Rebuild::abandon`) and sets it as `building` in the meta hash, if it still holds
+//!    the lock; only then does it delete
 //!    the abandoned generation's keys, so that no live projector writes to it after
 //!    their deletion (a generation's keys are deleted only once the meta hash no longer
 //!    names it: device hashes and index keys never expire). From then on
@@ -373,7 +375,8 @@ impl Rebuild {
         let prefix = &self.read_model.prefix;
         let before = Generations::read(&mut redis, prefix).await?;
         let replaced = before.current.or(before.outdated);
-        // A rebuild that failed or lost its lock (its process died) left this half-built.
+        // A rebuild whose process died (or that could not reach Redis to abandon its build)
+        // left this half-built.
         let abandoned = before
             .building
             .filter(|abandoned| Some(*abandoned) != replaced);
@@ -399,8 +402,10 @@ impl Rebuild {
                 .state
                 .last_timestamp,
         };
-        let _: i64 = BEGIN_BUILD
+        let began: i64 = BEGIN_BUILD
             .key(meta_key(prefix))
+            .key(rebuild_lock_key(prefix))
+            .arg(owner)
             .arg(generation)
             .arg(replay_through.encode())
             .arg(
@@ -410,6 +415,9 @@ impl Rebuild {
             )
             .invoke_async(&mut redis)
             .await?;
+        if began != 1 {
+            bail!("the rebuild lock lapsed before the build of generation {generation} began");
+        }
         let built: anyhow::Result<(u64, bool)> = async {
             if let Some(abandoned) = abandoned {
                 // Only now that `building` names another generation: live projectors
@@ -418,8 +426,13 @@ impl Rebuild {
                 // their calls that still names it writes nothing (guard.lua), and the
                 // keys of the calls before are there when the deletion's SCAN begins.
                 // Named retired by the same call, so that a projector deletes what this
-                // process does not reach.
-                delete_retired_generation(&mut redis, prefix, abandoned).await?;
+                // process does not reach, a stop's included.
+                tokio::select! {
+                    _ = shutdown.cancelled() => bail!("shut down during the rebuild"),
+                    deleted = delete_retired_generation(&mut redis, prefix, abandoned) => {
+                        deleted?;
+                    }
+                }
             }
             tracing::info!(
                 generation,
@@ -486,13 +499,14 @@ impl Rebuild {
     }
 
     /// Abandons this process's build of `generation`, which failed or was stopped: no
-    /// longer `building` but `retired`, if the meta hash still names it (a build taken
-    /// over, a read model reset, are left alone), and its keys deleted, unless the
+    /// longer `building` (if the meta hash still names it so) but `retired` (unless it is
+    /// live after all: a switch whose reply was lost), and its keys deleted, unless the
     /// process is stopping (then a projector deletes them, [`Rebuild::delete_retired`]).
     /// So projectors rebuild on their own only what is missing or reloaded: until
     /// 2026-12-07 a failed or stopped build stayed `building`, and a live projector began
     /// a rebuild of its own a second later, an operator's Ctrl-C of `projector rebuild`
-    /// included.
+    /// included. A build this cannot abandon (Redis away) stays `building`, and a
+    /// projector takes it up once the lock has expired.
     async fn abandon(
         &self,
         redis: &mut RedisConnection,
@@ -507,7 +521,12 @@ impl Rebuild {
             .await;
         match abandoned {
             Ok(1) if !shutdown.is_cancelled() => {
-                if let Err(error) = delete_retired_generation(redis, prefix, generation).await {
+                // Named retired: a stop meanwhile leaves the rest to a projector.
+                let deleted = tokio::select! {
+                    _ = shutdown.cancelled() => Ok(0),
+                    deleted = delete_retired_generation(redis, prefix, generation) => deleted,
+                };
+                if let Err(error) = deleted {
                     tracing::warn!(
                         generation,
                         error = format!("{error:#}"),
@@ -913,13 +932,18 @@ static SWITCH: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// Names generation `ARGV[1]` retired and no longer being built, if `building` still
-/// names it; returns whether it did ([`Rebuild::abandon`]).
+/// Names generation `ARGV[1]`, a build that failed, retired unless it is the live one
+/// (its reply lost, a switch that went through), and no longer being built if `building`
+/// names it; returns whether it named it retired ([`Rebuild::abandon`]). Retired also when
+/// another build took `building` over: no one else names this generation, whose keys
+/// (what live projectors wrote to it meanwhile) would otherwise stay for good.
 static ABANDON: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{RETIRE}
-         if redis.call('HGET', KEYS[1], 'building') ~= ARGV[1] then return 0 end
-         redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'replay_last')
+         if redis.call('HGET', KEYS[1], 'generation') == ARGV[1] then return 0 end
+         if redis.call('HGET', KEYS[1], 'building') == ARGV[1] then
+           redis.call('HDEL', KEYS[1], 'building', 'replay_through', 'replay_last')
+         end
          retire(KEYS[1], ARGV[1])
          return 1"
     ))
@@ -932,18 +956,21 @@ const RETIRE: &str = "local function retire(meta, generation)
            redis.call('HSET', meta, 'retired', retired and (retired .. ' ' .. generation) or generation)
          end";
 
-/// Names generation `ARGV[1]` the one being built, from `replay_through` `ARGV[2]`, with
-/// an abandoned build's `replay_last` gone (this build sets its own), and adds the
-/// abandoned build's generation `ARGV[3]` (when not empty) to `retired`: its keys are
+/// If the rebuild lock `KEYS[2]` is still owner `ARGV[1]`'s (a rebuild whose lock lapsed
+/// while Redis was away must not take another's build over), names generation `ARGV[2]`
+/// the one being built, from `replay_through` `ARGV[3]`, with an abandoned build's
+/// `replay_last` gone (this build sets its own), and adds the abandoned build's
+/// generation `ARGV[4]` (when not empty) to `retired`: its keys are
 /// deleted next, and a process that dies meanwhile leaves the rest to a projector
 /// ([`Rebuild::delete_retired`]). Until 2026-12-07 it was named nowhere once `building`
 /// moved on, and what the deletion had not reached stayed for good.
 static BEGIN_BUILD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{RETIRE}
-         redis.call('HSET', KEYS[1], 'building', ARGV[1], 'replay_through', ARGV[2])
+         if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+         redis.call('HSET', KEYS[1], 'building', ARGV[2], 'replay_through', ARGV[3])
          redis.call('HDEL', KEYS[1], 'replay_last')
-         if ARGV[3] ~= '' then retire(KEYS[1], ARGV[3]) end
+         if ARGV[4] ~= '' then retire(KEYS[1], ARGV[4]) end
          return 1"
     ))
 });

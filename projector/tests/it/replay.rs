@@ -463,8 +463,8 @@ async fn a_replay_ends_when_the_streams_newest_message_was_removed() {
 }
 
 /// A rebuild stopped half-way (an operator's Ctrl-C of `projector rebuild`) abandons
-/// its build: no longer `building`, and its keys deleted by a live projector, which
-/// does not take the build up. Until 2026-12-07 it stayed `building`, and a live
+/// its build: no longer `building` but `retired`, and its keys deleted by a live
+/// projector, which does not take the build up. Until 2026-12-07 it stayed `building`, and a live
 /// projector began a rebuild of its own a second later.
 #[tokio::test]
 async fn a_stopped_rebuild_leaves_no_build_for_the_projectors_to_take_up() {
@@ -482,24 +482,39 @@ async fn a_stopped_rebuild_leaves_no_build_for_the_projectors_to_take_up() {
         let stop = stop.clone();
         async move { rebuild.run(&stop).await }
     });
+    // Stopped once its replay wrote keys (before its end: 20,000 events take it a while).
     let began = tokio::time::Instant::now();
     let building = loop {
         if let Some(building) = building_generation(&env).await {
-            break building;
+            if !env.generation_keys(building).await.is_empty() {
+                break building;
+            }
         }
-        assert!(began.elapsed() < CATCH_UP, "the rebuild began");
+        assert!(began.elapsed() < CATCH_UP, "the replay under way");
         tokio::task::yield_now().await;
     };
     stop.cancel();
     let stopped = running.await.expect("the rebuild task did not panic");
     assert!(stopped.is_err(), "a stopped rebuild fails: {stopped:?}");
     assert_eq!(building_generation(&env).await, None, "the build abandoned");
+    assert_eq!(
+        retired(&env).await,
+        Some(building.to_string()),
+        "the build named retired"
+    );
+    assert!(
+        !env.generation_keys(building).await.is_empty(),
+        "a stop leaves the deletion to a projector"
+    );
 
     let projector = Projector::spawn(&env.settings).await;
     eventually(
         CATCH_UP,
-        "the abandoned build's keys deleted by the live projector",
-        || async { env.generation_keys(building).await.is_empty().then_some(()) },
+        "the abandoned build's keys deleted by the live projector, and its name",
+        || async {
+            (env.generation_keys(building).await.is_empty() && retired(&env).await.is_none())
+                .then_some(())
+        },
     )
     .await;
     // A duration that must pass: the supervisor looks once a second.
@@ -765,6 +780,16 @@ async fn a_replay_leaves_one_devices_index_entry_a_device() {
         (DEVICES, DEVICES, 0),
         "one entry a device, none superseded"
     );
+}
+
+/// The meta hash's `retired` list, as written.
+async fn retired(env: &TestEnv) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(meta_key(&env.settings.redis.prefix))
+        .arg(meta::RETIRED)
+        .query_async(&mut connection(env).await)
+        .await
+        .expect("meta read")
 }
 
 /// Makes `generation` the live one and applies one reading to it, as a live projector
