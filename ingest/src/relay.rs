@@ -726,7 +726,8 @@ impl Relay {
         let waiting = if unchecked.is_empty() {
             HashSet::new()
         } else {
-            let (waiting, rounds) = lock(&self.acked_unmarked).keep_unchecked(&taken, unchecked);
+            let waiting: HashSet<(i64, Uuid)> = unchecked.keys().copied().collect();
+            let rounds = lock(&self.acked_unmarked).keep_unchecked(&taken, unchecked);
             if rounds == UNCHECKED_ROUNDS_TO_WARN {
                 // Once a streak: the rows wait for good while NATS cannot answer.
                 tracing::warn!(
@@ -1284,15 +1285,14 @@ impl AckedUnmarked {
     const MAX_ROWS: usize = 100_000;
 
     /// Remembers again the rows a round could not check (`(row id, event id) →
-    /// sequence`; `taken` is what [`Self::take`] gave that round); returns them, to wait
-    /// for a later round, and the most rounds in a row one of them went unchecked. A
-    /// row whose check was made is not remembered again, its count with it.
+    /// sequence`; `taken` is what [`Self::take`] gave that round), to wait for a later
+    /// round; returns the most rounds in a row one of them went unchecked. A row whose
+    /// check was made is not remembered again, its count with it.
     fn keep_unchecked(
         &mut self,
         taken: &HashMap<(i64, Uuid), RememberedAck>,
         unchecked: HashMap<(i64, Uuid), i64>,
-    ) -> (HashSet<(i64, Uuid)>, u32) {
-        let mut waiting = HashSet::with_capacity(unchecked.len());
+    ) -> u32 {
         let mut most_rounds = 0;
         for (key, sequence) in unchecked {
             let unchecked_rounds = taken.get(&key).map_or(0, |ack| ack.unchecked_rounds) + 1;
@@ -1304,9 +1304,8 @@ impl AckedUnmarked {
                     unchecked_rounds,
                 },
             );
-            waiting.insert(key);
         }
-        (waiting, most_rounds)
+        most_rounds
     }
 
     /// Remembers the `(row id, event id)`'s acknowledged sequences.
@@ -1611,8 +1610,8 @@ mod tests {
     /// rounds in a row it went unchecked, when the row waits for a later round.
     fn unchecked_round(memory: &mut AckedUnmarked, key: (i64, Uuid)) -> Option<u32> {
         let taken = memory.take(std::iter::once(key));
-        let (waiting, rounds) = memory.keep_unchecked(&taken, HashMap::from([(key, 70)]));
-        waiting.contains(&key).then_some(rounds)
+        let rounds = memory.keep_unchecked(&taken, HashMap::from([(key, 70)]));
+        memory.acks.contains_key(&key).then_some(rounds)
     }
 
     #[test]
