@@ -427,12 +427,8 @@ impl Rebuild {
                 // keys of the calls before are there when the deletion's SCAN begins.
                 // Named retired by the same call, so that a projector deletes what this
                 // process does not reach, a stop's included.
-                tokio::select! {
-                    _ = shutdown.cancelled() => bail!("shut down during the rebuild"),
-                    deleted = delete_retired_generation(&mut redis, prefix, abandoned) => {
-                        deleted?;
-                    }
-                }
+                self.delete_retired_now(&mut redis, abandoned, shutdown)
+                    .await;
             }
             tracing::info!(
                 generation,
@@ -484,18 +480,35 @@ impl Rebuild {
         if let Some(old) = replaced.filter(|old| *old != generation) {
             tokio::time::sleep(SWITCH_GRACE).await;
             // The rebuild is done whatever becomes of this: the switch named the old
-            // generation retired, and a projector deletes what is left of it
-            // (`Rebuild::delete_retired`). Until 2026-12-07 a failed deletion reported
-            // the switched rebuild as failed, and it was made again.
-            if let Err(error) = delete_retired_generation(&mut redis, prefix, old).await {
-                tracing::warn!(
-                    generation = old,
-                    error = format!("{error:#}"),
-                    "deleting the replaced generation failed; a projector deletes the rest of it later"
-                );
-            }
+            // generation retired. Until 2026-12-07 a failed deletion reported the
+            // switched rebuild as failed, and it was made again.
+            self.delete_retired_now(&mut redis, old, shutdown).await;
         }
         Ok(generation)
+    }
+
+    /// Deletes the keys of `generation`, which the meta hash names retired, now, unless a
+    /// stop comes first: what a stop or a failure leaves, a projector deletes later
+    /// ([`Rebuild::delete_retired`]). The one way a rebuild deletes a generation it
+    /// replaced, abandoned or found abandoned.
+    async fn delete_retired_now(
+        &self,
+        redis: &mut RedisConnection,
+        generation: u64,
+        shutdown: &CancellationToken,
+    ) {
+        let deleted = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            deleted = delete_retired_generation(redis, &self.read_model.prefix, generation) => deleted,
+        };
+        if let Err(error) = deleted {
+            tracing::warn!(
+                generation,
+                error = format!("{error:#}"),
+                "deleting a retired generation failed; a projector deletes the rest of it later"
+            );
+        }
     }
 
     /// Abandons this process's build of `generation`, which failed or was stopped: no
@@ -520,20 +533,7 @@ impl Rebuild {
             .invoke_async(redis)
             .await;
         match abandoned {
-            Ok(1) if !shutdown.is_cancelled() => {
-                // Named retired: a stop meanwhile leaves the rest to a projector.
-                let deleted = tokio::select! {
-                    _ = shutdown.cancelled() => Ok(0),
-                    deleted = delete_retired_generation(redis, prefix, generation) => deleted,
-                };
-                if let Err(error) = deleted {
-                    tracing::warn!(
-                        generation,
-                        error = format!("{error:#}"),
-                        "deleting an abandoned build failed; a projector deletes the rest of it later"
-                    );
-                }
-            }
+            Ok(1) => self.delete_retired_now(redis, generation, shutdown).await,
             Ok(_) => {}
             Err(error) => tracing::warn!(
                 generation,
