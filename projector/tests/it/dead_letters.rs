@@ -144,12 +144,7 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
 
     // The good event behind the poison is projected.
     let expected = reference([&good_before, &good_after]);
-    let stats = eventually(CATCH_UP, "the event after the poison", || async {
-        env.device_stats("sensor-1")
-            .await
-            .filter(|stats| stats.sample_count == 2)
-    })
-    .await;
+    let stats = sensor_1_counted(&env, 2, CATCH_UP, "the event after the poison").await;
     assert_same_figures("sensor-1", &stats, &expected["sensor-1"], Sums::Exact);
     assert_eq!(
         env.device_stats("sensor-2").await,
@@ -460,12 +455,7 @@ async fn a_poison_message_whose_reason_quotes_a_line_break_is_dead_lettered_and_
     let good = event("sensor-1", base + 1, &[("temperature", 21.0)]);
     let last_sequence = publish(&env, &jetstream, &good).await;
 
-    eventually(CATCH_UP, "the event after the poison", || async {
-        env.device_stats("sensor-1")
-            .await
-            .filter(|stats| stats.sample_count == 1)
-    })
-    .await;
+    sensor_1_counted(&env, 1, CATCH_UP, "the event after the poison").await;
     let dlq_stream = env.subjects.dlq_stream();
     eventually(CATCH_UP, "both poison messages dead-lettered", || async {
         (stream_messages(&jetstream, &dlq_stream).await == 2).then_some(())
@@ -492,14 +482,11 @@ async fn a_poison_message_whose_reason_quotes_a_line_break_is_dead_lettered_and_
         &event("sensor-1", base + 2, &[("temperature", 22.0)]),
     )
     .await;
-    eventually(
+    sensor_1_counted(
+        &env,
+        2,
         CATCH_UP,
         "an event published after the dead letters",
-        || async {
-            env.device_stats("sensor-1")
-                .await
-                .filter(|stats| stats.sample_count == 2)
-        },
     )
     .await;
     projector.stop().await;
@@ -712,14 +699,11 @@ async fn a_batchs_events_are_applied_while_its_dead_letters_wait_for_a_silent_de
     publish(&env, &jetstream, &good).await;
 
     let projector = Projector::spawn(&env.settings).await;
-    eventually(
+    sensor_1_counted(
+        &env,
+        1,
         WITHIN,
         "the event applied while the dead letters before it wait",
-        || async {
-            env.device_stats("sensor-1")
-                .await
-                .filter(|stats| stats.sample_count == 1)
-        },
     )
     .await;
     let letters = tokio::time::timeout(WITHIN, silent.by_ref().take(POISON).count())
@@ -729,6 +713,21 @@ async fn a_batchs_events_are_applied_while_its_dead_letters_wait_for_a_silent_de
     projector
         .stop_within(Duration::from_secs(3), "a stop while dead letters wait")
         .await;
+}
+
+/// The figures of `sensor-1` once they count `samples` readings, within `within`.
+async fn sensor_1_counted(
+    env: &TestEnv,
+    samples: u64,
+    within: Duration,
+    what: &str,
+) -> contract::read_model::DeviceStats {
+    eventually(within, what, || async {
+        env.device_stats("sensor-1")
+            .await
+            .filter(|stats| stats.sample_count == samples)
+    })
+    .await
 }
 
 /// Makes the dead-letter stream silent: it is gone, and a listener on its subjects takes
