@@ -649,15 +649,7 @@ async fn a_stop_does_not_wait_for_the_dead_letters_of_a_batch() {
     let mut silent = silent_dead_letter_stream(&env, &jetstream).await;
     let projector = Projector::spawn(&env.settings).await;
     live_generation(&env).await;
-    for index in 0..POISON {
-        publish_raw(
-            &jetstream,
-            env.subjects.recorded("sensor-1"),
-            relay_headers(&format!("poison-{index}")),
-            b"not json at all".to_vec(),
-        )
-        .await;
-    }
+    publish_poison(&env, &jetstream, POISON).await;
     tokio::time::timeout(CATCH_UP, silent.next())
         .await
         .expect("a dead letter within the catch-up time")
@@ -686,15 +678,7 @@ async fn a_batchs_events_are_applied_while_its_dead_letters_wait_for_a_silent_de
     live_generation(&env).await;
     projector.stop().await;
     let mut silent = silent_dead_letter_stream(&env, &jetstream).await;
-    for index in 0..POISON {
-        publish_raw(
-            &jetstream,
-            env.subjects.recorded("sensor-1"),
-            relay_headers(&format!("poison-{index}")),
-            b"not json at all".to_vec(),
-        )
-        .await;
-    }
+    publish_poison(&env, &jetstream, POISON).await;
     let good = event("sensor-1", now_ms(), &[("temperature", 21.5)]);
     publish(&env, &jetstream, &good).await;
 
@@ -728,6 +712,20 @@ async fn sensor_1_counted(
             .filter(|stats| stats.sample_count == samples)
     })
     .await
+}
+
+/// Publishes `count` messages that are not JSON under sensor-1's subject, with message
+/// ids `poison-0`, `poison-1`, ...
+async fn publish_poison(env: &TestEnv, jetstream: &async_nats::jetstream::Context, count: usize) {
+    for index in 0..count {
+        publish_raw(
+            jetstream,
+            env.subjects.recorded("sensor-1"),
+            relay_headers(&format!("poison-{index}")),
+            b"not json at all".to_vec(),
+        )
+        .await;
+    }
 }
 
 /// Makes the dead-letter stream silent: it is gone, and a listener on its subjects takes
