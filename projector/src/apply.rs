@@ -333,7 +333,7 @@ impl ReadModel {
     ) -> RedisResult<Applied> {
         let events: Vec<&Delivered> = events.iter().collect();
         let guarded = self
-            .apply_guarded(connection, generations, None, None, &events, now_ms)
+            .apply_guarded(connection, generations, None, &events, now_ms)
             .await?;
         match guarded.refused.into_iter().next() {
             Some((_, error)) => Err(error),
@@ -358,14 +358,7 @@ impl ReadModel {
     ) -> RedisResult<Option<Applied>> {
         let events: Vec<&Delivered> = events.iter().collect();
         let guarded = self
-            .apply_guarded(
-                connection,
-                &[generation],
-                Some(fields),
-                Some(generation),
-                &events,
-                now_ms,
-            )
+            .apply_guarded(connection, &[generation], Some(fields), &events, now_ms)
             .await?;
         if guarded.stale {
             return Ok(None);
@@ -427,10 +420,6 @@ impl ReadModel {
                     connection,
                     &targets,
                     Some(&generations.fields),
-                    // Never the live one, whatever wrote the meta hash.
-                    generations
-                        .building
-                        .filter(|building| Some(*building) != generations.current),
                     &part,
                     now_ms,
                 )
@@ -466,8 +455,8 @@ impl ReadModel {
     /// listed, and mixed calls are not split up: the batch comes again. An error of a
     /// call other than a refusal ([`refuses_only_the_call`]) is the batch's.
     ///
-    /// The devices index of the generation being built (`building`, named by the meta
-    /// hash a guarded call checks) keeps no superseded entry: no walk reads it before
+    /// The devices index of the generation being built (`building` in the meta hash's
+    /// fields a guarded call checks, never the live one) keeps no superseded entry: no walk reads it before
     /// its switch, and none after the switch sees an entry superseded before it
     /// (devices_page.lua), so a guarded call deletes them at once. Until 2026-12-07 they
     /// were kept for the listing TTL, as the live generation's are, and a replay of a
@@ -477,7 +466,6 @@ impl ReadModel {
         connection: &mut C,
         generations: &[u64],
         guard: Option<&[String; 4]>,
-        building: Option<u64>,
         events: &[&'a Delivered],
         now_ms: i64,
     ) -> RedisResult<Guarded<'a>> {
@@ -574,7 +562,11 @@ impl ReadModel {
                 .arg(&index.current);
             self.guard_key(command, guard);
             // No clock: the script stamps with Redis's (see index.lua).
-            let unread = guard.is_some() && building == Some(*generation);
+            // The fields are the meta hash's generation, layout, building, replay_last.
+            let unread = guard.is_some_and(|[live, _, building, _]| {
+                let named = generation.to_string();
+                *building == named && *live != named
+            });
             command.arg(if unread { 0 } else { LISTING_TTL_MS });
             for (device_id, granule) in entries {
                 command.arg(*device_id).arg(*granule);
