@@ -11,7 +11,7 @@ use testkit::prometheus::Scrape;
 use crate::check::{settle, Checker, Findings};
 use crate::control::{alive, cpu_ticks, rss_kib, ticks_per_second, Lab, Server};
 use crate::fleet::Fleet;
-use crate::proxy::FaultProxy;
+use testkit::FaultProxy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {

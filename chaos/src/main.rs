@@ -9,7 +9,6 @@
 //!
 //! # Layout
 //! - `fleet`: the simulated devices and what they observed
-//! - `proxy`: the fault proxy that partitions a link
 //! - `control`: processes and servers of the run, and the signals that break them
 //! - `faults`: each fault, injected
 //! - `check`: the invariants
@@ -18,7 +17,6 @@ mod check;
 mod control;
 mod faults;
 mod fleet;
-mod proxy;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,7 +30,7 @@ use crate::check::{settle, Checker, Findings};
 use crate::control::Lab;
 use crate::faults::{Fault, Outcome, Run, SECOND_RELAY_APPLICATION};
 use crate::fleet::{Fleet, ALLOWED_STATUSES};
-use crate::proxy::FaultProxy;
+use testkit::FaultProxy;
 
 #[derive(Debug, Parser)]
 #[command(about = "chaos run of the pipeline; start it with scripts/chaos")]

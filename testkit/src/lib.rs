@@ -7,6 +7,7 @@
 //! - [`eventually`]: polls an asynchronous outcome until a deadline, instead of sleeping.
 //! - [`PrivateNats`]: a nats-server of the test's own, which it may kill and cut back.
 //! - [`RedisUser`]: a Redis user of the test's own, which it may refuse or cut off.
+//! - [`FaultProxy`]: a TCP proxy that partitions its links, or strands the open ones.
 //! - [`prometheus`]: one series of a `/metrics` scrape, by name and labels.
 //! - [`process`]: a service's real binary on a free port, scraped, stopped with SIGTERM.
 //! - [`Running`]: a service run as a task in the test's own process, stopped within a deadline
@@ -27,12 +28,14 @@ use contract::settings::Settings;
 use contract::subjects::Subjects;
 use rand::Rng;
 
+mod fault_proxy;
 mod figures;
 pub mod fuzz;
 mod private_nats;
 mod private_redis;
 mod redis_user;
 mod split_mix;
+pub use fault_proxy::FaultProxy;
 pub use figures::{assert_same_figures, Sums};
 pub use private_nats::{
     stream_messages_dir, truncate_stream_store, PrivateNats, NATS_SERVER_BINARY,
