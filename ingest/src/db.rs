@@ -62,7 +62,8 @@ const KEEPALIVE_RETRIES: u32 = 3;
 
 /// Parses the configured URL, with the configured connect timeout and TCP keepalive
 /// probes after 10 s of silence, every 5 s, the connection dropped after 3 unanswered
-/// (where the URL sets no keepalive of its own).
+/// (where the URL sets no keepalive of its own), and the same bound on data sent and
+/// never acknowledged (`tcp_user_timeout`, unless the URL sets one).
 ///
 /// A session that only waits (the relay's `LISTEN outbox`, an idle pooled connection,
 /// one whose statement waits for its answer) sends nothing, so a PostgreSQL host that
@@ -70,7 +71,10 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// keepalive gives up on it: about 25 s into the silence with these settings. With
 /// tokio-postgres's default (the first probe after 2 hours) the relay's listener stayed
 /// dead that long, every reading waiting for the poll instead of the NOTIFY, and the
-/// pool handed out dead connections.
+/// pool handed out dead connections. A session that has sent a statement into such a
+/// link is not probed at all (keepalive waits for the send to be acknowledged): without
+/// a user timeout the kernel retransmits for about 15 minutes, and a group commit
+/// waited that long.
 pub fn pg_config(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::Config> {
     let mut config = tokio_postgres::Config::from_str(&settings.url)
         .with_context(|| unusable_url("database.url", &settings.url))?;
@@ -84,6 +88,14 @@ pub fn pg_config(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::
     }
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    // `tcp_user_timeout=0` in the URL leaves the kernel's default, as in libpq.
+    if !settings.url.contains("tcp_user_timeout") {
+        let interval = config
+            .get_keepalives_interval()
+            .unwrap_or(KEEPALIVE_INTERVAL);
+        let retries = config.get_keepalives_retries().unwrap_or(KEEPALIVE_RETRIES);
+        config.tcp_user_timeout(config.get_keepalives_idle() + interval * retries);
     }
     if config.get_application_name().is_none() {
         config.application_name("telemetry-pipeline");
@@ -457,6 +469,11 @@ mod tests {
             Some(Duration::from_secs(5))
         );
         assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(25)),
+            "data sent into a silent link is given up as late as a silent idle session"
+        );
     }
 
     #[test]
@@ -471,6 +488,21 @@ mod tests {
             Some(Duration::from_secs(20))
         );
         assert_eq!(config.get_keepalives_retries(), Some(9));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(240)),
+            "the user timeout follows the URL's keepalive"
+        );
+        let own = pg_config(&settings(
+            "postgres://postgres@127.0.0.1:5432/telemetry?tcp_user_timeout=7",
+        ))
+        .expect("a usable url");
+        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+        let kernels = pg_config(&settings(
+            "postgres://postgres@127.0.0.1:5432/telemetry?tcp_user_timeout=0",
+        ))
+        .expect("a usable url");
+        assert_eq!(kernels.get_tcp_user_timeout(), None);
         let off = pg_config(&settings(
             "postgres://postgres@127.0.0.1:5432/telemetry?keepalives=0",
         ))

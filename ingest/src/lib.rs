@@ -58,6 +58,7 @@ pub async fn serve(
     bootstrap::counters_from_zero(&[
         ("ingest_outbox_notify_total", &[]),
         ("ingest_body_budget_refusals_total", &[]),
+        ("ingest_commits_given_up_total", &[]),
         ("auth_token_lookups_total", &[]),
     ]);
     // The API answers from the start: `/healthz` at once, `/readyz` (a 503 naming

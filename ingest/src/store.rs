@@ -42,7 +42,7 @@ use tokio::time::Instant;
 use tokio_postgres::types::Json;
 use uuid::Uuid;
 
-use crate::db::LookUps;
+use crate::db::{cancel_if_given_up, LookUps};
 use crate::http::server::OpenConnections;
 use crate::outbox_notify::{Notifier, Signal};
 use crate::pacing::Pacer;
@@ -491,9 +491,22 @@ impl Batch {
     }
 }
 
+/// How often a commit in flight checks whether any of its requests still waits.
+const GAVE_UP_CHECK: Duration = Duration::from_millis(100);
+
 /// Commits `batch` and answers each of its submissions. A submission whose request gave
 /// up by the time the connection is at hand is dropped unwritten: that request was
 /// answered `503`, which tells the client nothing was stored.
+///
+/// A commit that has not answered when every request in it has given up (at their
+/// deadline, `ingest.request_timeout_ms`) is given up too: its connection leaves the
+/// pool with its statement cancelled, and the pool's idle connections are closed with
+/// it. Such a commit waits on a connection that went silent (a failover that dropped
+/// the old paths, a link that lost its packets, a proxy that holds them), where the
+/// idle ones most likely are too; left to run, two of them held both commit slots and
+/// every reading was refused until TCP gave up, 15 minutes or never. Whether it
+/// committed is unknown, as for any request answered `503`: a retry with the same key
+/// gets the stored answer, or stores the reading.
 async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Signal>) {
     let client = match pool.get().await {
         Ok(client) => client,
@@ -513,8 +526,28 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
             .cmp(&(&readings[right].device_id, &readings[right].idempotency_key))
     });
     let sorted: Vec<&NewReading> = order.iter().map(|&index| readings[index]).collect();
-    let result = write(&client, &sorted, signal).await;
-    drop(client);
+    let written = cancel_if_given_up(client, "group commit", async |client| {
+        write(client, &sorted, signal).await
+    });
+    let every_request_gave_up = async {
+        while !batch.iter().all(Pending::is_abandoned) {
+            tokio::time::sleep(GAVE_UP_CHECK).await;
+        }
+    };
+    let result = tokio::select! {
+        result = written => result,
+        () = every_request_gave_up => {
+            let idle_closed = pool.retain(|_, _| false).removed.len();
+            metrics::counter!("ingest_commits_given_up_total").increment(1);
+            tracing::warn!(
+                size = sorted.len(),
+                waited_ms = started.elapsed().as_millis(),
+                idle_closed,
+                "group commit unanswered when every request in it had given up, its connection and the idle ones closed"
+            );
+            return;
+        }
+    };
     metrics::histogram!("ingest_commit_batch_size").record(sorted.len() as f64);
     metrics::histogram!("ingest_commit_seconds").record(started.elapsed().as_secs_f64());
     match result {
