@@ -95,7 +95,7 @@ pub struct IngestSettings {
     /// flight (fewer wait for it to return).
     #[serde(deserialize_with = "integer")]
     pub commit_parallel_min: usize,
-    /// After a group commit of several readings, a smaller batch than
+    /// After a group commit of several readings, a batch under half of
     /// `commit_parallel_min` starts no sooner than this after it (commits then gather
     /// more readings each); 0: off.
     #[serde(deserialize_with = "integer")]
@@ -469,6 +469,14 @@ impl Settings {
         ] {
             if !schemes.iter().any(|scheme| url.starts_with(scheme)) {
                 return invalid(key, &format!("must start with {}", schemes.join(" or ")));
+            }
+            if let Some(asked) = tls_asked_for(url) {
+                return invalid(
+                    key,
+                    &format!(
+                        "asks for TLS ({asked}), which these binaries do not speak to PostgreSQL or Redis: use a plain connection on a private network (README, Securing a deployment)"
+                    ),
+                );
             }
             if self.auth.service_credentials_required && !carries_credentials(url) {
                 return invalid(
@@ -872,6 +880,27 @@ fn carries_credentials(url: &str) -> bool {
                     .is_some_and(|password| !password.is_empty())
             })
         })
+}
+
+/// What in a PostgreSQL or Redis URL demands TLS (`rediss://`, `sslmode=require`,
+/// `verify-ca` or `verify-full`), which the binaries are built without: tokio-postgres
+/// connects with `NoTls` and redis-rs has no TLS feature, so such a URL would pass the
+/// settings and then fail every connection (`sslmode=prefer`, libpq's default, falls
+/// back to a plain one). NATS speaks TLS (`tls://`), so its URL asks for nothing here.
+fn tls_asked_for(url: &str) -> Option<&str> {
+    if url.starts_with("rediss://") {
+        return Some("rediss://");
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return None;
+    }
+    let (_, query) = url.split_once('?')?;
+    query.split('&').find(|pair| {
+        matches!(
+            *pair,
+            "sslmode=require" | "sslmode=verify-ca" | "sslmode=verify-full"
+        )
+    })
 }
 
 /// A server URL fit for a message or a log: each password, NATS token and `password=`
@@ -1509,6 +1538,52 @@ mod tests {
         assert!(refused.to_string().contains("nats.url"), "{refused}");
         let dev = Settings::load_from(&config_dir(), "dev").expect("dev loads");
         assert!(!dev.auth.enabled, "the local demo needs none");
+    }
+
+    #[test]
+    fn a_url_that_asks_for_tls_to_postgresql_or_redis_is_refused_naming_its_key() {
+        for (key, url, asked) in [
+            ("redis.url", "rediss://cache.internal:6380", "rediss://"),
+            (
+                "database.url",
+                "postgres://app:pw@db/telemetry?sslmode=require",
+                "sslmode=require",
+            ),
+            (
+                "database.url",
+                "postgresql://db/telemetry?user=app&sslmode=verify-full",
+                "sslmode=verify-full",
+            ),
+            (
+                "database.url",
+                "postgres://db/telemetry?sslmode=verify-ca&password=pw",
+                "sslmode=verify-ca",
+            ),
+        ] {
+            let mut settings = Settings::load_from(&config_dir(), "dev").expect("dev loads");
+            match key {
+                "redis.url" => settings.redis.url = url.to_owned(),
+                _ => settings.database.url = url.to_owned(),
+            }
+            let message = settings.validate().expect_err(url).to_string();
+            assert!(
+                message.contains(&key_and_variable(key)) && message.contains(asked),
+                "{message}"
+            );
+            assert!(!message.contains("pw"), "no secret in {message}");
+        }
+        for url in [
+            "postgres://db/telemetry?sslmode=prefer",
+            "postgres://db/telemetry?sslmode=disable",
+            "postgres://db/telemetry?application_name=sslmode=require",
+        ] {
+            let mut settings = Settings::load_from(&config_dir(), "dev").expect("dev loads");
+            settings.database.url = url.to_owned();
+            assert!(settings.validate().is_ok(), "{url}");
+        }
+        let mut settings = Settings::load_from(&config_dir(), "dev").expect("dev loads");
+        settings.nats.url = "tls://nats.internal:4222".to_owned();
+        assert!(settings.validate().is_ok(), "async-nats speaks TLS");
     }
 
     #[test]
