@@ -276,7 +276,15 @@ local function write_generation(plan)
   if plan.bucket_updates then
     call_chunked('HSET', plan.buckets, plan.bucket_updates, 1, #plan.bucket_updates)
     if plan.created then
-      redis.call('PEXPIRE', plan.buckets, buckets_ttl)
+      -- A reading dated ahead (`ingest.max_future_secs` allows up to 12 h) is in a
+      -- bucket that stays in the 24 h window that much longer: the hash outlasts the
+      -- batch's latest reading, and a later batch never shortens its expiry. (It
+      -- expired 24 h 20 min after its newest bucket was made, and readings dated more
+      -- than 20 minutes ahead left their windows early.)
+      local ttl = math.floor(buckets_ttl + math.max(0, last_in - now))
+      if redis.call('PTTL', plan.buckets) < ttl then
+        redis.call('PEXPIRE', plan.buckets, ttl)
+      end
     end
   end
   if plan.trim then

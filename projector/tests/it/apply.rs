@@ -20,6 +20,44 @@ use crate::support::{
     assert_same_figures, connection, direct_read_model, event, figures_in, now_ms, reference, Sums,
 };
 
+/// A reading dated ahead (ingest allows up to 12 h) stays in its windows until it is 24 h
+/// old: its buckets outlast it by their retention, also after a batch dated now opens a
+/// bucket. They expired 24 h 20 min after the newest bucket was made, so one dated two
+/// hours ahead left its 24 h window 1 h 40 min early.
+#[tokio::test]
+async fn buckets_of_a_reading_dated_ahead_are_kept_until_it_leaves_the_24_h_window() {
+    let env = TestEnv::new();
+    let mut redis = connection(&env).await;
+    let model = direct_read_model(&env);
+    let keys = DeviceKeys::new(&env.settings.redis.prefix, 1, "sensor-1");
+    let now = now_ms();
+    let two_hours = 2 * 3_600_000;
+    // How long a bucket made now is kept, read by its own rule: its 5 min bucket leaves
+    // the retention once its end is that long ago.
+    let kept = COARSE.retention_ms + COARSE.width_ms;
+    let ahead = [event("sensor-1", now + two_hours, &[("temperature", 1.0)])];
+    model
+        .apply(&mut redis, &[1], &delivered(&ahead), now)
+        .await
+        .expect("the reading dated ahead");
+    let dated_now = [event("sensor-1", now, &[("temperature", 2.0)])];
+    model
+        .apply(&mut redis, &[1], &delivered(&dated_now), now)
+        .await
+        .expect("a reading dated now, in a new bucket");
+    let expiry: i64 = redis::cmd("PTTL")
+        .arg(&keys.buckets)
+        .query_async(&mut redis)
+        .await
+        .expect("pttl");
+    let elapsed = now_ms() - now;
+    assert!(
+        expiry >= kept + two_hours - elapsed - 1_000,
+        "the buckets expire in {expiry} ms, before the reading dated ahead leaves its window ({} ms)",
+        kept + two_hours - elapsed
+    );
+}
+
 /// `events` as delivered at stream sequences 1, 2, ...
 fn delivered(events: &[TelemetryRecorded]) -> Vec<Delivered> {
     events
