@@ -11,26 +11,56 @@ use projector::rebuild::RebuildError;
 const USAGE: &str =
     "usage: projector [run | rebuild | dlq list [--limit N] | dlq redrive <dlq sequence>...]";
 
+/// What `projector dlq ...` was asked to do.
+#[derive(Debug, PartialEq)]
+enum DeadLetterCommand {
+    /// `list [--limit N]`: the oldest `limit` letters (100 unless given).
+    List { limit: usize },
+    /// `redrive <dlq sequence>...`.
+    Redrive(Vec<u64>),
+}
+
+/// Reads the arguments after `dlq`, before anything connects: a typo gets the usage
+/// (or names the word that is no number), not a NATS error or a silent default.
+fn dead_letter_command(args: &[&str]) -> Result<DeadLetterCommand, String> {
+    match args {
+        ["list"] => Ok(DeadLetterCommand::List { limit: 100 }),
+        ["list", "--limit", limit] => match limit.parse() {
+            Ok(limit @ 1..) => Ok(DeadLetterCommand::List { limit }),
+            _ => Err(format!("--limit {limit:?} is not a count of at least 1")),
+        },
+        ["redrive", sequences @ ..] if !sequences.is_empty() => sequences
+            .iter()
+            .map(|sequence| {
+                sequence
+                    .parse()
+                    .map_err(|_| format!("{sequence:?} is not a sequence number"))
+            })
+            .collect::<Result<_, _>>()
+            .map(DeadLetterCommand::Redrive),
+        _ => Err(USAGE.to_owned()),
+    }
+}
+
 /// `projector dlq list` and `projector dlq redrive <sequence>...`.
 async fn dead_letters(settings: &Settings) -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let command = match dead_letter_command(&args) {
+        Ok(command) => command,
+        Err(message) => {
+            eprintln!("projector: {message}");
+            std::process::exit(2);
+        }
+    };
     let client = ingest::bootstrap::nats_options(&settings.nats.url)
         .connect(&settings.nats.url)
         .await
         .with_context(|| connecting_to("NATS", &settings.nats.url))?;
     let jetstream = async_nats::jetstream::new(client);
     let subjects = contract::subjects::Subjects::for_stream(&settings.nats.stream);
-    let args: Vec<String> = std::env::args().skip(2).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["list"] | ["list", "--limit", _] => {
-            let limit = args
-                .get(2)
-                .and_then(|limit| limit.parse().ok())
-                .unwrap_or(100);
+    match command {
+        DeadLetterCommand::List { limit } => {
             println!(
                 "{:>8}  {:>10}  {:<32}  {:<40}  payload",
                 "dlq seq", "orig seq", "subject", "reason"
@@ -45,24 +75,15 @@ async fn dead_letters(settings: &Settings) -> anyhow::Result<()> {
                     letter.sequence, letter.subject, letter.reason, letter.payload_preview
                 );
             }
-            Ok(())
         }
-        ["redrive", sequences @ ..] if !sequences.is_empty() => {
-            for sequence in sequences.iter() {
-                let Ok(sequence) = sequence.parse::<u64>() else {
-                    eprintln!("projector: {sequence:?} is not a sequence number");
-                    std::process::exit(2);
-                };
+        DeadLetterCommand::Redrive(sequences) => {
+            for sequence in sequences {
                 let live = projector::dlq::redrive(&jetstream, &subjects, sequence).await?;
                 println!("re-drove dead letter {sequence} as event stream sequence {live}");
             }
-            Ok(())
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            std::process::exit(2);
         }
     }
+    Ok(())
 }
 
 /// One thread: the process is a pipeline of awaits whose CPU fits in one core, and on a
@@ -111,6 +132,38 @@ async fn run() -> anyhow::Result<()> {
         Some(other) => {
             eprintln!("projector: unknown command {other:?}; {USAGE}");
             std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_arguments_are_read_before_anything_connects() {
+        assert_eq!(
+            dead_letter_command(&["list"]),
+            Ok(DeadLetterCommand::List { limit: 100 })
+        );
+        assert_eq!(
+            dead_letter_command(&["list", "--limit", "7"]),
+            Ok(DeadLetterCommand::List { limit: 7 })
+        );
+        assert_eq!(
+            dead_letter_command(&["redrive", "3", "9"]),
+            Ok(DeadLetterCommand::Redrive(vec![3, 9]))
+        );
+        for (args, says) in [
+            (&["list", "--limit", "abc"][..], "\"abc\" is not a count"),
+            (&["list", "--limit", "0"][..], "\"0\" is not a count"),
+            (&["redrive", "3", "x"][..], "\"x\" is not a sequence number"),
+            (&["redrive"][..], "usage:"),
+            (&["lsit"][..], "usage:"),
+            (&[][..], "usage:"),
+        ] {
+            let message = dead_letter_command(args).expect_err("refused");
+            assert!(message.contains(says), "{args:?}: {message}");
         }
     }
 }
