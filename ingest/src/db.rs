@@ -89,7 +89,8 @@ pub fn pg_config(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(KEEPALIVE_RETRIES);
     }
-    // `tcp_user_timeout=0` in the URL leaves the kernel's default, as in libpq.
+    // The URL's `tcp_user_timeout` is in seconds (tokio-postgres; libpq reads
+    // milliseconds), and 0 leaves the kernel's default.
     if !settings.url.contains("tcp_user_timeout") {
         let interval = config
             .get_keepalives_interval()

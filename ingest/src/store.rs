@@ -26,8 +26,10 @@
 //! there is not enough, so a stall of PostgreSQL cannot pile up a thousand readings per
 //! gateway request. A submission whose request gave up (its deadline passed, so it was
 //! answered `503`) is dropped before its commit rather than committed behind its back;
-//! only one whose deadline passes while its commit is landing is stored, and a retry
-//! with the same keys then finds it.
+//! one whose deadline passes while its commit runs is stored if that commit lands, and a
+//! retry with the same keys then finds it. A commit that has run for
+//! [`COMMIT_GIVE_UP_AFTER`] with no request left waiting for it is given up: its
+//! connection has most likely gone silent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -494,14 +496,21 @@ impl Batch {
 /// How often a commit in flight checks whether any of its requests still waits.
 const GAVE_UP_CHECK: Duration = Duration::from_millis(100);
 
+/// How long a commit runs before it may be given up, once no request waits for it. A
+/// commit takes milliseconds; one still running after seconds waits on a connection
+/// gone silent, or on a PostgreSQL so stalled that landing late saves little. Not
+/// sooner: requests that waited in the queue until just before their deadline would
+/// have their commits cancelled as they began, and a slow PostgreSQL redo them all.
+pub const COMMIT_GIVE_UP_AFTER: Duration = Duration::from_secs(5);
+
 /// Commits `batch` and answers each of its submissions. A submission whose request gave
 /// up by the time the connection is at hand is dropped unwritten: that request was
 /// answered `503`, which tells the client nothing was stored.
 ///
-/// A commit that has not answered when every request in it has given up (at their
-/// deadline, `ingest.request_timeout_ms`) is given up too: its connection leaves the
-/// pool with its statement cancelled, and the pool's idle connections are closed with
-/// it. Such a commit waits on a connection that went silent (a failover that dropped
+/// A commit that has not answered [`COMMIT_GIVE_UP_AFTER`] after it began, when every
+/// request in it has given up (at their deadline, `ingest.request_timeout_ms`, or hung
+/// up), is given up too: its connection leaves the pool with its statement cancelled,
+/// and the pool's idle connections are closed with it. Such a commit waits on a connection that went silent (a failover that dropped
 /// the old paths, a link that lost its packets, a proxy that holds them), where the
 /// idle ones most likely are too; left to run, two of them held both commit slots and
 /// every reading was refused until TCP gave up, 15 minutes or never. Whether it
@@ -529,21 +538,23 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
     let written = cancel_if_given_up(client, "group commit", async |client| {
         write(client, &sorted, signal).await
     });
-    let every_request_gave_up = async {
+    let unanswered_and_given_up = async {
+        tokio::time::sleep_until(started + COMMIT_GIVE_UP_AFTER).await;
         while !batch.iter().all(Pending::is_abandoned) {
             tokio::time::sleep(GAVE_UP_CHECK).await;
         }
     };
     let result = tokio::select! {
+        biased;
         result = written => result,
-        () = every_request_gave_up => {
+        () = unanswered_and_given_up => {
             let idle_closed = pool.retain(|_, _| false).removed.len();
             metrics::counter!("ingest_commits_given_up_total").increment(1);
             tracing::warn!(
                 size = sorted.len(),
                 waited_ms = started.elapsed().as_millis(),
                 idle_closed,
-                "group commit unanswered when every request in it had given up, its connection and the idle ones closed"
+                "group commit unanswered and every request in it given up, its connection and the idle ones closed"
             );
             return;
         }
