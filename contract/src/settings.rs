@@ -883,7 +883,7 @@ fn carries_credentials(url: &str) -> bool {
 }
 
 /// What in a PostgreSQL or Redis URL demands TLS (`rediss://`, `sslmode=require`,
-/// `verify-ca` or `verify-full`), which the binaries are built without: tokio-postgres
+/// `verify-ca` or `verify-full`, `sslnegotiation=direct`), which the binaries are built without: tokio-postgres
 /// connects with `NoTls` and redis-rs has no TLS feature, so such a URL would pass the
 /// settings and then fail every connection (`sslmode=prefer`, libpq's default, falls
 /// back to a plain one). NATS speaks TLS (`tls://`), so its URL asks for nothing here.
@@ -898,7 +898,10 @@ fn tls_asked_for(url: &str) -> Option<&str> {
     query.split('&').find(|pair| {
         matches!(
             *pair,
-            "sslmode=require" | "sslmode=verify-ca" | "sslmode=verify-full"
+            "sslmode=require"
+                | "sslmode=verify-ca"
+                | "sslmode=verify-full"
+                | "sslnegotiation=direct"
         )
     })
 }
@@ -1558,6 +1561,11 @@ mod tests {
                 "database.url",
                 "postgres://db/telemetry?sslmode=verify-ca&password=pw",
                 "sslmode=verify-ca",
+            ),
+            (
+                "database.url",
+                "postgres://db/telemetry?sslnegotiation=direct",
+                "sslnegotiation=direct",
             ),
         ] {
             let mut settings = Settings::load_from(&config_dir(), "dev").expect("dev loads");
