@@ -37,7 +37,7 @@ pub struct ReadingBody {
     #[serde(default)]
     pub recorded_at: Option<String>,
     #[serde(deserialize_with = "metrics_named_once")]
-    pub metrics: BTreeMap<String, serde_json::Value>,
+    pub metrics: BTreeMap<String, MetricValue>,
 }
 
 /// Decodes `json`, which must be a JSON object, as `T` ([`ReadingBody`], [`BatchBody`],
@@ -156,7 +156,7 @@ pub struct BatchItem {
     #[serde(default)]
     pub recorded_at: Option<String>,
     #[serde(deserialize_with = "metrics_named_once")]
-    pub metrics: BTreeMap<String, serde_json::Value>,
+    pub metrics: BTreeMap<String, MetricValue>,
 }
 
 impl BatchItem {
@@ -179,22 +179,88 @@ impl BatchItem {
     }
 }
 
+/// A metric's value as it arrives: the JSON number, or `None` for any other value (a
+/// string, `null`, `true`, an array, an object), which breaks the rule that values are
+/// finite numbers. Any other value is read past and dropped, never built: decoded as a
+/// `serde_json::Value`, a metric of `[0,0,0,…]` filling a 1 MiB batch item became a
+/// tree of some 16 MiB before `validate` refused it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricValue(pub Option<f64>);
+
+impl<'de> Deserialize<'de> for MetricValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NumberOrNothing;
+
+        impl<'de> serde::de::Visitor<'de> for NumberOrNothing {
+            type Value = MetricValue;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a metric value")
+            }
+
+            fn visit_f64<E>(self, number: f64) -> Result<MetricValue, E> {
+                Ok(MetricValue(Some(number)))
+            }
+
+            // As `serde_json::Value::as_f64` converts them.
+            fn visit_i64<E>(self, number: i64) -> Result<MetricValue, E> {
+                Ok(MetricValue(Some(number as f64)))
+            }
+
+            fn visit_u64<E>(self, number: u64) -> Result<MetricValue, E> {
+                Ok(MetricValue(Some(number as f64)))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<MetricValue, E> {
+                Ok(MetricValue(None))
+            }
+
+            fn visit_str<E>(self, _: &str) -> Result<MetricValue, E> {
+                Ok(MetricValue(None))
+            }
+
+            fn visit_unit<E>(self) -> Result<MetricValue, E> {
+                Ok(MetricValue(None))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut items: A,
+            ) -> Result<MetricValue, A::Error> {
+                while items.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(MetricValue(None))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut entries: A,
+            ) -> Result<MetricValue, A::Error> {
+                while entries
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(MetricValue(None))
+            }
+        }
+
+        deserializer.deserialize_any(NumberOrNothing)
+    }
+}
+
 /// The `metrics` object, refused when it names a metric twice.
 ///
 /// `{"temperature": 21.5, "temperature": 99}` is well-formed JSON, but which value the
 /// device meant is anyone's guess: a plain map keeps the last one and drops the other
 /// without a word. A top-level field given twice fails decoding (`invalid-json`), so a
 /// metric given twice does too, naming it.
-fn metrics_named_once<'de, D>(
-    deserializer: D,
-) -> Result<BTreeMap<String, serde_json::Value>, D::Error>
+fn metrics_named_once<'de, D>(deserializer: D) -> Result<BTreeMap<String, MetricValue>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
     struct NamedOnce;
 
     impl<'de> serde::de::Visitor<'de> for NamedOnce {
-        type Value = BTreeMap<String, serde_json::Value>;
+        type Value = BTreeMap<String, MetricValue>;
 
         fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
             formatter.write_str("an object of metric names and values")
@@ -205,7 +271,7 @@ where
             A: serde::de::MapAccess<'de>,
         {
             let mut metrics = BTreeMap::new();
-            while let Some((name, value)) = entries.next_entry::<String, serde_json::Value>()? {
+            while let Some((name, value)) = entries.next_entry::<String, MetricValue>()? {
                 match metrics.entry(name) {
                     Entry::Vacant(entry) => {
                         entry.insert(value);
@@ -345,7 +411,7 @@ impl ReadingBody {
         for (name, value) in self.metrics {
             let error = match check_metric_name(&name) {
                 Err(message) => FieldError::new(format!("metrics.{}", printable(&name)), message),
-                Ok(()) => match value.as_f64().filter(|number| number.is_finite()) {
+                Ok(()) => match value.0.filter(|number| number.is_finite()) {
                     Some(number) => {
                         // `-0` is the number `0` spelled otherwise: one value, one
                         // fingerprint, and `0` in every figure it reaches.
@@ -516,6 +582,50 @@ mod tests {
 
     fn now() -> OffsetDateTime {
         timestamp::parse("2026-11-22T10:20:00Z").expect("valid timestamp")
+    }
+
+    #[test]
+    fn a_metric_value_is_a_number_or_breaks_the_rule_whatever_else_it_is() {
+        let metric = |value: &str| {
+            body(&format!(r#"{{"device_id":"d","metrics":{{"t":{value}}}}}"#))
+                .validate(now(), bounds())
+                .map(|reading| reading.metrics["t"])
+        };
+        for (value, number) in [
+            ("21.5", 21.5),
+            ("40", 40.0),
+            ("-3", -3.0),
+            ("-0", 0.0),
+            (
+                "18446744073709551615",
+                18_446_744_073_709_551_615_u64 as f64,
+            ),
+            ("1e300", 1e300),
+        ] {
+            assert_eq!(metric(value).ok(), Some(number), "{value}");
+        }
+        let nested = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let long = format!("[{}]", vec!["0"; 100_000].join(","));
+        for value in [
+            r#""21.5""#,
+            "null",
+            "true",
+            "[]",
+            "[21.5]",
+            r#"{"v":21.5}"#,
+            nested.as_str(),
+            long.as_str(),
+        ] {
+            let invalid = metric(value).expect_err(value);
+            assert_eq!(invalid.errors.len(), 1, "{value}");
+            assert_eq!(invalid.errors[0].field, "metrics.t");
+            assert_eq!(invalid.errors[0].message, "must be a finite number");
+        }
+        // Past f64 is no JSON number serde reads: a shape error (`invalid-json`).
+        assert!(
+            serde_json::from_str::<ReadingBody>(r#"{"device_id":"d","metrics":{"t":1e400}}"#)
+                .is_err()
+        );
     }
 
     #[test]
