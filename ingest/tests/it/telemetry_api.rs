@@ -659,6 +659,60 @@ async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
     ingest.stop().await;
 }
 
+/// A session that dies in the middle of a commit, its statement having written part of
+/// its rows (the key and the reading, held at a gate before its outbox row), leaves none
+/// of them: the reading, its idempotency record and its outbox event are one
+/// transaction (API.md §1, "nothing half-written"), the request gets a `503`, and its
+/// retry with the same key stores the reading anew, not a replay of something half
+/// there. The outage test above closes the database before any statement is sent.
+#[tokio::test]
+async fn a_commit_whose_session_dies_half_way_leaves_none_of_its_rows() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
+    let db = env.postgres().await;
+    db.batch_execute(
+        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4243); RETURN NEW; END $$;
+         CREATE TRIGGER gate BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION gate();
+         SELECT pg_advisory_lock(4243);",
+    )
+    .await
+    .expect("the gate closed");
+
+    let half_reading = reading("sensor-1", 2.0);
+    let half = ingest.post("k-2", &half_reading);
+    let ended = async {
+        let pid = eventually(
+            Duration::from_secs(10),
+            "the commit waiting at the gate",
+            || async { lock_waiter(&db, "stored_outbox").await },
+        )
+        .await;
+        db.execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .expect("the commit's session ended");
+    };
+    let (half, ()) = tokio::join!(half, ended);
+    assert_problem(half, 503, "unavailable").await;
+    for table in ["readings", "idempotency_keys", "outbox"] {
+        assert_eq!(count(&db, table).await, 1, "only k-1's row in {table}");
+    }
+
+    db.batch_execute("DROP TRIGGER gate ON outbox; SELECT pg_advisory_unlock(4243);")
+        .await
+        .expect("the gate removed");
+    let retry = ingest.accept("k-2", &reading("sensor-1", 2.0)).await;
+    assert!(
+        retry.headers().get("idempotent-replayed").is_none(),
+        "stored by the retry, not found half there"
+    );
+    for table in ["readings", "idempotency_keys", "outbox"] {
+        assert_eq!(count(&db, table).await, 2, "{table}");
+    }
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn unknown_routes_are_404_problems() {
     let env = TestEnv::new();
