@@ -857,6 +857,82 @@ async fn a_read_model_of_an_older_layout_is_rebuilt_and_never_misread() {
     side.stop().await;
 }
 
+/// A document query keeps for a device gives way to a rebuild's switch, within the
+/// same 10 s bucket, though none of the device's keys in the old generation changed:
+/// the new generation's figures are served (here one reading fewer, its message
+/// removed from the stream before the rebuild), not the kept ones.
+#[tokio::test]
+async fn a_kept_stats_document_gives_way_to_the_figures_of_a_rebuilt_generation() {
+    let side = ReadSide::start().await;
+    let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
+    let stream = jetstream
+        .get_stream(&env.settings.nats.stream)
+        .await
+        .expect("the stream");
+    // A try whose reads crossed a bucket boundary is made again with another device: a
+    // new bucket makes every kept document stale, and the test would pass without the
+    // switch being noticed.
+    let mut switched_within_a_bucket = false;
+    for attempt in 0..3 {
+        let name = format!("rebuilt-{attempt}");
+        let kept = aged(&name, 2_000, 1.0);
+        let removed = aged(&name, 1_000, 2.0);
+        publish_reading(env, jetstream, &kept).await;
+        let removed_sequence = publish(
+            &env.subjects,
+            jetstream,
+            &event_of(&removed),
+            &removed.event_id.to_string(),
+        )
+        .await;
+        eventually(DEADLINE, "both readings projected", || async {
+            (env.device_stats(&name).await?.sample_count == 2).then_some(())
+        })
+        .await;
+        let into_bucket = now_ms().rem_euclid(10_000);
+        if into_bucket > 2_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(
+                (10_050 - into_bucket) as u64,
+            ))
+            .await;
+        }
+        let bucket = now_ms().div_euclid(10_000);
+        let before = query.first_document(&name, "the device's document").await;
+        assert_eq!(before["sample_count"], 2);
+        assert_eq!(query.stats(&name, "").await.1, before, "the document kept");
+
+        stream
+            .delete_message(removed_sequence)
+            .await
+            .expect("a message removed from the stream");
+        projector::connect_rebuild(&env.settings)
+            .await
+            .expect("rebuild connects")
+            .run(&tokio_util::sync::CancellationToken::new())
+            .await
+            .expect("rebuild succeeds");
+        let after = eventually(
+            PUSHED,
+            "the rebuilt generation's figures served",
+            || async {
+                let (_, stats) = query.stats(&name, "").await;
+                (stats["sample_count"] == 1).then_some(stats)
+            },
+        )
+        .await;
+        assert_eq!(after["metrics"]["temperature"]["last"], 1.0);
+        if now_ms().div_euclid(10_000) == bucket {
+            switched_within_a_bucket = true;
+            break;
+        }
+    }
+    assert!(
+        switched_within_a_bucket,
+        "one of three tries switched within a 10 s bucket"
+    );
+    side.stop().await;
+}
+
 #[tokio::test]
 async fn rebuild_switches_to_a_new_generation_while_events_keep_flowing() {
     let env = TestEnv::new();
