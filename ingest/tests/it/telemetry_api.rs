@@ -659,6 +659,30 @@ async fn database_outage_is_503_with_retry_after_and_writes_nothing_half() {
     ingest.stop().await;
 }
 
+/// The advisory lock a gate waits for (advisory locks are per database, and each test
+/// has its own).
+const GATE_LOCK: i64 = 4242;
+
+/// Closes a gate on `table`: every insert into it waits, inside its statement, for an
+/// advisory lock `db`'s session holds until [`open_gate`].
+async fn close_gate(db: &tokio_postgres::Client, table: &str) {
+    db.batch_execute(&format!(
+        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_advisory_xact_lock_shared({GATE_LOCK}); RETURN NEW; END $$;
+         CREATE TRIGGER gate BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION gate();
+         SELECT pg_advisory_lock({GATE_LOCK});"
+    ))
+    .await
+    .expect("the gate closed");
+}
+
+/// Opens [`close_gate`]'s gate: what waits at it goes on, and later inserts pass.
+async fn open_gate(db: &tokio_postgres::Client) {
+    db.execute("SELECT pg_advisory_unlock($1)", &[&GATE_LOCK])
+        .await
+        .expect("the gate opened");
+}
+
 /// A session that dies in the middle of a commit, its statement having written part of
 /// its rows (the key and the reading, held at a gate before its outbox row), leaves none
 /// of them: the reading, its idempotency record and its outbox event are one
@@ -671,14 +695,7 @@ async fn a_commit_whose_session_dies_half_way_leaves_none_of_its_rows() {
     let ingest = Ingest::spawn(&env.settings).await;
     ingest.accept("k-1", &reading("sensor-1", 1.0)).await;
     let db = env.postgres().await;
-    db.batch_execute(
-        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4243); RETURN NEW; END $$;
-         CREATE TRIGGER gate BEFORE INSERT ON outbox FOR EACH ROW EXECUTE FUNCTION gate();
-         SELECT pg_advisory_lock(4243);",
-    )
-    .await
-    .expect("the gate closed");
+    close_gate(&db, "outbox").await;
 
     let half_reading = reading("sensor-1", 2.0);
     let half = ingest.post("k-2", &half_reading);
@@ -699,9 +716,7 @@ async fn a_commit_whose_session_dies_half_way_leaves_none_of_its_rows() {
         assert_eq!(count(&db, table).await, 1, "only k-1's row in {table}");
     }
 
-    db.batch_execute("DROP TRIGGER gate ON outbox; SELECT pg_advisory_unlock(4243);")
-        .await
-        .expect("the gate removed");
+    open_gate(&db).await;
     let retry = ingest.accept("k-2", &reading("sensor-1", 2.0)).await;
     assert!(
         retry.headers().get("idempotent-replayed").is_none(),
@@ -1224,14 +1239,7 @@ async fn an_aged_retry_of_a_reading_still_committing_waits_for_it_and_gets_its_r
     // A gate the first commit stops at once it has inserted its key: a trigger on
     // `readings` that waits for an advisory lock the test holds.
     let db = env.postgres().await;
-    db.batch_execute(
-        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS
-             $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
-         CREATE TRIGGER gate BEFORE INSERT ON readings FOR EACH ROW EXECUTE FUNCTION gate();
-         SELECT pg_advisory_lock(4242);",
-    )
-    .await
-    .expect("the gate closed");
+    close_gate(&db, "readings").await;
     let recorded_at = two_seconds_ago();
     let stored = json!({"device_id": "sensor-1", "recorded_at": contract::timestamp::format(recorded_at), "metrics": {"temperature": 21.5}});
 
@@ -1262,9 +1270,7 @@ async fn an_aged_retry_of_a_reading_still_committing_waits_for_it_and_gets_its_r
             ),
             () = probe_waits => {}
         }
-        db.execute("SELECT pg_advisory_unlock(4242)", &[])
-            .await
-            .expect("the gate opened");
+        open_gate(&db).await;
         retry.await
     };
     let (first, retry) = tokio::join!(first, retry);
