@@ -144,14 +144,15 @@ where
 
 /// One item of a batch: a reading with its own idempotency key.
 ///
-/// The key is decoded as any JSON value, so that an item without one, or with a key
-/// that is not a string, is refused as the single POST refuses a missing or malformed
-/// header (`missing-idempotency-key`), not as a shape error.
+/// The key is decoded from any JSON value ([`ItemKey`]), so that an item without one, or
+/// with a key that is not a string, is refused as the single POST refuses a missing or
+/// malformed header (`missing-idempotency-key`), not as a shape error.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {
+    /// `None` when missing or `null`.
     #[serde(default)]
-    pub idempotency_key: Option<serde_json::Value>,
+    pub idempotency_key: Option<ItemKey>,
     pub device_id: String,
     #[serde(default)]
     pub recorded_at: Option<String>,
@@ -169,13 +170,77 @@ impl BatchItem {
             metrics: self.metrics,
         };
         let key = match self.idempotency_key {
-            None | Some(serde_json::Value::Null) => Err("is required".to_owned()),
-            Some(serde_json::Value::String(key)) => {
-                check_idempotency_key(key.as_bytes()).map(|()| key)
-            }
-            Some(_) => Err("must be a string".to_owned()),
+            None => Err("is required".to_owned()),
+            Some(ItemKey::Text(key)) => check_idempotency_key(key.as_bytes()).map(|()| key),
+            Some(ItemKey::NotText) => Err("must be a string".to_owned()),
         };
         (key, reading)
+    }
+}
+
+/// A batch item's `idempotency_key` as it arrives: a string, or any other value, which
+/// is read past and dropped, never built (as a [`MetricValue`] that is no number).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemKey {
+    Text(String),
+    NotText,
+}
+
+impl<'de> Deserialize<'de> for ItemKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextOrNot;
+
+        impl<'de> serde::de::Visitor<'de> for TextOrNot {
+            type Value = ItemKey;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("an idempotency key")
+            }
+
+            fn visit_str<E>(self, key: &str) -> Result<ItemKey, E> {
+                Ok(ItemKey::Text(key.to_owned()))
+            }
+
+            fn visit_string<E>(self, key: String) -> Result<ItemKey, E> {
+                Ok(ItemKey::Text(key))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<ItemKey, E> {
+                Ok(ItemKey::NotText)
+            }
+
+            fn visit_i64<E>(self, _: i64) -> Result<ItemKey, E> {
+                Ok(ItemKey::NotText)
+            }
+
+            fn visit_u64<E>(self, _: u64) -> Result<ItemKey, E> {
+                Ok(ItemKey::NotText)
+            }
+
+            fn visit_f64<E>(self, _: f64) -> Result<ItemKey, E> {
+                Ok(ItemKey::NotText)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                items: A,
+            ) -> Result<ItemKey, A::Error> {
+                serde::de::IgnoredAny
+                    .visit_seq(items)
+                    .map(|_| ItemKey::NotText)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                entries: A,
+            ) -> Result<ItemKey, A::Error> {
+                serde::de::IgnoredAny
+                    .visit_map(entries)
+                    .map(|_| ItemKey::NotText)
+            }
+        }
+
+        deserializer.deserialize_any(TextOrNot)
     }
 }
 
@@ -225,21 +290,20 @@ impl<'de> Deserialize<'de> for MetricValue {
 
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
-                mut items: A,
+                items: A,
             ) -> Result<MetricValue, A::Error> {
-                while items.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(MetricValue(None))
+                serde::de::IgnoredAny
+                    .visit_seq(items)
+                    .map(|_| MetricValue(None))
             }
 
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
-                mut entries: A,
+                entries: A,
             ) -> Result<MetricValue, A::Error> {
-                while entries
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(MetricValue(None))
+                serde::de::IgnoredAny
+                    .visit_map(entries)
+                    .map(|_| MetricValue(None))
             }
         }
 
@@ -626,6 +690,40 @@ mod tests {
             serde_json::from_str::<ReadingBody>(r#"{"device_id":"d","metrics":{"t":1e400}}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_batch_items_key_is_a_string_or_refused_whatever_else_it_is() {
+        let key = |written: &str| {
+            let item: BatchItem = serde_json::from_str(&format!(
+                r#"{{{written}"device_id":"d","metrics":{{"t":1}}}}"#
+            ))
+            .expect("well-formed item");
+            item.into_parts().0
+        };
+        assert_eq!(key(r#""idempotency_key":"k-1","#), Ok("k-1".to_owned()));
+        assert_eq!(
+            key(r#""idempotency_key":"k\u002d1","#),
+            Ok("k-1".to_owned())
+        );
+        assert_eq!(key(""), Err("is required".to_owned()));
+        assert_eq!(
+            key(r#""idempotency_key":null,"#),
+            Err("is required".to_owned())
+        );
+        let long = format!(r#""idempotency_key":[{}],"#, vec!["0"; 100_000].join(","));
+        for written in [
+            r#""idempotency_key":5,"#,
+            r#""idempotency_key":true,"#,
+            r#""idempotency_key":{"k":"v"},"#,
+            long.as_str(),
+        ] {
+            assert_eq!(
+                key(written),
+                Err("must be a string".to_owned()),
+                "{written:.40}"
+            );
+        }
     }
 
     #[test]
