@@ -548,6 +548,7 @@ async fn commit_batch(pool: &Pool, mut batch: Vec<Pending>, signal: Option<&Sign
         biased;
         result = written => result,
         () = unanswered_and_given_up => {
+            metrics::histogram!("ingest_commit_seconds").record(started.elapsed().as_secs_f64());
             let idle_closed = pool.retain(|_, _| false).removed.len();
             metrics::counter!("ingest_commits_given_up_total").increment(1);
             tracing::warn!(

@@ -464,7 +464,9 @@ async fn commits_on_connections_a_failover_dropped_silently_give_way_to_fresh_on
     migrate(&env).await;
     let (proxy, settings) = through_a_fault_proxy(&env).await;
     let mut settings = settings;
-    settings.ingest.request_timeout_ms = 1_000;
+    // Time for the warm requests to open their connections on a loaded box; the commit
+    // on a stranded connection is given up 5 s after it began in any case.
+    settings.ingest.request_timeout_ms = 3_000;
     // Commits side by side from one reading on: concurrent requests open several pooled
     // connections.
     settings.ingest.commit_concurrency = 4;
@@ -482,6 +484,21 @@ async fn commits_on_connections_a_failover_dropped_silently_give_way_to_fresh_on
         }
     });
     futures::future::join_all(warm).await;
+    let db = env.postgres().await;
+    let sessions: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'telemetry-pipeline'
+               AND query NOT ILIKE '%notify%'",
+            &[],
+        )
+        .await
+        .expect("sessions")
+        .get(0);
+    assert!(
+        sessions >= 2,
+        "ingest holds pooled connections beside the one the next commit takes: {sessions}"
+    );
 
     proxy.strand_open_links();
     let stranded = posted_reading("sensor-2", 1.0);
@@ -502,7 +519,6 @@ async fn commits_on_connections_a_failover_dropped_silently_give_way_to_fresh_on
         .accept("fresh", &posted_reading("sensor-3", 1.0))
         .await;
     ingest.accept("stranded", &stranded).await;
-    let db = env.postgres().await;
     assert_eq!(
         count(&db, "readings").await,
         count(&db, "idempotency_keys").await,
