@@ -18,11 +18,13 @@ use tokio::sync::watch;
 
 /// One proxied address, `listen` → `upstream`, and every link made through it.
 pub struct FaultProxy {
+    /// Where clients connect instead of `upstream`.
     pub listen: SocketAddr,
     cut: watch::Sender<Cut>,
     /// Numbers the links in the order they were accepted.
     links: Arc<AtomicU64>,
-    /// Bytes read from either side while the link was cut, which waited for the heal.
+    /// Bytes read from either side while partitioned, which wait for the heal (a
+    /// stranded link's are not counted: they never flow).
     held: Arc<AtomicU64>,
 }
 
@@ -42,10 +44,25 @@ impl Cut {
 }
 
 impl FaultProxy {
+    /// Proxies `listen` to `upstream`, every link whole.
     pub async fn start(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the fault proxy on {listen}"))?;
+        Self::start_with(listener, upstream)
+    }
+
+    /// [`Self::start`] on a free loopback port, held from the bind on (no other test can
+    /// take it in between).
+    pub async fn start_on_loopback(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding a free loopback port")?;
+        Self::start_with(listener, upstream)
+    }
+
+    fn start_with(listener: TcpListener, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listen = listener.local_addr().context("the fault proxy's address")?;
         let (cut, watching) = watch::channel(Cut::default());
         let links = Arc::new(AtomicU64::new(0));
         let held = Arc::new(AtomicU64::new(0));
@@ -67,16 +84,6 @@ impl FaultProxy {
             links,
             held,
         })
-    }
-
-    /// [`Self::start`] on a free loopback port.
-    pub async fn start_on_loopback(upstream: SocketAddr) -> anyhow::Result<Self> {
-        let free = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding a free loopback port")?;
-        let listen = free.local_addr().context("the free port's address")?;
-        drop(free);
-        Self::start(listen, upstream).await
     }
 
     /// Cuts every link.
@@ -134,7 +141,7 @@ impl Link {
             tokio::select! {
                 read = inbound_read.read(&mut from_client) => {
                     let Ok(n @ 1..) = read else { return self.closed().await };
-                    self.count_if_cut(n);
+                    self.count_if_partitioned(n);
                     if !self.flows().await
                         || outbound_write.write_all(&from_client[..n]).await.is_err()
                     {
@@ -143,7 +150,7 @@ impl Link {
                 }
                 read = outbound_read.read(&mut from_server) => {
                     let Ok(n @ 1..) = read else { return self.closed().await };
-                    self.count_if_cut(n);
+                    self.count_if_partitioned(n);
                     if !self.flows().await
                         || inbound_write.write_all(&from_server[..n]).await.is_err()
                     {
@@ -159,8 +166,9 @@ impl Link {
         let _ = self.flows().await;
     }
 
-    fn count_if_cut(&self, bytes: usize) {
-        if self.cut.borrow().holds(self.number) {
+    /// Counts `bytes` read while the proxy is partitioned ([`FaultProxy::heal`]'s figure).
+    fn count_if_partitioned(&self, bytes: usize) {
+        if self.cut.borrow().partitioned {
             self.held.fetch_add(bytes as u64, Ordering::Relaxed);
         }
     }
@@ -187,12 +195,10 @@ mod tests {
                 });
             }
         });
-        let free = TcpListener::bind("127.0.0.1:0").await.expect("free port");
-        let listen = free.local_addr().expect("address");
-        drop(free);
-        let proxy = FaultProxy::start(listen, echo_address)
+        let proxy = FaultProxy::start_on_loopback(echo_address)
             .await
             .expect("proxy");
+        let listen = proxy.listen;
         let mut client = TcpStream::connect(listen).await.expect("connect");
         let mut reply = [0u8; 4];
         client.write_all(b"ping").await.expect("write");
