@@ -17,7 +17,7 @@
 --          in a guarded call (guard.lua), the meta hash
 -- ARGV[1]  packed call header, 13 doubles: now, dedup horizon (ms), the 10 s buckets'
 --          width and retention (ms), the 5 min buckets' width and retention (ms), buckets
---          hash expiry (ms), k events, first and last recorded_at (ms), highest stream
+--          hash expiry (ms, from the batch's latest reading on, never shortened), k events, first and last recorded_at (ms), highest stream
 --          sequence, M metrics, B bucket fields
 -- then     k event ids
 -- then     M pairs: device field `m:<metric>`, its packed figures (6 doubles)

@@ -141,7 +141,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dead_letter_arguments_are_read_before_anything_connects() {
+    fn dead_letter_arguments_are_parsed_or_refused_with_what_is_wrong() {
         assert_eq!(
             dead_letter_command(&["list"]),
             Ok(DeadLetterCommand::List { limit: 100 })
