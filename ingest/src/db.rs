@@ -288,7 +288,10 @@ where
 }
 
 /// Runs `statements` on the pooled connection `pooled`, which goes back to the pool once
-/// they have answered.
+/// they have answered, unless they failed: then it is closed, since the failure may be
+/// the connection's own (its backend terminated, its link gone), which the pool, checking
+/// only `is_closed` before it hands a connection out, may not know yet. A retry right
+/// after a terminated backend got that connection and failed again, a second `503`.
 ///
 /// A caller may give up half-way (a timeout, a request whose client hung up), dropping
 /// this future while a statement is still queued on the connection, perhaps waiting on
@@ -298,16 +301,18 @@ where
 /// wait behind the abandoned statement. Instead it leaves the pool, its statement is
 /// cancelled and it is closed, and the pool opens a fresh one when it needs one.
 /// `what` names the statements in the log.
-pub async fn cancel_if_given_up<T>(
+pub async fn cancel_if_given_up<T, E>(
     pooled: deadpool_postgres::Object,
     what: &'static str,
-    statements: impl AsyncFnOnce(&deadpool_postgres::Object) -> T,
-) -> T {
+    statements: impl AsyncFnOnce(&deadpool_postgres::Object) -> Result<T, E>,
+) -> Result<T, E> {
     let mut unanswered = Unanswered { pooled: None, what };
     let client = unanswered.pooled.insert(pooled);
     let answer = statements(client).await;
-    // Answered: the connection is idle again and goes back to the pool.
-    unanswered.pooled = None;
+    // Answered: the connection is idle again, and goes back to the pool if it worked.
+    if let Some(pooled) = unanswered.pooled.take().filter(|_| answer.is_err()) {
+        drop(deadpool_postgres::Object::take(pooled));
+    }
     answer
 }
 
