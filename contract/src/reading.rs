@@ -178,8 +178,78 @@ impl BatchItem {
     }
 }
 
-/// A batch item's `idempotency_key` as it arrives: a string, or any other value, which
-/// is read past and dropped, never built (as a [`MetricValue`] that is no number).
+/// A JSON value as far as a rule needs it: a number, a string, or anything else (`null`,
+/// `true`, an array, an object), which is read past and dropped, never built. Decoded as
+/// a `serde_json::Value`, a metric of `[0,0,0,…]` filling a 1 MiB batch item became a
+/// tree of some 16 MiB before `validate` refused it; a batch item's key the same.
+enum Scalar {
+    Number(f64),
+    Text(String),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ScalarOrOther;
+
+        impl<'de> serde::de::Visitor<'de> for ScalarOrOther {
+            type Value = Scalar;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("any JSON value")
+            }
+
+            fn visit_f64<E>(self, number: f64) -> Result<Scalar, E> {
+                Ok(Scalar::Number(number))
+            }
+
+            // As `serde_json::Value::as_f64` converts them.
+            fn visit_i64<E>(self, number: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Number(number as f64))
+            }
+
+            fn visit_u64<E>(self, number: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Number(number as f64))
+            }
+
+            fn visit_str<E>(self, text: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Text(text.to_owned()))
+            }
+
+            fn visit_string<E>(self, text: String) -> Result<Scalar, E> {
+                Ok(Scalar::Text(text))
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+
+            fn visit_unit<E>(self) -> Result<Scalar, E> {
+                Ok(Scalar::Other)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, items: A) -> Result<Scalar, A::Error> {
+                serde::de::IgnoredAny
+                    .visit_seq(items)
+                    .map(|_| Scalar::Other)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                entries: A,
+            ) -> Result<Scalar, A::Error> {
+                serde::de::IgnoredAny
+                    .visit_map(entries)
+                    .map(|_| Scalar::Other)
+            }
+        }
+
+        deserializer.deserialize_any(ScalarOrOther)
+    }
+}
+
+/// A batch item's `idempotency_key` as it arrives: a string, or any other value, read
+/// past and dropped, never built.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ItemKey {
     Text(String),
@@ -188,126 +258,25 @@ pub enum ItemKey {
 
 impl<'de> Deserialize<'de> for ItemKey {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TextOrNot;
-
-        impl<'de> serde::de::Visitor<'de> for TextOrNot {
-            type Value = ItemKey;
-
-            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-                formatter.write_str("an idempotency key")
-            }
-
-            fn visit_str<E>(self, key: &str) -> Result<ItemKey, E> {
-                Ok(ItemKey::Text(key.to_owned()))
-            }
-
-            fn visit_string<E>(self, key: String) -> Result<ItemKey, E> {
-                Ok(ItemKey::Text(key))
-            }
-
-            fn visit_bool<E>(self, _: bool) -> Result<ItemKey, E> {
-                Ok(ItemKey::NotText)
-            }
-
-            fn visit_i64<E>(self, _: i64) -> Result<ItemKey, E> {
-                Ok(ItemKey::NotText)
-            }
-
-            fn visit_u64<E>(self, _: u64) -> Result<ItemKey, E> {
-                Ok(ItemKey::NotText)
-            }
-
-            fn visit_f64<E>(self, _: f64) -> Result<ItemKey, E> {
-                Ok(ItemKey::NotText)
-            }
-
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                items: A,
-            ) -> Result<ItemKey, A::Error> {
-                serde::de::IgnoredAny
-                    .visit_seq(items)
-                    .map(|_| ItemKey::NotText)
-            }
-
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                entries: A,
-            ) -> Result<ItemKey, A::Error> {
-                serde::de::IgnoredAny
-                    .visit_map(entries)
-                    .map(|_| ItemKey::NotText)
-            }
-        }
-
-        deserializer.deserialize_any(TextOrNot)
+        Ok(match Scalar::deserialize(deserializer)? {
+            Scalar::Text(key) => ItemKey::Text(key),
+            Scalar::Number(_) | Scalar::Other => ItemKey::NotText,
+        })
     }
 }
 
-/// A metric's value as it arrives: the JSON number, or `None` for any other value (a
-/// string, `null`, `true`, an array, an object), which breaks the rule that values are
-/// finite numbers. Any other value is read past and dropped, never built: decoded as a
-/// `serde_json::Value`, a metric of `[0,0,0,…]` filling a 1 MiB batch item became a
-/// tree of some 16 MiB before `validate` refused it.
+/// A metric's value as it arrives: the JSON number, or `None` for any other value, which
+/// breaks the rule that values are finite numbers (read past and dropped, never
+/// built).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MetricValue(pub Option<f64>);
 
 impl<'de> Deserialize<'de> for MetricValue {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct NumberOrNothing;
-
-        impl<'de> serde::de::Visitor<'de> for NumberOrNothing {
-            type Value = MetricValue;
-
-            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-                formatter.write_str("a metric value")
-            }
-
-            fn visit_f64<E>(self, number: f64) -> Result<MetricValue, E> {
-                Ok(MetricValue(Some(number)))
-            }
-
-            // As `serde_json::Value::as_f64` converts them.
-            fn visit_i64<E>(self, number: i64) -> Result<MetricValue, E> {
-                Ok(MetricValue(Some(number as f64)))
-            }
-
-            fn visit_u64<E>(self, number: u64) -> Result<MetricValue, E> {
-                Ok(MetricValue(Some(number as f64)))
-            }
-
-            fn visit_bool<E>(self, _: bool) -> Result<MetricValue, E> {
-                Ok(MetricValue(None))
-            }
-
-            fn visit_str<E>(self, _: &str) -> Result<MetricValue, E> {
-                Ok(MetricValue(None))
-            }
-
-            fn visit_unit<E>(self) -> Result<MetricValue, E> {
-                Ok(MetricValue(None))
-            }
-
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                items: A,
-            ) -> Result<MetricValue, A::Error> {
-                serde::de::IgnoredAny
-                    .visit_seq(items)
-                    .map(|_| MetricValue(None))
-            }
-
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                entries: A,
-            ) -> Result<MetricValue, A::Error> {
-                serde::de::IgnoredAny
-                    .visit_map(entries)
-                    .map(|_| MetricValue(None))
-            }
-        }
-
-        deserializer.deserialize_any(NumberOrNothing)
+        Ok(match Scalar::deserialize(deserializer)? {
+            Scalar::Number(number) => MetricValue(Some(number)),
+            Scalar::Text(_) | Scalar::Other => MetricValue(None),
+        })
     }
 }
 
