@@ -179,6 +179,24 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Asserts that `sent` comes back to `client` within 5 s.
+    async fn assert_echoed(client: &mut TcpStream, sent: &[u8; 4], what: &str) {
+        let mut reply = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut reply))
+            .await
+            .unwrap_or_else(|_| panic!("no echo {what}"))
+            .expect("read");
+        assert_eq!(&reply, sent, "the echo {what}");
+    }
+
+    /// Asserts that no echo reaches `client` within 300 ms (a duration that must pass).
+    async fn assert_nothing_arrives(client: &mut TcpStream, what: &str) {
+        let mut reply = [0u8; 4];
+        let read =
+            tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut reply)).await;
+        assert!(read.is_err(), "nothing arrives {what}");
+    }
+
     #[tokio::test]
     async fn a_partition_holds_bytes_until_it_heals() {
         let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
@@ -200,48 +218,29 @@ mod tests {
             .expect("proxy");
         let listen = proxy.listen;
         let mut client = TcpStream::connect(listen).await.expect("connect");
-        let mut reply = [0u8; 4];
         client.write_all(b"ping").await.expect("write");
-        client
-            .read_exact(&mut reply)
-            .await
-            .expect("echo through the proxy");
-        assert_eq!(&reply, b"ping");
+        assert_echoed(&mut client, b"ping", "through the proxy").await;
 
         proxy.partition();
         client
             .write_all(b"pong")
             .await
             .expect("write while partitioned");
-        let held =
-            tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut reply)).await;
-        assert!(held.is_err(), "nothing crosses a partition");
+        assert_nothing_arrives(&mut client, "across a partition").await;
 
         assert_eq!(proxy.heal(), 4, "the bytes held by the partition");
-        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut reply))
-            .await
-            .expect("bytes flow again after healing")
-            .expect("read");
-        assert_eq!(&reply, b"pong");
+        assert_echoed(&mut client, b"pong", "after healing").await;
 
         proxy.strand_open_links();
         client
             .write_all(b"lost")
             .await
             .expect("write while stranded");
-        let held =
-            tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut reply)).await;
-        assert!(held.is_err(), "nothing crosses a stranded link");
+        assert_nothing_arrives(&mut client, "across a stranded link").await;
         let mut later = TcpStream::connect(listen).await.expect("connect again");
         later.write_all(b"late").await.expect("write");
-        tokio::time::timeout(Duration::from_secs(5), later.read_exact(&mut reply))
-            .await
-            .expect("a link made after the stranding flows")
-            .expect("read");
-        assert_eq!(&reply, b"late");
+        assert_echoed(&mut later, b"late", "on a link made after the stranding").await;
         proxy.heal();
-        let held =
-            tokio::time::timeout(Duration::from_millis(300), client.read_exact(&mut reply)).await;
-        assert!(held.is_err(), "a heal leaves a stranded link cut");
+        assert_nothing_arrives(&mut client, "after a heal, a stranded link staying cut").await;
     }
 }
