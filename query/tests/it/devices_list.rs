@@ -300,16 +300,25 @@ async fn a_page_reads_a_bounded_part_of_an_index_full_of_retired_entries() {
     // A full budget of 808 entries (limit 100) takes Redis about 1 ms (the script and
     // the commands it calls are each counted, so about 2 ms here); reading the whole
     // index (as the last page did before the budget) took 66 ms in 119,000 commands.
+    // Redis's `usec` is time on the clock, so a moment the box takes Redis off the CPU
+    // counts too (a page once took 20.3 ms in 29 commands on a loaded CI box): each
+    // page is read three times (a page is only read, never cached) and its least time
+    // counts, while a whole-index read would cost its tens of ms every time.
     let mut redis = env.redis().await;
     let mut listed = Vec::new();
     let mut cursor: Option<String> = None;
     for page_number in 1.. {
         assert!(page_number <= 1_000, "the walk ends");
-        let (usec_before, commands_before) = redis_work(&mut redis).await;
-        let (status, body) = page(&query, 100, cursor.as_deref()).await;
-        let (usec_after, commands_after) = redis_work(&mut redis).await;
-        assert_eq!(status, 200, "{body}");
-        let (usec, commands) = (usec_after - usec_before, commands_after - commands_before);
+        let (mut usec, mut commands, mut body) = (u64::MAX, 0, Value::Null);
+        for _ in 0..3 {
+            let (usec_before, commands_before) = redis_work(&mut redis).await;
+            let (status, answer) = page(&query, 100, cursor.as_deref()).await;
+            let (usec_after, commands_after) = redis_work(&mut redis).await;
+            assert_eq!(status, 200, "{answer}");
+            usec = usec.min(usec_after - usec_before);
+            commands = commands.max(commands_after - commands_before);
+            body = answer;
+        }
         assert!(
             usec <= 20_000 && commands <= 1_000,
             "page {page_number} cost Redis {usec} µs in {commands} commands"
