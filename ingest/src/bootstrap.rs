@@ -346,7 +346,12 @@ impl Backoff {
     }
 
     pub async fn sleep(&mut self, shutdown: &CancellationToken) {
-        let delay = self.next_delay();
+        Self::sleep_through(self.next_delay(), shutdown).await;
+    }
+
+    /// Waits `delay` (one [`Self::next_delay`] taken to be logged first), or until
+    /// `shutdown`.
+    pub async fn sleep_through(delay: Duration, shutdown: &CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}

@@ -124,11 +124,13 @@ impl Projector {
                     break;
                 }
                 Err(error) => {
+                    let delay = backoff.next_delay();
                     tracing::warn!(
                         error = format!("{error:#}"),
+                        retry_in_ms = delay.as_millis() as u64,
                         "consumer interrupted, reconnecting"
                     );
-                    backoff.sleep(&shutdown).await;
+                    Backoff::sleep_through(delay, &shutdown).await;
                 }
             }
         }
