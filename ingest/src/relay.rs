@@ -903,8 +903,12 @@ impl Relay {
                 );
             }
         }
-        // From the first publish sent to the last PubAck received.
-        metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
+        // From the first publish sent to the last PubAck received: rounds that sent none
+        // (acks remembered from an earlier round, rows held back or past their deadline)
+        // would pull its figures towards 0.
+        if published > 0 {
+            metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
+        }
         // What JetStream did with this round's publishes, whatever becomes of the mark;
         // acks given up on for a stop say nothing.
         if published > 0 && !shutdown.is_cancelled() {

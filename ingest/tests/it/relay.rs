@@ -547,6 +547,13 @@ async fn acked_rows_whose_mark_failed(
         "query LIKE '%UPDATE outbox%' AND wait_event = 'PgSleep'",
     )
     .await;
+    let publish_rounds = || async {
+        testkit::prometheus::scrape(&relay.http, &format!("{}/metrics", relay.base_url))
+            .await
+            .expect("the relay's metrics")
+            .value_or_zero("relay_publish_seconds_count", &[])
+    };
+    let rounds_that_published = publish_rounds().await;
     // The round has its acks and waits in its mark. The stall ends for later rounds
     // (replacing the function takes no lock on the table), and PostgreSQL goes away
     // under the stalled one: its commit fails.
@@ -576,6 +583,11 @@ async fn acked_rows_whose_mark_failed(
         sequences,
         (1..=READINGS as i64).collect::<Vec<_>>(),
         "each row marked with the sequence its first publish got"
+    );
+    assert_eq!(
+        publish_rounds().await,
+        rounds_that_published,
+        "a round that only marked remembered acks is no publish in relay_publish_seconds"
     );
     let status = relay.terminate().await;
     assert_eq!(status.code(), Some(0), "the relay exits 0 after SIGTERM");
