@@ -562,7 +562,7 @@ async fn a_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_and_leav
 async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_still_authenticates()
 {
     let mut env = with_auth(60);
-    env.settings.ingest.request_timeout_ms = 2_000;
+    env.settings.ingest.request_timeout_ms = 6_000;
     let ingest = Ingest::spawn(&env.settings).await;
     let (_, _, authorization) = gateway_token(&env.settings).await;
     let mut blocker = env.postgres().await;
@@ -576,22 +576,23 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
         )
     };
 
-    // The first request runs the token's look-up; the second, a second later, waits on
-    // it. The first gives up at its deadline, while the second has a second left. The
-    // second is sent only once the look-up is seen waiting on the lock, so a slow start
-    // of the first cannot hand the look-up to the second.
+    // The first request runs the token's look-up; the second, 3 s later, waits on it.
+    // The first gives up at its 6 s deadline, while the second has 3 s left (a loaded
+    // box's look-up and commit fit in them; 1 s of 2 s did not always). The second is
+    // sent only once the look-up is seen waiting on the lock, so a slow start of the
+    // first cannot hand the look-up to the second.
     let sent = std::time::Instant::now();
     let first = tokio::spawn(post("k-1"));
     testkit::eventually(
-        Duration::from_millis(1_500),
+        Duration::from_secs(3),
         "the first request's look-up waiting on the lock",
         || async { (testkit::lock_waiters(&watcher, "api_tokens").await > 0).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1).saturating_sub(sent.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(sent.elapsed())).await;
     let second = tokio::spawn(post("k-2"));
     let first = first.await.expect("first request");
-    assert_unavailable_within(first, Duration::from_millis(2_900), "the first").await;
+    assert_unavailable_within(first, Duration::from_secs(8), "the first").await;
     lock.rollback().await.expect("released");
 
     let (second, took) = second.await.expect("second request");

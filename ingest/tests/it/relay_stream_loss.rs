@@ -4,7 +4,7 @@
 //! and a relay paused in the middle of a round.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use contract::settings::{Settings, IDLE_IN_TRANSACTION_MIN_MS};
@@ -549,7 +549,13 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
         ingest,
         db,
     } = on_private_nats(1).await;
-    let relay = spawn_relay(&env.settings);
+    let never = NEVER_MS.to_string();
+    let (relay, log) = ServiceProcess::spawn_logged(
+        env!("CARGO_BIN_EXE_relay"),
+        &env,
+        "PIPELINE__RELAY__ADMIN_LISTEN",
+        &[("PIPELINE__RELAY__STREAM_CHECK_INTERVAL_MS", never.as_str())],
+    );
     wait_until_all_published(&db, 1).await;
 
     // A frozen server reads nothing: the next publish sits in the connection, unacked,
@@ -560,19 +566,29 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
     // The claim is followed at once by the publish; time for its bytes to leave.
     tokio::time::sleep(Duration::from_millis(200)).await;
     nats.restart();
-    // Listening again; the clock leaves out the server's start, slow on a loaded box.
-    let restarted = Instant::now();
-    wait_until_all_published(&db, 2).await;
-    let took = restarted.elapsed();
     // Without the give-up the round waits out the PubAck timeout (5 s from the
-    // publish, some 4 s after the restart) before it publishes the row again.
+    // publish) before it publishes the row again, and says so. The relay's own account
+    // of which ended the wait tells them apart; a time would not, as the server's start
+    // and the client's reconnect delay (each slow on a loaded box) eat into those 5 s.
+    let ended = testkit::process::log_lines_until(
+        &log,
+        Duration::from_secs(15),
+        "the relay's account of how its round's wait for acks ended",
+        |line| {
+            line.contains("while the round awaited its acks")
+                || line.contains("acks still missing at the round's deadline")
+        },
+    )
+    .pop()
+    .expect("the line");
     assert!(
-        took < Duration::from_secs(3),
-        "the lost publish was published again {took:?} after the server listened again"
+        ended.contains("NATS reconnected while the round awaited its acks"),
+        "the round gave its lost publish up on the reconnect, not at its deadline: {ended}"
     );
+    wait_until_all_published(&db, 2).await;
     let jetstream = env.jetstream().await;
     assert_stream_matches_outbox(&db, &jetstream, env.subjects.stream(), 2).await;
-    relay.stop().await;
+    assert!(relay.terminate().await.success());
     ingest.stop().await;
 }
 
@@ -945,10 +961,11 @@ async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_
     post_batches(&ingest, "deadline", 1, BATCH).await;
     wait_until_a_round_holds_every_unpublished_row(&db, "a round holding the first batch").await;
     nats.kill();
-    // Handed back together at the round's deadline, not one ack timeout after another.
+    // Handed back together at the round's deadline, not one ack timeout after another
+    // (50 of 5 s each).
     let http = reqwest::Client::new();
     eventually(
-        Duration::from_secs(8),
+        Duration::from_secs(30),
         "the round handing its 50 rows back at its ack deadline",
         || async { (relay_retries(&http, &relay_admin).await? >= BATCH as f64).then_some(()) },
     )
@@ -963,9 +980,11 @@ async fn a_round_whose_acks_never_come_gives_them_up_at_its_deadline_or_at_once_
     post_batches(&ingest, "stop", 1, BATCH).await;
     wait_until_a_round_holds_every_unpublished_row(&db, "a round holding the second batch").await;
     nats.kill();
+    // The round's deadline is 5 s from its publishes, which went out moments ago: a
+    // stop that waited for it would take some 4 s.
     relay
         .stop_within(
-            Duration::from_secs(2),
+            Duration::from_secs(3),
             "the relay, whose round awaits acks that cannot come before it stops",
         )
         .await;

@@ -160,7 +160,9 @@ async fn a_batch_of_events_applied_before_and_new_ones_applies_only_the_new_ones
 /// first recorded, and the next retry counted them again.
 #[tokio::test]
 async fn events_retried_beside_a_failing_device_past_the_horizon_count_once() {
-    const HORIZON_MS: i64 = 1_000;
+    // 2 s, so that a loaded box's stall between two tries (200 ms apart) does not
+    // outlast the horizon; the retries go on for three of them.
+    const HORIZON_MS: i64 = 2_000;
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
     let model = ReadModel::new(env.settings.redis.prefix.clone(), HORIZON_MS);
@@ -173,7 +175,8 @@ async fn events_retried_beside_a_failing_device_past_the_horizon_count_once() {
     ]);
     // Retried every 200 ms for three horizons, as the projector retries a batch whose
     // pipeline failed (every few seconds, for a horizon of 15 minutes).
-    let retried_until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let retried_until =
+        std::time::Instant::now() + std::time::Duration::from_millis(3 * HORIZON_MS as u64);
     let mut tries = 0;
     while std::time::Instant::now() < retried_until {
         let result = model.apply(&mut redis, &[1], &batch, now_ms()).await;
@@ -204,7 +207,7 @@ async fn events_retried_beside_a_failing_device_past_the_horizon_count_once() {
 /// fast one's write, and a redelivery of an event recorded moments before counted twice.
 #[tokio::test]
 async fn a_projector_whose_clock_runs_ahead_does_not_shorten_the_others_dedup_horizon() {
-    const HORIZON_MS: i64 = 1_000;
+    const HORIZON_MS: i64 = 5_000;
     let env = TestEnv::new();
     let mut redis = connection(&env).await;
     let model = ReadModel::new(env.settings.redis.prefix.clone(), HORIZON_MS);
@@ -219,8 +222,10 @@ async fn a_projector_whose_clock_runs_ahead_does_not_shorten_the_others_dedup_ho
         .await
         .expect("apply");
     // One with the right clock applies the second, then gets it again (a redelivery),
-    // each within the horizon of the one before, and past the horizon of the first.
-    let pause = std::time::Duration::from_millis(HORIZON_MS as u64 * 7 / 10);
+    // each within the horizon of the one before, and past the horizon of the first. The
+    // pauses leave 2 s of a horizon between two applies for a loaded box's stalls (a
+    // stall only lengthens a pause, so the third apply stays past the first's horizon).
+    let pause = std::time::Duration::from_millis(HORIZON_MS as u64 * 6 / 10);
     tokio::time::sleep(pause).await;
     model
         .apply(&mut redis, &[1], &events[1..], now_ms())
