@@ -375,6 +375,50 @@ async fn a_full_wait_queue_slows_the_pull_requests_down_instead_of_looping() {
     projector.stop().await;
 }
 
+/// A durable consumer made beforehand (by an operator, say) with a `max_ack_pending`
+/// below `projector.batch_size` is drained all the same: nats-server 2.9 delivers a
+/// request for more messages up to the limit and the rest as acks free room (early
+/// servers refused such a request with `409 Exceeded MaxAckPending`, which the
+/// projector would send again at once, for ever).
+#[tokio::test]
+async fn a_consumer_made_beforehand_with_a_small_max_ack_pending_is_pulled_in_batches_it_allows() {
+    let mut env = TestEnv::new();
+    env.settings.projector.batch_size = 10;
+    let jetstream = streams(&env).await;
+    let stream = jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists");
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(env.settings.nats.consumer.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(env.settings.projector.ack_wait_secs),
+            max_ack_pending: 4,
+            ..Default::default()
+        })
+        .await
+        .expect("the durable consumer made with max_ack_pending 4");
+    let base = now_ms() - 60_000;
+    let events: Vec<_> = (0..9)
+        .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
+        .collect();
+    for event in &events {
+        publish(&env, &jetstream, event).await;
+    }
+    let projector = Projector::spawn(&env.settings).await;
+    let expected = reference(&events);
+    drained(&env, &jetstream, 9).await;
+    let figures = projected(&env, &expected).await;
+    assert_same_figures(
+        "sensor-1",
+        &figures["sensor-1"],
+        &expected["sensor-1"],
+        Sums::Exact,
+    );
+    projector.stop().await;
+}
+
 /// Publishes an event of a device of its own (`sensor-2`) and waits, at most `within`,
 /// until the read model shows it.
 /// A projector on a NATS of the test's own, idle after applying one event.
