@@ -163,6 +163,10 @@ pub async fn create_dead_letter_stream(
     Ok(())
 }
 
+/// How long the dead-letter stream knows its letters' ids when `nats.max_age_secs` is 0
+/// (no age limit): a week.
+const DEAD_LETTER_IDS_KEPT_WITHOUT_AGE_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// The event stream's settings and the dead-letter stream's, as the relay owns them.
 fn stream_configs(settings: &NatsSettings) -> [stream::Config; 2] {
     let subjects = Subjects::for_stream(&settings.stream);
@@ -182,6 +186,16 @@ fn stream_configs(settings: &NatsSettings) -> [stream::Config; 2] {
             subjects: vec![subjects.dlq_filter()],
             storage: stream::StorageType::File,
             max_age,
+            // A poison message comes back long after its letter was stored (a repair
+            // delivers the last dedup horizon again; a projector killed between the
+            // letter's ack and the termination starts again later): its letter's id
+            // must be known for as long as the letter is kept, or a second letter of it
+            // could be re-driven, and counted, twice. Dead letters are few.
+            duplicate_window: if max_age.is_zero() {
+                DEAD_LETTER_IDS_KEPT_WITHOUT_AGE_LIMIT
+            } else {
+                max_age
+            },
             description: Some(
                 "events the projector could not decode, with the reason in Dlq-Reason".to_owned(),
             ),
@@ -220,8 +234,8 @@ async fn ensure_stream(
 
 /// The stream `current` with the settings the relay owns taken from `wanted`: its
 /// subjects, file storage, limits retention, acks on and not sealed (what every
-/// guarantee rests on), age limit, duplicate window (where `wanted` names one; the
-/// dead-letter stream keeps the server's) and description. No update can change the
+/// guarantee rests on), age limit, duplicate window (where `wanted` names one) and
+/// description. No update can change the
 /// storage, make a work-queue stream (or, before nats-server 2.10, an interest stream)
 /// a limits one, nor unseal a stream: such a stream stays not ready.
 /// Every other setting an operator gave it (replicas, limits in bytes or messages,

@@ -787,8 +787,16 @@ impl Projector {
             }
         }
         match published {
-            Ok(()) => {
-                count_dead_letters(reason.label(), 1);
+            Ok(stored) => {
+                // A copy the stream already held was counted when it was stored.
+                if stored {
+                    count_dead_letters(reason.label(), 1);
+                } else {
+                    tracing::info!(
+                        stream_sequence,
+                        "the dead-letter stream already held this message's letter"
+                    );
+                }
                 if let Err(error) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(%error, stream_sequence, "terminating a dead-lettered message failed");
                 }
@@ -800,17 +808,19 @@ impl Projector {
     }
 
     /// Publishes a dead letter and waits for the DLQ stream's ack.
+    /// Publishes one dead letter; whether the stream stored it anew (not a copy of a
+    /// letter it holds, by its `Nats-Msg-Id`).
     async fn publish_dead_letter(
         &self,
         subject: String,
         headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
-    ) -> Result<(), PublishError> {
+    ) -> Result<bool, PublishError> {
         self.jetstream
             .publish_with_headers(subject, headers, payload)
             .await?
             .await
-            .map(drop)
+            .map(|ack| !ack.duplicate)
     }
 }
 

@@ -10,8 +10,9 @@ use testkit::process::ServiceProcess;
 use testkit::{eventually, TestEnv};
 
 use crate::support::{
-    assert_same_figures, consumer_info, drained, event, live_generation, now_ms, publish,
-    publish_raw, reference, relay_headers, stream_messages, streams, Projector, Sums, CATCH_UP,
+    assert_same_figures, consumer_info, drained, event, live_generation, now_ms, projector_process,
+    publish, publish_raw, reference, relay_headers, stored_message, stream_messages, streams,
+    Projector, Sums, CATCH_UP,
 };
 
 #[tokio::test]
@@ -834,4 +835,81 @@ async fn a_poison_message_is_dead_lettered_after_the_dead_letter_stream_was_remo
     let info = drained(&env, &jetstream, last_sequence).await;
     assert_eq!(info.num_ack_pending, 0, "the poison message was terminated");
     projector.stop().await;
+}
+
+/// A poison message whose letter the DLQ stream already holds (stored by an earlier
+/// dead-lettering whose termination was lost, or before a repair delivered the message
+/// again) is terminated without a second letter, and not counted again: the stream
+/// acknowledges the copy as a duplicate by its id, which it knows for as long as it
+/// keeps letters. It had the server's 2-minute duplicate window, and each dead letter
+/// stored or not counted in `projector_dlq_total`.
+#[tokio::test]
+async fn a_poison_message_whose_letter_the_dlq_already_holds_is_one_letter_counted_once() {
+    let env = TestEnv::new();
+    let jetstream = streams(&env).await;
+    let dlq_stream = env.subjects.dlq_stream();
+    let window = jetstream
+        .get_stream(&dlq_stream)
+        .await
+        .expect("the dead-letter stream")
+        .cached_info()
+        .config
+        .duplicate_window;
+    assert_eq!(
+        window,
+        Duration::from_secs(env.settings.nats.max_age_secs),
+        "the dead-letter stream knows a letter's id as long as it keeps letters"
+    );
+    let poison = publish_raw(
+        &jetstream,
+        env.subjects.recorded("sensor-1"),
+        relay_headers("poison-0"),
+        b"not json at all".to_vec(),
+    )
+    .await;
+    // The letter an earlier dead-lettering of it stored, by the id every attempt gives it.
+    let stored = stored_message(&jetstream, env.subjects.stream(), poison.sequence).await;
+    let mut letter = HeaderMap::new();
+    letter.insert(
+        headers::MSG_ID,
+        format!(
+            "dlq-{}-{}-{}",
+            env.subjects.stream(),
+            poison.sequence,
+            stored.time.unix_timestamp_nanos()
+        )
+        .as_str(),
+    );
+    jetstream
+        .publish_with_headers(
+            env.subjects.dlq(Some("sensor-1")),
+            letter,
+            b"not json at all".to_vec().into(),
+        )
+        .await
+        .expect("published")
+        .await
+        .expect("the earlier letter stored");
+
+    let projector = projector_process(&env, &[]);
+    projector.ready().await;
+    drained(&env, &jetstream, poison.sequence).await;
+    assert_eq!(
+        stream_messages(&jetstream, &dlq_stream).await,
+        1,
+        "one letter of the poison message"
+    );
+    let scrape = projector
+        .metrics_until(
+            Duration::from_secs(5),
+            "the projector's metrics",
+            |scrape| Some(scrape.clone()),
+        )
+        .await;
+    assert_eq!(
+        scrape.value_or_zero("projector_dlq_total", &[("reason", "undecodable")]),
+        0.0,
+        "the letter was counted when it was stored, not again"
+    );
+    assert_eq!(projector.terminate().await.code(), Some(0));
 }
