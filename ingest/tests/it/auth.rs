@@ -438,26 +438,36 @@ async fn look_ups_of_unknown_tokens_leave_the_group_commit_its_connections() {
     let mut blocker = pool.get().await.expect("connection");
     let lock = testkit::lock_table(&mut blocker, "api_tokens").await;
 
+    let answered_503 = std::sync::atomic::AtomicUsize::new(0);
     let flood = futures::future::join_all((0..8).map(|i| {
-        let ingest = &ingest;
+        let (ingest, answered_503) = (&ingest, &answered_503);
         async move {
             let unknown = format!("Bearer tp_{i:064}");
             let key = format!("u-{i}");
-            post_as(ingest, Some(&unknown), &key, &reading("d", 1.0))
+            let status = post_as(ingest, Some(&unknown), &key, &reading("d", 1.0))
                 .await
                 .status()
-                .as_u16()
+                .as_u16();
+            if status == 503 {
+                answered_503.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            status
         }
     }));
     let meanwhile = async {
-        eventually(Duration::from_secs(5), "look-ups waiting", || async {
-            (testkit::lock_waiters(&watcher, "api_tokens").await > 0).then_some(())
-        })
+        // Every one of the eight accounted for: its look-up waiting on the lock, or
+        // turned away with a 503 once it waited past the connect timeout for a turn (a
+        // fixed second could leave a loaded box's last requests still on their way).
+        eventually(
+            Duration::from_secs(10),
+            "each unknown token's look-up waiting on the lock or turned away",
+            || async {
+                let turned = answered_503.load(std::sync::atomic::Ordering::Relaxed) as i64;
+                let waiting = testkit::lock_waiters(&watcher, "api_tokens").await;
+                (turned + waiting >= 8).then_some(())
+            },
+        )
         .await;
-        // Every request has arrived long before this on loopback; each would have taken
-        // a connection for its look-up by now, were it let, and those without a turn
-        // have waited past the connect timeout.
-        tokio::time::sleep(Duration::from_secs(1)).await;
         let waiting = testkit::lock_waiters(&watcher, "api_tokens").await;
         let started = Instant::now();
         let response = post_as(&ingest, Some(&authorization), "k-1", &reading("d", 2.0)).await;

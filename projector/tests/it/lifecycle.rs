@@ -799,15 +799,17 @@ impl ShortHorizon {
             .expect("deleted");
     }
 
-    /// The consumer made again delivered the 10 events published since, nothing older.
+    /// The consumer made again delivered the 10 events published since, nothing older:
+    /// from the start it would have delivered the 10 before them too. (A delivery not
+    /// acked within the 1 s ack wait on a loaded box comes again, and counts here.)
     async fn assert_delivered_the_new_events_only(&self) {
-        assert_eq!(
-            consumer_info(&self.env, &self.jetstream)
-                .await
-                .delivered
-                .consumer_sequence,
-            10,
-            "the consumer made again delivered the new events only"
+        let delivered = consumer_info(&self.env, &self.jetstream)
+            .await
+            .delivered
+            .consumer_sequence;
+        assert!(
+            (10..20).contains(&delivered),
+            "the consumer made again delivered the new events only, not {delivered}"
         );
     }
 }
@@ -885,7 +887,11 @@ fn a_failure_over_a_server_names_it_but_not_its_password() {
 #[tokio::test]
 async fn a_projector_stopped_in_the_middle_of_a_backlog_holds_nothing_back() {
     const EVENTS: i64 = 30_000;
-    let env = TestEnv::new();
+    let mut env = TestEnv::new();
+    // An ack wait of 2 minutes: the rest of the backlog (most of 30,000 events) must
+    // drain within its half, which a loaded box's 15 s did not always leave room for,
+    // while a message held by the stopped projector would wait all of it.
+    env.settings.projector.ack_wait_secs = 120;
     let jetstream = streams(&env).await;
     let base = now_ms() - 60_000;
     let events: Vec<_> = (0..EVENTS)

@@ -80,8 +80,9 @@ async fn a_read_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_wit
                 200,
                 "{path} while a look-up waits"
             );
+            // Held up, it would wait as long as the lock: the client's 10 s.
             assert!(
-                took < Duration::from_secs(2),
+                took < Duration::from_secs(6),
                 "{path} answered after {took:?}"
             );
         }
@@ -90,8 +91,9 @@ async fn a_read_token_look_up_held_up_by_a_lock_ends_at_the_request_deadline_wit
     let response = answer.unwrap_or_else(|error| {
         panic!("the stats GET while api_tokens is locked got no answer within {took:?}: {error}")
     });
+    // At its 1 s deadline, not the client's 10 s (a loaded box adds to the 1 s).
     assert!(
-        (Duration::from_secs(1)..Duration::from_secs(3)).contains(&took),
+        (Duration::from_secs(1)..Duration::from_secs(6)).contains(&took),
         "the stats GET while api_tokens is locked answered after {took:?}, not at its 1 s deadline"
     );
     assert_eq!(

@@ -613,10 +613,18 @@ async fn a_device_whose_buckets_hash_became_a_hash_table_reads_like_the_model() 
 async fn a_kept_stats_document_follows_its_windows_across_bucket_boundaries() {
     let side = ReadSide::start().await;
     let (env, jetstream, query) = (&side.env, &side.jetstream, &side.query);
-    // Leaves the 1m window 1-11 s from now (its bucket is 49-59 s old then).
+    // From just after a 10 s boundary, so that both edges are nearly 10 s ahead: the
+    // readings are applied and each document read thrice before (from anywhere in a
+    // bucket an edge could be 1 s ahead, which a loaded box's reads could outlast).
+    let into_bucket = now_ms().rem_euclid(10_000);
+    tokio::time::sleep(std::time::Duration::from_millis(
+        (10_100 - into_bucket) as u64,
+    ))
+    .await;
+    // Leaves the 1m window at the next boundary (its bucket is 50 s old now).
     let leaving = aged("edge-leaving", 49_000, 1.0);
     let leaves_at_ms = (leaving.recorded_at_ms.div_euclid(10_000) + 6) * 10_000;
-    // Dated 12 s ahead: enters the 1m window at the start of its bucket.
+    // Dated 12 s ahead: enters the 1m window at the start of its bucket, the next one.
     let entering = aged("edge-entering", -12_000, 2.0);
     let enters_at_ms = entering.recorded_at_ms.div_euclid(10_000) * 10_000;
     for reading in [&leaving, &entering] {
@@ -683,6 +691,10 @@ async fn devices_polled_while_their_readings_arrive_show_every_reading_soon() {
                 let applied_at = applied_at.clone();
                 tokio::spawn(async move {
                     loop {
+                        // Late is a stale answer to a request sent PUSHED after the
+                        // readings were in Redis: one sent before, answered late by a
+                        // loaded box, says nothing of what the query kept.
+                        let sent = std::time::Instant::now();
                         let response = http
                             .get(format!("{url}/v1/devices/{device}/stats"))
                             .send()
@@ -694,7 +706,10 @@ async fn devices_polled_while_their_readings_arrive_show_every_reading_soon() {
                                 return None;
                             }
                         }
-                        if applied_at.get().is_some_and(|at| at.elapsed() > PUSHED) {
+                        if applied_at
+                            .get()
+                            .is_some_and(|at| sent.saturating_duration_since(*at) > PUSHED)
+                        {
                             return Some(device);
                         }
                         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
