@@ -1570,6 +1570,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_dead_letter_stream_knows_letter_ids_as_long_as_it_keeps_letters() {
+        let nats = |max_age_secs| NatsSettings {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            stream: "TELEMETRY".to_owned(),
+            consumer: "projector".to_owned(),
+            max_age_secs,
+            duplicate_window_secs: 120,
+        };
+        let windows = |max_age_secs| {
+            let [events, letters] = stream_configs(&nats(max_age_secs));
+            (events.duplicate_window, letters.duplicate_window)
+        };
+        assert_eq!(
+            windows(604_800),
+            (Duration::from_secs(120), Duration::from_secs(604_800))
+        );
+        assert_eq!(
+            windows(0),
+            (
+                Duration::from_secs(120),
+                DEAD_LETTER_IDS_KEPT_WITHOUT_AGE_LIMIT
+            ),
+            "no age limit: a week"
+        );
+    }
+
+    #[test]
     fn a_relay_checks_the_stream_on_its_first_connection_and_after_every_reconnect() {
         let mut unverified = StreamUnverified::default();
         assert_eq!(unverified.due(1), Some(vec![]), "the first connection");

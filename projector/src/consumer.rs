@@ -787,16 +787,11 @@ impl Projector {
             }
         }
         match published {
-            Ok(stored) => {
-                // A copy the stream already held was counted when it was stored.
-                if stored {
-                    count_dead_letters(reason.label(), 1);
-                } else {
-                    tracing::info!(
-                        stream_sequence,
-                        "the dead-letter stream already held this message's letter"
-                    );
-                }
+            Ok(()) => {
+                // Also when the stream acknowledged a copy of a letter it took before (a
+                // termination lost, or a PubAck: that attempt counted nothing), so that an
+                // alert on the counter sees every poison message.
+                count_dead_letters(reason.label(), 1);
                 if let Err(error) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(%error, stream_sequence, "terminating a dead-lettered message failed");
                 }
@@ -808,19 +803,17 @@ impl Projector {
     }
 
     /// Publishes a dead letter and waits for the DLQ stream's ack.
-    /// Publishes one dead letter; whether the stream stored it anew (not a copy of a
-    /// letter it holds, by its `Nats-Msg-Id`).
     async fn publish_dead_letter(
         &self,
         subject: String,
         headers: async_nats::HeaderMap,
         payload: bytes::Bytes,
-    ) -> Result<bool, PublishError> {
+    ) -> Result<(), PublishError> {
         self.jetstream
             .publish_with_headers(subject, headers, payload)
             .await?
             .await
-            .map(|ack| !ack.duplicate)
+            .map(drop)
     }
 }
 
