@@ -573,7 +573,8 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
     let ended = testkit::process::log_lines_until(
         &log,
         Duration::from_secs(15),
-        "the relay's account of how its round's wait for acks ended",
+        "the relay's account of how its round's wait for acks ended (no line: the \
+         acks timed out, 5 s after the publish, before NATS was back)",
         |line| {
             line.contains("while the round awaited its acks")
                 || line.contains("acks still missing at the round's deadline")

@@ -375,11 +375,12 @@ async fn a_full_wait_queue_slows_the_pull_requests_down_instead_of_looping() {
     projector.stop().await;
 }
 
-/// A durable consumer made beforehand (by an operator, say) with a `max_ack_pending`
-/// below `projector.batch_size` is drained all the same: nats-server 2.9 delivers a
-/// request for more messages up to the limit and the rest as acks free room (early
-/// servers refused such a request with `409 Exceeded MaxAckPending`, which the
-/// projector would send again at once, for ever).
+/// A smoke test of a setup an operator may make: a durable consumer made beforehand with
+/// a `max_ack_pending` below `projector.batch_size` is drained all the same, as
+/// nats-server 2.9 delivers a request for more messages up to the limit and the rest as
+/// acks free room. (Early servers refused such a request with `409 Exceeded
+/// MaxAckPending`, which the projector would send again at once, for ever; no server
+/// this project runs on does.)
 #[tokio::test]
 async fn a_consumer_made_beforehand_with_a_small_max_ack_pending_is_pulled_in_batches_it_allows() {
     let mut env = TestEnv::new();
@@ -878,7 +879,7 @@ fn a_failure_over_a_server_names_it_but_not_its_password() {
 /// API.md §7: SIGTERM finishes or hands back what is in flight. A projector stopped in
 /// the middle of a backlog leaves nothing held for the ack wait: what it fetched but
 /// had not applied is handed back, so a projector started at once goes on without
-/// waiting out the 30 s ack wait, and every event counts once.
+/// waiting out the ack wait (120 s here), and every event counts once.
 ///
 /// It failed while the projector read async-nats's `messages()` stream, which keeps up
 /// to one and a half batches requested: what it had fetched was dropped with it, and
