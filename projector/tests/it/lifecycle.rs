@@ -280,6 +280,31 @@ async fn a_consumer_gone_without_a_word_to_the_pull_requests_is_made_again() {
     projector.stop().await;
 }
 
+/// Makes the test's durable consumer beforehand, as an operator may, with
+/// `max_ack_pending` and `max_waiting` (0: the server's default) and the ack wait the
+/// projector will keep.
+async fn consumer_made_beforehand(
+    env: &TestEnv,
+    jetstream: &async_nats::jetstream::Context,
+    max_ack_pending: i64,
+    max_waiting: i64,
+) {
+    jetstream
+        .get_stream(env.subjects.stream())
+        .await
+        .expect("stream exists")
+        .create_consumer(pull::Config {
+            durable_name: Some(env.settings.nats.consumer.clone()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(env.settings.projector.ack_wait_secs),
+            max_ack_pending,
+            max_waiting,
+            ..Default::default()
+        })
+        .await
+        .expect("the durable consumer made beforehand");
+}
+
 /// A consumer whose wait queue holds one pull request (made by an operator with
 /// `nats consumer add --max-waiting 1`; the default 512 fills up the same way with
 /// hundreds of projectors) refuses a second request with `409 Exceeded MaxWaiting`
@@ -297,22 +322,8 @@ async fn a_full_wait_queue_slows_the_pull_requests_down_instead_of_looping() {
     let mut env = TestEnv::new();
     env.settings.projector.batch_size = 10;
     let jetstream = streams(&env).await;
-    let stream = jetstream
-        .get_stream(env.subjects.stream())
-        .await
-        .expect("stream exists");
+    consumer_made_beforehand(&env, &jetstream, 20_000, 1).await;
     let consumer = env.settings.nats.consumer.clone();
-    stream
-        .create_consumer(pull::Config {
-            durable_name: Some(consumer.clone()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(env.settings.projector.ack_wait_secs),
-            max_ack_pending: 20_000,
-            max_waiting: 1,
-            ..Default::default()
-        })
-        .await
-        .expect("the durable consumer made with a wait queue of one");
     // Every pull request is a message on this subject, which any client may read.
     let client = jetstream.client();
     let mut requests = client
@@ -386,20 +397,7 @@ async fn a_consumer_made_beforehand_with_a_small_max_ack_pending_is_pulled_in_ba
     let mut env = TestEnv::new();
     env.settings.projector.batch_size = 10;
     let jetstream = streams(&env).await;
-    let stream = jetstream
-        .get_stream(env.subjects.stream())
-        .await
-        .expect("stream exists");
-    stream
-        .create_consumer(pull::Config {
-            durable_name: Some(env.settings.nats.consumer.clone()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(env.settings.projector.ack_wait_secs),
-            max_ack_pending: 4,
-            ..Default::default()
-        })
-        .await
-        .expect("the durable consumer made with max_ack_pending 4");
+    consumer_made_beforehand(&env, &jetstream, 4, 0).await;
     let base = now_ms() - 60_000;
     let events: Vec<_> = (0..9)
         .map(|index| event("sensor-1", base + index, &[("temperature", index as f64)]))
