@@ -832,6 +832,15 @@ pub fn decode(
         .and_then(|headers| headers.get(headers::EVENT_VERSION))
         .map(|value| value.as_str());
     let event = TelemetryRecorded::decode(&message.payload, version)?;
+    // `<root>.recorded.<device>`, three tokens: a stream name (the root) and a device id
+    // have no dot. One of more (`telemetry.recorded.a.b`, hand-published) would be
+    // counted for its last token's device, under whose subject it is not.
+    if message.subject.split('.').count() != 3 {
+        return Err(DecodeError::Invalid(format!(
+            "a subject of more tokens than <stream>.recorded.<device_id>: {}",
+            message.subject.chars().take(96).collect::<String>()
+        )));
+    }
     let subject_device = device_token(message.subject.as_str());
     if subject_device != event.device_id {
         return Err(DecodeError::Invalid(format!(

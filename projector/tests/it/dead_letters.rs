@@ -108,6 +108,14 @@ async fn poison_messages_go_to_the_dlq_with_their_reason_and_the_next_event_is_s
             "invalid",
         ),
         (
+            // Its device's subject with a token before it: under no device's subject.
+            misfiled.to_json(),
+            env.subjects.recorded("sensor-3.sensor-2"),
+            relay_headers("misfiled-deeper"),
+            env.subjects.dlq(Some("sensor-2")),
+            "invalid",
+        ),
+        (
             overfull.to_json(),
             env.subjects.recorded("sensor-2"),
             relay_headers("overfull"),
