@@ -52,11 +52,17 @@ impl Subjects {
     }
 }
 
-/// The device a recorded or dead-letter subject names: its last token
-/// (`telemetry.recorded.sensor-0042` → `sensor-0042`). Device ids hold no `.`, so the
-/// last token is the whole id; what it holds is not checked here.
-pub fn device_token(subject: &str) -> &str {
-    subject.rsplit('.').next().unwrap_or(subject)
+/// The device a recorded or dead-letter subject names: the last of its three tokens
+/// (`telemetry.recorded.sensor-0042` → `sensor-0042`). A stream name and a device id
+/// hold no `.`, so a subject of any other number of tokens names no device: `None`
+/// (`telemetry.recorded.a.b`, published by hand, would otherwise pass for device `b`'s).
+/// What the token holds is not checked here.
+pub fn device_token(subject: &str) -> Option<&str> {
+    let mut tokens = subject.split('.');
+    match (tokens.next(), tokens.next(), tokens.next(), tokens.next()) {
+        (Some(_), Some(_), Some(device), None) => Some(device),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -68,10 +74,15 @@ mod tests {
         let subjects = Subjects::for_stream("TELEMETRY");
         assert_eq!(
             device_token(&subjects.recorded("sensor-0042")),
-            "sensor-0042"
+            Some("sensor-0042")
         );
-        assert_eq!(device_token(&subjects.dlq(Some("sensor-7"))), "sensor-7");
-        assert_eq!(device_token(&subjects.dlq(None)), "unknown");
+        assert_eq!(
+            device_token(&subjects.dlq(Some("sensor-7"))),
+            Some("sensor-7")
+        );
+        assert_eq!(device_token(&subjects.dlq(None)), Some("unknown"));
+        assert_eq!(device_token("telemetry.recorded.a.b"), None);
+        assert_eq!(device_token("telemetry.recorded"), None);
     }
 
     #[test]

@@ -832,22 +832,21 @@ pub fn decode(
         .and_then(|headers| headers.get(headers::EVENT_VERSION))
         .map(|value| value.as_str());
     let event = TelemetryRecorded::decode(&message.payload, version)?;
-    // `<root>.recorded.<device>`, three tokens: a stream name (the root) and a device id
-    // have no dot. One of more (`telemetry.recorded.a.b`, hand-published) would be
-    // counted for its last token's device, under whose subject it is not.
-    if message.subject.split('.').count() != 3 {
-        return Err(DecodeError::Invalid(format!(
-            "a subject of more tokens than <stream>.recorded.<device_id>: {}",
-            message.subject.chars().take(96).collect::<String>()
-        )));
-    }
-    let subject_device = device_token(message.subject.as_str());
-    if subject_device != event.device_id {
-        return Err(DecodeError::Invalid(format!(
-            "device_id {} under the subject of device {}",
-            event.device_id,
-            subject_device.chars().take(64).collect::<String>()
-        )));
+    match device_token(message.subject.as_str()) {
+        Some(device) if device == event.device_id => {}
+        Some(device) => {
+            return Err(DecodeError::Invalid(format!(
+                "device_id {} under the subject of device {}",
+                event.device_id,
+                device.chars().take(64).collect::<String>()
+            )))
+        }
+        None => {
+            return Err(DecodeError::Invalid(format!(
+                "a subject of more tokens than <stream>.recorded.<device_id>: {}",
+                message.subject.chars().take(96).collect::<String>()
+            )))
+        }
     }
     event.check_lead(stored_at)?;
     Ok(event)
@@ -862,7 +861,7 @@ fn device_hint(payload: &[u8], subject: &str) -> Option<String> {
     serde_json::from_slice::<WithDevice>(payload)
         .ok()
         .map(|with_device| with_device.device_id)
-        .or_else(|| Some(device_token(subject).to_owned()))
+        .or_else(|| device_token(subject).map(str::to_owned))
         .filter(|device_id| check_device_id(device_id).is_ok())
 }
 

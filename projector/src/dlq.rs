@@ -265,13 +265,14 @@ pub async fn redrive(
             headers::DLQ_STREAM_SEQUENCE
         );
     }
-    let device_id = device_token(&message.subject);
-    if device_id == "unknown" {
+    let Some(device_id) =
+        device_token(&message.subject).filter(|device_id| *device_id != "unknown")
+    else {
         bail!(
             "dead letter {sequence} names no device ({}); it cannot be re-driven",
             message.subject
         );
-    }
+    };
     let mut republished = async_nats::HeaderMap::new();
     for (name, values) in message.headers.iter() {
         let name = name.to_string();
