@@ -294,3 +294,33 @@ pub fn log_lines_until(
         }
     }
 }
+
+/// [`log_lines_until`]'s last line: the one `done` accepted.
+pub fn log_line_until(
+    log: &std::sync::mpsc::Receiver<String>,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let mut lines = log_lines_until(log, within, what, done);
+    lines.pop().unwrap_or_default()
+}
+
+/// [`log_line_until`] in a JSON log (`PIPELINE__LOG__FORMAT=json`): the entry of the
+/// first line whose `message` contains `message`.
+pub fn log_entry_until(
+    log: &std::sync::mpsc::Receiver<String>,
+    within: Duration,
+    what: &str,
+    message: &str,
+) -> serde_json::Value {
+    let line = log_line_until(log, within, what, |line| line.contains(message));
+    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    assert!(
+        entry["message"]
+            .as_str()
+            .is_some_and(|logged| logged.contains(message)),
+        "{what}: {entry}"
+    );
+    entry
+}

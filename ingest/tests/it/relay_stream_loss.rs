@@ -570,7 +570,7 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
     // publish) before it publishes the row again, and says so. The relay's own account
     // of which ended the wait tells them apart; a time would not, as the server's start
     // and the client's reconnect delay (each slow on a loaded box) eat into those 5 s.
-    let ended = testkit::process::log_lines_until(
+    let ended = testkit::process::log_line_until(
         &log,
         Duration::from_secs(15),
         "the relay's account of how its round's wait for acks ended (no line: the \
@@ -579,9 +579,7 @@ async fn a_publish_lost_with_its_connection_is_published_again_soon_after_the_re
             line.contains("while the round awaited its acks")
                 || line.contains("acks still missing at the round's deadline")
         },
-    )
-    .pop()
-    .expect("the line");
+    );
     assert!(
         ended.contains("NATS reconnected while the round awaited its acks"),
         "the round gave its lost publish up on the reconnect, not at its deadline: {ended}"

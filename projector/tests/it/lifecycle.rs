@@ -179,15 +179,12 @@ async fn a_projector_that_consumed_for_a_while_comes_back_at_once_when_its_consu
     // ends. A deletion that comes just as a pull reaches the server leaves it
     // unanswered: it is sent again after 2 s, and refused; the session ends then.
     let next_delay_ms = || {
-        let line = testkit::process::log_lines_until(
+        let entry = testkit::process::log_entry_until(
             &log,
             Duration::from_secs(30),
             "the projector's account of the session the deletion ended",
-            |line| line.contains("consumer interrupted, reconnecting"),
-        )
-        .pop()
-        .expect("the line");
-        let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            "consumer interrupted, reconnecting",
+        );
         entry["retry_in_ms"]
             .as_u64()
             .unwrap_or_else(|| panic!("a retry_in_ms in {entry}"))
