@@ -629,15 +629,12 @@ async fn a_dead_lettered_message_is_one_json_log_line_naming_its_event_id() {
         b"not json at all".to_vec(),
     )
     .await;
-    let line = testkit::process::log_lines_until(
+    let entry = testkit::process::log_entry_until(
         &log,
         Duration::from_secs(15),
         "the projector logged the dead letter",
-        |line| line.contains("dead-lettering message"),
-    )
-    .pop()
-    .expect("the dead letter's line");
-    let entry: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        "dead-lettering message",
+    );
     assert_eq!(entry["level"], "WARN", "{entry}");
     assert_eq!(entry["event_id"], "poison-event-1", "{entry}");
     assert_eq!(entry["stream_sequence"], poison.sequence, "{entry}");
@@ -729,18 +726,28 @@ async fn sensor_1_counted(
     .await
 }
 
-/// Publishes `count` messages that are not JSON under sensor-1's subject, with message
-/// ids `poison-0`, `poison-1`, ...
-async fn publish_poison(env: &TestEnv, jetstream: &async_nats::jetstream::Context, count: usize) {
+/// The payload of [`publish_poison`]'s messages.
+const POISON_PAYLOAD: &[u8] = b"not json at all";
+
+/// Publishes `count` messages that are not JSON ([`POISON_PAYLOAD`]) under sensor-1's
+/// subject, with message ids `poison-0`, `poison-1`, ...; their stream sequences.
+async fn publish_poison(
+    env: &TestEnv,
+    jetstream: &async_nats::jetstream::Context,
+    count: usize,
+) -> Vec<u64> {
+    let mut sequences = Vec::with_capacity(count);
     for index in 0..count {
-        publish_raw(
+        let ack = publish_raw(
             jetstream,
             env.subjects.recorded("sensor-1"),
             relay_headers(&format!("poison-{index}")),
-            b"not json at all".to_vec(),
+            POISON_PAYLOAD.to_vec(),
         )
         .await;
+        sequences.push(ack.sequence);
     }
+    sequences
 }
 
 /// Makes the dead-letter stream silent: it is gone, and a listener on its subjects takes
@@ -875,31 +882,20 @@ async fn a_poison_message_whose_letter_the_dlq_already_holds_is_not_dead_lettere
         Duration::from_secs(env.settings.nats.max_age_secs),
         "the dead-letter stream knows a letter's id as long as it keeps letters"
     );
-    let payload = b"not json at all".to_vec();
-    let poison = publish_raw(
-        &jetstream,
-        env.subjects.recorded("sensor-1"),
-        relay_headers("poison-0"),
-        payload.clone(),
-    )
-    .await;
+    let poison = publish_poison(&env, &jetstream, 1).await[0];
     // The letter an earlier dead-lettering of it stored, with the id every attempt
     // gives it.
-    let stored = stored_message(&jetstream, env.subjects.stream(), poison.sequence).await;
+    let stored = stored_message(&jetstream, env.subjects.stream(), poison).await;
     let reason = projector::dlq::Reason::Decode(contract::event::DecodeError::Undecodable(
         "an earlier attempt".to_owned(),
     ));
-    let letter = projector::dlq::DeadLetterCopy::new(
-        env.subjects.stream(),
-        poison.sequence,
-        stored.time,
-        &reason,
-    );
+    let letter =
+        projector::dlq::DeadLetterCopy::new(env.subjects.stream(), poison, stored.time, &reason);
     jetstream
         .publish_with_headers(
             env.subjects.dlq(Some("sensor-1")),
             letter.full(None),
-            payload.into(),
+            POISON_PAYLOAD.to_vec().into(),
         )
         .await
         .expect("published")
@@ -919,7 +915,7 @@ async fn a_poison_message_whose_letter_the_dlq_already_holds_is_not_dead_lettere
             },
         )
         .await;
-    drained(&env, &jetstream, poison.sequence).await;
+    drained(&env, &jetstream, poison).await;
     assert_eq!(
         stream_messages(&jetstream, &dlq_stream).await,
         1,
