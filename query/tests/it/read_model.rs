@@ -369,6 +369,18 @@ async fn a_copy_in_the_same_batch_as_its_original_still_moves_as_of_seq() {
     projector.stop().await;
 }
 
+/// Returns at once when now is at most `latest_ms` into its 10 s bucket, else just after
+/// the next boundary (50 ms into the next bucket).
+async fn early_in_a_bucket(latest_ms: i64) {
+    let into_bucket = now_ms().rem_euclid(10_000);
+    if into_bucket > latest_ms {
+        tokio::time::sleep(std::time::Duration::from_millis(
+            (10_050 - into_bucket) as u64,
+        ))
+        .await;
+    }
+}
+
 /// One reading of `value` at `age_ms` before now for `device`.
 fn aged(device: &str, age_ms: i64, value: f64) -> ModelReading {
     ModelReading {
@@ -529,13 +541,7 @@ async fn a_cached_stats_document_follows_every_change_of_the_device_even_a_dupli
         // Message ids of this try's own: JetStream drops a repeated one within its
         // duplicate window, and the retry's reading would never arrive.
         publish(&env.subjects, jetstream, &event, &format!("{name}-first")).await;
-        let into_bucket = now_ms().rem_euclid(10_000);
-        if into_bucket > 4_000 {
-            tokio::time::sleep(std::time::Duration::from_millis(
-                (10_050 - into_bucket) as u64,
-            ))
-            .await;
-        }
+        early_in_a_bucket(4_000).await;
         let first = query.first_document(&name, "the reading visible").await;
         let bucket = now_ms().div_euclid(10_000);
         assert_eq!(
@@ -616,11 +622,7 @@ async fn a_kept_stats_document_follows_its_windows_across_bucket_boundaries() {
     // From just after a 10 s boundary, so that both edges are nearly 10 s ahead: the
     // readings are applied and each document read thrice before (from anywhere in a
     // bucket an edge could be 1 s ahead, which a loaded box's reads could outlast).
-    let into_bucket = now_ms().rem_euclid(10_000);
-    tokio::time::sleep(std::time::Duration::from_millis(
-        (10_100 - into_bucket) as u64,
-    ))
-    .await;
+    early_in_a_bucket(100).await;
     // Leaves the 1m window at the next boundary (its bucket is 50 s old now).
     let leaving = aged("edge-leaving", 49_000, 1.0);
     let leaves_at_ms = (leaving.recorded_at_ms.div_euclid(10_000) + 6) * 10_000;
@@ -904,13 +906,7 @@ async fn a_kept_stats_document_gives_way_to_the_figures_of_a_rebuilt_generation(
             (env.device_stats(&name).await?.sample_count == 2).then_some(())
         })
         .await;
-        let into_bucket = now_ms().rem_euclid(10_000);
-        if into_bucket > 2_000 {
-            tokio::time::sleep(std::time::Duration::from_millis(
-                (10_050 - into_bucket) as u64,
-            ))
-            .await;
-        }
+        early_in_a_bucket(2_000).await;
         let bucket = now_ms().div_euclid(10_000);
         let before = query.first_document(&name, "the device's document").await;
         assert_eq!(before["sample_count"], 2);
