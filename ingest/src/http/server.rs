@@ -9,7 +9,13 @@
 //!
 //! It also serves at most `max_connections` connections at once: at the cap it stops
 //! accepting, and new connections wait in the kernel's listen backlog (their handshake
-//! completes there, so a client only sees a slower answer) until one closes. Each open
+//! completes there, so a client only sees a slower answer) until one closes. A
+//! connection waiting for a slot takes the place of the open connection idle longest,
+//! if one has had no request in flight and sent no byte for [`IDLE_RECLAIMED`] (kept
+//! alive between requests, or opened and silent), as nginx closes idle keep-alive
+//! connections when it runs out: one for each connection waiting, none while nobody
+//! waits. Until 2026-12-07 an idle connection held its slot until the header deadline,
+//! so 1,024 clients that each sent a request every 9 s kept every device out. Each open
 //! connection holds about 17 KiB (hyper's read buffer, the request in flight, the task),
 //! and an open-loop client does not slow down when the server does: in a 1 s database
 //! stall at 3,600 readings/s one ran ingest up to 2,048 connections and 60 MiB
@@ -19,10 +25,10 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -33,7 +39,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -152,34 +158,199 @@ pub async fn serve_counted(
         open,
         shutdown: shutdown.clone(),
         stopping: Arc::new(AtomicBool::new(false)),
+        registry: Arc::default(),
     };
+    // The connection accepted and waiting for a slot when the shutdown came.
+    let mut waiting = None;
     loop {
-        // A free slot first: at the cap, new connections wait in the listen backlog.
-        let slot = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => slot,
-        };
-        // The semaphore is never closed.
-        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        match accepted {
-            Ok((stream, _)) => served.spawn(&connections, stream, Some(slot)),
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
             Err(error) => {
                 // Out of file descriptors and the like: pause rather than spin.
                 tracing::warn!(%error, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-        }
+        };
+        // At the cap this one waits for a slot, and the next ones in the listen backlog.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => {
+                waiting = Some(stream);
+                break;
+            }
+            slot = free_slot(&slots, &served.registry) => slot,
+        };
+        // The semaphore is never closed.
+        let Ok(slot) = slot else { break };
+        served.spawn(&connections, stream, Some(slot));
     }
     served.stopping.store(true, Ordering::Relaxed);
-    for stream in backlog(listener, limits.max_connections) {
+    for stream in waiting
+        .into_iter()
+        .chain(backlog(listener, limits.max_connections))
+    {
         served.spawn(&connections, stream, None);
     }
     connections.close();
     connections.wait().await;
+}
+
+/// How long a connection must have had no request in flight, and sent nothing, to give
+/// its place up to one waiting at the cap. Not at once: a client that just got its
+/// answer may be sending its next request, which a close would meet.
+pub const IDLE_RECLAIMED: Duration = Duration::from_secs(1);
+
+/// How often a connection waiting at the cap looks again for one idle long enough.
+const RECLAIM_RETRY: Duration = Duration::from_millis(250);
+
+/// A slot for a connection accepted. At the cap, closes the open connection idle
+/// longest ([`Registry::reclaim_one`]), looking again every [`RECLAIM_RETRY`] until a
+/// slot frees.
+async fn free_slot(
+    slots: &Arc<Semaphore>,
+    registry: &Registry,
+) -> Result<OwnedSemaphorePermit, AcquireError> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Ok(slot);
+    }
+    loop {
+        registry.reclaim_one();
+        tokio::select! {
+            slot = slots.clone().acquire_owned() => return slot,
+            () = tokio::time::sleep(RECLAIM_RETRY) => {}
+        }
+    }
+}
+
+/// The open connections of a listener, each with its [`Activity`] and the sender that
+/// tells it to close: touched when a connection opens or ends and at the cap, never
+/// per request.
+#[derive(Debug, Default)]
+struct Registry {
+    open: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    next_id: u64,
+    connections: std::collections::HashMap<u64, Registered>,
+}
+
+#[derive(Debug)]
+struct Registered {
+    activity: Arc<Activity>,
+    /// Taken when the connection is told to close.
+    close: Option<oneshot::Sender<()>>,
+}
+
+impl Registry {
+    /// Registers a connection; it stays registered until the guard is dropped.
+    fn register(
+        self: &Arc<Self>,
+        activity: Arc<Activity>,
+        close: oneshot::Sender<()>,
+    ) -> Option<RegisteredGuard> {
+        let mut open = self.open.lock().ok()?;
+        let id = open.next_id;
+        open.next_id += 1;
+        let close = Some(close);
+        open.connections.insert(id, Registered { activity, close });
+        Some(RegisteredGuard {
+            registry: self.clone(),
+            id,
+        })
+    }
+
+    /// Tells the connection idle longest, if one is [`Activity::reclaimable`], to close.
+    fn reclaim_one(&self) {
+        let Ok(mut open) = self.open.lock() else {
+            return;
+        };
+        let now_ms = Activity::now_ms();
+        let idlest = open
+            .connections
+            .values_mut()
+            .filter(|registered| {
+                registered.close.is_some() && registered.activity.reclaimable(now_ms)
+            })
+            .min_by_key(|registered| registered.activity.idle_since_ms.load(Ordering::Relaxed));
+        if let Some(close) = idlest.and_then(|registered| registered.close.take()) {
+            let _ = close.send(());
+        }
+    }
+}
+
+/// Removes its connection from the [`Registry`] when dropped.
+#[derive(Debug)]
+struct RegisteredGuard {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for RegisteredGuard {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.registry.open.lock() {
+            open.connections.remove(&self.id);
+        }
+    }
+}
+
+/// Whether a connection has a request in flight or bytes of one coming, and since when
+/// it has had neither. Only its own task writes it.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Bytes arrived since the last answer (or since the connection was accepted): the
+    /// next request's head on its way.
+    read_since_answer: AtomicBool,
+    /// When the last request in flight got its answer (or the connection was accepted),
+    /// in ms since [`Activity::epoch`].
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            read_since_answer: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(Self::now_ms()),
+        }
+    }
+
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    fn now_ms() -> u64 {
+        u64::try_from(Self::epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn request(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn answered(&self) {
+        self.idle_since_ms.store(Self::now_ms(), Ordering::Relaxed);
+        self.read_since_answer.store(false, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn read(&self) {
+        self.read_since_answer.store(true, Ordering::Relaxed);
+    }
+
+    /// No request in flight, none coming, for [`IDLE_RECLAIMED`] or more at `now_ms`.
+    fn reclaimable(&self, now_ms: u64) -> bool {
+        let idle_since = self.idle_since_ms.load(Ordering::Relaxed);
+        self.in_flight.load(Ordering::Relaxed) == 0
+            && !self.read_since_answer.load(Ordering::Relaxed)
+            && now_ms.saturating_sub(idle_since) >= IDLE_RECLAIMED.as_millis() as u64
+    }
 }
 
 /// Takes the connections waiting in `listener`'s backlog, then closes it. They are
@@ -240,6 +411,8 @@ struct Served {
     /// own because asking the token locks a mutex all connections share, at every answer
     /// (~85k a second on /stats); the flag is one load.
     stopping: Arc<AtomicBool>,
+    /// The open connections, for the reclaim at the cap ([`free_slot`]).
+    registry: Arc<Registry>,
 }
 
 impl Served {
@@ -254,16 +427,20 @@ impl Served {
         // as the connection.
         let seen = self.open.as_ref().map(|open| Arc::new(open.connection()));
         let stopping = self.stopping.clone();
+        let activity = Arc::new(Activity::new());
+        let (requested, answered) = (activity.clone(), activity.clone());
         let service = TowerToHyperService::new(
             self.router
                 .clone()
                 .map_request(move |request: Request<Incoming>| {
+                    requested.request();
                     if let Some(seen) = &seen {
                         seen.saw(request.uri().path());
                     }
                     request.map(Body::new)
                 })
                 .map_response(move |mut response: axum::response::Response| {
+                    answered.answered();
                     if stopping.load(Ordering::Relaxed) {
                         response.headers_mut().insert(
                             axum::http::header::CONNECTION,
@@ -274,15 +451,18 @@ impl Served {
                 }),
         );
         let shutdown = self.shutdown.clone();
+        let (close, mut reclaimed) = oneshot::channel();
+        let registered = self.registry.register(activity.clone(), close);
         let limits = self.limits;
         connections.spawn(async move {
+            let _registered = registered;
             let _slot = slot;
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(limits.max_header_bytes.max(8192));
-            let stream = WriteStall::new(stream, limits.header_read_timeout);
+            let stream = WriteStall::new(stream, limits.header_read_timeout, activity);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let ended = tokio::select! {
@@ -295,6 +475,8 @@ impl Served {
                     shutdown.cancelled().await;
                     tokio::time::sleep(SHUTDOWN_LINGER).await;
                 } => None,
+                // Idle longest at the cap: closed at once (no request to finish).
+                Ok(()) = &mut reclaimed => None,
             };
             let result = match ended {
                 Some(result) => result,
@@ -319,19 +501,23 @@ impl Served {
 /// wait for that answer forever. A write that stays pending for `limit` now fails, and
 /// hyper closes the connection. A client that reads, however slowly, makes progress and
 /// is not cut.
+///
+/// It also notes, in the connection's [`Activity`], that bytes arrived.
 struct WriteStall {
     stream: tokio::net::TcpStream,
     limit: Duration,
     /// Armed when a write first found the socket full; dropped at the next progress.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    activity: Arc<Activity>,
 }
 
 impl WriteStall {
-    fn new(stream: tokio::net::TcpStream, limit: Duration) -> Self {
+    fn new(stream: tokio::net::TcpStream, limit: Duration, activity: Arc<Activity>) -> Self {
         Self {
             stream,
             limit,
             stalled: None,
+            activity,
         }
     }
 
@@ -367,7 +553,13 @@ impl AsyncRead for WriteStall {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.read();
+        }
+        read
     }
 }
 

@@ -1038,15 +1038,19 @@ async fn slow_or_idle_clients_are_disconnected_and_huge_headers_refused() {
 }
 
 /// `http.max_connections`: at the cap a listener stops accepting; a further client's
-/// request waits (in the listen backlog, not refused) and is answered as soon as one of
-/// the open connections closes. (Raw connections only: a pooling client would hold a
-/// slot of its own.)
+/// request waits (in the listen backlog, not refused) while every open connection has a
+/// request in flight, and is answered as soon as one closes. A connection idle for
+/// `IDLE_RECLAIMED` (kept alive after its answer) is closed to make room: until
+/// 2026-12-07 it held its slot until the header deadline (here 30 s). (Raw connections
+/// only: a pooling client would hold a slot of its own.)
 #[tokio::test]
-async fn connections_over_the_cap_wait_until_one_closes() {
+async fn connections_over_the_cap_wait_for_a_busy_one_and_take_an_idle_ones_place() {
+    use ingest::http::server::IDLE_RECLAIMED;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut env = TestEnv::new();
     env.settings.http.max_connections = 2;
     env.settings.http.header_read_timeout_ms = 30_000;
+    env.settings.ingest.request_timeout_ms = 30_000;
     // The listener the binary makes: its backlog is the cap too.
     let listener = loopback_listener(&env.settings.http);
     let address = listener.local_addr().expect("local addr");
@@ -1068,42 +1072,95 @@ async fn connections_over_the_cap_wait_until_one_closes() {
         answer.starts_with(b"HTTP/1.1 200").then_some(())
     })
     .await;
-    // Two connections that have been answered once and stay open: the cap is reached.
-    let mut open = Vec::new();
-    for _ in 0..2 {
+    // A connection busy with a request whose body has not all come.
+    let busy = || async {
         let mut stream = connect().await;
+        let head = "POST /v1/telemetry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nIdempotency-Key: k-1\r\nContent-Length: 100\r\n\r\n{";
+        stream.write_all(head.as_bytes()).await.expect("write");
         stream
-            .write_all(ask("keep-alive").as_bytes())
+    };
+    let served_within = |mut stream: tokio::net::TcpStream, limit: Duration| async move {
+        let mut answer = Vec::new();
+        tokio::time::timeout(limit, stream.read_to_end(&mut answer))
             .await
-            .expect("write");
-        let mut answer = [0u8; 12];
-        stream.read_exact(&mut answer).await.expect("answered");
-        assert_eq!(&answer, b"HTTP/1.1 200");
-        open.push(stream);
-    }
+            .ok()
+            .map(|read| {
+                read.expect("read");
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+    };
+
+    let mut open = vec![busy().await, busy().await];
     let mut third = connect().await;
     third
         .write_all(ask("close").as_bytes())
         .await
         .expect("write");
     let mut answer = Vec::new();
-    let waited =
-        tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
+    let waited = tokio::time::timeout(
+        IDLE_RECLAIMED + Duration::from_secs(1),
+        third.read_to_end(&mut answer),
+    )
+    .await;
     assert!(
         waited.is_err() && answer.is_empty(),
-        "not served while two connections are open"
+        "not served while two connections are busy"
     );
     drop(open.pop());
-    tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut answer))
+    let answer = served_within(third, Duration::from_secs(5))
         .await
-        .expect("served once a connection closed")
+        .expect("served once a connection closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // One busy connection and one idle after its answer: the cap again. While nobody
+    // waits, the idle one keeps its place however long it idles.
+    let mut idle = connect().await;
+    let keep_alive = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    idle.write_all(keep_alive.as_bytes()).await.expect("write");
+    let mut status = [0u8; 12];
+    idle.read_exact(&mut status).await.expect("answered");
+    assert_eq!(&status, b"HTTP/1.1 200");
+    tokio::time::sleep(IDLE_RECLAIMED * 2).await;
+    // The rest of the first answer, then the second's status line.
+    idle.write_all(keep_alive.as_bytes()).await.expect("write");
+    let mut answers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !String::from_utf8_lossy(&answers).contains("HTTP/1.1 200") {
+            let mut chunk = [0u8; 512];
+            let read = idle.read(&mut chunk).await.expect("read");
+            assert!(
+                read > 0,
+                "an idle connection keeps its place while nobody waits"
+            );
+            answers.extend_from_slice(&chunk[..read]);
+        }
+    })
+    .await
+    .expect("the idle connection's second request answered");
+    let mut fourth = connect().await;
+    fourth
+        .write_all(ask("close").as_bytes())
+        .await
+        .expect("write");
+    let answer = served_within(fourth, Duration::from_secs(5))
+        .await
+        .expect("served in the place of the idle connection, not after the header deadline");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection was closed")
         .expect("read");
+    // The busy one is still open: its request goes on.
+    let mut still_busy = open.pop().expect("the busy connection");
+    let mut byte = [0u8; 1];
     assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
+        tokio::time::timeout(Duration::from_millis(200), still_busy.read(&mut byte))
+            .await
+            .is_err(),
+        "the busy connection was not closed"
     );
-    drop(open);
+    drop(still_busy);
     service.stop().await;
 }
 
