@@ -137,7 +137,7 @@ async fn handle(
     // Before the commit, so that a 503 of this look-up still means that nothing of the
     // batch was stored.
     let mut aged_shares = Vec::new();
-    for (index, result) in answer_aged(state, grant, aged, &mut aged_shares).await? {
+    for (index, result) in answer_aged(state, aged, &mut aged_shares).await? {
         results[index] = Some(result);
     }
     // From here the commit queue's room bounds what waits (`limits::BodyBudget`).
@@ -221,15 +221,14 @@ struct Aged {
 
 /// The results of the items that are invalid only for their age, by index: `duplicate`
 /// with the earlier `event_id` for the retry of a reading its device and key hold,
-/// `rejected` for the others, as a single POST answers them: only the items of devices
-/// the token may post are looked up, each after taking its share of its device's rate
-/// limit, whatever the look-up finds (one over the limit is `rate-limited` and not
+/// `rejected` for the others, as a single POST answers them (the token may post their
+/// devices: [`prepare`] checked): each is looked up after taking its share of its
+/// device's rate limit, whatever the look-up finds (one over the limit is `rate-limited` and not
 /// looked up; until 2026-12-07 only a duplicate found took a share). One look-up for
 /// all of them, none when there are none. The shares join `admitted`, to be spent once
 /// the batch has its answer.
 async fn answer_aged<'a>(
     state: &'a AppState,
-    grant: Option<&Grant>,
     aged: Vec<(usize, Aged)>,
     admitted: &mut Vec<Admitted<'a>>,
 ) -> Result<Vec<(usize, ItemResult)>, ApiError> {
@@ -240,11 +239,7 @@ async fn answer_aged<'a>(
     let mut results = Vec::with_capacity(aged.len());
     let mut looked_up = Vec::with_capacity(aged.len());
     for (index, item) in aged {
-        if !may_post(grant, &item.reading.device_id) {
-            results.push((index, rejected(index, item)));
-            continue;
-        }
-        match admit(state, grant, &item.reading.device_id) {
+        match admit(state, &item.reading.device_id) {
             Ok(share) => looked_up.push((index, item, share)),
             Err(error) => results.push((
                 index,
@@ -293,6 +288,7 @@ fn prepare<'a>(
             vec![FieldError::new("idempotency_key", message)],
         )
     })?;
+    may_post(grant, &body.device_id)?;
     let reading = match body.validate(received_at, state.time_bounds) {
         Ok(reading) => reading,
         Err(mut invalid) => match invalid.aged.take() {
@@ -306,7 +302,7 @@ fn prepare<'a>(
             None => return Err(invalid_reading(invalid)),
         },
     };
-    let share = admit(state, grant, &reading.device_id)?;
+    let share = admit(state, &reading.device_id)?;
     Ok(Prepared::Valid(
         NewReading::new(reading, key, received_at),
         share,

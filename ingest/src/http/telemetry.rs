@@ -43,14 +43,13 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
             read_body(body, headers, state.max_body_bytes, &state.body_budget).await?;
         let body: ReadingBody = from_json_object(&bytes).map_err(ApiError::InvalidJson)?;
         drop(bytes);
+        may_post(grant.as_ref(), &body.device_id)?;
         let received_at = OffsetDateTime::now_utc();
         let reading = match body.validate(received_at, state.time_bounds) {
             Ok(reading) => reading,
-            Err(invalid) => {
-                return replay_of_aged(state, grant.as_ref(), invalid, &idempotency_key).await
-            }
+            Err(invalid) => return replay_of_aged(state, invalid, &idempotency_key).await,
         };
-        let admitted = admit(state, grant.as_ref(), &reading.device_id)?;
+        let admitted = admit(state, &reading.device_id)?;
         // From here the commit queue's room bounds what waits (`limits::BodyBudget`).
         drop(held);
         let outcome = state
@@ -68,25 +67,20 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
 /// The answer to a reading that is not valid: the `422`, unless only its age is wrong
 /// and it is the retry of a reading stored under this device and key while it was young
 /// (its `202` lost on the way, say); that retry gets the stored answer as any replay
-/// does. Only a token that may post the device has what is stored looked up: any other
-/// gets the `422`, whatever is stored, so that its answer tells nothing of another
-/// device's readings. The look-up is a read of the database, so it takes a share of
-/// the device's rate limit first, whatever it finds (a `503` gives it back): until
-/// 2026-12-07 only a replay found did, and a device sending old readings under new
-/// keys had every one looked up, without limit, on the pool the token checks share.
+/// does. The token may post the device ([`may_post`] came first). The look-up is a read
+/// of the database, so it takes a share of the device's rate limit first, whatever it
+/// finds (a `503` gives it back): until 2026-12-07 only a replay found did, and a
+/// device sending old readings under new keys had every one looked up, without limit,
+/// on the pool the token checks share.
 async fn replay_of_aged(
     state: &AppState,
-    grant: Option<&Grant>,
     mut invalid: Invalid,
     idempotency_key: &str,
 ) -> Result<Outcome, ApiError> {
     let Some(reading) = invalid.aged.take() else {
         return Err(ApiError::InvalidReading(invalid));
     };
-    if !may_post(grant, &reading.device_id) {
-        return Err(ApiError::InvalidReading(invalid));
-    }
-    let admitted = admit(state, grant, &reading.device_id)?;
+    let admitted = admit(state, &reading.device_id)?;
     let replays = state
         .store
         .replays_of_aged(&[(&reading, idempotency_key)])
@@ -100,18 +94,11 @@ async fn replay_of_aged(
         .ok_or(ApiError::InvalidReading(invalid))
 }
 
-/// Whether this request may post a reading of `device_id` now: its token allows that
-/// device (`403` otherwise) and the device is within its rate limit (`429` otherwise).
-/// The batch asks the same of each item. The share of the limit taken goes back unless
-/// it is spent once the request has its answer: a `503` costs the device nothing.
-pub(super) fn admit<'a>(
-    state: &'a AppState,
-    grant: Option<&Grant>,
-    device_id: &str,
-) -> Result<Admitted<'a>, ApiError> {
-    if !may_post(grant, device_id) {
-        return Err(ApiError::Forbidden);
-    }
+/// Whether a reading of `device_id`, which the token may post ([`may_post`]), may be
+/// posted now: the device is within its rate limit (`429` otherwise). The batch asks
+/// the same of each item. The share of the limit taken goes back unless it is spent
+/// once the request has its answer: a `503` costs the device nothing.
+pub(super) fn admit<'a>(state: &'a AppState, device_id: &str) -> Result<Admitted<'a>, ApiError> {
     state
         .limiter
         .admit(device_id)
@@ -140,9 +127,17 @@ pub(super) fn may_post_some(grant: Option<&Grant>) -> Result<(), ApiError> {
 }
 
 /// Whether the request's token (if authentication is on) allows posting readings of
-/// `device_id`.
-pub(super) fn may_post(grant: Option<&Grant>, device_id: &str) -> bool {
-    grant.is_none_or(|grant| grant.may_ingest(device_id))
+/// `device_id`: a `403` otherwise, as soon as the `device_id` is read, before the
+/// reading's rules are checked (API.md §5: a device token "may post only that device's
+/// readings: otherwise `403`"). Until 2026-12-07 the rules came first, so a device
+/// token's broken reading of another device got the `422` listing them (a batch item
+/// `rejected` as `invalid-reading`), and one only too old a `422` as well.
+pub(super) fn may_post(grant: Option<&Grant>, device_id: &str) -> Result<(), ApiError> {
+    if grant.is_none_or(|grant| grant.may_ingest(device_id)) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
+    }
 }
 
 /// Runs a request's `work` within `ingest.request_timeout_ms`, from its first step (the

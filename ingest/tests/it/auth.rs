@@ -167,6 +167,11 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
     let existing = assert_problem(existing, 403, "forbidden").await;
     let missing = assert_problem(missing, 403, "forbidden").await;
     assert_eq!(existing, missing);
+    // Another device's reading is a 403 before the reading's rules are checked: a broken
+    // one is not answered with the 422 listing them.
+    let broken = json!({"device_id": "sensor-2", "recorded_at": "2000-01-01T00:00:00Z", "metrics": {"Bad name": 1}});
+    let broken = post_as(&ingest, Some(&device), "k-3", &broken).await;
+    assert_eq!(assert_problem(broken, 403, "forbidden").await, existing);
 
     let read = format!("Bearer {read_token}");
     assert_problem(
@@ -191,10 +196,12 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
         }
     }
 
-    // A batch with a device token: the other device's item alone is rejected.
+    // A batch with a device token: the other device's items alone are rejected, as
+    // forbidden whether or not they are valid readings.
     let batch = json!({"readings": [
         {"idempotency_key": "b-1", "device_id": "sensor-1", "metrics": {"t": 1}},
         {"idempotency_key": "b-2", "device_id": "sensor-2", "metrics": {"t": 1}},
+        {"idempotency_key": "b-3", "device_id": "sensor-2", "metrics": {}},
     ]});
     let answer: Value = send_as(
         &ingest,
@@ -208,8 +215,13 @@ async fn every_credential_case_of_api_section_5_is_answered_as_documented() {
     .await
     .expect("json");
     assert_eq!(answer["results"][0]["status"], "accepted");
-    assert_eq!(answer["results"][1]["status"], "rejected");
-    assert_eq!(answer["results"][1]["error"]["type"], "forbidden");
+    for other in [1, 2] {
+        assert_eq!(answer["results"][other]["status"], "rejected", "{answer}");
+        assert_eq!(
+            answer["results"][other]["error"]["type"], "forbidden",
+            "{answer}"
+        );
+    }
     assert_unauthorized(ingest.post_batch(&batch).await).await;
     // A read token may post no device: the batch as a whole is refused, as its single
     // POST is, and nothing of it is stored.
@@ -616,7 +628,7 @@ async fn a_request_waiting_on_a_look_up_given_up_at_another_requests_deadline_st
 
 /// API.md §5 holds for a retry whose `recorded_at` aged past the limit since its reading
 /// was stored: it gets the stored answer only with a token that may post its device, as
-/// any replay; another device's token gets the age rule's `422`, whatever is stored.
+/// any replay; another device's token gets the `403`, whatever is stored.
 #[tokio::test]
 async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device() {
     let mut env = with_auth(0);
@@ -641,12 +653,13 @@ async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device()
     crate::telemetry_api::wait_until_aged(recorded_at).await;
     // A token for another device learns nothing of what sensor-1 stored: its stored
     // reading under its key and the same reading under a key never used get the same
-    // answer, the age rule's 422 (they used to get a 403 and a 422), single and batched.
+    // answer, single and batched: the 403 (once a 403 and a 422, then the age rule's 422
+    // for both, until 2026-12-07).
     let stored_key = post_as(&ingest, Some(&other), "k-1", &stored).await;
-    let stored_key = assert_problem(stored_key, 422, "invalid-reading").await;
+    let stored_key = assert_problem(stored_key, 403, "forbidden").await;
     let unused_key = post_as(&ingest, Some(&other), "k-2", &stored).await;
-    let unused_key = assert_problem(unused_key, 422, "invalid-reading").await;
-    assert_eq!(stored_key["errors"], unused_key["errors"]);
+    let unused_key = assert_problem(unused_key, 403, "forbidden").await;
+    assert_eq!(stored_key, unused_key);
     let item = |key: &str| {
         let mut item = stored.clone();
         item["idempotency_key"] = json!(key);
@@ -667,9 +680,9 @@ async fn an_aged_retry_gets_its_stored_answer_only_with_a_token_for_its_device()
     assert_eq!(results.len(), 2);
     for result in results {
         assert_eq!(result["status"], "rejected", "{batched}");
-        assert_eq!(result["error"]["type"], "invalid-reading", "{batched}");
+        assert_eq!(result["error"]["type"], "forbidden", "{batched}");
     }
-    assert_eq!(results[0]["error"]["errors"], results[1]["error"]["errors"]);
+    assert_eq!(results[0]["error"], results[1]["error"]);
 
     let retry = post_as(&ingest, Some(&own), "k-1", &stored).await;
     assert_eq!(retry.status().as_u16(), 202);
