@@ -32,9 +32,16 @@ pub enum ItemResult {
     Rejected { index: usize, error: ItemError },
 }
 
+/// Broken rules an item's `errors` lists at most; its `detail` counts them all.
+pub const ITEM_ERRORS_LISTED: usize = 4;
+
 /// Why an item was not accepted: the problem type's slug (`invalid-reading`, as API.md
 /// §2 writes it, not the URI a problem document's `type` is), a detail, the first
-/// field concerned, and every broken rule.
+/// field concerned, and the first [`ITEM_ERRORS_LISTED`] broken rules. A single POST's
+/// `422` lists up to 32 bad metrics and more; an item as many would make a batch's
+/// answer about thirteen times its body (1,000 items of 33 bad names, 313 KB, were
+/// answered with 4.1 MB, held until the client took it), where a single POST's
+/// answer stays under 8 KiB. Until 2026-12-07 an item listed them all.
 #[derive(Debug, Serialize)]
 pub struct ItemError {
     #[serde(rename = "type")]
@@ -50,20 +57,24 @@ pub struct ItemError {
 impl From<ApiError> for ItemError {
     fn from(error: ApiError) -> Self {
         let problem = error.problem();
-        Self {
-            slug: problem.slug().to_owned(),
-            detail: problem.detail,
-            field: problem.errors.first().map(|error| error.field.clone()),
-            errors: problem.errors,
-        }
+        let slug = problem.slug().to_owned();
+        Self::of(&slug, problem.detail, problem.errors)
     }
 }
 
 impl ItemError {
     fn new(kind: ProblemKind, detail: impl Into<String>, errors: Vec<FieldError>) -> Self {
+        Self::of(kind.slug(), detail.into(), errors)
+    }
+
+    fn of(slug: &str, detail: String, mut errors: Vec<FieldError>) -> Self {
+        if errors.len() > ITEM_ERRORS_LISTED {
+            errors.truncate(ITEM_ERRORS_LISTED);
+            errors.shrink_to_fit();
+        }
         Self {
-            slug: kind.slug().to_owned(),
-            detail: detail.into(),
+            slug: slug.to_owned(),
+            detail,
             field: errors.first().map(|error| error.field.clone()),
             errors,
         }

@@ -251,6 +251,43 @@ async fn batch_retried_whole_is_all_duplicates_and_changes_nothing() {
     ingest.stop().await;
 }
 
+/// An item lists at most `ITEM_ERRORS_LISTED` broken rules and its detail counts them
+/// all, so a batch of items that each break many rules is not answered with many times
+/// its body (a single POST's 422 lists them all, under 8 KiB).
+#[tokio::test]
+async fn a_batch_of_items_breaking_many_rules_gets_an_answer_near_its_size() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let bad_names: serde_json::Map<String, Value> = (0..33)
+        .map(|index| (format!("Q{index}"), json!(1)))
+        .collect();
+    let readings: Vec<Value> = (0..1000)
+        .map(|index| json!({"idempotency_key": format!("k-{index}"), "device_id": "gw-1", "metrics": bad_names}))
+        .collect();
+    let body = json!({ "readings": readings }).to_string();
+    let response = ingest.post_batch_text(body.clone()).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let answer = response.text().await.expect("answer");
+    assert!(
+        answer.len() < 2 * body.len(),
+        "an answer of {} bytes to a body of {}",
+        answer.len(),
+        body.len()
+    );
+    let answer: Value = serde_json::from_str(&answer).expect("json");
+    assert_counts(&answer, [0, 0, 0, 1000]);
+    let first = &answer["results"][0]["error"];
+    assert_eq!(first["type"], "invalid-reading", "{first}");
+    assert_eq!(first["detail"], "34 rules broken", "{first}");
+    assert_eq!(
+        first["errors"].as_array().map(Vec::len),
+        Some(ingest::http::batch::ITEM_ERRORS_LISTED),
+        "{first}"
+    );
+    assert_eq!(count(&env.postgres().await, "readings").await, 0);
+    ingest.stop().await;
+}
+
 #[tokio::test]
 async fn batch_limits_are_enforced_as_problems() {
     let env = TestEnv::new();
