@@ -453,7 +453,7 @@ impl ReadModel {
             })
         };
         let assumed = self.last_generation.load(Ordering::Relaxed);
-        let ticket = self
+        let mut ticket = self
             .tracked
             .as_ref()
             .and_then(|tracked| tracked.begin(device_id));
@@ -476,7 +476,19 @@ impl ReadModel {
         };
         let mut redis = self.redis.clone();
         let (generation, replies) =
-            read_with_meta(&mut redis, &read_in(assumed, ticket.is_some())).await?;
+            match read_with_meta(&mut redis, &read_in(assumed, ticket.is_some())).await {
+                // Refused for good with tracking: if the same read goes through without
+                // it, `CLIENT TRACKING` was what the ACL refused (see `tracking`).
+                Err(error) if ticket.is_some() && error.is_lasting() => {
+                    let untracked = read_with_meta(&mut redis, &read_in(assumed, false)).await?;
+                    if let Some(tracked) = &self.tracked {
+                        tracked.refuse(&error);
+                    }
+                    ticket = None;
+                    untracked
+                }
+                read => read?,
+            };
         if generation == assumed {
             let value: T = redis::from_redis_value(redis::Value::Array(replies))?;
             let validity = validity_of(generation, &value);

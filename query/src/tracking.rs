@@ -23,8 +23,16 @@
 //! read in, the bucket every rendered document is tied to anyway: at each boundary
 //! the device is read again, so nothing can stay stale longer than that, whatever
 //! happens to a push.
+//!
+//! Tracking is an optimisation, never a condition of a read: a Redis user whose ACL
+//! leaves out `CLIENT` (a read-only user made of `+@read`, say) refuses every read that
+//! turns tracking on. The first such read is made again without it, and if that goes
+//! through, tracking is given up for the life of the process ([`TrackedReads::refuse`]):
+//! every read then goes to Redis, as with tracking off. Until 2026-12-07 such a user got
+//! a `500` for every `/stats` and `/series`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use contract::read_model::{meta_key, DeviceKeys};
@@ -41,6 +49,8 @@ pub struct TrackedReads {
     /// The meta hash's key: its change (a rebuild's switch) ends every kept read.
     meta_key: String,
     state: Mutex<State>,
+    /// Redis refused `CLIENT TRACKING` ([`TrackedReads::refuse`]): nothing is kept.
+    refused: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +86,7 @@ impl TrackedReads {
             prefix: prefix.to_owned(),
             meta_key: meta_key(prefix),
             state: Mutex::default(),
+            refused: AtomicBool::new(false),
         }
     }
 
@@ -93,8 +104,12 @@ impl TrackedReads {
         }
     }
 
-    /// Marks the device as being read; call before the read is sent.
+    /// Marks the device as being read; call before the read is sent. `None`: read
+    /// without tracking (Redis refused it, or the lock is poisoned).
     pub fn begin(&self, device_id: &str) -> Option<Ticket> {
+        if self.refused.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut state = self.state.lock().ok()?;
         if state.devices.len() >= TRACKED_MAX && !state.devices.contains_key(device_id) {
             state.devices.clear();
@@ -175,6 +190,19 @@ impl TrackedReads {
         if let Ok(mut state) = self.state.lock() {
             state.devices.remove(device_id);
         }
+    }
+
+    /// Gives tracking up for good: Redis refused a read that turned it on (`error`) and
+    /// took the same read without. Logged once, as a warning: every read then costs a
+    /// round trip, and the Redis user wants `+client|tracking` to save them.
+    pub fn refuse(&self, error: &impl std::fmt::Display) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                error = %error,
+                "redis refused client tracking, reading without it"
+            );
+        }
+        self.forget_all();
     }
 
     /// Forgets every kept read and every read in flight.
@@ -316,5 +344,20 @@ mod tests {
         read(&tracked, b"h1");
         assert_eq!(tracked.len(), 1);
         assert_eq!(lookup(&tracked, BUCKET), Some((1, Some(b"h1".to_vec()))));
+    }
+
+    #[test]
+    fn once_refused_nothing_is_kept_or_read_with_tracking() {
+        let tracked = TrackedReads::new(PREFIX);
+        read(&tracked, b"h1");
+        let in_flight = tracked.begin("e").expect("lock");
+        tracked.refuse(&"NOPERM");
+        assert_eq!(lookup(&tracked, BUCKET), None);
+        tracked.finish(in_flight, 1, None, BUCKET);
+        assert!(tracked.is_empty());
+        assert!(
+            tracked.begin("d").is_none(),
+            "a read after the refusal is untracked"
+        );
     }
 }

@@ -8,7 +8,10 @@ use query::http::devices::{LIST_LIMIT_MAX, SELECTED_METRICS_MAX};
 use testkit::process::{failed_run, free_port, the_only_line};
 use testkit::{eventually, RedisUser, TestEnv};
 
-use crate::support::{assert_problem, ensure_streams, spawn_projector, Ingest, Query, DEADLINE};
+use crate::support::{
+    apply_reading, assert_problem, ensure_streams, one_projected_reading, spawn_projector, Ingest,
+    Query, DEADLINE,
+};
 
 #[tokio::test]
 async fn unknown_devices_malformed_requests_and_unknown_routes_are_problems() {
@@ -269,6 +272,32 @@ fn a_start_refused_over_the_redis_url_names_it_but_not_its_password() {
         "{line}"
     );
     assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
+}
+
+/// A Redis user whose ACL leaves out `CLIENT` (a read-only user made of `+@read`: query
+/// never writes) refuses every read that turns tracking on. Tracking only saves round
+/// trips, so query reads without it: the figures are answered, and stay current, where
+/// every `/stats` was a `500` until 2026-12-07.
+#[tokio::test]
+async fn a_redis_user_that_may_not_turn_tracking_on_still_reads_the_figures() {
+    let env = TestEnv::new();
+    one_projected_reading(&env, "sensor-1").await;
+    let user = RedisUser::create(&env, &["-client"]).await;
+    let mut settings = env.settings.clone();
+    settings.redis.url = user.url();
+    let query = Query::spawn(&settings).await;
+    let (status, stats) = query.stats("sensor-1", "").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["sample_count"], 1, "{stats}");
+    // Nothing is kept that Redis would not say changed: the next reading shows.
+    apply_reading(&env, "sensor-1", 30.0, 2).await;
+    let (status, stats) = query.stats("sensor-1", "").await;
+    assert_eq!(
+        (status, &stats["sample_count"]),
+        (200, &2.into()),
+        "{stats}"
+    );
+    query.stop().await;
 }
 
 /// A read Redis refuses for good (here the query's Redis user may not run `HMGET`, an
