@@ -20,6 +20,7 @@
 #                                   (each private server started is added to STARTED_SERVERS)
 #   record_started_servers          notes STARTED_SERVERS in RUN_DIR/servers (scripts/up)
 #   stop_private_servers            stops the servers RUN_DIR/servers names (scripts/down)
+#   stop_started_servers            stops the servers this run started (test, bench, ab, soak)
 #   take_run_lock DIR FLOCK-OPTION...  takes DIR/.lock; what the script starts does not hold it
 #   one_up_or_down_at_a_time        take_run_lock for scripts/up and scripts/down (waits 5 min)
 #   private_postgres_ctl ARGS...    pg_ctl on the private cluster of a non-default port
@@ -882,11 +883,30 @@ record_started_servers() {
 # while its pid is still that server's. The machine's own servers -- Redis on 6379,
 # Debian's nats-server on 4222, the system PostgreSQL -- are never recorded: their data
 # is the machine's, other programs use them, and they keep running. Nor are the servers
-# scripts/test, bench, ab or soak start.
+# scripts/test, bench, ab or soak start: each stops its own as it ends
+# (stop_started_servers).
 stop_private_servers() {
-    local rc=0 name pid dir bin
+    local names=()
     [[ -s "$RUN_DIR/servers" ]] || return 0
-    while read -r name; do
+    mapfile -t names <"$RUN_DIR/servers"
+    stop_servers "${names[@]}" || return 1
+    rm -f "$RUN_DIR/servers"
+}
+
+# stop_started_servers: stops the private servers this run started (STARTED_SERVERS),
+# for scripts/test, bench, ab and soak, which record none for scripts/down: until
+# 2026-12-07 they were left running, their data under the checkout's .data/ (a CI
+# clone's, deleted under them).
+stop_started_servers() {
+    ((${#STARTED_SERVERS[@]})) || return 0
+    stop_servers "${STARTED_SERVERS[@]}"
+}
+
+# stop_servers NAME...: stops the private servers named (redis-PORT, nats-PORT,
+# postgres-PORT), each only while its pid is still that server's.
+stop_servers() {
+    local rc=0 name pid dir bin
+    for name in "$@"; do
         case $name in
             redis-* | nats-*)
                 if _pid_if_ours "$name" "${name%%-*}-server" >/dev/null; then
@@ -914,8 +934,7 @@ stop_private_servers() {
                 _as_postgres "$bin/pg_ctl" -D "$dir" -w -t 30 stop -m fast >/dev/null || rc=1
                 ;;
         esac
-    done <"$RUN_DIR/servers"
-    ((rc != 0)) || rm -f "$RUN_DIR/servers"
+    done
     return "$rc"
 }
 

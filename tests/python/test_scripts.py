@@ -474,6 +474,43 @@ def test_down_stops_the_servers_up_started_as_the_checkouts_own_and_no_other():
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="Redis is not installed")
+def test_a_run_stops_the_private_servers_it_started_and_no_other(tmp_path):
+    """scripts/test, bench, ab and soak stop the private servers they started as they
+    end (stop_started_servers); one that answered before the run stays. Until
+    2026-12-07 they kept running, their data in a CI clone's .data/ deleted under them."""
+    tmp_path.chmod(0o755)
+    started, already = free_port(), free_port()
+    assert started != already
+    env = dict(os.environ, PIPELINE_DATA_DIR=str(tmp_path))
+
+    def run(command):
+        ran = subprocess.run(["bash", "-c", command], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+        return ran.returncode, ran.stdout + ran.stderr
+
+    try:
+        status, output = run(f"source scripts/lib.sh && PIPELINE__REDIS__URL=redis://127.0.0.1:{already} ensure_redis")
+        assert status == 0, output
+        status, output = run(
+            "source scripts/lib.sh"
+            f" && PIPELINE__REDIS__URL=redis://127.0.0.1:{already} ensure_redis"
+            f" && PIPELINE__REDIS__URL=redis://127.0.0.1:{started} ensure_redis"
+            f" && port_open() {{ (exec 3<>/dev/tcp/127.0.0.1/{started}) 2>/dev/null; }}"
+            " && port_open && stop_started_servers && ! port_open")
+        assert status == 0, output
+        assert not port_open(started), f"left running:\n{output}"
+        assert port_open(already), f"stopped a server the run did not start:\n{output}"
+    finally:
+        for port in (started, already):
+            pid_file = tmp_path / "run" / f"redis-{port}.pid"
+            if pid_file.exists() and port_open(port):
+                os.kill(int(pid_file.read_text()), 15)
+                deadline = time.monotonic() + 10
+                while port_open(port) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+
 def test_down_waits_for_an_up_or_down_under_way_in_the_checkout(tmp_path):
     """Two scripts/up at once could both find a process missing and start it twice (the
     second copy's pid file replacing the first's); a run of up or down now waits for the
