@@ -459,6 +459,8 @@ pub fn content_type(response: &reqwest::Response) -> String {
 
 /// Asserts a problem+json answer (API.md §3) with `status` and problem type `slug`,
 /// carrying no internal detail (SQL, addresses, stack frames, crate names); returns it.
+/// A `503`, `429` or `409` carries `Retry-After` in whole seconds (API.md §1, §5), a
+/// `401` `WWW-Authenticate`.
 pub async fn assert_problem(
     response: reqwest::Response,
     status: u16,
@@ -466,6 +468,19 @@ pub async fn assert_problem(
 ) -> serde_json::Value {
     let url = response.url().to_string();
     assert_eq!(response.status().as_u16(), status, "status of {url}");
+    if matches!(status, 503 | 429 | 409) {
+        let retry_after = header(&response, "retry-after");
+        assert!(
+            retry_after.is_some_and(|seconds| seconds.parse::<u32>().is_ok_and(|s| s >= 1)),
+            "Retry-After of a {status} from {url}: {retry_after:?}"
+        );
+    }
+    if status == 401 {
+        assert!(
+            header(&response, "www-authenticate").is_some_and(|value| value.starts_with("Bearer")),
+            "WWW-Authenticate of a 401 from {url}"
+        );
+    }
     assert_eq!(
         content_type(&response),
         "application/problem+json",

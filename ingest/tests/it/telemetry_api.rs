@@ -353,6 +353,73 @@ async fn body_over_64_kib_is_413_and_nothing_is_written() {
     ingest.stop().await;
 }
 
+/// API.md's bounds (§1, §2) are inclusive: a body of exactly 64 KiB (a batch's of
+/// exactly 1 MiB), a 64-character device id, 32 metrics and a 64-character metric name
+/// are accepted; one byte, character or metric more is refused.
+#[tokio::test]
+async fn every_bound_of_a_reading_and_its_body_is_inclusive() {
+    let env = TestEnv::new();
+    let ingest = Ingest::spawn(&env.settings).await;
+    let padded_to =
+        |valid: String, size: usize| format!("{}{valid}", " ".repeat(size - valid.len()));
+    let single = reading("sensor-1", 1.0).to_string();
+    let limit = env.settings.ingest.max_body_bytes;
+    assert_eq!(limit, 64 * 1024);
+    let response = ingest
+        .post_text("k-size", padded_to(single.clone(), limit))
+        .await;
+    assert_eq!(response.status().as_u16(), 202, "a body of exactly 64 KiB");
+    let response = ingest
+        .post_text("k-size-2", padded_to(single, limit + 1))
+        .await;
+    assert_problem(response, 413, "payload-too-large").await;
+    let mut item = reading("sensor-1", 2.0);
+    item["idempotency_key"] = json!("k-batch");
+    let batch = json!({ "readings": [item] }).to_string();
+    let limit = env.settings.ingest.max_batch_body_bytes;
+    assert_eq!(limit, 1024 * 1024);
+    let response = ingest
+        .post_batch_text(padded_to(batch.clone(), limit))
+        .await;
+    assert_eq!(response.status().as_u16(), 200, "a batch of exactly 1 MiB");
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    let response = ingest.post_batch_text(padded_to(batch, limit + 1)).await;
+    assert_problem(response, 413, "payload-too-large").await;
+
+    let longest_name = format!("m{}", "0".repeat(63));
+    let mut metrics: serde_json::Map<String, Value> = (1..32)
+        .map(|index| (format!("m{index}"), json!(index)))
+        .collect();
+    metrics.insert(longest_name.clone(), json!(0));
+    let device = "d".repeat(64);
+    let widest = json!({"device_id": device, "metrics": metrics});
+    assert_eq!(
+        ingest.post("k-widest", &widest).await.status().as_u16(),
+        202
+    );
+    for (key, too_wide) in [
+        (
+            "k-device",
+            json!({"device_id": "d".repeat(65), "metrics": {"t": 1}}),
+        ),
+        (
+            "k-name",
+            json!({"device_id": "sensor-1", "metrics": {format!("{longest_name}0"): 1}}),
+        ),
+        ("k-metrics", {
+            let mut metrics = metrics.clone();
+            metrics.insert("m32".to_owned(), json!(32));
+            json!({"device_id": "sensor-1", "metrics": metrics})
+        }),
+    ] {
+        let response = ingest.post(key, &too_wide).await;
+        assert_problem(response, 422, "invalid-reading").await;
+    }
+    assert_eq!(count(&env.postgres().await, "readings").await, 3);
+    ingest.stop().await;
+}
+
 /// A chunked body declares no length: its limit is checked on what arrives, a byte
 /// past it a `413` on either endpoint, and nothing is written.
 #[tokio::test]
