@@ -80,7 +80,7 @@ impl ProblemKind {
             Self::PayloadTooLarge => "Request body is too large",
             Self::UnsupportedMediaType => "Content-Type must be application/json",
             Self::Unauthorized => "Missing or invalid credentials",
-            Self::Forbidden => "Not allowed for this device",
+            Self::Forbidden => "Not allowed with this token",
             Self::RateLimited => "Too many requests",
             Self::Unavailable => "Service temporarily unavailable",
             Self::NotFound => "Not found",
