@@ -7,14 +7,14 @@
 //! out (protocol detection for HTTP/2 would wait for the first bytes forever). Every
 //! HTTP listener of the pipeline uses it: ingest, query and the admin ports.
 //!
-//! It also serves at most `max_connections` connections at once: at the cap it stops
-//! accepting, and new connections wait in the kernel's listen backlog (their handshake
-//! completes there, so a client only sees a slower answer) until one closes. A
-//! connection waiting for a slot takes the place of the open connection idle longest,
-//! if one has had no request in flight and sent no byte for [`IDLE_RECLAIMED`] (kept
-//! alive between requests, or opened and silent), as nginx closes idle keep-alive
-//! connections when it runs out: one for each connection waiting, none while nobody
-//! waits. Until 2026-12-07 an idle connection held its slot until the header deadline,
+//! It also serves at most `max_connections` connections at once: at the cap the
+//! connection accepted waits for a slot in the process, and the next ones in the
+//! kernel's listen backlog (their handshake completes there, so a client only sees a
+//! slower answer) until one closes. The connection waiting takes the place of the open
+//! connection idle longest, if one has had its last answer sent [`IDLE_RECLAIMED`] ago
+//! or more and no byte since (kept alive between requests, or opened and silent), as
+//! nginx closes idle keep-alive connections when it runs out; while nobody waits,
+//! nothing is closed. Until 2026-12-07 an idle connection held its slot until the header deadline,
 //! so 1,024 clients that each sent a request every 9 s kept every device out. Each open
 //! connection holds about 17 KiB (hyper's read buffer, the request in flight, the task),
 //! and an open-loop client does not slow down when the server does: in a 1 s database
@@ -185,7 +185,10 @@ pub async fn serve_counted(
             slot = free_slot(&slots, &served.registry) => slot,
         };
         // The semaphore is never closed.
-        let Ok(slot) = slot else { break };
+        let Ok(slot) = slot else {
+            waiting = Some(stream);
+            break;
+        };
         served.spawn(&connections, stream, Some(slot));
     }
     served.stopping.store(true, Ordering::Relaxed);
@@ -334,10 +337,12 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An answer was sent whole (or given up with its connection): [`AnswerEnd`].
     fn answered(&self) {
         self.idle_since_ms.store(Self::now_ms(), Ordering::Relaxed);
         self.read_since_answer.store(false, Ordering::Relaxed);
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Release: a reclaim that sees the count fall sees the time and the flag above.
+        self.in_flight.fetch_sub(1, Ordering::Release);
     }
 
     fn read(&self) {
@@ -346,10 +351,47 @@ impl Activity {
 
     /// No request in flight, none coming, for [`IDLE_RECLAIMED`] or more at `now_ms`.
     fn reclaimable(&self, now_ms: u64) -> bool {
+        if self.in_flight.load(Ordering::Acquire) != 0 {
+            return false;
+        }
         let idle_since = self.idle_since_ms.load(Ordering::Relaxed);
-        self.in_flight.load(Ordering::Relaxed) == 0
-            && !self.read_since_answer.load(Ordering::Relaxed)
+        !self.read_since_answer.load(Ordering::Relaxed)
             && now_ms.saturating_sub(idle_since) >= IDLE_RECLAIMED.as_millis() as u64
+    }
+}
+
+/// An answer's body that tells its connection's [`Activity`] when hyper is done with
+/// it: dropped once its last frame was written (or with the connection). Counted when
+/// the handler returned, an answer still being written to a slow client would count as
+/// idle, and a pipelined request behind it be lost with a reclaim.
+struct AnswerEnd {
+    body: Body,
+    activity: Arc<Activity>,
+}
+
+impl hyper::body::Body for AnswerEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for AnswerEnd {
+    fn drop(&mut self) {
+        self.activity.answered();
     }
 }
 
@@ -440,14 +482,14 @@ impl Served {
                     request.map(Body::new)
                 })
                 .map_response(move |mut response: axum::response::Response| {
-                    answered.answered();
                     if stopping.load(Ordering::Relaxed) {
                         response.headers_mut().insert(
                             axum::http::header::CONNECTION,
                             axum::http::HeaderValue::from_static("close"),
                         );
                     }
-                    response
+                    let activity = answered.clone();
+                    response.map(|body| AnswerEnd { body, activity })
                 }),
         );
         let shutdown = self.shutdown.clone();
@@ -475,7 +517,8 @@ impl Served {
                     shutdown.cancelled().await;
                     tokio::time::sleep(SHUTDOWN_LINGER).await;
                 } => None,
-                // Idle longest at the cap: closed at once (no request to finish).
+                // Idle longest at the cap: closed (a request that came meanwhile is
+                // finished first, as at a shutdown).
                 Ok(()) = &mut reclaimed => None,
             };
             let result = match ended {
