@@ -195,9 +195,10 @@ pub struct HttpSettings {
     /// Largest request line plus headers (at least 8192).
     #[serde(deserialize_with = "integer")]
     pub max_header_bytes: usize,
-    /// Connections a listener serves at once; as many again wait in the kernel's listen
-    /// backlog (the listener asks for that size) until one closes, so memory stays
-    /// bounded whatever clients do.
+    /// Connections a listener serves at once; one more waits in the process and as many
+    /// again in the kernel's listen backlog (the listener asks for that size) until one
+    /// closes, so memory stays bounded whatever clients do. The one waiting takes the
+    /// place of the connection idle longest (its last answer sent 1 s ago, no byte since).
     #[serde(deserialize_with = "integer")]
     pub max_connections: usize,
 }

@@ -39,7 +39,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -133,8 +133,9 @@ pub async fn serve(
 /// [`serve`], keeping `open` up to date when given.
 ///
 /// At `shutdown` it stops in a way that cuts off no request a client already sent:
-/// - the connections the kernel already completed (in the listen backlog, each perhaps
-///   with a request on the wire) are taken and served like the others, and only then
+/// - the connection accepted and waiting for a slot at the cap, and those the kernel
+///   already completed (in the listen backlog, each perhaps with a request on the
+///   wire), are taken and served like the others, and only then
 ///   is the listener closed, so that a later connection is refused (the client knows
 ///   nothing was sent) rather than reset when the process exits;
 /// - every answer from then on says `Connection: close`, so a client does not send its
@@ -142,7 +143,8 @@ pub async fn serve(
 /// - a connection goes on for [`SHUTDOWN_LINGER`] before it is told to shut down (it
 ///   then finishes the request in progress, or closes if idle): a request already on
 ///   its way over an idle keep-alive connection is read and answered instead of being
-///   met by a close (which the client sees as a reset, or an incomplete message).
+///   met by a close (which the client sees as a reset, or an incomplete message). A
+///   connection reclaimed at the cap ([`free_slot`]) goes the same way.
 pub async fn serve_counted(
     listener: TcpListener,
     router: Router,
@@ -178,14 +180,11 @@ pub async fn serve_counted(
         };
         // At the cap this one waits for a slot, and the next ones in the listen backlog.
         let slot = tokio::select! {
-            _ = shutdown.cancelled() => {
-                waiting = Some(stream);
-                break;
-            }
-            slot = free_slot(&slots, &served.registry) => slot,
+            _ = shutdown.cancelled() => None,
+            // The semaphore is never closed.
+            slot = free_slot(&slots, &served.registry) => slot.ok(),
         };
-        // The semaphore is never closed.
-        let Ok(slot) = slot else {
+        let Some(slot) = slot else {
             waiting = Some(stream);
             break;
         };
@@ -229,9 +228,9 @@ async fn free_slot(
     }
 }
 
-/// The open connections of a listener, each with its [`Activity`] and the sender that
-/// tells it to close: touched when a connection opens or ends and at the cap, never
-/// per request.
+/// The open connections of a listener, each with its [`Activity`] and its own shutdown
+/// token (a child of the listener's): touched when a connection opens or ends and at
+/// the cap, never per request.
 #[derive(Debug, Default)]
 struct Registry {
     open: Mutex<Open>,
@@ -246,8 +245,8 @@ struct Open {
 #[derive(Debug)]
 struct Registered {
     activity: Arc<Activity>,
-    /// Taken when the connection is told to close.
-    close: Option<oneshot::Sender<()>>,
+    /// Cancelled to tell the connection to close, as a shutdown does.
+    close: CancellationToken,
 }
 
 impl Registry {
@@ -255,12 +254,11 @@ impl Registry {
     fn register(
         self: &Arc<Self>,
         activity: Arc<Activity>,
-        close: oneshot::Sender<()>,
+        close: CancellationToken,
     ) -> Option<RegisteredGuard> {
         let mut open = self.open.lock().ok()?;
         let id = open.next_id;
         open.next_id += 1;
-        let close = Some(close);
         open.connections.insert(id, Registered { activity, close });
         Some(RegisteredGuard {
             registry: self.clone(),
@@ -270,19 +268,19 @@ impl Registry {
 
     /// Tells the connection idle longest, if one is [`Activity::reclaimable`], to close.
     fn reclaim_one(&self) {
-        let Ok(mut open) = self.open.lock() else {
+        let Ok(open) = self.open.lock() else {
             return;
         };
         let now_ms = Activity::now_ms();
         let idlest = open
             .connections
-            .values_mut()
+            .values()
             .filter(|registered| {
-                registered.close.is_some() && registered.activity.reclaimable(now_ms)
+                !registered.close.is_cancelled() && registered.activity.reclaimable(now_ms)
             })
             .min_by_key(|registered| registered.activity.idle_since_ms.load(Ordering::Relaxed));
-        if let Some(close) = idlest.and_then(|registered| registered.close.take()) {
-            let _ = close.send(());
+        if let Some(registered) = idlest {
+            registered.close.cancel();
         }
     }
 }
@@ -396,7 +394,8 @@ impl Drop for AnswerEnd {
 }
 
 /// Takes the connections waiting in `listener`'s backlog, then closes it. They are
-/// served without a slot: the backlog holds at most `max_connections` and one more
+/// served without a slot (as is the one accepted and waiting for a slot at the stop):
+/// the backlog holds at most `max_connections` and one more
 /// (`bootstrap::listen` asks for that many, and Linux lets one more in).
 ///
 /// `accept(2)` is asked directly: the runtime learns of a connection the kernel completed
@@ -462,7 +461,7 @@ impl Served {
         &self,
         connections: &TaskTracker,
         stream: tokio::net::TcpStream,
-        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        slot: Option<OwnedSemaphorePermit>,
     ) {
         let _ = stream.set_nodelay(true);
         // The service, and with it this connection's place in the count, lives as long
@@ -492,9 +491,10 @@ impl Served {
                     response.map(|body| AnswerEnd { body, activity })
                 }),
         );
-        let shutdown = self.shutdown.clone();
-        let (close, mut reclaimed) = oneshot::channel();
-        let registered = self.registry.register(activity.clone(), close);
+        // Its own token: cancelled with the listener's, or alone by a reclaim at the cap.
+        // Waiting on it locks only this connection's node, not the listener's token.
+        let shutdown = self.shutdown.child_token();
+        let registered = self.registry.register(activity.clone(), shutdown.clone());
         let limits = self.limits;
         connections.spawn(async move {
             let _registered = registered;
@@ -517,9 +517,6 @@ impl Served {
                     shutdown.cancelled().await;
                     tokio::time::sleep(SHUTDOWN_LINGER).await;
                 } => None,
-                // Idle longest at the cap: closed (a request that came meanwhile is
-                // finished first, as at a shutdown).
-                Ok(()) = &mut reclaimed => None,
             };
             let result = match ended {
                 Some(result) => result,
