@@ -17,6 +17,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::raw_http::{closed_by_server, exchange, read_answer, PROMPTLY};
+
 const REQUEST: &str = "GET /reading HTTP/1.1\r\nHost: x\r\n\r\n";
 const SLOW_REQUEST: &str = "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n";
 const LARGE_REQUEST: &str = "GET /large HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -29,30 +31,6 @@ const LARGE: usize = 32 << 20;
 /// lets a request in progress finish answers it, and long enough to see what the server
 /// does meanwhile.
 const SLOW: Duration = Duration::from_secs(1);
-
-/// How long a test waits for anything the server should do at once.
-const PROMPTLY: Duration = Duration::from_secs(5);
-
-/// One answer as the client read it.
-#[derive(Debug)]
-struct Answer {
-    status_line: String,
-    /// Header lines, names lowercased.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn assert_ok(&self) {
-        assert!(self.status_line.starts_with("HTTP/1.1 200"), "{self:?}");
-    }
-
-    fn says_close(&self) -> bool {
-        self.headers
-            .iter()
-            .any(|(name, value)| name == "connection" && value.eq_ignore_ascii_case("close"))
-    }
-}
 
 /// A server on a loopback port, and the token that stops it.
 struct Server {
@@ -116,65 +94,6 @@ impl Server {
     }
 }
 
-/// Reads one whole answer (head and a `Content-Length` body) off `stream`.
-async fn read_answer(stream: &mut TcpStream) -> Answer {
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(head_end) = bytes.windows(4).position(|window| window == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
-            let mut lines = head.split("\r\n");
-            let status_line = lines.next().unwrap_or_default().to_owned();
-            let headers: Vec<(String, String)> = lines
-                .filter_map(|line| line.split_once(':'))
-                .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-                .collect();
-            let length = headers
-                .iter()
-                .find(|(name, _)| name == "content-length")
-                .and_then(|(_, value)| value.parse::<usize>().ok())
-                .expect("a content-length");
-            let body_start = head_end + 4;
-            if bytes.len() >= body_start + length {
-                let body = String::from_utf8_lossy(&bytes[body_start..body_start + length]);
-                return Answer {
-                    status_line,
-                    headers,
-                    body: body.into_owned(),
-                };
-            }
-        }
-        let read = tokio::time::timeout(PROMPTLY, stream.read(&mut chunk))
-            .await
-            .expect("an answer in time")
-            .expect("the connection was not reset");
-        assert!(
-            read > 0,
-            "the connection closed before a whole answer: {:?}",
-            String::from_utf8_lossy(&bytes)
-        );
-        bytes.extend_from_slice(&chunk[..read]);
-    }
-}
-
-/// Sends `request` and reads its answer.
-async fn exchange(stream: &mut TcpStream, request: &str) -> Answer {
-    stream.write_all(request.as_bytes()).await.expect("write");
-    read_answer(stream).await
-}
-
-/// Waits for the server to close `stream`: a read that returns nothing, or a reset.
-async fn closed_by_server(stream: &mut TcpStream) {
-    let mut rest = [0u8; 64];
-    let read = tokio::time::timeout(PROMPTLY, stream.read(&mut rest))
-        .await
-        .expect("the server closed the connection in time");
-    assert!(
-        matches!(read, Ok(0)),
-        "the connection ended cleanly, with nothing more to read: {read:?}"
-    );
-}
-
 #[tokio::test]
 async fn a_request_sent_over_an_idle_keep_alive_connection_as_the_stop_begins_is_answered() {
     let server = Server::start(16).await;
@@ -234,23 +153,37 @@ async fn a_request_in_progress_when_the_stop_begins_is_finished_and_new_connecti
 }
 
 #[tokio::test]
-async fn a_connection_waiting_in_the_listen_backlog_when_the_stop_begins_is_served() {
-    // One connection at a time: the second waits in the backlog, its request sent.
+async fn connections_waiting_for_a_slot_when_the_stop_begins_are_served() {
+    // One connection at a time: the second is accepted and waits for the slot in the
+    // process, the third in the listen backlog, each with its request sent. The first
+    // has begun its next request, so it is never idle enough to give its place up.
     let server = Server::start(1).await;
     let mut first = server.connect().await;
     let answer = exchange(&mut first, REQUEST).await;
     answer.assert_ok();
+    first.write_all(b"GET /").await.expect("write");
     let mut waiting = server.connect().await;
     waiting.write_all(REQUEST.as_bytes()).await.expect("write");
-    let mut nothing = [0u8; 1];
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), waiting.read(&mut nothing))
-            .await
-            .is_err(),
-        "not served while the first connection holds the only slot"
-    );
+    let mut backlogged = server.connect().await;
+    backlogged
+        .write_all(REQUEST.as_bytes())
+        .await
+        .expect("write");
+    for stream in [&mut waiting, &mut backlogged] {
+        let mut nothing = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut nothing))
+                .await
+                .is_err(),
+            "not served while the first connection holds the only slot"
+        );
+    }
 
     server.shutdown.cancel();
+    let served = read_answer(&mut backlogged).await;
+    served.assert_ok();
+    assert!(served.says_close(), "{served:?}");
+    closed_by_server(&mut backlogged).await;
     served_and_closed(server, &mut waiting, &mut first).await;
 }
 

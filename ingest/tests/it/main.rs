@@ -10,6 +10,7 @@ mod listen;
 mod metrics;
 mod open_connections;
 mod outbox_notify;
+mod raw_http;
 mod relay;
 mod relay_stream_loss;
 mod schema;

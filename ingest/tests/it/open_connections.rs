@@ -7,15 +7,11 @@ use axum::routing::{get, post};
 use axum::Router;
 use ingest::http::server::{serve_counted, OpenConnections};
 use testkit::Running;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Sends one request and reads the start of a 2xx answer.
+/// Sends one request and reads its answer, a 200.
 async fn exchange(stream: &mut TcpStream, request: &str) {
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut answer = [0u8; 1024];
-    let read = stream.read(&mut answer).await.expect("read");
-    assert!(answer[..read].starts_with(b"HTTP/1.1 2"), "answered");
+    crate::raw_http::exchange(stream, request).await.assert_ok();
 }
 
 #[tokio::test]

@@ -1120,14 +1120,15 @@ async fn slow_or_idle_clients_are_disconnected_and_huge_headers_refused() {
     ingest.stop().await;
 }
 
-/// `http.max_connections`: at the cap a listener stops accepting; a further client's
-/// request waits (in the listen backlog, not refused) while every open connection has a
+/// `http.max_connections`: at the cap a further client's request waits (accepted and
+/// waiting for a slot, or in the listen backlog: not refused) while every open connection has a
 /// request in flight, and is answered as soon as one closes. A connection idle for
 /// `IDLE_RECLAIMED` (kept alive after its answer) is closed to make room: until
 /// 2026-12-07 it held its slot until the header deadline (here 30 s). (Raw connections
 /// only: a pooling client would hold a slot of its own.)
 #[tokio::test]
 async fn connections_over_the_cap_wait_for_a_busy_one_and_take_an_idle_ones_place() {
+    use crate::raw_http::{closed_by_server, exchange, read_answer};
     use ingest::http::server::IDLE_RECLAIMED;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut env = TestEnv::new();
@@ -1162,16 +1163,6 @@ async fn connections_over_the_cap_wait_for_a_busy_one_and_take_an_idle_ones_plac
         stream.write_all(head.as_bytes()).await.expect("write");
         stream
     };
-    let served_within = |mut stream: tokio::net::TcpStream, limit: Duration| async move {
-        let mut answer = Vec::new();
-        tokio::time::timeout(limit, stream.read_to_end(&mut answer))
-            .await
-            .ok()
-            .map(|read| {
-                read.expect("read");
-                String::from_utf8_lossy(&answer).into_owned()
-            })
-    };
 
     let mut open = vec![busy().await, busy().await];
     let mut third = connect().await;
@@ -1179,84 +1170,38 @@ async fn connections_over_the_cap_wait_for_a_busy_one_and_take_an_idle_ones_plac
         .write_all(ask("close").as_bytes())
         .await
         .expect("write");
-    let mut answer = Vec::new();
-    let waited = tokio::time::timeout(
-        IDLE_RECLAIMED + Duration::from_secs(1),
-        third.read_to_end(&mut answer),
-    )
-    .await;
+    let mut nothing = [0u8; 1];
     assert!(
-        waited.is_err() && answer.is_empty(),
+        tokio::time::timeout(
+            IDLE_RECLAIMED + Duration::from_secs(1),
+            third.read(&mut nothing)
+        )
+        .await
+        .is_err(),
         "not served while two connections are busy"
     );
     drop(open.pop());
-    let answer = served_within(third, Duration::from_secs(5))
-        .await
-        .expect("served once a connection closed");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    read_answer(&mut third).await.assert_ok();
 
     // One busy connection and one idle after its answer: the cap again. While nobody
     // waits, the idle one keeps its place however long it idles.
     let mut idle = connect().await;
-    let keep_alive = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
-    idle.write_all(keep_alive.as_bytes()).await.expect("write");
-    let mut status = [0u8; 12];
-    idle.read_exact(&mut status).await.expect("answered");
-    assert_eq!(&status, b"HTTP/1.1 200");
+    exchange(&mut idle, &ask("keep-alive")).await.assert_ok();
     tokio::time::sleep(IDLE_RECLAIMED * 2).await;
-    // The rest of the first answer, then the second's status line.
-    idle.write_all(keep_alive.as_bytes()).await.expect("write");
-    let mut answers = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !String::from_utf8_lossy(&answers).contains("HTTP/1.1 200") {
-            let mut chunk = [0u8; 512];
-            let read = idle.read(&mut chunk).await.expect("read");
-            assert!(
-                read > 0,
-                "an idle connection keeps its place while nobody waits"
-            );
-            answers.extend_from_slice(&chunk[..read]);
-        }
-    })
-    .await
-    .expect("the idle connection's second request answered");
+    exchange(&mut idle, &ask("keep-alive")).await.assert_ok();
+    // A fourth connection is served in its place (not after the header deadline), and
+    // it is closed.
     let mut fourth = connect().await;
-    fourth
-        .write_all(ask("close").as_bytes())
-        .await
-        .expect("write");
-    let answer = served_within(fourth, Duration::from_secs(5))
-        .await
-        .expect("served in the place of the idle connection, not after the header deadline");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
-        .await
-        .expect("the idle connection was closed")
-        .expect("read");
+    exchange(&mut fourth, &ask("close")).await.assert_ok();
+    closed_by_server(&mut idle).await;
     // The busy one was left alone: the rest of its body gets its request the 202, on a
     // connection that stays open.
     let mut still_busy = open.pop().expect("the busy connection");
     let rest_of_body = r#""device_id": "sensor-1", "metrics": {"t": 1}}"#;
     let rest_of_body = format!("{}{rest_of_body}", " ".repeat(99 - rest_of_body.len()));
-    still_busy
-        .write_all(rest_of_body.as_bytes())
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !String::from_utf8_lossy(&answer).contains("event_id") {
-            let mut chunk = [0u8; 512];
-            let read = still_busy.read(&mut chunk).await.expect("read");
-            assert!(read > 0, "the busy connection was closed");
-            answer.extend_from_slice(&chunk[..read]);
-        }
-    })
-    .await
-    .expect("the busy request answered");
-    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
-    assert!(answer.starts_with("http/1.1 202"), "{answer}");
-    assert!(!answer.contains("connection: close"), "{answer}");
+    let answer = exchange(&mut still_busy, &rest_of_body).await;
+    assert!(answer.status_line.starts_with("HTTP/1.1 202"), "{answer:?}");
+    assert!(!answer.says_close(), "{answer:?}");
     drop(still_busy);
     service.stop().await;
 }
