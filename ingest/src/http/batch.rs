@@ -15,7 +15,8 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::telemetry::{
-    admit, may_post, may_post_some, read_body, require_json, settle, store_error, within_deadline,
+    admit, check, may_post_some, read_body, require_json, settle, store_error, within_deadline,
+    Checked,
 };
 use super::{AppState, ReadingOutcome};
 use crate::auth::Grant;
@@ -57,23 +58,23 @@ pub struct ItemError {
 impl From<ApiError> for ItemError {
     fn from(error: ApiError) -> Self {
         let problem = error.problem();
-        let slug = problem.slug().to_owned();
-        Self::of(&slug, problem.detail, problem.errors)
+        Self::of(problem.slug().to_owned(), problem.detail, problem.errors)
     }
 }
 
 impl ItemError {
     fn new(kind: ProblemKind, detail: impl Into<String>, errors: Vec<FieldError>) -> Self {
-        Self::of(kind.slug(), detail.into(), errors)
+        Self::of(kind.slug().to_owned(), detail.into(), errors)
     }
 
-    fn of(slug: &str, detail: String, mut errors: Vec<FieldError>) -> Self {
+    fn of(slug: String, detail: String, mut errors: Vec<FieldError>) -> Self {
         if errors.len() > ITEM_ERRORS_LISTED {
             errors.truncate(ITEM_ERRORS_LISTED);
+            // The answer holds every item's list until the client took it.
             errors.shrink_to_fit();
         }
         Self {
-            slug: slug.to_owned(),
+            slug,
             detail,
             field: errors.first().map(|error| error.field.clone()),
             errors,
@@ -299,19 +300,16 @@ fn prepare<'a>(
             vec![FieldError::new("idempotency_key", message)],
         )
     })?;
-    may_post(grant, &body.device_id)?;
-    let reading = match body.validate(received_at, state.time_bounds) {
-        Ok(reading) => reading,
-        Err(mut invalid) => match invalid.aged.take() {
-            Some(reading) => {
-                return Ok(Prepared::Aged(Aged {
-                    idempotency_key: key,
-                    reading,
-                    invalid,
-                }))
-            }
-            None => return Err(invalid_reading(invalid)),
-        },
+    let reading = match check(state, grant, body, received_at)? {
+        Checked::Valid(reading) => reading,
+        Checked::Aged(reading, invalid) => {
+            return Ok(Prepared::Aged(Aged {
+                idempotency_key: key,
+                reading,
+                invalid,
+            }))
+        }
+        Checked::Invalid(invalid) => return Err(invalid_reading(invalid)),
     };
     let share = admit(state, &reading.device_id)?;
     Ok(Prepared::Valid(

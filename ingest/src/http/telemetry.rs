@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use contract::reading::{check_idempotency_key, from_json_object, Invalid, ReadingBody};
+use contract::reading::{check_idempotency_key, from_json_object, Invalid, Reading, ReadingBody};
 use futures::StreamExt;
 use time::OffsetDateTime;
 
@@ -43,11 +43,13 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
             read_body(body, headers, state.max_body_bytes, &state.body_budget).await?;
         let body: ReadingBody = from_json_object(&bytes).map_err(ApiError::InvalidJson)?;
         drop(bytes);
-        may_post(grant.as_ref(), &body.device_id)?;
         let received_at = OffsetDateTime::now_utc();
-        let reading = match body.validate(received_at, state.time_bounds) {
-            Ok(reading) => reading,
-            Err(invalid) => return replay_of_aged(state, invalid, &idempotency_key).await,
+        let reading = match check(state, grant.as_ref(), body, received_at)? {
+            Checked::Valid(reading) => reading,
+            Checked::Aged(reading, invalid) => {
+                return replay_of_aged(state, reading, invalid, &idempotency_key).await
+            }
+            Checked::Invalid(invalid) => return Err(ApiError::InvalidReading(invalid)),
         };
         let admitted = admit(state, &reading.device_id)?;
         // From here the commit queue's room bounds what waits (`limits::BodyBudget`).
@@ -64,22 +66,47 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
     Ok(answer(outcome))
 }
 
-/// The answer to a reading that is not valid: the `422`, unless only its age is wrong
-/// and it is the retry of a reading stored under this device and key while it was young
-/// (its `202` lost on the way, say); that retry gets the stored answer as any replay
-/// does. The token may post the device ([`may_post`] came first). The look-up is a read
-/// of the database, so it takes a share of the device's rate limit first, whatever it
-/// finds (a `503` gives it back): until 2026-12-07 only a replay found did, and a
-/// device sending old readings under new keys had every one looked up, without limit,
-/// on the pool the token checks share.
+/// A reading's body checked in API.md's order, for both endpoints: the token may post
+/// its device ([`may_post`], a `403`), then the reading's rules.
+pub(super) enum Checked {
+    /// Breaks no rule.
+    Valid(Reading),
+    /// Invalid only for its age: the reading it was while young, and the rule broken.
+    Aged(Reading, Invalid),
+    /// Breaks other rules: the `422`.
+    Invalid(Invalid),
+}
+
+/// Checks `body` ([`Checked`]) as received at `received_at`.
+pub(super) fn check(
+    state: &AppState,
+    grant: Option<&Grant>,
+    body: ReadingBody,
+    received_at: OffsetDateTime,
+) -> Result<Checked, ApiError> {
+    may_post(grant, &body.device_id)?;
+    Ok(match body.validate(received_at, state.time_bounds) {
+        Ok(reading) => Checked::Valid(reading),
+        Err(mut invalid) => match invalid.aged.take() {
+            Some(reading) => Checked::Aged(reading, invalid),
+            None => Checked::Invalid(invalid),
+        },
+    })
+}
+
+/// The answer to a reading invalid only for its age (`invalid`): the `422`, unless it is
+/// the retry of a reading stored under this device and key while it was young (its
+/// `202` lost on the way, say); that retry gets the stored answer as any replay does.
+/// The look-up is a read of the database, so it takes a share of the device's rate
+/// limit first, whatever it finds (a `503` gives it back): until 2026-12-07 only a
+/// replay found did, and a device sending old readings under new keys had every one
+/// looked up, without limit, on the pool the token checks share.
 async fn replay_of_aged(
     state: &AppState,
-    mut invalid: Invalid,
+    reading: Reading,
+    invalid: Invalid,
     idempotency_key: &str,
 ) -> Result<Outcome, ApiError> {
-    let Some(reading) = invalid.aged.take() else {
-        return Err(ApiError::InvalidReading(invalid));
-    };
     let admitted = admit(state, &reading.device_id)?;
     let replays = state
         .store
@@ -132,7 +159,7 @@ pub(super) fn may_post_some(grant: Option<&Grant>) -> Result<(), ApiError> {
 /// readings: otherwise `403`"). Until 2026-12-07 the rules came first, so a device
 /// token's broken reading of another device got the `422` listing them (a batch item
 /// `rejected` as `invalid-reading`), and one only too old a `422` as well.
-pub(super) fn may_post(grant: Option<&Grant>, device_id: &str) -> Result<(), ApiError> {
+fn may_post(grant: Option<&Grant>, device_id: &str) -> Result<(), ApiError> {
     if grant.is_none_or(|grant| grant.may_ingest(device_id)) {
         Ok(())
     } else {

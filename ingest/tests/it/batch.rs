@@ -253,7 +253,8 @@ async fn batch_retried_whole_is_all_duplicates_and_changes_nothing() {
 
 /// An item lists at most `ITEM_ERRORS_LISTED` broken rules and its detail counts them
 /// all, so a batch of items that each break many rules is not answered with many times
-/// its body (a single POST's 422 lists them all, under 8 KiB).
+/// its body (a single POST's 422 lists up to 32 bad metrics and counts the rest, under
+/// 8 KiB).
 #[tokio::test]
 async fn a_batch_of_items_breaking_many_rules_gets_an_answer_near_its_size() {
     let env = TestEnv::new();
