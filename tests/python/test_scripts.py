@@ -479,6 +479,9 @@ def test_a_run_stops_the_private_servers_it_started_and_no_other(tmp_path):
     """scripts/test, bench, ab and soak stop the private servers they started as they
     end (stop_started_servers); one that answered before the run stays. Until
     2026-12-07 they kept running, their data in a CI clone's .data/ deleted under them."""
+    for script in ("test", "bench", "ab", "soak"):
+        text = (REPO / "scripts" / script).read_text()
+        assert "stop_started_servers" in text, f"scripts/{script} does not stop what it started"
     tmp_path.chmod(0o755)
     started, already = free_port(), free_port()
     assert started != already
