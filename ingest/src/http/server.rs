@@ -144,7 +144,7 @@ pub async fn serve(
 ///   then finishes the request in progress, or closes if idle): a request already on
 ///   its way over an idle keep-alive connection is read and answered instead of being
 ///   met by a close (which the client sees as a reset, or an incomplete message). A
-///   connection reclaimed at the cap ([`free_slot`]) goes the same way.
+///   connection reclaimed at the cap (`free_slot`) goes the same way.
 pub async fn serve_counted(
     listener: TcpListener,
     router: Router,
