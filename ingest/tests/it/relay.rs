@@ -1028,17 +1028,12 @@ async fn busy_rounds_are_spaced_out_and_single_rows_go_out_at_once() {
     // Each row's wait as the database saw it, from its commit's start to its round's:
     // held back, it would wait for the interval since the round before (600-700 ms);
     // the test's own polling of the stream is left out.
-    let mut waits: Vec<f64> = db
-        .query(
-            "SELECT EXTRACT(EPOCH FROM published_at - created_at)::float8 FROM outbox
-             WHERE device_id = 'sensor-single'",
-            &[],
-        )
-        .await
-        .expect("waits")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let mut waits: Vec<f64> = column(
+        &db,
+        "SELECT EXTRACT(EPOCH FROM published_at - created_at)::float8 FROM outbox
+         WHERE device_id = 'sensor-single'",
+    )
+    .await;
     waits.sort_by(f64::total_cmp);
     let median = waits[waits.len() / 2];
     assert!(

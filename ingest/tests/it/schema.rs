@@ -103,17 +103,12 @@ async fn pooled_sessions_commit_durably_whatever_the_database_default() {
         let session = pool.get().await.expect("pooled session");
         let pooled_sees: String = session.query_one(show, &[]).await.expect("show").get(0);
         assert_eq!(pooled_sees, pooled, "a pooled session under {default}");
-        let sources: Vec<String> = session
-            .query(
-                "SELECT source FROM pg_settings WHERE name IN \
-                 ('synchronous_commit', 'default_transaction_isolation') ORDER BY name",
-                &[],
-            )
-            .await
-            .expect("sources")
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let sources: Vec<String> = column(
+            &session,
+            "SELECT source FROM pg_settings WHERE name IN \
+             ('synchronous_commit', 'default_transaction_isolation') ORDER BY name",
+        )
+        .await;
         assert_eq!(
             sources,
             ["session", "session"],
