@@ -297,6 +297,17 @@ async fn a_redis_user_that_may_not_turn_tracking_on_still_reads_the_figures() {
         (200, &2.into()),
         "{stats}"
     );
+    // The device's series and the devices list answer as well.
+    for path in [
+        "/v1/devices/sensor-1/series?metric=temperature",
+        "/v1/devices?limit=10",
+    ] {
+        let response = query.get(path).await;
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body.contains("sensor-1"), "{path}: {body}");
+    }
     query.stop().await;
 }
 
