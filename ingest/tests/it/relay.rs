@@ -1506,8 +1506,27 @@ async fn the_relay_keeps_the_stream_settings_it_does_not_own() {
         })
         .await
         .expect("a stream made beforehand");
+    // A dead-letter stream made with the server's 2-minute duplicate window, as the
+    // relay made it until 2026-12-07.
+    let dlq = env.subjects.dlq_stream();
+    jetstream
+        .create_stream(jetstream::stream::Config {
+            name: dlq.clone(),
+            subjects: vec![env.subjects.dlq_filter()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("a dead-letter stream made beforehand");
     let (relay, admin_url) = spawn_relay_with_admin(&env.settings);
     testkit::settled_readiness(&admin_url, None).await;
+    let dlq_window = jetstream
+        .get_stream(&dlq)
+        .await
+        .expect("the dead-letter stream")
+        .cached_info()
+        .config
+        .duplicate_window;
     let config = jetstream
         .get_stream(&stream)
         .await
@@ -1530,4 +1549,9 @@ async fn the_relay_keeps_the_stream_settings_it_does_not_own() {
         "the relay's settings are brought up to date"
     );
     assert!(!config.no_ack, "publishes are acked");
+    assert_eq!(
+        dlq_window,
+        Duration::from_secs(env.settings.nats.max_age_secs),
+        "the dead-letter stream knows a letter's id as long as it keeps letters"
+    );
 }
