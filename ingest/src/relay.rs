@@ -234,8 +234,7 @@ async fn ensure_stream(
 
 /// The stream `current` with the settings the relay owns taken from `wanted`: its
 /// subjects, file storage, limits retention, acks on and not sealed (what every
-/// guarantee rests on), age limit, duplicate window (where `wanted` names one) and
-/// description. No update can change the
+/// guarantee rests on), age limit, duplicate window and description. No update can change the
 /// storage, make a work-queue stream (or, before nats-server 2.10, an interest stream)
 /// a limits one, nor unseal a stream: such a stream stays not ready.
 /// Every other setting an operator gave it (replicas, limits in bytes or messages,
@@ -248,11 +247,7 @@ fn with_owned_settings(current: &stream::Config, wanted: stream::Config) -> stre
         no_ack: wanted.no_ack,
         sealed: wanted.sealed,
         max_age: wanted.max_age,
-        duplicate_window: if wanted.duplicate_window.is_zero() {
-            current.duplicate_window
-        } else {
-            wanted.duplicate_window
-        },
+        duplicate_window: wanted.duplicate_window,
         description: wanted.description,
         ..current.clone()
     }
