@@ -811,16 +811,12 @@ async fn a_failed_token_look_up_is_logged_with_its_cause() {
         .await
         .expect("sent");
     assert_problem(response, 503, "unavailable").await;
-    let lines = testkit::process::log_lines_until(
+    let entry = testkit::process::log_entry_until(
         &log,
         Duration::from_secs(10),
         "ingest logged the failed look-up",
-        |line| line.contains("token look-up failed"),
+        "token look-up failed",
     );
-    let entry: Value = lines
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok())
-        .expect("a JSON log line");
     assert_eq!(entry["level"], "WARN", "{entry}");
     assert!(
         entry["error"]
