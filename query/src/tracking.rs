@@ -25,8 +25,8 @@
 //! happens to a push.
 //!
 //! Tracking is an optimisation, never a condition of a read: a Redis user whose ACL
-//! leaves out `CLIENT` (a read-only user made of `+@read`, say) refuses every read that
-//! turns tracking on. The first such read is made again without it, and if that goes
+//! leaves out `CLIENT` (a read-only user: `+@read` and the few commands the README
+//! lists, `CLIENT` not among them) refuses every read that turns tracking on. The first such read is made again without it, and if that goes
 //! through, tracking is given up for the life of the process ([`TrackedReads::refuse`]):
 //! every read then goes to Redis, as with tracking off. Until 2026-12-07 such a user got
 //! a `500` for every `/stats` and `/series`.

@@ -274,15 +274,29 @@ fn a_start_refused_over_the_redis_url_names_it_but_not_its_password() {
     assert!(!line.contains("s3cret-pw"), "shows the secret: {line}");
 }
 
-/// A Redis user whose ACL leaves out `CLIENT` (a read-only user made of `+@read`: query
-/// never writes) refuses every read that turns tracking on. Tracking only saves round
-/// trips, so query reads without it: the figures are answered, and stay current, where
-/// every `/stats` was a `500` until 2026-12-07.
+/// A Redis user whose ACL leaves out `CLIENT` (the read-only user the README gives
+/// query, which never writes, without `+client|tracking`) refuses every read that turns
+/// tracking on. Tracking only saves round trips, so query reads without it: the figures
+/// are answered, and stay current, where every `/stats` and `/series` was a `500` until
+/// 2026-12-07.
 #[tokio::test]
 async fn a_redis_user_that_may_not_turn_tracking_on_still_reads_the_figures() {
     let env = TestEnv::new();
     one_projected_reading(&env, "sensor-1").await;
-    let user = RedisUser::create(&env, &["-client"]).await;
+    let user = RedisUser::create(
+        &env,
+        &[
+            "-@all",
+            "+@read",
+            "+multi",
+            "+exec",
+            "+ping",
+            "+time",
+            "+evalsha",
+            "+script|load",
+        ],
+    )
+    .await;
     let mut settings = env.settings.clone();
     settings.redis.url = user.url();
     let query = Query::spawn(&settings).await;
