@@ -11,13 +11,13 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use ingest::http::server::{serve, ConnectionLimits, SHUTDOWN_LINGER};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::raw_http::{closed_by_server, exchange, read_answer, PROMPTLY};
+use crate::raw_http::{assert_unanswered, closed_by_server, exchange, read_answer, PROMPTLY};
 
 const REQUEST: &str = "GET /reading HTTP/1.1\r\nHost: x\r\n\r\n";
 const SLOW_REQUEST: &str = "GET /slow HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -170,13 +170,12 @@ async fn connections_waiting_for_a_slot_when_the_stop_begins_are_served() {
         .await
         .expect("write");
     for stream in [&mut waiting, &mut backlogged] {
-        let mut nothing = [0u8; 1];
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), stream.read(&mut nothing))
-                .await
-                .is_err(),
-            "not served while the first connection holds the only slot"
-        );
+        assert_unanswered(
+            stream,
+            Duration::from_millis(200),
+            "not served while the first connection holds the only slot",
+        )
+        .await;
     }
 
     server.shutdown.cancel();

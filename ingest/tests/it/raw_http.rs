@@ -88,3 +88,15 @@ pub async fn closed_by_server(stream: &mut TcpStream) {
         "the connection ended cleanly, with nothing more to read: {read:?}"
     );
 }
+
+/// Asserts that nothing comes back on `stream` for `within` (its request not answered,
+/// the connection not closed); `what` names the wait in a failure.
+pub async fn assert_unanswered(stream: &mut TcpStream, within: Duration, what: &str) {
+    let mut nothing = [0u8; 1];
+    assert!(
+        tokio::time::timeout(within, stream.read(&mut nothing))
+            .await
+            .is_err(),
+        "{what}"
+    );
+}
